@@ -1,0 +1,95 @@
+/*
+ * The backend interface: where expert FFNs are computed.  A small table of
+ * function pointers, implemented on the CPU in engine/cpu/ and with CUDA in
+ * kernels/.  The engine calls only through this table.
+ *
+ * Memory handed to compute slots (weights, activations) comes from the
+ * backend's own alloc slot: host memory for the CPU backend, device memory
+ * for CUDA.  Activations and accumulation are fp32; weights are F32, F16 or
+ * BF16, row-major [rows, cols] as nn.Linear stores them (y = W x).
+ */
+#ifndef MOED_ENGINE_BACKEND_H
+#define MOED_ENGINE_BACKEND_H
+
+#include "common.h"
+
+struct moe_backend;
+
+/* One expert's weights, in backend memory. */
+struct moe_expert_weights {
+    enum moe_dtype dtype;          /* F32, F16 or BF16 */
+    int64_t hidden;                /* H */
+    int64_t ffn;                   /* F */
+    const void *gate;              /* [F, H] */
+    const void *up;                /* [F, H] */
+    const void *down;              /* [H, F] */
+};
+
+/* The tokens one expert computes in a grouped FFN call. */
+struct moe_ffn_work {
+    const struct moe_expert_weights *w;
+    int n_tokens;
+    const int32_t *tokens;         /* [n_tokens] rows of x, each at most once per work item */
+    const float *scales;           /* [n_tokens] routing weight of each token */
+};
+
+struct moe_backend_ops {
+    const char *name;              /* "cpu", "cuda" */
+
+    /* Destroys the backend; frees everything it allocated. */
+    void (*free)(struct moe_backend *b);
+
+    /* Allocates bytes of backend memory, 64-byte aligned at least; NULL on failure. */
+    void *(*alloc)(struct moe_backend *b, size_t bytes);
+    /* Frees memory from alloc; NULL is a no-op. */
+    void (*mem_free)(struct moe_backend *b, void *p);
+    /* Copies host -> backend memory and back.  0 or -errno. */
+    int (*copy_in)(struct moe_backend *b, void *dst, const void *src, size_t bytes);
+    int (*copy_out)(struct moe_backend *b, void *dst, const void *src, size_t bytes);
+
+    /*
+     * y[t, r] = sum_c W[r, c] * x[t, c] for t < n_tokens, r < rows.
+     * W [rows, cols] of dtype; x [n_tokens, cols] fp32; y [n_tokens, rows]
+     * fp32 (overwritten).  Used for routers and gates.  0 or -errno.
+     */
+    int (*matmul)(struct moe_backend *b, const void *w, enum moe_dtype dtype, int64_t rows,
+                  int64_t cols, const float *x, int n_tokens, float *y);
+
+    /*
+     * For every work item and each of its tokens t with scale s:
+     *   out[t, :] += s * down(silu(gate x[t]) * up x[t])
+     * x [n_tokens, hidden] and out [n_tokens, hidden] fp32; out is
+     * accumulated into, not overwritten.  Work items may name the same token
+     * (that is what top-k does); the backend orders the sums so that the
+     * result does not depend on thread timing.  0 or -errno (-ENOMEM when
+     * scratch memory cannot be had; out is then unspecified).
+     */
+    int (*grouped_ffn)(struct moe_backend *b, const float *x, int64_t hidden, int n_tokens,
+                       const struct moe_ffn_work *work, int n_work, float *out);
+};
+
+struct moe_backend {
+    const struct moe_backend_ops *ops;
+    void *priv;                    /* the implementation's state */
+};
+
+struct moe_cpu_config {
+    int n_threads;                 /* 0: one per online CPU */
+    const char *kernel;            /* NULL/"auto", or force "generic", "avx2", "avx512" */
+};
+
+/* Creates the CPU backend.  -ENOTSUP when a forced kernel is not available
+ * on this CPU (err says which features are missing). */
+int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **ret,
+                         struct moe_error *err);
+
+/* Name of the kernel the CPU backend picked ("avx512", "avx2", "generic"). */
+const char *moe_backend_cpu_kernel(const struct moe_backend *b);
+
+static inline void moe_backend_free(struct moe_backend *b)
+{
+    if (b)
+        b->ops->free(b);
+}
+
+#endif

@@ -1,0 +1,98 @@
+/*
+ * Common definitions of the engine: error reporting, element types and
+ * small helpers shared by every engine module.
+ *
+ * Errors: engine functions return 0 (or a count) on success and -errno on
+ * failure.  Those that can fail on outside input also take an optional
+ * struct moe_error into which they write one line saying what failed, where
+ * (file, tensor, key) and what was expected.  The caller logs it once.
+ */
+#ifndef MOED_ENGINE_COMMON_H
+#define MOED_ENGINE_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define MOE_ERROR_MSG_MAX 1024
+#define MOE_MAX_DIMS 8
+
+/* One error: the -errno code and a message for people. */
+struct moe_error {
+    int code;                     /* negative errno, 0 when no error */
+    char msg[MOE_ERROR_MSG_MAX];  /* NUL-terminated, "" when no error */
+};
+
+/*
+ * Sets *err (when err is not NULL) to code and the formatted message, and
+ * returns code (a negative errno) so that callers can write
+ * `return moe_error_set(err, -EINVAL, "...")`.
+ */
+int moe_error_set(struct moe_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Prepends "prefix: " to an error message already set (no-op for NULL). */
+void moe_error_prefix(struct moe_error *err, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/*
+ * Element types.  Every dtype of the safetensors format is listed so that the
+ * loader can check the byte ranges of tensors it does not use; only F32, F16
+ * and BF16 are computed with (moe_dtype_is_compute()).
+ */
+enum moe_dtype {
+    MOE_DTYPE_F32 = 0,
+    MOE_DTYPE_F16,
+    MOE_DTYPE_BF16,
+    MOE_DTYPE_F64,
+    MOE_DTYPE_F8_E4M3,
+    MOE_DTYPE_F8_E5M2,
+    MOE_DTYPE_BOOL,
+    MOE_DTYPE_U8,
+    MOE_DTYPE_I8,
+    MOE_DTYPE_I16,
+    MOE_DTYPE_U16,
+    MOE_DTYPE_I32,
+    MOE_DTYPE_U32,
+    MOE_DTYPE_I64,
+    MOE_DTYPE_U64,
+    MOE_DTYPE_COUNT,
+};
+
+/* Bytes per element. */
+size_t moe_dtype_size(enum moe_dtype t);
+/* The safetensors spelling: "F32", "BF16", ... */
+const char *moe_dtype_name(enum moe_dtype t);
+/* Parses a safetensors dtype string; returns 0 and sets *ret, or -EINVAL. */
+int moe_dtype_parse(const char *s, enum moe_dtype *ret);
+/* Parses a user-facing name: "bf16", "f16", "f32" (also "bfloat16",
+ * "float16", "float32" as in config.json's torch_dtype); -EINVAL otherwise. */
+int moe_dtype_parse_user(const char *s, enum moe_dtype *ret);
+/* Lower-case user-facing name: "bf16", "f16", "f32", or the safetensors one. */
+const char *moe_dtype_user_name(enum moe_dtype t);
+/* True for the types the engine computes with: F32, F16, BF16. */
+bool moe_dtype_is_compute(enum moe_dtype t);
+
+/* 64-byte aligned allocation (cache line, AVX-512); free with moe_free_aligned. */
+void *moe_alloc_aligned(size_t bytes);
+void moe_free_aligned(void *p);
+
+/* Checked size arithmetic: returns false on overflow. */
+static inline bool moe_mul_size(size_t a, size_t b, size_t *ret)
+{
+    return !__builtin_mul_overflow(a, b, ret);
+}
+
+static inline bool moe_add_size(size_t a, size_t b, size_t *ret)
+{
+    return !__builtin_add_overflow(a, b, ret);
+}
+
+/* Monotonic clock in nanoseconds. */
+uint64_t moe_now_ns(void);
+
+#define MOE_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define MOE_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MOE_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif

@@ -1,0 +1,50 @@
+/*
+ * Synthetic checkpoints in the exact Hugging Face layout of each family:
+ * config.json, model.safetensors or model-0000X-of-0000N.safetensors shards
+ * with model.safetensors.index.json, the real tensor names, and the non-MoE
+ * tensors (embeddings, attention, norms, dense MLPs) at small sizes.
+ *
+ * Weights are deterministic: every tensor's values come from (seed, tensor
+ * name) alone, so the same options give byte-identical files whatever the
+ * sharding.  Scales keep outputs O(1) for O(1) inputs.  Router rows are
+ * skewed so that, as in real models, some experts are chosen far more often
+ * than others: row e is a random direction scaled by a Zipf-like factor of a
+ * random permutation of the experts (plus a common component shared by the
+ * popular ones).
+ */
+#ifndef MOED_ENGINE_GENMODEL_H
+#define MOED_ENGINE_GENMODEL_H
+
+#include "common.h"
+#include "model.h"
+
+struct moe_genmodel_opts {
+    enum moe_arch arch;
+    const char *out_dir;           /* created if missing; existing files are replaced */
+    int n_layers;                  /* all counts: <= 0 means the family's default */
+    int n_experts;
+    int top_k;
+    int hidden;
+    int ffn;                       /* routed expert ffn */
+    int n_shared;                  /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
+                                    * deepseek_v3: any; others: must be 0 or -1) */
+    enum moe_dtype dtype;          /* BF16, F16 or F32 */
+    int n_shards;                  /* 1: model.safetensors; >1 sharded with index */
+    uint64_t seed;
+    /* Called after each file is written (may be NULL). */
+    void (*progress)(void *ctx, int files_done, int files_total);
+    void *progress_ctx;
+};
+
+/* Fills o with the family's small defaults (and arch set). */
+void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o);
+
+/*
+ * Writes the checkpoint.  Options <= 0 (n_shared: -1) take the family's
+ * defaults.  -EINVAL with a message for impossible options (top_k > experts,
+ * experts not divisible into DeepSeek's groups, shared experts on a family
+ * without them...), -errno for I/O errors naming the file.
+ */
+int moe_genmodel_write(const struct moe_genmodel_opts *o, struct moe_error *err);
+
+#endif

@@ -1,0 +1,161 @@
+/*
+ * A model: its config.json, its safetensors files and, for every layer, where
+ * the MoE tensors are.  Opening a model reads config.json, the index and the
+ * safetensors headers, and nothing else; expert weights are read later, by
+ * byte range, with moe_model_read().
+ *
+ * Supported families (config.json "model_type") and their tensor names, for
+ * layer i (prefix "model.layers.i."):
+ *   mixtral      block_sparse_moe.gate.weight [E,H];
+ *                block_sparse_moe.experts.e.{w1 (gate) [F,H], w3 (up) [F,H], w2 (down) [H,F]}
+ *   qwen2_moe    mlp.gate.weight; mlp.experts.e.{gate,up,down}_proj.weight;
+ *                mlp.shared_expert.{gate,up,down}_proj.weight; mlp.shared_expert_gate.weight [1,H]
+ *   qwen3_moe,   mlp.gate.weight; mlp.experts.e.{gate,up,down}_proj.weight
+ *   olmoe
+ *   deepseek_v3  mlp.gate.weight; mlp.gate.e_score_correction_bias [E];
+ *                mlp.experts.e.{gate,up,down}_proj.weight;
+ *                mlp.shared_experts.{gate,up,down}_proj.weight [S*F,H]/[H,S*F];
+ *                layers < first_k_dense_replace (and i % moe_layer_freq != 0) are dense.
+ * Qwen layers listed in mlp_only_layers, or with (i + 1) % decoder_sparse_step
+ * != 0, are dense.  Every other tensor (attention, norms, embeddings, dense
+ * MLPs, DeepSeek's multi-token-prediction layer beyond num_hidden_layers) is
+ * ignored, but its byte range is still checked by the safetensors parser.
+ */
+#ifndef MOED_ENGINE_MODEL_H
+#define MOED_ENGINE_MODEL_H
+
+#include "common.h"
+#include "router.h"
+
+enum moe_arch {
+    MOE_ARCH_MIXTRAL = 0,
+    MOE_ARCH_QWEN2_MOE,
+    MOE_ARCH_QWEN3_MOE,
+    MOE_ARCH_OLMOE,
+    MOE_ARCH_DEEPSEEK_V3,
+    MOE_ARCH_COUNT,
+};
+
+/* "mixtral", "qwen2_moe", ... (config.json model_type). */
+const char *moe_arch_name(enum moe_arch a);
+/* Returns 0 and sets *ret, or -EINVAL for names not listed above. */
+int moe_arch_parse(const char *s, enum moe_arch *ret);
+
+#define MOE_MAX_LAYERS 1024
+#define MOE_MAX_HIDDEN (1 << 16)
+#define MOE_MAX_FFN (1 << 18)
+
+/* What config.json says, normalised across families. */
+struct moe_model_config {
+    enum moe_arch arch;
+    int n_layers;                  /* num_hidden_layers */
+    int hidden;                    /* hidden_size */
+    int expert_ffn;                /* rows of a routed expert's gate/up: intermediate_size
+                                    * (mixtral, olmoe) or moe_intermediate_size */
+    int dense_ffn;                 /* intermediate_size of dense layers; 0 when none */
+    int n_experts;                 /* routed experts per MoE layer */
+    int top_k;                     /* num_experts_per_tok */
+    int n_shared_experts;          /* deepseek n_shared_experts; qwen2_moe 1 when it has one */
+    int shared_ffn;                /* rows of the shared expert's gate/up (all shared experts
+                                    * fused, as stored); 0 when none */
+    bool shared_expert_gate;       /* qwen2_moe: shared output scaled by sigmoid(gate . x) */
+    bool norm_topk_prob;           /* mixtral: always true */
+    enum moe_score_func score_func;
+    int n_group;                   /* deepseek; 1 elsewhere */
+    int topk_group;                /* deepseek; 1 elsewhere */
+    float routed_scaling_factor;   /* deepseek; 1 elsewhere */
+    bool has_score_bias;           /* deepseek: e_score_correction_bias present */
+    int first_k_dense;             /* deepseek first_k_dense_replace; 0 elsewhere */
+    int moe_layer_freq;            /* deepseek; 1 elsewhere */
+    int decoder_sparse_step;       /* qwen; 1 elsewhere */
+    int n_mlp_only_layers;
+    int *mlp_only_layers;          /* qwen mlp_only_layers, owned */
+    enum moe_dtype dtype;          /* torch_dtype; MOE_DTYPE_COUNT when absent */
+};
+
+/*
+ * Parses config.json (json_len bytes).  fname names it in messages: missing
+ * keys, wrong types, values out of range and unsupported model types are
+ * refused with the key, the value and what is expected.  Free the result's
+ * contents with moe_config_clear.
+ */
+int moe_config_parse(const char *json, size_t json_len, const char *fname,
+                     struct moe_model_config *ret, struct moe_error *err);
+void moe_config_clear(struct moe_model_config *c);
+
+/* True when layer (0-based) is a MoE layer under the family's rule. */
+bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer);
+
+/* Where one tensor's bytes are. */
+struct moe_tensor_ref {
+    int file;                      /* index into moe_model.files */
+    const char *name;              /* points into the model's headers */
+    enum moe_dtype dtype;
+    int64_t rows;                  /* [rows, cols]; 1-D tensors: rows = 1 */
+    int64_t cols;
+    uint64_t offset;               /* absolute offset in the file */
+    uint64_t nbytes;
+};
+
+/* One SwiGLU expert: down(silu(gate x) * up x). */
+struct moe_expert_ref {
+    struct moe_tensor_ref gate;    /* [ffn, hidden] (mixtral w1) */
+    struct moe_tensor_ref up;      /* [ffn, hidden] (mixtral w3) */
+    struct moe_tensor_ref down;    /* [hidden, ffn] (mixtral w2) */
+    uint64_t nbytes;               /* gate + up + down */
+};
+
+struct moe_layer {
+    bool is_moe;                   /* false: a dense layer, nothing below is set */
+    struct moe_tensor_ref router;  /* [n_experts, hidden] */
+    bool has_bias;
+    struct moe_tensor_ref bias;    /* e_score_correction_bias [n_experts] */
+    struct moe_expert_ref *experts; /* [n_experts], owned */
+    bool has_shared;
+    struct moe_expert_ref shared;  /* shared expert(s), ffn = cfg.shared_ffn */
+    bool has_shared_gate;
+    struct moe_tensor_ref shared_gate; /* qwen2_moe [1, hidden] */
+};
+
+struct moe_model_file {
+    char *path;                    /* owned, as opened */
+    char *name;                    /* owned, file name within the directory */
+    uint64_t size;                 /* at open */
+    int fd;                        /* O_RDONLY, open for the model's lifetime */
+};
+
+struct moe_st_header;
+
+struct moe_model {
+    char *dir;                     /* owned */
+    struct moe_model_config cfg;
+    size_t n_files;
+    struct moe_model_file *files;  /* owned */
+    struct moe_st_header **headers; /* [n_files], owned */
+    struct moe_layer *layers;      /* [cfg.n_layers], owned */
+    int n_moe_layers;
+    enum moe_dtype expert_dtype;   /* dtype of every routed expert tensor */
+    uint64_t expert_bytes;         /* bytes of one routed expert (gate+up+down) */
+    uint64_t total_expert_bytes;   /* all routed and shared experts */
+};
+
+/*
+ * Opens the checkpoint in dir: config.json, then model.safetensors.index.json
+ * and its shards, or a single model.safetensors.  Checks every MoE tensor is
+ * present with the shape and dtype config.json implies.  Returns 0 and sets
+ * *ret (free with moe_model_free), or -errno with *err naming the file, the
+ * tensor and what is wrong.
+ */
+int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *err);
+void moe_model_free(struct moe_model *m);
+
+/* Reads t's bytes into dst (t->nbytes).  A short read (file truncated since
+ * open) is -EIO with a message naming file and tensor. */
+int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, void *dst,
+                   struct moe_error *err);
+
+/* Router parameters of a MoE layer; bias: the layer's bias as fp32 or NULL. */
+void moe_model_router_params(const struct moe_model *m, const float *bias,
+                             struct moe_router_params *ret);
+
+#endif
