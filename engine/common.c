@@ -50,14 +50,20 @@ static const struct {
     const char *user;
     size_t size;
 } dtypes[MOE_DTYPE_COUNT] = {
-    [MOE_DTYPE_F32] = {"F32", "f32", 4},          [MOE_DTYPE_F16] = {"F16", "f16", 2},
-    [MOE_DTYPE_BF16] = {"BF16", "bf16", 2},       [MOE_DTYPE_F64] = {"F64", "f64", 8},
+    [MOE_DTYPE_F32] = {"F32", "f32", 4},
+    [MOE_DTYPE_F16] = {"F16", "f16", 2},
+    [MOE_DTYPE_BF16] = {"BF16", "bf16", 2},
+    [MOE_DTYPE_F64] = {"F64", "f64", 8},
     [MOE_DTYPE_F8_E4M3] = {"F8_E4M3", "f8_e4m3", 1},
     [MOE_DTYPE_F8_E5M2] = {"F8_E5M2", "f8_e5m2", 1},
-    [MOE_DTYPE_BOOL] = {"BOOL", "bool", 1},       [MOE_DTYPE_U8] = {"U8", "u8", 1},
-    [MOE_DTYPE_I8] = {"I8", "i8", 1},             [MOE_DTYPE_I16] = {"I16", "i16", 2},
-    [MOE_DTYPE_U16] = {"U16", "u16", 2},          [MOE_DTYPE_I32] = {"I32", "i32", 4},
-    [MOE_DTYPE_U32] = {"U32", "u32", 4},          [MOE_DTYPE_I64] = {"I64", "i64", 8},
+    [MOE_DTYPE_BOOL] = {"BOOL", "bool", 1},
+    [MOE_DTYPE_U8] = {"U8", "u8", 1},
+    [MOE_DTYPE_I8] = {"I8", "i8", 1},
+    [MOE_DTYPE_I16] = {"I16", "i16", 2},
+    [MOE_DTYPE_U16] = {"U16", "u16", 2},
+    [MOE_DTYPE_I32] = {"I32", "i32", 4},
+    [MOE_DTYPE_U32] = {"U32", "u32", 4},
+    [MOE_DTYPE_I64] = {"I64", "i64", 8},
     [MOE_DTYPE_U64] = {"U64", "u64", 8},
 };
 
@@ -93,9 +99,9 @@ int moe_dtype_parse_user(const char *s, enum moe_dtype *ret)
         const char *name;
         enum moe_dtype t;
     } names[] = {
-        {"bf16", MOE_DTYPE_BF16},    {"bfloat16", MOE_DTYPE_BF16}, {"f16", MOE_DTYPE_F16},
-        {"fp16", MOE_DTYPE_F16},     {"float16", MOE_DTYPE_F16},   {"half", MOE_DTYPE_F16},
-        {"f32", MOE_DTYPE_F32},      {"fp32", MOE_DTYPE_F32},      {"float32", MOE_DTYPE_F32},
+        {"bf16", MOE_DTYPE_BF16}, {"bfloat16", MOE_DTYPE_BF16}, {"f16", MOE_DTYPE_F16},
+        {"fp16", MOE_DTYPE_F16},  {"float16", MOE_DTYPE_F16},   {"half", MOE_DTYPE_F16},
+        {"f32", MOE_DTYPE_F32},   {"fp32", MOE_DTYPE_F32},      {"float32", MOE_DTYPE_F32},
         {"float", MOE_DTYPE_F32},
     };
 

@@ -19,8 +19,8 @@
 
 /* One error: the -errno code and a message for people. */
 struct moe_error {
-    int code;                     /* negative errno, 0 when no error */
-    char msg[MOE_ERROR_MSG_MAX];  /* NUL-terminated, "" when no error */
+    int code;                    /* negative errno, 0 when no error */
+    char msg[MOE_ERROR_MSG_MAX]; /* NUL-terminated, "" when no error */
 };
 
 /*

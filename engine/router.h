@@ -32,13 +32,13 @@ enum moe_score_func {
 
 struct moe_router_params {
     enum moe_score_func score_func;
-    int n_experts;                 /* 1..MOE_MAX_EXPERTS */
-    int top_k;                     /* 1..min(n_experts, MOE_MAX_TOP_K) */
-    bool norm_topk_prob;           /* renormalise the k weights */
-    int n_group;                   /* groups for group-limited selection; 1 = none */
-    int topk_group;                /* groups kept; n_group = none dropped */
-    float routed_scaling_factor;   /* weights are multiplied by it; 1 = none */
-    const float *bias;             /* [n_experts] selection bias (sigmoid only) or NULL */
+    int n_experts;               /* 1..MOE_MAX_EXPERTS */
+    int top_k;                   /* 1..min(n_experts, MOE_MAX_TOP_K) */
+    bool norm_topk_prob;         /* renormalise the k weights */
+    int n_group;                 /* groups for group-limited selection; 1 = none */
+    int topk_group;              /* groups kept; n_group = none dropped */
+    float routed_scaling_factor; /* weights are multiplied by it; 1 = none */
+    const float *bias;           /* [n_experts] selection bias (sigmoid only) or NULL */
 };
 
 /* Checks the parameters are consistent (n_experts % n_group == 0, top_k fits
