@@ -48,29 +48,29 @@ int moe_arch_parse(const char *s, enum moe_arch *ret);
 /* What config.json says, normalised across families. */
 struct moe_model_config {
     enum moe_arch arch;
-    int n_layers;                  /* num_hidden_layers */
-    int hidden;                    /* hidden_size */
-    int expert_ffn;                /* rows of a routed expert's gate/up: intermediate_size
-                                    * (mixtral, olmoe) or moe_intermediate_size */
-    int dense_ffn;                 /* intermediate_size of dense layers; 0 when none */
-    int n_experts;                 /* routed experts per MoE layer */
-    int top_k;                     /* num_experts_per_tok */
-    int n_shared_experts;          /* deepseek n_shared_experts; qwen2_moe 1 when it has one */
-    int shared_ffn;                /* rows of the shared expert's gate/up (all shared experts
-                                    * fused, as stored); 0 when none */
-    bool shared_expert_gate;       /* qwen2_moe: shared output scaled by sigmoid(gate . x) */
-    bool norm_topk_prob;           /* mixtral: always true */
+    int n_layers;            /* num_hidden_layers */
+    int hidden;              /* hidden_size */
+    int expert_ffn;          /* rows of a routed expert's gate/up: intermediate_size
+                              * (mixtral, olmoe) or moe_intermediate_size */
+    int dense_ffn;           /* intermediate_size of dense layers; 0 when none */
+    int n_experts;           /* routed experts per MoE layer */
+    int top_k;               /* num_experts_per_tok */
+    int n_shared_experts;    /* deepseek n_shared_experts; qwen2_moe 1 when it has one */
+    int shared_ffn;          /* rows of the shared expert's gate/up (all shared experts
+                              * fused, as stored); 0 when none */
+    bool shared_expert_gate; /* qwen2_moe: shared output scaled by sigmoid(gate . x) */
+    bool norm_topk_prob;     /* mixtral: always true */
     enum moe_score_func score_func;
-    int n_group;                   /* deepseek; 1 elsewhere */
-    int topk_group;                /* deepseek; 1 elsewhere */
-    float routed_scaling_factor;   /* deepseek; 1 elsewhere */
-    bool has_score_bias;           /* deepseek: e_score_correction_bias present */
-    int first_k_dense;             /* deepseek first_k_dense_replace; 0 elsewhere */
-    int moe_layer_freq;            /* deepseek; 1 elsewhere */
-    int decoder_sparse_step;       /* qwen; 1 elsewhere */
+    int n_group;                 /* deepseek; 1 elsewhere */
+    int topk_group;              /* deepseek; 1 elsewhere */
+    float routed_scaling_factor; /* deepseek; 1 elsewhere */
+    bool has_score_bias;         /* deepseek: e_score_correction_bias present */
+    int first_k_dense;           /* deepseek first_k_dense_replace; 0 elsewhere */
+    int moe_layer_freq;          /* deepseek; 1 elsewhere */
+    int decoder_sparse_step;     /* qwen; 1 elsewhere */
     int n_mlp_only_layers;
-    int *mlp_only_layers;          /* qwen mlp_only_layers, owned */
-    enum moe_dtype dtype;          /* torch_dtype; MOE_DTYPE_COUNT when absent */
+    int *mlp_only_layers; /* qwen mlp_only_layers, owned */
+    enum moe_dtype dtype; /* torch_dtype; MOE_DTYPE_COUNT when absent */
 };
 
 /*
@@ -88,55 +88,55 @@ bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer);
 
 /* Where one tensor's bytes are. */
 struct moe_tensor_ref {
-    int file;                      /* index into moe_model.files */
-    const char *name;              /* points into the model's headers */
+    int file;         /* index into moe_model.files */
+    const char *name; /* points into the model's headers */
     enum moe_dtype dtype;
-    int64_t rows;                  /* [rows, cols]; 1-D tensors: rows = 1 */
+    int64_t rows; /* [rows, cols]; 1-D tensors: rows = 1 */
     int64_t cols;
-    uint64_t offset;               /* absolute offset in the file */
+    uint64_t offset; /* absolute offset in the file */
     uint64_t nbytes;
 };
 
 /* One SwiGLU expert: down(silu(gate x) * up x). */
 struct moe_expert_ref {
-    struct moe_tensor_ref gate;    /* [ffn, hidden] (mixtral w1) */
-    struct moe_tensor_ref up;      /* [ffn, hidden] (mixtral w3) */
-    struct moe_tensor_ref down;    /* [hidden, ffn] (mixtral w2) */
-    uint64_t nbytes;               /* gate + up + down */
+    struct moe_tensor_ref gate; /* [ffn, hidden] (mixtral w1) */
+    struct moe_tensor_ref up;   /* [ffn, hidden] (mixtral w3) */
+    struct moe_tensor_ref down; /* [hidden, ffn] (mixtral w2) */
+    uint64_t nbytes;            /* gate + up + down */
 };
 
 struct moe_layer {
-    bool is_moe;                   /* false: a dense layer, nothing below is set */
-    struct moe_tensor_ref router;  /* [n_experts, hidden] */
+    bool is_moe;                  /* false: a dense layer, nothing below is set */
+    struct moe_tensor_ref router; /* [n_experts, hidden] */
     bool has_bias;
-    struct moe_tensor_ref bias;    /* e_score_correction_bias [n_experts] */
+    struct moe_tensor_ref bias;     /* e_score_correction_bias [n_experts] */
     struct moe_expert_ref *experts; /* [n_experts], owned */
     bool has_shared;
-    struct moe_expert_ref shared;  /* shared expert(s), ffn = cfg.shared_ffn */
+    struct moe_expert_ref shared; /* shared expert(s), ffn = cfg.shared_ffn */
     bool has_shared_gate;
     struct moe_tensor_ref shared_gate; /* qwen2_moe [1, hidden] */
 };
 
 struct moe_model_file {
-    char *path;                    /* owned, as opened */
-    char *name;                    /* owned, file name within the directory */
-    uint64_t size;                 /* at open */
-    int fd;                        /* O_RDONLY, open for the model's lifetime */
+    char *path;    /* owned, as opened */
+    char *name;    /* owned, file name within the directory */
+    uint64_t size; /* at open */
+    int fd;        /* O_RDONLY, open for the model's lifetime */
 };
 
 struct moe_st_header;
 
 struct moe_model {
-    char *dir;                     /* owned */
+    char *dir; /* owned */
     struct moe_model_config cfg;
     size_t n_files;
-    struct moe_model_file *files;  /* owned */
+    struct moe_model_file *files;   /* owned */
     struct moe_st_header **headers; /* [n_files], owned */
-    struct moe_layer *layers;      /* [cfg.n_layers], owned */
+    struct moe_layer *layers;       /* [cfg.n_layers], owned */
     int n_moe_layers;
-    enum moe_dtype expert_dtype;   /* dtype of every routed expert tensor */
-    uint64_t expert_bytes;         /* bytes of one routed expert (gate+up+down) */
-    uint64_t total_expert_bytes;   /* all routed and shared experts */
+    enum moe_dtype expert_dtype; /* dtype of every routed expert tensor */
+    uint64_t expert_bytes;       /* bytes of one routed expert (gate+up+down) */
+    uint64_t total_expert_bytes; /* all routed and shared experts */
 };
 
 /*

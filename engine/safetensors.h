@@ -24,18 +24,18 @@
 #define MOE_ST_MAX_HEADER (100u << 20)
 
 struct moe_st_tensor {
-    char *name;                    /* owned */
+    char *name; /* owned */
     enum moe_dtype dtype;
-    int ndim;                      /* 0..MOE_MAX_DIMS */
+    int ndim; /* 0..MOE_MAX_DIMS */
     int64_t shape[MOE_MAX_DIMS];
-    uint64_t offset;               /* absolute offset in the file of the first byte */
-    uint64_t nbytes;               /* product(shape) * dtype size */
+    uint64_t offset; /* absolute offset in the file of the first byte */
+    uint64_t nbytes; /* product(shape) * dtype size */
 };
 
 struct moe_st_header {
-    uint64_t header_len;           /* N of the 8-byte prefix */
-    uint64_t data_start;           /* 8 + N: absolute offset of the data */
-    uint64_t file_size;            /* size of the file the header was checked against */
+    uint64_t header_len; /* N of the 8-byte prefix */
+    uint64_t data_start; /* 8 + N: absolute offset of the data */
+    uint64_t file_size;  /* size of the file the header was checked against */
     size_t n_tensors;
     struct moe_st_tensor *tensors; /* sorted by name (strcmp) */
 };
@@ -57,22 +57,29 @@ int moe_st_header_parse(const char *json, size_t json_len, uint64_t file_size, c
 int moe_st_header_read(const char *path, const char *fname, struct moe_st_header **ret,
                        struct moe_error *err);
 
+/*
+ * As moe_st_header_read, from a file already open for reading (fd is neither
+ * closed nor moved): the model keeps the fd whose header it checked.
+ */
+int moe_st_header_read_fd(int fd, const char *fname, struct moe_st_header **ret,
+                          struct moe_error *err);
+
 void moe_st_header_free(struct moe_st_header *h);
 
 /* Binary search by name; NULL when absent. */
 const struct moe_st_tensor *moe_st_header_find(const struct moe_st_header *h, const char *name);
 
 struct moe_st_index_entry {
-    char *tensor;                  /* owned */
-    int file;                      /* index into moe_st_index.files */
+    char *tensor; /* owned */
+    int file;     /* index into moe_st_index.files */
 };
 
 struct moe_st_index {
     size_t n_entries;
     struct moe_st_index_entry *entries; /* sorted by tensor name */
     size_t n_files;
-    char **files;                  /* distinct shard names, sorted, owned */
-    uint64_t total_size;           /* metadata.total_size, 0 when absent */
+    char **files;        /* distinct shard names, sorted, owned */
+    uint64_t total_size; /* metadata.total_size, 0 when absent */
 };
 
 /* Parses an index (json_len bytes).  fname names it in messages. */
@@ -90,7 +97,7 @@ int moe_st_index_find(const struct moe_st_index *idx, const char *tensor);
 
 /*
  * Reads a whole small file (config.json, an index) into a NUL-terminated
- * buffer of at most max_bytes.  Returns 0 and sets *ret/*ret_len, or -errno
+ * buffer of at most max_bytes.  Returns 0 and sets *ret and *ret_len, or -errno
  * with *err naming the file.
  */
 int moe_read_file(const char *path, size_t max_bytes, char **ret, size_t *ret_len,

@@ -1,0 +1,1117 @@
+/*
+ * Models: owns the parsing of config.json for each supported family, the
+ * opening of a checkpoint directory (index, shard headers, open file
+ * descriptors), the mapping of every MoE layer to the byte ranges of its
+ * router, bias, routed and shared experts, and reading those ranges.
+ *
+ * Invariants of an open model: every file in files[] is open read-only and
+ * its header passed moe_st_header_read_fd(); every tensor_ref points into
+ * headers[] and holds a range inside its file as it was at open; every MoE
+ * layer has all its routed experts, of one dtype (expert_dtype) and of the
+ * shapes config.json implies; no dense layer has MoE tensors.  A model is
+ * read-only once open: moe_model_read() only uses pread() on the kept fds, so
+ * any number of threads may read at once without a lock.
+ */
+#include "model.h"
+#include "safetensors.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CONFIG_MAX_BYTES (16u << 20)
+#define INDEX_MAX_BYTES (64u << 20)
+#define CONFIG_NAME "config.json"
+#define INDEX_NAME "model.safetensors.index.json"
+#define SINGLE_NAME "model.safetensors"
+#define VALUE_TEXT_MAX 64
+#define NAME_MAX_LEN 256
+
+/* ---- architectures -------------------------------------------------------- */
+
+static const char *const arch_names[MOE_ARCH_COUNT] = {
+    [MOE_ARCH_MIXTRAL] = "mixtral",         [MOE_ARCH_QWEN2_MOE] = "qwen2_moe",
+    [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
+    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+};
+
+#define ARCH_LIST "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3"
+
+const char *moe_arch_name(enum moe_arch a)
+{
+    return (unsigned)a < MOE_ARCH_COUNT ? arch_names[a] : "?";
+}
+
+int moe_arch_parse(const char *s, enum moe_arch *ret)
+{
+    for (int i = 0; i < MOE_ARCH_COUNT; i++) {
+        if (strcmp(s, arch_names[i]) == 0) {
+            *ret = (enum moe_arch)i;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+/* config.json key holding the routed expert count, and the expert ffn. */
+static const char *experts_key(enum moe_arch a)
+{
+    switch (a) {
+    case MOE_ARCH_MIXTRAL:
+        return "num_local_experts";
+    case MOE_ARCH_DEEPSEEK_V3:
+        return "n_routed_experts";
+    default:
+        return "num_experts";
+    }
+}
+
+static const char *ffn_key(enum moe_arch a)
+{
+    return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE ? "intermediate_size"
+                                                        : "moe_intermediate_size";
+}
+
+/* torch_dtype spelling of a compute dtype. */
+static const char *torch_name(enum moe_dtype t)
+{
+    switch (t) {
+    case MOE_DTYPE_BF16:
+        return "bfloat16";
+    case MOE_DTYPE_F16:
+        return "float16";
+    case MOE_DTYPE_F32:
+        return "float32";
+    default:
+        return moe_dtype_name(t);
+    }
+}
+
+/* ---- config.json ---------------------------------------------------------- */
+
+struct cfg_ctx {
+    json_t *root;
+    const char *fname;
+    const char *arch; /* model_type, for "required for ..." */
+    struct moe_error *err;
+};
+
+static const char *json_kind(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+        return "an integer";
+    case JSON_REAL:
+        return "a real number";
+    case JSON_TRUE:
+    case JSON_FALSE:
+        return "a boolean";
+    case JSON_NULL:
+    default:
+        return "null";
+    }
+}
+
+/* v as compact JSON, cut to fit buf. */
+static const char *json_text(const json_t *v, char *buf, size_t len)
+{
+    char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+
+    if (!s) {
+        snprintf(buf, len, "(%s)", json_kind(v));
+        return buf;
+    }
+    if (strlen(s) >= len && len > 4)
+        snprintf(buf, len, "%.*s...", (int)(len - 4), s);
+    else
+        snprintf(buf, len, "%s", s);
+    free(s);
+    return buf;
+}
+
+/* True when key is set to something other than null. */
+static bool cfg_has(const struct cfg_ctx *c, const char *key)
+{
+    json_t *v = json_object_get(c->root, key);
+
+    return v && !json_is_null(v);
+}
+
+/*
+ * An integer key in [lo, hi].  hi_name, when not NULL, names where hi comes
+ * from.  An absent (or null) optional key takes def.
+ */
+static int cfg_int(const struct cfg_ctx *c, const char *key, bool required, int def, long long lo,
+                   long long hi, const char *hi_name, int *ret)
+{
+    json_t *v = json_object_get(c->root, key);
+    char vb[VALUE_TEXT_MAX], range[160];
+    long long x;
+
+    if (hi_name)
+        snprintf(range, sizeof(range), "%lld to %s (%lld)", lo, hi_name, hi);
+    else
+        snprintf(range, sizeof(range), "%lld to %lld", lo, hi);
+    if (!v || (json_is_null(v) && !required)) {
+        if (required)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: '%s' is missing: expected an integer "
+                                 "from %s (required for %s)",
+                                 c->fname, key, range, c->arch);
+        /* A default can clash with the values set next to it. */
+        if (def < lo || def > hi)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: '%s' is not set and its default %d is "
+                                 "not within %s: set '%s'",
+                                 c->fname, key, def, range, key);
+        *ret = def;
+        return 0;
+    }
+    if (!json_is_integer(v))
+        return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected an integer from %s",
+                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v), range);
+    x = json_integer_value(v);
+    if (x < lo || x > hi)
+        return moe_error_set(c->err, -EINVAL, "%s: '%s' is %lld: expected %s", c->fname, key, x,
+                             range);
+    *ret = (int)x;
+    return 0;
+}
+
+static int cfg_bool(const struct cfg_ctx *c, const char *key, bool def, bool *ret)
+{
+    json_t *v = json_object_get(c->root, key);
+    char vb[VALUE_TEXT_MAX];
+
+    if (!v || json_is_null(v)) {
+        *ret = def;
+        return 0;
+    }
+    if (!json_is_boolean(v))
+        return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected true or false",
+                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v));
+    *ret = json_is_true(v);
+    return 0;
+}
+
+/* An optional string key: *ret is NULL when absent or null. */
+static int cfg_str(const struct cfg_ctx *c, const char *key, const char **ret)
+{
+    json_t *v = json_object_get(c->root, key);
+    char vb[VALUE_TEXT_MAX];
+
+    *ret = NULL;
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v))
+        return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected a string", c->fname,
+                             key, json_text(v, vb, sizeof(vb)), json_kind(v));
+    *ret = json_string_value(v);
+    return 0;
+}
+
+/* An optional number > 0 (integer or real), at most 1e6. */
+static int cfg_positive(const struct cfg_ctx *c, const char *key, float def, float *ret)
+{
+    json_t *v = json_object_get(c->root, key);
+    char vb[VALUE_TEXT_MAX];
+    double x;
+
+    if (!v || json_is_null(v)) {
+        *ret = def;
+        return 0;
+    }
+    if (!json_is_number(v))
+        return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected a number > 0",
+                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v));
+    x = json_number_value(v);
+    if (!isfinite(x) || !(x > 0) || x > 1e6)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: '%s' is %s: expected a number > 0 and at "
+                             "most 1e6",
+                             c->fname, key, json_text(v, vb, sizeof(vb)));
+    *ret = (float)x;
+    return 0;
+}
+
+/* torch_dtype or dtype: bfloat16, float16, float32; MOE_DTYPE_COUNT when absent. */
+static int cfg_dtype(const struct cfg_ctx *c, enum moe_dtype *ret)
+{
+    static const char *const keys[] = {"torch_dtype", "dtype"};
+    enum moe_dtype got[2] = {MOE_DTYPE_COUNT, MOE_DTYPE_COUNT};
+    const char *s;
+    int r;
+
+    for (int i = 0; i < 2; i++) {
+        r = cfg_str(c, keys[i], &s);
+        if (r < 0)
+            return r;
+        if (!s)
+            continue;
+        if (strcmp(s, "bfloat16") == 0)
+            got[i] = MOE_DTYPE_BF16;
+        else if (strcmp(s, "float16") == 0)
+            got[i] = MOE_DTYPE_F16;
+        else if (strcmp(s, "float32") == 0)
+            got[i] = MOE_DTYPE_F32;
+        else
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: '%s' is \"%s\": unsupported; expected "
+                                 "\"bfloat16\", \"float16\" or \"float32\"",
+                                 c->fname, keys[i], s);
+    }
+    if (got[0] != MOE_DTYPE_COUNT && got[1] != MOE_DTYPE_COUNT && got[0] != got[1])
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'torch_dtype' is \"%s\" but 'dtype' is "
+                             "\"%s\": expected one dtype",
+                             c->fname, torch_name(got[0]), torch_name(got[1]));
+    *ret = got[0] != MOE_DTYPE_COUNT ? got[0] : got[1];
+    return 0;
+}
+
+static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config *m)
+{
+    json_t *v = json_object_get(c->root, "mlp_only_layers");
+    char vb[VALUE_TEXT_MAX];
+    size_t n;
+
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_array(v))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'mlp_only_layers' is %s (%s): expected an "
+                             "array of layer numbers",
+                             c->fname, json_text(v, vb, sizeof(vb)), json_kind(v));
+    n = json_array_size(v);
+    if (n > MOE_MAX_LAYERS)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'mlp_only_layers' has %zu entries: expected "
+                             "at most %d",
+                             c->fname, n, MOE_MAX_LAYERS);
+    if (n == 0)
+        return 0;
+    m->mlp_only_layers = calloc(n, sizeof(*m->mlp_only_layers));
+    if (!m->mlp_only_layers)
+        return moe_error_set(c->err, -ENOMEM, "%s: out of memory", c->fname);
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = json_array_get(v, i);
+
+        if (!json_is_integer(e) || json_integer_value(e) < 0 ||
+            json_integer_value(e) >= m->n_layers)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'mlp_only_layers' entry %zu is %s: "
+                                 "expected a layer from 0 to num_hidden_layers - 1 (%d)",
+                                 c->fname, i, json_text(e, vb, sizeof(vb)), m->n_layers - 1);
+        m->mlp_only_layers[i] = (int)json_integer_value(e);
+        m->n_mlp_only_layers = (int)i + 1;
+    }
+    return 0;
+}
+
+/* The keys of a family; everything else of m was zeroed by the caller. */
+static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
+{
+    const char *ek = experts_key(m->arch), *fk = ffn_key(m->arch);
+    int r, shared_size, kmax;
+
+    r = cfg_int(c, "num_hidden_layers", true, 0, 1, MOE_MAX_LAYERS, NULL, &m->n_layers);
+    if (r == 0)
+        r = cfg_int(c, "hidden_size", true, 0, 1, MOE_MAX_HIDDEN, NULL, &m->hidden);
+    if (r == 0)
+        r = cfg_int(c, fk, true, 0, 1, MOE_MAX_FFN, NULL, &m->expert_ffn);
+    if (r == 0)
+        r = cfg_int(c, ek, true, 0, 1, MOE_MAX_EXPERTS, NULL, &m->n_experts);
+    if (r < 0)
+        return r;
+    kmax = MOE_MIN(m->n_experts, MOE_MAX_TOP_K);
+    r = cfg_int(c, "num_experts_per_tok", true, 0, 1, kmax,
+                m->n_experts <= MOE_MAX_TOP_K ? ek : "the supported maximum", &m->top_k);
+    if (r < 0)
+        return r;
+
+    m->score_func = MOE_SCORE_SOFTMAX;
+    m->n_group = 1;
+    m->topk_group = 1;
+    m->routed_scaling_factor = 1.0f;
+    m->moe_layer_freq = 1;
+    m->decoder_sparse_step = 1;
+
+    switch (m->arch) {
+    case MOE_ARCH_MIXTRAL:
+        m->norm_topk_prob = true;
+        return 0;
+    case MOE_ARCH_OLMOE:
+        return cfg_bool(c, "norm_topk_prob", false, &m->norm_topk_prob);
+    case MOE_ARCH_QWEN2_MOE:
+    case MOE_ARCH_QWEN3_MOE:
+        r = cfg_bool(c, "norm_topk_prob", false, &m->norm_topk_prob);
+        if (r == 0)
+            r = cfg_int(c, "intermediate_size", false, 0, 0, MOE_MAX_FFN, NULL, &m->dense_ffn);
+        if (r == 0)
+            r = cfg_int(c, "decoder_sparse_step", false, 1, 1, MOE_MAX_LAYERS, NULL,
+                        &m->decoder_sparse_step);
+        if (r == 0)
+            r = cfg_mlp_only_layers(c, m);
+        if (r < 0 || m->arch == MOE_ARCH_QWEN3_MOE)
+            return r;
+        r = cfg_int(c, "shared_expert_intermediate_size", true, 0, 0, MOE_MAX_FFN, NULL,
+                    &shared_size);
+        if (r < 0)
+            return r;
+        if (shared_size > 0) {
+            m->n_shared_experts = 1;
+            m->shared_ffn = shared_size;
+            m->shared_expert_gate = true;
+        }
+        return 0;
+    case MOE_ARCH_DEEPSEEK_V3:
+    default:
+        break;
+    }
+
+    /* deepseek_v3, with transformers' DeepseekV3Config defaults. */
+    {
+        char shared_max[64];
+        const char *s;
+        int gsize;
+
+        m->score_func = MOE_SCORE_SIGMOID;
+        m->has_score_bias = true;
+        r = cfg_int(c, "intermediate_size", true, 0, 1, MOE_MAX_FFN, NULL, &m->dense_ffn);
+        snprintf(shared_max, sizeof(shared_max), "%d / moe_intermediate_size", MOE_MAX_FFN);
+        if (r == 0)
+            r = cfg_int(c, "n_shared_experts", false, 0, 0, MOE_MAX_FFN / m->expert_ffn, shared_max,
+                        &m->n_shared_experts);
+        if (r == 0)
+            r = cfg_int(c, "n_group", false, 8, 1, m->n_experts, ek, &m->n_group);
+        if (r == 0)
+            r = cfg_bool(c, "norm_topk_prob", true, &m->norm_topk_prob);
+        if (r == 0)
+            r = cfg_positive(c, "routed_scaling_factor", 2.5f, &m->routed_scaling_factor);
+        if (r == 0)
+            r = cfg_int(c, "first_k_dense_replace", false, 3, 0, MOE_MAX_LAYERS, NULL,
+                        &m->first_k_dense);
+        if (r == 0)
+            r = cfg_int(c, "moe_layer_freq", false, 1, 1, MOE_MAX_LAYERS, NULL, &m->moe_layer_freq);
+        if (r == 0)
+            r = cfg_str(c, "scoring_func", &s);
+        if (r < 0)
+            return r;
+        if (s && strcmp(s, "sigmoid") != 0)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'scoring_func' is \"%s\": unsupported; "
+                                 "expected \"sigmoid\" for deepseek_v3",
+                                 c->fname, s);
+        r = cfg_str(c, "topk_method", &s);
+        if (r < 0)
+            return r;
+        if (s && strcmp(s, "noaux_tc") != 0)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'topk_method' is \"%s\": unsupported; "
+                                 "expected \"noaux_tc\" for deepseek_v3",
+                                 c->fname, s);
+        m->shared_ffn = m->n_shared_experts * m->expert_ffn;
+
+        if (m->n_experts % m->n_group != 0)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'n_group' is %d%s: expected a divisor of "
+                                 "%s (%d)",
+                                 c->fname, m->n_group, cfg_has(c, "n_group") ? "" : " (default)",
+                                 ek, m->n_experts);
+        gsize = m->n_experts / m->n_group;
+        if (m->n_group > 1 && gsize < 2)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'n_group' is %d%s: groups of %d expert "
+                                 "of %s (%d); expected groups of at least 2 experts",
+                                 c->fname, m->n_group, cfg_has(c, "n_group") ? "" : " (default)",
+                                 gsize, ek, m->n_experts);
+        r = cfg_int(c, "topk_group", false, 4, 1, m->n_group, "n_group", &m->topk_group);
+        if (r < 0)
+            return r;
+        if (m->top_k > m->topk_group * gsize)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: 'num_experts_per_tok' is %d: expected at "
+                                 "most topk_group (%d) x experts per group (%d) = %d",
+                                 c->fname, m->top_k, m->topk_group, gsize, m->topk_group * gsize);
+    }
+    return 0;
+}
+
+/* How the family decides a layer is dense, for messages. */
+static void dense_rule(const struct moe_model_config *c, char *buf, size_t len)
+{
+    switch (c->arch) {
+    case MOE_ARCH_DEEPSEEK_V3:
+        snprintf(buf, len, "first_k_dense_replace %d, moe_layer_freq %d", c->first_k_dense,
+                 c->moe_layer_freq);
+        break;
+    case MOE_ARCH_QWEN2_MOE:
+    case MOE_ARCH_QWEN3_MOE:
+        snprintf(buf, len, "mlp_only_layers (%d listed), decoder_sparse_step %d",
+                 c->n_mlp_only_layers, c->decoder_sparse_step);
+        break;
+    default:
+        snprintf(buf, len, "every %s layer is a MoE layer", moe_arch_name(c->arch));
+        break;
+    }
+}
+
+int moe_config_parse(const char *json, size_t json_len, const char *fname,
+                     struct moe_model_config *ret, struct moe_error *err)
+{
+    struct moe_model_config m = {0};
+    struct moe_router_params rp;
+    struct cfg_ctx c = {.fname = fname, .arch = "?", .err = err};
+    json_error_t jerr;
+    const char *type;
+    char vb[VALUE_TEXT_MAX];
+    json_t *v;
+    int r, n_moe = 0;
+
+    c.root = json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!c.root)
+        return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
+                             jerr.text, jerr.line, jerr.column);
+    if (!json_is_object(c.root)) {
+        r = moe_error_set(err, -EINVAL, "%s: is %s, expected a JSON object", fname,
+                          json_kind(c.root));
+        goto fail;
+    }
+    v = json_object_get(c.root, "model_type");
+    if (!v || !json_is_string(v)) {
+        r = moe_error_set(err, -EINVAL, "%s: 'model_type' is %s: expected one of " ARCH_LIST, fname,
+                          v ? json_text(v, vb, sizeof(vb)) : "missing");
+        goto fail;
+    }
+    type = json_string_value(v);
+    if (moe_arch_parse(type, &m.arch) < 0) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'model_type' is \"%s\": unsupported; expected one "
+                          "of " ARCH_LIST,
+                          fname, type);
+        goto fail;
+    }
+    c.arch = arch_names[m.arch];
+    r = cfg_family(&c, &m);
+    if (r == 0)
+        r = cfg_dtype(&c, &m.dtype);
+    if (r < 0)
+        goto fail;
+
+    for (int i = 0; i < m.n_layers; i++)
+        n_moe += moe_config_layer_is_moe(&m, i);
+    if (n_moe == 0) {
+        char rule[160];
+
+        dense_rule(&m, rule, sizeof(rule));
+        r = moe_error_set(err, -EINVAL,
+                          "%s: none of the %d layers is a MoE layer (%s): "
+                          "nothing to serve",
+                          fname, m.n_layers, rule);
+        goto fail;
+    }
+
+    /* The checks above should imply the router's; a failure here is a gap
+     * in them, still reported as bad input. */
+    rp = (struct moe_router_params){
+        .score_func = m.score_func,
+        .n_experts = m.n_experts,
+        .top_k = m.top_k,
+        .norm_topk_prob = m.norm_topk_prob,
+        .n_group = m.n_group,
+        .topk_group = m.topk_group,
+        .routed_scaling_factor = m.routed_scaling_factor,
+    };
+    r = moe_router_check(&rp, err);
+    if (r < 0) {
+        moe_error_prefix(err, "%s", fname);
+        goto fail;
+    }
+
+    json_decref(c.root);
+    *ret = m;
+    return 0;
+fail:
+    moe_config_clear(&m);
+    json_decref(c.root);
+    return r;
+}
+
+void moe_config_clear(struct moe_model_config *c)
+{
+    if (!c)
+        return;
+    free(c->mlp_only_layers);
+    c->mlp_only_layers = NULL;
+    c->n_mlp_only_layers = 0;
+}
+
+bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer)
+{
+    if (layer < 0 || layer >= c->n_layers)
+        return false;
+    switch (c->arch) {
+    case MOE_ARCH_DEEPSEEK_V3:
+        return layer >= c->first_k_dense && c->moe_layer_freq > 0 && layer % c->moe_layer_freq == 0;
+    case MOE_ARCH_QWEN2_MOE:
+    case MOE_ARCH_QWEN3_MOE:
+        for (int i = 0; i < c->n_mlp_only_layers; i++)
+            if (c->mlp_only_layers[i] == layer)
+                return false;
+        return c->decoder_sparse_step > 0 && (layer + 1) % c->decoder_sparse_step == 0;
+    default:
+        return true;
+    }
+}
+
+/* ---- opening a checkpoint ------------------------------------------------- */
+
+void moe_model_free(struct moe_model *m)
+{
+    if (!m)
+        return;
+    if (m->layers) {
+        for (int i = 0; i < m->cfg.n_layers; i++)
+            free(m->layers[i].experts);
+        free(m->layers);
+    }
+    if (m->headers)
+        for (size_t i = 0; i < m->n_files; i++)
+            moe_st_header_free(m->headers[i]);
+    free(m->headers);
+    if (m->files) {
+        for (size_t i = 0; i < m->n_files; i++) {
+            if (m->files[i].fd >= 0)
+                close(m->files[i].fd);
+            free(m->files[i].path);
+            free(m->files[i].name);
+        }
+        free(m->files);
+    }
+    moe_config_clear(&m->cfg);
+    free(m->dir);
+    free(m);
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+    char *s;
+
+    if (asprintf(&s, "%s/%s", dir, name) < 0)
+        return NULL;
+    return s;
+}
+
+struct open_ctx {
+    struct moe_model *m;
+    const struct moe_st_index *idx; /* NULL for a single model.safetensors */
+    struct moe_error *err;
+};
+
+/* The header entry of tensor name and its file, or NULL when absent. */
+static const struct moe_st_tensor *find_tensor(const struct open_ctx *c, const char *name,
+                                               int *ret_file)
+{
+    int f = c->idx ? moe_st_index_find(c->idx, name) : 0;
+
+    if (f < 0)
+        return NULL;
+    *ret_file = f;
+    return moe_st_header_find(c->m->headers[f], name);
+}
+
+static const char *shape_text(const int64_t *shape, int ndim, char *buf, size_t len)
+{
+    size_t at = 0;
+
+    at += (size_t)snprintf(buf, len, "[");
+    for (int i = 0; i < ndim && at < len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%" PRId64, i ? ", " : "", shape[i]);
+    if (at < len)
+        snprintf(buf + at, len - at, "]");
+    return buf;
+}
+
+/*
+ * Looks up one MoE tensor of layer and fills ref.  what names it in the
+ * "missing" message; ndim/rows/cols is the shape config.json implies, and
+ * shape_keys says where those come from.  Any compute dtype is accepted.
+ */
+static int get_ref(const struct open_ctx *c, int layer, const char *what, const char *name,
+                   int ndim, int64_t rows, int64_t cols, const char *shape_keys,
+                   struct moe_tensor_ref *ref)
+{
+    const struct moe_st_tensor *t;
+    int64_t want[2];
+    char got[128], exp[64];
+    const char *path;
+    int f;
+
+    t = find_tensor(c, name, &f);
+    if (!t)
+        return moe_error_set(c->err, -EINVAL, "%s: layer %d: %s missing: no tensor '%s'", c->m->dir,
+                             layer, what, name);
+    path = c->m->files[f].path;
+    if (ndim == 1)
+        want[0] = cols;
+    else {
+        want[0] = rows;
+        want[1] = cols;
+    }
+    if (t->ndim != ndim || t->shape[0] != want[0] || (ndim == 2 && t->shape[1] != want[1]))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': shape %s contradicts %s: "
+                             "expected %s = %s",
+                             path, name, shape_text(t->shape, t->ndim, got, sizeof(got)),
+                             CONFIG_NAME, shape_keys, shape_text(want, ndim, exp, sizeof(exp)));
+    if (!moe_dtype_is_compute(t->dtype))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': dtype %s: expected BF16, F16 or "
+                             "F32",
+                             path, name, moe_dtype_name(t->dtype));
+    ref->file = f;
+    ref->name = t->name;
+    ref->dtype = t->dtype;
+    ref->rows = ndim == 2 ? t->shape[0] : 1;
+    ref->cols = ndim == 2 ? t->shape[1] : t->shape[0];
+    ref->offset = t->offset;
+    ref->nbytes = t->nbytes;
+    return 0;
+}
+
+/* Checks an expert tensor's dtype against config.json and against dt, the
+ * dtype the expert's other tensors (or the model's other experts) have. */
+static int check_expert_dtype(const struct open_ctx *c, const struct moe_tensor_ref *t,
+                              enum moe_dtype dt, const char *dt_from)
+{
+    const struct moe_model_config *cfg = &c->m->cfg;
+    const char *path = c->m->files[t->file].path;
+
+    if (cfg->dtype != MOE_DTYPE_COUNT && t->dtype != cfg->dtype)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': dtype %s contradicts %s "
+                             "torch_dtype %s",
+                             path, t->name, moe_dtype_name(t->dtype), CONFIG_NAME,
+                             torch_name(cfg->dtype));
+    if (dt != MOE_DTYPE_COUNT && t->dtype != dt)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': dtype %s, but %s is %s: "
+                             "expected one dtype for every expert",
+                             path, t->name, moe_dtype_name(t->dtype), dt_from, moe_dtype_name(dt));
+    return 0;
+}
+
+/* Fills x with the three tensors under prefix ("model.layers.3.mlp.experts.5."). */
+static int get_expert(const struct open_ctx *c, int layer, const char *what, const char *prefix,
+                      int64_t ffn, const char *ffn_desc, struct moe_expert_ref *x)
+{
+    bool mixtral = c->m->cfg.arch == MOE_ARCH_MIXTRAL;
+    const char *g = mixtral ? "w1" : "gate_proj", *u = mixtral ? "w3" : "up_proj",
+               *d = mixtral ? "w2" : "down_proj";
+    int64_t H = c->m->cfg.hidden;
+    char name[NAME_MAX_LEN], keys[160];
+    int r;
+
+    snprintf(keys, sizeof(keys), "[%s, hidden_size]", ffn_desc);
+    snprintf(name, sizeof(name), "%s%s.weight", prefix, g);
+    r = get_ref(c, layer, what, name, 2, ffn, H, keys, &x->gate);
+    if (r < 0)
+        return r;
+    snprintf(name, sizeof(name), "%s%s.weight", prefix, u);
+    r = get_ref(c, layer, what, name, 2, ffn, H, keys, &x->up);
+    if (r < 0)
+        return r;
+    snprintf(keys, sizeof(keys), "[hidden_size, %s]", ffn_desc);
+    snprintf(name, sizeof(name), "%s%s.weight", prefix, d);
+    r = get_ref(c, layer, what, name, 2, H, ffn, keys, &x->down);
+    if (r < 0)
+        return r;
+    r = check_expert_dtype(c, &x->gate, MOE_DTYPE_COUNT, NULL);
+    if (r == 0)
+        r = check_expert_dtype(c, &x->up, x->gate.dtype, x->gate.name);
+    if (r == 0)
+        r = check_expert_dtype(c, &x->down, x->gate.dtype, x->gate.name);
+    if (r < 0)
+        return r;
+    x->nbytes = x->gate.nbytes + x->up.nbytes + x->down.nbytes;
+    return 0;
+}
+
+static int load_layer(struct open_ctx *c, int i)
+{
+    struct moe_model *m = c->m;
+    const struct moe_model_config *cfg = &m->cfg;
+    struct moe_layer *L = &m->layers[i];
+    const char *blk = cfg->arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe" : "mlp";
+    const char *ek = experts_key(cfg->arch), *fk = ffn_key(cfg->arch);
+    char name[NAME_MAX_LEN], prefix[NAME_MAX_LEN], what[64], keys[160];
+    int r;
+
+    L->is_moe = true;
+    snprintf(keys, sizeof(keys), "[%s, hidden_size]", ek);
+    snprintf(name, sizeof(name), "model.layers.%d.%s.gate.weight", i, blk);
+    r = get_ref(c, i, "router", name, 2, cfg->n_experts, cfg->hidden, keys, &L->router);
+    if (r < 0)
+        return r;
+    if (cfg->has_score_bias) {
+        snprintf(keys, sizeof(keys), "[%s]", ek);
+        snprintf(name, sizeof(name), "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+        r = get_ref(c, i, "router score correction bias", name, 1, 1, cfg->n_experts, keys,
+                    &L->bias);
+        if (r < 0)
+            return r;
+        L->has_bias = true;
+    }
+
+    L->experts = calloc((size_t)cfg->n_experts, sizeof(*L->experts));
+    if (!L->experts)
+        return moe_error_set(c->err, -ENOMEM, "%s: out of memory for %d experts", m->dir,
+                             cfg->n_experts);
+    for (int e = 0; e < cfg->n_experts; e++) {
+        struct moe_expert_ref *x = &L->experts[e];
+
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d.", i, blk, e);
+        snprintf(what, sizeof(what), "expert %d", e);
+        r = get_expert(c, i, what, prefix, cfg->expert_ffn, fk, x);
+        if (r < 0)
+            return r;
+        if (m->expert_dtype == MOE_DTYPE_COUNT) {
+            m->expert_dtype = x->gate.dtype;
+            m->expert_bytes = x->nbytes;
+        } else if (x->gate.dtype != m->expert_dtype) {
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': dtype %s, but the model's "
+                                 "other experts are %s: expected one dtype for every routed "
+                                 "expert",
+                                 m->files[x->gate.file].path, x->gate.name,
+                                 moe_dtype_name(x->gate.dtype), moe_dtype_name(m->expert_dtype));
+        }
+        m->total_expert_bytes += x->nbytes;
+    }
+
+    if (cfg->n_shared_experts > 0) {
+        bool qwen = cfg->arch == MOE_ARCH_QWEN2_MOE;
+
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.%s.", i,
+                 qwen ? "shared_expert" : "shared_experts");
+        r = get_expert(c, i, "shared expert", prefix, cfg->shared_ffn,
+                       qwen ? "shared_expert_intermediate_size"
+                            : "n_shared_experts x moe_intermediate_size",
+                       &L->shared);
+        if (r < 0)
+            return r;
+        L->has_shared = true;
+        m->total_expert_bytes += L->shared.nbytes;
+    }
+    if (cfg->shared_expert_gate) {
+        snprintf(name, sizeof(name), "model.layers.%d.mlp.shared_expert_gate.weight", i);
+        r = get_ref(c, i, "shared expert gate", name, 2, 1, cfg->hidden, "[1, hidden_size]",
+                    &L->shared_gate);
+        if (r < 0)
+            return r;
+        L->has_shared_gate = true;
+    }
+    m->n_moe_layers++;
+    return 0;
+}
+
+/* Parses "<digits>" up to stop (no sign, at most 9 digits); -1 otherwise. */
+static long parse_num(const char *s, char stop, const char **ret_end)
+{
+    long v = 0;
+    int n = 0;
+
+    while (*s >= '0' && *s <= '9' && n < 10) {
+        v = v * 10 + (*s - '0');
+        s++;
+        n++;
+    }
+    if (n == 0 || n > 9 || *s != stop)
+        return -1;
+    *ret_end = s + 1;
+    return v;
+}
+
+static bool starts(const char *s, const char *prefix)
+{
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/*
+ * Refuses a tensor that contradicts config.json: a MoE tensor of a layer
+ * config.json makes dense, an expert number past the expert count, or a
+ * shared expert where config.json has none.  Layers past num_hidden_layers
+ * and tensors outside the MoE block are not ours to judge.
+ */
+static int check_tensor_name(const struct open_ctx *c, const char *name)
+{
+    const struct moe_model_config *cfg = &c->m->cfg;
+    const char *rest, *sub = NULL;
+    bool shared = false;
+    char rule[160];
+    long layer;
+
+    if (!starts(name, "model.layers."))
+        return 0;
+    layer = parse_num(name + strlen("model.layers."), '.', &rest);
+    if (layer < 0 || layer >= cfg->n_layers)
+        return 0;
+    if (cfg->arch == MOE_ARCH_MIXTRAL) {
+        if (!starts(rest, "block_sparse_moe."))
+            return 0;
+        if (starts(rest, "block_sparse_moe.experts."))
+            sub = rest + strlen("block_sparse_moe.experts.");
+    } else if (starts(rest, "mlp.experts.")) {
+        sub = rest + strlen("mlp.experts.");
+    } else if (cfg->arch == MOE_ARCH_QWEN2_MOE &&
+               (starts(rest, "mlp.shared_expert.") || starts(rest, "mlp.shared_expert_gate."))) {
+        shared = true;
+    } else if (cfg->arch == MOE_ARCH_DEEPSEEK_V3 && starts(rest, "mlp.shared_experts.")) {
+        shared = true;
+    } else if (!starts(rest, "mlp.gate.")) {
+        return 0;
+    }
+
+    if (!moe_config_layer_is_moe(cfg, (int)layer)) {
+        dense_rule(cfg, rule, sizeof(rule));
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: layer %ld is dense by %s (%s) but has MoE "
+                             "tensor '%s'",
+                             c->m->dir, layer, CONFIG_NAME, rule, name);
+    }
+    if (sub) {
+        const char *end;
+        long e = parse_num(sub, '.', &end);
+        /* More digits than parse_num takes: past any expert count. */
+        bool huge = e < 0 && *sub >= '0' && *sub <= '9' && strchr(sub, '.');
+
+        if (huge || e >= cfg->n_experts)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: layer %ld: tensor '%s' is expert %.*s, "
+                                 "but %s has %s %d: expected experts 0 to %d",
+                                 c->m->dir, layer, name, (int)strcspn(sub, "."), sub, CONFIG_NAME,
+                                 experts_key(cfg->arch), cfg->n_experts, cfg->n_experts - 1);
+    }
+    if (shared && cfg->n_shared_experts == 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: layer %ld: tensor '%s' is a shared expert's, "
+                             "but %s has none (%s 0)",
+                             c->m->dir, layer, name, CONFIG_NAME,
+                             cfg->arch == MOE_ARCH_QWEN2_MOE ? "shared_expert_intermediate_size"
+                                                             : "n_shared_experts");
+    return 0;
+}
+
+/* Opens file i of the model (name in the directory) and reads its header. */
+static int open_file(struct open_ctx *c, size_t i, const char *name, const char *named_in)
+{
+    struct moe_model *m = c->m;
+    struct moe_model_file *f = &m->files[i];
+    struct stat st;
+    int r;
+
+    f->name = strdup(name);
+    f->path = path_join(m->dir, name);
+    if (!f->name || !f->path)
+        return moe_error_set(c->err, -ENOMEM, "%s: out of memory", m->dir);
+    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0) {
+        r = -errno;
+        if (named_in)
+            return moe_error_set(c->err, r, "%s: cannot open: %s (named in %s)", f->path,
+                                 strerror(-r), named_in);
+        return moe_error_set(c->err, r, "%s: cannot open: %s", f->path, strerror(-r));
+    }
+    if (fstat(f->fd, &st) < 0)
+        return moe_error_set(c->err, -errno, "%s: cannot stat: %s", f->path, strerror(errno));
+    f->size = (uint64_t)st.st_size;
+    return moe_st_header_read_fd(f->fd, f->path, &m->headers[i], c->err);
+}
+
+int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *err)
+{
+    struct moe_st_index *idx = NULL;
+    struct moe_model *m;
+    struct open_ctx c = {.err = err};
+    char *path = NULL, *buf = NULL;
+    size_t len, n_files;
+    int r;
+
+    m = calloc(1, sizeof(*m));
+    if (!m)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    c.m = m;
+    m->expert_dtype = MOE_DTYPE_COUNT;
+    m->dir = strdup(dir);
+    if (!m->dir) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+
+    /* config.json */
+    path = path_join(dir, CONFIG_NAME);
+    if (!path) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = moe_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
+    if (r < 0)
+        goto fail;
+    r = moe_config_parse(buf, len, path, &m->cfg, err);
+    free(buf);
+    buf = NULL;
+    if (r < 0)
+        goto fail;
+    free(path);
+
+    /* The index and its shards, or one model.safetensors. */
+    path = path_join(dir, INDEX_NAME);
+    if (!path) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = moe_read_file(path, INDEX_MAX_BYTES, &buf, &len, err);
+    if (r == 0) {
+        r = moe_st_index_parse(buf, len, path, &idx, err);
+        free(buf);
+        buf = NULL;
+        if (r < 0)
+            goto fail;
+    } else if (r != -ENOENT) {
+        goto fail;
+    }
+    n_files = idx ? idx->n_files : 1;
+    m->files = calloc(n_files, sizeof(*m->files));
+    m->headers = calloc(n_files, sizeof(*m->headers));
+    if (!m->files || !m->headers) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for %zu files", n_files);
+        goto fail;
+    }
+    m->n_files = n_files;
+    for (size_t i = 0; i < n_files; i++)
+        m->files[i].fd = -1;
+    c.idx = idx;
+    for (size_t i = 0; i < n_files; i++) {
+        r = open_file(&c, i, idx ? idx->files[i] : SINGLE_NAME, idx ? INDEX_NAME : NULL);
+        if (r == -ENOENT && !idx) {
+            r = moe_error_set(err, -ENOENT, "no %s or %s in %s", SINGLE_NAME, INDEX_NAME, dir);
+            goto fail;
+        }
+        if (r < 0)
+            goto fail;
+    }
+
+    /* Every tensor of the weight_map is where the index says. */
+    if (idx) {
+        for (size_t i = 0; i < idx->n_entries; i++) {
+            const struct moe_st_index_entry *e = &idx->entries[i];
+
+            if (!moe_st_header_find(m->headers[e->file], e->tensor)) {
+                r = moe_error_set(err, -EINVAL,
+                                  "%s: maps tensor '%s' to %s, which has no such "
+                                  "tensor",
+                                  path, e->tensor, idx->files[e->file]);
+                goto fail;
+            }
+        }
+        for (size_t i = 0; i < idx->n_entries; i++) {
+            r = check_tensor_name(&c, idx->entries[i].tensor);
+            if (r < 0)
+                goto fail;
+        }
+    } else {
+        for (size_t i = 0; i < m->headers[0]->n_tensors; i++) {
+            r = check_tensor_name(&c, m->headers[0]->tensors[i].name);
+            if (r < 0)
+                goto fail;
+        }
+    }
+
+    m->layers = calloc((size_t)m->cfg.n_layers, sizeof(*m->layers));
+    if (!m->layers) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for %d layers", m->cfg.n_layers);
+        goto fail;
+    }
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        if (!moe_config_layer_is_moe(&m->cfg, i))
+            continue;
+        r = load_layer(&c, i);
+        if (r < 0)
+            goto fail;
+    }
+
+    moe_st_index_free(idx);
+    free(path);
+    *ret = m;
+    return 0;
+fail:
+    moe_st_index_free(idx);
+    free(buf);
+    free(path);
+    moe_model_free(m);
+    return r;
+}
+
+/* ---- reading -------------------------------------------------------------- */
+
+int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, void *dst,
+                   struct moe_error *err)
+{
+    const struct moe_model_file *f;
+    uint64_t done = 0;
+
+    if (t->file < 0 || (size_t)t->file >= m->n_files)
+        return moe_error_set(err, -EINVAL, "tensor '%s': file %d out of range (model has %zu)",
+                             t->name ? t->name : "?", t->file, m->n_files);
+    f = &m->files[t->file];
+    while (done < t->nbytes) {
+        size_t want = (size_t)MOE_MIN(t->nbytes - done, (uint64_t)1 << 30);
+        ssize_t n = pread(f->fd, (char *)dst + done, want, (off_t)(t->offset + done));
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return moe_error_set(err, -errno,
+                                 "%s: tensor '%s': read at offset %" PRIu64 " failed: %s", f->path,
+                                 t->name, t->offset + done, strerror(errno));
+        }
+        if (n == 0)
+            return moe_error_set(err, -EIO,
+                                 "%s: tensor '%s': short read at offset %" PRIu64
+                                 ": file truncated since it was opened?",
+                                 f->path, t->name, t->offset + done);
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+void moe_model_router_params(const struct moe_model *m, const float *bias,
+                             struct moe_router_params *ret)
+{
+    const struct moe_model_config *c = &m->cfg;
+    bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V3;
+
+    *ret = (struct moe_router_params){
+        .score_func = c->score_func,
+        .n_experts = c->n_experts,
+        .top_k = c->top_k,
+        .norm_topk_prob = c->norm_topk_prob,
+        .n_group = deepseek ? c->n_group : 1,
+        .topk_group = deepseek ? c->topk_group : 1,
+        .routed_scaling_factor = deepseek ? c->routed_scaling_factor : 1.0f,
+        .bias = c->score_func == MOE_SCORE_SIGMOID ? bias : NULL,
+    };
+}
