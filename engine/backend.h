@@ -17,24 +17,26 @@ struct moe_backend;
 
 /* One expert's weights, in backend memory. */
 struct moe_expert_weights {
-    enum moe_dtype dtype;          /* F32, F16 or BF16 */
-    int64_t hidden;                /* H */
-    int64_t ffn;                   /* F */
-    const void *gate;              /* [F, H] */
-    const void *up;                /* [F, H] */
-    const void *down;              /* [H, F] */
+    enum moe_dtype dtype; /* F32, F16 or BF16 */
+    int64_t hidden;       /* H */
+    int64_t ffn;          /* F */
+    const void *gate;     /* [F, H] */
+    const void *up;       /* [F, H] */
+    const void *down;     /* [H, F] */
 };
 
 /* The tokens one expert computes in a grouped FFN call. */
 struct moe_ffn_work {
     const struct moe_expert_weights *w;
     int n_tokens;
-    const int32_t *tokens;         /* [n_tokens] rows of x, each at most once per work item */
-    const float *scales;           /* [n_tokens] routing weight of each token */
+    const int32_t *tokens; /* [n_tokens] rows of x, each at most once per work item */
+    const float *scales;   /* [n_tokens] routing weight of each token */
 };
 
 struct moe_backend_ops {
-    const char *name;              /* "cpu", "cuda" */
+    const char *name; /* "cpu", "cuda" */
+    bool host_memory; /* alloc returns host memory the CPU may read and write
+                       * directly (so callers can skip staging copies) */
 
     /* Destroys the backend; frees everything it allocated. */
     void (*free)(struct moe_backend *b);
@@ -70,12 +72,12 @@ struct moe_backend_ops {
 
 struct moe_backend {
     const struct moe_backend_ops *ops;
-    void *priv;                    /* the implementation's state */
+    void *priv; /* the implementation's state */
 };
 
 struct moe_cpu_config {
-    int n_threads;                 /* 0: one per online CPU */
-    const char *kernel;            /* NULL/"auto", or force "generic", "avx2", "avx512" */
+    int n_threads;      /* 0: one per online CPU */
+    const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512" */
 };
 
 /* Creates the CPU backend.  -ENOTSUP when a forced kernel is not available

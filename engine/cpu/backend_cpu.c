@@ -1,0 +1,691 @@
+/*
+ * The CPU backend: struct moe_backend_ops over host memory, computed by a
+ * thread pool running vectorised kernels (engine/cpu/kernels.h).
+ *
+ * Owns: the thread pool, the chosen kernel table and scratch buffers that
+ * grow as needed and are reused across calls (prepared activations, the
+ * SwiGLU intermediate, pointer tables, one output tile buffer per thread).
+ * Memory from alloc is plain 64-byte aligned host memory.
+ *
+ * Kernel variant: cfg->kernel ("generic", "avx2", "avx512") if set and not
+ * "auto", else the environment variable MOE_CPU_KERNEL (same names), else
+ * the best the CPU supports.  "avx512" needs AVX-512 F/BW/VL/DQ/BF16, FMA
+ * and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a variant the CPU
+ * lacks fails with -ENOTSUP.
+ *
+ * grouped_ffn runs in three parallel loops:
+ *   0. prepare every token's x in the layout the kernel reads;
+ *   1. tasks (work item, block of FBLK ffn rows): gate and up rows of the
+ *      block against the item's tokens, SwiGLU, stored (prepared) into the
+ *      item's intermediate rows;
+ *   2. tasks (block of HBLK hidden rows): for every work item in order, its
+ *      down rows of the block against its intermediate rows, then
+ *      out[t, block] += s * y for each of its tokens.
+ * Every output element is written by one task, in work-item order, and the
+ * kernels' arithmetic per element does not depend on the tiling, so results
+ * are bit-identical for any thread count and any timing.
+ *
+ * Locks: `lock` serialises matmul and grouped_ffn, which share the scratch
+ * buffers (the pool itself serialises loops too).  alloc, mem_free,
+ * copy_in and copy_out take no lock.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+#include "backend.h"
+#include "common.h"
+#include "threadpool.h"
+#include "kernels.h"
+
+/* ffn rows per phase-1 task: a multiple of MOE_CPU_KPAD, so that each task
+ * prepares whole blocks of the intermediate rows. */
+#define FBLK 64
+/* hidden rows per phase-2 task */
+#define HBLK 64
+/* matmul task: rows x tokens */
+#define MM_RBLK 64
+#define MM_TBLK 64
+/* elements of x prepared per phase-0 task (at least one token) */
+#define PREP_ELEMS 16384
+/* allocations this large are offered transparent huge pages */
+#define HUGE_MIN (4u << 20)
+
+_Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
+               "kernel tables are indexed by dtype");
+_Static_assert(FBLK % MOE_CPU_KPAD == 0, "FBLK must be whole prepared blocks");
+
+struct scratch {
+    void *p;     /* moe_alloc_aligned, or NULL */
+    size_t size; /* bytes at p */
+};
+
+struct cpu_backend {
+    struct moe_backend base; /* base.priv points back here */
+    const struct moe_cpu_kernel *k;
+    struct moe_threadpool *pool;
+    int n_threads;
+
+    pthread_mutex_t lock;    /* serialises matmul and grouped_ffn */
+    struct scratch xprep[3]; /* under lock: prepared x, per dtype */
+    struct scratch act;      /* under lock: prepared SwiGLU rows */
+    struct scratch meta;     /* under lock: pointer and offset tables */
+    struct scratch *ybuf;    /* under lock: [n_threads] output tiles */
+};
+
+/* ---- memory ----------------------------------------------------------------- */
+
+static void *alloc_big(size_t bytes)
+{
+    void *p = moe_alloc_aligned(bytes);
+
+    if (p && bytes >= HUGE_MIN) {
+        /* Fewer TLB misses when streaming weights; advice only, so its
+         * failure (no THP in this kernel) is ignored. */
+        uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+        uintptr_t e = ((uintptr_t)p + bytes) & ~(uintptr_t)4095;
+
+        if (e > a)
+            (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
+    }
+    return p;
+}
+
+/* Makes s at least bytes long (contents not kept).  0 or -ENOMEM. */
+static int scratch_reserve(struct scratch *s, size_t bytes)
+{
+    size_t want;
+    void *p;
+
+    if (bytes <= s->size)
+        return 0;
+    /* grow by half again at least, so slowly growing batches reallocate
+     * rarely */
+    want = s->size + s->size / 2;
+    if (want < bytes)
+        want = bytes;
+    p = alloc_big(want);
+    if (!p) {
+        want = bytes;
+        p = alloc_big(want);
+        if (!p)
+            return -ENOMEM;
+    }
+    moe_free_aligned(s->p);
+    s->p = p;
+    s->size = want;
+    return 0;
+}
+
+static void scratch_free(struct scratch *s)
+{
+    moe_free_aligned(s->p);
+    s->p = NULL;
+    s->size = 0;
+}
+
+static struct cpu_backend *cpu_of(struct moe_backend *b)
+{
+    return b->priv;
+}
+
+static void *cpu_alloc(struct moe_backend *b, size_t bytes)
+{
+    (void)b;
+    return alloc_big(bytes);
+}
+
+static void cpu_mem_free(struct moe_backend *b, void *p)
+{
+    (void)b;
+    moe_free_aligned(p);
+}
+
+static int cpu_copy(struct moe_backend *b, void *dst, const void *src, size_t bytes)
+{
+    (void)b;
+    if (bytes == 0)
+        return 0;
+    if (!dst || !src)
+        return -EINVAL;
+    memcpy(dst, src, bytes);
+    return 0;
+}
+
+/* ---- preparing activations ---------------------------------------------------- */
+
+struct prep_ctx {
+    const struct moe_cpu_kernel *k;
+    const float *x; /* [n_tokens, cols] */
+    int64_t cols, cols_pad;
+    int n_tokens;
+    int per_task;    /* tokens per task */
+    unsigned dtypes; /* bit d: prepare for dtype d */
+    void *dst[3];    /* [n_tokens, cols_pad] prepared, per dtype */
+};
+
+static void prep_task(void *arg, int task, int thread)
+{
+    const struct prep_ctx *c = arg;
+    int t0 = task * c->per_task;
+    int t1 = MOE_MIN(t0 + c->per_task, c->n_tokens);
+    size_t row = (size_t)c->cols_pad * 4;
+
+    (void)thread;
+    for (int d = 0; d < 3; d++) {
+        if (!(c->dtypes & (1u << d)))
+            continue;
+        for (int t = t0; t < t1; t++)
+            c->k->prep[d](c->x + (size_t)t * c->cols, c->cols, c->cols_pad,
+                          (char *)c->dst[d] + (size_t)t * row);
+    }
+}
+
+/* Prepares x [n_tokens, cols] for each dtype in the mask into cb->xprep. */
+static int prep_x(struct cpu_backend *cb, const float *x, int64_t cols, int n_tokens,
+                  unsigned dtypes)
+{
+    struct prep_ctx c = {
+        .k = cb->k,
+        .x = x,
+        .cols = cols,
+        .cols_pad = moe_cpu_kpad(cols),
+        .n_tokens = n_tokens,
+        .dtypes = dtypes,
+    };
+    size_t bytes;
+    int r;
+
+    if (!moe_mul_size((size_t)n_tokens, (size_t)c.cols_pad * 4, &bytes))
+        return -ENOMEM;
+    for (int d = 0; d < 3; d++) {
+        if (!(dtypes & (1u << d)))
+            continue;
+        r = scratch_reserve(&cb->xprep[d], bytes);
+        if (r < 0)
+            return r;
+        c.dst[d] = cb->xprep[d].p;
+    }
+    c.per_task = (int)MOE_MAX(1, PREP_ELEMS / cols);
+    moe_threadpool_run(cb->pool, (n_tokens + c.per_task - 1) / c.per_task, prep_task, &c);
+    return 0;
+}
+
+/* Grows every thread's output tile buffer to floats. */
+static int reserve_ybuf(struct cpu_backend *cb, size_t floats)
+{
+    size_t bytes;
+
+    if (!moe_mul_size(floats, sizeof(float), &bytes))
+        return -ENOMEM;
+    for (int i = 0; i < cb->n_threads; i++) {
+        int r = scratch_reserve(&cb->ybuf[i], bytes);
+
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* ---- matmul ---------------------------------------------------------------------- */
+
+struct mm_ctx {
+    const struct moe_cpu_kernel *k;
+    int dt;
+    const char *w;
+    size_t esz;
+    int64_t rows, cols;
+    const void *const *xs; /* [n_tokens] prepared rows */
+    int n_tokens;
+    int64_t row_tasks;
+    float *y;
+};
+
+static void mm_task(void *arg, int task, int thread)
+{
+    const struct mm_ctx *c = arg;
+    int64_t r0 = (task % c->row_tasks) * MM_RBLK;
+    int t0 = (int)(task / c->row_tasks) * MM_TBLK;
+    int nr = (int)MOE_MIN(MM_RBLK, c->rows - r0);
+    int nt = MOE_MIN(MM_TBLK, c->n_tokens - t0);
+
+    (void)thread;
+    c->k->dot[c->dt](c->w + (size_t)r0 * c->cols * c->esz, c->cols, nr, c->cols, c->xs + t0, nt,
+                     c->y + (size_t)t0 * c->rows + r0, c->rows);
+}
+
+static int cpu_matmul(struct moe_backend *b, const void *w, enum moe_dtype dtype, int64_t rows,
+                      int64_t cols, const float *x, int n_tokens, float *y)
+{
+    struct cpu_backend *cb = cpu_of(b);
+    struct mm_ctx c;
+    int64_t tasks;
+    size_t row;
+    int r;
+
+    if (!moe_dtype_is_compute(dtype) || rows <= 0 || cols <= 0 || n_tokens < 0)
+        return -EINVAL;
+    if (n_tokens == 0)
+        return 0;
+    if (!w || !x || !y)
+        return -EINVAL;
+
+    pthread_mutex_lock(&cb->lock);
+    r = prep_x(cb, x, cols, n_tokens, 1u << dtype);
+    if (r < 0)
+        goto out;
+    r = scratch_reserve(&cb->meta, (size_t)n_tokens * sizeof(void *));
+    if (r < 0)
+        goto out;
+
+    c = (struct mm_ctx){
+        .k = cb->k,
+        .dt = (int)dtype,
+        .w = w,
+        .esz = moe_dtype_size(dtype),
+        .rows = rows,
+        .cols = cols,
+        .xs = cb->meta.p,
+        .n_tokens = n_tokens,
+        .row_tasks = (rows + MM_RBLK - 1) / MM_RBLK,
+        .y = y,
+    };
+    row = (size_t)moe_cpu_kpad(cols) * 4;
+    for (int t = 0; t < n_tokens; t++)
+        ((const void **)cb->meta.p)[t] = (const char *)cb->xprep[dtype].p + (size_t)t * row;
+    tasks = c.row_tasks * ((n_tokens + MM_TBLK - 1) / MM_TBLK);
+    if (tasks > INT32_MAX) {
+        r = -E2BIG;
+        goto out;
+    }
+    moe_threadpool_run(cb->pool, (int)tasks, mm_task, &c);
+out:
+    pthread_mutex_unlock(&cb->lock);
+    return r;
+}
+
+/* ---- grouped FFN ------------------------------------------------------------------ */
+
+struct ffn_ctx {
+    const struct moe_cpu_kernel *k;
+    int64_t hidden;
+    const struct moe_ffn_work *work;
+    int n_work;
+    float *out;
+    const void **xs;      /* [A] prepared x row of each assignment */
+    void **as;            /* [A] prepared SwiGLU row of each assignment */
+    int64_t *first;       /* [n_work] index of the item's first assignment */
+    int64_t *task_end;    /* [n_work] cumulative phase-1 task counts */
+    size_t ystride;       /* floats between the gate and up tiles in ybuf */
+    struct scratch *ybuf; /* [n_threads] */
+};
+
+/* Phase 1: one block of FBLK ffn rows of one work item. */
+static void ffn_up_task(void *arg, int task, int thread)
+{
+    const struct ffn_ctx *c = arg;
+    int lo = 0, hi = c->n_work - 1;
+
+    /* the work item: first with task_end > task */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+
+        if (c->task_end[mid] > task)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+
+    const struct moe_ffn_work *wk = &c->work[lo];
+    const struct moe_expert_weights *e = wk->w;
+    int64_t blk = task - (lo ? c->task_end[lo - 1] : 0);
+    int64_t H = c->hidden, F = e->ffn;
+    int64_t f0 = blk * FBLK;
+    int nr = (int)MOE_MIN(FBLK, F - f0);
+    int64_t chunk = MOE_MIN(f0 + FBLK, moe_cpu_kpad(F)) - f0;
+    size_t esz = moe_dtype_size(e->dtype);
+    size_t woff = (size_t)f0 * H * esz;
+    int d = (int)e->dtype;
+    float *yg = c->ybuf[thread].p;
+    float *yu = yg + c->ystride;
+    const void *const *xs = c->xs + c->first[lo];
+    void *const *as = c->as + c->first[lo];
+
+    c->k->dot[d]((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
+    c->k->dot[d]((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
+    for (int j = 0; j < wk->n_tokens; j++) {
+        float *g = yg + (size_t)j * FBLK;
+
+        c->k->swiglu(g, yu + (size_t)j * FBLK, nr, g);
+        c->k->prep[d](g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
+    }
+}
+
+/* Phase 2: one block of HBLK hidden rows, every work item in order. */
+static void ffn_down_task(void *arg, int task, int thread)
+{
+    const struct ffn_ctx *c = arg;
+    int64_t H = c->hidden;
+    int64_t h0 = (int64_t)task * HBLK;
+    int nr = (int)MOE_MIN(HBLK, H - h0);
+    float *y = c->ybuf[thread].p;
+
+    for (int i = 0; i < c->n_work; i++) {
+        const struct moe_ffn_work *wk = &c->work[i];
+        const struct moe_expert_weights *e = wk->w;
+        int64_t F = e->ffn;
+
+        if (wk->n_tokens == 0)
+            continue;
+        c->k->dot[e->dtype]((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F,
+                            nr, F, (const void *const *)(c->as + c->first[i]), wk->n_tokens, y,
+                            HBLK);
+        for (int j = 0; j < wk->n_tokens; j++) {
+            float *o = c->out + (size_t)wk->tokens[j] * H + h0;
+            const float *yj = y + (size_t)j * HBLK;
+            float s = wk->scales[j];
+
+            for (int r = 0; r < nr; r++)
+                o[r] += s * yj[r];
+        }
+    }
+}
+
+/* Checks one work item; -EINVAL if it is malformed. */
+static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_tokens)
+{
+    const struct moe_expert_weights *e = wk->w;
+
+    if (wk->n_tokens < 0 || wk->n_tokens > n_tokens)
+        return -EINVAL;
+    if (wk->n_tokens == 0)
+        return 0;
+    if (!e || !wk->tokens || !wk->scales || !e->gate || !e->up || !e->down)
+        return -EINVAL;
+    if (!moe_dtype_is_compute(e->dtype) || e->hidden != hidden || e->ffn <= 0 || e->ffn > INT32_MAX)
+        return -EINVAL;
+    for (int j = 0; j < wk->n_tokens; j++)
+        if (wk->tokens[j] < 0 || wk->tokens[j] >= n_tokens)
+            return -EINVAL;
+    return 0;
+}
+
+static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden, int n_tokens,
+                           const struct moe_ffn_work *work, int n_work, float *out)
+{
+    struct cpu_backend *cb = cpu_of(b);
+    struct ffn_ctx c = {.k = cb->k, .hidden = hidden, .work = work, .n_work = n_work, .out = out};
+    int64_t n_assign = 0, up_tasks = 0;
+    size_t act_bytes = 0, meta_bytes, hrow = (size_t)moe_cpu_kpad(hidden) * 4;
+    unsigned dtypes = 0;
+    int max_nt = 0, r;
+    char *act;
+
+    if (hidden <= 0 || hidden > INT32_MAX || n_tokens < 0 || n_work < 0)
+        return -EINVAL;
+    if (n_tokens == 0 || n_work == 0)
+        return 0;
+    if (!x || !out || !work)
+        return -EINVAL;
+    for (int i = 0; i < n_work; i++) {
+        const struct moe_ffn_work *wk = &work[i];
+        size_t bytes;
+
+        r = check_work(wk, hidden, n_tokens);
+        if (r < 0)
+            return r;
+        if (wk->n_tokens == 0)
+            continue;
+        n_assign += wk->n_tokens;
+        up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
+        max_nt = MOE_MAX(max_nt, wk->n_tokens);
+        dtypes |= 1u << wk->w->dtype;
+        if (!moe_mul_size((size_t)wk->n_tokens, (size_t)moe_cpu_kpad(wk->w->ffn) * 4, &bytes) ||
+            !moe_add_size(act_bytes, bytes, &act_bytes))
+            return -ENOMEM;
+    }
+    if (n_assign == 0)
+        return 0;
+    if (up_tasks > INT32_MAX)
+        return -E2BIG;
+
+    if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
+        !moe_add_size(meta_bytes, (size_t)n_work * 2 * sizeof(int64_t), &meta_bytes))
+        return -ENOMEM;
+
+    pthread_mutex_lock(&cb->lock);
+    r = scratch_reserve(&cb->meta, meta_bytes);
+    if (r < 0)
+        goto out;
+    r = scratch_reserve(&cb->act, act_bytes);
+    if (r < 0)
+        goto out;
+    c.ystride = (size_t)max_nt * MOE_MAX(FBLK, HBLK);
+    r = reserve_ybuf(cb, 2 * c.ystride);
+    if (r < 0)
+        goto out;
+    r = prep_x(cb, x, hidden, n_tokens, dtypes);
+    if (r < 0)
+        goto out;
+
+    /* tables: assignment pointers, then per-item offsets and task ends */
+    c.xs = cb->meta.p;
+    c.as = (void **)(c.xs + n_assign);
+    c.first = (int64_t *)(c.as + n_assign);
+    c.task_end = c.first + n_work;
+    c.ybuf = cb->ybuf;
+    act = cb->act.p;
+    {
+        int64_t a = 0, tasks = 0;
+
+        for (int i = 0; i < n_work; i++) {
+            const struct moe_ffn_work *wk = &work[i];
+            const char *xp;
+            size_t frow;
+
+            c.first[i] = a;
+            if (wk->n_tokens > 0) {
+                tasks += (wk->w->ffn + FBLK - 1) / FBLK;
+                xp = cb->xprep[wk->w->dtype].p;
+                frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
+                for (int j = 0; j < wk->n_tokens; j++, a++) {
+                    c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
+                    c.as[a] = act;
+                    act += frow;
+                }
+            }
+            c.task_end[i] = tasks;
+        }
+        assert(a == n_assign && tasks == up_tasks);
+    }
+
+    moe_threadpool_run(cb->pool, (int)up_tasks, ffn_up_task, &c);
+    moe_threadpool_run(cb->pool, (int)((hidden + HBLK - 1) / HBLK), ffn_down_task, &c);
+out:
+    pthread_mutex_unlock(&cb->lock);
+    return r;
+}
+
+/* ---- creation and kernel choice ----------------------------------------------------- */
+
+static void cpu_free(struct moe_backend *b)
+{
+    struct cpu_backend *cb;
+
+    if (!b)
+        return;
+    cb = cpu_of(b);
+    moe_threadpool_free(cb->pool);
+    for (int d = 0; d < 3; d++)
+        scratch_free(&cb->xprep[d]);
+    scratch_free(&cb->act);
+    scratch_free(&cb->meta);
+    if (cb->ybuf)
+        for (int i = 0; i < cb->n_threads; i++)
+            scratch_free(&cb->ybuf[i]);
+    free(cb->ybuf);
+    pthread_mutex_destroy(&cb->lock);
+    free(cb);
+}
+
+static const struct moe_backend_ops cpu_ops = {
+    .name = "cpu",
+    .host_memory = true,
+    .free = cpu_free,
+    .alloc = cpu_alloc,
+    .mem_free = cpu_mem_free,
+    .copy_in = cpu_copy,
+    .copy_out = cpu_copy,
+    .matmul = cpu_matmul,
+    .grouped_ffn = cpu_grouped_ffn,
+};
+
+/* clang before 16 does not know __builtin_cpu_supports("f16c"). */
+static bool cpu_has_f16c(void)
+{
+#if defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+    unsigned a, b, c, d;
+
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+#elif defined(__x86_64__) || defined(__i386__)
+    return __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+/* Writes the features the variant needs and the CPU lacks into missing
+ * (", "-separated; "" when none). */
+static void missing_features(const struct moe_cpu_kernel *k, char *missing, size_t size)
+{
+    struct feature {
+        const char *name;
+        bool have;
+    } f[8];
+    int n = 0;
+
+    missing[0] = '\0';
+    if (k == &moe_cpu_kernel_generic)
+        return;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (k == &moe_cpu_kernel_avx512) {
+        f[n++] = (struct feature){"avx512f", __builtin_cpu_supports("avx512f")};
+        f[n++] = (struct feature){"avx512bw", __builtin_cpu_supports("avx512bw")};
+        f[n++] = (struct feature){"avx512vl", __builtin_cpu_supports("avx512vl")};
+        f[n++] = (struct feature){"avx512dq", __builtin_cpu_supports("avx512dq")};
+        f[n++] = (struct feature){"avx512bf16", __builtin_cpu_supports("avx512bf16")};
+    } else {
+        f[n++] = (struct feature){"avx2", __builtin_cpu_supports("avx2")};
+    }
+    f[n++] = (struct feature){"fma", __builtin_cpu_supports("fma")};
+    f[n++] = (struct feature){"f16c", cpu_has_f16c()};
+#else
+    f[n++] = (struct feature){"x86-64", false};
+#endif
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(missing);
+
+        if (!f[i].have)
+            snprintf(missing + len, size - len, "%s%s", len ? ", " : "", f[i].name);
+    }
+}
+
+static const struct moe_cpu_kernel *const kernels[] = {
+    &moe_cpu_kernel_avx512,
+    &moe_cpu_kernel_avx2,
+    &moe_cpu_kernel_generic,
+};
+
+static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_kernel **ret,
+                       struct moe_error *err)
+{
+    const char *want = cfg ? cfg->kernel : NULL;
+    const char *from = "the configuration";
+    char missing[128];
+
+    if (!want || !*want || !strcmp(want, "auto")) {
+        want = getenv("MOE_CPU_KERNEL");
+        from = "MOE_CPU_KERNEL";
+    }
+    if (!want || !*want || !strcmp(want, "auto")) {
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(kernels); i++) {
+            missing_features(kernels[i], missing, sizeof(missing));
+            if (!missing[0]) {
+                *ret = kernels[i];
+                return 0;
+            }
+        }
+        return moe_error_set(err, -ENOTSUP, "no CPU kernel available"); /* not reached */
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(kernels); i++) {
+        if (strcmp(want, kernels[i]->name) != 0)
+            continue;
+        missing_features(kernels[i], missing, sizeof(missing));
+        if (missing[0])
+            return moe_error_set(err, -ENOTSUP,
+                                 "CPU kernel '%s' (from %s) needs %s, which this CPU lacks; "
+                                 "use 'auto', 'avx2' or 'generic'",
+                                 want, from, missing);
+        *ret = kernels[i];
+        return 0;
+    }
+    return moe_error_set(
+        err, -EINVAL, "unknown CPU kernel '%s' (from %s); expected auto, generic, avx2 or avx512",
+        want, from);
+}
+
+int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **ret,
+                         struct moe_error *err)
+{
+    struct cpu_backend *cb;
+    int r;
+
+    if (cfg && cfg->n_threads < 0)
+        return moe_error_set(err, -EINVAL, "CPU backend: n_threads %d is negative", cfg->n_threads);
+    cb = calloc(1, sizeof(*cb));
+    if (!cb)
+        return moe_error_set(err, -ENOMEM, "CPU backend: out of memory");
+    cb->base.ops = &cpu_ops;
+    cb->base.priv = cb;
+    r = -pthread_mutex_init(&cb->lock, NULL);
+    if (r < 0) {
+        free(cb);
+        return moe_error_set(err, r, "CPU backend: cannot create a mutex");
+    }
+    r = pick_kernel(cfg, &cb->k, err);
+    if (r < 0)
+        goto out_free;
+    r = moe_threadpool_init(cfg ? cfg->n_threads : 0, &cb->pool);
+    if (r < 0) {
+        moe_error_set(err, r, "CPU backend: cannot start %d threads", cfg ? cfg->n_threads : 0);
+        goto out_free;
+    }
+    cb->n_threads = moe_threadpool_size(cb->pool);
+    cb->ybuf = calloc((size_t)cb->n_threads, sizeof(*cb->ybuf));
+    if (!cb->ybuf) {
+        r = moe_error_set(err, -ENOMEM, "CPU backend: out of memory");
+        goto out_free;
+    }
+    *ret = &cb->base;
+    return 0;
+
+out_free:
+    cpu_free(&cb->base);
+    return r;
+}
+
+const char *moe_backend_cpu_kernel(const struct moe_backend *b)
+{
+    const struct cpu_backend *cb = b->priv;
+
+    return cb->k->name;
+}

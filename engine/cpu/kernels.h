@@ -1,0 +1,69 @@
+/*
+ * The CPU backend's kernel table (internal to engine/cpu/).  One table per
+ * instruction-set variant, each in its own file compiled for that variant:
+ * kernels_generic.c (portable C), kernels_avx2.c (AVX2 + FMA + F16C),
+ * kernels_avx512.c (AVX-512 F/BW/VL/DQ + BF16).  backend_cpu.c picks one at
+ * run time and must only call a variant the CPU supports.
+ *
+ * The dot kernels compute y[t, r] = sum_k W[r, k] * x_t[k] over a block of
+ * weight rows and a list of activation rows.  Activations are first
+ * "prepared" into the layout the variant's dot kernel for that weight dtype
+ * reads (for example bf16 hi/lo pairs for vdpbf16ps).  Every layout takes 4
+ * bytes per element, is padded with zeros to a multiple of MOE_CPU_KPAD
+ * elements, and is local to aligned MOE_CPU_KPAD-element blocks: element k
+ * lives inside bytes [4 * (k / KPAD) * KPAD, 4 * (k / KPAD + 1) * KPAD), so a
+ * row may be prepared piecewise in KPAD-aligned chunks.
+ *
+ * Determinism: the arithmetic producing one y[t, r] depends only on K and on
+ * the inputs, never on nr, nt or the element's position in the block, so any
+ * partition of rows and tokens gives bit-identical results.
+ */
+#ifndef MOED_ENGINE_CPU_KERNELS_H
+#define MOED_ENGINE_CPU_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Prepared rows are padded to a multiple of this many elements. */
+#define MOE_CPU_KPAD 32
+/* K is processed in blocks of this many elements; each block's partial sum
+ * is reduced and added to y in order (fixed, so results are reproducible). */
+#define MOE_CPU_KBLOCK 1024
+
+/* Rounds k up to a multiple of MOE_CPU_KPAD. */
+static inline int64_t moe_cpu_kpad(int64_t k)
+{
+    return (k + MOE_CPU_KPAD - 1) / MOE_CPU_KPAD * MOE_CPU_KPAD;
+}
+
+/*
+ * Prepares activations: src[0, n) fp32 into dst, which covers n_pad elements
+ * (n <= n_pad, n_pad a multiple of MOE_CPU_KPAD); elements n..n_pad-1 are
+ * written as zeros.  dst is 64-byte aligned.
+ */
+typedef void (*moe_cpu_prep_fn)(const float *src, int64_t n, int64_t n_pad, void *dst);
+
+/*
+ * y[t * ldy + r] = sum_{k < K} W[r, k] * x[t][k] for r < nr, t < nt
+ * (overwritten).  w points at row 0 of the block, rows ldw elements apart,
+ * of the variant's dtype; x[t] are prepared rows of moe_cpu_kpad(K)
+ * elements, 64-byte aligned.
+ */
+typedef void (*moe_cpu_dot_fn)(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x,
+                               int nt, float *y, int64_t ldy);
+
+/* out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n. */
+typedef void (*moe_cpu_swiglu_fn)(const float *g, const float *u, int64_t n, float *out);
+
+struct moe_cpu_kernel {
+    const char *name;        /* "generic", "avx2", "avx512" */
+    moe_cpu_prep_fn prep[3]; /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
+    moe_cpu_dot_fn dot[3];   /* likewise */
+    moe_cpu_swiglu_fn swiglu;
+};
+
+extern const struct moe_cpu_kernel moe_cpu_kernel_generic;
+extern const struct moe_cpu_kernel moe_cpu_kernel_avx2;
+extern const struct moe_cpu_kernel moe_cpu_kernel_avx512;
+
+#endif

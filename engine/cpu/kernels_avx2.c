@@ -1,0 +1,271 @@
+/*
+ * AVX2 kernels of the CPU backend (compiled with -mavx2 -mfma -mf16c; only
+ * called when the CPU has all three).  Owns no state and takes no locks.
+ *
+ * Same structure as kernels_avx512.c with 8-lane vectors and 16 registers:
+ * register tiles of up to 4 weight rows x 2 tokens, one 8-lane fp32
+ * accumulator per (row, token), reduced horizontally at the end of each K
+ * block.  Weights are converted to fp32 on load (bf16: zero-extend and shift
+ * left by 16; f16: vcvtph2ps) and multiplied with fp32 activations by FMA.
+ * The prepared activation layout is plain fp32 for every dtype.
+ *
+ * K tails: AVX2 has no masked 16-bit loads, so the last partial vector of
+ * each row is copied into a zero-padded buffer first; no row is read past
+ * its end.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+#define RMAX 4
+#define TMAX 2
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum wtype { W_F32, W_F16, W_BF16 };
+
+typedef void (*tile_fn)(const void *w, int64_t ldw, const void *const *x, int64_t k0, int64_t k1,
+                        float *y, int64_t ldy, int64_t ys, bool first);
+
+INLINE float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 weights at p (dtype wt) as fp32. */
+INLINE __m256 load_w8(const void *p, enum wtype wt)
+{
+    switch (wt) {
+    case W_BF16:
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    case W_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    default:
+        return _mm256_loadu_ps((const float *)p);
+    }
+}
+
+INLINE void tile(const void *w, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
+                 float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T,
+                 const enum wtype wt)
+{
+    const size_t esz = wt == W_F32 ? 4 : 2;
+    const char *wb = w;
+    const float *x[TMAX];
+    __m256 acc[RMAX][TMAX];
+    int64_t k;
+
+    for (int t = 0; t < T; t++)
+        x[t] = xv[t];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm256_setzero_ps();
+
+    for (k = k0; k + 8 <= k1; k += 8) {
+        __m256 wr[RMAX];
+
+        for (int r = 0; r < R; r++)
+            wr[r] = load_w8(wb + (size_t)(r * ldw + k) * esz, wt);
+        for (int t = 0; t < T; t++) {
+            __m256 xt = _mm256_load_ps(x[t] + k);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(wr[r], xt, acc[r][t]);
+        }
+    }
+    if (k < k1) {
+        _Alignas(32) unsigned char buf[RMAX][32];
+        __m256 wr[RMAX];
+
+        for (int r = 0; r < R; r++) {
+            memset(buf[r], 0, sizeof(buf[r]));
+            memcpy(buf[r], wb + (size_t)(r * ldw + k) * esz, (size_t)(k1 - k) * esz);
+            wr[r] = load_w8(buf[r], wt);
+        }
+        for (int t = 0; t < T; t++) {
+            __m256 xt = _mm256_load_ps(x[t] + k);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(wr[r], xt, acc[r][t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        for (int r = 0; r < R; r++) {
+            float s = hsum256(acc[r][t]);
+
+            y[t * ldy + r * ys] = first ? s : y[t * ldy + r * ys] + s;
+        }
+    }
+}
+
+#define DEF_TILE(R, T)                                                                             \
+    static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
+                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
+    {                                                                                              \
+        tile(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, W_BF16);                                  \
+    }                                                                                              \
+    static void tile_f16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
+                                   int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
+    {                                                                                              \
+        tile(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, W_F16);                                   \
+    }                                                                                              \
+    static void tile_f32_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
+                                   int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
+    {                                                                                              \
+        tile(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, W_F32);                                   \
+    }
+
+DEF_TILE(1, 1)
+DEF_TILE(1, 2)
+DEF_TILE(2, 1)
+DEF_TILE(2, 2)
+DEF_TILE(3, 1)
+DEF_TILE(3, 2)
+DEF_TILE(4, 1)
+DEF_TILE(4, 2)
+
+#define TILE_TABLE(D)                                                                              \
+    {                                                                                              \
+        {tile_##D##_1_1, tile_##D##_1_2}, {tile_##D##_2_1, tile_##D##_2_2},                        \
+            {tile_##D##_3_1, tile_##D##_3_2}, {tile_##D##_4_1, tile_##D##_4_2},                    \
+    }
+
+static const tile_fn tiles_bf16[RMAX][TMAX] = TILE_TABLE(bf16);
+static const tile_fn tiles_f16[RMAX][TMAX] = TILE_TABLE(f16);
+static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
+
+/* Loop orders as in kernels_avx512.c: for few tokens, tiles of rows s apart
+ * (s = nr / RMAX) walked over all of K, so each load streams a contiguous
+ * stretch of rows; for many, K blocks outermost. */
+static void dot_tiles(const tile_fn (*tiles)[TMAX], size_t esz, const void *w, int64_t ldw, int nr,
+                      int64_t k, const void *const *x, int nt, float *y, int64_t ldy)
+{
+    const char *wb = w;
+
+    if (nt <= TMAX) {
+        int s = nr / RMAX, r0 = s * RMAX;
+
+        for (int j = 0; j < s; j++)
+            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
+                tiles[RMAX - 1][nt - 1](wb + (size_t)j * ldw * esz, ldw * s, x, k0,
+                                        MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + j, ldy, s, k0 == 0);
+        /* the last nr % RMAX rows */
+        if (r0 < nr)
+            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
+                tiles[nr - r0 - 1][nt - 1](wb + (size_t)r0 * ldw * esz, ldw, x, k0,
+                                           MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + r0, ldy, 1,
+                                           k0 == 0);
+        return;
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
+        int64_t k1 = MOE_MIN(k0 + MOE_CPU_KBLOCK, k);
+
+        for (int t0 = 0; t0 < nt; t0 += TMAX) {
+            int tt = MOE_MIN(TMAX, nt - t0);
+
+            for (int r0 = 0; r0 < nr; r0 += RMAX) {
+                int rr = MOE_MIN(RMAX, nr - r0);
+
+                tiles[rr - 1][tt - 1](wb + (size_t)r0 * ldw * esz, ldw, x + t0, k0, k1,
+                                      y + (int64_t)t0 * ldy + r0, ldy, 1, k0 == 0);
+            }
+        }
+    }
+}
+
+static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                     float *y, int64_t ldy)
+{
+    dot_tiles(tiles_bf16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot_tiles(tiles_f16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_f32(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot_tiles(tiles_f32, 4, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)
+{
+    float *d = dst;
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8)
+        _mm256_store_ps(d + i, _mm256_loadu_ps(src + i));
+    for (; i < n; i++)
+        d[i] = src[i];
+    for (; i < n_pad; i++)
+        d[i] = 0.0f;
+}
+
+/* exp(x), Cephes expf (about 1 ulp); x clamped to [-87.3, 88.7] so that the
+ * exponent 2^n can be built directly (exp(-87.3) ~ 1e-38 stands for 0). */
+INLINE __m256 exp256(__m256 x)
+{
+    __m256 n, r, p;
+    __m256i e;
+
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.7f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* n in [-126, 128]: 2^n split as 2^(n/2) * 2^(n - n/2) to stay normal. */
+    e = _mm256_cvtps_epi32(n);
+    {
+        __m256i h = _mm256_srai_epi32(e, 1);
+        __m256 s1 =
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+        __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_sub_epi32(e, h), _mm256_set1_epi32(127)), 23));
+
+        return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    }
+}
+
+static void swiglu(const float *g, const float *u, int64_t n, float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++)
+        out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
+    .name = "avx2",
+    .prep = {prep_f32, prep_f32, prep_f32},
+    .dot = {dot_f32, dot_f16, dot_bf16},
+    .swiglu = swiglu,
+};

@@ -1,0 +1,389 @@
+/*
+ * AVX-512 kernels of the CPU backend (compiled with -mavx512f -mavx512bw
+ * -mavx512vl -mavx512dq -mavx512bf16 -mf16c -mfma; only called when the CPU
+ * has all of them).  Owns no state and takes no locks.
+ *
+ * Dot products use the dot-product formulation: a register tile of R weight
+ * rows x T tokens keeps one 16-lane accumulator per (row, token), the inner
+ * loop walks K, and each accumulator is reduced horizontally at the end of a
+ * K block.  Weights are read straight from their row-major storage (no
+ * packing), so a decode call streams every weight once, and a prefill call
+ * reuses each weight vector loaded into a register for T tokens and each
+ * token vector for R rows.
+ *
+ * BF16 weights: vdpbf16ps multiplies bf16 pairs exactly and accumulates in
+ * fp32.  The activation x is split as x = hi + lo, both bf16 (hi = bf16(x),
+ * lo = bf16(x - hi)), and both are multiplied with the weights, so the
+ * product keeps about 16 bits of x's mantissa (relative error ~2^-17 per
+ * element) while the weights are used as stored, with no conversion.  The
+ * prepared layout is, per 32-element block, 32 hi values then 32 lo values.
+ *
+ * F16 and F32 weights: converted to fp32 on load (vcvtph2ps) and multiplied
+ * with fp32 activations by FMA; the prepared layout is plain fp32.
+ *
+ * K tails are read with masked loads (which never fault), so no row is read
+ * past its end; the prepared activations are zero there.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+/* Register tile: up to RMAX rows x TMAX tokens (24 accumulators, 4 weight
+ * registers, 1-2 activation registers out of 32). */
+#define RMAX 4
+#define TMAX 6
+/* Decode tiles (see dot_tiles) have up to RDEC rows. */
+#define RDEC 6
+
+#define INLINE static inline __attribute__((always_inline))
+
+typedef void (*tile_fn)(const void *w, int64_t ldw, const void *const *x, int64_t k0, int64_t k1,
+                        float *y, int64_t ldy, int64_t ys, bool first);
+
+/* Stores the horizontal sums of acc[r][t] into y, or adds them. */
+#define TILE_STORE(R, T)                                                                           \
+    do {                                                                                           \
+        _Pragma("GCC unroll 8") for (int t = 0; t < (T); t++)                                      \
+        {                                                                                          \
+            _Pragma("GCC unroll 8") for (int r = 0; r < (R); r++)                                  \
+            {                                                                                      \
+                float s = _mm512_reduce_add_ps(acc[r][t]);                                         \
+                y[t * ldy + r * ys] = first ? s : y[t * ldy + r * ys] + s;                         \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+/* ---- bf16 weights: vdpbf16ps with hi/lo activations ---------------------- */
+
+INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
+                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
+{
+    const uint16_t *w = wv;
+    const uint16_t *x[TMAX];
+    __m512 acc[RDEC][TMAX];
+    int64_t k;
+
+    for (int t = 0; t < T; t++)
+        x[t] = xv[t];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
+
+    for (k = k0; k + 32 <= k1; k += 32) {
+        __m512i wr[RDEC];
+
+        for (int r = 0; r < R; r++)
+            wr[r] = _mm512_loadu_si512(w + r * ldw + k);
+        for (int t = 0; t < T; t++) {
+            __m512i xh = _mm512_load_si512(x[t] + 2 * k);
+            __m512i xl = _mm512_load_si512(x[t] + 2 * k + 32);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
+        }
+    }
+    if (k < k1) {
+        __mmask32 m = (__mmask32)((1u << (k1 - k)) - 1);
+        __m512i wr[RDEC];
+
+        for (int r = 0; r < R; r++)
+            wr[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + k);
+        for (int t = 0; t < T; t++) {
+            __m512i xh = _mm512_load_si512(x[t] + 2 * k);
+            __m512i xl = _mm512_load_si512(x[t] + 2 * k + 32);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
+        }
+    }
+    TILE_STORE(R, T);
+}
+
+/* ---- f16 and f32 weights: convert to fp32, FMA ---------------------------- */
+
+INLINE __m512 load_w16(const void *w, int64_t i, bool is_f16)
+{
+    if (is_f16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+
+INLINE __m512 load_w16_tail(const void *w, int64_t i, __mmask16 m, bool is_f16)
+{
+    if (is_f16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i));
+    return _mm512_maskz_loadu_ps(m, (const float *)w + i);
+}
+
+INLINE void tile_fma(const void *w, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
+                     float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T,
+                     const bool is_f16)
+{
+    const float *x[TMAX];
+    __m512 acc[RDEC][TMAX];
+    int64_t k;
+
+    for (int t = 0; t < T; t++)
+        x[t] = xv[t];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
+
+    for (k = k0; k + 16 <= k1; k += 16) {
+        __m512 wr[RDEC];
+
+        for (int r = 0; r < R; r++)
+            wr[r] = load_w16(w, r * ldw + k, is_f16);
+        for (int t = 0; t < T; t++) {
+            __m512 xt = _mm512_load_ps(x[t] + k);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_fmadd_ps(wr[r], xt, acc[r][t]);
+        }
+    }
+    if (k < k1) {
+        __mmask16 m = (__mmask16)((1u << (k1 - k)) - 1);
+        __m512 wr[RDEC];
+
+        for (int r = 0; r < R; r++)
+            wr[r] = load_w16_tail(w, r * ldw + k, m, is_f16);
+        for (int t = 0; t < T; t++) {
+            __m512 xt = _mm512_load_ps(x[t] + k);
+
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_fmadd_ps(wr[r], xt, acc[r][t]);
+        }
+    }
+    TILE_STORE(R, T);
+}
+
+/* One non-inlined function per (dtype, R, T). */
+#define DEF_TILE(R, T)                                                                             \
+    static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
+                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
+    {                                                                                              \
+        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                     \
+    }                                                                                              \
+    static void tile_f16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
+                                   int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
+    {                                                                                              \
+        tile_fma(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, true);                                \
+    }                                                                                              \
+    static void tile_f32_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
+                                   int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
+    {                                                                                              \
+        tile_fma(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, false);                               \
+    }
+
+#define DEF_TILE_ROW(R)                                                                            \
+    DEF_TILE(R, 1) DEF_TILE(R, 2) DEF_TILE(R, 3) DEF_TILE(R, 4) DEF_TILE(R, 5) DEF_TILE(R, 6)
+DEF_TILE_ROW(1)
+DEF_TILE_ROW(2)
+DEF_TILE_ROW(3)
+DEF_TILE_ROW(4)
+DEF_TILE(6, 2)
+DEF_TILE(6, 3)
+DEF_TILE(5, 4)
+
+#define TILE_ROW(D, R)                                                                             \
+    {                                                                                              \
+        tile_##D##_##R##_1, tile_##D##_##R##_2, tile_##D##_##R##_3, tile_##D##_##R##_4,            \
+            tile_##D##_##R##_5, tile_##D##_##R##_6                                                 \
+    }
+#define TILE_TABLE(D)                                                                              \
+    {                                                                                              \
+        TILE_ROW(D, 1), TILE_ROW(D, 2), TILE_ROW(D, 3), TILE_ROW(D, 4)                             \
+    }
+
+static const tile_fn tiles_bf16[RMAX][TMAX] = TILE_TABLE(bf16);
+static const tile_fn tiles_f16[RMAX][TMAX] = TILE_TABLE(f16);
+static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
+
+/* Decode tiles by token count: rows per tile and the tile.  More rows for 2-4
+ * tokens cut the activation reloads per weight byte (measured: ~5-8% more
+ * bandwidth at 3-4 tokens); 4 rows are best for 1 token. */
+static const int dec_rows[TMAX] = {4, 6, 6, 5, 4, 4};
+#define DEC_TABLE(D)                                                                               \
+    {                                                                                              \
+        tile_##D##_4_1, tile_##D##_6_2, tile_##D##_6_3, tile_##D##_5_4, tile_##D##_4_5,            \
+            tile_##D##_4_6                                                                         \
+    }
+static const tile_fn dec_bf16[TMAX] = DEC_TABLE(bf16);
+static const tile_fn dec_f16[TMAX] = DEC_TABLE(f16);
+static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
+
+/*
+ * Walks the (rows x tokens x K) block in register tiles; ldw is the weight
+ * row stride.
+ *
+ * Few tokens (decode) are memory-bound: tile j takes rows j, j + s, j + 2s,
+ * ... (s = nr / dec_rows[nt - 1]) and walks them over all of K, so each of
+ * its 4-6 weight loads streams through a contiguous stretch of s rows.  A
+ * few long sequential reads per thread run at close to full memory
+ * bandwidth; tiles of adjacent rows would make many short ones (a row of a
+ * Mixtral gate is only 8 KiB), which the hardware prefetchers serve about 20%
+ * slower (measured).
+ *
+ * Many tokens (prefill) are compute-bound: K blocks outermost, so the
+ * activations of TMAX tokens over one K block stay in L1 while the block's
+ * weight rows (in L2) are swept past them.
+ *
+ * Every order does the same arithmetic per element.
+ */
+static void dot_tiles(const tile_fn (*tiles)[TMAX], const tile_fn *dec, size_t esz, const void *w,
+                      int64_t ldw, int nr, int64_t k, const void *const *x, int nt, float *y,
+                      int64_t ldy)
+{
+    const char *wb = w;
+
+    if (nt <= TMAX) {
+        int rows = dec_rows[nt - 1];
+        int s = nr / rows;
+
+        for (int j = 0; j < s; j++)
+            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
+                dec[nt - 1](wb + (size_t)j * ldw * esz, ldw * s, x, k0,
+                            MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + j, ldy, s, k0 == 0);
+        /* the last nr % rows rows */
+        for (int r0 = s * rows; r0 < nr; r0 += RMAX) {
+            int rr = MOE_MIN(RMAX, nr - r0);
+
+            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
+                tiles[rr - 1][nt - 1](wb + (size_t)r0 * ldw * esz, ldw, x, k0,
+                                      MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + r0, ldy, 1, k0 == 0);
+        }
+        return;
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
+        int64_t k1 = MOE_MIN(k0 + MOE_CPU_KBLOCK, k);
+
+        for (int t0 = 0; t0 < nt; t0 += TMAX) {
+            int tt = MOE_MIN(TMAX, nt - t0);
+
+            for (int r0 = 0; r0 < nr; r0 += RMAX) {
+                int rr = MOE_MIN(RMAX, nr - r0);
+
+                tiles[rr - 1][tt - 1](wb + (size_t)r0 * ldw * esz, ldw, x + t0, k0, k1,
+                                      y + (int64_t)t0 * ldy + r0, ldy, 1, k0 == 0);
+            }
+        }
+    }
+}
+
+static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                     float *y, int64_t ldy)
+{
+    dot_tiles(tiles_bf16, dec_bf16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot_tiles(tiles_f16, dec_f16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_f32(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot_tiles(tiles_f32, dec_f32, 4, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+/* ---- activation preparation --------------------------------------------- */
+
+INLINE __m512 load_src(const float *src, int64_t i, int64_t n)
+{
+    if (i + 16 <= n)
+        return _mm512_loadu_ps(src + i);
+    if (i >= n)
+        return _mm512_setzero_ps();
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), src + i);
+}
+
+INLINE __m512 bf16_lo_to_f32(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Per 32 elements: hi = bf16(x) (round to nearest even), lo = bf16(x - hi). */
+static void prep_bf16(const float *src, int64_t n, int64_t n_pad, void *dst)
+{
+    uint16_t *d = dst;
+
+    for (int64_t i = 0; i < n_pad; i += 32) {
+        __m512 a0 = load_src(src, i, n);
+        __m512 a1 = load_src(src, i + 16, n);
+        /* cvtne2ps_pbh(b, a): elements 0-15 from a, 16-31 from b. */
+        __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(a1, a0);
+        __m512 h0 = bf16_lo_to_f32(_mm512_castsi512_si256(hi));
+        __m512 h1 = bf16_lo_to_f32(_mm512_extracti64x4_epi64(hi, 1));
+        __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(a1, h1), _mm512_sub_ps(a0, h0));
+
+        _mm512_store_si512(d + 2 * i, hi);
+        _mm512_store_si512(d + 2 * i + 32, lo);
+    }
+}
+
+static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)
+{
+    float *d = dst;
+
+    for (int64_t i = 0; i < n_pad; i += 16)
+        _mm512_store_ps(d + i, load_src(src, i, n));
+}
+
+/* ---- SwiGLU ---------------------------------------------------------------- */
+
+/* exp(x) for x <= 88.7 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6
+ * polynomial, about 1 ulp); very negative x gives 0 through scalef. */
+INLINE __m512 exp512(__m512 x)
+{
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 c1 = _mm512_set1_ps(0.693359375f);
+    const __m512 c2 = _mm512_set1_ps(-2.12194440e-4f);
+    __m512 n, r, p;
+
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+    r = _mm512_fnmadd_ps(n, c1, x);
+    r = _mm512_fnmadd_ps(n, c2, r);
+    p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static void swiglu(const float *g, const float *u, int64_t n, float *out)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = i + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 uv = _mm512_maskz_loadu_ps(m, u + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, uv));
+    }
+}
+
+const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
+    .name = "avx512",
+    .prep = {prep_f32, prep_f32, prep_bf16},
+    .dot = {dot_f32, dot_f16, dot_bf16},
+    .swiglu = swiglu,
+};

@@ -1,0 +1,132 @@
+/*
+ * Portable C kernels of the CPU backend (compiled with -O3 only, for any
+ * CPU).  Owns no state and takes no locks.
+ *
+ * Weights are converted to fp32 a chunk at a time (up to 4 rows x CHUNK
+ * elements, on the stack) and dotted with the fp32 activations through 16
+ * independent partial sums, a loop shape compilers vectorise without
+ * -ffast-math.  Each chunk's partial sums are added in a fixed tree and the
+ * chunk sums added to y in K order, so results do not depend on the tiling.
+ * The prepared activation layout is plain fp32 for every dtype.
+ */
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+#include "dtype.h"
+#include "kernels.h"
+
+#define ROWS 4
+#define LANES 16
+#define CHUNK 256
+
+/* Converts n weights of row w (dtype index dt) to fp32, zero-padding to
+ * n_pad. */
+static void convert_row(const void *w, int dt, int64_t n, int64_t n_pad, float *dst)
+{
+    int64_t i;
+
+    if (dt == MOE_DTYPE_F32) {
+        memcpy(dst, w, (size_t)n * sizeof(float));
+    } else if (dt == MOE_DTYPE_BF16) {
+        const uint16_t *s = w;
+
+        for (i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)s[i] << 16;
+
+            memcpy(&dst[i], &u, sizeof(u));
+        }
+    } else {
+        const uint16_t *s = w;
+
+        for (i = 0; i < n; i++)
+            dst[i] = moe_f16_to_f32(s[i]);
+    }
+    for (i = n; i < n_pad; i++)
+        dst[i] = 0.0f;
+}
+
+static float dot_chunk(const float *restrict w, const float *restrict x, int64_t n)
+{
+    float acc[LANES] = {0};
+
+    for (int64_t k = 0; k < n; k += LANES)
+        for (int j = 0; j < LANES; j++)
+            acc[j] += w[k + j] * x[k + j];
+    for (int s = LANES / 2; s > 0; s /= 2)
+        for (int j = 0; j < s; j++)
+            acc[j] += acc[j + s];
+    return acc[0];
+}
+
+static void dot(int dt, size_t esz, const void *w, int64_t ldw, int nr, int64_t k,
+                const void *const *x, int nt, float *y, int64_t ldy)
+{
+    _Alignas(64) float wbuf[ROWS][CHUNK];
+    const char *wb = w;
+
+    for (int r0 = 0; r0 < nr; r0 += ROWS) {
+        int rr = MOE_MIN(ROWS, nr - r0);
+
+        for (int64_t k0 = 0; k0 < k; k0 += CHUNK) {
+            int64_t kn = MOE_MIN(CHUNK, k - k0);
+            /* x rows are padded with zeros to a multiple of 32 >= this */
+            int64_t kp = (kn + LANES - 1) / LANES * LANES;
+
+            for (int r = 0; r < rr; r++)
+                convert_row(wb + ((size_t)(r0 + r) * ldw + k0) * esz, dt, kn, kp, wbuf[r]);
+            for (int t = 0; t < nt; t++) {
+                const float *xt = (const float *)x[t] + k0;
+
+                for (int r = 0; r < rr; r++) {
+                    float s = dot_chunk(wbuf[r], xt, kp);
+                    float *yp = &y[(int64_t)t * ldy + r0 + r];
+
+                    *yp = k0 == 0 ? s : *yp + s;
+                }
+            }
+        }
+    }
+}
+
+static void dot_f32(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot(MOE_DTYPE_F32, 4, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                    float *y, int64_t ldy)
+{
+    dot(MOE_DTYPE_F16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                     float *y, int64_t ldy)
+{
+    dot(MOE_DTYPE_BF16, 2, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)
+{
+    float *d = dst;
+
+    memcpy(d, src, (size_t)n * sizeof(float));
+    for (int64_t i = n; i < n_pad; i++)
+        d[i] = 0.0f;
+}
+
+static void swiglu(const float *g, const float *u, int64_t n, float *out)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+const struct moe_cpu_kernel moe_cpu_kernel_generic = {
+    .name = "generic",
+    .prep = {prep_f32, prep_f32, prep_f32},
+    .dot = {dot_f32, dot_f16, dot_bf16},
+    .swiglu = swiglu,
+};
