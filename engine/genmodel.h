@@ -8,9 +8,10 @@
  * name) alone, so the same options give byte-identical files whatever the
  * sharding.  Scales keep outputs O(1) for O(1) inputs.  Router rows are
  * skewed so that, as in real models, some experts are chosen far more often
- * than others: row e is a random direction scaled by a Zipf-like factor of a
- * random permutation of the experts (plus a common component shared by the
- * popular ones).
+ * than others: a random permutation ranks the experts, pairs of ranks get a
+ * Zipf-like popularity and a gain growing with it, and the two rows of a pair
+ * share a component with opposite signs (see genmodel.c).  For N(0,1) hidden
+ * states the most popular expert is picked 4x to 30x as often as the least.
  */
 #ifndef MOED_ENGINE_GENMODEL_H
 #define MOED_ENGINE_GENMODEL_H
@@ -20,16 +21,16 @@
 
 struct moe_genmodel_opts {
     enum moe_arch arch;
-    const char *out_dir;           /* created if missing; existing files are replaced */
-    int n_layers;                  /* all counts: <= 0 means the family's default */
+    const char *out_dir; /* created if missing; existing files are replaced */
+    int n_layers;        /* all counts: <= 0 means the family's default */
     int n_experts;
     int top_k;
     int hidden;
-    int ffn;                       /* routed expert ffn */
-    int n_shared;                  /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
-                                    * deepseek_v3: any; others: must be 0 or -1) */
-    enum moe_dtype dtype;          /* BF16, F16 or F32 */
-    int n_shards;                  /* 1: model.safetensors; >1 sharded with index */
+    int ffn;              /* routed expert ffn */
+    int n_shared;         /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
+                           * deepseek_v3: any; others: must be 0 or -1) */
+    enum moe_dtype dtype; /* BF16, F16 or F32 */
+    int n_shards;         /* 1: model.safetensors; >1 sharded with index */
     uint64_t seed;
     /* Called after each file is written (may be NULL). */
     void (*progress)(void *ctx, int files_done, int files_total);

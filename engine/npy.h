@@ -14,16 +14,16 @@
 #include "common.h"
 
 enum moe_npy_type {
-    MOE_NPY_F32 = 0,               /* '<f4' */
-    MOE_NPY_I32,                   /* '<i4' */
+    MOE_NPY_F32 = 0, /* '<f4' */
+    MOE_NPY_I32,     /* '<i4' */
 };
 
 struct moe_npy {
     enum moe_npy_type type;
-    int ndim;                      /* 0..MOE_MAX_DIMS */
+    int ndim; /* 0..MOE_MAX_DIMS */
     int64_t shape[MOE_MAX_DIMS];
-    size_t count;                  /* product of shape */
-    void *data;                    /* count elements, owned (free with moe_npy_clear) */
+    size_t count; /* product of shape */
+    void *data;   /* count elements, owned (free with moe_npy_clear) */
 };
 
 /* Parses a .npy image of len bytes.  name names it in messages. */
@@ -39,7 +39,7 @@ int moe_npy_write(const char *path, enum moe_npy_type type, int ndim, const int6
 
 /* One array of an archive. */
 struct moe_npz_entry {
-    const char *name;              /* array name, without ".npy" */
+    const char *name; /* array name, without ".npy" */
     enum moe_npy_type type;
     int ndim;
     const int64_t *shape;

@@ -1,0 +1,1191 @@
+/*
+ * Synthetic checkpoints (moectl gen-model): owns the family layouts (which
+ * tensors, in which order, with which shapes), the config.json keys of each
+ * family, the deterministic weights and the split into shards.
+ *
+ * Determinism: every tensor's values come from (seed, tensor name) alone:
+ * the name is hashed into the seed of a xoshiro256** generator, values are
+ * produced two per 64-bit draw in element order, so neither sharding, the
+ * order of tensors in a file nor the chunking of writes changes a byte.
+ *
+ * Values are scaled uniform noise (std s is uniform on [-s*sqrt(3),
+ * s*sqrt(3)]): expert gate/up rows 1/sqrt(hidden), down rows 1/sqrt(ffn), so
+ * that an expert maps N(0,1) inputs to outputs of std ~0.5; norms are 1;
+ * embeddings and attention 0.02; biases uniform in [-0.05, 0.05].
+ *
+ * Router rows are skewed: a random permutation ranks the experts; ranks 2j
+ * and 2j+1 form a pair of popularity p_j = 1/(j+1)^1.5 whose rows share a
+ * component with opposite signs (correlation -0.95), each row scaled by
+ * 0.075 + 1.5*p_j.  For zero-mean inputs an expert's selection rate depends
+ * only on the variance of its logit and how it correlates with the others:
+ * the gain makes popular experts win often, and an opposed pair covers both
+ * signs of its direction, so one of the two is nearly always chosen.  With
+ * N(0,1) inputs the most popular expert is chosen 4-100x as often as the
+ * least (more with more experts).  Only the ratio of gains matters for the
+ * top-k; the overall scale keeps logits within a few units, as in real
+ * routers, so that softmax weights are not needlessly sharp and fp32 logits
+ * stay accurate.
+ *
+ * Files: config.json (keys sorted, as transformers writes it), then
+ * model.safetensors, or model-0000i-of-0000N.safetensors split in model
+ * order into parts of about equal bytes plus model.safetensors.index.json.
+ * Within a file tensors are ordered as the reference writer orders them:
+ * wider dtypes first, then by name.
+ */
+#include "genmodel.h"
+#include "st_writer.h"
+#include "dtype.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#define GEN_VOCAB 512
+#define GEN_MAX_TENSORS (1u << 20)
+#define GEN_MAX_SHARDS 99999
+#define GEN_MAX_SHARED 64
+#define GEN_CHUNK (1u << 20) /* elements generated per step (even) */
+#define GEN_NAME_MAX 96
+
+/* Router skew (see the top of the file). */
+#define ROUTER_ZIPF_A 1.5
+#define ROUTER_GAIN_LO 0.075
+#define ROUTER_GAIN_HI 1.5
+#define ROUTER_PAIR_RHO 0.95
+
+/* DeepSeek MLA ranks (small versions of V3's 1536/512/64/128/128). */
+#define DS_HEADS 4
+#define DS_Q_LORA 64
+#define DS_KV_LORA 32
+#define DS_ROPE_DIM 16
+#define DS_NOPE_DIM 32
+#define DS_V_DIM 32
+
+enum init_kind {
+    INIT_NOISE = 0, /* uniform noise of std scale */
+    INIT_ONES,      /* every element 1.0 */
+    INIT_UNIFORM,   /* uniform in [-scale, scale] */
+    INIT_ROUTER,    /* skewed router rows, [E, H] */
+};
+
+/* One tensor of the checkpoint. */
+struct gtensor {
+    char name[GEN_NAME_MAX];
+    enum moe_dtype dtype;
+    enum init_kind init;
+    float scale; /* std (NOISE) or half-width (UNIFORM) */
+    int ndim;    /* 1 or 2 */
+    int64_t shape[2];
+    uint64_t count; /* elements */
+    uint64_t nbytes;
+    int shard; /* 0-based file index */
+};
+
+/* The resolved shape of the model. */
+struct gdims {
+    enum moe_arch arch;
+    enum moe_dtype dtype;
+    int L, E, K, H, F;
+    int n_shared;                /* deepseek: count; qwen2_moe: 0 or 1 */
+    int shared_ffn;              /* rows of the (fused) shared expert; 0 when none */
+    int dense_ffn;               /* intermediate_size of dense MLPs */
+    int first_dense;             /* deepseek first_k_dense_replace */
+    int n_group, topk_group;     /* deepseek */
+    int n_heads, n_kv, head_dim; /* attention (deepseek: MLA heads) */
+    int n_shards;
+    uint64_t seed;
+};
+
+struct gplan {
+    struct gdims d;
+    size_t n, cap;
+    struct gtensor *t; /* [n], model order */
+    uint64_t total_bytes;
+};
+
+/* ---- deterministic values ------------------------------------------------ */
+
+struct xoshiro {
+    uint64_t s[4];
+};
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t fnv1a64(const char *s)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* A generator for (key, tag, index): tensor streams use tag 0. */
+static void xo_seed(struct xoshiro *g, uint64_t key, uint64_t tag, uint64_t index)
+{
+    uint64_t x = key ^ (tag * 0xd1b54a32d192ed03ull) ^ (index * 0x8cb92ba72f3d8dd7ull);
+
+    for (int i = 0; i < 4; i++)
+        g->s[i] = splitmix64(&x);
+}
+
+static inline uint64_t rotl64(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static inline uint64_t xo_next(uint64_t *s)
+{
+    uint64_t r = rotl64(s[1] * 5, 7) * 9, t = s[1] << 17;
+
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl64(s[3], 45);
+    return r;
+}
+
+/* The key of a tensor's values. */
+static uint64_t tensor_key(uint64_t seed, const char *name)
+{
+    uint64_t x = seed;
+
+    return splitmix64(&x) ^ fnv1a64(name);
+}
+
+/*
+ * n values uniform on [-a, a] (symmetric: 24-bit integers centred on 0),
+ * two per draw.  n must be even except for the last call on a stream.
+ */
+static void fill_uniform(struct xoshiro *g, float *out, size_t n, float a)
+{
+    uint64_t s[4] = {g->s[0], g->s[1], g->s[2], g->s[3]};
+    const float k = a * 0x1p-23f;
+    size_t i;
+
+    for (i = 0; i + 1 < n; i += 2) {
+        uint64_t r = xo_next(s);
+
+        out[i] = ((float)(uint32_t)(r >> 40) - 8388607.5f) * k;
+        out[i + 1] = ((float)(uint32_t)((r >> 8) & 0xffffffu) - 8388607.5f) * k;
+    }
+    if (i < n)
+        out[i] = ((float)(uint32_t)(xo_next(s) >> 40) - 8388607.5f) * k;
+    memcpy(g->s, s, sizeof(s));
+}
+
+/* State of one router tensor: the rank of every expert. */
+struct router_gen {
+    int E, H;
+    uint64_t key;
+    int *rank;  /* [E] */
+    float *tmp; /* [H] */
+};
+
+static int router_gen_init(struct router_gen *rg, const struct gtensor *t, uint64_t key)
+{
+    struct xoshiro g;
+    int *perm;
+
+    rg->E = (int)t->shape[0];
+    rg->H = (int)t->shape[1];
+    rg->key = key;
+    rg->rank = malloc((size_t)rg->E * sizeof(int));
+    rg->tmp = malloc((size_t)rg->H * sizeof(float));
+    perm = malloc((size_t)rg->E * sizeof(int));
+    if (!rg->rank || !rg->tmp || !perm) {
+        free(perm);
+        return -ENOMEM;
+    }
+    /* Fisher-Yates: perm[r] is the expert of rank r. */
+    xo_seed(&g, key, 1, 0);
+    for (int i = 0; i < rg->E; i++)
+        perm[i] = i;
+    for (int i = rg->E - 1; i > 0; i--) {
+        int j = (int)(xo_next(g.s) % (uint64_t)(i + 1)), x = perm[i];
+
+        perm[i] = perm[j];
+        perm[j] = x;
+    }
+    for (int r = 0; r < rg->E; r++)
+        rg->rank[perm[r]] = r;
+    free(perm);
+    return 0;
+}
+
+static void router_gen_clear(struct router_gen *rg)
+{
+    free(rg->rank);
+    free(rg->tmp);
+}
+
+/* Row e of the router: gain * (sign * rho * b_pair + sqrt(1 - rho^2) * n_e). */
+static void router_row(const struct router_gen *rg, int e, float *out)
+{
+    int r = rg->rank[e], pair = r / 2;
+    bool paired = (r ^ 1) < rg->E;
+    double p = 1.0 / pow(pair + 1.0, ROUTER_ZIPF_A);
+    float gain = (float)(ROUTER_GAIN_LO + ROUTER_GAIN_HI * p);
+    float rho = paired ? (float)ROUTER_PAIR_RHO : 0.0f;
+    float cn = sqrtf(1.0f - rho * rho), cb = (r & 1) ? -rho : rho;
+    float a = sqrtf(3.0f / (float)rg->H);
+    struct xoshiro g;
+
+    xo_seed(&g, rg->key, 3, (uint64_t)e);
+    fill_uniform(&g, out, (size_t)rg->H, a);
+    xo_seed(&g, rg->key, 2, (uint64_t)pair);
+    fill_uniform(&g, rg->tmp, (size_t)rg->H, a);
+    for (int i = 0; i < rg->H; i++)
+        out[i] = gain * (cn * out[i] + cb * rg->tmp[i]);
+}
+
+/* Converts n floats to dtype at dst. */
+static void convert(enum moe_dtype dt, const float *src, size_t n, void *dst)
+{
+    if (dt == MOE_DTYPE_F32) {
+        memcpy(dst, src, n * sizeof(float));
+    } else if (dt == MOE_DTYPE_BF16) {
+        uint16_t *o = dst;
+
+        for (size_t i = 0; i < n; i++)
+            o[i] = moe_f32_to_bf16(src[i]);
+    } else {
+        uint16_t *o = dst;
+
+        for (size_t i = 0; i < n; i++)
+            o[i] = moe_f32_to_f16(src[i]);
+    }
+}
+
+/* Scratch buffers of the generator. */
+struct gen_buf {
+    float *vals;          /* GEN_CHUNK floats */
+    unsigned char *bytes; /* GEN_CHUNK * 4 bytes */
+};
+
+/* Generates tensor t and hands its bytes to the writer. */
+static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, uint64_t seed,
+                        struct gen_buf *b, struct moe_error *err)
+{
+    uint64_t key = tensor_key(seed, t->name), done = 0;
+    size_t esz = moe_dtype_size(t->dtype);
+    struct router_gen rg = {0};
+    struct xoshiro g;
+    int r = 0;
+
+    xo_seed(&g, key, 0, 0);
+    if (t->init == INIT_ROUTER) {
+        r = router_gen_init(&rg, t, key);
+        if (r < 0) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    while (done < t->count) {
+        size_t n = (size_t)MOE_MIN((uint64_t)GEN_CHUNK, t->count - done);
+
+        switch (t->init) {
+        case INIT_NOISE:
+            fill_uniform(&g, b->vals, n, t->scale * sqrtf(3.0f));
+            break;
+        case INIT_UNIFORM:
+            fill_uniform(&g, b->vals, n, t->scale);
+            break;
+        case INIT_ONES:
+            for (size_t i = 0; i < n; i++)
+                b->vals[i] = 1.0f;
+            break;
+        case INIT_ROUTER:
+            /* Whole rows per step: GEN_CHUNK >= MOE_MAX_HIDDEN. */
+            n = (size_t)rg.H * MOE_MAX(1, GEN_CHUNK / rg.H);
+            n = (size_t)MOE_MIN((uint64_t)n, t->count - done);
+            for (size_t i = 0; i < n; i += (size_t)rg.H)
+                router_row(&rg, (int)((done + i) / (uint64_t)rg.H), b->vals + i);
+            break;
+        }
+        convert(t->dtype, b->vals, n, b->bytes);
+        r = moe_st_writer_write(w, b->bytes, n * esz, err);
+        if (r < 0)
+            goto out;
+        done += n;
+    }
+out:
+    router_gen_clear(&rg);
+    return r;
+}
+
+/* ---- layouts ------------------------------------------------------------- */
+
+/* config.json model_type (as moe_arch_name(), kept here so that the generator
+ * does not depend on the loader). */
+static const char *const arch_type[MOE_ARCH_COUNT] = {
+    [MOE_ARCH_MIXTRAL] = "mixtral",         [MOE_ARCH_QWEN2_MOE] = "qwen2_moe",
+    [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
+    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+};
+
+static const char *const arch_class[MOE_ARCH_COUNT] = {
+    [MOE_ARCH_MIXTRAL] = "MixtralForCausalLM",        [MOE_ARCH_QWEN2_MOE] = "Qwen2MoeForCausalLM",
+    [MOE_ARCH_QWEN3_MOE] = "Qwen3MoeForCausalLM",     [MOE_ARCH_OLMOE] = "OlmoeForCausalLM",
+    [MOE_ARCH_DEEPSEEK_V3] = "DeepseekV3ForCausalLM",
+};
+
+void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->arch = arch;
+    o->n_layers = 4;
+    o->hidden = 256;
+    o->dtype = MOE_DTYPE_BF16;
+    o->n_shards = 1;
+    o->seed = 0;
+    switch (arch) {
+    case MOE_ARCH_MIXTRAL:
+        o->n_experts = 8;
+        o->top_k = 2;
+        o->ffn = 512;
+        o->n_shared = 0;
+        break;
+    case MOE_ARCH_QWEN2_MOE:
+        o->n_experts = 16;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 1;
+        break;
+    case MOE_ARCH_QWEN3_MOE:
+        o->n_experts = 32;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 0;
+        break;
+    case MOE_ARCH_OLMOE:
+        o->n_experts = 16;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 0;
+        break;
+    case MOE_ARCH_DEEPSEEK_V3:
+    default:
+        o->n_experts = 32;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 1;
+        break;
+    }
+}
+
+/* Largest divisor of n that is <= cap (>= 1). */
+static int divisor_at_most(int n, int cap)
+{
+    for (int d = MOE_MAX(1, MOE_MIN(n, cap)); d > 1; d--)
+        if (n % d == 0)
+            return d;
+    return 1;
+}
+
+/*
+ * DeepSeek groups: the defaults' 4 groups (top 2) for 32 experts, otherwise
+ * the largest of 8, 4, 2, 1 groups dividing the experts with >= 2 experts per
+ * group and top_k within the kept groups (topk_group = n_group / 2, raised
+ * when needed).  One group (no group limit) always works.
+ */
+static void deepseek_groups(int E, int K, int *ret_groups, int *ret_topk_group)
+{
+    static const int cand[] = {8, 4, 2};
+
+    if (E == 32 && K <= 16) {
+        *ret_groups = 4;
+        *ret_topk_group = 2;
+        return;
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(cand); i++) {
+        int g = cand[i], size, tg;
+
+        if (E % g != 0 || E / g < 2)
+            continue;
+        size = E / g;
+        tg = MOE_MAX(1, g / 2);
+        while (tg < g && K > tg * size)
+            tg++;
+        if (K <= tg * size) {
+            *ret_groups = g;
+            *ret_topk_group = tg;
+            return;
+        }
+    }
+    *ret_groups = 1;
+    *ret_topk_group = 1;
+}
+
+/* Fills d from o (defaults for unset values) and checks it. */
+static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, struct moe_error *err)
+{
+    struct moe_genmodel_opts def;
+    const char *an;
+
+    if ((unsigned)o->arch >= MOE_ARCH_COUNT)
+        return moe_error_set(err, -EINVAL, "unknown architecture %d", (int)o->arch);
+    an = arch_type[o->arch];
+    moe_genmodel_defaults(o->arch, &def);
+    memset(d, 0, sizeof(*d));
+    d->arch = o->arch;
+    d->L = o->n_layers > 0 ? o->n_layers : def.n_layers;
+    d->E = o->n_experts > 0 ? o->n_experts : def.n_experts;
+    d->K = o->top_k > 0 ? o->top_k : def.top_k;
+    d->H = o->hidden > 0 ? o->hidden : def.hidden;
+    d->F = o->ffn > 0 ? o->ffn : def.ffn;
+    d->n_shared = o->n_shared == -1 ? def.n_shared : o->n_shared;
+    d->n_shards = o->n_shards > 0 ? o->n_shards : 1;
+    d->dtype = o->dtype;
+    d->seed = o->seed;
+
+    if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
+        return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16 or f32",
+                             moe_dtype_user_name(d->dtype));
+    if (d->L > MOE_MAX_LAYERS)
+        return moe_error_set(err, -EINVAL, "%d layers: at most %d", d->L, MOE_MAX_LAYERS);
+    if (d->E > MOE_MAX_EXPERTS)
+        return moe_error_set(err, -EINVAL, "%d experts: at most %d", d->E, MOE_MAX_EXPERTS);
+    if (d->K > MOE_MAX_TOP_K)
+        return moe_error_set(err, -EINVAL, "top-k %d: at most %d", d->K, MOE_MAX_TOP_K);
+    if (d->K > d->E)
+        return moe_error_set(err, -EINVAL, "top-k %d is more than the %d experts", d->K, d->E);
+    if (d->H > MOE_MAX_HIDDEN)
+        return moe_error_set(err, -EINVAL, "hidden size %d: at most %d", d->H, MOE_MAX_HIDDEN);
+    if (d->F > MOE_MAX_FFN)
+        return moe_error_set(err, -EINVAL, "expert ffn %d: at most %d", d->F, MOE_MAX_FFN);
+    if (d->n_shared < 0)
+        return moe_error_set(err, -EINVAL, "%d shared experts: expected 0 or more (-1: default)",
+                             d->n_shared);
+    if (d->n_shards > GEN_MAX_SHARDS)
+        return moe_error_set(err, -EINVAL, "%d shards: at most %d", d->n_shards, GEN_MAX_SHARDS);
+
+    d->dense_ffn = MOE_MIN(4 * d->F, MOE_MAX_FFN);
+    switch (d->arch) {
+    case MOE_ARCH_MIXTRAL:
+    case MOE_ARCH_QWEN3_MOE:
+    case MOE_ARCH_OLMOE:
+        if (d->n_shared > 0)
+            return moe_error_set(err, -EINVAL, "%s has no shared experts (asked for %d)", an,
+                                 d->n_shared);
+        break;
+    case MOE_ARCH_QWEN2_MOE:
+        if (d->n_shared > 1)
+            return moe_error_set(err, -EINVAL,
+                                 "qwen2_moe has at most one shared expert (asked for %d)",
+                                 d->n_shared);
+        d->shared_ffn = d->n_shared ? MOE_MIN(4 * d->F, MOE_MAX_FFN) : 0;
+        break;
+    case MOE_ARCH_DEEPSEEK_V3:
+    default:
+        if (d->n_shared > GEN_MAX_SHARED)
+            return moe_error_set(err, -EINVAL, "%d shared experts: at most %d", d->n_shared,
+                                 GEN_MAX_SHARED);
+        if ((int64_t)d->n_shared * d->F > MOE_MAX_FFN)
+            return moe_error_set(err, -EINVAL,
+                                 "%d shared experts of ffn %d: fused ffn %lld over %d", d->n_shared,
+                                 d->F, (long long)d->n_shared * d->F, MOE_MAX_FFN);
+        d->shared_ffn = d->n_shared * d->F;
+        /* Layer 0 dense, as V3's first_k_dense_replace, unless it is the only one. */
+        d->first_dense = d->L > 1 ? 1 : 0;
+        deepseek_groups(d->E, d->K, &d->n_group, &d->topk_group);
+        break;
+    }
+
+    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+        d->n_heads = DS_HEADS;
+        d->n_kv = DS_HEADS;
+        d->head_dim = DS_ROPE_DIM;
+    } else {
+        /* heads * head_dim = hidden up to 32 heads of 64: small, and the
+         * layout transformers versions without head_dim expect. */
+        d->head_dim = divisor_at_most(d->H, 64);
+        d->n_heads = MOE_MIN(d->H / d->head_dim, 32);
+        d->n_kv = divisor_at_most(d->n_heads, MOE_MAX(1, d->n_heads / 4));
+    }
+    return 0;
+}
+
+static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, float scale,
+                    int64_t d0, int64_t d1, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+
+/* Appends a tensor; d1 < 0 for a 1-D tensor [d0]. */
+static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, float scale,
+                    int64_t d0, int64_t d1, const char *fmt, ...)
+{
+    struct gtensor *t;
+    va_list ap;
+    int n;
+
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? p->cap * 2 : 256;
+        struct gtensor *nt = reallocarray(p->t, cap, sizeof(*nt));
+
+        if (!nt)
+            return -ENOMEM;
+        p->t = nt;
+        p->cap = cap;
+    }
+    t = &p->t[p->n];
+    memset(t, 0, sizeof(*t));
+    va_start(ap, fmt);
+    n = vsnprintf(t->name, sizeof(t->name), fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof(t->name))
+        return -ENAMETOOLONG;
+    t->dtype = dt;
+    t->init = init;
+    t->scale = scale;
+    t->ndim = d1 < 0 ? 1 : 2;
+    t->shape[0] = d0;
+    t->shape[1] = d1 < 0 ? 0 : d1;
+    t->count = (uint64_t)d0 * (uint64_t)(d1 < 0 ? 1 : d1);
+    t->nbytes = t->count * moe_dtype_size(dt);
+    p->total_bytes += t->nbytes;
+    p->n++;
+    return 0;
+}
+
+#define ADD(...)                                                                                   \
+    do {                                                                                           \
+        int _r = plan_add(p, __VA_ARGS__);                                                         \
+        if (_r < 0)                                                                                \
+            return _r;                                                                             \
+    } while (0)
+
+static float inv_sqrt(int n)
+{
+    return 1.0f / sqrtf((float)n);
+}
+
+/* A SwiGLU block of ffn rows: gate/up [ffn, H], down [H, ffn]; names
+ * "<prefix>.<g>.weight" etc. */
+static int add_ffn(struct gplan *p, const char *prefix, const char *g, const char *u,
+                   const char *dn, int ffn)
+{
+    enum moe_dtype dt = p->d.dtype;
+    int H = p->d.H;
+
+    /* Model order of the reference modules: gate, up, down (mixtral w1, w2, w3). */
+    if (p->d.arch == MOE_ARCH_MIXTRAL && strcmp(g, "w1") == 0) {
+        ADD(dt, INIT_NOISE, inv_sqrt(H), ffn, H, "%s.w1.weight", prefix);
+        ADD(dt, INIT_NOISE, inv_sqrt(ffn), H, ffn, "%s.w2.weight", prefix);
+        ADD(dt, INIT_NOISE, inv_sqrt(H), ffn, H, "%s.w3.weight", prefix);
+        return 0;
+    }
+    ADD(dt, INIT_NOISE, inv_sqrt(H), ffn, H, "%s.%s.weight", prefix, g);
+    ADD(dt, INIT_NOISE, inv_sqrt(H), ffn, H, "%s.%s.weight", prefix, u);
+    ADD(dt, INIT_NOISE, inv_sqrt(ffn), H, ffn, "%s.%s.weight", prefix, dn);
+    return 0;
+}
+
+static int add_attention(struct gplan *p, int i)
+{
+    const struct gdims *d = &p->d;
+    enum moe_dtype dt = d->dtype;
+    int H = d->H, qd = d->n_heads * d->head_dim, kvd = d->n_kv * d->head_dim;
+    const float s = 0.02f;
+
+    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+        int qk = DS_NOPE_DIM + DS_ROPE_DIM;
+
+        ADD(dt, INIT_NOISE, s, DS_Q_LORA, H, "model.layers.%d.self_attn.q_a_proj.weight", i);
+        ADD(dt, INIT_ONES, 0, DS_Q_LORA, -1, "model.layers.%d.self_attn.q_a_layernorm.weight", i);
+        ADD(dt, INIT_NOISE, s, (int64_t)d->n_heads * qk, DS_Q_LORA,
+            "model.layers.%d.self_attn.q_b_proj.weight", i);
+        ADD(dt, INIT_NOISE, s, DS_KV_LORA + DS_ROPE_DIM, H,
+            "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", i);
+        ADD(dt, INIT_ONES, 0, DS_KV_LORA, -1, "model.layers.%d.self_attn.kv_a_layernorm.weight", i);
+        ADD(dt, INIT_NOISE, s, (int64_t)d->n_heads * (DS_NOPE_DIM + DS_V_DIM), DS_KV_LORA,
+            "model.layers.%d.self_attn.kv_b_proj.weight", i);
+        ADD(dt, INIT_NOISE, s, H, (int64_t)d->n_heads * DS_V_DIM,
+            "model.layers.%d.self_attn.o_proj.weight", i);
+        return 0;
+    }
+    ADD(dt, INIT_NOISE, s, qd, H, "model.layers.%d.self_attn.q_proj.weight", i);
+    if (d->arch == MOE_ARCH_QWEN2_MOE)
+        ADD(dt, INIT_UNIFORM, 0.05f, qd, -1, "model.layers.%d.self_attn.q_proj.bias", i);
+    ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.k_proj.weight", i);
+    if (d->arch == MOE_ARCH_QWEN2_MOE)
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.k_proj.bias", i);
+    ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.v_proj.weight", i);
+    if (d->arch == MOE_ARCH_QWEN2_MOE)
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.v_proj.bias", i);
+    ADD(dt, INIT_NOISE, s, H, qd, "model.layers.%d.self_attn.o_proj.weight", i);
+    if (d->arch == MOE_ARCH_QWEN3_MOE) {
+        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "model.layers.%d.self_attn.q_norm.weight", i);
+        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+    } else if (d->arch == MOE_ARCH_OLMOE) {
+        ADD(dt, INIT_ONES, 0, qd, -1, "model.layers.%d.self_attn.q_norm.weight", i);
+        ADD(dt, INIT_ONES, 0, kvd, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+    }
+    return 0;
+}
+
+static int add_moe(struct gplan *p, int i)
+{
+    const struct gdims *d = &p->d;
+    enum moe_dtype dt = d->dtype;
+    bool mixtral = d->arch == MOE_ARCH_MIXTRAL;
+    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
+    char prefix[GEN_NAME_MAX];
+    int r;
+
+    ADD(dt, INIT_ROUTER, 0, d->E, d->H, "model.layers.%d.%s.gate.weight", i, blk);
+    if (d->arch == MOE_ARCH_DEEPSEEK_V3)
+        ADD(MOE_DTYPE_F32, INIT_UNIFORM, 0.05f, d->E, -1,
+            "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+    for (int e = 0; e < d->E; e++) {
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d", i, blk, e);
+        r = mixtral ? add_ffn(p, prefix, "w1", "w3", "w2", d->F)
+                    : add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->F);
+        if (r < 0)
+            return r;
+    }
+    if (d->shared_ffn > 0) {
+        bool qwen = d->arch == MOE_ARCH_QWEN2_MOE;
+
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.%s", i,
+                 qwen ? "shared_expert" : "shared_experts");
+        r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->shared_ffn);
+        if (r < 0)
+            return r;
+        if (qwen)
+            ADD(dt, INIT_NOISE, inv_sqrt(d->H), 1, d->H,
+                "model.layers.%d.mlp.shared_expert_gate.weight", i);
+    }
+    return 0;
+}
+
+static int build_plan(struct gplan *p)
+{
+    const struct gdims *d = &p->d;
+    enum moe_dtype dt = d->dtype;
+    char prefix[GEN_NAME_MAX];
+    int r;
+
+    ADD(dt, INIT_NOISE, 0.02f, GEN_VOCAB, d->H, "model.embed_tokens.weight");
+    for (int i = 0; i < d->L; i++) {
+        r = add_attention(p, i);
+        if (r < 0)
+            return r;
+        if (i < d->first_dense) {
+            snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp", i);
+            r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->dense_ffn);
+        } else {
+            r = add_moe(p, i);
+        }
+        if (r < 0)
+            return r;
+        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.input_layernorm.weight", i);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.post_attention_layernorm.weight", i);
+    }
+    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+        /* A few tensors of the multi-token-prediction layer, as V3 ships them
+         * at index num_hidden_layers; loaders must ignore them. */
+        ADD(dt, INIT_NOISE, 0.02f, d->H, 2 * (int64_t)d->H, "model.layers.%d.eh_proj.weight", d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.enorm.weight", d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.hnorm.weight", d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.shared_head.norm.weight", d->L);
+    }
+    ADD(dt, INIT_ONES, 0, d->H, -1, "model.norm.weight");
+    ADD(dt, INIT_NOISE, 0.02f, GEN_VOCAB, d->H, "lm_head.weight");
+    return 0;
+}
+
+/* Tensors per layer, bounded before the plan is built. */
+static uint64_t tensor_estimate(const struct gdims *d)
+{
+    return (uint64_t)(d->L + 1) * (3 * (uint64_t)d->E + 24) + 8;
+}
+
+/*
+ * Shards: tensors in model order, a new shard starting where the running
+ * total passes the next k/N of the bytes (at a tensor's midpoint), with at
+ * least one tensor per shard.
+ */
+static void assign_shards(struct gplan *p)
+{
+    int N = p->d.n_shards, cur = 0;
+    size_t in_cur = 0;
+    double before = 0, total = (double)p->total_bytes;
+
+    for (size_t i = 0; i < p->n; i++) {
+        struct gtensor *t = &p->t[i];
+
+        if (in_cur > 0 && cur < N - 1 &&
+            (before + (double)t->nbytes / 2 > total * (cur + 1) / N ||
+             p->n - i <= (size_t)(N - 1 - cur))) {
+            cur++;
+            in_cur = 0;
+        }
+        t->shard = cur;
+        in_cur++;
+        before += (double)t->nbytes;
+    }
+}
+
+/* The reference writer's dtype order (its Dtype enum), for sorting. */
+static int dtype_rank(enum moe_dtype t)
+{
+    static const int rank[MOE_DTYPE_COUNT] = {
+        [MOE_DTYPE_BOOL] = 0,    [MOE_DTYPE_U8] = 1,      [MOE_DTYPE_I8] = 2,
+        [MOE_DTYPE_F8_E5M2] = 3, [MOE_DTYPE_F8_E4M3] = 4, [MOE_DTYPE_I16] = 5,
+        [MOE_DTYPE_U16] = 6,     [MOE_DTYPE_F16] = 7,     [MOE_DTYPE_BF16] = 8,
+        [MOE_DTYPE_I32] = 9,     [MOE_DTYPE_U32] = 10,    [MOE_DTYPE_F32] = 11,
+        [MOE_DTYPE_F64] = 12,    [MOE_DTYPE_I64] = 13,    [MOE_DTYPE_U64] = 14,
+    };
+
+    return rank[t];
+}
+
+static int cmp_file_order(const void *a, const void *b)
+{
+    const struct gtensor *x = *(const struct gtensor *const *)a;
+    const struct gtensor *y = *(const struct gtensor *const *)b;
+    int rx = dtype_rank(x->dtype), ry = dtype_rank(y->dtype);
+
+    if (rx != ry)
+        return rx > ry ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* ---- files ---------------------------------------------------------------- */
+
+static int mkdir_p(const char *path, struct moe_error *err)
+{
+    char *p = strdup(path);
+    struct stat st;
+    int r = 0;
+
+    if (!p)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (char *s = p + 1;; s++) {
+        char c = *s;
+
+        if (c != '/' && c != 0)
+            continue;
+        *s = 0;
+        if (mkdir(p, 0755) < 0 && errno != EEXIST) {
+            r = -errno;
+            moe_error_set(err, r, "cannot create directory '%s': %s", p, strerror(-r));
+            break;
+        }
+        *s = c;
+        if (c == 0)
+            break;
+    }
+    if (r == 0 && (stat(path, &st) < 0 || !S_ISDIR(st.st_mode)))
+        r = moe_error_set(err, -ENOTDIR, "'%s' is not a directory", path);
+    free(p);
+    return r;
+}
+
+static bool is_checkpoint_file(const char *n)
+{
+    size_t len = strlen(n), sl = strlen(".safetensors");
+
+    if (strcmp(n, "model.safetensors.index.json") == 0)
+        return true;
+    return strncmp(n, "model", 5) == 0 && len >= 5 + sl &&
+           strcmp(n + len - sl, ".safetensors") == 0;
+}
+
+/* Removes model*.safetensors and the index (another sharding's leftovers). */
+static int remove_checkpoint_files(const char *dir, struct moe_error *err)
+{
+    DIR *dp = opendir(dir);
+    struct dirent *e;
+    int r = 0;
+
+    if (!dp)
+        return moe_error_set(err, -errno, "cannot list '%s': %s", dir, strerror(errno));
+    while ((e = readdir(dp))) {
+        if (!is_checkpoint_file(e->d_name))
+            continue;
+        if (unlinkat(dirfd(dp), e->d_name, 0) < 0 && errno != ENOENT) {
+            r = -errno;
+            moe_error_set(err, r, "cannot remove '%s/%s': %s", dir, e->d_name, strerror(-r));
+            break;
+        }
+    }
+    closedir(dp);
+    return r;
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+    char *s;
+
+    if (asprintf(&s, "%s/%s", dir, name) < 0)
+        return NULL;
+    return s;
+}
+
+/* Writes text (plus a newline) to dir/name. */
+static int write_text(const char *dir, const char *name, const char *text, struct moe_error *err)
+{
+    char *path = path_join(dir, name);
+    FILE *f;
+    int r = 0;
+
+    if (!path)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    f = fopen(path, "we");
+    if (!f) {
+        r = -errno;
+        moe_error_set(err, r, "cannot create '%s': %s", path, strerror(-r));
+        goto out;
+    }
+    if (fputs(text, f) < 0 || fputc('\n', f) == EOF)
+        r = -(errno ? errno : EIO);
+    if (fclose(f) != 0 && r == 0)
+        r = -(errno ? errno : EIO);
+    if (r < 0) {
+        moe_error_set(err, r, "writing '%s': %s", path, strerror(-r));
+        unlink(path);
+    }
+out:
+    free(path);
+    return r;
+}
+
+/* json_object_set_new that records a failure in *bad. */
+static void jset(json_t *o, const char *key, json_t *v, bool *bad)
+{
+    if (!v || json_object_set_new(o, key, v) < 0)
+        *bad = true;
+}
+
+static const char *torch_dtype(enum moe_dtype t)
+{
+    return t == MOE_DTYPE_BF16 ? "bfloat16" : t == MOE_DTYPE_F16 ? "float16" : "float32";
+}
+
+static json_t *config_json(const struct gdims *d)
+{
+    json_t *c = json_object(), *arr = json_array();
+    bool bad = !c || !arr;
+    bool ds = d->arch == MOE_ARCH_DEEPSEEK_V3;
+
+    if (bad)
+        goto out;
+    if (json_array_append_new(arr, json_string(arch_class[d->arch])) < 0)
+        bad = true;
+    jset(c, "architectures", arr, &bad);
+    arr = NULL;
+    jset(c, "model_type", json_string(arch_type[d->arch]), &bad);
+    jset(c, "torch_dtype", json_string(torch_dtype(d->dtype)), &bad);
+    jset(c, "hidden_size", json_integer(d->H), &bad);
+    jset(c, "num_hidden_layers", json_integer(d->L), &bad);
+    jset(c, "num_attention_heads", json_integer(d->n_heads), &bad);
+    jset(c, "num_key_value_heads", json_integer(d->n_kv), &bad);
+    jset(c, "vocab_size", json_integer(GEN_VOCAB), &bad);
+    jset(c, "max_position_embeddings", json_integer(4096), &bad);
+    jset(c, "tie_word_embeddings", json_false(), &bad);
+    jset(c, "hidden_act", json_string("silu"), &bad);
+    jset(c, "initializer_range", json_real(0.02), &bad);
+    jset(c, "use_cache", json_true(), &bad);
+    jset(c, "attention_dropout", json_real(0.0), &bad);
+    jset(c, "bos_token_id", json_integer(1), &bad);
+    jset(c, "eos_token_id", json_integer(2), &bad);
+    jset(c, "num_experts_per_tok", json_integer(d->K), &bad);
+    jset(c, "output_router_logits", json_false(), &bad);
+    if (!ds && (d->arch == MOE_ARCH_MIXTRAL || d->arch == MOE_ARCH_QWEN3_MOE ||
+                d->n_heads * d->head_dim != d->H))
+        jset(c, "head_dim", json_integer(d->head_dim), &bad);
+
+    switch (d->arch) {
+    case MOE_ARCH_MIXTRAL:
+        jset(c, "intermediate_size", json_integer(d->F), &bad);
+        jset(c, "num_local_experts", json_integer(d->E), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-5), &bad);
+        jset(c, "rope_theta", json_real(1e6), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.02), &bad);
+        jset(c, "router_jitter_noise", json_real(0.0), &bad);
+        jset(c, "sliding_window", json_null(), &bad);
+        break;
+    case MOE_ARCH_QWEN2_MOE:
+    case MOE_ARCH_QWEN3_MOE:
+        jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
+        jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
+        jset(c, "num_experts", json_integer(d->E), &bad);
+        jset(c, "decoder_sparse_step", json_integer(1), &bad);
+        jset(c, "mlp_only_layers", json_array(), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-6), &bad);
+        jset(c, "rope_theta", json_real(1e6), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.001), &bad);
+        jset(c, "use_sliding_window", json_false(), &bad);
+        jset(c, "sliding_window", json_null(), &bad);
+        jset(c, "max_window_layers", json_integer(d->L), &bad);
+        if (d->arch == MOE_ARCH_QWEN2_MOE) {
+            jset(c, "shared_expert_intermediate_size", json_integer(d->shared_ffn), &bad);
+            jset(c, "norm_topk_prob", json_false(), &bad);
+        } else {
+            jset(c, "norm_topk_prob", json_true(), &bad);
+            jset(c, "attention_bias", json_false(), &bad);
+        }
+        break;
+    case MOE_ARCH_OLMOE:
+        jset(c, "intermediate_size", json_integer(d->F), &bad);
+        jset(c, "num_experts", json_integer(d->E), &bad);
+        jset(c, "norm_topk_prob", json_false(), &bad);
+        jset(c, "attention_bias", json_false(), &bad);
+        jset(c, "clip_qkv", json_null(), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-5), &bad);
+        jset(c, "rope_theta", json_real(1e4), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.01), &bad);
+        jset(c, "pad_token_id", json_integer(1), &bad);
+        break;
+    case MOE_ARCH_DEEPSEEK_V3:
+    default:
+        jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
+        jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
+        jset(c, "n_routed_experts", json_integer(d->E), &bad);
+        jset(c, "n_shared_experts", json_integer(d->n_shared), &bad);
+        jset(c, "n_group", json_integer(d->n_group), &bad);
+        jset(c, "topk_group", json_integer(d->topk_group), &bad);
+        jset(c, "norm_topk_prob", json_true(), &bad);
+        jset(c, "routed_scaling_factor", json_real(2.5), &bad);
+        jset(c, "scoring_func", json_string("sigmoid"), &bad);
+        jset(c, "topk_method", json_string("noaux_tc"), &bad);
+        jset(c, "first_k_dense_replace", json_integer(d->first_dense), &bad);
+        jset(c, "moe_layer_freq", json_integer(1), &bad);
+        jset(c, "num_nextn_predict_layers", json_integer(1), &bad);
+        jset(c, "ep_size", json_integer(1), &bad);
+        jset(c, "q_lora_rank", json_integer(DS_Q_LORA), &bad);
+        jset(c, "kv_lora_rank", json_integer(DS_KV_LORA), &bad);
+        jset(c, "qk_rope_head_dim", json_integer(DS_ROPE_DIM), &bad);
+        jset(c, "qk_nope_head_dim", json_integer(DS_NOPE_DIM), &bad);
+        jset(c, "v_head_dim", json_integer(DS_V_DIM), &bad);
+        jset(c, "attention_bias", json_false(), &bad);
+        jset(c, "rope_scaling", json_null(), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-6), &bad);
+        jset(c, "rope_theta", json_real(1e4), &bad);
+        jset(c, "aux_loss_alpha", json_real(0.001), &bad);
+        jset(c, "seq_aux", json_true(), &bad);
+        break;
+    }
+out:
+    json_decref(arr);
+    if (bad) {
+        json_decref(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Dumps j (sorted keys, 2-space indent, as transformers) to dir/name; j
+ * (NULL: out of memory) stays the caller's. */
+static int write_json(const char *dir, const char *name, json_t *j, struct moe_error *err)
+{
+    char *text;
+    int r;
+
+    if (!j)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(10));
+    if (!text)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    r = write_text(dir, name, text, err);
+    free(text);
+    return r;
+}
+
+static void shard_name(const struct gdims *d, int i, char *buf, size_t len)
+{
+    if (d->n_shards == 1)
+        snprintf(buf, len, "model.safetensors");
+    else
+        snprintf(buf, len, "model-%05d-of-%05d.safetensors", i + 1, d->n_shards);
+}
+
+static int write_index(const char *dir, const struct gplan *p, struct moe_error *err)
+{
+    json_t *root = json_object(), *meta = json_object(), *map = json_object();
+    char name[64];
+    bool bad = !root || !meta || !map;
+    int r;
+
+    for (size_t i = 0; !bad && i < p->n; i++) {
+        shard_name(&p->d, p->t[i].shard, name, sizeof(name));
+        jset(map, p->t[i].name, json_string(name), &bad);
+    }
+    jset(meta, "total_size", json_integer((json_int_t)p->total_bytes), &bad);
+    if (!bad) {
+        jset(root, "metadata", meta, &bad);
+        meta = NULL;
+        jset(root, "weight_map", map, &bad);
+        map = NULL;
+    }
+    r = bad ? moe_error_set(err, -ENOMEM, "out of memory")
+            : write_json(dir, "model.safetensors.index.json", root, err);
+    json_decref(meta);
+    json_decref(map);
+    json_decref(root);
+    return r;
+}
+
+static int write_shard(const char *dir, const struct gplan *p, int shard, struct gen_buf *b,
+                       struct moe_error *err)
+{
+    struct moe_st_writer *w = NULL;
+    const struct gtensor **list = NULL;
+    char name[64], *path;
+    size_t n = 0;
+    int r;
+
+    shard_name(&p->d, shard, name, sizeof(name));
+    path = path_join(dir, name);
+    if (!path)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; i < p->n; i++)
+        n += p->t[i].shard == shard;
+    list = calloc(MOE_MAX(n, 1), sizeof(*list));
+    if (!list) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    n = 0;
+    for (size_t i = 0; i < p->n; i++)
+        if (p->t[i].shard == shard)
+            list[n++] = &p->t[i];
+    qsort(list, n, sizeof(*list), cmp_file_order);
+
+    r = moe_st_writer_init(path, &w, err);
+    if (r < 0)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        const struct gtensor *t = list[i];
+
+        r = moe_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, err);
+        if (r < 0)
+            goto out;
+    }
+    r = moe_st_writer_begin(w, err);
+    for (size_t i = 0; r == 0 && i < n; i++)
+        r = write_tensor(w, list[i], p->d.seed, b, err);
+    if (r == 0)
+        r = moe_st_writer_finish(w, err);
+out:
+    moe_st_writer_free(w);
+    free(list);
+    free(path);
+    return r;
+}
+
+/* Refuses a checkpoint that cannot fit in the free space of dir. */
+static int check_space(const char *dir, const struct gplan *p, struct moe_error *err)
+{
+    struct statvfs sv;
+    uint64_t avail, need;
+
+    if (statvfs(dir, &sv) < 0)
+        return 0; /* unknown: let the writes tell */
+    avail = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+    /* Data plus headers (~128 bytes of JSON per tensor) and config. */
+    need = p->total_bytes + (uint64_t)p->n * 128 + 65536;
+    if (need > avail)
+        return moe_error_set(err, -ENOSPC,
+                             "the checkpoint needs %.2f GB but '%s' has %.2f GB free; use "
+                             "smaller sizes",
+                             (double)need / 1e9, dir, (double)avail / 1e9);
+    return 0;
+}
+
+int moe_genmodel_write(const struct moe_genmodel_opts *o, struct moe_error *err)
+{
+    struct gplan p = {0};
+    struct gen_buf b = {0};
+    json_t *cfg;
+    int files_total, files_done = 0, r;
+
+    if (!o->out_dir || !*o->out_dir)
+        return moe_error_set(err, -EINVAL, "no output directory");
+    r = resolve_dims(o, &p.d, err);
+    if (r < 0)
+        return r;
+    if (tensor_estimate(&p.d) > GEN_MAX_TENSORS)
+        return moe_error_set(err, -EINVAL,
+                             "%d layers of %d experts make over %u tensors: use fewer", p.d.L,
+                             p.d.E, GEN_MAX_TENSORS);
+    r = build_plan(&p);
+    if (r < 0) {
+        moe_error_set(err, r, "cannot plan the checkpoint: %s", strerror(-r));
+        goto out;
+    }
+    if ((size_t)p.d.n_shards > p.n) {
+        r = moe_error_set(err, -EINVAL, "%d shards but only %zu tensors", p.d.n_shards, p.n);
+        goto out;
+    }
+    assign_shards(&p);
+
+    b.vals = malloc(GEN_CHUNK * sizeof(float));
+    b.bytes = malloc(GEN_CHUNK * sizeof(float));
+    if (!b.vals || !b.bytes) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    r = mkdir_p(o->out_dir, err);
+    if (r < 0)
+        goto out;
+    r = remove_checkpoint_files(o->out_dir, err);
+    if (r < 0)
+        goto out;
+    r = check_space(o->out_dir, &p, err);
+    if (r < 0)
+        goto out;
+
+    files_total = 1 + p.d.n_shards + (p.d.n_shards > 1);
+    cfg = config_json(&p.d);
+    r = write_json(o->out_dir, "config.json", cfg, err);
+    json_decref(cfg);
+    if (r < 0)
+        goto out;
+    if (o->progress)
+        o->progress(o->progress_ctx, ++files_done, files_total);
+    for (int s = 0; s < p.d.n_shards; s++) {
+        r = write_shard(o->out_dir, &p, s, &b, err);
+        if (r < 0)
+            goto out_remove;
+        if (o->progress)
+            o->progress(o->progress_ctx, ++files_done, files_total);
+    }
+    if (p.d.n_shards > 1) {
+        r = write_index(o->out_dir, &p, err);
+        if (r < 0)
+            goto out_remove;
+        if (o->progress)
+            o->progress(o->progress_ctx, ++files_done, files_total);
+    }
+    goto out;
+out_remove:
+    /* Leave no partial checkpoint: the loader would refuse it anyway. */
+    remove_checkpoint_files(o->out_dir, NULL);
+out:
+    free(b.vals);
+    free(b.bytes);
+    free(p.t);
+    return r;
+}
