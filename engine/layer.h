@@ -26,11 +26,11 @@ struct moe_engine;
 
 /* What one forward did. */
 struct moe_forward_stats {
-    uint64_t route_ns;             /* router matmul + selection */
-    uint64_t load_ns;              /* reading expert weights */
-    uint64_t compute_ns;           /* grouped FFN + shared experts */
-    int experts_used;              /* distinct routed experts */
-    uint64_t bytes_read;           /* expert bytes read from the checkpoint */
+    uint64_t route_ns;   /* router matmul + selection */
+    uint64_t load_ns;    /* reading expert weights */
+    uint64_t compute_ns; /* grouped FFN + shared experts */
+    int experts_used;    /* distinct routed experts */
+    uint64_t bytes_read; /* expert bytes read from the checkpoint */
 };
 
 /* The engine does not own m or b; both must outlive it. */
@@ -46,8 +46,7 @@ void moe_engine_free(struct moe_engine *e);
  * -ENOMEM.
  */
 int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                      const int32_t *ids_in, const float *weights_in, float *out,
-                      int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
-                      struct moe_error *err);
+                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
+                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err);
 
 #endif

@@ -1,0 +1,522 @@
+/*
+ * One MoE layer's forward pass in process (see layer.h).
+ *
+ * Owns: per layer, the router weight (backend memory), the selection bias
+ * as fp32, the shared expert(s) and the qwen2_moe shared-expert gate, read
+ * once on the layer's first use and kept for the engine's lifetime.  Routed
+ * experts are read from the checkpoint for each call and freed after it.
+ *
+ * Lock: e->lock serialises forwards on one engine (the layer table and the
+ * backend's scratch memory are shared between calls).
+ */
+#include "layer.h"
+
+#include "backend.h"
+#include "dtype.h"
+#include "model.h"
+#include "router.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* What is kept of one MoE layer after its first use. */
+struct layer_state {
+    bool loaded;
+    void *router;     /* [n_experts, hidden], backend memory */
+    float *bias;      /* [n_experts] fp32, host, or NULL */
+    void *shared_buf; /* shared expert gate|up|down, backend memory */
+    struct moe_expert_weights shared;
+    void *shared_gate; /* [1, hidden], backend memory, or NULL */
+};
+
+struct moe_engine {
+    struct moe_model *m;
+    struct moe_backend *b;
+    pthread_mutex_t lock;
+    struct layer_state *layers; /* [n_layers]; guarded by lock */
+};
+
+static void layer_unload(struct moe_engine *e, struct layer_state *ls);
+
+int moe_engine_init(struct moe_model *m, struct moe_backend *b, struct moe_engine **ret)
+{
+    struct moe_engine *e = calloc(1, sizeof(*e));
+
+    if (!e)
+        return -ENOMEM;
+    e->layers = calloc((size_t)m->cfg.n_layers, sizeof(*e->layers));
+    if (!e->layers) {
+        free(e);
+        return -ENOMEM;
+    }
+    e->m = m;
+    e->b = b;
+    pthread_mutex_init(&e->lock, NULL);
+    *ret = e;
+    return 0;
+}
+
+void moe_engine_free(struct moe_engine *e)
+{
+    if (!e)
+        return;
+    for (int i = 0; i < e->m->cfg.n_layers; i++)
+        layer_unload(e, &e->layers[i]);
+    pthread_mutex_destroy(&e->lock);
+    free(e->layers);
+    free(e);
+}
+
+/*
+ * Reads the tensors in refs[] (n of them) back to back into one block of
+ * backend memory, staging through host memory when the backend's memory is
+ * not host memory.  Returns the block in *ret and the address of each
+ * tensor in ptrs[].
+ */
+static int read_tensors(struct moe_engine *e, const struct moe_tensor_ref *const *refs, int n,
+                        void **ret, void **ptrs, struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    size_t total = 0, off[8];
+    uint8_t *dst, *host;
+    int r;
+
+    for (int i = 0; i < n; i++) {
+        off[i] = total;
+        /* Keep each tensor 64-byte aligned for the vector kernels. */
+        total += (refs[i]->nbytes + 63) & ~(uint64_t)63;
+    }
+    dst = b->ops->alloc(b, total);
+    if (!dst)
+        return moe_error_set(err, -ENOMEM, "out of memory reading %zu bytes of weights", total);
+    host = b->ops->host_memory ? dst : moe_alloc_aligned(total);
+    if (!host) {
+        b->ops->mem_free(b, dst);
+        return moe_error_set(err, -ENOMEM, "out of memory staging %zu bytes of weights", total);
+    }
+    for (int i = 0; i < n; i++) {
+        r = moe_model_read(e->m, refs[i], host + off[i], err);
+        if (r < 0)
+            goto fail;
+        ptrs[i] = dst + off[i];
+    }
+    if (host != dst) {
+        r = b->ops->copy_in(b, dst, host, total);
+        if (r < 0) {
+            moe_error_set(err, r, "copying %zu bytes of weights to the %s backend failed", total,
+                          b->ops->name);
+            goto fail;
+        }
+        moe_free_aligned(host);
+    }
+    *ret = dst;
+    return 0;
+fail:
+    if (host != dst)
+        moe_free_aligned(host);
+    b->ops->mem_free(b, dst);
+    return r;
+}
+
+static void expert_weights(const struct moe_expert_ref *x, void *const *ptrs,
+                           struct moe_expert_weights *w)
+{
+    w->dtype = x->gate.dtype;
+    w->hidden = x->gate.cols;
+    w->ffn = x->gate.rows;
+    w->gate = ptrs[0];
+    w->up = ptrs[1];
+    w->down = ptrs[2];
+}
+
+static int read_expert(struct moe_engine *e, const struct moe_expert_ref *x, void **ret,
+                       struct moe_expert_weights *w, struct moe_error *err)
+{
+    const struct moe_tensor_ref *refs[3] = {&x->gate, &x->up, &x->down};
+    void *ptrs[3];
+    int r = read_tensors(e, refs, 3, ret, ptrs, err);
+
+    if (r < 0)
+        return r;
+    expert_weights(x, ptrs, w);
+    return 0;
+}
+
+/* Converts a 1-D tensor of a compute dtype to fp32. */
+static int read_vector_f32(struct moe_engine *e, const struct moe_tensor_ref *t, float **ret,
+                           struct moe_error *err)
+{
+    size_t n = (size_t)(t->rows * t->cols);
+    size_t esz = moe_dtype_size(t->dtype);
+    uint8_t *raw = malloc(t->nbytes ? t->nbytes : 1);
+    float *v = malloc(n * sizeof(float));
+    int r;
+
+    if (!raw || !v) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    r = moe_model_read(e->m, t, raw, err);
+    if (r < 0)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *p = raw + i * esz;
+        uint16_t h;
+
+        switch (t->dtype) {
+        case MOE_DTYPE_F32:
+            memcpy(&v[i], p, 4);
+            break;
+        case MOE_DTYPE_F16:
+            memcpy(&h, p, 2);
+            v[i] = moe_f16_to_f32(h);
+            break;
+        default:
+            memcpy(&h, p, 2);
+            v[i] = moe_bf16_to_f32(h);
+            break;
+        }
+    }
+    *ret = v;
+    v = NULL;
+out:
+    free(raw);
+    free(v);
+    return r;
+}
+
+static void layer_unload(struct moe_engine *e, struct layer_state *ls)
+{
+    e->b->ops->mem_free(e->b, ls->router);
+    e->b->ops->mem_free(e->b, ls->shared_buf);
+    e->b->ops->mem_free(e->b, ls->shared_gate);
+    free(ls->bias);
+    memset(ls, 0, sizeof(*ls));
+}
+
+static int layer_load(struct moe_engine *e, int layer, struct moe_error *err)
+{
+    const struct moe_layer *L = &e->m->layers[layer];
+    struct layer_state *ls = &e->layers[layer];
+    const struct moe_tensor_ref *refs[1];
+    void *ptrs[1];
+    int r;
+
+    if (ls->loaded)
+        return 0;
+    refs[0] = &L->router;
+    r = read_tensors(e, refs, 1, &ls->router, ptrs, err);
+    if (r == 0 && L->has_bias)
+        r = read_vector_f32(e, &L->bias, &ls->bias, err);
+    if (r == 0 && L->has_shared)
+        r = read_expert(e, &L->shared, &ls->shared_buf, &ls->shared, err);
+    if (r == 0 && L->has_shared_gate) {
+        refs[0] = &L->shared_gate;
+        r = read_tensors(e, refs, 1, &ls->shared_gate, ptrs, err);
+    }
+    if (r < 0) {
+        /* Nothing half-loaded survives: the next call starts over. */
+        layer_unload(e, ls);
+        moe_error_prefix(err, "layer %d", layer);
+        return r;
+    }
+    ls->loaded = true;
+    return 0;
+}
+
+static int check_input(const float *x, int n_tokens, int hidden, struct moe_error *err)
+{
+    for (int t = 0; t < n_tokens; t++) {
+        for (int c = 0; c < hidden; c++) {
+            if (!isfinite(x[(size_t)t * hidden + c]))
+                return moe_error_set(err, -EINVAL,
+                                     "input token %d, element %d is %s: hidden states must be "
+                                     "finite",
+                                     t, c, isnan(x[(size_t)t * hidden + c]) ? "NaN" : "infinite");
+        }
+    }
+    return 0;
+}
+
+/* Everything one forward allocates, freed together. */
+struct fwd_scratch {
+    float *logits;                /* [n_tokens, n_experts] */
+    int32_t *ids;                 /* [n_tokens, top_k] */
+    float *weights;               /* [n_tokens, top_k] */
+    int32_t *count;               /* [n_experts + 1]: tokens per expert, then offsets */
+    int32_t *tokens;              /* [n_tokens * top_k] grouped by expert */
+    float *scales;                /* [n_tokens * top_k] */
+    void **bufs;                  /* [n_experts] weight blocks of the used experts */
+    struct moe_expert_weights *w; /* [n_experts + 1] */
+    struct moe_ffn_work *work;    /* [n_experts + 1] */
+    int32_t *all_tokens;          /* [n_tokens]: 0..n_tokens-1 for shared experts */
+    float *shared_scale;          /* [n_tokens] */
+    float *xb;                    /* input in backend memory (NULL: host memory backend) */
+    float *outb;                  /* output in backend memory */
+};
+
+static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_experts)
+{
+    struct moe_backend *b = e->b;
+
+    if (s->bufs) {
+        for (int i = 0; i < n_experts; i++)
+            b->ops->mem_free(b, s->bufs[i]);
+    }
+    free(s->logits);
+    free(s->ids);
+    free(s->weights);
+    free(s->count);
+    free(s->tokens);
+    free(s->scales);
+    free(s->bufs);
+    free(s->w);
+    free(s->work);
+    free(s->all_tokens);
+    free(s->shared_scale);
+    b->ops->mem_free(b, s->xb);
+    b->ops->mem_free(b, s->outb);
+}
+
+static int forward_locked(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                          const int32_t *ids_in, const float *weights_in, float *out,
+                          int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
+                          struct moe_error *err)
+{
+    const struct moe_model *m = e->m;
+    const struct moe_model_config *c = &m->cfg;
+    const struct moe_layer *L = &m->layers[layer];
+    struct layer_state *ls = &e->layers[layer];
+    struct moe_backend *b = e->b;
+    const int E = c->n_experts, K = c->top_k, H = c->hidden;
+    const size_t TK = (size_t)n_tokens * (size_t)K, xbytes = (size_t)n_tokens * H * sizeof(float);
+    struct fwd_scratch s = {0};
+    struct moe_router_params rp;
+    const float *xc = x;
+    float *oc = out;
+    uint64_t t0, t1, t2;
+    int n_work = 0, r;
+
+    t0 = moe_now_ns();
+    r = layer_load(e, layer, err);
+    if (r < 0)
+        return r;
+
+    s.ids = malloc(TK * sizeof(*s.ids));
+    s.weights = malloc(TK * sizeof(*s.weights));
+    s.count = calloc((size_t)E + 1, sizeof(*s.count));
+    s.tokens = malloc(TK * sizeof(*s.tokens));
+    s.scales = malloc(TK * sizeof(*s.scales));
+    s.bufs = calloc((size_t)E, sizeof(*s.bufs));
+    s.w = calloc((size_t)E + 1, sizeof(*s.w));
+    s.work = calloc((size_t)E + 1, sizeof(*s.work));
+    if (!s.ids || !s.weights || !s.count || !s.tokens || !s.scales || !s.bufs || !s.w || !s.work) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", n_tokens);
+        goto out;
+    }
+    if (!b->ops->host_memory) {
+        s.xb = b->ops->alloc(b, xbytes);
+        s.outb = b->ops->alloc(b, xbytes);
+        if (!s.xb || !s.outb) {
+            r = moe_error_set(err, -ENOMEM, "out of %s backend memory for %d tokens", b->ops->name,
+                              n_tokens);
+            goto out;
+        }
+        r = b->ops->copy_in(b, s.xb, x, xbytes);
+        if (r < 0) {
+            moe_error_set(err, r, "copying the input to the %s backend failed", b->ops->name);
+            goto out;
+        }
+        xc = s.xb;
+        oc = s.outb;
+    }
+
+    /* Routing: the caller's, or the model's router. */
+    if (ids_in) {
+        r = moe_routing_validate(E, K, n_tokens, ids_in, weights_in, err);
+        if (r < 0)
+            goto out;
+        memcpy(s.ids, ids_in, TK * sizeof(*s.ids));
+        memcpy(s.weights, weights_in, TK * sizeof(*s.weights));
+    } else {
+        s.logits = malloc((size_t)n_tokens * E * sizeof(float));
+        if (!s.logits) {
+            r = moe_error_set(err, -ENOMEM, "out of memory for router logits");
+            goto out;
+        }
+        if (b->ops->host_memory) {
+            r = b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, s.logits);
+        } else {
+            float *lb = b->ops->alloc(b, (size_t)n_tokens * E * sizeof(float));
+
+            r = lb ? b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, lb)
+                   : -ENOMEM;
+            if (r == 0)
+                r = b->ops->copy_out(b, s.logits, lb, (size_t)n_tokens * E * sizeof(float));
+            b->ops->mem_free(b, lb);
+        }
+        if (r < 0) {
+            moe_error_set(err, r, "router of layer %d failed on the %s backend", layer,
+                          b->ops->name);
+            goto out;
+        }
+        moe_model_router_params(m, ls->bias, &rp);
+        r = moe_route(&rp, s.logits, n_tokens, s.ids, s.weights, err);
+        if (r < 0) {
+            moe_error_prefix(err, "layer %d", layer);
+            goto out;
+        }
+    }
+    t1 = moe_now_ns();
+
+    /* Group the (token, slot) pairs by expert: a counting sort, so each
+     * expert's tokens stay in ascending order. */
+    for (size_t i = 0; i < TK; i++)
+        s.count[s.ids[i] + 1]++;
+    for (int i = 0; i < E; i++)
+        s.count[i + 1] += s.count[i];
+    {
+        int32_t *fill = calloc((size_t)E, sizeof(*fill));
+
+        if (!fill) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < TK; i++) {
+            int32_t ex = s.ids[i], at = s.count[ex] + fill[ex]++;
+
+            s.tokens[at] = (int32_t)(i / (size_t)K);
+            s.scales[at] = s.weights[i];
+        }
+        free(fill);
+    }
+
+    /* Read the experts this batch uses, in expert order. */
+    for (int ex = 0; ex < E; ex++) {
+        int n = s.count[ex + 1] - s.count[ex];
+
+        if (n == 0)
+            continue;
+        r = read_expert(e, &L->experts[ex], &s.bufs[ex], &s.w[n_work], err);
+        if (r < 0) {
+            moe_error_prefix(err, "layer %d expert %d", layer, ex);
+            goto out;
+        }
+        s.work[n_work].w = &s.w[n_work];
+        s.work[n_work].n_tokens = n;
+        s.work[n_work].tokens = s.tokens + s.count[ex];
+        s.work[n_work].scales = s.scales + s.count[ex];
+        n_work++;
+        if (st)
+            st->bytes_read += L->experts[ex].nbytes;
+    }
+    if (st)
+        st->experts_used = n_work;
+
+    /* Shared experts take every token, scaled by the qwen2_moe gate or 1. */
+    if (L->has_shared) {
+        s.all_tokens = malloc((size_t)n_tokens * sizeof(int32_t));
+        s.shared_scale = malloc((size_t)n_tokens * sizeof(float));
+        if (!s.all_tokens || !s.shared_scale) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (int t = 0; t < n_tokens; t++) {
+            s.all_tokens[t] = t;
+            s.shared_scale[t] = 1.0f;
+        }
+        if (L->has_shared_gate) {
+            /* Scratch for the gate logits: host memory, or the output buffer
+             * of a device backend (zeroed again below). */
+            float *gl = b->ops->host_memory ? s.shared_scale : oc;
+
+            r = b->ops->matmul(b, ls->shared_gate, L->shared_gate.dtype, 1, H, xc, n_tokens, gl);
+            if (r == 0 && gl != s.shared_scale)
+                r = b->ops->copy_out(b, s.shared_scale, gl, (size_t)n_tokens * sizeof(float));
+            if (r < 0) {
+                moe_error_set(err, r, "shared expert gate of layer %d failed", layer);
+                goto out;
+            }
+            for (int t = 0; t < n_tokens; t++)
+                s.shared_scale[t] = 1.0f / (1.0f + expf(-s.shared_scale[t]));
+        }
+        s.work[n_work].w = &ls->shared;
+        s.work[n_work].n_tokens = n_tokens;
+        s.work[n_work].tokens = s.all_tokens;
+        s.work[n_work].scales = s.shared_scale;
+        n_work++;
+    }
+    t2 = moe_now_ns();
+
+    if (b->ops->host_memory) {
+        memset(oc, 0, xbytes);
+    } else {
+        float *zero = calloc(1, xbytes);
+
+        r = zero ? b->ops->copy_in(b, oc, zero, xbytes) : -ENOMEM;
+        free(zero);
+        if (r < 0) {
+            moe_error_set(err, r, "clearing the output on the %s backend failed", b->ops->name);
+            goto out;
+        }
+    }
+    r = b->ops->grouped_ffn(b, xc, H, n_tokens, s.work, n_work, oc);
+    if (r < 0) {
+        moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
+                      b->ops->name);
+        goto out;
+    }
+    if (oc != out) {
+        r = b->ops->copy_out(b, out, oc, xbytes);
+        if (r < 0) {
+            moe_error_set(err, r, "copying the output from the %s backend failed", b->ops->name);
+            goto out;
+        }
+    }
+    if (ret_ids)
+        memcpy(ret_ids, s.ids, TK * sizeof(*s.ids));
+    if (ret_weights)
+        memcpy(ret_weights, s.weights, TK * sizeof(*s.weights));
+    if (st) {
+        st->route_ns = t1 - t0;
+        st->load_ns = t2 - t1;
+        st->compute_ns = moe_now_ns() - t2;
+    }
+out:
+    scratch_free(e, &s, E);
+    return r;
+}
+
+int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
+                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+{
+    const struct moe_model *m = e->m;
+    int r;
+
+    if (st)
+        memset(st, 0, sizeof(*st));
+    if (layer < 0 || layer >= m->cfg.n_layers)
+        return moe_error_set(err, -EINVAL, "layer %d out of range: the model has layers 0 to %d",
+                             layer, m->cfg.n_layers - 1);
+    if (!m->layers[layer].is_moe)
+        return moe_error_set(err, -EINVAL,
+                             "layer %d is a dense layer, not a MoE layer: moed serves only the "
+                             "MoE layers (%d of %d here)",
+                             layer, m->n_moe_layers, m->cfg.n_layers);
+    if (n_tokens < 1 || n_tokens > MOE_MAX_TOKENS)
+        return moe_error_set(err, -EINVAL, "%d tokens: expected 1 to %d", n_tokens, MOE_MAX_TOKENS);
+    if (!ids_in != !weights_in)
+        return moe_error_set(err, -EINVAL, "routing needs both expert ids and weights");
+    r = check_input(x, n_tokens, m->cfg.hidden, err);
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&e->lock);
+    r = forward_locked(e, layer, x, n_tokens, ids_in, weights_in, out, ret_ids, ret_weights, st,
+                       err);
+    pthread_mutex_unlock(&e->lock);
+    return r;
+}

@@ -1,0 +1,180 @@
+"""An independent float64 reference of the MoE layers moed serves.
+
+It reads Hugging Face checkpoints itself (config.json, safetensors headers
+parsed with the json module, tensors with numpy) and implements each family's
+routing rule and the SwiGLU experts in float64, sharing no code with moed.
+Used by the end-to-end tests to check `moectl forward --local`.
+"""
+import json
+import os
+import struct
+
+import numpy as np
+
+
+class Checkpoint:
+    """Tensors of a checkpoint directory, by name, as float64 arrays."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(os.path.join(path, "config.json")) as f:
+            self.cfg = json.load(f)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        self.tensors = {}
+        for name in files:
+            fpath = os.path.join(path, name)
+            with open(fpath, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            for tname, info in header.items():
+                if tname == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self.tensors[tname] = (fpath, info["dtype"], info["shape"], 8 + n + begin, 8 + n + end)
+
+    def has(self, name):
+        return name in self.tensors
+
+    def get(self, name):
+        fpath, dtype, shape, begin, end = self.tensors[name]
+        with open(fpath, "rb") as f:
+            f.seek(begin)
+            raw = f.read(end - begin)
+        if dtype == "BF16":
+            a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dtype == "F16":
+            a = np.frombuffer(raw, dtype="<f2")
+        elif dtype == "F32":
+            a = np.frombuffer(raw, dtype="<f4")
+        else:
+            raise ValueError(f"{name}: dtype {dtype} not handled by the reference")
+        return a.astype(np.float64).reshape(shape)
+
+
+class Family:
+    """The routing rule and tensor names of one model family, from config.json."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        mt = cfg["model_type"]
+        self.model_type = mt
+        self.shared_gate = False
+        self.shared = None
+        self.bias = False
+        self.sigmoid = False
+        self.n_group = self.topk_group = 1
+        self.scale = 1.0
+        self.k = cfg["num_experts_per_tok"]
+        if mt == "mixtral":
+            self.E = cfg["num_local_experts"]
+            self.moe = "block_sparse_moe"
+            self.proj = ("w1", "w3", "w2")
+            self.norm = True
+        elif mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
+            self.E = cfg["num_experts"]
+            self.moe = "mlp"
+            self.proj = ("gate_proj", "up_proj", "down_proj")
+            self.norm = bool(cfg.get("norm_topk_prob", False))
+            if mt == "qwen2_moe" and cfg.get("shared_expert_intermediate_size", 0) > 0:
+                self.shared = "shared_expert"
+                self.shared_gate = True
+        elif mt == "deepseek_v3":
+            self.E = cfg["n_routed_experts"]
+            self.moe = "mlp"
+            self.proj = ("gate_proj", "up_proj", "down_proj")
+            self.norm = bool(cfg.get("norm_topk_prob", True))
+            self.sigmoid = True
+            self.bias = True
+            self.n_group = cfg.get("n_group", 8)
+            self.topk_group = cfg.get("topk_group", 4)
+            self.scale = cfg.get("routed_scaling_factor", 2.5)
+            if (cfg.get("n_shared_experts") or 0) > 0:
+                self.shared = "shared_experts"
+        else:
+            raise ValueError(f"unknown model_type {mt}")
+
+    def is_moe(self, layer):
+        c = self.cfg
+        if self.model_type == "deepseek_v3":
+            return layer >= c.get("first_k_dense_replace", 3) and layer % c.get("moe_layer_freq", 1) == 0
+        if self.model_type in ("qwen2_moe", "qwen3_moe"):
+            return layer not in c.get("mlp_only_layers", []) and (layer + 1) % c.get("decoder_sparse_step", 1) == 0
+        return True
+
+    def prefix(self, layer):
+        return f"model.layers.{layer}.{self.moe}"
+
+    def selection_scores(self, logits, bias):
+        """Scores the top-k is taken over (after group masking), and the scores weights come from."""
+        if not self.sigmoid:
+            z = logits - logits.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
+            return p, p
+        s = 1.0 / (1.0 + np.exp(-logits))
+        c = s + (bias if bias is not None else 0.0)
+        if self.n_group > 1:
+            T = c.shape[0]
+            g = c.reshape(T, self.n_group, -1)
+            top2 = -np.sort(-g, axis=2)[:, :, :2].sum(axis=2)
+            keep = np.argsort(-top2, axis=1, kind="stable")[:, : self.topk_group]
+            mask = np.zeros((T, self.n_group), dtype=bool)
+            np.put_along_axis(mask, keep, True, axis=1)
+            c = np.where(np.repeat(mask, self.E // self.n_group, axis=1), c, -np.inf)
+        return c, s
+
+    def weights_for(self, ids, weight_scores):
+        w = np.take_along_axis(weight_scores, ids, axis=1)
+        if self.norm and (not self.sigmoid or self.k > 1):
+            w = w / (w.sum(axis=1, keepdims=True) + (1e-20 if self.sigmoid else 0.0))
+        return w * self.scale
+
+
+def silu(z):
+    return z / (1.0 + np.exp(-z))
+
+
+def expert(x, gate, up, down):
+    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def layer_reference(ck, fam, layer, x, ids=None):
+    """Routes x (unless ids are given) and returns (ids, weights, y, sel)."""
+    p = fam.prefix(layer)
+    x = x.astype(np.float64)
+    logits = x @ ck.get(f"{p}.gate.weight").T
+    bias = ck.get(f"{p}.gate.e_score_correction_bias") if fam.bias else None
+    sel, ws = fam.selection_scores(logits, bias)
+    if ids is None:
+        ids = np.argsort(-sel, axis=1, kind="stable")[:, : fam.k]
+    w = fam.weights_for(ids, ws)
+    y = routed_output(ck, fam, layer, x, ids, w)
+    return ids, w, y, sel
+
+
+def routed_output(ck, fam, layer, x, ids, w):
+    p = fam.prefix(layer)
+    x = x.astype(np.float64)
+    y = np.zeros_like(x)
+    g, u, d = fam.proj
+    for e in np.unique(ids):
+        rows, slot = np.nonzero(ids == e)
+        W = [ck.get(f"{p}.experts.{e}.{n}.weight") for n in (g, u, d)]
+        y[rows] += w[rows, slot][:, None] * expert(x[rows], *W)
+    if fam.shared:
+        W = [ck.get(f"{p}.{fam.shared}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
+        s = expert(x, *W)
+        if fam.shared_gate:
+            gl = x @ ck.get(f"{p}.shared_expert_gate.weight").T
+            s *= 1.0 / (1.0 + np.exp(-gl))
+        y += s
+    return y
+
+
+def rel_l2(got, ref):
+    return float(np.linalg.norm(got.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-300))

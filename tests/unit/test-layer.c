@@ -1,0 +1,345 @@
+/*
+ * The in-process layer forward (engine/layer.c): answers on generated
+ * models checked against an fp64 reference computed here from the raw
+ * tensors, identical answers through a backend whose memory is not host
+ * memory (the path a GPU backend takes), caller routing, and errors: dense
+ * layer, layer out of range, bad token count, NaN input, bad routing, a
+ * checkpoint truncated after it was opened.
+ */
+#include "backend.h"
+#include "dtype.h"
+#include "genmodel.h"
+#include "layer.h"
+#include "model.h"
+#include "tests.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+/* A backend that keeps its memory apart and insists on copy_in/copy_out,
+ * computing with the CPU backend underneath. */
+struct staging {
+    struct moe_backend self;
+    struct moe_backend *cpu;
+    int copies_in;
+};
+
+static void st_free(struct moe_backend *b)
+{
+    struct staging *s = (struct staging *)b;
+
+    moe_backend_free(s->cpu);
+    free(s);
+}
+
+static void *st_alloc(struct moe_backend *b, size_t n)
+{
+    (void)b;
+    return moe_alloc_aligned(n);
+}
+
+static void st_mem_free(struct moe_backend *b, void *p)
+{
+    (void)b;
+    moe_free_aligned(p);
+}
+
+static int st_copy_in(struct moe_backend *b, void *dst, const void *src, size_t n)
+{
+    ((struct staging *)b)->copies_in++;
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static int st_copy_out(struct moe_backend *b, void *dst, const void *src, size_t n)
+{
+    (void)b;
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static int st_matmul(struct moe_backend *b, const void *w, enum moe_dtype dt, int64_t rows,
+                     int64_t cols, const float *x, int n, float *y)
+{
+    struct moe_backend *cpu = ((struct staging *)b)->cpu;
+
+    return cpu->ops->matmul(cpu, w, dt, rows, cols, x, n, y);
+}
+
+static int st_ffn(struct moe_backend *b, const float *x, int64_t h, int n,
+                  const struct moe_ffn_work *work, int n_work, float *out)
+{
+    struct moe_backend *cpu = ((struct staging *)b)->cpu;
+
+    return cpu->ops->grouped_ffn(cpu, x, h, n, work, n_work, out);
+}
+
+static const struct moe_backend_ops staging_ops = {
+    .name = "staging",
+    .host_memory = false,
+    .free = st_free,
+    .alloc = st_alloc,
+    .mem_free = st_mem_free,
+    .copy_in = st_copy_in,
+    .copy_out = st_copy_out,
+    .matmul = st_matmul,
+    .grouped_ffn = st_ffn,
+};
+
+static struct staging *staging_new(void)
+{
+    struct staging *s = calloc(1, sizeof(*s));
+    struct moe_cpu_config cfg = {.n_threads = 2};
+
+    ASSERT_TRUE(s);
+    ASSERT_EQ(moe_backend_cpu_init(&cfg, &s->cpu, NULL), 0);
+    s->self.ops = &staging_ops;
+    return s;
+}
+
+/* Reads a tensor and widens it to double. */
+static double *tensor_f64(const struct moe_model *m, const struct moe_tensor_ref *t)
+{
+    size_t n = (size_t)(t->rows * t->cols), es = moe_dtype_size(t->dtype);
+    uint8_t *raw = malloc(t->nbytes);
+    double *v = malloc(n * sizeof(double));
+
+    ASSERT_TRUE(raw && v);
+    ASSERT_EQ(moe_model_read(m, t, raw, NULL), 0);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        float f;
+
+        if (t->dtype == MOE_DTYPE_F32) {
+            memcpy(&f, raw + i * es, 4);
+        } else {
+            memcpy(&h, raw + i * es, 2);
+            f = t->dtype == MOE_DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
+        }
+        v[i] = f;
+    }
+    free(raw);
+    return v;
+}
+
+/* y += s * down(silu(gate x) * up x), all in double. */
+static void expert_ref(const struct moe_model *m, const struct moe_expert_ref *x_ref,
+                       const float *x, double s, double *y)
+{
+    int64_t H = x_ref->gate.cols, F = x_ref->gate.rows;
+    double *g = tensor_f64(m, &x_ref->gate), *u = tensor_f64(m, &x_ref->up);
+    double *d = tensor_f64(m, &x_ref->down), *h = malloc((size_t)F * sizeof(double));
+
+    for (int64_t f = 0; f < F; f++) {
+        double a = 0, b = 0;
+
+        for (int64_t c = 0; c < H; c++) {
+            a += g[f * H + c] * x[c];
+            b += u[f * H + c] * x[c];
+        }
+        h[f] = a / (1.0 + exp(-a)) * b;
+    }
+    for (int64_t r = 0; r < H; r++) {
+        double acc = 0;
+
+        for (int64_t f = 0; f < F; f++)
+            acc += d[r * F + f] * h[f];
+        y[r] += s * acc;
+    }
+    free(g);
+    free(u);
+    free(d);
+    free(h);
+}
+
+/* Reference output for the routing the engine chose (the router itself is
+ * checked by test-router and the end-to-end tests). */
+static void layer_ref(const struct moe_model *m, int layer, const float *x, int T,
+                      const int32_t *ids, const float *w, double *y)
+{
+    const struct moe_layer *L = &m->layers[layer];
+    int H = m->cfg.hidden, K = m->cfg.top_k;
+
+    memset(y, 0, (size_t)T * H * sizeof(double));
+    for (int t = 0; t < T; t++) {
+        for (int j = 0; j < K; j++)
+            expert_ref(m, &L->experts[ids[t * K + j]], x + (size_t)t * H, w[t * K + j],
+                       y + (size_t)t * H);
+        if (L->has_shared) {
+            double s = 1.0;
+
+            if (L->has_shared_gate) {
+                double *g = tensor_f64(m, &L->shared_gate), a = 0;
+
+                for (int c = 0; c < H; c++)
+                    a += g[c] * x[(size_t)t * H + c];
+                s = 1.0 / (1.0 + exp(-a));
+                free(g);
+            }
+            expert_ref(m, &L->shared, x + (size_t)t * H, s, y + (size_t)t * H);
+        }
+    }
+}
+
+static char *make_model(const char *tag, enum moe_arch arch)
+{
+    struct moe_genmodel_opts o;
+    struct moe_error err = {0};
+    char *dir = test_tmpdir(tag);
+
+    moe_genmodel_defaults(arch, &o);
+    o.out_dir = dir;
+    o.hidden = 64;
+    o.ffn = 48;
+    o.seed = 5;
+    if (moe_genmodel_write(&o, &err) != 0)
+        FAIL("gen-model: %s", err.msg);
+    return dir;
+}
+
+static void check_arch(enum moe_arch arch)
+{
+    char *dir = make_model("layer", arch);
+    struct moe_model *m;
+    struct moe_backend *cpu;
+    struct staging *stg = staging_new();
+    struct moe_engine *e1, *e2;
+    struct moe_cpu_config cfg = {0};
+    struct moe_error err = {0};
+    struct moe_forward_stats st;
+    uint64_t seed = 9;
+
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    ASSERT_EQ(moe_backend_cpu_init(&cfg, &cpu, NULL), 0);
+    ASSERT_EQ(moe_engine_init(m, cpu, &e1), 0);
+    ASSERT_EQ(moe_engine_init(m, &stg->self, &e2), 0);
+
+    const int T = 13, H = m->cfg.hidden, K = m->cfg.top_k;
+    float *x = malloc((size_t)T * H * sizeof(float)), *y1 = malloc((size_t)T * H * sizeof(float));
+    float *y2 = malloc((size_t)T * H * sizeof(float)), *w = malloc((size_t)T * K * sizeof(float));
+    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
+    double *ref = malloc((size_t)T * H * sizeof(double));
+
+    for (int i = 0; i < T * H; i++)
+        x[i] = 2.0f * test_rand_f32(&seed);
+    for (int layer = 0; layer < m->cfg.n_layers; layer++) {
+        if (!m->layers[layer].is_moe) {
+            ASSERT_EQ(moe_layer_forward(e1, layer, x, T, NULL, NULL, y1, NULL, NULL, NULL, &err),
+                      -EINVAL);
+            ASSERT_CONTAINS(err.msg, "dense");
+            continue;
+        }
+        ASSERT_EQ(moe_layer_forward(e1, layer, x, T, NULL, NULL, y1, ids, w, &st, &err), 0);
+        ASSERT_TRUE(st.experts_used >= 1 && st.experts_used <= m->cfg.n_experts);
+        ASSERT_TRUE(st.bytes_read == (uint64_t)st.experts_used * m->expert_bytes);
+        layer_ref(m, layer, x, T, ids, w, ref);
+        double e = test_rel_l2_f32(y1, ref, (size_t)T * H);
+        printf("%s layer %d: rel L2 %.2e, %d experts\n", moe_arch_name(arch), layer, e,
+               st.experts_used);
+        ASSERT_TRUE(e < 1e-4);
+        /* Same answer, bit for bit, through the staging backend. */
+        stg->copies_in = 0;
+        ASSERT_EQ(moe_layer_forward(e2, layer, x, T, NULL, NULL, y2, NULL, NULL, NULL, &err), 0);
+        ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
+        ASSERT_TRUE(stg->copies_in > 0);
+        /* Caller routing reproduces the router's answer. */
+        ASSERT_EQ(moe_layer_forward(e1, layer, x, T, ids, w, y2, NULL, NULL, NULL, &err), 0);
+        ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
+    }
+
+    moe_engine_free(e1);
+    moe_engine_free(e2);
+    moe_backend_free(cpu);
+    moe_backend_free(&stg->self);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+    free(x);
+    free(y1);
+    free(y2);
+    free(w);
+    free(ids);
+    free(ref);
+}
+
+static void check_errors(void)
+{
+    char *dir = make_model("layer-err", MOE_ARCH_MIXTRAL);
+    struct moe_model *m;
+    struct moe_backend *cpu;
+    struct moe_engine *e;
+    struct moe_cpu_config cfg = {0};
+    struct moe_error err = {0};
+    const int T = 4, H = 64, K = 2;
+    float x[4 * 64], y[4 * 64], w[4 * 2] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+    int32_t ids[4 * 2] = {0, 1, 2, 3, 4, 5, 6, 7};
+    uint64_t seed = 1;
+
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    ASSERT_EQ(m->cfg.hidden, H);
+    ASSERT_EQ(m->cfg.top_k, K);
+    ASSERT_EQ(moe_backend_cpu_init(&cfg, &cpu, NULL), 0);
+    ASSERT_EQ(moe_engine_init(m, cpu, &e), 0);
+    for (int i = 0; i < T * H; i++)
+        x[i] = test_rand_f32(&seed);
+
+    ASSERT_EQ(moe_layer_forward(e, -1, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "out of range");
+    ASSERT_EQ(moe_layer_forward(e, m->cfg.n_layers, x, T, NULL, NULL, y, NULL, NULL, NULL, &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "out of range");
+    ASSERT_EQ(moe_layer_forward(e, 0, x, 0, NULL, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "0 tokens");
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "both");
+    ids[5] = 8;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "token 2");
+    ids[5] = 4;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "token 2");
+    ids[5] = 5;
+    x[70] = NAN;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "token 1, element 6 is NaN");
+    x[70] = INFINITY;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "infinite");
+    x[70] = 0.25f;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), 0);
+
+    /* Truncate the checkpoint under the open model: reads of experts past
+     * the cut fail with -EIO naming the file; the engine keeps working for
+     * what is still there. */
+    const struct moe_tensor_ref *last = &m->layers[m->cfg.n_layers - 1].experts[7].down;
+    const struct moe_tensor_ref *first = &m->layers[0].experts[0].down;
+    int32_t ids_last[4 * 2] = {7, 0, 7, 0, 7, 0, 7, 0};
+    ASSERT_TRUE(last->offset > first->offset);
+    /* Use the last layer once, so that its router is already read. */
+    ASSERT_EQ(
+        moe_layer_forward(e, m->cfg.n_layers - 1, x, T, ids_last, w, y, NULL, NULL, NULL, &err), 0);
+    ASSERT_EQ(truncate(m->files[last->file].path, (off_t)last->offset), 0);
+    ASSERT_EQ(
+        moe_layer_forward(e, m->cfg.n_layers - 1, x, T, ids_last, w, y, NULL, NULL, NULL, &err),
+        -EIO);
+    ASSERT_CONTAINS(err.msg, "model.safetensors");
+    ASSERT_CONTAINS(err.msg, "expert 7");
+    if (first->offset + first->nbytes <= last->offset)
+        ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), 0);
+
+    moe_engine_free(e);
+    moe_backend_free(cpu);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+}
+
+int main(void)
+{
+    for (int a = 0; a < MOE_ARCH_COUNT; a++)
+        check_arch((enum moe_arch)a);
+    check_errors();
+    printf("ok\n");
+    return 0;
+}
