@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The README's demo: installs the dependencies, builds moed, makes the
+# embedded synthetic demo model (Mixtral layout), describes it with
+# `moectl inspect`, and runs every MoE layer in process with
+# `moectl forward --local`, printing a timing line per layer.
+#
+#   MOED_DEMO_DIR=DIR   where the model and the arrays go (default build/demo)
+#   MOED_SKIP_DEPS=1    do not run scripts/deps.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "${MOED_SKIP_DEPS:-0}" = 1 ] || scripts/deps.sh
+
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+echo "== building"
+cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j "$(nproc)" --target moectl
+
+moectl=build/client/moectl
+demo=${MOED_DEMO_DIR:-build/demo}
+model=$demo/mixtral-demo
+mkdir -p "$demo"
+
+echo
+echo "== making the demo model: Mixtral layout, 4 layers x 8 experts, hidden 1024, ffn 2816, bf16"
+$moectl gen-model --arch mixtral --out "$model" --layers 4 --experts 8 --top-k 2 \
+    --hidden 1024 --ffn 2816 --dtype bf16 --shards 2 --seed 1
+
+echo
+echo "== moectl inspect --model $model"
+$moectl inspect --model "$model"
+
+echo
+echo "== hidden states: 32 tokens of width 1024"
+/usr/bin/python3 - "$demo/x.npy" <<'PY'
+import sys
+import numpy as np
+np.save(sys.argv[1], np.random.default_rng(0).standard_normal((32, 1024), dtype=np.float32))
+PY
+
+echo
+echo "== moectl forward --local, every MoE layer"
+for layer in 0 1 2 3; do
+    $moectl forward --local --model "$model" --layer "$layer" --in "$demo/x.npy" \
+        --out "$demo/y$layer.npy" --routing-out "$demo/r$layer.npz"
+done
+
+echo
+/usr/bin/python3 - "$demo" <<'PY'
+import sys
+import numpy as np
+d = sys.argv[1]
+counts = np.zeros(8, dtype=int)
+for layer in range(4):
+    ids = np.load(f"{d}/r{layer}.npz")["ids"]
+    counts += np.bincount(ids.ravel(), minlength=8)
+    y = np.load(f"{d}/y{layer}.npy")
+print("expert load over all layers (tokens routed to each expert):")
+for e, c in enumerate(counts):
+    print(f"  expert {e}: {c:4d} {'#' * int(c // 2)}")
+PY
+echo
+echo "demo done: model and arrays are in $demo"

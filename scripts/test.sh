@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The README's test command: installs the dependencies, builds moed twice
+# (the normal build, and an AddressSanitizer + UndefinedBehaviorSanitizer
+# build with clang, where the fuzz targets also run under libFuzzer for a few
+# seconds each), and runs the whole test suite of both with ctest.
+#
+#   MOED_JOBS=N       parallel build and test jobs (default: number of CPUs)
+#   MOED_SKIP_DEPS=1  do not run scripts/deps.sh (already installed)
+#   MOED_NO_SANITIZE=1  only the normal build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs=${MOED_JOBS:-$(nproc)}
+[ "${MOED_SKIP_DEPS:-0}" = 1 ] || scripts/deps.sh
+
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+
+echo "== normal build (build/)"
+cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build build -j "$jobs"
+
+if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
+    san_cc=(-DMOED_FUZZ=OFF)
+    if command -v clang >/dev/null; then
+        san_cc=(-DCMAKE_C_COMPILER=clang -DMOED_FUZZ=ON)
+    fi
+    echo "== sanitizer build (build-sanitize/: ASan + UBSan${san_cc[1]:+, libFuzzer})"
+    cmake -S . -B build-sanitize "${generator[@]}" -DCMAKE_BUILD_TYPE=Sanitize "${san_cc[@]}"
+    cmake --build build-sanitize -j "$jobs"
+fi
+
+echo "== tests (build/)"
+(cd build && ctest --output-on-failure -j "$jobs")
+
+if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
+    echo "== tests under ASan + UBSan (build-sanitize/)"
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    (cd build-sanitize && ctest --output-on-failure -j "$jobs")
+fi
