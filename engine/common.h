@@ -88,6 +88,13 @@ static inline bool moe_add_size(size_t a, size_t b, size_t *ret)
     return !__builtin_add_overflow(a, b, ret);
 }
 
+/*
+ * Reads up to len bytes of fd at off, retrying on EINTR and partial reads
+ * (in chunks of at most 1 GiB).  Returns the bytes read, fewer than len only
+ * at end of file, or -errno.
+ */
+int64_t moe_pread_full(int fd, void *buf, size_t len, uint64_t off);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t moe_now_ns(void);
 

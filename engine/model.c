@@ -12,6 +12,7 @@
  * read-only once open: moe_model_read() only uses pread() on the kept fds, so
  * any number of threads may read at once without a lock.
  */
+#include "json.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -103,45 +104,6 @@ struct cfg_ctx {
     struct moe_error *err;
 };
 
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "an object";
-    case JSON_ARRAY:
-        return "an array";
-    case JSON_STRING:
-        return "a string";
-    case JSON_INTEGER:
-        return "an integer";
-    case JSON_REAL:
-        return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE:
-        return "a boolean";
-    case JSON_NULL:
-    default:
-        return "null";
-    }
-}
-
-/* v as compact JSON, cut to fit buf. */
-static const char *json_text(const json_t *v, char *buf, size_t len)
-{
-    char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-
-    if (!s) {
-        snprintf(buf, len, "(%s)", json_kind(v));
-        return buf;
-    }
-    if (strlen(s) >= len && len > 4)
-        snprintf(buf, len, "%.*s...", (int)(len - 4), s);
-    else
-        snprintf(buf, len, "%s", s);
-    free(s);
-    return buf;
-}
-
 /* True when key is set to something other than null. */
 static bool cfg_has(const struct cfg_ctx *c, const char *key)
 {
@@ -182,7 +144,8 @@ static int cfg_int(const struct cfg_ctx *c, const char *key, bool required, int 
     }
     if (!json_is_integer(v))
         return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected an integer from %s",
-                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v), range);
+                             c->fname, key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v),
+                             range);
     x = json_integer_value(v);
     if (x < lo || x > hi)
         return moe_error_set(c->err, -EINVAL, "%s: '%s' is %lld: expected %s", c->fname, key, x,
@@ -202,7 +165,7 @@ static int cfg_bool(const struct cfg_ctx *c, const char *key, bool def, bool *re
     }
     if (!json_is_boolean(v))
         return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected true or false",
-                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v));
+                             c->fname, key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
     *ret = json_is_true(v);
     return 0;
 }
@@ -218,7 +181,7 @@ static int cfg_str(const struct cfg_ctx *c, const char *key, const char **ret)
         return 0;
     if (!json_is_string(v))
         return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected a string", c->fname,
-                             key, json_text(v, vb, sizeof(vb)), json_kind(v));
+                             key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
     *ret = json_string_value(v);
     return 0;
 }
@@ -236,13 +199,13 @@ static int cfg_positive(const struct cfg_ctx *c, const char *key, float def, flo
     }
     if (!json_is_number(v))
         return moe_error_set(c->err, -EINVAL, "%s: '%s' is %s (%s): expected a number > 0",
-                             c->fname, key, json_text(v, vb, sizeof(vb)), json_kind(v));
+                             c->fname, key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
     x = json_number_value(v);
     if (!isfinite(x) || !(x > 0) || x > 1e6)
         return moe_error_set(c->err, -EINVAL,
                              "%s: '%s' is %s: expected a number > 0 and at "
                              "most 1e6",
-                             c->fname, key, json_text(v, vb, sizeof(vb)));
+                             c->fname, key, moe_json_text(v, vb, sizeof(vb)));
     *ret = (float)x;
     return 0;
 }
@@ -294,7 +257,7 @@ static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config 
         return moe_error_set(c->err, -EINVAL,
                              "%s: 'mlp_only_layers' is %s (%s): expected an "
                              "array of layer numbers",
-                             c->fname, json_text(v, vb, sizeof(vb)), json_kind(v));
+                             c->fname, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
     n = json_array_size(v);
     if (n > MOE_MAX_LAYERS)
         return moe_error_set(c->err, -EINVAL,
@@ -314,7 +277,7 @@ static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config 
             return moe_error_set(c->err, -EINVAL,
                                  "%s: 'mlp_only_layers' entry %zu is %s: "
                                  "expected a layer from 0 to num_hidden_layers - 1 (%d)",
-                                 c->fname, i, json_text(e, vb, sizeof(vb)), m->n_layers - 1);
+                                 c->fname, i, moe_json_text(e, vb, sizeof(vb)), m->n_layers - 1);
         m->mlp_only_layers[i] = (int)json_integer_value(e);
         m->n_mlp_only_layers = (int)i + 1;
     }
@@ -487,13 +450,13 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
                              jerr.text, jerr.line, jerr.column);
     if (!json_is_object(c.root)) {
         r = moe_error_set(err, -EINVAL, "%s: is %s, expected a JSON object", fname,
-                          json_kind(c.root));
+                          moe_json_kind(c.root));
         goto fail;
     }
     v = json_object_get(c.root, "model_type");
     if (!v || !json_is_string(v)) {
         r = moe_error_set(err, -EINVAL, "%s: 'model_type' is %s: expected one of " ARCH_LIST, fname,
-                          v ? json_text(v, vb, sizeof(vb)) : "missing");
+                          v ? moe_json_text(v, vb, sizeof(vb)) : "missing");
         goto fail;
     }
     type = json_string_value(v);
@@ -1071,30 +1034,21 @@ int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, vo
                    struct moe_error *err)
 {
     const struct moe_model_file *f;
-    uint64_t done = 0;
+    int64_t n;
 
     if (t->file < 0 || (size_t)t->file >= m->n_files)
         return moe_error_set(err, -EINVAL, "tensor '%s': file %d out of range (model has %zu)",
                              t->name ? t->name : "?", t->file, m->n_files);
     f = &m->files[t->file];
-    while (done < t->nbytes) {
-        size_t want = (size_t)MOE_MIN(t->nbytes - done, (uint64_t)1 << 30);
-        ssize_t n = pread(f->fd, (char *)dst + done, want, (off_t)(t->offset + done));
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return moe_error_set(err, -errno,
-                                 "%s: tensor '%s': read at offset %" PRIu64 " failed: %s", f->path,
-                                 t->name, t->offset + done, strerror(errno));
-        }
-        if (n == 0)
-            return moe_error_set(err, -EIO,
-                                 "%s: tensor '%s': short read at offset %" PRIu64
-                                 ": file truncated since it was opened?",
-                                 f->path, t->name, t->offset + done);
-        done += (uint64_t)n;
-    }
+    n = moe_pread_full(f->fd, dst, (size_t)t->nbytes, t->offset);
+    if (n < 0)
+        return moe_error_set(err, (int)n, "%s: tensor '%s': read at offset %" PRIu64 " failed: %s",
+                             f->path, t->name, t->offset, strerror((int)-n));
+    if ((uint64_t)n < t->nbytes)
+        return moe_error_set(err, -EIO,
+                             "%s: tensor '%s': short read at offset %" PRIu64
+                             ": file truncated since it was opened?",
+                             f->path, t->name, t->offset + (uint64_t)n);
     return 0;
 }
 

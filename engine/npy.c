@@ -470,23 +470,11 @@ int moe_npy_parse(const void *buf, size_t len, const char *name, struct moe_npy 
 /* pread until done; -EIO for a short file. */
 static int pread_all(int fd, void *buf, size_t len, uint64_t off)
 {
-    unsigned char *p = buf;
+    int64_t n = moe_pread_full(fd, buf, len, off);
 
-    while (len > 0) {
-        ssize_t n = pread(fd, p, MOE_MIN(len, (size_t)1 << 30), (off_t)off);
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
+    if (n < 0)
+        return (int)n;
+    return (size_t)n == len ? 0 : -EIO;
 }
 
 static int open_regular(const char *path, uint64_t *ret_size, struct moe_error *err)

@@ -13,6 +13,7 @@
  *
  * No state, no locks: parsed objects are owned by the caller.
  */
+#include "json.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -29,69 +30,6 @@
 #define VALUE_TEXT_MAX 64
 
 /* ---- small helpers -------------------------------------------------------- */
-
-/*
- * Reads up to len bytes at off, retrying on EINTR and partial reads.
- * Returns the bytes read (fewer than len only at end of file) or -errno.
- */
-static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-    size_t done = 0;
-
-    while (done < len) {
-        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            break;
-        done += (size_t)n;
-    }
-    return (ssize_t)done;
-}
-
-/* What kind of JSON value v is, for messages. */
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "an object";
-    case JSON_ARRAY:
-        return "an array";
-    case JSON_STRING:
-        return "a string";
-    case JSON_INTEGER:
-        return "an integer";
-    case JSON_REAL:
-        return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE:
-        return "a boolean";
-    case JSON_NULL:
-    default:
-        return "null";
-    }
-}
-
-/* Writes v as compact JSON into buf, cut to fit with "...". */
-static const char *json_text(const json_t *v, char *buf, size_t len)
-{
-    char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-
-    if (!s) {
-        snprintf(buf, len, "(%s)", json_kind(v));
-        return buf;
-    }
-    if (strlen(s) >= len && len > 4)
-        snprintf(buf, len, "%.*s...", (int)(len - 4), s);
-    else
-        snprintf(buf, len, "%s", s);
-    free(s);
-    return buf;
-}
 
 /* Formats a shape as "[8, 16]". */
 static const char *shape_text(const int64_t *shape, int ndim, char *buf, size_t len)
@@ -186,7 +124,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s' is %s (%s), expected an object "
                              "with dtype, shape and data_offsets",
-                             fname, name, json_kind(v), json_text(v, vb, sizeof(vb)));
+                             fname, name, moe_json_kind(v), moe_json_text(v, vb, sizeof(vb)));
 
     dt = json_object_get(v, "dtype");
     if (!dt)
@@ -195,7 +133,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': dtype is %s (%s), expected a string "
                              "such as \"BF16\"",
-                             fname, name, json_kind(dt), json_text(dt, vb, sizeof(vb)));
+                             fname, name, moe_json_kind(dt), moe_json_text(dt, vb, sizeof(vb)));
     if (moe_dtype_parse(json_string_value(dt), &t->dtype) < 0) {
         char list[256];
         size_t at = 0;
@@ -206,7 +144,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': unknown dtype %s, expected one of "
                              "%s",
-                             fname, name, json_text(dt, vb, sizeof(vb)), list);
+                             fname, name, moe_json_text(dt, vb, sizeof(vb)), list);
     }
 
     shape = json_object_get(v, "shape");
@@ -216,7 +154,8 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': shape is %s (%s), expected an "
                              "array of dimensions",
-                             fname, name, json_kind(shape), json_text(shape, vb, sizeof(vb)));
+                             fname, name, moe_json_kind(shape),
+                             moe_json_text(shape, vb, sizeof(vb)));
     if (json_array_size(shape) > MOE_MAX_DIMS)
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': shape has %zu dimensions, at most "
@@ -231,14 +170,14 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
             return moe_error_set(err, -EINVAL,
                                  "%s: tensor '%s': shape %s: dimension %zu is "
                                  "%s, expected a non-negative integer",
-                                 fname, name, json_text(shape, vb, sizeof(vb)), i,
-                                 json_text(d, sb, sizeof(sb)));
+                                 fname, name, moe_json_text(shape, vb, sizeof(vb)), i,
+                                 moe_json_text(d, sb, sizeof(sb)));
         t->shape[i] = (int64_t)x;
         if (__builtin_mul_overflow(count, x, &count))
             return moe_error_set(err, -EINVAL,
                                  "%s: tensor '%s': shape %s has more than 2^64 "
                                  "elements",
-                                 fname, name, json_text(shape, vb, sizeof(vb)));
+                                 fname, name, moe_json_text(shape, vb, sizeof(vb)));
     }
     if (__builtin_mul_overflow(count, (uint64_t)moe_dtype_size(t->dtype), &nbytes))
         return moe_error_set(err, -EINVAL,
@@ -255,7 +194,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': data_offsets is %s, expected "
                              "[begin, end], two non-negative integers",
-                             fname, name, json_text(offs, vb, sizeof(vb)));
+                             fname, name, moe_json_text(offs, vb, sizeof(vb)));
     if (begin > end)
         return moe_error_set(err, -EINVAL,
                              "%s: tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64
@@ -367,7 +306,7 @@ int moe_st_header_parse(const char *json, size_t json_len, uint64_t file_size, c
                              fname, jerr.text, jerr.line, jerr.column);
     if (!json_is_object(root)) {
         r = moe_error_set(err, -EINVAL, "%s: header is %s, expected a JSON object", fname,
-                          json_kind(root));
+                          moe_json_kind(root));
         goto fail;
     }
 
@@ -399,7 +338,7 @@ int moe_st_header_parse(const char *json, size_t json_len, uint64_t file_size, c
                 r = moe_error_set(err, -EINVAL,
                                   "%s: __metadata__ is %s, expected an object of "
                                   "strings",
-                                  fname, json_kind(v));
+                                  fname, moe_json_kind(v));
                 goto fail;
             }
             json_object_foreach(v, mk, mv)
@@ -408,7 +347,8 @@ int moe_st_header_parse(const char *json, size_t json_len, uint64_t file_size, c
                     r = moe_error_set(err, -EINVAL,
                                       "%s: __metadata__ '%s' is %s (%s), expected "
                                       "a string",
-                                      fname, mk, json_kind(mv), json_text(mv, vb, sizeof(vb)));
+                                      fname, mk, moe_json_kind(mv),
+                                      moe_json_text(mv, vb, sizeof(vb)));
                     goto fail;
                 }
             }
@@ -460,7 +400,7 @@ int moe_st_header_read_fd(int fd, const char *fname, struct moe_st_header **ret,
                              "%s: file is %" PRIu64 " bytes, too short for the "
                              "8-byte header length of a safetensors file",
                              fname, size);
-    got = pread_full(fd, pre, sizeof(pre), 0);
+    got = moe_pread_full(fd, pre, sizeof(pre), 0);
     if (got < 0)
         return moe_error_set(err, (int)got, "%s: cannot read the header length: %s", fname,
                              strerror((int)-got));
@@ -479,7 +419,7 @@ int moe_st_header_read_fd(int fd, const char *fname, struct moe_st_header **ret,
     if (!buf)
         return moe_error_set(err, -ENOMEM, "%s: out of memory for a header of %" PRIu64 " bytes",
                              fname, n);
-    got = pread_full(fd, buf, (size_t)n, 8);
+    got = moe_pread_full(fd, buf, (size_t)n, 8);
     if (got < 0) {
         r = moe_error_set(err, (int)got, "%s: cannot read the header: %s", fname,
                           strerror((int)-got));
@@ -586,7 +526,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
                              jerr.text, jerr.line, jerr.column);
     if (!json_is_object(root)) {
         r = moe_error_set(err, -EINVAL, "%s: is %s, expected a JSON object with weight_map", fname,
-                          json_kind(root));
+                          moe_json_kind(root));
         goto fail;
     }
     idx = calloc(1, sizeof(*idx));
@@ -601,7 +541,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
 
         if (!json_is_object(meta)) {
             r = moe_error_set(err, -EINVAL, "%s: metadata is %s (%s), expected an object", fname,
-                              json_kind(meta), json_text(meta, vb, sizeof(vb)));
+                              moe_json_kind(meta), moe_json_text(meta, vb, sizeof(vb)));
             goto fail;
         }
         ts = json_object_get(meta, "total_size");
@@ -609,7 +549,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
             r = moe_error_set(err, -EINVAL,
                               "%s: metadata.total_size is %s, expected a "
                               "non-negative integer",
-                              fname, json_text(ts, vb, sizeof(vb)));
+                              fname, moe_json_text(ts, vb, sizeof(vb)));
             goto fail;
         }
     }
@@ -626,7 +566,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
         r = moe_error_set(err, -EINVAL,
                           "%s: weight_map is %s, expected an object mapping "
                           "tensor names to shard files",
-                          fname, json_kind(wm));
+                          fname, moe_json_kind(wm));
         goto fail;
     }
     n = json_object_size(wm);
@@ -649,7 +589,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
             r = moe_error_set(err, -EINVAL,
                               "%s: weight_map: tensor '%s' is mapped to %s (%s), "
                               "expected a shard file name",
-                              fname, key, json_kind(v), json_text(v, vb, sizeof(vb)));
+                              fname, key, moe_json_kind(v), moe_json_text(v, vb, sizeof(vb)));
             goto fail;
         }
         why = shard_name_problem(json_string_value(v));
