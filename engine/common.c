@@ -4,6 +4,7 @@
 #include "common.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -164,4 +165,16 @@ int64_t moe_pread_full(int fd, void *buf, size_t len, uint64_t off)
         done += (size_t)n;
     }
     return (int64_t)done;
+}
+
+const char *moe_shape_text(const int64_t *shape, int ndim, char *buf, size_t len)
+{
+    size_t at = 0;
+
+    at += (size_t)snprintf(buf, len, "[");
+    for (int i = 0; i < ndim && at < len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%" PRId64, i ? ", " : "", shape[i]);
+    if (at < len)
+        snprintf(buf + at, len - at, "]");
+    return buf;
 }

@@ -95,6 +95,9 @@ static inline bool moe_add_size(size_t a, size_t b, size_t *ret)
  */
 int64_t moe_pread_full(int fd, void *buf, size_t len, uint64_t off);
 
+/* Formats a shape as "[8, 16]" into buf; returns buf. */
+const char *moe_shape_text(const int64_t *shape, int ndim, char *buf, size_t len);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t moe_now_ns(void);
 

@@ -596,18 +596,6 @@ static const struct moe_st_tensor *find_tensor(const struct open_ctx *c, const c
     return moe_st_header_find(c->m->headers[f], name);
 }
 
-static const char *shape_text(const int64_t *shape, int ndim, char *buf, size_t len)
-{
-    size_t at = 0;
-
-    at += (size_t)snprintf(buf, len, "[");
-    for (int i = 0; i < ndim && at < len; i++)
-        at += (size_t)snprintf(buf + at, len - at, "%s%" PRId64, i ? ", " : "", shape[i]);
-    if (at < len)
-        snprintf(buf + at, len - at, "]");
-    return buf;
-}
-
 /*
  * Looks up one MoE tensor of layer and fills ref.  what names it in the
  * "missing" message; ndim/rows/cols is the shape config.json implies, and
@@ -638,8 +626,8 @@ static int get_ref(const struct open_ctx *c, int layer, const char *what, const 
         return moe_error_set(c->err, -EINVAL,
                              "%s: tensor '%s': shape %s contradicts %s: "
                              "expected %s = %s",
-                             path, name, shape_text(t->shape, t->ndim, got, sizeof(got)),
-                             CONFIG_NAME, shape_keys, shape_text(want, ndim, exp, sizeof(exp)));
+                             path, name, moe_shape_text(t->shape, t->ndim, got, sizeof(got)),
+                             CONFIG_NAME, shape_keys, moe_shape_text(want, ndim, exp, sizeof(exp)));
     if (!moe_dtype_is_compute(t->dtype))
         return moe_error_set(c->err, -EINVAL,
                              "%s: tensor '%s': dtype %s: expected BF16, F16 or "

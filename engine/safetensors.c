@@ -31,19 +31,6 @@
 
 /* ---- small helpers -------------------------------------------------------- */
 
-/* Formats a shape as "[8, 16]". */
-static const char *shape_text(const int64_t *shape, int ndim, char *buf, size_t len)
-{
-    size_t at = 0;
-
-    at += (size_t)snprintf(buf, len, "[");
-    for (int i = 0; i < ndim && at < len; i++)
-        at += (size_t)snprintf(buf + at, len - at, "%s%" PRId64, i ? ", " : "", shape[i]);
-    if (at < len)
-        snprintf(buf + at, len - at, "]");
-    return buf;
-}
-
 /* A non-negative JSON integer, or false. */
 static bool json_uint(const json_t *v, uint64_t *ret)
 {
@@ -184,7 +171,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
                              "%s: tensor '%s': dtype %s x shape %s is more than "
                              "2^64 bytes",
                              fname, name, moe_dtype_name(t->dtype),
-                             shape_text(t->shape, t->ndim, sb, sizeof(sb)));
+                             moe_shape_text(t->shape, t->ndim, sb, sizeof(sb)));
 
     offs = json_object_get(v, "data_offsets");
     if (!offs)
@@ -206,7 +193,7 @@ static int parse_tensor(const char *fname, json_t *v, uint64_t data_start, uint6
                              ") hold %" PRIu64 " bytes but dtype %s x shape %s "
                              "needs %" PRIu64,
                              fname, name, begin, end, end - begin, moe_dtype_name(t->dtype),
-                             shape_text(t->shape, t->ndim, sb, sizeof(sb)), nbytes);
+                             moe_shape_text(t->shape, t->ndim, sb, sizeof(sb)), nbytes);
     /* data_start <= file_size was checked with the header length. */
     if (end > file_size - data_start)
         return moe_error_set(err, -EINVAL,
