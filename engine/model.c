@@ -630,9 +630,12 @@ static int get_ref(const struct open_ctx *c, int layer, const char *what, const 
                              CONFIG_NAME, shape_keys, moe_shape_text(want, ndim, exp, sizeof(exp)));
     if (!moe_dtype_is_compute(t->dtype))
         return moe_error_set(c->err, -EINVAL,
-                             "%s: tensor '%s': dtype %s: expected BF16, F16 or "
-                             "F32",
-                             path, name, moe_dtype_name(t->dtype));
+                             "%s: tensor '%s': dtype %s: expected BF16, F16 or F32%s", path, name,
+                             moe_dtype_name(t->dtype),
+                             t->dtype == MOE_DTYPE_F8_E4M3 || t->dtype == MOE_DTYPE_F8_E5M2
+                                 ? " (fp8 checkpoints are not supported yet: use a bf16 "
+                                   "conversion of the model)"
+                                 : "");
     ref->file = f;
     ref->name = t->name;
     ref->dtype = t->dtype;

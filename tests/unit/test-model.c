@@ -629,6 +629,11 @@ static void int_expert(struct ckpt *ck)
     set_dtype(ck, MLP_E(0, 0, gate), MOE_DTYPE_I16);
 }
 
+static void fp8_expert(struct ckpt *ck)
+{
+    set_dtype(ck, MLP_E(1, 0, gate), MOE_DTYPE_F8_E4M3);
+}
+
 static void int_router(struct ckpt *ck)
 {
     set_dtype(ck, "model.layers.0.mlp.gate.weight", MOE_DTYPE_I32);
@@ -784,6 +789,9 @@ static const struct bad_model bad_models[] = {
     {"integer expert", MOE_ARCH_OLMOE, 0, int_expert, NULL, -EINVAL,
      "tensor 'model.layers.0.mlp.experts.0.gate_proj.weight': dtype I16: expected BF16, F16 or "
      "F32"},
+    {"fp8 expert (DeepSeek-V3 as released)", MOE_ARCH_DEEPSEEK_V3, 0, fp8_expert, NULL, -EINVAL,
+     "tensor 'model.layers.1.mlp.experts.0.gate_proj.weight': dtype F8_E4M3: expected BF16, F16 "
+     "or F32 (fp8 checkpoints are not supported yet"},
     {"integer router", MOE_ARCH_OLMOE, 3, int_router, NULL, -EINVAL,
      "tensor 'model.layers.0.mlp.gate.weight': dtype I32: expected BF16, F16 or F32"},
     {"expert shape contradicts config", MOE_ARCH_MIXTRAL, 0, wide_expert, NULL, -EINVAL,
