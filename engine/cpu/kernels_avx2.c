@@ -29,8 +29,7 @@
 
 enum wtype { W_F32, W_F16, W_BF16 };
 
-typedef void (*tile_fn)(const void *w, int64_t ldw, const void *const *x, int64_t k0, int64_t k1,
-                        float *y, int64_t ldy, int64_t ys, bool first);
+typedef moe_cpu_tile_fn tile_fn;
 
 INLINE float hsum256(__m256 v)
 {
@@ -144,61 +143,33 @@ static const tile_fn tiles_bf16[RMAX][TMAX] = TILE_TABLE(bf16);
 static const tile_fn tiles_f16[RMAX][TMAX] = TILE_TABLE(f16);
 static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
 
-/* Loop orders as in kernels_avx512.c: for few tokens, tiles of rows s apart
- * (s = nr / RMAX) walked over all of K, so each load streams a contiguous
- * stretch of rows; for many, K blocks outermost. */
-static void dot_tiles(const tile_fn (*tiles)[TMAX], size_t esz, const void *w, int64_t ldw, int nr,
-                      int64_t k, const void *const *x, int nt, float *y, int64_t ldy)
-{
-    const char *wb = w;
-
-    if (nt <= TMAX) {
-        int s = nr / RMAX, r0 = s * RMAX;
-
-        for (int j = 0; j < s; j++)
-            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
-                tiles[RMAX - 1][nt - 1](wb + (size_t)j * ldw * esz, ldw * s, x, k0,
-                                        MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + j, ldy, s, k0 == 0);
-        /* the last nr % RMAX rows */
-        if (r0 < nr)
-            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
-                tiles[nr - r0 - 1][nt - 1](wb + (size_t)r0 * ldw * esz, ldw, x, k0,
-                                           MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + r0, ldy, 1,
-                                           k0 == 0);
-        return;
+/* Decode tiles (see moe_cpu_dot_tiles) are the RMAX-row ones. */
+static const int dec_rows[TMAX] = {RMAX, RMAX};
+#define TILING(D, ESZ)                                                                             \
+    {                                                                                              \
+        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0],                         \
+        .dec = tiles_##D[RMAX - 1], .dec_rows = dec_rows,                                          \
     }
-    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
-        int64_t k1 = MOE_MIN(k0 + MOE_CPU_KBLOCK, k);
-
-        for (int t0 = 0; t0 < nt; t0 += TMAX) {
-            int tt = MOE_MIN(TMAX, nt - t0);
-
-            for (int r0 = 0; r0 < nr; r0 += RMAX) {
-                int rr = MOE_MIN(RMAX, nr - r0);
-
-                tiles[rr - 1][tt - 1](wb + (size_t)r0 * ldw * esz, ldw, x + t0, k0, k1,
-                                      y + (int64_t)t0 * ldy + r0, ldy, 1, k0 == 0);
-            }
-        }
-    }
-}
+static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
+static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);
+static const struct moe_cpu_tiling tiling_f32 = TILING(f32, 4);
 
 static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
 {
-    dot_tiles(tiles_bf16, 2, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_bf16, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                     float *y, int64_t ldy)
 {
-    dot_tiles(tiles_f16, 2, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_f16, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void dot_f32(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                     float *y, int64_t ldy)
 {
-    dot_tiles(tiles_f32, 4, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_f32, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)

@@ -42,8 +42,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-typedef void (*tile_fn)(const void *w, int64_t ldw, const void *const *x, int64_t k0, int64_t k1,
-                        float *y, int64_t ldy, int64_t ys, bool first);
+typedef moe_cpu_tile_fn tile_fn;
 
 /* Stores the horizontal sums of acc[r][t] into y, or adds them. */
 #define TILE_STORE(R, T)                                                                           \
@@ -221,80 +220,31 @@ static const tile_fn dec_bf16[TMAX] = DEC_TABLE(bf16);
 static const tile_fn dec_f16[TMAX] = DEC_TABLE(f16);
 static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
 
-/*
- * Walks the (rows x tokens x K) block in register tiles; ldw is the weight
- * row stride.
- *
- * Few tokens (decode) are memory-bound: tile j takes rows j, j + s, j + 2s,
- * ... (s = nr / dec_rows[nt - 1]) and walks them over all of K, so each of
- * its 4-6 weight loads streams through a contiguous stretch of s rows.  A
- * few long sequential reads per thread run at close to full memory
- * bandwidth; tiles of adjacent rows would make many short ones (a row of a
- * Mixtral gate is only 8 KiB), which the hardware prefetchers serve about 20%
- * slower (measured).
- *
- * Many tokens (prefill) are compute-bound: K blocks outermost, so the
- * activations of TMAX tokens over one K block stay in L1 while the block's
- * weight rows (in L2) are swept past them.
- *
- * Every order does the same arithmetic per element.
- */
-static void dot_tiles(const tile_fn (*tiles)[TMAX], const tile_fn *dec, size_t esz, const void *w,
-                      int64_t ldw, int nr, int64_t k, const void *const *x, int nt, float *y,
-                      int64_t ldy)
-{
-    const char *wb = w;
-
-    if (nt <= TMAX) {
-        int rows = dec_rows[nt - 1];
-        int s = nr / rows;
-
-        for (int j = 0; j < s; j++)
-            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
-                dec[nt - 1](wb + (size_t)j * ldw * esz, ldw * s, x, k0,
-                            MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + j, ldy, s, k0 == 0);
-        /* the last nr % rows rows */
-        for (int r0 = s * rows; r0 < nr; r0 += RMAX) {
-            int rr = MOE_MIN(RMAX, nr - r0);
-
-            for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
-                tiles[rr - 1][nt - 1](wb + (size_t)r0 * ldw * esz, ldw, x, k0,
-                                      MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y + r0, ldy, 1, k0 == 0);
-        }
-        return;
+#define TILING(D, ESZ)                                                                             \
+    {                                                                                              \
+        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dec = dec_##D,         \
+        .dec_rows = dec_rows,                                                                      \
     }
-    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
-        int64_t k1 = MOE_MIN(k0 + MOE_CPU_KBLOCK, k);
-
-        for (int t0 = 0; t0 < nt; t0 += TMAX) {
-            int tt = MOE_MIN(TMAX, nt - t0);
-
-            for (int r0 = 0; r0 < nr; r0 += RMAX) {
-                int rr = MOE_MIN(RMAX, nr - r0);
-
-                tiles[rr - 1][tt - 1](wb + (size_t)r0 * ldw * esz, ldw, x + t0, k0, k1,
-                                      y + (int64_t)t0 * ldy + r0, ldy, 1, k0 == 0);
-            }
-        }
-    }
-}
+static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
+static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);
+static const struct moe_cpu_tiling tiling_f32 = TILING(f32, 4);
 
 static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
 {
-    dot_tiles(tiles_bf16, dec_bf16, 2, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_bf16, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                     float *y, int64_t ldy)
 {
-    dot_tiles(tiles_f16, dec_f16, 2, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_f16, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void dot_f32(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                     float *y, int64_t ldy)
 {
-    dot_tiles(tiles_f32, dec_f32, 4, w, ldw, nr, k, x, nt, y, ldy);
+    moe_cpu_dot_tiles(&tiling_f32, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 /* ---- activation preparation --------------------------------------------- */

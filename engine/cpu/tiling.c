@@ -1,0 +1,53 @@
+/*
+ * The tile-walking loop of the vectorised CPU kernels (see kernels.h,
+ * moe_cpu_dot_tiles).  Plain C: it only calls the variant's tile functions,
+ * so one copy serves every instruction set.
+ */
+#include "common.h"
+#include "kernels.h"
+
+static inline void run_k(moe_cpu_tile_fn f, const char *w, int64_t ldw, const void *const *x,
+                         int64_t k, float *y, int64_t ldy, int64_t ys)
+{
+    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK)
+        f(w, ldw, x, k0, MOE_MIN(k0 + MOE_CPU_KBLOCK, k), y, ldy, ys, k0 == 0);
+}
+
+void moe_cpu_dot_tiles(const struct moe_cpu_tiling *tl, const void *w, int64_t ldw, int nr,
+                       int64_t k, const void *const *x, int nt, float *y, int64_t ldy)
+{
+    const char *wb = w;
+    const size_t esz = tl->esz;
+    const int rmax = tl->rmax, tmax = tl->tmax;
+
+    if (nt <= tmax) {
+        int rows = tl->dec_rows[nt - 1];
+        int s = nr / rows;
+
+        for (int j = 0; j < s; j++)
+            run_k(tl->dec[nt - 1], wb + (size_t)j * ldw * esz, ldw * s, x, k, y + j, ldy, s);
+        /* the last nr % rows rows */
+        for (int r0 = s * rows; r0 < nr; r0 += rmax) {
+            int rr = MOE_MIN(rmax, nr - r0);
+
+            run_k(tl->tiles[(rr - 1) * tmax + nt - 1], wb + (size_t)r0 * ldw * esz, ldw, x, k,
+                  y + r0, ldy, 1);
+        }
+        return;
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
+        int64_t k1 = MOE_MIN(k0 + MOE_CPU_KBLOCK, k);
+
+        for (int t0 = 0; t0 < nt; t0 += tmax) {
+            int tt = MOE_MIN(tmax, nt - t0);
+
+            for (int r0 = 0; r0 < nr; r0 += rmax) {
+                int rr = MOE_MIN(rmax, nr - r0);
+
+                tl->tiles[(rr - 1) * tmax + tt - 1](wb + (size_t)r0 * ldw * esz, ldw, x + t0, k0,
+                                                    k1, y + (int64_t)t0 * ldy + r0, ldy, 1,
+                                                    k0 == 0);
+            }
+        }
+    }
+}
