@@ -76,6 +76,28 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* A bounded spin: spin_more() pauses the CPU and says whether to go on
+ * polling, until SPIN_NS have passed (the clock is read every 64 rounds). */
+struct spin {
+    int i;
+    uint64_t start;
+};
+
+static bool spin_more(struct spin *s)
+{
+    if ((s->i & 63) == 0) {
+        uint64_t now = moe_now_ns();
+
+        if (s->i == 0)
+            s->start = now;
+        else if (now - s->start > SPIN_NS)
+            return false;
+    }
+    if (s->i++ > 0)
+        cpu_relax();
+    return true;
+}
+
 /* Takes tasks of the current job until none is left. */
 static void run_tasks(struct moe_threadpool *p, int thread)
 {
@@ -95,10 +117,9 @@ static void run_tasks(struct moe_threadpool *p, int thread)
 /* Waits until generation differs from seen (returning it), or stop. */
 static unsigned wait_job(struct moe_threadpool *p, unsigned seen, bool *ret_stop)
 {
-    uint64_t start = 0;
     unsigned g;
 
-    for (int i = 0;; i++) {
+    for (struct spin sp = {0}; spin_more(&sp);) {
         /* Acquire: pairs with the release increment of generation in
          * moe_threadpool_run(), making fn/ctx/n_tasks visible. */
         g = atomic_load_explicit(&p->generation, memory_order_acquire);
@@ -106,15 +127,6 @@ static unsigned wait_job(struct moe_threadpool *p, unsigned seen, bool *ret_stop
             *ret_stop = false;
             return g;
         }
-        if ((i & 63) == 0) {
-            uint64_t now = moe_now_ns();
-
-            if (i == 0)
-                start = now;
-            else if (now - start > SPIN_NS)
-                break;
-        }
-        cpu_relax();
     }
 
     pthread_mutex_lock(&p->lock);
@@ -162,22 +174,12 @@ static void *worker_main(void *arg)
 /* Waits until every worker has left the current job. */
 static void wait_done(struct moe_threadpool *p)
 {
-    uint64_t start = 0;
 
-    for (int i = 0;; i++) {
+    for (struct spin sp = {0}; spin_more(&sp);) {
         /* Acquire: pairs with the release decrement in worker_main(), so
          * the workers' task results are visible to the caller. */
         if (atomic_load_explicit(&p->pending, memory_order_acquire) == 0)
             return;
-        if ((i & 63) == 0) {
-            uint64_t now = moe_now_ns();
-
-            if (i == 0)
-                start = now;
-            else if (now - start > SPIN_NS)
-                break;
-        }
-        cpu_relax();
     }
     pthread_mutex_lock(&p->lock);
     /* Acquire: as above; the last worker decrements before taking lock to
