@@ -178,3 +178,38 @@ const char *moe_shape_text(const int64_t *shape, int ndim, char *buf, size_t len
         snprintf(buf + at, len - at, "]");
     return buf;
 }
+
+int moe_parse_bytes(const char *s, uint64_t *ret, struct moe_error *err)
+{
+    static const char *const suffix[] = {"", "K", "M", "G", "T"};
+    unsigned long long v;
+    char *end;
+
+    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+        return moe_error_set(err, -EINVAL, "'%s': expected a byte count such as 4096, 512M or 2G",
+                             s ? s : "");
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (end == s)
+        return moe_error_set(err, -EINVAL, "'%s': expected a byte count such as 4096, 512M or 2G",
+                             s);
+    if (errno == ERANGE)
+        return moe_error_set(err, -ERANGE, "'%s': too large", s);
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(suffix); i++) {
+        char a[8], b[8];
+
+        snprintf(a, sizeof(a), "%s", suffix[i]);
+        snprintf(b, sizeof(b), "%siB", suffix[i]);
+        if (strcasecmp(end, a) == 0 || (i > 0 && strcasecmp(end, b) == 0) ||
+            (i == 0 && strcasecmp(end, "B") == 0)) {
+            unsigned shift = 10u * (unsigned)i;
+
+            if (shift && v > (UINT64_MAX >> shift))
+                return moe_error_set(err, -ERANGE, "'%s': too large", s);
+            *ret = (uint64_t)v << shift;
+            return 0;
+        }
+    }
+    return moe_error_set(
+        err, -EINVAL, "'%s': unknown suffix '%s': expected K, M, G or T (powers of 1024)", s, end);
+}

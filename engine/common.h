@@ -95,6 +95,13 @@ static inline bool moe_add_size(size_t a, size_t b, size_t *ret)
  */
 int64_t moe_pread_full(int fd, void *buf, size_t len, uint64_t off);
 
+/*
+ * Parses a byte count: a non-negative integer with an optional suffix K, M,
+ * G or T (powers of 1024; "KiB", "MiB", "GiB", "TiB" and "B" also accepted).
+ * Returns 0, or -EINVAL with err saying what is expected, or -ERANGE.
+ */
+int moe_parse_bytes(const char *s, uint64_t *ret, struct moe_error *err);
+
 /* Formats a shape as "[8, 16]" into buf; returns buf. */
 const char *moe_shape_text(const int64_t *shape, int ndim, char *buf, size_t len);
 

@@ -1,0 +1,350 @@
+/*
+ * moectl gen-model and inspect: write a synthetic checkpoint, describe one.
+ */
+#include "moectl.h"
+
+#include "common.h"
+#include "genmodel.h"
+#include "model.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- gen-model ---------------------------------------------------------- */
+
+static void gen_model_usage(FILE *f)
+{
+    fprintf(f, "usage: moectl gen-model --arch ARCH --out DIR [options]\n"
+               "\n"
+               "Writes a deterministic synthetic checkpoint in the exact Hugging Face layout of\n"
+               "the family (config.json, safetensors shards, index), with skewed routers.\n"
+               "\n"
+               "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3\n"
+               "  --out DIR              output directory (created; old shards replaced)\n"
+               "  --layers N             decoder layers\n"
+               "  --experts E            routed experts per MoE layer\n"
+               "  --top-k K              experts per token\n"
+               "  --hidden H             hidden size\n"
+               "  --ffn F                routed expert intermediate size\n"
+               "  --shared-experts S     shared experts (qwen2_moe: 0 or 1; deepseek_v3: any)\n"
+               "  --dtype bf16|f16|f32   weight type (default bf16)\n"
+               "  --shards N             safetensors files (default 1)\n"
+               "  --seed S               seed of the weights (default 0)\n"
+               "  -q, --quiet            no progress output\n"
+               "\n"
+               "Unset sizes take the family's small defaults; `moectl inspect` shows them.\n");
+}
+
+struct progress_ctx {
+    bool show;
+};
+
+static void gen_progress(void *ctx, int done, int total)
+{
+    struct progress_ctx *p = ctx;
+    const int width = 30;
+    int fill = total > 0 ? done * width / total : width;
+
+    if (!p->show)
+        return;
+    fprintf(stderr, "\r  writing [%.*s%*s] %d/%d files", fill, "##############################",
+            width - fill, "", done, total);
+    if (done == total)
+        fputc('\n', stderr);
+    fflush(stderr);
+}
+
+int moectl_gen_model(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"arch", required_argument, NULL, 'a'},   {"out", required_argument, NULL, 'o'},
+        {"layers", required_argument, NULL, 'L'}, {"experts", required_argument, NULL, 'E'},
+        {"top-k", required_argument, NULL, 'k'},  {"hidden", required_argument, NULL, 'H'},
+        {"ffn", required_argument, NULL, 'F'},    {"shared-experts", required_argument, NULL, 'S'},
+        {"dtype", required_argument, NULL, 'd'},  {"shards", required_argument, NULL, 'n'},
+        {"seed", required_argument, NULL, 's'},   {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},         {0},
+    };
+    struct moe_genmodel_opts o;
+    struct progress_ctx pc = {.show = isatty(STDERR_FILENO)};
+    struct moe_error err = {0};
+    struct moe_model *m = NULL;
+    const char *arch = NULL, *out = NULL;
+    int layers = 0, experts = 0, top_k = 0, hidden = 0, ffn = 0, shared = -1, shards = 1;
+    enum moe_dtype dtype = MOE_DTYPE_BF16;
+    enum moe_arch a;
+    uint64_t seed = 0, t0;
+    char b1[32];
+    int c, r = 0;
+
+    while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'a':
+            arch = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'L':
+            r = parse_int("--layers", optarg, 1, MOE_MAX_LAYERS, &layers);
+            break;
+        case 'E':
+            r = parse_int("--experts", optarg, 1, MOE_MAX_EXPERTS, &experts);
+            break;
+        case 'k':
+            r = parse_int("--top-k", optarg, 1, MOE_MAX_TOP_K, &top_k);
+            break;
+        case 'H':
+            r = parse_int("--hidden", optarg, 1, MOE_MAX_HIDDEN, &hidden);
+            break;
+        case 'F':
+            r = parse_int("--ffn", optarg, 1, MOE_MAX_FFN, &ffn);
+            break;
+        case 'S':
+            r = parse_int("--shared-experts", optarg, 0, 64, &shared);
+            break;
+        case 'n':
+            r = parse_int("--shards", optarg, 1, 99999, &shards);
+            break;
+        case 's':
+            r = parse_u64("--seed", optarg, &seed);
+            break;
+        case 'd':
+            if (moe_dtype_parse_user(optarg, &dtype) < 0) {
+                errorf("--dtype '%s': expected bf16, f16 or f32", optarg);
+                return 2;
+            }
+            break;
+        case 'q':
+            pc.show = false;
+            break;
+        case 'h':
+            gen_model_usage(stdout);
+            return 0;
+        default:
+            gen_model_usage(stderr);
+            return 2;
+        }
+        if (r < 0)
+            return 2;
+    }
+    if (optind < argc) {
+        errorf("gen-model: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!arch || !out) {
+        errorf("gen-model: --arch and --out are required (see moectl gen-model --help)");
+        return 2;
+    }
+    if (moe_arch_parse(arch, &a) < 0) {
+        errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3", arch);
+        return 2;
+    }
+    moe_genmodel_defaults(a, &o);
+    o.out_dir = out;
+    if (layers)
+        o.n_layers = layers;
+    if (experts)
+        o.n_experts = experts;
+    if (top_k)
+        o.top_k = top_k;
+    if (hidden)
+        o.hidden = hidden;
+    if (ffn)
+        o.ffn = ffn;
+    if (shared >= 0)
+        o.n_shared = shared;
+    o.dtype = dtype;
+    o.n_shards = shards;
+    o.seed = seed;
+    o.progress = gen_progress;
+    o.progress_ctx = &pc;
+
+    t0 = moe_now_ns();
+    r = moe_genmodel_write(&o, &err);
+    if (r < 0) {
+        errorf("gen-model: %s", err.msg);
+        return 1;
+    }
+    /* Read back what was written with the real loader: the generator and the
+     * loader must agree. */
+    r = moe_model_open(out, &m, &err);
+    if (r < 0) {
+        errorf("gen-model: the written checkpoint does not load: %s", err.msg);
+        return 1;
+    }
+    printf("wrote %s checkpoint to %s: %d layers (%d MoE), %d experts, top-%d, hidden %d, "
+           "expert ffn %d, %s, %zu file(s), %s of experts in %.2f s\n",
+           moe_arch_name(a), out, m->cfg.n_layers, m->n_moe_layers, m->cfg.n_experts, m->cfg.top_k,
+           m->cfg.hidden, m->cfg.expert_ffn, moe_dtype_user_name(m->expert_dtype), m->n_files,
+           human_bytes(m->total_expert_bytes, b1, sizeof(b1)), (double)(moe_now_ns() - t0) / 1e9);
+    moe_model_free(m);
+    return 0;
+}
+
+/* ---- inspect ------------------------------------------------------------ */
+
+static void inspect_usage(FILE *f)
+{
+    fprintf(f, "usage: moectl inspect --model DIR [--json]\n"
+               "\n"
+               "Describes a checkpoint: architecture, layers (MoE or dense), experts per layer,\n"
+               "top-k, routing rule, shared experts, dtype, bytes per expert and in all.\n"
+               "Reads only config.json and the safetensors headers.\n");
+}
+
+static const char *routing_rule(const struct moe_model_config *c, char *buf, size_t len)
+{
+    if (c->score_func == MOE_SCORE_SIGMOID)
+        snprintf(buf, len, "sigmoid, bias for selection, %d groups keep %d, %s, x %g", c->n_group,
+                 c->topk_group, c->norm_topk_prob ? "renormalised" : "not renormalised",
+                 (double)c->routed_scaling_factor);
+    else
+        snprintf(buf, len, "softmax, %s", c->norm_topk_prob ? "renormalised" : "not renormalised");
+    return buf;
+}
+
+static int inspect_json(const struct moe_model *m)
+{
+    const struct moe_model_config *c = &m->cfg;
+    json_t *root = json_object(), *layers = json_array(), *files = json_array();
+    int r = 1;
+
+    if (!root || !layers || !files)
+        goto out;
+    for (size_t i = 0; i < m->n_files; i++)
+        json_array_append_new(files, json_pack("{s:s, s:I}", "name", m->files[i].name, "bytes",
+                                               (json_int_t)m->files[i].size));
+    for (int i = 0; i < c->n_layers; i++) {
+        const struct moe_layer *L = &m->layers[i];
+
+        json_array_append_new(layers, json_pack("{s:i, s:s, s:i, s:b}", "layer", i, "kind",
+                                                L->is_moe ? "moe" : "dense", "experts",
+                                                L->is_moe ? c->n_experts : 0, "shared",
+                                                L->is_moe && L->has_shared));
+    }
+    json_object_set_new(root, "model", json_string(m->dir));
+    json_object_set_new(root, "architecture", json_string(moe_arch_name(c->arch)));
+    json_object_set_new(root, "layers", json_integer(c->n_layers));
+    json_object_set_new(root, "moe_layers", json_integer(m->n_moe_layers));
+    json_object_set_new(root, "hidden", json_integer(c->hidden));
+    json_object_set_new(root, "expert_ffn", json_integer(c->expert_ffn));
+    json_object_set_new(root, "experts", json_integer(c->n_experts));
+    json_object_set_new(root, "top_k", json_integer(c->top_k));
+    json_object_set_new(root, "score_func",
+                        json_string(c->score_func == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax"));
+    json_object_set_new(root, "norm_topk_prob", json_boolean(c->norm_topk_prob));
+    json_object_set_new(root, "n_group", json_integer(c->n_group));
+    json_object_set_new(root, "topk_group", json_integer(c->topk_group));
+    json_object_set_new(root, "routed_scaling_factor", json_real(c->routed_scaling_factor));
+    json_object_set_new(root, "shared_experts", json_integer(c->n_shared_experts));
+    json_object_set_new(root, "shared_ffn", json_integer(c->shared_ffn));
+    json_object_set_new(root, "shared_expert_gate", json_boolean(c->shared_expert_gate));
+    json_object_set_new(root, "dtype", json_string(moe_dtype_user_name(m->expert_dtype)));
+    json_object_set_new(root, "bytes_per_expert", json_integer((json_int_t)m->expert_bytes));
+    json_object_set_new(root, "total_expert_bytes",
+                        json_integer((json_int_t)m->total_expert_bytes));
+    json_object_set_new(root, "files", files);
+    json_object_set_new(root, "layer_table", layers);
+    files = layers = NULL;
+    if (json_dumpf(root, stdout, JSON_INDENT(2)) == 0) {
+        fputc('\n', stdout);
+        r = 0;
+    }
+out:
+    json_decref(root);
+    json_decref(layers);
+    json_decref(files);
+    return r;
+}
+
+int moectl_inspect(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
+    };
+    struct moe_error err = {0};
+    struct moe_model *m = NULL;
+    const char *dir = NULL;
+    bool json = false;
+    char b1[32], b2[32], rule[160];
+    uint64_t file_bytes = 0;
+    int c, r;
+
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm':
+            dir = optarg;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'h':
+            inspect_usage(stdout);
+            return 0;
+        default:
+            inspect_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        errorf("inspect: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!dir) {
+        errorf("inspect: --model DIR is required");
+        return 2;
+    }
+    r = moe_model_open(dir, &m, &err);
+    if (r < 0) {
+        errorf("inspect: %s", err.msg);
+        return 1;
+    }
+    if (json) {
+        r = inspect_json(m);
+        moe_model_free(m);
+        return r;
+    }
+
+    const struct moe_model_config *cf = &m->cfg;
+    for (size_t i = 0; i < m->n_files; i++)
+        file_bytes += m->files[i].size;
+    printf("model         %s\n", m->dir);
+    printf("architecture  %s\n", moe_arch_name(cf->arch));
+    printf("files         %zu, %s\n", m->n_files, human_bytes(file_bytes, b1, sizeof(b1)));
+    printf("layers        %d: %d MoE, %d dense\n", cf->n_layers, m->n_moe_layers,
+           cf->n_layers - m->n_moe_layers);
+    printf("hidden        %d\n", cf->hidden);
+    printf("experts       %d per MoE layer, top-%d, expert ffn %d\n", cf->n_experts, cf->top_k,
+           cf->expert_ffn);
+    printf("routing       %s\n", routing_rule(cf, rule, sizeof(rule)));
+    if (cf->n_shared_experts > 0)
+        printf("shared        %d expert(s), ffn %d%s\n", cf->n_shared_experts, cf->shared_ffn,
+               cf->shared_expert_gate ? ", scaled by sigmoid(shared_expert_gate . x)" : "");
+    else
+        printf("shared        none\n");
+    printf("dtype         %s\n", moe_dtype_user_name(m->expert_dtype));
+    printf("expert bytes  %llu (%s) per routed expert\n", (unsigned long long)m->expert_bytes,
+           human_bytes(m->expert_bytes, b1, sizeof(b1)));
+    printf("all experts   %llu (%s) routed and shared\n", (unsigned long long)m->total_expert_bytes,
+           human_bytes(m->total_expert_bytes, b2, sizeof(b2)));
+    printf("\nlayer  kind   experts  shared\n");
+    for (int i = 0; i < cf->n_layers; i++) {
+        const struct moe_layer *L = &m->layers[i];
+
+        if (L->is_moe)
+            printf("%5d  moe    %7d  %s\n", i, cf->n_experts, L->has_shared ? "yes" : "no");
+        else
+            printf("%5d  dense        -  -\n", i);
+    }
+    moe_model_free(m);
+    return 0;
+}
