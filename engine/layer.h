@@ -49,4 +49,12 @@ int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tok
                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
                       float *ret_weights, struct moe_forward_stats *st, struct moe_error *err);
 
+/*
+ * Routing only: the experts the model's router picks for each of the
+ * n_tokens rows of x at layer (ids, weights [n_tokens, top_k]).  Same checks
+ * and errors as moe_layer_forward.  Reads no expert.
+ */
+int moe_layer_route(struct moe_engine *e, int layer, const float *x, int n_tokens, int32_t *ids,
+                    float *weights, struct moe_error *err);
+
 #endif

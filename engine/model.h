@@ -103,6 +103,12 @@ struct moe_expert_ref {
     struct moe_tensor_ref up;   /* [ffn, hidden] (mixtral w3) */
     struct moe_tensor_ref down; /* [hidden, ffn] (mixtral w2) */
     uint64_t nbytes;            /* gate + up + down */
+    /* Packed store (pack.h): gate, up and down lie back to back from
+     * gate.offset (MOE_PACK_ALIGN-aligned) in one file, and xxh3 is the
+     * XXH3-64 of those nbytes.  False/0 for a Hugging Face checkpoint. */
+    bool blob;
+    bool has_xxh3;
+    uint64_t xxh3;
 };
 
 struct moe_layer {
@@ -128,6 +134,7 @@ struct moe_st_header;
 
 struct moe_model {
     char *dir; /* owned */
+    bool packed; /* opened from a packed store (pack.h), not a checkpoint */
     struct moe_model_config cfg;
     size_t n_files;
     struct moe_model_file *files;   /* owned */
@@ -141,7 +148,8 @@ struct moe_model {
 
 /*
  * Opens the checkpoint in dir: config.json, then model.safetensors.index.json
- * and its shards, or a single model.safetensors.  Checks every MoE tensor is
+ * and its shards, or a single model.safetensors; or, when dir holds
+ * moe-pack.json, the packed store (pack.h).  Checks every MoE tensor is
  * present with the shape and dtype config.json implies.  Returns 0 and sets
  * *ret (free with moe_model_free), or -errno with *err naming the file, the
  * tensor and what is wrong.

@@ -1,0 +1,235 @@
+/*
+ * The expert cache: which routed experts are resident, in which tier, and
+ * getting the missing ones there.
+ *
+ * Key: (model, layer, expert).  Tiers form a list, nearest to the compute
+ * first: tier 0 is where the backend reads weights (host memory for the CPU
+ * backend; the CUDA backend puts a GPU tier per device in front of the host
+ * tier), and the files on NVMe are the last tier, behind the list.  Each
+ * tier has a byte capacity and its own instance of the replacement policy;
+ * tiers are reached only through struct moe_tier_ops (tier.h), so a GPU tier
+ * slots in without touching the policy code.
+ *
+ * A batch acquires the experts it needs.  Each reference pins its expert
+ * (eviction never touches a pinned expert, nor an operator-pinned one) until
+ * the batch releases it.  Resident experts are ready at once; missing ones
+ * start a page-in (one per expert: concurrent acquirers of an expert being
+ * paged in wait on that same page-in) and the batch can compute on what is
+ * ready while the rest loads (moe_cache_wait on each reference in turn).
+ *
+ * Page-ins read the expert from the model's files with the pager (pager.h):
+ * a packed store's blob in one aligned read, straight into the tier's
+ * memory, checked against its xxh3; a checkpoint's three tensors by their
+ * aligned spans through a bounce buffer.  A page-in that fails (EIO, file
+ * truncated since load, checksum mismatch) fails every reference waiting on
+ * it with the same message and marks the expert bad: later acquires fail at
+ * once, without I/O, until moe_cache_retry clears the mark.
+ *
+ * Policies (moe_cache_config.policy):
+ *   lru      least recently used (the baseline);
+ *   freq     least frequently used, counts halved every half_life uses of
+ *            the expert's layer;
+ *   routing  routing-aware: evicts the expert whose next use is expected
+ *            farthest away, from the layer order (the layers just run are
+ *            needed last), the expert's decayed popularity in its layer,
+ *            and the prefetch predictor's forecast for the next layer.
+ *
+ * Prefetch (moe_cache_config.prefetch): moe_cache_observe() gives the cache
+ * the routing of a batch at a layer; it learns, online, how often expert e
+ * at layer l is followed by expert e' at the next MoE layer for the same
+ * token, and starts page-ins of the next layer's most likely experts.
+ * Prefetched bytes not yet used stay within prefetch_bytes, and a prefetch
+ * never evicts a pinned expert or one the policy would rather keep.
+ *
+ * Statistics are counters updated with relaxed atomics (no lock on the hot
+ * path); moe_cache_snapshot() copies them all.
+ *
+ * Simulation (cfg.simulate): no memory and no I/O; page-ins complete at
+ * once.  `moectl cache-sim` replays traces through the same code.
+ *
+ * Thread safety: every call may be made from any thread.  One mutex guards
+ * residency and the policies; page-in completions take it briefly.
+ */
+#ifndef MOED_ENGINE_CACHE_H
+#define MOED_ENGINE_CACHE_H
+
+#include "backend.h"
+#include "common.h"
+#include "pager.h"
+
+struct moe_cache;
+struct moe_model;
+struct moe_tier;
+
+#define MOE_CACHE_MAX_TIERS 8
+
+enum moe_cache_policy {
+    MOE_POLICY_LRU = 0,
+    MOE_POLICY_FREQ,
+    MOE_POLICY_ROUTING,
+    MOE_POLICY_COUNT,
+};
+
+/* "lru", "freq", "routing" -> 0 and *ret, or -EINVAL. */
+int moe_cache_policy_parse(const char *s, enum moe_cache_policy *ret);
+const char *moe_cache_policy_name(enum moe_cache_policy p);
+
+struct moe_cache_config {
+    uint64_t host_bytes; /* capacity of the host tier */
+    enum moe_cache_policy policy;
+    bool prefetch;
+    uint64_t prefetch_bytes; /* prefetched-but-unused budget; 0: host_bytes / 4 */
+    int prefetch_max;        /* experts prefetched per observed batch; 0: 2 * top_k */
+    double half_life;        /* freq and routing decay, in uses of a layer; 0: 32 */
+    bool simulate;           /* no memory, no I/O (cache-sim) */
+    struct moe_pager_config pager;
+};
+
+/*
+ * Creates the cache with its host tier (memory mapped as needed, not up
+ * front) and its pager.  0 or -errno with err.
+ */
+int moe_cache_create(const struct moe_cache_config *cfg, struct moe_cache **ret,
+                     struct moe_error *err);
+/* Waits for page-ins in flight, then frees everything.  No reference may be
+ * held.  NULL is a no-op. */
+void moe_cache_free(struct moe_cache *c);
+
+/* Adds a tier in front of the others (nearest to compute), e.g. a GPU. */
+int moe_cache_push_tier(struct moe_cache *c, struct moe_tier *t, struct moe_error *err);
+
+/*
+ * Registers a model: its files with the pager, a table of its experts.  The
+ * model must outlive its registration.  *ret: the model's id in this cache.
+ */
+int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const char *name,
+                        int *ret, struct moe_error *err);
+/* For simulation: a model known by its shape only (no files). */
+int moe_cache_add_shape(struct moe_cache *c, const char *name, int n_layers, int n_experts,
+                        int top_k, uint64_t expert_bytes, int *ret, struct moe_error *err);
+/* Drops a model's experts from every tier.  -EBUSY while any is in use. */
+int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err);
+
+/* A batch's hold on one expert. */
+struct moe_cache_ref {
+    int32_t expert;
+    int status; /* 0 ready; -EINPROGRESS paging in; -ENOSPC no room now
+                 * (everything evictable is pinned: release, then acquire
+                 * again); other -errno: failed (moe_cache_wait says why) */
+    bool hit;   /* resident when acquired */
+    struct moe_expert_weights w; /* valid once status is 0 */
+    void *entry_;                /* private */
+};
+
+/*
+ * Acquires the n experts (distinct, in [0, n_experts)) of model's layer.
+ * refs[i].expert = experts[i].  Returns 0 with each ref's status set (count
+ * hits and misses from ref.hit), or -errno with err for a bad call (no such
+ * model or layer, a dense layer, an expert out of range, an expert that can
+ * never fit in tier 0).  Every ref whose status is 0 or -EINPROGRESS holds
+ * a pin: release them all with moe_cache_release.
+ */
+int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *experts, int n,
+                      struct moe_cache_ref *refs, struct moe_error *err);
+/* Waits until ref is ready or failed; 0, or the page-in's -errno with err
+ * saying what failed (file, offset, checksum ...). */
+int moe_cache_wait(struct moe_cache *c, struct moe_cache_ref *ref, struct moe_error *err);
+/* Unpins every ref that holds a pin (status 0 or -EINPROGRESS); a ref still
+ * paging in keeps its page-in going. */
+void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n);
+
+/*
+ * The routing a batch used at a MoE layer: ids [n_tokens, top_k].  Updates
+ * the popularity counts and the next-layer predictor (pairing this batch with
+ * the previous observed batch of the same model when that was at the
+ * previous MoE layer with the same token count) and, with prefetch on,
+ * starts page-ins for the next MoE layer's predicted experts.
+ */
+void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids,
+                       int n_tokens, int top_k);
+
+/* Operator calls.  pin: keep resident (paged in now if missing; waits for
+ * it); unpin; evict: drop from every tier (-EBUSY if in use or
+ * operator-pinned); retry: clear the bad mark (layer or expert -1: all). */
+int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+
+/* Changes capacities and policy at run time (the daemon's SIGHUP): evicts
+ * down to a smaller capacity as pins allow. */
+int moe_cache_set_capacity(struct moe_cache *c, int tier, uint64_t bytes, struct moe_error *err);
+
+/* The pager, for fault injection and its counters (NULL when simulating). */
+struct moe_pager *moe_cache_pager(struct moe_cache *c);
+
+/* ---- statistics --------------------------------------------------------------------- */
+
+#define MOE_HIST_BUCKETS 64
+
+struct moe_cache_counters {
+    uint64_t hits;              /* acquires that found the expert resident */
+    uint64_t misses;            /* acquires that had to page it in (or wait) */
+    uint64_t prefetch_hits;     /* first use of a prefetched expert */
+    uint64_t prefetches;        /* prefetch page-ins started */
+    uint64_t wasted_prefetches; /* prefetched, evicted unused */
+    uint64_t evictions;
+    uint64_t page_ins;          /* page-ins completed */
+    uint64_t page_in_errors;    /* page-ins failed */
+    uint64_t bytes_paged;       /* bytes brought into the tier */
+};
+
+/* Page-in latency: counts per power-of-two-microsecond bucket. */
+struct moe_latency {
+    uint64_t count;
+    uint64_t sum_ns;
+    uint64_t max_ns;
+    uint64_t p50_ns, p99_ns; /* estimated from the buckets */
+    uint64_t buckets[MOE_HIST_BUCKETS]; /* bucket i: [2^i, 2^(i+1)) ns */
+};
+
+struct moe_cache_tier_stats {
+    char name[32];     /* "host", "cuda:0" */
+    uint64_t capacity; /* bytes */
+    uint64_t used;     /* bytes resident or being paged in */
+    uint64_t resident; /* experts */
+    struct moe_cache_counters c;
+    struct moe_latency latency;
+};
+
+struct moe_cache_expert_stats {
+    struct moe_cache_counters c; /* over all tiers */
+    int8_t tier;                 /* nearest tier holding it, -1: none */
+    bool loading;
+    bool bad;
+    bool operator_pinned;
+    uint32_t refs; /* batches using it now */
+};
+
+struct moe_cache_model_stats {
+    char name[64];
+    int n_layers;
+    int n_experts;
+    uint64_t expert_bytes;
+    int bad_experts;
+    struct moe_cache_expert_stats *experts; /* [n_layers * n_experts], layer-major */
+};
+
+struct moe_cache_stats {
+    const char *policy;
+    bool prefetch;
+    int n_tiers;
+    struct moe_cache_tier_stats tiers[MOE_CACHE_MAX_TIERS];
+    struct moe_cache_counters total; /* every tier */
+    int n_models;
+    struct moe_cache_model_stats *models;
+};
+
+/* Copies every counter.  0 or -ENOMEM.  Free with moe_cache_stats_clear. */
+int moe_cache_snapshot(struct moe_cache *c, struct moe_cache_stats *ret);
+void moe_cache_stats_clear(struct moe_cache_stats *s);
+
+/* Hit rate hits / (hits + misses), 0 when nothing was asked. */
+double moe_cache_hit_rate(const struct moe_cache_counters *c);
+
+#endif
