@@ -26,7 +26,10 @@
  * Buffers inside the regions given in cfg.regions are registered with every
  * ring (io_uring_register_buffers) and read with read_fixed; if the kernel
  * refuses to register them (RLIMIT_MEMLOCK, old kernel), the pager logs
- * that once and reads them unregistered.
+ * that once and reads them unregistered.  Registering faults in and pins
+ * every page of the regions for the life of the pager (the kernel takes at
+ * most 1 GiB per buffer, so larger regions are registered as 1 GiB pieces;
+ * a read that straddles two pieces goes unregistered).
  *
  * Errors: a read that fails (EIO, ...) fails the job: done(job, -errno, msg)
  * with msg naming the file, the offset and the error.  Other jobs carry on.
@@ -35,9 +38,12 @@
  * Fault injection, for tests: cfg.faults (or moe_pager_set_faults at run
  * time) makes the Nth read completion (counted from 1 over the whole pager,
  * in completion order) fail with EIO, come back short (half its length,
- * rounded down to MOE_PAGER_ALIGN, at least one unit less than asked), or
- * have one byte flipped in its buffer.  0 disables each.  `every` repeats a
- * fault every N reads instead of once.
+ * rounded down to MOE_PAGER_ALIGN, at least one unit less than asked; reads
+ * of one unit or less are left whole), or have one byte flipped in its
+ * buffer.  0 disables each.  `every` repeats a fault every N reads instead
+ * of once.  refuse_direct makes O_DIRECT reads fail with EINVAL as on a
+ * filesystem that refuses O_DIRECT after open, so that tests reach the
+ * buffered fallback on any filesystem.
  *
  * Thread safety: moe_pager_submit may be called from any thread at any time;
  * done callbacks run on pager threads and must not block for long (they may
@@ -52,6 +58,7 @@
 #include <sys/uio.h>
 
 #define MOE_PAGER_ALIGN 4096u
+#define MOE_PAGER_MAX_FILES 4096 /* files per pager */
 
 struct moe_pager;
 
@@ -60,21 +67,24 @@ struct moe_pager_faults {
     uint64_t short_nth;   /* the Nth read comes back short */
     uint64_t corrupt_nth; /* the Nth read has a byte flipped */
     bool every;           /* repeat: every Nth read, not only the Nth */
+    bool refuse_direct;   /* O_DIRECT reads fail with EINVAL until one has
+                           * succeeded, as on a filesystem without O_DIRECT
+                           * (exercises the fallback to buffered reads) */
 };
 
 struct moe_pager_config {
-    int n_threads;       /* pager threads, each with its own ring; 0: 1 */
-    int queue_depth;     /* reads in flight per thread; 0: 32 */
-    size_t chunk_bytes;  /* bytes per read; 0: 1 MiB; a multiple of MOE_PAGER_ALIGN */
-    bool buffered;       /* never use O_DIRECT */
-    bool no_register;    /* do not register files or buffers */
+    int n_threads;               /* pager threads, each with its own ring; 0: 1 */
+    int queue_depth;             /* reads in flight per thread; 0: 32 */
+    size_t chunk_bytes;          /* bytes per read; 0: 1 MiB; a multiple of MOE_PAGER_ALIGN */
+    bool buffered;               /* never use O_DIRECT */
+    bool no_register;            /* do not register files or buffers */
     const struct iovec *regions; /* memory to register as fixed buffers; may be NULL */
     int n_regions;
     struct moe_pager_faults faults;
 };
 
 struct moe_pager_seg {
-    int file;       /* from moe_pager_add_file */
+    int file;        /* from moe_pager_add_file */
     uint64_t offset; /* MOE_PAGER_ALIGN-aligned */
     uint64_t len;    /* bytes to read, MOE_PAGER_ALIGN multiple */
     uint64_t need;   /* bytes that must exist (<= len); fewer -> truncated */
@@ -108,8 +118,8 @@ struct moe_pager_job {
 struct moe_pager_stats {
     uint64_t jobs_done;
     uint64_t jobs_failed;
-    uint64_t reads;          /* read completions */
-    uint64_t short_reads;    /* resubmitted remainders */
+    uint64_t reads;       /* read completions */
+    uint64_t short_reads; /* resubmitted remainders */
     uint64_t bytes_read;
     uint64_t files_buffered; /* files read without O_DIRECT */
     bool buffers_registered; /* regions registered with the rings */
@@ -127,7 +137,8 @@ void moe_pager_free(struct moe_pager *p);
 /*
  * Opens path for reading (O_DIRECT unless refused or cfg.buffered) and
  * returns its id in *ret.  expected_size is the size the caller saw when it
- * loaded the file (for the "truncated since load" message).  0 or -errno.
+ * loaded the file (for the "truncated since load" message).  0 or -errno
+ * (-EMFILE past MOE_PAGER_MAX_FILES files).
  */
 int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_size, int *ret,
                        struct moe_error *err);
