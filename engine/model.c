@@ -11,9 +11,15 @@
  * shapes config.json implies; no dense layer has MoE tensors.  A model is
  * read-only once open: moe_model_read() only uses pread() on the kept fds, so
  * any number of threads may read at once without a lock.
+ *
+ * A packed store (pack.h) opens through the same code: its experts.bin is
+ * the one file and its index's tensors the one header, so that names,
+ * shapes and dtypes are checked exactly as for a checkpoint; then each
+ * routed expert gets its blob and checksum from the index.
  */
 #include "json.h"
 #include "model.h"
+#include "pack.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -895,6 +901,129 @@ static int open_file(struct open_ctx *c, size_t i, const char *name, const char 
     return moe_st_header_read_fd(f->fd, f->path, &m->headers[i], c->err);
 }
 
+/*
+ * Fills m from the packed store whose index (path, len bytes of json) is in
+ * m->dir: experts.bin as file 0 with the index's tensors as its header, the
+ * layers as for a checkpoint, then each routed expert's blob, checked to be
+ * exactly its gate, up and down back to back.
+ */
+static int open_packed(struct open_ctx *c, const char *path, const char *json, size_t len)
+{
+    struct moe_model *m = c->m;
+    const struct moe_model_config *cfg = &m->cfg;
+    struct moe_pack_index ix;
+    struct moe_model_file *f;
+    struct stat st;
+    int r;
+
+    r = moe_pack_index_parse(json, len, path, &ix, c->err);
+    if (r < 0)
+        return r;
+    m->packed = true;
+    m->files = calloc(1, sizeof(*m->files));
+    m->headers = calloc(1, sizeof(*m->headers));
+    if (!m->files || !m->headers) {
+        r = moe_error_set(c->err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    m->n_files = 1;
+    f = &m->files[0];
+    f->fd = -1;
+    m->headers[0] = ix.tensors;
+    ix.tensors = NULL;
+    f->name = strdup(ix.data_name);
+    f->path = path_join(m->dir, ix.data_name);
+    if (!f->name || !f->path) {
+        r = moe_error_set(c->err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0) {
+        r = moe_error_set(c->err, -errno, "%s: cannot open: %s (named in %s)", f->path,
+                          strerror(errno), path);
+        goto out;
+    }
+    if (fstat(f->fd, &st) < 0) {
+        r = moe_error_set(c->err, -errno, "%s: cannot stat: %s", f->path, strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        r = moe_error_set(c->err, -EINVAL, "%s: not a regular file", f->path);
+        goto out;
+    }
+    f->size = (uint64_t)st.st_size;
+    if (f->size != ix.data_bytes) {
+        r = moe_error_set(c->err, -EINVAL,
+                          "%s: file is %" PRIu64 " bytes but %s says data_bytes %" PRIu64
+                          ": truncated or replaced since it was packed? pack the model again",
+                          f->path, f->size, MOE_PACK_INDEX, ix.data_bytes);
+        goto out;
+    }
+    for (size_t i = 0; i < m->headers[0]->n_tensors; i++) {
+        r = check_tensor_name(c, m->headers[0]->tensors[i].name);
+        if (r < 0)
+            goto out;
+    }
+
+    m->layers = calloc((size_t)cfg->n_layers, sizeof(*m->layers));
+    if (!m->layers) {
+        r = moe_error_set(c->err, -ENOMEM, "out of memory for %d layers", cfg->n_layers);
+        goto out;
+    }
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (!moe_config_layer_is_moe(cfg, i))
+            continue;
+        r = load_layer(c, i);
+        if (r < 0)
+            goto out;
+        for (int e = 0; e < cfg->n_experts; e++) {
+            struct moe_expert_ref *x = &m->layers[i].experts[e];
+            const struct moe_pack_entry *pe = moe_pack_index_find(&ix, i, e);
+
+            if (!pe) {
+                r = moe_error_set(c->err, -EINVAL,
+                                  "%s: layer %d expert %d: no entry in 'experts': expected "
+                                  "one for every routed expert",
+                                  path, i, e);
+                goto out;
+            }
+            if (pe->offset != x->gate.offset || pe->nbytes != x->nbytes ||
+                x->up.offset != x->gate.offset + x->gate.nbytes ||
+                x->down.offset != x->up.offset + x->up.nbytes) {
+                r = moe_error_set(
+                    c->err, -EINVAL,
+                    "%s: layer %d expert %d: blob [%" PRIu64 ", +%" PRIu64
+                    ") is not its gate, up and down back to back (gate at %" PRIu64 " +%" PRIu64
+                    ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64 " +%" PRIu64 ")",
+                    path, i, e, pe->offset, pe->nbytes, x->gate.offset, x->gate.nbytes,
+                    x->up.offset, x->up.nbytes, x->down.offset, x->down.nbytes);
+                goto out;
+            }
+            x->blob = true;
+            x->has_xxh3 = true;
+            x->xxh3 = pe->xxh3;
+        }
+    }
+    /* Every routed expert found its entry and entries are distinct, so an
+     * extra one is for an expert the model does not have. */
+    for (size_t k = 0; k < ix.n_experts; k++) {
+        const struct moe_pack_entry *pe = &ix.experts[k];
+
+        if (!moe_config_layer_is_moe(cfg, pe->layer) || pe->expert >= cfg->n_experts) {
+            r = moe_error_set(c->err, -EINVAL,
+                              "%s: 'experts' has layer %d expert %d, which %s does not have "
+                              "(%d layers, %d experts per MoE layer)",
+                              path, pe->layer, pe->expert, CONFIG_NAME, cfg->n_layers,
+                              cfg->n_experts);
+            goto out;
+        }
+    }
+    r = 0;
+out:
+    moe_pack_index_clear(&ix);
+    return r;
+}
+
 int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *err)
 {
     struct moe_st_index *idx = NULL;
@@ -929,6 +1058,26 @@ int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *er
     buf = NULL;
     if (r < 0)
         goto fail;
+    free(path);
+
+    /* A packed store, when the directory holds its index. */
+    path = path_join(dir, MOE_PACK_INDEX);
+    if (!path) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = moe_read_file(path, MOE_PACK_INDEX_MAX, &buf, &len, err);
+    if (r == 0) {
+        r = open_packed(&c, path, buf, len);
+        if (r < 0)
+            goto fail;
+        free(buf);
+        free(path);
+        *ret = m;
+        return 0;
+    } else if (r != -ENOENT) {
+        goto fail;
+    }
     free(path);
 
     /* The index and its shards, or one model.safetensors. */

@@ -133,7 +133,7 @@ struct moe_model_file {
 struct moe_st_header;
 
 struct moe_model {
-    char *dir; /* owned */
+    char *dir;   /* owned */
     bool packed; /* opened from a packed store (pack.h), not a checkpoint */
     struct moe_model_config cfg;
     size_t n_files;

@@ -31,8 +31,29 @@
  *     "experts": [{"layer": L, "expert": E, "offset": <blob offset>,
  *                  "nbytes": <gate+up+down bytes>, "xxh3": "<16 hex>"}, ...]
  *   }
- * xxh3 is XXH3_64bits (libxxhash) of the bytes, lower-case hex.  An expert's
- * blob offset equals its gate tensor's offset, and up and down follow it.
+ * xxh3 is XXH3_64bits (libxxhash) of the bytes, exactly 16 lower-case hex
+ * digits.  An expert's blob offset equals its gate tensor's offset, and up
+ * and down follow it.  Entries are written in file order: the "experts"
+ * array by (layer, expert), "tensors" routed experts first.
+ *
+ * What the parser requires (moe_pack_index_parse), beyond the keys above
+ * being present with those types (unknown keys are ignored):
+ *   - format "moed-pack", version 1, alignment 4096; "data" a plain file
+ *     name (no '/', not "." or ".."); data_bytes a multiple of 4096, at
+ *     most MOE_PACK_MAX_DATA;
+ *   - every tensor: a known dtype, 0 to MOE_MAX_DIMS dimensions, nbytes =
+ *     dtype size x product(shape), [offset, offset + nbytes) within
+ *     data_bytes; no two tensors overlap;
+ *   - every expert: layer < MOE_MAX_LAYERS, expert < MOE_MAX_EXPERTS, each
+ *     (layer, expert) once, offset a multiple of 4096, nbytes > 0, within
+ *     data_bytes; no two blobs overlap;
+ *   - a tensor either lies wholly inside one expert blob or overlaps none
+ *     and starts at a multiple of 4096;
+ *   - at least one tensor and one expert.
+ * moe_model_open() then checks the rest against config.json: every tensor
+ * the model needs, with its shape and dtype; every routed expert has an
+ * entry whose blob is exactly its gate, up and down back to back; no entry
+ * for an expert the model does not have; experts.bin is data_bytes long.
  *
  * moe_model_open() recognises a directory holding moe-pack.json and returns
  * a struct moe_model whose tensor references point into experts.bin (one
@@ -48,18 +69,31 @@
 #define MOE_PACK_INDEX "moe-pack.json"
 #define MOE_PACK_DATA "experts.bin"
 #define MOE_PACK_VERSION 1
+#define MOE_PACK_FORMAT "moed-pack"
+/* Largest data_bytes accepted: 1 PiB. */
+#define MOE_PACK_MAX_DATA (1ull << 50)
+/* Largest moe-pack.json read (DeepSeek-V3's is about 10 MB). */
+#define MOE_PACK_INDEX_MAX (64u << 20)
 
 struct moe_model;
 struct moe_st_header;
 
-/* Called after each expert written or checked; may be NULL. */
+/*
+ * Called after each expert (and each other tensor) written or checked; may
+ * be NULL.  done and total count bytes of experts.bin.
+ */
 typedef void (*moe_pack_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 
 /*
- * Writes the packed store of the checkpoint m into out_dir (created if
- * missing; refused with -EEXIST if it already holds a store, unless
- * overwrite).  Reads every MoE tensor once; writes experts.bin, then the
- * index.  0 or -errno with err.
+ * Writes the packed store of the checkpoint m into out_dir (created, with
+ * its parents, if missing).  Refused: out_dir the checkpoint's own directory
+ * (-EINVAL); out_dir already holding a store (-EEXIST) unless overwrite, in
+ * which case its index is removed first; out_dir holding a Hugging Face
+ * checkpoint (-EEXIST, even with overwrite).  Reads every MoE tensor once;
+ * copies config.json, writes experts.bin with large sequential writes and
+ * fsyncs it, then writes the index to a temporary name, fsyncs and renames
+ * it.  0 or -errno with err naming the file or tensor; a failure removes
+ * what was written (no moe-pack.json is ever left behind).
  */
 int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrite,
                    moe_pack_progress_fn progress, void *ctx, struct moe_error *err);
@@ -73,10 +107,18 @@ struct moe_pack_report {
 };
 
 /*
- * Checks the packed store in pack_dir: every checksum in its index against
- * experts.bin, and, when checkpoint_dir is not NULL, every tensor byte for
- * byte against the original checkpoint.  0 when all match; -EBADMSG (first
- * mismatch in err) or another -errno otherwise.  rep may be NULL.
+ * Checks the packed store in pack_dir: opens it as moe_model_open() does
+ * (structure, config.json, experts.bin's size), then reads experts.bin once,
+ * front to back, and checks every tensor's and every expert's checksum.
+ * When checkpoint_dir is not NULL, also compares config.json and every
+ * tensor byte for byte (same names, dtypes and shapes) with the checkpoint's.
+ * rep->mismatches counts the tensors found wrong (by their checksum or by
+ * the checkpoint, once each), plus expert blobs whose checksum fails while
+ * their tensors pass, plus config.json and tensors missing on either side.
+ * 0 when all match; -EBADMSG with the first mismatch in err (by file
+ * offset; "layer 3 expert 5: checksum mismatch: index says ..., experts.bin
+ * has ..." for a routed expert), or another -errno when the store cannot be
+ * opened or read.  rep may be NULL; it is filled in either case.
  */
 int moe_pack_verify(const char *pack_dir, const char *checkpoint_dir, struct moe_pack_report *rep,
                     moe_pack_progress_fn progress, void *ctx, struct moe_error *err);
@@ -89,21 +131,28 @@ struct moe_pack_entry {
 
 struct moe_pack_index {
     uint64_t data_bytes;
-    char *data_name;                  /* owned; "experts.bin" */
-    struct moe_st_header *tensors;    /* tensors, offsets absolute in the data file, owned */
-    uint64_t *tensor_xxh3;            /* [tensors->n_tensors], same order, owned */
+    char *data_name;               /* owned; "experts.bin" */
+    struct moe_st_header *tensors; /* tensors, offsets absolute in the data file, owned */
+    uint64_t *tensor_xxh3;         /* [tensors->n_tensors], same order, owned */
     size_t n_experts;
-    struct moe_pack_entry *experts;   /* owned */
+    struct moe_pack_entry *experts; /* owned, sorted by (layer, expert) */
 };
 
 /*
  * Parses an index (len bytes of JSON); fname names it in messages.  Refuses
  * with -EINVAL (and the key, value and what is expected): another format or
  * version, a misaligned or overlapping offset, a range past data_bytes, a
- * bad checksum string, duplicate entries.
+ * bad checksum string, duplicate keys or entries, missing keys (see the
+ * list above); -ENOMEM.  *ret is set only on success; free its contents
+ * with moe_pack_index_clear (which also takes a zeroed struct, and leaves
+ * one).  tensors->header_len and data_start are 0, file_size data_bytes.
  */
 int moe_pack_index_parse(const char *json, size_t len, const char *fname,
                          struct moe_pack_index *ret, struct moe_error *err);
 void moe_pack_index_clear(struct moe_pack_index *ix);
+
+/* Binary search of ix->experts; NULL when (layer, expert) has no entry. */
+const struct moe_pack_entry *moe_pack_index_find(const struct moe_pack_index *ix, int layer,
+                                                 int expert);
 
 #endif

@@ -1,0 +1,1562 @@
+/*
+ * The packed store (pack.h): owns parsing and checking its index,
+ * moe-pack.json; writing a store from an open model; verifying a store
+ * against its checksums and against its checkpoint.  Opening a store for
+ * serving is model.c's (moe_model_open), from the index parsed here.
+ *
+ * Invariants of a parsed index (struct moe_pack_index): every tensor and
+ * every expert blob lies within [0, data_bytes); no two tensors overlap, no
+ * two blobs overlap; each tensor lies wholly inside one blob or outside all
+ * of them, aligned; blobs are aligned; (layer, expert) pairs are distinct
+ * and sorted; tensor names are distinct and sorted.  Everything in the index
+ * is untrusted: numbers are range-checked before any arithmetic, which is
+ * done with overflow checks.
+ *
+ * Writing streams: each tensor is read once (pread on the model's fds), in
+ * pieces of at most the I/O buffer, hashed on the way, and the buffer is
+ * written to experts.bin in large sequential writes whose writeback is
+ * started at once and waited for one buffer later, so that dirty pages stay
+ * bounded and the final fsync is short.  Verification reads experts.bin
+ * once, front to back, feeding each piece to the tensor and the blob it
+ * belongs to.
+ *
+ * No state, no locks.
+ */
+#include "json.h"
+#include "model.h"
+#include "pack.h"
+#include "safetensors.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#define VALUE_TEXT_MAX 64
+#define CONFIG_NAME "config.json"
+#define CONFIG_MAX_BYTES (16u << 20)
+/* Bytes per read and write when packing or verifying. */
+#define IO_BYTES (32u << 20)
+#define TMP_SUFFIX ".tmp"
+
+static uint64_t align_up(uint64_t x)
+{
+    return (x + MOE_PACK_ALIGN - 1) & ~(uint64_t)(MOE_PACK_ALIGN - 1);
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+    char *s;
+
+    if (asprintf(&s, "%s/%s", dir, name) < 0)
+        return NULL;
+    return s;
+}
+
+/* ---- index: parsing -------------------------------------------------------- */
+
+struct pctx {
+    const char *fname;
+    struct moe_error *err;
+};
+
+/* One tensor of "tensors" while parsing: the header entry and its checksum. */
+struct ptensor {
+    struct moe_st_tensor t;
+    uint64_t xxh3;
+};
+
+static int cmp_ptensor_name(const void *a, const void *b)
+{
+    return strcmp(((const struct ptensor *)a)->t.name, ((const struct ptensor *)b)->t.name);
+}
+
+static int cmp_ptensor_offset(const void *a, const void *b)
+{
+    const struct ptensor *x = *(const struct ptensor *const *)a;
+    const struct ptensor *y = *(const struct ptensor *const *)b;
+
+    if (x->t.offset != y->t.offset)
+        return x->t.offset < y->t.offset ? -1 : 1;
+    if (x->t.nbytes != y->t.nbytes)
+        return x->t.nbytes < y->t.nbytes ? -1 : 1;
+    return strcmp(x->t.name, y->t.name);
+}
+
+static int cmp_entry_key(const void *a, const void *b)
+{
+    const struct moe_pack_entry *x = a, *y = b;
+
+    if (x->layer != y->layer)
+        return x->layer < y->layer ? -1 : 1;
+    if (x->expert != y->expert)
+        return x->expert < y->expert ? -1 : 1;
+    return 0;
+}
+
+static int cmp_entry_offset(const void *a, const void *b)
+{
+    const struct moe_pack_entry *x = a, *y = b;
+
+    if (x->offset != y->offset)
+        return x->offset < y->offset ? -1 : 1;
+    return cmp_entry_key(a, b);
+}
+
+/*
+ * A required integer key of obj in [0, max].  where ("", "tensor 'x': ",
+ * "experts[3]: ") and what the value is ("the data size") go in messages.
+ */
+static int key_uint(const struct pctx *c, json_t *obj, const char *where, const char *key,
+                    uint64_t max, uint64_t *ret)
+{
+    json_t *v = json_object_get(obj, key);
+    char vb[VALUE_TEXT_MAX];
+
+    if (!v)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'%s' is missing: expected an integer from 0 to %" PRIu64,
+                             c->fname, where, key, max);
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || (uint64_t)json_integer_value(v) > max)
+        return moe_error_set(
+            c->err, -EINVAL, "%s: %s'%s' is %s (%s): expected an integer from 0 to %" PRIu64,
+            c->fname, where, key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v), max);
+    *ret = (uint64_t)json_integer_value(v);
+    return 0;
+}
+
+/* A required string key of obj. */
+static int key_str(const struct pctx *c, json_t *obj, const char *where, const char *key,
+                   const char *expect, const char **ret)
+{
+    json_t *v = json_object_get(obj, key);
+    char vb[VALUE_TEXT_MAX];
+
+    if (!v)
+        return moe_error_set(c->err, -EINVAL, "%s: %s'%s' is missing: expected %s", c->fname, where,
+                             key, expect);
+    if (!json_is_string(v))
+        return moe_error_set(c->err, -EINVAL, "%s: %s'%s' is %s (%s): expected %s", c->fname, where,
+                             key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v), expect);
+    *ret = json_string_value(v);
+    return 0;
+}
+
+/* "xxh3": exactly 16 lower-case hex digits. */
+static int key_hex(const struct pctx *c, json_t *obj, const char *where, uint64_t *ret)
+{
+    static const char expect[] = "16 lower-case hex digits (XXH3-64)";
+    const char *s;
+    uint64_t x = 0;
+    size_t n;
+    int r;
+
+    r = key_str(c, obj, where, "xxh3", expect, &s);
+    if (r < 0)
+        return r;
+    n = strlen(s);
+    if (n != 16)
+        goto bad;
+    for (size_t i = 0; i < n; i++) {
+        int d;
+
+        if (s[i] >= '0' && s[i] <= '9')
+            d = s[i] - '0';
+        else if (s[i] >= 'a' && s[i] <= 'f')
+            d = s[i] - 'a' + 10;
+        else
+            goto bad;
+        x = x << 4 | (uint64_t)d;
+    }
+    *ret = x;
+    return 0;
+bad:
+    return moe_error_set(c->err, -EINVAL, "%s: %s'xxh3' is \"%.40s%s\": expected %s", c->fname,
+                         where, s, n > 40 ? "..." : "", expect);
+}
+
+/* Parses one entry of "tensors" into p (name set). */
+static int parse_tensor(const struct pctx *c, json_t *v, uint64_t data_bytes, struct ptensor *p)
+{
+    struct moe_st_tensor *t = &p->t;
+    char where[320], vb[VALUE_TEXT_MAX], sb[160];
+    uint64_t count = 1, nbytes, offset, end;
+    const char *dt;
+    json_t *shape;
+    int r;
+
+    snprintf(where, sizeof(where), "tensors: '%.256s': ", t->name);
+    if (!json_is_object(v))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %sis %s (%s): expected an object with dtype, shape, offset, "
+                             "nbytes and xxh3",
+                             c->fname, where, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
+    r = key_str(c, v, where, "dtype", "a safetensors dtype such as \"BF16\"", &dt);
+    if (r < 0)
+        return r;
+    if (moe_dtype_parse(dt, &t->dtype) < 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'dtype' is \"%.32s\": expected a safetensors dtype such as "
+                             "\"BF16\", \"F16\" or \"F32\"",
+                             c->fname, where, dt);
+
+    shape = json_object_get(v, "shape");
+    if (!shape)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'shape' is missing: expected an array of dimensions", c->fname,
+                             where);
+    if (!json_is_array(shape) || json_array_size(shape) > MOE_MAX_DIMS)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'shape' is %s: expected an array of at most %d dimensions",
+                             c->fname, where, moe_json_text(shape, vb, sizeof(vb)), MOE_MAX_DIMS);
+    t->ndim = (int)json_array_size(shape);
+    for (int i = 0; i < t->ndim; i++) {
+        json_t *d = json_array_get(shape, (size_t)i);
+
+        if (!json_is_integer(d) || json_integer_value(d) < 0)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: %s'shape' is %s: dimension %d is not a non-negative "
+                                 "integer",
+                                 c->fname, where, moe_json_text(shape, vb, sizeof(vb)), i);
+        t->shape[i] = json_integer_value(d);
+        if (__builtin_mul_overflow(count, (uint64_t)t->shape[i], &count))
+            return moe_error_set(c->err, -EINVAL, "%s: %s'shape' %s has more than 2^64 elements",
+                                 c->fname, where, moe_json_text(shape, vb, sizeof(vb)));
+    }
+    if (__builtin_mul_overflow(count, (uint64_t)moe_dtype_size(t->dtype), &nbytes) ||
+        nbytes > data_bytes)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %sdtype %s x shape %s is more than data_bytes (%" PRIu64 ")",
+                             c->fname, where, moe_dtype_name(t->dtype),
+                             moe_shape_text(t->shape, t->ndim, sb, sizeof(sb)), data_bytes);
+
+    r = key_uint(c, v, where, "nbytes", data_bytes, &t->nbytes);
+    if (r < 0)
+        return r;
+    if (t->nbytes != nbytes)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'nbytes' is %" PRIu64 ": expected dtype %s x shape %s = "
+                             "%" PRIu64,
+                             c->fname, where, t->nbytes, moe_dtype_name(t->dtype),
+                             moe_shape_text(t->shape, t->ndim, sb, sizeof(sb)), nbytes);
+    r = key_uint(c, v, where, "offset", data_bytes, &offset);
+    if (r < 0)
+        return r;
+    /* Both are at most data_bytes <= 2^50: no overflow. */
+    end = offset + nbytes;
+    if (end > data_bytes)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %sbytes [%" PRIu64 ", %" PRIu64 ") run past data_bytes "
+                             "(%" PRIu64 ")",
+                             c->fname, where, offset, end, data_bytes);
+    t->offset = offset;
+    return key_hex(c, v, where, &p->xxh3);
+}
+
+/* Parses experts[i] into e. */
+static int parse_expert(const struct pctx *c, json_t *v, size_t i, uint64_t data_bytes,
+                        struct moe_pack_entry *e)
+{
+    char where[64], vb[VALUE_TEXT_MAX];
+    uint64_t layer, expert;
+    int r;
+
+    snprintf(where, sizeof(where), "experts[%zu]: ", i);
+    if (!json_is_object(v))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %sis %s (%s): expected an object with layer, expert, offset, "
+                             "nbytes and xxh3",
+                             c->fname, where, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
+    r = key_uint(c, v, where, "layer", MOE_MAX_LAYERS - 1, &layer);
+    if (r == 0)
+        r = key_uint(c, v, where, "expert", MOE_MAX_EXPERTS - 1, &expert);
+    if (r < 0)
+        return r;
+    e->layer = (int)layer;
+    e->expert = (int)expert;
+    snprintf(where, sizeof(where), "experts[%zu] (layer %d expert %d): ", i, e->layer, e->expert);
+    r = key_uint(c, v, where, "offset", data_bytes, &e->offset);
+    if (r == 0)
+        r = key_uint(c, v, where, "nbytes", data_bytes, &e->nbytes);
+    if (r < 0)
+        return r;
+    if (e->offset % MOE_PACK_ALIGN != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'offset' is %" PRIu64 ": expected a multiple of %u", c->fname,
+                             where, e->offset, MOE_PACK_ALIGN);
+    if (e->nbytes == 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %s'nbytes' is 0: expected the bytes of its gate, up and down",
+                             c->fname, where);
+    if (e->offset + e->nbytes > data_bytes)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: %sbytes [%" PRIu64 ", %" PRIu64 ") run past data_bytes "
+                             "(%" PRIu64 ")",
+                             c->fname, where, e->offset, e->offset + e->nbytes, data_bytes);
+    return key_hex(c, v, where, &e->xxh3);
+}
+
+static int parse_source(const struct pctx *c, json_t *root)
+{
+    json_t *src = json_object_get(root, "source"), *files, *f;
+    char where[64], vb[VALUE_TEXT_MAX];
+    const char *name;
+    uint64_t size;
+    size_t i;
+    int r;
+
+    if (!src || !json_is_object(src))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'source' is %s: expected an object {\"files\": [{\"name\", "
+                             "\"size\"}, ...]}",
+                             c->fname, src ? moe_json_text(src, vb, sizeof(vb)) : "missing");
+    files = json_object_get(src, "files");
+    if (!files || !json_is_array(files))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'source.files' is %s: expected an array of {\"name\", "
+                             "\"size\"}",
+                             c->fname, files ? moe_json_text(files, vb, sizeof(vb)) : "missing");
+    json_array_foreach(files, i, f)
+    {
+        snprintf(where, sizeof(where), "source.files[%zu]: ", i);
+        if (!json_is_object(f))
+            return moe_error_set(c->err, -EINVAL, "%s: %sis %s: expected {\"name\", \"size\"}",
+                                 c->fname, where, moe_json_text(f, vb, sizeof(vb)));
+        r = key_str(c, f, where, "name", "a file name", &name);
+        if (r == 0)
+            r = key_uint(c, f, where, "size", INT64_MAX, &size);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* NULL when s is a plain file name, else what is wrong with it. */
+static const char *data_name_problem(const char *s)
+{
+    if (!*s)
+        return "an empty name";
+    if (strchr(s, '/'))
+        return "a path, not a plain file name in the store's directory";
+    if (strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
+        return "a directory, not a file name";
+    if (strlen(s) > 255)
+        return "longer than a file name can be";
+    return NULL;
+}
+
+/* The checks across entries: overlaps, containment, duplicates. */
+static int check_layout(const struct pctx *c, struct ptensor *pt, size_t nt,
+                        struct moe_pack_entry *ex, size_t ne)
+{
+    struct ptensor **by_off;
+    size_t j = 0;
+    int r = 0;
+
+    /* Blobs: by offset, no overlap. */
+    qsort(ex, ne, sizeof(*ex), cmp_entry_offset);
+    for (size_t i = 1; i < ne; i++)
+        if (ex[i].offset < ex[i - 1].offset + ex[i - 1].nbytes)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: experts: layer %d expert %d [%" PRIu64 ", %" PRIu64
+                                 ") and layer %d expert %d [%" PRIu64 ", %" PRIu64 ") overlap",
+                                 c->fname, ex[i - 1].layer, ex[i - 1].expert, ex[i - 1].offset,
+                                 ex[i - 1].offset + ex[i - 1].nbytes, ex[i].layer, ex[i].expert,
+                                 ex[i].offset, ex[i].offset + ex[i].nbytes);
+
+    by_off = malloc(nt * sizeof(*by_off));
+    if (!by_off)
+        return moe_error_set(c->err, -ENOMEM, "%s: out of memory for %zu tensors", c->fname, nt);
+    for (size_t i = 0; i < nt; i++)
+        by_off[i] = &pt[i];
+    qsort(by_off, nt, sizeof(*by_off), cmp_ptensor_offset);
+    for (size_t i = 0; i < nt; i++) {
+        const struct moe_st_tensor *t = &by_off[i]->t;
+        uint64_t end = t->offset + t->nbytes;
+
+        if (i > 0) {
+            const struct moe_st_tensor *p = &by_off[i - 1]->t;
+
+            if (t->offset < p->offset + p->nbytes) {
+                r = moe_error_set(c->err, -EINVAL,
+                                  "%s: tensors: '%s' [%" PRIu64 ", %" PRIu64 ") and '%s' [%" PRIu64
+                                  ", %" PRIu64 ") overlap",
+                                  c->fname, p->name, p->offset, p->offset + p->nbytes, t->name,
+                                  t->offset, end);
+                goto out;
+            }
+        }
+        /* The first blob ending after the tensor's start is the only one
+         * that can hold it (blobs are sorted and disjoint). */
+        while (j < ne && ex[j].offset + ex[j].nbytes <= t->offset)
+            j++;
+        if (j < ne && ex[j].offset < end) {
+            if (t->offset < ex[j].offset || end > ex[j].offset + ex[j].nbytes) {
+                r = moe_error_set(c->err, -EINVAL,
+                                  "%s: tensors: '%s' [%" PRIu64 ", %" PRIu64
+                                  ") straddles the edge of the blob of layer %d expert %d "
+                                  "[%" PRIu64 ", %" PRIu64
+                                  "): expected it wholly inside or outside",
+                                  c->fname, t->name, t->offset, end, ex[j].layer, ex[j].expert,
+                                  ex[j].offset, ex[j].offset + ex[j].nbytes);
+                goto out;
+            }
+        } else if (t->offset % MOE_PACK_ALIGN != 0) {
+            r = moe_error_set(c->err, -EINVAL,
+                              "%s: tensors: '%s': 'offset' is %" PRIu64
+                              ": expected a multiple of %u (a tensor outside any expert blob "
+                              "starts aligned)",
+                              c->fname, t->name, t->offset, MOE_PACK_ALIGN);
+            goto out;
+        }
+    }
+
+    qsort(ex, ne, sizeof(*ex), cmp_entry_key);
+    for (size_t i = 1; i < ne; i++) {
+        if (cmp_entry_key(&ex[i - 1], &ex[i]) == 0) {
+            r = moe_error_set(c->err, -EINVAL,
+                              "%s: experts: layer %d expert %d is listed twice (at offsets "
+                              "%" PRIu64 " and %" PRIu64 "): expected one entry per expert",
+                              c->fname, ex[i].layer, ex[i].expert,
+                              MOE_MIN(ex[i - 1].offset, ex[i].offset),
+                              MOE_MAX(ex[i - 1].offset, ex[i].offset));
+            goto out;
+        }
+    }
+out:
+    free(by_off);
+    return r;
+}
+
+void moe_pack_index_clear(struct moe_pack_index *ix)
+{
+    if (!ix)
+        return;
+    free(ix->data_name);
+    moe_st_header_free(ix->tensors);
+    free(ix->tensor_xxh3);
+    free(ix->experts);
+    memset(ix, 0, sizeof(*ix));
+}
+
+int moe_pack_index_parse(const char *json, size_t len, const char *fname,
+                         struct moe_pack_index *ret, struct moe_error *err)
+{
+    struct pctx c = {.fname = fname, .err = err};
+    struct moe_pack_index ix = {0};
+    struct ptensor *pt = NULL;
+    size_t nt = 0, ne, i;
+    json_t *root, *tens, *exps, *v;
+    json_error_t jerr;
+    char vb[VALUE_TEXT_MAX];
+    const char *s, *key, *why;
+    uint64_t x;
+    int r;
+
+    root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
+                             jerr.text, jerr.line, jerr.column);
+    if (!json_is_object(root)) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: is %s: expected a JSON object (a moed packed store's "
+                          "index)",
+                          fname, moe_json_kind(root));
+        goto fail;
+    }
+
+    r = key_str(&c, root, "", "format", "\"" MOE_PACK_FORMAT "\"", &s);
+    if (r < 0)
+        goto fail;
+    if (strcmp(s, MOE_PACK_FORMAT) != 0) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'format' is \"%.64s\": expected \"" MOE_PACK_FORMAT "\"", fname, s);
+        goto fail;
+    }
+    r = key_uint(&c, root, "", "version", INT64_MAX, &x);
+    if (r < 0)
+        goto fail;
+    if (x != MOE_PACK_VERSION) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'version' is %" PRIu64 ": this moed reads version %d; repack "
+                          "the model with this moectl",
+                          fname, x, MOE_PACK_VERSION);
+        goto fail;
+    }
+    r = key_uint(&c, root, "", "alignment", INT64_MAX, &x);
+    if (r < 0)
+        goto fail;
+    if (x != MOE_PACK_ALIGN) {
+        r = moe_error_set(err, -EINVAL, "%s: 'alignment' is %" PRIu64 ": expected %u", fname, x,
+                          MOE_PACK_ALIGN);
+        goto fail;
+    }
+    r = key_str(&c, root, "", "data", "the data file's name, \"" MOE_PACK_DATA "\"", &s);
+    if (r < 0)
+        goto fail;
+    why = data_name_problem(s);
+    if (why) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'data' is \"%.64s\": %s (expected \"" MOE_PACK_DATA "\")", fname, s,
+                          why);
+        goto fail;
+    }
+    ix.data_name = strdup(s);
+    if (!ix.data_name) {
+        r = moe_error_set(err, -ENOMEM, "%s: out of memory", fname);
+        goto fail;
+    }
+    r = key_uint(&c, root, "", "data_bytes", MOE_PACK_MAX_DATA, &ix.data_bytes);
+    if (r < 0)
+        goto fail;
+    if (ix.data_bytes % MOE_PACK_ALIGN != 0) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'data_bytes' is %" PRIu64 ": expected a multiple "
+                          "of %u",
+                          fname, ix.data_bytes, MOE_PACK_ALIGN);
+        goto fail;
+    }
+    r = parse_source(&c, root);
+    if (r < 0)
+        goto fail;
+
+    tens = json_object_get(root, "tensors");
+    if (!tens || !json_is_object(tens) || json_object_size(tens) == 0) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'tensors' is %s: expected an object of at least one tensor, "
+                          "{name: {\"dtype\", \"shape\", \"offset\", \"nbytes\", \"xxh3\"}}",
+                          fname, tens ? moe_json_text(tens, vb, sizeof(vb)) : "missing");
+        goto fail;
+    }
+    exps = json_object_get(root, "experts");
+    if (!exps || !json_is_array(exps) || json_array_size(exps) == 0) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: 'experts' is %s: expected an array of at least one "
+                          "{\"layer\", \"expert\", \"offset\", \"nbytes\", \"xxh3\"}",
+                          fname, exps ? moe_json_text(exps, vb, sizeof(vb)) : "missing");
+        goto fail;
+    }
+
+    pt = calloc(json_object_size(tens), sizeof(*pt));
+    if (!pt) {
+        r = moe_error_set(err, -ENOMEM, "%s: out of memory for %zu tensors", fname,
+                          json_object_size(tens));
+        goto fail;
+    }
+    json_object_foreach(tens, key, v)
+    {
+        pt[nt].t.name = strdup(key);
+        if (!pt[nt].t.name) {
+            r = moe_error_set(err, -ENOMEM, "%s: out of memory", fname);
+            goto fail;
+        }
+        /* Counted now so that a failure below frees the name. */
+        nt++;
+        r = parse_tensor(&c, v, ix.data_bytes, &pt[nt - 1]);
+        if (r < 0)
+            goto fail;
+    }
+
+    ne = json_array_size(exps);
+    ix.experts = calloc(ne, sizeof(*ix.experts));
+    if (!ix.experts) {
+        r = moe_error_set(err, -ENOMEM, "%s: out of memory for %zu experts", fname, ne);
+        goto fail;
+    }
+    json_array_foreach(exps, i, v)
+    {
+        r = parse_expert(&c, v, i, ix.data_bytes, &ix.experts[i]);
+        if (r < 0)
+            goto fail;
+    }
+    ix.n_experts = ne;
+    r = check_layout(&c, pt, nt, ix.experts, ne);
+    if (r < 0)
+        goto fail;
+
+    /* Hand the tensors over as a header sorted by name, as model.c looks
+     * them up, with their checksums in the same order. */
+    qsort(pt, nt, sizeof(*pt), cmp_ptensor_name);
+    ix.tensors = calloc(1, sizeof(*ix.tensors));
+    ix.tensor_xxh3 = calloc(nt, sizeof(*ix.tensor_xxh3));
+    if (ix.tensors)
+        ix.tensors->tensors = calloc(nt, sizeof(*ix.tensors->tensors));
+    if (!ix.tensors || !ix.tensor_xxh3 || !ix.tensors->tensors) {
+        r = moe_error_set(err, -ENOMEM, "%s: out of memory for %zu tensors", fname, nt);
+        goto fail;
+    }
+    ix.tensors->file_size = ix.data_bytes;
+    for (i = 0; i < nt; i++) {
+        ix.tensors->tensors[i] = pt[i].t;
+        ix.tensor_xxh3[i] = pt[i].xxh3;
+    }
+    ix.tensors->n_tensors = nt;
+    free(pt);
+    json_decref(root);
+    *ret = ix;
+    return 0;
+fail:
+    for (i = 0; i < nt; i++)
+        free(pt[i].t.name);
+    free(pt);
+    moe_pack_index_clear(&ix);
+    json_decref(root);
+    return r;
+}
+
+const struct moe_pack_entry *moe_pack_index_find(const struct moe_pack_index *ix, int layer,
+                                                 int expert)
+{
+    struct moe_pack_entry key = {.layer = layer, .expert = expert};
+
+    if (!ix->experts)
+        return NULL;
+    return bsearch(&key, ix->experts, ix->n_experts, sizeof(key), cmp_entry_key);
+}
+
+/* Reads and parses dir/moe-pack.json. */
+static int index_read(const char *dir, struct moe_pack_index *ret, struct moe_error *err)
+{
+    char *path = path_join(dir, MOE_PACK_INDEX), *buf = NULL;
+    size_t len;
+    int r;
+
+    if (!path)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    r = moe_read_file(path, MOE_PACK_INDEX_MAX, &buf, &len, err);
+    if (r == 0)
+        r = moe_pack_index_parse(buf, len, path, ret, err);
+    free(buf);
+    free(path);
+    return r;
+}
+
+/* ---- small file helpers ---------------------------------------------------- */
+
+static int write_all(int fd, const void *buf, size_t len, const char *path, struct moe_error *err)
+{
+    const char *p = buf;
+
+    while (len > 0) {
+        ssize_t n = write(fd, p, MOE_MIN(len, (size_t)1 << 30));
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return moe_error_set(err, -errno, "%s: write failed: %s", path, strerror(errno));
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int fsync_dir(const char *dir, struct moe_error *err)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), r = 0;
+
+    if (fd < 0)
+        return moe_error_set(err, -errno, "%s: cannot open the directory to sync it: %s", dir,
+                             strerror(errno));
+    if (fsync(fd) < 0)
+        r = moe_error_set(err, -errno, "%s: fsync of the directory failed: %s", dir,
+                          strerror(errno));
+    close(fd);
+    return r;
+}
+
+/* Writes len bytes to dir/name through dir/name.tmp: write, fsync, rename. */
+static int write_file_atomic(const char *dir, const char *name, const void *buf, size_t len,
+                             struct moe_error *err)
+{
+    char *path = path_join(dir, name), *tmp = NULL;
+    int fd = -1, r;
+
+    if (!path || asprintf(&tmp, "%s" TMP_SUFFIX, path) < 0) {
+        tmp = NULL;
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        r = moe_error_set(err, -errno, "%s: cannot create: %s", tmp, strerror(errno));
+        goto out;
+    }
+    r = write_all(fd, buf, len, tmp, err);
+    if (r == 0 && fsync(fd) < 0)
+        r = moe_error_set(err, -errno, "%s: fsync failed: %s", tmp, strerror(errno));
+    if (close(fd) < 0 && r == 0)
+        r = moe_error_set(err, -errno, "%s: close failed: %s", tmp, strerror(errno));
+    fd = -1;
+    if (r == 0 && rename(tmp, path) < 0)
+        r = moe_error_set(err, -errno, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+    if (r < 0)
+        unlink(tmp);
+out:
+    free(tmp);
+    free(path);
+    return r;
+}
+
+/* mkdir -p; *ret_made says whether the last component was created. */
+static int make_dirs(const char *dir, bool *ret_made, struct moe_error *err)
+{
+    char *p = strdup(dir);
+    struct stat st;
+    int r = 0;
+
+    *ret_made = false;
+    if (!p)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (char *s = p + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = 0;
+        if (mkdir(p, 0755) < 0 && errno != EEXIST) {
+            r = moe_error_set(err, -errno, "%s: cannot create directory: %s", p, strerror(errno));
+            goto out;
+        }
+        *s = '/';
+    }
+    if (mkdir(p, 0755) == 0) {
+        *ret_made = true;
+    } else if (errno != EEXIST) {
+        r = moe_error_set(err, -errno, "%s: cannot create directory: %s", p, strerror(errno));
+    } else if (stat(p, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        r = moe_error_set(err, -ENOTDIR, "%s: exists and is not a directory", p);
+    }
+out:
+    free(p);
+    return r;
+}
+
+static bool exists_in(const char *dir, const char *name)
+{
+    char *p = path_join(dir, name);
+    struct stat st;
+    bool yes;
+
+    if (!p)
+        return false;
+    yes = lstat(p, &st) == 0;
+    free(p);
+    return yes;
+}
+
+static void unlink_in(const char *dir, const char *name)
+{
+    char *p = path_join(dir, name);
+
+    if (p)
+        unlink(p);
+    free(p);
+}
+
+/* ---- writing ---------------------------------------------------------------- */
+
+/* One tensor to write: where it comes from and where it goes. */
+struct item {
+    const struct moe_tensor_ref *t;
+    int layer;       /* MoE layer it belongs to */
+    int expert;      /* routed expert whose blob holds it, or -1 */
+    uint64_t offset; /* in experts.bin */
+};
+
+/* experts.bin being written: a buffer of the bytes from pos on. */
+struct writer {
+    const struct moe_model *m;
+    int fd;
+    const char *path;
+    uint8_t *buf;
+    size_t cap, fill;
+    uint64_t pos;      /* file offset of buf[0] */
+    uint64_t prev_at;  /* the previous flushed range, whose writeback ... */
+    uint64_t prev_len; /* ... the next flush waits for */
+    struct moe_error *err;
+};
+
+static int w_flush(struct writer *w)
+{
+    int r;
+
+    if (w->fill == 0)
+        return 0;
+    r = write_all(w->fd, w->buf, w->fill, w->path, w->err);
+    if (r < 0)
+        return r;
+    /* Start writeback of what was just written, wait for the previous
+     * buffer's and drop it from the page cache: dirty pages stay within two
+     * buffers, and a model larger than memory does not evict everything
+     * else.  Best effort: where unsupported (tmpfs, some FUSE) fsync at the
+     * end still makes the data durable. */
+    (void)sync_file_range(w->fd, (off_t)w->pos, (off_t)w->fill, SYNC_FILE_RANGE_WRITE);
+    if (w->prev_len) {
+        (void)sync_file_range(w->fd, (off_t)w->prev_at, (off_t)w->prev_len,
+                              SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                  SYNC_FILE_RANGE_WAIT_AFTER);
+        (void)posix_fadvise(w->fd, (off_t)w->prev_at, (off_t)w->prev_len, POSIX_FADV_DONTNEED);
+    }
+    w->prev_at = w->pos;
+    w->prev_len = w->fill;
+    w->pos += w->fill;
+    w->fill = 0;
+    return 0;
+}
+
+/* Zeros up to file offset off. */
+static int w_pad(struct writer *w, uint64_t off)
+{
+    while (w->pos + w->fill < off) {
+        size_t n;
+
+        if (w->fill == w->cap) {
+            int r = w_flush(w);
+
+            if (r < 0)
+                return r;
+        }
+        n = (size_t)MOE_MIN(off - (w->pos + w->fill), (uint64_t)(w->cap - w->fill));
+        memset(w->buf + w->fill, 0, n);
+        w->fill += n;
+    }
+    return 0;
+}
+
+/* Appends tensor t, read from the model in pieces, hashing it into ts and
+ * (when not NULL) the blob's es. */
+static int w_tensor(struct writer *w, const struct moe_tensor_ref *t, XXH3_state_t *ts,
+                    XXH3_state_t *es)
+{
+    const struct moe_model_file *f = &w->m->files[t->file];
+    uint64_t done = 0;
+
+    while (done < t->nbytes) {
+        size_t n;
+        int64_t got;
+
+        if (w->fill == w->cap) {
+            int r = w_flush(w);
+
+            if (r < 0)
+                return r;
+        }
+        n = (size_t)MOE_MIN(t->nbytes - done, (uint64_t)(w->cap - w->fill));
+        got = moe_pread_full(f->fd, w->buf + w->fill, n, t->offset + done);
+        if (got < 0)
+            return moe_error_set(w->err, (int)got,
+                                 "%s: tensor '%s': read at offset %" PRIu64 " failed: %s", f->path,
+                                 t->name, t->offset + done, strerror((int)-got));
+        if ((size_t)got < n)
+            return moe_error_set(w->err, -EIO,
+                                 "%s: tensor '%s': short read at offset %" PRIu64
+                                 ": file truncated since it was opened?",
+                                 f->path, t->name, t->offset + done + (uint64_t)got);
+        XXH3_64bits_update(ts, w->buf + w->fill, n);
+        if (es)
+            XXH3_64bits_update(es, w->buf + w->fill, n);
+        w->fill += n;
+        done += n;
+    }
+    return 0;
+}
+
+static void hex64(uint64_t x, char buf[17])
+{
+    snprintf(buf, 17, "%016" PRIx64, x);
+}
+
+/* Adds item's entry to the "tensors" object, with the shape exactly as the
+ * model's header has it. */
+static int index_add_tensor(const struct moe_model *m, json_t *tensors, const struct item *it,
+                            uint64_t xxh3)
+{
+    const struct moe_tensor_ref *t = it->t;
+    const struct moe_st_tensor *h = moe_st_header_find(m->headers[t->file], t->name);
+    json_t *shape = json_array(), *e;
+    char hex[17];
+
+    /* Every ref of an open model points into its headers. */
+    if (!h || !shape) {
+        json_decref(shape);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < h->ndim; i++)
+        if (json_array_append_new(shape, json_integer(h->shape[i])) < 0) {
+            json_decref(shape);
+            return -ENOMEM;
+        }
+    hex64(xxh3, hex);
+    e = json_pack("{s:s, s:o, s:I, s:I, s:s}", "dtype", moe_dtype_name(t->dtype), "shape", shape,
+                  "offset", (json_int_t)it->offset, "nbytes", (json_int_t)t->nbytes, "xxh3", hex);
+    if (!e || json_object_set_new(tensors, t->name, e) < 0)
+        return -ENOMEM;
+    return 0;
+}
+
+/* Lists the tensors to write, in file order, with their offsets; returns the
+ * count, and sets *ret_end to the end of the last (aligned). */
+static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_end)
+{
+    uint64_t pos = 0;
+    size_t n = 0;
+
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        const struct moe_layer *L = &m->layers[i];
+
+        if (!L->is_moe)
+            continue;
+        for (int e = 0; e < m->cfg.n_experts; e++) {
+            const struct moe_expert_ref *x = &L->experts[e];
+            const struct moe_tensor_ref *parts[3] = {&x->gate, &x->up, &x->down};
+
+            pos = align_up(pos);
+            for (int k = 0; k < 3; k++) {
+                items[n++] = (struct item){parts[k], i, e, pos};
+                pos += parts[k]->nbytes;
+            }
+        }
+    }
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        const struct moe_layer *L = &m->layers[i];
+        const struct moe_tensor_ref *others[6];
+        int k = 0;
+
+        if (!L->is_moe)
+            continue;
+        others[k++] = &L->router;
+        if (L->has_bias)
+            others[k++] = &L->bias;
+        if (L->has_shared) {
+            others[k++] = &L->shared.gate;
+            others[k++] = &L->shared.up;
+            others[k++] = &L->shared.down;
+        }
+        if (L->has_shared_gate)
+            others[k++] = &L->shared_gate;
+        for (int j = 0; j < k; j++) {
+            pos = align_up(pos);
+            items[n++] = (struct item){others[j], i, -1, pos};
+            pos += others[j]->nbytes;
+        }
+    }
+    *ret_end = align_up(pos);
+    return n;
+}
+
+/* Refuses out_dir when it is the checkpoint's directory or holds a store or
+ * a checkpoint; removes an old store's index when overwriting. */
+static int check_out_dir(const struct moe_model *m, const char *out_dir, bool overwrite,
+                         struct moe_error *err)
+{
+    static const char *const ckpt[] = {"model.safetensors", "model.safetensors.index.json"};
+    struct stat a, b;
+    char *p;
+    int r;
+
+    if (stat(out_dir, &a) == 0 && stat(m->dir, &b) == 0 && a.st_dev == b.st_dev &&
+        a.st_ino == b.st_ino)
+        return moe_error_set(err, -EINVAL,
+                             "%s: is the directory of the model being packed (%s): expected "
+                             "another directory for the store",
+                             out_dir, m->dir);
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(ckpt); i++)
+        if (exists_in(out_dir, ckpt[i]))
+            return moe_error_set(err, -EEXIST,
+                                 "%s: holds a checkpoint (%s): expected an empty directory or "
+                                 "a packed store",
+                                 out_dir, ckpt[i]);
+    if (!exists_in(out_dir, MOE_PACK_INDEX))
+        return 0;
+    if (!overwrite)
+        return moe_error_set(err, -EEXIST,
+                             "%s: already holds a packed store (%s): remove it, or overwrite it "
+                             "(moectl pack --force)",
+                             out_dir, MOE_PACK_INDEX);
+    /* From here the directory is not a store until the new index lands. */
+    p = path_join(out_dir, MOE_PACK_INDEX);
+    if (!p)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    r = unlink(p) < 0
+            ? moe_error_set(err, -errno, "%s: cannot remove the old index: %s", p, strerror(errno))
+            : 0;
+    free(p);
+    return r == 0 ? fsync_dir(out_dir, err) : r;
+}
+
+static json_t *index_root(const struct moe_model *m, uint64_t data_bytes)
+{
+    json_t *files = json_array(), *root;
+
+    if (!files)
+        return NULL;
+    for (size_t i = 0; i < m->n_files; i++) {
+        json_t *f =
+            json_pack("{s:s, s:I}", "name", m->files[i].name, "size", (json_int_t)m->files[i].size);
+
+        if (!f || json_array_append_new(files, f) < 0) {
+            json_decref(files);
+            return NULL;
+        }
+    }
+    root = json_pack("{s:s, s:i, s:i, s:s, s:I, s:{s:o}, s:{}, s:[]}", "format", MOE_PACK_FORMAT,
+                     "version", MOE_PACK_VERSION, "alignment", (int)MOE_PACK_ALIGN, "data",
+                     MOE_PACK_DATA, "data_bytes", (json_int_t)data_bytes, "source", "files", files,
+                     "tensors", "experts");
+    return root;
+}
+
+int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrite,
+                   moe_pack_progress_fn progress, void *ctx, struct moe_error *err)
+{
+    struct writer w = {.m = m, .fd = -1, .err = err};
+    XXH3_state_t *ts = XXH3_createState(), *es = XXH3_createState();
+    struct item *items = NULL;
+    json_t *root = NULL, *tensors, *experts;
+    char *data_path = NULL, *cfg_path = NULL, *cfg = NULL, *text = NULL, hex[17];
+    /* What a failure removes: only what this call wrote. */
+    bool made_dir = false, wrote_cfg = false, wrote_data = false, wrote_index = false;
+    size_t n_items = 0, cap_items, cfg_len;
+    uint64_t data_bytes;
+    int r;
+
+    if (!ts || !es) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = make_dirs(out_dir, &made_dir, err);
+    if (r < 0)
+        goto fail;
+    r = check_out_dir(m, out_dir, overwrite, err);
+    if (r < 0)
+        goto fail;
+
+    /* config.json, byte for byte. */
+    cfg_path = path_join(m->dir, CONFIG_NAME);
+    if (!cfg_path) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = moe_read_file(cfg_path, CONFIG_MAX_BYTES, &cfg, &cfg_len, err);
+    if (r < 0)
+        goto fail;
+    wrote_cfg = true;
+    r = write_file_atomic(out_dir, CONFIG_NAME, cfg, cfg_len, err);
+    if (r < 0)
+        goto fail;
+
+    /* Routed experts: 3 tensors each; others: at most 6 per layer. */
+    cap_items = (size_t)m->n_moe_layers * ((size_t)m->cfg.n_experts * 3 + 6);
+    items = calloc(cap_items ? cap_items : 1, sizeof(*items));
+    if (!items) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for %zu tensors", cap_items);
+        goto fail;
+    }
+    n_items = plan(m, items, &data_bytes);
+    root = index_root(m, data_bytes);
+    if (!root) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    tensors = json_object_get(root, "tensors");
+    experts = json_object_get(root, "experts");
+
+    data_path = path_join(out_dir, MOE_PACK_DATA);
+    w.cap = IO_BYTES;
+    w.buf = moe_alloc_aligned(w.cap);
+    if (!data_path || !w.buf) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for a %zu-byte buffer", w.cap);
+        goto fail;
+    }
+    w.path = data_path;
+    wrote_data = true;
+    w.fd = open(data_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (w.fd < 0) {
+        r = moe_error_set(err, -errno, "%s: cannot create: %s", data_path, strerror(errno));
+        goto fail;
+    }
+    for (size_t i = 0; i < n_items; i++) {
+        const struct item *it = &items[i];
+        bool first = it->expert >= 0 && it->t == &m->layers[it->layer].experts[it->expert].gate;
+        bool last = it->expert >= 0 && it->t == &m->layers[it->layer].experts[it->expert].down;
+
+        r = w_pad(&w, it->offset);
+        if (r < 0)
+            goto fail;
+        XXH3_64bits_reset(ts);
+        if (first)
+            XXH3_64bits_reset(es);
+        r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
+        if (r < 0)
+            goto fail;
+        if (index_add_tensor(m, tensors, it, XXH3_64bits_digest(ts)) < 0) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto fail;
+        }
+        if (last) {
+            const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
+            json_t *e;
+
+            hex64(XXH3_64bits_digest(es), hex);
+            e = json_pack("{s:i, s:i, s:I, s:I, s:s}", "layer", it->layer, "expert", it->expert,
+                          "offset", (json_int_t)items[i - 2].offset, "nbytes",
+                          (json_int_t)x->nbytes, "xxh3", hex);
+            if (!e || json_array_append_new(experts, e) < 0) {
+                r = moe_error_set(err, -ENOMEM, "out of memory");
+                goto fail;
+            }
+        }
+        if (progress && (it->expert < 0 || last))
+            progress(ctx, w.pos + w.fill, data_bytes);
+    }
+    r = w_pad(&w, data_bytes);
+    if (r == 0)
+        r = w_flush(&w);
+    if (r < 0)
+        goto fail;
+    if (progress)
+        progress(ctx, data_bytes, data_bytes);
+    if (fsync(w.fd) < 0) {
+        r = moe_error_set(err, -errno, "%s: fsync failed: %s", data_path, strerror(errno));
+        goto fail;
+    }
+    if (close(w.fd) < 0) {
+        w.fd = -1;
+        r = moe_error_set(err, -errno, "%s: close failed: %s", data_path, strerror(errno));
+        goto fail;
+    }
+    w.fd = -1;
+
+    /* The index last: its presence says the store is complete. */
+    text = json_dumps(root, JSON_INDENT(1));
+    if (!text) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for the index");
+        goto fail;
+    }
+    wrote_index = true;
+    r = write_file_atomic(out_dir, MOE_PACK_INDEX, text, strlen(text), err);
+    if (r == 0)
+        r = fsync_dir(out_dir, err);
+    if (r < 0)
+        goto fail;
+    r = 0;
+    goto out;
+fail:
+    if (w.fd >= 0)
+        close(w.fd);
+    w.fd = -1;
+    if (wrote_index)
+        unlink_in(out_dir, MOE_PACK_INDEX);
+    if (wrote_data)
+        unlink_in(out_dir, MOE_PACK_DATA);
+    if (wrote_cfg)
+        unlink_in(out_dir, CONFIG_NAME);
+    if (made_dir)
+        rmdir(out_dir);
+out:
+    free(text);
+    json_decref(root);
+    moe_free_aligned(w.buf);
+    free(data_path);
+    free(cfg);
+    free(cfg_path);
+    free(items);
+    XXH3_freeState(ts);
+    XXH3_freeState(es);
+    return r;
+}
+
+/* ---- verifying ------------------------------------------------------------- */
+
+/* A tensor of the index being verified. */
+struct vtensor {
+    const struct moe_st_tensor *t; /* in the index */
+    uint64_t xxh3;                 /* what the index says */
+    uint64_t got;                  /* what experts.bin has, once read */
+    int ck_file;                   /* checkpoint file, -1: not compared */
+    uint64_t ck_offset;            /* in that file */
+    bool differs;                  /* content differs from the checkpoint */
+    uint64_t differs_at;           /* first differing byte, from the tensor's start */
+    bool bad;                      /* counted as a mismatch */
+};
+
+struct verifier {
+    const struct moe_model *ck; /* NULL: no checkpoint */
+    struct moe_pack_report rep;
+    bool have_first;
+    uint64_t first_at; /* offset in experts.bin of the mismatch in err */
+    struct moe_error *err;
+};
+
+static int cmp_vtensor_offset(const void *a, const void *b)
+{
+    const struct vtensor *x = a, *y = b;
+
+    if (x->t->offset != y->t->offset)
+        return x->t->offset < y->t->offset ? -1 : 1;
+    return x->t->nbytes < y->t->nbytes ? -1 : x->t->nbytes > y->t->nbytes;
+}
+
+static void mismatch_at(struct verifier *v, uint64_t at, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Keeps, as err, the message of the mismatch at the lowest offset. */
+static void mismatch_at(struct verifier *v, uint64_t at, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (v->have_first && at >= v->first_at)
+        return;
+    v->have_first = true;
+    v->first_at = at;
+    if (!v->err)
+        return;
+    v->err->code = -EBADMSG;
+    va_start(ap, fmt);
+    vsnprintf(v->err->msg, sizeof(v->err->msg), fmt, ap);
+    va_end(ap);
+}
+
+/* What is wrong with a tensor read in full, in buf; false when nothing. */
+static bool tensor_problem(const struct verifier *v, const struct vtensor *t, char *buf, size_t len)
+{
+    char h1[17], h2[17];
+
+    if (t->got != t->xxh3) {
+        hex64(t->xxh3, h1);
+        hex64(t->got, h2);
+        snprintf(buf, len, "tensor '%s': checksum mismatch: index says %s, %s has %s", t->t->name,
+                 h1, MOE_PACK_DATA, h2);
+        return true;
+    }
+    if (t->differs) {
+        snprintf(buf, len,
+                 "tensor '%s': differs from the checkpoint's (%s) at byte %" PRIu64
+                 " of the tensor",
+                 t->t->name, v->ck->files[t->ck_file].path, t->differs_at);
+        return true;
+    }
+    return false;
+}
+
+/* Compares bytes [at, at + n) of tensor t (data in buf) with the checkpoint. */
+static int compare_piece(struct verifier *v, struct vtensor *t, uint64_t at, const uint8_t *buf,
+                         size_t n, uint8_t *ckbuf)
+{
+    const struct moe_model_file *f;
+    int64_t got;
+
+    if (t->ck_file < 0 || t->differs)
+        return 0;
+    f = &v->ck->files[t->ck_file];
+    got = moe_pread_full(f->fd, ckbuf, n, t->ck_offset + at);
+    if (got < 0)
+        return moe_error_set(v->err, (int)got, "%s: tensor '%s': read failed: %s", f->path,
+                             t->t->name, strerror((int)-got));
+    if ((size_t)got < n)
+        return moe_error_set(v->err, -EIO,
+                             "%s: tensor '%s': short read: file truncated since it was "
+                             "opened?",
+                             f->path, t->t->name);
+    if (memcmp(buf, ckbuf, n) != 0) {
+        size_t k = 0;
+
+        while (k < n && buf[k] == ckbuf[k])
+            k++;
+        t->differs = true;
+        t->differs_at = at + k;
+    }
+    return 0;
+}
+
+/* Looks a MoE tensor of the checkpoint up in the store's index. */
+static void want_in_store(struct verifier *v, const struct moe_st_header *h, int layer,
+                          const struct moe_tensor_ref *t)
+{
+    if (moe_st_header_find(h, t->name))
+        return;
+    v->rep.mismatches++;
+    mismatch_at(v, UINT64_MAX, "layer %d: the checkpoint's tensor '%s' is not in the store", layer,
+                t->name);
+}
+
+/*
+ * Compares config.json; looks up every tensor of the store in the checkpoint
+ * (same dtype and shape) and every MoE tensor of the checkpoint in the store.
+ * Mismatches are recorded; -errno only when a file cannot be read.
+ */
+static int match_checkpoint(struct verifier *v, const char *pack_dir, const char *ck_dir,
+                            struct vtensor *vt, size_t nt, const struct moe_st_header *h)
+{
+    const struct moe_model *ck = v->ck;
+    char *p1 = path_join(pack_dir, CONFIG_NAME), *p2 = path_join(ck_dir, CONFIG_NAME);
+    char *c1 = NULL, *c2 = NULL, s1[128], s2[128];
+    size_t l1, l2;
+    int r;
+
+    if (!p1 || !p2) {
+        r = moe_error_set(v->err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    r = moe_read_file(p1, CONFIG_MAX_BYTES, &c1, &l1, v->err);
+    if (r == 0)
+        r = moe_read_file(p2, CONFIG_MAX_BYTES, &c2, &l2, v->err);
+    if (r < 0)
+        goto out;
+    if (l1 != l2 || memcmp(c1, c2, l1) != 0) {
+        v->rep.mismatches++;
+        mismatch_at(v, 0, "%s differs from the checkpoint's %s", p1, p2);
+    }
+
+    for (size_t i = 0; i < nt; i++) {
+        struct vtensor *t = &vt[i];
+        const struct moe_st_tensor *c = NULL;
+        size_t f;
+
+        for (f = 0; f < ck->n_files && !c; f++)
+            c = moe_st_header_find(ck->headers[f], t->t->name);
+        if (!c) {
+            t->bad = true;
+            v->rep.mismatches++;
+            mismatch_at(v, t->t->offset, "tensor '%s' is in the store but not in the checkpoint %s",
+                        t->t->name, ck_dir);
+            continue;
+        }
+        if (c->dtype != t->t->dtype || c->ndim != t->t->ndim ||
+            memcmp(c->shape, t->t->shape, sizeof(c->shape[0]) * (size_t)c->ndim) != 0) {
+            t->bad = true;
+            v->rep.mismatches++;
+            mismatch_at(v, t->t->offset, "tensor '%s': %s %s in the store, %s %s in the checkpoint",
+                        t->t->name, moe_dtype_name(t->t->dtype),
+                        moe_shape_text(t->t->shape, t->t->ndim, s1, sizeof(s1)),
+                        moe_dtype_name(c->dtype),
+                        moe_shape_text(c->shape, c->ndim, s2, sizeof(s2)));
+            continue;
+        }
+        t->ck_file = (int)(f - 1);
+        t->ck_offset = c->offset;
+    }
+
+    for (int i = 0; i < ck->cfg.n_layers; i++) {
+        const struct moe_layer *L = &ck->layers[i];
+
+        if (!L->is_moe)
+            continue;
+        want_in_store(v, h, i, &L->router);
+        if (L->has_bias)
+            want_in_store(v, h, i, &L->bias);
+        if (L->has_shared) {
+            want_in_store(v, h, i, &L->shared.gate);
+            want_in_store(v, h, i, &L->shared.up);
+            want_in_store(v, h, i, &L->shared.down);
+        }
+        if (L->has_shared_gate)
+            want_in_store(v, h, i, &L->shared_gate);
+        for (int e = 0; e < ck->cfg.n_experts; e++) {
+            want_in_store(v, h, i, &L->experts[e].gate);
+            want_in_store(v, h, i, &L->experts[e].up);
+            want_in_store(v, h, i, &L->experts[e].down);
+        }
+    }
+    r = 0;
+out:
+    free(c1);
+    free(c2);
+    free(p1);
+    free(p2);
+    return r;
+}
+
+/* Reports a routed expert's blob read in full; first_bad: its first bad
+ * tensor, or NULL. */
+static void blob_done(struct verifier *v, const struct moe_pack_entry *x, uint64_t got,
+                      const struct vtensor *first_bad)
+{
+    char why[MOE_ERROR_MSG_MAX / 2] = "", h1[17], h2[17];
+
+    if (first_bad)
+        tensor_problem(v, first_bad, why, sizeof(why));
+    if (got != x->xxh3) {
+        /* The bad tensor, if any, was counted: one mismatch, not two. */
+        if (!first_bad)
+            v->rep.mismatches++;
+        hex64(x->xxh3, h1);
+        hex64(got, h2);
+        mismatch_at(v, x->offset,
+                    "layer %d expert %d: checksum mismatch: index says %s, %s has %s%s%s%s",
+                    x->layer, x->expert, h1, MOE_PACK_DATA, h2, first_bad ? " (" : "", why,
+                    first_bad ? ")" : "");
+    } else if (first_bad) {
+        mismatch_at(v, x->offset, "layer %d expert %d: %s", x->layer, x->expert, why);
+    }
+    v->rep.experts_checked++;
+}
+
+int moe_pack_verify(const char *pack_dir, const char *checkpoint_dir, struct moe_pack_report *rep,
+                    moe_pack_progress_fn progress, void *ctx, struct moe_error *err)
+{
+    struct verifier v = {.err = err};
+    struct moe_pack_index ix = {0};
+    struct moe_model *pm = NULL, *ck = NULL;
+    struct vtensor *vt = NULL;
+    const struct vtensor **blob_bad = NULL; /* [n_experts]: first bad tensor of each blob */
+    XXH3_state_t *ts = XXH3_createState(), *es = XXH3_createState();
+    uint8_t *buf = NULL, *ckbuf = NULL;
+    size_t nt = 0, ne, ti = 0, xj = 0, ei = 0;
+    const char *data_path;
+    int fd, r;
+
+    if (!ts || !es) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    /* Structure first: everything moe_model_open checks for serving. */
+    r = moe_model_open(pack_dir, &pm, err);
+    if (r < 0)
+        goto out;
+    if (!pm->packed) {
+        r = moe_error_set(err, -EINVAL, "%s: no %s: not a packed store (moectl pack writes one)",
+                          pack_dir, MOE_PACK_INDEX);
+        goto out;
+    }
+    r = index_read(pack_dir, &ix, err);
+    if (r < 0)
+        goto out;
+    if (checkpoint_dir) {
+        r = moe_model_open(checkpoint_dir, &ck, err);
+        if (r < 0)
+            goto out;
+        v.ck = ck;
+    }
+    data_path = pm->files[0].path;
+    fd = pm->files[0].fd;
+    if (pm->files[0].size != ix.data_bytes) {
+        r = moe_error_set(err, -EINVAL,
+                          "%s: %" PRIu64 " bytes, but %s says data_bytes %" PRIu64
+                          ": changed while being verified?",
+                          data_path, pm->files[0].size, MOE_PACK_INDEX, ix.data_bytes);
+        goto out;
+    }
+
+    nt = ix.tensors->n_tensors;
+    ne = ix.n_experts;
+    vt = calloc(nt, sizeof(*vt));
+    blob_bad = calloc(ne, sizeof(*blob_bad));
+    buf = moe_alloc_aligned(IO_BYTES);
+    if (ck)
+        ckbuf = moe_alloc_aligned(IO_BYTES);
+    if (!vt || !blob_bad || !buf || (ck && !ckbuf)) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < nt; i++) {
+        vt[i].t = &ix.tensors->tensors[i];
+        vt[i].xxh3 = ix.tensor_xxh3[i];
+        vt[i].ck_file = -1;
+    }
+    if (ck) {
+        r = match_checkpoint(&v, pack_dir, checkpoint_dir, vt, nt, ix.tensors);
+        if (r < 0)
+            goto out;
+    }
+    /* Tensors and blobs in file order, as experts.bin is read (the index
+     * keeps blobs by key; nothing looks them up below). */
+    qsort(vt, nt, sizeof(*vt), cmp_vtensor_offset);
+    qsort(ix.experts, ne, sizeof(*ix.experts), cmp_entry_offset);
+
+    XXH3_64bits_reset(ts);
+    XXH3_64bits_reset(es);
+    for (uint64_t a = 0;; a += IO_BYTES) {
+        uint64_t b = MOE_MIN(a + IO_BYTES, ix.data_bytes);
+        int64_t got;
+
+        got = moe_pread_full(fd, buf, (size_t)(b - a), a);
+        if (got < 0) {
+            r = moe_error_set(err, (int)got, "%s: read at offset %" PRIu64 " failed: %s", data_path,
+                              a, strerror((int)-got));
+            goto out;
+        }
+        if ((uint64_t)got < b - a) {
+            r = moe_error_set(err, -EIO,
+                              "%s: short read at offset %" PRIu64
+                              ": file truncated since it was opened?",
+                              data_path, a + (uint64_t)got);
+            goto out;
+        }
+        v.rep.bytes_checked += b - a;
+
+        /* Every tensor starting before b (at b, if b is the end: an empty
+         * tensor there), up to the first that runs on past b. */
+        while (ti < nt && (vt[ti].t->offset < b || b == ix.data_bytes)) {
+            struct vtensor *t = &vt[ti];
+            uint64_t end = t->t->offset + t->t->nbytes, s = MOE_MAX(a, t->t->offset),
+                     e = MOE_MIN(b, end);
+            char why[MOE_ERROR_MSG_MAX / 2];
+
+            if (e > s) {
+                XXH3_64bits_update(ts, buf + (s - a), (size_t)(e - s));
+                r = compare_piece(&v, t, s - t->t->offset, buf + (s - a), (size_t)(e - s), ckbuf);
+                if (r < 0)
+                    goto out;
+            }
+            if (end > b)
+                break;
+            t->got = XXH3_64bits_digest(ts);
+            XXH3_64bits_reset(ts);
+            v.rep.tensors_checked++;
+            ti++;
+            if (!tensor_problem(&v, t, why, sizeof(why)))
+                continue;
+            if (!t->bad)
+                v.rep.mismatches++;
+            t->bad = true;
+            /* Inside a routed expert's blob: reported with the blob. */
+            while (xj < ne && ix.experts[xj].offset + ix.experts[xj].nbytes <= t->t->offset)
+                xj++;
+            if (xj < ne && ix.experts[xj].offset <= t->t->offset &&
+                end <= ix.experts[xj].offset + ix.experts[xj].nbytes) {
+                if (!blob_bad[xj])
+                    blob_bad[xj] = t;
+            } else {
+                mismatch_at(&v, t->t->offset, "%s", why);
+            }
+        }
+        while (ei < ne && ix.experts[ei].offset < b) {
+            const struct moe_pack_entry *x = &ix.experts[ei];
+            uint64_t end = x->offset + x->nbytes, s = MOE_MAX(a, x->offset), e = MOE_MIN(b, end);
+
+            XXH3_64bits_update(es, buf + (s - a), (size_t)(e - s));
+            if (end > b)
+                break;
+            blob_done(&v, x, XXH3_64bits_digest(es), blob_bad[ei]);
+            XXH3_64bits_reset(es);
+            ei++;
+            if (progress)
+                progress(ctx, end, ix.data_bytes);
+        }
+        if (progress)
+            progress(ctx, b, ix.data_bytes);
+        if (b == ix.data_bytes)
+            break;
+    }
+    r = v.rep.mismatches > 0 ? -EBADMSG : 0;
+out:
+    if (rep)
+        *rep = v.rep;
+    moe_free_aligned(buf);
+    moe_free_aligned(ckbuf);
+    free(blob_bad);
+    free(vt);
+    moe_pack_index_clear(&ix);
+    moe_model_free(pm);
+    moe_model_free(ck);
+    XXH3_freeState(ts);
+    XXH3_freeState(es);
+    return r;
+}
