@@ -82,6 +82,9 @@ struct moe_cache_config {
     int prefetch_max;        /* experts prefetched per observed batch; 0: 2 * top_k */
     double half_life;        /* freq and routing decay, in uses of a layer; 0: 32 */
     bool simulate;           /* no memory, no I/O (cache-sim) */
+    bool register_buffers;   /* register the host tier with io_uring as fixed
+                              * buffers: faster reads, but the whole capacity
+                              * is locked in memory at start */
     struct moe_pager_config pager;
 };
 
@@ -102,8 +105,8 @@ int moe_cache_push_tier(struct moe_cache *c, struct moe_tier *t, struct moe_erro
  * Registers a model: its files with the pager, a table of its experts.  The
  * model must outlive its registration.  *ret: the model's id in this cache.
  */
-int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const char *name,
-                        int *ret, struct moe_error *err);
+int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const char *name, int *ret,
+                        struct moe_error *err);
 /* For simulation: a model known by its shape only (no files). */
 int moe_cache_add_shape(struct moe_cache *c, const char *name, int n_layers, int n_experts,
                         int top_k, uint64_t expert_bytes, int *ret, struct moe_error *err);
@@ -113,12 +116,13 @@ int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err
 /* A batch's hold on one expert. */
 struct moe_cache_ref {
     int32_t expert;
-    int status; /* 0 ready; -EINPROGRESS paging in; -ENOSPC no room now
-                 * (everything evictable is pinned: release, then acquire
-                 * again); other -errno: failed (moe_cache_wait says why) */
-    bool hit;   /* resident when acquired */
+    int status;                  /* 0 ready; -EINPROGRESS paging in; -ENOSPC no room now
+                                  * (everything evictable is pinned: release, then acquire
+                                  * again); other -errno: failed (moe_cache_wait says why) */
+    bool hit;                    /* resident when acquired */
     struct moe_expert_weights w; /* valid once status is 0 */
     void *entry_;                /* private */
+    bool pinned_;                /* private: holds a pin */
 };
 
 /*
@@ -134,6 +138,9 @@ int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *
 /* Waits until ref is ready or failed; 0, or the page-in's -errno with err
  * saying what failed (file, offset, checksum ...). */
 int moe_cache_wait(struct moe_cache *c, struct moe_cache_ref *ref, struct moe_error *err);
+/* Non-blocking: true when ref is no longer -EINPROGRESS (its status and
+ * weights are then set). */
+bool moe_cache_ready(struct moe_cache *c, struct moe_cache_ref *ref);
 /* Unpins every ref that holds a pin (status 0 or -EINPROGRESS); a ref still
  * paging in keeps its page-in going. */
 void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n);
@@ -145,8 +152,8 @@ void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n);
  * previous MoE layer with the same token count) and, with prefetch on,
  * starts page-ins for the next MoE layer's predicted experts.
  */
-void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids,
-                       int n_tokens, int top_k);
+void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids, int n_tokens,
+                       int top_k);
 
 /* Operator calls.  pin: keep resident (paged in now if missing; waits for
  * it); unpin; evict: drop from every tier (-EBUSY if in use or
@@ -154,6 +161,7 @@ void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t 
 int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+/* retry returns the number of marks cleared. */
 int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 
 /* Changes capacities and policy at run time (the daemon's SIGHUP): evicts
@@ -174,9 +182,9 @@ struct moe_cache_counters {
     uint64_t prefetches;        /* prefetch page-ins started */
     uint64_t wasted_prefetches; /* prefetched, evicted unused */
     uint64_t evictions;
-    uint64_t page_ins;          /* page-ins completed */
-    uint64_t page_in_errors;    /* page-ins failed */
-    uint64_t bytes_paged;       /* bytes brought into the tier */
+    uint64_t page_ins;       /* page-ins completed */
+    uint64_t page_in_errors; /* page-ins failed */
+    uint64_t bytes_paged;    /* bytes brought into the tier */
 };
 
 /* Page-in latency: counts per power-of-two-microsecond bucket. */
@@ -184,7 +192,7 @@ struct moe_latency {
     uint64_t count;
     uint64_t sum_ns;
     uint64_t max_ns;
-    uint64_t p50_ns, p99_ns; /* estimated from the buckets */
+    uint64_t p50_ns, p99_ns;            /* estimated from the buckets */
     uint64_t buckets[MOE_HIST_BUCKETS]; /* bucket i: [2^i, 2^(i+1)) ns */
 };
 
@@ -208,6 +216,7 @@ struct moe_cache_expert_stats {
 
 struct moe_cache_model_stats {
     char name[64];
+    int id;
     int n_layers;
     int n_experts;
     uint64_t expert_bytes;

@@ -1,0 +1,1545 @@
+/*
+ * The expert cache (cache.h).
+ *
+ * Owns: the tiers (tier.h), one policy per tier (policy.h), the pager
+ * (pager.h), and per registered model a table of entries, one per (layer,
+ * expert), each with its slot in every tier, its pins, its bad mark, its
+ * pager job and its counters; plus the model's routing statistics (layer
+ * pass clocks, the next-layer co-occurrence table and the current forecast).
+ *
+ * Lock: c->lock guards everything but the counters (relaxed atomics, read
+ * without the lock by snapshots).  Page-in completions run on pager threads:
+ * they check the checksum without the lock, then take it to publish the
+ * result and wake waiters on c->cv.  The lock is never held across I/O.
+ *
+ * Page-in path: an expert missing from tier 0 is taken from the nearest
+ * lower tier holding it (upload), or read from its model file into the last
+ * tier (always host memory) and uploaded from there.  Room is made in each
+ * tier it enters before the read starts, so a completion never has to evict.
+ */
+#include "cache.h"
+
+#include "log.h"
+#include "model.h"
+#include "policy.h"
+#include "tier.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+enum slot_state { SLOT_ABSENT = 0, SLOT_LOADING, SLOT_RESIDENT };
+
+struct counters {
+    _Atomic uint64_t hits, misses, prefetch_hits, prefetches, wasted_prefetches, evictions,
+        page_ins, page_in_errors, bytes_paged;
+};
+
+struct tier_slot {
+    void *data;
+    uint8_t state;
+    struct moe_pnode node;
+};
+
+struct cmodel;
+
+struct centry {
+    struct cmodel *mod;
+    int layer, expert;
+    uint64_t bytes;   /* slot size in every tier */
+    uint64_t toff[3]; /* gate, up, down within the slot */
+    int n_segs;
+    struct moe_pager_seg segs[3]; /* layout: dst is an offset in the slot */
+    struct moe_pager_seg io[3];   /* the page-in in flight: dst an address */
+    uint32_t refs;                /* batch pins */
+    bool op_pinned;
+    bool loading;    /* a read or upload is in flight */
+    bool prefetched; /* brought in by a prefetch, not used yet */
+    bool bad;
+    int bad_code;
+    char *bad_msg;
+    uint64_t load_t0;
+    int load_tier; /* the tier the read goes to */
+    struct moe_pager_job job;
+    struct moe_cache *cache;
+    struct tier_slot *t; /* [n_tiers] */
+    struct counters ctr;
+};
+
+struct cmodel {
+    int id;
+    char name[64];
+    const struct moe_model *m; /* NULL for a shape */
+    int n_layers, n_experts, top_k;
+    int n_moe;
+    int *moe_idx;   /* [n_layers]: index among MoE layers, -1 dense */
+    int *moe_layer; /* [n_moe]: layer of each MoE index */
+    uint64_t expert_bytes;
+    int base_group;
+    int *pager_file;        /* [m->n_files] */
+    struct centry *entries; /* [n_layers * n_experts] */
+    double *passes;         /* [n_layers] */
+    int cur_idx;            /* MoE index of the layer acquired last, -1 none */
+    /* predictor */
+    float *cooc; /* [n_moe - 1][E][E]: expert at MoE layer i, then at i + 1 */
+    float *rows; /* [n_moe - 1][E] */
+    int32_t *prev_ids;
+    int prev_n, prev_idx, prev_cap;
+    double *pred; /* [E] forecast for MoE layer pred_idx */
+    int pred_idx;
+    _Atomic int bad_experts;
+};
+
+struct tier_state {
+    struct moe_tier *t;
+    uint64_t used;
+    uint64_t resident;
+    struct moe_policy policy;
+    struct counters ctr;
+    _Atomic uint64_t hist[MOE_HIST_BUCKETS];
+    _Atomic uint64_t lat_count, lat_sum, lat_max;
+};
+
+struct moe_cache {
+    struct moe_cache_config cfg;
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    int n_tiers;
+    struct tier_state tiers[MOE_CACHE_MAX_TIERS];
+    struct moe_pager *pager;
+    struct moe_policy_env env;
+    int n_models;
+    struct cmodel **models;
+    int n_groups;
+    struct cmodel **group_model; /* [n_groups] */
+    uint64_t prefetch_used;      /* bytes prefetched and not used yet */
+    int loading;                 /* entries with page-ins in flight */
+    struct counters total;
+};
+
+static inline void inc(_Atomic uint64_t *a, uint64_t v)
+{
+    atomic_fetch_add_explicit(a, v, memory_order_relaxed);
+}
+
+/* ---- policy environment ------------------------------------------------------------------- */
+
+static double env_distance(void *ctx, int group)
+{
+    struct moe_cache *c = ctx;
+    struct cmodel *mod = c->group_model[group];
+    int idx = mod->moe_idx[group - mod->base_group], d;
+
+    if (mod->cur_idx < 0 || idx < 0)
+        return mod->n_moe;
+    d = (idx - mod->cur_idx + mod->n_moe) % mod->n_moe;
+    return d == 0 ? mod->n_moe : d;
+}
+
+static double env_cycle(void *ctx, int group)
+{
+    struct moe_cache *c = ctx;
+
+    return MOE_MAX(1, c->group_model[group]->n_moe);
+}
+
+static double env_passes(void *ctx, int group)
+{
+    struct moe_cache *c = ctx;
+    struct cmodel *mod = c->group_model[group];
+
+    return mod->passes[group - mod->base_group];
+}
+
+static double env_predicted(void *ctx, int group, int expert)
+{
+    struct moe_cache *c = ctx;
+    struct cmodel *mod = c->group_model[group];
+    int idx = mod->moe_idx[group - mod->base_group];
+
+    if (!mod->pred || idx < 0 || idx != mod->pred_idx)
+        return -1.0;
+    return mod->pred[expert];
+}
+
+/* ---- creation ------------------------------------------------------------------------------ */
+
+int moe_cache_create(const struct moe_cache_config *cfg, struct moe_cache **ret,
+                     struct moe_error *err)
+{
+    struct moe_cache *c;
+    struct moe_tier *host;
+    int r;
+
+    if ((unsigned)cfg->policy >= MOE_POLICY_COUNT)
+        return moe_error_set(err, -EINVAL, "unknown cache policy %d", (int)cfg->policy);
+    if (cfg->half_life < 0 || isnan(cfg->half_life))
+        return moe_error_set(err, -EINVAL, "cache half-life %g: expected a positive number",
+                             cfg->half_life);
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    c->cfg = *cfg;
+    if (c->cfg.half_life == 0)
+        c->cfg.half_life = 32;
+    if (c->cfg.prefetch_bytes == 0)
+        c->cfg.prefetch_bytes = cfg->host_bytes / 4;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    c->env = (struct moe_policy_env){
+        .ctx = c,
+        .distance = env_distance,
+        .cycle = env_cycle,
+        .passes = env_passes,
+        .predicted = env_predicted,
+        .half_life = c->cfg.half_life,
+    };
+    r = moe_tier_host_create("host", cfg->host_bytes, cfg->simulate, &host, err);
+    if (r < 0)
+        goto fail;
+    c->tiers[0].t = host;
+    c->n_tiers = 1;
+    r = moe_policy_init(&c->tiers[0].policy, cfg->policy, &c->env);
+    if (r < 0) {
+        moe_error_set(err, r, "out of memory");
+        goto fail;
+    }
+    if (!cfg->simulate) {
+        struct moe_pager_config pc = cfg->pager;
+        struct iovec iov[64];
+        int n_iov = 0;
+
+        if (cfg->register_buffers) {
+            /* The kernel takes fixed buffers of at most 1 GiB each. */
+            for (uint64_t off = 0; off < host->span && n_iov < 64; off += 1ull << 30) {
+                iov[n_iov].iov_base = (uint8_t *)host->base + off;
+                iov[n_iov].iov_len = (size_t)MOE_MIN(1ull << 30, host->span - off);
+                n_iov++;
+            }
+            pc.regions = iov;
+            pc.n_regions = n_iov;
+        }
+        r = moe_pager_create(&pc, &c->pager, err);
+        if (r < 0)
+            goto fail;
+    }
+    *ret = c;
+    return 0;
+fail:
+    moe_cache_free(c);
+    return r;
+}
+
+static void model_free(struct moe_cache *c, struct cmodel *mod)
+{
+    if (!mod)
+        return;
+    if (mod->entries) {
+        for (int i = 0; i < mod->n_layers * mod->n_experts; i++) {
+            struct centry *e = &mod->entries[i];
+
+            if (!e->t)
+                continue;
+            for (int k = 0; k < c->n_tiers; k++) {
+                struct tier_state *ts = &c->tiers[k];
+
+                if (e->t[k].state != SLOT_ABSENT) {
+                    ts->t->ops->free(ts->t, e->t[k].data, e->bytes);
+                    ts->used -= e->bytes;
+                    ts->resident--;
+                }
+                if (e->t[k].node.resident)
+                    ts->policy.ops->remove(&ts->policy, &e->t[k].node);
+            }
+            if (e->prefetched)
+                c->prefetch_used -= e->bytes;
+            free(e->t);
+            free(e->bad_msg);
+        }
+    }
+    for (int g = 0; g < mod->n_layers; g++)
+        if (mod->base_group + g < c->n_groups)
+            c->group_model[mod->base_group + g] = NULL;
+    free(mod->entries);
+    free(mod->moe_idx);
+    free(mod->moe_layer);
+    free(mod->pager_file);
+    free(mod->passes);
+    free(mod->cooc);
+    free(mod->rows);
+    free(mod->prev_ids);
+    free(mod->pred);
+    free(mod);
+}
+
+void moe_cache_free(struct moe_cache *c)
+{
+    if (!c)
+        return;
+    /* The pager finishes its jobs first: their completions take c->lock. */
+    moe_pager_free(c->pager);
+    for (int i = 0; i < c->n_models; i++)
+        model_free(c, c->models[i]);
+    for (int k = 0; k < c->n_tiers; k++) {
+        moe_policy_clear(&c->tiers[k].policy);
+        moe_tier_destroy(c->tiers[k].t);
+    }
+    free(c->models);
+    free(c->group_model);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+struct moe_pager *moe_cache_pager(struct moe_cache *c)
+{
+    return c->pager;
+}
+
+int moe_cache_push_tier(struct moe_cache *c, struct moe_tier *t, struct moe_error *err)
+{
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    if (c->n_models > 0) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -EBUSY, "tier %s: tiers must be added before any model", t->name);
+    }
+    if (c->n_tiers == MOE_CACHE_MAX_TIERS) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -E2BIG, "tier %s: at most %d tiers", t->name,
+                             MOE_CACHE_MAX_TIERS);
+    }
+    memmove(&c->tiers[1], &c->tiers[0], (size_t)c->n_tiers * sizeof(c->tiers[0]));
+    memset(&c->tiers[0], 0, sizeof(c->tiers[0]));
+    c->tiers[0].t = t;
+    r = moe_policy_init(&c->tiers[0].policy, c->cfg.policy, &c->env);
+    if (r < 0) {
+        memmove(&c->tiers[0], &c->tiers[1], (size_t)c->n_tiers * sizeof(c->tiers[0]));
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, r, "out of memory");
+    }
+    /* The policies of the other tiers moved: their lists point at
+     * themselves. */
+    for (int k = 1; k <= c->n_tiers; k++) {
+        struct moe_policy *p = &c->tiers[k].policy;
+
+        if (p->lru.next == &c->tiers[k - 1].policy.lru || p->lru.next == NULL) {
+            p->lru.next = p->lru.prev = &p->lru;
+        } else {
+            p->lru.next->prev = &p->lru;
+            p->lru.prev->next = &p->lru;
+        }
+    }
+    c->n_tiers++;
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+/* ---- models -------------------------------------------------------------------------------- */
+
+static uint64_t align_up(uint64_t v)
+{
+    return (v + MOE_PAGER_ALIGN - 1) & ~(uint64_t)(MOE_PAGER_ALIGN - 1);
+}
+
+/*
+ * Lays out an expert's slot: the aligned spans of its three tensors, merged
+ * where they touch in one file, back to back; each tensor's offset inside.
+ */
+static void entry_layout(struct centry *e, const struct moe_expert_ref *x, const int *pager_file)
+{
+    const struct moe_tensor_ref *t[3] = {&x->gate, &x->up, &x->down};
+    int order[3] = {0, 1, 2};
+    uint64_t slot = 0;
+
+    /* sort by (file, offset) */
+    for (int i = 0; i < 3; i++)
+        for (int j = i + 1; j < 3; j++)
+            if (t[order[j]]->file < t[order[i]]->file ||
+                (t[order[j]]->file == t[order[i]]->file &&
+                 t[order[j]]->offset < t[order[i]]->offset)) {
+                int s = order[i];
+
+                order[i] = order[j];
+                order[j] = s;
+            }
+    e->n_segs = 0;
+    for (int i = 0; i < 3; i++) {
+        const struct moe_tensor_ref *r = t[order[i]];
+        uint64_t start, span;
+        struct moe_pager_seg *s = e->n_segs ? &e->segs[e->n_segs - 1] : NULL;
+
+        moe_pager_span(r->offset, r->nbytes, &start, &span);
+        if (s && s->file == pager_file[r->file] && start <= s->offset + s->len) {
+            uint64_t end = MOE_MAX(s->offset + s->len, start + span);
+
+            slot += end - (s->offset + s->len);
+            s->len = end - s->offset;
+            s->need = MOE_MAX(s->need, r->offset + r->nbytes - s->offset);
+        } else {
+            s = &e->segs[e->n_segs++];
+            s->file = pager_file[r->file];
+            s->offset = start;
+            s->len = span;
+            s->need = r->offset + r->nbytes - start;
+            s->dst = (void *)(uintptr_t)slot; /* offset in the slot */
+            slot += span;
+        }
+        e->toff[order[i]] = (uint64_t)(uintptr_t)s->dst + (r->offset - s->offset);
+    }
+    e->bytes = slot;
+}
+
+static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_error *err)
+{
+    size_t n = (size_t)mod->n_layers * (size_t)mod->n_experts;
+    struct cmodel **ms, **gm;
+    int k;
+
+    mod->entries = calloc(n, sizeof(*mod->entries));
+    mod->passes = calloc((size_t)mod->n_layers, sizeof(*mod->passes));
+    mod->moe_layer = calloc((size_t)MOE_MAX(1, mod->n_moe), sizeof(int));
+    mod->pred = calloc((size_t)mod->n_experts, sizeof(*mod->pred));
+    if (mod->n_moe > 1) {
+        mod->cooc =
+            calloc((size_t)(mod->n_moe - 1) * mod->n_experts * mod->n_experts, sizeof(float));
+        mod->rows = calloc((size_t)(mod->n_moe - 1) * mod->n_experts, sizeof(float));
+    }
+    if (!mod->entries || !mod->passes || !mod->moe_layer || !mod->pred ||
+        (mod->n_moe > 1 && (!mod->cooc || !mod->rows)))
+        return moe_error_set(err, -ENOMEM, "out of memory for the cache table of %s", mod->name);
+    for (int l = 0; l < mod->n_layers; l++)
+        if (mod->moe_idx[l] >= 0)
+            mod->moe_layer[mod->moe_idx[l]] = l;
+    mod->cur_idx = -1;
+    mod->pred_idx = -1;
+    mod->prev_idx = -1;
+    for (int l = 0; l < mod->n_layers; l++) {
+        for (int x = 0; x < mod->n_experts; x++) {
+            struct centry *e = &mod->entries[(size_t)l * mod->n_experts + x];
+
+            e->mod = mod;
+            e->layer = l;
+            e->expert = x;
+            e->cache = c;
+            if (mod->moe_idx[l] < 0)
+                continue;
+            e->t = calloc((size_t)c->n_tiers, sizeof(*e->t));
+            if (!e->t)
+                return moe_error_set(err, -ENOMEM, "out of memory for the cache table of %s",
+                                     mod->name);
+            for (k = 0; k < c->n_tiers; k++)
+                moe_pnode_init(&e->t[k].node, mod->base_group + l, mod->id, l, x);
+            if (mod->m)
+                entry_layout(e, &mod->m->layers[l].experts[x], mod->pager_file);
+            else
+                e->bytes = align_up(mod->expert_bytes ? mod->expert_bytes : 1);
+        }
+    }
+    /* Register: the model's slot and its policy groups. */
+    gm = realloc(c->group_model, (size_t)(c->n_groups + mod->n_layers) * sizeof(*gm));
+    if (!gm)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    c->group_model = gm;
+    for (k = 0; k < c->n_tiers; k++)
+        if (moe_policy_grow(&c->tiers[k].policy, c->n_groups + mod->n_layers) < 0)
+            return moe_error_set(err, -ENOMEM, "out of memory");
+    ms = realloc(c->models, (size_t)(c->n_models + 1) * sizeof(*ms));
+    if (!ms)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    c->models = ms;
+    mod->base_group = c->n_groups;
+    for (int l = 0; l < mod->n_layers; l++) {
+        gm[c->n_groups + l] = mod;
+        if (mod->entries && mod->moe_idx[l] >= 0)
+            for (int x = 0; x < mod->n_experts; x++)
+                for (k = 0; k < c->n_tiers; k++)
+                    mod->entries[(size_t)l * mod->n_experts + x].t[k].node.group = c->n_groups + l;
+    }
+    c->n_groups += mod->n_layers;
+    c->env.n_groups = c->n_groups;
+    mod->id = c->n_models;
+    for (int l = 0; l < mod->n_layers; l++)
+        if (mod->moe_idx[l] >= 0)
+            for (int x = 0; x < mod->n_experts; x++)
+                for (k = 0; k < c->n_tiers; k++)
+                    mod->entries[(size_t)l * mod->n_experts + x].t[k].node.model = mod->id;
+    c->models[c->n_models++] = mod;
+    return 0;
+}
+
+int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const char *name, int *ret,
+                        struct moe_error *err)
+{
+    struct cmodel *mod = calloc(1, sizeof(*mod));
+    int r = 0;
+
+    if (!mod)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    snprintf(mod->name, sizeof(mod->name), "%s", name ? name : m->dir);
+    mod->m = m;
+    mod->n_layers = m->cfg.n_layers;
+    mod->n_experts = m->cfg.n_experts;
+    mod->top_k = m->cfg.top_k;
+    mod->expert_bytes = m->expert_bytes;
+    mod->moe_idx = malloc((size_t)mod->n_layers * sizeof(int));
+    mod->pager_file = calloc(m->n_files ? m->n_files : 1, sizeof(int));
+    if (!mod->moe_idx || !mod->pager_file) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (int l = 0; l < mod->n_layers; l++)
+        mod->moe_idx[l] = m->layers[l].is_moe ? mod->n_moe++ : -1;
+    if (c->pager) {
+        for (size_t i = 0; i < m->n_files; i++) {
+            r = moe_pager_add_file(c->pager, m->files[i].path, m->files[i].size,
+                                   &mod->pager_file[i], err);
+            if (r < 0)
+                goto fail;
+        }
+    }
+    pthread_mutex_lock(&c->lock);
+    r = model_common(c, mod, err);
+    pthread_mutex_unlock(&c->lock);
+    if (r < 0)
+        goto fail;
+    *ret = mod->id;
+    return 0;
+fail:
+    pthread_mutex_lock(&c->lock);
+    if (c->n_models == 0 || c->models[c->n_models - 1] != mod)
+        model_free(c, mod);
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+int moe_cache_add_shape(struct moe_cache *c, const char *name, int n_layers, int n_experts,
+                        int top_k, uint64_t expert_bytes, int *ret, struct moe_error *err)
+{
+    struct cmodel *mod;
+    int r;
+
+    if (n_layers < 1 || n_layers > MOE_MAX_LAYERS || n_experts < 1 || n_experts > 65535 ||
+        top_k < 1 || top_k > n_experts)
+        return moe_error_set(err, -EINVAL,
+                             "model shape %d layers x %d experts, top-%d: expected 1 to %d "
+                             "layers, 1 to 65535 experts and 1 <= top-k <= experts",
+                             n_layers, n_experts, top_k, MOE_MAX_LAYERS);
+    mod = calloc(1, sizeof(*mod));
+    if (!mod)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    snprintf(mod->name, sizeof(mod->name), "%s", name ? name : "shape");
+    mod->n_layers = n_layers;
+    mod->n_experts = n_experts;
+    mod->top_k = top_k;
+    mod->expert_bytes = expert_bytes;
+    mod->moe_idx = malloc((size_t)n_layers * sizeof(int));
+    if (!mod->moe_idx) {
+        free(mod);
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int l = 0; l < n_layers; l++)
+        mod->moe_idx[l] = mod->n_moe++;
+    pthread_mutex_lock(&c->lock);
+    r = model_common(c, mod, err);
+    if (r < 0 && (c->n_models == 0 || c->models[c->n_models - 1] != mod))
+        model_free(c, mod);
+    pthread_mutex_unlock(&c->lock);
+    if (r == 0)
+        *ret = mod->id;
+    return r;
+}
+
+static struct cmodel *get_model(struct moe_cache *c, int model)
+{
+    return model >= 0 && model < c->n_models ? c->models[model] : NULL;
+}
+
+int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err)
+{
+    struct cmodel *mod;
+
+    pthread_mutex_lock(&c->lock);
+    mod = get_model(c, model);
+    if (!mod) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+    }
+    for (int i = 0; i < mod->n_layers * mod->n_experts; i++) {
+        struct centry *e = &mod->entries[i];
+
+        if (e->refs || e->loading) {
+            pthread_mutex_unlock(&c->lock);
+            return moe_error_set(err, -EBUSY,
+                                 "model %s is in use (layer %d expert %d %s): try again when "
+                                 "its requests are done",
+                                 mod->name, e->layer, e->expert,
+                                 e->loading ? "is paging in" : "is in use");
+        }
+    }
+    model_free(c, mod);
+    c->models[model] = NULL;
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+/* ---- residency ----------------------------------------------------------------------------- */
+
+static struct centry *get_entry(struct cmodel *mod, int layer, int expert)
+{
+    return &mod->entries[(size_t)layer * mod->n_experts + expert];
+}
+
+static void lat_record(struct tier_state *ts, uint64_t ns)
+{
+    int b = ns ? 63 - __builtin_clzll(ns) : 0;
+    uint64_t max = atomic_load_explicit(&ts->lat_max, memory_order_relaxed);
+
+    inc(&ts->hist[b], 1);
+    inc(&ts->lat_count, 1);
+    inc(&ts->lat_sum, ns);
+    while (ns > max && !atomic_compare_exchange_weak_explicit(
+                           &ts->lat_max, &max, ns, memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+/* Drops e from tier k (it is resident there and evictable). */
+static void drop(struct moe_cache *c, struct centry *e, int k, bool eviction)
+{
+    struct tier_state *ts = &c->tiers[k];
+    struct tier_slot *s = &e->t[k];
+
+    ts->t->ops->free(ts->t, s->data, e->bytes);
+    ts->used -= e->bytes;
+    ts->resident--;
+    s->data = NULL;
+    s->state = SLOT_ABSENT;
+    ts->policy.ops->remove(&ts->policy, &s->node);
+    s->node.resident = false;
+    if (eviction) {
+        inc(&ts->ctr.evictions, 1);
+        inc(&e->ctr.evictions, 1);
+        inc(&c->total.evictions, 1);
+    }
+    /* A prefetched expert that leaves tier 0 unused was a wasted prefetch. */
+    if (k == 0 && e->prefetched) {
+        e->prefetched = false;
+        c->prefetch_used -= e->bytes;
+        inc(&ts->ctr.wasted_prefetches, 1);
+        inc(&e->ctr.wasted_prefetches, 1);
+        inc(&c->total.wasted_prefetches, 1);
+    }
+}
+
+struct evict_ctx {
+    struct moe_cache *c;
+    int tier;
+};
+
+static bool evictable(struct moe_pnode *n, void *arg)
+{
+    struct evict_ctx *x = arg;
+    struct cmodel *mod = x->c->models[n->model];
+    struct centry *e = get_entry(mod, n->layer, n->expert);
+
+    return e->t[x->tier].state == SLOT_RESIDENT && !e->op_pinned &&
+           !(x->tier == 0 && e->refs > 0) && !e->loading;
+}
+
+/*
+ * Makes room for bytes in tier k and takes a block: evicts what the policy
+ * picks (never pinned or loading experts).  With prefetch_prob >= 0 (a
+ * prefetch into group), evicts only victims the policy would rather lose.
+ * Returns 0 with *ret, -ENOSPC when everything evictable is gone, -E2BIG
+ * when bytes exceed the tier's capacity, -EAGAIN after waiting for page-ins
+ * in flight to finish (the lock was dropped: look at the expert again).
+ */
+static int make_room(struct moe_cache *c, int k, uint64_t bytes, int group, double prefetch_prob,
+                     void **ret)
+{
+    struct tier_state *ts = &c->tiers[k];
+    struct evict_ctx x = {c, k};
+
+    if (bytes > ts->t->capacity)
+        return -E2BIG;
+    for (;;) {
+        struct moe_pnode *v;
+
+        if (ts->used + bytes <= ts->t->capacity) {
+            void *p = ts->t->ops->alloc(ts->t, bytes);
+
+            if (p) {
+                ts->used += bytes;
+                *ret = p;
+                return 0;
+            }
+        }
+        v = ts->policy.ops->victim(&ts->policy, evictable, &x);
+        if (!v && prefetch_prob < 0 && c->loading > 0) {
+            /* Everything is pinned or on its way in: a page-in finishing
+             * may free a slot (its batch done with it).  The caller looks
+             * at its expert again after the wait. */
+            pthread_cond_wait(&c->cv, &c->lock);
+            return -EAGAIN;
+        }
+        if (!v)
+            return -ENOSPC;
+        if (prefetch_prob >= 0 && !ts->policy.ops->prefer(&ts->policy, group, prefetch_prob, v))
+            return -ENOSPC;
+        drop(c, get_entry(c->models[v->model], v->layer, v->expert), k, true);
+    }
+}
+
+static void place(struct moe_cache *c, struct centry *e, int k, void *p, uint8_t state)
+{
+    struct tier_state *ts = &c->tiers[k];
+
+    e->t[k].data = p;
+    e->t[k].state = state;
+    ts->resident++;
+    e->t[k].node.resident = true;
+    ts->policy.ops->insert(&ts->policy, &e->t[k].node);
+}
+
+static void weights_of(const struct centry *e, struct moe_expert_weights *w)
+{
+    const struct moe_model *m = e->mod->m;
+    uint8_t *base = e->t[0].data;
+
+    memset(w, 0, sizeof(*w));
+    if (!m) {
+        w->gate = w->up = w->down = base;
+        return;
+    }
+    const struct moe_expert_ref *x = &m->layers[e->layer].experts[e->expert];
+
+    w->dtype = x->gate.dtype;
+    w->hidden = x->gate.cols;
+    w->ffn = x->gate.rows;
+    w->gate = base + e->toff[0];
+    w->up = base + e->toff[1];
+    w->down = base + e->toff[2];
+}
+
+static int upload(struct moe_cache *c, struct centry *e, int from, int to)
+{
+    struct moe_tier *t = c->tiers[to].t;
+
+    if (c->cfg.simulate)
+        return 0;
+    if (t->ops->upload)
+        return t->ops->upload(t, e->t[to].data, e->t[from].data, e->bytes);
+    memcpy(e->t[to].data, e->t[from].data, e->bytes);
+    return 0;
+}
+
+static void page_in_done(struct moe_pager_job *job, int status, const char *msg);
+
+/* Publishes the result of a page-in (lock held). */
+static void finish_load(struct moe_cache *c, struct centry *e, int status, const char *msg)
+{
+    int last = e->load_tier;
+    uint64_t ns = moe_now_ns() - e->load_t0;
+
+    if (status == 0) {
+        /* Upper tiers got their blocks when the read started. */
+        for (int k = last - 1; k >= 0 && status == 0; k--) {
+            if (e->t[k].state != SLOT_LOADING)
+                continue;
+            status = upload(c, e, last, k);
+            if (status < 0)
+                msg = "copying the expert to a nearer tier failed";
+        }
+    }
+    for (int k = last; k >= 0; k--) {
+        if (e->t[k].state != SLOT_LOADING)
+            continue;
+        if (status == 0)
+            e->t[k].state = SLOT_RESIDENT;
+        else
+            drop(c, e, k, false);
+    }
+    if (status == 0) {
+        struct tier_state *ts = &c->tiers[last];
+
+        inc(&ts->ctr.page_ins, 1);
+        inc(&ts->ctr.bytes_paged, e->bytes);
+        inc(&e->ctr.page_ins, 1);
+        inc(&e->ctr.bytes_paged, e->bytes);
+        inc(&c->total.page_ins, 1);
+        inc(&c->total.bytes_paged, e->bytes);
+        lat_record(ts, ns);
+    } else {
+        char buf[MOE_ERROR_MSG_MAX];
+
+        snprintf(buf, sizeof(buf), "layer %d expert %d of %s: %s", e->layer, e->expert,
+                 e->mod->name, msg ? msg : strerror(-status));
+        free(e->bad_msg);
+        e->bad_msg = strdup(buf);
+        e->bad_code = status;
+        if (!e->bad)
+            atomic_fetch_add_explicit(&e->mod->bad_experts, 1, memory_order_relaxed);
+        e->bad = true;
+        if (e->prefetched) {
+            e->prefetched = false;
+            c->prefetch_used -= e->bytes;
+        }
+        inc(&c->tiers[last].ctr.page_in_errors, 1);
+        inc(&e->ctr.page_in_errors, 1);
+        inc(&c->total.page_in_errors, 1);
+        moe_log(MOE_LOG_ERROR, "cache: page-in failed: %s (marked bad until retried)", buf);
+    }
+    e->loading = false;
+    c->loading--;
+    pthread_cond_broadcast(&c->cv);
+}
+
+/* Pager thread: checksum, then publish. */
+static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
+{
+    struct centry *e = job->arg;
+    struct moe_cache *c = e->cache;
+    const struct moe_model *m = e->mod->m;
+    const struct moe_expert_ref *x = &m->layers[e->layer].experts[e->expert];
+    char buf[512];
+
+    if (status == 0 && x->has_xxh3) {
+        const uint8_t *p = (const uint8_t *)e->t[e->load_tier].data + e->toff[0];
+        uint64_t h = XXH3_64bits(p, x->nbytes);
+
+        if (h != x->xxh3) {
+            snprintf(buf, sizeof(buf),
+                     "checksum mismatch in %s at offset %" PRIu64 ": the index says %016" PRIx64
+                     ", the %" PRIu64 " bytes read hash to %016" PRIx64,
+                     m->files[x->gate.file].name, x->gate.offset, x->xxh3, x->nbytes, h);
+            status = -EBADMSG;
+            msg = buf;
+        }
+    }
+    pthread_mutex_lock(&c->lock);
+    finish_load(c, e, status, msg);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/*
+ * Starts getting e into tier 0 (lock held): from the nearest lower tier
+ * holding it, or from its file.  prefetch_prob < 0 for a demand load.
+ * Returns 0 (ready at once: an upload), 1 (page-in started), or -errno.
+ */
+static int start_load(struct moe_cache *c, struct centry *e, double prefetch_prob,
+                      struct moe_error *err)
+{
+    int last = c->n_tiers - 1, from = -1, group = e->t[0].node.group, r;
+    void *p[MOE_CACHE_MAX_TIERS] = {0};
+
+    for (int k = 1; k <= last; k++)
+        if (e->t[k].state == SLOT_RESIDENT) {
+            from = k;
+            break;
+        }
+    /* Room in every tier the expert enters: 0 .. from - 1, or 0 .. last. */
+    int top = from >= 0 ? from - 1 : last;
+
+    for (int k = 0; k <= top; k++) {
+        r = make_room(c, k, e->bytes, group, prefetch_prob, &p[k]);
+        if (r < 0) {
+            for (int j = 0; j < k; j++) {
+                c->tiers[j].t->ops->free(c->tiers[j].t, p[j], e->bytes);
+                c->tiers[j].used -= e->bytes;
+            }
+            if (r == -E2BIG)
+                return moe_error_set(err, -E2BIG,
+                                     "layer %d expert %d needs %" PRIu64
+                                     " bytes but the %s tier holds only %" PRIu64,
+                                     e->layer, e->expert, e->bytes, c->tiers[k].t->name,
+                                     c->tiers[k].t->capacity);
+            return r;
+        }
+    }
+    if (from >= 0) {
+        /* Copy from the lower tier: synchronous for host-memory tiers. */
+        for (int k = top; k >= 0; k--) {
+            place(c, e, k, p[k], SLOT_RESIDENT);
+            r = upload(c, e, from, k);
+            if (r < 0) {
+                for (int j = k; j <= top; j++)
+                    drop(c, e, j, false);
+                return moe_error_set(err, r, "copying layer %d expert %d to the %s tier failed",
+                                     e->layer, e->expert, c->tiers[k].t->name);
+            }
+        }
+        inc(&c->tiers[from].ctr.hits, 1);
+        return 0;
+    }
+    for (int k = 0; k <= last; k++)
+        place(c, e, k, p[k], SLOT_LOADING);
+    e->loading = true;
+    e->load_tier = last;
+    e->load_t0 = moe_now_ns();
+    c->loading++;
+    if (last > 0)
+        inc(&c->tiers[last].ctr.misses, 1);
+    if (c->cfg.simulate) {
+        finish_load(c, e, 0, NULL);
+        return 0;
+    }
+    /* Read into the last tier's block (the layout's dst are slot offsets). */
+    {
+        uint8_t *base = e->t[last].data;
+
+        for (int i = 0; i < e->n_segs; i++) {
+            e->io[i] = e->segs[i];
+            e->io[i].dst = base + (uintptr_t)e->segs[i].dst;
+        }
+        memset(&e->job, 0, sizeof(e->job));
+        e->job.segs = e->io;
+        e->job.n_segs = e->n_segs;
+        e->job.done = page_in_done;
+        e->job.arg = e;
+        r = moe_pager_submit(c->pager, &e->job, err);
+        if (r < 0) {
+            finish_load(c, e, r, err ? err->msg : NULL);
+            return r;
+        }
+    }
+    return 1;
+}
+
+/* ---- batches -------------------------------------------------------------------------------- */
+
+static void count_use(struct moe_cache *c, struct centry *e, bool hit)
+{
+    struct tier_state *t0 = &c->tiers[0];
+
+    if (hit) {
+        inc(&t0->ctr.hits, 1);
+        inc(&e->ctr.hits, 1);
+        inc(&c->total.hits, 1);
+    } else {
+        inc(&t0->ctr.misses, 1);
+        inc(&e->ctr.misses, 1);
+        inc(&c->total.misses, 1);
+    }
+    if (e->prefetched) {
+        e->prefetched = false;
+        c->prefetch_used -= e->bytes;
+        inc(&t0->ctr.prefetch_hits, 1);
+        inc(&e->ctr.prefetch_hits, 1);
+        inc(&c->total.prefetch_hits, 1);
+    }
+}
+
+static int check_layer(struct moe_cache *c, int model, int layer, struct cmodel **ret,
+                       struct moe_error *err)
+{
+    struct cmodel *mod = get_model(c, model);
+
+    if (!mod)
+        return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+    if (layer < 0 || layer >= mod->n_layers)
+        return moe_error_set(err, -EINVAL,
+                             "%s: layer %d out of range: the model has layers 0 to %d", mod->name,
+                             layer, mod->n_layers - 1);
+    if (mod->moe_idx[layer] < 0)
+        return moe_error_set(err, -EINVAL, "%s: layer %d is a dense layer: it has no experts",
+                             mod->name, layer);
+    *ret = mod;
+    return 0;
+}
+
+static void release_locked(struct moe_cache_ref *refs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct centry *e = refs[i].entry_;
+
+        if (e && refs[i].pinned_) {
+            e->refs--;
+            refs[i].pinned_ = false;
+        }
+    }
+}
+
+int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *experts, int n,
+                      struct moe_cache_ref *refs, struct moe_error *err)
+{
+    struct cmodel *mod;
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    r = check_layer(c, model, layer, &mod, err);
+    if (r < 0)
+        goto out;
+    for (int i = 0; i < n; i++) {
+        if (experts[i] < 0 || experts[i] >= mod->n_experts) {
+            r = moe_error_set(err, -EINVAL, "%s layer %d: expert %d out of range: 0 to %d",
+                              mod->name, layer, experts[i], mod->n_experts - 1);
+            goto out;
+        }
+        for (int j = 0; j < i; j++)
+            if (experts[j] == experts[i]) {
+                r = moe_error_set(err, -EINVAL, "%s layer %d: expert %d asked for twice", mod->name,
+                                  layer, experts[i]);
+                goto out;
+            }
+    }
+    /* One pass of the layer: the clocks the policies decay by. */
+    mod->passes[layer] += 1.0;
+    mod->cur_idx = mod->moe_idx[layer];
+    for (int i = 0; i < n; i++) {
+        struct centry *e = get_entry(mod, layer, experts[i]);
+        struct moe_cache_ref *ref = &refs[i];
+
+        memset(ref, 0, sizeof(*ref));
+        ref->expert = experts[i];
+        ref->entry_ = e;
+        for (int k = 0; k < c->n_tiers; k++)
+            c->tiers[k].policy.ops->touch(&c->tiers[k].policy, &e->t[k].node);
+    again:
+        if (e->bad) {
+            ref->status = e->bad_code;
+            continue;
+        }
+        if (e->t[0].state == SLOT_RESIDENT) {
+            ref->hit = true;
+            ref->status = 0;
+        } else if (e->t[0].state == SLOT_LOADING) {
+            ref->status = -EINPROGRESS; /* single flight: wait on that page-in */
+        } else {
+            struct moe_error lerr;
+
+            r = start_load(c, e, -1.0, &lerr);
+            if (r == -EAGAIN)
+                goto again;
+            if (r == -ENOSPC) {
+                ref->status = -ENOSPC;
+                continue;
+            }
+            if (r == -E2BIG) {
+                moe_error_set(err, r, "%s", lerr.msg);
+                release_locked(refs, i);
+                goto out;
+            }
+            if (r < 0) {
+                /* start_load marked it bad (submit refused). */
+                ref->status = r;
+                continue;
+            }
+            ref->status = r == 0 ? 0 : -EINPROGRESS;
+        }
+        count_use(c, e, ref->hit);
+        e->refs++;
+        ref->pinned_ = true;
+        if (ref->status == 0)
+            weights_of(e, &ref->w);
+    }
+    r = 0;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+static int ref_result(struct moe_cache_ref *ref, struct centry *e, struct moe_error *err)
+{
+    if (ref->status == -ENOSPC)
+        return moe_error_set(err, -ENOSPC,
+                             "layer %d expert %d: no room in the %s tier: every expert there is "
+                             "in use or pinned",
+                             e->layer, e->expert, e->cache->tiers[0].t->name);
+    if (e->bad_msg)
+        return moe_error_set(err, ref->status, "%s", e->bad_msg);
+    return moe_error_set(err, ref->status, "layer %d expert %d: %s", e->layer, e->expert,
+                         strerror(-ref->status));
+}
+
+/* Lock held: settles a ref whose page-in has finished. */
+static void settle(struct moe_cache_ref *ref, struct centry *e)
+{
+    if (e->t[0].state == SLOT_RESIDENT) {
+        ref->status = 0;
+        weights_of(e, &ref->w);
+    } else if (!e->loading) {
+        ref->status = e->bad ? e->bad_code : -EIO;
+    }
+}
+
+int moe_cache_wait(struct moe_cache *c, struct moe_cache_ref *ref, struct moe_error *err)
+{
+    struct centry *e = ref->entry_;
+
+    if (!e)
+        return moe_error_set(err, -EINVAL, "expert %d was never acquired", ref->expert);
+    if (ref->status == -EINPROGRESS) {
+        pthread_mutex_lock(&c->lock);
+        while (e->loading && e->t[0].state == SLOT_LOADING)
+            pthread_cond_wait(&c->cv, &c->lock);
+        settle(ref, e);
+        pthread_mutex_unlock(&c->lock);
+    }
+    if (ref->status == 0)
+        return 0;
+    return ref_result(ref, e, err);
+}
+
+bool moe_cache_ready(struct moe_cache *c, struct moe_cache_ref *ref)
+{
+    struct centry *e = ref->entry_;
+
+    if (ref->status == -EINPROGRESS && e) {
+        pthread_mutex_lock(&c->lock);
+        settle(ref, e);
+        pthread_mutex_unlock(&c->lock);
+    }
+    return ref->status != -EINPROGRESS;
+}
+
+void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n)
+{
+    pthread_mutex_lock(&c->lock);
+    release_locked(refs, n);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- prediction and prefetch ---------------------------------------------------------------- */
+
+#define PRED_PRIOR 2.0    /* pseudo-uses of the popularity prior per row */
+#define PREFETCH_MIN 0.10 /* least probability worth a prefetch */
+
+/* Forecast for MoE layer idx + 1 from the routing ids at MoE layer idx. */
+static void predict(struct moe_cache *c, struct cmodel *mod, int idx, const int32_t *ids,
+                    int n_tokens, int K)
+{
+    const int E = mod->n_experts;
+    const float *C = mod->cooc + (size_t)idx * E * E;
+    const float *R = mod->rows + (size_t)idx * E;
+    int next = mod->moe_layer[idx + 1];
+    double *q = mod->pred, qsum = 0, *logmiss;
+
+    /* Popularity prior at the next layer, scaled to sum to top_k. */
+    logmiss = calloc((size_t)E, sizeof(*logmiss));
+    if (!logmiss) {
+        mod->pred_idx = -1;
+        return;
+    }
+    for (int x = 0; x < E; x++) {
+        q[x] = get_entry(mod, next, x)->t[0].node.count;
+        qsum += q[x];
+    }
+    for (int x = 0; x < E; x++)
+        q[x] = qsum > 0 ? q[x] * K / qsum : (double)K / E;
+    for (int t = 0; t < n_tokens; t++) {
+        for (int x = 0; x < E; x++) {
+            double p = 0;
+
+            for (int j = 0; j < K; j++) {
+                int e = ids[(size_t)t * K + j];
+
+                p += (C[(size_t)e * E + x] + PRED_PRIOR * q[x]) / (R[e] + PRED_PRIOR);
+            }
+            p = MOE_MIN(p / K, 0.999999);
+            logmiss[x] += log1p(-p);
+        }
+    }
+    for (int x = 0; x < E; x++)
+        q[x] = -expm1(logmiss[x]); /* P(used by some token of the batch) */
+    free(logmiss);
+    mod->pred_idx = idx + 1;
+    (void)c;
+}
+
+static void prefetch(struct moe_cache *c, struct cmodel *mod)
+{
+    const int E = mod->n_experts;
+    int layer = mod->moe_layer[mod->pred_idx];
+    int max = c->cfg.prefetch_max > 0 ? c->cfg.prefetch_max : 2 * mod->top_k;
+
+    for (int done = 0; done < max; done++) {
+        int best = -1;
+
+        /* the most likely expert not yet on its way */
+        for (int x = 0; x < E; x++) {
+            struct centry *e = get_entry(mod, layer, x);
+
+            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < PREFETCH_MIN)
+                continue;
+            if (best < 0 || mod->pred[x] > mod->pred[best])
+                best = x;
+        }
+        if (best < 0)
+            return;
+        struct centry *e = get_entry(mod, layer, best);
+
+        if (c->prefetch_used + e->bytes > c->cfg.prefetch_bytes)
+            return;
+        if (start_load(c, e, mod->pred[best], NULL) < 0)
+            return; /* no room the policy would give up */
+        if (e->bad)
+            return;
+        e->prefetched = true;
+        c->prefetch_used += e->bytes;
+        inc(&c->tiers[0].ctr.prefetches, 1);
+        inc(&e->ctr.prefetches, 1);
+        inc(&c->total.prefetches, 1);
+    }
+}
+
+void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids, int n_tokens,
+                       int top_k)
+{
+    struct cmodel *mod;
+    int idx, K = top_k, E;
+    size_t n = (size_t)n_tokens * (size_t)top_k;
+
+    pthread_mutex_lock(&c->lock);
+    if (check_layer(c, model, layer, &mod, NULL) < 0 || top_k != mod->top_k || n_tokens < 1)
+        goto out;
+    idx = mod->moe_idx[layer];
+    E = mod->n_experts;
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= E)
+            goto out;
+    /* Learn: the previous batch was this one at the previous MoE layer. */
+    if (mod->cooc && idx >= 1 && mod->prev_idx == idx - 1 && mod->prev_n == n_tokens) {
+        float *C = mod->cooc + (size_t)(idx - 1) * E * E;
+        float *R = mod->rows + (size_t)(idx - 1) * E;
+
+        for (int t = 0; t < n_tokens; t++) {
+            for (int j = 0; j < K; j++) {
+                int e = mod->prev_ids[(size_t)t * K + j];
+
+                R[e] += 1.0f;
+                for (int j2 = 0; j2 < K; j2++)
+                    C[(size_t)e * E + ids[(size_t)t * K + j2]] += 1.0f;
+            }
+        }
+    }
+    if ((size_t)mod->prev_cap < n) {
+        int32_t *p = realloc(mod->prev_ids, n * sizeof(*p));
+
+        if (!p) {
+            mod->prev_idx = -1;
+            goto out;
+        }
+        mod->prev_ids = p;
+        mod->prev_cap = (int)n;
+    }
+    memcpy(mod->prev_ids, ids, n * sizeof(*ids));
+    mod->prev_n = n_tokens;
+    mod->prev_idx = idx;
+    /* Forecast the next MoE layer, and prefetch it. */
+    mod->pred_idx = -1;
+    if (mod->cooc && idx + 1 < mod->n_moe &&
+        (c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING)) {
+        predict(c, mod, idx, ids, n_tokens, K);
+        if (c->cfg.prefetch && mod->pred_idx >= 0)
+            prefetch(c, mod);
+    }
+out:
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- operator calls ------------------------------------------------------------------------- */
+
+static int check_expert(struct moe_cache *c, int model, int layer, int expert, struct centry **ret,
+                        struct moe_error *err)
+{
+    struct cmodel *mod;
+    int r = check_layer(c, model, layer, &mod, err);
+
+    if (r < 0)
+        return r;
+    if (expert < 0 || expert >= mod->n_experts)
+        return moe_error_set(err, -EINVAL, "%s layer %d: expert %d out of range: 0 to %d",
+                             mod->name, layer, expert, mod->n_experts - 1);
+    *ret = get_entry(mod, layer, expert);
+    return 0;
+}
+
+int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
+{
+    struct centry *e;
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    r = check_expert(c, model, layer, expert, &e, err);
+    if (r < 0)
+        goto out;
+    if (e->bad) {
+        r = moe_error_set(err, e->bad_code, "%s (retry it first)", e->bad_msg);
+        goto out;
+    }
+    e->op_pinned = true;
+    while (e->t[0].state == SLOT_ABSENT) {
+        r = start_load(c, e, -1.0, err);
+        if (r == -EAGAIN)
+            continue;
+        if (r == -ENOSPC)
+            moe_error_set(err, r,
+                          "layer %d expert %d: no room in the %s tier to pin it: every "
+                          "expert there is in use or pinned",
+                          layer, expert, c->tiers[0].t->name);
+        if (r < 0) {
+            e->op_pinned = false;
+            goto out;
+        }
+        break;
+    }
+    while (e->loading)
+        pthread_cond_wait(&c->cv, &c->lock);
+    if (e->t[0].state != SLOT_RESIDENT) {
+        e->op_pinned = false;
+        r = moe_error_set(err, e->bad ? e->bad_code : -EIO, "%s",
+                          e->bad_msg ? e->bad_msg : "page-in failed");
+        goto out;
+    }
+    r = 0;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
+{
+    struct centry *e;
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    r = check_expert(c, model, layer, expert, &e, err);
+    if (r == 0)
+        e->op_pinned = false;
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
+{
+    struct centry *e;
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    r = check_expert(c, model, layer, expert, &e, err);
+    if (r < 0)
+        goto out;
+    if (e->op_pinned) {
+        r = moe_error_set(err, -EBUSY,
+                          "layer %d expert %d is pinned by an operator: unpin it first", layer,
+                          expert);
+        goto out;
+    }
+    if (e->refs || e->loading) {
+        r = moe_error_set(err, -EBUSY, "layer %d expert %d is %s: try again when it is idle", layer,
+                          expert, e->loading ? "paging in" : "in use by a batch");
+        goto out;
+    }
+    for (int k = 0; k < c->n_tiers; k++)
+        if (e->t[k].state == SLOT_RESIDENT)
+            drop(c, e, k, true);
+out:
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
+{
+    struct cmodel *mod;
+    int cleared = 0;
+
+    pthread_mutex_lock(&c->lock);
+    mod = get_model(c, model);
+    if (!mod) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+    }
+    if (layer >= mod->n_layers || expert >= mod->n_experts || layer < -1 || expert < -1) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -EINVAL, "%s: no layer %d expert %d", mod->name, layer, expert);
+    }
+    for (int l = 0; l < mod->n_layers; l++) {
+        if ((layer >= 0 && l != layer) || mod->moe_idx[l] < 0)
+            continue;
+        for (int x = 0; x < mod->n_experts; x++) {
+            struct centry *e = get_entry(mod, l, x);
+
+            if ((expert >= 0 && x != expert) || !e->bad)
+                continue;
+            e->bad = false;
+            free(e->bad_msg);
+            e->bad_msg = NULL;
+            e->bad_code = 0;
+            atomic_fetch_sub_explicit(&mod->bad_experts, 1, memory_order_relaxed);
+            cleared++;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return cleared;
+}
+
+int moe_cache_set_capacity(struct moe_cache *c, int tier, uint64_t bytes, struct moe_error *err)
+{
+    struct tier_state *ts;
+    struct evict_ctx x = {c, tier};
+    int r;
+
+    pthread_mutex_lock(&c->lock);
+    if (tier < 0 || tier >= c->n_tiers) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -EINVAL, "no tier %d: the cache has %d", tier, c->n_tiers);
+    }
+    ts = &c->tiers[tier];
+    if (bytes == 0) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -EINVAL, "tier %s: a capacity of 0 bytes holds no expert",
+                             ts->t->name);
+    }
+    r = ts->t->ops->resize(ts->t, bytes);
+    if (r < 0) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, r, "tier %s: cannot change the capacity to %" PRIu64 " bytes%s",
+                             ts->t->name, bytes,
+                             r == -ENOSPC ? ": more than the machine's memory at start" : "");
+    }
+    while (ts->used > ts->t->capacity) {
+        struct moe_pnode *v = ts->policy.ops->victim(&ts->policy, evictable, &x);
+
+        if (!v) {
+            r = moe_error_set(err, -EBUSY,
+                              "tier %s: %" PRIu64 " bytes are in use or pinned, more than the "
+                              "new capacity; the rest is evicted as it is released",
+                              ts->t->name, ts->used);
+            break;
+        }
+        drop(c, get_entry(c->models[v->model], v->layer, v->expert), tier, true);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
+/* ---- statistics ----------------------------------------------------------------------------- */
+
+static void load_counters(const struct counters *a, struct moe_cache_counters *r)
+{
+    r->hits = atomic_load_explicit(&a->hits, memory_order_relaxed);
+    r->misses = atomic_load_explicit(&a->misses, memory_order_relaxed);
+    r->prefetch_hits = atomic_load_explicit(&a->prefetch_hits, memory_order_relaxed);
+    r->prefetches = atomic_load_explicit(&a->prefetches, memory_order_relaxed);
+    r->wasted_prefetches = atomic_load_explicit(&a->wasted_prefetches, memory_order_relaxed);
+    r->evictions = atomic_load_explicit(&a->evictions, memory_order_relaxed);
+    r->page_ins = atomic_load_explicit(&a->page_ins, memory_order_relaxed);
+    r->page_in_errors = atomic_load_explicit(&a->page_in_errors, memory_order_relaxed);
+    r->bytes_paged = atomic_load_explicit(&a->bytes_paged, memory_order_relaxed);
+}
+
+/* The value below which a share q of the samples lie, from the buckets:
+ * linear within the bucket [2^i, 2^(i+1)). */
+static uint64_t percentile(const struct moe_latency *l, double q)
+{
+    uint64_t want, seen = 0;
+
+    if (l->count == 0)
+        return 0;
+    want = (uint64_t)ceil(q * (double)l->count);
+    for (int i = 0; i < MOE_HIST_BUCKETS; i++) {
+        if (seen + l->buckets[i] >= want && l->buckets[i]) {
+            double lo = i ? exp2(i) : 0, hi = exp2(i + 1);
+            double f = (double)(want - seen) / (double)l->buckets[i];
+            uint64_t v = (uint64_t)(lo + f * (hi - lo));
+
+            return MOE_MIN(v, l->max_ns);
+        }
+        seen += l->buckets[i];
+    }
+    return l->max_ns;
+}
+
+int moe_cache_snapshot(struct moe_cache *c, struct moe_cache_stats *ret)
+{
+    memset(ret, 0, sizeof(*ret));
+    ret->policy = moe_cache_policy_name(c->cfg.policy);
+    ret->prefetch = c->cfg.prefetch;
+    load_counters(&c->total, &ret->total);
+    pthread_mutex_lock(&c->lock);
+    ret->n_tiers = c->n_tiers;
+    for (int k = 0; k < c->n_tiers; k++) {
+        struct tier_state *ts = &c->tiers[k];
+        struct moe_cache_tier_stats *t = &ret->tiers[k];
+
+        snprintf(t->name, sizeof(t->name), "%s", ts->t->name);
+        t->capacity = ts->t->capacity;
+        t->used = ts->used;
+        t->resident = ts->resident;
+        load_counters(&ts->ctr, &t->c);
+        t->latency.count = atomic_load_explicit(&ts->lat_count, memory_order_relaxed);
+        t->latency.sum_ns = atomic_load_explicit(&ts->lat_sum, memory_order_relaxed);
+        t->latency.max_ns = atomic_load_explicit(&ts->lat_max, memory_order_relaxed);
+        for (int b = 0; b < MOE_HIST_BUCKETS; b++)
+            t->latency.buckets[b] = atomic_load_explicit(&ts->hist[b], memory_order_relaxed);
+        t->latency.p50_ns = percentile(&t->latency, 0.50);
+        t->latency.p99_ns = percentile(&t->latency, 0.99);
+    }
+    ret->models = calloc((size_t)MOE_MAX(1, c->n_models), sizeof(*ret->models));
+    if (!ret->models) {
+        pthread_mutex_unlock(&c->lock);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < c->n_models; i++) {
+        struct cmodel *mod = c->models[i];
+        struct moe_cache_model_stats *ms = &ret->models[ret->n_models];
+        size_t n;
+
+        if (!mod)
+            continue;
+        n = (size_t)mod->n_layers * mod->n_experts;
+        snprintf(ms->name, sizeof(ms->name), "%s", mod->name);
+        ms->id = mod->id;
+        ms->n_layers = mod->n_layers;
+        ms->n_experts = mod->n_experts;
+        ms->expert_bytes = mod->expert_bytes;
+        ms->bad_experts = atomic_load_explicit(&mod->bad_experts, memory_order_relaxed);
+        ms->experts = calloc(n, sizeof(*ms->experts));
+        if (!ms->experts) {
+            pthread_mutex_unlock(&c->lock);
+            moe_cache_stats_clear(ret);
+            return -ENOMEM;
+        }
+        ret->n_models++;
+        for (size_t j = 0; j < n; j++) {
+            struct centry *e = &mod->entries[j];
+            struct moe_cache_expert_stats *x = &ms->experts[j];
+
+            x->tier = -1;
+            if (!e->t)
+                continue;
+            load_counters(&e->ctr, &x->c);
+            for (int k = c->n_tiers - 1; k >= 0; k--)
+                if (e->t[k].state == SLOT_RESIDENT)
+                    x->tier = (int8_t)k;
+            x->loading = e->loading;
+            x->bad = e->bad;
+            x->operator_pinned = e->op_pinned;
+            x->refs = e->refs;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+void moe_cache_stats_clear(struct moe_cache_stats *s)
+{
+    for (int i = 0; i < s->n_models; i++)
+        free(s->models[i].experts);
+    free(s->models);
+    memset(s, 0, sizeof(*s));
+}
+
+double moe_cache_hit_rate(const struct moe_cache_counters *c)
+{
+    uint64_t n = c->hits + c->misses;
+
+    return n ? (double)c->hits / (double)n : 0.0;
+}

@@ -1,0 +1,543 @@
+/*
+ * The expert cache (engine/cache.c, policy.c, tier.c):
+ *   - the arena allocator against a bitmap model;
+ *   - lru hit counts against a reference LRU written here, on random traces;
+ *   - pins: batch pins and operator pins survive eviction pressure, -ENOSPC
+ *     when everything is pinned, evict/unpin/retry;
+ *   - prefetch: a learned layer-to-layer rule turns into prefetch hits;
+ *   - real page-ins from a generated checkpoint: bytes equal the file's,
+ *     single flight under concurrent acquires, statistics;
+ *   - failures through the pager's fault injection (EIO, short reads) and a
+ *     really truncated file: the expert is marked bad, the others served,
+ *     retry clears the mark;
+ *   - two tiers: an expert evicted from the front tier comes back from the
+ *     one behind it without I/O;
+ *   - shrinking the capacity evicts down to it.
+ */
+#include "cache.h"
+#include "genmodel.h"
+#include "model.h"
+#include "pager.h"
+#include "tier.h"
+#include "tests.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <unistd.h>
+
+/* ---- arena ---------------------------------------------------------------------------------- */
+
+static void check_arena(void)
+{
+    enum { UNITS = 256 };
+    struct moe_arena a;
+    uint8_t used[UNITS] = {0};
+    uint64_t offs[64], lens[64];
+    int n = 0;
+    uint64_t seed = 3;
+
+    ASSERT_EQ(moe_arena_init(&a, UNITS), 0);
+    for (int step = 0; step < 20000; step++) {
+        if (n < 64 && (test_rand_u64(&seed) % 3 != 0 || n == 0)) {
+            uint64_t len = 1 + test_rand_u64(&seed) % 24, off;
+            int r = moe_arena_alloc(&a, len, &off);
+
+            if (r == 0) {
+                ASSERT_TRUE(off + len <= UNITS);
+                for (uint64_t i = off; i < off + len; i++) {
+                    ASSERT_EQ(used[i], 0);
+                    used[i] = 1;
+                }
+                offs[n] = off;
+                lens[n++] = len;
+            } else {
+                /* first fit: no free run of len units may exist */
+                uint64_t run = 0, best = 0;
+
+                ASSERT_EQ(r, -ENOSPC);
+                for (int i = 0; i < UNITS; i++) {
+                    run = used[i] ? 0 : run + 1;
+                    best = MOE_MAX(best, run);
+                }
+                ASSERT_TRUE(best < len);
+            }
+        } else {
+            int k = (int)(test_rand_u64(&seed) % (uint64_t)n);
+
+            moe_arena_free(&a, offs[k], lens[k]);
+            for (uint64_t i = offs[k]; i < offs[k] + lens[k]; i++)
+                used[i] = 0;
+            offs[k] = offs[n - 1];
+            lens[k] = lens[--n];
+        }
+        uint64_t u = 0;
+
+        for (int i = 0; i < UNITS; i++)
+            u += used[i];
+        ASSERT_EQ(a.used, u);
+        for (size_t i = 1; i < a.n; i++)
+            ASSERT_TRUE(a.free[i - 1].off + a.free[i - 1].len < a.free[i].off);
+    }
+    moe_arena_clear(&a);
+}
+
+/* ---- simulation ----------------------------------------------------------------------------- */
+
+static struct moe_cache *sim_cache(enum moe_cache_policy p, bool prefetch, int capacity,
+                                   int n_layers, int n_experts, int top_k, int *model)
+{
+    struct moe_cache_config cfg = {
+        .host_bytes = (uint64_t)capacity * 4096,
+        .policy = p,
+        .prefetch = prefetch,
+        .simulate = true,
+    };
+    struct moe_cache *c;
+    struct moe_error err;
+
+    if (moe_cache_create(&cfg, &c, &err) < 0)
+        FAIL("cache: %s", err.msg);
+    if (moe_cache_add_shape(c, "sim", n_layers, n_experts, top_k, 4096, model, &err) < 0)
+        FAIL("shape: %s", err.msg);
+    return c;
+}
+
+/* A reference LRU over keys, capacity n. */
+static int ref_lru_access(int *keys, uint64_t *stamp, int *n, int cap, int key, uint64_t now)
+{
+    int victim = 0;
+
+    for (int i = 0; i < *n; i++)
+        if (keys[i] == key) {
+            stamp[i] = now;
+            return 1;
+        }
+    if (*n < cap) {
+        keys[*n] = key;
+        stamp[(*n)++] = now;
+        return 0;
+    }
+    for (int i = 1; i < *n; i++)
+        if (stamp[i] < stamp[victim])
+            victim = i;
+    keys[victim] = key;
+    stamp[victim] = now;
+    return 0;
+}
+
+static void check_lru_reference(void)
+{
+    for (int trial = 0; trial < 20; trial++) {
+        uint64_t seed = 100 + (uint64_t)trial;
+        int cap = 2 + trial % 7, model, n = 0, hits = 0, ref_hits = 0;
+        struct moe_cache *c = sim_cache(MOE_POLICY_LRU, false, cap, 3, 8, 2, &model);
+        int keys[16];
+        uint64_t stamp[16];
+        struct moe_cache_stats s;
+
+        for (uint64_t now = 1; now <= 2000; now++) {
+            int layer = (int)(test_rand_u64(&seed) % 3);
+            int32_t ex = (int32_t)(test_rand_u64(&seed) % 8);
+            struct moe_cache_ref ref;
+
+            ASSERT_EQ(moe_cache_acquire(c, model, layer, &ex, 1, &ref, NULL), 0);
+            ASSERT_EQ(ref.status, 0);
+            hits += ref.hit;
+            moe_cache_release(c, &ref, 1);
+            ref_hits += ref_lru_access(keys, stamp, &n, cap, layer * 8 + ex, now);
+        }
+        ASSERT_EQ(hits, ref_hits);
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        ASSERT_EQ(s.total.hits, (uint64_t)hits);
+        ASSERT_EQ(s.total.misses, 2000u - (uint64_t)hits);
+        ASSERT_EQ(s.tiers[0].resident, (uint64_t)cap);
+        ASSERT_EQ(s.tiers[0].used, (uint64_t)cap * 4096);
+        moe_cache_stats_clear(&s);
+        moe_cache_free(c);
+    }
+}
+
+static void check_pins(void)
+{
+    for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+        int model;
+        struct moe_cache *c = sim_cache((enum moe_cache_policy)p, false, 3, 2, 8, 2, &model);
+        struct moe_cache_ref refs[3], r2;
+        int32_t ex3[3] = {0, 1, 2}, ex = 5;
+        struct moe_error err;
+        struct moe_cache_stats s;
+
+        /* A batch holds 3: a fourth expert finds no room. */
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, ex3, 3, refs, &err), 0);
+        ASSERT_EQ(moe_cache_acquire(c, model, 1, &ex, 1, &r2, &err), 0);
+        ASSERT_EQ(r2.status, -ENOSPC);
+        ASSERT_EQ(moe_cache_wait(c, &r2, &err), -ENOSPC);
+        ASSERT_CONTAINS(err.msg, "no room");
+        /* Evicting an expert in use is refused. */
+        ASSERT_EQ(moe_cache_evict(c, model, 0, 1, &err), -EBUSY);
+        ASSERT_CONTAINS(err.msg, "in use");
+        moe_cache_release(c, refs, 3);
+        ASSERT_EQ(moe_cache_acquire(c, model, 1, &ex, 1, &r2, &err), 0);
+        ASSERT_EQ(r2.status, 0);
+        moe_cache_release(c, &r2, 1);
+
+        /* An operator pin survives a stream of other experts. */
+        ASSERT_EQ(moe_cache_pin(c, model, 1, 7, &err), 0);
+        for (int i = 0; i < 200; i++) {
+            int32_t x = i % 7;
+
+            ASSERT_EQ(moe_cache_acquire(c, model, i % 2, &x, 1, &r2, &err), 0);
+            ASSERT_EQ(r2.status, 0);
+            moe_cache_release(c, &r2, 1);
+        }
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        ASSERT_EQ(s.models[0].experts[1 * 8 + 7].tier, 0);
+        ASSERT_TRUE(s.models[0].experts[1 * 8 + 7].operator_pinned);
+        moe_cache_stats_clear(&s);
+        ASSERT_EQ(moe_cache_evict(c, model, 1, 7, &err), -EBUSY);
+        ASSERT_CONTAINS(err.msg, "unpin");
+        ASSERT_EQ(moe_cache_unpin(c, model, 1, 7, &err), 0);
+        ASSERT_EQ(moe_cache_evict(c, model, 1, 7, &err), 0);
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        ASSERT_EQ(s.models[0].experts[1 * 8 + 7].tier, -1);
+        moe_cache_stats_clear(&s);
+
+        /* Bad calls. */
+        ASSERT_EQ(moe_cache_acquire(c, model, 2, &ex, 1, &r2, &err), -EINVAL);
+        ASSERT_CONTAINS(err.msg, "out of range");
+        ex = 8;
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &ex, 1, &r2, &err), -EINVAL);
+        ASSERT_CONTAINS(err.msg, "expert 8");
+        int32_t twice[2] = {1, 1};
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, twice, 2, refs, &err), -EINVAL);
+        ASSERT_CONTAINS(err.msg, "twice");
+        ASSERT_EQ(moe_cache_acquire(c, model + 1, 0, twice, 1, refs, &err), -ENOENT);
+        ASSERT_EQ(moe_cache_pin(c, model, 0, 9, &err), -EINVAL);
+        moe_cache_free(c);
+    }
+}
+
+/* Layer 0's expert e is always followed by layer 1's expert (e + 3) % 8:
+ * once learned, prefetch has layer 1's expert there before it is asked. */
+static void check_prefetch(void)
+{
+    int model;
+    struct moe_cache *c = sim_cache(MOE_POLICY_ROUTING, true, 24, 4, 8, 1, &model);
+    struct moe_cache_stats s;
+    uint64_t seed = 8;
+
+    for (int t = 0; t < 400; t++) {
+        int32_t e = (int32_t)(test_rand_u64(&seed) % 8);
+
+        for (int layer = 0; layer < 4; layer++) {
+            struct moe_cache_ref ref;
+
+            ASSERT_EQ(moe_cache_acquire(c, model, layer, &e, 1, &ref, NULL), 0);
+            ASSERT_EQ(ref.status, 0);
+            moe_cache_observe(c, model, layer, &e, 1, 1);
+            moe_cache_release(c, &ref, 1);
+            e = (e + 3) % 8;
+        }
+    }
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    printf("prefetch: hits %llu misses %llu prefetch hits %llu prefetches %llu wasted %llu\n",
+           (unsigned long long)s.total.hits, (unsigned long long)s.total.misses,
+           (unsigned long long)s.total.prefetch_hits, (unsigned long long)s.total.prefetches,
+           (unsigned long long)s.total.wasted_prefetches);
+    /* Layers 1-3 (3 of every 4 accesses) are predictable. */
+    ASSERT_TRUE(s.total.prefetch_hits > 0);
+    ASSERT_TRUE(moe_cache_hit_rate(&s.total) > 0.74);
+    ASSERT_TRUE(s.total.prefetch_hits <= s.total.prefetches);
+    moe_cache_stats_clear(&s);
+    moe_cache_free(c);
+}
+
+static void check_shrink(void)
+{
+    int model;
+    struct moe_cache *c = sim_cache(MOE_POLICY_FREQ, false, 10, 1, 16, 2, &model);
+    struct moe_cache_stats s;
+    struct moe_error err;
+
+    for (int32_t x = 0; x < 16; x++) {
+        struct moe_cache_ref ref;
+
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &x, 1, &ref, NULL), 0);
+        moe_cache_release(c, &ref, 1);
+    }
+    ASSERT_EQ(moe_cache_set_capacity(c, 0, 4 * 4096, &err), 0);
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.tiers[0].resident, 4u);
+    ASSERT_EQ(s.tiers[0].capacity, 4u * 4096);
+    moe_cache_stats_clear(&s);
+    ASSERT_EQ(moe_cache_set_capacity(c, 0, 12 * 4096, &err), 0);
+    ASSERT_EQ(moe_cache_set_capacity(c, 3, 4096, &err), -EINVAL);
+    moe_cache_free(c);
+}
+
+/* ---- real page-ins -------------------------------------------------------------------------- */
+
+static char *make_model(const char *tag)
+{
+    struct moe_genmodel_opts o;
+    struct moe_error err = {0};
+    char *dir = test_tmpdir(tag);
+
+    moe_genmodel_defaults(MOE_ARCH_MIXTRAL, &o);
+    o.out_dir = dir;
+    o.hidden = 256;
+    o.ffn = 160;
+    o.n_layers = 3;
+    o.n_experts = 8;
+    o.seed = 11;
+    o.n_shards = 2;
+    if (moe_genmodel_write(&o, &err) != 0)
+        FAIL("gen-model: %s", err.msg);
+    return dir;
+}
+
+/* The weights a ref points to equal the tensors in the file. */
+static void check_weights(const struct moe_model *m, int layer, const struct moe_cache_ref *ref)
+{
+    const struct moe_expert_ref *x = &m->layers[layer].experts[ref->expert];
+    const struct moe_tensor_ref *t[3] = {&x->gate, &x->up, &x->down};
+    const void *p[3] = {ref->w.gate, ref->w.up, ref->w.down};
+
+    ASSERT_EQ(ref->w.hidden, m->cfg.hidden);
+    ASSERT_EQ(ref->w.ffn, m->cfg.expert_ffn);
+    for (int i = 0; i < 3; i++) {
+        void *buf = malloc(t[i]->nbytes);
+
+        ASSERT_EQ(moe_model_read(m, t[i], buf, NULL), 0);
+        ASSERT_TRUE(memcmp(buf, p[i], t[i]->nbytes) == 0);
+        free(buf);
+    }
+}
+
+struct racer {
+    struct moe_cache *c;
+    const struct moe_model *m;
+    int model;
+    int ok;
+};
+
+static void *race(void *arg)
+{
+    struct racer *r = arg;
+    int32_t ex[4] = {1, 3, 5, 7};
+    struct moe_cache_ref refs[4];
+
+    if (moe_cache_acquire(r->c, r->model, 2, ex, 4, refs, NULL) == 0) {
+        r->ok = 1;
+        for (int i = 0; i < 4; i++)
+            if (moe_cache_wait(r->c, &refs[i], NULL) != 0)
+                r->ok = 0;
+        if (r->ok)
+            for (int i = 0; i < 4; i++)
+                check_weights(r->m, 2, &refs[i]);
+        moe_cache_release(r->c, refs, 4);
+    }
+    return NULL;
+}
+
+static struct moe_cache *real_cache(const struct moe_model *m, uint64_t bytes, int *model)
+{
+    struct moe_cache_config cfg = {.host_bytes = bytes, .policy = MOE_POLICY_LRU};
+    struct moe_cache *c;
+    struct moe_error err;
+
+    cfg.pager.chunk_bytes = 8192; /* several reads per expert */
+    if (moe_cache_create(&cfg, &c, &err) < 0)
+        FAIL("cache: %s", err.msg);
+    if (moe_cache_add_model(c, m, "mixtral", model, &err) < 0)
+        FAIL("add model: %s", err.msg);
+    return c;
+}
+
+static void check_real(void)
+{
+    char *dir = make_model("cache-real");
+    struct moe_model *m;
+    struct moe_error err;
+    struct moe_cache *c;
+    struct moe_cache_stats s;
+    int model;
+
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    c = real_cache(m, 64ull << 20, &model);
+
+    /* Every expert of every layer, bytes checked. */
+    for (int layer = 0; layer < m->cfg.n_layers; layer++) {
+        int32_t ex[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        struct moe_cache_ref refs[8];
+
+        if (layer == 2)
+            break; /* layer 2 is for the race below */
+        ASSERT_EQ(moe_cache_acquire(c, model, layer, ex, 8, refs, &err), 0);
+        for (int i = 0; i < 8; i++) {
+            ASSERT_EQ(moe_cache_wait(c, &refs[i], &err), 0);
+            check_weights(m, layer, &refs[i]);
+        }
+        moe_cache_release(c, refs, 8);
+    }
+    /* Single flight: 4 threads ask for the same cold experts at once. */
+    {
+        pthread_t th[4];
+        struct racer rc[4];
+
+        for (int i = 0; i < 4; i++) {
+            rc[i] = (struct racer){c, m, model, 0};
+            pthread_create(&th[i], NULL, race, &rc[i]);
+        }
+        for (int i = 0; i < 4; i++) {
+            pthread_join(th[i], NULL);
+            ASSERT_EQ(rc[i].ok, 1);
+        }
+    }
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.total.page_ins, 16u + 4u); /* each expert read once */
+    ASSERT_EQ(s.tiers[0].latency.count, 20u);
+    ASSERT_TRUE(s.tiers[0].latency.p50_ns <= s.tiers[0].latency.p99_ns);
+    ASSERT_TRUE(s.tiers[0].latency.p99_ns <= s.tiers[0].latency.max_ns);
+    ASSERT_TRUE(s.total.bytes_paged >= 20 * m->expert_bytes);
+    ASSERT_EQ(s.total.hits + s.total.misses, 16u + 16u);
+    moe_cache_stats_clear(&s);
+    moe_cache_free(c);
+
+    /* Faults: the first read fails; the expert is bad until retried. */
+    {
+        struct moe_pager_faults f = {.fail_nth = 1};
+        struct moe_pager_stats ps;
+        struct moe_cache_ref ref, ref2;
+        int32_t ex = 4, other = 5;
+        uint64_t reads;
+
+        c = real_cache(m, 64ull << 20, &model);
+        moe_pager_set_faults(moe_cache_pager(c), &f);
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), -EIO);
+        ASSERT_CONTAINS(err.msg, "layer 0 expert 4");
+        moe_cache_release(c, &ref, 1);
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        ASSERT_TRUE(s.models[0].experts[4].bad);
+        ASSERT_EQ(s.models[0].bad_experts, 1);
+        ASSERT_EQ(s.total.page_in_errors, 1u);
+        ASSERT_EQ(s.tiers[0].used, 0u); /* nothing leaked */
+        moe_cache_stats_clear(&s);
+        /* Others are served; the bad one fails at once, without I/O. */
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &other, 1, &ref2, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref2, &err), 0);
+        check_weights(m, 0, &ref2);
+        moe_cache_release(c, &ref2, 1);
+        moe_pager_get_stats(moe_cache_pager(c), &ps);
+        reads = ps.reads;
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), -EIO);
+        moe_cache_release(c, &ref, 1);
+        moe_pager_get_stats(moe_cache_pager(c), &ps);
+        ASSERT_EQ(ps.reads, reads);
+        ASSERT_EQ(moe_cache_pin(c, model, 0, 4, &err), -EIO);
+        ASSERT_CONTAINS(err.msg, "retry");
+        /* Retry clears the mark; short reads still give the right bytes. */
+        f = (struct moe_pager_faults){.short_nth = 2, .every = true};
+        moe_pager_set_faults(moe_cache_pager(c), &f);
+        ASSERT_EQ(moe_cache_retry(c, model, -1, -1, &err), 1);
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), 0);
+        check_weights(m, 0, &ref);
+        moe_cache_release(c, &ref, 1);
+        moe_pager_get_stats(moe_cache_pager(c), &ps);
+        ASSERT_TRUE(ps.short_reads > 0);
+        moe_cache_free(c);
+    }
+
+    /* A file truncated under the open model. */
+    {
+        const struct moe_tensor_ref *t = &m->layers[2].experts[7].down;
+        struct moe_cache_ref ref;
+        int32_t ex = 7;
+
+        c = real_cache(m, 64ull << 20, &model);
+        ASSERT_EQ(truncate(m->files[t->file].path, (off_t)t->offset), 0);
+        ASSERT_EQ(moe_cache_acquire(c, model, 2, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), -EIO);
+        ASSERT_CONTAINS(err.msg, "truncated");
+        ASSERT_CONTAINS(err.msg, "layer 2 expert 7");
+        moe_cache_release(c, &ref, 1);
+        moe_cache_free(c);
+    }
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+}
+
+/* Uses every expert of layer, one at a time, checking the bytes. */
+static void use_each(struct moe_cache *c, int model, const struct moe_model *m, int layer)
+{
+    struct moe_error err;
+
+    for (int32_t x = 0; x < m->cfg.n_experts; x++) {
+        struct moe_cache_ref ref;
+
+        ASSERT_EQ(moe_cache_acquire(c, model, layer, &x, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), 0);
+        check_weights(m, layer, &ref);
+        moe_cache_release(c, &ref, 1);
+    }
+}
+
+/* A second host tier in front: the last tier is read into, the front one
+ * filled from it; an expert evicted from the front comes back without I/O. */
+static void check_two_tiers(void)
+{
+    char *dir = make_model("cache-tiers");
+    struct moe_model *m;
+    struct moe_error err;
+    struct moe_cache *c;
+    struct moe_tier *front;
+    struct moe_cache_stats s;
+    struct moe_pager_stats ps;
+    uint64_t reads;
+    int model;
+    struct moe_cache_config cfg = {.host_bytes = 64ull << 20, .policy = MOE_POLICY_LRU};
+
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    ASSERT_EQ(moe_cache_create(&cfg, &c, &err), 0);
+    /* room for two experts in front */
+    ASSERT_EQ(moe_tier_host_create("front", 2 * (m->expert_bytes + 3 * 8192), false, &front, &err),
+              0);
+    ASSERT_EQ(moe_cache_push_tier(c, front, &err), 0);
+    ASSERT_EQ(moe_cache_add_model(c, m, "mixtral", &model, &err), 0);
+    use_each(c, model, m, 1);
+    moe_pager_get_stats(moe_cache_pager(c), &ps);
+    reads = ps.jobs_done;
+    ASSERT_EQ(reads, 8u);
+    use_each(c, model, m, 1);
+    moe_pager_get_stats(moe_cache_pager(c), &ps);
+    ASSERT_EQ(ps.jobs_done, reads);
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.n_tiers, 2);
+    ASSERT_STREQ(s.tiers[0].name, "front");
+    ASSERT_STREQ(s.tiers[1].name, "host");
+    ASSERT_EQ(s.tiers[0].resident, 2u);
+    ASSERT_EQ(s.tiers[1].resident, 8u);
+    ASSERT_EQ(s.tiers[1].c.hits, 8u); /* every front miss of the second round */
+    moe_cache_stats_clear(&s);
+    moe_cache_free(c);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+}
+
+int main(void)
+{
+    check_arena();
+    check_lru_reference();
+    check_pins();
+    check_prefetch();
+    check_shrink();
+    check_real();
+    check_two_tiers();
+    printf("ok\n");
+    return 0;
+}
