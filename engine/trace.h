@@ -31,12 +31,19 @@
 #ifndef MOED_ENGINE_TRACE_H
 #define MOED_ENGINE_TRACE_H
 
+#include "cache.h"
 #include "common.h"
 
 #define MOE_TRACE_MAGIC "MOETRACE"
 #define MOE_TRACE_VERSION 1
 #define MOE_TRACE_HEADER_BYTES 128
 #define MOE_TRACE_MAX_TOPK 64
+#define MOE_TRACE_MAX_LAYERS 1024
+#define MOE_TRACE_MAX_EXPERTS 65535
+/* moe_trace_read refuses larger files (the whole file is read into memory). */
+#define MOE_TRACE_MAX_FILE_BYTES (8ull << 30)
+/* Tokens routed together by moe_trace_generate. */
+#define MOE_TRACE_MAX_BATCH 4096
 
 struct moe_trace_info {
     char model[64];
@@ -47,16 +54,30 @@ struct moe_trace_info {
 };
 
 struct moe_trace_writer;
+struct moe_model;
+struct moe_engine;
 
-/* Creates (truncates) path and writes the header.  0 or -errno with err. */
+/* info for m's traces: its shape and expert bytes; name (cut to 63 bytes,
+ * may be NULL) names the model in the header. */
+void moe_trace_info_from_model(const struct moe_model *m, const char *name,
+                               struct moe_trace_info *ret);
+
+/* Creates (truncates) path and writes the header (the model name is cut to
+ * 63 bytes).  0 or -errno with err: -EINVAL for a shape out of the limits
+ * above. */
 int moe_trace_writer_open(const char *path, const struct moe_trace_info *info,
                           struct moe_trace_writer **ret, struct moe_error *err);
 /* Appends n_tokens records of one layer: ids [n_tokens, top_k], token
  * numbers first_token, first_token + 1, ...  Thread-safe.  0 or -errno
- * (the first write error sticks and is returned by close too). */
-int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer,
-                    const int32_t *ids, int n_tokens);
-/* Flushes, patches n_records, closes, frees.  0 or -errno with err. */
+ * (the first write error sticks and is returned by close too).  A bad call
+ * (layer out of range, an id out of range or twice for one token, tokens past
+ * 2^32) writes nothing and fails with -EINVAL or -EOVERFLOW, sticky too: the
+ * trace would be incomplete. */
+int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer, const int32_t *ids,
+                    int n_tokens);
+/* Flushes, patches n_records, closes, frees (always; NULL is a no-op).
+ * 0 or -errno with err saying what failed first; the file then keeps the
+ * records written before the failure and n_records = 0. */
 int moe_trace_writer_close(struct moe_trace_writer *w, struct moe_error *err);
 
 /* A trace in memory. */
@@ -70,13 +91,21 @@ struct moe_trace {
 
 /*
  * Parses a whole trace file image (len bytes); fname names it in messages.
- * Refuses, with the record number and what is wrong: bad magic, version,
- * sizes, unknown flags, a layer >= n_layers, an expert >= n_experts, an
- * expert twice in one record, a truncated record when n_records says more.
+ * Refuses, with the record number, its byte offset and what is wrong: bad
+ * magic, version, header bytes, n_layers outside 1..1024, n_experts outside
+ * 1..65535, top_k outside 1..min(64, n_experts), unknown flags, a model name
+ * without a NUL, non-zero reserved bytes (header 112..127, a record's zero
+ * field), a layer >= n_layers, an expert >= n_experts, an expert twice in
+ * one record; when n_records != 0 a file holding fewer records (truncated)
+ * or more bytes than those records; when n_records = 0 (a writer that did
+ * not close) a partial trailing record.  expert_bytes is not checked (0:
+ * unknown).  0 and *ret (free with moe_trace_free), or -EINVAL/-ENOMEM.
  */
 int moe_trace_parse(const void *buf, size_t len, const char *fname, struct moe_trace **ret,
                     struct moe_error *err);
+/* Reads path (at most MOE_TRACE_MAX_FILE_BYTES) and parses it. */
 int moe_trace_read(const char *path, struct moe_trace **ret, struct moe_error *err);
+/* NULL is a no-op. */
 void moe_trace_free(struct moe_trace *t);
 
 /* One replay step: records [first, first + n) of one layer. */
@@ -86,18 +115,83 @@ struct moe_trace_step {
     uint16_t layer;
 };
 
-/* Splits t into steps; *ret is malloc'd (free it).  0 or -ENOMEM. */
+/* Splits t into steps; *ret is malloc'd (free it).  0 or -ENOMEM.  A run
+ * of more than UINT32_MAX records is split into steps of at most that. */
 int moe_trace_steps(const struct moe_trace *t, struct moe_trace_step **ret, uint64_t *n_steps);
 
 /* Belady's MIN (the optimal offline policy) on t's steps for a cache of
  * capacity experts: on a miss with a full cache it evicts the resident
  * expert used farthest in the future, never one of the current step.
- * Counts accesses as cache-sim does (distinct experts per step). */
+ * Counts accesses as cache-sim does (distinct experts per step), experts
+ * keyed by (layer, expert); the cache starts empty.  O(accesses log
+ * capacity) time, O(accesses) memory.  -EINVAL with err when a step has
+ * more distinct experts than capacity, -ENOMEM. */
 struct moe_belady_result {
     uint64_t accesses;
     uint64_t hits;
 };
 int moe_trace_belady(const struct moe_trace *t, uint64_t capacity, struct moe_belady_result *ret,
                      struct moe_error *err);
+
+/* What a replay of t involves (cache-sim's accounting). */
+struct moe_trace_summary {
+    uint64_t n_steps;
+    uint64_t accesses;    /* distinct experts per step, summed */
+    int n_moe_layers;     /* distinct layers in the records */
+    uint32_t max_step;    /* most distinct experts of one step: the least capacity */
+    uint64_t max_step_at; /* the first step with that many */
+    uint64_t distinct;    /* distinct (layer, expert) pairs */
+};
+/* 0 or -ENOMEM. */
+int moe_trace_summarize(const struct moe_trace *t, struct moe_trace_summary *ret);
+
+/* Result of moe_trace_replay. */
+struct moe_trace_replay_result {
+    uint64_t accesses;           /* as moe_trace_belady counts them */
+    uint64_t hits;               /* of them, resident when acquired (ref.hit) */
+    struct moe_cache_counters c; /* the cache's totals at the end (prefetches, evictions...) */
+};
+
+/*
+ * Replays t through the real cache in simulation (cfg->simulate forced on,
+ * host_bytes set to capacity slots of the trace's expert_bytes rounded up to
+ * MOE_PAGER_ALIGN, as the cache lays a shape's experts out; 0 expert_bytes
+ * counts as 1): the cache is given the MoE layers seen in t only,
+ * renumbered in order (dense layers would count in its layer distances and
+ * next-layer pairs); for each step, its distinct experts are acquired (every
+ * one is ready at once; hits counted from ref.hit), released, then the
+ * step's routing [records, top_k] goes to moe_cache_observe.  0, or -errno
+ * with err (a cache call failed, capacity below a step's experts).
+ */
+int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
+                     const struct moe_cache_config *cfg, struct moe_trace_replay_result *ret,
+                     struct moe_error *err);
+
+/*
+ * A synthetic token stream with temporal locality, routed by m's real
+ * routers (moe_layer_route on e), written to w in decode order: for each
+ * batch of `batch` tokens, every MoE layer in order (dense layers are
+ * skipped), the batch's records with their token numbers.
+ *
+ * Input states: eight random directions ("topics"); the current topic
+ * changes on average every few dozen tokens and the topic mixture moves
+ * towards it a little every token (a smooth transition); each token is the
+ * normalised mixture + a per-token component that is AR(1) over tokens +
+ * noise, about unit variance per element.  Through the layers a residual
+ * stream: h_{l+1} = h_l + a small perturbation of layer l (a fixed
+ * layer-specific direction plus a token-dependent part, itself AR(1) over
+ * tokens), so that consecutive layers see correlated states; each router
+ * sees h_l scaled to unit root mean square, as after the RMSNorm before a
+ * real router.  All values come from counter-based generators seeded by
+ * (seed, what, token, layer), with IEEE arithmetic and sqrt only (no libm
+ * transcendentals): a seed gives the same states on every machine and the
+ * same trace on one machine (another CPU kernel may round a logit
+ * differently); a token's states do not depend on the batch size.
+ *
+ * w must be open for m's shape (moe_trace_info_from_model).  0, or -errno
+ * with err (routing or writing failed: the trace is incomplete).
+ */
+int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_tokens, uint64_t seed,
+                       int batch, struct moe_trace_writer *w, struct moe_error *err);
 
 #endif

@@ -1,0 +1,565 @@
+/*
+ * moectl gen-trace and cache-sim: make a routing trace from a model's real
+ * routers over a synthetic token stream, and replay a trace through the
+ * expert cache (simulated) for each replacement policy, next to Belady's
+ * optimum.
+ */
+#include "moectl.h"
+
+#include "backend.h"
+#include "cache.h"
+#include "common.h"
+#include "layer.h"
+#include "model.h"
+#include "trace.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GEN_TRACE_MAX_TOKENS 100000000
+
+/* ---- gen-trace ------------------------------------------------------------------------- */
+
+static void gen_trace_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: moectl gen-trace --model DIR --tokens N --out FILE [--seed S] [--batch B]\n"
+            "                        [--threads N] [-q]\n"
+            "\n"
+            "Runs the model's routers over a synthetic stream of N tokens and writes the\n"
+            "experts each token picks at each MoE layer to FILE (a routing trace, see\n"
+            "engine/trace.h), for `moectl cache-sim`.  No expert is read.\n"
+            "\n"
+            "The stream has temporal locality, as text does: a few topics (random\n"
+            "directions) in a slowly drifting mixture (the topic changes every few dozen\n"
+            "tokens, smoothly), a per-token part correlated with the previous token's, and\n"
+            "noise; through the layers a residual stream (each layer adds a small\n"
+            "perturbation), so that consecutive layers see correlated states.\n"
+            "\n"
+            "  --model DIR   checkpoint or packed store\n"
+            "  --tokens N    tokens to generate (1 to %d)\n"
+            "  --out FILE    the trace (replaced)\n"
+            "  --seed S      seed of the stream (default 1); the same seed gives the same trace\n"
+            "  --batch B     tokens routed together (default 1: decode); records come in\n"
+            "                decode order: for each batch, every MoE layer in order\n"
+            "  --threads N   CPU threads for the router matmuls (default: all)\n"
+            "  -q, --quiet   no summary\n",
+            GEN_TRACE_MAX_TOKENS);
+}
+
+/* The directory's base name: "/models/mixtral/" -> "mixtral". */
+static void base_name(const char *dir, char *buf, size_t len)
+{
+    size_t n = strlen(dir);
+    const char *p;
+
+    while (n > 1 && dir[n - 1] == '/')
+        n--;
+    p = dir + n;
+    while (p > dir && p[-1] != '/')
+        p--;
+    snprintf(buf, len, "%.*s", (int)(dir + n - p), p);
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+
+    return (x > y) - (x < y);
+}
+
+/* Prints the one-line summary of the trace at path. */
+static int gen_trace_summary(const char *path, int tokens, double secs)
+{
+    struct moe_error err = {0};
+    struct moe_trace *t;
+    int L, E, K, n = 0;
+    int *used_n = NULL;
+    uint8_t *used = NULL;
+
+    if (moe_trace_read(path, &t, &err) < 0) {
+        errorf("gen-trace: reading back %s", err.msg);
+        return -EIO;
+    }
+    L = t->info.n_layers;
+    E = t->info.n_experts;
+    K = t->info.top_k;
+    used = calloc((size_t)L * E, 1);
+    used_n = calloc((size_t)L, sizeof(int));
+    if (!used || !used_n) {
+        errorf("gen-trace: out of memory");
+        moe_trace_free(t);
+        free(used);
+        free(used_n);
+        return -ENOMEM;
+    }
+    for (uint64_t i = 0; i < t->n_records; i++)
+        for (int j = 0; j < K; j++)
+            used[(size_t)t->layer[i] * E + t->expert[i * K + j]] = 1;
+    for (int l = 0; l < L; l++) {
+        int u = 0;
+
+        for (int e = 0; e < E; e++)
+            u += used[(size_t)l * E + e];
+        if (u)
+            used_n[n++] = u;
+    }
+    qsort(used_n, (size_t)n, sizeof(int), cmp_int);
+    printf("wrote %s: %d tokens, %" PRIu64 " records (%d MoE layers x %d experts, top-%d); "
+           "distinct experts used per layer: min %d, median %d, max %d of %d; %.2f s\n",
+           path, tokens, t->n_records, n, E, K, n ? used_n[0] : 0, n ? used_n[n / 2] : 0,
+           n ? used_n[n - 1] : 0, E, secs);
+    moe_trace_free(t);
+    free(used);
+    free(used_n);
+    return 0;
+}
+
+int moectl_gen_trace(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"tokens", required_argument, NULL, 'n'},
+        {"out", required_argument, NULL, 'o'},
+        {"seed", required_argument, NULL, 's'},
+        {"batch", required_argument, NULL, 'b'},
+        {"threads", required_argument, NULL, 't'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
+    };
+    const char *dir = NULL, *outp = NULL;
+    struct moe_cpu_config cpu = {0};
+    struct moe_error err = {0};
+    struct moe_model *m = NULL;
+    struct moe_backend *b = NULL;
+    struct moe_engine *e = NULL;
+    struct moe_trace_writer *w = NULL;
+    struct moe_trace_info info;
+    uint64_t seed = 1, t0;
+    int tokens = 0, batch = 1, c, ret = 1;
+    bool quiet = false;
+    char name[64];
+
+    while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm':
+            dir = optarg;
+            break;
+        case 'n':
+            if (parse_int("--tokens", optarg, 1, GEN_TRACE_MAX_TOKENS, &tokens) < 0)
+                return 2;
+            break;
+        case 'o':
+            outp = optarg;
+            break;
+        case 's':
+            if (parse_u64("--seed", optarg, &seed) < 0)
+                return 2;
+            break;
+        case 'b':
+            if (parse_int("--batch", optarg, 1, MOE_TRACE_MAX_BATCH, &batch) < 0)
+                return 2;
+            break;
+        case 't':
+            if (parse_int("--threads", optarg, 1, 1024, &cpu.n_threads) < 0)
+                return 2;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'h':
+            gen_trace_usage(stdout);
+            return 0;
+        default:
+            gen_trace_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        errorf("gen-trace: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!dir || !outp || tokens == 0) {
+        errorf("gen-trace: --model, --tokens and --out are required (see moectl gen-trace "
+               "--help)");
+        return 2;
+    }
+
+    t0 = moe_now_ns();
+    if (moe_model_open(dir, &m, &err) < 0) {
+        errorf("gen-trace: %s", err.msg);
+        goto out;
+    }
+    if (moe_backend_cpu_init(&cpu, &b, &err) < 0) {
+        errorf("gen-trace: %s", err.msg);
+        goto out;
+    }
+    if (moe_engine_init(m, b, &e) < 0) {
+        errorf("gen-trace: out of memory");
+        goto out;
+    }
+    base_name(dir, name, sizeof(name));
+    moe_trace_info_from_model(m, name, &info);
+    if (moe_trace_writer_open(outp, &info, &w, &err) < 0) {
+        errorf("gen-trace: %s", err.msg);
+        goto out;
+    }
+    if (moe_trace_generate(e, m, tokens, seed, batch, w, &err) < 0) {
+        errorf("gen-trace: %s: %s", dir, err.msg);
+        moe_trace_writer_close(w, NULL);
+        w = NULL;
+        goto out;
+    }
+    if (moe_trace_writer_close(w, &err) < 0) {
+        w = NULL;
+        errorf("gen-trace: %s", err.msg);
+        goto out;
+    }
+    w = NULL;
+    if (!quiet && gen_trace_summary(outp, tokens, (double)(moe_now_ns() - t0) / 1e9) < 0)
+        goto out;
+    ret = 0;
+out:
+    moe_trace_writer_close(w, NULL);
+    moe_engine_free(e);
+    moe_backend_free(b);
+    moe_model_free(m);
+    return ret;
+}
+
+/* ---- cache-sim ------------------------------------------------------------------------- */
+
+static void cache_sim_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: moectl cache-sim --trace FILE --capacity C [--policy P] [--prefetch]\n"
+            "                        [--json] [-q]\n"
+            "\n"
+            "Replays a routing trace (from `moectl gen-trace` or moed) through the expert\n"
+            "cache in simulation (no memory, no I/O; the cache's own code and policies) and\n"
+            "prints, per policy, the hit rate next to Belady's optimum for the same capacity.\n"
+            "\n"
+            "Replay: a step is a run of consecutive records of one layer (one forward of a\n"
+            "batch); its distinct experts are acquired (one access each; a hit when\n"
+            "resident), released, then the step's routing is given to the cache (its\n"
+            "popularity counts and next-layer predictor).\n"
+            "\n"
+            "  --trace FILE    the routing trace\n"
+            "  --capacity C    cache size: experts (\"64\"), bytes (\"12G\", \"512MiB\": divided\n"
+            "                  by the trace's expert size), or a share of all routed experts\n"
+            "                  of the MoE layers in the trace (\"25%%\"); at least the\n"
+            "                  distinct experts of the largest step\n"
+            "  --policy P      lru, freq, routing, or all (default): each of the three\n"
+            "  --prefetch      with the cache's prefetcher on: with one policy, that policy\n"
+            "                  with prefetch; with all, each policy without and then with\n"
+            "                  prefetch (six runs)\n"
+            "  --json          one JSON object instead of the table\n"
+            "  -q, --quiet     the table only, without the trace's description\n"
+            "\n"
+            "Columns: accesses and hits; hit rate; prefetch hits (first uses of prefetched\n"
+            "experts) and wasted prefetches (evicted unused); evictions; Belady's hit rate;\n"
+            "x belady = hit rate / Belady's; gap closed = (hit rate - LRU's) / (Belady's -\n"
+            "LRU's), the share of LRU's distance to the optimum the policy makes up (LRU\n"
+            "without prefetch is run as the baseline when not asked for).\n");
+}
+
+/* One policy run. */
+struct sim_run {
+    enum moe_cache_policy policy;
+    bool prefetch;
+    bool baseline; /* run only as LRU's baseline */
+    struct moe_trace_replay_result res;
+};
+
+static double rate(uint64_t hits, uint64_t accesses)
+{
+    return accesses ? (double)hits / (double)accesses : 0.0;
+}
+
+static const char *run_name(const struct sim_run *r, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s%s", moe_cache_policy_name(r->policy), r->prefetch ? "+prefetch" : "");
+    return buf;
+}
+
+/* Parses --capacity's syntax: *kind 'e' experts, 'b' bytes, '%' share. */
+static int parse_capacity(const char *s, char *kind, uint64_t *val, double *pct)
+{
+    struct moe_error err = {0};
+    size_t n = strlen(s);
+    char *end;
+
+    if (n > 1 && s[n - 1] == '%') {
+        *pct = strtod(s, &end);
+        if (end != s + n - 1 || !(*pct > 0.0 && *pct <= 100.0)) {
+            errorf("cache-sim: --capacity '%s': expected a share above 0%% and at most 100%%", s);
+            return -EINVAL;
+        }
+        *kind = '%';
+        return 0;
+    }
+    if (n > 0 && strspn(s, "0123456789") == n) {
+        if (parse_u64("--capacity", s, val) < 0)
+            return -EINVAL;
+        *kind = 'e';
+        return 0;
+    }
+    if (moe_parse_bytes(s, val, &err) < 0) {
+        errorf("cache-sim: --capacity '%s': expected experts (\"64\"), bytes with a suffix "
+               "(\"12G\", \"512MiB\") or a share (\"25%%\")",
+               s);
+        return -EINVAL;
+    }
+    *kind = 'b';
+    return 0;
+}
+
+static json_t *num_or_null(bool ok, double v)
+{
+    return ok ? json_real(v) : json_null();
+}
+
+/* The table's row, or the JSON object, of one run. */
+static void print_run(const struct sim_run *r, double bel_rate, double lru_rate, json_t *arr)
+{
+    const struct moe_trace_replay_result *x = &r->res;
+    double hr = rate(x->hits, x->accesses);
+    bool plain_lru = r->policy == MOE_POLICY_LRU && !r->prefetch;
+    bool has_gap = !plain_lru && bel_rate > lru_rate;
+    char gap[16] = "-", ratio[16] = "-", nm[48], nb[32];
+
+    if (arr) {
+        json_t *o = json_pack(
+            "{s:s, s:b, s:b, s:I, s:I, s:f, s:I, s:I, s:I}", "policy",
+            moe_cache_policy_name(r->policy), "prefetch", r->prefetch, "baseline", r->baseline,
+            "accesses", (json_int_t)x->accesses, "hits", (json_int_t)x->hits, "hit_rate", hr,
+            "prefetch_hits", (json_int_t)x->c.prefetch_hits, "wasted_prefetches",
+            (json_int_t)x->c.wasted_prefetches, "evictions", (json_int_t)x->c.evictions);
+
+        json_object_set_new(o, "ratio_to_belady", num_or_null(bel_rate > 0, hr / bel_rate));
+        json_object_set_new(o, "gap_closed",
+                            num_or_null(has_gap, (hr - lru_rate) / (bel_rate - lru_rate)));
+        json_array_append_new(arr, o);
+        return;
+    }
+    if (has_gap)
+        snprintf(gap, sizeof(gap), "%.0f%%", 100.0 * (hr - lru_rate) / (bel_rate - lru_rate));
+    if (bel_rate > 0)
+        snprintf(ratio, sizeof(ratio), "%.3f", hr / bel_rate);
+    snprintf(nm, sizeof(nm), "%s%s", run_name(r, nb, sizeof(nb)), r->baseline ? " (baseline)" : "");
+    printf("%-22s %10" PRIu64 " %10" PRIu64 " %7.2f%% %9" PRIu64 " %9" PRIu64 " %10" PRIu64
+           " %7.2f%% %8s %6s\n",
+           nm, x->accesses, x->hits, 100.0 * hr, x->c.prefetch_hits, x->c.wasted_prefetches,
+           x->c.evictions, 100.0 * bel_rate, ratio, gap);
+}
+
+int moectl_cache_sim(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"trace", required_argument, NULL, 't'},  {"capacity", required_argument, NULL, 'c'},
+        {"policy", required_argument, NULL, 'p'}, {"prefetch", no_argument, NULL, 'f'},
+        {"json", no_argument, NULL, 'j'},         {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},         {0},
+    };
+    const char *path = NULL, *cap_s = NULL, *pol_s = "all";
+    struct moe_trace *t = NULL;
+    struct moe_trace_summary sum;
+    struct sim_run runs[2 * MOE_POLICY_COUNT + 1];
+    struct moe_cache_config cfg = {0};
+    struct moe_belady_result bel;
+    struct moe_error err = {0};
+    bool prefetch = false, json = false, quiet = false, all;
+    enum moe_cache_policy one = MOE_POLICY_LRU;
+    uint64_t cap = 0, cap_val = 0, total, eb;
+    double pct = 0, lru_rate, bel_rate;
+    json_t *root = NULL, *arr = NULL;
+    int c, n_runs = 0, ret = 1;
+    char kind = 0, b1[32];
+
+    while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 't':
+            path = optarg;
+            break;
+        case 'c':
+            cap_s = optarg;
+            break;
+        case 'p':
+            pol_s = optarg;
+            break;
+        case 'f':
+            prefetch = true;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'h':
+            cache_sim_usage(stdout);
+            return 0;
+        default:
+            cache_sim_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        errorf("cache-sim: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!path || !cap_s) {
+        errorf("cache-sim: --trace and --capacity are required (see moectl cache-sim --help)");
+        return 2;
+    }
+    all = strcmp(pol_s, "all") == 0;
+    if (!all && moe_cache_policy_parse(pol_s, &one) < 0) {
+        errorf("cache-sim: --policy '%s': expected lru, freq, routing or all", pol_s);
+        return 2;
+    }
+    if (parse_capacity(cap_s, &kind, &cap_val, &pct) < 0)
+        return 2;
+
+    if (moe_trace_read(path, &t, &err) < 0) {
+        errorf("cache-sim: %s", err.msg);
+        goto out;
+    }
+    if (t->n_records == 0) {
+        errorf("cache-sim: %s: the trace has no records", path);
+        goto out;
+    }
+    if (moe_trace_summarize(t, &sum) < 0) {
+        errorf("cache-sim: out of memory");
+        goto out;
+    }
+    eb = t->info.expert_bytes;
+    total = (uint64_t)sum.n_moe_layers * (uint64_t)t->info.n_experts;
+    if (kind == '%') {
+        cap = (uint64_t)(pct / 100.0 * (double)total);
+    } else if (kind == 'e') {
+        cap = cap_val;
+    } else if (!eb) {
+        errorf("cache-sim: %s does not say how large an expert is (expert_bytes 0): give "
+               "--capacity in experts or as a share",
+               path);
+        goto out;
+    } else {
+        cap = cap_val / eb;
+    }
+    if (cap < sum.max_step) {
+        struct moe_trace_step *steps;
+        uint64_t n_steps;
+
+        if (moe_trace_steps(t, &steps, &n_steps) < 0) {
+            errorf("cache-sim: out of memory");
+            goto out;
+        }
+        errorf("cache-sim: --capacity %s (%" PRIu64 " experts) is below the %" PRIu32
+               " distinct experts that step %" PRIu64 " (layer %u, tokens %" PRIu32 " to %" PRIu32
+               ") needs at once; give at least %" PRIu32 " experts",
+               cap_s, cap, sum.max_step, sum.max_step_at, steps[sum.max_step_at].layer,
+               t->token[steps[sum.max_step_at].first],
+               t->token[steps[sum.max_step_at].first + steps[sum.max_step_at].n - 1], sum.max_step);
+        free(steps);
+        goto out;
+    }
+    /* More than every expert changes nothing, and keeps host_bytes small. */
+    cap = MOE_MIN(cap, total);
+
+    if (moe_trace_belady(t, cap, &bel, &err) < 0) {
+        errorf("cache-sim: %s: %s", path, err.msg);
+        goto out;
+    }
+    bel_rate = rate(bel.hits, bel.accesses);
+
+    /* The runs: LRU without prefetch first (also the baseline of the gap),
+     * then the others without prefetch, then those with. */
+    runs[n_runs++] = (struct sim_run){.policy = MOE_POLICY_LRU,
+                                      .baseline = !(all || (one == MOE_POLICY_LRU && !prefetch))};
+    for (int pf = 0; pf < 2; pf++) {
+        if ((pf && !prefetch) || (!pf && prefetch && !all))
+            continue;
+        for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+            if ((!all && p != (int)one) || (p == MOE_POLICY_LRU && !pf))
+                continue;
+            runs[n_runs++] = (struct sim_run){.policy = (enum moe_cache_policy)p, .prefetch = pf};
+        }
+    }
+    for (int i = 0; i < n_runs; i++) {
+        cfg.policy = runs[i].policy;
+        cfg.prefetch = runs[i].prefetch;
+        if (moe_trace_replay(t, cap, &cfg, &runs[i].res, &err) < 0) {
+            errorf("cache-sim: %s: %s%s: %s", path, moe_cache_policy_name(cfg.policy),
+                   cfg.prefetch ? "+prefetch" : "", err.msg);
+            goto out;
+        }
+        /* The same accounting on both sides, or the comparison means nothing. */
+        if (runs[i].res.accesses != bel.accesses) {
+            errorf("cache-sim: internal error: %" PRIu64 " accesses replayed, %" PRIu64
+                   " for Belady",
+                   runs[i].res.accesses, bel.accesses);
+            goto out;
+        }
+    }
+    lru_rate = rate(runs[0].res.hits, runs[0].res.accesses);
+
+    if (json) {
+        char *text;
+
+        root = json_object();
+        arr = json_array();
+        json_object_set_new(root, "trace", json_string(path));
+        json_object_set_new(root, "model", json_string(t->info.model));
+        json_object_set_new(root, "records", json_integer((json_int_t)t->n_records));
+        json_object_set_new(root, "steps", json_integer((json_int_t)sum.n_steps));
+        json_object_set_new(root, "moe_layers", json_integer(sum.n_moe_layers));
+        json_object_set_new(root, "experts", json_integer(t->info.n_experts));
+        json_object_set_new(root, "top_k", json_integer(t->info.top_k));
+        json_object_set_new(root, "expert_bytes", json_integer((json_int_t)eb));
+        json_object_set_new(root, "capacity_experts", json_integer((json_int_t)cap));
+        json_object_set_new(root, "capacity_bytes", json_integer((json_int_t)(cap * eb)));
+        json_object_set_new(root, "capacity_share", json_real((double)cap / (double)total));
+        json_object_set_new(root, "belady",
+                            json_pack("{s:I, s:I, s:f}", "accesses", (json_int_t)bel.accesses,
+                                      "hits", (json_int_t)bel.hits, "hit_rate", bel_rate));
+        for (int i = 0; i < n_runs; i++)
+            print_run(&runs[i], bel_rate, lru_rate, arr);
+        json_object_set_new(root, "runs", arr);
+        text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        if (!text) {
+            errorf("cache-sim: out of memory");
+            goto out;
+        }
+        printf("%s\n", text);
+        free(text);
+        ret = 0;
+        goto out;
+    }
+
+    if (!quiet) {
+        printf("trace %s: model '%s', %" PRIu64 " records in %" PRIu64 " steps, %" PRIu64
+               " accesses; %d MoE layers x %d experts, top-%d\n",
+               path, t->info.model, t->n_records, sum.n_steps, sum.accesses, sum.n_moe_layers,
+               t->info.n_experts, t->info.top_k);
+        printf("capacity: %" PRIu64 " experts, %.1f%% of %" PRIu64 "%s%s\n", cap,
+               100.0 * (double)cap / (double)total, total, eb ? ", " : "",
+               eb ? human_bytes(cap * eb, b1, sizeof(b1)) : "");
+    }
+    printf("%-22s %10s %10s %8s %9s %9s %10s %8s %8s %6s\n", "policy", "accesses", "hits",
+           "hit rate", "pf hits", "pf wasted", "evictions", "belady", "x belady", "gap");
+    for (int i = 0; i < n_runs; i++)
+        print_run(&runs[i], bel_rate, lru_rate, NULL);
+    printf("%-22s %10" PRIu64 " %10" PRIu64 " %7.2f%%  (Belady's MIN: the offline optimum)\n",
+           "belady", bel.accesses, bel.hits, 100.0 * bel_rate);
+    ret = 0;
+out:
+    json_decref(root);
+    moe_trace_free(t);
+    return ret;
+}
