@@ -5,6 +5,10 @@
  *   gen-model   write a deterministic synthetic checkpoint (Hugging Face layout)
  *   inspect     describe a checkpoint: architecture, layers, experts, bytes
  *   forward     run one MoE layer in process (--local) on a .npy of hidden states
+ *   gen-trace   route a synthetic token stream with a model's routers into a trace
+ *   cache-sim   replay a routing trace through the expert cache, next to Belady's optimum
+ *   pack        write a packed store (experts.bin + moe-pack.json) from a checkpoint
+ *   verify      check a packed store's checksums, and against its checkpoint
  *
  * Exit status: 0 success, 1 the command failed (the message says why),
  * 2 bad usage.
@@ -113,6 +117,10 @@ static const struct command {
     {"gen-model", moectl_gen_model, "write a deterministic synthetic checkpoint"},
     {"inspect", moectl_inspect, "describe a checkpoint (architecture, layers, experts, bytes)"},
     {"forward", moectl_forward, "run one MoE layer on a .npy of hidden states (--local)"},
+    {"gen-trace", moectl_gen_trace, "write a routing trace of a synthetic token stream"},
+    {"cache-sim", moectl_cache_sim, "replay a routing trace through the cache policies"},
+    {"pack", moectl_pack, "write a packed store of a checkpoint's experts, for fast paging"},
+    {"verify", moectl_verify, "check a packed store's checksums (and against its checkpoint)"},
 };
 
 static void usage(FILE *f)

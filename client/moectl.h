@@ -36,5 +36,9 @@ const char *moectl_human_bytes(uint64_t n, char *buf, size_t len);
 int moectl_gen_model(int argc, char **argv);
 int moectl_inspect(int argc, char **argv);
 int moectl_forward(int argc, char **argv);
+int moectl_gen_trace(int argc, char **argv);
+int moectl_cache_sim(int argc, char **argv);
+int moectl_pack(int argc, char **argv);
+int moectl_verify(int argc, char **argv);
 
 #endif

@@ -5,11 +5,13 @@
 #include "moectl.h"
 
 #include "backend.h"
+#include "cache.h"
 #include "common.h"
 #include "layer.h"
 #include "model.h"
 #include "npy.h"
 #include "threadpool.h"
+#include "trace.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -21,18 +23,36 @@
 
 static void forward_usage(FILE *f)
 {
-    fprintf(f, "usage: moectl forward --local --model DIR --layer L --in X.npy --out Y.npy\n"
-               "                      [--routing-out R.npz] [--routing-in R.npz]\n"
-               "                      [--threads N] [--kernel auto|generic|avx2|avx512] [-q]\n"
-               "\n"
-               "Runs one MoE layer in this process.  X.npy: float32 [tokens, hidden] hidden\n"
-               "states; Y.npy: float32 [tokens, hidden], the layer's output (routed experts\n"
-               "weighted and summed, plus shared experts).  --routing-out writes the routing used\n"
-               "(arrays 'ids' int32 and 'weights' float32, [tokens, top_k]); --routing-in takes\n"
-               "the routing from such a file instead of the model's router.\n"
-               "\n"
-               "--local is required for now: forwarding through a running moed comes with the\n"
-               "daemon.\n");
+    fprintf(f,
+            "usage: moectl forward --local --model DIR --layer L|all --in X.npy --out Y.npy\n"
+            "                      [--routing-out R.npz] [--routing-in R.npz] [--step N]\n"
+            "                      [--cache-bytes B] [--policy lru|freq|routing] [--no-prefetch]\n"
+            "                      [--buffered] [--trace FILE] [--threads N]\n"
+            "                      [--kernel auto|generic|avx2|avx512] [-q]\n"
+            "\n"
+            "Runs MoE layers in this process.  X.npy: float32 [tokens, hidden] hidden states.\n"
+            "With --layer L, Y.npy is layer L's output (routed experts weighted and summed,\n"
+            "plus shared experts).  With --layer all, every MoE layer runs in order on a\n"
+            "residual stream, x <- x + layer(x), the way a model would, and Y.npy is the\n"
+            "final x.  --routing-out writes the routing used (arrays 'ids' int32 and\n"
+            "'weights' float32, [tokens, top_k]); --routing-in takes it from such a file\n"
+            "instead of the model's router (both with a single layer only).\n"
+            "\n"
+            "  --step N           N tokens per forward call (default: all at once); with\n"
+            "                     --layer all, N tokens go through every layer before the\n"
+            "                     next N, as in decoding\n"
+            "  --cache-bytes B    host expert cache size (K/M/G suffixes; default: every\n"
+            "                     expert); smaller caches page experts in and out\n"
+            "  --policy P         eviction policy: lru, freq or routing (default routing)\n"
+            "  --no-prefetch      do not prefetch the next layer's predicted experts\n"
+            "  --buffered         read through the page cache instead of O_DIRECT\n"
+            "  --trace FILE       record the routing to FILE (see moectl cache-sim)\n"
+            "\n"
+            "The output does not depend on the cache size or policy.  Unless -q, prints the\n"
+            "timing and the cache statistics (hits, misses, prefetches, page-in latency).\n"
+            "\n"
+            "--local is required for now: forwarding through a running moed comes with the\n"
+            "daemon.\n");
 }
 
 static int load_routing(const char *path, int n_tokens, int top_k, struct moe_npy *ids,
@@ -58,6 +78,37 @@ static int load_routing(const char *path, int n_tokens, int top_k, struct moe_np
     return 0;
 }
 
+static void print_cache_stats(struct moe_engine *e)
+{
+    struct moe_cache_stats s;
+    char b1[32], b2[32], b3[32];
+
+    if (moe_cache_snapshot(moe_engine_cache(e), &s) < 0)
+        return;
+    for (int k = 0; k < s.n_tiers; k++) {
+        const struct moe_cache_tier_stats *t = &s.tiers[k];
+        const struct moe_cache_counters *c = &t->c;
+
+        printf("cache %s: %s of %s resident (%llu experts), policy %s%s: %llu hits, %llu misses "
+               "(hit rate %.1f%%), %llu prefetch hits of %llu prefetches (%llu wasted), %llu "
+               "evictions, %s paged in",
+               t->name, human_bytes(t->used, b1, sizeof(b1)),
+               human_bytes(t->capacity, b2, sizeof(b2)), (unsigned long long)t->resident, s.policy,
+               s.prefetch ? "+prefetch" : "", (unsigned long long)c->hits,
+               (unsigned long long)c->misses, 100.0 * moe_cache_hit_rate(c),
+               (unsigned long long)c->prefetch_hits, (unsigned long long)c->prefetches,
+               (unsigned long long)c->wasted_prefetches, (unsigned long long)c->evictions,
+               human_bytes(c->bytes_paged, b3, sizeof(b3)));
+        if (t->latency.count)
+            printf("; page-in p50 %.2f ms, p99 %.2f ms, max %.2f ms", t->latency.p50_ns / 1e6,
+                   t->latency.p99_ns / 1e6, t->latency.max_ns / 1e6);
+        if (c->page_in_errors)
+            printf("; %llu page-in errors", (unsigned long long)c->page_in_errors);
+        printf("\n");
+    }
+    moe_cache_stats_clear(&s);
+}
+
 int moectl_forward(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -70,11 +121,21 @@ int moectl_forward(int argc, char **argv)
         {"routing-in", required_argument, NULL, 'r'},
         {"threads", required_argument, NULL, 't'},
         {"kernel", required_argument, NULL, 'k'},
+        {"step", required_argument, NULL, 's'},
+        {"cache-bytes", required_argument, NULL, 'C'},
+        {"policy", required_argument, NULL, 'P'},
+        {"no-prefetch", no_argument, NULL, 'N'},
+        {"buffered", no_argument, NULL, 'B'},
+        {"trace", required_argument, NULL, 'T'},
         {"quiet", no_argument, NULL, 'q'},
         {"help", no_argument, NULL, 'h'},
         {0},
     };
-    const char *dir = NULL, *in = NULL, *outp = NULL, *rout = NULL, *rin = NULL;
+    const char *dir = NULL, *in = NULL, *outp = NULL, *rout = NULL, *rin = NULL, *tracep = NULL;
+    struct moe_cache_config ccfg = {.policy = MOE_POLICY_ROUTING, .prefetch = true};
+    struct moe_trace_writer *tw = NULL;
+    bool all = false;
+    int step = 0;
     struct moe_cpu_config cpu = {0};
     struct moe_error err = {0};
     struct moe_model *m = NULL;
@@ -97,8 +158,37 @@ int moectl_forward(int argc, char **argv)
             dir = optarg;
             break;
         case 'L':
-            if (parse_int("--layer", optarg, 0, MOE_MAX_LAYERS - 1, &layer) < 0)
+            if (strcmp(optarg, "all") == 0)
+                all = true;
+            else if (parse_int("--layer", optarg, 0, MOE_MAX_LAYERS - 1, &layer) < 0)
                 return 2;
+            break;
+        case 's':
+            if (parse_int("--step", optarg, 1, MOE_MAX_TOKENS, &step) < 0)
+                return 2;
+            break;
+        case 'C':
+            if (parse_bytes("--cache-bytes", optarg, &ccfg.host_bytes) < 0)
+                return 2;
+            if (ccfg.host_bytes == 0) {
+                errorf("forward: --cache-bytes 0: the cache must hold at least one expert");
+                return 2;
+            }
+            break;
+        case 'P':
+            if (moe_cache_policy_parse(optarg, &ccfg.policy) < 0) {
+                errorf("forward: --policy '%s': expected lru, freq or routing", optarg);
+                return 2;
+            }
+            break;
+        case 'N':
+            ccfg.prefetch = false;
+            break;
+        case 'B':
+            ccfg.pager.buffered = true;
+            break;
+        case 'T':
+            tracep = optarg;
             break;
         case 'i':
             in = optarg;
@@ -139,9 +229,13 @@ int moectl_forward(int argc, char **argv)
                "available yet");
         return 2;
     }
-    if (!dir || layer < 0 || !in || !outp) {
+    if (!dir || (layer < 0 && !all) || !in || !outp) {
         errorf("forward: --model, --layer, --in and --out are required (see moectl forward "
                "--help)");
+        return 2;
+    }
+    if (all && (rin || rout)) {
+        errorf("forward: --routing-in and --routing-out need a single --layer, not all");
         return 2;
     }
 
@@ -174,9 +268,25 @@ int moectl_forward(int argc, char **argv)
         errorf("forward: %s", err.msg);
         goto out;
     }
-    if (moe_engine_init(m, b, &e) < 0) {
-        errorf("forward: out of memory");
+    if (moe_engine_init_cache(m, b, &ccfg, &e, &err) < 0) {
+        errorf("forward: %s", err.msg);
         goto out;
+    }
+    if (tracep) {
+        struct moe_trace_info ti = {
+            .n_layers = m->cfg.n_layers,
+            .n_experts = m->cfg.n_experts,
+            .top_k = m->cfg.top_k,
+            .expert_bytes = m->expert_bytes,
+        };
+        const char *base = strrchr(dir, '/');
+
+        snprintf(ti.model, sizeof(ti.model), "%s", base && base[1] ? base + 1 : dir);
+        if (moe_trace_writer_open(tracep, &ti, &tw, &err) < 0) {
+            errorf("forward: %s", err.msg);
+            goto out;
+        }
+        moe_engine_set_trace(e, tw);
     }
     ids = malloc((size_t)T * m->cfg.top_k * sizeof(*ids));
     w = malloc((size_t)T * m->cfg.top_k * sizeof(*w));
@@ -185,11 +295,75 @@ int moectl_forward(int argc, char **argv)
         errorf("forward: out of memory for %d tokens", T);
         goto out;
     }
-    r = moe_layer_forward(e, layer, x.data, T, rin ? rids.data : NULL, rin ? rw.data : NULL, y, ids,
-                          w, &st, &err);
-    if (r < 0) {
-        errorf("forward: %s", err.msg);
-        goto out;
+    if (!step)
+        step = T;
+    r = 0;
+    memset(&st, 0, sizeof(st));
+    if (all)
+        memcpy(y, x.data, (size_t)T * m->cfg.hidden * sizeof(float));
+    {
+        float *part = all ? malloc((size_t)step * m->cfg.hidden * sizeof(float)) : NULL;
+        uint64_t t0 = moe_now_ns();
+        int calls = 0;
+
+        if (all && !part) {
+            errorf("forward: out of memory");
+            goto out;
+        }
+        for (int t = 0; t < T && r == 0; t += step) {
+            int n = MOE_MIN(step, T - t);
+            size_t H = (size_t)m->cfg.hidden, K = (size_t)m->cfg.top_k;
+
+            for (int l = all ? 0 : layer; l < (all ? m->cfg.n_layers : layer + 1); l++) {
+                struct moe_forward_stats s1;
+                float *xt = all ? y + (size_t)t * H : (float *)x.data + (size_t)t * H;
+
+                if (all && !m->layers[l].is_moe)
+                    continue;
+                r = moe_layer_forward(e, l, xt, n, rin ? (int32_t *)rids.data + t * K : NULL,
+                                      rin ? (float *)rw.data + t * K : NULL,
+                                      all ? part : y + (size_t)t * H, ids + t * K, w + t * K, &s1,
+                                      &err);
+                if (r < 0)
+                    break;
+                calls++;
+                if (all)
+                    for (size_t i = 0; i < (size_t)n * H; i++)
+                        xt[i] += part[i];
+                st.route_ns += s1.route_ns;
+                st.load_ns += s1.load_ns;
+                st.compute_ns += s1.compute_ns;
+                st.experts_used = MOE_MAX(st.experts_used, s1.experts_used);
+                st.bytes_read += s1.bytes_read;
+                st.hits += s1.hits;
+                st.misses += s1.misses;
+            }
+        }
+        free(part);
+        if (r < 0) {
+            errorf("forward: %s", err.msg);
+            goto out;
+        }
+        if (!quiet) {
+            uint64_t total = moe_now_ns() - t0;
+
+            if (all)
+                printf("%d MoE layers x %d tokens in %d calls of up to %d tokens: %.3f ms "
+                       "(route %.3f ms, waiting for experts %.3f ms, compute %.3f ms); "
+                       "%.0f tokens/s [%s %s]\n",
+                       m->n_moe_layers, T, calls, step, (double)total / 1e6,
+                       (double)st.route_ns / 1e6, (double)st.load_ns / 1e6,
+                       (double)st.compute_ns / 1e6, total ? (double)T * 1e9 / (double)total : 0.0,
+                       b->ops->name, moe_backend_cpu_kernel(b));
+            else
+                printf("layer %d: %d tokens, %d of %d experts used (%s read), %.3f ms: route "
+                       "%.3f ms, read %.3f ms, compute %.3f ms; %.0f tokens/s [%s %s]\n",
+                       layer, T, st.experts_used, m->cfg.n_experts,
+                       human_bytes(st.bytes_read, b1, sizeof(b1)), (double)total / 1e6,
+                       (double)st.route_ns / 1e6, (double)st.load_ns / 1e6,
+                       (double)st.compute_ns / 1e6, total ? (double)T * 1e9 / (double)total : 0.0,
+                       b->ops->name, moe_backend_cpu_kernel(b));
+        }
     }
     {
         int64_t shape[2] = {T, m->cfg.hidden};
@@ -211,19 +385,23 @@ int moectl_forward(int argc, char **argv)
             goto out;
         }
     }
-    if (!quiet) {
-        uint64_t total = st.route_ns + st.load_ns + st.compute_ns;
-
-        printf("layer %d: %d tokens, %d of %d experts used (%s read), %.3f ms: route %.3f ms, "
-               "read %.3f ms, compute %.3f ms; %.0f tokens/s [%s %s]\n",
-               layer, T, st.experts_used, m->cfg.n_experts,
-               human_bytes(st.bytes_read, b1, sizeof(b1)), (double)total / 1e6,
-               (double)st.route_ns / 1e6, (double)st.load_ns / 1e6, (double)st.compute_ns / 1e6,
-               total ? (double)T * 1e9 / (double)total : 0.0, b->ops->name,
-               moe_backend_cpu_kernel(b));
+    if (tw) {
+        moe_engine_set_trace(e, NULL);
+        r = moe_trace_writer_close(tw, &err);
+        tw = NULL;
+        if (r < 0) {
+            errorf("forward: %s", err.msg);
+            goto out;
+        }
     }
+    if (!quiet)
+        print_cache_stats(e);
     ret = 0;
 out:
+    if (tw) {
+        moe_engine_set_trace(e, NULL);
+        moe_trace_writer_close(tw, NULL);
+    }
     moe_engine_free(e);
     moe_backend_free(b);
     moe_model_free(m);

@@ -3,18 +3,26 @@
  *
  * Owns: per layer, the router weight (backend memory), the selection bias
  * as fp32, the shared expert(s) and the qwen2_moe shared-expert gate, read
- * once on the layer's first use and kept for the engine's lifetime.  Routed
- * experts are read from the checkpoint for each call and freed after it.
+ * once on the layer's first use and kept for the engine's lifetime; and,
+ * unless it was given one, its expert cache.  Routed experts come from the
+ * cache: a forward acquires the ones its tokens use, computes on them in
+ * ascending expert order as they become ready (the resident ones at once,
+ * the others as their page-ins land), and releases them.  Keeping the order
+ * fixed keeps every token's sum in the same order whatever was resident, so
+ * the output does not depend on the cache.
  *
- * Lock: e->lock serialises forwards on one engine (the layer table and the
- * backend's scratch memory are shared between calls).
+ * Lock: e->lock guards the layer table while a layer loads and the trace
+ * token counters; forwards on different layers (and on the same layer) run
+ * concurrently otherwise: the cache and the backend are thread-safe.
  */
 #include "layer.h"
 
 #include "backend.h"
+#include "cache.h"
 #include "dtype.h"
 #include "model.h"
 #include "router.h"
+#include "trace.h"
 
 #include <errno.h>
 #include <math.h>
@@ -35,28 +43,83 @@ struct layer_state {
 struct moe_engine {
     struct moe_model *m;
     struct moe_backend *b;
+    struct moe_cache *cache;
+    bool own_cache;
+    int model; /* id in the cache */
     pthread_mutex_t lock;
-    struct layer_state *layers; /* [n_layers]; guarded by lock */
+    struct layer_state *layers; /* [n_layers]; guarded by lock while loading */
+    struct moe_trace_writer *trace;
+    uint32_t *trace_tokens; /* [n_layers]: tokens recorded per layer */
 };
 
 static void layer_unload(struct moe_engine *e, struct layer_state *ls);
 
-int moe_engine_init(struct moe_model *m, struct moe_backend *b, struct moe_engine **ret)
+int moe_engine_attach(struct moe_model *m, struct moe_backend *b, struct moe_cache *cache,
+                      int model, struct moe_engine **ret)
 {
     struct moe_engine *e = calloc(1, sizeof(*e));
 
     if (!e)
         return -ENOMEM;
     e->layers = calloc((size_t)m->cfg.n_layers, sizeof(*e->layers));
-    if (!e->layers) {
+    e->trace_tokens = calloc((size_t)m->cfg.n_layers, sizeof(*e->trace_tokens));
+    if (!e->layers || !e->trace_tokens) {
+        free(e->layers);
+        free(e->trace_tokens);
         free(e);
         return -ENOMEM;
     }
     e->m = m;
     e->b = b;
+    e->cache = cache;
+    e->model = model;
     pthread_mutex_init(&e->lock, NULL);
     *ret = e;
     return 0;
+}
+
+uint64_t moe_engine_all_experts_bytes(const struct moe_model *m)
+{
+    /* Each expert's slot holds the aligned spans of its three tensors. */
+    uint64_t per = m->expert_bytes + 3 * 2 * 4096;
+
+    return (uint64_t)MOE_MAX(1, m->n_moe_layers) * (uint64_t)m->cfg.n_experts * per;
+}
+
+int moe_engine_init_cache(struct moe_model *m, struct moe_backend *b,
+                          const struct moe_cache_config *cfg, struct moe_engine **ret,
+                          struct moe_error *err)
+{
+    struct moe_cache_config c = {.policy = MOE_POLICY_LRU};
+    struct moe_cache *cache;
+    struct moe_engine *e;
+    int model, r;
+
+    if (cfg)
+        c = *cfg;
+    if (c.host_bytes == 0)
+        c.host_bytes = moe_engine_all_experts_bytes(m);
+    r = moe_cache_create(&c, &cache, err);
+    if (r < 0)
+        return r;
+    r = moe_cache_add_model(cache, m, NULL, &model, err);
+    if (r < 0) {
+        moe_cache_free(cache);
+        return r;
+    }
+    r = moe_engine_attach(m, b, cache, model, &e);
+    if (r < 0) {
+        moe_cache_free(cache);
+        return moe_error_set(err, r, "out of memory");
+    }
+    e->own_cache = true;
+    *ret = e;
+    return 0;
+}
+
+int moe_engine_init(struct moe_model *m, struct moe_backend *b, struct moe_engine **ret)
+{
+    return moe_engine_init_cache(m, b, NULL, ret, NULL);
 }
 
 void moe_engine_free(struct moe_engine *e)
@@ -65,9 +128,29 @@ void moe_engine_free(struct moe_engine *e)
         return;
     for (int i = 0; i < e->m->cfg.n_layers; i++)
         layer_unload(e, &e->layers[i]);
+    if (e->own_cache)
+        moe_cache_free(e->cache);
     pthread_mutex_destroy(&e->lock);
     free(e->layers);
+    free(e->trace_tokens);
     free(e);
+}
+
+struct moe_cache *moe_engine_cache(struct moe_engine *e)
+{
+    return e->cache;
+}
+
+int moe_engine_model_id(struct moe_engine *e)
+{
+    return e->model;
+}
+
+void moe_engine_set_trace(struct moe_engine *e, struct moe_trace_writer *w)
+{
+    pthread_mutex_lock(&e->lock);
+    e->trace = w;
+    pthread_mutex_unlock(&e->lock);
 }
 
 /*
@@ -243,14 +326,16 @@ static int check_input(const float *x, int n_tokens, int hidden, struct moe_erro
 
 /* Everything one forward allocates, freed together. */
 struct fwd_scratch {
-    float *logits;                /* [n_tokens, n_experts] */
     int32_t *ids;                 /* [n_tokens, top_k] */
     float *weights;               /* [n_tokens, top_k] */
     int32_t *count;               /* [n_experts + 1]: tokens per expert, then offsets */
     int32_t *tokens;              /* [n_tokens * top_k] grouped by expert */
     float *scales;                /* [n_tokens * top_k] */
-    void **bufs;                  /* [n_experts] weight blocks of the used experts */
-    struct moe_expert_weights *w; /* [n_experts + 1] */
+    int32_t *used;                /* [n_experts] the experts used, ascending */
+    struct moe_cache_ref *refs;   /* [n_experts] */
+    int n_refs;                   /* refs acquired (to release) */
+    void **bufs;                  /* [n_experts] staged weights (non-host backends) */
+    struct moe_expert_weights *w; /* [n_experts] */
     struct moe_ffn_work *work;    /* [n_experts + 1] */
     int32_t *all_tokens;          /* [n_tokens]: 0..n_tokens-1 for shared experts */
     float *shared_scale;          /* [n_tokens] */
@@ -262,16 +347,19 @@ static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_expe
 {
     struct moe_backend *b = e->b;
 
+    if (s->refs && s->n_refs)
+        moe_cache_release(e->cache, s->refs, s->n_refs);
     if (s->bufs) {
         for (int i = 0; i < n_experts; i++)
             b->ops->mem_free(b, s->bufs[i]);
     }
-    free(s->logits);
     free(s->ids);
     free(s->weights);
     free(s->count);
     free(s->tokens);
     free(s->scales);
+    free(s->used);
+    free(s->refs);
     free(s->bufs);
     free(s->w);
     free(s->work);
@@ -281,10 +369,113 @@ static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_expe
     b->ops->mem_free(b, s->outb);
 }
 
-static int forward_locked(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                          const int32_t *ids_in, const float *weights_in, float *out,
-                          int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
-                          struct moe_error *err)
+/*
+ * The model's router on xc (backend memory) for n_tokens: ids and weights
+ * [n_tokens, top_k] in host memory.  The layer must be loaded.
+ */
+static int route_loaded(struct moe_engine *e, int layer, const float *xc, int n_tokens,
+                        int32_t *ids, float *weights, struct moe_error *err)
+{
+    const struct moe_model *m = e->m;
+    const struct moe_layer *L = &m->layers[layer];
+    struct layer_state *ls = &e->layers[layer];
+    struct moe_backend *b = e->b;
+    const int E = m->cfg.n_experts, H = m->cfg.hidden;
+    size_t lbytes = (size_t)n_tokens * E * sizeof(float);
+    struct moe_router_params rp;
+    float *logits = malloc(lbytes);
+    int r;
+
+    if (!logits)
+        return moe_error_set(err, -ENOMEM, "out of memory for router logits");
+    if (b->ops->host_memory) {
+        r = b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, logits);
+    } else {
+        float *lb = b->ops->alloc(b, lbytes);
+
+        r = lb ? b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, lb) : -ENOMEM;
+        if (r == 0)
+            r = b->ops->copy_out(b, logits, lb, lbytes);
+        b->ops->mem_free(b, lb);
+    }
+    if (r < 0) {
+        free(logits);
+        return moe_error_set(err, r, "router of layer %d failed on the %s backend", layer,
+                             b->ops->name);
+    }
+    moe_model_router_params(m, ls->bias, &rp);
+    r = moe_route(&rp, logits, n_tokens, ids, weights, err);
+    free(logits);
+    if (r < 0)
+        moe_error_prefix(err, "layer %d", layer);
+    return r;
+}
+
+/* Copies an expert's weights (host memory, from the cache) to backend
+ * memory for a backend that computes elsewhere. */
+static int stage_weights(struct moe_engine *e, const struct moe_expert_ref *x,
+                         const struct moe_expert_weights *in, void **buf,
+                         struct moe_expert_weights *out, struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    uint64_t g = (x->gate.nbytes + 63) & ~63ull, u = (x->up.nbytes + 63) & ~63ull;
+    uint8_t *p = b->ops->alloc(b, g + u + x->down.nbytes);
+    int r;
+
+    if (!p)
+        return moe_error_set(err, -ENOMEM, "out of %s backend memory for an expert", b->ops->name);
+    *out = *in;
+    r = b->ops->copy_in(b, p, in->gate, x->gate.nbytes);
+    if (r == 0)
+        r = b->ops->copy_in(b, p + g, in->up, x->up.nbytes);
+    if (r == 0)
+        r = b->ops->copy_in(b, p + g + u, in->down, x->down.nbytes);
+    if (r < 0) {
+        b->ops->mem_free(b, p);
+        return moe_error_set(err, r, "copying an expert to the %s backend failed", b->ops->name);
+    }
+    out->gate = p;
+    out->up = p + g;
+    out->down = p + g + u;
+    *buf = p;
+    return 0;
+}
+
+/* Runs the work items [lo, hi) (ready experts) into oc. */
+static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s, int lo, int hi,
+                         const float *xc, int n_tokens, float *oc, struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    const struct moe_layer *L = &e->m->layers[layer];
+    int r;
+
+    for (int i = lo; i < hi; i++) {
+        if (b->ops->host_memory) {
+            s->w[i] = s->refs[i].w;
+        } else {
+            r = stage_weights(e, &L->experts[s->used[i]], &s->refs[i].w, &s->bufs[i], &s->w[i],
+                              err);
+            if (r < 0)
+                return r;
+        }
+        s->work[i].w = &s->w[i];
+    }
+    r = b->ops->grouped_ffn(b, xc, e->m->cfg.hidden, n_tokens, s->work + lo, hi - lo, oc);
+    if (r < 0)
+        return moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
+                             b->ops->name);
+    if (!b->ops->host_memory) {
+        for (int i = lo; i < hi; i++) {
+            b->ops->mem_free(b, s->bufs[i]);
+            s->bufs[i] = NULL;
+        }
+    }
+    return 0;
+}
+
+static int forward_run(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
+                       float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
 {
     const struct moe_model *m = e->m;
     const struct moe_model_config *c = &m->cfg;
@@ -294,14 +485,15 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
     const int E = c->n_experts, K = c->top_k, H = c->hidden;
     const size_t TK = (size_t)n_tokens * (size_t)K, xbytes = (size_t)n_tokens * H * sizeof(float);
     struct fwd_scratch s = {0};
-    struct moe_router_params rp;
     const float *xc = x;
     float *oc = out;
-    uint64_t t0, t1, t2;
-    int n_work = 0, r;
+    uint64_t t0, t1, wait_ns = 0;
+    int n_used = 0, r;
 
     t0 = moe_now_ns();
+    pthread_mutex_lock(&e->lock);
     r = layer_load(e, layer, err);
+    pthread_mutex_unlock(&e->lock);
     if (r < 0)
         return r;
 
@@ -310,10 +502,13 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
     s.count = calloc((size_t)E + 1, sizeof(*s.count));
     s.tokens = malloc(TK * sizeof(*s.tokens));
     s.scales = malloc(TK * sizeof(*s.scales));
+    s.used = malloc((size_t)E * sizeof(*s.used));
+    s.refs = calloc((size_t)E, sizeof(*s.refs));
     s.bufs = calloc((size_t)E, sizeof(*s.bufs));
     s.w = calloc((size_t)E + 1, sizeof(*s.w));
     s.work = calloc((size_t)E + 1, sizeof(*s.work));
-    if (!s.ids || !s.weights || !s.count || !s.tokens || !s.scales || !s.bufs || !s.w || !s.work) {
+    if (!s.ids || !s.weights || !s.count || !s.tokens || !s.scales || !s.used || !s.refs ||
+        !s.bufs || !s.w || !s.work) {
         r = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", n_tokens);
         goto out;
     }
@@ -342,42 +537,27 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
         memcpy(s.ids, ids_in, TK * sizeof(*s.ids));
         memcpy(s.weights, weights_in, TK * sizeof(*s.weights));
     } else {
-        s.logits = malloc((size_t)n_tokens * E * sizeof(float));
-        if (!s.logits) {
-            r = moe_error_set(err, -ENOMEM, "out of memory for router logits");
+        r = route_loaded(e, layer, xc, n_tokens, s.ids, s.weights, err);
+        if (r < 0)
             goto out;
-        }
-        if (b->ops->host_memory) {
-            r = b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, s.logits);
-        } else {
-            float *lb = b->ops->alloc(b, (size_t)n_tokens * E * sizeof(float));
-
-            r = lb ? b->ops->matmul(b, ls->router, L->router.dtype, E, H, xc, n_tokens, lb)
-                   : -ENOMEM;
-            if (r == 0)
-                r = b->ops->copy_out(b, s.logits, lb, (size_t)n_tokens * E * sizeof(float));
-            b->ops->mem_free(b, lb);
-        }
-        if (r < 0) {
-            moe_error_set(err, r, "router of layer %d failed on the %s backend", layer,
-                          b->ops->name);
-            goto out;
-        }
-        moe_model_router_params(m, ls->bias, &rp);
-        r = moe_route(&rp, s.logits, n_tokens, s.ids, s.weights, err);
-        if (r < 0) {
-            moe_error_prefix(err, "layer %d", layer);
-            goto out;
-        }
     }
     t1 = moe_now_ns();
+    if (e->trace) {
+        pthread_mutex_lock(&e->lock);
+        moe_trace_write(e->trace, e->trace_tokens[layer], layer, s.ids, n_tokens);
+        e->trace_tokens[layer] += (uint32_t)n_tokens;
+        pthread_mutex_unlock(&e->lock);
+    }
 
     /* Group the (token, slot) pairs by expert: a counting sort, so each
      * expert's tokens stay in ascending order. */
     for (size_t i = 0; i < TK; i++)
         s.count[s.ids[i] + 1]++;
-    for (int i = 0; i < E; i++)
+    for (int i = 0; i < E; i++) {
+        if (s.count[i + 1] > 0)
+            s.used[n_used++] = i;
         s.count[i + 1] += s.count[i];
+    }
     {
         int32_t *fill = calloc((size_t)E, sizeof(*fill));
 
@@ -393,63 +573,25 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
         }
         free(fill);
     }
+    for (int i = 0; i < n_used; i++) {
+        int ex = s.used[i];
 
-    /* Read the experts this batch uses, in expert order. */
-    for (int ex = 0; ex < E; ex++) {
-        int n = s.count[ex + 1] - s.count[ex];
-
-        if (n == 0)
-            continue;
-        r = read_expert(e, &L->experts[ex], &s.bufs[ex], &s.w[n_work], err);
-        if (r < 0) {
-            moe_error_prefix(err, "layer %d expert %d", layer, ex);
-            goto out;
-        }
-        s.work[n_work].w = &s.w[n_work];
-        s.work[n_work].n_tokens = n;
-        s.work[n_work].tokens = s.tokens + s.count[ex];
-        s.work[n_work].scales = s.scales + s.count[ex];
-        n_work++;
-        if (st)
-            st->bytes_read += L->experts[ex].nbytes;
+        s.work[i].n_tokens = s.count[ex + 1] - s.count[ex];
+        s.work[i].tokens = s.tokens + s.count[ex];
+        s.work[i].scales = s.scales + s.count[ex];
     }
+
+    /* The experts: resident ones pinned, missing ones on their way; then
+     * the routing goes to the predictor (and prefetch of the next layer). */
+    r = moe_cache_acquire(e->cache, e->model, layer, s.used, n_used, s.refs, err);
+    if (r < 0) {
+        moe_error_prefix(err, "layer %d", layer);
+        goto out;
+    }
+    s.n_refs = n_used;
+    moe_cache_observe(e->cache, e->model, layer, s.ids, n_tokens, K);
     if (st)
-        st->experts_used = n_work;
-
-    /* Shared experts take every token, scaled by the qwen2_moe gate or 1. */
-    if (L->has_shared) {
-        s.all_tokens = malloc((size_t)n_tokens * sizeof(int32_t));
-        s.shared_scale = malloc((size_t)n_tokens * sizeof(float));
-        if (!s.all_tokens || !s.shared_scale) {
-            r = moe_error_set(err, -ENOMEM, "out of memory");
-            goto out;
-        }
-        for (int t = 0; t < n_tokens; t++) {
-            s.all_tokens[t] = t;
-            s.shared_scale[t] = 1.0f;
-        }
-        if (L->has_shared_gate) {
-            /* Scratch for the gate logits: host memory, or the output buffer
-             * of a device backend (zeroed again below). */
-            float *gl = b->ops->host_memory ? s.shared_scale : oc;
-
-            r = b->ops->matmul(b, ls->shared_gate, L->shared_gate.dtype, 1, H, xc, n_tokens, gl);
-            if (r == 0 && gl != s.shared_scale)
-                r = b->ops->copy_out(b, s.shared_scale, gl, (size_t)n_tokens * sizeof(float));
-            if (r < 0) {
-                moe_error_set(err, r, "shared expert gate of layer %d failed", layer);
-                goto out;
-            }
-            for (int t = 0; t < n_tokens; t++)
-                s.shared_scale[t] = 1.0f / (1.0f + expf(-s.shared_scale[t]));
-        }
-        s.work[n_work].w = &ls->shared;
-        s.work[n_work].n_tokens = n_tokens;
-        s.work[n_work].tokens = s.all_tokens;
-        s.work[n_work].scales = s.shared_scale;
-        n_work++;
-    }
-    t2 = moe_now_ns();
+        st->experts_used = n_used;
 
     if (b->ops->host_memory) {
         memset(oc, 0, xbytes);
@@ -463,11 +605,95 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
             goto out;
         }
     }
-    r = b->ops->grouped_ffn(b, xc, H, n_tokens, s.work, n_work, oc);
-    if (r < 0) {
-        moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
-                      b->ops->name);
-        goto out;
+
+    /* Compute in ascending expert order, each run of ready experts at once,
+     * waiting only where the next expert is still on its way. */
+    for (int i = 0; i < n_used;) {
+        int j = i;
+
+        while (j < n_used && moe_cache_ready(e->cache, &s.refs[j]) && s.refs[j].status == 0)
+            j++;
+        if (j > i) {
+            r = compute_range(e, layer, &s, i, j, xc, n_tokens, oc, err);
+            if (r < 0)
+                goto out;
+            for (int k = i; st && k < j; k++) {
+                if (s.refs[k].hit) {
+                    st->hits++;
+                } else {
+                    st->misses++;
+                    st->bytes_read += L->experts[s.used[k]].nbytes;
+                }
+            }
+            i = j;
+            continue;
+        }
+        if (s.refs[i].status == -ENOSPC) {
+            /* No room left for it: let go of every pin (the experts done
+             * with, and those after it), then ask again for the rest. */
+            moe_cache_release(e->cache, s.refs, n_used);
+            r = moe_cache_acquire(e->cache, e->model, layer, s.used + i, n_used - i, s.refs + i,
+                                  err);
+            if (r < 0) {
+                moe_error_prefix(err, "layer %d", layer);
+                goto out;
+            }
+            if (s.refs[i].status == -ENOSPC) {
+                r = moe_cache_wait(e->cache, &s.refs[i], err);
+                goto out;
+            }
+            continue;
+        }
+        uint64_t tw = moe_now_ns();
+
+        r = moe_cache_wait(e->cache, &s.refs[i], err);
+        wait_ns += moe_now_ns() - tw;
+        if (r < 0)
+            goto out;
+    }
+
+    /* Shared experts take every token, scaled by the qwen2_moe gate or 1;
+     * last, as in the all-in-one order. */
+    if (L->has_shared) {
+        s.all_tokens = malloc((size_t)n_tokens * sizeof(int32_t));
+        s.shared_scale = malloc((size_t)n_tokens * sizeof(float));
+        if (!s.all_tokens || !s.shared_scale) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (int t = 0; t < n_tokens; t++) {
+            s.all_tokens[t] = t;
+            s.shared_scale[t] = 1.0f;
+        }
+        if (L->has_shared_gate) {
+            float *gl = b->ops->host_memory ? s.shared_scale : NULL;
+
+            if (!gl)
+                gl = b->ops->alloc(b, (size_t)n_tokens * sizeof(float));
+            r = gl ? b->ops->matmul(b, ls->shared_gate, L->shared_gate.dtype, 1, H, xc, n_tokens,
+                                    gl)
+                   : -ENOMEM;
+            if (r == 0 && gl != s.shared_scale)
+                r = b->ops->copy_out(b, s.shared_scale, gl, (size_t)n_tokens * sizeof(float));
+            if (gl != s.shared_scale)
+                b->ops->mem_free(b, gl);
+            if (r < 0) {
+                moe_error_set(err, r, "shared expert gate of layer %d failed", layer);
+                goto out;
+            }
+            for (int t = 0; t < n_tokens; t++)
+                s.shared_scale[t] = 1.0f / (1.0f + expf(-s.shared_scale[t]));
+        }
+        s.work[n_used].w = &ls->shared;
+        s.work[n_used].n_tokens = n_tokens;
+        s.work[n_used].tokens = s.all_tokens;
+        s.work[n_used].scales = s.shared_scale;
+        r = b->ops->grouped_ffn(b, xc, H, n_tokens, s.work + n_used, 1, oc);
+        if (r < 0) {
+            moe_error_set(err, r, "shared expert of layer %d failed on the %s backend", layer,
+                          b->ops->name);
+            goto out;
+        }
     }
     if (oc != out) {
         r = b->ops->copy_out(b, out, oc, xbytes);
@@ -482,23 +708,21 @@ static int forward_locked(struct moe_engine *e, int layer, const float *x, int n
         memcpy(ret_weights, s.weights, TK * sizeof(*s.weights));
     if (st) {
         st->route_ns = t1 - t0;
-        st->load_ns = t2 - t1;
-        st->compute_ns = moe_now_ns() - t2;
+        st->load_ns = wait_ns;
+        st->compute_ns = moe_now_ns() - t1 - wait_ns;
     }
 out:
+    if (r < 0 && r != -EINVAL && err && !strstr(err->msg, "layer "))
+        moe_error_prefix(err, "layer %d", layer);
     scratch_free(e, &s, E);
     return r;
 }
 
-int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
-                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+static int check_call(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                      struct moe_error *err)
 {
     const struct moe_model *m = e->m;
-    int r;
 
-    if (st)
-        memset(st, 0, sizeof(*st));
     if (layer < 0 || layer >= m->cfg.n_layers)
         return moe_error_set(err, -EINVAL, "layer %d out of range: the model has layers 0 to %d",
                              layer, m->cfg.n_layers - 1);
@@ -509,14 +733,54 @@ int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tok
                              layer, m->n_moe_layers, m->cfg.n_layers);
     if (n_tokens < 1 || n_tokens > MOE_MAX_TOKENS)
         return moe_error_set(err, -EINVAL, "%d tokens: expected 1 to %d", n_tokens, MOE_MAX_TOKENS);
+    return check_input(x, n_tokens, m->cfg.hidden, err);
+}
+
+int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
+                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+{
+    int r;
+
+    if (st)
+        memset(st, 0, sizeof(*st));
     if (!ids_in != !weights_in)
         return moe_error_set(err, -EINVAL, "routing needs both expert ids and weights");
-    r = check_input(x, n_tokens, m->cfg.hidden, err);
+    r = check_call(e, layer, x, n_tokens, err);
+    if (r < 0)
+        return r;
+    return forward_run(e, layer, x, n_tokens, ids_in, weights_in, out, ret_ids, ret_weights, st,
+                       err);
+}
+
+int moe_layer_route(struct moe_engine *e, int layer, const float *x, int n_tokens, int32_t *ids,
+                    float *weights, struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    size_t xbytes;
+    float *xb = NULL;
+    int r = check_call(e, layer, x, n_tokens, err);
+
     if (r < 0)
         return r;
     pthread_mutex_lock(&e->lock);
-    r = forward_locked(e, layer, x, n_tokens, ids_in, weights_in, out, ret_ids, ret_weights, st,
-                       err);
+    r = layer_load(e, layer, err);
     pthread_mutex_unlock(&e->lock);
+    if (r < 0)
+        return r;
+    xbytes = (size_t)n_tokens * e->m->cfg.hidden * sizeof(float);
+    if (!b->ops->host_memory) {
+        xb = b->ops->alloc(b, xbytes);
+        if (!xb)
+            return moe_error_set(err, -ENOMEM, "out of %s backend memory", b->ops->name);
+        r = b->ops->copy_in(b, xb, x, xbytes);
+        if (r < 0) {
+            b->ops->mem_free(b, xb);
+            return moe_error_set(err, r, "copying the input to the %s backend failed",
+                                 b->ops->name);
+        }
+    }
+    r = route_loaded(e, layer, xb ? xb : x, n_tokens, ids, weights, err);
+    b->ops->mem_free(b, xb);
     return r;
 }

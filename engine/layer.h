@@ -8,10 +8,12 @@
  * mixtral, qwen3_moe, olmoe), g[t] = sigmoid(shared_expert_gate . x[t]) for
  * qwen2_moe and 1 for deepseek_v3.
  *
- * struct moe_engine ties a model to a backend and keeps each layer's router
- * (and bias, shared expert) once read.  Routed experts are read from the
- * checkpoint on every call for now; the expert cache replaces that.
- * Thread safety: calls on one engine are serialised by its lock.
+ * struct moe_engine ties a model to a backend and an expert cache (cache.h),
+ * and keeps each layer's router (and bias, shared expert) once read.  Routed
+ * experts come from the cache: resident ones at once, missing ones paged in
+ * while the resident ones compute.  The output does not depend on what was
+ * resident (experts are summed in a fixed order).
+ * Thread safety: forwards may run concurrently on one engine, on any layers.
  */
 #ifndef MOED_ENGINE_LAYER_H
 #define MOED_ENGINE_LAYER_H
@@ -21,29 +23,54 @@
 struct moe_model;
 struct moe_backend;
 struct moe_engine;
+struct moe_cache;
+struct moe_cache_config;
+struct moe_trace_writer;
 
 #define MOE_MAX_TOKENS (1 << 20)
 
 /* What one forward did. */
 struct moe_forward_stats {
     uint64_t route_ns;   /* router matmul + selection */
-    uint64_t load_ns;    /* reading expert weights */
+    uint64_t load_ns;    /* waiting for experts being paged in */
     uint64_t compute_ns; /* grouped FFN + shared experts */
     int experts_used;    /* distinct routed experts */
-    uint64_t bytes_read; /* expert bytes read from the checkpoint */
+    int hits;            /* of those, resident when asked for */
+    int misses;          /* paged in (or joined a page-in) */
+    uint64_t bytes_read; /* expert bytes of the misses */
 };
 
-/* The engine does not own m or b; both must outlive it. */
+/*
+ * The engine does not own m or b; both must outlive it.
+ * moe_engine_init: a private cache large enough for every expert (LRU, no
+ * prefetch).  moe_engine_init_cache: a private cache from cfg (host_bytes 0:
+ * every expert).  moe_engine_attach: a cache shared with other engines, in
+ * which m is registered as model (moe_cache_add_model); not owned.
+ */
 int moe_engine_init(struct moe_model *m, struct moe_backend *b, struct moe_engine **ret);
+int moe_engine_init_cache(struct moe_model *m, struct moe_backend *b,
+                          const struct moe_cache_config *cfg, struct moe_engine **ret,
+                          struct moe_error *err);
+int moe_engine_attach(struct moe_model *m, struct moe_backend *b, struct moe_cache *cache,
+                      int model, struct moe_engine **ret);
 void moe_engine_free(struct moe_engine *e);
+
+struct moe_cache *moe_engine_cache(struct moe_engine *e);
+int moe_engine_model_id(struct moe_engine *e);
+/* Bytes a cache needs to hold every routed expert of m. */
+uint64_t moe_engine_all_experts_bytes(const struct moe_model *m);
+/* Records the routing of every later forward to w (NULL stops); the caller
+ * closes w after the engine's last forward. */
+void moe_engine_set_trace(struct moe_engine *e, struct moe_trace_writer *w);
 
 /*
  * x: [n_tokens, hidden] fp32 host memory; out: same shape, overwritten.
  * ids_in/weights_in: caller's routing [n_tokens, top_k], or both NULL to
  * route with the model's router.  ret_ids/ret_weights (may be NULL): the
  * routing used.  Returns 0, or -EINVAL (dense layer, layer out of range,
- * bad routing, non-finite input: err says which), -EIO (checkpoint read),
- * -ENOMEM.
+ * bad routing, non-finite input: err says which), -EIO or -EBADMSG (an
+ * expert's page-in failed: read error, file truncated, checksum), -ENOSPC
+ * (the cache has no room: everything in it is pinned), -ENOMEM.
  */
 int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,

@@ -151,6 +151,158 @@ def main():
     check("forward compressed routing", fwd + ["--layer", "1", "--in", good, "--routing-in", rin],
           1, "compressed")
 
+    # pack and verify: usage, a store of the model, damage, serving from it
+    import json
+    store = f"{w}/store"
+    for sub in ("pack", "verify"):
+        check(f"{sub} --help", [m, sub, "--help"], 0, "usage", stream="stdout")
+    check("pack without --out", [m, "pack", "--model", model], 2, "--model and --out")
+    check("pack without --model", [m, "pack", "--out", store], 2, "--model and --out")
+    check("pack extra argument", [m, "pack", "--model", model, "--out", store, "stray"], 2,
+          "unexpected argument 'stray'")
+    check("pack unknown option", [m, "pack", "--model", model, "--out", store, "--fast"], 2,
+          "usage")
+    check("verify without --pack", [m, "verify"], 2, "--pack")
+    check("verify extra argument", [m, "verify", "--pack", store, "stray"], 2,
+          "unexpected argument 'stray'")
+    check("pack missing model", [m, "pack", "--model", f"{w}/nope", "--out", store, "-q"], 1,
+          "config.json")
+    check("pack into the model's directory", [m, "pack", "--model", model, "--out", model, "-q"],
+          1, "is the directory of the model being packed")
+    check("pack", [m, "pack", "--model", model, "--out", store, "-q"], 0, "MB/s", stream="stdout")
+    check("pack over a store", [m, "pack", "--model", model, "--out", store, "-q"], 1,
+          "already holds a packed store")
+    check("pack --force", [m, "pack", "--model", model, "--out", store, "--force", "-q"], 0,
+          "packed", stream="stdout")
+    check("verify", [m, "verify", "--pack", store, "-q"], 0, "all match", stream="stdout")
+    check("verify against the checkpoint", [m, "verify", "--pack", store, "--model", model, "-q"],
+          0, "byte for byte against", stream="stdout")
+    check("verify a checkpoint", [m, "verify", "--pack", model, "-q"], 1, "not a packed store")
+    check("inspect a store", [m, "inspect", "--model", store], 0, "deepseek_v3", stream="stdout")
+
+    # Served from the store, every MoE layer gives the checkpoint's bytes.
+    for layer in (1, 2, 3):
+        outs = []
+        for src, tag in ((model, "ck"), (store, "pk")):
+            y, r = f"{w}/y-{tag}-{layer}.npy", f"{w}/r-{tag}-{layer}.npz"
+            check(f"forward layer {layer} from the {'store' if tag == 'pk' else 'checkpoint'}",
+                  [m, "forward", "--local", "--model", src, "--layer", str(layer), "--in", good,
+                   "--out", y, "--routing-out", r], 0, "tokens", stream="stdout")
+            outs.append(open(y, "rb").read() if os.path.exists(y) else b"")
+        if not outs[0] or outs[0] != outs[1]:
+            failures.append(f"forward layer {layer}: the store's output differs from the "
+                            f"checkpoint's")
+        print(f"{'ok  ' if outs[0] and outs[0] == outs[1] else 'FAIL'} forward layer {layer}: "
+              f"store and checkpoint outputs byte-identical")
+
+    bad_store = f"{w}/bad-store"
+    shutil.copytree(store, bad_store)
+    with open(f"{bad_store}/moe-pack.json") as f:
+        ix = json.load(f)
+    blob = next(e for e in ix["experts"] if e["layer"] == 2 and e["expert"] == 5)
+    with open(f"{bad_store}/experts.bin", "r+b") as f:
+        f.seek(blob["offset"] + blob["nbytes"] // 2)
+        b = f.read(1)
+        f.seek(blob["offset"] + blob["nbytes"] // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+    check("verify a flipped byte", [m, "verify", "--pack", bad_store, "-q"], 1,
+          "layer 2 expert 5: checksum mismatch: index says")
+    check("verify a flipped byte against the checkpoint", [m, "verify", "--pack", bad_store,
+                                                           "--model", model, "-q"], 1,
+          "1 mismatch; first: layer 2 expert 5")
+    os.truncate(f"{bad_store}/experts.bin", os.path.getsize(f"{bad_store}/experts.bin") - 4096)
+    check("verify a truncated store", [m, "verify", "--pack", bad_store, "-q"], 1, "data_bytes")
+    check("forward on a truncated store", fwd[:4] + [bad_store, "--layer", "1", "--in", good,
+                                                     "--out", f"{w}/y.npy"], 1, "data_bytes")
+    with open(f"{bad_store}/moe-pack.json", "w") as f:
+        f.write('{"format": "moed-pack", "version": 9}')
+    check("inspect a store of another version", [m, "inspect", "--model", bad_store], 1,
+          "'version' is 9")
+
+    # gen-trace and cache-sim: usage, a trace of the model, each policy next to Belady
+    import json as _json
+    trace = f"{w}/t.trace"
+    for sub in ("gen-trace", "cache-sim"):
+        check(f"{sub} --help", [m, sub, "--help"], 0, "usage", stream="stdout")
+    gt = [m, "gen-trace", "--model", model]
+    check("gen-trace without --out", gt + ["--tokens", "10"], 2, "--model, --tokens and --out")
+    check("gen-trace without --tokens", gt + ["--out", trace], 2, "--model, --tokens and --out")
+    check("gen-trace zero tokens", gt + ["--tokens", "0", "--out", trace], 2, "--tokens '0'")
+    check("gen-trace bad batch", gt + ["--tokens", "10", "--batch", "0", "--out", trace], 2,
+          "--batch '0'")
+    check("gen-trace bad seed", gt + ["--tokens", "10", "--seed", "x", "--out", trace], 2,
+          "--seed 'x'")
+    check("gen-trace extra argument", gt + ["--tokens", "10", "--out", trace, "stray"], 2,
+          "unexpected argument 'stray'")
+    check("gen-trace missing model", [m, "gen-trace", "--model", f"{w}/nope", "--tokens", "10",
+                                      "--out", trace], 1, "config.json")
+    check("gen-trace unwritable output", gt + ["--tokens", "10", "--out", f"{w}/nope/t.trace"], 1,
+          "cannot create")
+    check("gen-trace", gt + ["--tokens", "300", "--out", trace], 0, "300 tokens", stream="stdout")
+    check("gen-trace again", gt + ["--tokens", "300", "--out", f"{w}/t2.trace", "-q"], 0)
+    check("gen-trace another seed", gt + ["--tokens", "300", "--seed", "9", "--out",
+                                          f"{w}/t3.trace", "-q"], 0)
+    check("gen-trace batched", gt + ["--tokens", "300", "--batch", "8", "--out", f"{w}/t4.trace",
+                                     "-q"], 0)
+    same = os.path.exists(f"{w}/t2.trace") and open(trace, "rb").read() == open(
+        f"{w}/t2.trace", "rb").read()
+    other = os.path.exists(f"{w}/t3.trace") and open(trace, "rb").read() != open(
+        f"{w}/t3.trace", "rb").read()
+    print(f"{'ok  ' if same and other else 'FAIL'} gen-trace: deterministic for a seed")
+    if not (same and other):
+        failures.append("gen-trace: the same seed must give the same trace, another seed another")
+
+    cs = [m, "cache-sim", "--trace", trace]
+    check("cache-sim without --capacity", cs, 2, "--trace and --capacity")
+    check("cache-sim without --trace", [m, "cache-sim", "--capacity", "10"], 2,
+          "--trace and --capacity")
+    check("cache-sim bad policy", cs + ["--capacity", "10", "--policy", "mru"], 2,
+          "--policy 'mru'")
+    for bad in ("abc", "0%", "150%", "-3", "12Q"):
+        check(f"cache-sim bad capacity {bad}", cs + ["--capacity", bad], 2, f"--capacity '{bad}'")
+    check("cache-sim extra argument", cs + ["--capacity", "10", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("cache-sim missing trace", [m, "cache-sim", "--trace", f"{w}/none.trace", "--capacity",
+                                      "10"], 1, "none.trace")
+    check("cache-sim not a trace", [m, "cache-sim", "--trace", good, "--capacity", "10"], 1,
+          "bad magic")
+    check("cache-sim capacity too small", cs + ["--capacity", "1"], 1, "needs at once; give at least")
+    for pol in ("lru", "freq", "routing"):
+        check(f"cache-sim {pol}", cs + ["--capacity", "50%", "--policy", pol], 0, "belady",
+              stream="stdout")
+        check(f"cache-sim {pol} with prefetch", cs + ["--capacity", "25%", "--policy", pol,
+                                                     "--prefetch"], 0, "belady", stream="stdout")
+    check("cache-sim all", cs + ["--capacity", "50%", "--prefetch"], 0, "routing+prefetch",
+          stream="stdout")
+    check("cache-sim bytes", cs + ["--capacity", "64M"], 0, "belady", stream="stdout")
+    check("cache-sim batched trace", [m, "cache-sim", "--trace", f"{w}/t4.trace", "--capacity",
+                                      "75%"], 0, "belady", stream="stdout")
+    p = subprocess.run(cs + ["--capacity", "40%", "--prefetch", "--json"], capture_output=True,
+                       text=True)
+    try:
+        js = _json.loads(p.stdout)
+        ok = (p.returncode == 0 and len(js["runs"]) == 6 and 0 <= js["belady"]["hit_rate"] <= 1
+              and all(r["accesses"] == js["belady"]["accesses"] for r in js["runs"])
+              and all(r["hits"] <= js["belady"]["hits"] for r in js["runs"] if not r["prefetch"])
+              and js["runs"][0]["gap_closed"] is None)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    print(f"{'ok  ' if ok else 'FAIL'} cache-sim --json: six runs, demand paging <= Belady")
+    if not ok:
+        failures.append(f"cache-sim --json: exit {p.returncode}\nstdout: {p.stdout}\n"
+                        f"stderr: {p.stderr}")
+    # An unclosed trace (n_records 0) is read whole; a partial record is refused.
+    raw = open(trace, "rb").read()
+    with open(f"{w}/unclosed.trace", "wb") as f:
+        f.write(raw[:40] + bytes(8) + raw[48:])
+    check("cache-sim unclosed trace", [m, "cache-sim", "--trace", f"{w}/unclosed.trace",
+                                       "--capacity", "50%", "--policy", "lru"], 0, "belady",
+          stream="stdout")
+    with open(f"{w}/unclosed.trace", "ab") as f:
+        f.write(b"\1\2\3")
+    check("cache-sim partial record", [m, "cache-sim", "--trace", f"{w}/unclosed.trace",
+                                       "--capacity", "50%"], 1, "is incomplete")
+
     if failures:
         print("\n".join(failures))
         sys.exit(1)

@@ -2,11 +2,14 @@
  * The in-process layer forward (engine/layer.c): answers on generated
  * models checked against an fp64 reference computed here from the raw
  * tensors, identical answers through a backend whose memory is not host
- * memory (the path a GPU backend takes), caller routing, and errors: dense
- * layer, layer out of range, bad token count, NaN input, bad routing, a
- * checkpoint truncated after it was opened.
+ * memory (the path a GPU backend takes), identical answers through caches
+ * too small for the model (paging in and out during a batch, and one that
+ * holds a single expert so a batch runs in pieces), caller routing, and
+ * errors: dense layer, layer out of range, bad token count, NaN input, bad
+ * routing, a checkpoint truncated after it was opened.
  */
 #include "backend.h"
+#include "cache.h"
 #include "dtype.h"
 #include "genmodel.h"
 #include "layer.h"
@@ -204,8 +207,10 @@ static void check_arch(enum moe_arch arch)
     struct moe_model *m;
     struct moe_backend *cpu;
     struct staging *stg = staging_new();
-    struct moe_engine *e1, *e2;
+    struct moe_engine *e1, *e2, *e3, *e4;
     struct moe_cpu_config cfg = {0};
+    struct moe_cache_config small = {.policy = MOE_POLICY_ROUTING, .prefetch = true};
+    struct moe_cache_config tiny = {.policy = MOE_POLICY_LRU};
     struct moe_error err = {0};
     struct moe_forward_stats st;
     uint64_t seed = 9;
@@ -214,6 +219,11 @@ static void check_arch(enum moe_arch arch)
     ASSERT_EQ(moe_backend_cpu_init(&cfg, &cpu, NULL), 0);
     ASSERT_EQ(moe_engine_init(m, cpu, &e1), 0);
     ASSERT_EQ(moe_engine_init(m, &stg->self, &e2), 0);
+    /* Room for 3 experts (a batch of 13 tokens uses more), and for 1. */
+    small.host_bytes = 3 * (m->expert_bytes + 6 * 4096);
+    tiny.host_bytes = m->expert_bytes + 6 * 4096;
+    ASSERT_EQ(moe_engine_init_cache(m, cpu, &small, &e3, &err), 0);
+    ASSERT_EQ(moe_engine_init_cache(m, cpu, &tiny, &e4, &err), 0);
 
     const int T = 13, H = m->cfg.hidden, K = m->cfg.top_k;
     float *x = malloc((size_t)T * H * sizeof(float)), *y1 = malloc((size_t)T * H * sizeof(float));
@@ -232,7 +242,8 @@ static void check_arch(enum moe_arch arch)
         }
         ASSERT_EQ(moe_layer_forward(e1, layer, x, T, NULL, NULL, y1, ids, w, &st, &err), 0);
         ASSERT_TRUE(st.experts_used >= 1 && st.experts_used <= m->cfg.n_experts);
-        ASSERT_TRUE(st.bytes_read == (uint64_t)st.experts_used * m->expert_bytes);
+        ASSERT_TRUE(st.bytes_read == (uint64_t)st.misses * m->expert_bytes);
+        ASSERT_EQ(st.hits + st.misses, st.experts_used);
         layer_ref(m, layer, x, T, ids, w, ref);
         double e = test_rel_l2_f32(y1, ref, (size_t)T * H);
         printf("%s layer %d: rel L2 %.2e, %d experts\n", moe_arch_name(arch), layer, e,
@@ -243,6 +254,16 @@ static void check_arch(enum moe_arch arch)
         ASSERT_EQ(moe_layer_forward(e2, layer, x, T, NULL, NULL, y2, NULL, NULL, NULL, &err), 0);
         ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
         ASSERT_TRUE(stg->copies_in > 0);
+        /* Same answer, bit for bit, through caches that page during the batch. */
+        for (int rep = 0; rep < 2; rep++) {
+            memset(y2, 0, (size_t)T * H * sizeof(float));
+            ASSERT_EQ(moe_layer_forward(e3, layer, x, T, NULL, NULL, y2, NULL, NULL, &st, &err), 0);
+            ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
+            memset(y2, 0, (size_t)T * H * sizeof(float));
+            ASSERT_EQ(moe_layer_forward(e4, layer, x, T, NULL, NULL, y2, NULL, NULL, &st, &err), 0);
+            ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
+            ASSERT_TRUE(st.misses >= st.experts_used - 1);
+        }
         /* Caller routing reproduces the router's answer. */
         ASSERT_EQ(moe_layer_forward(e1, layer, x, T, ids, w, y2, NULL, NULL, NULL, &err), 0);
         ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
@@ -250,6 +271,8 @@ static void check_arch(enum moe_arch arch)
 
     moe_engine_free(e1);
     moe_engine_free(e2);
+    moe_engine_free(e3);
+    moe_engine_free(e4);
     moe_backend_free(cpu);
     moe_backend_free(&stg->self);
     moe_model_free(m);
@@ -319,6 +342,13 @@ static void check_errors(void)
     /* Use the last layer once, so that its router is already read. */
     ASSERT_EQ(
         moe_layer_forward(e, m->cfg.n_layers - 1, x, T, ids_last, w, y, NULL, NULL, NULL, &err), 0);
+    /* ... and drop its experts from the cache, so that they are read again. */
+    ASSERT_EQ(
+        moe_cache_evict(moe_engine_cache(e), moe_engine_model_id(e), m->cfg.n_layers - 1, 7, &err),
+        0);
+    ASSERT_EQ(
+        moe_cache_evict(moe_engine_cache(e), moe_engine_model_id(e), m->cfg.n_layers - 1, 0, &err),
+        0);
     ASSERT_EQ(truncate(m->files[last->file].path, (off_t)last->offset), 0);
     ASSERT_EQ(
         moe_layer_forward(e, m->cfg.n_layers - 1, x, T, ids_last, w, y, NULL, NULL, NULL, &err),
