@@ -278,6 +278,7 @@ int moectl_forward(int argc, char **argv)
             .n_experts = m->cfg.n_experts,
             .top_k = m->cfg.top_k,
             .expert_bytes = m->expert_bytes,
+            .lookahead = true,
         };
         const char *base = strrchr(dir, '/');
 

@@ -239,7 +239,7 @@ static void cache_sim_usage(FILE *f)
 {
     fprintf(f,
             "usage: moectl cache-sim --trace FILE --capacity C [--policy P] [--prefetch]\n"
-            "                        [--json] [-q]\n"
+            "                        [--half-life N] [--json] [-q]\n"
             "\n"
             "Replays a routing trace (from `moectl gen-trace` or moed) through the expert\n"
             "cache in simulation (no memory, no I/O; the cache's own code and policies) and\n"
@@ -247,8 +247,8 @@ static void cache_sim_usage(FILE *f)
             "\n"
             "Replay: a step is a run of consecutive records of one layer (one forward of a\n"
             "batch); its distinct experts are acquired (one access each; a hit when\n"
-            "resident), released, then the step's routing is given to the cache (its\n"
-            "popularity counts and next-layer predictor).\n"
+            "resident), the step's routing is given to the cache (its popularity counts and\n"
+            "next-layer predictor, which may prefetch), then the experts are released.\n"
             "\n"
             "  --trace FILE    the routing trace\n"
             "  --capacity C    cache size: experts (\"64\"), bytes (\"12G\", \"512MiB\": divided\n"
@@ -259,6 +259,8 @@ static void cache_sim_usage(FILE *f)
             "  --prefetch      with the cache's prefetcher on: with one policy, that policy\n"
             "                  with prefetch; with all, each policy without and then with\n"
             "                  prefetch (six runs)\n"
+            "  --half-life N   freq and routing: use counts halve every N uses of a layer\n"
+            "                  (default: the cache's)\n"
             "  --json          one JSON object instead of the table\n"
             "  -q, --quiet     the table only, without the trace's description\n"
             "\n"
@@ -362,10 +364,15 @@ static void print_run(const struct sim_run *r, double bel_rate, double lru_rate,
 int moectl_cache_sim(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"trace", required_argument, NULL, 't'},  {"capacity", required_argument, NULL, 'c'},
-        {"policy", required_argument, NULL, 'p'}, {"prefetch", no_argument, NULL, 'f'},
-        {"json", no_argument, NULL, 'j'},         {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},         {0},
+        {"trace", required_argument, NULL, 't'},
+        {"capacity", required_argument, NULL, 'c'},
+        {"policy", required_argument, NULL, 'p'},
+        {"prefetch", no_argument, NULL, 'f'},
+        {"json", no_argument, NULL, 'j'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"half-life", required_argument, NULL, 'H'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
     };
     const char *path = NULL, *cap_s = NULL, *pol_s = "all";
     struct moe_trace *t = NULL;
@@ -399,6 +406,18 @@ int moectl_cache_sim(int argc, char **argv)
         case 'j':
             json = true;
             break;
+        case 'H': {
+            char *end;
+
+            errno = 0;
+            cfg.half_life = strtod(optarg, &end);
+            if (errno || end == optarg || *end || !(cfg.half_life > 0) || cfg.half_life > 1e9) {
+                errorf("cache-sim: --half-life '%s': expected a positive number of layer uses",
+                       optarg);
+                return 2;
+            }
+            break;
+        }
         case 'q':
             quiet = true;
             break;

@@ -91,7 +91,11 @@ struct cmodel {
     float *rows; /* [n_moe - 1][E] */
     int32_t *prev_ids;
     int prev_n, prev_idx, prev_cap;
-    double *pred; /* [E] forecast for MoE layer pred_idx */
+    int32_t *prev_next; /* the lookahead given with prev_ids, for MoE layer prev_idx + 1 */
+    int prev_next_cap;
+    bool prev_has_next;
+    double la_hits, la_total; /* lookahead experts later used, of those named */
+    double *pred;             /* [E] forecast for MoE layer pred_idx */
     int pred_idx;
     _Atomic int bad_experts;
 };
@@ -187,7 +191,7 @@ int moe_cache_create(const struct moe_cache_config *cfg, struct moe_cache **ret,
         return moe_error_set(err, -ENOMEM, "out of memory");
     c->cfg = *cfg;
     if (c->cfg.half_life == 0)
-        c->cfg.half_life = 32;
+        c->cfg.half_life = 8;
     if (c->cfg.prefetch_bytes == 0)
         c->cfg.prefetch_bytes = cfg->host_bytes / 4;
     pthread_mutex_init(&c->lock, NULL);
@@ -274,6 +278,7 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
     free(mod->cooc);
     free(mod->rows);
     free(mod->prev_ids);
+    free(mod->prev_next);
     free(mod->pred);
     free(mod);
 }
@@ -1111,29 +1116,43 @@ void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n)
 #define PRED_PRIOR 2.0    /* pseudo-uses of the popularity prior per row */
 #define PREFETCH_MIN 0.10 /* least probability worth a prefetch */
 
-/* Forecast for MoE layer idx + 1 from the routing ids at MoE layer idx. */
-static void predict(struct moe_cache *c, struct cmodel *mod, int idx, const int32_t *ids,
+/*
+ * Forecast for MoE layer idx + 1 from the routing ids at MoE layer idx and,
+ * when given, the lookahead routing next (the next layer's router on this
+ * layer's input).  Per token, an expert in the lookahead is expected with
+ * the lookahead's measured precision; the others share the rest of the
+ * token's top_k in proportion to the co-occurrence table (with the next
+ * layer's popularity as a prior).  Without lookahead, the table alone.
+ */
+static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32_t *next,
                     int n_tokens, int K)
 {
     const int E = mod->n_experts;
     const float *C = mod->cooc + (size_t)idx * E * E;
     const float *R = mod->rows + (size_t)idx * E;
-    int next = mod->moe_layer[idx + 1];
-    double *q = mod->pred, qsum = 0, *logmiss;
+    int nl = mod->moe_layer[idx + 1];
+    double *q = mod->pred, qsum = 0, *logmiss, *pt;
+    double acc = (mod->la_hits + 1.0) / (mod->la_total + 2.0);
 
-    /* Popularity prior at the next layer, scaled to sum to top_k. */
     logmiss = calloc((size_t)E, sizeof(*logmiss));
-    if (!logmiss) {
+    pt = calloc((size_t)E, sizeof(*pt));
+    if (!logmiss || !pt) {
+        free(logmiss);
+        free(pt);
         mod->pred_idx = -1;
         return;
     }
+    /* Popularity prior at the next layer, scaled to sum to top_k. */
     for (int x = 0; x < E; x++) {
-        q[x] = get_entry(mod, next, x)->t[0].node.count;
+        q[x] = get_entry(mod, nl, x)->t[0].node.count;
         qsum += q[x];
     }
     for (int x = 0; x < E; x++)
         q[x] = qsum > 0 ? q[x] * K / qsum : (double)K / E;
     for (int t = 0; t < n_tokens; t++) {
+        const int32_t *la = next ? next + (size_t)t * K : NULL;
+        double out_sum = 0;
+
         for (int x = 0; x < E; x++) {
             double p = 0;
 
@@ -1142,15 +1161,25 @@ static void predict(struct moe_cache *c, struct cmodel *mod, int idx, const int3
 
                 p += (C[(size_t)e * E + x] + PRED_PRIOR * q[x]) / (R[e] + PRED_PRIOR);
             }
-            p = MOE_MIN(p / K, 0.999999);
-            logmiss[x] += log1p(-p);
+            pt[x] = p / K;
         }
+        if (la) {
+            for (int j = 0; j < K; j++)
+                pt[la[j]] = -1.0; /* in the lookahead */
+            for (int x = 0; x < E; x++)
+                if (pt[x] >= 0)
+                    out_sum += pt[x];
+            for (int x = 0; x < E; x++)
+                pt[x] = pt[x] < 0 ? acc : (out_sum > 0 ? pt[x] * K * (1.0 - acc) / out_sum : 0.0);
+        }
+        for (int x = 0; x < E; x++)
+            logmiss[x] += log1p(-MOE_MIN(pt[x], 0.999999));
     }
     for (int x = 0; x < E; x++)
         q[x] = -expm1(logmiss[x]); /* P(used by some token of the batch) */
     free(logmiss);
+    free(pt);
     mod->pred_idx = idx + 1;
-    (void)c;
 }
 
 static void prefetch(struct moe_cache *c, struct cmodel *mod)
@@ -1192,51 +1221,96 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
 void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids, int n_tokens,
                        int top_k)
 {
+    moe_cache_observe_ahead(c, model, layer, ids, NULL, n_tokens, top_k);
+}
+
+/* ids [n, K] holds distinct experts below E in every row. */
+static bool rows_ok(const int32_t *ids, int n, int K, int E)
+{
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < K; j++) {
+            int32_t e = ids[(size_t)t * K + j];
+
+            if (e < 0 || e >= E)
+                return false;
+            for (int i = 0; i < j; i++)
+                if (ids[(size_t)t * K + i] == e)
+                    return false;
+        }
+    return true;
+}
+
+static bool grow_ids(int32_t **p, int *cap, size_t n)
+{
+    int32_t *q;
+
+    if ((size_t)*cap >= n)
+        return true;
+    q = realloc(*p, n * sizeof(*q));
+    if (!q)
+        return false;
+    *p = q;
+    *cap = (int)n;
+    return true;
+}
+
+void moe_cache_observe_ahead(struct moe_cache *c, int model, int layer, const int32_t *ids,
+                             const int32_t *next, int n_tokens, int top_k)
+{
     struct cmodel *mod;
     int idx, K = top_k, E;
     size_t n = (size_t)n_tokens * (size_t)top_k;
 
     pthread_mutex_lock(&c->lock);
-    if (check_layer(c, model, layer, &mod, NULL) < 0 || top_k != mod->top_k || n_tokens < 1)
+    if (check_layer(c, model, layer, &mod, NULL) < 0 || top_k != mod->top_k || n_tokens < 1 ||
+        n_tokens > MOE_CACHE_MAX_OBSERVE)
         goto out;
     idx = mod->moe_idx[layer];
     E = mod->n_experts;
-    for (size_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= E)
-            goto out;
+    if (!rows_ok(ids, n_tokens, K, E))
+        goto out;
+    if (next && (idx + 1 >= mod->n_moe || !rows_ok(next, n_tokens, K, E)))
+        next = NULL;
     /* Learn: the previous batch was this one at the previous MoE layer. */
-    if (mod->cooc && idx >= 1 && mod->prev_idx == idx - 1 && mod->prev_n == n_tokens) {
+    if (idx >= 1 && mod->prev_idx == idx - 1 && mod->prev_n == n_tokens) {
         float *C = mod->cooc + (size_t)(idx - 1) * E * E;
         float *R = mod->rows + (size_t)(idx - 1) * E;
 
         for (int t = 0; t < n_tokens; t++) {
+            const int32_t *now = ids + (size_t)t * K;
+
             for (int j = 0; j < K; j++) {
                 int e = mod->prev_ids[(size_t)t * K + j];
 
                 R[e] += 1.0f;
                 for (int j2 = 0; j2 < K; j2++)
-                    C[(size_t)e * E + ids[(size_t)t * K + j2]] += 1.0f;
+                    C[(size_t)e * E + now[j2]] += 1.0f;
+            }
+            /* how often the lookahead named the experts then used */
+            if (mod->prev_has_next) {
+                for (int j = 0; j < K; j++)
+                    for (int j2 = 0; j2 < K; j2++)
+                        mod->la_hits += mod->prev_next[(size_t)t * K + j] == now[j2];
+                mod->la_total += K;
             }
         }
     }
-    if ((size_t)mod->prev_cap < n) {
-        int32_t *p = realloc(mod->prev_ids, n * sizeof(*p));
-
-        if (!p) {
-            mod->prev_idx = -1;
-            goto out;
-        }
-        mod->prev_ids = p;
-        mod->prev_cap = (int)n;
+    if (!grow_ids(&mod->prev_ids, &mod->prev_cap, n) ||
+        (next && !grow_ids(&mod->prev_next, &mod->prev_next_cap, n))) {
+        mod->prev_idx = -1;
+        goto out;
     }
     memcpy(mod->prev_ids, ids, n * sizeof(*ids));
+    if (next)
+        memcpy(mod->prev_next, next, n * sizeof(*next));
+    mod->prev_has_next = next != NULL;
     mod->prev_n = n_tokens;
     mod->prev_idx = idx;
     /* Forecast the next MoE layer, and prefetch it. */
     mod->pred_idx = -1;
     if (mod->cooc && idx + 1 < mod->n_moe &&
         (c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING)) {
-        predict(c, mod, idx, ids, n_tokens, K);
+        predict(mod, idx, ids, next, n_tokens, K);
         if (c->cfg.prefetch && mod->pred_idx >= 0)
             prefetch(c, mod);
     }
@@ -1542,4 +1616,9 @@ double moe_cache_hit_rate(const struct moe_cache_counters *c)
     uint64_t n = c->hits + c->misses;
 
     return n ? (double)c->hits / (double)n : 0.0;
+}
+
+bool moe_cache_wants_lookahead(struct moe_cache *c)
+{
+    return c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING;
 }

@@ -80,7 +80,7 @@ struct moe_cache_config {
     bool prefetch;
     uint64_t prefetch_bytes; /* prefetched-but-unused budget; 0: host_bytes / 4 */
     int prefetch_max;        /* experts prefetched per observed batch; 0: 2 * top_k */
-    double half_life;        /* freq and routing decay, in uses of a layer; 0: 32 */
+    double half_life;        /* freq and routing decay, in uses of a layer; 0: 8 */
     bool simulate;           /* no memory, no I/O (cache-sim) */
     bool register_buffers;   /* register the host tier with io_uring as fixed
                               * buffers: faster reads, but the whole capacity
@@ -154,6 +154,19 @@ void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n);
  */
 void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids, int n_tokens,
                        int top_k);
+/*
+ * The same, with lookahead routing: next [n_tokens, top_k], the experts the
+ * next MoE layer's router picks on this layer's input (NULL: none).  The
+ * predictor trusts it as far as it has been right so far (it measures how
+ * many of the experts it named the next layer then used).
+ */
+void moe_cache_observe_ahead(struct moe_cache *c, int model, int layer, const int32_t *ids,
+                             const int32_t *next, int n_tokens, int top_k);
+/* Whether observe uses lookahead routing (prefetch on or routing policy):
+ * callers compute it only then. */
+bool moe_cache_wants_lookahead(struct moe_cache *c);
+
+#define MOE_CACHE_MAX_OBSERVE 65536 /* tokens per observed batch */
 
 /* Operator calls.  pin: keep resident (paged in now if missing; waits for
  * it); unpin; evict: drop from every tier (-EBUSY if in use or

@@ -326,8 +326,10 @@ static int check_input(const float *x, int n_tokens, int hidden, struct moe_erro
 
 /* Everything one forward allocates, freed together. */
 struct fwd_scratch {
-    int32_t *ids;                 /* [n_tokens, top_k] */
-    float *weights;               /* [n_tokens, top_k] */
+    int32_t *ids;    /* [n_tokens, top_k] */
+    float *weights;  /* [n_tokens, top_k] */
+    int32_t *la_ids; /* [n_tokens, top_k] lookahead routing of the next layer */
+    float *la_w;
     int32_t *count;               /* [n_experts + 1]: tokens per expert, then offsets */
     int32_t *tokens;              /* [n_tokens * top_k] grouped by expert */
     float *scales;                /* [n_tokens * top_k] */
@@ -355,6 +357,8 @@ static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_expe
     }
     free(s->ids);
     free(s->weights);
+    free(s->la_ids);
+    free(s->la_w);
     free(s->count);
     free(s->tokens);
     free(s->scales);
@@ -541,10 +545,34 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         if (r < 0)
             goto out;
     }
+    /* Lookahead for the prefetcher: the next MoE layer's router on this
+     * layer's input picks, most of the time, the experts that layer will
+     * use (the residual stream changes little from one layer to the next).
+     * Best effort: without it the predictor uses its table alone. */
+    if (moe_cache_wants_lookahead(e->cache) || e->trace) {
+        int nl = layer + 1;
+
+        while (nl < c->n_layers && !m->layers[nl].is_moe)
+            nl++;
+        if (nl < c->n_layers) {
+            s.la_ids = malloc(TK * sizeof(*s.la_ids));
+            s.la_w = malloc(TK * sizeof(*s.la_w));
+            pthread_mutex_lock(&e->lock);
+            r = s.la_ids && s.la_w ? layer_load(e, nl, NULL) : -ENOMEM;
+            pthread_mutex_unlock(&e->lock);
+            if (r == 0)
+                r = route_loaded(e, nl, xc, n_tokens, s.la_ids, s.la_w, NULL);
+            if (r < 0) {
+                free(s.la_ids);
+                s.la_ids = NULL;
+            }
+            r = 0;
+        }
+    }
     t1 = moe_now_ns();
     if (e->trace) {
         pthread_mutex_lock(&e->lock);
-        moe_trace_write(e->trace, e->trace_tokens[layer], layer, s.ids, n_tokens);
+        moe_trace_write_ahead(e->trace, e->trace_tokens[layer], layer, s.ids, s.la_ids, n_tokens);
         e->trace_tokens[layer] += (uint32_t)n_tokens;
         pthread_mutex_unlock(&e->lock);
     }
@@ -589,7 +617,7 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         goto out;
     }
     s.n_refs = n_used;
-    moe_cache_observe(e->cache, e->model, layer, s.ids, n_tokens, K);
+    moe_cache_observe_ahead(e->cache, e->model, layer, s.ids, s.la_ids, n_tokens, K);
     if (st)
         st->experts_used = n_used;
 

@@ -78,9 +78,9 @@ static uint64_t get_u64(const unsigned char *p)
 }
 
 /* Bytes of one record. */
-static size_t record_bytes(int top_k)
+static size_t record_bytes(int top_k, bool lookahead)
 {
-    return 8 + 2 * (size_t)top_k;
+    return 8 + (lookahead ? 4 : 2) * (size_t)top_k;
 }
 
 /* Checks the shape fields of info; 0 or -EINVAL with err. */
@@ -201,7 +201,7 @@ int moe_trace_writer_open(const char *path, const struct moe_trace_info *info,
     put_u32(hdr + 16, (uint32_t)info->n_layers);
     put_u32(hdr + 20, (uint32_t)info->n_experts);
     put_u32(hdr + 24, (uint32_t)info->top_k);
-    put_u32(hdr + 28, 0);
+    put_u32(hdr + 28, info->lookahead ? MOE_TRACE_F_LOOKAHEAD : 0);
     put_u64(hdr + 32, info->expert_bytes);
     put_u64(hdr + TRACE_OFF_N_RECORDS, 0);
     memcpy(hdr + TRACE_OFF_MODEL, w->info.model, sizeof(w->info.model));
@@ -226,8 +226,27 @@ out_free:
 int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer, const int32_t *ids,
                     int n_tokens)
 {
+    return moe_trace_write_ahead(w, first_token, layer, ids, NULL, n_tokens);
+}
+
+/* A row of top_k distinct experts below E; -1 (the slot) when not. */
+static int bad_row(const int32_t *row, int k, int E)
+{
+    for (int j = 0; j < k; j++) {
+        if (row[j] < 0 || row[j] >= E)
+            return j;
+        for (int i = 0; i < j; i++)
+            if (row[i] == row[j])
+                return j;
+    }
+    return -1;
+}
+
+int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int layer,
+                          const int32_t *ids, const int32_t *next, int n_tokens)
+{
     const int k = w->info.top_k, E = w->info.n_experts;
-    const size_t rb = record_bytes(k);
+    const size_t rb = record_bytes(k, w->info.lookahead);
     char what[160];
     int r = 0;
 
@@ -265,6 +284,18 @@ int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer,
                 goto out;
             }
         }
+        if (next && w->info.lookahead) {
+            int j = bad_row(next + (size_t)t * k, k, E);
+
+            if (j >= 0) {
+                snprintf(what, sizeof(what),
+                         "bad call: layer %d token %d lookahead slot %d: expert %" PRId32
+                         " repeated or out of range",
+                         layer, t, j, next[(size_t)t * k + j]);
+                r = fail_locked(w, -EINVAL, what);
+                goto out;
+            }
+        }
     }
     for (int t = 0; t < n_tokens; t++) {
         const int32_t *row = ids + (size_t)t * k;
@@ -281,6 +312,10 @@ int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer,
         put_u16(p + 6, 0);
         for (int j = 0; j < k; j++)
             put_u16(p + 8 + 2 * j, (uint16_t)row[j]);
+        if (w->info.lookahead)
+            for (int j = 0; j < k; j++)
+                put_u16(p + 8 + 2 * (k + j),
+                        next ? (uint16_t)next[(size_t)t * k + j] : MOE_TRACE_NO_EXPERT);
         w->len += rb;
         w->n_records++;
     }
@@ -332,6 +367,7 @@ void moe_trace_info_from_model(const struct moe_model *m, const char *name,
     ret->n_experts = m->cfg.n_experts;
     ret->top_k = m->cfg.top_k;
     ret->expert_bytes = m->expert_bytes;
+    ret->lookahead = true;
 }
 
 /* ---- parser ---------------------------------------------------------------------------- */
@@ -343,6 +379,7 @@ void moe_trace_free(struct moe_trace *t)
     free(t->token);
     free(t->layer);
     free(t->expert);
+    free(t->next);
     free(t);
 }
 
@@ -388,9 +425,11 @@ int moe_trace_parse(const void *data, size_t len, const char *fname, struct moe_
     if (r < 0)
         return r;
     flags = get_u32(p + 28);
-    if (flags)
-        return moe_error_set(
-            err, -EINVAL, "%s: unknown flags 0x%" PRIx32 " (this reader knows none)", fname, flags);
+    if (flags & ~(uint32_t)MOE_TRACE_F_LOOKAHEAD)
+        return moe_error_set(err, -EINVAL,
+                             "%s: unknown flags 0x%" PRIx32 " (this reader knows 0x%x, lookahead)",
+                             fname, flags, MOE_TRACE_F_LOOKAHEAD);
+    info.lookahead = flags & MOE_TRACE_F_LOOKAHEAD;
     info.expert_bytes = get_u64(p + 32);
     n_records = get_u64(p + TRACE_OFF_N_RECORDS);
     if (!memchr(p + TRACE_OFF_MODEL, 0, sizeof(info.model)))
@@ -402,7 +441,7 @@ int moe_trace_parse(const void *data, size_t len, const char *fname, struct moe_
             return moe_error_set(err, -EINVAL, "%s: header byte %d is %d: expected 0 (reserved)",
                                  fname, i, p[i]);
 
-    rb = record_bytes(info.top_k);
+    rb = record_bytes(info.top_k, info.lookahead);
     body = len - MOE_TRACE_HEADER_BYTES;
     whole = body / rb;
     if (n_records == 0) {
@@ -436,7 +475,9 @@ int moe_trace_parse(const void *data, size_t len, const char *fname, struct moe_
     t->token = malloc(MOE_MAX(n_records, 1) * sizeof(*t->token));
     t->layer = malloc(MOE_MAX(n_records, 1) * sizeof(*t->layer));
     t->expert = malloc(MOE_MAX(n_records * info.top_k, 1) * sizeof(*t->expert));
-    if (!t->token || !t->layer || !t->expert) {
+    if (info.lookahead)
+        t->next = malloc(MOE_MAX(n_records * info.top_k, 1) * sizeof(*t->next));
+    if (!t->token || !t->layer || !t->expert || (info.lookahead && !t->next)) {
         moe_trace_free(t);
         return moe_error_set(err, -ENOMEM, "%s: out of memory for %" PRIu64 " records", fname,
                              n_records);
@@ -479,6 +520,26 @@ int moe_trace_parse(const void *data, size_t len, const char *fname, struct moe_
                                       fname, i, off, ex[j], k, j);
                     goto fail;
                 }
+        }
+        if (info.lookahead) {
+            uint16_t *nx = t->next + i * info.top_k;
+            int none = 0, j;
+            int32_t row[MOE_TRACE_MAX_TOPK];
+
+            for (j = 0; j < info.top_k; j++) {
+                nx[j] = get_u16(q + 8 + 2 * (info.top_k + j));
+                none += nx[j] == MOE_TRACE_NO_EXPERT;
+                row[j] = nx[j];
+            }
+            j = none ? -1 : bad_row(row, info.top_k, info.n_experts);
+            if ((none && none != info.top_k) || j >= 0) {
+                r = moe_error_set(err, -EINVAL,
+                                  "%s: record %" PRIu64 " at byte offset %" PRIu64
+                                  ": lookahead experts must be %d distinct experts below %d, "
+                                  "or all 0xffff (none)",
+                                  fname, i, off, info.top_k, info.n_experts);
+                goto fail;
+            }
         }
     }
     *ret = t;
@@ -954,6 +1015,7 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
         const int layer = compact[sp->layer];
         const int n = step_experts(t, sp, s, stamp, exp);
         const size_t n_ids = (size_t)sp->n * K;
+        bool has_next;
 
         if (sp->n > MOE_MAX_TOKENS) {
             r = moe_error_set(err, -E2BIG,
@@ -987,20 +1049,25 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
             ret->hits += refs[i].hit;
         }
         ret->accesses += (uint64_t)n;
-        moe_cache_release(c, refs, n);
-        if (n_ids > ids_cap) {
-            int32_t *ni = realloc(ids, n_ids * sizeof(*ids));
+        if (2 * n_ids > ids_cap) {
+            int32_t *ni = realloc(ids, 2 * n_ids * sizeof(*ids));
 
             if (!ni) {
                 r = moe_error_set(err, -ENOMEM, "out of memory");
                 goto out;
             }
             ids = ni;
-            ids_cap = n_ids;
+            ids_cap = 2 * n_ids;
         }
         for (size_t i = 0; i < n_ids; i++)
             ids[i] = t->expert[sp->first * K + i];
-        moe_cache_observe(c, model, layer, ids, (int)sp->n, K);
+        has_next = t->next && t->next[sp->first * K] != MOE_TRACE_NO_EXPERT;
+        for (size_t i = 0; has_next && i < n_ids; i++)
+            ids[n_ids + i] = t->next[sp->first * K + i];
+        /* As a forward does: the routing is observed (and the next layer
+         * prefetched) while the step still holds its experts. */
+        moe_cache_observe_ahead(c, model, layer, ids, has_next ? ids + n_ids : NULL, (int)sp->n, K);
+        moe_cache_release(c, refs, n);
     }
     r = moe_cache_snapshot(c, &stats);
     if (r < 0) {
@@ -1229,7 +1296,7 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
     const int H = m->cfg.hidden, L = m->cfg.n_layers, K = m->cfg.top_k;
     struct gen g;
     float *h = NULL, *x = NULL, *wts = NULL;
-    int32_t *ids = NULL;
+    int32_t *ids = NULL, *nxt = NULL;
     int r;
 
     if (n_tokens < 0 || batch < 1 || batch > MOE_TRACE_MAX_BATCH)
@@ -1247,8 +1314,9 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
     h = malloc((size_t)batch * H * sizeof(*h));
     x = malloc((size_t)batch * H * sizeof(*x));
     ids = malloc((size_t)batch * K * sizeof(*ids));
+    nxt = malloc((size_t)batch * K * sizeof(*nxt));
     wts = malloc((size_t)batch * K * sizeof(*wts));
-    if (r < 0 || !h || !x || !ids || !wts) {
+    if (r < 0 || !h || !x || !ids || !nxt || !wts) {
         r = moe_error_set(err, -ENOMEM, "out of memory for the token stream (hidden %d)", H);
         goto out;
     }
@@ -1266,7 +1334,19 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
                     moe_error_prefix(err, "tokens %d to %d", t0, t0 + B - 1);
                     goto out;
                 }
-                r = moe_trace_write(w, (uint32_t)t0, l, ids, B);
+                /* Lookahead: the next MoE layer's router on this layer's
+                 * input, as the engine computes it for its prefetcher. */
+                int nl = l + 1;
+
+                while (nl < L && !m->layers[nl].is_moe)
+                    nl++;
+                if (w->info.lookahead && nl < L) {
+                    r = moe_layer_route(e, nl, x, B, nxt, wts, err);
+                    if (r < 0)
+                        goto out;
+                }
+                r = moe_trace_write_ahead(w, (uint32_t)t0, l, ids,
+                                          w->info.lookahead && nl < L ? nxt : NULL, B);
                 if (r < 0) {
                     r = moe_error_set(err, r, "writing the trace (layer %d, token %d): %s", l, t0,
                                       strerror(-r));
@@ -1283,6 +1363,7 @@ out:
     free(h);
     free(x);
     free(ids);
+    free(nxt);
     free(wts);
     return r;
 }

@@ -11,18 +11,23 @@
  *     16  u32      n_layers   (the model's layers, dense ones included)
  *     20  u32      n_experts  (routed experts per MoE layer, <= 65535)
  *     24  u32      top_k      (experts per token, <= 64)
- *     28  u32      flags      (0; readers refuse unknown bits)
+ *     28  u32      flags      (bit 0: lookahead; readers refuse unknown bits)
  *     32  u64      expert_bytes (bytes of one routed expert: cache sizes
  *                               in bytes convert to experts with it)
  *     40  u64      n_records  (0 when the writer did not close the file:
  *                              readers then take every whole record)
  *     48  char[64] model name, NUL-padded (e.g. "mixtral" or a directory name)
  *     112 u8[16]   zero
- *   records, 8 + 2 * top_k bytes each, in the order the layers were run:
+ *   records, 8 + 2 * top_k bytes each (8 + 4 * top_k with lookahead), in
+ *   the order the layers were run:
  *     u32 token   (position in the stream, from 0)
  *     u16 layer   (a MoE layer of the model)
  *     u16 zero
  *     u16 expert[top_k]  (distinct, < n_experts)
+ *     u16 next[top_k]    (lookahead only: the experts the next MoE layer's
+ *                         router picks on this layer's input, what the
+ *                         engine's prefetcher sees; all 0xffff at the last
+ *                         MoE layer or when not computed)
  *
  * Replay: a step is a maximal run of consecutive records of one layer (one
  * forward call of a batch of tokens); its accesses are the distinct experts
@@ -38,6 +43,8 @@
 #define MOE_TRACE_VERSION 1
 #define MOE_TRACE_HEADER_BYTES 128
 #define MOE_TRACE_MAX_TOPK 64
+#define MOE_TRACE_F_LOOKAHEAD 1u
+#define MOE_TRACE_NO_EXPERT 0xffffu
 #define MOE_TRACE_MAX_LAYERS 1024
 #define MOE_TRACE_MAX_EXPERTS 65535
 /* moe_trace_read refuses larger files (the whole file is read into memory). */
@@ -51,6 +58,7 @@ struct moe_trace_info {
     int n_experts;
     int top_k;
     uint64_t expert_bytes;
+    bool lookahead; /* records carry the next layer's lookahead routing */
 };
 
 struct moe_trace_writer;
@@ -75,6 +83,10 @@ int moe_trace_writer_open(const char *path, const struct moe_trace_info *info,
  * trace would be incomplete. */
 int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer, const int32_t *ids,
                     int n_tokens);
+/* The same with the lookahead routing of each token, next [n_tokens,
+ * top_k] (NULL: none), kept when the trace has lookahead. */
+int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int layer,
+                          const int32_t *ids, const int32_t *next, int n_tokens);
 /* Flushes, patches n_records, closes, frees (always; NULL is a no-op).
  * 0 or -errno with err saying what failed first; the file then keeps the
  * records written before the failure and n_records = 0. */
@@ -87,6 +99,7 @@ struct moe_trace {
     uint32_t *token;  /* [n_records] */
     uint16_t *layer;  /* [n_records] */
     uint16_t *expert; /* [n_records * top_k] */
+    uint16_t *next;   /* [n_records * top_k] lookahead, or NULL without */
 };
 
 /*
@@ -159,8 +172,9 @@ struct moe_trace_replay_result {
  * counts as 1): the cache is given the MoE layers seen in t only,
  * renumbered in order (dense layers would count in its layer distances and
  * next-layer pairs); for each step, its distinct experts are acquired (every
- * one is ready at once; hits counted from ref.hit), released, then the
- * step's routing [records, top_k] goes to moe_cache_observe.  0, or -errno
+ * one is ready at once; hits counted from ref.hit), the step's routing
+ * [records, top_k] goes to moe_cache_observe, then the experts are released
+ * (the order of a forward).  0, or -errno
  * with err (a cache call failed, capacity below a step's experts).
  */
 int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,

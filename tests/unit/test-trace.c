@@ -11,6 +11,7 @@
 #include "genmodel.h"
 #include "layer.h"
 #include "model.h"
+#include "safetensors.h"
 #include "trace.h"
 
 #include <errno.h>
@@ -1083,9 +1084,63 @@ static void test_generate(const char *dir)
     moe_trace_free(t);
 }
 
+/* Lookahead records: round trip, "none" rows, and what the parser and the
+ * writer refuse. */
+static void test_lookahead(const char *dir)
+{
+    struct moe_trace_info info = {.n_layers = 3, .n_experts = 8, .top_k = 2, .lookahead = true};
+    struct moe_trace_writer *w;
+    struct moe_error err = {0};
+    struct moe_trace *t;
+    int32_t ids[4] = {1, 2, 3, 4}, next[4] = {5, 6, 7, 0}, bad_next[2] = {5, 5};
+    char path[512], *buf;
+    size_t len;
+
+    snprintf(path, sizeof(path), "%s/la.trace", dir);
+    ASSERT_EQ(moe_trace_writer_open(path, &info, &w, &err), 0);
+    ASSERT_EQ(moe_trace_write_ahead(w, 0, 0, ids, next, 2), 0);
+    ASSERT_EQ(moe_trace_write_ahead(w, 0, 1, ids, NULL, 2), 0);
+    ASSERT_EQ(moe_trace_writer_close(w, &err), 0);
+    ASSERT_EQ(moe_trace_read(path, &t, &err), 0);
+    ASSERT_TRUE(t->info.lookahead && t->next);
+    ASSERT_EQ(t->n_records, 4u);
+    ASSERT_EQ(t->next[0], 5);
+    ASSERT_EQ(t->next[3], 0);
+    ASSERT_EQ(t->next[4], MOE_TRACE_NO_EXPERT);
+    ASSERT_EQ(t->next[7], MOE_TRACE_NO_EXPERT);
+    moe_trace_free(t);
+
+    /* record 0's lookahead at byte 128 + 8 + 4: half "none", then a repeat */
+    ASSERT_EQ(moe_read_file(path, 1 << 20, &buf, &len, &err), 0);
+    ASSERT_EQ(len, 128u + 4 * 16);
+    buf[128 + 12] = (char)0xff;
+    buf[128 + 13] = (char)0xff;
+    ASSERT_EQ(moe_trace_parse(buf, len, "la", &t, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "record 0 at byte offset 128: lookahead experts");
+    buf[128 + 12] = 6;
+    buf[128 + 13] = 0;
+    ASSERT_EQ(moe_trace_parse(buf, len, "la", &t, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "distinct");
+    buf[128 + 12] = 9;
+    ASSERT_EQ(moe_trace_parse(buf, len, "la", &t, &err), -EINVAL);
+    /* Without the flag, the same bytes are records of another size. */
+    buf[128 + 12] = 5;
+    buf[28] = 0;
+    ASSERT_EQ(moe_trace_parse(buf, len, "la", &t, &err), -EINVAL);
+    free(buf);
+
+    /* A bad lookahead row is a bad call that writes nothing. */
+    ASSERT_EQ(moe_trace_writer_open(path, &info, &w, &err), 0);
+    ASSERT_EQ(moe_trace_write_ahead(w, 0, 0, ids, bad_next, 1), -EINVAL);
+    ASSERT_EQ(moe_trace_writer_close(w, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "lookahead slot 1");
+}
+
 int main(void)
 {
     char *dir = test_tmpdir("trace");
+
+    test_lookahead(dir);
 
     test_round_trip(dir);
     test_writer_errors(dir);
