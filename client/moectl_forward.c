@@ -27,7 +27,8 @@ static void forward_usage(FILE *f)
             "usage: moectl forward --local --model DIR --layer L|all --in X.npy --out Y.npy\n"
             "                      [--routing-out R.npz] [--routing-in R.npz] [--step N]\n"
             "                      [--cache-bytes B] [--policy lru|freq|routing] [--no-prefetch]\n"
-            "                      [--buffered] [--trace FILE] [--threads N]\n"
+            "                      [--buffered] [--register-buffers] [--trace FILE]\n"
+            "                      [--threads N]\n"
             "                      [--kernel auto|generic|avx2|avx512] [-q]\n"
             "\n"
             "Runs MoE layers in this process.  X.npy: float32 [tokens, hidden] hidden states.\n"
@@ -46,6 +47,8 @@ static void forward_usage(FILE *f)
             "  --policy P         eviction policy: lru, freq or routing (default routing)\n"
             "  --no-prefetch      do not prefetch the next layer's predicted experts\n"
             "  --buffered         read through the page cache instead of O_DIRECT\n"
+            "  --register-buffers register the cache's memory with io_uring: faster page-ins,\n"
+            "                     but the whole --cache-bytes is locked in memory at start\n"
             "  --trace FILE       record the routing to FILE (see moectl cache-sim)\n"
             "\n"
             "The output does not depend on the cache size or policy.  Unless -q, prints the\n"
@@ -126,6 +129,7 @@ int moectl_forward(int argc, char **argv)
         {"policy", required_argument, NULL, 'P'},
         {"no-prefetch", no_argument, NULL, 'N'},
         {"buffered", no_argument, NULL, 'B'},
+        {"register-buffers", no_argument, NULL, 'G'},
         {"trace", required_argument, NULL, 'T'},
         {"quiet", no_argument, NULL, 'q'},
         {"help", no_argument, NULL, 'h'},
@@ -186,6 +190,9 @@ int moectl_forward(int argc, char **argv)
             break;
         case 'B':
             ccfg.pager.buffered = true;
+            break;
+        case 'G':
+            ccfg.register_buffers = true;
             break;
         case 'T':
             tracep = optarg;

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The README's demo: installs the dependencies, builds moed, makes the
 # embedded synthetic demo model (Mixtral layout), describes it with
-# `moectl inspect`, and runs every MoE layer in process with
-# `moectl forward --local`, printing a timing line per layer.
+# `moectl inspect`, runs every MoE layer in process with
+# `moectl forward --local`, printing a timing line per layer, then packs the
+# model and runs it token by token from the packed store through an expert
+# cache that holds half of it, showing the cache's hit statistics, and
+# replays the recorded routing through every cache policy next to Belady's
+# optimum (moectl cache-sim).
 #
 #   MOED_DEMO_DIR=DIR   where the model and the arrays go (default build/demo)
 #   MOED_SKIP_DEPS=1    do not run scripts/deps.sh
@@ -60,5 +64,21 @@ print("expert load over all layers (tokens routed to each expert):")
 for e, c in enumerate(counts):
     print(f"  expert {e}: {c:4d} {'#' * int(c // 2)}")
 PY
+
+echo
+echo "== moectl pack: one 4 KiB-aligned, checksummed blob per expert"
+$moectl pack --model "$model" --out "$demo/mixtral-demo-packed" --force
+$moectl verify --pack "$demo/mixtral-demo-packed" --model "$model"
+
+echo
+echo "== every layer, token by token, from the packed store, with a cache of half the experts"
+$moectl forward --local --model "$demo/mixtral-demo-packed" --layer all --step 1 \
+    --in "$demo/x.npy" --out "$demo/y-all.npy" --cache-bytes 256M --policy routing \
+    --trace "$demo/demo.trace"
+
+echo
+echo "== the same routing, replayed through each cache policy (moectl cache-sim)"
+$moectl cache-sim --trace "$demo/demo.trace" --capacity 50% --policy all --prefetch
+
 echo
 echo "demo done: model and arrays are in $demo"

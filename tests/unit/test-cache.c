@@ -7,9 +7,12 @@
  *   - prefetch: a learned layer-to-layer rule turns into prefetch hits;
  *   - real page-ins from a generated checkpoint: bytes equal the file's,
  *     single flight under concurrent acquires, statistics;
- *   - failures through the pager's fault injection (EIO, short reads) and a
- *     really truncated file: the expert is marked bad, the others served,
- *     retry clears the mark;
+ *   - failures through the pager's fault injection (EIO, short reads, a
+ *     flipped byte caught by a packed store's checksum) and a really
+ *     truncated file: the expert is marked bad, the others served, retry
+ *     clears the mark;
+ *   - lookahead routing learned as far as it is right, turned into prefetch
+ *     hits;
  *   - two tiers: an expert evicted from the front tier comes back from the
  *     one behind it without I/O;
  *   - shrinking the capacity evicts down to it.
@@ -17,6 +20,7 @@
 #include "cache.h"
 #include "genmodel.h"
 #include "model.h"
+#include "pack.h"
 #include "pager.h"
 #include "tier.h"
 #include "tests.h"
@@ -486,6 +490,37 @@ static void check_real(void)
         moe_cache_free(c);
     }
 
+    /* A packed store: a byte flipped in a read fails the checksum. */
+    {
+        char *pdir = test_tmpdir("cache-pack");
+        struct moe_model *pm;
+        struct moe_pager_faults f = {.corrupt_nth = 1};
+        struct moe_cache_ref ref;
+        int32_t ex = 3;
+
+        ASSERT_EQ(moe_pack_write(m, pdir, true, NULL, NULL, &err), 0);
+        ASSERT_EQ(moe_model_open(pdir, &pm, &err), 0);
+        ASSERT_TRUE(pm->packed && pm->layers[1].experts[3].has_xxh3);
+        c = real_cache(pm, 64ull << 20, &model);
+        moe_pager_set_faults(moe_cache_pager(c), &f);
+        ASSERT_EQ(moe_cache_acquire(c, model, 1, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), -EBADMSG);
+        ASSERT_CONTAINS(err.msg, "layer 1 expert 3");
+        ASSERT_CONTAINS(err.msg, "checksum mismatch in experts.bin");
+        moe_cache_release(c, &ref, 1);
+        /* retried without the fault, the same expert arrives whole */
+        f.corrupt_nth = 0;
+        moe_pager_set_faults(moe_cache_pager(c), &f);
+        ASSERT_EQ(moe_cache_retry(c, model, 1, 3, &err), 1);
+        ASSERT_EQ(moe_cache_acquire(c, model, 1, &ex, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), 0);
+        check_weights(pm, 1, &ref);
+        moe_cache_release(c, &ref, 1);
+        moe_cache_free(c);
+        moe_model_free(pm);
+        test_rmtree(pdir);
+        free(pdir);
+    }
     /* A file truncated under the open model. */
     {
         const struct moe_tensor_ref *t = &m->layers[2].experts[7].down;
