@@ -74,6 +74,7 @@ struct centry {
 
 struct cmodel {
     int id;
+    bool registered; /* in c->models and c->group_model */
     char name[64];
     const struct moe_model *m; /* NULL for a shape */
     int n_layers, n_experts, top_k;
@@ -267,8 +268,8 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
             free(e->bad_msg);
         }
     }
-    for (int g = 0; g < mod->n_layers; g++)
-        if (mod->base_group + g < c->n_groups)
+    if (mod->registered)
+        for (int g = 0; g < mod->n_layers; g++)
             c->group_model[mod->base_group + g] = NULL;
     free(mod->entries);
     free(mod->moe_idx);
@@ -477,6 +478,7 @@ static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_erro
                 for (k = 0; k < c->n_tiers; k++)
                     mod->entries[(size_t)l * mod->n_experts + x].t[k].node.model = mod->id;
     c->models[c->n_models++] = mod;
+    mod->registered = true;
     return 0;
 }
 
@@ -519,7 +521,7 @@ int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const ch
     return 0;
 fail:
     pthread_mutex_lock(&c->lock);
-    if (c->n_models == 0 || c->models[c->n_models - 1] != mod)
+    if (!mod->registered)
         model_free(c, mod);
     pthread_mutex_unlock(&c->lock);
     return r;
@@ -554,7 +556,7 @@ int moe_cache_add_shape(struct moe_cache *c, const char *name, int n_layers, int
         mod->moe_idx[l] = mod->n_moe++;
     pthread_mutex_lock(&c->lock);
     r = model_common(c, mod, err);
-    if (r < 0 && (c->n_models == 0 || c->models[c->n_models - 1] != mod))
+    if (r < 0 && !mod->registered)
         model_free(c, mod);
     pthread_mutex_unlock(&c->lock);
     if (r == 0)

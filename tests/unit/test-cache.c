@@ -404,6 +404,21 @@ static void check_real(void)
 
     ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
     c = real_cache(m, 64ull << 20, &model);
+    /* A model whose file went away is refused; the cache carries on. */
+    {
+        char *dir2 = make_model("cache-gone");
+        struct moe_model *m2;
+        int id2 = -1;
+
+        ASSERT_EQ(moe_model_open(dir2, &m2, &err), 0);
+        ASSERT_EQ(unlink(m2->files[1].path), 0);
+        ASSERT_EQ(moe_cache_add_model(c, m2, "gone", &id2, &err), -ENOENT);
+        ASSERT_CONTAINS(err.msg, "model-00002-of-00002.safetensors");
+        ASSERT_EQ(id2, -1);
+        moe_model_free(m2);
+        test_rmtree(dir2);
+        free(dir2);
+    }
 
     /* Every expert of every layer, bytes checked. */
     for (int layer = 0; layer < m->cfg.n_layers; layer++) {
