@@ -910,6 +910,8 @@ static int start_load(struct moe_cache *c, struct centry *e, double prefetch_pro
         e->job.n_segs = e->n_segs;
         e->job.done = page_in_done;
         e->job.arg = e;
+        /* A batch waits for a demand page-in: it goes before prefetches. */
+        e->job.urgent = prefetch_prob < 0;
         r = moe_pager_submit(c->pager, &e->job, err);
         if (r < 0) {
             finish_load(c, e, r, err ? err->msg : NULL);

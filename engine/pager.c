@@ -121,7 +121,9 @@ struct worker {
     atomic_int load;
 
     /* Private to the thread. */
-    struct moe_pager_job *pending_head, *pending_tail; /* taken from the queue, not started */
+    struct moe_pager_job *pending_head, *pending_tail; /* taken from the queue, not started
+                                                        * (or parked) */
+    struct moe_pager_job *urgent_head, *urgent_tail;   /* the same, urgent ones */
     struct moe_pager_job *cur;                         /* being cut into chunks */
     struct rd *rds;                                    /* queue_depth slots */
     struct rd *free_rds;
@@ -312,7 +314,8 @@ static void rd_release(struct worker *w, struct rd *r)
     r->next_free = w->free_rds;
     w->free_rds = r;
     w->inflight--;
-    if (--j->chunks_left_ == 0 && job_issued(j))
+    /* A parked job is finished when it is taken up again. */
+    if (--j->chunks_left_ == 0 && job_issued(j) && !j->parked_)
         job_finish(w, j);
 }
 
@@ -493,20 +496,53 @@ static void wake(struct worker *w)
                      strerror(errno));
 }
 
-/* Starts chunks of pending jobs while slots are free. */
+static void list_push(struct moe_pager_job **head, struct moe_pager_job **tail,
+                      struct moe_pager_job *j)
+{
+    j->next_ = NULL;
+    if (*tail)
+        (*tail)->next_ = j;
+    else
+        *head = j;
+    *tail = j;
+}
+
+static struct moe_pager_job *list_pop(struct moe_pager_job **head, struct moe_pager_job **tail)
+{
+    struct moe_pager_job *j = *head;
+
+    if (j) {
+        *head = j->next_;
+        if (!*head)
+            *tail = NULL;
+        j->next_ = NULL;
+    }
+    return j;
+}
+
+/* Starts chunks of pending jobs while slots are free: urgent jobs first; a
+ * job being started that is not urgent is parked (its cursor kept) at the
+ * front of the others when an urgent one is waiting. */
 static void fill(struct worker *w)
 {
     while (w->inflight < w->p->depth) {
         struct moe_pager_job *j = w->cur;
 
+        if (j && !j->urgent && w->urgent_head) {
+            j->parked_ = true;
+            j->next_ = w->pending_head;
+            w->pending_head = j;
+            if (!w->pending_tail)
+                w->pending_tail = j;
+            w->cur = j = NULL;
+        }
         if (!j) {
-            j = w->pending_head;
+            j = list_pop(&w->urgent_head, &w->urgent_tail);
+            if (!j)
+                j = list_pop(&w->pending_head, &w->pending_tail);
             if (!j)
                 return;
-            w->pending_head = j->next_;
-            if (!w->pending_head)
-                w->pending_tail = NULL;
-            j->next_ = NULL;
+            j->parked_ = false;
             w->cur = j;
         }
         if (!job_next_chunk(w, j)) {
@@ -534,15 +570,18 @@ static void *worker_main(void *arg)
         w->qhead = w->qtail = NULL;
         stop = w->stop;
         pthread_mutex_unlock(&w->lock);
-        if (head) {
-            if (w->pending_tail)
-                w->pending_tail->next_ = head;
+        (void)tail;
+        while (head) {
+            struct moe_pager_job *j = head;
+
+            head = j->next_;
+            if (j->urgent)
+                list_push(&w->urgent_head, &w->urgent_tail, j);
             else
-                w->pending_head = head;
-            w->pending_tail = tail;
+                list_push(&w->pending_head, &w->pending_tail, j);
         }
         fill(w);
-        if (stop && !w->cur && !w->pending_head && w->inflight == 0)
+        if (stop && !w->cur && !w->pending_head && !w->urgent_head && w->inflight == 0)
             break;
         if (!w->efd_armed)
             efd_arm(w);
@@ -1030,6 +1069,7 @@ int moe_pager_submit(struct moe_pager *p, struct moe_pager_job *job, struct moe_
     pthread_mutex_unlock(&p->lock);
 
     job->next_ = NULL;
+    job->parked_ = false;
     job->submitted_ns_ = moe_now_ns();
     job->chunks_left_ = 0;
     job->next_seg_ = 0;

@@ -103,10 +103,13 @@ struct moe_pager_job {
     const struct moe_pager_seg *segs;
     int n_segs;
     moe_pager_done_fn done;
-    void *arg; /* for the caller */
+    void *arg;   /* for the caller */
+    bool urgent; /* goes before every job not urgent, even one already started
+                  * (a demand page-in overtaking prefetches) */
 
     /* private to the pager */
     struct moe_pager_job *next_;
+    bool parked_; /* started, set aside for an urgent job */
     uint64_t submitted_ns_;
     int64_t chunks_left_;
     uint64_t next_seg_, next_off_; /* chunking cursor */

@@ -387,6 +387,54 @@ static void test_big_jobs(struct tfile *f)
     moe_pager_free(p);
 }
 
+/* An urgent job overtakes the jobs queued before it, even one already
+ * started (it is parked and resumed, and still comes out whole). */
+static atomic_int urgent_seq;
+
+static void urgent_done(struct moe_pager_job *j, int status, const char *msg)
+{
+    struct tjob *t = j->arg;
+
+    /* the order it finished in, kept in a spare buffer */
+    ((int *)t->bufs[MAX_SEGS - 1])[0] = atomic_fetch_add(&urgent_seq, 1);
+    tjob_done(j, status, msg);
+}
+
+static void test_urgent(struct tfile *f)
+{
+    struct moe_pager_config cfg = {.n_threads = 1, .queue_depth = 2, .chunk_bytes = AL};
+    struct moe_pager *p = pager_new(&cfg);
+    atomic_int count = 0;
+    struct tjob t[9];
+    int id = add(p, f), order[9];
+
+    atomic_store(&urgent_seq, 0);
+    for (int i = 0; i < 9; i++) {
+        tjob_init(&t[i], &count);
+        tjob_seg(&t[i], id, (uint64_t)i * (256 << 10), i < 8 ? 256 << 10 : AL,
+                 i < 8 ? 256 << 10 : AL);
+        t[i].bufs[MAX_SEGS - 1] = xalloc(AL);
+        t[i].job.done = urgent_done;
+    }
+    t[8].job.urgent = true;
+    for (int i = 0; i < 8; i++)
+        submit(p, &t[i]);
+    usleep(500); /* most likely the first job is under way: it gets parked */
+    submit(p, &t[8]);
+    wait_count(&count, 9);
+    for (int i = 0; i < 9; i++) {
+        order[i] = ((int *)t[i].bufs[MAX_SEGS - 1])[0];
+        tjob_check(&t[i], f);
+        free(t[i].bufs[MAX_SEGS - 1]);
+        tjob_release(&t[i]);
+    }
+    printf("urgent: the urgent job finished %d of 9\n", order[8] + 1);
+    /* 8 jobs of 64 reads each, 2 in flight: the urgent one is done before
+     * at least the last 6 of them. */
+    ASSERT_TRUE(order[8] <= 2);
+    moe_pager_free(p);
+}
+
 /* The aligned span of the file's last bytes runs past its end: only need
  * bytes must exist, the rest of the buffer is zeroed. */
 static void test_past_eof(struct tfile *f, bool buffered)
@@ -1108,6 +1156,7 @@ int main(void)
     test_basic(&f, false, true);
     test_basic(&f, true, false);
     test_big_jobs(&f);
+    test_urgent(&f);
     test_past_eof(&f, false);
     test_past_eof(&f, true);
     test_concurrent(&f);
