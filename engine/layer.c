@@ -141,6 +141,11 @@ struct moe_cache *moe_engine_cache(struct moe_engine *e)
     return e->cache;
 }
 
+const struct moe_model *moe_engine_model(const struct moe_engine *e)
+{
+    return e->m;
+}
+
 int moe_engine_model_id(struct moe_engine *e)
 {
     return e->model;

@@ -56,6 +56,7 @@ int moe_engine_attach(struct moe_model *m, struct moe_backend *b, struct moe_cac
 void moe_engine_free(struct moe_engine *e);
 
 struct moe_cache *moe_engine_cache(struct moe_engine *e);
+const struct moe_model *moe_engine_model(const struct moe_engine *e);
 int moe_engine_model_id(struct moe_engine *e);
 /* Bytes a cache needs to hold every routed expert of m. */
 uint64_t moe_engine_all_experts_bytes(const struct moe_model *m);

@@ -1,0 +1,343 @@
+/*
+ * The scheduler (scheduler.h).
+ *
+ * Owns: the pending list (arrival order), the worker threads, counters.
+ * Lock: s->lock guards the list, the flags and the counters; workers sleep
+ * on s->cv (work or the end of a window) and drainers on s->idle_cv.
+ * Batches run without the lock.
+ */
+#include "scheduler.h"
+
+#include "model.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct moe_sched {
+    struct moe_sched_config cfg;
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    pthread_cond_t idle_cv;
+    struct moe_sched_req *head, *tail; /* pending, oldest first */
+    int pending, running;
+    bool stopping; /* no new requests */
+    bool quit;     /* workers exit once pending is empty */
+    uint64_t requests, tokens, batches, failed, completed;
+    pthread_t *threads;
+    int n_threads;
+};
+
+static bool same_key(const struct moe_sched_req *a, const struct moe_sched_req *b)
+{
+    return a->engine == b->engine && a->layer == b->layer && !a->ids == !b->ids;
+}
+
+/* Tokens pending for r's key (r included). */
+static int key_tokens(const struct moe_sched *s, const struct moe_sched_req *r)
+{
+    int n = 0;
+
+    for (const struct moe_sched_req *q = s->head; q; q = q->next_)
+        if (same_key(q, r))
+            n += q->n_tokens;
+    return n;
+}
+
+/* Takes the batch of head's key out of the list: requests in arrival order
+ * up to max_batch_tokens (the first always). */
+static struct moe_sched_req *take_batch(struct moe_sched *s, int *n_req, int *n_tok)
+{
+    struct moe_sched_req *first = s->head, *batch = NULL, **bt = &batch, **pp = &s->head;
+    int tokens = 0, n = 0;
+
+    s->tail = NULL;
+    while (*pp) {
+        struct moe_sched_req *q = *pp;
+
+        if (same_key(q, first) && (n == 0 || tokens + q->n_tokens <= s->cfg.max_batch_tokens)) {
+            *pp = q->next_;
+            q->next_ = NULL;
+            *bt = q;
+            bt = &q->next_;
+            tokens += q->n_tokens;
+            n++;
+            continue;
+        }
+        s->tail = q;
+        pp = &q->next_;
+    }
+    s->pending -= n;
+    *n_req = n;
+    *n_tok = tokens;
+    return batch;
+}
+
+static void finish(struct moe_sched_req *r, int status, const char *msg)
+{
+    r->done(r, status, msg);
+}
+
+/* Runs one batch: the requests' rows concatenated into one forward. */
+static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_req, int n_tok)
+{
+    struct moe_engine *e = batch->engine;
+    const struct moe_model *m = moe_engine_model(e);
+    const size_t H = (size_t)m->cfg.hidden, K = (size_t)m->cfg.top_k;
+    struct moe_forward_stats st;
+    struct moe_error err = {0};
+    uint64_t t0 = moe_now_ns();
+    float *x = NULL, *out = NULL, *w = NULL, *win = NULL;
+    int32_t *ids = NULL, *idin = NULL;
+    size_t row = 0;
+    int r;
+
+    if (n_req == 1) {
+        /* Alone: straight from and into the request's buffers. */
+        r = moe_layer_forward(e, batch->layer, batch->x, batch->n_tokens, batch->ids,
+                              batch->weights, batch->out, batch->ret_ids, batch->ret_weights, &st,
+                              &err);
+        goto done;
+    }
+    x = malloc((size_t)n_tok * H * sizeof(*x));
+    out = malloc((size_t)n_tok * H * sizeof(*out));
+    ids = malloc((size_t)n_tok * K * sizeof(*ids));
+    w = malloc((size_t)n_tok * K * sizeof(*w));
+    if (batch->ids) {
+        idin = malloc((size_t)n_tok * K * sizeof(*idin));
+        win = malloc((size_t)n_tok * K * sizeof(*win));
+    }
+    if (!x || !out || !ids || !w || (batch->ids && (!idin || !win))) {
+        r = moe_error_set(&err, -ENOMEM, "out of memory batching %d tokens", n_tok);
+        goto done;
+    }
+    for (struct moe_sched_req *q = batch; q; q = q->next_) {
+        memcpy(x + row * H, q->x, (size_t)q->n_tokens * H * sizeof(*x));
+        if (idin) {
+            memcpy(idin + row * K, q->ids, (size_t)q->n_tokens * K * sizeof(*idin));
+            memcpy(win + row * K, q->weights, (size_t)q->n_tokens * K * sizeof(*win));
+        }
+        row += (size_t)q->n_tokens;
+    }
+    r = moe_layer_forward(e, batch->layer, x, n_tok, idin, win, out, ids, w, &st, &err);
+    if (r == 0) {
+        row = 0;
+        for (struct moe_sched_req *q = batch; q; q = q->next_) {
+            memcpy(q->out, out + row * H, (size_t)q->n_tokens * H * sizeof(*out));
+            if (q->ret_ids)
+                memcpy(q->ret_ids, ids + row * K, (size_t)q->n_tokens * K * sizeof(*ids));
+            if (q->ret_weights)
+                memcpy(q->ret_weights, w + row * K, (size_t)q->n_tokens * K * sizeof(*w));
+            row += (size_t)q->n_tokens;
+        }
+    }
+done:
+    free(x);
+    free(out);
+    free(ids);
+    free(w);
+    free(idin);
+    free(win);
+    pthread_mutex_lock(&s->lock);
+    s->batches++;
+    if (r < 0)
+        s->failed += (uint64_t)n_req;
+    pthread_mutex_unlock(&s->lock);
+    for (struct moe_sched_req *q = batch, *next; q; q = next) {
+        next = q->next_;
+        q->next_ = NULL;
+        if (r == 0)
+            q->st = st;
+        q->queue_ns = t0 - q->t_submit_;
+        q->batch_requests = n_req;
+        q->batch_tokens = n_tok;
+        finish(q, r, r < 0 ? err.msg : NULL);
+    }
+}
+
+static void *worker(void *arg)
+{
+    struct moe_sched *s = arg;
+
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        struct moe_sched_req *first = s->head, *batch;
+        uint64_t now = moe_now_ns();
+        int n_req, n_tok;
+
+        if (!first) {
+            if (s->quit)
+                break;
+            pthread_cond_wait(&s->cv, &s->lock);
+            continue;
+        }
+        if (!s->stopping && now - first->t_submit_ < s->cfg.window_ns &&
+            key_tokens(s, first) < s->cfg.max_batch_tokens) {
+            /* Let others join until the window closes. */
+            uint64_t wake = first->t_submit_ + s->cfg.window_ns;
+            struct timespec ts;
+
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t abs =
+                (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (wake - now);
+            ts.tv_sec = (time_t)(abs / 1000000000ull);
+            ts.tv_nsec = (long)(abs % 1000000000ull);
+            pthread_cond_timedwait(&s->cv, &s->lock, &ts);
+            continue;
+        }
+        batch = take_batch(s, &n_req, &n_tok);
+        s->running += n_req;
+        /* Another worker may take the next key meanwhile. */
+        if (s->head)
+            pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->lock);
+        run_batch(s, batch, n_req, n_tok);
+        pthread_mutex_lock(&s->lock);
+        s->running -= n_req;
+        s->completed += (uint64_t)n_req;
+        if (!s->head && !s->running)
+            pthread_cond_broadcast(&s->idle_cv);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+int moe_sched_create(const struct moe_sched_config *cfg, struct moe_sched **ret,
+                     struct moe_error *err)
+{
+    struct moe_sched *s = calloc(1, sizeof(*s));
+    int r;
+
+    if (!s)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    if (cfg)
+        s->cfg = *cfg;
+    if (s->cfg.n_workers <= 0)
+        s->cfg.n_workers = 2;
+    if (s->cfg.window_ns == 0)
+        s->cfg.window_ns = 200000;
+    if (s->cfg.max_batch_tokens <= 0)
+        s->cfg.max_batch_tokens = 4096;
+    if (s->cfg.n_workers > 256 || s->cfg.max_batch_tokens > MOE_MAX_TOKENS) {
+        free(s);
+        return moe_error_set(err, -EINVAL,
+                             "scheduler: %d workers, batches of %d tokens: expected at most 256 "
+                             "and %d",
+                             cfg->n_workers, cfg->max_batch_tokens, MOE_MAX_TOKENS);
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->idle_cv, NULL);
+    s->threads = calloc((size_t)s->cfg.n_workers, sizeof(*s->threads));
+    if (!s->threads) {
+        moe_sched_free(s);
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int i = 0; i < s->cfg.n_workers; i++) {
+        r = pthread_create(&s->threads[i], NULL, worker, s);
+        if (r) {
+            moe_sched_free(s);
+            return moe_error_set(err, -r, "scheduler: cannot start a worker: %s", strerror(r));
+        }
+        s->n_threads++;
+    }
+    *ret = s;
+    return 0;
+}
+
+void moe_sched_stop(struct moe_sched *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stopping = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->lock);
+}
+
+void moe_sched_free(struct moe_sched *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->lock);
+    s->stopping = true;
+    s->quit = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < s->n_threads; i++)
+        pthread_join(s->threads[i], NULL);
+    pthread_cond_destroy(&s->cv);
+    pthread_cond_destroy(&s->idle_cv);
+    pthread_mutex_destroy(&s->lock);
+    free(s->threads);
+    free(s);
+}
+
+int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_error *err)
+{
+    if (!r->engine || !r->x || !r->out || !r->done || r->n_tokens < 1 ||
+        r->n_tokens > MOE_MAX_TOKENS || !r->ids != !r->weights)
+        return moe_error_set(err, -EINVAL, "malformed forward request");
+    r->next_ = NULL;
+    r->t_submit_ = moe_now_ns();
+    pthread_mutex_lock(&s->lock);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->lock);
+        return moe_error_set(err, -ESHUTDOWN, "moed is shutting down: no new requests");
+    }
+    if (s->tail)
+        s->tail->next_ = r;
+    else
+        s->head = r;
+    s->tail = r;
+    s->pending++;
+    s->requests++;
+    s->tokens += (uint64_t)r->n_tokens;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int moe_sched_drain(struct moe_sched *s, uint64_t timeout_ms)
+{
+    struct timespec ts;
+    uint64_t before;
+    int r = 0;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(timeout_ms / 1000);
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->lock);
+    before = s->completed;
+    /* Drain now: no more waiting for windows. */
+    pthread_cond_broadcast(&s->cv);
+    while (s->head || s->running) {
+        if (!timeout_ms) {
+            pthread_cond_wait(&s->idle_cv, &s->lock);
+        } else if (pthread_cond_timedwait(&s->idle_cv, &s->lock, &ts) == ETIMEDOUT) {
+            r = -ETIMEDOUT;
+            break;
+        }
+    }
+    if (r == 0)
+        r = (int)MOE_MIN(s->completed - before, (uint64_t)INT32_MAX);
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+void moe_sched_get_stats(struct moe_sched *s, struct moe_sched_stats *ret)
+{
+    pthread_mutex_lock(&s->lock);
+    ret->requests = s->requests;
+    ret->tokens = s->tokens;
+    ret->batches = s->batches;
+    ret->failed = s->failed;
+    ret->pending = s->pending;
+    ret->running = s->running;
+    pthread_mutex_unlock(&s->lock);
+}

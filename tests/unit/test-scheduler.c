@@ -1,0 +1,158 @@
+/*
+ * The scheduler (engine/scheduler.c): requests from several threads for the
+ * same layer merge into batches, and each gets the same bits as a forward
+ * of its tokens alone; different layers and caller routing keep apart;
+ * drain waits for everything; a stopped scheduler refuses new requests;
+ * free finishes what is pending.
+ */
+#include "backend.h"
+#include "genmodel.h"
+#include "layer.h"
+#include "model.h"
+#include "scheduler.h"
+#include "tests.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define N_REQ 24
+#define T 3
+
+struct job {
+    struct moe_sched_req r;
+    float x[T * 64], out[T * 64], ref[T * 64];
+    int32_t ids[T * 2];
+    float w[T * 2];
+    atomic_int done;
+    int status;
+};
+
+static atomic_int n_done;
+
+static void on_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct job *j = r->arg;
+
+    (void)msg;
+    j->status = status;
+    atomic_store(&j->done, 1);
+    atomic_fetch_add(&n_done, 1);
+}
+
+static struct job jobs[N_REQ];
+static struct moe_sched *sched;
+
+static void *submitter(void *arg)
+{
+    int first = (int)(intptr_t)arg;
+
+    for (int i = first; i < N_REQ; i += 4)
+        ASSERT_EQ(moe_sched_submit(sched, &jobs[i].r, NULL), 0);
+    return NULL;
+}
+
+int main(void)
+{
+    char *dir = test_tmpdir("sched");
+    struct moe_genmodel_opts o;
+    struct moe_error err = {0};
+    struct moe_model *m;
+    struct moe_backend *cpu;
+    struct moe_engine *e;
+    struct moe_cpu_config cc = {0};
+    struct moe_sched_config sc = {.n_workers = 2, .window_ns = 20 * 1000 * 1000};
+    struct moe_sched_stats ss;
+    pthread_t th[4];
+    uint64_t seed = 4;
+    int merged = 0;
+
+    moe_genmodel_defaults(MOE_ARCH_MIXTRAL, &o);
+    o.out_dir = dir;
+    o.hidden = 64;
+    o.ffn = 48;
+    o.n_layers = 2;
+    if (moe_genmodel_write(&o, &err) < 0)
+        FAIL("gen-model: %s", err.msg);
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    ASSERT_EQ(moe_backend_cpu_init(&cc, &cpu, NULL), 0);
+    ASSERT_EQ(moe_engine_init(m, cpu, &e), 0);
+    ASSERT_EQ(moe_sched_create(&sc, &sched, &err), 0);
+
+    for (int i = 0; i < N_REQ; i++) {
+        struct job *j = &jobs[i];
+
+        for (int k = 0; k < T * 64; k++)
+            j->x[k] = test_rand_f32(&seed);
+        j->r = (struct moe_sched_req){.engine = e,
+                                      .layer = i % 3 == 0 ? 0 : 1,
+                                      .x = j->x,
+                                      .n_tokens = T,
+                                      .out = j->out,
+                                      .done = on_done,
+                                      .arg = j};
+        ASSERT_EQ(
+            moe_layer_forward(e, j->r.layer, j->x, T, NULL, NULL, j->ref, j->ids, j->w, NULL, &err),
+            0);
+        if (i % 5 == 4) { /* caller routing: the router's own, so the answer is the same */
+            j->r.ids = j->ids;
+            j->r.weights = j->w;
+        }
+    }
+    for (int t = 0; t < 4; t++)
+        pthread_create(&th[t], NULL, submitter, (void *)(intptr_t)t);
+    for (int t = 0; t < 4; t++)
+        pthread_join(th[t], NULL);
+    ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+    ASSERT_EQ(atomic_load(&n_done), N_REQ);
+    for (int i = 0; i < N_REQ; i++) {
+        struct job *j = &jobs[i];
+
+        ASSERT_EQ(j->status, 0);
+        ASSERT_TRUE(memcmp(j->out, j->ref, sizeof(j->out)) == 0);
+        ASSERT_TRUE(j->r.batch_tokens == j->r.batch_requests * T);
+        merged = MOE_MAX(merged, j->r.batch_requests);
+    }
+    moe_sched_get_stats(sched, &ss);
+    printf("scheduler: %llu requests in %llu batches, largest %d requests\n",
+           (unsigned long long)ss.requests, (unsigned long long)ss.batches, merged);
+    ASSERT_EQ(ss.requests, (uint64_t)N_REQ);
+    ASSERT_TRUE(merged > 1);
+    ASSERT_TRUE(ss.batches < (uint64_t)N_REQ);
+
+    /* A bad layer fails its request only. */
+    {
+        struct job bad = {0};
+
+        bad.r = (struct moe_sched_req){.engine = e,
+                                       .layer = 9,
+                                       .x = bad.x,
+                                       .n_tokens = T,
+                                       .out = bad.out,
+                                       .done = on_done,
+                                       .arg = &bad};
+        ASSERT_EQ(moe_sched_submit(sched, &bad.r, &err), 0);
+        ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+        ASSERT_EQ(bad.status, -EINVAL);
+        bad.r.n_tokens = 0;
+        ASSERT_EQ(moe_sched_submit(sched, &bad.r, &err), -EINVAL);
+    }
+
+    /* Stopped: new requests are refused; pending ones still finish. */
+    atomic_store(&n_done, 0);
+    jobs[0].r.layer = 1;
+    ASSERT_EQ(moe_sched_submit(sched, &jobs[0].r, &err), 0);
+    moe_sched_stop(sched);
+    ASSERT_EQ(moe_sched_submit(sched, &jobs[1].r, &err), -ESHUTDOWN);
+    ASSERT_CONTAINS(err.msg, "shutting down");
+    moe_sched_free(sched);
+    ASSERT_EQ(atomic_load(&n_done), 1);
+
+    moe_engine_free(e);
+    moe_backend_free(cpu);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+    printf("ok\n");
+    return 0;
+}
