@@ -1626,3 +1626,8 @@ bool moe_cache_wants_lookahead(struct moe_cache *c)
 {
     return c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING;
 }
+
+int moe_cache_tier_count(struct moe_cache *c)
+{
+    return c->n_tiers;
+}

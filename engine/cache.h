@@ -181,6 +181,9 @@ int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struc
  * down to a smaller capacity as pins allow. */
 int moe_cache_set_capacity(struct moe_cache *c, int tier, uint64_t bytes, struct moe_error *err);
 
+/* Tiers in the cache (the host tier is the last). */
+int moe_cache_tier_count(struct moe_cache *c);
+
 /* The pager, for fault injection and its counters (NULL when simulating). */
 struct moe_pager *moe_cache_pager(struct moe_cache *c);
 

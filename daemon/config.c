@@ -1,0 +1,402 @@
+/*
+ * moed's configuration (config.h): one table of keys, set from the INI file
+ * (inih) and from flags by the same setter.
+ */
+#include "config.h"
+
+#include "layer.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+enum kind { K_STR, K_BYTES, K_BOOL, K_INT, K_U64, K_DOUBLE, K_LEVEL, K_POLICY };
+
+struct key {
+    const char *section;
+    const char *name;
+    enum kind kind;
+    size_t off;
+    long min, max; /* K_INT, K_U64 */
+    const char *help;
+};
+
+#define OFF(f) offsetof(struct moed_config, f)
+
+static const struct key keys[] = {
+    {"server", "listen", K_STR, OFF(listen), 0, 0,
+     "gRPC address HOST:PORT (default 127.0.0.1:50051; \"none\": no TCP)"},
+    {"server", "socket", K_STR, OFF(socket), 0, 0, "Unix socket for local gRPC control"},
+    {"server", "token", K_STR, OFF(token), 0, 0, "bearer token required by mutating control calls"},
+    {"server", "tls_cert", K_STR, OFF(tls_cert), 0, 0, "server certificate (PEM)"},
+    {"server", "tls_key", K_STR, OFF(tls_key), 0, 0, "server private key (PEM)"},
+    {"server", "tls_client_ca", K_STR, OFF(tls_client_ca), 0, 0,
+     "CA (PEM) to verify client certificates"},
+    {"server", "tls_require_client_cert", K_BOOL, OFF(tls_require_client_cert), 0, 0,
+     "refuse clients without a certificate"},
+    {"server", "max_message_bytes", K_BYTES, OFF(max_message_bytes), 0, 0,
+     "largest request accepted (default 64M)"},
+    {"server", "log_level", K_LEVEL, OFF(log_level), 0, 0, "error, warn, info or debug"},
+    {"server", "rpc_threads", K_INT, OFF(rpc_threads), 1, 64, "gRPC completion-queue threads"},
+    {"server", "drain_timeout_ms", K_U64, OFF(drain_timeout_ms), 0, 3600000,
+     "on SIGTERM, how long requests in flight may finish"},
+    {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
+     "host expert cache (default: every expert of the models)"},
+    {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq or routing"},
+    {"cache", "prefetch", K_BOOL, OFF(prefetch), 0, 0, "prefetch the next layer's experts"},
+    {"cache", "half_life", K_DOUBLE, OFF(half_life), 0, 0,
+     "freq/routing decay, in uses of a layer"},
+    {"cache", "register_buffers", K_BOOL, OFF(register_buffers), 0, 0,
+     "register the cache with io_uring (locks it in memory)"},
+    {"cache", "buffered", K_BOOL, OFF(buffered), 0, 0, "read experts without O_DIRECT"},
+    {"scheduler", "batch_window_us", K_U64, OFF(batch_window_us), 1, 1000000,
+     "how long a request waits for others to batch with"},
+    {"scheduler", "max_batch_tokens", K_INT, OFF(max_batch_tokens), 1, MOE_MAX_TOKENS,
+     "tokens per batch at most"},
+    {"scheduler", "workers", K_INT, OFF(workers), 1, 256, "batches computed at once"},
+    {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
+    {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
+};
+
+void moed_config_init(struct moed_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->listen = strdup("127.0.0.1:50051");
+    c->max_message_bytes = 64ull << 20;
+    c->log_level = MOE_LOG_INFO;
+    c->rpc_threads = 2;
+    c->drain_timeout_ms = 10000;
+    c->policy = MOE_POLICY_ROUTING;
+    c->prefetch = true;
+    c->batch_window_us = 200;
+    c->max_batch_tokens = 4096;
+    c->workers = 2;
+}
+
+void moed_config_clear(struct moed_config *c)
+{
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+        if (keys[i].kind == K_STR)
+            free(*(char **)((char *)c + keys[i].off));
+    for (int i = 0; i < c->n_models; i++) {
+        free(c->models[i].name);
+        free(c->models[i].dir);
+    }
+    free(c->config_path);
+    memset(c, 0, sizeof(*c));
+}
+
+static int parse_bool(const char *v, bool *ret)
+{
+    static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no",
+                                                                                "off"};
+
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(v, yes[i]) == 0) {
+            *ret = true;
+            return 0;
+        }
+        if (strcasecmp(v, no[i]) == 0) {
+            *ret = false;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+static int add_model(struct moed_config *c, const char *name, const char *dir, const char *where,
+                     struct moe_error *err)
+{
+    char *base;
+
+    if (!dir || !*dir)
+        return moe_error_set(err, -EINVAL, "%s: model '%s': expected a directory", where,
+                             name ? name : "");
+    if (c->n_models == MOED_MAX_MODELS)
+        return moe_error_set(err, -E2BIG, "%s: more than %d models", where, MOED_MAX_MODELS);
+    if (!name || !*name) {
+        /* the directory's name, without trailing slashes */
+        char *d = strdup(dir);
+        size_t n = strlen(d);
+
+        while (n > 1 && d[n - 1] == '/')
+            d[--n] = 0;
+        base = strrchr(d, '/');
+        name = base ? base + 1 : d;
+        c->models[c->n_models].name = strdup(name);
+        free(d);
+    } else {
+        c->models[c->n_models].name = strdup(name);
+    }
+    for (int i = 0; i < c->n_models; i++)
+        if (strcmp(c->models[i].name, c->models[c->n_models].name) == 0) {
+            int r =
+                moe_error_set(err, -EINVAL, "%s: model name '%s' given twice (name them: NAME=DIR)",
+                              where, c->models[i].name);
+
+            free(c->models[c->n_models].name);
+            c->models[c->n_models].name = NULL;
+            return r;
+        }
+    c->models[c->n_models].dir = strdup(dir);
+    c->n_models++;
+    return 0;
+}
+
+/* Sets key from its text; where names the file and line or the flag. */
+static int set_key(struct moed_config *c, const struct key *k, const char *v, const char *where,
+                   struct moe_error *err)
+{
+    void *p = (char *)c + k->off;
+    char *end;
+    long l;
+    double d;
+    int r;
+
+    switch (k->kind) {
+    case K_STR:
+        free(*(char **)p);
+        *(char **)p = *v ? strdup(v) : NULL;
+        return 0;
+    case K_BYTES:
+        r = moe_parse_bytes(v, (uint64_t *)p, err);
+        if (r < 0)
+            moe_error_prefix(err, "%s: %s", where, k->name);
+        return r;
+    case K_BOOL:
+        if (parse_bool(v, (bool *)p) < 0)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected true or false", where,
+                                 k->name, v);
+        return 0;
+    case K_INT:
+    case K_U64:
+        errno = 0;
+        l = strtol(v, &end, 10);
+        if (errno || end == v || *end || l < k->min || l > k->max)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected an integer from %ld to %ld",
+                                 where, k->name, v, k->min, k->max);
+        if (k->kind == K_INT)
+            *(int *)p = (int)l;
+        else
+            *(uint64_t *)p = (uint64_t)l;
+        return 0;
+    case K_DOUBLE:
+        errno = 0;
+        d = strtod(v, &end);
+        if (errno || end == v || *end || !(d > 0) || d > 1e9)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected a positive number", where,
+                                 k->name, v);
+        *(double *)p = d;
+        return 0;
+    case K_LEVEL:
+        if (moe_log_level_parse(v, (enum moe_log_level *)p) < 0)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected error, warn, info or debug",
+                                 where, k->name, v);
+        return 0;
+    case K_POLICY:
+        if (moe_cache_policy_parse(v, (enum moe_cache_policy *)p) < 0)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected lru, freq or routing",
+                                 where, k->name, v);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+struct ini_ctx {
+    struct moed_config *c;
+    struct moe_error err; /* the first error, without its place */
+    int r;
+};
+
+/* inih (Debian's build passes no line number: read_file adds it). */
+static int on_ini(void *user, const char *section, const char *name, const char *value)
+{
+    struct ini_ctx *x = user;
+    struct moe_error *err = &x->err;
+
+    if (x->r < 0)
+        return 0; /* keep the first error */
+    if (strcmp(section, "models") == 0) {
+        x->r = add_model(x->c, name, value, "[models]", err);
+        return x->r == 0;
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
+        if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].name, name) == 0) {
+            x->r = set_key(x->c, &keys[i], value, section, err);
+            return x->r == 0;
+        }
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+        if (strcmp(keys[i].name, name) == 0) {
+            x->r = moe_error_set(err, -EINVAL, "key '%s' belongs in section [%s], not [%s]", name,
+                                 keys[i].section, section);
+            return 0;
+        }
+    x->r = moe_error_set(err, -EINVAL,
+                         "unknown key '%s' in section [%s] (see moed --help for the keys)", name,
+                         section);
+    return 0;
+}
+
+static int read_file(struct moed_config *c, const char *path, struct moe_error *err)
+{
+    struct ini_ctx x = {.c = c};
+    FILE *f = fopen(path, "r");
+    int r;
+
+    if (!f)
+        return moe_error_set(err, -errno, "--config %s: cannot open: %s", path, strerror(errno));
+    r = ini_parse_file(f, on_ini, &x);
+    fclose(f);
+    if (x.r < 0)
+        return moe_error_set(err, x.r, "%s:%d: %s", path, r, x.err.msg);
+    if (r > 0)
+        return moe_error_set(err, -EINVAL,
+                             "%s:%d: not an INI line (expected key = value or [section])", path, r);
+    if (r < 0)
+        return moe_error_set(err, -EIO, "%s: cannot read", path);
+    return 0;
+}
+
+void moed_usage(FILE *f)
+{
+    fprintf(f, "usage: moed [--config FILE] [--model [NAME=]DIR]... [--KEY VALUE]...\n"
+               "\n"
+               "moed serves the expert layers of Mixture-of-Experts models over gRPC\n"
+               "(moe.v1.Experts, moe.v1.Control, grpc.health.v1.Health).  Every key of the\n"
+               "configuration file is also a flag (--host-cache-bytes 8G); flags win.\n"
+               "\n"
+               "  --config FILE        INI file (see systemd/moed.conf.example)\n"
+               "  --model [NAME=]DIR   a checkpoint or packed store to serve (repeatable; the\n"
+               "                       name defaults to the directory's name)\n");
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
+        char flag[64];
+
+        snprintf(flag, sizeof(flag), "--%s", keys[i].name);
+        for (char *p = flag; *p; p++)
+            if (*p == '_')
+                *p = '-';
+        fprintf(f, "  %-26s [%s] %s\n", flag, keys[i].section, keys[i].help);
+    }
+    fprintf(f, "  --help, --version\n"
+               "\n"
+               "Signals: SIGTERM/SIGINT stop (requests in flight finish), SIGHUP re-reads the\n"
+               "file's log level and cache capacity.  With NOTIFY_SOCKET set (systemd\n"
+               "Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n");
+}
+
+static const struct key *flag_key(const char *flag)
+{
+    char name[64];
+
+    if (strncmp(flag, "--", 2) != 0 || strlen(flag) >= sizeof(name) + 2)
+        return NULL;
+    snprintf(name, sizeof(name), "%s", flag + 2);
+    for (char *p = name; *p; p++)
+        if (*p == '-')
+            *p = '_';
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+        if (strcmp(keys[i].name, name) == 0)
+            return &keys[i];
+    return NULL;
+}
+
+/* Applies the flags (not --config) to c. */
+static int apply_flags(struct moed_config *c, int argc, char **argv, struct moe_error *err)
+{
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const struct key *k;
+        char where[96];
+
+        if (strcmp(a, "--config") == 0) {
+            i++;
+            continue;
+        }
+        if (strcmp(a, "--model") == 0) {
+            const char *eq;
+            char name[256];
+            int r;
+
+            if (!v)
+                return moe_error_set(err, -EINVAL, "--model: expected [NAME=]DIR");
+            eq = strchr(v, '=');
+            if (eq && (size_t)(eq - v) < sizeof(name)) {
+                snprintf(name, sizeof(name), "%.*s", (int)(eq - v), v);
+                r = add_model(c, name, eq + 1, "--model", err);
+            } else {
+                r = add_model(c, NULL, v, "--model", err);
+            }
+            if (r < 0)
+                return r;
+            i++;
+            continue;
+        }
+        k = flag_key(a);
+        if (!k)
+            return moe_error_set(err, -EINVAL, "unknown option '%s' (see moed --help)", a);
+        if (!v)
+            return moe_error_set(err, -EINVAL, "%s: expected a value", a);
+        snprintf(where, sizeof(where), "flag %s", a);
+        if (set_key(c, k, v, where, err) < 0)
+            return -EINVAL;
+        i++;
+    }
+    return 0;
+}
+
+int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_error *err)
+{
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            moed_usage(stdout);
+            return 1;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("moed %s\n", MOED_VERSION);
+            return 1;
+        }
+        if (strcmp(argv[i], "--config") == 0) {
+            if (i + 1 >= argc)
+                return moe_error_set(err, -EINVAL, "--config: expected a file");
+            free(c->config_path);
+            c->config_path = strdup(argv[i + 1]);
+        }
+    }
+    if (c->config_path && read_file(c, c->config_path, err) < 0)
+        return -EINVAL;
+    if (apply_flags(c, argc, argv, err) < 0)
+        return -EINVAL;
+    if (c->listen && strcmp(c->listen, "none") == 0) {
+        free(c->listen);
+        c->listen = NULL;
+    }
+    if (!c->listen && !c->socket)
+        return moe_error_set(err, -EINVAL, "nothing to listen on: give --listen or --socket");
+    if (!c->tls_cert != !c->tls_key)
+        return moe_error_set(err, -EINVAL, "tls_cert and tls_key go together");
+    return 0;
+}
+
+int moed_config_reload(const struct moed_config *start, int argc, char **argv,
+                       struct moed_config *ret, struct moe_error *err)
+{
+    moed_config_init(ret);
+    if (start->config_path) {
+        ret->config_path = strdup(start->config_path);
+        if (read_file(ret, start->config_path, err) < 0)
+            return -EINVAL;
+    }
+    /* Flags given at start still win; models named again are not new. */
+    for (int i = 0; i < ret->n_models; i++) {
+        free(ret->models[i].name);
+        free(ret->models[i].dir);
+    }
+    ret->n_models = 0;
+    return apply_flags(ret, argc, argv, err);
+}

@@ -1,0 +1,85 @@
+/*
+ * moed's configuration: an INI file (--config) and command-line flags, one
+ * table of keys for both.  Every key of the file can be given as a flag
+ * named like the key with '-' for '_' (--host-cache-bytes 8G), and the flag
+ * wins.  Unknown keys, bad values and missing files are refused with the
+ * key, the value, where it came from and what is expected.
+ *
+ *   [server]    listen, socket, token, tls_cert, tls_key, tls_client_ca,
+ *               tls_require_client_cert, max_message_bytes, log_level,
+ *               rpc_threads, drain_timeout_ms
+ *   [cache]     host_cache_bytes, policy, prefetch, half_life,
+ *               register_buffers, buffered
+ *   [scheduler] batch_window_us, max_batch_tokens, workers
+ *   [compute]   threads, kernel
+ *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
+ *
+ * systemd/moed.conf.example documents every key.
+ */
+#ifndef MOED_DAEMON_CONFIG_H
+#define MOED_DAEMON_CONFIG_H
+
+#include "cache.h"
+#include "common.h"
+#include "log.h"
+
+#include <stdio.h>
+
+#define MOED_MAX_MODELS 64
+#define MOED_VERSION "0.1.0"
+
+struct moed_model_cfg {
+    char *name;
+    char *dir;
+};
+
+struct moed_config {
+    char *config_path; /* NULL: none */
+    /* [server] */
+    char *listen;
+    char *socket;
+    char *token;
+    char *tls_cert, *tls_key, *tls_client_ca;
+    bool tls_require_client_cert;
+    uint64_t max_message_bytes;
+    enum moe_log_level log_level;
+    int rpc_threads;
+    uint64_t drain_timeout_ms;
+    /* [cache] */
+    uint64_t host_cache_bytes; /* 0: every expert of the models at start */
+    enum moe_cache_policy policy;
+    bool prefetch;
+    double half_life;
+    bool register_buffers;
+    bool buffered;
+    /* [scheduler] */
+    uint64_t batch_window_us;
+    int max_batch_tokens;
+    int workers;
+    /* [compute] */
+    int threads;
+    char *kernel;
+    /* [models] */
+    int n_models;
+    struct moed_model_cfg models[MOED_MAX_MODELS];
+};
+
+/* Defaults. */
+void moed_config_init(struct moed_config *c);
+void moed_config_clear(struct moed_config *c);
+
+/*
+ * Parses argv (after the program name): --config FILE first (read before
+ * the flags, so that flags win), then every flag.  Returns 0, 1 when --help
+ * or --version was printed (exit 0), or -EINVAL with err for bad usage.
+ */
+int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_error *err);
+
+/* Re-reads the file for what can change live (SIGHUP): log level, cache
+ * capacity.  Flags given at start still win.  0 or -errno with err. */
+int moed_config_reload(const struct moed_config *start, int argc, char **argv,
+                       struct moed_config *ret, struct moe_error *err);
+
+void moed_usage(FILE *f);
+
+#endif

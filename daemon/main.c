@@ -1,0 +1,217 @@
+/*
+ * moed: the daemon.  Reads its configuration, loads the models, owns the
+ * expert cache, the CPU backend and the scheduler, serves gRPC until told to
+ * stop, and reports to systemd when NOTIFY_SOCKET is set.
+ *
+ * Signals are blocked in every thread and taken by the main thread with
+ * sigtimedwait:
+ *   SIGTERM, SIGINT  stop: refuse new requests (UNAVAILABLE), let those in
+ *                    flight finish for drain_timeout_ms, cancel the rest,
+ *                    free everything, exit 0;
+ *   SIGHUP           re-read the file: log level and host cache capacity.
+ * The main loop wakes every second to ping the systemd watchdog when it is
+ * enabled.
+ */
+#include "moed.h"
+
+#include "log.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+
+static void notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* sd_notify when NOTIFY_SOCKET is set (and nothing when not). */
+static void notify(const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+
+    if (!getenv("NOTIFY_SOCKET"))
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    sd_notify(0, buf);
+}
+
+static uint64_t all_expert_bytes(const struct moed *d)
+{
+    uint64_t sum = 0;
+
+    for (int i = 0; i < d->cfg.n_models; i++) {
+        struct moe_model *m;
+
+        if (moe_model_open(d->cfg.models[i].dir, &m, NULL) == 0) {
+            sum += moe_engine_all_experts_bytes(m);
+            moe_model_free(m);
+        }
+    }
+    return sum ? sum : 256ull << 20;
+}
+
+static void reload(struct moed *d, int argc, char **argv)
+{
+    struct moed_config nc;
+    struct moe_error err;
+
+    if (moed_config_reload(&d->cfg, argc, argv, &nc, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "SIGHUP: configuration not reloaded: %s", err.msg);
+        moed_config_clear(&nc);
+        return;
+    }
+    if (nc.log_level != d->cfg.log_level) {
+        moe_log_set_level(nc.log_level);
+        moe_log(MOE_LOG_INFO, "SIGHUP: log level %s", moe_log_level_name(nc.log_level));
+        d->cfg.log_level = nc.log_level;
+    }
+    if (nc.host_cache_bytes && nc.host_cache_bytes != d->cfg.host_cache_bytes) {
+        if (moe_cache_set_capacity(d->cache, moe_cache_tier_count(d->cache) - 1,
+                                   nc.host_cache_bytes, &err) < 0)
+            moe_log(MOE_LOG_WARN, "SIGHUP: host cache capacity: %s", err.msg);
+        else
+            moe_log(MOE_LOG_INFO, "SIGHUP: host cache capacity %llu bytes",
+                    (unsigned long long)nc.host_cache_bytes);
+        d->cfg.host_cache_bytes = nc.host_cache_bytes;
+    }
+    if (nc.policy != d->cfg.policy || nc.prefetch != d->cfg.prefetch)
+        moe_log(MOE_LOG_WARN,
+                "SIGHUP: changing the policy or prefetch needs a restart (kept "
+                "%s%s)",
+                moe_cache_policy_name(d->cfg.policy), d->cfg.prefetch ? "+prefetch" : "");
+    moed_config_clear(&nc);
+    notify("STATUS=serving %d models, configuration reloaded", d->n_models);
+}
+
+int main(int argc, char **argv)
+{
+    struct moed d = {0};
+    struct moe_error err = {0};
+    struct moe_cpu_config cpu = {0};
+    struct moe_cache_config cc = {0};
+    struct moe_sched_config sc = {0};
+    struct moe_rpc_config rc = {0};
+    const struct moe_rpc_method *methods;
+    uint64_t watchdog_usec = 0, last_ping = 0;
+    sigset_t sigs;
+    int r, n_methods, ret = 1;
+
+    moed_config_init(&d.cfg);
+    r = moed_config_load(&d.cfg, argc - 1, argv + 1, &err);
+    if (r != 0) {
+        if (r < 0)
+            fprintf(stderr, "moed: %s\n", err.msg);
+        moed_config_clear(&d.cfg);
+        return r > 0 ? 0 : 2;
+    }
+    moe_log_set_level(d.cfg.log_level);
+    pthread_mutex_init(&d.lock, NULL);
+    d.t_start = moe_now_ns();
+
+    /* Every thread created from here on inherits the blocked signals. */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    cpu.n_threads = d.cfg.threads;
+    cpu.kernel = d.cfg.kernel;
+    if (moe_backend_cpu_init(&cpu, &d.backend, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "%s", err.msg);
+        goto out;
+    }
+    cc.host_bytes = d.cfg.host_cache_bytes ? d.cfg.host_cache_bytes : all_expert_bytes(&d);
+    cc.policy = d.cfg.policy;
+    cc.prefetch = d.cfg.prefetch;
+    cc.half_life = d.cfg.half_life;
+    cc.register_buffers = d.cfg.register_buffers;
+    cc.pager.buffered = d.cfg.buffered;
+    if (moe_cache_create(&cc, &d.cache, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "expert cache: %s", err.msg);
+        goto out;
+    }
+    for (int i = 0; i < d.cfg.n_models; i++) {
+        if (moed_load_model(&d, d.cfg.models[i].name, d.cfg.models[i].dir, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "model %s: %s", d.cfg.models[i].name, err.msg);
+            goto out;
+        }
+    }
+    sc.n_workers = d.cfg.workers;
+    sc.window_ns = d.cfg.batch_window_us * 1000;
+    sc.max_batch_tokens = d.cfg.max_batch_tokens;
+    if (moe_sched_create(&sc, &d.sched, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "%s", err.msg);
+        goto out;
+    }
+    rc.listen = d.cfg.listen;
+    rc.unix_path = d.cfg.socket;
+    rc.tls_cert = d.cfg.tls_cert;
+    rc.tls_key = d.cfg.tls_key;
+    rc.tls_client_ca = d.cfg.tls_client_ca;
+    rc.require_client_cert = d.cfg.tls_require_client_cert;
+    rc.token = d.cfg.token;
+    rc.max_message_bytes = d.cfg.max_message_bytes;
+    rc.n_threads = d.cfg.rpc_threads;
+    n_methods = moed_methods(&d, &methods);
+    if (moe_rpc_server_start(&rc, methods, n_methods, &d.rpc, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "gRPC: %s", err.msg);
+        goto out;
+    }
+    moe_log(MOE_LOG_INFO,
+            "moed %s serving %d model(s) on %s%s%s (port %d), host cache %llu bytes, policy "
+            "%s%s",
+            MOED_VERSION, d.n_models, d.cfg.listen ? d.cfg.listen : "",
+            d.cfg.listen && d.cfg.socket ? " and " : "", d.cfg.socket ? d.cfg.socket : "",
+            moe_rpc_server_port(d.rpc), (unsigned long long)cc.host_bytes,
+            moe_cache_policy_name(cc.policy), cc.prefetch ? "+prefetch" : "");
+    /* Scripts and tests read the port from this line (with --listen HOST:0). */
+    printf("moed: listening on port %d\n", moe_rpc_server_port(d.rpc));
+    fflush(stdout);
+    notify("READY=1\nSTATUS=serving %d models\nMAINPID=%d", d.n_models, (int)getpid());
+    if (sd_watchdog_enabled(0, &watchdog_usec) <= 0)
+        watchdog_usec = 0;
+
+    for (;;) {
+        struct timespec ts = {1, 0};
+        int sig;
+
+        if (watchdog_usec && moe_now_ns() - last_ping >= watchdog_usec * 1000 / 2) {
+            notify("WATCHDOG=1");
+            last_ping = moe_now_ns();
+        }
+        sig = sigtimedwait(&sigs, NULL, &ts);
+        if (sig < 0)
+            continue;
+        if (sig == SIGHUP) {
+            reload(&d, argc - 1, argv + 1);
+            continue;
+        }
+        moe_log(MOE_LOG_INFO, "%s: stopping: finishing requests in flight (up to %llu ms)",
+                strsignal(sig), (unsigned long long)d.cfg.drain_timeout_ms);
+        break;
+    }
+    notify("STOPPING=1\nSTATUS=stopping");
+    atomic_store(&d.state, MOED_STOPPING);
+    moe_sched_stop(d.sched);
+    moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(d.cfg.drain_timeout_ms, INT32_MAX));
+    ret = 0;
+out:
+    moe_rpc_server_free(d.rpc);
+    moe_sched_free(d.sched);
+    moed_free_models(&d);
+    moe_cache_free(d.cache);
+    moe_backend_free(d.backend);
+    moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s", ret == 0 ? "stopped" : "failed");
+    moed_config_clear(&d.cfg);
+    pthread_mutex_destroy(&d.lock);
+    return ret;
+}

@@ -1,0 +1,87 @@
+/*
+ * A small gRPC server over the gRPC C core (grpc/grpc.h): completion queues,
+ * raw byte buffers in and out (the messages are protobuf-c, encoded and
+ * decoded by the handlers), unary and bidirectional-streaming methods.
+ *
+ * Threads: cfg.n_threads threads each drive their own completion queue.
+ * Handlers run on those threads and must not block for long: a handler that
+ * has to wait (a forward waiting for its batch) keeps the call and answers
+ * later, from any thread, with moe_rpc_reply / moe_rpc_fail.
+ *
+ * Unary methods: the handler is called once with the request; exactly one
+ * of moe_rpc_reply (status OK) or moe_rpc_fail ends the call.
+ * Streaming methods (bidi, e.g. ForwardStream): the handler is called for
+ * each message the client sends, in order; every moe_rpc_reply sends one
+ * message (in the order called); when the client has half-closed and every
+ * message handed to the handler has been replied to, the call ends with OK.
+ * moe_rpc_fail ends the stream at once with that status.  The next message
+ * is read only after the previous one has been replied to (one in flight
+ * per stream, so replies keep the request order).
+ *
+ * Auth: with cfg.token set, methods marked `mutating` need the metadata
+ * "authorization: Bearer <token>", else UNAUTHENTICATED.  TLS from PEM
+ * files (cfg.tls_*), client certificates optional or required.
+ *
+ * Limits: requests larger than cfg.max_message_bytes are refused by the
+ * core with RESOURCE_EXHAUSTED.
+ */
+#ifndef MOED_DAEMON_RPC_H
+#define MOED_DAEMON_RPC_H
+
+#include "common.h"
+
+#include <stdarg.h>
+
+struct moe_rpc_server;
+struct moe_rpc_call;
+
+/* req: the message bytes (valid during the call only).  arg: method's arg. */
+typedef void (*moe_rpc_handler)(struct moe_rpc_call *call, const uint8_t *req, size_t len,
+                                void *arg);
+
+struct moe_rpc_method {
+    const char *path; /* "/moe.v1.Experts/Forward" */
+    bool streaming;   /* bidirectional stream */
+    bool mutating;    /* needs the bearer token when one is configured */
+    moe_rpc_handler fn;
+    void *arg;
+};
+
+struct moe_rpc_config {
+    const char *listen;    /* "127.0.0.1:50051", or NULL for none */
+    const char *unix_path; /* a Unix socket path, or NULL for none */
+    const char *tls_cert;  /* PEM files; all NULL: plaintext */
+    const char *tls_key;
+    const char *tls_client_ca;   /* verify client certificates against it */
+    bool require_client_cert;
+    const char *token;           /* bearer token for mutating calls, or NULL */
+    size_t max_message_bytes;    /* 0: 64 MiB */
+    int n_threads;               /* 0: 2 */
+};
+
+/* Binds and starts serving.  0, or -errno with err (address in use, bad
+ * certificate files...). */
+int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_method *methods,
+                         int n_methods, struct moe_rpc_server **ret, struct moe_error *err);
+/* The port bound for cfg.listen (useful with port 0). */
+int moe_rpc_server_port(const struct moe_rpc_server *s);
+
+/* Answers one message: the call's (unary) or the next of the stream. */
+void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len);
+/* Ends the call with a gRPC status code (grpc_status_code values) and a
+ * message for the caller. */
+void moe_rpc_fail(struct moe_rpc_call *call, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* The peer's address ("ipv4:127.0.0.1:5555", "unix:..."), for logs. */
+const char *moe_rpc_peer(const struct moe_rpc_call *call);
+
+/* Stops accepting new calls; calls in flight may finish for deadline_ms,
+ * then are cancelled.  Returns when every call has ended. */
+void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms);
+/* Shuts down (0 ms) if not done, frees.  NULL is a no-op. */
+void moe_rpc_server_free(struct moe_rpc_server *s);
+
+/* Calls in flight now. */
+int moe_rpc_server_in_flight(const struct moe_rpc_server *s);
+
+#endif

@@ -1,0 +1,904 @@
+/*
+ * The gRPC handlers: moe.v1.Experts (Forward, ForwardStream), moe.v1.Control
+ * and grpc.health.v1.Health/Check.  Each decodes its protobuf-c message,
+ * checks it against the loaded models (a bad request gets INVALID_ARGUMENT
+ * or NOT_FOUND with what is wrong, and nothing else is disturbed), and
+ * answers.  Forwards go through the scheduler and answer from its worker
+ * thread when their batch is done.
+ */
+#include "moed.h"
+
+#include "dtype.h"
+#include "health.pb-c.h"
+#include "log.h"
+#include "moe.pb-c.h"
+
+#include <errno.h>
+#include <grpc/status.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int moed_grpc_status(int err)
+{
+    switch (err) {
+    case 0:
+        return GRPC_STATUS_OK;
+    case -EINVAL:
+    case -E2BIG:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case -ENOENT:
+        return GRPC_STATUS_NOT_FOUND;
+    case -EEXIST:
+        return GRPC_STATUS_ALREADY_EXISTS;
+    case -EBUSY:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case -ENOSPC:
+    case -ENOMEM:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case -ESHUTDOWN:
+        return GRPC_STATUS_UNAVAILABLE;
+    case -EIO:
+    case -EBADMSG:
+        return GRPC_STATUS_DATA_LOSS;
+    case -ETIMEDOUT:
+        return GRPC_STATUS_DEADLINE_EXCEEDED;
+    default:
+        return GRPC_STATUS_INTERNAL;
+    }
+}
+
+/* Packs any protobuf-c message and replies with it. */
+static void reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+
+    if (!buf) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the answer");
+        return;
+    }
+    protobuf_c_message_pack(m, buf);
+    moe_rpc_reply(call, buf, n);
+    free(buf);
+}
+
+/* ---- models ---------------------------------------------------------------------------- */
+
+/* The model called name, with a reference taken (lock not held), or NULL. */
+static struct moed_model *model_get(struct moed *d, const char *name)
+{
+    struct moed_model *mm = NULL;
+
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++)
+        if (strcmp(d->models[i]->name, name) == 0) {
+            mm = d->models[i];
+            mm->refs++;
+            break;
+        }
+    pthread_mutex_unlock(&d->lock);
+    return mm;
+}
+
+static void model_put(struct moed *d, struct moed_model *mm)
+{
+    pthread_mutex_lock(&d->lock);
+    mm->refs--;
+    pthread_mutex_unlock(&d->lock);
+}
+
+/* "a, b, c" of the loaded models' names. */
+static void model_names(struct moed *d, char *buf, size_t len)
+{
+    size_t at = 0;
+
+    buf[0] = 0;
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models && at < len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? ", " : "", d->models[i]->name);
+    pthread_mutex_unlock(&d->lock);
+    if (!buf[0])
+        snprintf(buf, len, "none");
+}
+
+int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err)
+{
+    struct moed_model *mm = calloc(1, sizeof(*mm));
+    int r;
+
+    if (!mm)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    mm->name = strdup(name);
+    r = moe_model_open(dir, &mm->m, err);
+    if (r < 0)
+        goto fail;
+    r = moe_cache_add_model(d->cache, mm->m, name, &mm->cache_id, err);
+    if (r < 0)
+        goto fail;
+    r = moe_engine_attach(mm->m, d->backend, d->cache, mm->cache_id, &mm->e);
+    if (r < 0) {
+        moe_error_set(err, r, "out of memory");
+        moe_cache_remove_model(d->cache, mm->cache_id, NULL);
+        goto fail;
+    }
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++)
+        if (strcmp(d->models[i]->name, name) == 0)
+            r = moe_error_set(err, -EEXIST, "a model called '%s' is loaded already", name);
+    if (r == 0 && d->n_models == MOED_MAX_MODELS)
+        r = moe_error_set(err, -E2BIG, "%d models are loaded: unload one first", MOED_MAX_MODELS);
+    if (r == 0)
+        d->models[d->n_models++] = mm;
+    pthread_mutex_unlock(&d->lock);
+    if (r < 0) {
+        moe_engine_free(mm->e);
+        moe_cache_remove_model(d->cache, mm->cache_id, NULL);
+        goto fail;
+    }
+    moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name, dir,
+            moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
+            mm->m->cfg.top_k, mm->m->packed ? ", packed store" : "");
+    return 0;
+fail:
+    moe_model_free(mm->m);
+    free(mm->name);
+    free(mm);
+    return r;
+}
+
+static void model_free(struct moed *d, struct moed_model *mm)
+{
+    moe_engine_free(mm->e);
+    moe_cache_remove_model(d->cache, mm->cache_id, NULL);
+    moe_model_free(mm->m);
+    free(mm->name);
+    free(mm);
+}
+
+int moed_unload_model(struct moed *d, const char *name, struct moe_error *err)
+{
+    struct moed_model *mm = NULL;
+    int r = 0;
+
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++) {
+        if (strcmp(d->models[i]->name, name) != 0)
+            continue;
+        mm = d->models[i];
+        if (mm->refs) {
+            r = moe_error_set(err, -EBUSY, "model '%s' has %d requests in flight: drain first",
+                              name, mm->refs);
+            mm = NULL;
+            break;
+        }
+        d->models[i] = d->models[--d->n_models];
+        break;
+    }
+    pthread_mutex_unlock(&d->lock);
+    if (r < 0)
+        return r;
+    if (!mm)
+        return moe_error_set(err, -ENOENT, "no model called '%s'", name);
+    model_free(d, mm);
+    moe_log(MOE_LOG_INFO, "unloaded %s", name);
+    return 0;
+}
+
+void moed_free_models(struct moed *d)
+{
+    for (int i = 0; i < d->n_models; i++)
+        model_free(d, d->models[i]);
+    d->n_models = 0;
+}
+
+/* ---- Experts.Forward ------------------------------------------------------------------- */
+
+struct fwd {
+    struct moed *d;
+    struct moe_rpc_call *call;
+    struct moed_model *mm;
+    struct moe_sched_req req;
+    Moe__V1__DType dtype;
+    int T, H, K;
+    float *x, *out, *w_in, *w_out;
+    int32_t *ids_in, *ids_out;
+    bool return_routing;
+    uint64_t tag;
+    uint64_t t_recv;
+};
+
+static void fwd_free(struct fwd *f)
+{
+    if (f->mm)
+        model_put(f->d, f->mm);
+    free(f->x);
+    free(f->out);
+    free(f->w_in);
+    free(f->w_out);
+    free(f->ids_in);
+    free(f->ids_out);
+    free(f);
+}
+
+static size_t dtype_size(Moe__V1__DType t)
+{
+    return t == MOE__V1__DTYPE__DTYPE_F32 ? 4 : 2;
+}
+
+static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct fwd *f = r->arg;
+    struct moed *d = f->d;
+    Moe__V1__ForwardResponse resp = MOE__V1__FORWARD_RESPONSE__INIT;
+    Moe__V1__Tensor out = MOE__V1__TENSOR__INIT;
+    Moe__V1__Routing rt = MOE__V1__ROUTING__INIT;
+    Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
+    int64_t shape[2] = {f->T, f->H};
+    size_t n = (size_t)f->T * (size_t)f->H;
+    uint8_t *data = NULL;
+
+    if (status < 0) {
+        atomic_fetch_add(&d->failed, 1);
+        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+        goto out;
+    }
+    data = malloc(n * dtype_size(f->dtype));
+    if (!data) {
+        moe_rpc_fail(f->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the output");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+
+        switch (f->dtype) {
+        case MOE__V1__DTYPE__DTYPE_F32:
+            memcpy(data + 4 * i, &f->out[i], 4);
+            break;
+        case MOE__V1__DTYPE__DTYPE_BF16:
+            h = moe_f32_to_bf16(f->out[i]);
+            memcpy(data + 2 * i, &h, 2);
+            break;
+        default:
+            h = moe_f32_to_f16(f->out[i]);
+            memcpy(data + 2 * i, &h, 2);
+            break;
+        }
+    }
+    out.n_shape = 2;
+    out.shape = shape;
+    out.dtype = f->dtype;
+    out.data.len = n * dtype_size(f->dtype);
+    out.data.data = data;
+    resp.output = &out;
+    if (f->return_routing) {
+        rt.top_k = (uint32_t)f->K;
+        rt.n_expert_ids = (size_t)f->T * f->K;
+        rt.expert_ids = f->ids_out;
+        rt.n_weights = (size_t)f->T * f->K;
+        rt.weights = f->w_out;
+        resp.routing = &rt;
+    }
+    tm.queue_ns = r->queue_ns;
+    tm.route_ns = r->st.route_ns;
+    tm.load_ns = r->st.load_ns;
+    tm.compute_ns = r->st.compute_ns;
+    tm.total_ns = moe_now_ns() - f->t_recv;
+    tm.batch_requests = (uint32_t)r->batch_requests;
+    tm.batch_tokens = (uint32_t)r->batch_tokens;
+    resp.timing = &tm;
+    resp.cache_hits = (uint32_t)r->st.hits;
+    resp.cache_misses = (uint32_t)r->st.misses;
+    resp.tag = f->tag;
+    reply_msg(f->call, &resp.base);
+out:
+    free(data);
+    atomic_fetch_sub(&d->in_flight, 1);
+    fwd_free(f);
+}
+
+/* Checks and converts the request; 0, or a gRPC status with msg. */
+static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *msg, size_t len)
+{
+    struct moed *d = f->d;
+    const struct moe_model *m;
+    const Moe__V1__Tensor *t = q->hidden;
+    char names[512];
+    size_t esz, n;
+
+    if (!q->model || !*q->model) {
+        snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    f->mm = model_get(d, q->model);
+    if (!f->mm) {
+        model_names(d, names, sizeof(names));
+        snprintf(msg, len, "no model called '%s' (loaded: %s)", q->model, names);
+        return GRPC_STATUS_NOT_FOUND;
+    }
+    m = f->mm->m;
+    f->H = m->cfg.hidden;
+    f->K = m->cfg.top_k;
+    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
+        snprintf(msg, len, "model '%s' has no MoE layer %u (layers 0 to %d; %d of them are MoE)",
+                 q->model, q->layer, m->cfg.n_layers - 1, m->n_moe_layers);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (!t) {
+        snprintf(msg, len, "ForwardRequest.hidden is missing");
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (t->n_shape != 2 || t->shape[1] != f->H || t->shape[0] < 1 || t->shape[0] > MOE_MAX_TOKENS) {
+        snprintf(msg, len,
+                 "hidden: shape [%s%lld%s%lld%s]: expected [tokens, %d] with 1 to %d "
+                 "tokens",
+                 "", t->n_shape > 0 ? (long long)t->shape[0] : -1LL, ", ",
+                 t->n_shape > 1 ? (long long)t->shape[1] : -1LL, t->n_shape > 2 ? ", ..." : "",
+                 f->H, MOE_MAX_TOKENS);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (t->dtype != MOE__V1__DTYPE__DTYPE_F32 && t->dtype != MOE__V1__DTYPE__DTYPE_BF16 &&
+        t->dtype != MOE__V1__DTYPE__DTYPE_F16) {
+        snprintf(msg, len, "hidden: dtype %d: expected DTYPE_F32, DTYPE_BF16 or DTYPE_F16",
+                 (int)t->dtype);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    f->T = (int)t->shape[0];
+    f->dtype = t->dtype;
+    esz = dtype_size(t->dtype);
+    n = (size_t)f->T * (size_t)f->H;
+    if (t->data.len != n * esz) {
+        snprintf(msg, len, "hidden: %zu data bytes: shape [%d, %d] of %s needs %zu", t->data.len,
+                 f->T, f->H,
+                 esz == 4                    ? "f32"
+                 : esz == 2 && t->dtype == 2 ? "bf16"
+                                             : "f16",
+                 n * esz);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    f->x = malloc(n * sizeof(float));
+    f->out = malloc(n * sizeof(float));
+    f->ids_out = malloc((size_t)f->T * f->K * sizeof(int32_t));
+    f->w_out = malloc((size_t)f->T * f->K * sizeof(float));
+    if (!f->x || !f->out || !f->ids_out || !f->w_out) {
+        snprintf(msg, len, "out of memory for %d tokens", f->T);
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+
+        if (esz == 4) {
+            memcpy(&f->x[i], t->data.data + 4 * i, 4);
+        } else {
+            memcpy(&h, t->data.data + 2 * i, 2);
+            f->x[i] =
+                t->dtype == MOE__V1__DTYPE__DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
+        }
+    }
+    if (q->routing) {
+        const Moe__V1__Routing *rt = q->routing;
+        size_t tk = (size_t)f->T * f->K;
+
+        if (rt->top_k != (uint32_t)f->K || rt->n_expert_ids != tk || rt->n_weights != tk) {
+            snprintf(msg, len,
+                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d and %zu "
+                     "of each ([tokens, top_k])",
+                     rt->top_k, rt->n_expert_ids, rt->n_weights, f->K, tk);
+            return GRPC_STATUS_INVALID_ARGUMENT;
+        }
+        f->ids_in = malloc(tk * sizeof(int32_t));
+        f->w_in = malloc(tk * sizeof(float));
+        if (!f->ids_in || !f->w_in) {
+            snprintf(msg, len, "out of memory");
+            return GRPC_STATUS_RESOURCE_EXHAUSTED;
+        }
+        memcpy(f->ids_in, rt->expert_ids, tk * sizeof(int32_t));
+        memcpy(f->w_in, rt->weights, tk * sizeof(float));
+        /* validated here, so the error names this request, not its batch */
+        struct moe_error e;
+
+        if (moe_routing_validate(m->cfg.n_experts, f->K, f->T, f->ids_in, f->w_in, &e) < 0) {
+            snprintf(msg, len, "routing: %s", e.msg);
+            return GRPC_STATUS_INVALID_ARGUMENT;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!(f->x[i] == f->x[i]) || f->x[i] - f->x[i] != 0.0f) {
+            snprintf(msg, len, "hidden: token %zu, element %zu is not finite", i / (size_t)f->H,
+                     i % (size_t)f->H);
+            return GRPC_STATUS_INVALID_ARGUMENT;
+        }
+    }
+    f->return_routing = q->return_routing;
+    f->tag = q->tag;
+    return GRPC_STATUS_OK;
+}
+
+static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__ForwardRequest *q = moe__v1__forward_request__unpack(NULL, len, req);
+    struct fwd *f = calloc(1, sizeof(*f));
+    struct moe_error err;
+    char msg[MOE_ERROR_MSG_MAX + 64];
+    int st;
+
+    if (!q || !f) {
+        moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
+                     q ? "out of memory" : "the request is not a moe.v1.ForwardRequest");
+        goto out;
+    }
+    f->d = d;
+    f->call = call;
+    f->t_recv = moe_now_ns();
+    st = fwd_prepare(f, q, msg, sizeof(msg));
+    if (st != GRPC_STATUS_OK) {
+        moe_rpc_fail(call, st, "%s", msg);
+        goto out;
+    }
+    f->req = (struct moe_sched_req){
+        .engine = f->mm->e,
+        .layer = (int)q->layer,
+        .x = f->x,
+        .n_tokens = f->T,
+        .ids = f->ids_in,
+        .weights = f->w_in,
+        .out = f->out,
+        .ret_ids = f->ids_out,
+        .ret_weights = f->w_out,
+        .done = fwd_done,
+        .arg = f,
+    };
+    atomic_fetch_add(&d->in_flight, 1);
+    atomic_fetch_add(&d->requests, 1);
+    atomic_fetch_add(&d->tokens, (uint64_t)f->T);
+    if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
+        atomic_fetch_sub(&d->in_flight, 1);
+        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+        goto out;
+    }
+    f = NULL; /* fwd_done owns it */
+out:
+    if (f)
+        fwd_free(f);
+    moe__v1__forward_request__free_unpacked(q, NULL);
+}
+
+/* ---- Control --------------------------------------------------------------------------- */
+
+static const char *state_name(int s)
+{
+    return s == MOED_SERVING ? "serving" : s == MOED_DRAINING ? "draining" : "stopping";
+}
+
+static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__StatusResponse r = MOE__V1__STATUS_RESPONSE__INIT;
+
+    (void)req, (void)len;
+    r.version = (char *)MOED_VERSION;
+    r.uptime_ns = moe_now_ns() - d->t_start;
+    r.state = (char *)state_name(atomic_load(&d->state));
+    pthread_mutex_lock(&d->lock);
+    r.models = (uint32_t)d->n_models;
+    pthread_mutex_unlock(&d->lock);
+    r.requests = atomic_load(&d->requests);
+    r.tokens = atomic_load(&d->tokens);
+    r.in_flight = (uint32_t)atomic_load(&d->in_flight);
+    r.policy = (char *)moe_cache_policy_name(d->cfg.policy);
+    r.prefetch = d->cfg.prefetch;
+    reply_msg(call, &r.base);
+}
+
+static Moe__V1__DType proto_dtype(enum moe_dtype t)
+{
+    return t == MOE_DTYPE_F32    ? MOE__V1__DTYPE__DTYPE_F32
+           : t == MOE_DTYPE_BF16 ? MOE__V1__DTYPE__DTYPE_BF16
+           : t == MOE_DTYPE_F16  ? MOE__V1__DTYPE__DTYPE_F16
+                                 : MOE__V1__DTYPE__DTYPE_UNSPECIFIED;
+}
+
+/* Fills info for mm (ids: room for the MoE layer ids). */
+static void model_info(const struct moed_model *mm, Moe__V1__ModelInfo *mi, uint32_t *ids)
+{
+    const struct moe_model *m = mm->m;
+
+    moe__v1__model_info__init(mi);
+    mi->name = mm->name;
+    mi->dir = m->dir;
+    mi->arch = (char *)moe_arch_name(m->cfg.arch);
+    mi->layers = (uint32_t)m->cfg.n_layers;
+    mi->moe_layers = (uint32_t)m->n_moe_layers;
+    mi->hidden = (uint32_t)m->cfg.hidden;
+    mi->experts = (uint32_t)m->cfg.n_experts;
+    mi->top_k = (uint32_t)m->cfg.top_k;
+    mi->shared_experts = (uint32_t)m->cfg.n_shared_experts;
+    mi->dtype = proto_dtype(m->expert_dtype);
+    mi->expert_bytes = m->expert_bytes;
+    mi->packed = m->packed;
+    mi->n_moe_layer_ids = 0;
+    mi->moe_layer_ids = ids;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->layers[l].is_moe)
+            ids[mi->n_moe_layer_ids++] = (uint32_t)l;
+}
+
+static void on_list_models(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__ListModelsResponse r = MOE__V1__LIST_MODELS_RESPONSE__INIT;
+    Moe__V1__ModelInfo infos[MOED_MAX_MODELS], *ptrs[MOED_MAX_MODELS];
+    uint32_t *ids[MOED_MAX_MODELS] = {0};
+
+    (void)req, (void)len;
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++) {
+        ids[i] = calloc((size_t)d->models[i]->m->cfg.n_layers, sizeof(uint32_t));
+        if (!ids[i])
+            continue;
+        model_info(d->models[i], &infos[r.n_models], ids[i]);
+        ptrs[r.n_models] = &infos[r.n_models];
+        r.n_models++;
+    }
+    r.models = ptrs;
+    reply_msg(call, &r.base);
+    pthread_mutex_unlock(&d->lock);
+    for (int i = 0; i < MOED_MAX_MODELS; i++)
+        free(ids[i]);
+}
+
+static void counters(const struct moe_cache_counters *c, Moe__V1__CacheCounters *p)
+{
+    moe__v1__cache_counters__init(p);
+    p->hits = c->hits;
+    p->misses = c->misses;
+    p->prefetch_hits = c->prefetch_hits;
+    p->prefetches = c->prefetches;
+    p->wasted_prefetches = c->wasted_prefetches;
+    p->evictions = c->evictions;
+    p->page_ins = c->page_ins;
+    p->page_in_errors = c->page_in_errors;
+    p->bytes_paged = c->bytes_paged;
+}
+
+static void add_counters(struct moe_cache_counters *a, const struct moe_cache_counters *b)
+{
+    a->hits += b->hits;
+    a->misses += b->misses;
+    a->prefetch_hits += b->prefetch_hits;
+    a->prefetches += b->prefetches;
+    a->wasted_prefetches += b->wasted_prefetches;
+    a->evictions += b->evictions;
+    a->page_ins += b->page_ins;
+    a->page_in_errors += b->page_in_errors;
+    a->bytes_paged += b->bytes_paged;
+}
+
+static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__StatsRequest *q = moe__v1__stats_request__unpack(NULL, len, req);
+    Moe__V1__StatsResponse r = MOE__V1__STATS_RESPONSE__INIT;
+    Moe__V1__TierStats ts[MOE_CACHE_MAX_TIERS], *tsp[MOE_CACHE_MAX_TIERS];
+    Moe__V1__CacheCounters tc[MOE_CACHE_MAX_TIERS], total;
+    Moe__V1__Latency lat[MOE_CACHE_MAX_TIERS];
+    Moe__V1__ModelStats *ms = NULL, **msp = NULL;
+    Moe__V1__LayerStats *ls = NULL, **lsp = NULL;
+    Moe__V1__ExpertStats *es = NULL, **esp = NULL;
+    Moe__V1__CacheCounters *lc = NULL, *ec = NULL;
+    struct moe_cache_stats s;
+    struct moe_sched_stats ss;
+    struct moe_cache_counters *lsum = NULL;
+    size_t n_layers = 0, n_experts = 0, li = 0, ei = 0;
+    bool want_experts;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a StatsRequest");
+        return;
+    }
+    want_experts = q->experts;
+    moe__v1__stats_request__free_unpacked(q, NULL);
+    if (moe_cache_snapshot(d->cache, &s) < 0) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the statistics");
+        return;
+    }
+    moe_sched_get_stats(d->sched, &ss);
+    r.policy = (char *)s.policy;
+    r.prefetch = s.prefetch;
+    for (int k = 0; k < s.n_tiers; k++) {
+        moe__v1__tier_stats__init(&ts[k]);
+        moe__v1__latency__init(&lat[k]);
+        ts[k].name = s.tiers[k].name;
+        ts[k].capacity = s.tiers[k].capacity;
+        ts[k].used = s.tiers[k].used;
+        ts[k].resident = s.tiers[k].resident;
+        counters(&s.tiers[k].c, &tc[k]);
+        ts[k].counters = &tc[k];
+        lat[k].count = s.tiers[k].latency.count;
+        lat[k].sum_ns = s.tiers[k].latency.sum_ns;
+        lat[k].p50_ns = s.tiers[k].latency.p50_ns;
+        lat[k].p99_ns = s.tiers[k].latency.p99_ns;
+        lat[k].max_ns = s.tiers[k].latency.max_ns;
+        lat[k].n_buckets = MOE_HIST_BUCKETS;
+        lat[k].buckets = s.tiers[k].latency.buckets;
+        ts[k].page_in = &lat[k];
+        tsp[k] = &ts[k];
+    }
+    r.n_tiers = (size_t)s.n_tiers;
+    r.tiers = tsp;
+    counters(&s.total, &total);
+    r.total = &total;
+    for (int i = 0; i < s.n_models; i++) {
+        n_layers += (size_t)s.models[i].n_layers;
+        n_experts += (size_t)s.models[i].n_layers * (size_t)s.models[i].n_experts;
+    }
+    ms = calloc((size_t)MOE_MAX(1, s.n_models), sizeof(*ms));
+    msp = calloc((size_t)MOE_MAX(1, s.n_models), sizeof(*msp));
+    ls = calloc(MOE_MAX(1, n_layers), sizeof(*ls));
+    lsp = calloc(MOE_MAX(1, n_layers), sizeof(*lsp));
+    lc = calloc(MOE_MAX(1, n_layers), sizeof(*lc));
+    lsum = calloc(MOE_MAX(1, n_layers), sizeof(*lsum));
+    if (want_experts) {
+        es = calloc(MOE_MAX(1, n_experts), sizeof(*es));
+        esp = calloc(MOE_MAX(1, n_experts), sizeof(*esp));
+        ec = calloc(MOE_MAX(1, n_experts), sizeof(*ec));
+    }
+    if (!ms || !msp || !ls || !lsp || !lc || !lsum || (want_experts && (!es || !esp || !ec))) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the statistics");
+        goto out;
+    }
+    for (int i = 0; i < s.n_models; i++) {
+        const struct moe_cache_model_stats *m = &s.models[i];
+        size_t l0 = li, e0 = ei;
+
+        moe__v1__model_stats__init(&ms[i]);
+        ms[i].name = s.models[i].name;
+        ms[i].bad_experts = (uint32_t)m->bad_experts;
+        for (int l = 0; l < m->n_layers; l++) {
+            bool moe = false;
+
+            for (int x = 0; x < m->n_experts; x++) {
+                const struct moe_cache_expert_stats *xs = &m->experts[(size_t)l * m->n_experts + x];
+
+                add_counters(&lsum[li], &xs->c);
+                moe |= xs->tier >= 0 || xs->c.hits || xs->c.misses || xs->c.page_ins;
+                if (want_experts) {
+                    moe__v1__expert_stats__init(&es[ei]);
+                    es[ei].layer = (uint32_t)l;
+                    es[ei].expert = (uint32_t)x;
+                    counters(&xs->c, &ec[ei]);
+                    es[ei].counters = &ec[ei];
+                    es[ei].tier = xs->tier;
+                    es[ei].loading = xs->loading;
+                    es[ei].bad = xs->bad;
+                    es[ei].operator_pinned = xs->operator_pinned;
+                    es[ei].refs = xs->refs;
+                    esp[ei] = &es[ei];
+                    ei++;
+                }
+            }
+            (void)moe;
+            moe__v1__layer_stats__init(&ls[li]);
+            ls[li].layer = (uint32_t)l;
+            counters(&lsum[li], &lc[li]);
+            ls[li].counters = &lc[li];
+            lsp[li] = &ls[li];
+            li++;
+        }
+        ms[i].n_layers = li - l0;
+        ms[i].layers = lsp + l0;
+        ms[i].n_experts = ei - e0;
+        ms[i].experts = want_experts ? esp + e0 : NULL;
+        msp[i] = &ms[i];
+    }
+    r.n_models = (size_t)s.n_models;
+    r.models = msp;
+    r.requests = ss.requests;
+    r.tokens = ss.tokens;
+    r.batches = ss.batches;
+    r.uptime_ns = moe_now_ns() - d->t_start;
+    reply_msg(call, &r.base);
+out:
+    free(ms);
+    free(msp);
+    free(ls);
+    free(lsp);
+    free(lc);
+    free(lsum);
+    free(es);
+    free(esp);
+    free(ec);
+    moe_cache_stats_clear(&s);
+}
+
+static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__LoadModelRequest *q = moe__v1__load_model_request__unpack(NULL, len, req);
+    Moe__V1__LoadModelResponse r = MOE__V1__LOAD_MODEL_RESPONSE__INIT;
+    Moe__V1__ModelInfo mi;
+    struct moe_error err;
+    struct moed_model *mm;
+    uint32_t *ids;
+    char name[256];
+
+    if (!q || !q->dir || !*q->dir) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT,
+                     "LoadModel needs dir: a checkpoint or packed store on moed's host");
+        goto out;
+    }
+    if (q->name && *q->name) {
+        snprintf(name, sizeof(name), "%s", q->name);
+    } else {
+        const char *b = strrchr(q->dir, '/');
+
+        snprintf(name, sizeof(name), "%s", b && b[1] ? b + 1 : q->dir);
+    }
+    if (moed_load_model(d, name, q->dir, &err) < 0) {
+        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+        goto out;
+    }
+    mm = model_get(d, name);
+    if (!mm) {
+        moe_rpc_fail(call, GRPC_STATUS_ABORTED, "model '%s' was unloaded meanwhile", name);
+        goto out;
+    }
+    ids = calloc((size_t)mm->m->cfg.n_layers, sizeof(*ids));
+    if (ids) {
+        model_info(mm, &mi, ids);
+        r.model = &mi;
+        reply_msg(call, &r.base);
+        free(ids);
+    } else {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    model_put(d, mm);
+out:
+    if (q)
+        moe__v1__load_model_request__free_unpacked(q, NULL);
+}
+
+static void on_unload(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__UnloadModelRequest *q = moe__v1__unload_model_request__unpack(NULL, len, req);
+    Moe__V1__UnloadModelResponse r = MOE__V1__UNLOAD_MODEL_RESPONSE__INIT;
+    struct moe_error err;
+
+    if (!q || !q->name || !*q->name)
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "UnloadModel needs a model name");
+    else if (moed_unload_model(d, q->name, &err) < 0)
+        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+    else
+        reply_msg(call, &r.base);
+    if (q)
+        moe__v1__unload_model_request__free_unpacked(q, NULL);
+}
+
+enum expert_op { OP_PIN, OP_UNPIN, OP_EVICT };
+
+static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t len, struct moed *d,
+                        enum expert_op op)
+{
+    Moe__V1__ExpertRef *q = moe__v1__expert_ref__unpack(NULL, len, req);
+    Moe__V1__PinResponse pr = MOE__V1__PIN_RESPONSE__INIT;
+    struct moed_model *mm;
+    struct moe_error err;
+    int r;
+
+    if (!q || !q->model) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not an ExpertRef");
+        goto out;
+    }
+    mm = model_get(d, q->model);
+    if (!mm) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model);
+        goto out;
+    }
+    if (q->layer > INT32_MAX || q->expert > INT32_MAX) {
+        r = moe_error_set(&err, -EINVAL, "layer %u expert %u out of range", q->layer, q->expert);
+    } else if (op == OP_PIN) {
+        r = moe_cache_pin(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
+    } else if (op == OP_UNPIN) {
+        r = moe_cache_unpin(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
+    } else {
+        r = moe_cache_evict(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
+    }
+    model_put(d, mm);
+    if (r < 0)
+        moe_rpc_fail(call, moed_grpc_status(r), "%s", err.msg);
+    else /* Pin, Unpin and Evict responses are all empty messages */
+        reply_msg(call, &pr.base);
+out:
+    if (q)
+        moe__v1__expert_ref__free_unpacked(q, NULL);
+}
+
+static void on_pin(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    expert_call(call, req, len, arg, OP_PIN);
+}
+
+static void on_unpin(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    expert_call(call, req, len, arg, OP_UNPIN);
+}
+
+static void on_evict(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    expert_call(call, req, len, arg, OP_EVICT);
+}
+
+static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__DrainRequest *q = moe__v1__drain_request__unpack(NULL, len, req);
+    Moe__V1__DrainResponse r = MOE__V1__DRAIN_RESPONSE__INIT;
+    int n;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a DrainRequest");
+        return;
+    }
+    /* Waits on a completion-queue thread: bounded, and the scheduler's own
+     * workers finish the batches. */
+    n = moe_sched_drain(d->sched, q->timeout_ms ? q->timeout_ms : 30000);
+    if (n < 0) {
+        moe_rpc_fail(call, GRPC_STATUS_DEADLINE_EXCEEDED, "requests still in flight after %llu ms",
+                     (unsigned long long)(q->timeout_ms ? q->timeout_ms : 30000));
+    } else {
+        r.finished = (uint32_t)n;
+        reply_msg(call, &r.base);
+    }
+    moe__v1__drain_request__free_unpacked(q, NULL);
+}
+
+/* ---- Health ---------------------------------------------------------------------------- */
+
+static void on_health(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Grpc__Health__V1__HealthCheckRequest *q =
+        grpc__health__v1__health_check_request__unpack(NULL, len, req);
+    Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    const char *svc;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a HealthCheckRequest");
+        return;
+    }
+    svc = q->service ? q->service : "";
+    if (*svc && strcmp(svc, "moe.v1.Experts") != 0 && strcmp(svc, "moe.v1.Control") != 0) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "unknown service '%s'", svc);
+    } else {
+        r.status = atomic_load(&d->state) == MOED_SERVING
+                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        reply_msg(call, &r.base);
+    }
+    grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+}
+
+int moed_methods(struct moed *d, const struct moe_rpc_method **ret)
+{
+    static struct moe_rpc_method m[] = {
+        {"/moe.v1.Experts/Forward", false, false, on_forward, NULL},
+        {"/moe.v1.Experts/ForwardStream", true, false, on_forward, NULL},
+        {"/moe.v1.Control/Status", false, false, on_status, NULL},
+        {"/moe.v1.Control/Stats", false, false, on_stats, NULL},
+        {"/moe.v1.Control/ListModels", false, false, on_list_models, NULL},
+        {"/moe.v1.Control/LoadModel", false, true, on_load, NULL},
+        {"/moe.v1.Control/UnloadModel", false, true, on_unload, NULL},
+        {"/moe.v1.Control/Pin", false, true, on_pin, NULL},
+        {"/moe.v1.Control/Unpin", false, true, on_unpin, NULL},
+        {"/moe.v1.Control/Evict", false, true, on_evict, NULL},
+        {"/moe.v1.Control/Drain", false, true, on_drain, NULL},
+        {"/grpc.health.v1.Health/Check", false, false, on_health, NULL},
+    };
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(m); i++)
+        m[i].arg = d;
+    *ret = m;
+    return (int)MOE_ARRAY_SIZE(m);
+}

@@ -1,0 +1,356 @@
+#!/usr/bin/python3
+"""moed end to end, called by a gRPC client that is not ours: Python's grpcio
+(Debian's python3-grpcio), with stubs generated here from proto/moe.proto by
+grpc_tools.
+
+Checks: Health; ListModels; Forward through gRPC equals `moectl forward
+--local` bit for bit (f32) and within bf16 rounding (bf16, f16); callers in
+parallel get their own answers and are batched together; ForwardStream
+answers in order; every bad request gets its status and message while the
+daemon keeps serving; Stats; the bearer token on mutating calls; Pin, Evict;
+SIGHUP re-reads the log level; SIGTERM under load exits 0 with every call
+answered; bad configurations are refused at start.
+
+Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+try:
+    import numpy as np
+    import grpc
+    from grpc_tools import protoc
+except ImportError as e:
+    print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
+          f"python3-grpc-tools)")
+    sys.exit(77)
+
+failures = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail and not ok else ''}")
+    if not ok:
+        failures.append(f"{name}: {detail}")
+
+
+class Daemon:
+    def __init__(self, moed, args, workdir, name):
+        self.log = open(f"{workdir}/{name}.log", "w+")
+        self.p = subprocess.Popen([moed, "--listen", "127.0.0.1:0"] + args,
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on port (\d+)", line)
+        if not m:
+            self.p.kill()
+            self.log.seek(0)
+            raise RuntimeError(f"moed did not start: {line!r} {self.log.read()}")
+        self.port = int(m.group(1))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
+                                             options=[("grpc.max_receive_message_length",
+                                                       256 << 20),
+                                                      ("grpc.max_send_message_length",
+                                                       256 << 20)])
+
+    def stderr(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        self.channel.close()
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return -9
+
+
+def tensor(pb, x, dtype="f32"):
+    t = pb.Tensor()
+    t.shape.extend(x.shape)
+    if dtype == "f32":
+        t.dtype = pb.DTYPE_F32
+        t.data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    elif dtype == "bf16":
+        t.dtype = pb.DTYPE_BF16
+        u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+        t.data = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    else:
+        t.dtype = pb.DTYPE_F16
+        t.data = np.ascontiguousarray(x, dtype="<f2").tobytes()
+    return t
+
+
+def from_tensor(pb, t):
+    shape = tuple(t.shape)
+    if t.dtype == pb.DTYPE_F32:
+        return np.frombuffer(t.data, dtype="<f4").reshape(shape)
+    if t.dtype == pb.DTYPE_BF16:
+        u = np.frombuffer(t.data, dtype="<u2").astype("<u4") << 16
+        return u.view("<f4").reshape(shape)
+    return np.frombuffer(t.data, dtype="<f2").astype("f4").reshape(shape)
+
+
+def code_of(fn):
+    try:
+        fn()
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--moed", required=True)
+    ap.add_argument("--moectl", required=True)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--workdir", required=True)
+    a = ap.parse_args()
+    w = a.workdir
+    shutil.rmtree(w, ignore_errors=True)
+    os.makedirs(w)
+
+    # stubs from our proto, by grpc_tools (not our code)
+    gen = f"{w}/gen"
+    os.makedirs(gen)
+    r = protoc.main(["protoc", f"-I{a.source}/proto", f"--python_out={gen}",
+                     f"--grpc_python_out={gen}", "moe.proto", "health.proto"])
+    if r != 0:
+        print("FAIL: grpc_tools.protoc could not compile proto/moe.proto")
+        return 1
+    sys.path.insert(0, gen)
+    import moe_pb2 as pb
+    import moe_pb2_grpc as pbg
+    import health_pb2 as hpb
+    import health_pb2_grpc as hpbg
+
+    m, moed = a.moectl, a.moed
+    model = f"{w}/mix"
+    subprocess.run([m, "gen-model", "--arch", "mixtral", "--layers", "3", "--experts", "8",
+                    "--hidden", "128", "--ffn", "96", "--out", model, "-q"], check=True)
+    ds = f"{w}/ds"
+    subprocess.run([m, "gen-model", "--arch", "deepseek_v3", "--out", ds, "-q"], check=True)
+
+    # bad configurations
+    conf = f"{w}/bad.conf"
+    with open(conf, "w") as f:
+        f.write("[cache]\npolicy = routing\nhost_cach_bytes = 1G\n")
+    p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
+    check("unknown key refused", p.returncode == 2 and "bad.conf:3" in p.stderr
+          and "host_cach_bytes" in p.stderr, p.stderr)
+    with open(conf, "w") as f:
+        f.write("[cache]\npolicy = mru\n")
+    p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
+    check("bad value refused", p.returncode == 2 and "expected lru, freq or routing" in p.stderr,
+          p.stderr)
+    p = subprocess.run([moed, "--host-cache-bytes", "12Q"], capture_output=True, text=True)
+    check("bad flag value refused", p.returncode == 2 and "host_cache_bytes" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--frobnicate", "1"], capture_output=True, text=True)
+    check("unknown flag refused", p.returncode == 2 and "--frobnicate" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model", f"{w}/nope"],
+                       capture_output=True, text=True, timeout=30)
+    check("missing model refused", p.returncode == 1 and "config.json" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--help"], capture_output=True, text=True)
+    check("--help", p.returncode == 0 and "--host-cache-bytes" in p.stdout, p.stdout)
+
+    conf = f"{w}/moed.conf"
+    with open(conf, "w") as f:
+        f.write("[server]\nlog_level = warn\n[scheduler]\nbatch_window_us = 20000\n")
+    d = Daemon(moed, ["--config", conf, "--model", f"mix={model}", "--model", ds,
+                      "--token", "s3cret", "--max-message-bytes", "1M"], w, "moed")
+    try:
+        exp = pbg.ExpertsStub(d.channel)
+        ctl = pbg.ControlStub(d.channel)
+        health = hpbg.HealthStub(d.channel)
+
+        h = health.Check(hpb.HealthCheckRequest(service=""))
+        check("health SERVING", h.status == hpb.HealthCheckResponse.SERVING, str(h))
+        models = ctl.ListModels(pb.ListModelsRequest()).models
+        names = sorted(x.name for x in models)
+        check("ListModels", names == ["ds", "mix"], str(names))
+        mix = [x for x in models if x.name == "mix"][0]
+        check("ModelInfo", mix.arch == "mixtral" and mix.hidden == 128 and mix.experts == 8
+              and mix.top_k == 2 and list(mix.moe_layer_ids) == [0, 1, 2], str(mix))
+
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((5, 128)).astype("f4")
+        np.save(f"{w}/x.npy", x)
+        for layer in (0, 1, 2):
+            subprocess.run([m, "forward", "--local", "--model", model, "--layer", str(layer),
+                            "--in", f"{w}/x.npy", "--out", f"{w}/y{layer}.npy", "-q"],
+                           check=True)
+            ref = np.load(f"{w}/y{layer}.npy")
+            resp = exp.Forward(pb.ForwardRequest(model="mix", layer=layer,
+                                                 hidden=tensor(pb, x), return_routing=True))
+            y = from_tensor(pb, resp.output)
+            check(f"Forward layer {layer} equals forward --local", np.array_equal(y, ref),
+                  f"max diff {np.max(np.abs(y - ref))}")
+            check(f"Forward layer {layer} routing", len(resp.routing.expert_ids) == 10
+                  and resp.routing.top_k == 2, str(resp.routing))
+        for dt in ("bf16", "f16"):
+            resp = exp.Forward(pb.ForwardRequest(model="mix", layer=1, hidden=tensor(pb, x, dt)))
+            y = from_tensor(pb, resp.output)
+            ref = np.load(f"{w}/y1.npy")
+            err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+            check(f"Forward {dt} within rounding", resp.output.dtype != pb.DTYPE_F32
+                  and err < 2e-2, f"rel err {err}")
+        xd = rng.standard_normal((3, 256)).astype("f4")
+        np.save(f"{w}/xd.npy", xd)
+        subprocess.run([m, "forward", "--local", "--model", ds, "--layer", "1", "--in",
+                        f"{w}/xd.npy", "--out", f"{w}/yd.npy", "-q"], check=True)
+        resp = exp.Forward(pb.ForwardRequest(model="ds", layer=1, hidden=tensor(pb, xd)))
+        check("Forward deepseek_v3 (shared expert) equals local",
+              np.array_equal(from_tensor(pb, resp.output), np.load(f"{w}/yd.npy")))
+
+        # parallel callers: batched, each with its own answer
+        results = {}
+
+        def caller(i):
+            xi = x[:2] + np.float32(0.01 * (i + 1))
+            r = exp.Forward(pb.ForwardRequest(model="mix", layer=2, hidden=tensor(pb, xi)))
+            results[i] = (xi, from_tensor(pb, r.output), r.timing.batch_requests)
+        th = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        merged = max(v[2] for v in results.values())
+        check("parallel callers batched", len(results) == 8 and merged > 1, f"largest {merged}")
+        ok = True
+        for i, (xi, yi, _) in results.items():
+            np.save(f"{w}/xi.npy", xi)
+            subprocess.run([m, "forward", "--local", "--model", model, "--layer", "2", "--in",
+                            f"{w}/xi.npy", "--out", f"{w}/yi.npy", "-q"], check=True)
+            ok &= np.array_equal(yi, np.load(f"{w}/yi.npy"))
+        check("parallel callers get their own answers", ok)
+
+        # ForwardStream: in order
+        reqs = [pb.ForwardRequest(model="mix", layer=i % 3, hidden=tensor(pb, x), tag=100 + i)
+                for i in range(5)]
+        tags = [r.tag for r in exp.ForwardStream(iter(reqs))]
+        check("ForwardStream in order", tags == [100, 101, 102, 103, 104], str(tags))
+
+        # bad requests, each answered, the daemon still serving
+        good = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x))
+        bad_shape = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x[:, :64]))
+        short = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x))
+        short.hidden.data = short.hidden.data[:-4]
+        nodtype = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x))
+        nodtype.hidden.dtype = pb.DTYPE_UNSPECIFIED
+        routing = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x))
+        routing.routing.top_k = 2
+        routing.routing.expert_ids.extend([0, 9] * 5)
+        routing.routing.weights.extend([0.5] * 10)
+        nan = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, np.full_like(x, np.nan)))
+        huge = pb.ForwardRequest(model="mix", layer=0,
+                                 hidden=tensor(pb, np.zeros((4096, 128), dtype="f4")))
+        cases = [
+            ("unknown model", pb.ForwardRequest(model="gpt", layer=0, hidden=tensor(pb, x)),
+             grpc.StatusCode.NOT_FOUND, "no model called 'gpt'"),
+            ("dense or missing layer", pb.ForwardRequest(model="mix", layer=7,
+                                                         hidden=tensor(pb, x)),
+             grpc.StatusCode.INVALID_ARGUMENT, "no MoE layer 7"),
+            ("deepseek dense layer 0", pb.ForwardRequest(model="ds", layer=0,
+                                                         hidden=tensor(pb, xd)),
+             grpc.StatusCode.INVALID_ARGUMENT, "no MoE layer 0"),
+            ("wrong width", bad_shape, grpc.StatusCode.INVALID_ARGUMENT, "expected [tokens, 128]"),
+            ("short data", short, grpc.StatusCode.INVALID_ARGUMENT, "needs 2560"),
+            ("no dtype", nodtype, grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+            ("expert out of range", routing, grpc.StatusCode.INVALID_ARGUMENT, "routing"),
+            ("NaN input", nan, grpc.StatusCode.INVALID_ARGUMENT, "not finite"),
+            ("oversized message", huge, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ]
+        for name, req, want, needle in cases:
+            code, details = code_of(lambda: exp.Forward(req))
+            check(f"bad request: {name}", code == want and needle in details,
+                  f"{code} {details}")
+            code, _ = code_of(lambda: exp.Forward(good))
+            check(f"  still serving after {name}", code == grpc.StatusCode.OK, str(code))
+
+        # Stats
+        st = ctl.Stats(pb.StatsRequest(experts=True))
+        check("Stats", st.tiers[0].name == "host" and st.total.hits + st.total.misses > 0
+              and st.requests > 0 and len(st.models) == 2, str(st.total))
+        mixst = [x for x in st.models if x.name == "mix"][0]
+        check("Stats per layer and expert", len(mixst.layers) == 3 and len(mixst.experts) == 24)
+        status = ctl.Status(pb.StatusRequest())
+        check("Status", status.state == "serving" and status.models == 2 and status.requests > 0,
+              str(status))
+
+        # token on mutating calls
+        ref = pb.ExpertRef(model="mix", layer=1, expert=3)
+        code, _ = code_of(lambda: ctl.Pin(ref))
+        check("Pin without token: UNAUTHENTICATED", code == grpc.StatusCode.UNAUTHENTICATED,
+              str(code))
+        code, _ = code_of(lambda: ctl.Pin(ref, metadata=[("authorization", "Bearer nope")]))
+        check("Pin with a wrong token: UNAUTHENTICATED",
+              code == grpc.StatusCode.UNAUTHENTICATED, str(code))
+        tok = [("authorization", "Bearer s3cret")]
+        code, _ = code_of(lambda: ctl.Pin(ref, metadata=tok))
+        check("Pin with the token", code == grpc.StatusCode.OK, str(code))
+        code, det = code_of(lambda: ctl.Evict(ref, metadata=tok))
+        check("Evict of a pinned expert: FAILED_PRECONDITION",
+              code == grpc.StatusCode.FAILED_PRECONDITION and "unpin" in det, f"{code} {det}")
+        code, _ = code_of(lambda: ctl.Unpin(ref, metadata=tok))
+        code2, _ = code_of(lambda: ctl.Evict(ref, metadata=tok))
+        check("Unpin then Evict", code == code2 == grpc.StatusCode.OK, f"{code} {code2}")
+        code, det = code_of(lambda: ctl.Pin(pb.ExpertRef(model="mix", layer=1, expert=99),
+                                            metadata=tok))
+        check("Pin of a missing expert", code == grpc.StatusCode.INVALID_ARGUMENT, det)
+        code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(timeout_ms=5000), metadata=tok))
+        check("Drain", code == grpc.StatusCode.OK, str(code))
+
+        # SIGHUP: the file's log level
+        with open(conf, "w") as f:
+            f.write("[server]\nlog_level = debug\n[scheduler]\nbatch_window_us = 20000\n")
+        d.p.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if "log level debug" in d.stderr():
+                break
+            time.sleep(0.1)
+        check("SIGHUP re-reads the log level", "log level debug" in d.stderr(), d.stderr()[-500:])
+
+        # SIGTERM under load: every call answered, exit 0
+        answers = []
+
+        def load():
+            for _ in range(40):
+                code, _ = code_of(lambda: exp.Forward(good))
+                answers.append(code)
+                if code != grpc.StatusCode.OK:
+                    break
+        th = [threading.Thread(target=load) for _ in range(4)]
+        for t in th:
+            t.start()
+        time.sleep(0.3)
+        rc = d.stop(signal.SIGTERM)
+        for t in th:
+            t.join(30)
+        check("SIGTERM under load: exit 0", rc == 0, f"exit {rc}: {d.stderr()[-800:]}")
+        check("SIGTERM under load: every call answered",
+              all(c in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.CANCELLED) for c in answers) and len(answers) >= 4,
+              str(set(answers)))
+    finally:
+        if d.p.poll() is None:
+            d.stop(signal.SIGKILL)
+
+    if failures:
+        print("\n".join(failures))
+        return 1
+    print("all passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
