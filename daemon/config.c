@@ -283,11 +283,13 @@ void moed_usage(FILE *f)
                 *p = '-';
         fprintf(f, "  %-26s [%s] %s\n", flag, keys[i].section, keys[i].help);
     }
-    fprintf(f, "  --help, --version\n"
-               "\n"
-               "Signals: SIGTERM/SIGINT stop (requests in flight finish), SIGHUP re-reads the\n"
-               "file's log level and cache capacity.  With NOTIFY_SOCKET set (systemd\n"
-               "Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n");
+    fprintf(
+        f,
+        "  --help, --version\n"
+        "\n"
+        "Signals: SIGTERM/SIGINT stop (requests in flight finish), SIGHUP re-reads the\n"
+        "file's log level, cache capacity, policy and prefetch.  With NOTIFY_SOCKET set (systemd\n"
+        "Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n");
 }
 
 static const struct key *flag_key(const char *flag)

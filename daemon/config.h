@@ -76,7 +76,7 @@ void moed_config_clear(struct moed_config *c);
 int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_error *err);
 
 /* Re-reads the file for what can change live (SIGHUP): log level, cache
- * capacity.  Flags given at start still win.  0 or -errno with err. */
+ * capacity, policy, prefetch.  Flags given at start still win.  0 or -errno with err. */
 int moed_config_reload(const struct moed_config *start, int argc, char **argv,
                        struct moed_config *ret, struct moe_error *err);
 

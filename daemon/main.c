@@ -8,7 +8,8 @@
  *   SIGTERM, SIGINT  stop: refuse new requests (UNAVAILABLE), let those in
  *                    flight finish for drain_timeout_ms, cancel the rest,
  *                    free everything, exit 0;
- *   SIGHUP           re-read the file: log level and host cache capacity.
+ *   SIGHUP           re-read the file: log level, host cache capacity, policy
+ *                    and prefetch.
  * The main loop wakes every second to ping the systemd watchdog when it is
  * enabled.
  */
@@ -81,11 +82,16 @@ static void reload(struct moed *d, int argc, char **argv)
                     (unsigned long long)nc.host_cache_bytes);
         d->cfg.host_cache_bytes = nc.host_cache_bytes;
     }
-    if (nc.policy != d->cfg.policy || nc.prefetch != d->cfg.prefetch)
-        moe_log(MOE_LOG_WARN,
-                "SIGHUP: changing the policy or prefetch needs a restart (kept "
-                "%s%s)",
-                moe_cache_policy_name(d->cfg.policy), d->cfg.prefetch ? "+prefetch" : "");
+    if (nc.policy != d->cfg.policy || nc.prefetch != d->cfg.prefetch) {
+        if (moe_cache_set_policy(d->cache, nc.policy, nc.prefetch, &err) < 0) {
+            moe_log(MOE_LOG_WARN, "SIGHUP: policy: %s", err.msg);
+        } else {
+            moe_log(MOE_LOG_INFO, "SIGHUP: policy %s%s", moe_cache_policy_name(nc.policy),
+                    nc.prefetch ? "+prefetch" : "");
+            d->cfg.policy = nc.policy;
+            d->cfg.prefetch = nc.prefetch;
+        }
+    }
     moed_config_clear(&nc);
     notify("STATUS=serving %d models, configuration reloaded", d->n_models);
 }

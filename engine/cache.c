@@ -1631,3 +1631,48 @@ int moe_cache_tier_count(struct moe_cache *c)
 {
     return c->n_tiers;
 }
+
+int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool prefetch,
+                         struct moe_error *err)
+{
+    if ((unsigned)policy >= MOE_POLICY_COUNT)
+        return moe_error_set(err, -EINVAL, "unknown cache policy %d", (int)policy);
+    pthread_mutex_lock(&c->lock);
+    for (int k = 0; k < c->n_tiers; k++) {
+        struct moe_policy np;
+
+        if (moe_policy_init(&np, policy, &c->env) < 0) {
+            pthread_mutex_unlock(&c->lock);
+            return moe_error_set(err, -ENOMEM, "out of memory");
+        }
+        moe_policy_clear(&c->tiers[k].policy);
+        c->tiers[k].policy = np;
+        /* the list head moved with the struct */
+        c->tiers[k].policy.lru.next = c->tiers[k].policy.lru.prev = &c->tiers[k].policy.lru;
+    }
+    /* Every resident expert enters the new policies; use counts carry over. */
+    for (int i = 0; i < c->n_models; i++) {
+        struct cmodel *mod = c->models[i];
+
+        if (!mod)
+            continue;
+        for (size_t j = 0; j < (size_t)mod->n_layers * mod->n_experts; j++) {
+            struct centry *e = &mod->entries[j];
+
+            if (!e->t)
+                continue;
+            for (int k = 0; k < c->n_tiers; k++) {
+                struct moe_pnode *n = &e->t[k].node;
+
+                n->prev = n->next = NULL;
+                n->heap = -1;
+                if (n->resident)
+                    c->tiers[k].policy.ops->insert(&c->tiers[k].policy, n);
+            }
+        }
+    }
+    c->cfg.policy = policy;
+    c->cfg.prefetch = prefetch;
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}

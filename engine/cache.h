@@ -181,6 +181,11 @@ int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struc
  * down to a smaller capacity as pins allow. */
 int moe_cache_set_capacity(struct moe_cache *c, int tier, uint64_t bytes, struct moe_error *err);
 
+/* Switches every tier to another policy (and prefetch on or off) at run
+ * time: resident experts stay, in the new policy's order. */
+int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool prefetch,
+                         struct moe_error *err);
+
 /* Tiers in the cache (the host tier is the last). */
 int moe_cache_tier_count(struct moe_cache *c);
 

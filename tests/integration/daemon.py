@@ -312,13 +312,21 @@ def main():
 
         # SIGHUP: the file's log level
         with open(conf, "w") as f:
-            f.write("[server]\nlog_level = debug\n[scheduler]\nbatch_window_us = 20000\n")
+            f.write("[server]\nlog_level = debug\n[cache]\npolicy = lru\n"
+                    "[scheduler]\nbatch_window_us = 20000\n")
         d.p.send_signal(signal.SIGHUP)
         for _ in range(50):
             if "log level debug" in d.stderr():
                 break
             time.sleep(0.1)
         check("SIGHUP re-reads the log level", "log level debug" in d.stderr(), d.stderr()[-500:])
+        for _ in range(50):
+            if ctl.Status(pb.StatusRequest()).policy == "lru":
+                break
+            time.sleep(0.1)
+        check("SIGHUP switches the policy", ctl.Status(pb.StatusRequest()).policy == "lru")
+        code, _ = code_of(lambda: exp.Forward(good))
+        check("  still serving after the switch", code == grpc.StatusCode.OK, str(code))
 
         # SIGTERM under load: every call answered, exit 0
         answers = []

@@ -304,6 +304,20 @@ static void check_shrink(void)
         ASSERT_EQ(moe_cache_acquire(c, model, 0, &x, 1, &ref, NULL), 0);
         moe_cache_release(c, &ref, 1);
     }
+    /* Switching policy keeps what is resident and goes on working. */
+    ASSERT_EQ(moe_cache_set_policy(c, MOE_POLICY_LRU, true, &err), 0);
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.tiers[0].resident, 10u);
+    ASSERT_STREQ(s.policy, "lru");
+    moe_cache_stats_clear(&s);
+    for (int32_t x = 0; x < 16; x++) {
+        struct moe_cache_ref ref;
+
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, &x, 1, &ref, NULL), 0);
+        ASSERT_EQ(ref.status, 0);
+        moe_cache_release(c, &ref, 1);
+    }
+    ASSERT_EQ(moe_cache_set_policy(c, MOE_POLICY_ROUTING, false, &err), 0);
     ASSERT_EQ(moe_cache_set_capacity(c, 0, 4 * 4096, &err), 0);
     ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
     ASSERT_EQ(s.tiers[0].resident, 4u);
