@@ -10,6 +10,15 @@
  *   pack        write a packed store (experts.bin + moe-pack.json) from a checkpoint
  *   verify      check a packed store's checksums, and against its checkpoint
  *
+ * Remote commands, calls to a running moed over gRPC (moectl_remote.c), each
+ * taking the remote options (--remote HOST:PORT or --socket PATH, --tls...,
+ * --token, --timeout, --json) after its name:
+ *   status      version, state, uptime, requests served
+ *   models      the loaded models
+ *   stats       cache statistics per tier, layer and expert
+ *   load, unload, pin, unpin, evict, drain
+ *   forward     without --local: one MoE layer in moed
+ *
  * Exit status: 0 success, 1 the command failed (the message says why),
  * 2 bad usage.
  */
@@ -116,11 +125,20 @@ static const struct command {
 } commands[] = {
     {"gen-model", moectl_gen_model, "write a deterministic synthetic checkpoint"},
     {"inspect", moectl_inspect, "describe a checkpoint (architecture, layers, experts, bytes)"},
-    {"forward", moectl_forward, "run one MoE layer on a .npy of hidden states (--local)"},
+    {"forward", moectl_forward, "run MoE layers on a .npy of hidden states (in moed, or --local)"},
     {"gen-trace", moectl_gen_trace, "write a routing trace of a synthetic token stream"},
     {"cache-sim", moectl_cache_sim, "replay a routing trace through the cache policies"},
     {"pack", moectl_pack, "write a packed store of a checkpoint's experts, for fast paging"},
     {"verify", moectl_verify, "check a packed store's checksums (and against its checkpoint)"},
+    {"status", moectl_status, "moed's version, state, uptime and requests served"},
+    {"models", moectl_models, "the models moed has loaded"},
+    {"stats", moectl_stats, "moed's cache statistics per tier, layer and expert"},
+    {"load", moectl_load, "load a checkpoint or packed store into moed"},
+    {"unload", moectl_unload, "unload a model from moed"},
+    {"pin", moectl_pin, "keep an expert resident in moed's cache"},
+    {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
+    {"evict", moectl_evict, "evict an expert from moed's cache"},
+    {"drain", moectl_drain, "stop taking requests and finish those in flight"},
 };
 
 static void usage(FILE *f)
@@ -128,6 +146,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: moectl COMMAND [options]\n\ncommands:\n");
     for (size_t i = 0; i < MOE_ARRAY_SIZE(commands); i++)
         fprintf(f, "  %-10s  %s\n", commands[i].name, commands[i].summary);
+    fputc('\n', f);
+    moectl_remote_usage(f);
     fprintf(f, "\n`moectl COMMAND --help` describes each command.  moectl %s\n", MOECTL_VERSION);
 }
 

@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define MOECTL_VERSION "0.1.0"
 
@@ -40,5 +41,23 @@ int moectl_gen_trace(int argc, char **argv);
 int moectl_cache_sim(int argc, char **argv);
 int moectl_pack(int argc, char **argv);
 int moectl_verify(int argc, char **argv);
+
+/* Remote commands (client/moectl_remote.c), calls to a running moed. */
+int moectl_status(int argc, char **argv);
+int moectl_models(int argc, char **argv);
+int moectl_stats(int argc, char **argv);
+int moectl_load(int argc, char **argv);
+int moectl_unload(int argc, char **argv);
+int moectl_pin(int argc, char **argv);
+int moectl_unpin(int argc, char **argv);
+int moectl_evict(int argc, char **argv);
+int moectl_drain(int argc, char **argv);
+/* forward through moed: --model NAME --layer L --in X.npy --out Y.npy
+ * [--routing-out R.npz] [--dtype f32|bf16|f16] [-q] and the remote options.
+ * Parses argv from the start (resets getopt). */
+int moectl_forward_remote(int argc, char **argv);
+/* The remote options (--remote, --socket, --tls..., --token, --timeout,
+ * --json), for usage texts. */
+void moectl_remote_usage(FILE *f);
 
 #endif

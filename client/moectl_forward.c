@@ -54,8 +54,11 @@ static void forward_usage(FILE *f)
             "The output does not depend on the cache size or policy.  Unless -q, prints the\n"
             "timing and the cache statistics (hits, misses, prefetches, page-in latency).\n"
             "\n"
-            "--local is required for now: forwarding through a running moed comes with the\n"
-            "daemon.\n");
+            "Without --local, one layer runs in a running moed instead:\n"
+            "  moectl forward --model NAME --layer L --in X.npy --out Y.npy\n"
+            "                 [--routing-out R.npz] [--dtype f32|bf16|f16]\n"
+            "                 [--remote HOST:PORT | --socket PATH] [--tls ...] [--token T]\n"
+            "NAME is a model loaded in moed (moectl models lists them).\n");
 }
 
 static int load_routing(const char *path, int n_tokens, int top_k, struct moe_npy *ids,
@@ -153,6 +156,13 @@ int moectl_forward(int argc, char **argv)
     int layer = -1, c, r, ret = 1, T;
     char b1[32];
 
+    /* Without --local the layer runs in moed (client/moectl_remote.c). */
+    for (int i = 1; i < argc && !local; i++)
+        local = strcmp(argv[i], "--local") == 0 || strcmp(argv[i], "--help") == 0 ||
+                strcmp(argv[i], "-h") == 0;
+    if (!local)
+        return moectl_forward_remote(argc, argv);
+    local = false;
     while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
         switch (c) {
         case 'l':
@@ -229,11 +239,6 @@ int moectl_forward(int argc, char **argv)
     }
     if (optind < argc) {
         errorf("forward: unexpected argument '%s'", argv[optind]);
-        return 2;
-    }
-    if (!local) {
-        errorf("forward: --local is required: forwarding through a running moed is not "
-               "available yet");
         return 2;
     }
     if (!dir || (layer < 0 && !all) || !in || !outp) {

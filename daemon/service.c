@@ -431,6 +431,11 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     f->d = d;
     f->call = call;
     f->t_recv = moe_now_ns();
+    if (atomic_load(&d->state) != MOED_SERVING) {
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is %s: no new requests",
+                     atomic_load(&d->state) == MOED_DRAINING ? "draining" : "stopping");
+        goto out;
+    }
     st = fwd_prepare(f, q, msg, sizeof(msg));
     if (st != GRPC_STATUS_OK) {
         moe_rpc_fail(call, st, "%s", msg);
@@ -652,17 +657,27 @@ static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
         const struct moe_cache_model_stats *m = &s.models[i];
         size_t l0 = li, e0 = ei;
 
+        bool is_moe[MOE_MAX_LAYERS];
+
+        /* dense layers have no experts: leave them out */
+        for (int l = 0; l < m->n_layers; l++)
+            is_moe[l] = true;
+        pthread_mutex_lock(&d->lock);
+        for (int k = 0; k < d->n_models; k++)
+            if (d->models[k]->cache_id == m->id)
+                for (int l = 0; l < m->n_layers; l++)
+                    is_moe[l] = d->models[k]->m->layers[l].is_moe;
+        pthread_mutex_unlock(&d->lock);
         moe__v1__model_stats__init(&ms[i]);
         ms[i].name = s.models[i].name;
         ms[i].bad_experts = (uint32_t)m->bad_experts;
         for (int l = 0; l < m->n_layers; l++) {
-            bool moe = false;
-
+            if (!is_moe[l])
+                continue;
             for (int x = 0; x < m->n_experts; x++) {
                 const struct moe_cache_expert_stats *xs = &m->experts[(size_t)l * m->n_experts + x];
 
                 add_counters(&lsum[li], &xs->c);
-                moe |= xs->tier >= 0 || xs->c.hits || xs->c.misses || xs->c.page_ins;
                 if (want_experts) {
                     moe__v1__expert_stats__init(&es[ei]);
                     es[ei].layer = (uint32_t)l;
@@ -678,7 +693,6 @@ static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
                     ei++;
                 }
             }
-            (void)moe;
             moe__v1__layer_stats__init(&ls[li]);
             ls[li].layer = (uint32_t)l;
             counters(&lsum[li], &lc[li]);
@@ -840,6 +854,21 @@ static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
     if (!q) {
         moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a DrainRequest");
         return;
+    }
+    if (q->resume) {
+        int st = MOED_DRAINING;
+
+        atomic_compare_exchange_strong(&d->state, &st, MOED_SERVING);
+        moe_log(MOE_LOG_INFO, "serving again after a drain");
+        reply_msg(call, &r.base);
+        moe__v1__drain_request__free_unpacked(q, NULL);
+        return;
+    }
+    {
+        int st = MOED_SERVING;
+
+        if (atomic_compare_exchange_strong(&d->state, &st, MOED_DRAINING))
+            moe_log(MOE_LOG_INFO, "draining: new forwards get UNAVAILABLE");
     }
     /* Waits on a completion-queue thread: bounded, and the scheduler's own
      * workers finish the batches. */

@@ -21,8 +21,9 @@ except ImportError:
 failures = []
 
 
-def check(name, cmd, status, needle=None, stream="stderr"):
-    p = subprocess.run(cmd, capture_output=True, text=True)
+def check(name, cmd, status, needle=None, stream="stderr", env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
     out = p.stderr if stream == "stderr" else p.stdout
     ok = p.returncode == status and (needle is None or needle in out)
     if p.returncode < 0 or p.returncode >= 128:
@@ -100,8 +101,10 @@ def main():
     good = f"{w}/x.npy"
     np.save(good, rng.standard_normal((4, H), dtype=np.float32))
     fwd = [m, "forward", "--local", "--model", model, "--out", f"{w}/y.npy"]
-    check("forward without --local", [m, "forward", "--model", model, "--layer", "1", "--in",
-                                      good, "--out", f"{w}/y.npy"], 2, "--local")
+    check("forward without --local goes to moed", [m, "forward", "--remote", "127.0.0.1:1",
+                                                   "--model", "mix", "--layer", "1", "--in",
+                                                   good, "--out", f"{w}/y.npy"], 1,
+          "cannot reach moed")
     check("forward missing --in", fwd + ["--layer", "1"], 2, "--in")
     check("forward ok", fwd + ["--layer", "1", "--in", good], 0, "tokens", stream="stdout")
     check("forward dense layer", fwd + ["--layer", "0", "--in", good], 1, "dense")
@@ -302,6 +305,64 @@ def main():
         f.write(b"\1\2\3")
     check("cache-sim partial record", [m, "cache-sim", "--trace", f"{w}/unclosed.trace",
                                        "--capacity", "50%"], 1, "is incomplete")
+
+    # remote commands: usage errors, and a daemon that is not there
+    import socket
+    remote_cmds = ("status", "models", "stats", "load", "unload", "pin", "unpin", "evict", "drain")
+    check("--help lists the remote options", [m, "--help"], 0, "--remote HOST:PORT",
+          stream="stdout")
+    for sub in remote_cmds:
+        check(f"{sub} --help", [m, sub, "--help"], 0, "--remote HOST:PORT", stream="stdout")
+    check("load without --dir", [m, "load"], 2, "--dir is required")
+    check("load empty --name", [m, "load", "--dir", w, "--name", ""], 2, "--name ''")
+    check("unload without NAME", [m, "unload"], 2, "expected NAME")
+    check("pin without EXPERT", [m, "pin", "ds", "1"], 2, "expected MODEL LAYER EXPERT")
+    check("pin bad layer", [m, "pin", "ds", "x", "3"], 2, "pin: LAYER 'x'")
+    check("evict bad expert", [m, "evict", "ds", "1", "1.5"], 2, "evict: EXPERT '1.5'")
+    check("unpin extra argument", [m, "unpin", "ds", "1", "2", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("status extra argument", [m, "status", "stray"], 2, "unexpected argument 'stray'")
+    check("status unknown option", [m, "status", "--fast"], 2, "usage")
+    check("stats extra argument", [m, "stats", "--experts", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("drain bad --timeout-ms", [m, "drain", "--timeout-ms", "soon"], 2, "--timeout-ms 'soon'")
+    check("--timeout 0", [m, "status", "--timeout", "0"], 2, "--timeout '0'")
+    check("--timeout not a number", [m, "models", "--timeout", "1x"], 2, "--timeout '1x'")
+    check("--remote and --socket", [m, "status", "--remote", "127.0.0.1:1", "--socket",
+                                    f"{w}/s"], 2, "give one")
+    check("--remote without a port", [m, "status", "--remote", "localhost"], 2,
+          "expected HOST:PORT")
+    check("--remote bad port", [m, "status", "--remote", "127.0.0.1:99999"], 2,
+          "expected HOST:PORT")
+    check("MOED_ADDRESS without a port", [m, "status"], 2, "address 'nowhere'",
+          env={"MOED_ADDRESS": "nowhere"})
+    check("--tls-cert without --tls", [m, "status", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+          2, "need --tls")
+    check("--tls-cert without --tls-key", [m, "status", "--tls", "--tls-cert", "c.pem"], 2,
+          "both --tls-cert and --tls-key")
+    # A port bound but not listening: connections to it are refused.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{sock.getsockname()[1]}"
+        dead = {"status": [], "models": [], "stats": ["--experts"],
+                "load": ["--dir", model], "unload": ["ds"], "pin": ["ds", "1", "2"],
+                "unpin": ["ds", "1", "2"], "evict": ["ds", "1", "2"], "drain": []}
+        for sub in remote_cmds:
+            check(f"{sub} with no daemon", [m, sub, "--remote", addr] + dead[sub], 1,
+                  f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("status --json with no daemon", [m, "status", "--json", "--remote", addr], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("status with no daemon at MOED_ADDRESS", [m, "status"], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ", env={"MOED_ADDRESS": addr})
+        check("options before the arguments", [m, "pin", "--remote", addr, "--token", "t",
+                                               "--timeout", "5", "ds", "1", "2"], 1,
+              "cannot reach moed")
+    check("status with no daemon on the socket", [m, "status", "--socket", f"{w}/none.sock"], 1,
+          f"cannot reach moed at unix:{w}/none.sock: UNAVAILABLE: ")
+    check("--tls with a missing CA file", [m, "status", "--tls", "--tls-ca", f"{w}/none.pem"], 1,
+          "cannot open CA file")
+    check("--tls with a CA file that is not PEM", [m, "status", "--tls", "--tls-ca", good], 1,
+          "not a PEM file")
 
     if failures:
         print("\n".join(failures))

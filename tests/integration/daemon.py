@@ -287,6 +287,33 @@ def main():
         check("Status", status.state == "serving" and status.models == 2 and status.requests > 0,
               str(status))
 
+        # moectl's remote commands against the same daemon
+        addr = ["--remote", f"127.0.0.1:{d.port}"]
+        for cmd, needle in (("status", "serving"), ("models", "mixtral"), ("stats", "host")):
+            p = subprocess.run([m, cmd] + addr, capture_output=True, text=True)
+            check(f"moectl {cmd}", p.returncode == 0 and needle in p.stdout, p.stdout + p.stderr)
+        p = subprocess.run([m, "stats", "--json"] + addr, capture_output=True, text=True)
+        try:
+            import json
+            js = json.loads(p.stdout)
+            check("moectl stats --json", p.returncode == 0 and "tiers" in js, p.stdout[:300])
+        except ValueError:
+            check("moectl stats --json", False, p.stdout[:300] + p.stderr)
+        p = subprocess.run([m, "forward", "--model", "mix", "--layer", "1", "--in", f"{w}/x.npy",
+                            "--out", f"{w}/yr.npy"] + addr, capture_output=True, text=True)
+        check("moectl forward through moed equals --local", p.returncode == 0
+              and np.array_equal(np.load(f"{w}/yr.npy"), np.load(f"{w}/y1.npy")),
+              p.stdout + p.stderr)
+        p = subprocess.run([m, "pin", "mix", "1", "2"] + addr, capture_output=True, text=True)
+        check("moectl pin without the token", p.returncode == 1
+              and "UNAUTHENTICATED" in p.stderr, p.stderr)
+        p = subprocess.run([m, "pin", "mix", "1", "2", "--token", "s3cret"] + addr,
+                           capture_output=True, text=True)
+        p2 = subprocess.run([m, "unpin", "mix", "1", "2", "--token", "s3cret"] + addr,
+                            capture_output=True, text=True)
+        check("moectl pin and unpin with the token", p.returncode == 0 and p2.returncode == 0,
+              p.stderr + p2.stderr)
+
         # token on mutating calls
         ref = pb.ExpertRef(model="mix", layer=1, expert=3)
         code, _ = code_of(lambda: ctl.Pin(ref))
@@ -309,6 +336,15 @@ def main():
         check("Pin of a missing expert", code == grpc.StatusCode.INVALID_ARGUMENT, det)
         code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(timeout_ms=5000), metadata=tok))
         check("Drain", code == grpc.StatusCode.OK, str(code))
+        code, det = code_of(lambda: exp.Forward(good))
+        h = health.Check(hpb.HealthCheckRequest(service=""))
+        check("drained: forwards UNAVAILABLE, health NOT_SERVING",
+              code == grpc.StatusCode.UNAVAILABLE and "draining" in det
+              and h.status == hpb.HealthCheckResponse.NOT_SERVING, f"{code} {det} {h}")
+        code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(resume=True), metadata=tok))
+        code2, _ = code_of(lambda: exp.Forward(good))
+        check("Drain resume: serving again", code == code2 == grpc.StatusCode.OK,
+              f"{code} {code2}")
 
         # SIGHUP: the file's log level
         with open(conf, "w") as f:
@@ -352,6 +388,22 @@ def main():
     finally:
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
+
+    # gRPC on a Unix socket only
+    sock = f"{w}/moed.sock"
+    p = subprocess.Popen([moed, "--listen", "none", "--socket", sock, "--model", model],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p.stdout.readline()
+        ch = grpc.insecure_channel(f"unix:{sock}")
+        h = hpbg.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=10)
+        check("Unix socket: Health", h.status == hpb.HealthCheckResponse.SERVING, str(h))
+        q = subprocess.run([m, "models", "--socket", sock], capture_output=True, text=True)
+        check("Unix socket: moectl models", q.returncode == 0 and "mix" in q.stdout, q.stderr)
+        ch.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        check("Unix socket daemon stops with 0", p.wait(30) == 0)
 
     if failures:
         print("\n".join(failures))
