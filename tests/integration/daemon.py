@@ -389,6 +389,43 @@ def main():
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
 
+    # sd_notify: READY, STATUS, WATCHDOG, then STOPPING, on a socket we read
+    import socket as so
+    ns_path = f"{w}/notify.sock"
+    ns = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    ns.bind(ns_path)
+    ns.settimeout(10)
+    env = dict(os.environ, NOTIFY_SOCKET=ns_path, WATCHDOG_USEC="200000")
+    p = subprocess.Popen([moed, "--listen", "127.0.0.1:0", "--model", model],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    msgs = []
+    try:
+        p.stdout.readline()
+        t_end = time.time() + 10
+        while time.time() < t_end and not any("WATCHDOG=1" in x for x in msgs):
+            msgs.append(ns.recv(4096).decode())
+        p.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in x for x in msgs):
+            msgs.append(ns.recv(4096).decode())
+    except so.timeout:
+        pass
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        rc = p.wait(30)
+        ns.close()
+    text = "|".join(msgs)
+    order = [text.find(k) for k in ("READY=1", "STATUS=", "WATCHDOG=1", "STOPPING=1")]
+    check("sd_notify READY, STATUS, WATCHDOG, STOPPING in order",
+          all(i >= 0 for i in order) and order[0] <= order[1] < order[3]
+          and order[0] < order[2] < order[3] and rc == 0, text)
+    p = subprocess.Popen([moed, "--listen", "127.0.0.1:0", "--model", model],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+    p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    check("no NOTIFY_SOCKET: runs and stops", p.wait(30) == 0)
+
     # gRPC on a Unix socket only
     sock = f"{w}/moed.sock"
     p = subprocess.Popen([moed, "--listen", "none", "--socket", sock, "--model", model],
