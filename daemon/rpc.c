@@ -34,7 +34,17 @@
  * call object holds a reference on the server (server->refs, plus one for
  * the owner), so a call outliving moe_rpc_server_free still finds its server.
  *
- * Locks: server->lock, then call->lock; never the other way round.
+ * Calls to methods not registered are taken by grpc_server_request_call
+ * slots (one per worker) and answered UNIMPLEMENTED; the core would
+ * otherwise hold them until their deadline.
+ *
+ * Shutdown: stop posting requests, grpc_server_shutdown_and_notify, wait
+ * for its tag until the deadline, then grpc_server_cancel_all_calls and wait
+ * again; mark every call dead (under both locks), destroy the server, shut
+ * the queues down and let the workers drain them, join.
+ *
+ * Locks: server->lock, then call->lock; never the other way round.  Neither
+ * is held while a handler runs.
  */
 #include "rpc.h"
 
@@ -69,6 +79,30 @@
 #define RPC_TLS_FILE_MAX (1u << 20)
 #define RPC_STATUS_MSG_MAX 512
 
+/*
+ * A tag handed to the core and returned by grpc_completion_queue_next
+ * carries our writes to the thread that gets it, through the core's own
+ * synchronization, which ThreadSanitizer does not see (the library is not
+ * instrumented).  Tell it: release when posting a tag, acquire when a
+ * completion returns it.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define RPC_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define RPC_TSAN 1
+#endif
+#endif
+#ifdef RPC_TSAN
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+#define tag_posted(t) __tsan_release(t)
+#define tag_returned(t) __tsan_acquire(t)
+#else
+#define tag_posted(t) ((void)(t))
+#define tag_returned(t) ((void)(t))
+#endif
+
 enum rpc_tag_kind {
     RPC_TAG_NEW,      /* request_registered_call matched a call */
     RPC_TAG_RECV,     /* RECV_MESSAGE */
@@ -88,6 +122,11 @@ struct rpc_method {
     struct moe_rpc_method m; /* m.path is ours (strdup) */
     void *handle;            /* from grpc_server_register_method */
 };
+
+/* Calls to methods not registered: answered UNIMPLEMENTED (without slots
+ * for them, the core would keep such calls waiting forever). */
+static const struct rpc_method unknown_method = {{"(unknown method)", false, false, NULL, NULL},
+                                                 NULL};
 
 struct rpc_worker {
     struct moe_rpc_server *s;
@@ -130,7 +169,8 @@ struct moe_rpc_call {
     grpc_call *gc;
     gpr_timespec deadline;
     grpc_metadata_array md;
-    char *peer; /* gpr_malloc'd by grpc_call_get_peer, or NULL */
+    grpc_call_details details; /* for unknown_method only */
+    char *peer;                /* gpr_malloc'd by grpc_call_get_peer, or NULL */
     struct rpc_tag t_new, t_recv, t_send, t_status, t_close;
     /* Server's list of accepted calls; under s->lock. */
     struct moe_rpc_call *prev, *next;
@@ -169,6 +209,7 @@ static struct moe_rpc_call *call_new(struct rpc_worker *w, const struct rpc_meth
     c->w = w;
     c->m = m;
     grpc_metadata_array_init(&c->md);
+    grpc_call_details_init(&c->details);
     c->t_new = (struct rpc_tag){RPC_TAG_NEW, c};
     c->t_recv = (struct rpc_tag){RPC_TAG_RECV, c};
     c->t_send = (struct rpc_tag){RPC_TAG_SEND, c};
@@ -197,6 +238,7 @@ static void call_free(struct moe_rpc_call *c)
     }
     pthread_mutex_unlock(&s->lock);
     grpc_metadata_array_destroy(&c->md);
+    grpc_call_details_destroy(&c->details);
     if (c->gc)
         grpc_call_unref(c->gc);
     gpr_free(c->peer);
@@ -232,6 +274,7 @@ static bool start_batch_locked(struct moe_rpc_call *c, const grpc_op *ops, size_
     grpc_call_error e;
 
     assert(!c->dead);
+    tag_posted(tag);
     e = grpc_call_start_batch(c->gc, ops, n, tag, NULL);
     if (e != GRPC_CALL_OK) {
         moe_log(MOE_LOG_ERROR, "rpc: %s: grpc_call_start_batch refused a batch (error %d)",
@@ -264,8 +307,8 @@ static void start_recv_locked(struct moe_rpc_call *c)
 /* Reads the next message when the stream wants one. */
 static void maybe_recv_locked(struct moe_rpc_call *c)
 {
-    if (c->dead || c->status_pending || c->status_started || c->half_closed ||
-        c->recv_in_flight || c->handler_pending || c->queued_buf)
+    if (c->dead || c->status_pending || c->status_started || c->half_closed || c->recv_in_flight ||
+        c->handler_pending || c->queued_buf)
         return;
     start_recv_locked(c);
 }
@@ -393,16 +436,21 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
     grpc_call_error e = GRPC_CALL_ERROR;
 
     if (!c) {
-        moe_log(MOE_LOG_ERROR, "rpc: %s: out of memory for a request slot; serving with one "
-                               "slot fewer",
+        moe_log(MOE_LOG_ERROR,
+                "rpc: %s: out of memory for a request slot; serving with one "
+                "slot fewer",
                 m->m.path);
         return;
     }
     /* Under s->lock: the server is not destroyed while we post. */
+    tag_posted(&c->t_new);
     pthread_mutex_lock(&s->lock);
-    if (!s->stopping)
-        e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline,
-                                                &c->md, NULL, w->cq, w->cq, &c->t_new);
+    if (!s->stopping && m == &unknown_method)
+        e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, w->cq, w->cq,
+                                     &c->t_new);
+    else if (!s->stopping)
+        e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
+                                                NULL, w->cq, w->cq, &c->t_new);
     pthread_mutex_unlock(&s->lock);
     if (e != GRPC_CALL_OK) {
         if (e != GRPC_CALL_ERROR)
@@ -445,7 +493,15 @@ static void on_new(struct moe_rpc_call *c, bool ok)
         start_batch_locked(c, &op, 1, &c->t_close);
     }
     if (!c->dead) {
-        if (!authorized(c)) {
+        if (c->m == &unknown_method) {
+            char msg[RPC_STATUS_MSG_MAX];
+            char *path = grpc_slice_to_c_string(c->details.method);
+
+            snprintf(msg, sizeof(msg), "unknown method '%s'", path);
+            moe_log(MOE_LOG_DEBUG, "rpc: %s from %s, refused", msg, c->peer ? c->peer : "?");
+            gpr_free(path);
+            finish_locked(c, GRPC_STATUS_UNIMPLEMENTED, msg);
+        } else if (!authorized(c)) {
             moe_log(MOE_LOG_INFO, "rpc: %s from %s: missing or wrong bearer token, refused",
                     c->m->m.path, c->peer ? c->peer : "?");
             finish_locked(c, GRPC_STATUS_UNAUTHENTICATED,
@@ -559,6 +615,7 @@ static void *worker_main(void *arg)
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
         t = ev.tag;
+        tag_returned(t);
         switch (t->kind) {
         case RPC_TAG_NEW:
             on_new(t->call, ev.success);
@@ -719,11 +776,13 @@ static bool wait_notified_locked(struct moe_rpc_server *s, const struct timespec
             grpc_event ev;
 
             pthread_mutex_unlock(&s->lock);
-            ev = grpc_completion_queue_next(s->workers[0].cq,
-                                            gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            ev = grpc_completion_queue_next(s->workers[0].cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                            NULL);
             pthread_mutex_lock(&s->lock);
-            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag)
+            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag) {
+                tag_returned(ev.tag);
                 s->notified = true;
+            }
             continue;
         }
         if (deadline) {
@@ -751,6 +810,7 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
     s->stopping = true;
     pthread_mutex_unlock(&s->lock);
 
+    tag_posted(&s->shutdown_tag);
     grpc_server_shutdown_and_notify(s->server, s->workers[0].cq, &s->shutdown_tag);
     clock_gettime(CLOCK_MONOTONIC, &deadline);
     if (deadline_ms > 0) {
@@ -767,8 +827,8 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
             cancelled++;
         pthread_mutex_unlock(&s->lock);
         if (cancelled)
-            moe_log(MOE_LOG_INFO, "rpc: cancelling %d calls still in flight after %d ms",
-                    cancelled, deadline_ms);
+            moe_log(MOE_LOG_INFO, "rpc: cancelling %d calls still in flight after %d ms", cancelled,
+                    deadline_ms);
         grpc_server_cancel_all_calls(s->server);
         pthread_mutex_lock(&s->lock);
         wait_notified_locked(s, NULL);
@@ -830,8 +890,8 @@ static int read_pem(const char *path, const char *what, char **ret, struct moe_e
     }
     buf[len] = '\0';
     if (!strstr(buf, "-----BEGIN ")) {
-        r = moe_error_set(err, -EINVAL, "the TLS %s '%s' is not PEM (no '-----BEGIN' line)",
-                          what, path);
+        r = moe_error_set(err, -EINVAL, "the TLS %s '%s' is not PEM (no '-----BEGIN' line)", what,
+                          path);
         goto out_free;
     }
     fclose(f);
@@ -868,7 +928,7 @@ static int make_creds(const struct moe_rpc_config *cfg, grpc_server_credentials 
         if (r < 0)
             goto out;
         req = cfg->require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                                        : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+                                       : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
     } else if (cfg->require_client_cert) {
         r = moe_error_set(err, -EINVAL, "requiring client certificates needs a client CA file");
         goto out;
@@ -896,9 +956,9 @@ static int prepare_unix_path(const char *path, struct moe_error *err)
         return moe_error_set(err, -ENAMETOOLONG, "the socket path '%s' is longer than %zu bytes",
                              path, sizeof(sa.sun_path) - 1);
     if (lstat(path, &st) < 0)
-        return errno == ENOENT ? 0
-                               : moe_error_set(err, -errno, "cannot stat '%s': %s", path,
-                                               strerror(errno));
+        return errno == ENOENT
+                   ? 0
+                   : moe_error_set(err, -errno, "cannot stat '%s': %s", path, strerror(errno));
     if (!S_ISSOCK(st.st_mode))
         return moe_error_set(err, -EEXIST, "'%s' exists and is not a socket; remove it", path);
     strcpy(sa.sun_path, path);
@@ -909,8 +969,7 @@ static int prepare_unix_path(const char *path, struct moe_error *err)
     close(fd);
     if (r == 0)
         return moe_error_set(err, -EADDRINUSE,
-                             "another process listens on '%s'; stop it or use another path",
-                             path);
+                             "another process listens on '%s'; stop it or use another path", path);
     if (unlink(path) < 0 && errno != ENOENT)
         return moe_error_set(err, -errno, "cannot remove the stale socket '%s': %s", path,
                              strerror(errno));
@@ -932,8 +991,8 @@ static int add_ports(struct moe_rpc_server *s, const struct moe_rpc_config *cfg,
         grpc_server_credentials_release(creds);
         if (s->port <= 0)
             return moe_error_set(err, -EADDRINUSE,
-                                 "cannot listen on '%s': address in use or invalid%s",
-                                 cfg->listen, cfg->tls_cert ? ", or bad TLS files" : "");
+                                 "cannot listen on '%s': address in use or invalid%s", cfg->listen,
+                                 cfg->tls_cert ? ", or bad TLS files" : "");
     }
     if (cfg->unix_path) {
         r = prepare_unix_path(cfg->unix_path, err);
@@ -971,8 +1030,9 @@ static int check_config(const struct moe_rpc_config *cfg, const struct moe_rpc_m
         return moe_error_set(err, -EINVAL, "no RPC methods");
     for (int i = 0; i < n_methods; i++)
         if (!methods[i].path || methods[i].path[0] != '/' || !methods[i].fn)
-            return moe_error_set(err, -EINVAL, "RPC method %d: needs a path '/pkg.Service/Method' "
-                                               "and a handler",
+            return moe_error_set(err, -EINVAL,
+                                 "RPC method %d: needs a path '/pkg.Service/Method' "
+                                 "and a handler",
                                  i);
     return 0;
 }
@@ -1046,8 +1106,8 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
             r = moe_error_set(err, -ENOMEM, "out of memory");
             goto out_stop;
         }
-        m->handle = grpc_server_register_method(s->server, m->m.path, NULL,
-                                                GRPC_SRM_PAYLOAD_NONE, 0);
+        m->handle =
+            grpc_server_register_method(s->server, m->m.path, NULL, GRPC_SRM_PAYLOAD_NONE, 0);
         if (!m->handle) {
             r = moe_error_set(err, -EINVAL, "cannot register the RPC method '%s' (twice?)",
                               m->m.path);
@@ -1073,6 +1133,8 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
         for (int k = 0; k < s->n_methods; k++)
             for (int j = 0; j < RPC_SLOTS_PER_METHOD; j++)
                 post_request(&s->workers[i], &s->methods[k]);
+    for (int i = 0; i < s->n_workers; i++)
+        post_request(&s->workers[i], &unknown_method);
     moe_log(MOE_LOG_INFO, "rpc: serving %d methods on %s%s%s%s with %d threads", n_methods,
             cfg->listen ? cfg->listen : "", cfg->listen && cfg->unix_path ? " and " : "",
             cfg->unix_path ? "unix:" : "", cfg->unix_path ? cfg->unix_path : "", s->n_workers);

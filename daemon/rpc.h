@@ -18,9 +18,19 @@
  * is read only after the previous one has been replied to (one in flight
  * per stream, so replies keep the request order).
  *
+ * The call handed to a handler stays valid until the moe_rpc_reply or
+ * moe_rpc_fail that answers that message (exactly one per message handed
+ * over); do not touch it afterwards.  Answering a call the client has
+ * cancelled, or one cut by moe_rpc_server_shutdown, is allowed: the answer
+ * is dropped (also after moe_rpc_server_free, whose memory lives until the
+ * last such answer).
+ *
  * Auth: with cfg.token set, methods marked `mutating` need the metadata
  * "authorization: Bearer <token>", else UNAUTHENTICATED.  TLS from PEM
- * files (cfg.tls_*), client certificates optional or required.
+ * files (cfg.tls_*), client certificates optional or required; TLS is for
+ * cfg.listen only: the Unix socket is plaintext, guarded by its mode 0660
+ * (a stale socket file is replaced, a live one is an error, and the file is
+ * removed at shutdown).  Methods not in the table get UNIMPLEMENTED.
  *
  * Limits: requests larger than cfg.max_message_bytes are refused by the
  * core with RESOURCE_EXHAUSTED.
@@ -52,11 +62,11 @@ struct moe_rpc_config {
     const char *unix_path; /* a Unix socket path, or NULL for none */
     const char *tls_cert;  /* PEM files; all NULL: plaintext */
     const char *tls_key;
-    const char *tls_client_ca;   /* verify client certificates against it */
+    const char *tls_client_ca; /* verify client certificates against it */
     bool require_client_cert;
-    const char *token;           /* bearer token for mutating calls, or NULL */
-    size_t max_message_bytes;    /* 0: 64 MiB */
-    int n_threads;               /* 0: 2 */
+    const char *token;        /* bearer token for mutating calls, or NULL */
+    size_t max_message_bytes; /* 0: 64 MiB */
+    int n_threads;            /* 0: 2 */
 };
 
 /* Binds and starts serving.  0, or -errno with err (address in use, bad
@@ -68,15 +78,16 @@ int moe_rpc_server_port(const struct moe_rpc_server *s);
 
 /* Answers one message: the call's (unary) or the next of the stream. */
 void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len);
-/* Ends the call with a gRPC status code (grpc_status_code values) and a
- * message for the caller. */
+/* Ends the call with a gRPC status code (grpc_status_code values; OK is
+ * turned into UNKNOWN) and a message for the caller. */
 void moe_rpc_fail(struct moe_rpc_call *call, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* The peer's address ("ipv4:127.0.0.1:5555", "unix:..."), for logs. */
 const char *moe_rpc_peer(const struct moe_rpc_call *call);
 
 /* Stops accepting new calls; calls in flight may finish for deadline_ms,
- * then are cancelled.  Returns when every call has ended. */
+ * then are cancelled.  Returns when every call has ended on the wire (a
+ * handler still holding one may answer it later: dropped). */
 void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms);
 /* Shuts down (0 ms) if not done, frees.  NULL is a no-op. */
 void moe_rpc_server_free(struct moe_rpc_server *s);
