@@ -18,6 +18,9 @@
  *   stats       cache statistics per tier, layer and expert
  *   load, unload, pin, unpin, evict, drain
  *   forward     without --local: one MoE layer in moed
+ *   bench       N callers send forward requests through a model's MoE layers
+ *               (moectl_bench.c): throughput, latency, moed's timings, hit rate
+ *   top         a live view from Status and Stats: rates, tiers, expert heat map
  *
  * Exit status: 0 success, 1 the command failed (the message says why),
  * 2 bad usage.
@@ -139,6 +142,8 @@ static const struct command {
     {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
     {"evict", moectl_evict, "evict an expert from moed's cache"},
     {"drain", moectl_drain, "stop taking requests and finish those in flight"},
+    {"bench", moectl_bench, "load moed with forward requests; throughput, latency, hit rate"},
+    {"top", moectl_top, "a live view of moed: rates, cache tiers, per-expert load"},
 };
 
 static void usage(FILE *f)

@@ -5,9 +5,17 @@
 #ifndef MOED_CLIENT_MOECTL_H
 #define MOED_CLIENT_MOECTL_H
 
+#include "rpc_client.h"
+
+#include <limits.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+
+struct ProtobufCMessage;
+struct ProtobufCMessageDescriptor;
+struct json_t;
 
 #define MOECTL_VERSION "0.1.0"
 
@@ -59,5 +67,81 @@ int moectl_forward_remote(int argc, char **argv);
 /* The remote options (--remote, --socket, --tls..., --token, --timeout,
  * --json), for usage texts. */
 void moectl_remote_usage(FILE *f);
+/* moectl bench and moectl top (client/moectl_bench.c). */
+int moectl_bench(int argc, char **argv);
+int moectl_top(int argc, char **argv);
+
+/* ---- the remote options, shared by the remote commands ------------------ */
+
+/* getopt_long codes of the remote options, above any short option. */
+enum {
+    OPT_REMOTE = 0x100,
+    OPT_SOCKET,
+    OPT_TLS,
+    OPT_TLS_CA,
+    OPT_TLS_CERT,
+    OPT_TLS_KEY,
+    OPT_TOKEN,
+    OPT_TIMEOUT,
+    OPT_JSON,
+    OPT_COMMAND, /* first free code for a command's own long options */
+};
+
+/* The remote options and --help, for a command's struct option table. */
+#define REMOTE_OPTIONS                                                                             \
+    {"remote", required_argument, NULL, OPT_REMOTE},                                               \
+        {"socket", required_argument, NULL, OPT_SOCKET}, {"tls", no_argument, NULL, OPT_TLS},      \
+        {"tls-ca", required_argument, NULL, OPT_TLS_CA},                                           \
+        {"tls-cert", required_argument, NULL, OPT_TLS_CERT},                                       \
+        {"tls-key", required_argument, NULL, OPT_TLS_KEY},                                         \
+        {"token", required_argument, NULL, OPT_TOKEN},                                             \
+        {"timeout", required_argument, NULL, OPT_TIMEOUT}, {"json", no_argument, NULL, OPT_JSON},  \
+    {                                                                                              \
+        "help", no_argument, NULL, 'h'                                                             \
+    }
+
+/* One remote command's connection settings and client. */
+struct moectl_remote {
+    const char *cmd;     /* argv[0], names the command in messages */
+    const char *address; /* --remote, else $MOED_ADDRESS, else the default */
+    const char *socket;  /* --socket */
+    char target[PATH_MAX + 8];
+    struct moe_rpc_client_config cfg; /* cfg.target points at target */
+    bool timeout_set;                 /* --timeout given */
+    bool json;                        /* --json */
+    struct moe_rpc_client *client;    /* opened by the first call */
+};
+
+/* Defaults from $MOED_ADDRESS and $MOED_TOKEN. */
+void moectl_remote_init(struct moectl_remote *r, const char *cmd);
+/* Handles option c of REMOTE_OPTIONS: 1 when it was one, 0 when it is the
+ * command's own, -1 on bad usage (printed). */
+int moectl_remote_option(struct moectl_remote *r, int c, const char *arg);
+/* Checks the remote options together once parsing is done and sets
+ * cfg.target; -1 on bad usage (printed). */
+int moectl_remote_check(struct moectl_remote *r, bool remote_given);
+/* Calls method with req and decodes the answer as desc into *ret (free with
+ * protobuf_c_message_free_unpacked).  Returns 0, or 1 (the exit status) after
+ * printing what failed. */
+int moectl_remote_call(struct moectl_remote *r, const char *method,
+                       const struct ProtobufCMessage *req,
+                       const struct ProtobufCMessageDescriptor *desc,
+                       struct ProtobufCMessage **ret);
+/* Closes the client; r can be used again. */
+void moectl_remote_close(struct moectl_remote *r);
+/* "usage: moectl SYNOPSIS [remote options]", text and the remote options. */
+void moectl_remote_usage_of(FILE *f, const char *synopsis, const char *text);
+/* Any message as JSON (moe.proto's field names); NULL when out of memory. */
+struct json_t *moectl_message_json(const struct ProtobufCMessage *m);
+/* Prints j (taking it) on stdout; 0, or 1 when it could not be built. */
+int moectl_print_json(struct moectl_remote *r, struct json_t *j);
+#define remote_init moectl_remote_init
+#define remote_option moectl_remote_option
+#define remote_check moectl_remote_check
+#define remote_call moectl_remote_call
+#define remote_close moectl_remote_close
+#define remote_usage moectl_remote_usage_of
+#define message_json moectl_message_json
+#define print_json moectl_print_json
 
 #endif

@@ -40,47 +40,14 @@
 
 /* ---- remote options ----------------------------------------------------- */
 
-enum {
-    OPT_REMOTE = 0x100,
-    OPT_SOCKET,
-    OPT_TLS,
-    OPT_TLS_CA,
-    OPT_TLS_CERT,
-    OPT_TLS_KEY,
-    OPT_TOKEN,
-    OPT_TIMEOUT,
-    OPT_JSON,
-};
-
-#define REMOTE_OPTIONS                                                                             \
-    {"remote", required_argument, NULL, OPT_REMOTE},                                               \
-        {"socket", required_argument, NULL, OPT_SOCKET}, {"tls", no_argument, NULL, OPT_TLS},      \
-        {"tls-ca", required_argument, NULL, OPT_TLS_CA},                                           \
-        {"tls-cert", required_argument, NULL, OPT_TLS_CERT},                                       \
-        {"tls-key", required_argument, NULL, OPT_TLS_KEY},                                         \
-        {"token", required_argument, NULL, OPT_TOKEN},                                             \
-        {"timeout", required_argument, NULL, OPT_TIMEOUT}, {"json", no_argument, NULL, OPT_JSON},  \
-    {                                                                                              \
-        "help", no_argument, NULL, 'h'                                                             \
-    }
-
-/* One remote command's connection settings and client. */
-struct remote {
-    const char *cmd;     /* argv[0], names the command in messages */
-    const char *address; /* --remote, else $MOED_ADDRESS, else the default */
-    const char *socket;  /* --socket */
-    char target[PATH_MAX + 8];
-    struct moe_rpc_client_config cfg;
-    bool timeout_set;              /* --timeout given */
-    bool json;                     /* --json */
-    struct moe_rpc_client *client; /* opened by the first call */
-};
+/* The option codes, REMOTE_OPTIONS and struct moectl_remote are in moectl.h,
+ * shared with bench and top (moectl_bench.c). */
 
 void moectl_remote_usage(FILE *f)
 {
     fprintf(f,
             "remote options, after the command name (status, models, stats, load, unload,\n"
-            "pin, unpin, evict, drain, forward without --local):\n"
+            "pin, unpin, evict, drain, forward without --local, bench, top):\n"
             "  --remote HOST:PORT   moed's address (default $MOED_ADDRESS, else %s)\n"
             "  --socket PATH        moed's Unix socket instead\n"
             "  --tls                use TLS; --tls-ca FILE: the roots to trust (default the\n"
@@ -93,7 +60,7 @@ void moectl_remote_usage(FILE *f)
             DEFAULT_ADDRESS);
 }
 
-static void remote_init(struct remote *r, const char *cmd)
+void remote_init(struct moectl_remote *r, const char *cmd)
 {
     const char *env;
 
@@ -107,7 +74,7 @@ static void remote_init(struct remote *r, const char *cmd)
 
 /* Handles option c of REMOTE_OPTIONS: 1 when it was one, 0 when it is the
  * command's own, -1 on bad usage (printed). */
-static int remote_option(struct remote *r, int c, const char *arg)
+int remote_option(struct moectl_remote *r, int c, const char *arg)
 {
     char *end;
     double s;
@@ -153,7 +120,7 @@ static int remote_option(struct remote *r, int c, const char *arg)
 }
 
 /* Checks the remote options together once parsing is done; -1 on bad usage. */
-static int remote_check(struct remote *r, bool remote_given)
+int remote_check(struct moectl_remote *r, bool remote_given)
 {
     if (r->socket && remote_given) {
         errorf("%s: --remote and --socket name two daemons; give one", r->cmd);
@@ -195,7 +162,7 @@ static int remote_check(struct remote *r, bool remote_given)
     return 0;
 }
 
-static void remote_close(struct remote *r)
+void remote_close(struct moectl_remote *r)
 {
     moe_rpc_client_close(r->client);
     r->client = NULL;
@@ -206,8 +173,8 @@ static void remote_close(struct remote *r)
  * protobuf_c_message_free_unpacked).  Returns 0, or 1 (the exit status) after
  * printing what failed.
  */
-static int remote_call(struct remote *r, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *desc, ProtobufCMessage **ret)
+int remote_call(struct moectl_remote *r, const char *method, const ProtobufCMessage *req,
+                const ProtobufCMessageDescriptor *desc, ProtobufCMessage **ret)
 {
     char msg[1024];
     uint8_t *buf = NULL, *resp = NULL;
@@ -282,8 +249,6 @@ static json_t *string_json(const char *s)
     free(copy);
     return j;
 }
-
-static json_t *message_json(const ProtobufCMessage *m);
 
 static json_t *value_json(const ProtobufCFieldDescriptor *f, const void *p)
 {
@@ -367,7 +332,7 @@ static double hit_rate(uint64_t hits, uint64_t misses)
 
 /* Any message as a JSON object, field by field through its descriptor.
  * NULL when out of memory. */
-static json_t *message_json(const ProtobufCMessage *m)
+json_t *message_json(const ProtobufCMessage *m)
 {
     const ProtobufCMessageDescriptor *d = m->descriptor;
     const char *base = (const char *)m;
@@ -415,7 +380,7 @@ static json_t *message_json(const ProtobufCMessage *m)
 }
 
 /* Prints j (taking it) on stdout; 0, or 1 when it could not be built. */
-static int print_json(struct remote *r, json_t *j)
+int print_json(struct moectl_remote *r, json_t *j)
 {
     if (!j || json_dumpf(j, stdout, JSON_INDENT(2)) < 0) {
         errorf("%s: cannot write the answer as JSON (out of memory?)", r->cmd);
@@ -564,7 +529,7 @@ static const Moe__V1__CacheCounters *counters(const Moe__V1__CacheCounters *c)
 
 /* ---- status ------------------------------------------------------------- */
 
-static void remote_usage(FILE *f, const char *synopsis, const char *text)
+void remote_usage(FILE *f, const char *synopsis, const char *text)
 {
     fprintf(f, "usage: moectl %s [remote options]\n\n%s\n", synopsis, text);
     moectl_remote_usage(f);
@@ -574,7 +539,7 @@ static const char status_text[] = "Asks moed how it is: version, state, uptime, 
                                   "and tokens served,\nrequests in flight, cache policy.\n";
 
 /* Parses the options of a command without arguments of its own. */
-static int parse_plain(struct remote *r, int argc, char **argv, const char *synopsis,
+static int parse_plain(struct moectl_remote *r, int argc, char **argv, const char *synopsis,
                        const char *text)
 {
     static const struct option opts[] = {REMOTE_OPTIONS, {0}};
@@ -607,7 +572,7 @@ int moectl_status(int argc, char **argv)
 {
     Moe__V1__StatusRequest req = MOE__V1__STATUS_REQUEST__INIT;
     Moe__V1__StatusResponse *s = NULL;
-    struct remote r;
+    struct moectl_remote r;
     char b1[64];
     int ret;
 
@@ -672,7 +637,7 @@ int moectl_models(int argc, char **argv)
 {
     Moe__V1__ListModelsRequest req = MOE__V1__LIST_MODELS_REQUEST__INIT;
     Moe__V1__ListModelsResponse *m = NULL;
-    struct remote r;
+    struct moectl_remote r;
     int ret;
 
     remote_init(&r, argv[0]);
@@ -804,7 +769,7 @@ static int print_model_stats(const Moe__V1__StatsResponse *s, const Moe__V1__Mod
     return 0;
 }
 
-static int print_stats(const struct remote *r, const Moe__V1__StatsResponse *s, bool all)
+static int print_stats(const struct moectl_remote *r, const Moe__V1__StatsResponse *s, bool all)
 {
     const Moe__V1__CacheCounters *tot = counters(s->total);
     struct table t = {.ncols = 15};
@@ -859,7 +824,7 @@ int moectl_stats(int argc, char **argv)
     Moe__V1__StatsRequest req = MOE__V1__STATS_REQUEST__INIT;
     Moe__V1__StatsResponse *s = NULL;
     bool all = false, remote_given = false;
-    struct remote r;
+    struct moectl_remote r;
     int c, k, ret;
 
     remote_init(&r, argv[0]);
@@ -928,7 +893,7 @@ int moectl_load(int argc, char **argv)
     const char *dir = NULL, *name = NULL;
     char *abs = NULL;
     bool remote_given = false;
-    struct remote r;
+    struct moectl_remote r;
     int c, k, ret;
 
     remote_init(&r, argv[0]);
@@ -994,7 +959,7 @@ out:
 }
 
 /* Parses a command whose arguments are nargs positional ones (in *pos). */
-static int parse_positional(struct remote *r, int argc, char **argv, int nargs, char **pos,
+static int parse_positional(struct moectl_remote *r, int argc, char **argv, int nargs, char **pos,
                             const char *synopsis, const char *text)
 {
     static const struct option opts[] = {REMOTE_OPTIONS, {0}};
@@ -1036,7 +1001,7 @@ int moectl_unload(int argc, char **argv)
 {
     Moe__V1__UnloadModelRequest req = MOE__V1__UNLOAD_MODEL_REQUEST__INIT;
     Moe__V1__UnloadModelResponse *resp = NULL;
-    struct remote r;
+    struct moectl_remote r;
     char *pos[1];
     int ret;
 
@@ -1068,7 +1033,7 @@ static int expert_command(int argc, char **argv, const char *method,
 {
     Moe__V1__ExpertRef req = MOE__V1__EXPERT_REF__INIT;
     ProtobufCMessage *resp = NULL;
-    struct remote r;
+    struct moectl_remote r;
     char *pos[3], what[64];
     int layer, expert, ret;
 
@@ -1146,7 +1111,7 @@ int moectl_drain(int argc, char **argv)
     Moe__V1__DrainRequest req = MOE__V1__DRAIN_REQUEST__INIT;
     Moe__V1__DrainResponse *resp = NULL;
     bool remote_given = false;
-    struct remote r;
+    struct moectl_remote r;
     long tmo = 0;
     int c, k, ret;
 
@@ -1319,7 +1284,7 @@ int moectl_forward_remote(int argc, char **argv)
     uint16_t *half = NULL;
     float *y = NULL;
     int64_t shape[2];
-    struct remote r;
+    struct moectl_remote r;
     int layer = -1, c, k, ret = 1;
     uint64_t t0, rtt;
     size_t n, esz;

@@ -340,6 +340,30 @@ def main():
           2, "need --tls")
     check("--tls-cert without --tls-key", [m, "status", "--tls", "--tls-cert", "c.pem"], 2,
           "both --tls-cert and --tls-key")
+    # bench and top: usage errors
+    for sub in ("bench", "top"):
+        check(f"{sub} --help", [m, sub, "--help"], 0, "--remote HOST:PORT", stream="stdout")
+        check(f"{sub} extra argument", [m, sub, "stray"], 2, "unexpected argument 'stray'")
+        check(f"{sub} unknown option", [m, sub, "--fast"], 2, "usage")
+    check("bench without --model", [m, "bench"], 2, "--model is required")
+    check("bench --duration and --requests", [m, "bench", "--model", "x", "--duration", "1",
+                                              "--requests", "5"], 2, "give one")
+    check("bench bad --tokens", [m, "bench", "--model", "x", "--tokens", "0"], 2, "--tokens '0'")
+    check("bench bad --callers", [m, "bench", "--model", "x", "--callers", "1000"], 2,
+          "--callers '1000'")
+    check("bench bad --duration", [m, "bench", "--model", "x", "--duration", "soon"], 2,
+          "--duration 'soon'")
+    check("bench bad --requests", [m, "bench", "--model", "x", "--requests", "-3"], 2,
+          "--requests '-3'")
+    check("bench bad --layers", [m, "bench", "--model", "x", "--layers", "1,,2"], 2,
+          "--layers '1,,2'")
+    check("bench bad --dtype", [m, "bench", "--model", "x", "--dtype", "f8"], 2, "--dtype 'f8'")
+    check("bench bad --seed", [m, "bench", "--model", "x", "--seed", "many"], 2, "--seed 'many'")
+    check("bench bad --remote", [m, "bench", "--model", "x", "--remote", "localhost"], 2,
+          "expected HOST:PORT")
+    check("top bad --interval", [m, "top", "--interval", "0"], 2, "--interval '0'")
+    check("top bad --iterations", [m, "top", "--iterations", "none"], 2, "--iterations 'none'")
+    check("top --json", [m, "top", "--json"], 2, "--json is not supported")
     # A port bound but not listening: connections to it are refused.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -350,6 +374,11 @@ def main():
         for sub in remote_cmds:
             check(f"{sub} with no daemon", [m, sub, "--remote", addr] + dead[sub], 1,
                   f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("bench with no daemon", [m, "bench", "--model", "x", "--requests", "5", "-q",
+                                       "--remote", addr], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("top with no daemon", [m, "top", "--iterations", "1", "--remote", addr], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ")
         check("status --json with no daemon", [m, "status", "--json", "--remote", addr], 1,
               f"cannot reach moed at {addr}: UNAVAILABLE: ")
         check("status with no daemon at MOED_ADDRESS", [m, "status"], 1,

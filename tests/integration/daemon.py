@@ -314,6 +314,25 @@ def main():
         check("moectl pin and unpin with the token", p.returncode == 0 and p2.returncode == 0,
               p.stderr + p2.stderr)
 
+        # moectl bench and top against the same daemon
+        p = subprocess.run([m, "bench", "--model", "mix", "--requests", "40", "--callers", "4",
+                            "--tokens", "2", "-q", "--json"] + addr,
+                           capture_output=True, text=True)
+        try:
+            import json
+            js = json.loads(p.stdout)
+            check("moectl bench --requests 40 --json", p.returncode == 0
+                  and js["requests"] == 40 and js["errors"] == 0 and js["tokens"] == 80,
+                  p.stdout[:400] + p.stderr)
+        except (ValueError, KeyError):
+            check("moectl bench --requests 40 --json", False, p.stdout[:400] + p.stderr)
+        p = subprocess.run([m, "top", "--iterations", "2", "--interval", "0.2"] + addr,
+                           capture_output=True, text=True)
+        check("moectl top --iterations 2", p.returncode == 0 and "HIT RATE" in p.stdout
+              and "%" in p.stdout and "model mix" in p.stdout
+              and p.stdout.count("requests/s") == 2,
+              p.stdout[:600] + p.stderr)
+
         # token on mutating calls
         ref = pb.ExpertRef(model="mix", layer=1, expert=3)
         code, _ = code_of(lambda: ctl.Pin(ref))
