@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <xxhash.h>
 
 enum slot_state { SLOT_ABSENT = 0, SLOT_LOADING, SLOT_RESIDENT };
@@ -125,6 +126,7 @@ struct moe_cache {
     struct cmodel **group_model; /* [n_groups] */
     uint64_t prefetch_used;      /* bytes prefetched and not used yet */
     int loading;                 /* entries with page-ins in flight */
+    uint64_t releases;           /* moe_cache_release calls, for waiters */
     struct counters total;
 };
 
@@ -1112,7 +1114,31 @@ void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n)
 {
     pthread_mutex_lock(&c->lock);
     release_locked(refs, n);
+    c->releases++;
+    pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&c->lock);
+}
+
+int moe_cache_wait_release(struct moe_cache *c, int timeout_ms)
+{
+    struct timespec ts;
+    uint64_t seen;
+    int r = 0;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&c->lock);
+    seen = c->releases;
+    while (c->releases == seen && c->loading == 0 && r == 0)
+        if (pthread_cond_timedwait(&c->cv, &c->lock, &ts) == ETIMEDOUT)
+            r = -ETIMEDOUT;
+    pthread_mutex_unlock(&c->lock);
+    return r;
 }
 
 /* ---- prediction and prefetch ---------------------------------------------------------------- */

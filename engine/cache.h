@@ -145,6 +145,10 @@ bool moe_cache_ready(struct moe_cache *c, struct moe_cache_ref *ref);
  * paging in keeps its page-in going. */
 void moe_cache_release(struct moe_cache *c, struct moe_cache_ref *refs, int n);
 
+/* Waits until some batch releases its pins (or a page-in is in flight, or
+ * timeout_ms passes: -ETIMEDOUT).  For a batch that found no room. */
+int moe_cache_wait_release(struct moe_cache *c, int timeout_ms);
+
 /*
  * The routing a batch used at a MoE layer: ids [n_tokens, top_k].  Updates
  * the popularity counts and the next-layer predictor (pairing this batch with

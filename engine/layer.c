@@ -30,6 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* How long a batch waits for room in a cache full of other batches' pins. */
+#define ENOSPC_WAIT_NS (10ull * 1000 * 1000 * 1000)
+
 /* What is kept of one MoE layer after its first use. */
 struct layer_state {
     bool loaded;
@@ -663,17 +666,27 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         }
         if (s.refs[i].status == -ENOSPC) {
             /* No room left for it: let go of every pin (the experts done
-             * with, and those after it), then ask again for the rest. */
-            moe_cache_release(e->cache, s.refs, n_used);
-            r = moe_cache_acquire(e->cache, e->model, layer, s.used + i, n_used - i, s.refs + i,
-                                  err);
-            if (r < 0) {
-                moe_error_prefix(err, "layer %d", layer);
-                goto out;
-            }
-            if (s.refs[i].status == -ENOSPC) {
-                r = moe_cache_wait(e->cache, &s.refs[i], err);
-                goto out;
+             * with, and those after it), then ask again for the rest.  If
+             * other batches hold the room, wait for them to release it,
+             * holding nothing meanwhile (so that waiting batches cannot
+             * block each other), for up to ENOSPC_WAIT_NS. */
+            uint64_t t_give_up = moe_now_ns() + ENOSPC_WAIT_NS;
+
+            for (;;) {
+                moe_cache_release(e->cache, s.refs, n_used);
+                r = moe_cache_acquire(e->cache, e->model, layer, s.used + i, n_used - i, s.refs + i,
+                                      err);
+                if (r < 0) {
+                    moe_error_prefix(err, "layer %d", layer);
+                    goto out;
+                }
+                if (s.refs[i].status != -ENOSPC)
+                    break;
+                if (moe_now_ns() > t_give_up) {
+                    r = moe_cache_wait(e->cache, &s.refs[i], err); /* the -ENOSPC message */
+                    goto out;
+                }
+                moe_cache_wait_release(e->cache, 100);
             }
             continue;
         }
