@@ -6,7 +6,9 @@
 # model and runs it token by token from the packed store through an expert
 # cache that holds half of it, showing the cache's hit statistics, and
 # replays the recorded routing through every cache policy next to Belady's
-# optimum (moectl cache-sim).
+# optimum (moectl cache-sim); last, starts moed on the packed model with a
+# host cache of half its experts, drives it over gRPC with `moectl bench`
+# (progress bar), prints `moectl stats`, and stops the daemon cleanly.
 #
 #   MOED_DEMO_DIR=DIR   where the model and the arrays go (default build/demo)
 #   MOED_SKIP_DEPS=1    do not run scripts/deps.sh
@@ -19,7 +21,7 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 echo "== building"
 cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j "$(nproc)" --target moectl
+cmake --build build -j "$(nproc)" --target moectl moed
 
 moectl=build/client/moectl
 demo=${MOED_DEMO_DIR:-build/demo}
@@ -79,6 +81,37 @@ $moectl forward --local --model "$demo/mixtral-demo-packed" --layer all --step 1
 echo
 echo "== the same routing, replayed through each cache policy (moectl cache-sim)"
 $moectl cache-sim --trace "$demo/demo.trace" --capacity 50% --policy all --prefetch
+
+echo
+echo "== moed: the packed model, a host cache of half its experts, gRPC on 127.0.0.1"
+build/daemon/moed --model "mixtral-demo=$demo/mixtral-demo-packed" --listen 127.0.0.1:0 \
+    --host-cache-bytes 256M --log-level warn >"$demo/moed.out" 2>"$demo/moed.log" &
+moed_pid=$!
+trap 'kill -TERM $moed_pid 2>/dev/null || true' EXIT
+port=""
+for _ in $(seq 100); do
+    port=$(sed -n 's/^moed: listening on port \([0-9]*\)$/\1/p' "$demo/moed.out")
+    [ -n "$port" ] && break
+    sleep 0.1
+done
+[ -n "$port" ] || { cat "$demo/moed.log"; echo "moed did not start"; exit 1; }
+echo "moed pid $moed_pid listening on 127.0.0.1:$port"
+$moectl status --remote "127.0.0.1:$port"
+
+echo
+echo "== moectl bench: 4 callers, token by token through every layer, for 5 s"
+$moectl bench --remote "127.0.0.1:$port" --model mixtral-demo --callers 4 --tokens 1 \
+    --duration 5
+
+echo
+echo "== moectl stats"
+$moectl stats --remote "127.0.0.1:$port"
+
+echo
+echo "== stopping moed (SIGTERM)"
+kill -TERM "$moed_pid"
+wait "$moed_pid" && echo "moed stopped cleanly (exit 0)"
+trap - EXIT
 
 echo
 echo "demo done: model and arrays are in $demo"
