@@ -18,7 +18,8 @@ packages=(
     libmicrohttpd-dev                 # metrics endpoint
     # test tools (Debian's Python, run as /usr/bin/python3)
     python3 python3-numpy python3-grpcio python3-grpc-tools python3-prometheus-client
-    fio
+    fio                               # disk limit for the page-in benchmarks
+    openssl                           # certificates for the TLS tests
 )
 
 missing=()
