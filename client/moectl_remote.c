@@ -538,34 +538,14 @@ void remote_usage(FILE *f, const char *synopsis, const char *text)
 static const char status_text[] = "Asks moed how it is: version, state, uptime, models, requests "
                                   "and tokens served,\nrequests in flight, cache policy.\n";
 
+static int parse_positional(struct moectl_remote *r, int argc, char **argv, int nargs, char **pos,
+                            const char *synopsis, const char *text);
+
 /* Parses the options of a command without arguments of its own. */
 static int parse_plain(struct moectl_remote *r, int argc, char **argv, const char *synopsis,
                        const char *text)
 {
-    static const struct option opts[] = {REMOTE_OPTIONS, {0}};
-    bool remote_given = false;
-    int c, k;
-
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        if (c == OPT_REMOTE)
-            remote_given = true;
-        k = remote_option(r, c, optarg);
-        if (k < 0)
-            return 2;
-        if (k > 0)
-            continue;
-        if (c == 'h') {
-            remote_usage(stdout, synopsis, text);
-            return 0;
-        }
-        remote_usage(stderr, synopsis, text);
-        return 2;
-    }
-    if (optind < argc) {
-        errorf("%s: unexpected argument '%s'", r->cmd, argv[optind]);
-        return 2;
-    }
-    return remote_check(r, remote_given) < 0 ? 2 : -1;
+    return parse_positional(r, argc, argv, 0, NULL, synopsis, text);
 }
 
 int moectl_status(int argc, char **argv)
