@@ -144,4 +144,9 @@ int moectl_print_json(struct moectl_remote *r, struct json_t *j);
 #define message_json moectl_message_json
 #define print_json moectl_print_json
 
+/* moectl stats --plot: writes s as an SVG picture to path.  0, or the exit
+ * status with a message printed. */
+struct Moe__V1__StatsResponse;
+int moectl_plot_stats(const struct Moe__V1__StatsResponse *s, const char *path);
+
 #endif

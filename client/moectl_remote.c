@@ -649,7 +649,9 @@ static const char stats_text[] =
     "page-in latency; per model, the hit rate of each MoE layer, the 10 experts\n"
     "with the most load (hits + misses) and the experts marked bad.\n"
     "\n"
-    "  --experts   every expert of every model, not only the top 10\n";
+    "  --experts         every expert of every model, not only the top 10\n"
+    "  --plot FILE.svg   instead, write a picture: per model, heat maps of each\n"
+    "                    expert's load and hit rate, and each layer's hit rate\n";
 
 static uint64_t load_of(const Moe__V1__ExpertStats *e)
 {
@@ -799,8 +801,10 @@ int moectl_stats(int argc, char **argv)
     static const struct option opts[] = {
         REMOTE_OPTIONS,
         {"experts", no_argument, NULL, 'e'},
+        {"plot", required_argument, NULL, 'p'},
         {0},
     };
+    const char *plot = NULL;
     Moe__V1__StatsRequest req = MOE__V1__STATS_REQUEST__INIT;
     Moe__V1__StatsResponse *s = NULL;
     bool all = false, remote_given = false;
@@ -820,11 +824,14 @@ int moectl_stats(int argc, char **argv)
         case 'e':
             all = true;
             break;
+        case 'p':
+            plot = optarg;
+            break;
         case 'h':
-            remote_usage(stdout, "stats [--experts]", stats_text);
+            remote_usage(stdout, "stats [--experts] [--plot FILE.svg]", stats_text);
             return 0;
         default:
-            remote_usage(stderr, "stats [--experts]", stats_text);
+            remote_usage(stderr, "stats [--experts] [--plot FILE.svg]", stats_text);
             return 2;
         }
     }
@@ -836,15 +843,20 @@ int moectl_stats(int argc, char **argv)
         return 2;
     /* The top 10 and the bad experts come from the per-expert table; with
      * --json it is sent only for --experts, as it is large. */
-    req.experts = all || !r.json;
+    req.experts = all || !r.json || plot;
     ret = remote_call(&r, "/moe.v1.Control/Stats", &req.base, &moe__v1__stats_response__descriptor,
                       (ProtobufCMessage **)&s);
     if (ret)
         goto out;
-    if (r.json)
+    if (plot) {
+        ret = moectl_plot_stats(s, plot);
+        if (ret == 0 && !r.json)
+            printf("wrote %s\n", plot);
+    } else if (r.json) {
         ret = print_json(&r, message_json(&s->base));
-    else
+    } else {
         ret = print_stats(&r, s, all);
+    }
 out:
     if (s)
         protobuf_c_message_free_unpacked(&s->base, NULL);

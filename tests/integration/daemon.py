@@ -299,6 +299,22 @@ def main():
             check("moectl stats --json", p.returncode == 0 and "tiers" in js, p.stdout[:300])
         except ValueError:
             check("moectl stats --json", False, p.stdout[:300] + p.stderr)
+        p = subprocess.run([m, "stats", "--plot", f"{w}/stats.svg"] + addr, capture_output=True,
+                           text=True)
+        try:
+            import xml.dom.minidom
+            svg = xml.dom.minidom.parse(f"{w}/stats.svg")
+            rects = [r for r in svg.getElementsByTagName("rect")
+                     if r.getElementsByTagName("title")]
+            # per model: load and hit-rate cells per expert, a bar per MoE layer
+            check("moectl stats --plot writes an SVG", p.returncode == 0
+                  and len(rects) == 2 * (24 + 96) + 3 + 3, f"{len(rects)} {p.stderr}")
+        except Exception as e:  # noqa: BLE001 - any parse failure fails the check
+            check("moectl stats --plot writes an SVG", False, f"{e} {p.stderr}")
+        p = subprocess.run([m, "stats", "--plot", f"{w}/stats.png"] + addr, capture_output=True,
+                           text=True)
+        check("moectl stats --plot FILE.png refused", p.returncode == 2 and "SVG" in p.stderr,
+              p.stderr)
         p = subprocess.run([m, "forward", "--model", "mix", "--layer", "1", "--in", f"{w}/x.npy",
                             "--out", f"{w}/yr.npy"] + addr, capture_output=True, text=True)
         check("moectl forward through moed equals --local", p.returncode == 0
