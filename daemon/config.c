@@ -45,6 +45,8 @@ static const struct key keys[] = {
     {"server", "rpc_threads", K_INT, OFF(rpc_threads), 1, 64, "gRPC completion-queue threads"},
     {"server", "drain_timeout_ms", K_U64, OFF(drain_timeout_ms), 0, 3600000,
      "on SIGTERM, how long requests in flight may finish"},
+    {"server", "metrics", K_STR, OFF(metrics), 0, 0,
+     "Prometheus GET /metrics on HOST:PORT (default: off)"},
     {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
      "host expert cache (default: every expert of the models)"},
     {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq or routing"},

@@ -7,7 +7,7 @@
  *
  *   [server]    listen, socket, token, tls_cert, tls_key, tls_client_ca,
  *               tls_require_client_cert, max_message_bytes, log_level,
- *               rpc_threads, drain_timeout_ms
+ *               rpc_threads, drain_timeout_ms, metrics
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
@@ -45,6 +45,7 @@ struct moed_config {
     enum moe_log_level log_level;
     int rpc_threads;
     uint64_t drain_timeout_ms;
+    char *metrics; /* Prometheus endpoint HOST:PORT, NULL: off */
     /* [cache] */
     uint64_t host_cache_bytes; /* 0: every expert of the models at start */
     enum moe_cache_policy policy;

@@ -10,8 +10,13 @@
  *                    free everything, exit 0;
  *   SIGHUP           re-read the file: log level, host cache capacity, policy
  *                    and prefetch.
- * The main loop wakes every second to ping the systemd watchdog when it is
- * enabled.
+ * The main loop wakes every second (more often for a short WatchdogSec) to
+ * ping the systemd watchdog when it is enabled, and withholds the ping while
+ * the scheduler is stuck: requests pending or running and no batch finished
+ * for longer than the watchdog interval, so that systemd restarts moed.
+ *
+ * Socket activation: a listening Unix socket passed by systemd (moed.socket)
+ * is served instead of binding the configured socket path.
  */
 #include "moed.h"
 
@@ -24,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
@@ -42,6 +48,46 @@ static void notify(const char *fmt, ...)
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
     sd_notify(0, buf);
+}
+
+/* Socket activation: the first listening Unix stream socket systemd
+ * passed, or -1 (none passed, or none usable: the configured path is bound
+ * instead).  Other passed descriptors are closed. */
+static int passed_socket(void)
+{
+    int n = sd_listen_fds(1), fd = -1;
+
+    if (n < 0) {
+        moe_log(MOE_LOG_WARN, "socket activation: sd_listen_fds: %s, ignoring", strerror(-n));
+        return -1;
+    }
+    for (int i = SD_LISTEN_FDS_START; i < SD_LISTEN_FDS_START + n; i++) {
+        if (fd < 0 && sd_is_socket_unix(i, SOCK_STREAM, 1, NULL, 0) > 0) {
+            fd = i;
+            continue;
+        }
+        moe_log(MOE_LOG_WARN,
+                "socket activation: fd %d is not %s listening Unix stream socket; closed, "
+                "ignoring (check ListenStream= in moed.socket)",
+                i, fd < 0 ? "a" : "a second");
+        close(i);
+    }
+    return fd;
+}
+
+/* How long the scheduler has gone without finishing a batch while requests
+ * wait or run, when that exceeds limit_ns; 0 when it is moving or idle. */
+static uint64_t sched_stuck_ns(struct moed *d, uint64_t limit_ns)
+{
+    struct moe_sched_stats ss;
+    uint64_t now = moe_now_ns();
+
+    moe_sched_get_stats(d->sched, &ss);
+    if (!ss.pending && !ss.running)
+        return 0;
+    if (now < ss.last_progress_ns || now - ss.last_progress_ns <= limit_ns)
+        return 0;
+    return now - ss.last_progress_ns;
 }
 
 static uint64_t all_expert_bytes(const struct moed *d)
@@ -107,6 +153,7 @@ int main(int argc, char **argv)
     struct moe_rpc_config rc = {0};
     const struct moe_rpc_method *methods;
     uint64_t watchdog_usec = 0, last_ping = 0;
+    bool withheld = false;
     sigset_t sigs;
     int r, n_methods, ret = 1;
 
@@ -166,6 +213,15 @@ int main(int argc, char **argv)
     }
     rc.listen = d.cfg.listen;
     rc.unix_path = d.cfg.socket;
+    rc.listen_fd = passed_socket();
+    rc.has_listen_fd = rc.listen_fd >= 0;
+    if (rc.has_listen_fd)
+        moe_log(MOE_LOG_INFO,
+                "socket activation: serving the Unix socket systemd passed (fd %d)%s%s%s",
+                rc.listen_fd, d.cfg.socket ? " instead of binding '" : "",
+                d.cfg.socket ? d.cfg.socket : "", d.cfg.socket ? "'" : "");
+    else if (d.cfg.socket)
+        moe_log(MOE_LOG_INFO, "no socket passed by systemd: binding '%s'", d.cfg.socket);
     rc.tls_cert = d.cfg.tls_cert;
     rc.tls_key = d.cfg.tls_key;
     rc.tls_client_ca = d.cfg.tls_client_ca;
@@ -173,10 +229,22 @@ int main(int argc, char **argv)
     rc.token = d.cfg.token;
     rc.max_message_bytes = d.cfg.max_message_bytes;
     rc.n_threads = d.cfg.rpc_threads;
+    if (moed_metrics_create(&d, &d.metrics) < 0) {
+        moe_log(MOE_LOG_ERROR, "metrics: out of memory");
+        goto out;
+    }
     n_methods = moed_methods(&d, &methods);
     if (moe_rpc_server_start(&rc, methods, n_methods, &d.rpc, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "gRPC: %s", err.msg);
         goto out;
+    }
+    if (d.cfg.metrics) {
+        if (moed_metrics_listen(d.metrics, d.cfg.metrics, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
+            goto out;
+        }
+        moe_log(MOE_LOG_INFO, "metrics on http://%s/metrics (port %d)", d.cfg.metrics,
+                moed_metrics_port(d.metrics));
     }
     moe_log(MOE_LOG_INFO,
             "moed %s serving %d model(s) on %s%s%s (port %d), host cache %llu bytes, policy "
@@ -187,6 +255,8 @@ int main(int argc, char **argv)
             moe_cache_policy_name(cc.policy), cc.prefetch ? "+prefetch" : "");
     /* Scripts and tests read the port from this line (with --listen HOST:0). */
     printf("moed: listening on port %d\n", moe_rpc_server_port(d.rpc));
+    if (d.cfg.metrics)
+        printf("moed: metrics on port %d\n", moed_metrics_port(d.metrics));
     fflush(stdout);
     notify("READY=1\nSTATUS=serving %d models\nMAINPID=%d", d.n_models, (int)getpid());
     if (sd_watchdog_enabled(0, &watchdog_usec) <= 0)
@@ -197,8 +267,30 @@ int main(int argc, char **argv)
         int sig;
 
         if (watchdog_usec && moe_now_ns() - last_ping >= watchdog_usec * 1000 / 2) {
-            notify("WATCHDOG=1");
+            uint64_t stuck = sched_stuck_ns(&d, watchdog_usec * 1000);
+
+            if (!stuck) {
+                notify("WATCHDOG=1");
+                if (withheld)
+                    moe_log(MOE_LOG_INFO, "watchdog: the scheduler moves again, pinging again");
+                withheld = false;
+            } else if (!withheld) {
+                struct moe_sched_stats ss;
+
+                moe_sched_get_stats(d.sched, &ss);
+                moe_log(MOE_LOG_ERROR,
+                        "watchdog: the scheduler is stuck: %d requests pending and %d running, "
+                        "no batch finished for %.3g s (watchdog %.3g s); not pinging the "
+                        "watchdog, systemd will restart moed",
+                        ss.pending, ss.running, stuck / 1e9, watchdog_usec / 1e6);
+                withheld = true;
+            }
             last_ping = moe_now_ns();
+        }
+        /* Wake at least 4 times per watchdog interval (WatchdogSec= below 4 s). */
+        if (watchdog_usec && watchdog_usec < 4000000) {
+            ts.tv_sec = 0;
+            ts.tv_nsec = (long)(watchdog_usec / 4 * 1000);
         }
         sig = sigtimedwait(&sigs, NULL, &ts);
         if (sig < 0)
@@ -217,8 +309,10 @@ int main(int argc, char **argv)
     moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(d.cfg.drain_timeout_ms, INT32_MAX));
     ret = 0;
 out:
+    moed_metrics_stop(d.metrics); /* first: a scrape reads everything below */
     moe_rpc_server_free(d.rpc);
     moe_sched_free(d.sched);
+    moed_metrics_free(d.metrics); /* after the last request is answered */
     moed_free_models(&d);
     moe_cache_free(d.cache);
     moe_backend_free(d.backend);

@@ -9,6 +9,7 @@
 #include "cache.h"
 #include "config.h"
 #include "layer.h"
+#include "metrics.h"
 #include "model.h"
 #include "rpc.h"
 #include "scheduler.h"
@@ -32,6 +33,7 @@ struct moed {
     struct moe_cache *cache;
     struct moe_sched *sched;
     struct moe_rpc_server *rpc;
+    struct moed_metrics *metrics; /* request series and the /metrics endpoint */
     uint64_t t_start;
     _Atomic int state;
     pthread_mutex_t lock; /* the model table */

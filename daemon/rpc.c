@@ -43,6 +43,14 @@
  * again; mark every call dead (under both locks), destroy the server, shut
  * the queues down and let the workers drain them, join.
  *
+ * Socket activation: with cfg->has_listen_fd, an accept thread polls the
+ * passed listening socket and a wakeup pipe; each connection (accept4,
+ * non-blocking) goes to grpc_server_add_channel_from_fd, which owns it from
+ * then on.  The thread reads s->server without the lock: it is set before
+ * the thread starts, and shutdown joins the thread (stop_accepting) before
+ * it shuts the server down or clears it.  The listening socket is never
+ * shutdown(2): it is shared with systemd, which keeps it for the next start.
+ *
  * Locks: server->lock, then call->lock; never the other way round.  Neither
  * is held while a handler runs.
  */
@@ -54,6 +62,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -68,6 +77,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
+#include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
@@ -78,6 +88,7 @@
 #define RPC_DEFAULT_MAX_MESSAGE (64u << 20)
 #define RPC_TLS_FILE_MAX (1u << 20)
 #define RPC_STATUS_MSG_MAX 512
+#define RPC_ACCEPT_BACKOFF_MS 100
 
 /*
  * A tag handed to the core and returned by grpc_completion_queue_next
@@ -146,6 +157,12 @@ struct moe_rpc_server {
     size_t auth_len; /* strlen(auth) */
     char *unix_path; /* the socket we bound, unlinked at shutdown; or NULL */
     int port;        /* bound TCP port, 0 without cfg->listen */
+    /* Socket activation (see the top); all -1/NULL/false without it. */
+    int listen_fd;                     /* passed listening socket, owned */
+    int wake[2];                       /* pipe: a byte tells the accept thread to stop */
+    grpc_server_credentials *fd_creds; /* insecure, for the accepted connections */
+    pthread_t accept_thread;
+    bool accepting; /* accept thread created (joined by stop_accepting) */
     bool grpc_inited;
     struct rpc_tag shutdown_tag;
     /* Owner's reference plus one per call object; acq_rel decrements. */
@@ -721,10 +738,146 @@ int moe_rpc_server_in_flight(const struct moe_rpc_server *s)
     return atomic_load_explicit(&s->in_flight, memory_order_relaxed);
 }
 
+/* ---- socket activation ---- */
+
+/* Waits for the stop byte up to ms; true when it came. */
+static bool wait_wake(struct moe_rpc_server *s, int ms)
+{
+    struct pollfd p = {.fd = s->wake[0], .events = POLLIN};
+
+    return poll(&p, 1, ms) > 0;
+}
+
+/* The accept thread: hands every connection on s->listen_fd to the core,
+ * until the stop byte arrives on s->wake[0]. */
+static void *accept_main(void *arg)
+{
+    struct moe_rpc_server *s = arg;
+    struct pollfd p[2] = {{.fd = s->listen_fd, .events = POLLIN},
+                          {.fd = s->wake[0], .events = POLLIN}};
+    bool starved = false;
+
+    for (;;) {
+        int fd;
+
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            moe_log(MOE_LOG_ERROR,
+                    "rpc: poll on the socket passed by systemd: %s; no longer accepting "
+                    "connections on it, restart moed",
+                    strerror(errno));
+            break;
+        }
+        if (p[1].revents)
+            break;
+        if (p[0].revents & (POLLERR | POLLNVAL)) {
+            moe_log(MOE_LOG_ERROR,
+                    "rpc: the socket passed by systemd (fd %d) failed; no longer accepting "
+                    "connections on it, restart moed",
+                    s->listen_fd);
+            break;
+        }
+        fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* The connection stays in the backlog: retry a little later
+                 * rather than spin on a socket that stays readable. */
+                if (!starved)
+                    moe_log(MOE_LOG_WARN,
+                            "rpc: cannot accept a connection on the socket passed by systemd: "
+                            "%s; retrying every %d ms (raise LimitNOFILE?)",
+                            strerror(errno), RPC_ACCEPT_BACKOFF_MS);
+                starved = true;
+                if (wait_wake(s, RPC_ACCEPT_BACKOFF_MS))
+                    break;
+            } else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED &&
+                       errno != EPROTO) {
+                moe_log(MOE_LOG_ERROR,
+                        "rpc: accept on the socket passed by systemd (fd %d): %s; no longer "
+                        "accepting connections on it, restart moed",
+                        s->listen_fd, strerror(errno));
+                break;
+            }
+            continue;
+        }
+        starved = false;
+        /* The core owns fd from here on (and closes it). */
+        grpc_server_add_channel_from_fd(s->server, fd, s->fd_creds);
+    }
+    return NULL;
+}
+
+/* Stops the accept thread and closes what socket activation opened; the
+ * listening socket stays open in systemd.  Idempotent. */
+static void stop_accepting(struct moe_rpc_server *s)
+{
+    if (s->accepting) {
+        ssize_t n;
+
+        do
+            n = write(s->wake[1], "", 1);
+        while (n < 0 && errno == EINTR);
+        pthread_join(s->accept_thread, NULL);
+        s->accepting = false;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (s->wake[i] >= 0)
+            close(s->wake[i]);
+        s->wake[i] = -1;
+    }
+    if (s->listen_fd >= 0)
+        close(s->listen_fd);
+    s->listen_fd = -1;
+    if (s->fd_creds)
+        grpc_server_credentials_release(s->fd_creds);
+    s->fd_creds = NULL;
+}
+
+/* Checks that the passed s->listen_fd is a listening Unix stream socket and
+ * prepares to accept on it.  Non-blocking: another process sharing the
+ * socket may take a connection between our poll and our accept. */
+static int adopt_listen_fd(struct moe_rpc_server *s, struct moe_error *err)
+{
+    struct sockaddr_un sa = {0};
+    socklen_t len = sizeof(int), sa_len = sizeof(sa);
+    int domain = 0, type = 0, listening = 0, fl;
+
+    if (getsockopt(s->listen_fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0 ||
+        getsockopt(s->listen_fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 ||
+        getsockopt(s->listen_fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
+        return moe_error_set(err, -errno, "the socket passed by systemd (fd %d): %s", s->listen_fd,
+                             strerror(errno));
+    if (domain != AF_UNIX || type != SOCK_STREAM || !listening)
+        return moe_error_set(err, -ENOTSOCK,
+                             "the socket passed by systemd (fd %d) is not a listening Unix "
+                             "stream socket; check ListenStream= in moed.socket",
+                             s->listen_fd);
+    fl = fcntl(s->listen_fd, F_GETFL);
+    if (fl < 0 || fcntl(s->listen_fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return moe_error_set(err, -errno,
+                             "cannot make the socket passed by systemd non-blocking: %s",
+                             strerror(errno));
+    if (pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        s->wake[0] = s->wake[1] = -1;
+        return moe_error_set(err, -errno, "pipe: %s", strerror(errno));
+    }
+    /* Plaintext, like the socket path: the socket's mode guards it. */
+    s->fd_creds = grpc_insecure_server_credentials_create();
+    if (getsockname(s->listen_fd, (struct sockaddr *)&sa, &sa_len) == 0 && sa.sun_path[0])
+        moe_log(MOE_LOG_INFO, "rpc: serving the Unix socket passed by systemd: fd %d, '%.*s'",
+                s->listen_fd, (int)sizeof(sa.sun_path), sa.sun_path);
+    else
+        moe_log(MOE_LOG_INFO, "rpc: serving the Unix socket passed by systemd: fd %d",
+                s->listen_fd);
+    return 0;
+}
+
 /* ---- start and stop ---- */
 
 static void server_destroy(struct moe_rpc_server *s)
 {
+    stop_accepting(s);
     for (int i = 0; i < s->n_methods; i++)
         free((char *)s->methods[i].m.path);
     free(s->methods);
@@ -810,6 +963,9 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
     s->stopping = true;
     pthread_mutex_unlock(&s->lock);
 
+    /* Before the core shuts down: adding a connection races with it.
+     * Connections arriving from now on wait in systemd's backlog. */
+    stop_accepting(s);
     tag_posted(&s->shutdown_tag);
     grpc_server_shutdown_and_notify(s->server, s->workers[0].cq, &s->shutdown_tag);
     clock_gettime(CLOCK_MONOTONIC, &deadline);
@@ -994,7 +1150,11 @@ static int add_ports(struct moe_rpc_server *s, const struct moe_rpc_config *cfg,
                                  "cannot listen on '%s': address in use or invalid%s", cfg->listen,
                                  cfg->tls_cert ? ", or bad TLS files" : "");
     }
-    if (cfg->unix_path) {
+    if (s->listen_fd >= 0) {
+        r = adopt_listen_fd(s, err);
+        if (r < 0)
+            return r;
+    } else if (cfg->unix_path) {
         r = prepare_unix_path(cfg->unix_path, err);
         if (r < 0)
             return r;
@@ -1021,7 +1181,7 @@ static int add_ports(struct moe_rpc_server *s, const struct moe_rpc_config *cfg,
 static int check_config(const struct moe_rpc_config *cfg, const struct moe_rpc_method *methods,
                         int n_methods, struct moe_error *err)
 {
-    if (!cfg->listen && !cfg->unix_path)
+    if (!cfg->listen && !cfg->unix_path && !cfg->has_listen_fd)
         return moe_error_set(err, -EINVAL, "nothing to listen on: no address and no socket");
     if (cfg->n_threads < 0 || cfg->n_threads > RPC_MAX_THREADS)
         return moe_error_set(err, -EINVAL, "%d RPC threads: expected 1 to %d", cfg->n_threads,
@@ -1048,11 +1208,19 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
     int r;
 
     r = check_config(cfg, methods, n_methods, err);
-    if (r < 0)
+    if (r >= 0) {
+        s = calloc(1, sizeof(*s));
+        if (!s)
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    if (r < 0) {
+        /* Ours in every case, also on failure. */
+        if (cfg->has_listen_fd && cfg->listen_fd >= 0)
+            close(cfg->listen_fd);
         return r;
-    s = calloc(1, sizeof(*s));
-    if (!s)
-        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    s->listen_fd = cfg->has_listen_fd ? cfg->listen_fd : -1;
+    s->wake[0] = s->wake[1] = -1;
     atomic_init(&s->refs, 1);
     atomic_init(&s->in_flight, 0);
     pthread_mutex_init(&s->lock, NULL);
@@ -1135,9 +1303,24 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
                 post_request(&s->workers[i], &s->methods[k]);
     for (int i = 0; i < s->n_workers; i++)
         post_request(&s->workers[i], &unknown_method);
+    /* Connections are added only to a started server. */
+    if (s->listen_fd >= 0) {
+        r = -pthread_create(&s->accept_thread, NULL, accept_main, s);
+        if (r < 0) {
+            moe_error_set(err, r, "cannot start the accept thread: %s", strerror(-r));
+            goto out_stop;
+        }
+        s->accepting = true;
+        pthread_setname_np(s->accept_thread, "moe-rpc-accept");
+    }
     moe_log(MOE_LOG_INFO, "rpc: serving %d methods on %s%s%s%s with %d threads", n_methods,
-            cfg->listen ? cfg->listen : "", cfg->listen && cfg->unix_path ? " and " : "",
-            cfg->unix_path ? "unix:" : "", cfg->unix_path ? cfg->unix_path : "", s->n_workers);
+            cfg->listen ? cfg->listen : "",
+            cfg->listen && (s->unix_path || s->accepting) ? " and " : "",
+            s->unix_path ? "unix:" : "",
+            s->unix_path   ? s->unix_path
+            : s->accepting ? "the socket passed by systemd"
+                           : "",
+            s->n_workers);
     *ret = s;
     return 0;
 out_stop:

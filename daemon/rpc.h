@@ -32,6 +32,13 @@
  * (a stale socket file is replaced, a live one is an error, and the file is
  * removed at shutdown).  Methods not in the table get UNIMPLEMENTED.
  *
+ * Socket activation: the core cannot adopt a listening socket, only
+ * connected ones, so a thread accepts on cfg.listen_fd and hands every
+ * connection to grpc_server_add_channel_from_fd (plaintext, like the
+ * socket path).  It stops accepting when shutdown begins; connections that
+ * arrive later wait in the backlog of the socket, which systemd keeps open
+ * for the next start.
+ *
  * Limits: requests larger than cfg.max_message_bytes are refused by the
  * core with RESOURCE_EXHAUSTED.
  */
@@ -60,7 +67,15 @@ struct moe_rpc_method {
 struct moe_rpc_config {
     const char *listen;    /* "127.0.0.1:50051", or NULL for none */
     const char *unix_path; /* a Unix socket path, or NULL for none */
-    const char *tls_cert;  /* PEM files; all NULL: plaintext */
+    /* Socket activation: with has_listen_fd, listen_fd is a listening Unix
+     * stream socket passed by systemd (sd_listen_fds), served instead of
+     * binding unix_path.  The server takes it over in every case (closed by
+     * moe_rpc_server_free, or by a failed start).  A flag rather than -1 for
+     * none: fd 0 is a valid socket (StandardInput=socket passes it there) and
+     * a zero-initialised config must pass nothing. */
+    bool has_listen_fd;
+    int listen_fd;
+    const char *tls_cert; /* PEM files; all NULL: plaintext */
     const char *tls_key;
     const char *tls_client_ca; /* verify client certificates against it */
     bool require_client_cert;

@@ -206,7 +206,16 @@ struct fwd {
     bool return_routing;
     uint64_t tag;
     uint64_t t_recv;
+    enum moed_transport transport; /* for the metrics */
 };
+
+/* Counts f's answer in the metrics: before answering (a client that scrapes
+ * once answered sees it counted) and before fwd_free (the name is mm's). */
+static void fwd_count(struct fwd *f, int code)
+{
+    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->transport, code,
+                         code == GRPC_STATUS_OK ? f->T : 0, moe_now_ns() - f->t_recv);
+}
 
 static void fwd_free(struct fwd *f)
 {
@@ -240,11 +249,13 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
 
     if (status < 0) {
         atomic_fetch_add(&d->failed, 1);
+        fwd_count(f, moed_grpc_status(status));
         moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
         goto out;
     }
     data = malloc(n * dtype_size(f->dtype));
     if (!data) {
+        fwd_count(f, GRPC_STATUS_RESOURCE_EXHAUSTED);
         moe_rpc_fail(f->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the output");
         goto out;
     }
@@ -290,6 +301,7 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     resp.cache_hits = (uint32_t)r->st.hits;
     resp.cache_misses = (uint32_t)r->st.misses;
     resp.tag = f->tag;
+    fwd_count(f, GRPC_STATUS_OK);
     reply_msg(f->call, &resp.base);
 out:
     free(data);
@@ -421,23 +433,29 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     struct fwd *f = calloc(1, sizeof(*f));
     struct moe_error err;
     char msg[MOE_ERROR_MSG_MAX + 64];
+    uint64_t t_recv = moe_now_ns();
     int st;
 
     if (!q || !f) {
-        moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
+        st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
+        moed_metrics_request(d->metrics, NULL, MOED_TRANSPORT_GRPC, st, 0, moe_now_ns() - t_recv);
+        moe_rpc_fail(call, st, "%s",
                      q ? "out of memory" : "the request is not a moe.v1.ForwardRequest");
         goto out;
     }
     f->d = d;
     f->call = call;
-    f->t_recv = moe_now_ns();
+    f->t_recv = t_recv;
+    f->transport = MOED_TRANSPORT_GRPC;
     if (atomic_load(&d->state) != MOED_SERVING) {
+        fwd_count(f, GRPC_STATUS_UNAVAILABLE);
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is %s: no new requests",
                      atomic_load(&d->state) == MOED_DRAINING ? "draining" : "stopping");
         goto out;
     }
     st = fwd_prepare(f, q, msg, sizeof(msg));
     if (st != GRPC_STATUS_OK) {
+        fwd_count(f, st);
         moe_rpc_fail(call, st, "%s", msg);
         goto out;
     }
@@ -459,6 +477,7 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     atomic_fetch_add(&d->tokens, (uint64_t)f->T);
     if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
+        fwd_count(f, moed_grpc_status(err.code));
         moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
         goto out;
     }

@@ -27,6 +27,9 @@ struct moe_sched {
     bool stopping; /* no new requests */
     bool quit;     /* workers exit once pending is empty */
     uint64_t requests, tokens, batches, failed, completed;
+    uint64_t batch_requests[MOE_SCHED_HIST_BUCKETS], batch_tokens[MOE_SCHED_HIST_BUCKETS];
+    uint64_t batch_requests_sum, batch_tokens_sum;
+    uint64_t last_progress_ns; /* see moe_sched_stats */
     pthread_t *threads;
     int n_threads;
 };
@@ -79,6 +82,14 @@ static struct moe_sched_req *take_batch(struct moe_sched *s, int *n_req, int *n_
 static void finish(struct moe_sched_req *r, int status, const char *msg)
 {
     r->done(r, status, msg);
+}
+
+/* The histogram bucket of v >= 1: ceil(log2(v)), at most the last. */
+static int hist_bucket(int v)
+{
+    int b = v <= 1 ? 0 : 32 - __builtin_clz((unsigned)v - 1);
+
+    return MOE_MIN(b, MOE_SCHED_HIST_BUCKETS - 1);
 }
 
 /* Runs one batch: the requests' rows concatenated into one forward. */
@@ -143,6 +154,10 @@ done:
     free(win);
     pthread_mutex_lock(&s->lock);
     s->batches++;
+    s->batch_requests[hist_bucket(n_req)]++;
+    s->batch_tokens[hist_bucket(n_tok)]++;
+    s->batch_requests_sum += (uint64_t)n_req;
+    s->batch_tokens_sum += (uint64_t)n_tok;
     if (r < 0)
         s->failed += (uint64_t)n_req;
     pthread_mutex_unlock(&s->lock);
@@ -198,6 +213,7 @@ static void *worker(void *arg)
         pthread_mutex_lock(&s->lock);
         s->running -= n_req;
         s->completed += (uint64_t)n_req;
+        s->last_progress_ns = moe_now_ns();
         if (!s->head && !s->running)
             pthread_cond_broadcast(&s->idle_cv);
     }
@@ -286,6 +302,9 @@ int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_er
         pthread_mutex_unlock(&s->lock);
         return moe_error_set(err, -ESHUTDOWN, "moed is shutting down: no new requests");
     }
+    /* Idle until now: the time without progress counts from here. */
+    if (!s->pending && !s->running)
+        s->last_progress_ns = r->t_submit_;
     if (s->tail)
         s->tail->next_ = r;
     else
@@ -337,7 +356,13 @@ void moe_sched_get_stats(struct moe_sched *s, struct moe_sched_stats *ret)
     ret->tokens = s->tokens;
     ret->batches = s->batches;
     ret->failed = s->failed;
+    memcpy(ret->batch_requests, s->batch_requests, sizeof(ret->batch_requests));
+    memcpy(ret->batch_tokens, s->batch_tokens, sizeof(ret->batch_tokens));
+    ret->batch_requests_sum = s->batch_requests_sum;
+    ret->batch_tokens_sum = s->batch_tokens_sum;
     ret->pending = s->pending;
     ret->running = s->running;
+    ret->completed = s->completed;
+    ret->last_progress_ns = s->last_progress_ns;
     pthread_mutex_unlock(&s->lock);
 }

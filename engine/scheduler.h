@@ -57,13 +57,25 @@ struct moe_sched_req {
     uint64_t t_submit_;
 };
 
+/* Batch histograms: bucket i counts the batches of (2^(i-1), 2^i] requests
+ * or tokens (bucket 0: exactly 1); 2^20 is MOE_MAX_TOKENS, so none is larger. */
+#define MOE_SCHED_HIST_BUCKETS 21
+
 struct moe_sched_stats {
     uint64_t requests;
     uint64_t tokens;
     uint64_t batches;
     uint64_t failed;
+    uint64_t batch_requests[MOE_SCHED_HIST_BUCKETS]; /* batches by requests in them */
+    uint64_t batch_tokens[MOE_SCHED_HIST_BUCKETS];   /* batches by tokens in them */
+    uint64_t batch_requests_sum, batch_tokens_sum;   /* over every batch run */
     int pending;
-    int running; /* requests in batches being computed */
+    int running;        /* requests in batches being computed */
+    uint64_t completed; /* requests whose batch has finished (ok or failed) */
+    /* moe_now_ns() of the last batch finished, or of the submit that ended
+     * an idle spell: with requests pending or running, now minus this is how
+     * long the scheduler has gone without finishing anything. */
+    uint64_t last_progress_ns;
 };
 
 int moe_sched_create(const struct moe_sched_config *cfg, struct moe_sched **ret,

@@ -20,6 +20,7 @@ packages=(
     python3 python3-numpy python3-grpcio python3-grpc-tools python3-prometheus-client
     fio                               # disk limit for the page-in benchmarks
     openssl                           # certificates for the TLS tests
+    systemd                           # systemd-analyze, -socket-activate, -sysusers, -tmpfiles: unit tests
 )
 
 missing=()

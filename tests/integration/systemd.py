@@ -1,0 +1,506 @@
+#!/usr/bin/python3
+"""moed's systemd integration, end to end.
+
+Checks:
+  install      `cmake --install BUILD --prefix TMP` puts every file where
+               systemd/CMakeLists.txt says (sbin/moed, bin/moectl, the units,
+               sysusers.d, tmpfiles.d, the example configuration), and
+               moed.service runs the installed moed;
+  verify       `systemd-analyze verify` finds nothing to say about the
+               installed units (skipped where systemd-analyze is missing or
+               cannot run here: checked on a trivial unit first), and
+               `systemd-analyze security --offline` rates them OK;
+  sysusers     `systemd-sysusers --dry-run --root` parses moed.conf, and
+               (as root) creates the user, then `systemd-tmpfiles --create
+               --root` makes the directories with their modes and owner;
+  activation   moed started by systemd-socket-activate (when installed) and
+               by an emulation of it (LISTEN_FDS/LISTEN_PID, the socket as
+               fd 3) serves the passed Unix socket: Health SERVING and a
+               Forward from a client that connected before moed ran; the
+               configured path is not bound nor removed; a passed descriptor
+               that is not a listening socket is closed and the path bound;
+  watchdog     with NOTIFY_SOCKET and WATCHDOG_USEC, READY=1 then WATCHDOG=1
+               several times per interval, STOPPING=1 at SIGTERM; a batch
+               longer than the interval withholds the pings (logged), which
+               come back once it finishes.
+
+Exit 0 pass, 1 fail, 77 skip (numpy or grpcio missing).
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+try:
+    import numpy as np
+    import grpc
+    from grpc_tools import protoc
+except ImportError as e:
+    print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
+          f"python3-grpc-tools)")
+    sys.exit(77)
+
+failures = []
+logdir = "."  # the workdir: logs stay there, sockets go to a short /tmp path
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail and not ok else ''}")
+    if not ok:
+        failures.append(f"{name}: {detail}")
+
+
+def skip(name, why):
+    print(f"skip {name}: {why}")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+class Moed:
+    """moed (or a wrapper that execs it) with stderr in a file."""
+
+    def __init__(self, argv, name, env=None, pass_fds=()):
+        self.log_path = log = f"{logdir}/{name}.log"
+        self.log = open(log, "w+")
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log, env=env,
+                                  pass_fds=pass_fds)
+
+    def stderr(self):
+        self.log.flush()
+        return read(self.log_path)
+
+    def wait_log(self, pattern, timeout=60):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if re.search(pattern, self.stderr()):
+                return True
+            if self.p.poll() is not None:
+                return bool(re.search(pattern, self.stderr()))
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout=30):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            return -9
+
+
+def channel(path):
+    return grpc.insecure_channel(f"unix:{path}",
+                                 options=[("grpc.max_receive_message_length", 256 << 20),
+                                          ("grpc.max_send_message_length", 256 << 20)])
+
+
+def f32_tensor(pb, x):
+    t = pb.Tensor()
+    t.shape.extend(x.shape)
+    t.dtype = pb.DTYPE_F32
+    t.data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    return t
+
+
+# ---- install ----
+
+def test_install(a, tmp):
+    prefix = f"{tmp}/prefix"
+    p = subprocess.run([a.cmake, "--install", a.build, "--prefix", prefix],
+                       capture_output=True, text=True)
+    check("cmake --install", p.returncode == 0, p.stdout + p.stderr)
+    if p.returncode != 0:
+        return None
+    want = {
+        "sbin/moed": True, "bin/moectl": True,
+        "lib/systemd/system/moed.service": False, "lib/systemd/system/moed.socket": False,
+        "lib/sysusers.d/moed.conf": False, "lib/tmpfiles.d/moed.conf": False,
+        "share/doc/moed/moed.conf.example": False, "share/doc/moed/README.systemd.md": False,
+    }
+    for rel, exe in want.items():
+        path = f"{prefix}/{rel}"
+        ok = os.path.isfile(path) and (not exe or os.access(path, os.X_OK))
+        check(f"installed {rel}", ok, "missing" if not os.path.exists(path) else "not executable")
+    found = sorted(os.path.relpath(os.path.join(d, f), prefix)
+                   for d, _, fs in os.walk(prefix) for f in fs)
+    extra = [f for f in found if f not in want]
+    check("nothing else installed", not extra, str(extra))
+    unit = read(f"{prefix}/lib/systemd/system/moed.service")
+    check("moed.service runs the installed moed",
+          f"ExecStart={prefix}/sbin/moed --config /etc/moed/moed.conf\n" in unit,
+          re.findall(r"ExecStart=.*", unit))
+    check("moed.service has no @VARIABLE@ left", not re.search(r"@[A-Z_]+@", unit),
+          re.findall(r"@[A-Z_]+@", unit))
+    for key in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "User=moed",
+                "RuntimeDirectory=moed", "LimitMEMLOCK=infinity", "DevicePolicy=closed",
+                "SystemCallFilter=io_uring_setup io_uring_enter io_uring_register"):
+        check(f"moed.service: {key}", re.search(rf"^{re.escape(key)}$", unit, re.M) is not None)
+    check("moed.service: no PrivateDevices (it hides the GPUs)",
+          not re.search(r"^PrivateDevices=", unit, re.M))
+    sock = read(f"{prefix}/lib/systemd/system/moed.socket")
+    check("moed.socket listens on /run/moed/moed.sock",
+          "ListenStream=/run/moed/moed.sock\n" in sock and "SocketMode=0660\n" in sock)
+    example = read(f"{prefix}/share/doc/moed/moed.conf.example")
+    check("the example configuration names the socket moed.socket listens on",
+          re.search(r"^socket = /run/moed/moed.sock$", example, re.M) is not None)
+    return prefix
+
+
+def test_verify(prefix, tmp):
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        skip("systemd-analyze verify", "systemd-analyze is not installed (package systemd)")
+        return
+    units = f"{prefix}/lib/systemd/system"
+    # Can it run here at all?  A unit with nothing to say about.
+    base = f"{tmp}/baseline"
+    os.makedirs(base)
+    with open(f"{base}/moed-baseline.service", "w") as f:
+        f.write("[Unit]\nDescription=baseline\n[Service]\nExecStart=/bin/true\n")
+    try:
+        p = subprocess.run([analyze, "verify", f"{base}/moed-baseline.service"],
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        skip("systemd-analyze verify", "it did not finish on a trivial unit in 60 s")
+        return
+    if p.returncode != 0:
+        skip("systemd-analyze verify",
+             f"it cannot run here (a trivial unit fails: {(p.stdout + p.stderr).strip()})")
+        return
+    noise = set((p.stdout + p.stderr).splitlines())
+    p = subprocess.run([analyze, "verify", f"{units}/moed.service", f"{units}/moed.socket"],
+                       capture_output=True, text=True, timeout=120)
+    said = [line for line in (p.stdout + p.stderr).splitlines() if line not in noise]
+    check("systemd-analyze verify moed.service moed.socket", p.returncode == 0 and not said,
+          f"rc {p.returncode}: " + "\n".join(said))
+    # A check that it would notice: a unit that is wrong.
+    with open(f"{units}/moed.service") as f:
+        bad = f.read().replace("WatchdogSec=30", "WatchdogSec=thirty")
+    with open(f"{base}/moed.service", "w") as f:
+        f.write(bad)
+    p = subprocess.run([analyze, "verify", f"{base}/moed.service"], capture_output=True,
+                       text=True, timeout=120)
+    check("systemd-analyze verify notices a bad value", "thirty" in p.stdout + p.stderr,
+          p.stdout + p.stderr)
+    # Exposure 0 (locked down) to 10 (unprotected); --threshold counts tenths.
+    p = subprocess.run([analyze, "security", "--offline=yes", "--threshold=30",
+                        f"{units}/moed.service"], capture_output=True, text=True, timeout=120)
+    m = re.search(r"Overall exposure level for moed.service: ([\d.]+)", p.stdout + p.stderr)
+    if p.returncode != 0 and not m:
+        skip("systemd-analyze security", (p.stdout + p.stderr).strip()[-300:])
+    else:
+        check("systemd-analyze security: exposure at most 3.0", p.returncode == 0,
+              m.group(0) if m else p.stdout[-300:])
+
+
+def test_sysusers(prefix, tmp):
+    sysusers, tmpfiles = shutil.which("systemd-sysusers"), shutil.which("systemd-tmpfiles")
+    conf_u = f"{prefix}/lib/sysusers.d/moed.conf"
+    conf_t = f"{prefix}/lib/tmpfiles.d/moed.conf"
+    if not sysusers:
+        skip("systemd-sysusers", "not installed (package systemd)")
+        return
+    root = f"{tmp}/root"
+    os.makedirs(f"{root}/etc")
+    p = subprocess.run([sysusers, f"--root={root}", "--dry-run", conf_u], capture_output=True,
+                       text=True, timeout=60)
+    out = p.stdout + p.stderr
+    check("systemd-sysusers --dry-run parses moed.conf",
+          p.returncode == 0 and "Creating user 'moed'" in out and "Failed" not in out, out)
+    if os.geteuid() != 0:
+        skip("systemd-tmpfiles --create", "needs root to give the directories their owner")
+        return
+    p = subprocess.run([sysusers, f"--root={root}", conf_u], capture_output=True, text=True,
+                       timeout=60)
+    check("systemd-sysusers --root creates moed", p.returncode == 0, p.stdout + p.stderr)
+    uid = gid = None
+    for line in read(f"{root}/etc/passwd").splitlines():
+        f = line.split(":")
+        if f[0] == "moed":
+            uid, gid = int(f[2]), int(f[3])
+            check("moed: home /var/lib/moed, no login shell",
+                  f[5] == "/var/lib/moed" and f[6].endswith("nologin"), line)
+    check("moed in the passwd of the root", uid is not None)
+    if not tmpfiles or uid is None:
+        skip("systemd-tmpfiles", "not installed (package systemd)")
+        return
+    p = subprocess.run([tmpfiles, f"--root={root}", "--create", conf_t], capture_output=True,
+                       text=True, timeout=60)
+    check("systemd-tmpfiles --create parses and applies moed.conf",
+          p.returncode == 0 and not p.stderr.strip(), p.stdout + p.stderr)
+    for path, mode in (("/run/moed", 0o755), ("/var/lib/moed", 0o750),
+                       ("/var/lib/moed/models", 0o750), ("/var/cache/moed", 0o750)):
+        try:
+            st = os.stat(root + path)
+        except FileNotFoundError:
+            check(f"tmpfiles: {path}", False, "missing")
+            continue
+        check(f"tmpfiles: {path} {mode:04o} moed:moed",
+              stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
+              and st.st_uid == uid and st.st_gid == gid,
+              f"{stat.S_IMODE(st.st_mode):04o} {st.st_uid}:{st.st_gid}")
+
+
+# ---- socket activation ----
+
+def serve_checks(name, pb, pbg, hpb, hpbg, path, d, early):
+    """Health and Forward on the passed socket; `early` is a call made
+    before moed ran (a thread with its result)."""
+    early.join(120)
+    check(f"{name}: a client that connected before moed ran is served",
+          early.result == hpb.HealthCheckResponse.SERVING, str(early.result))
+    ch = channel(path)
+    try:
+        h = hpbg.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=30)
+        check(f"{name}: Health SERVING on the passed socket",
+              h.status == hpb.HealthCheckResponse.SERVING, str(h))
+        x = np.random.default_rng(1).standard_normal((3, 64)).astype("f4")
+        r = pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="mix", layer=0,
+                                                          hidden=f32_tensor(pb, x)), timeout=30)
+        check(f"{name}: Forward on the passed socket", list(r.output.shape) == [3, 64],
+              str(r.output.shape))
+    except grpc.RpcError as e:
+        check(f"{name}: calls on the passed socket", False, f"{e.code()} {e.details()}")
+    finally:
+        ch.close()
+    log = d.stderr()
+    check(f"{name}: moed says the socket came from systemd",
+          re.search(r"socket activation: serving the Unix socket systemd passed \(fd 3\) instead "
+                    rf"of binding '{re.escape(path)}'", log) is not None, log)
+    check(f"{name}: moed did not bind the path itself", "no socket passed" not in log, log)
+    rc = d.stop()
+    check(f"{name}: SIGTERM exits 0", rc == 0, f"rc {rc}: {d.stderr()}")
+    check(f"{name}: the socket file is left to its owner", os.path.exists(path))
+
+
+class EarlyCall(threading.Thread):
+    """Health Check with wait_for_ready, started before moed runs."""
+
+    def __init__(self, hpb, hpbg, path):
+        super().__init__(daemon=True)
+        self.hpb, self.hpbg, self.path, self.result = hpb, hpbg, path, None
+
+    def run(self):
+        ch = channel(self.path)
+        try:
+            self.result = self.hpbg.HealthStub(ch).Check(self.hpb.HealthCheckRequest(),
+                                                         wait_for_ready=True, timeout=90).status
+        except grpc.RpcError as e:
+            self.result = f"{e.code()} {e.details()}"
+        finally:
+            ch.close()
+
+
+def activate(fd, moed):
+    """argv that runs moed with fd as fd 3 and LISTEN_PID its own pid (sh
+    execs it, so $$ is moed's pid)."""
+    move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+    return ["/bin/sh", "-c", move + 'LISTEN_PID=$$ exec "$0" "$@"', moed]
+
+
+def test_activation(a, tmp, model, protos):
+    pb, pbg, hpb, hpbg = protos
+    args = ["--listen", "none", "--model", f"mix={model}", "--log-level", "info"]
+
+    # By systemd-socket-activate: it listens, and execs moed on the first
+    # connection (the early call).
+    sa = shutil.which("systemd-socket-activate")
+    if sa:
+        path = f"{tmp}/sa.sock"
+        d = Moed([sa, "-l", path, a.moed] + args + ["--socket", path], "sa")
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            time.sleep(0.05)
+        early = EarlyCall(hpb, hpbg, path)
+        early.start()
+        serve_checks("systemd-socket-activate", pb, pbg, hpb, hpbg, path, d, early)
+    else:
+        skip("systemd-socket-activate", "not installed (package systemd); emulated below only")
+
+    # Emulated: we listen, and exec moed with the socket as fd 3; LISTEN_PID
+    # must be moed's own pid, hence the exec from sh.
+    path = f"{tmp}/emu.sock"
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(16)
+    early = EarlyCall(hpb, hpbg, path)
+    early.start()
+    time.sleep(0.5)  # let it connect into the backlog
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="moed.socket")
+    fd = ls.fileno()
+    d = Moed(activate(fd, a.moed) + args + ["--socket", path], "emu", env=env,
+             pass_fds=(fd,))
+    ls.close()
+    serve_checks("emulated activation", pb, pbg, hpb, hpbg, path, d, early)
+
+    # A passed descriptor that is not a listening socket: closed, ignored,
+    # and the configured path bound instead.
+    path = f"{tmp}/fallback.sock"
+    with open(f"{tmp}/not-a-socket", "w") as f:
+        fd = f.fileno()
+        d = Moed(activate(fd, a.moed) + args + ["--socket", path], "fallback",
+                 env=env, pass_fds=(fd,))
+    ok = d.wait_log(r"moed \S+ serving")
+    ch = channel(path)
+    try:
+        h = hpbg.HealthStub(ch).Check(hpb.HealthCheckRequest(), timeout=30)
+        st = h.status
+    except grpc.RpcError as e:
+        st = f"{e.code()} {e.details()}"
+    ch.close()
+    log = d.stderr()
+    check("not a socket: ignored with a warning, the path bound and served",
+          ok and st == hpb.HealthCheckResponse.SERVING
+          and "fd 3 is not a listening Unix stream socket" in log
+          and f"binding '{path}'" in log, f"{st} {log}")
+    rc = d.stop()
+    check("not a socket: SIGTERM exits 0 and removes the socket moed bound",
+          rc == 0 and not os.path.exists(path), f"rc {rc}")
+
+
+# ---- watchdog ----
+
+def test_watchdog(a, tmp, model, big, protos):
+    pb, pbg, hpb, hpbg = protos
+    ns_path = f"{tmp}/notify.sock"
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(ns_path)
+    msgs = []  # (monotonic time, message)
+    stop = threading.Event()
+
+    def reader():
+        ns.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                m = ns.recv(4096).decode()
+            except socket.timeout:
+                continue
+            msgs.append((time.monotonic(), m))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    usec = 100000
+    env = dict(os.environ, NOTIFY_SOCKET=ns_path, WATCHDOG_USEC=str(usec))
+    env.pop("WATCHDOG_PID", None)
+    sock = f"{tmp}/wd.sock"
+    d = Moed([a.moed, "--listen", "none", "--socket", sock, "--model", f"mix={model}",
+              "--model", f"big={big}", "--threads", "1", "--workers", "1"],
+             "watchdog", env=env)
+
+    def texts():
+        return [m for _, m in msgs]
+
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not any("READY=1" in m for m in texts()):
+        time.sleep(0.05)
+    check("watchdog: READY=1", any("READY=1" in m for m in texts()), d.stderr())
+    time.sleep(1.0)
+    pings = [ts for ts, m in msgs if m == "WATCHDOG=1"]
+    # Every half interval (50 ms), checked every quarter: about 20 in 1 s.
+    check("watchdog: WATCHDOG=1 at least 10 times a second (WATCHDOG_USEC 100 ms)",
+          len(pings) >= 10, f"{len(pings)} pings")
+
+    # One batch much longer than the interval (one thread, one worker): the
+    # scheduler makes no progress meanwhile, so the pings stop, then resume.
+    ch = channel(sock)
+    try:
+        x = np.random.default_rng(2).standard_normal((4096, 512)).astype("f4")
+        t0 = time.monotonic()
+        pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="big", layer=0,
+                                                      hidden=f32_tensor(pb, x)), timeout=300)
+        t1 = time.monotonic()
+    finally:
+        ch.close()
+    took = t1 - t0
+    time.sleep(0.5)
+    pings = [ts for ts, m in msgs if m == "WATCHDOG=1"]
+    during = [b - a_ for a_, b in zip(pings, pings[1:]) if a_ >= t0 - 0.2 and b <= t1 + 0.3]
+    log = d.stderr()
+    if took < 0.5:
+        skip("watchdog: stuck scheduler", f"the long batch took only {took:.2f} s here")
+    else:
+        check("watchdog: a batch longer than the interval withholds the ping (logged)",
+              re.search(r"watchdog: the scheduler is stuck: \d+ requests pending and \d+ "
+                        r"running, no batch finished for", log)
+              and during and max(during) > 2 * usec / 1e6, f"batch {took:.2f} s, gaps "
+              f"{[round(g, 2) for g in during]}; {log}")
+        check("watchdog: pings resume once the batch is done",
+              "watchdog: the scheduler moves again" in log
+              and any(ts > t1 for ts in pings), log)
+    rc = d.stop()
+    time.sleep(0.2)
+    stop.set()
+    t.join()
+    ns.close()
+    check("watchdog: STOPPING=1 at SIGTERM, exit 0",
+          rc == 0 and any("STOPPING=1" in m for m in texts()), f"rc {rc}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", required=True, help="the build directory to install from")
+    ap.add_argument("--moed", required=True)
+    ap.add_argument("--moectl", required=True)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--cmake", default="cmake")
+    a = ap.parse_args()
+    global logdir
+    w = logdir = a.workdir
+    shutil.rmtree(w, ignore_errors=True)
+    os.makedirs(w)
+    # Socket paths must fit in 108 bytes: keep them short, in /tmp.
+    tmp = tempfile.mkdtemp(prefix="moed-sd-")
+    try:
+        prefix = test_install(a, w)
+        if prefix:
+            test_verify(prefix, w)
+            test_sysusers(prefix, w)
+
+        gen = f"{w}/gen"
+        os.makedirs(gen)
+        if protoc.main(["protoc", f"-I{a.source}/proto", f"--python_out={gen}",
+                        f"--grpc_python_out={gen}", "moe.proto", "health.proto"]) != 0:
+            check("grpc_tools.protoc compiles proto/moe.proto", False)
+            return 1
+        sys.path.insert(0, gen)
+        import moe_pb2 as pb
+        import moe_pb2_grpc as pbg
+        import health_pb2 as hpb
+        import health_pb2_grpc as hpbg
+        protos = (pb, pbg, hpb, hpbg)
+
+        model, big = f"{w}/mix", f"{w}/big"
+        subprocess.run([a.moectl, "gen-model", "--arch", "mixtral", "--layers", "1",
+                        "--experts", "4", "--hidden", "64", "--ffn", "32", "--out", model, "-q"],
+                       check=True)
+        subprocess.run([a.moectl, "gen-model", "--arch", "mixtral", "--layers", "1",
+                        "--experts", "4", "--hidden", "512", "--ffn", "2048", "--out", big,
+                        "-q"], check=True)
+        test_activation(a, tmp, model, protos)
+        test_watchdog(a, tmp, model, big, protos)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        print(f"{len(failures)} failed")
+        return 1
+    print("all passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
