@@ -26,20 +26,11 @@ import time
 try:
     import numpy as np
     import grpc
-    from grpc_tools import protoc
+    from moedtest import check, code_of, finish, from_tensor, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools)")
     sys.exit(77)
-
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail and not ok else ''}")
-    if not ok:
-        failures.append(f"{name}: {detail}")
-
 
 class Daemon:
     def __init__(self, moed, args, workdir, name):
@@ -75,40 +66,6 @@ class Daemon:
             return -9
 
 
-def tensor(pb, x, dtype="f32"):
-    t = pb.Tensor()
-    t.shape.extend(x.shape)
-    if dtype == "f32":
-        t.dtype = pb.DTYPE_F32
-        t.data = np.ascontiguousarray(x, dtype="<f4").tobytes()
-    elif dtype == "bf16":
-        t.dtype = pb.DTYPE_BF16
-        u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
-        t.data = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
-    else:
-        t.dtype = pb.DTYPE_F16
-        t.data = np.ascontiguousarray(x, dtype="<f2").tobytes()
-    return t
-
-
-def from_tensor(pb, t):
-    shape = tuple(t.shape)
-    if t.dtype == pb.DTYPE_F32:
-        return np.frombuffer(t.data, dtype="<f4").reshape(shape)
-    if t.dtype == pb.DTYPE_BF16:
-        u = np.frombuffer(t.data, dtype="<u2").astype("<u4") << 16
-        return u.view("<f4").reshape(shape)
-    return np.frombuffer(t.data, dtype="<f2").astype("f4").reshape(shape)
-
-
-def code_of(fn):
-    try:
-        fn()
-        return grpc.StatusCode.OK, ""
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moed", required=True)
@@ -121,18 +78,10 @@ def main():
     os.makedirs(w)
 
     # stubs from our proto, by grpc_tools (not our code)
-    gen = f"{w}/gen"
-    os.makedirs(gen)
-    r = protoc.main(["protoc", f"-I{a.source}/proto", f"--python_out={gen}",
-                     f"--grpc_python_out={gen}", "moe.proto", "health.proto"])
-    if r != 0:
-        print("FAIL: grpc_tools.protoc could not compile proto/moe.proto")
-        return 1
-    sys.path.insert(0, gen)
-    import moe_pb2 as pb
-    import moe_pb2_grpc as pbg
-    import health_pb2 as hpb
-    import health_pb2_grpc as hpbg
+    protos = stubs(a.source, w)
+    if not protos:
+        return finish()
+    pb, pbg, hpb, hpbg = protos
 
     m, moed = a.moectl, a.moed
     model = f"{w}/mix"
@@ -467,6 +416,7 @@ def main():
                             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{w}/key.pem",
                             "-out", f"{w}/cert.pem", "-days", "1", "-subj", "/CN=localhost",
                             "-addext", "subjectAltName=DNS:localhost"], capture_output=True)
+        check("TLS: openssl makes a certificate", r.returncode == 0, r.stderr)
         p = subprocess.Popen([moed, "--listen", "127.0.0.1:0", "--model", model, "--tls-cert",
                               f"{w}/cert.pem", "--tls-key", f"{w}/key.pem"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -509,12 +459,7 @@ def main():
         p.send_signal(signal.SIGTERM)
         check("Unix socket daemon stops with 0", p.wait(30) == 0)
 
-    if failures:
-        print("\n".join(failures))
-        return 1
-    print("all passed")
-    return 0
-
+    return finish()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,21 +29,12 @@ import urllib.request
 try:
     import numpy as np
     import grpc
-    from grpc_tools import protoc
     from prometheus_client.parser import text_string_to_metric_families
+    from moedtest import check, finish, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools, python3-prometheus-client)")
     sys.exit(77)
-
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail and not ok else ''}")
-    if not ok:
-        failures.append(f"{name}: {detail}")
-
 
 class Daemon:
     """moed on 127.0.0.1:0; with metrics, reads the metrics port too."""
@@ -98,14 +89,6 @@ def listening_tcp_ports(pid):
             if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
                 ports.add(int(f[1].split(":")[1], 16))
     return ports
-
-
-def tensor(pb, x):
-    t = pb.Tensor()
-    t.shape.extend(x.shape)
-    t.dtype = pb.DTYPE_F32
-    t.data = np.ascontiguousarray(x, dtype="<f4").tobytes()
-    return t
 
 
 def http(port, path, method="GET"):
@@ -192,16 +175,10 @@ def main():
     shutil.rmtree(w, ignore_errors=True)
     os.makedirs(w)
 
-    gen = f"{w}/gen"
-    os.makedirs(gen)
-    r = protoc.main(["protoc", f"-I{a.source}/proto", f"--python_out={gen}",
-                     f"--grpc_python_out={gen}", "moe.proto"])
-    if r != 0:
-        print("FAIL: grpc_tools.protoc could not compile proto/moe.proto")
-        return 1
-    sys.path.insert(0, gen)
-    import moe_pb2 as pb
-    import moe_pb2_grpc as pbg
+    protos = stubs(a.source, w)
+    if not protos:
+        return finish()
+    pb, pbg = protos[0], protos[1]
 
     model = f"{w}/mix"
     subprocess.run([a.moectl, "gen-model", "--arch", "mixtral", "--layers", "3", "--experts",
@@ -379,12 +356,7 @@ def main():
     check("--metrics without a port refused", p.returncode != 0 and "HOST:PORT" in p.stderr,
           p.stderr)
 
-    if failures:
-        print(f"{len(failures)} failed")
-        return 1
-    print("all passed")
-    return 0
-
+    return finish()
 
 if __name__ == "__main__":
     sys.exit(main())

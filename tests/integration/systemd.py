@@ -42,20 +42,13 @@ import time
 try:
     import numpy as np
     import grpc
-    from grpc_tools import protoc
+    from moedtest import check, finish, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools)")
     sys.exit(77)
 
-failures = []
 logdir = "."  # the workdir: logs stay there, sockets go to a short /tmp path
-
-
-def check(name, ok, detail=""):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail and not ok else ''}")
-    if not ok:
-        failures.append(f"{name}: {detail}")
 
 
 def skip(name, why):
@@ -105,14 +98,6 @@ def channel(path):
     return grpc.insecure_channel(f"unix:{path}",
                                  options=[("grpc.max_receive_message_length", 256 << 20),
                                           ("grpc.max_send_message_length", 256 << 20)])
-
-
-def f32_tensor(pb, x):
-    t = pb.Tensor()
-    t.shape.extend(x.shape)
-    t.dtype = pb.DTYPE_F32
-    t.data = np.ascontiguousarray(x, dtype="<f4").tobytes()
-    return t
 
 
 # ---- install ----
@@ -269,7 +254,7 @@ def serve_checks(name, pb, pbg, hpb, hpbg, path, d, early):
               h.status == hpb.HealthCheckResponse.SERVING, str(h))
         x = np.random.default_rng(1).standard_normal((3, 64)).astype("f4")
         r = pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="mix", layer=0,
-                                                          hidden=f32_tensor(pb, x)), timeout=30)
+                                                          hidden=tensor(pb, x)), timeout=30)
         check(f"{name}: Forward on the passed socket", list(r.output.shape) == [3, 64],
               str(r.output.shape))
     except grpc.RpcError as e:
@@ -421,7 +406,7 @@ def test_watchdog(a, tmp, model, big, protos):
         x = np.random.default_rng(2).standard_normal((4096, 512)).astype("f4")
         t0 = time.monotonic()
         pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="big", layer=0,
-                                                      hidden=f32_tensor(pb, x)), timeout=300)
+                                                      hidden=tensor(pb, x)), timeout=300)
         t1 = time.monotonic()
     finally:
         ch.close()
@@ -471,18 +456,10 @@ def main():
             test_verify(prefix, w)
             test_sysusers(prefix, w)
 
-        gen = f"{w}/gen"
-        os.makedirs(gen)
-        if protoc.main(["protoc", f"-I{a.source}/proto", f"--python_out={gen}",
-                        f"--grpc_python_out={gen}", "moe.proto", "health.proto"]) != 0:
-            check("grpc_tools.protoc compiles proto/moe.proto", False)
-            return 1
-        sys.path.insert(0, gen)
-        import moe_pb2 as pb
-        import moe_pb2_grpc as pbg
-        import health_pb2 as hpb
-        import health_pb2_grpc as hpbg
-        protos = (pb, pbg, hpb, hpbg)
+        protos = stubs(a.source, w)
+        if not protos:
+            return finish()
+        pb, pbg, hpb, hpbg = protos
 
         model, big = f"{w}/mix", f"{w}/big"
         subprocess.run([a.moectl, "gen-model", "--arch", "mixtral", "--layers", "1",
@@ -495,12 +472,7 @@ def main():
         test_watchdog(a, tmp, model, big, protos)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} failed")
-        return 1
-    print("all passed")
-    return 0
-
+    return finish()
 
 if __name__ == "__main__":
     sys.exit(main())
