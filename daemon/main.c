@@ -90,21 +90,6 @@ static uint64_t sched_stuck_ns(struct moed *d, uint64_t limit_ns)
     return now - ss.last_progress_ns;
 }
 
-static uint64_t all_expert_bytes(const struct moed *d)
-{
-    uint64_t sum = 0;
-
-    for (int i = 0; i < d->cfg.n_models; i++) {
-        struct moe_model *m;
-
-        if (moe_model_open(d->cfg.models[i].dir, &m, NULL) == 0) {
-            sum += moe_engine_all_experts_bytes(m);
-            moe_model_free(m);
-        }
-    }
-    return sum ? sum : 256ull << 20;
-}
-
 static void reload(struct moed *d, int argc, char **argv)
 {
     struct moed_config nc;
@@ -154,6 +139,7 @@ int main(int argc, char **argv)
     const struct moe_rpc_method *methods;
     uint64_t watchdog_usec = 0, last_ping = 0;
     bool withheld = false;
+    struct moe_model *opened[MOED_MAX_MODELS] = {0};
     sigset_t sigs;
     int r, n_methods, ret = 1;
 
@@ -188,7 +174,19 @@ int main(int argc, char **argv)
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
     }
-    cc.host_bytes = d.cfg.host_cache_bytes ? d.cfg.host_cache_bytes : all_expert_bytes(&d);
+    /* The models are opened once, before the cache, whose default size is
+     * every expert of them. */
+    cc.host_bytes = d.cfg.host_cache_bytes;
+    for (int i = 0; i < d.cfg.n_models; i++) {
+        if (moe_model_open(d.cfg.models[i].dir, &opened[i], &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "model %s: %s", d.cfg.models[i].name, err.msg);
+            goto out;
+        }
+        if (!d.cfg.host_cache_bytes)
+            cc.host_bytes += moe_engine_all_experts_bytes(opened[i]);
+    }
+    if (!cc.host_bytes)
+        cc.host_bytes = 256ull << 20;
     cc.policy = d.cfg.policy;
     cc.prefetch = d.cfg.prefetch;
     cc.half_life = d.cfg.half_life;
@@ -199,7 +197,10 @@ int main(int argc, char **argv)
         goto out;
     }
     for (int i = 0; i < d.cfg.n_models; i++) {
-        if (moed_load_model(&d, d.cfg.models[i].name, d.cfg.models[i].dir, &err) < 0) {
+        struct moe_model *m = opened[i];
+
+        opened[i] = NULL; /* taken by moed_add_model, even when it fails */
+        if (moed_add_model(&d, d.cfg.models[i].name, m, &err) < 0) {
             moe_log(MOE_LOG_ERROR, "model %s: %s", d.cfg.models[i].name, err.msg);
             goto out;
         }
@@ -314,6 +315,8 @@ out:
     moe_sched_free(d.sched);
     moed_metrics_free(d.metrics); /* after the last request is answered */
     moed_free_models(&d);
+    for (int i = 0; i < MOED_MAX_MODELS; i++)
+        moe_model_free(opened[i]);
     moe_cache_free(d.cache);
     moe_backend_free(d.backend);
     moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s", ret == 0 ? "stopped" : "failed");

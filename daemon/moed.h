@@ -45,6 +45,8 @@ struct moed {
 
 /* Opens dir as model name and registers it (lock not held).  0 or -errno. */
 int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err);
+/* Registers a model already open; takes m (freed on failure too). */
+int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct moe_error *err);
 /* Unregisters and frees; -EBUSY while in use.  0 or -errno. */
 int moed_unload_model(struct moed *d, const char *name, struct moe_error *err);
 void moed_free_models(struct moed *d);

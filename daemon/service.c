@@ -104,15 +104,23 @@ static void model_names(struct moed *d, char *buf, size_t len)
 
 int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err)
 {
+    struct moe_model *m;
+    int r = moe_model_open(dir, &m, err);
+
+    return r < 0 ? r : moed_add_model(d, name, m, err);
+}
+
+int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct moe_error *err)
+{
     struct moed_model *mm = calloc(1, sizeof(*mm));
     int r;
 
-    if (!mm)
+    if (!mm) {
+        moe_model_free(m);
         return moe_error_set(err, -ENOMEM, "out of memory");
+    }
     mm->name = strdup(name);
-    r = moe_model_open(dir, &mm->m, err);
-    if (r < 0)
-        goto fail;
+    mm->m = m;
     r = moe_cache_add_model(d->cache, mm->m, name, &mm->cache_id, err);
     if (r < 0)
         goto fail;
@@ -136,8 +144,8 @@ int moed_load_model(struct moed *d, const char *name, const char *dir, struct mo
         moe_cache_remove_model(d->cache, mm->cache_id, NULL);
         goto fail;
     }
-    moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name, dir,
-            moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
+    moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name,
+            m->dir, moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
             mm->m->cfg.top_k, mm->m->packed ? ", packed store" : "");
     return 0;
 fail:
