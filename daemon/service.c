@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <grpc/status.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -422,8 +423,10 @@ static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *ms
             return GRPC_STATUS_INVALID_ARGUMENT;
         }
     }
+    /* Checked here although the engine checks too: in a batch, one request's
+     * NaN would fail every request batched with it. */
     for (size_t i = 0; i < n; i++) {
-        if (!(f->x[i] == f->x[i]) || f->x[i] - f->x[i] != 0.0f) {
+        if (!isfinite(f->x[i])) {
             snprintf(msg, len, "hidden: token %zu, element %zu is not finite", i / (size_t)f->H,
                      i % (size_t)f->H);
             return GRPC_STATUS_INVALID_ARGUMENT;
