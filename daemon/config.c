@@ -5,6 +5,7 @@
 #include "config.h"
 
 #include "layer.h"
+#include "safetensors.h"
 
 #include <errno.h>
 #include <ini.h>
@@ -245,24 +246,39 @@ static int on_ini(void *user, const char *section, const char *name, const char 
     return 0;
 }
 
-static int read_file(struct moed_config *c, const char *path, struct moe_error *err)
+int moed_config_parse(struct moed_config *c, const char *text, const char *fname,
+                      struct moe_error *err)
 {
     struct ini_ctx x = {.c = c};
-    FILE *f = fopen(path, "r");
-    int r;
+    int r = ini_parse_string(text, on_ini, &x);
 
-    if (!f)
-        return moe_error_set(err, -errno, "--config %s: cannot open: %s", path, strerror(errno));
-    r = ini_parse_file(f, on_ini, &x);
-    fclose(f);
     if (x.r < 0)
-        return moe_error_set(err, x.r, "%s:%d: %s", path, r, x.err.msg);
+        return moe_error_set(err, x.r, "%s:%d: %s", fname, r, x.err.msg);
     if (r > 0)
-        return moe_error_set(err, -EINVAL,
-                             "%s:%d: not an INI line (expected key = value or [section])", path, r);
+        return moe_error_set(
+            err, -EINVAL, "%s:%d: not an INI line (expected key = value or [section])", fname, r);
     if (r < 0)
-        return moe_error_set(err, -EIO, "%s: cannot read", path);
+        return moe_error_set(err, -ENOMEM, "%s: out of memory", fname);
     return 0;
+}
+
+static int read_file(struct moed_config *c, const char *path, struct moe_error *err)
+{
+    char *text;
+    size_t len;
+    int r = moe_read_file(path, 1 << 20, &text, &len, err);
+
+    if (r < 0) {
+        moe_error_prefix(err, "--config");
+        return r;
+    }
+    if (memchr(text, 0, len)) {
+        free(text);
+        return moe_error_set(err, -EINVAL, "%s: a NUL byte: not a text file", path);
+    }
+    r = moed_config_parse(c, text, path, err);
+    free(text);
+    return r;
 }
 
 void moed_usage(FILE *f)

@@ -81,6 +81,11 @@ int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_er
 int moed_config_reload(const struct moed_config *start, int argc, char **argv,
                        struct moed_config *ret, struct moe_error *err);
 
+/* Applies INI text (NUL-terminated) to c; fname names it in messages.  The
+ * file parser behind --config, exposed for its fuzz target.  0 or -errno. */
+int moed_config_parse(struct moed_config *c, const char *text, const char *fname,
+                      struct moe_error *err);
+
 void moed_usage(FILE *f);
 
 #endif
