@@ -1070,7 +1070,6 @@ int moe_pager_submit(struct moe_pager *p, struct moe_pager_job *job, struct moe_
 
     job->next_ = NULL;
     job->parked_ = false;
-    job->submitted_ns_ = moe_now_ns();
     job->chunks_left_ = 0;
     job->next_seg_ = 0;
     job->next_off_ = 0;

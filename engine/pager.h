@@ -110,7 +110,6 @@ struct moe_pager_job {
     /* private to the pager */
     struct moe_pager_job *next_;
     bool parked_; /* started, set aside for an urgent job */
-    uint64_t submitted_ns_;
     int64_t chunks_left_;
     uint64_t next_seg_, next_off_; /* chunking cursor */
     int status_;
