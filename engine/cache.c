@@ -98,6 +98,7 @@ struct cmodel {
     bool prev_has_next;
     double la_hits, la_total; /* lookahead experts later used, of those named */
     double *pred;             /* [E] forecast for MoE layer pred_idx */
+    double *pred_scratch;     /* [2E] for predict(): no allocation under the lock */
     int pred_idx;
     _Atomic int bad_experts;
 };
@@ -283,6 +284,7 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
     free(mod->prev_ids);
     free(mod->prev_next);
     free(mod->pred);
+    free(mod->pred_scratch);
     free(mod);
 }
 
@@ -415,12 +417,13 @@ static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_erro
     mod->passes = calloc((size_t)mod->n_layers, sizeof(*mod->passes));
     mod->moe_layer = calloc((size_t)MOE_MAX(1, mod->n_moe), sizeof(int));
     mod->pred = calloc((size_t)mod->n_experts, sizeof(*mod->pred));
+    mod->pred_scratch = calloc(2 * (size_t)mod->n_experts, sizeof(*mod->pred_scratch));
     if (mod->n_moe > 1) {
         mod->cooc =
             calloc((size_t)(mod->n_moe - 1) * mod->n_experts * mod->n_experts, sizeof(float));
         mod->rows = calloc((size_t)(mod->n_moe - 1) * mod->n_experts, sizeof(float));
     }
-    if (!mod->entries || !mod->passes || !mod->moe_layer || !mod->pred ||
+    if (!mod->entries || !mod->passes || !mod->moe_layer || !mod->pred || !mod->pred_scratch ||
         (mod->n_moe > 1 && (!mod->cooc || !mod->rows)))
         return moe_error_set(err, -ENOMEM, "out of memory for the cache table of %s", mod->name);
     for (int l = 0; l < mod->n_layers; l++)
@@ -1164,14 +1167,10 @@ static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32
     double *q = mod->pred, qsum = 0, *logmiss, *pt;
     double acc = (mod->la_hits + 1.0) / (mod->la_total + 2.0);
 
-    logmiss = calloc((size_t)E, sizeof(*logmiss));
-    pt = calloc((size_t)E, sizeof(*pt));
-    if (!logmiss || !pt) {
-        free(logmiss);
-        free(pt);
-        mod->pred_idx = -1;
-        return;
-    }
+    /* scratch kept with the model: no allocation under the lock */
+    logmiss = mod->pred_scratch;
+    pt = mod->pred_scratch + E;
+    memset(logmiss, 0, (size_t)E * sizeof(*logmiss));
     /* Popularity prior at the next layer, scaled to sum to top_k. */
     for (int x = 0; x < E; x++) {
         q[x] = get_entry(mod, nl, x)->t[0].node.count;
@@ -1207,8 +1206,6 @@ static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32
     }
     for (int x = 0; x < E; x++)
         q[x] = -expm1(logmiss[x]); /* P(used by some token of the batch) */
-    free(logmiss);
-    free(pt);
     mod->pred_idx = idx + 1;
 }
 
