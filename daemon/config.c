@@ -48,6 +48,16 @@ static const struct key keys[] = {
      "on SIGTERM, how long requests in flight may finish"},
     {"server", "metrics", K_STR, OFF(metrics), 0, 0,
      "Prometheus GET /metrics on HOST:PORT (default: off)"},
+    {"server", "shm_socket", K_STR, OFF(shm_socket), 0, 0,
+     "Unix socket for shared-memory clients (libmoe-client; default: off)"},
+    {"server", "shm_allow_users", K_STR, OFF(shm_allow_users), 0, 0,
+     "users (names or uids, comma-separated) admitted besides root and moed's own"},
+    {"server", "shm_allow_groups", K_STR, OFF(shm_allow_groups), 0, 0,
+     "groups (names or gids) whose members are admitted"},
+    {"server", "shm_max_arena_bytes", K_BYTES, OFF(shm_max_arena_bytes), 0, 0,
+     "largest shared arena one client may ask for (default 1G)"},
+    {"server", "shm_max_sessions", K_INT, OFF(shm_max_sessions), 1, 65536,
+     "shared-memory clients at once (default 256)"},
     {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
      "host expert cache (default: every expert of the models)"},
     {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq or routing"},
@@ -78,6 +88,8 @@ void moed_config_init(struct moed_config *c)
     c->prefetch = true;
     c->batch_window_us = 200;
     c->max_batch_tokens = 4096;
+    c->shm_max_arena_bytes = 1ull << 30;
+    c->shm_max_sessions = 256;
     c->workers = 2;
 }
 

@@ -7,7 +7,9 @@
  *
  *   [server]    listen, socket, token, tls_cert, tls_key, tls_client_ca,
  *               tls_require_client_cert, max_message_bytes, log_level,
- *               rpc_threads, drain_timeout_ms, metrics
+ *               rpc_threads, drain_timeout_ms, metrics, shm_socket,
+ *               shm_allow_users, shm_allow_groups, shm_max_arena_bytes,
+ *               shm_max_sessions
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
@@ -45,7 +47,12 @@ struct moed_config {
     enum moe_log_level log_level;
     int rpc_threads;
     uint64_t drain_timeout_ms;
-    char *metrics; /* Prometheus endpoint HOST:PORT, NULL: off */
+    char *metrics;          /* Prometheus endpoint HOST:PORT, NULL: off */
+    char *shm_socket;       /* shared-memory clients' socket; NULL/"none": off */
+    char *shm_allow_users;  /* user names or uids, comma-separated */
+    char *shm_allow_groups; /* group names or gids */
+    uint64_t shm_max_arena_bytes;
+    int shm_max_sessions;
     /* [cache] */
     uint64_t host_cache_bytes; /* 0: every expert of the models at start */
     enum moe_cache_policy policy;

@@ -239,6 +239,10 @@ int main(int argc, char **argv)
         moe_log(MOE_LOG_ERROR, "gRPC: %s", err.msg);
         goto out;
     }
+    if (moed_shm_start(&d, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "shared memory: %s", err.msg);
+        goto out;
+    }
     if (d.cfg.metrics) {
         if (moed_metrics_listen(d.metrics, d.cfg.metrics, &err) < 0) {
             moe_log(MOE_LOG_ERROR, "%s", err.msg);
@@ -258,6 +262,8 @@ int main(int argc, char **argv)
     printf("moed: listening on port %d\n", moe_rpc_server_port(d.rpc));
     if (d.cfg.metrics)
         printf("moed: metrics on port %d\n", moed_metrics_port(d.metrics));
+    if (d.shm)
+        printf("moed: shared memory on %s\n", d.cfg.shm_socket);
     fflush(stdout);
     notify("READY=1\nSTATUS=serving %d models\nMAINPID=%d", d.n_models, (int)getpid());
     if (sd_watchdog_enabled(0, &watchdog_usec) <= 0)
@@ -311,6 +317,8 @@ int main(int argc, char **argv)
     ret = 0;
 out:
     moed_metrics_stop(d.metrics); /* first: a scrape reads everything below */
+    /* While the scheduler still runs: sessions end after their requests. */
+    moed_shm_stop(&d, "moed stopped");
     moe_rpc_server_free(d.rpc);
     moe_sched_free(d.sched);
     moed_metrics_free(d.metrics); /* after the last request is answered */

@@ -24,8 +24,11 @@ struct moed_model {
     struct moe_model *m;
     struct moe_engine *e;
     int cache_id;
-    int refs; /* requests using it; guarded by moed.lock */
+    uint32_t id; /* for shared-memory clients: unique for the daemon's life */
+    int refs;    /* requests using it; guarded by moed.lock */
 };
+
+struct moe_shm_server;
 
 struct moed {
     struct moed_config cfg;
@@ -33,11 +36,15 @@ struct moed {
     struct moe_cache *cache;
     struct moe_sched *sched;
     struct moe_rpc_server *rpc;
-    struct moed_metrics *metrics; /* request series and the /metrics endpoint */
+    struct moed_metrics *metrics;  /* request series and the /metrics endpoint */
+    struct moe_shm_server *shm;    /* local clients (shm_service.c); NULL: none */
+    uint32_t *shm_uids, *shm_gids; /* the allow-lists, resolved */
+    int n_shm_uids, n_shm_gids;
     uint64_t t_start;
     _Atomic int state;
     pthread_mutex_t lock; /* the model table */
     int n_models;
+    uint32_t next_model_id;
     struct moed_model *models[MOED_MAX_MODELS];
     _Atomic uint64_t requests, tokens, failed;
     _Atomic int in_flight;
@@ -50,6 +57,18 @@ int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct
 /* Unregisters and frees; -EBUSY while in use.  0 or -errno. */
 int moed_unload_model(struct moed *d, const char *name, struct moe_error *err);
 void moed_free_models(struct moed *d);
+
+/* The model with that id, with a reference taken, or NULL; moed_model_put
+ * gives the reference back. */
+struct moed_model *moed_model_get_id(struct moed *d, uint32_t id);
+void moed_model_put(struct moed *d, struct moed_model *mm);
+
+/* The shared-memory transport (shm_service.c): starts serving local
+ * clients on cfg.shm_socket (nothing when unset or "none").  0 or -errno. */
+int moed_shm_start(struct moed *d, struct moe_error *err);
+/* Ends every session (clients read reason), after their requests in
+ * flight; NULL server: no-op. */
+void moed_shm_stop(struct moed *d, const char *reason);
 
 /* The methods served, for moe_rpc_server_start (their arg is d). */
 int moed_methods(struct moed *d, const struct moe_rpc_method **ret);

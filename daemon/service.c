@@ -82,11 +82,26 @@ static struct moed_model *model_get(struct moed *d, const char *name)
     return mm;
 }
 
-static void model_put(struct moed *d, struct moed_model *mm)
+void moed_model_put(struct moed *d, struct moed_model *mm)
 {
     pthread_mutex_lock(&d->lock);
     mm->refs--;
     pthread_mutex_unlock(&d->lock);
+}
+
+struct moed_model *moed_model_get_id(struct moed *d, uint32_t id)
+{
+    struct moed_model *mm = NULL;
+
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++)
+        if (d->models[i]->id == id) {
+            mm = d->models[i];
+            mm->refs++;
+            break;
+        }
+    pthread_mutex_unlock(&d->lock);
+    return mm;
 }
 
 /* "a, b, c" of the loaded models' names. */
@@ -137,8 +152,10 @@ int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct
             r = moe_error_set(err, -EEXIST, "a model called '%s' is loaded already", name);
     if (r == 0 && d->n_models == MOED_MAX_MODELS)
         r = moe_error_set(err, -E2BIG, "%d models are loaded: unload one first", MOED_MAX_MODELS);
-    if (r == 0)
+    if (r == 0) {
+        mm->id = ++d->next_model_id;
         d->models[d->n_models++] = mm;
+    }
     pthread_mutex_unlock(&d->lock);
     if (r < 0) {
         moe_engine_free(mm->e);
@@ -229,7 +246,7 @@ static void fwd_count(struct fwd *f, int code)
 static void fwd_free(struct fwd *f)
 {
     if (f->mm)
-        model_put(f->d, f->mm);
+        moed_model_put(f->d, f->mm);
     free(f->x);
     free(f->out);
     free(f->w_in);
@@ -797,7 +814,7 @@ static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, v
     } else {
         moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     }
-    model_put(d, mm);
+    moed_model_put(d, mm);
 out:
     if (q)
         moe__v1__load_model_request__free_unpacked(q, NULL);
@@ -849,7 +866,7 @@ static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t le
     } else {
         r = moe_cache_evict(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
     }
-    model_put(d, mm);
+    moed_model_put(d, mm);
     if (r < 0)
         moe_rpc_fail(call, moed_grpc_status(r), "%s", err.msg);
     else /* Pin, Unpin and Evict responses are all empty messages */
