@@ -5,6 +5,7 @@
 #ifndef MOED_CLIENT_MOECTL_H
 #define MOED_CLIENT_MOECTL_H
 
+#include "common.h"
 #include "rpc_client.h"
 
 #include <limits.h>
@@ -110,6 +111,9 @@ struct moectl_remote {
     bool timeout_set;                 /* --timeout given */
     bool json;                        /* --json */
     struct moe_rpc_client *client;    /* opened by the first call */
+    bool shm_ok;                      /* set by the command before remote_check: it can use the
+                                       * shared-memory transport (forward, bench) */
+    bool use_shm;                     /* set by remote_check: --socket is moed's shm_socket */
 };
 
 /* Defaults from $MOED_ADDRESS and $MOED_TOKEN. */
@@ -127,6 +131,14 @@ int moectl_remote_call(struct moectl_remote *r, const char *method,
                        const struct ProtobufCMessage *req,
                        const struct ProtobufCMessageDescriptor *desc,
                        struct ProtobufCMessage **ret);
+/* True when path is a SOCK_SEQPACKET socket that accepts a connection:
+ * moed's shared-memory socket (its gRPC socket is a stream socket). */
+bool moectl_socket_is_shm(const char *path);
+/* forward through libmoe-client (moectl_shm.c): x is float32 [T, H]; writes
+ * out as float32 .npy.  Returns the exit status after printing. */
+struct moe_npy;
+int moectl_forward_shm(struct moectl_remote *r, const char *model, int layer,
+                       const struct moe_npy *x, enum moe_dtype dt, const char *outp, bool quiet);
 /* Closes the client; r can be used again. */
 void moectl_remote_close(struct moectl_remote *r);
 /* "usage: moectl SYNOPSIS [remote options]", text and the remote options. */

@@ -26,6 +26,7 @@
 #include "rpc_client.h"
 
 #include "moe.pb-c.h"
+#include "moe_client.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -177,7 +178,9 @@ struct caller {
     int id;
     pthread_t thread;
     bool started;                  /* thread created */
-    struct moe_rpc_client *client; /* its own channel */
+    struct moe_rpc_client *client; /* its own channel (gRPC) */
+    struct moe_session *sess;      /* its own session (shm) */
+    uint8_t *sin, *sout;           /* its input and output in the session's arena */
     uint64_t rng;                  /* xorshift64* state */
     float *state;                  /* [T, H] drifting hidden states */
     float *x;                      /* [T, H] residual stream of the step */
@@ -209,6 +212,8 @@ struct bench {
     enum moe_dtype dtype;
     uint64_t seed;
     bool quiet;
+    bool shm;             /* the shared-memory transport (libmoe-client) */
+    uint32_t model_id;    /* shm: the model's id */
     uint64_t deadline_ns; /* moe_now_ns() clock; 0 with --requests */
     /* Set by the main thread (deadline, Ctrl-C) or a caller that saw the
      * request budget spent.  Relaxed: a flag polled between calls, it
@@ -426,6 +431,104 @@ static void call_layer(struct caller *c, uint32_t layer)
     moe__v1__forward_response__free_unpacked(resp, NULL);
 }
 
+/* -errno of libmoe-client as the nearest gRPC status, for the report. */
+static int shm_status(int e)
+{
+    switch (e) {
+    case -EINVAL:
+    case -ERANGE:
+        return 3; /* INVALID_ARGUMENT */
+    case -ENOENT:
+        return 5; /* NOT_FOUND */
+    case -ENOMEM:
+    case -ENOSPC:
+    case -EAGAIN:
+        return 8; /* RESOURCE_EXHAUSTED */
+    case -ESHUTDOWN:
+    case -ECONNRESET:
+    case -ECONNREFUSED:
+        return 14; /* UNAVAILABLE */
+    case -ETIMEDOUT:
+        return 4; /* DEADLINE_EXCEEDED */
+    default:
+        return 13; /* INTERNAL */
+    }
+}
+
+/* The same call through the caller's shared-memory session: the hidden
+ * states go straight into the arena, the output is read from it. */
+static void call_layer_shm(struct caller *c, uint32_t layer)
+{
+    struct bench *b = c->b;
+    size_t n = (size_t)b->tokens * (size_t)b->hidden;
+    struct moe_completion cq = {0};
+    struct moe_request rq = {
+        .op = MOE_OP_FORWARD,
+        .model = b->model_id,
+        .layer = (int)layer,
+        .dtype = b->dtype == MOE_DTYPE_BF16  ? MOE_BF16
+                 : b->dtype == MOE_DTYPE_F16 ? MOE_F16
+                                             : MOE_F32,
+        .n_tokens = (uint32_t)b->tokens,
+        .input = c->sin,
+        .output = c->sout,
+        .tag = c->requests,
+    };
+    uint64_t t0, ns;
+    int rc;
+
+    rms_norm(b, c->x, c->h);
+    if (b->dtype == MOE_DTYPE_F32) {
+        memcpy(c->sin, c->h, n * 4);
+    } else {
+        uint16_t *half = (uint16_t *)c->sin;
+
+        for (size_t i = 0; i < n; i++)
+            half[i] =
+                b->dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(c->h[i]) : moe_f32_to_f16(c->h[i]);
+    }
+    t0 = moe_now_ns();
+    rc = moe_forward(c->sess, &rq, &cq);
+    ns = moe_now_ns() - t0;
+    c->requests++;
+    /* Relaxed: a count for the progress line only. */
+    atomic_fetch_add_explicit(&b->done, 1, memory_order_relaxed);
+    if (rc < 0) {
+        struct timespec ts = {0, ERROR_BACKOFF_NS};
+
+        caller_fail(c, shm_status(rc),
+                    cq.status < 0 && cq.msg[0] ? cq.msg : moe_last_error(c->sess));
+        if (rc == -ECONNRESET) /* the session is gone for good */
+            atomic_store_explicit(&b->stop, true, memory_order_relaxed);
+        nanosleep(&ts, NULL);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float y;
+
+        if (b->dtype == MOE_DTYPE_F32) {
+            memcpy(&y, c->sout + 4 * i, 4);
+        } else {
+            uint16_t v;
+
+            memcpy(&v, c->sout + 2 * i, 2);
+            y = b->dtype == MOE_DTYPE_BF16 ? moe_bf16_to_f32(v) : moe_f16_to_f32(v);
+        }
+        if (isfinite(y))
+            c->x[i] += y;
+    }
+    c->ok++;
+    c->hist[hist_index(ns)]++;
+    c->max_ns = MOE_MAX(c->max_ns, ns);
+    c->timed++;
+    c->queue_ns += cq.queue_ns;
+    c->compute_ns += cq.compute_ns;
+    c->total_ns += cq.total_ns;
+    c->batch_requests += cq.batch_requests;
+    c->cache_hits += cq.hits;
+    c->cache_misses += cq.misses;
+}
+
 static void *caller_main(void *arg)
 {
     struct caller *c = arg;
@@ -439,7 +542,10 @@ static void *caller_main(void *arg)
         for (size_t l = 0; l < b->n_layers; l++) {
             if (!claim(b))
                 return NULL;
-            call_layer(c, b->layers[l]);
+            if (b->shm)
+                call_layer_shm(c, b->layers[l]);
+            else
+                call_layer(c, b->layers[l]);
         }
         for (size_t i = 0; i < n; i++)
             c->state[i] = keep * c->state[i] + fresh * rng_normal(&c->rng);
@@ -449,6 +555,7 @@ static void *caller_main(void *arg)
 static void caller_free(struct caller *c)
 {
     moe_rpc_client_close(c->client);
+    moe_close(c->sess); /* and its arena buffers */
     free(c->state);
     free(c->x);
     free(c->h);
@@ -474,6 +581,11 @@ static const char bench_text[] =
     "  --requests R          or make R requests in all\n"
     "  --dtype f32|bf16|f16  the hidden states' type on the wire (default f32)\n"
     "  --seed S              seed of the random states (default 0x5eed)\n"
+    "  --transport grpc|shm  how to reach moed: gRPC (--remote or its gRPC --socket),\n"
+    "                        or shared memory through libmoe-client (--socket naming\n"
+    "                        moed's shm_socket; then each caller has its own session\n"
+    "                        and the hit rate is that of the run's own requests).\n"
+    "                        Default: shm when --socket is the shared-memory socket\n"
     "  -q, --quiet           no progress on stderr\n"
     "\n"
     "Progress goes to stderr (a bar on a terminal, a line a second otherwise).  At\n"
@@ -485,7 +597,8 @@ static const char bench_text[] =
 
 #define BENCH_SYNOPSIS                                                                             \
     "bench --model NAME [--layers all|L,L,...] [--tokens T] [--callers N]\n"                       \
-    "                    [--duration S | --requests R] [--dtype f32|bf16|f16] [--seed S] [-q]"
+    "                    [--duration S | --requests R] [--dtype f32|bf16|f16] [--seed S]\n"        \
+    "                    [--transport grpc|shm] [-q]"
 
 /* Parses --layers into *ret (malloc'd); -1 after printing. */
 static int parse_layers(const char *s, uint32_t **ret, size_t *n_ret)
@@ -599,6 +712,57 @@ out:
     return ret;
 }
 
+/* bench_model through a shared-memory session. */
+static int bench_model_shm(struct bench *b, const char *layers_arg)
+{
+    struct moe_session *s;
+    struct moe_model_info m;
+    int ret = 1, k = 0;
+
+    if (moe_connect(b->r.socket, NULL, &s) < 0) {
+        errorf("bench: cannot reach moed at %s: %s", b->r.socket, moe_connect_error());
+        return 1;
+    }
+    if (moe_model_find(s, b->model, &m) < 0) {
+        errorf("bench: %s", moe_last_error(s));
+        goto out;
+    }
+    b->hidden = m.hidden;
+    b->model_id = m.id;
+    if (!layers_arg || strcmp(layers_arg, "all") == 0) {
+        b->layers = calloc((size_t)m.n_layers, sizeof(*b->layers));
+        if (!b->layers) {
+            errorf("bench: out of memory");
+            goto out;
+        }
+        for (int l = 0; l < m.n_layers; l++)
+            if (moe_model_is_moe_layer(&m, l))
+                b->layers[k++] = (uint32_t)l;
+        b->n_layers = (size_t)k;
+        if (!k) {
+            errorf("bench: model '%s' has no MoE layers; nothing to run", b->model);
+            goto out;
+        }
+    } else {
+        if (parse_layers(layers_arg, &b->layers, &b->n_layers) < 0) {
+            ret = 2;
+            goto out;
+        }
+        for (size_t i = 0; i < b->n_layers; i++)
+            if (!moe_model_is_moe_layer(&m, (int)b->layers[i])) {
+                errorf("bench: --layers: layer %u is not a MoE layer of '%s' (moectl models "
+                       "lists them)",
+                       b->layers[i], b->model);
+                ret = 2;
+                goto out;
+            }
+    }
+    ret = 0;
+out:
+    moe_close(s);
+    return ret;
+}
+
 /* Tier 0's counters now; false (and a warning) when Stats fails. */
 static bool tier0_counters(struct bench *b, Moe__V1__CacheCounters *ret, char *name, size_t len)
 {
@@ -690,6 +854,7 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
 {
     uint64_t requests = 0, ok = 0, errors[NSTATUS] = {0}, nerr = 0, max_ns = 0, timed = 0;
     uint64_t q = 0, ro = 0, lo = 0, co = 0, to = 0, br = 0, hits = 0, misses = 0, ph = 0;
+    uint64_t shm_hits = 0, shm_misses = 0;
     uint64_t *hist = calloc(HIST_BUCKETS, sizeof(*hist));
     const char *first_error[NSTATUS] = {0};
     double rps, tps, p50, p99;
@@ -720,8 +885,16 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
         co += c->compute_ns;
         to += c->total_ns;
         br += c->batch_requests;
+        shm_hits += c->cache_hits;
+        shm_misses += c->cache_misses;
     }
-    if (have_cache) {
+    if (b->shm) {
+        /* From the completions: this run's requests only. */
+        have_cache = true;
+        hits = shm_hits;
+        misses = shm_misses;
+        tier = "of the batches serving this run";
+    } else if (have_cache) {
         hits = delta(c1->hits, c0->hits);
         misses = delta(c1->misses, c0->misses);
         ph = delta(c1->prefetch_hits, c0->prefetch_hits);
@@ -741,6 +914,7 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
             if (errors[s])
                 json_object_set_new(ebs, status_name(s), json_integer((json_int_t)errors[s]));
         json_object_set_new(j, "model", json_string(b->model));
+        json_object_set_new(j, "transport", json_string(b->shm ? "shm" : "grpc"));
         json_object_set_new(j, "layers", layers);
         json_object_set_new(j, "callers", json_integer(b->callers));
         json_object_set_new(j, "tokens_per_request", json_integer(b->tokens));
@@ -772,11 +946,11 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
             json_object_set_new(j, "cache", json_null());
         ret = print_json(&b->r, j);
     } else {
-        printf("bench %s at %s: %d caller%s, %lld token%s per request, %zu MoE layer%s, %s, "
-               "%.1f s\n",
-               b->model, b->r.target, b->callers, b->callers == 1 ? "" : "s", (long long)b->tokens,
-               b->tokens == 1 ? "" : "s", b->n_layers, b->n_layers == 1 ? "" : "s",
-               moe_dtype_user_name(b->dtype), elapsed);
+        printf("bench %s at %s (%s): %d caller%s, %lld token%s per request, %zu MoE layer%s, "
+               "%s, %.1f s\n",
+               b->model, b->r.target, b->shm ? "shared memory" : "gRPC", b->callers,
+               b->callers == 1 ? "" : "s", (long long)b->tokens, b->tokens == 1 ? "" : "s",
+               b->n_layers, b->n_layers == 1 ? "" : "s", moe_dtype_user_name(b->dtype), elapsed);
         printf("  requests   %llu (%llu ok, %llu tokens)\n", (unsigned long long)requests,
                (unsigned long long)ok, (unsigned long long)(ok * (uint64_t)b->tokens));
         printf("  errors     %llu", (unsigned long long)nerr);
@@ -814,7 +988,7 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
 
 int moectl_bench(int argc, char **argv)
 {
-    enum { OPT_LAYERS = OPT_COMMAND, OPT_SEED };
+    enum { OPT_LAYERS = OPT_COMMAND, OPT_SEED, OPT_TRANSPORT };
     static const struct option opts[] = {
         REMOTE_OPTIONS,
         {"model", required_argument, NULL, 'm'},
@@ -825,13 +999,14 @@ int moectl_bench(int argc, char **argv)
         {"requests", required_argument, NULL, 'n'},
         {"dtype", required_argument, NULL, 'D'},
         {"seed", required_argument, NULL, OPT_SEED},
+        {"transport", required_argument, NULL, OPT_TRANSPORT},
         {"quiet", no_argument, NULL, 'q'},
         {0},
     };
     struct bench b;
     Moe__V1__CacheCounters c0 = MOE__V1__CACHE_COUNTERS__INIT, c1 = MOE__V1__CACHE_COUNTERS__INIT;
-    const char *layers_arg = NULL;
-    bool remote_given = false, have_cache;
+    const char *layers_arg = NULL, *transport = NULL;
+    bool remote_given = false, have_cache = false;
     char tier[64] = "", msg[1024];
     long v;
     int c, k, ret = 1;
@@ -887,6 +1062,13 @@ int moectl_bench(int argc, char **argv)
             if (parse_u64("bench: --seed", optarg, &b.seed) < 0)
                 return 2;
             break;
+        case OPT_TRANSPORT:
+            if (strcmp(optarg, "grpc") && strcmp(optarg, "shm")) {
+                errorf("bench: --transport '%s': expected grpc or shm", optarg);
+                return 2;
+            }
+            transport = optarg;
+            break;
         case 'q':
             b.quiet = true;
             break;
@@ -917,12 +1099,20 @@ int moectl_bench(int argc, char **argv)
             return 2;
         free(l);
     }
+    b.r.shm_ok = !transport || strcmp(transport, "shm") == 0;
     if (remote_check(&b.r, remote_given) < 0)
         return 2;
+    if (transport && strcmp(transport, "shm") == 0 && !b.r.use_shm) {
+        errorf("bench: --transport shm needs --socket naming moed's shared-memory socket "
+               "(its shm_socket)%s",
+               b.r.socket ? "; that one is not" : "");
+        return 2;
+    }
+    b.shm = b.r.use_shm;
     if (!b.max_requests && !(b.duration_s > 0))
         b.duration_s = 10.0;
 
-    ret = bench_model(&b, layers_arg);
+    ret = b.shm ? bench_model_shm(&b, layers_arg) : bench_model(&b, layers_arg);
     if (ret)
         goto out;
     ret = 1;
@@ -950,13 +1140,34 @@ int moectl_bench(int argc, char **argv)
         }
         for (size_t j = 0; j < n; j++)
             cl->state[j] = rng_normal(&cl->rng);
+        if (b.shm) {
+            size_t esz = b.dtype == MOE_DTYPE_F32 ? 4 : 2;
+            struct moe_session_opts so = {
+                .sq_entries = 2,
+                .arena_bytes = (2 * n * esz + 8192 + 4095) & ~(size_t)4095,
+                .name = "moectl-bench",
+            };
+
+            if (moe_connect(b.r.socket, &so, &cl->sess) < 0) {
+                errorf("bench: cannot reach moed at %s: %s", b.r.socket, moe_connect_error());
+                goto out;
+            }
+            cl->sin = moe_alloc(cl->sess, n * esz);
+            cl->sout = moe_alloc(cl->sess, n * esz);
+            if (!cl->sin || !cl->sout) {
+                errorf("bench: %s", moe_last_error(cl->sess));
+                goto out;
+            }
+            continue;
+        }
         if (moe_rpc_client_open(&b.r.cfg, &cl->client, msg, sizeof(msg)) < 0) {
             errorf("bench: cannot connect to moed at %s: %s", b.r.target, msg);
             goto out;
         }
     }
     /* Without Stats (remote_call said why) the report has no hit rate. */
-    have_cache = tier0_counters(&b, &c0, tier, sizeof(tier));
+    if (!b.shm)
+        have_cache = tier0_counters(&b, &c0, tier, sizeof(tier));
 
     catch_signals();
     start = moe_now_ns();

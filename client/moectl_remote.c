@@ -49,7 +49,10 @@ void moectl_remote_usage(FILE *f)
             "remote options, after the command name (status, models, stats, load, unload,\n"
             "pin, unpin, evict, drain, forward without --local, bench, top):\n"
             "  --remote HOST:PORT   moed's address (default $MOED_ADDRESS, else %s)\n"
-            "  --socket PATH        moed's Unix socket instead\n"
+            "  --socket PATH        moed's Unix socket instead: its gRPC socket, or, for\n"
+            "                       forward and bench, its shared-memory socket\n"
+            "                       (shm_socket; moectl tells them apart), which they use\n"
+            "                       through libmoe-client\n"
             "  --tls                use TLS; --tls-ca FILE: the roots to trust (default the\n"
             "                       system's); --tls-cert FILE --tls-key FILE: a client\n"
             "                       certificate\n"
@@ -140,6 +143,17 @@ int remote_check(struct moectl_remote *r, bool remote_given)
             return -1;
         }
         snprintf(r->target, sizeof(r->target), "unix:%s", r->socket);
+        if (moectl_socket_is_shm(r->socket)) {
+            if (!r->shm_ok) {
+                errorf("%s: %s is moed's shared-memory socket (shm_socket), which serves "
+                       "forward and bench only; give its gRPC socket (moed's socket key) or "
+                       "--remote",
+                       r->cmd, r->socket);
+                return -1;
+            }
+            r->use_shm = true;
+            snprintf(r->target, sizeof(r->target), "%s", r->socket);
+        }
     } else if (strncmp(r->address, "unix:", 5) == 0 || strncmp(r->address, "dns:", 4) == 0 ||
                strncmp(r->address, "ipv4:", 5) == 0 || strncmp(r->address, "ipv6:", 5) == 0) {
         snprintf(r->target, sizeof(r->target), "%s", r->address);
@@ -1169,7 +1183,9 @@ static void forward_remote_usage(FILE *f)
                  "output).  --routing-out writes the routing moed used (arrays 'ids' int32 and\n"
                  "'weights' float32, [tokens, top_k]).  Unless -q, prints the time of the call\n"
                  "and the cache hits and misses of its experts.  (--local runs the layer in\n"
-                 "this process instead: moectl forward --local --help.)\n");
+                 "this process instead: moectl forward --local --help.)  With --socket naming\n"
+                 "moed's shared-memory socket, the call goes through libmoe-client: the hidden\n"
+                 "states are written into the shared arena and no bytes cross the socket.\n");
 }
 
 static Moe__V1__DType wire_dtype(enum moe_dtype t)
@@ -1335,8 +1351,14 @@ int moectl_forward_remote(int argc, char **argv)
                "--help)");
         return 2;
     }
+    r.shm_ok = true;
     if (remote_check(&r, remote_given) < 0)
         return 2;
+    if (r.use_shm && rout) {
+        errorf("forward: --routing-out needs gRPC: the shared-memory transport returns no "
+               "routing (give moed's gRPC socket or --remote)");
+        return 2;
+    }
 
     if (moe_npy_read(in, &x, &err) < 0) {
         errorf("forward: %s", err.msg);
@@ -1347,6 +1369,10 @@ int moectl_forward_remote(int argc, char **argv)
         errorf("forward: %s: expected float32 hidden states of shape [tokens, hidden], 1 to %d "
                "tokens",
                in, MAX_TOKENS);
+        goto out;
+    }
+    if (r.use_shm) {
+        ret = moectl_forward_shm(&r, model, layer, &x, dt, outp, quiet);
         goto out;
     }
     shape[0] = x.shape[0];

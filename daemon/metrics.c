@@ -13,6 +13,7 @@
  * them, so a family's _count is always its +Inf bucket.
  */
 #include "metrics.h"
+#include "server.h"
 
 #include "moed.h"
 
@@ -547,6 +548,7 @@ static void scrape(struct moed_metrics *m, struct buf *b)
     struct moed *d = m->d;
     struct moe_cache_stats cs;
     struct moe_sched_stats ss;
+    struct moe_shm_server_stats shm;
     char names[MOED_MAX_MODELS][256];
     int n_models;
 
@@ -574,6 +576,18 @@ static void scrape(struct moed_metrics *m, struct buf *b)
     family(b, "moed_connected_clients", "gauge",
            "gRPC calls in flight (unary calls and open streams), not distinct peers.");
     sample(b, "moed_connected_clients", d->rpc ? moe_rpc_server_in_flight(d->rpc) : 0);
+    moe_shm_server_get_stats(d->shm, &shm); /* zeros when there is no shm socket */
+    family(b, "moed_shm_sessions", "gauge", "Shared-memory client sessions open now.");
+    sample(b, "moed_shm_sessions", shm.sessions);
+    family(b, "moed_shm_sessions_opened_total", "counter",
+           "Shared-memory sessions opened (closed ones included).");
+    sample(b, "moed_shm_sessions_opened_total", (double)shm.sessions_opened);
+    family(b, "moed_shm_refused_total", "counter",
+           "Shared-memory clients refused: credentials, protocol version or session limit.");
+    sample(b, "moed_shm_refused_total", (double)shm.refused);
+    family(b, "moed_shm_bad_requests_total", "counter",
+           "Shared-memory submissions refused by the descriptor check.");
+    sample(b, "moed_shm_bad_requests_total", (double)shm.bad_requests);
     put_requests(b, m);
 
     moe_sched_get_stats(d->sched, &ss);
