@@ -74,6 +74,10 @@ static const struct key keys[] = {
     {"scheduler", "workers", K_INT, OFF(workers), 1, 256, "batches computed at once"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
     {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
+    {"compute", "gpus", K_STR, OFF(gpus), 0, 0,
+     "CUDA devices to compute on, e.g. 0 (default: none, the CPU)"},
+    {"compute", "gpu_cache_bytes", K_BYTES, OFF(gpu_cache_bytes), 0, 0,
+     "experts resident on the GPU (default: half its free memory)"},
 };
 
 void moed_config_init(struct moed_config *c)

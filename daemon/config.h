@@ -13,7 +13,7 @@
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
- *   [compute]   threads, kernel
+ *   [compute]   threads, kernel, gpus, gpu_cache_bytes
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
  *
  * systemd/moed.conf.example documents every key.
@@ -67,6 +67,8 @@ struct moed_config {
     /* [compute] */
     int threads;
     char *kernel;
+    char *gpus;               /* CUDA devices, "0" or "0,1"; NULL/"none": CPU only */
+    uint64_t gpu_cache_bytes; /* per GPU tier; 0: half the device's free memory */
     /* [models] */
     int n_models;
     struct moed_model_cfg models[MOED_MAX_MODELS];

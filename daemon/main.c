@@ -128,6 +128,56 @@ static void reload(struct moed *d, int argc, char **argv)
     notify("STATUS=serving %d models, configuration reloaded", d->n_models);
 }
 
+#ifdef MOED_HAVE_CUDA
+#include "moe_cuda.h"
+#endif
+
+/* gpus = "N[,M...]": the CUDA backend on the first (the engine computes on
+ * one backend; the others are refused until multi-GPU dispatch lands). */
+static int gpu_backend(struct moed *d, struct moe_error *err)
+{
+    char *end;
+    long dev;
+
+    errno = 0;
+    dev = strtol(d->cfg.gpus, &end, 10);
+    if (errno || end == d->cfg.gpus || *end || dev < 0 || dev > 255)
+        return moe_error_set(err, -EINVAL,
+                             "expected one CUDA device number (e.g. 0); several GPUs in one "
+                             "daemon are not supported yet");
+#ifdef MOED_HAVE_CUDA
+    struct moe_cuda_config cfg = {.device = (int)dev};
+    int rc = moe_backend_cuda_init(&cfg, &d->backend, err);
+
+    if (rc == 0)
+        d->gpu = (int)dev;
+    return rc;
+#else
+    return moe_error_set(err, -ENOTSUP,
+                         "this moed was built without CUDA (no nvcc at build time): remove "
+                         "gpus, or rebuild where the CUDA Toolkit is installed");
+#endif
+}
+
+/* The GPU tier in front of the host one, gpu_cache_bytes of device memory. */
+static int gpu_tier(struct moed *d, struct moe_error *err)
+{
+#ifdef MOED_HAVE_CUDA
+    struct moe_tier *t;
+    int rc = moe_tier_cuda_create(d->gpu, d->cfg.gpu_cache_bytes, &t, err);
+
+    if (rc == 0 && (rc = moe_cache_push_tier(d->cache, t, err)) < 0)
+        moe_tier_destroy(t);
+    if (rc == 0)
+        moe_log(MOE_LOG_INFO, "GPU cache tier %s: %llu bytes", t->name,
+                (unsigned long long)t->capacity);
+    return rc;
+#else
+    (void)d;
+    return moe_error_set(err, -ENOTSUP, "built without CUDA");
+#endif
+}
+
 int main(int argc, char **argv)
 {
     struct moed d = {0};
@@ -159,6 +209,7 @@ int main(int argc, char **argv)
     moe_log_set_level(d.cfg.log_level);
     pthread_mutex_init(&d.lock, NULL);
     d.t_start = moe_now_ns();
+    d.gpu = -1;
 
     /* Every thread created from here on inherits the blocked signals. */
     sigemptyset(&sigs);
@@ -168,11 +219,18 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    cpu.n_threads = d.cfg.threads;
-    cpu.kernel = d.cfg.kernel;
-    if (moe_backend_cpu_init(&cpu, &d.backend, &err) < 0) {
-        moe_log(MOE_LOG_ERROR, "%s", err.msg);
-        goto out;
+    if (d.cfg.gpus && strcmp(d.cfg.gpus, "none") != 0) {
+        if (gpu_backend(&d, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "gpus = %s: %s", d.cfg.gpus, err.msg);
+            goto out;
+        }
+    } else {
+        cpu.n_threads = d.cfg.threads;
+        cpu.kernel = d.cfg.kernel;
+        if (moe_backend_cpu_init(&cpu, &d.backend, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
+            goto out;
+        }
     }
     /* The models are opened once, before the cache, whose default size is
      * every expert of them. */
@@ -194,6 +252,10 @@ int main(int argc, char **argv)
     cc.pager.buffered = d.cfg.buffered;
     if (moe_cache_create(&cc, &d.cache, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "expert cache: %s", err.msg);
+        goto out;
+    }
+    if (d.gpu >= 0 && gpu_tier(&d, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "GPU cache: %s", err.msg);
         goto out;
     }
     for (int i = 0; i < d.cfg.n_models; i++) {

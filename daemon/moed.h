@@ -33,6 +33,7 @@ struct moe_shm_server;
 struct moed {
     struct moed_config cfg;
     struct moe_backend *backend;
+    int gpu; /* the CUDA device computing, or -1 (the CPU) */
     struct moe_cache *cache;
     struct moe_sched *sched;
     struct moe_rpc_server *rpc;

@@ -72,7 +72,8 @@ const char *moe_backend_cuda_last_error(struct moe_backend *b);
  * the tier's own stream and waits for that copy only.  resize can shrink
  * the limit for new blocks, and grow only within the region allocated at
  * creation (-ENOSPC beyond it).  -ENOMEM with a clear message when the
- * device has not capacity bytes free; -ENODEV for a bad device.
+ * device has not capacity bytes free; -ENODEV for a bad device.  capacity
+ * 0: half the device memory free at creation.
  */
 int moe_tier_cuda_create(int device, uint64_t capacity, struct moe_tier **ret,
                          struct moe_error *err);

@@ -152,8 +152,6 @@ extern "C" int moe_tier_cuda_create(int device, uint64_t capacity, struct moe_ti
         return moe_error_set(err, -ENODEV,
                              "GPU tier cuda:%d: no such device (%d CUDA device(s)); check gpus",
                              device, n);
-    if (bytes == 0)
-        return moe_error_set(err, -EINVAL, "GPU tier cuda:%d: capacity is 0 bytes", device);
     ct = (struct cuda_tier *)calloc(1, sizeof(*ct));
     if (!ct)
         return moe_error_set(err, -ENOMEM, "out of memory");
@@ -171,6 +169,14 @@ extern "C" int moe_tier_cuda_create(int device, uint64_t capacity, struct moe_ti
         cudaGetLastError();
         r = moe_error_set(err, -ENODEV, "GPU tier cuda:%d: device cannot be used: %s", device,
                           cudaGetErrorString(e));
+        goto fail;
+    }
+    if (capacity == 0) { /* the default: half of what is free now */
+        bytes = (uint64_t)(free_b / 2) & ~(uint64_t)(MOE_TIER_ALIGN - 1);
+        capacity = bytes;
+    }
+    if (bytes == 0) {
+        r = moe_error_set(err, -ENOMEM, "GPU tier cuda:%d: no device memory free", device);
         goto fail;
     }
     e = cudaMalloc((void **)&ct->region, bytes);
