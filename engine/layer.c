@@ -485,9 +485,37 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
     return 0;
 }
 
+/* Caller routing of a partial forward: ids in [-1, n_experts) (-1: left
+ * out), no expert twice for a token, finite weights. */
+static int validate_partial(int E, int K, int n_tokens, const int32_t *ids, const float *w,
+                            struct moe_error *err)
+{
+    for (int t = 0; t < n_tokens; t++)
+        for (int j = 0; j < K; j++) {
+            int32_t id = ids[(size_t)t * K + j];
+
+            if (id < -1 || id >= E)
+                return moe_error_set(err, -EINVAL,
+                                     "routing of token %d slot %d: expert id %d is out of range, "
+                                     "expected -1 (left out) or 0..%d",
+                                     t, j, (int)id, E - 1);
+            if (id >= 0 && !isfinite(w[(size_t)t * K + j]))
+                return moe_error_set(err, -EINVAL,
+                                     "routing of token %d slot %d: weight is not finite", t, j);
+            for (int i = 0; i < j && id >= 0; i++)
+                if (ids[(size_t)t * K + i] == id)
+                    return moe_error_set(err, -EINVAL,
+                                         "routing of token %d slot %d: expert id %d is already "
+                                         "in slot %d",
+                                         t, j, (int)id, i);
+        }
+    return 0;
+}
+
 static int forward_run(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
-                       float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+                       const int32_t *ids_in, const float *weights_in, unsigned flags, float *out,
+                       int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
+                       struct moe_error *err)
 {
     const struct moe_model *m = e->m;
     const struct moe_model_config *c = &m->cfg;
@@ -543,7 +571,8 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
 
     /* Routing: the caller's, or the model's router. */
     if (ids_in) {
-        r = moe_routing_validate(E, K, n_tokens, ids_in, weights_in, err);
+        r = flags & MOE_FWD_PARTIAL ? validate_partial(E, K, n_tokens, ids_in, weights_in, err)
+                                    : moe_routing_validate(E, K, n_tokens, ids_in, weights_in, err);
         if (r < 0)
             goto out;
         memcpy(s.ids, ids_in, TK * sizeof(*s.ids));
@@ -588,7 +617,8 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
     /* Group the (token, slot) pairs by expert: a counting sort, so each
      * expert's tokens stay in ascending order. */
     for (size_t i = 0; i < TK; i++)
-        s.count[s.ids[i] + 1]++;
+        if (s.ids[i] >= 0) /* -1: left out of a partial forward */
+            s.count[s.ids[i] + 1]++;
     for (int i = 0; i < E; i++) {
         if (s.count[i + 1] > 0)
             s.used[n_used++] = i;
@@ -602,7 +632,11 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
             goto out;
         }
         for (size_t i = 0; i < TK; i++) {
-            int32_t ex = s.ids[i], at = s.count[ex] + fill[ex]++;
+            int32_t ex = s.ids[i], at;
+
+            if (ex < 0)
+                continue;
+            at = s.count[ex] + fill[ex]++;
 
             s.tokens[at] = (int32_t)(i / (size_t)K);
             s.scales[at] = s.weights[i];
@@ -700,7 +734,7 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
 
     /* Shared experts take every token, scaled by the qwen2_moe gate or 1;
      * last, as in the all-in-one order. */
-    if (L->has_shared) {
+    if (L->has_shared && !(flags & MOE_FWD_SKIP_SHARED)) {
         s.all_tokens = malloc((size_t)n_tokens * sizeof(int32_t));
         s.shared_scale = malloc((size_t)n_tokens * sizeof(float));
         if (!s.all_tokens || !s.shared_scale) {
@@ -782,9 +816,10 @@ static int check_call(struct moe_engine *e, int layer, const float *x, int n_tok
     return check_input(x, n_tokens, m->cfg.hidden, err);
 }
 
-int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
-                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+int moe_layer_forward_ex(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                         const int32_t *ids_in, const float *weights_in, unsigned flags, float *out,
+                         int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
+                         struct moe_error *err)
 {
     int r;
 
@@ -792,11 +827,23 @@ int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tok
         memset(st, 0, sizeof(*st));
     if (!ids_in != !weights_in)
         return moe_error_set(err, -EINVAL, "routing needs both expert ids and weights");
+    if ((flags & MOE_FWD_PARTIAL) && !ids_in)
+        return moe_error_set(err, -EINVAL, "a partial forward needs the caller's routing");
+    if (flags & ~(MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED))
+        return moe_error_set(err, -EINVAL, "unknown forward flags %#x", flags);
     r = check_call(e, layer, x, n_tokens, err);
     if (r < 0)
         return r;
-    return forward_run(e, layer, x, n_tokens, ids_in, weights_in, out, ret_ids, ret_weights, st,
-                       err);
+    return forward_run(e, layer, x, n_tokens, ids_in, weights_in, flags, out, ret_ids, ret_weights,
+                       st, err);
+}
+
+int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                      const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
+                      float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
+{
+    return moe_layer_forward_ex(e, layer, x, n_tokens, ids_in, weights_in, 0, out, ret_ids,
+                                ret_weights, st, err);
 }
 
 int moe_layer_route(struct moe_engine *e, int layer, const float *x, int n_tokens, int32_t *ids,

@@ -77,6 +77,23 @@ int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tok
                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
                       float *ret_weights, struct moe_forward_stats *st, struct moe_error *err);
 
+/* Flags of moe_layer_forward_ex. */
+#define MOE_FWD_PARTIAL                                                                            \
+    1u                         /* caller routing may hold -1: that slot is left out (its           \
+                                * expert is computed elsewhere, e.g. another node) */
+#define MOE_FWD_SKIP_SHARED 2u /* leave the shared experts out (computed elsewhere) */
+
+/*
+ * moe_layer_forward with flags: a part of a layer, for expert parallelism.
+ * The sum of the outputs of forwards that split a token's slots (and its
+ * shared experts) between them is the whole layer's output, up to the
+ * order of the additions.  MOE_FWD_PARTIAL needs caller routing.
+ */
+int moe_layer_forward_ex(struct moe_engine *e, int layer, const float *x, int n_tokens,
+                         const int32_t *ids_in, const float *weights_in, unsigned flags, float *out,
+                         int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
+                         struct moe_error *err);
+
 /*
  * Routing only: the experts the model's router picks for each of the
  * n_tokens rows of x at layer (ids, weights [n_tokens, top_k]).  Same checks

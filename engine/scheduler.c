@@ -36,7 +36,8 @@ struct moe_sched {
 
 static bool same_key(const struct moe_sched_req *a, const struct moe_sched_req *b)
 {
-    return a->engine == b->engine && a->layer == b->layer && !a->ids == !b->ids;
+    return a->engine == b->engine && a->layer == b->layer && !a->ids == !b->ids &&
+           a->flags == b->flags;
 }
 
 /* Tokens pending for r's key (r included). */
@@ -108,9 +109,9 @@ static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_re
 
     if (n_req == 1) {
         /* Alone: straight from and into the request's buffers. */
-        r = moe_layer_forward(e, batch->layer, batch->x, batch->n_tokens, batch->ids,
-                              batch->weights, batch->out, batch->ret_ids, batch->ret_weights, &st,
-                              &err);
+        r = moe_layer_forward_ex(e, batch->layer, batch->x, batch->n_tokens, batch->ids,
+                                 batch->weights, batch->flags, batch->out, batch->ret_ids,
+                                 batch->ret_weights, &st, &err);
         goto done;
     }
     x = malloc((size_t)n_tok * H * sizeof(*x));
@@ -133,7 +134,8 @@ static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_re
         }
         row += (size_t)q->n_tokens;
     }
-    r = moe_layer_forward(e, batch->layer, x, n_tok, idin, win, out, ids, w, &st, &err);
+    r = moe_layer_forward_ex(e, batch->layer, x, n_tok, idin, win, batch->flags, out, ids, w, &st,
+                             &err);
     if (r == 0) {
         row = 0;
         for (struct moe_sched_req *q = batch; q; q = q->next_) {

@@ -40,6 +40,7 @@ struct moe_sched_req {
     int n_tokens;
     const int32_t *ids; /* caller routing [n_tokens, top_k], or NULL */
     const float *weights;
+    unsigned flags;   /* MOE_FWD_* (layer.h); batched only with the same flags */
     float *out;       /* [n_tokens, hidden] */
     int32_t *ret_ids; /* routing used [n_tokens, top_k], may be NULL */
     float *ret_weights;

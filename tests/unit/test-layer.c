@@ -201,6 +201,68 @@ static char *make_model(const char *tag, enum moe_arch arch)
     return dir;
 }
 
+/* Expert parallelism: the layer split in two partial forwards (even
+ * experts with the shared ones, odd experts without) sums to the whole,
+ * up to the order of the additions; bad partial routing is refused. */
+static void check_partial(struct moe_engine *e, const struct moe_model *m, int layer,
+                          const float *x, int T, const int32_t *ids, const float *w,
+                          const float *whole)
+{
+    const int H = m->cfg.hidden, K = m->cfg.top_k;
+    int32_t *a = malloc((size_t)T * K * sizeof(int32_t)),
+            *b = malloc((size_t)T * K * sizeof(int32_t));
+    float *ya = malloc((size_t)T * H * sizeof(float)), *yb = malloc((size_t)T * H * sizeof(float));
+    struct moe_error err = {0};
+    double num = 0, den = 0;
+
+    for (int i = 0; i < T * K; i++) {
+        a[i] = ids[i] % 2 == 0 ? ids[i] : -1;
+        b[i] = ids[i] % 2 == 1 ? ids[i] : -1;
+    }
+    ASSERT_EQ(
+        moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err), 0);
+    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, b, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, yb,
+                                   NULL, NULL, NULL, &err),
+              0);
+    for (int i = 0; i < T * H; i++) {
+        double d = (double)ya[i] + yb[i] - whole[i];
+
+        num += d * d;
+        den += (double)whole[i] * whole[i];
+    }
+    ASSERT_TRUE(sqrt(num / (den + 1e-30)) < 1e-6);
+    /* Every slot left out and no shared expert: nothing. */
+    for (int i = 0; i < T * K; i++)
+        a[i] = -1;
+    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, ya,
+                                   NULL, NULL, NULL, &err),
+              0);
+    for (int i = 0; i < T * H; i++)
+        ASSERT_TRUE(ya[i] == 0.0f);
+    a[0] = -2;
+    ASSERT_EQ(
+        moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err),
+        -EINVAL);
+    ASSERT_CONTAINS(err.msg, "expected -1 (left out)");
+    if (K > 1) {
+        a[0] = 1;
+        a[1] = 1;
+        ASSERT_EQ(
+            moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err),
+            -EINVAL);
+        ASSERT_CONTAINS(err.msg, "already");
+    }
+    /* Without the flag, -1 is out of range; partial without routing refused. */
+    ASSERT_EQ(moe_layer_forward(e, layer, x, T, b, w, ya, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, NULL, NULL, MOE_FWD_PARTIAL, ya, NULL, NULL,
+                                   NULL, &err),
+              -EINVAL);
+    free(a);
+    free(b);
+    free(ya);
+    free(yb);
+}
+
 static void check_arch(enum moe_arch arch)
 {
     char *dir = make_model("layer", arch);
@@ -267,6 +329,7 @@ static void check_arch(enum moe_arch arch)
         /* Caller routing reproduces the router's answer. */
         ASSERT_EQ(moe_layer_forward(e1, layer, x, T, ids, w, y2, NULL, NULL, NULL, &err), 0);
         ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
+        check_partial(e1, m, layer, x, T, ids, w, y1);
     }
 
     moe_engine_free(e1);
