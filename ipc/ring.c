@@ -84,10 +84,17 @@ static int wait_for(struct moe_ring *r, _Atomic uint32_t *sleeping,
 {
     struct timespec end, now, left;
 
-    for (int i = 0; i < MOE_RING_SPINS; i++)
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    for (int i = 0;; i++) {
         if (ready(r))
             return 0;
-    clock_gettime(CLOCK_MONOTONIC, &end);
+        if ((i & 63) == 63) { /* the clock is read every 64 polls */
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - end.tv_sec) * 1000000000L + (now.tv_nsec - end.tv_nsec) >=
+                MOE_RING_SPIN_NS)
+                break;
+        }
+    }
     if (timeout_ms >= 0) {
         end.tv_sec += timeout_ms / 1000;
         end.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
