@@ -72,6 +72,18 @@ static const struct key keys[] = {
     {"scheduler", "max_batch_tokens", K_INT, OFF(max_batch_tokens), 1, MOE_MAX_TOKENS,
      "tokens per batch at most"},
     {"scheduler", "workers", K_INT, OFF(workers), 1, 256, "batches computed at once"},
+    {"cluster", "node_name", K_STR, OFF(node_name), 0, 0,
+     "this node's name among its peers (default: the host name)"},
+    {"cluster", "replicas", K_INT, OFF(replicas), 0, 8,
+     "extra copies of each hot expert on other nodes (default 1)"},
+    {"cluster", "hot_fraction", K_DOUBLE, OFF(hot_fraction), 0, 0,
+     "the share of experts, by measured load, that get replicas (default 0.125)"},
+    {"cluster", "peer_timeout_ms", K_U64, OFF(peer_timeout_ms), 1, 3600000,
+     "a peer slower than this for one call is failed over (default 2000)"},
+    {"cluster", "ping_interval_ms", K_U64, OFF(ping_interval_ms), 10, 3600000,
+     "how often each peer's health is checked (default 500)"},
+    {"cluster", "rebalance_interval_ms", K_U64, OFF(rebalance_interval_ms), 100, 86400000,
+     "how often replicas are chosen again from the measured load (default 5000)"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
     {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
     {"compute", "gpus", K_STR, OFF(gpus), 0, 0,
@@ -93,6 +105,11 @@ void moed_config_init(struct moed_config *c)
     c->batch_window_us = 200;
     c->max_batch_tokens = 4096;
     c->shm_max_arena_bytes = 1ull << 30;
+    c->replicas = 1;
+    c->hot_fraction = 0.125;
+    c->peer_timeout_ms = 2000;
+    c->ping_interval_ms = 500;
+    c->rebalance_interval_ms = 5000;
     c->shm_max_sessions = 256;
     c->workers = 2;
 }
@@ -105,6 +122,10 @@ void moed_config_clear(struct moed_config *c)
     for (int i = 0; i < c->n_models; i++) {
         free(c->models[i].name);
         free(c->models[i].dir);
+    }
+    for (int i = 0; i < c->n_peers; i++) {
+        free(c->peers[i].name);
+        free(c->peers[i].address);
     }
     free(c->config_path);
     memset(c, 0, sizeof(*c));
@@ -226,6 +247,33 @@ static int set_key(struct moed_config *c, const struct key *k, const char *v, co
     return -EINVAL;
 }
 
+int moed_config_add_peer(struct moed_config *c, const char *spec, const char *where,
+                         struct moe_error *err)
+{
+    char name[128], addr[256], extra[2];
+    const char *colon;
+    char *end;
+    long port;
+
+    if (!spec || sscanf(spec, "%127s %255s %1s", name, addr, extra) != 2)
+        return moe_error_set(err, -EINVAL, "%s: peer '%s': expected NAME HOST:PORT", where,
+                             spec ? spec : "");
+    colon = strrchr(addr, ':');
+    port = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (!colon || colon == addr || *end || end == colon + 1 || port < 1 || port > 65535)
+        return moe_error_set(err, -EINVAL, "%s: peer %s: address '%s': expected HOST:PORT", where,
+                             name, addr);
+    if (c->n_peers == MOED_MAX_PEERS)
+        return moe_error_set(err, -E2BIG, "%s: more than %d peers", where, MOED_MAX_PEERS);
+    for (int i = 0; i < c->n_peers; i++)
+        if (strcmp(c->peers[i].name, name) == 0)
+            return moe_error_set(err, -EINVAL, "%s: peer %s is named twice", where, name);
+    c->peers[c->n_peers].name = strdup(name);
+    c->peers[c->n_peers].address = strdup(addr);
+    c->n_peers++;
+    return 0;
+}
+
 struct ini_ctx {
     struct moed_config *c;
     struct moe_error err; /* the first error, without its place */
@@ -242,6 +290,10 @@ static int on_ini(void *user, const char *section, const char *name, const char 
         return 0; /* keep the first error */
     if (strcmp(section, "models") == 0) {
         x->r = add_model(x->c, name, value, "[models]", err);
+        return x->r == 0;
+    }
+    if (strcmp(section, "cluster") == 0 && strcmp(name, "peer") == 0) {
+        x->r = moed_config_add_peer(x->c, value, "[cluster] peer", err);
         return x->r == 0;
     }
     for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
@@ -307,7 +359,9 @@ void moed_usage(FILE *f)
                "\n"
                "  --config FILE        INI file (see systemd/moed.conf.example)\n"
                "  --model [NAME=]DIR   a checkpoint or packed store to serve (repeatable; the\n"
-               "                       name defaults to the directory's name)\n");
+               "                       name defaults to the directory's name)\n"
+               "  --peer \"NAME HOST:PORT\"  another node of this cluster (repeatable; [cluster]\n"
+               "                       peer = NAME HOST:PORT)\n");
     for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
         char flag[64];
 
@@ -351,6 +405,14 @@ static int apply_flags(struct moed_config *c, int argc, char **argv, struct moe_
         char where[96];
 
         if (strcmp(a, "--config") == 0) {
+            i++;
+            continue;
+        }
+        if (strcmp(a, "--peer") == 0) {
+            int r = moed_config_add_peer(c, v, "--peer", err);
+
+            if (r < 0)
+                return r;
             i++;
             continue;
         }
@@ -434,5 +496,11 @@ int moed_config_reload(const struct moed_config *start, int argc, char **argv,
         free(ret->models[i].dir);
     }
     ret->n_models = 0;
+    /* Peers change at run time through AddPeer and RemovePeer, not SIGHUP. */
+    for (int i = 0; i < ret->n_peers; i++) {
+        free(ret->peers[i].name);
+        free(ret->peers[i].address);
+    }
+    ret->n_peers = 0;
     return apply_flags(ret, argc, argv, err);
 }

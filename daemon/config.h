@@ -14,6 +14,9 @@
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
  *   [compute]   threads, kernel, gpus, gpu_cache_bytes
+ *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
+ *               ping_interval_ms, rebalance_interval_ms,
+ *               peer = NAME HOST:PORT   (repeatable; flag: --peer "NAME HOST:PORT")
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
  *
  * systemd/moed.conf.example documents every key.
@@ -33,6 +36,13 @@
 struct moed_model_cfg {
     char *name;
     char *dir;
+};
+
+#define MOED_MAX_PEERS 63
+
+struct moed_peer_cfg {
+    char *name;
+    char *address; /* HOST:PORT */
 };
 
 struct moed_config {
@@ -69,10 +79,24 @@ struct moed_config {
     char *kernel;
     char *gpus;               /* CUDA devices, "0" or "0,1"; NULL/"none": CPU only */
     uint64_t gpu_cache_bytes; /* per GPU tier; 0: half the device's free memory */
+    /* [cluster] */
+    char *node_name;           /* this node's name (default: the host name) */
+    int replicas;              /* extra copies of each hot expert (default 1) */
+    double hot_fraction;       /* of the experts, the hottest that get replicas */
+    uint64_t peer_timeout_ms;  /* a ForwardExperts slower than this fails over */
+    uint64_t ping_interval_ms; /* peer health checks */
+    uint64_t rebalance_interval_ms;
+    int n_peers;
+    struct moed_peer_cfg peers[MOED_MAX_PEERS];
     /* [models] */
     int n_models;
     struct moed_model_cfg models[MOED_MAX_MODELS];
 };
+
+/* Adds a peer from "NAME HOST:PORT"; where names it in messages.  0 or
+ * -EINVAL with err. */
+int moed_config_add_peer(struct moed_config *c, const char *spec, const char *where,
+                         struct moe_error *err);
 
 /* Defaults. */
 void moed_config_init(struct moed_config *c);
