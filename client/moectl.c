@@ -13,10 +13,12 @@
  * Remote commands, calls to a running moed over gRPC (moectl_remote.c), each
  * taking the remote options (--remote HOST:PORT or --socket PATH, --tls...,
  * --token, --timeout, --json) after its name:
- *   status      version, state, uptime, requests served
+ *   status      version, state, uptime, requests served (and peers, in a cluster)
  *   models      the loaded models
  *   stats       cache statistics per tier, layer and expert
  *   load, unload, pin, unpin, evict, drain
+ *   placement   the cluster's placement of a model: experts, bytes, load per node
+ *   peer        add or remove a node of moed's cluster at run time
  *   forward     without --local: one MoE layer in moed
  *   bench       N callers send forward requests through a model's MoE layers
  *               (moectl_bench.c): throughput, latency, moed's timings, hit rate
@@ -133,15 +135,17 @@ static const struct command {
     {"cache-sim", moectl_cache_sim, "replay a routing trace through the cache policies"},
     {"pack", moectl_pack, "write a packed store of a checkpoint's experts, for fast paging"},
     {"verify", moectl_verify, "check a packed store's checksums (and against its checkpoint)"},
-    {"status", moectl_status, "moed's version, state, uptime and requests served"},
+    {"status", moectl_status, "moed's version, state, uptime, requests served, peers"},
     {"models", moectl_models, "the models moed has loaded"},
-    {"stats", moectl_stats, "moed's cache statistics per tier, layer and expert"},
+    {"stats", moectl_stats, "moed's cache statistics per tier, layer and expert; cluster"},
     {"load", moectl_load, "load a checkpoint or packed store into moed"},
     {"unload", moectl_unload, "unload a model from moed"},
     {"pin", moectl_pin, "keep an expert resident in moed's cache"},
     {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
     {"evict", moectl_evict, "evict an expert from moed's cache"},
     {"drain", moectl_drain, "stop taking requests and finish those in flight"},
+    {"placement", moectl_placement, "the cluster's placement of a model: experts, bytes, load"},
+    {"peer", moectl_peer, "add or remove a node of moed's cluster (peer add|remove)"},
     {"bench", moectl_bench, "load moed with forward requests; throughput, latency, hit rate"},
     {"top", moectl_top, "a live view of moed: rates, cache tiers, per-expert load"},
 };

@@ -61,6 +61,10 @@ int moectl_pin(int argc, char **argv);
 int moectl_unpin(int argc, char **argv);
 int moectl_evict(int argc, char **argv);
 int moectl_drain(int argc, char **argv);
+/* placement --model NAME [--experts]: the cluster's placement of a model. */
+int moectl_placement(int argc, char **argv);
+/* peer add NAME HOST:PORT, peer remove NAME: the cluster's membership. */
+int moectl_peer(int argc, char **argv);
 /* forward through moed: --model NAME --layer L --in X.npy --out Y.npy
  * [--routing-out R.npz] [--dtype f32|bf16|f16] [-q] and the remote options.
  * Parses argv from the start (resets getopt). */

@@ -1,7 +1,8 @@
 /*
  * moectl's remote commands: status, models, stats, load, unload, pin, unpin,
- * evict, drain and forward (without --local) talk to a running moed over
- * gRPC (client/rpc_client.h), with protobuf-c messages of proto/moe.proto.
+ * evict, drain, placement, peer and forward (without --local) talk to a
+ * running moed over gRPC (client/rpc_client.h), with protobuf-c messages of
+ * proto/moe.proto.
  *
  * Every remote command takes the remote options (REMOTE_OPTIONS) after its
  * name.  Output is for people by default; --json prints the daemon's answer
@@ -47,7 +48,8 @@ void moectl_remote_usage(FILE *f)
 {
     fprintf(f,
             "remote options, after the command name (status, models, stats, load, unload,\n"
-            "pin, unpin, evict, drain, forward without --local, bench, top):\n"
+            "pin, unpin, evict, drain, placement, peer, forward without --local, bench,\n"
+            "top):\n"
             "  --remote HOST:PORT   moed's address (default $MOED_ADDRESS, else %s)\n"
             "  --socket PATH        moed's Unix socket instead: its gRPC socket, or, for\n"
             "                       forward and bench, its shared-memory socket\n"
@@ -541,6 +543,42 @@ static const Moe__V1__CacheCounters *counters(const Moe__V1__CacheCounters *c)
     return c ? c : &zero_counters;
 }
 
+/* The peers as this node sees them, one line each; full adds the bytes
+ * received and the failed pings (stats). */
+static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *indent, bool full)
+{
+    struct table t = {.ncols = full ? 10 : 8};
+
+    if (full)
+        table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
+                  "BYTES SENT", "RECEIVED", "PINGS FAILED", "LAST ERROR");
+    else
+        table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
+                  "BYTES SENT", "LAST ERROR");
+    for (size_t i = 0; i < n; i++) {
+        const Moe__V1__PeerInfo *p = peers[i];
+        char rtt[24], calls[48], tok[24], bs[32], br[32], pf[24];
+        const char *err = p->last_error && *p->last_error ? p->last_error : "-";
+
+        snprintf(calls, sizeof(calls), "%llu (%llu)", (unsigned long long)p->calls,
+                 (unsigned long long)p->calls_failed);
+        if (p->rtt_ns)
+            ms(p->rtt_ns, rtt, sizeof(rtt));
+        else
+            snprintf(rtt, sizeof(rtt), "-");
+        u64(p->tokens_sent, tok, sizeof(tok));
+        human_bytes(p->bytes_sent, bs, sizeof(bs));
+        if (full)
+            table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs,
+                      human_bytes(p->bytes_received, br, sizeof(br)),
+                      u64(p->pings_failed, pf, sizeof(pf)), err);
+        else
+            table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs, err);
+    }
+    table_print(&t, indent);
+    table_free(&t);
+}
+
 /* ---- status ------------------------------------------------------------- */
 
 void remote_usage(FILE *f, const char *synopsis, const char *text)
@@ -549,8 +587,11 @@ void remote_usage(FILE *f, const char *synopsis, const char *text)
     moectl_remote_usage(f);
 }
 
-static const char status_text[] = "Asks moed how it is: version, state, uptime, models, requests "
-                                  "and tokens served,\nrequests in flight, cache policy.\n";
+static const char status_text[] =
+    "Asks moed how it is: version, state, uptime, models, requests and tokens served,\n"
+    "requests in flight, cache policy; in a cluster, this node's name and each peer\n"
+    "as it sees it: address, state (up, down, refused), last ping round trip, calls\n"
+    "sent (failed), tokens and bytes sent, last error.\n";
 
 static int parse_positional(struct moectl_remote *r, int argc, char **argv, int nargs, char **pos,
                             const char *synopsis, const char *text);
@@ -588,6 +629,12 @@ int moectl_status(int argc, char **argv)
     printf("  requests   %llu (%llu tokens), %u in flight\n", (unsigned long long)s->requests,
            (unsigned long long)s->tokens, s->in_flight);
     printf("  policy     %s, prefetch %s\n", s->policy, s->prefetch ? "on" : "off");
+    /* A daemon without peers prints what it did before clusters. */
+    if (s->n_peers) {
+        printf("  node       %s\n", s->node && *s->node ? s->node : "-");
+        printf("  peers      %zu\n", s->n_peers);
+        peers_table(s->peers, s->n_peers, "    ", false);
+    }
 out:
     if (s)
         protobuf_c_message_free_unpacked(&s->base, NULL);
@@ -661,7 +708,10 @@ static const char stats_text[] =
     "Prints moed's cache statistics: per tier its capacity, use, resident experts,\n"
     "hit rate, prefetch hits and wasted prefetches, evictions, bytes paged in and\n"
     "page-in latency; per model, the hit rate of each MoE layer, the 10 experts\n"
-    "with the most load (hits + misses) and the experts marked bad.\n"
+    "with the most load (hits + misses) and the experts marked bad.  In a cluster,\n"
+    "also this node's cluster counters (requests split across nodes, remote calls,\n"
+    "failovers, tokens and bytes sent to other nodes, calls served for them) and\n"
+    "its peers.\n"
     "\n"
     "  --experts         every expert of every model, not only the top 10\n"
     "  --plot FILE.svg   instead, write a picture: per model, heat maps of each\n"
@@ -765,6 +815,46 @@ static int print_model_stats(const Moe__V1__StatsResponse *s, const Moe__V1__Mod
     return 0;
 }
 
+static const char *share(uint64_t part, uint64_t whole, char *buf, size_t len)
+{
+    if (whole == 0)
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, "%.1f%%", 100.0 * (double)part / (double)whole);
+    return buf;
+}
+
+/* The cluster section of stats: this node's counters and its peers. */
+static void print_cluster(const Moe__V1__StatsResponse *s)
+{
+    static const Moe__V1__ClusterCounters zero = MOE__V1__CLUSTER_COUNTERS__INIT;
+    const Moe__V1__ClusterCounters *c = s->cluster ? s->cluster : &zero;
+    char b1[32], b2[32], b3[32], sh[16];
+
+    printf("\ncluster: node %s, placement version %llu\n", s->node && *s->node ? s->node : "-",
+           (unsigned long long)c->placement_version);
+    printf("  forwards      %llu split across nodes (of %llu requests)\n",
+           (unsigned long long)c->forwards, (unsigned long long)s->requests);
+    printf("  remote calls  %llu, %llu failed over (%llu of them computed here)\n",
+           (unsigned long long)c->remote_calls, (unsigned long long)c->failovers,
+           (unsigned long long)c->failover_local);
+    printf("  tokens        %llu of %llu sent to other nodes (%s)\n",
+           (unsigned long long)c->tokens_remote, (unsigned long long)c->tokens_total,
+           share(c->tokens_remote, c->tokens_total, sh, sizeof(sh)));
+    if (c->tokens_remote)
+        snprintf(b3, sizeof(b3), "%.0f B",
+                 (double)(c->bytes_sent + c->bytes_received) / (double)c->tokens_remote);
+    else
+        snprintf(b3, sizeof(b3), "-");
+    printf("  bytes         %s sent, %s received; %s per remote token (both ways)\n",
+           human_bytes(c->bytes_sent, b1, sizeof(b1)),
+           human_bytes(c->bytes_received, b2, sizeof(b2)), b3);
+    printf("  served        %llu calls for other nodes\n",
+           (unsigned long long)c->peer_calls_served);
+    printf("  peers:\n");
+    peers_table(s->peers, s->n_peers, "    ", true);
+}
+
 static int print_stats(const struct moectl_remote *r, const Moe__V1__StatsResponse *s, bool all)
 {
     const Moe__V1__CacheCounters *tot = counters(s->total);
@@ -805,6 +895,9 @@ static int print_stats(const struct moectl_remote *r, const Moe__V1__StatsRespon
     }
     table_print(&t, "");
     table_free(&t);
+    /* Only in a cluster: a daemon without peers prints what it did before. */
+    if (s->n_peers)
+        print_cluster(s);
     for (size_t i = 0; i < s->n_models && ret == 0; i++)
         ret = print_model_stats(s, s->models[i], all);
     return ret;
@@ -1166,6 +1259,310 @@ int moectl_drain(int argc, char **argv)
 out:
     if (resp)
         protobuf_c_message_free_unpacked(&resp->base, NULL);
+    remote_close(&r);
+    return ret;
+}
+
+/* ---- placement ---------------------------------------------------------- */
+
+static const char placement_text[] =
+    "Shows the cluster's placement of the loaded model NAME as this node sees it:\n"
+    "the map's version, and per node its state, the experts it owns, the replicas it\n"
+    "holds, the bytes of the experts it owns and its share of the load (token rows\n"
+    "routed through this node, decayed).\n"
+    "\n"
+    "  --model NAME   the model (required)\n"
+    "  --experts      also one line per expert: layer, expert, owner, replicas, load\n";
+
+static int by_layer_expert(const void *a, const void *b)
+{
+    const Moe__V1__PlacementEntry *x = *(Moe__V1__PlacementEntry *const *)a;
+    const Moe__V1__PlacementEntry *y = *(Moe__V1__PlacementEntry *const *)b;
+
+    if (x->layer != y->layer)
+        return x->layer < y->layer ? -1 : 1;
+    return x->expert < y->expert ? -1 : x->expert > y->expert;
+}
+
+/* "a,b,c" into buf, "-" for none, "..." at the end when it does not fit. */
+static const char *join_names(char *const *names, size_t n, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    if (n == 0) {
+        snprintf(buf, len, "-");
+        return buf;
+    }
+    buf[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        int w = snprintf(buf + used, len - used, "%s%s", i ? "," : "", names[i]);
+
+        if (w < 0 || (size_t)w >= len - used) {
+            snprintf(buf + MOE_MIN(used, len - 4), 4, "...");
+            break;
+        }
+        used += (size_t)w;
+    }
+    return buf;
+}
+
+static int print_placement(const struct moectl_remote *r, const Moe__V1__PlacementResponse *p,
+                           bool all)
+{
+    Moe__V1__PlacementEntry **sorted;
+    struct table t = {.ncols = 6};
+    uint64_t total = 0;
+
+    printf("placement of %s at %s: version %llu, %zu node%s, %zu expert%s\n", p->model, r->target,
+           (unsigned long long)p->version, p->n_nodes, p->n_nodes == 1 ? "" : "s", p->n_entries,
+           p->n_entries == 1 ? "" : "s");
+    for (size_t i = 0; i < p->n_nodes; i++)
+        total += p->nodes[i]->load;
+    table_row(&t, "NODE", "STATE", "EXPERTS", "REPLICAS", "BYTES", "LOAD");
+    for (size_t i = 0; i < p->n_nodes; i++) {
+        const Moe__V1__NodeLoad *n = p->nodes[i];
+        char ex[16], rep[16], by[32], ld[16];
+
+        snprintf(ex, sizeof(ex), "%u", n->experts);
+        snprintf(rep, sizeof(rep), "%u", n->replicas);
+        table_row(&t, n->name, n->state, ex, rep, human_bytes(n->bytes, by, sizeof(by)),
+                  share(n->load, total, ld, sizeof(ld)));
+    }
+    table_print(&t, "  ");
+    table_free(&t);
+    if (!all || p->n_entries == 0)
+        return 0;
+
+    sorted = malloc(p->n_entries * sizeof(*sorted));
+    if (!sorted) {
+        errorf("placement: out of memory sorting %zu experts", p->n_entries);
+        return 1;
+    }
+    memcpy(sorted, p->entries, p->n_entries * sizeof(*sorted));
+    qsort(sorted, p->n_entries, sizeof(*sorted), by_layer_expert);
+    t = (struct table){.ncols = 5};
+    table_row(&t, "LAYER", "EXPERT", "OWNER", "REPLICAS", "LOAD");
+    for (size_t i = 0; i < p->n_entries; i++) {
+        const Moe__V1__PlacementEntry *e = sorted[i];
+        char l[16], x[16], rep[256], ld[24];
+
+        snprintf(l, sizeof(l), "%u", e->layer);
+        snprintf(x, sizeof(x), "%u", e->expert);
+        table_row(&t, l, x, e->owner, join_names(e->replicas, e->n_replicas, rep, sizeof(rep)),
+                  u64(e->load, ld, sizeof(ld)));
+    }
+    printf("\n");
+    table_print(&t, "  ");
+    table_free(&t);
+    free(sorted);
+    return 0;
+}
+
+int moectl_placement(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        REMOTE_OPTIONS,
+        {"model", required_argument, NULL, 'm'},
+        {"experts", no_argument, NULL, 'e'},
+        {0},
+    };
+    static const char synopsis[] = "placement --model NAME [--experts]";
+    Moe__V1__PlacementRequest req = MOE__V1__PLACEMENT_REQUEST__INIT;
+    Moe__V1__PlacementResponse *p = NULL;
+    const char *model = NULL;
+    bool all = false, remote_given = false;
+    struct moectl_remote r;
+    int c, k, ret;
+
+    remote_init(&r, argv[0]);
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == OPT_REMOTE)
+            remote_given = true;
+        k = remote_option(&r, c, optarg);
+        if (k < 0)
+            return 2;
+        if (k > 0)
+            continue;
+        switch (c) {
+        case 'm':
+            model = optarg;
+            break;
+        case 'e':
+            all = true;
+            break;
+        case 'h':
+            remote_usage(stdout, synopsis, placement_text);
+            return 0;
+        default:
+            remote_usage(stderr, synopsis, placement_text);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        errorf("placement: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!model) {
+        errorf("placement: --model is required (see moectl placement --help)");
+        return 2;
+    }
+    if (!*model) {
+        errorf("placement: --model '': expected a model name");
+        return 2;
+    }
+    if (remote_check(&r, remote_given) < 0)
+        return 2;
+    req.model = (char *)model;
+    ret = remote_call(&r, "/moe.v1.Control/Placement", &req.base,
+                      &moe__v1__placement_response__descriptor, (ProtobufCMessage **)&p);
+    if (ret)
+        goto out;
+    if (r.json)
+        ret = print_json(&r, message_json(&p->base));
+    else
+        ret = print_placement(&r, p, all);
+out:
+    if (p)
+        protobuf_c_message_free_unpacked(&p->base, NULL);
+    remote_close(&r);
+    return ret;
+}
+
+/* ---- peer add, peer remove ---------------------------------------------- */
+
+/* As moed's configuration takes them (daemon/config.c moed_config_add_peer). */
+#define MAX_PEER_NAME 127
+#define MAX_PEER_ADDRESS 255
+
+static const char peer_synopsis[] = "peer add NAME HOST:PORT\n"
+                                    "       moectl peer remove NAME";
+static const char peer_text[] =
+    "Adds a node to moed's cluster at run time, as a peer = NAME HOST:PORT line of\n"
+    "its configuration would (HOST:PORT is the peer's gRPC address, as 10.0.0.2:50051\n"
+    "or [fd00::2]:50051), or removes the peer called NAME.  The cluster's placement\n"
+    "then moves experts to the new node or away from the removed one.  Needs moed's\n"
+    "token (--token or MOED_TOKEN) where it has one.\n";
+
+/* 0 when name is a peer name moed accepts; else prints why, -1. */
+static int check_peer_name(const char *cmd, const char *name)
+{
+    size_t n = strlen(name);
+
+    if (n == 0 || n > MAX_PEER_NAME) {
+        errorf("%s: NAME '%s': expected 1 to %d characters", cmd, name, MAX_PEER_NAME);
+        return -1;
+    }
+    for (const char *p = name; *p; p++)
+        if ((unsigned char)*p <= ' ' || *p == 0x7f) {
+            errorf("%s: NAME '%s': expected no spaces or control characters", cmd, name);
+            return -1;
+        }
+    return 0;
+}
+
+/* 0 when addr is HOST:PORT (HOST not empty, PORT 1 to 65535); else prints
+ * why, -1. */
+static int check_peer_address(const char *cmd, const char *addr)
+{
+    const char *colon = strrchr(addr, ':');
+    char *end;
+    long port = 0;
+
+    if (colon) {
+        errno = 0;
+        port = strtol(colon + 1, &end, 10);
+        if (errno || end == colon + 1 || *end || colon[1] == '+' || colon[1] == '-')
+            port = 0;
+    }
+    if (!colon || colon == addr || port < 1 || port > 65535 || strlen(addr) > MAX_PEER_ADDRESS ||
+        strpbrk(addr, " \t\r\n")) {
+        errorf("%s: address '%s': expected the peer's HOST:PORT (as 10.0.0.2:50051), port 1 "
+               "to 65535",
+               cmd, addr);
+        return -1;
+    }
+    return 0;
+}
+
+int moectl_peer(int argc, char **argv)
+{
+    static const struct option opts[] = {REMOTE_OPTIONS, {0}};
+    Moe__V1__AddPeerRequest add = MOE__V1__ADD_PEER_REQUEST__INIT;
+    Moe__V1__RemovePeerRequest rm = MOE__V1__REMOVE_PEER_REQUEST__INIT;
+    ProtobufCMessage *resp = NULL;
+    bool remote_given = false, adding;
+    struct moectl_remote r;
+    const char *cmd;
+    char **pos;
+    int c, k, npos, ret;
+
+    remote_init(&r, argv[0]);
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == OPT_REMOTE)
+            remote_given = true;
+        k = remote_option(&r, c, optarg);
+        if (k < 0)
+            return 2;
+        if (k > 0)
+            continue;
+        if (c == 'h') {
+            remote_usage(stdout, peer_synopsis, peer_text);
+            return 0;
+        }
+        remote_usage(stderr, peer_synopsis, peer_text);
+        return 2;
+    }
+    pos = argv + optind;
+    npos = argc - optind;
+    if (npos == 0) {
+        errorf("peer: expected add NAME HOST:PORT or remove NAME (see moectl peer --help)");
+        return 2;
+    }
+    if (strcmp(pos[0], "add") == 0) {
+        adding = true;
+        cmd = "peer add";
+    } else if (strcmp(pos[0], "remove") == 0) {
+        adding = false;
+        cmd = "peer remove";
+    } else {
+        errorf("peer: unknown action '%s': expected add or remove (see moectl peer --help)",
+               pos[0]);
+        return 2;
+    }
+    r.cmd = cmd;
+    if (npos > (adding ? 3 : 2)) {
+        errorf("%s: unexpected argument '%s'", cmd, pos[adding ? 3 : 2]);
+        return 2;
+    }
+    if (npos < (adding ? 3 : 2)) {
+        errorf("%s: expected %s (see moectl peer --help)", cmd, adding ? "NAME HOST:PORT" : "NAME");
+        return 2;
+    }
+    if (check_peer_name(cmd, pos[1]) < 0 || (adding && check_peer_address(cmd, pos[2]) < 0))
+        return 2;
+    if (remote_check(&r, remote_given) < 0)
+        return 2;
+    if (adding) {
+        add.name = pos[1];
+        add.address = pos[2];
+        ret = remote_call(&r, "/moe.v1.Control/AddPeer", &add.base,
+                          &moe__v1__add_peer_response__descriptor, &resp);
+    } else {
+        rm.name = pos[1];
+        ret = remote_call(&r, "/moe.v1.Control/RemovePeer", &rm.base,
+                          &moe__v1__remove_peer_response__descriptor, &resp);
+    }
+    if (ret)
+        goto out;
+    if (r.json)
+        ret = print_json(&r, message_json(resp));
+    else if (adding)
+        printf("added peer %s at %s\n", pos[1], pos[2]);
+    else
+        printf("removed peer %s\n", pos[1]);
+out:
+    if (resp)
+        protobuf_c_message_free_unpacked(resp, NULL);
     remote_close(&r);
     return ret;
 }

@@ -274,6 +274,10 @@ int main(int argc, char **argv)
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
     }
+    if (moed_cluster_start(&d, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "cluster: %s", err.msg);
+        goto out;
+    }
     rc.listen = d.cfg.listen;
     rc.unix_path = d.cfg.socket;
     rc.listen_fd = passed_socket();
@@ -382,6 +386,7 @@ out:
     /* While the scheduler still runs: sessions end after their requests. */
     moed_shm_stop(&d, "moed stopped");
     moe_rpc_server_free(d.rpc);
+    moed_cluster_stop(&d); /* after the last call: split forwards finish first */
     moe_sched_free(d.sched);
     moed_metrics_free(d.metrics); /* after the last request is answered */
     moed_free_models(&d);

@@ -7,6 +7,7 @@
 
 #include "backend.h"
 #include "cache.h"
+#include "cluster.h"
 #include "config.h"
 #include "layer.h"
 #include "metrics.h"
@@ -39,6 +40,7 @@ struct moed {
     struct moe_rpc_server *rpc;
     struct moed_metrics *metrics;  /* request series and the /metrics endpoint */
     struct moe_shm_server *shm;    /* local clients (shm_service.c); NULL: none */
+    struct moed_cluster *cluster;  /* peers, placement (cluster.c) */
     uint32_t *shm_uids, *shm_gids; /* the allow-lists, resolved */
     int n_shm_uids, n_shm_gids;
     uint64_t t_start;
@@ -58,6 +60,12 @@ int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct
 /* Unregisters and frees; -EBUSY while in use.  0 or -errno. */
 int moed_unload_model(struct moed *d, const char *name, struct moe_error *err);
 void moed_free_models(struct moed *d);
+
+/* The model called name, with a reference taken, or NULL. */
+struct moed_model *moed_model_get(struct moed *d, const char *name);
+/* Packs m and answers call with it. */
+struct ProtobufCMessage;
+void moed_reply_msg(struct moe_rpc_call *call, const struct ProtobufCMessage *m);
 
 /* The model with that id, with a reference taken, or NULL; moed_model_put
  * gives the reference back. */

@@ -50,7 +50,7 @@ int moed_grpc_status(int err)
 }
 
 /* Packs any protobuf-c message and replies with it. */
-static void reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
+void moed_reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
 {
     size_t n = protobuf_c_message_get_packed_size(m);
     uint8_t *buf = malloc(n ? n : 1);
@@ -67,7 +67,7 @@ static void reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
 /* ---- models ---------------------------------------------------------------------------- */
 
 /* The model called name, with a reference taken (lock not held), or NULL. */
-static struct moed_model *model_get(struct moed *d, const char *name)
+struct moed_model *moed_model_get(struct moed *d, const char *name)
 {
     struct moed_model *mm = NULL;
 
@@ -328,7 +328,7 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     resp.cache_misses = (uint32_t)r->st.misses;
     resp.tag = f->tag;
     fwd_count(f, GRPC_STATUS_OK);
-    reply_msg(f->call, &resp.base);
+    moed_reply_msg(f->call, &resp.base);
 out:
     free(data);
     atomic_fetch_sub(&d->in_flight, 1);
@@ -348,7 +348,7 @@ static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *ms
         snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
         return GRPC_STATUS_INVALID_ARGUMENT;
     }
-    f->mm = model_get(d, q->model);
+    f->mm = moed_model_get(d, q->model);
     if (!f->mm) {
         model_names(d, names, sizeof(names));
         snprintf(msg, len, "no model called '%s' (loaded: %s)", q->model, names);
@@ -503,7 +503,7 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     atomic_fetch_add(&d->in_flight, 1);
     atomic_fetch_add(&d->requests, 1);
     atomic_fetch_add(&d->tokens, (uint64_t)f->T);
-    if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
+    if (moed_submit(d, f->mm, &f->req, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         fwd_count(f, moed_grpc_status(err.code));
         moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
@@ -540,7 +540,10 @@ static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     r.in_flight = (uint32_t)atomic_load(&d->in_flight);
     r.policy = (char *)moe_cache_policy_name(d->cfg.policy);
     r.prefetch = d->cfg.prefetch;
-    reply_msg(call, &r.base);
+    r.node = (char *)moed_cluster_node(d);
+    moed_cluster_peers(d, &r.peers, &r.n_peers);
+    moed_reply_msg(call, &r.base);
+    moed_cluster_free_peers(r.peers, r.n_peers);
 }
 
 static Moe__V1__DType proto_dtype(enum moe_dtype t)
@@ -594,7 +597,7 @@ static void on_list_models(struct moe_rpc_call *call, const uint8_t *req, size_t
         r.n_models++;
     }
     r.models = ptrs;
-    reply_msg(call, &r.base);
+    moed_reply_msg(call, &r.base);
     pthread_mutex_unlock(&d->lock);
     for (int i = 0; i < MOED_MAX_MODELS; i++)
         free(ids[i]);
@@ -632,6 +635,7 @@ static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
     struct moed *d = arg;
     Moe__V1__StatsRequest *q = moe__v1__stats_request__unpack(NULL, len, req);
     Moe__V1__StatsResponse r = MOE__V1__STATS_RESPONSE__INIT;
+    Moe__V1__ClusterCounters cc = MOE__V1__CLUSTER_COUNTERS__INIT;
     Moe__V1__TierStats ts[MOE_CACHE_MAX_TIERS], *tsp[MOE_CACHE_MAX_TIERS];
     Moe__V1__CacheCounters tc[MOE_CACHE_MAX_TIERS], total;
     Moe__V1__Latency lat[MOE_CACHE_MAX_TIERS];
@@ -759,7 +763,12 @@ static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
     r.tokens = ss.tokens;
     r.batches = ss.batches;
     r.uptime_ns = moe_now_ns() - d->t_start;
-    reply_msg(call, &r.base);
+    r.node = (char *)moed_cluster_node(d);
+    moed_cluster_peers(d, &r.peers, &r.n_peers);
+    moed_cluster_counters(d, &cc);
+    r.cluster = &cc;
+    moed_reply_msg(call, &r.base);
+    moed_cluster_free_peers(r.peers, r.n_peers);
 out:
     free(ms);
     free(msp);
@@ -800,7 +809,7 @@ static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, v
         moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
         goto out;
     }
-    mm = model_get(d, name);
+    mm = moed_model_get(d, name);
     if (!mm) {
         moe_rpc_fail(call, GRPC_STATUS_ABORTED, "model '%s' was unloaded meanwhile", name);
         goto out;
@@ -809,7 +818,7 @@ static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, v
     if (ids) {
         model_info(mm, &mi, ids);
         r.model = &mi;
-        reply_msg(call, &r.base);
+        moed_reply_msg(call, &r.base);
         free(ids);
     } else {
         moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -832,7 +841,7 @@ static void on_unload(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     else if (moed_unload_model(d, q->name, &err) < 0)
         moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
     else
-        reply_msg(call, &r.base);
+        moed_reply_msg(call, &r.base);
     if (q)
         moe__v1__unload_model_request__free_unpacked(q, NULL);
 }
@@ -852,7 +861,7 @@ static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t le
         moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not an ExpertRef");
         goto out;
     }
-    mm = model_get(d, q->model);
+    mm = moed_model_get(d, q->model);
     if (!mm) {
         moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model);
         goto out;
@@ -870,7 +879,7 @@ static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t le
     if (r < 0)
         moe_rpc_fail(call, moed_grpc_status(r), "%s", err.msg);
     else /* Pin, Unpin and Evict responses are all empty messages */
-        reply_msg(call, &pr.base);
+        moed_reply_msg(call, &pr.base);
 out:
     if (q)
         moe__v1__expert_ref__free_unpacked(q, NULL);
@@ -907,7 +916,7 @@ static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
 
         atomic_compare_exchange_strong(&d->state, &st, MOED_SERVING);
         moe_log(MOE_LOG_INFO, "serving again after a drain");
-        reply_msg(call, &r.base);
+        moed_reply_msg(call, &r.base);
         moe__v1__drain_request__free_unpacked(q, NULL);
         return;
     }
@@ -925,7 +934,7 @@ static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
                      (unsigned long long)(q->timeout_ms ? q->timeout_ms : 30000));
     } else {
         r.finished = (uint32_t)n;
-        reply_msg(call, &r.base);
+        moed_reply_msg(call, &r.base);
     }
     moe__v1__drain_request__free_unpacked(q, NULL);
 }
@@ -951,7 +960,7 @@ static void on_health(struct moe_rpc_call *call, const uint8_t *req, size_t len,
         r.status = atomic_load(&d->state) == MOED_SERVING
                        ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                        : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
-        reply_msg(call, &r.base);
+        moed_reply_msg(call, &r.base);
     }
     grpc__health__v1__health_check_request__free_unpacked(q, NULL);
 }
@@ -970,6 +979,12 @@ int moed_methods(struct moed *d, const struct moe_rpc_method **ret)
         {"/moe.v1.Control/Unpin", false, true, on_unpin, NULL},
         {"/moe.v1.Control/Evict", false, true, on_evict, NULL},
         {"/moe.v1.Control/Drain", false, true, on_drain, NULL},
+        {"/moe.v1.Control/Placement", false, false, moed_on_placement, NULL},
+        {"/moe.v1.Control/AddPeer", false, true, moed_on_add_peer, NULL},
+        {"/moe.v1.Control/RemovePeer", false, true, moed_on_remove_peer, NULL},
+        /* Between nodes: the token when one is set, as for mutating calls. */
+        {"/moe.v1.Peer/ForwardExperts", false, true, moed_on_forward_experts, NULL},
+        {"/moe.v1.Peer/Ping", false, true, moed_on_ping, NULL},
         {"/grpc.health.v1.Health/Check", false, false, on_health, NULL},
     };
 

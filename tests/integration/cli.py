@@ -326,6 +326,34 @@ def main():
     check("stats extra argument", [m, "stats", "--experts", "stray"], 2,
           "unexpected argument 'stray'")
     check("drain bad --timeout-ms", [m, "drain", "--timeout-ms", "soon"], 2, "--timeout-ms 'soon'")
+    # cluster commands: placement, peer add, peer remove
+    for sub in ("placement", "peer"):
+        check(f"{sub} --help", [m, sub, "--help"], 0, "--remote HOST:PORT", stream="stdout")
+        check(f"{sub} unknown option", [m, sub, "--fast"], 2, "usage")
+    check("--help lists placement", [m, "--help"], 0, "placement", stream="stdout")
+    check("--help lists peer", [m, "--help"], 0, "peer ", stream="stdout")
+    check("placement without --model", [m, "placement"], 2, "--model is required")
+    check("placement empty --model", [m, "placement", "--model", ""], 2, "--model ''")
+    check("placement extra argument", [m, "placement", "--model", "ds", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("peer without action", [m, "peer"], 2, "expected add NAME HOST:PORT or remove NAME")
+    check("peer unknown action", [m, "peer", "join", "b"], 2, "unknown action 'join'")
+    check("peer add without address", [m, "peer", "add", "b"], 2,
+          "peer add: expected NAME HOST:PORT")
+    check("peer add without port", [m, "peer", "add", "b", "10.0.0.2"], 2,
+          "address '10.0.0.2': expected the peer's HOST:PORT")
+    check("peer add bad port", [m, "peer", "add", "b", "10.0.0.2:70000"], 2,
+          "address '10.0.0.2:70000'")
+    check("peer add without host", [m, "peer", "add", "b", ":50051"], 2, "address ':50051'")
+    check("peer add name with a space", [m, "peer", "add", "b c", "10.0.0.2:50051"], 2,
+          "NAME 'b c': expected no spaces")
+    check("peer add extra argument", [m, "peer", "add", "b", "10.0.0.2:50051", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("peer remove without NAME", [m, "peer", "remove"], 2, "peer remove: expected NAME")
+    check("peer remove extra argument", [m, "peer", "remove", "b", "stray"], 2,
+          "unexpected argument 'stray'")
+    check("peer add bad --remote", [m, "peer", "add", "b", "10.0.0.2:50051", "--remote",
+                                    "localhost"], 2, "expected HOST:PORT")
     check("--timeout 0", [m, "status", "--timeout", "0"], 2, "--timeout '0'")
     check("--timeout not a number", [m, "models", "--timeout", "1x"], 2, "--timeout '1x'")
     check("--remote and --socket", [m, "status", "--remote", "127.0.0.1:1", "--socket",
@@ -378,6 +406,13 @@ def main():
                                        "--remote", addr], 1,
               f"cannot reach moed at {addr}: UNAVAILABLE: ")
         check("top with no daemon", [m, "top", "--iterations", "1", "--remote", addr], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("placement with no daemon", [m, "placement", "--model", "ds", "--remote", addr],
+              1, f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("peer add with no daemon", [m, "peer", "add", "--remote", addr, "--token", "t",
+                                          "b", "10.0.0.2:50051"], 1,
+              f"cannot reach moed at {addr}: UNAVAILABLE: ")
+        check("peer remove with no daemon", [m, "peer", "remove", "b", "--remote", addr], 1,
               f"cannot reach moed at {addr}: UNAVAILABLE: ")
         check("status --json with no daemon", [m, "status", "--json", "--remote", addr], 1,
               f"cannot reach moed at {addr}: UNAVAILABLE: ")

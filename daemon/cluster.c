@@ -1,0 +1,1454 @@
+/*
+ * Several moed nodes as one expert pool: membership, health, placement,
+ * the split forward and its failover, and the moe.v1.Peer service
+ * (cluster.h says how they work together).
+ */
+#include "cluster.h"
+
+#include "moed.h"
+
+#include "log.h"
+#include "rpc_client.h"
+
+#include "moe.pb-c.h"
+
+#include <errno.h>
+#include <grpc/status.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_MEMBERS (MOED_MAX_PEERS + 1)
+#define IDLE_CLIENTS 16
+
+enum peer_state { PEER_DOWN = 0, PEER_UP, PEER_REFUSED };
+static const char *const state_names[] = {"down", "up", "refused"};
+
+struct peer {
+    char *name, *address;
+    int refs;     /* views and calls using it; guarded by the cluster's lock */
+    bool removed; /* no longer a member; freed when refs drops to 0 */
+    _Atomic int state;
+    struct moe_rpc_client_config cfg;
+    pthread_mutex_t lock; /* idle, last_error */
+    struct moe_rpc_client *idle[IDLE_CLIENTS];
+    int n_idle;
+    char last_error[200];
+    /* Relaxed counters: statistics read on their own. */
+    _Atomic uint64_t rtt_ns, pings_failed, calls, calls_failed, tokens_sent, bytes_sent,
+        bytes_received;
+};
+
+/* What this node measures and holds of one model. */
+struct mstate {
+    char name[128];
+    int n_layers, n_experts;
+    _Atomic uint32_t *load; /* [layer * E + expert]: token rows routed through here */
+    uint8_t *hot;           /* replicated (guarded by the cluster's lock) */
+    uint8_t *held;          /* this node held it under the last map it applied */
+    uint8_t *drop;          /* to evict at the next rebalance */
+    struct mstate *next;
+};
+
+struct moed_cluster {
+    struct moed *d;
+    char node[128];
+    pthread_mutex_t lock; /* peers, models' hot sets, version */
+    pthread_cond_t cond;  /* wakes the health thread */
+    struct peer *peers[MOED_MAX_PEERS];
+    int n_peers;
+    struct mstate *models;
+    uint64_t version;
+    bool stopping, kick;
+    pthread_t thread;
+    bool started;
+    _Atomic int in_flight; /* split forwards running */
+    _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
+        bytes_sent, bytes_received, served;
+};
+
+/* A consistent picture of the members for one request: sorted names,
+ * peers referenced (NULL for this node). */
+struct view {
+    int n;
+    int self;
+    struct peer *peer[MAX_MEMBERS];
+    const char *name[MAX_MEMBERS];
+    uint64_t version;
+};
+
+static struct moed_cluster *cl_of(struct moed *d)
+{
+    return d->cluster;
+}
+
+/* ---- peers ----------------------------------------------------------------------------- */
+
+static void peer_free(struct peer *p)
+{
+    for (int i = 0; i < p->n_idle; i++)
+        moe_rpc_client_close(p->idle[i]);
+    pthread_mutex_destroy(&p->lock);
+    free((char *)p->cfg.target);
+    free(p->name);
+    free(p->address);
+    free(p);
+}
+
+static struct peer *peer_new(struct moed *d, const char *name, const char *address)
+{
+    struct peer *p = calloc(1, sizeof(*p));
+
+    if (!p)
+        return NULL;
+    p->name = strdup(name);
+    p->address = strdup(address);
+    p->cfg.target = strdup(address);
+    if (!p->name || !p->address || !p->cfg.target) {
+        free(p->name);
+        free(p->address);
+        free((char *)p->cfg.target);
+        free(p);
+        return NULL;
+    }
+    /* The control plane's settings: its token, and its certificate as the
+     * client's, trusting the CA that signs clients (one PKI per cluster). */
+    p->cfg.token = d->cfg.token;
+    p->cfg.tls = d->cfg.tls_cert != NULL;
+    p->cfg.tls_ca = d->cfg.tls_client_ca;
+    p->cfg.tls_cert = d->cfg.tls_cert;
+    p->cfg.tls_key = d->cfg.tls_key;
+    p->cfg.timeout_ms = (int)MOE_MIN(d->cfg.peer_timeout_ms, INT32_MAX);
+    pthread_mutex_init(&p->lock, NULL);
+    atomic_store(&p->state, PEER_DOWN); /* until it answers a ping */
+    return p;
+}
+
+static void peer_put(struct moed_cluster *c, struct peer *p)
+{
+    bool gone;
+
+    pthread_mutex_lock(&c->lock);
+    gone = --p->refs == 0 && p->removed;
+    pthread_mutex_unlock(&c->lock);
+    if (gone)
+        peer_free(p);
+}
+
+/* A client of p for one call (from the idle ones, or a new one). */
+static struct moe_rpc_client *client_get(struct peer *p, int timeout_ms, char *msg, size_t len)
+{
+    struct moe_rpc_client *cl = NULL;
+    struct moe_rpc_client_config cfg = p->cfg;
+
+    pthread_mutex_lock(&p->lock);
+    if (timeout_ms == 0 && p->n_idle)
+        cl = p->idle[--p->n_idle];
+    pthread_mutex_unlock(&p->lock);
+    if (cl)
+        return cl;
+    if (timeout_ms)
+        cfg.timeout_ms = timeout_ms;
+    if (moe_rpc_client_open(&cfg, &cl, msg, len) < 0)
+        return NULL;
+    return cl;
+}
+
+static void client_put(struct peer *p, struct moe_rpc_client *cl, bool keep)
+{
+    if (keep) {
+        pthread_mutex_lock(&p->lock);
+        if (p->n_idle < IDLE_CLIENTS) {
+            p->idle[p->n_idle++] = cl;
+            cl = NULL;
+        }
+        pthread_mutex_unlock(&p->lock);
+    }
+    moe_rpc_client_close(cl);
+}
+
+static void set_error(struct peer *p, const char *msg)
+{
+    pthread_mutex_lock(&p->lock);
+    snprintf(p->last_error, sizeof(p->last_error), "%.199s", msg);
+    pthread_mutex_unlock(&p->lock);
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+    const char *const *x = a, *const *y = b;
+
+    return strcmp(*x, *y);
+}
+
+/* Takes a view of the members (refs on the peers); view_put gives it back. */
+static void view_get(struct moed_cluster *c, struct view *v)
+{
+    const char *names[MAX_MEMBERS];
+
+    pthread_mutex_lock(&c->lock);
+    v->n = 0;
+    names[v->n++] = c->node;
+    for (int i = 0; i < c->n_peers; i++)
+        names[v->n++] = c->peers[i]->name;
+    qsort(names, (size_t)v->n, sizeof(*names), cmp_names);
+    for (int i = 0; i < v->n; i++) {
+        v->name[i] = names[i];
+        v->peer[i] = NULL;
+        if (names[i] == c->node) {
+            v->self = i;
+            continue;
+        }
+        for (int k = 0; k < c->n_peers; k++)
+            if (c->peers[k]->name == names[i]) {
+                v->peer[i] = c->peers[k];
+                c->peers[k]->refs++;
+            }
+    }
+    v->version = c->version;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void view_put(struct moed_cluster *c, struct view *v)
+{
+    for (int i = 0; i < v->n; i++)
+        if (v->peer[i])
+            peer_put(c, v->peer[i]);
+    v->n = 0;
+}
+
+static bool member_up(const struct view *v, int i)
+{
+    return i == v->self ||
+           atomic_load_explicit(&v->peer[i]->state, memory_order_relaxed) == PEER_UP;
+}
+
+/* ---- placement ------------------------------------------------------------------------- */
+
+/* The model's state here, made on first use (lock held). */
+static struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model *mm)
+{
+    const struct moe_model_config *mc = &mm->m->cfg;
+    struct mstate *s;
+    size_t n = (size_t)mc->n_layers * (size_t)mc->n_experts;
+
+    for (s = c->models; s; s = s->next)
+        if (strcmp(s->name, mm->name) == 0 && s->n_layers == mc->n_layers &&
+            s->n_experts == mc->n_experts)
+            return s;
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->load = calloc(n, sizeof(*s->load));
+    s->hot = calloc(n, 1);
+    s->held = calloc(n, 1);
+    s->drop = calloc(n, 1);
+    if (!s->load || !s->hot || !s->held || !s->drop) {
+        free(s->load);
+        free(s->hot);
+        free(s->held);
+        free(s->drop);
+        free(s);
+        return NULL;
+    }
+    snprintf(s->name, sizeof(s->name), "%s", mm->name);
+    s->n_layers = mc->n_layers;
+    s->n_experts = mc->n_experts;
+    s->next = c->models;
+    c->models = s;
+    return s;
+}
+
+/* Holders of (layer, expert) among the view's members, owner first: the
+ * experts of a layer round-robin over the members from an offset of the
+ * layer, then `replicas` next members for a hot one.  Returns how many. */
+static int holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+                   int layer, int expert, int *ret)
+{
+    int owner = (expert + layer) % v->n, k = 1;
+
+    ret[0] = owner;
+    if (s && s->hot[(size_t)layer * s->n_experts + expert])
+        for (int r = 1; r <= c->d->cfg.replicas && r < v->n; r++)
+            ret[k++] = (owner + r) % v->n;
+    return k;
+}
+
+/* The member to send (layer, expert) to: a holder that is up (spread by
+ * salt), else this node, which pages it in itself. */
+static int pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+                int layer, int expert, uint32_t salt, int not )
+{
+    int h[MAX_MEMBERS], n = holders(c, v, s, layer, expert, h);
+
+    for (int i = 0; i < n; i++) {
+        int m = h[(salt + (uint32_t)i) % (uint32_t)n];
+
+        if (m != not &&member_up(v, m))
+            return m;
+    }
+    return v->self;
+}
+
+/* ---- running forwards on this node ----------------------------------------------------- */
+
+struct sync_req {
+    struct moe_sched_req r;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int status;
+    char msg[MOE_ERROR_MSG_MAX];
+};
+
+static void sync_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct sync_req *s = r->arg;
+
+    pthread_mutex_lock(&s->lock);
+    s->status = status;
+    snprintf(s->msg, sizeof(s->msg), "%s", msg ? msg : "");
+    s->done = true;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* A forward through the scheduler, waited for (it batches with others). */
+static int run_local(struct moed *d, struct moed_model *mm, int layer, const float *x, int T,
+                     const int32_t *ids, const float *w, unsigned flags, float *out,
+                     struct moe_sched_req *result, struct moe_error *err)
+{
+    struct sync_req s = {0};
+    int r;
+
+    s.r = (struct moe_sched_req){.engine = mm->e,
+                                 .layer = layer,
+                                 .x = x,
+                                 .n_tokens = T,
+                                 .ids = ids,
+                                 .weights = w,
+                                 .flags = flags,
+                                 .out = out,
+                                 .done = sync_done,
+                                 .arg = &s};
+    pthread_mutex_init(&s.lock, NULL);
+    pthread_cond_init(&s.cond, NULL);
+    r = moe_sched_submit(d->sched, &s.r, err);
+    if (r == 0) {
+        pthread_mutex_lock(&s.lock);
+        while (!s.done)
+            pthread_cond_wait(&s.cond, &s.lock);
+        pthread_mutex_unlock(&s.lock);
+        r = s.status;
+        if (r < 0)
+            moe_error_set(err, r, "%s", s.msg);
+        if (result) {
+            result->st = s.r.st;
+            result->queue_ns = s.r.queue_ns;
+            result->batch_requests = s.r.batch_requests;
+            result->batch_tokens = s.r.batch_tokens;
+        }
+    }
+    pthread_cond_destroy(&s.cond);
+    pthread_mutex_destroy(&s.lock);
+    return r;
+}
+
+/* ---- a split forward ------------------------------------------------------------------- */
+
+/* The rows and slots sent to one member. */
+struct part {
+    struct moed_cluster *c;
+    struct moed_model *mm;
+    const struct view *v;
+    const struct mstate *s;
+    int member; /* where it goes first */
+    int layer, H, K;
+    int rows;
+    int32_t *row; /* [rows]: the request's token of each */
+    float *x;     /* [rows, H] */
+    int32_t *ids; /* [rows, K], -1 where another member computes it */
+    float *w;     /* [rows, K] */
+    float *out;   /* [rows, H]: this part's share */
+    uint32_t hits, misses;
+    int status;
+    char msg[256];
+    pthread_t thread;
+    bool threaded;
+};
+
+/* ForwardExperts of the part's rows and ids (which may be a failover's
+ * subset) to member m; the answer is added into out.  0 or -errno. */
+static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
+{
+    struct moed_cluster *c = pt->c;
+    struct peer *p = pt->v->peer[m];
+    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    int64_t shape[2] = {pt->rows, pt->H};
+    size_t n = (size_t)pt->rows * (size_t)pt->H, len, alen = 0;
+    uint8_t *buf = NULL, *ans = NULL;
+    struct moe_rpc_client *cl;
+    char msg[256];
+    int st, rc = -EIO;
+
+    t.n_shape = 2;
+    t.shape = shape;
+    t.dtype = MOE__V1__DTYPE__DTYPE_F32;
+    t.data.data = (uint8_t *)pt->x;
+    t.data.len = n * sizeof(float);
+    q.model = pt->mm->name;
+    q.layer = (uint32_t)pt->layer;
+    q.hidden = &t;
+    q.top_k = (uint32_t)pt->K;
+    q.n_expert_ids = (size_t)pt->rows * pt->K;
+    q.expert_ids = (int32_t *)ids;
+    q.n_weights = q.n_expert_ids;
+    q.weights = pt->w;
+    q.shared = false;
+    q.from = c->node;
+    len = moe__v1__forward_experts_request__get_packed_size(&q);
+    buf = malloc(len);
+    cl = buf ? client_get(p, 0, msg, sizeof(msg)) : NULL;
+    if (!cl) {
+        snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, buf ? msg : "out of memory");
+        free(buf);
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        return -ENOMEM;
+    }
+    moe__v1__forward_experts_request__pack(&q, buf);
+    atomic_fetch_add_explicit(&p->calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->tokens_sent, (uint64_t)pt->rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->bytes_sent, len, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->remote_calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_remote, (uint64_t)pt->rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->bytes_sent, len, memory_order_relaxed);
+    st = moe_rpc_client_call(cl, "/moe.v1.Peer/ForwardExperts", buf, len, &ans, &alen, msg,
+                             sizeof(msg));
+    free(buf);
+    client_put(p, cl, st == GRPC_STATUS_OK);
+    if (st != GRPC_STATUS_OK) {
+        snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, msg);
+        set_error(p, msg);
+        goto out;
+    }
+    atomic_fetch_add_explicit(&p->bytes_received, alen, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->bytes_received, alen, memory_order_relaxed);
+    a = moe__v1__forward_experts_response__unpack(NULL, alen, ans);
+    if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != pt->rows ||
+        a->output->shape[1] != pt->H || a->output->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
+        a->output->data.len != n * sizeof(float)) {
+        snprintf(pt->msg, sizeof(pt->msg), "%s answered an output of the wrong shape", p->name);
+        rc = -EPROTO;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float y;
+
+        memcpy(&y, a->output->data.data + 4 * i, 4);
+        out[i] += y;
+    }
+    pt->hits += a->cache_hits;
+    pt->misses += a->cache_misses;
+    rc = 0;
+out:
+    if (rc < 0)
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+    if (a)
+        moe__v1__forward_experts_response__free_unpacked(a, NULL);
+    free(ans);
+    return rc;
+}
+
+/* Runs a part: its member, and on failure each slot's next holder that is
+ * up, or this node. */
+static void *part_main(void *arg)
+{
+    struct part *pt = arg;
+    struct moed_cluster *c = pt->c;
+    size_t nk = (size_t)pt->rows * (size_t)pt->K;
+    int32_t *alt;
+    struct moe_error err = {0};
+    int targets[MAX_MEMBERS], nt = 0;
+
+    pt->status = call_peer(pt, pt->member, pt->ids, pt->out);
+    if (pt->status == 0)
+        return NULL;
+    /* Failover: every slot to another holder that is up, else here. */
+    atomic_fetch_add_explicit(&c->failovers, 1, memory_order_relaxed);
+    moe_log_once(MOE_LOG_WARN, "cluster: %s; failing over (logged once)", pt->msg);
+    alt = malloc(nk * sizeof(*alt));
+    if (!alt) {
+        pt->status = -ENOMEM;
+        return NULL;
+    }
+    memset(pt->out, 0, (size_t)pt->rows * pt->H * sizeof(float));
+    {
+        int32_t *to = malloc(nk * sizeof(*to));
+
+        if (!to) {
+            free(alt);
+            pt->status = -ENOMEM;
+            return NULL;
+        }
+        for (size_t i = 0; i < nk; i++) {
+            to[i] = -1;
+            if (pt->ids[i] < 0)
+                continue;
+            to[i] = pick(c, pt->v, pt->s, pt->layer, pt->ids[i], (uint32_t)i, pt->member);
+            bool seen = false;
+
+            for (int k = 0; k < nt; k++)
+                seen |= targets[k] == to[i];
+            if (!seen)
+                targets[nt++] = to[i];
+        }
+        pt->status = 0;
+        for (int k = 0; k < nt && pt->status == 0; k++) {
+            int m = targets[k];
+
+            for (size_t i = 0; i < nk; i++)
+                alt[i] = to[i] == m ? pt->ids[i] : -1;
+            if (m != pt->v->self && call_peer(pt, m, alt, pt->out) == 0)
+                continue;
+            /* Here: paged in locally if it must be. */
+            atomic_fetch_add_explicit(&c->failover_local, 1, memory_order_relaxed);
+            float *y = malloc((size_t)pt->rows * pt->H * sizeof(float));
+            struct moe_sched_req res = {0};
+
+            pt->status = y ? run_local(c->d, pt->mm, pt->layer, pt->x, pt->rows, alt, pt->w,
+                                       MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, y, &res, &err)
+                           : -ENOMEM;
+            if (pt->status == 0) {
+                for (size_t i = 0; i < (size_t)pt->rows * pt->H; i++)
+                    pt->out[i] += y[i];
+                pt->hits += (uint32_t)res.st.hits;
+                pt->misses += (uint32_t)res.st.misses;
+            } else {
+                snprintf(pt->msg, sizeof(pt->msg), "failover here: %.230s", err.msg);
+            }
+            free(y);
+        }
+        free(to);
+    }
+    free(alt);
+    return NULL;
+}
+
+struct job {
+    struct moed *d;
+    struct moed_model *mm;
+    struct moe_sched_req *r; /* the caller's */
+};
+
+static void part_clear(struct part *pt)
+{
+    free(pt->row);
+    free(pt->x);
+    free(pt->ids);
+    free(pt->w);
+    free(pt->out);
+}
+
+/* The split forward of one request: returns 0 or -errno with err, and
+ * fills r's stats and out. */
+static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct moe_sched_req *r,
+                         struct moe_error *err)
+{
+    struct moed *d = c->d;
+    const int T = r->n_tokens, H = mm->m->cfg.hidden, K = mm->m->cfg.top_k, layer = r->layer;
+    const size_t TK = (size_t)T * (size_t)K;
+    struct view v;
+    struct mstate *s;
+    struct part parts[MAX_MEMBERS];
+    int32_t *ids = malloc(TK * sizeof(*ids)), *to = malloc(TK * sizeof(*to)), *lids = NULL;
+    float *w = malloc(TK * sizeof(*w));
+    uint64_t t0 = moe_now_ns();
+    bool remote = false;
+    int rc = 0;
+    static _Atomic uint32_t salt;
+    uint32_t sl = atomic_fetch_add_explicit(&salt, 1, memory_order_relaxed);
+
+    memset(parts, 0, sizeof(parts));
+    view_get(c, &v);
+    if (!ids || !to || !w) {
+        rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
+        goto out;
+    }
+    if (r->ids) {
+        memcpy(ids, r->ids, TK * sizeof(*ids));
+        memcpy(w, r->weights, TK * sizeof(*w));
+    } else {
+        rc = moe_layer_route(mm->e, layer, r->x, T, ids, w, err);
+        if (rc < 0)
+            goto out;
+    }
+    pthread_mutex_lock(&c->lock);
+    s = mstate_get(c, mm);
+    pthread_mutex_unlock(&c->lock);
+    for (size_t i = 0; i < TK; i++) {
+        if (s && ids[i] >= 0 && ids[i] < s->n_experts)
+            atomic_fetch_add_explicit(&s->load[(size_t)layer * s->n_experts + ids[i]], 1,
+                                      memory_order_relaxed);
+        to[i] = pick(c, &v, s, layer, ids[i], sl + (uint32_t)(i / (size_t)K), -1);
+        remote |= to[i] != v.self;
+    }
+    atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_total, (uint64_t)T, memory_order_relaxed);
+    if (!remote) {
+        /* Everything here: the whole layer, bit for bit as on one node. */
+        rc = run_local(d, mm, layer, r->x, T, ids, w, 0, r->out, r, err);
+        goto out;
+    }
+    /* One part per remote member: the rows that have a slot for it. */
+    for (int m = 0; m < v.n; m++) {
+        struct part *pt = &parts[m];
+        int rows = 0;
+
+        if (m == v.self)
+            continue;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (to[(size_t)t * K + k] == m) {
+                    rows++;
+                    break;
+                }
+        if (!rows)
+            continue;
+        *pt = (struct part){.c = c,
+                            .mm = mm,
+                            .v = &v,
+                            .s = s,
+                            .member = m,
+                            .layer = layer,
+                            .H = H,
+                            .K = K,
+                            .rows = rows};
+        pt->row = malloc((size_t)rows * sizeof(*pt->row));
+        pt->x = malloc((size_t)rows * H * sizeof(float));
+        pt->ids = malloc((size_t)rows * K * sizeof(int32_t));
+        pt->w = malloc((size_t)rows * K * sizeof(float));
+        pt->out = calloc((size_t)rows * H, sizeof(float));
+        if (!pt->row || !pt->x || !pt->ids || !pt->w || !pt->out) {
+            rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
+            goto out;
+        }
+        rows = 0;
+        for (int t = 0; t < T; t++) {
+            bool mine = false;
+
+            for (int k = 0; k < K; k++)
+                mine |= to[(size_t)t * K + k] == m;
+            if (!mine)
+                continue;
+            pt->row[rows] = t;
+            memcpy(pt->x + (size_t)rows * H, r->x + (size_t)t * H, (size_t)H * sizeof(float));
+            for (int k = 0; k < K; k++) {
+                size_t i = (size_t)t * K + k;
+
+                pt->ids[(size_t)rows * K + k] = to[i] == m ? ids[i] : -1;
+                pt->w[(size_t)rows * K + k] = w[i];
+            }
+            rows++;
+        }
+    }
+    for (int m = 0; m < v.n; m++)
+        if (parts[m].rows)
+            parts[m].threaded = pthread_create(&parts[m].thread, NULL, part_main, &parts[m]) == 0;
+    for (int m = 0; m < v.n; m++)
+        if (parts[m].rows && !parts[m].threaded)
+            part_main(&parts[m]);
+    /* This node's share, with the shared experts, meanwhile. */
+    lids = malloc(TK * sizeof(*lids));
+    if (!lids)
+        rc = moe_error_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; lids && i < TK; i++)
+        lids[i] = to[i] == v.self ? ids[i] : -1;
+    if (lids)
+        rc = run_local(d, mm, layer, r->x, T, lids, w, MOE_FWD_PARTIAL, r->out, r, err);
+    for (int m = 0; m < v.n; m++)
+        if (parts[m].threaded)
+            pthread_join(parts[m].thread, NULL);
+    /* Combine in member order, so that the sums do not depend on timing. */
+    for (int m = 0; m < v.n && rc == 0; m++) {
+        const struct part *pt = &parts[m];
+
+        if (!pt->rows)
+            continue;
+        if (pt->status < 0) {
+            rc = moe_error_set(err, pt->status, "%s", pt->msg);
+            break;
+        }
+        for (int i = 0; i < pt->rows; i++) {
+            float *o = r->out + (size_t)pt->row[i] * H;
+            const float *y = pt->out + (size_t)i * H;
+
+            for (int h = 0; h < H; h++)
+                o[h] += y[h];
+        }
+        r->st.hits += pt->hits;
+        r->st.misses += pt->misses;
+    }
+    r->st.route_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns;
+out:
+    for (int m = 0; m < MAX_MEMBERS; m++)
+        part_clear(&parts[m]);
+    view_put(c, &v);
+    if (r->ret_ids && rc == 0)
+        memcpy(r->ret_ids, ids, TK * sizeof(*ids));
+    if (r->ret_weights && rc == 0)
+        memcpy(r->ret_weights, w, TK * sizeof(*w));
+    free(ids);
+    free(to);
+    free(w);
+    free(lids);
+    return rc;
+}
+
+static void *job_main(void *arg)
+{
+    struct job *j = arg;
+    struct moed_cluster *c = cl_of(j->d);
+    struct moe_error err = {0};
+    struct moe_sched_req *r = j->r;
+    uint64_t t0 = moe_now_ns();
+    int rc;
+
+    memset(&r->st, 0, sizeof(r->st));
+    rc = split_forward(c, j->mm, r, &err);
+    if (r->queue_ns == 0)
+        r->queue_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns - r->st.route_ns;
+    free(j);
+    r->done(r, rc, rc < 0 ? err.msg : NULL);
+    atomic_fetch_sub(&c->in_flight, 1);
+    return NULL;
+}
+
+int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
+                struct moe_error *err)
+{
+    struct moed_cluster *c = cl_of(d);
+    struct job *j;
+    pthread_t t;
+    int n;
+
+    if (!c)
+        return moe_sched_submit(d->sched, r, err);
+    pthread_mutex_lock(&c->lock);
+    n = c->n_peers;
+    pthread_mutex_unlock(&c->lock);
+    if (n == 0 || r->flags)
+        return moe_sched_submit(d->sched, r, err);
+    j = calloc(1, sizeof(*j));
+    if (!j)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    *j = (struct job){d, mm, r};
+    r->queue_ns = 0;
+    atomic_fetch_add(&c->in_flight, 1);
+    if (pthread_create(&t, NULL, job_main, j) != 0) {
+        atomic_fetch_sub(&c->in_flight, 1);
+        free(j);
+        return moe_error_set(err, -EAGAIN, "cannot start a thread for the request");
+    }
+    pthread_detach(t);
+    return 0;
+}
+
+/* ---- health and rebalancing ------------------------------------------------------------ */
+
+static void ping_one(struct moed_cluster *c, struct peer *p)
+{
+    Moe__V1__PingRequest q = MOE__V1__PING_REQUEST__INIT;
+    uint8_t buf[256], *ans = NULL;
+    size_t len, alen = 0;
+    char msg[256];
+    struct moe_rpc_client *cl;
+    uint64_t t0 = moe_now_ns();
+    int st, was = atomic_load(&p->state), now;
+
+    q.from = c->node;
+    len = moe__v1__ping_request__pack(&q, buf);
+    cl = client_get(p, (int)MOE_MIN(c->d->cfg.peer_timeout_ms, 1000), msg, sizeof(msg));
+    st = cl ? moe_rpc_client_call(cl, "/moe.v1.Peer/Ping", buf, len, &ans, &alen, msg, sizeof(msg))
+            : GRPC_STATUS_UNAVAILABLE;
+    moe_rpc_client_close(cl);
+    free(ans);
+    if (st == GRPC_STATUS_OK) {
+        atomic_store(&p->rtt_ns, moe_now_ns() - t0);
+        now = PEER_UP;
+        if (was != PEER_UP)
+            set_error(p, ""); /* back: what failed before is history (logged) */
+    } else {
+        atomic_fetch_add_explicit(&p->pings_failed, 1, memory_order_relaxed);
+        set_error(p, msg);
+        now = st == GRPC_STATUS_UNAUTHENTICATED || st == GRPC_STATUS_PERMISSION_DENIED
+                  ? PEER_REFUSED
+                  : PEER_DOWN;
+    }
+    atomic_store(&p->state, now);
+    if (now != was)
+        moe_log(now == PEER_UP ? MOE_LOG_INFO : MOE_LOG_WARN, "cluster: peer %s (%s) is %s%s%s",
+                p->name, p->address, state_names[now], now == PEER_UP ? "" : ": ",
+                now == PEER_UP ? "" : msg);
+}
+
+/* Chooses each model's hot experts again from the decayed load, and pages
+ * in what this node newly holds; evicts what it dropped an interval ago. */
+static void rebalance(struct moed_cluster *c)
+{
+    struct moed *d = c->d;
+    struct view v;
+    bool changed = false;
+
+    pthread_mutex_lock(&c->lock);
+    for (struct mstate *s = c->models; s; s = s->next) {
+        size_t n = (size_t)s->n_layers * s->n_experts, want = 0, nz = 0;
+        uint32_t *l = malloc(n * sizeof(*l)), thr;
+
+        if (!l)
+            continue;
+        for (size_t i = 0; i < n; i++) {
+            /* Halve the counts: load decays with a half-life of one interval. */
+            l[i] = atomic_load_explicit(&s->load[i], memory_order_relaxed);
+            atomic_store_explicit(&s->load[i], l[i] / 2, memory_order_relaxed);
+            nz += l[i] > 0;
+        }
+        want = (size_t)ceil(d->cfg.hot_fraction * (double)n);
+        if (want > nz)
+            want = nz;
+        /* The want-th largest load is the threshold (a partial sort). */
+        uint32_t *sorted = malloc(n * sizeof(*sorted));
+
+        thr = UINT32_MAX;
+        if (sorted && want) {
+            memcpy(sorted, l, n * sizeof(*sorted));
+            for (size_t k = 0; k < want; k++) {
+                size_t best = k;
+
+                for (size_t i = k + 1; i < n; i++)
+                    if (sorted[i] > sorted[best])
+                        best = i;
+                uint32_t tmp = sorted[k];
+
+                sorted[k] = sorted[best];
+                sorted[best] = tmp;
+            }
+            thr = sorted[want - 1];
+        }
+        free(sorted);
+        for (size_t i = 0, k = 0; i < n; i++) {
+            uint8_t h = l[i] > 0 && l[i] >= thr && k < want;
+
+            k += h;
+            changed |= h != s->hot[i];
+            s->hot[i] = h;
+        }
+        free(l);
+    }
+    if (changed)
+        c->version++;
+    pthread_mutex_unlock(&c->lock);
+
+    /* Apply the map to this node's cache. */
+    view_get(c, &v);
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models; i++) {
+        struct moed_model *mm = d->models[i];
+        const struct moe_model *m = mm->m;
+        struct mstate *s;
+
+        pthread_mutex_lock(&c->lock);
+        s = mstate_get(c, mm);
+        pthread_mutex_unlock(&c->lock);
+        if (!s || v.n < 2)
+            continue;
+        for (int layer = 0; layer < m->cfg.n_layers; layer++) {
+            if (!m->layers[layer].is_moe)
+                continue;
+            for (int e = 0; e < m->cfg.n_experts; e++) {
+                size_t k = (size_t)layer * s->n_experts + e;
+                int h[MAX_MEMBERS], nh = holders(c, &v, s, layer, e, h);
+                bool mine = false;
+
+                for (int j = 0; j < nh; j++)
+                    mine |= h[j] == v.self;
+                if (s->drop[k] && !mine)
+                    moe_cache_evict(d->cache, mm->cache_id, layer, e, NULL); /* -EBUSY: later */
+                s->drop[k] = 0;
+                if (mine && !s->held[k]) {
+                    /* Newly held: page it in now (released at once; the
+                     * page-in goes on), before the old holder drops it. */
+                    struct moe_cache_ref ref;
+                    int32_t ex = e;
+
+                    if (moe_cache_acquire(d->cache, mm->cache_id, layer, &ex, 1, &ref, NULL) == 0)
+                        moe_cache_release(d->cache, &ref, 1);
+                } else if (!mine && s->held[k]) {
+                    s->drop[k] = 1; /* evicted at the next rebalance */
+                }
+                s->held[k] = mine;
+            }
+        }
+    }
+    pthread_mutex_unlock(&d->lock);
+    view_put(c, &v);
+}
+
+static void *health_main(void *arg)
+{
+    struct moed_cluster *c = arg;
+    struct moed *d = c->d;
+    uint64_t next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
+
+    for (;;) {
+        struct view v;
+        struct timespec ts;
+        uint64_t ms = d->cfg.ping_interval_ms;
+
+        view_get(c, &v);
+        for (int i = 0; i < v.n; i++)
+            if (v.peer[i])
+                ping_one(c, v.peer[i]);
+        view_put(c, &v);
+        if (moe_now_ns() >= next_rebalance || c->kick) {
+            rebalance(c);
+            next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
+        }
+        pthread_mutex_lock(&c->lock);
+        c->kick = false;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += (time_t)(ms / 1000);
+        ts.tv_nsec += (long)(ms % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        while (!c->stopping && !c->kick &&
+               pthread_cond_timedwait(&c->cond, &c->lock, &ts) != ETIMEDOUT)
+            ;
+        if (c->stopping) {
+            pthread_mutex_unlock(&c->lock);
+            return NULL;
+        }
+        pthread_mutex_unlock(&c->lock);
+    }
+}
+
+/* ---- membership ------------------------------------------------------------------------ */
+
+static int add_peer(struct moed_cluster *c, const char *name, const char *address,
+                    struct moe_error *err)
+{
+    struct peer *p;
+
+    if (strcmp(name, c->node) == 0)
+        return moe_error_set(err, -EINVAL, "peer %s: that is this node's own name", name);
+    p = peer_new(c->d, name, address);
+    if (!p)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < c->n_peers; i++)
+        if (strcmp(c->peers[i]->name, name) == 0) {
+            pthread_mutex_unlock(&c->lock);
+            peer_free(p);
+            return moe_error_set(err, -EEXIST, "peer %s is a member already", name);
+        }
+    if (c->n_peers == MOED_MAX_PEERS) {
+        pthread_mutex_unlock(&c->lock);
+        peer_free(p);
+        return moe_error_set(err, -E2BIG, "%d peers already", MOED_MAX_PEERS);
+    }
+    p->refs = 1; /* the membership's */
+    c->peers[c->n_peers++] = p;
+    c->version++;
+    c->kick = true;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    moe_log(MOE_LOG_INFO, "cluster: %s joins as peer %s (%s)", c->node, name, address);
+    return 0;
+}
+
+static int remove_peer(struct moed_cluster *c, const char *name, struct moe_error *err)
+{
+    struct peer *p = NULL;
+
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < c->n_peers; i++)
+        if (strcmp(c->peers[i]->name, name) == 0) {
+            p = c->peers[i];
+            c->peers[i] = c->peers[--c->n_peers];
+            break;
+        }
+    if (p) {
+        p->removed = true;
+        c->version++;
+        c->kick = true;
+        pthread_cond_signal(&c->cond);
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (!p)
+        return moe_error_set(err, -ENOENT, "no peer called %s", name);
+    peer_put(c, p);
+    moe_log(MOE_LOG_INFO, "cluster: peer %s removed", name);
+    return 0;
+}
+
+int moed_cluster_start(struct moed *d, struct moe_error *err)
+{
+    struct moed_cluster *c = calloc(1, sizeof(*c));
+    int rc = 0;
+
+    if (!c)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    c->d = d;
+    if (d->cfg.node_name && *d->cfg.node_name)
+        snprintf(c->node, sizeof(c->node), "%s", d->cfg.node_name);
+    else if (gethostname(c->node, sizeof(c->node) - 1) < 0 || !c->node[0])
+        snprintf(c->node, sizeof(c->node), "moed");
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cond, NULL);
+    d->cluster = c;
+    for (int i = 0; i < d->cfg.n_peers && rc == 0; i++)
+        rc = add_peer(c, d->cfg.peers[i].name, d->cfg.peers[i].address, err);
+    if (rc == 0 && pthread_create(&c->thread, NULL, health_main, c) != 0)
+        rc = moe_error_set(err, -EAGAIN, "cannot start the cluster's health thread");
+    c->started = rc == 0;
+    if (rc < 0) {
+        moed_cluster_stop(d);
+        return rc;
+    }
+    if (c->n_peers)
+        moe_log(MOE_LOG_INFO, "cluster: node %s with %d peer(s)", c->node, c->n_peers);
+    return 0;
+}
+
+void moed_cluster_stop(struct moed *d)
+{
+    struct moed_cluster *c = cl_of(d);
+
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->stopping = true;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    if (c->started)
+        pthread_join(c->thread, NULL);
+    /* Split forwards still running call back into the scheduler: wait. */
+    while (atomic_load(&c->in_flight) > 0)
+        usleep(1000);
+    for (int i = 0; i < c->n_peers; i++) {
+        c->peers[i]->removed = true;
+        peer_put(c, c->peers[i]);
+    }
+    while (c->models) {
+        struct mstate *s = c->models;
+
+        c->models = s->next;
+        free(s->load);
+        free(s->hot);
+        free(s->held);
+        free(s->drop);
+        free(s);
+    }
+    pthread_cond_destroy(&c->cond);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+    d->cluster = NULL;
+}
+
+const char *moed_cluster_node(struct moed *d)
+{
+    return cl_of(d) ? cl_of(d)->node : "";
+}
+
+/* ---- Status and Stats ------------------------------------------------------------------ */
+
+int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
+{
+    struct moed_cluster *c = cl_of(d);
+    struct view v;
+    Moe__V1__PeerInfo **out;
+    size_t n = 0;
+
+    *ret = NULL;
+    *n_ret = 0;
+    if (!c)
+        return 0;
+    view_get(c, &v);
+    out = calloc((size_t)v.n, sizeof(*out));
+    for (int i = 0; out && i < v.n; i++) {
+        struct peer *p = v.peer[i];
+        Moe__V1__PeerInfo *pi;
+
+        if (!p)
+            continue;
+        pi = malloc(sizeof(*pi));
+        if (!pi)
+            break;
+        moe__v1__peer_info__init(pi);
+        pi->name = strdup(p->name);
+        pi->address = strdup(p->address);
+        pi->state = (char *)state_names[atomic_load(&p->state)];
+        pi->rtt_ns = atomic_load(&p->rtt_ns);
+        pi->pings_failed = atomic_load(&p->pings_failed);
+        pi->calls = atomic_load(&p->calls);
+        pi->calls_failed = atomic_load(&p->calls_failed);
+        pi->tokens_sent = atomic_load(&p->tokens_sent);
+        pi->bytes_sent = atomic_load(&p->bytes_sent);
+        pi->bytes_received = atomic_load(&p->bytes_received);
+        pthread_mutex_lock(&p->lock);
+        pi->last_error = strdup(p->last_error);
+        pthread_mutex_unlock(&p->lock);
+        out[n++] = pi;
+    }
+    view_put(c, &v);
+    *ret = out;
+    *n_ret = n;
+    return 0;
+}
+
+void moed_cluster_free_peers(Moe__V1__PeerInfo **p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(p[i]->name);
+        free(p[i]->address);
+        free(p[i]->last_error);
+        free(p[i]);
+    }
+    free(p);
+}
+
+void moed_cluster_counters(struct moed *d, Moe__V1__ClusterCounters *k)
+{
+    struct moed_cluster *c = cl_of(d);
+
+    if (!c)
+        return;
+    k->forwards = atomic_load(&c->forwards);
+    k->remote_calls = atomic_load(&c->remote_calls);
+    k->failovers = atomic_load(&c->failovers);
+    k->failover_local = atomic_load(&c->failover_local);
+    k->tokens_remote = atomic_load(&c->tokens_remote);
+    k->tokens_total = atomic_load(&c->tokens_total);
+    k->bytes_sent = atomic_load(&c->bytes_sent);
+    k->bytes_received = atomic_load(&c->bytes_received);
+    k->peer_calls_served = atomic_load(&c->served);
+    pthread_mutex_lock(&c->lock);
+    k->placement_version = c->version;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- moe.v1.Peer ----------------------------------------------------------------------- */
+
+struct pfwd {
+    struct moed *d;
+    struct moe_rpc_call *call;
+    struct moed_model *mm;
+    struct moe_sched_req req;
+    float *x, *out, *w;
+    int32_t *ids;
+    int T, H;
+    uint64_t t_recv;
+};
+
+static void pfwd_free(struct pfwd *f)
+{
+    if (f->mm)
+        moed_model_put(f->d, f->mm);
+    free(f->x);
+    free(f->out);
+    free(f->w);
+    free(f->ids);
+    free(f);
+}
+
+static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct pfwd *f = r->arg;
+    Moe__V1__ForwardExpertsResponse a = MOE__V1__FORWARD_EXPERTS_RESPONSE__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
+    int64_t shape[2] = {f->T, f->H};
+
+    if (status < 0) {
+        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+    } else {
+        t.n_shape = 2;
+        t.shape = shape;
+        t.dtype = MOE__V1__DTYPE__DTYPE_F32;
+        t.data.data = (uint8_t *)f->out;
+        t.data.len = (size_t)f->T * f->H * sizeof(float);
+        tm.queue_ns = r->queue_ns;
+        tm.route_ns = r->st.route_ns;
+        tm.load_ns = r->st.load_ns;
+        tm.compute_ns = r->st.compute_ns;
+        tm.total_ns = moe_now_ns() - f->t_recv;
+        tm.batch_requests = (uint32_t)r->batch_requests;
+        tm.batch_tokens = (uint32_t)r->batch_tokens;
+        a.output = &t;
+        a.timing = &tm;
+        a.cache_hits = (uint32_t)r->st.hits;
+        a.cache_misses = (uint32_t)r->st.misses;
+        moed_reply_msg(f->call, &a.base);
+    }
+    atomic_fetch_sub(&f->d->in_flight, 1);
+    pfwd_free(f);
+}
+
+void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    struct moed_cluster *c = cl_of(d);
+    Moe__V1__ForwardExpertsRequest *q = moe__v1__forward_experts_request__unpack(NULL, len, req);
+    struct pfwd *f = calloc(1, sizeof(*f));
+    struct moe_error err = {0};
+    const struct moe_model *m;
+    size_t n, tk;
+    int st = GRPC_STATUS_INVALID_ARGUMENT;
+
+    if (!q || !f) {
+        moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
+                     q ? "out of memory" : "the request is not a ForwardExpertsRequest");
+        goto out;
+    }
+    f->d = d;
+    f->call = call;
+    f->t_recv = moe_now_ns();
+    if (atomic_load(&d->state) != MOED_SERVING) {
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
+                     moed_cluster_node(d));
+        goto out;
+    }
+    f->mm = q->model ? moed_model_get(d, q->model) : NULL;
+    if (!f->mm) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "node %s has no model '%s'", moed_cluster_node(d),
+                     q->model ? q->model : "");
+        goto out;
+    }
+    m = f->mm->m;
+    f->H = m->cfg.hidden;
+    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
+        moe_rpc_fail(call, st, "model '%s' has no MoE layer %u", q->model, q->layer);
+        goto out;
+    }
+    if (!q->hidden || q->hidden->n_shape != 2 || q->hidden->shape[1] != f->H ||
+        q->hidden->shape[0] < 1 || q->hidden->shape[0] > MOE_MAX_TOKENS ||
+        q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
+        q->hidden->data.len != (size_t)q->hidden->shape[0] * f->H * sizeof(float)) {
+        moe_rpc_fail(call, st, "hidden: expected float32 [rows, %d] with 1 to %d rows", f->H,
+                     MOE_MAX_TOKENS);
+        goto out;
+    }
+    f->T = (int)q->hidden->shape[0];
+    n = (size_t)f->T * f->H;
+    tk = (size_t)f->T * m->cfg.top_k;
+    if (q->top_k != (uint32_t)m->cfg.top_k || q->n_expert_ids != tk || q->n_weights != tk) {
+        moe_rpc_fail(call, st,
+                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d "
+                     "and %zu of each",
+                     q->top_k, q->n_expert_ids, q->n_weights, m->cfg.top_k, tk);
+        goto out;
+    }
+    f->x = malloc(n * sizeof(float));
+    f->out = malloc(n * sizeof(float));
+    f->ids = malloc(tk * sizeof(int32_t));
+    f->w = malloc(tk * sizeof(float));
+    if (!f->x || !f->out || !f->ids || !f->w) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for %d rows", f->T);
+        goto out;
+    }
+    memcpy(f->x, q->hidden->data.data, n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(f->x[i])) {
+            moe_rpc_fail(call, st, "hidden: row %zu, element %zu is not finite", i / f->H,
+                         i % f->H);
+            goto out;
+        }
+    memcpy(f->ids, q->expert_ids, tk * sizeof(int32_t));
+    memcpy(f->w, q->weights, tk * sizeof(float));
+    f->req =
+        (struct moe_sched_req){.engine = f->mm->e,
+                               .layer = (int)q->layer,
+                               .x = f->x,
+                               .n_tokens = f->T,
+                               .ids = f->ids,
+                               .weights = f->w,
+                               .flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
+                               .out = f->out,
+                               .done = pfwd_done,
+                               .arg = f};
+    atomic_fetch_add(&d->in_flight, 1);
+    if (c)
+        atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
+    /* Straight to the scheduler: batched with this node's other work. */
+    if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
+        atomic_fetch_sub(&d->in_flight, 1);
+        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+        goto out;
+    }
+    f = NULL;
+out:
+    if (f)
+        pfwd_free(f);
+    if (q)
+        moe__v1__forward_experts_request__free_unpacked(q, NULL);
+}
+
+void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__PingRequest *q = moe__v1__ping_request__unpack(NULL, len, req);
+    Moe__V1__PingResponse a = MOE__V1__PING_RESPONSE__INIT;
+    static const char *const states[] = {"serving", "draining", "stopping"};
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a PingRequest");
+        return;
+    }
+    a.name = (char *)moed_cluster_node(d);
+    a.uptime_ns = moe_now_ns() - d->t_start;
+    a.state = (char *)states[atomic_load(&d->state)];
+    moed_reply_msg(call, &a.base);
+    moe__v1__ping_request__free_unpacked(q, NULL);
+}
+
+/* ---- Control: Placement, AddPeer, RemovePeer ------------------------------------------- */
+
+void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    struct moed_cluster *c = cl_of(d);
+    Moe__V1__PlacementRequest *q = moe__v1__placement_request__unpack(NULL, len, req);
+    Moe__V1__PlacementResponse a = MOE__V1__PLACEMENT_RESPONSE__INIT;
+    Moe__V1__PlacementEntry *ents = NULL, **pents = NULL;
+    Moe__V1__NodeLoad nodes[MAX_MEMBERS], *pnodes[MAX_MEMBERS];
+    char **rep_names = NULL;
+    struct moed_model *mm = NULL;
+    struct mstate *s = NULL;
+    struct view v = {0};
+    size_t ne = 0, cap;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a PlacementRequest");
+        return;
+    }
+    mm = q->model ? moed_model_get(d, q->model) : NULL;
+    if (!mm || !c) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model ? q->model : "");
+        goto out;
+    }
+    view_get(c, &v);
+    pthread_mutex_lock(&c->lock);
+    s = mstate_get(c, mm);
+    pthread_mutex_unlock(&c->lock);
+    cap = (size_t)mm->m->n_moe_layers * mm->m->cfg.n_experts;
+    ents = calloc(cap ? cap : 1, sizeof(*ents));
+    pents = calloc(cap ? cap : 1, sizeof(*pents));
+    rep_names = calloc(cap * MAX_MEMBERS + 1, sizeof(*rep_names));
+    if (!ents || !pents || !rep_names) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < v.n; i++) {
+        moe__v1__node_load__init(&nodes[i]);
+        nodes[i].name = (char *)v.name[i];
+        nodes[i].state =
+            (char *)(i == v.self ? "self" : state_names[atomic_load(&v.peer[i]->state)]);
+        pnodes[i] = &nodes[i];
+    }
+    for (int layer = 0; layer < mm->m->cfg.n_layers; layer++) {
+        if (!mm->m->layers[layer].is_moe)
+            continue;
+        for (int e = 0; e < mm->m->cfg.n_experts; e++) {
+            Moe__V1__PlacementEntry *pe = &ents[ne];
+            int h[MAX_MEMBERS], nh = holders(c, &v, s, layer, e, h);
+            uint64_t load = s ? atomic_load_explicit(&s->load[(size_t)layer * s->n_experts + e],
+                                                     memory_order_relaxed)
+                              : 0;
+
+            moe__v1__placement_entry__init(pe);
+            pe->layer = (uint32_t)layer;
+            pe->expert = (uint32_t)e;
+            pe->owner = (char *)v.name[h[0]];
+            pe->n_replicas = (size_t)(nh - 1);
+            pe->replicas = rep_names + ne * MAX_MEMBERS;
+            for (int j = 1; j < nh; j++) {
+                pe->replicas[j - 1] = (char *)v.name[h[j]];
+                nodes[h[j]].replicas++;
+            }
+            pe->load = load;
+            nodes[h[0]].experts++;
+            nodes[h[0]].bytes += mm->m->expert_bytes;
+            nodes[h[0]].load += load;
+            pents[ne++] = pe;
+        }
+    }
+    a.model = mm->name;
+    pthread_mutex_lock(&c->lock);
+    a.version = c->version;
+    pthread_mutex_unlock(&c->lock);
+    a.n_entries = ne;
+    a.entries = pents;
+    a.n_nodes = (size_t)v.n;
+    a.nodes = pnodes;
+    moed_reply_msg(call, &a.base);
+out:
+    view_put(c, &v);
+    if (mm)
+        moed_model_put(d, mm);
+    free(ents);
+    free(pents);
+    free(rep_names);
+    moe__v1__placement_request__free_unpacked(q, NULL);
+}
+
+void moed_on_add_peer(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__AddPeerRequest *q = moe__v1__add_peer_request__unpack(NULL, len, req);
+    Moe__V1__AddPeerResponse a = MOE__V1__ADD_PEER_RESPONSE__INIT;
+    struct moed_config tmp = {0};
+    struct moe_error err = {0};
+    char spec[512];
+    int rc;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not an AddPeerRequest");
+        return;
+    }
+    /* The same check as a configured peer. */
+    snprintf(spec, sizeof(spec), "%s %s", q->name ? q->name : "", q->address ? q->address : "");
+    rc = moed_config_add_peer(&tmp, spec, "AddPeer", &err);
+    moed_config_clear(&tmp);
+    if (rc == 0)
+        rc = add_peer(cl_of(d), q->name, q->address, &err);
+    if (rc < 0)
+        moe_rpc_fail(call, moed_grpc_status(rc), "%s", err.msg);
+    else
+        moed_reply_msg(call, &a.base);
+    moe__v1__add_peer_request__free_unpacked(q, NULL);
+}
+
+void moed_on_remove_peer(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__RemovePeerRequest *q = moe__v1__remove_peer_request__unpack(NULL, len, req);
+    Moe__V1__RemovePeerResponse a = MOE__V1__REMOVE_PEER_RESPONSE__INIT;
+    struct moe_error err = {0};
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a RemovePeerRequest");
+        return;
+    }
+    if (remove_peer(cl_of(d), q->name ? q->name : "", &err) < 0)
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "%s", err.msg);
+    else
+        moed_reply_msg(call, &a.base);
+    moe__v1__remove_peer_request__free_unpacked(q, NULL);
+}
