@@ -19,9 +19,15 @@
  * for a session (shm.h), so moed never has to wait to post a completion and
  * the private queue never overflows.
  *
+ * Completions: each is peeked out of the completion ring, its message (if
+ * any) copied out of the message table slot of the same index, and only
+ * then is the slot released (shm.h), so moed cannot overwrite a message
+ * before it is read.
+ *
  * Trust: the client relies on moed for its results, but not for memory
- * safety: the header is checked by moe_shm_attach, the rings' counters by
- * ring.c, every string from moed is bounded, the memfd must be sealed
+ * safety: the header is checked by moe_shm_attach, the rings' counters and
+ * sequence words by ring.c, every string from moed is bounded (a message by
+ * MOE_SHM_MSG whatever its length claims), the memfd must be sealed
  * against shrinking (so that the mapping can never SIGBUS), counts are
  * checked against the bytes received.
  *
@@ -94,6 +100,7 @@ struct moe_session {
     struct moe_shm_header *hdr; /* in the mapping: only state and reason are read after attach */
     struct moe_shm_header h;    /* the copy moe_shm_attach checked: sizes come from here */
     struct moe_ring sq, cq;     /* submissions (we produce), completions (we consume) */
+    const uint8_t *msgs;        /* the message table: cq_entries * MOE_SHM_MSG bytes */
     uint8_t *arena;
     uint64_t arena_bytes; /* a multiple of ARENA_GRAIN */
 
@@ -392,6 +399,7 @@ static int map_session(struct moe_session *s, int mfd, const struct moe_shm_welc
     if (rc < 0)
         return cfail(rc, "%s%s", rc == -EPROTONOSUPPORT ? "protocol version mismatch: " : "", msg);
     s->hdr = s->map;
+    s->msgs = (const uint8_t *)s->map + s->h.msg_offset;
     s->arena = (uint8_t *)s->map + s->h.arena_offset;
     s->arena_bytes = s->h.arena_bytes / ARENA_GRAIN * ARENA_GRAIN;
     if (s->arena_bytes == 0 || s->h.cq_entries < 1)
@@ -921,7 +929,7 @@ int moe_submit(struct moe_session *s, const struct moe_request *r)
 
 /* Turns a completion moed posted into the caller's; returns the request's
  * slot, or -1 for a completion of no request in flight. */
-static int64_t to_completion(struct moe_session *s, const struct moe_shm_cqe *q,
+static int64_t to_completion(struct moe_session *s, const struct moe_shm_cqe *q, const char *msg,
                              struct moe_completion *c)
 {
     uint32_t slot = (uint32_t)q->tag, seq = (uint32_t)(q->tag >> 32);
@@ -945,15 +953,33 @@ static int64_t to_completion(struct moe_session *s, const struct moe_shm_cqe *q,
     c->queue_ns = q->queue_ns;
     c->compute_ns = q->compute_ns;
     c->total_ns = q->total_ns;
-    copy_str(c->msg, sizeof(c->msg), q->msg, sizeof(q->msg));
+    copy_str(c->msg, sizeof(c->msg), msg, MOE_SHM_MSG);
     if (c->status < 0 && !c->msg[0])
         snprintf(c->msg, sizeof(c->msg), "%s", moe_strerror(c->status));
     return slot;
 }
 
-/* Pops the next completion moed posted, waiting up to timeout_ms (< 0:
- * forever) in slices, checking that moed is still there between them. */
-static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, int timeout_ms)
+/* Takes the next completion: copies it and its message (into msg of
+ * MOE_SHM_MSG bytes; "" when it has none) out, then releases its slot.
+ * 0 or moe_ring_peek's errors. */
+static int take_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int timeout_ms)
+{
+    int slot = moe_ring_peek(&s->cq, q, timeout_ms);
+
+    if (slot < 0)
+        return slot;
+    msg[0] = 0;
+    if (q->msg_len) /* slot < cq_entries: the table has a message for it */
+        copy_str(msg, MOE_SHM_MSG, (const char *)s->msgs + (size_t)slot * MOE_SHM_MSG,
+                 q->msg_len < MOE_SHM_MSG ? q->msg_len : MOE_SHM_MSG);
+    moe_ring_release(&s->cq);
+    return 0;
+}
+
+/* Takes the next completion moed posted (take_cqe), waiting up to
+ * timeout_ms (< 0: forever) in slices, checking that moed is still there
+ * between them. */
+static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int timeout_ms)
 {
     uint64_t start = now_ns(), end = UINT64_MAX, next_check = start + POLL_CHECK_NS;
     bool spin = s->flags & MOE_SESSION_POLL;
@@ -972,13 +998,13 @@ static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, int timeout_ms)
                         ? WAIT_SLICE_MS
                         : (int)((end - now + 999999) / 1000000);
         }
-        rc = moe_ring_pop(&s->cq, q, slice);
+        rc = take_cqe(s, q, msg, slice);
         if (rc == 0)
             return 0;
         if (rc == -EPROTO)
             return die(s, -EPROTO,
-                       "moed corrupted the completion ring (tail out of range); the session "
-                       "is unusable, reconnect");
+                       "moed corrupted the completion ring (a sequence word or tail out of "
+                       "range); the session is unusable, reconnect");
         if (spin) {
             cpu_relax();
             if (i % 64)
@@ -1009,6 +1035,7 @@ static bool stash_pop(struct moe_session *s, struct moe_completion *c)
 int moe_wait(struct moe_session *s, struct moe_completion *c, int timeout_ms)
 {
     struct moe_shm_cqe q;
+    char msg[MOE_SHM_MSG];
     int rc;
 
     if (!s || !c)
@@ -1019,16 +1046,17 @@ int moe_wait(struct moe_session *s, struct moe_completion *c, int timeout_ms)
         return 0;
     if (s->n_free_slots == s->n_slots)
         return fail(s, -EAGAIN, "moe_wait: no request in flight");
-    rc = pop_cqe(s, &q, timeout_ms);
+    rc = pop_cqe(s, &q, msg, timeout_ms);
     if (rc < 0)
         return rc;
-    to_completion(s, &q, c);
+    to_completion(s, &q, msg, c);
     return 0;
 }
 
 int moe_poll(struct moe_session *s, struct moe_completion *c)
 {
     struct moe_shm_cqe q;
+    char msg[MOE_SHM_MSG];
     uint64_t now;
     int rc;
 
@@ -1038,13 +1066,13 @@ int moe_poll(struct moe_session *s, struct moe_completion *c)
         return s->dead;
     if (stash_pop(s, c))
         return 0;
-    rc = moe_ring_pop(&s->cq, &q, 0);
+    rc = take_cqe(s, &q, msg, 0);
     if (rc == 0) {
-        to_completion(s, &q, c);
+        to_completion(s, &q, msg, c);
         return 0;
     }
     if (rc == -EPROTO)
-        return die(s, -EPROTO, "moed corrupted the completion ring (tail out of range)");
+        return die(s, -EPROTO, "moed corrupted the completion ring (a sequence word out of range)");
     /* Nothing: look for a dead moed now and then (a syscall; keep polling cheap). */
     now = now_ns();
     if (now >= s->next_check_ns) {
@@ -1060,6 +1088,7 @@ int moe_forward(struct moe_session *s, const struct moe_request *r, struct moe_c
 {
     struct moe_completion got;
     struct moe_shm_cqe q;
+    char msg[MOE_SHM_MSG];
     uint32_t slot;
     int rc;
 
@@ -1069,10 +1098,10 @@ int moe_forward(struct moe_session *s, const struct moe_request *r, struct moe_c
     if (rc < 0)
         return rc;
     for (;;) {
-        rc = pop_cqe(s, &q, -1);
+        rc = pop_cqe(s, &q, msg, -1);
         if (rc < 0)
             return rc;
-        if (to_completion(s, &q, &got) == (int64_t)slot) {
+        if (to_completion(s, &q, msg, &got) == (int64_t)slot) {
             *c = got;
             if (got.status < 0)
                 fail(s, got.status, "%s", got.msg);

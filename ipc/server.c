@@ -7,16 +7,24 @@
  * pops its submission ring, checks each descriptor and hands good ones to
  * the owner's forward callback; completions are pushed from whichever
  * thread finishes a request, under the session's lock (the lock makes the
- * daemon a single producer of the completion ring).
+ * daemon a single producer of the completion ring).  An error message goes
+ * into the message table slot of its completion, written after the slot is
+ * reserved and before the completion is published (shm.h).  A NOP costs the
+ * session thread one uncontended lock and no clock read.
  *
  * A session is referenced by the poll thread (until it drops the socket),
  * by its own thread (until it has drained), and by each request in flight;
  * the last reference unmaps and frees it, so that a request finishing after
  * its client died still writes into memory the daemon holds.
  *
- * Back-pressure: a session thread pops a submission only while requests in
- * flight plus completions the client has not taken are fewer than the
- * completion ring holds, so a completion never waits for the client.
+ * Back-pressure: a session thread pops a submission only while requests it
+ * has taken and the client has not yet released from the completion ring
+ * (requests in flight plus completions not yet read: every request taken
+ * gets exactly one completion) are fewer than the completion ring holds, so
+ * a completion never waits for the client.  The thread counts what it took
+ * and re-reads the client's completion head only when that count says the
+ * ring may be full, so that it does not pull the client's line every
+ * request.
  */
 #include "server.h"
 
@@ -45,16 +53,18 @@ struct moe_shm_session {
     uint8_t *map;
     uint64_t map_bytes;
     struct moe_shm_header *hdr;
-    struct moe_ring sq, cq;
+    struct moe_ring sq, cq; /* sq: session thread only; cq: under lock */
+    uint8_t *msgs;          /* the message table: cq.capacity * MOE_SHM_MSG bytes */
     uint8_t *arena;
     uint64_t arena_bytes;
     uint32_t id;
     uid_t uid;
     pid_t pid;
     char name[33];
-    pthread_mutex_t lock; /* cq pushes, in_flight, refs */
+    pthread_mutex_t lock; /* cq pushes (and the message table), refs */
     int refs;
-    int in_flight;
+    uint32_t taken;        /* session thread: submissions taken (mod 2^32) */
+    uint32_t cq_head_seen; /* session thread: the client's cq head as last read */
     _Atomic int closing;
     struct moe_shm_model_info models[MOE_SHM_MAX_MODELS]; /* session thread only */
 };
@@ -153,26 +163,44 @@ static void session_close(struct moe_shm_session *ss, const char *reason)
     }
 }
 
-/* Pushes a completion; the caller holds ss->lock.  A ring with no room (we
- * keep room for every request we took) means the client broke the ring. */
-static void push_cqe(struct moe_shm_session *ss, const struct moe_shm_cqe *c)
+/* Pushes a completion, with msg (may be NULL) in the message table; the
+ * caller holds ss->lock.  A ring with no room (we keep room for every
+ * request we took) means the client broke the ring. */
+static void push_cqe(struct moe_shm_session *ss, struct moe_shm_cqe *c, const char *msg)
 {
+    int slot;
+
     if (atomic_load(&ss->closing) && atomic_load(&ss->hdr->state) == MOE_SHM_CLOSED)
         return; /* nobody reads it; the ring may be garbage */
-    if (moe_ring_push(&ss->cq, c, 0) < 0)
+    slot = moe_ring_reserve(&ss->cq, 0);
+    if (slot < 0) {
         session_close(ss, "the client corrupted its completion ring");
+        return;
+    }
+    c->msg_len = 0;
+    if (msg && *msg) {
+        char *dst = (char *)ss->msgs + (size_t)slot * MOE_SHM_MSG;
+        size_t n = strnlen(msg, MOE_SHM_MSG - 1);
+
+        /* Before the commit: its release store publishes these bytes too. */
+        memcpy(dst, msg, n);
+        dst[n] = 0;
+        c->msg_len = (uint32_t)n;
+    }
+    moe_ring_commit(&ss->cq, c);
 }
 
+/* Completes a request the session thread answers itself; t_seen 0: a NOP,
+ * answered at once (total_ns 0, no clock read). */
 static void complete_now(struct moe_shm_session *ss, uint64_t tag, int status, const char *msg,
                          uint64_t t_seen)
 {
     struct moe_shm_cqe c = {.tag = tag, .status = status};
 
-    if (msg)
-        snprintf(c.msg, sizeof(c.msg), "%s", msg);
-    c.total_ns = now_ns() - t_seen;
+    if (t_seen)
+        c.total_ns = now_ns() - t_seen;
     pthread_mutex_lock(&ss->lock);
-    push_cqe(ss, &c);
+    push_cqe(ss, &c, msg);
     pthread_mutex_unlock(&ss->lock);
 }
 
@@ -187,48 +215,49 @@ void moe_shm_complete(struct moe_shm_req *req, int status, const struct moe_shm_
         c = *counters;
     c.tag = req->sqe.tag;
     c.status = status;
-    memset(c.msg, 0, sizeof(c.msg));
-    if (msg)
-        snprintf(c.msg, sizeof(c.msg), "%s", msg);
     c.total_ns = now_ns() - req->t_seen;
     if (status < 0)
         atomic_fetch_add_explicit(&s->failed, 1, memory_order_relaxed);
     pthread_mutex_lock(&ss->lock);
-    push_cqe(ss, &c);
-    ss->in_flight--;
+    push_cqe(ss, &c, msg);
     pthread_mutex_unlock(&ss->lock);
     atomic_fetch_sub_explicit(&s->in_flight, 1, memory_order_relaxed);
     free(req);
     session_put(ss);
 }
 
-/* Room for one more request: in flight plus unread completions below the
- * completion ring's size.  -EPROTO when the client broke the ring. */
+/* Room for one more request (session thread): requests taken and not yet
+ * released by the client from the completion ring fewer than it holds.
+ * 1, 0, or -EPROTO when the client's head is out of range. */
 static int has_room(struct moe_shm_session *ss)
 {
-    uint32_t unread = moe_ring_count(&ss->cq);
-    int room;
+    uint32_t head;
 
-    if (unread > ss->cq.capacity)
+    if (ss->taken - ss->cq_head_seen < ss->cq.capacity)
+        return 1;
+    /* Relaxed: only counted here; the push that reuses a slot reads head
+     * again with acquire (ring.c). */
+    head = atomic_load_explicit(&ss->cq.ctl->head, memory_order_relaxed);
+    if (ss->taken - head > ss->cq.capacity)
         return -EPROTO;
-    pthread_mutex_lock(&ss->lock);
-    room = (uint32_t)ss->in_flight + unread < ss->cq.capacity;
-    pthread_mutex_unlock(&ss->lock);
-    return room;
+    ss->cq_head_seen = head;
+    return ss->taken - head < ss->cq.capacity;
 }
 
-static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q, uint64_t t_seen)
+static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q)
 {
     struct moe_shm_server *s = ss->srv;
     struct moe_shm_req *req;
     char msg[MOE_SHM_MSG];
+    uint64_t t_seen;
     int n, idx, rc;
 
     if (q->opcode == MOE_SHM_NOP) {
         atomic_fetch_add_explicit(&s->nops, 1, memory_order_relaxed);
-        complete_now(ss, q->tag, 0, NULL, t_seen);
+        complete_now(ss, q->tag, 0, NULL, 0);
         return;
     }
+    t_seen = now_ns();
     atomic_fetch_add_explicit(&s->requests, 1, memory_order_relaxed);
     n = s->cfg.models(s->cfg.arg, ss->models, MOE_SHM_MAX_MODELS);
     if (n < 0)
@@ -255,7 +284,6 @@ static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q, u
     }
     req->t_seen = t_seen;
     pthread_mutex_lock(&ss->lock);
-    ss->in_flight++;
     ss->refs++;
     pthread_mutex_unlock(&ss->lock);
     atomic_fetch_add_explicit(&s->in_flight, 1, memory_order_relaxed);
@@ -293,7 +321,8 @@ static void *session_main(void *arg)
             session_close(ss, "the client corrupted its submission ring");
             break;
         }
-        serve_one(ss, &q, now_ns());
+        ss->taken++;
+        serve_one(ss, &q);
     }
     /* Requests in flight hold their own references. */
     session_put(ss);
@@ -401,6 +430,7 @@ static int session_create(struct moe_shm_server *s, const struct moe_shm_hello *
         goto fail;
     }
     ss->hdr = (struct moe_shm_header *)ss->map;
+    ss->msgs = ss->map + l.msg_offset;
     ss->arena = ss->map + l.arena_offset;
     ss->arena_bytes = l.arena_bytes;
     pthread_mutex_init(&ss->lock, NULL);

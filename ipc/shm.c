@@ -10,8 +10,6 @@
 #include <stdio.h>
 #include <string.h>
 
-_Static_assert(sizeof(struct moe_shm_sqe) == 64, "a submission is 64 bytes");
-_Static_assert(sizeof(struct moe_shm_cqe) == 160, "a completion is 160 bytes");
 _Static_assert(offsetof(struct moe_shm_welcome, status) == 12,
                "the welcome's first fields never move between versions");
 
@@ -66,9 +64,9 @@ int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t arena_byte
     l.sq_offset = align_up(sizeof(struct moe_shm_header), MOE_SHM_ALIGN);
     l.cq_offset = l.sq_offset +
                   align_up(moe_ring_bytes(l.sq_entries, sizeof(struct moe_shm_sqe)), MOE_SHM_ALIGN);
-    l.arena_offset =
-        l.cq_offset +
-        align_up(moe_ring_bytes(l.cq_entries, sizeof(struct moe_shm_cqe)), MOE_SHM_ALIGN);
+    l.msg_offset = l.cq_offset + align_up(moe_ring_bytes(l.cq_entries, sizeof(struct moe_shm_cqe)),
+                                          MOE_SHM_ALIGN);
+    l.arena_offset = l.msg_offset + align_up((uint64_t)l.cq_entries * MOE_SHM_MSG, MOE_SHM_ALIGN);
     l.mapping_bytes = l.arena_offset + l.arena_bytes;
     *ret = l;
     return 0;
@@ -90,6 +88,8 @@ int moe_shm_init(void *map, const struct moe_shm_layout *l, uint32_t session)
     h->sq_entry_size = sizeof(struct moe_shm_sqe);
     h->cq_entries = l->cq_entries;
     h->cq_entry_size = sizeof(struct moe_shm_cqe);
+    h->msg_size = MOE_SHM_MSG;
+    h->msg_offset = l->msg_offset;
     h->sq_offset = l->sq_offset;
     h->cq_offset = l->cq_offset;
     h->arena_offset = l->arena_offset;
@@ -113,7 +113,7 @@ int moe_shm_attach(void *map, uint64_t map_bytes, struct moe_ring *sq, struct mo
                    struct moe_shm_header *ret, char *msg, size_t len)
 {
     struct moe_shm_header h;
-    uint64_t sqb, cqb;
+    uint64_t sqb, cqb, msgb;
 
     if (map_bytes < sizeof(h))
         return fail(-EPROTO, msg, len, "mapping of %llu bytes is smaller than the header",
@@ -128,14 +128,16 @@ int moe_shm_attach(void *map, uint64_t map_bytes, struct moe_ring *sq, struct mo
                     h.version, MOE_SHM_VERSION);
     if (h.header_bytes != sizeof(h) || h.mapping_bytes != map_bytes ||
         h.sq_entry_size != sizeof(struct moe_shm_sqe) ||
-        h.cq_entry_size != sizeof(struct moe_shm_cqe) || !pow2(h.sq_entries) ||
-        !pow2(h.cq_entries) || h.sq_entries > MOE_SHM_MAX_ENTRIES ||
+        h.cq_entry_size != sizeof(struct moe_shm_cqe) || h.msg_size != MOE_SHM_MSG ||
+        !pow2(h.sq_entries) || !pow2(h.cq_entries) || h.sq_entries > MOE_SHM_MAX_ENTRIES ||
         h.cq_entries > 2 * MOE_SHM_MAX_ENTRIES)
         return fail(-EPROTO, msg, len, "session header has inconsistent sizes");
     sqb = moe_ring_bytes(h.sq_entries, h.sq_entry_size);
     cqb = moe_ring_bytes(h.cq_entries, h.cq_entry_size);
+    msgb = (uint64_t)h.cq_entries * h.msg_size;
     if ((h.sq_offset | h.cq_offset | h.arena_offset) % MOE_RING_CACHELINE ||
         !inside(h.sq_offset, sqb, map_bytes) || !inside(h.cq_offset, cqb, map_bytes) ||
+        !inside(h.msg_offset, msgb, map_bytes) ||
         !inside(h.arena_offset, h.arena_bytes, map_bytes) || h.sq_offset < sizeof(h))
         return fail(-EPROTO, msg, len, "session header places a part outside the mapping");
     if (moe_ring_attach((uint8_t *)map + h.sq_offset, h.sq_entries, h.sq_entry_size, sq) ||
@@ -188,9 +190,10 @@ int moe_shm_check_sqe(const struct moe_shm_sqe *q, uint64_t arena_bytes,
     if (q->opcode == MOE_SHM_NOP)
         return 0;
     if (q->opcode != MOE_SHM_FORWARD)
-        return fail(-EINVAL, msg, len, "unknown opcode %u", q->opcode);
+        return fail(-EINVAL, msg, len, "unknown opcode %u", (unsigned)q->opcode);
     if (q->flags & ~MOE_SHM_F_ROUTING)
-        return fail(-EINVAL, msg, len, "unknown flags %#x", q->flags & ~MOE_SHM_F_ROUTING);
+        return fail(-EINVAL, msg, len, "unknown flags %#x",
+                    (unsigned)(q->flags & ~MOE_SHM_F_ROUTING));
     for (i = 0; i < n_models; i++)
         if (models[i].id == q->model) {
             m = &models[i];

@@ -30,17 +30,36 @@
  *                           daemon before the fd is passed; read-only for
  *                           the client by convention; the daemon never
  *                           re-reads it except for `state`, which it owns)
- *   submission ring         client -> daemon, struct moe_shm_sqe entries
- *   completion ring         daemon -> client, struct moe_shm_cqe entries
+ *   submission ring         client -> daemon, sq_entries struct moe_shm_sqe
+ *                           of 64 bytes (one cache line each)
+ *   completion ring         daemon -> client, cq_entries struct moe_shm_cqe
+ *                           of 64 bytes (one cache line each)
+ *   message table           cq_entries messages of MOE_SHM_MSG bytes,
+ *                           message i belonging to completion slot i
  *   arena                   the client's activations, inputs and outputs
  *
- * The rings are ipc/ring.h rings.  The client allocates in the arena as it
- * likes; a submission names offsets into it.  The daemon trusts nothing in
- * the mapping: it copies each descriptor out of the ring, then checks it
- * (moe_shm_check_sqe) against the arena and the model it names; a bad one
- * gets an error completion with a message.  The daemon keeps at most
- * cq_entries requests of a session outstanding (queued completions
- * included), so that posting a completion never waits for the client.
+ * The rings are ipc/ring.h rings: the first 4 bytes of each entry are the
+ * ring's sequence word, which the producer stores last and the consumer
+ * polls, so that one cache line moves each way per request.  The client
+ * allocates in the arena as it likes; a submission names offsets into it.
+ *
+ * Messages: a completion with cqe.msg_len > 0 comes with a message of
+ * msg_len bytes (at most MOE_SHM_MSG - 1, then a NUL) in the message table
+ * at the index of its completion-ring slot.  The daemon writes it after
+ * reserving the slot and before publishing the completion there (the
+ * sequence word's release covers it); the client copies it out after
+ * seeing the completion and before releasing the slot (moe_ring_peek, copy,
+ * moe_ring_release), so the daemon never overwrites a message not yet read.
+ * A successful completion normally has none: no bytes are written for it.
+ *
+ * Trust: the daemon trusts nothing in the mapping: it copies each
+ * descriptor out of the ring, then checks it (moe_shm_check_sqe) against
+ * the arena and the model it names; a bad one gets an error completion with
+ * a message.  The client bounds every message by MOE_SHM_MSG whatever
+ * msg_len says.  The daemon keeps at most cq_entries requests of a session
+ * outstanding (taken from the submission ring and not yet released by the
+ * client from the completion ring), so that posting a completion never
+ * waits for the client.
  */
 #ifndef MOED_IPC_SHM_H
 #define MOED_IPC_SHM_H
@@ -61,7 +80,7 @@
 #define MOE_SHM_DEFAULT_ARENA (64ull << 20)
 #define MOE_SHM_MAX_TOKENS (1u << 20)
 #define MOE_SHM_MAX_TOP_K 64u
-#define MOE_SHM_MSG 104 /* bytes of an error message in a completion */
+#define MOE_SHM_MSG 104 /* bytes of a message of the table (the NUL included) */
 
 /* ---- socket messages ---------------------------------------------------------------- */
 
@@ -132,17 +151,19 @@ enum moe_shm_state {
                          * protocol violation: reason says which) */
 };
 
+/* 256 bytes. */
 struct moe_shm_header {
-    uint64_t magic;
-    uint32_t version;
+    uint64_t magic;        /* MOE_SHM_MAGIC */
+    uint32_t version;      /* MOE_SHM_VERSION */
     uint32_t header_bytes; /* sizeof(struct moe_shm_header) */
     uint64_t mapping_bytes;
     uint32_t session;
-    uint32_t sq_entries, sq_entry_size;
-    uint32_t cq_entries, cq_entry_size;
-    uint32_t pad;
-    uint64_t sq_offset, cq_offset;
+    uint32_t sq_entries, sq_entry_size; /* entries of the submission ring; 64 */
+    uint32_t cq_entries, cq_entry_size; /* entries of the completion ring; 64 */
+    uint32_t msg_size;                  /* MOE_SHM_MSG: bytes of one message */
+    uint64_t sq_offset, cq_offset;      /* the rings' control blocks (ring.h) */
     uint64_t arena_offset, arena_bytes;
+    uint64_t msg_offset;                 /* the message table: cq_entries * msg_size bytes */
     _Alignas(64) _Atomic uint32_t state; /* enum moe_shm_state; written by the daemon */
     char reason[124];                    /* why, once state is CLOSED */
 };
@@ -162,12 +183,13 @@ enum moe_shm_opcode {
 
 #define MOE_SHM_F_ROUTING 1u /* ids_off/weights_off hold the caller's routing */
 
-/* A submission: 64 bytes. */
+/* A submission: 64 bytes, one cache line. */
 struct moe_shm_sqe {
-    uint64_t tag; /* the client's; echoed in the completion */
-    uint32_t opcode;
-    uint32_t flags;
-    uint32_t model; /* moe_shm_model_info.id */
+    uint32_t seq;    /* the ring's sequence word (ring.h): the client need not set it */
+    uint16_t opcode; /* enum moe_shm_opcode */
+    uint16_t flags;  /* MOE_SHM_F_* */
+    uint64_t tag;    /* the client's; echoed in the completion */
+    uint32_t model;  /* moe_shm_model_info.id */
     int32_t layer;
     uint32_t dtype;       /* enum moe_shm_dtype: of input and output */
     uint32_t n_tokens;    /* 1 .. MOE_SHM_MAX_TOKENS */
@@ -177,26 +199,46 @@ struct moe_shm_sqe {
     uint64_t weights_off; /* F_ROUTING: f32 [n_tokens, top_k] */
 };
 
-/* A completion: 160 bytes. */
+/* A completion: 64 bytes, one cache line; its message, if any, is in the
+ * message table (see the top of this file). */
 struct moe_shm_cqe {
-    uint64_t tag;
-    int32_t status; /* 0 or -errno; msg says what is wrong */
+    uint32_t seq;   /* the ring's sequence word (ring.h): the daemon need not set it */
+    int32_t status; /* 0 or -errno; the message says what is wrong */
+    uint64_t tag;   /* the submission's */
     uint32_t hits;  /* experts resident when the batch asked */
     uint32_t misses;
     uint32_t batch_requests; /* requests in the batch that served it */
     uint32_t batch_tokens;
+    uint32_t msg_len; /* 0, or bytes of this slot's message (< MOE_SHM_MSG) */
     uint32_t pad;
     uint64_t queue_ns;   /* from submission seen to batch start */
     uint64_t compute_ns; /* the batch's forward */
-    uint64_t total_ns;   /* from submission seen to completion posted */
-    char msg[MOE_SHM_MSG];
+    uint64_t total_ns;   /* from submission seen to completion posted (0: a NOP) */
 };
+
+/* The layout both sides rely on. */
+_Static_assert(sizeof(struct moe_shm_sqe) == MOE_RING_CACHELINE, "a submission is one line");
+_Static_assert(sizeof(struct moe_shm_cqe) == MOE_RING_CACHELINE, "a completion is one line");
+_Static_assert(offsetof(struct moe_shm_sqe, seq) == 0 && offsetof(struct moe_shm_cqe, seq) == 0,
+               "entries begin with the ring's sequence word");
+_Static_assert(offsetof(struct moe_shm_sqe, tag) == 8 &&
+                   offsetof(struct moe_shm_sqe, model) == 16 &&
+                   offsetof(struct moe_shm_sqe, in_off) == 32,
+               "submission layout");
+_Static_assert(offsetof(struct moe_shm_cqe, tag) == 8 &&
+                   offsetof(struct moe_shm_cqe, msg_len) == 32 &&
+                   offsetof(struct moe_shm_cqe, queue_ns) == 40,
+               "completion layout");
+_Static_assert(sizeof(struct moe_shm_header) == 256 &&
+                   offsetof(struct moe_shm_header, msg_offset) == 80 &&
+                   offsetof(struct moe_shm_header, state) == 128,
+               "header layout");
 
 /* ---- layout and checks (shm.c) ----------------------------------------------------- */
 
 struct moe_shm_layout {
     uint32_t sq_entries, cq_entries;
-    uint64_t sq_offset, cq_offset, arena_offset, arena_bytes, mapping_bytes;
+    uint64_t sq_offset, cq_offset, msg_offset, arena_offset, arena_bytes, mapping_bytes;
 };
 
 /* Where everything goes for the sizes asked for (0s: defaults), the arena
@@ -204,11 +246,11 @@ struct moe_shm_layout {
 int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t arena_bytes,
                    uint64_t max_arena, struct moe_shm_layout *ret, char *msg, size_t len);
 
-/* Writes the header and lays out both rings in a zeroed mapping. */
+/* Writes the header and lays out both rings in a mapping (zeroed or not). */
 int moe_shm_init(void *map, const struct moe_shm_layout *l, uint32_t session);
 
 /* Client side: checks a header found in a mapping of map_bytes (magic,
- * version, sizes and offsets inside the mapping) and attaches the rings.
+ * version, sizes, every part inside the mapping) and attaches the rings.
  * 0, -EPROTONOSUPPORT (another version) or -EPROTO, with msg. */
 int moe_shm_attach(void *map, uint64_t map_bytes, struct moe_ring *sq, struct moe_ring *cq,
                    struct moe_shm_header *ret, char *msg, size_t len);

@@ -6,8 +6,9 @@
  *         checked against two models; anything accepted must lie wholly in
  *         the arena, aligned, with input and routing apart from the output,
  *         on a MoE layer of a model that exists;
- *   odd:  a mapping whose first bytes are the input; anything attached must
- *         place both rings and the arena inside the mapping.
+ *   odd:  a mapping whose first bytes are the input (the first byte, odd, is
+ *         also the low byte of the magic); anything attached must place
+ *         both rings, the message table and the arena inside the mapping.
  */
 #include "shm.h"
 
@@ -18,11 +19,11 @@
 static void models(struct moe_shm_model_info *m)
 {
     memset(m, 0, 2 * sizeof(*m));
-    m[0] = (struct moe_shm_model_info){.id = 1, .n_layers = 4, .hidden = 64, .n_experts = 8,
-                                       .top_k = 2, .name = "mix"};
+    m[0] = (struct moe_shm_model_info){
+        .id = 1, .n_layers = 4, .hidden = 64, .n_experts = 8, .top_k = 2, .name = "mix"};
     m[0].moe_layer[0] = 0x0f;
-    m[1] = (struct moe_shm_model_info){.id = 7, .n_layers = 300, .hidden = 7168, .n_experts = 256,
-                                       .top_k = 8, .name = "ds"};
+    m[1] = (struct moe_shm_model_info){
+        .id = 7, .n_layers = 300, .hidden = 7168, .n_experts = 256, .top_k = 8, .name = "ds"};
     for (int l = 3; l < 256; l += 2)
         m[1].moe_layer[l / 8] |= (uint8_t)(1u << (l % 8));
 }
@@ -105,13 +106,18 @@ static void check_attach(const uint8_t *data, size_t size)
 
         if ((uint8_t *)sq.ctl < lo || sq.entries + (size_t)sq.capacity * sq.entry_size > hi ||
             (uint8_t *)cq.ctl < lo || cq.entries + (size_t)cq.capacity * cq.entry_size > hi ||
-            h.arena_offset + h.arena_bytes > bytes || h.arena_offset > bytes)
+            h.arena_offset + h.arena_bytes > bytes || h.arena_offset > bytes ||
+            h.msg_offset > bytes || (uint64_t)cq.capacity * MOE_SHM_MSG > bytes - h.msg_offset)
             abort();
         /* The rings work on what was attached (nothing out of bounds). */
         struct moe_shm_sqe q = {0};
 
+        struct moe_shm_cqe c = {0};
+
         (void)moe_ring_pop(&sq, &q, 0);
         (void)moe_ring_push(&sq, &q, 0);
+        (void)moe_ring_push(&cq, &c, 0);
+        (void)moe_ring_pop(&cq, &c, 0);
     }
     free(map);
 }

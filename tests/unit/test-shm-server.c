@@ -5,9 +5,11 @@
  * engine (output = 2 * input, f32).
  *
  * Covered: the handshake (another version, bad magic, a uid not on the
- * allow-list, one that is), MODELS, NOP and FORWARD round trips, every kind
- * of malformed descriptor answered with its error while the session goes
- * on, a corrupted ring ending only that session, back-pressure when the
+ * allow-list, one that is), MODELS, NOP and FORWARD round trips (a success
+ * writes nothing in the message table), every kind of malformed descriptor
+ * answered with its error and a message in the table while the session
+ * goes on, a corrupted ring (counters or a sequence word) ending only that
+ * session, back-pressure when the
  * client does not take its completions (nothing lost), a client killed with
  * a request in flight (its session reclaimed once the request finishes),
  * and stop with a client connected (it reads why).
@@ -131,7 +133,9 @@ struct raw {
     uint64_t bytes;
     struct moe_shm_header h;
     struct moe_ring sq, cq;
+    uint8_t *msgs; /* the message table */
     uint8_t *arena;
+    char msg[MOE_SHM_MSG]; /* the last round trip's message */
 };
 
 /* Connects with a hello of version; 0 and r set, or the welcome's status
@@ -182,6 +186,9 @@ static int raw_connect(const char *path, uint64_t magic, uint32_t version, uint3
     close(memfd);
     CHECK(moe_shm_attach(r->map, r->bytes, &r->sq, &r->cq, &r->h, msg, sizeof(msg)) == 0);
     r->arena = r->map + r->h.arena_offset;
+    r->msgs = r->map + r->h.msg_offset;
+    CHECK(r->h.msg_size == MOE_SHM_MSG && r->h.msg_offset >= r->h.cq_offset &&
+          r->h.msg_offset + (uint64_t)r->h.cq_entries * MOE_SHM_MSG <= r->h.arena_offset);
     return 0;
 }
 
@@ -192,12 +199,26 @@ static void raw_close(struct raw *r)
     close(r->fd);
 }
 
+/* Submits q and takes its completion, its message (if any) copied to
+ * r->msg before the slot is released. */
 static struct moe_shm_cqe roundtrip(struct raw *r, const struct moe_shm_sqe *q)
 {
     struct moe_shm_cqe c = {.status = 1};
+    int slot;
 
+    r->msg[0] = 0;
     CHECK(moe_ring_push(&r->sq, q, 1000) == 0);
-    CHECK(moe_ring_pop(&r->cq, &c, 2000) == 0);
+    slot = moe_ring_peek(&r->cq, &c, 2000);
+    CHECK(slot >= 0 && (uint32_t)slot < r->h.cq_entries);
+    if (slot < 0)
+        return c;
+    CHECK(c.msg_len < MOE_SHM_MSG);
+    if (c.msg_len) {
+        memcpy(r->msg, r->msgs + (size_t)slot * MOE_SHM_MSG, c.msg_len);
+        r->msg[c.msg_len] = 0;
+        CHECK(strlen(r->msg) == c.msg_len);
+    }
+    moe_ring_release(&r->cq);
     CHECK(c.tag == q->tag);
     return c;
 }
@@ -264,8 +285,10 @@ static void check_round_trips(const char *path)
           (ssize_t)(sizeof(ans.h) + sizeof(struct moe_shm_model_info)));
     CHECK(ans.h.n == 1 && ans.m[0].id == MODEL_ID && strcmp(ans.m[0].name, "fake") == 0);
 
+    /* A success writes no message: the table keeps what we put there. */
+    memset(r.msgs, 'x', (size_t)r.h.cq_entries * MOE_SHM_MSG);
     c = roundtrip(&r, &(struct moe_shm_sqe){.tag = 7, .opcode = MOE_SHM_NOP});
-    CHECK(c.status == 0);
+    CHECK(c.status == 0 && c.msg_len == 0 && c.total_ns == 0);
     for (int i = 0; i < 3 * HIDDEN; i++)
         in[i] = (float)i - 10.5f;
     memcpy(r.arena + 128, in, sizeof(in));
@@ -277,10 +300,15 @@ static void check_round_trips(const char *path)
                                             .n_tokens = 3,
                                             .in_off = 128,
                                             .out_off = 8192});
-    CHECK(c.status == 0 && c.hits == 2 && c.misses == 1);
+    CHECK(c.status == 0 && c.hits == 2 && c.misses == 1 && c.msg_len == 0 && c.total_ns > 0);
     memcpy(out, r.arena + 8192, sizeof(out));
     for (int i = 0; i < 3 * HIDDEN; i++)
         CHECK(out[i] == 2 * in[i]);
+    for (size_t i = 0; i < (size_t)r.h.cq_entries * MOE_SHM_MSG; i++)
+        if (r.msgs[i] != 'x') {
+            CHECK(r.msgs[i] == 'x');
+            break;
+        }
     raw_close(&r);
 }
 
@@ -367,9 +395,9 @@ static void check_bad_descriptors(const char *path)
     CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &r, &w) == 0);
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         c = roundtrip(&r, &cases[i].q);
-        if (c.status != cases[i].status || !strstr(c.msg, cases[i].says)) {
+        if (c.status != cases[i].status || !strstr(r.msg, cases[i].says)) {
             fprintf(stderr, "%s: status %d (want %d), message '%s' (want '%s')\n", cases[i].what,
-                    c.status, cases[i].status, c.msg, cases[i].says);
+                    c.status, cases[i].status, r.msg, cases[i].says);
             failures++;
         }
     }
@@ -385,19 +413,34 @@ static void check_corrupt_ring(struct moe_shm_server *s, const char *path)
     struct raw bad, good;
     char b;
 
-    CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &bad, &w) == 0);
-    CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &good, &w) == 0);
-    CHECK(wait_for(s, 2, 0));
-    /* tail far beyond head: the ring claims more entries than it holds. */
-    atomic_store(&bad.sq.ctl->tail, atomic_load(&bad.sq.ctl->head) + 1000);
-    moe_ring_wake_all(&bad.sq);
-    CHECK(recv(bad.fd, &b, 1, 0) == 0); /* moed hung up */
-    CHECK(atomic_load(&((struct moe_shm_header *)bad.map)->state) == MOE_SHM_CLOSED);
-    CHECK(strstr(((struct moe_shm_header *)bad.map)->reason, "corrupted") != NULL);
-    CHECK(roundtrip(&good, &(struct moe_shm_sqe){.tag = 1, .opcode = MOE_SHM_NOP}).status == 0);
-    raw_close(&bad);
-    raw_close(&good);
-    CHECK(wait_for(s, 0, 0));
+    for (int how = 0; how < 3; how++) {
+        CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &bad, &w) == 0);
+        CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &good, &w) == 0);
+        CHECK(wait_for(s, 2, 0));
+        if (how == 0) {
+            /* tail far beyond head: the ring claims more entries than it holds. */
+            atomic_store(&bad.sq.ctl->tail, atomic_load(&bad.sq.ctl->head) + 1000);
+            moe_ring_wake_all(&bad.sq);
+        } else if (how == 1) {
+            /* a sequence word no producer writes, in the slot moed waits on */
+            atomic_store((_Atomic uint32_t *)bad.sq.entries, 0x12345678u);
+            moe_ring_wake_all(&bad.sq);
+        } else {
+            /* the completion head far ahead of what moed posted: found once
+             * moed's own count says the completion ring is full */
+            atomic_store(&bad.cq.ctl->head, 1000);
+            for (int i = 0; i < 24; i++)
+                if (moe_ring_push(&bad.sq, &(struct moe_shm_sqe){.opcode = MOE_SHM_NOP}, 0) < 0)
+                    usleep(2000);
+        }
+        CHECK(recv(bad.fd, &b, 1, 0) == 0); /* moed hung up */
+        CHECK(atomic_load(&((struct moe_shm_header *)bad.map)->state) == MOE_SHM_CLOSED);
+        CHECK(strstr(((struct moe_shm_header *)bad.map)->reason, "corrupted") != NULL);
+        CHECK(roundtrip(&good, &(struct moe_shm_sqe){.tag = 1, .opcode = MOE_SHM_NOP}).status == 0);
+        raw_close(&bad);
+        raw_close(&good);
+        CHECK(wait_for(s, 0, 0));
+    }
 }
 
 static void check_backpressure(const char *path)
