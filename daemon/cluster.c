@@ -38,6 +38,13 @@ struct peer {
     struct moe_rpc_client *idle[IDLE_CLIENTS];
     int n_idle;
     char last_error[200];
+    /* Its hot experts, from its last answer to a ping (lock). */
+    int n_hot;
+    struct peer_hot {
+        char model[128];
+        uint32_t *experts;
+        size_t n;
+    } * hot;
     /* Relaxed counters: statistics read on their own. */
     _Atomic uint64_t rtt_ns, pings_failed, calls, calls_failed, tokens_sent, bytes_sent,
         bytes_received;
@@ -48,7 +55,8 @@ struct mstate {
     char name[128];
     int n_layers, n_experts;
     _Atomic uint32_t *load; /* [layer * E + expert]: token rows routed through here */
-    uint8_t *hot;           /* replicated (guarded by the cluster's lock) */
+    uint8_t *hot;           /* measured hot here (guarded by the cluster's lock) */
+    uint8_t *hot_all;       /* hot here or at any peer that is up: replicated */
     uint8_t *held;          /* this node held it under the last map it applied */
     uint8_t *drop;          /* to evict at the next rebalance */
     struct mstate *next;
@@ -88,8 +96,18 @@ static struct moed_cluster *cl_of(struct moed *d)
 
 /* ---- peers ----------------------------------------------------------------------------- */
 
+static void peer_hot_clear(struct peer *p)
+{
+    for (int i = 0; i < p->n_hot; i++)
+        free(p->hot[i].experts);
+    free(p->hot);
+    p->hot = NULL;
+    p->n_hot = 0;
+}
+
 static void peer_free(struct peer *p)
 {
+    peer_hot_clear(p);
     for (int i = 0; i < p->n_idle; i++)
         moe_rpc_client_close(p->idle[i]);
     pthread_mutex_destroy(&p->lock);
@@ -245,11 +263,13 @@ static struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model
         return NULL;
     s->load = calloc(n, sizeof(*s->load));
     s->hot = calloc(n, 1);
+    s->hot_all = calloc(n, 1);
     s->held = calloc(n, 1);
     s->drop = calloc(n, 1);
-    if (!s->load || !s->hot || !s->held || !s->drop) {
+    if (!s->load || !s->hot || !s->hot_all || !s->held || !s->drop) {
         free(s->load);
         free(s->hot);
+        free(s->hot_all);
         free(s->held);
         free(s->drop);
         free(s);
@@ -272,7 +292,7 @@ static int holders(const struct moed_cluster *c, const struct view *v, const str
     int owner = (expert + layer) % v->n, k = 1;
 
     ret[0] = owner;
-    if (s && s->hot[(size_t)layer * s->n_experts + expert])
+    if (s && s->hot_all[(size_t)layer * s->n_experts + expert])
         for (int r = 1; r <= c->d->cfg.replicas && r < v->n; r++)
             ret[k++] = (owner + r) % v->n;
     return k;
@@ -761,6 +781,73 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
 
 /* ---- health and rebalancing ------------------------------------------------------------ */
 
+/* Keeps the hot sets of p's answer to a ping. */
+static void take_hot(struct peer *p, const uint8_t *ans, size_t len)
+{
+    Moe__V1__PingResponse *a = moe__v1__ping_response__unpack(NULL, len, ans);
+    struct peer_hot *h = NULL;
+    size_t n = 0;
+
+    if (a && a->n_hot) {
+        h = calloc(a->n_hot, sizeof(*h));
+        for (size_t i = 0; h && i < a->n_hot; i++) {
+            const Moe__V1__HotExperts *x = a->hot[i];
+
+            snprintf(h[n].model, sizeof(h[n].model), "%s", x->model ? x->model : "");
+            h[n].experts = malloc((x->n_experts ? x->n_experts : 1) * sizeof(uint32_t));
+            if (!h[n].experts)
+                continue;
+            memcpy(h[n].experts, x->experts, x->n_experts * sizeof(uint32_t));
+            h[n].n = x->n_experts;
+            n++;
+        }
+    }
+    pthread_mutex_lock(&p->lock);
+    peer_hot_clear(p);
+    p->hot = h;
+    p->n_hot = (int)n;
+    pthread_mutex_unlock(&p->lock);
+    if (a)
+        moe__v1__ping_response__free_unpacked(a, NULL);
+}
+
+/* hot_all = this node's hot set and those of the peers that are up: every
+ * node computes the same union, so they agree on the replicas.  Bumps the
+ * placement version when it changes. */
+static void merge_hot(struct moed_cluster *c)
+{
+    bool changed = false;
+
+    pthread_mutex_lock(&c->lock);
+    for (struct mstate *s = c->models; s; s = s->next) {
+        size_t n = (size_t)s->n_layers * s->n_experts;
+        uint8_t *u = malloc(n);
+
+        if (!u)
+            continue;
+        memcpy(u, s->hot, n);
+        for (int i = 0; i < c->n_peers; i++) {
+            struct peer *p = c->peers[i];
+
+            if (atomic_load(&p->state) != PEER_UP)
+                continue;
+            pthread_mutex_lock(&p->lock);
+            for (int k = 0; k < p->n_hot; k++)
+                if (strcmp(p->hot[k].model, s->name) == 0)
+                    for (size_t j = 0; j < p->hot[k].n; j++)
+                        if (p->hot[k].experts[j] < n)
+                            u[p->hot[k].experts[j]] = 1;
+            pthread_mutex_unlock(&p->lock);
+        }
+        changed |= memcmp(u, s->hot_all, n) != 0;
+        memcpy(s->hot_all, u, n);
+        free(u);
+    }
+    if (changed)
+        c->version++;
+    pthread_mutex_unlock(&c->lock);
+}
+
 static void ping_one(struct moed_cluster *c, struct peer *p)
 {
     Moe__V1__PingRequest q = MOE__V1__PING_REQUEST__INIT;
@@ -777,6 +864,8 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
     st = cl ? moe_rpc_client_call(cl, "/moe.v1.Peer/Ping", buf, len, &ans, &alen, msg, sizeof(msg))
             : GRPC_STATUS_UNAVAILABLE;
     moe_rpc_client_close(cl);
+    if (st == GRPC_STATUS_OK)
+        take_hot(p, ans, alen);
     free(ans);
     if (st == GRPC_STATUS_OK) {
         atomic_store(&p->rtt_ns, moe_now_ns() - t0);
@@ -786,6 +875,10 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
     } else {
         atomic_fetch_add_explicit(&p->pings_failed, 1, memory_order_relaxed);
         set_error(p, msg);
+        /* A node that does not answer no longer votes for replicas. */
+        pthread_mutex_lock(&p->lock);
+        peer_hot_clear(p);
+        pthread_mutex_unlock(&p->lock);
         now = st == GRPC_STATUS_UNAUTHENTICATED || st == GRPC_STATUS_PERMISSION_DENIED
                   ? PEER_REFUSED
                   : PEER_DOWN;
@@ -841,6 +934,16 @@ static void rebalance(struct moed_cluster *c)
             thr = sorted[want - 1];
         }
         free(sorted);
+        /* Only experts well above the mean load are worth a copy: under an
+         * even load a replica costs cache room and brings nothing. */
+        {
+            uint64_t sum = 0;
+
+            for (size_t i = 0; i < n; i++)
+                sum += l[i];
+            if (n && thr < (uint32_t)MOE_MIN(2 * sum / n + 1, UINT32_MAX))
+                thr = (uint32_t)MOE_MIN(2 * sum / n + 1, UINT32_MAX);
+        }
         for (size_t i = 0, k = 0; i < n; i++) {
             uint8_t h = l[i] > 0 && l[i] >= thr && k < want;
 
@@ -850,9 +953,9 @@ static void rebalance(struct moed_cluster *c)
         }
         free(l);
     }
-    if (changed)
-        c->version++;
+    (void)changed; /* the version moves in merge_hot, with the union */
     pthread_mutex_unlock(&c->lock);
+    merge_hot(c);
 
     /* Apply the map to this node's cache. */
     view_get(c, &v);
@@ -915,6 +1018,7 @@ static void *health_main(void *arg)
             if (v.peer[i])
                 ping_one(c, v.peer[i]);
         view_put(c, &v);
+        merge_hot(c);
         if (moe_now_ns() >= next_rebalance || c->kick) {
             rebalance(c);
             next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
@@ -1052,6 +1156,7 @@ void moed_cluster_stop(struct moed *d)
         c->models = s->next;
         free(s->load);
         free(s->hot);
+        free(s->hot_all);
         free(s->held);
         free(s->drop);
         free(s);
@@ -1314,7 +1419,38 @@ void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, voi
     a.name = (char *)moed_cluster_node(d);
     a.uptime_ns = moe_now_ns() - d->t_start;
     a.state = (char *)states[atomic_load(&d->state)];
+    /* This node's own hot sets (not the union: no echo). */
+    Moe__V1__HotExperts hx[16], *hp[16];
+    size_t nh = 0;
+    struct moed_cluster *c = cl_of(d);
+
+    if (c) {
+        pthread_mutex_lock(&c->lock);
+        for (struct mstate *s = c->models; s && nh < 16; s = s->next) {
+            size_t n = (size_t)s->n_layers * s->n_experts, k = 0;
+            uint32_t *ex = malloc(n * sizeof(*ex));
+
+            if (!ex)
+                continue;
+            for (size_t i = 0; i < n; i++)
+                if (s->hot[i])
+                    ex[k++] = (uint32_t)i;
+            moe__v1__hot_experts__init(&hx[nh]);
+            hx[nh].model = strdup(s->name);
+            hx[nh].experts = ex;
+            hx[nh].n_experts = k;
+            hp[nh] = &hx[nh];
+            nh++;
+        }
+        pthread_mutex_unlock(&c->lock);
+    }
+    a.hot = hp;
+    a.n_hot = nh;
     moed_reply_msg(call, &a.base);
+    for (size_t i = 0; i < nh; i++) {
+        free(hx[i].model);
+        free(hx[i].experts);
+    }
     moe__v1__ping_request__free_unpacked(q, NULL);
 }
 

@@ -10,10 +10,13 @@
  * and the model's shape, so that no agreement protocol is needed: the
  * experts of each layer go round-robin over the members, offset by the
  * layer, which balances expert bytes within one expert per layer.  Hot
- * experts (the hot_fraction with the most token rows routed through this
- * node, measured and decayed every rebalance_interval_ms) get `replicas`
- * extra holders, the next members in order; requests spread over the
- * holders that are up.  Correctness never depends on two nodes agreeing:
+ * experts (at most the hot_fraction with the most token rows routed through
+ * a node, and only those above twice the mean load, measured and decayed
+ * every rebalance_interval_ms) get `replicas` extra holders, the next
+ * members in order; each node tells its peers its hot set in its answers to
+ * their pings, and every node replicates the union of the hot sets of the
+ * nodes that are up, so that they agree.  Requests spread over the holders
+ * that are up.  Correctness never depends on two nodes agreeing:
  * ForwardExperts computes whatever it is sent, paging experts in as needed.
  *
  * When the map changes (a peer added or removed, new replicas), a node pages

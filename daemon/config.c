@@ -77,7 +77,7 @@ static const struct key keys[] = {
     {"cluster", "replicas", K_INT, OFF(replicas), 0, 8,
      "extra copies of each hot expert on other nodes (default 1)"},
     {"cluster", "hot_fraction", K_DOUBLE, OFF(hot_fraction), 0, 0,
-     "the share of experts, by measured load, that get replicas (default 0.125)"},
+     "at most this share of experts, the most loaded, get replicas (default 0.125)"},
     {"cluster", "peer_timeout_ms", K_U64, OFF(peer_timeout_ms), 1, 3600000,
      "a peer slower than this for one call is failed over (default 2000)"},
     {"cluster", "ping_interval_ms", K_U64, OFF(ping_interval_ms), 10, 3600000,
