@@ -8,7 +8,8 @@
 # replays the recorded routing through every cache policy next to Belady's
 # optimum (moectl cache-sim); last, starts moed on the packed model with a
 # host cache of half its experts, drives it over gRPC with `moectl bench`
-# (progress bar), prints `moectl stats`, and stops the daemon cleanly.
+# (progress bar), then through shared memory (libmoe-client), prints
+# `moectl stats`, and stops the daemon cleanly.
 #
 #   MOED_DEMO_DIR=DIR   where the model and the arrays go (default build/demo)
 #   MOED_SKIP_DEPS=1    do not run scripts/deps.sh
@@ -83,9 +84,12 @@ echo "== the same routing, replayed through each cache policy (moectl cache-sim)
 $moectl cache-sim --trace "$demo/demo.trace" --capacity 50% --policy all --prefetch
 
 echo
-echo "== moed: the packed model, a host cache of half its experts, gRPC on 127.0.0.1"
+echo "== moed: the packed model, a host cache of half its experts, gRPC on 127.0.0.1,"
+echo "   shared memory for local clients on $demo/shm.sock"
+rm -f "$demo/shm.sock"
 build/daemon/moed --model "mixtral-demo=$demo/mixtral-demo-packed" --listen 127.0.0.1:0 \
-    --host-cache-bytes 256M --log-level warn >"$demo/moed.out" 2>"$demo/moed.log" &
+    --shm-socket "$demo/shm.sock" --host-cache-bytes 256M --log-level warn \
+    >"$demo/moed.out" 2>"$demo/moed.log" &
 moed_pid=$!
 trap 'kill -TERM $moed_pid 2>/dev/null || true' EXIT
 port=""
@@ -102,6 +106,10 @@ echo
 echo "== moectl bench: 4 callers, token by token through every layer, for 5 s"
 $moectl bench --remote "127.0.0.1:$port" --model mixtral-demo --callers 4 --tokens 1 \
     --duration 5
+
+echo
+echo "== the same through shared memory (libmoe-client), 2 callers for 3 s"
+$moectl bench --socket "$demo/shm.sock" --model mixtral-demo --callers 2 --tokens 1 --duration 3
 
 echo
 echo "== moectl stats"

@@ -102,6 +102,41 @@ def channel(path):
 
 # ---- install ----
 
+def test_client_install(prefix, libdir, tmp):
+    """A program built against the installed libmoe-client with pkg-config;
+    the library needs nothing of the engine or gRPC."""
+    readelf = shutil.which("readelf")
+    if readelf:
+        p = subprocess.run([readelf, "-d", f"{prefix}/{libdir}/libmoe-client.so.1"],
+                           capture_output=True, text=True)
+        needed = re.findall(r"\(NEEDED\).*\[(.*)\]", p.stdout)
+        check("libmoe-client needs only libc (no engine, gRPC or protobuf)",
+              needed and all(n.startswith(("libc.so", "ld-linux")) for n in needed), needed)
+    pkg, cc = shutil.which("pkg-config"), shutil.which("cc")
+    if not pkg or not cc:
+        skip("building against the installed libmoe-client", "pkg-config or cc missing")
+        return
+    src = f"{tmp}/app.c"
+    with open(src, "w") as f:
+        f.write('#include <moe_client.h>\n#include <stdio.h>\n'
+                'int main(void) { struct moe_session *s;\n'
+                '  int rc = moe_connect("/nonexistent/moed.sock", NULL, &s);\n'
+                '  printf("%d %s\\n", rc, moe_connect_error()); return rc < 0 ? 0 : 1; }\n')
+    env = dict(os.environ, PKG_CONFIG_PATH=f"{prefix}/{libdir}/pkgconfig")
+    flags = subprocess.run([pkg, "--cflags", "--libs", "moe-client"], capture_output=True,
+                           text=True, env=env)
+    check("pkg-config knows moe-client", flags.returncode == 0, flags.stderr)
+    if flags.returncode:
+        return
+    p = subprocess.run([cc, "-o", f"{tmp}/app", src] + flags.stdout.split(),
+                       capture_output=True, text=True)
+    check("a program builds against the installed library", p.returncode == 0, p.stderr)
+    if p.returncode == 0:
+        r = subprocess.run([f"{tmp}/app"], capture_output=True, text=True,
+                           env=dict(os.environ, LD_LIBRARY_PATH=f"{prefix}/{libdir}"))
+        check("it runs and says why it cannot connect",
+              r.returncode == 0 and "/nonexistent/moed.sock" in r.stdout, r.stdout + r.stderr)
+
 def test_install(a, tmp):
     prefix = f"{tmp}/prefix"
     p = subprocess.run([a.cmake, "--install", a.build, "--prefix", prefix],
@@ -121,8 +156,19 @@ def test_install(a, tmp):
         check(f"installed {rel}", ok, "missing" if not os.path.exists(path) else "not executable")
     found = sorted(os.path.relpath(os.path.join(d, f), prefix)
                    for d, _, fs in os.walk(prefix) for f in fs)
-    extra = [f for f in found if f not in want]
+    # libmoe-client: the libraries, its one header and its pkg-config file,
+    # under the build's libdir (lib or lib/<multiarch>).
+    pcs = [f for f in found if f.endswith("pkgconfig/moe-client.pc")]
+    check("installed moe-client.pc", len(pcs) == 1, found)
+    libdir = os.path.dirname(os.path.dirname(pcs[0])) if pcs else "lib"
+    client = [f"{libdir}/libmoe-client.so", f"{libdir}/libmoe-client.so.1",
+              f"{libdir}/libmoe-client.so.1.0.0", f"{libdir}/libmoe-client.a",
+              f"{libdir}/pkgconfig/moe-client.pc", "include/moe_client.h"]
+    for rel in client:
+        check(f"installed {rel}", os.path.exists(f"{prefix}/{rel}"), "missing")
+    extra = [f for f in found if f not in want and f not in client]
     check("nothing else installed", not extra, str(extra))
+    test_client_install(prefix, libdir, tmp)
     unit = read(f"{prefix}/lib/systemd/system/moed.service")
     check("moed.service runs the installed moed",
           f"ExecStart={prefix}/sbin/moed --config /etc/moed/moed.conf\n" in unit,
