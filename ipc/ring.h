@@ -135,7 +135,9 @@ int moe_ring_pop(struct moe_ring *r, void *entry, int timeout_ms);
  * stale by the time it returns; a hostile side may make it anything). */
 uint32_t moe_ring_count(const struct moe_ring *r);
 
-/* Wakes both sides' sleepers (e.g. at shutdown, so that they see a flag). */
+/* Wakes both sides' sleepers.  A waiter woken with nothing to take sleeps
+ * again until its timeout: callers that must notice a flag (a session
+ * closing) wait with a timeout and check it between waits. */
 void moe_ring_wake_all(struct moe_ring *r);
 
 #endif

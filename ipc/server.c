@@ -45,6 +45,9 @@
 #include <unistd.h>
 
 #define POP_TIMEOUT_MS 250 /* an idle session thread re-checks for closing this often */
+#define MAX_PENDING 64     /* connections that have not said hello yet */
+#define HELLO_NS (5ull * 1000000000ull) /* ... and how long they may take to */
+#define ACCEPT_PAUSE_MS 100             /* out of descriptors: stop accepting this long */
 
 struct moe_shm_session {
     struct moe_shm_server *srv;
@@ -63,8 +66,15 @@ struct moe_shm_session {
     char name[33];
     pthread_mutex_t lock; /* cq pushes (and the message table), refs */
     int refs;
-    uint32_t taken;        /* session thread: submissions taken (mod 2^32) */
-    uint32_t cq_head_seen; /* session thread: the client's cq head as last read */
+    uint32_t taken;          /* session thread: submissions taken (mod 2^32) */
+    uint32_t cq_head_seen;   /* session thread: the client's cq head as last read */
+    _Atomic uint32_t posted; /* completions committed (mod 2^32); written under lock */
+    /* Memory the daemon spends on the requests in flight (their fp32 input
+     * and output), at most `budget`, so that a client cannot make moed
+     * allocate without bound by naming the same arena bytes again and
+     * again (lock; cond signalled as requests complete). */
+    uint64_t in_flight_bytes, budget;
+    pthread_cond_t cond;
     _Atomic int closing;
     struct moe_shm_model_info models[MOE_SHM_MAX_MODELS]; /* session thread only */
 };
@@ -74,6 +84,7 @@ struct moe_shm_session {
 struct conn {
     int fd;
     struct moe_shm_session *session;
+    uint64_t t_accept; /* before the hello: it must come within HELLO_NS */
 };
 
 struct moe_shm_server {
@@ -91,6 +102,7 @@ struct moe_shm_server {
     uint32_t next_id;
     struct conn *conns;
     int n_conns, cap_conns;
+    uint64_t accept_paused_until; /* out of descriptors: poll thread only */
     _Atomic uint64_t opened, closed, refused, requests, nops, bad, failed;
     _Atomic int open_now, in_flight;
 };
@@ -130,6 +142,7 @@ static void session_put(struct moe_shm_session *ss)
         return;
     munmap(ss->map, ss->map_bytes);
     close(ss->memfd);
+    pthread_cond_destroy(&ss->cond);
     pthread_mutex_destroy(&ss->lock);
     free(ss);
     atomic_fetch_add_explicit(&s->closed, 1, memory_order_relaxed);
@@ -188,6 +201,10 @@ static void push_cqe(struct moe_shm_session *ss, struct moe_shm_cqe *c, const ch
         c->msg_len = (uint32_t)n;
     }
     moe_ring_commit(&ss->cq, c);
+    /* Relaxed: the session thread compares the client's head with it; the
+     * lock orders it with the commit for every other reader. */
+    atomic_store_explicit(&ss->posted, atomic_load_explicit(&ss->posted, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
 }
 
 /* Completes a request the session thread answers itself; t_seen 0: a NOP,
@@ -220,6 +237,8 @@ void moe_shm_complete(struct moe_shm_req *req, int status, const struct moe_shm_
         atomic_fetch_add_explicit(&s->failed, 1, memory_order_relaxed);
     pthread_mutex_lock(&ss->lock);
     push_cqe(ss, &c, msg);
+    ss->in_flight_bytes -= req->cost_;
+    pthread_cond_signal(&ss->cond);
     pthread_mutex_unlock(&ss->lock);
     atomic_fetch_sub_explicit(&s->in_flight, 1, memory_order_relaxed);
     free(req);
@@ -238,7 +257,11 @@ static int has_room(struct moe_shm_session *ss)
     /* Relaxed: only counted here; the push that reuses a slot reads head
      * again with acquire (ring.c). */
     head = atomic_load_explicit(&ss->cq.ctl->head, memory_order_relaxed);
-    if (ss->taken - head > ss->cq.capacity)
+    /* The client cannot have taken more completions than were posted (a
+     * head ahead of them would open room that is not there), nor fall more
+     * than the ring behind the requests taken. */
+    if ((int32_t)(head - atomic_load_explicit(&ss->posted, memory_order_relaxed)) > 0 ||
+        ss->taken - head > ss->cq.capacity)
         return -EPROTO;
     ss->cq_head_seen = head;
     return ss->taken - head < ss->cq.capacity;
@@ -283,7 +306,24 @@ static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q)
         req->weights = (const float *)(ss->arena + q->weights_off);
     }
     req->t_seen = t_seen;
+    /* fp32 copies of the input and the output, whatever the wire dtype. */
+    req->cost_ = 8ull * q->n_tokens * ss->models[idx].hidden;
     pthread_mutex_lock(&ss->lock);
+    /* Over budget: wait for requests of this session to finish (alone, a
+     * request always fits: the arena bounds it). */
+    while (ss->in_flight_bytes && ss->in_flight_bytes + req->cost_ > ss->budget &&
+           !atomic_load(&ss->closing)) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&ss->cond, &ss->lock, &ts);
+    }
+    ss->in_flight_bytes += req->cost_;
     ss->refs++;
     pthread_mutex_unlock(&ss->lock);
     atomic_fetch_add_explicit(&s->in_flight, 1, memory_order_relaxed);
@@ -433,7 +473,11 @@ static int session_create(struct moe_shm_server *s, const struct moe_shm_hello *
     ss->msgs = ss->map + l.msg_offset;
     ss->arena = ss->map + l.arena_offset;
     ss->arena_bytes = l.arena_bytes;
+    ss->budget = s->cfg.session_budget_bytes;
+    if (!ss->budget)
+        ss->budget = 4 * l.arena_bytes > (64ull << 20) ? 4 * l.arena_bytes : 64ull << 20;
     pthread_mutex_init(&ss->lock, NULL);
+    pthread_cond_init(&ss->cond, NULL);
     *ret = ss;
     return 0;
 fail:
@@ -459,7 +503,8 @@ static struct moe_shm_session *handshake(struct moe_shm_server *s, int fd)
     pthread_t t;
 
     memset(&h, 0, sizeof(h));
-    n = recv(fd, &h, sizeof(h), MSG_DONTWAIT);
+    /* MSG_TRUNC: n is the message's real length, so a longer one is seen. */
+    n = recv(fd, &h, sizeof(h), MSG_DONTWAIT | MSG_TRUNC);
     if (n <= 0)
         return NULL;
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crl) < 0)
@@ -525,24 +570,27 @@ static struct moe_shm_session *handshake(struct moe_shm_server *s, int fd)
 }
 
 /* Answers a MODELS query.  false: close the connection. */
-static bool on_message(struct moe_shm_server *s, int fd)
+/* Answers a MODELS query.  NULL, or why the connection is to be closed. */
+static const char *on_message(struct moe_shm_server *s, int fd)
 {
     struct moe_shm_msg m;
     struct {
         struct moe_shm_models h;
         struct moe_shm_model_info info[MOE_SHM_MAX_MODELS];
     } * ans;
-    ssize_t n = recv(fd, &m, sizeof(m), MSG_DONTWAIT);
+    ssize_t n = recv(fd, &m, sizeof(m), MSG_DONTWAIT | MSG_TRUNC);
     int k;
     bool ok;
 
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return true;
+        return NULL;
+    if (n <= 0)
+        return "the client hung up";
     if (n != (ssize_t)sizeof(m) || m.op != MOE_SHM_OP_MODELS)
-        return false; /* hang-up (0) or a message we do not know: end it */
+        return "the client sent a message moed does not know";
     ans = calloc(1, sizeof(*ans));
     if (!ans)
-        return false;
+        return "moed is out of memory";
     k = s->cfg.models(s->cfg.arg, ans->info, MOE_SHM_MAX_MODELS);
     if (k < 0)
         k = 0;
@@ -551,7 +599,7 @@ static bool on_message(struct moe_shm_server *s, int fd)
     n = (ssize_t)(sizeof(ans->h) + (size_t)k * sizeof(ans->info[0]));
     ok = send(fd, ans, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT) == n;
     free(ans);
-    return ok;
+    return ok ? NULL : "the client does not read moed's answers";
 }
 
 /* ---- the poll thread ------------------------------------------------------------------- */
@@ -571,11 +619,24 @@ static void drop_conn(struct moe_shm_server *s, int i, const char *reason)
 
 static void accept_one(struct moe_shm_server *s)
 {
-    int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), pending = 0;
     struct conn *nc;
 
-    if (fd < 0)
+    if (fd < 0) {
+        /* Out of descriptors: the listening socket stays readable; polling
+         * it again at once would spin.  Pause accepting a little. */
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+            s->accept_paused_until = now_ns() + ACCEPT_PAUSE_MS * 1000000ull;
         return;
+    }
+    for (int i = 0; i < s->n_conns; i++)
+        pending += !s->conns[i].session;
+    if (pending >= MAX_PENDING) {
+        /* Connections that say nothing cost a descriptor each: a bound. */
+        atomic_fetch_add(&s->refused, 1);
+        close(fd);
+        return;
+    }
     if (s->n_conns == s->cap_conns) {
         nc = realloc(s->conns, sizeof(*nc) * (size_t)(s->cap_conns ? 2 * s->cap_conns : 16));
         if (!nc) {
@@ -585,7 +646,7 @@ static void accept_one(struct moe_shm_server *s)
         s->conns = nc;
         s->cap_conns = s->cap_conns ? 2 * s->cap_conns : 16;
     }
-    s->conns[s->n_conns++] = (struct conn){fd, NULL};
+    s->conns[s->n_conns++] = (struct conn){fd, NULL, now_ns()};
 }
 
 static void *poll_main(void *arg)
@@ -595,8 +656,8 @@ static void *poll_main(void *arg)
     int cap = 0;
 
     while (!atomic_load(&s->stopping)) {
-        int n = s->n_conns + 3, i;
-        uint64_t v;
+        int n = s->n_conns + 3, i, timeout = -1;
+        uint64_t v, now = now_ns();
 
         if (n > cap) {
             struct pollfd *np = realloc(pf, sizeof(*pf) * (size_t)n * 2);
@@ -609,12 +670,18 @@ static void *poll_main(void *arg)
             cap = n * 2;
         }
         pf[0] = (struct pollfd){s->wake_fd, POLLIN, 0};
-        pf[1] = (struct pollfd){s->listen_fd, POLLIN, 0};
+        pf[1] = (struct pollfd){s->listen_fd, now < s->accept_paused_until ? 0 : POLLIN, 0};
+        if (now < s->accept_paused_until)
+            timeout = ACCEPT_PAUSE_MS;
         pf[2] = (struct pollfd){s->kick_fd, POLLIN, 0};
-        for (i = 0; i < s->n_conns; i++)
+        for (i = 0; i < s->n_conns; i++) {
             pf[i + 3] = (struct pollfd){s->conns[i].fd, POLLIN, 0};
-        if (poll(pf, (nfds_t)n, -1) < 0)
+            if (!s->conns[i].session)
+                timeout = 1000; /* to drop the ones that never say hello */
+        }
+        if (poll(pf, (nfds_t)n, timeout) < 0)
             continue;
+        now = now_ns();
         if (pf[0].revents)
             break;
         if (pf[2].revents && read(s->kick_fd, &v, sizeof(v)) < 0) {
@@ -629,6 +696,10 @@ static void *poll_main(void *arg)
                 drop_conn(s, i, NULL);
                 continue;
             }
+            if (!c->session && !ev && now - c->t_accept > HELLO_NS) {
+                drop_conn(s, i, NULL); /* connected and said nothing */
+                continue;
+            }
             if (!ev)
                 continue;
             if (ev & (POLLHUP | POLLERR | POLLNVAL)) {
@@ -639,8 +710,11 @@ static void *poll_main(void *arg)
                 c->session = handshake(s, c->fd);
                 if (!c->session)
                     drop_conn(s, i, NULL);
-            } else if (!on_message(s, c->fd)) {
-                drop_conn(s, i, "the client sent a message moed does not know");
+            } else {
+                const char *why = on_message(s, c->fd);
+
+                if (why)
+                    drop_conn(s, i, why);
             }
         }
         if (pf[1].revents & POLLIN)

@@ -42,6 +42,7 @@ struct moe_shm_req {
     const float *weights;
     uint64_t t_seen; /* CLOCK_MONOTONIC ns when popped */
     void *owner;     /* free for the forward callback */
+    uint64_t cost_;  /* private: memory it counts against its session's budget */
 };
 
 struct moe_shm_server_config {
@@ -54,8 +55,12 @@ struct moe_shm_server_config {
     const gid_t *allow_gids;
     int n_allow_gids;
     uint64_t max_arena_bytes; /* per session (0: 1 GiB) */
+    /* fp32 memory a session's requests in flight may take in the daemon
+     * (0: 4 x its arena, at least 64 MiB); beyond it, the session waits. */
+    uint64_t session_budget_bytes;
     int max_sessions;         /* 0: 256 */
-    int listen_fd;            /* >= 0: an already bound, listening SOCK_SEQPACKET socket */
+    int listen_fd;            /* >= 0: an already bound, listening SOCK_SEQPACKET socket;
+                               * the server owns it from then on (closes it at stop) */
 
     /* Fills models (at most max) with what is loaded; returns how many.
      * Called for each MODELS query and before each submission is checked

@@ -204,9 +204,15 @@ int moe_shm_check_sqe(const struct moe_shm_sqe *q, uint64_t arena_bytes,
     if (q->layer < 0 || (uint32_t)q->layer >= m->n_layers)
         return fail(-ENOENT, msg, len, "model '%s' has no layer %d (it has %u)", m->name, q->layer,
                     m->n_layers);
-    if (q->layer >= MOE_SHM_MAX_LAYERS || !(m->moe_layer[q->layer / 8] & (1u << (q->layer % 8))))
+    if (q->layer >= MOE_SHM_MAX_LAYERS)
+        return fail(-ENOENT, msg, len,
+                    "layer %d of '%s': the shared-memory protocol reaches layers 0 to %d only",
+                    q->layer, m->name, MOE_SHM_MAX_LAYERS - 1);
+    if (!(m->moe_layer[q->layer / 8] & (1u << (q->layer % 8))))
         return fail(-ENOENT, msg, len, "layer %d of '%s' is dense, not a MoE layer", q->layer,
                     m->name);
+    if (m->hidden == 0)
+        return fail(-EINVAL, msg, len, "model '%s' has hidden size 0", m->name);
     row = moe_shm_row_bytes(q->dtype, m->hidden);
     if (!row)
         return fail(-EINVAL, msg, len, "unknown activation dtype %u (f32 0, f16 1, bf16 2)",

@@ -104,6 +104,8 @@ static int fake_forward(void *arg, struct moe_shm_req *req, char *msg, size_t le
     return 0;
 }
 
+static uint64_t start_budget; /* session_budget_bytes of the next start() */
+
 static struct moe_shm_server *start(const char *path, const uid_t *uids, int n_uids)
 {
     struct moe_shm_server_config c = {0};
@@ -116,6 +118,7 @@ static struct moe_shm_server *start(const char *path, const uid_t *uids, int n_u
     c.allow_uids = uids;
     c.n_allow_uids = n_uids;
     c.max_arena_bytes = 1 << 20;
+    c.session_budget_bytes = start_budget;
     c.models = fake_models;
     c.forward = fake_forward;
     if (moe_shm_server_start(&c, &s, err, sizeof(err)) < 0) {
@@ -568,6 +571,107 @@ static void check_stop(const char *dir)
     raw_close(&r);
 }
 
+/* A client that claims to have taken completions that were never posted
+ * (its completion head set to the requests it sent) opens no room: moed
+ * ends the session instead of taking requests without bound. */
+static void check_head_ahead(struct moe_shm_server *s, const char *path)
+{
+    struct moe_shm_server_stats st;
+    struct moe_shm_welcome w;
+    struct raw r;
+    int pushed = 0, most = 0;
+    char b;
+
+    atomic_store(&delay_ms, 300);
+    CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 4, &r, &w) == 0);
+    for (int i = 0; i < 400 && pushed < 40; i++) {
+        struct moe_shm_sqe q = fwd((uint64_t)pushed, 1, 1, 0, 4096);
+
+        if (moe_ring_push(&r.sq, &q, 0) == 0)
+            pushed++;
+        /* "I have taken every completion": none was posted yet. */
+        atomic_store(&r.cq.ctl->head, (uint32_t)pushed);
+        moe_shm_server_get_stats(s, &st);
+        if (st.in_flight > most)
+            most = st.in_flight;
+        usleep(1000);
+    }
+    CHECK(most <= 8); /* never more than the completion ring holds */
+    CHECK(recv(r.fd, &b, 1, 0) == 0);
+    CHECK(strstr(((struct moe_shm_header *)r.map)->reason, "corrupted") != NULL);
+    raw_close(&r);
+    CHECK(wait_for(s, 0, 0));
+    atomic_store(&delay_ms, 0);
+}
+
+/* The memory a session's requests take in the daemon is bounded: with a
+ * budget of 4 requests, at most 4 are in flight, and all complete. */
+static void check_budget(const char *dir)
+{
+    struct moe_shm_server_stats st;
+    struct moe_shm_welcome w;
+    struct moe_shm_server *s;
+    struct moe_shm_cqe c;
+    struct raw r;
+    char path[512];
+    int most = 0, got = 0;
+
+    snprintf(path, sizeof(path), "%s/budget.sock", dir);
+    start_budget = 4 * (8ull * 4 * HIDDEN); /* four 4-token requests */
+    s = start(path, NULL, 0);
+    start_budget = 0;
+    atomic_store(&delay_ms, 100);
+    CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 16, &r, &w) == 0);
+    for (int i = 0; i < 12; i++) {
+        struct moe_shm_sqe q = fwd((uint64_t)i, 2, 4, 0, 4096); /* the same bytes each time */
+
+        CHECK(moe_ring_push(&r.sq, &q, 1000) == 0);
+    }
+    while (got < 12) {
+        moe_shm_server_get_stats(s, &st);
+        if (st.in_flight > most)
+            most = st.in_flight;
+        if (moe_ring_pop(&r.cq, &c, 0) == 0) {
+            CHECK(c.status == 0);
+            got++;
+        } else {
+            usleep(2000);
+        }
+    }
+    CHECK(most >= 2 && most <= 4);
+    atomic_store(&delay_ms, 0);
+    raw_close(&r);
+    moe_shm_server_stop(s, NULL);
+}
+
+/* Connections that never say hello are bounded (MAX_PENDING, 64): the
+ * rest are closed at once, and a real client still gets in. */
+static void check_pending(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    struct moe_shm_welcome w;
+    struct raw r;
+    int fds[80], closed = 0;
+
+    snprintf(a.sun_path, sizeof(a.sun_path), "%.100s", path);
+    for (int i = 0; i < 80; i++) {
+        fds[i] = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        CHECK(connect(fds[i], (struct sockaddr *)&a, sizeof(a)) == 0);
+    }
+    usleep(200000);
+    for (int i = 0; i < 80; i++) {
+        char b;
+
+        closed += recv(fds[i], &b, 1, MSG_DONTWAIT) == 0;
+    }
+    CHECK(closed >= 80 - 64);
+    for (int i = 0; i < 80; i++)
+        close(fds[i]);
+    usleep(100000); /* the server sees them hang up */
+    CHECK(raw_connect(path, MOE_SHM_MAGIC, MOE_SHM_VERSION, 8, &r, &w) == 0);
+    raw_close(&r);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/test-shm-server-XXXXXX", path[512];
@@ -587,7 +691,10 @@ int main(void)
     check_corrupt_ring(s, path);
     check_backpressure(path);
     check_client_killed(s, path);
+    check_head_ahead(s, path);
+    check_pending(path);
     moe_shm_server_stop(s, NULL);
+    check_budget(dir);
     check_credentials(dir);
     check_stop(dir);
     rmdir(dir);
