@@ -56,9 +56,12 @@ struct mstate {
     int n_layers, n_experts;
     _Atomic uint32_t *load; /* [layer * E + expert]: token rows routed through here */
     uint8_t *hot;           /* measured hot here (guarded by the cluster's lock) */
-    uint8_t *hot_all;       /* hot here or at any peer that is up: replicated */
-    uint8_t *held;          /* this node held it under the last map it applied */
-    uint8_t *drop;          /* to evict at the next rebalance */
+    /* Hot here or at any peer that is up: replicated.  Written by the health
+     * thread under the lock, read by requests without it: relaxed atomics
+     * (a request may see the old or the new value of a byte, both valid). */
+    _Atomic uint8_t *hot_all;
+    uint8_t *held; /* this node held it under the last map it applied */
+    uint8_t *drop; /* to evict at the next rebalance */
     struct mstate *next;
 };
 
@@ -269,7 +272,7 @@ static struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model
     if (!s->load || !s->hot || !s->hot_all || !s->held || !s->drop) {
         free(s->load);
         free(s->hot);
-        free(s->hot_all);
+        free((void *)s->hot_all);
         free(s->held);
         free(s->drop);
         free(s);
@@ -292,7 +295,8 @@ static int holders(const struct moed_cluster *c, const struct view *v, const str
     int owner = (expert + layer) % v->n, k = 1;
 
     ret[0] = owner;
-    if (s && s->hot_all[(size_t)layer * s->n_experts + expert])
+    if (s && atomic_load_explicit(&s->hot_all[(size_t)layer * s->n_experts + expert],
+                                  memory_order_relaxed))
         for (int r = 1; r <= c->d->cfg.replicas && r < v->n; r++)
             ret[k++] = (owner + r) % v->n;
     return k;
@@ -455,6 +459,10 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
     if (st != GRPC_STATUS_OK) {
         snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, msg);
         set_error(p, msg);
+        /* Not reachable or too slow: the next requests go elsewhere at
+         * once, not after a timeout each; its next ping brings it back. */
+        if (st == GRPC_STATUS_UNAVAILABLE || st == GRPC_STATUS_DEADLINE_EXCEEDED)
+            atomic_store(&p->state, PEER_DOWN);
         goto out;
     }
     atomic_fetch_add_explicit(&p->bytes_received, alen, memory_order_relaxed);
@@ -618,13 +626,13 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
         to[i] = pick(c, &v, s, layer, ids[i], sl + (uint32_t)(i / (size_t)K), -1);
         remote |= to[i] != v.self;
     }
-    atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&c->tokens_total, (uint64_t)T, memory_order_relaxed);
     if (!remote) {
         /* Everything here: the whole layer, bit for bit as on one node. */
         rc = run_local(d, mm, layer, r->x, T, ids, w, 0, r->out, r, err);
         goto out;
     }
+    atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_total, (uint64_t)T, memory_order_relaxed);
     /* One part per remote member: the rows that have a slot for it. */
     for (int m = 0; m < v.n; m++) {
         struct part *pt = &parts[m];
@@ -771,9 +779,11 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
     r->queue_ns = 0;
     atomic_fetch_add(&c->in_flight, 1);
     if (pthread_create(&t, NULL, job_main, j) != 0) {
+        /* No thread to spare: this node computes it all, which is always
+         * right (it pages in what it lacks). */
         atomic_fetch_sub(&c->in_flight, 1);
         free(j);
-        return moe_error_set(err, -EAGAIN, "cannot start a thread for the request");
+        return moe_sched_submit(d->sched, r, err);
     }
     pthread_detach(t);
     return 0;
@@ -782,7 +792,7 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
 /* ---- health and rebalancing ------------------------------------------------------------ */
 
 /* Keeps the hot sets of p's answer to a ping. */
-static void take_hot(struct peer *p, const uint8_t *ans, size_t len)
+static bool take_hot(struct peer *p, const uint8_t *ans, size_t len)
 {
     Moe__V1__PingResponse *a = moe__v1__ping_response__unpack(NULL, len, ans);
     struct peer_hot *h = NULL;
@@ -802,13 +812,22 @@ static void take_hot(struct peer *p, const uint8_t *ans, size_t len)
             n++;
         }
     }
+    bool serving = a && a->state && strcmp(a->state, "serving") == 0;
+
     pthread_mutex_lock(&p->lock);
     peer_hot_clear(p);
-    p->hot = h;
-    p->n_hot = (int)n;
+    if (serving) {
+        p->hot = h;
+        p->n_hot = (int)n;
+    } else {
+        for (size_t i = 0; i < n; i++)
+            free(h[i].experts);
+        free(h);
+    }
     pthread_mutex_unlock(&p->lock);
     if (a)
         moe__v1__ping_response__free_unpacked(a, NULL);
+    return serving;
 }
 
 /* hot_all = this node's hot set and those of the peers that are up: every
@@ -839,8 +858,10 @@ static void merge_hot(struct moed_cluster *c)
                             u[p->hot[k].experts[j]] = 1;
             pthread_mutex_unlock(&p->lock);
         }
-        changed |= memcmp(u, s->hot_all, n) != 0;
-        memcpy(s->hot_all, u, n);
+        for (size_t i = 0; i < n; i++) {
+            changed |= atomic_load_explicit(&s->hot_all[i], memory_order_relaxed) != u[i];
+            atomic_store_explicit(&s->hot_all[i], u[i], memory_order_relaxed);
+        }
         free(u);
     }
     if (changed)
@@ -864,8 +885,12 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
     st = cl ? moe_rpc_client_call(cl, "/moe.v1.Peer/Ping", buf, len, &ans, &alen, msg, sizeof(msg))
             : GRPC_STATUS_UNAVAILABLE;
     moe_rpc_client_close(cl);
-    if (st == GRPC_STATUS_OK)
-        take_hot(p, ans, alen);
+    if (st == GRPC_STATUS_OK && !take_hot(p, ans, alen)) {
+        /* It answers but takes no work (draining or stopping): down for
+         * requests, so that none pays a round trip to be refused. */
+        st = GRPC_STATUS_UNAVAILABLE;
+        snprintf(msg, sizeof(msg), "draining or stopping");
+    }
     free(ans);
     if (st == GRPC_STATUS_OK) {
         atomic_store(&p->rtt_ns, moe_now_ns() - t0);
@@ -1019,12 +1044,17 @@ static void *health_main(void *arg)
                 ping_one(c, v.peer[i]);
         view_put(c, &v);
         merge_hot(c);
-        if (moe_now_ns() >= next_rebalance || c->kick) {
+        bool kicked;
+
+        pthread_mutex_lock(&c->lock);
+        kicked = c->kick;
+        c->kick = false;
+        pthread_mutex_unlock(&c->lock);
+        if (moe_now_ns() >= next_rebalance || kicked) {
             rebalance(c);
             next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
         }
         pthread_mutex_lock(&c->lock);
-        c->kick = false;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += (time_t)(ms / 1000);
         ts.tv_nsec += (long)(ms % 1000) * 1000000;
@@ -1156,7 +1186,7 @@ void moed_cluster_stop(struct moed *d)
         c->models = s->next;
         free(s->load);
         free(s->hot);
-        free(s->hot_all);
+        free((void *)s->hot_all);
         free(s->held);
         free(s->drop);
         free(s);
@@ -1165,6 +1195,19 @@ void moed_cluster_stop(struct moed *d)
     pthread_mutex_destroy(&c->lock);
     free(c);
     d->cluster = NULL;
+}
+
+int moed_cluster_drain(struct moed *d, uint64_t timeout_ms)
+{
+    struct moed_cluster *c = cl_of(d);
+    uint64_t end = moe_now_ns() + timeout_ms * 1000000ull;
+
+    while (c && atomic_load(&c->in_flight) > 0) {
+        if (moe_now_ns() >= end)
+            return -ETIMEDOUT;
+        usleep(1000);
+    }
+    return 0;
 }
 
 const char *moed_cluster_node(struct moed *d)
@@ -1377,6 +1420,28 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
         }
     memcpy(f->ids, q->expert_ids, tk * sizeof(int32_t));
     memcpy(f->w, q->weights, tk * sizeof(float));
+    /* Checked here, not only by the engine: a bad request would fail every
+     * request batched with it. */
+    for (size_t i = 0; i < tk; i++) {
+        size_t row = i / (size_t)m->cfg.top_k, lo = row * (size_t)m->cfg.top_k;
+        bool dup = false;
+
+        for (size_t j = lo; j < i && f->ids[i] >= 0; j++)
+            dup |= f->ids[j] == f->ids[i];
+        if (f->ids[i] < -1 || f->ids[i] >= m->cfg.n_experts || dup ||
+            (f->ids[i] >= 0 && !isfinite(f->w[i]))) {
+            moe_rpc_fail(call, st,
+                         "routing of row %zu slot %zu: expert %d%s (model '%s' has experts 0 to "
+                         "%d; -1 leaves a slot out)",
+                         row, i - lo, (int)f->ids[i],
+                         dup ? " twice"
+                         : f->ids[i] >= 0 && f->ids[i] < m->cfg.n_experts
+                             ? " with a weight that is not finite"
+                             : " out of range",
+                         q->model, m->cfg.n_experts - 1);
+            goto out;
+        }
+    }
     f->req =
         (struct moe_sched_req){.engine = f->mm->e,
                                .layer = (int)q->layer,
@@ -1561,9 +1626,14 @@ void moed_on_add_peer(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     /* The same check as a configured peer. */
     snprintf(spec, sizeof(spec), "%s %s", q->name ? q->name : "", q->address ? q->address : "");
     rc = moed_config_add_peer(&tmp, spec, "AddPeer", &err);
-    moed_config_clear(&tmp);
+    if (rc == 0 && (strcmp(tmp.peers[0].name, q->name) || strcmp(tmp.peers[0].address, q->address)))
+        rc = moe_error_set(&err, -EINVAL,
+                           "AddPeer: name '%s' and address '%s': expected a name "
+                           "without spaces and HOST:PORT",
+                           q->name, q->address);
     if (rc == 0)
-        rc = add_peer(cl_of(d), q->name, q->address, &err);
+        rc = add_peer(cl_of(d), tmp.peers[0].name, tmp.peers[0].address, &err);
+    moed_config_clear(&tmp);
     if (rc < 0)
         moe_rpc_fail(call, moed_grpc_status(rc), "%s", err.msg);
     else

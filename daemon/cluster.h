@@ -61,6 +61,10 @@ void moed_cluster_stop(struct moed *d);
 int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
                 struct moe_error *err);
 
+/* Waits until no split forward is running (they still submit their local
+ * share to the scheduler): 0, or -ETIMEDOUT after timeout_ms. */
+int moed_cluster_drain(struct moed *d, uint64_t timeout_ms);
+
 /* This node's name. */
 const char *moed_cluster_node(struct moed *d);
 

@@ -928,7 +928,10 @@ static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
     }
     /* Waits on a completion-queue thread: bounded, and the scheduler's own
      * workers finish the batches. */
-    n = moe_sched_drain(d->sched, q->timeout_ms ? q->timeout_ms : 30000);
+    /* Split forwards first: they still submit their local share. */
+    n = moed_cluster_drain(d, q->timeout_ms ? q->timeout_ms : 30000);
+    if (n == 0)
+        n = moe_sched_drain(d->sched, q->timeout_ms ? q->timeout_ms : 30000);
     if (n < 0) {
         moe_rpc_fail(call, GRPC_STATUS_DEADLINE_EXCEEDED, "requests still in flight after %llu ms",
                      (unsigned long long)(q->timeout_ms ? q->timeout_ms : 30000));
