@@ -807,7 +807,8 @@ static bool take_hot(struct peer *p, const uint8_t *ans, size_t len)
             h[n].experts = malloc((x->n_experts ? x->n_experts : 1) * sizeof(uint32_t));
             if (!h[n].experts)
                 continue;
-            memcpy(h[n].experts, x->experts, x->n_experts * sizeof(uint32_t));
+            if (x->n_experts)
+                memcpy(h[n].experts, x->experts, x->n_experts * sizeof(uint32_t));
             h[n].n = x->n_experts;
             n++;
         }

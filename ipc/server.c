@@ -200,11 +200,12 @@ static void push_cqe(struct moe_shm_session *ss, struct moe_shm_cqe *c, const ch
         dst[n] = 0;
         c->msg_len = (uint32_t)n;
     }
-    moe_ring_commit(&ss->cq, c);
-    /* Relaxed: the session thread compares the client's head with it; the
-     * lock orders it with the commit for every other reader. */
+    /* Counted before the commit, so that a client that takes the
+     * completion at once is never seen ahead of it.  Release: pairs with
+     * the session thread's acquire in has_room. */
     atomic_store_explicit(&ss->posted, atomic_load_explicit(&ss->posted, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
+                          memory_order_release);
+    moe_ring_commit(&ss->cq, c);
 }
 
 /* Completes a request the session thread answers itself; t_seen 0: a NOP,
@@ -254,13 +255,14 @@ static int has_room(struct moe_shm_session *ss)
 
     if (ss->taken - ss->cq_head_seen < ss->cq.capacity)
         return 1;
-    /* Relaxed: only counted here; the push that reuses a slot reads head
-     * again with acquire (ring.c). */
-    head = atomic_load_explicit(&ss->cq.ctl->head, memory_order_relaxed);
+    /* Acquire: pairs with the client's release of the slots it took, which
+     * follows its acquire of their commits, which follow posted's store:
+     * so the posted read below is at least what the client has seen. */
+    head = atomic_load_explicit(&ss->cq.ctl->head, memory_order_acquire);
     /* The client cannot have taken more completions than were posted (a
      * head ahead of them would open room that is not there), nor fall more
      * than the ring behind the requests taken. */
-    if ((int32_t)(head - atomic_load_explicit(&ss->posted, memory_order_relaxed)) > 0 ||
+    if ((int32_t)(head - atomic_load_explicit(&ss->posted, memory_order_acquire)) > 0 ||
         ss->taken - head > ss->cq.capacity)
         return -EPROTO;
     ss->cq_head_seen = head;
