@@ -1655,6 +1655,16 @@ int moe_cache_tier_count(struct moe_cache *c)
     return c->n_tiers;
 }
 
+bool moe_cache_tier0_host(struct moe_cache *c)
+{
+    bool host;
+
+    pthread_mutex_lock(&c->lock);
+    host = c->tiers[0].t->host_memory;
+    pthread_mutex_unlock(&c->lock);
+    return host;
+}
+
 int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool prefetch,
                          struct moe_error *err)
 {

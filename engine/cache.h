@@ -192,6 +192,10 @@ int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool
 
 /* Tiers in the cache (the host tier is the last). */
 int moe_cache_tier_count(struct moe_cache *c);
+/* True when tier 0, where acquired weights live, is host memory; false when
+ * a backend's tier (a GPU) is in front, whose blocks that backend reads in
+ * place. */
+bool moe_cache_tier0_host(struct moe_cache *c);
 
 /* The pager, for fault injection and its counters (NULL when simulating). */
 struct moe_pager *moe_cache_pager(struct moe_cache *c);

@@ -459,10 +459,14 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
 {
     struct moe_backend *b = e->b;
     const struct moe_layer *L = &e->m->layers[layer];
+    /* Weights the backend can read where they are: host memory for a host
+     * backend, or a tier of the backend's own memory in front of the
+     * cache (a GPU tier); otherwise each expert is staged for the call. */
+    bool direct = b->ops->host_memory || !moe_cache_tier0_host(e->cache);
     int r;
 
     for (int i = lo; i < hi; i++) {
-        if (b->ops->host_memory) {
+        if (direct) {
             s->w[i] = s->refs[i].w;
         } else {
             r = stage_weights(e, &L->experts[s->used[i]], &s->refs[i].w, &s->bufs[i], &s->w[i],
@@ -476,7 +480,7 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
     if (r < 0)
         return moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
                              b->ops->name);
-    if (!b->ops->host_memory) {
+    if (!direct) {
         for (int i = lo; i < hi; i++) {
             b->ops->mem_free(b, s->bufs[i]);
             s->bufs[i] = NULL;

@@ -15,6 +15,7 @@
 #include "layer.h"
 #include "model.h"
 #include "tests.h"
+#include "tier.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -263,6 +264,99 @@ static void check_partial(struct moe_engine *e, const struct moe_model *m, int l
     free(yb);
 }
 
+/* A tier of the staging backend's own memory in front of the host one, as
+ * a GPU tier is: the engine reads the weights in place (no copy per
+ * forward), uploads happen once per page-in, and the output is the same. */
+struct dev_tier {
+    struct moe_tier t;
+    int uploads;
+};
+
+static void *dt_alloc(struct moe_tier *t, uint64_t bytes)
+{
+    (void)t;
+    return moe_alloc_aligned(bytes);
+}
+
+static void dt_free(struct moe_tier *t, void *p, uint64_t bytes)
+{
+    (void)t, (void)bytes;
+    moe_free_aligned(p);
+}
+
+static int dt_upload(struct moe_tier *t, void *dst, const void *src, uint64_t bytes)
+{
+    ((struct dev_tier *)t)->uploads++;
+    memcpy(dst, src, bytes);
+    return 0;
+}
+
+static int dt_resize(struct moe_tier *t, uint64_t capacity)
+{
+    t->capacity = capacity;
+    return 0;
+}
+
+static void dt_destroy(struct moe_tier *t)
+{
+    free(t);
+}
+
+static const struct moe_tier_ops dev_tier_ops = {
+    .kind = "device",
+    .alloc = dt_alloc,
+    .free = dt_free,
+    .upload = dt_upload,
+    .resize = dt_resize,
+    .destroy = dt_destroy,
+};
+
+static void check_device_tier(struct moe_model *m, const float *x, int T, const float *whole)
+{
+    struct staging *stg = staging_new();
+    struct dev_tier *dt = calloc(1, sizeof(*dt));
+    struct moe_cache_config cc = {.policy = MOE_POLICY_LRU};
+    struct moe_cache *c;
+    struct moe_engine *e;
+    struct moe_error err = {0};
+    float *y = malloc((size_t)T * m->cfg.hidden * sizeof(float));
+    int id, layer = 0;
+
+    while (!m->layers[layer].is_moe)
+        layer++;
+    ASSERT_TRUE(dt && y);
+    dt->t.ops = &dev_tier_ops;
+    dt->t.priv = dt;
+    snprintf(dt->t.name, sizeof(dt->t.name), "device");
+    dt->t.capacity = moe_engine_all_experts_bytes(m) + (64u << 10) * 64;
+    cc.host_bytes = dt->t.capacity;
+    ASSERT_EQ(moe_cache_create(&cc, &c, &err), 0);
+    ASSERT_TRUE(moe_cache_tier0_host(c));
+    ASSERT_EQ(moe_cache_push_tier(c, &dt->t, &err), 0);
+    ASSERT_TRUE(!moe_cache_tier0_host(c));
+    ASSERT_EQ(moe_cache_add_model(c, m, "m", &id, &err), 0);
+    ASSERT_EQ(moe_engine_attach(m, &stg->self, c, id, &e), 0);
+    for (int rep = 0; rep < 2; rep++) {
+        int before = stg->copies_in, uploads = dt->uploads;
+
+        ASSERT_EQ(moe_layer_forward(e, layer, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), 0);
+        ASSERT_TRUE(memcmp(y, whole, (size_t)T * m->cfg.hidden * sizeof(float)) == 0);
+        if (rep == 1) {
+            /* Layer loaded and experts resident: the input and the cleared
+             * output are all that is copied (each expert would be 3 more),
+             * and nothing is uploaded again. */
+            ASSERT_TRUE(stg->copies_in - before <= 2);
+            ASSERT_EQ(dt->uploads, uploads);
+        } else {
+            ASSERT_TRUE(dt->uploads > 0);
+        }
+    }
+    moe_engine_free(e);
+    moe_cache_free(c);
+    moe_backend_free(&stg->self);
+    free(y);
+}
+
 static void check_arch(enum moe_arch arch)
 {
     char *dir = make_model("layer", arch);
@@ -276,6 +370,7 @@ static void check_arch(enum moe_arch arch)
     struct moe_error err = {0};
     struct moe_forward_stats st;
     uint64_t seed = 9;
+    bool first_moe = true;
 
     ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
     ASSERT_EQ(moe_backend_cpu_init(&cfg, &cpu, NULL), 0);
@@ -330,6 +425,10 @@ static void check_arch(enum moe_arch arch)
         ASSERT_EQ(moe_layer_forward(e1, layer, x, T, ids, w, y2, NULL, NULL, NULL, &err), 0);
         ASSERT_TRUE(memcmp(y1, y2, (size_t)T * H * sizeof(float)) == 0);
         check_partial(e1, m, layer, x, T, ids, w, y1);
+        if (first_moe) {
+            check_device_tier(m, x, T, y1);
+            first_moe = false;
+        }
     }
 
     moe_engine_free(e1);
