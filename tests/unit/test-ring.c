@@ -267,9 +267,12 @@ static void check_two_processes(void)
         for (uint64_t i = 0; i < N; i++) {
             struct entry e = {.n = i, .check = i * 2654435761u};
 
-            slot = moe_ring_reserve(&w, 10000);
-            if (slot < 0 || slot >= CAP)
+            slot = moe_ring_reserve(&w, 30000);
+            if (slot < 0 || slot >= CAP) {
+                fprintf(stderr, "reserve of entry %llu: %d (%s)\n", (unsigned long long)i, slot,
+                        slot < 0 ? strerror(-slot) : "out of range");
                 _exit(3);
+            }
             side[slot] = ~i;
             moe_ring_commit(&w, &e);
             if (i % 50000 == 0)
@@ -279,8 +282,12 @@ static void check_two_processes(void)
     }
     for (uint64_t i = 0; i < N; i++) {
         struct entry e;
-        int slot = moe_ring_peek(&r, &e, 10000);
+        /* 30 s: only a stall of the other process for that long fails. */
+        int slot = moe_ring_peek(&r, &e, 30000);
 
+        if (slot < 0 || slot >= CAP)
+            fprintf(stderr, "peek of entry %llu: %d (%s)\n", (unsigned long long)i, slot,
+                    slot < 0 ? strerror(-slot) : "out of range");
         ASSERT_TRUE(slot >= 0 && slot < CAP);
         ASSERT_EQ(e.n, i);
         ASSERT_EQ(e.check, i * 2654435761u);
