@@ -13,11 +13,14 @@ Checks:
     are unaffected, its session is reclaimed (moed_shm_sessions back to 0);
   - control commands given the shm socket say which socket they need;
   - moed stopped under a connected client: the client gets a clear error
-    naming the reason, and connects again to the restarted moed.
+    naming the reason, and connects again to the restarted moed;
+  - a shm caller and a gRPC caller, one request at a time each, share
+    batches (shared memory and gRPC batch together).
 
 Exit 0 pass, 1 fail, 77 skip (numpy missing).
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -38,10 +41,10 @@ ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 class Moed:
-    def __init__(self, moed, models, sock, workdir, name):
+    def __init__(self, moed, models, sock, workdir, name, extra=()):
         self.log = open(f"{workdir}/{name}.log", "w+")
         args = [moed, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                "--shm-socket", sock]
+                "--shm-socket", sock] + list(extra)
         for n, d in models.items():
             args += ["--model", f"{n}={d}"]
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -225,6 +228,29 @@ def main():
                  "2"])
         check("a client connects again to the restarted moed", r.returncode == 0,
               r.stdout + r.stderr)
+
+        # One shm caller and one gRPC caller, each with one request at a
+        # time, on one layer, with a 20 ms batch window: a batch of two
+        # requests holds one of each, so shared memory and gRPC batch
+        # together.
+        d.stop()
+        d = Moed(a.moed, models, sock, w, "moed3", ["--batch-window-us", "20000"])
+        common = ["--model", "mixtral", "--layers", "1", "--callers", "1", "--duration", "2",
+                  "-q", "--json"]
+        ps = [subprocess.Popen([m, "bench", "--socket", sock] + common, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True),
+              subprocess.Popen([m, "bench", "--remote", f"127.0.0.1:{d.port}"] + common,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        outs = [p.communicate(timeout=60) for p in ps]
+        try:
+            js = [json.loads(o) for o, _ in outs]
+            ok = all(j["errors"] == 0 for j in js)
+            mixed = js[0]["mean_batch_requests"]
+        except (ValueError, KeyError) as e:
+            ok, mixed = False, f"{e}: {outs}"
+        check("a shm and a gRPC caller run side by side without error", ok, outs)
+        check("their requests share batches (mean batch > 1.3 requests with one of each)",
+              isinstance(mixed, float) and mixed > 1.3, mixed)
     finally:
         rc = d.stop()
     check("moed exits 0", rc == 0, rc)
