@@ -723,6 +723,11 @@ static void *poll_main(void *arg)
             accept_one(s);
     }
     free(pf);
+    /* Acquire: pairs with the store in moe_shm_server_stop, after which it
+     * wrote stop_reason; the eventfd that woke us orders nothing for the
+     * language. */
+    while (!atomic_load_explicit(&s->stopping, memory_order_acquire))
+        ;
     while (s->n_conns)
         drop_conn(s, s->n_conns - 1, s->stop_reason);
     return NULL;

@@ -64,12 +64,14 @@ static int fake_models(void *arg, struct moe_shm_model_info *m, int max)
     return 1;
 }
 
-static void compute(struct moe_shm_req *req)
+/* output = 2 * input; delayed requests (which name the same bytes, run
+ * concurrently) write nothing: only their completion matters. */
+static void compute(struct moe_shm_req *req, bool write)
 {
     size_t n = (size_t)req->sqe.n_tokens * HIDDEN;
     float v;
 
-    if (req->sqe.dtype == MOE_SHM_DTYPE_F32)
+    if (write && req->sqe.dtype == MOE_SHM_DTYPE_F32)
         for (size_t i = 0; i < n; i++) {
             memcpy(&v, (const uint8_t *)req->in + 4 * i, 4);
             v *= 2;
@@ -85,7 +87,7 @@ static void *later(void *arg)
     struct timespec ts = {0, (long)atomic_load(&delay_ms) * 1000000};
 
     nanosleep(&ts, NULL);
-    compute(arg);
+    compute(arg, false);
     return NULL;
 }
 
@@ -100,7 +102,7 @@ static int fake_forward(void *arg, struct moe_shm_req *req, char *msg, size_t le
         pthread_detach(t);
         return 0;
     }
-    compute(req);
+    compute(req, true);
     return 0;
 }
 
