@@ -405,17 +405,19 @@ struct part {
     bool threaded;
 };
 
-/* ForwardExperts of the part's rows and ids (which may be a failover's
- * subset) to member m; the answer is added into out.  0 or -errno. */
-static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
+/* One ForwardExperts to member m: rows [r0, r0 + rows) of the part with
+ * ids (the part's layout); the answer is added into out (the part's
+ * layout).  0 or -errno with pt->msg. */
+static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
 {
     struct moed_cluster *c = pt->c;
     struct peer *p = pt->v->peer[m];
     Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__ForwardExpertsResponse *a = NULL;
-    int64_t shape[2] = {pt->rows, pt->H};
-    size_t n = (size_t)pt->rows * (size_t)pt->H, len, alen = 0;
+    int64_t shape[2] = {rows, pt->H};
+    size_t n = (size_t)rows * (size_t)pt->H, len, alen = 0;
+    size_t xo = (size_t)r0 * pt->H, ko = (size_t)r0 * pt->K;
     uint8_t *buf = NULL, *ans = NULL;
     struct moe_rpc_client *cl;
     char msg[256];
@@ -424,16 +426,16 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
     t.n_shape = 2;
     t.shape = shape;
     t.dtype = MOE__V1__DTYPE__DTYPE_F32;
-    t.data.data = (uint8_t *)pt->x;
+    t.data.data = (uint8_t *)(pt->x + xo);
     t.data.len = n * sizeof(float);
     q.model = pt->mm->name;
     q.layer = (uint32_t)pt->layer;
     q.hidden = &t;
     q.top_k = (uint32_t)pt->K;
-    q.n_expert_ids = (size_t)pt->rows * pt->K;
-    q.expert_ids = (int32_t *)ids;
+    q.n_expert_ids = (size_t)rows * pt->K;
+    q.expert_ids = (int32_t *)ids + ko;
     q.n_weights = q.n_expert_ids;
-    q.weights = pt->w;
+    q.weights = pt->w + ko;
     q.shared = false;
     q.from = c->node;
     len = moe__v1__forward_experts_request__get_packed_size(&q);
@@ -447,10 +449,10 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
     }
     moe__v1__forward_experts_request__pack(&q, buf);
     atomic_fetch_add_explicit(&p->calls, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&p->tokens_sent, (uint64_t)pt->rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->tokens_sent, (uint64_t)rows, memory_order_relaxed);
     atomic_fetch_add_explicit(&p->bytes_sent, len, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->remote_calls, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&c->tokens_remote, (uint64_t)pt->rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_remote, (uint64_t)rows, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->bytes_sent, len, memory_order_relaxed);
     st = moe_rpc_client_call(cl, "/moe.v1.Peer/ForwardExperts", buf, len, &ans, &alen, msg,
                              sizeof(msg));
@@ -468,7 +470,7 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
     atomic_fetch_add_explicit(&p->bytes_received, alen, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->bytes_received, alen, memory_order_relaxed);
     a = moe__v1__forward_experts_response__unpack(NULL, alen, ans);
-    if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != pt->rows ||
+    if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != rows ||
         a->output->shape[1] != pt->H || a->output->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
         a->output->data.len != n * sizeof(float)) {
         snprintf(pt->msg, sizeof(pt->msg), "%s answered an output of the wrong shape", p->name);
@@ -479,7 +481,7 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
         float y;
 
         memcpy(&y, a->output->data.data + 4 * i, 4);
-        out[i] += y;
+        out[xo + i] += y;
     }
     pt->hits += a->cache_hits;
     pt->misses += a->cache_misses;
@@ -490,6 +492,39 @@ out:
     if (a)
         moe__v1__forward_experts_response__free_unpacked(a, NULL);
     free(ans);
+    return rc;
+}
+
+/* ForwardExperts of the part's rows and ids (which may be a failover's
+ * subset) to member m, in calls of at most peer_max_rows rows (by default
+ * what fits max_message_bytes, the peer's limit too when the cluster is
+ * configured alike); the answer is added into out only when every call
+ * succeeded, so that a failover never counts a share twice.  0 or -errno. */
+static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
+{
+    const struct moed_config *cfg = &pt->c->d->cfg;
+    size_t row_bytes = (size_t)pt->H * 4 + (size_t)pt->K * 16;
+    int max_rows = cfg->peer_max_rows, rc = 0;
+    float *tmp;
+
+    if (max_rows <= 0) {
+        uint64_t room = cfg->max_message_bytes * 9 / 10;
+
+        max_rows = (int)MOE_MIN(room > 4096 ? (room - 4096) / row_bytes : 1, INT32_MAX);
+        if (max_rows < 1)
+            max_rows = 1;
+    }
+    tmp = calloc((size_t)pt->rows * pt->H, sizeof(float));
+    if (!tmp) {
+        snprintf(pt->msg, sizeof(pt->msg), "out of memory");
+        return -ENOMEM;
+    }
+    for (int r0 = 0; r0 < pt->rows && rc == 0; r0 += max_rows)
+        rc = call_chunk(pt, m, r0, MOE_MIN(max_rows, pt->rows - r0), ids, tmp);
+    if (rc == 0)
+        for (size_t i = 0; i < (size_t)pt->rows * pt->H; i++)
+            out[i] += tmp[i];
+    free(tmp);
     return rc;
 }
 

@@ -84,6 +84,8 @@ static const struct key keys[] = {
      "how often each peer's health is checked (default 500)"},
     {"cluster", "rebalance_interval_ms", K_U64, OFF(rebalance_interval_ms), 100, 86400000,
      "how often replicas are chosen again from the measured load (default 5000)"},
+    {"cluster", "peer_max_rows", K_INT, OFF(peer_max_rows), 0, MOE_MAX_TOKENS,
+     "token rows per call to a peer; more are split (default: what max_message_bytes allows)"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
     {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
     {"compute", "gpus", K_STR, OFF(gpus), 0, 0,

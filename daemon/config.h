@@ -15,7 +15,7 @@
  *   [scheduler] batch_window_us, max_batch_tokens, workers
  *   [compute]   threads, kernel, gpus, gpu_cache_bytes
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
- *               ping_interval_ms, rebalance_interval_ms,
+ *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
  *               peer = NAME HOST:PORT   (repeatable; flag: --peer "NAME HOST:PORT")
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
  *
@@ -86,6 +86,7 @@ struct moed_config {
     uint64_t peer_timeout_ms;  /* a ForwardExperts slower than this fails over */
     uint64_t ping_interval_ms; /* peer health checks */
     uint64_t rebalance_interval_ms;
+    int peer_max_rows; /* token rows per ForwardExperts; 0: what max_message_bytes allows */
     int n_peers;
     struct moed_peer_cfg peers[MOED_MAX_PEERS];
     /* [models] */

@@ -44,9 +44,11 @@ except ImportError as e:
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 TOKEN = "secret"
-# fast state changes: pings every 100 ms, replicas chosen every 500 ms
+# fast state changes: pings every 100 ms, replicas chosen every 500 ms; at
+# most 16 rows per ForwardExperts, so that the 64-token forwards are split
+# into several calls per peer (what a prefill beyond max_message_bytes does)
 TIMING = ["--ping-interval-ms", "100", "--rebalance-interval-ms", "500",
-          "--peer-timeout-ms", "1000"]
+          "--peer-timeout-ms", "1000", "--peer-max-rows", "16"]
 
 
 def free_ports(n):
@@ -248,6 +250,18 @@ def main():
         check("bytes between nodes are counted",
               all(int(c.get("bytes_sent", 0)) > 0 and int(c.get("bytes_received", 0)) > 0
                   for c in cl.values()), cl)
+        # --peer-max-rows 16: one 64-token forward through A sends each peer
+        # its rows (about half of them) in calls of at most 16 rows.
+        def peer_counts():
+            return {p["name"]: (int(p.get("calls", 0)), int(p.get("tokens_sent", 0)))
+                    for p in js(A, "status").get("peers", [])}
+        c0 = peer_counts()
+        forwards([A], "one 64-token forward through A", [("mixtral", 64)])
+        c1 = peer_counts()
+        d = {k: (c1[k][0] - c0[k][0], c1[k][1] - c0[k][1]) for k in c1}
+        check("a share above peer_max_rows goes in several calls of at most 16 rows",
+              all(calls >= 2 and rows > 16 and rows <= 16 * calls for calls, rows in d.values()),
+              d)
 
         # ---- SIGKILL of C under load through A ----
         before = js(A, "stats")["cluster"]
