@@ -111,6 +111,28 @@ def main():
     check("missing model refused", p.returncode == 1 and "config.json" in p.stderr, p.stderr)
     p = subprocess.run([moed, "--help"], capture_output=True, text=True)
     check("--help", p.returncode == 0 and "--host-cache-bytes" in p.stdout, p.stdout)
+    # the cluster's and the shared-memory transport's configuration
+    with open(conf, "w") as f:
+        f.write("[cluster]\nnode_name = a\npeer = b 127.0.0.1:1\npeer = c nowhere\n")
+    p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
+    check("a peer without a port refused with its line", p.returncode == 2
+          and "bad.conf:4" in p.stderr and "HOST:PORT" in p.stderr, p.stderr)
+    with open(conf, "w") as f:
+        f.write("[cluster]\npeer = b 127.0.0.1:1\npeer = b 127.0.0.1:2\n")
+    p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
+    check("a peer named twice refused", p.returncode == 2 and "named twice" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--peer", "b 127.0.0.1:99999"], capture_output=True, text=True)
+    check("--peer with a bad port refused", p.returncode == 2 and "--peer" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model", f"mix={model}",
+                        "--shm-socket", f"{w}/s.sock", "--shm-allow-users", "no-such-user-x"],
+                       capture_output=True, text=True, timeout=30)
+    check("an unknown user on the shm allow-list refused", p.returncode == 1
+          and "no user called 'no-such-user-x'" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model", f"mix={model}",
+                        "--shm-socket", f"{w}/no/such/dir/s.sock"],
+                       capture_output=True, text=True, timeout=30)
+    check("an shm socket in a missing directory refused", p.returncode == 1
+          and "no/such/dir/s.sock" in p.stderr, p.stderr)
 
     conf = f"{w}/moed.conf"
     with open(conf, "w") as f:
