@@ -186,28 +186,11 @@ static void copy_str(char *dst, size_t dst_len, const char *src, size_t len)
     dst[n] = 0;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
-}
-
-static void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* Waits up to ms for fd to be readable: 1, 0 on timeout, -errno. */
 static int wait_readable(int fd, int ms)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    uint64_t end = now_ns() + (uint64_t)ms * 1000000ull;
+    uint64_t end = moe_ring_now_ns() + (uint64_t)ms * 1000000ull;
     int r;
 
     for (;;) {
@@ -216,7 +199,7 @@ static int wait_readable(int fd, int ms)
             return r > 0;
         if (errno != EINTR)
             return -errno;
-        uint64_t now = now_ns();
+        uint64_t now = moe_ring_now_ns();
         ms = now >= end ? 0 : (int)((end - now) / 1000000ull);
     }
 }
@@ -981,7 +964,7 @@ static int take_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int
  * between them. */
 static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int timeout_ms)
 {
-    uint64_t start = now_ns(), end = UINT64_MAX, next_check = start + POLL_CHECK_NS;
+    uint64_t start = moe_ring_now_ns(), end = UINT64_MAX, next_check = start + POLL_CHECK_NS;
     bool spin = s->flags & MOE_SESSION_POLL;
     int rc, slice;
 
@@ -992,7 +975,7 @@ static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int 
 
         slice = 0;
         if (!spin) {
-            now = now_ns();
+            now = moe_ring_now_ns();
             slice = now >= end ? 0
                     : end - now > WAIT_SLICE_MS * 1000000ull
                         ? WAIT_SLICE_MS
@@ -1006,10 +989,10 @@ static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int 
                        "moed corrupted the completion ring (a sequence word or tail out of "
                        "range); the session is unusable, reconnect");
         if (spin) {
-            cpu_relax();
+            moe_ring_relax();
             if (i % 64)
                 continue;
-            now = now_ns();
+            now = moe_ring_now_ns();
             if (now < next_check && now < end)
                 continue;
             next_check = now + POLL_CHECK_NS;
@@ -1017,7 +1000,7 @@ static int pop_cqe(struct moe_session *s, struct moe_shm_cqe *q, char *msg, int 
         rc = check_alive(s);
         if (rc < 0)
             return rc;
-        if (timeout_ms >= 0 && now_ns() >= end)
+        if (timeout_ms >= 0 && moe_ring_now_ns() >= end)
             return fail(s, -ETIMEDOUT, "no completion within %d ms", timeout_ms);
     }
 }
@@ -1074,7 +1057,7 @@ int moe_poll(struct moe_session *s, struct moe_completion *c)
     if (rc == -EPROTO)
         return die(s, -EPROTO, "moed corrupted the completion ring (a sequence word out of range)");
     /* Nothing: look for a dead moed now and then (a syscall; keep polling cheap). */
-    now = now_ns();
+    now = moe_ring_now_ns();
     if (now >= s->next_check_ns) {
         s->next_check_ns = now + 10 * POLL_CHECK_NS;
         rc = check_alive(s);

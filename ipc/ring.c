@@ -95,23 +95,6 @@ static long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct tim
     return syscall(SYS_futex, (uint32_t *)word, op, val, ts, NULL, 0);
 }
 
-static void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
 /* The sequence word of the slot of position p. */
 static _Atomic uint32_t *seq_word(const struct moe_ring *r, uint32_t p)
 {
@@ -173,9 +156,9 @@ static int wait_for(struct moe_ring *r, _Atomic uint32_t *sleeping, int (*ready)
         rc = ready(r);
         if (rc)
             return rc < 0 ? rc : 0;
-        cpu_relax();
+        moe_ring_relax();
         if (i % 64 == 0) { /* the clock is read every 64 polls, from the 64th */
-            int64_t now = now_ns();
+            int64_t now = (int64_t)moe_ring_now_ns();
 
             if (!start)
                 start = now;
@@ -197,7 +180,7 @@ static int wait_for(struct moe_ring *r, _Atomic uint32_t *sleeping, int (*ready)
             return rc < 0 ? rc : 0;
         }
         if (timeout_ms >= 0) {
-            left = end - now_ns();
+            left = end - (int64_t)moe_ring_now_ns();
             if (left <= 0) {
                 atomic_store_explicit(sleeping, 0, memory_order_relaxed);
                 rc = ready(r);

@@ -48,6 +48,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #define MOE_RING_CACHELINE 64
 /* How long a waiter spins before it sleeps on the futex: longer than a
@@ -57,6 +58,26 @@
 #define MOE_RING_SPIN_NS 50000
 /* The sequence word of position p: odd, so never the 0 of a fresh slot. */
 #define MOE_RING_SEQ(p) ((uint32_t)((uint32_t)(p) << 1 | 1u))
+
+/* The two things every spinning side of the protocol needs (the rings, the
+ * daemon's server, libmoe-client): a pause inside a spin loop, and the
+ * monotonic clock in nanoseconds. */
+static inline void moe_ring_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t moe_ring_now_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
 
 struct moe_ring_ctl {
     _Alignas(MOE_RING_CACHELINE) _Atomic uint32_t head; /* next position to consume */

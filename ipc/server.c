@@ -120,14 +120,6 @@ static void msgf(char *msg, size_t len, const char *fmt, ...)
     va_end(ap);
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
-}
-
 /* ---- sessions -------------------------------------------------------------------------- */
 
 static void session_put(struct moe_shm_session *ss)
@@ -216,7 +208,7 @@ static void complete_now(struct moe_shm_session *ss, uint64_t tag, int status, c
     struct moe_shm_cqe c = {.tag = tag, .status = status};
 
     if (t_seen)
-        c.total_ns = now_ns() - t_seen;
+        c.total_ns = moe_ring_now_ns() - t_seen;
     pthread_mutex_lock(&ss->lock);
     push_cqe(ss, &c, msg);
     pthread_mutex_unlock(&ss->lock);
@@ -233,7 +225,7 @@ void moe_shm_complete(struct moe_shm_req *req, int status, const struct moe_shm_
         c = *counters;
     c.tag = req->sqe.tag;
     c.status = status;
-    c.total_ns = now_ns() - req->t_seen;
+    c.total_ns = moe_ring_now_ns() - req->t_seen;
     if (status < 0)
         atomic_fetch_add_explicit(&s->failed, 1, memory_order_relaxed);
     pthread_mutex_lock(&ss->lock);
@@ -282,7 +274,7 @@ static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q)
         complete_now(ss, q->tag, 0, NULL, 0);
         return;
     }
-    t_seen = now_ns();
+    t_seen = moe_ring_now_ns();
     atomic_fetch_add_explicit(&s->requests, 1, memory_order_relaxed);
     n = s->cfg.models(s->cfg.arg, ss->models, MOE_SHM_MAX_MODELS);
     if (n < 0)
@@ -628,7 +620,7 @@ static void accept_one(struct moe_shm_server *s)
         /* Out of descriptors: the listening socket stays readable; polling
          * it again at once would spin.  Pause accepting a little. */
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
-            s->accept_paused_until = now_ns() + ACCEPT_PAUSE_MS * 1000000ull;
+            s->accept_paused_until = moe_ring_now_ns() + ACCEPT_PAUSE_MS * 1000000ull;
         return;
     }
     for (int i = 0; i < s->n_conns; i++)
@@ -648,7 +640,7 @@ static void accept_one(struct moe_shm_server *s)
         s->conns = nc;
         s->cap_conns = s->cap_conns ? 2 * s->cap_conns : 16;
     }
-    s->conns[s->n_conns++] = (struct conn){fd, NULL, now_ns()};
+    s->conns[s->n_conns++] = (struct conn){fd, NULL, moe_ring_now_ns()};
 }
 
 static void *poll_main(void *arg)
@@ -659,7 +651,7 @@ static void *poll_main(void *arg)
 
     while (!atomic_load(&s->stopping)) {
         int n = s->n_conns + 3, i, timeout = -1;
-        uint64_t v, now = now_ns();
+        uint64_t v, now = moe_ring_now_ns();
 
         if (n > cap) {
             struct pollfd *np = realloc(pf, sizeof(*pf) * (size_t)n * 2);
@@ -683,7 +675,7 @@ static void *poll_main(void *arg)
         }
         if (poll(pf, (nfds_t)n, timeout) < 0)
             continue;
-        now = now_ns();
+        now = moe_ring_now_ns();
         if (pf[0].revents)
             break;
         if (pf[2].revents && read(s->kick_fd, &v, sizeof(v)) < 0) {
