@@ -19,6 +19,7 @@
  * usage: bench-grpc [--quick] [--dir DIR]
  */
 #include "bench.h"
+#include "bench_moed.h"
 #include "common.h"
 #include "genmodel.h"
 #include "moe.pb-c.h"
@@ -47,46 +48,6 @@ static void die(const char *what)
 {
     fprintf(stderr, "bench-grpc: %s\n", what);
     exit(1);
-}
-
-/* ---- moed ---------------------------------------------------------------------------------- */
-
-static pid_t moed_pid;
-
-static void stop_moed(void)
-{
-    if (moed_pid > 0) {
-        kill(moed_pid, SIGTERM);
-        waitpid(moed_pid, NULL, 0);
-        moed_pid = 0;
-    }
-}
-
-static int start_moed(const char *model)
-{
-    int fds[2], port = 0;
-    char spec[4200], line[256];
-    FILE *f;
-
-    snprintf(spec, sizeof(spec), "bench=%s", model);
-    if (pipe(fds) < 0)
-        die("pipe");
-    moed_pid = fork();
-    if (moed_pid == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        execl(MOED_BIN, "moed", "--listen", "127.0.0.1:0", "--model", spec, "--batch-window-us",
-              "1", "--log-level", "warn", (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    f = fdopen(fds[0], "r");
-    if (!f || !fgets(line, sizeof(line), f) ||
-        sscanf(line, "moed: listening on port %d", &port) != 1)
-        die("moed did not start");
-    fclose(f);
-    atexit(stop_moed);
-    return port;
 }
 
 /* ---- calls --------------------------------------------------------------------------------- */
@@ -291,7 +252,7 @@ int main(int argc, char **argv)
     g.ffn = quick ? 256 : 1024;
     if (moe_genmodel_write(&g, &err) < 0)
         die(err.msg);
-    port = start_moed(model);
+    port = bench_moed_start("bench-grpc", MOED_BIN, model, NULL);
     snprintf(target, sizeof(target), "127.0.0.1:%d", port);
     cc.target = target;
     if (moe_rpc_client_open(&cc, &c, msg, sizeof(msg)) < 0)
@@ -335,7 +296,7 @@ int main(int argc, char **argv)
     printf("overhead = client p50 - time inside moed (p50); ratio = overhead / TCP round trip of "
            "the same bytes (the floor, same run); calls/s and tokens/s with 4 callers at once\n");
     moe_rpc_client_close(c);
-    stop_moed();
+    bench_moed_stop();
     {
         char cmd[4200];
 

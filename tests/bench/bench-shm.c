@@ -32,6 +32,7 @@
  * usage: bench-shm [--quick] [--dir DIR]
  */
 #include "bench.h"
+#include "bench_moed.h"
 #include "common.h"
 #include "genmodel.h"
 #include "moe.pb-c.h"
@@ -72,15 +73,6 @@ static void die(const char *what)
     exit(1);
 }
 
-static void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 static int cmp_u32(const void *a, const void *b)
 {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
@@ -93,53 +85,6 @@ static uint32_t quantile(uint32_t *v, size_t n, double p)
 {
     qsort(v, n, sizeof(*v), cmp_u32);
     return v[MOE_MIN(n - 1, (size_t)(p * (double)n))];
-}
-
-/* ---- moed ---------------------------------------------------------------------------------- */
-
-static pid_t moed_pid;
-
-static void stop_moed(void)
-{
-    if (moed_pid > 0) {
-        kill(moed_pid, SIGTERM);
-        waitpid(moed_pid, NULL, 0);
-        moed_pid = 0;
-    }
-}
-
-/* Starts moed on model with gRPC on loopback and shm clients on sock;
- * returns the gRPC port. */
-static int start_moed(const char *model, const char *sock)
-{
-    int fds[2], port = 0;
-    char spec[4200], line[4400];
-    FILE *f;
-
-    snprintf(spec, sizeof(spec), "bench=%s", model);
-    if (pipe(fds) < 0)
-        die("pipe");
-    moed_pid = fork();
-    if (moed_pid == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        execl(MOED_BIN, "moed", "--listen", "127.0.0.1:0", "--shm-socket", sock, "--model", spec,
-              "--batch-window-us", "1", "--log-level", "warn", (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    f = fdopen(fds[0], "r");
-    if (!f || !fgets(line, sizeof(line), f) ||
-        sscanf(line, "moed: listening on port %d", &port) != 1)
-        die("moed did not start");
-    /* The shared-memory line comes after the port's. */
-    while (fgets(line, sizeof(line), f) && !strstr(line, "shared memory on"))
-        ;
-    if (!strstr(line, "shared memory on"))
-        die("moed did not open its shared-memory socket");
-    fclose(f);
-    atexit(stop_moed);
-    return port;
 }
 
 /* ---- floors: two processes ping-ponging through a shared mapping -------------------------- */
@@ -164,7 +109,7 @@ static void await(_Atomic uint32_t *w, uint32_t want, int spin)
     /* Acquire pairs with the other side's release store of w. */
     while ((v = atomic_load_explicit(w, memory_order_acquire)) != want) {
         if (spin)
-            cpu_relax();
+            moe_ring_relax();
         else
             futex(w, FUTEX_WAIT, v);
     }
@@ -195,7 +140,6 @@ static void floor_pingpong(int spin, uint32_t *lat, int n)
     if (pid < 0)
         die("fork");
     if (pid == 0) {
-        moed_pid = 0; /* not the child's to stop */
         if (floor_child_cpu >= 0)
             pin(0, floor_child_cpu);
         for (int i = 0; i < n; i++) {
@@ -314,7 +258,7 @@ static void bench_ipc(const char *sock)
 
         floor_child_cpu = pinned ? 0 : -1;
         pin(0, pinned ? last : -1);
-        pin(moed_pid, pinned ? 0 : -1);
+        pin(bench_moed_pid, pinned ? 0 : -1);
         /* Passes interleave the four so that a slow moment of the machine
          * touches all of them; each figure is the median of its passes. */
         for (int p = 0; p < passes; p++) {
@@ -328,7 +272,7 @@ static void bench_ipc(const char *sock)
             }
         }
         pin(0, -1);
-        pin(moed_pid, -1);
+        pin(bench_moed_pid, -1);
         for (int k = 0; k < N_IPC; k++) {
             m50[k] = bench_median(p50[k], passes);
             m99[k] = bench_median(p99[k], passes);
@@ -503,7 +447,6 @@ static void client_main(const struct client_cfg *cfg, struct start *go, int fd, 
     struct conn c;
     uint64_t start, end, t = 0;
 
-    moed_pid = 0; /* not the child's to stop */
     if (!lat || conn_open(&c, cfg, 1000 + (uint64_t)idx, msg, sizeof(msg)) < 0)
         goto fail;
     for (int i = 0; i < 3; i++)
@@ -683,7 +626,7 @@ int main(int argc, char **argv)
     g.ffn = quick ? 256 : 1024;
     if (moe_genmodel_write(&g, &err) < 0)
         die(err.msg);
-    port = start_moed(model, sock);
+    port = bench_moed_start("bench-shm", MOED_BIN, model, sock);
     snprintf(target, sizeof(target), "127.0.0.1:%d", port);
     printf("moed on %s and %s\n", target, sock);
     {
@@ -703,7 +646,7 @@ int main(int argc, char **argv)
     bench_ipc(sock);
     bench_throughput(sock, target, g.ffn);
 
-    stop_moed();
+    bench_moed_stop();
     {
         char cmd[4200];
 
