@@ -18,6 +18,7 @@
 #include "model.h"
 #include "moe_cuda.h"
 #include "router.h"
+#include "layer_ref.h"
 #include "tests.h"
 
 #include <errno.h>
@@ -37,120 +38,6 @@ static const struct {
 #define N_VARIANTS (int)MOE_ARRAY_SIZE(variants)
 
 static const int token_counts[] = {1, 2, 7, 64, 511, 4096};
-
-/* One expert widened to double. */
-struct dexpert {
-    int64_t H, F;
-    double *g, *u, *d;
-};
-
-static double *tensor_f64(const struct moe_model *m, const struct moe_tensor_ref *t)
-{
-    size_t n = (size_t)(t->rows * t->cols), es = moe_dtype_size(t->dtype);
-    uint8_t *raw = malloc(t->nbytes);
-    double *v = malloc(n * sizeof(double));
-
-    ASSERT_TRUE(raw && v);
-    ASSERT_EQ(moe_model_read(m, t, raw, NULL), 0);
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-        float f;
-
-        if (t->dtype == MOE_DTYPE_F32) {
-            memcpy(&f, raw + i * es, 4);
-        } else {
-            memcpy(&h, raw + i * es, 2);
-            f = t->dtype == MOE_DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
-        }
-        v[i] = f;
-    }
-    free(raw);
-    return v;
-}
-
-static void dexpert_load(const struct moe_model *m, const struct moe_expert_ref *x,
-                         struct dexpert *d)
-{
-    d->H = x->gate.cols;
-    d->F = x->gate.rows;
-    d->g = tensor_f64(m, &x->gate);
-    d->u = tensor_f64(m, &x->up);
-    d->d = tensor_f64(m, &x->down);
-}
-
-static void dexpert_free(struct dexpert *d)
-{
-    free(d->g);
-    free(d->u);
-    free(d->d);
-}
-
-/* y += s * down(silu(gate x) * up x) in double. */
-static void dexpert_apply(const struct dexpert *e, const float *x, double s, double *y, double *h)
-{
-    for (int64_t f = 0; f < e->F; f++) {
-        double a = 0, b = 0;
-
-        for (int64_t c = 0; c < e->H; c++) {
-            a += e->g[f * e->H + c] * x[c];
-            b += e->u[f * e->H + c] * x[c];
-        }
-        h[f] = a / (1.0 + exp(-a)) * b;
-    }
-    for (int64_t r = 0; r < e->H; r++) {
-        double acc = 0;
-
-        for (int64_t f = 0; f < e->F; f++)
-            acc += e->d[r * e->F + f] * h[f];
-        y[r] += s * acc;
-    }
-}
-
-/* The layer's output for the given routing, in double. */
-static void layer_ref(const struct moe_model *m, int layer, const float *x, int T,
-                      const int32_t *ids, const float *w, double *y)
-{
-    const struct moe_layer *L = &m->layers[layer];
-    const int H = m->cfg.hidden, K = m->cfg.top_k, E = m->cfg.n_experts;
-    struct dexpert *ex = calloc((size_t)E, sizeof(*ex)), sh = {0};
-    double *gate = NULL, *h = malloc(sizeof(double) * 65536);
-
-    ASSERT_TRUE(ex && h);
-    if (L->has_shared)
-        dexpert_load(m, &L->shared, &sh);
-    if (L->has_shared_gate)
-        gate = tensor_f64(m, &L->shared_gate);
-    memset(y, 0, (size_t)T * H * sizeof(double));
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + (size_t)t * H;
-
-        for (int j = 0; j < K; j++) {
-            int e = ids[t * K + j];
-
-            if (!ex[e].g)
-                dexpert_load(m, &L->experts[e], &ex[e]);
-            dexpert_apply(&ex[e], xt, w[t * K + j], y + (size_t)t * H, h);
-        }
-        if (L->has_shared) {
-            double s = 1.0;
-
-            if (gate) {
-                double a = 0;
-
-                for (int c = 0; c < H; c++)
-                    a += gate[c] * xt[c];
-                s = 1.0 / (1.0 + exp(-a));
-            }
-            dexpert_apply(&sh, xt, s, y + (size_t)t * H, h);
-        }
-    }
-    for (int e = 0; e < E; e++)
-        dexpert_free(&ex[e]);
-    dexpert_free(&sh);
-    free(ex);
-    free(gate);
-    free(h);
-}
 
 static double rel_l2(const float *a, const float *b, size_t n)
 {

@@ -14,6 +14,7 @@
 #include "genmodel.h"
 #include "layer.h"
 #include "model.h"
+#include "layer_ref.h"
 #include "tests.h"
 #include "tier.h"
 
@@ -100,90 +101,6 @@ static struct staging *staging_new(void)
     ASSERT_EQ(moe_backend_cpu_init(&cfg, &s->cpu, NULL), 0);
     s->self.ops = &staging_ops;
     return s;
-}
-
-/* Reads a tensor and widens it to double. */
-static double *tensor_f64(const struct moe_model *m, const struct moe_tensor_ref *t)
-{
-    size_t n = (size_t)(t->rows * t->cols), es = moe_dtype_size(t->dtype);
-    uint8_t *raw = malloc(t->nbytes);
-    double *v = malloc(n * sizeof(double));
-
-    ASSERT_TRUE(raw && v);
-    ASSERT_EQ(moe_model_read(m, t, raw, NULL), 0);
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-        float f;
-
-        if (t->dtype == MOE_DTYPE_F32) {
-            memcpy(&f, raw + i * es, 4);
-        } else {
-            memcpy(&h, raw + i * es, 2);
-            f = t->dtype == MOE_DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
-        }
-        v[i] = f;
-    }
-    free(raw);
-    return v;
-}
-
-/* y += s * down(silu(gate x) * up x), all in double. */
-static void expert_ref(const struct moe_model *m, const struct moe_expert_ref *x_ref,
-                       const float *x, double s, double *y)
-{
-    int64_t H = x_ref->gate.cols, F = x_ref->gate.rows;
-    double *g = tensor_f64(m, &x_ref->gate), *u = tensor_f64(m, &x_ref->up);
-    double *d = tensor_f64(m, &x_ref->down), *h = malloc((size_t)F * sizeof(double));
-
-    for (int64_t f = 0; f < F; f++) {
-        double a = 0, b = 0;
-
-        for (int64_t c = 0; c < H; c++) {
-            a += g[f * H + c] * x[c];
-            b += u[f * H + c] * x[c];
-        }
-        h[f] = a / (1.0 + exp(-a)) * b;
-    }
-    for (int64_t r = 0; r < H; r++) {
-        double acc = 0;
-
-        for (int64_t f = 0; f < F; f++)
-            acc += d[r * F + f] * h[f];
-        y[r] += s * acc;
-    }
-    free(g);
-    free(u);
-    free(d);
-    free(h);
-}
-
-/* Reference output for the routing the engine chose (the router itself is
- * checked by test-router and the end-to-end tests). */
-static void layer_ref(const struct moe_model *m, int layer, const float *x, int T,
-                      const int32_t *ids, const float *w, double *y)
-{
-    const struct moe_layer *L = &m->layers[layer];
-    int H = m->cfg.hidden, K = m->cfg.top_k;
-
-    memset(y, 0, (size_t)T * H * sizeof(double));
-    for (int t = 0; t < T; t++) {
-        for (int j = 0; j < K; j++)
-            expert_ref(m, &L->experts[ids[t * K + j]], x + (size_t)t * H, w[t * K + j],
-                       y + (size_t)t * H);
-        if (L->has_shared) {
-            double s = 1.0;
-
-            if (L->has_shared_gate) {
-                double *g = tensor_f64(m, &L->shared_gate), a = 0;
-
-                for (int c = 0; c < H; c++)
-                    a += g[c] * x[(size_t)t * H + c];
-                s = 1.0 / (1.0 + exp(-a));
-                free(g);
-            }
-            expert_ref(m, &L->shared, x + (size_t)t * H, s, y + (size_t)t * H);
-        }
-    }
 }
 
 static char *make_model(const char *tag, enum moe_arch arch)
