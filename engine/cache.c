@@ -1657,12 +1657,10 @@ int moe_cache_tier_count(struct moe_cache *c)
 
 bool moe_cache_tier0_host(struct moe_cache *c)
 {
-    bool host;
-
-    pthread_mutex_lock(&c->lock);
-    host = c->tiers[0].t->host_memory;
-    pthread_mutex_unlock(&c->lock);
-    return host;
+    /* No lock: tiers are pushed only before the first model is added
+     * (under the lock), so once there is anything to compute, tier 0 is
+     * fixed.  Called for every run of a forward. */
+    return c->tiers[0].t->host_memory;
 }
 
 int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool prefetch,
