@@ -391,6 +391,54 @@ def grpc_checks(a, w, A):
     check("Peer/Ping with the token: OK", code == grpc.StatusCode.OK, f"{code} {det}")
     code, det = code_of(lambda: peer.ForwardExperts(fe, timeout=10, metadata=good))
     check("Peer/ForwardExperts with the token: OK", code == grpc.StatusCode.OK, f"{code} {det}")
+
+    # Bad requests from a peer: each refused with what is wrong; A goes on.
+    INV, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    nan = x.copy()
+    nan[1, 3] = np.nan
+
+    def fe_with(**kw):
+        f = dict(model="mixtral", layer=0, hidden=tensor(pb, x), top_k=2,
+                 expert_ids=[0, 1, 2, -1], weights=[0.5, 0.5, 1.0, 0.0])
+        f.update(kw)
+        return pb.ForwardExpertsRequest(**f)
+    bad = [
+        ("an unknown model", fe_with(model="nosuch"), NF, "nosuch"),
+        ("a layer that is not there", fe_with(layer=99), INV, "no MoE layer 99"),
+        ("rows of the wrong width", fe_with(hidden=tensor(pb, x[:, :64].copy())), INV, "128"),
+        ("bf16 rows", fe_with(hidden=tensor(pb, x, "bf16")), INV, "float32"),
+        ("another top_k", fe_with(top_k=3), INV, "top_k"),
+        ("too few ids", fe_with(expert_ids=[0, 1, 2]), INV, "ids"),
+        ("an expert out of range", fe_with(expert_ids=[0, 99, 2, -1]), INV, "out of range"),
+        ("an expert twice in a row", fe_with(expert_ids=[4, 4, 2, -1]), INV, "twice"),
+        ("a NaN", fe_with(hidden=tensor(pb, nan)), INV, "not finite"),
+    ]
+    for label, req, want, says in bad:
+        code, det = code_of(lambda: peer.ForwardExperts(req, timeout=10, metadata=good))
+        check(f"Peer/ForwardExperts with {label}: {want.name}", code == want and says in det,
+              f"{code} {det}")
+    ctl = pbg.ControlStub(ch)
+    for label, fn, want, says in (
+            ("AddPeer with a space in the name",
+             lambda: ctl.AddPeer(pb.AddPeerRequest(name="x y", address="127.0.0.1:1"),
+                                 timeout=10, metadata=good), INV, "HOST:PORT"),
+            ("AddPeer without a port",
+             lambda: ctl.AddPeer(pb.AddPeerRequest(name="x", address="127.0.0.1"),
+                                 timeout=10, metadata=good), INV, "HOST:PORT"),
+            ("AddPeer of the node itself",
+             lambda: ctl.AddPeer(pb.AddPeerRequest(name="A", address="127.0.0.1:1"),
+                                 timeout=10, metadata=good), INV, "own name"),
+            ("RemovePeer of a stranger",
+             lambda: ctl.RemovePeer(pb.RemovePeerRequest(name="nobody"), timeout=10,
+                                    metadata=good), NF, "nobody"),
+            ("Placement of an unknown model",
+             lambda: ctl.Placement(pb.PlacementRequest(model="nosuch"), timeout=10), NF,
+             "nosuch")):
+        code, det = code_of(fn)
+        check(f"{label}: {want.name}", code == want and says in det, f"{code} {det}")
+    code, det = code_of(lambda: peer.ForwardExperts(fe, timeout=10, metadata=good))
+    check("A still serves Peer/ForwardExperts after the bad ones", code == grpc.StatusCode.OK,
+          f"{code} {det}")
     ch.close()
 
 
