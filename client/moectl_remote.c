@@ -547,18 +547,20 @@ static const Moe__V1__CacheCounters *counters(const Moe__V1__CacheCounters *c)
  * received and the failed pings (stats). */
 static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *indent, bool full)
 {
-    struct table t = {.ncols = full ? 10 : 8};
+    struct table t = {.ncols = full ? 12 : 9};
 
     if (full)
         table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
-                  "BYTES SENT", "RECEIVED", "PINGS FAILED", "LAST ERROR");
+                  "BYTES SENT", "RECEIVED", "PINGS FAILED", "NCCL", "NCCL CALLS (BYTES)",
+                  "LAST ERROR");
     else
         table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
-                  "BYTES SENT", "LAST ERROR");
+                  "BYTES SENT", "NCCL", "LAST ERROR");
     for (size_t i = 0; i < n; i++) {
         const Moe__V1__PeerInfo *p = peers[i];
-        char rtt[24], calls[48], tok[24], bs[32], br[32], pf[24];
+        char rtt[24], calls[48], tok[24], bs[32], br[32], pf[24], nb[32], nc[64];
         const char *err = p->last_error && *p->last_error ? p->last_error : "-";
+        const char *nccl = p->nccl && *p->nccl ? p->nccl : "-";
 
         snprintf(calls, sizeof(calls), "%llu (%llu)", (unsigned long long)p->calls,
                  (unsigned long long)p->calls_failed);
@@ -568,12 +570,14 @@ static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *i
             snprintf(rtt, sizeof(rtt), "-");
         u64(p->tokens_sent, tok, sizeof(tok));
         human_bytes(p->bytes_sent, bs, sizeof(bs));
+        snprintf(nc, sizeof(nc), "%llu (%s)", (unsigned long long)p->nccl_calls,
+                 human_bytes(p->nccl_bytes, nb, sizeof(nb)));
         if (full)
             table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs,
                       human_bytes(p->bytes_received, br, sizeof(br)),
-                      u64(p->pings_failed, pf, sizeof(pf)), err);
+                      u64(p->pings_failed, pf, sizeof(pf)), nccl, nc, err);
         else
-            table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs, err);
+            table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs, nccl, err);
     }
     table_print(&t, indent);
     table_free(&t);
@@ -851,6 +855,8 @@ static void print_cluster(const Moe__V1__StatsResponse *s)
            human_bytes(c->bytes_received, b2, sizeof(b2)), b3);
     printf("  served        %llu calls for other nodes\n",
            (unsigned long long)c->peer_calls_served);
+    printf("  NCCL          %llu transfers fell back to gRPC\n",
+           (unsigned long long)c->nccl_fallbacks);
     printf("  peers:\n");
     peers_table(s->peers, s->n_peers, "    ", true);
 }

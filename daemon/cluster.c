@@ -12,6 +12,10 @@
 
 #include "moe.pb-c.h"
 
+#ifdef MOED_HAVE_NCCL
+#include "moe_nccl.h"
+#endif
+
 #include <errno.h>
 #include <grpc/status.h>
 #include <math.h>
@@ -27,6 +31,35 @@
 
 enum peer_state { PEER_DOWN = 0, PEER_UP, PEER_REFUSED };
 static const char *const state_names[] = {"down", "up", "refused"};
+
+struct moe_nccl;
+
+/*
+ * The NCCL transport with one peer: two communicators of two ranks, one
+ * per direction of forwards.  `out` carries the forwards this node sends
+ * (it made it: rank 0, the peer rank 1), `in` those the peer sends.  On
+ * each, one forward at a time, in the sender's order: the sender posts the
+ * token rows, then calls ForwardExperts with (generation, seq) and no data;
+ * the receiver takes the rows in seq order, computes, posts the output and
+ * answers; the sender then takes the output.  Each direction has its own
+ * communicator and stream, so that two nodes sending to each other never
+ * wait on each other.  Any failure aborts the communicator (a dead peer
+ * never hangs a stream) and the forward goes over gRPC; the sender makes a
+ * new communicator (a new generation) after a pause.
+ */
+struct nccl_link {
+    pthread_mutex_t out_lock; /* held across one outgoing forward */
+    struct moe_nccl *out;
+    uint64_t out_gen, out_seq, retry_ns;
+    pthread_mutex_t in_lock; /* in, in_gen, in_seq, joining */
+    pthread_cond_t in_cond;
+    struct moe_nccl *in;
+    uint64_t in_gen, in_seq; /* the last transfer taken */
+    bool joining;
+    char remote[96]; /* the peer's NCCL, from its pings (peer lock) */
+    char failed[200]; /* why the last try failed, "" once it works (peer lock) */
+    _Atomic uint64_t calls, bytes;
+};
 
 struct peer {
     char *name, *address;
@@ -48,6 +81,7 @@ struct peer {
     /* Relaxed counters: statistics read on their own. */
     _Atomic uint64_t rtt_ns, pings_failed, calls, calls_failed, tokens_sent, bytes_sent,
         bytes_received;
+    struct nccl_link nl;
 };
 
 /* What this node measures and holds of one model. */
@@ -79,7 +113,13 @@ struct moed_cluster {
     bool started;
     _Atomic int in_flight; /* split forwards running */
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
-        bytes_sent, bytes_received, served;
+        bytes_sent, bytes_received, served, nccl_fallbacks;
+    /* NCCL here: usable (built, on, a device), on which device, and what
+     * this node tells its peers, or why not. */
+    bool nccl_ok;
+    int nccl_dev;
+    char nccl_desc[96], nccl_why[200];
+    _Atomic int nccl_joins; /* join threads running */
 };
 
 /* A consistent picture of the members for one request: sorted names,
@@ -108,8 +148,14 @@ static void peer_hot_clear(struct peer *p)
     p->n_hot = 0;
 }
 
+static void nccl_link_close(struct nccl_link *l);
+
 static void peer_free(struct peer *p)
 {
+    nccl_link_close(&p->nl);
+    pthread_mutex_destroy(&p->nl.out_lock);
+    pthread_mutex_destroy(&p->nl.in_lock);
+    pthread_cond_destroy(&p->nl.in_cond);
     peer_hot_clear(p);
     for (int i = 0; i < p->n_idle; i++)
         moe_rpc_client_close(p->idle[i]);
@@ -145,6 +191,9 @@ static struct peer *peer_new(struct moed *d, const char *name, const char *addre
     p->cfg.tls_key = d->cfg.tls_key;
     p->cfg.timeout_ms = (int)MOE_MIN(d->cfg.peer_timeout_ms, INT32_MAX);
     pthread_mutex_init(&p->lock, NULL);
+    pthread_mutex_init(&p->nl.out_lock, NULL);
+    pthread_mutex_init(&p->nl.in_lock, NULL);
+    pthread_cond_init(&p->nl.in_cond, NULL);
     atomic_store(&p->state, PEER_DOWN); /* until it answers a ping */
     return p;
 }
@@ -405,40 +454,47 @@ struct part {
     bool threaded;
 };
 
-/* One ForwardExperts to member m: rows [r0, r0 + rows) of the part with
- * ids (the part's layout); the answer is added into out (the part's
- * layout).  0 or -errno with pt->msg. */
-static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
+/* The ForwardExperts of rows [r0, r0 + rows) of the part with ids (the
+ * part's layout); t and shape are q's hidden tensor. */
+static void chunk_request(const struct part *pt, int r0, int rows, const int32_t *ids,
+                          Moe__V1__ForwardExpertsRequest *q, Moe__V1__Tensor *t, int64_t *shape)
+{
+    size_t xo = (size_t)r0 * pt->H, ko = (size_t)r0 * pt->K;
+
+    shape[0] = rows;
+    shape[1] = pt->H;
+    t->n_shape = 2;
+    t->shape = shape;
+    t->dtype = MOE__V1__DTYPE__DTYPE_F32;
+    t->data.data = (uint8_t *)(pt->x + xo);
+    t->data.len = (size_t)rows * (size_t)pt->H * sizeof(float);
+    q->model = pt->mm->name;
+    q->layer = (uint32_t)pt->layer;
+    q->hidden = t;
+    q->top_k = (uint32_t)pt->K;
+    q->n_expert_ids = (size_t)rows * pt->K;
+    q->expert_ids = (int32_t *)ids + ko;
+    q->n_weights = q->n_expert_ids;
+    q->weights = pt->w + ko;
+    q->shared = false;
+    q->from = pt->c->node;
+}
+
+/* Sends q to p and unpacks its answer, checking the output's shape (with
+ * its data, or without: over NCCL).  0, or -errno with pt->msg. */
+static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpertsRequest *q,
+                     int rows, bool data, Moe__V1__ForwardExpertsResponse **ret)
 {
     struct moed_cluster *c = pt->c;
-    struct peer *p = pt->v->peer[m];
-    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
-    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__ForwardExpertsResponse *a = NULL;
-    int64_t shape[2] = {rows, pt->H};
     size_t n = (size_t)rows * (size_t)pt->H, len, alen = 0;
-    size_t xo = (size_t)r0 * pt->H, ko = (size_t)r0 * pt->K;
-    uint8_t *buf = NULL, *ans = NULL;
+    uint8_t *buf, *ans = NULL;
     struct moe_rpc_client *cl;
     char msg[256];
-    int st, rc = -EIO;
+    int st;
 
-    t.n_shape = 2;
-    t.shape = shape;
-    t.dtype = MOE__V1__DTYPE__DTYPE_F32;
-    t.data.data = (uint8_t *)(pt->x + xo);
-    t.data.len = n * sizeof(float);
-    q.model = pt->mm->name;
-    q.layer = (uint32_t)pt->layer;
-    q.hidden = &t;
-    q.top_k = (uint32_t)pt->K;
-    q.n_expert_ids = (size_t)rows * pt->K;
-    q.expert_ids = (int32_t *)ids + ko;
-    q.n_weights = q.n_expert_ids;
-    q.weights = pt->w + ko;
-    q.shared = false;
-    q.from = c->node;
-    len = moe__v1__forward_experts_request__get_packed_size(&q);
+    *ret = NULL;
+    len = moe__v1__forward_experts_request__get_packed_size(q);
     buf = malloc(len);
     cl = buf ? client_get(p, 0, msg, sizeof(msg)) : NULL;
     if (!cl) {
@@ -447,7 +503,7 @@ static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
         atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
         return -ENOMEM;
     }
-    moe__v1__forward_experts_request__pack(&q, buf);
+    moe__v1__forward_experts_request__pack(q, buf);
     atomic_fetch_add_explicit(&p->calls, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&p->tokens_sent, (uint64_t)rows, memory_order_relaxed);
     atomic_fetch_add_explicit(&p->bytes_sent, len, memory_order_relaxed);
@@ -465,33 +521,135 @@ static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
          * once, not after a timeout each; its next ping brings it back. */
         if (st == GRPC_STATUS_UNAVAILABLE || st == GRPC_STATUS_DEADLINE_EXCEEDED)
             atomic_store(&p->state, PEER_DOWN);
-        goto out;
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        free(ans);
+        return -EIO;
     }
     atomic_fetch_add_explicit(&p->bytes_received, alen, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->bytes_received, alen, memory_order_relaxed);
     a = moe__v1__forward_experts_response__unpack(NULL, alen, ans);
+    free(ans);
     if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != rows ||
         a->output->shape[1] != pt->H || a->output->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
-        a->output->data.len != n * sizeof(float)) {
+        a->output->data.len != (data ? n * sizeof(float) : 0)) {
         snprintf(pt->msg, sizeof(pt->msg), "%s answered an output of the wrong shape", p->name);
-        rc = -EPROTO;
-        goto out;
-    }
-    for (size_t i = 0; i < n; i++) {
-        float y;
-
-        memcpy(&y, a->output->data.data + 4 * i, 4);
-        out[xo + i] += y;
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        if (a)
+            moe__v1__forward_experts_response__free_unpacked(a, NULL);
+        return -EPROTO;
     }
     pt->hits += a->cache_hits;
     pt->misses += a->cache_misses;
-    rc = 0;
-out:
-    if (rc < 0)
-        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+    *ret = a;
+    return 0;
+}
+
+static void add_into(float *out, const uint8_t *y, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float v;
+
+        memcpy(&v, y + 4 * i, 4);
+        out[i] += v;
+    }
+}
+
+#ifdef MOED_HAVE_NCCL
+/* The chunk over NCCL (nccl_link says how): 0 done, 1 not over NCCL (no
+ * communicator, or it just failed: the caller sends it over gRPC). */
+static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
+{
+    struct moed_cluster *c = pt->c;
+    struct peer *p = pt->v->peer[m];
+    struct nccl_link *l = &p->nl;
+    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    int64_t shape[2];
+    size_t n = (size_t)rows * (size_t)pt->H, xo = (size_t)r0 * pt->H;
+    uint64_t tmo = c->d->cfg.peer_timeout_ms;
+    struct moe_error err = {0};
+    float *y;
+    int rc;
+
+    if (!c->nccl_ok)
+        return 1;
+    pthread_mutex_lock(&l->out_lock);
+    if (!l->out) {
+        pthread_mutex_unlock(&l->out_lock);
+        return 1;
+    }
+    y = malloc(n * sizeof(float));
+    chunk_request(pt, r0, rows, ids, &q, &t, shape);
+    q.nccl_generation = l->out_gen;
+    q.nccl_seq = l->out_seq + 1;
+    t.data.data = NULL;
+    t.data.len = 0;
+    {
+        struct moe_nccl_xfer x = {1, pt->x + xo, n * sizeof(float)};
+
+        rc = y ? moe_nccl_post(l->out, &x, 1, NULL, 0, tmo, &err) : -ENOMEM;
+    }
+    if (rc == 0) {
+        rc = peer_call(pt, p, &q, rows, false, &a);
+        if (rc < 0)
+            snprintf(err.msg, sizeof(err.msg), "%s", pt->msg);
+    }
+    if (rc == 0) {
+        struct moe_nccl_xfer r = {1, y, n * sizeof(float)};
+
+        rc = moe_nccl_exchange(l->out, NULL, 0, &r, 1, tmo, &err);
+    }
     if (a)
         moe__v1__forward_experts_response__free_unpacked(a, NULL);
-    free(ans);
+    if (rc < 0) {
+        /* Aborted: the peer's side times out or is replaced by the next
+         * generation; gRPC meanwhile, NCCL again after a pause. */
+        moe_nccl_close(l->out);
+        l->out = NULL;
+        l->retry_ns = moe_now_ns() + 5000000000ull;
+        pthread_mutex_unlock(&l->out_lock);
+        pthread_mutex_lock(&p->lock);
+        snprintf(l->failed, sizeof(l->failed), "%.199s", err.msg);
+        pthread_mutex_unlock(&p->lock);
+        atomic_fetch_add_explicit(&c->nccl_fallbacks, 1, memory_order_relaxed);
+        moe_log_once(MOE_LOG_WARN, "cluster: NCCL to %s: %s; over gRPC (logged once)", p->name,
+                     err.msg);
+        free(y);
+        return 1;
+    }
+    l->out_seq++;
+    pthread_mutex_unlock(&l->out_lock);
+    atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
+    add_into(out + xo, (const uint8_t *)y, n);
+    free(y);
+    return 0;
+}
+#endif
+
+/* One ForwardExperts to member m: rows [r0, r0 + rows) of the part with
+ * ids (the part's layout), over NCCL where there is a communicator, else
+ * gRPC; the answer is added into out (the part's layout).  0 or -errno
+ * with pt->msg. */
+static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
+{
+    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    int64_t shape[2];
+    int rc;
+
+#ifdef MOED_HAVE_NCCL
+    if (nccl_chunk(pt, m, r0, rows, ids, out) == 0)
+        return 0;
+#endif
+    chunk_request(pt, r0, rows, ids, &q, &t, shape);
+    rc = peer_call(pt, pt->v->peer[m], &q, rows, true, &a);
+    if (rc == 0) {
+        add_into(out + (size_t)r0 * pt->H, a->output->data.data, (size_t)rows * pt->H);
+        moe__v1__forward_experts_response__free_unpacked(a, NULL);
+    }
     return rc;
 }
 
@@ -824,6 +982,284 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
     return 0;
 }
 
+/* ---- the NCCL transport's communicators ------------------------------------------------- */
+
+static void nccl_link_close(struct nccl_link *l)
+{
+#ifdef MOED_HAVE_NCCL
+    moe_nccl_close(l->out);
+    moe_nccl_close(l->in);
+#endif
+    l->out = l->in = NULL;
+}
+
+/* What PeerInfo.nccl says of the link to p. */
+static void nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len)
+{
+    struct nccl_link *l = &p->nl;
+    bool out;
+
+    if (!c->nccl_ok) {
+        snprintf(buf, len, "%s", c->nccl_why);
+        return;
+    }
+    pthread_mutex_lock(&l->out_lock);
+    out = l->out != NULL;
+    pthread_mutex_unlock(&l->out_lock);
+    pthread_mutex_lock(&p->lock);
+    if (out)
+        snprintf(buf, len, "ready");
+    else if (!p->nl.remote[0])
+        snprintf(buf, len, "unavailable: %s has no NCCL (not built, nccl = false, or no GPU)",
+                 p->name);
+    else if (l->failed[0])
+        snprintf(buf, len, "failed: %s", l->failed);
+    else
+        snprintf(buf, len, "connecting");
+    pthread_mutex_unlock(&p->lock);
+}
+
+#ifdef MOED_HAVE_NCCL
+/* NCCL joins wait at most this long for the other rank. */
+#define NCCL_JOIN_MS 20000
+
+struct nccl_join {
+    struct moed_cluster *c;
+    struct peer *p; /* a reference */
+    uint8_t id[MOE_NCCL_ID_BYTES];
+    uint64_t gen;
+};
+
+/* Makes the communicator for the forwards this node sends p: a fresh id,
+ * NcclConnect (p joins as rank 1 in the background), join as rank 0. */
+static void *nccl_connect_main(void *arg)
+{
+    struct nccl_join *j = arg;
+    struct moed_cluster *c = j->c;
+    struct peer *p = j->p;
+    struct nccl_link *l = &p->nl;
+    Moe__V1__NcclConnectRequest q = MOE__V1__NCCL_CONNECT_REQUEST__INIT;
+    struct moe_nccl *comm = NULL;
+    struct moe_error err = {0};
+    uint8_t buf[512], *ans = NULL;
+    size_t alen = 0;
+    struct moe_rpc_client *cl;
+    int rc = moe_nccl_unique_id(j->id, &err);
+
+    q.from = c->node;
+    q.unique_id.data = j->id;
+    q.unique_id.len = MOE_NCCL_ID_BYTES;
+    q.generation = j->gen;
+    cl = rc == 0 ? client_get(p, 0, err.msg, sizeof(err.msg)) : NULL;
+    if (rc == 0 && !cl)
+        rc = -EIO;
+    if (rc == 0) {
+        int st = moe_rpc_client_call(cl, "/moe.v1.Peer/NcclConnect", buf,
+                                     moe__v1__nccl_connect_request__pack(&q, buf), &ans, &alen,
+                                     err.msg, sizeof(err.msg));
+
+        client_put(p, cl, st == GRPC_STATUS_OK);
+        free(ans);
+        rc = st == GRPC_STATUS_OK ? 0 : -EIO;
+    }
+    if (rc == 0)
+        rc = moe_nccl_open(j->id, 2, 0, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
+    pthread_mutex_lock(&l->out_lock);
+    moe_nccl_close(l->out);
+    l->out = comm;
+    l->out_seq = 0;
+    if (rc < 0)
+        l->retry_ns = moe_now_ns() + 10000000000ull;
+    pthread_mutex_unlock(&l->out_lock);
+    pthread_mutex_lock(&p->lock);
+    snprintf(l->failed, sizeof(l->failed), "%.199s", rc < 0 ? err.msg : "");
+    pthread_mutex_unlock(&p->lock);
+    if (rc == 0)
+        moe_log(MOE_LOG_INFO, "cluster: NCCL to %s ready (generation %llu)", p->name,
+                (unsigned long long)j->gen);
+    else
+        moe_log(MOE_LOG_WARN, "cluster: NCCL to %s: %s; gRPC meanwhile", p->name, err.msg);
+    peer_put(c, p);
+    free(j);
+    atomic_fetch_sub(&c->nccl_joins, 1);
+    return NULL;
+}
+
+/* After a ping: starts making the outgoing communicator to p when both
+ * ends have NCCL, p is up and none is there or being made. */
+static void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
+{
+    struct nccl_link *l = &p->nl;
+    struct nccl_join *j;
+    bool remote;
+    pthread_t t;
+
+    if (!c->nccl_ok)
+        return;
+    if (atomic_load(&p->state) != PEER_UP) {
+        /* Down: its communicator goes now, not at the next forward's
+         * timeout (unless a forward is on it: that one fails over). */
+        if (pthread_mutex_trylock(&l->out_lock) == 0) {
+            moe_nccl_close(l->out);
+            l->out = NULL;
+            pthread_mutex_unlock(&l->out_lock);
+        }
+        return;
+    }
+    pthread_mutex_lock(&p->lock);
+    remote = l->remote[0] != 0;
+    pthread_mutex_unlock(&p->lock);
+    if (!remote)
+        return;
+    pthread_mutex_lock(&l->out_lock);
+    if (l->out || moe_now_ns() < l->retry_ns) {
+        pthread_mutex_unlock(&l->out_lock);
+        return;
+    }
+    /* One try at a time: the next waits for this one (or its failure). */
+    l->retry_ns = moe_now_ns() + (NCCL_JOIN_MS + 1000) * 1000000ull;
+    j = calloc(1, sizeof(*j));
+    if (j)
+        j->gen = ++l->out_gen;
+    pthread_mutex_unlock(&l->out_lock);
+    if (!j)
+        return;
+    j->c = c;
+    j->p = p;
+    pthread_mutex_lock(&c->lock);
+    p->refs++;
+    pthread_mutex_unlock(&c->lock);
+    atomic_fetch_add(&c->nccl_joins, 1);
+    if (pthread_create(&t, NULL, nccl_connect_main, j) != 0) {
+        atomic_fetch_sub(&c->nccl_joins, 1);
+        peer_put(c, p);
+        free(j);
+        return;
+    }
+    pthread_detach(t);
+}
+
+/* Joins, as rank 1, the communicator p made for the forwards it sends. */
+static void *nccl_accept_main(void *arg)
+{
+    struct nccl_join *j = arg;
+    struct moed_cluster *c = j->c;
+    struct nccl_link *l = &j->p->nl;
+    struct moe_nccl *comm = NULL, *old;
+    struct moe_error err = {0};
+    int rc;
+
+    /* The old communicator goes (a transfer on it holds in_lock: waited
+     * for); a stale generation is dropped. */
+    pthread_mutex_lock(&l->in_lock);
+    if (j->gen <= l->in_gen) {
+        pthread_mutex_unlock(&l->in_lock);
+        moe_log(MOE_LOG_WARN, "cluster: NCCL from %s: generation %llu is stale (have %llu)",
+                j->p->name, (unsigned long long)j->gen, (unsigned long long)l->in_gen);
+        goto out;
+    }
+    old = l->in;
+    l->in = NULL;
+    l->in_gen = j->gen;
+    l->in_seq = 0;
+    l->joining = true;
+    pthread_cond_broadcast(&l->in_cond);
+    pthread_mutex_unlock(&l->in_lock);
+    moe_nccl_close(old);
+    rc = moe_nccl_open(j->id, 2, 1, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
+    pthread_mutex_lock(&l->in_lock);
+    if (l->in_gen == j->gen) {
+        l->in = comm;
+        l->joining = false;
+        comm = NULL;
+    }
+    pthread_cond_broadcast(&l->in_cond);
+    pthread_mutex_unlock(&l->in_lock);
+    moe_nccl_close(comm); /* superseded by a newer generation */
+    if (rc < 0)
+        moe_log(MOE_LOG_WARN, "cluster: NCCL from %s: %s", j->p->name, err.msg);
+out:
+    peer_put(c, j->p);
+    free(j);
+    atomic_fetch_sub(&c->nccl_joins, 1);
+    return NULL;
+}
+#endif
+
+/* The peer called name, with a reference (peer_put), or NULL. */
+static struct peer *peer_find(struct moed_cluster *c, const char *name)
+{
+    struct peer *p = NULL;
+
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < c->n_peers && !p; i++)
+        if (strcmp(c->peers[i]->name, name) == 0) {
+            p = c->peers[i];
+            p->refs++;
+        }
+    pthread_mutex_unlock(&c->lock);
+    return p;
+}
+
+void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    struct moed_cluster *c = cl_of(d);
+    Moe__V1__NcclConnectRequest *q = moe__v1__nccl_connect_request__unpack(NULL, len, req);
+    Moe__V1__NcclConnectResponse a = MOE__V1__NCCL_CONNECT_RESPONSE__INIT;
+    struct peer *p = NULL;
+
+    if (!q) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not an NcclConnectRequest");
+        return;
+    }
+    if (q->unique_id.len != 128 || q->generation == 0) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT,
+                     "unique_id of %zu bytes, generation %llu: expected 128 bytes and a "
+                     "generation from 1",
+                     q->unique_id.len, (unsigned long long)q->generation);
+        goto out;
+    }
+    p = c && q->from ? peer_find(c, q->from) : NULL;
+    if (!p) {
+        moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s has no peer called '%s'",
+                     moed_cluster_node(d), q->from ? q->from : "");
+        goto out;
+    }
+    if (!c->nccl_ok) {
+        moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s",
+                     c->node, c->nccl_why);
+        goto out;
+    }
+#ifdef MOED_HAVE_NCCL
+    {
+        struct nccl_join *j = calloc(1, sizeof(*j));
+        pthread_t t;
+
+        if (!j) {
+            moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+            goto out;
+        }
+        *j = (struct nccl_join){.c = c, .p = p, .gen = q->generation};
+        memcpy(j->id, q->unique_id.data, MOE_NCCL_ID_BYTES);
+        atomic_fetch_add(&c->nccl_joins, 1);
+        if (pthread_create(&t, NULL, nccl_accept_main, j) != 0) {
+            atomic_fetch_sub(&c->nccl_joins, 1);
+            free(j);
+            moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a thread");
+            goto out;
+        }
+        pthread_detach(t);
+        p = NULL; /* the thread's reference now */
+        moed_reply_msg(call, &a.base);
+    }
+#endif
+out:
+    if (p)
+        peer_put(c, p);
+    moe__v1__nccl_connect_request__free_unpacked(q, NULL);
+}
+
 /* ---- health and rebalancing ------------------------------------------------------------ */
 
 /* Keeps the hot sets of p's answer to a ping. */
@@ -851,6 +1287,7 @@ static bool take_hot(struct peer *p, const uint8_t *ans, size_t len)
     bool serving = a && a->state && strcmp(a->state, "serving") == 0;
 
     pthread_mutex_lock(&p->lock);
+    snprintf(p->nl.remote, sizeof(p->nl.remote), "%.95s", a && a->nccl ? a->nccl : "");
     peer_hot_clear(p);
     if (serving) {
         p->hot = h;
@@ -1076,8 +1513,12 @@ static void *health_main(void *arg)
 
         view_get(c, &v);
         for (int i = 0; i < v.n; i++)
-            if (v.peer[i])
+            if (v.peer[i]) {
                 ping_one(c, v.peer[i]);
+#ifdef MOED_HAVE_NCCL
+                nccl_maybe_connect(c, v.peer[i]);
+#endif
+            }
         view_put(c, &v);
         merge_hot(c);
         bool kicked;
@@ -1168,6 +1609,29 @@ static int remove_peer(struct moed_cluster *c, const char *name, struct moe_erro
     return 0;
 }
 
+/* Whether this node can use NCCL, and what it tells its peers. */
+static void nccl_init(struct moed_cluster *c)
+{
+    struct moed *d = c->d;
+
+    c->nccl_dev = d->cfg.nccl_device >= 0 ? d->cfg.nccl_device : d->gpu >= 0 ? d->gpu : 0;
+#ifdef MOED_HAVE_NCCL
+    struct moe_error err = {0};
+
+    if (!d->cfg.nccl) {
+        snprintf(c->nccl_why, sizeof(c->nccl_why), "off: nccl = false here");
+    } else if (moe_nccl_usable(c->nccl_dev, &err) < 0) {
+        snprintf(c->nccl_why, sizeof(c->nccl_why), "unavailable here: %.180s", err.msg);
+    } else {
+        c->nccl_ok = true;
+        snprintf(c->nccl_desc, sizeof(c->nccl_desc), "NCCL %s on CUDA device %d",
+                 moe_nccl_version(), c->nccl_dev);
+    }
+#else
+    snprintf(c->nccl_why, sizeof(c->nccl_why), "off: this moed was built without NCCL");
+#endif
+}
+
 int moed_cluster_start(struct moed *d, struct moe_error *err)
 {
     struct moed_cluster *c = calloc(1, sizeof(*c));
@@ -1182,6 +1646,7 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
+    nccl_init(c);
     d->cluster = c;
     for (int i = 0; i < d->cfg.n_peers && rc == 0; i++)
         rc = add_peer(c, d->cfg.peers[i].name, d->cfg.peers[i].address, err);
@@ -1209,8 +1674,9 @@ void moed_cluster_stop(struct moed *d)
     pthread_mutex_unlock(&c->lock);
     if (c->started)
         pthread_join(c->thread, NULL);
-    /* Split forwards still running call back into the scheduler: wait. */
-    while (atomic_load(&c->in_flight) > 0)
+    /* Split forwards still running call back into the scheduler, and NCCL
+     * joins hold peers: wait (joins give up after NCCL_JOIN_MS). */
+    while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
@@ -1289,6 +1755,14 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
         pthread_mutex_lock(&p->lock);
         pi->last_error = strdup(p->last_error);
         pthread_mutex_unlock(&p->lock);
+        {
+            char ns[256];
+
+            nccl_state(c, p, ns, sizeof(ns));
+            pi->nccl = strdup(ns);
+        }
+        pi->nccl_calls = atomic_load(&p->nl.calls);
+        pi->nccl_bytes = atomic_load(&p->nl.bytes);
         out[n++] = pi;
     }
     view_put(c, &v);
@@ -1303,6 +1777,7 @@ void moed_cluster_free_peers(Moe__V1__PeerInfo **p, size_t n)
         free(p[i]->name);
         free(p[i]->address);
         free(p[i]->last_error);
+        free(p[i]->nccl);
         free(p[i]);
     }
     free(p);
@@ -1323,6 +1798,7 @@ void moed_cluster_counters(struct moed *d, Moe__V1__ClusterCounters *k)
     k->bytes_sent = atomic_load(&c->bytes_sent);
     k->bytes_received = atomic_load(&c->bytes_received);
     k->peer_calls_served = atomic_load(&c->served);
+    k->nccl_fallbacks = atomic_load(&c->nccl_fallbacks);
     pthread_mutex_lock(&c->lock);
     k->placement_version = c->version;
     pthread_mutex_unlock(&c->lock);
@@ -1339,10 +1815,15 @@ struct pfwd {
     int32_t *ids;
     int T, H;
     uint64_t t_recv;
+    /* Over NCCL: the sending peer (a reference), generation and transfer. */
+    struct peer *np;
+    uint64_t ngen, nseq;
 };
 
 static void pfwd_free(struct pfwd *f)
 {
+    if (f->np)
+        peer_put(cl_of(f->d), f->np);
     if (f->mm)
         moed_model_put(f->d, f->mm);
     free(f->x);
@@ -1359,15 +1840,44 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
     int64_t shape[2] = {f->T, f->H};
+    char nmsg[MOE_ERROR_MSG_MAX];
 
+#ifdef MOED_HAVE_NCCL
+    if (status >= 0 && f->np) {
+        /* The output goes back over the sender's communicator; the answer
+         * only says it is there. */
+        struct nccl_link *l = &f->np->nl;
+        struct moe_error err = {0};
+        struct moe_nccl_xfer y = {0, f->out, (size_t)f->T * f->H * sizeof(float)};
+
+        pthread_mutex_lock(&l->in_lock);
+        if (l->in && l->in_gen == f->ngen) {
+            status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
+            if (status < 0) {
+                moe_nccl_close(l->in);
+                l->in = NULL;
+            }
+        } else {
+            status = moe_error_set(&err, -EIO, "the NCCL communicator from %s went away",
+                                   f->np->name);
+        }
+        pthread_mutex_unlock(&l->in_lock);
+        if (status < 0) {
+            snprintf(nmsg, sizeof(nmsg), "%s", err.msg);
+            msg = nmsg;
+        }
+    }
+#else
+    (void)nmsg;
+#endif
     if (status < 0) {
         moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
     } else {
         t.n_shape = 2;
         t.shape = shape;
         t.dtype = MOE__V1__DTYPE__DTYPE_F32;
-        t.data.data = (uint8_t *)f->out;
-        t.data.len = (size_t)f->T * f->H * sizeof(float);
+        t.data.data = f->np ? NULL : (uint8_t *)f->out;
+        t.data.len = f->np ? 0 : (size_t)f->T * f->H * sizeof(float);
         tm.queue_ns = r->queue_ns;
         tm.route_ns = r->st.route_ns;
         tm.load_ns = r->st.load_ns;
@@ -1385,6 +1895,86 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
     pfwd_free(f);
 }
 
+/* Copies n floats of hidden rows into f->x: false with err where one is
+ * not finite. */
+static bool hidden_ok(struct pfwd *f, const void *x, size_t n, struct moe_error *err)
+{
+    if (x != f->x)
+        memcpy(f->x, x, n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(f->x[i])) {
+            moe_error_set(err, -EINVAL, "hidden: row %zu, element %zu is not finite", i / f->H,
+                          i % f->H);
+            return false;
+        }
+    return true;
+}
+
+#ifdef MOED_HAVE_NCCL
+/* Takes a forward's rows over the sender's communicator, in the sender's
+ * order, then submits it; pfwd_done sends the output back. */
+static void *nccl_take_main(void *arg)
+{
+    struct pfwd *f = arg;
+    struct moed *d = f->d;
+    struct nccl_link *l = &f->np->nl;
+    struct moe_error err = {0};
+    size_t n = (size_t)f->T * f->H;
+    uint64_t tmo = d->cfg.peer_timeout_ms, end = moe_now_ns() + tmo * 1000000ull;
+    struct timespec ts;
+    int st = GRPC_STATUS_FAILED_PRECONDITION, rc = -EIO;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(tmo / 1000);
+    ts.tv_nsec += (long)(tmo % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&l->in_lock);
+    /* The first transfer of a generation may come before this node's
+     * join has finished (the sender's finished first). */
+    while (l->in_gen == f->ngen && l->joining && moe_now_ns() < end)
+        pthread_cond_timedwait(&l->in_cond, &l->in_lock, &ts);
+    if (l->in_gen != f->ngen || !l->in) {
+        moe_error_set(&err, -EIO, "no NCCL communicator of generation %llu from %s (have %llu)",
+                      (unsigned long long)f->ngen, f->np->name, (unsigned long long)l->in_gen);
+    } else if (f->nseq != l->in_seq + 1) {
+        moe_error_set(&err, -EIO, "NCCL transfer %llu from %s out of order: expected %llu",
+                      (unsigned long long)f->nseq, f->np->name,
+                      (unsigned long long)(l->in_seq + 1));
+    } else {
+        struct moe_nccl_xfer x = {0, f->x, n * sizeof(float)};
+
+        rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
+        if (rc < 0) {
+            moe_nccl_close(l->in);
+            l->in = NULL;
+            st = GRPC_STATUS_UNAVAILABLE;
+        } else {
+            l->in_seq = f->nseq;
+        }
+    }
+    pthread_mutex_unlock(&l->in_lock);
+    if (rc == 0 && !hidden_ok(f, f->x, n, &err)) {
+        rc = -EINVAL;
+        st = GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (rc == 0) {
+        atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
+        rc = moe_sched_submit(d->sched, &f->req, &err);
+        st = moed_grpc_status(rc);
+    }
+    if (rc < 0) {
+        moe_rpc_fail(f->call, st, "%s", err.msg);
+        atomic_fetch_sub(&d->in_flight, 1);
+        pfwd_free(f);
+    }
+    return NULL;
+}
+#endif
+
 void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
     struct moed *d = arg;
@@ -1395,6 +1985,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     const struct moe_model *m;
     size_t n, tk;
     int st = GRPC_STATUS_INVALID_ARGUMENT;
+    bool nccl;
 
     if (!q || !f) {
         moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
@@ -1421,12 +2012,19 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
         moe_rpc_fail(call, st, "model '%s' has no MoE layer %u", q->model, q->layer);
         goto out;
     }
+    nccl = q->nccl_seq || q->nccl_generation;
+    if (nccl && (!q->nccl_seq || !q->nccl_generation)) {
+        moe_rpc_fail(call, st, "nccl_generation %llu, nccl_seq %llu: both or neither",
+                     (unsigned long long)q->nccl_generation, (unsigned long long)q->nccl_seq);
+        goto out;
+    }
     if (!q->hidden || q->hidden->n_shape != 2 || q->hidden->shape[1] != f->H ||
         q->hidden->shape[0] < 1 || q->hidden->shape[0] > MOE_MAX_TOKENS ||
         q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
-        q->hidden->data.len != (size_t)q->hidden->shape[0] * f->H * sizeof(float)) {
-        moe_rpc_fail(call, st, "hidden: expected float32 [rows, %d] with 1 to %d rows", f->H,
-                     MOE_MAX_TOKENS);
+        q->hidden->data.len !=
+            (nccl ? 0 : (size_t)q->hidden->shape[0] * f->H * sizeof(float))) {
+        moe_rpc_fail(call, st, "hidden: expected float32 [rows, %d] with 1 to %d rows%s", f->H,
+                     MOE_MAX_TOKENS, nccl ? " and no data (it comes over NCCL)" : "");
         goto out;
     }
     f->T = (int)q->hidden->shape[0];
@@ -1447,13 +2045,10 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
         moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for %d rows", f->T);
         goto out;
     }
-    memcpy(f->x, q->hidden->data.data, n * sizeof(float));
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(f->x[i])) {
-            moe_rpc_fail(call, st, "hidden: row %zu, element %zu is not finite", i / f->H,
-                         i % f->H);
-            goto out;
-        }
+    if (!nccl && !hidden_ok(f, q->hidden->data.data, n, &err)) {
+        moe_rpc_fail(call, st, "%s", err.msg);
+        goto out;
+    }
     memcpy(f->ids, q->expert_ids, tk * sizeof(int32_t));
     memcpy(f->w, q->weights, tk * sizeof(float));
     /* Checked here, not only by the engine: a bad request would fail every
@@ -1492,6 +2087,35 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     atomic_fetch_add(&d->in_flight, 1);
     if (c)
         atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
+    if (nccl) {
+        /* The rows come over NCCL, waited for on a thread of its own. */
+        f->np = c && q->from ? peer_find(c, q->from) : NULL;
+        f->ngen = q->nccl_generation;
+        f->nseq = q->nccl_seq;
+        if (!f->np || !c->nccl_ok) {
+            atomic_fetch_sub(&d->in_flight, 1);
+            if (!f->np)
+                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
+                             "node %s: the sender '%s' is not a peer of this node",
+                             moed_cluster_node(d), q->from ? q->from : "");
+            else
+                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
+                             "node %s cannot use NCCL: %s", c->node, c->nccl_why);
+            goto out;
+        }
+#ifdef MOED_HAVE_NCCL
+        pthread_t t;
+
+        if (pthread_create(&t, NULL, nccl_take_main, f) == 0) {
+            pthread_detach(t);
+            f = NULL;
+            goto out;
+        }
+#endif
+        atomic_fetch_sub(&d->in_flight, 1);
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a thread");
+        goto out;
+    }
     /* Straight to the scheduler: batched with this node's other work. */
     if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
@@ -1520,6 +2144,7 @@ void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, voi
     a.name = (char *)moed_cluster_node(d);
     a.uptime_ns = moe_now_ns() - d->t_start;
     a.state = (char *)states[atomic_load(&d->state)];
+    a.nccl = cl_of(d) && cl_of(d)->nccl_ok ? cl_of(d)->nccl_desc : "";
     /* This node's own hot sets (not the union: no echo). */
     Moe__V1__HotExperts hx[16], *hp[16];
     size_t nh = 0;

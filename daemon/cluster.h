@@ -33,6 +33,15 @@
  * row order.  A holder that fails or misses peer_timeout_ms is failed over:
  * to another holder that is up, else computed here (paged in locally); the
  * request succeeds and the statistics count it.
+ *
+ * NCCL: where moed is built with NCCL, nccl is on and a CUDA device is
+ * there, a node says so in its ping answers; for each peer that says so
+ * too, it makes a two-rank communicator for the forwards it sends there
+ * (the unique id travels in Peer/NcclConnect), and from then on the token
+ * rows and the partial outputs of those forwards go over NCCL; the
+ * ForwardExperts call only carries the routing.  gRPC stays the fallback:
+ * no communicator yet, or any failure on it (then aborted, made again
+ * after a pause).  struct nccl_link in cluster.c has the protocol.
  */
 #ifndef MOED_DAEMON_CLUSTER_H
 #define MOED_DAEMON_CLUSTER_H
@@ -79,5 +88,6 @@ void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, voi
 void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg);
 void moed_on_add_peer(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg);
 void moed_on_remove_peer(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg);
+void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg);
 
 #endif

@@ -86,6 +86,10 @@ static const struct key keys[] = {
      "how often replicas are chosen again from the measured load (default 5000)"},
     {"cluster", "peer_max_rows", K_INT, OFF(peer_max_rows), 0, MOE_MAX_TOKENS,
      "token rows per call to a peer; more are split (default: what max_message_bytes allows)"},
+    {"cluster", "nccl", K_BOOL, OFF(nccl), 0, 0,
+     "send token rows to peers over NCCL where both ends have it and a GPU (default on)"},
+    {"cluster", "nccl_device", K_INT, OFF(nccl_device), -1, 1023,
+     "CUDA device for NCCL (default: the first of gpus, else 0)"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
     {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
     {"compute", "gpus", K_STR, OFF(gpus), 0, 0,
@@ -114,6 +118,8 @@ void moed_config_init(struct moed_config *c)
     c->rebalance_interval_ms = 5000;
     c->shm_max_sessions = 256;
     c->workers = 2;
+    c->nccl = true;
+    c->nccl_device = -1;
 }
 
 void moed_config_clear(struct moed_config *c)

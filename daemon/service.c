@@ -988,6 +988,7 @@ int moed_methods(struct moed *d, const struct moe_rpc_method **ret)
         /* Between nodes: the token when one is set, as for mutating calls. */
         {"/moe.v1.Peer/ForwardExperts", false, true, moed_on_forward_experts, NULL},
         {"/moe.v1.Peer/Ping", false, true, moed_on_ping, NULL},
+        {"/moe.v1.Peer/NcclConnect", false, true, moed_on_nccl_connect, NULL},
         {"/grpc.health.v1.Health/Check", false, false, on_health, NULL},
     };
 

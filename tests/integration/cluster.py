@@ -165,6 +165,12 @@ def main():
             want = {k: "up" for k in "ABC" if k != n.name}
             st = wait_states(n, want)
             check(f"{n.name} sees its 2 peers up", st == want, st)
+        # Every peer says how its rows travel: NCCL "ready", or why gRPC.
+        ns = {p["name"]: p.get("nccl", "") for p in js(A, "status").get("peers", [])}
+        check("A says of each peer whether NCCL carries its rows, or why not",
+              sorted(ns) == ["B", "C"] and all(
+                  v == "ready" or v.startswith(("off:", "unavailable", "failed:", "connecting"))
+                  for v in ns.values()), ns)
 
         info = {x["name"]: x for x in js(A, "models")["models"]}
 
@@ -414,6 +420,46 @@ def grpc_checks(a, w, A):
         ("a NaN", fe_with(hidden=tensor(pb, nan)), INV, "not finite"),
     ]
     for label, req, want, says in bad:
+        code, det = code_of(lambda: peer.ForwardExperts(req, timeout=10, metadata=good))
+        check(f"Peer/ForwardExperts with {label}: {want.name}", code == want and says in det,
+              f"{code} {det}")
+    # NCCL: NcclConnect and ForwardExperts over NCCL, refused with what is
+    # wrong; where A cannot use NCCL (no GPU, or built without it) a good
+    # request is refused too, saying why.
+    FP = grpc.StatusCode.FAILED_PRECONDITION
+    a_nccl = peer.Ping(pb.PingRequest(**{"from": "X"}), timeout=10, metadata=good).nccl
+    print(f"A's NCCL: {a_nccl or '(none)'}")
+    nc = [
+        ("an id of 5 bytes", dict(unique_id=b"12345", generation=1, **{"from": "B"}), INV,
+         "128 bytes"),
+        ("generation 0", dict(unique_id=bytes(128), generation=0, **{"from": "B"}), INV,
+         "generation"),
+        ("a stranger", dict(unique_id=bytes(128), generation=1, **{"from": "intruder"}), FP,
+         "no peer called 'intruder'"),
+    ]
+    if not a_nccl:
+        nc.append(("no NCCL at A", dict(unique_id=bytes(128), generation=1, **{"from": "B"}),
+                   FP, "cannot use NCCL"))
+    for label, kw, want, says in nc:
+        code, det = code_of(lambda: peer.NcclConnect(pb.NcclConnectRequest(**kw), timeout=10,
+                                                     metadata=good))
+        check(f"Peer/NcclConnect with {label}: {want.name}", code == want and says in det,
+              f"{code} {det}")
+    code, det = code_of(lambda: peer.NcclConnect(pb.NcclConnectRequest(
+        unique_id=bytes(128), generation=1, **{"from": "B"}), timeout=10))
+    check("Peer/NcclConnect without the token: UNAUTHENTICATED",
+          code == grpc.StatusCode.UNAUTHENTICATED, f"{code} {det}")
+    shape_only = pb.Tensor(shape=[2, 128], dtype=pb.DTYPE_F32)
+    for label, req, want, says in (
+            ("nccl_seq without a generation", fe_with(nccl_seq=1, **{"from": "B"}), INV,
+             "both or neither"),
+            ("NCCL and data too", fe_with(nccl_seq=1, nccl_generation=1, **{"from": "B"}), INV,
+             "no data"),
+            ("NCCL from a stranger", fe_with(hidden=shape_only, nccl_seq=1, nccl_generation=1,
+                                             **{"from": "intruder"}), FP, "not a peer"),
+            ("NCCL without a communicator",
+             fe_with(hidden=shape_only, nccl_seq=1, nccl_generation=77, **{"from": "B"}), FP,
+             "NCCL")):
         code, det = code_of(lambda: peer.ForwardExperts(req, timeout=10, metadata=good))
         check(f"Peer/ForwardExperts with {label}: {want.name}", code == want and says in det,
               f"{code} {det}")
