@@ -69,11 +69,12 @@ def run(cmd, timeout=120):
 
 
 class Node:
-    def __init__(self, moed, name, port, peers, models, workdir, token=TOKEN, log="node"):
+    def __init__(self, moed, name, port, peers, models, workdir, token=TOKEN, log="node",
+                 extra=()):
         self.name, self.port, self.addr = name, port, f"127.0.0.1:{port}"
         self.log = open(f"{workdir}/{log}-{name}.log", "a+")
         args = [moed, "--listen", self.addr, "--node-name", name, "--token", token,
-                "--log-level", "info"] + TIMING
+                "--log-level", "info"] + TIMING + list(extra)
         for pn, pp in peers:
             args += ["--peer", f"{pn} 127.0.0.1:{pp}"]
         for n, d in models.items():
