@@ -857,6 +857,8 @@ static void print_cluster(const Moe__V1__StatsResponse *s)
            (unsigned long long)c->peer_calls_served);
     printf("  NCCL          %llu transfers fell back to gRPC\n",
            (unsigned long long)c->nccl_fallbacks);
+    printf("  strays        %llu copies of experts held elsewhere given back\n",
+           (unsigned long long)c->strays_evicted);
     printf("  peers:\n");
     peers_table(s->peers, s->n_peers, "    ", true);
 }

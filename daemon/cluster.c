@@ -10,6 +10,7 @@
 #include "log.h"
 #include "rpc_client.h"
 
+#include "dtype.h"
 #include "moe.pb-c.h"
 
 #ifdef MOED_HAVE_NCCL
@@ -56,7 +57,7 @@ struct nccl_link {
     struct moe_nccl *in;
     uint64_t in_gen, in_seq; /* the last transfer taken */
     bool joining;
-    char remote[96]; /* the peer's NCCL, from its pings (peer lock) */
+    char remote[96];  /* the peer's NCCL, from its pings (peer lock) */
     char failed[200]; /* why the last try failed, "" once it works (peer lock) */
     _Atomic uint64_t calls, bytes;
 };
@@ -113,7 +114,7 @@ struct moed_cluster {
     bool started;
     _Atomic int in_flight; /* split forwards running */
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
-        bytes_sent, bytes_received, served, nccl_fallbacks;
+        bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
      * this node tells its peers, or why not. */
     bool nccl_ok;
@@ -461,6 +462,7 @@ static void chunk_request(const struct part *pt, int r0, int rows, const int32_t
 {
     size_t xo = (size_t)r0 * pt->H, ko = (size_t)r0 * pt->K;
 
+    q->output_dtype = MOE__V1__DTYPE__DTYPE_F32;
     shape[0] = rows;
     shape[1] = pt->H;
     t->n_shape = 2;
@@ -485,6 +487,7 @@ static void chunk_request(const struct part *pt, int r0, int rows, const int32_t
 static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpertsRequest *q,
                      int rows, bool data, Moe__V1__ForwardExpertsResponse **ret)
 {
+    const bool bf16 = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16;
     struct moed_cluster *c = pt->c;
     Moe__V1__ForwardExpertsResponse *a = NULL;
     size_t n = (size_t)rows * (size_t)pt->H, len, alen = 0;
@@ -530,8 +533,8 @@ static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpe
     a = moe__v1__forward_experts_response__unpack(NULL, alen, ans);
     free(ans);
     if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != rows ||
-        a->output->shape[1] != pt->H || a->output->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
-        a->output->data.len != (data ? n * sizeof(float) : 0)) {
+        a->output->shape[1] != pt->H || a->output->dtype != q->output_dtype ||
+        a->output->data.len != (data ? n * (bf16 ? 2 : 4) : 0)) {
         snprintf(pt->msg, sizeof(pt->msg), "%s answered an output of the wrong shape", p->name);
         atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
         if (a)
@@ -544,12 +547,20 @@ static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpe
     return 0;
 }
 
-static void add_into(float *out, const uint8_t *y, size_t n)
+/* out += y, n elements of y in f32 or bf16 (little-endian bytes). */
+static void add_into(float *out, const uint8_t *y, size_t n, bool bf16)
 {
     for (size_t i = 0; i < n; i++) {
         float v;
 
-        memcpy(&v, y + 4 * i, 4);
+        if (bf16) {
+            uint16_t h;
+
+            memcpy(&h, y + 2 * i, 2);
+            v = moe_bf16_to_f32(h);
+        } else {
+            memcpy(&v, y + 4 * i, 4);
+        }
         out[i] += v;
     }
 }
@@ -622,7 +633,7 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     pthread_mutex_unlock(&l->out_lock);
     atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
-    add_into(out + xo, (const uint8_t *)y, n);
+    add_into(out + xo, (const uint8_t *)y, n, false);
     free(y);
     return 0;
 }
@@ -637,6 +648,9 @@ static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__ForwardExpertsResponse *a = NULL;
+    const bool bf16 = pt->c->d->cfg.peer_bf16;
+    size_t n = (size_t)rows * pt->H;
+    uint16_t *xb = NULL;
     int64_t shape[2];
     int rc;
 
@@ -645,9 +659,24 @@ static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
         return 0;
 #endif
     chunk_request(pt, r0, rows, ids, &q, &t, shape);
+    if (bf16) {
+        /* Half the bytes both ways; the sums stay f32 on both ends. */
+        xb = malloc(n * sizeof(*xb));
+        if (!xb) {
+            snprintf(pt->msg, sizeof(pt->msg), "out of memory");
+            return -ENOMEM;
+        }
+        for (size_t i = 0; i < n; i++)
+            xb[i] = moe_f32_to_bf16(pt->x[(size_t)r0 * pt->H + i]);
+        t.dtype = MOE__V1__DTYPE__DTYPE_BF16;
+        t.data.data = (uint8_t *)xb;
+        t.data.len = n * sizeof(*xb);
+        q.output_dtype = MOE__V1__DTYPE__DTYPE_BF16;
+    }
     rc = peer_call(pt, pt->v->peer[m], &q, rows, true, &a);
+    free(xb);
     if (rc == 0) {
-        add_into(out + (size_t)r0 * pt->H, a->output->data.data, (size_t)rows * pt->H);
+        add_into(out + (size_t)r0 * pt->H, a->output->data.data, n, bf16);
         moe__v1__forward_experts_response__free_unpacked(a, NULL);
     }
     return rc;
@@ -661,7 +690,7 @@ static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
 static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
 {
     const struct moed_config *cfg = &pt->c->d->cfg;
-    size_t row_bytes = (size_t)pt->H * 4 + (size_t)pt->K * 16;
+    size_t row_bytes = (size_t)pt->H * (cfg->peer_bf16 ? 2 : 4) + (size_t)pt->K * 16;
     int max_rows = cfg->peer_max_rows, rc = 0;
     float *tmp;
 
@@ -1210,7 +1239,8 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
     struct peer *p = NULL;
 
     if (!q) {
-        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not an NcclConnectRequest");
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT,
+                     "the request is not an NcclConnectRequest");
         return;
     }
     if (q->unique_id.len != 128 || q->generation == 0) {
@@ -1227,8 +1257,8 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
         goto out;
     }
     if (!c->nccl_ok) {
-        moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s",
-                     c->node, c->nccl_why);
+        moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s", c->node,
+                     c->nccl_why);
         goto out;
     }
 #ifdef MOED_HAVE_NCCL
@@ -1474,12 +1504,19 @@ static void rebalance(struct moed_cluster *c)
             for (int e = 0; e < m->cfg.n_experts; e++) {
                 size_t k = (size_t)layer * s->n_experts + e;
                 int h[MAX_MEMBERS], nh = holders(c, &v, s, layer, e, h);
-                bool mine = false;
+                bool mine = false, up = false;
 
-                for (int j = 0; j < nh; j++)
+                for (int j = 0; j < nh; j++) {
                     mine |= h[j] == v.self;
+                    up |= member_up(&v, h[j]);
+                }
                 if (s->drop[k] && !mine)
                     moe_cache_evict(d->cache, mm->cache_id, layer, e, NULL); /* -EBUSY: later */
+                else if (!mine && up && moe_cache_resident(d->cache, mm->cache_id, layer, e) &&
+                         moe_cache_evict(d->cache, mm->cache_id, layer, e, NULL) == 0)
+                    /* A stray copy (paged in here while its holders were
+                     * down, or by a prefetch): back to its holders. */
+                    atomic_fetch_add_explicit(&c->strays_evicted, 1, memory_order_relaxed);
                 s->drop[k] = 0;
                 if (mine && !s->held[k]) {
                     /* Newly held: page it in now (released at once; the
@@ -1799,6 +1836,7 @@ void moed_cluster_counters(struct moed *d, Moe__V1__ClusterCounters *k)
     k->bytes_received = atomic_load(&c->bytes_received);
     k->peer_calls_served = atomic_load(&c->served);
     k->nccl_fallbacks = atomic_load(&c->nccl_fallbacks);
+    k->strays_evicted = atomic_load(&c->strays_evicted);
     pthread_mutex_lock(&c->lock);
     k->placement_version = c->version;
     pthread_mutex_unlock(&c->lock);
@@ -1815,6 +1853,8 @@ struct pfwd {
     int32_t *ids;
     int T, H;
     uint64_t t_recv;
+    bool out_bf16;  /* answer in bf16 */
+    uint16_t *outb; /* the answer's bf16 */
     /* Over NCCL: the sending peer (a reference), generation and transfer. */
     struct peer *np;
     uint64_t ngen, nseq;
@@ -1828,6 +1868,7 @@ static void pfwd_free(struct pfwd *f)
         moed_model_put(f->d, f->mm);
     free(f->x);
     free(f->out);
+    free(f->outb);
     free(f->w);
     free(f->ids);
     free(f);
@@ -1840,6 +1881,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
     int64_t shape[2] = {f->T, f->H};
+    size_t n = (size_t)f->T * f->H;
     char nmsg[MOE_ERROR_MSG_MAX];
 
 #ifdef MOED_HAVE_NCCL
@@ -1848,7 +1890,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
          * only says it is there. */
         struct nccl_link *l = &f->np->nl;
         struct moe_error err = {0};
-        struct moe_nccl_xfer y = {0, f->out, (size_t)f->T * f->H * sizeof(float)};
+        struct moe_nccl_xfer y = {0, f->out, n * sizeof(float)};
 
         pthread_mutex_lock(&l->in_lock);
         if (l->in && l->in_gen == f->ngen) {
@@ -1858,8 +1900,8 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
                 l->in = NULL;
             }
         } else {
-            status = moe_error_set(&err, -EIO, "the NCCL communicator from %s went away",
-                                   f->np->name);
+            status =
+                moe_error_set(&err, -EIO, "the NCCL communicator from %s went away", f->np->name);
         }
         pthread_mutex_unlock(&l->in_lock);
         if (status < 0) {
@@ -1870,14 +1912,26 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
 #else
     (void)nmsg;
 #endif
-    if (status < 0) {
-        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
-    } else {
+    if (status >= 0) {
         t.n_shape = 2;
         t.shape = shape;
         t.dtype = MOE__V1__DTYPE__DTYPE_F32;
         t.data.data = f->np ? NULL : (uint8_t *)f->out;
-        t.data.len = f->np ? 0 : (size_t)f->T * f->H * sizeof(float);
+        t.data.len = f->np ? 0 : n * sizeof(float);
+        if (f->out_bf16 && (f->outb = malloc(n * sizeof(*f->outb)))) {
+            for (size_t i = 0; i < n; i++)
+                f->outb[i] = moe_f32_to_bf16(f->out[i]);
+            t.dtype = MOE__V1__DTYPE__DTYPE_BF16;
+            t.data.data = (uint8_t *)f->outb;
+            t.data.len = n * sizeof(*f->outb);
+        } else if (f->out_bf16) {
+            status = -ENOMEM;
+            msg = "out of memory";
+        }
+    }
+    if (status < 0) {
+        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+    } else {
         tm.queue_ns = r->queue_ns;
         tm.route_ns = r->st.route_ns;
         tm.load_ns = r->st.load_ns;
@@ -1985,7 +2039,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     const struct moe_model *m;
     size_t n, tk;
     int st = GRPC_STATUS_INVALID_ARGUMENT;
-    bool nccl;
+    bool nccl, hb;
 
     if (!q || !f) {
         moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
@@ -2018,15 +2072,25 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
                      (unsigned long long)q->nccl_generation, (unsigned long long)q->nccl_seq);
         goto out;
     }
+    /* bf16 on the wire (peer_bf16) over gRPC; NCCL carries f32. */
+    hb = !nccl && q->hidden && q->hidden->dtype == MOE__V1__DTYPE__DTYPE_BF16;
     if (!q->hidden || q->hidden->n_shape != 2 || q->hidden->shape[1] != f->H ||
         q->hidden->shape[0] < 1 || q->hidden->shape[0] > MOE_MAX_TOKENS ||
-        q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 ||
-        q->hidden->data.len !=
-            (nccl ? 0 : (size_t)q->hidden->shape[0] * f->H * sizeof(float))) {
-        moe_rpc_fail(call, st, "hidden: expected float32 [rows, %d] with 1 to %d rows%s", f->H,
-                     MOE_MAX_TOKENS, nccl ? " and no data (it comes over NCCL)" : "");
+        (q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 && !hb) ||
+        q->hidden->data.len != (nccl ? 0 : (size_t)q->hidden->shape[0] * f->H * (hb ? 2 : 4))) {
+        moe_rpc_fail(call, st, "hidden: expected float32%s [rows, %d] with 1 to %d rows%s",
+                     nccl ? "" : " or bfloat16", f->H, MOE_MAX_TOKENS,
+                     nccl ? " and no data (it comes over NCCL)" : "");
         goto out;
     }
+    if (q->output_dtype != MOE__V1__DTYPE__DTYPE_UNSPECIFIED &&
+        q->output_dtype != MOE__V1__DTYPE__DTYPE_F32 &&
+        (q->output_dtype != MOE__V1__DTYPE__DTYPE_BF16 || nccl)) {
+        moe_rpc_fail(call, st, "output_dtype %d: expected F32%s", (int)q->output_dtype,
+                     nccl ? " over NCCL" : " or BF16");
+        goto out;
+    }
+    f->out_bf16 = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16;
     f->T = (int)q->hidden->shape[0];
     n = (size_t)f->T * f->H;
     tk = (size_t)f->T * m->cfg.top_k;
@@ -2045,7 +2109,17 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
         moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for %d rows", f->T);
         goto out;
     }
-    if (!nccl && !hidden_ok(f, q->hidden->data.data, n, &err)) {
+    if (hb) {
+        const uint8_t *h = q->hidden->data.data;
+
+        for (size_t i = 0; i < n; i++) {
+            uint16_t v;
+
+            memcpy(&v, h + 2 * i, 2);
+            f->x[i] = moe_bf16_to_f32(v);
+        }
+    }
+    if (!nccl && !hidden_ok(f, hb ? (const void *)f->x : q->hidden->data.data, n, &err)) {
         moe_rpc_fail(call, st, "%s", err.msg);
         goto out;
     }
@@ -2099,8 +2173,8 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
                              "node %s: the sender '%s' is not a peer of this node",
                              moed_cluster_node(d), q->from ? q->from : "");
             else
-                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
-                             "node %s cannot use NCCL: %s", c->node, c->nccl_why);
+                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s",
+                             c->node, c->nccl_why);
             goto out;
         }
 #ifdef MOED_HAVE_NCCL

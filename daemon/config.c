@@ -86,6 +86,9 @@ static const struct key keys[] = {
      "how often replicas are chosen again from the measured load (default 5000)"},
     {"cluster", "peer_max_rows", K_INT, OFF(peer_max_rows), 0, MOE_MAX_TOKENS,
      "token rows per call to a peer; more are split (default: what max_message_bytes allows)"},
+    {"cluster", "peer_bf16", K_BOOL, OFF(peer_bf16), 0, 0,
+     "token rows and partial outputs to peers in bf16: half the bytes, ~3 significant digits "
+     "(default false: f32, exact)"},
     {"cluster", "nccl", K_BOOL, OFF(nccl), 0, 0,
      "send token rows to peers over NCCL where both ends have it and a GPU (default on)"},
     {"cluster", "nccl_device", K_INT, OFF(nccl_device), -1, 1023,

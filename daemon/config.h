@@ -16,7 +16,7 @@
  *   [compute]   threads, kernel, gpus, gpu_cache_bytes
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
  *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
- *               nccl, nccl_device,
+ *               nccl, nccl_device, peer_bf16,
  *               peer = NAME HOST:PORT   (repeatable; flag: --peer "NAME HOST:PORT")
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
  *
@@ -89,6 +89,7 @@ struct moed_config {
     uint64_t rebalance_interval_ms;
     int peer_max_rows; /* token rows per ForwardExperts; 0: what max_message_bytes allows */
     bool nccl;         /* token rows to peers over NCCL where both have it (default on) */
+    bool peer_bf16;    /* token rows and outputs to peers over gRPC in bf16 (default f32) */
     int nccl_device;   /* CUDA device for NCCL; -1: the first of gpus, else 0 */
     int n_peers;
     struct moed_peer_cfg peers[MOED_MAX_PEERS];

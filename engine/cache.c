@@ -1446,6 +1446,19 @@ out:
     return r;
 }
 
+bool moe_cache_resident(struct moe_cache *c, int model, int layer, int expert)
+{
+    struct centry *e;
+    bool r = false;
+
+    pthread_mutex_lock(&c->lock);
+    if (check_expert(c, model, layer, expert, &e, NULL) == 0)
+        for (int k = 0; k < c->n_tiers; k++)
+            r |= e->t[k].state == SLOT_RESIDENT;
+    pthread_mutex_unlock(&c->lock);
+    return r;
+}
+
 int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
 {
     struct cmodel *mod;

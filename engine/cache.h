@@ -178,6 +178,8 @@ bool moe_cache_wants_lookahead(struct moe_cache *c);
 int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
+/* Whether the expert is resident in some tier now (false for a bad one). */
+bool moe_cache_resident(struct moe_cache *c, int model, int layer, int expert);
 /* retry returns the number of marks cleared. */
 int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 

@@ -23,7 +23,7 @@ struct moe_nccl {
     cudaStream_t stream;
     int device, rank, nranks;
     bool broken, pending;
-    uint8_t *dev; /* device staging: the sends, then the receives */
+    uint8_t *dev;  /* device staging: the sends, then the receives */
     uint8_t *host; /* pinned host staging, same layout */
     size_t cap;
     /* The receives of the pending post and their offsets in the staging. */
@@ -241,8 +241,8 @@ int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_s
     int rc;
 
     if (c->broken)
-        return moe_error_set(err, -EIO, "NCCL rank %d of %d: broken by an earlier failure",
-                             c->rank, c->nranks);
+        return moe_error_set(err, -EIO, "NCCL rank %d of %d: broken by an earlier failure", c->rank,
+                             c->nranks);
     for (int i = 0; i < n_sends + n_recvs; i++) {
         const struct moe_nccl_xfer *x = i < n_sends ? &sends[i] : &recvs[i - n_sends];
 
@@ -327,8 +327,8 @@ int moe_nccl_wait(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err
     unsigned us = 5;
 
     if (c->broken)
-        return moe_error_set(err, -EIO, "NCCL rank %d of %d: broken by an earlier failure",
-                             c->rank, c->nranks);
+        return moe_error_set(err, -EIO, "NCCL rank %d of %d: broken by an earlier failure", c->rank,
+                             c->nranks);
     if (!c->pending)
         return 0;
     cudaSetDevice(c->device);

@@ -63,8 +63,8 @@ int moe_nccl_nranks(const struct moe_nccl *c);
 bool moe_nccl_broken(const struct moe_nccl *c);
 
 struct moe_nccl_xfer {
-    int peer;    /* rank */
-    void *buf;   /* host memory: read for a send, written for a receive */
+    int peer;  /* rank */
+    void *buf; /* host memory: read for a send, written for a receive */
     size_t bytes;
 };
 

@@ -11,7 +11,8 @@ cluster runs gets --host-cache-bytes 40% of the experts: one node alone must
 page, two nodes nearly hold their shares, three hold everything.  Load:
 `moectl bench --json` with 8 tokens a request and 4 callers in all, spread
 over the nodes (one bench process per node, summed).  A last row runs the
-three nodes with --replicas 0 (each node holds only the experts it owns).
+three nodes with --replicas 0 (each node holds only the experts it owns),
+another with --peer-bf16 (rows and partial outputs in bf16 between nodes).
 
 --quick: 1 and 2 nodes, 1 s each (ctest's bench-cluster-quick).
 Exit 0, 1 on failure, 77 when a daemon or moectl is missing.
@@ -154,6 +155,8 @@ def main():
         configs.append(("3 nodes, 40% cache each", 3, cache, []))
         # hot-expert replicas off: every node holds only what it owns
         configs.append(("3 nodes, 40%, --replicas 0", 3, cache, ["--replicas", "0"]))
+        # activations and partial outputs in bf16 between nodes
+        configs.append(("3 nodes, 40%, --peer-bf16", 3, cache, ["--peer-bf16", "true"]))
     if a.only:
         configs = [c for c in configs if c[2] == 0 or c[1] == a.only]
     print(f"bench-cluster: Mixtral-shaped, hidden {HIDDEN}, {EXPERTS} experts of ffn {FFN} in "
@@ -197,7 +200,8 @@ def main():
         moved = d.get("bytes_sent", 0) + d.get("bytes_received", 0)
         remote_rows = d.get("tokens_remote", 0)
         tok_split = d.get("tokens_total", 0)
-        minimum = remote_rows * HIDDEN * 4 * 2
+        # the rows there and back at the wire's element size
+        minimum = remote_rows * HIDDEN * (2 if "--peer-bf16" in extra else 4) * 2
         if n > 1 and toks:
             # the stats count every node's own calls; tokens: the bench's
             bpt, mpt = moved / toks, minimum / toks
@@ -213,7 +217,8 @@ def main():
           "p50/p99: the worst of the bench processes; hit rate: host tier, summed over nodes "
           "(it counts ForwardExperts too);")
     print("remote = token rows sent to other nodes per token; B/token = ForwardExperts request "
-          "and answer bytes summed over nodes / tokens; min = remote rows x hidden x 4 B x 2 "
+          "and answer bytes summed over nodes / tokens; min = remote rows x hidden x 4 B (2 B with "
+          "--peer-bf16) x 2 "
           "directions / tokens; ratio = B/token / min")
     shutil.rmtree(pk, ignore_errors=True)
     print(f"{time.time() - t_start:.1f} s in all")

@@ -161,7 +161,8 @@ static void *rank_main(void *arg)
         goto out;
     a->rc = moe_nccl_open(a->id, 2, a->rank, a->rank, 60000, &c, &err);
     for (int round = 0; a->rc == 0 && round < 20; round++) {
-        struct moe_nccl_xfer snd = {other, s, n - (size_t)round}, rcv = {other, r, n - (size_t)round};
+        struct moe_nccl_xfer snd = {other, s, n - (size_t)round},
+                             rcv = {other, r, n - (size_t)round};
 
         fill(s, n, (uint32_t)(a->rank * 1000 + round));
         fill(want, n, (uint32_t)(other * 1000 + round));

@@ -147,12 +147,12 @@ def main():
             return 1
         models[arch] = d
 
-    pa, pb, pc, pd, pe = free_ports(5)
-    ports = {"A": pa, "B": pb, "C": pc, "D": pd, "E": pe}
+    pa, pb, pc, pd, pe, pf = free_ports(6)
+    ports = {"A": pa, "B": pb, "C": pc, "D": pd, "E": pe, "F": pf}
 
-    def start(name, peers, token=TOKEN, log="node"):
+    def start(name, peers, token=TOKEN, log="node", extra=()):
         return Node(a.moed, name, ports[name], [(p, ports[p]) for p in peers], models, w,
-                    token=token, log=log)
+                    token=token, log=log, extra=extra)
 
     nodes = {}
     try:
@@ -226,7 +226,7 @@ def main():
                     continue
                 inputs[(arch, tokens)] = (layer, xf, np.load(yf))
 
-        def forwards(via, label, cases=None):
+        def forwards(via, label, cases=None, rel=1e-5):
             bad = []
             for (arch, tokens), (layer, xf, yl) in inputs.items():
                 if cases and (arch, tokens) not in cases:
@@ -240,7 +240,7 @@ def main():
                         continue
                     y = np.load(out)
                     err = float(np.abs(y - yl).max()) if y.shape == yl.shape else float("inf")
-                    tol = 1e-5 * max(1.0, float(np.abs(yl).max()))
+                    tol = rel * max(1.0, float(np.abs(yl).max()))
                     if not err <= tol:
                         bad.append(f"{arch}/{tokens} via {n.name}: max diff {err} > {tol}")
             n_cases = len(cases) if cases else len(inputs)
@@ -305,6 +305,14 @@ def main():
         st = wait_states(C, {"A": "up", "B": "up"})
         check("the restarted C sees A and B up", st == {"A": "up", "B": "up"}, st)
         forwards([A, B, C], "C rejoined")
+        # What A paged in for C's experts while C was down goes back to C:
+        # evicted at a rebalance once C is up (every 500 ms here).
+        t0, strays = time.time(), 0
+        while time.time() - t0 < 5 and not strays:
+            strays = int(js(A, "stats")["cluster"].get("strays_evicted", 0))
+            time.sleep(0.2)
+        check("A gives back the copies of C's experts it paged in meanwhile (strays_evicted)",
+              strays > 0, strays)
 
         # ---- a fourth node at run time ----
         nodes["D"] = D = start("D", ["A", "B", "C"])
@@ -357,6 +365,24 @@ def main():
         grpc_checks(a, w, A)
         check("E stops cleanly", E.stop() == 0)
         del nodes["E"]
+
+        # ---- bf16 on the wire ----
+        # F sends its peers bf16 rows and asks for bf16 answers: within bf16
+        # rounding of --local (2e-2 of max |y|; a wrong conversion is off by
+        # the whole output), in about half the bytes per row of A's f32.
+        nodes["F"] = F = start("F", ["A", "B", "C"], extra=["--peer-bf16", "true"])
+        st = wait_states(F, {k: "up" for k in "ABC"})
+        check("F (peer_bf16) sees A, B and C up", st == {k: "up" for k in "ABC"}, st)
+        forwards([F], "F, bf16 on the wire", cases=[("mixtral", 64), ("deepseek_v3", 64),
+                                                   ("qwen3_moe", 7)], rel=2e-2)
+        per_row = {}
+        for n in (A, F):
+            c = js(n, "stats")["cluster"]
+            per_row[n.name] = int(c.get("bytes_sent", 0)) / max(1, int(c.get("tokens_remote", 1)))
+        check("F sends about half the bytes per remote row that A sends (bf16 vs f32)",
+              0.4 < per_row["F"] / per_row["A"] < 0.65, per_row)
+        check("F stops cleanly", F.stop() == 0)
+        del nodes["F"]
     finally:
         for name in sorted(nodes):
             rc = nodes[name].stop()
@@ -398,6 +424,19 @@ def grpc_checks(a, w, A):
     check("Peer/Ping with the token: OK", code == grpc.StatusCode.OK, f"{code} {det}")
     code, det = code_of(lambda: peer.ForwardExperts(fe, timeout=10, metadata=good))
     check("Peer/ForwardExperts with the token: OK", code == grpc.StatusCode.OK, f"{code} {det}")
+    # bf16 rows, bf16 answer: the f32 answer within bf16 rounding.
+    y32 = peer.ForwardExperts(fe, timeout=10, metadata=good).output
+    fb = pb.ForwardExpertsRequest()
+    fb.CopyFrom(fe)
+    fb.hidden.CopyFrom(tensor(pb, x, "bf16"))
+    fb.output_dtype = pb.DTYPE_BF16
+    y16 = peer.ForwardExperts(fb, timeout=10, metadata=good).output
+    a32 = np.frombuffer(y32.data, "<f4").reshape(2, 128)
+    a16 = (np.frombuffer(y16.data, "<u2").astype(np.uint32) << 16).view("<f4").reshape(2, 128)
+    err = float(np.abs(a16 - a32).max())
+    check("Peer/ForwardExperts in bf16 both ways: the f32 answer within bf16 rounding",
+          y16.dtype == pb.DTYPE_BF16 and len(y16.data) == 2 * 128 * 2 and
+          err <= 2e-2 * float(np.abs(a32).max()), f"dtype {y16.dtype}, max diff {err}")
 
     # Bad requests from a peer: each refused with what is wrong; A goes on.
     INV, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -413,7 +452,8 @@ def grpc_checks(a, w, A):
         ("an unknown model", fe_with(model="nosuch"), NF, "nosuch"),
         ("a layer that is not there", fe_with(layer=99), INV, "no MoE layer 99"),
         ("rows of the wrong width", fe_with(hidden=tensor(pb, x[:, :64].copy())), INV, "128"),
-        ("bf16 rows", fe_with(hidden=tensor(pb, x, "bf16")), INV, "float32"),
+        ("f16 rows", fe_with(hidden=tensor(pb, x, "f16")), INV, "float32 or bfloat16"),
+        ("an f16 answer", fe_with(output_dtype=pb.DTYPE_F16), INV, "output_dtype"),
         ("another top_k", fe_with(top_k=3), INV, "top_k"),
         ("too few ids", fe_with(expert_ids=[0, 1, 2]), INV, "ids"),
         ("an expert out of range", fe_with(expert_ids=[0, 99, 2, -1]), INV, "out of range"),
