@@ -201,7 +201,12 @@ static void check_pins(void)
         ASSERT_EQ(moe_cache_evict(c, model, 1, 7, &err), -EBUSY);
         ASSERT_CONTAINS(err.msg, "unpin");
         ASSERT_EQ(moe_cache_unpin(c, model, 1, 7, &err), 0);
+        ASSERT_TRUE(moe_cache_resident(c, model, 1, 7));
         ASSERT_EQ(moe_cache_evict(c, model, 1, 7, &err), 0);
+        ASSERT_TRUE(!moe_cache_resident(c, model, 1, 7));
+        ASSERT_TRUE(!moe_cache_resident(c, model, 1, 8)); /* no such expert */
+        ASSERT_TRUE(!moe_cache_resident(c, model, 9, 0)); /* no such layer */
+        ASSERT_TRUE(!moe_cache_resident(c, 99, 0, 0));    /* no such model */
         ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
         ASSERT_EQ(s.models[0].experts[1 * 8 + 7].tier, -1);
         moe_cache_stats_clear(&s);
