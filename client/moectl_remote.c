@@ -551,7 +551,7 @@ static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *i
 
     if (full)
         table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
-                  "BYTES SENT", "RECEIVED", "PINGS FAILED", "NCCL", "NCCL CALLS (BYTES)",
+                  "BYTES SENT", "RECEIVED", "PINGS FAILED", "NCCL", "NCCL SENT/SERVED (BYTES)",
                   "LAST ERROR");
     else
         table_row(&t, "PEER", "ADDRESS", "STATE", "RTT", "CALLS (FAILED)", "TOKENS SENT",
@@ -570,8 +570,8 @@ static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *i
             snprintf(rtt, sizeof(rtt), "-");
         u64(p->tokens_sent, tok, sizeof(tok));
         human_bytes(p->bytes_sent, bs, sizeof(bs));
-        snprintf(nc, sizeof(nc), "%llu (%s)", (unsigned long long)p->nccl_calls,
-                 human_bytes(p->nccl_bytes, nb, sizeof(nb)));
+        snprintf(nc, sizeof(nc), "%llu/%llu (%s)", (unsigned long long)p->nccl_calls,
+                 (unsigned long long)p->nccl_served, human_bytes(p->nccl_bytes, nb, sizeof(nb)));
         if (full)
             table_row(&t, p->name, p->address, p->state, rtt, calls, tok, bs,
                       human_bytes(p->bytes_received, br, sizeof(br)),

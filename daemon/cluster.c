@@ -51,15 +51,20 @@ struct moe_nccl;
 struct nccl_link {
     pthread_mutex_t out_lock; /* held across one outgoing forward */
     struct moe_nccl *out;
+    /* Generations start at the clock's seconds << 20, so that a restarted
+     * sender's are newer than those the peer saw before. */
     uint64_t out_gen, out_seq, retry_ns;
+    int fails;               /* tries failed in a row: the pause doubles */
+    _Atomic bool out_ready;  /* out is there (read without out_lock) */
     pthread_mutex_t in_lock; /* in, in_gen, in_seq, joining */
     pthread_cond_t in_cond;
     struct moe_nccl *in;
     uint64_t in_gen, in_seq; /* the last transfer taken */
+    uint64_t in_post_ns;     /* when the last output was posted on in */
     bool joining;
     char remote[96];  /* the peer's NCCL, from its pings (peer lock) */
     char failed[200]; /* why the last try failed, "" once it works (peer lock) */
-    _Atomic uint64_t calls, bytes;
+    _Atomic uint64_t calls, served, bytes;
 };
 
 struct peer {
@@ -193,6 +198,7 @@ static struct peer *peer_new(struct moed *d, const char *name, const char *addre
     p->cfg.timeout_ms = (int)MOE_MIN(d->cfg.peer_timeout_ms, INT32_MAX);
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->nl.out_lock, NULL);
+    p->nl.out_gen = (uint64_t)time(NULL) << 20;
     pthread_mutex_init(&p->nl.in_lock, NULL);
     pthread_cond_init(&p->nl.in_cond, NULL);
     atomic_store(&p->state, PEER_DOWN); /* until it answers a ping */
@@ -583,9 +589,12 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     float *y;
     int rc;
 
-    if (!c->nccl_ok)
+    if (!c->nccl_ok || !atomic_load_explicit(&l->out_ready, memory_order_relaxed))
         return 1;
-    pthread_mutex_lock(&l->out_lock);
+    /* One forward at a time on the communicator: others meanwhile go over
+     * gRPC rather than queue behind it. */
+    if (pthread_mutex_trylock(&l->out_lock) != 0)
+        return 1;
     if (!l->out) {
         pthread_mutex_unlock(&l->out_lock);
         return 1;
@@ -618,6 +627,7 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
          * generation; gRPC meanwhile, NCCL again after a pause. */
         moe_nccl_close(l->out);
         l->out = NULL;
+        atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
         l->retry_ns = moe_now_ns() + 5000000000ull;
         pthread_mutex_unlock(&l->out_lock);
         pthread_mutex_lock(&p->lock);
@@ -1026,15 +1036,12 @@ static void nccl_link_close(struct nccl_link *l)
 static void nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len)
 {
     struct nccl_link *l = &p->nl;
-    bool out;
+    bool out = atomic_load_explicit(&l->out_ready, memory_order_relaxed);
 
     if (!c->nccl_ok) {
         snprintf(buf, len, "%s", c->nccl_why);
         return;
     }
-    pthread_mutex_lock(&l->out_lock);
-    out = l->out != NULL;
-    pthread_mutex_unlock(&l->out_lock);
     pthread_mutex_lock(&p->lock);
     if (out)
         snprintf(buf, len, "ready");
@@ -1094,12 +1101,20 @@ static void *nccl_connect_main(void *arg)
     if (rc == 0)
         rc = moe_nccl_open(j->id, 2, 0, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
     pthread_mutex_lock(&l->out_lock);
-    moe_nccl_close(l->out);
-    l->out = comm;
-    l->out_seq = 0;
-    if (rc < 0)
-        l->retry_ns = moe_now_ns() + 10000000000ull;
+    if (j->gen == l->out_gen) {
+        moe_nccl_close(l->out);
+        l->out = comm;
+        l->out_seq = 0;
+        atomic_store_explicit(&l->out_ready, comm != NULL, memory_order_relaxed);
+        comm = NULL;
+        /* Each failure doubles the pause, 10 s to 10 min: a try that
+         * fails leaves a thread in NCCL until the process ends. */
+        l->fails = rc < 0 ? MOE_MIN(l->fails + 1, 6) : 0;
+        if (rc < 0)
+            l->retry_ns = moe_now_ns() + (10000000000ull << (l->fails - 1));
+    }
     pthread_mutex_unlock(&l->out_lock);
+    moe_nccl_close(comm); /* a newer try went on meanwhile */
     pthread_mutex_lock(&p->lock);
     snprintf(l->failed, sizeof(l->failed), "%.199s", rc < 0 ? err.msg : "");
     pthread_mutex_unlock(&p->lock);
@@ -1125,12 +1140,27 @@ static void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
 
     if (!c->nccl_ok)
         return;
+    /* An output the sender never took (it gave up, or died) leaves a
+     * kernel spinning on this GPU: past twice the timeout, abort. */
+    if (pthread_mutex_trylock(&l->in_lock) == 0) {
+        uint64_t tmo = c->d->cfg.peer_timeout_ms;
+
+        if (l->in && moe_nccl_pending(l->in) &&
+            (atomic_load(&p->state) != PEER_UP ||
+             moe_now_ns() - l->in_post_ns > 2 * tmo * 1000000ull) &&
+            moe_nccl_wait(l->in, 0, NULL) < 0) {
+            moe_nccl_close(l->in);
+            l->in = NULL;
+        }
+        pthread_mutex_unlock(&l->in_lock);
+    }
     if (atomic_load(&p->state) != PEER_UP) {
         /* Down: its communicator goes now, not at the next forward's
          * timeout (unless a forward is on it: that one fails over). */
         if (pthread_mutex_trylock(&l->out_lock) == 0) {
             moe_nccl_close(l->out);
             l->out = NULL;
+            atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
             pthread_mutex_unlock(&l->out_lock);
         }
         return;
@@ -1140,7 +1170,8 @@ static void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
     pthread_mutex_unlock(&p->lock);
     if (!remote)
         return;
-    pthread_mutex_lock(&l->out_lock);
+    if (pthread_mutex_trylock(&l->out_lock) != 0) /* a forward on it: fine */
+        return;
     if (l->out || moe_now_ns() < l->retry_ns) {
         pthread_mutex_unlock(&l->out_lock);
         return;
@@ -1800,6 +1831,7 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
         }
         pi->nccl_calls = atomic_load(&p->nl.calls);
         pi->nccl_bytes = atomic_load(&p->nl.bytes);
+        pi->nccl_served = atomic_load(&p->nl.served);
         out[n++] = pi;
     }
     view_put(c, &v);
@@ -1862,8 +1894,12 @@ struct pfwd {
 
 static void pfwd_free(struct pfwd *f)
 {
-    if (f->np)
-        peer_put(cl_of(f->d), f->np);
+    if (f->np) {
+        struct moed_cluster *c = cl_of(f->d);
+
+        peer_put(c, f->np);
+        atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
+    }
     if (f->mm)
         moed_model_put(f->d, f->mm);
     free(f->x);
@@ -1895,6 +1931,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
         pthread_mutex_lock(&l->in_lock);
         if (l->in && l->in_gen == f->ngen) {
             status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
+            l->in_post_ns = moe_now_ns();
             if (status < 0) {
                 moe_nccl_close(l->in);
                 l->in = NULL;
@@ -2015,7 +2052,7 @@ static void *nccl_take_main(void *arg)
         st = GRPC_STATUS_INVALID_ARGUMENT;
     }
     if (rc == 0) {
-        atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&l->served, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
         rc = moe_sched_submit(d->sched, &f->req, &err);
         st = moed_grpc_status(rc);
@@ -2164,6 +2201,8 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     if (nccl) {
         /* The rows come over NCCL, waited for on a thread of its own. */
         f->np = c && q->from ? peer_find(c, q->from) : NULL;
+        if (f->np)
+            atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
         f->ngen = q->nccl_generation;
         f->nseq = q->nccl_seq;
         if (!f->np || !c->nccl_ok) {

@@ -17,6 +17,7 @@
 _Static_assert(sizeof(ncclUniqueId) == MOE_NCCL_ID_BYTES, "ncclUniqueId is 128 bytes");
 
 #define ALIGN 256
+#define STAGING_MIN (16u << 20) /* staging made at join: growing it later may sync */
 
 struct moe_nccl {
     ncclComm_t comm;
@@ -50,6 +51,25 @@ static uint64_t now_ns(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Selects the communicator's device for one call and gives the caller's
+ * back after (scheduler and health threads compute on their own). */
+static int device_enter(int device)
+{
+    int prev = -1;
+
+    if (cudaGetDevice(&prev) != cudaSuccess)
+        prev = -1;
+    if (prev != device)
+        cudaSetDevice(device);
+    return prev;
+}
+
+static void device_leave(int prev, int device)
+{
+    if (prev >= 0 && prev != device)
+        cudaSetDevice(prev);
 }
 
 static void pause_us(unsigned us)
@@ -102,8 +122,10 @@ static int settle(struct moe_nccl *c, uint64_t deadline, const char *what, struc
     for (;;) {
         ncclResult_t r = ncclInProgress;
 
-        if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess)
-            return fail(c, err, -EIO, what, "ncclCommGetAsyncError failed");
+        ncclResult_t q = ncclCommGetAsyncError(c->comm, &r);
+
+        if (q != ncclSuccess)
+            return fail(c, err, -EIO, what, ncclGetErrorString(q));
         if (r == ncclSuccess)
             return 0;
         if (r != ncclInProgress)
@@ -115,15 +137,52 @@ static int settle(struct moe_nccl *c, uint64_t deadline, const char *what, struc
     }
 }
 
+static int post_group(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_sends,
+                      const struct moe_nccl_xfer *recvs, int n_recvs, uint64_t timeout_ms,
+                      struct moe_error *err);
+static int wait_pending(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err);
+static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err);
+
+/* Connects every pair of ranks now, both ways, with one byte each: NCCL
+ * connects a peer at its first send or receive, inside ncclGroupEnd, and
+ * that waits for the peer to connect too.  In moed's protocol the two
+ * sides of a transfer post at different times (the receiver after a gRPC
+ * call), so a first transfer would wait for a peer that is waiting for it;
+ * here every rank posts at once, as they all join at once. */
+static int connect_all(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err)
+{
+    struct moe_nccl_xfer *x = calloc(2 * (size_t)c->nranks, sizeof(*x));
+    uint8_t *b = calloc(2 * (size_t)c->nranks, 1);
+    int n = 0, rc;
+
+    if (!x || !b) {
+        free(x);
+        free(b);
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int r = 0; r < c->nranks; r++) {
+        x[n] = (struct moe_nccl_xfer){r, &b[n], 1};
+        x[c->nranks + n] = (struct moe_nccl_xfer){r, &b[c->nranks + n], 1};
+        n++;
+    }
+    rc = post_group(c, x, n, x + c->nranks, n, timeout_ms, err);
+    if (rc == 0)
+        rc = wait_pending(c, timeout_ms, err);
+    free(x);
+    free(b);
+    return rc;
+}
+
 int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int device,
                   uint64_t timeout_ms, struct moe_nccl **ret, struct moe_error *err)
 {
     struct moe_nccl *c;
     ncclUniqueId u;
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    uint64_t deadline = now_ns() + timeout_ms * 1000000ull;
     ncclResult_t r;
     cudaError_t e;
-    int rc;
+    int rc, prev;
 
     *ret = NULL;
     if (nranks < 1 || rank < 0 || rank >= nranks)
@@ -137,27 +196,31 @@ int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int
     c->device = device;
     c->rank = rank;
     c->nranks = nranks;
-    e = cudaSetDevice(device);
-    if (e == cudaSuccess)
-        e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    prev = device_enter(device);
+    e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) {
         rc = moe_error_set(err, -EIO, "NCCL: CUDA device %d: %s", device, cudaGetErrorString(e));
         free(c);
+        device_leave(prev, device);
         return rc;
     }
     memcpy(u.internal, id, MOE_NCCL_ID_BYTES);
     cfg.blocking = 0; /* every wait below is ours, with a deadline */
     r = ncclCommInitRankConfig(&c->comm, nranks, u, rank, &cfg);
-    if (r != ncclSuccess && r != ncclInProgress) {
-        rc = moe_error_set(err, -EIO, "ncclCommInitRank (rank %d of %d): %s", rank, nranks,
-                           ncclGetErrorString(r));
-        if (c->comm)
-            ncclCommAbort(c->comm);
-        cudaStreamDestroy(c->stream);
-        free(c);
-        return rc;
+    if (r != ncclSuccess && r != ncclInProgress)
+        rc = fail(c, err, -EIO, "ncclCommInitRank", ncclGetErrorString(r));
+    else
+        rc = settle(c, deadline, "joining the communicator", err);
+    /* Staging now, while no transfer runs: growing it later frees and
+     * pins memory, which may wait for every kernel on the device. */
+    if (rc == 0)
+        rc = reserve(c, STAGING_MIN, err);
+    if (rc == 0) {
+        uint64_t t = now_ns();
+
+        rc = connect_all(c, t < deadline ? (deadline - t) / 1000000ull + 1 : 1, err);
     }
-    rc = settle(c, now_ns() + timeout_ms * 1000000ull, "joining the communicator", err);
+    device_leave(prev, device);
     if (rc < 0) {
         moe_nccl_close(c);
         return rc;
@@ -168,19 +231,23 @@ int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int
 
 void moe_nccl_close(struct moe_nccl *c)
 {
+    int prev;
+
     if (!c)
         return;
-    cudaSetDevice(c->device);
+    prev = device_enter(c->device);
     /* Abort, not destroy: destroying waits for the peers, which may be
      * gone; abort is local and makes any kernel still running exit. */
     if (c->comm)
         ncclCommAbort(c->comm);
     cudaStreamSynchronize(c->stream);
+    cudaFreeAsync(c->dev, c->stream);
+    cudaStreamSynchronize(c->stream);
     cudaStreamDestroy(c->stream);
-    cudaFree(c->dev);
     cudaFreeHost(c->host);
     free(c->recv);
     free(c->recv_off);
+    device_leave(prev, c->device);
     free(c);
 }
 
@@ -199,12 +266,19 @@ bool moe_nccl_broken(const struct moe_nccl *c)
     return c->broken;
 }
 
+bool moe_nccl_pending(const struct moe_nccl *c)
+{
+    return c->pending;
+}
+
 static size_t up(size_t n)
 {
     return (n + ALIGN - 1) / ALIGN * ALIGN;
 }
 
-/* Room for `bytes` of staging on both sides (nothing pending). */
+/* Room for `bytes` of staging on both sides (nothing pending).  The device
+ * side is stream-ordered (no device-wide sync); the pinned host side is
+ * made at join and grows only for a transfer larger than any before. */
 static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err)
 {
     cudaError_t e;
@@ -212,16 +286,18 @@ static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err)
     if (bytes <= c->cap)
         return 0;
     bytes = MOE_MAX(bytes, 2 * c->cap);
-    cudaFree(c->dev);
+    if (c->dev)
+        cudaFreeAsync(c->dev, c->stream);
     cudaFreeHost(c->host);
     c->dev = NULL;
     c->host = NULL;
     c->cap = 0;
-    e = cudaMalloc((void **)&c->dev, bytes);
+    e = cudaMallocAsync((void **)&c->dev, bytes, c->stream);
     if (e == cudaSuccess)
         e = cudaMallocHost((void **)&c->host, bytes);
     if (e != cudaSuccess) {
-        cudaFree(c->dev);
+        if (c->dev)
+            cudaFreeAsync(c->dev, c->stream);
         c->dev = NULL;
         return moe_error_set(err, -ENOMEM, "NCCL staging of %zu bytes: %s", bytes,
                              cudaGetErrorString(e));
@@ -230,13 +306,13 @@ static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err)
     return 0;
 }
 
-int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_sends,
-                  const struct moe_nccl_xfer *recvs, int n_recvs, uint64_t timeout_ms,
-                  struct moe_error *err)
+static int post_group(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_sends,
+                      const struct moe_nccl_xfer *recvs, int n_recvs, uint64_t timeout_ms,
+                      struct moe_error *err)
 {
-    uint64_t deadline = now_ns() + timeout_ms * 1000000ull;
+    uint64_t deadline;
     size_t total = 0, sent = 0, off;
-    ncclResult_t r;
+    ncclResult_t r = ncclSuccess, g;
     cudaError_t e;
     int rc;
 
@@ -253,10 +329,10 @@ int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_s
         if (i < n_sends)
             sent += up(x->bytes);
     }
-    cudaSetDevice(c->device);
-    rc = moe_nccl_wait(c, timeout_ms, err);
+    rc = wait_pending(c, timeout_ms, err);
     if (rc < 0)
         return rc;
+    deadline = now_ns() + timeout_ms * 1000000ull;
     if (n_recvs > c->cap_recv) {
         struct moe_nccl_xfer *nr = realloc(c->recv, (size_t)n_recvs * sizeof(*nr));
         size_t *no = nr ? realloc(c->recv_off, (size_t)n_recvs * sizeof(*no)) : NULL;
@@ -283,9 +359,11 @@ int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_s
         if (e != cudaSuccess)
             return fail(c, err, -EIO, "staging the sends", cudaGetErrorString(e));
     }
-    r = ncclGroupStart();
+    /* Non-blocking communicator: a call may answer ncclInProgress, which
+     * is not an error; settle() below waits for the group. */
+    ncclGroupStart();
     off = 0;
-    for (int i = 0; i < n_sends && r == ncclSuccess; i++) {
+    for (int i = 0; i < n_sends && (r == ncclSuccess || r == ncclInProgress); i++) {
         if (sends[i].bytes)
             r = ncclSend(c->dev + off, sends[i].bytes, ncclUint8, sends[i].peer, c->comm,
                          c->stream);
@@ -299,12 +377,9 @@ int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_s
                          c->stream);
         off += up(recvs[i].bytes);
     }
-    {
-        ncclResult_t g = ncclGroupEnd();
-
-        if (r == ncclSuccess || r == ncclInProgress)
-            r = g;
-    }
+    g = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress)
+        r = g;
     if (r != ncclSuccess && r != ncclInProgress)
         return fail(c, err, -EIO, "posting the group", ncclGetErrorString(r));
     rc = settle(c, deadline, "posting the group", err);
@@ -321,7 +396,7 @@ int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_s
     return 0;
 }
 
-int moe_nccl_wait(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err)
+static int wait_pending(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err)
 {
     uint64_t deadline = now_ns() + timeout_ms * 1000000ull;
     unsigned us = 5;
@@ -331,18 +406,17 @@ int moe_nccl_wait(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err
                              c->nranks);
     if (!c->pending)
         return 0;
-    cudaSetDevice(c->device);
     for (;;) {
         cudaError_t e = cudaStreamQuery(c->stream);
-        ncclResult_t r = ncclSuccess;
+        ncclResult_t r = ncclSuccess, q;
 
         if (e == cudaSuccess)
             break;
         if (e != cudaErrorNotReady)
             return fail(c, err, -EIO, "waiting", cudaGetErrorString(e));
-        if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess ||
-            (r != ncclSuccess && r != ncclInProgress))
-            return fail(c, err, -EIO, "waiting", ncclGetErrorString(r));
+        q = ncclCommGetAsyncError(c->comm, &r);
+        if (q != ncclSuccess || (r != ncclSuccess && r != ncclInProgress))
+            return fail(c, err, -EIO, "waiting", ncclGetErrorString(q != ncclSuccess ? q : r));
         if (now_ns() >= deadline)
             return fail(c, err, -ETIMEDOUT, "waiting",
                         "timed out (the peer did not post its side)");
@@ -357,11 +431,34 @@ int moe_nccl_wait(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err
     return 0;
 }
 
+int moe_nccl_post(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_sends,
+                  const struct moe_nccl_xfer *recvs, int n_recvs, uint64_t timeout_ms,
+                  struct moe_error *err)
+{
+    int prev = device_enter(c->device),
+        rc = post_group(c, sends, n_sends, recvs, n_recvs, timeout_ms, err);
+
+    device_leave(prev, c->device);
+    return rc;
+}
+
+int moe_nccl_wait(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err)
+{
+    int prev = device_enter(c->device), rc = wait_pending(c, timeout_ms, err);
+
+    device_leave(prev, c->device);
+    return rc;
+}
+
 int moe_nccl_exchange(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int n_sends,
                       const struct moe_nccl_xfer *recvs, int n_recvs, uint64_t timeout_ms,
                       struct moe_error *err)
 {
-    int rc = moe_nccl_post(c, sends, n_sends, recvs, n_recvs, timeout_ms, err);
+    int prev = device_enter(c->device),
+        rc = post_group(c, sends, n_sends, recvs, n_recvs, timeout_ms, err);
 
-    return rc < 0 ? rc : moe_nccl_wait(c, timeout_ms, err);
+    if (rc == 0)
+        rc = wait_pending(c, timeout_ms, err);
+    device_leave(prev, c->device);
+    return rc;
 }

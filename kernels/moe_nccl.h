@@ -50,6 +50,9 @@ int moe_nccl_unique_id(uint8_t id[MOE_NCCL_ID_BYTES], struct moe_error *err);
  * Joins the communicator of `id` as `rank` of `nranks` on `device`; every
  * rank must call it with the same id within timeout_ms.  Non-blocking
  * initialisation, polled: past the deadline it is aborted, -ETIMEDOUT.
+ * Before it returns, every pair of ranks is connected both ways (a byte
+ * each), so that later transfers never wait for a peer to connect, and
+ * 16 MiB of staging is made.
  */
 int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int device,
                   uint64_t timeout_ms, struct moe_nccl **ret, struct moe_error *err);
@@ -61,6 +64,8 @@ int moe_nccl_rank(const struct moe_nccl *c);
 int moe_nccl_nranks(const struct moe_nccl *c);
 /* True once an operation failed or timed out: only moe_nccl_close is left. */
 bool moe_nccl_broken(const struct moe_nccl *c);
+/* True between a post and the wait that ends it. */
+bool moe_nccl_pending(const struct moe_nccl *c);
 
 struct moe_nccl_xfer {
     int peer;  /* rank */

@@ -140,8 +140,9 @@ def main():
         forwards([A, B], "two GPUs, rows over NCCL")
         for x, y in ((A, "B"), (B, "A")):
             pi = peer(x, y)
-            check(f"{x.name} moved rows over NCCL with {y} (nccl_calls > 0)",
-                  int(pi.get("nccl_calls", 0)) > 0 and int(pi.get("nccl_bytes", 0)) > 0, pi)
+            check(f"{x.name} sent {y} rows over NCCL and served its (nccl_calls, nccl_served)",
+                  int(pi.get("nccl_calls", 0)) > 0 and int(pi.get("nccl_served", 0)) > 0 and
+                  int(pi.get("nccl_bytes", 0)) > 0, pi)
             fb = int(js(x, "stats").get("cluster", {}).get("nccl_fallbacks", 0))
             check(f"{x.name}: no NCCL transfer fell back to gRPC", fb == 0, fb)
 
@@ -168,9 +169,14 @@ def main():
               int(cl.get("nccl_fallbacks", 0)) > 0, cl)
         B = start("B", pb, ("A", pa), dev_b)
         nodes[1] = B
-        st = wait_nccl(A, "B", "ready", 90)
-        check("B restarted: A's NCCL to B is ready again", st == "ready", st)
+        for x, y in ((A, "B"), (B, "A")):
+            st = wait_nccl(x, y, "ready", 90)
+            check(f"B restarted: {x.name}'s NCCL to {y} is ready again", st == "ready", st)
+        calls = {x.name: int(peer(x, y).get("nccl_calls", 0)) for x, y in ((A, "B"), (B, "A"))}
         forwards([A, B], "after B rejoined")
+        check("after the restart both directions carry rows over NCCL again",
+              int(peer(A, "B").get("nccl_calls", 0)) > calls["A"] and
+              int(peer(B, "A").get("nccl_calls", 0)) > calls["B"], calls)
     finally:
         for n in nodes:
             rc = n.stop()
