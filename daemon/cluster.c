@@ -1600,13 +1600,7 @@ static void *health_main(void *arg)
             next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
         }
         pthread_mutex_lock(&c->lock);
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += (time_t)(ms / 1000);
-        ts.tv_nsec += (long)(ms % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
+        ts = moe_realtime_after_ms(ms);
         while (!c->stopping && !c->kick &&
                pthread_cond_timedwait(&c->cond, &c->lock, &ts) != ETIMEDOUT)
             ;
@@ -2015,13 +2009,7 @@ static void *nccl_take_main(void *arg)
     struct timespec ts;
     int st = GRPC_STATUS_FAILED_PRECONDITION, rc = -EIO;
 
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(tmo / 1000);
-    ts.tv_nsec += (long)(tmo % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    ts = moe_realtime_after_ms(tmo);
     pthread_mutex_lock(&l->in_lock);
     /* The first transfer of a generation may come before this node's
      * join has finished (the sender's finished first). */

@@ -1128,13 +1128,7 @@ int moe_cache_wait_release(struct moe_cache *c, int timeout_ms)
     uint64_t seen;
     int r = 0;
 
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    ts = moe_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&c->lock);
     seen = c->releases;
     while (c->releases == seen && c->loading == 0 && r == 0)

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
+#include <time.h>
 
 #define MOE_ERROR_MSG_MAX 1024
 #define MOE_MAX_DIMS 8
@@ -107,6 +108,8 @@ const char *moe_shape_text(const int64_t *shape, int ndim, char *buf, size_t len
 
 /* Monotonic clock in nanoseconds. */
 uint64_t moe_now_ns(void);
+/* CLOCK_REALTIME now plus ms, for pthread_cond_timedwait. */
+struct timespec moe_realtime_after_ms(uint64_t ms);
 
 #define MOE_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 #define MOE_MIN(a, b) ((a) < (b) ? (a) : (b))

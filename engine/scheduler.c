@@ -326,13 +326,7 @@ int moe_sched_drain(struct moe_sched *s, uint64_t timeout_ms)
     uint64_t before;
     int r = 0;
 
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(timeout_ms / 1000);
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    ts = moe_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&s->lock);
     before = s->completed;
     /* Drain now: no more waiting for windows. */

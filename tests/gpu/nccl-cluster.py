@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 try:
     import numpy as np
     from moedtest import check, finish
-    from cluster import Node, free_ports, run
+    from cluster import Node, compare_forwards, free_ports, run
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy)")
     sys.exit(77)
@@ -96,19 +96,7 @@ def main():
             inputs[(arch, tokens)] = (layer, xf, np.load(yf))
 
     def forwards(via, label):
-        bad = []
-        for (arch, tokens), (layer, xf, yl) in inputs.items():
-            for n in via:
-                out = f"{w}/y-{n.name}.npy"
-                r = ctl(n, "forward", "--model", arch, "--layer", str(layer), "--in", xf,
-                        "--out", out)
-                if r.returncode:
-                    bad.append(f"{arch}/{tokens} via {n.name}: {r.stderr.strip()}")
-                    continue
-                y = np.load(out)
-                err = float(np.abs(y - yl).max()) if y.shape == yl.shape else float("inf")
-                if not err <= 1e-5 * max(1.0, float(np.abs(yl).max())):
-                    bad.append(f"{arch}/{tokens} via {n.name}: max diff {err}")
+        bad = compare_forwards(ctl, w, inputs, via)
         check(f"{label}: forwards through {','.join(n.name for n in via)} equal --local",
               not bad, "; ".join(bad[:5]))
 

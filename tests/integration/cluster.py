@@ -100,6 +100,29 @@ class Node:
             return -9
 
 
+def compare_forwards(ctl, w, inputs, via, cases=None, rel=1e-5):
+    """Runs each input {(arch, tokens): (layer, x.npy, y_local)} through each
+    node of via (`moectl forward`); what failed or differs from y_local by
+    more than rel of max |y_local|, one line each."""
+    bad = []
+    for (arch, tokens), (layer, xf, yl) in inputs.items():
+        if cases and (arch, tokens) not in cases:
+            continue
+        for n in via:
+            out = f"{w}/y-{n.name}.npy"
+            r = ctl(n, "forward", "--model", arch, "--layer", str(layer), "--in", xf,
+                    "--out", out)
+            if r.returncode:
+                bad.append(f"{arch}/{tokens} via {n.name}: {r.stderr.strip()}")
+                continue
+            y = np.load(out)
+            err = float(np.abs(y - yl).max()) if y.shape == yl.shape else float("inf")
+            tol = rel * max(1.0, float(np.abs(yl).max()))
+            if not err <= tol:
+                bad.append(f"{arch}/{tokens} via {n.name}: max diff {err} > {tol}")
+    return bad
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moed", required=True)
@@ -227,22 +250,7 @@ def main():
                 inputs[(arch, tokens)] = (layer, xf, np.load(yf))
 
         def forwards(via, label, cases=None, rel=1e-5):
-            bad = []
-            for (arch, tokens), (layer, xf, yl) in inputs.items():
-                if cases and (arch, tokens) not in cases:
-                    continue
-                for n in via:
-                    out = f"{w}/y-{n.name}.npy"
-                    r = ctl(n, "forward", "--model", arch, "--layer", str(layer), "--in", xf,
-                            "--out", out)
-                    if r.returncode:
-                        bad.append(f"{arch}/{tokens} via {n.name}: {r.stderr.strip()}")
-                        continue
-                    y = np.load(out)
-                    err = float(np.abs(y - yl).max()) if y.shape == yl.shape else float("inf")
-                    tol = rel * max(1.0, float(np.abs(yl).max()))
-                    if not err <= tol:
-                        bad.append(f"{arch}/{tokens} via {n.name}: max diff {err} > {tol}")
+            bad = compare_forwards(ctl, w, inputs, via, cases, rel)
             n_cases = len(cases) if cases else len(inputs)
             check(f"{label}: {n_cases} forwards through each of "
                   f"{','.join(n.name for n in via)} equal --local", not bad, "; ".join(bad[:5]))
