@@ -51,8 +51,10 @@ struct moe_nccl;
 struct nccl_link {
     pthread_mutex_t out_lock; /* held across one outgoing forward */
     struct moe_nccl *out;
-    /* Generations start at the clock's seconds << 20, so that a restarted
-     * sender's are newer than those the peer saw before. */
+    /* Generations start at the clock in ns, so that a restarted sender's
+     * are newer than those the peer saw before (unless the clock stepped
+     * back: then its joins are dropped as stale until it catches up, or a
+     * peer remove/add on the other node). */
     uint64_t out_gen, out_seq, retry_ns;
     int fails;               /* tries failed in a row: the pause doubles */
     _Atomic bool out_ready;  /* out is there (read without out_lock) */
@@ -66,6 +68,10 @@ struct nccl_link {
     char failed[200]; /* why the last try failed, "" once it works (peer lock) */
     _Atomic uint64_t calls, served, bytes;
 };
+
+#ifdef MOED_HAVE_NCCL
+static void nccl_close_async(struct moe_nccl *comm);
+#endif
 
 struct peer {
     char *name, *address;
@@ -198,7 +204,12 @@ static struct peer *peer_new(struct moed *d, const char *name, const char *addre
     p->cfg.timeout_ms = (int)MOE_MIN(d->cfg.peer_timeout_ms, INT32_MAX);
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->nl.out_lock, NULL);
-    p->nl.out_gen = (uint64_t)time(NULL) << 20;
+    {
+        struct timespec now;
+
+        clock_gettime(CLOCK_REALTIME, &now);
+        p->nl.out_gen = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+    }
     pthread_mutex_init(&p->nl.in_lock, NULL);
     pthread_cond_init(&p->nl.in_cond, NULL);
     atomic_store(&p->state, PEER_DOWN); /* until it answers a ping */
@@ -595,7 +606,9 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
      * gRPC rather than queue behind it. */
     if (pthread_mutex_trylock(&l->out_lock) != 0)
         return 1;
-    if (!l->out) {
+    /* Larger than the staging made at join: over gRPC (call_peer sizes
+     * chunks to fit; growing it would wait for the whole device). */
+    if (!l->out || n * sizeof(float) > moe_nccl_capacity(l->out) / 2) {
         pthread_mutex_unlock(&l->out_lock);
         return 1;
     }
@@ -625,10 +638,13 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     if (rc < 0) {
         /* Aborted: the peer's side times out or is replaced by the next
          * generation; gRPC meanwhile, NCCL again after a pause. */
-        moe_nccl_close(l->out);
+        nccl_close_async(l->out);
         l->out = NULL;
         atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
-        l->retry_ns = moe_now_ns() + 5000000000ull;
+        /* The pause doubles with each failure in a row, a join's or a
+         * transfer's, from 10 s to about 10 min. */
+        l->fails = MOE_MIN(l->fails + 1, 7);
+        l->retry_ns = moe_now_ns() + (10000000000ull << (l->fails - 1));
         pthread_mutex_unlock(&l->out_lock);
         pthread_mutex_lock(&p->lock);
         snprintf(l->failed, sizeof(l->failed), "%.199s", err.msg);
@@ -640,6 +656,7 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
         return 1;
     }
     l->out_seq++;
+    l->fails = 0;
     pthread_mutex_unlock(&l->out_lock);
     atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
@@ -711,6 +728,12 @@ static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
         if (max_rows < 1)
             max_rows = 1;
     }
+#ifdef MOED_HAVE_NCCL
+    /* Over NCCL, chunks that fit the staging both ends made at join. */
+    if (pt->c->nccl_ok && atomic_load_explicit(&pt->v->peer[m]->nl.out_ready, memory_order_relaxed))
+        max_rows = MOE_MAX(
+            1, MOE_MIN(max_rows, (int)(MOE_NCCL_STAGING_BYTES / ((size_t)pt->H * sizeof(float)))));
+#endif
     tmp = calloc((size_t)pt->rows * pt->H, sizeof(float));
     if (!tmp) {
         snprintf(pt->msg, sizeof(pt->msg), "out of memory");
@@ -1023,11 +1046,40 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
 
 /* ---- the NCCL transport's communicators ------------------------------------------------- */
 
+#ifdef MOED_HAVE_NCCL
+static _Atomic int nccl_closing; /* communicators being closed on threads of their own */
+
+static void *nccl_close_main(void *arg)
+{
+    moe_nccl_close(arg);
+    atomic_fetch_sub(&nccl_closing, 1);
+    return NULL;
+}
+
+/* Closes comm on a thread of its own: its abort frees memory, which may
+ * wait for every kernel on the device, among them another communicator's
+ * that only its own close would stop; nobody waits for that here. */
+static void nccl_close_async(struct moe_nccl *comm)
+{
+    pthread_t t;
+
+    if (!comm)
+        return;
+    atomic_fetch_add(&nccl_closing, 1);
+    if (pthread_create(&t, NULL, nccl_close_main, comm) == 0) {
+        pthread_detach(t);
+        return;
+    }
+    atomic_fetch_sub(&nccl_closing, 1);
+    moe_nccl_close(comm);
+}
+#endif
+
 static void nccl_link_close(struct nccl_link *l)
 {
 #ifdef MOED_HAVE_NCCL
-    moe_nccl_close(l->out);
-    moe_nccl_close(l->in);
+    nccl_close_async(l->out);
+    nccl_close_async(l->in);
 #endif
     l->out = l->in = NULL;
 }
@@ -1102,19 +1154,20 @@ static void *nccl_connect_main(void *arg)
         rc = moe_nccl_open(j->id, 2, 0, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
     pthread_mutex_lock(&l->out_lock);
     if (j->gen == l->out_gen) {
-        moe_nccl_close(l->out);
+        nccl_close_async(l->out);
         l->out = comm;
         l->out_seq = 0;
         atomic_store_explicit(&l->out_ready, comm != NULL, memory_order_relaxed);
         comm = NULL;
         /* Each failure doubles the pause, 10 s to 10 min: a try that
          * fails leaves a thread in NCCL until the process ends. */
-        l->fails = rc < 0 ? MOE_MIN(l->fails + 1, 6) : 0;
-        if (rc < 0)
+        if (rc < 0) {
+            l->fails = MOE_MIN(l->fails + 1, 7);
             l->retry_ns = moe_now_ns() + (10000000000ull << (l->fails - 1));
+        }
     }
     pthread_mutex_unlock(&l->out_lock);
-    moe_nccl_close(comm); /* a newer try went on meanwhile */
+    nccl_close_async(comm); /* a newer try went on meanwhile */
     pthread_mutex_lock(&p->lock);
     snprintf(l->failed, sizeof(l->failed), "%.199s", rc < 0 ? err.msg : "");
     pthread_mutex_unlock(&p->lock);
@@ -1146,10 +1199,9 @@ static void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
         uint64_t tmo = c->d->cfg.peer_timeout_ms;
 
         if (l->in && moe_nccl_pending(l->in) &&
-            (atomic_load(&p->state) != PEER_UP ||
-             moe_now_ns() - l->in_post_ns > 2 * tmo * 1000000ull) &&
+            moe_now_ns() - l->in_post_ns > 2 * tmo * 1000000ull &&
             moe_nccl_wait(l->in, 0, NULL) < 0) {
-            moe_nccl_close(l->in);
+            nccl_close_async(l->in);
             l->in = NULL;
         }
         pthread_mutex_unlock(&l->in_lock);
@@ -1158,7 +1210,7 @@ static void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
         /* Down: its communicator goes now, not at the next forward's
          * timeout (unless a forward is on it: that one fails over). */
         if (pthread_mutex_trylock(&l->out_lock) == 0) {
-            moe_nccl_close(l->out);
+            nccl_close_async(l->out);
             l->out = NULL;
             atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
             pthread_mutex_unlock(&l->out_lock);
@@ -1225,7 +1277,7 @@ static void *nccl_accept_main(void *arg)
     l->joining = true;
     pthread_cond_broadcast(&l->in_cond);
     pthread_mutex_unlock(&l->in_lock);
-    moe_nccl_close(old);
+    nccl_close_async(old);
     rc = moe_nccl_open(j->id, 2, 1, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
     pthread_mutex_lock(&l->in_lock);
     if (l->in_gen == j->gen) {
@@ -1235,7 +1287,7 @@ static void *nccl_accept_main(void *arg)
     }
     pthread_cond_broadcast(&l->in_cond);
     pthread_mutex_unlock(&l->in_lock);
-    moe_nccl_close(comm); /* superseded by a newer generation */
+    nccl_close_async(comm); /* superseded by a newer generation */
     if (rc < 0)
         moe_log(MOE_LOG_WARN, "cluster: NCCL from %s: %s", j->p->name, err.msg);
 out:
@@ -1293,6 +1345,19 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
         goto out;
     }
 #ifdef MOED_HAVE_NCCL
+    /* A generation not above the last one joined: refused now, not after
+     * a 20 s join that the join thread would drop (busy: it checks). */
+    if (pthread_mutex_trylock(&p->nl.in_lock) == 0) {
+        uint64_t have = p->nl.in_gen;
+
+        pthread_mutex_unlock(&p->nl.in_lock);
+        if (q->generation <= have) {
+            moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
+                         "generation %llu from %s is not above %llu, the last one joined",
+                         (unsigned long long)q->generation, p->name, (unsigned long long)have);
+            goto out;
+        }
+    }
     {
         struct nccl_join *j = calloc(1, sizeof(*j));
         pthread_t t;
@@ -1744,6 +1809,10 @@ void moed_cluster_stop(struct moed *d)
         c->peers[i]->removed = true;
         peer_put(c, c->peers[i]);
     }
+#ifdef MOED_HAVE_NCCL
+    while (atomic_load(&nccl_closing) > 0) /* the peers' communicators, closing */
+        usleep(1000);
+#endif
     while (c->models) {
         struct mstate *s = c->models;
 
@@ -1922,19 +1991,26 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
         struct moe_error err = {0};
         struct moe_nccl_xfer y = {0, f->out, n * sizeof(float)};
 
-        pthread_mutex_lock(&l->in_lock);
-        if (l->in && l->in_gen == f->ngen) {
-            status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
-            l->in_post_ns = moe_now_ns();
-            if (status < 0) {
-                moe_nccl_close(l->in);
-                l->in = NULL;
-            }
-        } else {
+        /* Nobody else is on it in the protocol (the sender waits for this
+         * answer): busy means something went wrong; the sender falls back
+         * rather than this compute thread waiting. */
+        if (pthread_mutex_trylock(&l->in_lock) != 0) {
             status =
-                moe_error_set(&err, -EIO, "the NCCL communicator from %s went away", f->np->name);
+                moe_error_set(&err, -EBUSY, "the NCCL communicator from %s is busy", f->np->name);
+        } else {
+            if (l->in && l->in_gen == f->ngen) {
+                status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
+                l->in_post_ns = moe_now_ns();
+                if (status < 0) {
+                    nccl_close_async(l->in);
+                    l->in = NULL;
+                }
+            } else {
+                status = moe_error_set(&err, -EIO, "the NCCL communicator from %s went away",
+                                       f->np->name);
+            }
+            pthread_mutex_unlock(&l->in_lock);
         }
-        pthread_mutex_unlock(&l->in_lock);
         if (status < 0) {
             snprintf(nmsg, sizeof(nmsg), "%s", err.msg);
             msg = nmsg;
@@ -2027,7 +2103,7 @@ static void *nccl_take_main(void *arg)
 
         rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
         if (rc < 0) {
-            moe_nccl_close(l->in);
+            nccl_close_async(l->in);
             l->in = NULL;
             st = GRPC_STATUS_UNAVAILABLE;
         } else {

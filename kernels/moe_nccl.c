@@ -17,15 +17,16 @@
 _Static_assert(sizeof(ncclUniqueId) == MOE_NCCL_ID_BYTES, "ncclUniqueId is 128 bytes");
 
 #define ALIGN 256
-#define STAGING_MIN (16u << 20) /* staging made at join: growing it later may sync */
 
 struct moe_nccl {
     ncclComm_t comm;
     cudaStream_t stream;
     int device, rank, nranks;
     bool broken, pending;
-    uint8_t *dev;  /* device staging: the sends, then the receives */
-    uint8_t *host; /* pinned host staging, same layout */
+    bool dev_plain; /* dev from cudaMalloc, not cudaMallocAsync */
+    bool joined;    /* initialised: revoke applies (before, close aborts) */
+    uint8_t *dev;   /* device staging: the sends, then the receives */
+    uint8_t *host;  /* pinned host staging, same layout */
     size_t cap;
     /* The receives of the pending post and their offsets in the staging. */
     struct moe_nccl_xfer *recv;
@@ -102,15 +103,23 @@ int moe_nccl_unique_id(uint8_t id[MOE_NCCL_ID_BYTES], struct moe_error *err)
     return 0;
 }
 
-/* Marks c broken and aborts its communicator (its kernels exit). */
+/* Marks c broken and stops its operations (its kernels exit).  Revoke,
+ * where NCCL has it, only sets the flags; the abort, which frees and so
+ * may wait for every kernel on the device, is left to moe_nccl_close,
+ * which the caller can run on a thread of its own. */
 static int fail(struct moe_nccl *c, struct moe_error *err, int code, const char *what,
                 const char *why)
 {
     c->broken = true;
     c->pending = false;
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 7)
+    if (c->comm && c->joined)
+        ncclCommRevoke(c->comm, NCCL_REVOKE_DEFAULT);
+#else
     if (c->comm)
         ncclCommAbort(c->comm);
     c->comm = NULL;
+#endif
     return moe_error_set(err, code, "NCCL rank %d of %d: %s: %s", c->rank, c->nranks, what, why);
 }
 
@@ -142,6 +151,7 @@ static int post_group(struct moe_nccl *c, const struct moe_nccl_xfer *sends, int
                       struct moe_error *err);
 static int wait_pending(struct moe_nccl *c, uint64_t timeout_ms, struct moe_error *err);
 static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err);
+static void free_dev(struct moe_nccl *c);
 
 /* Connects every pair of ranks now, both ways, with one byte each: NCCL
  * connects a peer at its first send or receive, inside ncclGroupEnd, and
@@ -211,10 +221,11 @@ int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int
         rc = fail(c, err, -EIO, "ncclCommInitRank", ncclGetErrorString(r));
     else
         rc = settle(c, deadline, "joining the communicator", err);
+    c->joined = rc == 0;
     /* Staging now, while no transfer runs: growing it later frees and
      * pins memory, which may wait for every kernel on the device. */
     if (rc == 0)
-        rc = reserve(c, STAGING_MIN, err);
+        rc = reserve(c, 2 * (size_t)MOE_NCCL_STAGING_BYTES, err);
     if (rc == 0) {
         uint64_t t = now_ns();
 
@@ -241,7 +252,7 @@ void moe_nccl_close(struct moe_nccl *c)
     if (c->comm)
         ncclCommAbort(c->comm);
     cudaStreamSynchronize(c->stream);
-    cudaFreeAsync(c->dev, c->stream);
+    free_dev(c);
     cudaStreamSynchronize(c->stream);
     cudaStreamDestroy(c->stream);
     cudaFreeHost(c->host);
@@ -271,6 +282,21 @@ bool moe_nccl_pending(const struct moe_nccl *c)
     return c->pending;
 }
 
+size_t moe_nccl_capacity(const struct moe_nccl *c)
+{
+    return c->cap;
+}
+
+static void free_dev(struct moe_nccl *c)
+{
+    if (c->dev && c->dev_plain)
+        cudaFree(c->dev);
+    else if (c->dev)
+        cudaFreeAsync(c->dev, c->stream);
+    c->dev = NULL;
+    c->dev_plain = false;
+}
+
 static size_t up(size_t n)
 {
     return (n + ALIGN - 1) / ALIGN * ALIGN;
@@ -286,19 +312,22 @@ static int reserve(struct moe_nccl *c, size_t bytes, struct moe_error *err)
     if (bytes <= c->cap)
         return 0;
     bytes = MOE_MAX(bytes, 2 * c->cap);
-    if (c->dev)
-        cudaFreeAsync(c->dev, c->stream);
+    free_dev(c);
     cudaFreeHost(c->host);
-    c->dev = NULL;
     c->host = NULL;
     c->cap = 0;
     e = cudaMallocAsync((void **)&c->dev, bytes, c->stream);
+    if (e != cudaSuccess) {
+        /* No stream-ordered pools on this device: a plain allocation (at
+         * join, or a transfer larger than any before). */
+        c->dev = NULL;
+        c->dev_plain = true;
+        e = cudaMalloc((void **)&c->dev, bytes);
+    }
     if (e == cudaSuccess)
         e = cudaMallocHost((void **)&c->host, bytes);
     if (e != cudaSuccess) {
-        if (c->dev)
-            cudaFreeAsync(c->dev, c->stream);
-        c->dev = NULL;
+        free_dev(c);
         return moe_error_set(err, -ENOMEM, "NCCL staging of %zu bytes: %s", bytes,
                              cudaGetErrorString(e));
     }

@@ -31,6 +31,9 @@ extern "C" {
 #endif
 
 #define MOE_NCCL_ID_BYTES 128
+/* Staging made at join, each way: a post of up to this many bytes to send
+ * and as many to receive never grows it. */
+#define MOE_NCCL_STAGING_BYTES (16u << 20)
 
 struct moe_nccl;
 
@@ -57,7 +60,8 @@ int moe_nccl_unique_id(uint8_t id[MOE_NCCL_ID_BYTES], struct moe_error *err);
 int moe_nccl_open(const uint8_t id[MOE_NCCL_ID_BYTES], int nranks, int rank, int device,
                   uint64_t timeout_ms, struct moe_nccl **ret, struct moe_error *err);
 
-/* Aborts (when broken or busy) or destroys the communicator; NULL is fine. */
+/* Aborts the communicator and frees it; NULL is fine.  May wait for every
+ * kernel on the device: a caller holding locks runs it on another thread. */
 void moe_nccl_close(struct moe_nccl *c);
 
 int moe_nccl_rank(const struct moe_nccl *c);
@@ -66,6 +70,9 @@ int moe_nccl_nranks(const struct moe_nccl *c);
 bool moe_nccl_broken(const struct moe_nccl *c);
 /* True between a post and the wait that ends it. */
 bool moe_nccl_pending(const struct moe_nccl *c);
+/* Bytes one post can send, and receive, without growing its staging
+ * (growing frees and pins memory, which may wait for the whole device). */
+size_t moe_nccl_capacity(const struct moe_nccl *c);
 
 struct moe_nccl_xfer {
     int peer;  /* rank */

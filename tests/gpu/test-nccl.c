@@ -161,40 +161,44 @@ static void *rank_main(void *arg)
     struct rank_arg *a = arg;
     struct moe_error err = {0};
     struct moe_nccl *c = NULL;
-    size_t n = 5 << 20;
-    uint8_t *s = malloc(n), *r = malloc(n), *want = malloc(n);
-    int other = 1 - a->rank, rc;
+    /* 40 rounds of about 5 MB, then one of 40 MB: beyond the staging made
+     * at join, so that it grows. */
+    size_t big = 40 << 20, n = 5 << 20;
+    uint8_t *s = malloc(big), *r = malloc(big), *want = malloc(big);
+    int other = 1 - a->rank, rc = -ENOMEM;
 
-    a->rc = -ENOMEM;
-    if (!s || !r || !want) {
-        pthread_barrier_wait(a->bar);
-        goto out;
-    }
-    rc = moe_nccl_open(a->id, 2, a->rank, a->rank, 60000, &c, &err);
+    if (s && r && want)
+        rc = moe_nccl_open(a->id, 2, a->rank, a->rank, 60000, &c, &err);
+    else
+        moe_error_set(&err, -ENOMEM, "out of memory");
     pthread_barrier_wait(a->bar);
     /* Every round meets the barriers, also after a failure: no hang. */
-    for (int round = 0; round < 40; round++) {
+    for (int round = 0; round < 41; round++) {
         int sender = round % 2;
-        size_t len = n - (size_t)round * 4099;
+        size_t len = round < 40 ? n - (size_t)round * 4099 : big;
         struct moe_nccl_xfer snd = {other, s, len}, rcv = {other, r, len};
 
         if (a->rank == sender) {
-            fill(s, len, (uint32_t)round);
+            if (rc == 0)
+                fill(s, len, (uint32_t)round);
             if (rc == 0)
                 rc = moe_nccl_post(c, &snd, 1, NULL, 0, 60000, &err); /* the rows */
             pthread_barrier_wait(a->bar);                             /* "ForwardExperts" */
             pthread_barrier_wait(a->bar);                             /* its answer */
             if (rc == 0)
                 rc = moe_nccl_exchange(c, NULL, 0, &rcv, 1, 60000, &err);
-            fill(want, len, (uint32_t)round + 1000);
+            if (rc == 0)
+                fill(want, len, (uint32_t)round + 1000);
         } else {
             pthread_barrier_wait(a->bar);
             if (rc == 0)
                 rc = moe_nccl_exchange(c, NULL, 0, &rcv, 1, 60000, &err);
-            fill(want, len, (uint32_t)round);
+            if (rc == 0)
+                fill(want, len, (uint32_t)round);
             if (rc == 0 && memcmp(r, want, len) != 0)
                 rc = moe_error_set(&err, -EBADMSG, "round %d: wrong rows", round);
-            fill(s, len, (uint32_t)round + 1000);
+            if (rc == 0)
+                fill(s, len, (uint32_t)round + 1000);
             if (rc == 0)
                 rc = moe_nccl_post(c, &snd, 1, NULL, 0, 60000, &err); /* the output */
             pthread_barrier_wait(a->bar);
@@ -203,6 +207,11 @@ static void *rank_main(void *arg)
         if (rc == 0 && memcmp(r, want, len) != 0)
             rc = moe_error_set(&err, -EBADMSG, "round %d: wrong output", round);
     }
+    /* The last output posted (rank 1's, round 40) is taken before the
+     * unmatched receive below and before either rank closes. */
+    if (rc == 0)
+        rc = moe_nccl_wait(c, 60000, &err);
+    pthread_barrier_wait(a->bar);
     /* Rank 1 waits for rows rank 0 never sends: the deadline. */
     if (rc == 0 && a->rank == 1) {
         struct moe_nccl_xfer rcv = {0, r, 64};
@@ -212,9 +221,9 @@ static void *rank_main(void *arg)
                  ? 0
                  : moe_error_set(&err, -EPROTO, "an unmatched receive gave %d", rc);
     }
+    pthread_barrier_wait(a->bar); /* nobody closes while the other still runs */
     a->rc = rc;
     moe_nccl_close(c);
-out:
     snprintf(a->msg, sizeof(a->msg), "%s", err.msg);
     free(s);
     free(r);
@@ -239,8 +248,8 @@ static void check_two_devices(void)
         CHECK_MSG(a[i].rc == 0, "rank %d: %s", i, a[i].msg);
     }
     pthread_barrier_destroy(&bar);
-    printf("two ranks on two devices: 40 transfers in moed's order, both ways, ok; "
-           "an unmatched receive times out\n");
+    printf("two ranks on two devices: 41 transfers in moed's order, both ways, one of 40 MB "
+           "(staging grown), ok; an unmatched receive times out\n");
 }
 
 int main(void)
