@@ -123,6 +123,16 @@ def main():
     check("a peer named twice refused", p.returncode == 2 and "named twice" in p.stderr, p.stderr)
     p = subprocess.run([moed, "--peer", "b 127.0.0.1:99999"], capture_output=True, text=True)
     check("--peer with a bad port refused", p.returncode == 2 and "--peer" in p.stderr, p.stderr)
+    with open(conf, "w") as f:
+        f.write("[cluster]\nnccl = maybe\n")
+    p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
+    check("nccl = maybe refused with its line", p.returncode == 2 and "bad.conf:2" in p.stderr
+          and "expected true or false" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--nccl-device", "-2"], capture_output=True, text=True)
+    check("--nccl-device -2 refused", p.returncode == 2 and "nccl_device" in p.stderr
+          and "-1 to 1023" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--peer-bf16", "half"], capture_output=True, text=True)
+    check("--peer-bf16 half refused", p.returncode == 2 and "peer_bf16" in p.stderr, p.stderr)
     p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model", f"mix={model}",
                         "--shm-socket", f"{w}/s.sock", "--shm-allow-users", "no-such-user-x"],
                        capture_output=True, text=True, timeout=30)
