@@ -1379,6 +1379,8 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
         p = NULL; /* the thread's reference now */
         moed_reply_msg(call, &a.base);
     }
+#else
+    (void)a; /* !c->nccl_ok above: never reached */
 #endif
 out:
     if (p)
