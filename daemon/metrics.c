@@ -15,9 +15,11 @@
 #include "metrics.h"
 #include "server.h"
 
+#include "cluster.h"
 #include "moed.h"
 
 #include "log.h"
+#include "moe.pb-c.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -543,6 +545,91 @@ out:
 }
 
 /* The whole text of one scrape into b. */
+/* name{peer="..."} value */
+static void peer_sample(struct buf *b, const char *name, const char *peer, double v)
+{
+    put(b, "%s{", name);
+    put_label(b, "peer", peer);
+    put(b, "} %.17g\n", v);
+}
+
+/* The cluster: this node's counters (zero without peers) and one series
+ * per peer, as Stats has them. */
+static void put_cluster(struct buf *b, struct moed *d)
+{
+    Moe__V1__ClusterCounters k = MOE__V1__CLUSTER_COUNTERS__INIT;
+    Moe__V1__PeerInfo **p = NULL;
+    size_t n = 0;
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+    } fields[] = {
+        {"moed_cluster_forwards_total", "counter",
+         "Requests at this node split across nodes (some of their experts elsewhere).",
+         offsetof(Moe__V1__ClusterCounters, forwards)},
+        {"moed_cluster_remote_calls_total", "counter", "ForwardExperts sent to other nodes.",
+         offsetof(Moe__V1__ClusterCounters, remote_calls)},
+        {"moed_cluster_failovers_total", "counter",
+         "Calls to other nodes that failed and were served by a replica or here.",
+         offsetof(Moe__V1__ClusterCounters, failovers)},
+        {"moed_cluster_failovers_local_total", "counter",
+         "Of the failovers, those computed here (experts paged in locally).",
+         offsetof(Moe__V1__ClusterCounters, failover_local)},
+        {"moed_cluster_tokens_remote_total", "counter", "Token rows sent to other nodes.",
+         offsetof(Moe__V1__ClusterCounters, tokens_remote)},
+        {"moed_cluster_tokens_split_total", "counter", "Token rows of the split requests.",
+         offsetof(Moe__V1__ClusterCounters, tokens_total)},
+        {"moed_cluster_sent_bytes_total", "counter",
+         "ForwardExperts request bytes sent to other nodes.",
+         offsetof(Moe__V1__ClusterCounters, bytes_sent)},
+        {"moed_cluster_received_bytes_total", "counter",
+         "ForwardExperts answer bytes received from other nodes.",
+         offsetof(Moe__V1__ClusterCounters, bytes_received)},
+        {"moed_cluster_served_calls_total", "counter", "ForwardExperts answered for other nodes.",
+         offsetof(Moe__V1__ClusterCounters, peer_calls_served)},
+        {"moed_cluster_nccl_fallbacks_total", "counter",
+         "NCCL transfers that failed and went over gRPC.",
+         offsetof(Moe__V1__ClusterCounters, nccl_fallbacks)},
+        {"moed_cluster_strays_evicted_total", "counter",
+         "Copies of experts held elsewhere given back once a holder was up.",
+         offsetof(Moe__V1__ClusterCounters, strays_evicted)},
+        {"moed_cluster_placement_version", "gauge",
+         "Bumped when the membership or the replicas change.",
+         offsetof(Moe__V1__ClusterCounters, placement_version)},
+    };
+
+    moed_cluster_counters(d, &k);
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(fields); i++) {
+        uint64_t v;
+
+        memcpy(&v, (const char *)&k + fields[i].off, sizeof(v));
+        family(b, fields[i].name, fields[i].type, fields[i].help);
+        sample(b, fields[i].name, (double)v);
+    }
+    if (moed_cluster_peers(d, &p, &n) < 0 || !n) {
+        moed_cluster_free_peers(p, n);
+        return;
+    }
+    family(b, "moed_peer_up", "gauge", "1 while the peer answers its pings, else 0.");
+    for (size_t i = 0; i < n; i++)
+        peer_sample(b, "moed_peer_up", p[i]->name, strcmp(p[i]->state, "up") == 0);
+    family(b, "moed_peer_rtt_seconds", "gauge", "The peer's last ping round trip.");
+    for (size_t i = 0; i < n; i++)
+        peer_sample(b, "moed_peer_rtt_seconds", p[i]->name, (double)p[i]->rtt_ns * 1e-9);
+    family(b, "moed_peer_calls_total", "counter", "ForwardExperts sent to the peer.");
+    for (size_t i = 0; i < n; i++)
+        peer_sample(b, "moed_peer_calls_total", p[i]->name, (double)p[i]->calls);
+    family(b, "moed_peer_calls_failed_total", "counter", "ForwardExperts to the peer that failed.");
+    for (size_t i = 0; i < n; i++)
+        peer_sample(b, "moed_peer_calls_failed_total", p[i]->name, (double)p[i]->calls_failed);
+    family(b, "moed_peer_nccl_ready", "gauge",
+           "1 while token rows to the peer go over NCCL, else 0 (gRPC).");
+    for (size_t i = 0; i < n; i++)
+        peer_sample(b, "moed_peer_nccl_ready", p[i]->name,
+                    p[i]->nccl && strcmp(p[i]->nccl, "ready") == 0);
+    moed_cluster_free_peers(p, n);
+}
+
 static void scrape(struct moed_metrics *m, struct buf *b)
 {
     struct moed *d = m->d;
@@ -595,6 +682,7 @@ static void scrape(struct moed_metrics *m, struct buf *b)
                         ss.batch_requests_sum);
     put_batch_histogram(b, "moed_batch_tokens", "Tokens per batch computed.", ss.batch_tokens,
                         ss.batch_tokens_sum);
+    put_cluster(b, d);
 
     if (moe_cache_snapshot(d->cache, &cs) < 0) {
         b->failed = true;

@@ -170,8 +170,16 @@ def main():
             return 1
         models[arch] = d
 
-    pa, pb, pc, pd, pe, pf = free_ports(6)
+    pa, pb, pc, pd, pe, pf, pm = free_ports(7)
     ports = {"A": pa, "B": pb, "C": pc, "D": pd, "E": pe, "F": pf}
+
+    def metrics():
+        """A's Prometheus samples, {'name{labels}': value}."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{pm}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {mt.group(1) + (mt.group(2) or ""): float(mt.group(3))
+                for mt in re.finditer(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", text, re.M)}
 
     def start(name, peers, token=TOKEN, log="node", extra=()):
         return Node(a.moed, name, ports[name], [(p, ports[p]) for p in peers], models, w,
@@ -179,7 +187,7 @@ def main():
 
     nodes = {}
     try:
-        nodes["A"] = start("A", ["B", "C"])
+        nodes["A"] = start("A", ["B", "C"], extra=["--metrics", f"127.0.0.1:{pm}"])
         nodes["B"] = start("B", ["A", "C"])
         nodes["C"] = start("C", ["A", "B"])
         A, B, C = nodes["A"], nodes["B"], nodes["C"]
@@ -262,6 +270,12 @@ def main():
                   for c in cl.values()), cl)
         check("every node served ForwardExperts for the others",
               all(int(c.get("peer_calls_served", 0)) > 0 for c in cl.values()), cl)
+        mx = metrics()
+        check("A's metrics: remote calls counted, B and C up, NCCL not ready (no GPU) or ready",
+              mx.get("moed_cluster_remote_calls_total", 0) > 0 and
+              mx.get('moed_peer_up{peer="B"}') == 1 and mx.get('moed_peer_up{peer="C"}') == 1 and
+              mx.get('moed_peer_nccl_ready{peer="B"}') in (0, 1),
+              {k: v for k, v in mx.items() if "peer" in k or "remote_calls" in k})
         check("bytes between nodes are counted",
               all(int(c.get("bytes_sent", 0)) > 0 and int(c.get("bytes_received", 0)) > 0
                   for c in cl.values()), cl)
@@ -297,6 +311,11 @@ def main():
               out[-600:] + err[-600:])
         st = wait_states(A, {"C": "down"}, 5)
         check("A reports C down", st.get("C") == "down", st)
+        mx = metrics()
+        check("A's metrics: C down (moed_peer_up 0), failovers counted",
+              mx.get('moed_peer_up{peer="C"}') == 0 and
+              mx.get("moed_cluster_failovers_total", 0) > 0,
+              {k: v for k, v in mx.items() if "peer_up" in k or "failovers" in k})
         after = js(A, "stats")["cluster"]
         check("A counted failovers",
               int(after.get("failovers", 0)) > int(before.get("failovers", 0)),

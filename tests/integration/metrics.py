@@ -213,12 +213,22 @@ def main():
                 "moed_cache_capacity_bytes", "moed_cache_resident_experts", "moed_page_in_bytes",
                 "moed_page_in_duration_seconds", "moed_page_in_errors", "moed_bad_experts",
                 "moed_models", "moed_in_flight_requests", "moed_connected_clients",
-                "moed_uptime_seconds", "moed_info"]
+                "moed_uptime_seconds", "moed_info",
+                # the cluster's: zero on a node without peers
+                "moed_cluster_forwards", "moed_cluster_remote_calls", "moed_cluster_failovers",
+                "moed_cluster_failovers_local", "moed_cluster_tokens_remote",
+                "moed_cluster_tokens_split", "moed_cluster_sent_bytes",
+                "moed_cluster_received_bytes", "moed_cluster_served_calls",
+                "moed_cluster_nccl_fallbacks", "moed_cluster_strays_evicted",
+                "moed_cluster_placement_version"]
         have = {f.name for f in s0.families}
         check("every family is there", not set(want) - have, sorted(set(want) - have))
         check("moed_info has the version", s0.matching("moed_info") and
               all(dict(k).get("version") for k in s0.matching("moed_info")))
         check("moed_models 1", s0.value("moed_models") == 1, s0.value("moed_models"))
+        check("a node without peers: cluster counters 0, no peer series",
+              s0.value("moed_cluster_remote_calls_total") == 0 and
+              not s0.matching("moed_peer_up"), s0.matching("moed_peer_up"))
         check("the loaded model shows before any request",
               ("moed_requests_total", (("model", "mix"), ("transport", "grpc"))) in s0.samples)
 
