@@ -292,6 +292,26 @@ def main():
               all(calls >= 2 and rows > 16 and rows <= 16 * calls for calls, rows in d.values()),
               d)
 
+        # ---- concurrent callers at A and B: C batches their calls ----
+        # ForwardExperts from A and from B go to C's scheduler like local
+        # requests, so under concurrent load C computes fewer batches than
+        # calls it serves (one batch per call without batching; about 1.15
+        # calls a batch here, with the 200 us window and 3 layers).
+        s0 = js(C, "stats")
+        benches = [subprocess.Popen([m, "bench", "--remote", n.addr, "--model", "mixtral",
+                                     "--duration", "2", "--callers", "3", "--tokens", "4", "-q",
+                                     "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for n in (A, B)]
+        for bp in benches:
+            bp.communicate(timeout=60)
+        s1 = js(C, "stats")
+        served = int(s1["cluster"].get("peer_calls_served", 0)) - \
+            int(s0["cluster"].get("peer_calls_served", 0))
+        batches = int(s1.get("batches", 0)) - int(s0.get("batches", 0))
+        check(f"C batches the calls of concurrent callers at A and B ({served} calls served "
+              f"in {batches} batches)", served > 0 and batches > 0 and served > 1.05 * batches,
+              f"{served} calls, {batches} batches")
+
         # ---- SIGKILL of C under load through A ----
         before = js(A, "stats")["cluster"]
         bench = subprocess.Popen([m, "bench", "--remote", A.addr, "--model", "mixtral",
