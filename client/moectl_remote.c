@@ -560,7 +560,11 @@ static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *i
         const Moe__V1__PeerInfo *p = peers[i];
         char rtt[24], calls[48], tok[24], bs[32], br[32], pf[24], nb[32], nc[64];
         const char *err = p->last_error && *p->last_error ? p->last_error : "-";
-        const char *nccl = p->nccl && *p->nccl ? p->nccl : "-";
+        char nccl[32];
+
+        /* The state word here; why, under the table. */
+        snprintf(nccl, sizeof(nccl), "%.*s", (int)strcspn(p->nccl ? p->nccl : "", ":"),
+                 p->nccl && *p->nccl ? p->nccl : "-");
 
         snprintf(calls, sizeof(calls), "%llu (%llu)", (unsigned long long)p->calls,
                  (unsigned long long)p->calls_failed);
@@ -581,6 +585,9 @@ static void peers_table(Moe__V1__PeerInfo *const *peers, size_t n, const char *i
     }
     table_print(&t, indent);
     table_free(&t);
+    for (size_t i = 0; i < n; i++)
+        if (peers[i]->nccl && strchr(peers[i]->nccl, ':'))
+            printf("%sNCCL to %s: %s\n", indent, peers[i]->name, peers[i]->nccl);
 }
 
 /* ---- status ------------------------------------------------------------- */
