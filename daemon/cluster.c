@@ -888,6 +888,10 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     }
     atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->tokens_total, (uint64_t)T, memory_order_relaxed);
+    /* The whole routing to the predictor (the local share below is partial
+     * and teaches it nothing), which prefetches the next layer's experts
+     * that this node holds (the mask set at each rebalance). */
+    moe_cache_observe(d->cache, mm->cache_id, layer, ids, T, K);
     /* One part per remote member: the rows that have a slot for it. */
     for (int m = 0; m < v.n; m++) {
         struct part *pt = &parts[m];
@@ -1594,8 +1598,10 @@ static void rebalance(struct moed_cluster *c)
         pthread_mutex_lock(&c->lock);
         s = mstate_get(c, mm);
         pthread_mutex_unlock(&c->lock);
-        if (!s || v.n < 2)
+        if (!s || v.n < 2) {
+            moe_cache_set_prefetch_mask(d->cache, mm->cache_id, NULL, NULL); /* all here */
             continue;
+        }
         for (int layer = 0; layer < m->cfg.n_layers; layer++) {
             if (!m->layers[layer].is_moe)
                 continue;
@@ -1630,6 +1636,9 @@ static void rebalance(struct moed_cluster *c)
                 s->held[k] = mine;
             }
         }
+        /* Prefetch pages in only what this node holds: the rest is
+         * computed elsewhere (and would be evicted as a stray). */
+        moe_cache_set_prefetch_mask(d->cache, mm->cache_id, s->held, NULL);
     }
     pthread_mutex_unlock(&d->lock);
     view_put(c, &v);

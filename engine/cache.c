@@ -99,6 +99,7 @@ struct cmodel {
     double la_hits, la_total; /* lookahead experts later used, of those named */
     double *pred;             /* [E] forecast for MoE layer pred_idx */
     double *pred_scratch;     /* [2E] for predict(): no allocation under the lock */
+    uint8_t *prefetch_mask;   /* [n_layers * E]: 0 where prefetch leaves it; NULL: none */
     int pred_idx;
     _Atomic int bad_experts;
 };
@@ -285,6 +286,7 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
     free(mod->prev_next);
     free(mod->pred);
     free(mod->pred_scratch);
+    free(mod->prefetch_mask);
     free(mod);
 }
 
@@ -1216,7 +1218,8 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
         for (int x = 0; x < E; x++) {
             struct centry *e = get_entry(mod, layer, x);
 
-            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < PREFETCH_MIN)
+            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < PREFETCH_MIN ||
+                (mod->prefetch_mask && !mod->prefetch_mask[(size_t)layer * E + x]))
                 continue;
             if (best < 0 || mod->pred[x] > mod->pred[best])
                 best = x;
@@ -1237,6 +1240,37 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
         inc(&e->ctr.prefetches, 1);
         inc(&c->total.prefetches, 1);
     }
+}
+
+int moe_cache_set_prefetch_mask(struct moe_cache *c, int model, const uint8_t *mask,
+                                struct moe_error *err)
+{
+    struct cmodel *mod;
+    uint8_t *copy = NULL, *old;
+    int r = 0;
+
+    pthread_mutex_lock(&c->lock);
+    mod = get_model(c, model);
+    if (!mod) {
+        r = moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+        goto out;
+    }
+    if (mask) {
+        size_t n = (size_t)mod->n_layers * (size_t)mod->n_experts;
+
+        copy = malloc(n); /* rare (a rebalance), small: under the lock */
+        if (!copy) {
+            r = moe_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        memcpy(copy, mask, n);
+    }
+    old = mod->prefetch_mask;
+    mod->prefetch_mask = copy;
+    free(old);
+out:
+    pthread_mutex_unlock(&c->lock);
+    return r;
 }
 
 void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t *ids, int n_tokens,

@@ -166,6 +166,13 @@ void moe_cache_observe(struct moe_cache *c, int model, int layer, const int32_t 
  */
 void moe_cache_observe_ahead(struct moe_cache *c, int model, int layer, const int32_t *ids,
                              const int32_t *next, int n_tokens, int top_k);
+/*
+ * Limits prefetch to the experts where mask[layer * n_experts + expert] is
+ * non-zero: a cluster node prefetches only what it holds, since the others
+ * are computed elsewhere.  The mask is copied; NULL lifts it.  0 or -errno.
+ */
+int moe_cache_set_prefetch_mask(struct moe_cache *c, int model, const uint8_t *mask,
+                                struct moe_error *err);
 /* Whether observe uses lookahead routing (prefetch on or routing policy):
  * callers compute it only then. */
 bool moe_cache_wants_lookahead(struct moe_cache *c);

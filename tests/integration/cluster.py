@@ -417,7 +417,10 @@ def main():
         # F sends its peers bf16 rows and asks for bf16 answers: within bf16
         # rounding of --local (2e-2 of max |y|; a wrong conversion is off by
         # the whole output), in about half the bytes per row of A's f32.
-        nodes["F"] = F = start("F", ["A", "B", "C"], extra=["--peer-bf16", "true"])
+        # F's cache holds 4 experts: it pages, and its predictor, fed the
+        # whole routing of its split forwards, prefetches what it holds.
+        nodes["F"] = F = start("F", ["A", "B", "C"], extra=["--peer-bf16", "true",
+                                                           "--host-cache-bytes", "800K"])
         st = wait_states(F, {k: "up" for k in "ABC"})
         check("F (peer_bf16) sees A, B and C up", st == {k: "up" for k in "ABC"}, st)
         forwards([F], "F, bf16 on the wire", cases=[("mixtral", 64), ("deepseek_v3", 64),
@@ -428,6 +431,11 @@ def main():
             per_row[n.name] = int(c.get("bytes_sent", 0)) / max(1, int(c.get("tokens_remote", 1)))
         check("F sends about half the bytes per remote row that A sends (bf16 vs f32)",
               0.4 < per_row["F"] / per_row["A"] < 0.65, per_row)
+        r = ctl(F, "bench", "--model", "mixtral", "--duration", "2", "--callers", "1",
+                "--tokens", "4", "-q")
+        tot = js(F, "stats").get("total", {})
+        check("F's split forwards feed its predictor: prefetches under paging",
+              r.returncode == 0 and int(tot.get("prefetches", 0)) > 0, f"{tot} {r.stderr}")
         check("F stops cleanly", F.stop() == 0)
         del nodes["F"]
     finally:

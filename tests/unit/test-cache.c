@@ -227,14 +227,25 @@ static void check_pins(void)
 }
 
 /* Layer 0's expert e is always followed by layer 1's expert (e + 3) % 8:
- * once learned, prefetch has layer 1's expert there before it is asked. */
-static void check_prefetch(void)
+ * once learned, prefetch has layer 1's expert there before it is asked.
+ * With a prefetch mask (masked), only the even experts are prefetched: the
+ * odd ones are still paged in when asked for, never ahead. */
+static void run_prefetch(bool masked)
 {
     int model;
     struct moe_cache *c = sim_cache(MOE_POLICY_ROUTING, true, 24, 4, 8, 1, &model);
     struct moe_cache_stats s;
     uint64_t seed = 8;
 
+    if (masked) {
+        uint8_t mask[4 * 8];
+        struct moe_error err;
+
+        for (int i = 0; i < 4 * 8; i++)
+            mask[i] = i % 2 == 0;
+        ASSERT_EQ(moe_cache_set_prefetch_mask(c, model, mask, &err), 0);
+        ASSERT_EQ(moe_cache_set_prefetch_mask(c, 99, mask, &err), -ENOENT);
+    }
     for (int t = 0; t < 400; t++) {
         int32_t e = (int32_t)(test_rand_u64(&seed) % 8);
 
@@ -255,10 +266,31 @@ static void check_prefetch(void)
            (unsigned long long)s.total.wasted_prefetches);
     /* Layers 1-3 (3 of every 4 accesses) are predictable. */
     ASSERT_TRUE(s.total.prefetch_hits > 0);
-    ASSERT_TRUE(moe_cache_hit_rate(&s.total) > 0.74);
     ASSERT_TRUE(s.total.prefetch_hits <= s.total.prefetches);
+    if (!masked) {
+        ASSERT_TRUE(moe_cache_hit_rate(&s.total) > 0.74);
+    } else {
+        uint64_t even = 0;
+
+        for (int i = 0; i < 4 * 8; i++) {
+            uint64_t p = s.models[0].experts[i].c.prefetches;
+
+            if (i % 2)
+                ASSERT_EQ(p, 0); /* masked out: never prefetched */
+            else
+                even += p;
+        }
+        ASSERT_TRUE(even > 0);
+        ASSERT_TRUE(s.total.misses > 0);
+    }
     moe_cache_stats_clear(&s);
     moe_cache_free(c);
+}
+
+static void check_prefetch(void)
+{
+    run_prefetch(false);
+    run_prefetch(true);
 }
 
 /* Layer-to-layer routing with nothing to learn from the table (random), but
