@@ -231,9 +231,11 @@ void moe_shm_complete(struct moe_shm_req *req, int status, const struct moe_shm_
     pthread_mutex_lock(&ss->lock);
     push_cqe(ss, &c, msg);
     ss->in_flight_bytes -= req->cost_;
+    /* Under the lock, with the bytes: the count never shows a request
+     * admitted in this one's room before this one has left. */
+    atomic_fetch_sub_explicit(&s->in_flight, 1, memory_order_relaxed);
     pthread_cond_signal(&ss->cond);
     pthread_mutex_unlock(&ss->lock);
-    atomic_fetch_sub_explicit(&s->in_flight, 1, memory_order_relaxed);
     free(req);
     session_put(ss);
 }
@@ -319,8 +321,8 @@ static void serve_one(struct moe_shm_session *ss, const struct moe_shm_sqe *q)
     }
     ss->in_flight_bytes += req->cost_;
     ss->refs++;
-    pthread_mutex_unlock(&ss->lock);
     atomic_fetch_add_explicit(&s->in_flight, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&ss->lock);
     msg[0] = 0;
     rc = s->cfg.forward(s->cfg.arg, req, msg, sizeof(msg));
     if (rc < 0)
