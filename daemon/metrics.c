@@ -20,6 +20,7 @@
 
 #include "log.h"
 #include "moe.pb-c.h"
+#include "rpc_client.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -47,26 +48,6 @@ static const uint64_t duration_le_ns[] = {
  * from PAGE_IN_LAST + 1 on into +Inf (beyond 2^35 ns, ~34 s). */
 #define PAGE_IN_FIRST 9
 #define PAGE_IN_LAST 34
-
-static const char *const grpc_code_names[GRPC_CODES] = {
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-};
 
 static const char *const transport_names[MOED_TRANSPORT_COUNT] = {"grpc", "shm"};
 
@@ -331,7 +312,7 @@ static void put_requests(struct buf *b, struct moed_metrics *m)
             put(b, "moed_request_errors_total{");
             series_labels(b, &m->series[i]);
             put(b, ",");
-            put_label(b, "code", grpc_code_names[c]);
+            put_label(b, "code", moe_rpc_status_name(c));
             put(b, "} %llu\n", (unsigned long long)v);
         }
     family(b, "moed_request_duration_seconds", "histogram",
