@@ -597,6 +597,7 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     size_t n = (size_t)rows * (size_t)pt->H, xo = (size_t)r0 * pt->H;
     uint64_t tmo = c->d->cfg.peer_timeout_ms;
     struct moe_error err = {0};
+    uint32_t hits = pt->hits, misses = pt->misses; /* the gRPC retry counts them */
     float *y;
     int rc;
 
@@ -652,6 +653,8 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
         atomic_fetch_add_explicit(&c->nccl_fallbacks, 1, memory_order_relaxed);
         moe_log_once(MOE_LOG_WARN, "cluster: NCCL to %s: %s; over gRPC (logged once)", p->name,
                      err.msg);
+        pt->hits = hits;
+        pt->misses = misses;
         free(y);
         return 1;
     }
