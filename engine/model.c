@@ -80,6 +80,26 @@ static const char *experts_key(enum moe_arch a)
     }
 }
 
+/*
+ * The other name transformers accepts for the expert count (its config
+ * class's attribute_map), or NULL.  transformers 5 writes config.json under
+ * its own attribute name, so a Qwen3-MoE checkpoint it saves says
+ * "num_local_experts" where the released ones say "num_experts".
+ */
+static const char *experts_alias(enum moe_arch a)
+{
+    switch (a) {
+    case MOE_ARCH_MIXTRAL:
+        return "num_experts";
+    case MOE_ARCH_QWEN3_MOE:
+    case MOE_ARCH_OLMOE:
+    case MOE_ARCH_DEEPSEEK_V3:
+        return "num_local_experts";
+    default:
+        return NULL;
+    }
+}
+
 static const char *ffn_key(enum moe_arch a)
 {
     return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE ? "intermediate_size"
@@ -290,6 +310,41 @@ static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config 
     return 0;
 }
 
+/*
+ * The expert count, under key or its alias: either may be set, and both
+ * when they agree.  *ret_key is the key read, for later messages.
+ */
+static int cfg_experts(const struct cfg_ctx *c, const char *key, const char *alias, int *ret,
+                       const char **ret_key)
+{
+    int n, a, r;
+
+    if (!alias || cfg_has(c, key)) {
+        r = cfg_int(c, key, true, 0, 1, MOE_MAX_EXPERTS, NULL, &n);
+        if (r == 0 && alias && cfg_has(c, alias)) {
+            r = cfg_int(c, alias, true, 0, 1, MOE_MAX_EXPERTS, NULL, &a);
+            if (r == 0 && a != n)
+                r = moe_error_set(c->err, -EINVAL,
+                                  "%s: '%s' is %d but '%s' is %d: expected one expert count",
+                                  c->fname, key, n, alias, a);
+        }
+        if (r < 0)
+            return r;
+        *ret = n;
+        *ret_key = key;
+        return 0;
+    }
+    if (!cfg_has(c, alias))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: '%s' (or '%s') is missing: expected an integer from 1 to %d "
+                             "(required for %s)",
+                             c->fname, key, alias, MOE_MAX_EXPERTS, c->arch);
+    r = cfg_int(c, alias, true, 0, 1, MOE_MAX_EXPERTS, NULL, ret);
+    if (r == 0)
+        *ret_key = alias;
+    return r;
+}
+
 /* The keys of a family; everything else of m was zeroed by the caller. */
 static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
 {
@@ -302,7 +357,7 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
     if (r == 0)
         r = cfg_int(c, fk, true, 0, 1, MOE_MAX_FFN, NULL, &m->expert_ffn);
     if (r == 0)
-        r = cfg_int(c, ek, true, 0, 1, MOE_MAX_EXPERTS, NULL, &m->n_experts);
+        r = cfg_experts(c, ek, experts_alias(m->arch), &m->n_experts, &ek);
     if (r < 0)
         return r;
     kmax = MOE_MIN(m->n_experts, MOE_MAX_TOP_K);

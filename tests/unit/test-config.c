@@ -300,6 +300,64 @@ static void test_layer_rule(void)
     moe_config_clear(&c);
 }
 
+/*
+ * The expert count under the other name transformers gives it (the config
+ * class's attribute_map): transformers 5 saves Qwen3-MoE's as
+ * num_local_experts, and accepts either name for each family.
+ */
+static void test_expert_count_alias(void)
+{
+    static const struct {
+        const char *json;
+        int n_experts;
+    } ok[] = {
+        /* As transformers 5.25 Qwen3MoeConfig.save_pretrained writes it. */
+        {"{\"model_type\": \"qwen3_moe\", \"hidden_size\": 128, \"moe_intermediate_size\": 64, "
+         "\"num_local_experts\": 16, \"num_experts_per_tok\": 4, \"num_hidden_layers\": 4, "
+         "\"mlp_only_layers\": [2], \"dtype\": \"float32\"}",
+         16},
+        {"{\"model_type\": \"qwen3_moe\", \"hidden_size\": 128, \"moe_intermediate_size\": 64, "
+         "\"num_local_experts\": 16, \"num_experts\": 16, \"num_experts_per_tok\": 4, "
+         "\"num_hidden_layers\": 4}",
+         16},
+        {"{\"model_type\": \"mixtral\", \"hidden_size\": 64, \"intermediate_size\": 32, "
+         "\"num_experts\": 4, \"num_experts_per_tok\": 2, \"num_hidden_layers\": 2}",
+         4},
+        {"{\"model_type\": \"olmoe\", \"hidden_size\": 64, \"intermediate_size\": 32, "
+         "\"num_local_experts\": 6, \"num_experts_per_tok\": 2, \"num_hidden_layers\": 2}",
+         6},
+        {"{\"model_type\": \"deepseek_v3\", \"hidden_size\": 64, \"intermediate_size\": 128, "
+         "\"moe_intermediate_size\": 32, \"num_local_experts\": 16, \"num_experts_per_tok\": 4, "
+         "\"n_group\": 4, \"topk_group\": 2, \"num_hidden_layers\": 5}",
+         16},
+    };
+    struct moe_model_config c;
+    struct moe_error err = {0};
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(ok); i++) {
+        if (parse(ok[i].json, &c, &err) != 0)
+            FAIL("config %zu: %s", i, err.msg);
+        ASSERT_EQ(c.n_experts, ok[i].n_experts);
+        moe_config_clear(&c);
+    }
+    /* qwen2_moe has no alias: num_local_experts alone is not its count. */
+    ASSERT_EQ(parse("{\"model_type\": \"qwen2_moe\", \"hidden_size\": 64, "
+                    "\"moe_intermediate_size\": 32, \"shared_expert_intermediate_size\": 0, "
+                    "\"num_local_experts\": 8, \"num_experts_per_tok\": 2, "
+                    "\"num_hidden_layers\": 2}",
+                    &c, &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "'num_experts' is missing");
+    /* The alias's range is checked, and a message later names the key read. */
+    ASSERT_EQ(parse("{\"model_type\": \"deepseek_v3\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 128, \"moe_intermediate_size\": 32, "
+                    "\"num_local_experts\": 6, \"num_experts_per_tok\": 4, \"n_group\": 4, "
+                    "\"topk_group\": 2, \"num_hidden_layers\": 5}",
+                    &c, &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "'n_group' is 4: expected a divisor of num_local_experts (6)");
+}
+
 static void test_arch_names(void)
 {
     enum moe_arch a;
@@ -336,7 +394,11 @@ static const struct bad_config bad_configs[] = {
      "config.json: 'num_experts_per_tok' is 9: expected 1 to num_local_experts (8)"},
     {MOE_ARCH_MIXTRAL, "num_experts_per_tok", "0", "'num_experts_per_tok' is 0: expected 1 to"},
     {MOE_ARCH_MIXTRAL, "num_local_experts", NULL,
-     "'num_local_experts' is missing: expected an integer from 1 to 4096 (required for mixtral)"},
+     "'num_local_experts' (or 'num_experts') is missing: expected an integer from 1 to 4096 "
+     "(required for mixtral)"},
+    {MOE_ARCH_MIXTRAL, "num_experts", "4",
+     "config.json: 'num_local_experts' is 8 but 'num_experts' is 4: expected one expert count"},
+    {MOE_ARCH_MIXTRAL, "num_experts", "0", "'num_experts' is 0: expected 1 to 4096"},
     {MOE_ARCH_MIXTRAL, "num_local_experts", "5000",
      "'num_local_experts' is 5000: expected 1 to "
      "4096"},
@@ -393,7 +455,8 @@ static const struct bad_config bad_configs[] = {
      "'scoring_func' is \"softmax\": unsupported; expected \"sigmoid\""},
     {MOE_ARCH_DEEPSEEK_V3, "topk_method", "\"greedy\"",
      "'topk_method' is \"greedy\": unsupported; expected \"noaux_tc\""},
-    {MOE_ARCH_DEEPSEEK_V3, "n_routed_experts", NULL, "'n_routed_experts' is missing"},
+    {MOE_ARCH_DEEPSEEK_V3, "n_routed_experts", NULL,
+     "'n_routed_experts' (or 'num_local_experts') is missing"},
     {MOE_ARCH_DEEPSEEK_V3, "intermediate_size", NULL, "'intermediate_size' is missing"},
     {MOE_ARCH_DEEPSEEK_V3, "moe_intermediate_size", "0", "'moe_intermediate_size' is 0"},
     {MOE_ARCH_DEEPSEEK_V3, "n_group", "7",
@@ -498,6 +561,7 @@ int main(void)
     test_defaults();
     test_dtype_keys();
     test_layer_rule();
+    test_expert_count_alias();
     test_arch_names();
     test_bad_configs();
     test_bad_json();
