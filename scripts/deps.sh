@@ -18,6 +18,7 @@ packages=(
     libmicrohttpd-dev                 # metrics endpoint
     # test tools (Debian's Python, run as /usr/bin/python3)
     python3 python3-numpy python3-grpcio python3-grpc-tools python3-prometheus-client
+    python3-pytest                    # client/python's test suite
     fio                               # disk limit for the page-in benchmarks
     openssl                           # certificates for the TLS tests
     systemd                           # systemd-analyze, -socket-activate, -sysusers, -tmpfiles: unit tests

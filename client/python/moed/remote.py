@@ -126,7 +126,10 @@ class RemoteSession(SessionBase):
 
     def _open(self) -> None:
         grpc = _grpc()
-        opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        # A channel of its own subchannels: with gRPC's global pool, a channel
+        # made by reconnect() would inherit the dead one's connect backoff.
+        opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                ("grpc.use_local_subchannel_pool", 1)]
         if self._tls:
             creds = grpc.ssl_channel_credentials(root_certificates=self._ca,
                                                  private_key=self._key,

@@ -55,3 +55,33 @@ def test_errors():
     assert issubclass(moed.ConnectionLost, ConnectionError)
     assert issubclass(moed.ModelNotFound, LookupError)
     assert issubclass(moed.Timeout, TimeoutError)
+
+
+def test_descriptor_is_current():
+    """moed/proto/moe.desc was made from the shipped moe.proto (python3 -m
+    moed._proto --write regenerates it), and equals what protoc makes of it."""
+    from moed import _proto
+    assert _proto.DESC_HASH.read_text().split()[0] == _proto.proto_hash(), \
+        "moe.desc is stale: run python3 -m moed._proto --write in client/python"
+    fresh = _proto.compile_descriptor()
+    if fresh is None:
+        pytest.skip("grpc_tools not installed")
+    from google.protobuf import descriptor_pb2
+    parse = descriptor_pb2.FileDescriptorProto.FromString
+    assert parse(fresh) == parse(_proto.DESC.read_bytes())
+
+
+def test_messages_without_grpc_tools():
+    """The remote session's messages come from the shipped descriptor where
+    grpc_tools is missing."""
+    pytest.importorskip("google.protobuf")
+    code = ("import sys; sys.modules['grpc_tools'] = None\n"
+            "from moed import _proto\n"
+            "pb = _proto.messages()\n"
+            "r = pb.ForwardRequest(model='m', layer=3)\n"
+            "r.hidden.dtype = pb.DTYPE_BF16\n"
+            "print(pb.ForwardRequest.FromString(r.SerializeToString()).layer, pb.DTYPE_BF16)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(PKG)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "2"]
