@@ -589,7 +589,8 @@ static const char bench_text[] =
     "  -q, --quiet           no progress on stderr\n"
     "\n"
     "Progress goes to stderr (a bar on a terminal, a line a second otherwise).  At\n"
-    "the end: requests, tokens, errors by status, requests/s, tokens/s, client-side\n"
+    "the end: requests (layer calls), token rows, errors by status, tokens/s through\n"
+    "the layers run (token rows / layers), layer calls/s and token rows/s, client-side\n"
     "latency p50/p99/max, moed's mean queue/route/load/compute times and batch size,\n"
     "and the hit rate of cache tier 0 over the run (from Stats before and after; it\n"
     "counts every client of moed).  --json prints one JSON object.  Failed requests\n"
@@ -857,7 +858,8 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
     uint64_t shm_hits = 0, shm_misses = 0;
     uint64_t *hist = calloc(HIST_BUCKETS, sizeof(*hist));
     const char *first_error[NSTATUS] = {0};
-    double rps, tps, p50, p99;
+    double rps, rows_ps, tps, p50, p99;
+    uint64_t rows;
     int ret = 0;
 
     if (!hist) {
@@ -899,8 +901,12 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
         misses = delta(c1->misses, c0->misses);
         ph = delta(c1->prefetch_hits, c0->prefetch_hits);
     }
+    /* A request is one layer call of b->tokens token rows; a token through
+     * the model takes one call per MoE layer run. */
     rps = elapsed > 0 ? (double)ok / elapsed : 0;
-    tps = rps * (double)b->tokens;
+    rows = ok * (uint64_t)b->tokens;
+    rows_ps = rps * (double)b->tokens;
+    tps = rows_ps / (double)MOE_MAX(b->n_layers, (size_t)1);
     p50 = ok ? (double)hist_quantile(hist, ok, 0.50) / 1e6 : 0;
     p99 = ok ? (double)hist_quantile(hist, ok, 0.99) / 1e6 : 0;
     free(hist);
@@ -922,11 +928,19 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
         json_object_set_new(j, "elapsed_s", json_real(elapsed));
         json_object_set_new(j, "requests", json_integer((json_int_t)requests));
         json_object_set_new(j, "ok", json_integer((json_int_t)ok));
-        json_object_set_new(j, "tokens", json_integer((json_int_t)(ok * (uint64_t)b->tokens)));
+        json_object_set_new(j, "token_rows", json_integer((json_int_t)rows));
+        json_object_set_new(j, "model_tokens",
+                            json_integer((json_int_t)(rows / MOE_MAX(b->n_layers, (size_t)1))));
+        /* Deprecated: "tokens" and "tokens_per_s" are token rows (a token
+         * once per layer); kept for the scripts that read them. */
+        json_object_set_new(j, "tokens", json_integer((json_int_t)rows));
         json_object_set_new(j, "errors", json_integer((json_int_t)nerr));
         json_object_set_new(j, "errors_by_status", ebs);
         json_object_set_new(j, "requests_per_s", json_real(rps));
-        json_object_set_new(j, "tokens_per_s", json_real(tps));
+        json_object_set_new(j, "layer_calls_per_s", json_real(rps));
+        json_object_set_new(j, "token_rows_per_s", json_real(rows_ps));
+        json_object_set_new(j, "model_tokens_per_s", json_real(tps));
+        json_object_set_new(j, "tokens_per_s", json_real(rows_ps));
         json_object_set_new(
             j, "latency_ms",
             json_pack("{sf sf sf}", "p50", p50, "p99", p99, "max", (double)max_ns / 1e6));
@@ -951,14 +965,16 @@ static int bench_report(struct bench *b, double elapsed, bool have_cache,
                b->model, b->r.target, b->shm ? "shared memory" : "gRPC", b->callers,
                b->callers == 1 ? "" : "s", (long long)b->tokens, b->tokens == 1 ? "" : "s",
                b->n_layers, b->n_layers == 1 ? "" : "s", moe_dtype_user_name(b->dtype), elapsed);
-        printf("  requests   %llu (%llu ok, %llu tokens)\n", (unsigned long long)requests,
-               (unsigned long long)ok, (unsigned long long)(ok * (uint64_t)b->tokens));
+        printf("  requests   %llu layer calls (%llu ok, %llu token rows)\n",
+               (unsigned long long)requests, (unsigned long long)ok, (unsigned long long)rows);
         printf("  errors     %llu", (unsigned long long)nerr);
         for (int s = 0, k = 0; s < NSTATUS; s++)
             if (errors[s])
                 printf("%s%s %llu", k++ ? ", " : ": ", status_name(s),
                        (unsigned long long)errors[s]);
-        printf("\n  throughput %.1f requests/s, %.1f tokens/s\n", rps, tps);
+        printf("\n  throughput %.1f tokens/s through the %zu MoE layer%s; %.1f layer calls/s "
+               "(%.1f token rows/s)\n",
+               tps, b->n_layers, b->n_layers == 1 ? "" : "s", rps, rows_ps);
         printf("  latency    p50 %.3f ms, p99 %.3f ms, max %.3f ms (client side)\n", p50, p99,
                (double)max_ns / 1e6);
         printf("  in moed    queue %.3f, route %.3f, load %.3f, compute %.3f, total %.3f ms "
@@ -1206,7 +1222,10 @@ out:
 
 static const char top_text[] =
     "A live view of moed, refreshed every interval (--interval, default 1 s) from\n"
-    "Status and Stats: requests/s, tokens/s and requests in flight; per cache tier\n"
+    "Status and Stats: layer calls/s (a request is one MoE layer's call), token\n"
+    "rows/s (a token counts once per layer), batches/s and requests in flight; per\n"
+    "model the tokens/s through its MoE layers (its token rows / its MoE layers);\n"
+    "per cache tier\n"
     "the hit rate over the interval, resident experts, use of capacity, page-ins/s,\n"
     "bytes paged in per second and the page-in p50/p99 of the interval; per model\n"
     "and MoE layer the hit rate over the interval and a heat map of the load on each\n"
@@ -1333,7 +1352,7 @@ static const char *fmt_rate(uint64_t hits, uint64_t misses, char *buf, size_t le
 
 /* The heat map rows and hit rates of model m. */
 static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__ModelStats *pm,
-                      int width)
+                      double dt, int width)
 {
     uint32_t max_expert = 0;
     uint64_t hottest = 0, *load;
@@ -1354,7 +1373,12 @@ static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__Mode
     ncols = m->n_experts ? (size_t)max_expert + 1 : 0;
     group = ncols ? (ncols + (size_t)avail - 1) / (size_t)avail : 1;
     row_len = ncols ? (ncols + group - 1) / group : 0;
-    fprintf(f, "\nmodel %s: %zu experts per layer", m->name, ncols);
+    /* A token through the model is one row in each MoE layer. */
+    fprintf(f, "\nmodel %s: %.1f tokens/s through its %zu MoE layer%s\n  %zu experts per layer",
+            m->name,
+            (double)delta(m->token_rows, pm ? pm->token_rows : 0) / dt /
+                (double)MOE_MAX(m->n_layers, (size_t)1),
+            m->n_layers, m->n_layers == 1 ? "" : "s", ncols);
     if (group > 1)
         fprintf(f, ", a column is the hottest of %zu", group);
     fprintf(f, "; '%c' = %llu loads in the interval\n", ramp[sizeof(ramp) - 2],
@@ -1439,7 +1463,8 @@ static void top_frame(FILE *f, const struct moectl_remote *r, const struct snaps
     fprintf(f, "moed %s at %s: %s, policy %s, prefetch %s  %02d:%02d:%02d (%.1f s)\n", st->version,
             r->target, st->state, s->policy, s->prefetch ? "on" : "off", tm.tm_hour, tm.tm_min,
             tm.tm_sec, dt);
-    fprintf(f, "%.1f requests/s, %.1f tokens/s, %.1f batches/s, %u in flight\n\n",
+    /* A request is one layer call; tokens through each model are under it. */
+    fprintf(f, "%.1f layer calls/s (%.1f token rows/s), %.1f batches/s, %u in flight\n\n",
             (double)delta(s->requests, ps->requests) / dt,
             (double)delta(s->tokens, ps->tokens) / dt, (double)delta(s->batches, ps->batches) / dt,
             st->in_flight);
@@ -1467,7 +1492,7 @@ static void top_frame(FILE *f, const struct moectl_remote *r, const struct snaps
                 used, (double)pins / dt, bps, l50, l99);
     }
     for (size_t i = 0; i < s->n_models; i++)
-        top_model(f, s->models[i], find_model(ps, s->models[i]->name), width);
+        top_model(f, s->models[i], find_model(ps, s->models[i]->name), dt, width);
     if (s->n_models == 0)
         fprintf(f, "\nno models loaded\n");
 }

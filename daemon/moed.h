@@ -27,6 +27,10 @@ struct moed_model {
     int cache_id;
     uint32_t id; /* for shared-memory clients: unique for the daemon's life */
     int refs;    /* requests using it; guarded by moed.lock */
+    /* Token rows of the forwards submitted for it (every transport), summed
+     * over its layers: Stats' ModelStats.token_rows.  Relaxed: a counter read
+     * on its own, ordering nothing. */
+    _Atomic uint64_t token_rows;
 };
 
 struct moe_shm_server;

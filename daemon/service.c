@@ -503,6 +503,7 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     atomic_fetch_add(&d->in_flight, 1);
     atomic_fetch_add(&d->requests, 1);
     atomic_fetch_add(&d->tokens, (uint64_t)f->T);
+    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->T, memory_order_relaxed);
     if (moed_submit(d, f->mm, &f->req, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         fwd_count(f, moed_grpc_status(err.code));
@@ -713,13 +714,17 @@ static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
         /* dense layers have no experts: leave them out */
         for (int l = 0; l < m->n_layers; l++)
             is_moe[l] = true;
-        pthread_mutex_lock(&d->lock);
-        for (int k = 0; k < d->n_models; k++)
-            if (d->models[k]->cache_id == m->id)
-                for (int l = 0; l < m->n_layers; l++)
-                    is_moe[l] = d->models[k]->m->layers[l].is_moe;
-        pthread_mutex_unlock(&d->lock);
         moe__v1__model_stats__init(&ms[i]);
+        pthread_mutex_lock(&d->lock);
+        for (int k = 0; k < d->n_models; k++) {
+            if (d->models[k]->cache_id != m->id)
+                continue;
+            for (int l = 0; l < m->n_layers; l++)
+                is_moe[l] = d->models[k]->m->layers[l].is_moe;
+            ms[i].token_rows =
+                atomic_load_explicit(&d->models[k]->token_rows, memory_order_relaxed);
+        }
+        pthread_mutex_unlock(&d->lock);
         ms[i].name = s.models[i].name;
         ms[i].bad_experts = (uint32_t)m->bad_experts;
         for (int l = 0; l < m->n_layers; l++) {

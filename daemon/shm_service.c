@@ -233,6 +233,7 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
     atomic_fetch_add(&d->in_flight, 1);
     atomic_fetch_add(&d->requests, 1);
     atomic_fetch_add(&d->tokens, (uint64_t)f->T);
+    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->T, memory_order_relaxed);
     if (moed_submit(d, f->mm, &f->sr, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         snprintf(msg, len, "%s", err.msg);

@@ -319,15 +319,35 @@ def main():
             import json
             js = json.loads(p.stdout)
             check("moectl bench --requests 40 --json", p.returncode == 0
-                  and js["requests"] == 40 and js["errors"] == 0 and js["tokens"] == 80,
+                  and js["requests"] == 40 and js["errors"] == 0 and js["token_rows"] == 80,
                   p.stdout[:400] + p.stderr)
+            # A request is one layer call: tokens through the model's 3 MoE
+            # layers are a third of the token rows.
+            check("moectl bench --json: tokens/s through the model, layer calls/s",
+                  js["model_tokens"] == 80 // 3
+                  and abs(js["model_tokens_per_s"] * 3 - js["token_rows_per_s"]) < 1e-6
+                  * js["token_rows_per_s"] + 1e-9
+                  and js["layer_calls_per_s"] == js["requests_per_s"]
+                  and abs(js["token_rows_per_s"] - 2 * js["layer_calls_per_s"]) < 1e-6
+                  * js["token_rows_per_s"] + 1e-9, p.stdout[:600])
         except (ValueError, KeyError):
             check("moectl bench --requests 40 --json", False, p.stdout[:400] + p.stderr)
+        p = subprocess.run([m, "bench", "--model", "mix", "--requests", "12", "--callers", "1",
+                            "-q"] + addr, capture_output=True, text=True)
+        check("moectl bench: tokens/s named through the MoE layers, layer calls/s apart",
+              p.returncode == 0 and "tokens/s through the 3 MoE layers" in p.stdout
+              and "layer calls/s" in p.stdout, p.stdout + p.stderr)
+        st = ctl.Stats(pb.StatsRequest())
+        rows = {x.name: x.token_rows for x in st.models}
+        check("Stats: token rows per model", rows.get("mix", 0) >= 80 + 12, str(rows))
         p = subprocess.run([m, "top", "--iterations", "2", "--interval", "0.2"] + addr,
                            capture_output=True, text=True)
         check("moectl top --iterations 2", p.returncode == 0 and "HIT RATE" in p.stdout
               and "%" in p.stdout and "model mix" in p.stdout
-              and p.stdout.count("requests/s") == 2,
+              and p.stdout.count("layer calls/s") == 2
+              and len(re.findall(r"model mix: [0-9.]+ tokens/s through its 3 MoE layers",
+                                 p.stdout)) == 2
+              and "requests/s" not in p.stdout,
               p.stdout[:600] + p.stderr)
 
         # token on mutating calls
