@@ -450,6 +450,13 @@ int moe_connect(const char *socket_path, const struct moe_session_opts *opts,
         if (rc == -ENOENT || rc == -ECONNREFUSED)
             cfail(rc, "no moed listening at %s (%s); is moed running with shared memory enabled?",
                   socket_path, strerror(-rc));
+        else if (rc == -EPROTOTYPE)
+            /* A stream socket: moed's gRPC socket (moed.sock), or another
+             * program's.  Shared memory is the SOCK_SEQPACKET shm_socket. */
+            cfail(rc,
+                  "%s is not moed's shared-memory socket: it is a stream socket, such as moed's "
+                  "gRPC socket (moed.sock); give moed's shm_socket (e.g. /run/moed/shm.sock)",
+                  socket_path);
         else if (rc == -EACCES || rc == -EPERM)
             cfail(rc, "no permission to connect to %s (%s); ask for moed's client group",
                   socket_path, strerror(-rc));

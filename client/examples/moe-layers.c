@@ -12,7 +12,7 @@
  * and the client never idles while one of them is computed.  The attention
  * and dense layers an engine would run in between are not modelled.
  *
- *   moe-layers --socket /run/moed/moed.sock --model mixtral-tiny --tokens 256 --steps 8
+ *   moe-layers --socket /run/moed/shm.sock --model mixtral-tiny --tokens 256 --steps 8
  *
  * Prints, per step, tokens/s and the hit/miss counts moed reported (with
  * --verbose, those of every request).  Exits 1 on any error, saying which.
@@ -161,9 +161,11 @@ static int submit_layer(struct moe_session *s, const struct moe_model_info *m,
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: moe-layers [--socket PATH] [--model NAME] [--tokens N] [--steps S]\n"
-            "                  [--dtype bf16|f16|f32] [--micro-batches M] [--poll] [--verbose]\n");
+    fprintf(f, "usage: moe-layers [--socket PATH] [--model NAME] [--tokens N] [--steps S]\n"
+               "                  [--dtype bf16|f16|f32] [--micro-batches M] [--poll] [--verbose]\n"
+               "\n"
+               "  --socket PATH   moed's shared-memory socket, its shm_socket (default\n"
+               "                  /run/moed/shm.sock; moed.sock is its gRPC socket)\n");
 }
 
 int main(int argc, char **argv)
@@ -174,7 +176,7 @@ int main(int argc, char **argv)
         {"dtype", required_argument, NULL, 'd'},  {"micro-batches", required_argument, NULL, 'b'},
         {"poll", no_argument, NULL, 'p'},         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0}};
-    const char *path = "/run/moed/moed.sock", *model = NULL;
+    const char *path = "/run/moed/shm.sock", *model = NULL;
     struct moe_session_opts opts = {.name = "moe-layers"};
     enum moe_act_dtype dt = MOE_BF16;
     long tokens = 64, steps = 4, n_mb = 4;

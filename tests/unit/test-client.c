@@ -241,6 +241,23 @@ static void check_connect_models(const char *path)
     ASSERT_EQ(moe_connect(nowhere, NULL, &s), -ENOENT);
     ASSERT_TRUE(s == NULL);
     ASSERT_CONTAINS(moe_connect_error(), "no moed listening at");
+    /* A stream socket (moed's gRPC socket, say): what it is, and where
+     * shared memory is, not "Protocol wrong type for socket". */
+    {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        ASSERT_TRUE(lfd >= 0);
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", nowhere);
+        ASSERT_EQ(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+        ASSERT_EQ(listen(lfd, 1), 0);
+        ASSERT_EQ(moe_connect(nowhere, NULL, &s), -EPROTOTYPE);
+        ASSERT_TRUE(s == NULL);
+        ASSERT_CONTAINS(moe_connect_error(), "gRPC socket");
+        ASSERT_CONTAINS(moe_connect_error(), "shm_socket (e.g. /run/moed/shm.sock)");
+        close(lfd);
+        unlink(nowhere);
+    }
     free(nowhere);
     /* A bad option: moed's reason comes back. */
     struct moe_session_opts o = {.sq_entries = 3};
