@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define DEFAULT_ADDRESS "127.0.0.1:50051"
 /* One call's tensors: above this the daemon would refuse them anyway (its
@@ -989,9 +990,10 @@ out:
 /* ---- load, unload ------------------------------------------------------- */
 
 static const char load_text[] =
-    "Loads the checkpoint or packed store in DIR, a directory on moed's host (a\n"
-    "relative DIR that exists here is made absolute), under the name N (default:\n"
-    "the directory's name).\n";
+    "Loads the checkpoint or packed store in DIR, a directory on moed's host, under\n"
+    "the name N (default: the directory's name).  A relative DIR is resolved here,\n"
+    "where moectl runs, and refused when it does not exist; an absolute one is sent\n"
+    "as it is.\n";
 
 int moectl_load(int argc, char **argv)
 {
@@ -1048,8 +1050,19 @@ int moectl_load(int argc, char **argv)
     }
     if (remote_check(&r, remote_given) < 0)
         return 2;
-    if (dir[0] != '/')
+    /* moed resolves paths against its own working directory: a relative DIR
+     * means the one the user sees here, or nothing. */
+    if (dir[0] != '/') {
         abs = realpath(dir, NULL);
+        if (!abs) {
+            char cwd[PATH_MAX];
+
+            errorf("load: --dir '%s': %s in %s; give an existing directory, or an absolute "
+                   "path for one on moed's host",
+                   dir, strerror(errno), getcwd(cwd, sizeof(cwd)) ? cwd : "this directory");
+            return 1;
+        }
+    }
     req.dir = abs ? abs : (char *)dir;
     req.name = (char *)(name ? name : "");
     ret = remote_call(&r, "/moe.v1.Control/LoadModel", &req.base,

@@ -421,6 +421,10 @@ def main():
         check("options before the arguments", [m, "pin", "--remote", addr, "--token", "t",
                                                "--timeout", "5", "ds", "1", "2"], 1,
               "cannot reach moed")
+    # A relative --dir is resolved where moectl runs, before any call.
+    check("load a relative --dir that is not here", [m, "load", "--dir", "no-such-dir-x",
+                                                     "--remote", "127.0.0.1:1"], 1,
+          "load: --dir 'no-such-dir-x': No such file or directory in ")
     check("status with no daemon on the socket", [m, "status", "--socket", f"{w}/none.sock"], 1,
           f"cannot reach moed at unix:{w}/none.sock: UNAVAILABLE: ")
     check("--tls with a missing CA file", [m, "status", "--tls", "--tls-ca", f"{w}/none.pem"], 1,

@@ -310,6 +310,14 @@ def main():
                             capture_output=True, text=True)
         check("moectl pin and unpin with the token", p.returncode == 0 and p2.returncode == 0,
               p.stderr + p2.stderr)
+        # A relative --dir is the one where moectl runs, not moed's.
+        p = subprocess.run([m, "load", "--dir", "mix", "--name", "mix-rel", "--token", "s3cret"]
+                           + addr, capture_output=True, text=True, cwd=w)
+        p2 = subprocess.run([m, "unload", "mix-rel", "--token", "s3cret"] + addr,
+                            capture_output=True, text=True)
+        check("moectl load --dir relative to moectl's directory", p.returncode == 0
+              and f"loaded mix-rel from {os.path.realpath(model)}" in p.stdout
+              and p2.returncode == 0, p.stdout + p.stderr + p2.stderr)
 
         # moectl bench and top against the same daemon
         p = subprocess.run([m, "bench", "--model", "mix", "--requests", "40", "--callers", "4",
