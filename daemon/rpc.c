@@ -81,6 +81,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 
 #define RPC_SLOTS_PER_METHOD 4
@@ -416,6 +417,17 @@ static void finish_locked(struct moe_rpc_call *c, int code, const char *msg)
     free(c->status_msg);
     c->status_msg = msg ? strdup(msg) : NULL;
     progress_locked(c);
+}
+
+/*
+ * gRPC core's own log lines (an internal error dump when a port is taken, say)
+ * go through moed's log at debug level: moed reports what failed in its own
+ * words.  The function is process-wide (cluster.c's channels use it too).
+ */
+static void grpc_log(gpr_log_func_args *a)
+{
+    moe_log(MOE_LOG_DEBUG, "grpc: %s (%s:%d)", a->message ? a->message : "",
+            a->file ? a->file : "?", a->line);
 }
 
 static bool authorized(const struct moe_rpc_call *c)
@@ -1244,6 +1256,8 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
         }
         s->auth_len = strlen(s->auth);
     }
+    /* Before grpc_init: nothing of gRPC's reaches stderr on its own. */
+    gpr_set_log_function(grpc_log);
     grpc_init();
     s->grpc_inited = true;
 

@@ -144,6 +144,17 @@ def main():
     check("an shm socket in a missing directory refused", p.returncode == 1
           and "no/such/dir/s.sock" in p.stderr, p.stderr)
 
+    # A port in use: moed's own line, not gRPC core's error dump before it
+    import socket as so
+    with so.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        p = subprocess.run([moed, "--listen", f"127.0.0.1:{busy.getsockname()[1]}"],
+                           capture_output=True, text=True, timeout=30)
+    check("a port in use: one clean line, no gRPC dump", p.returncode != 0
+          and "cannot listen on" in p.stderr and "chttp2" not in p.stderr
+          and "UNKNOWN:" not in p.stderr, p.stderr)
+
     conf = f"{w}/moed.conf"
     with open(conf, "w") as f:
         f.write("[server]\nlog_level = warn\n[scheduler]\nbatch_window_us = 20000\n")
