@@ -215,7 +215,15 @@ int remote_call(struct moectl_remote *r, const char *method, const ProtobufCMess
     case 0:
         break;
     case 14: /* UNAVAILABLE */
-        errorf("cannot reach moed at %s: %s", r->target, msg);
+        /* moed's own answer while it drains or stops: it was reached. */
+        if (strstr(msg, "moed is draining"))
+            errorf("%s: moed at %s is draining and takes no new requests (moectl resume serves "
+                   "again)",
+                   r->cmd, r->target);
+        else if (strstr(msg, "moed is stopping"))
+            errorf("%s: moed at %s is stopping and takes no new requests", r->cmd, r->target);
+        else
+            errorf("cannot reach moed at %s: %s", r->target, msg);
         return 1;
     case 4: /* DEADLINE_EXCEEDED */
         errorf("%s: no answer from moed at %s within %.1f s: %s (a longer --timeout gives it "
@@ -223,7 +231,13 @@ int remote_call(struct moectl_remote *r, const char *method, const ProtobufCMess
                r->cmd, r->target, (r->cfg.timeout_ms ? r->cfg.timeout_ms : 30000) / 1000.0, msg);
         return 1;
     case 16: /* UNAUTHENTICATED */
-        errorf("%s: %s (give moed's token with --token or MOED_TOKEN)", r->cmd, msg);
+        if (r->cfg.token)
+            errorf("%s: %s (moed refused the token given with --token or MOED_TOKEN; check "
+                   "it against moed's)",
+                   r->cmd, msg);
+        else
+            errorf("%s: %s (no token given: give moed's token with --token or MOED_TOKEN)", r->cmd,
+                   msg);
         return 1;
     case 12: /* UNIMPLEMENTED */
         errorf("%s: %s (is %s a moed of another version?)", r->cmd, msg, r->target);
@@ -1182,6 +1196,13 @@ static int expert_command(int argc, char **argv, const char *method,
         goto out;
     if (r.json)
         ret = print_json(&r, message_json(resp));
+    else if (resp->descriptor == &moe__v1__unpin_response__descriptor &&
+             !((Moe__V1__UnpinResponse *)resp)->was_pinned)
+        printf("layer %d expert %d of %s was not pinned; nothing changed\n", layer, expert, pos[0]);
+    else if (resp->descriptor == &moe__v1__evict_response__descriptor &&
+             !((Moe__V1__EvictResponse *)resp)->was_resident)
+        printf("layer %d expert %d of %s is not resident, nothing to evict\n", layer, expert,
+               pos[0]);
     else
         printf("%s layer %d expert %d of %s\n", done, layer, expert, pos[0]);
 out:

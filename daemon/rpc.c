@@ -430,12 +430,20 @@ static void grpc_log(gpr_log_func_args *a)
             a->file ? a->file : "?", a->line);
 }
 
-static bool authorized(const struct moe_rpc_call *c)
+/* What a call's bearer token is worth. */
+enum auth_result {
+    AUTH_OK,      /* no token needed, or the right one */
+    AUTH_MISSING, /* needed, none given */
+    AUTH_WRONG,   /* one given, not moed's */
+};
+
+static enum auth_result authorized(const struct moe_rpc_call *c)
 {
     const struct moe_rpc_server *s = c->s;
+    bool given = false;
 
     if (!s->auth || !c->m->m.mutating)
-        return true;
+        return AUTH_OK;
     for (size_t i = 0; i < c->md.count; i++) {
         const grpc_metadata *md = &c->md.metadata[i];
         size_t len = GRPC_SLICE_LENGTH(md->value);
@@ -444,15 +452,16 @@ static bool authorized(const struct moe_rpc_call *c)
 
         if (grpc_slice_str_cmp(md->key, "authorization") != 0)
             continue;
+        given = true;
         if (len != s->auth_len)
             continue;
         /* Constant time over the length: no timing oracle on the token. */
         for (size_t k = 0; k < len; k++)
             diff |= (unsigned)(v[k] ^ (uint8_t)s->auth[k]);
         if (diff == 0)
-            return true;
+            return AUTH_OK;
     }
-    return false;
+    return given ? AUTH_WRONG : AUTH_MISSING;
 }
 
 /* ---- requests and completions (worker threads) ---- */
@@ -492,6 +501,7 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
 static void on_new(struct moe_rpc_call *c, bool ok)
 {
     struct moe_rpc_server *s = c->s;
+    enum auth_result auth;
     grpc_op op;
 
     if (!ok) {
@@ -530,11 +540,15 @@ static void on_new(struct moe_rpc_call *c, bool ok)
             moe_log(MOE_LOG_DEBUG, "rpc: %s from %s, refused", msg, c->peer ? c->peer : "?");
             gpr_free(path);
             finish_locked(c, GRPC_STATUS_UNIMPLEMENTED, msg);
-        } else if (!authorized(c)) {
-            moe_log(MOE_LOG_INFO, "rpc: %s from %s: missing or wrong bearer token, refused",
-                    c->m->m.path, c->peer ? c->peer : "?");
+        } else if ((auth = authorized(c)) != AUTH_OK) {
+            moe_log(MOE_LOG_INFO, "rpc: %s from %s: %s, refused", c->m->m.path,
+                    c->peer ? c->peer : "?",
+                    auth == AUTH_MISSING ? "no bearer token" : "wrong bearer token");
             finish_locked(c, GRPC_STATUS_UNAUTHENTICATED,
-                          "this method needs the metadata 'authorization: Bearer <token>'");
+                          auth == AUTH_MISSING
+                              ? "no token given: this method needs the metadata "
+                                "'authorization: Bearer <token>'"
+                              : "token refused: the bearer token given is not moed's");
         } else {
             start_recv_locked(c);
         }

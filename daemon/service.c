@@ -853,11 +853,33 @@ static void on_unload(struct moe_rpc_call *call, const uint8_t *req, size_t len,
 
 enum expert_op { OP_PIN, OP_UNPIN, OP_EVICT };
 
+/* Whether an operator pinned the expert, from a snapshot of the cache: an
+ * operator call is rare enough for the copy.  false when out of memory. */
+static bool operator_pinned(struct moed *d, int cache_id, int layer, int expert)
+{
+    struct moe_cache_stats s;
+    bool pinned = false;
+
+    if (moe_cache_snapshot(d->cache, &s) < 0)
+        return false;
+    for (int i = 0; i < s.n_models; i++) {
+        const struct moe_cache_model_stats *m = &s.models[i];
+
+        if (m->id == cache_id && layer < m->n_layers && expert < m->n_experts)
+            pinned =
+                m->experts[(size_t)layer * (size_t)m->n_experts + (size_t)expert].operator_pinned;
+    }
+    moe_cache_stats_clear(&s);
+    return pinned;
+}
+
 static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t len, struct moed *d,
                         enum expert_op op)
 {
     Moe__V1__ExpertRef *q = moe__v1__expert_ref__unpack(NULL, len, req);
     Moe__V1__PinResponse pr = MOE__V1__PIN_RESPONSE__INIT;
+    Moe__V1__UnpinResponse ur = MOE__V1__UNPIN_RESPONSE__INIT;
+    Moe__V1__EvictResponse er = MOE__V1__EVICT_RESPONSE__INIT;
     struct moed_model *mm;
     struct moe_error err;
     int r;
@@ -876,15 +898,19 @@ static void expert_call(struct moe_rpc_call *call, const uint8_t *req, size_t le
     } else if (op == OP_PIN) {
         r = moe_cache_pin(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
     } else if (op == OP_UNPIN) {
+        /* What changed, for the operator: checked before, as the cache
+         * does not say (racing operators may each see it pinned). */
+        ur.was_pinned = operator_pinned(d, mm->cache_id, (int)q->layer, (int)q->expert);
         r = moe_cache_unpin(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
     } else {
+        er.was_resident = moe_cache_resident(d->cache, mm->cache_id, (int)q->layer, (int)q->expert);
         r = moe_cache_evict(d->cache, mm->cache_id, (int)q->layer, (int)q->expert, &err);
     }
     moed_model_put(d, mm);
     if (r < 0)
         moe_rpc_fail(call, moed_grpc_status(r), "%s", err.msg);
-    else /* Pin, Unpin and Evict responses are all empty messages */
-        moed_reply_msg(call, &pr.base);
+    else
+        moed_reply_msg(call, op == OP_PIN ? &pr.base : op == OP_UNPIN ? &ur.base : &er.base);
 out:
     if (q)
         moe__v1__expert_ref__free_unpacked(q, NULL);

@@ -386,6 +386,35 @@ def main():
         code, _ = code_of(lambda: ctl.Unpin(ref, metadata=tok))
         code2, _ = code_of(lambda: ctl.Evict(ref, metadata=tok))
         check("Unpin then Evict", code == code2 == grpc.StatusCode.OK, f"{code} {code2}")
+        # moectl says what happened, not what was asked
+        p = subprocess.run([m, "evict", "mix", "1", "3", "--token", "s3cret"] + addr,
+                           capture_output=True, text=True)
+        check("moectl evict of an expert not resident", p.returncode == 0
+              and "not resident, nothing to evict" in p.stdout and "evicted" not in p.stdout,
+              p.stdout + p.stderr)
+        p = subprocess.run([m, "unpin", "mix", "1", "3", "--token", "s3cret"] + addr,
+                           capture_output=True, text=True)
+        check("moectl unpin of an expert not pinned", p.returncode == 0
+              and "was not pinned" in p.stdout and "unpinned" not in p.stdout,
+              p.stdout + p.stderr)
+        p = subprocess.run([m, "pin", "mix", "1", "3", "--token", "s3cret"] + addr,
+                           capture_output=True, text=True)
+        p2 = subprocess.run([m, "unpin", "mix", "1", "3", "--token", "s3cret"] + addr,
+                            capture_output=True, text=True)
+        p3 = subprocess.run([m, "evict", "mix", "1", "3", "--token", "s3cret"] + addr,
+                            capture_output=True, text=True)
+        check("moectl pin, unpin, evict of a resident expert",
+              "pinned layer 1 expert 3" in p.stdout and "unpinned layer 1 expert 3" in p2.stdout
+              and "evicted layer 1 expert 3" in p3.stdout, p.stdout + p2.stdout + p3.stdout
+              + p.stderr + p2.stderr + p3.stderr)
+        p = subprocess.run([m, "pin", "mix", "1", "3", "--token", "nope"] + addr,
+                           capture_output=True, text=True)
+        p2 = subprocess.run([m, "pin", "mix", "1", "3"] + addr, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "MOED_TOKEN"})
+        check("moectl: a wrong token is told from a missing one",
+              p.returncode == 1 and "token refused" in p.stderr and "no token given" not in p.stderr
+              and p2.returncode == 1 and "no token given" in p2.stderr
+              and "token refused" not in p2.stderr, p.stderr + p2.stderr)
         code, det = code_of(lambda: ctl.Pin(pb.ExpertRef(model="mix", layer=1, expert=99),
                                             metadata=tok))
         check("Pin of a missing expert", code == grpc.StatusCode.INVALID_ARGUMENT, det)
@@ -396,6 +425,11 @@ def main():
         check("drained: forwards UNAVAILABLE, health NOT_SERVING",
               code == grpc.StatusCode.UNAVAILABLE and "draining" in det
               and h.status == hpb.HealthCheckResponse.NOT_SERVING, f"{code} {det} {h}")
+        p = subprocess.run([m, "forward", "--model", "mix", "--layer", "1", "--in", f"{w}/x.npy",
+                            "--out", f"{w}/yr.npy"] + addr, capture_output=True, text=True)
+        check("moectl forward while drained: moed is draining, not unreachable",
+              p.returncode == 1 and "is draining" in p.stderr and "cannot reach" not in p.stderr,
+              p.stderr)
         code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(resume=True), metadata=tok))
         code2, _ = code_of(lambda: exp.Forward(good))
         check("Drain resume: serving again", code == code2 == grpc.StatusCode.OK,
