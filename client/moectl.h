@@ -118,6 +118,10 @@ struct moectl_remote {
     bool shm_ok;                      /* set by the command before remote_check: it can use the
                                        * shared-memory transport (forward, bench) */
     bool use_shm;                     /* set by remote_check: --socket is moed's shm_socket */
+    bool quiet;                       /* remote_call keeps its failure in last_error, unprinted */
+    int last_status;                  /* of the last remote_call: the gRPC status, 0 done, -1 no
+                                       * client could be opened or the answer was unusable */
+    char last_error[1280];            /* what the last remote_call failed with */
 };
 
 /* Defaults from $MOED_ADDRESS and $MOED_TOKEN. */

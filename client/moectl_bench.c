@@ -34,6 +34,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1225,21 +1226,25 @@ static const char top_text[] =
     "Status and Stats: layer calls/s (a request is one MoE layer's call), token\n"
     "rows/s (a token counts once per layer), batches/s and requests in flight; per\n"
     "model the tokens/s through its MoE layers (its token rows / its MoE layers);\n"
-    "per cache tier\n"
-    "the hit rate over the interval, resident experts, use of capacity, page-ins/s,\n"
-    "bytes paged in per second and the page-in p50/p99 of the interval; per model\n"
-    "and MoE layer the hit rate over the interval and a heat map of the load on each\n"
-    "expert (hits + misses over the interval; one character per expert on the ramp\n"
-    "' .:-=+*#%@', scaled to the model's hottest expert; when the experts do not fit\n"
-    "the terminal's width, a character shows the hottest of a group of experts).\n"
-    "(ALL) is the hit rate since moed started.\n"
-    "On a terminal the view is redrawn in place; otherwise, or with --iterations,\n"
-    "frames are printed one after another.  Ctrl-C quits.\n"
+    "per cache tier the hit rate over the interval, resident experts, use of\n"
+    "capacity, page-ins/s, bytes paged in per second and the page-in p50/p99 of the\n"
+    "interval; per model and MoE layer the hit rate over the interval and a heat map\n"
+    "of the load on each expert (hits + misses over the interval; one character per\n"
+    "expert on the ramp ' .:-=+*#%@', scaled to the hottest expert shown; when the\n"
+    "experts do not fit the terminal's width, a character shows the hottest of a\n"
+    "group of experts).  (ALL) is the hit rate since moed started.\n"
+    "On a terminal the view is redrawn in place, and says how many lines did not\n"
+    "fit; otherwise, or with --iterations, frames are printed one after another.\n"
+    "When moed stops answering (a restart, say), top says so and reconnects.\n"
+    "Ctrl-C quits.\n"
     "\n"
     "  --interval S     seconds between frames (default 1)\n"
-    "  --iterations N   print N frames and exit (default: until Ctrl-C)\n";
+    "  --iterations N   print N frames and exit (default: until Ctrl-C)\n"
+    "  --model NAME     only this model\n"
+    "  --layer L        only MoE layer L (of each model shown)\n"
+    "  --json           one JSON object per interval, one a line (JSON lines)\n";
 
-#define TOP_SYNOPSIS "top [--interval S] [--iterations N]"
+#define TOP_SYNOPSIS "top [--interval S] [--iterations N] [--model NAME] [--layer L] [--json]"
 #define MAX_INTERVAL_S 3600.0
 static const char ramp[] = " .:-=+*#%@";
 
@@ -1351,9 +1356,21 @@ static const char *fmt_rate(uint64_t hits, uint64_t misses, char *buf, size_t le
 }
 
 /* The heat map rows and hit rates of model m. */
-static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__ModelStats *pm,
-                      double dt, int width)
+/* What top shows: --model, --layer. */
+struct top_filter {
+    const char *model; /* NULL: every model */
+    long layer;        /* -1: every MoE layer */
+};
+
+static bool layer_shown(const struct top_filter *flt, uint32_t layer)
 {
+    return flt->layer < 0 || (uint32_t)flt->layer == layer;
+}
+
+static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__ModelStats *pm,
+                      double dt, int width, const struct top_filter *flt)
+{
+    size_t shown = 0;
     uint32_t max_expert = 0;
     uint64_t hottest = 0, *load;
     size_t ncols, group, row_len;
@@ -1365,7 +1382,8 @@ static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__Mode
         const Moe__V1__CacheCounters *p = find_expert(pm, i, m->experts[i]);
         uint64_t l = delta(c->hits, p->hits) + delta(c->misses, p->misses);
 
-        hottest = MOE_MAX(hottest, l);
+        if (layer_shown(flt, m->experts[i]->layer))
+            hottest = MOE_MAX(hottest, l);
         max_expert = MOE_MAX(max_expert, m->experts[i]->expert);
     }
     /* "  LAYER  HIT RATE     (ALL)    LOADS  |" before, "|" after */
@@ -1380,7 +1398,7 @@ static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__Mode
                 (double)MOE_MAX(m->n_layers, (size_t)1),
             m->n_layers, m->n_layers == 1 ? "" : "s", ncols);
     if (group > 1)
-        fprintf(f, ", a column is the hottest of %zu", group);
+        fprintf(f, ", %zu a column", group);
     fprintf(f, "; '%c' = %llu loads in the interval\n", ramp[sizeof(ramp) - 2],
             (unsigned long long)hottest);
     fprintf(f, "  %5s  %8s  %8s  %7s  %s\n", "LAYER", "HIT RATE", "(ALL)", "LOADS", "EXPERTS");
@@ -1397,6 +1415,9 @@ static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__Mode
         uint64_t h = delta(c->hits, p->hits), mi = delta(c->misses, p->misses);
         char hr[16], all[16];
 
+        if (!layer_shown(flt, layer))
+            continue;
+        shown++;
         memset(load, 0, row_len * sizeof(*load));
         for (size_t i = 0; i < m->n_experts; i++) {
             const Moe__V1__ExpertStats *e = m->experts[i];
@@ -1420,6 +1441,8 @@ static void top_model(FILE *f, const Moe__V1__ModelStats *m, const Moe__V1__Mode
         fprintf(f, "  %5u  %8s  %8s  %7llu  |%s|\n", layer, fmt_rate(h, mi, hr, sizeof(hr)),
                 fmt_rate(c->hits, c->misses, all, sizeof(all)), (unsigned long long)(h + mi), row);
     }
+    if (shown == 0)
+        fprintf(f, "  no MoE layer %ld\n", flt->layer);
 out:
     free(load);
     free(row);
@@ -1444,25 +1467,45 @@ static const char *short_bytes(uint64_t n, char *buf, size_t len)
 }
 
 /* Writes one frame: the deltas from prev to cur. */
+/* Seconds between two snapshots: moed's own clock when it moved, as it is
+ * closer to the counters' interval. */
+static double snapshot_dt(const struct snapshot *prev, const struct snapshot *cur)
+{
+    double dt = (double)(cur->at_ns - prev->at_ns) / 1e9;
+
+    if (cur->stats->uptime_ns > prev->stats->uptime_ns)
+        dt = (double)(cur->stats->uptime_ns - prev->stats->uptime_ns) / 1e9;
+    return dt > 0 ? dt : 1e-9;
+}
+
+/* "no model called 'x' (loaded: a, b)" when --model names none of s's. */
+static bool model_missing(FILE *f, const Moe__V1__StatsResponse *s, const struct top_filter *flt)
+{
+    if (!flt->model || find_model(s, flt->model))
+        return false;
+    fprintf(f, "\nno model called '%s' (loaded:", flt->model);
+    for (size_t i = 0; i < s->n_models; i++)
+        fprintf(f, "%s %s", i ? "," : "", s->models[i]->name);
+    fprintf(f, "%s)\n", s->n_models ? "" : " none");
+    return true;
+}
+
 static void top_frame(FILE *f, const struct moectl_remote *r, const struct snapshot *prev,
-                      const struct snapshot *cur, int width)
+                      const struct snapshot *cur, int width, const struct top_filter *flt)
 {
     const Moe__V1__StatsResponse *s = cur->stats, *ps = prev->stats;
     const Moe__V1__StatusResponse *st = cur->status;
-    double dt = (double)(cur->at_ns - prev->at_ns) / 1e9;
+    double dt = snapshot_dt(prev, cur);
     char b1[32], b2[32], b3[32];
     time_t now = time(NULL);
     struct tm tm;
 
-    /* moed's own clock, when it moved, is closer to the counters' interval. */
-    if (s->uptime_ns > ps->uptime_ns)
-        dt = (double)(s->uptime_ns - ps->uptime_ns) / 1e9;
-    if (dt <= 0)
-        dt = 1e-9;
+    /* Each line fits 80 columns (but for a long address). */
     localtime_r(&now, &tm);
-    fprintf(f, "moed %s at %s: %s, policy %s, prefetch %s  %02d:%02d:%02d (%.1f s)\n", st->version,
-            r->target, st->state, s->policy, s->prefetch ? "on" : "off", tm.tm_hour, tm.tm_min,
-            tm.tm_sec, dt);
+    fprintf(f, "moed %s at %s: %s  %02d:%02d:%02d\n", st->version, r->target, st->state, tm.tm_hour,
+            tm.tm_min, tm.tm_sec);
+    fprintf(f, "policy %s, prefetch %s; over the last %.1f s:\n", s->policy,
+            s->prefetch ? "on" : "off", dt);
     /* A request is one layer call; tokens through each model are under it. */
     fprintf(f, "%.1f layer calls/s (%.1f token rows/s), %.1f batches/s, %u in flight\n\n",
             (double)delta(s->requests, ps->requests) / dt,
@@ -1492,9 +1535,125 @@ static void top_frame(FILE *f, const struct moectl_remote *r, const struct snaps
                 used, (double)pins / dt, bps, l50, l99);
     }
     for (size_t i = 0; i < s->n_models; i++)
-        top_model(f, s->models[i], find_model(ps, s->models[i]->name), dt, width);
+        if (!flt->model || strcmp(flt->model, s->models[i]->name) == 0)
+            top_model(f, s->models[i], find_model(ps, s->models[i]->name), dt, width, flt);
     if (s->n_models == 0)
         fprintf(f, "\nno models loaded\n");
+    else
+        model_missing(f, s, flt);
+}
+
+static json_t *rate_json(uint64_t hits, uint64_t misses)
+{
+    return hits + misses ? json_real(ratio(hits, hits + misses)) : json_null();
+}
+
+/* One frame as a JSON object: the same deltas as top_frame.  NULL when out
+ * of memory. */
+static json_t *top_json(const struct moectl_remote *r, const struct snapshot *prev,
+                        const struct snapshot *cur, const struct top_filter *flt)
+{
+    const Moe__V1__StatsResponse *s = cur->stats, *ps = prev->stats;
+    const Moe__V1__StatusResponse *st = cur->status;
+    double dt = snapshot_dt(prev, cur);
+    json_t *j = json_object(), *tiers = json_array(), *models = json_array();
+
+    if (!j || !tiers || !models) {
+        json_decref(j);
+        json_decref(tiers);
+        json_decref(models);
+        return NULL;
+    }
+    json_object_set_new(j, "time", json_integer((json_int_t)time(NULL)));
+    json_object_set_new(j, "target", json_string(r->target));
+    json_object_set_new(j, "version", json_string(st->version));
+    json_object_set_new(j, "state", json_string(st->state));
+    json_object_set_new(j, "policy", json_string(s->policy));
+    json_object_set_new(j, "prefetch", json_boolean(s->prefetch));
+    json_object_set_new(j, "interval_s", json_real(dt));
+    json_object_set_new(j, "layer_calls_per_s",
+                        json_real((double)delta(s->requests, ps->requests) / dt));
+    json_object_set_new(j, "token_rows_per_s",
+                        json_real((double)delta(s->tokens, ps->tokens) / dt));
+    json_object_set_new(j, "batches_per_s", json_real((double)delta(s->batches, ps->batches) / dt));
+    json_object_set_new(j, "in_flight", json_integer(st->in_flight));
+    for (size_t i = 0; i < s->n_tiers; i++) {
+        const Moe__V1__TierStats *t = s->tiers[i], *pt = find_tier(ps, t->name);
+        const Moe__V1__CacheCounters *c = counters_of(t->counters);
+        const Moe__V1__CacheCounters *p = counters_of(pt ? pt->counters : NULL);
+        double p50 = latency_quantile(t->page_in, pt ? pt->page_in : NULL, 0.5);
+        double p99 = latency_quantile(t->page_in, pt ? pt->page_in : NULL, 0.99);
+
+        json_array_append_new(
+            tiers, json_pack("{ss so so sI sI sI sf sf so so}", "name", t->name, "hit_rate",
+                             rate_json(delta(c->hits, p->hits), delta(c->misses, p->misses)),
+                             "hit_rate_all", rate_json(c->hits, c->misses), "resident",
+                             (json_int_t)t->resident, "used", (json_int_t)t->used, "capacity",
+                             (json_int_t)t->capacity, "page_ins_per_s",
+                             (double)delta(c->page_ins, p->page_ins) / dt, "bytes_paged_per_s",
+                             (double)delta(c->bytes_paged, p->bytes_paged) / dt, "page_in_p50_ms",
+                             p50 > 0 ? json_real(p50 / 1e6) : json_null(), "page_in_p99_ms",
+                             p99 > 0 ? json_real(p99 / 1e6) : json_null()));
+    }
+    for (size_t i = 0; i < s->n_models; i++) {
+        const Moe__V1__ModelStats *m = s->models[i], *pm = find_model(ps, m->name);
+        json_t *layers = json_array(), *jm;
+
+        if (flt->model && strcmp(flt->model, m->name) != 0)
+            continue;
+        for (size_t li = 0; layers && li < m->n_layers; li++) {
+            uint32_t layer = m->layers[li]->layer;
+            const Moe__V1__CacheCounters *c = counters_of(m->layers[li]->counters);
+            const Moe__V1__CacheCounters *p = find_layer(pm, layer);
+            json_t *load = json_array();
+
+            if (!layer_shown(flt, layer)) {
+                json_decref(load);
+                continue;
+            }
+            for (size_t k = 0; load && k < m->n_experts; k++) {
+                const Moe__V1__ExpertStats *e = m->experts[k];
+                const Moe__V1__CacheCounters *ec, *ep;
+
+                if (e->layer != layer)
+                    continue;
+                ec = counters_of(e->counters);
+                ep = find_expert(pm, k, e);
+                json_array_append_new(load,
+                                      json_integer((json_int_t)(delta(ec->hits, ep->hits) +
+                                                                delta(ec->misses, ep->misses))));
+            }
+            json_array_append_new(
+                layers,
+                json_pack("{sI so so sI so}", "layer", (json_int_t)layer, "hit_rate",
+                          rate_json(delta(c->hits, p->hits), delta(c->misses, p->misses)),
+                          "hit_rate_all", rate_json(c->hits, c->misses), "loads",
+                          (json_int_t)(delta(c->hits, p->hits) + delta(c->misses, p->misses)),
+                          "expert_loads", load ? load : json_null()));
+        }
+        jm = json_pack("{ss sf sI so}", "name", m->name, "tokens_per_s",
+                       (double)delta(m->token_rows, pm ? pm->token_rows : 0) / dt /
+                           (double)MOE_MAX(m->n_layers, (size_t)1),
+                       "moe_layers", (json_int_t)m->n_layers, "layers",
+                       layers ? layers : json_null());
+        json_array_append_new(models, jm);
+    }
+    json_object_set_new(j, "tiers", tiers);
+    json_object_set_new(j, "models", models);
+    return j;
+}
+
+/* Prints j (taking it) as one line; false when it could not be built. */
+static bool json_line(json_t *j)
+{
+    int r = j ? json_dumpf(j, stdout, JSON_COMPACT | JSON_REAL_PRECISION(6)) : -1;
+
+    json_decref(j);
+    if (r < 0)
+        return false;
+    fputc('\n', stdout);
+    fflush(stdout);
+    return true;
 }
 
 /* Writes frame (len bytes) in place on a terminal: home, each line cut to
@@ -1502,10 +1661,17 @@ static void top_frame(FILE *f, const struct moectl_remote *r, const struct snaps
 static void draw_in_place(const char *frame, size_t len, int width, int rows)
 {
     const char *p = frame, *end = frame + len;
-    int line = 0;
+    int line = 0, total = 0, room = rows - 1;
 
+    for (const char *q = frame; q < end; q++)
+        total += *q == '\n';
+    if (len && frame[len - 1] != '\n')
+        total++;
+    /* A last line says what did not fit, rather than losing it silently. */
+    if (total > room)
+        room--;
     fputs("\033[H", stdout);
-    while (p < end && line < rows - 1) {
+    while (p < end && line < room) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
 
@@ -1513,6 +1679,15 @@ static void draw_in_place(const char *frame, size_t len, int width, int rows)
         fputs("\033[K\n", stdout);
         line++;
         p = nl ? nl + 1 : end;
+    }
+    if (total > line) {
+        char more[128];
+        int n = snprintf(more, sizeof(more),
+                         "... %d more line%s cut: a taller terminal, --model or --layer",
+                         total - line, total - line == 1 ? "" : "s");
+
+        fwrite(more, 1, (size_t)MOE_MIN(n, width), stdout);
+        fputs("\033[K\n", stdout);
     }
     fputs("\033[J", stdout);
     fflush(stdout);
@@ -1534,18 +1709,56 @@ static bool sleep_until(uint64_t at)
     return false;
 }
 
+/* Shows one frame (live in place, or printed) of text. */
+static void show(const char *frame, size_t len, bool live, int width, int rows)
+{
+    if (live) {
+        draw_in_place(frame, len, width, rows);
+    } else {
+        fwrite(frame, 1, len, stdout);
+        fputc('\n', stdout);
+        fflush(stdout);
+    }
+}
+
+/* A frame that is one message (moed not answering, reconnected). */
+static void show_note(const struct moectl_remote *r, bool live, bool json, int width, int rows,
+                      const char *event, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+
+static void show_note(const struct moectl_remote *r, bool live, bool json, int width, int rows,
+                      const char *event, const char *fmt, ...)
+{
+    char msg[1536];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (json) {
+        json_line(json_pack("{sI ss ss ss}", "time", (json_int_t)time(NULL), "target", r->target,
+                            "event", event, "message", msg));
+        return;
+    }
+    strncat(msg, "\n", sizeof(msg) - strlen(msg) - 1);
+    show(msg, strlen(msg), live, width, rows);
+}
+
 int moectl_top(int argc, char **argv)
 {
-    enum { OPT_INTERVAL = OPT_COMMAND, OPT_ITERATIONS };
+    enum { OPT_INTERVAL = OPT_COMMAND, OPT_ITERATIONS, OPT_MODEL, OPT_LAYER };
     static const struct option opts[] = {
         REMOTE_OPTIONS,
         {"interval", required_argument, NULL, OPT_INTERVAL},
         {"iterations", required_argument, NULL, OPT_ITERATIONS},
+        {"model", required_argument, NULL, OPT_MODEL},
+        {"layer", required_argument, NULL, OPT_LAYER},
         {0},
     };
     struct snapshot prev = {0}, cur = {0};
+    struct top_filter flt = {.model = NULL, .layer = -1};
     struct moectl_remote r;
-    bool remote_given = false, live;
+    bool remote_given = false, live, down = false;
     double interval = 1.0;
     long iterations = 0;
     int c, k, ret = 1;
@@ -1573,6 +1786,17 @@ int moectl_top(int argc, char **argv)
             if (parse_long("top: --iterations", optarg, 1, LONG_MAX, &iterations) < 0)
                 return 2;
             break;
+        case OPT_MODEL:
+            if (!*optarg) {
+                errorf("top: --model '': expected a model's name");
+                return 2;
+            }
+            flt.model = optarg;
+            break;
+        case OPT_LAYER:
+            if (parse_long("top: --layer", optarg, 0, INT32_MAX, &flt.layer) < 0)
+                return 2;
+            break;
         case 'h':
             remote_usage(stdout, TOP_SYNOPSIS, top_text);
             return 0;
@@ -1585,17 +1809,17 @@ int moectl_top(int argc, char **argv)
         errorf("top: unexpected argument '%s'", argv[optind]);
         return 2;
     }
-    if (r.json) {
-        errorf("top: --json is not supported (moectl stats --json prints the counters)");
-        return 2;
-    }
     if (remote_check(&r, remote_given) < 0)
         return 2;
 
-    live = isatty(STDOUT_FILENO) && iterations == 0;
+    live = !r.json && isatty(STDOUT_FILENO) && iterations == 0;
     catch_signals();
+    /* The first answer or an error: a moed that was never reached is not
+     * waited for. */
     if (snapshot_take(&r, &prev))
         goto out;
+    /* From now on a failed call is shown and retried. */
+    r.quiet = true;
     if (live)
         fputs("\033[?25l\033[2J", stdout);
     step = (uint64_t)(interval * 1e9);
@@ -1610,30 +1834,44 @@ int moectl_top(int argc, char **argv)
         if (!sleep_until(next))
             break;
         next += step;
-        if (snapshot_take(&r, &cur)) {
-            snapshot_clear(&cur);
-            goto out;
-        }
         if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) {
             width = ws.ws_col;
             rows = ws.ws_row > 2 ? ws.ws_row : rows;
         }
-        f = open_memstream(&frame, &len);
-        if (!f) {
-            errorf("top: out of memory for a frame");
+        if (snapshot_take(&r, &cur)) {
+            /* moed stopped or restarted: a fresh channel at the next try. */
             snapshot_clear(&cur);
-            goto out;
+            remote_close(&r);
+            down = true;
+            show_note(&r, live, r.json, width, rows, "unreachable",
+                      "moed at %s is not answering (%s); retrying every %.1f s", r.target,
+                      r.last_error, interval);
+            continue;
         }
-        top_frame(f, &r, &prev, &cur, width);
-        fclose(f);
-        if (live) {
-            draw_in_place(frame, len, width, rows);
+        if (down || cur.stats->uptime_ns < prev.stats->uptime_ns) {
+            /* Counters start again: rates from the next interval. */
+            show_note(&r, live, r.json, width, rows, "reconnected",
+                      "reconnected to moed at %s (%s, up %.1f s); rates from the next interval",
+                      r.target, cur.status->state, (double)cur.stats->uptime_ns / 1e9);
+            down = false;
+        } else if (r.json) {
+            if (!json_line(top_json(&r, &prev, &cur, &flt))) {
+                errorf("top: out of memory for a frame");
+                snapshot_clear(&cur);
+                goto out;
+            }
         } else {
-            fputs(frame, stdout);
-            fputc('\n', stdout);
-            fflush(stdout);
+            f = open_memstream(&frame, &len);
+            if (!f) {
+                errorf("top: out of memory for a frame");
+                snapshot_clear(&cur);
+                goto out;
+            }
+            top_frame(f, &r, &prev, &cur, width, &flt);
+            fclose(f);
+            show(frame, len, live, width, rows);
+            free(frame);
         }
-        free(frame);
         snapshot_clear(&prev);
         prev = cur;
         memset(&cur, 0, sizeof(cur));

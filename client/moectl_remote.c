@@ -185,6 +185,22 @@ void remote_close(struct moectl_remote *r)
     r->client = NULL;
 }
 
+/* What remote_call failed with: kept in r->last_error, and printed unless
+ * r->quiet. */
+static void call_error(struct moectl_remote *r, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void call_error(struct moectl_remote *r, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(r->last_error, sizeof(r->last_error), fmt, ap);
+    va_end(ap);
+    if (!r->quiet)
+        errorf("%s", r->last_error);
+}
+
 /*
  * Calls method with req and decodes the answer as desc into *ret (free with
  * protobuf_c_message_free_unpacked).  Returns 0, or 1 (the exit status) after
@@ -198,60 +214,69 @@ int remote_call(struct moectl_remote *r, const char *method, const ProtobufCMess
     size_t len, resp_len;
     int status;
 
+    r->last_status = -1;
+    r->last_error[0] = 0;
     if (!r->client && moe_rpc_client_open(&r->cfg, &r->client, msg, sizeof(msg)) < 0) {
-        errorf("%s: cannot connect to moed at %s: %s", r->cmd, r->target, msg);
+        call_error(r, "%s: cannot connect to moed at %s: %s", r->cmd, r->target, msg);
         return 1;
     }
     len = protobuf_c_message_get_packed_size(req);
     buf = malloc(len ? len : 1);
     if (!buf) {
-        errorf("%s: out of memory for a request of %zu bytes", r->cmd, len);
+        call_error(r, "%s: out of memory for a request of %zu bytes", r->cmd, len);
         return 1;
     }
     protobuf_c_message_pack(req, buf);
     status = moe_rpc_client_call(r->client, method, buf, len, &resp, &resp_len, msg, sizeof(msg));
     free(buf);
+    r->last_status = status;
     switch (status) {
     case 0:
         break;
     case 14: /* UNAVAILABLE */
         /* moed's own answer while it drains or stops: it was reached. */
         if (strstr(msg, "moed is draining"))
-            errorf("%s: moed at %s is draining and takes no new requests (moectl resume serves "
-                   "again)",
-                   r->cmd, r->target);
+            call_error(r,
+                       "%s: moed at %s is draining and takes no new requests (moectl resume serves "
+                       "again)",
+                       r->cmd, r->target);
         else if (strstr(msg, "moed is stopping"))
-            errorf("%s: moed at %s is stopping and takes no new requests", r->cmd, r->target);
+            call_error(r, "%s: moed at %s is stopping and takes no new requests", r->cmd,
+                       r->target);
         else
-            errorf("cannot reach moed at %s: %s", r->target, msg);
+            call_error(r, "cannot reach moed at %s: %s", r->target, msg);
         return 1;
     case 4: /* DEADLINE_EXCEEDED */
-        errorf("%s: no answer from moed at %s within %.1f s: %s (a longer --timeout gives it "
-               "more time)",
-               r->cmd, r->target, (r->cfg.timeout_ms ? r->cfg.timeout_ms : 30000) / 1000.0, msg);
+        call_error(r,
+                   "%s: no answer from moed at %s within %.1f s: %s (a longer --timeout gives it "
+                   "more time)",
+                   r->cmd, r->target, (r->cfg.timeout_ms ? r->cfg.timeout_ms : 30000) / 1000.0,
+                   msg);
         return 1;
     case 16: /* UNAUTHENTICATED */
         if (r->cfg.token)
-            errorf("%s: %s (moed refused the token given with --token or MOED_TOKEN; check "
-                   "it against moed's)",
-                   r->cmd, msg);
+            call_error(r,
+                       "%s: %s (moed refused the token given with --token or MOED_TOKEN; check "
+                       "it against moed's)",
+                       r->cmd, msg);
         else
-            errorf("%s: %s (no token given: give moed's token with --token or MOED_TOKEN)", r->cmd,
-                   msg);
+            call_error(r, "%s: %s (no token given: give moed's token with --token or MOED_TOKEN)",
+                       r->cmd, msg);
         return 1;
     case 12: /* UNIMPLEMENTED */
-        errorf("%s: %s (is %s a moed of another version?)", r->cmd, msg, r->target);
+        call_error(r, "%s: %s (is %s a moed of another version?)", r->cmd, msg, r->target);
         return 1;
     default:
-        errorf("%s: %s", r->cmd, msg);
+        call_error(r, "%s: %s", r->cmd, msg);
         return 1;
     }
     *ret = protobuf_c_message_unpack(desc, NULL, resp_len, resp);
     free(resp);
     if (!*ret) {
-        errorf("%s: cannot decode moed's answer to %s (%zu bytes); is %s a moed of another "
-               "version?",
-               r->cmd, method, resp_len, r->target);
+        call_error(r,
+                   "%s: cannot decode moed's answer to %s (%zu bytes); is %s a moed of another "
+                   "version?",
+                   r->cmd, method, resp_len, r->target);
         return 1;
     }
     return 0;

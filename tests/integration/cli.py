@@ -391,7 +391,8 @@ def main():
           "expected HOST:PORT")
     check("top bad --interval", [m, "top", "--interval", "0"], 2, "--interval '0'")
     check("top bad --iterations", [m, "top", "--iterations", "none"], 2, "--iterations 'none'")
-    check("top --json", [m, "top", "--json"], 2, "--json is not supported")
+    check("top bad --layer", [m, "top", "--layer", "x"], 2, "--layer 'x'")
+    check("top empty --model", [m, "top", "--model", ""], 2, "--model ''")
     # A port bound but not listening: connections to it are refused.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

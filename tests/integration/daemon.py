@@ -369,6 +369,54 @@ def main():
               and "requests/s" not in p.stdout,
               p.stdout[:600] + p.stderr)
 
+        # top: 80 columns, --model and --layer, --json lines, lines cut said
+        p = subprocess.run([m, "top", "--iterations", "1", "--interval", "0.2"] + addr,
+                           capture_output=True, text=True)
+        long = [x for x in p.stdout.splitlines() if len(x) > 80]
+        check("moectl top fits 80 columns", p.returncode == 0 and not long, "\n".join(long))
+        p = subprocess.run([m, "top", "--iterations", "1", "--interval", "0.2", "--model", "mix",
+                            "--layer", "1"] + addr, capture_output=True, text=True)
+        rows = re.findall(r"^ +(\d+) +[-0-9.%]+ +[-0-9.%]+ +\d+ +\|", p.stdout, re.M)
+        check("moectl top --model mix --layer 1", p.returncode == 0 and "model mix" in p.stdout
+              and "model ds" not in p.stdout and rows == ["1"], p.stdout + p.stderr)
+        p = subprocess.run([m, "top", "--iterations", "2", "--interval", "0.2", "--json",
+                            "--model", "ds"] + addr, capture_output=True, text=True)
+        try:
+            import json
+            frames = [json.loads(x) for x in p.stdout.splitlines()]
+            check("moectl top --json: a JSON line per interval", p.returncode == 0
+                  and len(frames) == 2 and all(f["state"] == "serving"
+                                               and [x["name"] for x in f["models"]] == ["ds"]
+                                               and len(f["models"][0]["layers"]) == 3
+                                               and "layer_calls_per_s" in f for f in frames),
+                  p.stdout[:600])
+        except (ValueError, KeyError, TypeError):
+            check("moectl top --json: a JSON line per interval", False, p.stdout[:600] + p.stderr)
+        import pty
+        import fcntl
+        import struct
+        import termios
+        mfd, sfd = pty.openpty()
+        fcntl.ioctl(sfd, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 80, 0, 0))
+        tp = subprocess.Popen([m, "top", "--interval", "0.2"] + addr, stdout=sfd,
+                              stderr=subprocess.PIPE)
+        os.close(sfd)
+        time.sleep(1.5)
+        tp.send_signal(signal.SIGINT)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(mfd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+        os.close(mfd)
+        tp.wait(10)
+        check("moectl top on a short terminal says how many lines it cut",
+              re.search(rb"\.\.\. \d+ more lines cut", screen) is not None, screen[-400:])
+
         # token on mutating calls
         ref = pb.ExpertRef(model="mix", layer=1, expert=3)
         code, _ = code_of(lambda: ctl.Pin(ref))
@@ -560,6 +608,22 @@ def main():
         q = subprocess.run([m, "models", "--socket", sock], capture_output=True, text=True)
         check("Unix socket: moectl models", q.returncode == 0 and "mix" in q.stdout, q.stderr)
         ch.close()
+        # moectl top goes on through a restart of moed
+        top = subprocess.Popen([m, "top", "--socket", sock, "--interval", "0.3",
+                                "--iterations", "12"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        time.sleep(0.7)
+        p = subprocess.Popen([moed, "--listen", "none", "--socket", sock, "--model", model],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.readline()
+        out, err = top.communicate(timeout=60)
+        after = out[out.find("reconnected"):]
+        check("moectl top reconnects when moed restarts", top.returncode == 0
+              and "is not answering" in out and "reconnected to moed" in out
+              and "layer calls/s" in after and "CANCELLED" not in err, out[-800:] + err)
     finally:
         p.send_signal(signal.SIGTERM)
         check("Unix socket daemon stops with 0", p.wait(30) == 0)
