@@ -252,7 +252,7 @@ static int inspect_json(const struct moe_model *m)
     json_object_set_new(root, "files", files);
     json_object_set_new(root, "layer_table", layers);
     files = layers = NULL;
-    if (json_dumpf(root, stdout, JSON_INDENT(2)) == 0) {
+    if (json_dumpf(root, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6)) == 0) {
         fputc('\n', stdout);
         r = 0;
     }

@@ -23,6 +23,7 @@ struct progress_ctx {
     uint64_t t0;
     uint64_t last_ns; /* of the last line drawn */
     bool open_line;   /* a line is drawn without its newline */
+    bool finished;    /* the 100% line is drawn: a repeat of it is not */
 };
 
 /* Ends a half-drawn progress line, before an error message. */
@@ -45,6 +46,10 @@ static void progress(void *ctx, uint64_t done, uint64_t total)
 
     if (!p->show || (done < total && now - p->last_ns < 100000000ull))
         return;
+    /* The writer may report its end more than once (data, then index). */
+    if (done >= total && p->finished)
+        return;
+    p->finished = done >= total;
     p->last_ns = now;
     fprintf(stderr, "\r  %s [%.*s%*s] %s / %s, %.0f MB/s   ", p->what, fill,
             "##############################", width - fill, "", human_bytes(done, b1, sizeof(b1)),

@@ -435,10 +435,11 @@ json_t *message_json(const ProtobufCMessage *m)
     return o;
 }
 
-/* Prints j (taking it) on stdout; 0, or 1 when it could not be built. */
+/* Prints j (taking it) on stdout; 0, or 1 when it could not be built.  Reals
+ * with 6 significant digits, what they are good for, not 17. */
 int print_json(struct moectl_remote *r, json_t *j)
 {
-    if (!j || json_dumpf(j, stdout, JSON_INDENT(2)) < 0) {
+    if (!j || json_dumpf(j, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6)) < 0) {
         errorf("%s: cannot write the answer as JSON (out of memory?)", r->cmd);
         json_decref(j);
         return 1;
@@ -849,9 +850,18 @@ static int print_model_stats(const Moe__V1__StatsResponse *s, const Moe__V1__Mod
         printf("  every expert:\n");
         experts_table(s, m->experts, m->n_experts);
     } else {
+        size_t used = 0;
+
+        /* The top 10 of those used: an idle expert is no one's top. */
         qsort(sorted, m->n_experts, sizeof(*sorted), by_load_desc);
-        printf("  top %zu experts by load (hits + misses):\n", MOE_MIN(m->n_experts, (size_t)10));
-        experts_table(s, sorted, MOE_MIN(m->n_experts, (size_t)10));
+        while (used < MOE_MIN(m->n_experts, (size_t)10) && load_of(sorted[used]) > 0)
+            used++;
+        if (used == 0) {
+            printf("  no expert has had any load yet\n");
+        } else {
+            printf("  top %zu expert%s by load (hits + misses):\n", used, used == 1 ? "" : "s");
+            experts_table(s, sorted, used);
+        }
     }
     for (size_t i = 0; i < m->n_experts; i++)
         if (m->experts[i]->bad)

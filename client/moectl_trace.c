@@ -550,7 +550,7 @@ int moectl_cache_sim(int argc, char **argv)
         for (int i = 0; i < n_runs; i++)
             print_run(&runs[i], bel_rate, lru_rate, arr);
         json_object_set_new(root, "runs", arr);
-        text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6));
         if (!text) {
             errorf("cache-sim: out of memory");
             goto out;

@@ -7,6 +7,7 @@ Exit 0 pass, 1 fail, 77 skip (numpy missing).
 """
 import argparse
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -177,6 +178,26 @@ def main():
           "already holds a packed store")
     check("pack --force", [m, "pack", "--model", model, "--out", store, "--force", "-q"], 0,
           "packed", stream="stdout")
+    # On a terminal, the progress bar ends at 100% once
+    import pty
+    mfd, sfd = pty.openpty()
+    p = subprocess.run([m, "pack", "--model", model, "--out", store, "--force"],
+                       stdout=subprocess.PIPE, stderr=sfd, text=True)
+    os.close(sfd)
+    tty = b""
+    while True:
+        try:
+            chunk = os.read(mfd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        tty += chunk
+    os.close(mfd)
+    full = tty.count(b"packing [" + b"#" * 30 + b"]")
+    print(f"{'ok  ' if p.returncode == 0 and full == 1 else 'FAIL'} pack: the 100% bar once")
+    if p.returncode != 0 or full != 1:
+        failures.append(f"pack: the 100% bar drawn {full} times: {tty[-600:]!r}")
     check("verify", [m, "verify", "--pack", store, "-q"], 0, "all match", stream="stdout")
     check("verify against the checkpoint", [m, "verify", "--pack", store, "--model", model, "-q"],
           0, "byte for byte against", stream="stdout")
@@ -290,7 +311,11 @@ def main():
               and js["runs"][0]["gap_closed"] is None)
     except (ValueError, KeyError, TypeError):
         ok = False
-    print(f"{'ok  ' if ok else 'FAIL'} cache-sim --json: six runs, demand paging <= Belady")
+    long_reals = [x for x in re.findall(r"\d+\.\d+", p.stdout)
+                  if len(x.replace(".", "").lstrip("0")) > 7]
+    ok = ok and not long_reals
+    print(f"{'ok  ' if ok else 'FAIL'} cache-sim --json: six runs, demand paging <= Belady, "
+          f"reals with ~6 significant digits")
     if not ok:
         failures.append(f"cache-sim --json: exit {p.returncode}\nstdout: {p.stdout}\n"
                         f"stderr: {p.stderr}")
