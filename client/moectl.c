@@ -16,7 +16,7 @@
  *   status      version, state, uptime, requests served (and peers, in a cluster)
  *   models      the loaded models
  *   stats       cache statistics per tier, layer and expert
- *   load, unload, pin, unpin, evict, drain
+ *   load, unload, pin, unpin, evict, drain, resume
  *   placement   the cluster's placement of a model: experts, bytes, load per node
  *   peer        add or remove a node of moed's cluster at run time
  *   forward     without --local: one MoE layer in moed
@@ -144,6 +144,7 @@ static const struct command {
     {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
     {"evict", moectl_evict, "evict an expert from moed's cache"},
     {"drain", moectl_drain, "stop taking requests and finish those in flight"},
+    {"resume", moectl_resume, "take requests again after a drain"},
     {"placement", moectl_placement, "the cluster's placement of a model: experts, bytes, load"},
     {"peer", moectl_peer, "add or remove a node of moed's cluster (peer add|remove)"},
     {"bench", moectl_bench, "load moed with forward requests; throughput, latency, hit rate"},

@@ -61,6 +61,8 @@ int moectl_pin(int argc, char **argv);
 int moectl_unpin(int argc, char **argv);
 int moectl_evict(int argc, char **argv);
 int moectl_drain(int argc, char **argv);
+/* resume: serving again after a drain (Drain with resume set). */
+int moectl_resume(int argc, char **argv);
 /* placement --model NAME [--experts]: the cluster's placement of a model. */
 int moectl_placement(int argc, char **argv);
 /* peer add NAME HOST:PORT, peer remove NAME: the cluster's membership. */

@@ -49,8 +49,8 @@ void moectl_remote_usage(FILE *f)
 {
     fprintf(f,
             "remote options, after the command name (status, models, stats, load, unload,\n"
-            "pin, unpin, evict, drain, placement, peer, forward without --local, bench,\n"
-            "top):\n"
+            "pin, unpin, evict, drain, resume, placement, peer, forward without --local,\n"
+            "bench, top):\n"
             "  --remote HOST:PORT   moed's address (default $MOED_ADDRESS, else %s)\n"
             "  --socket PATH        moed's Unix socket instead: its gRPC socket, or, for\n"
             "                       forward and bench, its shared-memory socket\n"
@@ -1341,6 +1341,52 @@ int moectl_drain(int argc, char **argv)
         printf("drained moed at %s: %u requests finished while draining\n", r.target,
                resp->finished);
 out:
+    if (resp)
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    remote_close(&r);
+    return ret;
+}
+
+/* ---- resume ------------------------------------------------------------- */
+
+static const char resume_text[] =
+    "Ends a drain (moectl drain): moed takes forward requests again.  A moed that\n"
+    "is not draining is left as it is.\n";
+
+int moectl_resume(int argc, char **argv)
+{
+    Moe__V1__StatusRequest sreq = MOE__V1__STATUS_REQUEST__INIT;
+    Moe__V1__StatusResponse *st = NULL;
+    Moe__V1__DrainRequest req = MOE__V1__DRAIN_REQUEST__INIT;
+    Moe__V1__DrainResponse *resp = NULL;
+    struct moectl_remote r;
+    bool was_draining;
+    int ret;
+
+    remote_init(&r, argv[0]);
+    ret = parse_plain(&r, argc, argv, "resume", resume_text);
+    if (ret >= 0)
+        return ret;
+    ret = remote_call(&r, "/moe.v1.Control/Status", &sreq.base,
+                      &moe__v1__status_response__descriptor, (ProtobufCMessage **)&st);
+    if (ret)
+        goto out;
+    was_draining = strcmp(st->state, "draining") == 0;
+    /* Drain with resume set: serving again (moe.proto, DrainRequest). */
+    req.resume = true;
+    ret = remote_call(&r, "/moe.v1.Control/Drain", &req.base, &moe__v1__drain_response__descriptor,
+                      (ProtobufCMessage **)&resp);
+    if (ret)
+        goto out;
+    if (r.json)
+        ret = print_json(&r, json_pack("{sb}", "was_draining", was_draining));
+    else if (was_draining)
+        printf("moed at %s serves again\n", r.target);
+    else
+        printf("moed at %s was not draining (%s); nothing changed\n", r.target, st->state);
+out:
+    if (st)
+        protobuf_c_message_free_unpacked(&st->base, NULL);
     if (resp)
         protobuf_c_message_free_unpacked(&resp->base, NULL);
     remote_close(&r);

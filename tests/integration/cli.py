@@ -333,7 +333,8 @@ def main():
 
     # remote commands: usage errors, and a daemon that is not there
     import socket
-    remote_cmds = ("status", "models", "stats", "load", "unload", "pin", "unpin", "evict", "drain")
+    remote_cmds = ("status", "models", "stats", "load", "unload", "pin", "unpin", "evict", "drain",
+                   "resume")
     check("--help lists the remote options", [m, "--help"], 0, "--remote HOST:PORT",
           stream="stdout")
     for sub in remote_cmds:
@@ -424,7 +425,7 @@ def main():
         addr = f"127.0.0.1:{sock.getsockname()[1]}"
         dead = {"status": [], "models": [], "stats": ["--experts"],
                 "load": ["--dir", model], "unload": ["ds"], "pin": ["ds", "1", "2"],
-                "unpin": ["ds", "1", "2"], "evict": ["ds", "1", "2"], "drain": []}
+                "unpin": ["ds", "1", "2"], "evict": ["ds", "1", "2"], "drain": [], "resume": []}
         for sub in remote_cmds:
             check(f"{sub} with no daemon", [m, sub, "--remote", addr] + dead[sub], 1,
                   f"cannot reach moed at {addr}: UNAVAILABLE: ")

@@ -482,6 +482,15 @@ def main():
         check("moectl forward while drained: moed is draining, not unreachable",
               p.returncode == 1 and "is draining" in p.stderr and "cannot reach" not in p.stderr,
               p.stderr)
+        p = subprocess.run([m, "resume", "--token", "s3cret"] + addr, capture_output=True,
+                           text=True)
+        code2, _ = code_of(lambda: exp.Forward(good))
+        p2 = subprocess.run([m, "resume", "--token", "s3cret"] + addr, capture_output=True,
+                            text=True)
+        check("moectl resume: serving again", p.returncode == 0 and "serves again" in p.stdout
+              and code2 == grpc.StatusCode.OK and p2.returncode == 0
+              and "was not draining" in p2.stdout, p.stdout + p.stderr + p2.stdout + p2.stderr)
+        code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(timeout_ms=5000), metadata=tok))
         code, _ = code_of(lambda: ctl.Drain(pb.DrainRequest(resume=True), metadata=tok))
         code2, _ = code_of(lambda: exp.Forward(good))
         check("Drain resume: serving again", code == code2 == grpc.StatusCode.OK,
