@@ -710,8 +710,22 @@ static enum MHD_Result on_http(void *cls, struct MHD_Connection *conn, const cha
     struct buf b = {0};
 
     (void)version, (void)upload, (void)upload_size, (void)con_cls;
+    /* Probes for orchestrators: alive (the process answers), and ready (it
+     * takes forward requests: not draining or stopping). */
+    if (strcmp(url, "/healthz") == 0)
+        return answer_text(conn, MHD_HTTP_OK, "ok\n");
+    if (strcmp(url, "/readyz") == 0) {
+        int st = atomic_load_explicit(&m->d->state, memory_order_relaxed);
+
+        if (st == MOED_SERVING)
+            return answer_text(conn, MHD_HTTP_OK, "ready\n");
+        return answer_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE,
+                           st == MOED_DRAINING ? "not ready: moed is draining\n"
+                                               : "not ready: moed is stopping\n");
+    }
     if (strcmp(url, "/metrics") != 0)
-        return answer_text(conn, MHD_HTTP_NOT_FOUND, "not found: moed serves /metrics only\n");
+        return answer_text(conn, MHD_HTTP_NOT_FOUND,
+                           "not found: moed serves /metrics, /healthz and /readyz\n");
     if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
         return answer_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "/metrics: GET or HEAD only\n");
     scrape(m, &b);

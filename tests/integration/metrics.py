@@ -347,6 +347,17 @@ def main():
               s2.matching("moed_tokens_total"))
         check("escapes in the text", 'model="q\\"x\\\\y\\nz"' in s2.text)
 
+        st, _, body = http(d.metrics_port, "/healthz")
+        st2, _, body2 = http(d.metrics_port, "/readyz")
+        check("/healthz and /readyz while serving", st == 200 and st2 == 200, (st, body, st2))
+        ctl.Drain(pb.DrainRequest(timeout_ms=5000))
+        st, _, body = http(d.metrics_port, "/healthz")
+        st2, _, body2 = http(d.metrics_port, "/readyz")
+        check("draining: /healthz 200, /readyz 503 saying why", st == 200 and st2 == 503
+              and "draining" in body2, (st, body, st2, body2))
+        ctl.Drain(pb.DrainRequest(resume=True))
+        st2, _, _ = http(d.metrics_port, "/readyz")
+        check("resumed: /readyz 200", st2 == 200, st2)
         st, _, _ = http(d.metrics_port, "/")
         check("GET / is 404", st == 404, st)
         st, _, _ = http(d.metrics_port, "/metrics/x")
