@@ -1,0 +1,84 @@
+"""The five MoE families of the Hugging Face tier: small configurations built
+from transformers' own config classes, and where their checkpoints live.
+
+Shared by make_models.py (which writes the checkpoints with transformers'
+save_pretrained) and check_layers.py (which compares their MoE layers with
+moed).  Nothing here comes from a hub: every model is randomly initialised.
+
+The shapes are small enough for the tier to run in a few minutes on two
+cores, and each family sets the options its routing depends on to values
+that differ from the obvious ones, so that a loader that ignores a key gets
+a wrong answer instead of a lucky right one:
+  - mixtral: tied word embeddings (no lm_head.weight in the file);
+  - qwen2_moe: shared expert with its sigmoid gate, norm_topk_prob false;
+  - qwen3_moe: norm_topk_prob true, a dense layer through mlp_only_layers;
+  - olmoe: norm_topk_prob true (the config's default is false);
+  - deepseek_v3: first_k_dense_replace 1, n_group 4 > topk_group 2, two
+    shared experts, routed_scaling_factor 2.5, norm_topk_prob false, and a
+    random, non-zero e_score_correction_bias (transformers makes it zero).
+"""
+import os
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+DTYPES = ["float32", "bfloat16"]
+LAYOUTS = ["single", "sharded"]
+
+# Router weights are multiplied by this after initialisation, so that the
+# top-k choice is decisive (initialised at std 0.02, logits of random
+# hidden states would differ by ~0.2, and bf16 rounding would flip many).
+ROUTER_SCALE = 8.0
+
+# A shard limit that gives every model at least two shards.
+MAX_SHARD_SIZE = "1MB"
+
+COMMON = dict(vocab_size=256, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def config_kwargs(family):
+    """Keyword arguments of the family's config class."""
+    if family == "mixtral":
+        return dict(COMMON, num_hidden_layers=3, intermediate_size=96, num_local_experts=8,
+                    num_experts_per_tok=2, tie_word_embeddings=True)
+    if family == "qwen2_moe":
+        return dict(COMMON, num_hidden_layers=3, intermediate_size=160, moe_intermediate_size=64,
+                    shared_expert_intermediate_size=96, num_experts=12, num_experts_per_tok=4,
+                    norm_topk_prob=False)
+    if family == "qwen3_moe":
+        return dict(COMMON, num_hidden_layers=4, intermediate_size=192, moe_intermediate_size=64,
+                    num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+                    mlp_only_layers=[2], head_dim=32)
+    if family == "olmoe":
+        return dict(COMMON, num_hidden_layers=3, intermediate_size=64, num_experts=8,
+                    num_experts_per_tok=3, norm_topk_prob=True)
+    if family == "deepseek_v3":
+        return dict(COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=192,
+                    moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4,
+                    n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1,
+                    routed_scaling_factor=2.5, norm_topk_prob=False, q_lora_rank=32,
+                    kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+    raise ValueError(family)
+
+
+def config_class(family):
+    import transformers
+    return {
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "olmoe": transformers.OlmoeConfig,
+        "deepseek_v3": transformers.DeepseekV3Config,
+    }[family]
+
+
+def checkpoints(workdir):
+    """(family, dtype, layout, directory) of every checkpoint, in order."""
+    return [(f, d, l, os.path.join(workdir, f"{f}-{d}-{l}"))
+            for f in FAMILIES for d in DTYPES for l in LAYOUTS]
+
+
+def moe_block(model, layer):
+    """The sparse MoE block of decoder layer `layer`, or None when it is dense
+    (a block is sparse when it has routed experts)."""
+    mlp = model.model.layers[layer].mlp
+    return mlp if hasattr(mlp, "experts") else None
