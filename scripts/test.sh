@@ -2,7 +2,9 @@
 # The README's test command: installs the dependencies, builds moed twice
 # (the normal build, and an AddressSanitizer + UndefinedBehaviorSanitizer
 # build with clang, where the fuzz targets also run under libFuzzer for a few
-# seconds each), and runs the whole test suite of both with ctest.
+# seconds each), and runs the whole test suite of both with ctest; last, the
+# Hugging Face tier (tests/hf) on the normal build, where its Python
+# environment (scripts/hf-env.sh) can be made.
 #
 #   MOED_JOBS=N       parallel build and test jobs (default: number of CPUs)
 #   MOED_SKIP_DEPS=1  do not run scripts/deps.sh (already installed)
@@ -16,8 +18,25 @@ jobs=${MOED_JOBS:-$(nproc)}
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 
+# The Hugging Face tier (tests/hf, ctest label hf) needs torch and
+# transformers from PyPI in an environment of their own, made once and cached
+# by scripts/hf-env.sh; without network the tier is skipped, saying why.
+hf_python=
+hf_log=$(mktemp)
+if hf_python=$(scripts/hf-env.sh --quiet 2>"$hf_log"); then
+    echo "== Hugging Face tier: $hf_python"
+else
+    hf_python=
+    reason=$(sed -n 's/^hf-env: could not make the environment: //p' "$hf_log" | tail -n 1)
+    [ -n "$reason" ] || reason=$(grep -v '^\s*$' "$hf_log" | tail -n 1 || true)
+    echo "== Hugging Face tier: skipped (could not make the Python environment:" \
+        "$(echo "$reason" | cut -c1-300 | sed 's/ *$//'))"
+fi
+rm -f "$hf_log"
+
 echo "== normal build (build/)"
-cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DMOED_HF_PYTHON="$hf_python"
 cmake --build build -j "$jobs"
 
 if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
@@ -31,11 +50,16 @@ if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
 fi
 
 echo "== tests (build/)"
-(cd build && ctest --output-on-failure -j "$jobs")
+(cd build && ctest --output-on-failure -j "$jobs" -LE '^hf$')
 
 if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
     echo "== tests under ASan + UBSan (build-sanitize/)"
     export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     (cd build-sanitize && ctest --output-on-failure -j "$jobs")
+fi
+
+if [ -n "$hf_python" ]; then
+    echo "== Hugging Face tier (build/: checkpoints written by transformers, checked against it)"
+    (cd build && ctest --output-on-failure -j "$jobs" -L '^hf$')
 fi
