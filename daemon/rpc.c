@@ -548,7 +548,8 @@ static void on_new(struct moe_rpc_call *c, bool ok)
                           auth == AUTH_MISSING
                               ? "no token given: this method needs the metadata "
                                 "'authorization: Bearer <token>'"
-                              : "token refused: the bearer token given is not moed's");
+                              : "token refused: the token given in 'authorization: Bearer "
+                                "<token>' is not moed's");
         } else {
             start_recv_locked(c);
         }

@@ -364,22 +364,26 @@ static void test_unary(grpc_channel *ch)
 
 static void test_auth(grpc_channel *ch)
 {
+    /* A missing token is told from a wrong one; both name the metadata. */
     static const struct {
         const char *token;
         int status;
+        const char *needle;
     } cases[] = {
-        {NULL, GRPC_STATUS_UNAUTHENTICATED},
-        {"wrong", GRPC_STATUS_UNAUTHENTICATED},
-        {TOKEN "x", GRPC_STATUS_UNAUTHENTICATED},
-        {"", GRPC_STATUS_UNAUTHENTICATED},
-        {TOKEN, GRPC_STATUS_OK},
+        {NULL, GRPC_STATUS_UNAUTHENTICATED, "no token given"},
+        {"wrong", GRPC_STATUS_UNAUTHENTICATED, "token refused"},
+        {TOKEN "x", GRPC_STATUS_UNAUTHENTICATED, "token refused"},
+        {"", GRPC_STATUS_UNAUTHENTICATED, "token refused"},
+        {TOKEN, GRPC_STATUS_OK, NULL},
     };
 
     for (size_t i = 0; i < MOE_ARRAY_SIZE(cases); i++) {
         if (cases[i].status == GRPC_STATUS_OK)
             expect_ok(ch, M_REVERSE, cases[i].token, "abc", "cba");
-        else
+        else {
             expect_status(ch, M_REVERSE, cases[i].token, "abc", cases[i].status, "Bearer");
+            expect_status(ch, M_REVERSE, cases[i].token, "abc", cases[i].status, cases[i].needle);
+        }
     }
     /* Non-mutating methods need no token, and ignore a wrong one. */
     expect_ok(ch, M_ECHO, NULL, "x", "x");
