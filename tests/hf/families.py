@@ -10,7 +10,8 @@ cores, and each family sets the options its routing depends on to values
 that differ from the obvious ones, so that a loader that ignores a key gets
 a wrong answer instead of a lucky right one:
   - mixtral: tied word embeddings (no lm_head.weight in the file);
-  - qwen2_moe: shared expert with its sigmoid gate, norm_topk_prob false;
+  - qwen2_moe: shared expert with its sigmoid gate, norm_topk_prob false,
+    decoder_sparse_step 2 (layers 0 and 2 dense);
   - qwen3_moe: norm_topk_prob true, a dense layer through mlp_only_layers;
   - olmoe: norm_topk_prob true (the config's default is false);
   - deepseek_v3: first_k_dense_replace 1, n_group 4 > topk_group 2, two
@@ -41,9 +42,9 @@ def config_kwargs(family):
         return dict(COMMON, num_hidden_layers=3, intermediate_size=96, num_local_experts=8,
                     num_experts_per_tok=2, tie_word_embeddings=True)
     if family == "qwen2_moe":
-        return dict(COMMON, num_hidden_layers=3, intermediate_size=160, moe_intermediate_size=64,
+        return dict(COMMON, num_hidden_layers=4, intermediate_size=160, moe_intermediate_size=64,
                     shared_expert_intermediate_size=96, num_experts=12, num_experts_per_tok=4,
-                    norm_topk_prob=False)
+                    norm_topk_prob=False, decoder_sparse_step=2)
     if family == "qwen3_moe":
         return dict(COMMON, num_hidden_layers=4, intermediate_size=192, moe_intermediate_size=64,
                     num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
