@@ -10,6 +10,8 @@ layers of Mixture-of-Experts models.
 
     r = moed.connect_remote("10.0.0.5:50051")           # gRPC, the same calls
 
+    moed.attach_experts(model, s)   # a transformers model's MoE blocks run in moed (moed.hf)
+
 Errors are moed.MoedError subclasses carrying moed's message: ConnectionLost
 (then reconnect()), SessionClosed, ModelNotFound, InvalidRequest, Timeout,
 LibraryNotFound.  Importing moed needs numpy only: libmoe-client is loaded
@@ -18,6 +20,7 @@ by connect(), grpcio by connect_remote().
 from ._common import ModelInfo, PendingBase, Stats
 from .errors import (ConnectionLost, InvalidRequest, LibraryNotFound, ModelNotFound, MoedError,
                      SessionClosed, Timeout)
+from .hf import AttachError, attach_experts, detach_experts
 from .remote import RemotePending, RemoteSession, connect_remote
 from .session import Pending, Session, connect
 
@@ -26,5 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "connect", "connect_remote", "Session", "RemoteSession", "Pending", "RemotePending",
     "PendingBase", "ModelInfo", "Stats", "MoedError", "ConnectionLost", "SessionClosed",
-    "ModelNotFound", "InvalidRequest", "Timeout", "LibraryNotFound", "__version__",
+    "ModelNotFound", "InvalidRequest", "Timeout", "LibraryNotFound", "attach_experts",
+    "detach_experts", "AttachError", "__version__",
 ]

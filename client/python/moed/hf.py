@@ -34,13 +34,18 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .errors import MoedError
+
 __all__ = ["attach_experts", "detach_experts", "Attachment", "AttachError", "moe_blocks"]
 
 _ATTR = "_moed_attachment"
 
 
-class AttachError(ValueError):
+class AttachError(MoedError, ValueError):
     """The model does not match what moed serves, or cannot be attached."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "EINVAL")
 
 
 def moe_blocks(model: Any) -> Iterator[tuple[int, Any]]:
