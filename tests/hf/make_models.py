@@ -18,7 +18,7 @@ fused in-memory layout.
 usage: make_models.py --workdir DIR [--force]
 The checkpoints are reused when DIR/stamp.json says they were made by the
 same transformers and torch versions and the same version of this script
-and families.py; otherwise they are made again (about a minute).
+and families.py; otherwise they are made again (seconds).
 Exit 0 done, 1 failed.
 """
 import argparse
