@@ -100,7 +100,14 @@ def compare(name, dtype, ref, got, tol):
               f"worst {err:.3g}")
     else:
         same = "identical" if first is None else f"identical up to step {first}"
-        print(f"info {name}: bf16 tokens {same} of {steps}; worst logit difference "
+        gap = ""
+        if first is not None:
+            # How close the two choices were in transformers' own logits:
+            # a near-tie that bf16 rounding may tip either way.
+            row = ref_logits[first]
+            g = float((row[ref_ids[first]] - row[ids[first]]) / row.abs().max())
+            gap = f" (there transformers' top two logits differ by {g:.3g} of max |logit|)"
+        print(f"info {name}: bf16 tokens {same} of {steps}{gap}; worst logit difference "
               f"{err:.3g} of max |logit| up to there", flush=True)
     return err, first
 
