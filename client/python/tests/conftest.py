@@ -48,12 +48,13 @@ def need_build() -> None:
 class Moed:
     """A moed process; stop() ends it, kill() kills it with SIGKILL."""
 
-    def __init__(self, models: dict[str, Path], sock: Path, log: Path, port: int = 0) -> None:
+    def __init__(self, models: dict[str, Path], sock: Path, log: Path, port: int = 0,
+                 extra: list[str] = ()) -> None:
         self.sock = sock
         self.models = models
         self.logpath = log
         self.log = open(log, "a")
-        args = [str(MOED), "--listen", f"127.0.0.1:{port}", "--shm-socket", str(sock)]
+        args = [str(MOED), "--listen", f"127.0.0.1:{port}", "--shm-socket", str(sock)] + list(extra)
         for n, d in models.items():
             args += ["--model", f"{n}={d}"]
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
