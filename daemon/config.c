@@ -5,16 +5,19 @@
 #include "config.h"
 
 #include "layer.h"
+#include "model.h"
 #include "safetensors.h"
 
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 enum kind { K_STR, K_BYTES, K_BOOL, K_INT, K_U64, K_DOUBLE, K_LEVEL, K_POLICY };
 
@@ -287,61 +290,167 @@ int moed_config_add_peer(struct moed_config *c, const char *spec, const char *wh
 
 struct ini_ctx {
     struct moed_config *c;
-    struct moe_error err; /* the first error, without its place */
+    const char *fname;
+    /* The reader's place in the text: the next byte, and the number of the
+     * line inih was handed last (1-based). */
+    const char *next;
+    int line;
+    bool have_key; /* a key was read in this section: indented lines continue it */
+    struct moe_error err; /* the first error, with its place */
     int r;
+    /* --check-config: every error, not only the first (NULL: stop at the
+     * first), and the line of each key and model set from the file. */
+    struct moed_config_check *check;
 };
 
-/* inih (Debian's build passes no line number: read_file adds it). */
+/* Keeps an error of the file at the current line: the first one in x->err,
+ * every one in x->check.  Returns x->r. */
+static int ini_fail(struct ini_ctx *x, int r, const struct moe_error *e)
+{
+    if (x->check)
+        moed_config_check_add(x->check, "%s:%d: %s", x->fname, x->line, e->msg);
+    if (x->r == 0) {
+        moe_error_set(&x->err, r, "%s:%d: %s", x->fname, x->line, e->msg);
+        x->r = r;
+    }
+    return x->r;
+}
+
+/* Keeps a line inih will not parse as an error, as inih reads it (Debian's
+ * build: ';' and '#' comments, multi-line values, '=' or ':'), so that
+ * every such line is reported, not only the first error of the file. */
+static void ini_syntax(struct ini_ctx *x, const char *line, size_t n)
+{
+    size_t i = 0;
+    struct moe_error e;
+
+    while (n && (line[n - 1] == '\r' || line[n - 1] == ' ' || line[n - 1] == '\t'))
+        n--;
+    if (x->line == 1 && n >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) {
+        line += 3; /* a UTF-8 byte order mark, skipped by inih too */
+        n -= 3;
+    }
+    while (i < n && (line[i] == ' ' || line[i] == '\t'))
+        i++;
+    if (i == n || line[i] == ';' || line[i] == '#')
+        return;
+    if (i > 0 && x->have_key)
+        return; /* a value continued */
+    if (line[i] == '[') {
+        x->have_key = false;
+        if (memchr(line + i, ']', n - i))
+            return;
+        moe_error_set(&e, -EINVAL, "not a section header (expected [section])");
+    } else if (memchr(line + i, '=', n - i) || memchr(line + i, ':', n - i)) {
+        x->have_key = true;
+        return;
+    } else {
+        moe_error_set(&e, -EINVAL, "not an INI line (expected key = value or [section])");
+    }
+    ini_fail(x, -EINVAL, &e);
+}
+
+/* The line-counting reader behind ini_parse_stream: fgets over the text,
+ * one line per call, so that inih's line numbers are the file's.  A line
+ * longer than inih's buffer is an error (its value would be cut). */
+static char *ini_read(char *str, int num, void *stream)
+{
+    struct ini_ctx *x = stream;
+    size_t n = strcspn(x->next, "\n"), take = n;
+
+    if (!*x->next || num < 2)
+        return NULL;
+    x->line++;
+    if (n > (size_t)num - 2) {
+        struct moe_error e;
+
+        moe_error_set(&e, -EINVAL, "line longer than %d characters", num - 2);
+        ini_fail(x, -EINVAL, &e);
+        take = (size_t)num - 2;
+    }
+    ini_syntax(x, x->next, n);
+    memcpy(str, x->next, take);
+    str[take] = '\n';
+    str[take + 1] = 0;
+    x->next += n + (x->next[n] == '\n');
+    return str;
+}
+
+/* inih (Debian's build passes no line number: the reader counts lines). */
 static int on_ini(void *user, const char *section, const char *name, const char *value)
 {
     struct ini_ctx *x = user;
-    struct moe_error *err = &x->err;
+    struct moe_error e = {0};
+    int r;
 
-    if (x->r < 0)
+    if (x->r < 0 && !x->check)
         return 0; /* keep the first error */
     if (strcmp(section, "models") == 0) {
-        x->r = add_model(x->c, name, value, "[models]", err);
-        return x->r == 0;
-    }
-    if (strcmp(section, "cluster") == 0 && strcmp(name, "peer") == 0) {
-        x->r = moed_config_add_peer(x->c, value, "[cluster] peer", err);
-        return x->r == 0;
-    }
-    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
-        if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].name, name) == 0) {
-            x->r = set_key(x->c, &keys[i], value, section, err);
-            return x->r == 0;
+        r = add_model(x->c, name, value, "[models]", &e);
+        if (r == 0 && x->check && x->c->n_models <= MOED_MAX_MODELS)
+            x->check->model_line[x->c->n_models - 1] = x->line;
+    } else if (strcmp(section, "cluster") == 0 && strcmp(name, "peer") == 0) {
+        r = moed_config_add_peer(x->c, value, "[cluster] peer", &e);
+    } else {
+        size_t i;
+
+        for (i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+            if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].name, name) == 0)
+                break;
+        if (i < MOE_ARRAY_SIZE(keys)) {
+            r = set_key(x->c, &keys[i], value, section, &e);
+            if (r == 0 && x->check)
+                x->check->key_line[i] = x->line;
+        } else {
+            for (i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+                if (strcmp(keys[i].name, name) == 0)
+                    break;
+            if (i < MOE_ARRAY_SIZE(keys))
+                r = moe_error_set(&e, -EINVAL, "key '%s' belongs in section [%s], not [%s]", name,
+                                  keys[i].section, section);
+            else
+                r = moe_error_set(&e, -EINVAL,
+                                  "unknown key '%s' in section [%s] (see moed --help for the keys)",
+                                  name, section);
         }
     }
-    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++)
-        if (strcmp(keys[i].name, name) == 0) {
-            x->r = moe_error_set(err, -EINVAL, "key '%s' belongs in section [%s], not [%s]", name,
-                                 keys[i].section, section);
-            return 0;
-        }
-    x->r = moe_error_set(err, -EINVAL,
-                         "unknown key '%s' in section [%s] (see moed --help for the keys)", name,
-                         section);
+    if (r < 0)
+        ini_fail(x, r, &e);
+    return r == 0;
+}
+
+/* moed_config_parse, keeping every error in check when it is not NULL. */
+static int parse_text(struct moed_config *c, const char *text, const char *fname,
+                      struct moed_config_check *check, struct moe_error *err)
+{
+    struct ini_ctx x = {.c = c, .fname = fname, .next = text, .check = check};
+    int r = ini_parse_stream(ini_read, &x, on_ini, &x);
+
+    if (r < 0)
+        return moe_error_set(err, -ENOMEM, "%s: out of memory", fname);
+    /* A line inih could not parse that ini_syntax let through. */
+    if (r > 0 && x.r == 0) {
+        struct moe_error e;
+
+        moe_error_set(&e, -EINVAL, "not an INI line (expected key = value or [section])");
+        x.line = r;
+        ini_fail(&x, -EINVAL, &e);
+    }
+    if (x.r < 0) {
+        *err = x.err;
+        return x.r;
+    }
     return 0;
 }
 
 int moed_config_parse(struct moed_config *c, const char *text, const char *fname,
                       struct moe_error *err)
 {
-    struct ini_ctx x = {.c = c};
-    int r = ini_parse_string(text, on_ini, &x);
-
-    if (x.r < 0)
-        return moe_error_set(err, x.r, "%s:%d: %s", fname, r, x.err.msg);
-    if (r > 0)
-        return moe_error_set(
-            err, -EINVAL, "%s:%d: not an INI line (expected key = value or [section])", fname, r);
-    if (r < 0)
-        return moe_error_set(err, -ENOMEM, "%s: out of memory", fname);
-    return 0;
+    return parse_text(c, text, fname, NULL, err);
 }
 
-static int read_file(struct moed_config *c, const char *path, struct moe_error *err)
+static int read_file(struct moed_config *c, const char *path, struct moed_config_check *check,
+                     struct moe_error *err)
 {
     char *text;
     size_t len;
@@ -355,40 +464,126 @@ static int read_file(struct moed_config *c, const char *path, struct moe_error *
         free(text);
         return moe_error_set(err, -EINVAL, "%s: a NUL byte: not a text file", path);
     }
-    r = moed_config_parse(c, text, path, err);
+    r = parse_text(c, text, path, check, err);
     free(text);
     return r;
 }
 
+/* The value a key's flag takes, for --help and the man page. */
+static const char *arg_name(const struct key *k)
+{
+    static const struct {
+        const char *name, *arg;
+    } strs[] = {
+        {"listen", "HOST:PORT"},   {"metrics", "HOST:PORT"},     {"socket", "PATH"},
+        {"shm_socket", "PATH"},    {"token", "TOKEN"},           {"tls_cert", "FILE"},
+        {"tls_key", "FILE"},       {"tls_client_ca", "FILE"},    {"shm_allow_users", "LIST"},
+        {"shm_allow_groups", "LIST"}, {"gpus", "LIST"},          {"kernel", "NAME"},
+        {"node_name", "NAME"},
+    };
+
+    switch (k->kind) {
+    case K_BYTES:
+        return "SIZE";
+    case K_BOOL:
+        return "BOOL";
+    case K_INT:
+    case K_U64:
+        return "N";
+    case K_DOUBLE:
+        return "X";
+    case K_LEVEL:
+        return "LEVEL";
+    case K_POLICY:
+        return "POLICY";
+    case K_STR:
+        break;
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(strs); i++)
+        if (strcmp(strs[i].name, k->name) == 0)
+            return strs[i].arg;
+    return "VALUE";
+}
+
+/* One option of --help: the option in a column of 28, its description
+ * wrapped at 79 columns under itself (on the next line when the option is
+ * wider than its column). */
+static void usage_opt(FILE *f, const char *opt, const char *desc)
+{
+    enum { COL = 30, WIDTH = 79 };
+    int col = fprintf(f, "  %s", opt);
+
+    while (*desc) {
+        int n = (int)strlen(desc), take = n;
+
+        if (col >= COL) {
+            fputc('\n', f);
+            col = 0;
+        }
+        fprintf(f, "%*s", COL - col, "");
+        if (n > WIDTH - COL) {
+            take = WIDTH - COL;
+            while (take > 0 && desc[take] != ' ')
+                take--;
+            if (take == 0)
+                take = WIDTH - COL;
+        }
+        fprintf(f, "%.*s\n", take, desc);
+        col = 0;
+        desc += take;
+        while (*desc == ' ')
+            desc++;
+    }
+    if (col)
+        fputc('\n', f);
+}
+
 void moed_usage(FILE *f)
 {
+    const char *section = NULL;
+
     fprintf(f, "usage: moed [--config FILE] [--model [NAME=]DIR]... [--KEY VALUE]...\n"
+               "       moed --check-config FILE [--KEY VALUE]...\n"
                "\n"
                "moed serves the expert layers of Mixture-of-Experts models over gRPC\n"
-               "(moe.v1.Experts, moe.v1.Control, grpc.health.v1.Health).  Every key of the\n"
-               "configuration file is also a flag (--host-cache-bytes 8G); flags win.\n"
+               "(moe.v1.Experts, moe.v1.Control, grpc.health.v1.Health) and shared memory.\n"
+               "Every key of the configuration file is also a flag (--host-cache-bytes 8G);\n"
+               "flags win.  SIZE takes K, M, G, T (powers of 1024), BOOL true or false.\n"
                "\n"
-               "  --config FILE        INI file (see systemd/moed.conf.example)\n"
-               "  --model [NAME=]DIR   a checkpoint or packed store to serve (repeatable; the\n"
-               "                       name defaults to the directory's name)\n"
-               "  --peer \"NAME HOST:PORT\"  another node of this cluster (repeatable; [cluster]\n"
-               "                       peer = NAME HOST:PORT)\n");
+               "Options:\n");
+    usage_opt(f, "--config FILE", "read the INI file FILE (see moed.conf(5)), then the flags");
+    usage_opt(f, "--check-config FILE",
+              "check FILE and the flags without starting anything: every key, the settings "
+              "that go together, each model directory, the TLS files; print \"FILE: OK\" and "
+              "exit 0, or each error (FILE:LINE: ...) and exit 1");
+    usage_opt(f, "--model [NAME=]DIR",
+              "a checkpoint or packed store to serve (repeatable; the name defaults to the "
+              "directory's name)");
+    usage_opt(f, "--peer \"NAME HOST:PORT\"",
+              "another node of this cluster (repeatable; [cluster] peer = NAME HOST:PORT)");
+    usage_opt(f, "-h, --help", "print this help and exit");
+    usage_opt(f, "--version", "print the version and exit");
     for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
-        char flag[64];
+        char flag[96];
+        int n;
 
-        snprintf(flag, sizeof(flag), "--%s", keys[i].name);
+        if (!section || strcmp(section, keys[i].section) != 0) {
+            section = keys[i].section;
+            fprintf(f, "\n[%s] keys, also flags:\n", section);
+        }
+        n = snprintf(flag, sizeof(flag), "--%s", keys[i].name);
         for (char *p = flag; *p; p++)
             if (*p == '_')
                 *p = '-';
-        fprintf(f, "  %-26s [%s] %s\n", flag, keys[i].section, keys[i].help);
+        snprintf(flag + n, sizeof(flag) - (size_t)n, " %s", arg_name(&keys[i]));
+        usage_opt(f, flag, keys[i].help);
     }
-    fprintf(
-        f,
-        "  --help, --version\n"
-        "\n"
-        "Signals: SIGTERM/SIGINT stop (requests in flight finish), SIGHUP re-reads the\n"
-        "file's log level, cache capacity, policy and prefetch.  With NOTIFY_SOCKET set (systemd\n"
-        "Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n");
+    fprintf(f,
+            "\n"
+            "Signals: SIGTERM and SIGINT stop (requests in flight finish), SIGHUP re-reads\n"
+            "the file's log level, cache capacity, policy and prefetch.  With NOTIFY_SOCKET\n"
+            "set (systemd Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n"
+            "See moed(8) and moed.conf(5).\n");
 }
 
 static const struct key *flag_key(const char *flag)
@@ -415,7 +610,7 @@ static int apply_flags(struct moed_config *c, int argc, char **argv, struct moe_
         const struct key *k;
         char where[96];
 
-        if (strcmp(a, "--config") == 0) {
+        if (strcmp(a, "--config") == 0 || strcmp(a, "--check-config") == 0) {
             i++;
             continue;
         }
@@ -459,6 +654,30 @@ static int apply_flags(struct moed_config *c, int argc, char **argv, struct moe_
     return 0;
 }
 
+/* The settings that go together, once the file and the flags are read:
+ * the first error in err, every one in check when it is not NULL. */
+static int validate(struct moed_config *c, struct moed_config_check *check, struct moe_error *err)
+{
+    int r = 0;
+
+    if (c->listen && strcmp(c->listen, "none") == 0) {
+        free(c->listen);
+        c->listen = NULL;
+    }
+    if (!c->listen && !c->socket) {
+        r = moe_error_set(err, -EINVAL, "nothing to listen on: give --listen or --socket");
+        if (!check)
+            return r;
+        moed_config_check_add(check, "%s", err->msg);
+    }
+    if (!c->tls_cert != !c->tls_key) {
+        r = moe_error_set(err, -EINVAL, "tls_cert and tls_key go together");
+        if (check)
+            moed_config_check_add(check, "%s", err->msg);
+    }
+    return r;
+}
+
 int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_error *err)
 {
     for (int i = 0; i < argc; i++) {
@@ -477,19 +696,11 @@ int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_er
             c->config_path = strdup(argv[i + 1]);
         }
     }
-    if (c->config_path && read_file(c, c->config_path, err) < 0)
+    if (c->config_path && read_file(c, c->config_path, NULL, err) < 0)
         return -EINVAL;
     if (apply_flags(c, argc, argv, err) < 0)
         return -EINVAL;
-    if (c->listen && strcmp(c->listen, "none") == 0) {
-        free(c->listen);
-        c->listen = NULL;
-    }
-    if (!c->listen && !c->socket)
-        return moe_error_set(err, -EINVAL, "nothing to listen on: give --listen or --socket");
-    if (!c->tls_cert != !c->tls_key)
-        return moe_error_set(err, -EINVAL, "tls_cert and tls_key go together");
-    return 0;
+    return validate(c, NULL, err);
 }
 
 int moed_config_reload(const struct moed_config *start, int argc, char **argv,
@@ -498,7 +709,7 @@ int moed_config_reload(const struct moed_config *start, int argc, char **argv,
     moed_config_init(ret);
     if (start->config_path) {
         ret->config_path = strdup(start->config_path);
-        if (read_file(ret, start->config_path, err) < 0)
+        if (read_file(ret, start->config_path, NULL, err) < 0)
             return -EINVAL;
     }
     /* Flags given at start still win; models named again are not new. */
@@ -514,4 +725,98 @@ int moed_config_reload(const struct moed_config *start, int argc, char **argv,
     }
     ret->n_peers = 0;
     return apply_flags(ret, argc, argv, err);
+}
+
+/* ---- moed --check-config ---------------------------------------------------------------- */
+
+_Static_assert(MOE_ARRAY_SIZE(keys) <= MOED_CONFIG_KEYS, "raise MOED_CONFIG_KEYS");
+
+void moed_config_check_add(struct moed_config_check *k, const char *fmt, ...)
+{
+    va_list ap;
+    char *msg;
+
+    if (k->n == MOED_CHECK_MAX_ERRORS) {
+        k->dropped++;
+        return;
+    }
+    va_start(ap, fmt);
+    if (vasprintf(&msg, fmt, ap) < 0)
+        msg = NULL;
+    va_end(ap);
+    if (msg)
+        k->errors[k->n++] = msg;
+    else
+        k->dropped++;
+}
+
+void moed_config_check_clear(struct moed_config_check *k)
+{
+    for (int i = 0; i < k->n; i++)
+        free(k->errors[i]);
+    memset(k, 0, sizeof(*k));
+}
+
+/* Where a key's value came from: "FILE:LINE: [section] " or "flag --key-name: ". */
+static void key_where(const struct moed_config_check *k, const char *path, size_t i, char *buf,
+                      size_t len)
+{
+    if (k->key_line[i]) {
+        snprintf(buf, len, "%s:%d: [%s] ", path, k->key_line[i], keys[i].section);
+        return;
+    }
+    snprintf(buf, len, "flag --%s: ", keys[i].name);
+    for (char *p = buf + 7; *p && *p != ':'; p++)
+        if (*p == '_')
+            *p = '-';
+}
+
+int moed_config_check(const char *path, int argc, char **argv, struct moed_config_check *k)
+{
+    struct moed_config c;
+    struct moe_error err = {0};
+
+    memset(k, 0, sizeof(*k));
+    moed_config_init(&c);
+    c.config_path = strdup(path);
+    if (read_file(&c, path, k, &err) < 0 && k->n == 0)
+        moed_config_check_add(k, "%s", err.msg); /* unreadable: no line to name */
+    if (apply_flags(&c, argc, argv, &err) < 0)
+        moed_config_check_add(k, "%s", err.msg);
+    validate(&c, k, &err);
+    /* Files the daemon opens at start. */
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++) {
+        const char *v;
+        char where[256];
+
+        if (keys[i].off != OFF(tls_cert) && keys[i].off != OFF(tls_key) &&
+            keys[i].off != OFF(tls_client_ca))
+            continue;
+        v = *(char **)((char *)&c + keys[i].off);
+        if (!v || access(v, R_OK) == 0)
+            continue;
+        key_where(k, path, i, where, sizeof(where));
+        moed_config_check_add(k, "%s%s = '%s': cannot read it (%s): expected a PEM file", where,
+                              keys[i].name, v, strerror(errno));
+    }
+    /* Each model opens: its config.json, index and shard headers, or its
+     * packed store's moe-pack.json; no expert is read. */
+    for (int i = 0; i < c.n_models; i++) {
+        struct moe_model *m = NULL;
+
+        if (moe_model_open(c.models[i].dir, &m, &err) < 0) {
+            if (k->model_line[i])
+                moed_config_check_add(k, "%s:%d: [models] %s = %s: %s; expected a checkpoint "
+                                      "(config.json, *.safetensors) or a packed store",
+                                      path, k->model_line[i], c.models[i].name, c.models[i].dir,
+                                      err.msg);
+            else
+                moed_config_check_add(k, "--model %s=%s: %s; expected a checkpoint "
+                                      "(config.json, *.safetensors) or a packed store",
+                                      c.models[i].name, c.models[i].dir, err.msg);
+        }
+        moe_model_free(m);
+    }
+    moed_config_clear(&c);
+    return k->n + k->dropped;
 }

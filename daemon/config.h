@@ -126,4 +126,32 @@ int moed_config_parse(struct moed_config *c, const char *text, const char *fname
 
 void moed_usage(FILE *f);
 
+#define MOED_CHECK_MAX_ERRORS 64
+#define MOED_CONFIG_KEYS 64 /* at least the keys of config.c's table */
+
+/* What moed --check-config found: every error, in the order found. */
+struct moed_config_check {
+    int n;                                   /* errors kept */
+    int dropped;                             /* errors beyond MOED_CHECK_MAX_ERRORS */
+    char *errors[MOED_CHECK_MAX_ERRORS];     /* "FILE:LINE: what, what is expected" */
+    int key_line[MOED_CONFIG_KEYS];          /* the file's line of each key set, 0: not */
+    int model_line[MOED_MAX_MODELS];         /* the file's line of each model, 0: a flag */
+};
+
+/* Keeps one error (printf-style); beyond the cap only counts it. */
+void moed_config_check_add(struct moed_config_check *k, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void moed_config_check_clear(struct moed_config_check *k);
+
+/*
+ * moed --check-config FILE [FLAGS]: parses FILE and the flags as moed would,
+ * collecting every error rather than stopping at the first, then checks what
+ * it can without starting anything: the settings that go together, each
+ * model directory opens as a checkpoint or packed store (config.json, the
+ * index and the shard headers, or moe-pack.json), the TLS files are
+ * readable.  Fills k (cleared first; free with moed_config_check_clear).
+ * Returns the number of errors.
+ */
+int moed_config_check(const char *path, int argc, char **argv, struct moed_config_check *k);
+
 #endif

@@ -178,6 +178,31 @@ static int gpu_tier(struct moed *d, struct moe_error *err)
 #endif
 }
 
+/* moed --check-config FILE [FLAGS]: validates and exits, starting nothing.
+ * Exit 0 and "FILE: OK" on stdout, 1 and each error on stderr, 2 for usage. */
+static int check_config(int argc, char **argv, int at)
+{
+    struct moed_config_check k;
+    const char *path = at + 1 < argc ? argv[at + 1] : NULL;
+    int n;
+
+    if (!path || strncmp(path, "--", 2) == 0) {
+        fprintf(stderr, "moed: --check-config: expected a file (moed --check-config FILE)\n");
+        return 2;
+    }
+    n = moed_config_check(path, argc - 1, argv + 1, &k);
+    for (int i = 0; i < k.n; i++)
+        fprintf(stderr, "%s\n", k.errors[i]);
+    if (k.dropped)
+        fprintf(stderr, "%s: %d more errors not shown\n", path, k.dropped);
+    if (n == 0)
+        printf("%s: OK\n", path);
+    else
+        fprintf(stderr, "%s: %d error%s\n", path, n, n == 1 ? "" : "s");
+    moed_config_check_clear(&k);
+    return n ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     struct moed d = {0};
@@ -198,6 +223,9 @@ int main(int argc, char **argv)
      * on every call cost more than the copy (see bench-grpc). */
     mallopt(M_MMAP_THRESHOLD, 256 << 20);
     mallopt(M_TRIM_THRESHOLD, 512 << 20);
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--check-config") == 0)
+            return check_config(argc, argv, i);
     moed_config_init(&d.cfg);
     r = moed_config_load(&d.cfg, argc - 1, argv + 1, &err);
     if (r != 0) {

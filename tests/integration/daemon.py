@@ -144,6 +144,36 @@ def main():
     check("an shm socket in a missing directory refused", p.returncode == 1
           and "no/such/dir/s.sock" in p.stderr, p.stderr)
 
+    # --check-config: every error with its line, or "FILE: OK"; nothing starts
+    with open(conf, "w") as f:
+        f.write("[server]\nlog_level = loud\n[cache]\nhost_cach_bytes = 1G\nnot ini\n"
+                f"[models]\nmix = {model}\ngone = {w}/nope\n")
+    p = subprocess.run([moed, "--check-config", conf, "--listen", "127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=30)
+    check("--check-config: every error with its line, exit 1", p.returncode == 1
+          and "bad.conf:2: server: log_level = 'loud': expected error, warn" in p.stderr
+          and "bad.conf:4: unknown key 'host_cach_bytes'" in p.stderr
+          and "bad.conf:5: not an INI line" in p.stderr
+          and f"bad.conf:8: [models] gone = {w}/nope" in p.stderr
+          and "[models] mix" not in p.stderr and "bad.conf: 4 errors" in p.stderr
+          and "listening" not in p.stdout, p.stderr)
+    good = f"{w}/good.conf"
+    with open(good, "w") as f:
+        f.write(f"# a comment\n[server]\nlog_level = debug\n[models]\nmix = {model}\n"
+                f"ds = {ds}\n")
+    p = subprocess.run([moed, "--check-config", good, "--listen", "127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=30)
+    check("--check-config of a good file: FILE: OK, exit 0, nothing started",
+          p.returncode == 0 and p.stdout.strip() == f"{good}: OK" and p.stderr == "",
+          p.stdout + p.stderr)
+    p = subprocess.run([moed, "--check-config"], capture_output=True, text=True)
+    check("--check-config without a file: usage", p.returncode == 2
+          and "expected a file" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--check-config", f"{w}/none.conf"], capture_output=True,
+                       text=True)
+    check("--check-config of a missing file", p.returncode == 1 and "none.conf" in p.stderr,
+          p.stderr)
+
     # A port in use: moed's own line, not gRPC core's error dump before it
     import socket as so
     with so.socket() as busy:
