@@ -17,6 +17,7 @@
  * shapes and dtypes are checked exactly as for a checkpoint; then each
  * routed expert gets its blob and checksum from the index.
  */
+#include "fileio.h"
 #include "json.h"
 #include "model.h"
 #include "pack.h"
@@ -505,7 +506,7 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
     json_t *v;
     int r, n_moe = 0;
 
-    c.root = json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
+    c.root = moe_json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!c.root)
         return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
                              jerr.text, jerr.line, jerr.column);
@@ -942,16 +943,14 @@ static int open_file(struct open_ctx *c, size_t i, const char *name, const char 
     f->path = path_join(m->dir, name);
     if (!f->name || !f->path)
         return moe_error_set(c->err, -ENOMEM, "%s: out of memory", m->dir);
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    f->fd = moe_open_regular(f->path, O_RDONLY, &st, c->err);
     if (f->fd < 0) {
-        r = -errno;
+        r = f->fd;
+        f->fd = -1;
         if (named_in)
-            return moe_error_set(c->err, r, "%s: cannot open: %s (named in %s)", f->path,
-                                 strerror(-r), named_in);
-        return moe_error_set(c->err, r, "%s: cannot open: %s", f->path, strerror(-r));
+            moe_error_named_in(c->err, named_in);
+        return r;
     }
-    if (fstat(f->fd, &st) < 0)
-        return moe_error_set(c->err, -errno, "%s: cannot stat: %s", f->path, strerror(errno));
     f->size = (uint64_t)st.st_size;
     return moe_st_header_read_fd(f->fd, f->path, &m->headers[i], c->err);
 }
@@ -992,18 +991,11 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
         r = moe_error_set(c->err, -ENOMEM, "out of memory");
         goto out;
     }
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    f->fd = moe_open_regular(f->path, O_RDONLY, &st, c->err);
     if (f->fd < 0) {
-        r = moe_error_set(c->err, -errno, "%s: cannot open: %s (named in %s)", f->path,
-                          strerror(errno), path);
-        goto out;
-    }
-    if (fstat(f->fd, &st) < 0) {
-        r = moe_error_set(c->err, -errno, "%s: cannot stat: %s", f->path, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        r = moe_error_set(c->err, -EINVAL, "%s: not a regular file", f->path);
+        r = f->fd;
+        f->fd = -1;
+        moe_error_named_in(c->err, path);
         goto out;
     }
     f->size = (uint64_t)st.st_size;
@@ -1105,7 +1097,7 @@ int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *er
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
-    r = moe_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
+    r = moe_read_regular_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
     if (r < 0)
         goto fail;
     r = moe_config_parse(buf, len, path, &m->cfg, err);
@@ -1121,7 +1113,7 @@ int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *er
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
-    r = moe_read_file(path, MOE_PACK_INDEX_MAX, &buf, &len, err);
+    r = moe_read_regular_file(path, MOE_PACK_INDEX_MAX, &buf, &len, err);
     if (r == 0) {
         r = open_packed(&c, path, buf, len);
         if (r < 0)
@@ -1141,7 +1133,7 @@ int moe_model_open(const char *dir, struct moe_model **ret, struct moe_error *er
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
-    r = moe_read_file(path, INDEX_MAX_BYTES, &buf, &len, err);
+    r = moe_read_regular_file(path, INDEX_MAX_BYTES, &buf, &len, err);
     if (r == 0) {
         r = moe_st_index_parse(buf, len, path, &idx, err);
         free(buf);

@@ -22,6 +22,7 @@
  *
  * No state, no locks.
  */
+#include "fileio.h"
 #include "json.h"
 #include "model.h"
 #include "pack.h"
@@ -460,7 +461,7 @@ int moe_pack_index_parse(const char *json, size_t len, const char *fname,
     uint64_t x;
     int r;
 
-    root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    root = moe_json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
                              jerr.text, jerr.line, jerr.column);

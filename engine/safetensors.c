@@ -13,6 +13,7 @@
  *
  * No state, no locks: parsed objects are owned by the caller.
  */
+#include "fileio.h"
 #include "json.h"
 #include "safetensors.h"
 
@@ -285,7 +286,7 @@ int moe_st_header_parse(const char *json, size_t json_len, uint64_t file_size, c
     r = check_header_len(json_len, file_size, fname, err);
     if (r < 0)
         return r;
-    root = json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
+    root = moe_json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return moe_error_set(err, -EINVAL,
                              "%s: header is not valid JSON: %s (line %d, column "
@@ -507,7 +508,7 @@ int moe_st_index_parse(const char *json, size_t json_len, const char *fname,
     size_t n, i, nf;
     int r;
 
-    root = json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
+    root = moe_json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
                              jerr.text, jerr.line, jerr.column);

@@ -535,6 +535,34 @@ static void test_bad_json(void)
     ASSERT_CONTAINS(err.msg, "c.json: not valid JSON");
     moe_config_clear(NULL);
 
+    /* The file's bytes are never quoted: a config.json that is some other
+     * file (a symlink to /etc/passwd) must not show what it holds in an
+     * error sent to a remote caller.  Table: text, what jansson would quote. */
+    {
+        static const struct {
+            const char *text, *secret;
+        } leak[] = {
+            {"root:x:0:0:root:/root:/bin/bash\n", "root"},
+            {"{\"a\": 1}\nsecret-token-xyz", "secret"},
+            {"{\"a\": tru3-s3cret}", "s3cret"},
+            {"[1, 2, \"unterminated s3cret", "s3cret"},
+            {"{\"k\": 1, \"k\": 2, \"s3cret\": 3}", "\"k\""},
+        };
+
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(leak); i++) {
+            ASSERT_EQ(moe_config_parse(leak[i].text, strlen(leak[i].text), "/m/config.json", &c,
+                                       &err),
+                      -EINVAL);
+            ASSERT_CONTAINS(err.msg, "/m/config.json: not valid JSON: ");
+            ASSERT_CONTAINS(err.msg, "(line ");
+            if (strstr(err.msg, leak[i].secret) || strstr(err.msg, " near ")) {
+                fprintf(stderr, "%s:%d: case %zu: the error quotes the file: %s\n", __FILE__,
+                        __LINE__, i, err.msg);
+                exit(1);
+            }
+        }
+    }
+
     /* DeepSeek: top_k more than the kept groups hold. */
     ASSERT_EQ(parse("{\"model_type\": \"deepseek_v3\", \"hidden_size\": 64, "
                     "\"intermediate_size\": 128, \"moe_intermediate_size\": 32, "
