@@ -61,6 +61,9 @@ static const struct key keys[] = {
      "largest shared arena one client may ask for (default 1G)"},
     {"server", "shm_max_sessions", K_INT, OFF(shm_max_sessions), 1, 65536,
      "shared-memory clients at once (default 256)"},
+    {"server", "model_dirs", K_STR, OFF(model_dirs), 0, 0,
+     "directories LoadModel may load from, absolute, comma-separated (default: none but the "
+     "configured models')"},
     {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
      "host expert cache (default: every expert of the models)"},
     {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq or routing"},

@@ -9,7 +9,7 @@
  *               tls_require_client_cert, max_message_bytes, log_level,
  *               rpc_threads, drain_timeout_ms, metrics, shm_socket,
  *               shm_allow_users, shm_allow_groups, shm_max_arena_bytes,
- *               shm_max_sessions
+ *               shm_max_sessions, model_dirs
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
@@ -64,6 +64,7 @@ struct moed_config {
     char *shm_allow_groups; /* group names or gids */
     uint64_t shm_max_arena_bytes;
     int shm_max_sessions;
+    char *model_dirs; /* where LoadModel may load from, comma-separated; NULL: none */
     /* [cache] */
     uint64_t host_cache_bytes; /* 0: every expert of the models at start */
     enum moe_cache_policy policy;

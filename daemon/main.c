@@ -236,6 +236,10 @@ int main(int argc, char **argv)
     }
     moe_log_set_level(d.cfg.log_level);
     pthread_mutex_init(&d.lock, NULL);
+    if (moed_model_dirs_init(&d, &err) < 0) {
+        moe_log(MOE_LOG_ERROR, "%s", err.msg);
+        goto out;
+    }
     d.t_start = moe_now_ns();
     d.gpu = -1;
 
@@ -427,6 +431,7 @@ out:
     moe_cache_free(d.cache);
     moe_backend_free(d.backend);
     moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s", ret == 0 ? "stopped" : "failed");
+    moed_model_dirs_clear(&d);
     moed_config_clear(&d.cfg);
     pthread_mutex_destroy(&d.lock);
     return ret;

@@ -34,6 +34,10 @@ struct moed_model {
 };
 
 struct moe_shm_server;
+struct moed_loader;
+
+#define MOED_MAX_MODEL_DIRS 16
+#define MOED_MAX_PENDING_LOADS 16
 
 struct moed {
     struct moed_config cfg;
@@ -55,10 +59,40 @@ struct moed {
     struct moed_model *models[MOED_MAX_MODELS];
     _Atomic uint64_t requests, tokens, failed;
     _Atomic int in_flight;
+    /* LoadModel (loader.c): the thread loads run on (created at the first;
+     * under lock), model_dirs resolved and the configured models'
+     * directories resolved, both set at start and read-only after. */
+    struct moed_loader *loader;
+    char *model_roots[MOED_MAX_MODEL_DIRS];
+    int n_model_roots;
+    char *model_trusted[MOED_MAX_MODELS];
 };
 
-/* Opens dir as model name and registers it (lock not held).  0 or -errno. */
+/* Opens dir as model name and registers it (lock not held), for LoadModel:
+ * dir must pass moed_model_dir_check.  0 or -errno. */
 int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err);
+
+/* loader.c.  Resolves [server] model_dirs and the configured models'
+ * directories; at start, before any LoadModel.  0 or -errno with err. */
+int moed_model_dirs_init(struct moed *d, struct moe_error *err);
+void moed_model_dirs_clear(struct moed *d);
+/* Whether LoadModel may open dir: absolute, and once resolved a configured
+ * model's directory (*ret_trusted) or inside model_dirs with no symlink in
+ * it leading out.  0 and *ret_real (resolved; the caller frees it), or
+ * -EINVAL (relative), -ENOENT, -EPERM with err saying why. */
+int moed_model_dir_check(struct moed *d, const char *dir, char **ret_real, bool *ret_trusted,
+                         struct moe_error *err);
+/* After moe_model_open of a directory inside model_dirs: every file m holds
+ * open is inside model_dirs (by its descriptor).  0 or -EPERM with err. */
+int moed_model_files_check(struct moed *d, const struct moe_model *m, struct moe_error *err);
+/* Runs run(d, arg) on the loader thread, after the loads queued before it;
+ * when moed stops first, cancel(d, arg) instead (on the stopping thread).
+ * -EAGAIN when MOED_MAX_PENDING_LOADS wait already, -ESHUTDOWN when
+ * stopping, -ENOMEM; then neither is called. */
+int moed_loader_submit(struct moed *d, void (*run)(struct moed *, void *),
+                       void (*cancel)(struct moed *, void *), void *arg, struct moe_error *err);
+/* Cancels the loads queued, waits for the one running, ends the thread. */
+void moed_loader_stop(struct moed *d);
 /* Registers a model already open; takes m (freed on failure too). */
 int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct moe_error *err);
 /* Unregisters and frees; -EBUSY while in use.  0 or -errno. */

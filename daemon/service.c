@@ -38,7 +38,11 @@ int moed_grpc_status(int err)
     case -ENOMEM:
         return GRPC_STATUS_RESOURCE_EXHAUSTED;
     case -ESHUTDOWN:
+    case -EAGAIN:
         return GRPC_STATUS_UNAVAILABLE;
+    case -EPERM:
+    case -EACCES:
+        return GRPC_STATUS_PERMISSION_DENIED;
     case -EIO:
     case -EBADMSG:
         return GRPC_STATUS_DATA_LOSS;
@@ -121,9 +125,24 @@ static void model_names(struct moed *d, char *buf, size_t len)
 int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err)
 {
     struct moe_model *m;
-    int r = moe_model_open(dir, &m, err);
+    char *real;
+    bool trusted;
+    int r = moed_model_dir_check(d, dir, &real, &trusted, err);
 
-    return r < 0 ? r : moed_add_model(d, name, m, err);
+    if (r < 0)
+        return r;
+    r = moe_model_open(real, &m, err);
+    free(real);
+    if (r < 0)
+        return r;
+    if (!trusted) {
+        r = moed_model_files_check(d, m, err);
+        if (r < 0) {
+            moe_model_free(m);
+            return r;
+        }
+    }
+    return moed_add_model(d, name, m, err);
 }
 
 int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct moe_error *err)
@@ -213,6 +232,7 @@ int moed_unload_model(struct moed *d, const char *name, struct moe_error *err)
 
 void moed_free_models(struct moed *d)
 {
+    moed_loader_stop(d); /* no load adds a model after this */
     for (int i = 0; i < d->n_models; i++)
         model_free(d, d->models[i]);
     d->n_models = 0;
@@ -787,49 +807,103 @@ out:
     moe_cache_stats_clear(&s);
 }
 
-static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+/* A LoadModel waiting for the loader thread (loader.c). */
+struct load_call {
+    struct moe_rpc_call *call;
+    char *name, *dir;
+};
+
+static void load_call_free(struct load_call *lc)
 {
-    struct moed *d = arg;
-    Moe__V1__LoadModelRequest *q = moe__v1__load_model_request__unpack(NULL, len, req);
+    free(lc->name);
+    free(lc->dir);
+    free(lc);
+}
+
+static void load_run(struct moed *d, void *arg)
+{
+    struct load_call *lc = arg;
     Moe__V1__LoadModelResponse r = MOE__V1__LOAD_MODEL_RESPONSE__INIT;
     Moe__V1__ModelInfo mi;
     struct moe_error err;
     struct moed_model *mm;
     uint32_t *ids;
-    char name[256];
 
-    if (!q || !q->dir || !*q->dir) {
-        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT,
-                     "LoadModel needs dir: a checkpoint or packed store on moed's host");
+    if (moed_load_model(d, lc->name, lc->dir, &err) < 0) {
+        moe_log(MOE_LOG_INFO, "LoadModel %s from %s refused: %s", lc->name, lc->dir, err.msg);
+        moe_rpc_fail(lc->call, moed_grpc_status(err.code), "%s", err.msg);
         goto out;
     }
-    if (q->name && *q->name) {
-        snprintf(name, sizeof(name), "%s", q->name);
-    } else {
-        const char *b = strrchr(q->dir, '/');
-
-        snprintf(name, sizeof(name), "%s", b && b[1] ? b + 1 : q->dir);
-    }
-    if (moed_load_model(d, name, q->dir, &err) < 0) {
-        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
-        goto out;
-    }
-    mm = moed_model_get(d, name);
+    mm = moed_model_get(d, lc->name);
     if (!mm) {
-        moe_rpc_fail(call, GRPC_STATUS_ABORTED, "model '%s' was unloaded meanwhile", name);
+        moe_rpc_fail(lc->call, GRPC_STATUS_ABORTED, "model '%s' was unloaded meanwhile", lc->name);
         goto out;
     }
     ids = calloc((size_t)mm->m->cfg.n_layers, sizeof(*ids));
     if (ids) {
         model_info(mm, &mi, ids);
         r.model = &mi;
-        moed_reply_msg(call, &r.base);
+        moed_reply_msg(lc->call, &r.base);
         free(ids);
     } else {
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        moe_rpc_fail(lc->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     }
     moed_model_put(d, mm);
 out:
+    load_call_free(lc);
+}
+
+static void load_cancel(struct moed *d, void *arg)
+{
+    struct load_call *lc = arg;
+
+    (void)d;
+    moe_rpc_fail(lc->call, GRPC_STATUS_UNAVAILABLE, "moed stopped before loading '%s'", lc->name);
+    load_call_free(lc);
+}
+
+/* Answers when the load ends, from the loader thread: a load reads from disk
+ * and must not hold a completion-queue thread. */
+static void on_load(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__LoadModelRequest *q = moe__v1__load_model_request__unpack(NULL, len, req);
+    struct load_call *lc = NULL;
+    struct moe_error err;
+
+    if (!q || !q->dir || !*q->dir) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT,
+                     "LoadModel needs dir: a checkpoint or packed store on moed's host");
+        goto out;
+    }
+    lc = calloc(1, sizeof(*lc));
+    if (lc) {
+        lc->call = call;
+        lc->dir = strdup(q->dir);
+        if (q->name && *q->name) {
+            lc->name = strdup(q->name);
+        } else {
+            const char *b = strrchr(q->dir, '/');
+
+            lc->name = strdup(b && b[1] ? b + 1 : q->dir);
+        }
+    }
+    if (!lc || !lc->dir || !lc->name) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        goto out;
+    }
+    if (strlen(lc->name) > 255)
+        lc->name[255] = 0; /* as before: names are cut at 255 bytes */
+    if (moed_loader_submit(d, load_run, load_cancel, lc, &err) < 0) {
+        moe_rpc_fail(call, err.code == -EAGAIN ? GRPC_STATUS_RESOURCE_EXHAUSTED
+                                               : moed_grpc_status(err.code),
+                     "%s", err.msg);
+        goto out;
+    }
+    lc = NULL; /* load_run or load_cancel owns it */
+out:
+    if (lc)
+        load_call_free(lc);
     if (q)
         moe__v1__load_model_request__free_unpacked(q, NULL);
 }

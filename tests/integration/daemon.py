@@ -569,6 +569,117 @@ def main():
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
 
+    # LoadModel: what it opens and where from.  A FIFO in a checkpoint's place
+    # is refused at once, naming it, and never holds a gRPC thread (with as
+    # many such loads as rpc_threads, moed used to answer nothing else); a
+    # directory must be a configured model's or inside model_dirs, without
+    # symlinks out; an error never quotes the file's bytes.
+    root = f"{w}/models"
+    for sub in ("fifo-cfg", "fifo-st", "passwd", "linkout", "garbage"):
+        os.makedirs(f"{root}/{sub}")
+    os.mkfifo(f"{root}/fifo-cfg/config.json")
+    shutil.copy(f"{model}/config.json", f"{root}/fifo-st/config.json")
+    os.mkfifo(f"{root}/fifo-st/model.safetensors")
+    shutil.copytree(model, f"{root}/mix2")
+    with open(f"{w}/secret", "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/bash\n")
+    os.symlink(f"{w}/secret", f"{root}/passwd/config.json")
+    shutil.copy(f"{model}/config.json", f"{root}/linkout/config.json")
+    os.symlink(f"{model}/model.safetensors", f"{root}/linkout/model.safetensors")
+    os.symlink(ds, f"{root}/dirlink")
+    shutil.copy(f"{w}/secret", f"{root}/garbage/config.json")
+    p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model-dirs", "models"],
+                       capture_output=True, text=True, timeout=30)
+    check("model_dirs: a relative entry refused at start", p.returncode != 0
+          and "model_dirs: 'models' is relative" in p.stderr, p.stderr)
+    p = subprocess.run([moed, "--listen", "127.0.0.1:0", "--model-dirs", f"{w}/nowhere"],
+                       capture_output=True, text=True, timeout=30)
+    check("model_dirs: a missing directory refused at start", p.returncode != 0
+          and f"model_dirs: '{w}/nowhere'" in p.stderr, p.stderr)
+    d = Daemon(moed, ["--model", f"mix={model}", "--model-dirs", f" {root} ",
+                      "--rpc-threads", "2"], w, "moed-load")
+    try:
+        ctl = pbg.ControlStub(d.channel)
+        loads = {}
+
+        def load(key, path):
+            loads[key] = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=path, name=key),
+                                                        timeout=20))
+        th = [threading.Thread(target=load, args=(f"{sub}{i}", f"{root}/{sub}"))
+              for i in range(2) for sub in ("fifo-cfg", "fifo-st")]
+        for t in th:
+            t.start()
+        time.sleep(0.5)
+        # a new connection, as the probe made: answered while those loads run
+        ch = grpc.insecure_channel(f"127.0.0.1:{d.port}")
+        t0 = time.time()
+        code, det = code_of(lambda: pbg.ControlStub(ch).Status(pb.StatusRequest(), timeout=5))
+        code2, det2 = code_of(lambda: pbg.ExpertsStub(ch).Forward(
+            pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x)), timeout=5))
+        check("LoadModel of FIFOs: Status and Forward still answered",
+              code == code2 == grpc.StatusCode.OK, f"{code} {det} {code2} {det2} "
+              f"after {time.time() - t0:.1f} s")
+        ch.close()
+        for t in th:
+            t.join(30)
+        want = {"fifo-cfg": f"{root}/fifo-cfg/config.json: is a FIFO, not a regular file",
+                "fifo-st": f"{root}/fifo-st/model.safetensors: is a FIFO, not a regular file"}
+        check("LoadModel of a FIFO config.json or model.safetensors: refused, naming it",
+              len(loads) == 4 and all(
+                  loads[k][0] == grpc.StatusCode.INVALID_ARGUMENT and want[k[:-1]] in loads[k][1]
+                  for k in loads), str(loads))
+        code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=f"{root}/mix2",
+                                                                      name="mix2"), timeout=20))
+        code2, _ = code_of(lambda: pbg.ExpertsStub(d.channel).Forward(
+            pb.ForwardRequest(model="mix2", layer=1, hidden=tensor(pb, x)), timeout=10))
+        check("LoadModel inside model_dirs: loaded and served",
+              code == code2 == grpc.StatusCode.OK, f"{code} {det} {code2}")
+        code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=model, name="again"),
+                                                  timeout=20))
+        check("LoadModel of a configured model's directory outside model_dirs: loaded",
+              code == grpc.StatusCode.OK, f"{code} {det}")
+        refused = [
+            ("a relative dir", "models/mix2", grpc.StatusCode.INVALID_ARGUMENT,
+             "is relative: give an absolute path"),
+            ("../ out of model_dirs", f"{root}/../ds", grpc.StatusCode.PERMISSION_DENIED,
+             f"resolves to '{ds}', outside model_dirs ({root})"),
+            ("a directory outside model_dirs", ds, grpc.StatusCode.PERMISSION_DENIED,
+             f"is outside model_dirs ({root})"),
+            ("a symlinked directory leading out", f"{root}/dirlink",
+             grpc.StatusCode.PERMISSION_DENIED, f"resolves to '{ds}', outside model_dirs"),
+            ("config.json a symlink out", f"{root}/passwd", grpc.StatusCode.PERMISSION_DENIED,
+             "'config.json' is a symlink that leads outside model_dirs"),
+            ("a shard a symlink out", f"{root}/linkout", grpc.StatusCode.PERMISSION_DENIED,
+             "'model.safetensors' is a symlink that leads outside model_dirs"),
+            ("a missing dir", f"{root}/none", grpc.StatusCode.NOT_FOUND,
+             "No such file or directory"),
+            ("config.json not JSON, its bytes not quoted", f"{root}/garbage",
+             grpc.StatusCode.INVALID_ARGUMENT, "config.json: not valid JSON: "),
+        ]
+        for name, path, want_code, needle in refused:
+            code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=path, name="x"),
+                                                      timeout=20))
+            check(f"LoadModel refused: {name}", code == want_code and needle in det
+                  and "root:" not in det and "near" not in det, f"{code} {det}")
+        names = sorted(x.name for x in ctl.ListModels(pb.ListModelsRequest()).models)
+        check("only the allowed loads loaded", names == ["again", "mix", "mix2"], str(names))
+    finally:
+        if d.stop(signal.SIGTERM, 30) != 0:
+            check("the LoadModel daemon stops", False, d.stderr()[-1500:])
+    # Without model_dirs, only the configured models' directories.
+    d = Daemon(moed, ["--model", f"mix={model}"], w, "moed-nodirs")
+    try:
+        ctl = pbg.ControlStub(d.channel)
+        code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=f"{root}/mix2"),
+                                                  timeout=20))
+        code2, det2 = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=model + "/",
+                                                                        name="m2"), timeout=20))
+        check("no model_dirs: other directories refused, the configured one loaded",
+              code == grpc.StatusCode.PERMISSION_DENIED and "model_dirs is not set" in det
+              and code2 == grpc.StatusCode.OK, f"{code} {det} {code2} {det2}")
+    finally:
+        d.stop(signal.SIGTERM, 30)
+
     # sd_notify: READY, STATUS, WATCHDOG, then STOPPING, on a socket we read
     import socket as so
     ns_path = f"{w}/notify.sock"
