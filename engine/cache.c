@@ -1378,7 +1378,7 @@ out:
 static int check_expert(struct moe_cache *c, int model, int layer, int expert, struct centry **ret,
                         struct moe_error *err)
 {
-    struct cmodel *mod;
+    struct cmodel *mod = NULL;
     int r = check_layer(c, model, layer, &mod, err);
 
     if (r < 0)
@@ -1392,7 +1392,7 @@ static int check_expert(struct moe_cache *c, int model, int layer, int expert, s
 
 int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
 {
-    struct centry *e;
+    struct centry *e = NULL;
     int r;
 
     pthread_mutex_lock(&c->lock);
@@ -1435,7 +1435,7 @@ out:
 
 int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
 {
-    struct centry *e;
+    struct centry *e = NULL;
     int r;
 
     pthread_mutex_lock(&c->lock);
@@ -1448,7 +1448,7 @@ int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struc
 
 int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err)
 {
-    struct centry *e;
+    struct centry *e = NULL;
     int r;
 
     pthread_mutex_lock(&c->lock);
@@ -1476,7 +1476,7 @@ out:
 
 bool moe_cache_resident(struct moe_cache *c, int model, int layer, int expert)
 {
-    struct centry *e;
+    struct centry *e = NULL;
     bool r = false;
 
     pthread_mutex_lock(&c->lock);

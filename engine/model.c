@@ -410,7 +410,7 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
     /* deepseek_v3, with transformers' DeepseekV3Config defaults. */
     {
         char shared_max[64];
-        const char *s;
+        const char *s = NULL;
         int gsize;
 
         m->score_func = MOE_SCORE_SIGMOID;
