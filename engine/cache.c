@@ -16,6 +16,13 @@
  * lower tier holding it (upload), or read from its model file into the last
  * tier (always host memory) and uploaded from there.  Room is made in each
  * tier it enters before the read starts, so a completion never has to evict.
+ *
+ * Batches: moe_cache_acquire holds every expert of its batch (centry.holds)
+ * before it makes room for any, so that paging in one expert of a batch never
+ * evicts another of the same batch, in any tier; resident ones are pinned
+ * first, then the missing ones are loaded in the batch's order.  When they
+ * cannot all fit, the batch keeps the longest prefix that does and defers
+ * the rest (-ENOSPC) to a later acquire.
  */
 #include "cache.h"
 
@@ -59,6 +66,8 @@ struct centry {
     struct moe_pager_seg segs[3]; /* layout: dst is an offset in the slot */
     struct moe_pager_seg io[3];   /* the page-in in flight: dst an address */
     uint32_t refs;                /* batch pins */
+    uint32_t holds;               /* batches inside moe_cache_acquire that need it:
+                                   * no tier evicts it meanwhile */
     bool op_pinned;
     bool loading;    /* a read or upload is in flight */
     bool prefetched; /* brought in by a prefetch, not used yet */
@@ -589,7 +598,7 @@ int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err
     for (int i = 0; i < mod->n_layers * mod->n_experts; i++) {
         struct centry *e = &mod->entries[i];
 
-        if (e->refs || e->loading) {
+        if (e->refs || e->holds || e->loading) {
             pthread_mutex_unlock(&c->lock);
             return moe_error_set(err, -EBUSY,
                                  "model %s is in use (layer %d expert %d %s): try again when "
@@ -663,20 +672,21 @@ static bool evictable(struct moe_pnode *n, void *arg)
     struct cmodel *mod = x->c->models[n->model];
     struct centry *e = get_entry(mod, n->layer, n->expert);
 
-    return e->t[x->tier].state == SLOT_RESIDENT && !e->op_pinned &&
+    return e->t[x->tier].state == SLOT_RESIDENT && !e->op_pinned && e->holds == 0 &&
            !(x->tier == 0 && e->refs > 0) && !e->loading;
 }
 
 /*
  * Makes room for bytes in tier k and takes a block: evicts what the policy
- * picks (never pinned or loading experts).  With prefetch_prob >= 0 (a
+ * picks (never pinned, held or loading experts).  With prefetch_prob >= 0 (a
  * prefetch into group), evicts only victims the policy would rather lose.
  * Returns 0 with *ret, -ENOSPC when everything evictable is gone, -E2BIG
- * when bytes exceed the tier's capacity, -EAGAIN after waiting for page-ins
- * in flight to finish (the lock was dropped: look at the expert again).
+ * when bytes exceed the tier's capacity, -EAGAIN (only with wait) after
+ * waiting for page-ins in flight to finish (the lock was dropped: look at
+ * the expert again).
  */
 static int make_room(struct moe_cache *c, int k, uint64_t bytes, int group, double prefetch_prob,
-                     void **ret)
+                     bool wait, void **ret)
 {
     struct tier_state *ts = &c->tiers[k];
     struct evict_ctx x = {c, k};
@@ -696,7 +706,7 @@ static int make_room(struct moe_cache *c, int k, uint64_t bytes, int group, doub
             }
         }
         v = ts->policy.ops->victim(&ts->policy, evictable, &x);
-        if (!v && prefetch_prob < 0 && c->loading > 0) {
+        if (!v && wait && c->loading > 0) {
             /* Everything is pinned or on its way in: a page-in finishing
              * may free a slot (its batch done with it).  The caller looks
              * at its expert again after the wait. */
@@ -844,10 +854,11 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
 
 /*
  * Starts getting e into tier 0 (lock held): from the nearest lower tier
- * holding it, or from its file.  prefetch_prob < 0 for a demand load.
+ * holding it, or from its file.  prefetch_prob < 0 for a demand load; wait:
+ * when nothing is evictable, wait for page-ins in flight (make_room).
  * Returns 0 (ready at once: an upload), 1 (page-in started), or -errno.
  */
-static int start_load(struct moe_cache *c, struct centry *e, double prefetch_prob,
+static int start_load(struct moe_cache *c, struct centry *e, double prefetch_prob, bool wait,
                       struct moe_error *err)
 {
     int last = c->n_tiers - 1, from = -1, group = e->t[0].node.group, r;
@@ -862,7 +873,7 @@ static int start_load(struct moe_cache *c, struct centry *e, double prefetch_pro
     int top = from >= 0 ? from - 1 : last;
 
     for (int k = 0; k <= top; k++) {
-        r = make_room(c, k, e->bytes, group, prefetch_prob, &p[k]);
+        r = make_room(c, k, e->bytes, group, prefetch_prob, wait, &p[k]);
         if (r < 0) {
             for (int j = 0; j < k; j++) {
                 c->tiers[j].t->ops->free(c->tiers[j].t, p[j], e->bytes);
@@ -982,11 +993,115 @@ static void release_locked(struct moe_cache_ref *refs, int n)
     }
 }
 
+/* Internal to moe_cache_acquire: a ref whose expert is still to be loaded. */
+#define REF_MISSING 1
+
+/* Pins ref's expert for the batch (lock held). */
+static void ref_pin(struct moe_cache_ref *ref, struct centry *e)
+{
+    e->refs++;
+    ref->pinned_ = true;
+}
+
+/*
+ * Lets the batch go of refs [from, to) (lock held): unpinned, no longer
+ * held, status -ENOSPC, so that the caller acquires them again once it is
+ * done with the ones before.
+ */
+static void defer_refs(struct moe_cache_ref *refs, int from, int to)
+{
+    for (int i = from; i < to; i++) {
+        struct centry *e = refs[i].entry_;
+
+        release_locked(&refs[i], 1);
+        e->holds--;
+        refs[i].status = -ENOSPC;
+        refs[i].hit = false;
+    }
+}
+
+/*
+ * Sets refs[i].status from its expert's state (lock held): a hit when
+ * resident in tier 0, -EINPROGRESS when on its way (pinned then), the bad
+ * mark's code, or REF_MISSING.
+ */
+static void ref_look(struct moe_cache_ref *ref, struct centry *e)
+{
+    if (e->bad) {
+        ref->status = e->bad_code;
+    } else if (e->t[0].state == SLOT_RESIDENT) {
+        ref->hit = true;
+        ref->status = 0;
+        ref_pin(ref, e);
+    } else if (e->t[0].state == SLOT_LOADING) {
+        ref->status = -EINPROGRESS; /* single flight: wait on that page-in */
+        ref_pin(ref, e);
+    } else {
+        ref->status = REF_MISSING;
+    }
+}
+
+/*
+ * Loads the missing expert of refs[i] (lock held).  Every expert of
+ * refs[0, *limit) is held, so making room evicts none of them.  Without room:
+ * when the batch holds pins before i, it stops at i (*limit = i: those are
+ * computed first, then released); otherwise it lets go of its last experts
+ * one by one, evictable again, until the one at i fits; when i is alone,
+ * it waits for page-ins in flight as make_room does, then stops at i.
+ * 0 (refs[i] settled, or deferred), or -E2BIG with err.
+ */
+static int load_missing(struct moe_cache *c, struct moe_cache_ref *refs, int i, int *limit,
+                        struct moe_error *err)
+{
+    struct moe_cache_ref *ref = &refs[i];
+    struct centry *e = ref->entry_;
+    bool wait = false;
+
+    for (;;) {
+        struct moe_error lerr;
+        bool progress = false;
+        int r;
+
+        ref_look(ref, e); /* again after a wait: another batch may have loaded it */
+        if (ref->status != REF_MISSING)
+            return 0;
+        r = start_load(c, e, -1.0, wait, &lerr);
+        if (r >= 0) {
+            ref->status = r == 0 ? 0 : -EINPROGRESS;
+            ref_pin(ref, e);
+            return 0;
+        }
+        if (r == -EAGAIN)
+            continue;
+        if (r == -E2BIG)
+            return moe_error_set(err, r, "%s", lerr.msg);
+        if (r != -ENOSPC) {
+            /* start_load marked it bad (submit refused). */
+            ref->status = r;
+            return 0;
+        }
+        for (int j = 0; j < i && !progress; j++)
+            progress = refs[j].pinned_;
+        if (!progress && *limit - 1 > i) {
+            defer_refs(refs, *limit - 1, *limit);
+            (*limit)--;
+            continue;
+        }
+        if (!progress && !wait) {
+            wait = true;
+            continue;
+        }
+        defer_refs(refs, i, *limit);
+        *limit = i;
+        return 0;
+    }
+}
+
 int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *experts, int n,
                       struct moe_cache_ref *refs, struct moe_error *err)
 {
     struct cmodel *mod;
-    int r;
+    int r, limit = n;
 
     pthread_mutex_lock(&c->lock);
     r = check_layer(c, model, layer, &mod, err);
@@ -1008,50 +1123,40 @@ int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *
     /* One pass of the layer: the clocks the policies decay by. */
     mod->passes[layer] += 1.0;
     mod->cur_idx = mod->moe_idx[layer];
+    /* Hold the whole batch, then pin what is there: making room for the
+     * missing experts below must not evict one the batch is about to use. */
     for (int i = 0; i < n; i++) {
         struct centry *e = get_entry(mod, layer, experts[i]);
+
+        memset(&refs[i], 0, sizeof(refs[i]));
+        refs[i].expert = experts[i];
+        refs[i].entry_ = e;
+        e->holds++;
+        ref_look(&refs[i], e);
+    }
+    for (int i = 0; i < limit; i++) {
+        if (refs[i].status != REF_MISSING)
+            continue;
+        r = load_missing(c, refs, i, &limit, err);
+        if (r < 0) {
+            release_locked(refs, n);
+            for (int j = 0; j < limit; j++)
+                ((struct centry *)refs[j].entry_)->holds--;
+            goto out;
+        }
+    }
+    /* Uses in the batch's order (the lru order among them), counted for the
+     * experts it keeps; the deferred ones count when acquired again. */
+    for (int i = 0; i < limit; i++) {
+        struct centry *e = refs[i].entry_;
         struct moe_cache_ref *ref = &refs[i];
 
-        memset(ref, 0, sizeof(*ref));
-        ref->expert = experts[i];
-        ref->entry_ = e;
+        e->holds--;
         for (int k = 0; k < c->n_tiers; k++)
             c->tiers[k].policy.ops->touch(&c->tiers[k].policy, &e->t[k].node);
-    again:
-        if (e->bad) {
-            ref->status = e->bad_code;
-            continue;
-        }
-        if (e->t[0].state == SLOT_RESIDENT) {
-            ref->hit = true;
-            ref->status = 0;
-        } else if (e->t[0].state == SLOT_LOADING) {
-            ref->status = -EINPROGRESS; /* single flight: wait on that page-in */
-        } else {
-            struct moe_error lerr;
-
-            r = start_load(c, e, -1.0, &lerr);
-            if (r == -EAGAIN)
-                goto again;
-            if (r == -ENOSPC) {
-                ref->status = -ENOSPC;
-                continue;
-            }
-            if (r == -E2BIG) {
-                moe_error_set(err, r, "%s", lerr.msg);
-                release_locked(refs, i);
-                goto out;
-            }
-            if (r < 0) {
-                /* start_load marked it bad (submit refused). */
-                ref->status = r;
-                continue;
-            }
-            ref->status = r == 0 ? 0 : -EINPROGRESS;
-        }
+        if (!ref->pinned_)
+            continue; /* bad */
         count_use(c, e, ref->hit);
-        e->refs++;
-        ref->pinned_ = true;
         if (ref->status == 0)
             weights_of(e, &ref->w);
     }
@@ -1230,7 +1335,7 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
 
         if (c->prefetch_used + e->bytes > c->cfg.prefetch_bytes)
             return;
-        if (start_load(c, e, mod->pred[best], NULL) < 0)
+        if (start_load(c, e, mod->pred[best], false, NULL) < 0)
             return; /* no room the policy would give up */
         if (e->bad)
             return;
@@ -1405,7 +1510,7 @@ int moe_cache_pin(struct moe_cache *c, int model, int layer, int expert, struct 
     }
     e->op_pinned = true;
     while (e->t[0].state == SLOT_ABSENT) {
-        r = start_load(c, e, -1.0, err);
+        r = start_load(c, e, -1.0, true, err);
         if (r == -EAGAIN)
             continue;
         if (r == -ENOSPC)
@@ -1461,7 +1566,7 @@ int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struc
                           expert);
         goto out;
     }
-    if (e->refs || e->loading) {
+    if (e->refs || e->holds || e->loading) {
         r = moe_error_set(err, -EBUSY, "layer %d expert %d is %s: try again when it is idle", layer,
                           expert, e->loading ? "paging in" : "in use by a batch");
         goto out;

@@ -10,12 +10,16 @@
  * tiers are reached only through struct moe_tier_ops (tier.h), so a GPU tier
  * slots in without touching the policy code.
  *
- * A batch acquires the experts it needs.  Each reference pins its expert
- * (eviction never touches a pinned expert, nor an operator-pinned one) until
- * the batch releases it.  Resident experts are ready at once; missing ones
- * start a page-in (one per expert: concurrent acquirers of an expert being
- * paged in wait on that same page-in) and the batch can compute on what is
- * ready while the rest loads (moe_cache_wait on each reference in turn).
+ * A batch acquires the experts it needs, all in one call.  Each reference
+ * pins its expert (eviction never touches a pinned expert, nor an
+ * operator-pinned one) until the batch releases it.  The call first pins the
+ * batch's resident experts, then makes room for the missing ones: eviction,
+ * in any tier, never picks an expert of a batch being acquired, so a batch
+ * never pages in an expert it had resident.  Resident experts are ready at
+ * once; missing ones start a page-in (one per expert: concurrent acquirers
+ * of an expert being paged in wait on that same page-in) and the batch can
+ * compute on what is ready while the rest loads (moe_cache_wait on each
+ * reference in turn).
  *
  * Page-ins read the expert from the model's files with the pager (pager.h):
  * a packed store's blob in one aligned read, straight into the tier's
@@ -117,8 +121,9 @@ int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err
 struct moe_cache_ref {
     int32_t expert;
     int status;                  /* 0 ready; -EINPROGRESS paging in; -ENOSPC no room now
-                                  * (everything evictable is pinned: release, then acquire
-                                  * again); other -errno: failed (moe_cache_wait says why) */
+                                  * (not pinned: use the refs before it, release, then
+                                  * acquire again from it); other -errno: failed
+                                  * (moe_cache_wait says why) */
     bool hit;                    /* resident when acquired */
     struct moe_expert_weights w; /* valid once status is 0 */
     void *entry_;                /* private */
@@ -126,12 +131,27 @@ struct moe_cache_ref {
 };
 
 /*
- * Acquires the n experts (distinct, in [0, n_experts)) of model's layer.
- * refs[i].expert = experts[i].  Returns 0 with each ref's status set (count
- * hits and misses from ref.hit), or -errno with err for a bad call (no such
- * model or layer, a dense layer, an expert out of range, an expert that can
- * never fit in tier 0).  Every ref whose status is 0 or -EINPROGRESS holds
- * a pin: release them all with moe_cache_release.
+ * Acquires the n experts (distinct, in [0, n_experts)) of model's layer, a
+ * batch: those resident in tier 0 are pinned first (hits), then room is
+ * made for the missing ones, in the order given, never by evicting another
+ * expert of the batch from any tier.  refs[i].expert = experts[i].
+ *
+ * When they cannot all fit at once (the room is pinned by this batch and
+ * others), the batch keeps the longest prefix experts[0, p) that fits and
+ * the refs from p on get -ENOSPC, unpinned: compute on the prefix, release
+ * it, and acquire experts[p, n) again.  Its resident experts after p stay
+ * resident for that next call, unless nothing before p could be pinned: then
+ * the batch gives up its last experts, one at a time, until experts[0] fits
+ * (a batch that holds nothing cannot make progress otherwise).  With nothing
+ * of the batch to give up either, -ENOSPC from p = 0 means other batches
+ * hold the room (moe_cache_wait_release).
+ *
+ * Returns 0 with each ref's status set (count hits and misses from ref.hit;
+ * the cache counts the refs it pinned, not the deferred ones), or -errno
+ * with err for a bad call (no such model or layer, a dense layer, an expert
+ * out of range or twice, an expert that can never fit in a tier).  Every ref
+ * whose status is 0 or -EINPROGRESS holds a pin: release them all with
+ * moe_cache_release.
  */
 int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *experts, int n,
                       struct moe_cache_ref *refs, struct moe_error *err);

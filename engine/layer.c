@@ -655,8 +655,10 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         s.work[i].scales = s.scales + s.count[ex];
     }
 
-    /* The experts: resident ones pinned, missing ones on their way; then
-     * the routing goes to the predictor (and prefetch of the next layer). */
+    /* The experts, as one batch: resident ones pinned, missing ones on
+     * their way (making room for them never evicts one of this batch);
+     * then the routing goes to the predictor (and prefetch of the next
+     * layer). */
     r = moe_cache_acquire(e->cache, e->model, layer, s.used, n_used, s.refs, err);
     if (r < 0) {
         moe_error_prefix(err, "layer %d", layer);
@@ -703,11 +705,13 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
             continue;
         }
         if (s.refs[i].status == -ENOSPC) {
-            /* No room left for it: let go of every pin (the experts done
-             * with, and those after it), then ask again for the rest.  If
-             * other batches hold the room, wait for them to release it,
-             * holding nothing meanwhile (so that waiting batches cannot
-             * block each other), for up to ENOSPC_WAIT_NS. */
+            /* The batch did not fit: the cache kept the experts before
+             * this one (computed now) and deferred the rest, leaving those
+             * resident where they were.  Let go of every pin, then ask
+             * again for the rest.  If other batches hold the room, wait
+             * for them to release it, holding nothing meanwhile (so that
+             * waiting batches cannot block each other), for up to
+             * ENOSPC_WAIT_NS. */
             uint64_t t_give_up = moe_now_ns() + ENOSPC_WAIT_NS;
 
             for (;;) {

@@ -171,8 +171,9 @@ struct moe_trace_replay_result {
  * MOE_PAGER_ALIGN, as the cache lays a shape's experts out; 0 expert_bytes
  * counts as 1): the cache is given the MoE layers seen in t only,
  * renumbered in order (dense layers would count in its layer distances and
- * next-layer pairs); for each step, its distinct experts are acquired (every
- * one is ready at once; hits counted from ref.hit), the step's routing
+ * next-layer pairs); for each step, its distinct experts are acquired as one
+ * batch (held together: none is evicted to make room for another; every one
+ * is ready at once; hits counted from ref.hit), the step's routing
  * [records, top_k] goes to moe_cache_observe, then the experts are released
  * (the order of a forward).  0, or -errno
  * with err (a cache call failed, capacity below a step's experts).

@@ -1,7 +1,13 @@
 /*
  * The expert cache (engine/cache.c, policy.c, tier.c):
  *   - the arena allocator against a bitmap model;
- *   - lru hit counts against a reference LRU written here, on random traces;
+ *   - lru hit counts against a reference LRU written here, on random
+ *     multi-layer batches held together;
+ *   - batches: with every policy, an expert resident when its batch starts
+ *     is a hit (making room for the others never evicts it); a batch larger
+ *     than the room keeps the prefix that fits and defers the rest, leaving
+ *     its resident experts where they are; in two tiers, a batch's expert
+ *     in the host tier only is not evicted there by another's page-in;
  *   - pins: batch pins and operator pins survive eviction pressure, -ENOSPC
  *     when everything is pinned, evict/unpin/retry;
  *   - prefetch: a learned layer-to-layer rule turns into prefetch hits;
@@ -106,34 +112,60 @@ static struct moe_cache *sim_cache(enum moe_cache_policy p, bool prefetch, int c
     return c;
 }
 
-/* A reference LRU over keys, capacity n. */
-static int ref_lru_access(int *keys, uint64_t *stamp, int *n, int cap, int key, uint64_t now)
+/*
+ * A reference LRU over keys, capacity cap, for a step using the m distinct
+ * keys step[]: they are held together (a resident one is a hit whatever the
+ * step pages in), each miss evicts the least recently used key not of the
+ * step, and then the step's keys are the most recently used, in their
+ * order.  Returns the hits.
+ */
+static int ref_lru_step(int *keys, uint64_t *stamp, int *n, int cap, const int *step, int m,
+                        uint64_t now)
 {
-    int victim = 0;
+    int hits = 0;
+    bool miss[16];
 
-    for (int i = 0; i < *n; i++)
-        if (keys[i] == key) {
-            stamp[i] = now;
-            return 1;
-        }
-    if (*n < cap) {
-        keys[*n] = key;
-        stamp[(*n)++] = now;
-        return 0;
+    /* First hold the resident ones, */
+    for (int j = 0; j < m; j++) {
+        miss[j] = true;
+        for (int i = 0; i < *n; i++)
+            if (keys[i] == step[j]) {
+                hits++;
+                miss[j] = false;
+                stamp[i] = UINT64_MAX;
+            }
     }
-    for (int i = 1; i < *n; i++)
-        if (stamp[i] < stamp[victim])
-            victim = i;
-    keys[victim] = key;
-    stamp[victim] = now;
-    return 0;
+    /* then make room for the others. */
+    for (int j = 0; j < m; j++) {
+        int at = -1;
+
+        if (!miss[j])
+            continue;
+        if (*n < cap) {
+            at = (*n)++;
+        } else {
+            for (int i = 0; i < *n; i++)
+                if (stamp[i] != UINT64_MAX && (at < 0 || stamp[i] < stamp[at]))
+                    at = i;
+            ASSERT_TRUE(at >= 0);
+        }
+        keys[at] = step[j];
+        stamp[at] = UINT64_MAX;
+    }
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < *n; i++)
+            if (keys[i] == step[j])
+                stamp[i] = now * 16 + (uint64_t)j;
+    return hits;
 }
 
+/* Random steps of 1 to 4 distinct experts of one of 3 layers of 8, as a
+ * batch acquires them: hits as the reference LRU counts them. */
 static void check_lru_reference(void)
 {
     for (int trial = 0; trial < 20; trial++) {
         uint64_t seed = 100 + (uint64_t)trial;
-        int cap = 2 + trial % 7, model, n = 0, hits = 0, ref_hits = 0;
+        int cap = 4 + trial % 7, model, n = 0, hits = 0, ref_hits = 0, accesses = 0;
         struct moe_cache *c = sim_cache(MOE_POLICY_LRU, false, cap, 3, 8, 2, &model);
         int keys[16];
         uint64_t stamp[16];
@@ -141,22 +173,157 @@ static void check_lru_reference(void)
 
         for (uint64_t now = 1; now <= 2000; now++) {
             int layer = (int)(test_rand_u64(&seed) % 3);
-            int32_t ex = (int32_t)(test_rand_u64(&seed) % 8);
-            struct moe_cache_ref ref;
+            int m = 1 + (int)(test_rand_u64(&seed) % 4), step[4];
+            int32_t ex[4];
+            struct moe_cache_ref refs[4];
 
-            ASSERT_EQ(moe_cache_acquire(c, model, layer, &ex, 1, &ref, NULL), 0);
-            ASSERT_EQ(ref.status, 0);
-            hits += ref.hit;
-            moe_cache_release(c, &ref, 1);
-            ref_hits += ref_lru_access(keys, stamp, &n, cap, layer * 8 + ex, now);
+            for (int j = 0; j < m; j++) {
+                bool dup;
+
+                do {
+                    /* skewed towards low ids, so that there is reuse */
+                    uint64_t u = test_rand_u64(&seed) % 64;
+
+                    ex[j] = (int32_t)(u * u / 512);
+                    dup = false;
+                    for (int q = 0; q < j; q++)
+                        dup |= ex[q] == ex[j];
+                } while (dup);
+                step[j] = layer * 8 + ex[j];
+            }
+            ASSERT_EQ(moe_cache_acquire(c, model, layer, ex, m, refs, NULL), 0);
+            for (int j = 0; j < m; j++) {
+                ASSERT_EQ(refs[j].status, 0);
+                hits += refs[j].hit;
+            }
+            moe_cache_release(c, refs, m);
+            ref_hits += ref_lru_step(keys, stamp, &n, cap, step, m, now);
+            accesses += m;
+            ASSERT_EQ(hits, ref_hits);
         }
-        ASSERT_EQ(hits, ref_hits);
         ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
         ASSERT_EQ(s.total.hits, (uint64_t)hits);
-        ASSERT_EQ(s.total.misses, 2000u - (uint64_t)hits);
+        ASSERT_EQ(s.total.misses, (uint64_t)(accesses - hits));
         ASSERT_EQ(s.tiers[0].resident, (uint64_t)cap);
         ASSERT_EQ(s.tiers[0].used, (uint64_t)cap * 4096);
         moe_cache_stats_clear(&s);
+        moe_cache_free(c);
+    }
+}
+
+/*
+ * Every policy, with and without prefetch, on random multi-layer batches: a
+ * batch that fits gets all its experts, and each one resident when the
+ * batch starts is a hit (none is evicted to make room for another of the
+ * same batch).
+ */
+static void check_batch_held(void)
+{
+    for (int p = 0; p < MOE_POLICY_COUNT; p++)
+        for (int pf = 0; pf < 2; pf++) {
+            uint64_t seed = 40 + (uint64_t)(2 * p + pf);
+            int model, cap = 6;
+            struct moe_cache *c = sim_cache((enum moe_cache_policy)p, pf, cap, 4, 8, 2, &model);
+            uint64_t hits = 0, was_resident = 0;
+
+            for (int t = 0; t < 3000; t++) {
+                int layer = t % 4, m = 1 + (int)(test_rand_u64(&seed) % 6);
+                int32_t ex[6], ids[6];
+                struct moe_cache_ref refs[6];
+                bool res[6];
+
+                for (int j = 0; j < m; j++) {
+                    bool dup;
+
+                    do {
+                        ex[j] = (int32_t)(test_rand_u64(&seed) % 8);
+                        dup = false;
+                        for (int q = 0; q < j; q++)
+                            dup |= ex[q] == ex[j];
+                    } while (dup);
+                    res[j] = moe_cache_resident(c, model, layer, ex[j]);
+                    was_resident += res[j];
+                }
+                ASSERT_EQ(moe_cache_acquire(c, model, layer, ex, m, refs, NULL), 0);
+                for (int j = 0; j < m; j++) {
+                    ASSERT_EQ(refs[j].status, 0);
+                    ASSERT_EQ(refs[j].hit, res[j]);
+                    hits += refs[j].hit;
+                }
+                /* one token's routing when it has two experts */
+                if (m == 2) {
+                    ids[0] = ex[0];
+                    ids[1] = ex[1];
+                    moe_cache_observe(c, model, layer, ids, 1, 2);
+                }
+                moe_cache_release(c, refs, m);
+            }
+            ASSERT_EQ(hits, was_resident);
+            ASSERT_TRUE(hits > 0);
+            moe_cache_free(c);
+        }
+}
+
+/*
+ * A batch larger than the room: it keeps the longest prefix that fits and
+ * defers the rest (-ENOSPC, not pinned), without evicting its own resident
+ * experts after the stop; acquiring the rest once the prefix is released
+ * finds them still resident.  A batch whose first expert finds no room lets
+ * go of its last ones until it fits.
+ */
+static void check_batch_too_large(void)
+{
+    for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+        int model;
+        struct moe_cache *c = sim_cache((enum moe_cache_policy)p, false, 3, 2, 8, 2, &model);
+        struct moe_cache_ref refs[5];
+        int32_t warm[2] = {3, 4}, batch[5] = {0, 1, 2, 3, 4};
+        struct moe_cache_stats s;
+
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, warm, 2, refs, NULL), 0);
+        moe_cache_release(c, refs, 2);
+        /* 3 and 4 resident, room for one more: 0 fits, 1 does not. */
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, batch, 5, refs, NULL), 0);
+        ASSERT_EQ(refs[0].status, 0);
+        ASSERT_TRUE(!refs[0].hit);
+        for (int j = 1; j < 5; j++) {
+            ASSERT_EQ(refs[j].status, -ENOSPC);
+            ASSERT_TRUE(!refs[j].pinned_);
+        }
+        ASSERT_TRUE(moe_cache_resident(c, model, 0, 3));
+        ASSERT_TRUE(moe_cache_resident(c, model, 0, 4));
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        ASSERT_EQ(s.total.hits + s.total.misses, 2u + 1u); /* deferred ones not counted */
+        ASSERT_EQ(s.models[0].experts[0].refs, 1u);
+        ASSERT_EQ(s.models[0].experts[3].refs, 0u);
+        moe_cache_stats_clear(&s);
+        /* The caller computes expert 0, releases, asks for the rest. */
+        moe_cache_release(c, refs, 5);
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, batch + 1, 4, refs + 1, NULL), 0);
+        ASSERT_EQ(refs[1].status, 0);
+        for (int j = 2; j < 5; j++)
+            ASSERT_EQ(refs[j].status, -ENOSPC);
+        ASSERT_TRUE(moe_cache_resident(c, model, 0, 3));
+        ASSERT_TRUE(moe_cache_resident(c, model, 0, 4));
+        moe_cache_release(c, refs + 1, 4);
+        ASSERT_EQ(moe_cache_acquire(c, model, 0, batch + 2, 3, refs + 2, NULL), 0);
+        for (int j = 2; j < 5; j++)
+            ASSERT_EQ(refs[j].status, 0);
+        ASSERT_TRUE(!refs[2].hit && refs[3].hit && refs[4].hit);
+        moe_cache_release(c, refs + 2, 3);
+        /* 2, 3, 4 resident: a batch 5, 2, 3, 4 gives up 4 to get 5 in. */
+        {
+            int32_t b2[4] = {5, 2, 3, 4};
+
+            ASSERT_EQ(moe_cache_acquire(c, model, 0, b2, 4, refs, NULL), 0);
+            ASSERT_EQ(refs[0].status, 0);
+            ASSERT_TRUE(!refs[0].hit);
+            ASSERT_TRUE(refs[1].hit && refs[1].status == 0);
+            ASSERT_TRUE(refs[2].hit && refs[2].status == 0);
+            ASSERT_EQ(refs[3].status, -ENOSPC);
+            ASSERT_TRUE(!moe_cache_resident(c, model, 0, 4));
+            moe_cache_release(c, refs, 4);
+        }
         moe_cache_free(c);
     }
 }
@@ -665,16 +832,73 @@ static void check_two_tiers(void)
     free(dir);
 }
 
+/*
+ * Two tiers: a batch's expert that is only in the tier behind (host) stays
+ * there while another expert of the batch is read into that tier, so it is
+ * uploaded, not read again.  Front: room for 2 experts; host: for 3.
+ */
+static void check_two_tiers_held(void)
+{
+    char *dir = make_model("cache-tiers-held");
+    struct moe_model *m;
+    struct moe_error err;
+    struct moe_cache *c;
+    struct moe_tier *front;
+    struct moe_pager_stats ps;
+    struct moe_cache_ref refs[2];
+    struct moe_cache_stats s;
+    int32_t batch[2] = {3, 0};
+    int model;
+    struct moe_cache_config cfg = {.policy = MOE_POLICY_LRU};
+
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    cfg.host_bytes = 3 * (m->expert_bytes + 3 * 8192);
+    ASSERT_EQ(moe_cache_create(&cfg, &c, &err), 0);
+    ASSERT_EQ(moe_tier_host_create("front", 2 * (m->expert_bytes + 3 * 8192), false, &front, &err),
+              0);
+    ASSERT_EQ(moe_cache_push_tier(c, front, &err), 0);
+    ASSERT_EQ(moe_cache_add_model(c, m, "mixtral", &model, &err), 0);
+    /* 0, 1, 2 one at a time: host holds 0 (least recently used), 1, 2; the
+     * front 1, 2. */
+    for (int32_t x = 0; x < 3; x++) {
+        ASSERT_EQ(moe_cache_acquire(c, model, 1, &x, 1, refs, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &refs[0], &err), 0);
+        moe_cache_release(c, refs, 1);
+    }
+    moe_pager_get_stats(moe_cache_pager(c), &ps);
+    ASSERT_EQ(ps.jobs_done, 3u);
+    /* Reading 3 into the host tier evicts 1 there, not 0: the batch needs 0. */
+    ASSERT_EQ(moe_cache_acquire(c, model, 1, batch, 2, refs, &err), 0);
+    for (int i = 0; i < 2; i++) {
+        ASSERT_EQ(moe_cache_wait(c, &refs[i], &err), 0);
+        check_weights(m, 1, &refs[i]);
+    }
+    moe_cache_release(c, refs, 2);
+    moe_pager_get_stats(moe_cache_pager(c), &ps);
+    ASSERT_EQ(ps.jobs_done, 4u);
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.tiers[1].c.hits, 1u); /* 0 came from the host tier */
+    ASSERT_EQ(s.models[0].experts[1 * 8 + 1].tier, -1);
+    moe_cache_stats_clear(&s);
+    moe_cache_free(c);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+}
+
 int main(void)
 {
     check_arena();
     check_lru_reference();
+    check_batch_held();
+    check_batch_too_large();
     check_pins();
     check_prefetch();
     check_lookahead();
     check_shrink();
     check_real();
     check_two_tiers();
+    check_two_tiers_held();
     printf("ok\n");
     return 0;
 }

@@ -6,7 +6,8 @@
  * too small for the model (paging in and out during a batch, and one that
  * holds a single expert so a batch runs in pieces), caller routing, and
  * errors: dense layer, layer out of range, bad token count, NaN input, bad
- * routing, a checkpoint truncated after it was opened.
+ * routing, a checkpoint truncated after it was opened; and a forward pages
+ * in only the experts of its batch that were not resident when it started.
  */
 #include "backend.h"
 #include "cache.h"
@@ -365,6 +366,111 @@ static void check_arch(enum moe_arch arch)
     free(ref);
 }
 
+/*
+ * A forward pages in only the experts of its batch that were not resident
+ * when it started (the misses of a cache that holds the batch together):
+ * making room for one never evicts another of the same batch.  A cache with
+ * room for 4 experts of a layer, forwards of 2 tokens (at most 4 experts)
+ * with the caller's routing: first {4, 5}, {6, 7}, then {0, 1, 4, 5}, where
+ * evicting the least recently used expert for 0 and 1 would take 4 and 5;
+ * then random routing.  Outputs equal those of a cache holding everything.
+ */
+static void check_forward_page_ins(void)
+{
+    char *dir = test_tmpdir("layer-pageins");
+    struct moe_genmodel_opts o;
+    struct moe_model *m;
+    struct moe_backend *cpu;
+    struct moe_engine *e, *whole;
+    struct moe_cpu_config cfg = {0};
+    struct moe_cache_config cc = {.policy = MOE_POLICY_LRU};
+    struct moe_cache *c;
+    struct moe_error err = {0};
+    uint64_t slot[8], min_slot = UINT64_MAX, max_slot = 0, seed = 17;
+    int id, layer = 0;
+
+    moe_genmodel_defaults(MOE_ARCH_MIXTRAL, &o);
+    o.out_dir = dir;
+    o.hidden = 256; /* experts of 240 KiB: slots differ by less than a tenth */
+    o.ffn = 160;
+    o.n_layers = 2;
+    o.n_experts = 8;
+    o.seed = 3;
+    if (moe_genmodel_write(&o, &err) != 0)
+        FAIL("gen-model: %s", err.msg);
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    ASSERT_EQ(moe_backend_cpu_init(&cfg, &cpu, NULL), 0);
+    ASSERT_EQ(moe_engine_init(m, cpu, &whole), 0);
+    /* Each expert's slot in the cache. */
+    cc.host_bytes = moe_engine_all_experts_bytes(m);
+    ASSERT_EQ(moe_cache_create(&cc, &c, &err), 0);
+    ASSERT_EQ(moe_cache_add_model(c, m, "m", &id, &err), 0);
+    for (int32_t x = 0; x < 8; x++) {
+        struct moe_cache_ref ref;
+        struct moe_cache_stats s;
+
+        ASSERT_EQ(moe_cache_acquire(c, id, layer, &x, 1, &ref, &err), 0);
+        ASSERT_EQ(moe_cache_wait(c, &ref, &err), 0);
+        moe_cache_release(c, &ref, 1);
+        ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+        slot[x] = s.tiers[0].used;
+        moe_cache_stats_clear(&s);
+        ASSERT_EQ(moe_cache_evict(c, id, layer, x, &err), 0);
+        min_slot = MOE_MIN(min_slot, slot[x]);
+        max_slot = MOE_MAX(max_slot, slot[x]);
+    }
+    moe_cache_free(c);
+    ASSERT_TRUE(5 * min_slot > 4 * max_slot); /* room for 4, never 5 */
+    cc.host_bytes = 4 * max_slot;
+    ASSERT_EQ(moe_engine_init_cache(m, cpu, &cc, &e, &err), 0);
+    c = moe_engine_cache(e);
+
+    const int T = 2, H = m->cfg.hidden, K = m->cfg.top_k;
+    float x[2 * 256], y[2 * 256], yw[2 * 256], w[2 * 2] = {0.75f, 0.25f, 0.5f, 0.5f};
+    static const int32_t fixed[3][4] = {{4, 5, 5, 4}, {6, 7, 7, 6}, {0, 4, 1, 5}};
+
+    ASSERT_EQ(K, 2);
+    for (int i = 0; i < T * H; i++)
+        x[i] = test_rand_f32(&seed);
+    for (int f = 0; f < 300; f++) {
+        int32_t ids[4];
+        int absent = 0;
+        struct moe_cache_stats s0, s1;
+        struct moe_forward_stats st;
+
+        for (int i = 0; i < 4; i++)
+            ids[i] = f < 3 ? fixed[f][i] : (int32_t)(test_rand_u64(&seed) % 8);
+        if (ids[1] == ids[0])
+            ids[1] = (ids[0] + 1) % 8;
+        if (ids[3] == ids[2])
+            ids[3] = (ids[2] + 1) % 8;
+        for (int32_t ex = 0; ex < 8; ex++) {
+            bool used = false;
+
+            for (int i = 0; i < 4; i++)
+                used |= ids[i] == ex;
+            absent += used && !moe_cache_resident(c, moe_engine_model_id(e), layer, ex);
+        }
+        ASSERT_EQ(moe_cache_snapshot(c, &s0), 0);
+        ASSERT_EQ(moe_layer_forward(e, layer, x, T, ids, w, y, NULL, NULL, &st, &err), 0);
+        ASSERT_EQ(moe_cache_snapshot(c, &s1), 0);
+        ASSERT_EQ(st.misses, absent);
+        ASSERT_EQ(s1.total.page_ins - s0.total.page_ins, (uint64_t)absent);
+        if (f == 2)
+            ASSERT_EQ(absent, 2);
+        moe_cache_stats_clear(&s0);
+        moe_cache_stats_clear(&s1);
+        ASSERT_EQ(moe_layer_forward(whole, layer, x, T, ids, w, yw, NULL, NULL, NULL, &err), 0);
+        ASSERT_TRUE(memcmp(y, yw, sizeof(y)) == 0);
+    }
+    moe_engine_free(e);
+    moe_engine_free(whole);
+    moe_backend_free(cpu);
+    moe_model_free(m);
+    test_rmtree(dir);
+    free(dir);
+}
+
 static void check_errors(void)
 {
     char *dir = make_model("layer-err", MOE_ARCH_MIXTRAL);
@@ -448,6 +554,7 @@ int main(void)
 {
     for (int a = 0; a < MOE_ARCH_COUNT; a++)
         check_arch((enum moe_arch)a);
+    check_forward_page_ins();
     check_errors();
     printf("ok\n");
     return 0;

@@ -847,40 +847,74 @@ static void test_belady_speed(void)
 
 /* ---- summary and replay ------------------------------------------------------------------ */
 
-/* LRU as the cache's acquire does it: the step's experts one after the
- * other, each pinned once acquired, a miss evicting the least recently used
- * unpinned one (possibly one the step needs later). */
+/* LRU as the cache's acquire does it: the step's experts are held together
+ * (a resident one is a hit, whatever the step pages in), each miss evicts
+ * the least recently used expert not of the step, and then the step's
+ * experts are the most recently used, in the step's order. */
 static uint64_t naive_lru(const struct accs *a, int cap)
 {
     int *res = malloc((size_t)(cap + 1) * sizeof(int)), n_res = 0; /* res[0]: LRU */
     uint64_t hits = 0;
 
     for (int s = 0; s < a->n_steps; s++) {
-        int pinned_from = n_res; /* res[pinned_from..]: acquired in this step */
+        int first = a->start[s], end = a->start[s + 1], misses = 0;
 
-        for (int p = a->start[s]; p < a->start[s + 1]; p++) {
-            int k = a->key[p], at = -1;
+        /* Take the step's resident experts out of the order: held. */
+        for (int p = first; p < end; p++) {
+            int at = -1;
 
             for (int i = 0; i < n_res; i++)
-                if (res[i] == k)
+                if (res[i] == a->key[p])
                     at = i;
-            if (at >= 0) {
-                hits++;
-                if (at < pinned_from)
-                    pinned_from--;
-                memmove(res + at, res + at + 1, (size_t)(n_res - at - 1) * sizeof(int));
-                n_res--;
-            } else if (n_res == cap) {
-                ASSERT_TRUE(pinned_from > 0);
-                memmove(res, res + 1, (size_t)(n_res - 1) * sizeof(int));
-                n_res--;
-                pinned_from--;
+            if (at < 0) {
+                misses++;
+                continue;
             }
-            res[n_res++] = k;
+            hits++;
+            memmove(res + at, res + at + 1, (size_t)(n_res - at - 1) * sizeof(int));
+            n_res--;
         }
+        /* Room for the misses from the others, least recently used first. */
+        while (n_res + (end - first) > cap) {
+            ASSERT_TRUE(n_res > 0);
+            memmove(res, res + 1, (size_t)(n_res - 1) * sizeof(int));
+            n_res--;
+        }
+        ASSERT_TRUE(misses <= end - first);
+        for (int p = first; p < end; p++)
+            res[n_res++] = a->key[p];
     }
     free(res);
     return hits;
+}
+
+/* The issue's trace (4 layers of 8 experts, top-2, one token a step,
+ * capacity 8): at step 6, layer 2's expert 7 is resident and must not be
+ * evicted to make room for expert 0 of the same step.  LRU then gets 1 hit
+ * (expert 7 at step 6; cache-sim counted 0 when it evicted expert 7 for
+ * expert 0 and missed it next), and so do freq and routing, which evict
+ * neither layer 2 expert before step 6 either. */
+static void test_replay_holds_step(void)
+{
+    static const uint16_t layers[] = {0, 1, 2, 3, 0, 1, 2};
+    static const uint16_t experts[] = {3, 4, 0, 6, 7, 5, 6, 2, 6, 1, 2, 5, 0, 7};
+    struct moe_trace *t = mem_trace(4, 8, 2, 7, layers, experts);
+    struct moe_error err = {0};
+    struct accs a = accesses_of(t);
+
+    for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+        struct moe_cache_config cfg = {.policy = (enum moe_cache_policy)p};
+        struct moe_trace_replay_result x;
+
+        if (moe_trace_replay(t, 8, &cfg, &x, &err) < 0)
+            FAIL("replay %s: %s", moe_cache_policy_name(cfg.policy), err.msg);
+        ASSERT_EQ(x.accesses, 14u);
+        ASSERT_EQ(x.hits, 1u);
+        ASSERT_EQ(x.c.evictions, 14u - 1u - 8u);
+    }
+    ASSERT_EQ(naive_lru(&a, 8), 1u);
+    free_accs(&a);
+    moe_trace_free(t);
 }
 
 static void test_replay(void)
@@ -1151,6 +1185,7 @@ int main(void)
     test_belady_naive();
     test_belady_speed();
     test_replay();
+    test_replay_holds_step();
     test_generate(dir);
     test_rmtree(dir);
     free(dir);
