@@ -46,7 +46,10 @@
 
 #define POP_TIMEOUT_MS 250 /* an idle session thread re-checks for closing this often */
 #define MAX_PENDING 64     /* connections that have not said hello yet */
+#define MAX_PENDING_PER_UID 16 /* ... of them from one uid */
 #define HELLO_NS (5ull * 1000000000ull) /* ... and how long they may take to */
+#define MAX_REFUSED 16 /* strangers told why, waiting to read it */
+#define REFUSED_NS (1000000000ull) /* ... for this long at most */
 #define ACCEPT_PAUSE_MS 100             /* out of descriptors: stop accepting this long */
 
 struct moe_shm_session {
@@ -80,11 +83,14 @@ struct moe_shm_session {
 };
 
 /* A client socket as the poll thread sees it: before its hello (session
- * NULL) or with its session. */
+ * NULL) or with its session; or a stranger (refused), already sent its
+ * refusal, kept open a moment so that it can read it after its hello. */
 struct conn {
     int fd;
     struct moe_shm_session *session;
     uint64_t t_accept; /* before the hello: it must come within HELLO_NS */
+    uid_t uid;         /* SO_PEERCRED at accept */
+    bool refused;      /* a stranger: closed at its first message or after REFUSED_NS */
 };
 
 struct moe_shm_server {
@@ -613,10 +619,51 @@ static void drop_conn(struct moe_shm_server *s, int i, const char *reason)
     close(c.fd);
 }
 
+/* Closes the oldest connection for which pick(c) holds; false if none. */
+static bool drop_oldest(struct moe_shm_server *s, bool (*pick)(const struct conn *, uid_t), uid_t uid)
+{
+    int old = -1;
+
+    for (int i = 0; i < s->n_conns; i++)
+        if (pick(&s->conns[i], uid) && (old < 0 || s->conns[i].t_accept < s->conns[old].t_accept))
+            old = i;
+    if (old < 0)
+        return false;
+    drop_conn(s, old, NULL);
+    return true;
+}
+
+static bool is_refused(const struct conn *c, uid_t uid)
+{
+    (void)uid;
+    return c->refused;
+}
+
+static bool is_pending_of(const struct conn *c, uid_t uid)
+{
+    return !c->session && !c->refused && c->uid == uid;
+}
+
+/*
+ * Admission at accept, before any byte is read: the peer's credentials
+ * decide.  A stranger (not on the allow-list) is sent its refusal at once
+ * and never counts against anyone: at most MAX_REFUSED of them wait (the
+ * oldest is closed for a new one) for their hello, to be closed then, so
+ * that the client library reads why.  An admitted peer always gets in: at
+ * MAX_PENDING_PER_UID silent connections of its uid the oldest of them is
+ * closed, and at MAX_PENDING in all the oldest of the uid with the most;
+ * so silent connections cost their own uid's, never another's, and a
+ * client that says hello at once (as libmoe-client does) is never turned
+ * away by them.
+ */
 static void accept_one(struct moe_shm_server *s)
 {
-    int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), pending = 0;
+    int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), pending = 0,
+        mine = 0, refused = 0;
+    struct ucred cr;
+    socklen_t crl = sizeof(cr);
     struct conn *nc;
+    bool stranger;
 
     if (fd < 0) {
         /* Out of descriptors: the listening socket stays readable; polling
@@ -625,13 +672,53 @@ static void accept_one(struct moe_shm_server *s)
             s->accept_paused_until = moe_ring_now_ns() + ACCEPT_PAUSE_MS * 1000000ull;
         return;
     }
-    for (int i = 0; i < s->n_conns; i++)
-        pending += !s->conns[i].session;
-    if (pending >= MAX_PENDING) {
-        /* Connections that say nothing cost a descriptor each: a bound. */
-        atomic_fetch_add(&s->refused, 1);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crl) < 0) {
         close(fd);
         return;
+    }
+    stranger = !allowed(s, cr.uid, cr.gid);
+    if (stranger) {
+        char msg[200];
+
+        atomic_fetch_add(&s->refused, 1);
+        snprintf(msg, sizeof(msg),
+                 "uid %u (gid %u) is not allowed to use moed's shared-memory socket: add it "
+                 "to shm_allow_users or shm_allow_groups",
+                 (unsigned)cr.uid, (unsigned)cr.gid);
+        if (send_welcome(fd, -EACCES, NULL, -1, msg) < 0) {
+            close(fd);
+            return;
+        }
+    }
+    for (int i = 0; i < s->n_conns; i++) {
+        const struct conn *c = &s->conns[i];
+
+        refused += c->refused;
+        pending += !c->session && !c->refused;
+        mine += is_pending_of(c, cr.uid);
+    }
+    if (stranger && refused >= MAX_REFUSED)
+        drop_oldest(s, is_refused, 0);
+    if (!stranger && mine >= MAX_PENDING_PER_UID) {
+        drop_oldest(s, is_pending_of, cr.uid);
+    } else if (!stranger && pending >= MAX_PENDING) {
+        /* The uid with the most silent connections gives one up. */
+        uid_t most = cr.uid;
+        int n_most = 0;
+
+        for (int i = 0; i < s->n_conns; i++) {
+            int n = 0;
+
+            if (s->conns[i].session || s->conns[i].refused)
+                continue;
+            for (int k = 0; k < s->n_conns; k++)
+                n += is_pending_of(&s->conns[k], s->conns[i].uid);
+            if (n > n_most) {
+                n_most = n;
+                most = s->conns[i].uid;
+            }
+        }
+        drop_oldest(s, is_pending_of, most);
     }
     if (s->n_conns == s->cap_conns) {
         nc = realloc(s->conns, sizeof(*nc) * (size_t)(s->cap_conns ? 2 * s->cap_conns : 16));
@@ -642,7 +729,7 @@ static void accept_one(struct moe_shm_server *s)
         s->conns = nc;
         s->cap_conns = s->cap_conns ? 2 * s->cap_conns : 16;
     }
-    s->conns[s->n_conns++] = (struct conn){fd, NULL, moe_ring_now_ns()};
+    s->conns[s->n_conns++] = (struct conn){fd, NULL, moe_ring_now_ns(), cr.uid, stranger};
 }
 
 static void *poll_main(void *arg)
@@ -690,6 +777,16 @@ static void *poll_main(void *arg)
 
             if (c->session && atomic_load(&c->session->closing)) {
                 drop_conn(s, i, NULL);
+                continue;
+            }
+            if (c->refused && (ev || now - c->t_accept > REFUSED_NS)) {
+                struct moe_shm_hello h;
+
+                /* Read its hello first: closing a socket with unread data
+                 * resets the peer, which would lose the refusal unread. */
+                for (int k = 0; k < 4 && recv(c->fd, &h, sizeof(h), MSG_DONTWAIT) > 0; k++)
+                    ;
+                drop_conn(s, i, NULL); /* a stranger, told why at accept */
                 continue;
             }
             if (!c->session && !ev && now - c->t_accept > HELLO_NS) {
