@@ -19,7 +19,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-enum kind { K_STR, K_BYTES, K_BOOL, K_INT, K_U64, K_DOUBLE, K_LEVEL, K_POLICY };
+enum kind { K_STR, K_BYTES, K_BOOL, K_INT, K_U64, K_DOUBLE, K_LEVEL, K_POLICY, K_LOG_FORMAT };
 
 struct key {
     const char *section;
@@ -46,6 +46,9 @@ static const struct key keys[] = {
     {"server", "max_message_bytes", K_BYTES, OFF(max_message_bytes), 0, 0,
      "largest request accepted (default 64M)"},
     {"server", "log_level", K_LEVEL, OFF(log_level), 0, 0, "error, warn, info or debug"},
+    {"server", "log_format", K_LOG_FORMAT, OFF(log_format), 0, 0,
+     "text (a timestamp and moed[PID] before each line, none under the systemd journal) or "
+     "json (one object per line: ts, level, pid, msg)"},
     {"server", "rpc_threads", K_INT, OFF(rpc_threads), 1, 64, "gRPC completion-queue threads"},
     {"server", "drain_timeout_ms", K_U64, OFF(drain_timeout_ms), 0, 3600000,
      "on SIGTERM, how long requests in flight may finish"},
@@ -254,6 +257,11 @@ static int set_key(struct moed_config *c, const struct key *k, const char *v, co
         if (moe_log_level_parse(v, (enum moe_log_level *)p) < 0)
             return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected error, warn, info or debug",
                                  where, k->name, v);
+        return 0;
+    case K_LOG_FORMAT:
+        if (moed_log_format_parse(v, (enum moed_log_format *)p) < 0)
+            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected text or json", where,
+                                 k->name, v);
         return 0;
     case K_POLICY:
         if (moe_cache_policy_parse(v, (enum moe_cache_policy *)p) < 0)
@@ -478,11 +486,11 @@ static const char *arg_name(const struct key *k)
     static const struct {
         const char *name, *arg;
     } strs[] = {
-        {"listen", "HOST:PORT"},   {"metrics", "HOST:PORT"},     {"socket", "PATH"},
-        {"shm_socket", "PATH"},    {"token", "TOKEN"},           {"tls_cert", "FILE"},
-        {"tls_key", "FILE"},       {"tls_client_ca", "FILE"},    {"shm_allow_users", "LIST"},
+        {"listen", "HOST:PORT"},      {"metrics", "HOST:PORT"},  {"socket", "PATH"},
+        {"shm_socket", "PATH"},       {"token", "TOKEN"},        {"tls_cert", "FILE"},
+        {"tls_key", "FILE"},          {"tls_client_ca", "FILE"}, {"shm_allow_users", "LIST"},
         {"shm_allow_groups", "LIST"}, {"gpus", "LIST"},          {"kernel", "NAME"},
-        {"node_name", "NAME"},
+        {"node_name", "NAME"},        {"model_dirs", "LIST"},
     };
 
     switch (k->kind) {
@@ -499,6 +507,8 @@ static const char *arg_name(const struct key *k)
         return "LEVEL";
     case K_POLICY:
         return "POLICY";
+    case K_LOG_FORMAT:
+        return "FORMAT";
     case K_STR:
         break;
     }
@@ -584,8 +594,9 @@ void moed_usage(FILE *f)
     fprintf(f,
             "\n"
             "Signals: SIGTERM and SIGINT stop (requests in flight finish), SIGHUP re-reads\n"
-            "the file's log level, cache capacity, policy and prefetch.  With NOTIFY_SOCKET\n"
-            "set (systemd Type=notify) moed reports READY, STATUS, WATCHDOG and STOPPING.\n"
+            "the file's log level and format, cache capacity, policy and prefetch.  With\n"
+            "NOTIFY_SOCKET set (systemd Type=notify) moed reports READY, STATUS, WATCHDOG\n"
+            "and STOPPING.  Logs go to stderr; under the systemd journal without timestamps.\n"
             "See moed(8) and moed.conf(5).\n");
 }
 

@@ -9,7 +9,7 @@
  *               tls_require_client_cert, max_message_bytes, log_level,
  *               rpc_threads, drain_timeout_ms, metrics, shm_socket,
  *               shm_allow_users, shm_allow_groups, shm_max_arena_bytes,
- *               shm_max_sessions, model_dirs
+ *               shm_max_sessions, model_dirs, log_format
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
@@ -28,6 +28,7 @@
 #include "cache.h"
 #include "common.h"
 #include "log.h"
+#include "logging.h"
 
 #include <stdio.h>
 
@@ -56,6 +57,7 @@ struct moed_config {
     bool tls_require_client_cert;
     uint64_t max_message_bytes;
     enum moe_log_level log_level;
+    enum moed_log_format log_format; /* text (default) or json */
     int rpc_threads;
     uint64_t drain_timeout_ms;
     char *metrics;          /* Prometheus endpoint HOST:PORT, NULL: off */
@@ -115,8 +117,9 @@ void moed_config_clear(struct moed_config *c);
  */
 int moed_config_load(struct moed_config *c, int argc, char **argv, struct moe_error *err);
 
-/* Re-reads the file for what can change live (SIGHUP): log level, cache
- * capacity, policy, prefetch.  Flags given at start still win.  0 or -errno with err. */
+/* Re-reads the file for what can change live (SIGHUP): log level and
+ * format, cache capacity, policy, prefetch.  Flags given at start still
+ * win.  0 or -errno with err. */
 int moed_config_reload(const struct moed_config *start, int argc, char **argv,
                        struct moed_config *ret, struct moe_error *err);
 

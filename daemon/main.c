@@ -8,8 +8,8 @@
  *   SIGTERM, SIGINT  stop: refuse new requests (UNAVAILABLE), let those in
  *                    flight finish for drain_timeout_ms, cancel the rest,
  *                    free everything, exit 0;
- *   SIGHUP           re-read the file: log level, host cache capacity, policy
- *                    and prefetch.
+ *   SIGHUP           re-read the file: log level and format, host cache
+ *                    capacity, policy and prefetch.
  * The main loop wakes every second (more often for a short WatchdogSec) to
  * ping the systemd watchdog when it is enabled, and withholds the ping while
  * the scheduler is stuck: requests pending or running and no batch finished
@@ -21,6 +21,7 @@
 #include "moed.h"
 
 #include "log.h"
+#include "logging.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -105,13 +106,18 @@ static void reload(struct moed *d, int argc, char **argv)
         moe_log(MOE_LOG_INFO, "SIGHUP: log level %s", moe_log_level_name(nc.log_level));
         d->cfg.log_level = nc.log_level;
     }
+    if (nc.log_format != d->cfg.log_format) {
+        moed_log_start(nc.log_format);
+        moe_log(MOE_LOG_INFO, "SIGHUP: log format %s", moed_log_format_name(nc.log_format));
+        d->cfg.log_format = nc.log_format;
+    }
     if (nc.host_cache_bytes && nc.host_cache_bytes != d->cfg.host_cache_bytes) {
         if (moe_cache_set_capacity(d->cache, moe_cache_tier_count(d->cache) - 1,
                                    nc.host_cache_bytes, &err) < 0)
             moe_log(MOE_LOG_WARN, "SIGHUP: host cache capacity: %s", err.msg);
         else
-            moe_log(MOE_LOG_INFO, "SIGHUP: host cache capacity %llu bytes",
-                    (unsigned long long)nc.host_cache_bytes);
+            moe_log(MOE_LOG_INFO, "SIGHUP: host cache capacity %s",
+                    moed_log_bytes(nc.host_cache_bytes, (char[MOED_BYTES_MAX]){0}));
         d->cfg.host_cache_bytes = nc.host_cache_bytes;
     }
     if (nc.policy != d->cfg.policy || nc.prefetch != d->cfg.prefetch) {
@@ -169,8 +175,8 @@ static int gpu_tier(struct moed *d, struct moe_error *err)
     if (rc == 0 && (rc = moe_cache_push_tier(d->cache, t, err)) < 0)
         moe_tier_destroy(t);
     if (rc == 0)
-        moe_log(MOE_LOG_INFO, "GPU cache tier %s: %llu bytes", t->name,
-                (unsigned long long)t->capacity);
+        moe_log(MOE_LOG_INFO, "GPU cache tier %s: %s", t->name,
+                moed_log_bytes(t->capacity, (char[MOED_BYTES_MAX]){0}));
     return rc;
 #else
     (void)d;
@@ -226,15 +232,18 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--check-config") == 0)
             return check_config(argc, argv, i);
+    /* Every line has moed's prefix, a bad configuration's too. */
+    moed_log_start(MOED_LOG_TEXT);
     moed_config_init(&d.cfg);
     r = moed_config_load(&d.cfg, argc - 1, argv + 1, &err);
     if (r != 0) {
         if (r < 0)
-            fprintf(stderr, "moed: %s\n", err.msg);
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
         moed_config_clear(&d.cfg);
         return r > 0 ? 0 : 2;
     }
     moe_log_set_level(d.cfg.log_level);
+    moed_log_start(d.cfg.log_format);
     pthread_mutex_init(&d.lock, NULL);
     if (moed_model_dirs_init(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
@@ -350,11 +359,10 @@ int main(int argc, char **argv)
                 moed_metrics_port(d.metrics));
     }
     moe_log(MOE_LOG_INFO,
-            "moed %s serving %d model(s) on %s%s%s (port %d), host cache %llu bytes, policy "
-            "%s%s",
+            "moed %s serving %d model(s) on %s%s%s (port %d), host cache %s, policy %s%s",
             MOED_VERSION, d.n_models, d.cfg.listen ? d.cfg.listen : "",
             d.cfg.listen && d.cfg.socket ? " and " : "", d.cfg.socket ? d.cfg.socket : "",
-            moe_rpc_server_port(d.rpc), (unsigned long long)cc.host_bytes,
+            moe_rpc_server_port(d.rpc), moed_log_bytes(cc.host_bytes, (char[MOED_BYTES_MAX]){0}),
             moe_cache_policy_name(cc.policy), cc.prefetch ? "+prefetch" : "");
     /* Scripts and tests read the port from this line (with --listen HOST:0). */
     printf("moed: listening on port %d\n", moe_rpc_server_port(d.rpc));

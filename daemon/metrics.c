@@ -19,6 +19,7 @@
 #include "moed.h"
 
 #include "log.h"
+#include "logging.h"
 #include "moe.pb-c.h"
 #include "rpc_client.h"
 
@@ -148,12 +149,13 @@ int moed_metrics_create(struct moed *d, struct moed_metrics **ret)
     return 0;
 }
 
-void moed_metrics_request(struct moed_metrics *m, const char *model, enum moed_transport t,
-                          int code, int tokens, uint64_t duration_ns)
+void moed_metrics_request(struct moed_metrics *m, const char *model, int layer,
+                          enum moed_transport t, int code, int tokens, uint64_t duration_ns)
 {
     struct series *s;
     size_t b = 0;
 
+    moed_log_request(model, layer, tokens, transport_names[t], code, duration_ns);
     if (!m)
         return;
     s = series_get(m, model ? model : "", t);

@@ -53,12 +53,13 @@ int moed_metrics_port(const struct moed_metrics *m);
 
 /*
  * Counts one answered request: model is the loaded model's name, or NULL
- * when the request named none; code is its gRPC status (0: OK); tokens are
- * counted for OK answers only; duration_ns from receipt to answer.  m NULL
- * counts nothing.
+ * when the request named none; layer the one asked for (-1: not known);
+ * code is its gRPC status (0: OK); tokens are counted for OK answers only;
+ * duration_ns from receipt to answer.  At debug level it is also logged,
+ * one line per request (logging.h).  m NULL counts nothing.
  */
-void moed_metrics_request(struct moed_metrics *m, const char *model, enum moed_transport t,
-                          int code, int tokens, uint64_t duration_ns);
+void moed_metrics_request(struct moed_metrics *m, const char *model, int layer,
+                          enum moed_transport t, int code, int tokens, uint64_t duration_ns);
 
 /* Stops the endpoint, waiting for a scrape in progress: after it nothing
  * reads d.  Requests may still be counted.  NULL is a no-op. */

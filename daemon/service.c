@@ -259,8 +259,8 @@ struct fwd {
  * once answered sees it counted) and before fwd_free (the name is mm's). */
 static void fwd_count(struct fwd *f, int code)
 {
-    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->transport, code,
-                         code == GRPC_STATUS_OK ? f->T : 0, moe_now_ns() - f->t_recv);
+    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->req.layer, f->transport,
+                         code, code == GRPC_STATUS_OK ? f->T : 0, moe_now_ns() - f->t_recv);
 }
 
 static void fwd_free(struct fwd *f)
@@ -486,7 +486,8 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
 
     if (!q || !f) {
         st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
-        moed_metrics_request(d->metrics, NULL, MOED_TRANSPORT_GRPC, st, 0, moe_now_ns() - t_recv);
+        moed_metrics_request(d->metrics, NULL, -1, MOED_TRANSPORT_GRPC, st, 0,
+                             moe_now_ns() - t_recv);
         moe_rpc_fail(call, st, "%s",
                      q ? "out of memory" : "the request is not a moe.v1.ForwardRequest");
         goto out;
@@ -495,6 +496,7 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     f->call = call;
     f->t_recv = t_recv;
     f->transport = MOED_TRANSPORT_GRPC;
+    f->req.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the log until set below */
     if (atomic_load(&d->state) != MOED_SERVING) {
         fwd_count(f, GRPC_STATUS_UNAVAILABLE);
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is %s: no new requests",

@@ -126,7 +126,7 @@ static void shm_done(struct moe_sched_req *r, int status, const char *msg)
     } else {
         atomic_fetch_add(&d->failed, 1);
     }
-    moed_metrics_request(d->metrics, f->mm->name, MOED_TRANSPORT_SHM,
+    moed_metrics_request(d->metrics, f->mm->name, f->req->sqe.layer, MOED_TRANSPORT_SHM,
                          status == 0 ? 0 : moed_grpc_status(status), status == 0 ? f->T : 0,
                          moe_now_ns() - f->req->t_seen);
     moe_shm_complete(f->req, status, &c, status < 0 ? (msg ? msg : strerror(-status)) : NULL);
@@ -192,7 +192,7 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
     if (atomic_load(&d->state) != MOED_SERVING) {
         snprintf(msg, len, "moed is %s: no new requests",
                  atomic_load(&d->state) == MOED_DRAINING ? "draining" : "stopping");
-        moed_metrics_request(d->metrics, req->model.name, MOED_TRANSPORT_SHM,
+        moed_metrics_request(d->metrics, req->model.name, req->sqe.layer, MOED_TRANSPORT_SHM,
                              moed_grpc_status(-ESHUTDOWN), 0, 0);
         return -ESHUTDOWN;
     }
@@ -214,8 +214,8 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
     f->K = f->mm->m->cfg.top_k;
     rc = shm_prepare(f, msg, len);
     if (rc < 0) {
-        moed_metrics_request(d->metrics, f->mm->name, MOED_TRANSPORT_SHM, moed_grpc_status(rc), 0,
-                             moe_now_ns() - req->t_seen);
+        moed_metrics_request(d->metrics, f->mm->name, req->sqe.layer, MOED_TRANSPORT_SHM,
+                             moed_grpc_status(rc), 0, moe_now_ns() - req->t_seen);
         shm_fwd_free(f);
         return rc;
     }
@@ -237,7 +237,7 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
     if (moed_submit(d, f->mm, &f->sr, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         snprintf(msg, len, "%s", err.msg);
-        moed_metrics_request(d->metrics, f->mm->name, MOED_TRANSPORT_SHM,
+        moed_metrics_request(d->metrics, f->mm->name, req->sqe.layer, MOED_TRANSPORT_SHM,
                              moed_grpc_status(err.code), 0, moe_now_ns() - req->t_seen);
         shm_fwd_free(f);
         return err.code;

@@ -19,6 +19,9 @@ Checks:
                Forward from a client that connected before moed ran; the
                configured path is not bound nor removed; a passed descriptor
                that is not a listening socket is closed and the path bound;
+  logs         one prefix on every line (a timestamp and moed[PID], or only
+               the priority when JOURNAL_STREAM names stderr), log_format =
+               json, sizes for people, one debug line per request;
   watchdog     with NOTIFY_SOCKET and WATCHDOG_USEC, READY=1 then WATCHDOG=1
                several times per interval, STOPPING=1 at SIGTERM; a batch
                longer than the interval withholds the pings (logged), which
@@ -410,6 +413,116 @@ def test_activation(a, tmp, model, protos):
           rc == 0 and not os.path.exists(path), f"rc {rc}")
 
 
+# ---- logs ----
+
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d moed\[\d+\] "
+                     r"(error|warn|info|debug): ")
+JOURNAL = re.compile(r"^<[3467]>(error|warn|info|debug): ")
+
+
+def one_forward(pb, pbg, path):
+    ch = channel(path)
+    try:
+        x = np.random.default_rng(2).standard_normal((3, 64)).astype("f4")
+        pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="mix", layer=0,
+                                                      hidden=tensor(pb, x)), timeout=30)
+        try:
+            pbg.ExpertsStub(ch).Forward(pb.ForwardRequest(model="nope", layer=1,
+                                                          hidden=tensor(pb, x)), timeout=30)
+        except grpc.RpcError:
+            pass
+    finally:
+        ch.close()
+
+
+def test_logs(a, tmp, model, protos):
+    """One prefix on every line: a timestamp and moed[PID] on a terminal or
+    file, none but the priority under the journal (JOURNAL_STREAM naming
+    stderr), JSON lines with log_format = json; sizes for people; at debug
+    level one line per request."""
+    import json
+    pb, pbg = protos[0], protos[1]
+    base = ["--listen", "none", "--model", f"mix={model}", "--host-cache-bytes", "12M",
+            "--log-level", "debug"]
+
+    p = subprocess.run([a.moed, "--frobnicate", "1"], capture_output=True, text=True)
+    check("logs: a bad flag is logged with the prefix", p.returncode == 2
+          and STAMPED.match(p.stderr) and "--frobnicate" in p.stderr, p.stderr)
+
+    path = f"{tmp}/log-text.sock"
+    d = Moed([a.moed] + base + ["--socket", path], "log-text")
+    ok = d.wait_log(r"serving \d+ model")
+    one_forward(pb, pbg, path)
+    d.stop()
+    lines = d.stderr().splitlines()
+    bad = [x for x in lines if not STAMPED.match(x)]
+    check("logs: every line has a timestamp and moed[PID]", ok and lines and not bad,
+          "\n".join(bad[:5]))
+    log = "\n".join(lines)
+    check("logs: sizes for people (host cache 12 MiB)", "host cache 12 MiB" in log
+          and not re.search(r"\d{5,} bytes", log), log[-1500:])
+    req = [x for x in lines if "request:" in x]
+    check("logs: at debug, one line per request: model, layer, tokens, transport, status, time",
+          len(req) == 2 and re.search(r"request: model 'mix' layer 0, 3 tokens over grpc: OK in "
+                                      r"\d+\.\d+ ms$", req[0])
+          and "model (none loaded) layer 1, 0 tokens over grpc: NOT_FOUND" in req[1],
+          "\n".join(req))
+
+    # Under the journal: JOURNAL_STREAM names stderr's device and inode.
+    name = "log-journal"
+    open(f"{logdir}/{name}.log", "w").close()
+    st = os.stat(f"{logdir}/{name}.log")
+    path = f"{tmp}/log-j.sock"
+    d = Moed([a.moed] + base + ["--socket", path], name,
+             env=dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"))
+    ok = d.wait_log(r"serving \d+ model")
+    d.stop()
+    lines = d.stderr().splitlines()
+    bad = [x for x in lines if not JOURNAL.match(x)]
+    check("logs: under the journal, no timestamp: <priority>level: message",
+          ok and lines and not bad and any(x.startswith("<6>info: moed ") for x in lines),
+          "\n".join(bad[:5] or lines[:5]))
+    # ... and not when stderr is not the stream JOURNAL_STREAM names
+    d = Moed([a.moed] + base + ["--socket", path], "log-notjournal",
+             env=dict(os.environ, JOURNAL_STREAM=f"{st.st_dev + 1}:{st.st_ino}"))
+    ok = d.wait_log(r"serving \d+ model")
+    d.stop()
+    lines = d.stderr().splitlines()
+    check("logs: JOURNAL_STREAM of another stream: timestamps",
+          ok and lines and all(STAMPED.match(x) for x in lines), "\n".join(lines[:5]))
+
+    # log_format = json, from the file
+    conf = f"{logdir}/log-json.conf"
+    with open(conf, "w") as f:
+        f.write("[server]\nlog_format = json\n")
+    path = f"{tmp}/log-json.sock"
+    d = Moed([a.moed, "--config", conf] + base + ["--socket", path], "log-json")
+    ok = d.wait_log(r"serving \d+ model")
+    one_forward(pb, pbg, path)
+    d.stop()
+    objs, bad = [], []
+    for x in d.stderr().splitlines():
+        try:
+            o = json.loads(x)
+            objs.append(o)
+            if not {"ts", "level", "msg"} <= set(o):
+                bad.append(x)
+        except ValueError:
+            bad.append(x)
+    check("logs: log_format = json: every line an object with ts, level, msg",
+          ok and objs and not bad, "\n".join(bad[:5]))
+    req = [o for o in objs if o.get("msg", "").startswith("request:")]
+    check("logs: json request line has model, layer, tokens, transport, status, time_ms",
+          len(req) == 2 and req[0].get("model") == "mix" and req[0].get("layer") == 0
+          and req[0].get("tokens") == 3 and req[0].get("transport") == "grpc"
+          and req[0].get("status") == "OK" and isinstance(req[0].get("time_ms"), float)
+          and req[1].get("model") is None and req[1].get("status") == "NOT_FOUND",
+          str(req))
+    p = subprocess.run([a.moed, "--log-format", "xml"], capture_output=True, text=True)
+    check("logs: --log-format xml refused", p.returncode == 2
+          and "expected text or json" in p.stderr, p.stderr)
+
+
 # ---- watchdog ----
 
 def test_watchdog(a, tmp, model, big, protos):
@@ -522,6 +635,7 @@ def main():
                         "--experts", "4", "--hidden", "512", "--ffn", "2048", "--out", big,
                         "-q"], check=True)
         test_activation(a, tmp, model, protos)
+        test_logs(a, tmp, model, protos)
         test_watchdog(a, tmp, model, big, protos)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
