@@ -7,6 +7,7 @@
 #include "genmodel.h"
 #include "model.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
@@ -25,7 +26,8 @@ static void gen_model_usage(FILE *f)
                "the family (config.json, safetensors shards, index), with skewed routers.\n"
                "\n"
                "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3\n"
-               "  --out DIR              output directory (created; old shards replaced)\n"
+               "  --out DIR              output directory (created; refused when not empty)\n"
+               "  --force                write into a non-empty --out, replacing a checkpoint\n"
                "  --layers N             decoder layers\n"
                "  --experts E            routed experts per MoE layer\n"
                "  --top-k K              experts per token\n"
@@ -37,7 +39,41 @@ static void gen_model_usage(FILE *f)
                "  --seed S               seed of the weights (default 0)\n"
                "  -q, --quiet            no progress output\n"
                "\n"
-               "Unset sizes take the family's small defaults; `moectl inspect` shows them.\n");
+               "Unset sizes take the family's small defaults:\n"
+               "  family       layers experts top-k hidden  ffn shared\n");
+    for (int a = 0; a < MOE_ARCH_COUNT; a++) {
+        struct moe_genmodel_opts o;
+
+        moe_genmodel_defaults((enum moe_arch)a, &o);
+        fprintf(f, "  %-12s %6d %7d %5d %6d %4d %6d\n", moe_arch_name((enum moe_arch)a), o.n_layers,
+                o.n_experts, o.top_k, o.hidden, o.ffn, o.n_shared);
+    }
+    fprintf(f, "`moectl inspect --model DIR` shows what was written.\n");
+}
+
+/* gen-model refuses a non-empty --out without --force, as pack does: a
+ * mistyped path must not overwrite someone's checkpoint.  0, or 1 with the
+ * message printed. */
+static int check_out_dir(const char *out, bool force)
+{
+    DIR *dir = opendir(out);
+    struct dirent *e;
+    bool empty = true;
+
+    if (!dir)
+        return 0; /* missing: created; not a directory: the writer says so */
+    while ((e = readdir(dir)))
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) {
+            empty = false;
+            break;
+        }
+    closedir(dir);
+    if (empty || force)
+        return 0;
+    errorf("gen-model: '%s' is not empty; pass --force to write the checkpoint into it anyway "
+           "(its files of the same names are replaced), or choose another --out",
+           out);
+    return 1;
 }
 
 struct progress_ctx {
@@ -62,13 +98,21 @@ static void gen_progress(void *ctx, int done, int total)
 int moectl_gen_model(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"arch", required_argument, NULL, 'a'},   {"out", required_argument, NULL, 'o'},
-        {"layers", required_argument, NULL, 'L'}, {"experts", required_argument, NULL, 'E'},
-        {"top-k", required_argument, NULL, 'k'},  {"hidden", required_argument, NULL, 'H'},
-        {"ffn", required_argument, NULL, 'F'},    {"shared-experts", required_argument, NULL, 'S'},
-        {"dtype", required_argument, NULL, 'd'},  {"shards", required_argument, NULL, 'n'},
-        {"seed", required_argument, NULL, 's'},   {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},         {0},
+        {"arch", required_argument, NULL, 'a'},
+        {"out", required_argument, NULL, 'o'},
+        {"layers", required_argument, NULL, 'L'},
+        {"experts", required_argument, NULL, 'E'},
+        {"top-k", required_argument, NULL, 'k'},
+        {"hidden", required_argument, NULL, 'H'},
+        {"ffn", required_argument, NULL, 'F'},
+        {"shared-experts", required_argument, NULL, 'S'},
+        {"dtype", required_argument, NULL, 'd'},
+        {"shards", required_argument, NULL, 'n'},
+        {"seed", required_argument, NULL, 's'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"force", no_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
     };
     struct moe_genmodel_opts o;
     struct progress_ctx pc = {.show = isatty(STDERR_FILENO)};
@@ -78,6 +122,7 @@ int moectl_gen_model(int argc, char **argv)
     int layers = 0, experts = 0, top_k = 0, hidden = 0, ffn = 0, shared = -1, shards = 1;
     enum moe_dtype dtype = MOE_DTYPE_BF16;
     enum moe_arch a;
+    bool force = false;
     uint64_t seed = 0, t0;
     char b1[32];
     int c, r = 0;
@@ -123,6 +168,9 @@ int moectl_gen_model(int argc, char **argv)
         case 'q':
             pc.show = false;
             break;
+        case 'f':
+            force = true;
+            break;
         case 'h':
             gen_model_usage(stdout);
             return 0;
@@ -145,6 +193,8 @@ int moectl_gen_model(int argc, char **argv)
         errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3", arch);
         return 2;
     }
+    if (check_out_dir(out, force))
+        return 1;
     moe_genmodel_defaults(a, &o);
     o.out_dir = out;
     if (layers)

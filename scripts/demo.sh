@@ -31,8 +31,9 @@ mkdir -p "$demo"
 
 echo
 echo "== making the demo model: Mixtral layout, 4 layers x 8 experts, hidden 1024, ffn 2816, bf16"
+# --force: a second run writes the same model over the first one's.
 $moectl gen-model --arch mixtral --out "$model" --layers 4 --experts 8 --top-k 2 \
-    --hidden 1024 --ffn 2816 --dtype bf16 --shards 2 --seed 1
+    --hidden 1024 --ffn 2816 --dtype bf16 --shards 2 --seed 1 --force
 
 echo
 echo "== moectl inspect --model $model"

@@ -74,6 +74,26 @@ def main():
     check("gen-model", [m, "gen-model", "--arch", "deepseek_v3", "--out", model, "-q"], 0,
           "wrote deepseek_v3", stream="stdout")
     check("inspect", [m, "inspect", "--model", model], 0, "deepseek_v3", stream="stdout")
+    # a non-empty --out is refused without --force, as pack refuses it
+    check("gen-model into a non-empty --out refused", [m, "gen-model", "--arch", "mixtral",
+                                                       "--out", model, "-q"], 1, "--force")
+    check("... and the checkpoint there left as it was", [m, "inspect", "--model", model], 0,
+          "deepseek_v3", stream="stdout")
+    check("gen-model --force into a non-empty --out", [m, "gen-model", "--arch", "deepseek_v3",
+                                                       "--out", model, "--force", "-q"], 0,
+          "wrote deepseek_v3", stream="stdout")
+    os.makedirs(f"{w}/empty")
+    check("gen-model into an empty directory", [m, "gen-model", "--arch", "olmoe", "--out",
+                                                f"{w}/empty", "-q"], 0, "wrote olmoe",
+          stream="stdout")
+    p = subprocess.run([m, "gen-model", "--help"], capture_output=True, text=True)
+    rows = {r[0]: r[1:] for r in (x.split() for x in p.stdout.splitlines()) if r
+            and r[0] in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")}
+    ok = (p.returncode == 0 and "layers experts top-k hidden  ffn shared" in p.stdout
+          and rows.get("mixtral") == ["4", "8", "2", "256", "512", "0"] and len(rows) == 5)
+    print(f"{'ok  ' if ok else 'FAIL'} gen-model --help shows the default sizes per family")
+    if not ok:
+        failures.append(f"gen-model --help: default sizes per family: {p.stdout}")
     check("inspect missing dir", [m, "inspect", "--model", f"{w}/nope"], 1, "config.json")
     check("inspect without --model", [m, "inspect"], 2, "--model")
 
