@@ -418,12 +418,16 @@ int main(int argc, char **argv)
     }
     notify("STOPPING=1\nSTATUS=stopping");
     atomic_store(&d.state, MOED_STOPPING);
+    /* gRPC first, the scheduler still taking requests: no new call starts,
+     * and the calls in flight finish, streams open now included (each
+     * message their client sends is answered) until the client ends them or
+     * drain_timeout_ms passes; then they are cancelled. */
+    moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(d.cfg.drain_timeout_ms, INT32_MAX));
     /* Split forwards in flight still submit their local share: let them. */
     if (moed_cluster_drain(&d, d.cfg.drain_timeout_ms) < 0)
         moe_log(MOE_LOG_WARN, "cluster: forwards still in flight after %llu ms",
                 (unsigned long long)d.cfg.drain_timeout_ms);
     moe_sched_stop(d.sched);
-    moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(d.cfg.drain_timeout_ms, INT32_MAX));
     ret = 0;
 out:
     moed_metrics_stop(d.metrics); /* first: a scrape reads everything below */

@@ -497,10 +497,12 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     f->t_recv = t_recv;
     f->transport = MOED_TRANSPORT_GRPC;
     f->req.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the log until set below */
-    if (atomic_load(&d->state) != MOED_SERVING) {
+    /* Stopping (SIGTERM): the gRPC core starts no new call, so what comes
+     * here is a message of a stream open at the signal: it is answered, as
+     * the requests in flight are, until drain_timeout_ms cuts the stream. */
+    if (atomic_load(&d->state) == MOED_DRAINING) {
         fwd_count(f, GRPC_STATUS_UNAVAILABLE);
-        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is %s: no new requests",
-                     atomic_load(&d->state) == MOED_DRAINING ? "draining" : "stopping");
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is draining: no new requests");
         goto out;
     }
     st = fwd_prepare(f, q, msg, sizeof(msg));

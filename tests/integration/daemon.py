@@ -680,6 +680,59 @@ def main():
     finally:
         d.stop(signal.SIGTERM, 30)
 
+    # SIGTERM with streams open: every message a client has sent on a stream
+    # open at the signal is answered, until the client half-closes or
+    # drain_timeout_ms passes; then the stream is cancelled and moed exits 0.
+    # (Messages not yet read used to get UNAVAILABLE "moed is stopping".)
+    d = Daemon(moed, ["--model", f"mix={model}", "--batch-window-us", "20000",
+                      "--drain-timeout-ms", "3000"], w, "moed-streams")
+    try:
+        exp = pbg.ExpertsStub(d.channel)
+        got, errs, hold = [], [], threading.Event()
+
+        def finite():
+            for i in range(40):
+                yield pb.ForwardRequest(model="mix", layer=i % 3, hidden=tensor(pb, x), tag=i)
+
+        def endless():
+            yield pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, x), tag=1000)
+            hold.wait(30)  # never half-closes while moed stops
+
+        def run(gen, sink):
+            try:
+                for r in exp.ForwardStream(gen(), timeout=30):
+                    sink.append(r.tag)
+            except grpc.RpcError as e:
+                errs.append((gen.__name__, e.code(), e.details()))
+        open_tags = []
+        th = [threading.Thread(target=run, args=(finite, got)),
+              threading.Thread(target=run, args=(endless, open_tags))]
+        for t in th:
+            t.start()
+        for _ in range(200):
+            if len(got) >= 3 and open_tags:
+                break
+            time.sleep(0.01)
+        t0 = time.time()
+        d.p.send_signal(signal.SIGTERM)  # the channel stays open (d.stop closes it)
+        try:
+            rc = d.p.wait(30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        took = time.time() - t0
+        hold.set()
+        for t in th:
+            t.join(30)
+        check("SIGTERM: a stream's messages sent before it are all answered, in order",
+              got == list(range(40)) and not [e for e in errs if e[0] == "finite"],
+              f"{got} {errs}")
+        check("SIGTERM: a stream left open is cut at drain_timeout_ms, moed exits 0",
+              rc == 0 and open_tags == [1000] and 2.5 < took < 20
+              and [e[0] for e in errs] == ["endless"], f"rc {rc} took {took:.1f} s {errs}")
+    finally:
+        if d.p.poll() is None:
+            d.stop(signal.SIGKILL)
+
     # sd_notify: READY, STATUS, WATCHDOG, then STOPPING, on a socket we read
     import socket as so
     ns_path = f"{w}/notify.sock"
