@@ -495,6 +495,8 @@ fail:
  * when the connection is to be closed. */
 static struct moe_shm_session *handshake(struct moe_shm_server *s, int fd)
 {
+    uint8_t buf[sizeof(struct moe_shm_hello)];
+    struct moe_shm_layout l;
     struct moe_shm_hello h;
     struct ucred cr;
     socklen_t crl = sizeof(cr);
@@ -504,30 +506,16 @@ static struct moe_shm_session *handshake(struct moe_shm_server *s, int fd)
     int rc, active;
     pthread_t t;
 
-    memset(&h, 0, sizeof(h));
     /* MSG_TRUNC: n is the message's real length, so a longer one is seen. */
-    n = recv(fd, &h, sizeof(h), MSG_DONTWAIT | MSG_TRUNC);
+    n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_TRUNC);
     if (n <= 0)
         return NULL;
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crl) < 0)
         return NULL;
-    if (n < 16 || h.magic != MOE_SHM_MAGIC) {
+    rc = moe_shm_hello_check(buf, (size_t)n, s->cfg.max_arena_bytes, &h, &l, msg, sizeof(msg));
+    if (rc == -EPROTO || rc == -EPROTONOSUPPORT) {
         atomic_fetch_add(&s->refused, 1);
-        send_welcome(fd, -EPROTO, NULL, -1, "not a moed shared-memory hello (bad magic or size)");
-        return NULL;
-    }
-    if (h.version != MOE_SHM_VERSION) {
-        atomic_fetch_add(&s->refused, 1);
-        snprintf(msg, sizeof(msg),
-                 "this moed speaks shared-memory protocol version %u; the client speaks "
-                 "version %u: use a libmoe-client of the same version",
-                 MOE_SHM_VERSION, h.version);
-        send_welcome(fd, -EPROTONOSUPPORT, NULL, -1, msg);
-        return NULL;
-    }
-    if (n != (ssize_t)sizeof(h) || h.op != MOE_SHM_OP_HELLO) {
-        atomic_fetch_add(&s->refused, 1);
-        send_welcome(fd, -EPROTO, NULL, -1, "malformed hello");
+        send_welcome(fd, rc, NULL, -1, msg);
         return NULL;
     }
     if (!allowed(s, cr.uid, cr.gid)) {

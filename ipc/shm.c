@@ -72,6 +72,27 @@ int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t arena_byte
     return 0;
 }
 
+int moe_shm_hello_check(const void *buf, size_t n, uint64_t max_arena, struct moe_shm_hello *ret,
+                        struct moe_shm_layout *ret_layout, char *msg, size_t len)
+{
+    struct moe_shm_hello h;
+
+    memset(&h, 0, sizeof(h));
+    memcpy(&h, buf, n < sizeof(h) ? n : sizeof(h));
+    if (n < 16 || h.magic != MOE_SHM_MAGIC)
+        return fail(-EPROTO, msg, len, "not a moed shared-memory hello (bad magic or size)");
+    if (h.version != MOE_SHM_VERSION)
+        return fail(-EPROTONOSUPPORT, msg, len,
+                    "this moed speaks shared-memory protocol version %u; the client speaks "
+                    "version %u: use a libmoe-client of the same version",
+                    MOE_SHM_VERSION, h.version);
+    if (n != sizeof(h) || h.op != MOE_SHM_OP_HELLO)
+        return fail(-EPROTO, msg, len, "malformed hello");
+    *ret = h;
+    return moe_shm_layout(h.sq_entries, h.cq_entries, h.arena_bytes, max_arena, ret_layout, msg,
+                          len);
+}
+
 int moe_shm_init(void *map, const struct moe_shm_layout *l, uint32_t session)
 {
     struct moe_shm_header *h = map;

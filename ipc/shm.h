@@ -246,6 +246,16 @@ struct moe_shm_layout {
 int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t arena_bytes,
                    uint64_t max_arena, struct moe_shm_layout *ret, char *msg, size_t len);
 
+/* Daemon side: checks a hello message of n bytes (its real length, which
+ * may exceed the buffer: only the first sizeof(*ret) are read) and lays
+ * out the session it asks for (moe_shm_layout, the arena capped at
+ * max_arena).  0 with *ret (name NUL-terminated within it, unless all 32
+ * bytes are used) and *ret_layout; or -EPROTO (not a hello: bad magic,
+ * size or op), -EPROTONOSUPPORT (another version) or -EINVAL (sizes), with
+ * msg saying why. */
+int moe_shm_hello_check(const void *buf, size_t n, uint64_t max_arena, struct moe_shm_hello *ret,
+                        struct moe_shm_layout *ret_layout, char *msg, size_t len);
+
 /* Writes the header and lays out both rings in a mapping (zeroed or not). */
 int moe_shm_init(void *map, const struct moe_shm_layout *l, uint32_t session);
 
