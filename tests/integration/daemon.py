@@ -9,7 +9,10 @@ parallel get their own answers and are batched together; ForwardStream
 answers in order; every bad request gets its status and message while the
 daemon keeps serving; Stats; the bearer token on mutating calls; Pin, Evict;
 SIGHUP re-reads the log level; SIGTERM under load exits 0 with every call
-answered; bad configurations are refused at start.
+answered, and the messages of streams open at the signal answered until
+drain_timeout_ms; bad configurations are refused at start; LoadModel of
+FIFOs refused while other calls are answered, and only from a configured
+model's directory or inside model_dirs, its errors quoting no file bytes.
 
 Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
 """
