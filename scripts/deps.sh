@@ -22,6 +22,7 @@ packages=(
     fio                               # disk limit for the page-in benchmarks
     openssl                           # certificates for the TLS tests
     systemd                           # systemd-analyze, -socket-activate, -sysusers, -tmpfiles: unit tests
+    groff-base                        # man pages rendered without warnings: checked by tests
 )
 
 missing=()

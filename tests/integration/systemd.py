@@ -159,6 +159,8 @@ def test_install(a, tmp):
         "lib/systemd/system/moed.service": False, "lib/systemd/system/moed.socket": False,
         "lib/sysusers.d/moed.conf": False, "lib/tmpfiles.d/moed.conf": False,
         "share/doc/moed/moed.conf.example": False, "share/doc/moed/README.systemd.md": False,
+        "share/man/man8/moed.8": False, "share/man/man1/moectl.1": False,
+        "share/man/man5/moed.conf.5": False, "share/bash-completion/completions/moectl": False,
     }
     for rel, exe in want.items():
         path = f"{prefix}/{rel}"
@@ -197,7 +199,82 @@ def test_install(a, tmp):
     example = read(f"{prefix}/share/doc/moed/moed.conf.example")
     check("the example configuration names the socket moed.socket listens on",
           re.search(r"^socket = /run/moed/moed.sock$", example, re.M) is not None)
+    test_docs(a, prefix)
     return prefix
+
+
+# ---- man pages, completion, --help ----
+
+def man_text(path):
+    """The page as groff renders it (plain text), and its warnings."""
+    p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-P-cbou", path],
+                       capture_output=True, text=True)
+    return p.stdout.replace("\u2010", "-").replace("\u2212", "-"), p.stderr.strip(), p.returncode
+
+
+def test_docs(a, prefix):
+    """The man pages render without warnings and list every option and key
+    that `moed --help` and `moectl COMMAND --help` give; the completion
+    completes commands and each command's flags; moed --help is one column."""
+    h = subprocess.run([a.moed, "--help"], capture_output=True, text=True).stdout
+    opts = [x for x in h.splitlines() if re.match(r"^  -", x)]
+    # an option and its description from column 31, or a long option alone
+    bad = [x for x in opts if "  " in x[2:] and not (x[28:30] == "  " and x[30] != " ")]
+    conts = [x for x in h[h.find("Options:"):].splitlines() if x.startswith("   ")]
+    bad += [x for x in conts if not re.match(r"^ {30}\S", x)]
+    check("moed --help: one column, every description at column 31",
+          len(opts) > 40 and not bad, "\n".join(bad[:5]))
+    check("moed --help: lines of at most 80 columns",
+          all(len(x) <= 80 for x in h.splitlines()),
+          [x for x in h.splitlines() if len(x) > 80][:3])
+    flags = sorted(set(re.findall(r"^  (?:-h, )?(--[a-z0-9-]+)", h, re.M)))
+    keys = [f[2:].replace("-", "_") for f in flags
+            if f not in ("--config", "--check-config", "--model", "--peer", "--help",
+                         "--version")]
+    if not shutil.which("groff"):
+        skip("man pages", "groff is not installed (scripts/deps.sh installs groff-base)")
+        return
+    pages = {}
+    for rel in ("man8/moed.8", "man1/moectl.1", "man5/moed.conf.5"):
+        text, warn, rc = man_text(f"{prefix}/share/man/{rel}")
+        check(f"{rel}: groff renders it without warnings", rc == 0 and not warn and text, warn)
+        pages[rel] = text
+    miss = [f for f in flags if f not in pages["man8/moed.8"]]
+    check("moed(8) lists every option of moed --help", not miss, miss)
+    miss = [k for k in keys if not re.search(rf"^\s+{k} = ", pages["man5/moed.conf.5"], re.M)]
+    check("moed.conf(5) lists every key", len(keys) > 40 and not miss, miss)
+    m = subprocess.run([a.moectl, "--help"], capture_output=True, text=True).stdout
+    cmds = re.findall(r"^  ([a-z][a-z-]+)  ", m, re.M)
+    comp = f"{prefix}/share/bash-completion/completions/moectl"
+    miss, fmiss = [], []
+    for c in cmds:
+        if not re.search(rf"^\s+{re.escape(c)}\b", pages["man1/moectl.1"], re.M):
+            miss.append(c)
+        ch = subprocess.run([a.moectl, c, "--help"], capture_output=True, text=True).stdout
+        own = set(re.findall(r"^\s+(--[a-z][a-z0-9-]+)", ch, re.M))
+        own |= set(re.findall(r"\[(--[a-z][a-z0-9-]+)", ch))
+        p = subprocess.run(["bash", "-c", f"source {comp}; COMP_WORDS=(moectl {c} --); "
+                            "COMP_CWORD=2; _moectl; echo ${COMPREPLY[@]}"],
+                           capture_output=True, text=True)
+        got = set(p.stdout.split())
+        fmiss += [f"{c} {f}" for f in sorted(own - got)]
+        for f in sorted(own):
+            if f not in pages["man1/moectl.1"] and f != "--help":
+                miss.append(f"{c} {f}")
+    check("moectl(1) names every command and its flags", cmds and not miss, miss)
+    check("the completion offers every flag of each command's --help", not fmiss, fmiss)
+    for words, cword, want in ((["moectl", "st"], 1, {"stats", "status"}),
+                               (["moectl", "gen-model", "--ar"], 2, {"--arch"}),
+                               (["moectl", "gen-model", "--arch", "q"], 3,
+                                {"qwen2_moe", "qwen3_moe"}),
+                               (["moectl", "peer", ""], 2, {"add", "remove"}),
+                               (["moectl", "bench", "--transport", ""], 3, {"grpc", "shm"})):
+        p = subprocess.run(["bash", "-c", f"source {comp}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+                            f"COMP_CWORD={cword}; _moectl; echo ${{COMPREPLY[@]}}"],
+                           capture_output=True, text=True)
+        check(f"completion: {' '.join(words)!r} -> {sorted(want)}",
+              p.returncode == 0 and set(p.stdout.split()) == want, p.stdout + p.stderr)
+    check("completion: registered for moectl", "complete -F _moectl moectl" in read(comp))
 
 
 def test_verify(prefix, tmp):
