@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The README's test command: installs the dependencies, builds moed twice
-# (the normal build, and an AddressSanitizer + UndefinedBehaviorSanitizer
-# build with clang, where the fuzz targets also run under libFuzzer for a few
-# seconds each), and runs the whole test suite of both with ctest; last, the
+# The README's test command: installs the dependencies, builds moed three
+# times with warnings as errors (the normal build; a Release build, compiled
+# only; an AddressSanitizer + UndefinedBehaviorSanitizer build with clang,
+# where the fuzz targets also run under libFuzzer for a few seconds each),
+# and runs the whole test suite of the normal and sanitizer builds; last, the
 # Hugging Face tier (tests/hf) on the normal build, where its Python
 # environment (scripts/hf-env.sh) can be made.
 #
 #   MOED_JOBS=N       parallel build and test jobs (default: number of CPUs)
 #   MOED_SKIP_DEPS=1  do not run scripts/deps.sh (already installed)
-#   MOED_NO_SANITIZE=1  only the normal build
+#   MOED_NO_SANITIZE=1  no sanitizer build
+#   MOED_NO_RELEASE=1   no Release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,9 +37,17 @@ fi
 rm -f "$hf_log"
 
 echo "== normal build (build/)"
-cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOED_WERROR=ON \
     -DMOED_HF_PYTHON="$hf_python"
 cmake --build build -j "$jobs"
+
+# A user's plain Release build must compile; built here with warnings as
+# errors, since -O3 finds what -O2 does not (maybe-uninitialized).
+if [ "${MOED_NO_RELEASE:-0}" != 1 ]; then
+    echo "== Release build (build-release/: compiled, not tested)"
+    cmake -S . -B build-release "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOED_WERROR=ON
+    cmake --build build-release -j "$jobs"
+fi
 
 if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
     san_cc=(-DMOED_FUZZ=OFF)
@@ -45,7 +55,8 @@ if [ "${MOED_NO_SANITIZE:-0}" != 1 ]; then
         san_cc=(-DCMAKE_C_COMPILER=clang -DMOED_FUZZ=ON)
     fi
     echo "== sanitizer build (build-sanitize/: ASan + UBSan${san_cc[1]:+, libFuzzer})"
-    cmake -S . -B build-sanitize "${generator[@]}" -DCMAKE_BUILD_TYPE=Sanitize "${san_cc[@]}"
+    cmake -S . -B build-sanitize "${generator[@]}" -DCMAKE_BUILD_TYPE=Sanitize -DMOED_WERROR=ON \
+        "${san_cc[@]}"
     cmake --build build-sanitize -j "$jobs"
 fi
 
