@@ -17,6 +17,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -239,7 +240,9 @@ static void cache_sim_usage(FILE *f)
 {
     fprintf(f,
             "usage: moectl cache-sim --trace FILE --capacity C [--policy P] [--prefetch]\n"
-            "                        [--half-life N] [--json] [-q]\n"
+            "                        [--half-life N] [--disk-bw B] [--disk-latency T]\n"
+            "                        [--compute T] [--expert-bytes B]\n"
+            "                        [--prefetch-precision P] [--json] [-q]\n"
             "\n"
             "Replays a routing trace (from `moectl gen-trace` or moed) through the expert\n"
             "cache in simulation (no memory, no I/O; the cache's own code and policies) and\n"
@@ -261,11 +264,29 @@ static void cache_sim_usage(FILE *f)
             "                  prefetch (six runs)\n"
             "  --half-life N   freq and routing: use counts halve every N uses of a layer\n"
             "                  (default: the cache's)\n"
+            "  --prefetch-precision P  prefetch only experts expected to be used with\n"
+            "                  probability P (the forecast calibrated per layer on the\n"
+            "                  prefetches used and wasted so far), and none while the disk\n"
+            "                  has no headroom; default 0.5, -1: no throttle\n"
+            "\n"
+            "Time: one disk reads experts in the order asked (a demand read waits behind\n"
+            "the prefetches queued before it); a read holds it for bytes / bandwidth and is\n"
+            "ready after the latency on top; a step computes once its experts are ready.\n"
+            "  --disk-bw B     disk bandwidth in bytes/s (\"4.5G\", default: the pager's\n"
+            "                  measured 4.5 GB/s)\n"
+            "  --disk-latency T  per read on top of its transfer (\"1.7ms\", default 1.7 ms)\n"
+            "  --compute T     compute time per step, a layer's forward of a batch (\"2ms\";\n"
+            "                  default: the bytes of its experts at 40 GB/s, the CPU kernel's\n"
+            "                  decode rate)\n"
+            "  --expert-bytes B  bytes of one expert (\"352M\"; default: the trace's); sizes\n"
+            "                  the reads, the compute and --capacity in bytes\n"
             "  --json          one JSON object instead of the table\n"
             "  -q, --quiet     the table only, without the trace's description\n"
             "\n"
             "Columns: accesses and hits; hit rate; prefetch hits (first uses of prefetched\n"
-            "experts) and wasted prefetches (evicted unused); evictions; Belady's hit rate;\n"
+            "experts) and wasted prefetches (evicted unused); evictions; stall per token\n"
+            "(time the steps waited for experts, over the trace's tokens); bytes read per\n"
+            "token; Belady's hit rate;\n"
             "x belady = hit rate / Belady's; gap closed = (hit rate - LRU's) / (Belady's -\n"
             "LRU's), the share of LRU's distance to the optimum the policy makes up (LRU\n"
             "without prefetch is run as the baseline when not asked for).\n");
@@ -322,6 +343,56 @@ static int parse_capacity(const char *s, char *kind, uint64_t *val, double *pct)
     return 0;
 }
 
+/* "4.5G", "800M", "1e9": a positive number, k/M/G multiplying by 10^3/6/9. */
+static int parse_rate(const char *opt, const char *s, double *ret)
+{
+    char *end;
+    double v;
+
+    errno = 0;
+    v = strtod(s, &end);
+    if (end != s && *end && !end[1]) {
+        if (*end == 'k' || *end == 'K')
+            v *= 1e3, end++;
+        else if (*end == 'M')
+            v *= 1e6, end++;
+        else if (*end == 'G')
+            v *= 1e9, end++;
+    }
+    if (errno || end == s || *end || !(v > 0) || isinf(v)) {
+        errorf("cache-sim: %s '%s': expected bytes per second, e.g. \"4.5G\"", opt, s);
+        return -EINVAL;
+    }
+    *ret = v;
+    return 0;
+}
+
+/* "1.7ms", "200us", "0.5s", "0": a time >= 0 in seconds. */
+static int parse_seconds(const char *opt, const char *s, double *ret)
+{
+    static const struct {
+        const char *suffix;
+        double scale;
+    } units[] = {{"ns", 1e-9}, {"us", 1e-6}, {"ms", 1e-3}, {"s", 1.0}, {"", 1.0}};
+    char *end;
+    double v;
+
+    errno = 0;
+    v = strtod(s, &end);
+    if (!errno && end != s) {
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(units); i++) {
+            if (strcmp(end, units[i].suffix) == 0 && v >= 0 && !isinf(v)) {
+                *ret = v * units[i].scale;
+                return 0;
+            }
+        }
+    }
+    errorf("cache-sim: %s '%s': expected a time >= 0 with a unit: \"1.7ms\", \"200us\", "
+           "\"0.5s\"",
+           opt, s);
+    return -EINVAL;
+}
+
 static json_t *num_or_null(bool ok, double v)
 {
     return ok ? json_real(v) : json_null();
@@ -332,6 +403,7 @@ static void print_run(const struct sim_run *r, double bel_rate, double lru_rate,
 {
     const struct moe_trace_replay_result *x = &r->res;
     double hr = rate(x->hits, x->accesses);
+    double tok = x->tokens ? (double)x->tokens : 1.0;
     bool plain_lru = r->policy == MOE_POLICY_LRU && !r->prefetch;
     bool has_gap = !plain_lru && bel_rate > lru_rate;
     char gap[16] = "-", ratio[16] = "-", nm[48], nb[32];
@@ -344,6 +416,13 @@ static void print_run(const struct sim_run *r, double bel_rate, double lru_rate,
             "prefetch_hits", (json_int_t)x->c.prefetch_hits, "wasted_prefetches",
             (json_int_t)x->c.wasted_prefetches, "evictions", (json_int_t)x->c.evictions);
 
+        json_object_set_new(o, "late_prefetch_hits", json_integer((json_int_t)x->late_hits));
+        json_object_set_new(o, "tokens", json_integer((json_int_t)x->tokens));
+        json_object_set_new(o, "stall_s", json_real(x->stall));
+        json_object_set_new(o, "compute_s", json_real(x->compute));
+        json_object_set_new(o, "stall_per_token_s", json_real(x->stall / tok));
+        json_object_set_new(o, "bytes_read", json_integer((json_int_t)x->bytes_read));
+        json_object_set_new(o, "bytes_per_token", json_real((double)x->bytes_read / tok));
         json_object_set_new(o, "ratio_to_belady", num_or_null(bel_rate > 0, hr / bel_rate));
         json_object_set_new(o, "gap_closed",
                             num_or_null(has_gap, (hr - lru_rate) / (bel_rate - lru_rate)));
@@ -356,9 +435,11 @@ static void print_run(const struct sim_run *r, double bel_rate, double lru_rate,
         snprintf(ratio, sizeof(ratio), "%.3f", hr / bel_rate);
     snprintf(nm, sizeof(nm), "%s%s", run_name(r, nb, sizeof(nb)), r->baseline ? " (baseline)" : "");
     printf("%-22s %10" PRIu64 " %10" PRIu64 " %7.2f%% %9" PRIu64 " %9" PRIu64 " %10" PRIu64
-           " %7.2f%% %8s %6s\n",
+           " %10.3f %9s %7.2f%% %8s %6s\n",
            nm, x->accesses, x->hits, 100.0 * hr, x->c.prefetch_hits, x->c.wasted_prefetches,
-           x->c.evictions, 100.0 * bel_rate, ratio, gap);
+           x->c.evictions, 1e3 * x->stall / tok,
+           human_bytes((uint64_t)((double)x->bytes_read / tok), nb, sizeof(nb)), 100.0 * bel_rate,
+           ratio, gap);
 }
 
 int moectl_cache_sim(int argc, char **argv)
@@ -371,6 +452,11 @@ int moectl_cache_sim(int argc, char **argv)
         {"json", no_argument, NULL, 'j'},
         {"quiet", no_argument, NULL, 'q'},
         {"half-life", required_argument, NULL, 'H'},
+        {"disk-bw", required_argument, NULL, 'B'},
+        {"disk-latency", required_argument, NULL, 'L'},
+        {"compute", required_argument, NULL, 'C'},
+        {"expert-bytes", required_argument, NULL, 'E'},
+        {"prefetch-precision", required_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'},
         {0},
     };
@@ -388,12 +474,49 @@ int moectl_cache_sim(int argc, char **argv)
     json_t *root = NULL, *arr = NULL;
     int c, n_runs = 0, ret = 1;
     char kind = 0, b1[32];
+    struct moe_trace_timing tm;
 
+    moe_trace_timing_default(&tm);
     while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
         switch (c) {
         case 't':
             path = optarg;
             break;
+        case 'B':
+            if (parse_rate("--disk-bw", optarg, &tm.disk_bw) < 0)
+                return 2;
+            break;
+        case 'L':
+            if (parse_seconds("--disk-latency", optarg, &tm.disk_latency) < 0)
+                return 2;
+            break;
+        case 'C':
+            if (parse_seconds("--compute", optarg, &tm.compute_step) < 0)
+                return 2;
+            tm.compute_bw = 0;
+            break;
+        case 'E':
+            if (parse_bytes("--expert-bytes", optarg, &tm.expert_bytes) < 0)
+                return 2;
+            if (tm.expert_bytes == 0) {
+                errorf("cache-sim: --expert-bytes '%s': expected at least 1 byte", optarg);
+                return 2;
+            }
+            break;
+        case 'P': {
+            char *end;
+
+            errno = 0;
+            cfg.prefetch_precision = strtod(optarg, &end);
+            if (errno || end == optarg || *end || !(cfg.prefetch_precision <= 1) ||
+                (cfg.prefetch_precision < 0 && cfg.prefetch_precision != -1)) {
+                errorf("cache-sim: --prefetch-precision '%s': expected 0 to 1, or -1 (no "
+                       "throttle)",
+                       optarg);
+                return 2;
+            }
+            break;
+        }
         case 'c':
             cap_s = optarg;
             break;
@@ -457,7 +580,7 @@ int moectl_cache_sim(int argc, char **argv)
         errorf("cache-sim: out of memory");
         goto out;
     }
-    eb = t->info.expert_bytes;
+    eb = tm.expert_bytes ? tm.expert_bytes : t->info.expert_bytes;
     total = (uint64_t)sum.n_moe_layers * (uint64_t)t->info.n_experts;
     if (kind == '%') {
         cap = (uint64_t)(pct / 100.0 * (double)total);
@@ -513,7 +636,7 @@ int moectl_cache_sim(int argc, char **argv)
     for (int i = 0; i < n_runs; i++) {
         cfg.policy = runs[i].policy;
         cfg.prefetch = runs[i].prefetch;
-        if (moe_trace_replay(t, cap, &cfg, &runs[i].res, &err) < 0) {
+        if (moe_trace_replay(t, cap, &cfg, &tm, &runs[i].res, &err) < 0) {
             errorf("cache-sim: %s: %s%s: %s", path, moe_cache_policy_name(cfg.policy),
                    cfg.prefetch ? "+prefetch" : "", err.msg);
             goto out;
@@ -544,6 +667,10 @@ int moectl_cache_sim(int argc, char **argv)
         json_object_set_new(root, "capacity_experts", json_integer((json_int_t)cap));
         json_object_set_new(root, "capacity_bytes", json_integer((json_int_t)(cap * eb)));
         json_object_set_new(root, "capacity_share", json_real((double)cap / (double)total));
+        json_object_set_new(root, "timing",
+                            json_pack("{s:f, s:f, s:f, s:f}", "disk_bw", tm.disk_bw,
+                                      "disk_latency_s", tm.disk_latency, "compute_step_s",
+                                      tm.compute_step, "compute_bw", tm.compute_bw));
         json_object_set_new(root, "belady",
                             json_pack("{s:I, s:I, s:f}", "accesses", (json_int_t)bel.accesses,
                                       "hits", (json_int_t)bel.hits, "hit_rate", bel_rate));
@@ -570,10 +697,21 @@ int moectl_cache_sim(int argc, char **argv)
                100.0 * (double)cap / (double)total, total, eb ? ", " : "",
                eb ? human_bytes(cap * eb, b1, sizeof(b1)) : "");
     }
-    printf("%-22s %10s %10s %8s %9s %9s %10s %8s %8s %6s\n", "policy", "accesses", "hits",
-           "hit rate", "pf hits", "pf wasted", "evictions", "belady", "x belady", "gap");
+    if (!quiet) {
+        printf("time: disk %.3g GB/s, %.3g ms latency per read; compute ", tm.disk_bw / 1e9,
+               1e3 * tm.disk_latency);
+        if (tm.compute_bw > 0)
+            printf("%.3g ms per step + its experts' bytes at %.3g GB/s\n", 1e3 * tm.compute_step,
+                   tm.compute_bw / 1e9);
+        else
+            printf("%.3g ms per step\n", 1e3 * tm.compute_step);
+    }
+    printf("%-22s %10s %10s %8s %9s %9s %10s %10s %9s %8s %8s %6s\n", "policy", "accesses", "hits",
+           "hit rate", "pf hits", "pf wasted", "evictions", "stall/tok", "read/tok", "belady",
+           "x belady", "gap");
     for (int i = 0; i < n_runs; i++)
         print_run(&runs[i], bel_rate, lru_rate, NULL);
+    printf("(stall/tok in ms: the time steps waited for their experts, per token)\n");
     printf("%-22s %10" PRIu64 " %10" PRIu64 " %7.2f%%  (Belady's MIN: the offline optimum)\n",
            "belady", bel.accesses, bel.hits, 100.0 * bel_rate);
     ret = 0;

@@ -71,6 +71,8 @@ struct centry {
     bool op_pinned;
     bool loading;    /* a read or upload is in flight */
     bool prefetched; /* brought in by a prefetch, not used yet */
+    bool demand;     /* loading for a batch (not a prefetch) */
+    float pf_prob;   /* the forecast it was prefetched on */
     bool bad;
     int bad_code;
     char *bad_msg;
@@ -109,6 +111,8 @@ struct cmodel {
     double *pred;             /* [E] forecast for MoE layer pred_idx */
     double *pred_scratch;     /* [2E] for predict(): no allocation under the lock */
     uint8_t *prefetch_mask;   /* [n_layers * E]: 0 where prefetch leaves it; NULL: none */
+    double *pf_used;          /* [n_layers] prefetches used, decayed (the throttle) */
+    double *pf_expect;        /* [n_layers] their forecasts and the wasted ones', summed */
     int pred_idx;
     _Atomic int bad_experts;
 };
@@ -137,6 +141,7 @@ struct moe_cache {
     struct cmodel **group_model; /* [n_groups] */
     uint64_t prefetch_used;      /* bytes prefetched and not used yet */
     int loading;                 /* entries with page-ins in flight */
+    int demand_loading;          /* of them, for batches (not prefetches) */
     uint64_t releases;           /* moe_cache_release calls, for waiters */
     struct counters total;
 };
@@ -197,6 +202,9 @@ int moe_cache_create(const struct moe_cache_config *cfg, struct moe_cache **ret,
 
     if ((unsigned)cfg->policy >= MOE_POLICY_COUNT)
         return moe_error_set(err, -EINVAL, "unknown cache policy %d", (int)cfg->policy);
+    if (isnan(cfg->prefetch_precision) || cfg->prefetch_precision > 1)
+        return moe_error_set(err, -EINVAL, "prefetch precision %g: expected at most 1",
+                             cfg->prefetch_precision);
     if (cfg->half_life < 0 || isnan(cfg->half_life))
         return moe_error_set(err, -EINVAL, "cache half-life %g: expected a positive number",
                              cfg->half_life);
@@ -295,6 +303,8 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
     free(mod->prev_next);
     free(mod->pred);
     free(mod->pred_scratch);
+    free(mod->pf_used);
+    free(mod->pf_expect);
     free(mod->prefetch_mask);
     free(mod);
 }
@@ -429,13 +439,15 @@ static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_erro
     mod->moe_layer = calloc((size_t)MOE_MAX(1, mod->n_moe), sizeof(int));
     mod->pred = calloc((size_t)mod->n_experts, sizeof(*mod->pred));
     mod->pred_scratch = calloc(2 * (size_t)mod->n_experts, sizeof(*mod->pred_scratch));
+    mod->pf_used = calloc((size_t)mod->n_layers, sizeof(*mod->pf_used));
+    mod->pf_expect = calloc((size_t)mod->n_layers, sizeof(*mod->pf_expect));
     if (mod->n_moe > 1) {
         mod->cooc =
             calloc((size_t)(mod->n_moe - 1) * mod->n_experts * mod->n_experts, sizeof(float));
         mod->rows = calloc((size_t)(mod->n_moe - 1) * mod->n_experts, sizeof(float));
     }
     if (!mod->entries || !mod->passes || !mod->moe_layer || !mod->pred || !mod->pred_scratch ||
-        (mod->n_moe > 1 && (!mod->cooc || !mod->rows)))
+        !mod->pf_used || !mod->pf_expect || (mod->n_moe > 1 && (!mod->cooc || !mod->rows)))
         return moe_error_set(err, -ENOMEM, "out of memory for the cache table of %s", mod->name);
     for (int l = 0; l < mod->n_layers; l++)
         if (mod->moe_idx[l] >= 0)
@@ -633,6 +645,20 @@ static void lat_record(struct tier_state *ts, uint64_t ns)
         ;
 }
 
+/* Decay of the throttle's counts per prefetch resolved (about the last
+ * hundred of a layer's prefetches count). */
+#define PF_DECAY 0.99
+
+/* A prefetch of e turned out used or wasted (lock held): the throttle's
+ * counts of its layer. */
+static void pf_resolve(struct centry *e, bool used)
+{
+    struct cmodel *mod = e->mod;
+
+    mod->pf_used[e->layer] = mod->pf_used[e->layer] * PF_DECAY + (used ? 1.0 : 0.0);
+    mod->pf_expect[e->layer] = mod->pf_expect[e->layer] * PF_DECAY + e->pf_prob;
+}
+
 /* Drops e from tier k (it is resident there and evictable). */
 static void drop(struct moe_cache *c, struct centry *e, int k, bool eviction)
 {
@@ -655,6 +681,7 @@ static void drop(struct moe_cache *c, struct centry *e, int k, bool eviction)
     if (k == 0 && e->prefetched) {
         e->prefetched = false;
         c->prefetch_used -= e->bytes;
+        pf_resolve(e, false);
         inc(&ts->ctr.wasted_prefetches, 1);
         inc(&e->ctr.wasted_prefetches, 1);
         inc(&c->total.wasted_prefetches, 1);
@@ -822,6 +849,10 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
     }
     e->loading = false;
     c->loading--;
+    if (e->demand) {
+        e->demand = false;
+        c->demand_loading--;
+    }
     pthread_cond_broadcast(&c->cv);
 }
 
@@ -909,9 +940,14 @@ static int start_load(struct moe_cache *c, struct centry *e, double prefetch_pro
     e->load_tier = last;
     e->load_t0 = moe_now_ns();
     c->loading++;
+    e->demand = prefetch_prob < 0;
+    c->demand_loading += e->demand;
     if (last > 0)
         inc(&c->tiers[last].ctr.misses, 1);
     if (c->cfg.simulate) {
+        if (c->cfg.disk && c->cfg.disk->read)
+            c->cfg.disk->read(c->cfg.disk->arg, e->mod->id, e->layer, e->expert,
+                              prefetch_prob >= 0);
         finish_load(c, e, 0, NULL);
         return 0;
     }
@@ -957,6 +993,7 @@ static void count_use(struct moe_cache *c, struct centry *e, bool hit)
     if (e->prefetched) {
         e->prefetched = false;
         c->prefetch_used -= e->bytes;
+        pf_resolve(e, true);
         inc(&t0->ctr.prefetch_hits, 1);
         inc(&e->ctr.prefetch_hits, 1);
         inc(&c->total.prefetch_hits, 1);
@@ -1310,20 +1347,40 @@ static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32
     mod->pred_idx = idx + 1;
 }
 
+/* Prior of the throttle's calibration: pseudo-prefetches used as forecast. */
+#define PF_PRIOR 2.0
+
+/* Whether the disk has no headroom for a prefetch now (lock held). */
+static bool disk_busy(struct moe_cache *c)
+{
+    if (c->cfg.disk && c->cfg.disk->busy)
+        return c->cfg.disk->busy(c->cfg.disk->arg);
+    return c->demand_loading > 0;
+}
+
 static void prefetch(struct moe_cache *c, struct cmodel *mod)
 {
     const int E = mod->n_experts;
     int layer = mod->moe_layer[mod->pred_idx];
     int max = c->cfg.prefetch_max > 0 ? c->cfg.prefetch_max : 2 * mod->top_k;
+    bool throttle = c->cfg.prefetch_precision >= 0;
+    double want = c->cfg.prefetch_precision > 0 ? c->cfg.prefetch_precision : 0.5;
+    /* How far the forecasts of this layer's prefetches came true so far:
+     * a forecast p is worth about p * cal. */
+    double cal = (mod->pf_used[layer] + PF_PRIOR) / (mod->pf_expect[layer] + PF_PRIOR);
+    double least = throttle ? MOE_MAX(PREFETCH_MIN, want / cal) : PREFETCH_MIN;
 
     for (int done = 0; done < max; done++) {
         int best = -1;
+
+        if (throttle && disk_busy(c))
+            return;
 
         /* the most likely expert not yet on its way */
         for (int x = 0; x < E; x++) {
             struct centry *e = get_entry(mod, layer, x);
 
-            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < PREFETCH_MIN ||
+            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < least ||
                 (mod->prefetch_mask && !mod->prefetch_mask[(size_t)layer * E + x]))
                 continue;
             if (best < 0 || mod->pred[x] > mod->pred[best])
@@ -1340,6 +1397,7 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
         if (e->bad)
             return;
         e->prefetched = true;
+        e->pf_prob = (float)mod->pred[best];
         c->prefetch_used += e->bytes;
         inc(&c->tiers[0].ctr.prefetches, 1);
         inc(&e->ctr.prefetches, 1);

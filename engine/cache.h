@@ -44,6 +44,12 @@
  * token, and starts page-ins of the next layer's most likely experts.
  * Prefetched bytes not yet used stay within prefetch_bytes, and a prefetch
  * never evicts a pinned expert or one the policy would rather keep.
+ * Throttle: per layer, the cache measures how the predictor's forecasts of
+ * its prefetches turned out (used before eviction, or wasted) and prefetches
+ * only experts whose forecast, so calibrated, reaches prefetch_precision; and
+ * none while the disk has no headroom (demand page-ins in flight, or the
+ * simulated disk's busy()).  A layer whose prefetches are mostly wasted is
+ * prefetched less, down to none.
  *
  * Statistics are counters updated with relaxed atomics (no lock on the hot
  * path); moe_cache_snapshot() copies them all.
@@ -78,14 +84,34 @@ enum moe_cache_policy {
 int moe_cache_policy_parse(const char *s, enum moe_cache_policy *ret);
 const char *moe_cache_policy_name(enum moe_cache_policy p);
 
+/*
+ * Simulation: a model of the disk the cache's reads go to (cache-sim's
+ * replay keeps the clock).  Both called with the cache's lock held.
+ * read: a read of the expert from the files starts now (a prefetch or a
+ * demand page-in).  busy: whether the disk has no headroom for a prefetch
+ * now (demand reads queued, or more queued than the next step leaves time
+ * for); NULL: always headroom.
+ */
+struct moe_cache_disk {
+    void *arg;
+    void (*read)(void *arg, int model, int layer, int expert, bool prefetch);
+    bool (*busy)(void *arg);
+};
+
 struct moe_cache_config {
     uint64_t host_bytes; /* capacity of the host tier */
     enum moe_cache_policy policy;
     bool prefetch;
     uint64_t prefetch_bytes; /* prefetched-but-unused budget; 0: host_bytes / 4 */
     int prefetch_max;        /* experts prefetched per observed batch; 0: 2 * top_k */
+    double prefetch_precision; /* least expected precision of a prefetch (used / issued),
+                                * by the predictor's forecast calibrated per layer on the
+                                * prefetches used and wasted so far; 0: 0.5; < 0: no
+                                * throttle (nor the disk's headroom) */
     double half_life;        /* freq and routing decay, in uses of a layer; 0: 8 */
     bool simulate;           /* no memory, no I/O (cache-sim) */
+    const struct moe_cache_disk *disk; /* simulation: the disk model, NULL: none;
+                                        * must outlive the cache */
     bool register_buffers;   /* register the host tier with io_uring as fixed
                               * buffers: faster reads, but the whole capacity
                               * is locked in memory at start */

@@ -959,9 +959,52 @@ out:
     return r;
 }
 
+void moe_trace_timing_default(struct moe_trace_timing *tm)
+{
+    memset(tm, 0, sizeof(*tm));
+    tm->disk_bw = MOE_TRACE_DISK_BW;
+    tm->disk_latency = MOE_TRACE_DISK_LATENCY;
+    tm->compute_bw = MOE_TRACE_COMPUTE_BW;
+}
+
+/* The replay's disk and clock (trace.h, struct moe_trace_timing). */
+struct sim_disk {
+    double xfer;         /* seconds one read holds the disk */
+    double latency;      /* seconds from the end of its transfer to ready */
+    double now;          /* the current step's start */
+    double step_end;     /* when the current step would end without waiting */
+    double free_at;      /* when the disk is done with the reads queued */
+    double demand_until; /* when the last demand read queued is ready */
+    double *ready;       /* [n_moe * E]: when each expert's last read is ready */
+    int E;
+    uint64_t reads;
+};
+
+static void sim_read(void *arg, int model, int layer, int expert, bool prefetch)
+{
+    struct sim_disk *d = arg;
+    double start = MOE_MAX(d->now, d->free_at);
+
+    (void)model;
+    d->free_at = start + d->xfer;
+    d->ready[(size_t)layer * d->E + expert] = d->free_at + d->latency;
+    if (!prefetch)
+        d->demand_until = MOE_MAX(d->demand_until, d->free_at + d->latency);
+    d->reads++;
+}
+
+/* No headroom while demand reads are queued, or while the reads queued
+ * would still hold the disk when the next step starts. */
+static bool sim_busy(void *arg)
+{
+    struct sim_disk *d = arg;
+
+    return d->demand_until > d->now || d->free_at > d->step_end;
+}
+
 int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
-                     const struct moe_cache_config *cfg, struct moe_trace_replay_result *ret,
-                     struct moe_error *err)
+                     const struct moe_cache_config *cfg, const struct moe_trace_timing *tm,
+                     struct moe_trace_replay_result *ret, struct moe_error *err)
 {
     const int L = t->info.n_layers, E = t->info.n_experts, K = t->info.top_k;
     const uint64_t eb = t->info.expert_bytes ? t->info.expert_bytes : 1;
@@ -969,6 +1012,11 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
      * the pager's alignment: capacity is counted in those slots. */
     const uint64_t slot = (eb + MOE_PAGER_ALIGN - 1) / MOE_PAGER_ALIGN * MOE_PAGER_ALIGN;
     struct moe_cache_config sim = *cfg;
+    struct moe_trace_timing deftm;
+    struct sim_disk disk = {0};
+    struct moe_cache_disk dm = {&disk, sim_read, sim_busy};
+    uint64_t read_bytes;
+    double *ready = NULL;
     struct moe_cache_stats stats = {0};
     struct moe_trace_step *steps = NULL;
     struct moe_cache_ref *refs = NULL;
@@ -983,8 +1031,23 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
         return moe_error_set(err, -EOVERFLOW,
                              "capacity %" PRIu64 " experts of %" PRIu64 " bytes: too large",
                              capacity, slot);
+    if (!tm) {
+        moe_trace_timing_default(&deftm);
+        tm = &deftm;
+    }
+    if (!(tm->disk_bw > 0) || !(tm->disk_latency >= 0) || !(tm->compute_step >= 0) ||
+        !(tm->compute_bw >= 0) || isinf(tm->disk_latency) || isinf(tm->compute_step))
+        return moe_error_set(err, -EINVAL,
+                             "timing: disk %g B/s, latency %g s, compute %g s + bytes / %g B/s: "
+                             "expected a positive bandwidth and finite times >= 0",
+                             tm->disk_bw, tm->disk_latency, tm->compute_step, tm->compute_bw);
+    read_bytes = tm->expert_bytes ? tm->expert_bytes : t->info.expert_bytes;
+    disk.xfer = (double)read_bytes / tm->disk_bw;
+    disk.latency = tm->disk_latency;
+    disk.E = E;
     sim.host_bytes = capacity * slot;
     sim.simulate = true;
+    sim.disk = &dm;
     compact = malloc((size_t)L * sizeof(*compact));
     stamp = calloc((size_t)E, sizeof(*stamp));
     exp = malloc((size_t)E * sizeof(*exp));
@@ -1003,6 +1066,13 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
             compact[l] = n_moe++;
     if (n_moe == 0)
         goto done;
+    ready = calloc((size_t)n_moe * E, sizeof(*ready));
+    if (!ready) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    disk.ready = ready;
+    ret->tokens = t->n_records / (uint64_t)n_moe;
     r = moe_cache_create(&sim, &c, err);
     if (r < 0)
         goto out;
@@ -1031,6 +1101,13 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
                               capacity, n, s, sp->layer);
             goto out;
         }
+        const double compute =
+            tm->compute_step +
+            (tm->compute_bw > 0 ? (double)n * (double)read_bytes / tm->compute_bw : 0.0);
+        double ready_all;
+
+        /* The step starts: its demand reads queue at disk.now. */
+        disk.step_end = disk.now + compute;
         r = moe_cache_acquire(c, model, layer, exp, n, refs, err);
         if (r < 0) {
             moe_error_prefix(err, "step %" PRIu64 " (layer %u)", s, sp->layer);
@@ -1049,6 +1126,16 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
             ret->hits += refs[i].hit;
         }
         ret->accesses += (uint64_t)n;
+        ready_all = disk.now;
+        for (int i = 0; i < n; i++) {
+            double at = ready[(size_t)layer * E + exp[i]];
+
+            ret->late_hits += refs[i].hit && at > disk.now;
+            ready_all = MOE_MAX(ready_all, at);
+        }
+        ret->stall += ready_all - disk.now;
+        ret->compute += compute;
+        disk.step_end = ready_all + compute;
         if (2 * n_ids > ids_cap) {
             int32_t *ni = realloc(ids, 2 * n_ids * sizeof(*ids));
 
@@ -1068,7 +1155,9 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
          * prefetched) while the step still holds its experts. */
         moe_cache_observe_ahead(c, model, layer, ids, has_next ? ids + n_ids : NULL, (int)sp->n, K);
         moe_cache_release(c, refs, n);
+        disk.now = disk.step_end;
     }
+    ret->bytes_read = disk.reads * read_bytes;
     r = moe_cache_snapshot(c, &stats);
     if (r < 0) {
         r = moe_error_set(err, r, "out of memory");
@@ -1080,6 +1169,7 @@ done:
     r = 0;
 out:
     moe_cache_free(c);
+    free(ready);
     free(steps);
     free(compact);
     free(stamp);

@@ -158,10 +158,44 @@ struct moe_trace_summary {
 /* 0 or -ENOMEM. */
 int moe_trace_summarize(const struct moe_trace *t, struct moe_trace_summary *ret);
 
+/*
+ * The replay's model of time.  One disk serves reads in the order they are
+ * queued (FIFO, a demand read waits behind the prefetches queued before it):
+ * a read of b bytes queued at time q starts at s = max(q, when the disk is
+ * free), holds the disk for b / disk_bw and is ready at s + b / disk_bw +
+ * disk_latency (the latency overlaps the next read's transfer, as with many
+ * reads in flight).  A step starts when the one before it ends; its demand
+ * reads are queued at its start, then the prefetches its routing starts; it
+ * computes once every expert it uses is ready (a hit on a prefetch still in
+ * flight waits for it), for compute_step + its experts' bytes / compute_bw.
+ * Stall: the time from a step's start until its experts are ready.
+ */
+struct moe_trace_timing {
+    double disk_bw;        /* bytes per second, > 0 */
+    double disk_latency;   /* seconds per read on top of its transfer, >= 0 */
+    double compute_step;   /* seconds per step (a layer's forward of a batch), >= 0 */
+    double compute_bw;     /* expert bytes the compute reads per second; 0: no such part */
+    uint64_t expert_bytes; /* bytes read per page-in; 0: the trace's */
+};
+/* The pager's measured page-in throughput (4.5 GB/s with several experts in
+ * flight) and the fixed part of its one-expert page-ins (1.7 ms: 352 MB in
+ * 67.3 ms, 88 MB in 18.1 ms), README Performance; the CPU kernel reads expert
+ * weights at about 40 GB/s in decode. */
+#define MOE_TRACE_DISK_BW 4.5e9
+#define MOE_TRACE_DISK_LATENCY 1.7e-3
+#define MOE_TRACE_COMPUTE_BW 40e9
+/* Fills tm with the defaults above (compute_step 0, expert_bytes 0). */
+void moe_trace_timing_default(struct moe_trace_timing *tm);
+
 /* Result of moe_trace_replay. */
 struct moe_trace_replay_result {
     uint64_t accesses;           /* as moe_trace_belady counts them */
     uint64_t hits;               /* of them, resident when acquired (ref.hit) */
+    uint64_t tokens;             /* records / MoE layers of the trace */
+    uint64_t bytes_read;         /* page-ins times the timing's expert bytes */
+    uint64_t late_hits;          /* hits that waited for a prefetch still in flight */
+    double stall;                /* seconds the steps waited for their experts */
+    double compute;              /* seconds they computed */
     struct moe_cache_counters c; /* the cache's totals at the end (prefetches, evictions...) */
 };
 
@@ -175,12 +209,13 @@ struct moe_trace_replay_result {
  * batch (held together: none is evicted to make room for another; every one
  * is ready at once; hits counted from ref.hit), the step's routing
  * [records, top_k] goes to moe_cache_observe, then the experts are released
- * (the order of a forward).  0, or -errno
- * with err (a cache call failed, capacity below a step's experts).
+ * (the order of a forward).  Time as tm says (NULL: the defaults); the
+ * cache's prefetcher sees the disk model's backlog.  0, or -errno with err
+ * (a cache call failed, capacity below a step's experts).
  */
 int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
-                     const struct moe_cache_config *cfg, struct moe_trace_replay_result *ret,
-                     struct moe_error *err);
+                     const struct moe_cache_config *cfg, const struct moe_trace_timing *tm,
+                     struct moe_trace_replay_result *ret, struct moe_error *err);
 
 /*
  * A synthetic token stream with temporal locality, routed by m's real

@@ -454,7 +454,7 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
             cfg.policy = runs[i].policy;
             cfg.prefetch = runs[i].prefetch;
             t0 = moe_now_ns();
-            r = moe_trace_replay(t, cap, &cfg, &x, &err);
+            r = moe_trace_replay(t, cap, &cfg, NULL, &x, &err);
             sim_s += (double)(moe_now_ns() - t0) / 1e9;
             if (r < 0) {
                 fprintf(stderr, "%s: %s: %s\n", sh->name, runs[i].name, err.msg);

@@ -339,6 +339,34 @@ def main():
     if not ok:
         failures.append(f"cache-sim --json: exit {p.returncode}\nstdout: {p.stdout}\n"
                         f"stderr: {p.stderr}")
+    # Time: the disk and compute flags; stall and bytes per token.
+    for flag, bad in (("--disk-bw", "0"), ("--disk-bw", "fast"), ("--disk-latency", "-1ms"),
+                      ("--compute", "2 parsecs"), ("--expert-bytes", "0"),
+                      ("--prefetch-precision", "2")):
+        check(f"cache-sim bad {flag} {bad}", cs + ["--capacity", "50%", flag, bad], 2,
+              f"{flag} '{bad}'")
+    p = subprocess.run(cs + ["--capacity", "50%", "--policy", "lru", "--json", "--disk-bw", "1G",
+                             "--disk-latency", "0", "--compute", "1ms", "--expert-bytes", "1M"],
+                       capture_output=True, text=True)
+    try:
+        js = _json.loads(p.stdout)
+        r = js["runs"][0]
+        misses = r["accesses"] - r["hits"]
+        # Demand paging, no latency: each miss holds the disk 1 ms and stalls
+        # its step; a step's stall is its misses' reads.
+        ok = (p.returncode == 0 and r["bytes_read"] == misses * 2**20
+              and abs(r["stall_s"] - misses * 2**20 / 1e9) < 1e-6
+              and abs(r["compute_s"] - js["steps"] * 1e-3) < 1e-6
+              and r["tokens"] == 300 and js["timing"]["disk_bw"] == 1e9)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    print(f"{'ok  ' if ok else 'FAIL'} cache-sim timing: stall = misses x read time, bytes per "
+          f"token")
+    if not ok:
+        failures.append(f"cache-sim timing: exit {p.returncode}\nstdout: {p.stdout}\n"
+                        f"stderr: {p.stderr}")
+    check("cache-sim stall column", cs + ["--capacity", "50%", "--policy", "lru"], 0, "stall/tok",
+          stream="stdout")
     # An unclosed trace (n_records 0) is read whole; a partial record is refused.
     raw = open(trace, "rb").read()
     with open(f"{w}/unclosed.trace", "wb") as f:

@@ -906,7 +906,7 @@ static void test_replay_holds_step(void)
         struct moe_cache_config cfg = {.policy = (enum moe_cache_policy)p};
         struct moe_trace_replay_result x;
 
-        if (moe_trace_replay(t, 8, &cfg, &x, &err) < 0)
+        if (moe_trace_replay(t, 8, &cfg, NULL, &x, &err) < 0)
             FAIL("replay %s: %s", moe_cache_policy_name(cfg.policy), err.msg);
         ASSERT_EQ(x.accesses, 14u);
         ASSERT_EQ(x.hits, 1u);
@@ -952,7 +952,7 @@ static void test_replay(void)
                 for (int pf = 0; pf < 2; pf++) {
                     cfg.policy = (enum moe_cache_policy)p;
                     cfg.prefetch = pf;
-                    if (moe_trace_replay(t, (uint64_t)cap, &cfg, &x, &err) < 0)
+                    if (moe_trace_replay(t, (uint64_t)cap, &cfg, NULL, &x, &err) < 0)
                         FAIL("replay %d/%d cap %d: %s", p, pf, cap, err.msg);
                     ASSERT_EQ(x.accesses, br.accesses);
                     /* Demand paging cannot beat the optimum. */
@@ -968,12 +968,139 @@ static void test_replay(void)
             struct moe_cache_config cfg = {0};
             struct moe_trace_replay_result x;
 
-            ASSERT_EQ(moe_trace_replay(t, (uint64_t)ms - 1, &cfg, &x, &err), -EINVAL);
+            ASSERT_EQ(moe_trace_replay(t, (uint64_t)ms - 1, &cfg, NULL, &x, &err), -EINVAL);
             ASSERT_CONTAINS(err.msg, "distinct experts of step");
         }
         free_accs(&a);
         moe_trace_free(t);
     }
+}
+
+/* ---- time ------------------------------------------------------------------------------ */
+
+/* Timing of the hand-computed cases: a read holds the disk 1 s (1000 bytes
+ * at 1000 B/s) and is ready 0.5 s later; a step computes for 0.25 s. */
+static const struct moe_trace_timing hand_tm = {
+    .disk_bw = 1000, .disk_latency = 0.5, .compute_step = 0.25, .expert_bytes = 1000};
+
+static void replay_timed(const struct moe_trace *t, uint64_t cap,
+                         const struct moe_cache_config *cfg, const struct moe_trace_timing *tm,
+                         struct moe_trace_replay_result *x)
+{
+    struct moe_error err = {0};
+
+    if (moe_trace_replay(t, cap, cfg, tm, x, &err) < 0)
+        FAIL("replay: %s", err.msg);
+}
+
+/* Demand paging: misses queue on the one disk, hits wait for nothing. */
+static void test_time_demand(void)
+{
+    /* Two tokens of two layers, top-1: two misses, then two hits. */
+    static const uint16_t layers[] = {0, 1, 0, 1};
+    static const uint16_t experts[] = {0, 1, 0, 1};
+    /* One step of two experts: the second read waits for the first. */
+    static const uint16_t layers2[] = {0};
+    static const uint16_t experts2[] = {0, 1};
+    struct moe_trace *t = mem_trace(2, 4, 1, 4, layers, experts);
+    struct moe_cache_config cfg = {.policy = MOE_POLICY_LRU};
+    struct moe_trace_replay_result x;
+    struct moe_trace_timing tm = hand_tm;
+
+    /* step 0: read [0, 1], ready 1.5: stall 1.5, ends 1.75; step 1: read
+     * [1.75, 2.75], ready 3.25: stall 1.5, ends 3.5; steps 2, 3: hits. */
+    replay_timed(t, 2, &cfg, &tm, &x);
+    ASSERT_EQ(x.hits, 2);
+    ASSERT_EQ(x.tokens, 2);
+    ASSERT_EQ(x.bytes_read, 2000);
+    ASSERT_NEAR(x.stall, 3.0, 1e-12);
+    ASSERT_NEAR(x.compute, 1.0, 1e-12);
+    ASSERT_EQ(x.late_hits, 0);
+    /* The compute as bytes / bandwidth instead: 1000 B at 4000 B/s per step. */
+    tm.compute_step = 0;
+    tm.compute_bw = 4000;
+    replay_timed(t, 2, &cfg, &tm, &x);
+    ASSERT_NEAR(x.stall, 3.0, 1e-12);
+    ASSERT_NEAR(x.compute, 1.0, 1e-12);
+    /* The trace's expert bytes when the timing gives none: 500 B, 0.5 s. */
+    tm = hand_tm;
+    tm.expert_bytes = 0;
+    t->info.expert_bytes = 500;
+    replay_timed(t, 2, &cfg, &tm, &x);
+    ASSERT_EQ(x.bytes_read, 1000);
+    ASSERT_NEAR(x.stall, 2 * (0.5 + 0.5), 1e-12);
+    moe_trace_free(t);
+
+    t = mem_trace(1, 4, 2, 1, layers2, experts2);
+    replay_timed(t, 2, &cfg, &hand_tm, &x);
+    ASSERT_NEAR(x.stall, 2.5, 1e-12); /* reads [0, 1] and [1, 2], the last ready at 2.5 */
+    ASSERT_EQ(x.tokens, 1);
+    ASSERT_EQ(x.bytes_read, 2000);
+    moe_trace_free(t);
+
+    /* Bad timings are refused. */
+    {
+        struct moe_error err = {0};
+
+        t = mem_trace(1, 4, 2, 1, layers2, experts2);
+        tm = hand_tm;
+        tm.disk_bw = 0;
+        ASSERT_EQ(moe_trace_replay(t, 2, &cfg, &tm, &x, &err), -EINVAL);
+        ASSERT_CONTAINS(err.msg, "positive bandwidth");
+        tm = hand_tm;
+        tm.disk_latency = -1;
+        ASSERT_EQ(moe_trace_replay(t, 2, &cfg, &tm, &x, &err), -EINVAL);
+        moe_trace_free(t);
+    }
+}
+
+/*
+ * Prefetch on the disk: a lookahead trace (two tokens, two layers, top-1)
+ * whose second token's lookahead names the expert its layer 1 then uses.
+ *   step 0  L0 e0  miss: read [0, 1], ready 1.5; stall 1.5, ends 1.75
+ *   step 1  L1 e1  miss: read [1.75, 2.75], ready 3.25; stall 1.5, ends 3.5
+ *   step 2  L0 e0  hit; lookahead e2 at layer 1: prefetch read [3.5, 4.5],
+ *                  ready 5.0; ends 3.75
+ *   step 3  L1 e2  a hit on the prefetch still in flight: stall 1.25
+ * Unthrottled, step 0 also prefetches (its forecast is layer 1's prior,
+ * 1/4 per expert), behind step 0's own read, and step 1's demand read
+ * queues behind that.
+ */
+static void test_time_prefetch(void)
+{
+    static const uint16_t layers[] = {0, 1, 0, 1};
+    static const uint16_t experts[] = {0, 1, 0, 2};
+    static const uint16_t next[] = {MOE_TRACE_NO_EXPERT, MOE_TRACE_NO_EXPERT, 2,
+                                    MOE_TRACE_NO_EXPERT};
+    struct moe_trace *t = mem_trace(2, 4, 1, 4, layers, experts);
+    struct moe_cache_config cfg = {
+        .policy = MOE_POLICY_LRU, .prefetch = true, .prefetch_max = 1, .prefetch_precision = 0.4};
+    struct moe_trace_replay_result x;
+
+    t->next = malloc(sizeof(next));
+    ASSERT_TRUE(t->next);
+    memcpy(t->next, next, sizeof(next));
+    t->info.lookahead = true;
+    replay_timed(t, 4, &cfg, &hand_tm, &x);
+    ASSERT_EQ(x.c.prefetches, 1);
+    ASSERT_EQ(x.c.prefetch_hits, 1);
+    ASSERT_EQ(x.late_hits, 1);
+    ASSERT_EQ(x.hits, 2);
+    ASSERT_EQ(x.bytes_read, 3000);
+    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 1.25, 1e-12);
+
+    /* No throttle: step 0 prefetches layer 1's e0 on its prior of 0.25 (the
+     * lowest id of equal forecasts; read [1, 2]) while its own miss is
+     * queued; step 1's miss then reads [2, 3], ready 3.5: stall 1.75.  The
+     * unused prefetch fills the prefetch budget (a quarter of 4 experts), so
+     * step 2 prefetches nothing and step 3 misses: read [4, 5], stall 1.5. */
+    cfg.prefetch_precision = -1;
+    replay_timed(t, 4, &cfg, &hand_tm, &x);
+    ASSERT_EQ(x.c.prefetches, 1);
+    ASSERT_EQ(x.c.prefetch_hits, 0);
+    ASSERT_EQ(x.hits, 1);
+    ASSERT_NEAR(x.stall, 1.5 + 1.75 + 0 + 1.5, 1e-12);
+    moe_trace_free(t);
 }
 
 /* ---- the synthetic stream ---------------------------------------------------------------- */
@@ -1186,6 +1313,8 @@ int main(void)
     test_belady_speed();
     test_replay();
     test_replay_holds_step();
+    test_time_demand();
+    test_time_prefetch();
     test_generate(dir);
     test_rmtree(dir);
     free(dir);
