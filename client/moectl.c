@@ -7,6 +7,7 @@
  *   forward     run one MoE layer in process (--local) on a .npy of hidden states
  *   gen-trace   route a synthetic token stream with a model's routers into a trace
  *   cache-sim   replay a routing trace through the expert cache, next to Belady's optimum
+ *   trace       import routing recorded by other tools (csv, jsonl) as a routing trace
  *   pack        write a packed store (experts.bin + moe-pack.json) from a checkpoint
  *   verify      check a packed store's checksums, and against its checkpoint
  *
@@ -133,6 +134,7 @@ static const struct command {
     {"forward", moectl_forward, "run MoE layers on a .npy of hidden states (in moed, or --local)"},
     {"gen-trace", moectl_gen_trace, "write a routing trace of a synthetic token stream"},
     {"cache-sim", moectl_cache_sim, "replay a routing trace through the cache policies"},
+    {"trace", moectl_trace, "import routing recorded by other tools as a trace (trace import)"},
     {"pack", moectl_pack, "write a packed store of a checkpoint's experts, for fast paging"},
     {"verify", moectl_verify, "check a packed store's checksums (and against its checkpoint)"},
     {"status", moectl_status, "moed's version, state, uptime, requests served, peers"},

@@ -48,6 +48,7 @@ int moectl_inspect(int argc, char **argv);
 int moectl_forward(int argc, char **argv);
 int moectl_gen_trace(int argc, char **argv);
 int moectl_cache_sim(int argc, char **argv);
+int moectl_trace(int argc, char **argv);
 int moectl_pack(int argc, char **argv);
 int moectl_verify(int argc, char **argv);
 

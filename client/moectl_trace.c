@@ -2,7 +2,7 @@
  * moectl gen-trace and cache-sim: make a routing trace from a model's real
  * routers over a synthetic token stream, and replay a trace through the
  * expert cache (simulated) for each replacement policy, next to Belady's
- * optimum.
+ * optimum; and trace import, routing recorded by other tools into a trace.
  */
 #include "moectl.h"
 
@@ -11,7 +11,9 @@
 #include "common.h"
 #include "layer.h"
 #include "model.h"
+#include "safetensors.h"
 #include "trace.h"
+#include "trace_import.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -719,4 +721,207 @@ out:
     json_decref(root);
     moe_trace_free(t);
     return ret;
+}
+
+/* ---- trace import ---------------------------------------------------------------------- */
+
+/* Largest input `trace import` reads (the whole file is read into memory). */
+#define TRACE_IMPORT_MAX_BYTES (4ull << 30)
+
+static void trace_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: moectl trace import --format csv|jsonl (--model DIR | --shape L,E,K[,BYTES])\n"
+            "                           IN OUT [-q]\n"
+            "\n"
+            "Converts routing recorded by another tool into a routing trace (engine/trace.h)\n"
+            "for `moectl cache-sim`: one row per (layer, token), in the order the layers ran.\n"
+            "\n"
+            "  --format csv    layer,token,experts[,weights]: experts and weights are top-k\n"
+            "                  values separated by spaces, ';' or '|' (\"[3, 7]\" in quotes\n"
+            "                  too); a first line that is not a row is a header; '#' comments\n"
+            "  --format jsonl  one object per line: {\"layer\": 3, \"token\": 17, \"experts\":\n"
+            "                  [5, 9], \"weights\": [0.6, 0.4]} (weights optional)\n"
+            "  --model DIR     the model the routing is of: its shape, expert size and dense\n"
+            "                  layers (a checkpoint or packed store)\n"
+            "  --shape L,E,K[,BYTES]  or its shape alone: layers, routed experts per layer,\n"
+            "                  experts per token, bytes of one expert (\"26,64,6,17M\")\n"
+            "  -q, --quiet     no summary\n"
+            "\n"
+            "Every row is checked as the trace reader checks a record (the line number names a\n"
+            "bad one): layer in range (and not dense), top-k distinct experts in range, a\n"
+            "token below 2^32, top-k finite weights when given (not kept).\n");
+}
+
+/* "26,64,6" or "26,64,6,17M" into info. */
+static int parse_shape(const char *s, struct moe_trace_info *info)
+{
+    char buf[128], *save = NULL, *tok;
+    long v[3];
+    int n = 0;
+
+    if (strlen(s) >= sizeof(buf))
+        goto bad;
+    strcpy(buf, s);
+    for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save), n++) {
+        if (n < 3) {
+            char *end;
+
+            errno = 0;
+            v[n] = strtol(tok, &end, 10);
+            if (errno || end == tok || *end)
+                goto bad;
+        } else if (n == 3) {
+            if (parse_bytes("--shape", tok, &info->expert_bytes) < 0)
+                return -EINVAL;
+        } else {
+            goto bad;
+        }
+    }
+    if (n < 3 || v[0] < 1 || v[0] > MOE_TRACE_MAX_LAYERS || v[1] < 1 ||
+        v[1] > MOE_TRACE_MAX_EXPERTS || v[2] < 1 || v[2] > MOE_MIN(MOE_TRACE_MAX_TOPK, v[1]))
+        goto bad;
+    info->n_layers = (int)v[0];
+    info->n_experts = (int)v[1];
+    info->top_k = (int)v[2];
+    return 0;
+bad:
+    errorf("trace import: --shape '%s': expected LAYERS,EXPERTS,TOPK[,BYTES] with 1 to %d "
+           "layers, 1 to %d experts and 1 <= top-k <= min(%d, experts)",
+           s, MOE_TRACE_MAX_LAYERS, MOE_TRACE_MAX_EXPERTS, MOE_TRACE_MAX_TOPK);
+    return -EINVAL;
+}
+
+static int trace_import(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"format", required_argument, NULL, 'f'},
+        {"model", required_argument, NULL, 'm'},
+        {"shape", required_argument, NULL, 's'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {0},
+    };
+    const char *fmt_s = NULL, *dir = NULL, *shape = NULL, *in, *outp;
+    enum moe_trace_import_format fmt;
+    struct moe_trace_info info = {0};
+    struct moe_error err = {0};
+    struct moe_model *m = NULL;
+    struct moe_trace *t = NULL;
+    struct moe_trace_writer *w = NULL;
+    bool quiet = false, *is_moe = NULL;
+    char *buf = NULL;
+    size_t len;
+    int c, ret = 1;
+
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'f':
+            fmt_s = optarg;
+            break;
+        case 'm':
+            dir = optarg;
+            break;
+        case 's':
+            shape = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'h':
+            trace_usage(stdout);
+            return 0;
+        default:
+            trace_usage(stderr);
+            return 2;
+        }
+    }
+    if (argc - optind != 2 || !fmt_s || !dir == !shape) {
+        errorf("trace import: --format, one of --model and --shape, IN and OUT are required "
+               "(see moectl trace --help)");
+        return 2;
+    }
+    in = argv[optind];
+    outp = argv[optind + 1];
+    if (moe_trace_import_format_parse(fmt_s, &fmt) < 0) {
+        errorf("trace import: --format '%s': expected csv or jsonl", fmt_s);
+        return 2;
+    }
+    if (shape) {
+        if (parse_shape(shape, &info) < 0)
+            return 2;
+        snprintf(info.model, sizeof(info.model), "imported");
+    } else {
+        char name[64];
+
+        if (moe_model_open(dir, &m, &err) < 0) {
+            errorf("trace import: %s", err.msg);
+            goto out;
+        }
+        base_name(dir, name, sizeof(name));
+        moe_trace_info_from_model(m, name, &info);
+        is_moe = calloc((size_t)info.n_layers, sizeof(*is_moe));
+        if (!is_moe) {
+            errorf("trace import: out of memory");
+            goto out;
+        }
+        for (int l = 0; l < info.n_layers; l++)
+            is_moe[l] = m->layers[l].is_moe;
+    }
+    info.lookahead = false;
+    if (moe_read_file(in, TRACE_IMPORT_MAX_BYTES, &buf, &len, &err) < 0) {
+        errorf("trace import: %s", err.msg);
+        goto out;
+    }
+    if (moe_trace_import(buf, len, fmt, &info, is_moe, in, &t, &err) < 0) {
+        errorf("trace import: %s", err.msg);
+        goto out;
+    }
+    if (t->n_records == 0) {
+        errorf("trace import: %s: no rows", in);
+        goto out;
+    }
+    if (moe_trace_writer_open(outp, &t->info, &w, &err) < 0) {
+        errorf("trace import: %s", err.msg);
+        goto out;
+    }
+    for (uint64_t i = 0; i < t->n_records; i++) {
+        int32_t ids[MOE_TRACE_MAX_TOPK];
+
+        for (int j = 0; j < t->info.top_k; j++)
+            ids[j] = t->expert[i * t->info.top_k + j];
+        if (moe_trace_write(w, t->token[i], t->layer[i], ids, 1) < 0)
+            break; /* sticky: close says what */
+    }
+    if (moe_trace_writer_close(w, &err) < 0) {
+        w = NULL;
+        errorf("trace import: %s", err.msg);
+        goto out;
+    }
+    w = NULL;
+    if (!quiet)
+        printf("wrote %s: %" PRIu64 " records (%d layers x %d experts, top-%d) from %s\n", outp,
+               t->n_records, t->info.n_layers, t->info.n_experts, t->info.top_k, in);
+    ret = 0;
+out:
+    moe_trace_writer_close(w, NULL);
+    moe_trace_free(t);
+    moe_model_free(m);
+    free(is_moe);
+    free(buf);
+    return ret;
+}
+
+int moectl_trace(int argc, char **argv)
+{
+    if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        trace_usage(stdout);
+        return 0;
+    }
+    if (argc < 2 || strcmp(argv[1], "import") != 0) {
+        errorf("trace: expected a subcommand: import (see moectl trace --help)");
+        return 2;
+    }
+    return trace_import(argc - 1, argv + 1);
 }

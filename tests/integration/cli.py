@@ -367,6 +367,36 @@ def main():
                         f"stderr: {p.stderr}")
     check("cache-sim stall column", cs + ["--capacity", "50%", "--policy", "lru"], 0, "stall/tok",
           stream="stdout")
+    # trace import: csv and jsonl into a trace cache-sim replays; bad rows by line.
+    ti = [m, "trace", "import"]
+    with open(f"{w}/r.csv", "w") as f:
+        f.write('layer,token,experts,weights\n0,0,"[1, 2]","0.6 0.4"\n1,0,3;0,0.5;0.5\n'
+                '0,1,1 2\n1,1,3|0\n')
+    with open(f"{w}/r.jsonl", "w") as f:
+        f.write('{"layer": 0, "token": 0, "experts": [1, 2]}\n'
+                '{"layer": 1, "token": 0, "experts": [3, 0], "weights": [0.5, 0.5]}\n')
+    with open(f"{w}/bad.csv", "w") as f:
+        f.write("0,0,1 2\n0,1,1 1\n")
+    check("trace without subcommand", [m, "trace"], 2, "expected a subcommand: import")
+    check("trace import without format", ti + ["--shape", "2,4,2", f"{w}/r.csv", f"{w}/i.trace"],
+          2, "--format, one of --model and --shape")
+    check("trace import bad format", ti + ["--format", "xml", "--shape", "2,4,2", f"{w}/r.csv",
+                                           f"{w}/i.trace"], 2, "--format 'xml'")
+    check("trace import bad shape", ti + ["--format", "csv", "--shape", "2,4,9", f"{w}/r.csv",
+                                          f"{w}/i.trace"], 2, "--shape '2,4,9'")
+    check("trace import csv", ti + ["--format", "csv", "--shape", "2,4,2,1M", f"{w}/r.csv",
+                                    f"{w}/i.trace"], 0, "4 records", stream="stdout")
+    check("trace import replays", [m, "cache-sim", "--trace", f"{w}/i.trace", "--capacity", "4",
+                                   "--policy", "lru"], 0, "belady", stream="stdout")
+    check("trace import jsonl", ti + ["--format", "jsonl", "--shape", "2,4,2", f"{w}/r.jsonl",
+                                      f"{w}/j.trace", "-q"], 0)
+    check("trace import bad row", ti + ["--format", "csv", "--shape", "2,4,2", f"{w}/bad.csv",
+                                        f"{w}/b.trace"], 1, "bad.csv:2: expert 1 twice")
+    check("trace import missing input", ti + ["--format", "csv", "--shape", "2,4,2",
+                                              f"{w}/none.csv", f"{w}/b.trace"], 1, "none.csv")
+    # The test model's layer 0 is dense: --model knows it.
+    check("trace import model", ti + ["--format", "jsonl", "--model", model, f"{w}/r.jsonl",
+                                      f"{w}/k.trace"], 1, "r.jsonl:1: layer 0 is a dense layer")
     # An unclosed trace (n_records 0) is read whole; a partial record is refused.
     raw = open(trace, "rb").read()
     with open(f"{w}/unclosed.trace", "wb") as f:

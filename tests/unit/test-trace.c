@@ -13,6 +13,7 @@
 #include "model.h"
 #include "safetensors.h"
 #include "trace.h"
+#include "trace_import.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -1103,6 +1104,134 @@ static void test_time_prefetch(void)
     moe_trace_free(t);
 }
 
+/* ---- import ---------------------------------------------------------------------------- */
+
+static struct moe_trace *import_ok(const char *text, enum moe_trace_import_format fmt,
+                                   const struct moe_trace_info *info, const bool *is_moe)
+{
+    struct moe_error err = {0};
+    struct moe_trace *t = NULL;
+
+    if (moe_trace_import(text, strlen(text), fmt, info, is_moe, "in", &t, &err) < 0)
+        FAIL("import of '%s': %s", text, err.msg);
+    return t;
+}
+
+static void test_import(void)
+{
+    static const bool is_moe[3] = {true, false, true};
+    struct moe_trace_info info = {.model = "m",
+                                  .n_layers = 3,
+                                  .n_experts = 8,
+                                  .top_k = 2,
+                                  .expert_bytes = 1000,
+                                  .lookahead = true};
+    static const char *csv = "layer,token,experts,weights\n"
+                             "0,0,\"[1, 2]\",\"0.6 0.4\"\n"
+                             "# a comment\n"
+                             "\n"
+                             "2,0,3;0,0.5;0.5\r\n"
+                             "0,1,1 2\n"
+                             "2,1,7|6";
+    static const char *jsonl =
+        "{\"layer\": 0, \"token\": 0, \"experts\": [1, 2], \"weights\": "
+        "[0.6, 0.4]}\n"
+        "\n"
+        "{\"token\": 0, \"layer\": 2, \"experts\": [3, 0], \"src\": \"x\"}\n"
+        "{\"layer\": 0, \"token\": 1, \"experts\": [1, 2]}\n"
+        "{\"layer\": 2, \"token\": 1, \"experts\": [7, 6], \"weights\": null}\n";
+    static const uint16_t want_layer[] = {0, 2, 0, 2};
+    static const uint16_t want_exp[] = {1, 2, 3, 0, 1, 2, 7, 6};
+    static const uint32_t want_tok[] = {0, 0, 1, 1};
+    /* Bad inputs: each refused with its line and what is wrong. */
+    static const struct {
+        enum moe_trace_import_format fmt;
+        const char *text, *msg;
+    } bad[] = {
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2\n3,0,1 2\n", "in:2: layer 3: expected 0 to 2"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2\n1,0,1 2\n", "in:2: layer 1 is a dense layer"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 8\n", "in:1: expert 8 (slot 1): expected 0 to 7"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 1\n", "in:1: expert 1 twice (slots 0 and 1)"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2 3\n", "in:1: 3 experts: expected top_k = 2"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1\n", "in:1: 1 experts: expected top_k = 2"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2,0.5\n", "in:1: 1 weights: expected top_k = 2"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2,0.5 nan\n", "in:1: weights '0.5 nan'"},
+        {MOE_TRACE_IMPORT_CSV, "0,-1,1 2\n", "in:1: token -1: expected 0 to 4294967295"},
+        {MOE_TRACE_IMPORT_CSV, "0,4294967296,1 2\n", "in:1: token 4294967296"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2\nx,0,1 2\n", "in:2: layer 'x': expected an integer"},
+        {MOE_TRACE_IMPORT_CSV, "0,t,1 2\n", "in:1: token 't': expected an integer"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 a\n", "in:1: experts '1 a'"},
+        {MOE_TRACE_IMPORT_CSV, "0,0\n", "in:1: expected layer,token,experts[,weights]"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,\"1 2\n", "unclosed quote"},
+        {MOE_TRACE_IMPORT_CSV, "0,0,1 2,1 1,9\n", "too many fields"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 0, \"token\": 0, \"experts\": [1, 2]}\n[1]\n",
+         "in:2: expected a JSON object per line"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 0, \"token\": 0, \"experts\": [1, 2]\n", "in:1:"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": \"0\", \"token\": 0, \"experts\": [1, 2]}\n",
+         "in:1: expected integer \"layer\" and \"token\""},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 0, \"token\": 0, \"experts\": [1, 2.5]}\n",
+         "in:1: \"experts\"[1]: expected an integer"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 0, \"token\": 0, \"experts\": 3}\n",
+         "in:1: \"experts\": expected an array"},
+        {MOE_TRACE_IMPORT_JSONL,
+         "{\"layer\": 0, \"token\": 0, \"experts\": [1, 2], \"weights\": [1, \"a\"]}\n",
+         "in:1: \"weights\"[1]: expected a finite number"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 2, \"token\": 0, \"experts\": [9, 2]}\n",
+         "in:1: expert 9 (slot 0)"},
+        {MOE_TRACE_IMPORT_JSONL, "{\"layer\": 0, \"layer\": 0, \"token\": 0, \"experts\": [1, 2]}",
+         "in:1:"},
+    };
+    enum moe_trace_import_format fmt;
+
+    for (int f = 0; f < 2; f++) {
+        struct moe_trace *t = import_ok(
+            f ? jsonl : csv, f ? MOE_TRACE_IMPORT_JSONL : MOE_TRACE_IMPORT_CSV, &info, is_moe);
+
+        ASSERT_EQ(t->n_records, 4);
+        ASSERT_TRUE(!t->info.lookahead && !t->next);
+        ASSERT_STREQ(t->info.model, "m");
+        ASSERT_EQ(t->info.expert_bytes, 1000);
+        for (int i = 0; i < 4; i++) {
+            ASSERT_EQ(t->layer[i], want_layer[i]);
+            ASSERT_EQ(t->token[i], want_tok[i]);
+            ASSERT_EQ(t->expert[2 * i], want_exp[2 * i]);
+            ASSERT_EQ(t->expert[2 * i + 1], want_exp[2 * i + 1]);
+        }
+        moe_trace_free(t);
+    }
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(bad); i++) {
+        struct moe_error err = {0};
+        struct moe_trace *t = NULL;
+
+        if (moe_trace_import(bad[i].text, strlen(bad[i].text), bad[i].fmt, &info, is_moe, "in", &t,
+                             &err) != -EINVAL)
+            FAIL("bad input %zu ('%s') was accepted", i, bad[i].text);
+        ASSERT_CONTAINS(err.msg, bad[i].msg);
+        ASSERT_TRUE(t == NULL);
+    }
+    /* A header only on the first line; every layer is MoE without is_moe. */
+    {
+        struct moe_error err = {0};
+        struct moe_trace *t = NULL;
+
+        ASSERT_EQ(moe_trace_import("0,0,1 2\nlayer,token,experts\n", 28, MOE_TRACE_IMPORT_CSV,
+                                   &info, NULL, "in", &t, &err),
+                  -EINVAL);
+        ASSERT_CONTAINS(err.msg, "in:2: layer 'layer'");
+        t = import_ok("1,5,0 7\n", MOE_TRACE_IMPORT_CSV, &info, NULL);
+        ASSERT_EQ(t->n_records, 1);
+        moe_trace_free(t);
+        t = import_ok("", MOE_TRACE_IMPORT_CSV, &info, NULL);
+        ASSERT_EQ(t->n_records, 0);
+        moe_trace_free(t);
+    }
+    ASSERT_EQ(moe_trace_import_format_parse("csv", &fmt), 0);
+    ASSERT_EQ(fmt, MOE_TRACE_IMPORT_CSV);
+    ASSERT_EQ(moe_trace_import_format_parse("jsonl", &fmt), 0);
+    ASSERT_EQ(fmt, MOE_TRACE_IMPORT_JSONL);
+    ASSERT_EQ(moe_trace_import_format_parse("json", &fmt), -EINVAL);
+}
+
 /* ---- the synthetic stream ---------------------------------------------------------------- */
 
 static int gen(const char *model_dir, const char *path, int tokens, uint64_t seed, int batch)
@@ -1315,6 +1444,7 @@ int main(void)
     test_replay_holds_step();
     test_time_demand();
     test_time_prefetch();
+    test_import();
     test_generate(dir);
     test_rmtree(dir);
     free(dir);
