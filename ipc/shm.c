@@ -58,6 +58,10 @@ int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t arena_byte
     l.arena_bytes = arena_bytes ? arena_bytes : MOE_SHM_DEFAULT_ARENA;
     if (l.arena_bytes > max_arena)
         l.arena_bytes = max_arena;
+    /* Above this the sizes below would overflow (a cap of 2^64 - 1). */
+    if (l.arena_bytes > MOE_SHM_MAX_ARENA)
+        return fail(-EINVAL, msg, len, "an arena of %llu bytes: at most %llu",
+                    (unsigned long long)l.arena_bytes, (unsigned long long)MOE_SHM_MAX_ARENA);
     l.arena_bytes = align_up(l.arena_bytes, MOE_SHM_ALIGN);
     if (!l.arena_bytes)
         return fail(-EINVAL, msg, len, "an arena of 0 bytes");

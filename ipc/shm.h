@@ -72,6 +72,7 @@
 #define MOE_SHM_MAGIC 0x314d48534d454f4dull /* "MOEMSHM1" little-endian */
 #define MOE_SHM_VERSION 1u
 #define MOE_SHM_ALIGN 4096u
+#define MOE_SHM_MAX_ARENA (1ull << 48) /* whatever the daemon's cap */
 
 /* Limits a session may ask for. */
 #define MOE_SHM_MIN_ENTRIES 2u
