@@ -4,8 +4,7 @@
  * which layer 1 is dense, 8 experts, top-2 or top-3), the rest is the input.
  * Anything accepted must hold what the trace reader promises (every layer <
  * n_layers and not dense, every expert < n_experts and distinct within its
- * record), and must survive a write and read back unchanged as a trace file
- * image would; nothing may crash or leak.
+ * record, no lookahead); a refusal must say why; nothing may crash or leak.
  */
 #include "trace_import.h"
 
