@@ -96,6 +96,7 @@ struct cmodel {
     uint64_t expert_bytes;
     int base_group;
     int *pager_file;        /* [m->n_files] */
+    int n_pager_files;      /* of them, added to the pager (closed by model_free) */
     struct centry *entries; /* [n_layers * n_experts] */
     double *passes;         /* [n_layers] */
     int cur_idx;            /* MoE index of the layer acquired last, -1 none */
@@ -266,6 +267,11 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
 {
     if (!mod)
         return;
+    /* The pager holds the files open (and registered with its rings) until
+     * they are removed: a model loaded and unloaded N times would keep N
+     * descriptors, and a deleted checkpoint's blocks, otherwise. */
+    for (int i = 0; i < mod->n_pager_files; i++)
+        moe_pager_remove_file(c->pager, mod->pager_file[i]);
     if (mod->entries) {
         for (int i = 0; i < mod->n_layers * mod->n_experts; i++) {
             struct centry *e = &mod->entries[i];
@@ -313,8 +319,10 @@ void moe_cache_free(struct moe_cache *c)
 {
     if (!c)
         return;
-    /* The pager finishes its jobs first: their completions take c->lock. */
+    /* The pager finishes its jobs first: their completions take c->lock.
+     * It closes every file, so model_free has none left to remove. */
     moe_pager_free(c->pager);
+    c->pager = NULL;
     for (int i = 0; i < c->n_models; i++)
         model_free(c, c->models[i]);
     for (int k = 0; k < c->n_tiers; k++) {
@@ -538,6 +546,7 @@ int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const ch
                                    &mod->pager_file[i], err);
             if (r < 0)
                 goto fail;
+            mod->n_pager_files++;
         }
     }
     pthread_mutex_lock(&c->lock);
@@ -607,16 +616,24 @@ int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err
         pthread_mutex_unlock(&c->lock);
         return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
     }
+    /* Page-ins in flight (prefetches the model's last requests started)
+     * finish on their own: wait for them, or the model would stay, its
+     * files open, after its requests are done. */
     for (int i = 0; i < mod->n_layers * mod->n_experts; i++) {
         struct centry *e = &mod->entries[i];
 
-        if (e->refs || e->holds || e->loading) {
+        if (e->refs || e->holds) {
             pthread_mutex_unlock(&c->lock);
             return moe_error_set(err, -EBUSY,
-                                 "model %s is in use (layer %d expert %d %s): try again when "
-                                 "its requests are done",
-                                 mod->name, e->layer, e->expert,
-                                 e->loading ? "is paging in" : "is in use");
+                                 "model %s is in use (layer %d expert %d is in use): try again "
+                                 "when its requests are done",
+                                 mod->name, e->layer, e->expert);
+        }
+        if (e->loading) {
+            /* The lock was let go: look at every entry again. */
+            while (e->loading)
+                pthread_cond_wait(&c->cv, &c->lock);
+            i = -1;
         }
     }
     model_free(c, mod);

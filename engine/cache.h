@@ -140,7 +140,8 @@ int moe_cache_add_model(struct moe_cache *c, const struct moe_model *m, const ch
 /* For simulation: a model known by its shape only (no files). */
 int moe_cache_add_shape(struct moe_cache *c, const char *name, int n_layers, int n_experts,
                         int top_k, uint64_t expert_bytes, int *ret, struct moe_error *err);
-/* Drops a model's experts from every tier.  -EBUSY while any is in use. */
+/* Drops a model's experts from every tier and closes its files (after its
+ * page-ins in flight finish).  -EBUSY while any expert is in use. */
 int moe_cache_remove_model(struct moe_cache *c, int model, struct moe_error *err);
 
 /* A batch's hold on one expert. */

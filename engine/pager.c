@@ -7,7 +7,9 @@
  *                     (moe_pager_free waits on it), fault settings, stats.
  *   struct pfile      one file: its O_DIRECT fd (fixed once added), its slot
  *                     in every ring's registered file table, and its
- *                     buffered fd (opened when O_DIRECT is refused).
+ *                     buffered fd (opened when O_DIRECT is refused).  Its
+ *                     id is its index in files[] and its ring slot; a
+ *                     removed file leaves its id free for the next added.
  *   struct worker     one pager thread and its ring.  Jobs come in on the
  *                     worker's queue; everything else of the worker (the
  *                     pending list, the job being cut into chunks, the read
@@ -33,7 +35,7 @@
  * extra completion.  The worker empties the whole queue each time round.
  *
  * Locks: pager.lock (n_jobs, stopped; `idle` waits on it), pager.files_lock
- * (serialises moe_pager_add_file), worker.lock (queue, stop), pfile.lock
+ * (serialises moe_pager_add_file and _remove_file), worker.lock (queue, stop), pfile.lock
  * (the switch to buffered reads).  No lock is held while another is taken,
  * and none while a done callback runs.
  */
@@ -145,10 +147,14 @@ struct moe_pager {
     bool files_registered; /* every ring has a sparse table of file_slots */
     unsigned file_slots;
 
-    pthread_mutex_t files_lock; /* serialises moe_pager_add_file */
-    struct pfile *files[MOE_PAGER_MAX_FILES];
-    /* Release in add_file after files[id] is written; pairs with the
-     * acquire loads in submit and moe_pager_file_direct. */
+    pthread_mutex_t files_lock; /* serialises moe_pager_add_file and _remove_file */
+    /* NULL where no file is (never added, or removed).  Release in add_file
+     * and remove_file; pairs with the acquire loads in check_job() and
+     * moe_pager_file_direct(). */
+    _Atomic(struct pfile *) files[MOE_PAGER_MAX_FILES];
+    /* One past the highest id ever given out; written under files_lock.
+     * Release in add_file after files[id] is written; pairs with the same
+     * acquire loads. */
     atomic_int n_files;
 
     pthread_mutex_t lock;
@@ -337,7 +343,9 @@ static bool job_next_chunk(struct worker *w, struct moe_pager_job *j)
     w->inflight++;
     r->job = j;
     r->seg = s;
-    r->f = w->p->files[s->file];
+    /* Relaxed: check_job() saw the file with acquire before the job was
+     * queued, and the caller keeps it until the job is done. */
+    r->f = atomic_load_explicit(&w->p->files[s->file], memory_order_relaxed);
     r->pos = s->offset + j->next_off_;
     r->end = r->pos + n;
     j->chunks_left_++;
@@ -781,8 +789,9 @@ static void pager_destroy(struct moe_pager *p)
             pthread_mutex_destroy(&w->lock);
         }
     }
+    /* Relaxed: the threads are joined, nothing else runs. */
     for (int i = 0; i < atomic_load_explicit(&p->n_files, memory_order_relaxed); i++)
-        file_free(p->files[i]);
+        file_free(atomic_load_explicit(&p->files[i], memory_order_relaxed));
     free(p->workers);
     free(p->pieces);
     pthread_mutex_destroy(&p->files_lock);
@@ -930,10 +939,15 @@ int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_
     struct pfile *f;
     struct stat st;
     bool refused = false;
-    int id, r = 0;
+    int id, n, r = 0;
 
     pthread_mutex_lock(&p->files_lock);
-    id = atomic_load_explicit(&p->n_files, memory_order_relaxed);
+    /* The lowest free id: one a removed file left, or a new one.  Relaxed:
+     * files[] and n_files change only under files_lock, held here. */
+    n = atomic_load_explicit(&p->n_files, memory_order_relaxed);
+    for (id = 0; id < n; id++)
+        if (!atomic_load_explicit(&p->files[id], memory_order_relaxed))
+            break;
     if (id >= MOE_PAGER_MAX_FILES) {
         r = moe_error_set(err, -EMFILE,
                           "pager: cannot add '%s': already %d files, the most a pager takes", path,
@@ -1000,10 +1014,12 @@ int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_
                          strerror(-r));
         }
     }
-    p->files[id] = f;
-    /* Release: publishes files[id]; pairs with the acquire loads in
-     * moe_pager_submit() and moe_pager_file_direct(). */
-    atomic_store_explicit(&p->n_files, id + 1, memory_order_release);
+    /* Release: publishes *f; pairs with the acquire loads in check_job()
+     * and moe_pager_file_direct(). */
+    atomic_store_explicit(&p->files[id], f, memory_order_release);
+    if (id == n)
+        /* Release: publishes files[id]; pairs with the same loads. */
+        atomic_store_explicit(&p->n_files, id + 1, memory_order_release);
     *ret = id;
     r = 0;
     goto out;
@@ -1012,6 +1028,43 @@ out_free:
 out:
     pthread_mutex_unlock(&p->files_lock);
     return r;
+}
+
+int moe_pager_remove_file(struct moe_pager *p, int file)
+{
+    struct pfile *f;
+
+    if (!p)
+        return 0;
+    pthread_mutex_lock(&p->files_lock);
+    /* Relaxed: files[] and n_files change only under files_lock, held here. */
+    if (file < 0 || file >= atomic_load_explicit(&p->n_files, memory_order_relaxed) ||
+        !(f = atomic_load_explicit(&p->files[file], memory_order_relaxed))) {
+        pthread_mutex_unlock(&p->files_lock);
+        return -ENOENT;
+    }
+    /* The rings hold the file too: a registered slot keeps it open (and a
+     * deleted file's blocks allocated) until it is emptied. */
+    if (f->slot >= 0) {
+        int none = -1;
+
+        for (int i = 0; i < p->n_threads; i++) {
+            int r =
+                io_uring_register_files_update(&p->workers[i].ring, (unsigned)f->slot, &none, 1);
+
+            if (r < 0)
+                moe_log(MOE_LOG_WARN,
+                        "pager: cannot drop '%s' from the file table of ring %d: %s; it stays "
+                        "open until moed stops",
+                        f->path, i, strerror(-r));
+        }
+    }
+    /* Release: pairs with the acquire loads in check_job() and
+     * moe_pager_file_direct(), which now refuse the id. */
+    atomic_store_explicit(&p->files[file], NULL, memory_order_release);
+    pthread_mutex_unlock(&p->files_lock);
+    file_free(f);
+    return 0;
 }
 
 static int check_job(struct moe_pager *p, const struct moe_pager_job *job, struct moe_error *err)
@@ -1026,26 +1079,29 @@ static int check_job(struct moe_pager *p, const struct moe_pager_job *job, struc
                              job->n_segs);
     for (int i = 0; i < job->n_segs; i++) {
         const struct moe_pager_seg *s = &job->segs[i];
+        const struct pfile *f;
         uint64_t end;
 
-        if (s->file < 0 || s->file >= n_files)
+        /* Acquire: pairs with the release in moe_pager_add_file() (and
+         * _remove_file()). */
+        if (s->file < 0 || s->file >= n_files ||
+            !(f = atomic_load_explicit(&p->files[s->file], memory_order_acquire)))
             return moe_error_set(err, -EINVAL, "pager: segment %d: no file %d (the pager has %d)",
                                  i, s->file, n_files);
         if ((s->offset | s->len | (uintptr_t)s->dst) & ALIGN_MASK)
             return moe_error_set(err, -EINVAL,
                                  "pager: segment %d of %s: offset %" PRIu64 ", length %" PRIu64
                                  " and buffer %p must be multiples of %u",
-                                 i, p->files[s->file]->path, s->offset, s->len, s->dst,
-                                 MOE_PAGER_ALIGN);
+                                 i, f->path, s->offset, s->len, s->dst, MOE_PAGER_ALIGN);
         if (s->need > s->len)
             return moe_error_set(err, -EINVAL,
                                  "pager: segment %d of %s: needs %" PRIu64 " bytes of %" PRIu64, i,
-                                 p->files[s->file]->path, s->need, s->len);
+                                 f->path, s->need, s->len);
         if (__builtin_add_overflow(s->offset, s->len, &end) || end > (uint64_t)INT64_MAX ||
             (s->len && !s->dst))
             return moe_error_set(
                 err, -EINVAL, "pager: segment %d of %s: bad range %" PRIu64 "+%" PRIu64 " into %p",
-                i, p->files[s->file]->path, s->offset, s->len, s->dst);
+                i, f->path, s->offset, s->len, s->dst);
     }
     return 0;
 }
@@ -1132,9 +1188,13 @@ void moe_pager_get_stats(struct moe_pager *p, struct moe_pager_stats *ret)
 
 bool moe_pager_file_direct(struct moe_pager *p, int file)
 {
-    /* Acquire: pairs with the release in moe_pager_add_file(). */
-    if (file < 0 || file >= atomic_load_explicit(&p->n_files, memory_order_acquire))
+    struct pfile *f;
+
+    /* Acquire: pairs with the releases in moe_pager_add_file() and
+     * _remove_file(). */
+    if (file < 0 || file >= atomic_load_explicit(&p->n_files, memory_order_acquire) ||
+        !(f = atomic_load_explicit(&p->files[file], memory_order_acquire)))
         return false;
     /* Acquire: pairs with the release in file_fallback(). */
-    return atomic_load_explicit(&p->files[file]->direct, memory_order_acquire);
+    return atomic_load_explicit(&f->direct, memory_order_acquire);
 }

@@ -48,7 +48,8 @@
  * Thread safety: moe_pager_submit may be called from any thread at any time;
  * done callbacks run on pager threads and must not block for long (they may
  * take the caller's locks, and they may submit new jobs).
- * moe_pager_add_file must not race with submits that name the new file.
+ * moe_pager_add_file must not race with submits that name the new file, nor
+ * moe_pager_remove_file with jobs that name the file it removes.
  */
 #ifndef MOED_ENGINE_PAGER_H
 #define MOED_ENGINE_PAGER_H
@@ -144,6 +145,15 @@ void moe_pager_free(struct moe_pager *p);
  */
 int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_size, int *ret,
                        struct moe_error *err);
+
+/*
+ * Closes file id and drops it from every ring's file table, so that nothing
+ * of the pager keeps it open (a deleted file's space is freed); the id may
+ * be given to a file added later.  No job naming the file may be in flight
+ * or submitted from now on (the caller's to ensure; submits naming it are
+ * refused).  0, or -ENOENT for an id not in use.  NULL p is a no-op.
+ */
+int moe_pager_remove_file(struct moe_pager *p, int file);
 
 /* Queues the job.  0 (done will be called exactly once), or -errno with
  * err for a malformed job (bad file id, misaligned segment), in which case

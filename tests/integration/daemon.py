@@ -12,7 +12,9 @@ SIGHUP re-reads the log level; SIGTERM under load exits 0 with every call
 answered, and the messages of streams open at the signal answered until
 drain_timeout_ms; bad configurations are refused at start; LoadModel of
 FIFOs refused while other calls are answered, and only from a configured
-model's directory or inside model_dirs, its errors quoting no file bytes.
+model's directory or inside model_dirs, its errors quoting no file bytes;
+LoadModel/Forward/UnloadModel cycles leave no descriptor open, and a
+checkpoint deleted while loaded is let go at its unload.
 
 Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
 """
@@ -682,6 +684,90 @@ def main():
               and code2 == grpc.StatusCode.OK, f"{code} {det} {code2} {det2}")
     finally:
         d.stop(signal.SIGTERM, 30)
+
+    # LoadModel / UnloadModel cycles leave no descriptor behind.  The pager
+    # opened each file again at every load and kept it (and its slot in the
+    # io_uring file tables) after the unload: N cycles left N descriptors on
+    # the shard, and a deleted checkpoint's blocks stayed allocated.
+    cyc = f"{w}/cycles"
+    os.makedirs(cyc)
+    shutil.copytree(model, f"{cyc}/ck")
+    subprocess.run([m, "pack", "--model", model, "--out", f"{cyc}/packed", "-q"], check=True)
+    d = Daemon(moed, ["--model", f"mix={model}", "--model-dirs", cyc], w, "moed-cycles")
+
+    def fds():
+        out = {}
+        for fd in os.listdir(f"/proc/{d.p.pid}/fd"):
+            try:
+                out[fd] = os.readlink(f"/proc/{d.p.pid}/fd/{fd}")
+            except OSError:
+                pass  # closed meanwhile
+        return out
+
+    def held(path):
+        """What of moed still refers to path: descriptors, mappings and the
+        files registered with its io_uring rings (listed in their fdinfo)."""
+        out = []
+        for fd, target in fds().items():
+            if target.startswith(path):
+                out.append(target)
+            elif "io_uring" in target:
+                try:
+                    with open(f"/proc/{d.p.pid}/fdinfo/{fd}") as f:
+                        out += [f"ring {fd}: {ln.strip()}" for ln in f if path in ln]
+                except OSError:
+                    pass
+        with open(f"/proc/{d.p.pid}/maps") as f:
+            out += [ln.split(None, 5)[-1].strip() for ln in f if path in ln]
+        return out
+    try:
+        ctl = pbg.ControlStub(d.channel)
+        exp = pbg.ExpertsStub(d.channel)
+        rng = np.random.default_rng(7)
+        xs = rng.standard_normal((4, 128)).astype("f4")
+        ctl.Status(pb.StatusRequest(), timeout=10)
+        base = fds()
+        errs = []
+        for i in range(12):
+            src = f"{cyc}/ck" if i % 2 == 0 else f"{cyc}/packed"
+            code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=src, name="cyc"),
+                                                      timeout=20))
+            if code != grpc.StatusCode.OK:
+                errs.append(f"load {i}: {code} {det}")
+                continue
+            for layer in range(3):
+                code, det = code_of(lambda: exp.Forward(pb.ForwardRequest(
+                    model="cyc", layer=layer, hidden=tensor(pb, xs)), timeout=10))
+                if code != grpc.StatusCode.OK:
+                    errs.append(f"forward {i}/{layer}: {code} {det}")
+            code, det = code_of(lambda: ctl.UnloadModel(pb.UnloadModelRequest(name="cyc"),
+                                                        timeout=20))
+            if code != grpc.StatusCode.OK:
+                errs.append(f"unload {i}: {code} {det}")
+        now = fds()
+        extra = {}
+        for k, v in now.items():
+            if k not in base:
+                extra[v] = extra.get(v, 0) + 1
+        check("12 load/forward/unload cycles (checkpoint and packed store): no descriptor "
+              "left open", not errs and len(now) == len(base) and not held(cyc),
+              f"{errs} {len(base)} descriptors before, {len(now)} after; new: {extra}; "
+              f"held: {held(cyc)[:4]}")
+        # A checkpoint deleted while loaded: its files are let go at the unload.
+        shutil.copytree(model, f"{cyc}/gone")
+        code, det = code_of(lambda: ctl.LoadModel(pb.LoadModelRequest(dir=f"{cyc}/gone",
+                                                                      name="gone"), timeout=20))
+        code2, det2 = code_of(lambda: exp.Forward(pb.ForwardRequest(
+            model="gone", layer=1, hidden=tensor(pb, xs)), timeout=10))
+        shutil.rmtree(f"{cyc}/gone")
+        code3, det3 = code_of(lambda: ctl.UnloadModel(pb.UnloadModelRequest(name="gone"),
+                                                      timeout=20))
+        check("a deleted checkpoint is no longer held open after its unload",
+              code == code2 == code3 == grpc.StatusCode.OK and not held(f"{cyc}/gone"),
+              f"{code} {det} {code2} {det2} {code3} {det3}; still held: {held(f'{cyc}/gone')}")
+    finally:
+        if d.stop(signal.SIGTERM, 30) != 0:
+            check("the load/unload cycles daemon stops", False, d.stderr()[-1500:])
 
     # SIGTERM with streams open: every message a client has sent on a stream
     # open at the signal is answered, until the client half-closes or

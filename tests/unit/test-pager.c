@@ -7,7 +7,8 @@
  * 1 GiB limit per buffer); fault injection (EIO, short reads, a flipped
  * byte); a file truncated after it was added; malformed jobs and
  * configurations; freeing with jobs in flight; done callbacks that submit
- * more jobs; an idle pager burning no CPU; io_uring refused by seccomp.
+ * more jobs; files removed (their descriptors and ring slots let go, their
+ * ids reused); an idle pager burning no CPU; io_uring refused by seccomp.
  *
  * Files live in a fresh directory under $TMPDIR (or /tmp) when O_DIRECT
  * works there, else under the current directory (the build tree, on disk).
@@ -16,8 +17,10 @@
 #include "pager.h"
 #include "tests.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/filter.h>
 #include <linux/magic.h>
 #include <linux/seccomp.h>
@@ -1061,6 +1064,116 @@ static double cpu_secs(void)
 }
 
 /* An idle pager sleeps: its threads burn no CPU between jobs. */
+/* References of this process to path: descriptors, and entries of the
+ * io_uring file tables (each ring's fdinfo lists its registered files). */
+static int refs_to(const char *name)
+{
+    DIR *d = opendir("/proc/self/fd");
+    char path[PATH_MAX];
+    struct dirent *de;
+    int n = 0;
+
+    /* The links are absolute; the test's directory may be relative. */
+    ASSERT_TRUE(realpath(name, path) != NULL);
+    ASSERT_TRUE(d != NULL);
+    while ((de = readdir(d))) {
+        char link[PATH_MAX], target[PATH_MAX], info[PATH_MAX + 64], line[PATH_MAX + 64];
+        ssize_t len;
+        FILE *fi;
+
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(link, sizeof(link), "/proc/self/fd/%s", de->d_name);
+        len = readlink(link, target, sizeof(target) - 1);
+        if (len < 0)
+            continue;
+        target[len] = 0;
+        if (strcmp(target, path) == 0) {
+            n++;
+            continue;
+        }
+        if (!strstr(target, "io_uring"))
+            continue;
+        snprintf(info, sizeof(info), "/proc/self/fdinfo/%s", de->d_name);
+        fi = fopen(info, "re");
+        if (!fi)
+            continue;
+        while (fgets(line, sizeof(line), fi)) {
+            char *at = strstr(line, path);
+
+            /* "  3: PATH\n": the whole path, not a longer one */
+            if (at && (at[strlen(path)] == '\n' || at[strlen(path)] == 0))
+                n++;
+        }
+        fclose(fi);
+    }
+    closedir(d);
+    return n;
+}
+
+/* Removed files: their descriptors closed and ring slots emptied, their ids
+ * given to the next file added, jobs naming them refused; a model loaded
+ * and unloaded again and again used to leave one descriptor per load. */
+static void test_remove_file(struct tfile *f)
+{
+    static const struct moe_pager_config cfgs[] = {{0}, {.buffered = true}, {.no_register = true}};
+    struct moe_error err = {0};
+    struct tfile g;
+
+    tfile_make(&g, dir, "model-00002-of-00002.safetensors", 64 << 10, 7);
+    for (size_t c = 0; c < MOE_ARRAY_SIZE(cfgs); c++) {
+        struct moe_pager *p = pager_new(&cfgs[c]);
+        int before = refs_to(f->path), other = add(p, &g), first = -1;
+        atomic_int count = 0;
+
+        for (int i = 0; i < 10; i++) {
+            struct tjob t;
+            int id = add(p, f);
+
+            if (i == 0)
+                first = id;
+            /* The id a removed file left is the one given next. */
+            ASSERT_EQ(id, first);
+            ASSERT_TRUE(refs_to(f->path) > before);
+            tjob_init(&t, &count);
+            tjob_seg(&t, id, (uint64_t)i * AL, 4 * AL, 4 * AL);
+            run1(p, &t);
+            tjob_check(&t, f);
+            tjob_release(&t);
+            ASSERT_EQ(moe_pager_remove_file(p, id), 0);
+            ASSERT_EQ(refs_to(f->path), before);
+        }
+        /* Gone: removed twice, read, asked about. */
+        ASSERT_EQ(moe_pager_remove_file(p, first), -ENOENT);
+        ASSERT_EQ(moe_pager_remove_file(p, -1), -ENOENT);
+        ASSERT_EQ(moe_pager_remove_file(p, MOE_PAGER_MAX_FILES), -ENOENT);
+        ASSERT_EQ(moe_pager_file_direct(p, first), false);
+        {
+            struct moe_pager_seg seg = {first, 0, AL, AL, NULL};
+            struct moe_pager_job job = {.segs = &seg, .n_segs = 1, .done = tjob_done};
+
+            seg.dst = xalloc(AL);
+            ASSERT_EQ(moe_pager_submit(p, &job, &err), -EINVAL);
+            ASSERT_CONTAINS(err.msg, "no file");
+            free(seg.dst);
+        }
+        /* The other file still reads. */
+        {
+            struct tjob t;
+
+            tjob_init(&t, &count);
+            tjob_seg(&t, other, 0, 2 * AL, 2 * AL);
+            run1(p, &t);
+            tjob_check(&t, &g);
+            tjob_release(&t);
+        }
+        moe_pager_free(p);
+        ASSERT_EQ(refs_to(g.path), 0);
+    }
+    ASSERT_EQ(moe_pager_remove_file(NULL, 0), 0);
+    tfile_free(&g);
+}
+
 static void test_idle(struct tfile *f)
 {
     struct moe_pager *p = pager_new(&(struct moe_pager_config){.n_threads = 4});
@@ -1172,6 +1285,7 @@ int main(void)
     test_bad_calls(&f);
     test_free_in_flight(&f);
     test_done_submits(&f);
+    test_remove_file(&f);
     test_idle(&f);
     test_no_io_uring();
 
