@@ -124,13 +124,8 @@ int moe_router_check(const struct moe_router_params *p, struct moe_error *err)
                              "router parameter n_group is %d, expected a divisor >= 1 of "
                              "n_experts %d",
                              p->n_group, p->n_experts);
-    if (p->n_group > 1 && p->score_func != MOE_SCORE_SIGMOID)
-        return moe_error_set(err, -EINVAL,
-                             "router parameter n_group is %d with softmax scores, expected 1 "
-                             "(group-limited selection is defined for sigmoid scores only)",
-                             p->n_group);
     gsize = p->n_experts / p->n_group;
-    if (p->n_group > 1 && gsize < 2)
+    if (p->n_group > 1 && gsize < 2 && p->score_func == MOE_SCORE_SIGMOID)
         return moe_error_set(err, -EINVAL,
                              "router parameter n_group is %d, giving groups of %d expert of "
                              "n_experts %d, expected groups of at least 2 (a group scores "
@@ -200,10 +195,10 @@ struct route_scratch {
  * equal (fp32 p of nearby logits may round to the same value).  The sum of
  * all exponentials is needed only without renormalisation.
  */
-static int route_softmax(const struct moe_router_params *p, const float *l, int token, int32_t *ids,
-                         float *w, struct moe_error *err)
+static int route_softmax(const struct moe_router_params *p, const float *l, int token,
+                         struct route_scratch *sc, int32_t *ids, float *w, struct moe_error *err)
 {
-    const int E = p->n_experts, K = p->top_k;
+    const int E = p->n_experts, K = p->top_k, G = p->n_group, gsize = E / G;
     float val[MOE_MAX_TOP_K];
     double ex[MOE_MAX_TOP_K], denom = 0;
     struct topk sel;
@@ -214,7 +209,32 @@ static int route_softmax(const struct moe_router_params *p, const float *l, int 
     if (r < 0)
         return r;
     topk_init(&sel, K, val, ids);
-    topk_scan(&sel, l, 0, E);
+    if (G > 1 && p->topk_group < G) {
+        /* DeepSeek-V2 group_limited_greedy: a group scores its best p, that
+         * is its largest logit; the other groups' experts are out (their p
+         * masked to 0, below any p of a kept group). */
+        struct topk gsel;
+
+        for (int g = 0; g < G; g++) {
+            const float *lg = l + (size_t)g * gsize;
+            float b = -INFINITY;
+
+            for (int i = 0; i < gsize; i++)
+                b = lg[i] > b ? lg[i] : b;
+            sc->gscore[g] = b;
+            sc->keep[g] = false;
+        }
+        topk_init(&gsel, p->topk_group, sc->gval, sc->gid);
+        topk_scan(&gsel, sc->gscore, 0, G);
+        for (int j = 0; j < p->topk_group; j++)
+            sc->keep[sc->gid[j]] = true;
+        for (int g = 0; g < G; g++) {
+            if (sc->keep[g])
+                topk_scan(&sel, l, g * gsize, (g + 1) * gsize);
+        }
+    } else {
+        topk_scan(&sel, l, 0, E);
+    }
     for (int j = 0; j < K; j++) {
         ex[j] = exp((double)val[j] - m);
         if (p->norm_topk_prob)
@@ -323,7 +343,7 @@ int moe_route(const struct moe_router_params *p, const float *logits, int n_toke
     if (!logits || !ret_ids || !ret_weights)
         return moe_error_set(err, -EINVAL, "router logits or outputs are NULL for %d tokens",
                              n_tokens);
-    if (p->score_func == MOE_SCORE_SIGMOID) {
+    if (p->score_func == MOE_SCORE_SIGMOID || p->n_group > 1) {
         size_t E = (size_t)p->n_experts, G = (size_t)p->n_group;
 
         /* floats, then int32s, then bools: each part stays aligned. */
@@ -345,7 +365,7 @@ int moe_route(const struct moe_router_params *p, const float *logits, int n_toke
         if (p->score_func == MOE_SCORE_SIGMOID)
             r = route_sigmoid(p, l, t, &sc, ids, w, err);
         else
-            r = route_softmax(p, l, t, ids, w, err);
+            r = route_softmax(p, l, t, &sc, ids, w, err);
         if (r < 0)
             break;
         sort_by_weight(p->top_k, ids, w);

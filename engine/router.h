@@ -2,16 +2,21 @@
  * Routing rules: from router logits to the top-k experts and their weights,
  * exactly as each model family does it.
  *
- *   softmax (mixtral, qwen2_moe, qwen3_moe, olmoe):
+ *   softmax (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 greedy):
  *     p = softmax(logits); pick the top_k largest p; weights = p of those,
  *     divided by their sum iff norm_topk_prob (always for mixtral).
- *   sigmoid (deepseek_v3, topk_method "noaux_tc"):
+ *   sigmoid (deepseek_v3, kimi_k2, glm4_moe; topk_method "noaux_tc"):
  *     s = sigmoid(logits); c = s + bias (selection only);
  *     group score = sum of the two largest c in each of n_group groups;
  *     keep the topk_group best groups, pick the top_k largest c among their
  *     experts (as DeepSeek's inference code: experts of dropped groups never
  *     win, even against negative c); weights = s of those, divided by
  *     (their sum + 1e-20) iff norm_topk_prob and top_k > 1, times
+ *     routed_scaling_factor.
+ *   softmax with groups (deepseek_v2, topk_method "group_limited_greedy"):
+ *     a group scores its largest p; keep the topk_group best groups, pick the
+ *     top_k largest p among their experts; weights = p of those, divided by
+ *     their sum iff norm_topk_prob (never in DeepSeek-V2), times
  *     routed_scaling_factor.
  *
  * Ties are broken towards the lower expert id.  Each token's k entries are

@@ -1,7 +1,7 @@
 /*
  * Routing (engine/router.c): hand-computed cases for each rule (softmax
- * with and without renormalisation, DeepSeek-V3 sigmoid with bias, groups
- * and scaling, ties), an independent fp64 reference (full sort in double)
+ * with and without renormalisation, DeepSeek-V2's softmax groups, DeepSeek-V3
+ * sigmoid with bias, groups and scaling, ties), an independent fp64 reference (full sort in double)
  * compared on random tokens over many parameter sets, exact ties, and the
  * tables of bad parameters and bad caller routing with their messages.
  */
@@ -45,6 +45,46 @@ static void check_one(const struct moe_router_params *p, const float *logits, co
         if (!(fabs(got_w[j] - w[j]) <= 1e-6 * fabs(w[j])))
             FAIL("case at line %d: slot %d: weight %.9g, expected %.9g", line, j, (double)got_w[j],
                  w[j]);
+    }
+}
+
+/*
+ * DeepSeek-V2 group_limited_greedy by hand: 8 experts in 4 groups of 2, keep
+ * 2 groups by their best expert, top 3 of their experts, x 16.  Logits
+ * [0, 3 | 2.9, 2.8 | 1, -1 | 2.5, 0]: group bests 3, 2.9, 1, 2.5 keep groups
+ * 0 and 1; the top 3 of experts 0..3 are 1, 2, 3 (expert 7 at 2.5 beats
+ * expert 3 overall but its group is out).  Weights: p over all 8, x 16.
+ */
+static void test_softmax_groups_case(void)
+{
+    static const float l[] = {0, 3, 2.9f, 2.8f, 1, -1, 2.5f, 0};
+    struct moe_router_params p = params(MOE_SCORE_SOFTMAX, 8, 3, false);
+    struct moe_error err = {0};
+    double sum = 0;
+    int32_t ids[3];
+    float w[3];
+
+    p.n_group = 4;
+    p.topk_group = 2;
+    p.routed_scaling_factor = 16.0f;
+    for (int e = 0; e < 8; e++)
+        sum += exp(l[e]);
+    ASSERT_EQ(moe_route(&p, l, 1, ids, w, &err), 0);
+    ASSERT_EQ(ids[0], 1);
+    ASSERT_EQ(ids[1], 2);
+    ASSERT_EQ(ids[2], 3);
+    ASSERT_NEAR(w[0], 16 * exp(3.0) / sum, 1e-6);
+    ASSERT_NEAR(w[1], 16 * exp(2.9) / sum, 1e-6);
+    ASSERT_NEAR(w[2], 16 * exp(2.8) / sum, 1e-6);
+    /* Group bests 3, 0.5, 2.45, 2.5 keep groups 0 and 3: expert 4 (2.45)
+     * is out, and the third is expert 0 (0), tied with expert 7, lower id. */
+    {
+        static const float l2[] = {0, 3, 0.5f, 0.4f, 2.45f, -1, 2.5f, 0};
+
+        ASSERT_EQ(moe_route(&p, l2, 1, ids, w, &err), 0);
+        ASSERT_EQ(ids[0], 1);
+        ASSERT_EQ(ids[1], 6);
+        ASSERT_EQ(ids[2], 0);
     }
 }
 
@@ -307,8 +347,31 @@ static bool ref_route(const struct moe_router_params *p, const float *l, int32_t
             sum += exp((double)l[e] - m);
         for (int e = 0; e < E; e++)
             s[e] = exp((double)l[e] - m) / sum;
-        for (int e = 0; e < E; e++)
+        for (int e = 0; e < E; e++) {
             it[e] = (struct ref_item){s[e], e};
+            kept[e] = true;
+        }
+        if (p->n_group > 1) {
+            /* DeepSeek-V2 group_limited_greedy: a group scores its best p;
+             * the dropped groups' p are masked to 0. */
+            const int G = p->n_group, gs = E / G;
+            struct ref_item g[MOE_MAX_EXPERTS];
+
+            for (int gi = 0; gi < G; gi++) {
+                double b = -INFINITY;
+
+                for (int e = gi * gs; e < (gi + 1) * gs; e++)
+                    b = fmax(b, s[e]);
+                g[gi] = (struct ref_item){b, gi};
+            }
+            qsort(g, G, sizeof(*g), ref_cmp);
+            if (p->topk_group < G && g[p->topk_group - 1].v - g[p->topk_group].v < 1e-6)
+                fragile = true;
+            for (int j = p->topk_group; j < G; j++) {
+                for (int e = g[j].id * gs; e < (g[j].id + 1) * gs; e++)
+                    it[e].v = 0.0;
+            }
+        }
     } else {
         const int G = p->n_group, gs = E / G;
 
@@ -432,7 +495,7 @@ static void test_random_vs_reference(void)
     static const int groups[] = {1, 2, 3, 4, 8};
     static const float scales[] = {1.0f, 4.0f};
     static float bias[MOE_MAX_EXPERTS];
-    uint64_t rng = 42;
+    uint64_t rng = 42, rng_groups = 4242;
 
     for (int e = 0; e < MOE_MAX_EXPERTS; e++)
         bias[e] = test_rand_f32(&rng) * 0.5f;
@@ -452,6 +515,24 @@ static void test_random_vs_reference(void)
 
                     p.routed_scaling_factor = si ? 2.5f : 1.0f;
                     compare_random(&p, 300, scales[si], &rng);
+                }
+            }
+            /* Softmax with groups (DeepSeek-V2), groups of one included. */
+            for (size_t gi = 1; gi < MOE_ARRAY_SIZE(groups); gi++) {
+                const int G = groups[gi];
+
+                if (E % G != 0)
+                    continue;
+                for (int tg = 1; tg < G; tg++) {
+                    struct moe_router_params p = params(MOE_SCORE_SOFTMAX, E, k, false);
+
+                    if (k > tg * (E / G) || (G > 4 && tg != 1 && tg != G / 2 && tg != G - 1))
+                        continue;
+                    p.n_group = G;
+                    p.topk_group = tg;
+                    p.routed_scaling_factor = tg == 1 ? 16.0f : 1.0f;
+                    /* Its own stream: the other sets see the tokens they always saw. */
+                    compare_random(&p, 200, scales[tg & 1], &rng_groups);
                 }
             }
             /* Sigmoid: groups, kept groups, bias, norm, scaling. */
@@ -566,7 +647,8 @@ static const struct bad_params {
     {{MOE_SCORE_SIGMOID, 8, 2, true, -2, 1, 1.0f, NULL}, "n_group is -2"},
     {{MOE_SCORE_SIGMOID, 8, 2, true, 3, 1, 1.0f, NULL}, "n_group is 3, expected a divisor"},
     {{MOE_SCORE_SIGMOID, 8, 1, true, 8, 1, 1.0f, NULL}, "groups of 1 expert"},
-    {{MOE_SCORE_SOFTMAX, 8, 2, true, 2, 1, 1.0f, NULL}, "n_group is 2 with softmax"},
+    {{MOE_SCORE_SOFTMAX, 8, 2, true, 3, 1, 1.0f, NULL}, "n_group is 3, expected a divisor"},
+    {{MOE_SCORE_SOFTMAX, 8, 3, false, 4, 1, 1.0f, NULL}, "top_k is 3, but topk_group 1 groups"},
     {{MOE_SCORE_SIGMOID, 8, 2, true, 4, 0, 1.0f, NULL}, "topk_group is 0, expected 1..n_group 4"},
     {{MOE_SCORE_SIGMOID, 8, 2, true, 4, 5, 1.0f, NULL}, "topk_group is 5"},
     {{MOE_SCORE_SOFTMAX, 8, 2, true, 1, 2, 1.0f, NULL}, "topk_group is 2, expected 1..n_group 1"},
@@ -721,6 +803,7 @@ static void test_speed(void)
 int main(void)
 {
     test_softmax_cases();
+    test_softmax_groups_case();
     test_sigmoid_cases();
     test_non_finite();
     test_bad_params();
