@@ -25,7 +25,8 @@ static void gen_model_usage(FILE *f)
                "Writes a deterministic synthetic checkpoint in the exact Hugging Face layout of\n"
                "the family (config.json, safetensors shards, index), with skewed routers.\n"
                "\n"
-               "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3\n"
+               "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,\n"
+               "                         deepseek_v2, kimi_k2, glm4_moe\n"
                "  --out DIR              output directory (created; refused when not empty)\n"
                "  --force                write into a non-empty --out, replacing a checkpoint\n"
                "  --layers N             decoder layers\n"
@@ -33,7 +34,8 @@ static void gen_model_usage(FILE *f)
                "  --top-k K              experts per token\n"
                "  --hidden H             hidden size\n"
                "  --ffn F                routed expert intermediate size\n"
-               "  --shared-experts S     shared experts (qwen2_moe: 0 or 1; deepseek_v3: any)\n"
+               "  --shared-experts S     shared experts (qwen2_moe: 0 or 1; deepseek_v3,\n"
+               "                         deepseek_v2, kimi_k2, glm4_moe: any)\n"
                "  --dtype bf16|f16|f32   weight type (default bf16)\n"
                "  --shards N             safetensors files (default 1)\n"
                "  --seed S               seed of the weights (default 0)\n"
@@ -190,7 +192,9 @@ int moectl_gen_model(int argc, char **argv)
         return 2;
     }
     if (moe_arch_parse(arch, &a) < 0) {
-        errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3", arch);
+        errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, "
+               "deepseek_v2, kimi_k2 or glm4_moe",
+               arch);
         return 2;
     }
     if (check_out_dir(out, force))
@@ -254,9 +258,34 @@ static const char *routing_rule(const struct moe_model_config *c, char *buf, siz
         snprintf(buf, len, "sigmoid, bias for selection, %d groups keep %d, %s, x %g", c->n_group,
                  c->topk_group, c->norm_topk_prob ? "renormalised" : "not renormalised",
                  (double)c->routed_scaling_factor);
+    else if (c->n_group > 1 && c->topk_group < c->n_group)
+        snprintf(buf, len, "softmax, %d groups keep %d (a group's best expert), %s, x %g",
+                 c->n_group, c->topk_group, c->norm_topk_prob ? "renormalised" : "not renormalised",
+                 (double)c->routed_scaling_factor);
+    else if (c->routed_scaling_factor != 1.0f)
+        snprintf(buf, len, "softmax, %s, x %g",
+                 c->norm_topk_prob ? "renormalised" : "not renormalised",
+                 (double)c->routed_scaling_factor);
     else
         snprintf(buf, len, "softmax, %s", c->norm_topk_prob ? "renormalised" : "not renormalised");
     return buf;
+}
+
+/* How the routed experts are stored: per expert, fused (transformers 5's
+ * gate_up_proj and down_proj), or both in different layers. */
+static const char *expert_layout(const struct moe_model *m)
+{
+    bool fused = false, separate = false;
+
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        if (!m->layers[i].is_moe)
+            continue;
+        if (m->layers[i].experts[0].gate.slice)
+            fused = true;
+        else
+            separate = true;
+    }
+    return fused && separate ? "mixed" : fused ? "fused" : "per-expert";
 }
 
 static int inspect_json(const struct moe_model *m)
@@ -296,6 +325,7 @@ static int inspect_json(const struct moe_model *m)
     json_object_set_new(root, "shared_ffn", json_integer(c->shared_ffn));
     json_object_set_new(root, "shared_expert_gate", json_boolean(c->shared_expert_gate));
     json_object_set_new(root, "dtype", json_string(moe_dtype_user_name(m->expert_dtype)));
+    json_object_set_new(root, "expert_layout", json_string(expert_layout(m)));
     json_object_set_new(root, "bytes_per_expert", json_integer((json_int_t)m->expert_bytes));
     json_object_set_new(root, "total_expert_bytes",
                         json_integer((json_int_t)m->total_expert_bytes));
@@ -382,6 +412,10 @@ int moectl_inspect(int argc, char **argv)
     else
         printf("shared        none\n");
     printf("dtype         %s\n", moe_dtype_user_name(m->expert_dtype));
+    printf("layout        %s%s\n", expert_layout(m),
+           strcmp(expert_layout(m), "per-expert") == 0
+               ? ""
+               : " (mlp.experts.gate_up_proj [E, 2 x ffn, hidden], down_proj [E, hidden, ffn])");
     printf("expert bytes  %llu (%s) per routed expert\n", (unsigned long long)m->expert_bytes,
            human_bytes(m->expert_bytes, b1, sizeof(b1)));
     printf("all experts   %llu (%s) routed and shared\n", (unsigned long long)m->total_expert_bytes,

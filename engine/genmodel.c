@@ -341,14 +341,35 @@ out:
 static const char *const arch_type[MOE_ARCH_COUNT] = {
     [MOE_ARCH_MIXTRAL] = "mixtral",         [MOE_ARCH_QWEN2_MOE] = "qwen2_moe",
     [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
-    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
+    [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
 };
 
 static const char *const arch_class[MOE_ARCH_COUNT] = {
-    [MOE_ARCH_MIXTRAL] = "MixtralForCausalLM",        [MOE_ARCH_QWEN2_MOE] = "Qwen2MoeForCausalLM",
-    [MOE_ARCH_QWEN3_MOE] = "Qwen3MoeForCausalLM",     [MOE_ARCH_OLMOE] = "OlmoeForCausalLM",
+    [MOE_ARCH_MIXTRAL] = "MixtralForCausalLM",
+    [MOE_ARCH_QWEN2_MOE] = "Qwen2MoeForCausalLM",
+    [MOE_ARCH_QWEN3_MOE] = "Qwen3MoeForCausalLM",
+    [MOE_ARCH_OLMOE] = "OlmoeForCausalLM",
     [MOE_ARCH_DEEPSEEK_V3] = "DeepseekV3ForCausalLM",
+    [MOE_ARCH_DEEPSEEK_V2] = "DeepseekV2ForCausalLM",
+    /* Kimi K2 ships DeepSeek-V3's class under its own model type. */
+    [MOE_ARCH_KIMI_K2] = "DeepseekV3ForCausalLM",
+    [MOE_ARCH_GLM4_MOE] = "Glm4MoeForCausalLM",
 };
+
+/* DeepSeek's layout: shared_experts, first_k_dense_replace, e_score_correction_bias
+ * (not deepseek_v2). */
+static bool deepseek_like(enum moe_arch a)
+{
+    return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2 ||
+           a == MOE_ARCH_GLM4_MOE;
+}
+
+/* Multi-head latent attention (DeepSeek-V2/V3, Kimi K2). */
+static bool has_mla(enum moe_arch a)
+{
+    return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2;
+}
 
 void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
 {
@@ -383,6 +404,12 @@ void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
         o->top_k = 4;
         o->ffn = 128;
         o->n_shared = 0;
+        break;
+    case MOE_ARCH_DEEPSEEK_V2:
+        o->n_experts = 32;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 2;
         break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
@@ -508,11 +535,17 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
         d->shared_ffn = d->n_shared * d->F;
         /* Layer 0 dense, as V3's first_k_dense_replace, unless it is the only one. */
         d->first_dense = d->L > 1 ? 1 : 0;
-        deepseek_groups(d->E, d->K, &d->n_group, &d->topk_group);
+        if (d->arch == MOE_ARCH_KIMI_K2 || d->arch == MOE_ARCH_GLM4_MOE) {
+            /* As Kimi K2 and GLM-4.5 ship: one group. */
+            d->n_group = 1;
+            d->topk_group = 1;
+        } else {
+            deepseek_groups(d->E, d->K, &d->n_group, &d->topk_group);
+        }
         break;
     }
 
-    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+    if (has_mla(d->arch)) {
         d->n_heads = DS_HEADS;
         d->n_kv = DS_HEADS;
         d->head_dim = DS_ROPE_DIM;
@@ -607,7 +640,7 @@ static int add_attention(struct gplan *p, int i)
     int H = d->H, qd = d->n_heads * d->head_dim, kvd = d->n_kv * d->head_dim;
     const float s = 0.02f;
 
-    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+    if (has_mla(d->arch)) {
         int qk = DS_NOPE_DIM + DS_ROPE_DIM;
 
         ADD(dt, INIT_NOISE, s, DS_Q_LORA, H, "model.layers.%d.self_attn.q_a_proj.weight", i);
@@ -624,13 +657,13 @@ static int add_attention(struct gplan *p, int i)
         return 0;
     }
     ADD(dt, INIT_NOISE, s, qd, H, "model.layers.%d.self_attn.q_proj.weight", i);
-    if (d->arch == MOE_ARCH_QWEN2_MOE)
+    if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
         ADD(dt, INIT_UNIFORM, 0.05f, qd, -1, "model.layers.%d.self_attn.q_proj.bias", i);
     ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.k_proj.weight", i);
-    if (d->arch == MOE_ARCH_QWEN2_MOE)
+    if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
         ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.k_proj.bias", i);
     ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.v_proj.weight", i);
-    if (d->arch == MOE_ARCH_QWEN2_MOE)
+    if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
         ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.v_proj.bias", i);
     ADD(dt, INIT_NOISE, s, H, qd, "model.layers.%d.self_attn.o_proj.weight", i);
     if (d->arch == MOE_ARCH_QWEN3_MOE) {
@@ -653,7 +686,7 @@ static int add_moe(struct gplan *p, int i)
     int r;
 
     ADD(dt, INIT_ROUTER, 0, d->E, d->H, "model.layers.%d.%s.gate.weight", i, blk);
-    if (d->arch == MOE_ARCH_DEEPSEEK_V3)
+    if (deepseek_like(d->arch) && d->arch != MOE_ARCH_DEEPSEEK_V2)
         ADD(MOE_DTYPE_F32, INIT_UNIFORM, 0.05f, d->E, -1,
             "model.layers.%d.mlp.gate.e_score_correction_bias", i);
     for (int e = 0; e < d->E; e++) {
@@ -701,7 +734,8 @@ static int build_plan(struct gplan *p)
         ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.input_layernorm.weight", i);
         ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.post_attention_layernorm.weight", i);
     }
-    if (d->arch == MOE_ARCH_DEEPSEEK_V3) {
+    if (d->arch == MOE_ARCH_DEEPSEEK_V3 || d->arch == MOE_ARCH_KIMI_K2 ||
+        d->arch == MOE_ARCH_GLM4_MOE) {
         /* A few tensors of the multi-token-prediction layer, as V3 ships them
          * at index num_hidden_layers; loaders must ignore them. */
         ADD(dt, INIT_NOISE, 0.02f, d->H, 2 * (int64_t)d->H, "model.layers.%d.eh_proj.weight", d->L);
@@ -887,7 +921,7 @@ static json_t *config_json(const struct gdims *d)
 {
     json_t *c = json_object(), *arr = json_array();
     bool bad = !c || !arr;
-    bool ds = d->arch == MOE_ARCH_DEEPSEEK_V3;
+    bool ds = has_mla(d->arch);
 
     if (bad)
         goto out;
@@ -958,8 +992,8 @@ static json_t *config_json(const struct gdims *d)
         jset(c, "router_aux_loss_coef", json_real(0.01), &bad);
         jset(c, "pad_token_id", json_integer(1), &bad);
         break;
-    case MOE_ARCH_DEEPSEEK_V3:
-    default:
+    case MOE_ARCH_GLM4_MOE:
+        /* GLM-4.5's routing keys; it has no scoring_func or topk_method. */
         jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
         jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
         jset(c, "n_routed_experts", json_integer(d->E), &bad);
@@ -968,6 +1002,52 @@ static json_t *config_json(const struct gdims *d)
         jset(c, "topk_group", json_integer(d->topk_group), &bad);
         jset(c, "norm_topk_prob", json_true(), &bad);
         jset(c, "routed_scaling_factor", json_real(2.5), &bad);
+        jset(c, "first_k_dense_replace", json_integer(d->first_dense), &bad);
+        jset(c, "num_nextn_predict_layers", json_integer(1), &bad);
+        jset(c, "attention_bias", json_true(), &bad);
+        jset(c, "use_qk_norm", json_false(), &bad);
+        jset(c, "partial_rotary_factor", json_real(0.5), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-5), &bad);
+        jset(c, "rope_theta", json_real(1e6), &bad);
+        break;
+    case MOE_ARCH_DEEPSEEK_V2:
+        /* DeepSeek-V2's: softmax, group_limited_greedy, never renormalised. */
+        jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
+        jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
+        jset(c, "n_routed_experts", json_integer(d->E), &bad);
+        jset(c, "n_shared_experts", json_integer(d->n_shared), &bad);
+        jset(c, "n_group", json_integer(d->n_group), &bad);
+        jset(c, "topk_group", json_integer(d->topk_group), &bad);
+        jset(c, "topk_method",
+             json_string(d->n_group > 1 && d->topk_group < d->n_group ? "group_limited_greedy"
+                                                                      : "greedy"),
+             &bad);
+        jset(c, "scoring_func", json_string("softmax"), &bad);
+        jset(c, "norm_topk_prob", json_false(), &bad);
+        jset(c, "routed_scaling_factor", json_real(16.0), &bad);
+        jset(c, "first_k_dense_replace", json_integer(d->first_dense), &bad);
+        jset(c, "moe_layer_freq", json_integer(1), &bad);
+        jset(c, "q_lora_rank", json_integer(DS_Q_LORA), &bad);
+        jset(c, "kv_lora_rank", json_integer(DS_KV_LORA), &bad);
+        jset(c, "qk_rope_head_dim", json_integer(DS_ROPE_DIM), &bad);
+        jset(c, "qk_nope_head_dim", json_integer(DS_NOPE_DIM), &bad);
+        jset(c, "v_head_dim", json_integer(DS_V_DIM), &bad);
+        jset(c, "attention_bias", json_false(), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-6), &bad);
+        jset(c, "rope_theta", json_real(1e4), &bad);
+        break;
+    case MOE_ARCH_DEEPSEEK_V3:
+    case MOE_ARCH_KIMI_K2:
+    default:
+        jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
+        jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
+        jset(c, "n_routed_experts", json_integer(d->E), &bad);
+        jset(c, "n_shared_experts", json_integer(d->n_shared), &bad);
+        jset(c, "n_group", json_integer(d->n_group), &bad);
+        jset(c, "topk_group", json_integer(d->topk_group), &bad);
+        jset(c, "norm_topk_prob", json_true(), &bad);
+        jset(c, "routed_scaling_factor", json_real(d->arch == MOE_ARCH_KIMI_K2 ? 2.827 : 2.5),
+             &bad);
         jset(c, "scoring_func", json_string("sigmoid"), &bad);
         jset(c, "topk_method", json_string("noaux_tc"), &bad);
         jset(c, "first_k_dense_replace", json_integer(d->first_dense), &bad);

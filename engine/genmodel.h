@@ -28,7 +28,7 @@ struct moe_genmodel_opts {
     int hidden;
     int ffn;              /* routed expert ffn */
     int n_shared;         /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
-                           * deepseek_v3: any; others: must be 0 or -1) */
+                           * deepseek-like: any; others: must be 0 or -1) */
     enum moe_dtype dtype; /* BF16, F16 or F32 */
     int n_shards;         /* 1: model.safetensors; >1 sharded with index */
     uint64_t seed;

@@ -47,10 +47,19 @@
 static const char *const arch_names[MOE_ARCH_COUNT] = {
     [MOE_ARCH_MIXTRAL] = "mixtral",         [MOE_ARCH_QWEN2_MOE] = "qwen2_moe",
     [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
-    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+    [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
+    [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
 };
 
-#define ARCH_LIST "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3"
+#define ARCH_LIST                                                                                  \
+    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, kimi_k2, glm4_moe"
+
+/* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
+static bool is_deepseek_like(enum moe_arch a)
+{
+    return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2 ||
+           a == MOE_ARCH_GLM4_MOE;
+}
 
 const char *moe_arch_name(enum moe_arch a)
 {
@@ -75,6 +84,9 @@ static const char *experts_key(enum moe_arch a)
     case MOE_ARCH_MIXTRAL:
         return "num_local_experts";
     case MOE_ARCH_DEEPSEEK_V3:
+    case MOE_ARCH_DEEPSEEK_V2:
+    case MOE_ARCH_KIMI_K2:
+    case MOE_ARCH_GLM4_MOE:
         return "n_routed_experts";
     default:
         return "num_experts";
@@ -95,7 +107,11 @@ static const char *experts_alias(enum moe_arch a)
     case MOE_ARCH_QWEN3_MOE:
     case MOE_ARCH_OLMOE:
     case MOE_ARCH_DEEPSEEK_V3:
+    case MOE_ARCH_KIMI_K2:
+    case MOE_ARCH_GLM4_MOE:
         return "num_local_experts";
+    case MOE_ARCH_DEEPSEEK_V2:
+        return "num_experts";
     default:
         return NULL;
     }
@@ -346,6 +362,8 @@ static int cfg_experts(const struct cfg_ctx *c, const char *key, const char *ali
     return r;
 }
 
+static int cfg_deepseek(const struct cfg_ctx *c, struct moe_model_config *m, const char *ek);
+
 /* The keys of a family; everything else of m was zeroed by the caller. */
 static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
 {
@@ -402,53 +420,96 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
             m->shared_expert_gate = true;
         }
         return 0;
-    case MOE_ARCH_DEEPSEEK_V3:
     default:
         break;
     }
+    return cfg_deepseek(c, m, ek);
+}
 
-    /* deepseek_v3, with transformers' DeepseekV3Config defaults. */
+/*
+ * The DeepSeek-like families, each with its transformers config class's
+ * defaults (kimi_k2, which transformers lacks, with DeepSeek-V3's):
+ *   deepseek_v3, kimi_k2: sigmoid + bias, noaux_tc, n_group 8, topk_group 4,
+ *     norm_topk_prob true, routed_scaling_factor 2.5, first_k_dense_replace 3;
+ *   glm4_moe: sigmoid + bias, n_group 1, topk_group 1, norm_topk_prob true,
+ *     routed_scaling_factor 1, first_k_dense_replace 1, one shared expert;
+ *   deepseek_v2: softmax, no bias, topk_method greedy (no groups) or
+ *     group_limited_greedy (group score: its best expert), no renormalisation,
+ *     routed_scaling_factor 1, first_k_dense_replace 0, two shared experts.
+ */
+static int cfg_deepseek(const struct cfg_ctx *c, struct moe_model_config *m, const char *ek)
+{
+    const bool v2 = m->arch == MOE_ARCH_DEEPSEEK_V2, glm = m->arch == MOE_ARCH_GLM4_MOE;
+    const char *an = arch_names[m->arch];
+    int def_shared = v2 ? 2 : 1, def_group = v2 || glm ? 1 : 8, def_topk_group = v2 || glm ? 1 : 4;
+    float def_scale = v2 || glm ? 1.0f : 2.5f;
+    int def_dense = v2 ? 0 : glm ? 1 : 3;
+    bool group_limited = !v2;
     {
         char shared_max[64];
         const char *s = NULL;
-        int gsize;
+        int gsize, r;
 
-        m->score_func = MOE_SCORE_SIGMOID;
-        m->has_score_bias = true;
+        m->score_func = v2 ? MOE_SCORE_SOFTMAX : MOE_SCORE_SIGMOID;
+        m->has_score_bias = !v2;
         r = cfg_int(c, "intermediate_size", true, 0, 1, MOE_MAX_FFN, NULL, &m->dense_ffn);
         snprintf(shared_max, sizeof(shared_max), "%d / moe_intermediate_size", MOE_MAX_FFN);
         if (r == 0)
-            r = cfg_int(c, "n_shared_experts", false, 0, 0, MOE_MAX_FFN / m->expert_ffn, shared_max,
-                        &m->n_shared_experts);
+            r = cfg_int(c, "n_shared_experts", false, def_shared, 0, MOE_MAX_FFN / m->expert_ffn,
+                        shared_max, &m->n_shared_experts);
         if (r == 0)
-            r = cfg_int(c, "n_group", false, 8, 1, m->n_experts, ek, &m->n_group);
+            r = cfg_bool(c, "norm_topk_prob", !v2, &m->norm_topk_prob);
         if (r == 0)
-            r = cfg_bool(c, "norm_topk_prob", true, &m->norm_topk_prob);
+            r = cfg_positive(c, "routed_scaling_factor", def_scale, &m->routed_scaling_factor);
         if (r == 0)
-            r = cfg_positive(c, "routed_scaling_factor", 2.5f, &m->routed_scaling_factor);
-        if (r == 0)
-            r = cfg_int(c, "first_k_dense_replace", false, 3, 0, MOE_MAX_LAYERS, NULL,
+            r = cfg_int(c, "first_k_dense_replace", false, def_dense, 0, MOE_MAX_LAYERS, NULL,
                         &m->first_k_dense);
-        if (r == 0)
+        if (r == 0 && !glm)
             r = cfg_int(c, "moe_layer_freq", false, 1, 1, MOE_MAX_LAYERS, NULL, &m->moe_layer_freq);
-        if (r == 0)
+        if (r == 0 && !glm)
             r = cfg_str(c, "scoring_func", &s);
         if (r < 0)
             return r;
-        if (s && strcmp(s, "sigmoid") != 0)
+        if (s && strcmp(s, v2 ? "softmax" : "sigmoid") != 0)
             return moe_error_set(c->err, -EINVAL,
                                  "%s: 'scoring_func' is \"%s\": unsupported; "
-                                 "expected \"sigmoid\" for deepseek_v3",
-                                 c->fname, s);
-        r = cfg_str(c, "topk_method", &s);
+                                 "expected \"%s\" for %s",
+                                 c->fname, s, v2 ? "softmax" : "sigmoid", an);
+        s = NULL;
+        if (!glm)
+            r = cfg_str(c, "topk_method", &s);
         if (r < 0)
             return r;
-        if (s && strcmp(s, "noaux_tc") != 0)
+        if (v2) {
+            /* transformers' DeepseekV2TopkRouter never renormalises. */
+            if (m->norm_topk_prob)
+                return moe_error_set(c->err, -EINVAL,
+                                     "%s: 'norm_topk_prob' is true: unsupported for deepseek_v2 "
+                                     "(transformers ignores it and never renormalises); "
+                                     "expected false",
+                                     c->fname);
+            if (s && strcmp(s, "greedy") != 0 && strcmp(s, "group_limited_greedy") != 0)
+                return moe_error_set(c->err, -EINVAL,
+                                     "%s: 'topk_method' is \"%s\": unsupported; expected "
+                                     "\"greedy\" or \"group_limited_greedy\" for deepseek_v2",
+                                     c->fname, s);
+            group_limited = s && strcmp(s, "group_limited_greedy") == 0;
+        } else if (s && strcmp(s, "noaux_tc") != 0) {
             return moe_error_set(c->err, -EINVAL,
                                  "%s: 'topk_method' is \"%s\": unsupported; "
-                                 "expected \"noaux_tc\" for deepseek_v3",
-                                 c->fname, s);
+                                 "expected \"noaux_tc\" for %s",
+                                 c->fname, s, an);
+        }
         m->shared_ffn = m->n_shared_experts * m->expert_ffn;
+        if (!group_limited) {
+            /* greedy: n_group and topk_group are not read at all. */
+            m->n_group = 1;
+            m->topk_group = 1;
+            return 0;
+        }
+        r = cfg_int(c, "n_group", v2, def_group, 1, m->n_experts, ek, &m->n_group);
+        if (r < 0)
+            return r;
 
         if (m->n_experts % m->n_group != 0)
             return moe_error_set(c->err, -EINVAL,
@@ -457,13 +518,13 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
                                  c->fname, m->n_group, cfg_has(c, "n_group") ? "" : " (default)",
                                  ek, m->n_experts);
         gsize = m->n_experts / m->n_group;
-        if (m->n_group > 1 && gsize < 2)
+        if (m->n_group > 1 && gsize < 2 && !v2)
             return moe_error_set(c->err, -EINVAL,
                                  "%s: 'n_group' is %d%s: groups of %d expert "
                                  "of %s (%d); expected groups of at least 2 experts",
                                  c->fname, m->n_group, cfg_has(c, "n_group") ? "" : " (default)",
                                  gsize, ek, m->n_experts);
-        r = cfg_int(c, "topk_group", false, 4, 1, m->n_group, "n_group", &m->topk_group);
+        r = cfg_int(c, "topk_group", v2, def_topk_group, 1, m->n_group, "n_group", &m->topk_group);
         if (r < 0)
             return r;
         if (m->top_k > m->topk_group * gsize)
@@ -480,6 +541,9 @@ static void dense_rule(const struct moe_model_config *c, char *buf, size_t len)
 {
     switch (c->arch) {
     case MOE_ARCH_DEEPSEEK_V3:
+    case MOE_ARCH_DEEPSEEK_V2:
+    case MOE_ARCH_KIMI_K2:
+    case MOE_ARCH_GLM4_MOE:
         snprintf(buf, len, "first_k_dense_replace %d, moe_layer_freq %d", c->first_k_dense,
                  c->moe_layer_freq);
         break;
@@ -590,6 +654,9 @@ bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer)
         return false;
     switch (c->arch) {
     case MOE_ARCH_DEEPSEEK_V3:
+    case MOE_ARCH_DEEPSEEK_V2:
+    case MOE_ARCH_KIMI_K2:
+    case MOE_ARCH_GLM4_MOE:
         return layer >= c->first_k_dense && c->moe_layer_freq > 0 && layer % c->moe_layer_freq == 0;
     case MOE_ARCH_QWEN2_MOE:
     case MOE_ARCH_QWEN3_MOE:
@@ -766,17 +833,155 @@ static int get_expert(const struct open_ctx *c, int layer, const char *what, con
     return 0;
 }
 
+static long parse_num(const char *s, char stop, const char **ret_end);
+static bool starts(const char *s, const char *prefix);
+
+/*
+ * The fused layout of layer i: gate_up [E, 2F, H] and down [E, H, F] under
+ * prefix ("model.layers.3.mlp.experts."), with expert e's gate the rows
+ * [e][0, F) of gate_up, its up the rows [e][F, 2F) (transformers chunks the
+ * product in two, gate first) and its down down[e].  Fills every expert of L.
+ */
+static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix,
+                             struct moe_layer *L)
+{
+    const struct moe_model_config *cfg = &c->m->cfg;
+    const int64_t E = cfg->n_experts, F = cfg->expert_ffn, H = cfg->hidden;
+    const int64_t want[2][3] = {{E, 2 * F, H}, {E, H, F}};
+    static const char *const keys[2] = {"[%s, 2 x %s, hidden_size]", "[%s, hidden_size, %s]"};
+    static const char *const part[2] = {"gate_up_proj", "down_proj"};
+    const struct moe_st_tensor *t[2];
+    char name[2][NAME_MAX_LEN], got[128], exp[64], kb[160];
+    int f[2];
+
+    for (int k = 0; k < 2; k++) {
+        const char *path;
+
+        snprintf(name[k], sizeof(name[k]), "%s%s", prefix, part[k]);
+        t[k] = find_tensor(c, name[k], &f[k]);
+        if (!t[k])
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: layer %d: fused experts missing: no tensor '%s' beside "
+                                 "'%s%s'",
+                                 c->m->dir, i, name[k], prefix, part[1 - k]);
+        path = c->m->files[f[k]].path;
+        if (t[k]->ndim != 3 || memcmp(t[k]->shape, want[k], sizeof(want[k])) != 0) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+            snprintf(kb, sizeof(kb), keys[k], experts_key(cfg->arch), ffn_key(cfg->arch));
+#pragma GCC diagnostic pop
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': shape %s contradicts %s: expected %s = %s", path,
+                                 name[k], moe_shape_text(t[k]->shape, t[k]->ndim, got, sizeof(got)),
+                                 CONFIG_NAME, kb, moe_shape_text(want[k], 3, exp, sizeof(exp)));
+        }
+        if (!moe_dtype_is_compute(t[k]->dtype))
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': dtype %s: expected BF16, F16 "
+                                 "or F32",
+                                 path, name[k], moe_dtype_name(t[k]->dtype));
+    }
+    for (int e = 0; e < E; e++) {
+        struct moe_expert_ref *x = &L->experts[e];
+        uint64_t es = moe_dtype_size(t[0]->dtype), ds = moe_dtype_size(t[1]->dtype);
+        uint64_t mat = (uint64_t)F * (uint64_t)H;
+
+        x->gate = (struct moe_tensor_ref){.file = f[0],
+                                          .name = t[0]->name,
+                                          .slice = true,
+                                          .dtype = t[0]->dtype,
+                                          .rows = F,
+                                          .cols = H,
+                                          .offset = t[0]->offset + (uint64_t)e * 2 * mat * es,
+                                          .nbytes = mat * es};
+        x->up = x->gate;
+        x->up.offset += mat * es;
+        x->down = (struct moe_tensor_ref){.file = f[1],
+                                          .name = t[1]->name,
+                                          .slice = true,
+                                          .dtype = t[1]->dtype,
+                                          .rows = H,
+                                          .cols = F,
+                                          .offset = t[1]->offset + (uint64_t)e * mat * ds,
+                                          .nbytes = mat * ds};
+        x->nbytes = x->gate.nbytes + x->up.nbytes + x->down.nbytes;
+    }
+    return 0;
+}
+
+/* The per-expert names of mixtral (w1, w3, w2) and of the others. */
+static const char *expert_part_name(enum moe_arch a, int part)
+{
+    static const char *const mixtral[3] = {"w1", "w3", "w2"};
+    static const char *const others[3] = {"gate_proj", "up_proj", "down_proj"};
+
+    return a == MOE_ARCH_MIXTRAL ? mixtral[part] : others[part];
+}
+
+int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int expert,
+                                 enum moe_expert_part part, char *buf, size_t len)
+{
+    bool mixtral = m->cfg.arch == MOE_ARCH_MIXTRAL;
+
+    return snprintf(buf, len, "model.layers.%d.%s.experts.%d.%s.weight", layer,
+                    mixtral ? "block_sparse_moe" : "mlp", expert,
+                    expert_part_name(m->cfg.arch, (int)part));
+}
+
+const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model *m,
+                                                          const char *name)
+{
+    const char *rest, *end;
+    const char *blk =
+        m->cfg.arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe.experts." : "mlp.experts.";
+    long layer, e;
+
+    if (!starts(name, "model.layers."))
+        return NULL;
+    layer = parse_num(name + strlen("model.layers."), '.', &rest);
+    if (layer < 0 || layer >= m->cfg.n_layers || !m->layers[layer].is_moe || !starts(rest, blk))
+        return NULL;
+    e = parse_num(rest + strlen(blk), '.', &end);
+    if (e < 0 || e >= m->cfg.n_experts)
+        return NULL;
+    for (int k = 0; k < 3; k++) {
+        const struct moe_expert_ref *x = &m->layers[layer].experts[e];
+        const struct moe_tensor_ref *t[3] = {&x->gate, &x->up, &x->down};
+        const char *p = expert_part_name(m->cfg.arch, k);
+
+        if (starts(end, p) && strcmp(end + strlen(p), ".weight") == 0)
+            return t[k];
+    }
+    return NULL;
+}
+
 static int load_layer(struct open_ctx *c, int i)
 {
     struct moe_model *m = c->m;
     const struct moe_model_config *cfg = &m->cfg;
     struct moe_layer *L = &m->layers[i];
-    const char *blk = cfg->arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe" : "mlp";
+    const bool mixtral = cfg->arch == MOE_ARCH_MIXTRAL;
+    /* The router's block and the per-expert tensors' (mixtral's is
+     * block_sparse_moe, except for the router of the fused layout). */
+    const char *blk = "mlp", *eblk = mixtral ? "block_sparse_moe" : "mlp";
     const char *ek = experts_key(cfg->arch), *fk = ffn_key(cfg->arch);
     char name[NAME_MAX_LEN], prefix[NAME_MAX_LEN], what[64], keys[160];
-    int r;
+    bool fused;
+    int r, f;
 
     L->is_moe = true;
+    snprintf(name, sizeof(name), "model.layers.%d.block_sparse_moe.gate.weight", i);
+    if (mixtral && find_tensor(c, name, &f))
+        blk = "block_sparse_moe";
+    /* Fused when expert 0 has no tensor of its own but the layer has a
+     * gate_up_proj; otherwise the per-expert names, and their messages. */
+    snprintf(name, sizeof(name), "model.layers.%d.%s.experts.0.%s.weight", i, eblk,
+             expert_part_name(cfg->arch, 0));
+    fused = !find_tensor(c, name, &f);
+    if (fused) {
+        snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.gate_up_proj", i);
+        fused = find_tensor(c, name, &f) != NULL;
+    }
     snprintf(keys, sizeof(keys), "[%s, hidden_size]", ek);
     snprintf(name, sizeof(name), "model.layers.%d.%s.gate.weight", i, blk);
     r = get_ref(c, i, "router", name, 2, cfg->n_experts, cfg->hidden, keys, &L->router);
@@ -796,12 +1001,23 @@ static int load_layer(struct open_ctx *c, int i)
     if (!L->experts)
         return moe_error_set(c->err, -ENOMEM, "%s: out of memory for %d experts", m->dir,
                              cfg->n_experts);
+    if (fused) {
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.experts.", i);
+        r = get_fused_experts(c, i, prefix, L);
+        if (r < 0)
+            return r;
+    }
     for (int e = 0; e < cfg->n_experts; e++) {
         struct moe_expert_ref *x = &L->experts[e];
 
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d.", i, blk, e);
+        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d.", i, eblk, e);
         snprintf(what, sizeof(what), "expert %d", e);
-        r = get_expert(c, i, what, prefix, cfg->expert_ffn, fk, x);
+        r = fused ? 0 : get_expert(c, i, what, prefix, cfg->expert_ffn, fk, x);
+        if (r == 0 && fused) {
+            r = check_expert_dtype(c, &x->gate, MOE_DTYPE_COUNT, NULL);
+            if (r == 0)
+                r = check_expert_dtype(c, &x->down, x->gate.dtype, x->gate.name);
+        }
         if (r < 0)
             return r;
         if (m->expert_dtype == MOE_DTYPE_COUNT) {
@@ -885,17 +1101,19 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
     layer = parse_num(name + strlen("model.layers."), '.', &rest);
     if (layer < 0 || layer >= cfg->n_layers)
         return 0;
-    if (cfg->arch == MOE_ARCH_MIXTRAL) {
-        if (!starts(rest, "block_sparse_moe."))
-            return 0;
+    if (cfg->arch == MOE_ARCH_MIXTRAL && starts(rest, "block_sparse_moe.")) {
         if (starts(rest, "block_sparse_moe.experts."))
             sub = rest + strlen("block_sparse_moe.experts.");
+    } else if (cfg->arch == MOE_ARCH_MIXTRAL && !starts(rest, "mlp.gate.") &&
+               !starts(rest, "mlp.experts.")) {
+        /* The fused layout names mixtral's block mlp, as the others. */
+        return 0;
     } else if (starts(rest, "mlp.experts.")) {
         sub = rest + strlen("mlp.experts.");
     } else if (cfg->arch == MOE_ARCH_QWEN2_MOE &&
                (starts(rest, "mlp.shared_expert.") || starts(rest, "mlp.shared_expert_gate."))) {
         shared = true;
-    } else if (cfg->arch == MOE_ARCH_DEEPSEEK_V3 && starts(rest, "mlp.shared_experts.")) {
+    } else if (is_deepseek_like(cfg->arch) && starts(rest, "mlp.shared_experts.")) {
         shared = true;
     } else if (!starts(rest, "mlp.gate.")) {
         return 0;
@@ -908,6 +1126,8 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
                              "tensor '%s'",
                              c->m->dir, layer, CONFIG_NAME, rule, name);
     }
+    if (sub && (strcmp(sub, "gate_up_proj") == 0 || strcmp(sub, "down_proj") == 0))
+        sub = NULL; /* the fused layout's, checked by shape when loaded */
     if (sub) {
         const char *end;
         long e = parse_num(sub, '.', &end);
@@ -1243,7 +1463,7 @@ void moe_model_router_params(const struct moe_model *m, const float *bias,
                              struct moe_router_params *ret)
 {
     const struct moe_model_config *c = &m->cfg;
-    bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V3;
+    bool deepseek = is_deepseek_like(c->arch);
 
     *ret = (struct moe_router_params){
         .score_func = c->score_func,

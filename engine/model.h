@@ -16,6 +16,15 @@
  *                mlp.experts.e.{gate,up,down}_proj.weight;
  *                mlp.shared_experts.{gate,up,down}_proj.weight [S*F,H]/[H,S*F];
  *                layers < first_k_dense_replace (and i % moe_layer_freq != 0) are dense.
+ *   kimi_k2,     as deepseek_v3 (DeepSeek-V3's layout and routing under its own
+ *   glm4_moe     model type; glm4_moe has no moe_layer_freq)
+ *   deepseek_v2  as deepseek_v3 without e_score_correction_bias (softmax scores)
+ * The routed experts of any family may also be stored fused, as transformers 5
+ * keeps them (save_pretrained(save_original_format=False), and releases such as
+ * Qwen3.5-MoE): mlp.experts.gate_up_proj [E, 2F, H], each expert's gate rows
+ * then its up rows, and mlp.experts.down_proj [E, H, F]; mixtral's router is
+ * then mlp.gate.weight.  Expert e is the slices [e] of the two: still two
+ * contiguous byte ranges, gate and up back to back.
  * Qwen layers listed in mlp_only_layers, or with (i + 1) % decoder_sparse_step
  * != 0, are dense.  Every other tensor (attention, norms, embeddings, dense
  * MLPs, DeepSeek's multi-token-prediction layer beyond num_hidden_layers) is
@@ -33,6 +42,9 @@ enum moe_arch {
     MOE_ARCH_QWEN3_MOE,
     MOE_ARCH_OLMOE,
     MOE_ARCH_DEEPSEEK_V3,
+    MOE_ARCH_DEEPSEEK_V2,
+    MOE_ARCH_KIMI_K2,
+    MOE_ARCH_GLM4_MOE,
     MOE_ARCH_COUNT,
 };
 
@@ -89,7 +101,8 @@ bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer);
 /* Where one tensor's bytes are. */
 struct moe_tensor_ref {
     int file;         /* index into moe_model.files */
-    const char *name; /* points into the model's headers */
+    const char *name; /* points into the model's headers; for a slice, the fused tensor's */
+    bool slice;       /* one expert's part of a fused tensor (gate_up_proj, down_proj) */
     enum moe_dtype dtype;
     int64_t rows; /* [rows, cols]; 1-D tensors: rows = 1 */
     int64_t cols;
@@ -161,6 +174,27 @@ void moe_model_free(struct moe_model *m);
  * open) is -EIO with a message naming file and tensor. */
 int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, void *dst,
                    struct moe_error *err);
+
+/* Which part of an expert: gate, up, down (the order of moe_expert_ref). */
+enum moe_expert_part {
+    MOE_PART_GATE = 0,
+    MOE_PART_UP,
+    MOE_PART_DOWN,
+};
+
+/*
+ * The per-expert tensor name of a routed expert's part ("model.layers.3.mlp.
+ * experts.5.gate_proj.weight", mixtral "...block_sparse_moe.experts.5.w1.weight"),
+ * whatever layout the checkpoint has: the name a packed store gives a slice of
+ * a fused tensor.  Returns snprintf's count.
+ */
+int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int expert,
+                                 enum moe_expert_part part, char *buf, size_t len);
+
+/* The routed expert tensor of m that name (as moe_model_expert_tensor_name
+ * writes it) denotes, or NULL. */
+const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model *m,
+                                                          const char *name);
 
 /* Router parameters of a MoE layer; bias: the layer's bias as fp32 or NULL. */
 void moe_model_router_params(const struct moe_model *m, const float *bias,

@@ -767,6 +767,7 @@ struct item {
     const struct moe_tensor_ref *t;
     int layer;       /* MoE layer it belongs to */
     int expert;      /* routed expert whose blob holds it, or -1 */
+    int part;        /* its enum moe_expert_part in that expert, or -1 */
     uint64_t offset; /* in experts.bin */
 };
 
@@ -874,29 +875,46 @@ static void hex64(uint64_t x, char buf[17])
 }
 
 /* Adds item's entry to the "tensors" object, with the shape exactly as the
- * model's header has it. */
+ * model's header has it.  A slice of a fused tensor (one expert's gate, up
+ * or down of gate_up_proj, down_proj) is stored under the per-expert name
+ * and shape that the per-expert layout gives it, so that a store has one
+ * layout whatever its checkpoint's. */
 static int index_add_tensor(const struct moe_model *m, json_t *tensors, const struct item *it,
                             uint64_t xxh3)
 {
     const struct moe_tensor_ref *t = it->t;
     const struct moe_st_tensor *h = moe_st_header_find(m->headers[t->file], t->name);
     json_t *shape = json_array(), *e;
-    char hex[17];
+    char hex[17], name[256];
+    const char *key = t->name;
 
     /* Every ref of an open model points into its headers. */
     if (!h || !shape) {
         json_decref(shape);
         return -ENOMEM;
     }
-    for (int i = 0; i < h->ndim; i++)
-        if (json_array_append_new(shape, json_integer(h->shape[i])) < 0) {
+    if (t->slice) {
+        /* Only routed experts are ever sliced. */
+        if (it->part < 0 ||
+            moe_model_expert_tensor_name(m, it->layer, it->expert, (enum moe_expert_part)it->part,
+                                         name, sizeof(name)) >= (int)sizeof(name) ||
+            json_array_append_new(shape, json_integer(t->rows)) < 0 ||
+            json_array_append_new(shape, json_integer(t->cols)) < 0) {
             json_decref(shape);
             return -ENOMEM;
         }
+        key = name;
+    } else {
+        for (int i = 0; i < h->ndim; i++)
+            if (json_array_append_new(shape, json_integer(h->shape[i])) < 0) {
+                json_decref(shape);
+                return -ENOMEM;
+            }
+    }
     hex64(xxh3, hex);
     e = json_pack("{s:s, s:o, s:I, s:I, s:s}", "dtype", moe_dtype_name(t->dtype), "shape", shape,
                   "offset", (json_int_t)it->offset, "nbytes", (json_int_t)t->nbytes, "xxh3", hex);
-    if (!e || json_object_set_new(tensors, t->name, e) < 0)
+    if (!e || json_object_set_new(tensors, key, e) < 0)
         return -ENOMEM;
     return 0;
 }
@@ -919,7 +937,7 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
 
             pos = align_up(pos);
             for (int k = 0; k < 3; k++) {
-                items[n++] = (struct item){parts[k], i, e, pos};
+                items[n++] = (struct item){parts[k], i, e, k, pos};
                 pos += parts[k]->nbytes;
             }
         }
@@ -943,7 +961,7 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
             others[k++] = &L->shared_gate;
         for (int j = 0; j < k; j++) {
             pos = align_up(pos);
-            items[n++] = (struct item){others[j], i, -1, pos};
+            items[n++] = (struct item){others[j], i, -1, -1, pos};
             pos += others[j]->nbytes;
         }
     }
@@ -1276,15 +1294,24 @@ static int compare_piece(struct verifier *v, struct vtensor *t, uint64_t at, con
     return 0;
 }
 
-/* Looks a MoE tensor of the checkpoint up in the store's index. */
-static void want_in_store(struct verifier *v, const struct moe_st_header *h, int layer,
-                          const struct moe_tensor_ref *t)
+/* Looks a MoE tensor of the checkpoint up in the store's index; a slice of
+ * a fused tensor (expert, part) under its per-expert name. */
+static void want_in_store(struct verifier *v, const struct moe_st_header *h, int layer, int expert,
+                          int part, const struct moe_tensor_ref *t)
 {
-    if (moe_st_header_find(h, t->name))
+    char name[256];
+    const char *key = t->name;
+
+    if (t->slice) {
+        moe_model_expert_tensor_name(v->ck, layer, expert, (enum moe_expert_part)part, name,
+                                     sizeof(name));
+        key = name;
+    }
+    if (moe_st_header_find(h, key))
         return;
     v->rep.mismatches++;
     mismatch_at(v, UINT64_MAX, "layer %d: the checkpoint's tensor '%s' is not in the store", layer,
-                t->name);
+                key);
 }
 
 /*
@@ -1323,6 +1350,31 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
         for (f = 0; f < ck->n_files && !c; f++)
             c = moe_st_header_find(ck->headers[f], t->t->name);
         if (!c) {
+            /* An expert's part, from a fused tensor of the checkpoint. */
+            const struct moe_tensor_ref *x = moe_model_find_expert_tensor(ck, t->t->name);
+
+            if (x && x->slice) {
+                int64_t shape[2] = {x->rows, x->cols};
+
+                if (x->dtype != t->t->dtype || t->t->ndim != 2 ||
+                    memcmp(shape, t->t->shape, sizeof(shape)) != 0) {
+                    t->bad = true;
+                    v->rep.mismatches++;
+                    mismatch_at(v, t->t->offset,
+                                "tensor '%s': %s %s in the store, %s %s in the checkpoint's "
+                                "'%s'",
+                                t->t->name, moe_dtype_name(t->t->dtype),
+                                moe_shape_text(t->t->shape, t->t->ndim, s1, sizeof(s1)),
+                                moe_dtype_name(x->dtype), moe_shape_text(shape, 2, s2, sizeof(s2)),
+                                x->name);
+                    continue;
+                }
+                t->ck_file = x->file;
+                t->ck_offset = x->offset;
+                continue;
+            }
+        }
+        if (!c) {
             t->bad = true;
             v->rep.mismatches++;
             mismatch_at(v, t->t->offset, "tensor '%s' is in the store but not in the checkpoint %s",
@@ -1349,20 +1401,20 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
 
         if (!L->is_moe)
             continue;
-        want_in_store(v, h, i, &L->router);
+        want_in_store(v, h, i, -1, -1, &L->router);
         if (L->has_bias)
-            want_in_store(v, h, i, &L->bias);
+            want_in_store(v, h, i, -1, -1, &L->bias);
         if (L->has_shared) {
-            want_in_store(v, h, i, &L->shared.gate);
-            want_in_store(v, h, i, &L->shared.up);
-            want_in_store(v, h, i, &L->shared.down);
+            want_in_store(v, h, i, -1, -1, &L->shared.gate);
+            want_in_store(v, h, i, -1, -1, &L->shared.up);
+            want_in_store(v, h, i, -1, -1, &L->shared.down);
         }
         if (L->has_shared_gate)
-            want_in_store(v, h, i, &L->shared_gate);
+            want_in_store(v, h, i, -1, -1, &L->shared_gate);
         for (int e = 0; e < ck->cfg.n_experts; e++) {
-            want_in_store(v, h, i, &L->experts[e].gate);
-            want_in_store(v, h, i, &L->experts[e].up);
-            want_in_store(v, h, i, &L->experts[e].down);
+            want_in_store(v, h, i, e, MOE_PART_GATE, &L->experts[e].gate);
+            want_in_store(v, h, i, e, MOE_PART_UP, &L->experts[e].up);
+            want_in_store(v, h, i, e, MOE_PART_DOWN, &L->experts[e].down);
         }
     }
     r = 0;

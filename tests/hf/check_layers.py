@@ -313,7 +313,7 @@ def check_dense(a, grpc, name, d, layer, xin, yout):
                  f"{r.returncode}: {r.stderr.strip()!r}")
 
 
-def check_inspect(name, info, model, dtype):
+def check_inspect(name, info, model, dtype, layout):
     """moectl inspect --json against what transformers built from the same
     checkpoint: every field that decides the layer's output."""
     cfg = model.config
@@ -330,8 +330,8 @@ def check_inspect(name, info, model, dtype):
         "experts": b.experts.num_experts,
         "expert_ffn": b.experts.intermediate_dim,
         "top_k": g.top_k,
-        # Mixtral's router always renormalises.
-        "norm_topk_prob": bool(getattr(g, "norm_topk_prob", True)),
+        # Mixtral's router always renormalises, DeepSeek-V2's never.
+        "norm_topk_prob": bool(getattr(g, "norm_topk_prob", cfg.model_type != "deepseek_v2")),
         "n_group": getattr(g, "num_group", 1),
         "topk_group": getattr(g, "topk_group", 1),
         "routed_scaling_factor": float(getattr(g, "routed_scaling_factor", 1.0)),
@@ -339,6 +339,7 @@ def check_inspect(name, info, model, dtype):
         "shared_experts": shared,
         "shared_expert_gate": hasattr(b, "shared_expert_gate"),
         "dtype": {"float32": "f32", "bfloat16": "bf16"}[dtype],
+        "expert_layout": "fused" if layout == "fused" else "per-expert",
     }
     for k, v in want.items():
         got = info.get(k)
@@ -371,7 +372,18 @@ def check_checkpoint(a, st, grpc, family, dtype, layout, d):
                             torch.float32, F32_TOL)
     for m, _, _ in models.values():
         m.eval()
-    check_inspect(name, info, models["hf"][0], dtype)
+    check_inspect(name, info, models["hf"][0], dtype, layout)
+    packed = None
+    if layout == "fused":
+        # A packed store of the fused checkpoint: per-expert blobs, checked
+        # byte for byte against the checkpoint, then served like it (local).
+        packed = os.path.join(a.workdir, name + "-packed")
+        r = run([a.moectl, "pack", "--model", d, "--out", packed, "-q"])
+        if r.returncode == 0:
+            r = run([a.moectl, "verify", "--pack", packed, "--model", d, "-q"])
+        if r.returncode:
+            fail(f"{name}: moectl pack/verify: {r.stderr.strip()}")
+            packed = None
     cfg = models["hf"][0].config
     key = (family, dtype)
     st.ties.setdefault(key, 0)
@@ -407,6 +419,13 @@ def check_checkpoint(a, st, grpc, family, dtype, layout, d):
                     fail(f"{w}: forward --local: {r.stderr.strip()}")
                 else:
                     answers.append(("local", np.load(yout), np.load(rout)["ids"], True))
+                if packed:
+                    r = run([a.moectl, "forward", "--local", "--model", packed, "--layer",
+                             str(layer), "--in", xin, "--out", yout, "--routing-out", rout, "-q"])
+                    if r.returncode:
+                        fail(f"{w}: forward --local of the packed store: {r.stderr.strip()}")
+                    else:
+                        answers.append(("packed", np.load(yout), np.load(rout)["ids"], True))
             if "grpc" in a.transport:
                 try:
                     y, ids = grpc.forward(name, layer, x)

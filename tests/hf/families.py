@@ -1,4 +1,4 @@
-"""The five MoE families of the Hugging Face tier: small configurations built
+"""The MoE families of the Hugging Face tier: small configurations built
 from transformers' own config classes, and where their checkpoints live.
 
 Shared by make_models.py (which writes the checkpoints with transformers'
@@ -16,13 +16,24 @@ a wrong answer instead of a lucky right one:
   - olmoe: norm_topk_prob true (the config's default is false);
   - deepseek_v3: first_k_dense_replace 1, n_group 4 > topk_group 2, two
     shared experts, routed_scaling_factor 2.5, norm_topk_prob false, and a
-    random, non-zero e_score_correction_bias (transformers makes it zero).
+    random, non-zero e_score_correction_bias (transformers makes it zero);
+  - deepseek_v2: softmax with topk_method group_limited_greedy (n_group 4 >
+    topk_group 2), routed_scaling_factor 16 (as DeepSeek-V2), two shared
+    experts, first_k_dense_replace 1;
+  - glm4_moe: sigmoid with a random bias, n_group 4 > topk_group 2,
+    routed_scaling_factor 2.5, norm_topk_prob true, one shared expert,
+    first_k_dense_replace 1 (the default; transformers has no moe_layer_freq).
+
+Layouts: "single" and "sharded" are save_pretrained's per-expert names
+(save_original_format=True); "fused" is transformers 5's own layout
+(save_original_format=False: mlp.experts.gate_up_proj and down_proj), sharded.
 """
 import os
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
+            "glm4_moe"]
 DTYPES = ["float32", "bfloat16"]
-LAYOUTS = ["single", "sharded"]
+LAYOUTS = ["single", "sharded", "fused"]
 
 # Router weights are multiplied by this after initialisation, so that the
 # top-k choice is decisive (initialised at std 0.02, logits of random
@@ -58,6 +69,18 @@ def config_kwargs(family):
                     n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1,
                     routed_scaling_factor=2.5, norm_topk_prob=False, q_lora_rank=32,
                     kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+    if family == "deepseek_v2":
+        return dict(COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=192,
+                    moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4,
+                    topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                    n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=16.0,
+                    norm_topk_prob=False, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                    qk_nope_head_dim=16, v_head_dim=16)
+    if family == "glm4_moe":
+        return dict(COMMON, num_hidden_layers=3, intermediate_size=192, moe_intermediate_size=64,
+                    n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                    n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                    head_dim=32)
     raise ValueError(family)
 
 
@@ -69,6 +92,8 @@ def config_class(family):
         "qwen3_moe": transformers.Qwen3MoeConfig,
         "olmoe": transformers.OlmoeConfig,
         "deepseek_v3": transformers.DeepseekV3Config,
+        "deepseek_v2": transformers.DeepseekV2Config,
+        "glm4_moe": transformers.Glm4MoeConfig,
     }[family]
 
 

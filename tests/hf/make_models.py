@@ -12,8 +12,9 @@ The bfloat16 checkpoints are made the way a user gets one: the float32
 checkpoint loaded with from_pretrained(dtype=torch.bfloat16), which keeps
 what the model class keeps in float32 (DeepSeek-V3's router and bias), and
 saved again.  save_pretrained is called with save_original_format=True (the
-default in transformers 5): the per-expert tensor names moed reads, not the
-fused in-memory layout.
+default in transformers 5: the per-expert tensor names) for the single and
+sharded layouts, and with save_original_format=False for the fused one
+(transformers' in-memory layout: gate_up_proj [E, 2F, H], down_proj [E, H, F]).
 
 usage: make_models.py --workdir DIR [--force]
 The checkpoints are reused when DIR/stamp.json says they were made by the
@@ -78,11 +79,17 @@ def count_shards(d):
 
 def save(model, d, layout):
     shutil.rmtree(d, ignore_errors=True)
-    kw = {"max_shard_size": fam.MAX_SHARD_SIZE} if layout == "sharded" else {}
-    model.save_pretrained(d, save_original_format=True, **kw)
+    kw = {"max_shard_size": fam.MAX_SHARD_SIZE} if layout in ("sharded", "fused") else {}
+    # fused: transformers 5's own layout (mlp.experts.gate_up_proj, down_proj)
+    model.save_pretrained(d, save_original_format=layout != "fused", **kw)
     n = count_shards(d)
     want_index = os.path.exists(os.path.join(d, "model.safetensors.index.json"))
-    if layout == "sharded" and (n < 2 or not want_index):
+    if layout == "fused" and want_index:
+        with open(os.path.join(d, "model.safetensors.index.json")) as f:
+            names = json.load(f)["weight_map"]
+        if not any(k.endswith("mlp.experts.gate_up_proj") for k in names):
+            raise RuntimeError(f"{d}: save_original_format=False wrote no gate_up_proj")
+    if layout in ("sharded", "fused") and (n < 2 or not want_index):
         raise RuntimeError(f"{d}: {n} shard(s) with max_shard_size {fam.MAX_SHARD_SIZE}: "
                            "expected at least 2 and an index")
     if layout == "single" and (n != 1 or want_index):

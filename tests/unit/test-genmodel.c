@@ -348,13 +348,15 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
     int H = cfg_int(c, "hidden_size"), L = cfg_int(c, "num_hidden_layers");
     int V = cfg_int(c, "vocab_size"), nh = cfg_int(c, "num_attention_heads");
     int nkv = cfg_int(c, "num_key_value_heads");
-    bool mixtral = strcmp(mt, "mixtral") == 0, ds = strcmp(mt, "deepseek_v3") == 0;
+    bool v2 = strcmp(mt, "deepseek_v2") == 0, glm = strcmp(mt, "glm4_moe") == 0;
+    bool kimi = strcmp(mt, "kimi_k2") == 0;
+    bool mixtral = strcmp(mt, "mixtral") == 0, ds = strcmp(mt, "deepseek_v3") == 0 || v2 || kimi;
     bool qwen2 = strcmp(mt, "qwen2_moe") == 0, qwen3 = strcmp(mt, "qwen3_moe") == 0;
     bool olmoe = strcmp(mt, "olmoe") == 0;
     int hd = json_object_get(c->cfg, "head_dim") ? cfg_int(c, "head_dim") : H / nh;
-    int E = mixtral ? cfg_int(c, "num_local_experts")
-            : ds    ? cfg_int(c, "n_routed_experts")
-                    : cfg_int(c, "num_experts");
+    int E = mixtral     ? cfg_int(c, "num_local_experts")
+            : ds || glm ? cfg_int(c, "n_routed_experts")
+                        : cfg_int(c, "num_experts");
     int F =
         (mixtral || olmoe) ? cfg_int(c, "intermediate_size") : cfg_int(c, "moe_intermediate_size");
     char p[128];
@@ -385,7 +387,7 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
             ex(e, dt, nkv * hd, H, "model.layers.%d.self_attn.k_proj.weight", i);
             ex(e, dt, nkv * hd, H, "model.layers.%d.self_attn.v_proj.weight", i);
             ex(e, dt, H, nh * hd, "model.layers.%d.self_attn.o_proj.weight", i);
-            if (qwen2) {
+            if (qwen2 || glm) {
                 ex(e, dt, nh * hd, -1, "model.layers.%d.self_attn.q_proj.bias", i);
                 ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.k_proj.bias", i);
                 ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.v_proj.bias", i);
@@ -399,7 +401,7 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
                 ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.k_norm.weight", i);
             }
         }
-        if (ds && i < cfg_int(c, "first_k_dense_replace")) {
+        if ((ds || glm) && i < cfg_int(c, "first_k_dense_replace")) {
             snprintf(p, sizeof(p), "model.layers.%d.mlp", i);
             ex_ffn(e, dt, H, cfg_int(c, "intermediate_size"), p, "gate_proj", "up_proj",
                    "down_proj");
@@ -421,8 +423,9 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
                    "up_proj", "down_proj");
             ex(e, dt, 1, H, "model.layers.%d.mlp.shared_expert_gate.weight", i);
         }
-        if (ds) {
-            ex(e, "F32", E, -1, "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+        if (ds || glm) {
+            if (!v2)
+                ex(e, "F32", E, -1, "model.layers.%d.mlp.gate.e_score_correction_bias", i);
             if (cfg_int(c, "n_shared_experts") > 0) {
                 snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_experts", i);
                 ex_ffn(e, dt, H, cfg_int(c, "n_shared_experts") * F, p, "gate_proj", "up_proj",
@@ -430,7 +433,7 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
             }
         }
     }
-    if (ds) {
+    if ((ds || glm) && !v2) {
         ex(e, dt, H, 2 * H, "model.layers.%d.eh_proj.weight", L);
         ex(e, dt, H, -1, "model.layers.%d.enorm.weight", L);
         ex(e, dt, H, -1, "model.layers.%d.hnorm.weight", L);
@@ -505,14 +508,23 @@ static void check_key_str(const struct ckpt *c, const char *key, const char *v)
         FAIL("config.json %s: expected \"%s\"", key, v);
 }
 
-static const char *const arch_names[MOE_ARCH_COUNT] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                                       "deepseek_v3"};
+static const char *const arch_names[MOE_ARCH_COUNT] = {"mixtral", "qwen2_moe",   "qwen3_moe",
+                                                       "olmoe",   "deepseek_v3", "deepseek_v2",
+                                                       "kimi_k2", "glm4_moe"};
+
+/* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
+static bool deepseek_like(enum moe_arch a)
+{
+    return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2 ||
+           a == MOE_ARCH_GLM4_MOE;
+}
 
 static void check_config(const struct ckpt *c, enum moe_arch arch, const char *torch_dtype)
 {
-    static const char *const classes[MOE_ARCH_COUNT] = {"MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                                                        "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-                                                        "DeepseekV3ForCausalLM"};
+    static const char *const classes[MOE_ARCH_COUNT] = {
+        "MixtralForCausalLM",    "Qwen2MoeForCausalLM",   "Qwen3MoeForCausalLM",
+        "OlmoeForCausalLM",      "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"};
     json_t *a = json_object_get(c->cfg, "architectures");
     struct moe_genmodel_opts d;
 
@@ -561,6 +573,37 @@ static void check_config(const struct ckpt *c, enum moe_arch arch, const char *t
         check_key_int(c, "intermediate_size", d.ffn);
         check_key_int(c, "num_experts", d.n_experts);
         check_key_bool(c, "norm_topk_prob", false);
+        break;
+    case MOE_ARCH_DEEPSEEK_V2:
+        check_key_int(c, "n_routed_experts", d.n_experts);
+        check_key_int(c, "n_shared_experts", 2);
+        check_key_int(c, "n_group", 4);
+        check_key_int(c, "topk_group", 2);
+        check_key_str(c, "topk_method", "group_limited_greedy");
+        check_key_str(c, "scoring_func", "softmax");
+        check_key_bool(c, "norm_topk_prob", false);
+        check_key_real(c, "routed_scaling_factor", 16.0);
+        check_key_int(c, "first_k_dense_replace", 1);
+        ASSERT_TRUE(cfg_int(c, "q_lora_rank") > 0 && cfg_int(c, "kv_lora_rank") > 0);
+        break;
+    case MOE_ARCH_GLM4_MOE:
+        check_key_int(c, "n_routed_experts", d.n_experts);
+        check_key_int(c, "n_shared_experts", 1);
+        check_key_int(c, "n_group", 1);
+        check_key_int(c, "topk_group", 1);
+        check_key_bool(c, "norm_topk_prob", true);
+        check_key_real(c, "routed_scaling_factor", 2.5);
+        check_key_int(c, "first_k_dense_replace", 1);
+        ASSERT_TRUE(json_object_get(c->cfg, "scoring_func") == NULL);
+        ASSERT_TRUE(json_object_get(c->cfg, "topk_method") == NULL);
+        break;
+    case MOE_ARCH_KIMI_K2:
+        check_key_int(c, "n_routed_experts", d.n_experts);
+        check_key_int(c, "n_group", 1);
+        check_key_int(c, "topk_group", 1);
+        check_key_real(c, "routed_scaling_factor", 2.827);
+        check_key_str(c, "scoring_func", "sigmoid");
+        check_key_str(c, "topk_method", "noaux_tc");
         break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
@@ -707,7 +750,7 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
 {
     int H = cfg_int(c, "hidden_size"), L = cfg_int(c, "num_hidden_layers");
     int K = cfg_int(c, "num_experts_per_tok");
-    bool mixtral = arch == MOE_ARCH_MIXTRAL, ds = arch == MOE_ARCH_DEEPSEEK_V3;
+    bool mixtral = arch == MOE_ARCH_MIXTRAL, ds = deepseek_like(arch);
     int E = mixtral ? cfg_int(c, "num_local_experts")
             : ds    ? cfg_int(c, "n_routed_experts")
                     : cfg_int(c, "num_experts");
@@ -735,7 +778,7 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
     v = tensor_f64(c, name, &n);
     ASSERT_NEAR(stddev(v, n) * sqrt(F), 1.0, 0.05);
     free(v);
-    if (ds) {
+    if (ds && arch != MOE_ARCH_DEEPSEEK_V2) {
         snprintf(name, sizeof(name), "model.layers.%d.mlp.gate.e_score_correction_bias", first);
         v = tensor_f64(c, name, &n);
         ASSERT_EQ(n, (size_t)E);
@@ -839,7 +882,8 @@ static void test_defaults(void)
         int L, E, K, H, F, S;
     } want[MOE_ARCH_COUNT] = {
         {4, 8, 2, 256, 512, 0},  {4, 16, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 0},
-        {4, 16, 4, 256, 128, 0}, {4, 32, 4, 256, 128, 1},
+        {4, 16, 4, 256, 128, 0}, {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 2},
+        {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 1},
     };
 
     for (int a = 0; a < MOE_ARCH_COUNT; a++) {

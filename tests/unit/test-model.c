@@ -27,7 +27,7 @@ struct tt {
     char name[128];
     enum moe_dtype dtype;
     int ndim;
-    int64_t shape[2];
+    int64_t shape[3];
     int shard;       /* file it is written to */
     int map_shard;   /* file the index names; -1: shard */
     uint64_t offset; /* absolute, set when written */
@@ -38,6 +38,7 @@ struct ckpt {
     enum moe_arch arch;
     enum moe_dtype dtype;
     int L, H, F, E, K, shared_ffn, dense_ffn;
+    bool fused; /* routed experts as transformers 5's gate_up_proj, down_proj */
     json_t *config;
     int n;
     struct tt t[MAX_TENSORS];
@@ -77,6 +78,19 @@ static struct tt *add(struct ckpt *ck, enum moe_dtype dt, int64_t rows, int64_t 
     return t;
 }
 
+/* DeepSeek's layout: shared_experts, first_k_dense_replace. */
+static bool deepseek_like(enum moe_arch a)
+{
+    return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2 ||
+           a == MOE_ARCH_GLM4_MOE;
+}
+
+/* Sigmoid routing with e_score_correction_bias. */
+static bool has_score_bias(enum moe_arch a)
+{
+    return deepseek_like(a) && a != MOE_ARCH_DEEPSEEK_V2;
+}
+
 static struct tt *find(struct ckpt *ck, const char *name)
 {
     for (int i = 0; i < ck->n; i++)
@@ -103,7 +117,7 @@ static void ffn(struct ckpt *ck, const char *prefix, const char *g, const char *
 
 static bool expect_moe(const struct ckpt *ck, int layer)
 {
-    if (ck->arch == MOE_ARCH_DEEPSEEK_V3)
+    if (deepseek_like(ck->arch))
         return layer >= 1;
     if (ck->arch == MOE_ARCH_QWEN3_MOE)
         return layer != 1;
@@ -116,16 +130,19 @@ static bool expect_moe(const struct ckpt *ck, int layer)
  * dense (mlp_only_layers); deepseek_v3 has 2 shared experts (fused ffn 8),
  * layer 0 dense and an MTP layer 3.
  */
-static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_shards)
+static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_shards,
+                         bool fused)
 {
     const char *torch = dt == MOE_DTYPE_BF16  ? "bfloat16"
                         : dt == MOE_DTYPE_F16 ? "float16"
                                               : "float32";
     bool mixtral = arch == MOE_ARCH_MIXTRAL;
-    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
+    /* transformers 5 names mixtral's block mlp in the fused layout */
+    const char *blk = mixtral && !fused ? "block_sparse_moe" : "mlp";
     char p[128];
 
     memset(ck, 0, sizeof(*ck));
+    ck->fused = fused;
     ck->arch = arch;
     ck->dtype = dt;
     ck->L = 3;
@@ -165,6 +182,43 @@ static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_
                       "num_hidden_layers", ck->L, "hidden_size", ck->H, "intermediate_size", ck->F,
                       "num_experts", ck->E, "num_experts_per_tok", ck->K, "torch_dtype", torch);
         break;
+    case MOE_ARCH_DEEPSEEK_V2:
+        /* DeepSeek-V2 as released: softmax, group_limited_greedy. */
+        ck->shared_ffn = 2 * ck->F;
+        ck->config = json_pack(
+            "{s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, "
+            "s:f, s:s, s:s, s:s, s:b}",
+            "model_type", "deepseek_v2", "num_hidden_layers", ck->L, "hidden_size", ck->H,
+            "intermediate_size", ck->dense_ffn, "moe_intermediate_size", ck->F, "n_routed_experts",
+            ck->E, "num_experts_per_tok", ck->K, "n_shared_experts", 2, "n_group", 2, "topk_group",
+            1, "first_k_dense_replace", 1, "moe_layer_freq", 1, "routed_scaling_factor", 16.0,
+            "scoring_func", "softmax", "topk_method", "group_limited_greedy", "torch_dtype", torch,
+            "norm_topk_prob", 0);
+        break;
+    case MOE_ARCH_KIMI_K2:
+        /* Kimi K2's config.json as released, but small: DeepSeek-V3's keys
+         * under model_type kimi_k2 (transformers has no class of its own). */
+        ck->shared_ffn = ck->F;
+        ck->config = json_pack(
+            "{s:s, s:[s], s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, "
+            "s:f, s:s, s:s, s:s, s:b}",
+            "model_type", "kimi_k2", "architectures", "DeepseekV3ForCausalLM", "num_hidden_layers",
+            ck->L, "hidden_size", ck->H, "intermediate_size", ck->dense_ffn,
+            "moe_intermediate_size", ck->F, "n_routed_experts", ck->E, "num_experts_per_tok", ck->K,
+            "n_shared_experts", 1, "n_group", 1, "topk_group", 1, "first_k_dense_replace", 1,
+            "moe_layer_freq", 1, "routed_scaling_factor", 2.827, "scoring_func", "sigmoid",
+            "topk_method", "noaux_tc", "torch_dtype", torch, "norm_topk_prob", 1);
+        break;
+    case MOE_ARCH_GLM4_MOE:
+        /* GLM-4.5's keys: no scoring_func, topk_method or moe_layer_freq. */
+        ck->shared_ffn = ck->F;
+        ck->config = json_pack(
+            "{s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:s}", "model_type",
+            "glm4_moe", "num_hidden_layers", ck->L, "hidden_size", ck->H, "intermediate_size",
+            ck->dense_ffn, "moe_intermediate_size", ck->F, "n_routed_experts", ck->E,
+            "num_experts_per_tok", ck->K, "n_shared_experts", 1, "n_group", 2, "topk_group", 1,
+            "first_k_dense_replace", 1, "routed_scaling_factor", 2.5, "torch_dtype", torch);
+        break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
         ck->shared_ffn = 2 * ck->F;
@@ -198,10 +252,20 @@ static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_
         /* The router in fp32 where the model is not, as some exports do. */
         add(ck, dt == MOE_DTYPE_BF16 ? MOE_DTYPE_F32 : dt, ck->E, ck->H,
             "model.layers.%d.%s.gate.weight", i, blk);
-        if (arch == MOE_ARCH_DEEPSEEK_V3)
+        if (has_score_bias(arch))
             add(ck, MOE_DTYPE_F32, ck->E, -1, "model.layers.%d.mlp.gate.e_score_correction_bias",
                 i);
-        for (int e = 0; e < ck->E; e++) {
+        if (fused) {
+            struct tt *t =
+                add(ck, dt, ck->E, 2 * ck->F, "model.layers.%d.mlp.experts.gate_up_proj", i);
+
+            t->ndim = 3;
+            t->shape[2] = ck->H;
+            t = add(ck, dt, ck->E, ck->H, "model.layers.%d.mlp.experts.down_proj", i);
+            t->ndim = 3;
+            t->shape[2] = ck->F;
+        }
+        for (int e = 0; e < ck->E && !fused; e++) {
             snprintf(p, sizeof(p), "model.layers.%d.%s.experts.%d", i, blk, e);
             if (mixtral)
                 ffn(ck, p, "w1", "w3", "w2", ck->F, dt);
@@ -213,7 +277,7 @@ static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->shared_ffn, dt);
             add(ck, dt, 1, ck->H, "model.layers.%d.mlp.shared_expert_gate.weight", i);
         }
-        if (arch == MOE_ARCH_DEEPSEEK_V3) {
+        if (deepseek_like(arch)) {
             snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_experts", i);
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->shared_ffn, dt);
         }
@@ -229,6 +293,11 @@ static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_
     }
     add(ck, dt, ck->H, -1, "model.norm.weight");
     add(ck, dt, 16, ck->H, "lm_head.weight");
+}
+
+static void build(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt, int n_shards)
+{
+    build_layout(ck, arch, dt, n_shards, false);
 }
 
 static void shard_name(const struct ckpt *ck, int s, char *buf, size_t len)
@@ -382,6 +451,53 @@ static void check_ref(const struct moe_model *m, struct ckpt *ck, const struct m
     free(buf);
 }
 
+/* Checks r is rows [row0, row0 + rows) of matrix k of the 3-D tensor name. */
+static void check_slice(const struct moe_model *m, struct ckpt *ck, const struct moe_tensor_ref *r,
+                        const char *name, int k, int64_t row0, int64_t rows)
+{
+    const struct tt *t = find(ck, name);
+    uint64_t esz = moe_dtype_size(t->dtype);
+    uint64_t at = t->offset + ((uint64_t)k * t->shape[1] + row0) * t->shape[2] * esz;
+    uint8_t *buf;
+    struct moe_error err;
+
+    ASSERT_STREQ(r->name, name);
+    ASSERT_TRUE(r->slice);
+    ASSERT_EQ(r->dtype, t->dtype);
+    ASSERT_EQ(r->rows, rows);
+    ASSERT_EQ(r->cols, t->shape[2]);
+    ASSERT_EQ(r->offset, at);
+    ASSERT_EQ(r->nbytes, rows * t->shape[2] * esz);
+    buf = malloc(r->nbytes);
+    ASSERT_EQ(moe_model_read(m, r, buf, &err), 0);
+    for (uint64_t i = 0; i < r->nbytes; i++)
+        if (buf[i] != pattern(t->shard, r->offset + i))
+            FAIL("%s [%d]: byte %" PRIu64 " read back wrong", name, k, i);
+    free(buf);
+}
+
+/* Expert e of layer i in the fused layout: gate then up rows of gate_up_proj[e]. */
+static void check_fused_expert(const struct moe_model *m, struct ckpt *ck,
+                               const struct moe_expert_ref *x, int i, int e)
+{
+    char gu[160], dn[160], n[160];
+
+    snprintf(gu, sizeof(gu), "model.layers.%d.mlp.experts.gate_up_proj", i);
+    snprintf(dn, sizeof(dn), "model.layers.%d.mlp.experts.down_proj", i);
+    check_slice(m, ck, &x->gate, gu, e, 0, ck->F);
+    check_slice(m, ck, &x->up, gu, e, ck->F, ck->F);
+    check_slice(m, ck, &x->down, dn, e, 0, ck->H);
+    ASSERT_EQ(x->up.offset, x->gate.offset + x->gate.nbytes);
+    ASSERT_EQ(x->nbytes, x->gate.nbytes + x->up.nbytes + x->down.nbytes);
+    /* The per-expert name a packed store gives each part, and back. */
+    moe_model_expert_tensor_name(m, i, e, MOE_PART_UP, n, sizeof(n));
+    if (ck->arch == MOE_ARCH_MIXTRAL)
+        ASSERT_TRUE(strstr(n, "block_sparse_moe.experts.") && strstr(n, ".w3.weight"));
+    else
+        ASSERT_TRUE(strstr(n, "mlp.experts.") && strstr(n, ".up_proj.weight"));
+    ASSERT_TRUE(moe_model_find_expert_tensor(m, n) == &x->up);
+}
+
 static void check_expert(const struct moe_model *m, struct ckpt *ck, const struct moe_expert_ref *x,
                          const char *prefix)
 {
@@ -397,9 +513,9 @@ static void check_expert(const struct moe_model *m, struct ckpt *ck, const struc
     ASSERT_EQ(x->nbytes, x->gate.nbytes + x->up.nbytes + x->down.nbytes);
 }
 
-static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
+static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards, bool fused)
 {
-    const char *blk = arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe" : "mlp";
+    const char *blk = arch == MOE_ARCH_MIXTRAL && !fused ? "block_sparse_moe" : "mlp";
     static struct ckpt ck;
     struct moe_model *m = NULL;
     struct moe_error err = {0};
@@ -409,11 +525,12 @@ static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
     int n_moe = 0;
     float bias[4] = {0};
 
-    build(&ck, arch, dt, n_shards);
+    build_layout(&ck, arch, dt, n_shards, fused);
     ck.dir = test_tmpdir("model");
     write_ckpt(&ck);
     if (moe_model_open(ck.dir, &m, &err) != 0)
-        FAIL("%s %s %d shards: %s", moe_arch_name(arch), moe_dtype_name(dt), n_shards, err.msg);
+        FAIL("%s %s %d shards%s: %s", moe_arch_name(arch), moe_dtype_name(dt), n_shards,
+             fused ? " fused" : "", err.msg);
 
     ASSERT_STREQ(m->dir, ck.dir);
     ASSERT_EQ(m->cfg.arch, arch);
@@ -453,14 +570,17 @@ static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
         n_moe++;
         snprintf(n, sizeof(n), "model.layers.%d.%s.gate.weight", i, blk);
         check_ref(m, &ck, &L->router, n);
-        ASSERT_EQ(L->has_bias, arch == MOE_ARCH_DEEPSEEK_V3);
+        ASSERT_EQ(L->has_bias, has_score_bias(arch));
         if (L->has_bias) {
             snprintf(n, sizeof(n), "model.layers.%d.mlp.gate.e_score_correction_bias", i);
             check_ref(m, &ck, &L->bias, n);
         }
         for (int e = 0; e < ck.E; e++) {
             snprintf(n, sizeof(n), "model.layers.%d.%s.experts.%d", i, blk, e);
-            check_expert(m, &ck, &L->experts[e], n);
+            if (fused)
+                check_fused_expert(m, &ck, &L->experts[e], i, e);
+            else
+                check_expert(m, &ck, &L->experts[e], n);
             ASSERT_EQ(L->experts[e].nbytes, eb);
             total += eb;
         }
@@ -484,13 +604,28 @@ static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
     moe_model_router_params(m, bias, &rp);
     ASSERT_EQ(rp.n_experts, ck.E);
     ASSERT_EQ(rp.top_k, ck.K);
-    if (arch == MOE_ARCH_DEEPSEEK_V3) {
+    if (arch == MOE_ARCH_DEEPSEEK_V3 || arch == MOE_ARCH_GLM4_MOE) {
         ASSERT_EQ(rp.score_func, MOE_SCORE_SIGMOID);
         ASSERT_EQ(rp.n_group, 2);
         ASSERT_EQ(rp.topk_group, 1);
         ASSERT_NEAR(rp.routed_scaling_factor, 2.5, 0);
         ASSERT_TRUE(rp.bias == bias);
         ASSERT_TRUE(rp.norm_topk_prob);
+    } else if (arch == MOE_ARCH_KIMI_K2) {
+        ASSERT_EQ(rp.score_func, MOE_SCORE_SIGMOID);
+        ASSERT_EQ(rp.n_group, 1);
+        ASSERT_EQ(rp.topk_group, 1);
+        ASSERT_NEAR(rp.routed_scaling_factor, 2.827, 1e-6);
+        ASSERT_TRUE(rp.bias == bias);
+        ASSERT_TRUE(rp.norm_topk_prob);
+    } else if (arch == MOE_ARCH_DEEPSEEK_V2) {
+        /* softmax, group_limited_greedy: a group's best, no renormalising */
+        ASSERT_EQ(rp.score_func, MOE_SCORE_SOFTMAX);
+        ASSERT_EQ(rp.n_group, 2);
+        ASSERT_EQ(rp.topk_group, 1);
+        ASSERT_NEAR(rp.routed_scaling_factor, 16.0, 0);
+        ASSERT_TRUE(!rp.bias);
+        ASSERT_TRUE(!rp.norm_topk_prob);
     } else {
         ASSERT_EQ(rp.score_func, MOE_SCORE_SOFTMAX);
         ASSERT_EQ(rp.n_group, 1);
@@ -503,6 +638,11 @@ static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
 
     moe_model_free(m);
     ck_free(&ck);
+}
+
+static void test_good(enum moe_arch arch, enum moe_dtype dt, int n_shards)
+{
+    test_good_layout(arch, dt, n_shards, false);
 }
 
 /* ---- damaged checkpoints ---------------------------------------------------- */
@@ -745,6 +885,69 @@ static void bad_header_json(struct ckpt *ck)
     free(p);
 }
 
+/* The same checkpoint with its routed experts fused (the directory kept). */
+static void refuse(struct ckpt *ck)
+{
+    char *dir = ck->dir;
+
+    json_decref(ck->config);
+    build_layout(ck, ck->arch, ck->dtype, ck->n_shards, true);
+    ck->dir = dir;
+}
+
+static void fused_swapped(struct ckpt *ck)
+{
+    struct tt *t;
+
+    refuse(ck);
+    /* [E, F, H]: the transpose some exporters write (Llama 4's bmm layout) */
+    t = find(ck, "model.layers.2.mlp.experts.down_proj");
+    t->shape[1] = ck->F;
+    t->shape[2] = ck->H;
+}
+
+static void fused_no_down(struct ckpt *ck)
+{
+    refuse(ck);
+    drop(ck, "model.layers.2.mlp.experts.down_proj");
+}
+
+static void fused_fp8(struct ckpt *ck)
+{
+    refuse(ck);
+    find(ck, "model.layers.1.mlp.experts.down_proj")->dtype = MOE_DTYPE_F8_E4M3;
+}
+
+static void v2_norm(struct ckpt *ck)
+{
+    set_cfg(ck, "norm_topk_prob", json_true());
+}
+
+static void v2_method(struct ckpt *ck)
+{
+    set_cfg(ck, "topk_method", json_string("noaux_tc"));
+}
+
+static void v2_no_topk_group(struct ckpt *ck)
+{
+    set_cfg(ck, "topk_group", NULL);
+}
+
+static void v2_greedy(struct ckpt *ck)
+{
+    /* greedy reads neither n_group nor topk_group: a bad one is no error */
+    set_cfg(ck, "topk_method", json_string("greedy"));
+    set_cfg(ck, "n_group", json_integer(3));
+    set_cfg(ck, "topk_group", NULL);
+    set_cfg(ck, "n_shared_experts", json_integer(5));
+}
+
+static void glm_scoring(struct ckpt *ck)
+{
+    set_cfg(ck, "n_shared_experts", NULL); /* default 1, as written */
+    set_cfg(ck, "n_group", json_integer(3));
+}
+
 struct bad_model {
     const char *what;
     enum moe_arch arch;
@@ -810,6 +1013,27 @@ static const struct bad_model bad_models[] = {
      "layer 1: expert 2 missing: no tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'"},
     {"missing router", MOE_ARCH_OLMOE, 0, missing_router, NULL, -EINVAL,
      "layer 0: router missing: no tensor 'model.layers.0.mlp.gate.weight'"},
+    {"fused down_proj transposed", MOE_ARCH_QWEN3_MOE, 0, fused_swapped, NULL, -EINVAL,
+     "tensor 'model.layers.2.mlp.experts.down_proj': shape [4, 4, 8] contradicts config.json: "
+     "expected [num_experts, hidden_size, moe_intermediate_size] = [4, 8, 4]"},
+    {"fused without down_proj", MOE_ARCH_MIXTRAL, 3, fused_no_down, NULL, -EINVAL,
+     "layer 2: fused experts missing: no tensor 'model.layers.2.mlp.experts.down_proj' beside "
+     "'model.layers.2.mlp.experts.gate_up_proj'"},
+    {"fused fp8 down_proj", MOE_ARCH_DEEPSEEK_V3, 0, fused_fp8, NULL, -EINVAL,
+     "tensor 'model.layers.1.mlp.experts.down_proj': dtype F8_E4M3: expected BF16, F16 or F32"},
+    {"deepseek_v2 norm_topk_prob", MOE_ARCH_DEEPSEEK_V2, 0, v2_norm, NULL, -EINVAL,
+     "'norm_topk_prob' is true: unsupported for deepseek_v2"},
+    {"deepseek_v2 noaux_tc", MOE_ARCH_DEEPSEEK_V2, 0, v2_method, NULL, -EINVAL,
+     "'topk_method' is \"noaux_tc\": unsupported; expected \"greedy\" or "
+     "\"group_limited_greedy\" for deepseek_v2"},
+    {"deepseek_v2 group_limited_greedy without topk_group", MOE_ARCH_DEEPSEEK_V2, 0,
+     v2_no_topk_group, NULL, -EINVAL, "'topk_group' is missing"},
+    {"deepseek_v2 greedy, 5 shared experts written as 2", MOE_ARCH_DEEPSEEK_V2, 0, v2_greedy, NULL,
+     -EINVAL,
+     "shape [8, 8] contradicts config.json: expected [n_shared_experts x "
+     "moe_intermediate_size, hidden_size] = [20, 8]"},
+    {"glm4_moe n_group not dividing", MOE_ARCH_GLM4_MOE, 0, glm_scoring, NULL, -EINVAL,
+     "'n_group' is 3: expected a divisor of n_routed_experts (4)"},
     {"missing score bias", MOE_ARCH_DEEPSEEK_V3, 3, missing_bias, NULL, -EINVAL,
      "layer 2: router score correction bias missing: no tensor "
      "'model.layers.2.mlp.gate.e_score_correction_bias'"},
@@ -947,6 +1171,8 @@ int main(void)
     for (int a = 0; a < MOE_ARCH_COUNT; a++) {
         test_good((enum moe_arch)a, MOE_DTYPE_BF16, 0);
         test_good((enum moe_arch)a, MOE_DTYPE_BF16, 3);
+        test_good_layout((enum moe_arch)a, MOE_DTYPE_BF16, 0, true);
+        test_good_layout((enum moe_arch)a, MOE_DTYPE_F32, 3, true);
     }
     for (size_t d = 0; d < MOE_ARRAY_SIZE(dts); d++) {
         test_good(MOE_ARCH_MIXTRAL, dts[d], 1);
