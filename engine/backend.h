@@ -6,7 +6,8 @@
  * Memory handed to compute slots (weights, activations) comes from the
  * backend's own alloc slot: host memory for the CPU backend, device memory
  * for CUDA.  Activations and accumulation are fp32; weights are F32, F16 or
- * BF16, row-major [rows, cols] as nn.Linear stores them (y = W x).
+ * BF16, row-major [rows, cols] as nn.Linear stores them (y = W x).  A work
+ * item's precision may round the activations to bf16 on the way (below).
  */
 #ifndef MOED_ENGINE_BACKEND_H
 #define MOED_ENGINE_BACKEND_H
@@ -25,12 +26,26 @@ struct moe_expert_weights {
     const void *down;     /* [H, F] */
 };
 
+/*
+ * How an expert FFN treats its activations (a model's compute_precision).
+ * Sums are fp32 in both; they differ in what is multiplied with the weights.
+ */
+enum moe_compute_precision {
+    MOE_PRECISION_EXACT = 0, /* x and the SwiGLU intermediate to fp32 accuracy */
+    MOE_PRECISION_BF16,      /* x, gate x, up x, silu(gate x) and the SwiGLU
+                              * intermediate rounded to bf16, as torch computes
+                              * a bf16 model; faster where the CPU multiplies
+                              * bf16 natively (AVX-512 BF16, AMX) */
+};
+
 /* The tokens one expert computes in a grouped FFN call. */
 struct moe_ffn_work {
     const struct moe_expert_weights *w;
     int n_tokens;
     const int32_t *tokens; /* [n_tokens] rows of x, each at most once per work item */
     const float *scales;   /* [n_tokens] routing weight of each token */
+    enum moe_compute_precision precision; /* 0 (exact) when not set; backends
+                                           * without bf16 compute exactly */
 };
 
 struct moe_backend_ops {
@@ -79,6 +94,18 @@ struct moe_cpu_config {
     int n_threads;      /* 0: one per online CPU */
     const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512" */
 };
+
+/* One CPU kernel variant, for listings (moectl --kernel). */
+struct moe_cpu_kernel_info {
+    const char *name;  /* "avx512", "avx2", "generic" */
+    const char *needs; /* the CPU features it needs, ", "-separated */
+    bool available;    /* this CPU has them all */
+    char missing[128]; /* those this CPU lacks ("" when available) */
+};
+
+/* Fills info[0..n) with the CPU kernel variants, best first, and returns
+ * how many there are (which may exceed n). */
+int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n);
 
 /* Creates the CPU backend.  -ENOTSUP when a forced kernel is not available
  * on this CPU (err says which features are missing). */

@@ -14,7 +14,8 @@
  * lacks fails with -ENOTSUP.
  *
  * grouped_ffn runs in three parallel loops:
- *   0. prepare every token's x in the layout the kernel reads;
+ *   0. prepare every token's x in the layout the kernel reads, once per
+ *      (weight dtype, precision) the work items use;
  *   1. tasks (work item, block of FBLK ffn rows): gate and up rows of the
  *      block against the item's tokens, SwiGLU, stored (prepared) into the
  *      item's intermediate rows;
@@ -23,7 +24,13 @@
  *      out[t, block] += s * y for each of its tokens.
  * Every output element is written by one task, in work-item order, and the
  * kernels' arithmetic per element does not depend on the tiling, so results
- * are bit-identical for any thread count and any timing.
+ * are bit-identical for any thread count and any timing, and a token's
+ * result does not depend on the other tokens of the batch.
+ *
+ * compute_precision bf16 (a work item's precision): x is prepared from its
+ * bf16 rounding; gate x and up x are rounded to bf16, then silu(gate x),
+ * then their product, as torch's bf16 linear, silu and mul do; the kernel's
+ * dot_b16 computes every dot of such an item.
  *
  * Locks: `lock` serialises matmul and grouped_ffn, which share the scratch
  * buffers (the pool itself serialises loops too).  alloc, mem_free,
@@ -43,6 +50,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "dtype.h"
 #include "threadpool.h"
 #include "kernels.h"
 
@@ -63,6 +71,11 @@ _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
 _Static_assert(FBLK % MOE_CPU_KPAD == 0, "FBLK must be whole prepared blocks");
 
+/* Prepared-x slots: one per (weight dtype, precision), dtype + 3 * precision. */
+#define N_PREP 6
+
+static const float ones[FBLK] = {[0 ... FBLK - 1] = 1.0f};
+
 struct scratch {
     void *p;     /* moe_alloc_aligned, or NULL */
     size_t size; /* bytes at p */
@@ -74,11 +87,11 @@ struct cpu_backend {
     struct moe_threadpool *pool;
     int n_threads;
 
-    pthread_mutex_t lock;    /* serialises matmul and grouped_ffn */
-    struct scratch xprep[3]; /* under lock: prepared x, per dtype */
-    struct scratch act;      /* under lock: prepared SwiGLU rows */
-    struct scratch meta;     /* under lock: pointer and offset tables */
-    struct scratch *ybuf;    /* under lock: [n_threads] output tiles */
+    pthread_mutex_t lock;         /* serialises matmul and grouped_ffn */
+    struct scratch xprep[N_PREP]; /* under lock: prepared x, per dtype and precision */
+    struct scratch act;           /* under lock: prepared SwiGLU rows */
+    struct scratch meta;          /* under lock: pointer and offset tables */
+    struct scratch *ybuf;         /* under lock: [n_threads] output tiles */
 };
 
 /* ---- memory ----------------------------------------------------------------- */
@@ -167,9 +180,9 @@ struct prep_ctx {
     const float *x; /* [n_tokens, cols] */
     int64_t cols, cols_pad;
     int n_tokens;
-    int per_task;    /* tokens per task */
-    unsigned dtypes; /* bit d: prepare for dtype d */
-    void *dst[3];    /* [n_tokens, cols_pad] prepared, per dtype */
+    int per_task;      /* tokens per task */
+    unsigned dtypes;   /* bit d: prepare slot d (dtype d % 3, bf16 when d >= 3) */
+    void *dst[N_PREP]; /* [n_tokens, cols_pad] prepared, per slot */
 };
 
 static void prep_task(void *arg, int task, int thread)
@@ -180,16 +193,20 @@ static void prep_task(void *arg, int task, int thread)
     size_t row = (size_t)c->cols_pad * 4;
 
     (void)thread;
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < N_PREP; d++) {
         if (!(c->dtypes & (1u << d)))
             continue;
-        for (int t = t0; t < t1; t++)
-            c->k->prep[d](c->x + (size_t)t * c->cols, c->cols, c->cols_pad,
-                          (char *)c->dst[d] + (size_t)t * row);
+        for (int t = t0; t < t1; t++) {
+            void *dst = (char *)c->dst[d] + (size_t)t * row;
+
+            c->k->prep[d % 3](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
+            if (d >= 3)
+                c->k->round[d % 3](dst, c->cols_pad);
+        }
     }
 }
 
-/* Prepares x [n_tokens, cols] for each dtype in the mask into cb->xprep. */
+/* Prepares x [n_tokens, cols] for each slot in the mask into cb->xprep. */
 static int prep_x(struct cpu_backend *cb, const float *x, int64_t cols, int n_tokens,
                   unsigned dtypes)
 {
@@ -206,7 +223,7 @@ static int prep_x(struct cpu_backend *cb, const float *x, int64_t cols, int n_to
 
     if (!moe_mul_size((size_t)n_tokens, (size_t)c.cols_pad * 4, &bytes))
         return -ENOMEM;
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < N_PREP; d++) {
         if (!(dtypes & (1u << d)))
             continue;
         r = scratch_reserve(&cb->xprep[d], bytes);
@@ -328,6 +345,12 @@ struct ffn_ctx {
     struct scratch *ybuf; /* [n_threads] */
 };
 
+static void round_bf16(float *v, int n)
+{
+    for (int i = 0; i < n; i++)
+        v[i] = moe_bf16_to_f32(moe_f32_to_bf16(v[i]));
+}
+
 /* Phase 1: one block of FBLK ffn rows of one work item. */
 static void ffn_up_task(void *arg, int task, int thread)
 {
@@ -359,12 +382,28 @@ static void ffn_up_task(void *arg, int task, int thread)
     const void *const *xs = c->xs + c->first[lo];
     void *const *as = c->as + c->first[lo];
 
-    c->k->dot[d]((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
-    c->k->dot[d]((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
+    bool b16 = wk->precision == MOE_PRECISION_BF16;
+    moe_cpu_dot_fn dot = b16 ? c->k->dot_b16[d] : c->k->dot[d];
+
+    dot((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
+    dot((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
     for (int j = 0; j < wk->n_tokens; j++) {
         float *g = yg + (size_t)j * FBLK;
+        float *u = yu + (size_t)j * FBLK;
 
-        c->k->swiglu(g, yu + (size_t)j * FBLK, nr, g);
+        if (b16) {
+            /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
+            round_bf16(g, nr);
+            round_bf16(u, nr);
+            c->k->swiglu(g, ones, nr, g);
+            round_bf16(g, nr);
+            for (int i = 0; i < nr; i++)
+                g[i] *= u[i];
+            round_bf16(g, nr);
+        } else {
+            c->k->swiglu(g, u, nr, g);
+        }
+        /* bf16 values prepare exactly: no rounding needed after */
         c->k->prep[d](g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
     }
 }
@@ -385,9 +424,11 @@ static void ffn_down_task(void *arg, int task, int thread)
 
         if (wk->n_tokens == 0)
             continue;
-        c->k->dot[e->dtype]((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F,
-                            nr, F, (const void *const *)(c->as + c->first[i]), wk->n_tokens, y,
-                            HBLK);
+        moe_cpu_dot_fn dot =
+            wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
+
+        dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
+            (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
         for (int j = 0; j < wk->n_tokens; j++) {
             float *o = c->out + (size_t)wk->tokens[j] * H + h0;
             const float *yj = y + (size_t)j * HBLK;
@@ -405,6 +446,8 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
     const struct moe_expert_weights *e = wk->w;
 
     if (wk->n_tokens < 0 || wk->n_tokens > n_tokens)
+        return -EINVAL;
+    if (wk->precision != MOE_PRECISION_EXACT && wk->precision != MOE_PRECISION_BF16)
         return -EINVAL;
     if (wk->n_tokens == 0)
         return 0;
@@ -447,7 +490,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         n_assign += wk->n_tokens;
         up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
-        dtypes |= 1u << wk->w->dtype;
+        dtypes |= 1u << (wk->w->dtype + 3 * (wk->precision == MOE_PRECISION_BF16));
         if (!moe_mul_size((size_t)wk->n_tokens, (size_t)moe_cpu_kpad(wk->w->ffn) * 4, &bytes) ||
             !moe_add_size(act_bytes, bytes, &act_bytes))
             return -ENOMEM;
@@ -494,7 +537,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             c.first[i] = a;
             if (wk->n_tokens > 0) {
                 tasks += (wk->w->ffn + FBLK - 1) / FBLK;
-                xp = cb->xprep[wk->w->dtype].p;
+                xp = cb->xprep[wk->w->dtype + 3 * (wk->precision == MOE_PRECISION_BF16)].p;
                 frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
@@ -524,7 +567,7 @@ static void cpu_free(struct moe_backend *b)
         return;
     cb = cpu_of(b);
     moe_threadpool_free(cb->pool);
-    for (int d = 0; d < 3; d++)
+    for (int d = 0; d < N_PREP; d++)
         scratch_free(&cb->xprep[d]);
     scratch_free(&cb->act);
     scratch_free(&cb->meta);
@@ -681,6 +724,24 @@ int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **
 out_free:
     cpu_free(&cb->base);
     return r;
+}
+
+int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
+{
+    static const char *const needs[] = {
+        "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, fma, f16c",
+        "avx2, fma, f16c",
+        "",
+    };
+    _Static_assert(MOE_ARRAY_SIZE(needs) == MOE_ARRAY_SIZE(kernels), "one line per kernel");
+
+    for (int i = 0; i < n && i < (int)MOE_ARRAY_SIZE(kernels); i++) {
+        info[i].name = kernels[i]->name;
+        info[i].needs = needs[i];
+        missing_features(kernels[i], info[i].missing, sizeof(info[i].missing));
+        info[i].available = !info[i].missing[0];
+    }
+    return (int)MOE_ARRAY_SIZE(kernels);
 }
 
 const char *moe_backend_cpu_kernel(const struct moe_backend *b)

@@ -53,6 +53,16 @@ typedef void (*moe_cpu_prep_fn)(const float *src, int64_t n, int64_t n_pad, void
 typedef void (*moe_cpu_dot_fn)(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x,
                                int nt, float *y, int64_t ldy);
 
+/*
+ * Rounds a row prepared by the same variant's prep for the same dtype
+ * (n_pad elements) to bf16 activations in place, as if its source had been
+ * rounded to bf16 first: compute_precision bf16.
+ */
+typedef void (*moe_cpu_round_fn)(void *prepared, int64_t n_pad);
+
+/* The round function of every plain fp32 prepared layout (tiling.c). */
+void moe_cpu_round_f32(void *prepared, int64_t n_pad);
+
 /* out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n. */
 typedef void (*moe_cpu_swiglu_fn)(const float *g, const float *u, int64_t n, float *out);
 
@@ -97,9 +107,15 @@ void moe_cpu_dot_tiles(const struct moe_cpu_tiling *tl, const void *w, int64_t l
                        int64_t k, const void *const *x, int nt, float *y, int64_t ldy);
 
 struct moe_cpu_kernel {
-    const char *name;        /* "generic", "avx2", "avx512" */
-    moe_cpu_prep_fn prep[3]; /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
-    moe_cpu_dot_fn dot[3];   /* likewise */
+    const char *name;          /* "generic", "avx2", "avx512" */
+    moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
+    moe_cpu_dot_fn dot[3];     /* likewise */
+    moe_cpu_round_fn round[3]; /* likewise: prepared rows to bf16 activations */
+    /* The dot kernels for rows that round[] made bf16: the same sums as dot
+     * on such rows, but they may skip work (AVX-512 bf16 weights need no lo
+     * halves).  Used for every dot of a compute_precision bf16 work item, so
+     * that one precision always takes one code path. */
+    moe_cpu_dot_fn dot_b16[3];
     moe_cpu_swiglu_fn swiglu;
 };
 

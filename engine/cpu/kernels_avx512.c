@@ -17,6 +17,8 @@
  * product keeps about 16 bits of x's mantissa (relative error ~2^-17 per
  * element) while the weights are used as stored, with no conversion.  The
  * prepared layout is, per 32-element block, 32 hi values then 32 lo values.
+ * compute_precision bf16 rounds x to bf16, so lo is zero: its tiles
+ * (hi_only) skip the lo half and do half the vdpbf16ps.
  *
  * F16 and F32 weights: converted to fp32 on load (vcvtph2ps) and multiplied
  * with fp32 activations by FMA; the prepared layout is plain fp32.
@@ -60,7 +62,8 @@ typedef moe_cpu_tile_fn tile_fn;
 /* ---- bf16 weights: vdpbf16ps with hi/lo activations ---------------------- */
 
 INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
-                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
+                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T,
+                      const bool hi_only)
 {
     const uint16_t *w = wv;
     const uint16_t *x[TMAX];
@@ -80,12 +83,13 @@ INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_
             wr[r] = _mm512_loadu_si512(w + r * ldw + k);
         for (int t = 0; t < T; t++) {
             __m512i xh = _mm512_load_si512(x[t] + 2 * k);
-            __m512i xl = _mm512_load_si512(x[t] + 2 * k + 32);
+            __m512i xl = hi_only ? xh : _mm512_load_si512(x[t] + 2 * k + 32);
 
             for (int r = 0; r < R; r++)
                 acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
-            for (int r = 0; r < R; r++)
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
+            if (!hi_only)
+                for (int r = 0; r < R; r++)
+                    acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
         }
     }
     if (k < k1) {
@@ -96,12 +100,13 @@ INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_
             wr[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + k);
         for (int t = 0; t < T; t++) {
             __m512i xh = _mm512_load_si512(x[t] + 2 * k);
-            __m512i xl = _mm512_load_si512(x[t] + 2 * k + 32);
+            __m512i xl = hi_only ? xh : _mm512_load_si512(x[t] + 2 * k + 32);
 
             for (int r = 0; r < R; r++)
                 acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
-            for (int r = 0; r < R; r++)
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
+            if (!hi_only)
+                for (int r = 0; r < R; r++)
+                    acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
         }
     }
     TILE_STORE(R, T);
@@ -170,7 +175,12 @@ INLINE void tile_fma(const void *w, int64_t ldw, const void *const *xv, int64_t 
     static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
                                     int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
     {                                                                                              \
-        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                     \
+        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, false);                              \
+    }                                                                                              \
+    static void tile_b16h_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
+                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
+    {                                                                                              \
+        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, true);                               \
     }                                                                                              \
     static void tile_f16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
@@ -204,6 +214,7 @@ DEF_TILE(5, 4)
     }
 
 static const tile_fn tiles_bf16[RMAX][TMAX] = TILE_TABLE(bf16);
+static const tile_fn tiles_b16h[RMAX][TMAX] = TILE_TABLE(b16h);
 static const tile_fn tiles_f16[RMAX][TMAX] = TILE_TABLE(f16);
 static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
 
@@ -217,6 +228,7 @@ static const int dec_rows[TMAX] = {4, 6, 6, 5, 4, 4};
             tile_##D##_4_6                                                                         \
     }
 static const tile_fn dec_bf16[TMAX] = DEC_TABLE(bf16);
+static const tile_fn dec_b16h[TMAX] = DEC_TABLE(b16h);
 static const tile_fn dec_f16[TMAX] = DEC_TABLE(f16);
 static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
 
@@ -226,6 +238,7 @@ static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
         .dec_rows = dec_rows,                                                                      \
     }
 static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
+static const struct moe_cpu_tiling tiling_b16h = TILING(b16h, 2);
 static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);
 static const struct moe_cpu_tiling tiling_f32 = TILING(f32, 4);
 
@@ -233,6 +246,13 @@ static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *
                      float *y, int64_t ldy)
 {
     moe_cpu_dot_tiles(&tiling_bf16, w, ldw, nr, k, x, nt, y, ldy);
+}
+
+/* bf16 weights against rows rounded by round_bf16 (lo halves zero). */
+static void dot_b16h(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
+                     float *y, int64_t ldy)
+{
+    moe_cpu_dot_tiles(&tiling_b16h, w, ldw, nr, k, x, nt, y, ldy);
 }
 
 static void dot_f16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
@@ -280,6 +300,15 @@ static void prep_bf16(const float *src, int64_t n, int64_t n_pad, void *dst)
         _mm512_store_si512(d + 2 * i, hi);
         _mm512_store_si512(d + 2 * i + 32, lo);
     }
+}
+
+/* bf16 activations: hi = bf16(x) already, so lo becomes zero. */
+static void round_bf16(void *prepared, int64_t n_pad)
+{
+    uint16_t *d = prepared;
+
+    for (int64_t i = 0; i < n_pad; i += 32)
+        _mm512_store_si512(d + 2 * i + 32, _mm512_setzero_si512());
 }
 
 static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)
@@ -335,5 +364,7 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .name = "avx512",
     .prep = {prep_f32, prep_f32, prep_bf16},
     .dot = {dot_f32, dot_f16, dot_bf16},
+    .round = {moe_cpu_round_f32, moe_cpu_round_f32, round_bf16},
+    .dot_b16 = {dot_f32, dot_f16, dot_b16h},
     .swiglu = swiglu,
 };

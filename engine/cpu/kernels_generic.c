@@ -128,5 +128,7 @@ const struct moe_cpu_kernel moe_cpu_kernel_generic = {
     .name = "generic",
     .prep = {prep_f32, prep_f32, prep_f32},
     .dot = {dot_f32, dot_f16, dot_bf16},
+    .round = {moe_cpu_round_f32, moe_cpu_round_f32, moe_cpu_round_f32},
+    .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
 };

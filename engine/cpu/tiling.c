@@ -4,6 +4,7 @@
  * so one copy serves every instruction set.
  */
 #include "common.h"
+#include "dtype.h"
 #include "kernels.h"
 
 static inline void run_k(moe_cpu_tile_fn f, const char *w, int64_t ldw, const void *const *x,
@@ -50,4 +51,12 @@ void moe_cpu_dot_tiles(const struct moe_cpu_tiling *tl, const void *w, int64_t l
             }
         }
     }
+}
+
+void moe_cpu_round_f32(void *prepared, int64_t n_pad)
+{
+    float *p = prepared;
+
+    for (int64_t i = 0; i < n_pad; i++)
+        p[i] = moe_bf16_to_f32(moe_f32_to_bf16(p[i]));
 }

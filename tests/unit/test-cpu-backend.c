@@ -2,9 +2,11 @@
  * Tests of the CPU backend (engine/cpu/): grouped_ffn and matmul of every
  * kernel variant the CPU has, every weight dtype, odd shapes and token
  * counts and 1-3 threads, against an fp64 reference computed here from the
- * same (rounded) weights; bit-identical results for any thread count;
- * argument checking; kernel selection.  Variants the CPU lacks are skipped
- * with a message.
+ * same (rounded) weights, in both compute precisions (exact; bf16, against a
+ * reference that rounds as torch's bf16 block does); bit-identical results
+ * for any thread count, and a token's result the same alone as in a batch;
+ * argument checking; kernel selection and listing.  Variants the CPU lacks
+ * are skipped with a message.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -26,12 +28,28 @@ static const enum moe_dtype dtypes[] = {MOE_DTYPE_BF16, MOE_DTYPE_F16, MOE_DTYPE
 
 /* backends[kernel][threads], NULL where the CPU lacks the kernel */
 static struct moe_backend *backends[N_KERNELS][N_THREADS];
-/* worst relative L2 error seen, per kernel and dtype (grouped_ffn) */
-static double worst[N_KERNELS][3];
+/* worst relative L2 error seen, per kernel, precision and dtype (grouped_ffn) */
+static double worst[N_KERNELS][2][3];
 
-static double tolerance(enum moe_dtype dt)
+/*
+ * Exact: fp32 sums of fp32-accurate products.  bf16: the intermediate is
+ * rounded to bf16 both here and in the backend, from sums that differ in
+ * the last fp32 bits, so now and then one element rounds the other way (one
+ * bf16 step, 2^-8); 5e-4 allows that and is still well under what skipping
+ * one of the roundings costs (about 2e-3, checked below).
+ */
+static double tolerance(enum moe_dtype dt, enum moe_compute_precision prec)
 {
+    if (prec == MOE_PRECISION_BF16)
+        return 2e-4;
     return dt == MOE_DTYPE_F32 ? 1e-5 : 1e-4;
+}
+
+static const char *const prec_names[] = {"exact", "bf16"};
+
+static double round_bf16(double v)
+{
+    return moe_bf16_to_f32(moe_f32_to_bf16((float)v));
 }
 
 /* ---- weights ------------------------------------------------------------------ */
@@ -116,23 +134,39 @@ static void expert_free(struct expert *e)
 struct ref_bug {
     int skip_last_k;     /* ignore the last hidden column of gate */
     double scale_factor; /* multiply the first assignment's scale (1 = none) */
+    int no_round;        /* bf16: 1 skips rounding x, 2 the intermediate */
 };
 
-/* out[t, :] += s * down(silu(gate x[t]) * up x[t]) for every work item. */
+/*
+ * out[t, :] += s * down(silu(gate x[t]) * up x[t]) for every work item; for
+ * a bf16 item x, gate x, up x, silu(gate x) and the product are rounded to
+ * bf16 on the way, as torch computes a bf16 MixtralBlockSparseTop2MLP.
+ */
 static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
                     const struct moe_ffn_work *work, const int *work_expert, int n_work,
                     double *out, const struct ref_bug *bug)
 {
     bool first = true;
+    double *xr = malloc((size_t)H * sizeof(double));
 
+    ASSERT_TRUE(xr != NULL);
     for (int i = 0; i < n_work; i++) {
         const struct expert *e = &ex[work_expert[i]];
         int64_t F = e->w.ffn;
         double *act = malloc((size_t)F * sizeof(double));
+        bool b16 = work[i].precision == MOE_PRECISION_BF16;
+        bool rx = b16 && !(bug && bug->no_round == 1);
+        bool ra = b16 && !(bug && bug->no_round == 2);
 
         ASSERT_TRUE(act != NULL);
         for (int j = 0; j < work[i].n_tokens; j++) {
             const double *xt = x + (size_t)work[i].tokens[j] * H;
+
+            if (rx) {
+                for (int64_t k = 0; k < H; k++)
+                    xr[k] = round_bf16(xt[k]);
+                xt = xr;
+            }
             double *o = out + (size_t)work[i].tokens[j] * H;
             double s = work[i].scales[j];
 
@@ -147,7 +181,12 @@ static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
                     g += e->gate.ref[f * H + k] * xt[k];
                 for (int64_t k = 0; k < H; k++)
                     u += e->up.ref[f * H + k] * xt[k];
-                act[f] = g / (1.0 + exp(-g)) * u;
+                if (ra) {
+                    g = round_bf16(g);
+                    act[f] = round_bf16(round_bf16(g / (1.0 + exp(-g))) * round_bf16(u));
+                } else {
+                    act[f] = g / (1.0 + exp(-g)) * u;
+                }
             }
             for (int64_t h = 0; h < H; h++) {
                 double d = 0;
@@ -159,6 +198,7 @@ static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
         }
         free(act);
     }
+    free(xr);
 }
 
 /* ---- grouped FFN cases ----------------------------------------------------------- */
@@ -166,6 +206,7 @@ static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
 struct ffn_case {
     int64_t hidden, ffn;
     int n_tokens;
+    enum moe_compute_precision prec;
 };
 
 #define N_EXPERTS 4
@@ -240,6 +281,7 @@ static void batch_init(struct batch *b, enum moe_dtype dt, const struct ffn_case
             .n_tokens = counts[e],
             .tokens = b->tokens[e],
             .scales = b->scales[e],
+            .precision = c->prec,
         };
     }
 }
@@ -277,7 +319,47 @@ static void run_ffn(struct moe_backend *be, const struct batch *b, const struct 
     ASSERT_EQ(be->ops->grouped_ffn(be, b->x, c->hidden, c->n_tokens, b->work, b->n_work, out), 0);
 }
 
-static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool check_bugs)
+/*
+ * Each token of the batch computed alone (its work items cut down to it)
+ * gives the same bits as in the batch: the kernels' decode and prefill
+ * tiles do the same arithmetic, so moed's batching across clients never
+ * changes an answer.
+ */
+static void check_alone(struct moe_backend *be, const struct batch *b, const struct ffn_case *c,
+                        const float *batch_out, const char *kname, enum moe_dtype dt)
+{
+    int64_t H = c->hidden;
+    float *out = malloc((size_t)H * sizeof(float));
+
+    ASSERT_TRUE(out != NULL);
+    for (int t = 0; t < c->n_tokens; t++) {
+        struct moe_ffn_work w[N_EXPERTS];
+        int32_t zero = 0;
+        float sc[N_EXPERTS];
+        int n = 0;
+
+        for (int i = 0; i < b->n_work; i++)
+            for (int j = 0; j < b->work[i].n_tokens; j++)
+                if (b->work[i].tokens[j] == t) {
+                    sc[n] = b->work[i].scales[j];
+                    w[n] = b->work[i];
+                    w[n].n_tokens = 1;
+                    w[n].tokens = &zero;
+                    w[n].scales = &sc[n];
+                    n++;
+                }
+        memcpy(out, b->out0 + (size_t)t * H, (size_t)H * sizeof(float));
+        ASSERT_EQ(be->ops->grouped_ffn(be, b->x + (size_t)t * H, H, 1, w, n, out), 0);
+        if (memcmp(out, batch_out + (size_t)t * H, (size_t)H * sizeof(float)) != 0)
+            FAIL("grouped_ffn %s %s %s hidden %lld ffn %lld: token %d of %d alone differs from "
+                 "the batch",
+                 kname, moe_dtype_user_name(dt), prec_names[c->prec], (long long)H,
+                 (long long)c->ffn, t, c->n_tokens);
+    }
+    free(out);
+}
+
+static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool check_bugs, bool alone)
 {
     size_t n = (size_t)c->n_tokens * c->hidden;
     struct batch b;
@@ -298,20 +380,23 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
                 continue;
             run_ffn(be, &b, c, out);
             err = test_rel_l2_f32(out, ref, n);
-            worst[k][dt] = MOE_MAX(worst[k][dt], err);
-            if (!(err < tolerance(dt)))
-                FAIL("grouped_ffn %s %s threads %d hidden %lld ffn %lld tokens %d: "
+            worst[k][c->prec][dt] = MOE_MAX(worst[k][c->prec][dt], err);
+            if (!(err < tolerance(dt, c->prec)))
+                FAIL("grouped_ffn %s %s %s threads %d hidden %lld ffn %lld tokens %d: "
                      "relative L2 error %.3g >= %.3g",
-                     kernel_names[k], moe_dtype_user_name(dt), thread_counts[ti],
-                     (long long)c->hidden, (long long)c->ffn, c->n_tokens, err, tolerance(dt));
+                     kernel_names[k], moe_dtype_user_name(dt), prec_names[c->prec],
+                     thread_counts[ti], (long long)c->hidden, (long long)c->ffn, c->n_tokens, err,
+                     tolerance(dt, c->prec));
             /* bit-identical for every thread count */
             if (ti == 0)
                 memcpy(out1, out, n * sizeof(float));
             else if (memcmp(out1, out, n * sizeof(float)) != 0)
-                FAIL("grouped_ffn %s %s hidden %lld ffn %lld tokens %d: %d threads differ "
+                FAIL("grouped_ffn %s %s %s hidden %lld ffn %lld tokens %d: %d threads differ "
                      "from 1 thread",
-                     kernel_names[k], moe_dtype_user_name(dt), (long long)c->hidden,
-                     (long long)c->ffn, c->n_tokens, thread_counts[ti]);
+                     kernel_names[k], moe_dtype_user_name(dt), prec_names[c->prec],
+                     (long long)c->hidden, (long long)c->ffn, c->n_tokens, thread_counts[ti]);
+            if (alone && ti == 1)
+                check_alone(be, &b, c, out, kernel_names[k], dt);
             /* the same call again gives the same bits (scratch reuse) */
             if (ti == N_THREADS - 1) {
                 run_ffn(be, &b, c, out);
@@ -326,14 +411,21 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
         static const struct ref_bug bugs[] = {
             {.skip_last_k = 1, .scale_factor = 1.0},
             {.skip_last_k = 0, .scale_factor = 1.2},
+            {.scale_factor = 1.0, .no_round = 1},
+            {.scale_factor = 1.0, .no_round = 2},
         };
 
         for (size_t i = 0; i < MOE_ARRAY_SIZE(bugs); i++) {
-            double *bad = batch_ref(&b, c, &bugs[i]);
-            double err = test_rel_l2_f32(out1, bad, n);
+            double *bad;
+            double err;
 
-            if (!(err > 3 * tolerance(dt)))
-                FAIL("a deliberately wrong reference (bug %zu) passed: error %.3g", i, err);
+            if (bugs[i].no_round && c->prec != MOE_PRECISION_BF16)
+                continue;
+            bad = batch_ref(&b, c, &bugs[i]);
+            err = test_rel_l2_f32(out1, bad, n);
+            if (!(err > 3 * tolerance(dt, c->prec)))
+                FAIL("a deliberately wrong reference (bug %zu, %s) passed: error %.3g", i,
+                     prec_names[c->prec], err);
             free(bad);
         }
     }
@@ -350,30 +442,39 @@ static void test_ffn(void)
     static const int small_tokens[] = {1, 2, 7, 64};
     /* 300 tokens for a few shapes; K longer than one kernel K block */
     static const struct ffn_case big[] = {
-        {256, 300, 300}, {100, 33, 300},  {17, 1, 300},
-        {1100, 2100, 1}, {1100, 2100, 9}, {1030, 64, 40},
+        {256, 300, 300, 0}, {100, 33, 300, 0},  {17, 1, 300, 0},
+        {1100, 2100, 1, 0}, {1100, 2100, 9, 0}, {1030, 64, 40, 0},
     };
     int n = 0;
 
-    for (size_t d = 0; d < MOE_ARRAY_SIZE(dtypes); d++) {
-        for (size_t h = 0; h < MOE_ARRAY_SIZE(hiddens); h++)
-            for (size_t f = 0; f < MOE_ARRAY_SIZE(ffns); f++)
-                for (size_t t = 0; t < MOE_ARRAY_SIZE(small_tokens); t++) {
-                    struct ffn_case c = {hiddens[h], ffns[f], small_tokens[t]};
+    for (int p = 0; p < 2; p++) {
+        for (size_t d = 0; d < MOE_ARRAY_SIZE(dtypes); d++) {
+            for (size_t h = 0; h < MOE_ARRAY_SIZE(hiddens); h++)
+                for (size_t f = 0; f < MOE_ARRAY_SIZE(ffns); f++)
+                    for (size_t t = 0; t < MOE_ARRAY_SIZE(small_tokens); t++) {
+                        struct ffn_case c = {hiddens[h], ffns[f], small_tokens[t],
+                                             (enum moe_compute_precision)p};
 
-                    test_ffn_case(dtypes[d], &c, hiddens[h] == 100 && small_tokens[t] == 64);
-                    n++;
-                }
-        for (size_t i = 0; i < MOE_ARRAY_SIZE(big); i++) {
-            test_ffn_case(dtypes[d], &big[i], false);
-            n++;
+                        test_ffn_case(dtypes[d], &c, hiddens[h] == 100 && small_tokens[t] == 64,
+                                      hiddens[h] == 100 && small_tokens[t] >= 7);
+                        n++;
+                    }
+            for (size_t i = 0; i < MOE_ARRAY_SIZE(big); i++) {
+                struct ffn_case c = big[i];
+
+                c.prec = (enum moe_compute_precision)p;
+                test_ffn_case(dtypes[d], &c, false, i == MOE_ARRAY_SIZE(big) - 1);
+                n++;
+            }
         }
     }
-    printf("grouped_ffn: %d cases ok; worst relative L2 error (bf16 f16 f32):\n", n);
+    printf("grouped_ffn: %d cases ok; worst relative L2 error (bf16 f16 f32 weights):\n", n);
     for (int k = 0; k < N_KERNELS; k++)
-        if (backends[k][0])
-            printf("  %-8s %.2g %.2g %.2g\n", kernel_names[k], worst[k][MOE_DTYPE_BF16],
-                   worst[k][MOE_DTYPE_F16], worst[k][MOE_DTYPE_F32]);
+        for (int p = 0; p < 2; p++)
+            if (backends[k][0])
+                printf("  %-8s %-5s %.2g %.2g %.2g\n", kernel_names[k], prec_names[p],
+                       worst[k][p][MOE_DTYPE_BF16], worst[k][p][MOE_DTYPE_F16],
+                       worst[k][p][MOE_DTYPE_F32]);
 }
 
 /* ---- matmul ------------------------------------------------------------------------ */
@@ -411,7 +512,7 @@ static void test_matmul_case(enum moe_dtype dt, int64_t rows, int64_t cols, int 
                 y[i] = 12345.0f; /* overwritten, not accumulated */
             ASSERT_EQ(be->ops->matmul(be, w.data, dt, rows, cols, x, n_tokens, y), 0);
             err = test_rel_l2_f32(y, ref, ny);
-            if (!(err < tolerance(dt)))
+            if (!(err < tolerance(dt, MOE_PRECISION_EXACT)))
                 FAIL("matmul %s %s threads %d rows %lld cols %lld tokens %d: relative L2 "
                      "error %.3g",
                      kernel_names[k], moe_dtype_user_name(dt), thread_counts[ti], (long long)rows,
@@ -428,8 +529,8 @@ static void test_matmul_case(enum moe_dtype dt, int64_t rows, int64_t cols, int 
 
         for (size_t i = 0; i < ny; i++)
             norm += ref[i] * ref[i];
-        ref[ny / 2] += 2 * tolerance(dt) * sqrt(norm);
-        ASSERT_TRUE(test_rel_l2_f32(y1, ref, ny) > tolerance(dt));
+        ref[ny / 2] += 2 * tolerance(dt, MOE_PRECISION_EXACT) * sqrt(norm);
+        ASSERT_TRUE(test_rel_l2_f32(y1, ref, ny) > tolerance(dt, MOE_PRECISION_EXACT));
     }
 
     matrix_free(&w);
@@ -568,6 +669,27 @@ int main(void)
         }
     }
     ASSERT_TRUE(available >= N_THREADS); /* generic at least */
+
+    /* the listing (moectl --kernel) agrees with what init accepts */
+    {
+        struct moe_cpu_kernel_info info[N_KERNELS + 1];
+        int n = moe_backend_cpu_kernels(info, N_KERNELS + 1);
+
+        ASSERT_EQ(n, N_KERNELS);
+        for (int i = 0; i < n; i++) {
+            int k = -1;
+
+            for (int j = 0; j < N_KERNELS; j++)
+                if (!strcmp(info[i].name, kernel_names[j]))
+                    k = j;
+            ASSERT_TRUE(k >= 0);
+            ASSERT_EQ(info[i].available, backends[k][0] != NULL);
+            ASSERT_EQ(info[i].available, info[i].missing[0] == '\0');
+            printf("kernel %-8s %s%s\n", info[i].name, info[i].available ? "available" : "missing ",
+                   info[i].missing);
+        }
+        ASSERT_STREQ(info[n - 1].name, "generic");
+    }
 
     test_matmul();
     test_ffn();
