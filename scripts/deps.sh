@@ -23,6 +23,7 @@ packages=(
     openssl                           # certificates for the TLS tests
     systemd                           # systemd-analyze, -socket-activate, -sysusers, -tmpfiles: unit tests
     groff-base                        # man pages rendered without warnings: checked by tests
+    librsvg2-bin python3-pil          # rsvg-convert and PIL: moectl stats --plot looked at as PNG
 )
 
 missing=()
