@@ -2,19 +2,28 @@
  * Benchmark of the CPU backend's grouped FFN on a Mixtral-shaped MoE layer:
  * hidden 4096, ffn 14336, 8 experts, top-2, bf16 weights (2.8 GB, uniform
  * random with the variance of N(0, 1/fan_in)), routed by moe_route() from
- * random router logits, for 1, 8, 64 and 512 tokens.
+ * random router logits, for 1, 8, 64 and 512 tokens (and 4096 on request),
+ * with 1 thread and with one per CPU, in both compute precisions.
  *
  * For each size: the best time per call over several calls after a warm-up
  * (and the median), tokens/s, the bytes of the activated experts' weights
  * (each read once per call), the effective weight bandwidth, GFLOP/s, and
  * the ratio to the machine's memory read bandwidth measured in the same run
- * (every thread streaming-reading a 1 GiB buffer, best of several passes,
- * before and after the FFN runs).
+ * with the same threads (every thread streaming-reading a 1 GiB buffer, best
+ * of several passes, before and after the FFN runs).
+ *
+ * torch's column: tests/bench/bench-torch-moe.py, Hugging Face's Mixtral MoE
+ * block loop in bf16 on the same shapes and thread count, run by the Python
+ * of --torch (default: $MOE_TORCH_PYTHON, else python3 if it has torch, else
+ * the Hugging Face test environment of scripts/hf-env.sh); the column says
+ * "-" when none has torch.  Ratio: torch's time over moed's bf16 time.
  *
  * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
- *                      [--threads N] [--tokens N[,N...]] [--reps N]
+ *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
+ *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
  * --quick: tiny shapes (hidden 256, ffn 512) and a small buffer, about a
- * second; ctest runs it as a smoke test.
+ * second, without torch unless --torch names one; ctest runs it as a smoke
+ * test.
  */
 #include <errno.h>
 #include <math.h>
@@ -22,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "common.h"
@@ -32,55 +42,93 @@
 #define N_EXPERTS 8
 #define TOP_K 2
 #define MAX_SIZES 16
+#define MAX_THREADS 8
 
 struct opts {
     bool quick;
     const char *kernel;
-    int threads;
+    int threads[MAX_THREADS]; /* thread counts to run */
+    int n_threads;
     int tokens[MAX_SIZES];
     int n_sizes;
-    int reps; /* 0: by size */
+    int reps;          /* 0: by size */
+    bool prec[2];      /* precisions to run, by enum moe_compute_precision */
+    const char *torch; /* NULL: find one; "off": none; else a Python */
 };
 
 static void usage(void)
 {
     fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
-                    "[--threads N] [--tokens N[,N...]] [--reps N]\n");
+                    "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
+                    "[--precision exact|bf16[,...]] [--torch PYTHON|off]\n");
     exit(2);
+}
+
+/* Parses "N[,N...]" into at most max values in [1, limit]. */
+static int parse_list(const char *s, int *v, int max, long limit)
+{
+    int n = 0;
+    char *end;
+
+    while (*s && n < max) {
+        long x = strtol(s, &end, 10);
+
+        if (end == s || x <= 0 || x > limit || (*end && *end != ','))
+            usage();
+        v[n++] = (int)x;
+        s = *end == ',' ? end + 1 : end;
+    }
+    if (n == 0)
+        usage();
+    return n;
 }
 
 static void parse(int argc, char **argv, struct opts *o)
 {
     static const int def_tokens[] = {1, 8, 64, 512};
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
 
     memset(o, 0, sizeof(*o));
     for (size_t i = 0; i < MOE_ARRAY_SIZE(def_tokens); i++)
         o->tokens[o->n_sizes++] = def_tokens[i];
+    o->threads[o->n_threads++] = 1;
+    if (cpus > 1)
+        o->threads[o->n_threads++] = (int)MOE_MIN(cpus, 256);
+    o->prec[MOE_PRECISION_EXACT] = o->prec[MOE_PRECISION_BF16] = true;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) {
             o->quick = true;
         } else if (!strcmp(argv[i], "--kernel") && i + 1 < argc) {
             o->kernel = argv[++i];
         } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
-            o->threads = atoi(argv[++i]);
+            o->n_threads = parse_list(argv[++i], o->threads, MAX_THREADS, 1024);
         } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
             o->reps = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--tokens") && i + 1 < argc) {
-            char *s = argv[++i], *end;
+            o->n_sizes = parse_list(argv[++i], o->tokens, MAX_SIZES, 1 << 20);
+        } else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
+            const char *s = argv[++i];
 
-            o->n_sizes = 0;
-            while (*s && o->n_sizes < MAX_SIZES) {
-                long v = strtol(s, &end, 10);
+            o->prec[0] = o->prec[1] = false;
+            while (*s) {
+                size_t len = strcspn(s, ",");
 
-                if (end == s || v <= 0 || v > 1 << 20)
+                if (len == 5 && !strncmp(s, "exact", 5))
+                    o->prec[MOE_PRECISION_EXACT] = true;
+                else if (len == 4 && !strncmp(s, "bf16", 4))
+                    o->prec[MOE_PRECISION_BF16] = true;
+                else
                     usage();
-                o->tokens[o->n_sizes++] = (int)v;
-                s = *end == ',' ? end + 1 : end;
+                s += len + (s[len] == ',');
             }
+        } else if (!strcmp(argv[i], "--torch") && i + 1 < argc) {
+            o->torch = argv[++i];
         } else {
             usage();
         }
     }
+    if (o->quick && !o->torch)
+        o->torch = "off";
 }
 
 /* ---- filling weights fast -------------------------------------------------------- */
@@ -236,7 +284,7 @@ struct result {
 };
 
 static int bench_size(struct moe_backend *be, const struct moe_expert_weights *ex, int64_t H, int T,
-                      int reps, uint64_t *seed, struct result *res)
+                      int reps, enum moe_compute_precision prec, uint64_t seed, struct result *res)
 {
     struct moe_router_params rp = {
         .score_func = MOE_SCORE_SOFTMAX,
@@ -262,12 +310,12 @@ static int bench_size(struct moe_backend *be, const struct moe_expert_weights *e
     if (!x || !out || !logits || !ids || !weights || !tokens || !scales || !times)
         goto out;
     for (size_t i = 0; i < (size_t)T * H; i++) {
-        *seed = *seed * 6364136223846793005ull + 1442695040888963407ull;
-        x[i] = (float)((double)(*seed >> 11) * 0x1p-53 * 2.0 - 1.0);
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)((double)(seed >> 11) * 0x1p-53 * 2.0 - 1.0);
     }
     for (size_t i = 0; i < (size_t)T * N_EXPERTS; i++) {
-        *seed = *seed * 6364136223846793005ull + 1442695040888963407ull;
-        logits[i] = (float)((double)(*seed >> 11) * 0x1p-53 * 4.0 - 2.0);
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        logits[i] = (float)((double)(seed >> 11) * 0x1p-53 * 4.0 - 2.0);
     }
     r = moe_route(&rp, logits, T, ids, weights, &err);
     if (r < 0) {
@@ -291,6 +339,7 @@ static int bench_size(struct moe_backend *be, const struct moe_expert_weights *e
                 .n_tokens = n_assign - start,
                 .tokens = tokens + start,
                 .scales = scales + start,
+                .precision = prec,
             };
     }
 
@@ -334,6 +383,205 @@ out:
     return r;
 }
 
+/* ---- torch's column ----------------------------------------------------------------------- */
+
+struct torch_row {
+    int tokens;
+    double best_ms, median_ms;
+};
+
+/* This source's directory, from __FILE__ (CMake compiles it by absolute path). */
+static void source_dir(char *dir, size_t size)
+{
+    const char *slash = strrchr(__FILE__, '/');
+
+    snprintf(dir, size, "%.*s", slash ? (int)(slash - __FILE__) : 1, slash ? __FILE__ : ".");
+}
+
+static bool python_has_torch(const char *python)
+{
+    char cmd[1100];
+
+    if (snprintf(cmd, sizeof(cmd), "'%s' -c 'import torch' >/dev/null 2>&1", python) >=
+        (int)sizeof(cmd))
+        return false;
+    return system(cmd) == 0;
+}
+
+/* Chooses the Python that runs torch's block into py; false when none. */
+static bool find_torch(const struct opts *o, char *py, size_t size)
+{
+    const char *env = getenv("MOE_TORCH_PYTHON");
+    char dir[512], cmd[1024];
+    FILE *f;
+
+    if (o->torch) {
+        snprintf(py, size, "%s", o->torch);
+        return strcmp(o->torch, "off") != 0;
+    }
+    if (env && *env) {
+        snprintf(py, size, "%s", env);
+        return true;
+    }
+    snprintf(py, size, "python3");
+    if (python_has_torch(py))
+        return true;
+    source_dir(dir, sizeof(dir));
+    snprintf(cmd, sizeof(cmd), "'%s/../../scripts/hf-env.sh' --print 2>/dev/null", dir);
+    f = popen(cmd, "r");
+    if (!f)
+        return false;
+    if (!fgets(py, (int)size, f))
+        py[0] = '\0';
+    pclose(f);
+    py[strcspn(py, "\n")] = '\0';
+    return py[0] && python_has_torch(py);
+}
+
+/*
+ * Runs bench-torch-moe.py with python on the benchmark's shapes; fills
+ * rows[i] for o->tokens[i] (best_ms < 0 where it gave none) and version.
+ * 0, or -1 with the reason printed.
+ */
+static int run_torch(const char *python, const struct opts *o, int64_t H, int64_t F, int threads,
+                     struct torch_row *rows, char *version, size_t vsize)
+{
+    char dir[512], cmd[2048], line[512];
+    size_t len;
+    FILE *f;
+    int status;
+
+    source_dir(dir, sizeof(dir));
+    len = (size_t)snprintf(cmd, sizeof(cmd),
+                           "'%s' '%s/bench-torch-moe.py' --hidden %lld --ffn %lld --experts %d "
+                           "--top-k %d --threads %d --tokens ",
+                           python, dir, (long long)H, (long long)F, N_EXPERTS, TOP_K, threads);
+    for (int i = 0; i < o->n_sizes && len < sizeof(cmd); i++)
+        len += (size_t)snprintf(cmd + len, sizeof(cmd) - len, "%s%d", i ? "," : "", o->tokens[i]);
+    if (o->reps > 0 && len < sizeof(cmd))
+        snprintf(cmd + len, sizeof(cmd) - len, " --reps %d", o->reps);
+    for (int i = 0; i < o->n_sizes; i++)
+        rows[i] = (struct torch_row){.tokens = o->tokens[i], .best_ms = -1};
+    f = popen(cmd, "r");
+    if (!f) {
+        fprintf(stderr, "bench-cpu-ffn: cannot run %s: %s\n", python, strerror(errno));
+        return -1;
+    }
+    while (fgets(line, sizeof(line), f)) {
+        const char *v = strstr(line, "\"torch\": \"");
+        const char *t = strstr(line, "\"tokens\": ");
+        const char *b = strstr(line, "\"best_ms\": ");
+        const char *m = strstr(line, "\"median_ms\": ");
+
+        if (v) {
+            v += strlen("\"torch\": \"");
+            snprintf(version, vsize, "%.*s", (int)strcspn(v, "\""), v);
+        } else if (t && b && m) {
+            int tokens = atoi(t + strlen("\"tokens\": "));
+
+            for (int i = 0; i < o->n_sizes; i++)
+                if (rows[i].tokens == tokens && rows[i].best_ms < 0) {
+                    rows[i].best_ms = strtod(b + strlen("\"best_ms\": "), NULL);
+                    rows[i].median_ms = strtod(m + strlen("\"median_ms\": "), NULL);
+                    break;
+                }
+        }
+    }
+    status = pclose(f);
+    if (status != 0) {
+        fprintf(stderr, "bench-cpu-ffn: torch's block (%s) failed, status %d\n", python, status);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- one thread count ----------------------------------------------------------------------- */
+
+/* Runs every size and precision with threads threads and prints the table. */
+static int bench_threads(const struct opts *o, const struct moe_expert_weights *ex, int64_t H,
+                         void *bw_buf, size_t bw_bytes, int threads, const char *python)
+{
+    struct moe_cpu_config cfg = {.n_threads = threads, .kernel = o->kernel};
+    struct moe_backend *be = NULL;
+    struct moe_threadpool *pool = NULL;
+    struct moe_error err = {0};
+    struct result res[MAX_SIZES][2];
+    struct torch_row trow[MAX_SIZES];
+    char tver[64] = "";
+    bool have_torch = false;
+    int passes = o->quick ? 2 : 3, r = -1;
+    double bw, bw_after;
+
+    if (moe_backend_cpu_init(&cfg, &be, &err) < 0) {
+        fprintf(stderr, "bench-cpu-ffn: %s\n", err.msg);
+        return -1;
+    }
+    if (moe_threadpool_init(threads, &pool) < 0)
+        goto out;
+    bw = mem_bandwidth(pool, bw_buf, bw_bytes, passes);
+    for (int i = 0; i < o->n_sizes; i++) {
+        int T = o->tokens[i];
+        int reps = o->reps > 0 ? o->reps : o->quick ? 5 : T >= 256 ? 3 : T >= 64 ? 5 : 20;
+
+        bw_after = 0;
+        for (int p = 0; p < 2; p++) {
+            res[i][p].tokens = 0;
+            if (!o->prec[p])
+                continue;
+            /* the same routing and inputs for both precisions */
+            if (bench_size(be, ex, H, T, reps, (enum moe_compute_precision)p, 42 + (uint64_t)T,
+                           &res[i][p]) < 0)
+                goto out;
+            bw_after = MOE_MAX(bw_after, mem_bandwidth(pool, bw_buf, bw_bytes, passes));
+        }
+        for (int p = 0; p < 2; p++)
+            res[i][p].mem_bw = MOE_MAX(bw, bw_after);
+        bw = bw_after;
+    }
+    if (python)
+        have_torch = run_torch(python, o, H, ex[0].ffn, threads, trow, tver, sizeof(tver)) == 0;
+
+    printf("\n%d thread%s, kernel %s; memory read bandwidth: %d threads streaming a %zu MiB "
+           "buffer, best of %d passes before and after each size\n",
+           threads, threads > 1 ? "s" : "", moe_backend_cpu_kernel(be), threads, bw_bytes >> 20,
+           passes);
+    printf("torch: %s\n", have_torch ? tver
+                          : python   ? "failed (see above)"
+                                     : "not run (no Python with torch)");
+    printf("%7s %6s %7s %7s %17s %17s %10s %6s %10s %8s %8s %7s %8s\n", "threads", "tokens",
+           "experts", "tok/exp", "exact ms", "bf16 ms", "torch ms", "torch/", "weights MB",
+           "eff GB/s", "mem GB/s", "eff/mem", "GFLOP/s");
+    printf("%7s %6s %7s %7s %17s %17s %10s %6s %10s %8s %8s %7s %8s\n", "", "", "", "",
+           "best (median)", "best (median)", "best", "bf16", "", "best", "", "", "best");
+    for (int i = 0; i < o->n_sizes; i++) {
+        const struct result *e = &res[i][0], *b = &res[i][1];
+        const struct result *p = !e->tokens ? b : !b->tokens ? e : b->best_ms < e->best_ms ? b : e;
+        double s = p->best_ms * 1e-3;
+        char ems[32] = "-", bms[32] = "-", tms[16] = "-", ratio[16] = "-", per[24];
+
+        if (e->tokens)
+            snprintf(ems, sizeof(ems), "%.3f (%.3f)", e->best_ms, e->median_ms);
+        if (b->tokens)
+            snprintf(bms, sizeof(bms), "%.3f (%.3f)", b->best_ms, b->median_ms);
+        if (have_torch && trow[i].best_ms >= 0) {
+            snprintf(tms, sizeof(tms), "%.3f", trow[i].best_ms);
+            if (b->tokens)
+                snprintf(ratio, sizeof(ratio), "%.2f", trow[i].best_ms / b->best_ms);
+        }
+        snprintf(per, sizeof(per), "%d-%d", p->min_per_expert, p->max_per_expert);
+        printf("%7d %6d %7d %7s %17s %17s %10s %6s %10.1f %8.1f %8.1f %7.2f %8.1f\n", threads,
+               p->tokens, p->experts, per, ems, bms, tms, ratio, p->weight_bytes * 1e-6,
+               p->weight_bytes / s * 1e-9, p->mem_bw, p->weight_bytes / s * 1e-9 / p->mem_bw,
+               p->flops / s * 1e-9);
+    }
+    fflush(stdout);
+    r = 0;
+out:
+    moe_threadpool_free(pool);
+    moe_backend_free(be);
+    return r;
+}
+
 int main(int argc, char **argv)
 {
     struct opts o;
@@ -343,13 +591,12 @@ int main(int argc, char **argv)
     struct moe_error err = {0};
     struct moe_expert_weights ex[N_EXPERTS];
     void *mats[N_EXPERTS][3] = {{0}};
-    struct result res[MAX_SIZES];
     uint16_t *table_in = malloc(65536 * 2), *table_f = malloc(65536 * 2);
     int64_t H, F;
     size_t bw_bytes;
     void *bw_buf = NULL;
-    double bw, bw_after;
-    int passes;
+    char python[1024];
+    bool torch;
     uint64_t seed = 42, t_start = moe_now_ns(), t0;
     int r = 1;
 
@@ -357,14 +604,14 @@ int main(int argc, char **argv)
     H = o.quick ? 256 : 4096;
     F = o.quick ? 512 : 14336;
     bw_bytes = o.quick ? (64u << 20) : (1u << 30);
-    passes = o.quick ? 2 : 3;
-    cfg = (struct moe_cpu_config){.n_threads = o.threads, .kernel = o.kernel};
+    cfg = (struct moe_cpu_config){.kernel = o.kernel};
     if (moe_backend_cpu_init(&cfg, &be, &err) < 0) {
         fprintf(stderr, "bench-cpu-ffn: %s\n", err.msg);
         return 1;
     }
-    if (moe_threadpool_init(o.threads, &pool) < 0 || !table_in || !table_f)
+    if (moe_threadpool_init(0, &pool) < 0 || !table_in || !table_f)
         goto out;
+    torch = find_torch(&o, python, sizeof(python));
 
     /* weights */
     t0 = moe_now_ns();
@@ -395,8 +642,9 @@ int main(int argc, char **argv)
            (long long)H, (long long)F, N_EXPERTS, TOP_K,
            (double)N_EXPERTS * 3 * (double)H * (double)F * 2 * 1e-9,
            (double)(moe_now_ns() - t0) * 1e-9);
-    printf("cpu backend: kernel %s, %d threads\n", moe_backend_cpu_kernel(be),
-           moe_threadpool_size(pool));
+    printf("times: best of N calls after a warm-up (median in brackets); eff GB/s, eff/mem and "
+           "GFLOP/s from the faster precision\n");
+    printf("torch's block: %s\n", torch ? python : "not run");
 
     /* Memory read bandwidth, from the backend like the weights (huge pages
      * where available), measured just before and just after each size: the
@@ -406,35 +654,9 @@ int main(int argc, char **argv)
     if (!bw_buf)
         goto out;
     memset(bw_buf, 1, bw_bytes);
-    bw = mem_bandwidth(pool, bw_buf, bw_bytes, passes);
-    for (int i = 0; i < o.n_sizes; i++) {
-        int T = o.tokens[i];
-        int reps = o.reps > 0 ? o.reps : o.quick ? 5 : T >= 256 ? 3 : T >= 64 ? 5 : 20;
-
-        if (bench_size(be, ex, H, T, reps, &seed, &res[i]) < 0)
+    for (int i = 0; i < o.n_threads; i++)
+        if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) < 0)
             goto out;
-        bw_after = mem_bandwidth(pool, bw_buf, bw_bytes, passes);
-        res[i].mem_bw = MOE_MAX(bw, bw_after);
-        bw = bw_after;
-    }
-
-    printf("memory read bandwidth: %d threads streaming a %zu MiB buffer, best of %d passes "
-           "before and %d after each size\n",
-           moe_threadpool_size(pool), bw_bytes >> 20, passes, passes);
-    printf("times: best of N calls after a warm-up (median in brackets)\n\n");
-    printf("%6s %7s %7s %4s %17s %9s %10s %8s %8s %8s %7s\n", "tokens", "experts", "tok/exp", "N",
-           "ms/call", "tokens/s", "weights MB", "eff GB/s", "GFLOP/s", "mem GB/s", "eff/mem");
-    for (int i = 0; i < o.n_sizes; i++) {
-        const struct result *p = &res[i];
-        double s = p->best_ms * 1e-3;
-        char ms[32], per[24];
-
-        snprintf(ms, sizeof(ms), "%.3f (%.3f)", p->best_ms, p->median_ms);
-        snprintf(per, sizeof(per), "%d-%d", p->min_per_expert, p->max_per_expert);
-        printf("%6d %7d %7s %4d %17s %9.1f %10.1f %8.1f %8.1f %8.1f %7.2f\n", p->tokens, p->experts,
-               per, p->reps, ms, p->tokens / s, p->weight_bytes * 1e-6, p->weight_bytes / s * 1e-9,
-               p->flops / s * 1e-9, p->mem_bw, p->weight_bytes / s * 1e-9 / p->mem_bw);
-    }
     printf("\ntotal %.1f s\n", (double)(moe_now_ns() - t_start) * 1e-9);
     r = 0;
 out:
