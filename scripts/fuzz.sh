@@ -87,9 +87,10 @@ fi
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 echo "== building ${#targets[@]} fuzz targets in $build (clang, ASan + UBSan, libFuzzer)"
+mkdir -p "$build"
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Sanitize -DCMAKE_C_COMPILER=clang \
-    -DMOED_FUZZ=ON -DMOED_CUDA=OFF >"$build.configure.log" 2>&1 ||
-    { cat "$build.configure.log" >&2; exit 1; }
+    -DMOED_FUZZ=ON -DMOED_CUDA=OFF >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log" >&2; exit 1; }
 cmake --build "$build" -j "$jobs" --target "${targets[@]}"
 
 mkdir -p "$build/fuzz-artifacts" "$build/fuzz-logs"
