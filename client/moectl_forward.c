@@ -28,8 +28,9 @@ static void forward_usage(FILE *f)
             "                      [--routing-out R.npz] [--routing-in R.npz] [--step N]\n"
             "                      [--cache-bytes B] [--policy lru|freq|routing] [--no-prefetch]\n"
             "                      [--buffered] [--register-buffers] [--trace FILE]\n"
-            "                      [--threads N]\n"
+            "                      [--threads N] [--compute-precision exact|bf16]\n"
             "                      [--kernel auto|generic|avx2|avx512] [-q]\n"
+            "       moectl forward --local --kernel list\n"
             "\n"
             "Runs MoE layers in this process.  X.npy: float32 [tokens, hidden] hidden states.\n"
             "With --layer L, Y.npy is layer L's output (routed experts weighted and summed,\n"
@@ -50,6 +51,12 @@ static void forward_usage(FILE *f)
             "  --register-buffers register the cache's memory with io_uring: faster page-ins,\n"
             "                     but the whole --cache-bytes is locked in memory at start\n"
             "  --trace FILE       record the routing to FILE (see moectl cache-sim)\n"
+            "  --compute-precision exact|bf16\n"
+            "                     exact (default): activations to fp32 accuracy; bf16: x and\n"
+            "                     the SwiGLU intermediate rounded to bf16 as torch computes a\n"
+            "                     bf16 model (faster where the CPU multiplies bf16)\n"
+            "  --kernel K         the CPU kernel (default auto: the best this CPU runs);\n"
+            "                     --kernel list prints each, and what this CPU lacks for it\n"
             "\n"
             "The output does not depend on the cache size or policy.  Unless -q, prints the\n"
             "timing and the cache statistics (hits, misses, prefetches, page-in latency).\n"
@@ -115,6 +122,24 @@ static void print_cache_stats(struct moe_engine *e)
     moe_cache_stats_clear(&s);
 }
 
+/* --kernel list: the CPU kernels, best first, and which this CPU runs. */
+static int list_kernels(void)
+{
+    struct moe_cpu_kernel_info info[8];
+    int n = MOE_MIN(moe_backend_cpu_kernels(info, 8), 8);
+    bool best = true;
+
+    for (int i = 0; i < n; i++) {
+        if (info[i].available)
+            printf("%-8s yes%s\n", info[i].name, best ? " (auto picks it)" : "");
+        else
+            printf("%-8s no: needs %s; this CPU lacks %s\n", info[i].name, info[i].needs,
+                   info[i].missing);
+        best = best && !info[i].available;
+    }
+    return 0;
+}
+
 int moectl_forward(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -127,6 +152,7 @@ int moectl_forward(int argc, char **argv)
         {"routing-in", required_argument, NULL, 'r'},
         {"threads", required_argument, NULL, 't'},
         {"kernel", required_argument, NULL, 'k'},
+        {"compute-precision", required_argument, NULL, 'p'},
         {"step", required_argument, NULL, 's'},
         {"cache-bytes", required_argument, NULL, 'C'},
         {"policy", required_argument, NULL, 'P'},
@@ -153,6 +179,7 @@ int moectl_forward(int argc, char **argv)
     int32_t *ids = NULL;
     float *w = NULL, *y = NULL;
     bool local = false, quiet = false;
+    enum moe_compute_precision prec = MOE_PRECISION_EXACT;
     int layer = -1, c, r, ret = 1, T;
     char b1[32];
 
@@ -224,7 +251,15 @@ int moectl_forward(int argc, char **argv)
                 return 2;
             break;
         case 'k':
+            if (strcmp(optarg, "list") == 0)
+                return list_kernels();
             cpu.kernel = optarg;
+            break;
+        case 'p':
+            if (moe_precision_parse(optarg, &prec) < 0) {
+                errorf("forward: --compute-precision '%s': expected exact or bf16", optarg);
+                return 2;
+            }
             break;
         case 'q':
             quiet = true;
@@ -255,6 +290,7 @@ int moectl_forward(int argc, char **argv)
         errorf("forward: %s", err.msg);
         goto out;
     }
+    m->precision = prec;
     if (moe_npy_read(in, &x, &err) < 0) {
         errorf("forward: %s", err.msg);
         goto out;

@@ -13,12 +13,14 @@
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers
- *   [compute]   threads, kernel, gpus, gpu_cache_bytes
+ *   [compute]   threads, kernel, gpus, gpu_cache_bytes, compute_precision
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
  *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
  *               nccl, nccl_device, peer_bf16,
  *               peer = NAME HOST:PORT   (repeatable; flag: --peer "NAME HOST:PORT")
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
+ *               NAME.compute_precision = exact|bf16   (after NAME = DIR; overrides
+ *               [compute] compute_precision for that model)
  *
  * systemd/moed.conf.example documents every key.
  */
@@ -38,6 +40,7 @@
 struct moed_model_cfg {
     char *name;
     char *dir;
+    int precision; /* enum moe_compute_precision; -1: [compute] compute_precision */
 };
 
 #define MOED_MAX_PEERS 63
@@ -83,6 +86,7 @@ struct moed_config {
     char *kernel;
     char *gpus;               /* CUDA devices, "0" or "0,1"; NULL/"none": CPU only */
     uint64_t gpu_cache_bytes; /* per GPU tier; 0: half the device's free memory */
+    int compute_precision;    /* enum moe_compute_precision of models that name none */
     /* [cluster] */
     char *node_name;           /* this node's name (default: the host name) */
     int replicas;              /* extra copies of each hot expert (default 1) */
@@ -105,6 +109,10 @@ struct moed_config {
  * -EINVAL with err. */
 int moed_config_add_peer(struct moed_config *c, const char *spec, const char *where,
                          struct moe_error *err);
+
+/* The compute precision (enum moe_compute_precision, backend.h) of model
+ * i: its own NAME.compute_precision, else [compute] compute_precision. */
+int moed_config_model_precision(const struct moed_config *c, int i);
 
 /* Defaults. */
 void moed_config_init(struct moed_config *c);

@@ -1476,3 +1476,19 @@ void moe_model_router_params(const struct moe_model *m, const float *bias,
         .bias = c->score_func == MOE_SCORE_SIGMOID ? bias : NULL,
     };
 }
+
+const char *moe_precision_name(enum moe_compute_precision p)
+{
+    return p == MOE_PRECISION_BF16 ? "bf16" : "exact";
+}
+
+int moe_precision_parse(const char *s, enum moe_compute_precision *ret)
+{
+    if (!strcmp(s, "exact"))
+        *ret = MOE_PRECISION_EXACT;
+    else if (!strcmp(s, "bf16"))
+        *ret = MOE_PRECISION_BF16;
+    else
+        return -EINVAL;
+    return 0;
+}

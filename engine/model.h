@@ -33,6 +33,7 @@
 #ifndef MOED_ENGINE_MODEL_H
 #define MOED_ENGINE_MODEL_H
 
+#include "backend.h"
 #include "common.h"
 #include "router.h"
 
@@ -157,7 +158,16 @@ struct moe_model {
     enum moe_dtype expert_dtype; /* dtype of every routed expert tensor */
     uint64_t expert_bytes;       /* bytes of one routed expert (gate+up+down) */
     uint64_t total_expert_bytes; /* all routed and shared experts */
+    /* How its experts compute (a serving choice, not in config.json): exact
+     * after open; moed sets it from the model's compute_precision, moectl
+     * forward --local from --compute-precision. */
+    enum moe_compute_precision precision;
 };
+
+/* "exact" or "bf16" (enum moe_compute_precision, backend.h). */
+const char *moe_precision_name(enum moe_compute_precision p);
+/* Sets *ret from "exact" or "bf16"; -EINVAL for anything else. */
+int moe_precision_parse(const char *s, enum moe_compute_precision *ret);
 
 /*
  * Opens the checkpoint in dir: config.json, then model.safetensors.index.json
