@@ -80,20 +80,34 @@ static int check_out_dir(const char *out, bool force)
 
 struct progress_ctx {
     bool show;
+    int last_pct, last_file; /* what the line shows now; -1: nothing yet */
+    bool ended;
 };
 
-static void gen_progress(void *ctx, int done, int total)
+/* One line on a terminal, redrawn as bytes are written: by bytes, not by
+ * files (a checkpoint of one 1.5 GiB shard used to sit at "1/2 files"). */
+static void gen_progress(void *ctx, const struct moe_genmodel_progress *pr)
 {
     struct progress_ctx *p = ctx;
     const int width = 30;
-    int fill = total > 0 ? done * width / total : width;
+    uint64_t total = MOE_MAX(pr->bytes_total, 1);
+    int pct = (int)(pr->bytes_done * 100 / total), fill = (int)(pr->bytes_done * width / total);
+    bool end = pr->file == pr->n_files && pr->bytes_done >= pr->bytes_total;
+    char b1[32], b2[32];
 
-    if (!p->show)
+    /* Redrawn when the percentage or the file changes: at most ~100 lines. */
+    if (!p->show || p->ended || (pct == p->last_pct && pr->file == p->last_file && !end))
         return;
-    fprintf(stderr, "\r  writing [%.*s%*s] %d/%d files", fill, "##############################",
-            width - fill, "", done, total);
-    if (done == total)
+    p->last_pct = pct;
+    p->last_file = pr->file;
+    fprintf(stderr, "\r  writing [%.*s%*s] %3d%%  %s of %s, file %d of %d  ", fill,
+            "##############################", width - fill, "", pct,
+            human_bytes(pr->bytes_done, b1, sizeof(b1)),
+            human_bytes(pr->bytes_total, b2, sizeof(b2)), pr->file, pr->n_files);
+    if (end) {
         fputc('\n', stderr);
+        p->ended = true;
+    }
     fflush(stderr);
 }
 
@@ -117,7 +131,7 @@ int moectl_gen_model(int argc, char **argv)
         {0},
     };
     struct moe_genmodel_opts o;
-    struct progress_ctx pc = {.show = isatty(STDERR_FILENO)};
+    struct progress_ctx pc = {.show = isatty(STDERR_FILENO), .last_pct = -1};
     struct moe_error err = {0};
     struct moe_model *m = NULL;
     const char *arch = NULL, *out = NULL;

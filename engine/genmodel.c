@@ -281,7 +281,15 @@ static void convert(enum moe_dtype dt, const float *src, size_t n, void *dst)
 struct gen_buf {
     float *vals;          /* GEN_CHUNK floats */
     unsigned char *bytes; /* GEN_CHUNK * 4 bytes */
+    const struct moe_genmodel_opts *o; /* for its progress callback */
+    struct moe_genmodel_progress pr;
 };
+
+static void report(struct gen_buf *b)
+{
+    if (b->o->progress)
+        b->o->progress(b->o->progress_ctx, &b->pr);
+}
 
 /* Generates tensor t and hands its bytes to the writer. */
 static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, uint64_t seed,
@@ -328,6 +336,8 @@ static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, uint64
         if (r < 0)
             goto out;
         done += n;
+        b->pr.bytes_done += n * esz;
+        report(b);
     }
 out:
     router_gen_clear(&rg);
@@ -1199,7 +1209,7 @@ int moe_genmodel_write(const struct moe_genmodel_opts *o, struct moe_error *err)
     struct gplan p = {0};
     struct gen_buf b = {0};
     json_t *cfg;
-    int files_total, files_done = 0, r;
+    int r;
 
     if (!o->out_dir || !*o->out_dir)
         return moe_error_set(err, -EINVAL, "no output directory");
@@ -1237,28 +1247,37 @@ int moe_genmodel_write(const struct moe_genmodel_opts *o, struct moe_error *err)
     if (r < 0)
         goto out;
 
-    files_total = 1 + p.d.n_shards + (p.d.n_shards > 1);
+    b.o = o;
+    b.pr.bytes_total = p.total_bytes;
+    b.pr.n_files = 1 + p.d.n_shards + (p.d.n_shards > 1);
+    b.pr.file = 1;
+    report(&b);
     cfg = config_json(&p.d);
     r = write_json(o->out_dir, "config.json", cfg, err);
     json_decref(cfg);
     if (r < 0)
         goto out;
-    if (o->progress)
-        o->progress(o->progress_ctx, ++files_done, files_total);
     for (int s = 0; s < p.d.n_shards; s++) {
+        b.pr.file = 2 + s;
+        report(&b);
         r = write_shard(o->out_dir, &p, s, &b, err);
         if (r < 0)
             goto out_remove;
-        if (o->progress)
-            o->progress(o->progress_ctx, ++files_done, files_total);
+        /* The shard's bytes are done, however its tensors were written. */
+        b.pr.bytes_done = 0;
+        for (size_t i = 0; i < p.n; i++)
+            if (p.t[i].shard <= s)
+                b.pr.bytes_done += p.t[i].nbytes;
+        report(&b);
     }
     if (p.d.n_shards > 1) {
+        b.pr.file = b.pr.n_files;
+        report(&b);
         r = write_index(o->out_dir, &p, err);
         if (r < 0)
             goto out_remove;
-        if (o->progress)
-            o->progress(o->progress_ctx, ++files_done, files_total);
     }
+    report(&b); /* done: bytes_done == bytes_total, file == n_files */
     goto out;
 out_remove:
     /* Leave no partial checkpoint: the loader would refuse it anyway. */

@@ -19,6 +19,14 @@
 #include "common.h"
 #include "model.h"
 
+/* How far moe_genmodel_write has come, for its progress callback. */
+struct moe_genmodel_progress {
+    uint64_t bytes_done;  /* tensor bytes written, of every file so far */
+    uint64_t bytes_total; /* tensor bytes of the whole checkpoint */
+    int file;             /* the file being written, 1 to n_files */
+    int n_files;          /* config.json, the shards and their index */
+};
+
 struct moe_genmodel_opts {
     enum moe_arch arch;
     const char *out_dir; /* created if missing; existing files are replaced */
@@ -32,8 +40,10 @@ struct moe_genmodel_opts {
     enum moe_dtype dtype; /* BF16, F16 or F32 */
     int n_shards;         /* 1: model.safetensors; >1 sharded with index */
     uint64_t seed;
-    /* Called after each file is written (may be NULL). */
-    void (*progress)(void *ctx, int files_done, int files_total);
+    /* Called as the checkpoint is written (may be NULL): when a file is
+     * begun and done, and after every tensor and every GEN_CHUNK elements
+     * of a large one, so that one file of gigabytes shows its bytes move. */
+    void (*progress)(void *ctx, const struct moe_genmodel_progress *pr);
     void *progress_ctx;
 };
 

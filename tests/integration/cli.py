@@ -35,6 +35,51 @@ def check(name, cmd, status, needle=None, stream="stderr", env=None):
                         f"{p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
 
 
+def gen_progress(m, w):
+    """gen-model on a terminal shows its progress by bytes: one shard of a
+    checkpoint moves through many byte counts while it is written (it used
+    to show "1/2 files" until the whole shard was done)."""
+    import pty
+    mfd, sfd = pty.openpty()
+    p = subprocess.Popen([m, "gen-model", "--arch", "mixtral", "--layers", "4", "--experts",
+                          "8", "--hidden", "256", "--ffn", "512", "--out", f"{w}/progress"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sfd)
+    os.close(sfd)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(mfd, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        raw += chunk
+    os.close(mfd)
+    out = p.stdout.read().decode()
+    p.wait(60)
+    text = raw.decode(errors="replace")
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    size = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
+    steps = []
+    for line in re.split(r"[\r\n]+", text):
+        g = re.search(rf"(\d+)%\s+{size} of {size}, file (\d+) of (\d+)", line)
+        if g:
+            steps.append((int(g[1]), float(g[2]) * units[g[3]], float(g[4]) * units[g[5]],
+                          int(g[6]), int(g[7])))
+    shard = [s for s in steps if s[3] == 2]
+    done = [s[1] for s in shard]
+    ok = (p.returncode == 0 and "wrote mixtral" in out and len(shard) >= 10
+          and all(b >= a for a, b in zip(done, done[1:])) and len(set(done)) >= 10
+          and steps[-1][0] == 100 and steps[-1][1] == steps[-1][2] and steps[-1][3:] == (2, 2)
+          and all(s[4] == 2 for s in steps) and text.endswith("\n"))
+    print(f"{'ok  ' if ok else 'FAIL'} gen-model on a terminal: progress by bytes, "
+          f"{len(set(done))} byte counts within the shard")
+    if not ok:
+        failures.append(f"gen-model progress by bytes: exit {p.returncode}, "
+                        f"{len(shard)} steps in the shard: {steps[:5]} ... {steps[-3:]}; "
+                        f"stderr {text[-400:]!r}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moectl", required=True)
@@ -86,6 +131,7 @@ def main():
     check("gen-model into an empty directory", [m, "gen-model", "--arch", "olmoe", "--out",
                                                 f"{w}/empty", "-q"], 0, "wrote olmoe",
           stream="stdout")
+    gen_progress(m, w)
     p = subprocess.run([m, "gen-model", "--help"], capture_output=True, text=True)
     rows = {r[0]: r[1:] for r in (x.split() for x in p.stdout.splitlines()) if r
             and r[0] in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")}

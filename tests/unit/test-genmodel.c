@@ -821,17 +821,32 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
 /* ---- tests ------------------------------------------------------------------- */
 
 struct progress {
-    int calls, last_done, total;
+    int calls, file, n_files;
+    int in_shard; /* calls with bytes moving inside one shard */
+    uint64_t done, total;
 };
 
-static void on_progress(void *ctx, int done, int total)
+/* By bytes: they only grow, the files go 1, 2, ... in order, and a shard's
+ * bytes are reported while it is written, not once it is done. */
+static void on_progress(void *ctx, const struct moe_genmodel_progress *pr)
 {
     struct progress *p = ctx;
 
-    ASSERT_EQ(done, p->last_done + 1);
+    if (p->calls > 0) {
+        ASSERT_TRUE(pr->bytes_done >= p->done);
+        ASSERT_TRUE(pr->file == p->file || pr->file == p->file + 1);
+        ASSERT_EQ(pr->bytes_total, p->total);
+        ASSERT_EQ(pr->n_files, p->n_files);
+        if (pr->file == p->file && pr->bytes_done > p->done)
+            p->in_shard++;
+    }
+    ASSERT_TRUE(pr->bytes_done <= pr->bytes_total);
+    ASSERT_TRUE(pr->file >= 1 && pr->file <= pr->n_files);
     p->calls++;
-    p->last_done = done;
-    p->total = total;
+    p->done = pr->bytes_done;
+    p->total = pr->bytes_total;
+    p->file = pr->file;
+    p->n_files = pr->n_files;
 }
 
 static char *gen(const char *tag, const struct moe_genmodel_opts *o0)
@@ -848,8 +863,12 @@ static char *gen(const char *tag, const struct moe_genmodel_opts *o0)
     if (moe_genmodel_write(&o, &err) != 0)
         FAIL("%s: %s", tag, err.msg);
     ASSERT_EQ(err.code, 0);
-    ASSERT_EQ(pr.total, 1 + o.n_shards + (o.n_shards > 1));
-    ASSERT_EQ(pr.calls, pr.total);
+    ASSERT_EQ(pr.n_files, 1 + o.n_shards + (o.n_shards > 1));
+    ASSERT_EQ(pr.file, pr.n_files);
+    ASSERT_EQ(pr.done, pr.total);
+    ASSERT_TRUE(pr.total > 0);
+    /* Each shard's bytes reported while it is written. */
+    ASSERT_TRUE(pr.in_shard >= o.n_shards);
     (void)t0;
     return dir;
 }
