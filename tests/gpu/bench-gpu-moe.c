@@ -137,14 +137,18 @@ static int route(const struct layer *L, int T, uint64_t *seed, struct moe_ffn_wo
             }
         }
         if (at > cnt[e]) {
-            work[n] = (struct moe_ffn_work){&L->w[e], at - cnt[e], tok + cnt[e], scl + cnt[e]};
+            work[n] = (struct moe_ffn_work){.w = &L->w[e],
+                                            .n_tokens = at - cnt[e],
+                                            .tokens = tok + cnt[e],
+                                            .scales = scl + cnt[e]};
             n++;
         }
     }
     if (L->s.shared) {
         for (int t = 0; t < T; t++)
             all[t] = t;
-        work[n] = (struct moe_ffn_work){&L->w[E], T, all, scl + (size_t)T * K};
+        work[n] = (struct moe_ffn_work){
+            .w = &L->w[E], .n_tokens = T, .tokens = all, .scales = scl + (size_t)T * K};
         for (int t = 0; t < T; t++)
             scl[(size_t)T * K + t] = 1.0f;
         n++;
