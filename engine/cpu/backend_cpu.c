@@ -35,6 +35,28 @@
  * Locks: `lock` serialises matmul and grouped_ffn, which share the scratch
  * buffers (the pool itself serialises loops too).  alloc, mem_free,
  * copy_in and copy_out take no lock.
+ *
+ * Many cores on several NUMA nodes (designed, not built: the development
+ * machines have one node and 2 cores).  The rule is that an expert's bytes
+ * and the threads that stream them are on the same node, since decode is
+ * bound by memory reads and a remote read costs about half the bandwidth.
+ *   - One pool per node, its threads pinned to the node's cores; scratch
+ *     first touched by them.  x (T x H floats) is prepared once per node.
+ *   - The host cache keeps a slab per node (mbind MPOL_BIND) and a pager
+ *     thread per node, so a page-in lands where it will be read.  Experts
+ *     are placed by row slices: on node n of N, rows [n F/N, (n+1) F/N) of
+ *     gate and up and rows [n H/N, (n+1) H/N) of down.  Every active expert then
+ *     streams from all nodes at once (top-2 of 8 would leave most nodes idle
+ *     if whole experts were placed), and phase 1 needs no cross-node
+ *     traffic.  Phase 2 reads the whole intermediate (T x F floats, small)
+ *     from the other nodes and writes only its own hidden rows, so out is
+ *     still written by one task per element in work-item order: results
+ *     stay bit-identical for any node and thread count.
+ *   - Phase 2 has only H / HBLK tasks (64 for H = 4096); from about 32
+ *     threads per node it takes (work item, hidden block) tasks into
+ *     per-item partial rows, summed in work-item order by a last loop.
+ *   - The kernels stay as they are; only the task lists are per node.  With
+ *     one node (libnuma absent or reporting one) this is today's single pool.
  */
 #include <assert.h>
 #include <errno.h>
