@@ -71,7 +71,6 @@ struct centry {
     bool op_pinned;
     bool loading;    /* a read or upload is in flight */
     bool prefetched; /* brought in by a prefetch, not used yet */
-    bool demand;     /* loading for a batch (not a prefetch) */
     float pf_prob;   /* the forecast it was prefetched on */
     bool bad;
     int bad_code;
@@ -114,6 +113,9 @@ struct cmodel {
     uint8_t *prefetch_mask;   /* [n_layers * E]: 0 where prefetch leaves it; NULL: none */
     double *pf_used;          /* [n_layers] prefetches used, decayed (the throttle) */
     double *pf_expect;        /* [n_layers] their forecasts and the wasted ones', summed */
+    uint64_t last_observe;    /* moe_now_ns() of its last observed step; 0 none */
+    double step_s;            /* seconds between its steps, decayed mean; 0 unknown */
+    double miss_steps;        /* share of its steps with a miss, decayed mean (the throttle) */
     int pred_idx;
     _Atomic int bad_experts;
 };
@@ -142,7 +144,10 @@ struct moe_cache {
     struct cmodel **group_model; /* [n_groups] */
     uint64_t prefetch_used;      /* bytes prefetched and not used yet */
     int loading;                 /* entries with page-ins in flight */
-    int demand_loading;          /* of them, for batches (not prefetches) */
+    uint64_t reading;            /* their bytes: the disk's backlog (the throttle) */
+    uint64_t read_done;          /* moe_now_ns() when the last page-in finished */
+    double read_s_per_byte;      /* the disk's measured time per byte, decayed mean; 0
+                                  * unknown */
     uint64_t releases;           /* moe_cache_release calls, for waiters */
     struct counters total;
 };
@@ -449,6 +454,7 @@ static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_erro
     mod->pred_scratch = calloc(2 * (size_t)mod->n_experts, sizeof(*mod->pred_scratch));
     mod->pf_used = calloc((size_t)mod->n_layers, sizeof(*mod->pf_used));
     mod->pf_expect = calloc((size_t)mod->n_layers, sizeof(*mod->pf_expect));
+    mod->miss_steps = 1.0; /* until measured: every step misses (the cautious side) */
     if (mod->n_moe > 1) {
         mod->cooc =
             calloc((size_t)(mod->n_moe - 1) * mod->n_experts * mod->n_experts, sizeof(float));
@@ -814,7 +820,7 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
 static void finish_load(struct moe_cache *c, struct centry *e, int status, const char *msg)
 {
     int last = e->load_tier;
-    uint64_t ns = moe_now_ns() - e->load_t0;
+    uint64_t now = c->cfg.simulate ? 0 : moe_now_ns(), ns = now - e->load_t0;
 
     if (status == 0) {
         /* Upper tiers got their blocks when the read started. */
@@ -844,6 +850,15 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
         inc(&c->total.page_ins, 1);
         inc(&c->total.bytes_paged, e->bytes);
         lat_record(ts, ns);
+        if (!c->cfg.simulate) {
+            /* The disk's throughput: bytes per time between completions
+             * (reads overlap), or since this read started on an idle disk. */
+            uint64_t since = MOE_MAX(e->load_t0, c->read_done);
+            double spb = (double)(now - since) / 1e9 / (double)e->bytes;
+
+            c->read_s_per_byte =
+                c->read_s_per_byte > 0 ? 0.8 * c->read_s_per_byte + 0.2 * spb : spb;
+        }
     } else {
         char buf[MOE_ERROR_MSG_MAX];
 
@@ -866,10 +881,8 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
     }
     e->loading = false;
     c->loading--;
-    if (e->demand) {
-        e->demand = false;
-        c->demand_loading--;
-    }
+    c->reading -= e->bytes;
+    c->read_done = now;
     pthread_cond_broadcast(&c->cv);
 }
 
@@ -955,10 +968,9 @@ static int start_load(struct moe_cache *c, struct centry *e, double prefetch_pro
         place(c, e, k, p[k], SLOT_LOADING);
     e->loading = true;
     e->load_tier = last;
-    e->load_t0 = moe_now_ns();
+    e->load_t0 = c->cfg.simulate ? 0 : moe_now_ns();
     c->loading++;
-    e->demand = prefetch_prob < 0;
-    c->demand_loading += e->demand;
+    c->reading += e->bytes;
     if (last > 0)
         inc(&c->tiers[last].ctr.misses, 1);
     if (c->cfg.simulate) {
@@ -1151,6 +1163,9 @@ static int load_missing(struct moe_cache *c, struct moe_cache_ref *refs, int i, 
     }
 }
 
+/* Decay per step of cmodel.miss_steps: about the last 30 steps count. */
+#define MISS_DECAY 0.97
+
 int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *experts, int n,
                       struct moe_cache_ref *refs, struct moe_error *err)
 {
@@ -1213,6 +1228,13 @@ int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *
         count_use(c, e, ref->hit);
         if (ref->status == 0)
             weights_of(e, &ref->w);
+    }
+    {
+        bool missed = false;
+
+        for (int i = 0; i < limit; i++)
+            missed |= !refs[i].hit;
+        mod->miss_steps = MISS_DECAY * mod->miss_steps + (1.0 - MISS_DECAY) * missed;
     }
     r = 0;
 out:
@@ -1367,12 +1389,48 @@ static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32
 /* Prior of the throttle's calibration: pseudo-prefetches used as forecast. */
 #define PF_PRIOR 2.0
 
-/* Whether the disk has no headroom for a prefetch now (lock held). */
-static bool disk_busy(struct moe_cache *c)
+double moe_cache_read_late(uint64_t backlog, uint64_t bytes, double s_per_byte, double step_s)
 {
-    if (c->cfg.disk && c->cfg.disk->busy)
-        return c->cfg.disk->busy(c->cfg.disk->arg);
-    return c->demand_loading > 0;
+    double read, late;
+
+    if (!(s_per_byte > 0) || !(step_s > 0) || bytes == 0)
+        return 0.0;
+    read = (double)bytes * s_per_byte;
+    late = ((double)backlog * s_per_byte + read - step_s) / read;
+    return MOE_MIN(1.0, MOE_MAX(0.0, late));
+}
+
+/*
+ * The share of a read of bytes, queued now, that would still hold the disk
+ * when the next step starts (lock held), in [0, 1]: what a wasted prefetch
+ * costs that step's demand reads, over what a used one saves them.  From
+ * the simulated disk, or live: the page-ins in flight, then this read, at
+ * the disk's measured throughput, against the model's measured time between
+ * steps (0 until both are measured).  Live, demand page-ins go before
+ * prefetches in the pager, so a wasted prefetch costs them less than this
+ * (a FIFO disk, as cache-sim's): the estimate errs on the cautious side.
+ */
+static double read_late(struct moe_cache *c, const struct cmodel *mod, uint64_t bytes)
+{
+    if (c->cfg.disk)
+        return c->cfg.disk->late ? c->cfg.disk->late(c->cfg.disk->arg, bytes) : 0.0;
+    return moe_cache_read_late(c->reading, bytes, c->read_s_per_byte, mod->step_s);
+}
+
+/*
+ * Whether a prefetch on forecast p is worth its read (lock held).  q = p *
+ * cal is the chance it is used (cal: its layer's calibration).  Used, it
+ * saves the next step the part of its read done before that step starts,
+ * 1 - late of a read; wasted, it delays by the rest, late, the demand reads
+ * of that step, when it has any (miss: the share of steps that do).  It
+ * pays when q * (1 - late) > (1 - q) * late * miss, and it must reach the
+ * wanted precision.
+ */
+bool moe_cache_prefetch_worth(double p, double cal, double want, double late, double miss)
+{
+    double q = p * cal;
+
+    return p >= PREFETCH_MIN && q >= want && q * (1.0 - late) > (1.0 - q) * late * miss;
 }
 
 static void prefetch(struct moe_cache *c, struct cmodel *mod)
@@ -1385,19 +1443,15 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
     /* How far the forecasts of this layer's prefetches came true so far:
      * a forecast p is worth about p * cal. */
     double cal = (mod->pf_used[layer] + PF_PRIOR) / (mod->pf_expect[layer] + PF_PRIOR);
-    double least = throttle ? MOE_MAX(PREFETCH_MIN, want / cal) : PREFETCH_MIN;
 
     for (int done = 0; done < max; done++) {
         int best = -1;
-
-        if (throttle && disk_busy(c))
-            return;
 
         /* the most likely expert not yet on its way */
         for (int x = 0; x < E; x++) {
             struct centry *e = get_entry(mod, layer, x);
 
-            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < least ||
+            if (e->bad || e->t[0].state != SLOT_ABSENT || mod->pred[x] < PREFETCH_MIN ||
                 (mod->prefetch_mask && !mod->prefetch_mask[(size_t)layer * E + x]))
                 continue;
             if (best < 0 || mod->pred[x] > mod->pred[best])
@@ -1407,6 +1461,10 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
             return;
         struct centry *e = get_entry(mod, layer, best);
 
+        /* The best first: when it is not worth its read, no other is. */
+        if (throttle && !moe_cache_prefetch_worth(mod->pred[best], cal, want,
+                                                  read_late(c, mod, e->bytes), mod->miss_steps))
+            return;
         if (c->prefetch_used + e->bytes > c->cfg.prefetch_bytes)
             return;
         if (start_load(c, e, mod->pred[best], false, NULL) < 0)
@@ -1504,6 +1562,16 @@ void moe_cache_observe_ahead(struct moe_cache *c, int model, int layer, const in
     E = mod->n_experts;
     if (!rows_ok(ids, n_tokens, K, E))
         goto out;
+    if (!c->cfg.simulate) {
+        /* The time between steps, for the throttle; a pause of a second or
+         * more is idle time, not a step. */
+        uint64_t now = moe_now_ns();
+        double dt = (double)(now - mod->last_observe) / 1e9;
+
+        if (mod->last_observe && dt < 1.0)
+            mod->step_s = mod->step_s > 0 ? 0.8 * mod->step_s + 0.2 * dt : dt;
+        mod->last_observe = now;
+    }
     if (next && (idx + 1 >= mod->n_moe || !rows_ok(next, n_tokens, K, E)))
         next = NULL;
     /* Learn: the previous batch was this one at the previous MoE layer. */

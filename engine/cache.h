@@ -45,11 +45,19 @@
  * Prefetched bytes not yet used stay within prefetch_bytes, and a prefetch
  * never evicts a pinned expert or one the policy would rather keep.
  * Throttle: per layer, the cache measures how the predictor's forecasts of
- * its prefetches turned out (used before eviction, or wasted) and prefetches
- * only experts whose forecast, so calibrated, reaches prefetch_precision; and
- * none while the disk has no headroom (demand page-ins in flight, or the
- * simulated disk's busy()).  A layer whose prefetches are mostly wasted is
- * prefetched less, down to none.
+ * its prefetches turned out (used before eviction, or wasted) and calibrates
+ * them: a forecast p is worth p * (used / forecast sum) of that layer's
+ * recent prefetches.  An expert is prefetched when its calibrated forecast
+ * reaches prefetch_precision (so prefetches waste no more than they use at
+ * the default 0.5) and the disk's headroom: the share of its read that
+ * would still hold the disk when the next step starts (`late`: the delay a
+ * wasted prefetch puts on that step's demand reads, as a share of what a
+ * used one saves).  A prefetch that the disk finishes before the next step
+ * costs nothing but its slot; one queued behind a long backlog pays only
+ * when it is nearly certain.  The daemon estimates the share from the bytes
+ * of page-ins in flight, the disk's measured throughput and the model's
+ * measured time between steps; cache-sim from its disk model.  A layer
+ * whose prefetches are mostly wasted is prefetched less, down to none.
  *
  * Statistics are counters updated with relaxed atomics (no lock on the hot
  * path); moe_cache_snapshot() copies them all.
@@ -88,14 +96,16 @@ const char *moe_cache_policy_name(enum moe_cache_policy p);
  * Simulation: a model of the disk the cache's reads go to (cache-sim's
  * replay keeps the clock).  Both called with the cache's lock held.
  * read: a read of the expert from the files starts now (a prefetch or a
- * demand page-in).  busy: whether the disk has no headroom for a prefetch
- * now (demand reads queued, or more queued than the next step leaves time
- * for); NULL: always headroom.
+ * demand page-in).  late: the share, in [0, 1], of a read of bytes queued
+ * now that would still hold the disk when the next step starts (0: done
+ * before it; 1: not even started by then), which is the delay a wasted
+ * prefetch puts on that step's demand reads, over what a used one saves;
+ * NULL: 0.
  */
 struct moe_cache_disk {
     void *arg;
     void (*read)(void *arg, int model, int layer, int expert, bool prefetch);
-    bool (*busy)(void *arg);
+    double (*late)(void *arg, uint64_t bytes);
 };
 
 struct moe_cache_config {
@@ -106,8 +116,8 @@ struct moe_cache_config {
     int prefetch_max;        /* experts prefetched per observed batch; 0: 2 * top_k */
     double prefetch_precision; /* least expected precision of a prefetch (used / issued),
                                 * by the predictor's forecast calibrated per layer on the
-                                * prefetches used and wasted so far; 0: 0.5; < 0: no
-                                * throttle (nor the disk's headroom) */
+                                * prefetches used and wasted so far (and at least the
+                                * disk's `late` share); 0: 0.5; < 0: no throttle */
     double half_life;        /* freq and routing decay, in uses of a layer; 0: 8 */
     bool simulate;           /* no memory, no I/O (cache-sim) */
     const struct moe_cache_disk *disk; /* simulation: the disk model, NULL: none;
@@ -117,6 +127,26 @@ struct moe_cache_config {
                               * is locked in memory at start */
     struct moe_pager_config pager;
 };
+
+/*
+ * The throttle's rule (exposed for tests): whether a prefetch on the
+ * predictor's forecast p is worth its read, with cal its layer's
+ * calibration (q = p * cal: the chance it is used), want the least
+ * precision (moe_cache_config.prefetch_precision), late the share of its
+ * read that would still hold the disk when the next step starts
+ * (moe_cache_disk) and miss the share of recent steps with a demand miss.
+ * True when p is at least the predictor's floor, q >= want and
+ * q * (1 - late) > (1 - q) * late * miss: a used prefetch saves the next
+ * step 1 - late of a read, a wasted one delays its demand reads by late.
+ */
+bool moe_cache_prefetch_worth(double p, double cal, double want, double late, double miss);
+/*
+ * The daemon's estimate of `late` (exposed for tests): a read of bytes
+ * queued behind backlog bytes on a disk reading s_per_byte seconds a byte,
+ * with step_s seconds until the next step starts: the share of the read
+ * after that, in [0, 1]; 0 while s_per_byte or step_s is unknown (<= 0).
+ */
+double moe_cache_read_late(uint64_t backlog, uint64_t bytes, double s_per_byte, double step_s);
 
 /*
  * Creates the cache with its host tier (memory mapped as needed, not up

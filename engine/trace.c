@@ -974,7 +974,6 @@ struct sim_disk {
     double now;          /* the current step's start */
     double step_end;     /* when the current step would end without waiting */
     double free_at;      /* when the disk is done with the reads queued */
-    double demand_until; /* when the last demand read queued is ready */
     double *ready;       /* [n_moe * E]: when each expert's last read is ready */
     int E;
     uint64_t reads;
@@ -985,21 +984,23 @@ static void sim_read(void *arg, int model, int layer, int expert, bool prefetch)
     struct sim_disk *d = arg;
     double start = MOE_MAX(d->now, d->free_at);
 
-    (void)model;
+    (void)model, (void)prefetch; /* one FIFO queue for both */
     d->free_at = start + d->xfer;
     d->ready[(size_t)layer * d->E + expert] = d->free_at + d->latency;
-    if (!prefetch)
-        d->demand_until = MOE_MAX(d->demand_until, d->free_at + d->latency);
     d->reads++;
 }
 
-/* No headroom while demand reads are queued, or while the reads queued
- * would still hold the disk when the next step starts. */
-static bool sim_busy(void *arg)
+/* The share of a read of bytes queued now that would still hold the disk
+ * when the next step starts (moe_cache_disk.late). */
+static double sim_late(void *arg, uint64_t bytes)
 {
     struct sim_disk *d = arg;
+    double start = MOE_MAX(d->now, d->free_at);
 
-    return d->demand_until > d->now || d->free_at > d->step_end;
+    (void)bytes; /* every read of the replay holds the disk d->xfer */
+    if (!(d->xfer > 0))
+        return 0.0;
+    return MOE_MIN(1.0, MOE_MAX(0.0, (start + d->xfer - d->step_end) / d->xfer));
 }
 
 int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
@@ -1014,7 +1015,7 @@ int moe_trace_replay(const struct moe_trace *t, uint64_t capacity,
     struct moe_cache_config sim = *cfg;
     struct moe_trace_timing deftm;
     struct sim_disk disk = {0};
-    struct moe_cache_disk dm = {&disk, sim_read, sim_busy};
+    struct moe_cache_disk dm = {&disk, sim_read, sim_late};
     uint64_t read_bytes;
     double *ready = NULL;
     struct moe_cache_stats stats = {0};

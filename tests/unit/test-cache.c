@@ -11,6 +11,8 @@
  *   - pins: batch pins and operator pins survive eviction pressure, -ENOSPC
  *     when everything is pinned, evict/unpin/retry;
  *   - prefetch: a learned layer-to-layer rule turns into prefetch hits;
+ *     the throttle's rule as a table; its calibration stops prefetches of
+ *     a rule that stopped holding;
  *   - real page-ins from a generated checkpoint: bytes equal the file's,
  *     single flight under concurrent acquires, statistics;
  *   - failures through the pager's fault injection (EIO, short reads, a
@@ -460,6 +462,145 @@ static void check_prefetch(void)
     run_prefetch(true);
 }
 
+/*
+ * The throttle's rule, moe_cache_prefetch_worth(p, cal, want, late, miss):
+ * q = p * cal must reach want and q * (1 - late) > (1 - q) * late * miss.
+ */
+static void check_prefetch_worth(void)
+{
+    static const struct {
+        double p, cal, want, late, miss;
+        bool worth;
+    } cases[] = {
+        /* a read done before the next step: only the precision matters */
+        {0.6, 1.0, 0.5, 0.0, 1.0, true},
+        {0.5, 1.0, 0.5, 0.0, 1.0, true},    /* want reached exactly */
+        {0.45, 1.0, 0.5, 0.0, 1.0, false},  /* below want */
+        {0.8, 0.5, 0.5, 0.0, 1.0, false},   /* calibrated down: 0.4 used */
+        {0.4, 1.5, 0.5, 0.0, 1.0, true},    /* calibrated up: 0.6 */
+        {0.05, 20.0, 0.5, 0.0, 1.0, false}, /* under the predictor's floor */
+        /* every step misses: worth it when q > late */
+        {0.7, 1.0, 0.5, 0.6, 1.0, true},
+        {0.6, 1.0, 0.5, 0.6, 1.0, false}, /* q == late: a wash, not taken */
+        {0.5, 1.0, 0.5, 0.6, 1.0, false},
+        {0.99, 1.0, 0.5, 1.0, 1.0, false}, /* not even started by the next step */
+        {0.99, 1.0, 0.5, 1.0, 0.0, false}, /* ... saves nothing, whatever it costs */
+        /* few steps miss: a wasted read rarely delays anyone */
+        {0.5, 1.0, 0.5, 0.9, 0.1, true},  /* 0.5 * 0.1 > 0.5 * 0.9 * 0.1 */
+        {0.5, 1.0, 0.5, 0.9, 0.2, false}, /* 0.05 < 0.09 */
+        {0.5, 1.0, 0.5, 0.6, 0.0, true},  /* no demand reads to delay */
+        /* unthrottled precision (want 0): any forecast over the floor */
+        {0.1, 1.0, 0.0, 0.0, 1.0, true},
+    };
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(cases); i++) {
+        bool w = moe_cache_prefetch_worth(cases[i].p, cases[i].cal, cases[i].want, cases[i].late,
+                                          cases[i].miss);
+
+        if (w != cases[i].worth)
+            FAIL("case %zu: p %g cal %g want %g late %g miss %g: worth %d, expected %d", i,
+                 cases[i].p, cases[i].cal, cases[i].want, cases[i].late, cases[i].miss, w,
+                 cases[i].worth);
+    }
+}
+
+/* The daemon's estimate of the share of a read after the next step starts:
+ * reads of 1000 bytes at 1 ms a byte (1 s each). */
+static void check_read_late(void)
+{
+    static const struct {
+        uint64_t backlog, bytes;
+        double spb, step, late;
+    } cases[] = {
+        {0, 1000, 1e-3, 2.0, 0.0},    /* done a second before the step */
+        {0, 1000, 1e-3, 1.0, 0.0},    /* done as it starts */
+        {0, 1000, 1e-3, 0.25, 0.75},  /* three quarters after */
+        {1000, 1000, 1e-3, 1.5, 0.5}, /* behind one read: [1, 2] against 1.5 */
+        {3000, 1000, 1e-3, 1.5, 1.0}, /* not started by then */
+        {0, 1000, 0.0, 0.25, 0.0},    /* throughput not measured yet */
+        {0, 1000, 1e-3, 0.0, 0.0},    /* time between steps not measured yet */
+        {0, 0, 1e-3, 0.25, 0.0},
+    };
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(cases); i++)
+        ASSERT_NEAR(
+            moe_cache_read_late(cases[i].backlog, cases[i].bytes, cases[i].spb, cases[i].step),
+            cases[i].late, 1e-12);
+}
+
+/*
+ * Calibration: layer 0's expert e is followed by layer 1's (e + 3) % 16 for
+ * 600 tokens, then by (e + 5) % 16 for 600 more.  The table keeps forecasting
+ * e + 3 for a while after the switch; every such prefetch is wasted.  Unthrottled,
+ * they go on; throttled, the layer's measured precision falls and prefetch of
+ * the stale forecasts stops, while the first phase's prefetches (all used)
+ * are untouched.  Returns the prefetches wasted in the second phase, and in
+ * *ret_used the prefetch hits of the first.
+ */
+static uint64_t run_calibration(double precision, uint64_t *ret_used)
+{
+    struct moe_cache_config cfg = {
+        .host_bytes = 8 * 4096,
+        .policy = MOE_POLICY_LRU,
+        .prefetch = true,
+        .prefetch_max = 1,
+        .prefetch_precision = precision,
+        .simulate = true,
+    };
+    struct moe_cache *c;
+    struct moe_cache_stats s;
+    struct moe_error err;
+    uint64_t seed = 5, wasted0 = 0;
+    int model;
+
+    if (moe_cache_create(&cfg, &c, &err) < 0)
+        FAIL("cache: %s", err.msg);
+    if (moe_cache_add_shape(c, "sim", 2, 16, 1, 4096, &model, &err) < 0)
+        FAIL("shape: %s", err.msg);
+    for (int t = 0; t < 1200; t++) {
+        int32_t e[2];
+
+        e[0] = (int32_t)(test_rand_u64(&seed) % 16);
+        e[1] = (e[0] + (t < 600 ? 3 : 5)) % 16;
+        if (t == 600) {
+            ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+            *ret_used = s.total.prefetch_hits;
+            wasted0 = s.total.wasted_prefetches;
+            moe_cache_stats_clear(&s);
+        }
+        for (int layer = 0; layer < 2; layer++) {
+            struct moe_cache_ref ref;
+
+            ASSERT_EQ(moe_cache_acquire(c, model, layer, &e[layer], 1, &ref, NULL), 0);
+            moe_cache_observe(c, model, layer, &e[layer], 1, 1);
+            moe_cache_release(c, &ref, 1);
+        }
+    }
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    wasted0 = s.total.wasted_prefetches - wasted0;
+    printf("calibration (precision %g): prefetch hits %llu of phase 1, wasted %llu in phase 2\n",
+           precision, (unsigned long long)*ret_used, (unsigned long long)wasted0);
+    moe_cache_stats_clear(&s);
+    moe_cache_free(c);
+    return wasted0;
+}
+
+static void check_calibration(void)
+{
+    uint64_t used_free, used_thr;
+    uint64_t wasted_free = run_calibration(-1, &used_free);
+    uint64_t wasted_thr = run_calibration(0, &used_thr);
+
+    /* Phase 1: the rule is right (a prefetch whenever layer 1's expert is
+     * not resident already), the throttle holds nothing back. */
+    ASSERT_TRUE(used_free > 350);
+    ASSERT_TRUE(used_thr >= used_free * 95 / 100);
+    /* Phase 2: unthrottled, the stale forecasts keep wasting reads until
+     * the table learns the new rule; the calibration stops them sooner. */
+    ASSERT_TRUE(wasted_free > 150);
+    ASSERT_TRUE(wasted_thr < wasted_free / 2);
+}
+
 /* Layer-to-layer routing with nothing to learn from the table (random), but
  * a lookahead that names the next layer's expert 3 times in 4: the
  * predictor measures that precision, and prefetch turns it into hits. */
@@ -894,6 +1035,9 @@ int main(void)
     check_batch_too_large();
     check_pins();
     check_prefetch();
+    check_prefetch_worth();
+    check_read_late();
+    check_calibration();
     check_lookahead();
     check_shrink();
     check_real();

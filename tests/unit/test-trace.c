@@ -1057,15 +1057,16 @@ static void test_time_demand(void)
 
 /*
  * Prefetch on the disk: a lookahead trace (two tokens, two layers, top-1)
- * whose second token's lookahead names the expert its layer 1 then uses.
- *   step 0  L0 e0  miss: read [0, 1], ready 1.5; stall 1.5, ends 1.75
- *   step 1  L1 e1  miss: read [1.75, 2.75], ready 3.25; stall 1.5, ends 3.5
- *   step 2  L0 e0  hit; lookahead e2 at layer 1: prefetch read [3.5, 4.5],
- *                  ready 5.0; ends 3.75
- *   step 3  L1 e2  a hit on the prefetch still in flight: stall 1.25
- * Unthrottled, step 0 also prefetches (its forecast is layer 1's prior,
- * 1/4 per expert), behind step 0's own read, and step 1's demand read
- * queues behind that.
+ * whose second token's lookahead names the expert its layer 1 then uses
+ * (forecast 0.5: the lookahead's prior precision).  Steps of 1 s compute:
+ *   step 0  L0 e0  miss: read [0, 1], ready 1.5; stall 1.5, ends 2.5 (its
+ *                  forecast, layer 1's prior of 1/4 per expert, is below
+ *                  the precision wanted)
+ *   step 1  L1 e1  miss: read [2.5, 3.5], ready 4.0; stall 1.5, ends 5.0
+ *   step 2  L0 e0  hit, ends 6.0; lookahead e2 at layer 1: the disk is idle,
+ *                  the read [5, 6] is done when step 3 starts (late 0):
+ *                  prefetched, ready 6.5
+ *   step 3  L1 e2  a hit on the prefetch still in flight: stall 0.5
  */
 static void test_time_prefetch(void)
 {
@@ -1076,19 +1077,41 @@ static void test_time_prefetch(void)
     struct moe_trace *t = mem_trace(2, 4, 1, 4, layers, experts);
     struct moe_cache_config cfg = {
         .policy = MOE_POLICY_LRU, .prefetch = true, .prefetch_max = 1, .prefetch_precision = 0.4};
+    struct moe_trace_timing tm = hand_tm;
     struct moe_trace_replay_result x;
 
     t->next = malloc(sizeof(next));
     ASSERT_TRUE(t->next);
     memcpy(t->next, next, sizeof(next));
     t->info.lookahead = true;
-    replay_timed(t, 4, &cfg, &hand_tm, &x);
+    tm.compute_step = 1.0;
+    replay_timed(t, 4, &cfg, &tm, &x);
     ASSERT_EQ(x.c.prefetches, 1);
     ASSERT_EQ(x.c.prefetch_hits, 1);
     ASSERT_EQ(x.late_hits, 1);
     ASSERT_EQ(x.hits, 2);
     ASSERT_EQ(x.bytes_read, 3000);
-    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 1.25, 1e-12);
+    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 0.5, 1e-12);
+
+    /* Wanting a precision of 0.6, the forecast of 0.5 is not enough, however
+     * idle the disk: step 3 misses, read [6, 7], stall 1.5. */
+    cfg.prefetch_precision = 0.6;
+    replay_timed(t, 4, &cfg, &tm, &x);
+    ASSERT_EQ(x.c.prefetches, 0);
+    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 1.5, 1e-12);
+
+    /*
+     * Headroom: with steps of 0.25 s, step 2 starts at 3.5 and ends at 3.75;
+     * the prefetch would read [3.5, 4.5], three quarters of it after step 3
+     * starts (late 0.75), and every step so far but this one missed (miss
+     * about 0.97): 0.5 * 0.25 < 0.5 * 0.75 * 0.97, not worth it.  Step 3
+     * misses: read [3.75, 4.75], ready 5.25, stall 1.5.
+     */
+    cfg.prefetch_precision = 0.4;
+    replay_timed(t, 4, &cfg, &hand_tm, &x);
+    ASSERT_EQ(x.c.prefetches, 0);
+    ASSERT_EQ(x.hits, 1);
+    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 1.5, 1e-12);
 
     /* No throttle: step 0 prefetches layer 1's e0 on its prior of 0.25 (the
      * lowest id of equal forecasts; read [1, 2]) while its own miss is
@@ -1100,7 +1123,65 @@ static void test_time_prefetch(void)
     ASSERT_EQ(x.c.prefetches, 1);
     ASSERT_EQ(x.c.prefetch_hits, 0);
     ASSERT_EQ(x.hits, 1);
-    ASSERT_NEAR(x.stall, 1.5 + 1.75 + 0 + 1.5, 1e-12);
+    ASSERT_NEAR(x.stall, 1.5 + 1.5 + 0 + 1.5 + 0.25, 1e-12);
+    moe_trace_free(t);
+}
+
+/*
+ * The headroom rule over a run of steps: layer 0's expert e is followed by
+ * layer 1's e + 1 (learned, so forecast near 1), 2 of 8 experts resident, a
+ * read 1 s.  With steps of 2 s compute, a prefetch issued at layer 0 is done
+ * before layer 1 starts: every layer-1 miss becomes a prefetch hit and
+ * stalls less than without prefetch.  With steps of 0.01 s, the prefetch
+ * would hold the disk nearly all of layer 1's wait: it saves next to nothing
+ * and the throttle leaves it.  Throttled, it never stalls more than without
+ * prefetch or than prefetching everything.
+ */
+static void test_time_headroom(void)
+{
+    enum { N = 400 };
+    uint16_t layers[2 * N], experts[2 * N];
+    uint64_t seed = 3;
+    struct moe_trace *t;
+    struct moe_cache_config none = {.policy = MOE_POLICY_LRU};
+    struct moe_cache_config thr = {.policy = MOE_POLICY_LRU, .prefetch = true, .prefetch_max = 1};
+    struct moe_cache_config all = thr;
+    struct moe_trace_timing tm = hand_tm;
+    struct moe_trace_replay_result xn, xt, xa;
+
+    all.prefetch_precision = -1;
+    for (int i = 0; i < N; i++) {
+        int e = (int)(test_rand_u64(&seed) % 8);
+
+        layers[2 * i] = 0;
+        layers[2 * i + 1] = 1;
+        experts[2 * i] = (uint16_t)e;
+        experts[2 * i + 1] = (uint16_t)((e + 1) % 8);
+    }
+    t = mem_trace(2, 8, 1, 2 * N, layers, experts);
+    tm.disk_latency = 0;
+    tm.compute_step = 2.0;
+    replay_timed(t, 4, &none, &tm, &xn);
+    replay_timed(t, 4, &thr, &tm, &xt);
+    replay_timed(t, 4, &all, &tm, &xa);
+    printf("headroom, 2 s steps: stall %.1f s without prefetch, %.1f throttled (%" PRIu64
+           " prefetches, %" PRIu64 " used), %.1f unthrottled\n",
+           xn.stall, xt.stall, xt.c.prefetches, xt.c.prefetch_hits, xa.stall);
+    ASSERT_TRUE(xt.c.prefetch_hits > N / 2); /* the rest were resident already */
+    ASSERT_TRUE(xt.c.wasted_prefetches <= xt.c.prefetch_hits);
+    ASSERT_TRUE(xt.stall < xn.stall * 0.7);
+    ASSERT_TRUE(xt.stall <= xa.stall);
+
+    tm.compute_step = 0.01;
+    replay_timed(t, 4, &none, &tm, &xn);
+    replay_timed(t, 4, &thr, &tm, &xt);
+    replay_timed(t, 4, &all, &tm, &xa);
+    printf("headroom, 0.01 s steps: stall %.1f s without prefetch, %.1f throttled (%" PRIu64
+           " prefetches), %.1f unthrottled\n",
+           xn.stall, xt.stall, xt.c.prefetches, xa.stall);
+    ASSERT_TRUE(xt.c.wasted_prefetches <= xt.c.prefetch_hits);
+    ASSERT_TRUE(xt.stall <= xn.stall);
+    ASSERT_TRUE(xt.stall <= xa.stall);
     moe_trace_free(t);
 }
 
@@ -1444,6 +1525,7 @@ int main(void)
     test_replay_holds_step();
     test_time_demand();
     test_time_prefetch();
+    test_time_headroom();
     test_import();
     test_generate(dir);
     test_rmtree(dir);
