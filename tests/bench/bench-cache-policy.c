@@ -9,10 +9,16 @@
  * as `moectl cache-sim`) with 25%, 50% and 75% of the routed experts
  * resident.  For each size: the hit rate of lru, freq, routing and
  * routing+prefetch next to Belady's optimum (moe_trace_belady), the ratio to
- * it, and the share of LRU's gap to it each policy closes.
+ * it, the share of LRU's gap to it each policy closes, and the time steps
+ * stall for their experts per token: the replay's disk and compute model
+ * with its defaults (moe_trace_timing_default: 4.5 GB/s, 1.7 ms a read,
+ * compute at 40 GB/s of expert bytes), for experts of the real models' size
+ * (Mixtral's 352 MB in bf16, DeepSeek-V3's 44 MB in fp8), since the
+ * benchmark's own experts are tiny.
  *
  * Target: routing+prefetch beats LRU at every size and closes at least half
- * of LRU's gap to Belady; the last lines say whether it does.
+ * of LRU's gap to Belady, and stalls less than routing without prefetch;
+ * the last lines say whether it does.
  *
  * Usage: bench-cache-policy [--quick] [--tokens N] [--seed S] [--keep DIR]
  * --quick: few tokens and fewer layers, a few seconds (ctest's smoke test);
@@ -53,11 +59,13 @@ struct shape {
     int experts, top_k, n_shared;
     int hidden, ffn;
     int tokens, quick_tokens;
+    uint64_t real_expert_bytes; /* the real model's expert, for the stall column */
 };
 
 static const struct shape shapes[] = {
-    {"mixtral-like", MOE_ARCH_MIXTRAL, 32, 8, 0, 8, 2, 0, 256, 16, 2000, 200},
-    {"deepseek-v3-like", MOE_ARCH_DEEPSEEK_V3, 61, 11, 3, 256, 8, 1, 256, 8, 1000, 150},
+    /* 3 x 4096 x 14336 bf16; 3 x 7168 x 2048 fp8 */
+    {"mixtral-like", MOE_ARCH_MIXTRAL, 32, 8, 0, 8, 2, 0, 256, 16, 2000, 200, 352321536},
+    {"deepseek-v3-like", MOE_ARCH_DEEPSEEK_V3, 61, 11, 3, 256, 8, 1, 256, 8, 1000, 150, 44040192},
 };
 
 static const int sizes[N_SIZES] = {25, 50, 75};
@@ -395,13 +403,14 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
 {
     const int tokens = o->tokens ? o->tokens : o->quick ? sh->quick_tokens : sh->tokens;
     struct moe_cache_config cfg = {0};
+    struct moe_trace_timing tm;
     struct moe_trace_summary sum;
     struct moe_error err = {0};
     struct moe_trace *t = NULL;
     char model[4096], path[4096];
     uint64_t t0, total;
     double gen_s, trace_s, sim_s = 0;
-    int r, beats = 0, closes = 0, moot = 0;
+    int r, beats = 0, closes = 0, moot = 0, faster = 0;
 
     t0 = moe_now_ns();
     r = make_model(sh, o, dir, model, sizeof(model), &err);
@@ -430,12 +439,14 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
            "%.1f s)\n",
            sh->name, t->info.n_layers, sum.n_moe_layers, t->info.n_experts, t->info.top_k, tokens,
            sum.n_steps, sum.accesses, sum.distinct, total, gen_s, trace_s);
-    printf("  %-9s %-8s %-18s %9s %9s %12s\n", "resident", "belady", "policy", "hit rate",
-           "x belady", "gap closed");
+    moe_trace_timing_default(&tm);
+    tm.expert_bytes = sh->real_expert_bytes;
+    printf("  %-9s %-8s %-18s %9s %9s %12s %11s\n", "resident", "belady", "policy", "hit rate",
+           "x belady", "gap closed", "stall/tok");
     for (int s = 0; s < N_SIZES; s++) {
         const uint64_t cap = MOE_MAX(total * (uint64_t)sizes[s] / 100, sum.max_step);
         struct moe_belady_result bel;
-        double bel_rate, lru_rate = 0;
+        double bel_rate, lru_rate = 0, routing_stall = 0;
         char res[32], br[32];
 
         r = moe_trace_belady(t, cap, &bel, &err);
@@ -454,7 +465,7 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
             cfg.policy = runs[i].policy;
             cfg.prefetch = runs[i].prefetch;
             t0 = moe_now_ns();
-            r = moe_trace_replay(t, cap, &cfg, NULL, &x, &err);
+            r = moe_trace_replay(t, cap, &cfg, &tm, &x, &err);
             sim_s += (double)(moe_now_ns() - t0) / 1e9;
             if (r < 0) {
                 fprintf(stderr, "%s: %s: %s\n", sh->name, runs[i].name, err.msg);
@@ -466,6 +477,8 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
             else if (bel_rate > lru_rate)
                 snprintf(gap, sizeof(gap), "%.0f%%",
                          100.0 * (hr - lru_rate) / (bel_rate - lru_rate));
+            if (runs[i].policy == MOE_POLICY_ROUTING && !runs[i].prefetch)
+                routing_stall = x.stall;
             if (runs[i].policy == MOE_POLICY_ROUTING && runs[i].prefetch) {
                 /* LRU at the optimum already (everything used fits): nothing
                  * to beat or close. */
@@ -474,19 +487,20 @@ static int bench_shape(const struct shape *sh, const struct opts *o, const char 
                 } else {
                     beats += hr > lru_rate;
                     closes += (hr - lru_rate) >= 0.5 * (bel_rate - lru_rate);
+                    faster += x.stall < routing_stall;
                 }
             }
-            printf("  %-9s %-8s %-18s %8.2f%% %9.3f %12s\n", i == 0 ? res : "", i == 0 ? br : "",
-                   runs[i].name, 100.0 * hr, bel_rate > 0 ? hr / bel_rate : 0.0, gap);
+            printf("  %-9s %-8s %-18s %8.2f%% %9.3f %12s %8.1f ms\n", i == 0 ? res : "",
+                   i == 0 ? br : "", runs[i].name, 100.0 * hr, bel_rate > 0 ? hr / bel_rate : 0.0,
+                   gap, x.tokens ? 1e3 * x.stall / (double)x.tokens : 0.0);
         }
     }
+    *ret_ok = beats == N_SIZES - moot && closes == N_SIZES - moot && faster == N_SIZES - moot;
     printf("  routing+prefetch beats lru at %d of %d sizes, closes >= half of lru's gap to "
-           "belady at %d of %d%s: %s  (replays %.1f s)\n",
-           beats, N_SIZES - moot, closes, N_SIZES - moot,
+           "belady at %d of %d, stalls less than routing at %d of %d%s: %s  (replays %.1f s)\n",
+           beats, N_SIZES - moot, closes, N_SIZES - moot, faster, N_SIZES - moot,
            moot ? " (the others: lru is optimal already)" : "",
-           beats == N_SIZES - moot && closes == N_SIZES - moot ? "target met" : "TARGET MISSED",
-           sim_s);
-    *ret_ok = beats == N_SIZES - moot && closes == N_SIZES - moot;
+           *ret_ok ? "target met" : "TARGET MISSED", sim_s);
     r = 0;
 out:
     moe_trace_free(t);
@@ -533,8 +547,11 @@ int main(int argc, char **argv)
     printf("cache policies on synthetic routing traces (seed %" PRIu64 "%s)\n"
            "hit rates of the distinct experts of each step; belady: Belady's MIN, the optimum "
            "of demand paging\n(a policy with prefetch can pass it: its page-ins ahead of use "
-           "are not accesses); gap closed:\n(hit rate - lru's) / (belady's - lru's)\n",
-           o.seed, o.quick ? ", quick" : "");
+           "are not accesses); gap closed:\n(hit rate - lru's) / (belady's - lru's); stall/tok: "
+           "the time steps wait for their experts per token,\non one disk of %.1f GB/s and "
+           "%.1f ms a read, computing at %.0f GB/s, experts of the real models' size\n",
+           o.seed, o.quick ? ", quick" : "", MOE_TRACE_DISK_BW / 1e9, MOE_TRACE_DISK_LATENCY * 1e3,
+           MOE_TRACE_COMPUTE_BW / 1e9);
     for (size_t i = 0; i < MOE_ARRAY_SIZE(shapes) && r == 0; i++) {
         bool ok = false;
 
