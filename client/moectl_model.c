@@ -26,7 +26,13 @@ static void gen_model_usage(FILE *f)
                "the family (config.json, safetensors shards, index), with skewed routers.\n"
                "\n"
                "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,\n"
-               "                         deepseek_v2, kimi_k2, glm4_moe\n"
+               "                         deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe\n"
+               "  --layout per-expert|fused\n"
+               "                         how the routed experts are stored: per expert\n"
+               "                         (mlp.experts.E.gate_proj...) or fused as transformers 5\n"
+               "                         keeps them (mlp.experts.gate_up_proj, down_proj), with\n"
+               "                         the same values; default: as the family ships (fused\n"
+               "                         for qwen3_5_moe, per expert for the others)\n"
                "  --out DIR              output directory (created; refused when not empty)\n"
                "  --force                write into a non-empty --out, replacing a checkpoint\n"
                "  --layers N             decoder layers\n"
@@ -34,7 +40,8 @@ static void gen_model_usage(FILE *f)
                "  --top-k K              experts per token\n"
                "  --hidden H             hidden size\n"
                "  --ffn F                routed expert intermediate size\n"
-               "  --shared-experts S     shared experts (qwen2_moe: 0 or 1; deepseek_v3,\n"
+               "  --shared-experts S     shared experts (qwen2_moe, qwen3_next, qwen3_5_moe:\n"
+               "                         0 or 1; deepseek_v3,\n"
                "                         deepseek_v2, kimi_k2, glm4_moe: any)\n"
                "  --dtype bf16|f16|f32   weight type (default bf16)\n"
                "  --shards N             safetensors files (default 1)\n"
@@ -115,6 +122,7 @@ int moectl_gen_model(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"arch", required_argument, NULL, 'a'},
+        {"layout", required_argument, NULL, 'l'},
         {"out", required_argument, NULL, 'o'},
         {"layers", required_argument, NULL, 'L'},
         {"experts", required_argument, NULL, 'E'},
@@ -137,6 +145,7 @@ int moectl_gen_model(int argc, char **argv)
     const char *arch = NULL, *out = NULL;
     int layers = 0, experts = 0, top_k = 0, hidden = 0, ffn = 0, shared = -1, shards = 1;
     enum moe_dtype dtype = MOE_DTYPE_BF16;
+    enum moe_genmodel_layout layout = MOE_GEN_LAYOUT_DEFAULT;
     enum moe_arch a;
     bool force = false;
     uint64_t seed = 0, t0;
@@ -150,6 +159,16 @@ int moectl_gen_model(int argc, char **argv)
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'l':
+            if (strcmp(optarg, "per-expert") == 0) {
+                layout = MOE_GEN_LAYOUT_PER_EXPERT;
+            } else if (strcmp(optarg, "fused") == 0) {
+                layout = MOE_GEN_LAYOUT_FUSED;
+            } else {
+                errorf("--layout '%s': expected per-expert or fused", optarg);
+                return 2;
+            }
             break;
         case 'L':
             r = parse_int("--layers", optarg, 1, MOE_MAX_LAYERS, &layers);
@@ -207,7 +226,7 @@ int moectl_gen_model(int argc, char **argv)
     }
     if (moe_arch_parse(arch, &a) < 0) {
         errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, "
-               "deepseek_v2, kimi_k2 or glm4_moe",
+               "deepseek_v2, kimi_k2, glm4_moe, qwen3_next or qwen3_5_moe",
                arch);
         return 2;
     }
@@ -229,6 +248,7 @@ int moectl_gen_model(int argc, char **argv)
         o.n_shared = shared;
     o.dtype = dtype;
     o.n_shards = shards;
+    o.layout = layout;
     o.seed = seed;
     o.progress = gen_progress;
     o.progress_ctx = &pc;

@@ -77,15 +77,28 @@ enum init_kind {
     INIT_ROUTER,    /* skewed router rows, [E, H] */
 };
 
+/* What a fused expert tensor holds (transformers 5's layout). */
+enum fuse_kind {
+    FUSE_NONE = 0,
+    FUSE_GATE_UP, /* gate_up_proj [E, 2F, H]: per expert its gate rows, then its up rows */
+    FUSE_DOWN,    /* down_proj [E, H, F] */
+};
+
 /* One tensor of the checkpoint. */
 struct gtensor {
     char name[GEN_NAME_MAX];
+    /* The name its values are keyed by: name, or the name the per-expert
+     * layout gives the same tensor (a fused layout's router and experts get
+     * the values of the per-expert one, byte for byte). */
+    char key_name[GEN_NAME_MAX];
     enum moe_dtype dtype;
     enum init_kind init;
     float scale; /* std (NOISE) or half-width (UNIFORM) */
-    int ndim;    /* 1 or 2 */
-    int64_t shape[2];
-    uint64_t count; /* elements */
+    int ndim;    /* 1, 2 or 3 (fused experts) */
+    int64_t shape[3];
+    enum fuse_kind fuse; /* fused: values are those of the per-expert tensors */
+    int layer;           /* fused: its layer */
+    uint64_t count;      /* elements */
     uint64_t nbytes;
     int shard; /* 0-based file index */
 };
@@ -101,6 +114,10 @@ struct gdims {
     int first_dense;             /* deepseek first_k_dense_replace */
     int n_group, topk_group;     /* deepseek */
     int n_heads, n_kv, head_dim; /* attention (deepseek: MLA heads) */
+    bool fused;                  /* routed experts in the fused layout */
+    bool multimodal;             /* qwen3_5_moe: the released config (text_config) */
+    const char *lp;              /* prefix of layer i's tensors, before "<i>." */
+    const char *mp;              /* prefix of embed_tokens and norm */
     int n_shards;
     uint64_t seed;
 };
@@ -292,15 +309,22 @@ static void report(struct gen_buf *b)
 }
 
 /* Generates tensor t and hands its bytes to the writer. */
-static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, uint64_t seed,
+static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
+                       struct gen_buf *b, struct moe_error *err);
+static float inv_sqrt(int n);
+
+static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
                         struct gen_buf *b, struct moe_error *err)
 {
-    uint64_t key = tensor_key(seed, t->name), done = 0;
+    uint64_t seed = d->seed, key = tensor_key(seed, t->key_name[0] ? t->key_name : t->name);
+    uint64_t done = 0;
     size_t esz = moe_dtype_size(t->dtype);
     struct router_gen rg = {0};
     struct xoshiro g;
     int r = 0;
 
+    if (t->fuse != FUSE_NONE)
+        return write_fused(w, t, d, b, err);
     xo_seed(&g, key, 0, 0);
     if (t->init == INIT_ROUTER) {
         r = router_gen_init(&rg, t, key);
@@ -344,6 +368,39 @@ out:
     return r;
 }
 
+/* The per-expert name of expert e's part (0 gate, 1 up, 2 down) in layer i. */
+static void expert_part_name(const struct gdims *d, int i, int e, int part, char *buf, size_t len)
+{
+    static const char *const mixtral[3] = {"w1", "w3", "w2"};
+    static const char *const others[3] = {"gate_proj", "up_proj", "down_proj"};
+    bool mx = d->arch == MOE_ARCH_MIXTRAL;
+
+    snprintf(buf, len, "%s%d.%s.experts.%d.%s.weight", d->lp, i, mx ? "block_sparse_moe" : "mlp", e,
+             mx ? mixtral[part] : others[part]);
+}
+
+/* A fused tensor: expert by expert, the per-expert tensors' values. */
+static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
+                       struct gen_buf *b, struct moe_error *err)
+{
+    struct gtensor sub = {.dtype = t->dtype, .init = INIT_NOISE, .ndim = 2};
+    int r = 0;
+
+    for (int e = 0; r == 0 && e < d->E; e++) {
+        for (int k = 0; r == 0 && k < (t->fuse == FUSE_GATE_UP ? 2 : 1); k++) {
+            int part = t->fuse == FUSE_GATE_UP ? k : 2;
+
+            expert_part_name(d, t->layer, e, part, sub.name, sizeof(sub.name));
+            sub.shape[0] = part == 2 ? d->H : d->F;
+            sub.shape[1] = part == 2 ? d->F : d->H;
+            sub.scale = inv_sqrt((int)sub.shape[1]);
+            sub.count = (uint64_t)d->F * (uint64_t)d->H;
+            r = write_tensor(w, &sub, d, b, err);
+        }
+    }
+    return r;
+}
+
 /* ---- layouts ------------------------------------------------------------- */
 
 /* config.json model_type (as moe_arch_name(), kept here so that the generator
@@ -353,6 +410,7 @@ static const char *const arch_type[MOE_ARCH_COUNT] = {
     [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
+    [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
 };
 
 static const char *const arch_class[MOE_ARCH_COUNT] = {
@@ -365,6 +423,9 @@ static const char *const arch_class[MOE_ARCH_COUNT] = {
     /* Kimi K2 ships DeepSeek-V3's class under its own model type. */
     [MOE_ARCH_KIMI_K2] = "DeepseekV3ForCausalLM",
     [MOE_ARCH_GLM4_MOE] = "Glm4MoeForCausalLM",
+    [MOE_ARCH_QWEN3_NEXT] = "Qwen3NextForCausalLM",
+    /* The released Qwen3.5-MoE: the multimodal class (text_config). */
+    [MOE_ARCH_QWEN3_5_MOE] = "Qwen3_5MoeForConditionalGeneration",
 };
 
 /* DeepSeek's layout: shared_experts, first_k_dense_replace, e_score_correction_bias
@@ -376,6 +437,18 @@ static bool deepseek_like(enum moe_arch a)
 }
 
 /* Multi-head latent attention (DeepSeek-V2/V3, Kimi K2). */
+/* Qwen's shared expert with its sigmoid gate. */
+static bool qwen_shared(enum moe_arch a)
+{
+    return a == MOE_ARCH_QWEN2_MOE || a == MOE_ARCH_QWEN3_NEXT || a == MOE_ARCH_QWEN3_5_MOE;
+}
+
+/* Qwen3-Next's and Qwen3.5's gated attention: q_proj twice as wide, q/k norms. */
+static bool qwen_gated_attn(enum moe_arch a)
+{
+    return a == MOE_ARCH_QWEN3_NEXT || a == MOE_ARCH_QWEN3_5_MOE;
+}
+
 static bool has_mla(enum moe_arch a)
 {
     return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2;
@@ -420,6 +493,15 @@ void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
         o->top_k = 4;
         o->ffn = 128;
         o->n_shared = 2;
+        break;
+    case MOE_ARCH_QWEN3_NEXT:
+    case MOE_ARCH_QWEN3_5_MOE:
+        /* Many fine-grained experts, as Qwen3-Next (512, top-10) and
+         * Qwen3.5-MoE (256, top-8), and one gated shared expert. */
+        o->n_experts = 64;
+        o->top_k = 8;
+        o->ffn = 64;
+        o->n_shared = 1;
         break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
@@ -495,6 +577,13 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     d->n_shards = o->n_shards > 0 ? o->n_shards : 1;
     d->dtype = o->dtype;
     d->seed = o->seed;
+    d->multimodal = d->arch == MOE_ARCH_QWEN3_5_MOE;
+    d->lp = d->multimodal ? "model.language_model.layers." : "model.layers.";
+    d->mp = d->multimodal ? "model.language_model." : "model.";
+    if ((unsigned)o->layout > MOE_GEN_LAYOUT_FUSED)
+        return moe_error_set(err, -EINVAL, "unknown expert layout %d", (int)o->layout);
+    d->fused = o->layout == MOE_GEN_LAYOUT_FUSED ||
+               (o->layout == MOE_GEN_LAYOUT_DEFAULT && d->arch == MOE_ARCH_QWEN3_5_MOE);
 
     if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
         return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16 or f32",
@@ -527,10 +616,11 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
                                  d->n_shared);
         break;
     case MOE_ARCH_QWEN2_MOE:
+    case MOE_ARCH_QWEN3_NEXT:
+    case MOE_ARCH_QWEN3_5_MOE:
         if (d->n_shared > 1)
-            return moe_error_set(err, -EINVAL,
-                                 "qwen2_moe has at most one shared expert (asked for %d)",
-                                 d->n_shared);
+            return moe_error_set(err, -EINVAL, "%s has at most one shared expert (asked for %d)",
+                                 an, d->n_shared);
         d->shared_ffn = d->n_shared ? MOE_MIN(4 * d->F, MOE_MAX_FFN) : 0;
         break;
     case MOE_ARCH_DEEPSEEK_V3:
@@ -617,6 +707,41 @@ static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, flo
             return _r;                                                                             \
     } while (0)
 
+/* Appends a fused expert tensor [d0, d1, d2] of layer. */
+static int plan_add3(struct gplan *p, enum fuse_kind fuse, int layer, int64_t d0, int64_t d1,
+                     int64_t d2, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+
+static int plan_add3(struct gplan *p, enum fuse_kind fuse, int layer, int64_t d0, int64_t d1,
+                     int64_t d2, const char *fmt, ...)
+{
+    struct gtensor *t;
+    va_list ap;
+    int r, n;
+
+    r = plan_add(p, p->d.dtype, INIT_NOISE, 0, d0, d1 * d2, "-");
+    if (r < 0)
+        return r;
+    t = &p->t[p->n - 1];
+    va_start(ap, fmt);
+    n = vsnprintf(t->name, sizeof(t->name), fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof(t->name))
+        return -ENAMETOOLONG;
+    t->ndim = 3;
+    t->shape[1] = d1;
+    t->shape[2] = d2;
+    t->fuse = fuse;
+    t->layer = layer;
+    return 0;
+}
+
+#define ADD3(...)                                                                                  \
+    do {                                                                                           \
+        int _r = plan_add3(p, __VA_ARGS__);                                                        \
+        if (_r < 0)                                                                                \
+            return _r;                                                                             \
+    } while (0)
+
 static float inv_sqrt(int n)
 {
     return 1.0f / sqrtf((float)n);
@@ -653,35 +778,37 @@ static int add_attention(struct gplan *p, int i)
     if (has_mla(d->arch)) {
         int qk = DS_NOPE_DIM + DS_ROPE_DIM;
 
-        ADD(dt, INIT_NOISE, s, DS_Q_LORA, H, "model.layers.%d.self_attn.q_a_proj.weight", i);
-        ADD(dt, INIT_ONES, 0, DS_Q_LORA, -1, "model.layers.%d.self_attn.q_a_layernorm.weight", i);
+        ADD(dt, INIT_NOISE, s, DS_Q_LORA, H, "%s%d.self_attn.q_a_proj.weight", d->lp, i);
+        ADD(dt, INIT_ONES, 0, DS_Q_LORA, -1, "%s%d.self_attn.q_a_layernorm.weight", d->lp, i);
         ADD(dt, INIT_NOISE, s, (int64_t)d->n_heads * qk, DS_Q_LORA,
-            "model.layers.%d.self_attn.q_b_proj.weight", i);
+            "%s%d.self_attn.q_b_proj.weight", d->lp, i);
         ADD(dt, INIT_NOISE, s, DS_KV_LORA + DS_ROPE_DIM, H,
-            "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", i);
-        ADD(dt, INIT_ONES, 0, DS_KV_LORA, -1, "model.layers.%d.self_attn.kv_a_layernorm.weight", i);
+            "%s%d.self_attn.kv_a_proj_with_mqa.weight", d->lp, i);
+        ADD(dt, INIT_ONES, 0, DS_KV_LORA, -1, "%s%d.self_attn.kv_a_layernorm.weight", d->lp, i);
         ADD(dt, INIT_NOISE, s, (int64_t)d->n_heads * (DS_NOPE_DIM + DS_V_DIM), DS_KV_LORA,
-            "model.layers.%d.self_attn.kv_b_proj.weight", i);
-        ADD(dt, INIT_NOISE, s, H, (int64_t)d->n_heads * DS_V_DIM,
-            "model.layers.%d.self_attn.o_proj.weight", i);
+            "%s%d.self_attn.kv_b_proj.weight", d->lp, i);
+        ADD(dt, INIT_NOISE, s, H, (int64_t)d->n_heads * DS_V_DIM, "%s%d.self_attn.o_proj.weight",
+            d->lp, i);
         return 0;
     }
-    ADD(dt, INIT_NOISE, s, qd, H, "model.layers.%d.self_attn.q_proj.weight", i);
+    /* Qwen3-Next's q_proj also gives the output gate: 2 x heads x head_dim. */
+    ADD(dt, INIT_NOISE, s, qwen_gated_attn(d->arch) ? 2 * qd : qd, H,
+        "%s%d.self_attn.q_proj.weight", d->lp, i);
     if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
-        ADD(dt, INIT_UNIFORM, 0.05f, qd, -1, "model.layers.%d.self_attn.q_proj.bias", i);
-    ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.k_proj.weight", i);
+        ADD(dt, INIT_UNIFORM, 0.05f, qd, -1, "%s%d.self_attn.q_proj.bias", d->lp, i);
+    ADD(dt, INIT_NOISE, s, kvd, H, "%s%d.self_attn.k_proj.weight", d->lp, i);
     if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
-        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.k_proj.bias", i);
-    ADD(dt, INIT_NOISE, s, kvd, H, "model.layers.%d.self_attn.v_proj.weight", i);
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "%s%d.self_attn.k_proj.bias", d->lp, i);
+    ADD(dt, INIT_NOISE, s, kvd, H, "%s%d.self_attn.v_proj.weight", d->lp, i);
     if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
-        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "model.layers.%d.self_attn.v_proj.bias", i);
-    ADD(dt, INIT_NOISE, s, H, qd, "model.layers.%d.self_attn.o_proj.weight", i);
-    if (d->arch == MOE_ARCH_QWEN3_MOE) {
-        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "model.layers.%d.self_attn.q_norm.weight", i);
-        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "%s%d.self_attn.v_proj.bias", d->lp, i);
+    ADD(dt, INIT_NOISE, s, H, qd, "%s%d.self_attn.o_proj.weight", d->lp, i);
+    if (d->arch == MOE_ARCH_QWEN3_MOE || qwen_gated_attn(d->arch)) {
+        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "%s%d.self_attn.q_norm.weight", d->lp, i);
+        ADD(dt, INIT_ONES, 0, d->head_dim, -1, "%s%d.self_attn.k_norm.weight", d->lp, i);
     } else if (d->arch == MOE_ARCH_OLMOE) {
-        ADD(dt, INIT_ONES, 0, qd, -1, "model.layers.%d.self_attn.q_norm.weight", i);
-        ADD(dt, INIT_ONES, 0, kvd, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+        ADD(dt, INIT_ONES, 0, qd, -1, "%s%d.self_attn.q_norm.weight", d->lp, i);
+        ADD(dt, INIT_ONES, 0, kvd, -1, "%s%d.self_attn.k_norm.weight", d->lp, i);
     }
     return 0;
 }
@@ -695,28 +822,38 @@ static int add_moe(struct gplan *p, int i)
     char prefix[GEN_NAME_MAX];
     int r;
 
-    ADD(dt, INIT_ROUTER, 0, d->E, d->H, "model.layers.%d.%s.gate.weight", i, blk);
+    /* The fused layout names mixtral's block mlp too; its router keeps the
+     * per-expert layout's values. */
+    ADD(dt, INIT_ROUTER, 0, d->E, d->H, "%s%d.%s.gate.weight", d->lp, i, d->fused ? "mlp" : blk);
+    snprintf(p->t[p->n - 1].key_name, GEN_NAME_MAX, "%s%d.%s.gate.weight", d->lp, i, blk);
     if (deepseek_like(d->arch) && d->arch != MOE_ARCH_DEEPSEEK_V2)
-        ADD(MOE_DTYPE_F32, INIT_UNIFORM, 0.05f, d->E, -1,
-            "model.layers.%d.mlp.gate.e_score_correction_bias", i);
-    for (int e = 0; e < d->E; e++) {
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d", i, blk, e);
+        ADD(MOE_DTYPE_F32, INIT_UNIFORM, 0.05f, d->E, -1, "%s%d.mlp.gate.e_score_correction_bias",
+            d->lp, i);
+    if (d->fused) {
+        /* Expert-major, as transformers writes them; values from the
+         * per-expert tensors (write_fused). */
+        ADD3(FUSE_GATE_UP, i, d->E, 2 * (int64_t)d->F, d->H, "%s%d.mlp.experts.gate_up_proj", d->lp,
+             i);
+        ADD3(FUSE_DOWN, i, d->E, d->H, d->F, "%s%d.mlp.experts.down_proj", d->lp, i);
+    }
+    for (int e = 0; !d->fused && e < d->E; e++) {
+        snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.%d", d->lp, i, blk, e);
         r = mixtral ? add_ffn(p, prefix, "w1", "w3", "w2", d->F)
                     : add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->F);
         if (r < 0)
             return r;
     }
     if (d->shared_ffn > 0) {
-        bool qwen = d->arch == MOE_ARCH_QWEN2_MOE;
+        bool qwen = qwen_shared(d->arch);
 
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.%s", i,
+        snprintf(prefix, sizeof(prefix), "%s%d.mlp.%s", d->lp, i,
                  qwen ? "shared_expert" : "shared_experts");
         r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->shared_ffn);
         if (r < 0)
             return r;
         if (qwen)
-            ADD(dt, INIT_NOISE, inv_sqrt(d->H), 1, d->H,
-                "model.layers.%d.mlp.shared_expert_gate.weight", i);
+            ADD(dt, INIT_NOISE, inv_sqrt(d->H), 1, d->H, "%s%d.mlp.shared_expert_gate.weight",
+                d->lp, i);
     }
     return 0;
 }
@@ -728,32 +865,32 @@ static int build_plan(struct gplan *p)
     char prefix[GEN_NAME_MAX];
     int r;
 
-    ADD(dt, INIT_NOISE, 0.02f, GEN_VOCAB, d->H, "model.embed_tokens.weight");
+    ADD(dt, INIT_NOISE, 0.02f, GEN_VOCAB, d->H, "%sembed_tokens.weight", d->mp);
     for (int i = 0; i < d->L; i++) {
         r = add_attention(p, i);
         if (r < 0)
             return r;
         if (i < d->first_dense) {
-            snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp", i);
+            snprintf(prefix, sizeof(prefix), "%s%d.mlp", d->lp, i);
             r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->dense_ffn);
         } else {
             r = add_moe(p, i);
         }
         if (r < 0)
             return r;
-        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.input_layernorm.weight", i);
-        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.post_attention_layernorm.weight", i);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "%s%d.input_layernorm.weight", d->lp, i);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "%s%d.post_attention_layernorm.weight", d->lp, i);
     }
     if (d->arch == MOE_ARCH_DEEPSEEK_V3 || d->arch == MOE_ARCH_KIMI_K2 ||
         d->arch == MOE_ARCH_GLM4_MOE) {
         /* A few tensors of the multi-token-prediction layer, as V3 ships them
          * at index num_hidden_layers; loaders must ignore them. */
-        ADD(dt, INIT_NOISE, 0.02f, d->H, 2 * (int64_t)d->H, "model.layers.%d.eh_proj.weight", d->L);
-        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.enorm.weight", d->L);
-        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.hnorm.weight", d->L);
-        ADD(dt, INIT_ONES, 0, d->H, -1, "model.layers.%d.shared_head.norm.weight", d->L);
+        ADD(dt, INIT_NOISE, 0.02f, d->H, 2 * (int64_t)d->H, "%s%d.eh_proj.weight", d->lp, d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "%s%d.enorm.weight", d->lp, d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "%s%d.hnorm.weight", d->lp, d->L);
+        ADD(dt, INIT_ONES, 0, d->H, -1, "%s%d.shared_head.norm.weight", d->lp, d->L);
     }
-    ADD(dt, INIT_ONES, 0, d->H, -1, "model.norm.weight");
+    ADD(dt, INIT_ONES, 0, d->H, -1, "%snorm.weight", d->mp);
     ADD(dt, INIT_NOISE, 0.02f, GEN_VOCAB, d->H, "lm_head.weight");
     return 0;
 }
@@ -929,7 +1066,7 @@ static const char *torch_dtype(enum moe_dtype t)
 
 static json_t *config_json(const struct gdims *d)
 {
-    json_t *c = json_object(), *arr = json_array();
+    json_t *c = json_object(), *arr = json_array(), *layer_types = NULL;
     bool bad = !c || !arr;
     bool ds = has_mla(d->arch);
 
@@ -957,7 +1094,7 @@ static json_t *config_json(const struct gdims *d)
     jset(c, "num_experts_per_tok", json_integer(d->K), &bad);
     jset(c, "output_router_logits", json_false(), &bad);
     if (!ds && (d->arch == MOE_ARCH_MIXTRAL || d->arch == MOE_ARCH_QWEN3_MOE ||
-                d->n_heads * d->head_dim != d->H))
+                qwen_gated_attn(d->arch) || d->n_heads * d->head_dim != d->H))
         jset(c, "head_dim", json_integer(d->head_dim), &bad);
 
     switch (d->arch) {
@@ -990,6 +1127,36 @@ static json_t *config_json(const struct gdims *d)
             jset(c, "norm_topk_prob", json_true(), &bad);
             jset(c, "attention_bias", json_false(), &bad);
         }
+        break;
+    case MOE_ARCH_QWEN3_NEXT:
+    case MOE_ARCH_QWEN3_5_MOE:
+        /* Their linear-attention layers are the caller's: these checkpoints
+         * say every layer is full attention, which is what they hold. */
+        layer_types = json_array();
+        for (int i = 0; layer_types && i < d->L; i++)
+            if (json_array_append_new(layer_types, json_string("full_attention")) < 0)
+                bad = true;
+        jset(c, "layer_types", layer_types, &bad);
+        layer_types = NULL;
+        jset(c, "moe_intermediate_size", json_integer(d->F), &bad);
+        jset(c, "shared_expert_intermediate_size", json_integer(d->shared_ffn), &bad);
+        jset(c, "num_experts", json_integer(d->E), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-6), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.001), &bad);
+        jset(c, "attention_bias", json_false(), &bad);
+        jset(c, "partial_rotary_factor", json_real(0.25), &bad);
+        jset(c, "linear_conv_kernel_dim", json_integer(4), &bad);
+        jset(c, "linear_key_head_dim", json_integer(32), &bad);
+        jset(c, "linear_value_head_dim", json_integer(32), &bad);
+        jset(c, "linear_num_key_heads", json_integer(2), &bad);
+        jset(c, "linear_num_value_heads", json_integer(4), &bad);
+        if (d->arch == MOE_ARCH_QWEN3_NEXT) {
+            jset(c, "intermediate_size", json_integer(d->dense_ffn), &bad);
+            jset(c, "decoder_sparse_step", json_integer(1), &bad);
+            jset(c, "mlp_only_layers", json_array(), &bad);
+            jset(c, "norm_topk_prob", json_true(), &bad);
+        }
+        jset(c, "rope_theta", json_real(1e7), &bad);
         break;
     case MOE_ARCH_OLMOE:
         jset(c, "intermediate_size", json_integer(d->F), &bad);
@@ -1077,8 +1244,24 @@ static json_t *config_json(const struct gdims *d)
         jset(c, "seq_aux", json_true(), &bad);
         break;
     }
+    if (!bad && d->multimodal) {
+        /* The released Qwen3.5-MoE: the text model's keys in text_config
+         * (its own model_type), the class and dtype at the top. */
+        json_t *top = json_object();
+
+        bad = !top;
+        jset(top, "architectures", json_incref(json_object_get(c, "architectures")), &bad);
+        jset(top, "model_type", json_string(arch_type[d->arch]), &bad);
+        jset(top, "torch_dtype", json_string(torch_dtype(d->dtype)), &bad);
+        jset(top, "tie_word_embeddings", json_false(), &bad);
+        json_object_del(c, "architectures");
+        jset(c, "model_type", json_string("qwen3_5_moe_text"), &bad);
+        jset(top, "text_config", c, &bad);
+        c = top;
+    }
 out:
     json_decref(arr);
+    json_decref(layer_types);
     if (bad) {
         json_decref(c);
         return NULL;
@@ -1175,7 +1358,7 @@ static int write_shard(const char *dir, const struct gplan *p, int shard, struct
     }
     r = moe_st_writer_begin(w, err);
     for (size_t i = 0; r == 0 && i < n; i++)
-        r = write_tensor(w, list[i], p->d.seed, b, err);
+        r = write_tensor(w, list[i], &p->d, b, err);
     if (r == 0)
         r = moe_st_writer_finish(w, err);
 out:

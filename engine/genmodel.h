@@ -19,6 +19,18 @@
 #include "common.h"
 #include "model.h"
 
+/* How the routed experts are stored. */
+enum moe_genmodel_layout {
+    /* As the family's releases: fused for qwen3_5_moe, else per expert. */
+    MOE_GEN_LAYOUT_DEFAULT = 0,
+    /* mlp.experts.<e>.{gate,up,down}_proj.weight (mixtral: w1, w3, w2). */
+    MOE_GEN_LAYOUT_PER_EXPERT,
+    /* transformers 5's mlp.experts.gate_up_proj [E, 2F, H] and down_proj
+     * [E, H, F] (mixtral's router then mlp.gate), with the same values as
+     * the per-expert layout, byte for byte. */
+    MOE_GEN_LAYOUT_FUSED,
+};
+
 /* How far moe_genmodel_write has come, for its progress callback. */
 struct moe_genmodel_progress {
     uint64_t bytes_done;  /* tensor bytes written, of every file so far */
@@ -34,11 +46,12 @@ struct moe_genmodel_opts {
     int n_experts;
     int top_k;
     int hidden;
-    int ffn;              /* routed expert ffn */
-    int n_shared;         /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
-                           * deepseek-like: any; others: must be 0 or -1) */
-    enum moe_dtype dtype; /* BF16, F16 or F32 */
-    int n_shards;         /* 1: model.safetensors; >1 sharded with index */
+    int ffn;                         /* routed expert ffn */
+    int n_shared;                    /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
+                                      * deepseek-like: any; others: must be 0 or -1) */
+    enum moe_dtype dtype;            /* BF16, F16 or F32 */
+    int n_shards;                    /* 1: model.safetensors; >1 sharded with index */
+    enum moe_genmodel_layout layout; /* how the routed experts are stored */
     uint64_t seed;
     /* Called as the checkpoint is written (may be NULL): when a file is
      * begun and done, and after every tensor and every GEN_CHUNK elements

@@ -49,16 +49,29 @@ static const char *const arch_names[MOE_ARCH_COUNT] = {
     [MOE_ARCH_QWEN3_MOE] = "qwen3_moe",     [MOE_ARCH_OLMOE] = "olmoe",
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
+    [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
 };
 
 #define ARCH_LIST                                                                                  \
-    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, kimi_k2, glm4_moe"
+    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, kimi_k2, glm4_moe, "          \
+    "qwen3_next, qwen3_5_moe (or qwen3_5_moe_text)"
+
+/* The model_type of transformers' text-only Qwen3.5-MoE class. */
+#define QWEN3_5_TEXT "qwen3_5_moe_text"
+#define LAYER_PREFIX "model.layers."
+#define LAYER_PREFIX_MM "model.language_model.layers."
 
 /* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
 static bool is_deepseek_like(enum moe_arch a)
 {
     return a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_KIMI_K2 ||
            a == MOE_ARCH_GLM4_MOE;
+}
+
+/* Qwen's shared expert: mlp.shared_expert.*, scaled by sigmoid(shared_expert_gate . x). */
+static bool has_qwen_shared(enum moe_arch a)
+{
+    return a == MOE_ARCH_QWEN2_MOE || a == MOE_ARCH_QWEN3_NEXT || a == MOE_ARCH_QWEN3_5_MOE;
 }
 
 const char *moe_arch_name(enum moe_arch a)
@@ -73,6 +86,10 @@ int moe_arch_parse(const char *s, enum moe_arch *ret)
             *ret = (enum moe_arch)i;
             return 0;
         }
+    }
+    if (strcmp(s, QWEN3_5_TEXT) == 0) {
+        *ret = MOE_ARCH_QWEN3_5_MOE;
+        return 0;
     }
     return -EINVAL;
 }
@@ -400,18 +417,29 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
         return cfg_bool(c, "norm_topk_prob", false, &m->norm_topk_prob);
     case MOE_ARCH_QWEN2_MOE:
     case MOE_ARCH_QWEN3_MOE:
-        r = cfg_bool(c, "norm_topk_prob", false, &m->norm_topk_prob);
-        if (r == 0)
-            r = cfg_int(c, "intermediate_size", false, 0, 0, MOE_MAX_FFN, NULL, &m->dense_ffn);
-        if (r == 0)
-            r = cfg_int(c, "decoder_sparse_step", false, 1, 1, MOE_MAX_LAYERS, NULL,
-                        &m->decoder_sparse_step);
-        if (r == 0)
-            r = cfg_mlp_only_layers(c, m);
+    case MOE_ARCH_QWEN3_NEXT:
+    case MOE_ARCH_QWEN3_5_MOE:
+        /* transformers' defaults: Qwen3-Next renormalises unless told not
+         * to, Qwen3.5-MoE always (it has no norm_topk_prob), its layers are
+         * all MoE layers and its shared expert is 512 wide by default. */
+        if (m->arch == MOE_ARCH_QWEN3_5_MOE) {
+            m->norm_topk_prob = true;
+        } else {
+            r = cfg_bool(c, "norm_topk_prob", m->arch == MOE_ARCH_QWEN3_NEXT, &m->norm_topk_prob);
+            if (r == 0)
+                r = cfg_int(c, "intermediate_size", false,
+                            m->arch == MOE_ARCH_QWEN3_NEXT ? 5632 : 0, 0, MOE_MAX_FFN, NULL,
+                            &m->dense_ffn);
+            if (r == 0)
+                r = cfg_int(c, "decoder_sparse_step", false, 1, 1, MOE_MAX_LAYERS, NULL,
+                            &m->decoder_sparse_step);
+            if (r == 0)
+                r = cfg_mlp_only_layers(c, m);
+        }
         if (r < 0 || m->arch == MOE_ARCH_QWEN3_MOE)
             return r;
-        r = cfg_int(c, "shared_expert_intermediate_size", true, 0, 0, MOE_MAX_FFN, NULL,
-                    &shared_size);
+        r = cfg_int(c, "shared_expert_intermediate_size", m->arch == MOE_ARCH_QWEN2_MOE, 512, 0,
+                    MOE_MAX_FFN, NULL, &shared_size);
         if (r < 0)
             return r;
         if (shared_size > 0) {
@@ -549,6 +577,7 @@ static void dense_rule(const struct moe_model_config *c, char *buf, size_t len)
         break;
     case MOE_ARCH_QWEN2_MOE:
     case MOE_ARCH_QWEN3_MOE:
+    case MOE_ARCH_QWEN3_NEXT:
         snprintf(buf, len, "mlp_only_layers (%d listed), decoder_sparse_step %d",
                  c->n_mlp_only_layers, c->decoder_sparse_step);
         break;
@@ -566,11 +595,11 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
     struct cfg_ctx c = {.fname = fname, .arch = "?", .err = err};
     json_error_t jerr;
     const char *type;
-    char vb[VALUE_TEXT_MAX];
-    json_t *v;
+    char vb[VALUE_TEXT_MAX], text_fname[160];
+    json_t *v, *doc;
     int r, n_moe = 0;
 
-    c.root = moe_json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
+    doc = c.root = moe_json_loadb(json, json_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!c.root)
         return moe_error_set(err, -EINVAL, "%s: not valid JSON: %s (line %d, column %d)", fname,
                              jerr.text, jerr.line, jerr.column);
@@ -594,9 +623,33 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
         goto fail;
     }
     c.arch = arch_names[m.arch];
+    m.layer_prefix = LAYER_PREFIX;
+    if (m.arch == MOE_ARCH_QWEN3_5_MOE && strcmp(type, QWEN3_5_TEXT) != 0) {
+        /* The released, multimodal config: the text model's keys are in
+         * text_config and its layers under model.language_model. */
+        v = json_object_get(doc, "text_config");
+        if (!v || !json_is_object(v)) {
+            r = moe_error_set(err, -EINVAL,
+                              "%s: 'text_config' is %s: expected an object with the text "
+                              "model's keys for model_type qwen3_5_moe (a text-only config "
+                              "says \"" QWEN3_5_TEXT "\")",
+                              fname, v ? moe_json_kind(v) : "missing");
+            goto fail;
+        }
+        c.root = v;
+        snprintf(text_fname, sizeof(text_fname), "%s: text_config", fname);
+        c.fname = text_fname;
+        m.layer_prefix = LAYER_PREFIX_MM;
+    }
     r = cfg_family(&c, &m);
     if (r == 0)
         r = cfg_dtype(&c, &m.dtype);
+    if (r == 0 && m.dtype == MOE_DTYPE_COUNT && c.root != doc) {
+        /* A multimodal config may give the dtype at its top level only. */
+        struct cfg_ctx top = {.root = doc, .fname = fname, .arch = c.arch, .err = err};
+
+        r = cfg_dtype(&top, &m.dtype);
+    }
     if (r < 0)
         goto fail;
 
@@ -630,12 +683,12 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
         goto fail;
     }
 
-    json_decref(c.root);
+    json_decref(doc);
     *ret = m;
     return 0;
 fail:
     moe_config_clear(&m);
-    json_decref(c.root);
+    json_decref(doc);
     return r;
 }
 
@@ -660,6 +713,7 @@ bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer)
         return layer >= c->first_k_dense && c->moe_layer_freq > 0 && layer % c->moe_layer_freq == 0;
     case MOE_ARCH_QWEN2_MOE:
     case MOE_ARCH_QWEN3_MOE:
+    case MOE_ARCH_QWEN3_NEXT:
         for (int i = 0; i < c->n_mlp_only_layers; i++)
             if (c->mlp_only_layers[i] == layer)
                 return false;
@@ -923,7 +977,7 @@ int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int exper
 {
     bool mixtral = m->cfg.arch == MOE_ARCH_MIXTRAL;
 
-    return snprintf(buf, len, "model.layers.%d.%s.experts.%d.%s.weight", layer,
+    return snprintf(buf, len, "%s%d.%s.experts.%d.%s.weight", m->cfg.layer_prefix, layer,
                     mixtral ? "block_sparse_moe" : "mlp", expert,
                     expert_part_name(m->cfg.arch, (int)part));
 }
@@ -936,9 +990,9 @@ const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model
         m->cfg.arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe.experts." : "mlp.experts.";
     long layer, e;
 
-    if (!starts(name, "model.layers."))
+    if (!starts(name, m->cfg.layer_prefix))
         return NULL;
-    layer = parse_num(name + strlen("model.layers."), '.', &rest);
+    layer = parse_num(name + strlen(m->cfg.layer_prefix), '.', &rest);
     if (layer < 0 || layer >= m->cfg.n_layers || !m->layers[layer].is_moe || !starts(rest, blk))
         return NULL;
     e = parse_num(rest + strlen(blk), '.', &end);
@@ -970,26 +1024,26 @@ static int load_layer(struct open_ctx *c, int i)
     int r, f;
 
     L->is_moe = true;
-    snprintf(name, sizeof(name), "model.layers.%d.block_sparse_moe.gate.weight", i);
+    snprintf(name, sizeof(name), "%s%d.block_sparse_moe.gate.weight", cfg->layer_prefix, i);
     if (mixtral && find_tensor(c, name, &f))
         blk = "block_sparse_moe";
     /* Fused when expert 0 has no tensor of its own but the layer has a
      * gate_up_proj; otherwise the per-expert names, and their messages. */
-    snprintf(name, sizeof(name), "model.layers.%d.%s.experts.0.%s.weight", i, eblk,
+    snprintf(name, sizeof(name), "%s%d.%s.experts.0.%s.weight", cfg->layer_prefix, i, eblk,
              expert_part_name(cfg->arch, 0));
     fused = !find_tensor(c, name, &f);
     if (fused) {
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.gate_up_proj", i);
+        snprintf(name, sizeof(name), "%s%d.mlp.experts.gate_up_proj", cfg->layer_prefix, i);
         fused = find_tensor(c, name, &f) != NULL;
     }
     snprintf(keys, sizeof(keys), "[%s, hidden_size]", ek);
-    snprintf(name, sizeof(name), "model.layers.%d.%s.gate.weight", i, blk);
+    snprintf(name, sizeof(name), "%s%d.%s.gate.weight", cfg->layer_prefix, i, blk);
     r = get_ref(c, i, "router", name, 2, cfg->n_experts, cfg->hidden, keys, &L->router);
     if (r < 0)
         return r;
     if (cfg->has_score_bias) {
         snprintf(keys, sizeof(keys), "[%s]", ek);
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+        snprintf(name, sizeof(name), "%s%d.mlp.gate.e_score_correction_bias", cfg->layer_prefix, i);
         r = get_ref(c, i, "router score correction bias", name, 1, 1, cfg->n_experts, keys,
                     &L->bias);
         if (r < 0)
@@ -1002,7 +1056,7 @@ static int load_layer(struct open_ctx *c, int i)
         return moe_error_set(c->err, -ENOMEM, "%s: out of memory for %d experts", m->dir,
                              cfg->n_experts);
     if (fused) {
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.experts.", i);
+        snprintf(prefix, sizeof(prefix), "%s%d.mlp.experts.", cfg->layer_prefix, i);
         r = get_fused_experts(c, i, prefix, L);
         if (r < 0)
             return r;
@@ -1010,7 +1064,7 @@ static int load_layer(struct open_ctx *c, int i)
     for (int e = 0; e < cfg->n_experts; e++) {
         struct moe_expert_ref *x = &L->experts[e];
 
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.%d.", i, eblk, e);
+        snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.%d.", cfg->layer_prefix, i, eblk, e);
         snprintf(what, sizeof(what), "expert %d", e);
         r = fused ? 0 : get_expert(c, i, what, prefix, cfg->expert_ffn, fk, x);
         if (r == 0 && fused) {
@@ -1035,9 +1089,9 @@ static int load_layer(struct open_ctx *c, int i)
     }
 
     if (cfg->n_shared_experts > 0) {
-        bool qwen = cfg->arch == MOE_ARCH_QWEN2_MOE;
+        bool qwen = has_qwen_shared(cfg->arch);
 
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.%s.", i,
+        snprintf(prefix, sizeof(prefix), "%s%d.mlp.%s.", cfg->layer_prefix, i,
                  qwen ? "shared_expert" : "shared_experts");
         r = get_expert(c, i, "shared expert", prefix, cfg->shared_ffn,
                        qwen ? "shared_expert_intermediate_size"
@@ -1049,7 +1103,7 @@ static int load_layer(struct open_ctx *c, int i)
         m->total_expert_bytes += L->shared.nbytes;
     }
     if (cfg->shared_expert_gate) {
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.shared_expert_gate.weight", i);
+        snprintf(name, sizeof(name), "%s%d.mlp.shared_expert_gate.weight", cfg->layer_prefix, i);
         r = get_ref(c, i, "shared expert gate", name, 2, 1, cfg->hidden, "[1, hidden_size]",
                     &L->shared_gate);
         if (r < 0)
@@ -1096,9 +1150,9 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
     char rule[160];
     long layer;
 
-    if (!starts(name, "model.layers."))
+    if (!starts(name, cfg->layer_prefix))
         return 0;
-    layer = parse_num(name + strlen("model.layers."), '.', &rest);
+    layer = parse_num(name + strlen(cfg->layer_prefix), '.', &rest);
     if (layer < 0 || layer >= cfg->n_layers)
         return 0;
     if (cfg->arch == MOE_ARCH_MIXTRAL && starts(rest, "block_sparse_moe.")) {
@@ -1110,7 +1164,7 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
         return 0;
     } else if (starts(rest, "mlp.experts.")) {
         sub = rest + strlen("mlp.experts.");
-    } else if (cfg->arch == MOE_ARCH_QWEN2_MOE &&
+    } else if (has_qwen_shared(cfg->arch) &&
                (starts(rest, "mlp.shared_expert.") || starts(rest, "mlp.shared_expert_gate."))) {
         shared = true;
     } else if (is_deepseek_like(cfg->arch) && starts(rest, "mlp.shared_experts.")) {
@@ -1146,8 +1200,8 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
                              "%s: layer %ld: tensor '%s' is a shared expert's, "
                              "but %s has none (%s 0)",
                              c->m->dir, layer, name, CONFIG_NAME,
-                             cfg->arch == MOE_ARCH_QWEN2_MOE ? "shared_expert_intermediate_size"
-                                                             : "n_shared_experts");
+                             has_qwen_shared(cfg->arch) ? "shared_expert_intermediate_size"
+                                                        : "n_shared_experts");
     return 0;
 }
 

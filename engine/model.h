@@ -19,15 +19,22 @@
  *   kimi_k2,     as deepseek_v3 (DeepSeek-V3's layout and routing under its own
  *   glm4_moe     model type; glm4_moe has no moe_layer_freq)
  *   deepseek_v2  as deepseek_v3 without e_score_correction_bias (softmax scores)
+ *   qwen3_next,  as qwen2_moe (shared expert and its sigmoid gate); their linear-
+ *   qwen3_5_moe  attention layers are the caller's.  qwen3_5_moe has no dense
+ *                layers; its released config.json is the multimodal one
+ *                (model_type qwen3_5_moe, the text model's keys in "text_config"),
+ *                whose layers are model.language_model.layers.i. (layer_prefix);
+ *                transformers' text-only class writes model_type qwen3_5_moe_text,
+ *                flat, with model.layers.i.
  * The routed experts of any family may also be stored fused, as transformers 5
  * keeps them (save_pretrained(save_original_format=False), and releases such as
  * Qwen3.5-MoE): mlp.experts.gate_up_proj [E, 2F, H], each expert's gate rows
  * then its up rows, and mlp.experts.down_proj [E, H, F]; mixtral's router is
  * then mlp.gate.weight.  Expert e is the slices [e] of the two: still two
  * contiguous byte ranges, gate and up back to back.
- * Qwen layers listed in mlp_only_layers, or with (i + 1) % decoder_sparse_step
- * != 0, are dense.  Every other tensor (attention, norms, embeddings, dense
- * MLPs, DeepSeek's multi-token-prediction layer beyond num_hidden_layers) is
+ * Qwen layers (qwen2_moe, qwen3_moe, qwen3_next) listed in mlp_only_layers, or
+ * with (i + 1) % decoder_sparse_step != 0, are dense.  Every other tensor (attention, norms,
+ * embeddings, dense MLPs, DeepSeek's multi-token-prediction layer beyond num_hidden_layers) is
  * ignored, but its byte range is still checked by the safetensors parser.
  */
 #ifndef MOED_ENGINE_MODEL_H
@@ -46,6 +53,8 @@ enum moe_arch {
     MOE_ARCH_DEEPSEEK_V2,
     MOE_ARCH_KIMI_K2,
     MOE_ARCH_GLM4_MOE,
+    MOE_ARCH_QWEN3_NEXT,
+    MOE_ARCH_QWEN3_5_MOE,
     MOE_ARCH_COUNT,
 };
 
@@ -68,10 +77,12 @@ struct moe_model_config {
     int dense_ffn;           /* intermediate_size of dense layers; 0 when none */
     int n_experts;           /* routed experts per MoE layer */
     int top_k;               /* num_experts_per_tok */
-    int n_shared_experts;    /* deepseek n_shared_experts; qwen2_moe 1 when it has one */
+    int n_shared_experts;    /* deepseek n_shared_experts; qwen2_moe, qwen3_next,
+                              * qwen3_5_moe 1 when it has one */
     int shared_ffn;          /* rows of the shared expert's gate/up (all shared experts
                               * fused, as stored); 0 when none */
-    bool shared_expert_gate; /* qwen2_moe: shared output scaled by sigmoid(gate . x) */
+    bool shared_expert_gate; /* qwen2_moe, qwen3_next, qwen3_5_moe: shared output
+                              * scaled by sigmoid(shared_expert_gate . x) */
     bool norm_topk_prob;     /* mixtral: always true */
     enum moe_score_func score_func;
     int n_group;                 /* deepseek; 1 elsewhere */
@@ -84,6 +95,9 @@ struct moe_model_config {
     int n_mlp_only_layers;
     int *mlp_only_layers; /* qwen mlp_only_layers, owned */
     enum moe_dtype dtype; /* torch_dtype; MOE_DTYPE_COUNT when absent */
+    /* Prefix of layer i's tensors, before "<i>.": "model.layers." or, for a
+     * multimodal qwen3_5_moe config, "model.language_model.layers." (static). */
+    const char *layer_prefix;
 };
 
 /*

@@ -323,7 +323,7 @@ def check_inspect(name, info, model, dtype, layout):
     shared = (1 if hasattr(b, "shared_expert") else
               getattr(cfg, "n_shared_experts", 0) if hasattr(b, "shared_experts") else 0)
     want = {
-        "architecture": cfg.model_type,
+        "architecture": fam.MODEL_TYPE_FAMILY.get(cfg.model_type, cfg.model_type),
         "layers": cfg.num_hidden_layers,
         "moe_layers": sum(x is not None for x in blocks),
         "hidden": cfg.hidden_size,

@@ -22,7 +22,14 @@ a wrong answer instead of a lucky right one:
     experts, first_k_dense_replace 1;
   - glm4_moe: sigmoid with a random bias, n_group 4 > topk_group 2,
     routed_scaling_factor 2.5, norm_topk_prob true, one shared expert,
-    first_k_dense_replace 1 (the default; transformers has no moe_layer_freq).
+    first_k_dense_replace 1 (the default; transformers has no moe_layer_freq);
+  - qwen3_next: norm_topk_prob false (the config's default is true), a dense
+    layer through mlp_only_layers, the shared expert and its sigmoid gate,
+    and the hybrid attention of the release (linear attention in three layers
+    of four, run by transformers' torch fallback);
+  - qwen3_5_moe: transformers' text-only class (model_type qwen3_5_moe_text),
+    which always renormalises and has no dense layers, with its shared expert
+    and hybrid attention.
 
 Layouts: "single" and "sharded" are save_pretrained's per-expert names
 (save_original_format=True); "fused" is transformers 5's own layout
@@ -31,7 +38,7 @@ Layouts: "single" and "sharded" are save_pretrained's per-expert names
 import os
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
-            "glm4_moe"]
+            "glm4_moe", "qwen3_next", "qwen3_5_moe"]
 DTYPES = ["float32", "bfloat16"]
 LAYOUTS = ["single", "sharded", "fused"]
 
@@ -81,6 +88,16 @@ def config_kwargs(family):
                     n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
                     n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                     head_dim=32)
+    # Small linear-attention heads for the hybrid families.
+    linear = dict(head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4)
+    if family == "qwen3_next":
+        return dict(COMMON, **linear, num_hidden_layers=4, intermediate_size=160,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=96, num_experts=32,
+                    num_experts_per_tok=6, norm_topk_prob=False, mlp_only_layers=[1])
+    if family == "qwen3_5_moe":
+        return dict(COMMON, **linear, num_hidden_layers=4, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=96, num_experts=32, num_experts_per_tok=6)
     raise ValueError(family)
 
 
@@ -94,6 +111,10 @@ def config_class(family):
         "deepseek_v3": transformers.DeepseekV3Config,
         "deepseek_v2": transformers.DeepseekV2Config,
         "glm4_moe": transformers.Glm4MoeConfig,
+        "qwen3_next": transformers.Qwen3NextConfig,
+        # The text-only class; the released multimodal config (text_config,
+        # model.language_model.*) is checked by the unit tests.
+        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig,
     }[family]
 
 
@@ -101,6 +122,10 @@ def checkpoints(workdir):
     """(family, dtype, layout, directory) of every checkpoint, in order."""
     return [(f, d, l, os.path.join(workdir, f"{f}-{d}-{l}"))
             for f in FAMILIES for d in DTYPES for l in LAYOUTS]
+
+
+# moed's name of a family whose transformers config says another model_type.
+MODEL_TYPE_FAMILY = {"qwen3_5_moe_text": "qwen3_5_moe"}
 
 
 def moe_block(model, layer):

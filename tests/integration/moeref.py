@@ -57,12 +57,21 @@ class Checkpoint:
 
 
 class Family:
-    """The routing rule and tensor names of one model family, from config.json."""
+    """The routing rule and tensor names of one model family, from config.json
+    (transformers' config defaults where a key is absent)."""
 
     def __init__(self, cfg):
+        self.layers = "model.layers"
+        if cfg["model_type"] == "qwen3_5_moe":
+            # The released, multimodal config: the text model's keys.
+            cfg = cfg["text_config"]
+            self.layers = "model.language_model.layers"
         self.cfg = cfg
         mt = cfg["model_type"]
+        if mt == "qwen3_5_moe_text":
+            mt = "qwen3_5_moe"
         self.model_type = mt
+        self.v2_groups = False  # DeepSeek-V2: groups scored by their best softmax
         self.shared_gate = False
         self.shared = None
         self.bias = False
@@ -75,39 +84,67 @@ class Family:
             self.moe = "block_sparse_moe"
             self.proj = ("w1", "w3", "w2")
             self.norm = True
-        elif mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        elif mt in ("qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe"):
             self.E = cfg["num_experts"]
             self.moe = "mlp"
             self.proj = ("gate_proj", "up_proj", "down_proj")
-            self.norm = bool(cfg.get("norm_topk_prob", False))
-            if mt == "qwen2_moe" and cfg.get("shared_expert_intermediate_size", 0) > 0:
+            # Qwen3-Next renormalises by default, Qwen3.5-MoE always.
+            self.norm = (mt == "qwen3_5_moe" or
+                         bool(cfg.get("norm_topk_prob", mt == "qwen3_next")))
+            shared_default = 0 if mt == "qwen2_moe" else 512
+            if (mt in ("qwen2_moe", "qwen3_next", "qwen3_5_moe") and
+                    cfg.get("shared_expert_intermediate_size", shared_default) > 0):
                 self.shared = "shared_expert"
                 self.shared_gate = True
-        elif mt == "deepseek_v3":
+        elif mt in ("deepseek_v3", "kimi_k2", "glm4_moe"):
+            glm = mt == "glm4_moe"
             self.E = cfg["n_routed_experts"]
             self.moe = "mlp"
             self.proj = ("gate_proj", "up_proj", "down_proj")
             self.norm = bool(cfg.get("norm_topk_prob", True))
             self.sigmoid = True
             self.bias = True
-            self.n_group = cfg.get("n_group", 8)
-            self.topk_group = cfg.get("topk_group", 4)
-            self.scale = cfg.get("routed_scaling_factor", 2.5)
-            if (cfg.get("n_shared_experts") or 0) > 0:
+            self.n_group = cfg.get("n_group", 1 if glm else 8)
+            self.topk_group = cfg.get("topk_group", 1 if glm else 4)
+            self.scale = cfg.get("routed_scaling_factor", 1.0 if glm else 2.5)
+            if (cfg.get("n_shared_experts", 1) or 0) > 0:
+                self.shared = "shared_experts"
+        elif mt == "deepseek_v2":
+            # softmax; greedy or group_limited_greedy; never renormalised.
+            self.E = cfg["n_routed_experts"]
+            self.moe = "mlp"
+            self.proj = ("gate_proj", "up_proj", "down_proj")
+            self.norm = False
+            self.scale = cfg.get("routed_scaling_factor", 1.0)
+            if cfg.get("topk_method", "greedy") == "group_limited_greedy":
+                self.v2_groups = True
+                self.n_group = cfg["n_group"]
+                self.topk_group = cfg["topk_group"]
+            if (cfg.get("n_shared_experts", 2) or 0) > 0:
                 self.shared = "shared_experts"
         else:
             raise ValueError(f"unknown model_type {mt}")
 
     def is_moe(self, layer):
         c = self.cfg
-        if self.model_type == "deepseek_v3":
-            return layer >= c.get("first_k_dense_replace", 3) and layer % c.get("moe_layer_freq", 1) == 0
-        if self.model_type in ("qwen2_moe", "qwen3_moe"):
+        mt = self.model_type
+        if mt in ("deepseek_v3", "kimi_k2", "deepseek_v2", "glm4_moe"):
+            first = c.get("first_k_dense_replace", {"deepseek_v2": 0, "glm4_moe": 1}.get(mt, 3))
+            freq = 1 if mt == "glm4_moe" else c.get("moe_layer_freq", 1)
+            return layer >= first and layer % freq == 0
+        if mt in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
             return layer not in c.get("mlp_only_layers", []) and (layer + 1) % c.get("decoder_sparse_step", 1) == 0
         return True
 
     def prefix(self, layer):
-        return f"model.layers.{layer}.{self.moe}"
+        return f"{self.layers}.{layer}.{self.moe}"
+
+    def router_prefix(self, ck, layer):
+        """Where the router is: mixtral's fused layout names its block mlp."""
+        p = self.prefix(layer)
+        if not ck.has(f"{p}.gate.weight"):
+            p = f"{self.layers}.{layer}.mlp"
+        return p
 
     def selection_scores(self, logits, bias):
         """Scores the top-k is taken over (after group masking), and the scores weights come from."""
@@ -115,6 +152,15 @@ class Family:
             z = logits - logits.max(axis=1, keepdims=True)
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
+            if self.v2_groups and self.n_group > 1:
+                # DeepSeek-V2: keep the topk_group groups of best max score,
+                # the others' scores are 0.
+                T = p.shape[0]
+                best = p.reshape(T, self.n_group, -1).max(axis=2)
+                keep = np.argsort(-best, axis=1, kind="stable")[:, : self.topk_group]
+                mask = np.zeros((T, self.n_group), dtype=bool)
+                np.put_along_axis(mask, keep, True, axis=1)
+                return np.where(np.repeat(mask, self.E // self.n_group, axis=1), p, 0.0), p
             return p, p
         s = 1.0 / (1.0 + np.exp(-logits))
         c = s + (bias if bias is not None else 0.0)
@@ -145,7 +191,7 @@ def expert(x, gate, up, down):
 
 def layer_reference(ck, fam, layer, x, ids=None):
     """Routes x (unless ids are given) and returns (ids, weights, y, sel)."""
-    p = fam.prefix(layer)
+    p = fam.router_prefix(ck, layer)
     x = x.astype(np.float64)
     logits = x @ ck.get(f"{p}.gate.weight").T
     bias = ck.get(f"{p}.gate.e_score_correction_bias") if fam.bias else None
@@ -162,10 +208,19 @@ def routed_output(ck, fam, layer, x, ids, w):
     x = x.astype(np.float64)
     y = np.zeros_like(x)
     g, u, d = fam.proj
+    fused = f"{fam.layers}.{layer}.mlp.experts"
+    if ck.has(f"{fused}.gate_up_proj"):
+        # transformers 5's layout: gate_up_proj [E, 2F, H] (gate rows, then
+        # up rows), down_proj [E, H, F].
+        gu, dn = ck.get(f"{fused}.gate_up_proj"), ck.get(f"{fused}.down_proj")
+        F = dn.shape[2]
+        experts = {e: (gu[e, :F], gu[e, F:], dn[e]) for e in np.unique(ids)}
+    else:
+        experts = {e: [ck.get(f"{p}.experts.{e}.{n}.weight") for n in (g, u, d)]
+                   for e in np.unique(ids)}
     for e in np.unique(ids):
         rows, slot = np.nonzero(ids == e)
-        W = [ck.get(f"{p}.experts.{e}.{n}.weight") for n in (g, u, d)]
-        y[rows] += w[rows, slot][:, None] * expert(x[rows], *W)
+        y[rows] += w[rows, slot][:, None] * expert(x[rows], *experts[e])
     if fam.shared:
         W = [ck.get(f"{p}.{fam.shared}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
         s = expert(x, *W)

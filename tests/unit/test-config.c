@@ -193,7 +193,7 @@ static void test_defaults(void)
     moe_config_clear(&c);
 
     /* DeepSeek: n_group 8, topk_group 4, norm true, scaling 2.5, first 3 dense,
-     * freq 1, no shared experts (n_shared_experts null). */
+     * freq 1, one shared expert (n_shared_experts null: DeepseekV3Config's 1). */
     ASSERT_EQ(parse("{\"model_type\": \"deepseek_v3\", \"hidden_size\": 64, "
                     "\"intermediate_size\": 128, \"moe_intermediate_size\": 32, "
                     "\"n_routed_experts\": 64, \"num_experts_per_tok\": 8, "
@@ -206,11 +206,71 @@ static void test_defaults(void)
     ASSERT_NEAR(c.routed_scaling_factor, 2.5, 0);
     ASSERT_EQ(c.first_k_dense, 3);
     ASSERT_EQ(c.moe_layer_freq, 1);
-    ASSERT_EQ(c.n_shared_experts, 0);
-    ASSERT_EQ(c.shared_ffn, 0);
+    ASSERT_EQ(c.n_shared_experts, 1);
+    ASSERT_EQ(c.shared_ffn, 32);
     ASSERT_EQ(c.score_func, MOE_SCORE_SIGMOID);
     ASSERT_TRUE(c.has_score_bias);
     moe_config_clear(&c);
+
+    /* Qwen3-Next: transformers' Qwen3NextConfig defaults: renormalised, a
+     * shared expert of 512 with its gate, dense intermediate_size 5632. */
+    ASSERT_EQ(parse("{\"model_type\": \"qwen3_next\", \"hidden_size\": 64, "
+                    "\"moe_intermediate_size\": 32, \"num_experts\": 64, "
+                    "\"num_experts_per_tok\": 10, \"num_hidden_layers\": 4, "
+                    "\"decoder_sparse_step\": 2}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.arch, MOE_ARCH_QWEN3_NEXT);
+    ASSERT_TRUE(c.norm_topk_prob);
+    ASSERT_EQ(c.n_shared_experts, 1);
+    ASSERT_EQ(c.shared_ffn, 512);
+    ASSERT_TRUE(c.shared_expert_gate);
+    ASSERT_EQ(c.dense_ffn, 5632);
+    ASSERT_STREQ(c.layer_prefix, "model.layers.");
+    for (int i = 0; i < 4; i++)
+        ASSERT_EQ(moe_config_layer_is_moe(&c, i), i % 2 == 1);
+    moe_config_clear(&c);
+
+    /* Qwen3.5-MoE, text-only (transformers' qwen3_5_moe_text): always
+     * renormalised (norm_topk_prob is not its key), every layer MoE. */
+    ASSERT_EQ(parse("{\"model_type\": \"qwen3_5_moe_text\", \"hidden_size\": 64, "
+                    "\"moe_intermediate_size\": 32, \"num_experts\": 64, "
+                    "\"num_experts_per_tok\": 8, \"num_hidden_layers\": 4, "
+                    "\"norm_topk_prob\": false, \"decoder_sparse_step\": 2, "
+                    "\"mlp_only_layers\": [0], \"dtype\": \"bfloat16\"}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.arch, MOE_ARCH_QWEN3_5_MOE);
+    ASSERT_TRUE(c.norm_topk_prob);
+    ASSERT_EQ(c.shared_ffn, 512);
+    ASSERT_EQ(c.dtype, MOE_DTYPE_BF16);
+    ASSERT_STREQ(c.layer_prefix, "model.layers.");
+    for (int i = 0; i < 4; i++)
+        ASSERT_TRUE(moe_config_layer_is_moe(&c, i));
+    moe_config_clear(&c);
+
+    /* Qwen3.5-MoE as released: the keys in text_config (the top's ignored),
+     * the dtype at the top, the layers under model.language_model. */
+    ASSERT_EQ(parse("{\"model_type\": \"qwen3_5_moe\", \"torch_dtype\": \"bfloat16\", "
+                    "\"hidden_size\": 999, \"text_config\": {\"model_type\": "
+                    "\"qwen3_5_moe_text\", \"hidden_size\": 64, \"moe_intermediate_size\": 32, "
+                    "\"num_experts\": 64, \"num_experts_per_tok\": 8, "
+                    "\"num_hidden_layers\": 4, \"shared_expert_intermediate_size\": 0}}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.arch, MOE_ARCH_QWEN3_5_MOE);
+    ASSERT_EQ(c.hidden, 64);
+    ASSERT_EQ(c.n_shared_experts, 0);
+    ASSERT_TRUE(!c.shared_expert_gate);
+    ASSERT_EQ(c.dtype, MOE_DTYPE_BF16);
+    ASSERT_STREQ(c.layer_prefix, "model.language_model.layers.");
+    moe_config_clear(&c);
+    ASSERT_EQ(parse("{\"model_type\": \"qwen3_5_moe\", \"text_config\": [1]}", &c, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "config.json: 'text_config' is an array: expected an object");
+    ASSERT_EQ(
+        parse("{\"model_type\": \"qwen3_5_moe\", \"text_config\": {\"hidden_size\": 4}}", &c, &err),
+        -EINVAL);
+    ASSERT_CONTAINS(err.msg, "config.json: text_config: 'num_hidden_layers' is missing");
 }
 
 static void test_dtype_keys(void)
@@ -367,6 +427,8 @@ static void test_arch_names(void)
         ASSERT_EQ(a, i);
     }
     ASSERT_STREQ(moe_arch_name(MOE_ARCH_QWEN2_MOE), "qwen2_moe");
+    ASSERT_EQ(moe_arch_parse("qwen3_5_moe_text", &a), 0);
+    ASSERT_EQ(a, MOE_ARCH_QWEN3_5_MOE);
     ASSERT_EQ(moe_arch_parse("llama", &a), -EINVAL);
     ASSERT_EQ(moe_arch_parse("Mixtral", &a), -EINVAL);
     ASSERT_STREQ(moe_arch_name(MOE_ARCH_COUNT), "?");
@@ -388,7 +450,7 @@ static const struct bad_config bad_configs[] = {
      "qwen3_moe, olmoe, deepseek_v3"},
     {MOE_ARCH_MIXTRAL, "model_type", NULL, "'model_type' is missing: expected one of mixtral"},
     {MOE_ARCH_MIXTRAL, "model_type", "3", "'model_type' is 3: expected one of"},
-    {MOE_ARCH_QWEN2_MOE, "model_type", "\"deepseek_v2\"", "\"deepseek_v2\": unsupported"},
+    {MOE_ARCH_QWEN2_MOE, "model_type", "\"jamba\"", "\"jamba\": unsupported"},
     /* mixtral */
     {MOE_ARCH_MIXTRAL, "num_experts_per_tok", "9",
      "config.json: 'num_experts_per_tok' is 9: expected 1 to num_local_experts (8)"},

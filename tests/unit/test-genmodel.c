@@ -76,7 +76,10 @@ struct st_t {
 
 struct ckpt {
     char *dir;
-    json_t *cfg;
+    json_t *cfg;         /* the text model's keys: config.json, or its text_config */
+    json_t *top;         /* config.json */
+    bool fused;          /* routed experts in transformers 5's fused layout */
+    const char *lp, *mp; /* prefixes of layer i's tensors and of embed_tokens/norm */
     size_t n;
     struct st_t *t;
 };
@@ -181,10 +184,16 @@ static void ckpt_open(struct ckpt *c, const char *dir)
 
     memset(c, 0, sizeof(*c));
     c->dir = strdup(dir);
-    c->cfg = json_load_file(p, 0, &je);
-    if (!c->cfg)
+    c->top = json_load_file(p, 0, &je);
+    if (!c->top)
         FAIL("%s: %s", p, je.text);
     free(p);
+    /* A multimodal config (Qwen3.5-MoE's): the text model under text_config,
+     * its tensors under model.language_model. */
+    c->cfg = json_object_get(c->top, "text_config");
+    c->cfg = json_incref(c->cfg ? c->cfg : c->top);
+    c->lp = c->cfg != c->top ? "model.language_model.layers." : "model.layers.";
+    c->mp = c->cfg != c->top ? "model.language_model." : "model.";
     if (exists(dir, "model.safetensors.index.json")) {
         json_t *idx, *map, *v;
         const char *key;
@@ -226,11 +235,14 @@ static void ckpt_open(struct ckpt *c, const char *dir)
     } else {
         st_load(c, "model.safetensors");
     }
+    for (size_t i = 0; i < c->n; i++)
+        c->fused |= strstr(c->t[i].name, ".experts.gate_up_proj") != NULL;
 }
 
 static void ckpt_close(struct ckpt *c)
 {
     json_decref(c->cfg);
+    json_decref(c->top);
     free(c->t);
     free(c->dir);
 }
@@ -303,7 +315,7 @@ struct exp_t {
     char name[128];
     const char *dtype;
     int ndim;
-    int64_t shape[2];
+    int64_t shape[3];
 };
 
 struct expect {
@@ -329,6 +341,15 @@ static void ex(struct expect *e, const char *dtype, int64_t d0, int64_t d1, cons
     t->shape[1] = d1;
 }
 
+/* A fused expert tensor [d0, d1, d2]. */
+static void ex3(struct expect *e, const char *dtype, int64_t d0, int64_t d1, int64_t d2,
+                const char *lp, int i, const char *name)
+{
+    ex(e, dtype, d0, d1, "%s%d.mlp.experts.%s", lp, i, name);
+    e->t[e->n - 1].ndim = 3;
+    e->t[e->n - 1].shape[2] = d2;
+}
+
 static void ex_ffn(struct expect *e, const char *dt, int H, int F, const char *prefix,
                    const char *g, const char *u, const char *d)
 {
@@ -341,7 +362,7 @@ static void ex_ffn(struct expect *e, const char *dt, int H, int F, const char *p
 static void expected_tensors(const struct ckpt *c, struct expect *e)
 {
     const char *mt = json_string_value(json_object_get(c->cfg, "model_type"));
-    const char *td = json_string_value(json_object_get(c->cfg, "torch_dtype"));
+    const char *td = json_string_value(json_object_get(c->top, "torch_dtype"));
     const char *dt = strcmp(td, "bfloat16") == 0  ? "BF16"
                      : strcmp(td, "float16") == 0 ? "F16"
                                                   : "F32";
@@ -353,6 +374,9 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
     bool mixtral = strcmp(mt, "mixtral") == 0, ds = strcmp(mt, "deepseek_v3") == 0 || v2 || kimi;
     bool qwen2 = strcmp(mt, "qwen2_moe") == 0, qwen3 = strcmp(mt, "qwen3_moe") == 0;
     bool olmoe = strcmp(mt, "olmoe") == 0;
+    /* Qwen3-Next and Qwen3.5: gated attention (q_proj doubled, q/k norms) and
+     * qwen2_moe's gated shared expert. */
+    bool qnext = strcmp(mt, "qwen3_next") == 0 || strcmp(mt, "qwen3_5_moe_text") == 0;
     int hd = json_object_get(c->cfg, "head_dim") ? cfg_int(c, "head_dim") : H / nh;
     int E = mixtral     ? cfg_int(c, "num_local_experts")
             : ds || glm ? cfg_int(c, "n_routed_experts")
@@ -362,82 +386,85 @@ static void expected_tensors(const struct ckpt *c, struct expect *e)
     char p[128];
 
     e->n = 0;
-    ex(e, dt, V, H, "model.embed_tokens.weight");
-    ex(e, dt, H, -1, "model.norm.weight");
+    ex(e, dt, V, H, "%sembed_tokens.weight", c->mp);
+    ex(e, dt, H, -1, "%snorm.weight", c->mp);
     ex(e, dt, V, H, "lm_head.weight");
     for (int i = 0; i < L; i++) {
-        ex(e, dt, H, -1, "model.layers.%d.input_layernorm.weight", i);
-        ex(e, dt, H, -1, "model.layers.%d.post_attention_layernorm.weight", i);
+        ex(e, dt, H, -1, "%s%d.input_layernorm.weight", c->lp, i);
+        ex(e, dt, H, -1, "%s%d.post_attention_layernorm.weight", c->lp, i);
         if (ds) {
             int ql = cfg_int(c, "q_lora_rank"), kvl = cfg_int(c, "kv_lora_rank");
             int rope = cfg_int(c, "qk_rope_head_dim"), nope = cfg_int(c, "qk_nope_head_dim");
             int vd = cfg_int(c, "v_head_dim");
 
-            ex(e, dt, ql, H, "model.layers.%d.self_attn.q_a_proj.weight", i);
-            ex(e, dt, ql, -1, "model.layers.%d.self_attn.q_a_layernorm.weight", i);
-            ex(e, dt, (int64_t)nh * (nope + rope), ql, "model.layers.%d.self_attn.q_b_proj.weight",
-               i);
-            ex(e, dt, kvl + rope, H, "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", i);
-            ex(e, dt, kvl, -1, "model.layers.%d.self_attn.kv_a_layernorm.weight", i);
-            ex(e, dt, (int64_t)nh * (nope + vd), kvl, "model.layers.%d.self_attn.kv_b_proj.weight",
-               i);
-            ex(e, dt, H, (int64_t)nh * vd, "model.layers.%d.self_attn.o_proj.weight", i);
+            ex(e, dt, ql, H, "%s%d.self_attn.q_a_proj.weight", c->lp, i);
+            ex(e, dt, ql, -1, "%s%d.self_attn.q_a_layernorm.weight", c->lp, i);
+            ex(e, dt, (int64_t)nh * (nope + rope), ql, "%s%d.self_attn.q_b_proj.weight", c->lp, i);
+            ex(e, dt, kvl + rope, H, "%s%d.self_attn.kv_a_proj_with_mqa.weight", c->lp, i);
+            ex(e, dt, kvl, -1, "%s%d.self_attn.kv_a_layernorm.weight", c->lp, i);
+            ex(e, dt, (int64_t)nh * (nope + vd), kvl, "%s%d.self_attn.kv_b_proj.weight", c->lp, i);
+            ex(e, dt, H, (int64_t)nh * vd, "%s%d.self_attn.o_proj.weight", c->lp, i);
         } else {
-            ex(e, dt, nh * hd, H, "model.layers.%d.self_attn.q_proj.weight", i);
-            ex(e, dt, nkv * hd, H, "model.layers.%d.self_attn.k_proj.weight", i);
-            ex(e, dt, nkv * hd, H, "model.layers.%d.self_attn.v_proj.weight", i);
-            ex(e, dt, H, nh * hd, "model.layers.%d.self_attn.o_proj.weight", i);
+            ex(e, dt, (qnext ? 2 : 1) * nh * hd, H, "%s%d.self_attn.q_proj.weight", c->lp, i);
+            ex(e, dt, nkv * hd, H, "%s%d.self_attn.k_proj.weight", c->lp, i);
+            ex(e, dt, nkv * hd, H, "%s%d.self_attn.v_proj.weight", c->lp, i);
+            ex(e, dt, H, nh * hd, "%s%d.self_attn.o_proj.weight", c->lp, i);
             if (qwen2 || glm) {
-                ex(e, dt, nh * hd, -1, "model.layers.%d.self_attn.q_proj.bias", i);
-                ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.k_proj.bias", i);
-                ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.v_proj.bias", i);
+                ex(e, dt, nh * hd, -1, "%s%d.self_attn.q_proj.bias", c->lp, i);
+                ex(e, dt, nkv * hd, -1, "%s%d.self_attn.k_proj.bias", c->lp, i);
+                ex(e, dt, nkv * hd, -1, "%s%d.self_attn.v_proj.bias", c->lp, i);
             }
-            if (qwen3) {
-                ex(e, dt, hd, -1, "model.layers.%d.self_attn.q_norm.weight", i);
-                ex(e, dt, hd, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+            if (qwen3 || qnext) {
+                ex(e, dt, hd, -1, "%s%d.self_attn.q_norm.weight", c->lp, i);
+                ex(e, dt, hd, -1, "%s%d.self_attn.k_norm.weight", c->lp, i);
             }
             if (olmoe) {
-                ex(e, dt, nh * hd, -1, "model.layers.%d.self_attn.q_norm.weight", i);
-                ex(e, dt, nkv * hd, -1, "model.layers.%d.self_attn.k_norm.weight", i);
+                ex(e, dt, nh * hd, -1, "%s%d.self_attn.q_norm.weight", c->lp, i);
+                ex(e, dt, nkv * hd, -1, "%s%d.self_attn.k_norm.weight", c->lp, i);
             }
         }
         if ((ds || glm) && i < cfg_int(c, "first_k_dense_replace")) {
-            snprintf(p, sizeof(p), "model.layers.%d.mlp", i);
+            snprintf(p, sizeof(p), "%s%d.mlp", c->lp, i);
             ex_ffn(e, dt, H, cfg_int(c, "intermediate_size"), p, "gate_proj", "up_proj",
                    "down_proj");
             continue;
         }
-        ex(e, dt, E, H, "model.layers.%d.%s.gate.weight", i, mixtral ? "block_sparse_moe" : "mlp");
-        for (int x = 0; x < E; x++) {
+        ex(e, dt, E, H, "%s%d.%s.gate.weight", c->lp, i,
+           mixtral && !c->fused ? "block_sparse_moe" : "mlp");
+        if (c->fused) {
+            ex3(e, dt, E, 2 * (int64_t)F, H, c->lp, i, "gate_up_proj");
+            ex3(e, dt, E, H, F, c->lp, i, "down_proj");
+        }
+        for (int x = 0; x < E && !c->fused; x++) {
             if (mixtral) {
-                snprintf(p, sizeof(p), "model.layers.%d.block_sparse_moe.experts.%d", i, x);
+                snprintf(p, sizeof(p), "%s%d.block_sparse_moe.experts.%d", c->lp, i, x);
                 ex_ffn(e, dt, H, F, p, "w1", "w3", "w2");
             } else {
-                snprintf(p, sizeof(p), "model.layers.%d.mlp.experts.%d", i, x);
+                snprintf(p, sizeof(p), "%s%d.mlp.experts.%d", c->lp, i, x);
                 ex_ffn(e, dt, H, F, p, "gate_proj", "up_proj", "down_proj");
             }
         }
-        if (qwen2 && cfg_int(c, "shared_expert_intermediate_size") > 0) {
-            snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_expert", i);
+        if ((qwen2 || qnext) && cfg_int(c, "shared_expert_intermediate_size") > 0) {
+            snprintf(p, sizeof(p), "%s%d.mlp.shared_expert", c->lp, i);
             ex_ffn(e, dt, H, cfg_int(c, "shared_expert_intermediate_size"), p, "gate_proj",
                    "up_proj", "down_proj");
-            ex(e, dt, 1, H, "model.layers.%d.mlp.shared_expert_gate.weight", i);
+            ex(e, dt, 1, H, "%s%d.mlp.shared_expert_gate.weight", c->lp, i);
         }
         if (ds || glm) {
             if (!v2)
-                ex(e, "F32", E, -1, "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+                ex(e, "F32", E, -1, "%s%d.mlp.gate.e_score_correction_bias", c->lp, i);
             if (cfg_int(c, "n_shared_experts") > 0) {
-                snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_experts", i);
+                snprintf(p, sizeof(p), "%s%d.mlp.shared_experts", c->lp, i);
                 ex_ffn(e, dt, H, cfg_int(c, "n_shared_experts") * F, p, "gate_proj", "up_proj",
                        "down_proj");
             }
         }
     }
     if ((ds || glm) && !v2) {
-        ex(e, dt, H, 2 * H, "model.layers.%d.eh_proj.weight", L);
-        ex(e, dt, H, -1, "model.layers.%d.enorm.weight", L);
-        ex(e, dt, H, -1, "model.layers.%d.hnorm.weight", L);
-        ex(e, dt, H, -1, "model.layers.%d.shared_head.norm.weight", L);
+        ex(e, dt, H, 2 * H, "%s%d.eh_proj.weight", c->lp, L);
+        ex(e, dt, H, -1, "%s%d.enorm.weight", c->lp, L);
+        ex(e, dt, H, -1, "%s%d.hnorm.weight", c->lp, L);
+        ex(e, dt, H, -1, "%s%d.shared_head.norm.weight", c->lp, L);
     }
 }
 
@@ -508,9 +535,9 @@ static void check_key_str(const struct ckpt *c, const char *key, const char *v)
         FAIL("config.json %s: expected \"%s\"", key, v);
 }
 
-static const char *const arch_names[MOE_ARCH_COUNT] = {"mixtral", "qwen2_moe",   "qwen3_moe",
-                                                       "olmoe",   "deepseek_v3", "deepseek_v2",
-                                                       "kimi_k2", "glm4_moe"};
+static const char *const arch_names[MOE_ARCH_COUNT] = {
+    "mixtral",     "qwen2_moe", "qwen3_moe", "olmoe",      "deepseek_v3",
+    "deepseek_v2", "kimi_k2",   "glm4_moe",  "qwen3_next", "qwen3_5_moe"};
 
 /* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
 static bool deepseek_like(enum moe_arch a)
@@ -522,17 +549,25 @@ static bool deepseek_like(enum moe_arch a)
 static void check_config(const struct ckpt *c, enum moe_arch arch, const char *torch_dtype)
 {
     static const char *const classes[MOE_ARCH_COUNT] = {
-        "MixtralForCausalLM",    "Qwen2MoeForCausalLM",   "Qwen3MoeForCausalLM",
-        "OlmoeForCausalLM",      "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM",
-        "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"};
-    json_t *a = json_object_get(c->cfg, "architectures");
+        "MixtralForCausalLM",    "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",   "OlmoeForCausalLM",
+        "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM",
+        "Qwen3NextForCausalLM",  "Qwen3_5MoeForConditionalGeneration"};
+    json_t *a = json_object_get(c->top, "architectures");
+    json_t *mt = json_object_get(c->top, "model_type"),
+           *td = json_object_get(c->top, "torch_dtype");
     struct moe_genmodel_opts d;
 
     moe_genmodel_defaults(arch, &d);
     ASSERT_TRUE(json_is_array(a) && json_array_size(a) == 1);
     ASSERT_STREQ(json_string_value(json_array_get(a, 0)), classes[arch]);
-    check_key_str(c, "model_type", arch_names[arch]);
-    check_key_str(c, "torch_dtype", torch_dtype);
+    ASSERT_STREQ(json_string_value(mt), arch_names[arch]);
+    ASSERT_STREQ(json_string_value(td), torch_dtype);
+    /* Qwen3.5-MoE as released: the text model's keys in text_config. */
+    ASSERT_EQ(c->cfg != c->top, arch == MOE_ARCH_QWEN3_5_MOE);
+    if (c->cfg != c->top)
+        check_key_str(c, "model_type", "qwen3_5_moe_text");
     check_key_int(c, "hidden_size", d.hidden);
     check_key_int(c, "num_hidden_layers", d.n_layers);
     check_key_int(c, "num_experts_per_tok", d.top_k);
@@ -568,6 +603,23 @@ static void check_config(const struct ckpt *c, enum moe_arch arch, const char *t
         ASSERT_TRUE(json_is_array(json_object_get(c->cfg, "mlp_only_layers")));
         ASSERT_TRUE(cfg_int(c, "head_dim") > 0);
         ASSERT_TRUE(json_object_get(c->cfg, "shared_expert_intermediate_size") == NULL);
+        break;
+    case MOE_ARCH_QWEN3_NEXT:
+    case MOE_ARCH_QWEN3_5_MOE:
+        check_key_int(c, "num_experts", d.n_experts);
+        check_key_int(c, "moe_intermediate_size", d.ffn);
+        check_key_int(c, "shared_expert_intermediate_size", 4 * d.ffn);
+        check_key_int(c, "head_dim", cfg_int(c, "head_dim"));
+        ASSERT_EQ(json_array_size(json_object_get(c->cfg, "layer_types")), (size_t)d.n_layers);
+        if (arch == MOE_ARCH_QWEN3_NEXT) {
+            check_key_bool(c, "norm_topk_prob", true);
+            check_key_int(c, "decoder_sparse_step", 1);
+            ASSERT_TRUE(cfg_int(c, "intermediate_size") > 0);
+        } else {
+            /* Qwen3.5-MoE always renormalises and has no dense layers. */
+            ASSERT_TRUE(json_object_get(c->cfg, "norm_topk_prob") == NULL);
+            ASSERT_TRUE(json_object_get(c->cfg, "intermediate_size") == NULL);
+        }
         break;
     case MOE_ARCH_OLMOE:
         check_key_int(c, "intermediate_size", d.ffn);
@@ -756,30 +808,36 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
                     : cfg_int(c, "num_experts");
     int F = (mixtral || arch == MOE_ARCH_OLMOE) ? cfg_int(c, "intermediate_size")
                                                 : cfg_int(c, "moe_intermediate_size");
-    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
+    const char *blk = mixtral && !c->fused ? "block_sparse_moe" : "mlp";
+    bool qshared =
+        arch == MOE_ARCH_QWEN2_MOE || arch == MOE_ARCH_QWEN3_NEXT || arch == MOE_ARCH_QWEN3_5_MOE;
     int first = ds ? cfg_int(c, "first_k_dense_replace") : 0;
     char name[160], prefix[128];
     double *v, sd;
     size_t n;
 
     /* Norms are exactly 1. */
-    v = tensor_f64(c, "model.norm.weight", &n);
+    snprintf(name, sizeof(name), "%snorm.weight", c->mp);
+    v = tensor_f64(c, name, &n);
     for (size_t i = 0; i < n; i++)
         ASSERT_EQ(v[i] == 1.0, 1);
     free(v);
-    /* Expert scales: gate/up 1/sqrt(H), down 1/sqrt(F) (uniform noise). */
-    snprintf(prefix, sizeof(prefix), "model.layers.%d.%s.experts.0", first, blk);
+    /* Expert scales: gate/up 1/sqrt(H), down 1/sqrt(F) (uniform noise).  A
+     * fused checkpoint's experts are the per-expert one's (test_fused). */
+    snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.0", c->lp, first, blk);
     snprintf(name, sizeof(name), "%s.%s.weight", prefix, mixtral ? "w1" : "gate_proj");
-    v = tensor_f64(c, name, &n);
-    sd = stddev(v, n);
-    ASSERT_NEAR(sd * sqrt(H), 1.0, 0.05);
-    free(v);
-    snprintf(name, sizeof(name), "%s.%s.weight", prefix, mixtral ? "w2" : "down_proj");
-    v = tensor_f64(c, name, &n);
-    ASSERT_NEAR(stddev(v, n) * sqrt(F), 1.0, 0.05);
-    free(v);
+    if (!c->fused) {
+        v = tensor_f64(c, name, &n);
+        sd = stddev(v, n);
+        ASSERT_NEAR(sd * sqrt(H), 1.0, 0.05);
+        free(v);
+        snprintf(name, sizeof(name), "%s.%s.weight", prefix, mixtral ? "w2" : "down_proj");
+        v = tensor_f64(c, name, &n);
+        ASSERT_NEAR(stddev(v, n) * sqrt(F), 1.0, 0.05);
+        free(v);
+    }
     if (ds && arch != MOE_ARCH_DEEPSEEK_V2) {
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.gate.e_score_correction_bias", first);
+        snprintf(name, sizeof(name), "%s%d.mlp.gate.e_score_correction_bias", c->lp, first);
         v = tensor_f64(c, name, &n);
         ASSERT_EQ(n, (size_t)E);
         sd = 0;
@@ -792,12 +850,15 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
     }
 
     /* One expert maps N(0,1) to outputs of sane scale, and so do shared ones. */
-    sd = expert_out_std(c, prefix, mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj",
-                        mixtral ? "w2" : "down_proj", H);
-    printf("  %s: expert output std %.3f", arch_names[arch], sd);
-    ASSERT_TRUE(sd >= 0.01 && sd <= 10);
-    if (arch == MOE_ARCH_QWEN2_MOE || ds) {
-        snprintf(prefix, sizeof(prefix), "model.layers.%d.mlp.%s", first,
+    printf("  %s:", arch_names[arch]);
+    if (!c->fused) {
+        sd = expert_out_std(c, prefix, mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj",
+                            mixtral ? "w2" : "down_proj", H);
+        printf(" expert output std %.3f", sd);
+        ASSERT_TRUE(sd >= 0.01 && sd <= 10);
+    }
+    if (qshared || ds) {
+        snprintf(prefix, sizeof(prefix), "%s%d.mlp.%s", c->lp, first,
                  ds ? "shared_experts" : "shared_expert");
         sd = expert_out_std(c, prefix, "gate_proj", "up_proj", "down_proj", H);
         printf(", shared %.3f", sd);
@@ -809,7 +870,7 @@ static void check_weights(const struct ckpt *c, enum moe_arch arch)
     for (int i = first; i < L; i++) {
         double skew;
 
-        snprintf(name, sizeof(name), "model.layers.%d.%s.gate.weight", i, blk);
+        snprintf(name, sizeof(name), "%s%d.%s.gate.weight", c->lp, i, blk);
         skew = router_skew(c, name, E, H, K);
         printf(" %.1f", skew);
         if (skew < 3.0)
@@ -902,7 +963,8 @@ static void test_defaults(void)
     } want[MOE_ARCH_COUNT] = {
         {4, 8, 2, 256, 512, 0},  {4, 16, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 0},
         {4, 16, 4, 256, 128, 0}, {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 2},
-        {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 1},
+        {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 1}, {4, 64, 8, 256, 64, 1},
+        {4, 64, 8, 256, 64, 1},
     };
 
     for (int a = 0; a < MOE_ARCH_COUNT; a++) {
@@ -929,6 +991,18 @@ static bool same_file(const char *a, const char *b)
     return r;
 }
 
+/* Routed experts per MoE layer of c's config. */
+static int cp_experts(const struct ckpt *c)
+{
+    static const char *const keys[] = {"num_local_experts", "n_routed_experts", "num_experts"};
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(keys); i++)
+        if (json_object_get(c->cfg, keys[i]))
+            return cfg_int(c, keys[i]);
+    FAIL("%s: no expert count", c->dir);
+    return 0;
+}
+
 /* Identical tensor bytes for every name in two checkpoints. */
 static void same_tensors(const struct ckpt *a, const struct ckpt *b)
 {
@@ -948,6 +1022,81 @@ static void same_tensors(const struct ckpt *a, const struct ckpt *b)
         free(x);
         free(y);
     }
+}
+
+/*
+ * --layout fused against per-expert, for every family: the same values byte
+ * for byte, gate_up_proj[e] being expert e's gate rows then its up rows and
+ * down_proj[e] its down; every other tensor the same (mixtral's router
+ * renamed mlp.gate); and the other way for qwen3_5_moe, whose default is fused.
+ */
+static void test_fused(enum moe_arch arch)
+{
+    struct moe_genmodel_opts o;
+    struct ckpt cp, cf;
+    char *dp, *df, tag[64], name[160];
+    int n_moe = 0;
+
+    moe_genmodel_defaults(arch, &o);
+    o.hidden = 32;
+    o.ffn = 16;
+    o.n_layers = 3;
+    o.layout = MOE_GEN_LAYOUT_PER_EXPERT;
+    snprintf(tag, sizeof(tag), "%s-per-expert", arch_names[arch]);
+    dp = gen(tag, &o);
+    o.layout = MOE_GEN_LAYOUT_FUSED;
+    o.n_shards = 2;
+    snprintf(tag, sizeof(tag), "%s-fused", arch_names[arch]);
+    df = gen(tag, &o);
+    ckpt_open(&cp, dp);
+    ckpt_open(&cf, df);
+    ASSERT_TRUE(!cp.fused && cf.fused);
+    check_tensors(&cf);
+    for (size_t i = 0; i < cp.n; i++) {
+        const struct st_t *t = &cp.t[i], *u;
+        unsigned char *x = tensor_bytes(&cp, t), *y;
+        const char *ex = strstr(t->name, ".experts.");
+        int layer = -1, e = -1, off = 0;
+        char part[32] = "";
+
+        sscanf(t->name + strlen(cp.lp), "%d.", &layer);
+        if (ex && sscanf(ex, ".experts.%d.%31[a-z0-9_]", &e, part) == 2) {
+            /* A routed expert's part: its slice of the fused tensor. */
+            bool down = strcmp(part, "down_proj") == 0 || strcmp(part, "w2") == 0;
+            bool up = strcmp(part, "up_proj") == 0 || strcmp(part, "w3") == 0;
+
+            snprintf(name, sizeof(name), "%s%d.mlp.experts.%s", cf.lp, layer,
+                     down ? "down_proj" : "gate_up_proj");
+            u = find(&cf, name);
+            if (!u)
+                FAIL("%s: no %s", df, name);
+            off = (int)(t->nbytes * (uint64_t)(down ? e : 2 * e + up));
+            ASSERT_EQ(u->nbytes, t->nbytes * (uint64_t)cp_experts(&cp) * (down ? 1 : 2));
+        } else {
+            snprintf(name, sizeof(name), "%s", t->name);
+            if (arch == MOE_ARCH_MIXTRAL && strstr(name, ".block_sparse_moe.gate.")) {
+                snprintf(name, sizeof(name), "%s%d.mlp.gate.weight", cf.lp, layer);
+                n_moe++;
+            }
+            u = find(&cf, name);
+            if (!u)
+                FAIL("%s: no %s", df, name);
+            ASSERT_EQ(u->nbytes, t->nbytes);
+        }
+        ASSERT_STREQ(u->dtype, t->dtype);
+        y = tensor_bytes(&cf, u);
+        if (memcmp(x, y + off, t->nbytes) != 0)
+            FAIL("%s: %s differs from its place in %s", arch_names[arch], t->name, u->name);
+        free(x);
+        free(y);
+    }
+    for (size_t i = 0; i < cf.n; i++)
+        n_moe += arch != MOE_ARCH_MIXTRAL && strstr(cf.t[i].name, ".mlp.gate.weight") != NULL;
+    ASSERT_EQ(cf.n, cp.n - (size_t)n_moe * (3 * (size_t)cp_experts(&cp) - 2));
+    ckpt_close(&cp);
+    ckpt_close(&cf);
+    free(dp);
+    free(df);
 }
 
 static void test_determinism(void)
@@ -1379,6 +1528,8 @@ int main(void)
     test_defaults();
     for (int a = 0; a < MOE_ARCH_COUNT; a++)
         test_family((enum moe_arch)a);
+    for (int a = 0; a < MOE_ARCH_COUNT; a++)
+        test_fused((enum moe_arch)a);
     test_determinism();
     test_stale_and_dirs();
     test_dtypes();

@@ -39,6 +39,8 @@ struct ckpt {
     enum moe_dtype dtype;
     int L, H, F, E, K, shared_ffn, dense_ffn;
     bool fused; /* routed experts as transformers 5's gate_up_proj, down_proj */
+    /* Layer prefix: "model.layers.", or "model.language_model.layers." (multimodal). */
+    const char *lp;
     json_t *config;
     int n;
     struct tt t[MAX_TENSORS];
@@ -115,11 +117,17 @@ static void ffn(struct ckpt *ck, const char *prefix, const char *g, const char *
     add(ck, dt, ck->H, f, "%s.%s.weight", prefix, d);
 }
 
+/* Qwen's shared expert with its sigmoid gate. */
+static bool qwen_shared(enum moe_arch a)
+{
+    return a == MOE_ARCH_QWEN2_MOE || a == MOE_ARCH_QWEN3_NEXT || a == MOE_ARCH_QWEN3_5_MOE;
+}
+
 static bool expect_moe(const struct ckpt *ck, int layer)
 {
     if (deepseek_like(ck->arch))
         return layer >= 1;
-    if (ck->arch == MOE_ARCH_QWEN3_MOE)
+    if (ck->arch == MOE_ARCH_QWEN3_MOE || ck->arch == MOE_ARCH_QWEN3_NEXT)
         return layer != 1;
     return true;
 }
@@ -139,10 +147,12 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
     bool mixtral = arch == MOE_ARCH_MIXTRAL;
     /* transformers 5 names mixtral's block mlp in the fused layout */
     const char *blk = mixtral && !fused ? "block_sparse_moe" : "mlp";
+    const char *mp = arch == MOE_ARCH_QWEN3_5_MOE ? "model.language_model." : "model.";
     char p[128];
 
     memset(ck, 0, sizeof(*ck));
     ck->fused = fused;
+    ck->lp = arch == MOE_ARCH_QWEN3_5_MOE ? "model.language_model.layers." : "model.layers.";
     ck->arch = arch;
     ck->dtype = dt;
     ck->L = 3;
@@ -219,6 +229,32 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
             "num_experts_per_tok", ck->K, "n_shared_experts", 1, "n_group", 2, "topk_group", 1,
             "first_k_dense_replace", 1, "routed_scaling_factor", 2.5, "torch_dtype", torch);
         break;
+    case MOE_ARCH_QWEN3_NEXT:
+        /* Qwen3-Next's keys; norm_topk_prob and decoder_sparse_step left to
+         * their defaults (true, 1), layer 1 dense by mlp_only_layers. */
+        ck->shared_ffn = 6;
+        ck->config = json_pack(
+            "{s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:[i], s:[s,s,s], s:s}", "model_type",
+            "qwen3_next", "num_hidden_layers", ck->L, "hidden_size", ck->H, "intermediate_size",
+            ck->dense_ffn, "moe_intermediate_size", ck->F, "num_experts", ck->E,
+            "num_experts_per_tok", ck->K, "shared_expert_intermediate_size", ck->shared_ffn,
+            "mlp_only_layers", 1, "layer_types", "linear_attention", "linear_attention",
+            "full_attention", "torch_dtype", torch);
+        break;
+    case MOE_ARCH_QWEN3_5_MOE:
+        /* Qwen3.5-MoE as released: the multimodal config, the text model's
+         * keys in text_config (no norm_topk_prob: always renormalised), the
+         * dtype at the top only, tensors under model.language_model. */
+        ck->shared_ffn = 6;
+        ck->config = json_pack(
+            "{s:s, s:[s], s:s, s:b, s:{s:s, s:i, s:i, s:i, s:i, s:i, s:i}, s:{s:i, s:i}}",
+            "model_type", "qwen3_5_moe", "architectures", "Qwen3_5MoeForConditionalGeneration",
+            "torch_dtype", torch, "tie_word_embeddings", 0, "text_config", "model_type",
+            "qwen3_5_moe_text", "num_hidden_layers", ck->L, "hidden_size", ck->H,
+            "moe_intermediate_size", ck->F, "num_experts", ck->E, "num_experts_per_tok", ck->K,
+            "shared_expert_intermediate_size", ck->shared_ffn, "vision_config", "hidden_size", 16,
+            "depth", 1);
+        break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
         ck->shared_ffn = 2 * ck->F;
@@ -236,62 +272,63 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
     if (!ck->config)
         FAIL("json_pack");
 
-    add(ck, dt, 16, ck->H, "model.embed_tokens.weight");
+    add(ck, dt, 16, ck->H, "%sembed_tokens.weight", mp);
     for (int i = 0; i < ck->L; i++) {
-        add(ck, dt, ck->H, -1, "model.layers.%d.input_layernorm.weight", i);
-        add(ck, dt, ck->H, ck->H, "model.layers.%d.self_attn.q_proj.weight", i);
-        add(ck, dt, ck->H, ck->H, "model.layers.%d.self_attn.k_proj.weight", i);
-        add(ck, dt, ck->H, ck->H, "model.layers.%d.self_attn.v_proj.weight", i);
-        add(ck, dt, ck->H, ck->H, "model.layers.%d.self_attn.o_proj.weight", i);
-        add(ck, dt, ck->H, -1, "model.layers.%d.post_attention_layernorm.weight", i);
+        add(ck, dt, ck->H, -1, "%s%d.input_layernorm.weight", ck->lp, i);
+        add(ck, dt, ck->H, ck->H, "%s%d.self_attn.q_proj.weight", ck->lp, i);
+        add(ck, dt, ck->H, ck->H, "%s%d.self_attn.k_proj.weight", ck->lp, i);
+        add(ck, dt, ck->H, ck->H, "%s%d.self_attn.v_proj.weight", ck->lp, i);
+        add(ck, dt, ck->H, ck->H, "%s%d.self_attn.o_proj.weight", ck->lp, i);
+        add(ck, dt, ck->H, -1, "%s%d.post_attention_layernorm.weight", ck->lp, i);
         if (!expect_moe(ck, i)) {
-            snprintf(p, sizeof(p), "model.layers.%d.mlp", i);
+            snprintf(p, sizeof(p), "%s%d.mlp", ck->lp, i);
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->dense_ffn, dt);
             continue;
         }
         /* The router in fp32 where the model is not, as some exports do. */
-        add(ck, dt == MOE_DTYPE_BF16 ? MOE_DTYPE_F32 : dt, ck->E, ck->H,
-            "model.layers.%d.%s.gate.weight", i, blk);
+        add(ck, dt == MOE_DTYPE_BF16 ? MOE_DTYPE_F32 : dt, ck->E, ck->H, "%s%d.%s.gate.weight",
+            ck->lp, i, blk);
         if (has_score_bias(arch))
-            add(ck, MOE_DTYPE_F32, ck->E, -1, "model.layers.%d.mlp.gate.e_score_correction_bias",
-                i);
+            add(ck, MOE_DTYPE_F32, ck->E, -1, "%s%d.mlp.gate.e_score_correction_bias", ck->lp, i);
         if (fused) {
             struct tt *t =
-                add(ck, dt, ck->E, 2 * ck->F, "model.layers.%d.mlp.experts.gate_up_proj", i);
+                add(ck, dt, ck->E, 2 * ck->F, "%s%d.mlp.experts.gate_up_proj", ck->lp, i);
 
             t->ndim = 3;
             t->shape[2] = ck->H;
-            t = add(ck, dt, ck->E, ck->H, "model.layers.%d.mlp.experts.down_proj", i);
+            t = add(ck, dt, ck->E, ck->H, "%s%d.mlp.experts.down_proj", ck->lp, i);
             t->ndim = 3;
             t->shape[2] = ck->F;
         }
         for (int e = 0; e < ck->E && !fused; e++) {
-            snprintf(p, sizeof(p), "model.layers.%d.%s.experts.%d", i, blk, e);
+            snprintf(p, sizeof(p), "%s%d.%s.experts.%d", ck->lp, i, blk, e);
             if (mixtral)
                 ffn(ck, p, "w1", "w3", "w2", ck->F, dt);
             else
                 ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->F, dt);
         }
-        if (arch == MOE_ARCH_QWEN2_MOE) {
-            snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_expert", i);
+        if (qwen_shared(arch)) {
+            snprintf(p, sizeof(p), "%s%d.mlp.shared_expert", ck->lp, i);
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->shared_ffn, dt);
-            add(ck, dt, 1, ck->H, "model.layers.%d.mlp.shared_expert_gate.weight", i);
+            add(ck, dt, 1, ck->H, "%s%d.mlp.shared_expert_gate.weight", ck->lp, i);
         }
         if (deepseek_like(arch)) {
-            snprintf(p, sizeof(p), "model.layers.%d.mlp.shared_experts", i);
+            snprintf(p, sizeof(p), "%s%d.mlp.shared_experts", ck->lp, i);
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->shared_ffn, dt);
         }
     }
     if (arch == MOE_ARCH_DEEPSEEK_V3) {
         /* Multi-token prediction: layer L, ignored, even where it would not
          * fit the config (an expert past n_routed_experts, another router). */
-        add(ck, dt, ck->H, 2 * ck->H, "model.layers.%d.eh_proj.weight", ck->L);
-        add(ck, dt, ck->H, -1, "model.layers.%d.enorm.weight", ck->L);
-        add(ck, dt, ck->E + 5, ck->H, "model.layers.%d.mlp.gate.weight", ck->L);
-        snprintf(p, sizeof(p), "model.layers.%d.mlp.experts.9", ck->L);
+        add(ck, dt, ck->H, 2 * ck->H, "%s%d.eh_proj.weight", ck->lp, ck->L);
+        add(ck, dt, ck->H, -1, "%s%d.enorm.weight", ck->lp, ck->L);
+        add(ck, dt, ck->E + 5, ck->H, "%s%d.mlp.gate.weight", ck->lp, ck->L);
+        snprintf(p, sizeof(p), "%s%d.mlp.experts.9", ck->lp, ck->L);
         ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->F, dt);
     }
-    add(ck, dt, ck->H, -1, "model.norm.weight");
+    if (arch == MOE_ARCH_QWEN3_5_MOE) /* the vision tower: not ours */
+        add(ck, dt, 16, 16, "model.visual.blocks.0.attn.qkv.weight");
+    add(ck, dt, ck->H, -1, "%snorm.weight", mp);
     add(ck, dt, 16, ck->H, "lm_head.weight");
 }
 
@@ -482,8 +519,8 @@ static void check_fused_expert(const struct moe_model *m, struct ckpt *ck,
 {
     char gu[160], dn[160], n[160];
 
-    snprintf(gu, sizeof(gu), "model.layers.%d.mlp.experts.gate_up_proj", i);
-    snprintf(dn, sizeof(dn), "model.layers.%d.mlp.experts.down_proj", i);
+    snprintf(gu, sizeof(gu), "%s%d.mlp.experts.gate_up_proj", ck->lp, i);
+    snprintf(dn, sizeof(dn), "%s%d.mlp.experts.down_proj", ck->lp, i);
     check_slice(m, ck, &x->gate, gu, e, 0, ck->F);
     check_slice(m, ck, &x->up, gu, e, ck->F, ck->F);
     check_slice(m, ck, &x->down, dn, e, 0, ck->H);
@@ -533,6 +570,7 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
              fused ? " fused" : "", err.msg);
 
     ASSERT_STREQ(m->dir, ck.dir);
+    ASSERT_STREQ(m->cfg.layer_prefix, ck.lp);
     ASSERT_EQ(m->cfg.arch, arch);
     ASSERT_EQ(m->cfg.n_layers, ck.L);
     ASSERT_EQ(m->cfg.hidden, ck.H);
@@ -568,15 +606,15 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
             continue;
         }
         n_moe++;
-        snprintf(n, sizeof(n), "model.layers.%d.%s.gate.weight", i, blk);
+        snprintf(n, sizeof(n), "%s%d.%s.gate.weight", ck.lp, i, blk);
         check_ref(m, &ck, &L->router, n);
         ASSERT_EQ(L->has_bias, has_score_bias(arch));
         if (L->has_bias) {
-            snprintf(n, sizeof(n), "model.layers.%d.mlp.gate.e_score_correction_bias", i);
+            snprintf(n, sizeof(n), "%s%d.mlp.gate.e_score_correction_bias", ck.lp, i);
             check_ref(m, &ck, &L->bias, n);
         }
         for (int e = 0; e < ck.E; e++) {
-            snprintf(n, sizeof(n), "model.layers.%d.%s.experts.%d", i, blk, e);
+            snprintf(n, sizeof(n), "%s%d.%s.experts.%d", ck.lp, i, blk, e);
             if (fused)
                 check_fused_expert(m, &ck, &L->experts[e], i, e);
             else
@@ -586,15 +624,15 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
         }
         ASSERT_EQ(L->has_shared, ck.shared_ffn > 0);
         if (L->has_shared) {
-            snprintf(n, sizeof(n), "model.layers.%d.mlp.%s", i,
-                     arch == MOE_ARCH_QWEN2_MOE ? "shared_expert" : "shared_experts");
+            snprintf(n, sizeof(n), "%s%d.mlp.%s", ck.lp, i,
+                     qwen_shared(arch) ? "shared_expert" : "shared_experts");
             check_expert(m, &ck, &L->shared, n);
             ASSERT_EQ(L->shared.nbytes, 3 * (uint64_t)ck.shared_ffn * ck.H * esz);
             total += L->shared.nbytes;
         }
-        ASSERT_EQ(L->has_shared_gate, arch == MOE_ARCH_QWEN2_MOE);
+        ASSERT_EQ(L->has_shared_gate, qwen_shared(arch));
         if (L->has_shared_gate) {
-            snprintf(n, sizeof(n), "model.layers.%d.mlp.shared_expert_gate.weight", i);
+            snprintf(n, sizeof(n), "%s%d.mlp.shared_expert_gate.weight", ck.lp, i);
             check_ref(m, &ck, &L->shared_gate, n);
         }
     }
@@ -632,7 +670,9 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
         ASSERT_EQ(rp.topk_group, 1);
         ASSERT_NEAR(rp.routed_scaling_factor, 1.0, 0);
         ASSERT_TRUE(!rp.bias);
-        ASSERT_EQ(rp.norm_topk_prob, arch == MOE_ARCH_MIXTRAL || arch == MOE_ARCH_QWEN3_MOE);
+        ASSERT_EQ(rp.norm_topk_prob, arch == MOE_ARCH_MIXTRAL || arch == MOE_ARCH_QWEN3_MOE ||
+                                         arch == MOE_ARCH_QWEN3_NEXT ||
+                                         arch == MOE_ARCH_QWEN3_5_MOE);
     }
     ASSERT_EQ(moe_router_check(&rp, &err), 0);
 
@@ -864,6 +904,23 @@ static void qwen_shared_not_configured(struct ckpt *ck)
     set_cfg(ck, "shared_expert_intermediate_size", json_integer(0));
 }
 
+static void qwen35_flat(struct ckpt *ck)
+{
+    /* The multimodal model_type with the keys at the top, as no release has. */
+    json_object_del(ck->config, "text_config");
+}
+
+static void qwen35_text_shared(struct ckpt *ck)
+{
+    json_object_set_new(json_object_get(ck->config, "text_config"),
+                        "shared_expert_intermediate_size", json_integer(0));
+}
+
+static void qwen35_text_layers(struct ckpt *ck)
+{
+    json_object_del(json_object_get(ck->config, "text_config"), "num_hidden_layers");
+}
+
 static void truncated_shard(struct ckpt *ck)
 {
     truncate_file(ck, "model-00003-of-00003.safetensors", -3);
@@ -1063,6 +1120,18 @@ static const struct bad_model bad_models[] = {
      "is a shared expert's, but config.json has none (n_shared_experts 0)"},
     {"qwen shared expert not in config", MOE_ARCH_QWEN2_MOE, 0, qwen_shared_not_configured, NULL,
      -EINVAL, "but config.json has none (shared_expert_intermediate_size 0)"},
+    {"qwen3_next shared expert not in config", MOE_ARCH_QWEN3_NEXT, 3, qwen_shared_not_configured,
+     NULL, -EINVAL,
+     "'model.layers.0.mlp.shared_expert.down_proj.weight' is a shared expert's, but config.json "
+     "has none (shared_expert_intermediate_size 0)"},
+    {"qwen3_5_moe without text_config", MOE_ARCH_QWEN3_5_MOE, 0, qwen35_flat, NULL, -EINVAL,
+     "config.json: 'text_config' is missing: expected an object with the text model's keys for "
+     "model_type qwen3_5_moe (a text-only config says \"qwen3_5_moe_text\")"},
+    {"qwen3_5_moe text_config without layers", MOE_ARCH_QWEN3_5_MOE, 0, qwen35_text_layers, NULL,
+     -EINVAL, "config.json: text_config: 'num_hidden_layers' is missing"},
+    {"qwen3_5_moe shared expert not in text_config", MOE_ARCH_QWEN3_5_MOE, 3, qwen35_text_shared,
+     NULL, -EINVAL,
+     "'model.language_model.layers.0.mlp.shared_expert.down_proj.weight' is a shared expert's"},
     {"shard truncated", MOE_ARCH_QWEN2_MOE, 3, NULL, truncated_shard, -EINVAL,
      "model-00003-of-00003.safetensors: tensor "},
     {"trailing bytes", MOE_ARCH_OLMOE, 0, NULL, grown_file, -EINVAL,

@@ -77,12 +77,14 @@ def describe(model: Any) -> dict[str, Any]:
     read from its configuration and its modules."""
     c = model.config
     arch = getattr(c, "model_type", "?")
+    # transformers' text-only Qwen3.5-MoE class; moed calls the family qwen3_5_moe.
+    arch = {"qwen3_5_moe_text": "qwen3_5_moe"}.get(arch, arch)
     n_experts = _cfg(c, "num_local_experts", "n_routed_experts", "num_experts")
     if arch in ("mixtral", "olmoe"):
         ffn = _cfg(c, "intermediate_size")
     else:
         ffn = _cfg(c, "moe_intermediate_size", "intermediate_size")
-    if arch == "qwen2_moe":
+    if arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
         n_shared = 1 if _cfg(c, "shared_expert_intermediate_size", default=0) else 0
     else:
         n_shared = _cfg(c, "n_shared_experts", default=0) or 0
