@@ -332,6 +332,27 @@ static int check_input(const float *x, int n_tokens, int hidden, struct moe_erro
     return 0;
 }
 
+/*
+ * A finite input can still overflow f32 inside the layer (1e38 times a
+ * weight): the row that does is the caller's error, and a row of NaN must
+ * never go back as an answer.  -EINVAL naming the first such row.
+ */
+static int check_output(const float *out, int n_tokens, int hidden, struct moe_error *err)
+{
+    for (int t = 0; t < n_tokens; t++) {
+        for (int c = 0; c < hidden; c++) {
+            float v = out[(size_t)t * hidden + c];
+
+            if (!isfinite(v))
+                return moe_error_set(err, -EINVAL,
+                                     "output row %d is not finite (element %d is %s): the input "
+                                     "row's magnitudes overflow f32 in this layer; scale it down",
+                                     t, c, isnan(v) ? "NaN" : "infinite");
+        }
+    }
+    return 0;
+}
+
 /* Everything one forward allocates, freed together. */
 struct fwd_scratch {
     int32_t *ids;    /* [n_tokens, top_k] */
@@ -842,8 +863,11 @@ int moe_layer_forward_ex(struct moe_engine *e, int layer, const float *x, int n_
     r = check_call(e, layer, x, n_tokens, err);
     if (r < 0)
         return r;
-    return forward_run(e, layer, x, n_tokens, ids_in, weights_in, flags, out, ret_ids, ret_weights,
-                       st, err);
+    r = forward_run(e, layer, x, n_tokens, ids_in, weights_in, flags, out, ret_ids, ret_weights, st,
+                    err);
+    if (r < 0)
+        return r;
+    return check_output(out, n_tokens, e->m->cfg.hidden, err);
 }
 
 int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,

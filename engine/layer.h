@@ -69,7 +69,9 @@ void moe_engine_set_trace(struct moe_engine *e, struct moe_trace_writer *w);
  * ids_in/weights_in: caller's routing [n_tokens, top_k], or both NULL to
  * route with the model's router.  ret_ids/ret_weights (may be NULL): the
  * routing used.  Returns 0, or -EINVAL (dense layer, layer out of range,
- * bad routing, non-finite input: err says which), -EIO or -EBADMSG (an
+ * bad routing, non-finite input, or a finite input whose output row
+ * overflowed to inf or NaN: err says which, naming the row; out is then
+ * undefined), -EIO or -EBADMSG (an
  * expert's page-in failed: read error, file truncated, checksum), -ENOSPC
  * (the cache has no room: everything in it is pinned), -ENOMEM.
  */

@@ -93,6 +93,44 @@ static int hist_bucket(int v)
     return MOE_MIN(b, MOE_SCHED_HIST_BUCKETS - 1);
 }
 
+/*
+ * Runs each request of a batch that failed on bad input alone, so that the
+ * request whose rows were bad (an output row that overflowed) fails with
+ * its own row numbers and the others get their answers.  Inputs were
+ * checked at submission, so this is the rare path.
+ */
+static void run_alone(struct moe_sched *s, struct moe_sched_req *batch, int n_req, int n_tok,
+                      uint64_t t0)
+{
+    uint64_t failed = 0;
+
+    pthread_mutex_lock(&s->lock);
+    s->batches++;
+    s->batch_requests[hist_bucket(n_req)]++;
+    s->batch_tokens[hist_bucket(n_tok)]++;
+    s->batch_requests_sum += (uint64_t)n_req;
+    s->batch_tokens_sum += (uint64_t)n_tok;
+    pthread_mutex_unlock(&s->lock);
+    for (struct moe_sched_req *q = batch, *next; q; q = next) {
+        struct moe_error err = {0};
+        int r;
+
+        next = q->next_;
+        q->next_ = NULL;
+        r = moe_layer_forward_ex(q->engine, q->layer, q->x, q->n_tokens, q->ids, q->weights,
+                                 q->flags, q->out, q->ret_ids, q->ret_weights, &q->st, &err);
+        if (r < 0)
+            failed++;
+        q->queue_ns = t0 - q->t_submit_;
+        q->batch_requests = 1;
+        q->batch_tokens = q->n_tokens;
+        finish(q, r, r < 0 ? err.msg : NULL);
+    }
+    pthread_mutex_lock(&s->lock);
+    s->failed += failed;
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* Runs one batch: the requests' rows concatenated into one forward. */
 static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_req, int n_tok)
 {
@@ -136,6 +174,16 @@ static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_re
     }
     r = moe_layer_forward_ex(e, batch->layer, x, n_tok, idin, win, batch->flags, out, ids, w, &st,
                              &err);
+    if (r == -EINVAL) {
+        free(x);
+        free(out);
+        free(ids);
+        free(w);
+        free(idin);
+        free(win);
+        run_alone(s, batch, n_req, n_tok, t0);
+        return;
+    }
     if (r == 0) {
         row = 0;
         for (struct moe_sched_req *q = batch; q; q = q->next_) {

@@ -188,6 +188,10 @@ def main():
     x[2, 7] = np.nan
     np.save(bad, x)
     check("forward NaN input", fwd + ["--layer", "1", "--in", bad], 1, "token 2, element 7 is NaN")
+    x[2, 7] = 1e38  # finite, but the layer's output overflows (issue 22, defect 5)
+    np.save(bad, x)
+    check("forward 1e38 input: NaN output refused", fwd + ["--layer", "1", "--in", bad], 1,
+          "output row 2 is not finite")
     np.save(bad, np.asfortranarray(rng.standard_normal((4, H), dtype=np.float32)))
     check("forward fortran-order input", fwd + ["--layer", "1", "--in", bad], 1, "Fortran")
     with open(bad, "wb") as f:

@@ -279,6 +279,9 @@ def main():
         routing.routing.expert_ids.extend([0, 9] * 5)
         routing.routing.weights.extend([0.5] * 10)
         nan = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, np.full_like(x, np.nan)))
+        big = x.copy()
+        big[3, 17] = 1e38  # finite, but overflows f32 in the layer (issue 22, defect 5)
+        overflow = pb.ForwardRequest(model="mix", layer=0, hidden=tensor(pb, big))
         huge = pb.ForwardRequest(model="mix", layer=0,
                                  hidden=tensor(pb, np.zeros((4096, 128), dtype="f4")))
         cases = [
@@ -295,6 +298,8 @@ def main():
             ("no dtype", nodtype, grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
             ("expert out of range", routing, grpc.StatusCode.INVALID_ARGUMENT, "routing"),
             ("NaN input", nan, grpc.StatusCode.INVALID_ARGUMENT, "not finite"),
+            ("1e38 input, NaN output", overflow, grpc.StatusCode.INVALID_ARGUMENT,
+             "output row 3 is not finite"),
             ("oversized message", huge, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
         ]
         for name, req, want, needle in cases:

@@ -7,7 +7,8 @@ Checks:
   - round trips for every architecture, f32/bf16/f16 activations and 1, 7
     and 64 tokens equal `forward --local` (f32 bit for bit; bf16 and f16
     within their rounding);
-  - a NaN input is refused with its position and moed goes on;
+  - a NaN input is refused with its position and moed goes on; so is a
+    finite input whose output overflows, naming its row;
   - several client processes at once (shm and gRPC together), none failing;
   - a client killed with SIGKILL mid-run: moed goes on, the other clients
     are unaffected, its session is reclaimed (moed_shm_sessions back to 0);
@@ -156,6 +157,13 @@ def main():
                  f"{w}/nan.npy", "--out", f"{w}/y.npy"])
         check("a NaN input is refused with its place",
               r.returncode == 1 and "token 1, element 5 is not finite" in r.stderr, r.stderr)
+        # A finite input whose output overflows (issue 22, defect 5): refused, naming the row.
+        x[1, 5] = 1e38
+        np.save(f"{w}/big.npy", x)
+        r = run([m, "forward", "--socket", sock, "--model", "mixtral", "--layer", "0", "--in",
+                 f"{w}/big.npy", "--out", f"{w}/y.npy"])
+        check("a NaN output is refused with its row",
+              r.returncode == 1 and "output row 1 is not finite" in r.stderr, r.stderr)
         r = run([m, "forward", "--socket", sock, "--model", "nosuch", "--layer", "0", "--in",
                  f"{w}/x.npy", "--out", f"{w}/y.npy"])
         check("an unknown model is named", r.returncode == 1 and "nosuch" in r.stderr, r.stderr)

@@ -516,6 +516,16 @@ static void check_errors(void)
     ASSERT_CONTAINS(err.msg, "infinite");
     x[70] = 0.25f;
     ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), 0);
+    /* Issue 22, defect 5: a finite input that overflows f32 in the layer
+     * (1e38 in row 2) is refused naming the row, with the model's routing
+     * and with the caller's, never answered with NaN. */
+    x[2 * H + 9] = 1e38f;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "output row 2 is not finite");
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "output row 2 is not finite");
+    x[2 * H + 9] = -0.5f;
+    ASSERT_EQ(moe_layer_forward(e, 0, x, T, ids, w, y, NULL, NULL, NULL, &err), 0);
 
     /* Truncate the checkpoint under the open model: reads of experts past
      * the cut fail with -EIO naming the file; the engine keeps working for

@@ -26,6 +26,7 @@ struct job {
     float w[T * 2];
     atomic_int done;
     int status;
+    char msg[256];
 };
 
 static atomic_int n_done;
@@ -34,8 +35,8 @@ static void on_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct job *j = r->arg;
 
-    (void)msg;
     j->status = status;
+    snprintf(j->msg, sizeof(j->msg), "%s", msg ? msg : "");
     atomic_store(&j->done, 1);
     atomic_fetch_add(&n_done, 1);
 }
@@ -119,6 +120,28 @@ int main(void)
     ASSERT_EQ(ss.requests, (uint64_t)N_REQ);
     ASSERT_TRUE(merged > 1);
     ASSERT_TRUE(ss.batches < (uint64_t)N_REQ);
+
+    /* Issue 22, defect 5: a request whose row overflows to NaN in the layer
+     * fails alone, naming its own row; the request batched with it gets
+     * its answer. */
+    {
+        struct job *good = &jobs[1], *bad = &jobs[2];
+
+        atomic_store(&n_done, 0);
+        bad->x[1 * 64 + 3] = 1e38f;
+        ASSERT_EQ(good->r.layer, bad->r.layer);
+        memset(good->out, 0, sizeof(good->out));
+        ASSERT_EQ(moe_sched_submit(sched, &good->r, &err), 0);
+        ASSERT_EQ(moe_sched_submit(sched, &bad->r, &err), 0);
+        ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+        ASSERT_EQ(atomic_load(&n_done), 2);
+        ASSERT_EQ(bad->status, -EINVAL);
+        ASSERT_CONTAINS(bad->msg, "output row 1 is not finite");
+        ASSERT_EQ(good->status, 0);
+        ASSERT_TRUE(memcmp(good->out, good->ref, sizeof(good->out)) == 0);
+        moe_sched_get_stats(sched, &ss);
+        ASSERT_EQ(ss.failed, 1);
+    }
 
     /* A bad layer fails its request only. */
     {
