@@ -9,6 +9,7 @@
 #include "moed.h"
 
 #include "dtype.h"
+#include "forward.h"
 #include "health.pb-c.h"
 #include "log.h"
 #include "moe.pb-c.h"
@@ -359,10 +360,9 @@ out:
 static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *msg, size_t len)
 {
     struct moed *d = f->d;
-    const struct moe_model *m;
-    const Moe__V1__Tensor *t = q->hidden;
+    struct moed_fwd_input in;
     char names[512];
-    size_t esz, n;
+    int r;
 
     if (!q->model || !*q->model) {
         snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
@@ -374,100 +374,22 @@ static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *ms
         snprintf(msg, len, "no model called '%s' (loaded: %s)", q->model, names);
         return GRPC_STATUS_NOT_FOUND;
     }
-    m = f->mm->m;
-    f->H = m->cfg.hidden;
-    f->K = m->cfg.top_k;
-    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
-        snprintf(msg, len, "model '%s' has no MoE layer %u (layers 0 to %d; %d of them are MoE)",
-                 q->model, q->layer, m->cfg.n_layers - 1, m->n_moe_layers);
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    if (!t) {
-        snprintf(msg, len, "ForwardRequest.hidden is missing");
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    if (t->n_shape != 2 || t->shape[1] != f->H || t->shape[0] < 1 || t->shape[0] > MOE_MAX_TOKENS) {
-        snprintf(msg, len,
-                 "hidden: shape [%s%lld%s%lld%s]: expected [tokens, %d] with 1 to %d "
-                 "tokens",
-                 "", t->n_shape > 0 ? (long long)t->shape[0] : -1LL, ", ",
-                 t->n_shape > 1 ? (long long)t->shape[1] : -1LL, t->n_shape > 2 ? ", ..." : "",
-                 f->H, MOE_MAX_TOKENS);
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    if (t->dtype != MOE__V1__DTYPE__DTYPE_F32 && t->dtype != MOE__V1__DTYPE__DTYPE_BF16 &&
-        t->dtype != MOE__V1__DTYPE__DTYPE_F16) {
-        snprintf(msg, len, "hidden: dtype %d: expected DTYPE_F32, DTYPE_BF16 or DTYPE_F16",
-                 (int)t->dtype);
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    f->T = (int)t->shape[0];
-    f->dtype = t->dtype;
-    esz = dtype_size(t->dtype);
-    n = (size_t)f->T * (size_t)f->H;
-    if (t->data.len != n * esz) {
-        snprintf(msg, len, "hidden: %zu data bytes: shape [%d, %d] of %s needs %zu", t->data.len,
-                 f->T, f->H,
-                 esz == 4                    ? "f32"
-                 : esz == 2 && t->dtype == 2 ? "bf16"
-                                             : "f16",
-                 n * esz);
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    f->x = malloc(n * sizeof(float));
-    f->out = malloc(n * sizeof(float));
+    r = moed_forward_request_check(q, f->mm->m, &in, msg, len);
+    if (r < 0)
+        return moed_grpc_status(r);
+    f->T = in.n_tokens;
+    f->H = in.hidden;
+    f->K = in.top_k;
+    f->dtype = in.dtype;
+    f->x = in.x;
+    f->ids_in = in.ids;
+    f->w_in = in.weights;
+    f->out = malloc((size_t)f->T * (size_t)f->H * sizeof(float));
     f->ids_out = malloc((size_t)f->T * f->K * sizeof(int32_t));
     f->w_out = malloc((size_t)f->T * f->K * sizeof(float));
-    if (!f->x || !f->out || !f->ids_out || !f->w_out) {
+    if (!f->out || !f->ids_out || !f->w_out) {
         snprintf(msg, len, "out of memory for %d tokens", f->T);
         return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-
-        if (esz == 4) {
-            memcpy(&f->x[i], t->data.data + 4 * i, 4);
-        } else {
-            memcpy(&h, t->data.data + 2 * i, 2);
-            f->x[i] =
-                t->dtype == MOE__V1__DTYPE__DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
-        }
-    }
-    if (q->routing) {
-        const Moe__V1__Routing *rt = q->routing;
-        size_t tk = (size_t)f->T * f->K;
-
-        if (rt->top_k != (uint32_t)f->K || rt->n_expert_ids != tk || rt->n_weights != tk) {
-            snprintf(msg, len,
-                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d and %zu "
-                     "of each ([tokens, top_k])",
-                     rt->top_k, rt->n_expert_ids, rt->n_weights, f->K, tk);
-            return GRPC_STATUS_INVALID_ARGUMENT;
-        }
-        f->ids_in = malloc(tk * sizeof(int32_t));
-        f->w_in = malloc(tk * sizeof(float));
-        if (!f->ids_in || !f->w_in) {
-            snprintf(msg, len, "out of memory");
-            return GRPC_STATUS_RESOURCE_EXHAUSTED;
-        }
-        memcpy(f->ids_in, rt->expert_ids, tk * sizeof(int32_t));
-        memcpy(f->w_in, rt->weights, tk * sizeof(float));
-        /* validated here, so the error names this request, not its batch */
-        struct moe_error e;
-
-        if (moe_routing_validate(m->cfg.n_experts, f->K, f->T, f->ids_in, f->w_in, &e) < 0) {
-            snprintf(msg, len, "routing: %s", e.msg);
-            return GRPC_STATUS_INVALID_ARGUMENT;
-        }
-    }
-    /* Checked here although the engine checks too: in a batch, one request's
-     * NaN would fail every request batched with it. */
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(f->x[i])) {
-            snprintf(msg, len, "hidden: token %zu, element %zu is not finite", i / (size_t)f->H,
-                     i % (size_t)f->H);
-            return GRPC_STATUS_INVALID_ARGUMENT;
-        }
     }
     f->return_routing = q->return_routing;
     f->tag = q->tag;
