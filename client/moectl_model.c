@@ -26,13 +26,16 @@ static void gen_model_usage(FILE *f)
                "the family (config.json, safetensors shards, index), with skewed routers.\n"
                "\n"
                "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,\n"
-               "                         deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe\n"
+               "                         deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe,\n"
+               "                         llama4_text\n"
                "  --layout per-expert|fused\n"
                "                         how the routed experts are stored: per expert\n"
                "                         (mlp.experts.E.gate_proj...) or fused as transformers 5\n"
                "                         keeps them (mlp.experts.gate_up_proj, down_proj), with\n"
                "                         the same values; default: as the family ships (fused\n"
-               "                         for qwen3_5_moe, per expert for the others)\n"
+               "                         for qwen3_5_moe, fused and transposed for llama4_text\n"
+               "                         (feed_forward.experts.gate_up_proj [E, H, 2F]), per\n"
+               "                         expert for the others)\n"
                "  --out DIR              output directory (created; refused when not empty)\n"
                "  --force                write into a non-empty --out, replacing a checkpoint\n"
                "  --layers N             decoder layers\n"
@@ -42,7 +45,7 @@ static void gen_model_usage(FILE *f)
                "  --ffn F                routed expert intermediate size\n"
                "  --shared-experts S     shared experts (qwen2_moe, qwen3_next, qwen3_5_moe:\n"
                "                         0 or 1; deepseek_v3,\n"
-               "                         deepseek_v2, kimi_k2, glm4_moe: any)\n"
+               "                         deepseek_v2, kimi_k2, glm4_moe: any; llama4_text: 1)\n"
                "  --dtype bf16|f16|f32   weight type (default bf16)\n"
                "  --shards N             safetensors files (default 1)\n"
                "  --seed S               seed of the weights (default 0)\n"
@@ -226,7 +229,7 @@ int moectl_gen_model(int argc, char **argv)
     }
     if (moe_arch_parse(arch, &a) < 0) {
         errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, "
-               "deepseek_v2, kimi_k2, glm4_moe, qwen3_next or qwen3_5_moe",
+               "deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe or llama4_text",
                arch);
         return 2;
     }
@@ -288,7 +291,9 @@ static void inspect_usage(FILE *f)
 
 static const char *routing_rule(const struct moe_model_config *c, char *buf, size_t len)
 {
-    if (c->score_func == MOE_SCORE_SIGMOID)
+    if (c->score_func == MOE_SCORE_TOPK_SIGMOID)
+        snprintf(buf, len, "top-k of the logits, sigmoid(logit) scales the expert's input");
+    else if (c->score_func == MOE_SCORE_SIGMOID)
         snprintf(buf, len, "sigmoid, bias for selection, %d groups keep %d, %s, x %g", c->n_group,
                  c->topk_group, c->norm_topk_prob ? "renormalised" : "not renormalised",
                  (double)c->routed_scaling_factor);
@@ -306,20 +311,43 @@ static const char *routing_rule(const struct moe_model_config *c, char *buf, siz
 }
 
 /* How the routed experts are stored: per expert, fused (transformers 5's
- * gate_up_proj and down_proj), or both in different layers. */
+ * gate_up_proj and down_proj), fused-transposed (Llama 4's), or several of
+ * them in different layers. */
 static const char *expert_layout(const struct moe_model *m)
 {
-    bool fused = false, separate = false;
+    bool fused = false, separate = false, transposed = false;
 
     for (int i = 0; i < m->cfg.n_layers; i++) {
         if (!m->layers[i].is_moe)
             continue;
-        if (m->layers[i].experts[0].gate.slice)
+        if (m->layers[i].experts[0].transposed)
+            transposed = true;
+        else if (m->layers[i].experts[0].gate.slice)
             fused = true;
         else
             separate = true;
     }
-    return fused && separate ? "mixed" : fused ? "fused" : "per-expert";
+    if (fused + separate + transposed > 1)
+        return "mixed";
+    return transposed ? "fused-transposed" : fused ? "fused" : "per-expert";
+}
+
+static const char *score_func_name(enum moe_score_func f)
+{
+    return f == MOE_SCORE_TOPK_SIGMOID ? "topk_sigmoid"
+           : f == MOE_SCORE_SIGMOID    ? "sigmoid"
+                                       : "softmax";
+}
+
+/* What the layout line adds to the layout's name. */
+static const char *layout_detail(const char *layout)
+{
+    if (strcmp(layout, "fused") == 0)
+        return " (mlp.experts.gate_up_proj [E, 2 x ffn, hidden], down_proj [E, hidden, ffn])";
+    if (strcmp(layout, "fused-transposed") == 0)
+        return " (feed_forward.experts.gate_up_proj [E, hidden, 2 x ffn], down_proj [E, ffn, "
+               "hidden]; made plain as each expert is read)";
+    return "";
 }
 
 static int inspect_json(const struct moe_model *m)
@@ -349,8 +377,8 @@ static int inspect_json(const struct moe_model *m)
     json_object_set_new(root, "expert_ffn", json_integer(c->expert_ffn));
     json_object_set_new(root, "experts", json_integer(c->n_experts));
     json_object_set_new(root, "top_k", json_integer(c->top_k));
-    json_object_set_new(root, "score_func",
-                        json_string(c->score_func == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax"));
+    json_object_set_new(root, "score_func", json_string(score_func_name(c->score_func)));
+    json_object_set_new(root, "scale_input", json_boolean(c->scale_input));
     json_object_set_new(root, "norm_topk_prob", json_boolean(c->norm_topk_prob));
     json_object_set_new(root, "n_group", json_integer(c->n_group));
     json_object_set_new(root, "topk_group", json_integer(c->topk_group));
@@ -442,14 +470,13 @@ int moectl_inspect(int argc, char **argv)
     printf("routing       %s\n", routing_rule(cf, rule, sizeof(rule)));
     if (cf->n_shared_experts > 0)
         printf("shared        %d expert(s), ffn %d%s\n", cf->n_shared_experts, cf->shared_ffn,
-               cf->shared_expert_gate ? ", scaled by sigmoid(shared_expert_gate . x)" : "");
+               cf->shared_expert_gate ? ", scaled by sigmoid(shared_expert_gate . x)"
+               : cf->scale_input      ? ", on the unscaled input"
+                                      : "");
     else
         printf("shared        none\n");
     printf("dtype         %s\n", moe_dtype_user_name(m->expert_dtype));
-    printf("layout        %s%s\n", expert_layout(m),
-           strcmp(expert_layout(m), "per-expert") == 0
-               ? ""
-               : " (mlp.experts.gate_up_proj [E, 2 x ffn, hidden], down_proj [E, hidden, ffn])");
+    printf("layout        %s%s\n", expert_layout(m), layout_detail(expert_layout(m)));
     printf("expert bytes  %llu (%s) per routed expert\n", (unsigned long long)m->expert_bytes,
            human_bytes(m->expert_bytes, b1, sizeof(b1)));
     printf("all experts   %llu (%s) routed and shared\n", (unsigned long long)m->total_expert_bytes,

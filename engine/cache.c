@@ -908,6 +908,18 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
             msg = buf;
         }
     }
+    /* Llama 4's experts are stored transposed: the cache's copy is made
+     * plain once, here, after the checksum (which covers the bytes as read),
+     * so that the tiers above and the kernels see [out, in] matrices. */
+    if (status == 0 && x->transposed && !c->cfg.simulate) {
+        uint8_t *slot = e->t[e->load_tier].data;
+
+        if (moe_expert_untranspose(x, slot + e->toff[0], slot + e->toff[1], slot + e->toff[2]) <
+            0) {
+            status = -ENOMEM;
+            msg = "out of memory making a transposed expert plain";
+        }
+    }
     pthread_mutex_lock(&c->lock);
     finish_load(c, e, status, msg);
     pthread_mutex_unlock(&c->lock);

@@ -82,6 +82,10 @@ enum fuse_kind {
     FUSE_NONE = 0,
     FUSE_GATE_UP, /* gate_up_proj [E, 2F, H]: per expert its gate rows, then its up rows */
     FUSE_DOWN,    /* down_proj [E, H, F] */
+    /* Llama 4's, transposed: gate_up_proj [E, H, 2F] (each row: the gate
+     * column, then the up column) and down_proj [E, F, H]. */
+    FUSE_GATE_UP_T,
+    FUSE_DOWN_T,
 };
 
 /* One tensor of the checkpoint. */
@@ -112,6 +116,7 @@ struct gdims {
     int shared_ffn;              /* rows of the (fused) shared expert; 0 when none */
     int dense_ffn;               /* intermediate_size of dense MLPs */
     int first_dense;             /* deepseek first_k_dense_replace */
+    int moe_step;                /* llama4 interleave_moe_layer_step; 1 elsewhere */
     int n_group, topk_group;     /* deepseek */
     int n_heads, n_kv, head_dim; /* attention (deepseek: MLA heads) */
     bool fused;                  /* routed experts in the fused layout */
@@ -375,8 +380,80 @@ static void expert_part_name(const struct gdims *d, int i, int e, int part, char
     static const char *const others[3] = {"gate_proj", "up_proj", "down_proj"};
     bool mx = d->arch == MOE_ARCH_MIXTRAL;
 
-    snprintf(buf, len, "%s%d.%s.experts.%d.%s.weight", d->lp, i, mx ? "block_sparse_moe" : "mlp", e,
-             mx ? mixtral[part] : others[part]);
+    snprintf(buf, len, "%s%d.%s.experts.%d.%s.weight", d->lp, i,
+             mx                           ? "block_sparse_moe"
+             : d->arch == MOE_ARCH_LLAMA4 ? "feed_forward"
+                                          : "mlp",
+             e, mx ? mixtral[part] : others[part]);
+}
+
+/* The values of a noise tensor t (count elements) into out, exactly as
+ * write_tensor() generates them. */
+static void noise_values(const struct gtensor *t, const struct gdims *d, float *out)
+{
+    struct xoshiro g;
+    uint64_t done = 0;
+
+    xo_seed(&g, tensor_key(d->seed, t->name), 0, 0);
+    while (done < t->count) {
+        size_t n = (size_t)MOE_MIN((uint64_t)GEN_CHUNK, t->count - done);
+
+        fill_uniform(&g, out + done, n, t->scale * sqrtf(3.0f));
+        done += n;
+    }
+}
+
+/* Llama 4's transposed fused tensors: per expert, the per-expert tensors'
+ * values (gate, up [F, H]; down [H, F]) written as x @ W wants them. */
+static int write_fused_t(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
+                         struct gen_buf *b, struct moe_error *err)
+{
+    const size_t FH = (size_t)d->F * (size_t)d->H, esz = moe_dtype_size(t->dtype);
+    float *src = malloc(2 * FH * sizeof(float)), *dst = malloc(2 * FH * sizeof(float));
+    unsigned char *bytes = malloc(2 * FH * esz);
+    struct gtensor sub = {.dtype = t->dtype, .init = INIT_NOISE, .ndim = 2, .count = FH};
+    int r = 0;
+
+    if (!src || !dst || !bytes) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for an expert of %zu values", 2 * FH);
+        goto out;
+    }
+    for (int e = 0; r == 0 && e < d->E; e++) {
+        size_t n;
+
+        if (t->fuse == FUSE_GATE_UP_T) {
+            for (int k = 0; k < 2; k++) {
+                expert_part_name(d, t->layer, e, k, sub.name, sizeof(sub.name));
+                sub.scale = inv_sqrt(d->H);
+                noise_values(&sub, d, src + (size_t)k * FH);
+            }
+            /* [H, 2F]: row h = gate[:, h], then up[:, h]. */
+            for (int h = 0; h < d->H; h++)
+                for (int f = 0; f < d->F; f++) {
+                    dst[(size_t)h * 2 * d->F + f] = src[(size_t)f * d->H + h];
+                    dst[(size_t)h * 2 * d->F + d->F + f] = src[FH + (size_t)f * d->H + h];
+                }
+            n = 2 * FH;
+        } else {
+            expert_part_name(d, t->layer, e, 2, sub.name, sizeof(sub.name));
+            sub.scale = inv_sqrt(d->F);
+            noise_values(&sub, d, src);
+            /* down [H, F] to [F, H]. */
+            for (int f = 0; f < d->F; f++)
+                for (int h = 0; h < d->H; h++)
+                    dst[(size_t)f * d->H + h] = src[(size_t)h * d->F + f];
+            n = FH;
+        }
+        convert(t->dtype, dst, n, bytes);
+        r = moe_st_writer_write(w, bytes, n * esz, err);
+        b->pr.bytes_done += n * esz;
+        report(b);
+    }
+out:
+    free(src);
+    free(dst);
+    free(bytes);
+    return r;
 }
 
 /* A fused tensor: expert by expert, the per-expert tensors' values. */
@@ -386,6 +463,8 @@ static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const s
     struct gtensor sub = {.dtype = t->dtype, .init = INIT_NOISE, .ndim = 2};
     int r = 0;
 
+    if (t->fuse == FUSE_GATE_UP_T || t->fuse == FUSE_DOWN_T)
+        return write_fused_t(w, t, d, b, err);
     for (int e = 0; r == 0 && e < d->E; e++) {
         for (int k = 0; r == 0 && k < (t->fuse == FUSE_GATE_UP ? 2 : 1); k++) {
             int part = t->fuse == FUSE_GATE_UP ? k : 2;
@@ -411,6 +490,7 @@ static const char *const arch_type[MOE_ARCH_COUNT] = {
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
     [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
+    [MOE_ARCH_LLAMA4] = "llama4_text",
 };
 
 static const char *const arch_class[MOE_ARCH_COUNT] = {
@@ -426,6 +506,7 @@ static const char *const arch_class[MOE_ARCH_COUNT] = {
     [MOE_ARCH_QWEN3_NEXT] = "Qwen3NextForCausalLM",
     /* The released Qwen3.5-MoE: the multimodal class (text_config). */
     [MOE_ARCH_QWEN3_5_MOE] = "Qwen3_5MoeForConditionalGeneration",
+    [MOE_ARCH_LLAMA4] = "Llama4ForCausalLM",
 };
 
 /* DeepSeek's layout: shared_experts, first_k_dense_replace, e_score_correction_bias
@@ -501,6 +582,13 @@ void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
         o->n_experts = 64;
         o->top_k = 8;
         o->ffn = 64;
+        o->n_shared = 1;
+        break;
+    case MOE_ARCH_LLAMA4:
+        /* Scout: 16 experts, top-1, and one shared expert. */
+        o->n_experts = 16;
+        o->top_k = 1;
+        o->ffn = 128;
         o->n_shared = 1;
         break;
     case MOE_ARCH_DEEPSEEK_V3:
@@ -583,7 +671,9 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     if ((unsigned)o->layout > MOE_GEN_LAYOUT_FUSED)
         return moe_error_set(err, -EINVAL, "unknown expert layout %d", (int)o->layout);
     d->fused = o->layout == MOE_GEN_LAYOUT_FUSED ||
-               (o->layout == MOE_GEN_LAYOUT_DEFAULT && d->arch == MOE_ARCH_QWEN3_5_MOE);
+               (o->layout == MOE_GEN_LAYOUT_DEFAULT &&
+                (d->arch == MOE_ARCH_QWEN3_5_MOE || d->arch == MOE_ARCH_LLAMA4));
+    d->moe_step = 1;
 
     if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
         return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16 or f32",
@@ -622,6 +712,14 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
             return moe_error_set(err, -EINVAL, "%s has at most one shared expert (asked for %d)",
                                  an, d->n_shared);
         d->shared_ffn = d->n_shared ? MOE_MIN(4 * d->F, MOE_MAX_FFN) : 0;
+        break;
+    case MOE_ARCH_LLAMA4:
+        if (d->n_shared != 1)
+            return moe_error_set(err, -EINVAL, "%s has exactly one shared expert (asked for %d)",
+                                 an, d->n_shared);
+        d->shared_ffn = d->F;
+        /* Dense and MoE layers interleaved, as Llama 4 Maverick. */
+        d->moe_step = d->L > 1 ? 2 : 1;
         break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
@@ -813,6 +911,30 @@ static int add_attention(struct gplan *p, int i)
     return 0;
 }
 
+/* Llama 4's MoE block: feed_forward.router, the experts fused and
+ * transposed (or per expert, as a packed store has them), a shared expert. */
+static int add_moe_llama4(struct gplan *p, int i)
+{
+    const struct gdims *d = &p->d;
+    char prefix[GEN_NAME_MAX];
+    int r;
+
+    ADD(d->dtype, INIT_ROUTER, 0, d->E, d->H, "%s%d.feed_forward.router.weight", d->lp, i);
+    if (d->fused) {
+        ADD3(FUSE_GATE_UP_T, i, d->E, d->H, 2 * (int64_t)d->F,
+             "%s%d.feed_forward.experts.gate_up_proj", d->lp, i);
+        ADD3(FUSE_DOWN_T, i, d->E, d->F, d->H, "%s%d.feed_forward.experts.down_proj", d->lp, i);
+    }
+    for (int e = 0; !d->fused && e < d->E; e++) {
+        snprintf(prefix, sizeof(prefix), "%s%d.feed_forward.experts.%d", d->lp, i, e);
+        r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->F);
+        if (r < 0)
+            return r;
+    }
+    snprintf(prefix, sizeof(prefix), "%s%d.feed_forward.shared_expert", d->lp, i);
+    return add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->shared_ffn);
+}
+
 static int add_moe(struct gplan *p, int i)
 {
     const struct gdims *d = &p->d;
@@ -821,6 +943,9 @@ static int add_moe(struct gplan *p, int i)
     const char *blk = mixtral ? "block_sparse_moe" : "mlp";
     char prefix[GEN_NAME_MAX];
     int r;
+
+    if (d->arch == MOE_ARCH_LLAMA4)
+        return add_moe_llama4(p, i);
 
     /* The fused layout names mixtral's block mlp too; its router keeps the
      * per-expert layout's values. */
@@ -870,8 +995,9 @@ static int build_plan(struct gplan *p)
         r = add_attention(p, i);
         if (r < 0)
             return r;
-        if (i < d->first_dense) {
-            snprintf(prefix, sizeof(prefix), "%s%d.mlp", d->lp, i);
+        if (i < d->first_dense || (i + 1) % d->moe_step != 0) {
+            snprintf(prefix, sizeof(prefix), "%s%d.%s", d->lp, i,
+                     d->arch == MOE_ARCH_LLAMA4 ? "feed_forward" : "mlp");
             r = add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->dense_ffn);
         } else {
             r = add_moe(p, i);
@@ -1213,6 +1339,29 @@ static json_t *config_json(const struct gdims *d)
         jset(c, "rms_norm_eps", json_real(1e-6), &bad);
         jset(c, "rope_theta", json_real(1e4), &bad);
         break;
+    case MOE_ARCH_LLAMA4: {
+        /* As transformers' Llama4TextConfig writes it: moe_layers spelled
+         * out beside the step it came from. */
+        json_t *ml = json_array();
+
+        for (int i = 0; ml && i < d->L; i++)
+            if ((i + 1) % d->moe_step == 0 && json_array_append_new(ml, json_integer(i)) < 0)
+                bad = true;
+        jset(c, "moe_layers", ml, &bad);
+        jset(c, "interleave_moe_layer_step", json_integer(d->moe_step), &bad);
+        jset(c, "intermediate_size", json_integer(d->F), &bad);
+        jset(c, "intermediate_size_mlp", json_integer(d->dense_ffn), &bad);
+        jset(c, "num_local_experts", json_integer(d->E), &bad);
+        jset(c, "head_dim", json_integer(d->head_dim), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-5), &bad);
+        jset(c, "rope_theta", json_real(5e5), &bad);
+        jset(c, "use_qk_norm", json_true(), &bad);
+        jset(c, "attention_bias", json_false(), &bad);
+        jset(c, "attention_chunk_size", json_integer(8192), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.001), &bad);
+        jset(c, "router_jitter_noise", json_real(0.0), &bad);
+        break;
+    }
     case MOE_ARCH_DEEPSEEK_V3:
     case MOE_ARCH_KIMI_K2:
     default:

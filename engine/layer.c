@@ -372,6 +372,12 @@ struct fwd_scratch {
     float *shared_scale;          /* [n_tokens] */
     float *xb;                    /* input in backend memory (NULL: host memory backend) */
     float *outb;                  /* output in backend memory */
+    /* Llama 4 (cfg.scale_input): row t * top_k + j of xs is token t's input
+     * times its j-th weight, and the routed experts write row t * top_k + j
+     * of outs (oc itself when top_k is 1), summed into oc in slot order. */
+    float *xs;   /* [n_tokens * top_k, hidden], backend memory */
+    float *outs; /* [n_tokens * top_k, hidden], backend memory; NULL: oc */
+    float *host; /* [n_tokens * top_k, hidden] host staging (non-host backends) */
 };
 
 static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_experts)
@@ -400,6 +406,102 @@ static void scratch_free(struct moe_engine *e, struct fwd_scratch *s, int n_expe
     free(s->shared_scale);
     b->ops->mem_free(b, s->xb);
     b->ops->mem_free(b, s->outb);
+    b->ops->mem_free(b, s->xs);
+    b->ops->mem_free(b, s->outs);
+    free(s->host);
+}
+
+/*
+ * Llama 4 multiplies each routed expert's input, not its output, by the
+ * token's weight: fills s->xs (and s->outs when top_k > 1, zeroed) from the
+ * host input x and the routing in s, and points every (token, slot) pair of
+ * the grouped work at its own row with weight 1.  Each row of outs gets one
+ * expert's output, so the sum does not depend on the order experts land in.
+ */
+static int scale_inputs(struct moe_engine *e, struct fwd_scratch *s, const float *x, int n_tokens,
+                        struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    const int K = e->m->cfg.top_k, H = e->m->cfg.hidden;
+    const size_t TK = (size_t)n_tokens * K, bytes = TK * (size_t)H * sizeof(float);
+    float *xs;
+    int r = 0;
+
+    s->xs = b->ops->alloc(b, bytes);
+    if (K > 1)
+        s->outs = b->ops->alloc(b, bytes);
+    xs = b->ops->host_memory ? s->xs : (s->host = malloc(bytes));
+    if (!s->xs || (K > 1 && !s->outs) || !xs)
+        return moe_error_set(err, -ENOMEM, "out of memory for %zu scaled input rows", TK);
+    for (size_t i = 0; i < TK; i++) {
+        const float *xt = x + (i / (size_t)K) * (size_t)H;
+        float w = s->ids[i] >= 0 ? s->weights[i] : 0.0f, *row = xs + i * (size_t)H;
+
+        for (int c = 0; c < H; c++)
+            row[c] = xt[c] * w;
+    }
+    if (xs != s->xs)
+        r = b->ops->copy_in(b, s->xs, xs, bytes);
+    if (r == 0 && s->outs && b->ops->host_memory) {
+        memset(s->outs, 0, bytes);
+    } else if (r == 0 && s->outs) {
+        memset(xs, 0, bytes); /* the staging buffer, copied in already */
+        r = b->ops->copy_in(b, s->outs, xs, bytes);
+    }
+    if (r < 0)
+        return moe_error_set(err, r, "copying scaled inputs to the %s backend failed",
+                             b->ops->name);
+    /* The grouped tokens were token numbers in ascending order per expert;
+     * each becomes its (token, slot) row, still ascending. */
+    for (int i = 0; i < e->m->cfg.n_experts; i++) {
+        for (int32_t at = s->count[i]; at < s->count[i + 1]; at++) {
+            int32_t t = s->tokens[at];
+            int j = 0;
+
+            while (s->ids[(size_t)t * K + j] != i)
+                j++;
+            s->tokens[at] = t * K + j;
+            s->scales[at] = 1.0f;
+        }
+    }
+    return 0;
+}
+
+/* oc[t] = sum over j of outs[t * top_k + j], in slot order (top_k > 1). */
+static int sum_slots(struct moe_engine *e, struct fwd_scratch *s, int n_tokens, float *oc,
+                     struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    const int K = e->m->cfg.top_k, H = e->m->cfg.hidden;
+    const size_t rows = (size_t)n_tokens * K;
+    const float *o = s->outs;
+    float *dst = oc;
+    int r = 0;
+
+    if (!b->ops->host_memory) {
+        /* Staged through host memory: s->host holds rows x H floats. */
+        r = b->ops->copy_out(b, s->host, s->outs, rows * H * sizeof(float));
+        o = s->host;
+        dst = malloc((size_t)n_tokens * H * sizeof(float));
+        if (r == 0 && !dst)
+            r = -ENOMEM;
+    }
+    for (int t = 0; r == 0 && t < n_tokens; t++)
+        for (int c = 0; c < H; c++) {
+            float v = 0;
+
+            for (int j = 0; j < K; j++)
+                v += o[((size_t)t * K + j) * H + c];
+            dst[(size_t)t * H + c] = v;
+        }
+    if (r == 0 && dst != oc)
+        r = b->ops->copy_in(b, oc, dst, (size_t)n_tokens * H * sizeof(float));
+    if (dst != oc)
+        free(dst);
+    if (r < 0)
+        return moe_error_set(err, r, "summing the routed experts' outputs failed on the %s backend",
+                             b->ops->name);
+    return 0;
 }
 
 /*
@@ -675,6 +777,11 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         s.work[i].tokens = s.tokens + s.count[ex];
         s.work[i].scales = s.scales + s.count[ex];
     }
+    if (c->scale_input) {
+        r = scale_inputs(e, &s, x, n_tokens, err);
+        if (r < 0)
+            goto out;
+    }
 
     /* The experts, as one batch: resident ones pinned, missing ones on
      * their way (making room for them never evicts one of this batch);
@@ -711,7 +818,10 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         while (j < n_used && moe_cache_ready(e->cache, &s.refs[j]) && s.refs[j].status == 0)
             j++;
         if (j > i) {
-            r = compute_range(e, layer, &s, i, j, xc, n_tokens, oc, err);
+            if (c->scale_input)
+                r = compute_range(e, layer, &s, i, j, s.xs, (int)TK, s.outs ? s.outs : oc, err);
+            else
+                r = compute_range(e, layer, &s, i, j, xc, n_tokens, oc, err);
             if (r < 0)
                 goto out;
             for (int k = i; st && k < j; k++) {
@@ -761,8 +871,14 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
             goto out;
     }
 
-    /* Shared experts take every token, scaled by the qwen2_moe gate or 1;
-     * last, as in the all-in-one order. */
+    if (s.outs) {
+        r = sum_slots(e, &s, n_tokens, oc, err);
+        if (r < 0)
+            goto out;
+    }
+
+    /* Shared experts take every token (Llama 4's its unscaled input),
+     * scaled by the qwen2_moe gate or 1; last, as in the all-in-one order. */
     if (L->has_shared && !(flags & MOE_FWD_SKIP_SHARED)) {
         s.all_tokens = malloc((size_t)n_tokens * sizeof(int32_t));
         s.shared_scale = malloc((size_t)n_tokens * sizeof(float));

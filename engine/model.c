@@ -23,6 +23,7 @@
 #include "pack.h"
 #include "safetensors.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -50,16 +51,20 @@ static const char *const arch_names[MOE_ARCH_COUNT] = {
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
     [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
+    [MOE_ARCH_LLAMA4] = "llama4_text",
 };
 
 #define ARCH_LIST                                                                                  \
     "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, kimi_k2, glm4_moe, "          \
-    "qwen3_next, qwen3_5_moe (or qwen3_5_moe_text)"
+    "qwen3_next, qwen3_5_moe (or qwen3_5_moe_text), llama4_text (or llama4)"
 
 /* The model_type of transformers' text-only Qwen3.5-MoE class. */
 #define QWEN3_5_TEXT "qwen3_5_moe_text"
 #define LAYER_PREFIX "model.layers."
 #define LAYER_PREFIX_MM "model.language_model.layers."
+/* The model_type of Llama 4's multimodal config, and its text layers. */
+#define LLAMA4_MM "llama4"
+#define LAYER_PREFIX_LLAMA4_MM "language_model.model.layers."
 
 /* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
 static bool is_deepseek_like(enum moe_arch a)
@@ -91,6 +96,10 @@ int moe_arch_parse(const char *s, enum moe_arch *ret)
         *ret = MOE_ARCH_QWEN3_5_MOE;
         return 0;
     }
+    if (strcmp(s, LLAMA4_MM) == 0) {
+        *ret = MOE_ARCH_LLAMA4;
+        return 0;
+    }
     return -EINVAL;
 }
 
@@ -99,6 +108,7 @@ static const char *experts_key(enum moe_arch a)
 {
     switch (a) {
     case MOE_ARCH_MIXTRAL:
+    case MOE_ARCH_LLAMA4:
         return "num_local_experts";
     case MOE_ARCH_DEEPSEEK_V3:
     case MOE_ARCH_DEEPSEEK_V2:
@@ -136,8 +146,9 @@ static const char *experts_alias(enum moe_arch a)
 
 static const char *ffn_key(enum moe_arch a)
 {
-    return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE ? "intermediate_size"
-                                                        : "moe_intermediate_size";
+    return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE || a == MOE_ARCH_LLAMA4
+               ? "intermediate_size"
+               : "moe_intermediate_size";
 }
 
 /* torch_dtype spelling of a compute dtype. */
@@ -305,9 +316,15 @@ static int cfg_dtype(const struct cfg_ctx *c, enum moe_dtype *ret)
     return 0;
 }
 
-static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config *m)
+/*
+ * An optional array of layer numbers under key (qwen mlp_only_layers, llama4
+ * moe_layers): *ret (owned, NULL when empty) and *ret_n; *ret_set tells an
+ * absent or null key from an empty array.
+ */
+static int cfg_layer_list(const struct cfg_ctx *c, const struct moe_model_config *m,
+                          const char *key, bool *ret_set, int **ret, int *ret_n)
 {
-    json_t *v = json_object_get(c->root, "mlp_only_layers");
+    json_t *v = json_object_get(c->root, key);
     char vb[VALUE_TEXT_MAX];
     size_t n;
 
@@ -315,19 +332,21 @@ static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config 
         return 0;
     if (!json_is_array(v))
         return moe_error_set(c->err, -EINVAL,
-                             "%s: 'mlp_only_layers' is %s (%s): expected an "
+                             "%s: '%s' is %s (%s): expected an "
                              "array of layer numbers",
-                             c->fname, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
+                             c->fname, key, moe_json_text(v, vb, sizeof(vb)), moe_json_kind(v));
     n = json_array_size(v);
     if (n > MOE_MAX_LAYERS)
         return moe_error_set(c->err, -EINVAL,
-                             "%s: 'mlp_only_layers' has %zu entries: expected "
+                             "%s: '%s' has %zu entries: expected "
                              "at most %d",
-                             c->fname, n, MOE_MAX_LAYERS);
+                             c->fname, key, n, MOE_MAX_LAYERS);
+    if (ret_set)
+        *ret_set = true;
     if (n == 0)
         return 0;
-    m->mlp_only_layers = calloc(n, sizeof(*m->mlp_only_layers));
-    if (!m->mlp_only_layers)
+    *ret = calloc(n, sizeof(**ret));
+    if (!*ret)
         return moe_error_set(c->err, -ENOMEM, "%s: out of memory", c->fname);
     for (size_t i = 0; i < n; i++) {
         json_t *e = json_array_get(v, i);
@@ -335,13 +354,20 @@ static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config 
         if (!json_is_integer(e) || json_integer_value(e) < 0 ||
             json_integer_value(e) >= m->n_layers)
             return moe_error_set(c->err, -EINVAL,
-                                 "%s: 'mlp_only_layers' entry %zu is %s: "
+                                 "%s: '%s' entry %zu is %s: "
                                  "expected a layer from 0 to num_hidden_layers - 1 (%d)",
-                                 c->fname, i, moe_json_text(e, vb, sizeof(vb)), m->n_layers - 1);
-        m->mlp_only_layers[i] = (int)json_integer_value(e);
-        m->n_mlp_only_layers = (int)i + 1;
+                                 c->fname, key, i, moe_json_text(e, vb, sizeof(vb)),
+                                 m->n_layers - 1);
+        (*ret)[i] = (int)json_integer_value(e);
+        *ret_n = (int)i + 1;
     }
     return 0;
+}
+
+static int cfg_mlp_only_layers(const struct cfg_ctx *c, struct moe_model_config *m)
+{
+    return cfg_layer_list(c, m, "mlp_only_layers", NULL, &m->mlp_only_layers,
+                          &m->n_mlp_only_layers);
 }
 
 /*
@@ -408,11 +434,28 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
     m->routed_scaling_factor = 1.0f;
     m->moe_layer_freq = 1;
     m->decoder_sparse_step = 1;
+    m->moe_layer_step = 1;
 
     switch (m->arch) {
     case MOE_ARCH_MIXTRAL:
         m->norm_topk_prob = true;
         return 0;
+    case MOE_ARCH_LLAMA4:
+        /* Llama4TextMoe: top-k on the logits, sigmoid of the chosen ones
+         * scales the expert's input; one shared expert as wide as a routed
+         * one, unscaled.  Dense layers are intermediate_size_mlp wide. */
+        m->score_func = MOE_SCORE_TOPK_SIGMOID;
+        m->scale_input = true;
+        m->n_shared_experts = 1;
+        m->shared_ffn = m->expert_ffn;
+        r = cfg_int(c, "intermediate_size_mlp", false, 16384, 0, MOE_MAX_FFN, NULL, &m->dense_ffn);
+        if (r == 0)
+            r = cfg_int(c, "interleave_moe_layer_step", false, 1, 1, MOE_MAX_LAYERS, NULL,
+                        &m->moe_layer_step);
+        if (r == 0)
+            r = cfg_layer_list(c, m, "moe_layers", &m->has_moe_layer_list, &m->moe_layer_list,
+                               &m->n_moe_layer_list);
+        return r;
     case MOE_ARCH_OLMOE:
         return cfg_bool(c, "norm_topk_prob", false, &m->norm_topk_prob);
     case MOE_ARCH_QWEN2_MOE:
@@ -581,6 +624,12 @@ static void dense_rule(const struct moe_model_config *c, char *buf, size_t len)
         snprintf(buf, len, "mlp_only_layers (%d listed), decoder_sparse_step %d",
                  c->n_mlp_only_layers, c->decoder_sparse_step);
         break;
+    case MOE_ARCH_LLAMA4:
+        if (c->has_moe_layer_list)
+            snprintf(buf, len, "moe_layers (%d listed)", c->n_moe_layer_list);
+        else
+            snprintf(buf, len, "interleave_moe_layer_step %d", c->moe_layer_step);
+        break;
     default:
         snprintf(buf, len, "every %s layer is a MoE layer", moe_arch_name(c->arch));
         break;
@@ -624,22 +673,27 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
     }
     c.arch = arch_names[m.arch];
     m.layer_prefix = LAYER_PREFIX;
-    if (m.arch == MOE_ARCH_QWEN3_5_MOE && strcmp(type, QWEN3_5_TEXT) != 0) {
-        /* The released, multimodal config: the text model's keys are in
-         * text_config and its layers under model.language_model. */
+    if ((m.arch == MOE_ARCH_QWEN3_5_MOE && strcmp(type, QWEN3_5_TEXT) != 0) ||
+        strcmp(type, LLAMA4_MM) == 0) {
+        /* The released, multimodal configs: the text model's keys are in
+         * text_config and its layers under model.language_model. (Qwen3.5)
+         * or language_model.model. (Llama 4). */
+        bool llama = m.arch == MOE_ARCH_LLAMA4;
+
         v = json_object_get(doc, "text_config");
         if (!v || !json_is_object(v)) {
             r = moe_error_set(err, -EINVAL,
                               "%s: 'text_config' is %s: expected an object with the text "
-                              "model's keys for model_type qwen3_5_moe (a text-only config "
-                              "says \"" QWEN3_5_TEXT "\")",
-                              fname, v ? moe_json_kind(v) : "missing");
+                              "model's keys for model_type %s (a text-only config "
+                              "says \"%s\")",
+                              fname, v ? moe_json_kind(v) : "missing", type,
+                              llama ? "llama4_text" : QWEN3_5_TEXT);
             goto fail;
         }
         c.root = v;
         snprintf(text_fname, sizeof(text_fname), "%s: text_config", fname);
         c.fname = text_fname;
-        m.layer_prefix = LAYER_PREFIX_MM;
+        m.layer_prefix = llama ? LAYER_PREFIX_LLAMA4_MM : LAYER_PREFIX_MM;
     }
     r = cfg_family(&c, &m);
     if (r == 0)
@@ -699,6 +753,9 @@ void moe_config_clear(struct moe_model_config *c)
     free(c->mlp_only_layers);
     c->mlp_only_layers = NULL;
     c->n_mlp_only_layers = 0;
+    free(c->moe_layer_list);
+    c->moe_layer_list = NULL;
+    c->n_moe_layer_list = 0;
 }
 
 bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer)
@@ -718,6 +775,14 @@ bool moe_config_layer_is_moe(const struct moe_model_config *c, int layer)
             if (c->mlp_only_layers[i] == layer)
                 return false;
         return c->decoder_sparse_step > 0 && (layer + 1) % c->decoder_sparse_step == 0;
+    case MOE_ARCH_LLAMA4:
+        if (c->has_moe_layer_list) {
+            for (int i = 0; i < c->n_moe_layer_list; i++)
+                if (c->moe_layer_list[i] == layer)
+                    return true;
+            return false;
+        }
+        return c->moe_layer_step > 0 && (layer + 1) % c->moe_layer_step == 0;
     default:
         return true;
     }
@@ -895,14 +960,20 @@ static bool starts(const char *s, const char *prefix);
  * prefix ("model.layers.3.mlp.experts."), with expert e's gate the rows
  * [e][0, F) of gate_up, its up the rows [e][F, 2F) (transformers chunks the
  * product in two, gate first) and its down down[e].  Fills every expert of L.
+ * transposed (Llama 4): gate_up [E, H, 2F] and down [E, F, H], the same
+ * bytes per expert at the same offsets, marked so (moe_expert_untranspose).
  */
-static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix,
+static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix, bool transposed,
                              struct moe_layer *L)
 {
     const struct moe_model_config *cfg = &c->m->cfg;
     const int64_t E = cfg->n_experts, F = cfg->expert_ffn, H = cfg->hidden;
-    const int64_t want[2][3] = {{E, 2 * F, H}, {E, H, F}};
-    static const char *const keys[2] = {"[%s, 2 x %s, hidden_size]", "[%s, hidden_size, %s]"};
+    const int64_t want_plain[2][3] = {{E, 2 * F, H}, {E, H, F}};
+    const int64_t want_t[2][3] = {{E, H, 2 * F}, {E, F, H}};
+    const int64_t(*want)[3] = transposed ? want_t : want_plain;
+    static const char *const keys_plain[2] = {"[%s, 2 x %s, hidden_size]", "[%s, hidden_size, %s]"};
+    static const char *const keys_t[2] = {"[%s, hidden_size, 2 x %s]", "[%s, %s, hidden_size]"};
+    const char *const *keys = transposed ? keys_t : keys_plain;
     static const char *const part[2] = {"gate_up_proj", "down_proj"};
     const struct moe_st_tensor *t[2];
     char name[2][NAME_MAX_LEN], got[128], exp[64], kb[160];
@@ -959,7 +1030,57 @@ static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix
                                           .offset = t[1]->offset + (uint64_t)e * mat * ds,
                                           .nbytes = mat * ds};
         x->nbytes = x->gate.nbytes + x->up.nbytes + x->down.nbytes;
+        x->transposed = transposed;
     }
+    return 0;
+}
+
+/* Blocked, so that both sides stay in cache: dst [cols, rows] = src [rows,
+ * cols] transposed, elements of es bytes (2 or 4). */
+static void transpose(void *dst, const void *src, int64_t rows, int64_t cols, int64_t src_stride,
+                      size_t es)
+{
+    enum { B = 32 };
+
+    for (int64_t r0 = 0; r0 < rows; r0 += B)
+        for (int64_t c0 = 0; c0 < cols; c0 += B) {
+            int64_t r1 = MOE_MIN(rows, r0 + B), c1 = MOE_MIN(cols, c0 + B);
+
+            for (int64_t r = r0; r < r1; r++)
+                for (int64_t k = c0; k < c1; k++) {
+                    const uint8_t *sp = (const uint8_t *)src + ((size_t)(r * src_stride + k)) * es;
+                    uint8_t *dp = (uint8_t *)dst + ((size_t)(k * rows + r)) * es;
+
+                    if (es == 2)
+                        memcpy(dp, sp, 2);
+                    else
+                        memcpy(dp, sp, 4);
+                }
+        }
+}
+
+int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up, void *down)
+{
+    const int64_t F = x->gate.rows, H = x->gate.cols;
+    const size_t es = moe_dtype_size(x->gate.dtype), ds = moe_dtype_size(x->down.dtype);
+    size_t gu = (size_t)(2 * F * H) * es, dn = (size_t)(F * H) * ds;
+    uint8_t *tmp;
+
+    if (!x->transposed)
+        return 0;
+    assert((uint8_t *)up == (uint8_t *)gate + x->gate.nbytes);
+    (void)up;
+    tmp = malloc(MOE_MAX(gu, dn));
+    if (!tmp)
+        return -ENOMEM;
+    /* [H, 2F]: gate = columns [0, F), up = columns [F, 2F), each to [F, H]. */
+    memcpy(tmp, gate, gu);
+    transpose(gate, tmp, H, F, 2 * F, es);
+    transpose((uint8_t *)gate + (size_t)(F * H) * es, tmp + (size_t)F * es, H, F, 2 * F, es);
+    /* [F, H] to [H, F]. */
+    memcpy(tmp, down, dn);
+    transpose(down, tmp, F, H, H, ds);
+    free(tmp);
     return 0;
 }
 
@@ -972,30 +1093,34 @@ static const char *expert_part_name(enum moe_arch a, int part)
     return a == MOE_ARCH_MIXTRAL ? mixtral[part] : others[part];
 }
 
+/* The block that holds a family's per-expert tensors. */
+static const char *expert_block(enum moe_arch a)
+{
+    return a == MOE_ARCH_MIXTRAL  ? "block_sparse_moe"
+           : a == MOE_ARCH_LLAMA4 ? "feed_forward"
+                                  : "mlp";
+}
+
 int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int expert,
                                  enum moe_expert_part part, char *buf, size_t len)
 {
-    bool mixtral = m->cfg.arch == MOE_ARCH_MIXTRAL;
-
     return snprintf(buf, len, "%s%d.%s.experts.%d.%s.weight", m->cfg.layer_prefix, layer,
-                    mixtral ? "block_sparse_moe" : "mlp", expert,
-                    expert_part_name(m->cfg.arch, (int)part));
+                    expert_block(m->cfg.arch), expert, expert_part_name(m->cfg.arch, (int)part));
 }
 
 const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model *m,
                                                           const char *name)
 {
-    const char *rest, *end;
-    const char *blk =
-        m->cfg.arch == MOE_ARCH_MIXTRAL ? "block_sparse_moe.experts." : "mlp.experts.";
+    const char *rest, *end, *blk = expert_block(m->cfg.arch);
     long layer, e;
 
     if (!starts(name, m->cfg.layer_prefix))
         return NULL;
     layer = parse_num(name + strlen(m->cfg.layer_prefix), '.', &rest);
-    if (layer < 0 || layer >= m->cfg.n_layers || !m->layers[layer].is_moe || !starts(rest, blk))
+    if (layer < 0 || layer >= m->cfg.n_layers || !m->layers[layer].is_moe || !starts(rest, blk) ||
+        !starts(rest + strlen(blk), ".experts."))
         return NULL;
-    e = parse_num(rest + strlen(blk), '.', &end);
+    e = parse_num(rest + strlen(blk) + strlen(".experts."), '.', &end);
     if (e < 0 || e >= m->cfg.n_experts)
         return NULL;
     for (int k = 0; k < 3; k++) {
@@ -1014,10 +1139,11 @@ static int load_layer(struct open_ctx *c, int i)
     struct moe_model *m = c->m;
     const struct moe_model_config *cfg = &m->cfg;
     struct moe_layer *L = &m->layers[i];
-    const bool mixtral = cfg->arch == MOE_ARCH_MIXTRAL;
+    const bool mixtral = cfg->arch == MOE_ARCH_MIXTRAL, llama = cfg->arch == MOE_ARCH_LLAMA4;
     /* The router's block and the per-expert tensors' (mixtral's is
-     * block_sparse_moe, except for the router of the fused layout). */
-    const char *blk = "mlp", *eblk = mixtral ? "block_sparse_moe" : "mlp";
+     * block_sparse_moe, except for the router of the fused layout; Llama 4's
+     * feed_forward, with the router feed_forward.router). */
+    const char *blk = "mlp", *eblk = expert_block(cfg->arch), *fblk = llama ? eblk : "mlp";
     const char *ek = experts_key(cfg->arch), *fk = ffn_key(cfg->arch);
     char name[NAME_MAX_LEN], prefix[NAME_MAX_LEN], what[64], keys[160];
     bool fused;
@@ -1033,11 +1159,14 @@ static int load_layer(struct open_ctx *c, int i)
              expert_part_name(cfg->arch, 0));
     fused = !find_tensor(c, name, &f);
     if (fused) {
-        snprintf(name, sizeof(name), "%s%d.mlp.experts.gate_up_proj", cfg->layer_prefix, i);
+        snprintf(name, sizeof(name), "%s%d.%s.experts.gate_up_proj", cfg->layer_prefix, i, fblk);
         fused = find_tensor(c, name, &f) != NULL;
     }
     snprintf(keys, sizeof(keys), "[%s, hidden_size]", ek);
-    snprintf(name, sizeof(name), "%s%d.%s.gate.weight", cfg->layer_prefix, i, blk);
+    if (llama)
+        snprintf(name, sizeof(name), "%s%d.feed_forward.router.weight", cfg->layer_prefix, i);
+    else
+        snprintf(name, sizeof(name), "%s%d.%s.gate.weight", cfg->layer_prefix, i, blk);
     r = get_ref(c, i, "router", name, 2, cfg->n_experts, cfg->hidden, keys, &L->router);
     if (r < 0)
         return r;
@@ -1056,8 +1185,8 @@ static int load_layer(struct open_ctx *c, int i)
         return moe_error_set(c->err, -ENOMEM, "%s: out of memory for %d experts", m->dir,
                              cfg->n_experts);
     if (fused) {
-        snprintf(prefix, sizeof(prefix), "%s%d.mlp.experts.", cfg->layer_prefix, i);
-        r = get_fused_experts(c, i, prefix, L);
+        snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.", cfg->layer_prefix, i, fblk);
+        r = get_fused_experts(c, i, prefix, llama, L);
         if (r < 0)
             return r;
     }
@@ -1091,11 +1220,12 @@ static int load_layer(struct open_ctx *c, int i)
     if (cfg->n_shared_experts > 0) {
         bool qwen = has_qwen_shared(cfg->arch);
 
-        snprintf(prefix, sizeof(prefix), "%s%d.mlp.%s.", cfg->layer_prefix, i,
-                 qwen ? "shared_expert" : "shared_experts");
+        snprintf(prefix, sizeof(prefix), "%s%d.%s.%s.", cfg->layer_prefix, i, fblk,
+                 qwen || llama ? "shared_expert" : "shared_experts");
         r = get_expert(c, i, "shared expert", prefix, cfg->shared_ffn,
-                       qwen ? "shared_expert_intermediate_size"
-                            : "n_shared_experts x moe_intermediate_size",
+                       qwen    ? "shared_expert_intermediate_size"
+                       : llama ? "intermediate_size"
+                               : "n_shared_experts x moe_intermediate_size",
                        &L->shared);
         if (r < 0)
             return r;
@@ -1155,7 +1285,15 @@ static int check_tensor_name(const struct open_ctx *c, const char *name)
     layer = parse_num(name + strlen(cfg->layer_prefix), '.', &rest);
     if (layer < 0 || layer >= cfg->n_layers)
         return 0;
-    if (cfg->arch == MOE_ARCH_MIXTRAL && starts(rest, "block_sparse_moe.")) {
+    if (cfg->arch == MOE_ARCH_LLAMA4) {
+        /* feed_forward.{gate,up,down}_proj of a dense layer are not ours. */
+        if (starts(rest, "feed_forward.experts."))
+            sub = rest + strlen("feed_forward.experts.");
+        else if (starts(rest, "feed_forward.shared_expert."))
+            shared = true;
+        else if (!starts(rest, "feed_forward.router."))
+            return 0;
+    } else if (cfg->arch == MOE_ARCH_MIXTRAL && starts(rest, "block_sparse_moe.")) {
         if (starts(rest, "block_sparse_moe.experts."))
             sub = rest + strlen("block_sparse_moe.experts.");
     } else if (cfg->arch == MOE_ARCH_MIXTRAL && !starts(rest, "mlp.gate.") &&

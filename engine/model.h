@@ -26,6 +26,16 @@
  *                whose layers are model.language_model.layers.i. (layer_prefix);
  *                transformers' text-only class writes model_type qwen3_5_moe_text,
  *                flat, with model.layers.i.
+ *   llama4_text  feed_forward.router.weight [E,H]; feed_forward.experts.gate_up_proj
+ *                [E, H, 2F] and feed_forward.experts.down_proj [E, F, H], fused and
+ *                TRANSPOSED (the expert computes x @ W: expert e's gate is the
+ *                columns [0, F) of gate_up_proj[e], its up the columns [F, 2F));
+ *                feed_forward.shared_expert.{gate,up,down}_proj.weight, F = intermediate_size;
+ *                layers in moe_layers, or else every interleave_moe_layer_step-th
+ *                ((i + 1) % step == 0), are MoE.  The multimodal config (model_type
+ *                llama4, the text keys in "text_config") has its layers under
+ *                language_model.model.layers.i. (layer_prefix).  A packed store
+ *                holds the plain per-expert layout, feed_forward.experts.e.*.
  * The routed experts of any family may also be stored fused, as transformers 5
  * keeps them (save_pretrained(save_original_format=False), and releases such as
  * Qwen3.5-MoE): mlp.experts.gate_up_proj [E, 2F, H], each expert's gate rows
@@ -55,6 +65,7 @@ enum moe_arch {
     MOE_ARCH_GLM4_MOE,
     MOE_ARCH_QWEN3_NEXT,
     MOE_ARCH_QWEN3_5_MOE,
+    MOE_ARCH_LLAMA4,
     MOE_ARCH_COUNT,
 };
 
@@ -93,10 +104,17 @@ struct moe_model_config {
     int moe_layer_freq;          /* deepseek; 1 elsewhere */
     int decoder_sparse_step;     /* qwen; 1 elsewhere */
     int n_mlp_only_layers;
-    int *mlp_only_layers; /* qwen mlp_only_layers, owned */
+    int *mlp_only_layers;    /* qwen mlp_only_layers, owned */
+    int moe_layer_step;      /* llama4 interleave_moe_layer_step; 1 elsewhere */
+    bool has_moe_layer_list; /* llama4 moe_layers given: it, not the step, decides */
+    int n_moe_layer_list;
+    int *moe_layer_list;  /* llama4 moe_layers, owned */
+    bool scale_input;     /* llama4: a routed expert's input, not its output, is
+                           * multiplied by the token's routing weight */
     enum moe_dtype dtype; /* torch_dtype; MOE_DTYPE_COUNT when absent */
     /* Prefix of layer i's tensors, before "<i>.": "model.layers." or, for a
-     * multimodal qwen3_5_moe config, "model.language_model.layers." (static). */
+     * multimodal qwen3_5_moe config, "model.language_model.layers.", for a
+     * multimodal llama4 one "language_model.model.layers." (static). */
     const char *layer_prefix;
 };
 
@@ -131,6 +149,12 @@ struct moe_expert_ref {
     struct moe_tensor_ref up;   /* [ffn, hidden] (mixtral w3) */
     struct moe_tensor_ref down; /* [hidden, ffn] (mixtral w2) */
     uint64_t nbytes;            /* gate + up + down */
+    /* Llama 4's fused experts, as stored: gate's bytes then up's (contiguous)
+     * are one [hidden, 2 x ffn] matrix that the input multiplies from the
+     * left (each row: ffn gate columns, then ffn up columns), and down is
+     * [ffn, hidden].  The shapes above are the plain ones; the bytes become
+     * plain with moe_expert_untranspose() once read. */
+    bool transposed;
     /* Packed store (pack.h): gate, up and down lie back to back from
      * gate.offset (MOE_PACK_ALIGN-aligned) in one file, and xxh3 is the
      * XXH3-64 of those nbytes.  False/0 for a Hugging Face checkpoint. */
@@ -198,6 +222,15 @@ void moe_model_free(struct moe_model *m);
  * open) is -EIO with a message naming file and tensor. */
 int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, void *dst,
                    struct moe_error *err);
+
+/*
+ * Rewrites a transposed expert (x->transposed), whose tensors were read as
+ * stored to gate, up and down, into the plain layout in place: gate [ffn,
+ * hidden], up [ffn, hidden], down [hidden, ffn], row-major.  gate and up must
+ * be adjacent (up == gate + x->gate.nbytes), as they are in the file.
+ * Does nothing for a plain expert.  0, or -ENOMEM (the bytes untouched).
+ */
+int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up, void *down);
 
 /* Which part of an expert: gate, up, down (the order of moe_expert_ref). */
 enum moe_expert_part {

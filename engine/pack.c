@@ -1049,6 +1049,18 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
+    /* A store holds plain experts; Llama 4's transposed ones would need
+     * rewriting on the way, which the streaming writer does not do yet. */
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed) {
+            r = moe_error_set(err, -ENOTSUP,
+                              "%s: layer %d: the experts are stored transposed (%s's fused "
+                              "gate_up_proj [E, hidden, 2 x ffn]), which pack cannot store yet; "
+                              "serve the checkpoint itself",
+                              m->dir, i, moe_arch_name(m->cfg.arch));
+            goto fail;
+        }
+    }
     r = make_dirs(out_dir, &made_dir, err);
     if (r < 0)
         goto fail;

@@ -105,11 +105,13 @@ int moe_router_check(const struct moe_router_params *p, struct moe_error *err)
 
     if (!p)
         return moe_error_set(err, -EINVAL, "router parameters are NULL");
-    if (p->score_func != MOE_SCORE_SOFTMAX && p->score_func != MOE_SCORE_SIGMOID)
+    if (p->score_func != MOE_SCORE_SOFTMAX && p->score_func != MOE_SCORE_SIGMOID &&
+        p->score_func != MOE_SCORE_TOPK_SIGMOID)
         return moe_error_set(err, -EINVAL,
-                             "router parameter score_func is %d, expected %d (softmax) or "
-                             "%d (sigmoid)",
-                             (int)p->score_func, MOE_SCORE_SOFTMAX, MOE_SCORE_SIGMOID);
+                             "router parameter score_func is %d, expected %d (softmax), "
+                             "%d (sigmoid) or %d (top-k then sigmoid)",
+                             (int)p->score_func, MOE_SCORE_SOFTMAX, MOE_SCORE_SIGMOID,
+                             MOE_SCORE_TOPK_SIGMOID);
     if (p->n_experts < 1 || p->n_experts > MOE_MAX_EXPERTS)
         return moe_error_set(err, -EINVAL, "router parameter n_experts is %d, expected 1..%d",
                              p->n_experts, MOE_MAX_EXPERTS);
@@ -141,6 +143,13 @@ int moe_router_check(const struct moe_router_params *p, struct moe_error *err)
                              "experts hold only %d; expected top_k <= %d",
                              p->top_k, p->topk_group, gsize, p->topk_group * gsize,
                              p->topk_group * gsize);
+    if (p->score_func == MOE_SCORE_TOPK_SIGMOID &&
+        (p->n_group != 1 || p->norm_topk_prob || p->routed_scaling_factor != 1.0f))
+        return moe_error_set(err, -EINVAL,
+                             "router parameters n_group %d, norm_topk_prob %d, "
+                             "routed_scaling_factor %g with top-k-then-sigmoid scores, expected "
+                             "1, 0 and 1 (Llama 4's rule has none of them)",
+                             p->n_group, (int)p->norm_topk_prob, (double)p->routed_scaling_factor);
     if (!isfinite(p->routed_scaling_factor) || !(p->routed_scaling_factor > 0))
         return moe_error_set(err, -EINVAL,
                              "router parameter routed_scaling_factor is %g, expected a finite "
@@ -326,6 +335,27 @@ static int route_sigmoid(const struct moe_router_params *p, const float *l, int 
     return 0;
 }
 
+/*
+ * Llama 4: the top_k largest logits (torch.topk on the router's output),
+ * each weighted by its sigmoid; the others' scores are sigmoid(-inf) = 0.
+ */
+static int route_topk_sigmoid(const struct moe_router_params *p, const float *l, int token,
+                              int32_t *ids, float *w, struct moe_error *err)
+{
+    float val[MOE_MAX_TOP_K], m = 0;
+    struct topk sel;
+    int r;
+
+    r = logits_max(l, p->n_experts, token, &m, err);
+    if (r < 0)
+        return r;
+    topk_init(&sel, p->top_k, val, ids);
+    topk_scan(&sel, l, 0, p->n_experts);
+    for (int j = 0; j < p->top_k; j++)
+        w[j] = (float)(1.0 / (1.0 + exp(-(double)l[ids[j]])));
+    return 0;
+}
+
 int moe_route(const struct moe_router_params *p, const float *logits, int n_tokens,
               int32_t *ret_ids, float *ret_weights, struct moe_error *err)
 {
@@ -364,6 +394,8 @@ int moe_route(const struct moe_router_params *p, const float *logits, int n_toke
 
         if (p->score_func == MOE_SCORE_SIGMOID)
             r = route_sigmoid(p, l, t, &sc, ids, w, err);
+        else if (p->score_func == MOE_SCORE_TOPK_SIGMOID)
+            r = route_topk_sigmoid(p, l, t, ids, w, err);
         else
             r = route_softmax(p, l, t, &sc, ids, w, err);
         if (r < 0)

@@ -18,6 +18,9 @@
  *     top_k largest p among their experts; weights = p of those, divided by
  *     their sum iff norm_topk_prob (never in DeepSeek-V2), times
  *     routed_scaling_factor.
+ *   topk_sigmoid (llama4_text): pick the top_k largest logits; weights =
+ *     sigmoid of those logits (never renormalised).  Llama 4 multiplies each
+ *     expert's input by its weight, not its output: the layer does that.
  *
  * Ties are broken towards the lower expert id.  Each token's k entries are
  * written in descending order of weight (ties: lower id first).
@@ -33,6 +36,7 @@
 enum moe_score_func {
     MOE_SCORE_SOFTMAX = 0,
     MOE_SCORE_SIGMOID,
+    MOE_SCORE_TOPK_SIGMOID, /* selection on the logits, weights sigmoid(logit) */
 };
 
 struct moe_router_params {

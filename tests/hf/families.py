@@ -29,7 +29,12 @@ a wrong answer instead of a lucky right one:
     of four, run by transformers' torch fallback);
   - qwen3_5_moe: transformers' text-only class (model_type qwen3_5_moe_text),
     which always renormalises and has no dense layers, with its shared expert
-    and hybrid attention.
+    and hybrid attention;
+  - llama4_text: top-2 (the releases route top-1: two slots check that each
+    expert's input, not its output, is scaled by its own sigmoid), the shared
+    expert, dense and MoE layers interleaved (interleave_moe_layer_step 2),
+    and experts that transformers keeps fused and transposed in every layout
+    (feed_forward.experts.gate_up_proj [E, H, 2F], down_proj [E, F, H]).
 
 Layouts: "single" and "sharded" are save_pretrained's per-expert names
 (save_original_format=True); "fused" is transformers 5's own layout
@@ -38,7 +43,7 @@ Layouts: "single" and "sharded" are save_pretrained's per-expert names
 import os
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
-            "glm4_moe", "qwen3_next", "qwen3_5_moe"]
+            "glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text"]
 DTYPES = ["float32", "bfloat16"]
 LAYOUTS = ["single", "sharded", "fused"]
 
@@ -98,6 +103,10 @@ def config_kwargs(family):
     if family == "qwen3_5_moe":
         return dict(COMMON, **linear, num_hidden_layers=4, moe_intermediate_size=32,
                     shared_expert_intermediate_size=96, num_experts=32, num_experts_per_tok=6)
+    if family == "llama4_text":
+        return dict(COMMON, num_hidden_layers=4, head_dim=32, intermediate_size=64,
+                    intermediate_size_mlp=160, num_local_experts=8, num_experts_per_tok=2,
+                    interleave_moe_layer_step=2)
     raise ValueError(family)
 
 
@@ -115,6 +124,7 @@ def config_class(family):
         # The text-only class; the released multimodal config (text_config,
         # model.language_model.*) is checked by the unit tests.
         "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig,
+        "llama4_text": transformers.Llama4TextConfig,
     }[family]
 
 
@@ -130,6 +140,27 @@ MODEL_TYPE_FAMILY = {"qwen3_5_moe_text": "qwen3_5_moe"}
 
 def moe_block(model, layer):
     """The sparse MoE block of decoder layer `layer`, or None when it is dense
-    (a block is sparse when it has routed experts)."""
-    mlp = model.model.layers[layer].mlp
+    (a block is sparse when it has routed experts; Llama 4 calls it
+    feed_forward)."""
+    d = model.model.layers[layer]
+    mlp = d.mlp if hasattr(d, "mlp") else d.feed_forward
     return mlp if hasattr(mlp, "experts") else None
+
+
+def router(block):
+    """The block's router module: gate, or Llama 4's router."""
+    return block.router if hasattr(block, "router") else block.gate
+
+
+def route_ids(block, t):
+    """The experts transformers' block picks for t [T, H]: [T, k] int64."""
+    if hasattr(block, "router"):
+        # Llama 4: top-k of the logits (the scores are their sigmoid).
+        _, logits = block.router(t)
+        return torch_topk(logits, block.top_k)
+    return block.gate(t)[2]
+
+
+def torch_topk(logits, k):
+    import torch
+    return torch.topk(logits, k, dim=1).indices

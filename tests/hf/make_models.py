@@ -61,10 +61,10 @@ def build(family, seed):
             block = fam.moe_block(model, i)
             if block is None:
                 continue
-            w = block.gate.weight
+            w = fam.router(block).weight
             # Some routers start at zero until _init_weights; draw our own.
             w.copy_(torch.randn(w.shape, generator=g) * 0.02 * fam.ROUTER_SCALE)
-            if hasattr(block.gate, "e_score_correction_bias"):
+            if hasattr(fam.router(block), "e_score_correction_bias"):
                 b = block.gate.e_score_correction_bias
                 b.copy_((torch.rand(b.shape, generator=g) - 0.5) * 0.4)
             # Experts at a scale where the output is of order 1, not 1e-4.
@@ -87,7 +87,7 @@ def save(model, d, layout):
     if layout == "fused" and want_index:
         with open(os.path.join(d, "model.safetensors.index.json")) as f:
             names = json.load(f)["weight_map"]
-        if not any(k.endswith("mlp.experts.gate_up_proj") for k in names):
+        if not any(k.endswith(".experts.gate_up_proj") for k in names):
             raise RuntimeError(f"{d}: save_original_format=False wrote no gate_up_proj")
     if layout in ("sharded", "fused") and (n < 2 or not want_index):
         raise RuntimeError(f"{d}: {n} shard(s) with max_shard_size {fam.MAX_SHARD_SIZE}: "

@@ -66,6 +66,9 @@ class Family:
             # The released, multimodal config: the text model's keys.
             cfg = cfg["text_config"]
             self.layers = "model.language_model.layers"
+        elif cfg["model_type"] == "llama4":
+            cfg = cfg["text_config"]
+            self.layers = "language_model.model.layers"
         self.cfg = cfg
         mt = cfg["model_type"]
         if mt == "qwen3_5_moe_text":
@@ -78,8 +81,16 @@ class Family:
         self.sigmoid = False
         self.n_group = self.topk_group = 1
         self.scale = 1.0
+        self.topk_sigmoid = False  # Llama 4: top-k of the logits, sigmoid scales the input
         self.k = cfg["num_experts_per_tok"]
-        if mt == "mixtral":
+        if mt == "llama4_text":
+            self.E = cfg["num_local_experts"]
+            self.moe = "feed_forward"
+            self.proj = ("gate_proj", "up_proj", "down_proj")
+            self.norm = False
+            self.topk_sigmoid = True
+            self.shared = "shared_expert"
+        elif mt == "mixtral":
             self.E = cfg["num_local_experts"]
             self.moe = "block_sparse_moe"
             self.proj = ("w1", "w3", "w2")
@@ -134,6 +145,10 @@ class Family:
             return layer >= first and layer % freq == 0
         if mt in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
             return layer not in c.get("mlp_only_layers", []) and (layer + 1) % c.get("decoder_sparse_step", 1) == 0
+        if mt == "llama4_text":
+            if c.get("moe_layers") is not None:
+                return layer in c["moe_layers"]
+            return (layer + 1) % c.get("interleave_moe_layer_step", 1) == 0
         return True
 
     def prefix(self, layer):
@@ -148,6 +163,8 @@ class Family:
 
     def selection_scores(self, logits, bias):
         """Scores the top-k is taken over (after group masking), and the scores weights come from."""
+        if self.topk_sigmoid:
+            return logits, 1.0 / (1.0 + np.exp(-logits))
         if not self.sigmoid:
             z = logits - logits.max(axis=1, keepdims=True)
             p = np.exp(z)
@@ -193,7 +210,8 @@ def layer_reference(ck, fam, layer, x, ids=None):
     """Routes x (unless ids are given) and returns (ids, weights, y, sel)."""
     p = fam.router_prefix(ck, layer)
     x = x.astype(np.float64)
-    logits = x @ ck.get(f"{p}.gate.weight").T
+    router = f"{fam.prefix(layer)}.router.weight" if fam.topk_sigmoid else f"{p}.gate.weight"
+    logits = x @ ck.get(router).T
     bias = ck.get(f"{p}.gate.e_score_correction_bias") if fam.bias else None
     sel, ws = fam.selection_scores(logits, bias)
     if ids is None:
@@ -209,7 +227,13 @@ def routed_output(ck, fam, layer, x, ids, w):
     y = np.zeros_like(x)
     g, u, d = fam.proj
     fused = f"{fam.layers}.{layer}.mlp.experts"
-    if ck.has(f"{fused}.gate_up_proj"):
+    if fam.topk_sigmoid and ck.has(f"{p}.experts.gate_up_proj"):
+        # Llama 4's, transposed (x @ W): gate_up_proj [E, H, 2F] (gate
+        # columns, then up columns), down_proj [E, F, H].
+        gu, dn = ck.get(f"{p}.experts.gate_up_proj"), ck.get(f"{p}.experts.down_proj")
+        F = dn.shape[1]
+        experts = {e: (gu[e][:, :F].T, gu[e][:, F:].T, dn[e].T) for e in np.unique(ids)}
+    elif ck.has(f"{fused}.gate_up_proj"):
         # transformers 5's layout: gate_up_proj [E, 2F, H] (gate rows, then
         # up rows), down_proj [E, H, F].
         gu, dn = ck.get(f"{fused}.gate_up_proj"), ck.get(f"{fused}.down_proj")
@@ -220,7 +244,11 @@ def routed_output(ck, fam, layer, x, ids, w):
                    for e in np.unique(ids)}
     for e in np.unique(ids):
         rows, slot = np.nonzero(ids == e)
-        y[rows] += w[rows, slot][:, None] * expert(x[rows], *experts[e])
+        if fam.topk_sigmoid:
+            # Llama 4 scales the expert's input by the weight, not its output.
+            y[rows] += expert(w[rows, slot][:, None] * x[rows], *experts[e])
+        else:
+            y[rows] += w[rows, slot][:, None] * expert(x[rows], *experts[e])
     if fam.shared:
         W = [ck.get(f"{p}.{fam.shared}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
         s = expert(x, *W)

@@ -3,7 +3,9 @@
  * CUDA): every weight widened to double from the checkpoint, SwiGLU
  * experts and shared experts (with qwen2_moe's sigmoid gate) computed in
  * double for a given routing.  Experts are read once per call, on first
- * use.
+ * use.  Llama 4's transposed experts are read as stored and rearranged here
+ * (not by the engine's moe_expert_untranspose), and its routing weight
+ * scales the expert's input.
  */
 #ifndef MOED_TESTS_LAYER_REF_H
 #define MOED_TESTS_LAYER_REF_H
@@ -54,6 +56,26 @@ static inline void dexpert_load(const struct moe_model *m, const struct moe_expe
     d->g = tensor_f64(m, &x->gate);
     d->u = tensor_f64(m, &x->up);
     d->d = tensor_f64(m, &x->down);
+    if (x->transposed) {
+        /* Stored: gate's values then up's are gate_up[e] [H, 2F] (row c:
+         * F gate values, then F up values); down[e] is [F, H]. */
+        const int64_t H = d->H, F = d->F;
+        double *gu = malloc(sizeof(double) * (size_t)(2 * F * H));
+        double *dn = malloc(sizeof(double) * (size_t)(F * H));
+
+        ASSERT_TRUE(gu && dn);
+        memcpy(gu, d->g, sizeof(double) * (size_t)(F * H));
+        memcpy(gu + F * H, d->u, sizeof(double) * (size_t)(F * H));
+        memcpy(dn, d->d, sizeof(double) * (size_t)(F * H));
+        for (int64_t f = 0; f < F; f++)
+            for (int64_t c = 0; c < H; c++) {
+                d->g[f * H + c] = gu[c * 2 * F + f];
+                d->u[f * H + c] = gu[c * 2 * F + F + f];
+                d->d[c * F + f] = dn[f * H + c];
+            }
+        free(gu);
+        free(dn);
+    }
 }
 
 static inline void dexpert_free(struct dexpert *d)
@@ -63,16 +85,16 @@ static inline void dexpert_free(struct dexpert *d)
     free(d->d);
 }
 
-/* y += s * down(silu(gate x) * up x) in double. */
-static inline void dexpert_apply(const struct dexpert *e, const float *x, double s, double *y,
-                                 double *h)
+/* y += s * down(silu(gate x') * up x') in double, x' = in_scale * x. */
+static inline void dexpert_apply_in(const struct dexpert *e, const float *x, double in_scale,
+                                    double s, double *y, double *h)
 {
     for (int64_t f = 0; f < e->F; f++) {
         double a = 0, b = 0;
 
         for (int64_t c = 0; c < e->H; c++) {
-            a += e->g[f * e->H + c] * x[c];
-            b += e->u[f * e->H + c] * x[c];
+            a += e->g[f * e->H + c] * (in_scale * x[c]);
+            b += e->u[f * e->H + c] * (in_scale * x[c]);
         }
         h[f] = a / (1.0 + exp(-a)) * b;
     }
@@ -83,6 +105,13 @@ static inline void dexpert_apply(const struct dexpert *e, const float *x, double
             acc += e->d[r * e->F + f] * h[f];
         y[r] += s * acc;
     }
+}
+
+/* y += s * down(silu(gate x) * up x) in double. */
+static inline void dexpert_apply(const struct dexpert *e, const float *x, double s, double *y,
+                                 double *h)
+{
+    dexpert_apply_in(e, x, 1.0, s, y, h);
 }
 
 /* The layer's output for the given routing, in double. */
@@ -111,9 +140,14 @@ static inline void layer_ref(const struct moe_model *m, int layer, const float *
         for (int j = 0; j < K; j++) {
             int e = ids[t * K + j];
 
+            if (e < 0)
+                continue; /* left out of a partial forward */
             if (!ex[e].g)
                 dexpert_load(m, &L->experts[e], &ex[e]);
-            dexpert_apply(&ex[e], xt, w[t * K + j], y + (size_t)t * H, h);
+            if (m->cfg.scale_input) /* Llama 4: the weight scales the input */
+                dexpert_apply_in(&ex[e], xt, w[t * K + j], 1.0, y + (size_t)t * H, h);
+            else
+                dexpert_apply(&ex[e], xt, w[t * K + j], y + (size_t)t * H, h);
         }
         if (L->has_shared) {
             double s = 1.0;

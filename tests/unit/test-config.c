@@ -271,6 +271,67 @@ static void test_defaults(void)
         parse("{\"model_type\": \"qwen3_5_moe\", \"text_config\": {\"hidden_size\": 4}}", &c, &err),
         -EINVAL);
     ASSERT_CONTAINS(err.msg, "config.json: text_config: 'num_hidden_layers' is missing");
+
+    /* Llama 4 (text): top-k then sigmoid, the input scaled, one shared
+     * expert as wide as a routed one; moe_layers decides over the step. */
+    ASSERT_EQ(parse("{\"model_type\": \"llama4_text\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"intermediate_size_mlp\": 96, "
+                    "\"num_local_experts\": 16, \"num_experts_per_tok\": 1, "
+                    "\"num_hidden_layers\": 4, \"interleave_moe_layer_step\": 2, "
+                    "\"moe_layers\": [0, 3]}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.arch, MOE_ARCH_LLAMA4);
+    ASSERT_EQ(c.score_func, MOE_SCORE_TOPK_SIGMOID);
+    ASSERT_TRUE(c.scale_input && !c.norm_topk_prob && !c.shared_expert_gate);
+    ASSERT_EQ(c.n_shared_experts, 1);
+    ASSERT_EQ(c.shared_ffn, 32);
+    ASSERT_EQ(c.dense_ffn, 96);
+    ASSERT_STREQ(c.layer_prefix, "model.layers.");
+    for (int i = 0; i < 4; i++)
+        ASSERT_EQ(moe_config_layer_is_moe(&c, i), i == 0 || i == 3);
+    moe_config_clear(&c);
+    /* Without moe_layers: every interleave_moe_layer_step-th layer. */
+    ASSERT_EQ(parse("{\"model_type\": \"llama4_text\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"num_local_experts\": 16, "
+                    "\"num_experts_per_tok\": 2, \"num_hidden_layers\": 4, "
+                    "\"interleave_moe_layer_step\": 2}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.dense_ffn, 16384);
+    for (int i = 0; i < 4; i++)
+        ASSERT_EQ(moe_config_layer_is_moe(&c, i), i % 2 == 1);
+    moe_config_clear(&c);
+    /* The multimodal config: the text keys in text_config, the layers under
+     * language_model.model. */
+    ASSERT_EQ(parse("{\"model_type\": \"llama4\", \"torch_dtype\": \"bfloat16\", "
+                    "\"text_config\": {\"model_type\": \"llama4_text\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"num_local_experts\": 16, "
+                    "\"num_experts_per_tok\": 1, \"num_hidden_layers\": 2}}",
+                    &c, &err),
+              0);
+    ASSERT_EQ(c.arch, MOE_ARCH_LLAMA4);
+    ASSERT_EQ(c.dtype, MOE_DTYPE_BF16);
+    ASSERT_STREQ(c.layer_prefix, "language_model.model.layers.");
+    ASSERT_TRUE(moe_config_layer_is_moe(&c, 0) && moe_config_layer_is_moe(&c, 1));
+    moe_config_clear(&c);
+    ASSERT_EQ(parse("{\"model_type\": \"llama4\"}", &c, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg,
+                    "'text_config' is missing: expected an object with the text model's "
+                    "keys for model_type llama4 (a text-only config says \"llama4_text\")");
+    ASSERT_EQ(parse("{\"model_type\": \"llama4_text\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"num_local_experts\": 16, "
+                    "\"num_experts_per_tok\": 1, \"num_hidden_layers\": 2, \"moe_layers\": []}",
+                    &c, &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "none of the 2 layers is a MoE layer (moe_layers (0 listed))");
+    ASSERT_EQ(parse("{\"model_type\": \"llama4_text\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"num_local_experts\": 16, "
+                    "\"num_experts_per_tok\": 1, \"num_hidden_layers\": 2, \"moe_layers\": [2]}",
+                    &c, &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "'moe_layers' entry 0 is 2: expected a layer from 0 to "
+                             "num_hidden_layers - 1 (1)");
 }
 
 static void test_dtype_keys(void)

@@ -800,8 +800,38 @@ static void test_speed(void)
             E, K, (double)(t1 - t0) / N, (double)(t2 - t1) / N);
 }
 
+/*
+ * Llama 4: the top-k logits, each weighted by its own sigmoid (no softmax,
+ * no renormalisation); logits where sigmoid rounds to 1 in fp32 still keep
+ * their order; the rule refuses renormalisation, groups and scaling.
+ */
+static void test_topk_sigmoid_cases(void)
+{
+    struct moe_router_params p = params(MOE_SCORE_TOPK_SIGMOID, 6, 2, false);
+    struct moe_error err = {0};
+    const float l1[6] = {0.5f, -1.0f, 2.0f, 1.5f, -3.0f, 0.0f};
+    const int32_t i1[2] = {2, 3};
+    const double w1[2] = {1.0 / (1.0 + exp(-2.0)), 1.0 / (1.0 + exp(-1.5))};
+    const float l2[6] = {30.0f, 40.0f, 20.0f, -5.0f, 0.0f, 35.0f};
+    const int32_t i2[2] = {1, 5};
+    const double w2[2] = {1.0, 1.0};
+
+    check_one(&p, l1, i1, w1, __LINE__);
+    check_one(&p, l2, i2, w2, __LINE__);
+    p.top_k = 1;
+    check_one(&p, l1, i1, w1, __LINE__);
+    p.top_k = 2;
+    p.norm_topk_prob = true;
+    ASSERT_EQ(moe_router_check(&p, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "Llama 4's rule has none of them");
+    p.norm_topk_prob = false;
+    p.n_group = 2;
+    ASSERT_EQ(moe_router_check(&p, &err), -EINVAL);
+}
+
 int main(void)
 {
+    test_topk_sigmoid_cases();
     test_softmax_cases();
     test_softmax_groups_case();
     test_sigmoid_cases();

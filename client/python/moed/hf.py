@@ -22,8 +22,9 @@ sizes) and then runs a few random tokens through every MoE layer both ways;
 it refuses a model that differs and says what differs.
 
 Families: every transformers MoE model whose decoder layers hold a block with
-``gate`` and ``experts`` under ``mlp`` or ``block_sparse_moe`` (Mixtral,
-Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, ...), as moed serves them.
+``experts`` and a router (``gate``, or Llama 4's ``router``) under ``mlp``,
+``block_sparse_moe`` or ``feed_forward`` (Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, DeepSeek-V3, Llama 4, ...), as moed serves them.
 
 Inference only: the attached blocks take their input detached from autograd
 and return outputs without gradients.
@@ -59,7 +60,8 @@ def moe_blocks(model: Any) -> Iterator[tuple[int, Any]]:
     for i, layer in enumerate(layers):
         for name in ("block_sparse_moe", "mlp", "feed_forward"):
             block = getattr(layer, name, None)
-            if block is not None and hasattr(block, "experts") and hasattr(block, "gate"):
+            if (block is not None and hasattr(block, "experts") and
+                    (hasattr(block, "gate") or hasattr(block, "router"))):
                 yield i, block
                 break
 
@@ -86,6 +88,8 @@ def describe(model: Any) -> dict[str, Any]:
         ffn = _cfg(c, "moe_intermediate_size", "intermediate_size")
     if arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
         n_shared = 1 if _cfg(c, "shared_expert_intermediate_size", default=0) else 0
+    elif arch == "llama4_text":
+        n_shared = 1  # Llama4TextMoe's shared_expert, always
     else:
         n_shared = _cfg(c, "n_shared_experts", default=0) or 0
     return {
@@ -169,6 +173,13 @@ def _moed_forward(att: Attachment, layer: int):
         y = att.session.forward(name, layer, x)
         att.calls += 1
         att.tokens += x.shape[0]
+        if hasattr(block, "router"):
+            # Llama4TextMoe returns (out [tokens, hidden], router logits).
+            import torch
+
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(x, block.router.weight)
+            return y.view(-1, shape[-1]), logits
         return y.view(shape)
 
     return forward
@@ -193,7 +204,10 @@ def _check(model: Any, session: Any, info: Any, layers: list[int], tokens: int,
     for layer in layers:
         x = torch.randn(1, tokens, model.config.hidden_size, generator=g).to(dtype)
         with torch.no_grad():
-            ref = blocks[layer](x).float().reshape(tokens, -1)
+            ref = blocks[layer](x)
+            if isinstance(ref, tuple):  # Llama 4: (out, router logits)
+                ref = ref[0]
+            ref = ref.float().reshape(tokens, -1)
         y = session.forward(info.name, layer, x.reshape(tokens, -1)).float()
         err = ((y - ref).abs().amax(dim=1) / ref.abs().amax(dim=1).clamp_min(1e-30))
         bad = int((err > tolerance).sum())
