@@ -81,6 +81,12 @@ struct centry {
     struct moe_cache *cache;
     struct tier_slot *t; /* [n_tiers] */
     struct counters ctr;
+    /* A Hugging Face checkpoint's expert (no checksum in an index): the
+     * XXH3-64 of its tensors at its first page-in, against which later
+     * page-ins are checked.  Written and read only by page_in_done(), one
+     * page-in of an entry at a time (loading, under c->lock, orders them). */
+    bool summed;
+    uint64_t sum;
 };
 
 struct cmodel {
@@ -904,6 +910,26 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
                      "checksum mismatch in %s at offset %" PRIu64 ": the index says %016" PRIx64
                      ", the %" PRIu64 " bytes read hash to %016" PRIx64,
                      m->files[x->gate.file].name, x->gate.offset, x->xxh3, x->nbytes, h);
+            status = -EBADMSG;
+            msg = buf;
+        }
+    } else if (status == 0) {
+        const uint8_t *slot = e->t[e->load_tier].data;
+        /* Each tensor's bytes, chained through the seed (the spans around
+         * them hold other tensors' bytes, or zeros past the file's end). */
+        uint64_t h = XXH3_64bits_withSeed(slot + e->toff[0], x->gate.nbytes, 0);
+
+        h = XXH3_64bits_withSeed(slot + e->toff[1], x->up.nbytes, h);
+        h = XXH3_64bits_withSeed(slot + e->toff[2], x->down.nbytes, h);
+        if (!e->summed) {
+            e->sum = h;
+            e->summed = true;
+        } else if (h != e->sum) {
+            snprintf(buf, sizeof(buf),
+                     "checksum mismatch in %s: its %" PRIu64 " bytes hashed to %016" PRIx64
+                     " at their first page-in, to %016" PRIx64
+                     " now: the file changed since it was loaded",
+                     m->files[x->gate.file].name, x->nbytes, e->sum, h);
             status = -EBADMSG;
             msg = buf;
         }

@@ -7,7 +7,11 @@
  *                     (moe_pager_free waits on it), fault settings, stats.
  *   struct pfile      one file: its O_DIRECT fd (fixed once added), its slot
  *                     in every ring's registered file table, and its
- *                     buffered fd (opened when O_DIRECT is refused).  Its
+ *                     buffered fd (opened when O_DIRECT is refused), and
+ *                     its identity (device, inode, size, mtime) as added:
+ *                     a job whose file no longer has it fails (-EBADMSG)
+ *                     when its reads are done, so that a checkpoint
+ *                     modified in place is never served as loaded.  Its
  *                     id is its index in files[] and its ring slot; a
  *                     removed file leaves its id free for the next added.
  *   struct worker     one pager thread and its ring.  Jobs come in on the
@@ -85,6 +89,12 @@ struct pfile {
     int bfd;            /* buffered fd, -1 until needed; set under lock, before direct is cleared */
     atomic_bool direct; /* reads go to dfd */
     atomic_bool direct_ok; /* an O_DIRECT read has succeeded: EINVAL is a real error */
+    /* Its identity when added or refreshed (moe_pager_refresh_file); guarded
+     * by lock.  size is the caller's expected_size when it gave one. */
+    dev_t dev;
+    ino_t ino;
+    uint64_t size;
+    struct timespec mtime;
 };
 
 /* A registered buffer: [start, end), registered at its index in the array. */
@@ -218,13 +228,65 @@ static void job_fail(struct moe_pager_job *j, int code, const char *fmt, ...)
     j->next_off_ = 0;
 }
 
+/* Records the identity of the file open as fd in f (lock held or f not yet
+ * published); 0 or -errno. */
+static int file_ident(struct pfile *f, int fd, uint64_t expected_size)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    f->dev = st.st_dev;
+    f->ino = st.st_ino;
+    f->size = expected_size ? expected_size : (uint64_t)st.st_size;
+    f->mtime = st.st_mtim;
+    return 0;
+}
+
+/*
+ * Whether every file of j still has the identity it had when added: one
+ * fstat per file, on the fd the pager reads (a file replaced by rename
+ * keeps the old inode open, which still reads as loaded).  Fails j with
+ * -EBADMSG naming the file and what changed, so that a file modified
+ * before or during the reads is never served.
+ */
+static void job_check_files(struct moe_pager *p, struct moe_pager_job *j)
+{
+    for (int i = 0; i < j->n_segs && !j->status_; i++) {
+        /* Relaxed: as in job_next_chunk(). */
+        struct pfile *f = atomic_load_explicit(&p->files[j->segs[i].file], memory_order_relaxed);
+        struct stat st;
+        bool same;
+
+        if (i > 0 && j->segs[i - 1].file == j->segs[i].file)
+            continue;
+        if (fstat(f->dfd >= 0 ? f->dfd : f->bfd, &st) < 0) {
+            job_fail(j, -errno, "%s: cannot stat: %s", f->path, strerror(errno));
+            return;
+        }
+        pthread_mutex_lock(&f->lock);
+        same = st.st_dev == f->dev && st.st_ino == f->ino && (uint64_t)st.st_size == f->size &&
+               st.st_mtim.tv_sec == f->mtime.tv_sec && st.st_mtim.tv_nsec == f->mtime.tv_nsec;
+        if (!same)
+            job_fail(j, -EBADMSG,
+                     "%s: file modified since it was loaded (size %" PRIu64 " -> %" PRIu64
+                     ", mtime %lld.%09ld -> %lld.%09ld): restore it and retry, or reload the model",
+                     f->path, f->size, (uint64_t)st.st_size, (long long)f->mtime.tv_sec,
+                     f->mtime.tv_nsec, (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+        pthread_mutex_unlock(&f->lock);
+    }
+}
+
 /* Calls done; the job is not referenced by the worker afterwards. */
 static void job_finish(struct worker *w, struct moe_pager_job *j)
 {
     struct moe_pager *p = w->p;
-    int status = j->status_;
+    int status;
 
     assert(job_issued(j) && j->chunks_left_ == 0);
+    if (!j->status_)
+        job_check_files(p, j);
+    status = j->status_;
     if (w->cur == j)
         w->cur = NULL;
     stat_add(status ? &p->st.jobs_failed : &p->st.jobs_done, 1);
@@ -986,6 +1048,7 @@ int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_
         r = moe_error_set(err, -EINVAL, "pager: '%s' is not a regular file", path);
         goto out_free;
     }
+    file_ident(f, f->dfd >= 0 ? f->dfd : f->bfd, expected_size);
     if (f->dfd < 0)
         stat_add(&p->st.files_buffered, 1);
     if (refused)
@@ -1184,6 +1247,22 @@ void moe_pager_get_stats(struct moe_pager *p, struct moe_pager_stats *ret)
     ret->files_buffered = rd_load(&p->st.files_buffered);
     ret->buffers_registered = p->bufs_registered;
     ret->files_registered = p->files_registered;
+}
+
+int moe_pager_refresh_file(struct moe_pager *p, int file)
+{
+    struct pfile *f;
+    int r;
+
+    /* Acquire: pairs with the releases in moe_pager_add_file() and
+     * _remove_file(). */
+    if (!p || file < 0 || file >= atomic_load_explicit(&p->n_files, memory_order_acquire) ||
+        !(f = atomic_load_explicit(&p->files[file], memory_order_acquire)))
+        return -ENOENT;
+    pthread_mutex_lock(&f->lock);
+    r = file_ident(f, f->dfd >= 0 ? f->dfd : f->bfd, 0);
+    pthread_mutex_unlock(&f->lock);
+    return r;
 }
 
 bool moe_pager_file_direct(struct moe_pager *p, int file)

@@ -33,6 +33,10 @@
  *
  * Errors: a read that fails (EIO, ...) fails the job: done(job, -errno, msg)
  * with msg naming the file, the offset and the error.  Other jobs carry on.
+ * A file whose identity (device, inode, size, mtime, by fstat on the fd the
+ * pager reads) is not the one it had when added fails every job that reads
+ * it with -EBADMSG, naming the file, once the job's reads are done: a
+ * checkpoint modified in place is never served as the one loaded.
  * The pager never retries a failed job by itself.
  *
  * Fault injection, for tests: cfg.faults (or moe_pager_set_faults at run
@@ -154,6 +158,13 @@ int moe_pager_add_file(struct moe_pager *p, const char *path, uint64_t expected_
  * refused).  0, or -ENOENT for an id not in use.  NULL p is a no-op.
  */
 int moe_pager_remove_file(struct moe_pager *p, int file);
+
+/*
+ * Takes file id's identity now as the one to check against (the caller
+ * knows the file is whole again: the operator said so by a retry).  0,
+ * -ENOENT for an id not in use, or -errno from fstat.
+ */
+int moe_pager_refresh_file(struct moe_pager *p, int file);
 
 /* Queues the job.  0 (done will be called exactly once), or -errno with
  * err for a malformed job (bad file id, misaligned segment), in which case

@@ -579,6 +579,37 @@ def main():
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
 
+    # A checkpoint modified under moed (issue 22, defect 4): the next page-in
+    # fails with DATA_LOSS naming the file, not an answer from other bytes.
+    bad = f"{w}/badmix"
+    shutil.copytree(model, bad)
+    os.utime(f"{bad}/model.safetensors", (1577836800, 1577836800))  # a write changes it
+    d = Daemon(moed, ["--model", f"bad={bad}", "--token", "s3cret"], w, "moed-modified")
+    try:
+        exp = pbg.ExpertsStub(d.channel)
+        ctl = pbg.ControlStub(d.channel)
+        tok = [("authorization", "Bearer s3cret")]
+        xm = np.random.default_rng(5).standard_normal((3, 128)).astype("f4")
+        req = pb.ForwardRequest(model="bad", layer=1, hidden=tensor(pb, xm))
+        req.routing.top_k = 2
+        req.routing.expert_ids.extend([2, 5] * 3)
+        req.routing.weights.extend([0.5] * 6)
+        code, det = code_of(lambda: exp.Forward(req))
+        check("modified checkpoint: served before the change", code == grpc.StatusCode.OK, det)
+        ctl.Evict(pb.ExpertRef(model="bad", layer=1, expert=2), metadata=tok)
+        with open(f"{bad}/model.safetensors", "r+b") as f:
+            f.seek(os.path.getsize(f"{bad}/model.safetensors") // 2)
+            f.write(os.urandom(4096))
+        code, det = code_of(lambda: exp.Forward(req))
+        check("modified checkpoint: DATA_LOSS naming the file",
+              code == grpc.StatusCode.DATA_LOSS and f"{bad}/model.safetensors" in det
+              and "modified since it was loaded" in det and "expert 2" in det, f"{code} {det}")
+        code, _ = code_of(lambda: exp.Forward(req))
+        check("modified checkpoint: the expert stays bad", code == grpc.StatusCode.DATA_LOSS,
+              str(code))
+    finally:
+        d.stop(signal.SIGKILL)
+
     # LoadModel: what it opens and where from.  A FIFO in a checkpoint's place
     # is refused at once, naming it, and never holds a gRPC thread (with as
     # many such loads as rpc_threads, moed used to answer nothing else); a

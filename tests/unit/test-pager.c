@@ -863,7 +863,8 @@ static void test_shm(void)
 }
 
 /* The file shrinks after it was added: a segment needing bytes past the new
- * end fails with "truncated", one within it succeeds. */
+ * end fails with "truncated", one within it as modified, and succeeds once
+ * the file is refreshed. */
 static void test_truncated(void)
 {
     struct tfile f;
@@ -890,11 +891,88 @@ static void test_truncated(void)
         ASSERT_CONTAINS(t.msg, want);
         tjob_release(&t);
 
+        /* Within the new end: the file is still not the one added. */
+        tjob_init(&t, &count);
+        tjob_seg(&t, id, 256 << 10, (256 << 10) + AL, (256 << 10) + 100);
+        run1(p, &t);
+        ASSERT_EQ(t.status, -EBADMSG);
+        ASSERT_CONTAINS(t.msg, "modified since it was loaded");
+        tjob_release(&t);
+        /* ... until the caller takes it as it is now. */
+        ASSERT_EQ(moe_pager_refresh_file(p, id), 0);
         tjob_init(&t, &count);
         tjob_seg(&t, id, 256 << 10, (256 << 10) + AL, (256 << 10) + 100);
         run1(p, &t);
         tjob_check(&t, &f);
         tjob_release(&t);
+        moe_pager_free(p);
+        tfile_free(&f);
+    }
+}
+
+/* Issue 22, defect 4: a file modified in place after it was added (its
+ * mtime, here a byte rewritten) fails every job that reads it with
+ * -EBADMSG naming it, even with the bytes put back (the identity differs),
+ * until the caller refreshes it; a file replaced by rename is still read
+ * as added (the pager holds the old inode). */
+static void test_modified(void)
+{
+    struct tfile f;
+    struct moe_pager *p;
+    atomic_int count = 0;
+    struct tjob t;
+    struct timespec old[2] = {{.tv_sec = 1577836800}, {.tv_sec = 1577836800}};
+    uint8_t b;
+    int id, fd;
+
+    for (int buffered = 0; buffered < 2; buffered++) {
+        tfile_make(&f, dir, "modified.safetensors", 1 << 20, 9);
+        ASSERT_EQ(utimensat(AT_FDCWD, f.path, old, 0), 0);
+        p = pager_new(&(struct moe_pager_config){.buffered = buffered, .chunk_bytes = 128 << 10});
+        id = add(p, &f);
+        tjob_init(&t, &count);
+        tjob_seg(&t, id, 0, 256 << 10, 256 << 10);
+        run1(p, &t);
+        tjob_check(&t, &f);
+        tjob_release(&t);
+
+        fd = open(f.path, O_WRONLY | O_CLOEXEC);
+        ASSERT_TRUE(fd >= 0);
+        b = f.data[(512 << 10) + 5] ^ 0xff;
+        ASSERT_EQ(pwrite(fd, &b, 1, (512 << 10) + 5), 1);
+        for (int k = 0; k < 2; k++) { /* the byte changed, then put back */
+            tjob_init(&t, &count);
+            tjob_seg(&t, id, 0, 256 << 10, 256 << 10); /* not even the bytes changed */
+            run1(p, &t);
+            ASSERT_EQ(t.status, -EBADMSG);
+            ASSERT_CONTAINS(t.msg, f.path);
+            ASSERT_CONTAINS(t.msg, "modified since it was loaded");
+            tjob_release(&t);
+            ASSERT_EQ(pwrite(fd, &f.data[(512 << 10) + 5], 1, (512 << 10) + 5), 1);
+        }
+        close(fd);
+        ASSERT_EQ(moe_pager_refresh_file(p, id), 0);
+        ASSERT_EQ(moe_pager_refresh_file(p, id + 1), -ENOENT);
+        tjob_init(&t, &count);
+        tjob_seg(&t, id, 0, 1 << 20, 1 << 20);
+        run1(p, &t);
+        tjob_check(&t, &f);
+        tjob_release(&t);
+
+        /* Replaced by rename: the pager's fd still reads the file added. */
+        {
+            struct tfile g;
+
+            tfile_make(&g, dir, "replacement", 1 << 20, 10);
+            ASSERT_EQ(rename(g.path, f.path), 0);
+            tjob_init(&t, &count);
+            tjob_seg(&t, id, 0, 1 << 20, 1 << 20);
+            run1(p, &t);
+            tjob_check(&t, &f);
+            tjob_release(&t);
+            free(g.path);
+            free(g.data);
+        }
         moe_pager_free(p);
         tfile_free(&f);
     }
@@ -1282,6 +1360,7 @@ int main(void)
     test_refused_direct(&f);
     test_shm();
     test_truncated();
+    test_modified();
     test_bad_calls(&f);
     test_free_in_flight(&f);
     test_done_submits(&f);
