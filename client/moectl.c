@@ -17,7 +17,7 @@
  *   status      version, state, uptime, requests served (and peers, in a cluster)
  *   models      the loaded models
  *   stats       cache statistics per tier, layer and expert
- *   load, unload, pin, unpin, evict, drain, resume
+ *   load, unload, pin, unpin, evict, retry, drain, resume
  *   placement   the cluster's placement of a model: experts, bytes, load per node
  *   peer        add or remove a node of moed's cluster at run time
  *   forward     without --local: one MoE layer in moed
@@ -145,6 +145,7 @@ static const struct command {
     {"pin", moectl_pin, "keep an expert resident in moed's cache"},
     {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
     {"evict", moectl_evict, "evict an expert from moed's cache"},
+    {"retry", moectl_retry, "clear an expert's bad mark once its file is whole again"},
     {"drain", moectl_drain, "stop taking requests and finish those in flight"},
     {"resume", moectl_resume, "take requests again after a drain"},
     {"placement", moectl_placement, "the cluster's placement of a model: experts, bytes, load"},

@@ -61,6 +61,8 @@ int moectl_unload(int argc, char **argv);
 int moectl_pin(int argc, char **argv);
 int moectl_unpin(int argc, char **argv);
 int moectl_evict(int argc, char **argv);
+/* retry MODEL LAYER EXPERT|all: clear bad marks (Control Retry). */
+int moectl_retry(int argc, char **argv);
 int moectl_drain(int argc, char **argv);
 /* resume: serving again after a drain (Drain with resume set). */
 int moectl_resume(int argc, char **argv);

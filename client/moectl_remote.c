@@ -1,6 +1,6 @@
 /*
  * moectl's remote commands: status, models, stats, load, unload, pin, unpin,
- * evict, drain, placement, peer and forward (without --local) talk to a
+ * evict, retry, drain, placement, peer and forward (without --local) talk to a
  * running moed over gRPC (client/rpc_client.h), with protobuf-c messages of
  * proto/moe.proto.
  *
@@ -49,8 +49,8 @@ void moectl_remote_usage(FILE *f)
 {
     fprintf(f,
             "remote options, after the command name (status, models, stats, load, unload,\n"
-            "pin, unpin, evict, drain, resume, placement, peer, forward without --local,\n"
-            "bench, top):\n"
+            "pin, unpin, evict, retry, drain, resume, placement, peer, forward without\n"
+            "--local, bench, top):\n"
             "  --remote HOST:PORT   moed's address (default $MOED_ADDRESS, else %s)\n"
             "  --socket PATH        moed's Unix socket instead: its gRPC socket, or, for\n"
             "                       forward and bench, its shared-memory socket\n"
@@ -1272,6 +1272,58 @@ int moectl_evict(int argc, char **argv)
                           "Evicts an expert from moed's cache (once no request in flight uses "
                           "it); the\nnext request for it pages it in again.\n",
                           "evicted");
+}
+
+/* ---- retry -------------------------------------------------------------- */
+
+int moectl_retry(int argc, char **argv)
+{
+    Moe__V1__RetryRequest req = MOE__V1__RETRY_REQUEST__INIT;
+    Moe__V1__RetryResponse *resp = NULL;
+    struct moectl_remote r;
+    char *pos[3], what[64];
+    int layer, expert = -1, ret;
+
+    remote_init(&r, argv[0]);
+    ret = parse_positional(
+        &r, argc, argv, 3, pos, "retry MODEL LAYER EXPERT|all",
+        "Clears the bad mark of an expert whose page-in failed (I/O error, file modified\n"
+        "since load) once its file is whole again; `all`: every expert of the layer.\n"
+        "moed first takes the model's files as they are now, and checks experts paged\n"
+        "in before against their first checksums.  moed also retries a bad expert by\n"
+        "itself on its next use after a back-off (10 s, doubling), or at once when its\n"
+        "file is put back unchanged.\n");
+    if (ret >= 0)
+        return ret;
+    snprintf(what, sizeof(what), "%s: LAYER", r.cmd);
+    if (parse_int(what, pos[1], 0, INT_MAX, &layer) < 0)
+        return 2;
+    snprintf(what, sizeof(what), "%s: EXPERT (a number or all)", r.cmd);
+    if (strcmp(pos[2], "all") != 0 && parse_int(what, pos[2], 0, INT_MAX, &expert) < 0)
+        return 2;
+    req.model = pos[0];
+    req.layer = (uint32_t)layer;
+    req.expert = expert < 0 ? 0 : (uint32_t)expert;
+    req.all = expert < 0;
+    ret = remote_call(&r, "/moe.v1.Control/Retry", &req.base, &moe__v1__retry_response__descriptor,
+                      (ProtobufCMessage **)&resp);
+    if (ret)
+        goto out;
+    if (r.json)
+        ret = print_json(&r, message_json(&resp->base));
+    else if (expert >= 0)
+        printf(resp->cleared ? "layer %d expert %d of %s: bad mark cleared, retried on its next "
+                               "use\n"
+                             : "layer %d expert %d of %s was not marked bad; nothing changed\n",
+               layer, expert, pos[0]);
+    else
+        printf("layer %d of %s: %u bad mark%s cleared\n", layer, pos[0], resp->cleared,
+               resp->cleared == 1 ? "" : "s");
+out:
+    if (resp)
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    remote_close(&r);
+    return ret;
 }
 
 /* ---- drain -------------------------------------------------------------- */

@@ -931,6 +931,43 @@ static void on_evict(struct moe_rpc_call *call, const uint8_t *req, size_t len, 
     expert_call(call, req, len, arg, OP_EVICT);
 }
 
+static void on_retry(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    Moe__V1__RetryRequest *q = moe__v1__retry_request__unpack(NULL, len, req);
+    Moe__V1__RetryResponse rr = MOE__V1__RETRY_RESPONSE__INIT;
+    struct moed_model *mm;
+    struct moe_error err;
+    int r;
+
+    if (!q || !q->model) {
+        moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a RetryRequest");
+        goto out;
+    }
+    mm = moed_model_get(d, q->model);
+    if (!mm) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model);
+        goto out;
+    }
+    if (q->layer > INT32_MAX || (!q->all && q->expert > INT32_MAX))
+        r = moe_error_set(&err, -EINVAL, "layer %u expert %u out of range", q->layer, q->expert);
+    else
+        r = moe_cache_retry(d->cache, mm->cache_id, (int)q->layer, q->all ? -1 : (int)q->expert,
+                            &err);
+    moed_model_put(d, mm);
+    if (r < 0) {
+        moe_rpc_fail(call, moed_grpc_status(r), "%s", err.msg);
+        goto out;
+    }
+    moe_log(MOE_LOG_INFO, "retry: %d bad expert%s of layer %u of %s cleared", r, r == 1 ? "" : "s",
+            q->layer, q->model);
+    rr.cleared = (uint32_t)r;
+    moed_reply_msg(call, &rr.base);
+out:
+    if (q)
+        moe__v1__retry_request__free_unpacked(q, NULL);
+}
+
 static void on_drain(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
     struct moed *d = arg;
@@ -1012,6 +1049,7 @@ int moed_methods(struct moed *d, const struct moe_rpc_method **ret)
         {"/moe.v1.Control/Pin", false, true, on_pin, NULL},
         {"/moe.v1.Control/Unpin", false, true, on_unpin, NULL},
         {"/moe.v1.Control/Evict", false, true, on_evict, NULL},
+        {"/moe.v1.Control/Retry", false, true, on_retry, NULL},
         {"/moe.v1.Control/Drain", false, true, on_drain, NULL},
         {"/moe.v1.Control/Placement", false, false, moed_on_placement, NULL},
         {"/moe.v1.Control/AddPeer", false, true, moed_on_add_peer, NULL},

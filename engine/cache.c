@@ -75,6 +75,9 @@ struct centry {
     bool bad;
     int bad_code;
     char *bad_msg;
+    bool bad_ident;    /* it failed while one of its files was modified */
+    uint32_t retry_ms; /* its back-off: 0 never failed, doubled per failure */
+    uint64_t retry_at; /* moe_now_ns() after which its next use retries it */
     uint64_t load_t0;
     int load_tier; /* the tier the read goes to */
     struct moe_pager_job job;
@@ -822,6 +825,52 @@ static int upload(struct moe_cache *c, struct centry *e, int from, int to)
 
 static void page_in_done(struct moe_pager_job *job, int status, const char *msg);
 
+/* Longest automatic back-off, in multiples of the first. */
+#define RETRY_MAX_FACTOR 64
+
+/* Sets e's back-off after a failed page-in (lock held): doubled from the
+ * last, and whether one of its files is modified (it is retried at once
+ * when put back). */
+static void mark_retry(struct moe_cache *c, struct centry *e)
+{
+    uint32_t first = c->cfg.retry_ms ? c->cfg.retry_ms : 10000;
+
+    e->retry_ms = !e->retry_ms ? first : MOE_MIN(e->retry_ms * 2, first * RETRY_MAX_FACTOR);
+    e->retry_at = moe_now_ns() + (uint64_t)e->retry_ms * 1000000;
+    e->bad_ident = false;
+    for (int i = 0; i < e->n_segs && c->pager; i++)
+        e->bad_ident |= moe_pager_file_unchanged(c->pager, e->segs[i].file) == 0;
+}
+
+/* Clears e's bad mark (lock held). */
+static void clear_bad(struct centry *e)
+{
+    e->bad = false;
+    free(e->bad_msg);
+    e->bad_msg = NULL;
+    e->bad_code = 0;
+    atomic_fetch_sub_explicit(&e->mod->bad_experts, 1, memory_order_relaxed);
+}
+
+/*
+ * Whether bad e is due for an automatic retry at this use (lock held): its
+ * back-off has passed, or it failed on a modified file and every file of it
+ * has its loaded identity again.  Never for a shape (no I/O to retry).
+ */
+static bool retry_due(struct moe_cache *c, struct centry *e)
+{
+    if (c->cfg.simulate)
+        return false;
+    if (moe_now_ns() >= e->retry_at)
+        return true;
+    if (!e->bad_ident || !c->pager)
+        return false;
+    for (int i = 0; i < e->n_segs; i++)
+        if (moe_pager_file_unchanged(c->pager, e->segs[i].file) != 1)
+            return false;
+    return true;
+}
+
 /* Publishes the result of a page-in (lock held). */
 static void finish_load(struct moe_cache *c, struct centry *e, int status, const char *msg)
 {
@@ -856,6 +905,7 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
         inc(&c->total.page_ins, 1);
         inc(&c->total.bytes_paged, e->bytes);
         lat_record(ts, ns);
+        e->retry_ms = 0; /* the next failure starts its back-off anew */
         if (!c->cfg.simulate) {
             /* The disk's throughput: bytes per time between completions
              * (reads overlap), or since this read started on an idle disk. */
@@ -873,6 +923,7 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
         free(e->bad_msg);
         e->bad_msg = strdup(buf);
         e->bad_code = status;
+        mark_retry(c, e);
         if (!e->bad)
             atomic_fetch_add_explicit(&e->mod->bad_experts, 1, memory_order_relaxed);
         e->bad = true;
@@ -1129,8 +1180,14 @@ static void defer_refs(struct moe_cache_ref *refs, int from, int to)
  * resident in tier 0, -EINPROGRESS when on its way (pinned then), the bad
  * mark's code, or REF_MISSING.
  */
-static void ref_look(struct moe_cache_ref *ref, struct centry *e)
+static void ref_look(struct moe_cache *c, struct moe_cache_ref *ref, struct centry *e)
 {
+    if (e->bad && retry_due(c, e)) {
+        moe_log(MOE_LOG_INFO, "cache: retrying layer %d expert %d of %s, marked bad %s", e->layer,
+                e->expert, e->mod->name,
+                moe_now_ns() >= e->retry_at ? "(its back-off passed)" : "(its file is put back)");
+        clear_bad(e); /* its back-off stays: a new failure doubles it */
+    }
     if (e->bad) {
         ref->status = e->bad_code;
     } else if (e->t[0].state == SLOT_RESIDENT) {
@@ -1166,7 +1223,7 @@ static int load_missing(struct moe_cache *c, struct moe_cache_ref *refs, int i, 
         bool progress = false;
         int r;
 
-        ref_look(ref, e); /* again after a wait: another batch may have loaded it */
+        ref_look(c, ref, e); /* again after a wait: another batch may have loaded it */
         if (ref->status != REF_MISSING)
             return 0;
         r = start_load(c, e, -1.0, wait, &lerr);
@@ -1239,7 +1296,7 @@ int moe_cache_acquire(struct moe_cache *c, int model, int layer, const int32_t *
         refs[i].expert = experts[i];
         refs[i].entry_ = e;
         e->holds++;
-        ref_look(&refs[i], e);
+        ref_look(c, &refs[i], e);
     }
     for (int i = 0; i < limit; i++) {
         if (refs[i].status != REF_MISSING)
@@ -1788,6 +1845,16 @@ int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struc
         pthread_mutex_unlock(&c->lock);
         return moe_error_set(err, -EINVAL, "%s: no layer %d expert %d", mod->name, layer, expert);
     }
+    /* The operator says the files are whole again: their identity now is
+     * the one to check.  The checksums stay, so bytes not put back as they
+     * were first read still fail. */
+    for (int i = 0; i < mod->n_pager_files; i++) {
+        int r = moe_pager_refresh_file(c->pager, mod->pager_file[i]);
+
+        if (r < 0 && r != -ENOENT)
+            moe_log(MOE_LOG_WARN, "cache: retry: %s: %s, ignoring", mod->m->files[i].path,
+                    strerror(-r));
+    }
     for (int l = 0; l < mod->n_layers; l++) {
         if ((layer >= 0 && l != layer) || mod->moe_idx[l] < 0)
             continue;
@@ -1796,11 +1863,8 @@ int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struc
 
             if ((expert >= 0 && x != expert) || !e->bad)
                 continue;
-            e->bad = false;
-            free(e->bad_msg);
-            e->bad_msg = NULL;
-            e->bad_code = 0;
-            atomic_fetch_sub_explicit(&mod->bad_experts, 1, memory_order_relaxed);
+            clear_bad(e);
+            e->retry_ms = 0;
             cleared++;
         }
     }

@@ -27,7 +27,13 @@
  * aligned spans through a bounce buffer.  A page-in that fails (EIO, file
  * truncated since load, checksum mismatch) fails every reference waiting on
  * it with the same message and marks the expert bad: later acquires fail at
- * once, without I/O, until moe_cache_retry clears the mark.
+ * once, without I/O, until moe_cache_retry clears the mark, or until the
+ * cache retries it by itself: on its next use after a back-off
+ * (moe_cache_config.retry_ms, doubled at each failure up to 64 times), or
+ * at once when it failed on a file modified since load and that file has
+ * its loaded identity again (put back).  A retry keeps the checksums taken
+ * at first page-ins, so a file put back is checked against the bytes
+ * first read.
  *
  * Policies (moe_cache_config.policy):
  *   lru      least recently used (the baseline);
@@ -119,6 +125,9 @@ struct moe_cache_config {
                                 * prefetches used and wasted so far (and at least the
                                 * disk's `late` share); 0: 0.5; < 0: no throttle */
     double half_life;        /* freq and routing decay, in uses of a layer; 0: 8 */
+    uint32_t retry_ms;       /* back-off before a bad expert is retried on its
+                              * next use, doubled at each failure up to 64
+                              * times; 0: 10 s */
     bool simulate;           /* no memory, no I/O (cache-sim) */
     const struct moe_cache_disk *disk; /* simulation: the disk model, NULL: none;
                                         * must outlive the cache */
@@ -264,7 +273,11 @@ int moe_cache_unpin(struct moe_cache *c, int model, int layer, int expert, struc
 int moe_cache_evict(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 /* Whether the expert is resident in some tier now (false for a bad one). */
 bool moe_cache_resident(struct moe_cache *c, int model, int layer, int expert);
-/* retry returns the number of marks cleared. */
+/* retry returns the number of marks cleared; it first takes the current
+ * identity of every file of the model as the loaded one
+ * (moe_pager_refresh_file: the operator says they are whole again), and
+ * keeps the checksums of experts already paged in, against which the next
+ * page-ins are checked. */
 int moe_cache_retry(struct moe_cache *c, int model, int layer, int expert, struct moe_error *err);
 
 /* Changes capacities and policy at run time (the daemon's SIGHUP): evicts

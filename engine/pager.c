@@ -243,6 +243,13 @@ static int file_ident(struct pfile *f, int fd, uint64_t expected_size)
     return 0;
 }
 
+/* Whether st is the identity recorded in f (lock held). */
+static bool ident_same(const struct pfile *f, const struct stat *st)
+{
+    return st->st_dev == f->dev && st->st_ino == f->ino && (uint64_t)st->st_size == f->size &&
+           st->st_mtim.tv_sec == f->mtime.tv_sec && st->st_mtim.tv_nsec == f->mtime.tv_nsec;
+}
+
 /*
  * Whether every file of j still has the identity it had when added: one
  * fstat per file, on the fd the pager reads (a file replaced by rename
@@ -265,8 +272,7 @@ static void job_check_files(struct moe_pager *p, struct moe_pager_job *j)
             return;
         }
         pthread_mutex_lock(&f->lock);
-        same = st.st_dev == f->dev && st.st_ino == f->ino && (uint64_t)st.st_size == f->size &&
-               st.st_mtim.tv_sec == f->mtime.tv_sec && st.st_mtim.tv_nsec == f->mtime.tv_nsec;
+        same = ident_same(f, &st);
         if (!same)
             job_fail(j, -EBADMSG,
                      "%s: file modified since it was loaded (size %" PRIu64 " -> %" PRIu64
@@ -1261,6 +1267,26 @@ int moe_pager_refresh_file(struct moe_pager *p, int file)
         return -ENOENT;
     pthread_mutex_lock(&f->lock);
     r = file_ident(f, f->dfd >= 0 ? f->dfd : f->bfd, 0);
+    pthread_mutex_unlock(&f->lock);
+    return r;
+}
+
+int moe_pager_file_unchanged(struct moe_pager *p, int file)
+{
+    struct pfile *f;
+    struct stat st;
+    int r;
+
+    /* Acquire: pairs with the releases in moe_pager_add_file() and
+     * _remove_file(). */
+    if (!p || file < 0 || file >= atomic_load_explicit(&p->n_files, memory_order_acquire) ||
+        !(f = atomic_load_explicit(&p->files[file], memory_order_acquire)))
+        return -ENOENT;
+    pthread_mutex_lock(&f->lock);
+    if (fstat(f->dfd >= 0 ? f->dfd : f->bfd, &st) < 0)
+        r = -errno;
+    else
+        r = ident_same(f, &st);
     pthread_mutex_unlock(&f->lock);
     return r;
 }

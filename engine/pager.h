@@ -166,6 +166,14 @@ int moe_pager_remove_file(struct moe_pager *p, int file);
  */
 int moe_pager_refresh_file(struct moe_pager *p, int file);
 
+/*
+ * Whether file id has, now, the identity it is checked against (that of
+ * moe_pager_add_file or the last moe_pager_refresh_file): 1 yes, 0 no (the
+ * page-ins of it fail), -ENOENT for an id not in use, or -errno from fstat.
+ * For the cache's retry of an expert once its file is put back.
+ */
+int moe_pager_file_unchanged(struct moe_pager *p, int file);
+
 /* Queues the job.  0 (done will be called exactly once), or -errno with
  * err for a malformed job (bad file id, misaligned segment), in which case
  * done is not called. */

@@ -7,7 +7,7 @@ _moectl()
 {
     local cur prev cmd i
     local commands="gen-model inspect forward gen-trace cache-sim pack verify status models
-        stats load unload pin unpin evict drain resume placement peer bench top"
+        stats load unload pin unpin evict retry drain resume placement peer bench top"
     local remote="--remote --socket --tls --tls-ca --tls-cert --tls-key --token --timeout --json"
     local flags
 
@@ -96,7 +96,7 @@ _moectl()
         flags="--model --layers --tokens --callers --duration --requests --dtype --seed
             --transport --quiet -q $remote" ;;
     top) flags="--interval --iterations --model --layer $remote" ;;
-    status | models | unload | pin | unpin | evict | resume) flags=$remote ;;
+    status | models | unload | pin | unpin | evict | retry | resume) flags=$remote ;;
     *) return 0 ;;
     esac
     COMPREPLY=($(compgen -W "$flags --help" -- "$cur"))

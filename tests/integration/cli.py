@@ -461,8 +461,8 @@ def main():
 
     # remote commands: usage errors, and a daemon that is not there
     import socket
-    remote_cmds = ("status", "models", "stats", "load", "unload", "pin", "unpin", "evict", "drain",
-                   "resume")
+    remote_cmds = ("status", "models", "stats", "load", "unload", "pin", "unpin", "evict", "retry",
+                   "drain", "resume")
     check("--help lists the remote options", [m, "--help"], 0, "--remote HOST:PORT",
           stream="stdout")
     for sub in remote_cmds:
@@ -473,6 +473,14 @@ def main():
     check("pin without EXPERT", [m, "pin", "ds", "1"], 2, "expected MODEL LAYER EXPERT")
     check("pin bad layer", [m, "pin", "ds", "x", "3"], 2, "pin: LAYER 'x'")
     check("evict bad expert", [m, "evict", "ds", "1", "1.5"], 2, "evict: EXPERT '1.5'")
+    check("--help lists retry", [m, "--help"], 0, "retry ", stream="stdout")
+    check("retry without EXPERT", [m, "retry", "ds", "1"], 2, "expected MODEL LAYER EXPERT|all")
+    check("retry bad layer", [m, "retry", "ds", "all", "3"], 2, "retry: LAYER 'all'")
+    check("retry bad expert", [m, "retry", "ds", "1", "every"], 2,
+          "retry: EXPERT (a number or all) 'every'")
+    check("retry negative expert", [m, "retry", "ds", "1", "-1"], 2, "usage")
+    check("retry extra argument", [m, "retry", "ds", "1", "all", "stray"], 2,
+          "unexpected argument 'stray'")
     check("unpin extra argument", [m, "unpin", "ds", "1", "2", "stray"], 2,
           "unexpected argument 'stray'")
     check("status extra argument", [m, "status", "stray"], 2, "unexpected argument 'stray'")
@@ -553,7 +561,8 @@ def main():
         addr = f"127.0.0.1:{sock.getsockname()[1]}"
         dead = {"status": [], "models": [], "stats": ["--experts"],
                 "load": ["--dir", model], "unload": ["ds"], "pin": ["ds", "1", "2"],
-                "unpin": ["ds", "1", "2"], "evict": ["ds", "1", "2"], "drain": [], "resume": []}
+                "unpin": ["ds", "1", "2"], "evict": ["ds", "1", "2"], "retry": ["ds", "1", "all"],
+                "drain": [], "resume": []}
         for sub in remote_cmds:
             check(f"{sub} with no daemon", [m, sub, "--remote", addr] + dead[sub], 1,
                   f"cannot reach moed at {addr}: UNAVAILABLE: ")
