@@ -81,15 +81,16 @@ struct moe_cpu_tiling {
     int tmax;                     /* largest tile, tokens */
     size_t esz;                   /* bytes per weight element */
     const moe_cpu_tile_fn *tiles; /* [rmax * tmax]: r rows x t tokens at (r-1) * tmax + t-1 */
-    const moe_cpu_tile_fn *dec;   /* [tmax]: decode tile for t tokens ... */
-    const int *dec_rows;          /* [tmax]: ... and its rows (>= 1; may exceed rmax) */
+    int dmax;                     /* decode tiles for 1..dmax tokens (dmax >= tmax) */
+    const moe_cpu_tile_fn *dec;   /* [dmax]: decode tile for t tokens ... */
+    const int *dec_rows;          /* [dmax]: ... and its rows (>= 1; may exceed rmax) */
 };
 
 /*
  * The loop order shared by the vectorised variants: walks the
  * (nr rows x nt tokens x K) block of a moe_cpu_dot_fn call in register tiles.
  *
- * Few tokens (nt <= tmax, decode) are memory-bound: decode tile j takes rows
+ * Few tokens (nt <= dmax, decode) are memory-bound: decode tile j takes rows
  * j, j + s, j + 2s, ... (s = nr / dec_rows[nt - 1]) and walks them over all
  * of K, so each of its weight loads streams through a contiguous stretch of s
  * rows.  A few long sequential reads per thread run at close to full memory

@@ -29,8 +29,9 @@
 
 #define RMAX 3
 #define TMAX 4
-/* rows of the widest decode tile */
+/* decode tiles: up to RDEC rows, for up to DMAX tokens */
 #define RDEC 4
+#define DMAX 6
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -67,8 +68,8 @@ INLINE void tile(const void *w, int64_t ldw, const void *const *xv, int64_t k0, 
 {
     const size_t esz = wt == W_F32 ? 4 : 2;
     const char *wb = w;
-    const float *x[TMAX];
-    __m256 acc[RDEC][TMAX];
+    const float *x[DMAX];
+    __m256 acc[RDEC][DMAX];
     int64_t k;
 
     for (int t = 0; t < T; t++)
@@ -145,6 +146,8 @@ DEF_TILE(3, 3)
 DEF_TILE(3, 4)
 DEF_TILE(4, 1)
 DEF_TILE(4, 2)
+DEF_TILE(2, 5)
+DEF_TILE(2, 6)
 
 #define TILE_ROW(D, R)                                                                             \
     {                                                                                              \
@@ -160,20 +163,23 @@ static const tile_fn tiles_f16[RMAX][TMAX] = TILE_TABLE(f16);
 static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
 
 /* Decode tiles (see moe_cpu_dot_tiles) by token count: 4 rows for 1-2
- * tokens (more independent FMA chains per weight stream), 3 for 3-4. */
-static const int dec_rows[TMAX] = {4, 4, 3, 3};
+ * tokens (more independent FMA chains per weight stream), 3 for 3-4, 2 for
+ * 5-6 (an 8-token batch of top-2 of 8 gives experts up to about 5 tokens,
+ * which then still stream their weights in long runs). */
+static const int dec_rows[DMAX] = {4, 4, 3, 3, 2, 2};
 #define DEC_TABLE(D)                                                                               \
     {                                                                                              \
-        tile_##D##_4_1, tile_##D##_4_2, tile_##D##_3_3, tile_##D##_3_4                             \
+        tile_##D##_4_1, tile_##D##_4_2, tile_##D##_3_3, tile_##D##_3_4, tile_##D##_2_5,            \
+            tile_##D##_2_6                                                                         \
     }
-static const tile_fn dec_bf16[TMAX] = DEC_TABLE(bf16);
-static const tile_fn dec_f16[TMAX] = DEC_TABLE(f16);
-static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
+static const tile_fn dec_bf16[DMAX] = DEC_TABLE(bf16);
+static const tile_fn dec_f16[DMAX] = DEC_TABLE(f16);
+static const tile_fn dec_f32[DMAX] = DEC_TABLE(f32);
 
 #define TILING(D, ESZ)                                                                             \
     {                                                                                              \
-        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dec = dec_##D,         \
-        .dec_rows = dec_rows,                                                                      \
+        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dmax = DMAX,           \
+        .dec = dec_##D, .dec_rows = dec_rows,                                                      \
     }
 static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
 static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);

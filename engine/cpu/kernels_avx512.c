@@ -234,8 +234,8 @@ static const tile_fn dec_f32[TMAX] = DEC_TABLE(f32);
 
 #define TILING(D, ESZ)                                                                             \
     {                                                                                              \
-        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dec = dec_##D,         \
-        .dec_rows = dec_rows,                                                                      \
+        .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dmax = TMAX,           \
+        .dec = dec_##D, .dec_rows = dec_rows,                                                      \
     }
 static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
 static const struct moe_cpu_tiling tiling_b16h = TILING(b16h, 2);

@@ -21,18 +21,22 @@ void moe_cpu_dot_tiles(const struct moe_cpu_tiling *tl, const void *w, int64_t l
     const size_t esz = tl->esz;
     const int rmax = tl->rmax, tmax = tl->tmax;
 
-    if (nt <= tmax) {
+    if (nt <= tl->dmax) {
         int rows = tl->dec_rows[nt - 1];
         int s = nr / rows;
 
         for (int j = 0; j < s; j++)
             run_k(tl->dec[nt - 1], wb + (size_t)j * ldw * esz, ldw * s, x, k, y + j, ldy, s);
-        /* the last nr % rows rows */
+        /* the last nr % rows rows, in ordinary tiles of at most tmax tokens */
         for (int r0 = s * rows; r0 < nr; r0 += rmax) {
             int rr = MOE_MIN(rmax, nr - r0);
 
-            run_k(tl->tiles[(rr - 1) * tmax + nt - 1], wb + (size_t)r0 * ldw * esz, ldw, x, k,
-                  y + r0, ldy, 1);
+            for (int t0 = 0; t0 < nt; t0 += tmax) {
+                int tt = MOE_MIN(tmax, nt - t0);
+
+                run_k(tl->tiles[(rr - 1) * tmax + tt - 1], wb + (size_t)r0 * ldw * esz, ldw, x + t0,
+                      k, y + (int64_t)t0 * ldy + r0, ldy, 1);
+            }
         }
         return;
     }
