@@ -260,10 +260,11 @@ static void cache_sim_usage(FILE *f)
             "                  by the trace's expert size), or a share of all routed experts\n"
             "                  of the MoE layers in the trace (\"25%%\"); at least the\n"
             "                  distinct experts of the largest step\n"
-            "  --policy P      lru, freq, routing, or all (default): each of the three\n"
+            "  --policy P      lru, freq, routing, adaptive (moed's default), or all\n"
+            "                  (default): each of the four\n"
             "  --prefetch      with the cache's prefetcher on: with one policy, that policy\n"
             "                  with prefetch; with all, each policy without and then with\n"
-            "                  prefetch (six runs)\n"
+            "                  prefetch (eight runs)\n"
             "  --half-life N   freq and routing: use counts halve every N uses of a layer\n"
             "                  (default: the cache's)\n"
             "  --prefetch-precision P  prefetch only experts expected to be used with\n"
@@ -566,7 +567,7 @@ int moectl_cache_sim(int argc, char **argv)
     }
     all = strcmp(pol_s, "all") == 0;
     if (!all && moe_cache_policy_parse(pol_s, &one) < 0) {
-        errorf("cache-sim: --policy '%s': expected lru, freq, routing or all", pol_s);
+        errorf("cache-sim: --policy '%s': expected lru, freq, routing, adaptive or all", pol_s);
         return 2;
     }
     if (parse_capacity(cap_s, &kind, &cap_val, &pct) < 0)

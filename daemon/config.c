@@ -80,7 +80,7 @@ static const struct key keys[] = {
      "configured models')"},
     {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
      "host expert cache (default: every expert of the models)"},
-    {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq or routing"},
+    {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq, routing or adaptive"},
     {"cache", "prefetch", K_BOOL, OFF(prefetch), 0, 0, "prefetch the next layer's experts"},
     {"cache", "half_life", K_DOUBLE, OFF(half_life), 0, 0,
      "freq/routing decay, in uses of a layer"},
@@ -133,7 +133,7 @@ void moed_config_init(struct moed_config *c)
     c->log_level = MOE_LOG_INFO;
     c->rpc_threads = 2;
     c->drain_timeout_ms = 10000;
-    c->policy = MOE_POLICY_ROUTING;
+    c->policy = MOE_POLICY_ADAPTIVE;
     c->prefetch = true;
     c->batch_window_us = 200;
     c->max_batch_tokens = 4096;
@@ -305,8 +305,9 @@ static int set_key(struct moed_config *c, const struct key *k, const char *v, co
         return 0;
     case K_POLICY:
         if (moe_cache_policy_parse(v, (enum moe_cache_policy *)p) < 0)
-            return moe_error_set(err, -EINVAL, "%s: %s = '%s': expected lru, freq or routing",
-                                 where, k->name, v);
+            return moe_error_set(err, -EINVAL,
+                                 "%s: %s = '%s': expected lru, freq, routing or adaptive", where,
+                                 k->name, v);
         return 0;
     case K_PRECISION: {
         enum moe_compute_precision cp;

@@ -53,6 +53,7 @@ struct tier_slot {
     void *data;
     uint8_t state;
     struct moe_pnode node;
+    struct moe_pnode ghost[MOE_SHADOWS]; /* the adaptive policy's shadows (policy.h) */
 };
 
 struct cmodel;
@@ -302,6 +303,7 @@ static void model_free(struct moe_cache *c, struct cmodel *mod)
                 }
                 if (e->t[k].node.resident)
                     ts->policy.ops->remove(&ts->policy, &e->t[k].node);
+                moe_policy_forget(&ts->policy, &e->t[k].node);
             }
             if (e->prefetched)
                 c->prefetch_used -= e->bytes;
@@ -493,7 +495,7 @@ static int model_common(struct moe_cache *c, struct cmodel *mod, struct moe_erro
                 return moe_error_set(err, -ENOMEM, "out of memory for the cache table of %s",
                                      mod->name);
             for (k = 0; k < c->n_tiers; k++)
-                moe_pnode_init(&e->t[k].node, mod->base_group + l, mod->id, l, x);
+                moe_pnode_init(&e->t[k].node, e->t[k].ghost, mod->base_group + l, mod->id, l, x);
             if (mod->m)
                 entry_layout(e, &mod->m->layers[l].experts[x], mod->pager_file);
             else
@@ -1481,6 +1483,12 @@ static void predict(struct cmodel *mod, int idx, const int32_t *ids, const int32
     mod->pred_idx = idx + 1;
 }
 
+/* Whether the policy reads the predictor's forecast (moe_policy_env.predicted). */
+static bool uses_forecast(enum moe_cache_policy p)
+{
+    return p == MOE_POLICY_ROUTING || p == MOE_POLICY_ADAPTIVE;
+}
+
 /* Prior of the throttle's calibration: pseudo-prefetches used as forecast. */
 #define PF_PRIOR 2.0
 
@@ -1706,8 +1714,7 @@ void moe_cache_observe_ahead(struct moe_cache *c, int model, int layer, const in
     mod->prev_idx = idx;
     /* Forecast the next MoE layer, and prefetch it. */
     mod->pred_idx = -1;
-    if (mod->cooc && idx + 1 < mod->n_moe &&
-        (c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING)) {
+    if (mod->cooc && idx + 1 < mod->n_moe && (c->cfg.prefetch || uses_forecast(c->cfg.policy))) {
         predict(mod, idx, ids, next, n_tokens, K);
         if (c->cfg.prefetch && mod->pred_idx >= 0)
             prefetch(c, mod);
@@ -2038,7 +2045,7 @@ double moe_cache_hit_rate(const struct moe_cache_counters *c)
 
 bool moe_cache_wants_lookahead(struct moe_cache *c)
 {
-    return c->cfg.prefetch || c->cfg.policy == MOE_POLICY_ROUTING;
+    return c->cfg.prefetch || uses_forecast(c->cfg.policy);
 }
 
 int moe_cache_tier_count(struct moe_cache *c)
@@ -2088,6 +2095,7 @@ int moe_cache_set_policy(struct moe_cache *c, enum moe_cache_policy policy, bool
 
                 n->prev = n->next = NULL;
                 n->heap = -1;
+                moe_pnode_reset_ghosts(n);
                 if (n->resident)
                     c->tiers[k].policy.ops->insert(&c->tiers[k].policy, n);
             }

@@ -42,7 +42,11 @@
  *   routing  routing-aware: evicts the expert whose next use is expected
  *            farthest away, from the layer order (the layers just run are
  *            needed last), the expert's decayed popularity in its layer,
- *            and the prefetch predictor's forecast for the next layer.
+ *            and the prefetch predictor's forecast for the next layer;
+ *   adaptive lru or routing, whichever would have hit more lately: both
+ *            are simulated on shadow copies of the cache's bookkeeping
+ *            (policy.h), so it does not lose to lru where recency wins and
+ *            keeps routing's gains elsewhere (moed's default).
  *
  * Prefetch (moe_cache_config.prefetch): moe_cache_observe() gives the cache
  * the routing of a batch at a layer; it learns, online, how often expert e
@@ -91,10 +95,11 @@ enum moe_cache_policy {
     MOE_POLICY_LRU = 0,
     MOE_POLICY_FREQ,
     MOE_POLICY_ROUTING,
+    MOE_POLICY_ADAPTIVE,
     MOE_POLICY_COUNT,
 };
 
-/* "lru", "freq", "routing" -> 0 and *ret, or -EINVAL. */
+/* "lru", "freq", "routing", "adaptive" -> 0 and *ret, or -EINVAL. */
 int moe_cache_policy_parse(const char *s, enum moe_cache_policy *ret);
 const char *moe_cache_policy_name(enum moe_cache_policy p);
 

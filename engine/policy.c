@@ -19,6 +19,15 @@
  * (a heap per layer), across layers the largest T of those candidates.
  * That is Belady's rule (evict what is needed farthest in the future) with
  * the future estimated from the routing.
+ *
+ * adaptive: the tier's resident nodes are in an lru list and in routing's
+ * heaps at once (the node has room for both).  Each use also goes to two
+ * shadow policies (an lru and a routing instance) over the expert's ghost
+ * nodes: a ghost is resident in its shadow as the expert would be in a
+ * cache of that policy alone, demand paged, holding as many experts as the
+ * tier has held at most; a use that finds its ghost resident is a hit of
+ * that shadow.  The victim is lru's or routing's, whichever shadow has more
+ * hits, decayed by ADAPT_DECAY per use (ties: routing).
  */
 #include "policy.h"
 
@@ -306,6 +315,103 @@ static bool routing_prefer(struct moe_policy *p, int group, double prob, struct 
     return expected_wait(p->env, group, prob) < node_wait(p->env, victim);
 }
 
+/* ---- adaptive ------------------------------------------------------------------------------ */
+
+/* Decay of the shadows' hit counts per use: about the last thousand uses
+ * decide (a DeepSeek-V3 token is 464 uses, a Mixtral one 64). */
+#define ADAPT_DECAY (1.0 - 1.0 / 1024)
+
+static bool adaptive_follows_lru(const struct moe_policy *p)
+{
+    return p->score[MOE_SHADOW_LRU] > p->score[MOE_SHADOW_ROUTING];
+}
+
+static void adaptive_insert(struct moe_policy *p, struct moe_pnode *n)
+{
+    lru_insert(p, n);
+    routing_insert(p, n);
+    p->resident++;
+    p->cap = MOE_MAX(p->cap, p->resident);
+}
+
+static void adaptive_remove(struct moe_policy *p, struct moe_pnode *n)
+{
+    lru_remove(p, n);
+    routing_remove(p, n);
+    p->resident--;
+}
+
+static bool any_but(struct moe_pnode *n, void *arg)
+{
+    return n != arg;
+}
+
+/* A use of ghost g in shadow s of capacity cap: 1 for a hit, 0 a miss (it
+ * is paged in, and the shadow's victims leave until it fits). */
+static int shadow_use(struct moe_policy *s, struct moe_pnode *g, int64_t cap)
+{
+    if (g->resident) {
+        s->ops->touch(s, g);
+        return 1;
+    }
+    g->resident = true;
+    s->ops->insert(s, g);
+    s->resident++;
+    s->ops->touch(s, g);
+    while (s->resident > cap) {
+        struct moe_pnode *v = s->ops->victim(s, any_but, g);
+
+        if (!v)
+            break;
+        s->ops->remove(s, v);
+        v->resident = false;
+        s->resident--;
+    }
+    return 0;
+}
+
+static void adaptive_touch(struct moe_policy *p, struct moe_pnode *n)
+{
+    lru_touch(p, n);
+    routing_touch(p, n);
+    if (!n->ghost || !p->shadow)
+        return;
+    for (int i = 0; i < MOE_SHADOWS; i++)
+        p->score[i] =
+            p->score[i] * ADAPT_DECAY + shadow_use(&p->shadow[i], &n->ghost[i], MOE_MAX(p->cap, 1));
+}
+
+static struct moe_pnode *adaptive_victim(struct moe_policy *p,
+                                         bool (*ok)(struct moe_pnode *, void *), void *arg)
+{
+    return adaptive_follows_lru(p) ? lru_victim(p, ok, arg) : routing_victim(p, ok, arg);
+}
+
+static bool adaptive_prefer(struct moe_policy *p, int group, double prob, struct moe_pnode *victim)
+{
+    return adaptive_follows_lru(p) || routing_prefer(p, group, prob, victim);
+}
+
+void moe_policy_forget(struct moe_policy *p, struct moe_pnode *n)
+{
+    for (int i = 0; p->shadow && n->ghost && i < MOE_SHADOWS; i++) {
+        struct moe_pnode *g = &n->ghost[i];
+
+        if (!g->resident)
+            continue;
+        p->shadow[i].ops->remove(&p->shadow[i], g);
+        g->resident = false;
+        p->shadow[i].resident--;
+    }
+}
+
+int moe_policy_following(const struct moe_policy *p)
+{
+    if (!p->shadow)
+        return -1;
+    return adaptive_follows_lru(p) ? MOE_SHADOW_LRU : MOE_SHADOW_ROUTING;
+}
+
 /* ---- table --------------------------------------------------------------------------------- */
 
 static const struct moe_policy_ops ops[MOE_POLICY_COUNT] = {
@@ -313,6 +419,8 @@ static const struct moe_policy_ops ops[MOE_POLICY_COUNT] = {
     [MOE_POLICY_FREQ] = {"freq", freq_insert, freq_remove, freq_touch, freq_victim, always},
     [MOE_POLICY_ROUTING] = {"routing", routing_insert, routing_remove, routing_touch,
                             routing_victim, routing_prefer},
+    [MOE_POLICY_ADAPTIVE] = {"adaptive", adaptive_insert, adaptive_remove, adaptive_touch,
+                             adaptive_victim, adaptive_prefer},
 };
 
 int moe_cache_policy_parse(const char *s, enum moe_cache_policy *ret)
@@ -331,7 +439,8 @@ const char *moe_cache_policy_name(enum moe_cache_policy p)
     return (unsigned)p < MOE_POLICY_COUNT ? ops[p].name : "?";
 }
 
-void moe_pnode_init(struct moe_pnode *n, int group, int model, int layer, int expert)
+void moe_pnode_init(struct moe_pnode *n, struct moe_pnode *ghost, int group, int model, int layer,
+                    int expert)
 {
     memset(n, 0, sizeof(*n));
     n->heap = -1;
@@ -339,6 +448,22 @@ void moe_pnode_init(struct moe_pnode *n, int group, int model, int layer, int ex
     n->model = model;
     n->layer = layer;
     n->expert = expert;
+    if (ghost) {
+        for (int i = 0; i < MOE_SHADOWS; i++)
+            moe_pnode_init(&ghost[i], NULL, group, model, layer, expert);
+        n->ghost = ghost;
+    }
+}
+
+void moe_pnode_reset_ghosts(struct moe_pnode *n)
+{
+    for (int i = 0; n->ghost && i < MOE_SHADOWS; i++) {
+        struct moe_pnode *g = &n->ghost[i];
+
+        g->prev = g->next = NULL;
+        g->heap = -1;
+        g->resident = false;
+    }
 }
 
 int moe_policy_init(struct moe_policy *p, enum moe_cache_policy kind,
@@ -350,13 +475,28 @@ int moe_policy_init(struct moe_policy *p, enum moe_cache_policy kind,
     p->ops = &ops[kind];
     p->env = env;
     p->lru.next = p->lru.prev = &p->lru;
-    return moe_policy_grow(p, env->n_groups);
+    if (kind == MOE_POLICY_ADAPTIVE) {
+        p->shadow = calloc(MOE_SHADOWS, sizeof(*p->shadow));
+        if (!p->shadow || moe_policy_init(&p->shadow[MOE_SHADOW_LRU], MOE_POLICY_LRU, env) < 0 ||
+            moe_policy_init(&p->shadow[MOE_SHADOW_ROUTING], MOE_POLICY_ROUTING, env) < 0) {
+            moe_policy_clear(p);
+            return -ENOMEM;
+        }
+    }
+    if (moe_policy_grow(p, env->n_groups) < 0) {
+        moe_policy_clear(p);
+        return -ENOMEM;
+    }
+    return 0;
 }
 
 int moe_policy_grow(struct moe_policy *p, int n_groups)
 {
     struct moe_pheap *g;
 
+    for (int i = 0; p->shadow && i < MOE_SHADOWS; i++)
+        if (moe_policy_grow(&p->shadow[i], n_groups) < 0)
+            return -ENOMEM;
     if (n_groups <= p->n_groups)
         return 0;
     g = realloc(p->groups, (size_t)n_groups * sizeof(*g));
@@ -370,6 +510,9 @@ int moe_policy_grow(struct moe_policy *p, int n_groups)
 
 void moe_policy_clear(struct moe_policy *p)
 {
+    for (int i = 0; p->shadow && i < MOE_SHADOWS; i++)
+        moe_policy_clear(&p->shadow[i]);
+    free(p->shadow);
     for (int g = 0; g < p->n_groups; g++)
         free(p->groups[g].a);
     free(p->groups);

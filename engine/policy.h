@@ -15,6 +15,16 @@
  * Policies see the routing only through struct moe_policy_env, which the
  * cache fills from what it observes: the layer order (steps until a layer
  * runs again) and the next-layer predictor.
+ *
+ * adaptive keeps the resident experts in both lru's and routing's order
+ * and evicts by whichever of the two is winning: it replays every use into
+ * two shadow caches of the same number of experts, one lru and one routing,
+ * that hold only the nodes' bookkeeping (the ghost nodes the cache gives
+ * each expert), and counts each one's hits, decayed over the last thousand
+ * or so uses.  So it follows recency where recency pays (a working set
+ * that moves) and routing's frequency and layer order where those pay (a
+ * skewed load, scans larger than the cache), at the cost of two more nodes
+ * per expert and the shadows' work on each use.
  */
 #ifndef MOED_ENGINE_POLICY_H
 #define MOED_ENGINE_POLICY_H
@@ -30,7 +40,12 @@ struct moe_pnode {
     bool resident;                 /* between insert and remove */
     int group;                     /* (model, layer) group, from the cache */
     int model, layer, expert;
+    struct moe_pnode *ghost; /* adaptive: [MOE_SHADOWS] this expert's nodes in the
+                              * shadow caches (the cache's memory); NULL: none */
 };
+
+/* adaptive's shadow caches: lru and routing. */
+enum { MOE_SHADOW_LRU, MOE_SHADOW_ROUTING, MOE_SHADOWS };
 
 struct moe_policy_env {
     void *ctx;
@@ -72,6 +87,11 @@ struct moe_policy {
     struct moe_pheap heap;    /* freq */
     struct moe_pheap *groups; /* routing: one heap per group */
     int n_groups;
+    /* adaptive */
+    struct moe_policy *shadow; /* [MOE_SHADOWS], allocated (so this struct may move) */
+    double score[MOE_SHADOWS]; /* the shadows' hits, decayed per use */
+    int64_t resident;          /* nodes resident: this tier's, or a shadow's */
+    int64_t cap;               /* the most this tier held: the shadows' capacity */
 };
 
 int moe_policy_init(struct moe_policy *p, enum moe_cache_policy kind,
@@ -79,6 +99,16 @@ int moe_policy_init(struct moe_policy *p, enum moe_cache_policy kind,
 void moe_policy_clear(struct moe_policy *p);
 /* Makes room for n_groups (the cache added a model).  0 or -ENOMEM. */
 int moe_policy_grow(struct moe_policy *p, int n_groups);
-void moe_pnode_init(struct moe_pnode *n, int group, int model, int layer, int expert);
+/* ghost: [MOE_SHADOWS] nodes for adaptive's shadows (initialised here too),
+ * or NULL. */
+void moe_pnode_init(struct moe_pnode *n, struct moe_pnode *ghost, int group, int model, int layer,
+                    int expert);
+/* Takes n's ghost nodes out of p's shadows (n's memory is about to go). */
+void moe_policy_forget(struct moe_policy *p, struct moe_pnode *n);
+/* Empties n's ghost nodes (their shadows were replaced): counts are kept. */
+void moe_pnode_reset_ghosts(struct moe_pnode *n);
+/* For tests and reports: the shadow adaptive follows now (MOE_SHADOW_*),
+ * or -1 for another policy. */
+int moe_policy_following(const struct moe_policy *p);
 
 #endif

@@ -361,7 +361,7 @@ def main():
     check("cache-sim not a trace", [m, "cache-sim", "--trace", good, "--capacity", "10"], 1,
           "bad magic")
     check("cache-sim capacity too small", cs + ["--capacity", "1"], 1, "needs at once; give at least")
-    for pol in ("lru", "freq", "routing"):
+    for pol in ("lru", "freq", "routing", "adaptive"):
         check(f"cache-sim {pol}", cs + ["--capacity", "50%", "--policy", pol], 0, "belady",
               stream="stdout")
         check(f"cache-sim {pol} with prefetch", cs + ["--capacity", "25%", "--policy", pol,
@@ -375,7 +375,7 @@ def main():
                        text=True)
     try:
         js = _json.loads(p.stdout)
-        ok = (p.returncode == 0 and len(js["runs"]) == 6 and 0 <= js["belady"]["hit_rate"] <= 1
+        ok = (p.returncode == 0 and len(js["runs"]) == 8 and 0 <= js["belady"]["hit_rate"] <= 1
               and all(r["accesses"] == js["belady"]["accesses"] for r in js["runs"])
               and all(r["hits"] <= js["belady"]["hits"] for r in js["runs"] if not r["prefetch"])
               and js["runs"][0]["gap_closed"] is None)
@@ -384,7 +384,7 @@ def main():
     long_reals = [x for x in re.findall(r"\d+\.\d+", p.stdout)
                   if len(x.replace(".", "").lstrip("0")) > 7]
     ok = ok and not long_reals
-    print(f"{'ok  ' if ok else 'FAIL'} cache-sim --json: six runs, demand paging <= Belady, "
+    print(f"{'ok  ' if ok else 'FAIL'} cache-sim --json: eight runs, demand paging <= Belady, "
           f"reals with ~6 significant digits")
     if not ok:
         failures.append(f"cache-sim --json: exit {p.returncode}\nstdout: {p.stdout}\n"

@@ -105,8 +105,8 @@ def main():
     with open(conf, "w") as f:
         f.write("[cache]\npolicy = mru\n")
     p = subprocess.run([moed, "--config", conf], capture_output=True, text=True)
-    check("bad value refused", p.returncode == 2 and "expected lru, freq or routing" in p.stderr,
-          p.stderr)
+    check("bad value refused",
+          p.returncode == 2 and "expected lru, freq, routing or adaptive" in p.stderr, p.stderr)
     p = subprocess.run([moed, "--host-cache-bytes", "12Q"], capture_output=True, text=True)
     check("bad flag value refused", p.returncode == 2 and "host_cache_bytes" in p.stderr, p.stderr)
     p = subprocess.run([moed, "--frobnicate", "1"], capture_output=True, text=True)

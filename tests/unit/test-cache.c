@@ -23,7 +23,9 @@
  *     hits;
  *   - two tiers: an expert evicted from the front tier comes back from the
  *     one behind it without I/O;
- *   - shrinking the capacity evicts down to it.
+ *   - shrinking the capacity evicts down to it;
+ *   - adaptive: removing a model and switching policies leave its shadows
+ *     sound (the hit rates against lru are test-trace's).
  */
 #include "cache.h"
 #include "genmodel.h"
@@ -673,6 +675,63 @@ static void check_shrink(void)
     moe_cache_free(c);
 }
 
+/*
+ * The adaptive policy's shadows hold nodes of every model: removing a model
+ * takes its nodes out of them, and switching policies empties them; the
+ * cache goes on hitting as lru would on a loop that fits.
+ */
+static void check_adaptive_models(void)
+{
+    struct moe_cache_config cfg = {
+        .host_bytes = 12 * 4096, .policy = MOE_POLICY_ADAPTIVE, .simulate = true};
+    struct moe_cache *c;
+    struct moe_cache_stats s;
+    struct moe_error err;
+    int a, b;
+    uint64_t seed = 4;
+
+    if (moe_cache_create(&cfg, &c, &err) < 0)
+        FAIL("cache: %s", err.msg);
+    ASSERT_EQ(moe_cache_add_shape(c, "a", 2, 16, 1, 4096, &a, &err), 0);
+    ASSERT_EQ(moe_cache_add_shape(c, "b", 2, 16, 1, 4096, &b, &err), 0);
+    for (int round = 0; round < 3; round++) {
+        for (int t = 0; t < 500; t++) {
+            for (int m = 0; m < 2; m++) {
+                int model = m ? b : a;
+                int32_t e = (int32_t)(test_rand_u64(&seed) % 16);
+                struct moe_cache_ref ref;
+
+                if (round > 0 && model == b)
+                    continue; /* removed */
+                for (int layer = 0; layer < 2; layer++) {
+                    ASSERT_EQ(moe_cache_acquire(c, model, layer, &e, 1, &ref, NULL), 0);
+                    ASSERT_EQ(ref.status, 0);
+                    moe_cache_release(c, &ref, 1);
+                }
+            }
+        }
+        if (round == 0)
+            ASSERT_EQ(moe_cache_remove_model(c, b, &err), 0);
+        if (round == 1) {
+            ASSERT_EQ(moe_cache_set_policy(c, MOE_POLICY_LRU, false, &err), 0);
+            ASSERT_EQ(moe_cache_set_policy(c, MOE_POLICY_ADAPTIVE, false, &err), 0);
+        }
+    }
+    /* Model a alone: 4 experts in a loop of 12 slots, after warming. */
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_STREQ(s.policy, "adaptive");
+    moe_cache_stats_clear(&s);
+    for (int i = 0; i < 40; i++) {
+        int32_t e = i % 4;
+        struct moe_cache_ref ref;
+
+        ASSERT_EQ(moe_cache_acquire(c, a, 0, &e, 1, &ref, NULL), 0);
+        ASSERT_TRUE(i < 4 || ref.hit);
+        moe_cache_release(c, &ref, 1);
+    }
+    moe_cache_free(c);
+}
+
 /* ---- real page-ins -------------------------------------------------------------------------- */
 
 static char *make_model(const char *tag)
@@ -1040,6 +1099,7 @@ int main(void)
     check_calibration();
     check_lookahead();
     check_shrink();
+    check_adaptive_models();
     check_real();
     check_two_tiers();
     check_two_tiers_held();

@@ -91,7 +91,7 @@ static void test_check_every_error(void)
     struct moed_config_check k;
     static const char *const want[] = {
         "bad.conf:2: unknown key 'host_cach_bytes'",
-        "bad.conf:3: cache: policy = 'mru': expected lru, freq or routing",
+        "bad.conf:3: cache: policy = 'mru': expected lru, freq, routing or adaptive",
         "bad.conf:5: server: rpc_threads = '0': expected an integer from 1 to 64",
         "bad.conf:6: [server] tls_cert = '/nonexistent/cert.pem': cannot read it",
         "bad.conf:9: [models] gone = /nonexistent/model:",

@@ -1185,6 +1185,141 @@ static void test_time_headroom(void)
     moe_trace_free(t);
 }
 
+/* ---- adaptive policy ------------------------------------------------------------------- */
+
+enum adv_kind { ADV_RECENCY, ADV_FREQUENCY, ADV_SCAN, ADV_HOTSCAN, ADV_MIXED, ADV_KINDS };
+static const char *const adv_names[ADV_KINDS] = {"recency", "frequency", "scan", "hot+scan",
+                                                 "mixed"};
+
+enum { ADV_L = 8, ADV_E = 64, ADV_K = 2, ADV_TOKENS = 2000 };
+
+/*
+ * Adversarial routing, per layer, top-2 of 64 experts:
+ *   recency    an LRU stack of the experts; each pick takes the expert at a
+ *              geometric depth (p 0.15) and moves it to the top: recency
+ *              predicts, frequency does not;
+ *   frequency  fixed popularity (weights 1 / (rank + 1)), independent draws;
+ *   scan       the experts in a cycle larger than any cache below 100%;
+ *   hot+scan   one of 8 hot experts, and one from a cycle over the rest,
+ *              which flushes LRU's hot set;
+ *   mixed      250 tokens of recency, 250 of hot+scan, alternating.
+ */
+static struct moe_trace *adv_trace(enum adv_kind kind, uint64_t seed)
+{
+    const uint64_t n = (uint64_t)ADV_L * ADV_TOKENS;
+    uint16_t *layers = malloc(n * sizeof(*layers)), *experts = malloc(n * ADV_K * sizeof(*experts));
+    int stack[ADV_L][ADV_E], perm[ADV_L][ADV_E];
+    double wsum = 0;
+    struct moe_trace *t;
+
+    ASSERT_TRUE(layers && experts);
+    for (int x = 0; x < ADV_E; x++)
+        wsum += 1.0 / (x + 1);
+    for (int l = 0; l < ADV_L; l++) {
+        for (int x = 0; x < ADV_E; x++)
+            perm[l][x] = stack[l][x] = x;
+        for (int x = ADV_E - 1; x > 0; x--) {
+            int y = (int)(test_rand_u64(&seed) % (uint64_t)(x + 1)), v = perm[l][x];
+
+            perm[l][x] = perm[l][y];
+            perm[l][y] = v;
+        }
+    }
+    for (int tok = 0; tok < ADV_TOKENS; tok++) {
+        enum adv_kind k = kind;
+
+        if (k == ADV_MIXED)
+            k = (tok / 250) % 2 == 0 ? ADV_RECENCY : ADV_HOTSCAN;
+        for (int l = 0; l < ADV_L; l++) {
+            uint64_t i = (uint64_t)tok * ADV_L + l;
+            uint16_t *ex = experts + i * ADV_K;
+
+            layers[i] = (uint16_t)l;
+            for (int j = 0; j < ADV_K; j++) {
+                int x;
+
+                do {
+                    if (k == ADV_RECENCY) {
+                        int d = 0;
+
+                        while (d < ADV_E - 1 && test_rand_u64(&seed) % 100 >= 15)
+                            d++;
+                        x = stack[l][d];
+                    } else if (k == ADV_FREQUENCY) {
+                        double u = (double)(test_rand_u64(&seed) >> 11) * 0x1p-53 * wsum;
+                        int r = 0;
+
+                        while (r < ADV_E - 1 && (u -= 1.0 / (r + 1)) > 0)
+                            r++;
+                        x = perm[l][r];
+                    } else if (k == ADV_SCAN) {
+                        x = (tok * ADV_K + j) % ADV_E;
+                    } else {
+                        x = j == 0 ? perm[l][test_rand_u64(&seed) % 8]
+                                   : perm[l][8 + tok % (ADV_E - 8)];
+                    }
+                } while (j == 1 && x == ex[0]);
+                ex[j] = (uint16_t)x;
+            }
+            /* the stack's top: the experts just used */
+            for (int j = ADV_K - 1; j >= 0; j--) {
+                int d = 0;
+
+                while (stack[l][d] != ex[j])
+                    d++;
+                memmove(&stack[l][1], &stack[l][0], (size_t)d * sizeof(int));
+                stack[l][0] = ex[j];
+            }
+        }
+    }
+    t = mem_trace(ADV_L, ADV_E, ADV_K, n, layers, experts);
+    free(layers);
+    free(experts);
+    return t;
+}
+
+/*
+ * The adaptive policy against lru and routing on the adversarial traces at
+ * 10, 25, 50 and 75% of the experts: never below lru (within 0.1% of the
+ * accesses: it follows lru only once lru's shadow is ahead, and its cache
+ * then differs a little from lru's), and within 0.5% of routing where
+ * routing is ahead of lru, so it keeps routing's gains.
+ */
+static void test_adaptive(void)
+{
+    static const int pct[] = {10, 25, 50, 75};
+
+    for (int k = 0; k < ADV_KINDS; k++) {
+        struct moe_trace *t = adv_trace((enum adv_kind)k, 7 + (uint64_t)k);
+
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(pct); i++) {
+            const uint64_t cap = (uint64_t)ADV_L * ADV_E * pct[i] / 100;
+            struct moe_cache_config cfg = {0};
+            struct moe_trace_replay_result lru, rt, ad;
+            double tol;
+
+            cfg.policy = MOE_POLICY_LRU;
+            replay_timed(t, cap, &cfg, NULL, &lru);
+            cfg.policy = MOE_POLICY_ROUTING;
+            replay_timed(t, cap, &cfg, NULL, &rt);
+            cfg.policy = MOE_POLICY_ADAPTIVE;
+            replay_timed(t, cap, &cfg, NULL, &ad);
+            tol = (double)lru.accesses / 1000;
+            printf("adaptive: %-9s %2d%%: lru %5.1f%%, routing %5.1f%%, adaptive %5.1f%%\n",
+                   adv_names[k], pct[i], 100.0 * (double)lru.hits / (double)lru.accesses,
+                   100.0 * (double)rt.hits / (double)rt.accesses,
+                   100.0 * (double)ad.hits / (double)ad.accesses);
+            if ((double)ad.hits < (double)lru.hits - tol)
+                FAIL("%s at %d%%: adaptive %" PRIu64 " hits, below lru's %" PRIu64, adv_names[k],
+                     pct[i], ad.hits, lru.hits);
+            if (rt.hits > lru.hits && (double)ad.hits < (double)rt.hits - 5 * tol)
+                FAIL("%s at %d%%: adaptive %" PRIu64 " hits, well below routing's %" PRIu64,
+                     adv_names[k], pct[i], ad.hits, rt.hits);
+        }
+        moe_trace_free(t);
+    }
+}
+
 /* ---- import ---------------------------------------------------------------------------- */
 
 static struct moe_trace *import_ok(const char *text, enum moe_trace_import_format fmt,
@@ -1526,6 +1661,7 @@ int main(void)
     test_time_demand();
     test_time_prefetch();
     test_time_headroom();
+    test_adaptive();
     test_import();
     test_generate(dir);
     test_rmtree(dir);
