@@ -413,7 +413,9 @@ static void ffn_up_task(void *arg, int task, int thread)
         float *g = yg + (size_t)j * FBLK;
         float *u = yu + (size_t)j * FBLK;
 
-        if (b16) {
+        if (b16 && c->k->swiglu_b16) {
+            c->k->swiglu_b16(g, u, nr, g);
+        } else if (b16) {
             /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
             round_bf16(g, nr);
             round_bf16(u, nr);

@@ -118,6 +118,10 @@ struct moe_cpu_kernel {
      * that one precision always takes one code path. */
     moe_cpu_dot_fn dot_b16[3];
     moe_cpu_swiglu_fn swiglu;
+    /* Optional (NULL: the backend does it with swiglu and scalar rounding):
+     * out[i] = bf16(bf16(silu(bf16(g[i]))) * bf16(u[i])), with swiglu's silu;
+     * compute_precision bf16. */
+    moe_cpu_swiglu_fn swiglu_b16;
 };
 
 extern const struct moe_cpu_kernel moe_cpu_kernel_generic;

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "dtype.h"
 #include "kernels.h"
 
 #define RMAX 3
@@ -265,11 +266,59 @@ static void swiglu(const float *g, const float *u, int64_t n, float *out)
         out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* Rounds to bf16 (to nearest even) as moe_f32_to_bf16 does, NaNs kept
+ * quiet, returned as fp32. */
+INLINE __m256 round_b16(__m256 x)
+{
+    const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(
+        _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), top);
+    __m256i q = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), top);
+
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q),
+                            _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+static void round_f32(void *prepared, int64_t n_pad)
+{
+    float *p = prepared;
+
+    /* n_pad is a multiple of MOE_CPU_KPAD, p 64-byte aligned */
+    for (int64_t i = 0; i < n_pad; i += 8)
+        _mm256_store_ps(p + i, round_b16(_mm256_load_ps(p + i)));
+}
+
+static void swiglu_b16(const float *g, const float *u, int64_t n, float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = round_b16(_mm256_loadu_ps(g + i));
+        __m256 uv = round_b16(_mm256_loadu_ps(u + i));
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        /* swiglu's silu: g / (1 + e) * 1 */
+        __m256 s = round_b16(_mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), one));
+
+        _mm256_storeu_ps(out + i, round_b16(_mm256_mul_ps(s, uv)));
+    }
+    for (; i < n; i++) {
+        float gi = moe_bf16_to_f32(moe_f32_to_bf16(g[i]));
+        float ui = moe_bf16_to_f32(moe_f32_to_bf16(u[i]));
+        float s = moe_bf16_to_f32(moe_f32_to_bf16(gi / (1.0f + expf(-gi)) * 1.0f));
+
+        out[i] = moe_bf16_to_f32(moe_f32_to_bf16(s * ui));
+    }
+}
+
 const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
     .name = "avx2",
     .prep = {prep_f32, prep_f32, prep_f32},
     .dot = {dot_f32, dot_f16, dot_bf16},
-    .round = {moe_cpu_round_f32, moe_cpu_round_f32, moe_cpu_round_f32},
+    .round = {round_f32, round_f32, round_f32},
     .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
+    .swiglu_b16 = swiglu_b16,
 };
