@@ -282,6 +282,17 @@ static size_t dtype_size(Moe__V1__DType t)
     return t == MOE__V1__DTYPE__DTYPE_F32 ? 4 : 2;
 }
 
+/* Gives the model back before the answer goes out, so that a client that has
+ * its answer can unload the model at once (an UnloadModel right after the
+ * reply found the request still counted, and refused with "in flight"). */
+static void fwd_release_model(struct fwd *f)
+{
+    if (f->mm) {
+        moed_model_put(f->d, f->mm);
+        f->mm = NULL;
+    }
+}
+
 static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct fwd *f = r->arg;
@@ -297,12 +308,14 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     if (status < 0) {
         atomic_fetch_add(&d->failed, 1);
         fwd_count(f, moed_grpc_status(status));
+        fwd_release_model(f);
         moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
         goto out;
     }
     data = malloc(n * dtype_size(f->dtype));
     if (!data) {
         fwd_count(f, GRPC_STATUS_RESOURCE_EXHAUSTED);
+        fwd_release_model(f);
         moe_rpc_fail(f->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the output");
         goto out;
     }
@@ -349,6 +362,7 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     resp.cache_misses = (uint32_t)r->st.misses;
     resp.tag = f->tag;
     fwd_count(f, GRPC_STATUS_OK);
+    fwd_release_model(f);
     moed_reply_msg(f->call, &resp.base);
 out:
     free(data);
