@@ -6,7 +6,7 @@
 _moectl()
 {
     local cur prev cmd i
-    local commands="gen-model inspect forward gen-trace cache-sim pack verify status models
+    local commands="gen-model inspect forward gen-trace cache-sim trace pack verify status models
         stats load unload pin unpin evict retry drain resume placement peer bench top"
     local remote="--remote --socket --tls --tls-ca --tls-cert --tls-key --token --timeout --json"
     local flags
@@ -24,19 +24,29 @@ _moectl()
     # The value of a flag.
     case $prev in
     --arch)
-        COMPREPLY=($(compgen -W "mixtral qwen2_moe qwen3_moe olmoe deepseek_v3" -- "$cur"))
+        COMPREPLY=($(compgen -W "mixtral qwen2_moe qwen3_moe qwen3_next qwen3_5_moe olmoe
+            deepseek_v3 deepseek_v2 kimi_k2 glm4_moe llama4_text" -- "$cur"))
         return 0 ;;
     --dtype)
         COMPREPLY=($(compgen -W "bf16 f16 f32" -- "$cur"))
         return 0 ;;
     --policy)
-        COMPREPLY=($(compgen -W "lru freq routing all" -- "$cur"))
+        COMPREPLY=($(compgen -W "lru freq routing adaptive all" -- "$cur"))
+        return 0 ;;
+    --layout)
+        COMPREPLY=($(compgen -W "per-expert fused" -- "$cur"))
+        return 0 ;;
+    --compute-precision)
+        COMPREPLY=($(compgen -W "exact bf16" -- "$cur"))
+        return 0 ;;
+    --format)
+        COMPREPLY=($(compgen -W "csv jsonl" -- "$cur"))
         return 0 ;;
     --transport)
         COMPREPLY=($(compgen -W "grpc shm" -- "$cur"))
         return 0 ;;
     --kernel)
-        COMPREPLY=($(compgen -W "auto generic avx2 avx512" -- "$cur"))
+        COMPREPLY=($(compgen -W "auto generic avx2 avx512 list" -- "$cur"))
         return 0 ;;
     --layer)
         [ "$cmd" = forward ] && COMPREPLY=($(compgen -W "all" -- "$cur"))
@@ -46,7 +56,7 @@ _moectl()
         return 0 ;;
     --model)
         case $cmd in
-        gen-model | inspect | gen-trace | pack | verify) COMPREPLY=($(compgen -d -- "$cur")) ;;
+        gen-model | inspect | gen-trace | pack | verify | trace) COMPREPLY=($(compgen -d -- "$cur")) ;;
         forward)
             for ((i = 2; i < COMP_CWORD; i++)); do
                 [ "${COMP_WORDS[i]}" = --local ] && COMPREPLY=($(compgen -d -- "$cur"))
@@ -63,23 +73,29 @@ _moectl()
         --ffn | --shared-experts | --shards | --seed | --tokens | --batch | --threads | \
         --capacity | --half-life | --step | --cache-bytes | --callers | --duration | \
         --requests | --interval | --iterations | --timeout-ms | --prefetch-precision | \
-        --disk-bw | --disk-latency | --compute | --expert-bytes)
+        --disk-bw | --disk-latency | --compute | --expert-bytes | --shape)
         return 0 ;;
     esac
 
     case $cmd in
     gen-model)
         flags="--arch --out --layers --experts --top-k --hidden --ffn --shared-experts --dtype
-            --shards --seed --force --quiet -q" ;;
+            --shards --seed --layout --force --quiet -q" ;;
     inspect) flags="--model --json" ;;
     forward)
         flags="--local --model --layer --in --out --routing-out --routing-in --step --cache-bytes
             --policy --no-prefetch --buffered --register-buffers --trace --threads --kernel
-            --dtype --quiet -q $remote" ;;
+            --compute-precision --dtype --quiet -q $remote" ;;
     gen-trace) flags="--model --tokens --out --seed --batch --threads --quiet -q" ;;
     cache-sim)
         flags="--trace --capacity --policy --prefetch --half-life --prefetch-precision --disk-bw
             --disk-latency --compute --expert-bytes --json --quiet -q" ;;
+    trace)
+        if ((COMP_CWORD == 2)) && [[ $cur != -* ]]; then
+            COMPREPLY=($(compgen -W "import" -- "$cur"))
+            return 0
+        fi
+        flags="--format --model --shape --quiet -q" ;;
     pack) flags="--model --out --force --quiet -q" ;;
     verify) flags="--pack --model --quiet -q" ;;
     stats) flags="--experts --plot $remote" ;;

@@ -266,7 +266,7 @@ def test_docs(a, prefix):
     for words, cword, want in ((["moectl", "st"], 1, {"stats", "status"}),
                                (["moectl", "gen-model", "--ar"], 2, {"--arch"}),
                                (["moectl", "gen-model", "--arch", "q"], 3,
-                                {"qwen2_moe", "qwen3_moe"}),
+                                {"qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe"}),
                                (["moectl", "peer", ""], 2, {"add", "remove"}),
                                (["moectl", "bench", "--transport", ""], 3, {"grpc", "shm"})):
         p = subprocess.run(["bash", "-c", f"source {comp}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
