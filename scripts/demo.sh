@@ -2,7 +2,9 @@
 # The README's demo: installs the dependencies, builds moed, makes the
 # embedded synthetic demo model (Mixtral layout), describes it with
 # `moectl inspect`, runs every MoE layer in process with
-# `moectl forward --local`, printing a timing line per layer, then packs the
+# `moectl forward --local`, printing a timing line per layer, lists the model
+# families moed serves (a small checkpoint of each, its routing rule and one
+# layer through `forward --local`), then packs the
 # model and runs it token by token from the packed store through an expert
 # cache that holds half of it, showing the cache's hit statistics, and
 # replays the recorded routing through every cache policy next to Belady's
@@ -67,6 +69,40 @@ for layer in range(4):
 print("expert load over all layers (tokens routed to each expert):")
 for e, c in enumerate(counts):
     print(f"  expert {e}: {c:4d} {'#' * int(c // 2)}")
+PY
+
+echo
+echo "== the model families moed serves: a small checkpoint of each, its routing rule, one MoE layer"
+families="mixtral qwen2_moe qwen3_moe qwen3_next qwen3_5_moe olmoe deepseek_v2 deepseek_v3
+    kimi_k2 glm4_moe llama4_text"
+for arch in $families; do
+    $moectl gen-model --arch "$arch" --out "$demo/families/$arch" --force -q >/dev/null
+    $moectl inspect --model "$demo/families/$arch" --json >"$demo/families/$arch.json"
+done
+/usr/bin/python3 - "$moectl" "$demo/families" $families <<'PY'
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+moectl, root, archs = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f"{'family':<12} {'layers':>6} {'MoE':>4} {'experts':>7} {'top-k':>5} {'shared':>6} "
+      f"{'layout':<16} {'scores':<13} {'layer':>5} {'run ms':>7}")
+for arch in archs:
+    d = f"{root}/{arch}"
+    info = json.load(open(f"{d}.json"))
+    layer = next(t["layer"] for t in info["layer_table"] if t["kind"] == "moe")
+    np.save(f"{d}.x.npy", np.random.default_rng(0).standard_normal((4, info["hidden"]),
+                                                                   dtype=np.float32))
+    t0 = time.perf_counter()
+    subprocess.run([moectl, "forward", "--local", "--model", d, "--layer", str(layer), "--in",
+                    f"{d}.x.npy", "--out", f"{d}.y.npy", "-q"], check=True)
+    ms = (time.perf_counter() - t0) * 1e3
+    print(f"{arch:<12} {info['layers']:>6} {info['moe_layers']:>4} {info['experts']:>7} "
+          f"{info['top_k']:>5} {info['shared_experts']:>6} {info['expert_layout']:<16} "
+          f"{info['score_func']:<13} {layer:>5} {ms:>7.1f}")
 PY
 
 echo
