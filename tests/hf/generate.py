@@ -52,10 +52,10 @@ def check(name, ok, detail=""):
         failures.append(f"{name}: {detail}")
 
 
-def start_moed(build, models, workdir):
+def start_moed(build, models, workdir, threads):
     sock = os.path.join(workdir, "shm.sock")
     args = [os.path.join(build, "daemon", "moed"), "--listen", "127.0.0.1:0",
-            "--shm-socket", sock, "--threads", "2"]
+            "--shm-socket", sock, "--threads", str(threads)]
     for name, d in models.items():
         args += ["--model", f"{name}={d}"]
     log = open(os.path.join(workdir, "moed.log"), "w+")
@@ -118,15 +118,21 @@ def main():
     ap.add_argument("--models", nargs="+", required=True, help="checkpoint directories")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--f32-tol", type=float, default=1e-4)
+    ap.add_argument("--other", help="a checkpoint of another family, served by moed only to "
+                    "check that attaching the first model to it is refused")
+    ap.add_argument("--threads", type=int, default=2, help="torch's and moed's threads")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     os.environ.setdefault("MOED_CLIENT_LIB",
                           os.path.join(a.build, "client", "libmoe-client.so.1"))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
 
     models = {os.path.basename(os.path.normpath(d)): d for d in a.models}
+    served = dict(models)
+    if a.other:
+        served[os.path.basename(os.path.normpath(a.other))] = a.other
     workdir = tempfile.mkdtemp(prefix="moed-generate-")
-    server, sock = start_moed(a.build, models, workdir)
+    server, sock = start_moed(a.build, served, workdir, a.threads)
     rows = []
     try:
         with moed.connect(sock) as s:
@@ -175,11 +181,11 @@ def main():
 
             # A model whose sizes differ from moed's: a model of another
             # family (or shape) named explicitly.
-            names = list(models)
+            names = list(served)
             if len(names) >= 2:
                 m0 = AutoModelForCausalLM.from_pretrained(models[names[0]]).eval()
                 other = next((n for n in names[1:]
-                              if json.load(open(os.path.join(models[n], "config.json")))
+                              if json.load(open(os.path.join(served[n], "config.json")))
                               .get("model_type") != m0.config.model_type), names[1])
                 try:
                     attach_experts(m0, s, other)
