@@ -281,6 +281,7 @@ int main(int argc, char **argv)
             moe_log(MOE_LOG_ERROR, "model %s: %s", d.cfg.models[i].name, err.msg);
             goto out;
         }
+        opened[i]->precision = moed_config_model_precision(&d.cfg, i);
         if (!d.cfg.host_cache_bytes)
             cc.host_bytes += moe_engine_all_experts_bytes(opened[i]);
     }

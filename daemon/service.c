@@ -136,6 +136,8 @@ int moed_load_model(struct moed *d, const char *name, const char *dir, struct mo
     free(real);
     if (r < 0)
         return r;
+    /* A model loaded at run time computes at [compute] compute_precision. */
+    m->precision = (enum moe_compute_precision)d->cfg.compute_precision;
     if (!trusted) {
         r = moed_model_files_check(d, m, err);
         if (r < 0) {

@@ -598,6 +598,7 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
                 return r;
         }
         s->work[i].w = &s->w[i];
+        s->work[i].precision = e->m->precision;
     }
     r = b->ops->grouped_ffn(b, xc, e->m->cfg.hidden, n_tokens, s->work + lo, hi - lo, oc);
     if (r < 0)
@@ -913,6 +914,7 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         s.work[n_used].n_tokens = n_tokens;
         s.work[n_used].tokens = s.all_tokens;
         s.work[n_used].scales = s.shared_scale;
+        s.work[n_used].precision = e->m->precision;
         r = b->ops->grouped_ffn(b, xc, H, n_tokens, s.work + n_used, 1, oc);
         if (r < 0) {
             moe_error_set(err, r, "shared expert of layer %d failed on the %s backend", layer,
