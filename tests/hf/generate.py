@@ -179,20 +179,29 @@ def main():
                           "not this checkpoint" in str(e), e)
                 del model
 
-            # A model whose sizes differ from moed's: a model of another
-            # family (or shape) named explicitly.
+            # Models moed serves that are not this one: one of another family
+            # (the sizes differ: refused naming each field), and the same
+            # family in the other precision (same sizes, other weights:
+            # refused by the numeric check).
             names = list(served)
             if len(names) >= 2:
                 m0 = AutoModelForCausalLM.from_pretrained(models[names[0]]).eval()
-                other = next((n for n in names[1:]
-                              if json.load(open(os.path.join(served[n], "config.json")))
-                              .get("model_type") != m0.config.model_type), names[1])
-                try:
-                    attach_experts(m0, s, other)
-                    check("a model that differs from moed's is refused", False, "attached")
-                except AttachError as e:
-                    check("a model that differs from moed's is refused, naming what differs",
-                          re.search(r"model .* moed", str(e)) is not None, e)
+
+                def model_type(n):
+                    return json.load(open(os.path.join(served[n], "config.json"))) \
+                        .get("model_type")
+
+                for other in names[1:]:
+                    family = model_type(other) != m0.config.model_type
+                    name = ("a model of another family is refused, naming what differs" if family
+                            else f"the same family's {other} is refused by the numeric check")
+                    try:
+                        attach_experts(m0, s, other)
+                        check(name, False, "attached")
+                    except AttachError as e:
+                        check(name, ("does not match moed's model" in str(e)
+                                     and re.search(r": model .*, moed ", str(e)) is not None)
+                              if family else "not this checkpoint" in str(e), e)
                 try:
                     attach_experts(m0, s, "no-such-model")
                     check("an unknown model name is refused", False, "attached")
