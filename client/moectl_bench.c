@@ -1597,10 +1597,11 @@ static json_t *top_json(const struct moectl_remote *r, const struct snapshot *pr
     }
     for (size_t i = 0; i < s->n_models; i++) {
         const Moe__V1__ModelStats *m = s->models[i], *pm = find_model(ps, m->name);
-        json_t *layers = json_array(), *jm;
+        json_t *layers, *jm;
 
         if (flt->model && strcmp(flt->model, m->name) != 0)
             continue;
+        layers = json_array();
         for (size_t li = 0; layers && li < m->n_layers; li++) {
             uint32_t layer = m->layers[li]->layer;
             const Moe__V1__CacheCounters *c = counters_of(m->layers[li]->counters);
