@@ -31,6 +31,12 @@ import sys
 import tempfile
 import time
 
+# torch's OpenMP threads spin while they wait for work; with moed on the same
+# cores, that spinning takes the CPU from moed's kernels while torch waits for
+# moed's answer (0.82x at decode here with spinning, 1.2x without). A user who
+# runs moed beside torch sets this too (docs/clients.md); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     import torch
     import transformers
@@ -148,7 +154,8 @@ def main():
     ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=g)
 
     print(f"bench-hf: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{a.threads} threads, hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, "
+          f"{a.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, "
           "8 experts, top-2, 2 layers, bfloat16", flush=True)
     # transformers alone (warm: one short forward first).
     prefill_time(model, prompt, 1)
