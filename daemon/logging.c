@@ -9,7 +9,6 @@
 
 #include "common.h"
 #include "log.h"
-#include "rpc_client.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -165,11 +164,10 @@ const char *moed_log_bytes(uint64_t n, char buf[MOED_BYTES_MAX])
     return buf;
 }
 
-void moed_log_request(const char *model, int layer, int tokens, const char *transport, int code,
-                      uint64_t duration_ns)
+void moed_log_request(const char *model, int layer, int tokens, const char *transport,
+                      const char *status, uint64_t duration_ns)
 {
     char msg[512], fields[640], name[256], quoted[260], layer_s[16];
-    const char *status = moe_rpc_status_name(code);
     size_t n = 0;
 
     if (moe_log_get_level() < MOE_LOG_DEBUG)

@@ -61,10 +61,11 @@ const char *moed_log_bytes(uint64_t n, char buf[MOED_BYTES_MAX]);
 /*
  * At debug level, one line per answered forward: its model (NULL: none
  * loaded by that name), layer (-1: not known), token rows, transport ("grpc", "shm"),
- * gRPC status code (0: OK) and the time from receipt to answer.  In json,
- * each of these is also a field of its own.  Nothing below debug.
+ * gRPC status name ("OK", "INVALID_ARGUMENT", ...) and the time from receipt
+ * to answer.  In json, each of these is also a field of its own.  Nothing
+ * below debug.
  */
-void moed_log_request(const char *model, int layer, int tokens, const char *transport, int code,
-                      uint64_t duration_ns);
+void moed_log_request(const char *model, int layer, int tokens, const char *transport,
+                      const char *status, uint64_t duration_ns);
 
 #endif

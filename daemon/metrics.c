@@ -155,7 +155,8 @@ void moed_metrics_request(struct moed_metrics *m, const char *model, int layer,
     struct series *s;
     size_t b = 0;
 
-    moed_log_request(model, layer, tokens, transport_names[t], code, duration_ns);
+    moed_log_request(model, layer, tokens, transport_names[t], moe_rpc_status_name(code),
+                     duration_ns);
     if (!m)
         return;
     s = series_get(m, model ? model : "", t);
