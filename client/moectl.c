@@ -146,6 +146,7 @@ static const struct command {
     {"unpin", moectl_unpin, "let moed's cache evict a pinned expert again"},
     {"evict", moectl_evict, "evict an expert from moed's cache"},
     {"retry", moectl_retry, "clear an expert's bad mark once its file is whole again"},
+    {"record", moectl_record, "record the routing moed serves, live, to a trace (start|stop)"},
     {"drain", moectl_drain, "stop taking requests and finish those in flight"},
     {"resume", moectl_resume, "take requests again after a drain"},
     {"placement", moectl_placement, "the cluster's placement of a model: experts, bytes, load"},

@@ -63,6 +63,9 @@ int moectl_unpin(int argc, char **argv);
 int moectl_evict(int argc, char **argv);
 /* retry MODEL LAYER EXPERT|all: clear bad marks (Control Retry). */
 int moectl_retry(int argc, char **argv);
+/* record MODEL [start|stop|status]: live routing recording (Control
+ * RecordRouting). */
+int moectl_record(int argc, char **argv);
 int moectl_drain(int argc, char **argv);
 /* resume: serving again after a drain (Drain with resume set). */
 int moectl_resume(int argc, char **argv);

@@ -1534,6 +1534,23 @@ static void top_frame(FILE *f, const struct moectl_remote *r, const struct snaps
                 fmt_rate(c->hits, c->misses, all, sizeof(all)), (unsigned long long)t->resident,
                 used, (double)pins / dt, bps, l50, l99);
     }
+    /* Prefetch precision, where a tier prefetched in the interval. */
+    for (size_t i = 0; i < s->n_tiers; i++) {
+        const Moe__V1__TierStats *t = s->tiers[i], *pt = find_tier(ps, t->name);
+        const Moe__V1__CacheCounters *c = counters_of(t->counters);
+        const Moe__V1__CacheCounters *p = counters_of(pt ? pt->counters : NULL);
+        uint64_t used = delta(c->prefetch_hits, p->prefetch_hits);
+        uint64_t wasted = delta(c->wasted_prefetches, p->wasted_prefetches);
+        char pr[16];
+
+        if (delta(c->prefetches, p->prefetches) == 0 && used + wasted == 0)
+            continue;
+        fprintf(f, "prefetch %s: %s precision (%llu used, %llu wasted, %s/s wasted)\n", t->name,
+                fmt_rate(used, wasted, pr, sizeof(pr)), (unsigned long long)used,
+                (unsigned long long)wasted,
+                short_bytes((uint64_t)((double)delta(c->wasted_bytes, p->wasted_bytes) / dt), b1,
+                            sizeof(b1)));
+    }
     for (size_t i = 0; i < s->n_models; i++)
         if (!flt->model || strcmp(flt->model, s->models[i]->name) == 0)
             top_model(f, s->models[i], find_model(ps, s->models[i]->name), dt, width, flt);
@@ -1594,6 +1611,20 @@ static json_t *top_json(const struct moectl_remote *r, const struct snapshot *pr
                              (double)delta(c->bytes_paged, p->bytes_paged) / dt, "page_in_p50_ms",
                              p50 > 0 ? json_real(p50 / 1e6) : json_null(), "page_in_p99_ms",
                              p99 > 0 ? json_real(p99 / 1e6) : json_null()));
+        json_t *jt = json_array_get(tiers, json_array_size(tiers) - 1);
+
+        if (jt) {
+            uint64_t used = delta(c->prefetch_hits, p->prefetch_hits);
+            uint64_t wasted = delta(c->wasted_prefetches, p->wasted_prefetches);
+
+            json_object_set_new(jt, "prefetch_precision", rate_json(used, wasted));
+            json_object_set_new(jt, "prefetched_bytes_per_s",
+                                json_real((double)delta(c->prefetched_bytes, p->prefetched_bytes) /
+                                          dt));
+            json_object_set_new(jt, "wasted_bytes_per_s",
+                                json_real((double)delta(c->wasted_bytes, p->wasted_bytes) / dt));
+            json_object_set_new(jt, "warm_hits", json_integer((json_int_t)c->warm_hits));
+        }
     }
     for (size_t i = 0; i < s->n_models; i++) {
         const Moe__V1__ModelStats *m = s->models[i], *pm = find_model(ps, m->name);

@@ -960,6 +960,23 @@ static int print_stats(const struct moectl_remote *r, const Moe__V1__StatsRespon
     }
     table_print(&t, "");
     table_free(&t);
+    for (size_t i = 0; i < s->n_tiers; i++) {
+        const Moe__V1__TierStats *ti = s->tiers[i];
+        const Moe__V1__CacheCounters *c = counters(ti->counters);
+        char pr[16], pb[32], wb[32];
+
+        if (c->prefetches)
+            printf("prefetch %s: precision %s (%llu used, %llu wasted of %llu), %s prefetched, %s "
+                   "wasted\n",
+                   ti->name, rate(c->prefetch_hits, c->wasted_prefetches, pr, sizeof(pr)),
+                   (unsigned long long)c->prefetch_hits,
+                   (unsigned long long)c->wasted_prefetches, (unsigned long long)c->prefetches,
+                   human_bytes(c->prefetched_bytes, pb, sizeof(pb)),
+                   human_bytes(c->wasted_bytes, wb, sizeof(wb)));
+        if (c->warm_loads)
+            printf("warm start %s: %llu experts paged in at start, %llu of them used (warm hits)\n",
+                   ti->name, (unsigned long long)c->warm_loads, (unsigned long long)c->warm_hits);
+    }
     /* Only in a cluster: a daemon without peers prints what it did before. */
     if (s->n_peers)
         print_cluster(s);
@@ -2039,5 +2056,151 @@ out:
     moe_npy_clear(&x);
     free(half);
     free(y);
+    return ret;
+}
+
+/* ---- record ------------------------------------------------------------- */
+
+static const char record_text[] =
+    "Records the routing moed serves for MODEL, live, to a trace in moed's state\n"
+    "directory (STATE_DIR/traces/NAME; [server] state_dir, or systemd's\n"
+    "StateDirectory=), the format `moectl cache-sim --trace` replays: every\n"
+    "forward of every client, each token's experts at each MoE layer and the\n"
+    "lookahead routing moed's prefetcher sees.  One recording per model at a time.\n"
+    "\n"
+    "  start   begin a recording (refused while one runs, or when NAME exists)\n"
+    "  stop    end it; prints the file, its records and how long it ran\n"
+    "  status  what is being recorded (the default)\n"
+    "\n"
+    "  --name NAME         the trace's file name (letters, digits, . _ -); default\n"
+    "                      MODEL-YYYYMMDD-HHMMSS.trace\n"
+    "  --max-records N     records at most (one token at one layer each; default\n"
+    "                      10 million, about 200 MB for top-8); later steps are dropped\n"
+    "  --seconds S         with start: record for S seconds, then stop and print\n";
+
+static void print_recording(const char *model, const Moe__V1__RecordRoutingResponse *s,
+                            const char *verb)
+{
+    char b[64];
+
+    if (!s->recording && !*verb) {
+        printf("%s is not being recorded\n", model);
+        return;
+    }
+    printf("%s %s %s: %llu records in %s%s\n", model, verb, s->path, (unsigned long long)s->records,
+           duration(s->duration_ns, b, sizeof(b)),
+           s->full ? " (full: --max-records reached, later steps dropped)" : "");
+}
+
+int moectl_record(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        REMOTE_OPTIONS,
+        {"name", required_argument, NULL, 'n'},
+        {"max-records", required_argument, NULL, 'm'},
+        {"seconds", required_argument, NULL, 's'},
+        {0},
+    };
+    static const char synopsis[] =
+        "record MODEL [start|stop|status] [--name NAME] [--max-records N] [--seconds S]";
+    Moe__V1__RecordRoutingRequest req = MOE__V1__RECORD_ROUTING_REQUEST__INIT;
+    Moe__V1__RecordRoutingResponse *resp = NULL;
+    bool remote_given = false;
+    struct moectl_remote r;
+    const char *action = "status", *name = NULL;
+    long max = 0, secs = 0;
+    int c, k, ret;
+
+    remote_init(&r, argv[0]);
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == OPT_REMOTE)
+            remote_given = true;
+        k = remote_option(&r, c, optarg);
+        if (k < 0)
+            return 2;
+        if (k > 0)
+            continue;
+        switch (c) {
+        case 'n':
+            name = optarg;
+            break;
+        case 'm':
+            if (parse_long("record: --max-records", optarg, 1, LONG_MAX, &max) < 0)
+                return 2;
+            break;
+        case 's':
+            if (parse_long("record: --seconds", optarg, 1, 7 * 24 * 3600, &secs) < 0)
+                return 2;
+            break;
+        case 'h':
+            remote_usage(stdout, synopsis, record_text);
+            return 0;
+        default:
+            remote_usage(stderr, synopsis, record_text);
+            return 2;
+        }
+    }
+    if (optind >= argc) {
+        errorf("record: MODEL missing (moectl record --help)");
+        return 2;
+    }
+    req.model = argv[optind++];
+    if (optind < argc)
+        action = argv[optind++];
+    if (optind < argc) {
+        errorf("record: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (strcmp(action, "start") == 0)
+        req.action = MOE__V1__RECORD_ROUTING_REQUEST__ACTION__START;
+    else if (strcmp(action, "stop") == 0)
+        req.action = MOE__V1__RECORD_ROUTING_REQUEST__ACTION__STOP;
+    else if (strcmp(action, "status") == 0)
+        req.action = MOE__V1__RECORD_ROUTING_REQUEST__ACTION__STATUS;
+    else {
+        errorf("record: unknown action '%s' (start, stop or status)", action);
+        return 2;
+    }
+    if ((name || max || secs) && req.action != MOE__V1__RECORD_ROUTING_REQUEST__ACTION__START) {
+        errorf("record: --name, --max-records and --seconds go with start");
+        return 2;
+    }
+    if (remote_check(&r, remote_given) < 0)
+        return 2;
+    req.name = (char *)(name ? name : "");
+    req.max_records = (uint64_t)max;
+    ret = remote_call(&r, "/moe.v1.Control/RecordRouting", &req.base,
+                      &moe__v1__record_routing_response__descriptor, (ProtobufCMessage **)&resp);
+    if (ret)
+        goto out;
+    if (secs) {
+        if (!r.json)
+            printf("%s: recording to %s for %ld s\n", req.model, resp->path, secs);
+        fflush(stdout);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+        resp = NULL;
+        sleep((unsigned)secs);
+        req.action = MOE__V1__RECORD_ROUTING_REQUEST__ACTION__STOP;
+        req.name = "";
+        req.max_records = 0;
+        ret = remote_call(&r, "/moe.v1.Control/RecordRouting", &req.base,
+                          &moe__v1__record_routing_response__descriptor,
+                          (ProtobufCMessage **)&resp);
+        if (ret)
+            goto out;
+    }
+    if (r.json)
+        ret = print_json(&r, message_json(&resp->base));
+    else if (req.action == MOE__V1__RECORD_ROUTING_REQUEST__ACTION__START)
+        printf("%s: recording to %s (moectl record %s stop ends it)\n", req.model, resp->path,
+               req.model);
+    else if (req.action == MOE__V1__RECORD_ROUTING_REQUEST__ACTION__STOP)
+        print_recording(req.model, resp, "recorded to");
+    else
+        print_recording(req.model, resp, resp->recording ? "is being recorded to" : "");
+out:
+    if (resp)
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    remote_close(&r);
     return ret;
 }

@@ -78,10 +78,16 @@ static const struct key keys[] = {
     {"server", "model_dirs", K_STR, OFF(model_dirs), 0, 0,
      "directories LoadModel may load from, absolute, comma-separated (default: none but the "
      "configured models')"},
+    {"server", "state_dir", K_STR, OFF(state_dir), 0, 0,
+     "moed's own files: expert heat for warm starts, routing recordings (default: "
+     "$STATE_DIRECTORY, which systemd sets, else none)"},
     {"cache", "host_cache_bytes", K_BYTES, OFF(host_cache_bytes), 0, 0,
      "host expert cache (default: every expert of the models)"},
     {"cache", "policy", K_POLICY, OFF(policy), 0, 0, "lru, freq, routing or adaptive"},
     {"cache", "prefetch", K_BOOL, OFF(prefetch), 0, 0, "prefetch the next layer's experts"},
+    {"cache", "warm_start", K_BOOL, OFF(warm_start), 0, 0,
+     "save each expert's heat at stop and page the hottest in at start (needs state_dir; "
+     "default on)"},
     {"cache", "half_life", K_DOUBLE, OFF(half_life), 0, 0,
      "freq/routing decay, in uses of a layer"},
     {"cache", "register_buffers", K_BOOL, OFF(register_buffers), 0, 0,
@@ -135,6 +141,7 @@ void moed_config_init(struct moed_config *c)
     c->drain_timeout_ms = 10000;
     c->policy = MOE_POLICY_ADAPTIVE;
     c->prefetch = true;
+    c->warm_start = true;
     c->batch_window_us = 200;
     c->max_batch_tokens = 4096;
     c->shm_max_arena_bytes = 1ull << 30;
@@ -544,6 +551,7 @@ static const char *arg_name(const struct key *k)
         {"tls_key", "FILE"},          {"tls_client_ca", "FILE"}, {"shm_allow_users", "LIST"},
         {"shm_allow_groups", "LIST"}, {"gpus", "LIST"},          {"kernel", "NAME"},
         {"node_name", "NAME"},        {"model_dirs", "LIST"},
+        {"state_dir", "PATH"},
     };
 
     switch (k->kind) {

@@ -70,10 +70,12 @@ struct moed_config {
     uint64_t shm_max_arena_bytes;
     int shm_max_sessions;
     char *model_dirs; /* where LoadModel may load from, comma-separated; NULL: none */
+    char *state_dir;  /* heat files, recordings; NULL: $STATE_DIRECTORY or none */
     /* [cache] */
     uint64_t host_cache_bytes; /* 0: every expert of the models at start */
     enum moe_cache_policy policy;
     bool prefetch;
+    bool warm_start; /* heat saved at stop, hottest paged in at start (needs state_dir) */
     double half_life;
     bool register_buffers;
     bool buffered;

@@ -245,7 +245,7 @@ int main(int argc, char **argv)
     moe_log_set_level(d.cfg.log_level);
     moed_log_start(d.cfg.log_format);
     pthread_mutex_init(&d.lock, NULL);
-    if (moed_model_dirs_init(&d, &err) < 0) {
+    if (moed_model_dirs_init(&d, &err) < 0 || moed_state_init(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
     }
@@ -445,6 +445,7 @@ out:
     moe_backend_free(d.backend);
     moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s", ret == 0 ? "stopped" : "failed");
     moed_model_dirs_clear(&d);
+    moed_state_clear(&d);
     moed_config_clear(&d.cfg);
     pthread_mutex_destroy(&d.lock);
     return ret;

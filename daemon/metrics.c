@@ -382,6 +382,10 @@ static const struct counter_field counter_fields[] = {
     CF(prefetches, "Prefetch page-ins started"),
     CF(wasted_prefetches, "Prefetched experts evicted before any use"),
     CF(evictions, "Experts evicted"),
+    CF(prefetched_bytes, "Bytes of the prefetch page-ins started"),
+    CF(wasted_bytes, "Bytes of prefetched experts evicted before any use"),
+    CF(warm_loads, "Experts paged in by the warm start"),
+    CF(warm_hits, "First uses of an expert the warm start paged in"),
 };
 
 static uint64_t field(const struct moe_cache_counters *c, const struct counter_field *f)

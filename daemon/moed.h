@@ -31,10 +31,12 @@ struct moed_model {
      * over its layers: Stats' ModelStats.token_rows.  Relaxed: a counter read
      * on its own, ordering nothing. */
     _Atomic uint64_t token_rows;
+    struct moed_recording *rec; /* a live routing recording (state.c), or NULL */
 };
 
 struct moe_shm_server;
 struct moed_loader;
+struct moed_recording;
 
 #define MOED_MAX_MODEL_DIRS 16
 #define MOED_MAX_PENDING_LOADS 16
@@ -66,7 +68,20 @@ struct moed {
     char *model_roots[MOED_MAX_MODEL_DIRS];
     int n_model_roots;
     char *model_trusted[MOED_MAX_MODELS];
+    char *state_dir; /* resolved [server] state_dir, or NULL: none (state.c) */
 };
+
+/* state.c.  Resolves and makes state_dir (its heat/ and traces/), from the
+ * configuration or $STATE_DIRECTORY; none is fine.  0 or -errno with err. */
+int moed_state_init(struct moed *d, struct moe_error *err);
+void moed_state_clear(struct moed *d);
+/* A model came: pages its hottest experts of the last run in (warm start). */
+void moed_state_warm(struct moed *d, struct moed_model *mm);
+/* A model goes (lock not held, no request in flight): saves its heat and
+ * stops its recording. */
+void moed_state_model_gone(struct moed *d, struct moed_model *mm);
+/* Control RecordRouting. */
+void moed_on_record_routing(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg);
 
 /* Opens dir as model name and registers it (lock not held), for LoadModel:
  * dir must pass moed_model_dir_check.  0 or -errno. */

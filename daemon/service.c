@@ -187,6 +187,7 @@ int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct
     moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name,
             m->dir, moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
             mm->m->cfg.top_k, mm->m->packed ? ", packed store" : "");
+    moed_state_warm(d, mm);
     return 0;
 fail:
     moe_model_free(mm->m);
@@ -197,6 +198,7 @@ fail:
 
 static void model_free(struct moed *d, struct moed_model *mm)
 {
+    moed_state_model_gone(d, mm);
     moe_engine_free(mm->e);
     moe_cache_remove_model(d->cache, mm->cache_id, NULL);
     moe_model_free(mm->m);
@@ -578,6 +580,10 @@ static void counters(const struct moe_cache_counters *c, Moe__V1__CacheCounters 
     p->page_ins = c->page_ins;
     p->page_in_errors = c->page_in_errors;
     p->bytes_paged = c->bytes_paged;
+    p->prefetched_bytes = c->prefetched_bytes;
+    p->wasted_bytes = c->wasted_bytes;
+    p->warm_loads = c->warm_loads;
+    p->warm_hits = c->warm_hits;
 }
 
 static void add_counters(struct moe_cache_counters *a, const struct moe_cache_counters *b)
@@ -591,6 +597,10 @@ static void add_counters(struct moe_cache_counters *a, const struct moe_cache_co
     a->page_ins += b->page_ins;
     a->page_in_errors += b->page_in_errors;
     a->bytes_paged += b->bytes_paged;
+    a->prefetched_bytes += b->prefetched_bytes;
+    a->wasted_bytes += b->wasted_bytes;
+    a->warm_loads += b->warm_loads;
+    a->warm_hits += b->warm_hits;
 }
 
 static void on_stats(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
@@ -1066,6 +1076,7 @@ int moed_methods(struct moed *d, const struct moe_rpc_method **ret)
         {"/moe.v1.Control/Unpin", false, true, on_unpin, NULL},
         {"/moe.v1.Control/Evict", false, true, on_evict, NULL},
         {"/moe.v1.Control/Retry", false, true, on_retry, NULL},
+        {"/moe.v1.Control/RecordRouting", false, true, moed_on_record_routing, NULL},
         {"/moe.v1.Control/Drain", false, true, on_drain, NULL},
         {"/moe.v1.Control/Placement", false, false, moed_on_placement, NULL},
         {"/moe.v1.Control/AddPeer", false, true, moed_on_add_peer, NULL},

@@ -46,7 +46,8 @@ enum slot_state { SLOT_ABSENT = 0, SLOT_LOADING, SLOT_RESIDENT };
 
 struct counters {
     _Atomic uint64_t hits, misses, prefetch_hits, prefetches, wasted_prefetches, evictions,
-        page_ins, page_in_errors, bytes_paged;
+        page_ins, page_in_errors, bytes_paged, prefetched_bytes, wasted_bytes, warm_loads,
+        warm_hits;
 };
 
 struct tier_slot {
@@ -91,6 +92,8 @@ struct centry {
      * page-in of an entry at a time (loading, under c->lock, orders them). */
     bool summed;
     uint64_t sum;
+    bool warm;       /* paged in by a warm start, not used yet */
+    float heat_prev; /* the heat a warm start gave it (moe_cache_heat carries half) */
 };
 
 struct cmodel {
@@ -711,6 +714,8 @@ static void drop(struct moe_cache *c, struct centry *e, int k, bool eviction)
         inc(&e->ctr.evictions, 1);
         inc(&c->total.evictions, 1);
     }
+    if (k == 0)
+        e->warm = false;
     /* A prefetched expert that leaves tier 0 unused was a wasted prefetch. */
     if (k == 0 && e->prefetched) {
         e->prefetched = false;
@@ -719,6 +724,9 @@ static void drop(struct moe_cache *c, struct centry *e, int k, bool eviction)
         inc(&ts->ctr.wasted_prefetches, 1);
         inc(&e->ctr.wasted_prefetches, 1);
         inc(&c->total.wasted_prefetches, 1);
+        inc(&ts->ctr.wasted_bytes, e->bytes);
+        inc(&e->ctr.wasted_bytes, e->bytes);
+        inc(&c->total.wasted_bytes, e->bytes);
     }
 }
 
@@ -1109,6 +1117,12 @@ static void count_use(struct moe_cache *c, struct centry *e, bool hit)
         inc(&t0->ctr.misses, 1);
         inc(&e->ctr.misses, 1);
         inc(&c->total.misses, 1);
+    }
+    if (e->warm) {
+        e->warm = false;
+        inc(&t0->ctr.warm_hits, 1);
+        inc(&e->ctr.warm_hits, 1);
+        inc(&c->total.warm_hits, 1);
     }
     if (e->prefetched) {
         e->prefetched = false;
@@ -1580,6 +1594,9 @@ static void prefetch(struct moe_cache *c, struct cmodel *mod)
         inc(&c->tiers[0].ctr.prefetches, 1);
         inc(&e->ctr.prefetches, 1);
         inc(&c->total.prefetches, 1);
+        inc(&c->tiers[0].ctr.prefetched_bytes, e->bytes);
+        inc(&e->ctr.prefetched_bytes, e->bytes);
+        inc(&c->total.prefetched_bytes, e->bytes);
     }
 }
 
@@ -1932,6 +1949,10 @@ static void load_counters(const struct counters *a, struct moe_cache_counters *r
     r->page_ins = atomic_load_explicit(&a->page_ins, memory_order_relaxed);
     r->page_in_errors = atomic_load_explicit(&a->page_in_errors, memory_order_relaxed);
     r->bytes_paged = atomic_load_explicit(&a->bytes_paged, memory_order_relaxed);
+    r->prefetched_bytes = atomic_load_explicit(&a->prefetched_bytes, memory_order_relaxed);
+    r->wasted_bytes = atomic_load_explicit(&a->wasted_bytes, memory_order_relaxed);
+    r->warm_loads = atomic_load_explicit(&a->warm_loads, memory_order_relaxed);
+    r->warm_hits = atomic_load_explicit(&a->warm_hits, memory_order_relaxed);
 }
 
 /* The value below which a share q of the samples lie, from the buckets:
@@ -2034,6 +2055,118 @@ void moe_cache_stats_clear(struct moe_cache_stats *s)
         free(s->models[i].experts);
     free(s->models);
     memset(s, 0, sizeof(*s));
+}
+
+double moe_cache_prefetch_precision(const struct moe_cache_counters *c)
+{
+    uint64_t n = c->prefetch_hits + c->wasted_prefetches;
+
+    return n ? (double)c->prefetch_hits / (double)n : -1.0;
+}
+
+/* ---- warm start ----------------------------------------------------------------------------- */
+
+int moe_cache_heat(struct moe_cache *c, int model, double *heat, struct moe_error *err)
+{
+    struct cmodel *mod;
+
+    pthread_mutex_lock(&c->lock);
+    mod = get_model(c, model);
+    if (!mod) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+    }
+    for (int l = 0; l < mod->n_layers; l++)
+        for (int x = 0; x < mod->n_experts; x++) {
+            struct centry *e = get_entry(mod, l, x);
+            uint64_t uses = atomic_load_explicit(&e->ctr.hits, memory_order_relaxed) +
+                            atomic_load_explicit(&e->ctr.misses, memory_order_relaxed);
+
+            heat[(size_t)l * mod->n_experts + x] =
+                mod->moe_idx[l] < 0 ? 0.0 : (double)uses + 0.5 * (double)e->heat_prev;
+        }
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+struct warm_pick {
+    double heat;
+    int layer, expert;
+};
+
+static int by_heat_desc(const void *a, const void *b)
+{
+    const struct warm_pick *x = a, *y = b;
+
+    if (x->heat != y->heat)
+        return x->heat > y->heat ? -1 : 1;
+    if (x->layer != y->layer)
+        return x->layer - y->layer;
+    return x->expert - y->expert;
+}
+
+int moe_cache_warm(struct moe_cache *c, int model, const double *heat, double share,
+                   struct moe_error *err)
+{
+    struct cmodel *mod;
+    struct warm_pick *picks;
+    size_t n = 0, total;
+    int started = 0;
+
+    if (!(share > 0.0 && share <= 1.0))
+        return moe_error_set(err, -EINVAL, "warm start: share %g is not in (0, 1]", share);
+    pthread_mutex_lock(&c->lock);
+    mod = get_model(c, model);
+    if (!mod) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -ENOENT, "no model %d in the cache", model);
+    }
+    total = (size_t)mod->n_layers * (size_t)mod->n_experts;
+    picks = malloc(total * sizeof(*picks));
+    if (!picks) {
+        pthread_mutex_unlock(&c->lock);
+        return moe_error_set(err, -ENOMEM, "warm start: out of memory");
+    }
+    for (int l = 0; l < mod->n_layers; l++)
+        for (int x = 0; x < mod->n_experts; x++) {
+            double h = heat[(size_t)l * mod->n_experts + x];
+            struct centry *e = get_entry(mod, l, x);
+
+            if (mod->moe_idx[l] < 0 || !(h > 0.0) || !isfinite(h))
+                continue;
+            e->heat_prev = (float)h;
+            picks[n++] = (struct warm_pick){h, l, x};
+        }
+    qsort(picks, n, sizeof(*picks), by_heat_desc);
+    /* Hottest first, into the room the tiers have free (up to share of each
+     * tier's capacity): a warm start evicts nothing.  An expert that does
+     * not fit is skipped; a smaller, colder one may still fit. */
+    for (size_t i = 0; i < n; i++) {
+        struct centry *e = get_entry(mod, picks[i].layer, picks[i].expert);
+        bool fits = true;
+
+        if (e->bad || e->loading || e->t[0].state != SLOT_ABSENT)
+            continue;
+        for (int k = 0; k < c->n_tiers && fits; k++) {
+            const struct tier_state *ts = &c->tiers[k];
+
+            if (e->t[k].state == SLOT_ABSENT &&
+                (double)(ts->used + e->bytes) > share * (double)ts->t->capacity)
+                fits = false;
+        }
+        if (!fits)
+            continue;
+        if (start_load(c, e, 1.0, false, NULL) < 0 || e->bad)
+            continue;
+        e->warm = true;
+        started++;
+        inc(&c->tiers[0].ctr.warm_loads, 1);
+        inc(&e->ctr.warm_loads, 1);
+        inc(&c->total.warm_loads, 1);
+    }
+    pthread_mutex_unlock(&c->lock);
+    free(picks);
+    return started;
 }
 
 double moe_cache_hit_rate(const struct moe_cache_counters *c)

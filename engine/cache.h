@@ -318,7 +318,15 @@ struct moe_cache_counters {
     uint64_t page_ins;       /* page-ins completed */
     uint64_t page_in_errors; /* page-ins failed */
     uint64_t bytes_paged;    /* bytes brought into the tier */
+    uint64_t prefetched_bytes; /* bytes of the prefetch page-ins started */
+    uint64_t wasted_bytes;     /* bytes of the wasted prefetches */
+    uint64_t warm_loads;       /* experts paged in by a warm start (moe_cache_warm) */
+    uint64_t warm_hits;        /* first uses of an expert a warm start paged in */
 };
+
+/* Prefetch precision: used / (used + wasted) prefetches, or -1 when none
+ * has turned out yet (prefetches still unused count in neither). */
+double moe_cache_prefetch_precision(const struct moe_cache_counters *c);
 
 /* Page-in latency: counts per power-of-two-microsecond bucket. */
 struct moe_latency {
@@ -370,6 +378,20 @@ struct moe_cache_stats {
 /* Copies every counter.  0 or -ENOMEM.  Free with moe_cache_stats_clear. */
 int moe_cache_snapshot(struct moe_cache *c, struct moe_cache_stats *ret);
 void moe_cache_stats_clear(struct moe_cache_stats *s);
+
+/*
+ * Warm start.  moe_cache_heat fills heat[layer * n_experts + expert] with
+ * each expert's uses since the model was added (hits + misses), plus half
+ * the heat a warm start gave it (so old heat fades over restarts); 0 for
+ * dense layers.  moe_cache_warm starts page-ins of the model's experts with
+ * heat > 0, hottest first, while they fit in the room free in every tier up
+ * to share (0 < share <= 1) of its capacity: it evicts nothing and does not
+ * wait for the reads.  Their first uses count as warm_hits.  Returns the
+ * page-ins started, or -errno with err.
+ */
+int moe_cache_heat(struct moe_cache *c, int model, double *heat, struct moe_error *err);
+int moe_cache_warm(struct moe_cache *c, int model, const double *heat, double share,
+                   struct moe_error *err);
 
 /* Hit rate hits / (hits + misses), 0 when nothing was asked. */
 double moe_cache_hit_rate(const struct moe_cache_counters *c);

@@ -157,6 +157,8 @@ int moe_engine_model_id(struct moe_engine *e)
 void moe_engine_set_trace(struct moe_engine *e, struct moe_trace_writer *w)
 {
     pthread_mutex_lock(&e->lock);
+    if (w != e->trace) /* a new trace numbers its tokens from 0 */
+        memset(e->trace_tokens, 0, (size_t)e->m->cfg.n_layers * sizeof(*e->trace_tokens));
     e->trace = w;
     pthread_mutex_unlock(&e->lock);
 }
@@ -714,7 +716,10 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
      * layer's input picks, most of the time, the experts that layer will
      * use (the residual stream changes little from one layer to the next).
      * Best effort: without it the predictor uses its table alone. */
-    if (moe_cache_wants_lookahead(e->cache) || e->trace) {
+    pthread_mutex_lock(&e->lock);
+    bool tracing = e->trace != NULL;
+    pthread_mutex_unlock(&e->lock);
+    if (moe_cache_wants_lookahead(e->cache) || tracing) {
         int nl = layer + 1;
 
         while (nl < c->n_layers && !m->layers[nl].is_moe)
@@ -735,10 +740,16 @@ static int forward_run(struct moe_engine *e, int layer, const float *x, int n_to
         }
     }
     t1 = moe_now_ns();
-    if (e->trace) {
+    /* The writer may be set or taken away meanwhile (a live recording):
+     * looked at again under the lock.  A partial forward (a cluster peer's
+     * share) is not the whole routing of its tokens: not recorded. */
+    if (!(flags & MOE_FWD_PARTIAL)) {
         pthread_mutex_lock(&e->lock);
-        moe_trace_write_ahead(e->trace, e->trace_tokens[layer], layer, s.ids, s.la_ids, n_tokens);
-        e->trace_tokens[layer] += (uint32_t)n_tokens;
+        if (e->trace) {
+            moe_trace_write_ahead(e->trace, e->trace_tokens[layer], layer, s.ids, s.la_ids,
+                                  n_tokens);
+            e->trace_tokens[layer] += (uint32_t)n_tokens;
+        }
         pthread_mutex_unlock(&e->lock);
     }
 

@@ -60,8 +60,9 @@ const struct moe_model *moe_engine_model(const struct moe_engine *e);
 int moe_engine_model_id(struct moe_engine *e);
 /* Bytes a cache needs to hold every routed expert of m. */
 uint64_t moe_engine_all_experts_bytes(const struct moe_model *m);
-/* Records the routing of every later forward to w (NULL stops); the caller
- * closes w after the engine's last forward. */
+/* Records the routing of every later forward to w (NULL stops), its token
+ * numbers from 0.  Safe while forwards run: once it returns no forward
+ * writes to the previous writer, which the caller may then close. */
 void moe_engine_set_trace(struct moe_engine *e, struct moe_trace_writer *w);
 
 /*

@@ -111,6 +111,8 @@ struct moe_trace_writer {
     uint64_t n_records;         /* records appended; guarded by lock */
     int error;                  /* first failure, sticky; guarded by lock */
     char error_msg[256];        /* what it was; guarded by lock */
+    uint64_t limit;             /* records at most, 0: none; guarded by lock */
+    bool full;                  /* a call was dropped at the limit; guarded by lock */
 };
 
 /* Writes all of len bytes at the file position; 0 or -errno. */
@@ -297,6 +299,10 @@ int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int 
             }
         }
     }
+    if (w->limit && w->n_records + (uint64_t)n_tokens > w->limit) {
+        w->full = true; /* dropped whole: the trace keeps whole steps */
+        goto out;
+    }
     for (int t = 0; t < n_tokens; t++) {
         const int32_t *row = ids + (size_t)t * k;
         unsigned char *p;
@@ -322,6 +328,27 @@ int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int 
 out:
     pthread_mutex_unlock(&w->lock);
     return r;
+}
+
+void moe_trace_writer_set_limit(struct moe_trace_writer *w, uint64_t max_records)
+{
+    pthread_mutex_lock(&w->lock);
+    w->limit = max_records;
+    pthread_mutex_unlock(&w->lock);
+}
+
+uint64_t moe_trace_writer_records(struct moe_trace_writer *w, bool *ret_full, int *ret_error)
+{
+    uint64_t n;
+
+    pthread_mutex_lock(&w->lock);
+    n = w->n_records;
+    if (ret_full)
+        *ret_full = w->full;
+    if (ret_error)
+        *ret_error = w->error;
+    pthread_mutex_unlock(&w->lock);
+    return n;
 }
 
 int moe_trace_writer_close(struct moe_trace_writer *w, struct moe_error *err)

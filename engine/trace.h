@@ -87,6 +87,12 @@ int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer,
  * top_k] (NULL: none), kept when the trace has lookahead. */
 int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int layer,
                           const int32_t *ids, const int32_t *next, int n_tokens);
+/* At most max_records records (0: no limit): a call that would pass it is
+ * dropped whole (not an error) and the writer counts as full. */
+void moe_trace_writer_set_limit(struct moe_trace_writer *w, uint64_t max_records);
+/* Records appended so far; *ret_full (may be NULL): a call was dropped at
+ * the limit; *ret_error (may be NULL): the sticky error, 0 none. */
+uint64_t moe_trace_writer_records(struct moe_trace_writer *w, bool *ret_full, int *ret_error);
 /* Flushes, patches n_records, closes, frees (always; NULL is a no-op).
  * 0 or -errno with err saying what failed first; the file then keeps the
  * records written before the failure and n_records = 0. */

@@ -7,7 +7,7 @@ _moectl()
 {
     local cur prev cmd i
     local commands="gen-model inspect forward gen-trace cache-sim trace pack verify status models
-        stats load unload pin unpin evict retry drain resume placement peer bench top"
+        stats load unload pin unpin evict retry record drain resume placement peer bench top"
     local remote="--remote --socket --tls --tls-ca --tls-cert --tls-key --token --timeout --json"
     local flags
 
@@ -101,6 +101,12 @@ _moectl()
     stats) flags="--experts --plot $remote" ;;
     load) flags="--dir --name $remote" ;;
     drain) flags="--timeout-ms $remote" ;;
+    record)
+        if ((COMP_CWORD == 3)) && [[ $cur != -* ]]; then
+            COMPREPLY=($(compgen -W "start stop status" -- "$cur"))
+            return 0
+        fi
+        flags="--name --max-records --seconds $remote" ;;
     placement) flags="--model --experts $remote" ;;
     peer)
         if ((COMP_CWORD == 2)) && [[ $cur != -* ]]; then

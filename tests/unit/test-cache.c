@@ -579,6 +579,16 @@ static uint64_t run_calibration(double precision, uint64_t *ret_used)
         }
     }
     ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    /* Bytes: every prefetch and every wasted one is one 4096-byte expert,
+     * per tier as in total; precision as the counts give it. */
+    ASSERT_EQ(s.total.prefetched_bytes, s.total.prefetches * 4096);
+    ASSERT_EQ(s.total.wasted_bytes, s.total.wasted_prefetches * 4096);
+    ASSERT_EQ(s.tiers[0].c.wasted_bytes, s.total.wasted_bytes);
+    if (s.total.prefetch_hits + s.total.wasted_prefetches)
+        ASSERT_NEAR(moe_cache_prefetch_precision(&s.total),
+                    (double)s.total.prefetch_hits /
+                        (double)(s.total.prefetch_hits + s.total.wasted_prefetches),
+                    1e-12);
     wasted0 = s.total.wasted_prefetches - wasted0;
     printf("calibration (precision %g): prefetch hits %llu of phase 1, wasted %llu in phase 2\n",
            precision, (unsigned long long)*ret_used, (unsigned long long)wasted0);
@@ -1086,6 +1096,55 @@ static void check_two_tiers_held(void)
     free(dir);
 }
 
+/* Warm start: heat back as given (uses + half the heat warmed with), the
+ * hottest that fit paged in, nothing evicted, first uses counted. */
+static void check_warm(void)
+{
+    int model;
+    struct moe_cache *c = sim_cache(MOE_POLICY_LRU, false, 6, 2, 8, 2, &model);
+    struct moe_cache_stats s;
+    struct moe_error err;
+    double heat[16] = {0}, got[16];
+    int32_t ids[2];
+    struct moe_cache_ref refs[2];
+
+    /* 9 experts with heat; 6 fit, share 1.0 */
+    for (int i = 0; i < 9; i++)
+        heat[i] = 10.0 + i; /* layer 0 experts 0..7, layer 1 expert 0 */
+    heat[15] = 100.0;       /* layer 1 expert 7: the hottest */
+    ASSERT_EQ(moe_cache_warm(c, model, heat, 1.5, &err), -EINVAL);
+    ASSERT_EQ(moe_cache_warm(c, model, heat, 1.0, &err), 6);
+    ASSERT_TRUE(moe_cache_resident(c, model, 1, 7));
+    ASSERT_TRUE(moe_cache_resident(c, model, 1, 0));
+    ASSERT_TRUE(moe_cache_resident(c, model, 0, 7));
+    ASSERT_TRUE(moe_cache_resident(c, model, 0, 4));
+    ASSERT_TRUE(!moe_cache_resident(c, model, 0, 3)); /* the 7th hottest */
+    /* a second warm start has no room left: it evicts nothing */
+    ASSERT_EQ(moe_cache_warm(c, model, heat, 1.0, &err), 0);
+    ids[0] = 7;
+    ids[1] = 3;
+    ASSERT_EQ(moe_cache_acquire(c, model, 0, ids, 2, refs, &err), 0);
+    moe_cache_release(c, refs, 2);
+    ASSERT_EQ(moe_cache_snapshot(c, &s), 0);
+    ASSERT_EQ(s.total.warm_loads, 6);
+    ASSERT_EQ(s.total.warm_hits, 1); /* expert 7; 3 was a miss */
+    ASSERT_EQ(s.total.misses, 1);
+    moe_cache_stats_clear(&s);
+    /* heat: uses + half the warm heat */
+    ASSERT_EQ(moe_cache_heat(c, model, got, &err), 0);
+    ASSERT_NEAR(got[7], 1 + 0.5 * 17.0, 1e-9);
+    ASSERT_NEAR(got[3], 1 + 0.5 * 13.0, 1e-9);
+    ASSERT_NEAR(got[15], 0.5 * 100.0, 1e-9);
+    ASSERT_NEAR(got[14], 0.0, 0);
+    ASSERT_EQ(moe_cache_heat(c, model + 7, got, &err), -ENOENT);
+    moe_cache_free(c);
+
+    /* share: at most half of the 6 slots */
+    c = sim_cache(MOE_POLICY_LRU, false, 6, 2, 8, 2, &model);
+    ASSERT_EQ(moe_cache_warm(c, model, heat, 0.5, &err), 3);
+    moe_cache_free(c);
+}
+
 int main(void)
 {
     check_arena();
@@ -1103,6 +1162,7 @@ int main(void)
     check_real();
     check_two_tiers();
     check_two_tiers_held();
+    check_warm();
     printf("ok\n");
     return 0;
 }
