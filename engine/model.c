@@ -1111,14 +1111,6 @@ int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int exper
 const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model *m,
                                                           const char *name)
 {
-    return moe_model_find_expert_part(m, name, NULL, NULL);
-}
-
-const struct moe_tensor_ref *moe_model_find_expert_part(const struct moe_model *m,
-                                                        const char *name,
-                                                        const struct moe_expert_ref **ret_x,
-                                                        int *ret_part)
-{
     const char *rest, *end, *blk = expert_block(m->cfg.arch);
     long layer, e;
 
@@ -1136,13 +1128,8 @@ const struct moe_tensor_ref *moe_model_find_expert_part(const struct moe_model *
         const struct moe_tensor_ref *t[3] = {&x->gate, &x->up, &x->down};
         const char *p = expert_part_name(m->cfg.arch, k);
 
-        if (starts(end, p) && strcmp(end + strlen(p), ".weight") == 0) {
-            if (ret_x)
-                *ret_x = x;
-            if (ret_part)
-                *ret_part = k;
+        if (starts(end, p) && strcmp(end + strlen(p), ".weight") == 0)
             return t[k];
-        }
     }
     return NULL;
 }

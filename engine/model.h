@@ -252,12 +252,6 @@ int moe_model_expert_tensor_name(const struct moe_model *m, int layer, int exper
  * writes it) denotes, or NULL. */
 const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model *m,
                                                           const char *name);
-/* The same, with the expert (*ret_x) and the part (*ret_part, enum
- * moe_expert_part) it belongs to; either may be NULL. */
-const struct moe_tensor_ref *moe_model_find_expert_part(const struct moe_model *m,
-                                                        const char *name,
-                                                        const struct moe_expert_ref **ret_x,
-                                                        int *ret_part);
 
 /* Router parameters of a MoE layer; bias: the layer's bias as fp32 or NULL. */
 void moe_model_router_params(const struct moe_model *m, const float *bias,

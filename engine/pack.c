@@ -869,59 +869,6 @@ static int w_tensor(struct writer *w, const struct moe_tensor_ref *t, XXH3_state
     return 0;
 }
 
-/* Reads expert x whole into a new buffer (gate, up, down back to back, as
- * their nbytes lie) and makes a transposed one (Llama 4) plain: what a store
- * holds.  0 and *ret (the caller frees it), or -errno with err. */
-static int read_plain_expert(const struct moe_model *m, const struct moe_expert_ref *x,
-                             uint8_t **ret, struct moe_error *err)
-{
-    uint8_t *buf = malloc(x->gate.nbytes + x->up.nbytes + x->down.nbytes);
-    int r;
-
-    if (!buf)
-        return moe_error_set(err, -ENOMEM, "out of memory for an expert of %" PRIu64 " bytes",
-                             x->gate.nbytes + x->up.nbytes + x->down.nbytes);
-    r = moe_model_read(m, &x->gate, buf, err);
-    if (r == 0)
-        r = moe_model_read(m, &x->up, buf + x->gate.nbytes, err);
-    if (r == 0)
-        r = moe_model_read(m, &x->down, buf + x->gate.nbytes + x->up.nbytes, err);
-    if (r == 0 && moe_expert_untranspose(x, buf, buf + x->gate.nbytes,
-                                         buf + x->gate.nbytes + x->up.nbytes) < 0)
-        r = moe_error_set(err, -ENOMEM, "out of memory making an expert plain");
-    if (r < 0) {
-        free(buf);
-        return r;
-    }
-    *ret = buf;
-    return 0;
-}
-
-/* Appends n bytes of p, hashing them into ts and (when not NULL) es. */
-static int w_bytes(struct writer *w, const uint8_t *p, uint64_t n, XXH3_state_t *ts,
-                   XXH3_state_t *es)
-{
-    while (n) {
-        size_t k;
-
-        if (w->fill == w->cap) {
-            int r = w_flush(w);
-
-            if (r < 0)
-                return r;
-        }
-        k = (size_t)MOE_MIN(n, (uint64_t)(w->cap - w->fill));
-        memcpy(w->buf + w->fill, p, k);
-        XXH3_64bits_update(ts, p, k);
-        if (es)
-            XXH3_64bits_update(es, p, k);
-        w->fill += k;
-        p += k;
-        n -= k;
-    }
-    return 0;
-}
-
 static void hex64(uint64_t x, char buf[17])
 {
     snprintf(buf, 17, "%016" PRIx64, x);
@@ -1090,7 +1037,6 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     struct writer w = {.m = m, .fd = -1, .err = err};
     XXH3_state_t *ts = XXH3_createState(), *es = XXH3_createState();
     struct item *items = NULL;
-    uint8_t *plain = NULL; /* a transposed expert made plain */
     json_t *root = NULL, *tensors, *experts;
     char *data_path = NULL, *cfg_path = NULL, *cfg = NULL, *text = NULL, hex[17];
     /* What a failure removes: only what this call wrote. */
@@ -1102,6 +1048,18 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     if (!ts || !es) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
+    }
+    /* A store holds plain experts; Llama 4's transposed ones would need
+     * rewriting on the way, which the streaming writer does not do yet. */
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed) {
+            r = moe_error_set(err, -ENOTSUP,
+                              "%s: layer %d: the experts are stored transposed (%s's fused "
+                              "gate_up_proj [E, hidden, 2 x ffn]), which pack cannot store yet; "
+                              "serve the checkpoint itself",
+                              m->dir, i, moe_arch_name(m->cfg.arch));
+            goto fail;
+        }
     }
     r = make_dirs(out_dir, &made_dir, err);
     if (r < 0)
@@ -1165,29 +1123,7 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
         XXH3_64bits_reset(ts);
         if (first)
             XXH3_64bits_reset(es);
-        if (it->expert >= 0 && m->layers[it->layer].experts[it->expert].transposed) {
-            /* Llama 4: the expert read whole and made plain, then written
-             * part by part. */
-            const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
-            uint64_t at = it->part == MOE_PART_GATE ? 0
-                          : it->part == MOE_PART_UP ? x->gate.nbytes
-                                                    : x->gate.nbytes + x->up.nbytes;
-
-            if (first) {
-                free(plain);
-                plain = NULL;
-                r = read_plain_expert(m, x, &plain, err);
-                if (r < 0)
-                    goto fail;
-            }
-            r = w_bytes(&w, plain + at, it->t->nbytes, ts, es);
-            if (last) {
-                free(plain);
-                plain = NULL;
-            }
-        } else {
-            r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
-        }
+        r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
         if (r < 0)
             goto fail;
         if (index_add_tensor(m, tensors, it, XXH3_64bits_digest(ts)) < 0) {
@@ -1262,7 +1198,6 @@ out:
     free(cfg);
     free(cfg_path);
     free(items);
-    free(plain);
     XXH3_freeState(ts);
     XXH3_freeState(es);
     return r;
@@ -1284,10 +1219,6 @@ struct vtensor {
 
 struct verifier {
     const struct moe_model *ck; /* NULL: no checkpoint */
-    /* The checkpoint's transposed expert read last, made plain (Llama 4:
-     * its store tensors are compared by checksum with these bytes). */
-    const struct moe_expert_ref *plain_x;
-    uint8_t *plain;
     struct moe_pack_report rep;
     bool have_first;
     uint64_t first_at; /* offset in experts.bin of the mismatch in err */
@@ -1432,9 +1363,7 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
             c = moe_st_header_find(ck->headers[f], t->t->name);
         if (!c) {
             /* An expert's part, from a fused tensor of the checkpoint. */
-            const struct moe_expert_ref *ex = NULL;
-            int part = 0;
-            const struct moe_tensor_ref *x = moe_model_find_expert_part(ck, t->t->name, &ex, &part);
+            const struct moe_tensor_ref *x = moe_model_find_expert_tensor(ck, t->t->name);
 
             if (x && x->slice) {
                 int64_t shape[2] = {x->rows, x->cols};
@@ -1450,34 +1379,6 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
                                 moe_shape_text(t->t->shape, t->t->ndim, s1, sizeof(s1)),
                                 moe_dtype_name(x->dtype), moe_shape_text(shape, 2, s2, sizeof(s2)),
                                 x->name);
-                    continue;
-                }
-                if (ex->transposed) {
-                    /* Stored plain, unlike the checkpoint's bytes: the
-                     * checkpoint's expert made plain must have the
-                     * checksum the index gives (checked against the data
-                     * when it is read). */
-                    uint64_t at = part == MOE_PART_GATE ? 0
-                                  : part == MOE_PART_UP ? ex->gate.nbytes
-                                                        : ex->gate.nbytes + ex->up.nbytes;
-
-                    if (v->plain_x != ex) {
-                        free(v->plain);
-                        v->plain = NULL;
-                        v->plain_x = NULL;
-                        r = read_plain_expert(ck, ex, &v->plain, v->err);
-                        if (r < 0)
-                            goto out;
-                        v->plain_x = ex;
-                    }
-                    if (XXH3_64bits(v->plain + at, x->nbytes) != t->xxh3) {
-                        t->bad = true;
-                        v->rep.mismatches++;
-                        mismatch_at(v, t->t->offset,
-                                    "tensor '%s': differs from the checkpoint's '%s' (made "
-                                    "plain)",
-                                    t->t->name, x->name);
-                    }
                     continue;
                 }
                 t->ck_file = x->file;
@@ -1534,9 +1435,6 @@ out:
     free(c2);
     free(p1);
     free(p2);
-    free(v->plain);
-    v->plain = NULL;
-    v->plain_x = NULL;
     return r;
 }
 
