@@ -13,7 +13,11 @@ text config in text_config and the layers under language_model.model.layers
 model on random hidden states: float32 within 1e-5 of each token's max |y|,
 bfloat16 against the same weights computed in float32 (hf-f32, as
 check_layers.py argues) within the same 1e-5; routed experts (top-1 of the
-router logits) identical but for near-ties.
+router logits) identical but for near-ties.  `moectl pack` stores the
+experts plain (Llama 4 keeps them transposed: gate_up_proj [E, hidden,
+2 x ffn]); `moectl verify` finds the store equal to the checkpoint, and a
+store of another checkpoint of the same config different, naming the tensor;
+the store gives the checkpoint's output bit for bit.
 
 usage: llama4_multimodal.py --moectl MOECTL --workdir DIR
 Exit 0 pass, 1 fail, 77 when torch or transformers (or the class) is missing.
@@ -44,7 +48,7 @@ def check(name, ok, detail=""):
     return ok
 
 
-def make(d, dtype, shard):
+def make(d, dtype, shard, seed=1):
     tc = dict(vocab_size=512, hidden_size=64, intermediate_size=96, intermediate_size_mlp=128,
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
@@ -52,7 +56,7 @@ def make(d, dtype, shard):
     vc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
               image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
               projector_output_dim=32)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     m = Llama4ForConditionalGeneration(Llama4Config(text_config=tc, vision_config=vc)).eval()
     with torch.no_grad():
         for layer in m.language_model.model.layers:
@@ -120,6 +124,33 @@ def main():
             err = (np.abs(y - yr).max(axis=1) / np.abs(yr).max(axis=1))[same]
             check(f"{tag}: layer {layer}: output within {TOL} of each token's max |y| "
                   f"(worst {err.max():.2e})", err.max() <= TOL, err.max())
+    # The packed store of the bfloat16 checkpoint.
+    d = os.path.join(a.workdir, "llama4-mm-bfloat16-sharded")
+    store = os.path.join(a.workdir, "store")
+    p = subprocess.run([a.moectl, "pack", "--model", d, "--out", store, "-q"], capture_output=True,
+                       text=True)
+    check("pack stores Llama 4's transposed experts", p.returncode == 0, p.stderr)
+    p = subprocess.run([a.moectl, "verify", "--pack", store, "--model", d], capture_output=True,
+                       text=True)
+    check("verify: the store equals its checkpoint", p.returncode == 0 and "all match" in p.stdout,
+          p.stdout + p.stderr)
+    other = os.path.join(a.workdir, "other")
+    make(other, torch.bfloat16, True, seed=2)
+    p = subprocess.run([a.moectl, "verify", "--pack", store, "--model", other],
+                       capture_output=True, text=True)
+    check("verify: a store of another checkpoint differs, naming the tensor",
+          p.returncode != 0 and "differs from the checkpoint's" in p.stdout + p.stderr
+          and "feed_forward.experts" in p.stdout + p.stderr, p.stdout + p.stderr)
+    for layer in (1, 3):
+        outs = []
+        for src in (d, store):
+            y = os.path.join(a.workdir, f"p{layer}-{len(outs)}.npy")
+            p = subprocess.run([a.moectl, "forward", "--local", "--model", src, "--layer",
+                                str(layer), "--in", os.path.join(d, f"x{layer}.npy"), "--out", y,
+                                "--threads", "1", "-q"], capture_output=True, text=True)
+            outs.append(np.load(y) if p.returncode == 0 else None)
+        check(f"layer {layer}: the store's output equals the checkpoint's bit for bit",
+              outs[0] is not None and outs[1] is not None and np.array_equal(outs[0], outs[1]))
     if failures:
         print("\n".join(failures), file=sys.stderr)
         return 1
