@@ -25,7 +25,7 @@ static void check_bad(const char *text, const char *want)
 int main(void)
 {
     char dir[] = "/tmp/moed-heat-XXXXXX", path[256];
-    double heat[12], back[12];
+    double heat[12], back[15]; /* back: room for the 3 x 5 shape too */
     struct moe_error err;
 
     ASSERT_TRUE(mkdtemp(dir) != NULL);
