@@ -45,7 +45,9 @@
  *                mlp.experts.down_proj_bias [E, H]; the clamped SwiGLU (swiglu_alpha,
  *                swiglu_limit; backend.h MOE_ACT_SWIGLU_CLAMP).  F =
  *                intermediate_size; every layer is a MoE layer.  MXFP4 experts
- *                (gate_up_proj_blocks/_scales) are refused.
+ *                (gate_up_proj_blocks/_scales) are refused.  A packed store holds
+ *                the plain per-expert layout, mlp.experts.e.{gate,up,down}_proj.weight,
+ *                and the biases as the checkpoint has them.
  * The routed experts of any family may also be stored fused, as transformers 5
  * keeps them (save_pretrained(save_original_format=False), and releases such as
  * Qwen3.5-MoE): mlp.experts.gate_up_proj [E, 2F, H], each expert's gate rows
