@@ -27,15 +27,16 @@ static void gen_model_usage(FILE *f)
                "\n"
                "  --arch ARCH            mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,\n"
                "                         deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe,\n"
-               "                         llama4_text\n"
+               "                         llama4_text, gpt_oss\n"
                "  --layout per-expert|fused\n"
                "                         how the routed experts are stored: per expert\n"
                "                         (mlp.experts.E.gate_proj...) or fused as transformers 5\n"
                "                         keeps them (mlp.experts.gate_up_proj, down_proj), with\n"
                "                         the same values; default: as the family ships (fused\n"
                "                         for qwen3_5_moe, fused and transposed for llama4_text\n"
-               "                         (feed_forward.experts.gate_up_proj [E, H, 2F]), per\n"
-               "                         expert for the others)\n"
+               "                         (feed_forward.experts.gate_up_proj [E, H, 2F]), fused,\n"
+               "                         transposed and interleaved for gpt_oss (its only\n"
+               "                         layout), per expert for the others)\n"
                "  --out DIR              output directory (created; refused when not empty)\n"
                "  --force                write into a non-empty --out, replacing a checkpoint\n"
                "  --layers N             decoder layers\n"
@@ -229,7 +230,7 @@ int moectl_gen_model(int argc, char **argv)
     }
     if (moe_arch_parse(arch, &a) < 0) {
         errorf("--arch '%s': expected mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, "
-               "deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe or llama4_text",
+               "deepseek_v2, kimi_k2, glm4_moe, qwen3_next, qwen3_5_moe, llama4_text or gpt_oss",
                arch);
         return 2;
     }
@@ -305,31 +306,38 @@ static const char *routing_rule(const struct moe_model_config *c, char *buf, siz
         snprintf(buf, len, "softmax, %s, x %g",
                  c->norm_topk_prob ? "renormalised" : "not renormalised",
                  (double)c->routed_scaling_factor);
+    else if (c->router_bias)
+        snprintf(buf, len, "logits + router bias, top-k, softmax over the k");
     else
         snprintf(buf, len, "softmax, %s", c->norm_topk_prob ? "renormalised" : "not renormalised");
     return buf;
 }
 
 /* How the routed experts are stored: per expert, fused (transformers 5's
- * gate_up_proj and down_proj), fused-transposed (Llama 4's), or several of
- * them in different layers. */
+ * gate_up_proj and down_proj), fused-transposed (Llama 4's),
+ * fused-interleaved (gpt-oss's), or several of them in different layers. */
 static const char *expert_layout(const struct moe_model *m)
 {
-    bool fused = false, separate = false, transposed = false;
+    bool fused = false, separate = false, transposed = false, interleaved = false;
 
     for (int i = 0; i < m->cfg.n_layers; i++) {
         if (!m->layers[i].is_moe)
             continue;
-        if (m->layers[i].experts[0].transposed)
+        if (m->layers[i].experts[0].interleaved)
+            interleaved = true;
+        else if (m->layers[i].experts[0].transposed)
             transposed = true;
         else if (m->layers[i].experts[0].gate.slice)
             fused = true;
         else
             separate = true;
     }
-    if (fused + separate + transposed > 1)
+    if (fused + separate + transposed + interleaved > 1)
         return "mixed";
-    return transposed ? "fused-transposed" : fused ? "fused" : "per-expert";
+    return interleaved  ? "fused-interleaved"
+           : transposed ? "fused-transposed"
+           : fused      ? "fused"
+                        : "per-expert";
 }
 
 static const char *score_func_name(enum moe_score_func f)
@@ -347,6 +355,10 @@ static const char *layout_detail(const char *layout)
     if (strcmp(layout, "fused-transposed") == 0)
         return " (feed_forward.experts.gate_up_proj [E, hidden, 2 x ffn], down_proj [E, ffn, "
                "hidden]; made plain as each expert is read)";
+    if (strcmp(layout, "fused-interleaved") == 0)
+        return " (mlp.experts.gate_up_proj [E, hidden, 2 x ffn], gate and up columns "
+               "interleaved, down_proj [E, ffn, hidden], with their biases; made plain as each "
+               "expert is read)";
     return "";
 }
 
@@ -386,6 +398,14 @@ static int inspect_json(const struct moe_model *m)
     json_object_set_new(root, "shared_experts", json_integer(c->n_shared_experts));
     json_object_set_new(root, "shared_ffn", json_integer(c->shared_ffn));
     json_object_set_new(root, "shared_expert_gate", json_boolean(c->shared_expert_gate));
+    json_object_set_new(root, "router_bias", json_boolean(c->router_bias));
+    json_object_set_new(root, "expert_bias", json_boolean(c->expert_bias));
+    json_object_set_new(root, "activation",
+                        json_string(c->act == MOE_ACT_SWIGLU_CLAMP ? "swiglu_clamp" : "silu"));
+    if (c->act == MOE_ACT_SWIGLU_CLAMP) {
+        json_object_set_new(root, "swiglu_alpha", json_real(c->swiglu_alpha));
+        json_object_set_new(root, "swiglu_limit", json_real(c->swiglu_limit));
+    }
     json_object_set_new(root, "dtype", json_string(moe_dtype_user_name(m->expert_dtype)));
     json_object_set_new(root, "expert_layout", json_string(expert_layout(m)));
     json_object_set_new(root, "bytes_per_expert", json_integer((json_int_t)m->expert_bytes));
@@ -475,6 +495,9 @@ int moectl_inspect(int argc, char **argv)
                                       : "");
     else
         printf("shared        none\n");
+    if (cf->act == MOE_ACT_SWIGLU_CLAMP)
+        printf("activation    clamped SwiGLU (alpha %g, limit %g)%s\n", (double)cf->swiglu_alpha,
+               (double)cf->swiglu_limit, cf->expert_bias ? ", gate/up and down biases" : "");
     printf("dtype         %s\n", moe_dtype_user_name(m->expert_dtype));
     printf("layout        %s%s\n", expert_layout(m), layout_detail(expert_layout(m)));
     printf("expert bytes  %llu (%s) per routed expert\n", (unsigned long long)m->expert_bytes,

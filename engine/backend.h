@@ -16,6 +16,19 @@
 
 struct moe_backend;
 
+/*
+ * An expert's activation of its gate and up values g and u (after their
+ * biases, when it has any):
+ *   silu:         h = silu(g) * u = g / (1 + exp(-g)) * u
+ *   swiglu_clamp: gpt-oss's clamped SwiGLU (transformers' GptOssExperts):
+ *                 g' = min(g, limit), u' = clamp(u, -limit, limit),
+ *                 h = (u' + 1) * g' * sigmoid(alpha * g')
+ */
+enum moe_activation {
+    MOE_ACT_SILU = 0,
+    MOE_ACT_SWIGLU_CLAMP,
+};
+
 /* One expert's weights, in backend memory. */
 struct moe_expert_weights {
     enum moe_dtype dtype; /* F32, F16 or BF16 */
@@ -24,6 +37,14 @@ struct moe_expert_weights {
     const void *gate;     /* [F, H] */
     const void *up;       /* [F, H] */
     const void *down;     /* [H, F] */
+    /* Biases (gpt-oss), fp32 in backend memory, or NULL for none: g = gate x
+     * + gate_bias, u = up x + up_bias, y = down h + down_bias. */
+    const float *gate_bias;  /* [F] */
+    const float *up_bias;    /* [F] */
+    const float *down_bias;  /* [H] */
+    enum moe_activation act; /* 0 (silu) when not set */
+    float alpha;             /* swiglu_clamp: sigmoid gain (> 0, finite) */
+    float limit;             /* swiglu_clamp: clamp (> 0, finite) */
 };
 
 /*
@@ -74,7 +95,9 @@ struct moe_backend_ops {
 
     /*
      * For every work item and each of its tokens t with scale s:
-     *   out[t, :] += s * down(silu(gate x[t]) * up x[t])
+     *   out[t, :] += s * down(act(gate x[t], up x[t]))
+     * with the expert's biases and activation (struct moe_expert_weights);
+     * an expert with a bad activation or parameters is -EINVAL.
      * x [n_tokens, hidden] and out [n_tokens, hidden] fp32; out is
      * accumulated into, not overwritten.  Work items may name the same token
      * (that is what top-k does); the backend orders the sums so that the

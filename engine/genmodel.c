@@ -86,6 +86,9 @@ enum fuse_kind {
      * column, then the up column) and down_proj [E, F, H]. */
     FUSE_GATE_UP_T,
     FUSE_DOWN_T,
+    /* gpt-oss's: as FUSE_GATE_UP_T, but each row interleaves gate and up
+     * (gate column f at 2f, up column f at 2f + 1); its down is FUSE_DOWN_T. */
+    FUSE_GATE_UP_TI,
 };
 
 /* One tensor of the checkpoint. */
@@ -421,17 +424,23 @@ static int write_fused_t(struct moe_st_writer *w, const struct gtensor *t, const
     for (int e = 0; r == 0 && e < d->E; e++) {
         size_t n;
 
-        if (t->fuse == FUSE_GATE_UP_T) {
+        if (t->fuse == FUSE_GATE_UP_T || t->fuse == FUSE_GATE_UP_TI) {
+            const bool il = t->fuse == FUSE_GATE_UP_TI;
+
             for (int k = 0; k < 2; k++) {
                 expert_part_name(d, t->layer, e, k, sub.name, sizeof(sub.name));
                 sub.scale = inv_sqrt(d->H);
                 noise_values(&sub, d, src + (size_t)k * FH);
             }
-            /* [H, 2F]: row h = gate[:, h], then up[:, h]. */
+            /* [H, 2F]: row h = gate[:, h], then up[:, h]; interleaved:
+             * gate[f, h] at column 2f, up[f, h] at 2f + 1. */
             for (int h = 0; h < d->H; h++)
                 for (int f = 0; f < d->F; f++) {
-                    dst[(size_t)h * 2 * d->F + f] = src[(size_t)f * d->H + h];
-                    dst[(size_t)h * 2 * d->F + d->F + f] = src[FH + (size_t)f * d->H + h];
+                    size_t gc = il ? 2 * (size_t)f : (size_t)f;
+                    size_t uc = il ? 2 * (size_t)f + 1 : (size_t)(d->F + f);
+
+                    dst[(size_t)h * 2 * d->F + gc] = src[(size_t)f * d->H + h];
+                    dst[(size_t)h * 2 * d->F + uc] = src[FH + (size_t)f * d->H + h];
                 }
             n = 2 * FH;
         } else {
@@ -463,7 +472,7 @@ static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const s
     struct gtensor sub = {.dtype = t->dtype, .init = INIT_NOISE, .ndim = 2};
     int r = 0;
 
-    if (t->fuse == FUSE_GATE_UP_T || t->fuse == FUSE_DOWN_T)
+    if (t->fuse == FUSE_GATE_UP_T || t->fuse == FUSE_DOWN_T || t->fuse == FUSE_GATE_UP_TI)
         return write_fused_t(w, t, d, b, err);
     for (int e = 0; r == 0 && e < d->E; e++) {
         for (int k = 0; r == 0 && k < (t->fuse == FUSE_GATE_UP ? 2 : 1); k++) {
@@ -490,7 +499,7 @@ static const char *const arch_type[MOE_ARCH_COUNT] = {
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
     [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
-    [MOE_ARCH_LLAMA4] = "llama4_text",
+    [MOE_ARCH_LLAMA4] = "llama4_text",      [MOE_ARCH_GPT_OSS] = "gpt_oss",
 };
 
 static const char *const arch_class[MOE_ARCH_COUNT] = {
@@ -507,6 +516,7 @@ static const char *const arch_class[MOE_ARCH_COUNT] = {
     /* The released Qwen3.5-MoE: the multimodal class (text_config). */
     [MOE_ARCH_QWEN3_5_MOE] = "Qwen3_5MoeForConditionalGeneration",
     [MOE_ARCH_LLAMA4] = "Llama4ForCausalLM",
+    [MOE_ARCH_GPT_OSS] = "GptOssForCausalLM",
 };
 
 /* DeepSeek's layout: shared_experts, first_k_dense_replace, e_score_correction_bias
@@ -591,6 +601,13 @@ void moe_genmodel_defaults(enum moe_arch arch, struct moe_genmodel_opts *o)
         o->ffn = 128;
         o->n_shared = 1;
         break;
+    case MOE_ARCH_GPT_OSS:
+        /* gpt-oss-20b: 32 experts, top-4, no shared expert. */
+        o->n_experts = 16;
+        o->top_k = 4;
+        o->ffn = 128;
+        o->n_shared = 0;
+        break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
         o->n_experts = 32;
@@ -672,7 +689,8 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
         return moe_error_set(err, -EINVAL, "unknown expert layout %d", (int)o->layout);
     d->fused = o->layout == MOE_GEN_LAYOUT_FUSED ||
                (o->layout == MOE_GEN_LAYOUT_DEFAULT &&
-                (d->arch == MOE_ARCH_QWEN3_5_MOE || d->arch == MOE_ARCH_LLAMA4));
+                (d->arch == MOE_ARCH_QWEN3_5_MOE || d->arch == MOE_ARCH_LLAMA4 ||
+                 d->arch == MOE_ARCH_GPT_OSS));
     d->moe_step = 1;
 
     if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
@@ -701,9 +719,16 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     case MOE_ARCH_MIXTRAL:
     case MOE_ARCH_QWEN3_MOE:
     case MOE_ARCH_OLMOE:
+    case MOE_ARCH_GPT_OSS:
         if (d->n_shared > 0)
             return moe_error_set(err, -EINVAL, "%s has no shared experts (asked for %d)", an,
                                  d->n_shared);
+        if (d->arch == MOE_ARCH_GPT_OSS && !d->fused)
+            return moe_error_set(err, -EINVAL,
+                                 "%s: the per-expert layout does not exist for gpt_oss "
+                                 "(transformers writes its experts fused only): use --layout "
+                                 "fused or the default",
+                                 an);
         break;
     case MOE_ARCH_QWEN2_MOE:
     case MOE_ARCH_QWEN3_NEXT:
@@ -901,6 +926,14 @@ static int add_attention(struct gplan *p, int i)
     if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE)
         ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "%s%d.self_attn.v_proj.bias", d->lp, i);
     ADD(dt, INIT_NOISE, s, H, qd, "%s%d.self_attn.o_proj.weight", d->lp, i);
+    if (d->arch == MOE_ARCH_GPT_OSS) {
+        /* attention_bias true, and a learnt sink per head. */
+        ADD(dt, INIT_UNIFORM, 0.05f, qd, -1, "%s%d.self_attn.q_proj.bias", d->lp, i);
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "%s%d.self_attn.k_proj.bias", d->lp, i);
+        ADD(dt, INIT_UNIFORM, 0.05f, kvd, -1, "%s%d.self_attn.v_proj.bias", d->lp, i);
+        ADD(dt, INIT_UNIFORM, 0.05f, H, -1, "%s%d.self_attn.o_proj.bias", d->lp, i);
+        ADD(dt, INIT_UNIFORM, 0.05f, d->n_heads, -1, "%s%d.self_attn.sinks", d->lp, i);
+    }
     if (d->arch == MOE_ARCH_QWEN3_MOE || qwen_gated_attn(d->arch)) {
         ADD(dt, INIT_ONES, 0, d->head_dim, -1, "%s%d.self_attn.q_norm.weight", d->lp, i);
         ADD(dt, INIT_ONES, 0, d->head_dim, -1, "%s%d.self_attn.k_norm.weight", d->lp, i);
@@ -935,6 +968,23 @@ static int add_moe_llama4(struct gplan *p, int i)
     return add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->shared_ffn);
 }
 
+/* gpt-oss's MoE block: mlp.router with a bias, the experts fused,
+ * transposed and interleaved, with their biases. */
+static int add_moe_gpt_oss(struct gplan *p, int i)
+{
+    const struct gdims *d = &p->d;
+
+    ADD(d->dtype, INIT_ROUTER, 0, d->E, d->H, "%s%d.mlp.router.weight", d->lp, i);
+    ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, -1, "%s%d.mlp.router.bias", d->lp, i);
+    ADD3(FUSE_GATE_UP_TI, i, d->E, d->H, 2 * (int64_t)d->F, "%s%d.mlp.experts.gate_up_proj", d->lp,
+         i);
+    ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, 2 * (int64_t)d->F,
+        "%s%d.mlp.experts.gate_up_proj_bias", d->lp, i);
+    ADD3(FUSE_DOWN_T, i, d->E, d->F, d->H, "%s%d.mlp.experts.down_proj", d->lp, i);
+    ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, d->H, "%s%d.mlp.experts.down_proj_bias", d->lp, i);
+    return 0;
+}
+
 static int add_moe(struct gplan *p, int i)
 {
     const struct gdims *d = &p->d;
@@ -946,6 +996,8 @@ static int add_moe(struct gplan *p, int i)
 
     if (d->arch == MOE_ARCH_LLAMA4)
         return add_moe_llama4(p, i);
+    if (d->arch == MOE_ARCH_GPT_OSS)
+        return add_moe_gpt_oss(p, i);
 
     /* The fused layout names mixtral's block mlp too; its router keeps the
      * per-expert layout's values. */
@@ -1362,6 +1414,26 @@ static json_t *config_json(const struct gdims *d)
         jset(c, "router_jitter_noise", json_real(0.0), &bad);
         break;
     }
+    case MOE_ARCH_GPT_OSS:
+        /* As the released gpt-oss config.json (which has no swiglu_alpha:
+         * transformers' default 1.702 applies); layer_types alternate. */
+        layer_types = json_array();
+        for (int i = 0; layer_types && i < d->L; i++)
+            if (json_array_append_new(
+                    layer_types, json_string(i % 2 ? "full_attention" : "sliding_attention")) < 0)
+                bad = true;
+        jset(c, "layer_types", json_incref(layer_types), &bad);
+        jset(c, "intermediate_size", json_integer(d->F), &bad);
+        jset(c, "num_local_experts", json_integer(d->E), &bad);
+        jset(c, "experts_per_token", json_integer(d->K), &bad);
+        jset(c, "head_dim", json_integer(d->head_dim), &bad);
+        jset(c, "swiglu_limit", json_real(7.0), &bad);
+        jset(c, "attention_bias", json_true(), &bad);
+        jset(c, "sliding_window", json_integer(128), &bad);
+        jset(c, "rms_norm_eps", json_real(1e-5), &bad);
+        jset(c, "rope_theta", json_real(150000.0), &bad);
+        jset(c, "router_aux_loss_coef", json_real(0.9), &bad);
+        break;
     case MOE_ARCH_DEEPSEEK_V3:
     case MOE_ARCH_KIMI_K2:
     default:

@@ -2,7 +2,8 @@
  * One MoE layer's forward pass in process (see layer.h).
  *
  * Owns: per layer, the router weight (backend memory), the selection bias
- * as fp32, the shared expert(s) and the qwen2_moe shared-expert gate, read
+ * as fp32, gpt-oss's router bias (fp32) and expert biases (fp32, backend
+ * memory, gate and up apart), the shared expert(s) and the qwen2_moe shared-expert gate, read
  * once on the layer's first use and kept for the engine's lifetime; and,
  * unless it was given one, its expert cache.  Routed experts come from the
  * cache: a forward acquires the ones its tokens use, computes on them in
@@ -40,7 +41,11 @@ struct layer_state {
     float *bias;      /* [n_experts] fp32, host, or NULL */
     void *shared_buf; /* shared expert gate|up|down, backend memory */
     struct moe_expert_weights shared;
-    void *shared_gate; /* [1, hidden], backend memory, or NULL */
+    void *shared_gate;  /* [1, hidden], backend memory, or NULL */
+    float *router_bias; /* [n_experts] fp32, host, added to the logits, or NULL */
+    /* gpt-oss: expert e's biases at e * (2 ffn + hidden): gate [ffn], up
+     * [ffn], down [hidden], fp32 in backend memory; or NULL. */
+    float *expert_bias;
 };
 
 struct moe_engine {
@@ -286,8 +291,58 @@ static void layer_unload(struct moe_engine *e, struct layer_state *ls)
     e->b->ops->mem_free(e->b, ls->router);
     e->b->ops->mem_free(e->b, ls->shared_buf);
     e->b->ops->mem_free(e->b, ls->shared_gate);
+    e->b->ops->mem_free(e->b, ls->expert_bias);
     free(ls->bias);
+    free(ls->router_bias);
     memset(ls, 0, sizeof(*ls));
+}
+
+/*
+ * gpt-oss's expert biases, as stored (gate_up [E, 2F] interleaved, down
+ * [E, H]), into ls->expert_bias: per expert gate [F], up [F], down [H].
+ */
+static int load_expert_bias(struct moe_engine *e, const struct moe_layer *L, struct layer_state *ls,
+                            struct moe_error *err)
+{
+    struct moe_backend *b = e->b;
+    const int64_t E = e->m->cfg.n_experts, F = e->m->cfg.expert_ffn, H = e->m->cfg.hidden;
+    const size_t per = (size_t)(2 * F + H), bytes = (size_t)E * per * sizeof(float);
+    float *gu = NULL, *dn = NULL, *host;
+    int r;
+
+    r = read_vector_f32(e, &L->gate_up_bias, &gu, err);
+    if (r == 0)
+        r = read_vector_f32(e, &L->down_bias, &dn, err);
+    if (r < 0)
+        goto out;
+    ls->expert_bias = b->ops->alloc(b, bytes);
+    host = b->ops->host_memory ? ls->expert_bias : malloc(bytes);
+    if (!ls->expert_bias || !host) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for %zu bytes of expert biases", bytes);
+        if (host != ls->expert_bias)
+            free(host);
+        goto out;
+    }
+    for (int64_t x = 0; x < E; x++) {
+        float *d = host + (size_t)x * per;
+        const float *src = gu + (size_t)x * 2 * F;
+
+        for (int64_t f = 0; f < F; f++) {
+            d[f] = src[2 * f];
+            d[F + f] = src[2 * f + 1];
+        }
+        memcpy(d + 2 * F, dn + (size_t)x * H, (size_t)H * sizeof(float));
+    }
+    if (host != ls->expert_bias) {
+        r = b->ops->copy_in(b, ls->expert_bias, host, bytes);
+        free(host);
+        if (r < 0)
+            moe_error_set(err, r, "copying expert biases to the %s backend failed", b->ops->name);
+    }
+out:
+    free(gu);
+    free(dn);
+    return r;
 }
 
 static int layer_load(struct moe_engine *e, int layer, struct moe_error *err)
@@ -304,6 +359,10 @@ static int layer_load(struct moe_engine *e, int layer, struct moe_error *err)
     r = read_tensors(e, refs, 1, &ls->router, ptrs, err);
     if (r == 0 && L->has_bias)
         r = read_vector_f32(e, &L->bias, &ls->bias, err);
+    if (r == 0 && L->has_router_bias)
+        r = read_vector_f32(e, &L->router_bias, &ls->router_bias, err);
+    if (r == 0 && L->has_expert_bias)
+        r = load_expert_bias(e, L, ls, err);
     if (r == 0 && L->has_shared)
         r = read_expert(e, &L->shared, &ls->shared_buf, &ls->shared, err);
     if (r == 0 && L->has_shared_gate) {
@@ -540,6 +599,12 @@ static int route_loaded(struct moe_engine *e, int layer, const float *xc, int n_
         return moe_error_set(err, r, "router of layer %d failed on the %s backend", layer,
                              b->ops->name);
     }
+    if (ls->router_bias) {
+        /* gpt-oss: the router is a linear layer with a bias. */
+        for (int t = 0; t < n_tokens; t++)
+            for (int x = 0; x < E; x++)
+                logits[(size_t)t * E + x] += ls->router_bias[x];
+    }
     moe_model_router_params(m, ls->bias, &rp);
     r = moe_route(&rp, logits, n_tokens, ids, weights, err);
     free(logits);
@@ -578,6 +643,24 @@ static int stage_weights(struct moe_engine *e, const struct moe_expert_ref *x,
     return 0;
 }
 
+/* Sets a routed expert's biases (the layer's, loaded) and activation. */
+static void expert_activation(struct moe_engine *e, int layer, int expert,
+                              struct moe_expert_weights *w)
+{
+    const struct moe_model_config *c = &e->m->cfg;
+    const float *eb = e->layers[layer].expert_bias;
+
+    w->act = c->act;
+    w->alpha = c->swiglu_alpha;
+    w->limit = c->swiglu_limit;
+    if (eb) {
+        eb += (size_t)expert * (size_t)(2 * c->expert_ffn + c->hidden);
+        w->gate_bias = eb;
+        w->up_bias = eb + c->expert_ffn;
+        w->down_bias = eb + 2 * c->expert_ffn;
+    }
+}
+
 /* Runs the work items [lo, hi) (ready experts) into oc. */
 static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s, int lo, int hi,
                          const float *xc, int n_tokens, float *oc, struct moe_error *err)
@@ -599,6 +682,7 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
             if (r < 0)
                 return r;
         }
+        expert_activation(e, layer, s->used[i], &s->w[i]);
         s->work[i].w = &s->w[i];
         s->work[i].precision = e->m->precision;
     }

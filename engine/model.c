@@ -51,12 +51,12 @@ static const char *const arch_names[MOE_ARCH_COUNT] = {
     [MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3", [MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
     [MOE_ARCH_KIMI_K2] = "kimi_k2",         [MOE_ARCH_GLM4_MOE] = "glm4_moe",
     [MOE_ARCH_QWEN3_NEXT] = "qwen3_next",   [MOE_ARCH_QWEN3_5_MOE] = "qwen3_5_moe",
-    [MOE_ARCH_LLAMA4] = "llama4_text",
+    [MOE_ARCH_LLAMA4] = "llama4_text",      [MOE_ARCH_GPT_OSS] = "gpt_oss",
 };
 
 #define ARCH_LIST                                                                                  \
     "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, kimi_k2, glm4_moe, "          \
-    "qwen3_next, qwen3_5_moe (or qwen3_5_moe_text), llama4_text (or llama4)"
+    "qwen3_next, qwen3_5_moe (or qwen3_5_moe_text), llama4_text (or llama4), gpt_oss"
 
 /* The model_type of transformers' text-only Qwen3.5-MoE class. */
 #define QWEN3_5_TEXT "qwen3_5_moe_text"
@@ -109,6 +109,7 @@ static const char *experts_key(enum moe_arch a)
     switch (a) {
     case MOE_ARCH_MIXTRAL:
     case MOE_ARCH_LLAMA4:
+    case MOE_ARCH_GPT_OSS:
         return "num_local_experts";
     case MOE_ARCH_DEEPSEEK_V3:
     case MOE_ARCH_DEEPSEEK_V2:
@@ -130,6 +131,7 @@ static const char *experts_alias(enum moe_arch a)
 {
     switch (a) {
     case MOE_ARCH_MIXTRAL:
+    case MOE_ARCH_GPT_OSS:
         return "num_experts";
     case MOE_ARCH_QWEN3_MOE:
     case MOE_ARCH_OLMOE:
@@ -146,7 +148,8 @@ static const char *experts_alias(enum moe_arch a)
 
 static const char *ffn_key(enum moe_arch a)
 {
-    return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE || a == MOE_ARCH_LLAMA4
+    return a == MOE_ARCH_MIXTRAL || a == MOE_ARCH_OLMOE || a == MOE_ARCH_LLAMA4 ||
+                   a == MOE_ARCH_GPT_OSS
                ? "intermediate_size"
                : "moe_intermediate_size";
 }
@@ -440,6 +443,18 @@ static int cfg_family(const struct cfg_ctx *c, struct moe_model_config *m)
     case MOE_ARCH_MIXTRAL:
         m->norm_topk_prob = true;
         return 0;
+    case MOE_ARCH_GPT_OSS:
+        /* GptOssMLP: logits = W x + b, top-k of them, softmax over the k
+         * (softmax, top-k, renormalise: the same weights); experts with
+         * biases and the clamped SwiGLU, GptOssConfig's defaults. */
+        m->norm_topk_prob = true;
+        m->router_bias = true;
+        m->expert_bias = true;
+        m->act = MOE_ACT_SWIGLU_CLAMP;
+        r = cfg_positive(c, "swiglu_alpha", 1.702f, &m->swiglu_alpha);
+        if (r == 0)
+            r = cfg_positive(c, "swiglu_limit", 7.0f, &m->swiglu_limit);
+        return r;
     case MOE_ARCH_LLAMA4:
         /* Llama4TextMoe: top-k on the logits, sigmoid of the chosen ones
          * scales the expert's input; one shared expert as wide as a routed
@@ -961,10 +976,11 @@ static bool starts(const char *s, const char *prefix);
  * [e][0, F) of gate_up, its up the rows [e][F, 2F) (transformers chunks the
  * product in two, gate first) and its down down[e].  Fills every expert of L.
  * transposed (Llama 4): gate_up [E, H, 2F] and down [E, F, H], the same
- * bytes per expert at the same offsets, marked so (moe_expert_untranspose).
+ * bytes per expert at the same offsets, marked so (moe_expert_untranspose);
+ * interleaved (gpt-oss) as well: transposed, gate and up columns alternating.
  */
 static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix, bool transposed,
-                             struct moe_layer *L)
+                             bool interleaved, struct moe_layer *L)
 {
     const struct moe_model_config *cfg = &c->m->cfg;
     const int64_t E = cfg->n_experts, F = cfg->expert_ffn, H = cfg->hidden;
@@ -1031,14 +1047,16 @@ static int get_fused_experts(const struct open_ctx *c, int i, const char *prefix
                                           .nbytes = mat * ds};
         x->nbytes = x->gate.nbytes + x->up.nbytes + x->down.nbytes;
         x->transposed = transposed;
+        x->interleaved = interleaved;
     }
     return 0;
 }
 
 /* Blocked, so that both sides stay in cache: dst [cols, rows] = src [rows,
- * cols] transposed, elements of es bytes (2 or 4). */
+ * cols] transposed, elements of es bytes (2 or 4); column k of src is
+ * element k * step of its row (step 2: every other column). */
 static void transpose(void *dst, const void *src, int64_t rows, int64_t cols, int64_t src_stride,
-                      size_t es)
+                      int64_t step, size_t es)
 {
     enum { B = 32 };
 
@@ -1048,7 +1066,8 @@ static void transpose(void *dst, const void *src, int64_t rows, int64_t cols, in
 
             for (int64_t r = r0; r < r1; r++)
                 for (int64_t k = c0; k < c1; k++) {
-                    const uint8_t *sp = (const uint8_t *)src + ((size_t)(r * src_stride + k)) * es;
+                    const uint8_t *sp =
+                        (const uint8_t *)src + ((size_t)(r * src_stride + k * step)) * es;
                     uint8_t *dp = (uint8_t *)dst + ((size_t)(k * rows + r)) * es;
 
                     if (es == 2)
@@ -1073,13 +1092,19 @@ int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up,
     tmp = malloc(MOE_MAX(gu, dn));
     if (!tmp)
         return -ENOMEM;
-    /* [H, 2F]: gate = columns [0, F), up = columns [F, 2F), each to [F, H]. */
+    /* [H, 2F]: gate = columns [0, F), up = columns [F, 2F), each to [F, H];
+     * interleaved: gate = the even columns, up = the odd ones. */
     memcpy(tmp, gate, gu);
-    transpose(gate, tmp, H, F, 2 * F, es);
-    transpose((uint8_t *)gate + (size_t)(F * H) * es, tmp + (size_t)F * es, H, F, 2 * F, es);
+    if (x->interleaved) {
+        transpose(gate, tmp, H, F, 2 * F, 2, es);
+        transpose((uint8_t *)gate + (size_t)(F * H) * es, tmp + es, H, F, 2 * F, 2, es);
+    } else {
+        transpose(gate, tmp, H, F, 2 * F, 1, es);
+        transpose((uint8_t *)gate + (size_t)(F * H) * es, tmp + (size_t)F * es, H, F, 2 * F, 1, es);
+    }
     /* [F, H] to [H, F]. */
     memcpy(tmp, down, dn);
-    transpose(down, tmp, F, H, H, ds);
+    transpose(down, tmp, F, H, H, 1, ds);
     free(tmp);
     return 0;
 }
@@ -1134,12 +1159,65 @@ const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model
     return NULL;
 }
 
+/*
+ * gpt-oss as released: the experts in MXFP4 (gate_up_proj_blocks and
+ * _scales, down_proj_blocks and _scales).  Refused, naming the tensor.
+ */
+static int refuse_mxfp4(const struct open_ctx *c, int i)
+{
+    static const char *const parts[4] = {"gate_up_proj_blocks", "gate_up_proj_scales",
+                                         "down_proj_blocks", "down_proj_scales"};
+    const struct moe_model_config *cfg = &c->m->cfg;
+    char name[NAME_MAX_LEN];
+    int f;
+
+    for (int k = 0; k < 4; k++) {
+        snprintf(name, sizeof(name), "%s%d.mlp.experts.%s", cfg->layer_prefix, i, parts[k]);
+        if (find_tensor(c, name, &f))
+            return moe_error_set(c->err, -ENOTSUP,
+                                 "%s: tensor '%s': MXFP4 experts (e2m1 blocks with e8m0 scales, "
+                                 "as gpt-oss is released) are not supported yet: use a bf16 "
+                                 "conversion of the model (gate_up_proj, down_proj)",
+                                 c->m->files[f].path, name);
+    }
+    return 0;
+}
+
+/* gpt_oss's biases: the router's [E] and the experts' [E, 2F] and [E, H]. */
+static int get_gpt_oss_biases(const struct open_ctx *c, int i, struct moe_layer *L)
+{
+    const struct moe_model_config *cfg = &c->m->cfg;
+    char name[NAME_MAX_LEN];
+    int r;
+
+    snprintf(name, sizeof(name), "%s%d.mlp.router.bias", cfg->layer_prefix, i);
+    r = get_ref(c, i, "router bias", name, 1, 1, cfg->n_experts, "[num_local_experts]",
+                &L->router_bias);
+    if (r < 0)
+        return r;
+    L->has_router_bias = true;
+    snprintf(name, sizeof(name), "%s%d.mlp.experts.gate_up_proj_bias", cfg->layer_prefix, i);
+    r = get_ref(c, i, "experts' gate/up bias", name, 2, cfg->n_experts,
+                2 * (int64_t)cfg->expert_ffn, "[num_local_experts, 2 x intermediate_size]",
+                &L->gate_up_bias);
+    if (r < 0)
+        return r;
+    snprintf(name, sizeof(name), "%s%d.mlp.experts.down_proj_bias", cfg->layer_prefix, i);
+    r = get_ref(c, i, "experts' down bias", name, 2, cfg->n_experts, cfg->hidden,
+                "[num_local_experts, hidden_size]", &L->down_bias);
+    if (r < 0)
+        return r;
+    L->has_expert_bias = true;
+    return 0;
+}
+
 static int load_layer(struct open_ctx *c, int i)
 {
     struct moe_model *m = c->m;
     const struct moe_model_config *cfg = &m->cfg;
     struct moe_layer *L = &m->layers[i];
     const bool mixtral = cfg->arch == MOE_ARCH_MIXTRAL, llama = cfg->arch == MOE_ARCH_LLAMA4;
+    const bool gpt = cfg->arch == MOE_ARCH_GPT_OSS;
     /* The router's block and the per-expert tensors' (mixtral's is
      * block_sparse_moe, except for the router of the fused layout; Llama 4's
      * feed_forward, with the router feed_forward.router). */
@@ -1158,13 +1236,21 @@ static int load_layer(struct open_ctx *c, int i)
     snprintf(name, sizeof(name), "%s%d.%s.experts.0.%s.weight", cfg->layer_prefix, i, eblk,
              expert_part_name(cfg->arch, 0));
     fused = !find_tensor(c, name, &f);
-    if (fused) {
+    if (gpt && !m->packed) {
+        /* transformers writes gpt-oss's experts fused only. */
+        r = refuse_mxfp4(c, i);
+        if (r < 0)
+            return r;
+        fused = true;
+    } else if (fused) {
         snprintf(name, sizeof(name), "%s%d.%s.experts.gate_up_proj", cfg->layer_prefix, i, fblk);
         fused = find_tensor(c, name, &f) != NULL;
     }
     snprintf(keys, sizeof(keys), "[%s, hidden_size]", ek);
     if (llama)
         snprintf(name, sizeof(name), "%s%d.feed_forward.router.weight", cfg->layer_prefix, i);
+    else if (gpt)
+        snprintf(name, sizeof(name), "%s%d.mlp.router.weight", cfg->layer_prefix, i);
     else
         snprintf(name, sizeof(name), "%s%d.%s.gate.weight", cfg->layer_prefix, i, blk);
     r = get_ref(c, i, "router", name, 2, cfg->n_experts, cfg->hidden, keys, &L->router);
@@ -1186,7 +1272,12 @@ static int load_layer(struct open_ctx *c, int i)
                              cfg->n_experts);
     if (fused) {
         snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.", cfg->layer_prefix, i, fblk);
-        r = get_fused_experts(c, i, prefix, llama, L);
+        r = get_fused_experts(c, i, prefix, llama || gpt, gpt, L);
+        if (r < 0)
+            return r;
+    }
+    if (gpt) {
+        r = get_gpt_oss_biases(c, i, L);
         if (r < 0)
             return r;
     }

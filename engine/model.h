@@ -36,6 +36,18 @@
  *                llama4, the text keys in "text_config") has its layers under
  *                language_model.model.layers.i. (layer_prefix).  A packed store
  *                holds the plain per-expert layout, feed_forward.experts.e.*.
+ *   gpt_oss      mlp.router.weight [E,H] and mlp.router.bias [E] (logits = W x + b;
+ *                top-k, softmax over the k: mixtral's rule); mlp.experts.gate_up_proj
+ *                [E, H, 2F] and mlp.experts.down_proj [E, F, H], fused and TRANSPOSED
+ *                as llama4_text's, but gate and up INTERLEAVED: expert e's gate is
+ *                the even columns of gate_up_proj[e], its up the odd ones;
+ *                mlp.experts.gate_up_proj_bias [E, 2F] (interleaved alike) and
+ *                mlp.experts.down_proj_bias [E, H]; the clamped SwiGLU (swiglu_alpha,
+ *                swiglu_limit; backend.h MOE_ACT_SWIGLU_CLAMP).  F =
+ *                intermediate_size; every layer is a MoE layer.  MXFP4 experts
+ *                (gate_up_proj_blocks/_scales) are refused.  A packed store holds
+ *                the plain per-expert layout, mlp.experts.e.{gate,up,down}_proj.weight,
+ *                and the biases as the checkpoint has them.
  * The routed experts of any family may also be stored fused, as transformers 5
  * keeps them (save_pretrained(save_original_format=False), and releases such as
  * Qwen3.5-MoE): mlp.experts.gate_up_proj [E, 2F, H], each expert's gate rows
@@ -66,6 +78,7 @@ enum moe_arch {
     MOE_ARCH_QWEN3_NEXT,
     MOE_ARCH_QWEN3_5_MOE,
     MOE_ARCH_LLAMA4,
+    MOE_ARCH_GPT_OSS,
     MOE_ARCH_COUNT,
 };
 
@@ -108,10 +121,15 @@ struct moe_model_config {
     int moe_layer_step;      /* llama4 interleave_moe_layer_step; 1 elsewhere */
     bool has_moe_layer_list; /* llama4 moe_layers given: it, not the step, decides */
     int n_moe_layer_list;
-    int *moe_layer_list;  /* llama4 moe_layers, owned */
-    bool scale_input;     /* llama4: a routed expert's input, not its output, is
-                           * multiplied by the token's routing weight */
-    enum moe_dtype dtype; /* torch_dtype; MOE_DTYPE_COUNT when absent */
+    int *moe_layer_list;     /* llama4 moe_layers, owned */
+    bool scale_input;        /* llama4: a routed expert's input, not its output, is
+                              * multiplied by the token's routing weight */
+    bool router_bias;        /* gpt_oss: the router has a bias (added to the logits) */
+    bool expert_bias;        /* gpt_oss: routed experts have gate/up and down biases */
+    enum moe_activation act; /* gpt_oss MOE_ACT_SWIGLU_CLAMP; MOE_ACT_SILU elsewhere */
+    float swiglu_alpha;      /* gpt_oss swiglu_alpha (1.702); 0 elsewhere */
+    float swiglu_limit;      /* gpt_oss swiglu_limit (7.0); 0 elsewhere */
+    enum moe_dtype dtype;    /* torch_dtype; MOE_DTYPE_COUNT when absent */
     /* Prefix of layer i's tensors, before "<i>.": "model.layers." or, for a
      * multimodal qwen3_5_moe config, "model.language_model.layers.", for a
      * multimodal llama4 one "language_model.model.layers." (static). */
@@ -155,6 +173,10 @@ struct moe_expert_ref {
      * [ffn, hidden].  The shapes above are the plain ones; the bytes become
      * plain with moe_expert_untranspose() once read. */
     bool transposed;
+    /* gpt-oss's fused experts: transposed as above, but each row of the
+     * [hidden, 2 x ffn] matrix interleaves gate and up (gate at even
+     * columns, up at odd); moe_expert_untranspose() handles it too. */
+    bool interleaved;
     /* Packed store (pack.h): gate, up and down lie back to back from
      * gate.offset (MOE_PACK_ALIGN-aligned) in one file, and xxh3 is the
      * XXH3-64 of those nbytes.  False/0 for a Hugging Face checkpoint. */
@@ -173,6 +195,14 @@ struct moe_layer {
     struct moe_expert_ref shared; /* shared expert(s), ffn = cfg.shared_ffn */
     bool has_shared_gate;
     struct moe_tensor_ref shared_gate; /* qwen2_moe [1, hidden] */
+    bool has_router_bias;
+    struct moe_tensor_ref router_bias; /* gpt_oss mlp.router.bias [n_experts] */
+    bool has_expert_bias;
+    /* gpt_oss, every routed expert's, as stored: gate_up_proj_bias [n_experts,
+     * 2 x ffn] (gate and up interleaved) and down_proj_bias [n_experts,
+     * hidden].  Small: the layer keeps them, as it keeps its router. */
+    struct moe_tensor_ref gate_up_bias;
+    struct moe_tensor_ref down_bias;
 };
 
 struct moe_model_file {
@@ -226,7 +256,8 @@ int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, vo
 /*
  * Rewrites a transposed expert (x->transposed), whose tensors were read as
  * stored to gate, up and down, into the plain layout in place: gate [ffn,
- * hidden], up [ffn, hidden], down [hidden, ffn], row-major.  gate and up must
+ * hidden], up [ffn, hidden], down [hidden, ffn], row-major; an interleaved
+ * one (gpt-oss) takes gate from the even columns, up from the odd ones.  gate and up must
  * be adjacent (up == gate + x->gate.nbytes), as they are in the file.
  * Does nothing for a plain expert.  0, or -ENOMEM (the bytes untouched).
  */

@@ -762,6 +762,10 @@ static void unlink_in(const char *dir, const char *name)
 
 /* ---- writing ---------------------------------------------------------------- */
 
+/* Most non-expert MoE tensors of a layer: router, score bias, shared expert
+ * (3), shared-expert gate, router bias, expert biases (2). */
+#define PACK_OTHERS_MAX 9
+
 /* One tensor to write: where it comes from and where it goes. */
 struct item {
     const struct moe_tensor_ref *t;
@@ -869,6 +873,64 @@ static int w_tensor(struct writer *w, const struct moe_tensor_ref *t, XXH3_state
     return 0;
 }
 
+/* Appends n bytes from memory (a transposed expert made plain), hashing
+ * them into ts and es as w_tensor() does. */
+static int w_mem(struct writer *w, const uint8_t *src, uint64_t n, XXH3_state_t *ts,
+                 XXH3_state_t *es)
+{
+    uint64_t done = 0;
+
+    while (done < n) {
+        size_t k;
+
+        if (w->fill == w->cap) {
+            int r = w_flush(w);
+
+            if (r < 0)
+                return r;
+        }
+        k = (size_t)MOE_MIN(n - done, (uint64_t)(w->cap - w->fill));
+        memcpy(w->buf + w->fill, src + done, k);
+        XXH3_64bits_update(ts, src + done, k);
+        XXH3_64bits_update(es, src + done, k);
+        w->fill += k;
+        done += k;
+    }
+    return 0;
+}
+
+/*
+ * Reads expert x of a transposed layout (Llama 4's, gpt-oss's) and makes it
+ * plain in *buf (grown to x->nbytes as needed): gate, up and down back to
+ * back, as a store holds them.
+ */
+static int read_plain_expert(const struct moe_model *m, const struct moe_expert_ref *x,
+                             uint8_t **buf, size_t *cap, struct moe_error *err)
+{
+    uint8_t *b = *buf;
+    int r;
+
+    if (*cap < x->nbytes) {
+        b = realloc(*buf, x->nbytes);
+        if (!b)
+            return moe_error_set(err, -ENOMEM, "out of memory for an expert of %" PRIu64 " bytes",
+                                 x->nbytes);
+        *buf = b;
+        *cap = x->nbytes;
+    }
+    r = moe_model_read(m, &x->gate, b, err);
+    if (r == 0)
+        r = moe_model_read(m, &x->up, b + x->gate.nbytes, err);
+    if (r == 0)
+        r = moe_model_read(m, &x->down, b + x->gate.nbytes + x->up.nbytes, err);
+    if (r < 0)
+        return r;
+    r = moe_expert_untranspose(x, b, b + x->gate.nbytes, b + x->gate.nbytes + x->up.nbytes);
+    if (r < 0)
+        return moe_error_set(err, r, "out of memory making expert '%s' plain", x->gate.name);
+    return 0;
+}
+
 static void hex64(uint64_t x, char buf[17])
 {
     snprintf(buf, 17, "%016" PRIx64, x);
@@ -944,7 +1006,7 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
     }
     for (int i = 0; i < m->cfg.n_layers; i++) {
         const struct moe_layer *L = &m->layers[i];
-        const struct moe_tensor_ref *others[6];
+        const struct moe_tensor_ref *others[PACK_OTHERS_MAX];
         int k = 0;
 
         if (!L->is_moe)
@@ -952,6 +1014,12 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
         others[k++] = &L->router;
         if (L->has_bias)
             others[k++] = &L->bias;
+        if (L->has_router_bias)
+            others[k++] = &L->router_bias;
+        if (L->has_expert_bias) {
+            others[k++] = &L->gate_up_bias;
+            others[k++] = &L->down_bias;
+        }
         if (L->has_shared) {
             others[k++] = &L->shared.gate;
             others[k++] = &L->shared.up;
@@ -1037,6 +1105,8 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     struct writer w = {.m = m, .fd = -1, .err = err};
     XXH3_state_t *ts = XXH3_createState(), *es = XXH3_createState();
     struct item *items = NULL;
+    uint8_t *xbuf = NULL; /* a transposed expert made plain */
+    size_t xcap = 0;
     json_t *root = NULL, *tensors, *experts;
     char *data_path = NULL, *cfg_path = NULL, *cfg = NULL, *text = NULL, hex[17];
     /* What a failure removes: only what this call wrote. */
@@ -1048,18 +1118,6 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     if (!ts || !es) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
-    }
-    /* A store holds plain experts; Llama 4's transposed ones would need
-     * rewriting on the way, which the streaming writer does not do yet. */
-    for (int i = 0; i < m->cfg.n_layers; i++) {
-        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed) {
-            r = moe_error_set(err, -ENOTSUP,
-                              "%s: layer %d: the experts are stored transposed (%s's fused "
-                              "gate_up_proj [E, hidden, 2 x ffn]), which pack cannot store yet; "
-                              "serve the checkpoint itself",
-                              m->dir, i, moe_arch_name(m->cfg.arch));
-            goto fail;
-        }
     }
     r = make_dirs(out_dir, &made_dir, err);
     if (r < 0)
@@ -1082,8 +1140,8 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     if (r < 0)
         goto fail;
 
-    /* Routed experts: 3 tensors each; others: at most 6 per layer. */
-    cap_items = (size_t)m->n_moe_layers * ((size_t)m->cfg.n_experts * 3 + 6);
+    /* Routed experts: 3 tensors each; others: at most PACK_OTHERS_MAX per layer. */
+    cap_items = (size_t)m->n_moe_layers * ((size_t)m->cfg.n_experts * 3 + PACK_OTHERS_MAX);
     items = calloc(cap_items ? cap_items : 1, sizeof(*items));
     if (!items) {
         r = moe_error_set(err, -ENOMEM, "out of memory for %zu tensors", cap_items);
@@ -1123,7 +1181,20 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
         XXH3_64bits_reset(ts);
         if (first)
             XXH3_64bits_reset(es);
-        r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
+        if (it->expert >= 0 && m->layers[it->layer].experts[it->expert].transposed) {
+            /* A store holds plain experts: a transposed one (Llama 4's,
+             * gpt-oss's) is read whole and made plain on the way. */
+            const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
+            uint64_t off = it->part == MOE_PART_GATE ? 0
+                           : it->part == MOE_PART_UP ? x->gate.nbytes
+                                                     : x->gate.nbytes + x->up.nbytes;
+
+            r = first ? read_plain_expert(m, x, &xbuf, &xcap, err) : 0;
+            if (r == 0)
+                r = w_mem(&w, xbuf + off, it->t->nbytes, ts, es);
+        } else {
+            r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
+        }
         if (r < 0)
             goto fail;
         if (index_add_tensor(m, tensors, it, XXH3_64bits_digest(ts)) < 0) {
@@ -1198,6 +1269,7 @@ out:
     free(cfg);
     free(cfg_path);
     free(items);
+    free(xbuf);
     XXH3_freeState(ts);
     XXH3_freeState(es);
     return r;
@@ -1215,6 +1287,10 @@ struct vtensor {
     bool differs;                  /* content differs from the checkpoint */
     uint64_t differs_at;           /* first differing byte, from the tensor's start */
     bool bad;                      /* counted as a mismatch */
+    /* A part of a transposed checkpoint expert: compared with the expert
+     * made plain (ck_file and ck_offset unused), or NULL. */
+    const struct moe_expert_ref *ck_x;
+    uint64_t ck_part_off; /* the part's offset in the plain expert */
 };
 
 struct verifier {
@@ -1223,6 +1299,9 @@ struct verifier {
     bool have_first;
     uint64_t first_at; /* offset in experts.bin of the mismatch in err */
     struct moe_error *err;
+    const struct moe_expert_ref *plain_x; /* the checkpoint expert in plain, or NULL */
+    uint8_t *plain;                       /* its bytes made plain, owned */
+    size_t plain_cap;                     /* bytes at plain */
 };
 
 static int cmp_vtensor_offset(const void *a, const void *b)
@@ -1283,6 +1362,21 @@ static int compare_piece(struct verifier *v, struct vtensor *t, uint64_t at, con
     const struct moe_model_file *f;
     int64_t got;
 
+    if (t->ck_x && !t->differs) {
+        if (v->plain_x != t->ck_x) {
+            int r;
+
+            v->plain_x = NULL;
+            r = read_plain_expert(v->ck, t->ck_x, &v->plain, &v->plain_cap, v->err);
+            if (r < 0)
+                return r;
+            v->plain_x = t->ck_x;
+        }
+        memcpy(ckbuf, v->plain + t->ck_part_off + at, n);
+        got = (int64_t)n;
+        f = &v->ck->files[t->ck_x->gate.file];
+        goto compare;
+    }
     if (t->ck_file < 0 || t->differs)
         return 0;
     f = &v->ck->files[t->ck_file];
@@ -1295,6 +1389,7 @@ static int compare_piece(struct verifier *v, struct vtensor *t, uint64_t at, con
                              "%s: tensor '%s': short read: file truncated since it was "
                              "opened?",
                              f->path, t->t->name);
+compare:
     if (memcmp(buf, ckbuf, n) != 0) {
         size_t k = 0;
 
@@ -1383,7 +1478,7 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
                 }
                 t->ck_file = x->file;
                 t->ck_offset = x->offset;
-                continue;
+                continue; /* a transposed expert's: ck_x, below */
             }
         }
         if (!c) {
@@ -1423,10 +1518,35 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
         }
         if (L->has_shared_gate)
             want_in_store(v, h, i, -1, -1, &L->shared_gate);
+        if (L->has_router_bias)
+            want_in_store(v, h, i, -1, -1, &L->router_bias);
+        if (L->has_expert_bias) {
+            want_in_store(v, h, i, -1, -1, &L->gate_up_bias);
+            want_in_store(v, h, i, -1, -1, &L->down_bias);
+        }
         for (int e = 0; e < ck->cfg.n_experts; e++) {
-            want_in_store(v, h, i, e, MOE_PART_GATE, &L->experts[e].gate);
-            want_in_store(v, h, i, e, MOE_PART_UP, &L->experts[e].up);
-            want_in_store(v, h, i, e, MOE_PART_DOWN, &L->experts[e].down);
+            const struct moe_expert_ref *x = &L->experts[e];
+
+            want_in_store(v, h, i, e, MOE_PART_GATE, &x->gate);
+            want_in_store(v, h, i, e, MOE_PART_UP, &x->up);
+            want_in_store(v, h, i, e, MOE_PART_DOWN, &x->down);
+            if (!x->transposed)
+                continue;
+            /* The store holds it plain: its parts are compared with the
+             * checkpoint's expert made plain, not with its bytes. */
+            for (int k = 0; k < 3; k++) {
+                const struct moe_st_tensor *st;
+                char name[256];
+
+                moe_model_expert_tensor_name(ck, i, e, (enum moe_expert_part)k, name, sizeof(name));
+                st = moe_st_header_find(h, name);
+                if (!st)
+                    continue; /* counted by want_in_store */
+                vt[st - h->tensors].ck_x = x;
+                vt[st - h->tensors].ck_part_off = k == 0   ? 0
+                                                  : k == 1 ? x->gate.nbytes
+                                                           : x->gate.nbytes + x->up.nbytes;
+            }
         }
     }
     r = 0;
@@ -1616,6 +1736,7 @@ out:
         *rep = v.rep;
     moe_free_aligned(buf);
     moe_free_aligned(ckbuf);
+    free(v.plain);
     free(blob_bad);
     free(vt);
     moe_pack_index_clear(&ix);

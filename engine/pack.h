@@ -5,11 +5,15 @@
  *   config.json    copied byte for byte from the checkpoint;
  *   experts.bin    the data: every routed expert as one blob, its gate, up
  *                  and down matrices back to back (in that order, the
- *                  checkpoint's dtype and row-major layout), starting at a
- *                  multiple of MOE_PACK_ALIGN and padded with zeros to the
- *                  next one; then the other MoE tensors (routers, score
- *                  biases, shared experts, qwen2_moe shared-expert gates),
- *                  each MOE_PACK_ALIGN-aligned.  The file's size is a
+ *                  checkpoint's dtype and row-major layout: [ffn, hidden],
+ *                  [ffn, hidden], [hidden, ffn]; Llama 4's and gpt-oss's
+ *                  transposed experts are made plain on the way), starting
+ *                  at a multiple of MOE_PACK_ALIGN and padded with zeros to
+ *                  the next one; then the other MoE tensors (routers, score
+ *                  biases, shared experts, qwen2_moe shared-expert gates,
+ *                  gpt-oss's router bias and expert biases
+ *                  gate_up_proj_bias and down_proj_bias, as the checkpoint
+ *                  has them), each MOE_PACK_ALIGN-aligned.  The file's size is a
  *                  multiple of MOE_PACK_ALIGN, so an O_DIRECT read of any
  *                  blob's aligned span never runs past its end.
  *   moe-pack.json  the index (below), written last, atomically (rename), so
@@ -111,7 +115,8 @@ struct moe_pack_report {
  * (structure, config.json, experts.bin's size), then reads experts.bin once,
  * front to back, and checks every tensor's and every expert's checksum.
  * When checkpoint_dir is not NULL, also compares config.json and every
- * tensor byte for byte (same names, dtypes and shapes) with the checkpoint's.
+ * tensor byte for byte (same names, dtypes and shapes) with the checkpoint's
+ * (a transposed checkpoint expert with its copy made plain).
  * rep->mismatches counts the tensors found wrong (by their checksum or by
  * the checkpoint, once each), plus expert blobs whose checksum fails while
  * their tensors pass, plus config.json and tensors missing on either side.

@@ -15,10 +15,12 @@
  *   1. decode pieces (few tokens per expert): one launch computes every
  *      gate and up row of every piece against the piece's tokens
  *      (a warp per weight row, 16-byte loads, fp32 activations, 8 tokens per
- *      pass) and stores silu(g) * u; one launch does the down rows;
+ *      pass) and stores act(g, u); one launch does the down rows;
  *   2. GEMM pieces: gather the rows' activations in the weight dtype, cuBLAS
  *      gate and up (one GEMM when up follows gate in memory), SwiGLU into
  *      the weight dtype, cuBLAS down; fp32 accumulation throughout;
+ *   act(g, u) is silu(g) * u, or gpt-oss's clamped SwiGLU, after the gate
+ *   and up biases when the expert has them; its down bias is added to y;
  *   3. combine: for each token of the group, out[t] += s_r * y_r over its
  *      rows r in row order, one thread per output element.
  * Each piece writes its own rows of y, never another's, and only the
@@ -28,6 +30,7 @@
  */
 #include "cuda_internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,7 +93,10 @@ static int blas_fail(struct cuda_backend *cb, cublasStatus_t s, const char *what
 /* One decode piece: some tokens of one expert. */
 struct dec_piece {
     const void *gate, *up, *down;
-    int64_t act_off; /* floats into act: [n, F] silu(g) * u */
+    const float *gb, *ub, *db; /* biases (gpt-oss) or NULL */
+    float alpha, limit;        /* act MOE_ACT_SWIGLU_CLAMP's */
+    int act;                   /* enum moe_activation */
+    int64_t act_off;           /* floats into act: [n, F] act(g, u) */
     int F;
     int row0;   /* first row of the piece in the group */
     int n;      /* tokens */
@@ -100,6 +106,18 @@ struct dec_piece {
     int vec_gu; /* 16-byte loads allowed on gate/up rows and x */
     int vec_d;  /* ... on down rows and act */
 };
+
+/* The expert's activation of gate value g and up value u (backend.h). */
+static __device__ __forceinline__ float expert_act(float g, float u, int act, float alpha,
+                                                   float limit)
+{
+    if (act == MOE_ACT_SWIGLU_CLAMP) {
+        const float gc = fminf(g, limit), uc = fminf(fmaxf(u, -limit), limit);
+
+        return (uc + 1.0f) * (gc / (1.0f + expf(-alpha * gc)));
+    }
+    return g / (1.0f + expf(-g)) * u;
+}
 
 /* The piece that block blk belongs to: the last with start <= blk. */
 static __device__ __forceinline__ int find_piece(const dec_piece *p, int n, int blk, bool down)
@@ -198,8 +216,14 @@ static __device__ void gate_up_row(const dec_piece &p, int f, const float *x, in
             if (j < nt) {
                 float a = warp_sum(ag[j]), b = warp_sum(au[j]);
 
-                if (lane == 0)
-                    act[p.act_off + (int64_t)(t0 + j) * p.F + f] = a / (1.0f + expf(-a)) * b;
+                if (lane == 0) {
+                    if (p.gb)
+                        a += p.gb[f];
+                    if (p.ub)
+                        b += p.ub[f];
+                    act[p.act_off + (int64_t)(t0 + j) * p.F + f] =
+                        expert_act(a, b, p.act, p.alpha, p.limit);
+                }
             }
         }
     }
@@ -231,7 +255,7 @@ static __device__ void down_row(const dec_piece &p, int h, int H, const float *a
                 float a = warp_sum(acc[j]);
 
                 if (lane == 0)
-                    y[(size_t)(p.row0 + t0 + j) * H + h] = a;
+                    y[(size_t)(p.row0 + t0 + j) * H + h] = p.db ? a + p.db[h] : a;
             }
         }
     }
@@ -332,17 +356,39 @@ static __global__ void gather(const float *x, int H, const int32_t *tok, int n, 
         dst[c] = from_f32<T>(src[c]);
 }
 
-/* a[i, f] = silu(g[i, f]) * u[i, f] in T; g and u rows ld floats apart. */
+/* The expert's activation parameters, for the GEMM path's kernels. */
+struct act_params {
+    const float *gb, *ub; /* gate and up biases [F] or NULL */
+    int act;              /* enum moe_activation */
+    float alpha, limit;
+};
+
+/* a[i, f] = act(g[i, f] + gb[f], u[i, f] + ub[f]) in T; g and u rows ld
+ * floats apart. */
 template <typename T>
-static __global__ void swiglu(const float *g, const float *u, int64_t ld, int F, int n, T *a)
+static __global__ void swiglu(const float *g, const float *u, int64_t ld, int F, int n,
+                              act_params ap, T *a)
 {
     const int i = blockIdx.x;
 
     for (int f = blockIdx.y * blockDim.x + threadIdx.x; f < F; f += gridDim.y * blockDim.x) {
         float gv = g[i * ld + f], uv = u[i * ld + f];
 
-        a[(size_t)i * F + f] = from_f32<T>(gv / (1.0f + expf(-gv)) * uv);
+        if (ap.gb)
+            gv += ap.gb[f];
+        if (ap.ub)
+            uv += ap.ub[f];
+        a[(size_t)i * F + f] = from_f32<T>(expert_act(gv, uv, ap.act, ap.alpha, ap.limit));
     }
+}
+
+/* y[i, h] += b[h] for i < n, h < H. */
+static __global__ void add_bias(float *y, const float *b, int H, int n)
+{
+    const int i = blockIdx.x;
+
+    for (int h = blockIdx.y * blockDim.x + threadIdx.x; h < H; h += gridDim.y * blockDim.x)
+        y[(size_t)i * H + h] += b[h];
 }
 
 /* out[utok[k], c] += sum over rows r in rows[start[k] .. start[k+1]) of
@@ -668,6 +714,12 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
             d->gate = w->gate;
             d->up = w->up;
             d->down = w->down;
+            d->gb = w->gate_bias;
+            d->ub = w->up_bias;
+            d->db = w->down_bias;
+            d->act = (int)w->act;
+            d->alpha = w->alpha;
+            d->limit = w->limit;
             d->act_off = aoff;
             d->F = (int)w->ffn;
             d->row0 = pc[i].row0 - r0;
@@ -708,6 +760,7 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
          * of 2F rows gives each token's gate then up values. */
         const bool fused = (const uint8_t *)w->up == (const uint8_t *)w->gate + (size_t)F * H * es;
         const float *g = gu, *u;
+        const act_params ap = {w->gate_bias, w->up_bias, (int)w->act, w->alpha, w->limit};
         int64_t ld;
         cublasStatus_t s;
 
@@ -739,18 +792,20 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
             return blas_fail(cb, s, "expert gate/up GEMM");
         switch (w->dtype) {
         case MOE_DTYPE_BF16:
-            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, (__nv_bfloat16 *)a);
+            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, ap, (__nv_bfloat16 *)a);
             break;
         case MOE_DTYPE_F16:
-            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, (__half *)a);
+            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, ap, (__half *)a);
             break;
         default:
-            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, (float *)a);
+            swiglu<<<sgrid, 256, 0, cb->stream>>>(g, u, ld, F, n, ap, (float *)a);
             break;
         }
         s = gemm_rows(cb, w->dtype, w->down, H, F, a, n, yp, H);
         if (s != CUBLAS_STATUS_SUCCESS)
             return blas_fail(cb, s, "expert down GEMM");
+        if (w->down_bias)
+            add_bias<<<ggrid, 256, 0, cb->stream>>>(yp, w->down_bias, (int)H, n);
     }
     if (n_u > 0) {
         const dim3 cgrid((unsigned)n_u, (unsigned)((H + COMBINE_TPB - 1) / COMBINE_TPB));
@@ -780,6 +835,11 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
     if (w->dtype != MOE_DTYPE_F32 && w->dtype != MOE_DTYPE_F16 && w->dtype != MOE_DTYPE_BF16)
         return -EINVAL;
     if (w->hidden != hidden || w->ffn <= 0 || w->ffn > INT32_MAX / 2)
+        return -EINVAL;
+    if (w->act != MOE_ACT_SILU && w->act != MOE_ACT_SWIGLU_CLAMP)
+        return -EINVAL;
+    if (w->act == MOE_ACT_SWIGLU_CLAMP &&
+        !(isfinite(w->alpha) && w->alpha > 0 && isfinite(w->limit) && w->limit > 0))
         return -EINVAL;
     for (int j = 0; j < wk->n_tokens; j++) {
         if (wk->tokens[j] < 0 || wk->tokens[j] >= n_tokens)

@@ -74,7 +74,7 @@ PY
 echo
 echo "== the model families moed serves: a small checkpoint of each, its routing rule, one MoE layer"
 families="mixtral qwen2_moe qwen3_moe qwen3_next qwen3_5_moe olmoe deepseek_v2 deepseek_v3
-    kimi_k2 glm4_moe llama4_text"
+    kimi_k2 glm4_moe llama4_text gpt_oss"
 for arch in $families; do
     $moectl gen-model --arch "$arch" --out "$demo/families/$arch" --force -q >/dev/null
     $moectl inspect --model "$demo/families/$arch" --json >"$demo/families/$arch.json"
@@ -89,7 +89,7 @@ import numpy as np
 
 moectl, root, archs = sys.argv[1], sys.argv[2], sys.argv[3:]
 print(f"{'family':<12} {'layers':>6} {'MoE':>4} {'experts':>7} {'top-k':>5} {'shared':>6} "
-      f"{'layout':<16} {'scores':<13} {'layer':>5} {'run ms':>7}")
+      f"{'layout':<17} {'scores':<13} {'layer':>5} {'run ms':>7}")
 for arch in archs:
     d = f"{root}/{arch}"
     info = json.load(open(f"{d}.json"))
@@ -101,7 +101,7 @@ for arch in archs:
                     f"{d}.x.npy", "--out", f"{d}.y.npy", "-q"], check=True)
     ms = (time.perf_counter() - t0) * 1e3
     print(f"{arch:<12} {info['layers']:>6} {info['moe_layers']:>4} {info['experts']:>7} "
-          f"{info['top_k']:>5} {info['shared_experts']:>6} {info['expert_layout']:<16} "
+          f"{info['top_k']:>5} {info['shared_experts']:>6} {info['expert_layout']:<17} "
           f"{info['score_func']:<13} {layer:>5} {ms:>7.1f}")
 PY
 

@@ -25,7 +25,7 @@ _moectl()
     case $prev in
     --arch)
         COMPREPLY=($(compgen -W "mixtral qwen2_moe qwen3_moe qwen3_next qwen3_5_moe olmoe
-            deepseek_v3 deepseek_v2 kimi_k2 glm4_moe llama4_text" -- "$cur"))
+            deepseek_v3 deepseek_v2 kimi_k2 glm4_moe llama4_text gpt_oss" -- "$cur"))
         return 0 ;;
     --dtype)
         COMPREPLY=($(compgen -W "bf16 f16 f32" -- "$cur"))

@@ -17,11 +17,12 @@
  *   0. prepare every token's x in the layout the kernel reads, once per
  *      (weight dtype, precision) the work items use;
  *   1. tasks (work item, block of FBLK ffn rows): gate and up rows of the
- *      block against the item's tokens, SwiGLU, stored (prepared) into the
- *      item's intermediate rows;
+ *      block against the item's tokens, plus their biases (gpt-oss), the
+ *      expert's activation (SwiGLU, or gpt-oss's clamped one), stored
+ *      (prepared) into the item's intermediate rows;
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
  *      down rows of the block against its intermediate rows, then
- *      out[t, block] += s * y for each of its tokens.
+ *      out[t, block] += s * (y + down bias) for each of its tokens.
  * Every output element is written by one task, in work-item order, and the
  * kernels' arithmetic per element does not depend on the tiling, so results
  * are bit-identical for any thread count and any timing, and a token's
@@ -60,6 +61,7 @@
  */
 #include <assert.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,6 +375,27 @@ static void round_bf16(float *v, int n)
         v[i] = moe_bf16_to_f32(moe_f32_to_bf16(v[i]));
 }
 
+/*
+ * The clamped SwiGLU in bf16 as torch computes it for a bf16 gpt-oss
+ * (g and u already bf16): each operation's result rounded to bf16, into g.
+ */
+static void swiglu_clamp_b16(float *g, const float *u, int n, float alpha, float limit)
+{
+    const float a = moe_bf16_to_f32(moe_f32_to_bf16(alpha));
+    const float lim = moe_bf16_to_f32(moe_f32_to_bf16(limit));
+
+    for (int i = 0; i < n; i++) {
+        float gc = g[i] < lim ? g[i] : lim;
+        float uc = u[i] < -lim ? -lim : u[i] > lim ? lim : u[i];
+        float z = moe_bf16_to_f32(moe_f32_to_bf16(gc * a));
+        float sg = moe_bf16_to_f32(moe_f32_to_bf16(1.0f / (1.0f + expf(-z))));
+        float glu = moe_bf16_to_f32(moe_f32_to_bf16(gc * sg));
+        float u1 = moe_bf16_to_f32(moe_f32_to_bf16(uc + 1.0f));
+
+        g[i] = moe_bf16_to_f32(moe_f32_to_bf16(u1 * glu));
+    }
+}
+
 /* Phase 1: one block of FBLK ffn rows of one work item. */
 static void ffn_up_task(void *arg, int task, int thread)
 {
@@ -413,7 +436,26 @@ static void ffn_up_task(void *arg, int task, int thread)
         float *g = yg + (size_t)j * FBLK;
         float *u = yu + (size_t)j * FBLK;
 
-        if (b16 && c->k->swiglu_b16) {
+        if (e->gate_bias || e->up_bias) {
+            /* torch in bf16 rounds the product, then the sum with the bias */
+            if (b16) {
+                round_bf16(g, nr);
+                round_bf16(u, nr);
+            }
+            for (int i = 0; e->gate_bias && i < nr; i++)
+                g[i] += e->gate_bias[f0 + i];
+            for (int i = 0; e->up_bias && i < nr; i++)
+                u[i] += e->up_bias[f0 + i];
+            if (b16) {
+                round_bf16(g, nr);
+                round_bf16(u, nr);
+            }
+        }
+        if (e->act == MOE_ACT_SWIGLU_CLAMP && b16) {
+            swiglu_clamp_b16(g, u, nr, e->alpha, e->limit);
+        } else if (e->act == MOE_ACT_SWIGLU_CLAMP) {
+            c->k->swiglu_clamp(g, u, nr, e->alpha, e->limit, g);
+        } else if (b16 && c->k->swiglu_b16) {
             c->k->swiglu_b16(g, u, nr, g);
         } else if (b16) {
             /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
@@ -458,8 +500,15 @@ static void ffn_down_task(void *arg, int task, int thread)
             const float *yj = y + (size_t)j * HBLK;
             float s = wk->scales[j];
 
-            for (int r = 0; r < nr; r++)
-                o[r] += s * yj[r];
+            if (e->down_bias) {
+                const float *db = e->down_bias + h0;
+
+                for (int r = 0; r < nr; r++)
+                    o[r] += s * (yj[r] + db[r]);
+            } else {
+                for (int r = 0; r < nr; r++)
+                    o[r] += s * yj[r];
+            }
         }
     }
 }
@@ -478,6 +527,11 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
     if (!e || !wk->tokens || !wk->scales || !e->gate || !e->up || !e->down)
         return -EINVAL;
     if (!moe_dtype_is_compute(e->dtype) || e->hidden != hidden || e->ffn <= 0 || e->ffn > INT32_MAX)
+        return -EINVAL;
+    if (e->act != MOE_ACT_SILU && e->act != MOE_ACT_SWIGLU_CLAMP)
+        return -EINVAL;
+    if (e->act == MOE_ACT_SWIGLU_CLAMP &&
+        !(isfinite(e->alpha) && e->alpha > 0 && isfinite(e->limit) && e->limit > 0))
         return -EINVAL;
     for (int j = 0; j < wk->n_tokens; j++)
         if (wk->tokens[j] < 0 || wk->tokens[j] >= n_tokens)

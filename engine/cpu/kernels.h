@@ -21,6 +21,7 @@
 #ifndef MOED_ENGINE_CPU_KERNELS_H
 #define MOED_ENGINE_CPU_KERNELS_H
 
+#include <math.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -65,6 +66,24 @@ void moe_cpu_round_f32(void *prepared, int64_t n_pad);
 
 /* out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n. */
 typedef void (*moe_cpu_swiglu_fn)(const float *g, const float *u, int64_t n, float *out);
+
+/*
+ * gpt-oss's clamped SwiGLU (MOE_ACT_SWIGLU_CLAMP, backend.h), i < n:
+ *   gc = min(g[i], limit), uc = clamp(u[i], -limit, limit),
+ *   out[i] = (uc + 1) * gc / (1 + exp(-alpha * gc)).
+ * out may be g.
+ */
+typedef void (*moe_cpu_swiglu_clamp_fn)(const float *g, const float *u, int64_t n, float alpha,
+                                        float limit, float *out);
+
+/* The scalar form of moe_cpu_swiglu_clamp_fn, for the variants' tails. */
+static inline float moe_cpu_swiglu_clamp1(float g, float u, float alpha, float limit)
+{
+    float gc = g < limit ? g : limit;
+    float uc = u < -limit ? -limit : u > limit ? limit : u;
+
+    return (uc + 1.0f) * (gc / (1.0f + expf(-alpha * gc)));
+}
 
 /*
  * A register tile of a vectorised variant: y[t * ldy + r * ys] (+)= the dot
@@ -118,6 +137,7 @@ struct moe_cpu_kernel {
      * that one precision always takes one code path. */
     moe_cpu_dot_fn dot_b16[3];
     moe_cpu_swiglu_fn swiglu;
+    moe_cpu_swiglu_clamp_fn swiglu_clamp;
     /* Optional (NULL: the backend does it with swiglu and scalar rounding):
      * out[i] = bf16(bf16(silu(bf16(g[i]))) * bf16(u[i])), with swiglu's silu;
      * compute_precision bf16. */

@@ -356,6 +356,25 @@ static void swiglu(const float *g, const float *u, int64_t n, float *out)
         out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+static void swiglu_clamp(const float *g, const float *u, int64_t n, float alpha, float limit,
+                         float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(limit);
+    const __m256 nlim = _mm256_set1_ps(-limit), na = _mm256_set1_ps(-alpha);
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_min_ps(_mm256_loadu_ps(g + i), lim);
+        __m256 uv = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(u + i), lim), nlim);
+        __m256 e = exp256(_mm256_mul_ps(na, gv));
+        __m256 glu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_add_ps(uv, one), glu));
+    }
+    for (; i < n; i++)
+        out[i] = moe_cpu_swiglu_clamp1(g[i], u[i], alpha, limit);
+}
+
 /* Rounds to bf16 (to nearest even) as moe_f32_to_bf16 does, NaNs kept
  * quiet, returned as fp32. */
 INLINE __m256 round_b16(__m256 x)
@@ -410,5 +429,6 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
     .round = {round_f32, round_f32, round_f32},
     .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
+    .swiglu_clamp = swiglu_clamp,
     .swiglu_b16 = swiglu_b16,
 };

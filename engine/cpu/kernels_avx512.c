@@ -360,6 +360,23 @@ static void swiglu(const float *g, const float *u, int64_t n, float *out)
     }
 }
 
+static void swiglu_clamp(const float *g, const float *u, int64_t n, float alpha, float limit,
+                         float *out)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), lim = _mm512_set1_ps(limit);
+    const __m512 nlim = _mm512_set1_ps(-limit), na = _mm512_set1_ps(-alpha);
+
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = i + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 gv = _mm512_min_ps(_mm512_maskz_loadu_ps(m, g + i), lim);
+        __m512 uv = _mm512_max_ps(_mm512_min_ps(_mm512_maskz_loadu_ps(m, u + i), lim), nlim);
+        __m512 e = exp512(_mm512_mul_ps(na, gv));
+        __m512 glu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_add_ps(uv, one), glu));
+    }
+}
+
 const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .name = "avx512",
     .prep = {prep_f32, prep_f32, prep_bf16},
@@ -367,4 +384,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .round = {moe_cpu_round_f32, moe_cpu_round_f32, round_bf16},
     .dot_b16 = {dot_f32, dot_f16, dot_b16h},
     .swiglu = swiglu,
+    .swiglu_clamp = swiglu_clamp,
 };

@@ -124,6 +124,13 @@ static void swiglu(const float *g, const float *u, int64_t n, float *out)
         out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+static void swiglu_clamp(const float *g, const float *u, int64_t n, float alpha, float limit,
+                         float *out)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[i] = moe_cpu_swiglu_clamp1(g[i], u[i], alpha, limit);
+}
+
 const struct moe_cpu_kernel moe_cpu_kernel_generic = {
     .name = "generic",
     .prep = {prep_f32, prep_f32, prep_f32},
@@ -131,4 +138,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_generic = {
     .round = {moe_cpu_round_f32, moe_cpu_round_f32, moe_cpu_round_f32},
     .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
+    .swiglu_clamp = swiglu_clamp,
 };

@@ -22,6 +22,8 @@
 #include "tests.h"
 
 #include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
 
 /* The GPU engines under test: name, config. */
 static const struct {
@@ -76,6 +78,10 @@ static const struct model_case models[] = {
     {MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_F32, 64, 48},
     /* Rows not a multiple of 8 elements: the scalar fallback of the decode kernels. */
     {MOE_ARCH_QWEN2_MOE, MOE_DTYPE_BF16, 36, 20},
+    /* gpt-oss: router and expert biases, the clamped SwiGLU. */
+    {MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, 64, 48},
+    {MOE_ARCH_GPT_OSS, MOE_DTYPE_F32, 64, 48},
+    {MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, 36, 20},
 };
 
 static struct moe_engine *gpu_cache_engine(struct moe_model *m, struct moe_backend *gpu,
@@ -129,6 +135,20 @@ static void check_model(const struct model_case *mc)
     o.seed = 3;
     if (moe_genmodel_write(&o, &err) != 0)
         FAIL("gen-model: %s", err.msg);
+    if (mc->arch == MOE_ARCH_GPT_OSS) {
+        /* A limit the gate and up values cross often, as test-layer. */
+        char *path = NULL;
+        json_t *c;
+
+        ASSERT_TRUE(asprintf(&path, "%s/config.json", dir) > 0);
+        c = json_load_file(path, 0, NULL);
+        ASSERT_TRUE(c);
+        json_object_set_new(c, "swiglu_limit", json_real(0.75));
+        json_object_set_new(c, "swiglu_alpha", json_real(1.3));
+        ASSERT_EQ(json_dump_file(c, path, 0), 0);
+        json_decref(c);
+        free(path);
+    }
     ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
     ASSERT_EQ(moe_backend_cpu_init(&ccfg, &cpu, NULL), 0);
     ASSERT_EQ(moe_engine_init(m, cpu, &ecpu), 0);

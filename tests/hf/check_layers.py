@@ -196,7 +196,10 @@ def reference(block, x, dtype):
     block's dtype): (y [T, H] float32, ids [T, k], tie [T] bool)."""
     t = torch.from_numpy(x).to(dtype).unsqueeze(0)
     with torch.no_grad():
-        y = block(t)[0].float().numpy()
+        y = block(t)
+        # gpt-oss's block returns (hidden states, router scores), the others
+        # the hidden states alone.
+        y = (y[0] if isinstance(y, tuple) else y).reshape(x.shape).float().numpy()
         idx = fam.route_ids(block, t.view(-1, t.shape[-1]))
     ids = idx.numpy().astype(np.int32)
     return y, ids, near_ties(block, x, dtype)
@@ -208,6 +211,9 @@ def near_ties(block, x, dtype):
     g = fam.router(block)
     w = g.weight.detach().double().numpy()
     logits = x.astype(np.float64) @ w.T
+    b = getattr(g, "bias", None)
+    if isinstance(b, torch.Tensor):
+        logits = logits + b.detach().double().numpy()  # gpt-oss's router bias
     k = g.top_k
     if hasattr(g, "e_score_correction_bias"):
         # DeepSeek-V3: float32 router in both; selection by sigmoid + bias,
@@ -321,6 +327,7 @@ def check_inspect(name, info, model, dtype, layout):
     b = next(x for x in blocks if x is not None)
     g = fam.router(b)
     llama4 = cfg.model_type == "llama4_text"
+    gpt_oss = cfg.model_type == "gpt_oss"
     shared = (1 if hasattr(b, "shared_expert") else
               getattr(cfg, "n_shared_experts", 0) if hasattr(b, "shared_experts") else 0)
     want = {
@@ -344,9 +351,16 @@ def check_inspect(name, info, model, dtype, layout):
         "dtype": {"float32": "f32", "bfloat16": "bf16"}[dtype],
         # transformers keeps Llama 4's experts fused and transposed whatever
         # save_original_format says.
-        "expert_layout": ("fused-transposed" if llama4 else
+        # gpt-oss's: fused, transposed and interleaved, in every layout.
+        "expert_layout": ("fused-transposed" if llama4 else "fused-interleaved" if gpt_oss else
                           "fused" if layout == "fused" else "per-expert"),
+        "router_bias": gpt_oss,
+        "expert_bias": gpt_oss,
+        "activation": "swiglu_clamp" if gpt_oss else "silu",
     }
+    if gpt_oss:
+        want["swiglu_alpha"] = float(b.experts.alpha)
+        want["swiglu_limit"] = float(b.experts.limit)
     for k, v in want.items():
         got = info.get(k)
         if isinstance(v, float) and isinstance(got, (int, float)):
@@ -380,16 +394,10 @@ def check_checkpoint(a, st, grpc, family, dtype, layout, d):
         m.eval()
     check_inspect(name, info, models["hf"][0], dtype, layout)
     packed = None
-    if layout == "fused" and family == "llama4_text":
-        # Transposed experts: pack says it cannot store them (yet), clearly.
-        r = run([a.moectl, "pack", "--model", d, "--out", os.path.join(a.workdir, name + "-packed"),
-                 "-q"])
-        if r.returncode == 0 or "transposed" not in r.stderr:
-            fail(f"{name}: moectl pack of transposed experts: rc {r.returncode}, "
-                 f"{r.stderr.strip()!r}: expected a refusal naming them")
-    elif layout == "fused":
-        # A packed store of the fused checkpoint: per-expert blobs, checked
-        # byte for byte against the checkpoint, then served like it (local).
+    if layout == "fused":
+        # A packed store of the fused checkpoint: per-expert blobs (Llama 4's
+        # and gpt-oss's transposed experts made plain), checked byte for byte
+        # against the checkpoint, then served like it (local).
         packed = os.path.join(a.workdir, name + "-packed")
         r = run([a.moectl, "pack", "--model", d, "--out", packed, "-q"])
         if r.returncode == 0:

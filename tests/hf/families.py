@@ -34,7 +34,13 @@ a wrong answer instead of a lucky right one:
     expert's input, not its output, is scaled by its own sigmoid), the shared
     expert, dense and MoE layers interleaved (interleave_moe_layer_step 2),
     and experts that transformers keeps fused and transposed in every layout
-    (feed_forward.experts.gate_up_proj [E, H, 2F], down_proj [E, F, H]).
+    (feed_forward.experts.gate_up_proj [E, H, 2F], down_proj [E, F, H]);
+  - gpt_oss: top-3 (the config's default is 4), a router with a random,
+    non-zero bias (transformers makes it zero), experts fused, transposed and
+    interleaved in every layout (mlp.experts.gate_up_proj [E, H, 2F], gate at
+    even columns, up at odd ones) with random biases, and a clamped SwiGLU
+    whose swiglu_limit (1.25) and swiglu_alpha (1.5) differ from the release's
+    7.0 and 1.702, so that the clamps act on a good part of the elements.
 
 Layouts: "single" and "sharded" are save_pretrained's per-expert names
 (save_original_format=True); "fused" is transformers 5's own layout
@@ -43,7 +49,7 @@ Layouts: "single" and "sharded" are save_pretrained's per-expert names
 import os
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
-            "glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text"]
+            "glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text", "gpt_oss"]
 DTYPES = ["float32", "bfloat16"]
 LAYOUTS = ["single", "sharded", "fused"]
 
@@ -107,6 +113,14 @@ def config_kwargs(family):
         return dict(COMMON, num_hidden_layers=4, head_dim=32, intermediate_size=64,
                     intermediate_size_mlp=160, num_local_experts=8, num_experts_per_tok=2,
                     interleave_moe_layer_step=2)
+    if family == "gpt_oss":
+        return dict(COMMON, num_hidden_layers=3, head_dim=32, intermediate_size=64,
+                    num_local_experts=8, num_experts_per_tok=3, swiglu_limit=1.25,
+                    swiglu_alpha=1.5, sliding_window=16,
+                    # YaRN as released, scaled to this context.
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=2.0,
+                                         beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                         original_max_position_embeddings=128))
     raise ValueError(family)
 
 
@@ -125,6 +139,7 @@ def config_class(family):
         # model.language_model.*) is checked by the unit tests.
         "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig,
         "llama4_text": transformers.Llama4TextConfig,
+        "gpt_oss": transformers.GptOssConfig,
     }[family]
 
 
@@ -154,6 +169,9 @@ def router(block):
 
 def route_ids(block, t):
     """The experts transformers' block picks for t [T, H]: [T, k] int64."""
+    if hasattr(block, "router") and getattr(block.router, "bias", None) is not None:
+        # gpt-oss: GptOssTopKRouter returns (logits, scores, indices).
+        return block.router(t)[2]
     if hasattr(block, "router"):
         # Llama 4: top-k of the logits (the scores are their sigmoid).
         _, logits = block.router(t)

@@ -4,7 +4,8 @@
 For each family of families.py: the model class that transformers maps the
 config to (AutoModelForCausalLM.from_config: nothing from a hub), randomly
 initialised with a fixed seed, router weights scaled up (ROUTER_SCALE) and,
-for DeepSeek-V3, a random non-zero e_score_correction_bias; then
+for DeepSeek-V3, a random non-zero e_score_correction_bias (for gpt-oss a
+random router bias); then
 save_pretrained in float32 and bfloat16, as one model.safetensors and
 sharded (max_shard_size small enough for at least two shards and an index).
 
@@ -64,6 +65,10 @@ def build(family, seed):
             w = fam.router(block).weight
             # Some routers start at zero until _init_weights; draw our own.
             w.copy_(torch.randn(w.shape, generator=g) * 0.02 * fam.ROUTER_SCALE)
+            b = getattr(fam.router(block), "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                # gpt-oss's router bias starts at zero.
+                b.copy_((torch.rand(b.shape, generator=g) - 0.5) * 0.4)
             if hasattr(fam.router(block), "e_score_correction_bias"):
                 b = block.gate.e_score_correction_bias
                 b.copy_((torch.rand(b.shape, generator=g) - 0.5) * 0.4)

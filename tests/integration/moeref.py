@@ -82,8 +82,19 @@ class Family:
         self.n_group = self.topk_group = 1
         self.scale = 1.0
         self.topk_sigmoid = False  # Llama 4: top-k of the logits, sigmoid scales the input
+        self.gpt_oss = False  # router bias, expert biases, clamped SwiGLU
         self.k = cfg["num_experts_per_tok"]
-        if mt == "llama4_text":
+        if mt == "gpt_oss":
+            # GptOssMLP: logits + bias, top-k, softmax over the k (the
+            # renormalised softmax); transformers' GptOssConfig defaults.
+            self.E = cfg.get("num_local_experts", cfg.get("num_experts"))
+            self.moe = "mlp"
+            self.proj = None
+            self.norm = True
+            self.gpt_oss = True
+            self.alpha = cfg.get("swiglu_alpha", 1.702)
+            self.limit = cfg.get("swiglu_limit", 7.0)
+        elif mt == "llama4_text":
             self.E = cfg["num_local_experts"]
             self.moe = "feed_forward"
             self.proj = ("gate_proj", "up_proj", "down_proj")
@@ -206,12 +217,25 @@ def expert(x, gate, up, down):
     return (silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
+def gpt_oss_expert(x, gu, gub, dn, dnb, alpha, limit):
+    """transformers' GptOssExperts for one expert, in float64: x @ W + b
+    with W [H, 2F], gate the even columns, up the odd ones, clamped."""
+    h = x @ gu + gub
+    gate, up = np.minimum(h[:, ::2], limit), np.clip(h[:, 1::2], -limit, limit)
+    return ((up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))) @ dn + dnb
+
+
 def layer_reference(ck, fam, layer, x, ids=None):
     """Routes x (unless ids are given) and returns (ids, weights, y, sel)."""
     p = fam.router_prefix(ck, layer)
     x = x.astype(np.float64)
-    router = f"{fam.prefix(layer)}.router.weight" if fam.topk_sigmoid else f"{p}.gate.weight"
+    if fam.topk_sigmoid or fam.gpt_oss:
+        router = f"{fam.prefix(layer)}.router.weight"
+    else:
+        router = f"{p}.gate.weight"
     logits = x @ ck.get(router).T
+    if fam.gpt_oss:
+        logits = logits + ck.get(f"{fam.prefix(layer)}.router.bias")
     bias = ck.get(f"{p}.gate.e_score_correction_bias") if fam.bias else None
     sel, ws = fam.selection_scores(logits, bias)
     if ids is None:
@@ -225,6 +249,15 @@ def routed_output(ck, fam, layer, x, ids, w):
     p = fam.prefix(layer)
     x = x.astype(np.float64)
     y = np.zeros_like(x)
+    if fam.gpt_oss:
+        e = f"{p}.experts"
+        gu, gub = ck.get(f"{e}.gate_up_proj"), ck.get(f"{e}.gate_up_proj_bias")
+        dn, dnb = ck.get(f"{e}.down_proj"), ck.get(f"{e}.down_proj_bias")
+        for ex in np.unique(ids):
+            rows, slot = np.nonzero(ids == ex)
+            y[rows] += w[rows, slot][:, None] * gpt_oss_expert(
+                x[rows], gu[ex], gub[ex], dn[ex], dnb[ex], fam.alpha, fam.limit)
+        return y
     g, u, d = fam.proj
     fused = f"{fam.layers}.{layer}.mlp.experts"
     if fam.topk_sigmoid and ck.has(f"{p}.experts.gate_up_proj"):

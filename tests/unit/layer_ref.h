@@ -5,7 +5,10 @@
  * double for a given routing.  Experts are read once per call, on first
  * use.  Llama 4's transposed experts are read as stored and rearranged here
  * (not by the engine's moe_expert_untranspose), and its routing weight
- * scales the expert's input.
+ * scales the expert's input.  gpt-oss's: transposed with gate and up
+ * interleaved, rearranged here too; its biases and clamped SwiGLU
+ * (transformers' GptOssExperts) in double, and its router (logits plus
+ * bias, top-k, softmax over the k) in layer_ref_route_gpt_oss.
  */
 #ifndef MOED_TESTS_LAYER_REF_H
 #define MOED_TESTS_LAYER_REF_H
@@ -22,6 +25,9 @@
 struct dexpert {
     int64_t H, F;
     double *g, *u, *d;
+    const double *gb, *ub, *db; /* gpt-oss biases [F], [F], [H], or NULL */
+    bool clamp;                 /* gpt-oss's clamped SwiGLU */
+    double alpha, limit;
 };
 
 static inline double *tensor_f64(const struct moe_model *m, const struct moe_tensor_ref *t)
@@ -69,8 +75,10 @@ static inline void dexpert_load(const struct moe_model *m, const struct moe_expe
         memcpy(dn, d->d, sizeof(double) * (size_t)(F * H));
         for (int64_t f = 0; f < F; f++)
             for (int64_t c = 0; c < H; c++) {
-                d->g[f * H + c] = gu[c * 2 * F + f];
-                d->u[f * H + c] = gu[c * 2 * F + F + f];
+                /* gpt-oss: gate at column 2f, up at 2f + 1 */
+                d->g[f * H + c] = x->interleaved ? gu[c * 2 * F + 2 * f] : gu[c * 2 * F + f];
+                d->u[f * H + c] =
+                    x->interleaved ? gu[c * 2 * F + 2 * f + 1] : gu[c * 2 * F + F + f];
                 d->d[c * F + f] = dn[f * H + c];
             }
         free(gu);
@@ -96,10 +104,22 @@ static inline void dexpert_apply_in(const struct dexpert *e, const float *x, dou
             a += e->g[f * e->H + c] * (in_scale * x[c]);
             b += e->u[f * e->H + c] * (in_scale * x[c]);
         }
-        h[f] = a / (1.0 + exp(-a)) * b;
+        if (e->gb)
+            a += e->gb[f];
+        if (e->ub)
+            b += e->ub[f];
+        if (e->clamp) {
+            /* gate = gate.clamp(max=limit), up = up.clamp(-limit, limit),
+             * (up + 1) * gate * sigmoid(gate * alpha) */
+            double gc = fmin(a, e->limit), uc = fmax(fmin(b, e->limit), -e->limit);
+
+            h[f] = (uc + 1.0) * gc / (1.0 + exp(-e->alpha * gc));
+        } else {
+            h[f] = a / (1.0 + exp(-a)) * b;
+        }
     }
     for (int64_t r = 0; r < e->H; r++) {
-        double acc = 0;
+        double acc = e->db ? e->db[r] : 0.0;
 
         for (int64_t f = 0; f < e->F; f++)
             acc += e->d[r * e->F + f] * h[f];
@@ -121,7 +141,7 @@ static inline void layer_ref(const struct moe_model *m, int layer, const float *
     const struct moe_layer *L = &m->layers[layer];
     const int H = m->cfg.hidden, K = m->cfg.top_k, E = m->cfg.n_experts;
     struct dexpert *ex = calloc((size_t)E, sizeof(*ex)), sh = {0};
-    double *gate = NULL, *h;
+    double *gate = NULL, *h, *gub = NULL, *dnb = NULL;
     int64_t F = L->experts[0].gate.rows;
 
     if (L->has_shared && L->shared.gate.rows > F)
@@ -133,6 +153,21 @@ static inline void layer_ref(const struct moe_model *m, int layer, const float *
         dexpert_load(m, &L->shared, &sh);
     if (L->has_shared_gate)
         gate = tensor_f64(m, &L->shared_gate);
+    if (L->has_expert_bias) {
+        /* gate_up_proj_bias [E, 2F] interleaved; down_proj_bias [E, H] */
+        double *raw = tensor_f64(m, &L->gate_up_bias);
+        const int64_t Fe = L->experts[0].gate.rows;
+
+        gub = malloc(sizeof(double) * (size_t)(2 * Fe * E));
+        ASSERT_TRUE(gub);
+        for (int64_t i = 0; i < E; i++)
+            for (int64_t f = 0; f < Fe; f++) {
+                gub[i * 2 * Fe + f] = raw[i * 2 * Fe + 2 * f];
+                gub[i * 2 * Fe + Fe + f] = raw[i * 2 * Fe + 2 * f + 1];
+            }
+        free(raw);
+        dnb = tensor_f64(m, &L->down_bias);
+    }
     memset(y, 0, (size_t)T * H * sizeof(double));
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * H;
@@ -142,8 +177,17 @@ static inline void layer_ref(const struct moe_model *m, int layer, const float *
 
             if (e < 0)
                 continue; /* left out of a partial forward */
-            if (!ex[e].g)
+            if (!ex[e].g) {
                 dexpert_load(m, &L->experts[e], &ex[e]);
+                ex[e].clamp = m->cfg.act == MOE_ACT_SWIGLU_CLAMP;
+                ex[e].alpha = m->cfg.swiglu_alpha;
+                ex[e].limit = m->cfg.swiglu_limit;
+                if (gub) {
+                    ex[e].gb = gub + (size_t)e * 2 * ex[e].F;
+                    ex[e].ub = ex[e].gb + ex[e].F;
+                    ex[e].db = dnb + (size_t)e * H;
+                }
+            }
             if (m->cfg.scale_input) /* Llama 4: the weight scales the input */
                 dexpert_apply_in(&ex[e], xt, w[t * K + j], 1.0, y + (size_t)t * H, h);
             else
@@ -167,7 +211,54 @@ static inline void layer_ref(const struct moe_model *m, int layer, const float *
     dexpert_free(&sh);
     free(ex);
     free(gate);
+    free(gub);
+    free(dnb);
     free(h);
+}
+
+/*
+ * gpt-oss's router in double (GptOssTopKRouter): logits = W x + b, the
+ * top_k largest (ties: lower id), softmax over those k; ids and w
+ * [T, top_k] in descending order of weight.
+ */
+static inline void layer_ref_route_gpt_oss(const struct moe_model *m, int layer, const float *x,
+                                           int T, int32_t *ids, double *w)
+{
+    const struct moe_layer *L = &m->layers[layer];
+    const int H = m->cfg.hidden, K = m->cfg.top_k, E = m->cfg.n_experts;
+    double *W = tensor_f64(m, &L->router), *b = tensor_f64(m, &L->router_bias);
+    double *l = malloc(sizeof(double) * (size_t)E);
+
+    ASSERT_TRUE(l && L->has_router_bias);
+    for (int t = 0; t < T; t++) {
+        double sum = 0;
+
+        for (int e = 0; e < E; e++) {
+            l[e] = b[e];
+            for (int c = 0; c < H; c++)
+                l[e] += W[(size_t)e * H + c] * x[(size_t)t * H + c];
+        }
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+
+            for (int e = 0; e < E; e++) {
+                bool taken = false;
+
+                for (int i = 0; i < j; i++)
+                    taken |= ids[t * K + i] == e;
+                if (!taken && (best < 0 || l[e] > l[best]))
+                    best = e;
+            }
+            ids[t * K + j] = best;
+        }
+        for (int j = 0; j < K; j++)
+            sum += exp(l[ids[t * K + j]] - l[ids[t * K]]);
+        for (int j = 0; j < K; j++)
+            w[t * K + j] = exp(l[ids[t * K + j]] - l[ids[t * K]]) / sum;
+    }
+    free(W);
+    free(b);
+    free(l);
 }
 
 #endif

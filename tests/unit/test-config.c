@@ -46,6 +46,17 @@ static const char *const base_json[MOE_ARCH_COUNT] = {
                              "\"topk_method\": \"noaux_tc\", \"num_nextn_predict_layers\": 1, "
                              "\"quantization_config\": {\"quant_method\": \"fp8\"}, "
                              "\"torch_dtype\": \"bfloat16\"}",
+    /* gpt-oss-20b's config.json as released (less its layer_types, rope
+     * and token ids): no swiglu_alpha, MXFP4 (refused by its tensors). */
+    [MOE_ARCH_GPT_OSS] = "{\"architectures\": [\"GptOssForCausalLM\"], \"model_type\": "
+                         "\"gpt_oss\", \"attention_bias\": true, \"experts_per_token\": 4, "
+                         "\"head_dim\": 64, \"hidden_act\": \"silu\", \"hidden_size\": 2880, "
+                         "\"intermediate_size\": 2880, \"num_attention_heads\": 64, "
+                         "\"num_experts_per_tok\": 4, \"num_hidden_layers\": 24, "
+                         "\"num_key_value_heads\": 8, \"num_local_experts\": 32, "
+                         "\"quantization_config\": {\"quant_method\": \"mxfp4\"}, "
+                         "\"router_aux_loss_coef\": 0.9, \"sliding_window\": 128, "
+                         "\"swiglu_limit\": 7.0, \"tie_word_embeddings\": false}",
 };
 
 static int parse(const char *json, struct moe_model_config *c, struct moe_error *err)
@@ -334,6 +345,49 @@ static void test_defaults(void)
                              "num_hidden_layers - 1 (1)");
 }
 
+/* gpt-oss: mixtral's routing plus a router bias, experts with biases and
+ * the clamped SwiGLU; GptOssConfig's defaults (swiglu_alpha 1.702,
+ * swiglu_limit 7.0); num_experts is its alias of num_local_experts. */
+static void test_gpt_oss(void)
+{
+    struct moe_model_config c;
+    struct moe_error err = {0};
+
+    ASSERT_EQ(parse(base_json[MOE_ARCH_GPT_OSS], &c, &err), 0);
+    ASSERT_EQ(c.arch, MOE_ARCH_GPT_OSS);
+    ASSERT_EQ(c.n_layers, 24);
+    ASSERT_EQ(c.hidden, 2880);
+    ASSERT_EQ(c.expert_ffn, 2880);
+    ASSERT_EQ(c.n_experts, 32);
+    ASSERT_EQ(c.top_k, 4);
+    ASSERT_EQ(c.n_shared_experts, 0);
+    ASSERT_EQ(c.score_func, MOE_SCORE_SOFTMAX);
+    ASSERT_TRUE(c.norm_topk_prob && c.router_bias && c.expert_bias && !c.scale_input);
+    ASSERT_EQ(c.act, MOE_ACT_SWIGLU_CLAMP);
+    ASSERT_NEAR(c.swiglu_alpha, 1.702, 1e-6);
+    ASSERT_NEAR(c.swiglu_limit, 7.0, 0);
+    ASSERT_EQ(c.dtype, MOE_DTYPE_COUNT);
+    ASSERT_STREQ(c.layer_prefix, "model.layers.");
+    for (int i = 0; i < 24; i++)
+        ASSERT_TRUE(moe_config_layer_is_moe(&c, i));
+    moe_config_clear(&c);
+    /* As transformers 5 saves it: both SwiGLU keys, num_experts too. */
+    ASSERT_EQ(parse("{\"model_type\": \"gpt_oss\", \"hidden_size\": 64, "
+                    "\"intermediate_size\": 32, \"num_local_experts\": 8, \"num_experts\": 8, "
+                    "\"num_experts_per_tok\": 2, \"num_hidden_layers\": 2, "
+                    "\"swiglu_alpha\": 1.5, \"swiglu_limit\": 3, \"dtype\": \"float32\"}",
+                    &c, &err),
+              0);
+    ASSERT_NEAR(c.swiglu_alpha, 1.5, 0);
+    ASSERT_NEAR(c.swiglu_limit, 3.0, 0);
+    ASSERT_EQ(c.dtype, MOE_DTYPE_F32);
+    moe_config_clear(&c);
+    /* Other families keep silu and no biases. */
+    ASSERT_EQ(parse(base_json[MOE_ARCH_MIXTRAL], &c, &err), 0);
+    ASSERT_TRUE(!c.router_bias && !c.expert_bias && c.act == MOE_ACT_SILU);
+    moe_config_clear(&c);
+}
+
 static void test_dtype_keys(void)
 {
     static const struct {
@@ -601,6 +655,21 @@ static const struct bad_config bad_configs[] = {
     {MOE_ARCH_DEEPSEEK_V3, "first_k_dense_replace", "61",
      "none of the 61 layers is a MoE layer (first_k_dense_replace 61, moe_layer_freq 1)"},
     {MOE_ARCH_DEEPSEEK_V3, "first_k_dense_replace", "-3", "'first_k_dense_replace' is -3"},
+    /* gpt_oss */
+    {MOE_ARCH_GPT_OSS, "swiglu_limit", "0", "'swiglu_limit' is 0: expected a number > 0"},
+    {MOE_ARCH_GPT_OSS, "swiglu_limit", "\"7\"", "'swiglu_limit' is \"7\" (a string)"},
+    {MOE_ARCH_GPT_OSS, "swiglu_alpha", "-1.702", "'swiglu_alpha' is -1.702: expected a number > 0"},
+    {MOE_ARCH_GPT_OSS, "swiglu_alpha", "1e30",
+     "'swiglu_alpha' is 1e30: expected a number > 0 and at most 1e6"},
+    {MOE_ARCH_GPT_OSS, "num_local_experts", NULL,
+     "'num_local_experts' (or 'num_experts') is missing"},
+    {MOE_ARCH_GPT_OSS, "num_experts", "16",
+     "'num_local_experts' is 32 but 'num_experts' is 16: expected one expert count"},
+    {MOE_ARCH_GPT_OSS, "intermediate_size", NULL,
+     "'intermediate_size' is missing: expected an integer from 1 to 262144 (required for "
+     "gpt_oss)"},
+    {MOE_ARCH_GPT_OSS, "num_experts_per_tok", "33",
+     "'num_experts_per_tok' is 33: expected 1 to num_local_experts (32)"},
 };
 
 static void test_bad_configs(void)
@@ -710,6 +779,7 @@ int main(void)
 {
     test_families();
     test_defaults();
+    test_gpt_oss();
     test_dtype_keys();
     test_layer_rule();
     test_expert_count_alias();

@@ -6,7 +6,8 @@
  * reference that rounds as torch's bf16 block does); bit-identical results
  * for any thread count, and a token's result the same alone as in a batch;
  * argument checking; kernel selection and listing.  Variants the CPU lacks
- * are skipped with a message.
+ * are skipped with a message.  gpt-oss's experts (biases, clamped SwiGLU)
+ * take the same checks.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -103,11 +104,36 @@ static void matrix_free(struct matrix *m)
 struct expert {
     struct moe_expert_weights w;
     struct matrix gate, up, down;
+    float *bias; /* gpt-oss: gate [F], up [F], down [H] biases, or NULL */
 };
+
+/* gpt-oss's activation parameters in these tests: a limit that x's scale
+ * crosses often (the release's 7 would hardly ever clamp), an alpha of our
+ * own. */
+#define GPT_ALPHA 1.3f
+#define GPT_LIMIT 0.6f
+
+/* Gives e gpt-oss's biases and clamped SwiGLU. */
+static void expert_gpt_oss(struct expert *e, uint64_t *seed)
+{
+    int64_t F = e->w.ffn, H = e->w.hidden;
+
+    e->bias = moe_alloc_aligned((size_t)(2 * F + H) * sizeof(float));
+    ASSERT_TRUE(e->bias != NULL);
+    for (int64_t i = 0; i < 2 * F + H; i++)
+        e->bias[i] = 0.3f * test_rand_f32(seed);
+    e->w.gate_bias = e->bias;
+    e->w.up_bias = e->bias + F;
+    e->w.down_bias = e->bias + 2 * F;
+    e->w.act = MOE_ACT_SWIGLU_CLAMP;
+    e->w.alpha = GPT_ALPHA;
+    e->w.limit = GPT_LIMIT;
+}
 
 static void expert_init(struct expert *e, enum moe_dtype dt, int64_t hidden, int64_t ffn,
                         uint64_t *seed)
 {
+    e->bias = NULL;
     matrix_init(&e->gate, dt, ffn, hidden, 2.0 / sqrt((double)hidden), seed);
     matrix_init(&e->up, dt, ffn, hidden, 2.0 / sqrt((double)hidden), seed);
     matrix_init(&e->down, dt, hidden, ffn, 2.0 / sqrt((double)ffn), seed);
@@ -126,6 +152,7 @@ static void expert_free(struct expert *e)
     matrix_free(&e->gate);
     matrix_free(&e->up);
     matrix_free(&e->down);
+    moe_free_aligned(e->bias);
 }
 
 /* ---- the fp64 reference ----------------------------------------------------------- */
@@ -135,7 +162,26 @@ struct ref_bug {
     int skip_last_k;     /* ignore the last hidden column of gate */
     double scale_factor; /* multiply the first assignment's scale (1 = none) */
     int no_round;        /* bf16: 1 skips rounding x, 2 the intermediate */
+    int no_clamp;        /* gpt-oss: 1 skips the clamp of gate, 2 of up */
+    int no_bias;         /* gpt-oss: 1 skips the gate/up biases, 2 the down bias */
 };
+
+/* gpt-oss's clamped SwiGLU of g and u, in double; ra: every step rounded to
+ * bf16 as torch's bf16 GptOssExperts computes it. */
+static double clamp_act(double g, double u, bool ra, const struct ref_bug *bug)
+{
+    double a = ra ? round_bf16(GPT_ALPHA) : GPT_ALPHA, lim = ra ? round_bf16(GPT_LIMIT) : GPT_LIMIT;
+    double gc = bug && bug->no_clamp == 1 ? g : fmin(g, lim);
+    double uc = bug && bug->no_clamp == 2 ? u : fmax(fmin(u, lim), -lim);
+
+    if (!ra)
+        return (uc + 1.0) * (gc / (1.0 + exp(-a * gc)));
+    {
+        double z = round_bf16(gc * a), sg = round_bf16(1.0 / (1.0 + exp(-z)));
+
+        return round_bf16(round_bf16(uc + 1.0) * round_bf16(gc * sg));
+    }
+}
 
 /*
  * out[t, :] += s * down(silu(gate x[t]) * up x[t]) for every work item; for
@@ -181,7 +227,14 @@ static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
                     g += e->gate.ref[f * H + k] * xt[k];
                 for (int64_t k = 0; k < H; k++)
                     u += e->up.ref[f * H + k] * xt[k];
-                if (ra) {
+                if (e->bias && !(bug && bug->no_bias == 1)) {
+                    /* torch in bf16: the product rounded, then its sum */
+                    g = ra ? round_bf16(round_bf16(g) + e->w.gate_bias[f]) : g + e->w.gate_bias[f];
+                    u = ra ? round_bf16(round_bf16(u) + e->w.up_bias[f]) : u + e->w.up_bias[f];
+                }
+                if (e->w.act == MOE_ACT_SWIGLU_CLAMP) {
+                    act[f] = clamp_act(ra ? round_bf16(g) : g, ra ? round_bf16(u) : u, ra, bug);
+                } else if (ra) {
                     g = round_bf16(g);
                     act[f] = round_bf16(round_bf16(g / (1.0 + exp(-g))) * round_bf16(u));
                 } else {
@@ -193,6 +246,8 @@ static void ref_ffn(const struct expert *ex, const double *x, int64_t H,
 
                 for (int64_t f = 0; f < F; f++)
                     d += e->down.ref[h * F + f] * act[f];
+                if (e->bias && !(bug && bug->no_bias == 2))
+                    d += e->w.down_bias[h];
                 o[h] += s * d;
             }
         }
@@ -207,6 +262,7 @@ struct ffn_case {
     int64_t hidden, ffn;
     int n_tokens;
     enum moe_compute_precision prec;
+    bool gpt_oss; /* experts with biases and the clamped SwiGLU */
 };
 
 #define N_EXPERTS 4
@@ -235,8 +291,11 @@ static void batch_init(struct batch *b, enum moe_dtype dt, const struct ffn_case
     static const int order[N_EXPERTS] = {2, 0, 3, 1};
 
     memset(b, 0, sizeof(*b));
-    for (int e = 0; e < N_EXPERTS; e++)
+    for (int e = 0; e < N_EXPERTS; e++) {
         expert_init(&b->ex[e], dt, H, e == N_EXPERTS - 1 ? c->ffn + 5 : c->ffn, &seed);
+        if (c->gpt_oss)
+            expert_gpt_oss(&b->ex[e], &seed);
+    }
     b->x = malloc((size_t)T * H * sizeof(float));
     b->out0 = malloc((size_t)T * H * sizeof(float));
     b->xd = malloc((size_t)T * H * sizeof(double));
@@ -409,10 +468,10 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
         /* The comparison must catch real bugs: a reference that is wrong in
          * a small way has to fail it. */
         static const struct ref_bug bugs[] = {
-            {.skip_last_k = 1, .scale_factor = 1.0},
-            {.skip_last_k = 0, .scale_factor = 1.2},
-            {.scale_factor = 1.0, .no_round = 1},
-            {.scale_factor = 1.0, .no_round = 2},
+            {.skip_last_k = 1, .scale_factor = 1.0}, {.skip_last_k = 0, .scale_factor = 1.2},
+            {.scale_factor = 1.0, .no_round = 1},    {.scale_factor = 1.0, .no_round = 2},
+            {.scale_factor = 1.0, .no_clamp = 1},    {.scale_factor = 1.0, .no_clamp = 2},
+            {.scale_factor = 1.0, .no_bias = 1},     {.scale_factor = 1.0, .no_bias = 2},
         };
 
         for (size_t i = 0; i < MOE_ARRAY_SIZE(bugs); i++) {
@@ -420,6 +479,8 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
             double err;
 
             if (bugs[i].no_round && c->prec != MOE_PRECISION_BF16)
+                continue;
+            if ((bugs[i].no_clamp || bugs[i].no_bias) && !c->gpt_oss)
                 continue;
             bad = batch_ref(&b, c, &bugs[i]);
             err = test_rel_l2_f32(out1, bad, n);
@@ -442,8 +503,14 @@ static void test_ffn(void)
     static const int small_tokens[] = {1, 2, 7, 64};
     /* 300 tokens for a few shapes; K longer than one kernel K block */
     static const struct ffn_case big[] = {
-        {256, 300, 300, 0}, {100, 33, 300, 0},  {17, 1, 300, 0},
-        {1100, 2100, 1, 0}, {1100, 2100, 9, 0}, {1030, 64, 40, 0},
+        {256, 300, 300, 0, false}, {100, 33, 300, 0, false},  {17, 1, 300, 0, false},
+        {1100, 2100, 1, 0, false}, {1100, 2100, 9, 0, false}, {1030, 64, 40, 0, false},
+    };
+    static const struct ffn_case gpt[] = {
+        {17, 1, 2, 0, false},
+        {100, 33, 64, 0, false},
+        {256, 300, 7, 0, false},
+        {1030, 64, 40, 0, false},
     };
     int n = 0;
 
@@ -453,7 +520,7 @@ static void test_ffn(void)
                 for (size_t f = 0; f < MOE_ARRAY_SIZE(ffns); f++)
                     for (size_t t = 0; t < MOE_ARRAY_SIZE(small_tokens); t++) {
                         struct ffn_case c = {hiddens[h], ffns[f], small_tokens[t],
-                                             (enum moe_compute_precision)p};
+                                             (enum moe_compute_precision)p, false};
 
                         test_ffn_case(dtypes[d], &c, hiddens[h] == 100 && small_tokens[t] == 64,
                                       hiddens[h] == 100 && small_tokens[t] >= 7);
@@ -464,6 +531,16 @@ static void test_ffn(void)
 
                 c.prec = (enum moe_compute_precision)p;
                 test_ffn_case(dtypes[d], &c, false, i == MOE_ARRAY_SIZE(big) - 1);
+                n++;
+            }
+            /* gpt-oss's experts: biases and the clamped SwiGLU, odd shapes
+             * (vector bodies and tails), decode and prefill. */
+            for (size_t i = 0; i < MOE_ARRAY_SIZE(gpt); i++) {
+                struct ffn_case c = gpt[i];
+
+                c.prec = (enum moe_compute_precision)p;
+                c.gpt_oss = true;
+                test_ffn_case(dtypes[d], &c, i == 1, i == 1);
                 n++;
             }
         }
@@ -587,6 +664,17 @@ static void test_bad_args(struct moe_backend *be)
     ew.dtype = MOE_DTYPE_I32;
     bad = (struct moe_ffn_work){.w = &ew, .n_tokens = 2, .tokens = tok, .scales = sc};
     ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, 2, &bad, 1, out), -EINVAL);
+    /* an unknown activation, and the clamped SwiGLU without its parameters */
+    ew = e.w;
+    ew.act = (enum moe_activation)7;
+    ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, 2, &bad, 1, out), -EINVAL);
+    ew.act = MOE_ACT_SWIGLU_CLAMP;
+    ew.alpha = 1.702f;
+    ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, 2, &bad, 1, out), -EINVAL);
+    ew.limit = NAN;
+    ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, 2, &bad, 1, out), -EINVAL);
+    ew.limit = 7.0f;
+    ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, 2, &bad, 1, out), 0);
     ASSERT_EQ(be->ops->grouped_ffn(be, x, 0, 2, &wk, 1, out), -EINVAL);
     ASSERT_EQ(be->ops->grouped_ffn(be, x, 8, -1, &wk, 1, out), -EINVAL);
     ASSERT_EQ(be->ops->matmul(be, e.w.gate, MOE_DTYPE_U8, 16, 8, x, 2, out), -EINVAL);

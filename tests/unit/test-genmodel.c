@@ -537,7 +537,7 @@ static void check_key_str(const struct ckpt *c, const char *key, const char *v)
 
 static const char *const arch_names[MOE_ARCH_COUNT] = {
     "mixtral", "qwen2_moe", "qwen3_moe",  "olmoe",       "deepseek_v3", "deepseek_v2",
-    "kimi_k2", "glm4_moe",  "qwen3_next", "qwen3_5_moe", "llama4_text"};
+    "kimi_k2", "glm4_moe",  "qwen3_next", "qwen3_5_moe", "llama4_text", "gpt_oss"};
 
 /* DeepSeek's layout: n_routed_experts, shared_experts, first_k_dense_replace. */
 static bool deepseek_like(enum moe_arch a)
@@ -965,7 +965,7 @@ static void test_defaults(void)
         {4, 8, 2, 256, 512, 0},  {4, 16, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 0},
         {4, 16, 4, 256, 128, 0}, {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 2},
         {4, 32, 4, 256, 128, 1}, {4, 32, 4, 256, 128, 1}, {4, 64, 8, 256, 64, 1},
-        {4, 64, 8, 256, 64, 1},  {4, 16, 1, 256, 128, 1},
+        {4, 64, 8, 256, 64, 1},  {4, 16, 1, 256, 128, 1}, {4, 16, 4, 256, 128, 0},
     };
 
     for (int a = 0; a < MOE_ARCH_COUNT; a++) {
@@ -979,6 +979,107 @@ static void test_defaults(void)
         ASSERT_EQ(o.ffn, want[a].F);
         ASSERT_EQ(o.n_shared, want[a].S);
     }
+}
+
+/*
+ * gpt_oss: the tensors of its MoE block (router with a bias; experts fused,
+ * transposed and interleaved, with biases), the released config's keys,
+ * the per-expert layout refused; the loader takes expert 1's gate from the
+ * even columns of gate_up_proj[1] and its up from the odd ones.
+ */
+static void test_gpt_oss(void)
+{
+    struct moe_genmodel_opts o;
+    struct moe_error err = {0};
+    struct moe_model *m;
+    struct ckpt c;
+    char *dir, name[160];
+    const int E = 6, K = 2, H = 16, F = 8;
+
+    moe_genmodel_defaults(MOE_ARCH_GPT_OSS, &o);
+    o.n_experts = E;
+    o.top_k = K;
+    o.hidden = H;
+    o.ffn = F;
+    o.n_layers = 2;
+    o.dtype = MOE_DTYPE_F32;
+    o.n_shards = 2;
+    dir = gen("gpt_oss", &o);
+    ckpt_open(&c, dir);
+    check_key_str(&c, "model_type", "gpt_oss");
+    check_key_int(&c, "num_local_experts", E);
+    check_key_int(&c, "num_experts_per_tok", K);
+    check_key_int(&c, "intermediate_size", F);
+    ASSERT_NEAR(json_number_value(json_object_get(c.cfg, "swiglu_limit")), 7.0, 0);
+    ASSERT_TRUE(!json_object_get(c.cfg, "swiglu_alpha"));
+    ASSERT_TRUE(json_is_true(json_object_get(c.cfg, "attention_bias")));
+    for (int i = 0; i < 2; i++) {
+        static const struct {
+            const char *part;
+            int ndim;
+            int64_t shape[3];
+        } want[] = {
+            {"router.weight", 2, {E, H}},
+            {"router.bias", 1, {E}},
+            {"experts.gate_up_proj", 3, {E, H, 2 * F}},
+            {"experts.gate_up_proj_bias", 2, {E, 2 * F}},
+            {"experts.down_proj", 3, {E, F, H}},
+            {"experts.down_proj_bias", 2, {E, H}},
+        };
+
+        for (size_t k = 0; k < MOE_ARRAY_SIZE(want); k++) {
+            const struct st_t *t;
+
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.%s", i, want[k].part);
+            t = find(&c, name);
+            if (!t)
+                FAIL("gpt_oss: no %s", name);
+            ASSERT_EQ(t->ndim, want[k].ndim);
+            for (int d = 0; d < t->ndim; d++)
+                ASSERT_EQ(t->shape[d], want[k].shape[d]);
+        }
+        snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.0.gate_proj.weight", i);
+        ASSERT_TRUE(!find(&c, name));
+        snprintf(name, sizeof(name), "model.layers.%d.self_attn.sinks", i);
+        ASSERT_TRUE(find(&c, name) != NULL);
+    }
+
+    /* The loader's plain expert 1 against the stored bytes. */
+    ASSERT_EQ(moe_model_open(dir, &m, &err), 0);
+    {
+        const struct moe_expert_ref *x = &m->layers[1].experts[1];
+        const struct st_t *gu = find(&c, "model.layers.1.mlp.experts.gate_up_proj");
+        const struct st_t *dn = find(&c, "model.layers.1.mlp.experts.down_proj");
+        float *all = (float *)tensor_bytes(&c, gu), *dall = (float *)tensor_bytes(&c, dn);
+        float *buf = malloc(x->nbytes);
+        const float *g = all + (size_t)H * 2 * F, *d = dall + (size_t)F * H;
+
+        ASSERT_TRUE(x->transposed && x->interleaved);
+        ASSERT_EQ(moe_model_read(m, &x->gate, buf, &err), 0);
+        ASSERT_EQ(moe_model_read(m, &x->up, buf + F * H, &err), 0);
+        ASSERT_EQ(moe_model_read(m, &x->down, buf + 2 * F * H, &err), 0);
+        ASSERT_EQ(moe_expert_untranspose(x, buf, buf + F * H, buf + 2 * F * H), 0);
+        for (int f = 0; f < F; f++)
+            for (int h = 0; h < H; h++) {
+                ASSERT_TRUE(buf[f * H + h] == g[h * 2 * F + 2 * f]);
+                ASSERT_TRUE(buf[F * H + f * H + h] == g[h * 2 * F + 2 * f + 1]);
+                ASSERT_TRUE(buf[2 * F * H + h * F + f] == d[f * H + h]);
+            }
+        free(buf);
+        free(all);
+        free(dall);
+    }
+    ASSERT_NEAR(m->cfg.swiglu_alpha, 1.702, 1e-6);
+    ASSERT_NEAR(m->cfg.swiglu_limit, 7.0, 0);
+    moe_model_free(m);
+    ckpt_close(&c);
+    free(dir);
+
+    o.layout = MOE_GEN_LAYOUT_PER_EXPERT;
+    o.out_dir = pathf("%s/gpt_oss-per-expert", tmp);
+    ASSERT_EQ(moe_genmodel_write(&o, &err), -EINVAL);
+    ASSERT_CONTAINS(err.msg, "the per-expert layout does not exist for gpt_oss");
+    free((char *)o.out_dir);
 }
 
 static bool same_file(const char *a, const char *b)
@@ -1527,15 +1628,17 @@ int main(void)
     tmp = test_tmpdir("genmodel");
     test_st_writer();
     test_defaults();
-    /* llama4_text's config keys and transposed experts are not taught to
-     * this file's checker yet: e2e (moeref.py) checks its checkpoints'
-     * values, and both of its layouts against each other bit for bit. */
+    /* llama4_text's and gpt_oss's config keys and transposed experts are
+     * not taught to this file's checker yet: e2e (moeref.py) checks their
+     * checkpoints' values (and llama4_text's two layouts against each
+     * other bit for bit); test_gpt_oss checks gpt_oss's names and shapes. */
     for (int a = 0; a < MOE_ARCH_COUNT; a++)
-        if (a != MOE_ARCH_LLAMA4)
+        if (a != MOE_ARCH_LLAMA4 && a != MOE_ARCH_GPT_OSS)
             test_family((enum moe_arch)a);
     for (int a = 0; a < MOE_ARCH_COUNT; a++)
-        if (a != MOE_ARCH_LLAMA4)
+        if (a != MOE_ARCH_LLAMA4 && a != MOE_ARCH_GPT_OSS)
             test_fused((enum moe_arch)a);
+    test_gpt_oss();
     test_determinism();
     test_stale_and_dirs();
     test_dtypes();

@@ -151,6 +151,8 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
     char p[128];
 
     memset(ck, 0, sizeof(*ck));
+    /* transformers writes gpt-oss's experts fused only */
+    fused = fused || arch == MOE_ARCH_GPT_OSS;
     ck->fused = fused;
     ck->lp = arch == MOE_ARCH_QWEN3_5_MOE ? "model.language_model.layers." : "model.layers.";
     ck->arch = arch;
@@ -255,6 +257,15 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
             "shared_expert_intermediate_size", ck->shared_ffn, "vision_config", "hidden_size", 16,
             "depth", 1);
         break;
+    case MOE_ARCH_GPT_OSS:
+        /* gpt-oss's keys, swiglu_alpha left to its default (1.702) as the
+         * released config.json does, swiglu_limit not the default. */
+        ck->config =
+            json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:s}", "model_type", "gpt_oss",
+                      "num_hidden_layers", ck->L, "hidden_size", ck->H, "intermediate_size", ck->F,
+                      "num_local_experts", ck->E, "num_experts_per_tok", ck->K, "experts_per_token",
+                      ck->K, "swiglu_limit", 5.0, "torch_dtype", torch);
+        break;
     case MOE_ARCH_DEEPSEEK_V3:
     default:
         ck->shared_ffn = 2 * ck->F;
@@ -283,6 +294,23 @@ static void build_layout(struct ckpt *ck, enum moe_arch arch, enum moe_dtype dt,
         if (!expect_moe(ck, i)) {
             snprintf(p, sizeof(p), "%s%d.mlp", ck->lp, i);
             ffn(ck, p, "gate_proj", "up_proj", "down_proj", ck->dense_ffn, dt);
+            continue;
+        }
+        if (arch == MOE_ARCH_GPT_OSS) {
+            /* gpt-oss: router with a bias; experts fused, transposed and
+             * interleaved ([E, H, 2F], [E, F, H]) with their biases. */
+            struct tt *t;
+
+            add(ck, dt, ck->E, ck->H, "%s%d.mlp.router.weight", ck->lp, i);
+            add(ck, dt, ck->E, -1, "%s%d.mlp.router.bias", ck->lp, i);
+            t = add(ck, dt, ck->E, ck->H, "%s%d.mlp.experts.gate_up_proj", ck->lp, i);
+            t->ndim = 3;
+            t->shape[2] = 2 * ck->F;
+            add(ck, dt, ck->E, 2 * ck->F, "%s%d.mlp.experts.gate_up_proj_bias", ck->lp, i);
+            t = add(ck, dt, ck->E, ck->F, "%s%d.mlp.experts.down_proj", ck->lp, i);
+            t->ndim = 3;
+            t->shape[2] = ck->H;
+            add(ck, dt, ck->E, ck->H, "%s%d.mlp.experts.down_proj_bias", ck->lp, i);
             continue;
         }
         /* The router in fp32 where the model is not, as some exports do. */
@@ -535,6 +563,47 @@ static void check_fused_expert(const struct moe_model *m, struct ckpt *ck,
     ASSERT_TRUE(moe_model_find_expert_tensor(m, n) == &x->up);
 }
 
+/* gpt-oss's expert e of layer i: gate_up_proj[e] ([H, 2F], interleaved)
+ * as two halves, down_proj[e] ([F, H]), marked transposed and interleaved. */
+static void check_gpt_oss_expert(const struct moe_model *m, struct ckpt *ck,
+                                 const struct moe_expert_ref *x, int i, int e)
+{
+    const struct tt *gu, *dn;
+    uint64_t esz = moe_dtype_size(ck->dtype), FH = (uint64_t)ck->F * ck->H;
+    char n[160];
+
+    snprintf(n, sizeof(n), "%s%d.mlp.experts.gate_up_proj", ck->lp, i);
+    gu = find(ck, n);
+    snprintf(n, sizeof(n), "%s%d.mlp.experts.down_proj", ck->lp, i);
+    dn = find(ck, n);
+    ASSERT_TRUE(x->transposed && x->interleaved);
+    ASSERT_STREQ(x->gate.name, gu->name);
+    ASSERT_STREQ(x->down.name, dn->name);
+    ASSERT_EQ(x->gate.rows, ck->F);
+    ASSERT_EQ(x->gate.cols, ck->H);
+    ASSERT_EQ(x->down.rows, ck->H);
+    ASSERT_EQ(x->down.cols, ck->F);
+    ASSERT_EQ(x->gate.offset, gu->offset + (uint64_t)e * 2 * FH * esz);
+    ASSERT_EQ(x->up.offset, x->gate.offset + FH * esz);
+    ASSERT_EQ(x->down.offset, dn->offset + (uint64_t)e * FH * esz);
+    ASSERT_EQ(x->gate.nbytes + x->up.nbytes + x->down.nbytes, 3 * FH * esz);
+    {
+        const struct moe_tensor_ref *r[3] = {&x->gate, &x->up, &x->down};
+        const struct tt *t[3] = {gu, gu, dn};
+        struct moe_error err;
+
+        for (int k = 0; k < 3; k++) {
+            uint8_t *buf = malloc(r[k]->nbytes);
+
+            ASSERT_EQ(moe_model_read(m, r[k], buf, &err), 0);
+            for (uint64_t b = 0; b < r[k]->nbytes; b++)
+                if (buf[b] != pattern(t[k]->shard, r[k]->offset + b))
+                    FAIL("%s [%d] part %d: byte %" PRIu64 " read back wrong", t[k]->name, e, k, b);
+            free(buf);
+        }
+    }
+}
+
 static void check_expert(const struct moe_model *m, struct ckpt *ck, const struct moe_expert_ref *x,
                          const char *prefix)
 {
@@ -606,6 +675,23 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
             continue;
         }
         n_moe++;
+        if (arch == MOE_ARCH_GPT_OSS) {
+            ASSERT_TRUE(L->has_router_bias && L->has_expert_bias);
+            snprintf(n, sizeof(n), "%s%d.mlp.router.weight", ck.lp, i);
+            check_ref(m, &ck, &L->router, n);
+            snprintf(n, sizeof(n), "%s%d.mlp.router.bias", ck.lp, i);
+            check_ref(m, &ck, &L->router_bias, n);
+            snprintf(n, sizeof(n), "%s%d.mlp.experts.gate_up_proj_bias", ck.lp, i);
+            check_ref(m, &ck, &L->gate_up_bias, n);
+            snprintf(n, sizeof(n), "%s%d.mlp.experts.down_proj_bias", ck.lp, i);
+            check_ref(m, &ck, &L->down_bias, n);
+            for (int e = 0; e < ck.E; e++) {
+                check_gpt_oss_expert(m, &ck, &L->experts[e], i, e);
+                total += L->experts[e].nbytes;
+            }
+            continue;
+        }
+        ASSERT_TRUE(!L->has_router_bias && !L->has_expert_bias);
         snprintf(n, sizeof(n), "%s%d.%s.gate.weight", ck.lp, i, blk);
         check_ref(m, &ck, &L->router, n);
         ASSERT_EQ(L->has_bias, has_score_bias(arch));
@@ -638,6 +724,15 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
     }
     ASSERT_EQ(m->n_moe_layers, n_moe);
     ASSERT_EQ(m->total_expert_bytes, total);
+    if (arch == MOE_ARCH_GPT_OSS) {
+        ASSERT_TRUE(m->cfg.router_bias && m->cfg.expert_bias);
+        ASSERT_EQ(m->cfg.act, MOE_ACT_SWIGLU_CLAMP);
+        ASSERT_NEAR(m->cfg.swiglu_alpha, 1.702, 1e-6);
+        ASSERT_NEAR(m->cfg.swiglu_limit, 5.0, 0);
+    } else {
+        ASSERT_TRUE(!m->cfg.router_bias && !m->cfg.expert_bias);
+        ASSERT_EQ(m->cfg.act, MOE_ACT_SILU);
+    }
 
     moe_model_router_params(m, bias, &rp);
     ASSERT_EQ(rp.n_experts, ck.E);
@@ -672,7 +767,7 @@ static void test_good_layout(enum moe_arch arch, enum moe_dtype dt, int n_shards
         ASSERT_TRUE(!rp.bias);
         ASSERT_EQ(rp.norm_topk_prob, arch == MOE_ARCH_MIXTRAL || arch == MOE_ARCH_QWEN3_MOE ||
                                          arch == MOE_ARCH_QWEN3_NEXT ||
-                                         arch == MOE_ARCH_QWEN3_5_MOE);
+                                         arch == MOE_ARCH_QWEN3_5_MOE || arch == MOE_ARCH_GPT_OSS);
     }
     ASSERT_EQ(moe_router_check(&rp, &err), 0);
 
@@ -1005,6 +1100,62 @@ static void glm_scoring(struct ckpt *ck)
     set_cfg(ck, "n_group", json_integer(3));
 }
 
+#define GPT_L(l, t) "model.layers." #l ".mlp." #t
+
+/* gpt-oss as released: MXFP4 experts (U8 blocks, U8 e8m0 scales). */
+static void gpt_mxfp4(struct ckpt *ck)
+{
+    for (int i = 0; i < ck->L; i++) {
+        char n[128];
+        struct tt *t;
+
+        snprintf(n, sizeof(n), "model.layers.%d.mlp.experts.gate_up_proj", i);
+        t = find(ck, n);
+        snprintf(t->name, sizeof(t->name), "model.layers.%d.mlp.experts.gate_up_proj_blocks", i);
+        t->dtype = MOE_DTYPE_U8;
+        t->ndim = 2;
+        t->shape[0] = ck->E;
+        t->shape[1] = 2 * ck->F * ck->H / 2;
+        add(ck, MOE_DTYPE_U8, ck->E, 2 * ck->F * ck->H / 32,
+            "model.layers.%d.mlp.experts.gate_up_proj_scales", i);
+    }
+    set_cfg(ck, "quantization_config", json_pack("{s:s}", "quant_method", "mxfp4"));
+}
+
+static void gpt_no_router_bias(struct ckpt *ck)
+{
+    drop(ck, GPT_L(1, router.bias));
+}
+
+static void gpt_gate_up_bias_shape(struct ckpt *ck)
+{
+    set_shape(ck, GPT_L(2, experts.gate_up_proj_bias), ck->E, ck->F);
+}
+
+static void gpt_no_down_bias(struct ckpt *ck)
+{
+    drop(ck, GPT_L(0, experts.down_proj_bias));
+}
+
+static void gpt_plain_fused(struct ckpt *ck)
+{
+    /* transformers 5's [E, H, F] of the other families, not gpt-oss's */
+    struct tt *t = find(ck, GPT_L(1, experts.down_proj));
+
+    t->shape[1] = ck->H;
+    t->shape[2] = ck->F;
+}
+
+static void gpt_limit(struct ckpt *ck)
+{
+    set_cfg(ck, "swiglu_limit", json_real(-7.0));
+}
+
+static void gpt_alpha(struct ckpt *ck)
+{
+    set_cfg(ck, "swiglu_alpha", json_string("1.702"));
+}
+
 struct bad_model {
     const char *what;
     enum moe_arch arch;
@@ -1132,6 +1283,26 @@ static const struct bad_model bad_models[] = {
     {"qwen3_5_moe shared expert not in text_config", MOE_ARCH_QWEN3_5_MOE, 3, qwen35_text_shared,
      NULL, -EINVAL,
      "'model.language_model.layers.0.mlp.shared_expert.down_proj.weight' is a shared expert's"},
+    {"gpt_oss MXFP4 experts", MOE_ARCH_GPT_OSS, 0, gpt_mxfp4, NULL, -ENOTSUP,
+     "model.safetensors: tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks': MXFP4 experts "
+     "(e2m1 blocks with e8m0 scales, as gpt-oss is released) are not supported yet"},
+    {"gpt_oss MXFP4 experts, sharded", MOE_ARCH_GPT_OSS, 3, gpt_mxfp4, NULL, -ENOTSUP,
+     "tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks': MXFP4 experts"},
+    {"gpt_oss without router bias", MOE_ARCH_GPT_OSS, 3, gpt_no_router_bias, NULL, -EINVAL,
+     "layer 1: router bias missing: no tensor 'model.layers.1.mlp.router.bias'"},
+    {"gpt_oss gate_up_proj_bias shape", MOE_ARCH_GPT_OSS, 0, gpt_gate_up_bias_shape, NULL, -EINVAL,
+     "tensor 'model.layers.2.mlp.experts.gate_up_proj_bias': shape [4, 4] contradicts "
+     "config.json: expected [num_local_experts, 2 x intermediate_size] = [4, 8]"},
+    {"gpt_oss without down_proj_bias", MOE_ARCH_GPT_OSS, 0, gpt_no_down_bias, NULL, -EINVAL,
+     "layer 0: experts' down bias missing: no tensor "
+     "'model.layers.0.mlp.experts.down_proj_bias'"},
+    {"gpt_oss down_proj not transposed", MOE_ARCH_GPT_OSS, 3, gpt_plain_fused, NULL, -EINVAL,
+     "tensor 'model.layers.1.mlp.experts.down_proj': shape [4, 8, 4] contradicts config.json: "
+     "expected [num_local_experts, intermediate_size, hidden_size] = [4, 4, 8]"},
+    {"gpt_oss swiglu_limit negative", MOE_ARCH_GPT_OSS, 0, gpt_limit, NULL, -EINVAL,
+     "config.json: 'swiglu_limit' is -7.0: expected a number > 0"},
+    {"gpt_oss swiglu_alpha a string", MOE_ARCH_GPT_OSS, 0, gpt_alpha, NULL, -EINVAL,
+     "config.json: 'swiglu_alpha' is \"1.702\" (a string): expected a number > 0"},
     {"shard truncated", MOE_ARCH_QWEN2_MOE, 3, NULL, truncated_shard, -EINVAL,
      "model-00003-of-00003.safetensors: tensor "},
     {"trailing bytes", MOE_ARCH_OLMOE, 0, NULL, grown_file, -EINVAL,
@@ -1243,6 +1414,12 @@ int main(void)
          * load its checkpoints. */
         if (a == MOE_ARCH_LLAMA4)
             continue;
+        if (a == MOE_ARCH_GPT_OSS) {
+            /* fused, transposed and interleaved only */
+            test_good_layout((enum moe_arch)a, MOE_DTYPE_BF16, 0, true);
+            test_good_layout((enum moe_arch)a, MOE_DTYPE_F32, 3, true);
+            continue;
+        }
         test_good((enum moe_arch)a, MOE_DTYPE_BF16, 0);
         test_good((enum moe_arch)a, MOE_DTYPE_BF16, 3);
         test_good_layout((enum moe_arch)a, MOE_DTYPE_BF16, 0, true);

@@ -107,6 +107,28 @@ static void same_aligned(const struct moe_model *ck, const struct moe_tensor_ref
 }
 
 /* Everything pm serves is what ck serves. */
+/* A transposed checkpoint expert x (Llama 4's, gpt-oss's), made plain,
+ * against the store's plain expert y. */
+static void same_plain(const struct moe_model *ck, const struct moe_expert_ref *x,
+                       const struct moe_model *pm, const struct moe_expert_ref *y)
+{
+    uint8_t *a = malloc(x->nbytes), *b = malloc(y->nbytes);
+
+    ASSERT_TRUE(a && b && x->transposed && !y->transposed && !y->interleaved);
+    ASSERT_EQ(x->nbytes, y->nbytes);
+    ASSERT_EQ(moe_model_read(ck, &x->gate, a, NULL), 0);
+    ASSERT_EQ(moe_model_read(ck, &x->up, a + x->gate.nbytes, NULL), 0);
+    ASSERT_EQ(moe_model_read(ck, &x->down, a + x->gate.nbytes + x->up.nbytes, NULL), 0);
+    ASSERT_EQ(moe_expert_untranspose(x, a, a + x->gate.nbytes, a + x->gate.nbytes + x->up.nbytes),
+              0);
+    ASSERT_EQ(moe_model_read(pm, &y->gate, b, NULL), 0);
+    ASSERT_EQ(moe_model_read(pm, &y->up, b + y->gate.nbytes, NULL), 0);
+    ASSERT_EQ(moe_model_read(pm, &y->down, b + y->gate.nbytes + y->up.nbytes, NULL), 0);
+    ASSERT_TRUE(memcmp(a, b, x->nbytes) == 0);
+    free(a);
+    free(b);
+}
+
 static void compare_models(const struct moe_model *ck, const struct moe_model *pm)
 {
     struct moe_error err = {0};
@@ -143,14 +165,26 @@ static void compare_models(const struct moe_model *ck, const struct moe_model *p
         ASSERT_EQ(a->has_shared_gate, b->has_shared_gate);
         if (a->has_shared_gate)
             same_aligned(ck, &a->shared_gate, pm, &b->shared_gate);
+        ASSERT_EQ(a->has_router_bias, b->has_router_bias);
+        if (a->has_router_bias)
+            same_aligned(ck, &a->router_bias, pm, &b->router_bias);
+        ASSERT_EQ(a->has_expert_bias, b->has_expert_bias);
+        if (a->has_expert_bias) {
+            same_aligned(ck, &a->gate_up_bias, pm, &b->gate_up_bias);
+            same_aligned(ck, &a->down_bias, pm, &b->down_bias);
+        }
         for (int e = 0; e < ck->cfg.n_experts; e++) {
             const struct moe_expert_ref *x = &a->experts[e], *y = &b->experts[e];
 
             ASSERT_TRUE(!x->blob && !x->has_xxh3);
             ASSERT_TRUE(y->blob && y->has_xxh3);
-            same_bytes(ck, &x->gate, pm, &y->gate);
-            same_bytes(ck, &x->up, pm, &y->up);
-            same_bytes(ck, &x->down, pm, &y->down);
+            if (x->transposed) {
+                same_plain(ck, x, pm, y);
+            } else {
+                same_bytes(ck, &x->gate, pm, &y->gate);
+                same_bytes(ck, &x->up, pm, &y->up);
+                same_bytes(ck, &x->down, pm, &y->down);
+            }
             ASSERT_EQ(y->nbytes, x->nbytes);
             ASSERT_EQ(y->gate.offset % MOE_PACK_ALIGN, 0);
             ASSERT_EQ(y->up.offset, y->gate.offset + y->gate.nbytes);
@@ -295,6 +329,49 @@ static void flip(const char *path, uint64_t off)
     b ^= 0x40;
     ASSERT_EQ(pwrite(fd, &b, 1, (off_t)off), 1);
     close(fd);
+}
+
+/*
+ * A store of transposed experts (gpt-oss's, made plain when packed) is
+ * checked against its checkpoint expert by expert made plain: a byte of
+ * the checkpoint's gate_up_proj changed after packing is a mismatch named
+ * by the store's tensor, and so is a changed expert bias.
+ */
+static void test_transposed_changed(void)
+{
+    char *dir = test_tmpdir("pack-t"), *ck_dir = gen(dir, MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, 0, 0);
+    char *out = path_in(dir, "store"), *st = path_in(ck_dir, "model.safetensors");
+    struct moe_model *ck = NULL;
+    struct moe_pack_report rep;
+    struct moe_error err = {0};
+    const struct moe_expert_ref *x;
+    uint64_t at, bias_at;
+
+    ASSERT_EQ(moe_model_open(ck_dir, &ck, &err), 0);
+    pack_ok(ck, out, false);
+    x = &ck->layers[1].experts[2];
+    /* Element (h 0, column 3) of gate_up_proj[2]: expert 2's up row 1. */
+    at = x->gate.offset + 3 * moe_dtype_size(x->gate.dtype);
+    bias_at = ck->layers[2].down_bias.offset;
+    moe_model_free(ck);
+    flip(st, at);
+    ASSERT_EQ(moe_pack_verify(out, ck_dir, &rep, NULL, NULL, &err), -EBADMSG);
+    ASSERT_EQ(rep.mismatches, 1);
+    ASSERT_CONTAINS(err.msg, "layer 1 expert 2: tensor 'model.layers.1.mlp.experts.2.up_proj."
+                             "weight': differs from the checkpoint's");
+    flip(st, at);
+    flip(st, bias_at);
+    ASSERT_EQ(moe_pack_verify(out, ck_dir, &rep, NULL, NULL, &err), -EBADMSG);
+    ASSERT_EQ(rep.mismatches, 1);
+    ASSERT_CONTAINS(err.msg, "tensor 'model.layers.2.mlp.experts.down_proj_bias': differs from "
+                             "the checkpoint's");
+    flip(st, bias_at);
+    ASSERT_EQ(moe_pack_verify(out, ck_dir, &rep, NULL, NULL, &err), 0);
+    test_rmtree(dir);
+    free(st);
+    free(out);
+    free(ck_dir);
+    free(dir);
 }
 
 static void test_corruption(void)
@@ -804,8 +881,9 @@ static void test_parse_bad(void)
 
 int main(void)
 {
-    static const enum moe_arch archs[] = {MOE_ARCH_MIXTRAL, MOE_ARCH_QWEN2_MOE, MOE_ARCH_QWEN3_MOE,
-                                          MOE_ARCH_OLMOE, MOE_ARCH_DEEPSEEK_V3};
+    static const enum moe_arch archs[] = {
+        MOE_ARCH_MIXTRAL,     MOE_ARCH_QWEN2_MOE, MOE_ARCH_QWEN3_MOE, MOE_ARCH_OLMOE,
+        MOE_ARCH_DEEPSEEK_V3, MOE_ARCH_LLAMA4,    MOE_ARCH_GPT_OSS};
 
     test_parse_good();
     test_parse_bad();
@@ -813,6 +891,8 @@ int main(void)
         test_roundtrip(archs[i], MOE_DTYPE_BF16, 1);
     test_roundtrip(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_F32, 3);
     test_roundtrip(MOE_ARCH_QWEN2_MOE, MOE_DTYPE_F16, 2);
+    test_roundtrip(MOE_ARCH_GPT_OSS, MOE_DTYPE_F32, 3);
+    test_transposed_changed();
     test_corruption();
     test_edited_indexes();
     test_refusals();

@@ -24,7 +24,7 @@ it refuses a model that differs and says what differs.
 Families: every transformers MoE model whose decoder layers hold a block with
 ``experts`` and a router (``gate``, or Llama 4's ``router``) under ``mlp``,
 ``block_sparse_moe`` or ``feed_forward`` (Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE, DeepSeek-V3, Llama 4, ...), as moed serves them.
+OLMoE, DeepSeek-V3, Llama 4, gpt-oss, ...), as moed serves them.
 
 Inference only: the attached blocks take their input detached from autograd
 and return outputs without gradients.
@@ -173,6 +173,13 @@ def _moed_forward(att: Attachment, layer: int):
         y = att.session.forward(name, layer, x)
         att.calls += 1
         att.tokens += x.shape[0]
+        if hasattr(block, "router") and getattr(block.router, "bias", None) is not None:
+            # GptOssMLP returns (out [batch, seq, hidden], router scores [tokens, k]).
+            import torch
+
+            with torch.no_grad():
+                scores = block.router(x)[1]
+            return y.view(shape), scores
         if hasattr(block, "router"):
             # Llama4TextMoe returns (out [tokens, hidden], router logits).
             import torch
@@ -205,7 +212,7 @@ def _check(model: Any, session: Any, info: Any, layers: list[int], tokens: int,
         x = torch.randn(1, tokens, model.config.hidden_size, generator=g).to(dtype)
         with torch.no_grad():
             ref = blocks[layer](x)
-            if isinstance(ref, tuple):  # Llama 4: (out, router logits)
+            if isinstance(ref, tuple):  # Llama 4, gpt-oss: (out, router logits or scores)
                 ref = ref[0]
             ref = ref.float().reshape(tokens, -1)
         y = session.forward(info.name, layer, x.reshape(tokens, -1)).float()
