@@ -26,6 +26,11 @@ struct moe_sched {
     int pending, running;
     bool stopping; /* no new requests */
     bool quit;     /* workers exit once pending is empty */
+    /* A lone caller: the last request submitted to an idle scheduler
+     * waited its whole window and none joined it, and nothing was pending
+     * or running at any submit since.  While set, a request alone in an
+     * idle scheduler runs at once. */
+    bool lone;
     uint64_t requests, tokens, batches, failed, completed;
     uint64_t batch_requests[MOE_SCHED_HIST_BUCKETS], batch_tokens[MOE_SCHED_HIST_BUCKETS];
     uint64_t batch_requests_sum, batch_tokens_sum;
@@ -239,6 +244,10 @@ static void *worker(void *arg)
             pthread_cond_wait(&s->cv, &s->lock);
             continue;
         }
+        /* A lone caller's request alone in the scheduler runs at once: no
+         * one is there to join it (s->lone says none came last time). */
+        if (s->lone && !first->next_ && !s->running)
+            goto take;
         if (!s->stopping && now - first->t_submit_ < s->cfg.window_ns &&
             key_tokens(s, first) < s->cfg.max_batch_tokens) {
             /* Let others join until the window closes. */
@@ -253,7 +262,13 @@ static void *worker(void *arg)
             pthread_cond_timedwait(&s->cv, &s->lock, &ts);
             continue;
         }
+    take:
         batch = take_batch(s, &n_req, &n_tok);
+        /* Waited the whole window (or ran at once) and nobody came: the
+         * next lone request need not wait. */
+        if (n_req == 1 && batch->idle_ && !s->head && !s->running && !s->stopping &&
+            now - batch->t_submit_ >= s->cfg.window_ns)
+            s->lone = true;
         s->running += n_req;
         /* Another worker may take the next key meanwhile. */
         if (s->head)
@@ -353,8 +368,11 @@ int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_er
         return moe_error_set(err, -ESHUTDOWN, "moed is shutting down: no new requests");
     }
     /* Idle until now: the time without progress counts from here. */
-    if (!s->pending && !s->running)
+    r->idle_ = !s->pending && !s->running;
+    if (r->idle_)
         s->last_progress_ns = r->t_submit_;
+    else
+        s->lone = false; /* company: batch again */
     if (s->tail)
         s->tail->next_ = r;
     else

@@ -5,7 +5,11 @@
  * different layers and models proceed concurrently.
  *
  * A request waits at most window_ns for others to join it (or less, when
- * the pending requests of its key reach max_batch_tokens).  A batch is the
+ * the pending requests of its key reach max_batch_tokens).  A lone caller
+ * does not wait: once a request that found the scheduler idle has waited
+ * its whole window with nobody joining, a request that finds it idle runs
+ * at once, until a request arrives while another is pending or running
+ * (then windows apply again).  A batch is the
  * requests of one key in arrival order, concatenated into one call of
  * moe_layer_forward; requests with caller routing batch only with others
  * with caller routing.  The output rows of each request are its own: the
@@ -56,6 +60,7 @@ struct moe_sched_req {
     /* private */
     struct moe_sched_req *next_;
     uint64_t t_submit_;
+    bool idle_; /* submitted with nothing pending or running */
 };
 
 /* Batch histograms: bucket i counts the batches of (2^(i-1), 2^i] requests

@@ -161,6 +161,39 @@ int main(void)
         ASSERT_EQ(moe_sched_submit(sched, &bad.r, &err), -EINVAL);
     }
 
+    /* A lone caller does not wait for the window (20 ms): once one request
+     * has waited it alone, the next ones that find the scheduler idle run
+     * at once; two at once batch again. */
+    {
+        bool rebatched = false;
+
+        for (int i = 0; i < 6; i++) {
+            struct job *j = &jobs[4 + i]; /* jobs[2] is the bad one above */
+
+            j->r.ids = NULL;
+            j->r.weights = NULL;
+            j->r.layer = 1;
+            ASSERT_EQ(moe_sched_submit(sched, &j->r, &err), 0);
+            ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+            ASSERT_EQ(j->status, 0);
+            printf("lone request %d: queued %.3f ms\n", i, (double)j->r.queue_ns / 1e6);
+            if (i > 0)
+                ASSERT_TRUE(j->r.queue_ns < sc.window_ns);
+        }
+        /* Company (a request submitted while another is pending or running)
+         * turns the window back on: the next pair batches.  Tried thrice,
+         * as a preempted submitter may find the first of a pair done. */
+        for (int tries = 0; tries < 3 && !rebatched; tries++) {
+            for (int i = 0; i < 4; i++) {
+                ASSERT_EQ(moe_sched_submit(sched, &jobs[4 + i].r, &err), 0);
+                if (i % 2)
+                    ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+            }
+            rebatched = jobs[6].r.batch_requests == 2 && jobs[7].r.batch_requests == 2;
+        }
+        ASSERT_TRUE(rebatched);
+    }
+
     /* Stopped: new requests are refused; pending ones still finish. */
     atomic_store(&n_done, 0);
     jobs[0].r.layer = 1;
