@@ -702,12 +702,33 @@ static bool take_handler_locked(struct moe_rpc_call *c, const char *what)
     return true;
 }
 
+static void reply_bb(struct moe_rpc_call *call, grpc_byte_buffer *bb);
+
 void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len)
 {
     grpc_slice slice = grpc_slice_from_copied_buffer((const char *)msg, len);
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&slice, 1);
 
     grpc_slice_unref(slice);
+    reply_bb(call, bb);
+}
+
+void moe_rpc_reply_with(struct moe_rpc_call *call, size_t len, void (*fill)(uint8_t *buf, void *arg),
+                        void *arg)
+{
+    /* The core's own buffer, filled in place: the message is written once. */
+    grpc_slice slice = grpc_slice_malloc(len);
+    grpc_byte_buffer *bb;
+
+    fill(GRPC_SLICE_START_PTR(slice), arg);
+    bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    reply_bb(call, bb);
+}
+
+/* Answers call with bb (taken). */
+static void reply_bb(struct moe_rpc_call *call, grpc_byte_buffer *bb)
+{
     pthread_mutex_lock(&call->lock);
     if (!take_handler_locked(call, "reply")) {
         pthread_mutex_unlock(&call->lock);

@@ -55,18 +55,15 @@ int moed_grpc_status(int err)
 }
 
 /* Packs any protobuf-c message and replies with it. */
+static void pack_into(uint8_t *buf, void *m)
+{
+    protobuf_c_message_pack(m, buf);
+}
+
 void moed_reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
 {
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-
-    if (!buf) {
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the answer");
-        return;
-    }
-    protobuf_c_message_pack(m, buf);
-    moe_rpc_reply(call, buf, n);
-    free(buf);
+    /* Packed straight into the core's buffer: no copy of the tensors. */
+    moe_rpc_reply_with(call, protobuf_c_message_get_packed_size(m), pack_into, (void *)m);
 }
 
 /* ---- models ---------------------------------------------------------------------------- */
