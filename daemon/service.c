@@ -106,20 +106,6 @@ struct moed_model *moed_model_get_id(struct moed *d, uint32_t id)
     return mm;
 }
 
-/* "a, b, c" of the loaded models' names. */
-static void model_names(struct moed *d, char *buf, size_t len)
-{
-    size_t at = 0;
-
-    buf[0] = 0;
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models && at < len; i++)
-        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? ", " : "", d->models[i]->name);
-    pthread_mutex_unlock(&d->lock);
-    if (!buf[0])
-        snprintf(buf, len, "none");
-}
-
 int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err)
 {
     struct moe_model *m;
@@ -240,113 +226,47 @@ void moed_free_models(struct moed *d)
 
 /* ---- Experts.Forward ------------------------------------------------------------------- */
 
+/* A Forward call: the request (forward.h) and its envelope. */
 struct fwd {
-    struct moed *d;
+    struct moed_fwd f;
     struct moe_rpc_call *call;
-    struct moed_model *mm;
-    struct moe_sched_req req;
-    Moe__V1__DType dtype;
-    int T, H, K;
-    float *x, *out, *w_in, *w_out;
-    int32_t *ids_in, *ids_out;
-    bool return_routing;
-    uint64_t tag;
-    uint64_t t_recv;
-    enum moed_transport transport; /* for the metrics */
+    Moe__V1__ForwardRequest *q; /* decoded; f's input may point into it */
 };
 
-/* Counts f's answer in the metrics: before answering (a client that scrapes
- * once answered sees it counted) and before fwd_free (the name is mm's). */
-static void fwd_count(struct fwd *f, int code)
+static void fwd_free(struct fwd *g)
 {
-    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->req.layer, f->transport,
-                         code, code == GRPC_STATUS_OK ? f->T : 0, moe_now_ns() - f->t_recv);
+    moed_fwd_release(&g->f);
+    moe__v1__forward_request__free_unpacked(g->q, NULL);
+    free(g);
 }
 
-static void fwd_free(struct fwd *f)
+static void fwd_done(struct moed_fwd *f, int status, const char *msg)
 {
-    if (f->mm)
-        moed_model_put(f->d, f->mm);
-    free(f->x);
-    free(f->out);
-    free(f->w_in);
-    free(f->w_out);
-    free(f->ids_in);
-    free(f->ids_out);
-    free(f);
-}
-
-static size_t dtype_size(Moe__V1__DType t)
-{
-    return t == MOE__V1__DTYPE__DTYPE_F32 ? 4 : 2;
-}
-
-/* Gives the model back before the answer goes out, so that a client that has
- * its answer can unload the model at once (an UnloadModel right after the
- * reply found the request still counted, and refused with "in flight"). */
-static void fwd_release_model(struct fwd *f)
-{
-    if (f->mm) {
-        moed_model_put(f->d, f->mm);
-        f->mm = NULL;
-    }
-}
-
-static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
-{
-    struct fwd *f = r->arg;
-    struct moed *d = f->d;
+    struct fwd *g = (struct fwd *)f; /* f is its first member */
+    const struct moe_sched_req *r = &f->sr;
     Moe__V1__ForwardResponse resp = MOE__V1__FORWARD_RESPONSE__INIT;
     Moe__V1__Tensor out = MOE__V1__TENSOR__INIT;
     Moe__V1__Routing rt = MOE__V1__ROUTING__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
-    int64_t shape[2] = {f->T, f->H};
-    size_t n = (size_t)f->T * (size_t)f->H;
-    uint8_t *data = NULL;
+    int64_t shape[2] = {f->n_tokens, f->hidden};
 
     if (status < 0) {
-        atomic_fetch_add(&d->failed, 1);
-        fwd_count(f, moed_grpc_status(status));
-        fwd_release_model(f);
-        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+        moe_rpc_fail(g->call, moed_grpc_status(status), "%s", msg);
         goto out;
-    }
-    data = malloc(n * dtype_size(f->dtype));
-    if (!data) {
-        fwd_count(f, GRPC_STATUS_RESOURCE_EXHAUSTED);
-        fwd_release_model(f);
-        moe_rpc_fail(f->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the output");
-        goto out;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-
-        switch (f->dtype) {
-        case MOE__V1__DTYPE__DTYPE_F32:
-            memcpy(data + 4 * i, &f->out[i], 4);
-            break;
-        case MOE__V1__DTYPE__DTYPE_BF16:
-            h = moe_f32_to_bf16(f->out[i]);
-            memcpy(data + 2 * i, &h, 2);
-            break;
-        default:
-            h = moe_f32_to_f16(f->out[i]);
-            memcpy(data + 2 * i, &h, 2);
-            break;
-        }
     }
     out.n_shape = 2;
     out.shape = shape;
     out.dtype = f->dtype;
-    out.data.len = n * dtype_size(f->dtype);
-    out.data.data = data;
+    /* In the request's dtype, in place: packed from there, no other copy. */
+    out.data.len = moed_fwd_encode_in_place(f);
+    out.data.data = (uint8_t *)f->out;
     resp.output = &out;
-    if (f->return_routing) {
-        rt.top_k = (uint32_t)f->K;
-        rt.n_expert_ids = (size_t)f->T * f->K;
-        rt.expert_ids = f->ids_out;
-        rt.n_weights = (size_t)f->T * f->K;
-        rt.weights = f->w_out;
+    if (f->ret_ids) {
+        rt.top_k = (uint32_t)f->top_k;
+        rt.n_expert_ids = (size_t)f->n_tokens * f->top_k;
+        rt.expert_ids = f->ret_ids;
+        rt.n_weights = (size_t)f->n_tokens * f->top_k;
+        rt.weights = f->ret_weights;
         resp.routing = &rt;
     }
     tm.queue_ns = r->queue_ns;
@@ -359,121 +279,58 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     resp.timing = &tm;
     resp.cache_hits = (uint32_t)r->st.hits;
     resp.cache_misses = (uint32_t)r->st.misses;
-    resp.tag = f->tag;
-    fwd_count(f, GRPC_STATUS_OK);
-    fwd_release_model(f);
-    moed_reply_msg(f->call, &resp.base);
+    resp.tag = g->q->tag;
+    moed_reply_msg(g->call, &resp.base);
 out:
-    free(data);
-    atomic_fetch_sub(&d->in_flight, 1);
-    fwd_free(f);
-}
-
-/* Checks and converts the request; 0, or a gRPC status with msg. */
-static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *msg, size_t len)
-{
-    struct moed *d = f->d;
-    struct moed_fwd_input in;
-    char names[512];
-    int r;
-
-    if (!q->model || !*q->model) {
-        snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    f->mm = moed_model_get(d, q->model);
-    if (!f->mm) {
-        model_names(d, names, sizeof(names));
-        snprintf(msg, len, "no model called '%s' (loaded: %s)", q->model, names);
-        return GRPC_STATUS_NOT_FOUND;
-    }
-    r = moed_forward_request_check(q, f->mm->m, &in, msg, len);
-    if (r < 0)
-        return moed_grpc_status(r);
-    f->T = in.n_tokens;
-    f->H = in.hidden;
-    f->K = in.top_k;
-    f->dtype = in.dtype;
-    f->x = in.x;
-    f->ids_in = in.ids;
-    f->w_in = in.weights;
-    f->out = malloc((size_t)f->T * (size_t)f->H * sizeof(float));
-    f->ids_out = malloc((size_t)f->T * f->K * sizeof(int32_t));
-    f->w_out = malloc((size_t)f->T * f->K * sizeof(float));
-    if (!f->out || !f->ids_out || !f->w_out) {
-        snprintf(msg, len, "out of memory for %d tokens", f->T);
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    }
-    f->return_routing = q->return_routing;
-    f->tag = q->tag;
-    return GRPC_STATUS_OK;
+    fwd_free(g);
 }
 
 static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
     struct moed *d = arg;
     Moe__V1__ForwardRequest *q = moe__v1__forward_request__unpack(NULL, len, req);
-    struct fwd *f = calloc(1, sizeof(*f));
-    struct moe_error err;
+    struct fwd *g = calloc(1, sizeof(*g));
     char msg[MOE_ERROR_MSG_MAX + 64];
     uint64_t t_recv = moe_now_ns();
-    int st;
+    int r;
 
-    if (!q || !f) {
-        st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
+    if (!q || !g) {
+        int st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
+
         moed_metrics_request(d->metrics, NULL, -1, MOED_TRANSPORT_GRPC, st, 0,
                              moe_now_ns() - t_recv);
         moe_rpc_fail(call, st, "%s",
                      q ? "out of memory" : "the request is not a moe.v1.ForwardRequest");
-        goto out;
+        moe__v1__forward_request__free_unpacked(q, NULL);
+        free(g);
+        return;
     }
-    f->d = d;
-    f->call = call;
-    f->t_recv = t_recv;
-    f->transport = MOED_TRANSPORT_GRPC;
-    f->req.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the log until set below */
+    moed_fwd_init(&g->f, d, MOED_TRANSPORT_GRPC);
+    g->f.t_recv = t_recv;
+    g->f.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the metrics until checked */
+    g->call = call;
+    g->q = q;
     /* Stopping (SIGTERM): the gRPC core starts no new call, so what comes
      * here is a message of a stream open at the signal: it is answered, as
      * the requests in flight are, until drain_timeout_ms cuts the stream. */
     if (atomic_load(&d->state) == MOED_DRAINING) {
-        fwd_count(f, GRPC_STATUS_UNAVAILABLE);
+        moed_fwd_count(&g->f, GRPC_STATUS_UNAVAILABLE);
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is draining: no new requests");
-        goto out;
+        goto fail;
     }
-    st = fwd_prepare(f, q, msg, sizeof(msg));
-    if (st != GRPC_STATUS_OK) {
-        fwd_count(f, st);
-        moe_rpc_fail(call, st, "%s", msg);
-        goto out;
+    r = moed_fwd_model_by_name(&g->f, q->model, msg, sizeof(msg));
+    if (r == 0)
+        r = moed_fwd_decode_grpc(&g->f, q, g->f.mm->m, msg, sizeof(msg));
+    if (r == 0)
+        r = moed_fwd_submit(&g->f, 0, q->return_routing, fwd_done, NULL, msg, sizeof(msg));
+    if (r < 0) {
+        moed_fwd_count(&g->f, moed_grpc_status(r));
+        moe_rpc_fail(call, moed_grpc_status(r), "%s", msg);
+        goto fail;
     }
-    f->req = (struct moe_sched_req){
-        .engine = f->mm->e,
-        .layer = (int)q->layer,
-        .x = f->x,
-        .n_tokens = f->T,
-        .ids = f->ids_in,
-        .weights = f->w_in,
-        .out = f->out,
-        .ret_ids = f->ids_out,
-        .ret_weights = f->w_out,
-        .done = fwd_done,
-        .arg = f,
-    };
-    atomic_fetch_add(&d->in_flight, 1);
-    atomic_fetch_add(&d->requests, 1);
-    atomic_fetch_add(&d->tokens, (uint64_t)f->T);
-    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->T, memory_order_relaxed);
-    if (moed_submit(d, f->mm, &f->req, &err) < 0) {
-        atomic_fetch_sub(&d->in_flight, 1);
-        fwd_count(f, moed_grpc_status(err.code));
-        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
-        goto out;
-    }
-    f = NULL; /* fwd_done owns it */
-out:
-    if (f)
-        fwd_free(f);
-    moe__v1__forward_request__free_unpacked(q, NULL);
+    return; /* fwd_done answers */
+fail:
+    fwd_free(g);
 }
 
 /* ---- Control --------------------------------------------------------------------------- */
