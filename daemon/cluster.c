@@ -111,6 +111,29 @@ struct mstate {
     struct mstate *next;
 };
 
+/* A split forward waiting for, or running on, a thread of the pool. */
+struct job {
+    struct moed *d;
+    struct moed_model *mm;
+    struct moe_sched_req *r; /* the caller's */
+    uint64_t t_queued;
+    struct job *next; /* in the queue or the free list */
+};
+
+/* The threads split forwards run on: started as needed, at most one per
+ * job, kept until the cluster stops.  jobs[cap] bounds the split forwards
+ * in flight (queued or running); beyond it moed_submit refuses. */
+struct split_pool {
+    pthread_mutex_t lock; /* everything below */
+    pthread_cond_t cond;  /* a job queued, or stopping */
+    struct job *jobs;     /* [cap] */
+    struct job *free;     /* jobs not in flight */
+    struct job *head, *tail; /* queued, oldest first */
+    pthread_t *threads;      /* [cap], n_threads started */
+    int cap, n_threads, idle, in_flight;
+    bool stopping, inited;
+};
+
 struct moed_cluster {
     struct moed *d;
     char node[128];
@@ -123,7 +146,8 @@ struct moed_cluster {
     bool stopping, kick;
     pthread_t thread;
     bool started;
-    _Atomic int in_flight; /* split forwards running */
+    _Atomic int in_flight; /* split forwards and NCCL transfers served, running */
+    struct split_pool split;
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
         bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
@@ -826,11 +850,6 @@ static void *part_main(void *arg)
     return NULL;
 }
 
-struct job {
-    struct moed *d;
-    struct moed_model *mm;
-    struct moe_sched_req *r; /* the caller's */
-};
 
 static void part_clear(struct part *pt)
 {
@@ -1000,31 +1019,102 @@ out:
     return rc;
 }
 
-static void *job_main(void *arg)
+/* One split forward's run on a thread of the pool. */
+static void run_job(struct moed_cluster *c, struct job *j)
 {
-    struct job *j = arg;
-    struct moed_cluster *c = cl_of(j->d);
     struct moe_error err = {0};
     struct moe_sched_req *r = j->r;
-    uint64_t t0 = moe_now_ns();
+    uint64_t t0 = moe_now_ns(), waited = t0 - j->t_queued; /* for a thread */
     int rc;
 
     memset(&r->st, 0, sizeof(r->st));
+    r->queue_ns = 0;
     rc = split_forward(c, j->mm, r, &err);
     if (r->queue_ns == 0)
         r->queue_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns - r->st.route_ns;
-    free(j);
+    r->queue_ns += waited;
     r->done(r, rc, rc < 0 ? err.msg : NULL);
-    atomic_fetch_sub(&c->in_flight, 1);
+}
+
+static void *split_main(void *arg)
+{
+    struct moed_cluster *c = arg;
+    struct split_pool *p = &c->split;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct job *j = p->head;
+
+        if (!j) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = j->next;
+        if (!p->head)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->lock);
+        run_job(c, j);
+        pthread_mutex_lock(&p->lock);
+        j->next = p->free;
+        p->free = j;
+        p->in_flight--;
+        atomic_fetch_sub(&c->in_flight, 1);
+    }
+    pthread_mutex_unlock(&p->lock);
     return NULL;
+}
+
+static int split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
+{
+    struct split_pool *p = &c->split;
+
+    p->cap = cap > 0 ? cap : MOED_SPLIT_FORWARDS_DEFAULT;
+    p->jobs = calloc((size_t)p->cap, sizeof(*p->jobs));
+    p->threads = calloc((size_t)p->cap, sizeof(*p->threads));
+    if (!p->jobs || !p->threads) {
+        free(p->jobs);
+        free(p->threads);
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int i = 0; i < p->cap; i++) {
+        p->jobs[i].next = p->free;
+        p->free = &p->jobs[i];
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
+    p->inited = true;
+    return 0;
+}
+
+/* Ends the pool's threads once the queue is empty. */
+static void split_pool_free(struct moed_cluster *c)
+{
+    struct split_pool *p = &c->split;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+    free(p->jobs);
+    free(p->threads);
 }
 
 int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
                 struct moe_error *err)
 {
     struct moed_cluster *c = cl_of(d);
+    struct split_pool *p;
     struct job *j;
-    pthread_t t;
     int n;
 
     if (!c)
@@ -1034,20 +1124,38 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
     pthread_mutex_unlock(&c->lock);
     if (n == 0 || r->flags)
         return moe_sched_submit(d->sched, r, err);
-    j = calloc(1, sizeof(*j));
-    if (!j)
-        return moe_error_set(err, -ENOMEM, "out of memory");
-    *j = (struct job){d, mm, r};
-    r->queue_ns = 0;
-    atomic_fetch_add(&c->in_flight, 1);
-    if (pthread_create(&t, NULL, job_main, j) != 0) {
-        /* No thread to spare: this node computes it all, which is always
+    p = &c->split;
+    pthread_mutex_lock(&p->lock);
+    j = p->free;
+    if (!j) {
+        pthread_mutex_unlock(&p->lock);
+        return moe_error_set(err, -ENOBUFS,
+                             "node %s has %d split forwards in flight, the most [cluster] "
+                             "max_split_forwards allows: try again, or raise it",
+                             c->node, p->cap);
+    }
+    /* A thread more when none is idle: started once, kept until the
+     * cluster stops, at most one per job. */
+    if (p->idle == 0 && p->n_threads < p->cap &&
+        pthread_create(&p->threads[p->n_threads], NULL, split_main, c) == 0)
+        p->n_threads++;
+    if (p->n_threads == 0) {
+        /* No thread at all: this node computes it all, which is always
          * right (it pages in what it lacks). */
-        atomic_fetch_sub(&c->in_flight, 1);
-        free(j);
+        pthread_mutex_unlock(&p->lock);
         return moe_sched_submit(d->sched, r, err);
     }
-    pthread_detach(t);
+    p->free = j->next;
+    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
+    if (p->tail)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    p->in_flight++;
+    atomic_fetch_add(&c->in_flight, 1);
+    pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
     return 0;
 }
 
@@ -1787,6 +1895,13 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
+    rc = split_pool_init(c, d->cfg.max_split_forwards, err);
+    if (rc < 0) {
+        pthread_cond_destroy(&c->cond);
+        pthread_mutex_destroy(&c->lock);
+        free(c);
+        return rc;
+    }
     nccl_init(c);
     d->cluster = c;
     for (int i = 0; i < d->cfg.n_peers && rc == 0; i++)
@@ -1819,6 +1934,7 @@ void moed_cluster_stop(struct moed *d)
      * joins hold peers: wait (joins give up after NCCL_JOIN_MS). */
     while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
+    split_pool_free(c);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
         peer_put(c, c->peers[i]);

@@ -36,6 +36,7 @@ int moed_grpc_status(int err)
     case -EBUSY:
         return GRPC_STATUS_FAILED_PRECONDITION;
     case -ENOSPC:
+    case -ENOBUFS:
     case -ENOMEM:
         return GRPC_STATUS_RESOURCE_EXHAUSTED;
     case -ESHUTDOWN:
