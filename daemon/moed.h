@@ -1,6 +1,8 @@
 /*
- * The daemon's state, shared by main.c (lifecycle) and service.c (the gRPC
- * handlers of moe.v1.Experts, moe.v1.Control and grpc.health.v1.Health).
+ * The daemon's state, shared by its files: main.c (lifecycle), models.c (the
+ * model table), reply.c (gRPC answers and status codes), service.c (the
+ * gRPC handlers of moe.v1.Experts, moe.v1.Control and
+ * grpc.health.v1.Health), and the rest of daemon/README.md.
  */
 #ifndef MOED_DAEMON_MOED_H
 #define MOED_DAEMON_MOED_H
