@@ -441,13 +441,13 @@ static int run_local(struct moed *d, struct moed_model *mm, int layer, const flo
     int r;
 
     s.r = (struct moe_sched_req){.engine = mm->e,
-                                 .layer = layer,
-                                 .x = x,
-                                 .n_tokens = T,
-                                 .ids = ids,
-                                 .weights = w,
-                                 .flags = flags,
-                                 .out = out,
+                                 .a.layer = layer,
+                                 .a.x = x,
+                                 .a.n_tokens = T,
+                                 .a.ids = ids,
+                                 .a.weights = w,
+                                 .a.flags = flags,
+                                 .a.out = out,
                                  .done = sync_done,
                                  .arg = &s};
     pthread_mutex_init(&s.lock, NULL);
@@ -866,7 +866,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
                          struct moe_error *err)
 {
     struct moed *d = c->d;
-    const int T = r->n_tokens, H = mm->m->cfg.hidden, K = mm->m->cfg.top_k, layer = r->layer;
+    const int T = r->a.n_tokens, H = mm->m->cfg.hidden, K = mm->m->cfg.top_k, layer = r->a.layer;
     const size_t TK = (size_t)T * (size_t)K;
     struct view v;
     struct mstate *s;
@@ -885,11 +885,11 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
         rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
         goto out;
     }
-    if (r->ids) {
-        memcpy(ids, r->ids, TK * sizeof(*ids));
-        memcpy(w, r->weights, TK * sizeof(*w));
+    if (r->a.ids) {
+        memcpy(ids, r->a.ids, TK * sizeof(*ids));
+        memcpy(w, r->a.weights, TK * sizeof(*w));
     } else {
-        rc = moe_layer_route(mm->e, layer, r->x, T, ids, w, err);
+        rc = moe_layer_route(mm->e, layer, r->a.x, T, ids, w, err);
         if (rc < 0)
             goto out;
     }
@@ -905,7 +905,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     }
     if (!remote) {
         /* Everything here: the whole layer, bit for bit as on one node. */
-        rc = run_local(d, mm, layer, r->x, T, ids, w, 0, r->out, r, err);
+        rc = run_local(d, mm, layer, r->a.x, T, ids, w, 0, r->a.out, r, err);
         goto out;
     }
     atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
@@ -956,7 +956,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
             if (!mine)
                 continue;
             pt->row[rows] = t;
-            memcpy(pt->x + (size_t)rows * H, r->x + (size_t)t * H, (size_t)H * sizeof(float));
+            memcpy(pt->x + (size_t)rows * H, r->a.x + (size_t)t * H, (size_t)H * sizeof(float));
             for (int k = 0; k < K; k++) {
                 size_t i = (size_t)t * K + k;
 
@@ -979,7 +979,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     for (size_t i = 0; lids && i < TK; i++)
         lids[i] = to[i] == v.self ? ids[i] : -1;
     if (lids)
-        rc = run_local(d, mm, layer, r->x, T, lids, w, MOE_FWD_PARTIAL, r->out, r, err);
+        rc = run_local(d, mm, layer, r->a.x, T, lids, w, MOE_FWD_PARTIAL, r->a.out, r, err);
     for (int m = 0; m < v.n; m++)
         if (parts[m].threaded)
             pthread_join(parts[m].thread, NULL);
@@ -994,7 +994,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
             break;
         }
         for (int i = 0; i < pt->rows; i++) {
-            float *o = r->out + (size_t)pt->row[i] * H;
+            float *o = r->a.out + (size_t)pt->row[i] * H;
             const float *y = pt->out + (size_t)i * H;
 
             for (int h = 0; h < H; h++)
@@ -1008,10 +1008,10 @@ out:
     for (int m = 0; m < MAX_MEMBERS; m++)
         part_clear(&parts[m]);
     view_put(c, &v);
-    if (r->ret_ids && rc == 0)
-        memcpy(r->ret_ids, ids, TK * sizeof(*ids));
-    if (r->ret_weights && rc == 0)
-        memcpy(r->ret_weights, w, TK * sizeof(*w));
+    if (r->a.ret_ids && rc == 0)
+        memcpy(r->a.ret_ids, ids, TK * sizeof(*ids));
+    if (r->a.ret_weights && rc == 0)
+        memcpy(r->a.ret_weights, w, TK * sizeof(*w));
     free(ids);
     free(to);
     free(w);
@@ -1122,7 +1122,7 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
     pthread_mutex_lock(&c->lock);
     n = c->n_peers;
     pthread_mutex_unlock(&c->lock);
-    if (n == 0 || r->flags)
+    if (n == 0 || r->a.flags)
         return moe_sched_submit(d->sched, r, err);
     p = &c->split;
     pthread_mutex_lock(&p->lock);
@@ -2380,13 +2380,13 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     }
     f->req =
         (struct moe_sched_req){.engine = f->mm->e,
-                               .layer = (int)q->layer,
-                               .x = f->x,
-                               .n_tokens = f->T,
-                               .ids = f->ids,
-                               .weights = f->w,
-                               .flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
-                               .out = f->out,
+                               .a.layer = (int)q->layer,
+                               .a.x = f->x,
+                               .a.n_tokens = f->T,
+                               .a.ids = f->ids,
+                               .a.weights = f->w,
+                               .a.flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
+                               .a.out = f->out,
                                .done = pfwd_done,
                                .arg = f};
     atomic_fetch_add(&d->in_flight, 1);

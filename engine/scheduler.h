@@ -39,15 +39,9 @@ typedef void (*moe_sched_done_fn)(struct moe_sched_req *r, int status, const cha
 
 struct moe_sched_req {
     struct moe_engine *engine;
-    int layer;
-    const float *x; /* [n_tokens, hidden] */
-    int n_tokens;
-    const int32_t *ids; /* caller routing [n_tokens, top_k], or NULL */
-    const float *weights;
-    unsigned flags;   /* MOE_FWD_* (layer.h); batched only with the same flags */
-    float *out;       /* [n_tokens, hidden] */
-    int32_t *ret_ids; /* routing used [n_tokens, top_k], may be NULL */
-    float *ret_weights;
+    /* The forward (layer.h); batched only with the same layer, flags and
+     * kind of routing (caller's or the router's). */
+    struct moe_layer_args a;
     moe_sched_done_fn done;
     void *arg;
 
