@@ -87,6 +87,8 @@ int moe_trace_write(struct moe_trace_writer *w, uint32_t first_token, int layer,
  * top_k] (NULL: none), kept when the trace has lookahead. */
 int moe_trace_write_ahead(struct moe_trace_writer *w, uint32_t first_token, int layer,
                           const int32_t *ids, const int32_t *next, int n_tokens);
+/* What w was opened with. */
+const struct moe_trace_info *moe_trace_writer_info(const struct moe_trace_writer *w);
 /* Flushes, patches n_records, closes, frees (always; NULL is a no-op).
  * 0 or -errno with err saying what failed first; the file then keeps the
  * records written before the failure and n_records = 0. */
