@@ -4,6 +4,7 @@
  * (cluster.h says how they work together).
  */
 #include "cluster.h"
+#include "placement.h"
 
 #include "moed.h"
 
@@ -377,20 +378,20 @@ static struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model
     return s;
 }
 
-/* Holders of (layer, expert) among the view's members, owner first: the
- * experts of a layer round-robin over the members from an offset of the
- * layer, then `replicas` next members for a hot one.  Returns how many. */
+/* Holders of (layer, expert) among the view's members, owner first
+ * (placement.h).  Returns how many. */
 static int holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
                    int layer, int expert, int *ret)
 {
-    int owner = (expert + layer) % v->n, k = 1;
+    bool hot = s && atomic_load_explicit(&s->hot_all[(size_t)layer * s->n_experts + expert],
+                                         memory_order_relaxed);
 
-    ret[0] = owner;
-    if (s && atomic_load_explicit(&s->hot_all[(size_t)layer * s->n_experts + expert],
-                                  memory_order_relaxed))
-        for (int r = 1; r <= c->d->cfg.replicas && r < v->n; r++)
-            ret[k++] = (owner + r) % v->n;
-    return k;
+    return moed_placement_holders(v->n, layer, expert, hot, c->d->cfg.replicas, ret);
+}
+
+static bool view_member_up(const void *v, int m)
+{
+    return member_up(v, m);
 }
 
 /* The member to send (layer, expert) to: a holder that is up (spread by
@@ -400,13 +401,7 @@ static int pick(const struct moed_cluster *c, const struct view *v, const struct
 {
     int h[MAX_MEMBERS], n = holders(c, v, s, layer, expert, h);
 
-    for (int i = 0; i < n; i++) {
-        int m = h[(salt + (uint32_t)i) % (uint32_t)n];
-
-        if (m != not &&member_up(v, m))
-            return m;
-    }
-    return v->self;
+    return moed_placement_pick(h, n, salt, not, view_member_up, v, v->self);
 }
 
 /* ---- running forwards on this node ----------------------------------------------------- */
@@ -1637,12 +1632,11 @@ static void rebalance(struct moed_cluster *c)
 {
     struct moed *d = c->d;
     struct view v;
-    bool changed = false;
 
     pthread_mutex_lock(&c->lock);
     for (struct mstate *s = c->models; s; s = s->next) {
-        size_t n = (size_t)s->n_layers * s->n_experts, want = 0, nz = 0;
-        uint32_t *l = malloc(n * sizeof(*l)), thr;
+        size_t n = (size_t)s->n_layers * s->n_experts;
+        uint32_t *l = malloc(n * sizeof(*l));
 
         if (!l)
             continue;
@@ -1650,51 +1644,11 @@ static void rebalance(struct moed_cluster *c)
             /* Halve the counts: load decays with a half-life of one interval. */
             l[i] = atomic_load_explicit(&s->load[i], memory_order_relaxed);
             atomic_store_explicit(&s->load[i], l[i] / 2, memory_order_relaxed);
-            nz += l[i] > 0;
         }
-        want = (size_t)ceil(d->cfg.hot_fraction * (double)n);
-        if (want > nz)
-            want = nz;
-        /* The want-th largest load is the threshold (a partial sort). */
-        uint32_t *sorted = malloc(n * sizeof(*sorted));
-
-        thr = UINT32_MAX;
-        if (sorted && want) {
-            memcpy(sorted, l, n * sizeof(*sorted));
-            for (size_t k = 0; k < want; k++) {
-                size_t best = k;
-
-                for (size_t i = k + 1; i < n; i++)
-                    if (sorted[i] > sorted[best])
-                        best = i;
-                uint32_t tmp = sorted[k];
-
-                sorted[k] = sorted[best];
-                sorted[best] = tmp;
-            }
-            thr = sorted[want - 1];
-        }
-        free(sorted);
-        /* Only experts well above the mean load are worth a copy: under an
-         * even load a replica costs cache room and brings nothing. */
-        {
-            uint64_t sum = 0;
-
-            for (size_t i = 0; i < n; i++)
-                sum += l[i];
-            if (n && thr < (uint32_t)MOE_MIN(2 * sum / n + 1, UINT32_MAX))
-                thr = (uint32_t)MOE_MIN(2 * sum / n + 1, UINT32_MAX);
-        }
-        for (size_t i = 0, k = 0; i < n; i++) {
-            uint8_t h = l[i] > 0 && l[i] >= thr && k < want;
-
-            k += h;
-            changed |= h != s->hot[i];
-            s->hot[i] = h;
-        }
+        /* The version moves in merge_hot, with the union. */
+        moed_placement_hot(l, n, d->cfg.hot_fraction, s->hot);
         free(l);
     }
-    (void)changed; /* the version moves in merge_hot, with the union */
     pthread_mutex_unlock(&c->lock);
     merge_hot(c);
 
