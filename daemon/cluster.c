@@ -135,6 +135,29 @@ struct split_pool {
     bool stopping, inited;
 };
 
+/* A split forward's wait for its parts on the part pool. */
+struct split_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int pending; /* parts handed over, not finished */
+};
+
+struct part;
+
+/* The threads the parts of split forwards (calls to peers) run on:
+ * started as needed up to PART_THREADS, kept until the cluster stops.  A
+ * part that finds no thread free runs on its split forward's own thread,
+ * so a split forward never waits for another's parts. */
+#define PART_THREADS 64
+struct part_pool {
+    pthread_mutex_t lock;     /* everything below */
+    pthread_cond_t cond;      /* a part queued, or stopping */
+    struct part *head, *tail; /* queued, at most as many as idle threads */
+    pthread_t threads[PART_THREADS];
+    int n_threads, idle, queued;
+    bool stopping, inited;
+};
+
 struct moed_cluster {
     struct moed *d;
     char node[128];
@@ -149,6 +172,7 @@ struct moed_cluster {
     bool started;
     _Atomic int in_flight; /* split forwards and NCCL transfers served, running */
     struct split_pool split;
+    struct part_pool parts;
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
         bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
@@ -487,8 +511,8 @@ struct part {
     uint32_t hits, misses;
     int status;
     char msg[256];
-    pthread_t thread;
-    bool threaded;
+    struct split_wait *wait; /* its split forward's, when on the pool */
+    struct part *next;       /* in the pool's queue */
 };
 
 /* The ForwardExperts of rows [r0, r0 + rows) of the part with ids (the
@@ -855,6 +879,94 @@ static void part_clear(struct part *pt)
     free(pt->out);
 }
 
+static void *part_thread(void *arg)
+{
+    struct part_pool *p = arg;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct part *pt = p->head;
+
+        if (!pt) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = pt->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        pthread_mutex_unlock(&p->lock);
+        part_main(pt);
+        pthread_mutex_lock(&pt->wait->lock);
+        if (--pt->wait->pending == 0)
+            pthread_cond_signal(&pt->wait->cond);
+        pthread_mutex_unlock(&pt->wait->lock);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* Hands pt to a free thread of the pool (started if need be), counted in
+ * w; false when none is free (the caller runs it). */
+static bool part_hand_over(struct moed_cluster *c, struct part *pt, struct split_wait *w)
+{
+    struct part_pool *p = &c->parts;
+    bool ok = true;
+
+    pthread_mutex_lock(&p->lock);
+    if (p->idle <= p->queued) {
+        ok = p->n_threads < PART_THREADS &&
+             pthread_create(&p->threads[p->n_threads], NULL, part_thread, p) == 0;
+        if (ok)
+            p->n_threads++;
+    }
+    if (ok) {
+        pt->wait = w;
+        pt->next = NULL;
+        pthread_mutex_lock(&w->lock);
+        w->pending++;
+        pthread_mutex_unlock(&w->lock);
+        if (p->tail)
+            p->tail->next = pt;
+        else
+            p->head = pt;
+        p->tail = pt;
+        p->queued++;
+        pthread_cond_signal(&p->cond);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return ok;
+}
+
+static void part_pool_init(struct moed_cluster *c)
+{
+    pthread_mutex_init(&c->parts.lock, NULL);
+    pthread_cond_init(&c->parts.cond, NULL);
+    c->parts.inited = true;
+}
+
+/* Ends the pool's threads (no split forward is running). */
+static void part_pool_free(struct moed_cluster *c)
+{
+    struct part_pool *p = &c->parts;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+}
+
 /* The split forward of one request: returns 0 or -errno with err, and
  * fills r's stats and out. */
 static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct moe_sched_req *r,
@@ -866,6 +978,8 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     struct view v;
     struct mstate *s;
     struct part parts[MAX_MEMBERS];
+    struct split_wait wait = {.pending = 0};
+    bool waiting = false;
     int32_t *ids = malloc(TK * sizeof(*ids)), *to = malloc(TK * sizeof(*to)), *lids = NULL;
     float *w = malloc(TK * sizeof(*w));
     uint64_t t0 = moe_now_ns();
@@ -961,12 +1075,12 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
             rows++;
         }
     }
+    pthread_mutex_init(&wait.lock, NULL);
+    pthread_cond_init(&wait.cond, NULL);
+    waiting = true;
     for (int m = 0; m < v.n; m++)
-        if (parts[m].rows)
-            parts[m].threaded = pthread_create(&parts[m].thread, NULL, part_main, &parts[m]) == 0;
-    for (int m = 0; m < v.n; m++)
-        if (parts[m].rows && !parts[m].threaded)
-            part_main(&parts[m]);
+        if (parts[m].rows && !part_hand_over(c, &parts[m], &wait))
+            part_main(&parts[m]); /* no thread free: here, now */
     /* This node's share, with the shared experts, meanwhile. */
     lids = malloc(TK * sizeof(*lids));
     if (!lids)
@@ -975,9 +1089,10 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
         lids[i] = to[i] == v.self ? ids[i] : -1;
     if (lids)
         rc = run_local(d, mm, layer, r->a.x, T, lids, w, MOE_FWD_PARTIAL, r->a.out, r, err);
-    for (int m = 0; m < v.n; m++)
-        if (parts[m].threaded)
-            pthread_join(parts[m].thread, NULL);
+    pthread_mutex_lock(&wait.lock);
+    while (wait.pending)
+        pthread_cond_wait(&wait.cond, &wait.lock);
+    pthread_mutex_unlock(&wait.lock);
     /* Combine in member order, so that the sums do not depend on timing. */
     for (int m = 0; m < v.n && rc == 0; m++) {
         const struct part *pt = &parts[m];
@@ -1000,6 +1115,10 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     }
     r->st.route_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns;
 out:
+    if (waiting) {
+        pthread_cond_destroy(&wait.cond);
+        pthread_mutex_destroy(&wait.lock);
+    }
     for (int m = 0; m < MAX_MEMBERS; m++)
         part_clear(&parts[m]);
     view_put(c, &v);
@@ -1849,8 +1968,10 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
+    part_pool_init(c);
     rc = split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
+        part_pool_free(c);
         pthread_cond_destroy(&c->cond);
         pthread_mutex_destroy(&c->lock);
         free(c);
@@ -1889,6 +2010,7 @@ void moed_cluster_stop(struct moed *d)
     while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
     split_pool_free(c);
+    part_pool_free(c);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
         peer_put(c, c->peers[i]);
