@@ -39,19 +39,19 @@ static int add_peer(struct moed_cluster *c, const char *name, const char *addres
 
     if (strcmp(name, c->node) == 0)
         return moe_error_set(err, -EINVAL, "peer %s: that is this node's own name", name);
-    p = peer_new(c->d, name, address);
+    p = moed_cl_peer_new(c->d, name, address);
     if (!p)
         return moe_error_set(err, -ENOMEM, "out of memory");
     pthread_mutex_lock(&c->lock);
     for (int i = 0; i < c->n_peers; i++)
         if (strcmp(c->peers[i]->name, name) == 0) {
             pthread_mutex_unlock(&c->lock);
-            peer_free(p);
+            moed_cl_peer_free(p);
             return moe_error_set(err, -EEXIST, "peer %s is a member already", name);
         }
     if (c->n_peers == MOED_MAX_PEERS) {
         pthread_mutex_unlock(&c->lock);
-        peer_free(p);
+        moed_cl_peer_free(p);
         return moe_error_set(err, -E2BIG, "%d peers already", MOED_MAX_PEERS);
     }
     p->refs = 1; /* the membership's */
@@ -84,7 +84,7 @@ static int remove_peer(struct moed_cluster *c, const char *name, struct moe_erro
     pthread_mutex_unlock(&c->lock);
     if (!p)
         return moe_error_set(err, -ENOENT, "no peer called %s", name);
-    peer_put(c, p);
+    moed_cl_peer_put(c, p);
     moe_log(MOE_LOG_INFO, "cluster: peer %s removed", name);
     return 0;
 }
@@ -103,20 +103,20 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
-    part_pool_init(c);
-    rc = split_pool_init(c, d->cfg.max_split_forwards, err);
+    moed_cl_part_pool_init(c);
+    rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
-        part_pool_free(c);
+        moed_cl_part_pool_free(c);
         pthread_cond_destroy(&c->cond);
         pthread_mutex_destroy(&c->lock);
         free(c);
         return rc;
     }
-    nccl_init(c);
+    moed_cl_nccl_init(c);
     d->cluster = c;
     for (int i = 0; i < d->cfg.n_peers && rc == 0; i++)
         rc = add_peer(c, d->cfg.peers[i].name, d->cfg.peers[i].address, err);
-    if (rc == 0 && pthread_create(&c->thread, NULL, health_main, c) != 0)
+    if (rc == 0 && pthread_create(&c->thread, NULL, moed_cl_health_main, c) != 0)
         rc = moe_error_set(err, -EAGAIN, "cannot start the cluster's health thread");
     c->started = rc == 0;
     if (rc < 0) {
@@ -144,14 +144,14 @@ void moed_cluster_stop(struct moed *d)
      * joins hold peers: wait (joins give up after NCCL_JOIN_MS). */
     while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
-    split_pool_free(c);
-    part_pool_free(c);
+    moed_cl_split_pool_free(c);
+    moed_cl_part_pool_free(c);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
-        peer_put(c, c->peers[i]);
+        moed_cl_peer_put(c, c->peers[i]);
     }
 #ifdef MOED_HAVE_NCCL
-    while (atomic_load(&nccl_closing) > 0) /* the peers' communicators, closing */
+    while (atomic_load(&moed_cl_nccl_closing) > 0) /* the peers' communicators, closing */
         usleep(1000);
 #endif
     while (c->models) {
@@ -202,7 +202,7 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
     *n_ret = 0;
     if (!c)
         return 0;
-    view_get(c, &v);
+    moed_cl_view_get(c, &v);
     out = calloc((size_t)v.n, sizeof(*out));
     for (int i = 0; out && i < v.n; i++) {
         struct peer *p = v.peer[i];
@@ -216,7 +216,7 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
         moe__v1__peer_info__init(pi);
         pi->name = strdup(p->name);
         pi->address = strdup(p->address);
-        pi->state = (char *)peer_state_names[atomic_load(&p->state)];
+        pi->state = (char *)moed_cl_peer_state_names[atomic_load(&p->state)];
         pi->rtt_ns = atomic_load(&p->rtt_ns);
         pi->pings_failed = atomic_load(&p->pings_failed);
         pi->calls = atomic_load(&p->calls);
@@ -230,7 +230,7 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
         {
             char ns[256];
 
-            nccl_state(c, p, ns, sizeof(ns));
+            moed_cl_nccl_state(c, p, ns, sizeof(ns));
             pi->nccl = strdup(ns);
         }
         pi->nccl_calls = atomic_load(&p->nl.calls);
@@ -238,7 +238,7 @@ int moed_cluster_peers(struct moed *d, Moe__V1__PeerInfo ***ret, size_t *n_ret)
         pi->nccl_served = atomic_load(&p->nl.served);
         out[n++] = pi;
     }
-    view_put(c, &v);
+    moed_cl_view_put(c, &v);
     *ret = out;
     *n_ret = n;
     return 0;
@@ -303,9 +303,9 @@ void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len
         moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model ? q->model : "");
         goto out;
     }
-    view_get(c, &v);
+    moed_cl_view_get(c, &v);
     pthread_mutex_lock(&c->lock);
-    s = mstate_get(c, mm);
+    s = moed_cl_mstate_get(c, mm);
     pthread_mutex_unlock(&c->lock);
     cap = (size_t)mm->m->n_moe_layers * mm->m->cfg.n_experts;
     ents = calloc(cap ? cap : 1, sizeof(*ents));
@@ -319,7 +319,7 @@ void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len
         moe__v1__node_load__init(&nodes[i]);
         nodes[i].name = (char *)v.name[i];
         nodes[i].state =
-            (char *)(i == v.self ? "self" : peer_state_names[atomic_load(&v.peer[i]->state)]);
+            (char *)(i == v.self ? "self" : moed_cl_peer_state_names[atomic_load(&v.peer[i]->state)]);
         pnodes[i] = &nodes[i];
     }
     for (int layer = 0; layer < mm->m->cfg.n_layers; layer++) {
@@ -327,7 +327,7 @@ void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len
             continue;
         for (int e = 0; e < mm->m->cfg.n_experts; e++) {
             Moe__V1__PlacementEntry *pe = &ents[ne];
-            int h[MAX_MEMBERS], nh = holders(c, &v, s, layer, e, h);
+            int h[MAX_MEMBERS], nh = moed_cl_holders(c, &v, s, layer, e, h);
             uint64_t load = s ? atomic_load_explicit(&s->load[(size_t)layer * s->n_experts + e],
                                                      memory_order_relaxed)
                               : 0;
@@ -359,7 +359,7 @@ void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len
     a.nodes = pnodes;
     moed_reply_msg(call, &a.base);
 out:
-    view_put(c, &v);
+    moed_cl_view_put(c, &v);
     if (mm)
         moed_model_put(d, mm);
     free(ents);

@@ -161,7 +161,7 @@ static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpe
     *ret = NULL;
     len = moe__v1__forward_experts_request__get_packed_size(q);
     buf = malloc(len);
-    cl = buf ? client_get(p, 0, msg, sizeof(msg)) : NULL;
+    cl = buf ? moed_cl_client_get(p, 0, msg, sizeof(msg)) : NULL;
     if (!cl) {
         snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, buf ? msg : "out of memory");
         free(buf);
@@ -178,10 +178,10 @@ static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpe
     st = moe_rpc_client_call(cl, "/moe.v1.Peer/ForwardExperts", buf, len, &ans, &alen, msg,
                              sizeof(msg));
     free(buf);
-    client_put(p, cl, st == GRPC_STATUS_OK);
+    moed_cl_client_put(p, cl, st == GRPC_STATUS_OK);
     if (st != GRPC_STATUS_OK) {
         snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, msg);
-        set_error(p, msg);
+        moed_cl_set_error(p, msg);
         /* Not reachable or too slow: the next requests go elsewhere at
          * once, not after a timeout each; its next ping brings it back. */
         if (st == GRPC_STATUS_UNAVAILABLE || st == GRPC_STATUS_DEADLINE_EXCEEDED)
@@ -284,7 +284,7 @@ static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *i
     if (rc < 0) {
         /* Aborted: the peer's side times out or is replaced by the next
          * generation; gRPC meanwhile, NCCL again after a pause. */
-        nccl_close_async(l->out);
+        moed_cl_nccl_close_async(l->out);
         l->out = NULL;
         atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
         /* The pause doubles with each failure in a row, a join's or a
@@ -431,7 +431,7 @@ static void *part_main(void *arg)
             to[i] = -1;
             if (pt->ids[i] < 0)
                 continue;
-            to[i] = pick(c, pt->v, pt->s, pt->layer, pt->ids[i], (uint32_t)i, pt->member);
+            to[i] = moed_cl_pick(c, pt->v, pt->s, pt->layer, pt->ids[i], (uint32_t)i, pt->member);
             bool seen = false;
 
             for (int k = 0; k < nt; k++)
@@ -545,7 +545,7 @@ static bool part_hand_over(struct moed_cluster *c, struct part *pt, struct split
     return ok;
 }
 
-void part_pool_init(struct moed_cluster *c)
+void moed_cl_part_pool_init(struct moed_cluster *c)
 {
     pthread_mutex_init(&c->parts.lock, NULL);
     pthread_cond_init(&c->parts.cond, NULL);
@@ -553,7 +553,7 @@ void part_pool_init(struct moed_cluster *c)
 }
 
 /* Ends the pool's threads (no split forward is running). */
-void part_pool_free(struct moed_cluster *c)
+void moed_cl_part_pool_free(struct moed_cluster *c)
 {
     struct part_pool *p = &c->parts;
 
@@ -591,7 +591,7 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
     uint32_t sl = atomic_fetch_add_explicit(&salt, 1, memory_order_relaxed);
 
     memset(parts, 0, sizeof(parts));
-    view_get(c, &v);
+    moed_cl_view_get(c, &v);
     if (!ids || !to || !w) {
         rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
         goto out;
@@ -605,13 +605,13 @@ static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct m
             goto out;
     }
     pthread_mutex_lock(&c->lock);
-    s = mstate_get(c, mm);
+    s = moed_cl_mstate_get(c, mm);
     pthread_mutex_unlock(&c->lock);
     for (size_t i = 0; i < TK; i++) {
         if (s && ids[i] >= 0 && ids[i] < s->n_experts)
             atomic_fetch_add_explicit(&s->load[(size_t)layer * s->n_experts + ids[i]], 1,
                                       memory_order_relaxed);
-        to[i] = pick(c, &v, s, layer, ids[i], sl + (uint32_t)(i / (size_t)K), -1);
+        to[i] = moed_cl_pick(c, &v, s, layer, ids[i], sl + (uint32_t)(i / (size_t)K), -1);
         remote |= to[i] != v.self;
     }
     if (!remote) {
@@ -723,7 +723,7 @@ out:
     }
     for (int m = 0; m < MAX_MEMBERS; m++)
         part_clear(&parts[m]);
-    view_put(c, &v);
+    moed_cl_view_put(c, &v);
     if (r->a.ret_ids && rc == 0)
         memcpy(r->a.ret_ids, ids, TK * sizeof(*ids));
     if (r->a.ret_weights && rc == 0)
@@ -784,7 +784,7 @@ static void *split_main(void *arg)
     return NULL;
 }
 
-int split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
+int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
 {
     struct split_pool *p = &c->split;
 
@@ -807,7 +807,7 @@ int split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
 }
 
 /* Ends the pool's threads once the queue is empty. */
-void split_pool_free(struct moed_cluster *c)
+void moed_cl_split_pool_free(struct moed_cluster *c)
 {
     struct split_pool *p = &c->split;
 
@@ -898,7 +898,7 @@ static void pfwd_free(struct pfwd *f)
     if (f->np) {
         struct moed_cluster *c = cl_of(f->d);
 
-        peer_put(c, f->np);
+        moed_cl_peer_put(c, f->np);
         atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
     }
     if (f->mm)
@@ -940,7 +940,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
                 status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
                 l->in_post_ns = moe_now_ns();
                 if (status < 0) {
-                    nccl_close_async(l->in);
+                    moed_cl_nccl_close_async(l->in);
                     l->in = NULL;
                 }
             } else {
@@ -1041,7 +1041,7 @@ static void *nccl_take_main(void *arg)
 
         rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
         if (rc < 0) {
-            nccl_close_async(l->in);
+            moed_cl_nccl_close_async(l->in);
             l->in = NULL;
             st = GRPC_STATUS_UNAVAILABLE;
         } else {
@@ -1202,7 +1202,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
         atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
     if (nccl) {
         /* The rows come over NCCL, waited for on a thread of its own. */
-        f->np = c && q->from ? peer_find(c, q->from) : NULL;
+        f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
         if (f->np)
             atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
         f->ngen = q->nccl_generation;

@@ -57,7 +57,7 @@ static bool take_hot(struct peer *p, const uint8_t *ans, size_t len)
 
     pthread_mutex_lock(&p->lock);
     snprintf(p->nl.remote, sizeof(p->nl.remote), "%.95s", a && a->nccl ? a->nccl : "");
-    peer_hot_clear(p);
+    moed_cl_peer_hot_clear(p);
     if (serving) {
         p->hot = h;
         p->n_hot = (int)n;
@@ -123,7 +123,7 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
 
     q.from = c->node;
     len = moe__v1__ping_request__pack(&q, buf);
-    cl = client_get(p, (int)MOE_MIN(c->d->cfg.peer_timeout_ms, 1000), msg, sizeof(msg));
+    cl = moed_cl_client_get(p, (int)MOE_MIN(c->d->cfg.peer_timeout_ms, 1000), msg, sizeof(msg));
     st = cl ? moe_rpc_client_call(cl, "/moe.v1.Peer/Ping", buf, len, &ans, &alen, msg, sizeof(msg))
             : GRPC_STATUS_UNAVAILABLE;
     moe_rpc_client_close(cl);
@@ -138,13 +138,13 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
         atomic_store(&p->rtt_ns, moe_now_ns() - t0);
         now = PEER_UP;
         if (was != PEER_UP)
-            set_error(p, ""); /* back: what failed before is history (logged) */
+            moed_cl_set_error(p, ""); /* back: what failed before is history (logged) */
     } else {
         atomic_fetch_add_explicit(&p->pings_failed, 1, memory_order_relaxed);
-        set_error(p, msg);
+        moed_cl_set_error(p, msg);
         /* A node that does not answer no longer votes for replicas. */
         pthread_mutex_lock(&p->lock);
-        peer_hot_clear(p);
+        moed_cl_peer_hot_clear(p);
         pthread_mutex_unlock(&p->lock);
         now = st == GRPC_STATUS_UNAUTHENTICATED || st == GRPC_STATUS_PERMISSION_DENIED
                   ? PEER_REFUSED
@@ -153,13 +153,13 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
     atomic_store(&p->state, now);
     if (now != was)
         moe_log(now == PEER_UP ? MOE_LOG_INFO : MOE_LOG_WARN, "cluster: peer %s (%s) is %s%s%s",
-                p->name, p->address, peer_state_names[now], now == PEER_UP ? "" : ": ",
+                p->name, p->address, moed_cl_peer_state_names[now], now == PEER_UP ? "" : ": ",
                 now == PEER_UP ? "" : msg);
 }
 
 /* Chooses each model's hot experts again from the decayed load, and pages
  * in what this node newly holds; evicts what it dropped an interval ago. */
-void rebalance(struct moed_cluster *c)
+void moed_cl_rebalance(struct moed_cluster *c)
 {
     struct moed *d = c->d;
     struct view v;
@@ -184,7 +184,7 @@ void rebalance(struct moed_cluster *c)
     merge_hot(c);
 
     /* Apply the map to this node's cache. */
-    view_get(c, &v);
+    moed_cl_view_get(c, &v);
     pthread_mutex_lock(&d->lock);
     for (int i = 0; i < d->n_models; i++) {
         struct moed_model *mm = d->models[i];
@@ -192,7 +192,7 @@ void rebalance(struct moed_cluster *c)
         struct mstate *s;
 
         pthread_mutex_lock(&c->lock);
-        s = mstate_get(c, mm);
+        s = moed_cl_mstate_get(c, mm);
         pthread_mutex_unlock(&c->lock);
         if (!s || v.n < 2) {
             moe_cache_set_prefetch_mask(d->cache, mm->cache_id, NULL, NULL); /* all here */
@@ -203,12 +203,12 @@ void rebalance(struct moed_cluster *c)
                 continue;
             for (int e = 0; e < m->cfg.n_experts; e++) {
                 size_t k = (size_t)layer * s->n_experts + e;
-                int h[MAX_MEMBERS], nh = holders(c, &v, s, layer, e, h);
+                int h[MAX_MEMBERS], nh = moed_cl_holders(c, &v, s, layer, e, h);
                 bool mine = false, up = false;
 
                 for (int j = 0; j < nh; j++) {
                     mine |= h[j] == v.self;
-                    up |= member_up(&v, h[j]);
+                    up |= moed_cl_member_up(&v, h[j]);
                 }
                 if (s->drop[k] && !mine)
                     moe_cache_evict(d->cache, mm->cache_id, layer, e, NULL); /* -EBUSY: later */
@@ -237,10 +237,10 @@ void rebalance(struct moed_cluster *c)
         moe_cache_set_prefetch_mask(d->cache, mm->cache_id, s->held, NULL);
     }
     pthread_mutex_unlock(&d->lock);
-    view_put(c, &v);
+    moed_cl_view_put(c, &v);
 }
 
-void *health_main(void *arg)
+void *moed_cl_health_main(void *arg)
 {
     struct moed_cluster *c = arg;
     struct moed *d = c->d;
@@ -251,15 +251,15 @@ void *health_main(void *arg)
         struct timespec ts;
         uint64_t ms = d->cfg.ping_interval_ms;
 
-        view_get(c, &v);
+        moed_cl_view_get(c, &v);
         for (int i = 0; i < v.n; i++)
             if (v.peer[i]) {
                 ping_one(c, v.peer[i]);
 #ifdef MOED_HAVE_NCCL
-                nccl_maybe_connect(c, v.peer[i]);
+                moed_cl_nccl_maybe_connect(c, v.peer[i]);
 #endif
             }
-        view_put(c, &v);
+        moed_cl_view_put(c, &v);
         merge_hot(c);
         bool kicked;
 
@@ -268,7 +268,7 @@ void *health_main(void *arg)
         c->kick = false;
         pthread_mutex_unlock(&c->lock);
         if (moe_now_ns() >= next_rebalance || kicked) {
-            rebalance(c);
+            moed_cl_rebalance(c);
             next_rebalance = moe_now_ns() + d->cfg.rebalance_interval_ms * 1000000ull;
         }
         pthread_mutex_lock(&c->lock);

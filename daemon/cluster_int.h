@@ -1,8 +1,8 @@
 /*
  * What the cluster's files (cluster.c, cluster_peers.c, cluster_health.c,
  * cluster_forward.c, cluster_nccl.c) share: its state and the functions one
- * of them gives the others.  Internal to them: the names are the files'
- * own, unprefixed, as statics' would be.
+ * of them gives the others (moed_cl_*).  Internal to them: nothing else
+ * includes it.
  */
 #ifndef MOED_DAEMON_CLUSTER_INT_H
 #define MOED_DAEMON_CLUSTER_INT_H
@@ -185,44 +185,44 @@ static inline struct moed_cluster *cl_of(struct moed *d)
 }
 
 /* cluster_peers.c */
-extern const char *const peer_state_names[]; /* by enum peer_state */
-void peer_hot_clear(struct peer *p);
-void peer_free(struct peer *p);
-struct peer *peer_new(struct moed *d, const char *name, const char *address);
-void peer_put(struct moed_cluster *c, struct peer *p);
-struct moe_rpc_client *client_get(struct peer *p, int timeout_ms, char *msg, size_t len);
-void client_put(struct peer *p, struct moe_rpc_client *cl, bool keep);
-void set_error(struct peer *p, const char *msg);
-void view_get(struct moed_cluster *c, struct view *v);
-void view_put(struct moed_cluster *c, struct view *v);
-bool member_up(const struct view *v, int i);
-struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model *mm);
-int holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
+extern const char *const moed_cl_peer_state_names[]; /* by enum peer_state */
+void moed_cl_peer_hot_clear(struct peer *p);
+void moed_cl_peer_free(struct peer *p);
+struct peer *moed_cl_peer_new(struct moed *d, const char *name, const char *address);
+void moed_cl_peer_put(struct moed_cluster *c, struct peer *p);
+struct moe_rpc_client *moed_cl_client_get(struct peer *p, int timeout_ms, char *msg, size_t len);
+void moed_cl_client_put(struct peer *p, struct moe_rpc_client *cl, bool keep);
+void moed_cl_set_error(struct peer *p, const char *msg);
+void moed_cl_view_get(struct moed_cluster *c, struct view *v);
+void moed_cl_view_put(struct moed_cluster *c, struct view *v);
+bool moed_cl_member_up(const struct view *v, int i);
+struct mstate *moed_cl_mstate_get(struct moed_cluster *c, const struct moed_model *mm);
+int moed_cl_holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
             int expert, int *ret);
-int pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
+int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
          int expert, uint32_t salt, int not );
-struct peer *peer_find(struct moed_cluster *c, const char *name);
+struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 
 /* cluster_forward.c */
-void part_pool_init(struct moed_cluster *c);
-void part_pool_free(struct moed_cluster *c);
-int split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err);
-void split_pool_free(struct moed_cluster *c);
+void moed_cl_part_pool_init(struct moed_cluster *c);
+void moed_cl_part_pool_free(struct moed_cluster *c);
+int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err);
+void moed_cl_split_pool_free(struct moed_cluster *c);
 
 /* cluster_health.c */
-void rebalance(struct moed_cluster *c);
-void *health_main(void *arg);
+void moed_cl_rebalance(struct moed_cluster *c);
+void *moed_cl_health_main(void *arg);
 
 /* cluster_nccl.c */
 #ifdef MOED_HAVE_NCCL
-extern _Atomic int nccl_closing; /* communicators being closed on threads of their own */
-void nccl_close_async(struct moe_nccl *comm);
+extern _Atomic int moed_cl_nccl_closing; /* communicators being closed on threads of their own */
+void moed_cl_nccl_close_async(struct moe_nccl *comm);
 #endif
-void nccl_link_close(struct nccl_link *l);
-void nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len);
+void moed_cl_nccl_link_close(struct nccl_link *l);
+void moed_cl_nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len);
 #ifdef MOED_HAVE_NCCL
-void nccl_maybe_connect(struct moed_cluster *c, struct peer *p);
+void moed_cl_nccl_maybe_connect(struct moed_cluster *c, struct peer *p);
 #endif
-void nccl_init(struct moed_cluster *c);
+void moed_cl_nccl_init(struct moed_cluster *c);
 
 #endif

@@ -33,45 +33,45 @@
 /* ---- the NCCL transport's communicators ------------------------------------------------- */
 
 #ifdef MOED_HAVE_NCCL
-_Atomic int nccl_closing; /* communicators being closed on threads of their own */
+_Atomic int moed_cl_nccl_closing; /* communicators being closed on threads of their own */
 
 static void *nccl_close_main(void *arg)
 {
     moe_nccl_close(arg);
-    atomic_fetch_sub(&nccl_closing, 1);
+    atomic_fetch_sub(&moed_cl_nccl_closing, 1);
     return NULL;
 }
 
 /* Closes comm on a thread of its own: its abort frees memory, which may
  * wait for every kernel on the device, among them another communicator's
  * that only its own close would stop; nobody waits for that here. */
-void nccl_close_async(struct moe_nccl *comm)
+void moed_cl_nccl_close_async(struct moe_nccl *comm)
 {
     pthread_t t;
 
     if (!comm)
         return;
-    atomic_fetch_add(&nccl_closing, 1);
+    atomic_fetch_add(&moed_cl_nccl_closing, 1);
     if (pthread_create(&t, NULL, nccl_close_main, comm) == 0) {
         pthread_detach(t);
         return;
     }
-    atomic_fetch_sub(&nccl_closing, 1);
+    atomic_fetch_sub(&moed_cl_nccl_closing, 1);
     moe_nccl_close(comm);
 }
 #endif
 
-void nccl_link_close(struct nccl_link *l)
+void moed_cl_nccl_link_close(struct nccl_link *l)
 {
 #ifdef MOED_HAVE_NCCL
-    nccl_close_async(l->out);
-    nccl_close_async(l->in);
+    moed_cl_nccl_close_async(l->out);
+    moed_cl_nccl_close_async(l->in);
 #endif
     l->out = l->in = NULL;
 }
 
 /* What PeerInfo.nccl says of the link to p. */
-void nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len)
+void moed_cl_nccl_state(const struct moed_cluster *c, struct peer *p, char *buf, size_t len)
 {
     struct nccl_link *l = &p->nl;
     bool out = atomic_load_explicit(&l->out_ready, memory_order_relaxed);
@@ -124,7 +124,7 @@ static void *nccl_connect_main(void *arg)
     q.unique_id.data = j->id;
     q.unique_id.len = MOE_NCCL_ID_BYTES;
     q.generation = j->gen;
-    cl = rc == 0 ? client_get(p, 0, err.msg, sizeof(err.msg)) : NULL;
+    cl = rc == 0 ? moed_cl_client_get(p, 0, err.msg, sizeof(err.msg)) : NULL;
     if (rc == 0 && !cl)
         rc = -EIO;
     if (rc == 0) {
@@ -132,7 +132,7 @@ static void *nccl_connect_main(void *arg)
                                      moe__v1__nccl_connect_request__pack(&q, buf), &ans, &alen,
                                      err.msg, sizeof(err.msg));
 
-        client_put(p, cl, st == GRPC_STATUS_OK);
+        moed_cl_client_put(p, cl, st == GRPC_STATUS_OK);
         free(ans);
         rc = st == GRPC_STATUS_OK ? 0 : -EIO;
     }
@@ -140,7 +140,7 @@ static void *nccl_connect_main(void *arg)
         rc = moe_nccl_open(j->id, 2, 0, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
     pthread_mutex_lock(&l->out_lock);
     if (j->gen == l->out_gen) {
-        nccl_close_async(l->out);
+        moed_cl_nccl_close_async(l->out);
         l->out = comm;
         l->out_seq = 0;
         atomic_store_explicit(&l->out_ready, comm != NULL, memory_order_relaxed);
@@ -153,7 +153,7 @@ static void *nccl_connect_main(void *arg)
         }
     }
     pthread_mutex_unlock(&l->out_lock);
-    nccl_close_async(comm); /* a newer try went on meanwhile */
+    moed_cl_nccl_close_async(comm); /* a newer try went on meanwhile */
     pthread_mutex_lock(&p->lock);
     snprintf(l->failed, sizeof(l->failed), "%.199s", rc < 0 ? err.msg : "");
     pthread_mutex_unlock(&p->lock);
@@ -162,7 +162,7 @@ static void *nccl_connect_main(void *arg)
                 (unsigned long long)j->gen);
     else
         moe_log(MOE_LOG_WARN, "cluster: NCCL to %s: %s; gRPC meanwhile", p->name, err.msg);
-    peer_put(c, p);
+    moed_cl_peer_put(c, p);
     free(j);
     atomic_fetch_sub(&c->nccl_joins, 1);
     return NULL;
@@ -170,7 +170,7 @@ static void *nccl_connect_main(void *arg)
 
 /* After a ping: starts making the outgoing communicator to p when both
  * ends have NCCL, p is up and none is there or being made. */
-void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
+void moed_cl_nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
 {
     struct nccl_link *l = &p->nl;
     struct nccl_join *j;
@@ -187,7 +187,7 @@ void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
         if (l->in && moe_nccl_pending(l->in) &&
             moe_now_ns() - l->in_post_ns > 2 * tmo * 1000000ull &&
             moe_nccl_wait(l->in, 0, NULL) < 0) {
-            nccl_close_async(l->in);
+            moed_cl_nccl_close_async(l->in);
             l->in = NULL;
         }
         pthread_mutex_unlock(&l->in_lock);
@@ -196,7 +196,7 @@ void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
         /* Down: its communicator goes now, not at the next forward's
          * timeout (unless a forward is on it: that one fails over). */
         if (pthread_mutex_trylock(&l->out_lock) == 0) {
-            nccl_close_async(l->out);
+            moed_cl_nccl_close_async(l->out);
             l->out = NULL;
             atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
             pthread_mutex_unlock(&l->out_lock);
@@ -230,7 +230,7 @@ void nccl_maybe_connect(struct moed_cluster *c, struct peer *p)
     atomic_fetch_add(&c->nccl_joins, 1);
     if (pthread_create(&t, NULL, nccl_connect_main, j) != 0) {
         atomic_fetch_sub(&c->nccl_joins, 1);
-        peer_put(c, p);
+        moed_cl_peer_put(c, p);
         free(j);
         return;
     }
@@ -263,7 +263,7 @@ static void *nccl_accept_main(void *arg)
     l->joining = true;
     pthread_cond_broadcast(&l->in_cond);
     pthread_mutex_unlock(&l->in_lock);
-    nccl_close_async(old);
+    moed_cl_nccl_close_async(old);
     rc = moe_nccl_open(j->id, 2, 1, c->nccl_dev, NCCL_JOIN_MS, &comm, &err);
     pthread_mutex_lock(&l->in_lock);
     if (l->in_gen == j->gen) {
@@ -273,11 +273,11 @@ static void *nccl_accept_main(void *arg)
     }
     pthread_cond_broadcast(&l->in_cond);
     pthread_mutex_unlock(&l->in_lock);
-    nccl_close_async(comm); /* superseded by a newer generation */
+    moed_cl_nccl_close_async(comm); /* superseded by a newer generation */
     if (rc < 0)
         moe_log(MOE_LOG_WARN, "cluster: NCCL from %s: %s", j->p->name, err.msg);
 out:
-    peer_put(c, j->p);
+    moed_cl_peer_put(c, j->p);
     free(j);
     atomic_fetch_sub(&c->nccl_joins, 1);
     return NULL;
@@ -304,7 +304,7 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
                      q->unique_id.len, (unsigned long long)q->generation);
         goto out;
     }
-    p = c && q->from ? peer_find(c, q->from) : NULL;
+    p = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
     if (!p) {
         moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s has no peer called '%s'",
                      moed_cluster_node(d), q->from ? q->from : "");
@@ -355,12 +355,12 @@ void moed_on_nccl_connect(struct moe_rpc_call *call, const uint8_t *req, size_t 
 #endif
 out:
     if (p)
-        peer_put(c, p);
+        moed_cl_peer_put(c, p);
     moe__v1__nccl_connect_request__free_unpacked(q, NULL);
 }
 
 /* Whether this node can use NCCL, and what it tells its peers. */
-void nccl_init(struct moed_cluster *c)
+void moed_cl_nccl_init(struct moed_cluster *c)
 {
     struct moed *d = c->d;
 

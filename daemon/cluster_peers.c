@@ -29,11 +29,11 @@
 #include <unistd.h>
 
 
-const char *const peer_state_names[] = {"down", "up", "refused"};
+const char *const moed_cl_peer_state_names[] = {"down", "up", "refused"};
 
 /* ---- peers ----------------------------------------------------------------------------- */
 
-void peer_hot_clear(struct peer *p)
+void moed_cl_peer_hot_clear(struct peer *p)
 {
     for (int i = 0; i < p->n_hot; i++)
         free(p->hot[i].experts);
@@ -42,13 +42,13 @@ void peer_hot_clear(struct peer *p)
     p->n_hot = 0;
 }
 
-void peer_free(struct peer *p)
+void moed_cl_peer_free(struct peer *p)
 {
-    nccl_link_close(&p->nl);
+    moed_cl_nccl_link_close(&p->nl);
     pthread_mutex_destroy(&p->nl.out_lock);
     pthread_mutex_destroy(&p->nl.in_lock);
     pthread_cond_destroy(&p->nl.in_cond);
-    peer_hot_clear(p);
+    moed_cl_peer_hot_clear(p);
     for (int i = 0; i < p->n_idle; i++)
         moe_rpc_client_close(p->idle[i]);
     pthread_mutex_destroy(&p->lock);
@@ -58,7 +58,7 @@ void peer_free(struct peer *p)
     free(p);
 }
 
-struct peer *peer_new(struct moed *d, const char *name, const char *address)
+struct peer *moed_cl_peer_new(struct moed *d, const char *name, const char *address)
 {
     struct peer *p = calloc(1, sizeof(*p));
 
@@ -96,7 +96,7 @@ struct peer *peer_new(struct moed *d, const char *name, const char *address)
     return p;
 }
 
-void peer_put(struct moed_cluster *c, struct peer *p)
+void moed_cl_peer_put(struct moed_cluster *c, struct peer *p)
 {
     bool gone;
 
@@ -104,11 +104,11 @@ void peer_put(struct moed_cluster *c, struct peer *p)
     gone = --p->refs == 0 && p->removed;
     pthread_mutex_unlock(&c->lock);
     if (gone)
-        peer_free(p);
+        moed_cl_peer_free(p);
 }
 
 /* A client of p for one call (from the idle ones, or a new one). */
-struct moe_rpc_client *client_get(struct peer *p, int timeout_ms, char *msg, size_t len)
+struct moe_rpc_client *moed_cl_client_get(struct peer *p, int timeout_ms, char *msg, size_t len)
 {
     struct moe_rpc_client *cl = NULL;
     struct moe_rpc_client_config cfg = p->cfg;
@@ -126,7 +126,7 @@ struct moe_rpc_client *client_get(struct peer *p, int timeout_ms, char *msg, siz
     return cl;
 }
 
-void client_put(struct peer *p, struct moe_rpc_client *cl, bool keep)
+void moed_cl_client_put(struct peer *p, struct moe_rpc_client *cl, bool keep)
 {
     if (keep) {
         pthread_mutex_lock(&p->lock);
@@ -139,7 +139,7 @@ void client_put(struct peer *p, struct moe_rpc_client *cl, bool keep)
     moe_rpc_client_close(cl);
 }
 
-void set_error(struct peer *p, const char *msg)
+void moed_cl_set_error(struct peer *p, const char *msg)
 {
     pthread_mutex_lock(&p->lock);
     snprintf(p->last_error, sizeof(p->last_error), "%.199s", msg);
@@ -153,8 +153,8 @@ static int cmp_names(const void *a, const void *b)
     return strcmp(*x, *y);
 }
 
-/* Takes a view of the members (refs on the peers); view_put gives it back. */
-void view_get(struct moed_cluster *c, struct view *v)
+/* Takes a view of the members (refs on the peers); moed_cl_view_put gives it back. */
+void moed_cl_view_get(struct moed_cluster *c, struct view *v)
 {
     const char *names[MAX_MEMBERS];
 
@@ -181,15 +181,15 @@ void view_get(struct moed_cluster *c, struct view *v)
     pthread_mutex_unlock(&c->lock);
 }
 
-void view_put(struct moed_cluster *c, struct view *v)
+void moed_cl_view_put(struct moed_cluster *c, struct view *v)
 {
     for (int i = 0; i < v->n; i++)
         if (v->peer[i])
-            peer_put(c, v->peer[i]);
+            moed_cl_peer_put(c, v->peer[i]);
     v->n = 0;
 }
 
-bool member_up(const struct view *v, int i)
+bool moed_cl_member_up(const struct view *v, int i)
 {
     return i == v->self ||
            atomic_load_explicit(&v->peer[i]->state, memory_order_relaxed) == PEER_UP;
@@ -198,7 +198,7 @@ bool member_up(const struct view *v, int i)
 /* ---- placement ------------------------------------------------------------------------- */
 
 /* The model's state here, made on first use (lock held). */
-struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model *mm)
+struct mstate *moed_cl_mstate_get(struct moed_cluster *c, const struct moed_model *mm)
 {
     const struct moe_model_config *mc = &mm->m->cfg;
     struct mstate *s;
@@ -235,7 +235,7 @@ struct mstate *mstate_get(struct moed_cluster *c, const struct moed_model *mm)
 
 /* Holders of (layer, expert) among the view's members, owner first
  * (placement.h).  Returns how many. */
-int holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+int moed_cl_holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
                    int layer, int expert, int *ret)
 {
     bool hot = s && atomic_load_explicit(&s->hot_all[(size_t)layer * s->n_experts + expert],
@@ -246,21 +246,21 @@ int holders(const struct moed_cluster *c, const struct view *v, const struct mst
 
 static bool view_member_up(const void *v, int m)
 {
-    return member_up(v, m);
+    return moed_cl_member_up(v, m);
 }
 
 /* The member to send (layer, expert) to: a holder that is up (spread by
  * salt), else this node, which pages it in itself. */
-int pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
                 int layer, int expert, uint32_t salt, int not )
 {
-    int h[MAX_MEMBERS], n = holders(c, v, s, layer, expert, h);
+    int h[MAX_MEMBERS], n = moed_cl_holders(c, v, s, layer, expert, h);
 
     return moed_placement_pick(h, n, salt, not, view_member_up, v, v->self);
 }
 
-/* The peer called name, with a reference (peer_put), or NULL. */
-struct peer *peer_find(struct moed_cluster *c, const char *name)
+/* The peer called name, with a reference (moed_cl_peer_put), or NULL. */
+struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name)
 {
     struct peer *p = NULL;
 
