@@ -819,6 +819,7 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
                        int batch, struct moe_trace_writer *w, struct moe_error *err)
 {
     const int H = m->cfg.hidden, L = m->cfg.n_layers, K = m->cfg.top_k;
+    const struct moe_trace_info *wi = moe_trace_writer_info(w);
     struct gen g;
     float *h = NULL, *x = NULL, *wts = NULL;
     int32_t *ids = NULL, *nxt = NULL;
@@ -829,11 +830,11 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
                              "%d tokens in batches of %d: expected >= 0 tokens and "
                              "a batch of 1 to %d",
                              n_tokens, batch, MOE_TRACE_MAX_BATCH);
-    if (moe_trace_writer_info(w)->n_layers != L || moe_trace_writer_info(w)->n_experts != m->cfg.n_experts || moe_trace_writer_info(w)->top_k != K)
+    if (wi->n_layers != L || wi->n_experts != m->cfg.n_experts || wi->top_k != K)
         return moe_error_set(err, -EINVAL,
                              "the trace is for %d layers x %d experts, top-%d; the model has "
                              "%d x %d, top-%d",
-                             moe_trace_writer_info(w)->n_layers, moe_trace_writer_info(w)->n_experts, moe_trace_writer_info(w)->top_k, L,
+                             wi->n_layers, wi->n_experts, wi->top_k, L,
                              m->cfg.n_experts, K);
     r = gen_init(&g, H, L, seed);
     h = malloc((size_t)batch * H * sizeof(*h));
@@ -865,13 +866,13 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
 
                 while (nl < L && !m->layers[nl].is_moe)
                     nl++;
-                if (moe_trace_writer_info(w)->lookahead && nl < L) {
+                if (wi->lookahead && nl < L) {
                     r = moe_layer_route(e, nl, x, B, nxt, wts, err);
                     if (r < 0)
                         goto out;
                 }
                 r = moe_trace_write_ahead(w, (uint32_t)t0, l, ids,
-                                          moe_trace_writer_info(w)->lookahead && nl < L ? nxt : NULL, B);
+                                          wi->lookahead && nl < L ? nxt : NULL, B);
                 if (r < 0) {
                     r = moe_error_set(err, r, "writing the trace (layer %d, token %d): %s", l, t0,
                                       strerror(-r));
