@@ -29,7 +29,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 /* ---- membership ------------------------------------------------------------------------ */
 
 static int add_peer(struct moed_cluster *c, const char *name, const char *address,
@@ -319,7 +318,8 @@ void moed_on_placement(struct moe_rpc_call *call, const uint8_t *req, size_t len
         moe__v1__node_load__init(&nodes[i]);
         nodes[i].name = (char *)v.name[i];
         nodes[i].state =
-            (char *)(i == v.self ? "self" : moed_cl_peer_state_names[atomic_load(&v.peer[i]->state)]);
+            (char *)(i == v.self ? "self"
+                                 : moed_cl_peer_state_names[atomic_load(&v.peer[i]->state)]);
         pnodes[i] = &nodes[i];
     }
     for (int layer = 0; layer < mm->m->cfg.n_layers; layer++) {

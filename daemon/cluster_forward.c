@@ -29,7 +29,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 /* ---- running forwards on this node ----------------------------------------------------- */
 
 struct sync_req {
@@ -470,7 +469,6 @@ static void *part_main(void *arg)
     free(alt);
     return NULL;
 }
-
 
 static void part_clear(struct part *pt)
 {

@@ -28,7 +28,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 /* ---- health and rebalancing ------------------------------------------------------------ */
 
 /* Keeps the hot sets of p's answer to a ping. */

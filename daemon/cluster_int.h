@@ -111,10 +111,10 @@ struct job {
  * job, kept until the cluster stops.  jobs[cap] bounds the split forwards
  * in flight (queued or running); beyond it moed_submit refuses. */
 struct split_pool {
-    pthread_mutex_t lock; /* everything below */
-    pthread_cond_t cond;  /* a job queued, or stopping */
-    struct job *jobs;     /* [cap] */
-    struct job *free;     /* jobs not in flight */
+    pthread_mutex_t lock;    /* everything below */
+    pthread_cond_t cond;     /* a job queued, or stopping */
+    struct job *jobs;        /* [cap] */
+    struct job *free;        /* jobs not in flight */
     struct job *head, *tail; /* queued, oldest first */
     pthread_t *threads;      /* [cap], n_threads started */
     int cap, n_threads, idle, in_flight;
@@ -197,10 +197,10 @@ void moed_cl_view_get(struct moed_cluster *c, struct view *v);
 void moed_cl_view_put(struct moed_cluster *c, struct view *v);
 bool moed_cl_member_up(const struct view *v, int i);
 struct mstate *moed_cl_mstate_get(struct moed_cluster *c, const struct moed_model *mm);
-int moed_cl_holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
-            int expert, int *ret);
-int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s, int layer,
-         int expert, uint32_t salt, int not );
+int moed_cl_holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+                    int layer, int expert, int *ret);
+int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
+                 int layer, int expert, uint32_t salt, int not );
 struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 
 /* cluster_forward.c */

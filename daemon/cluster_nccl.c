@@ -29,7 +29,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 /* ---- the NCCL transport's communicators ------------------------------------------------- */
 
 #ifdef MOED_HAVE_NCCL

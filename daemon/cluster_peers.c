@@ -28,7 +28,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 const char *const moed_cl_peer_state_names[] = {"down", "up", "refused"};
 
 /* ---- peers ----------------------------------------------------------------------------- */
@@ -236,7 +235,7 @@ struct mstate *moed_cl_mstate_get(struct moed_cluster *c, const struct moed_mode
 /* Holders of (layer, expert) among the view's members, owner first
  * (placement.h).  Returns how many. */
 int moed_cl_holders(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
-                   int layer, int expert, int *ret)
+                    int layer, int expert, int *ret)
 {
     bool hot = s && atomic_load_explicit(&s->hot_all[(size_t)layer * s->n_experts + expert],
                                          memory_order_relaxed);
@@ -252,7 +251,7 @@ static bool view_member_up(const void *v, int m)
 /* The member to send (layer, expert) to: a holder that is up (spread by
  * salt), else this node, which pages it in itself. */
 int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struct mstate *s,
-                int layer, int expert, uint32_t salt, int not )
+                 int layer, int expert, uint32_t salt, int not )
 {
     int h[MAX_MEMBERS], n = moed_cl_holders(c, v, s, layer, expert, h);
 

@@ -118,8 +118,7 @@ void moed_fwd_release(struct moed_fwd *f);
  * -EINVAL for no name) with a message naming the models loaded. */
 int moed_fwd_model_by_name(struct moed_fwd *f, const char *name, char *msg, size_t len);
 /* The model with that shared-memory id: 0 or -ENOENT with msg. */
-int moed_fwd_model_by_id(struct moed_fwd *f, uint32_t id, const char *name, char *msg,
-                         size_t len);
+int moed_fwd_model_by_id(struct moed_fwd *f, uint32_t id, const char *name, char *msg, size_t len);
 
 /*
  * Counts the request (the daemon's requests, tokens and in flight, the

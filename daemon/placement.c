@@ -9,8 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int moed_placement_holders(int n_members, int layer, int expert, bool hot, int replicas,
-                           int *ret)
+int moed_placement_holders(int n_members, int layer, int expert, bool hot, int replicas, int *ret)
 {
     int owner = (expert + layer) % n_members, k = 1;
 
@@ -21,13 +20,13 @@ int moed_placement_holders(int n_members, int layer, int expert, bool hot, int r
     return k;
 }
 
-int moed_placement_pick(const int *h, int n, uint32_t salt, int not, moed_placement_up_fn up,
+int moed_placement_pick(const int *h, int n, uint32_t salt, int skip, moed_placement_up_fn up,
                         const void *arg, int self)
 {
     for (int i = 0; i < n; i++) {
         int m = h[(salt + (uint32_t)i) % (uint32_t)n];
 
-        if (m != not && up(arg, m))
+        if (m != skip && up(arg, m))
             return m;
     }
     return self;

@@ -19,16 +19,15 @@
 /* Holders of (layer, expert) among n_members (>= 1), owner first, into ret
  * (room for 1 + replicas); hot adds up to replicas more, never one twice.
  * Returns how many. */
-int moed_placement_holders(int n_members, int layer, int expert, bool hot, int replicas,
-                           int *ret);
+int moed_placement_holders(int n_members, int layer, int expert, bool hot, int replicas, int *ret);
 
 /* Whether member m can take calls now (this node always can). */
 typedef bool (*moed_placement_up_fn)(const void *arg, int m);
 
 /* The member to send a slot to: one of the n holders h (spread over them
- * by salt) that is up and is not `not` (-1: none excluded), else self,
+ * by salt) that is up and is not skip (-1: none skipped), else self,
  * which pages the expert in itself. */
-int moed_placement_pick(const int *h, int n, uint32_t salt, int not, moed_placement_up_fn up,
+int moed_placement_pick(const int *h, int n, uint32_t salt, int skip, moed_placement_up_fn up,
                         const void *arg, int self);
 
 /*

@@ -35,7 +35,9 @@ static size_t dtype_size(Moe__V1__DType t)
 
 static const char *dtype_name(Moe__V1__DType t)
 {
-    return t == MOE__V1__DTYPE__DTYPE_F32 ? "f32" : t == MOE__V1__DTYPE__DTYPE_BF16 ? "bf16" : "f16";
+    return t == MOE__V1__DTYPE__DTYPE_F32    ? "f32"
+           : t == MOE__V1__DTYPE__DTYPE_BF16 ? "bf16"
+                                             : "f16";
 }
 
 int moed_fwd_set_hidden(struct moed_fwd *f, int n_tokens, Moe__V1__DType dtype, const void *data,
@@ -64,8 +66,8 @@ int moed_fwd_set_hidden(struct moed_fwd *f, int n_tokens, Moe__V1__DType dtype, 
                 uint16_t h;
 
                 memcpy(&h, in + 2 * i, 2);
-                own[i] = dtype == MOE__V1__DTYPE__DTYPE_BF16 ? moe_bf16_to_f32(h)
-                                                             : moe_f16_to_f32(h);
+                own[i] =
+                    dtype == MOE__V1__DTYPE__DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
             }
         }
         f->x_own_ = own;
@@ -107,8 +109,7 @@ int moed_fwd_set_routing(struct moed_fwd *f, const struct moe_model *m, const in
         f->weights = f->weights_own_;
     }
     /* validated here, so the error names this request, not its batch */
-    if (moe_routing_validate(m->cfg.n_experts, f->top_k, f->n_tokens, f->ids, f->weights, &e) <
-        0) {
+    if (moe_routing_validate(m->cfg.n_experts, f->top_k, f->n_tokens, f->ids, f->weights, &e) < 0) {
         snprintf(msg, len, "routing: %s", e.msg);
         return -EINVAL;
     }
@@ -155,8 +156,8 @@ int moed_fwd_decode_grpc(struct moed_fwd *f, const Moe__V1__ForwardRequest *q,
     esz = dtype_size(t->dtype);
     n = (size_t)T * (size_t)f->hidden;
     if (t->data.len != n * esz) {
-        snprintf(msg, len, "hidden: %zu data bytes: shape [%d, %d] of %s needs %zu", t->data.len,
-                 T, f->hidden, dtype_name(t->dtype), n * esz);
+        snprintf(msg, len, "hidden: %zu data bytes: shape [%d, %d] of %s needs %zu", t->data.len, T,
+                 f->hidden, dtype_name(t->dtype), n * esz);
         return -EINVAL;
     }
     f->n_tokens = T;

@@ -488,8 +488,8 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
                                      &c->t_new);
     else if (!s->stopping)
         e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
-                                                m->m.streaming ? NULL : &c->recv_buf, w->cq,
-                                                w->cq, &c->t_new);
+                                                m->m.streaming ? NULL : &c->recv_buf, w->cq, w->cq,
+                                                &c->t_new);
     pthread_mutex_unlock(&s->lock);
     if (e != GRPC_CALL_OK) {
         if (e != GRPC_CALL_ERROR)
@@ -724,8 +724,8 @@ void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len)
     reply_bb(call, bb);
 }
 
-void moe_rpc_reply_with(struct moe_rpc_call *call, size_t len, void (*fill)(uint8_t *buf, void *arg),
-                        void *arg)
+void moe_rpc_reply_with(struct moe_rpc_call *call, size_t len,
+                        void (*fill)(uint8_t *buf, void *arg), void *arg)
 {
     /* The core's own buffer, filled in place: the message is written once. */
     grpc_slice slice = grpc_slice_malloc(len);

@@ -834,8 +834,7 @@ int moe_trace_generate(struct moe_engine *e, const struct moe_model *m, int n_to
         return moe_error_set(err, -EINVAL,
                              "the trace is for %d layers x %d experts, top-%d; the model has "
                              "%d x %d, top-%d",
-                             wi->n_layers, wi->n_experts, wi->top_k, L,
-                             m->cfg.n_experts, K);
+                             wi->n_layers, wi->n_experts, wi->top_k, L, m->cfg.n_experts, K);
     r = gen_init(&g, H, L, seed);
     h = malloc((size_t)batch * H * sizeof(*h));
     x = malloc((size_t)batch * H * sizeof(*x));

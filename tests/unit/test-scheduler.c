@@ -92,9 +92,9 @@ int main(void)
                                       .a.out = j->out,
                                       .done = on_done,
                                       .arg = j};
-        ASSERT_EQ(
-            moe_layer_forward(e, j->r.a.layer, j->x, T, NULL, NULL, j->ref, j->ids, j->w, NULL, &err),
-            0);
+        ASSERT_EQ(moe_layer_forward(e, j->r.a.layer, j->x, T, NULL, NULL, j->ref, j->ids, j->w,
+                                    NULL, &err),
+                  0);
         if (i % 5 == 4) { /* caller routing: the router's own, so the answer is the same */
             j->r.a.ids = j->ids;
             j->r.a.weights = j->w;
