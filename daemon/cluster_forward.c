@@ -5,6 +5,7 @@
  * moe.v1.Peer/ForwardExperts, a peer's part served here (cluster_int.h).
  */
 #include "cluster_int.h"
+#include "forward.h"
 #include "placement.h"
 
 #include "moed.h"
@@ -1074,6 +1075,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     struct pfwd *f = calloc(1, sizeof(*f));
     struct moe_error err = {0};
     const struct moe_model *m;
+    char msg[MOE_ERROR_MSG_MAX];
     size_t n, tk;
     int st = GRPC_STATUS_INVALID_ARGUMENT;
     bool nccl, hb;
@@ -1164,25 +1166,9 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     memcpy(f->w, q->weights, tk * sizeof(float));
     /* Checked here, not only by the engine: a bad request would fail every
      * request batched with it. */
-    for (size_t i = 0; i < tk; i++) {
-        size_t row = i / (size_t)m->cfg.top_k, lo = row * (size_t)m->cfg.top_k;
-        bool dup = false;
-
-        for (size_t j = lo; j < i && f->ids[i] >= 0; j++)
-            dup |= f->ids[j] == f->ids[i];
-        if (f->ids[i] < -1 || f->ids[i] >= m->cfg.n_experts || dup ||
-            (f->ids[i] >= 0 && !isfinite(f->w[i]))) {
-            moe_rpc_fail(call, st,
-                         "routing of row %zu slot %zu: expert %d%s (model '%s' has experts 0 to "
-                         "%d; -1 leaves a slot out)",
-                         row, i - lo, (int)f->ids[i],
-                         dup ? " twice"
-                         : f->ids[i] >= 0 && f->ids[i] < m->cfg.n_experts
-                             ? " with a weight that is not finite"
-                             : " out of range",
-                         q->model, m->cfg.n_experts - 1);
-            goto out;
-        }
+    if (moed_fwd_check_partial_routing(m, q->model, f->T, f->ids, f->w, msg, sizeof(msg)) < 0) {
+        moe_rpc_fail(call, st, "%s", msg);
+        goto out;
     }
     f->req =
         (struct moe_sched_req){.engine = f->mm->e,

@@ -103,6 +103,14 @@ int moed_fwd_set_hidden(struct moed_fwd *f, int n_tokens, Moe__V1__DType dtype, 
 int moed_fwd_set_routing(struct moed_fwd *f, const struct moe_model *m, const int32_t *ids,
                          const float *weights, bool borrow, char *msg, size_t len);
 
+/* A peer's share of a split forward (moe.v1.Peer/ForwardExperts): its
+ * routing [n_tokens, top_k] may leave slots out (-1), other ids are m's
+ * experts, none twice in a row, with finite weights.  0, or -EINVAL with
+ * msg naming the row and slot (model names m in it).  The one check of a
+ * partial routing, next to moed_fwd_set_routing's of a whole one. */
+int moed_fwd_check_partial_routing(const struct moe_model *m, const char *model, int n_tokens,
+                                   const int32_t *ids, const float *weights, char *msg, size_t len);
+
 /* The answer f->out in f->dtype: converted in place, returning its bytes
  * (f->out holds them), or into dst (n_tokens x hidden elements of f->dtype;
  * f->out is left as it was). */

@@ -116,6 +116,34 @@ int moed_fwd_set_routing(struct moed_fwd *f, const struct moe_model *m, const in
     return 0;
 }
 
+int moed_fwd_check_partial_routing(const struct moe_model *m, const char *model, int n_tokens,
+                                   const int32_t *ids, const float *weights, char *msg, size_t len)
+{
+    const size_t K = (size_t)m->cfg.top_k, tk = (size_t)n_tokens * K;
+
+    for (size_t i = 0; i < tk; i++) {
+        size_t row = i / K, lo = row * K;
+        bool dup = false;
+
+        for (size_t j = lo; j < i && ids[i] >= 0; j++)
+            dup |= ids[j] == ids[i];
+        if (ids[i] < -1 || ids[i] >= m->cfg.n_experts || dup ||
+            (ids[i] >= 0 && !isfinite(weights[i]))) {
+            snprintf(msg, len,
+                     "routing of row %zu slot %zu: expert %d%s (model '%s' has experts 0 to "
+                     "%d; -1 leaves a slot out)",
+                     row, i - lo, (int)ids[i],
+                     dup ? " twice"
+                     : ids[i] >= 0 && ids[i] < m->cfg.n_experts
+                         ? " with a weight that is not finite"
+                         : " out of range",
+                     model, m->cfg.n_experts - 1);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
 int moed_fwd_decode_grpc(struct moed_fwd *f, const Moe__V1__ForwardRequest *q,
                          const struct moe_model *m, char *msg, size_t len)
 {
