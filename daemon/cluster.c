@@ -41,6 +41,7 @@ static int add_peer(struct moed_cluster *c, const char *name, const char *addres
     p = moed_cl_peer_new(c->d, name, address);
     if (!p)
         return moe_error_set(err, -ENOMEM, "out of memory");
+    p->link_close = moed_cl_nccl_link_close;
     pthread_mutex_lock(&c->lock);
     for (int i = 0; i < c->n_peers; i++)
         if (strcmp(c->peers[i]->name, name) == 0) {
@@ -181,11 +182,6 @@ int moed_cluster_drain(struct moed *d, uint64_t timeout_ms)
         usleep(1000);
     }
     return 0;
-}
-
-const char *moed_cluster_node(struct moed *d)
-{
-    return cl_of(d) ? cl_of(d)->node : "";
 }
 
 /* ---- Status and Stats ------------------------------------------------------------------ */

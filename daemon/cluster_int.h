@@ -81,6 +81,9 @@ struct peer {
     _Atomic uint64_t rtt_ns, pings_failed, calls, calls_failed, tokens_sent, bytes_sent,
         bytes_received;
     struct nccl_link nl;
+    /* Closes nl when the peer is freed: cluster_nccl.c's, set by the
+     * membership once the peer is made (the peers know no NCCL). */
+    void (*link_close)(struct nccl_link *l);
 };
 
 /* What this node measures and holds of one model. */

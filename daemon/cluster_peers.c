@@ -30,6 +30,11 @@
 
 const char *const moed_cl_peer_state_names[] = {"down", "up", "refused"};
 
+const char *moed_cluster_node(struct moed *d)
+{
+    return cl_of(d) ? cl_of(d)->node : "";
+}
+
 /* ---- peers ----------------------------------------------------------------------------- */
 
 void moed_cl_peer_hot_clear(struct peer *p)
@@ -43,7 +48,8 @@ void moed_cl_peer_hot_clear(struct peer *p)
 
 void moed_cl_peer_free(struct peer *p)
 {
-    moed_cl_nccl_link_close(&p->nl);
+    if (p->link_close)
+        p->link_close(&p->nl);
     pthread_mutex_destroy(&p->nl.out_lock);
     pthread_mutex_destroy(&p->nl.in_lock);
     pthread_cond_destroy(&p->nl.in_cond);
