@@ -55,7 +55,7 @@ struct moed {
     int n_shm_uids, n_shm_gids;
     uint64_t t_start;
     _Atomic int state;
-    pthread_mutex_t lock; /* the model table */
+    pthread_mutex_t lock; /* the model table; cfg.policy and cfg.prefetch after start */
     int n_models;
     uint32_t next_model_id;
     struct moed_model *models[MOED_MAX_MODELS];

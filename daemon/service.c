@@ -148,12 +148,12 @@ static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     r.state = (char *)state_name(atomic_load(&d->state));
     pthread_mutex_lock(&d->lock);
     r.models = (uint32_t)d->n_models;
+    r.policy = (char *)moe_cache_policy_name(d->cfg.policy); /* SIGHUP sets them under lock */
+    r.prefetch = d->cfg.prefetch;
     pthread_mutex_unlock(&d->lock);
     r.requests = atomic_load(&d->requests);
     r.tokens = atomic_load(&d->tokens);
     r.in_flight = (uint32_t)atomic_load(&d->in_flight);
-    r.policy = (char *)moe_cache_policy_name(d->cfg.policy);
-    r.prefetch = d->cfg.prefetch;
     r.node = (char *)moed_cluster_node(d);
     moed_cluster_peers(d, &r.peers, &r.n_peers);
     moed_reply_msg(call, &r.base);
