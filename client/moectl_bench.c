@@ -2,7 +2,7 @@
  * moectl bench and moectl top: load and a live view of a running moed.
  *
  * bench: N caller threads, each with its own gRPC client (one channel per
- * thread, client/rpc_client.h, which is not thread-safe), send Forward
+ * thread, proto/rpc_client.h, which is not thread-safe), send Forward
  * requests through a model's MoE layers in order, as an inference engine
  * does.  Each caller keeps T tokens of hidden state that drift slowly from
  * step to step (an AR(1) process), so the router sees a stream with temporal

@@ -1,7 +1,7 @@
 /*
  * moectl's remote commands: status, models, stats, load, unload, pin, unpin,
  * evict, retry, drain, placement, peer and forward (without --local) talk to a
- * running moed over gRPC (client/rpc_client.h), with protobuf-c messages of
+ * running moed over gRPC (proto/rpc_client.h), with protobuf-c messages of
  * proto/moe.proto.
  *
  * Every remote command takes the remote options (REMOTE_OPTIONS) after its

@@ -112,6 +112,9 @@ static const struct key keys[] = {
      "how often replicas are chosen again from the measured load (default 5000)"},
     {"cluster", "peer_max_rows", K_INT, OFF(peer_max_rows), 0, MOE_MAX_TOKENS,
      "token rows per call to a peer; more are split (default: what max_message_bytes allows)"},
+    {"cluster", "max_split_forwards", K_INT, OFF(max_split_forwards), 1, 4096,
+     "forwards split across nodes in flight at most; more are refused with RESOURCE_EXHAUSTED "
+     "(default 64)"},
     {"cluster", "peer_bf16", K_BOOL, OFF(peer_bf16), 0, 0,
      "token rows and partial outputs to peers in bf16: half the bytes, ~3 significant digits "
      "(default false: f32, exact)"},
@@ -150,6 +153,7 @@ void moed_config_init(struct moed_config *c)
     c->peer_timeout_ms = 2000;
     c->ping_interval_ms = 500;
     c->rebalance_interval_ms = 5000;
+    c->max_split_forwards = MOED_SPLIT_FORWARDS_DEFAULT;
     c->shm_max_sessions = 256;
     c->workers = 2;
     c->nccl = true;

@@ -16,7 +16,7 @@
  *   [compute]   threads, kernel, gpus, gpu_cache_bytes, compute_precision
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
  *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
- *               nccl, nccl_device, peer_bf16,
+ *               nccl, nccl_device, peer_bf16, max_split_forwards,
  *               peer = NAME HOST:PORT   (repeatable; flag: --peer "NAME HOST:PORT")
  *   [models]    NAME = DIR   (repeatable; flag: --model [NAME=]DIR)
  *               NAME.compute_precision = exact|bf16   (after NAME = DIR; overrides
@@ -44,6 +44,7 @@ struct moed_model_cfg {
 };
 
 #define MOED_MAX_PEERS 63
+#define MOED_SPLIT_FORWARDS_DEFAULT 64
 
 struct moed_peer_cfg {
     char *name;
@@ -99,6 +100,7 @@ struct moed_config {
     int peer_max_rows; /* token rows per ForwardExperts; 0: what max_message_bytes allows */
     bool nccl;         /* token rows to peers over NCCL where both have it (default on) */
     bool peer_bf16;    /* token rows and outputs to peers over gRPC in bf16 (default f32) */
+    int max_split_forwards; /* split forwards in flight at most; 0: MOED_SPLIT_FORWARDS_DEFAULT */
     int nccl_device;   /* CUDA device for NCCL; -1: the first of gpus, else 0 */
     int n_peers;
     struct moed_peer_cfg peers[MOED_MAX_PEERS];

@@ -1,140 +1,143 @@
 /*
- * The check of a moe.v1.ForwardRequest (see forward.h).  Everything a
- * remote caller controls is checked before anything is sized from it:
- * the shape against the model and MOE_MAX_TOKENS, the byte count against
- * the shape, the routing's counts against the shape; nothing is trusted.
+ * The daemon's intake of forward requests (forward.h): every transport's
+ * request is looked up, counted, submitted and completed here.
+ *
+ * Counters: d->requests, d->tokens, d->in_flight and the model's token_rows
+ * at submission; d->failed and the metrics series at completion (or, for a
+ * request refused before submission, by the transport via moed_fwd_count).
+ * A request holds a reference on its model from the lookup until its
+ * completion has counted it.
  */
 #include "forward.h"
 
-#include "dtype.h"
-#include "layer.h"
-#include "model.h"
-#include "router.h"
+#include "moed.h"
 
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-void moed_fwd_input_clear(struct moed_fwd_input *in)
+/* "a, b, c" of the loaded models' names. */
+static void model_names(struct moed *d, char *buf, size_t len)
 {
-    free(in->x);
-    free(in->ids);
-    free(in->weights);
-    memset(in, 0, sizeof(*in));
+    size_t at = 0;
+
+    buf[0] = 0;
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_models && at < len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? ", " : "", d->models[i]->name);
+    pthread_mutex_unlock(&d->lock);
+    if (!buf[0])
+        snprintf(buf, len, "none");
 }
 
-static int check(const Moe__V1__ForwardRequest *q, const struct moe_model *m,
-                 struct moed_fwd_input *in, char *msg, size_t len)
+int moed_fwd_model_by_name(struct moed_fwd *f, const char *name, char *msg, size_t len)
 {
-    const Moe__V1__Tensor *t = q->hidden;
-    const char *model = q->model ? q->model : "";
-    size_t esz, n;
+    char names[512];
 
-    in->hidden = m->cfg.hidden;
-    in->top_k = m->cfg.top_k;
-    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
-        snprintf(msg, len, "model '%s' has no MoE layer %u (layers 0 to %d; %d of them are MoE)",
-                 model, q->layer, m->cfg.n_layers - 1, m->n_moe_layers);
+    if (!name || !*name) {
+        snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
         return -EINVAL;
     }
-    if (!t) {
-        snprintf(msg, len, "ForwardRequest.hidden is missing");
-        return -EINVAL;
-    }
-    if (t->n_shape != 2 || t->shape[1] != in->hidden || t->shape[0] < 1 ||
-        t->shape[0] > MOE_MAX_TOKENS) {
-        snprintf(msg, len,
-                 "hidden: shape [%s%lld%s%lld%s]: expected [tokens, %d] with 1 to %d "
-                 "tokens",
-                 "", t->n_shape > 0 ? (long long)t->shape[0] : -1LL, ", ",
-                 t->n_shape > 1 ? (long long)t->shape[1] : -1LL, t->n_shape > 2 ? ", ..." : "",
-                 in->hidden, MOE_MAX_TOKENS);
-        return -EINVAL;
-    }
-    if (t->dtype != MOE__V1__DTYPE__DTYPE_F32 && t->dtype != MOE__V1__DTYPE__DTYPE_BF16 &&
-        t->dtype != MOE__V1__DTYPE__DTYPE_F16) {
-        snprintf(msg, len, "hidden: dtype %d: expected DTYPE_F32, DTYPE_BF16 or DTYPE_F16",
-                 (int)t->dtype);
-        return -EINVAL;
-    }
-    in->n_tokens = (int)t->shape[0];
-    in->dtype = t->dtype;
-    esz = t->dtype == MOE__V1__DTYPE__DTYPE_F32 ? 4 : 2;
-    n = (size_t)in->n_tokens * (size_t)in->hidden;
-    if (t->data.len != n * esz) {
-        snprintf(msg, len, "hidden: %zu data bytes: shape [%d, %d] of %s needs %zu", t->data.len,
-                 in->n_tokens, in->hidden,
-                 esz == 4                                     ? "f32"
-                 : t->dtype == MOE__V1__DTYPE__DTYPE_BF16 ? "bf16"
-                                                              : "f16",
-                 n * esz);
-        return -EINVAL;
-    }
-    in->x = malloc(n * sizeof(float));
-    if (!in->x) {
-        snprintf(msg, len, "out of memory for %d tokens", in->n_tokens);
-        return -ENOMEM;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-
-        if (esz == 4) {
-            memcpy(&in->x[i], t->data.data + 4 * i, 4);
-        } else {
-            memcpy(&h, t->data.data + 2 * i, 2);
-            in->x[i] =
-                t->dtype == MOE__V1__DTYPE__DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
-        }
-    }
-    if (q->routing) {
-        const Moe__V1__Routing *rt = q->routing;
-        size_t tk = (size_t)in->n_tokens * (size_t)in->top_k;
-        struct moe_error e;
-
-        if (rt->top_k != (uint32_t)in->top_k || rt->n_expert_ids != tk || rt->n_weights != tk) {
-            snprintf(msg, len,
-                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d and %zu "
-                     "of each ([tokens, top_k])",
-                     rt->top_k, rt->n_expert_ids, rt->n_weights, in->top_k, tk);
-            return -EINVAL;
-        }
-        in->ids = malloc(tk * sizeof(int32_t));
-        in->weights = malloc(tk * sizeof(float));
-        if (!in->ids || !in->weights) {
-            snprintf(msg, len, "out of memory");
-            return -ENOMEM;
-        }
-        memcpy(in->ids, rt->expert_ids, tk * sizeof(int32_t));
-        memcpy(in->weights, rt->weights, tk * sizeof(float));
-        /* validated here, so the error names this request, not its batch */
-        if (moe_routing_validate(m->cfg.n_experts, in->top_k, in->n_tokens, in->ids, in->weights,
-                                 &e) < 0) {
-            snprintf(msg, len, "routing: %s", e.msg);
-            return -EINVAL;
-        }
-    }
-    /* Checked here although the engine checks too: in a batch, one request's
-     * NaN would fail every request batched with it. */
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(in->x[i])) {
-            snprintf(msg, len, "hidden: token %zu, element %zu is not finite",
-                     i / (size_t)in->hidden, i % (size_t)in->hidden);
-            return -EINVAL;
-        }
+    f->mm = moed_model_get(f->d, name);
+    if (!f->mm) {
+        model_names(f->d, names, sizeof(names));
+        snprintf(msg, len, "no model called '%s' (loaded: %s)", name, names);
+        return -ENOENT;
     }
     return 0;
 }
 
-int moed_forward_request_check(const Moe__V1__ForwardRequest *q, const struct moe_model *m,
-                               struct moed_fwd_input *in, char *msg, size_t len)
+int moed_fwd_model_by_id(struct moed_fwd *f, uint32_t id, const char *name, char *msg, size_t len)
 {
-    int r;
+    f->mm = moed_model_get_id(f->d, id);
+    if (!f->mm) {
+        snprintf(msg, len, "model '%s' (id %u) was unloaded", name, id);
+        return -ENOENT;
+    }
+    f->hidden = f->mm->m->cfg.hidden;
+    f->top_k = f->mm->m->cfg.top_k;
+    return 0;
+}
 
-    memset(in, 0, sizeof(*in));
-    r = check(q, m, in, msg, len);
-    if (r < 0)
-        moed_fwd_input_clear(in);
-    return r;
+void moed_fwd_release(struct moed_fwd *f)
+{
+    if (f->mm) {
+        moed_model_put(f->d, f->mm);
+        f->mm = NULL;
+    }
+    moed_fwd_clear(f);
+}
+
+void moed_fwd_count(const struct moed_fwd *f, int grpc_code)
+{
+    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->layer, f->transport,
+                         grpc_code, grpc_code == 0 ? f->n_tokens : 0, moe_now_ns() - f->t_recv);
+}
+
+static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct moed_fwd *f = r->arg;
+    struct moed *d = f->d;
+
+    if (status < 0) {
+        atomic_fetch_add(&d->failed, 1);
+        if (!msg)
+            msg = strerror(-status);
+    }
+    moed_fwd_count(f, moed_grpc_status(status));
+    /* Given back before the answer goes out, so that a client that has its
+     * answer can unload the model at once (an UnloadModel right after the
+     * reply found the request still counted, and refused with "in flight"). */
+    moed_model_put(d, f->mm);
+    f->mm = NULL;
+    f->done(f, status, msg); /* f is the transport's again */
+    atomic_fetch_sub(&d->in_flight, 1);
+}
+
+int moed_fwd_submit(struct moed_fwd *f, unsigned flags, bool want_routing, moed_fwd_done_fn done,
+                    void *arg, char *msg, size_t len)
+{
+    struct moed *d = f->d;
+    const size_t n = (size_t)f->n_tokens * (size_t)f->hidden;
+    const size_t tk = want_routing ? (size_t)f->n_tokens * (size_t)f->top_k : 0;
+    struct moe_error err;
+    char *b;
+
+    /* One block for the outputs: out, then the routing used. */
+    b = malloc(n * sizeof(float) + tk * (sizeof(int32_t) + sizeof(float)));
+    if (!b) {
+        snprintf(msg, len, "out of memory for %d tokens", f->n_tokens);
+        return -ENOMEM;
+    }
+    f->outs_ = b;
+    f->out = (float *)b;
+    f->ret_ids = tk ? (int32_t *)(b + n * sizeof(float)) : NULL;
+    f->ret_weights = tk ? (float *)(b + n * sizeof(float) + tk * sizeof(int32_t)) : NULL;
+    f->done = done;
+    f->arg = arg;
+    f->sr = (struct moe_sched_req){
+        .engine = f->mm->e,
+        .a.layer = f->layer,
+        .a.x = f->x,
+        .a.n_tokens = f->n_tokens,
+        .a.ids = f->ids,
+        .a.weights = f->weights,
+        .a.flags = flags,
+        .a.out = f->out,
+        .a.ret_ids = f->ret_ids,
+        .a.ret_weights = f->ret_weights,
+        .done = fwd_done,
+        .arg = f,
+    };
+    atomic_fetch_add(&d->in_flight, 1);
+    atomic_fetch_add(&d->requests, 1);
+    atomic_fetch_add(&d->tokens, (uint64_t)f->n_tokens);
+    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->n_tokens, memory_order_relaxed);
+    if (moed_submit(d, f->mm, &f->sr, &err) < 0) {
+        atomic_fetch_sub(&d->in_flight, 1);
+        snprintf(msg, len, "%s", err.msg);
+        return err.code;
+    }
+    return 0;
 }

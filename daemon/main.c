@@ -126,8 +126,11 @@ static void reload(struct moed *d, int argc, char **argv)
         } else {
             moe_log(MOE_LOG_INFO, "SIGHUP: policy %s%s", moe_cache_policy_name(nc.policy),
                     nc.prefetch ? "+prefetch" : "");
+            /* Under the lock: Status reads them on the gRPC threads. */
+            pthread_mutex_lock(&d->lock);
             d->cfg.policy = nc.policy;
             d->cfg.prefetch = nc.prefetch;
+            pthread_mutex_unlock(&d->lock);
         }
     }
     moed_config_clear(&nc);

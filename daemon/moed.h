@@ -1,6 +1,8 @@
 /*
- * The daemon's state, shared by main.c (lifecycle) and service.c (the gRPC
- * handlers of moe.v1.Experts, moe.v1.Control and grpc.health.v1.Health).
+ * The daemon's state, shared by its files: main.c (lifecycle), models.c (the
+ * model table), reply.c (gRPC answers and status codes), service.c (the
+ * gRPC handlers of moe.v1.Experts, moe.v1.Control and
+ * grpc.health.v1.Health), and the rest of daemon/README.md.
  */
 #ifndef MOED_DAEMON_MOED_H
 #define MOED_DAEMON_MOED_H
@@ -55,7 +57,7 @@ struct moed {
     int n_shm_uids, n_shm_gids;
     uint64_t t_start;
     _Atomic int state;
-    pthread_mutex_t lock; /* the model table */
+    pthread_mutex_t lock; /* the model table; cfg.policy and cfg.prefetch after start */
     int n_models;
     uint32_t next_model_id;
     struct moed_model *models[MOED_MAX_MODELS];

@@ -197,7 +197,7 @@ struct moe_rpc_call {
     pthread_mutex_t lock;
     /* Everything below is under lock. */
     int refs;
-    grpc_byte_buffer *recv_buf;   /* RECV_MESSAGE target */
+    grpc_byte_buffer *recv_buf;   /* RECV_MESSAGE target; a unary call's comes with NEW */
     grpc_byte_buffer *send_buf;   /* message of the SEND in flight */
     grpc_byte_buffer *queued_buf; /* reply waiting for the SEND in flight */
     int cancelled;                /* RECV_CLOSE_ON_SERVER result */
@@ -488,7 +488,8 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
                                      &c->t_new);
     else if (!s->stopping)
         e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
-                                                NULL, w->cq, w->cq, &c->t_new);
+                                                m->m.streaming ? NULL : &c->recv_buf, w->cq, w->cq,
+                                                &c->t_new);
     pthread_mutex_unlock(&s->lock);
     if (e != GRPC_CALL_OK) {
         if (e != GRPC_CALL_ERROR)
@@ -498,10 +499,13 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
     }
 }
 
+static void on_recv(struct moe_rpc_call *c, bool ok);
+
 static void on_new(struct moe_rpc_call *c, bool ok)
 {
     struct moe_rpc_server *s = c->s;
     enum auth_result auth;
+    bool deliver = false;
     grpc_op op;
 
     if (!ok) {
@@ -550,11 +554,18 @@ static void on_new(struct moe_rpc_call *c, bool ok)
                                 "'authorization: Bearer <token>'"
                               : "token refused: the token given in 'authorization: Bearer "
                                 "<token>' is not moed's");
+        } else if (!c->m->m.streaming) {
+            /* The message came with the call: handled as a read's. */
+            deliver = true;
+            c->recv_in_flight = true;
+            c->refs++; /* on_recv's, as a read's batch holds one */
         } else {
             start_recv_locked(c);
         }
     }
     pthread_mutex_unlock(&c->lock);
+    if (deliver)
+        on_recv(c, true);
     /* The request's reference; the batches hold their own. */
     call_put(c);
 }
@@ -702,12 +713,33 @@ static bool take_handler_locked(struct moe_rpc_call *c, const char *what)
     return true;
 }
 
+static void reply_bb(struct moe_rpc_call *call, grpc_byte_buffer *bb);
+
 void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len)
 {
     grpc_slice slice = grpc_slice_from_copied_buffer((const char *)msg, len);
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&slice, 1);
 
     grpc_slice_unref(slice);
+    reply_bb(call, bb);
+}
+
+void moe_rpc_reply_with(struct moe_rpc_call *call, size_t len,
+                        void (*fill)(uint8_t *buf, void *arg), void *arg)
+{
+    /* The core's own buffer, filled in place: the message is written once. */
+    grpc_slice slice = grpc_slice_malloc(len);
+    grpc_byte_buffer *bb;
+
+    fill(GRPC_SLICE_START_PTR(slice), arg);
+    bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    reply_bb(call, bb);
+}
+
+/* Answers call with bb (taken). */
+static void reply_bb(struct moe_rpc_call *call, grpc_byte_buffer *bb)
+{
     pthread_mutex_lock(&call->lock);
     if (!take_handler_locked(call, "reply")) {
         pthread_mutex_unlock(&call->lock);
@@ -1304,7 +1336,12 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
             goto out_stop;
         }
         m->handle =
-            grpc_server_register_method(s->server, m->m.path, NULL, GRPC_SRM_PAYLOAD_NONE, 0);
+            /* A unary call's message comes with the call itself: no batch
+             * and no completion of its own to read it. */
+            grpc_server_register_method(s->server, m->m.path, NULL,
+                                        m->m.streaming ? GRPC_SRM_PAYLOAD_NONE
+                                                       : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+                                        0);
         if (!m->handle) {
             r = moe_error_set(err, -EINVAL, "cannot register the RPC method '%s' (twice?)",
                               m->m.path);

@@ -93,6 +93,11 @@ int moe_rpc_server_port(const struct moe_rpc_server *s);
 
 /* Answers one message: the call's (unary) or the next of the stream. */
 void moe_rpc_reply(struct moe_rpc_call *call, const uint8_t *msg, size_t len);
+/* The same for a message of len bytes that fill(buf, arg) writes straight
+ * into the buffer handed to the core (no copy); fill runs before this
+ * returns. */
+void moe_rpc_reply_with(struct moe_rpc_call *call, size_t len,
+                        void (*fill)(uint8_t *buf, void *arg), void *arg);
 /* Ends the call with a gRPC status code (grpc_status_code values; OK is
  * turned into UNKNOWN) and a message for the caller. */
 void moe_rpc_fail(struct moe_rpc_call *call, int status, const char *fmt, ...)

@@ -21,337 +21,49 @@
 #include <stdlib.h>
 #include <string.h>
 
-int moed_grpc_status(int err)
-{
-    switch (err) {
-    case 0:
-        return GRPC_STATUS_OK;
-    case -EINVAL:
-    case -E2BIG:
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    case -ENOENT:
-        return GRPC_STATUS_NOT_FOUND;
-    case -EEXIST:
-        return GRPC_STATUS_ALREADY_EXISTS;
-    case -EBUSY:
-        return GRPC_STATUS_FAILED_PRECONDITION;
-    case -ENOSPC:
-    case -ENOMEM:
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    case -ESHUTDOWN:
-    case -EAGAIN:
-        return GRPC_STATUS_UNAVAILABLE;
-    case -EPERM:
-    case -EACCES:
-        return GRPC_STATUS_PERMISSION_DENIED;
-    case -EIO:
-    case -EBADMSG:
-        return GRPC_STATUS_DATA_LOSS;
-    case -ETIMEDOUT:
-        return GRPC_STATUS_DEADLINE_EXCEEDED;
-    default:
-        return GRPC_STATUS_INTERNAL;
-    }
-}
-
-/* Packs any protobuf-c message and replies with it. */
-void moed_reply_msg(struct moe_rpc_call *call, const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-
-    if (!buf) {
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the answer");
-        return;
-    }
-    protobuf_c_message_pack(m, buf);
-    moe_rpc_reply(call, buf, n);
-    free(buf);
-}
-
-/* ---- models ---------------------------------------------------------------------------- */
-
-/* The model called name, with a reference taken (lock not held), or NULL. */
-struct moed_model *moed_model_get(struct moed *d, const char *name)
-{
-    struct moed_model *mm = NULL;
-
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models; i++)
-        if (strcmp(d->models[i]->name, name) == 0) {
-            mm = d->models[i];
-            mm->refs++;
-            break;
-        }
-    pthread_mutex_unlock(&d->lock);
-    return mm;
-}
-
-void moed_model_put(struct moed *d, struct moed_model *mm)
-{
-    pthread_mutex_lock(&d->lock);
-    mm->refs--;
-    pthread_mutex_unlock(&d->lock);
-}
-
-struct moed_model *moed_model_get_id(struct moed *d, uint32_t id)
-{
-    struct moed_model *mm = NULL;
-
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models; i++)
-        if (d->models[i]->id == id) {
-            mm = d->models[i];
-            mm->refs++;
-            break;
-        }
-    pthread_mutex_unlock(&d->lock);
-    return mm;
-}
-
-/* "a, b, c" of the loaded models' names. */
-static void model_names(struct moed *d, char *buf, size_t len)
-{
-    size_t at = 0;
-
-    buf[0] = 0;
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models && at < len; i++)
-        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? ", " : "", d->models[i]->name);
-    pthread_mutex_unlock(&d->lock);
-    if (!buf[0])
-        snprintf(buf, len, "none");
-}
-
-int moed_load_model(struct moed *d, const char *name, const char *dir, struct moe_error *err)
-{
-    struct moe_model *m;
-    char *real;
-    bool trusted;
-    int r = moed_model_dir_check(d, dir, &real, &trusted, err);
-
-    if (r < 0)
-        return r;
-    r = moe_model_open(real, &m, err);
-    free(real);
-    if (r < 0)
-        return r;
-    /* A model loaded at run time computes at [compute] compute_precision. */
-    m->precision = (enum moe_compute_precision)d->cfg.compute_precision;
-    if (!trusted) {
-        r = moed_model_files_check(d, m, err);
-        if (r < 0) {
-            moe_model_free(m);
-            return r;
-        }
-    }
-    return moed_add_model(d, name, m, err);
-}
-
-int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct moe_error *err)
-{
-    struct moed_model *mm = calloc(1, sizeof(*mm));
-    int r;
-
-    if (!mm) {
-        moe_model_free(m);
-        return moe_error_set(err, -ENOMEM, "out of memory");
-    }
-    mm->name = strdup(name);
-    mm->m = m;
-    r = moe_cache_add_model(d->cache, mm->m, name, &mm->cache_id, err);
-    if (r < 0)
-        goto fail;
-    r = moe_engine_attach(mm->m, d->backend, d->cache, mm->cache_id, &mm->e);
-    if (r < 0) {
-        moe_error_set(err, r, "out of memory");
-        moe_cache_remove_model(d->cache, mm->cache_id, NULL);
-        goto fail;
-    }
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models; i++)
-        if (strcmp(d->models[i]->name, name) == 0)
-            r = moe_error_set(err, -EEXIST, "a model called '%s' is loaded already", name);
-    if (r == 0 && d->n_models == MOED_MAX_MODELS)
-        r = moe_error_set(err, -E2BIG, "%d models are loaded: unload one first", MOED_MAX_MODELS);
-    if (r == 0) {
-        mm->id = ++d->next_model_id;
-        d->models[d->n_models++] = mm;
-    }
-    pthread_mutex_unlock(&d->lock);
-    if (r < 0) {
-        moe_engine_free(mm->e);
-        moe_cache_remove_model(d->cache, mm->cache_id, NULL);
-        goto fail;
-    }
-    moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name,
-            m->dir, moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
-            mm->m->cfg.top_k, mm->m->packed ? ", packed store" : "");
-    moed_state_warm(d, mm);
-    return 0;
-fail:
-    moe_model_free(mm->m);
-    free(mm->name);
-    free(mm);
-    return r;
-}
-
-static void model_free(struct moed *d, struct moed_model *mm)
-{
-    moed_state_model_gone(d, mm);
-    moe_engine_free(mm->e);
-    moe_cache_remove_model(d->cache, mm->cache_id, NULL);
-    moe_model_free(mm->m);
-    free(mm->name);
-    free(mm);
-}
-
-int moed_unload_model(struct moed *d, const char *name, struct moe_error *err)
-{
-    struct moed_model *mm = NULL;
-    int r = 0;
-
-    pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < d->n_models; i++) {
-        if (strcmp(d->models[i]->name, name) != 0)
-            continue;
-        mm = d->models[i];
-        if (mm->refs) {
-            r = moe_error_set(err, -EBUSY, "model '%s' has %d requests in flight: drain first",
-                              name, mm->refs);
-            mm = NULL;
-            break;
-        }
-        d->models[i] = d->models[--d->n_models];
-        break;
-    }
-    pthread_mutex_unlock(&d->lock);
-    if (r < 0)
-        return r;
-    if (!mm)
-        return moe_error_set(err, -ENOENT, "no model called '%s'", name);
-    model_free(d, mm);
-    moe_log(MOE_LOG_INFO, "unloaded %s", name);
-    return 0;
-}
-
-void moed_free_models(struct moed *d)
-{
-    moed_loader_stop(d); /* no load adds a model after this */
-    for (int i = 0; i < d->n_models; i++)
-        model_free(d, d->models[i]);
-    d->n_models = 0;
-}
-
 /* ---- Experts.Forward ------------------------------------------------------------------- */
 
+/* A Forward call: the request (forward.h) and its envelope. */
 struct fwd {
-    struct moed *d;
+    struct moed_fwd f;
     struct moe_rpc_call *call;
-    struct moed_model *mm;
-    struct moe_sched_req req;
-    Moe__V1__DType dtype;
-    int T, H, K;
-    float *x, *out, *w_in, *w_out;
-    int32_t *ids_in, *ids_out;
-    bool return_routing;
-    uint64_t tag;
-    uint64_t t_recv;
-    enum moed_transport transport; /* for the metrics */
+    Moe__V1__ForwardRequest *q; /* decoded; f's input may point into it */
 };
 
-/* Counts f's answer in the metrics: before answering (a client that scrapes
- * once answered sees it counted) and before fwd_free (the name is mm's). */
-static void fwd_count(struct fwd *f, int code)
+static void fwd_free(struct fwd *g)
 {
-    moed_metrics_request(f->d->metrics, f->mm ? f->mm->name : NULL, f->req.layer, f->transport,
-                         code, code == GRPC_STATUS_OK ? f->T : 0, moe_now_ns() - f->t_recv);
+    moed_fwd_release(&g->f);
+    moe__v1__forward_request__free_unpacked(g->q, NULL);
+    free(g);
 }
 
-static void fwd_free(struct fwd *f)
+static void fwd_done(struct moed_fwd *f, int status, const char *msg)
 {
-    if (f->mm)
-        moed_model_put(f->d, f->mm);
-    free(f->x);
-    free(f->out);
-    free(f->w_in);
-    free(f->w_out);
-    free(f->ids_in);
-    free(f->ids_out);
-    free(f);
-}
-
-static size_t dtype_size(Moe__V1__DType t)
-{
-    return t == MOE__V1__DTYPE__DTYPE_F32 ? 4 : 2;
-}
-
-/* Gives the model back before the answer goes out, so that a client that has
- * its answer can unload the model at once (an UnloadModel right after the
- * reply found the request still counted, and refused with "in flight"). */
-static void fwd_release_model(struct fwd *f)
-{
-    if (f->mm) {
-        moed_model_put(f->d, f->mm);
-        f->mm = NULL;
-    }
-}
-
-static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
-{
-    struct fwd *f = r->arg;
-    struct moed *d = f->d;
+    struct fwd *g = (struct fwd *)f; /* f is its first member */
+    const struct moe_sched_req *r = &f->sr;
     Moe__V1__ForwardResponse resp = MOE__V1__FORWARD_RESPONSE__INIT;
     Moe__V1__Tensor out = MOE__V1__TENSOR__INIT;
     Moe__V1__Routing rt = MOE__V1__ROUTING__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
-    int64_t shape[2] = {f->T, f->H};
-    size_t n = (size_t)f->T * (size_t)f->H;
-    uint8_t *data = NULL;
+    int64_t shape[2] = {f->n_tokens, f->hidden};
 
     if (status < 0) {
-        atomic_fetch_add(&d->failed, 1);
-        fwd_count(f, moed_grpc_status(status));
-        fwd_release_model(f);
-        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+        moe_rpc_fail(g->call, moed_grpc_status(status), "%s", msg);
         goto out;
-    }
-    data = malloc(n * dtype_size(f->dtype));
-    if (!data) {
-        fwd_count(f, GRPC_STATUS_RESOURCE_EXHAUSTED);
-        fwd_release_model(f);
-        moe_rpc_fail(f->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for the output");
-        goto out;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-
-        switch (f->dtype) {
-        case MOE__V1__DTYPE__DTYPE_F32:
-            memcpy(data + 4 * i, &f->out[i], 4);
-            break;
-        case MOE__V1__DTYPE__DTYPE_BF16:
-            h = moe_f32_to_bf16(f->out[i]);
-            memcpy(data + 2 * i, &h, 2);
-            break;
-        default:
-            h = moe_f32_to_f16(f->out[i]);
-            memcpy(data + 2 * i, &h, 2);
-            break;
-        }
     }
     out.n_shape = 2;
     out.shape = shape;
     out.dtype = f->dtype;
-    out.data.len = n * dtype_size(f->dtype);
-    out.data.data = data;
+    /* In the request's dtype, in place: packed from there, no other copy. */
+    out.data.len = moed_fwd_encode_in_place(f);
+    out.data.data = (uint8_t *)f->out;
     resp.output = &out;
-    if (f->return_routing) {
-        rt.top_k = (uint32_t)f->K;
-        rt.n_expert_ids = (size_t)f->T * f->K;
-        rt.expert_ids = f->ids_out;
-        rt.n_weights = (size_t)f->T * f->K;
-        rt.weights = f->w_out;
+    if (f->ret_ids) {
+        rt.top_k = (uint32_t)f->top_k;
+        rt.n_expert_ids = (size_t)f->n_tokens * f->top_k;
+        rt.expert_ids = f->ret_ids;
+        rt.n_weights = (size_t)f->n_tokens * f->top_k;
+        rt.weights = f->ret_weights;
         resp.routing = &rt;
     }
     tm.queue_ns = r->queue_ns;
@@ -364,121 +76,58 @@ static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
     resp.timing = &tm;
     resp.cache_hits = (uint32_t)r->st.hits;
     resp.cache_misses = (uint32_t)r->st.misses;
-    resp.tag = f->tag;
-    fwd_count(f, GRPC_STATUS_OK);
-    fwd_release_model(f);
-    moed_reply_msg(f->call, &resp.base);
+    resp.tag = g->q->tag;
+    moed_reply_msg(g->call, &resp.base);
 out:
-    free(data);
-    atomic_fetch_sub(&d->in_flight, 1);
-    fwd_free(f);
-}
-
-/* Checks and converts the request; 0, or a gRPC status with msg. */
-static int fwd_prepare(struct fwd *f, const Moe__V1__ForwardRequest *q, char *msg, size_t len)
-{
-    struct moed *d = f->d;
-    struct moed_fwd_input in;
-    char names[512];
-    int r;
-
-    if (!q->model || !*q->model) {
-        snprintf(msg, len, "ForwardRequest.model is empty: name a loaded model");
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    f->mm = moed_model_get(d, q->model);
-    if (!f->mm) {
-        model_names(d, names, sizeof(names));
-        snprintf(msg, len, "no model called '%s' (loaded: %s)", q->model, names);
-        return GRPC_STATUS_NOT_FOUND;
-    }
-    r = moed_forward_request_check(q, f->mm->m, &in, msg, len);
-    if (r < 0)
-        return moed_grpc_status(r);
-    f->T = in.n_tokens;
-    f->H = in.hidden;
-    f->K = in.top_k;
-    f->dtype = in.dtype;
-    f->x = in.x;
-    f->ids_in = in.ids;
-    f->w_in = in.weights;
-    f->out = malloc((size_t)f->T * (size_t)f->H * sizeof(float));
-    f->ids_out = malloc((size_t)f->T * f->K * sizeof(int32_t));
-    f->w_out = malloc((size_t)f->T * f->K * sizeof(float));
-    if (!f->out || !f->ids_out || !f->w_out) {
-        snprintf(msg, len, "out of memory for %d tokens", f->T);
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    }
-    f->return_routing = q->return_routing;
-    f->tag = q->tag;
-    return GRPC_STATUS_OK;
+    fwd_free(g);
 }
 
 static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
     struct moed *d = arg;
     Moe__V1__ForwardRequest *q = moe__v1__forward_request__unpack(NULL, len, req);
-    struct fwd *f = calloc(1, sizeof(*f));
-    struct moe_error err;
+    struct fwd *g = calloc(1, sizeof(*g));
     char msg[MOE_ERROR_MSG_MAX + 64];
     uint64_t t_recv = moe_now_ns();
-    int st;
+    int r;
 
-    if (!q || !f) {
-        st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
+    if (!q || !g) {
+        int st = q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT;
+
         moed_metrics_request(d->metrics, NULL, -1, MOED_TRANSPORT_GRPC, st, 0,
                              moe_now_ns() - t_recv);
         moe_rpc_fail(call, st, "%s",
                      q ? "out of memory" : "the request is not a moe.v1.ForwardRequest");
-        goto out;
+        moe__v1__forward_request__free_unpacked(q, NULL);
+        free(g);
+        return;
     }
-    f->d = d;
-    f->call = call;
-    f->t_recv = t_recv;
-    f->transport = MOED_TRANSPORT_GRPC;
-    f->req.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the log until set below */
+    moed_fwd_init(&g->f, d, MOED_TRANSPORT_GRPC);
+    g->f.t_recv = t_recv;
+    g->f.layer = q->layer > INT32_MAX ? -1 : (int)q->layer; /* for the metrics until checked */
+    g->call = call;
+    g->q = q;
     /* Stopping (SIGTERM): the gRPC core starts no new call, so what comes
      * here is a message of a stream open at the signal: it is answered, as
      * the requests in flight are, until drain_timeout_ms cuts the stream. */
     if (atomic_load(&d->state) == MOED_DRAINING) {
-        fwd_count(f, GRPC_STATUS_UNAVAILABLE);
+        moed_fwd_count(&g->f, GRPC_STATUS_UNAVAILABLE);
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is draining: no new requests");
-        goto out;
+        goto fail;
     }
-    st = fwd_prepare(f, q, msg, sizeof(msg));
-    if (st != GRPC_STATUS_OK) {
-        fwd_count(f, st);
-        moe_rpc_fail(call, st, "%s", msg);
-        goto out;
+    r = moed_fwd_model_by_name(&g->f, q->model, msg, sizeof(msg));
+    if (r == 0)
+        r = moed_fwd_decode_grpc(&g->f, q, g->f.mm->m, msg, sizeof(msg));
+    if (r == 0)
+        r = moed_fwd_submit(&g->f, 0, q->return_routing, fwd_done, NULL, msg, sizeof(msg));
+    if (r < 0) {
+        moed_fwd_count(&g->f, moed_grpc_status(r));
+        moe_rpc_fail(call, moed_grpc_status(r), "%s", msg);
+        goto fail;
     }
-    f->req = (struct moe_sched_req){
-        .engine = f->mm->e,
-        .layer = (int)q->layer,
-        .x = f->x,
-        .n_tokens = f->T,
-        .ids = f->ids_in,
-        .weights = f->w_in,
-        .out = f->out,
-        .ret_ids = f->ids_out,
-        .ret_weights = f->w_out,
-        .done = fwd_done,
-        .arg = f,
-    };
-    atomic_fetch_add(&d->in_flight, 1);
-    atomic_fetch_add(&d->requests, 1);
-    atomic_fetch_add(&d->tokens, (uint64_t)f->T);
-    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->T, memory_order_relaxed);
-    if (moed_submit(d, f->mm, &f->req, &err) < 0) {
-        atomic_fetch_sub(&d->in_flight, 1);
-        fwd_count(f, moed_grpc_status(err.code));
-        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
-        goto out;
-    }
-    f = NULL; /* fwd_done owns it */
-out:
-    if (f)
-        fwd_free(f);
-    moe__v1__forward_request__free_unpacked(q, NULL);
+    return; /* fwd_done answers */
+fail:
+    fwd_free(g);
 }
 
 /* ---- Control --------------------------------------------------------------------------- */
@@ -499,12 +148,12 @@ static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     r.state = (char *)state_name(atomic_load(&d->state));
     pthread_mutex_lock(&d->lock);
     r.models = (uint32_t)d->n_models;
+    r.policy = (char *)moe_cache_policy_name(d->cfg.policy); /* SIGHUP sets them under lock */
+    r.prefetch = d->cfg.prefetch;
     pthread_mutex_unlock(&d->lock);
     r.requests = atomic_load(&d->requests);
     r.tokens = atomic_load(&d->tokens);
     r.in_flight = (uint32_t)atomic_load(&d->in_flight);
-    r.policy = (char *)moe_cache_policy_name(d->cfg.policy);
-    r.prefetch = d->cfg.prefetch;
     r.node = (char *)moed_cluster_node(d);
     moed_cluster_peers(d, &r.peers, &r.n_peers);
     moed_reply_msg(call, &r.base);

@@ -6,10 +6,12 @@
  * The input is converted to fp32 into memory of our own before anything
  * reads it (the client may change its arena at any time; a value checked
  * and then changed would reach the engine unchecked), the output is
- * computed into our memory and converted into the arena at the end.
+ * computed into our memory and converted into the arena at the end; the
+ * rest of a request's way is forward.c's, as for gRPC.
  */
 #include "moed.h"
 
+#include "forward.h"
 #include "dtype.h"
 #include "log.h"
 #include "router.h"
@@ -23,14 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A shared-memory forward: the request (forward.h) and its envelope. */
 struct shm_fwd {
-    struct moed *d;
+    struct moed_fwd f;
     struct moe_shm_req *req;
-    struct moed_model *mm;
-    struct moe_sched_req sr;
-    int T, H, K;
-    float *x, *out, *w;
-    int32_t *ids;
 };
 
 static uint32_t shm_dtype(enum moe_dtype t)
@@ -77,116 +75,43 @@ static int shm_models(void *arg, struct moe_shm_model_info *out, int max)
     return n;
 }
 
-static void shm_fwd_free(struct shm_fwd *f)
+static Moe__V1__DType wire_dtype(uint32_t t)
 {
-    if (f->mm)
-        moed_model_put(f->d, f->mm);
-    free(f->x);
-    free(f->out);
-    free(f->w);
-    free(f->ids);
-    free(f);
+    return t == MOE_SHM_DTYPE_F32    ? MOE__V1__DTYPE__DTYPE_F32
+           : t == MOE_SHM_DTYPE_BF16 ? MOE__V1__DTYPE__DTYPE_BF16
+                                     : MOE__V1__DTYPE__DTYPE_F16;
 }
 
-static void shm_done(struct moe_sched_req *r, int status, const char *msg)
+static void shm_fwd_free(struct shm_fwd *g)
 {
-    struct shm_fwd *f = r->arg;
-    struct moed *d = f->d;
+    moed_fwd_release(&g->f);
+    free(g);
+}
+
+static void shm_done(struct moed_fwd *f, int status, const char *msg)
+{
+    struct shm_fwd *g = (struct shm_fwd *)f; /* f is its first member */
+    const struct moe_sched_req *r = &f->sr;
     struct moe_shm_cqe c = {0};
-    size_t n = (size_t)f->T * (size_t)f->H;
-    uint8_t *o = f->req->out;
 
     if (status == 0) {
         /* The arena is the client's: written, never read back. */
-        switch (f->req->sqe.dtype) {
-        case MOE_SHM_DTYPE_F32:
-            memcpy(o, f->out, n * sizeof(float));
-            break;
-        case MOE_SHM_DTYPE_BF16:
-            for (size_t i = 0; i < n; i++) {
-                uint16_t h = moe_f32_to_bf16(f->out[i]);
-
-                memcpy(o + 2 * i, &h, 2);
-            }
-            break;
-        default:
-            for (size_t i = 0; i < n; i++) {
-                uint16_t h = moe_f32_to_f16(f->out[i]);
-
-                memcpy(o + 2 * i, &h, 2);
-            }
-            break;
-        }
+        moed_fwd_encode_into(f, g->req->out);
         c.hits = (uint32_t)r->st.hits;
         c.misses = (uint32_t)r->st.misses;
         c.batch_requests = (uint32_t)r->batch_requests;
         c.batch_tokens = (uint32_t)r->batch_tokens;
         c.queue_ns = r->queue_ns;
         c.compute_ns = r->st.route_ns + r->st.load_ns + r->st.compute_ns;
-    } else {
-        atomic_fetch_add(&d->failed, 1);
     }
-    moed_metrics_request(d->metrics, f->mm->name, f->req->sqe.layer, MOED_TRANSPORT_SHM,
-                         status == 0 ? 0 : moed_grpc_status(status), status == 0 ? f->T : 0,
-                         moe_now_ns() - f->req->t_seen);
-    moe_shm_complete(f->req, status, &c, status < 0 ? (msg ? msg : strerror(-status)) : NULL);
-    atomic_fetch_sub(&d->in_flight, 1);
-    shm_fwd_free(f);
-}
-
-/* Copies and converts the request out of the arena; 0 or -errno with msg. */
-static int shm_prepare(struct shm_fwd *f, char *msg, size_t len)
-{
-    const struct moe_shm_req *q = f->req;
-    const uint8_t *in = q->in;
-    size_t n = (size_t)f->T * (size_t)f->H, tk = (size_t)f->T * (size_t)f->K;
-    struct moe_error e;
-
-    f->x = malloc(n * sizeof(float));
-    f->out = malloc(n * sizeof(float));
-    if (!f->x || !f->out) {
-        snprintf(msg, len, "moed is out of memory for %d tokens", f->T);
-        return -ENOMEM;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h;
-
-        if (q->sqe.dtype == MOE_SHM_DTYPE_F32) {
-            memcpy(&f->x[i], in + 4 * i, 4);
-        } else {
-            memcpy(&h, in + 2 * i, 2);
-            f->x[i] = q->sqe.dtype == MOE_SHM_DTYPE_BF16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
-        }
-    }
-    /* As for gRPC: one request's NaN would fail every request batched with it. */
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(f->x[i])) {
-            snprintf(msg, len, "input: token %zu, element %zu is not finite", i / (size_t)f->H,
-                     i % (size_t)f->H);
-            return -EINVAL;
-        }
-    if (q->ids) {
-        f->ids = malloc(tk * sizeof(int32_t));
-        f->w = malloc(tk * sizeof(float));
-        if (!f->ids || !f->w) {
-            snprintf(msg, len, "moed is out of memory for the routing");
-            return -ENOMEM;
-        }
-        memcpy(f->ids, q->ids, tk * sizeof(int32_t));
-        memcpy(f->w, q->weights, tk * sizeof(float));
-        if (moe_routing_validate(f->mm->m->cfg.n_experts, f->K, f->T, f->ids, f->w, &e) < 0) {
-            snprintf(msg, len, "routing: %s", e.msg);
-            return -EINVAL;
-        }
-    }
-    return 0;
+    moe_shm_complete(g->req, status, &c, status < 0 ? msg : NULL);
+    shm_fwd_free(g);
 }
 
 static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len)
 {
     struct moed *d = arg;
-    struct shm_fwd *f;
-    struct moe_error err;
+    struct shm_fwd *g;
     int rc;
 
     if (atomic_load(&d->state) != MOED_SERVING) {
@@ -196,51 +121,33 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
                              moed_grpc_status(-ESHUTDOWN), 0, 0);
         return -ESHUTDOWN;
     }
-    f = calloc(1, sizeof(*f));
-    if (!f) {
+    g = calloc(1, sizeof(*g));
+    if (!g) {
         snprintf(msg, len, "moed is out of memory");
         return -ENOMEM;
     }
-    f->d = d;
-    f->req = req;
-    f->mm = moed_model_get_id(d, req->model.id);
-    if (!f->mm) {
-        snprintf(msg, len, "model '%s' (id %u) was unloaded", req->model.name, req->model.id);
-        free(f);
-        return -ENOENT;
-    }
-    f->T = (int)req->sqe.n_tokens;
-    f->H = f->mm->m->cfg.hidden;
-    f->K = f->mm->m->cfg.top_k;
-    rc = shm_prepare(f, msg, len);
+    moed_fwd_init(&g->f, d, MOED_TRANSPORT_SHM);
+    g->f.t_recv = req->t_seen;
+    g->f.layer = req->sqe.layer;
+    g->req = req;
+    rc = moed_fwd_model_by_id(&g->f, req->model.id, req->model.name, msg, len);
     if (rc < 0) {
-        moed_metrics_request(d->metrics, f->mm->name, req->sqe.layer, MOED_TRANSPORT_SHM,
-                             moed_grpc_status(rc), 0, moe_now_ns() - req->t_seen);
-        shm_fwd_free(f);
+        free(g);
         return rc;
     }
-    f->sr = (struct moe_sched_req){
-        .engine = f->mm->e,
-        .layer = req->sqe.layer,
-        .x = f->x,
-        .n_tokens = f->T,
-        .ids = f->ids,
-        .weights = f->w,
-        .out = f->out,
-        .done = shm_done,
-        .arg = f,
-    };
-    atomic_fetch_add(&d->in_flight, 1);
-    atomic_fetch_add(&d->requests, 1);
-    atomic_fetch_add(&d->tokens, (uint64_t)f->T);
-    atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->T, memory_order_relaxed);
-    if (moed_submit(d, f->mm, &f->sr, &err) < 0) {
-        atomic_fetch_sub(&d->in_flight, 1);
-        snprintf(msg, len, "%s", err.msg);
-        moed_metrics_request(d->metrics, f->mm->name, req->sqe.layer, MOED_TRANSPORT_SHM,
-                             moed_grpc_status(err.code), 0, moe_now_ns() - req->t_seen);
-        shm_fwd_free(f);
-        return err.code;
+    /* Copied (and converted) into our memory before anything reads it: the
+     * client may change its arena at any time, and a value checked and then
+     * changed would reach the engine unchecked. */
+    rc = moed_fwd_set_hidden(&g->f, (int)req->sqe.n_tokens, wire_dtype(req->sqe.dtype), req->in,
+                             false, "input", msg, len);
+    if (rc == 0 && req->ids)
+        rc = moed_fwd_set_routing(&g->f, g->f.mm->m, req->ids, req->weights, false, msg, len);
+    if (rc == 0)
+        rc = moed_fwd_submit(&g->f, 0, false, shm_done, NULL, msg, len);
+    if (rc < 0) {
+        moed_fwd_count(&g->f, moed_grpc_status(rc));
+        shm_fwd_free(g);
+        return rc;
     }
     return 0;
 }

@@ -1058,37 +1058,43 @@ static int check_call(struct moe_engine *e, int layer, const float *x, int n_tok
     return check_input(x, n_tokens, m->cfg.hidden, err);
 }
 
-int moe_layer_forward_ex(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                         const int32_t *ids_in, const float *weights_in, unsigned flags, float *out,
-                         int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
-                         struct moe_error *err)
+int moe_layer_forward_ex(struct moe_engine *e, const struct moe_layer_args *a,
+                         struct moe_forward_stats *st, struct moe_error *err)
 {
     int r;
 
     if (st)
         memset(st, 0, sizeof(*st));
-    if (!ids_in != !weights_in)
+    if (!a->ids != !a->weights)
         return moe_error_set(err, -EINVAL, "routing needs both expert ids and weights");
-    if ((flags & MOE_FWD_PARTIAL) && !ids_in)
+    if ((a->flags & MOE_FWD_PARTIAL) && !a->ids)
         return moe_error_set(err, -EINVAL, "a partial forward needs the caller's routing");
-    if (flags & ~(MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED))
-        return moe_error_set(err, -EINVAL, "unknown forward flags %#x", flags);
-    r = check_call(e, layer, x, n_tokens, err);
+    if (a->flags & ~(MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED))
+        return moe_error_set(err, -EINVAL, "unknown forward flags %#x", a->flags);
+    r = check_call(e, a->layer, a->x, a->n_tokens, err);
     if (r < 0)
         return r;
-    r = forward_run(e, layer, x, n_tokens, ids_in, weights_in, flags, out, ret_ids, ret_weights, st,
-                    err);
+    r = forward_run(e, a->layer, a->x, a->n_tokens, a->ids, a->weights, a->flags, a->out,
+                    a->ret_ids, a->ret_weights, st, err);
     if (r < 0)
         return r;
-    return check_output(out, n_tokens, e->m->cfg.hidden, err);
+    return check_output(a->out, a->n_tokens, e->m->cfg.hidden, err);
 }
 
 int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tokens,
                       const int32_t *ids_in, const float *weights_in, float *out, int32_t *ret_ids,
                       float *ret_weights, struct moe_forward_stats *st, struct moe_error *err)
 {
-    return moe_layer_forward_ex(e, layer, x, n_tokens, ids_in, weights_in, 0, out, ret_ids,
-                                ret_weights, st, err);
+    const struct moe_layer_args a = {.layer = layer,
+                                     .x = x,
+                                     .n_tokens = n_tokens,
+                                     .ids = ids_in,
+                                     .weights = weights_in,
+                                     .out = out,
+                                     .ret_ids = ret_ids,
+                                     .ret_weights = ret_weights};
+
+    return moe_layer_forward_ex(e, &a, st, err);
 }
 
 int moe_layer_route(struct moe_engine *e, int layer, const float *x, int n_tokens, int32_t *ids,

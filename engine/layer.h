@@ -86,16 +86,29 @@ int moe_layer_forward(struct moe_engine *e, int layer, const float *x, int n_tok
                                 * expert is computed elsewhere, e.g. another node) */
 #define MOE_FWD_SKIP_SHARED 2u /* leave the shared experts out (computed elsewhere) */
 
+/* One forward of a layer, or of a part of one: the arguments of
+ * moe_layer_forward_ex, and of a scheduler request (scheduler.h), as
+ * moe_layer_forward takes them. */
+struct moe_layer_args {
+    int layer;
+    const float *x; /* [n_tokens, hidden] fp32 host memory */
+    int n_tokens;
+    const int32_t *ids;   /* caller's routing [n_tokens, top_k], or NULL */
+    const float *weights; /* its weights; NULL exactly when ids is */
+    unsigned flags;       /* MOE_FWD_* */
+    float *out;           /* [n_tokens, hidden], overwritten */
+    int32_t *ret_ids;     /* the routing used [n_tokens, top_k], may be NULL */
+    float *ret_weights;   /* its weights, may be NULL */
+};
+
 /*
  * moe_layer_forward with flags: a part of a layer, for expert parallelism.
  * The sum of the outputs of forwards that split a token's slots (and its
  * shared experts) between them is the whole layer's output, up to the
  * order of the additions.  MOE_FWD_PARTIAL needs caller routing.
  */
-int moe_layer_forward_ex(struct moe_engine *e, int layer, const float *x, int n_tokens,
-                         const int32_t *ids_in, const float *weights_in, unsigned flags, float *out,
-                         int32_t *ret_ids, float *ret_weights, struct moe_forward_stats *st,
-                         struct moe_error *err);
+int moe_layer_forward_ex(struct moe_engine *e, const struct moe_layer_args *a,
+                         struct moe_forward_stats *st, struct moe_error *err);
 
 /*
  * Routing only: the experts the model's router picks for each of the

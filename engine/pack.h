@@ -156,6 +156,8 @@ int moe_pack_index_parse(const char *json, size_t len, const char *fname,
                          struct moe_pack_index *ret, struct moe_error *err);
 void moe_pack_index_clear(struct moe_pack_index *ix);
 
+/* qsort order of entries by offset, then (layer, expert). */
+int moe_pack_entry_cmp_offset(const void *a, const void *b);
 /* Binary search of ix->experts; NULL when (layer, expert) has no entry. */
 const struct moe_pack_entry *moe_pack_index_find(const struct moe_pack_index *ix, int layer,
                                                  int expert);

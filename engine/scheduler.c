@@ -26,6 +26,11 @@ struct moe_sched {
     int pending, running;
     bool stopping; /* no new requests */
     bool quit;     /* workers exit once pending is empty */
+    /* A lone caller: the last request submitted to an idle scheduler
+     * waited its whole window and none joined it, and nothing was pending
+     * or running at any submit since.  While set, a request alone in an
+     * idle scheduler runs at once. */
+    bool lone;
     uint64_t requests, tokens, batches, failed, completed;
     uint64_t batch_requests[MOE_SCHED_HIST_BUCKETS], batch_tokens[MOE_SCHED_HIST_BUCKETS];
     uint64_t batch_requests_sum, batch_tokens_sum;
@@ -36,8 +41,8 @@ struct moe_sched {
 
 static bool same_key(const struct moe_sched_req *a, const struct moe_sched_req *b)
 {
-    return a->engine == b->engine && a->layer == b->layer && !a->ids == !b->ids &&
-           a->flags == b->flags;
+    return a->engine == b->engine && a->a.layer == b->a.layer && !a->a.ids == !b->a.ids &&
+           a->a.flags == b->a.flags;
 }
 
 /* Tokens pending for r's key (r included). */
@@ -47,7 +52,7 @@ static int key_tokens(const struct moe_sched *s, const struct moe_sched_req *r)
 
     for (const struct moe_sched_req *q = s->head; q; q = q->next_)
         if (same_key(q, r))
-            n += q->n_tokens;
+            n += q->a.n_tokens;
     return n;
 }
 
@@ -62,12 +67,12 @@ static struct moe_sched_req *take_batch(struct moe_sched *s, int *n_req, int *n_
     while (*pp) {
         struct moe_sched_req *q = *pp;
 
-        if (same_key(q, first) && (n == 0 || tokens + q->n_tokens <= s->cfg.max_batch_tokens)) {
+        if (same_key(q, first) && (n == 0 || tokens + q->a.n_tokens <= s->cfg.max_batch_tokens)) {
             *pp = q->next_;
             q->next_ = NULL;
             *bt = q;
             bt = &q->next_;
-            tokens += q->n_tokens;
+            tokens += q->a.n_tokens;
             n++;
             continue;
         }
@@ -117,13 +122,12 @@ static void run_alone(struct moe_sched *s, struct moe_sched_req *batch, int n_re
 
         next = q->next_;
         q->next_ = NULL;
-        r = moe_layer_forward_ex(q->engine, q->layer, q->x, q->n_tokens, q->ids, q->weights,
-                                 q->flags, q->out, q->ret_ids, q->ret_weights, &q->st, &err);
+        r = moe_layer_forward_ex(q->engine, &q->a, &q->st, &err);
         if (r < 0)
             failed++;
         q->queue_ns = t0 - q->t_submit_;
         q->batch_requests = 1;
-        q->batch_tokens = q->n_tokens;
+        q->batch_tokens = q->a.n_tokens;
         finish(q, r, r < 0 ? err.msg : NULL);
     }
     pthread_mutex_lock(&s->lock);
@@ -147,33 +151,40 @@ static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_re
 
     if (n_req == 1) {
         /* Alone: straight from and into the request's buffers. */
-        r = moe_layer_forward_ex(e, batch->layer, batch->x, batch->n_tokens, batch->ids,
-                                 batch->weights, batch->flags, batch->out, batch->ret_ids,
-                                 batch->ret_weights, &st, &err);
+        r = moe_layer_forward_ex(e, &batch->a, &st, &err);
         goto done;
     }
     x = malloc((size_t)n_tok * H * sizeof(*x));
     out = malloc((size_t)n_tok * H * sizeof(*out));
     ids = malloc((size_t)n_tok * K * sizeof(*ids));
     w = malloc((size_t)n_tok * K * sizeof(*w));
-    if (batch->ids) {
+    if (batch->a.ids) {
         idin = malloc((size_t)n_tok * K * sizeof(*idin));
         win = malloc((size_t)n_tok * K * sizeof(*win));
     }
-    if (!x || !out || !ids || !w || (batch->ids && (!idin || !win))) {
+    if (!x || !out || !ids || !w || (batch->a.ids && (!idin || !win))) {
         r = moe_error_set(&err, -ENOMEM, "out of memory batching %d tokens", n_tok);
         goto done;
     }
     for (struct moe_sched_req *q = batch; q; q = q->next_) {
-        memcpy(x + row * H, q->x, (size_t)q->n_tokens * H * sizeof(*x));
+        memcpy(x + row * H, q->a.x, (size_t)q->a.n_tokens * H * sizeof(*x));
         if (idin) {
-            memcpy(idin + row * K, q->ids, (size_t)q->n_tokens * K * sizeof(*idin));
-            memcpy(win + row * K, q->weights, (size_t)q->n_tokens * K * sizeof(*win));
+            memcpy(idin + row * K, q->a.ids, (size_t)q->a.n_tokens * K * sizeof(*idin));
+            memcpy(win + row * K, q->a.weights, (size_t)q->a.n_tokens * K * sizeof(*win));
         }
-        row += (size_t)q->n_tokens;
+        row += (size_t)q->a.n_tokens;
     }
-    r = moe_layer_forward_ex(e, batch->layer, x, n_tok, idin, win, batch->flags, out, ids, w, &st,
-                             &err);
+    r = moe_layer_forward_ex(e,
+                             &(struct moe_layer_args){.layer = batch->a.layer,
+                                                      .x = x,
+                                                      .n_tokens = n_tok,
+                                                      .ids = idin,
+                                                      .weights = win,
+                                                      .flags = batch->a.flags,
+                                                      .out = out,
+                                                      .ret_ids = ids,
+                                                      .ret_weights = w},
+                             &st, &err);
     if (r == -EINVAL) {
         free(x);
         free(out);
@@ -187,12 +198,12 @@ static void run_batch(struct moe_sched *s, struct moe_sched_req *batch, int n_re
     if (r == 0) {
         row = 0;
         for (struct moe_sched_req *q = batch; q; q = q->next_) {
-            memcpy(q->out, out + row * H, (size_t)q->n_tokens * H * sizeof(*out));
-            if (q->ret_ids)
-                memcpy(q->ret_ids, ids + row * K, (size_t)q->n_tokens * K * sizeof(*ids));
-            if (q->ret_weights)
-                memcpy(q->ret_weights, w + row * K, (size_t)q->n_tokens * K * sizeof(*w));
-            row += (size_t)q->n_tokens;
+            memcpy(q->a.out, out + row * H, (size_t)q->a.n_tokens * H * sizeof(*out));
+            if (q->a.ret_ids)
+                memcpy(q->a.ret_ids, ids + row * K, (size_t)q->a.n_tokens * K * sizeof(*ids));
+            if (q->a.ret_weights)
+                memcpy(q->a.ret_weights, w + row * K, (size_t)q->a.n_tokens * K * sizeof(*w));
+            row += (size_t)q->a.n_tokens;
         }
     }
 done:
@@ -239,6 +250,10 @@ static void *worker(void *arg)
             pthread_cond_wait(&s->cv, &s->lock);
             continue;
         }
+        /* A lone caller's request alone in the scheduler runs at once: no
+         * one is there to join it (s->lone says none came last time). */
+        if (s->lone && !first->next_ && !s->running)
+            goto take;
         if (!s->stopping && now - first->t_submit_ < s->cfg.window_ns &&
             key_tokens(s, first) < s->cfg.max_batch_tokens) {
             /* Let others join until the window closes. */
@@ -253,7 +268,13 @@ static void *worker(void *arg)
             pthread_cond_timedwait(&s->cv, &s->lock, &ts);
             continue;
         }
+    take:
         batch = take_batch(s, &n_req, &n_tok);
+        /* Waited the whole window (or ran at once) and nobody came: the
+         * next lone request need not wait. */
+        if (n_req == 1 && batch->idle_ && !s->head && !s->running && !s->stopping &&
+            now - batch->t_submit_ >= s->cfg.window_ns)
+            s->lone = true;
         s->running += n_req;
         /* Another worker may take the next key meanwhile. */
         if (s->head)
@@ -342,8 +363,8 @@ void moe_sched_free(struct moe_sched *s)
 
 int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_error *err)
 {
-    if (!r->engine || !r->x || !r->out || !r->done || r->n_tokens < 1 ||
-        r->n_tokens > MOE_MAX_TOKENS || !r->ids != !r->weights)
+    if (!r->engine || !r->a.x || !r->a.out || !r->done || r->a.n_tokens < 1 ||
+        r->a.n_tokens > MOE_MAX_TOKENS || !r->a.ids != !r->a.weights)
         return moe_error_set(err, -EINVAL, "malformed forward request");
     r->next_ = NULL;
     r->t_submit_ = moe_now_ns();
@@ -353,8 +374,11 @@ int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_er
         return moe_error_set(err, -ESHUTDOWN, "moed is shutting down: no new requests");
     }
     /* Idle until now: the time without progress counts from here. */
-    if (!s->pending && !s->running)
+    r->idle_ = !s->pending && !s->running;
+    if (r->idle_)
         s->last_progress_ns = r->t_submit_;
+    else
+        s->lone = false; /* company: batch again */
     if (s->tail)
         s->tail->next_ = r;
     else
@@ -362,7 +386,7 @@ int moe_sched_submit(struct moe_sched *s, struct moe_sched_req *r, struct moe_er
     s->tail = r;
     s->pending++;
     s->requests++;
-    s->tokens += (uint64_t)r->n_tokens;
+    s->tokens += (uint64_t)r->a.n_tokens;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->lock);
     return 0;

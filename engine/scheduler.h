@@ -5,7 +5,11 @@
  * different layers and models proceed concurrently.
  *
  * A request waits at most window_ns for others to join it (or less, when
- * the pending requests of its key reach max_batch_tokens).  A batch is the
+ * the pending requests of its key reach max_batch_tokens).  A lone caller
+ * does not wait: once a request that found the scheduler idle has waited
+ * its whole window with nobody joining, a request that finds it idle runs
+ * at once, until a request arrives while another is pending or running
+ * (then windows apply again).  A batch is the
  * requests of one key in arrival order, concatenated into one call of
  * moe_layer_forward; requests with caller routing batch only with others
  * with caller routing.  The output rows of each request are its own: the
@@ -35,15 +39,9 @@ typedef void (*moe_sched_done_fn)(struct moe_sched_req *r, int status, const cha
 
 struct moe_sched_req {
     struct moe_engine *engine;
-    int layer;
-    const float *x; /* [n_tokens, hidden] */
-    int n_tokens;
-    const int32_t *ids; /* caller routing [n_tokens, top_k], or NULL */
-    const float *weights;
-    unsigned flags;   /* MOE_FWD_* (layer.h); batched only with the same flags */
-    float *out;       /* [n_tokens, hidden] */
-    int32_t *ret_ids; /* routing used [n_tokens, top_k], may be NULL */
-    float *ret_weights;
+    /* The forward (layer.h); batched only with the same layer, flags and
+     * kind of routing (caller's or the router's). */
+    struct moe_layer_args a;
     moe_sched_done_fn done;
     void *arg;
 
@@ -56,6 +54,7 @@ struct moe_sched_req {
     /* private */
     struct moe_sched_req *next_;
     uint64_t t_submit_;
+    bool idle_; /* submitted with nothing pending or running */
 };
 
 /* Batch histograms: bucket i counts the batches of (2^(i-1), 2^i] requests

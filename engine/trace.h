@@ -93,6 +93,8 @@ void moe_trace_writer_set_limit(struct moe_trace_writer *w, uint64_t max_records
 /* Records appended so far; *ret_full (may be NULL): a call was dropped at
  * the limit; *ret_error (may be NULL): the sticky error, 0 none. */
 uint64_t moe_trace_writer_records(struct moe_trace_writer *w, bool *ret_full, int *ret_error);
+/* What w was opened with. */
+const struct moe_trace_info *moe_trace_writer_info(const struct moe_trace_writer *w);
 /* Flushes, patches n_records, closes, frees (always; NULL is a no-op).
  * 0 or -errno with err saying what failed first; the file then keeps the
  * records written before the failure and n_records = 0. */

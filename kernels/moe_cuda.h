@@ -88,31 +88,6 @@ int moe_tier_cuda_create(int device, uint64_t capacity, struct moe_tier **ret,
 int moe_cuda_host_register(void *p, size_t bytes, struct moe_error *err);
 void moe_cuda_host_unregister(void *p);
 
-/* ---- routing on the device ------------------------------------------------------------- */
-
-/* Mirrors engine/router.h (struct moe_router_params): same rules, same
- * tie-breaking, same output order. */
-struct moe_cuda_router_params {
-    int sigmoid;                 /* 0 softmax, 1 sigmoid (DeepSeek noaux_tc) */
-    int n_experts;               /* 1..4096 */
-    int top_k;                   /* 1..min(n_experts, 64) */
-    int norm_topk_prob;          /* renormalise the k weights */
-    int n_group;                 /* groups; 1 = none */
-    int topk_group;              /* groups kept */
-    float routed_scaling_factor; /* 1 = none */
-    const float *bias;           /* [n_experts] host memory, sigmoid only, or NULL */
-};
-
-/*
- * Routes n_tokens on b's device: logits [n_tokens, n_experts] fp32, ids and
- * weights [n_tokens, top_k], all device memory.  Each token's k entries in
- * descending weight order, ties to the lower id, as moe_route().  -EINVAL
- * for bad parameters or non-finite logits (err names the token), -ENOMEM.
- */
-int moe_cuda_route(struct moe_backend *b, const struct moe_cuda_router_params *p,
-                   const float *logits, int n_tokens, int32_t *ids, float *weights,
-                   struct moe_error *err);
-
 #ifdef __cplusplus
 }
 #endif

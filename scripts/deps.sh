@@ -8,6 +8,7 @@ packages=(
     # toolchain and build
     build-essential cmake ninja-build pkg-config git
     clang libclang-rt-14-dev          # clang builds: sanitizers and libFuzzer
+    clang-format                      # the format test (scripts/check-format.sh)
     # libraries of the engine and daemon
     libjansson-dev                    # JSON: config.json, safetensors headers, index
     libinih-dev                       # INI: moed.conf

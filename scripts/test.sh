@@ -41,6 +41,13 @@ cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOED_W
     -DMOED_HF_PYTHON="$hf_python"
 cmake --build build -j "$jobs"
 
+# Formatting (ctest's format test checks whole files): the lines changed
+# since the merge base with main, in the files formatted before the check.
+if base=$(git merge-base HEAD main 2>/dev/null) && [ "$base" != "$(git rev-parse HEAD)" ]; then
+    echo "== format of the lines changed since $(git rev-parse --short "$base")"
+    scripts/check-format.sh "$base"
+fi
+
 # A user's plain Release build must compile; built here with warnings as
 # errors, since -O3 finds what -O2 does not (maybe-uninitialized).
 if [ "${MOED_NO_RELEASE:-0}" != 1 ]; then

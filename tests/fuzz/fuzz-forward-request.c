@@ -1,9 +1,10 @@
 /*
  * Fuzz target of a remote Forward: the protobuf-c decode of a
  * moe.v1.ForwardRequest, as moed's gRPC handler does it, then the daemon's
- * own check of it (daemon/forward.c moed_forward_request_check) against a
+ * own check of it (daemon/request.c moed_fwd_decode_grpc) against a
  * model of 4 layers (layer 0 dense), hidden 16, 8 experts, top-2.  A
- * refusal must say why and leave nothing allocated; anything accepted must
+ * refusal must say why, and moed_fwd_clear must leave nothing allocated
+ * (LeakSanitizer); anything accepted must
  * be safe to hand to the engine: a MoE layer, 1 to MOE_MAX_TOKENS rows of
  * the model's width, every hidden state finite, and the caller's routing
  * (when given) of top-2 ids in range, no expert twice in a row, finite
@@ -26,7 +27,7 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static void check_accepted(const Moe__V1__ForwardRequest *q, const struct moed_fwd_input *in)
+static void check_accepted(const Moe__V1__ForwardRequest *q, const struct moed_fwd *in)
 {
     if (q->layer < 1 || q->layer >= N_LAYERS)
         abort();
@@ -59,7 +60,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static struct moe_layer layers[N_LAYERS];
     static struct moe_model m;
     Moe__V1__ForwardRequest *q;
-    struct moed_fwd_input in;
+    struct moed_fwd in;
     char msg[1024];
     int r;
 
@@ -77,20 +78,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!q)
         return 0; /* answered "the request is not a moe.v1.ForwardRequest" */
     msg[0] = 0;
-    r = moed_forward_request_check(q, &m, &in, msg, sizeof(msg));
+    moed_fwd_init(&in, NULL, MOED_TRANSPORT_GRPC);
+    r = moed_fwd_decode_grpc(&in, q, &m, msg, sizeof(msg));
     if (r < 0) {
         if (r != -EINVAL && r != -ENOMEM)
             abort();
         if (!msg[0] || !memchr(msg, 0, sizeof(msg)))
             abort(); /* a refusal says why */
-        if (in.x || in.ids || in.weights)
-            abort(); /* and keeps nothing */
     } else {
         if (r != 0)
             abort();
         check_accepted(q, &in);
-        moed_fwd_input_clear(&in);
     }
+    moed_fwd_clear(&in);
+    if (in.x || in.ids || in.weights)
+        abort(); /* nothing kept */
     moe__v1__forward_request__free_unpacked(q, NULL);
     return 0;
 }

@@ -1,5 +1,5 @@
 /*
- * Fuzz target of the .npy and .npz readers (engine/npy.c): the input is
+ * Fuzz target of the .npy and .npz readers (client/npy.c): the input is
  * parsed as an .npy image and, the same bytes, as an .npz archive from which
  * the arrays "x" and "ids" are read.  Anything accepted must be consistent
  * (count = product of shape, data present); nothing may crash or leak.

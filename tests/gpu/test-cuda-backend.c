@@ -1,13 +1,13 @@
 /*
- * The CUDA backend (kernels/backend_cuda.cu, router_cuda.cu, tier_cuda.cu)
- * against the CPU backend and an fp64 reference computed here, on generated
- * checkpoints of every architecture: token counts 1 to 4096, the decode
- * kernels and the cuBLAS path each forced and chosen by size, a scratch cap
- * small enough to cut batches into pieces, and a GPU cache tier too small
- * for the model (page-ins during a batch).  Also: the device router against
- * engine/router.c, the GPU tier's blocks and uploads from registered host
- * memory, and device out-of-memory failing a forward with an error (and the
- * next forward working).  Skips (77) without a CUDA device.
+ * The CUDA backend (kernels/backend_cuda.cu, tier_cuda.cu) against the CPU
+ * backend and an fp64 reference computed here, on generated checkpoints of
+ * every architecture: token counts 1 to 4096, the decode kernels and the
+ * cuBLAS path each forced and chosen by size, a scratch cap small enough to
+ * cut batches into pieces, and a GPU cache tier too small for the model
+ * (page-ins during a batch).  Also: the GPU tier's blocks and uploads from
+ * registered host memory, and device out-of-memory failing a forward with
+ * an error (and the next forward working).  Skips (77) without a CUDA
+ * device.
  */
 #include "backend.h"
 #include "cache.h"
@@ -276,96 +276,6 @@ static void check_model(const struct model_case *mc)
     free(ref);
 }
 
-/* moe_cuda_route against moe_route on the same logits. */
-static void check_router(void)
-{
-    static const struct {
-        enum moe_score_func f;
-        int E, K, norm, G, TG;
-        float scale;
-        bool bias;
-    } cases[] = {
-        {MOE_SCORE_SOFTMAX, 8, 2, 1, 1, 1, 1.0f, false},
-        {MOE_SCORE_SOFTMAX, 60, 4, 0, 1, 1, 1.0f, false},
-        {MOE_SCORE_SOFTMAX, 128, 8, 1, 1, 1, 1.0f, false},
-        {MOE_SCORE_SIGMOID, 256, 8, 1, 8, 4, 2.5f, true},
-        {MOE_SCORE_SIGMOID, 64, 6, 1, 8, 3, 1.0f, true},
-        {MOE_SCORE_SIGMOID, 32, 4, 0, 1, 1, 1.0f, false},
-        {MOE_SCORE_SIGMOID, 4096, 64, 1, 16, 8, 1.5f, true},
-    };
-    struct moe_cuda_config cfg = {0};
-    struct moe_backend *gpu;
-    struct moe_error err = {0};
-    const int T = 300;
-    uint64_t seed = 5;
-
-    ASSERT_EQ(moe_backend_cuda_init(&cfg, &gpu, &err), 0);
-    for (size_t c = 0; c < MOE_ARRAY_SIZE(cases); c++) {
-        const int E = cases[c].E, K = cases[c].K;
-        float *l = malloc((size_t)T * E * sizeof(float)), *bias = malloc((size_t)E * 4);
-        float *w = malloc((size_t)T * K * 4), *wg = malloc((size_t)T * K * 4);
-        int32_t *ids = malloc((size_t)T * K * 4), *idg = malloc((size_t)T * K * 4);
-        struct moe_router_params rp = {
-            cases[c].f, E, K, cases[c].norm, cases[c].G, cases[c].TG, cases[c].scale, NULL};
-        struct moe_cuda_router_params gp = {cases[c].f == MOE_SCORE_SIGMOID,
-                                            E,
-                                            K,
-                                            cases[c].norm,
-                                            cases[c].G,
-                                            cases[c].TG,
-                                            cases[c].scale,
-                                            NULL};
-        void *dl, *dids, *dw;
-
-        for (int i = 0; i < T * E; i++)
-            l[i] = 3.0f * test_rand_f32(&seed);
-        /* A few exact ties, to check they go to the lower id. */
-        l[5] = l[6] = l[7];
-        for (int e = 0; e < E; e++)
-            bias[e] = 0.1f * test_rand_f32(&seed);
-        if (cases[c].bias)
-            rp.bias = gp.bias = bias;
-        ASSERT_EQ(moe_route(&rp, l, T, ids, w, &err), 0);
-        dl = gpu->ops->alloc(gpu, (size_t)T * E * 4);
-        dids = gpu->ops->alloc(gpu, (size_t)T * K * 4);
-        dw = gpu->ops->alloc(gpu, (size_t)T * K * 4);
-        ASSERT_TRUE(dl && dids && dw);
-        ASSERT_EQ(gpu->ops->copy_in(gpu, dl, l, (size_t)T * E * 4), 0);
-        if (moe_cuda_route(gpu, &gp, dl, T, dids, dw, &err) != 0)
-            FAIL("router case %zu: %s", c, err.msg);
-        ASSERT_EQ(gpu->ops->copy_out(gpu, idg, dids, (size_t)T * K * 4), 0);
-        ASSERT_EQ(gpu->ops->copy_out(gpu, wg, dw, (size_t)T * K * 4), 0);
-        for (int i = 0; i < T * K; i++) {
-            if (ids[i] != idg[i])
-                FAIL("router case %zu, token %d slot %d: GPU picks %d, CPU %d", c, i / K, i % K,
-                     idg[i], ids[i]);
-            ASSERT_NEAR(wg[i], w[i], 1e-6 * fabs(w[i]) + 1e-9);
-        }
-        /* Non-finite logits: an error naming the token. */
-        l[3 * E + 1] = NAN;
-        ASSERT_EQ(gpu->ops->copy_in(gpu, dl, l, (size_t)T * E * 4), 0);
-        ASSERT_EQ(moe_cuda_route(gpu, &gp, dl, T, dids, dw, &err), -EINVAL);
-        ASSERT_CONTAINS(err.msg, "token 3");
-        gpu->ops->mem_free(gpu, dl);
-        gpu->ops->mem_free(gpu, dids);
-        gpu->ops->mem_free(gpu, dw);
-        free(l);
-        free(bias);
-        free(w);
-        free(wg);
-        free(ids);
-        free(idg);
-    }
-    {
-        struct moe_cuda_router_params bad = {0, 8, 9, 1, 1, 1, 1.0f, NULL};
-
-        ASSERT_EQ(moe_cuda_route(gpu, &bad, NULL, 1, NULL, NULL, &err), -EINVAL);
-        ASSERT_CONTAINS(err.msg, "top_k");
-    }
-    moe_backend_free(gpu);
-    printf("router: %zu cases match the CPU\n", MOE_ARRAY_SIZE(cases));
-}
-
 /* The GPU tier: blocks, uploads from registered host memory, limits. */
 static void check_tier(void)
 {
@@ -476,7 +386,6 @@ int main(void)
         printf("SKIP: no CUDA device on this machine; the CUDA backend tests need one\n");
         return TEST_SKIP;
     }
-    check_router();
     check_tier();
     for (size_t i = 0; i < MOE_ARRAY_SIZE(models); i++)
         check_model(&models[i]);

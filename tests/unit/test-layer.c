@@ -146,6 +146,21 @@ static char *make_model(const char *tag, enum moe_arch arch)
 /* Expert parallelism: the layer split in two partial forwards (even
  * experts with the shared ones, odd experts without) sums to the whole,
  * up to the order of the additions; bad partial routing is refused. */
+
+/* moe_layer_forward_ex of a part of layer (caller routing ids, w). */
+static int forward_part(struct moe_engine *e, int layer, const float *x, int T, const int32_t *ids,
+                        const float *w, unsigned flags, float *out, struct moe_error *err)
+{
+    const struct moe_layer_args a = {.layer = layer,
+                                     .x = x,
+                                     .n_tokens = T,
+                                     .ids = ids,
+                                     .weights = w,
+                                     .flags = flags,
+                                     .out = out};
+
+    return moe_layer_forward_ex(e, &a, NULL, err);
+}
 static void check_partial(struct moe_engine *e, const struct moe_model *m, int layer,
                           const float *x, int T, const int32_t *ids, const float *w,
                           const float *whole)
@@ -161,10 +176,8 @@ static void check_partial(struct moe_engine *e, const struct moe_model *m, int l
         a[i] = ids[i] % 2 == 0 ? ids[i] : -1;
         b[i] = ids[i] % 2 == 1 ? ids[i] : -1;
     }
-    ASSERT_EQ(
-        moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err), 0);
-    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, b, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, yb,
-                                   NULL, NULL, NULL, &err),
+    ASSERT_EQ(forward_part(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, &err), 0);
+    ASSERT_EQ(forward_part(e, layer, x, T, b, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, yb, &err),
               0);
     for (int i = 0; i < T * H; i++) {
         double d = (double)ya[i] + yb[i] - whole[i];
@@ -176,29 +189,22 @@ static void check_partial(struct moe_engine *e, const struct moe_model *m, int l
     /* Every slot left out and no shared expert: nothing. */
     for (int i = 0; i < T * K; i++)
         a[i] = -1;
-    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, ya,
-                                   NULL, NULL, NULL, &err),
+    ASSERT_EQ(forward_part(e, layer, x, T, a, w, MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, ya, &err),
               0);
     for (int i = 0; i < T * H; i++)
         ASSERT_TRUE(ya[i] == 0.0f);
     a[0] = -2;
-    ASSERT_EQ(
-        moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err),
-        -EINVAL);
+    ASSERT_EQ(forward_part(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, &err), -EINVAL);
     ASSERT_CONTAINS(err.msg, "expected -1 (left out)");
     if (K > 1) {
         a[0] = 1;
         a[1] = 1;
-        ASSERT_EQ(
-            moe_layer_forward_ex(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, NULL, NULL, NULL, &err),
-            -EINVAL);
+        ASSERT_EQ(forward_part(e, layer, x, T, a, w, MOE_FWD_PARTIAL, ya, &err), -EINVAL);
         ASSERT_CONTAINS(err.msg, "already");
     }
     /* Without the flag, -1 is out of range; partial without routing refused. */
     ASSERT_EQ(moe_layer_forward(e, layer, x, T, b, w, ya, NULL, NULL, NULL, &err), -EINVAL);
-    ASSERT_EQ(moe_layer_forward_ex(e, layer, x, T, NULL, NULL, MOE_FWD_PARTIAL, ya, NULL, NULL,
-                                   NULL, &err),
-              -EINVAL);
+    ASSERT_EQ(forward_part(e, layer, x, T, NULL, NULL, MOE_FWD_PARTIAL, ya, &err), -EINVAL);
     free(a);
     free(b);
     free(ya);

@@ -1,5 +1,5 @@
 /*
- * Tests of engine/npy.c: .npy and .npz round trips, files written by the
+ * Tests of client/npy.c: .npy and .npz round trips, files written by the
  * system's numpy read by us and ours read by numpy, and tables of bad input,
  * each refused with the right code and a message saying what is wrong.
  */

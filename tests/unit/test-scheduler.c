@@ -86,18 +86,18 @@ int main(void)
         for (int k = 0; k < T * 64; k++)
             j->x[k] = test_rand_f32(&seed);
         j->r = (struct moe_sched_req){.engine = e,
-                                      .layer = i % 3 == 0 ? 0 : 1,
-                                      .x = j->x,
-                                      .n_tokens = T,
-                                      .out = j->out,
+                                      .a.layer = i % 3 == 0 ? 0 : 1,
+                                      .a.x = j->x,
+                                      .a.n_tokens = T,
+                                      .a.out = j->out,
                                       .done = on_done,
                                       .arg = j};
-        ASSERT_EQ(
-            moe_layer_forward(e, j->r.layer, j->x, T, NULL, NULL, j->ref, j->ids, j->w, NULL, &err),
-            0);
+        ASSERT_EQ(moe_layer_forward(e, j->r.a.layer, j->x, T, NULL, NULL, j->ref, j->ids, j->w,
+                                    NULL, &err),
+                  0);
         if (i % 5 == 4) { /* caller routing: the router's own, so the answer is the same */
-            j->r.ids = j->ids;
-            j->r.weights = j->w;
+            j->r.a.ids = j->ids;
+            j->r.a.weights = j->w;
         }
     }
     for (int t = 0; t < 4; t++)
@@ -129,7 +129,7 @@ int main(void)
 
         atomic_store(&n_done, 0);
         bad->x[1 * 64 + 3] = 1e38f;
-        ASSERT_EQ(good->r.layer, bad->r.layer);
+        ASSERT_EQ(good->r.a.layer, bad->r.a.layer);
         memset(good->out, 0, sizeof(good->out));
         ASSERT_EQ(moe_sched_submit(sched, &good->r, &err), 0);
         ASSERT_EQ(moe_sched_submit(sched, &bad->r, &err), 0);
@@ -148,22 +148,55 @@ int main(void)
         struct job bad = {0};
 
         bad.r = (struct moe_sched_req){.engine = e,
-                                       .layer = 9,
-                                       .x = bad.x,
-                                       .n_tokens = T,
-                                       .out = bad.out,
+                                       .a.layer = 9,
+                                       .a.x = bad.x,
+                                       .a.n_tokens = T,
+                                       .a.out = bad.out,
                                        .done = on_done,
                                        .arg = &bad};
         ASSERT_EQ(moe_sched_submit(sched, &bad.r, &err), 0);
         ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
         ASSERT_EQ(bad.status, -EINVAL);
-        bad.r.n_tokens = 0;
+        bad.r.a.n_tokens = 0;
         ASSERT_EQ(moe_sched_submit(sched, &bad.r, &err), -EINVAL);
+    }
+
+    /* A lone caller does not wait for the window (20 ms): once one request
+     * has waited it alone, the next ones that find the scheduler idle run
+     * at once; two at once batch again. */
+    {
+        bool rebatched = false;
+
+        for (int i = 0; i < 6; i++) {
+            struct job *j = &jobs[4 + i]; /* jobs[2] is the bad one above */
+
+            j->r.a.ids = NULL;
+            j->r.a.weights = NULL;
+            j->r.a.layer = 1;
+            ASSERT_EQ(moe_sched_submit(sched, &j->r, &err), 0);
+            ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+            ASSERT_EQ(j->status, 0);
+            printf("lone request %d: queued %.3f ms\n", i, (double)j->r.queue_ns / 1e6);
+            if (i > 0)
+                ASSERT_TRUE(j->r.queue_ns < sc.window_ns);
+        }
+        /* Company (a request submitted while another is pending or running)
+         * turns the window back on: the next pair batches.  Tried thrice,
+         * as a preempted submitter may find the first of a pair done. */
+        for (int tries = 0; tries < 3 && !rebatched; tries++) {
+            for (int i = 0; i < 4; i++) {
+                ASSERT_EQ(moe_sched_submit(sched, &jobs[4 + i].r, &err), 0);
+                if (i % 2)
+                    ASSERT_TRUE(moe_sched_drain(sched, 10000) >= 0);
+            }
+            rebatched = jobs[6].r.batch_requests == 2 && jobs[7].r.batch_requests == 2;
+        }
+        ASSERT_TRUE(rebatched);
     }
 
     /* Stopped: new requests are refused; pending ones still finish. */
     atomic_store(&n_done, 0);
-    jobs[0].r.layer = 1;
+    jobs[0].r.a.layer = 1;
     ASSERT_EQ(moe_sched_submit(sched, &jobs[0].r, &err), 0);
     moe_sched_stop(sched);
     ASSERT_EQ(moe_sched_submit(sched, &jobs[1].r, &err), -ESHUTDOWN);

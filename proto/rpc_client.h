@@ -1,10 +1,11 @@
 /*
- * moectl's gRPC client over the gRPC C core: one channel to a daemon, unary
- * calls with raw protobuf-c bytes, a deadline, and the bearer token in the
- * metadata.
+ * The gRPC client over the gRPC C core, of moectl and of moed's calls to its
+ * peers: one channel to a daemon, unary calls with raw protobuf-c bytes, a
+ * deadline, and the bearer token in the metadata; and the names of the gRPC
+ * status codes (the one table of them).
  */
-#ifndef MOED_CLIENT_RPC_CLIENT_H
-#define MOED_CLIENT_RPC_CLIENT_H
+#ifndef MOED_PROTO_RPC_CLIENT_H
+#define MOED_PROTO_RPC_CLIENT_H
 
 #include <stdbool.h>
 #include <stddef.h>

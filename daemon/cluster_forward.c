@@ -1,0 +1,1230 @@
+/*
+ * The remote forward, both ends: a request split over the members (its
+ * parts to peers on a pool of threads, with failover to a replica or to
+ * this node; the split forwards on a pool of their own, capped), and
+ * moe.v1.Peer/ForwardExperts, a peer's part served here (cluster_int.h).
+ */
+#include "cluster_int.h"
+#include "forward.h"
+#include "placement.h"
+
+#include "moed.h"
+
+#include "log.h"
+#include "rpc_client.h"
+
+#include "dtype.h"
+#include "moe.pb-c.h"
+
+#ifdef MOED_HAVE_NCCL
+#include "moe_nccl.h"
+#endif
+
+#include <errno.h>
+#include <grpc/status.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- running forwards on this node ----------------------------------------------------- */
+
+struct sync_req {
+    struct moe_sched_req r;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int status;
+    char msg[MOE_ERROR_MSG_MAX];
+};
+
+static void sync_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct sync_req *s = r->arg;
+
+    pthread_mutex_lock(&s->lock);
+    s->status = status;
+    snprintf(s->msg, sizeof(s->msg), "%s", msg ? msg : "");
+    s->done = true;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* A forward through the scheduler, waited for (it batches with others). */
+static int run_local(struct moed *d, struct moed_model *mm, int layer, const float *x, int T,
+                     const int32_t *ids, const float *w, unsigned flags, float *out,
+                     struct moe_sched_req *result, struct moe_error *err)
+{
+    struct sync_req s = {0};
+    int r;
+
+    s.r = (struct moe_sched_req){.engine = mm->e,
+                                 .a.layer = layer,
+                                 .a.x = x,
+                                 .a.n_tokens = T,
+                                 .a.ids = ids,
+                                 .a.weights = w,
+                                 .a.flags = flags,
+                                 .a.out = out,
+                                 .done = sync_done,
+                                 .arg = &s};
+    pthread_mutex_init(&s.lock, NULL);
+    pthread_cond_init(&s.cond, NULL);
+    r = moe_sched_submit(d->sched, &s.r, err);
+    if (r == 0) {
+        pthread_mutex_lock(&s.lock);
+        while (!s.done)
+            pthread_cond_wait(&s.cond, &s.lock);
+        pthread_mutex_unlock(&s.lock);
+        r = s.status;
+        if (r < 0)
+            moe_error_set(err, r, "%s", s.msg);
+        if (result) {
+            result->st = s.r.st;
+            result->queue_ns = s.r.queue_ns;
+            result->batch_requests = s.r.batch_requests;
+            result->batch_tokens = s.r.batch_tokens;
+        }
+    }
+    pthread_cond_destroy(&s.cond);
+    pthread_mutex_destroy(&s.lock);
+    return r;
+}
+
+/* ---- a split forward ------------------------------------------------------------------- */
+
+/* The rows and slots sent to one member. */
+struct part {
+    struct moed_cluster *c;
+    struct moed_model *mm;
+    const struct view *v;
+    const struct mstate *s;
+    int member; /* where it goes first */
+    int layer, H, K;
+    int rows;
+    int32_t *row; /* [rows]: the request's token of each */
+    float *x;     /* [rows, H] */
+    int32_t *ids; /* [rows, K], -1 where another member computes it */
+    float *w;     /* [rows, K] */
+    float *out;   /* [rows, H]: this part's share */
+    uint32_t hits, misses;
+    int status;
+    char msg[256];
+    struct split_wait *wait; /* its split forward's, when on the pool */
+    struct part *next;       /* in the pool's queue */
+};
+
+/* The ForwardExperts of rows [r0, r0 + rows) of the part with ids (the
+ * part's layout); t and shape are q's hidden tensor. */
+static void chunk_request(const struct part *pt, int r0, int rows, const int32_t *ids,
+                          Moe__V1__ForwardExpertsRequest *q, Moe__V1__Tensor *t, int64_t *shape)
+{
+    size_t xo = (size_t)r0 * pt->H, ko = (size_t)r0 * pt->K;
+
+    q->output_dtype = MOE__V1__DTYPE__DTYPE_F32;
+    shape[0] = rows;
+    shape[1] = pt->H;
+    t->n_shape = 2;
+    t->shape = shape;
+    t->dtype = MOE__V1__DTYPE__DTYPE_F32;
+    t->data.data = (uint8_t *)(pt->x + xo);
+    t->data.len = (size_t)rows * (size_t)pt->H * sizeof(float);
+    q->model = pt->mm->name;
+    q->layer = (uint32_t)pt->layer;
+    q->hidden = t;
+    q->top_k = (uint32_t)pt->K;
+    q->n_expert_ids = (size_t)rows * pt->K;
+    q->expert_ids = (int32_t *)ids + ko;
+    q->n_weights = q->n_expert_ids;
+    q->weights = pt->w + ko;
+    q->shared = false;
+    q->from = pt->c->node;
+}
+
+/* Sends q to p and unpacks its answer, checking the output's shape (with
+ * its data, or without: over NCCL).  0, or -errno with pt->msg. */
+static int peer_call(struct part *pt, struct peer *p, const Moe__V1__ForwardExpertsRequest *q,
+                     int rows, bool data, Moe__V1__ForwardExpertsResponse **ret)
+{
+    const bool bf16 = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16;
+    struct moed_cluster *c = pt->c;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    size_t n = (size_t)rows * (size_t)pt->H, len, alen = 0;
+    uint8_t *buf, *ans = NULL;
+    struct moe_rpc_client *cl;
+    char msg[256];
+    int st;
+
+    *ret = NULL;
+    len = moe__v1__forward_experts_request__get_packed_size(q);
+    buf = malloc(len);
+    cl = buf ? moed_cl_client_get(p, 0, msg, sizeof(msg)) : NULL;
+    if (!cl) {
+        snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, buf ? msg : "out of memory");
+        free(buf);
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        return -ENOMEM;
+    }
+    moe__v1__forward_experts_request__pack(q, buf);
+    atomic_fetch_add_explicit(&p->calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->tokens_sent, (uint64_t)rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->bytes_sent, len, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->remote_calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_remote, (uint64_t)rows, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->bytes_sent, len, memory_order_relaxed);
+    st = moe_rpc_client_call(cl, "/moe.v1.Peer/ForwardExperts", buf, len, &ans, &alen, msg,
+                             sizeof(msg));
+    free(buf);
+    moed_cl_client_put(p, cl, st == GRPC_STATUS_OK);
+    if (st != GRPC_STATUS_OK) {
+        snprintf(pt->msg, sizeof(pt->msg), "%.40s: %.200s", p->name, msg);
+        moed_cl_set_error(p, msg);
+        /* Not reachable or too slow: the next requests go elsewhere at
+         * once, not after a timeout each; its next ping brings it back. */
+        if (st == GRPC_STATUS_UNAVAILABLE || st == GRPC_STATUS_DEADLINE_EXCEEDED)
+            atomic_store(&p->state, PEER_DOWN);
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        free(ans);
+        return -EIO;
+    }
+    atomic_fetch_add_explicit(&p->bytes_received, alen, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->bytes_received, alen, memory_order_relaxed);
+    a = moe__v1__forward_experts_response__unpack(NULL, alen, ans);
+    free(ans);
+    if (!a || !a->output || a->output->n_shape != 2 || a->output->shape[0] != rows ||
+        a->output->shape[1] != pt->H || a->output->dtype != q->output_dtype ||
+        a->output->data.len != (data ? n * (bf16 ? 2 : 4) : 0)) {
+        snprintf(pt->msg, sizeof(pt->msg), "%s answered an output of the wrong shape", p->name);
+        atomic_fetch_add_explicit(&p->calls_failed, 1, memory_order_relaxed);
+        if (a)
+            moe__v1__forward_experts_response__free_unpacked(a, NULL);
+        return -EPROTO;
+    }
+    pt->hits += a->cache_hits;
+    pt->misses += a->cache_misses;
+    *ret = a;
+    return 0;
+}
+
+/* out += y, n elements of y in f32 or bf16 (little-endian bytes). */
+static void add_into(float *out, const uint8_t *y, size_t n, bool bf16)
+{
+    for (size_t i = 0; i < n; i++) {
+        float v;
+
+        if (bf16) {
+            uint16_t h;
+
+            memcpy(&h, y + 2 * i, 2);
+            v = moe_bf16_to_f32(h);
+        } else {
+            memcpy(&v, y + 4 * i, 4);
+        }
+        out[i] += v;
+    }
+}
+
+#ifdef MOED_HAVE_NCCL
+/* The chunk over NCCL (nccl_link says how): 0 done, 1 not over NCCL (no
+ * communicator, or it just failed: the caller sends it over gRPC). */
+static int nccl_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
+{
+    struct moed_cluster *c = pt->c;
+    struct peer *p = pt->v->peer[m];
+    struct nccl_link *l = &p->nl;
+    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    int64_t shape[2];
+    size_t n = (size_t)rows * (size_t)pt->H, xo = (size_t)r0 * pt->H;
+    uint64_t tmo = c->d->cfg.peer_timeout_ms;
+    struct moe_error err = {0};
+    uint32_t hits = pt->hits, misses = pt->misses; /* the gRPC retry counts them */
+    float *y;
+    int rc;
+
+    if (!c->nccl_ok || !atomic_load_explicit(&l->out_ready, memory_order_relaxed))
+        return 1;
+    /* One forward at a time on the communicator: others meanwhile go over
+     * gRPC rather than queue behind it. */
+    if (pthread_mutex_trylock(&l->out_lock) != 0)
+        return 1;
+    /* Larger than the staging made at join: over gRPC (call_peer sizes
+     * chunks to fit; growing it would wait for the whole device). */
+    if (!l->out || n * sizeof(float) > moe_nccl_capacity(l->out) / 2) {
+        pthread_mutex_unlock(&l->out_lock);
+        return 1;
+    }
+    y = malloc(n * sizeof(float));
+    chunk_request(pt, r0, rows, ids, &q, &t, shape);
+    q.nccl_generation = l->out_gen;
+    q.nccl_seq = l->out_seq + 1;
+    t.data.data = NULL;
+    t.data.len = 0;
+    {
+        struct moe_nccl_xfer x = {1, pt->x + xo, n * sizeof(float)};
+
+        rc = y ? moe_nccl_post(l->out, &x, 1, NULL, 0, tmo, &err) : -ENOMEM;
+    }
+    if (rc == 0) {
+        rc = peer_call(pt, p, &q, rows, false, &a);
+        if (rc < 0)
+            snprintf(err.msg, sizeof(err.msg), "%s", pt->msg);
+    }
+    if (rc == 0) {
+        struct moe_nccl_xfer r = {1, y, n * sizeof(float)};
+
+        rc = moe_nccl_exchange(l->out, NULL, 0, &r, 1, tmo, &err);
+    }
+    if (a)
+        moe__v1__forward_experts_response__free_unpacked(a, NULL);
+    if (rc < 0) {
+        /* Aborted: the peer's side times out or is replaced by the next
+         * generation; gRPC meanwhile, NCCL again after a pause. */
+        moed_cl_nccl_close_async(l->out);
+        l->out = NULL;
+        atomic_store_explicit(&l->out_ready, false, memory_order_relaxed);
+        /* The pause doubles with each failure in a row, a join's or a
+         * transfer's, from 10 s to about 10 min. */
+        l->fails = MOE_MIN(l->fails + 1, 7);
+        l->retry_ns = moe_now_ns() + (10000000000ull << (l->fails - 1));
+        pthread_mutex_unlock(&l->out_lock);
+        pthread_mutex_lock(&p->lock);
+        snprintf(l->failed, sizeof(l->failed), "%.199s", err.msg);
+        pthread_mutex_unlock(&p->lock);
+        atomic_fetch_add_explicit(&c->nccl_fallbacks, 1, memory_order_relaxed);
+        moe_log_once(MOE_LOG_WARN, "cluster: NCCL to %s: %s; over gRPC (logged once)", p->name,
+                     err.msg);
+        pt->hits = hits;
+        pt->misses = misses;
+        free(y);
+        return 1;
+    }
+    l->out_seq++;
+    l->fails = 0;
+    pthread_mutex_unlock(&l->out_lock);
+    atomic_fetch_add_explicit(&l->calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
+    add_into(out + xo, (const uint8_t *)y, n, false);
+    free(y);
+    return 0;
+}
+#endif
+
+/* One ForwardExperts to member m: rows [r0, r0 + rows) of the part with
+ * ids (the part's layout), over NCCL where there is a communicator, else
+ * gRPC; the answer is added into out (the part's layout).  0 or -errno
+ * with pt->msg. */
+static int call_chunk(struct part *pt, int m, int r0, int rows, const int32_t *ids, float *out)
+{
+    Moe__V1__ForwardExpertsRequest q = MOE__V1__FORWARD_EXPERTS_REQUEST__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__ForwardExpertsResponse *a = NULL;
+    const bool bf16 = pt->c->d->cfg.peer_bf16;
+    size_t n = (size_t)rows * pt->H;
+    uint16_t *xb = NULL;
+    int64_t shape[2];
+    int rc;
+
+#ifdef MOED_HAVE_NCCL
+    if (nccl_chunk(pt, m, r0, rows, ids, out) == 0)
+        return 0;
+#endif
+    chunk_request(pt, r0, rows, ids, &q, &t, shape);
+    if (bf16) {
+        /* Half the bytes both ways; the sums stay f32 on both ends. */
+        xb = malloc(n * sizeof(*xb));
+        if (!xb) {
+            snprintf(pt->msg, sizeof(pt->msg), "out of memory");
+            return -ENOMEM;
+        }
+        for (size_t i = 0; i < n; i++)
+            xb[i] = moe_f32_to_bf16(pt->x[(size_t)r0 * pt->H + i]);
+        t.dtype = MOE__V1__DTYPE__DTYPE_BF16;
+        t.data.data = (uint8_t *)xb;
+        t.data.len = n * sizeof(*xb);
+        q.output_dtype = MOE__V1__DTYPE__DTYPE_BF16;
+    }
+    rc = peer_call(pt, pt->v->peer[m], &q, rows, true, &a);
+    free(xb);
+    if (rc == 0) {
+        add_into(out + (size_t)r0 * pt->H, a->output->data.data, n, bf16);
+        moe__v1__forward_experts_response__free_unpacked(a, NULL);
+    }
+    return rc;
+}
+
+/* ForwardExperts of the part's rows and ids (which may be a failover's
+ * subset) to member m, in calls of at most peer_max_rows rows (by default
+ * what fits max_message_bytes, the peer's limit too when the cluster is
+ * configured alike); the answer is added into out only when every call
+ * succeeded, so that a failover never counts a share twice.  0 or -errno. */
+static int call_peer(struct part *pt, int m, const int32_t *ids, float *out)
+{
+    const struct moed_config *cfg = &pt->c->d->cfg;
+    size_t row_bytes = (size_t)pt->H * (cfg->peer_bf16 ? 2 : 4) + (size_t)pt->K * 16;
+    int max_rows = cfg->peer_max_rows, rc = 0;
+    float *tmp;
+
+    if (max_rows <= 0) {
+        uint64_t room = cfg->max_message_bytes * 9 / 10;
+
+        max_rows = (int)MOE_MIN(room > 4096 ? (room - 4096) / row_bytes : 1, INT32_MAX);
+        if (max_rows < 1)
+            max_rows = 1;
+    }
+#ifdef MOED_HAVE_NCCL
+    /* Over NCCL, chunks that fit the staging both ends made at join. */
+    if (pt->c->nccl_ok && atomic_load_explicit(&pt->v->peer[m]->nl.out_ready, memory_order_relaxed))
+        max_rows = MOE_MAX(
+            1, MOE_MIN(max_rows, (int)(MOE_NCCL_STAGING_BYTES / ((size_t)pt->H * sizeof(float)))));
+#endif
+    tmp = calloc((size_t)pt->rows * pt->H, sizeof(float));
+    if (!tmp) {
+        snprintf(pt->msg, sizeof(pt->msg), "out of memory");
+        return -ENOMEM;
+    }
+    for (int r0 = 0; r0 < pt->rows && rc == 0; r0 += max_rows)
+        rc = call_chunk(pt, m, r0, MOE_MIN(max_rows, pt->rows - r0), ids, tmp);
+    if (rc == 0)
+        for (size_t i = 0; i < (size_t)pt->rows * pt->H; i++)
+            out[i] += tmp[i];
+    free(tmp);
+    return rc;
+}
+
+/* Runs a part: its member, and on failure each slot's next holder that is
+ * up, or this node. */
+static void *part_main(void *arg)
+{
+    struct part *pt = arg;
+    struct moed_cluster *c = pt->c;
+    size_t nk = (size_t)pt->rows * (size_t)pt->K;
+    int32_t *alt;
+    struct moe_error err = {0};
+    int targets[MAX_MEMBERS], nt = 0;
+
+    pt->status = call_peer(pt, pt->member, pt->ids, pt->out);
+    if (pt->status == 0)
+        return NULL;
+    /* Failover: every slot to another holder that is up, else here. */
+    atomic_fetch_add_explicit(&c->failovers, 1, memory_order_relaxed);
+    moe_log_once(MOE_LOG_WARN, "cluster: %s; failing over (logged once)", pt->msg);
+    alt = malloc(nk * sizeof(*alt));
+    if (!alt) {
+        pt->status = -ENOMEM;
+        return NULL;
+    }
+    memset(pt->out, 0, (size_t)pt->rows * pt->H * sizeof(float));
+    {
+        int32_t *to = malloc(nk * sizeof(*to));
+
+        if (!to) {
+            free(alt);
+            pt->status = -ENOMEM;
+            return NULL;
+        }
+        for (size_t i = 0; i < nk; i++) {
+            to[i] = -1;
+            if (pt->ids[i] < 0)
+                continue;
+            to[i] = moed_cl_pick(c, pt->v, pt->s, pt->layer, pt->ids[i], (uint32_t)i, pt->member);
+            bool seen = false;
+
+            for (int k = 0; k < nt; k++)
+                seen |= targets[k] == to[i];
+            if (!seen)
+                targets[nt++] = to[i];
+        }
+        pt->status = 0;
+        for (int k = 0; k < nt && pt->status == 0; k++) {
+            int m = targets[k];
+
+            for (size_t i = 0; i < nk; i++)
+                alt[i] = to[i] == m ? pt->ids[i] : -1;
+            if (m != pt->v->self && call_peer(pt, m, alt, pt->out) == 0)
+                continue;
+            /* Here: paged in locally if it must be. */
+            atomic_fetch_add_explicit(&c->failover_local, 1, memory_order_relaxed);
+            float *y = malloc((size_t)pt->rows * pt->H * sizeof(float));
+            struct moe_sched_req res = {0};
+
+            pt->status = y ? run_local(c->d, pt->mm, pt->layer, pt->x, pt->rows, alt, pt->w,
+                                       MOE_FWD_PARTIAL | MOE_FWD_SKIP_SHARED, y, &res, &err)
+                           : -ENOMEM;
+            if (pt->status == 0) {
+                for (size_t i = 0; i < (size_t)pt->rows * pt->H; i++)
+                    pt->out[i] += y[i];
+                pt->hits += (uint32_t)res.st.hits;
+                pt->misses += (uint32_t)res.st.misses;
+            } else {
+                snprintf(pt->msg, sizeof(pt->msg), "failover here: %.230s", err.msg);
+            }
+            free(y);
+        }
+        free(to);
+    }
+    free(alt);
+    return NULL;
+}
+
+static void part_clear(struct part *pt)
+{
+    free(pt->row);
+    free(pt->x);
+    free(pt->ids);
+    free(pt->w);
+    free(pt->out);
+}
+
+static void *part_thread(void *arg)
+{
+    struct part_pool *p = arg;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct part *pt = p->head;
+
+        if (!pt) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = pt->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        pthread_mutex_unlock(&p->lock);
+        part_main(pt);
+        pthread_mutex_lock(&pt->wait->lock);
+        if (--pt->wait->pending == 0)
+            pthread_cond_signal(&pt->wait->cond);
+        pthread_mutex_unlock(&pt->wait->lock);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* Hands pt to a free thread of the pool (started if need be), counted in
+ * w; false when none is free (the caller runs it). */
+static bool part_hand_over(struct moed_cluster *c, struct part *pt, struct split_wait *w)
+{
+    struct part_pool *p = &c->parts;
+    bool ok = true;
+
+    pthread_mutex_lock(&p->lock);
+    if (p->idle <= p->queued) {
+        ok = p->n_threads < PART_THREADS &&
+             pthread_create(&p->threads[p->n_threads], NULL, part_thread, p) == 0;
+        if (ok)
+            p->n_threads++;
+    }
+    if (ok) {
+        pt->wait = w;
+        pt->next = NULL;
+        pthread_mutex_lock(&w->lock);
+        w->pending++;
+        pthread_mutex_unlock(&w->lock);
+        if (p->tail)
+            p->tail->next = pt;
+        else
+            p->head = pt;
+        p->tail = pt;
+        p->queued++;
+        pthread_cond_signal(&p->cond);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return ok;
+}
+
+void moed_cl_part_pool_init(struct moed_cluster *c)
+{
+    pthread_mutex_init(&c->parts.lock, NULL);
+    pthread_cond_init(&c->parts.cond, NULL);
+    c->parts.inited = true;
+}
+
+/* Ends the pool's threads (no split forward is running). */
+void moed_cl_part_pool_free(struct moed_cluster *c)
+{
+    struct part_pool *p = &c->parts;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+}
+
+/* The split forward of one request: returns 0 or -errno with err, and
+ * fills r's stats and out. */
+static int split_forward(struct moed_cluster *c, struct moed_model *mm, struct moe_sched_req *r,
+                         struct moe_error *err)
+{
+    struct moed *d = c->d;
+    const int T = r->a.n_tokens, H = mm->m->cfg.hidden, K = mm->m->cfg.top_k, layer = r->a.layer;
+    const size_t TK = (size_t)T * (size_t)K;
+    struct view v;
+    struct mstate *s;
+    struct part parts[MAX_MEMBERS];
+    struct split_wait wait = {.pending = 0};
+    bool waiting = false;
+    int32_t *ids = malloc(TK * sizeof(*ids)), *to = malloc(TK * sizeof(*to)), *lids = NULL;
+    float *w = malloc(TK * sizeof(*w));
+    uint64_t t0 = moe_now_ns();
+    bool remote = false;
+    int rc = 0;
+    static _Atomic uint32_t salt;
+    uint32_t sl = atomic_fetch_add_explicit(&salt, 1, memory_order_relaxed);
+
+    memset(parts, 0, sizeof(parts));
+    moed_cl_view_get(c, &v);
+    if (!ids || !to || !w) {
+        rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
+        goto out;
+    }
+    if (r->a.ids) {
+        memcpy(ids, r->a.ids, TK * sizeof(*ids));
+        memcpy(w, r->a.weights, TK * sizeof(*w));
+    } else {
+        rc = moe_layer_route(mm->e, layer, r->a.x, T, ids, w, err);
+        if (rc < 0)
+            goto out;
+    }
+    pthread_mutex_lock(&c->lock);
+    s = moed_cl_mstate_get(c, mm);
+    pthread_mutex_unlock(&c->lock);
+    for (size_t i = 0; i < TK; i++) {
+        if (s && ids[i] >= 0 && ids[i] < s->n_experts)
+            atomic_fetch_add_explicit(&s->load[(size_t)layer * s->n_experts + ids[i]], 1,
+                                      memory_order_relaxed);
+        to[i] = moed_cl_pick(c, &v, s, layer, ids[i], sl + (uint32_t)(i / (size_t)K), -1);
+        remote |= to[i] != v.self;
+    }
+    if (!remote) {
+        /* Everything here: the whole layer, bit for bit as on one node. */
+        rc = run_local(d, mm, layer, r->a.x, T, ids, w, 0, r->a.out, r, err);
+        goto out;
+    }
+    atomic_fetch_add_explicit(&c->forwards, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->tokens_total, (uint64_t)T, memory_order_relaxed);
+    /* The whole routing to the predictor (the local share below is partial
+     * and teaches it nothing), which prefetches the next layer's experts
+     * that this node holds (the mask set at each rebalance). */
+    moe_cache_observe(d->cache, mm->cache_id, layer, ids, T, K);
+    /* One part per remote member: the rows that have a slot for it. */
+    for (int m = 0; m < v.n; m++) {
+        struct part *pt = &parts[m];
+        int rows = 0;
+
+        if (m == v.self)
+            continue;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (to[(size_t)t * K + k] == m) {
+                    rows++;
+                    break;
+                }
+        if (!rows)
+            continue;
+        *pt = (struct part){.c = c,
+                            .mm = mm,
+                            .v = &v,
+                            .s = s,
+                            .member = m,
+                            .layer = layer,
+                            .H = H,
+                            .K = K,
+                            .rows = rows};
+        pt->row = malloc((size_t)rows * sizeof(*pt->row));
+        pt->x = malloc((size_t)rows * H * sizeof(float));
+        pt->ids = malloc((size_t)rows * K * sizeof(int32_t));
+        pt->w = malloc((size_t)rows * K * sizeof(float));
+        pt->out = calloc((size_t)rows * H, sizeof(float));
+        if (!pt->row || !pt->x || !pt->ids || !pt->w || !pt->out) {
+            rc = moe_error_set(err, -ENOMEM, "out of memory for %d tokens", T);
+            goto out;
+        }
+        rows = 0;
+        for (int t = 0; t < T; t++) {
+            bool mine = false;
+
+            for (int k = 0; k < K; k++)
+                mine |= to[(size_t)t * K + k] == m;
+            if (!mine)
+                continue;
+            pt->row[rows] = t;
+            memcpy(pt->x + (size_t)rows * H, r->a.x + (size_t)t * H, (size_t)H * sizeof(float));
+            for (int k = 0; k < K; k++) {
+                size_t i = (size_t)t * K + k;
+
+                pt->ids[(size_t)rows * K + k] = to[i] == m ? ids[i] : -1;
+                pt->w[(size_t)rows * K + k] = w[i];
+            }
+            rows++;
+        }
+    }
+    pthread_mutex_init(&wait.lock, NULL);
+    pthread_cond_init(&wait.cond, NULL);
+    waiting = true;
+    for (int m = 0; m < v.n; m++)
+        if (parts[m].rows && !part_hand_over(c, &parts[m], &wait))
+            part_main(&parts[m]); /* no thread free: here, now */
+    /* This node's share, with the shared experts, meanwhile. */
+    lids = malloc(TK * sizeof(*lids));
+    if (!lids)
+        rc = moe_error_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; lids && i < TK; i++)
+        lids[i] = to[i] == v.self ? ids[i] : -1;
+    if (lids)
+        rc = run_local(d, mm, layer, r->a.x, T, lids, w, MOE_FWD_PARTIAL, r->a.out, r, err);
+    pthread_mutex_lock(&wait.lock);
+    while (wait.pending)
+        pthread_cond_wait(&wait.cond, &wait.lock);
+    pthread_mutex_unlock(&wait.lock);
+    /* Combine in member order, so that the sums do not depend on timing. */
+    for (int m = 0; m < v.n && rc == 0; m++) {
+        const struct part *pt = &parts[m];
+
+        if (!pt->rows)
+            continue;
+        if (pt->status < 0) {
+            rc = moe_error_set(err, pt->status, "%s", pt->msg);
+            break;
+        }
+        for (int i = 0; i < pt->rows; i++) {
+            float *o = r->a.out + (size_t)pt->row[i] * H;
+            const float *y = pt->out + (size_t)i * H;
+
+            for (int h = 0; h < H; h++)
+                o[h] += y[h];
+        }
+        r->st.hits += pt->hits;
+        r->st.misses += pt->misses;
+    }
+    r->st.route_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns;
+out:
+    if (waiting) {
+        pthread_cond_destroy(&wait.cond);
+        pthread_mutex_destroy(&wait.lock);
+    }
+    for (int m = 0; m < MAX_MEMBERS; m++)
+        part_clear(&parts[m]);
+    moed_cl_view_put(c, &v);
+    if (r->a.ret_ids && rc == 0)
+        memcpy(r->a.ret_ids, ids, TK * sizeof(*ids));
+    if (r->a.ret_weights && rc == 0)
+        memcpy(r->a.ret_weights, w, TK * sizeof(*w));
+    free(ids);
+    free(to);
+    free(w);
+    free(lids);
+    return rc;
+}
+
+/* One split forward's run on a thread of the pool. */
+static void run_job(struct moed_cluster *c, struct job *j)
+{
+    struct moe_error err = {0};
+    struct moe_sched_req *r = j->r;
+    uint64_t t0 = moe_now_ns(), waited = t0 - j->t_queued; /* for a thread */
+    int rc;
+
+    memset(&r->st, 0, sizeof(r->st));
+    r->queue_ns = 0;
+    rc = split_forward(c, j->mm, r, &err);
+    if (r->queue_ns == 0)
+        r->queue_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns - r->st.route_ns;
+    r->queue_ns += waited;
+    r->done(r, rc, rc < 0 ? err.msg : NULL);
+}
+
+static void *split_main(void *arg)
+{
+    struct moed_cluster *c = arg;
+    struct split_pool *p = &c->split;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct job *j = p->head;
+
+        if (!j) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = j->next;
+        if (!p->head)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->lock);
+        run_job(c, j);
+        pthread_mutex_lock(&p->lock);
+        j->next = p->free;
+        p->free = j;
+        p->in_flight--;
+        atomic_fetch_sub(&c->in_flight, 1);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
+{
+    struct split_pool *p = &c->split;
+
+    p->cap = cap > 0 ? cap : MOED_SPLIT_FORWARDS_DEFAULT;
+    p->jobs = calloc((size_t)p->cap, sizeof(*p->jobs));
+    p->threads = calloc((size_t)p->cap, sizeof(*p->threads));
+    if (!p->jobs || !p->threads) {
+        free(p->jobs);
+        free(p->threads);
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int i = 0; i < p->cap; i++) {
+        p->jobs[i].next = p->free;
+        p->free = &p->jobs[i];
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
+    p->inited = true;
+    return 0;
+}
+
+/* Ends the pool's threads once the queue is empty. */
+void moed_cl_split_pool_free(struct moed_cluster *c)
+{
+    struct split_pool *p = &c->split;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+    free(p->jobs);
+    free(p->threads);
+}
+
+int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
+                struct moe_error *err)
+{
+    struct moed_cluster *c = cl_of(d);
+    struct split_pool *p;
+    struct job *j;
+    int n;
+
+    if (!c)
+        return moe_sched_submit(d->sched, r, err);
+    pthread_mutex_lock(&c->lock);
+    n = c->n_peers;
+    pthread_mutex_unlock(&c->lock);
+    if (n == 0 || r->a.flags)
+        return moe_sched_submit(d->sched, r, err);
+    p = &c->split;
+    pthread_mutex_lock(&p->lock);
+    j = p->free;
+    if (!j) {
+        pthread_mutex_unlock(&p->lock);
+        return moe_error_set(err, -ENOBUFS,
+                             "node %s has %d split forwards in flight, the most [cluster] "
+                             "max_split_forwards allows: try again, or raise it",
+                             c->node, p->cap);
+    }
+    /* A thread more when none is idle: started once, kept until the
+     * cluster stops, at most one per job. */
+    if (p->idle == 0 && p->n_threads < p->cap &&
+        pthread_create(&p->threads[p->n_threads], NULL, split_main, c) == 0)
+        p->n_threads++;
+    if (p->n_threads == 0) {
+        /* No thread at all: this node computes it all, which is always
+         * right (it pages in what it lacks). */
+        pthread_mutex_unlock(&p->lock);
+        return moe_sched_submit(d->sched, r, err);
+    }
+    p->free = j->next;
+    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
+    if (p->tail)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    p->in_flight++;
+    atomic_fetch_add(&c->in_flight, 1);
+    pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+/* ---- moe.v1.Peer ----------------------------------------------------------------------- */
+
+struct pfwd {
+    struct moed *d;
+    struct moe_rpc_call *call;
+    struct moed_model *mm;
+    struct moe_sched_req req;
+    float *x, *out, *w;
+    int32_t *ids;
+    int T, H;
+    uint64_t t_recv;
+    bool out_bf16;  /* answer in bf16 */
+    uint16_t *outb; /* the answer's bf16 */
+    /* Over NCCL: the sending peer (a reference), generation and transfer. */
+    struct peer *np;
+    uint64_t ngen, nseq;
+};
+
+static void pfwd_free(struct pfwd *f)
+{
+    if (f->np) {
+        struct moed_cluster *c = cl_of(f->d);
+
+        moed_cl_peer_put(c, f->np);
+        atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
+    }
+    if (f->mm)
+        moed_model_put(f->d, f->mm);
+    free(f->x);
+    free(f->out);
+    free(f->outb);
+    free(f->w);
+    free(f->ids);
+    free(f);
+}
+
+static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct pfwd *f = r->arg;
+    Moe__V1__ForwardExpertsResponse a = MOE__V1__FORWARD_EXPERTS_RESPONSE__INIT;
+    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
+    Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
+    int64_t shape[2] = {f->T, f->H};
+    size_t n = (size_t)f->T * f->H;
+    char nmsg[MOE_ERROR_MSG_MAX];
+
+#ifdef MOED_HAVE_NCCL
+    if (status >= 0 && f->np) {
+        /* The output goes back over the sender's communicator; the answer
+         * only says it is there. */
+        struct nccl_link *l = &f->np->nl;
+        struct moe_error err = {0};
+        struct moe_nccl_xfer y = {0, f->out, n * sizeof(float)};
+
+        /* Nobody else is on it in the protocol (the sender waits for this
+         * answer): busy means something went wrong; the sender falls back
+         * rather than this compute thread waiting. */
+        if (pthread_mutex_trylock(&l->in_lock) != 0) {
+            status =
+                moe_error_set(&err, -EBUSY, "the NCCL communicator from %s is busy", f->np->name);
+        } else {
+            if (l->in && l->in_gen == f->ngen) {
+                status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
+                l->in_post_ns = moe_now_ns();
+                if (status < 0) {
+                    moed_cl_nccl_close_async(l->in);
+                    l->in = NULL;
+                }
+            } else {
+                status = moe_error_set(&err, -EIO, "the NCCL communicator from %s went away",
+                                       f->np->name);
+            }
+            pthread_mutex_unlock(&l->in_lock);
+        }
+        if (status < 0) {
+            snprintf(nmsg, sizeof(nmsg), "%s", err.msg);
+            msg = nmsg;
+        }
+    }
+#else
+    (void)nmsg;
+#endif
+    if (status >= 0) {
+        t.n_shape = 2;
+        t.shape = shape;
+        t.dtype = MOE__V1__DTYPE__DTYPE_F32;
+        t.data.data = f->np ? NULL : (uint8_t *)f->out;
+        t.data.len = f->np ? 0 : n * sizeof(float);
+        if (f->out_bf16 && (f->outb = malloc(n * sizeof(*f->outb)))) {
+            for (size_t i = 0; i < n; i++)
+                f->outb[i] = moe_f32_to_bf16(f->out[i]);
+            t.dtype = MOE__V1__DTYPE__DTYPE_BF16;
+            t.data.data = (uint8_t *)f->outb;
+            t.data.len = n * sizeof(*f->outb);
+        } else if (f->out_bf16) {
+            status = -ENOMEM;
+            msg = "out of memory";
+        }
+    }
+    if (status < 0) {
+        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+    } else {
+        tm.queue_ns = r->queue_ns;
+        tm.route_ns = r->st.route_ns;
+        tm.load_ns = r->st.load_ns;
+        tm.compute_ns = r->st.compute_ns;
+        tm.total_ns = moe_now_ns() - f->t_recv;
+        tm.batch_requests = (uint32_t)r->batch_requests;
+        tm.batch_tokens = (uint32_t)r->batch_tokens;
+        a.output = &t;
+        a.timing = &tm;
+        a.cache_hits = (uint32_t)r->st.hits;
+        a.cache_misses = (uint32_t)r->st.misses;
+        moed_reply_msg(f->call, &a.base);
+    }
+    atomic_fetch_sub(&f->d->in_flight, 1);
+    pfwd_free(f);
+}
+
+/* Copies n floats of hidden rows into f->x: false with err where one is
+ * not finite. */
+static bool hidden_ok(struct pfwd *f, const void *x, size_t n, struct moe_error *err)
+{
+    if (x != f->x)
+        memcpy(f->x, x, n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(f->x[i])) {
+            moe_error_set(err, -EINVAL, "hidden: row %zu, element %zu is not finite", i / f->H,
+                          i % f->H);
+            return false;
+        }
+    return true;
+}
+
+#ifdef MOED_HAVE_NCCL
+/* Takes a forward's rows over the sender's communicator, in the sender's
+ * order, then submits it; pfwd_done sends the output back. */
+static void *nccl_take_main(void *arg)
+{
+    struct pfwd *f = arg;
+    struct moed *d = f->d;
+    struct nccl_link *l = &f->np->nl;
+    struct moe_error err = {0};
+    size_t n = (size_t)f->T * f->H;
+    uint64_t tmo = d->cfg.peer_timeout_ms, end = moe_now_ns() + tmo * 1000000ull;
+    struct timespec ts;
+    int st = GRPC_STATUS_FAILED_PRECONDITION, rc = -EIO;
+
+    ts = moe_realtime_after_ms(tmo);
+    pthread_mutex_lock(&l->in_lock);
+    /* The first transfer of a generation may come before this node's
+     * join has finished (the sender's finished first). */
+    while (l->in_gen == f->ngen && l->joining && moe_now_ns() < end)
+        pthread_cond_timedwait(&l->in_cond, &l->in_lock, &ts);
+    if (l->in_gen != f->ngen || !l->in) {
+        moe_error_set(&err, -EIO, "no NCCL communicator of generation %llu from %s (have %llu)",
+                      (unsigned long long)f->ngen, f->np->name, (unsigned long long)l->in_gen);
+    } else if (f->nseq != l->in_seq + 1) {
+        moe_error_set(&err, -EIO, "NCCL transfer %llu from %s out of order: expected %llu",
+                      (unsigned long long)f->nseq, f->np->name,
+                      (unsigned long long)(l->in_seq + 1));
+    } else {
+        struct moe_nccl_xfer x = {0, f->x, n * sizeof(float)};
+
+        rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
+        if (rc < 0) {
+            moed_cl_nccl_close_async(l->in);
+            l->in = NULL;
+            st = GRPC_STATUS_UNAVAILABLE;
+        } else {
+            l->in_seq = f->nseq;
+        }
+    }
+    pthread_mutex_unlock(&l->in_lock);
+    if (rc == 0 && !hidden_ok(f, f->x, n, &err)) {
+        rc = -EINVAL;
+        st = GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (rc == 0) {
+        atomic_fetch_add_explicit(&l->served, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
+        rc = moe_sched_submit(d->sched, &f->req, &err);
+        st = moed_grpc_status(rc);
+    }
+    if (rc < 0) {
+        moe_rpc_fail(f->call, st, "%s", err.msg);
+        atomic_fetch_sub(&d->in_flight, 1);
+        pfwd_free(f);
+    }
+    return NULL;
+}
+#endif
+
+void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    struct moed *d = arg;
+    struct moed_cluster *c = cl_of(d);
+    Moe__V1__ForwardExpertsRequest *q = moe__v1__forward_experts_request__unpack(NULL, len, req);
+    struct pfwd *f = calloc(1, sizeof(*f));
+    struct moe_error err = {0};
+    const struct moe_model *m;
+    char msg[MOE_ERROR_MSG_MAX];
+    size_t n, tk;
+    int st = GRPC_STATUS_INVALID_ARGUMENT;
+    bool nccl, hb;
+
+    if (!q || !f) {
+        moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
+                     q ? "out of memory" : "the request is not a ForwardExpertsRequest");
+        goto out;
+    }
+    f->d = d;
+    f->call = call;
+    f->t_recv = moe_now_ns();
+    if (atomic_load(&d->state) != MOED_SERVING) {
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
+                     moed_cluster_node(d));
+        goto out;
+    }
+    f->mm = q->model ? moed_model_get(d, q->model) : NULL;
+    if (!f->mm) {
+        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "node %s has no model '%s'", moed_cluster_node(d),
+                     q->model ? q->model : "");
+        goto out;
+    }
+    m = f->mm->m;
+    f->H = m->cfg.hidden;
+    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
+        moe_rpc_fail(call, st, "model '%s' has no MoE layer %u", q->model, q->layer);
+        goto out;
+    }
+    nccl = q->nccl_seq || q->nccl_generation;
+    if (nccl && (!q->nccl_seq || !q->nccl_generation)) {
+        moe_rpc_fail(call, st, "nccl_generation %llu, nccl_seq %llu: both or neither",
+                     (unsigned long long)q->nccl_generation, (unsigned long long)q->nccl_seq);
+        goto out;
+    }
+    /* bf16 on the wire (peer_bf16) over gRPC; NCCL carries f32. */
+    hb = !nccl && q->hidden && q->hidden->dtype == MOE__V1__DTYPE__DTYPE_BF16;
+    if (!q->hidden || q->hidden->n_shape != 2 || q->hidden->shape[1] != f->H ||
+        q->hidden->shape[0] < 1 || q->hidden->shape[0] > MOE_MAX_TOKENS ||
+        (q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 && !hb) ||
+        q->hidden->data.len != (nccl ? 0 : (size_t)q->hidden->shape[0] * f->H * (hb ? 2 : 4))) {
+        moe_rpc_fail(call, st, "hidden: expected float32%s [rows, %d] with 1 to %d rows%s",
+                     nccl ? "" : " or bfloat16", f->H, MOE_MAX_TOKENS,
+                     nccl ? " and no data (it comes over NCCL)" : "");
+        goto out;
+    }
+    if (q->output_dtype != MOE__V1__DTYPE__DTYPE_UNSPECIFIED &&
+        q->output_dtype != MOE__V1__DTYPE__DTYPE_F32 &&
+        (q->output_dtype != MOE__V1__DTYPE__DTYPE_BF16 || nccl)) {
+        moe_rpc_fail(call, st, "output_dtype %d: expected F32%s", (int)q->output_dtype,
+                     nccl ? " over NCCL" : " or BF16");
+        goto out;
+    }
+    f->out_bf16 = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16;
+    f->T = (int)q->hidden->shape[0];
+    n = (size_t)f->T * f->H;
+    tk = (size_t)f->T * m->cfg.top_k;
+    if (q->top_k != (uint32_t)m->cfg.top_k || q->n_expert_ids != tk || q->n_weights != tk) {
+        moe_rpc_fail(call, st,
+                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d "
+                     "and %zu of each",
+                     q->top_k, q->n_expert_ids, q->n_weights, m->cfg.top_k, tk);
+        goto out;
+    }
+    f->x = malloc(n * sizeof(float));
+    f->out = malloc(n * sizeof(float));
+    f->ids = malloc(tk * sizeof(int32_t));
+    f->w = malloc(tk * sizeof(float));
+    if (!f->x || !f->out || !f->ids || !f->w) {
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for %d rows", f->T);
+        goto out;
+    }
+    if (hb) {
+        const uint8_t *h = q->hidden->data.data;
+
+        for (size_t i = 0; i < n; i++) {
+            uint16_t v;
+
+            memcpy(&v, h + 2 * i, 2);
+            f->x[i] = moe_bf16_to_f32(v);
+        }
+    }
+    if (!nccl && !hidden_ok(f, hb ? (const void *)f->x : q->hidden->data.data, n, &err)) {
+        moe_rpc_fail(call, st, "%s", err.msg);
+        goto out;
+    }
+    memcpy(f->ids, q->expert_ids, tk * sizeof(int32_t));
+    memcpy(f->w, q->weights, tk * sizeof(float));
+    /* Checked here, not only by the engine: a bad request would fail every
+     * request batched with it. */
+    if (moed_fwd_check_partial_routing(m, q->model, f->T, f->ids, f->w, msg, sizeof(msg)) < 0) {
+        moe_rpc_fail(call, st, "%s", msg);
+        goto out;
+    }
+    f->req =
+        (struct moe_sched_req){.engine = f->mm->e,
+                               .a.layer = (int)q->layer,
+                               .a.x = f->x,
+                               .a.n_tokens = f->T,
+                               .a.ids = f->ids,
+                               .a.weights = f->w,
+                               .a.flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
+                               .a.out = f->out,
+                               .done = pfwd_done,
+                               .arg = f};
+    atomic_fetch_add(&d->in_flight, 1);
+    if (c)
+        atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
+    if (nccl) {
+        /* The rows come over NCCL, waited for on a thread of its own. */
+        f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
+        if (f->np)
+            atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
+        f->ngen = q->nccl_generation;
+        f->nseq = q->nccl_seq;
+        if (!f->np || !c->nccl_ok) {
+            atomic_fetch_sub(&d->in_flight, 1);
+            if (!f->np)
+                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
+                             "node %s: the sender '%s' is not a peer of this node",
+                             moed_cluster_node(d), q->from ? q->from : "");
+            else
+                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s",
+                             c->node, c->nccl_why);
+            goto out;
+        }
+#ifdef MOED_HAVE_NCCL
+        pthread_t t;
+
+        if (pthread_create(&t, NULL, nccl_take_main, f) == 0) {
+            pthread_detach(t);
+            f = NULL;
+            goto out;
+        }
+#endif
+        atomic_fetch_sub(&d->in_flight, 1);
+        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a thread");
+        goto out;
+    }
+    /* Straight to the scheduler: batched with this node's other work. */
+    if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
+        atomic_fetch_sub(&d->in_flight, 1);
+        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+        goto out;
+    }
+    f = NULL;
+out:
+    if (f)
+        pfwd_free(f);
+    if (q)
+        moe__v1__forward_experts_request__free_unpacked(q, NULL);
+}
