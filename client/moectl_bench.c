@@ -1618,9 +1618,9 @@ static json_t *top_json(const struct moectl_remote *r, const struct snapshot *pr
             uint64_t wasted = delta(c->wasted_prefetches, p->wasted_prefetches);
 
             json_object_set_new(jt, "prefetch_precision", rate_json(used, wasted));
-            json_object_set_new(jt, "prefetched_bytes_per_s",
-                                json_real((double)delta(c->prefetched_bytes, p->prefetched_bytes) /
-                                          dt));
+            json_object_set_new(
+                jt, "prefetched_bytes_per_s",
+                json_real((double)delta(c->prefetched_bytes, p->prefetched_bytes) / dt));
             json_object_set_new(jt, "wasted_bytes_per_s",
                                 json_real((double)delta(c->wasted_bytes, p->wasted_bytes) / dt));
             json_object_set_new(jt, "warm_hits", json_integer((json_int_t)c->warm_hits));

@@ -969,8 +969,8 @@ static int print_stats(const struct moectl_remote *r, const Moe__V1__StatsRespon
             printf("prefetch %s: precision %s (%llu used, %llu wasted of %llu), %s prefetched, %s "
                    "wasted\n",
                    ti->name, rate(c->prefetch_hits, c->wasted_prefetches, pr, sizeof(pr)),
-                   (unsigned long long)c->prefetch_hits,
-                   (unsigned long long)c->wasted_prefetches, (unsigned long long)c->prefetches,
+                   (unsigned long long)c->prefetch_hits, (unsigned long long)c->wasted_prefetches,
+                   (unsigned long long)c->prefetches,
                    human_bytes(c->prefetched_bytes, pb, sizeof(pb)),
                    human_bytes(c->wasted_bytes, wb, sizeof(wb)));
         if (c->warm_loads)
@@ -2183,9 +2183,9 @@ int moectl_record(int argc, char **argv)
         req.action = MOE__V1__RECORD_ROUTING_REQUEST__ACTION__STOP;
         req.name = "";
         req.max_records = 0;
-        ret = remote_call(&r, "/moe.v1.Control/RecordRouting", &req.base,
-                          &moe__v1__record_routing_response__descriptor,
-                          (ProtobufCMessage **)&resp);
+        ret =
+            remote_call(&r, "/moe.v1.Control/RecordRouting", &req.base,
+                        &moe__v1__record_routing_response__descriptor, (ProtobufCMessage **)&resp);
         if (ret)
             goto out;
     }

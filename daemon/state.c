@@ -26,8 +26,8 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define WARM_SHARE 0.9                       /* of each tier, what a warm start may fill */
-#define RECORD_DEFAULT_MAX 10000000ull       /* records of a recording, by default */
+#define WARM_SHARE 0.9                 /* of each tier, what a warm start may fill */
+#define RECORD_DEFAULT_MAX 10000000ull /* records of a recording, by default */
 #define RECORD_NAME_MAX 128
 
 struct moed_recording {
@@ -201,9 +201,9 @@ static int record_stop_locked(struct moed_model *mm, Moe__V1__RecordRoutingRespo
         resp->duration_ns = moe_now_ns() - rec->t0;
         resp->full = full;
     }
-    moe_log(r < 0 ? MOE_LOG_WARN : MOE_LOG_INFO, "%s: routing recording %s stopped: %llu records%s%s%s",
-            mm->name, rec->path, (unsigned long long)n, full ? " (full)" : "", r < 0 ? ": " : "",
-            r < 0 ? err->msg : "");
+    moe_log(r < 0 ? MOE_LOG_WARN : MOE_LOG_INFO,
+            "%s: routing recording %s stopped: %llu records%s%s%s", mm->name, rec->path,
+            (unsigned long long)n, full ? " (full)" : "", r < 0 ? ": " : "", r < 0 ? err->msg : "");
     if (!resp)
         free(rec->path);
     free(rec);
@@ -361,8 +361,7 @@ void moed_on_record_routing(struct moe_rpc_call *call, const uint8_t *req, size_
         r = moe_error_set(&err, -EINVAL, "unknown action %d", (int)q->action);
     }
     if (r < 0)
-        moe_rpc_fail(call, status == GRPC_STATUS_OK ? moed_grpc_status(r) : status, "%s",
-                     err.msg);
+        moe_rpc_fail(call, status == GRPC_STATUS_OK ? moed_grpc_status(r) : status, "%s", err.msg);
     else
         moed_reply_msg(call, &resp.base);
     pthread_mutex_unlock(&rec_lock);

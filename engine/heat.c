@@ -102,13 +102,14 @@ int moe_heat_parse(const char *buf, size_t len, const char *where, int n_layers,
             if (!parse_uint(&q, eol, &a) || !parse_uint(&q, eol, &b) || !parse_uint(&q, eol, &c) ||
                 q != eol) {
                 r = moe_error_set(err, -EINVAL,
-                                  "%s:%d: the header must be \"moed-heat 1 LAYERS EXPERTS\"",
-                                  where, line);
+                                  "%s:%d: the header must be \"moed-heat 1 LAYERS EXPERTS\"", where,
+                                  line);
                 break;
             }
             if (a != 1) {
-                r = moe_error_set(err, -EINVAL, "%s:%d: heat format version %ld (this moed reads 1)",
-                                  where, line, a);
+                r = moe_error_set(err, -EINVAL,
+                                  "%s:%d: heat format version %ld (this moed reads 1)", where, line,
+                                  a);
                 break;
             }
             if (b != n_layers || c != n_experts) {
