@@ -27,6 +27,7 @@
 #include "common.h"
 #include "dtype.h"
 #include "kernels.h"
+#include "qdot_x86.h"
 
 #define RMAX 3
 #define TMAX 4
@@ -321,4 +322,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
     .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
     .swiglu_b16 = swiglu_b16,
+    .qdot = MOE_CPU_QDOT_X86,
 };

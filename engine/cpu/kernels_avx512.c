@@ -34,6 +34,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "qdot_x86.h"
 
 /* Register tile: up to RMAX rows x TMAX tokens (24 accumulators, 4 weight
  * registers, 1-2 activation registers out of 32). */
@@ -367,4 +368,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .round = {moe_cpu_round_f32, moe_cpu_round_f32, round_bf16},
     .dot_b16 = {dot_f32, dot_f16, dot_b16h},
     .swiglu = swiglu,
+    .qdot = MOE_CPU_QDOT_X86,
 };

@@ -88,8 +88,12 @@ static int layer_make(struct moe_backend *b, const struct shape *s, struct layer
         L->buf[e] = b->ops->alloc(b, 3 * m);
         if (!L->buf[e] || fill_bf16(b, L->buf[e], 3 * m) < 0)
             return -ENOMEM;
-        L->w[e] = (struct moe_expert_weights){MOE_DTYPE_BF16, s->H,          s->F,
-                                              L->buf[e],      L->buf[e] + m, L->buf[e] + 2 * m};
+        L->w[e] = (struct moe_expert_weights){.dtype = MOE_DTYPE_BF16,
+                                              .hidden = s->H,
+                                              .ffn = s->F,
+                                              .gate = L->buf[e],
+                                              .up = L->buf[e] + m,
+                                              .down = L->buf[e] + 2 * m};
     }
     return 0;
 }
