@@ -1029,6 +1029,13 @@ static int get_weight(const struct open_ctx *c, int layer, const char *what, con
 
     memset(ret_q, 0, sizeof(*ret_q));
     t = find_tensor(c, name, &f);
+    if (t && q->q != MOE_QUANT_NONE && t->dtype != moe_quant_value_dtype(q->q) &&
+        !moe_dtype_is_compute(t->dtype))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': dtype %s: expected %s (%s values) or a plain BF16, "
+                             "F16 or F32 tensor",
+                             c->m->files[f].path, name, moe_dtype_name(t->dtype),
+                             moe_dtype_name(moe_quant_value_dtype(q->q)), moe_quant_name(q->q));
     if (!t || q->q == MOE_QUANT_NONE || t->dtype != moe_quant_value_dtype(q->q)) {
         if (t && q->q == MOE_QUANT_NONE && t->dtype == MOE_DTYPE_F8_E4M3)
             return moe_error_set(c->err, -EINVAL,
@@ -1569,6 +1576,10 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
     if (r < 0)
         return r;
     m->packed = true;
+    /* A store packed with --quantize: its experts' format, whatever the
+     * checkpoint's config.json (copied as it was) says. */
+    if (ix.quant.q != MOE_QUANT_NONE)
+        m->cfg.quant = ix.quant;
     m->files = calloc(1, sizeof(*m->files));
     m->headers = calloc(1, sizeof(*m->headers));
     if (!m->files || !m->headers) {
@@ -1629,13 +1640,18 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
                                   path, i, e);
                 goto out;
             }
-            if (pe->offset != x->gate.offset || pe->nbytes != x->nbytes ||
-                x->up.offset != x->gate.offset + x->gate.nbytes ||
-                x->down.offset != x->up.offset + x->up.nbytes) {
+            const struct moe_tensor_ref *t[6];
+            int nt = moe_expert_tensors(x, t);
+            bool back_to_back = true;
+
+            for (int k = 1; k < nt; k++)
+                back_to_back &= t[k]->offset == t[k - 1]->offset + t[k - 1]->nbytes;
+            if (pe->offset != x->gate.offset || pe->nbytes != x->nbytes || !back_to_back) {
                 r = moe_error_set(
                     c->err, -EINVAL,
                     "%s: layer %d expert %d: blob [%" PRIu64 ", +%" PRIu64
-                    ") is not its gate, up and down back to back (gate at %" PRIu64 " +%" PRIu64
+                    ") is not its gate, up and down (then their scales) back to back (gate at "
+                    "%" PRIu64 " +%" PRIu64
                     ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64 " +%" PRIu64 ")",
                     path, i, e, pe->offset, pe->nbytes, x->gate.offset, x->gate.nbytes,
                     x->up.offset, x->up.nbytes, x->down.offset, x->down.nbytes);

@@ -98,6 +98,18 @@ typedef void (*moe_pack_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrite,
                    moe_pack_progress_fn progress, void *ctx, struct moe_error *err);
 
+/*
+ * moe_pack_write, with the experts (routed and shared) quantized to
+ * quant->q (INT8 or INT4, brows 1, bcols the group: a multiple of 32 that
+ * divides every expert matrix's columns) from a BF16, F16, F32 or FP8
+ * checkpoint, symmetric per group (quant.h moe_quant_row); quant NULL or
+ * NONE copies them as they are.  Non-finite weights are refused (-EINVAL,
+ * naming the tensor and element).
+ */
+int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool overwrite,
+                         const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
+                         void *ctx, struct moe_error *err);
+
 /* What moe_pack_verify found. */
 struct moe_pack_report {
     uint64_t tensors_checked;
@@ -131,6 +143,7 @@ struct moe_pack_entry {
 
 struct moe_pack_index {
     uint64_t data_bytes;
+    struct moe_quant_fmt quant;    /* "quantization", or .q NONE */
     char *data_name;               /* owned; "experts.bin" */
     struct moe_st_header *tensors; /* tensors, offsets absolute in the data file, owned */
     uint64_t *tensor_xxh3;         /* [tensors->n_tensors], same order, owned */
