@@ -7,8 +7,8 @@
  * Each 8 values are decoded to fp32 in registers, multiplied by their scale
  * and FMA'd into one 8-lane accumulator per (row, token); no dequantized
  * copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   bits (s eeee mmm) moved to f16 bits (s 0eeee mmm0000000) and
- *              converted by vcvtph2ps: that is the value times 2^-8 (normal
+ *   FP8 e4m3   bits (s eeee mmm) moved to f16 bits (s 0eeee mmm0000000) by an
+ *              unpack, a shift and a mask, and converted by vcvtph2ps: that is the value times 2^-8 (normal
  *              and subnormal alike), so the scale is multiplied by 2^8
  *              (exact).  NaN bytes (0x7f, 0xff) decode as +-480 instead:
  *              the loader does not scan weights for them.
@@ -16,9 +16,9 @@
  *   INT4       nibbles split and interleaved (low, high), 8 subtracted.
  *   MXFP4      nibbles looked up (vpshufb) as 2 x e2m1 in int8, so the
  *              scale is multiplied by 0.5 (exact).
- * Tiles: rows x tokens with rows x tokens <= 8 accumulators: 8 x 1 and
- * 4 x 2 for decode (each row a sequential stream), then 1 x 8 chunks of
- * tokens for prefill.  The arithmetic per output element does not depend on
+ * Tiles: rows x tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3
+ * for decode (each row a sequential stream), then 1 x 6 chunks of tokens
+ * for prefill; a row's 32 values are decoded once per tile.  The arithmetic per output element does not depend on
  * the tile, K is summed in MOE_CPU_KBLOCK blocks, each reduced horizontally
  * and added to y in order.
  */
@@ -49,8 +49,14 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
     float s;
 
     switch (q) {
-    case MOE_QUANT_MXFP4:
-        return moe_e8m0_to_f32(srow[j]) * 0.5f;
+    case MOE_QUANT_MXFP4: {
+        /* 2^(e - 127) built from its bits (e 0 gives 0, not 2^-127; 255,
+         * NaN, is refused when the scales are checked), times 0.5 */
+        uint32_t u = (uint32_t)srow[j] << 23;
+
+        memcpy(&s, &u, 4);
+        return s * 0.5f;
+    }
     case MOE_QUANT_FP8:
         memcpy(&s, srow + 4 * j, 4);
         return s * 256.0f;
@@ -66,14 +72,18 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        const __m128i m7f = _mm_set1_epi16(0x7f), m80 = _mm_set1_epi16(0x80);
+        /* each byte into the high half of a 16-bit lane (s eeee mmm, then
+         * 8 zeros), shifted right arithmetically by one (the sign copied
+         * into bit 14), bit 14 cleared: s 0eeee mmm0000000 */
+        const __m128i zero = _mm_setzero_si128(), keep = _mm_set1_epi16((short)0xbfff);
 
-        for (int i = 0; i < 4; i++) {
-            __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(wrow + c0 + 8 * i)));
-            __m128i f = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(h, m7f), 7),
-                                     _mm_slli_epi16(_mm_and_si128(h, m80), 8));
+        for (int i = 0; i < 2; i++) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * i));
+            __m128i lo = _mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(zero, b), 1), keep);
+            __m128i hi = _mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(zero, b), 1), keep);
 
-            out[i] = _mm256_cvtph_ps(f);
+            out[2 * i] = _mm256_cvtph_ps(lo);
+            out[2 * i + 1] = _mm256_cvtph_ps(hi);
         }
         break;
     }
@@ -110,7 +120,9 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 
 /*
  * R rows from row r (relative to w->row0) x T tokens from x, over all of k;
- * results to y[t * ldy + r].  R * T <= 8.
+ * results to y[t * ldy + r].  R * T <= 6: the accumulators, 4 decoded
+ * weight vectors (one row at a time), the scale and an activation fit in
+ * the 16 registers.
  */
 QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const int R,
                    const float *const *x, const int T, int64_t k, float *y, int64_t ldy)
@@ -118,10 +130,10 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const in
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
     const int bc = w->f.bcols;
-    const uint8_t *wr[8], *sr[8];
-    float sum[8][8] = {{0}};
+    const uint8_t *wr[6], *sr[6];
+    float sum[6][6] = {{0}};
 
-#pragma GCC unroll 8
+#pragma GCC unroll 6
     for (int i = 0; i < R; i++) {
         int64_t row = w->row0 + r + i;
 
@@ -130,52 +142,45 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const in
     }
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
-        __m256 acc[8][8];
+        __m256 acc[6][6];
 
-#pragma GCC unroll 8
+#pragma GCC unroll 6
         for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
+#pragma GCC unroll 6
             for (int t = 0; t < T; t++)
                 acc[i][t] = _mm256_setzero_ps();
-        /* groups are multiples of 32 and KBLOCK of every group size
-         * that divides it; a group straddling a K block is split */
+        /* groups are multiples of 32; a group straddling a K block is
+         * split */
         for (int64_t c = kb; c < ke;) {
             int64_t g = c / bc, ge = MOE_MIN(ke, (g + 1) * bc);
-            __m256 vs[8];
+            float scl[6];
 
-#pragma GCC unroll 8
+#pragma GCC unroll 6
             for (int i = 0; i < R; i++)
-                vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
+                scl[i] = qscale(q, sr[i], g);
             for (; c < ge; c += 32) {
-                __m256 wv[8][4];
-
-#pragma GCC unroll 8
+#pragma GCC unroll 6
                 for (int i = 0; i < R; i++) {
-                    qdecode32(q, wr[i], c, wv[i]);
-#pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++)
-                        wv[i][j] = _mm256_mul_ps(wv[i][j], vs[i]);
-                }
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
-#pragma GCC unroll 8
-                    for (int t = 0; t < T; t++) {
-                        __m256 xv = _mm256_load_ps(x[t] + c + 8 * j);
+                    __m256 wv[4], vs = _mm256_set1_ps(scl[i]);
 
-#pragma GCC unroll 8
-                        for (int i = 0; i < R; i++)
-                            acc[i][t] = _mm256_fmadd_ps(wv[i][j], xv, acc[i][t]);
+                    qdecode32(q, wr[i], c, wv);
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        __m256 wj = _mm256_mul_ps(wv[j], vs);
+
+#pragma GCC unroll 6
+                        for (int t = 0; t < T; t++)
+                            acc[i][t] =
+                                _mm256_fmadd_ps(wj, _mm256_load_ps(x[t] + c + 8 * j), acc[i][t]);
                     }
+                }
             }
         }
-#pragma GCC unroll 8
+#pragma GCC unroll 6
         for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                float v = qhsum256(acc[i][t]);
-
-                sum[i][t] += v;
-            }
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                sum[i][t] += qhsum256(acc[i][t]);
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
@@ -190,37 +195,43 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
     int r = 0;
 
     if (nt == 1) {
-        for (; r + 8 <= nr; r += 8)
-            qtile(q, w, r, 8, x, 1, k, y, ldy);
+        for (; r + 4 <= nr; r += 4)
+            qtile(q, w, r, 4, x, 1, k, y, ldy);
         for (; r < nr; r++)
             qtile(q, w, r, 1, x, 1, k, y, ldy);
         return;
     }
     if (nt == 2) {
-        for (; r + 4 <= nr; r += 4)
-            qtile(q, w, r, 4, x, 2, k, y, ldy);
+        for (; r + 3 <= nr; r += 3)
+            qtile(q, w, r, 3, x, 2, k, y, ldy);
         for (; r < nr; r++)
             qtile(q, w, r, 1, x, 2, k, y, ldy);
+        return;
+    }
+    if (nt == 3) {
+        for (; r + 2 <= nr; r += 2)
+            qtile(q, w, r, 2, x, 3, k, y, ldy);
+        for (; r < nr; r++)
+            qtile(q, w, r, 1, x, 3, k, y, ldy);
         return;
     }
     for (; r < nr; r++) {
         int t = 0;
 
-        for (; t + 8 <= nt; t += 8)
-            qtile(q, w, r, 1, x + t, 8, k, y + (size_t)t * ldy, ldy);
+        for (; t + 6 <= nt; t += 6)
+            qtile(q, w, r, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
         switch (nt - t) {
 #define QT(n)                                                                                      \
     case n:                                                                                        \
         qtile(q, w, r, 1, x + t, n, k, y + (size_t)t * ldy, ldy);                                  \
         break;
-            QT(1) QT(2) QT(3) QT(4) QT(5) QT(6) QT(7)
+            QT(1) QT(2) QT(3) QT(4) QT(5)
 #undef QT
         default:
             break;
         }
     }
 }
-
 static void qdot_fp8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
 {
