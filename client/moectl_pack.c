@@ -80,7 +80,8 @@ static void pack_usage(FILE *f)
                "                 with one float32 scale per group of a row, from a bf16,\n"
                "                 f16, f32 or fp8 checkpoint; moed computes on them directly\n"
                "  --group N      values per scale: a multiple of 32 that divides hidden and\n"
-               "                 the expert ffn (default 128 for int8, 32 for int4)\n"
+               "                 the expert ffn (default 128 for int8, 32 for int4, halved\n"
+               "                 until it divides them)\n"
                "  --force        replace a store already in --out\n"
                "  -q, --quiet    no progress output\n");
 }
@@ -157,18 +158,16 @@ int moectl_pack(int argc, char **argv)
         errorf("pack: --group needs --quantize int8|int4");
         return 2;
     }
-    if (quant.q != MOE_QUANT_NONE) {
-        quant.brows = 1;
-        quant.bcols = group ? (int)group
-                            : quant.q == MOE_QUANT_INT8 ? MOE_QUANT_INT8_GROUP
-                                                        : MOE_QUANT_INT4_GROUP;
-    }
 
     t0 = moe_now_ns();
     r = moe_model_open(dir, &m, &err);
     if (r < 0) {
         errorf("pack: %s", err.msg);
         return 1;
+    }
+    if (quant.q != MOE_QUANT_NONE) {
+        quant.brows = 1;
+        quant.bcols = group ? (int)group : moe_pack_default_group(m, quant.q);
     }
     pc.t0 = moe_now_ns();
     r = moe_pack_write_quant(m, out, force, &quant, progress, &pc, &err);

@@ -1354,6 +1354,19 @@ static int check_quantize(const struct moe_model *m, const struct moe_quant_fmt 
     return 0;
 }
 
+int moe_pack_default_group(const struct moe_model *m, enum moe_quant q)
+{
+    int want = q == MOE_QUANT_INT8 ? MOE_QUANT_INT8_GROUP : MOE_QUANT_INT4_GROUP;
+
+    for (int g = want; g >= 32; g /= 2) {
+        struct moe_quant_fmt f = {q, 1, g};
+
+        if (check_quantize(m, &f, NULL) == 0)
+            return g;
+    }
+    return want;
+}
+
 int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool overwrite,
                          const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
                          void *ctx, struct moe_error *err)

@@ -132,6 +132,12 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
                          const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
                          void *ctx, struct moe_error *err);
 
+/* The group --quantize q takes when none is given: 128 (int8) or 32
+ * (int4), halved down to 32 until it divides every expert matrix's
+ * columns (the default again when none does: moe_pack_write_quant says
+ * why). */
+int moe_pack_default_group(const struct moe_model *m, enum moe_quant q);
+
 /* What moe_pack_verify found. */
 struct moe_pack_report {
     uint64_t tensors_checked;
