@@ -89,10 +89,10 @@ static void pack_usage(FILE *f)
 int moectl_pack(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'}, {"out", required_argument, NULL, 'o'},
-        {"force", no_argument, NULL, 'f'},       {"quiet", no_argument, NULL, 'q'},
+        {"model", required_argument, NULL, 'm'},    {"out", required_argument, NULL, 'o'},
+        {"force", no_argument, NULL, 'f'},          {"quiet", no_argument, NULL, 'q'},
         {"quantize", required_argument, NULL, 'Q'}, {"group", required_argument, NULL, 'g'},
-        {"help", no_argument, NULL, 'h'},        {0},
+        {"help", no_argument, NULL, 'h'},           {0},
     };
     struct moe_quant_fmt quant = {0};
     long group = 0;
@@ -187,7 +187,8 @@ int moectl_pack(int argc, char **argv)
     bytes = packed->files[0].size;
     printf("packed %s into %s%s%s: %d experts in %d MoE layers, %zu tensors, %llu bytes (%s) in "
            "%.2f s, %.0f MB/s\n",
-           dir, out, quant.q ? " as " : "", quant.q ? moe_quant_name(quant.q) : "", packed->n_moe_layers * packed->cfg.n_experts, packed->n_moe_layers,
+           dir, out, quant.q ? " as " : "", quant.q ? moe_quant_name(quant.q) : "",
+           packed->n_moe_layers * packed->cfg.n_experts, packed->n_moe_layers,
            packed->headers[0]->n_tensors, (unsigned long long)bytes,
            human_bytes(bytes, b1, sizeof(b1)), secs, secs > 0 ? (double)bytes / secs / 1e6 : 0.0);
     moe_model_free(packed);

@@ -1009,8 +1009,8 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
         moe_expert_tensors(x, t);
         for (int i = 3; i < 6 && status == 0; i++)
             if (moe_quant_check_scales(x->quant.q, slot + e->toff[i],
-                                       t[i]->nbytes / moe_quant_scale_size(x->quant.q),
-                                       t[i]->name, &qerr) < 0) {
+                                       t[i]->nbytes / moe_quant_scale_size(x->quant.q), t[i]->name,
+                                       &qerr) < 0) {
                 snprintf(buf, sizeof(buf), "%s: %.400s", m->files[t[i]->file].name, qerr.msg);
                 status = -EINVAL;
                 msg = buf;

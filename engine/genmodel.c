@@ -374,7 +374,8 @@ static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, const 
             fill_uniform(&g, b->vals, n, a);
             for (size_t i = 0; i < n; i++) {
                 uint64_t el = done + i;
-                int64_t r0 = (int64_t)(el / (uint64_t)t->cols), c0 = (int64_t)(el % (uint64_t)t->cols);
+                int64_t r0 = (int64_t)(el / (uint64_t)t->cols),
+                        c0 = (int64_t)(el % (uint64_t)t->cols);
 
                 b->bytes[i] = moe_f32_to_fp8_e4m3(
                     b->vals[i] / fp8_scale(key, a, r0 / GEN_FP8_BLOCK, c0 / GEN_FP8_BLOCK));
@@ -870,7 +871,8 @@ static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, flo
         (fp8_name(t->name) && strcmp(t->name, "lm_head.weight") != 0)) {
         char wname[GEN_NAME_MAX];
         struct gtensor *w;
-        int64_t sr = (d0 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK, sc = (d1 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK;
+        int64_t sr = (d0 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK,
+                sc = (d1 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK;
         int r;
 
         p->total_bytes -= t->nbytes;

@@ -579,7 +579,8 @@ static int stage_weights(struct moe_engine *e, const struct moe_expert_ref *x,
     struct moe_backend *b = e->b;
     const struct moe_tensor_ref *t[6];
     const void *src[6] = {in->gate, in->up, in->down, in->gate_s, in->up_s, in->down_s};
-    const void **dst[6] = {&out->gate, &out->up, &out->down, &out->gate_s, &out->up_s, &out->down_s};
+    const void **dst[6] = {&out->gate,   &out->up,   &out->down,
+                           &out->gate_s, &out->up_s, &out->down_s};
     int n = moe_expert_tensors(x, t);
     uint64_t off[6], total = 0;
     uint8_t *p;

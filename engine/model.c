@@ -333,9 +333,8 @@ static int cfg_quant(const struct cfg_ctx *c, struct moe_quant_fmt *ret)
     if (!q || json_is_null(q))
         return 0;
     if (!json_is_object(q))
-        return moe_error_set(c->err, -EINVAL,
-                             "%s: 'quantization_config' is %s: expected an object", c->fname,
-                             moe_json_kind(q));
+        return moe_error_set(c->err, -EINVAL, "%s: 'quantization_config' is %s: expected an object",
+                             c->fname, moe_json_kind(q));
     v = json_object_get(q, "quant_method");
     method = v && json_is_string(v) ? json_string_value(v) : NULL;
     if (!method || strcmp(method, "fp8") != 0)
@@ -359,8 +358,8 @@ static int cfg_quant(const struct cfg_ctx *c, struct moe_quant_fmt *ret)
                              "scales are not supported; expected block scales, "
                              "weight_block_size [128, 128]",
                              c->fname);
-    if (!json_is_array(bs) || json_array_size(bs) != 2 ||
-        !json_is_integer(json_array_get(bs, 0)) || !json_is_integer(json_array_get(bs, 1)))
+    if (!json_is_array(bs) || json_array_size(bs) != 2 || !json_is_integer(json_array_get(bs, 0)) ||
+        !json_is_integer(json_array_get(bs, 1)))
         return moe_error_set(c->err, -EINVAL,
                              "%s: 'quantization_config': weight_block_size is %s: expected two "
                              "integers, [rows, columns]",
@@ -975,7 +974,8 @@ static int check_expert_dtype(const struct open_ctx *c, const struct moe_tensor_
 
     /* torch_dtype is the dtype of the model's plain tensors; a quantized
      * checkpoint says bfloat16 and stores its experts as values + scales */
-    bool quantized = cfg->quant.q != MOE_QUANT_NONE && t->dtype == moe_quant_value_dtype(cfg->quant.q);
+    bool quantized =
+        cfg->quant.q != MOE_QUANT_NONE && t->dtype == moe_quant_value_dtype(cfg->quant.q);
 
     if (cfg->dtype != MOE_DTYPE_COUNT && t->dtype != cfg->dtype && !quantized)
         return moe_error_set(c->err, -EINVAL,
@@ -1057,8 +1057,8 @@ static int get_weight(const struct open_ctx *c, int layer, const char *what, con
     if (t->ndim != 2 || t->shape[0] != want[0] || t->shape[1] != want[1])
         return moe_error_set(c->err, -EINVAL,
                              "%s: tensor '%s': shape %s contradicts %s: expected %s = %s%s", path,
-                             name, moe_shape_text(t->shape, t->ndim, got, sizeof(got)),
-                             CONFIG_NAME, shape_keys, moe_shape_text(want, 2, exp, sizeof(exp)),
+                             name, moe_shape_text(t->shape, t->ndim, got, sizeof(got)), CONFIG_NAME,
+                             shape_keys, moe_shape_text(want, 2, exp, sizeof(exp)),
                              vcols != cols ? " (two int4 values per byte)" : "");
     *ref = (struct moe_tensor_ref){.file = f,
                                    .name = t->name,
@@ -1080,13 +1080,12 @@ static int get_weight(const struct open_ctx *c, int layer, const char *what, con
                              c->m->files[sf].path, sname, moe_dtype_name(st->dtype),
                              moe_dtype_name(moe_quant_scale_dtype(q->q)));
     if (st->ndim != 2 || st->shape[0] != want[0] || st->shape[1] != want[1])
-        return moe_error_set(c->err, -EINVAL,
-                             "%s: tensor '%s': shape %s: expected %s, one scale per %d x %d "
-                             "block of '%s' [%" PRId64 ", %" PRId64 "]",
-                             c->m->files[sf].path, sname,
-                             moe_shape_text(st->shape, st->ndim, got, sizeof(got)),
-                             moe_shape_text(want, 2, exp, sizeof(exp)), q->brows, q->bcols, name,
-                             rows, cols);
+        return moe_error_set(
+            c->err, -EINVAL,
+            "%s: tensor '%s': shape %s: expected %s, one scale per %d x %d "
+            "block of '%s' [%" PRId64 ", %" PRId64 "]",
+            c->m->files[sf].path, sname, moe_shape_text(st->shape, st->ndim, got, sizeof(got)),
+            moe_shape_text(want, 2, exp, sizeof(exp)), q->brows, q->bcols, name, rows, cols);
     *sref = (struct moe_tensor_ref){.file = sf,
                                     .name = st->name,
                                     .dtype = st->dtype,
@@ -1651,8 +1650,8 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
                     c->err, -EINVAL,
                     "%s: layer %d expert %d: blob [%" PRIu64 ", +%" PRIu64
                     ") is not its gate, up and down (then their scales) back to back (gate at "
-                    "%" PRIu64 " +%" PRIu64
-                    ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64 " +%" PRIu64 ")",
+                    "%" PRIu64 " +%" PRIu64 ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64
+                    " +%" PRIu64 ")",
                     path, i, e, pe->offset, pe->nbytes, x->gate.offset, x->gate.nbytes,
                     x->up.offset, x->up.nbytes, x->down.offset, x->down.nbytes);
                 goto out;

@@ -946,8 +946,8 @@ static int read_row_f32(const struct moe_model *m, const struct moe_expert_ref *
                                       : (uint64_t)cols * moe_dtype_size(t[k]->dtype);
     got = moe_pread_full(f->fd, tmp, rb, t[k]->offset + (uint64_t)r * rb);
     if (got < 0)
-        return moe_error_set(err, (int)got, "%s: tensor '%s': read failed: %s", f->path,
-                             t[k]->name, strerror((int)-got));
+        return moe_error_set(err, (int)got, "%s: tensor '%s': read failed: %s", f->path, t[k]->name,
+                             strerror((int)-got));
     if ((uint64_t)got < rb)
         return moe_error_set(err, -EIO,
                              "%s: tensor '%s': short read: file truncated since it was opened?",
@@ -1228,7 +1228,8 @@ static size_t plan(const struct moe_model *m, const struct qopts *q, struct item
             others[k++] = &L->bias;
         for (int j = 0; j < k; j++) {
             pos = align_up(pos);
-            items[n++] = (struct item){others[j], i, -1, -1, pos, NULL, 0, false, others[j]->nbytes};
+            items[n++] =
+                (struct item){others[j], i, -1, -1, pos, NULL, 0, false, others[j]->nbytes};
             pos += others[j]->nbytes;
         }
         for (int j = 0; L->has_shared && j < store_parts(&L->shared, q); j++) {
@@ -1239,7 +1240,7 @@ static size_t plan(const struct moe_model *m, const struct qopts *q, struct item
         }
         if (L->has_shared_gate) {
             pos = align_up(pos);
-            items[n++] = (struct item){&L->shared_gate, i, -1, -1, pos, NULL, 0, false,
+            items[n++] = (struct item){&L->shared_gate,      i, -1, -1, pos, NULL, 0, false,
                                        L->shared_gate.nbytes};
             pos += L->shared_gate.nbytes;
         }
@@ -1444,9 +1445,9 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
         goto fail;
     }
     if (q.f.q != MOE_QUANT_NONE &&
-        json_object_set_new(root, "quantization",
-                            json_pack("{s:s, s:i}", "format", moe_quant_name(q.f.q), "group",
-                                      q.f.bcols)) < 0) {
+        json_object_set_new(
+            root, "quantization",
+            json_pack("{s:s, s:i}", "format", moe_quant_name(q.f.q), "group", q.f.bcols)) < 0) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }

@@ -158,8 +158,7 @@ static float value_at(enum moe_quant q, const uint8_t *row, int64_t c)
     }
 }
 
-static const uint8_t *row_ptr(const struct moe_quant_fmt *f, const void *w, int64_t cols,
-                              int64_t r)
+static const uint8_t *row_ptr(const struct moe_quant_fmt *f, const void *w, int64_t cols, int64_t r)
 {
     return (const uint8_t *)w + moe_quant_data_bytes(f->q, r, cols);
 }
@@ -237,9 +236,8 @@ int moe_quant_check_scales(enum moe_quant q, const void *s, uint64_t n, const ch
     for (uint64_t i = 0; i < n; i++) {
         if (q == MOE_QUANT_MXFP4) {
             if (((const uint8_t *)s)[i] == 255)
-                return moe_error_set(err, -EINVAL,
-                                     "tensor '%s': scale %" PRIu64 " is 255 (NaN in e8m0)", tensor,
-                                     i);
+                return moe_error_set(
+                    err, -EINVAL, "tensor '%s': scale %" PRIu64 " is 255 (NaN in e8m0)", tensor, i);
             continue;
         }
         float v = moe_quant_scale(q, s, (int64_t)i);

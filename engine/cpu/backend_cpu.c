@@ -476,8 +476,8 @@ static void ffn_down_task(void *arg, int task, int thread)
             qdot_rows(c->k, e, e->down, e->down_s, h0, nr, F,
                       (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
         } else {
-            moe_cpu_dot_fn dot = wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype]
-                                                                     : c->k->dot[e->dtype];
+            moe_cpu_dot_fn dot =
+                wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
 
             dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
                 (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
@@ -510,8 +510,8 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
         return -EINVAL;
     if (e->quant.q != MOE_QUANT_NONE) {
         /* the layout quant.h and kernels.h describe */
-        if (e->quant.q >= MOE_QUANT_COUNT || e->hidden % 32 || e->ffn % 32 ||
-            e->quant.bcols <= 0 || e->quant.bcols % 32 || e->quant.brows <= 0 ||
+        if (e->quant.q >= MOE_QUANT_COUNT || e->hidden % 32 || e->ffn % 32 || e->quant.bcols <= 0 ||
+            e->quant.bcols % 32 || e->quant.brows <= 0 ||
             (e->quant.q != MOE_QUANT_FP8 && e->quant.brows != 1) ||
             (e->quant.q == MOE_QUANT_MXFP4 && e->quant.bcols != 32) || !e->gate_s || !e->up_s ||
             !e->down_s || e->dtype != moe_quant_value_dtype(e->quant.q))

@@ -127,8 +127,8 @@ struct moe_cpu_qw {
  * are plain fp32 prepared rows (prep[MOE_DTYPE_F32]), 64-byte aligned.  As
  * for dot: y[t, r] depends only on k and the inputs.
  */
-typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k,
-                                const void *const *x, int nt, float *y, int64_t ldy);
+typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                                int nt, float *y, int64_t ldy);
 
 struct moe_cpu_kernel {
     const char *name;          /* "generic", "avx2", "avx512" */

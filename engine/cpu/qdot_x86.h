@@ -8,19 +8,15 @@
  * and FMA'd into one 8-lane accumulator per (row, token); no dequantized
  * copy of a matrix is ever made.  Decoding:
  *   FP8 e4m3   bits (s eeee mmm) moved to f16 bits (s 0eeee mmm0000000) by an
- *              unpack, a shift and a mask, and converted by vcvtph2ps: that is the value times 2^-8 (normal
- *              and subnormal alike), so the scale is multiplied by 2^8
- *              (exact).  NaN bytes (0x7f, 0xff) decode as +-480 instead:
- *              the loader does not scan weights for them.
- *   INT8       sign-extended, converted.
- *   INT4       nibbles split and interleaved (low, high), 8 subtracted.
- *   MXFP4      nibbles looked up (vpshufb) as 2 x e2m1 in int8, so the
- *              scale is multiplied by 0.5 (exact).
- * Tiles: rows x tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3
- * for decode (each row a sequential stream), then 1 x 6 chunks of tokens
- * for prefill; a row's 32 values are decoded once per tile.  The arithmetic per output element does not depend on
- * the tile, K is summed in MOE_CPU_KBLOCK blocks, each reduced horizontally
- * and added to y in order.
+ *              unpack, a shift and a mask, and converted by vcvtph2ps: that is the value times 2^-8
+ * (normal and subnormal alike), so the scale is multiplied by 2^8 (exact).  NaN bytes (0x7f, 0xff)
+ * decode as +-480 instead: the loader does not scan weights for them. INT8       sign-extended,
+ * converted. INT4       nibbles split and interleaved (low, high), 8 subtracted. MXFP4      nibbles
+ * looked up (vpshufb) as 2 x e2m1 in int8, so the scale is multiplied by 0.5 (exact). Tiles: rows x
+ * tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3 for decode (each row a sequential
+ * stream), then 1 x 6 chunks of tokens for prefill; a row's 32 values are decoded once per tile.
+ * The arithmetic per output element does not depend on the tile, K is summed in MOE_CPU_KBLOCK
+ * blocks, each reduced horizontally and added to y in order.
  */
 #ifndef MOED_ENGINE_CPU_QDOT_X86_H
 #define MOED_ENGINE_CPU_QDOT_X86_H
@@ -104,7 +100,8 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
             v0 = _mm_sub_epi8(v0, m8);
             v1 = _mm_sub_epi8(v1, m8);
         } else {
-            const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+            const __m128i lut =
+                _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
 
             v0 = _mm_shuffle_epi8(lut, v0);
             v1 = _mm_shuffle_epi8(lut, v1);
@@ -220,18 +217,30 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
 
         for (; t + 6 <= nt; t += 6)
             qtile(q, w, r, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
+        /* the last tokens: a tile of their count (a constant, for the
+         * unrolling) */
         switch (nt - t) {
-#define QT(n)                                                                                      \
-    case n:                                                                                        \
-        qtile(q, w, r, 1, x + t, n, k, y + (size_t)t * ldy, ldy);                                  \
-        break;
-            QT(1) QT(2) QT(3) QT(4) QT(5)
-#undef QT
+        case 1:
+            qtile(q, w, r, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 2:
+            qtile(q, w, r, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 3:
+            qtile(q, w, r, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 4:
+            qtile(q, w, r, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 5:
+            qtile(q, w, r, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
+            break;
         default:
             break;
         }
     }
 }
+
 static void qdot_fp8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
 {
@@ -256,6 +265,9 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
     qdot_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy);
 }
 
-#define MOE_CPU_QDOT_X86 {NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4}
+#define MOE_CPU_QDOT_X86                                                                           \
+    {                                                                                              \
+        NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
+    }
 
 #endif

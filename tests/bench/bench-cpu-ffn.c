@@ -698,8 +698,8 @@ static int make_matrix(struct moe_backend *be, struct moe_threadpool *pool,
                        const struct moe_quant_fmt *f, int64_t rows, int64_t cols,
                        const uint16_t *table, uint64_t seed, void **ret_w, void **ret_s)
 {
-    uint64_t vb = f->q == MOE_QUANT_NONE ? (uint64_t)rows * cols * 2
-                                         : moe_quant_data_bytes(f->q, rows, cols);
+    uint64_t vb =
+        f->q == MOE_QUANT_NONE ? (uint64_t)rows * cols * 2 : moe_quant_data_bytes(f->q, rows, cols);
 
     *ret_s = NULL;
     *ret_w = be->ops->alloc(be, vb);
@@ -795,16 +795,14 @@ int main(int argc, char **argv)
         printf("%smoe layer: hidden %lld, ffn %lld, %d experts, top-%d, %s weights %.2f GB as "
                "stored (filled in %.2f s)\n",
                fi ? "\n" : "", (long long)H, (long long)F, N_EXPERTS, TOP_K, fmt_name(f),
-               (double)N_EXPERTS * expert_bytes(&ex[0]) * 1e-9,
-               (double)(moe_now_ns() - t0) * 1e-9);
+               (double)N_EXPERTS * expert_bytes(&ex[0]) * 1e-9, (double)(moe_now_ns() - t0) * 1e-9);
         if (fi == 0) {
             printf("times: best of N calls after a warm-up (median in brackets); eff GB/s, "
                    "eff/mem and GFLOP/s from the faster precision\n");
             printf("torch's block: %s\n", torch ? python : "not run");
         }
         for (int i = 0; i < o.n_threads; i++)
-            if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) <
-                0)
+            if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) < 0)
                 goto out;
         for (int e = 0; e < N_EXPERTS; e++)
             for (int m = 0; m < 6; m++) {

@@ -64,8 +64,7 @@ static void rmrf(const char *path)
  * packs it into dir/name, quantized to q unless q is NULL; returns the
  * store path. */
 static char *make_store_as(const struct opts *o, const char *name, int layers, int experts,
-                           int hidden, int ffn, enum moe_dtype dtype,
-                           const struct moe_quant_fmt *q)
+                           int hidden, int ffn, enum moe_dtype dtype, const struct moe_quant_fmt *q)
 {
     struct moe_genmodel_opts g;
     struct moe_error err;
@@ -286,10 +285,10 @@ int main(int argc, char **argv)
         };
 
         for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
-            char *st = o.quick ? make_store_as(&o, fmts[i].name, 1, 4, 1024, 512, fmts[i].dtype,
-                                               &fmts[i].q)
-                               : make_store_as(&o, fmts[i].name, 1, 8, 7168, 2048, fmts[i].dtype,
-                                               &fmts[i].q);
+            char *st =
+                o.quick
+                    ? make_store_as(&o, fmts[i].name, 1, 4, 1024, 512, fmts[i].dtype, &fmts[i].q)
+                    : make_store_as(&o, fmts[i].name, 1, 8, 7168, 2048, fmts[i].dtype, &fmts[i].q);
 
             latency(&o, st, fmts[i].name, o.quick ? 4 : 16, bench_best(fio, passes));
             if (!o.keep)

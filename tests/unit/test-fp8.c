@@ -125,8 +125,8 @@ static void rfile_write(const char *dir, struct rfile *f)
     ASSERT_EQ(moe_st_writer_init(path, &w, &err), 0);
     for (size_t i = 0; i < f->n; i++)
         if (!f->t[i].dropped)
-            ASSERT_EQ(moe_st_writer_add(w, f->t[i].name, f->t[i].dtype, f->t[i].ndim,
-                                        f->t[i].shape, &err),
+            ASSERT_EQ(moe_st_writer_add(w, f->t[i].name, f->t[i].dtype, f->t[i].ndim, f->t[i].shape,
+                                        &err),
                       0);
     ASSERT_EQ(moe_st_writer_begin(w, &err), 0);
     for (size_t i = 0; i < f->n; i++)
@@ -439,7 +439,7 @@ static void test_bad(void)
 {
     bad_file("scale shape", scale_shape,
              "tensor '" EXP(2, 5, up) "_scale_inv': shape [2, 1]: expected [2, 2], one scale per "
-             "128 x 128 block of '" EXP(2, 5, up) "' [160, 256]");
+                                      "128 x 128 block of '" EXP(2, 5, up) "' [160, 256]");
     bad_file("scale 1-D", scale_1d, "tensor '" EXP(1, 1, gate) "_scale_inv': shape [4]");
     bad_file("scale missing", scale_missing,
              "no tensor '" EXP(1, 0, down) "_scale_inv': expected the fp8 scales of '" EXP(
@@ -447,11 +447,11 @@ static void test_bad(void)
     bad_file("scale dtype", scale_bf16,
              "tensor '" EXP(1, 2, gate) "_scale_inv': dtype BF16: expected F32 scales");
     bad_file("mixed in an expert", mixed_in_expert,
-             "tensor '" EXP(2, 4, up) "': dtype F8_E4M3, but " EXP(2, 4, gate)
-             " is BF16: expected one dtype (one format)");
+             "tensor '" EXP(2, 4, up) "': dtype F8_E4M3, but " EXP(
+                 2, 4, gate) " is BF16: expected one dtype (one format)");
     bad_file("mixed in a layer", mixed_in_layer,
              "tensor '" EXP(1, 6, gate) "': dtype BF16, but the model's other experts are "
-             "F8_E4M3: expected one dtype (one format)");
+                                        "F8_E4M3: expected one dtype (one format)");
     bad_scale_value(NAN, "nan");
     bad_scale_value(INFINITY, "inf");
     bad_scale_value(-2.0f, "-2");

@@ -313,8 +313,9 @@ static void test_bad(void)
             const char *json;
             const char *needle;
         } bad[] = {
-            {"format", "\"int3\"", "quantization: 'format' is \"int3\": expected \"int8\" or "
-                                   "\"int4\""},
+            {"format", "\"int3\"",
+             "quantization: 'format' is \"int3\": expected \"int8\" or "
+             "\"int4\""},
             {"format", "7", "'format'"},
             {"group", "40", "quantization: 'group' is 40: expected a multiple of 32"},
             {"group", "16", "'group' is 16"},

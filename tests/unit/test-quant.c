@@ -346,8 +346,7 @@ static void test_ffn_case(const struct qcase *c, double *worst)
             if (!be)
                 continue;
             memcpy(out, b.out0, n * sizeof(float));
-            ASSERT_EQ(be->ops->grouped_ffn(be, b.x, c->hidden, c->n_tokens, b.work, N_EXP, out),
-                      0);
+            ASSERT_EQ(be->ops->grouped_ffn(be, b.x, c->hidden, c->n_tokens, b.work, N_EXP, out), 0);
             e = test_rel_l2_f32(out, ref, n);
             if (!(e <= TOL))
                 FAIL("%s %s/%d, H %lld F %lld, %d tokens, %d threads: relative error %.3g > %g",
@@ -382,8 +381,8 @@ static void test_ffn_case(const struct qcase *c, double *worst)
                             nw++;
                         }
                 memcpy(alone, b.out0 + (size_t)tok * c->hidden, c->hidden * sizeof(float));
-                ASSERT_EQ(be->ops->grouped_ffn(be, b.x + (size_t)tok * c->hidden, c->hidden, 1,
-                                               w1, nw, alone),
+                ASSERT_EQ(be->ops->grouped_ffn(be, b.x + (size_t)tok * c->hidden, c->hidden, 1, w1,
+                                               nw, alone),
                           0);
                 if (memcmp(alone, first + (size_t)tok * c->hidden, c->hidden * sizeof(float)))
                     FAIL("%s %s: token %d alone differs from the batch", kernel_names[k],
@@ -412,11 +411,9 @@ static void test_ffn_case(const struct qcase *c, double *worst)
 static void test_ffn(void)
 {
     static const struct moe_quant_fmt fmts[] = {
-        {MOE_QUANT_FP8, 128, 128},
-        {MOE_QUANT_INT8, 1, 128},
+        {MOE_QUANT_FP8, 128, 128}, {MOE_QUANT_INT8, 1, 128},
         {MOE_QUANT_INT8, 1, 96}, /* groups straddle a kernel K block */
-        {MOE_QUANT_INT4, 1, 32},
-        {MOE_QUANT_INT4, 1, 64},
+        {MOE_QUANT_INT4, 1, 32},   {MOE_QUANT_INT4, 1, 64},
         {MOE_QUANT_MXFP4, 1, 32},
     };
     /* 320 rows: two and a half FP8 blocks; 1088 columns: more than one
@@ -424,8 +421,8 @@ static void test_ffn(void)
     static const struct {
         int64_t h, f;
         int t;
-    } shapes[] = {{256, 320, 1}, {256, 320, 2}, {256, 320, 3}, {256, 320, 11}, {1088, 160, 1},
-                  {1088, 160, 9}};
+    } shapes[] = {{256, 320, 1},  {256, 320, 2},  {256, 320, 3},
+                  {256, 320, 11}, {1088, 160, 1}, {1088, 160, 9}};
     double worst[N_KERNELS];
 
     for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
