@@ -631,6 +631,11 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
         s->work[i].precision = e->m->precision;
     }
     r = b->ops->grouped_ffn(b, xc, e->m->cfg.hidden, n_tokens, s->work + lo, hi - lo, oc);
+    if (r == -ENOTSUP && e->m->expert_quant.q != MOE_QUANT_NONE)
+        return moe_error_set(err, r,
+                             "expert FFNs of layer %d: the %s backend has no kernels for %s "
+                             "experts; serve this model on the cpu backend",
+                             layer, b->ops->name, moe_quant_name(e->m->expert_quant.q));
     if (r < 0)
         return moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
                              b->ops->name);
