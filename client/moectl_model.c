@@ -6,6 +6,7 @@
 #include "common.h"
 #include "genmodel.h"
 #include "model.h"
+#include "quant.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -47,7 +48,10 @@ static void gen_model_usage(FILE *f)
                "  --shared-experts S     shared experts (qwen2_moe, qwen3_next, qwen3_5_moe:\n"
                "                         0 or 1; deepseek_v3,\n"
                "                         deepseek_v2, kimi_k2, glm4_moe: any; llama4_text: 1)\n"
-               "  --dtype bf16|f16|f32   weight type (default bf16)\n"
+               "  --dtype bf16|f16|f32|fp8\n"
+               "                         weight type (default bf16); fp8: linear weights as\n"
+               "                         float8 e4m3 with a float32 weight_scale_inv per\n"
+               "                         128x128 block, the rest bf16 (DeepSeek-V3's layout)\n"
                "  --shards N             safetensors files (default 1)\n"
                "  --seed S               seed of the weights (default 0)\n"
                "  -q, --quiet            no progress output\n"
@@ -199,8 +203,10 @@ int moectl_gen_model(int argc, char **argv)
             r = parse_u64("--seed", optarg, &seed);
             break;
         case 'd':
-            if (moe_dtype_parse_user(optarg, &dtype) < 0) {
-                errorf("--dtype '%s': expected bf16, f16 or f32", optarg);
+            if (strcmp(optarg, "fp8") == 0) {
+                dtype = MOE_DTYPE_F8_E4M3;
+            } else if (moe_dtype_parse_user(optarg, &dtype) < 0) {
+                errorf("--dtype '%s': expected bf16, f16, f32 or fp8", optarg);
                 return 2;
             }
             break;
@@ -362,6 +368,29 @@ static const char *layout_detail(const char *layout)
     return "";
 }
 
+/* The routed experts' quantization, for people: "none", or the format,
+ * its scale block and where the scales are. */
+static const char *quant_text(const struct moe_quant_fmt *q, char *buf, size_t len)
+{
+    switch (q->q) {
+    case MOE_QUANT_NONE:
+        snprintf(buf, len, "none");
+        break;
+    case MOE_QUANT_FP8:
+        snprintf(buf, len, "fp8 (float8 e4m3), one f32 scale per %d x %d block (weight_scale_inv)",
+                 q->brows, q->bcols);
+        break;
+    case MOE_QUANT_MXFP4:
+        snprintf(buf, len, "mxfp4 (e2m1), one e8m0 scale per %d values", q->bcols);
+        break;
+    default:
+        snprintf(buf, len, "%s, symmetric, one f32 scale per %d values of a row (weight_scale)",
+                 moe_quant_name(q->q), q->bcols);
+        break;
+    }
+    return buf;
+}
+
 static int inspect_json(const struct moe_model *m)
 {
     const struct moe_model_config *c = &m->cfg;
@@ -407,6 +436,14 @@ static int inspect_json(const struct moe_model *m)
         json_object_set_new(root, "swiglu_limit", json_real(c->swiglu_limit));
     }
     json_object_set_new(root, "dtype", json_string(moe_dtype_user_name(m->expert_dtype)));
+    if (m->expert_quant.q != MOE_QUANT_NONE)
+        json_object_set_new(root, "quantization",
+                            json_pack("{s:s, s:[i, i], s:s}", "format",
+                                      moe_quant_name(m->expert_quant.q), "block",
+                                      m->expert_quant.brows, m->expert_quant.bcols, "scale_dtype",
+                                      m->expert_quant.q == MOE_QUANT_MXFP4 ? "e8m0" : "f32"));
+    else
+        json_object_set_new(root, "quantization", json_null());
     json_object_set_new(root, "expert_layout", json_string(expert_layout(m)));
     json_object_set_new(root, "bytes_per_expert", json_integer((json_int_t)m->expert_bytes));
     json_object_set_new(root, "total_expert_bytes",
@@ -499,6 +536,7 @@ int moectl_inspect(int argc, char **argv)
         printf("activation    clamped SwiGLU (alpha %g, limit %g)%s\n", (double)cf->swiglu_alpha,
                (double)cf->swiglu_limit, cf->expert_bias ? ", gate/up and down biases" : "");
     printf("dtype         %s\n", moe_dtype_user_name(m->expert_dtype));
+    printf("quantization  %s\n", quant_text(&m->expert_quant, rule, sizeof(rule)));
     printf("layout        %s%s\n", expert_layout(m), layout_detail(expert_layout(m)));
     printf("expert bytes  %llu (%s) per routed expert\n", (unsigned long long)m->expert_bytes,
            human_bytes(m->expert_bytes, b1, sizeof(b1)));

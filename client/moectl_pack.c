@@ -7,6 +7,7 @@
 #include "common.h"
 #include "model.h"
 #include "pack.h"
+#include "quant.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -64,7 +65,8 @@ static void progress(void *ctx, uint64_t done, uint64_t total)
 
 static void pack_usage(FILE *f)
 {
-    fprintf(f, "usage: moectl pack --model DIR --out DIR [--force] [-q]\n"
+    fprintf(f, "usage: moectl pack --model DIR --out DIR [--quantize int8|int4 [--group N]]\n"
+               "                  [--force] [-q]\n"
                "\n"
                "Writes the packed store of a checkpoint: config.json, experts.bin (every routed\n"
                "expert as one 4096-aligned blob of gate, up and down, then routers, biases and\n"
@@ -73,6 +75,13 @@ static void pack_usage(FILE *f)
                "\n"
                "  --model DIR    the checkpoint (Hugging Face layout)\n"
                "  --out DIR      the store's directory (created; not the checkpoint's)\n"
+               "  --quantize int8|int4\n"
+               "                 store the experts (routed and shared) quantized, symmetric\n"
+               "                 with one float32 scale per group of a row, from a bf16,\n"
+               "                 f16, f32 or fp8 checkpoint; moed computes on them directly\n"
+               "  --group N      values per scale: a multiple of 32 that divides hidden and\n"
+               "                 the expert ffn (default 128 for int8, 32 for int4, halved\n"
+               "                 until it divides them)\n"
                "  --force        replace a store already in --out\n"
                "  -q, --quiet    no progress output\n");
 }
@@ -80,10 +89,14 @@ static void pack_usage(FILE *f)
 int moectl_pack(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'}, {"out", required_argument, NULL, 'o'},
-        {"force", no_argument, NULL, 'f'},       {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},        {0},
+        {"model", required_argument, NULL, 'm'},    {"out", required_argument, NULL, 'o'},
+        {"force", no_argument, NULL, 'f'},          {"quiet", no_argument, NULL, 'q'},
+        {"quantize", required_argument, NULL, 'Q'}, {"group", required_argument, NULL, 'g'},
+        {"help", no_argument, NULL, 'h'},           {0},
     };
+    struct moe_quant_fmt quant = {0};
+    long group = 0;
+    char *end;
     struct progress_ctx pc = {.show = isatty(STDERR_FILENO), .what = "packing"};
     struct moe_error err = {0};
     struct moe_model *m = NULL, *packed = NULL;
@@ -105,6 +118,23 @@ int moectl_pack(int argc, char **argv)
         case 'f':
             force = true;
             break;
+        case 'Q':
+            if (moe_quant_parse(optarg, &quant.q) < 0 ||
+                (quant.q != MOE_QUANT_INT8 && quant.q != MOE_QUANT_INT4)) {
+                errorf("pack: --quantize '%s': expected int8 or int4", optarg);
+                return 2;
+            }
+            break;
+        case 'g':
+            errno = 0;
+            group = strtol(optarg, &end, 10);
+            if (errno || *end || end == optarg || group < 32 || group > MOE_QUANT_GROUP_MAX ||
+                group % 32 != 0) {
+                errorf("pack: --group '%s': expected a multiple of 32 from 32 to %d", optarg,
+                       MOE_QUANT_GROUP_MAX);
+                return 2;
+            }
+            break;
         case 'q':
             pc.show = false;
             break;
@@ -124,6 +154,10 @@ int moectl_pack(int argc, char **argv)
         errorf("pack: --model and --out are required (see moectl pack --help)");
         return 2;
     }
+    if (group && quant.q == MOE_QUANT_NONE) {
+        errorf("pack: --group needs --quantize int8|int4");
+        return 2;
+    }
 
     t0 = moe_now_ns();
     r = moe_model_open(dir, &m, &err);
@@ -131,8 +165,12 @@ int moectl_pack(int argc, char **argv)
         errorf("pack: %s", err.msg);
         return 1;
     }
+    if (quant.q != MOE_QUANT_NONE) {
+        quant.brows = 1;
+        quant.bcols = group ? (int)group : moe_pack_default_group(m, quant.q);
+    }
     pc.t0 = moe_now_ns();
-    r = moe_pack_write(m, out, force, progress, &pc, &err);
+    r = moe_pack_write_quant(m, out, force, &quant, progress, &pc, &err);
     moe_model_free(m);
     if (r < 0) {
         progress_end(&pc);
@@ -147,9 +185,10 @@ int moectl_pack(int argc, char **argv)
         return 1;
     }
     bytes = packed->files[0].size;
-    printf("packed %s into %s: %d experts in %d MoE layers, %zu tensors, %llu bytes (%s) in "
+    printf("packed %s into %s%s%s: %d experts in %d MoE layers, %zu tensors, %llu bytes (%s) in "
            "%.2f s, %.0f MB/s\n",
-           dir, out, packed->n_moe_layers * packed->cfg.n_experts, packed->n_moe_layers,
+           dir, out, quant.q ? " as " : "", quant.q ? moe_quant_name(quant.q) : "",
+           packed->n_moe_layers * packed->cfg.n_experts, packed->n_moe_layers,
            packed->headers[0]->n_tensors, (unsigned long long)bytes,
            human_bytes(bytes, b1, sizeof(b1)), secs, secs > 0 ? (double)bytes / secs / 1e6 : 0.0);
     moe_model_free(packed);

@@ -6,7 +6,10 @@
  * Memory handed to compute slots (weights, activations) comes from the
  * backend's own alloc slot: host memory for the CPU backend, device memory
  * for CUDA.  Activations and accumulation are fp32; weights are F32, F16 or
- * BF16, row-major [rows, cols] as nn.Linear stores them (y = W x).  A work
+ * BF16, row-major [rows, cols] as nn.Linear stores them (y = W x), or, for
+ * expert FFNs, quantized (FP8, INT8, INT4, MXFP4 with their scales, see
+ * quant.h), which a backend dequantizes inside its kernels or refuses with
+ * -ENOTSUP.  A work
  * item's precision may round the activations to bf16 on the way (below).
  */
 #ifndef MOED_ENGINE_BACKEND_H
@@ -29,9 +32,14 @@ enum moe_activation {
     MOE_ACT_SWIGLU_CLAMP,
 };
 
-/* One expert's weights, in backend memory. */
+/*
+ * One expert's weights, in backend memory.  Quantized (quant.q != NONE):
+ * gate, up and down hold the values and gate_s, up_s, down_s the scales of
+ * each matrix as quant.h lays them out, H and F multiples of 32; dtype is
+ * then moe_quant_value_dtype(quant.q).
+ */
 struct moe_expert_weights {
-    enum moe_dtype dtype; /* F32, F16 or BF16 */
+    enum moe_dtype dtype; /* F32, F16 or BF16 (plain) */
     int64_t hidden;       /* H */
     int64_t ffn;          /* F */
     const void *gate;     /* [F, H] */
@@ -39,12 +47,16 @@ struct moe_expert_weights {
     const void *down;     /* [H, F] */
     /* Biases (gpt-oss), fp32 in backend memory, or NULL for none: g = gate x
      * + gate_bias, u = up x + up_bias, y = down h + down_bias. */
-    const float *gate_bias;  /* [F] */
-    const float *up_bias;    /* [F] */
-    const float *down_bias;  /* [H] */
-    enum moe_activation act; /* 0 (silu) when not set */
-    float alpha;             /* swiglu_clamp: sigmoid gain (> 0, finite) */
-    float limit;             /* swiglu_clamp: clamp (> 0, finite) */
+    const float *gate_bias;     /* [F] */
+    const float *up_bias;       /* [F] */
+    const float *down_bias;     /* [H] */
+    enum moe_activation act;    /* 0 (silu) when not set */
+    float alpha;                /* swiglu_clamp: sigmoid gain (> 0, finite) */
+    float limit;                /* swiglu_clamp: clamp (> 0, finite) */
+    struct moe_quant_fmt quant; /* .q == MOE_QUANT_NONE (0) for plain weights */
+    const void *gate_s;         /* scales of gate, up, down; NULL when plain */
+    const void *up_s;
+    const void *down_s;
 };
 
 /*

@@ -29,6 +29,7 @@
 #include "log.h"
 #include "model.h"
 #include "policy.h"
+#include "quant.h"
 #include "tier.h"
 
 #include <errno.h>
@@ -63,10 +64,10 @@ struct centry {
     struct cmodel *mod;
     int layer, expert;
     uint64_t bytes;   /* slot size in every tier */
-    uint64_t toff[3]; /* gate, up, down within the slot */
+    uint64_t toff[6]; /* gate, up, down (and their scales) within the slot */
     int n_segs;
-    struct moe_pager_seg segs[3]; /* layout: dst is an offset in the slot */
-    struct moe_pager_seg io[3];   /* the page-in in flight: dst an address */
+    struct moe_pager_seg segs[6]; /* layout: dst is an offset in the slot */
+    struct moe_pager_seg io[6];   /* the page-in in flight: dst an address */
     uint32_t refs;                /* batch pins */
     uint32_t holds;               /* batches inside moe_cache_acquire that need it:
                                    * no tier evicts it meanwhile */
@@ -408,18 +409,20 @@ static uint64_t align_up(uint64_t v)
 }
 
 /*
- * Lays out an expert's slot: the aligned spans of its three tensors, merged
- * where they touch in one file, back to back; each tensor's offset inside.
+ * Lays out an expert's slot: the aligned spans of its tensors (gate, up,
+ * down, and a quantized expert's three scale tensors), merged where they
+ * touch in one file, back to back; each tensor's offset inside.
  */
 static void entry_layout(struct centry *e, const struct moe_expert_ref *x, const int *pager_file)
 {
-    const struct moe_tensor_ref *t[3] = {&x->gate, &x->up, &x->down};
-    int order[3] = {0, 1, 2};
+    const struct moe_tensor_ref *t[6];
+    int n = moe_expert_tensors(x, t);
+    int order[6] = {0, 1, 2, 3, 4, 5};
     uint64_t slot = 0;
 
     /* sort by (file, offset) */
-    for (int i = 0; i < 3; i++)
-        for (int j = i + 1; j < 3; j++)
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
             if (t[order[j]]->file < t[order[i]]->file ||
                 (t[order[j]]->file == t[order[i]]->file &&
                  t[order[j]]->offset < t[order[i]]->offset)) {
@@ -429,7 +432,7 @@ static void entry_layout(struct centry *e, const struct moe_expert_ref *x, const
                 order[j] = s;
             }
     e->n_segs = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < n; i++) {
         const struct moe_tensor_ref *r = t[order[i]];
         uint64_t start, span;
         struct moe_pager_seg *s = e->n_segs ? &e->segs[e->n_segs - 1] : NULL;
@@ -819,6 +822,12 @@ static void weights_of(const struct centry *e, struct moe_expert_weights *w)
     w->gate = base + e->toff[0];
     w->up = base + e->toff[1];
     w->down = base + e->toff[2];
+    if (x->quant.q != MOE_QUANT_NONE) {
+        w->quant = x->quant;
+        w->gate_s = base + e->toff[3];
+        w->up_s = base + e->toff[4];
+        w->down_s = base + e->toff[5];
+    }
 }
 
 static int upload(struct moe_cache *c, struct centry *e, int from, int to)
@@ -978,10 +987,12 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
         const uint8_t *slot = e->t[e->load_tier].data;
         /* Each tensor's bytes, chained through the seed (the spans around
          * them hold other tensors' bytes, or zeros past the file's end). */
-        uint64_t h = XXH3_64bits_withSeed(slot + e->toff[0], x->gate.nbytes, 0);
+        const struct moe_tensor_ref *t[6];
+        int n = moe_expert_tensors(x, t);
+        uint64_t h = 0;
 
-        h = XXH3_64bits_withSeed(slot + e->toff[1], x->up.nbytes, h);
-        h = XXH3_64bits_withSeed(slot + e->toff[2], x->down.nbytes, h);
+        for (int i = 0; i < n; i++)
+            h = XXH3_64bits_withSeed(slot + e->toff[i], t[i]->nbytes, h);
         if (!e->summed) {
             e->sum = h;
             e->summed = true;
@@ -994,6 +1005,24 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
             status = -EBADMSG;
             msg = buf;
         }
+    }
+    /* A quantized expert's scales: NaN, infinite or negative ones would
+     * make every output of the expert garbage; the page-in fails instead,
+     * naming the tensor (they are a few KiB: checked at every page-in). */
+    if (status == 0 && x->quant.q != MOE_QUANT_NONE && !c->cfg.simulate) {
+        const uint8_t *slot = e->t[e->load_tier].data;
+        const struct moe_tensor_ref *t[6];
+        struct moe_error qerr = {0};
+
+        moe_expert_tensors(x, t);
+        for (int i = 3; i < 6 && status == 0; i++)
+            if (moe_quant_check_scales(x->quant.q, slot + e->toff[i],
+                                       t[i]->nbytes / moe_quant_scale_size(x->quant.q), t[i]->name,
+                                       &qerr) < 0) {
+                snprintf(buf, sizeof(buf), "%s: %.400s", m->files[t[i]->file].name, qerr.msg);
+                status = -EINVAL;
+                msg = buf;
+            }
     }
     /* Llama 4's experts are stored transposed: the cache's copy is made
      * plain once, here, after the checksum (which covers the bytes as read),

@@ -74,6 +74,32 @@ const char *moe_dtype_user_name(enum moe_dtype t);
 /* True for the types the engine computes with: F32, F16, BF16. */
 bool moe_dtype_is_compute(enum moe_dtype t);
 
+/*
+ * Quantized weight formats (engine/quant.h has their arithmetic).  A
+ * quantized [rows, cols] matrix is stored as its values, row-major, and a
+ * separate scale matrix [ceil(rows / brows), ceil(cols / bcols)], row-major:
+ * weight (r, c) = value(r, c) * scale(r / brows, c / bcols).
+ */
+enum moe_quant {
+    MOE_QUANT_NONE = 0, /* a plain F32, F16 or BF16 matrix */
+    MOE_QUANT_FP8,      /* float8 e4m3fn bytes; F32 scales (weight_scale_inv) per
+                         * brows x bcols block, as DeepSeek-V3 and Qwen3 FP8 publish */
+    MOE_QUANT_INT8,     /* int8 in [-127, 127]; F32 scales per 1 x bcols group */
+    MOE_QUANT_INT4,     /* int4 in [-7, 7] stored as q + 8, two per byte (element
+                         * 2j in the low nibble, 2j + 1 in the high); F32 scales
+                         * per 1 x bcols group */
+    MOE_QUANT_MXFP4,    /* OCP MXFP4 as gpt-oss stores it: e2m1 nibbles, packed as
+                         * INT4; U8 e8m0 scales (2^(s - 127)) per 1 x 32 */
+    MOE_QUANT_COUNT,
+};
+
+/* A matrix's quantization: the format and its scale block. */
+struct moe_quant_fmt {
+    enum moe_quant q;
+    int brows; /* rows per scale row (FP8: 128; 1 otherwise; 0 for NONE) */
+    int bcols; /* elements per scale along a row (a multiple of 32; 0 for NONE) */
+};
+
 /* 64-byte aligned allocation (cache line, AVX-512); free with moe_free_aligned. */
 void *moe_alloc_aligned(size_t bytes);
 void moe_free_aligned(void *p);

@@ -35,6 +35,7 @@
 #include "genmodel.h"
 #include "st_writer.h"
 #include "dtype.h"
+#include "quant.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -75,7 +76,13 @@ enum init_kind {
     INIT_ONES,      /* every element 1.0 */
     INIT_UNIFORM,   /* uniform in [-scale, scale] */
     INIT_ROUTER,    /* skewed router rows, [E, H] */
+    INIT_FP8,       /* INIT_NOISE's values divided by their block's scale, as e4m3 */
+    INIT_FP8_SCALE, /* the block scales (weight_scale_inv) of the INIT_FP8 tensor
+                     * named key_name, [ceil(rows / 128), ceil(cols / 128)] */
 };
+
+/* FP8 block size (quantization_config weight_block_size), as published. */
+#define GEN_FP8_BLOCK 128
 
 /* What a fused expert tensor holds (transformers 5's layout). */
 enum fuse_kind {
@@ -105,6 +112,7 @@ struct gtensor {
     int64_t shape[3];
     enum fuse_kind fuse; /* fused: values are those of the per-expert tensors */
     int layer;           /* fused: its layer */
+    int64_t rows, cols;  /* INIT_FP8, INIT_FP8_SCALE: the weight's shape */
     uint64_t count;      /* elements */
     uint64_t nbytes;
     int shard; /* 0-based file index */
@@ -128,6 +136,7 @@ struct gdims {
     const char *mp;              /* prefix of embed_tokens and norm */
     int n_shards;
     uint64_t seed;
+    bool fp8; /* linear weights as FP8 e4m3 + weight_scale_inv (DeepSeek-V3's layout) */
 };
 
 struct gplan {
@@ -316,6 +325,19 @@ static void report(struct gen_buf *b)
         b->o->progress(b->o->progress_ctx, &b->pr);
 }
 
+/*
+ * The FP8 scale of block (br, bc) of the weight whose values are keyed by
+ * key, noise of half-width a: a / 448 times a factor in [1, 2) from the
+ * block, so that no value saturates and blocks differ.
+ */
+static float fp8_scale(uint64_t key, float a, int64_t br, int64_t bc)
+{
+    uint64_t x = key ^ ((uint64_t)br * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)bc << 32) ^ 0xf8f8ull;
+
+    x = splitmix64(&x);
+    return a / 448.0f * (1.0f + (float)(x >> 40) * 0x1p-24f);
+}
+
 /* Generates tensor t and hands its bytes to the writer. */
 static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
                        struct gen_buf *b, struct moe_error *err);
@@ -343,11 +365,32 @@ static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, const 
     }
     while (done < t->count) {
         size_t n = (size_t)MOE_MIN((uint64_t)GEN_CHUNK, t->count - done);
+        float a = t->scale * sqrtf(3.0f);
 
         switch (t->init) {
         case INIT_NOISE:
-            fill_uniform(&g, b->vals, n, t->scale * sqrtf(3.0f));
+            fill_uniform(&g, b->vals, n, a);
             break;
+        case INIT_FP8:
+            /* the bf16 tensor's values (same key and stream), scaled down
+             * by their block's scale and rounded to e4m3 */
+            fill_uniform(&g, b->vals, n, a);
+            for (size_t i = 0; i < n; i++) {
+                uint64_t el = done + i;
+                int64_t r0 = (int64_t)(el / (uint64_t)t->cols),
+                        c0 = (int64_t)(el % (uint64_t)t->cols);
+
+                b->bytes[i] = moe_f32_to_fp8_e4m3(
+                    b->vals[i] / fp8_scale(key, a, r0 / GEN_FP8_BLOCK, c0 / GEN_FP8_BLOCK));
+            }
+            break;
+        case INIT_FP8_SCALE: {
+            int64_t sc = (t->cols + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK;
+
+            for (size_t i = 0; i < n; i++)
+                b->vals[i] = fp8_scale(key, a, (int64_t)(done + i) / sc, (int64_t)(done + i) % sc);
+            break;
+        }
         case INIT_UNIFORM:
             fill_uniform(&g, b->vals, n, t->scale);
             break;
@@ -363,7 +406,8 @@ static int write_tensor(struct moe_st_writer *w, const struct gtensor *t, const 
                 router_row(&rg, (int)((done + i) / (uint64_t)rg.H), b->vals + i);
             break;
         }
-        convert(t->dtype, b->vals, n, b->bytes);
+        if (t->init != INIT_FP8)
+            convert(t->dtype, b->vals, n, b->bytes);
         r = moe_st_writer_write(w, b->bytes, n * esz, err);
         if (r < 0)
             goto out;
@@ -681,6 +725,11 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     d->n_shared = o->n_shared == -1 ? def.n_shared : o->n_shared;
     d->n_shards = o->n_shards > 0 ? o->n_shards : 1;
     d->dtype = o->dtype;
+    if (d->dtype == MOE_DTYPE_F8_E4M3) {
+        /* FP8 linear weights, everything else bf16 (the published layout) */
+        d->fp8 = true;
+        d->dtype = MOE_DTYPE_BF16;
+    }
     d->seed = o->seed;
     d->multimodal = d->arch == MOE_ARCH_QWEN3_5_MOE;
     d->lp = d->multimodal ? "model.language_model.layers." : "model.layers.";
@@ -694,8 +743,13 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     d->moe_step = 1;
 
     if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
-        return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16 or f32",
+        return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16, f32 or fp8",
                              moe_dtype_user_name(d->dtype));
+    if (d->fp8 && d->fused)
+        return moe_error_set(err, -EINVAL,
+                             "fp8: the FP8 releases store their experts one by one: use the "
+                             "per-expert layout (%s stores them fused)",
+                             an);
     if (d->L > MOE_MAX_LAYERS)
         return moe_error_set(err, -EINVAL, "%d layers: at most %d", d->L, MOE_MAX_LAYERS);
     if (d->E > MOE_MAX_EXPERTS)
@@ -786,6 +840,21 @@ static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, flo
                     int64_t d0, int64_t d1, const char *fmt, ...)
     __attribute__((format(printf, 7, 8)));
 
+/* A linear projection's weight: "*_proj.weight", mixtral's experts' w1/w2/w3. */
+static bool fp8_name(const char *name)
+{
+    static const char *const ends[] = {"_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"};
+    size_t n = strlen(name);
+
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(ends); i++) {
+        size_t k = strlen(ends[i]);
+
+        if (n >= k && strcmp(name + n - k, ends[i]) == 0)
+            return true;
+    }
+    return false;
+}
+
 /* Appends a tensor; d1 < 0 for a 1-D tensor [d0]. */
 static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, float scale,
                     int64_t d0, int64_t d1, const char *fmt, ...)
@@ -820,6 +889,35 @@ static int plan_add(struct gplan *p, enum moe_dtype dt, enum init_kind init, flo
     t->nbytes = t->count * moe_dtype_size(dt);
     p->total_bytes += t->nbytes;
     p->n++;
+    /* FP8 (DeepSeek-V3, Qwen3 FP8): every linear projection's weight as e4m3
+     * with its weight_scale_inv beside it; routers, embeddings, norms and
+     * the lm head stay bf16. */
+    if (p->d.fp8 && init == INIT_NOISE && d1 > 0 && dt == p->d.dtype &&
+        (fp8_name(t->name) && strcmp(t->name, "lm_head.weight") != 0)) {
+        char wname[GEN_NAME_MAX];
+        struct gtensor *w;
+        int64_t sr = (d0 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK,
+                sc = (d1 + GEN_FP8_BLOCK - 1) / GEN_FP8_BLOCK;
+        int r;
+
+        p->total_bytes -= t->nbytes;
+        t->dtype = MOE_DTYPE_F8_E4M3;
+        t->init = INIT_FP8;
+        t->rows = d0;
+        t->cols = d1;
+        t->nbytes = t->count;
+        p->total_bytes += t->nbytes;
+        /* the name copied first: plan_add may move p->t */
+        snprintf(wname, sizeof(wname), "%s", t->name);
+        r = plan_add(p, MOE_DTYPE_F32, INIT_FP8_SCALE, scale, sr, sc, "%s_scale_inv", wname);
+        if (r < 0)
+            return r;
+        w = &p->t[p->n - 2];
+        t = &p->t[p->n - 1];
+        snprintf(t->key_name, sizeof(t->key_name), "%s", w->key_name[0] ? w->key_name : w->name);
+        t->rows = d0;
+        t->cols = d1;
+    }
     return 0;
 }
 
@@ -1256,6 +1354,19 @@ static json_t *config_json(const struct gdims *d)
     arr = NULL;
     jset(c, "model_type", json_string(arch_type[d->arch]), &bad);
     jset(c, "torch_dtype", json_string(torch_dtype(d->dtype)), &bad);
+    if (d->fp8) {
+        /* as DeepSeek-V3 and the Qwen3 FP8 releases write it */
+        json_t *q = json_object(), *bs = json_array();
+
+        if (!q || !bs || json_array_append_new(bs, json_integer(GEN_FP8_BLOCK)) < 0 ||
+            json_array_append_new(bs, json_integer(GEN_FP8_BLOCK)) < 0)
+            bad = true;
+        jset(q, "activation_scheme", json_string("dynamic"), &bad);
+        jset(q, "fmt", json_string("e4m3"), &bad);
+        jset(q, "quant_method", json_string("fp8"), &bad);
+        jset(q, "weight_block_size", bs, &bad);
+        jset(c, "quantization_config", q, &bad);
+    }
     jset(c, "hidden_size", json_integer(d->H), &bad);
     jset(c, "num_hidden_layers", json_integer(d->L), &bad);
     jset(c, "num_attention_heads", json_integer(d->n_heads), &bad);

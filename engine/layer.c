@@ -22,6 +22,7 @@
 #include "cache.h"
 #include "dtype.h"
 #include "model.h"
+#include "quant.h"
 #include "router.h"
 #include "trace.h"
 
@@ -88,8 +89,9 @@ int moe_engine_attach(struct moe_model *m, struct moe_backend *b, struct moe_cac
 
 uint64_t moe_engine_all_experts_bytes(const struct moe_model *m)
 {
-    /* Each expert's slot holds the aligned spans of its three tensors. */
-    uint64_t per = m->expert_bytes + 3 * 2 * 4096;
+    /* Each expert's slot holds the aligned spans of its three tensors (six
+     * when quantized: values and scales). */
+    uint64_t per = m->expert_bytes + (m->expert_quant.q != MOE_QUANT_NONE ? 6 : 3) * 2 * 4096;
 
     return (uint64_t)MOE_MAX(1, m->n_moe_layers) * (uint64_t)m->cfg.n_experts * per;
 }
@@ -222,23 +224,45 @@ fail:
 static void expert_weights(const struct moe_expert_ref *x, void *const *ptrs,
                            struct moe_expert_weights *w)
 {
+    memset(w, 0, sizeof(*w));
     w->dtype = x->gate.dtype;
     w->hidden = x->gate.cols;
     w->ffn = x->gate.rows;
     w->gate = ptrs[0];
     w->up = ptrs[1];
     w->down = ptrs[2];
+    if (x->quant.q != MOE_QUANT_NONE) {
+        w->quant = x->quant;
+        w->gate_s = ptrs[3];
+        w->up_s = ptrs[4];
+        w->down_s = ptrs[5];
+    }
 }
 
 static int read_expert(struct moe_engine *e, const struct moe_expert_ref *x, void **ret,
                        struct moe_expert_weights *w, struct moe_error *err)
 {
-    const struct moe_tensor_ref *refs[3] = {&x->gate, &x->up, &x->down};
-    void *ptrs[3];
-    int r = read_tensors(e, refs, 3, ret, ptrs, err);
+    const struct moe_tensor_ref *refs[6];
+    int n = moe_expert_tensors(x, refs);
+    void *ptrs[6];
+    int r = read_tensors(e, refs, n, ret, ptrs, err);
 
     if (r < 0)
         return r;
+    /* the scales, as a page-in checks a routed expert's */
+    if (x->quant.q != MOE_QUANT_NONE && e->b->ops->host_memory) {
+        for (int i = 3; i < 6; i++) {
+            r = moe_quant_check_scales(x->quant.q, ptrs[i],
+                                       refs[i]->nbytes / moe_quant_scale_size(x->quant.q),
+                                       refs[i]->name, err);
+            if (r < 0) {
+                moe_error_prefix(err, "%s", e->m->files[refs[i]->file].path);
+                e->b->ops->mem_free(e->b, *ret);
+                *ret = NULL;
+                return r;
+            }
+        }
+    }
     expert_weights(x, ptrs, w);
     return 0;
 }
@@ -620,25 +644,31 @@ static int stage_weights(struct moe_engine *e, const struct moe_expert_ref *x,
                          struct moe_expert_weights *out, struct moe_error *err)
 {
     struct moe_backend *b = e->b;
-    uint64_t g = (x->gate.nbytes + 63) & ~63ull, u = (x->up.nbytes + 63) & ~63ull;
-    uint8_t *p = b->ops->alloc(b, g + u + x->down.nbytes);
-    int r;
+    const struct moe_tensor_ref *t[6];
+    const void *src[6] = {in->gate, in->up, in->down, in->gate_s, in->up_s, in->down_s};
+    const void **dst[6] = {&out->gate,   &out->up,   &out->down,
+                           &out->gate_s, &out->up_s, &out->down_s};
+    int n = moe_expert_tensors(x, t);
+    uint64_t off[6], total = 0;
+    uint8_t *p;
+    int r = 0;
 
+    for (int i = 0; i < n; i++) {
+        off[i] = total;
+        total += (t[i]->nbytes + 63) & ~63ull;
+    }
+    p = b->ops->alloc(b, total);
     if (!p)
         return moe_error_set(err, -ENOMEM, "out of %s backend memory for an expert", b->ops->name);
     *out = *in;
-    r = b->ops->copy_in(b, p, in->gate, x->gate.nbytes);
-    if (r == 0)
-        r = b->ops->copy_in(b, p + g, in->up, x->up.nbytes);
-    if (r == 0)
-        r = b->ops->copy_in(b, p + g + u, in->down, x->down.nbytes);
+    for (int i = 0; i < n && r == 0; i++) {
+        r = b->ops->copy_in(b, p + off[i], src[i], t[i]->nbytes);
+        *dst[i] = p + off[i];
+    }
     if (r < 0) {
         b->ops->mem_free(b, p);
         return moe_error_set(err, r, "copying an expert to the %s backend failed", b->ops->name);
     }
-    out->gate = p;
-    out->up = p + g;
-    out->down = p + g + u;
     *buf = p;
     return 0;
 }
@@ -687,6 +717,11 @@ static int compute_range(struct moe_engine *e, int layer, struct fwd_scratch *s,
         s->work[i].precision = e->m->precision;
     }
     r = b->ops->grouped_ffn(b, xc, e->m->cfg.hidden, n_tokens, s->work + lo, hi - lo, oc);
+    if (r == -ENOTSUP && e->m->expert_quant.q != MOE_QUANT_NONE)
+        return moe_error_set(err, r,
+                             "expert FFNs of layer %d: the %s backend has no kernels for %s "
+                             "experts; serve this model on the cpu backend",
+                             layer, b->ops->name, moe_quant_name(e->m->expert_quant.q));
     if (r < 0)
         return moe_error_set(err, r, "expert FFNs of layer %d failed on the %s backend", layer,
                              b->ops->name);

@@ -21,6 +21,7 @@
 #include "json.h"
 #include "model.h"
 #include "pack.h"
+#include "quant.h"
 #include "safetensors.h"
 
 #include <assert.h>
@@ -316,6 +317,74 @@ static int cfg_dtype(const struct cfg_ctx *c, enum moe_dtype *ret)
                              "\"%s\": expected one dtype",
                              c->fname, torch_name(got[0]), torch_name(got[1]));
     *ret = got[0] != MOE_DTYPE_COUNT ? got[0] : got[1];
+    return 0;
+}
+
+/*
+ * quantization_config: FP8 with block scales as DeepSeek-V3 and Qwen3 FP8
+ * publish it (quant_method "fp8", fmt "e4m3", weight_block_size [r, c]),
+ * into m->quant; anything else is refused, saying what is supported.
+ */
+static int cfg_quant(const struct cfg_ctx *c, struct moe_quant_fmt *ret)
+{
+    json_t *q = json_object_get(c->root, "quantization_config"), *v, *bs;
+    char vb[VALUE_TEXT_MAX];
+    const char *method, *fmt;
+    long long b[2];
+
+    memset(ret, 0, sizeof(*ret));
+    if (!q || json_is_null(q))
+        return 0;
+    if (!json_is_object(q))
+        return moe_error_set(c->err, -EINVAL, "%s: 'quantization_config' is %s: expected an object",
+                             c->fname, moe_json_kind(q));
+    v = json_object_get(q, "quant_method");
+    method = v && json_is_string(v) ? json_string_value(v) : NULL;
+    /* gpt-oss's release says mxfp4; a bf16 conversion often keeps the key.
+     * The tensors decide: *_blocks / *_scales experts are refused, naming
+     * the tensor, when the layer loads (refuse_mxfp4). */
+    if (method && strcmp(method, "mxfp4") == 0 && c->arch && strcmp(c->arch, "gpt_oss") == 0)
+        return 0;
+    if (!method || strcmp(method, "fp8") != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization_config': quant_method is %s: unsupported; "
+                             "moed serves \"fp8\" checkpoints (e4m3 with block scales) as "
+                             "published, or a bf16 checkpoint packed with moectl pack "
+                             "--quantize int8|int4",
+                             c->fname, v ? moe_json_text(v, vb, sizeof(vb)) : "missing");
+    v = json_object_get(q, "fmt");
+    fmt = v && json_is_string(v) ? json_string_value(v) : NULL;
+    if (v && (!fmt || strcmp(fmt, "e4m3") != 0))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization_config': fmt is %s: unsupported; expected "
+                             "\"e4m3\"",
+                             c->fname, moe_json_text(v, vb, sizeof(vb)));
+    bs = json_object_get(q, "weight_block_size");
+    if (!bs || json_is_null(bs))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization_config': no weight_block_size: per-tensor FP8 "
+                             "scales are not supported; expected block scales, "
+                             "weight_block_size [128, 128]",
+                             c->fname);
+    if (!json_is_array(bs) || json_array_size(bs) != 2 || !json_is_integer(json_array_get(bs, 0)) ||
+        !json_is_integer(json_array_get(bs, 1)))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization_config': weight_block_size is %s: expected two "
+                             "integers, [rows, columns]",
+                             c->fname, moe_json_text(bs, vb, sizeof(vb)));
+    b[0] = json_integer_value(json_array_get(bs, 0));
+    b[1] = json_integer_value(json_array_get(bs, 1));
+    /* The kernels take column blocks of whole 32-element steps. */
+    if (b[0] < 1 || b[0] > MOE_QUANT_GROUP_MAX || b[1] < 32 || b[1] > MOE_QUANT_GROUP_MAX ||
+        b[1] % 32 != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization_config': weight_block_size [%lld, %lld]: "
+                             "unsupported block size; expected rows 1 to %d and columns a "
+                             "multiple of 32 up to %d (published checkpoints use [128, 128])",
+                             c->fname, b[0], b[1], MOE_QUANT_GROUP_MAX, MOE_QUANT_GROUP_MAX);
+    ret->q = MOE_QUANT_FP8;
+    ret->brows = (int)b[0];
+    ret->bcols = (int)b[1];
     return 0;
 }
 
@@ -719,6 +788,12 @@ int moe_config_parse(const char *json, size_t json_len, const char *fname,
 
         r = cfg_dtype(&top, &m.dtype);
     }
+    if (r == 0) {
+        /* at the top level, or (multimodal) in text_config */
+        struct cfg_ctx top = {.root = doc, .fname = fname, .arch = c.arch, .err = err};
+
+        r = cfg_quant(json_object_get(c.root, "quantization_config") ? &c : &top, &m.quant);
+    }
     if (r < 0)
         goto fail;
 
@@ -917,7 +992,12 @@ static int check_expert_dtype(const struct open_ctx *c, const struct moe_tensor_
     const struct moe_model_config *cfg = &c->m->cfg;
     const char *path = c->m->files[t->file].path;
 
-    if (cfg->dtype != MOE_DTYPE_COUNT && t->dtype != cfg->dtype)
+    /* torch_dtype is the dtype of the model's plain tensors; a quantized
+     * checkpoint says bfloat16 and stores its experts as values + scales */
+    bool quantized =
+        cfg->quant.q != MOE_QUANT_NONE && t->dtype == moe_quant_value_dtype(cfg->quant.q);
+
+    if (cfg->dtype != MOE_DTYPE_COUNT && t->dtype != cfg->dtype && !quantized)
         return moe_error_set(c->err, -EINVAL,
                              "%s: tensor '%s': dtype %s contradicts %s "
                              "torch_dtype %s",
@@ -926,8 +1006,114 @@ static int check_expert_dtype(const struct open_ctx *c, const struct moe_tensor_
     if (dt != MOE_DTYPE_COUNT && t->dtype != dt)
         return moe_error_set(c->err, -EINVAL,
                              "%s: tensor '%s': dtype %s, but %s is %s: "
-                             "expected one dtype for every expert",
+                             "expected one dtype (one format) for every expert",
                              path, t->name, moe_dtype_name(t->dtype), dt_from, moe_dtype_name(dt));
+    return 0;
+}
+
+const char *moe_quant_scale_suffix(enum moe_quant q)
+{
+    return q == MOE_QUANT_FP8 ? "_scale_inv" : "_scale";
+}
+
+int moe_expert_tensors(const struct moe_expert_ref *x, const struct moe_tensor_ref *ret[6])
+{
+    ret[0] = &x->gate;
+    ret[1] = &x->up;
+    ret[2] = &x->down;
+    if (x->quant.q == MOE_QUANT_NONE)
+        return 3;
+    ret[3] = &x->gate_s;
+    ret[4] = &x->up_s;
+    ret[5] = &x->down_s;
+    return 6;
+}
+
+/*
+ * One weight of an expert, [rows, cols]: a plain tensor (get_ref), or, when
+ * the model is quantized (q, cfg.quant) and the tensor has its value dtype,
+ * the values and, in *sref, its scale tensor "<name><suffix>", both checked
+ * against the shapes the block size implies.  *ret_q says which.
+ */
+static int get_weight(const struct open_ctx *c, int layer, const char *what, const char *name,
+                      int64_t rows, int64_t cols, const char *shape_keys,
+                      struct moe_tensor_ref *ref, struct moe_tensor_ref *sref,
+                      struct moe_quant_fmt *ret_q)
+{
+    const struct moe_quant_fmt *q = &c->m->cfg.quant;
+    const struct moe_st_tensor *t, *st;
+    char sname[NAME_MAX_LEN], got[128], exp[64];
+    int64_t want[2], vcols;
+    const char *path;
+    int f, sf;
+
+    memset(ret_q, 0, sizeof(*ret_q));
+    t = find_tensor(c, name, &f);
+    if (t && q->q != MOE_QUANT_NONE && t->dtype != moe_quant_value_dtype(q->q) &&
+        !moe_dtype_is_compute(t->dtype))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': dtype %s: expected %s (%s values) or a plain BF16, "
+                             "F16 or F32 tensor",
+                             c->m->files[f].path, name, moe_dtype_name(t->dtype),
+                             moe_dtype_name(moe_quant_value_dtype(q->q)), moe_quant_name(q->q));
+    if (!t || q->q == MOE_QUANT_NONE || t->dtype != moe_quant_value_dtype(q->q)) {
+        if (t && q->q == MOE_QUANT_NONE && t->dtype == MOE_DTYPE_F8_E4M3)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': dtype F8_E4M3 but %s has no "
+                                 "quantization_config (quant_method \"fp8\", "
+                                 "weight_block_size): the scales' layout is unknown",
+                                 c->m->files[f].path, name, CONFIG_NAME);
+        return get_ref(c, layer, what, name, 2, rows, cols, shape_keys, ref);
+    }
+    path = c->m->files[f].path;
+    vcols = q->q == MOE_QUANT_INT4 || q->q == MOE_QUANT_MXFP4 ? cols / 2 : cols;
+    if (rows % 32 != 0 || cols % 32 != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': %s [%" PRId64 ", %" PRId64
+                             "]: quantized experts need both sizes a multiple of 32",
+                             path, name, moe_quant_name(q->q), rows, cols);
+    want[0] = rows;
+    want[1] = vcols;
+    if (t->ndim != 2 || t->shape[0] != want[0] || t->shape[1] != want[1])
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: tensor '%s': shape %s contradicts %s: expected %s = %s%s", path,
+                             name, moe_shape_text(t->shape, t->ndim, got, sizeof(got)), CONFIG_NAME,
+                             shape_keys, moe_shape_text(want, 2, exp, sizeof(exp)),
+                             vcols != cols ? " (two int4 values per byte)" : "");
+    *ref = (struct moe_tensor_ref){.file = f,
+                                   .name = t->name,
+                                   .dtype = t->dtype,
+                                   .rows = rows,
+                                   .cols = cols,
+                                   .offset = t->offset,
+                                   .nbytes = t->nbytes};
+
+    snprintf(sname, sizeof(sname), "%s%s", name, moe_quant_scale_suffix(q->q));
+    st = find_tensor(c, sname, &sf);
+    if (!st)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: layer %d: %s: no tensor '%s': expected the %s scales of '%s'",
+                             c->m->dir, layer, what, sname, moe_quant_name(q->q), name);
+    moe_quant_scale_shape(q, rows, cols, &want[0], &want[1]);
+    if (st->dtype != moe_quant_scale_dtype(q->q))
+        return moe_error_set(c->err, -EINVAL, "%s: tensor '%s': dtype %s: expected %s scales",
+                             c->m->files[sf].path, sname, moe_dtype_name(st->dtype),
+                             moe_dtype_name(moe_quant_scale_dtype(q->q)));
+    if (st->ndim != 2 || st->shape[0] != want[0] || st->shape[1] != want[1])
+        return moe_error_set(
+            c->err, -EINVAL,
+            "%s: tensor '%s': shape %s: expected %s, one scale per %d x %d "
+            "block of '%s' [%" PRId64 ", %" PRId64 "]",
+            c->m->files[sf].path, sname, moe_shape_text(st->shape, st->ndim, got, sizeof(got)),
+            moe_shape_text(want, 2, exp, sizeof(exp)), q->brows, q->bcols, name, rows, cols);
+    *sref = (struct moe_tensor_ref){.file = sf,
+                                    .name = st->name,
+                                    .dtype = st->dtype,
+                                    .rows = want[0],
+                                    .cols = want[1],
+                                    .offset = st->offset,
+                                    .nbytes = st->nbytes};
+    *ret_q = *q;
     return 0;
 }
 
@@ -942,18 +1128,20 @@ static int get_expert(const struct open_ctx *c, int layer, const char *what, con
     char name[NAME_MAX_LEN], keys[160];
     int r;
 
+    struct moe_quant_fmt qf[3];
+
     snprintf(keys, sizeof(keys), "[%s, hidden_size]", ffn_desc);
     snprintf(name, sizeof(name), "%s%s.weight", prefix, g);
-    r = get_ref(c, layer, what, name, 2, ffn, H, keys, &x->gate);
+    r = get_weight(c, layer, what, name, ffn, H, keys, &x->gate, &x->gate_s, &qf[0]);
     if (r < 0)
         return r;
     snprintf(name, sizeof(name), "%s%s.weight", prefix, u);
-    r = get_ref(c, layer, what, name, 2, ffn, H, keys, &x->up);
+    r = get_weight(c, layer, what, name, ffn, H, keys, &x->up, &x->up_s, &qf[1]);
     if (r < 0)
         return r;
     snprintf(keys, sizeof(keys), "[hidden_size, %s]", ffn_desc);
     snprintf(name, sizeof(name), "%s%s.weight", prefix, d);
-    r = get_ref(c, layer, what, name, 2, H, ffn, keys, &x->down);
+    r = get_weight(c, layer, what, name, H, ffn, keys, &x->down, &x->down_s, &qf[2]);
     if (r < 0)
         return r;
     r = check_expert_dtype(c, &x->gate, MOE_DTYPE_COUNT, NULL);
@@ -963,7 +1151,10 @@ static int get_expert(const struct open_ctx *c, int layer, const char *what, con
         r = check_expert_dtype(c, &x->down, x->gate.dtype, x->gate.name);
     if (r < 0)
         return r;
+    x->quant = qf[0];
     x->nbytes = x->gate.nbytes + x->up.nbytes + x->down.nbytes;
+    if (x->quant.q != MOE_QUANT_NONE)
+        x->nbytes += x->gate_s.nbytes + x->up_s.nbytes + x->down_s.nbytes;
     return 0;
 }
 
@@ -1296,12 +1487,15 @@ static int load_layer(struct open_ctx *c, int i)
             return r;
         if (m->expert_dtype == MOE_DTYPE_COUNT) {
             m->expert_dtype = x->gate.dtype;
+            m->expert_quant = x->quant;
             m->expert_bytes = x->nbytes;
         } else if (x->gate.dtype != m->expert_dtype) {
+            /* the dtype says the format: values of one quantization, or
+             * a plain matrix */
             return moe_error_set(c->err, -EINVAL,
                                  "%s: tensor '%s': dtype %s, but the model's "
-                                 "other experts are %s: expected one dtype for every routed "
-                                 "expert",
+                                 "other experts are %s: expected one dtype (one format) for "
+                                 "every routed expert",
                                  m->files[x->gate.file].path, x->gate.name,
                                  moe_dtype_name(x->gate.dtype), moe_dtype_name(m->expert_dtype));
         }
@@ -1477,6 +1671,10 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
     if (r < 0)
         return r;
     m->packed = true;
+    /* A store packed with --quantize: its experts' format, whatever the
+     * checkpoint's config.json (copied as it was) says. */
+    if (ix.quant.q != MOE_QUANT_NONE)
+        m->cfg.quant = ix.quant;
     m->files = calloc(1, sizeof(*m->files));
     m->headers = calloc(1, sizeof(*m->headers));
     if (!m->files || !m->headers) {
@@ -1537,14 +1735,19 @@ static int open_packed(struct open_ctx *c, const char *path, const char *json, s
                                   path, i, e);
                 goto out;
             }
-            if (pe->offset != x->gate.offset || pe->nbytes != x->nbytes ||
-                x->up.offset != x->gate.offset + x->gate.nbytes ||
-                x->down.offset != x->up.offset + x->up.nbytes) {
+            const struct moe_tensor_ref *t[6];
+            int nt = moe_expert_tensors(x, t);
+            bool back_to_back = true;
+
+            for (int k = 1; k < nt; k++)
+                back_to_back &= t[k]->offset == t[k - 1]->offset + t[k - 1]->nbytes;
+            if (pe->offset != x->gate.offset || pe->nbytes != x->nbytes || !back_to_back) {
                 r = moe_error_set(
                     c->err, -EINVAL,
                     "%s: layer %d expert %d: blob [%" PRIu64 ", +%" PRIu64
-                    ") is not its gate, up and down back to back (gate at %" PRIu64 " +%" PRIu64
-                    ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64 " +%" PRIu64 ")",
+                    ") is not its gate, up and down (then their scales) back to back (gate at "
+                    "%" PRIu64 " +%" PRIu64 ", up at %" PRIu64 " +%" PRIu64 ", down at %" PRIu64
+                    " +%" PRIu64 ")",
                     path, i, e, pe->offset, pe->nbytes, x->gate.offset, x->gate.nbytes,
                     x->up.offset, x->up.nbytes, x->down.offset, x->down.nbytes);
                 goto out;

@@ -130,6 +130,10 @@ struct moe_model_config {
     float swiglu_alpha;      /* gpt_oss swiglu_alpha (1.702); 0 elsewhere */
     float swiglu_limit;      /* gpt_oss swiglu_limit (7.0); 0 elsewhere */
     enum moe_dtype dtype;    /* torch_dtype; MOE_DTYPE_COUNT when absent */
+    /* quantization_config (quant_method "fp8", fmt "e4m3", weight_block_size
+     * [r, c]): FP8 with brows r, bcols c; .q NONE when absent.  A packed
+     * store's moe-pack.json "quantization" overrides it. */
+    struct moe_quant_fmt quant;
     /* Prefix of layer i's tensors, before "<i>.": "model.layers." or, for a
      * multimodal qwen3_5_moe config, "model.language_model.layers.", for a
      * multimodal llama4 one "language_model.model.layers." (static). */
@@ -161,12 +165,21 @@ struct moe_tensor_ref {
     uint64_t nbytes;
 };
 
-/* One SwiGLU expert: down(silu(gate x) * up x). */
+/*
+ * One SwiGLU expert: down(silu(gate x) * up x).  Quantized (quant.q not
+ * NONE): gate, up and down are the values (dtype moe_quant_value_dtype;
+ * rows and cols the matrix's, nbytes the stored bytes) and gate_s, up_s,
+ * down_s their scale tensors (quant.h): "<name>_scale_inv" beside each
+ * "<name>" weight for FP8 as published, "<name>_scale" for INT8 and INT4
+ * (moectl pack --quantize).
+ */
 struct moe_expert_ref {
-    struct moe_tensor_ref gate; /* [ffn, hidden] (mixtral w1) */
-    struct moe_tensor_ref up;   /* [ffn, hidden] (mixtral w3) */
-    struct moe_tensor_ref down; /* [hidden, ffn] (mixtral w2) */
-    uint64_t nbytes;            /* gate + up + down */
+    struct moe_tensor_ref gate;                 /* [ffn, hidden] (mixtral w1) */
+    struct moe_tensor_ref up;                   /* [ffn, hidden] (mixtral w3) */
+    struct moe_tensor_ref down;                 /* [hidden, ffn] (mixtral w2) */
+    uint64_t nbytes;                            /* gate + up + down, with their scales */
+    struct moe_quant_fmt quant;                 /* .q NONE: plain */
+    struct moe_tensor_ref gate_s, up_s, down_s; /* scales, when quantized */
     /* Llama 4's fused experts, as stored: gate's bytes then up's (contiguous)
      * are one [hidden, 2 x ffn] matrix that the input multiplies from the
      * left (each row: ffn gate columns, then ffn up columns), and down is
@@ -223,9 +236,10 @@ struct moe_model {
     struct moe_st_header **headers; /* [n_files], owned */
     struct moe_layer *layers;       /* [cfg.n_layers], owned */
     int n_moe_layers;
-    enum moe_dtype expert_dtype; /* dtype of every routed expert tensor */
-    uint64_t expert_bytes;       /* bytes of one routed expert (gate+up+down) */
-    uint64_t total_expert_bytes; /* all routed and shared experts */
+    enum moe_dtype expert_dtype;       /* dtype of every routed expert tensor */
+    struct moe_quant_fmt expert_quant; /* quantization of every routed expert */
+    uint64_t expert_bytes;             /* bytes of one routed expert (gate+up+down) */
+    uint64_t total_expert_bytes;       /* all routed and shared experts */
     /* How its experts compute (a serving choice, not in config.json): exact
      * after open; moed sets it from the model's compute_precision, moectl
      * forward --local from --compute-precision. */
@@ -262,6 +276,14 @@ int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, vo
  * Does nothing for a plain expert.  0, or -ENOMEM (the bytes untouched).
  */
 int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up, void *down);
+
+/* The tensors of an expert in the order of moe_expert_ref: gate, up, down,
+ * then their scales when quantized; returns how many (3 or 6). */
+int moe_expert_tensors(const struct moe_expert_ref *x, const struct moe_tensor_ref *ret[6]);
+
+/* The scale tensor name suffix of a quantization: "_scale_inv" (FP8),
+ * "_scale" (INT8, INT4, MXFP4). */
+const char *moe_quant_scale_suffix(enum moe_quant q);
 
 /* Which part of an expert: gate, up, down (the order of moe_expert_ref). */
 enum moe_expert_part {

@@ -18,9 +18,12 @@
 #include "json.h"
 #include "model.h"
 #include "pack.h"
+#include "quant.h"
 #include "safetensors.h"
+#include "dtype.h"
 
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -192,17 +195,27 @@ static void unlink_in(const char *dir, const char *name)
 
 /* ---- writing ---------------------------------------------------------------- */
 
-/* Most non-expert MoE tensors of a layer: router, score bias, shared expert
- * (3), shared-expert gate, router bias, expert biases (2). */
-#define PACK_OTHERS_MAX 9
+/* Most non-expert MoE tensors of a layer: router, score bias, router bias,
+ * expert biases (2), shared expert (3, and 3 scales), shared-expert gate. */
+#define PACK_OTHERS_MAX 12
 
 /* One tensor to write: where it comes from and where it goes. */
 struct item {
     const struct moe_tensor_ref *t;
-    int layer;       /* MoE layer it belongs to */
-    int expert;      /* routed expert whose blob holds it, or -1 */
-    int part;        /* its enum moe_expert_part in that expert, or -1 */
-    uint64_t offset; /* in experts.bin */
+    int layer;                      /* MoE layer it belongs to */
+    int expert;                     /* routed expert whose blob holds it, or -1 */
+    int part;                       /* its enum moe_expert_part in that expert, or -1; 3 to 5:
+                                     * the scales of gate, up, down */
+    uint64_t offset;                /* in experts.bin */
+    const struct moe_expert_ref *x; /* the expert (routed or shared) it is part of, or NULL */
+    int n_parts;                    /* tensors of x in the store: 3, or 6 with scales */
+    bool quantize;                  /* made by --quantize from x's part (part % 3) */
+    uint64_t nbytes;                /* bytes in the store */
+};
+
+/* --quantize: the format and group, or .q NONE to copy tensors as they are. */
+struct qopts {
+    struct moe_quant_fmt f;
 };
 
 /* experts.bin being written: a buffer of the bytes from pos on. */
@@ -303,15 +316,131 @@ static int w_tensor(struct writer *w, const struct moe_tensor_ref *t, XXH3_state
     return 0;
 }
 
-/* Appends n bytes from memory (a transposed expert made plain), hashing
- * them into ts and es as w_tensor() does. */
-static int w_mem(struct writer *w, const uint8_t *src, uint64_t n, XXH3_state_t *ts,
-                 XXH3_state_t *es)
+/*
+ * Row r of part k (0 gate, 1 up, 2 down) of expert x in m, as fp32, into
+ * out: a plain tensor converted, an FP8 one dequantized with its scales
+ * (fp8_scales: the whole scale tensor, read by the caller).  tmp holds a
+ * row of the tensor.
+ */
+static int read_row_f32(const struct moe_model *m, const struct moe_expert_ref *x, int k,
+                        const uint8_t *fp8_scales, int64_t r, uint8_t *tmp, float *out,
+                        struct moe_error *err)
+{
+    const struct moe_tensor_ref *t[6];
+    const struct moe_model_file *f;
+    int64_t cols, got;
+    uint64_t rb;
+
+    moe_expert_tensors(x, t);
+    f = &m->files[t[k]->file];
+    cols = t[k]->cols;
+    rb = x->quant.q != MOE_QUANT_NONE ? moe_quant_data_bytes(x->quant.q, 1, cols)
+                                      : (uint64_t)cols * moe_dtype_size(t[k]->dtype);
+    got = moe_pread_full(f->fd, tmp, rb, t[k]->offset + (uint64_t)r * rb);
+    if (got < 0)
+        return moe_error_set(err, (int)got, "%s: tensor '%s': read failed: %s", f->path, t[k]->name,
+                             strerror((int)-got));
+    if ((uint64_t)got < rb)
+        return moe_error_set(err, -EIO,
+                             "%s: tensor '%s': short read: file truncated since it was opened?",
+                             f->path, t[k]->name);
+    if (x->quant.q != MOE_QUANT_NONE) {
+        int64_t sr, sc;
+
+        moe_quant_scale_shape(&x->quant, t[k]->rows, cols, &sr, &sc);
+        moe_quant_dequant_span(&x->quant, tmp,
+                               fp8_scales + (size_t)(r / x->quant.brows) * (size_t)sc *
+                                                moe_quant_scale_size(x->quant.q),
+                               0, cols, out);
+        return 0;
+    }
+    for (int64_t c = 0; c < cols; c++) {
+        uint16_t h;
+
+        switch (t[k]->dtype) {
+        case MOE_DTYPE_F32:
+            memcpy(&out[c], tmp + 4 * c, 4);
+            break;
+        case MOE_DTYPE_F16:
+            memcpy(&h, tmp + 2 * c, 2);
+            out[c] = moe_f16_to_f32(h);
+            break;
+        default:
+            memcpy(&h, tmp + 2 * c, 2);
+            out[c] = moe_bf16_to_f32(h);
+            break;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Quantizes part k (0..2) of expert x of m to q: values to vals
+ * (moe_quant_data_bytes), scales to scales ([rows, cols / group]).  Reads
+ * the source a row at a time.
+ */
+static int quantize_part(const struct moe_model *m, const struct moe_expert_ref *x, int k,
+                         const struct moe_quant_fmt *q, uint8_t *vals, float *scales,
+                         struct moe_error *err)
+{
+    const struct moe_tensor_ref *t[6];
+    int64_t rows, cols;
+    uint8_t *tmp = NULL, *fs = NULL;
+    float *row = NULL;
+    uint64_t rb;
+    int r = 0;
+
+    moe_expert_tensors(x, t);
+    rows = t[k]->rows;
+    cols = t[k]->cols;
+    rb = moe_quant_data_bytes(q->q, 1, cols);
+    tmp = malloc((size_t)cols * 4);
+    row = malloc((size_t)cols * sizeof(float));
+    if (x->quant.q != MOE_QUANT_NONE)
+        fs = malloc(t[k + 3]->nbytes ? t[k + 3]->nbytes : 1);
+    if (!tmp || !row || (x->quant.q != MOE_QUANT_NONE && !fs)) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (fs) {
+        r = moe_model_read(m, t[k + 3], fs, err);
+        if (r == 0)
+            r = moe_quant_check_scales(x->quant.q, fs,
+                                       t[k + 3]->nbytes / moe_quant_scale_size(x->quant.q),
+                                       t[k + 3]->name, err);
+        if (r < 0)
+            goto out;
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        r = read_row_f32(m, x, k, fs, i, tmp, row, err);
+        if (r < 0)
+            goto out;
+        for (int64_t c = 0; c < cols; c++)
+            if (!isfinite(row[c])) {
+                r = moe_error_set(err, -EINVAL,
+                                  "%s: tensor '%s': element [%" PRId64 ", %" PRId64
+                                  "] is %g: only finite weights can be quantized",
+                                  m->files[t[k]->file].path, t[k]->name, i, c, (double)row[c]);
+                goto out;
+            }
+        moe_quant_row(q->q, q->bcols, row, cols, vals + (uint64_t)i * rb,
+                      scales + (size_t)i * (size_t)(cols / q->bcols));
+    }
+out:
+    free(tmp);
+    free(row);
+    free(fs);
+    return r;
+}
+
+/* Appends len bytes from p, hashing them into ts and (when not NULL) es. */
+static int w_bytes(struct writer *w, const uint8_t *p, uint64_t len, XXH3_state_t *ts,
+                   XXH3_state_t *es)
 {
     uint64_t done = 0;
 
-    while (done < n) {
-        size_t k;
+    while (done < len) {
+        size_t n;
 
         if (w->fill == w->cap) {
             int r = w_flush(w);
@@ -319,12 +448,13 @@ static int w_mem(struct writer *w, const uint8_t *src, uint64_t n, XXH3_state_t 
             if (r < 0)
                 return r;
         }
-        k = (size_t)MOE_MIN(n - done, (uint64_t)(w->cap - w->fill));
-        memcpy(w->buf + w->fill, src + done, k);
-        XXH3_64bits_update(ts, src + done, k);
-        XXH3_64bits_update(es, src + done, k);
-        w->fill += k;
-        done += k;
+        n = (size_t)MOE_MIN(len - done, (uint64_t)(w->cap - w->fill));
+        memcpy(w->buf + w->fill, p + done, n);
+        XXH3_64bits_update(ts, p + done, n);
+        if (es)
+            XXH3_64bits_update(es, p + done, n);
+        w->fill += n;
+        done += n;
     }
     return 0;
 }
@@ -411,9 +541,85 @@ static int index_add_tensor(const struct moe_model *m, json_t *tensors, const st
     return 0;
 }
 
+/* Bytes of the store's copy of x's part k (0..5) under q. */
+static uint64_t part_bytes(const struct moe_expert_ref *x, int k, const struct qopts *q)
+{
+    const struct moe_tensor_ref *t[6];
+
+    moe_expert_tensors(x, t);
+    if (q->f.q == MOE_QUANT_NONE)
+        return t[k]->nbytes;
+    if (k < 3)
+        return moe_quant_data_bytes(q->f.q, t[k]->rows, t[k]->cols);
+    return moe_quant_scale_bytes(&q->f, t[k - 3]->rows, t[k - 3]->cols);
+}
+
+/* The tensors of expert x in the store: 3, or 6 with scales. */
+static int store_parts(const struct moe_expert_ref *x, const struct qopts *q)
+{
+    return q->f.q != MOE_QUANT_NONE || x->quant.q != MOE_QUANT_NONE ? 6 : 3;
+}
+
+/* The item of part k of expert x (routed expert e, or a shared one: -1) at pos. */
+static struct item expert_item(const struct moe_expert_ref *x, int layer, int e, int k,
+                               const struct qopts *q, uint64_t pos)
+{
+    const struct moe_tensor_ref *t[6];
+    bool quantize = q->f.q != MOE_QUANT_NONE;
+
+    moe_expert_tensors(x, t);
+    return (struct item){.t = t[quantize ? k % 3 : k],
+                         .layer = layer,
+                         .expert = e,
+                         .part = k,
+                         .offset = pos,
+                         .x = x,
+                         .n_parts = store_parts(x, q),
+                         .quantize = quantize,
+                         .nbytes = part_bytes(x, k, q)};
+}
+
+/* The "tensors" entry of a quantized item: values under the per-expert
+ * name ([rows, cols], two int4 per byte: [rows, cols / 2]), scales under
+ * "<name>_scale" [rows, cols / group]. */
+static int index_add_quantized(const struct moe_model *m, const struct qopts *q, json_t *tensors,
+                               const struct item *it, uint64_t xxh3)
+{
+    const struct moe_tensor_ref *t = it->t;
+    int k = it->part % 3;
+    char name[300], hex[17];
+    int64_t d0 = t->rows, d1;
+    enum moe_dtype dt;
+    json_t *e;
+
+    if (it->expert >= 0) {
+        if (moe_model_expert_tensor_name(m, it->layer, it->expert, (enum moe_expert_part)k, name,
+                                         sizeof(name) - 16) >= (int)sizeof(name) - 16)
+            return -ENOMEM;
+    } else {
+        snprintf(name, sizeof(name), "%s", t->name);
+    }
+    if (it->part < 3) {
+        dt = moe_quant_value_dtype(q->f.q);
+        d1 = q->f.q == MOE_QUANT_INT4 ? t->cols / 2 : t->cols;
+    } else {
+        strcat(name, moe_quant_scale_suffix(q->f.q));
+        dt = MOE_DTYPE_F32;
+        d1 = t->cols / q->f.bcols;
+    }
+    hex64(xxh3, hex);
+    e = json_pack("{s:s, s:[I, I], s:I, s:I, s:s}", "dtype", moe_dtype_name(dt), "shape",
+                  (json_int_t)d0, (json_int_t)d1, "offset", (json_int_t)it->offset, "nbytes",
+                  (json_int_t)it->nbytes, "xxh3", hex);
+    if (!e || json_object_set_new(tensors, name, e) < 0)
+        return -ENOMEM;
+    return 0;
+}
+
 /* Lists the tensors to write, in file order, with their offsets; returns the
  * count, and sets *ret_end to the end of the last (aligned). */
-static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_end)
+static size_t plan(const struct moe_model *m, const struct qopts *q, struct item *items,
+                   uint64_t *ret_end)
 {
     uint64_t pos = 0;
     size_t n = 0;
@@ -425,18 +631,18 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
             continue;
         for (int e = 0; e < m->cfg.n_experts; e++) {
             const struct moe_expert_ref *x = &L->experts[e];
-            const struct moe_tensor_ref *parts[3] = {&x->gate, &x->up, &x->down};
 
+            /* a blob: its tensors back to back */
             pos = align_up(pos);
-            for (int k = 0; k < 3; k++) {
-                items[n++] = (struct item){parts[k], i, e, k, pos};
-                pos += parts[k]->nbytes;
+            for (int k = 0; k < store_parts(x, q); k++) {
+                items[n] = expert_item(x, i, e, k, q, pos);
+                pos += items[n++].nbytes;
             }
         }
     }
     for (int i = 0; i < m->cfg.n_layers; i++) {
         const struct moe_layer *L = &m->layers[i];
-        const struct moe_tensor_ref *others[PACK_OTHERS_MAX];
+        const struct moe_tensor_ref *others[5];
         int k = 0;
 
         if (!L->is_moe)
@@ -450,17 +656,23 @@ static size_t plan(const struct moe_model *m, struct item *items, uint64_t *ret_
             others[k++] = &L->gate_up_bias;
             others[k++] = &L->down_bias;
         }
-        if (L->has_shared) {
-            others[k++] = &L->shared.gate;
-            others[k++] = &L->shared.up;
-            others[k++] = &L->shared.down;
-        }
-        if (L->has_shared_gate)
-            others[k++] = &L->shared_gate;
         for (int j = 0; j < k; j++) {
             pos = align_up(pos);
-            items[n++] = (struct item){others[j], i, -1, -1, pos};
+            items[n++] =
+                (struct item){others[j], i, -1, -1, pos, NULL, 0, false, others[j]->nbytes};
             pos += others[j]->nbytes;
+        }
+        for (int j = 0; L->has_shared && j < store_parts(&L->shared, q); j++) {
+            /* each tensor aligned, as other tensors outside blobs */
+            pos = align_up(pos);
+            items[n] = expert_item(&L->shared, i, -1, j, q, pos);
+            pos += items[n++].nbytes;
+        }
+        if (L->has_shared_gate) {
+            pos = align_up(pos);
+            items[n++] = (struct item){&L->shared_gate,      i, -1, -1, pos, NULL, 0, false,
+                                       L->shared_gate.nbytes};
+            pos += L->shared_gate.nbytes;
         }
     }
     *ret_end = align_up(pos);
@@ -532,7 +744,70 @@ static json_t *index_root(const struct moe_model *m, uint64_t data_bytes)
 int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrite,
                    moe_pack_progress_fn progress, void *ctx, struct moe_error *err)
 {
+    return moe_pack_write_quant(m, out_dir, overwrite, NULL, progress, ctx, err);
+}
+
+/* Checks that every expert of m can be quantized to q; -EINVAL naming the
+ * first tensor that cannot. */
+static int check_quantize(const struct moe_model *m, const struct moe_quant_fmt *q,
+                          struct moe_error *err)
+{
+    if (q->q != MOE_QUANT_INT8 && q->q != MOE_QUANT_INT4)
+        return moe_error_set(err, -EINVAL, "--quantize %s: expected int8 or int4",
+                             moe_quant_name(q->q));
+    if (q->bcols < 32 || q->bcols > MOE_QUANT_GROUP_MAX || q->bcols % 32 != 0 || q->brows != 1)
+        return moe_error_set(err, -EINVAL, "--group %d: expected a multiple of 32 from 32 to %d",
+                             q->bcols, MOE_QUANT_GROUP_MAX);
+    if (m->expert_quant.q != MOE_QUANT_NONE && m->expert_quant.q != MOE_QUANT_FP8)
+        return moe_error_set(err, -EINVAL,
+                             "%s: its experts are already %s: quantize from the bf16, f16, f32 "
+                             "or fp8 checkpoint",
+                             m->dir, moe_quant_name(m->expert_quant.q));
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        const struct moe_layer *L = &m->layers[i];
+
+        for (int e = -1; L->is_moe && e < m->cfg.n_experts; e++) {
+            const struct moe_expert_ref *x = e < 0 ? &L->shared : &L->experts[e];
+            const struct moe_tensor_ref *t[6];
+
+            if (e < 0 && !L->has_shared)
+                continue;
+            moe_expert_tensors(x, t);
+            for (int k = 0; k < 3; k++)
+                if (t[k]->cols % q->bcols != 0 || t[k]->rows % 32 != 0)
+                    return moe_error_set(err, -EINVAL,
+                                         "%s: tensor '%s' [%" PRId64 ", %" PRId64
+                                         "]: --group %d must divide its columns, and its rows "
+                                         "must be a multiple of 32",
+                                         m->dir, t[k]->name, t[k]->rows, t[k]->cols, q->bcols);
+        }
+    }
+    return 0;
+}
+
+int moe_pack_default_group(const struct moe_model *m, enum moe_quant q)
+{
+    int want = q == MOE_QUANT_INT8 ? MOE_QUANT_INT8_GROUP : MOE_QUANT_INT4_GROUP;
+
+    for (int g = want; g >= 32; g /= 2) {
+        struct moe_quant_fmt f = {q, 1, g};
+
+        if (check_quantize(m, &f, NULL) == 0)
+            return g;
+    }
+    return want;
+}
+
+int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool overwrite,
+                         const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
+                         void *ctx, struct moe_error *err)
+{
     struct writer w = {.m = m, .fd = -1, .err = err};
+    struct qopts q = {{0}};
+    /* --quantize: the current expert's quantized values and scales */
+    uint8_t *qv = NULL;
+    float *qs[3] = {NULL, NULL, NULL};
+    size_t qv_cap = 0, qs_cap[3] = {0, 0, 0};
     XXH3_state_t *ts = XXH3_createState(), *es = XXH3_createState();
     struct item *items = NULL;
     uint8_t *xbuf = NULL; /* a transposed expert made plain */
@@ -548,6 +823,24 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     if (!ts || !es) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
+    }
+    if (quant && quant->q != MOE_QUANT_NONE) {
+        q.f = *quant;
+        r = check_quantize(m, &q.f, err);
+        if (r < 0)
+            goto fail;
+    }
+    /* A transposed expert (Llama 4's, gpt-oss's) is made plain on the
+     * way; quantizing reads the source row by row as stored, which such an
+     * expert's are not. */
+    for (int i = 0; q.f.q != MOE_QUANT_NONE && i < m->cfg.n_layers; i++) {
+        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed) {
+            r = moe_error_set(err, -ENOTSUP,
+                              "%s: layer %d: %s's experts are stored transposed, which --quantize "
+                              "cannot read yet; pack without --quantize, or serve the checkpoint",
+                              m->dir, i, moe_arch_name(m->cfg.arch));
+            goto fail;
+        }
     }
     r = make_dirs(out_dir, &made_dir, err);
     if (r < 0)
@@ -570,16 +863,23 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     if (r < 0)
         goto fail;
 
-    /* Routed experts: 3 tensors each; others: at most PACK_OTHERS_MAX per layer. */
-    cap_items = (size_t)m->n_moe_layers * ((size_t)m->cfg.n_experts * 3 + PACK_OTHERS_MAX);
+    /* Routed experts: 3 or 6 tensors each; others: at most PACK_OTHERS_MAX per layer. */
+    cap_items = (size_t)m->n_moe_layers * ((size_t)m->cfg.n_experts * 6 + PACK_OTHERS_MAX);
     items = calloc(cap_items ? cap_items : 1, sizeof(*items));
     if (!items) {
         r = moe_error_set(err, -ENOMEM, "out of memory for %zu tensors", cap_items);
         goto fail;
     }
-    n_items = plan(m, items, &data_bytes);
+    n_items = plan(m, &q, items, &data_bytes);
     root = index_root(m, data_bytes);
     if (!root) {
+        r = moe_error_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    if (q.f.q != MOE_QUANT_NONE &&
+        json_object_set_new(
+            root, "quantization",
+            json_pack("{s:s, s:i}", "format", moe_quant_name(q.f.q), "group", q.f.bcols)) < 0) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
@@ -602,8 +902,8 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
     }
     for (size_t i = 0; i < n_items; i++) {
         const struct item *it = &items[i];
-        bool first = it->expert >= 0 && it->t == &m->layers[it->layer].experts[it->expert].gate;
-        bool last = it->expert >= 0 && it->t == &m->layers[it->layer].experts[it->expert].down;
+        bool first = it->expert >= 0 && it->part == 0;
+        bool last = it->expert >= 0 && it->part == it->n_parts - 1;
 
         r = w_pad(&w, it->offset);
         if (r < 0)
@@ -621,24 +921,50 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
 
             r = first ? read_plain_expert(m, x, &xbuf, &xcap, err) : 0;
             if (r == 0)
-                r = w_mem(&w, xbuf + off, it->t->nbytes, ts, es);
+                r = w_bytes(&w, xbuf + off, it->t->nbytes, ts, es);
+        } else if (it->quantize && it->part < 3) {
+            /* values now, scales kept for their own item after down */
+            int k = it->part;
+            size_t sn = (size_t)(it->t->rows * (it->t->cols / q.f.bcols)) * sizeof(float);
+
+            if (qv_cap < it->nbytes) {
+                free(qv);
+                qv = malloc(it->nbytes);
+                qv_cap = qv ? it->nbytes : 0;
+            }
+            if (qs_cap[k] < sn) {
+                free(qs[k]);
+                qs[k] = malloc(sn);
+                qs_cap[k] = qs[k] ? sn : 0;
+            }
+            if (!qv || !qs[k]) {
+                r = moe_error_set(err, -ENOMEM, "out of memory quantizing '%s'", it->t->name);
+                goto fail;
+            }
+            r = quantize_part(m, it->x, k, &q.f, qv, qs[k], err);
+            if (r == 0)
+                r = w_bytes(&w, qv, it->nbytes, ts, it->expert >= 0 ? es : NULL);
+        } else if (it->quantize) {
+            r = w_bytes(&w, (const uint8_t *)qs[it->part - 3], it->nbytes, ts,
+                        it->expert >= 0 ? es : NULL);
         } else {
             r = w_tensor(&w, it->t, ts, it->expert >= 0 ? es : NULL);
         }
         if (r < 0)
             goto fail;
-        if (index_add_tensor(m, tensors, it, XXH3_64bits_digest(ts)) < 0) {
+        if ((it->quantize ? index_add_quantized(m, &q, tensors, it, XXH3_64bits_digest(ts))
+                          : index_add_tensor(m, tensors, it, XXH3_64bits_digest(ts))) < 0) {
             r = moe_error_set(err, -ENOMEM, "out of memory");
             goto fail;
         }
         if (last) {
-            const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
+            const struct item *f0 = &items[i - (size_t)(it->n_parts - 1)];
             json_t *e;
 
             hex64(XXH3_64bits_digest(es), hex);
             e = json_pack("{s:i, s:i, s:I, s:I, s:s}", "layer", it->layer, "expert", it->expert,
-                          "offset", (json_int_t)items[i - 2].offset, "nbytes",
-                          (json_int_t)x->nbytes, "xxh3", hex);
+                          "offset", (json_int_t)f0->offset, "nbytes",
+                          (json_int_t)(it->offset + it->nbytes - f0->offset), "xxh3", hex);
             if (!e || json_array_append_new(experts, e) < 0) {
                 r = moe_error_set(err, -ENOMEM, "out of memory");
                 goto fail;
@@ -692,6 +1018,9 @@ fail:
     if (made_dir)
         rmdir(out_dir);
 out:
+    free(qv);
+    for (int k = 0; k < 3; k++)
+        free(qs[k]);
     free(text);
     json_decref(root);
     moe_free_aligned(w.buf);
@@ -856,8 +1185,22 @@ static void want_in_store(struct verifier *v, const struct moe_st_header *h, int
  * (same dtype and shape) and every MoE tensor of the checkpoint in the store.
  * Mismatches are recorded; -errno only when a file cannot be read.
  */
+/* True when t is a quantized expert tensor of a store packed with
+ * --quantize q: its values (dtype of q) or its scales ("..._scale"). */
+static bool quantized_in_store(const struct moe_quant_fmt *q, const struct moe_st_tensor *t)
+{
+    const char *suf = moe_quant_scale_suffix(q->q);
+    size_t n = strlen(t->name), k = strlen(suf);
+
+    if (q->q == MOE_QUANT_NONE)
+        return false;
+    return t->dtype == moe_quant_value_dtype(q->q) ||
+           (n > k && strcmp(t->name + n - k, suf) == 0 && t->dtype == MOE_DTYPE_F32);
+}
+
 static int match_checkpoint(struct verifier *v, const char *pack_dir, const char *ck_dir,
-                            struct vtensor *vt, size_t nt, const struct moe_st_header *h)
+                            struct vtensor *vt, size_t nt, const struct moe_st_header *h,
+                            const struct moe_quant_fmt *q)
 {
     const struct moe_model *ck = v->ck;
     char *p1 = path_join(pack_dir, CONFIG_NAME), *p2 = path_join(ck_dir, CONFIG_NAME);
@@ -884,6 +1227,9 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
         const struct moe_st_tensor *c = NULL;
         size_t f;
 
+        /* checked by quantizing the checkpoint's again (check_requantized) */
+        if (quantized_in_store(q, t->t))
+            continue;
         for (f = 0; f < ck->n_files && !c; f++)
             c = moe_st_header_find(ck->headers[f], t->t->name);
         if (!c) {
@@ -988,6 +1334,86 @@ out:
     return r;
 }
 
+/*
+ * A store packed with --quantize q, against its checkpoint: each expert
+ * matrix quantized again from the checkpoint must give the store's values
+ * and scales exactly (quantizing is deterministic).  Mismatches are
+ * recorded; -errno only when a file cannot be read.
+ */
+static int check_requantized(struct verifier *v, const struct moe_model *pm,
+                             const struct moe_quant_fmt *q)
+{
+    const struct moe_model *ck = v->ck;
+    uint8_t *want = NULL, *got = NULL;
+    float *ws = NULL;
+    uint8_t *gs = NULL;
+    int r = 0;
+
+    if (pm->cfg.n_layers != ck->cfg.n_layers || pm->cfg.n_experts != ck->cfg.n_experts)
+        return 0; /* config.json differs: already a mismatch */
+    for (int i = 0; i < ck->cfg.n_layers; i++) {
+        const struct moe_layer *L = &ck->layers[i], *P = &pm->layers[i];
+
+        for (int e = -1; L->is_moe && P->is_moe && e < ck->cfg.n_experts; e++) {
+            const struct moe_expert_ref *x = e < 0 ? &L->shared : &L->experts[e];
+            const struct moe_expert_ref *y = e < 0 ? &P->shared : &P->experts[e];
+            const struct moe_tensor_ref *yt[6];
+
+            if (e < 0 && (!L->has_shared || !P->has_shared))
+                continue;
+            if (y->quant.q != q->q || moe_expert_tensors(y, yt) != 6)
+                continue; /* the store's structure check reports it */
+            for (int k = 0; k < 3; k++) {
+                const struct moe_tensor_ref *xk = k == 0 ? &x->gate : k == 1 ? &x->up : &x->down;
+                uint64_t vb = yt[k]->nbytes, sb = yt[k + 3]->nbytes;
+
+                /* shapes checked against config.json on both sides */
+                if (yt[k]->rows != xk->rows || yt[k]->cols != xk->cols ||
+                    sb != (uint64_t)xk->rows * (uint64_t)(xk->cols / q->bcols) * 4)
+                    continue;
+                free(want);
+                free(got);
+                free(ws);
+                free(gs);
+                want = malloc(vb);
+                got = malloc(vb);
+                ws = malloc(sb);
+                gs = malloc(sb);
+                if (!want || !got || !ws || !gs) {
+                    r = moe_error_set(v->err, -ENOMEM, "out of memory");
+                    goto out;
+                }
+                r = quantize_part(ck, x, k, q, want, ws, v->err);
+                if (r == 0)
+                    r = moe_model_read(pm, yt[k], got, v->err);
+                if (r == 0)
+                    r = moe_model_read(pm, yt[k + 3], gs, v->err);
+                if (r < 0)
+                    goto out;
+                for (int j = 0; j < 2; j++) {
+                    const struct moe_tensor_ref *t = yt[k + 3 * j];
+                    const void *a = j ? (const void *)ws : want, *b = j ? (const void *)gs : got;
+
+                    v->rep.tensors_checked++;
+                    if (memcmp(a, b, j ? sb : vb) == 0)
+                        continue;
+                    v->rep.mismatches++;
+                    mismatch_at(v, t->offset,
+                                "tensor '%s': differs from the %s quantization (group %d) of the "
+                                "checkpoint's '%s'",
+                                t->name, moe_quant_name(q->q), q->bcols, xk->name);
+                }
+            }
+        }
+    }
+out:
+    free(want);
+    free(got);
+    free(ws);
+    free(gs);
+    return r;
+}
+
 /* Reports a routed expert's blob read in full; first_bad: its first bad
  * tensor, or NULL. */
 static void blob_done(struct verifier *v, const struct moe_pack_entry *x, uint64_t got,
@@ -1076,9 +1502,14 @@ int moe_pack_verify(const char *pack_dir, const char *checkpoint_dir, struct moe
         vt[i].ck_file = -1;
     }
     if (ck) {
-        r = match_checkpoint(&v, pack_dir, checkpoint_dir, vt, nt, ix.tensors);
+        r = match_checkpoint(&v, pack_dir, checkpoint_dir, vt, nt, ix.tensors, &ix.quant);
         if (r < 0)
             goto out;
+        if (ix.quant.q != MOE_QUANT_NONE) {
+            r = check_requantized(&v, pm, &ix.quant);
+            if (r < 0)
+                goto out;
+        }
     }
     /* Tensors and blobs in file order, as experts.bin is read (the index
      * keeps blobs by key; nothing looks them up below). */

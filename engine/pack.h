@@ -7,13 +7,15 @@
  *                  and down matrices back to back (in that order, the
  *                  checkpoint's dtype and row-major layout: [ffn, hidden],
  *                  [ffn, hidden], [hidden, ffn]; Llama 4's and gpt-oss's
- *                  transposed experts are made plain on the way), starting
- *                  at a multiple of MOE_PACK_ALIGN and padded with zeros to
- *                  the next one; then the other MoE tensors (routers, score
- *                  biases, shared experts, qwen2_moe shared-expert gates,
- *                  gpt-oss's router bias and expert biases
- *                  gate_up_proj_bias and down_proj_bias, as the checkpoint
- *                  has them), each MOE_PACK_ALIGN-aligned.  The file's size is a
+ *                  transposed experts are made plain on the way; a
+ *                  quantized expert's three scale tensors follow, in the
+ *                  same order), starting at a multiple of MOE_PACK_ALIGN
+ *                  and padded with zeros to the next one; then the other
+ *                  MoE tensors (routers, score biases, shared experts and
+ *                  their scales, qwen2_moe shared-expert gates, gpt-oss's
+ *                  router bias and expert biases gate_up_proj_bias and
+ *                  down_proj_bias, as the checkpoint has them), each
+ *                  MOE_PACK_ALIGN-aligned.  The file's size is a
  *                  multiple of MOE_PACK_ALIGN, so an O_DIRECT read of any
  *                  blob's aligned span never runs past its end.
  *   moe-pack.json  the index (below), written last, atomically (rename), so
@@ -33,8 +35,25 @@
  *                                    expert matrices included)
  *     },
  *     "experts": [{"layer": L, "expert": E, "offset": <blob offset>,
- *                  "nbytes": <gate+up+down bytes>, "xxh3": "<16 hex>"}, ...]
+ *                  "nbytes": <gate+up+down bytes, with their scales>,
+ *                  "xxh3": "<16 hex>"}, ...],
+ *     "quantization": {"format": "int8" | "int4", "group": G}  (optional)
  *   }
+ *
+ * Quantized experts (quant.h):
+ *   - FP8, from a checkpoint as DeepSeek-V3 publishes it (its config.json,
+ *     copied, says quantization_config fp8): each weight "<name>" F8_E4M3
+ *     [rows, cols] and its "<name>_scale_inv" F32 [ceil(rows / 128),
+ *     ceil(cols / 128)], copied as they are.
+ *   - moectl pack --quantize int8|int4 --group G: "quantization" is set and
+ *     every expert matrix (routed and shared) "<name>" is I8 [rows, cols]
+ *     (int8, values -127..127) or U8 [rows, cols / 2] (int4: values -7..7
+ *     stored as v + 8, element 2j in the low nibble of byte j, 2j + 1 in
+ *     the high), with "<name>_scale" F32 [rows, cols / G]: weight = value x
+ *     scale, scale = max |w| / 127 (7) of the G weights it covers, values
+ *     rounded to nearest (ties away from zero).  Routers, biases and the
+ *     shared-expert gate keep their dtype.  G is a multiple of 32, at most
+ *     4096, and divides every expert matrix's columns.
  * xxh3 is XXH3_64bits (libxxhash) of the bytes, exactly 16 lower-case hex
  * digits.  An expert's blob offset equals its gate tensor's offset, and up
  * and down follow it.  Entries are written in file order: the "experts"
@@ -53,10 +72,13 @@
  *     data_bytes; no two blobs overlap;
  *   - a tensor either lies wholly inside one expert blob or overlaps none
  *     and starts at a multiple of 4096;
- *   - at least one tensor and one expert.
+ *   - at least one tensor and one expert;
+ *   - "quantization", when present: format "int8" or "int4", group a
+ *     multiple of 32 from 32 to 4096.
  * moe_model_open() then checks the rest against config.json: every tensor
- * the model needs, with its shape and dtype; every routed expert has an
- * entry whose blob is exactly its gate, up and down back to back; no entry
+ * the model needs, with its shape and dtype (quantized: as above, scales
+ * included); every routed expert has an entry whose blob is exactly its
+ * gate, up and down (then their scales) back to back; no entry
  * for an expert the model does not have; experts.bin is data_bytes long.
  *
  * moe_model_open() recognises a directory holding moe-pack.json and returns
@@ -102,6 +124,24 @@ typedef void (*moe_pack_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrite,
                    moe_pack_progress_fn progress, void *ctx, struct moe_error *err);
 
+/*
+ * moe_pack_write, with the experts (routed and shared) quantized to
+ * quant->q (INT8 or INT4, brows 1, bcols the group: a multiple of 32 that
+ * divides every expert matrix's columns) from a BF16, F16, F32 or FP8
+ * checkpoint, symmetric per group (quant.h moe_quant_row); quant NULL or
+ * NONE copies them as they are.  Non-finite weights are refused (-EINVAL,
+ * naming the tensor and element).
+ */
+int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool overwrite,
+                         const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
+                         void *ctx, struct moe_error *err);
+
+/* The group --quantize q takes when none is given: 128 (int8) or 32
+ * (int4), halved down to 32 until it divides every expert matrix's
+ * columns (the default again when none does: moe_pack_write_quant says
+ * why). */
+int moe_pack_default_group(const struct moe_model *m, enum moe_quant q);
+
 /* What moe_pack_verify found. */
 struct moe_pack_report {
     uint64_t tensors_checked;
@@ -136,6 +176,7 @@ struct moe_pack_entry {
 
 struct moe_pack_index {
     uint64_t data_bytes;
+    struct moe_quant_fmt quant;    /* "quantization", or .q NONE */
     char *data_name;               /* owned; "experts.bin" */
     struct moe_st_header *tensors; /* tensors, offsets absolute in the data file, owned */
     uint64_t *tensor_xxh3;         /* [tensors->n_tensors], same order, owned */

@@ -18,6 +18,7 @@
 #include "json.h"
 #include "model.h"
 #include "pack.h"
+#include "quant.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -308,6 +309,45 @@ static int parse_source(const struct pctx *c, json_t *root)
     return 0;
 }
 
+/* The optional "quantization": {"format": "int8"|"int4", "group": N}. */
+static int parse_quant(const struct pctx *c, json_t *root, struct moe_quant_fmt *ret)
+{
+    json_t *q = json_object_get(root, "quantization");
+    char vb[VALUE_TEXT_MAX];
+    const char *s;
+    uint64_t g;
+    int r;
+
+    memset(ret, 0, sizeof(*ret));
+    if (!q || json_is_null(q))
+        return 0;
+    if (!json_is_object(q))
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: 'quantization' is %s: expected {\"format\": \"int8\" or "
+                             "\"int4\", \"group\": N}",
+                             c->fname, moe_json_text(q, vb, sizeof(vb)));
+    r = key_str(c, q, "quantization: ", "format", "\"int8\" or \"int4\"", &s);
+    if (r < 0)
+        return r;
+    if (strcmp(s, "int8") != 0 && strcmp(s, "int4") != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: quantization: 'format' is \"%.32s\": expected \"int8\" or "
+                             "\"int4\"",
+                             c->fname, s);
+    ret->q = strcmp(s, "int8") == 0 ? MOE_QUANT_INT8 : MOE_QUANT_INT4;
+    r = key_uint(c, q, "quantization: ", "group", MOE_QUANT_GROUP_MAX, &g);
+    if (r < 0)
+        return r;
+    if (g < 32 || g % 32 != 0)
+        return moe_error_set(c->err, -EINVAL,
+                             "%s: quantization: 'group' is %" PRIu64
+                             ": expected a multiple of 32 from 32 to %d",
+                             c->fname, g, MOE_QUANT_GROUP_MAX);
+    ret->brows = 1;
+    ret->bcols = (int)g;
+    return 0;
+}
+
 /* NULL when s is a plain file name, else what is wrong with it. */
 static const char *data_name_problem(const char *s)
 {
@@ -494,6 +534,9 @@ int moe_pack_index_parse(const char *json, size_t len, const char *fname,
         goto fail;
     }
     r = parse_source(&c, root);
+    if (r < 0)
+        goto fail;
+    r = parse_quant(&c, root, &ix.quant);
     if (r < 0)
         goto fail;
 

@@ -832,6 +832,10 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
         return 0;
     if (!w || !wk->tokens || !wk->scales || !w->gate || !w->up || !w->down)
         return -EINVAL;
+    /* Quantized experts (FP8, int8, int4, MXFP4) have no CUDA kernels yet:
+     * refused (serve such a model on the CPU backend). */
+    if (w->quant.q != MOE_QUANT_NONE)
+        return -ENOTSUP;
     if (w->dtype != MOE_DTYPE_F32 && w->dtype != MOE_DTYPE_F16 && w->dtype != MOE_DTYPE_BF16)
         return -EINVAL;
     if (w->hidden != hidden || w->ffn <= 0 || w->ffn > INT32_MAX / 2)

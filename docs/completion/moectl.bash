@@ -28,7 +28,10 @@ _moectl()
             deepseek_v3 deepseek_v2 kimi_k2 glm4_moe llama4_text gpt_oss" -- "$cur"))
         return 0 ;;
     --dtype)
-        COMPREPLY=($(compgen -W "bf16 f16 f32" -- "$cur"))
+        COMPREPLY=($(compgen -W "bf16 f16 f32 fp8" -- "$cur"))
+        return 0 ;;
+    --quantize)
+        COMPREPLY=($(compgen -W "int8 int4" -- "$cur"))
         return 0 ;;
     --policy)
         COMPREPLY=($(compgen -W "lru freq routing adaptive all" -- "$cur"))
@@ -96,7 +99,7 @@ _moectl()
             return 0
         fi
         flags="--format --model --shape --quiet -q" ;;
-    pack) flags="--model --out --force --quiet -q" ;;
+    pack) flags="--model --out --quantize --group --force --quiet -q" ;;
     verify) flags="--pack --model --quiet -q" ;;
     stats) flags="--experts --plot $remote" ;;
     load) flags="--dir --name $remote" ;;

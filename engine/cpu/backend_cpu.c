@@ -77,6 +77,7 @@
 #include "dtype.h"
 #include "threadpool.h"
 #include "kernels.h"
+#include "quant.h"
 
 /* ffn rows per phase-1 task: a multiple of MOE_CPU_KPAD, so that each task
  * prepares whole blocks of the intermediate rows. */
@@ -396,6 +397,24 @@ static void swiglu_clamp_b16(float *g, const float *u, int n, float alpha, float
     }
 }
 
+/* The kernel table's index (dtype) of a work item's prepared rows: plain
+ * fp32 for quantized weights. */
+static int prep_dtype(const struct moe_expert_weights *e)
+{
+    return e->quant.q != MOE_QUANT_NONE ? MOE_DTYPE_F32 : (int)e->dtype;
+}
+
+/* Rows [r0, r0 + nr) of quantized matrix w (k columns, scales s) against
+ * prepared rows x. */
+static void qdot_rows(const struct moe_cpu_kernel *k, const struct moe_expert_weights *e,
+                      const void *w, const void *s, int64_t r0, int nr, int64_t cols,
+                      const void *const *x, int nt, float *y, int64_t ldy)
+{
+    struct moe_cpu_qw q = {.f = e->quant, .w = w, .s = s, .row0 = r0};
+
+    k->qdot[e->quant.q](&q, nr, cols, x, nt, y, ldy);
+}
+
 /* Phase 1: one block of FBLK ffn rows of one work item. */
 static void ffn_up_task(void *arg, int task, int thread)
 {
@@ -421,7 +440,7 @@ static void ffn_up_task(void *arg, int task, int thread)
     int64_t chunk = MOE_MIN(f0 + FBLK, moe_cpu_kpad(F)) - f0;
     size_t esz = moe_dtype_size(e->dtype);
     size_t woff = (size_t)f0 * H * esz;
-    int d = (int)e->dtype;
+    int d = prep_dtype(e);
     float *yg = c->ybuf[thread].p;
     float *yu = yg + c->ystride;
     const void *const *xs = c->xs + c->first[lo];
@@ -430,8 +449,13 @@ static void ffn_up_task(void *arg, int task, int thread)
     bool b16 = wk->precision == MOE_PRECISION_BF16;
     moe_cpu_dot_fn dot = b16 ? c->k->dot_b16[d] : c->k->dot[d];
 
-    dot((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
-    dot((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
+    if (e->quant.q != MOE_QUANT_NONE) {
+        qdot_rows(c->k, e, e->gate, e->gate_s, f0, nr, H, xs, wk->n_tokens, yg, FBLK);
+        qdot_rows(c->k, e, e->up, e->up_s, f0, nr, H, xs, wk->n_tokens, yu, FBLK);
+    } else {
+        dot((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
+        dot((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
+    }
     for (int j = 0; j < wk->n_tokens; j++) {
         float *g = yg + (size_t)j * FBLK;
         float *u = yu + (size_t)j * FBLK;
@@ -490,11 +514,16 @@ static void ffn_down_task(void *arg, int task, int thread)
 
         if (wk->n_tokens == 0)
             continue;
-        moe_cpu_dot_fn dot =
-            wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
+        if (e->quant.q != MOE_QUANT_NONE) {
+            qdot_rows(c->k, e, e->down, e->down_s, h0, nr, F,
+                      (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
+        } else {
+            moe_cpu_dot_fn dot =
+                wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
 
-        dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
-            (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
+            dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
+                (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
+        }
         for (int j = 0; j < wk->n_tokens; j++) {
             float *o = c->out + (size_t)wk->tokens[j] * H + h0;
             const float *yj = y + (size_t)j * HBLK;
@@ -526,13 +555,24 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
         return 0;
     if (!e || !wk->tokens || !wk->scales || !e->gate || !e->up || !e->down)
         return -EINVAL;
-    if (!moe_dtype_is_compute(e->dtype) || e->hidden != hidden || e->ffn <= 0 || e->ffn > INT32_MAX)
+    if (e->hidden != hidden || e->ffn <= 0 || e->ffn > INT32_MAX)
         return -EINVAL;
     if (e->act != MOE_ACT_SILU && e->act != MOE_ACT_SWIGLU_CLAMP)
         return -EINVAL;
     if (e->act == MOE_ACT_SWIGLU_CLAMP &&
         !(isfinite(e->alpha) && e->alpha > 0 && isfinite(e->limit) && e->limit > 0))
         return -EINVAL;
+    if (e->quant.q != MOE_QUANT_NONE) {
+        /* the layout quant.h and kernels.h describe */
+        if (e->quant.q >= MOE_QUANT_COUNT || e->hidden % 32 || e->ffn % 32 || e->quant.bcols <= 0 ||
+            e->quant.bcols % 32 || e->quant.brows <= 0 ||
+            (e->quant.q != MOE_QUANT_FP8 && e->quant.brows != 1) ||
+            (e->quant.q == MOE_QUANT_MXFP4 && e->quant.bcols != 32) || !e->gate_s || !e->up_s ||
+            !e->down_s || e->dtype != moe_quant_value_dtype(e->quant.q))
+            return -EINVAL;
+    } else if (!moe_dtype_is_compute(e->dtype)) {
+        return -EINVAL;
+    }
     for (int j = 0; j < wk->n_tokens; j++)
         if (wk->tokens[j] < 0 || wk->tokens[j] >= n_tokens)
             return -EINVAL;
@@ -568,7 +608,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         n_assign += wk->n_tokens;
         up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
-        dtypes |= 1u << (wk->w->dtype + 3 * (wk->precision == MOE_PRECISION_BF16));
+        dtypes |= 1u << (prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16));
         if (!moe_mul_size((size_t)wk->n_tokens, (size_t)moe_cpu_kpad(wk->w->ffn) * 4, &bytes) ||
             !moe_add_size(act_bytes, bytes, &act_bytes))
             return -ENOMEM;
@@ -615,7 +655,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             c.first[i] = a;
             if (wk->n_tokens > 0) {
                 tasks += (wk->w->ffn + FBLK - 1) / FBLK;
-                xp = cb->xprep[wk->w->dtype + 3 * (wk->precision == MOE_PRECISION_BF16)].p;
+                xp = cb->xprep[prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16)].p;
                 frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;

@@ -26,6 +26,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common.h"
+
 /* Prepared rows are padded to a multiple of this many elements. */
 #define MOE_CPU_KPAD 32
 /* K is processed in blocks of this many elements; each block's partial sum
@@ -126,6 +128,27 @@ struct moe_cpu_tiling {
 void moe_cpu_dot_tiles(const struct moe_cpu_tiling *tl, const void *w, int64_t ldw, int nr,
                        int64_t k, const void *const *x, int nt, float *y, int64_t ldy);
 
+/*
+ * A quantized weight matrix (quant.h) for a moe_cpu_qdot_fn: the rows
+ * [row0, row0 + nr) of a matrix of k columns (k a multiple of 32).
+ */
+struct moe_cpu_qw {
+    struct moe_quant_fmt f;
+    const uint8_t *w; /* row 0 of the matrix */
+    const uint8_t *s; /* its scales, [ceil(rows / f.brows), k / f.bcols] */
+    int64_t row0;     /* the first row of the block */
+};
+
+/*
+ * y[t * ldy + r] = sum_{c < k} W[row0 + r, c] * x[t][c] for r < nr, t < nt
+ * (overwritten), W dequantized inside the kernel (each value times its
+ * scale in fp32, fp32 accumulation), never as a copy of the matrix.  x[t]
+ * are plain fp32 prepared rows (prep[MOE_DTYPE_F32]), 64-byte aligned.  As
+ * for dot: y[t, r] depends only on k and the inputs.
+ */
+typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                                int nt, float *y, int64_t ldy);
+
 struct moe_cpu_kernel {
     const char *name;          /* "generic", "avx2", "avx512" */
     moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
@@ -142,6 +165,10 @@ struct moe_cpu_kernel {
      * out[i] = bf16(bf16(silu(bf16(g[i]))) * bf16(u[i])), with swiglu's silu;
      * compute_precision bf16. */
     moe_cpu_swiglu_fn swiglu_b16;
+    /* Quantized weights, indexed by enum moe_quant (slot 0, NONE, unused):
+     * activations prepared by prep[MOE_DTYPE_F32] (rounded by
+     * round[MOE_DTYPE_F32] for compute_precision bf16). */
+    moe_cpu_qdot_fn qdot[MOE_QUANT_COUNT];
 };
 
 extern const struct moe_cpu_kernel moe_cpu_kernel_generic;

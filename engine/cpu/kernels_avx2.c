@@ -34,6 +34,7 @@
 #include "common.h"
 #include "dtype.h"
 #include "kernels.h"
+#include "qdot_x86.h"
 
 #define RMAX 3
 #define TMAX 4
@@ -431,4 +432,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
     .swiglu = swiglu,
     .swiglu_clamp = swiglu_clamp,
     .swiglu_b16 = swiglu_b16,
+    .qdot = MOE_CPU_QDOT_X86,
 };

@@ -34,6 +34,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "qdot_x86.h"
 
 /* Register tile: up to RMAX rows x TMAX tokens (24 accumulators, 4 weight
  * registers, 1-2 activation registers out of 32). */
@@ -385,4 +386,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .dot_b16 = {dot_f32, dot_f16, dot_b16h},
     .swiglu = swiglu,
     .swiglu_clamp = swiglu_clamp,
+    .qdot = MOE_CPU_QDOT_X86,
 };

@@ -17,6 +17,7 @@
 #include "common.h"
 #include "dtype.h"
 #include "kernels.h"
+#include "quant.h"
 
 #define ROWS 4
 #define LANES 16
@@ -131,6 +132,41 @@ static void swiglu_clamp(const float *g, const float *u, int64_t n, float alpha,
         out[i] = moe_cpu_swiglu_clamp1(g[i], u[i], alpha, limit);
 }
 
+/*
+ * Quantized weights: each row's K block dequantized into a buffer on the
+ * stack (value times scale, fp32; 4 KiB, never the whole expert), then
+ * dotted with each token.
+ */
+static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
+                 float *y, int64_t ldy)
+{
+    int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
+    size_t ss = moe_quant_scale_size(w->f.q);
+    float buf[MOE_CPU_KBLOCK];
+
+    for (int r = 0; r < nr; r++) {
+        int64_t row = w->row0 + r;
+        const uint8_t *wr = w->w + moe_quant_data_bytes(w->f.q, row, k);
+        const uint8_t *sr = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
+
+        for (int t = 0; t < nt; t++)
+            y[(size_t)t * ldy + r] = 0.0f;
+        for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
+            int64_t n = MOE_MIN(k - kb, MOE_CPU_KBLOCK);
+
+            moe_quant_dequant_span(&w->f, wr, sr, kb, n, buf);
+            for (int t = 0; t < nt; t++) {
+                const float *xt = (const float *)x[t] + kb;
+                float acc = 0.0f;
+
+                for (int64_t c = 0; c < n; c++)
+                    acc += buf[c] * xt[c];
+                y[(size_t)t * ldy + r] += acc;
+            }
+        }
+    }
+}
+
 const struct moe_cpu_kernel moe_cpu_kernel_generic = {
     .name = "generic",
     .prep = {prep_f32, prep_f32, prep_f32},
@@ -139,4 +175,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_generic = {
     .dot_b16 = {dot_f32, dot_f16, dot_bf16},
     .swiglu = swiglu,
     .swiglu_clamp = swiglu_clamp,
+    .qdot = {NULL, qdot, qdot, qdot, qdot},
 };

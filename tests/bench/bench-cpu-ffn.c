@@ -18,12 +18,21 @@
  * the Hugging Face test environment of scripts/hf-env.sh); the column says
  * "-" when none has torch.  Ratio: torch's time over moed's bf16 time.
  *
+ * --dtype runs the same layer stored in other formats (engine/quant.h): fp8
+ * (e4m3, a float32 scale per 128x128 block, as DeepSeek-V3 publishes it),
+ * int8 (scale per 128 values of a row), int4 (per 32), mxfp4 (e2m1, e8m0
+ * scale per 32); random values and scales of the same spread.  "weights MB"
+ * and eff GB/s count the bytes as stored (values and scales), so eff/mem
+ * says how close decode comes to streaming the stored bytes at the
+ * machine's read bandwidth, whatever the format.  torch runs only for bf16.
+ *
  * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
+ *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]]
  * --quick: tiny shapes (hidden 256, ffn 512) and a small buffer, about a
- * second, without torch unless --torch names one; ctest runs it as a smoke
- * test.
+ * second, without torch unless --torch names one, every format unless
+ * --dtype says; ctest runs it as a smoke test.
  */
 #include <errno.h>
 #include <math.h>
@@ -36,6 +45,7 @@
 #include "backend.h"
 #include "common.h"
 #include "dtype.h"
+#include "quant.h"
 #include "router.h"
 #include "threadpool.h"
 
@@ -54,13 +64,33 @@ struct opts {
     int reps;          /* 0: by size */
     bool prec[2];      /* precisions to run, by enum moe_compute_precision */
     const char *torch; /* NULL: find one; "off": none; else a Python */
+    struct moe_quant_fmt fmts[MOE_QUANT_COUNT]; /* formats to run; .q NONE: bf16 */
+    int n_fmts;
 };
+
+/* The formats --dtype names, with their scale blocks. */
+static const struct {
+    const char *name;
+    struct moe_quant_fmt f;
+} fmt_names[] = {
+    {"bf16", {MOE_QUANT_NONE, 0, 0}},
+    {"fp8", {MOE_QUANT_FP8, 128, 128}},
+    {"int8", {MOE_QUANT_INT8, 1, MOE_QUANT_INT8_GROUP}},
+    {"int4", {MOE_QUANT_INT4, 1, MOE_QUANT_INT4_GROUP}},
+    {"mxfp4", {MOE_QUANT_MXFP4, 1, 32}},
+};
+
+static const char *fmt_name(const struct moe_quant_fmt *f)
+{
+    return f->q == MOE_QUANT_NONE ? "bf16" : moe_quant_name(f->q);
+}
 
 static void usage(void)
 {
     fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
-                    "[--precision exact|bf16[,...]] [--torch PYTHON|off]\n");
+                    "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
+                    "[--dtype bf16|fp8|int8|int4|mxfp4[,...]]\n");
     exit(2);
 }
 
@@ -123,12 +153,43 @@ static void parse(int argc, char **argv, struct opts *o)
             }
         } else if (!strcmp(argv[i], "--torch") && i + 1 < argc) {
             o->torch = argv[++i];
+        } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
+            const char *p = argv[++i];
+
+            o->n_fmts = 0;
+            while (*p && o->n_fmts < MOE_QUANT_COUNT) {
+                size_t len = strcspn(p, ","), k;
+
+                for (k = 0; k < MOE_ARRAY_SIZE(fmt_names); k++)
+                    if (strlen(fmt_names[k].name) == len && !strncmp(p, fmt_names[k].name, len))
+                        break;
+                if (k == MOE_ARRAY_SIZE(fmt_names))
+                    usage();
+                o->fmts[o->n_fmts++] = fmt_names[k].f;
+                p += len + (p[len] == ',');
+            }
+            if (o->n_fmts == 0)
+                usage();
         } else {
             usage();
         }
     }
     if (o->quick && !o->torch)
         o->torch = "off";
+    if (o->n_fmts == 0) {
+        /* quick: every format; else bf16 */
+        for (size_t k = 0; k < (o->quick ? MOE_ARRAY_SIZE(fmt_names) : 1); k++)
+            o->fmts[o->n_fmts++] = fmt_names[k].f;
+    }
+}
+
+/* Bytes of one expert as stored: values and scales of its three matrices. */
+static double expert_bytes(const struct moe_expert_weights *e)
+{
+    if (e->quant.q == MOE_QUANT_NONE)
+        return 3.0 * (double)e->hidden * (double)e->ffn * (double)moe_dtype_size(e->dtype);
+    return 3.0 * ((double)moe_quant_data_bytes(e->quant.q, e->ffn, e->hidden) +
+                  (double)moe_quant_scale_bytes(&e->quant, e->ffn, e->hidden));
 }
 
 /* ---- filling weights fast -------------------------------------------------------- */
@@ -364,7 +425,7 @@ static int bench_size(struct moe_backend *be, const struct moe_expert_weights *e
         .min_per_expert = INT32_MAX,
         .best_ms = (double)times[0] * 1e-6,
         .median_ms = (double)times[reps / 2] * 1e-6,
-        .weight_bytes = (double)n_work * 3.0 * (double)H * (double)ex[0].ffn * 2.0,
+        .weight_bytes = (double)n_work * expert_bytes(&ex[0]),
         .flops = (double)n_assign * 6.0 * (double)H * (double)ex[0].ffn,
     };
     for (int i = 0; i < n_work; i++) {
@@ -538,16 +599,17 @@ static int bench_threads(const struct opts *o, const struct moe_expert_weights *
             res[i][p].mem_bw = MOE_MAX(bw, bw_after);
         bw = bw_after;
     }
-    if (python)
+    if (python && ex[0].quant.q == MOE_QUANT_NONE)
         have_torch = run_torch(python, o, H, ex[0].ffn, threads, trow, tver, sizeof(tver)) == 0;
 
-    printf("\n%d thread%s, kernel %s; memory read bandwidth: %d threads streaming a %zu MiB "
-           "buffer, best of %d passes before and after each size\n",
-           threads, threads > 1 ? "s" : "", moe_backend_cpu_kernel(be), threads, bw_bytes >> 20,
-           passes);
-    printf("torch: %s\n", have_torch ? tver
-                          : python   ? "failed (see above)"
-                                     : "not run (no Python with torch)");
+    printf("\n%s weights, %d thread%s, kernel %s; memory read bandwidth: %d threads streaming a "
+           "%zu MiB buffer, best of %d passes before and after each size\n",
+           fmt_name(&ex[0].quant), threads, threads > 1 ? "s" : "", moe_backend_cpu_kernel(be),
+           threads, bw_bytes >> 20, passes);
+    printf("torch: %s\n", have_torch                        ? tver
+                          : ex[0].quant.q != MOE_QUANT_NONE ? "not run (bf16 only)"
+                          : python                          ? "failed (see above)"
+                                                            : "not run (no Python with torch)");
     printf("%7s %6s %7s %7s %17s %17s %10s %6s %10s %8s %8s %7s %8s\n", "threads", "tokens",
            "experts", "tok/exp", "exact ms", "bf16 ms", "torch ms", "torch/", "weights MB",
            "eff GB/s", "mem GB/s", "eff/mem", "GFLOP/s");
@@ -582,6 +644,85 @@ out:
     return r;
 }
 
+/*
+ * The table of random 16 bits -> two stored values of format f (values of
+ * a matrix of fan_in columns: bf16 uniform with variance 1 / fan_in; the
+ * quantized formats' codes uniform over their range, the scale setting the
+ * spread, see scale_of).
+ */
+static void make_qtable(uint16_t *t, const struct moe_quant_fmt *f, int64_t fan_in)
+{
+    if (f->q == MOE_QUANT_NONE) {
+        make_table(t, fan_in);
+        return;
+    }
+    for (int i = 0; i < 65536; i++) {
+        uint8_t b[2] = {(uint8_t)i, (uint8_t)(i >> 8)};
+
+        for (int j = 0; j < 2; j++) {
+            switch (f->q) {
+            case MOE_QUANT_FP8:
+                b[j] = moe_f32_to_fp8_e4m3(((float)b[j] - 127.5f) / 127.5f * 448.0f);
+                break;
+            case MOE_QUANT_INT8:
+                b[j] = (uint8_t)(int8_t)MOE_MAX(-127, (int)b[j] - 128);
+                break;
+            default: /* int4, mxfp4: any two nibbles */
+                break;
+            }
+        }
+        t[i] = (uint16_t)(b[0] | b[1] << 8);
+    }
+}
+
+/* The scale that gives uniform codes of f the spread of the bf16 weights. */
+static float scale_of(const struct moe_quant_fmt *f, int64_t fan_in)
+{
+    double a = sqrt(3.0 / (double)fan_in);
+
+    switch (f->q) {
+    case MOE_QUANT_FP8:
+        return (float)(a / 448.0);
+    case MOE_QUANT_INT8:
+        return (float)(a / 127.0);
+    case MOE_QUANT_INT4:
+        return (float)(a / 7.0);
+    default:
+        return (float)(a / 6.0);
+    }
+}
+
+/* One matrix [rows, cols] of format f into backend memory: values at
+ * *ret_w, scales at *ret_s (NULL for bf16).  0 or -ENOMEM. */
+static int make_matrix(struct moe_backend *be, struct moe_threadpool *pool,
+                       const struct moe_quant_fmt *f, int64_t rows, int64_t cols,
+                       const uint16_t *table, uint64_t seed, void **ret_w, void **ret_s)
+{
+    uint64_t vb =
+        f->q == MOE_QUANT_NONE ? (uint64_t)rows * cols * 2 : moe_quant_data_bytes(f->q, rows, cols);
+
+    *ret_s = NULL;
+    *ret_w = be->ops->alloc(be, vb);
+    if (!*ret_w)
+        return -ENOMEM;
+    fill(pool, *ret_w, vb / 2, table, seed);
+    if (f->q != MOE_QUANT_NONE) {
+        uint64_t sb = moe_quant_scale_bytes(f, rows, cols);
+        float sc = scale_of(f, cols);
+
+        *ret_s = be->ops->alloc(be, sb);
+        if (!*ret_s)
+            return -ENOMEM;
+        for (uint64_t i = 0; i < sb / moe_quant_scale_size(f->q); i++) {
+            if (f->q == MOE_QUANT_MXFP4)
+                ((uint8_t *)*ret_s)[i] = (uint8_t)(127 + (int)lrint(log2((double)sc)));
+            else
+                ((float *)*ret_s)[i] = sc * (float)(1.0 + 0.25 * (double)(i % 5) / 4.0);
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct opts o;
@@ -590,7 +731,7 @@ int main(int argc, char **argv)
     struct moe_threadpool *pool = NULL;
     struct moe_error err = {0};
     struct moe_expert_weights ex[N_EXPERTS];
-    void *mats[N_EXPERTS][3] = {{0}};
+    void *mats[N_EXPERTS][6] = {{0}};
     uint16_t *table_in = malloc(65536 * 2), *table_f = malloc(65536 * 2);
     int64_t H, F;
     size_t bw_bytes;
@@ -613,39 +754,6 @@ int main(int argc, char **argv)
         goto out;
     torch = find_torch(&o, python, sizeof(python));
 
-    /* weights */
-    t0 = moe_now_ns();
-    make_table(table_in, H);
-    make_table(table_f, F);
-    for (int e = 0; e < N_EXPERTS; e++) {
-        size_t n = (size_t)H * F;
-
-        for (int m = 0; m < 3; m++) {
-            mats[e][m] = be->ops->alloc(be, n * 2);
-            if (!mats[e][m]) {
-                fprintf(stderr, "bench-cpu-ffn: out of memory for the weights\n");
-                goto out;
-            }
-            fill(pool, mats[e][m], n, m == 2 ? table_f : table_in, seed + (uint64_t)e * 3 + m);
-        }
-        ex[e] = (struct moe_expert_weights){
-            .dtype = MOE_DTYPE_BF16,
-            .hidden = H,
-            .ffn = F,
-            .gate = mats[e][0],
-            .up = mats[e][1],
-            .down = mats[e][2],
-        };
-    }
-    printf("moe layer: hidden %lld, ffn %lld, %d experts, top-%d, bf16 weights %.2f GB "
-           "(filled in %.2f s)\n",
-           (long long)H, (long long)F, N_EXPERTS, TOP_K,
-           (double)N_EXPERTS * 3 * (double)H * (double)F * 2 * 1e-9,
-           (double)(moe_now_ns() - t0) * 1e-9);
-    printf("times: best of N calls after a warm-up (median in brackets); eff GB/s, eff/mem and "
-           "GFLOP/s from the faster precision\n");
-    printf("torch's block: %s\n", torch ? python : "not run");
-
     /* Memory read bandwidth, from the backend like the weights (huge pages
      * where available), measured just before and just after each size: the
      * machine is shared and its bandwidth drifts, so each row is compared
@@ -654,14 +762,59 @@ int main(int argc, char **argv)
     if (!bw_buf)
         goto out;
     memset(bw_buf, 1, bw_bytes);
-    for (int i = 0; i < o.n_threads; i++)
-        if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) < 0)
-            goto out;
+
+    for (int fi = 0; fi < o.n_fmts; fi++) {
+        const struct moe_quant_fmt *f = &o.fmts[fi];
+
+        /* weights: one format at a time, the previous one freed */
+        t0 = moe_now_ns();
+        make_qtable(table_in, f, H);
+        make_qtable(table_f, f, F);
+        for (int e = 0; e < N_EXPERTS; e++) {
+            for (int m = 0; m < 3; m++) {
+                if (make_matrix(be, pool, f, m == 2 ? H : F, m == 2 ? F : H,
+                                m == 2 ? table_f : table_in, seed + (uint64_t)e * 3 + m,
+                                &mats[e][m], &mats[e][3 + m]) < 0) {
+                    fprintf(stderr, "bench-cpu-ffn: out of memory for the weights\n");
+                    goto out;
+                }
+            }
+            ex[e] = (struct moe_expert_weights){
+                .dtype = f->q == MOE_QUANT_NONE ? MOE_DTYPE_BF16 : moe_quant_value_dtype(f->q),
+                .hidden = H,
+                .ffn = F,
+                .gate = mats[e][0],
+                .up = mats[e][1],
+                .down = mats[e][2],
+                .quant = *f,
+                .gate_s = mats[e][3],
+                .up_s = mats[e][4],
+                .down_s = mats[e][5],
+            };
+        }
+        printf("%smoe layer: hidden %lld, ffn %lld, %d experts, top-%d, %s weights %.2f GB as "
+               "stored (filled in %.2f s)\n",
+               fi ? "\n" : "", (long long)H, (long long)F, N_EXPERTS, TOP_K, fmt_name(f),
+               (double)N_EXPERTS * expert_bytes(&ex[0]) * 1e-9, (double)(moe_now_ns() - t0) * 1e-9);
+        if (fi == 0) {
+            printf("times: best of N calls after a warm-up (median in brackets); eff GB/s, "
+                   "eff/mem and GFLOP/s from the faster precision\n");
+            printf("torch's block: %s\n", torch ? python : "not run");
+        }
+        for (int i = 0; i < o.n_threads; i++)
+            if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) < 0)
+                goto out;
+        for (int e = 0; e < N_EXPERTS; e++)
+            for (int m = 0; m < 6; m++) {
+                be->ops->mem_free(be, mats[e][m]);
+                mats[e][m] = NULL;
+            }
+    }
     printf("\ntotal %.1f s\n", (double)(moe_now_ns() - t_start) * 1e-9);
     r = 0;
 out:
     for (int e = 0; e < N_EXPERTS; e++)
-        for (int m = 0; m < 3; m++)
+        for (int m = 0; m < 6; m++)
             be->ops->mem_free(be, mats[e][m]);
     be->ops->mem_free(be, bw_buf);
     moe_threadpool_free(pool);

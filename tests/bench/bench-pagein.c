@@ -13,7 +13,10 @@
  *    fio GB/s (target >= 0.9).
  * 4. Latency of one expert paged in alone: the Mixtral-sized ones, and
  *    DeepSeek-V3-sized ones (3 x 7168 x 2048 bf16, 88 MB) from a second
- *    store; p50 and max.
+ *    store; p50 and max.  Then per stored format, DeepSeek-V3-sized again:
+ *    fp8 (as published: e4m3 and a float32 scale per 128 x 128 block,
+ *    44 MB), int8 (pack --quantize, group 128) and int4 (group 32): the
+ *    page-in time of an expert follows its stored bytes.
  *
  * usage: bench-pagein [--quick] [--dir DIR] [--keep] [--no-register]
  * --quick shrinks the experts (ctest's smoke run).
@@ -24,6 +27,7 @@
 #include "genmodel.h"
 #include "model.h"
 #include "pack.h"
+#include "quant.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -56,9 +60,11 @@ static void rmrf(const char *path)
         fprintf(stderr, "bench-pagein: could not remove %s\n", path);
 }
 
-/* Generates a model and packs it into dir/name; returns the store path. */
-static char *make_store(const struct opts *o, const char *name, int layers, int experts, int hidden,
-                        int ffn)
+/* Generates a model (dtype: BF16, or F8_E4M3 as FP8 checkpoints are) and
+ * packs it into dir/name, quantized to q unless q is NULL; returns the
+ * store path. */
+static char *make_store_as(const struct opts *o, const char *name, int layers, int experts,
+                           int hidden, int ffn, enum moe_dtype dtype, const struct moe_quant_fmt *q)
 {
     struct moe_genmodel_opts g;
     struct moe_error err;
@@ -78,17 +84,30 @@ static char *make_store(const struct opts *o, const char *name, int layers, int 
     g.hidden = hidden;
     g.ffn = ffn;
     g.seed = 3;
+    g.dtype = dtype;
     if (moe_genmodel_write(&g, &err) < 0)
         die("gen-model", &err);
     if (moe_model_open(ck, &m, &err) < 0)
         die("open", &err);
-    if (moe_pack_write(m, pack, true, NULL, NULL, &err) < 0)
+    if (moe_pack_write_quant(m, pack, true, q, NULL, NULL, &err) < 0)
         die("pack", &err);
+    if (q) {
+        /* the store's own expert size */
+        moe_model_free(m);
+        if (moe_model_open(pack, &m, &err) < 0)
+            die("open", &err);
+    }
     printf("store    %s: %d x %d experts of %.1f MB, made in %.1f s\n", pack, layers, experts,
            (double)m->expert_bytes / 1e6, (double)(moe_now_ns() - t0) / 1e9);
     moe_model_free(m);
     rmrf(ck);
     return pack;
+}
+
+static char *make_store(const struct opts *o, const char *name, int layers, int experts, int hidden,
+                        int ffn)
+{
+    return make_store_as(o, name, layers, experts, hidden, ffn, MOE_DTYPE_BF16, NULL);
 }
 
 static struct moe_cache *open_cache(const struct opts *o, struct moe_model *m, int *model)
@@ -251,10 +270,34 @@ int main(int argc, char **argv)
     ds = o.quick ? make_store(&o, "deepseek", 1, 4, 1024, 512)
                  : make_store(&o, "deepseek", 1, 8, 7168, 2048);
     latency(&o, ds, "deepseek", o.quick ? 4 : 16, bench_best(fio, passes));
-    if (!o.keep) {
-        rmrf(big);
+    if (!o.keep)
         rmrf(ds);
+    /* the same experts in the quantized formats */
+    {
+        static const struct {
+            const char *name;
+            enum moe_dtype dtype;
+            struct moe_quant_fmt q;
+        } fmts[] = {
+            {"ds-fp8", MOE_DTYPE_F8_E4M3, {MOE_QUANT_NONE, 0, 0}},
+            {"ds-int8", MOE_DTYPE_BF16, {MOE_QUANT_INT8, 1, MOE_QUANT_INT8_GROUP}},
+            {"ds-int4", MOE_DTYPE_BF16, {MOE_QUANT_INT4, 1, MOE_QUANT_INT4_GROUP}},
+        };
+
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
+            char *st =
+                o.quick
+                    ? make_store_as(&o, fmts[i].name, 1, 4, 1024, 512, fmts[i].dtype, &fmts[i].q)
+                    : make_store_as(&o, fmts[i].name, 1, 8, 7168, 2048, fmts[i].dtype, &fmts[i].q);
+
+            latency(&o, st, fmts[i].name, o.quick ? 4 : 16, bench_best(fio, passes));
+            if (!o.keep)
+                rmrf(st);
+            free(st);
+        }
     }
+    if (!o.keep)
+        rmrf(big);
     free(big);
     free(ds);
     return 0;

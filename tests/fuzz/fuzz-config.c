@@ -1,7 +1,8 @@
 /*
  * Fuzz target of config.json parsing (engine/model.c).  Anything accepted
  * must be within the limits the rest of the engine relies on, route
- * consistently (moe_router_check) and have at least one MoE layer.
+ * consistently (moe_router_check), have at least one MoE layer and a
+ * quantization_config the kernels can compute with.
  */
 #include "model.h"
 
@@ -35,6 +36,11 @@ static void check(const struct moe_model_config *c)
     if (n_moe < 1 || n_moe > c->n_layers)
         abort();
     if (c->dtype != MOE_DTYPE_COUNT && !moe_dtype_is_compute(c->dtype))
+        abort();
+    /* quantization_config: none, or FP8 blocks the kernels take */
+    if (c->quant.q != MOE_QUANT_NONE &&
+        (c->quant.q != MOE_QUANT_FP8 || c->quant.brows < 1 || c->quant.bcols < 32 ||
+         c->quant.bcols % 32 != 0 || c->quant.brows > 4096 || c->quant.bcols > 4096))
         abort();
 }
 

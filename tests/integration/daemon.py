@@ -14,7 +14,8 @@ drain_timeout_ms; bad configurations are refused at start; LoadModel of
 FIFOs refused while other calls are answered, and only from a configured
 model's directory or inside model_dirs, its errors quoting no file bytes;
 LoadModel/Forward/UnloadModel cycles leave no descriptor open, and a
-checkpoint deleted while loaded is let go at its unload.
+checkpoint deleted while loaded is let go at its unload; an FP8 checkpoint
+and int8/int4 packed stores are served as forward --local computes them.
 
 Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
 """
@@ -1050,6 +1051,35 @@ def main():
     finally:
         p.send_signal(signal.SIGTERM)
         check("Unix socket daemon stops with 0", p.wait(30) == 0)
+
+    # Quantized experts served: an FP8 checkpoint as published, and int8 and
+    # int4 packed stores, each answering as forward --local does, bit for bit
+    fp8 = f"{w}/ds-fp8"
+    subprocess.run([m, "gen-model", "--arch", "deepseek_v3", "--dtype", "fp8", "--out", fp8,
+                    "-q"], check=True)
+    for q in ("int8", "int4"):
+        subprocess.run([m, "pack", "--model", model, "--out", f"{w}/mix-{q}", "--quantize", q,
+                        "-q"], check=True)
+    d = Daemon(moed, ["--model", f"fp8={fp8}", "--model", f"i8={w}/mix-int8",
+                      "--model", f"i4={w}/mix-int4"], w, "moed-quant")
+    try:
+        exp = pbg.ExpertsStub(d.channel)
+        rng = np.random.default_rng(17)
+        for name, path, hidden in (("fp8", fp8, 256), ("i8", f"{w}/mix-int8", 128),
+                                   ("i4", f"{w}/mix-int4", 128)):
+            xq = rng.standard_normal((4, hidden)).astype("f4")
+            np.save(f"{w}/xq.npy", xq)
+            subprocess.run([m, "forward", "--local", "--model", path, "--layer", "1", "--in",
+                            f"{w}/xq.npy", "--out", f"{w}/yq.npy", "-q"], check=True)
+            ref = np.load(f"{w}/yq.npy")
+            resp = exp.Forward(pb.ForwardRequest(model=name, layer=1, hidden=tensor(pb, xq)),
+                               timeout=30)
+            y = from_tensor(pb, resp.output)
+            check(f"Forward on {name} experts equals forward --local",
+                  np.array_equal(y, ref) and np.linalg.norm(ref) > 0,
+                  f"max diff {np.max(np.abs(y - ref))}")
+    finally:
+        d.stop(signal.SIGTERM, 30)
 
     return finish()
 

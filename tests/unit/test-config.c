@@ -44,7 +44,9 @@ static const char *const base_json[MOE_ARCH_COUNT] = {
                              "\"moe_layer_freq\": 1, \"norm_topk_prob\": true, "
                              "\"routed_scaling_factor\": 2.5, \"scoring_func\": \"sigmoid\", "
                              "\"topk_method\": \"noaux_tc\", \"num_nextn_predict_layers\": 1, "
-                             "\"quantization_config\": {\"quant_method\": \"fp8\"}, "
+                             "\"quantization_config\": {\"activation_scheme\": \"dynamic\", "
+                             "\"fmt\": \"e4m3\", \"quant_method\": \"fp8\", "
+                             "\"weight_block_size\": [128, 128]}, "
                              "\"torch_dtype\": \"bfloat16\"}",
     /* gpt-oss-20b's config.json as released (less its layer_types, rope
      * and token ids): no swiglu_alpha, MXFP4 (refused by its tensors). */
@@ -139,6 +141,10 @@ static void test_families(void)
 
     ASSERT_EQ(parse(base_json[MOE_ARCH_DEEPSEEK_V3], &c, &err), 0);
     ASSERT_EQ(c.arch, MOE_ARCH_DEEPSEEK_V3);
+    /* its quantization_config as released */
+    ASSERT_EQ(c.quant.q, MOE_QUANT_FP8);
+    ASSERT_EQ(c.quant.brows, 128);
+    ASSERT_EQ(c.quant.bcols, 128);
     ASSERT_EQ(c.n_layers, 61);
     ASSERT_EQ(c.hidden, 7168);
     ASSERT_EQ(c.expert_ffn, 2048);

@@ -1201,8 +1201,8 @@ static const struct bad_model bad_models[] = {
      "tensor 'model.layers.0.mlp.experts.0.gate_proj.weight': dtype I16: expected BF16, F16 or "
      "F32"},
     {"fp8 expert (DeepSeek-V3 as released)", MOE_ARCH_DEEPSEEK_V3, 0, fp8_expert, NULL, -EINVAL,
-     "tensor 'model.layers.1.mlp.experts.0.gate_proj.weight': dtype F8_E4M3: expected BF16, F16 "
-     "or F32 (fp8 checkpoints are not supported yet"},
+     "tensor 'model.layers.1.mlp.experts.0.gate_proj.weight': dtype F8_E4M3 but config.json has "
+     "no quantization_config"},
     {"integer router", MOE_ARCH_OLMOE, 3, int_router, NULL, -EINVAL,
      "tensor 'model.layers.0.mlp.gate.weight': dtype I32: expected BF16, F16 or F32"},
     {"expert shape contradicts config", MOE_ARCH_MIXTRAL, 0, wide_expert, NULL, -EINVAL,

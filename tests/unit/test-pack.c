@@ -549,7 +549,8 @@ static void test_edited_indexes(void)
         {"shape", edit_shape, -EINVAL, "shape [24, 40] contradicts config.json"},
         {"router missing", edit_drop_tensor, -EINVAL, "no tensor 'model.layers.2.mlp.gate.weight'"},
         {"up and down swapped", edit_swap, -EINVAL,
-         "layer 0 expert 0: blob [0, +5760) is not its gate, up and down back to back"},
+         "layer 0 expert 0: blob [0, +5760) is not its gate, up and down (then their scales) back "
+         "to back"},
         {"entry moved to a layer past the model", edit_extra_layer, -EINVAL,
          "layer 0 expert 0: no entry in 'experts'"},
         {"data a path", edit_bad_data, -EINVAL, "'data' is \"../ck/model.safetensors\""},
