@@ -2,7 +2,9 @@
  * The remote forward, both ends: a request split over the members (its
  * parts to peers on a pool of threads, with failover to a replica or to
  * this node; the split forwards on a pool of their own, capped), and
- * moe.v1.Peer/ForwardExperts, a peer's part served here (cluster_int.h).
+ * moe.v1.Peer/ForwardExperts, a peer's part served here: its envelope, its
+ * rows over NCCL (on the take pool) and its submission, the request itself
+ * decoded and encoded by request.c (cluster_int.h).
  */
 #include "cluster_int.h"
 #include "forward.h"
@@ -883,6 +885,7 @@ struct pfwd {
     /* Over NCCL: the sending peer (a reference), generation and transfer. */
     struct peer *np;
     uint64_t ngen, nseq;
+    struct pfwd *next; /* in the take pool's queue */
 };
 
 static void pfwd_free(struct pfwd *f)
@@ -978,9 +981,8 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
 #ifdef MOED_HAVE_NCCL
 /* Takes a forward's rows over the sender's communicator, in the sender's
  * order, then submits it; pfwd_done sends the output back. */
-static void *nccl_take_main(void *arg)
+static void nccl_take(struct pfwd *f)
 {
-    struct pfwd *f = arg;
     struct moed *d = f->fw.d;
     struct nccl_link *l = &f->np->nl;
     struct moe_error err = {0};
@@ -1033,9 +1035,92 @@ static void *nccl_take_main(void *arg)
         atomic_fetch_sub(&d->in_flight, 1);
         pfwd_free(f);
     }
+}
+
+static void *take_thread(void *arg)
+{
+    struct take_pool *p = arg;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct pfwd *f = p->head;
+
+        if (!f) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = f->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        pthread_mutex_unlock(&p->lock);
+        nccl_take(f);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
     return NULL;
 }
+
+/* Queues f for a thread of the take pool (started if none is idle and
+ * fewer than TAKE_THREADS run): 0, or -EAGAIN when TAKE_QUEUED calls wait
+ * already or no thread can run it (f is still the caller's). */
+static int take_hand_over(struct moed_cluster *c, struct pfwd *f)
+{
+    struct take_pool *p = &c->takes;
+    int r = 0;
+
+    pthread_mutex_lock(&p->lock);
+    if (p->queued >= TAKE_QUEUED) {
+        r = -EAGAIN;
+    } else if (p->idle <= p->queued && p->n_threads < TAKE_THREADS) {
+        if (pthread_create(&p->threads[p->n_threads], NULL, take_thread, p) == 0)
+            p->n_threads++;
+        else if (p->n_threads == 0)
+            r = -EAGAIN; /* nobody would take it */
+    }
+    if (r == 0) {
+        f->next = NULL;
+        if (p->tail)
+            p->tail->next = f;
+        else
+            p->head = f;
+        p->tail = f;
+        p->queued++;
+        pthread_cond_signal(&p->cond);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
 #endif
+
+void moed_cl_take_pool_init(struct moed_cluster *c)
+{
+    pthread_mutex_init(&c->takes.lock, NULL);
+    pthread_cond_init(&c->takes.cond, NULL);
+    c->takes.inited = true;
+}
+
+/* Ends the pool's threads (no call is queued: moed_cluster_stop waited for
+ * the cluster's in_flight, which counts them). */
+void moed_cl_take_pool_free(struct moed_cluster *c)
+{
+    struct take_pool *p = &c->takes;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+}
 
 void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
@@ -1091,7 +1176,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     if (c)
         atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
     if (nccl) {
-        /* The rows come over NCCL, waited for on a thread of its own. */
+        /* The rows come over NCCL, waited for on the take pool. */
         f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
         if (f->np)
             atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
@@ -1109,16 +1194,17 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
             goto out;
         }
 #ifdef MOED_HAVE_NCCL
-        pthread_t t;
-
-        if (pthread_create(&t, NULL, nccl_take_main, f) == 0) {
-            pthread_detach(t);
+        /* The rows are waited for on the take pool, not this thread. */
+        if (take_hand_over(c, f) == 0) {
             f = NULL;
             goto out;
         }
 #endif
         atomic_fetch_sub(&d->in_flight, 1);
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a thread");
+        moe_rpc_fail(
+            call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+            "node %s: %d NCCL transfers wait already (or no thread to take them); try again",
+            moed_cluster_node(d), TAKE_QUEUED);
         goto out;
     }
     /* Straight to the scheduler: batched with this node's other work. */
