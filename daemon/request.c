@@ -1,6 +1,7 @@
 /*
- * Decoding and checking a forward request into struct moed_fwd, and
- * encoding its answer (forward.h).  Everything a caller controls is checked
+ * Decoding and checking a forward request (a client's ForwardRequest or
+ * shared-memory request, a peer's ForwardExpertsRequest) into struct
+ * moed_fwd, and encoding its answer (forward.h).  Everything a caller controls is checked
  * before anything is sized from it: the shape against the model and
  * MOE_MAX_TOKENS, the byte count against the shape, the routing's counts
  * against the shape; nothing is trusted.  No daemon state: the fuzz target
