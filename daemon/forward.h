@@ -1,9 +1,12 @@
 /*
  * One forward request, whatever transport brought it (gRPC Forward and
- * ForwardStream, shared memory): struct moed_fwd.  Each transport decodes
- * its envelope into one, hands it to moed_fwd_submit, and encodes the
- * answer from it in its done callback; everything in between happens here
- * once.
+ * ForwardStream, shared memory, a peer's Peer/ForwardExperts): struct
+ * moed_fwd.  Each transport decodes its envelope into one, hands it to
+ * moed_fwd_submit, and encodes the answer from it in its done callback;
+ * everything in between happens here once.  (A peer's part is decoded and
+ * encoded here too, but submitted by cluster_forward.c: it is counted by
+ * the cluster, not among the clients' requests, and may wait for its rows
+ * over NCCL.)
  *
  * request.c (no daemon state, so that the fuzz target
  * tests/fuzz/fuzz-forward-request.c runs it on decoded requests): the check
