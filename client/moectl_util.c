@@ -1,13 +1,14 @@
 /*
  * moectl's shared helpers (moectl.h): the error line, option values parsed
- * with their range, byte counts for people.  Used by moectl.c and every
- * command file; depends on none of them.
+ * with their range, byte counts for people, a JSON answer printed.  Used
+ * by moectl.c and every command file; depends on none of them.
  */
 #include "moectl.h"
 
 #include "common.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,4 +95,18 @@ const char *moectl_human_bytes(uint64_t n, char *buf, size_t len)
     else
         snprintf(buf, len, "%.1f %s", v, units[u]);
     return buf;
+}
+
+/* Prints j (taking it) on stdout; 0, or 1 when it could not be built.  Reals
+ * with 6 significant digits, what they are good for, not 17. */
+int print_json(struct moectl_remote *r, json_t *j)
+{
+    if (!j || json_dumpf(j, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6)) < 0) {
+        errorf("%s: cannot write the answer as JSON (out of memory?)", r->cmd);
+        json_decref(j);
+        return 1;
+    }
+    fputc('\n', stdout);
+    json_decref(j);
+    return 0;
 }
