@@ -25,6 +25,9 @@
  *               (moectl_bench.c): throughput, latency, moed's timings, hit rate
  *   top         a live view from Status and Stats: rates, tiers, expert heat map
  *
+ * This file only dispatches to the commands; the helpers they share are in
+ * moectl_util.c, so that no command file depends on this one.
+ *
  * Exit status: 0 success, 1 the command failed (the message says why),
  * 2 bad usage.
  */
@@ -32,95 +35,10 @@
 
 #include "common.h"
 
-#include <errno.h>
 #include <getopt.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static const char *prog = "moectl";
-
-void moectl_errorf(const char *fmt, ...)
-{
-    va_list ap;
-
-    fprintf(stderr, "%s: ", prog);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-}
-
-/* Parses a whole decimal integer in [min, max] for option opt. */
-int moectl_parse_long(const char *opt, const char *s, long min, long max, long *ret)
-{
-    char *end;
-    long v;
-
-    errno = 0;
-    v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < min || v > max) {
-        errorf("%s '%s': expected an integer from %ld to %ld", opt, s, min, max);
-        return -EINVAL;
-    }
-    *ret = v;
-    return 0;
-}
-
-int moectl_parse_int(const char *opt, const char *s, int min, int max, int *ret)
-{
-    long v;
-    int r = parse_long(opt, s, min, max, &v);
-
-    if (r == 0)
-        *ret = (int)v;
-    return r;
-}
-
-int moectl_parse_u64(const char *opt, const char *s, uint64_t *ret)
-{
-    char *end;
-    unsigned long long v;
-
-    errno = 0;
-    v = strtoull(s, &end, 0);
-    if (errno || end == s || *end || s[0] == '-') {
-        errorf("%s '%s': expected a non-negative integer", opt, s);
-        return -EINVAL;
-    }
-    *ret = v;
-    return 0;
-}
-
-int moectl_parse_bytes(const char *opt, const char *s, uint64_t *ret)
-{
-    struct moe_error err;
-
-    if (moe_parse_bytes(s, ret, &err) < 0) {
-        errorf("%s: %s", opt, err.msg);
-        return -EINVAL;
-    }
-    return 0;
-}
-
-/* "1.5 GiB" */
-const char *moectl_human_bytes(uint64_t n, char *buf, size_t len)
-{
-    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)n;
-    size_t u = 0;
-
-    while (v >= 1024.0 && u + 1 < MOE_ARRAY_SIZE(units)) {
-        v /= 1024.0;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, len, "%llu B", (unsigned long long)n);
-    else
-        snprintf(buf, len, "%.1f %s", v, units[u]);
-    return buf;
-}
 
 /* ---- main --------------------------------------------------------------- */
 

@@ -1,6 +1,7 @@
 /*
  * moectl: what the command files share (client/moectl*.c): error output,
- * option parsing, and each command's entry point.
+ * option parsing (moectl_util.c), and each command's entry point, which
+ * moectl.c dispatches to.
  */
 #ifndef MOED_CLIENT_MOECTL_H
 #define MOED_CLIENT_MOECTL_H

@@ -435,20 +435,6 @@ json_t *message_json(const ProtobufCMessage *m)
     return o;
 }
 
-/* Prints j (taking it) on stdout; 0, or 1 when it could not be built.  Reals
- * with 6 significant digits, what they are good for, not 17. */
-int print_json(struct moectl_remote *r, json_t *j)
-{
-    if (!j || json_dumpf(j, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6)) < 0) {
-        errorf("%s: cannot write the answer as JSON (out of memory?)", r->cmd);
-        json_decref(j);
-        return 1;
-    }
-    fputc('\n', stdout);
-    json_decref(j);
-    return 0;
-}
-
 /* ---- human output ------------------------------------------------------- */
 
 /* A table of strings printed in aligned columns, the last one unpadded. */

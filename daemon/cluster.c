@@ -104,8 +104,10 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
     moed_cl_part_pool_init(c);
+    moed_cl_take_pool_init(c);
     rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
+        moed_cl_take_pool_free(c);
         moed_cl_part_pool_free(c);
         pthread_cond_destroy(&c->cond);
         pthread_mutex_destroy(&c->lock);
@@ -146,6 +148,7 @@ void moed_cluster_stop(struct moed *d)
         usleep(1000);
     moed_cl_split_pool_free(c);
     moed_cl_part_pool_free(c);
+    moed_cl_take_pool_free(c);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
         moed_cl_peer_put(c, c->peers[i]);

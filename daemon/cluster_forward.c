@@ -2,7 +2,9 @@
  * The remote forward, both ends: a request split over the members (its
  * parts to peers on a pool of threads, with failover to a replica or to
  * this node; the split forwards on a pool of their own, capped), and
- * moe.v1.Peer/ForwardExperts, a peer's part served here (cluster_int.h).
+ * moe.v1.Peer/ForwardExperts, a peer's part served here: its envelope, its
+ * rows over NCCL (on the take pool) and its submission, the request itself
+ * decoded and encoded by request.c (cluster_int.h).
  */
 #include "cluster_int.h"
 #include "forward.h"
@@ -877,47 +879,40 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
 /* ---- moe.v1.Peer ----------------------------------------------------------------------- */
 
 struct pfwd {
-    struct moed *d;
+    struct moed_fwd fw; /* the request: rows, routing, answer (forward.h) */
     struct moe_rpc_call *call;
     struct moed_model *mm;
-    struct moe_sched_req req;
-    float *x, *out, *w;
-    int32_t *ids;
-    int T, H;
-    uint64_t t_recv;
-    bool out_bf16;  /* answer in bf16 */
-    uint16_t *outb; /* the answer's bf16 */
     /* Over NCCL: the sending peer (a reference), generation and transfer. */
     struct peer *np;
     uint64_t ngen, nseq;
+    struct pfwd *next; /* in the take pool's queue */
 };
 
 static void pfwd_free(struct pfwd *f)
 {
+    struct moed *d = f->fw.d;
+
     if (f->np) {
-        struct moed_cluster *c = cl_of(f->d);
+        struct moed_cluster *c = cl_of(d);
 
         moed_cl_peer_put(c, f->np);
         atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
     }
     if (f->mm)
-        moed_model_put(f->d, f->mm);
-    free(f->x);
-    free(f->out);
-    free(f->outb);
-    free(f->w);
-    free(f->ids);
+        moed_model_put(d, f->mm);
+    moed_fwd_clear(&f->fw);
     free(f);
 }
 
 static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct pfwd *f = r->arg;
+    struct moed *d = f->fw.d;
     Moe__V1__ForwardExpertsResponse a = MOE__V1__FORWARD_EXPERTS_RESPONSE__INIT;
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
-    int64_t shape[2] = {f->T, f->H};
-    size_t n = (size_t)f->T * f->H;
+    int64_t shape[2] = {f->fw.n_tokens, f->fw.hidden};
+    size_t n = (size_t)f->fw.n_tokens * f->fw.hidden;
     char nmsg[MOE_ERROR_MSG_MAX];
 
 #ifdef MOED_HAVE_NCCL
@@ -926,7 +921,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
          * only says it is there. */
         struct nccl_link *l = &f->np->nl;
         struct moe_error err = {0};
-        struct moe_nccl_xfer y = {0, f->out, n * sizeof(float)};
+        struct moe_nccl_xfer y = {0, f->fw.out, n * sizeof(float)};
 
         /* Nobody else is on it in the protocol (the sender waits for this
          * answer): busy means something went wrong; the sender falls back
@@ -936,7 +931,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
                 moe_error_set(&err, -EBUSY, "the NCCL communicator from %s is busy", f->np->name);
         } else {
             if (l->in && l->in_gen == f->ngen) {
-                status = moe_nccl_post(l->in, &y, 1, NULL, 0, f->d->cfg.peer_timeout_ms, &err);
+                status = moe_nccl_post(l->in, &y, 1, NULL, 0, d->cfg.peer_timeout_ms, &err);
                 l->in_post_ns = moe_now_ns();
                 if (status < 0) {
                     moed_cl_nccl_close_async(l->in);
@@ -955,32 +950,22 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
     }
 #else
     (void)nmsg;
+    (void)n;
 #endif
-    if (status >= 0) {
-        t.n_shape = 2;
-        t.shape = shape;
-        t.dtype = MOE__V1__DTYPE__DTYPE_F32;
-        t.data.data = f->np ? NULL : (uint8_t *)f->out;
-        t.data.len = f->np ? 0 : n * sizeof(float);
-        if (f->out_bf16 && (f->outb = malloc(n * sizeof(*f->outb)))) {
-            for (size_t i = 0; i < n; i++)
-                f->outb[i] = moe_f32_to_bf16(f->out[i]);
-            t.dtype = MOE__V1__DTYPE__DTYPE_BF16;
-            t.data.data = (uint8_t *)f->outb;
-            t.data.len = n * sizeof(*f->outb);
-        } else if (f->out_bf16) {
-            status = -ENOMEM;
-            msg = "out of memory";
-        }
-    }
     if (status < 0) {
         moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
     } else {
+        t.n_shape = 2;
+        t.shape = shape;
+        t.dtype = f->fw.dtype;
+        /* Over NCCL the output went back that way; the answer only says so. */
+        t.data.data = f->np ? NULL : (uint8_t *)f->fw.out;
+        t.data.len = f->np ? 0 : moed_fwd_encode_in_place(&f->fw);
         tm.queue_ns = r->queue_ns;
         tm.route_ns = r->st.route_ns;
         tm.load_ns = r->st.load_ns;
         tm.compute_ns = r->st.compute_ns;
-        tm.total_ns = moe_now_ns() - f->t_recv;
+        tm.total_ns = moe_now_ns() - f->fw.t_recv;
         tm.batch_requests = (uint32_t)r->batch_requests;
         tm.batch_tokens = (uint32_t)r->batch_tokens;
         a.output = &t;
@@ -989,35 +974,19 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
         a.cache_misses = (uint32_t)r->st.misses;
         moed_reply_msg(f->call, &a.base);
     }
-    atomic_fetch_sub(&f->d->in_flight, 1);
+    atomic_fetch_sub(&d->in_flight, 1);
     pfwd_free(f);
-}
-
-/* Copies n floats of hidden rows into f->x: false with err where one is
- * not finite. */
-static bool hidden_ok(struct pfwd *f, const void *x, size_t n, struct moe_error *err)
-{
-    if (x != f->x)
-        memcpy(f->x, x, n * sizeof(float));
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(f->x[i])) {
-            moe_error_set(err, -EINVAL, "hidden: row %zu, element %zu is not finite", i / f->H,
-                          i % f->H);
-            return false;
-        }
-    return true;
 }
 
 #ifdef MOED_HAVE_NCCL
 /* Takes a forward's rows over the sender's communicator, in the sender's
  * order, then submits it; pfwd_done sends the output back. */
-static void *nccl_take_main(void *arg)
+static void nccl_take(struct pfwd *f)
 {
-    struct pfwd *f = arg;
-    struct moed *d = f->d;
+    struct moed *d = f->fw.d;
     struct nccl_link *l = &f->np->nl;
     struct moe_error err = {0};
-    size_t n = (size_t)f->T * f->H;
+    size_t n = (size_t)f->fw.n_tokens * f->fw.hidden;
     uint64_t tmo = d->cfg.peer_timeout_ms, end = moe_now_ns() + tmo * 1000000ull;
     struct timespec ts;
     int st = GRPC_STATUS_FAILED_PRECONDITION, rc = -EIO;
@@ -1036,7 +1005,7 @@ static void *nccl_take_main(void *arg)
                       (unsigned long long)f->nseq, f->np->name,
                       (unsigned long long)(l->in_seq + 1));
     } else {
-        struct moe_nccl_xfer x = {0, f->x, n * sizeof(float)};
+        struct moe_nccl_xfer x = {0, (void *)f->fw.x, n * sizeof(float)};
 
         rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
         if (rc < 0) {
@@ -1048,14 +1017,17 @@ static void *nccl_take_main(void *arg)
         }
     }
     pthread_mutex_unlock(&l->in_lock);
-    if (rc == 0 && !hidden_ok(f, f->x, n, &err)) {
+    /* The rows are this request's own (moed_fwd_decode_peer made x):
+     * checked where they lie. */
+    if (rc == 0 && moed_fwd_set_hidden(&f->fw, f->fw.n_tokens, MOE__V1__DTYPE__DTYPE_F32, f->fw.x,
+                                       true, "hidden", err.msg, sizeof(err.msg)) < 0) {
         rc = -EINVAL;
         st = GRPC_STATUS_INVALID_ARGUMENT;
     }
     if (rc == 0) {
         atomic_fetch_add_explicit(&l->served, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
-        rc = moe_sched_submit(d->sched, &f->req, &err);
+        rc = moe_sched_submit(d->sched, &f->fw.sr, &err);
         st = moed_grpc_status(rc);
     }
     if (rc < 0) {
@@ -1063,9 +1035,92 @@ static void *nccl_take_main(void *arg)
         atomic_fetch_sub(&d->in_flight, 1);
         pfwd_free(f);
     }
+}
+
+static void *take_thread(void *arg)
+{
+    struct take_pool *p = arg;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct pfwd *f = p->head;
+
+        if (!f) {
+            if (p->stopping)
+                break;
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
+            continue;
+        }
+        p->head = f->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        pthread_mutex_unlock(&p->lock);
+        nccl_take(f);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
     return NULL;
 }
+
+/* Queues f for a thread of the take pool (started if none is idle and
+ * fewer than TAKE_THREADS run): 0, or -EAGAIN when TAKE_QUEUED calls wait
+ * already or no thread can run it (f is still the caller's). */
+static int take_hand_over(struct moed_cluster *c, struct pfwd *f)
+{
+    struct take_pool *p = &c->takes;
+    int r = 0;
+
+    pthread_mutex_lock(&p->lock);
+    if (p->queued >= TAKE_QUEUED) {
+        r = -EAGAIN;
+    } else if (p->idle <= p->queued && p->n_threads < TAKE_THREADS) {
+        if (pthread_create(&p->threads[p->n_threads], NULL, take_thread, p) == 0)
+            p->n_threads++;
+        else if (p->n_threads == 0)
+            r = -EAGAIN; /* nobody would take it */
+    }
+    if (r == 0) {
+        f->next = NULL;
+        if (p->tail)
+            p->tail->next = f;
+        else
+            p->head = f;
+        p->tail = f;
+        p->queued++;
+        pthread_cond_signal(&p->cond);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
 #endif
+
+void moed_cl_take_pool_init(struct moed_cluster *c)
+{
+    pthread_mutex_init(&c->takes.lock, NULL);
+    pthread_cond_init(&c->takes.cond, NULL);
+    c->takes.inited = true;
+}
+
+/* Ends the pool's threads (no call is queued: moed_cluster_stop waited for
+ * the cluster's in_flight, which counts them). */
+void moed_cl_take_pool_free(struct moed_cluster *c)
+{
+    struct take_pool *p = &c->takes;
+
+    if (!p->inited)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->n_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
+}
 
 void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
 {
@@ -1074,20 +1129,19 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     Moe__V1__ForwardExpertsRequest *q = moe__v1__forward_experts_request__unpack(NULL, len, req);
     struct pfwd *f = calloc(1, sizeof(*f));
     struct moe_error err = {0};
-    const struct moe_model *m;
     char msg[MOE_ERROR_MSG_MAX];
-    size_t n, tk;
-    int st = GRPC_STATUS_INVALID_ARGUMENT;
-    bool nccl, hb;
+    bool nccl;
+    int r;
 
     if (!q || !f) {
         moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
                      q ? "out of memory" : "the request is not a ForwardExpertsRequest");
         goto out;
     }
-    f->d = d;
+    /* Peer traffic is counted by the cluster (c->served), not among the
+     * clients' requests: the transport field is unused. */
+    moed_fwd_init(&f->fw, d, MOED_TRANSPORT_GRPC);
     f->call = call;
-    f->t_recv = moe_now_ns();
     if (atomic_load(&d->state) != MOED_SERVING) {
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
                      moed_cluster_node(d));
@@ -1099,93 +1153,30 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
                      q->model ? q->model : "");
         goto out;
     }
-    m = f->mm->m;
-    f->H = m->cfg.hidden;
-    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
-        moe_rpc_fail(call, st, "model '%s' has no MoE layer %u", q->model, q->layer);
+    r = moed_fwd_decode_peer(&f->fw, q, f->mm->m, msg, sizeof(msg));
+    if (r < 0) {
+        moe_rpc_fail(call,
+                     r == -ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT,
+                     "%s", msg);
         goto out;
     }
     nccl = q->nccl_seq || q->nccl_generation;
-    if (nccl && (!q->nccl_seq || !q->nccl_generation)) {
-        moe_rpc_fail(call, st, "nccl_generation %llu, nccl_seq %llu: both or neither",
-                     (unsigned long long)q->nccl_generation, (unsigned long long)q->nccl_seq);
-        goto out;
-    }
-    /* bf16 on the wire (peer_bf16) over gRPC; NCCL carries f32. */
-    hb = !nccl && q->hidden && q->hidden->dtype == MOE__V1__DTYPE__DTYPE_BF16;
-    if (!q->hidden || q->hidden->n_shape != 2 || q->hidden->shape[1] != f->H ||
-        q->hidden->shape[0] < 1 || q->hidden->shape[0] > MOE_MAX_TOKENS ||
-        (q->hidden->dtype != MOE__V1__DTYPE__DTYPE_F32 && !hb) ||
-        q->hidden->data.len != (nccl ? 0 : (size_t)q->hidden->shape[0] * f->H * (hb ? 2 : 4))) {
-        moe_rpc_fail(call, st, "hidden: expected float32%s [rows, %d] with 1 to %d rows%s",
-                     nccl ? "" : " or bfloat16", f->H, MOE_MAX_TOKENS,
-                     nccl ? " and no data (it comes over NCCL)" : "");
-        goto out;
-    }
-    if (q->output_dtype != MOE__V1__DTYPE__DTYPE_UNSPECIFIED &&
-        q->output_dtype != MOE__V1__DTYPE__DTYPE_F32 &&
-        (q->output_dtype != MOE__V1__DTYPE__DTYPE_BF16 || nccl)) {
-        moe_rpc_fail(call, st, "output_dtype %d: expected F32%s", (int)q->output_dtype,
-                     nccl ? " over NCCL" : " or BF16");
-        goto out;
-    }
-    f->out_bf16 = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16;
-    f->T = (int)q->hidden->shape[0];
-    n = (size_t)f->T * f->H;
-    tk = (size_t)f->T * m->cfg.top_k;
-    if (q->top_k != (uint32_t)m->cfg.top_k || q->n_expert_ids != tk || q->n_weights != tk) {
-        moe_rpc_fail(call, st,
-                     "routing: top_k %u with %zu ids and %zu weights: expected top_k %d "
-                     "and %zu of each",
-                     q->top_k, q->n_expert_ids, q->n_weights, m->cfg.top_k, tk);
-        goto out;
-    }
-    f->x = malloc(n * sizeof(float));
-    f->out = malloc(n * sizeof(float));
-    f->ids = malloc(tk * sizeof(int32_t));
-    f->w = malloc(tk * sizeof(float));
-    if (!f->x || !f->out || !f->ids || !f->w) {
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory for %d rows", f->T);
-        goto out;
-    }
-    if (hb) {
-        const uint8_t *h = q->hidden->data.data;
-
-        for (size_t i = 0; i < n; i++) {
-            uint16_t v;
-
-            memcpy(&v, h + 2 * i, 2);
-            f->x[i] = moe_bf16_to_f32(v);
-        }
-    }
-    if (!nccl && !hidden_ok(f, hb ? (const void *)f->x : q->hidden->data.data, n, &err)) {
-        moe_rpc_fail(call, st, "%s", err.msg);
-        goto out;
-    }
-    memcpy(f->ids, q->expert_ids, tk * sizeof(int32_t));
-    memcpy(f->w, q->weights, tk * sizeof(float));
-    /* Checked here, not only by the engine: a bad request would fail every
-     * request batched with it. */
-    if (moed_fwd_check_partial_routing(m, q->model, f->T, f->ids, f->w, msg, sizeof(msg)) < 0) {
-        moe_rpc_fail(call, st, "%s", msg);
-        goto out;
-    }
-    f->req =
+    f->fw.sr =
         (struct moe_sched_req){.engine = f->mm->e,
-                               .a.layer = (int)q->layer,
-                               .a.x = f->x,
-                               .a.n_tokens = f->T,
-                               .a.ids = f->ids,
-                               .a.weights = f->w,
+                               .a.layer = f->fw.layer,
+                               .a.x = f->fw.x,
+                               .a.n_tokens = f->fw.n_tokens,
+                               .a.ids = f->fw.ids,
+                               .a.weights = f->fw.weights,
                                .a.flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
-                               .a.out = f->out,
+                               .a.out = f->fw.out,
                                .done = pfwd_done,
                                .arg = f};
     atomic_fetch_add(&d->in_flight, 1);
     if (c)
         atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
     if (nccl) {
-        /* The rows come over NCCL, waited for on a thread of its own. */
+        /* The rows come over NCCL, waited for on the take pool. */
         f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
         if (f->np)
             atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
@@ -1203,20 +1194,21 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
             goto out;
         }
 #ifdef MOED_HAVE_NCCL
-        pthread_t t;
-
-        if (pthread_create(&t, NULL, nccl_take_main, f) == 0) {
-            pthread_detach(t);
+        /* The rows are waited for on the take pool, not this thread. */
+        if (take_hand_over(c, f) == 0) {
             f = NULL;
             goto out;
         }
 #endif
         atomic_fetch_sub(&d->in_flight, 1);
-        moe_rpc_fail(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a thread");
+        moe_rpc_fail(
+            call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+            "node %s: %d NCCL transfers wait already (or no thread to take them); try again",
+            moed_cluster_node(d), TAKE_QUEUED);
         goto out;
     }
     /* Straight to the scheduler: batched with this node's other work. */
-    if (moe_sched_submit(d->sched, &f->req, &err) < 0) {
+    if (moe_sched_submit(d->sched, &f->fw.sr, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
         goto out;

@@ -147,6 +147,24 @@ struct part_pool {
     bool stopping, inited;
 };
 
+struct pfwd;
+
+/* The threads that take the rows of Peer/ForwardExperts calls over NCCL
+ * (cluster_forward.c): started as needed up to TAKE_THREADS, one per
+ * possible sender (a link's transfers go one at a time, in order, so more
+ * would only wait), kept until the cluster stops.  At most TAKE_QUEUED
+ * calls wait for a thread; beyond that a call is refused. */
+#define TAKE_THREADS MOED_MAX_PEERS
+#define TAKE_QUEUED (4 * MOED_MAX_PEERS)
+struct take_pool {
+    pthread_mutex_t lock;     /* everything below */
+    pthread_cond_t cond;      /* a call queued, or stopping */
+    struct pfwd *head, *tail; /* queued, oldest first */
+    pthread_t threads[TAKE_THREADS];
+    int n_threads, idle, queued;
+    bool stopping, inited;
+};
+
 struct moed_cluster {
     struct moed *d;
     char node[128];
@@ -162,6 +180,7 @@ struct moed_cluster {
     _Atomic int in_flight; /* split forwards and NCCL transfers served, running */
     struct split_pool split;
     struct part_pool parts;
+    struct take_pool takes;
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
         bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
@@ -209,6 +228,8 @@ struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 /* cluster_forward.c */
 void moed_cl_part_pool_init(struct moed_cluster *c);
 void moed_cl_part_pool_free(struct moed_cluster *c);
+void moed_cl_take_pool_init(struct moed_cluster *c);
+void moed_cl_take_pool_free(struct moed_cluster *c);
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err);
 void moed_cl_split_pool_free(struct moed_cluster *c);
 

@@ -1,9 +1,12 @@
 /*
  * One forward request, whatever transport brought it (gRPC Forward and
- * ForwardStream, shared memory): struct moed_fwd.  Each transport decodes
- * its envelope into one, hands it to moed_fwd_submit, and encodes the
- * answer from it in its done callback; everything in between happens here
- * once.
+ * ForwardStream, shared memory, a peer's Peer/ForwardExperts): struct
+ * moed_fwd.  Each transport decodes its envelope into one, hands it to
+ * moed_fwd_submit, and encodes the answer from it in its done callback;
+ * everything in between happens here once.  (A peer's part is decoded and
+ * encoded here too, but submitted by cluster_forward.c: it is counted by
+ * the cluster, not among the clients' requests, and may wait for its rows
+ * over NCCL.)
  *
  * request.c (no daemon state, so that the fuzz target
  * tests/fuzz/fuzz-forward-request.c runs it on decoded requests): the check
@@ -110,6 +113,19 @@ int moed_fwd_set_routing(struct moed_fwd *f, const struct moe_model *m, const in
  * partial routing, next to moed_fwd_set_routing's of a whole one. */
 int moed_fwd_check_partial_routing(const struct moe_model *m, const char *model, int n_tokens,
                                    const int32_t *ids, const float *weights, char *msg, size_t len);
+
+/*
+ * A peer's share of a split forward (moe.v1.Peer/ForwardExperts) against m
+ * (whose name q->model already matched): layer, shape, the NCCL fields,
+ * output_dtype and the partial routing checked; hidden (f32 or bf16) and
+ * routing copied (q may go before f), hidden checked finite, f->out
+ * allocated.  Over NCCL (nccl_seq and nccl_generation set) f->x is left
+ * for the transfer to fill; the caller checks it with moed_fwd_set_hidden
+ * (borrow) once there.  Afterwards f->dtype is the answer's (F32 or BF16).
+ * 0, or -EINVAL or -ENOMEM with msg.
+ */
+int moed_fwd_decode_peer(struct moed_fwd *f, const Moe__V1__ForwardExpertsRequest *q,
+                         const struct moe_model *m, char *msg, size_t len);
 
 /* The answer f->out in f->dtype: converted in place, returning its bytes
  * (f->out holds them), or into dst (n_tokens x hidden elements of f->dtype;

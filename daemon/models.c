@@ -115,7 +115,8 @@ int moed_add_model(struct moed *d, const char *name, struct moe_model *m, struct
     moe_log(MOE_LOG_INFO, "loaded %s from %s: %s, %d MoE layers x %d experts, top-%d%s", name,
             m->dir, moe_arch_name(mm->m->cfg.arch), mm->m->n_moe_layers, mm->m->cfg.n_experts,
             mm->m->cfg.top_k, mm->m->packed ? ", packed store" : "");
-    moed_state_warm(d, mm);
+    if (d->model_came)
+        d->model_came(d, mm);
     return 0;
 fail:
     moe_model_free(mm->m);
@@ -126,7 +127,8 @@ fail:
 
 static void model_free(struct moed *d, struct moed_model *mm)
 {
-    moed_state_model_gone(d, mm);
+    if (d->model_gone)
+        d->model_gone(d, mm);
     moe_engine_free(mm->e);
     moe_cache_remove_model(d->cache, mm->cache_id, NULL);
     moe_model_free(mm->m);

@@ -71,10 +71,17 @@ struct moed {
     int n_model_roots;
     char *model_trusted[MOED_MAX_MODELS];
     char *state_dir; /* resolved [server] state_dir, or NULL: none (state.c) */
+    /* Called by models.c when a model comes (registered) and goes (lock not
+     * held, no request in flight); NULL: nothing.  moed_state_init sets
+     * them to moed_state_warm and moed_state_model_gone, so that the model
+     * table does not depend on the state directory's code. */
+    void (*model_came)(struct moed *d, struct moed_model *mm);
+    void (*model_gone)(struct moed *d, struct moed_model *mm);
 };
 
 /* state.c.  Resolves and makes state_dir (its heat/ and traces/), from the
- * configuration or $STATE_DIRECTORY; none is fine.  0 or -errno with err. */
+ * configuration or $STATE_DIRECTORY; none is fine; sets d's model_came and
+ * model_gone, before any model is added.  0 or -errno with err. */
 int moed_state_init(struct moed *d, struct moe_error *err);
 void moed_state_clear(struct moed *d);
 /* A model came: pages its hottest experts of the last run in (warm start). */

@@ -1,6 +1,7 @@
 /*
- * Decoding and checking a forward request into struct moed_fwd, and
- * encoding its answer (forward.h).  Everything a caller controls is checked
+ * Decoding and checking a forward request (a client's ForwardRequest or
+ * shared-memory request, a peer's ForwardExpertsRequest) into struct
+ * moed_fwd, and encoding its answer (forward.h).  Everything a caller controls is checked
  * before anything is sized from it: the shape against the model and
  * MOE_MAX_TOKENS, the byte count against the shape, the routing's counts
  * against the shape; nothing is trusted.  No daemon state: the fuzz target
@@ -207,6 +208,99 @@ int moed_fwd_decode_grpc(struct moed_fwd *f, const Moe__V1__ForwardRequest *q,
             return r;
     }
     return moed_fwd_set_hidden(f, T, t->dtype, t->data.data, true, "hidden", msg, len);
+}
+
+int moed_fwd_decode_peer(struct moed_fwd *f, const Moe__V1__ForwardExpertsRequest *q,
+                         const struct moe_model *m, char *msg, size_t len)
+{
+    const Moe__V1__Tensor *t = q->hidden;
+    const bool nccl = q->nccl_seq || q->nccl_generation;
+    bool hb;
+    size_t n, tk;
+    int T, r;
+
+    f->hidden = m->cfg.hidden;
+    f->top_k = m->cfg.top_k;
+    if (q->layer >= (uint32_t)m->cfg.n_layers || !m->layers[q->layer].is_moe) {
+        snprintf(msg, len, "model '%s' has no MoE layer %u", q->model ? q->model : "", q->layer);
+        return -EINVAL;
+    }
+    f->layer = (int)q->layer;
+    if (nccl && (!q->nccl_seq || !q->nccl_generation)) {
+        snprintf(msg, len, "nccl_generation %llu, nccl_seq %llu: both or neither",
+                 (unsigned long long)q->nccl_generation, (unsigned long long)q->nccl_seq);
+        return -EINVAL;
+    }
+    /* bf16 on the wire (peer_bf16) over gRPC; NCCL carries f32. */
+    hb = !nccl && t && t->dtype == MOE__V1__DTYPE__DTYPE_BF16;
+    if (!t || t->n_shape != 2 || t->shape[1] != f->hidden || t->shape[0] < 1 ||
+        t->shape[0] > MOE_MAX_TOKENS || (t->dtype != MOE__V1__DTYPE__DTYPE_F32 && !hb) ||
+        t->data.len != (nccl ? 0 : (size_t)t->shape[0] * f->hidden * (hb ? 2 : 4))) {
+        snprintf(msg, len, "hidden: expected float32%s [rows, %d] with 1 to %d rows%s",
+                 nccl ? "" : " or bfloat16", f->hidden, MOE_MAX_TOKENS,
+                 nccl ? " and no data (it comes over NCCL)" : "");
+        return -EINVAL;
+    }
+    if (q->output_dtype != MOE__V1__DTYPE__DTYPE_UNSPECIFIED &&
+        q->output_dtype != MOE__V1__DTYPE__DTYPE_F32 &&
+        (q->output_dtype != MOE__V1__DTYPE__DTYPE_BF16 || nccl)) {
+        snprintf(msg, len, "output_dtype %d: expected F32%s", (int)q->output_dtype,
+                 nccl ? " over NCCL" : " or BF16");
+        return -EINVAL;
+    }
+    T = (int)t->shape[0];
+    n = (size_t)T * (size_t)f->hidden;
+    tk = (size_t)T * (size_t)f->top_k;
+    if (q->top_k != (uint32_t)f->top_k || q->n_expert_ids != tk || q->n_weights != tk) {
+        snprintf(msg, len,
+                 "routing: top_k %u with %zu ids and %zu weights: expected top_k %d "
+                 "and %zu of each",
+                 q->top_k, q->n_expert_ids, q->n_weights, f->top_k, tk);
+        return -EINVAL;
+    }
+    f->n_tokens = T;
+    f->outs_ = malloc(n * sizeof(float));
+    if (!f->outs_) {
+        snprintf(msg, len, "out of memory for %d rows", T);
+        return -ENOMEM;
+    }
+    f->out = f->outs_;
+    if (nccl) {
+        /* The rows come later, over NCCL, into x; checked then. */
+        f->x_own_ = malloc(n * sizeof(float));
+        if (!f->x_own_) {
+            snprintf(msg, len, "out of memory for %d rows", T);
+            return -ENOMEM;
+        }
+        f->x = f->x_own_;
+        f->dtype = MOE__V1__DTYPE__DTYPE_F32;
+    } else {
+        /* Copied: the request outlives the decoded message. */
+        r = moed_fwd_set_hidden(f, T, t->dtype, t->data.data, false, "hidden", msg, len);
+        if (r < 0)
+            return r;
+    }
+    /* Copied for the same reason; a partial routing, checked here, not
+     * only by the engine: a bad request would fail every request batched
+     * with it. */
+    f->ids_own_ = malloc(tk * sizeof(int32_t));
+    f->weights_own_ = malloc(tk * sizeof(float));
+    if (!f->ids_own_ || !f->weights_own_) {
+        snprintf(msg, len, "out of memory for %d rows", T);
+        return -ENOMEM;
+    }
+    memcpy(f->ids_own_, q->expert_ids, tk * sizeof(int32_t));
+    memcpy(f->weights_own_, q->weights, tk * sizeof(float));
+    f->ids = f->ids_own_;
+    f->weights = f->weights_own_;
+    r = moed_fwd_check_partial_routing(m, q->model ? q->model : "", T, f->ids, f->weights, msg,
+                                       len);
+    if (r < 0)
+        return r;
+    /* The answer's dtype from here on. */
+    f->dtype = q->output_dtype == MOE__V1__DTYPE__DTYPE_BF16 ? MOE__V1__DTYPE__DTYPE_BF16
+                                                             : MOE__V1__DTYPE__DTYPE_F32;
+    return 0;
 }
 
 /* n floats at src as dtype into dst, which may be src itself: element i is

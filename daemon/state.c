@@ -60,6 +60,8 @@ int moed_state_init(struct moed *d, struct moe_error *err)
     char sub[PATH_MAX], buf[PATH_MAX];
     int r;
 
+    d->model_came = moed_state_warm;
+    d->model_gone = moed_state_model_gone;
     d->state_dir = NULL;
     if ((!dir || !*dir) && env && *env) {
         /* systemd's StateDirectory=: a colon-separated list; the first. */

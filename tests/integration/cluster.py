@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 try:
@@ -474,6 +475,23 @@ def split_cap_check(a, w, G):
     x = np.random.RandomState(4).randn(64, 128).astype(np.float32)
     req = pb.ForwardRequest(model="mixtral", layer=0, hidden=tensor(pb, x))
     codes, says = {}, ""
+    # The daemon's threads while many split forwards run: bounded by the
+    # pools (split forwards at most max_split_forwards, parts at most
+    # PART_THREADS in cluster_int.h), not one per request.  Sampled from
+    # /proc/PID/task on a thread of this test.
+    task_dir = f"/proc/{G.p.pid}/task"
+    idle = len(os.listdir(task_dir))
+    peak, sampling = [idle], threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            try:
+                peak[0] = max(peak[0], len(os.listdir(task_dir)))
+            except OSError:
+                return
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     for _ in range(5):  # 32 calls at once; a round may find the pool free each time
         futs = [exp.Forward.future(req, timeout=30) for _ in range(32)]
         for f in futs:
@@ -486,6 +504,20 @@ def split_cap_check(a, w, G):
                     says = e.details()
         if codes.get("RESOURCE_EXHAUSTED"):
             break
+    # More rounds for the thread count, whatever the codes.
+    for _ in range(3):
+        for f in [exp.Forward.future(req, timeout=30) for _ in range(64)]:
+            try:
+                f.result()
+            except grpc.RpcError:
+                pass
+    sampling.set()
+    sampler.join()
+    # + max_split_forwards (1) + the parts of one split forward to one peer
+    # (2), and slack for gRPC's own threads: far below the 64 at once.
+    cap = idle + 1 + 2 + 13
+    check(f"G's threads stay bounded under many split forwards ({idle} idle, peak {peak[0]}, "
+          f"cap {cap})", peak[0] <= cap, f"{peak[0]} > {cap}")
     check("a split forward beyond max_split_forwards: RESOURCE_EXHAUSTED naming the key",
           codes.get("RESOURCE_EXHAUSTED", 0) > 0 and "max_split_forwards" in says and
           set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.get("OK", 0) > 0,
