@@ -209,6 +209,14 @@ static int check_config(int argc, char **argv, int at)
     return n ? 1 : 0;
 }
 
+/* Bytes of physical memory (the budget's default is a share of it). */
+static uint64_t host_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+
+    return pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 4ull << 30;
+}
+
 int main(int argc, char **argv)
 {
     struct moed d = {0};
@@ -226,7 +234,9 @@ int main(int argc, char **argv)
 
     /* Requests and answers are megabytes each: keep freed buffers in the
      * heap for the next call rather than unmapping them, whose page faults
-     * on every call cost more than the copy (see bench-grpc). */
+     * on every call cost more than the copy (see bench-grpc).  What a burst
+     * leaves in the heap goes back to the kernel once the scheduler has been
+     * idle a while (scheduler.h, membudget.h: malloc_trim). */
     mallopt(M_MMAP_THRESHOLD, 256 << 20);
     mallopt(M_TRIM_THRESHOLD, 512 << 20);
     for (int i = 1; i < argc; i++)
@@ -312,6 +322,8 @@ int main(int argc, char **argv)
     sc.n_workers = d.cfg.workers;
     sc.window_ns = d.cfg.batch_window_us * 1000;
     sc.max_batch_tokens = d.cfg.max_batch_tokens;
+    sc.mem_limit = d.cfg.request_memory_bytes ? d.cfg.request_memory_bytes : host_memory() / 4;
+    sc.backend = d.backend;
     if (moe_sched_create(&sc, &d.sched, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
