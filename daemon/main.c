@@ -22,6 +22,7 @@
 
 #include "log.h"
 #include "logging.h"
+#include "pager.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -209,6 +210,54 @@ static int check_config(int argc, char **argv, int at)
     return n ? 1 : 0;
 }
 
+/*
+ * The test hook MOED_PAGER_FAULTS (moed(8) ENVIRONMENT, pager.h): a comma-
+ * separated list of fail=N, short=N, corrupt=N and every, injected into
+ * the cache's page-ins for the life of the daemon (scripts/soak.sh).
+ * 0 and *ret filled (all zero when unset), or -EINVAL with err.
+ */
+static int pager_faults(struct moe_pager_faults *ret, struct moe_error *err)
+{
+    const char *v = getenv("MOED_PAGER_FAULTS");
+    char *copy, *tok, *save = NULL;
+    int r = 0;
+
+    memset(ret, 0, sizeof(*ret));
+    if (!v || !*v)
+        return 0;
+    copy = strdup(v);
+    if (!copy)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (tok = strtok_r(copy, ",", &save); tok && r == 0; tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '='), *end;
+        uint64_t *field = NULL;
+        unsigned long long n;
+
+        if (strcmp(tok, "every") == 0) {
+            ret->every = true;
+            continue;
+        }
+        if (eq) {
+            *eq = 0;
+            field = strcmp(tok, "fail") == 0      ? &ret->fail_nth
+                    : strcmp(tok, "short") == 0   ? &ret->short_nth
+                    : strcmp(tok, "corrupt") == 0 ? &ret->corrupt_nth
+                                                  : NULL;
+        }
+        errno = 0;
+        n = eq ? strtoull(eq + 1, &end, 10) : 0;
+        if (!field || errno || end == eq + 1 || *end)
+            r = moe_error_set(err, -EINVAL,
+                              "MOED_PAGER_FAULTS='%s': expected fail=N, short=N, corrupt=N and "
+                              "every, comma-separated",
+                              v);
+        else
+            *field = n;
+    }
+    free(copy);
+    return r;
+}
+
 /* Bytes of physical memory (the budget's default is a share of it). */
 static uint64_t host_memory(void)
 {
@@ -305,6 +354,19 @@ int main(int argc, char **argv)
     if (moe_cache_create(&cc, &d.cache, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "expert cache: %s", err.msg);
         goto out;
+    }
+    {
+        struct moe_pager_faults f;
+
+        if (pager_faults(&f, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
+            goto out;
+        }
+        if (f.fail_nth || f.short_nth || f.corrupt_nth) {
+            moe_log(MOE_LOG_WARN, "MOED_PAGER_FAULTS=%s: page-in faults injected (a test hook)",
+                    getenv("MOED_PAGER_FAULTS"));
+            moe_pager_set_faults(moe_cache_pager(d.cache), &f);
+        }
     }
     if (d.gpu >= 0 && gpu_tier(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "GPU cache: %s", err.msg);
