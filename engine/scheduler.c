@@ -38,14 +38,16 @@ struct moe_sched {
     struct moe_membudget *mem;
     uint64_t mem_pending; /* estimated bytes held by pending requests */
     uint64_t mem_refused; /* submits refused for memory */
-    int trims_left;       /* after a burst: idle spells at whose end memory is
-                           * given back (2: once, then once more, for what the
-                           * transports freed after their answers went out) */
+    int trims_left;       /* after a burst: times memory is still to be given
+                           * back (TRIMS: at 1, 2, 4, 8 and 16 trim_idle_ns of
+                           * idle, the later ones for what the transports free
+                           * once a slow client has read its answer) */
     pthread_t *threads;
     int n_threads;
 };
 
 #define MIB(b) (((b) + (1u << 20) - 1) >> 20)
+#define TRIMS 5
 
 /* Per token: the request's input and output as the transports hold them,
  * with the messages that carry them in and out (6 f32 rows).  What a
@@ -126,7 +128,7 @@ static struct moe_sched_req *take_batch(struct moe_sched *s, int *n_req, int *n_
 
 /*
  * After a burst, idle: gives memory back (lock not held), when the burst
- * charged enough to be worth it or it is the second time (settle).  The
+ * charged enough to be worth it or it is a later time (settle).  The
  * backend's scratch first, so that the heap's trim returns it too.
  * Returns whether it did.
  */
@@ -314,18 +316,18 @@ static void *worker(void *arg)
             if (s->trims_left && !s->running) {
                 /* Idle after a burst: give memory back once the idle spell
                  * has lasted trim_idle_ns (a burst that goes on keeps it),
-                 * and again as long later. */
+                 * and again at twice, four, eight and sixteen times that. */
                 uint64_t due =
-                    s->last_progress_ns + s->cfg.trim_idle_ns * (uint64_t)(3 - s->trims_left);
+                    s->last_progress_ns + (s->cfg.trim_idle_ns << (TRIMS - s->trims_left));
 
                 if (now >= due) {
-                    bool settle = s->trims_left == 1, did;
+                    bool settle = s->trims_left < TRIMS, did;
 
                     s->trims_left--;
                     pthread_mutex_unlock(&s->lock);
                     did = give_back(s, settle);
                     pthread_mutex_lock(&s->lock);
-                    if (!did && s->trims_left == 1)
+                    if (!did && s->trims_left == TRIMS - 1)
                         s->trims_left = 0; /* not a burst: nothing to settle */
                 } else {
                     struct timespec ts = moe_realtime_after_ms((due - now + 999999) / 1000000);
@@ -369,7 +371,7 @@ static void *worker(void *arg)
         /* Memory given back: a batch waiting for it may fit now. */
         if (s->head)
             pthread_cond_broadcast(&s->cv);
-        s->trims_left = 2;
+        s->trims_left = TRIMS;
         s->running -= n_req;
         s->completed += (uint64_t)n_req;
         s->last_progress_ns = moe_now_ns();

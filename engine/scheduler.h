@@ -22,7 +22,9 @@
  * (they hold their input and output buffers while they wait).  When the
  * scheduler has been idle for cfg.trim_idle_ns after a burst, it gives
  * memory back: the backend's scratch (its trim slot), the buffer pool and
- * the heap's free pages (moe_membudget_trim).
+ * the heap's free pages (moe_membudget_trim); and again at 2, 4, 8 and 16
+ * times that, for what the transports free once slow clients have read
+ * their answers.
  *
  * Completion: req->done is called once per request, on a worker thread,
  * with 0 or -errno and a message; req->st, queue_ns, batch_requests and

@@ -3,7 +3,7 @@
 its peak and after one request of 65,000 tokens and eight at once, with
 request_memory_bytes = 2G.  Checks: the answers are right (their first rows
 equal `moectl forward --local`); RSS comes back within 64 MiB of where it
-was, within 10 s of the last answer (it stayed near 1 GB before: the heap
+was, within 20 s of the last answer (it stayed near 1 GB before: the heap
 kept what the requests freed); the peak stays within the budget plus what
 the gRPC messages hold; a request larger than the budget is refused with
 RESOURCE_EXHAUSTED saying how many tokens fit; eight at once queue for the
@@ -32,7 +32,7 @@ except ImportError as e:
 
 BUDGET_MIB = 2048
 SETTLE_MIB = 64     # RSS after, at most this above RSS before
-SETTLE_S = 10       # ... within this long after the last answer
+SETTLE_S = 20       # ... within this long after the last answer
 TOKENS = 65000
 HIDDEN = 256
 

@@ -224,12 +224,16 @@ int main(void)
         ASSERT_EQ(ss.mem_used, 0u);
         ASSERT_EQ(ss.mem_pending, 0u);
         ASSERT_EQ(ss.mem_refused, (uint64_t)refused + 1);
-        /* Idle after the burst: memory given back, twice (the settle). */
-        for (int i = 0; i < 100 && ss.mem_trims < 2; i++) {
+        /* Idle after the burst: memory given back at 1, 2, 4, 8 and 16
+         * times trim_idle_ns (50 ms here), then no more. */
+        for (int i = 0; i < 300 && ss.mem_trims < 5; i++) {
             usleep(10000);
             moe_sched_get_stats(b, &ss);
         }
-        ASSERT_EQ(ss.mem_trims, 2u);
+        ASSERT_EQ(ss.mem_trims, 5u);
+        usleep(200000);
+        moe_sched_get_stats(b, &ss);
+        ASSERT_EQ(ss.mem_trims, 5u);
         moe_sched_free(b);
     }
 
