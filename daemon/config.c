@@ -98,6 +98,9 @@ static const struct key keys[] = {
     {"scheduler", "max_batch_tokens", K_INT, OFF(max_batch_tokens), 1, MOE_MAX_TOKENS,
      "tokens per batch at most"},
     {"scheduler", "workers", K_INT, OFF(workers), 1, 256, "batches computed at once"},
+    {"scheduler", "request_memory_bytes", K_BYTES, OFF(request_memory_bytes), 0, 0,
+     "memory that requests in flight may use; more wait, a larger one is refused with "
+     "RESOURCE_EXHAUSTED (default: a quarter of the host's memory)"},
     {"cluster", "node_name", K_STR, OFF(node_name), 0, 0,
      "this node's name among its peers (default: the host name)"},
     {"cluster", "replicas", K_INT, OFF(replicas), 0, 8,

@@ -12,7 +12,7 @@
  *               shm_max_sessions, model_dirs, log_format
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
- *   [scheduler] batch_window_us, max_batch_tokens, workers
+ *   [scheduler] batch_window_us, max_batch_tokens, workers, request_memory_bytes
  *   [compute]   threads, kernel, gpus, gpu_cache_bytes, compute_precision
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
  *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
@@ -84,6 +84,7 @@ struct moed_config {
     uint64_t batch_window_us;
     int max_batch_tokens;
     int workers;
+    uint64_t request_memory_bytes; /* requests in flight; 0: a quarter of the host's memory */
     /* [compute] */
     int threads;
     char *kernel;

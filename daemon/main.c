@@ -22,6 +22,7 @@
 
 #include "log.h"
 #include "logging.h"
+#include "pager.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -212,6 +213,62 @@ static int check_config(int argc, char **argv, int at)
     return n ? 1 : 0;
 }
 
+/*
+ * The test hook MOED_PAGER_FAULTS (moed(8) ENVIRONMENT, pager.h): a comma-
+ * separated list of fail=N, short=N, corrupt=N and every, injected into
+ * the cache's page-ins for the life of the daemon (scripts/soak.sh).
+ * 0 and *ret filled (all zero when unset), or -EINVAL with err.
+ */
+static int pager_faults(struct moe_pager_faults *ret, struct moe_error *err)
+{
+    const char *v = getenv("MOED_PAGER_FAULTS");
+    char *copy, *tok, *save = NULL;
+    int r = 0;
+
+    memset(ret, 0, sizeof(*ret));
+    if (!v || !*v)
+        return 0;
+    copy = strdup(v);
+    if (!copy)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (tok = strtok_r(copy, ",", &save); tok && r == 0; tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '='), *end;
+        uint64_t *field = NULL;
+        unsigned long long n;
+
+        if (strcmp(tok, "every") == 0) {
+            ret->every = true;
+            continue;
+        }
+        if (eq) {
+            *eq = 0;
+            field = strcmp(tok, "fail") == 0      ? &ret->fail_nth
+                    : strcmp(tok, "short") == 0   ? &ret->short_nth
+                    : strcmp(tok, "corrupt") == 0 ? &ret->corrupt_nth
+                                                  : NULL;
+        }
+        errno = 0;
+        n = eq ? strtoull(eq + 1, &end, 10) : 0;
+        if (!field || errno || end == eq + 1 || *end)
+            r = moe_error_set(err, -EINVAL,
+                              "MOED_PAGER_FAULTS='%s': expected fail=N, short=N, corrupt=N and "
+                              "every, comma-separated",
+                              v);
+        else
+            *field = n;
+    }
+    free(copy);
+    return r;
+}
+
+/* Bytes of physical memory (the budget's default is a share of it). */
+static uint64_t host_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+
+    return pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 4ull << 30;
+}
+
 int main(int argc, char **argv)
 {
     struct moed d = {0};
@@ -229,7 +286,9 @@ int main(int argc, char **argv)
 
     /* Requests and answers are megabytes each: keep freed buffers in the
      * heap for the next call rather than unmapping them, whose page faults
-     * on every call cost more than the copy (see bench-grpc). */
+     * on every call cost more than the copy (see bench-grpc).  What a burst
+     * leaves in the heap goes back to the kernel once the scheduler has been
+     * idle a while (scheduler.h, membudget.h: malloc_trim). */
     mallopt(M_MMAP_THRESHOLD, 256 << 20);
     mallopt(M_TRIM_THRESHOLD, 512 << 20);
     for (int i = 1; i < argc; i++)
@@ -299,6 +358,19 @@ int main(int argc, char **argv)
         moe_log(MOE_LOG_ERROR, "expert cache: %s", err.msg);
         goto out;
     }
+    {
+        struct moe_pager_faults f;
+
+        if (pager_faults(&f, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
+            goto out;
+        }
+        if (f.fail_nth || f.short_nth || f.corrupt_nth) {
+            moe_log(MOE_LOG_WARN, "MOED_PAGER_FAULTS=%s: page-in faults injected (a test hook)",
+                    getenv("MOED_PAGER_FAULTS"));
+            moe_pager_set_faults(moe_cache_pager(d.cache), &f);
+        }
+    }
     if (d.gpu >= 0 && gpu_tier(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "GPU cache: %s", err.msg);
         goto out;
@@ -315,6 +387,8 @@ int main(int argc, char **argv)
     sc.n_workers = d.cfg.workers;
     sc.window_ns = d.cfg.batch_window_us * 1000;
     sc.max_batch_tokens = d.cfg.max_batch_tokens;
+    sc.mem_limit = d.cfg.request_memory_bytes ? d.cfg.request_memory_bytes : host_memory() / 4;
+    sc.backend = d.backend;
     if (moe_sched_create(&sc, &d.sched, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;

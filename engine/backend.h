@@ -118,6 +118,15 @@ struct moe_backend_ops {
      */
     int (*grouped_ffn)(struct moe_backend *b, const float *x, int64_t hidden, int n_tokens,
                        const struct moe_ffn_work *work, int n_work, float *out);
+
+    /*
+     * Optional (NULL: nothing kept).  Frees the scratch memory the backend
+     * keeps between calls (grown to the largest batch so far), so that a
+     * burst of large batches does not hold it for good; later calls
+     * allocate again what they need.  May be called from any thread, also
+     * while other calls run.
+     */
+    void (*trim)(struct moe_backend *b);
 };
 
 struct moe_backend {

@@ -88,13 +88,18 @@ struct centry {
     struct tier_slot *t; /* [n_tiers] */
     struct counters ctr;
     /* A Hugging Face checkpoint's expert (no checksum in an index): the
-     * XXH3-64 of its tensors at its first page-in, against which later
-     * page-ins are checked.  Written and read only by page_in_done(), one
-     * page-in of an entry at a time (loading, under c->lock, orders them). */
+     * XXH3-64 of its tensors, taken at its first page-in once two reads
+     * agree on it, against which later page-ins are checked.  Written and
+     * read only by page_in_done(), one page-in of an entry at a time
+     * (loading, under c->lock, orders them). */
     bool summed;
     uint64_t sum;
     bool warm;       /* paged in by a warm start, not used yet */
     float heat_prev; /* the heat a warm start gave it (moe_cache_heat carries half) */
+    /* The page-in in flight is its second read (reread()), and the hash of
+     * its first.  Same discipline as sum. */
+    bool rereading;
+    uint64_t first_sum;
 };
 
 struct cmodel {
@@ -962,15 +967,68 @@ static void finish_load(struct moe_cache *c, struct centry *e, int status, const
     pthread_cond_broadcast(&c->cv);
 }
 
-/* Pager thread: checksum, then publish. */
+static void page_in_done(struct moe_pager_job *job, int status, const char *msg);
+
+/* The hash of a checkpoint expert's tensors in its slot: each tensor's
+ * bytes, chained through the seed (the spans around them hold other
+ * tensors' bytes, or zeros past the file's end). */
+static uint64_t slot_sum(const struct centry *e, const struct moe_expert_ref *x)
+{
+    const uint8_t *slot = e->t[e->load_tier].data;
+    /* Each tensor's bytes (values, then a quantized expert's scales),
+     * chained through the seed (the spans around them hold other tensors'
+     * bytes, or zeros past the file's end). */
+    const struct moe_tensor_ref *t[6];
+    int n = moe_expert_tensors(x, t);
+    uint64_t h = 0;
+
+    for (int i = 0; i < n; i++)
+        h = XXH3_64bits_withSeed(slot + e->toff[i], t[i]->nbytes, h);
+    return h;
+}
+
+/*
+ * Pager thread: reads e's page-in again into the same slot, its first read
+ * having hashed to h.  0: page_in_done() runs again for the second read;
+ * -errno with err: the page-in fails.
+ */
+static int reread(struct centry *e, uint64_t h, struct moe_error *err)
+{
+    e->rereading = true;
+    e->first_sum = h;
+    e->job.done = page_in_done;
+    if (moe_pager_submit(e->cache->pager, &e->job, err) == 0)
+        return 0;
+    e->rereading = false;
+    return err->code;
+}
+
+/*
+ * Pager thread: checksum, then publish.
+ *
+ * A packed store's expert is checked against the checksum in its index.  A
+ * checkpoint's expert has none: the bytes of its first page-in become its
+ * checksum, against which later page-ins are checked.  A checksum taken
+ * from one read would make a read gone wrong the reference (every later,
+ * right read then fails, and no retry clears it), so the first page-in is
+ * read twice and its checksum taken only when both reads agree; a later
+ * page-in that does not match is read again too, to tell a read gone wrong
+ * (the second read matches: served; the two disagree: -EIO) from a file
+ * changed since load (both reads agree on other bytes: -EBADMSG).  What
+ * two reads cannot tell is a disk that returns the same wrong bytes every
+ * time; a packed store's checksum does (moectl pack).
+ */
 static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
 {
     struct centry *e = job->arg;
     struct moe_cache *c = e->cache;
     const struct moe_model *m = e->mod->m;
     const struct moe_expert_ref *x = &m->layers[e->layer].experts[e->expert];
+    bool second = e->rereading;
+    struct moe_error err = {0};
     char buf[512];
 
+    e->rereading = false;
     if (status == 0 && x->has_xxh3) {
         const uint8_t *p = (const uint8_t *)e->t[e->load_tier].data + e->toff[0];
         uint64_t h = XXH3_64bits(p, x->nbytes);
@@ -984,23 +1042,35 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
             msg = buf;
         }
     } else if (status == 0) {
-        const uint8_t *slot = e->t[e->load_tier].data;
-        /* Each tensor's bytes, chained through the seed (the spans around
-         * them hold other tensors' bytes, or zeros past the file's end). */
-        const struct moe_tensor_ref *t[6];
-        int n = moe_expert_tensors(x, t);
-        uint64_t h = 0;
+        uint64_t h = slot_sum(e, x);
 
-        for (int i = 0; i < n; i++)
-            h = XXH3_64bits_withSeed(slot + e->toff[i], t[i]->nbytes, h);
-        if (!e->summed) {
+        if (e->summed && h == e->sum) {
+            if (second)
+                moe_log(MOE_LOG_WARN,
+                        "cache: a read of layer %d expert %d of %s from %s came back different "
+                        "(hash %016" PRIx64 ", expected %016" PRIx64 "); read again, it is whole",
+                        e->layer, e->expert, e->mod->name, m->files[x->gate.file].name,
+                        e->first_sum, h);
+        } else if (!second) {
+            status = reread(e, h, &err);
+            if (status == 0)
+                return;
+            msg = err.msg;
+        } else if (h != e->first_sum) {
+            snprintf(buf, sizeof(buf),
+                     "two reads of its %" PRIu64 " bytes from %s disagree (hashes %016" PRIx64
+                     " and %016" PRIx64 "): the disk or the path to it returned wrong bytes",
+                     x->nbytes, m->files[x->gate.file].name, e->first_sum, h);
+            status = -EIO;
+            msg = buf;
+        } else if (!e->summed) {
             e->sum = h;
             e->summed = true;
-        } else if (h != e->sum) {
+        } else {
             snprintf(buf, sizeof(buf),
                      "checksum mismatch in %s: its %" PRIu64 " bytes hashed to %016" PRIx64
                      " at their first page-in, to %016" PRIx64
-                     " now: the file changed since it was loaded",
+                     " now (read twice): the file changed since it was loaded",
                      m->files[x->gate.file].name, x->nbytes, e->sum, h);
             status = -EBADMSG;
             msg = buf;

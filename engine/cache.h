@@ -24,7 +24,11 @@
  * Page-ins read the expert from the model's files with the pager (pager.h):
  * a packed store's blob in one aligned read, straight into the tier's
  * memory, checked against its xxh3; a checkpoint's three tensors by their
- * aligned spans through a bounce buffer.  A page-in that fails (EIO, file
+ * aligned spans through a bounce buffer, read twice at the expert's first
+ * page-in (its checksum, against which later page-ins are checked, is
+ * taken only when both reads agree; -EIO when they do not), and read again
+ * when a later page-in does not match (whole the second time: served;
+ * the same other bytes twice: the file changed, -EBADMSG).  A page-in that fails (EIO, file
  * truncated since load, checksum mismatch) fails every reference waiting on
  * it with the same message and marks the expert bad: later acquires fail at
  * once, without I/O, until moe_cache_retry clears the mark, or until the

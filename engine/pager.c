@@ -450,8 +450,8 @@ static int file_fallback(struct moe_pager *p, struct pfile *f, int why)
     return r;
 }
 
-/* Which faults hit this read completion (a HIT_* mask). */
-static unsigned fault_hits(struct moe_pager *p)
+/* Which faults hit this read completion (a HIT_* mask); *ret_n: its number. */
+static unsigned fault_hits(struct moe_pager *p, uint64_t *ret_n)
 {
     uint64_t n = atomic_fetch_add_explicit(&p->faults.count, 1, memory_order_relaxed) + 1;
     bool every = atomic_load_explicit(&p->faults.every, memory_order_relaxed);
@@ -468,6 +468,7 @@ static unsigned fault_hits(struct moe_pager *p)
     if (FAULT_HIT(corrupt))
         hit |= HIT_CORRUPT;
 #undef FAULT_HIT
+    *ret_n = n;
     return hit;
 }
 
@@ -477,8 +478,8 @@ static void on_read(struct worker *w, struct rd *r, int res)
     struct moe_pager_job *j = r->job;
     struct pfile *f = r->f;
     const struct moe_pager_seg *s = r->seg;
-    unsigned hit = fault_hits(p);
-    uint64_t newpos, need_end;
+    uint64_t n, newpos, need_end;
+    unsigned hit = fault_hits(p, &n);
     struct stat st;
 
     stat_add(&p->st.reads, 1);
@@ -514,8 +515,10 @@ static void on_read(struct worker *w, struct rd *r, int res)
         atomic_store_explicit(&f->direct_ok, true, memory_order_relaxed);
     if ((hit & HIT_SHORT) && r->req_len > MOE_PAGER_ALIGN)
         res = (int)MOE_MIN((uint32_t)res, (r->req_len / 2) & ~(uint32_t)ALIGN_MASK);
+    /* Where the byte flips moves with the read's number, as a transient
+     * fault would: the same chunk read again is wrong elsewhere, or whole. */
     if ((hit & HIT_CORRUPT) && res > 0)
-        rd_dst(r, r->req_off)[res / 2] ^= 0x5a;
+        rd_dst(r, r->req_off)[(n * 2654435761u) % (uint64_t)res] ^= 0x5a;
     stat_add(&p->st.bytes_read, (uint64_t)res);
     if (j->status_) {
         /* The job failed elsewhere: drain. */

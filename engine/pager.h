@@ -44,8 +44,9 @@
  * in completion order) fail with EIO, come back short (half its length,
  * rounded down to MOE_PAGER_ALIGN, at least one unit less than asked; reads
  * of one unit or less are left whole), or have one byte flipped in its
- * buffer.  0 disables each.  `every` repeats a fault every N reads instead
- * of once.  refuse_direct makes O_DIRECT reads fail with EINVAL as on a
+ * buffer (where varies with N: a transient fault, not a bad sector).  0
+ * disables each.  `every` repeats a fault every N reads instead of once.
+ * refuse_direct makes O_DIRECT reads fail with EINVAL as on a
  * filesystem that refuses O_DIRECT after open, so that tests reach the
  * buffered fallback on any filesystem.
  *

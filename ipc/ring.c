@@ -15,10 +15,15 @@
  *             slot).
  * Sleeping: a waiter sets its sleeping word, issues a seq_cst fence,
  * re-checks the ring, then FUTEX_WAITs on the word while it is 1; the other
- * side, after publishing, issues a seq_cst fence and reads the word, and
- * wakes when it is 1.  The two fences forbid the lost-wakeup interleaving
- * (the waiter misses the publish and the publisher misses the sleeper: a
- * store followed by a load may otherwise be reordered, even on x86).
+ * side, after publishing, issues a seq_cst fence and swaps the word to 0,
+ * and wakes when it was 1.  The two fences forbid the lost-wakeup
+ * interleaving (the waiter misses the publish and the publisher misses the
+ * sleeper: a store followed by a load may otherwise be reordered, even on
+ * x86).  The swap to 0 closes the other one: a wake that comes after the
+ * waiter's re-check but before its FUTEX_WAIT wakes nobody, so it must
+ * change the word, for the FUTEX_WAIT to find it no longer 1 and return
+ * at once (a wake that only read the word left the waiter asleep until its
+ * timeout: both sides of test-ring's two processes once waited 30 s).
  */
 #include "ring.h"
 
@@ -203,8 +208,11 @@ static void wake(_Atomic uint32_t *sleeping)
     /* seq_cst: orders our publish (above, in the caller) before the load of
      * the sleeping word; pairs with the fence in wait_for(). */
     atomic_thread_fence(memory_order_seq_cst);
-    /* Relaxed: ordered by the fence; the waiter rechecks the ring anyway. */
-    if (atomic_load_explicit(sleeping, memory_order_relaxed))
+    /* Relaxed: ordered by the fence; the waiter rechecks the ring anyway.
+     * A plain load first: the swap (a write to the waiter's line) only when
+     * someone announced a sleep. */
+    if (atomic_load_explicit(sleeping, memory_order_relaxed) &&
+        atomic_exchange_explicit(sleeping, 0, memory_order_relaxed))
         futex(sleeping, FUTEX_WAKE, INT_MAX, NULL);
 }
 
@@ -297,6 +305,9 @@ int moe_ring_pop(struct moe_ring *r, void *entry, int timeout_ms)
 
 void moe_ring_wake_all(struct moe_ring *r)
 {
+    /* Relaxed: the words only need to change (see wake()). */
+    atomic_store_explicit(&r->ctl->consumer_sleeping, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->ctl->producer_sleeping, 0, memory_order_relaxed);
     futex(&r->ctl->consumer_sleeping, FUTEX_WAKE, INT_MAX, NULL);
     futex(&r->ctl->producer_sleeping, FUTEX_WAKE, INT_MAX, NULL);
 }

@@ -677,6 +677,29 @@ out:
 
 /* ---- creation and kernel choice ----------------------------------------------------- */
 
+/* Frees every scratch buffer (lock held, or the backend going away). */
+static void scratch_free_all(struct cpu_backend *cb)
+{
+    for (int d = 0; d < N_PREP; d++)
+        scratch_free(&cb->xprep[d]);
+    scratch_free(&cb->act);
+    scratch_free(&cb->meta);
+    if (cb->ybuf)
+        for (int i = 0; i < cb->n_threads; i++)
+            scratch_free(&cb->ybuf[i]);
+}
+
+/* The trim slot: scratch grown for a large batch is freed; the next call
+ * allocates what it needs. */
+static void cpu_trim(struct moe_backend *b)
+{
+    struct cpu_backend *cb = cpu_of(b);
+
+    pthread_mutex_lock(&cb->lock);
+    scratch_free_all(cb);
+    pthread_mutex_unlock(&cb->lock);
+}
+
 static void cpu_free(struct moe_backend *b)
 {
     struct cpu_backend *cb;
@@ -685,13 +708,7 @@ static void cpu_free(struct moe_backend *b)
         return;
     cb = cpu_of(b);
     moe_threadpool_free(cb->pool);
-    for (int d = 0; d < N_PREP; d++)
-        scratch_free(&cb->xprep[d]);
-    scratch_free(&cb->act);
-    scratch_free(&cb->meta);
-    if (cb->ybuf)
-        for (int i = 0; i < cb->n_threads; i++)
-            scratch_free(&cb->ybuf[i]);
+    scratch_free_all(cb);
     free(cb->ybuf);
     pthread_mutex_destroy(&cb->lock);
     free(cb);
@@ -707,6 +724,7 @@ static const struct moe_backend_ops cpu_ops = {
     .copy_out = cpu_copy,
     .matmul = cpu_matmul,
     .grouped_ffn = cpu_grouped_ffn,
+    .trim = cpu_trim,
 };
 
 /* clang before 16 does not know __builtin_cpu_supports("f16c"). */

@@ -1,8 +1,11 @@
 /*
  * Fault-injection sweep (issue 22): forwards through a cache smaller than
  * the model while the pager fails every Nth read with EIO, for N from 1 to
- * 1000 (every N to 50, then every 10th), and again with every Nth read
- * coming back short.  Every forward that succeeds must be bit-identical to
+ * 1000 (every N to 50, then every 10th), again with every Nth read
+ * coming back short, and again with a byte flipped in every Nth read (the
+ * model is a Hugging Face checkpoint: no checksum but the one its first
+ * page-in takes, which a flipped byte must not become).  Every forward that
+ * succeeds must be bit-identical to
  * the one of an engine with every expert resident and no faults; every one
  * that fails must fail with -EIO and a message naming the expert, its layer
  * and the file.  Failed experts are marked bad and come back by
@@ -101,7 +104,7 @@ int main(void)
     struct moe_error err = {0};
     struct sweep *s = calloc(1, sizeof(*s));
     uint64_t seed = 11;
-    int runs = 0, failures = 0, max_n_failing = 0;
+    int runs = 0, failures = 0, max_n_failing = 0, corrupt_failures = 0;
 
     ASSERT_TRUE(s);
     moe_log_set_sink(sink, NULL);
@@ -143,7 +146,7 @@ int main(void)
                   0);
     }
 
-    for (int kind = 0; kind < 2; kind++) {
+    for (int kind = 0; kind < 3; kind++) {
         for (uint64_t n = 1; n <= 1000; n += n < 50 ? 1 : 10) {
             struct moe_pager_faults f = {.every = true};
             int failed;
@@ -152,25 +155,31 @@ int main(void)
                 n = 60;
             if (kind == 0)
                 f.fail_nth = n;
-            else
+            else if (kind == 1)
                 f.short_nth = n;
+            else
+                f.corrupt_nth = n;
             run(s, &f, n, &failed);
             runs++;
             failures += failed;
             /* Short reads are read again: never a failure. */
             if (kind == 1)
                 ASSERT_EQ(failed, 0);
+            else if (kind == 2)
+                corrupt_failures += failed;
             else if (failed)
                 max_n_failing = (int)n;
         }
     }
     /* The sweep reached its far end: some page-in failed even at N = 1000
      * (or the model was too small for the sweep to mean anything). */
-    printf("%d runs, %d failed forwards (%d page-ins logged failed), largest N with a "
-           "failure: %d\n",
-           runs, failures, logged, max_n_failing);
+    printf("%d runs, %d failed forwards (%d of them on flipped bytes; %d page-ins logged "
+           "failed), largest N with an EIO failure: %d\n",
+           runs, failures, corrupt_failures, logged, max_n_failing);
     ASSERT_TRUE(failures > 0);
     ASSERT_TRUE(max_n_failing >= 500);
+    /* Flipped bytes were caught (as two reads disagreeing), not served. */
+    ASSERT_TRUE(corrupt_failures > 0);
 
     moe_pager_set_faults(moe_cache_pager(s->c), &(struct moe_pager_faults){0});
     moe_engine_free(s->e);

@@ -14,11 +14,14 @@
 #include "tests.h"
 
 #include <errno.h>
+#include <linux/futex.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* An entry: the ring owns the first 4 bytes. */
@@ -302,11 +305,58 @@ static void check_two_processes(void)
     munmap(mem, bytes + CAP * sizeof(uint64_t));
 }
 
+/*
+ * The lost wake-up: a consumer that announced its sleep and re-checked the
+ * ring, but has not yet called FUTEX_WAIT, when the producer commits.  The
+ * commit's wake finds no one in the futex, so it must change the sleeping
+ * word: the consumer's FUTEX_WAIT on 1 then returns at once (EAGAIN)
+ * instead of sleeping until its timeout.
+ */
+static void check_wake_before_wait(void)
+{
+    size_t bytes = moe_ring_bytes(4, sizeof(struct entry));
+    void *mem = shared(bytes);
+    struct moe_ring p, c;
+    struct entry e = {.n = 1};
+    struct timespec t0, t1, ts = {.tv_sec = 2};
+    long rc;
+    int err;
+
+    ASSERT_EQ(moe_ring_init(mem, 4, sizeof(e), &p), 0);
+    ASSERT_EQ(moe_ring_attach(mem, 4, sizeof(e), &c), 0);
+    for (int side = 0; side < 2; side++) {
+        _Atomic uint32_t *w = side ? &p.ctl->producer_sleeping : &c.ctl->consumer_sleeping;
+
+        /* The waiter's announcement (wait_for: the store, then the re-check). */
+        atomic_store(w, 1);
+        if (side == 0) {
+            ASSERT_EQ(moe_ring_push(&p, &e, 0), 0); /* the producer's publish and wake */
+        } else {
+            for (int i = 0; i < 3; i++)
+                ASSERT_EQ(moe_ring_push(&p, &e, 0), 0);
+            ASSERT_EQ(moe_ring_pop(&c, &e, 0), 0); /* the consumer's release and wake */
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        rc = syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, 1, &ts, NULL, 0);
+        err = errno;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        /* EAGAIN: the word is no longer 1; a wake that left it 1 sleeps 2 s. */
+        ASSERT_EQ(rc, -1L);
+        ASSERT_EQ(err, EAGAIN);
+        ASSERT_TRUE((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) <
+                    1000000000L);
+        while (moe_ring_pop(&c, &e, 0) == 0)
+            ;
+    }
+    munmap(mem, bytes);
+}
+
 int main(void)
 {
     check_basic();
     check_seq();
     check_noise();
+    check_wake_before_wait();
     check_two_processes();
     printf("ok\n");
     return 0;

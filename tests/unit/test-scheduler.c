@@ -13,8 +13,10 @@
 #include "tests.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <unistd.h>
 
 #define N_REQ 24
 #define T 3
@@ -192,6 +194,80 @@ int main(void)
             rebatched = jobs[6].r.batch_requests == 2 && jobs[7].r.batch_requests == 2;
         }
         ASSERT_TRUE(rebatched);
+    }
+
+    /* Issue 22, defect 6: the memory budget.  Room for one request of T
+     * tokens at a time: larger ones are refused saying how many tokens
+     * fit, the others run one batch at a time and get their answers, the
+     * queue holds what the limit allows, and memory is given back once
+     * idle. */
+    {
+        uint64_t one = moe_sched_request_bytes(m, 1), per = moe_sched_request_bytes(m, T);
+        struct moe_sched_config bc = {.n_workers = 2,
+                                      .window_ns = 200 * 1000 * 1000,
+                                      .mem_limit = per + one / 2,
+                                      .trim_idle_ns = 50 * 1000 * 1000,
+                                      .trim_bytes = 1,
+                                      .backend = cpu};
+        struct moe_sched *b;
+        struct job big = jobs[3];
+        int refused = 0;
+
+        ASSERT_EQ(moe_sched_request_bytes(m, 2 * T), 2 * per);
+        ASSERT_EQ(moe_sched_create(&bc, &b, &err), 0);
+        big.r.a.n_tokens = T + 1; /* one row more than fits: refused before x is read */
+        ASSERT_EQ(moe_sched_submit(b, &big.r, &err), -ENOSPC);
+        ASSERT_CONTAINS(err.msg, "a request of 4 tokens needs");
+        ASSERT_CONTAINS(err.msg, "send at most 3 tokens per request");
+        ASSERT_CONTAINS(err.msg, "request_memory_bytes");
+
+        /* One window: the queue takes what the limit allows (held bytes);
+         * jobs[8..15] (the first ones' inputs were made bad above). */
+        atomic_store(&n_done, 0);
+        for (int i = 0; i < 8; i++) {
+            jobs[8 + i].r.a.layer = 1;
+            jobs[8 + i].r.a.ids = NULL;
+            jobs[8 + i].r.a.weights = NULL;
+            memset(jobs[8 + i].out, 0, sizeof(jobs[8 + i].out));
+            moe_layer_forward(e, 1, jobs[8 + i].x, T, NULL, NULL, jobs[8 + i].ref, NULL, NULL, NULL,
+                              &err);
+            if (moe_sched_submit(b, &jobs[8 + i].r, &err) == 0)
+                continue;
+            ASSERT_EQ(err.code, -ENOSPC);
+            ASSERT_CONTAINS(err.msg, "retry later");
+            jobs[8 + i].status = 1;
+            refused++;
+        }
+        ASSERT_TRUE(refused > 0 && refused < 8);
+        ASSERT_TRUE(moe_sched_drain(b, 10000) >= 0);
+        ASSERT_EQ(atomic_load(&n_done), 8 - refused);
+        for (int i = 0; i < 8; i++) {
+            if (jobs[8 + i].status == 1)
+                continue;
+            ASSERT_EQ(jobs[8 + i].status, 0);
+            ASSERT_TRUE(memcmp(jobs[8 + i].out, jobs[8 + i].ref, sizeof(jobs[8 + i].out)) == 0);
+            /* the budget kept them apart, the window would have merged them */
+            ASSERT_EQ(jobs[8 + i].r.batch_requests, 1);
+        }
+        moe_sched_get_stats(b, &ss);
+        printf("budget %" PRIu64 " bytes: %d of 8 refused, peak %" PRIu64 ", waits %" PRIu64 "\n",
+               ss.mem_limit, refused, ss.mem_peak, ss.mem_waits);
+        ASSERT_EQ(ss.mem_limit, bc.mem_limit);
+        ASSERT_EQ(ss.mem_peak, per);
+        ASSERT_EQ(ss.mem_used, 0u);
+        ASSERT_EQ(ss.mem_pending, 0u);
+        ASSERT_EQ(ss.mem_refused, (uint64_t)refused + 1);
+        /* Idle after the burst: memory given back at 1, 2, 4, 8 and 16
+         * times trim_idle_ns (50 ms here), then no more. */
+        for (int i = 0; i < 300 && ss.mem_trims < 5; i++) {
+            usleep(10000);
+            moe_sched_get_stats(b, &ss);
+        }
+        ASSERT_EQ(ss.mem_trims, 5u);
+        usleep(200000);
+        moe_sched_get_stats(b, &ss);
+        ASSERT_EQ(ss.mem_trims, 5u);
+        moe_sched_free(b);
     }
 
     /* Stopped: new requests are refused; pending ones still finish. */
