@@ -75,7 +75,7 @@ struct moe_sched_req {
     /* private */
     struct moe_sched_req *next_;
     uint64_t t_submit_;
-    bool idle_; /* submitted with nothing pending or running */
+    bool idle_;     /* submitted with nothing pending or running */
     uint64_t mem_;  /* charged to the budget while its batch runs */
     uint64_t held_; /* what it holds while pending (the queue's bound) */
 };
