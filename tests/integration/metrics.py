@@ -207,6 +207,8 @@ def main():
                 "moed_request_duration_seconds", "moed_batch_size", "moed_batch_tokens",
                 "moed_cache_hits", "moed_cache_misses", "moed_cache_prefetch_hits",
                 "moed_cache_wasted_prefetches", "moed_cache_evictions",
+                "moed_cache_prefetched_bytes", "moed_cache_wasted_bytes",
+                "moed_cache_warm_loads", "moed_cache_warm_hits",
                 "moed_cache_layer_hits", "moed_cache_layer_misses",
                 "moed_cache_layer_prefetch_hits", "moed_cache_layer_wasted_prefetches",
                 "moed_cache_layer_evictions", "moed_cache_resident_bytes",

@@ -222,6 +222,29 @@ def main():
     finally:
         d.stop()
 
+    # Prefetch precision and wasted bytes in stats and top (prefetch on,
+    # a cache of 12 experts; the layers in order, a few times).
+    d = Daemon(a.moed, ["--model", f"mix={model}", "--host-cache-bytes", "7M", "--threads", "1"],
+               w, "prefetch")
+    try:
+        for _ in range(3):
+            forward_all(m, d, w, [0, 1, 2, 3])
+        p = run([m, "stats"] + d.addr)
+        mm = re.search(r"prefetch host: precision (\S+) \((\d+) used, (\d+) wasted of (\d+)\), "
+                       r"(.+) prefetched, (.+) wasted", p.stdout)
+        check("stats: prefetch precision, used, wasted and bytes per tier", mm is not None
+              and int(mm.group(4)) > 0, p.stdout)
+        p = run([m, "top", "--iterations", "2", "--interval", "0.2", "--json"] + d.addr)
+        import json
+        frames = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+        tiers = frames[-1]["tiers"] if frames else []
+        check("top --json: prefetch_precision, prefetched and wasted bytes per second per tier",
+              bool(tiers) and all(k in tiers[0] for k in
+                                  ("prefetch_precision", "prefetched_bytes_per_s",
+                                   "wasted_bytes_per_s", "warm_hits")), p.stdout + p.stderr)
+    finally:
+        d.stop()
+
     with open(heat, "w") as f:
         f.write("moed-heat 1 4 8\n0 0 nan\n")
     d = Daemon(a.moed, base + ["--state-dir", state], w, "badheat")
