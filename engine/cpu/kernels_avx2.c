@@ -124,6 +124,19 @@ INLINE void tile(const void *w, int64_t ldw, const void *const *xv, int64_t k0, 
     }
 }
 
+/* acc[t] += the 16 bf16 weights in v (8 dwords: an even element low, the
+ * next odd one high) times x[t]'s prepared block at k (8 even, 8 odd). */
+INLINE void fma_b16(__m256i v, const float *const *x, int64_t k, __m256 *acc, const int T)
+{
+    __m256 ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    __m256 od = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+
+    for (int t = 0; t < T; t++) {
+        acc[t] = _mm256_fmadd_ps(ev, _mm256_load_ps(x[t] + k), acc[t]);
+        acc[t] = _mm256_fmadd_ps(od, _mm256_load_ps(x[t] + k + 8), acc[t]);
+    }
+}
+
 /* The bf16 tile: weights 16 at a time, x prepared even/odd per 16-block
  * (prep_bf16).  Same products and the same order of accumulation for
  * every R and T. */
@@ -131,7 +144,6 @@ INLINE void tile_b16(const void *w, int64_t ldw, const void *const *xv, int64_t 
                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
 {
     const uint16_t *wb = w;
-    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     const float *x[DMAX];
     __m256 acc[RDEC][DMAX];
     int64_t k;
@@ -142,34 +154,18 @@ INLINE void tile_b16(const void *w, int64_t ldw, const void *const *xv, int64_t 
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm256_setzero_ps();
 
-    for (k = k0; k + 16 <= k1; k += 16) {
-        for (int r = 0; r < R; r++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + (size_t)r * ldw + k));
-            __m256 ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            __m256 od = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-
-            for (int t = 0; t < T; t++) {
-                acc[r][t] = _mm256_fmadd_ps(ev, _mm256_load_ps(x[t] + k), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(od, _mm256_load_ps(x[t] + k + 8), acc[r][t]);
-            }
-        }
-    }
+    for (k = k0; k + 16 <= k1; k += 16)
+        for (int r = 0; r < R; r++)
+            fma_b16(_mm256_loadu_si256((const __m256i *)(wb + (size_t)r * ldw + k)), x, k, acc[r],
+                    T);
     if (k < k1) {
         /* the last partial block, through a zero-padded copy (x is zero
          * past the row's end) */
         for (int r = 0; r < R; r++) {
             _Alignas(32) uint16_t buf[16] = {0};
-            __m256i v;
-            __m256 ev, od;
 
             memcpy(buf, wb + (size_t)r * ldw + k, (size_t)(k1 - k) * 2);
-            v = _mm256_load_si256((const __m256i *)buf);
-            ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            od = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-            for (int t = 0; t < T; t++) {
-                acc[r][t] = _mm256_fmadd_ps(ev, _mm256_load_ps(x[t] + k), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(od, _mm256_load_ps(x[t] + k + 8), acc[r][t]);
-            }
+            fma_b16(_mm256_load_si256((const __m256i *)buf), x, k, acc[r], T);
         }
     }
     for (int t = 0; t < T; t++) {
