@@ -2,8 +2,8 @@
 """moed's memory after large requests (issue 22, defect 6): RSS before, at
 its peak and after one request of 65,000 tokens and eight at once, with
 request_memory_bytes = 2G.  Checks: the answers are right (their first rows
-equal `moectl forward --local`); RSS comes back within 64 MiB of where it
-was, within 20 s of the last answer (it stayed near 1 GB before: the heap
+equal `moectl forward --local`); RSS comes back within 128 MiB of where it
+was within 20 s of the last answer (it stayed near 1 GB before: the heap
 kept what the requests freed); the peak stays within the budget plus what
 the gRPC messages hold; a request larger than the budget is refused with
 RESOURCE_EXHAUSTED saying how many tokens fit; eight at once queue for the
@@ -31,7 +31,11 @@ except ImportError as e:
     sys.exit(77)
 
 BUDGET_MIB = 2048
-SETTLE_MIB = 64     # RSS after, at most this above RSS before
+# RSS after, at most this above RSS before.  The defect kept 700-800 MiB
+# (917 MB after a 980 MB peak from 180); what stays by design is tens of MiB
+# (malloc arenas of the gRPC threads, the batch buffer pool): measured +36 to
+# +72 MiB on a loaded 2-core machine, so 64 was a flaky bound.
+SETTLE_MIB = 128
 SETTLE_S = 20       # ... within this long after the last answer
 TOKENS = 65000
 HIDDEN = 256
@@ -116,9 +120,11 @@ def main():
                                    options=[("grpc.max_receive_message_length", 512 << 20),
                                             ("grpc.max_send_message_length", 512 << 20)])
         exp = pbg.ExpertsStub(ch)
-        # warm: the model's experts resident, the gRPC server's threads up
+        # warm: every expert of the model resident (1024 tokens route to all
+        # of them; 8 did not, and the first big request then paged the rest
+        # in, RSS that stays by design), the gRPC server's threads up
         for layer in range(4):
-            exp.Forward(pb.ForwardRequest(model="mix", layer=layer, hidden=tensor(pb, x[:8])))
+            exp.Forward(pb.ForwardRequest(model="mix", layer=layer, hidden=tensor(pb, x[:1024])))
         time.sleep(2.5)  # past the scheduler's idle trims of the warm-up
         big = tensor(pb, x)
 
