@@ -29,10 +29,12 @@
  * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
- *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]]
+ *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]
  * --quick: tiny shapes (hidden 256, ffn 512) and a small buffer, about a
  * second, without torch unless --torch names one, every format unless
- * --dtype says; ctest runs it as a smoke test.
+ * --dtype says; ctest runs it as a smoke test.  --bandwidth: only the read
+ * bandwidth for each --threads count, one line each ("bandwidth THREADS
+ * GB/s"), for other benchmarks' limits (tests/bench/bench-hf.py).
  */
 #include <errno.h>
 #include <math.h>
@@ -66,6 +68,7 @@ struct opts {
     const char *torch; /* NULL: find one; "off": none; else a Python */
     struct moe_quant_fmt fmts[MOE_QUANT_COUNT]; /* formats to run; .q NONE: bf16 */
     int n_fmts;
+    bool bandwidth_only; /* --bandwidth: the read bandwidth alone */
 };
 
 /* The formats --dtype names, with their scale blocks. */
@@ -90,7 +93,7 @@ static void usage(void)
     fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
                     "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
-                    "[--dtype bf16|fp8|int8|int4|mxfp4[,...]]\n");
+                    "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]\n");
     exit(2);
 }
 
@@ -126,7 +129,9 @@ static void parse(int argc, char **argv, struct opts *o)
         o->threads[o->n_threads++] = (int)MOE_MIN(cpus, 256);
     o->prec[MOE_PRECISION_EXACT] = o->prec[MOE_PRECISION_BF16] = true;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--quick")) {
+        if (!strcmp(argv[i], "--bandwidth")) {
+            o->bandwidth_only = true;
+        } else if (!strcmp(argv[i], "--quick")) {
             o->quick = true;
         } else if (!strcmp(argv[i], "--kernel") && i + 1 < argc) {
             o->kernel = argv[++i];
@@ -762,6 +767,18 @@ int main(int argc, char **argv)
     if (!bw_buf)
         goto out;
     memset(bw_buf, 1, bw_bytes);
+    if (o.bandwidth_only) {
+        for (int ti = 0; ti < o.n_threads; ti++) {
+            struct moe_threadpool *tp = NULL;
+
+            if (moe_threadpool_init(o.threads[ti], &tp) < 0)
+                goto out;
+            printf("bandwidth %d %.2f\n", o.threads[ti], mem_bandwidth(tp, bw_buf, bw_bytes, 5));
+            moe_threadpool_free(tp);
+        }
+        r = 0;
+        goto out;
+    }
 
     for (int fi = 0; fi < o.n_fmts; fi++) {
         const struct moe_quant_fmt *f = &o.fmts[fi];

@@ -16,6 +16,15 @@ in the same run on the same machine, and prints each moed figure next to
 transformers' as a ratio (the issue's target: faster at both, at least 2x at
 decode).  The outputs are compared too (the last logits of the prefill).
 
+Decode is split into the time inside the sparse MoE blocks and the rest of
+the model (attention, norms, the head: torch's in both runs), and held
+against its limit: the memory read bandwidth measured in the same run
+(`bench-cpu-ffn --bandwidth`, with moed's threads) bounds how fast any code
+can stream the routed experts' weights, so the fastest decode with moed is
+the rest of the model plus those bytes at that bandwidth.  The benchmark
+prints that ceiling and the speed-up it would give, and how close moed's
+MoE blocks come to the bandwidth.
+
 usage: bench-hf.py --build build [--quick] [--threads N] [--workdir DIR]
 Runs with the Hugging Face environment's interpreter (scripts/hf-env.sh);
 exit 0 after printing the figures, 1 on a failure, 77 when torch or
@@ -106,16 +115,58 @@ class Moed:
             self.p.kill()
 
 
+class BlockClock:
+    """Seconds spent inside the model's sparse MoE blocks (whatever computes
+    them: torch, or moed through the attachment), by forward hooks."""
+
+    def __init__(self, model):
+        self.total = 0.0
+        self.t0 = 0.0
+        self.handles = []
+        for layer in model.model.layers:
+            self.handles.append(layer.mlp.register_forward_pre_hook(self.pre))
+            self.handles.append(layer.mlp.register_forward_hook(self.post))
+
+    def pre(self, *_):
+        self.t0 = time.perf_counter()
+
+    def post(self, *_):
+        self.total += time.perf_counter() - self.t0
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def decode_rate(model, steps, prompt):
-    """Tokens/s of greedy decode with the KV cache, after the prompt."""
-    with torch.no_grad():
-        out = model(prompt, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(tok, cache=out.cache, use_cache=True)
+    """Tokens/s of greedy decode with the KV cache, after the prompt, and
+    the seconds per token inside the MoE blocks."""
+    clock = BlockClock(model)
+    try:
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
-        return steps / (time.perf_counter() - t0)
+            clock.total = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(tok, cache=out.cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            dt = time.perf_counter() - t0
+    finally:
+        clock.remove()
+    return steps / dt, clock.total / steps
+
+
+def read_bandwidth(build, threads):
+    """GB/s of `threads` threads streaming memory (bench-cpu-ffn
+    --bandwidth), or None where that benchmark is not built."""
+    exe = os.path.join(build, "tests", "bench-cpu-ffn")
+    if not os.access(exe, os.X_OK):
+        return None
+    out = subprocess.run([exe, "--bandwidth", "--threads", str(threads)], capture_output=True,
+                         text=True, check=True).stdout
+    m = re.search(r"^bandwidth \d+ ([0-9.]+)$", out, re.M)
+    return float(m.group(1)) if m else None
 
 
 def prefill_time(model, ids, repeats):
@@ -129,6 +180,32 @@ def prefill_time(model, ids, repeats):
             best = min(best, time.perf_counter() - t0)
             logits = out.logits[0, -1].float()
     return best, logits
+
+
+def decode_limits(shape, cfg, threads, bw, tf_decode, tf_moe, md_decode, md_moe):
+    """Prints where a decode token's time goes and the ceiling the memory
+    bandwidth puts on it."""
+    tf_tok, md_tok = 1 / tf_decode, 1 / md_decode
+    print(f"decode ms/token: transformers {tf_tok * 1e3:.1f} ({tf_moe * 1e3:.1f} in the MoE blocks, "
+          f"{(tf_tok - tf_moe) * 1e3:.1f} the rest); with moed {md_tok * 1e3:.1f} "
+          f"({md_moe * 1e3:.1f} in the MoE blocks, {(md_tok - md_moe) * 1e3:.1f} the rest)")
+    bws = [b for b in bw if b]
+    if not bws:
+        print("decode ceiling: not computed (bench-cpu-ffn not built)")
+        return
+    gbs = max(bws)
+    # One token reads top-k experts' gate, up and down in bf16 per MoE layer.
+    weights = (cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * shape["hidden_size"] *
+               shape["intermediate_size"] * 2)
+    floor = weights / (gbs * 1e9)
+    ceiling = 1 / ((md_tok - md_moe) + floor)
+    print(f"decode limit: {weights / 1e6:.0f} MB of expert weights per token at the read bandwidth "
+          f"of {threads} threads measured in this run, {gbs:.1f} GB/s (best of "
+          f"{', '.join(f'{b:.1f}' for b in bws)}): {floor * 1e3:.1f} ms")
+    print(f"decode ceiling with the rest of the model as measured: {ceiling:.2f} tokens/s, "
+          f"{ceiling / tf_decode:.2f}x transformers; moed's MoE blocks read at "
+          f"{weights / md_moe / 1e9:.1f} GB/s, {floor / md_moe:.2f} of the bandwidth; "
+          f"decode reached {md_decode / ceiling:.2f} of the ceiling")
 
 
 def main():
@@ -159,7 +236,8 @@ def main():
           "8 experts, top-2, 2 layers, bfloat16", flush=True)
     # transformers alone (warm: one short forward first).
     prefill_time(model, prompt, 1)
-    tf_decode = decode_rate(model, a.decode, prompt)
+    bw = [read_bandwidth(a.build, a.threads)]
+    tf_decode, tf_moe = decode_rate(model, a.decode, prompt)
     tf_prefill, tf_logits = prefill_time(model, ids, a.repeats)
 
     tmp = tempfile.mkdtemp(prefix="bench-hf-")
@@ -171,7 +249,8 @@ def main():
                 att = attach_experts(model, s, "bench")
                 prefill_time(model, prompt, 1)  # pages every needed expert in
                 prefill_time(model, ids, 1)
-                md_decode = decode_rate(model, a.decode, prompt)
+                md_decode, md_moe = decode_rate(model, a.decode, prompt)
+                bw.append(read_bandwidth(a.build, a.threads))
                 md_prefill, md_logits = prefill_time(model, ids, a.repeats)
                 att.detach()
         finally:
@@ -185,6 +264,7 @@ def main():
         print(f"{name:<12} {unit:<9} {m:>10.3f} {t:>13.3f} {r:>8.2f}x")
     print(f"last-token logits, moed vs transformers: max difference {diff:.3g} of max |logit| "
           "(bf16: moed keeps activations in fp32)")
+    decode_limits(shape, model.config, a.threads, bw, tf_decode, tf_moe, md_decode, md_moe)
     print(f"targets: decode >= 2x: {'met' if rows[0][4] >= 2 else 'NOT met'}; "
           f"prefill faster: {'met' if rows[1][4] > 1 else 'NOT met'}")
     return 0 if diff < 0.1 else 1
