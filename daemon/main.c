@@ -307,6 +307,7 @@ int main(int argc, char **argv)
     moe_log_set_level(d.cfg.log_level);
     moed_log_start(d.cfg.log_format);
     pthread_mutex_init(&d.lock, NULL);
+    pthread_mutex_init(&d.rec_lock, NULL);
     if (moed_model_dirs_init(&d, &err) < 0 || moed_state_init(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
@@ -525,5 +526,6 @@ out:
     moed_state_clear(&d);
     moed_config_clear(&d.cfg);
     pthread_mutex_destroy(&d.lock);
+    pthread_mutex_destroy(&d.rec_lock);
     return ret;
 }

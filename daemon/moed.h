@@ -70,7 +70,8 @@ struct moed {
     char *model_roots[MOED_MAX_MODEL_DIRS];
     int n_model_roots;
     char *model_trusted[MOED_MAX_MODELS];
-    char *state_dir; /* resolved [server] state_dir, or NULL: none (state.c) */
+    char *state_dir;          /* resolved [server] state_dir, or NULL: none (state.c) */
+    pthread_mutex_t rec_lock; /* every model's recording (moed_model.rec; state.c) */
     /* Called by models.c when a model comes (registered) and goes (lock not
      * held, no request in flight); NULL: nothing.  moed_state_init sets
      * them to moed_state_warm and moed_state_model_gone, so that the model

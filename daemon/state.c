@@ -36,9 +36,6 @@ struct moed_recording {
     uint64_t t0;
 };
 
-/* Guards every model's recording (moed_model.rec). */
-static pthread_mutex_t rec_lock = PTHREAD_MUTEX_INITIALIZER;
-
 static int make_dir(const char *path, struct moe_error *err)
 {
     struct stat st;
@@ -184,7 +181,7 @@ static void save_heat(struct moed *d, struct moed_model *mm)
     free(heat);
 }
 
-/* Stops mm's recording (rec_lock held); fills r (may be NULL). */
+/* Stops mm's recording (d->rec_lock held); fills r (may be NULL). */
 static int record_stop_locked(struct moed_model *mm, Moe__V1__RecordRoutingResponse *resp,
                               struct moe_error *err)
 {
@@ -216,10 +213,10 @@ static int record_stop_locked(struct moed_model *mm, Moe__V1__RecordRoutingRespo
 void moed_state_model_gone(struct moed *d, struct moed_model *mm)
 {
     save_heat(d, mm);
-    pthread_mutex_lock(&rec_lock);
+    pthread_mutex_lock(&d->rec_lock);
     if (mm->rec)
         record_stop_locked(mm, NULL, NULL);
-    pthread_mutex_unlock(&rec_lock);
+    pthread_mutex_unlock(&d->rec_lock);
 }
 
 /* A trace file name: letters, digits, '.', '_', '-', not starting with '.'. */
@@ -324,7 +321,7 @@ void moed_on_record_routing(struct moe_rpc_call *call, const uint8_t *req, size_
         moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "no model called '%s'", q->model);
         goto out;
     }
-    pthread_mutex_lock(&rec_lock);
+    pthread_mutex_lock(&d->rec_lock);
     switch (q->action) {
     case MOE__V1__RECORD_ROUTING_REQUEST__ACTION__START:
         if (!d->state_dir) {
@@ -366,7 +363,7 @@ void moed_on_record_routing(struct moe_rpc_call *call, const uint8_t *req, size_
         moe_rpc_fail(call, status == GRPC_STATUS_OK ? moed_grpc_status(r) : status, "%s", err.msg);
     else
         moed_reply_msg(call, &resp.base);
-    pthread_mutex_unlock(&rec_lock);
+    pthread_mutex_unlock(&d->rec_lock);
     free(stopped);
 out:
     if (mm)
