@@ -32,44 +32,11 @@ import time
 try:
     import numpy as np
     import grpc
-    from moedtest import check, code_of, finish, from_tensor, stubs, tensor
+    from moedtest import Daemon, check, code_of, finish, from_tensor, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools)")
     sys.exit(77)
-
-class Daemon:
-    def __init__(self, moed, args, workdir, name):
-        self.log = open(f"{workdir}/{name}.log", "w+")
-        self.p = subprocess.Popen([moed, "--listen", "127.0.0.1:0"] + args,
-                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.p.stdout.readline()
-        m = re.search(r"listening on port (\d+)", line)
-        if not m:
-            self.p.kill()
-            self.log.seek(0)
-            raise RuntimeError(f"moed did not start: {line!r} {self.log.read()}")
-        self.port = int(m.group(1))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
-                                             options=[("grpc.max_receive_message_length",
-                                                       256 << 20),
-                                                      ("grpc.max_send_message_length",
-                                                       256 << 20)])
-
-    def stderr(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        self.channel.close()
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            return -9
 
 
 def main():

@@ -14,7 +14,6 @@ Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
 """
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 try:
     import numpy as np
     import grpc
-    from moedtest import check, finish, from_tensor, stubs, tensor
+    from moedtest import Daemon, check, finish, from_tensor, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools)")
@@ -106,20 +105,16 @@ def main():
                         "--in", f"{w}/x.npy", "--out", f"{w}/y.npy", "-q"], check=True)
         refs[layer] = np.load(f"{w}/y.npy")
 
-    log = open(f"{w}/moed.log", "w+")
-    p = subprocess.Popen([a.moed, "--listen", "127.0.0.1:0", "--model", f"mix={model}",
-                          "--max-message-bytes", "512M", "--log-level", "warn",
-                          "--request-memory-bytes", f"{BUDGET_MIB}M"],
-                         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        m = re.search(r"listening on port (\d+)", p.stdout.readline())
-        if not m:
-            check("moed starts", False, open(f"{w}/moed.log").read())
-            return finish()
-        ch = grpc.insecure_channel(f"127.0.0.1:{m.group(1)}",
-                                   options=[("grpc.max_receive_message_length", 512 << 20),
-                                            ("grpc.max_send_message_length", 512 << 20)])
-        exp = pbg.ExpertsStub(ch)
+        d = Daemon(a.moed, ["--model", f"mix={model}", "--max-message-bytes", "512M",
+                            "--log-level", "warn", "--request-memory-bytes", f"{BUDGET_MIB}M"],
+                   w, "moed", max_message=512 << 20)
+    except RuntimeError as e:
+        check("moed starts", False, e)
+        return finish()
+    p = d.p
+    try:
+        exp = pbg.ExpertsStub(d.channel)
         # warm: every expert of the model resident (1024 tokens route to all
         # of them; 8 did not, and the first big request then paged the rest
         # in, RSS that stays by design), the gRPC server's threads up
@@ -188,15 +183,8 @@ def main():
         r = exp.Forward(pb.ForwardRequest(model="mix", layer=1, hidden=tensor(pb, x[:head])))
         check("still serving after the refusal", np.array_equal(from_tensor(pb, r.output),
                                                                 refs[1]))
-        ch.close()
     finally:
-        if p.poll() is None:
-            p.terminate()
-        try:
-            rc = p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = -9
+        rc = d.stop()
     check("moed exits 0 on SIGTERM", rc == 0, f"exit {rc}")
     return finish()
 

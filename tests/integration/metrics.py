@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,42 +29,11 @@ try:
     import numpy as np
     import grpc
     from prometheus_client.parser import text_string_to_metric_families
-    from moedtest import check, finish, stubs, tensor
+    from moedtest import Daemon, check, finish, stubs, tensor
 except ImportError as e:
     print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy, python3-grpcio, "
           f"python3-grpc-tools, python3-prometheus-client)")
     sys.exit(77)
-
-class Daemon:
-    """moed on 127.0.0.1:0; with metrics, reads the metrics port too."""
-
-    def __init__(self, moed, args, workdir, name, metrics):
-        self.log = open(f"{workdir}/{name}.log", "w+")
-        extra = ["--metrics", "127.0.0.1:0"] if metrics else []
-        self.p = subprocess.Popen([moed, "--listen", "127.0.0.1:0"] + extra + args,
-                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.port = self._port(r"listening on port (\d+)")
-        self.metrics_port = self._port(r"metrics on port (\d+)") if metrics else None
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-
-    def _port(self, pattern):
-        line = self.p.stdout.readline()
-        m = re.search(pattern, line)
-        if not m:
-            self.p.kill()
-            self.log.seek(0)
-            raise RuntimeError(f"moed: expected /{pattern}/, got {line!r}: {self.log.read()}")
-        return int(m.group(1))
-
-    def stop(self):
-        self.channel.close()
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-        try:
-            return self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            return -9
 
 
 def listening_tcp_ports(pid):

@@ -1,21 +1,25 @@
 """What the moed integration tests share: the check/failure bookkeeping,
 Python stubs generated from proto/ by grpc_tools (a gRPC client that is not
-ours), and tensors to and from numpy.  Imported by daemon.py, metrics.py and
+ours), tensors to and from numpy, and a moed started on a free port
+(Daemon).  Imported by daemon.py, metrics.py, memory.py, warm.py and
 systemd.py (their directory is on sys.path when they run)."""
 import os
+import re
+import signal
+import subprocess
 import sys
 
 import numpy as np
-from grpc_tools import protoc
 
 failures = []
 
 
 def check(name, ok, detail=""):
-    """Prints one result; a failure is remembered for finish()."""
+    """Prints one result; a failure is remembered for finish().  Returns ok."""
     print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail and not ok else ''}")
     if not ok:
         failures.append(f"{name}: {detail}")
+    return ok
 
 
 def finish():
@@ -31,6 +35,8 @@ def finish():
 def stubs(source, workdir):
     """(moe_pb2, moe_pb2_grpc, health_pb2, health_pb2_grpc) generated from
     source/proto into workdir/gen, or None when protoc fails."""
+    from grpc_tools import protoc
+
     gen = f"{workdir}/gen"
     os.makedirs(gen, exist_ok=True)
     if protoc.main(["protoc", f"-I{source}/proto", f"--python_out={gen}",
@@ -81,3 +87,56 @@ def code_of(fn):
         return grpc.StatusCode.OK, ""
     except grpc.RpcError as e:
         return e.code(), e.details()
+
+
+class Daemon:
+    """moed listening on 127.0.0.1:0 with args, its stderr in
+    workdir/name.log: port, addr (moectl's --remote), channel (a gRPC channel
+    taking messages up to max_message bytes); with metrics, the metrics
+    endpoint on a free port too (metrics_port).  Raises RuntimeError with
+    the log when moed does not start."""
+
+    def __init__(self, moed, args, workdir, name, metrics=False, max_message=256 << 20):
+        import grpc
+        self.logpath = f"{workdir}/{name}.log"
+        self.log = open(self.logpath, "w+")
+        extra = ["--metrics", "127.0.0.1:0"] if metrics else []
+        self.p = subprocess.Popen([moed, "--listen", "127.0.0.1:0"] + extra + list(args),
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.port = self._port(r"listening on port (\d+)")
+        self.metrics_port = self._port(r"metrics on port (\d+)") if metrics else None
+        self.addr = ["--remote", f"127.0.0.1:{self.port}"]
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}", options=[("grpc.max_receive_message_length", max_message),
+                                               ("grpc.max_send_message_length", max_message)])
+
+    def _port(self, pattern):
+        line = self.p.stdout.readline()
+        m = re.search(pattern, line)
+        if not m:
+            self.p.kill()
+            self.p.wait()
+            raise RuntimeError(f"moed did not start: expected /{pattern}/, got {line!r}: "
+                               f"{self.stderr()}")
+        return int(m.group(1))
+
+    def stderr(self):
+        """What moed has written to its log so far."""
+        self.log.flush()
+        with open(self.logpath) as f:
+            return f.read()
+
+    text = stderr
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Sends sig and waits: moed's exit status, or -9 when it had to be
+        killed after timeout seconds."""
+        self.channel.close()
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            return -9

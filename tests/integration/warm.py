@@ -21,54 +21,16 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 try:
     import numpy as np
-except ImportError:
-    print("SKIP: python3-numpy is not installed (scripts/deps.sh installs it)")
+    from moedtest import Daemon, check, finish
+except ImportError as e:
+    print(f"SKIP: {e} (scripts/deps.sh installs python3-numpy and python3-grpcio)")
     sys.exit(77)
-
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    if not ok:
-        failures.append(f"{name}: {detail}")
-    return ok
-
-
-class Daemon:
-    def __init__(self, moed, args, workdir, name):
-        self.logpath = f"{workdir}/{name}.log"
-        self.log = open(self.logpath, "w+")
-        self.p = subprocess.Popen([moed, "--listen", "127.0.0.1:0"] + args,
-                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.p.stdout.readline()
-        m = re.search(r"listening on port (\d+)", line)
-        if not m:
-            self.p.kill()
-            raise RuntimeError(f"moed did not start: {line!r}: {self.text()}")
-        self.port = int(m.group(1))
-        self.addr = ["--remote", f"127.0.0.1:{self.port}"]
-
-    def text(self):
-        self.log.flush()
-        with open(self.logpath) as f:
-            return f.read()
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-        try:
-            return self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            return -9
 
 
 def run(cmd):
@@ -257,10 +219,7 @@ def main():
     finally:
         d.stop()
 
-    if failures:
-        print("\n".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
