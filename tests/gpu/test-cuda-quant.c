@@ -170,6 +170,11 @@ static uint64_t layout(const struct qexpert *x, bool odd, uint64_t off[6])
     return p;
 }
 
+static uint64_t tier_len(uint64_t bytes)
+{
+    return (bytes + MOE_TIER_ALIGN - 1) & ~(uint64_t)(MOE_TIER_ALIGN - 1);
+}
+
 static void fill(uint8_t *dst, const struct qexpert *x, const uint64_t off[6])
 {
     for (int i = 0; i < 6; i++) {
@@ -306,7 +311,8 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
         dbuf[e][0] = gpu[0]->ops->alloc(gpu[0], bytes[0]);
         ASSERT_TRUE(dbuf[e][0] != NULL);
         ASSERT_EQ(gpu[0]->ops->copy_in(gpu[0], dbuf[e][0], host[0], bytes[0]), 0);
-        dbuf[e][1] = tier->ops->alloc(tier, bytes[1]);
+        /* tier blocks are whole MOE_TIER_ALIGN units, as the cache asks */
+        dbuf[e][1] = tier->ops->alloc(tier, tier_len(bytes[1]));
         ASSERT_TRUE(dbuf[e][1] != NULL);
         ASSERT_EQ(tier->ops->upload(tier, dbuf[e][1], host[1], bytes[1]), 0);
         if (c->gpt) {
@@ -414,7 +420,7 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
 
     for (int e = 0; e < N_EXP; e++) {
         gpu[0]->ops->mem_free(gpu[0], dbuf[e][0]);
-        tier->ops->free(tier, dbuf[e][1], layout(&xs[e], true, off[1]));
+        tier->ops->free(tier, dbuf[e][1], tier_len(layout(&xs[e], true, off[1])));
         gpu[0]->ops->mem_free(gpu[0], dbias[e]);
         free((void *)((const uint8_t *)wc[e].gate - off[0][0]));
         free_expert(&xs[e]);
