@@ -284,7 +284,7 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
     double *ref = malloc(xn * sizeof(double));
     int32_t *tok = malloc((size_t)2 * Tmax * sizeof(int32_t));
     float *sc = malloc((size_t)2 * Tmax * sizeof(float));
-    float *dx, *dout;
+    float *dx, *dxo, *dout;
 
     ASSERT_TRUE(x && init && got && again && ycpu && ref && tok && sc);
     for (int e = 0; e < N_EXP; e++) {
@@ -333,12 +333,14 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
         x[i] = test_rand_f32(&seed);
         init[i] = test_rand_f32(&seed);
     }
-    /* x at +1 float: rows not 16-byte aligned for the odd placement */
-    dx = gpu[0]->ops->alloc(gpu[0], (xn + 4) * sizeof(float));
+    /* x aligned, and at +1 float (rows not 16-byte aligned) for the odd
+     * placement */
+    dx = gpu[0]->ops->alloc(gpu[0], xn * sizeof(float));
+    dxo = gpu[0]->ops->alloc(gpu[0], (xn + 4) * sizeof(float));
     dout = gpu[0]->ops->alloc(gpu[0], xn * sizeof(float));
-    ASSERT_TRUE(dx && dout);
+    ASSERT_TRUE(dx && dxo && dout);
     ASSERT_EQ(gpu[0]->ops->copy_in(gpu[0], dx, x, xn * sizeof(float)), 0);
-    ASSERT_EQ(gpu[0]->ops->copy_in(gpu[0], dx + 1, x, xn * sizeof(float)), 0);
+    ASSERT_EQ(gpu[0]->ops->copy_in(gpu[0], dxo + 1, x, xn * sizeof(float)), 0);
 
     for (size_t ti = 0; ti < MOE_ARRAY_SIZE(token_counts); ti++) {
         const int T = token_counts[ti];
@@ -379,7 +381,7 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
 
         for (int v = 0; v < N_VARIANTS; v++) {
             for (int p = 0; p < 2; p++) {
-                const float *xin = p ? dx + 1 : dx;
+                const float *xin = p ? dxo + 1 : dx;
                 int r;
 
                 ASSERT_EQ(gpu[v]->ops->copy_in(gpu[v], dout, init, n * sizeof(float)), 0);
@@ -426,6 +428,7 @@ static void check_case(const struct qcase *c, struct moe_backend *const *gpu,
         free_expert(&xs[e]);
     }
     gpu[0]->ops->mem_free(gpu[0], dx);
+    gpu[0]->ops->mem_free(gpu[0], dxo);
     gpu[0]->ops->mem_free(gpu[0], dout);
     free(x);
     free(init);
