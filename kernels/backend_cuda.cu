@@ -23,7 +23,9 @@
  *   two decode launches read the packed values and scales (a warp per row,
  *   16 values per lane and step, decoded in registers); larger pieces take
  *   the tiled kernel (qgemm: tiles dequantized into shared memory, fp32
- *   sums), gate and up with the activation in one launch, down in another;
+ *   sums; qgemm_tc on bf16 tensor cores for items of precision bf16 on
+ *   sm_80 and later), gate and up with the activation in one launch, down
+ *   in another;
  *   act(g, u) is silu(g) * u, or gpt-oss's clamped SwiGLU, after the gate
  *   and up biases when the expert has them; its down bias is added to y;
  *   3. combine: for each token of the group, out[t] += s_r * y_r over its
@@ -37,6 +39,7 @@
 #include "quant_cuda.h"
 
 #include <math.h>
+#include <mma.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -525,6 +528,134 @@ template <int Q, bool GU> static __global__ void __launch_bounds__(QT_TPB) qgemm
     }
 }
 
+/*
+ * qgemm on bf16 tensor cores (sm_80 and later), for work items of
+ * precision MOE_PRECISION_BF16: each step dequantizes the weights' tile
+ * (value times scale, rounded to bf16) and the activations' (rounded to
+ * bf16) into shared memory; 8 warps, each 16 rows x 32 tokens of a (and b)
+ * with wmma 16 x 16 x 16, fp32 sums; the sums go through shared memory to
+ * the epilogue (biases, activation), which writes out coalesced.
+ */
+#define QTC_LD (QT_K + 8)  /* bf16 per row of a shared tile (rows of 80 bytes) */
+#define QTC_CLD (QT_N + 4) /* floats per row of the sums */
+
+template <int Q, bool GU> static __global__ void __launch_bounds__(QT_TPB) qgemm_tc(qgemm_args g)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    constexpr int NM = GU ? 2 : 1;
+    constexpr size_t TILES = ((size_t)NM * QT_M + QT_N) * QTC_LD * sizeof(__nv_bfloat16);
+    constexpr size_t SUMS = (size_t)NM * QT_M * QTC_CLD * sizeof(float);
+    __shared__ __align__(32) unsigned char smem[TILES > SUMS ? TILES : SUMS];
+    __nv_bfloat16 *ws = reinterpret_cast<__nv_bfloat16 *>(smem); /* [NM][QT_M][QTC_LD] */
+    __nv_bfloat16 *xs = ws + (size_t)NM * QT_M * QTC_LD;         /* [QT_N][QTC_LD] */
+    float *cs = reinterpret_cast<float *>(smem);                 /* [NM][QT_M][QTC_CLD] */
+    const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
+    const int m0 = blockIdx.x * QT_M, n0 = blockIdx.y * QT_N;
+    const int lr = tid / 4, lk = (tid % 4) * 8;
+    const int wr = m0 + lr, xt = n0 + lr;
+    const float *xrow =
+        xt < g.n ? g.x + (size_t)(g.tok ? g.tok[xt] : xt) * (size_t)g.K : (const float *)nullptr;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NM][2];
+
+#pragma unroll
+    for (int m = 0; m < NM; m++) {
+        wmma::fill_fragment(acc[m][0], 0.0f);
+        wmma::fill_fragment(acc[m][1], 0.0f);
+    }
+    for (int k0 = 0; k0 < g.K; k0 += QT_K) {
+#pragma unroll
+        for (int m = 0; m < NM; m++) {
+            const qmat &qm = m ? g.b : g.a;
+            __nv_bfloat16 *d = ws + ((size_t)m * QT_M + lr) * QTC_LD + lk;
+            float v[8];
+
+            if (wr < g.rows) {
+                const float s = q_scale<Q>(qm, wr, k0 + lk);
+
+                q_load8<Q>(qm, q_row<Q>(qm, wr, g.K), k0 + lk, v);
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[i] *= s;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[i] = 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                d[i] = __float2bfloat16_rn(v[i]);
+        }
+        {
+            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+            __nv_bfloat16 *d = xs + (size_t)lr * QTC_LD + lk;
+
+            if (xrow) {
+                a = q_x4(xrow, k0 + lk, g.xal != 0);
+                b = q_x4(xrow, k0 + lk + 4, g.xal != 0);
+            }
+            d[0] = __float2bfloat16_rn(a.x);
+            d[1] = __float2bfloat16_rn(a.y);
+            d[2] = __float2bfloat16_rn(a.z);
+            d[3] = __float2bfloat16_rn(a.w);
+            d[4] = __float2bfloat16_rn(b.x);
+            d[5] = __float2bfloat16_rn(b.y);
+            d[6] = __float2bfloat16_rn(b.z);
+            d[7] = __float2bfloat16_rn(b.w);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < QT_K; kk += 16) {
+            /* the activations' tile [token][k] is B [k][token], column-major */
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> xb[2];
+
+            wmma::load_matrix_sync(xb[0], xs + (size_t)(wn * 32) * QTC_LD + kk, QTC_LD);
+            wmma::load_matrix_sync(xb[1], xs + (size_t)(wn * 32 + 16) * QTC_LD + kk, QTC_LD);
+#pragma unroll
+            for (int m = 0; m < NM; m++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> wa;
+
+                wmma::load_matrix_sync(wa, ws + ((size_t)m * QT_M + wm * 16) * QTC_LD + kk, QTC_LD);
+                wmma::mma_sync(acc[m][0], wa, xb[0], acc[m][0]);
+                wmma::mma_sync(acc[m][1], wa, xb[1], acc[m][1]);
+            }
+        }
+        __syncthreads();
+    }
+    /* the loop ended on a barrier: the sums may take the tiles' memory */
+#pragma unroll
+    for (int m = 0; m < NM; m++) {
+        float *c = cs + ((size_t)m * QT_M + wm * 16) * QTC_CLD + wn * 32;
+
+        wmma::store_matrix_sync(c, acc[m][0], QTC_CLD, wmma::mem_row_major);
+        wmma::store_matrix_sync(c + 16, acc[m][1], QTC_CLD, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int i = tid; i < QT_M * QT_N; i += QT_TPB) {
+        const int rr = i % QT_M, tt = i / QT_M, r = m0 + rr, t = n0 + tt;
+
+        if (r >= g.rows || t >= g.n)
+            continue;
+        float a = cs[(size_t)rr * QTC_CLD + tt];
+
+        if (g.bias_a)
+            a += g.bias_a[r];
+        if (GU) {
+            float b = cs[((size_t)(NM - 1) * QT_M + rr) * QTC_CLD + tt];
+
+            if (g.bias_b)
+                b += g.bias_b[r];
+            a = expert_act(a, b, g.act, g.alpha, g.limit);
+        }
+        g.out[(size_t)t * (size_t)g.ldo + r] = a;
+    }
+#else
+    /* never launched below sm_80 (run_group checks cc_major) */
+    (void)g;
+    __trap();
+#endif
+}
+
 /* y[t, r] = W[r, :] . x[t, :] for a few tokens: a warp per row of W. */
 template <typename T, bool VEC>
 static __global__ void __launch_bounds__(WARPS * 32)
@@ -679,7 +810,8 @@ static qmat make_qmat(const struct moe_expert_weights *w, const void *v, const v
  * act [n, F] (scratch) = act(gate x, up x), then y [n, H] = down act. */
 template <int Q>
 static void launch_qgemm(struct cuda_backend *cb, const struct moe_expert_weights *w,
-                         const float *x, int H, const int32_t *tok, int n, float *act, float *y)
+                         const float *x, int H, const int32_t *tok, int n, bool tc, float *act,
+                         float *y)
 {
     const int F = (int)w->ffn;
     /* grid.y is at most 65535 tiles of tokens */
@@ -716,8 +848,16 @@ static void launch_qgemm(struct cuda_backend *cb, const struct moe_expert_weight
         d.x = gu.out;
         d.n = nc;
         d.out = y + (size_t)t0 * (size_t)H;
-        qgemm<Q, true><<<dim3((unsigned)((F + QT_M - 1) / QT_M), ty), QT_TPB, 0, cb->stream>>>(gu);
-        qgemm<Q, false><<<dim3((unsigned)((H + QT_M - 1) / QT_M), ty), QT_TPB, 0, cb->stream>>>(d);
+        const dim3 g1((unsigned)((F + QT_M - 1) / QT_M), ty);
+        const dim3 g2((unsigned)((H + QT_M - 1) / QT_M), ty);
+
+        if (tc) {
+            qgemm_tc<Q, true><<<g1, QT_TPB, 0, cb->stream>>>(gu);
+            qgemm_tc<Q, false><<<g2, QT_TPB, 0, cb->stream>>>(d);
+        } else {
+            qgemm<Q, true><<<g1, QT_TPB, 0, cb->stream>>>(gu);
+            qgemm<Q, false><<<g2, QT_TPB, 0, cb->stream>>>(d);
+        }
     }
 }
 
@@ -1064,22 +1204,26 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
         int64_t ld;
         cublasStatus_t s;
 
+        /* quantized, precision bf16, a device with bf16 tensor cores: the
+         * tensor core kernel; else the fp32 one */
+        const bool tc = work[pc[i].item].precision == MOE_PRECISION_BF16 && cb->cc_major >= 8;
+
         if (pc[i].dec)
             continue;
         switch (w->quant.q) {
         case MOE_QUANT_NONE:
             break;
         case MOE_QUANT_FP8:
-            launch_qgemm<MOE_QUANT_FP8>(cb, w, x, (int)H, dtok, n, (float *)tmp, yp);
+            launch_qgemm<MOE_QUANT_FP8>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
             continue;
         case MOE_QUANT_INT8:
-            launch_qgemm<MOE_QUANT_INT8>(cb, w, x, (int)H, dtok, n, (float *)tmp, yp);
+            launch_qgemm<MOE_QUANT_INT8>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
             continue;
         case MOE_QUANT_INT4:
-            launch_qgemm<MOE_QUANT_INT4>(cb, w, x, (int)H, dtok, n, (float *)tmp, yp);
+            launch_qgemm<MOE_QUANT_INT4>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
             continue;
         default:
-            launch_qgemm<MOE_QUANT_MXFP4>(cb, w, x, (int)H, dtok, n, (float *)tmp, yp);
+            launch_qgemm<MOE_QUANT_MXFP4>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
             continue;
         }
         switch (w->dtype) {
@@ -1333,6 +1477,8 @@ extern "C" int moe_backend_cuda_init(const struct moe_cuda_config *cfg, struct m
     cb->scratch_cap = c.scratch_bytes ? c.scratch_bytes : DEFAULT_SCRATCH;
     pthread_mutex_init(&cb->lock, NULL);
     e = cudaSetDevice(cb->device);
+    if (e == cudaSuccess)
+        e = cudaDeviceGetAttribute(&cb->cc_major, cudaDevAttrComputeCapabilityMajor, cb->device);
     if (e == cudaSuccess)
         e = cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) {

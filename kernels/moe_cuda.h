@@ -53,7 +53,10 @@ struct moe_cuda_config {
  * scales, quant.h; any alignment) are computed from the stored bytes,
  * dequantized in registers or shared memory, with fp32 activations and
  * sums, by the decode kernels up to decode_max_tokens and by a tiled
- * kernel above (no cuBLAS); a layout quant.h does not describe is -EINVAL.
+ * kernel above (no cuBLAS): fp32 multiplies, or for work items of
+ * precision MOE_PRECISION_BF16 (on sm_80 and later) bf16 tensor cores,
+ * the dequantized weights and the activations rounded to bf16; a layout
+ * quant.h does not describe is -EINVAL.
  * Calls are serialised by a lock and synchronous (the result is in out on
  * return).
  *

@@ -11,8 +11,8 @@
  *     cudaMemcpyAsync from cudaHostAlloc'd memory (target 0.9);
  *   quantized experts (FP8 on the DeepSeek-V3 shape; INT8, INT4, MXFP4 on
  *     the Mixtral shape): decode in bytes as stored (values and scales) per
- *     second against the same copy, and one prefill size against the bf16
- *     cuBLAS GEMM.
+ *     second against the same copy, and one prefill size, fp32 and bf16
+ *     tensor cores (precision exact and bf16), against the bf16 cuBLAS GEMM.
  * Layers: Mixtral-shaped (8 experts, top-2, 4096 x 14336) and DeepSeek-V3-
  * shaped (256 experts, top-8, 7168 x 2048, one shared expert), bf16, random
  * weights and uniform random routing.  --quick: small shapes, one
@@ -185,7 +185,8 @@ static int route(const struct layer *L, int T, uint64_t *seed, struct moe_ffn_wo
     return n;
 }
 
-static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T, int *ret_items)
+static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T,
+                          enum moe_compute_precision prec, int *ret_items)
 {
     struct moe_ffn_work *work = calloc((size_t)L->s.E + 1, sizeof(*work));
     int32_t *tok = malloc((size_t)T * L->s.K * 4), *all = malloc((size_t)T * 4);
@@ -206,6 +207,8 @@ static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T, i
     b->ops->copy_in(b, x, hx, (size_t)T * L->s.H * 4);
     b->ops->copy_in(b, out, hx, (size_t)T * L->s.H * 4);
     n = route(L, T, &seed, work, tok, scl, all);
+    for (int i = 0; i < n; i++)
+        work[i].precision = prec;
     /* Warm up (scratch, cuBLAS heuristics), then the best of reps. */
     if (b->ops->grouped_ffn(b, x, L->s.H, T, work, n, out) < 0) {
         fprintf(stderr, "grouped_ffn failed: %s\n", moe_backend_cuda_last_error(b));
@@ -317,22 +320,27 @@ static void bench_shape(struct moe_backend *b, const struct shape *s, enum moe_q
     }
     for (size_t i = 0; i < MOE_ARRAY_SIZE(decode_t); i++) {
         const int T = decode_t[i];
-        double sec = ffn_seconds(b, &L, T, &items);
+        double sec = ffn_seconds(b, &L, T, MOE_PRECISION_EXACT, &items);
         /* Distinct experts read: the work items (shared included). */
         double bytes = (double)items * (double)L.expert_bytes;
 
         snprintf(what, sizeof(what), "%s decode %d tok (%d experts)", name, T, items);
         report(what, bytes / sec * 1e-12, "TB/s", d2d * 1e-12, 0.7);
     }
-    /* quantized: one prefill size (the tiled fp32 kernel, against bf16 cuBLAS) */
-    for (size_t i = 0; i < (q ? 1 : MOE_ARRAY_SIZE(prefill_t)); i++) {
-        const int T = quick ? prefill_t[i] / 8 : prefill_t[i];
-        double sec = ffn_seconds(b, &L, T, &items);
+    /* quantized: one prefill size, the tiled kernel in fp32 (precision
+     * exact) and on bf16 tensor cores (precision bf16), against bf16 cuBLAS */
+    for (size_t i = 0; i < (q ? 2 : MOE_ARRAY_SIZE(prefill_t)); i++) {
+        const int T = quick ? prefill_t[q ? 0 : i] / 8 : prefill_t[q ? 0 : i];
+        const bool bf = q && i == 1;
+        double sec = ffn_seconds(b, &L, T, bf ? MOE_PRECISION_BF16 : MOE_PRECISION_EXACT, &items);
         double rows = (double)T * s->K + (double)T * s->shared;
         double flops = 2.0 * 3.0 * (double)s->H * s->F * rows;
         double lim = gemm_flops(3 * s->F, (int)rows, s->H);
 
-        snprintf(what, sizeof(what), "%s prefill %d tok", name, T);
+        snprintf(what, sizeof(what), "%s prefill %d tok%s", name, T,
+                 !q   ? ""
+                 : bf ? " (bf16 mma)"
+                      : " (fp32)");
         report(what, flops / sec * 1e-12, "TFLOP/s", lim * 1e-12, 0.8);
     }
     layer_free(b, &L);
