@@ -19,15 +19,14 @@
  *   2. GEMM pieces: gather the rows' activations in the weight dtype, cuBLAS
  *      gate and up (one GEMM when up follows gate in memory), SwiGLU into
  *      the weight dtype, cuBLAS down; fp32 accumulation throughout;
- *   quantized pieces (FP8, INT8, INT4, MXFP4, see quant_cuda.h): the same
- *   two decode launches read the packed values and scales (a warp per row,
- *   16 values per lane and step, decoded in registers); larger pieces take
- *   the tiled kernel (qgemm: tiles dequantized into shared memory, fp32
- *   sums; qgemm_tc on bf16 tensor cores for items of precision bf16 on
- *   sm_80 and later), gate and up with the activation in one launch, down
- *   in another;
- *   act(g, u) is silu(g) * u, or gpt-oss's clamped SwiGLU, after the gate
- *   and up biases when the expert has them; its down bias is added to y;
+ *   quantized pieces (FP8, INT8, INT4, MXFP4, see quant_cuda.h): two
+ *   decode launches of their own (qdec_*) read the packed values and
+ *   scales (a warp per row, 16 values per lane and step, decoded in
+ *   registers); larger pieces take the tiled kernel (qgemm: tiles dequantized into shared memory,
+ * fp32 sums; qgemm_tc on bf16 tensor cores for items of precision bf16 on sm_80 and later), gate
+ * and up with the activation in one launch, down in another; act(g, u) is silu(g) * u, or gpt-oss's
+ * clamped SwiGLU, after the gate and up biases when the expert has them; its down bias is added to
+ * y;
  *   3. combine: for each token of the group, out[t] += s_r * y_r over its
  *      rows r in row order, one thread per output element.
  * Each piece writes its own rows of y, never another's, and only the
@@ -348,22 +347,6 @@ static __global__ void __launch_bounds__(WARPS * 32)
 
     if (f >= p.F)
         return;
-    switch (p.q) {
-    case MOE_QUANT_NONE:
-        break;
-    case MOE_QUANT_FP8:
-        qgate_up_row<MOE_QUANT_FP8>(p, f, x, H, tok, act);
-        return;
-    case MOE_QUANT_INT8:
-        qgate_up_row<MOE_QUANT_INT8>(p, f, x, H, tok, act);
-        return;
-    case MOE_QUANT_INT4:
-        qgate_up_row<MOE_QUANT_INT4>(p, f, x, H, tok, act);
-        return;
-    default:
-        qgate_up_row<MOE_QUANT_MXFP4>(p, f, x, H, tok, act);
-        return;
-    }
     switch (p.dtype) {
     case MOE_DTYPE_BF16:
         gate_up_row<__nv_bfloat16>(p, f, x, H, tok, act);
@@ -385,22 +368,6 @@ static __global__ void __launch_bounds__(WARPS * 32)
 
     if (h >= H)
         return;
-    switch (p.q) {
-    case MOE_QUANT_NONE:
-        break;
-    case MOE_QUANT_FP8:
-        qdown_row<MOE_QUANT_FP8>(p, h, H, act, y);
-        return;
-    case MOE_QUANT_INT8:
-        qdown_row<MOE_QUANT_INT8>(p, h, H, act, y);
-        return;
-    case MOE_QUANT_INT4:
-        qdown_row<MOE_QUANT_INT4>(p, h, H, act, y);
-        return;
-    default:
-        qdown_row<MOE_QUANT_MXFP4>(p, h, H, act, y);
-        return;
-    }
     switch (p.dtype) {
     case MOE_DTYPE_BF16:
         down_row<__nv_bfloat16>(p, h, H, act, y);
@@ -410,6 +377,56 @@ static __global__ void __launch_bounds__(WARPS * 32)
         break;
     default:
         down_row<float>(p, h, H, act, y);
+        break;
+    }
+}
+
+/* dec_gate_up and dec_down of quantized pieces (p.q != MOE_QUANT_NONE). */
+static __global__ void __launch_bounds__(WARPS * 32)
+    qdec_gate_up(const dec_piece *pcs, int n_pcs, const float *x, int H, const int32_t *tok,
+                 float *act)
+{
+    const dec_piece &p = pcs[find_piece(pcs, n_pcs, blockIdx.x, false)];
+    const int f = (blockIdx.x - p.blk0) * WARPS + threadIdx.x / 32;
+
+    if (f >= p.F)
+        return;
+    switch (p.q) {
+    case MOE_QUANT_FP8:
+        qgate_up_row<MOE_QUANT_FP8>(p, f, x, H, tok, act);
+        break;
+    case MOE_QUANT_INT8:
+        qgate_up_row<MOE_QUANT_INT8>(p, f, x, H, tok, act);
+        break;
+    case MOE_QUANT_INT4:
+        qgate_up_row<MOE_QUANT_INT4>(p, f, x, H, tok, act);
+        break;
+    default:
+        qgate_up_row<MOE_QUANT_MXFP4>(p, f, x, H, tok, act);
+        break;
+    }
+}
+
+static __global__ void __launch_bounds__(WARPS * 32)
+    qdec_down(const dec_piece *pcs, int n_pcs, int H, const float *act, float *y)
+{
+    const dec_piece &p = pcs[find_piece(pcs, n_pcs, blockIdx.x, true)];
+    const int h = (blockIdx.x - p.dblk0) * WARPS + threadIdx.x / 32;
+
+    if (h >= H)
+        return;
+    switch (p.q) {
+    case MOE_QUANT_FP8:
+        qdown_row<MOE_QUANT_FP8>(p, h, H, act, y);
+        break;
+    case MOE_QUANT_INT8:
+        qdown_row<MOE_QUANT_INT8>(p, h, H, act, y);
+        break;
+    case MOE_QUANT_INT4:
+        qdown_row<MOE_QUANT_INT4>(p, h, H, act, y);
+        break;
+    default:
+        qdown_row<MOE_QUANT_MXFP4>(p, h, H, act, y);
         break;
     }
 }
@@ -1126,63 +1143,74 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
             h_rows[cnt[tok[i]]++] = i - r0;
     }
     {
-        int blk = 0, dblk = 0, k = 0;
+        /* plain pieces first, then quantized ones: each kind has its own
+         * launches (the quantized kernels' registers would lower the plain
+         * ones' occupancy), blocks numbered from 0 in each */
+        int blk[2] = {0, 0}, dblk[2] = {0, 0}, k = 0, n_plain = 0;
         int64_t aoff = 0;
 
-        for (int i = p0; i < p1; i++) {
-            const struct moe_expert_weights *w = work[pc[i].item].w;
-            dec_piece *d;
-            size_t V;
+        for (int pass = 0; pass < 2; pass++)
+            for (int i = p0; i < p1; i++) {
+                const struct moe_expert_weights *w = work[pc[i].item].w;
+                dec_piece *d;
+                size_t V;
 
-            if (!pc[i].dec)
-                continue;
-            d = &h_pcs[k++];
-            V = w->dtype == MOE_DTYPE_F32 ? 4 : 8;
-            d->gate = w->gate;
-            d->up = w->up;
-            d->down = w->down;
-            d->gb = w->gate_bias;
-            d->ub = w->up_bias;
-            d->db = w->down_bias;
-            d->act = (int)w->act;
-            d->alpha = w->alpha;
-            d->limit = w->limit;
-            d->act_off = aoff;
-            d->F = (int)w->ffn;
-            d->row0 = pc[i].row0 - r0;
-            d->n = pc[i].n;
-            d->blk0 = blk;
-            d->dblk0 = dblk;
-            d->dtype = (int)w->dtype;
-            d->q = (int)w->quant.q;
-            if (w->quant.q != MOE_QUANT_NONE) {
-                /* the values' alignment is in qg, qu, qd */
-                d->vec_gu = aligned16(x);
-                d->vec_d = 1;
-                d->qg = make_qmat(w, w->gate, w->gate_s, H);
-                d->qu = make_qmat(w, w->up, w->up_s, H);
-                d->qd = make_qmat(w, w->down, w->down_s, w->ffn);
-            } else {
-                d->vec_gu =
-                    H % (int64_t)V == 0 && aligned16(w->gate) && aligned16(w->up) && aligned16(x);
-                d->vec_d = w->ffn % (int64_t)V == 0 && aligned16(w->down);
-                memset(&d->qg, 0, sizeof(d->qg));
-                d->qu = d->qg;
-                d->qd = d->qg;
+                if (!pc[i].dec || (w->quant.q != MOE_QUANT_NONE) != (pass == 1))
+                    continue;
+                n_plain += pass == 0;
+                d = &h_pcs[k++];
+                V = w->dtype == MOE_DTYPE_F32 ? 4 : 8;
+                d->gate = w->gate;
+                d->up = w->up;
+                d->down = w->down;
+                d->gb = w->gate_bias;
+                d->ub = w->up_bias;
+                d->db = w->down_bias;
+                d->act = (int)w->act;
+                d->alpha = w->alpha;
+                d->limit = w->limit;
+                d->act_off = aoff;
+                d->F = (int)w->ffn;
+                d->row0 = pc[i].row0 - r0;
+                d->n = pc[i].n;
+                d->blk0 = blk[pass];
+                d->dblk0 = dblk[pass];
+                d->dtype = (int)w->dtype;
+                d->q = (int)w->quant.q;
+                if (w->quant.q != MOE_QUANT_NONE) {
+                    /* the values' alignment is in qg, qu, qd */
+                    d->vec_gu = aligned16(x);
+                    d->vec_d = 1;
+                    d->qg = make_qmat(w, w->gate, w->gate_s, H);
+                    d->qu = make_qmat(w, w->up, w->up_s, H);
+                    d->qd = make_qmat(w, w->down, w->down_s, w->ffn);
+                } else {
+                    d->vec_gu = H % (int64_t)V == 0 && aligned16(w->gate) && aligned16(w->up) &&
+                                aligned16(x);
+                    d->vec_d = w->ffn % (int64_t)V == 0 && aligned16(w->down);
+                    memset(&d->qg, 0, sizeof(d->qg));
+                    d->qu = d->qg;
+                    d->qd = d->qg;
+                }
+                blk[pass] += (int)((w->ffn + WARPS - 1) / WARPS);
+                dblk[pass] += (int)((H + WARPS - 1) / WARPS);
+                aoff += (int64_t)align_up((size_t)pc[i].n * (size_t)w->ffn, 4);
             }
-            blk += (int)((w->ffn + WARPS - 1) / WARPS);
-            dblk += (int)((H + WARPS - 1) / WARPS);
-            aoff += (int64_t)align_up((size_t)pc[i].n * (size_t)w->ffn, 4);
-        }
         e = cudaMemcpyAsync(dm, hm, meta, cudaMemcpyHostToDevice, cb->stream);
         if (e != cudaSuccess)
             return moe_cuda_fail(cb, e, "copying expert metadata");
-        if (n_dec > 0) {
-            dec_gate_up<<<blk, WARPS * 32, 0, cb->stream>>>((const dec_piece *)(dm + off_pcs),
-                                                            n_dec, x, (int)H,
-                                                            (const int32_t *)(dm + off_tok), act);
-            dec_down<<<dblk, WARPS * 32, 0, cb->stream>>>((const dec_piece *)(dm + off_pcs), n_dec,
-                                                          (int)H, act, y);
+        const dec_piece *dp = (const dec_piece *)(dm + off_pcs);
+        const int32_t *dt = (const int32_t *)(dm + off_tok);
+
+        if (n_plain > 0) {
+            dec_gate_up<<<blk[0], WARPS * 32, 0, cb->stream>>>(dp, n_plain, x, (int)H, dt, act);
+            dec_down<<<dblk[0], WARPS * 32, 0, cb->stream>>>(dp, n_plain, (int)H, act, y);
+        }
+        if (n_dec > n_plain) {
+            qdec_gate_up<<<blk[1], WARPS * 32, 0, cb->stream>>>(dp + n_plain, n_dec - n_plain, x,
+                                                                (int)H, dt, act);
+            qdec_down<<<dblk[1], WARPS * 32, 0, cb->stream>>>(dp + n_plain, n_dec - n_plain, (int)H,
+                                                              act, y);
         }
     }
     for (int i = p0; i < p1; i++) {
