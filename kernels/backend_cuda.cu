@@ -19,14 +19,16 @@
  *   2. GEMM pieces: gather the rows' activations in the weight dtype, cuBLAS
  *      gate and up (one GEMM when up follows gate in memory), SwiGLU into
  *      the weight dtype, cuBLAS down; fp32 accumulation throughout;
- *   quantized pieces (FP8, INT8, INT4, MXFP4, see quant_cuda.h): two
- *   decode launches of their own (qdec_*) read the packed values and
- *   scales (a warp per row, 16 values per lane and step, decoded in
- *   registers); larger pieces take the tiled kernel (qgemm: tiles dequantized into shared memory,
- * fp32 sums; qgemm_tc on bf16 tensor cores for items of precision bf16 on sm_80 and later), gate
- * and up with the activation in one launch, down in another; act(g, u) is silu(g) * u, or gpt-oss's
- * clamped SwiGLU, after the gate and up biases when the expert has them; its down bias is added to
- * y;
+ *      quantized pieces (FP8, INT8, INT4, MXFP4, see quant_cuda.h): two
+ *      decode launches of their own (qdec_*) read the packed values and
+ *      scales (a warp per row, 16 values per lane and step, decoded in
+ *      registers); larger pieces take the tiled kernel (qgemm: tiles
+ *      dequantized into shared memory, fp32 sums; qgemm_tc on bf16 tensor
+ *      cores for items of precision bf16 on sm_80 and later), gate and up
+ *      with the activation in one launch, down in another;
+ *      act(g, u) is silu(g) * u, or gpt-oss's clamped SwiGLU, after the
+ *      gate and up biases when the expert has them; its down bias is added
+ *      to y;
  *   3. combine: for each token of the group, out[t] += s_r * y_r over its
  *      rows r in row order, one thread per output element.
  * Each piece writes its own rows of y, never another's, and only the
