@@ -21,6 +21,7 @@ struct cuda_backend {
     struct moe_backend self; /* first: the engine's handle */
     int device;
     int decode_max;       /* tokens per expert computed by the decode kernels */
+    int cc_major;         /* compute capability (8: bf16 tensor cores for quantized prefill) */
     uint64_t scratch_cap; /* soft cap on per-call scratch */
     cudaStream_t stream;  /* every copy and kernel of this backend */
     cublasHandle_t blas;  /* bound to stream */

@@ -22,7 +22,8 @@ extern "C" {
 #include "tier.h"
 
 /* Largest tokens per expert computed by the decode kernels (a GEMV per
- * weight row); above it, cuBLAS GEMMs. */
+ * weight row); above it, cuBLAS GEMMs (the tiled kernel for quantized
+ * experts). */
 #define MOE_CUDA_DECODE_MAX_TOKENS 8
 
 struct moe_cuda_config {
@@ -48,8 +49,16 @@ struct moe_cuda_config {
  * and independent of how the engine splits a batch into calls.
  * Activations are rounded to the weight dtype for the cuBLAS path (bf16 or
  * f16 operands, fp32 accumulation); the decode kernels keep fp32
- * activations.  Calls are serialised by a lock and synchronous (the result
- * is in out on return).
+ * activations.  Quantized experts (FP8, INT8, INT4, MXFP4 with their
+ * scales, quant.h; any alignment) are computed from the stored bytes,
+ * dequantized in registers or shared memory, with fp32 activations and
+ * sums, by the decode kernels up to decode_max_tokens and by a tiled
+ * kernel above (no cuBLAS): fp32 multiplies, or for work items of
+ * precision MOE_PRECISION_BF16 (on sm_80 and later) bf16 tensor cores,
+ * the dequantized weights and the activations rounded to bf16; a layout
+ * quant.h does not describe is -EINVAL.
+ * Calls are serialised by a lock and synchronous (the result is in out on
+ * return).
  *
  * -ENODEV when the device does not exist or cannot be used (err says why);
  * -ENOMEM when cuBLAS cannot be set up.

@@ -5,7 +5,10 @@
  * Owns one cudaMalloc'd region of the capacity asked for at creation, the
  * first-fit arena over it (engine/tier.h) and a stream for uploads.  The
  * region never moves, so blocks stay valid until freed; resize moves the
- * arena's limit within the region only.
+ * arena's limit within the region only.  A block holds an expert's slot as
+ * the cache lays it out, bytes as stored: a quantized expert's values and
+ * scales (at whatever offsets the file gives them; the kernels take any
+ * alignment), never a dequantized copy, so its size is its stored size.
  *
  * Lock: `lock` guards the arena (alloc, free, resize run from any cache
  * thread).  upload takes no lock: each call waits on an event recorded

@@ -8,10 +8,12 @@
 #
 # Steps: the bundle's own check (every library resolves: CPU only); the
 # device probe; test-cuda-backend (the CUDA backend and the layer forward
-# through a GPU cache tier against fp64); test-nccl; bench-gpu-moe (decode
-# against a device-to-device copy, prefill against one cuBLAS GEMM, page-in
-# against a pinned copy); torch's MoE block on the same shapes.  Without a
-# device, every GPU step is skipped with the probe's reason.
+# through a GPU cache tier against fp64); test-cuda-quant (the quantized
+# expert kernels, FP8, INT8, INT4, MXFP4, against fp64 and the CPU);
+# test-nccl; bench-gpu-moe (decode against a device-to-device copy,
+# prefill against one cuBLAS GEMM, page-in against a pinned copy, quantized
+# decode in GB/s); torch's MoE block on the same shapes.  Without a device,
+# every GPU step is skipped with the probe's reason.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/logs}
@@ -85,6 +87,7 @@ if ! grep -q '^PASS    probe' "$summary"; then
 fi
 
 gpu_step test-cuda-backend 200 "$here/bin/test-cuda-backend"
+gpu_step test-cuda-quant 60 "$here/bin/test-cuda-quant"
 if [ -x "$here/bin/test-nccl" ]; then
     gpu_step test-nccl 45 "$here/bin/test-nccl"
 else

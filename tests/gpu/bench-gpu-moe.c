@@ -8,7 +8,11 @@
  *   prefill (512, 4096 tokens): TFLOP/s, against one plain cuBLAS bf16 GEMM
  *     of the same FLOPs (target 0.8);
  *   page-in: GPU tier upload from registered host memory, against a
- *     cudaMemcpyAsync from cudaHostAlloc'd memory (target 0.9).
+ *     cudaMemcpyAsync from cudaHostAlloc'd memory (target 0.9);
+ *   quantized experts (FP8 on the DeepSeek-V3 shape; INT8, INT4, MXFP4 on
+ *     the Mixtral shape): decode in bytes as stored (values and scales) per
+ *     second against the same copy, and one prefill size, fp32 and bf16
+ *     tensor cores (precision exact and bf16), against the bf16 cuBLAS GEMM.
  * Layers: Mixtral-shaped (8 experts, top-2, 4096 x 14336) and DeepSeek-V3-
  * shaped (256 experts, top-8, 7168 x 2048, one shared expert), bf16, random
  * weights and uniform random routing.  --quick: small shapes, one
@@ -18,6 +22,7 @@
 #include "common.h"
 #include "cuda_probe.h"
 #include "moe_cuda.h"
+#include "quant.h"
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -67,33 +72,51 @@ static int fill_bf16(struct moe_backend *b, uint8_t *dst, size_t bytes)
 
 struct layer {
     struct shape s;
-    uint8_t **buf;                /* [E + shared] gate|up|down */
+    uint8_t **buf;                /* [E + shared] gate|up|down (and their scales) */
     struct moe_expert_weights *w; /* [E + shared] */
     size_t expert_bytes;
 };
 
-static int layer_make(struct moe_backend *b, const struct shape *s, struct layer *L)
+/* A layer of s's shape, bf16 (q NONE) or quantized to q with scale block
+ * brows x bcols (random values, scales of one byte pattern). */
+static int layer_make(struct moe_backend *b, const struct shape *s, enum moe_quant q, int brows,
+                      int bcols, struct layer *L)
 {
     const int n = s->E + s->shared;
-    const size_t m = (size_t)s->F * s->H * 2;
+    const struct moe_quant_fmt f = {q, brows, bcols};
+    const size_t m = q ? moe_quant_data_bytes(q, s->F, s->H) : (size_t)s->F * s->H * 2;
+    const size_t sb = q ? moe_quant_scale_bytes(&f, s->F, s->H) : 0;
+    const size_t at = (m + 255) & ~(size_t)255, sat = (sb + 255) & ~(size_t)255;
 
     memset(L, 0, sizeof(*L));
     L->s = *s;
-    L->expert_bytes = 3 * m;
+    L->expert_bytes = 3 * (m + sb);
     L->buf = calloc((size_t)n, sizeof(*L->buf));
     L->w = calloc((size_t)n, sizeof(*L->w));
     if (!L->buf || !L->w)
         return -ENOMEM;
     for (int e = 0; e < n; e++) {
-        L->buf[e] = b->ops->alloc(b, 3 * m);
-        if (!L->buf[e] || fill_bf16(b, L->buf[e], 3 * m) < 0)
+        L->buf[e] = b->ops->alloc(b, 3 * at + 3 * sat);
+        if (!L->buf[e] || fill_bf16(b, L->buf[e], 3 * at) < 0)
             return -ENOMEM;
         L->w[e] = (struct moe_expert_weights){.dtype = MOE_DTYPE_BF16,
                                               .hidden = s->H,
                                               .ffn = s->F,
                                               .gate = L->buf[e],
-                                              .up = L->buf[e] + m,
-                                              .down = L->buf[e] + 2 * m};
+                                              .up = L->buf[e] + at,
+                                              .down = L->buf[e] + 2 * at};
+        if (q) {
+            uint8_t *sc = L->buf[e] + 3 * at;
+
+            /* 0x3c: F32 scales near 0.0115, e8m0 2^-67 (finite) */
+            if (cudaMemset(sc, 0x3c, 3 * sat) != cudaSuccess)
+                return -ENOMEM;
+            L->w[e].dtype = moe_quant_value_dtype(q);
+            L->w[e].quant = f;
+            L->w[e].gate_s = sc;
+            L->w[e].up_s = sc + sat;
+            L->w[e].down_s = sc + 2 * sat;
+        }
     }
     return 0;
 }
@@ -162,7 +185,8 @@ static int route(const struct layer *L, int T, uint64_t *seed, struct moe_ffn_wo
     return n;
 }
 
-static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T, int *ret_items)
+static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T,
+                          enum moe_compute_precision prec, int *ret_items)
 {
     struct moe_ffn_work *work = calloc((size_t)L->s.E + 1, sizeof(*work));
     int32_t *tok = malloc((size_t)T * L->s.K * 4), *all = malloc((size_t)T * 4);
@@ -183,6 +207,8 @@ static double ffn_seconds(struct moe_backend *b, const struct layer *L, int T, i
     b->ops->copy_in(b, x, hx, (size_t)T * L->s.H * 4);
     b->ops->copy_in(b, out, hx, (size_t)T * L->s.H * 4);
     n = route(L, T, &seed, work, tok, scl, all);
+    for (int i = 0; i < n; i++)
+        work[i].precision = prec;
     /* Warm up (scratch, cuBLAS heuristics), then the best of reps. */
     if (b->ops->grouped_ffn(b, x, L->s.H, T, work, n, out) < 0) {
         fprintf(stderr, "grouped_ffn failed: %s\n", moe_backend_cuda_last_error(b));
@@ -277,35 +303,44 @@ static void report(const char *what, double fig, const char *unit, double limit,
            ratio, target, ratio >= target ? "" : "  BELOW TARGET");
 }
 
-static void bench_shape(struct moe_backend *b, const struct shape *s, double d2d)
+/* The layer of s in q (MOE_QUANT_NONE: bf16); name says which. */
+static void bench_shape(struct moe_backend *b, const struct shape *s, enum moe_quant q, int brows,
+                        int bcols, double d2d)
 {
     static const int decode_t[] = {1, 8, 64}, prefill_t[] = {512, 4096};
     struct layer L;
-    char what[128];
+    char what[160], name[128];
     int items;
 
-    if (layer_make(b, s, &L) < 0) {
-        printf("%s: not enough device memory for the layer, skipped\n", s->name);
+    snprintf(name, sizeof(name), "%s%s%s", s->name, q ? " " : "", q ? moe_quant_name(q) : "");
+    if (layer_make(b, s, q, brows, bcols, &L) < 0) {
+        printf("%s: not enough device memory for the layer, skipped\n", name);
         layer_free(b, &L);
         return;
     }
     for (size_t i = 0; i < MOE_ARRAY_SIZE(decode_t); i++) {
         const int T = decode_t[i];
-        double sec = ffn_seconds(b, &L, T, &items);
+        double sec = ffn_seconds(b, &L, T, MOE_PRECISION_EXACT, &items);
         /* Distinct experts read: the work items (shared included). */
         double bytes = (double)items * (double)L.expert_bytes;
 
-        snprintf(what, sizeof(what), "%s decode %d tok (%d experts)", s->name, T, items);
+        snprintf(what, sizeof(what), "%s decode %d tok (%d experts)", name, T, items);
         report(what, bytes / sec * 1e-12, "TB/s", d2d * 1e-12, 0.7);
     }
-    for (size_t i = 0; i < MOE_ARRAY_SIZE(prefill_t); i++) {
-        const int T = quick ? prefill_t[i] / 8 : prefill_t[i];
-        double sec = ffn_seconds(b, &L, T, &items);
+    /* quantized: one prefill size, the tiled kernel in fp32 (precision
+     * exact) and on bf16 tensor cores (precision bf16), against bf16 cuBLAS */
+    for (size_t i = 0; i < (q ? 2 : MOE_ARRAY_SIZE(prefill_t)); i++) {
+        const int T = quick ? prefill_t[q ? 0 : i] / 8 : prefill_t[q ? 0 : i];
+        const bool bf = q && i == 1;
+        double sec = ffn_seconds(b, &L, T, bf ? MOE_PRECISION_BF16 : MOE_PRECISION_EXACT, &items);
         double rows = (double)T * s->K + (double)T * s->shared;
         double flops = 2.0 * 3.0 * (double)s->H * s->F * rows;
         double lim = gemm_flops(3 * s->F, (int)rows, s->H);
 
-        snprintf(what, sizeof(what), "%s prefill %d tok", s->name, T);
+        snprintf(what, sizeof(what), "%s prefill %d tok%s", name, T,
+                 !q   ? ""
+                 : bf ? " (bf16 mma)"
+                      : " (fp32)");
         report(what, flops / sec * 1e-12, "TFLOP/s", lim * 1e-12, 0.8);
     }
     layer_free(b, &L);
@@ -393,7 +428,13 @@ int main(int argc, char **argv)
     d2d = d2d_bandwidth(quick ? 64u << 20 : 1u << 30);
     printf("device-to-device copy: %.3f TB/s (read + write)\n", d2d * 1e-12);
     for (size_t i = 0; i < 2; i++)
-        bench_shape(b, quick ? &small[i] : &full[i], d2d);
+        bench_shape(b, quick ? &small[i] : &full[i], MOE_QUANT_NONE, 0, 0, d2d);
+    /* Quantized experts: FP8 as DeepSeek-V3 publishes it (128 x 128 blocks),
+     * the int8 / int4 of moectl pack --quantize, MXFP4 as gpt-oss. */
+    bench_shape(b, quick ? &small[1] : &full[1], MOE_QUANT_FP8, 128, 128, d2d);
+    bench_shape(b, quick ? &small[0] : &full[0], MOE_QUANT_INT8, 1, 128, d2d);
+    bench_shape(b, quick ? &small[0] : &full[0], MOE_QUANT_INT4, 1, 32, d2d);
+    bench_shape(b, quick ? &small[0] : &full[0], MOE_QUANT_MXFP4, 1, 32, d2d);
     bench_page_in(quick ? 16u << 20 : (size_t)3 * 4096 * 14336 * 2);
     moe_backend_free(b);
     return 0;
