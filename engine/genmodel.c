@@ -1171,7 +1171,7 @@ static int add_moe_gpt_oss(struct gplan *p, int i)
     ADD(d->dtype, INIT_ROUTER, 0, d->E, d->H, "%s%d.mlp.router.weight", d->lp, i);
     ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, -1, "%s%d.mlp.router.bias", d->lp, i);
     if (d->mxfp4) {
-        /* the released files' order: each projection's blocks, scales, bias */
+        /* as released: each projection's blocks and scales (U8), and bias */
         r = add_mxfp4(p, FUSE_MX_GATE_UP, i, F2, d->H, "mlp.experts.gate_up_proj_blocks");
         if (r == 0)
             r = add_mxfp4(p, FUSE_MX_GATE_UP_S, i, F2, d->H, "mlp.experts.gate_up_proj_scales");
