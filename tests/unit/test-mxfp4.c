@@ -16,7 +16,9 @@
  * not multiples of 32, no quantization_config, a layer with MXFP4 and bf16
  * experts, layers of different formats, a scale of 255 (NaN in e8m0, at
  * page-in), and bytes of the blocks or the scales changed under a loaded
- * model (the page-in checksum covers both).
+ * model (the page-in checksum covers both); quant_method mxfp4 on another
+ * family; moectl pack (not yet).  A bf16 conversion keeping the release's
+ * quantization_config loads its plain experts.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -631,6 +633,42 @@ static void test_gen_bad(void)
     free(dir);
 }
 
+/* A bf16 conversion of gpt-oss that keeps the release's
+ * quantization_config: its experts load plain, and compute as without it. */
+static void test_bf16_conversion(void)
+{
+    char *dir = gen(MOE_QUANT_NONE, "mxfp4-conv");
+    struct moe_model *m, *m2;
+    struct moe_engine *eng, *eng2;
+    struct moe_error err = {0};
+    float x[T * H], y[T * H], y2[T * H];
+    uint64_t seed = 9;
+
+    if (moe_model_open(dir, &m, &err) < 0)
+        FAIL("%s", err.msg);
+    set_cfg(dir, "quantization_config", json_pack("{s:s}", "quant_method", "mxfp4"));
+    if (moe_model_open(dir, &m2, &err) < 0)
+        FAIL("%s", err.msg);
+    ASSERT_EQ(m2->cfg.quant.q, MOE_QUANT_MXFP4);
+    ASSERT_EQ(m2->expert_quant.q, MOE_QUANT_NONE);
+    ASSERT_EQ(m2->expert_dtype, MOE_DTYPE_BF16);
+    ASSERT_TRUE(m2->layers[0].experts[0].transposed && m2->layers[0].experts[0].interleaved);
+    ASSERT_EQ(m2->expert_bytes, m->expert_bytes);
+    ASSERT_EQ(moe_engine_init(m, be, &eng), 0);
+    ASSERT_EQ(moe_engine_init(m2, be, &eng2), 0);
+    for (int i = 0; i < T * H; i++)
+        x[i] = test_rand_f32(&seed);
+    ASSERT_EQ(moe_layer_forward(eng, 1, x, T, NULL, NULL, y, NULL, NULL, NULL, &err), 0);
+    ASSERT_EQ(moe_layer_forward(eng2, 1, x, T, NULL, NULL, y2, NULL, NULL, NULL, &err), 0);
+    ASSERT_EQ(memcmp(y, y2, sizeof(y)), 0);
+    moe_engine_free(eng);
+    moe_engine_free(eng2);
+    moe_model_free(m);
+    moe_model_free(m2);
+    test_rmtree(dir);
+    free(dir);
+}
+
 /* moe_quant_mxfp4_row against its definition, value by value. */
 static void test_quantize_row(void)
 {
@@ -681,6 +719,7 @@ int main(void)
     test_quantize_row();
     test_gen_bad();
     test_good();
+    test_bf16_conversion();
     test_bad();
     moe_backend_free(be);
     printf("mxfp4: ok\n");
