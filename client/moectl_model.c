@@ -287,8 +287,11 @@ int moectl_gen_model(int argc, char **argv)
     printf("wrote %s checkpoint to %s: %d layers (%d MoE), %d experts, top-%d, hidden %d, "
            "expert ffn %d, %s, %zu file(s), %s of experts in %.2f s\n",
            moe_arch_name(a), out, m->cfg.n_layers, m->n_moe_layers, m->cfg.n_experts, m->cfg.top_k,
-           m->cfg.hidden, m->cfg.expert_ffn, moe_dtype_user_name(m->expert_dtype), m->n_files,
-           human_bytes(m->total_expert_bytes, b1, sizeof(b1)), (double)(moe_now_ns() - t0) / 1e9);
+           m->cfg.hidden, m->cfg.expert_ffn,
+           m->expert_quant.q != MOE_QUANT_NONE ? moe_quant_name(m->expert_quant.q)
+                                               : moe_dtype_user_name(m->expert_dtype),
+           m->n_files, human_bytes(m->total_expert_bytes, b1, sizeof(b1)),
+           (double)(moe_now_ns() - t0) / 1e9);
     moe_model_free(m);
     return 0;
 }
