@@ -48,10 +48,12 @@ static void gen_model_usage(FILE *f)
                "  --shared-experts S     shared experts (qwen2_moe, qwen3_next, qwen3_5_moe:\n"
                "                         0 or 1; deepseek_v3,\n"
                "                         deepseek_v2, kimi_k2, glm4_moe: any; llama4_text: 1)\n"
-               "  --dtype bf16|f16|f32|fp8\n"
+               "  --dtype bf16|f16|f32|fp8|mxfp4\n"
                "                         weight type (default bf16); fp8: linear weights as\n"
                "                         float8 e4m3 with a float32 weight_scale_inv per\n"
-               "                         128x128 block, the rest bf16 (DeepSeek-V3's layout)\n"
+               "                         128x128 block, the rest bf16 (DeepSeek-V3's layout);\n"
+               "                         mxfp4 (gpt_oss): the experts as released, e2m1\n"
+               "                         blocks with an e8m0 scale per 32, the rest bf16\n"
                "  --shards N             safetensors files (default 1)\n"
                "  --seed S               seed of the weights (default 0)\n"
                "  -q, --quiet            no progress output\n"
@@ -153,6 +155,7 @@ int moectl_gen_model(int argc, char **argv)
     const char *arch = NULL, *out = NULL;
     int layers = 0, experts = 0, top_k = 0, hidden = 0, ffn = 0, shared = -1, shards = 1;
     enum moe_dtype dtype = MOE_DTYPE_BF16;
+    enum moe_quant quant = MOE_QUANT_NONE;
     enum moe_genmodel_layout layout = MOE_GEN_LAYOUT_DEFAULT;
     enum moe_arch a;
     bool force = false;
@@ -203,10 +206,14 @@ int moectl_gen_model(int argc, char **argv)
             r = parse_u64("--seed", optarg, &seed);
             break;
         case 'd':
+            quant = MOE_QUANT_NONE;
             if (strcmp(optarg, "fp8") == 0) {
                 dtype = MOE_DTYPE_F8_E4M3;
+            } else if (strcmp(optarg, "mxfp4") == 0) {
+                dtype = MOE_DTYPE_BF16;
+                quant = MOE_QUANT_MXFP4;
             } else if (moe_dtype_parse_user(optarg, &dtype) < 0) {
-                errorf("--dtype '%s': expected bf16, f16, f32 or fp8", optarg);
+                errorf("--dtype '%s': expected bf16, f16, f32, fp8 or mxfp4", optarg);
                 return 2;
             }
             break;
@@ -257,6 +264,7 @@ int moectl_gen_model(int argc, char **argv)
     if (shared >= 0)
         o.n_shared = shared;
     o.dtype = dtype;
+    o.quant = quant;
     o.n_shards = shards;
     o.layout = layout;
     o.seed = seed;
@@ -279,8 +287,11 @@ int moectl_gen_model(int argc, char **argv)
     printf("wrote %s checkpoint to %s: %d layers (%d MoE), %d experts, top-%d, hidden %d, "
            "expert ffn %d, %s, %zu file(s), %s of experts in %.2f s\n",
            moe_arch_name(a), out, m->cfg.n_layers, m->n_moe_layers, m->cfg.n_experts, m->cfg.top_k,
-           m->cfg.hidden, m->cfg.expert_ffn, moe_dtype_user_name(m->expert_dtype), m->n_files,
-           human_bytes(m->total_expert_bytes, b1, sizeof(b1)), (double)(moe_now_ns() - t0) / 1e9);
+           m->cfg.hidden, m->cfg.expert_ffn,
+           m->expert_quant.q != MOE_QUANT_NONE ? moe_quant_name(m->expert_quant.q)
+                                               : moe_dtype_user_name(m->expert_dtype),
+           m->n_files, human_bytes(m->total_expert_bytes, b1, sizeof(b1)),
+           (double)(moe_now_ns() - t0) / 1e9);
     moe_model_free(m);
     return 0;
 }
@@ -321,15 +332,18 @@ static const char *routing_rule(const struct moe_model_config *c, char *buf, siz
 
 /* How the routed experts are stored: per expert, fused (transformers 5's
  * gate_up_proj and down_proj), fused-transposed (Llama 4's),
- * fused-interleaved (gpt-oss's), or several of them in different layers. */
+ * fused-interleaved (gpt-oss's), fused-interleaved-mxfp4 (gpt-oss's as released), or
+ * several of them in different layers. */
 static const char *expert_layout(const struct moe_model *m)
 {
-    bool fused = false, separate = false, transposed = false, interleaved = false;
+    bool fused = false, separate = false, transposed = false, interleaved = false, mx = false;
 
     for (int i = 0; i < m->cfg.n_layers; i++) {
         if (!m->layers[i].is_moe)
             continue;
-        if (m->layers[i].experts[0].interleaved)
+        if (m->layers[i].experts[0].interleaved && !m->layers[i].experts[0].transposed)
+            mx = true;
+        else if (m->layers[i].experts[0].interleaved)
             interleaved = true;
         else if (m->layers[i].experts[0].transposed)
             transposed = true;
@@ -338,12 +352,13 @@ static const char *expert_layout(const struct moe_model *m)
         else
             separate = true;
     }
-    if (fused + separate + transposed + interleaved > 1)
+    if (fused + separate + transposed + interleaved + mx > 1)
         return "mixed";
-    return interleaved  ? "fused-interleaved"
-           : transposed ? "fused-transposed"
-           : fused      ? "fused"
-                        : "per-expert";
+    return mx            ? "fused-interleaved-mxfp4"
+           : interleaved ? "fused-interleaved"
+           : transposed  ? "fused-transposed"
+           : fused       ? "fused"
+                         : "per-expert";
 }
 
 static const char *score_func_name(enum moe_score_func f)
@@ -365,6 +380,10 @@ static const char *layout_detail(const char *layout)
         return " (mlp.experts.gate_up_proj [E, hidden, 2 x ffn], gate and up columns "
                "interleaved, down_proj [E, ffn, hidden], with their biases; made plain as each "
                "expert is read)";
+    if (strcmp(layout, "fused-interleaved-mxfp4") == 0)
+        return " (mlp.experts.gate_up_proj_blocks [E, 2 x ffn, hidden / 32, 16] and _scales, "
+               "gate and up rows interleaved, down_proj_blocks [E, hidden, ffn / 32, 16] and "
+               "_scales, with their biases; gate and up taken apart as each expert is read)";
     return "";
 }
 

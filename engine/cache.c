@@ -32,6 +32,7 @@
 #include "quant.h"
 #include "tier.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -1085,14 +1086,37 @@ static void page_in_done(struct moe_pager_job *job, int status, const char *msg)
         struct moe_error qerr = {0};
 
         moe_expert_tensors(x, t);
-        for (int i = 3; i < 6 && status == 0; i++)
-            if (moe_quant_check_scales(x->quant.q, slot + e->toff[i],
-                                       t[i]->nbytes / moe_quant_scale_size(x->quant.q), t[i]->name,
-                                       &qerr) < 0) {
-                snprintf(buf, sizeof(buf), "%s: %.400s", m->files[t[i]->file].name, qerr.msg);
+        for (int i = 3; i < 6 && status == 0; i++) {
+            /* gpt-oss's MXFP4 gate and up scales are one slice of the
+             * fused tensor, rows interleaved: checked as stored, so that
+             * the index is the scale's in the expert's slice */
+            bool il = x->interleaved && i == 3;
+            uint64_t n = t[i]->nbytes * (il ? 2 : 1) / moe_quant_scale_size(x->quant.q);
+
+            if (x->interleaved && i == 4)
+                continue;
+            if (moe_quant_check_scales(x->quant.q, slot + e->toff[i], n, t[i]->name, &qerr) < 0) {
+                if (t[i]->slice)
+                    snprintf(buf, sizeof(buf), "%s: %.400s (the index in expert %d's slice)",
+                             m->files[t[i]->file].name, qerr.msg, e->expert);
+                else
+                    snprintf(buf, sizeof(buf), "%s: %.400s", m->files[t[i]->file].name, qerr.msg);
                 status = -EINVAL;
                 msg = buf;
             }
+        }
+    }
+    /* gpt-oss's MXFP4 experts: gate and up rows interleaved as stored;
+     * made plain once, here, after the checksum (as below). */
+    if (status == 0 && x->interleaved && !x->transposed && !c->cfg.simulate) {
+        uint8_t *slot = e->t[e->load_tier].data;
+
+        assert(e->toff[1] == e->toff[0] + x->gate.nbytes &&
+               e->toff[4] == e->toff[3] + x->gate_s.nbytes);
+        if (moe_expert_deinterleave(x, slot + e->toff[0], slot + e->toff[3]) < 0) {
+            status = -ENOMEM;
+            msg = "out of memory making an interleaved expert plain";
+        }
     }
     /* Llama 4's experts are stored transposed: the cache's copy is made
      * plain once, here, after the checksum (which covers the bytes as read),

@@ -96,6 +96,16 @@ enum fuse_kind {
     /* gpt-oss's: as FUSE_GATE_UP_T, but each row interleaves gate and up
      * (gate column f at 2f, up column f at 2f + 1); its down is FUSE_DOWN_T. */
     FUSE_GATE_UP_TI,
+    /* gpt-oss's MXFP4 experts as released (U8): gate_up_proj_blocks
+     * [E, 2F, H / 32, 16] (row 2f: gate[f], row 2f + 1: up[f], each the
+     * e2m1 values of moe_quant_mxfp4_row, two per byte) and its scales
+     * [E, 2F, H / 32] (e8m0); down_proj_blocks [E, H, F / 32, 16] (row h:
+     * down[h]) and its scales [E, H, F / 32].  The values are those of the
+     * bf16 layout, quantized. */
+    FUSE_MX_GATE_UP,
+    FUSE_MX_GATE_UP_S,
+    FUSE_MX_DOWN,
+    FUSE_MX_DOWN_S,
 };
 
 /* One tensor of the checkpoint. */
@@ -108,8 +118,8 @@ struct gtensor {
     enum moe_dtype dtype;
     enum init_kind init;
     float scale; /* std (NOISE) or half-width (UNIFORM) */
-    int ndim;    /* 1, 2 or 3 (fused experts) */
-    int64_t shape[3];
+    int ndim;    /* 1, 2, 3 (fused experts) or 4 (MXFP4 blocks) */
+    int64_t shape[4];
     enum fuse_kind fuse; /* fused: values are those of the per-expert tensors */
     int layer;           /* fused: its layer */
     int64_t rows, cols;  /* INIT_FP8, INIT_FP8_SCALE: the weight's shape */
@@ -137,6 +147,7 @@ struct gdims {
     int n_shards;
     uint64_t seed;
     bool fp8; /* linear weights as FP8 e4m3 + weight_scale_inv (DeepSeek-V3's layout) */
+    bool mxfp4; /* gpt_oss: the routed experts in MXFP4, as released */
 };
 
 struct gplan {
@@ -509,6 +520,52 @@ out:
     return r;
 }
 
+/* gpt-oss's MXFP4 experts (FUSE_MX_*): per expert, the per-expert tensors'
+ * values quantized row by row, the blocks or the scales. */
+static int write_mxfp4(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
+                       struct gen_buf *b, struct moe_error *err)
+{
+    const size_t FH = (size_t)d->F * (size_t)d->H;
+    const bool gu = t->fuse == FUSE_MX_GATE_UP || t->fuse == FUSE_MX_GATE_UP_S;
+    const bool scales = t->fuse == FUSE_MX_GATE_UP_S || t->fuse == FUSE_MX_DOWN_S;
+    const int64_t rows = gu ? 2 * (int64_t)d->F : d->H, cols = gu ? d->H : d->F;
+    const size_t rb = scales ? (size_t)cols / 32 : (size_t)cols / 2;
+    float *src = malloc(2 * FH * sizeof(float));
+    uint8_t *out = malloc((size_t)rows * rb), *other = malloc((size_t)cols);
+    struct gtensor sub = {.dtype = MOE_DTYPE_BF16, .init = INIT_NOISE, .ndim = 2, .count = FH};
+    int r = 0;
+
+    if (!src || !out || !other) {
+        r = moe_error_set(err, -ENOMEM, "out of memory for an expert of %zu values", 2 * FH);
+        goto out;
+    }
+    for (int e = 0; r == 0 && e < d->E; e++) {
+        for (int k = 0; k < (gu ? 2 : 1); k++) {
+            expert_part_name(d, t->layer, e, gu ? k : 2, sub.name, sizeof(sub.name));
+            sub.scale = inv_sqrt((int)cols);
+            noise_values(&sub, d, src + (size_t)k * FH);
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            /* gate_up: row 2f gate[f], row 2f + 1 up[f]; down: down[i] */
+            const float *row = gu ? src + (size_t)(i % 2) * FH + (size_t)(i / 2) * (size_t)cols
+                                  : src + (size_t)i * (size_t)cols;
+
+            if (scales)
+                moe_quant_mxfp4_row(row, cols, other, out + (size_t)i * rb);
+            else
+                moe_quant_mxfp4_row(row, cols, out + (size_t)i * rb, other);
+        }
+        r = moe_st_writer_write(w, out, (size_t)rows * rb, err);
+        b->pr.bytes_done += (size_t)rows * rb;
+        report(b);
+    }
+out:
+    free(src);
+    free(out);
+    free(other);
+    return r;
+}
+
 /* A fused tensor: expert by expert, the per-expert tensors' values. */
 static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const struct gdims *d,
                        struct gen_buf *b, struct moe_error *err)
@@ -518,6 +575,8 @@ static int write_fused(struct moe_st_writer *w, const struct gtensor *t, const s
 
     if (t->fuse == FUSE_GATE_UP_T || t->fuse == FUSE_DOWN_T || t->fuse == FUSE_GATE_UP_TI)
         return write_fused_t(w, t, d, b, err);
+    if (t->fuse >= FUSE_MX_GATE_UP)
+        return write_mxfp4(w, t, d, b, err);
     for (int e = 0; r == 0 && e < d->E; e++) {
         for (int k = 0; r == 0 && k < (t->fuse == FUSE_GATE_UP ? 2 : 1); k++) {
             int part = t->fuse == FUSE_GATE_UP ? k : 2;
@@ -745,6 +804,19 @@ static int resolve_dims(const struct moe_genmodel_opts *o, struct gdims *d, stru
     if (d->dtype != MOE_DTYPE_BF16 && d->dtype != MOE_DTYPE_F16 && d->dtype != MOE_DTYPE_F32)
         return moe_error_set(err, -EINVAL, "dtype %s: expected bf16, f16, f32 or fp8",
                              moe_dtype_user_name(d->dtype));
+    if (o->quant != MOE_QUANT_NONE && o->quant != MOE_QUANT_MXFP4)
+        return moe_error_set(err, -EINVAL, "quantization %s: expected mxfp4 (or fp8 as the dtype)",
+                             moe_quant_name(o->quant));
+    d->mxfp4 = o->quant == MOE_QUANT_MXFP4;
+    if (d->mxfp4 && (d->arch != MOE_ARCH_GPT_OSS || d->fp8 || d->dtype != MOE_DTYPE_BF16))
+        return moe_error_set(err, -EINVAL,
+                             "mxfp4: only gpt_oss is released with MXFP4 experts (and bf16 "
+                             "for the rest); %s %s asked for",
+                             an, d->fp8 ? "fp8" : moe_dtype_user_name(d->dtype));
+    if (d->mxfp4 && (d->H % 32 != 0 || d->F % 32 != 0))
+        return moe_error_set(err, -EINVAL,
+                             "mxfp4: hidden size %d and expert ffn %d must be multiples of 32",
+                             d->H, d->F);
     if (d->fp8 && d->fused)
         return moe_error_set(err, -EINVAL,
                              "fp8: the FP8 releases store their experts one by one: use the "
@@ -1066,14 +1138,55 @@ static int add_moe_llama4(struct gplan *p, int i)
     return add_ffn(p, prefix, "gate_proj", "up_proj", "down_proj", d->shared_ffn);
 }
 
+/* One of gpt-oss's MXFP4 expert tensors: U8 [E, rows, cols / 32, 16]
+ * (blocks) or [E, rows, cols / 32] (scales). */
+static int add_mxfp4(struct gplan *p, enum fuse_kind fuse, int layer, int64_t rows, int64_t cols,
+                     const char *name)
+{
+    bool sc = fuse == FUSE_MX_GATE_UP_S || fuse == FUSE_MX_DOWN_S;
+    struct gtensor *t;
+    int r = plan_add(p, MOE_DTYPE_U8, INIT_NOISE, 0, p->d.E, rows * cols / (sc ? 32 : 2), "%s%d.%s",
+                     p->d.lp, layer, name);
+
+    if (r < 0)
+        return r;
+    t = &p->t[p->n - 1];
+    t->ndim = sc ? 3 : 4;
+    t->shape[1] = rows;
+    t->shape[2] = cols / 32;
+    t->shape[3] = sc ? 0 : 16;
+    t->fuse = fuse;
+    t->layer = layer;
+    return 0;
+}
+
 /* gpt-oss's MoE block: mlp.router with a bias, the experts fused,
- * transposed and interleaved, with their biases. */
+ * transposed and interleaved (or MXFP4, as released), with their biases. */
 static int add_moe_gpt_oss(struct gplan *p, int i)
 {
     const struct gdims *d = &p->d;
+    const int64_t F2 = 2 * (int64_t)d->F;
+    int r;
 
     ADD(d->dtype, INIT_ROUTER, 0, d->E, d->H, "%s%d.mlp.router.weight", d->lp, i);
     ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, -1, "%s%d.mlp.router.bias", d->lp, i);
+    if (d->mxfp4) {
+        /* as released: each projection's blocks and scales (U8), and bias */
+        r = add_mxfp4(p, FUSE_MX_GATE_UP, i, F2, d->H, "mlp.experts.gate_up_proj_blocks");
+        if (r == 0)
+            r = add_mxfp4(p, FUSE_MX_GATE_UP_S, i, F2, d->H, "mlp.experts.gate_up_proj_scales");
+        if (r < 0)
+            return r;
+        ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, F2, "%s%d.mlp.experts.gate_up_proj_bias", d->lp,
+            i);
+        r = add_mxfp4(p, FUSE_MX_DOWN, i, d->H, d->F, "mlp.experts.down_proj_blocks");
+        if (r == 0)
+            r = add_mxfp4(p, FUSE_MX_DOWN_S, i, d->H, d->F, "mlp.experts.down_proj_scales");
+        if (r < 0)
+            return r;
+        ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, d->H, "%s%d.mlp.experts.down_proj_bias", d->lp, i);
+        return 0;
+    }
     ADD3(FUSE_GATE_UP_TI, i, d->E, d->H, 2 * (int64_t)d->F, "%s%d.mlp.experts.gate_up_proj", d->lp,
          i);
     ADD(d->dtype, INIT_UNIFORM, 0.05f, d->E, 2 * (int64_t)d->F,
@@ -1365,6 +1478,21 @@ static json_t *config_json(const struct gdims *d)
         jset(q, "fmt", json_string("e4m3"), &bad);
         jset(q, "quant_method", json_string("fp8"), &bad);
         jset(q, "weight_block_size", bs, &bad);
+        jset(c, "quantization_config", q, &bad);
+    }
+    if (d->mxfp4) {
+        /* as gpt-oss-20b's and -120b's config.json */
+        json_t *q = json_object(), *nc = json_array();
+        static const char *const keep[] = {"model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"};
+
+        if (!q || !nc)
+            bad = true;
+        for (size_t k = 0; nc && k < MOE_ARRAY_SIZE(keep); k++)
+            if (json_array_append_new(nc, json_string(keep[k])) < 0)
+                bad = true;
+        jset(q, "modules_to_not_convert", nc, &bad);
+        jset(q, "quant_method", json_string("mxfp4"), &bad);
         jset(c, "quantization_config", q, &bad);
     }
     jset(c, "hidden_size", json_integer(d->H), &bad);

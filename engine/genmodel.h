@@ -49,7 +49,11 @@ struct moe_genmodel_opts {
     int ffn;                         /* routed expert ffn */
     int n_shared;                    /* shared experts: -1 default, 0 none (qwen2_moe: 0 or 1;
                                       * deepseek-like: any; others: must be 0 or -1) */
-    enum moe_dtype dtype;            /* BF16, F16 or F32 */
+    enum moe_dtype dtype;            /* BF16, F16 or F32 (F8_E4M3: FP8 linear weights) */
+    enum moe_quant quant;            /* NONE, or MXFP4 (gpt_oss, bf16): the routed experts as
+                                      * released, gate_up_proj_blocks and _scales, down_proj_blocks
+                                      * and _scales, quantized from the bf16 layout's values with
+                                      * moe_quant_mxfp4_row */
     int n_shards;                    /* 1: model.safetensors; >1 sharded with index */
     enum moe_genmodel_layout layout; /* how the routed experts are stored */
     uint64_t seed;

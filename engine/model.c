@@ -322,8 +322,9 @@ static int cfg_dtype(const struct cfg_ctx *c, enum moe_dtype *ret)
 
 /*
  * quantization_config: FP8 with block scales as DeepSeek-V3 and Qwen3 FP8
- * publish it (quant_method "fp8", fmt "e4m3", weight_block_size [r, c]),
- * into m->quant; anything else is refused, saying what is supported.
+ * publish it (quant_method "fp8", fmt "e4m3", weight_block_size [r, c]), or
+ * gpt-oss's MXFP4 (quant_method "mxfp4"), into m->quant; anything else is
+ * refused, saying what is supported.
  */
 static int cfg_quant(const struct cfg_ctx *c, struct moe_quant_fmt *ret)
 {
@@ -340,18 +341,23 @@ static int cfg_quant(const struct cfg_ctx *c, struct moe_quant_fmt *ret)
                              c->fname, moe_json_kind(q));
     v = json_object_get(q, "quant_method");
     method = v && json_is_string(v) ? json_string_value(v) : NULL;
-    /* gpt-oss's release says mxfp4; a bf16 conversion often keeps the key.
-     * The tensors decide: *_blocks / *_scales experts are refused, naming
-     * the tensor, when the layer loads (refuse_mxfp4). */
-    if (method && strcmp(method, "mxfp4") == 0 && c->arch && strcmp(c->arch, "gpt_oss") == 0)
+    /* gpt-oss as released: MXFP4 experts (e2m1 values, an e8m0 scale per
+     * 32), the rest bf16 (modules_to_not_convert).  A bf16 conversion often
+     * keeps the key: each layer's tensors decide (get_mxfp4_experts). */
+    if (method && strcmp(method, "mxfp4") == 0 && c->arch && strcmp(c->arch, "gpt_oss") == 0) {
+        ret->q = MOE_QUANT_MXFP4;
+        ret->brows = 1;
+        ret->bcols = 32;
         return 0;
+    }
     if (!method || strcmp(method, "fp8") != 0)
-        return moe_error_set(c->err, -EINVAL,
-                             "%s: 'quantization_config': quant_method is %s: unsupported; "
-                             "moed serves \"fp8\" checkpoints (e4m3 with block scales) as "
-                             "published, or a bf16 checkpoint packed with moectl pack "
-                             "--quantize int8|int4",
-                             c->fname, v ? moe_json_text(v, vb, sizeof(vb)) : "missing");
+        return moe_error_set(
+            c->err, -EINVAL,
+            "%s: 'quantization_config': quant_method is %s: unsupported; "
+            "moed serves \"fp8\" checkpoints (e4m3 with block scales) and "
+            "gpt_oss \"mxfp4\" ones as published, or a bf16 checkpoint packed with moectl pack "
+            "--quantize int8|int4",
+            c->fname, v ? moe_json_text(v, vb, sizeof(vb)) : "missing");
     v = json_object_get(q, "fmt");
     fmt = v && json_is_string(v) ? json_string_value(v) : NULL;
     if (v && (!fmt || strcmp(fmt, "e4m3") != 0))
@@ -1300,6 +1306,36 @@ int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up,
     return 0;
 }
 
+int moe_expert_deinterleave(const struct moe_expert_ref *x, void *gate, void *gate_s)
+{
+    const int64_t F = x->gate.rows;
+    const struct {
+        uint8_t *p;
+        size_t row; /* bytes per row */
+    } m[2] = {{gate, (size_t)(x->gate.nbytes / (uint64_t)F)},
+              {gate_s, (size_t)(x->gate_s.nbytes / (uint64_t)F)}};
+    uint8_t *tmp;
+
+    if (!x->interleaved || x->transposed)
+        return 0;
+    tmp = malloc(2 * x->gate.nbytes);
+    if (!tmp)
+        return -ENOMEM;
+    /* [2F rows]: gate f at row 2f, up f at 2f + 1; to gate's F rows, then
+     * up's. */
+    for (int k = 0; k < 2; k++) {
+        size_t rb = m[k].row;
+
+        memcpy(tmp, m[k].p, 2 * (size_t)F * rb);
+        for (int64_t f = 0; f < F; f++) {
+            memcpy(m[k].p + (size_t)f * rb, tmp + (size_t)(2 * f) * rb, rb);
+            memcpy(m[k].p + (size_t)(F + f) * rb, tmp + (size_t)(2 * f + 1) * rb, rb);
+        }
+    }
+    free(tmp);
+    return 0;
+}
+
 /* The per-expert names of mixtral (w1, w3, w2) and of the others. */
 static const char *expert_part_name(enum moe_arch a, int part)
 {
@@ -1351,25 +1387,145 @@ const struct moe_tensor_ref *moe_model_find_expert_tensor(const struct moe_model
 }
 
 /*
- * gpt-oss as released: the experts in MXFP4 (gate_up_proj_blocks and
- * _scales, down_proj_blocks and _scales).  Refused, naming the tensor.
+ * gpt-oss as released: the experts in MXFP4 under prefix
+ * ("model.layers.3.mlp.experts."), as transformers' Mxfp4 quantizer
+ * stores them: gate_up_proj_blocks U8 [E, 2F, H / 32, 16] (each row of the
+ * [2F, H] matrix the input multiplies from the right: H / 32 blocks of 32
+ * e2m1 values, two per byte, the low nibble first; rows 2f gate and 2f + 1
+ * up), gate_up_proj_scales U8 [E, 2F, H / 32] (e8m0), down_proj_blocks
+ * [E, H, F / 32, 16] and down_proj_scales [E, H, F / 32].  Not transposed,
+ * unlike the bf16 gate_up_proj [E, H, 2F]: transformers' dequantize makes
+ * [E, 2F, H] and transposes it.  Each expert's gate and up refs are the two
+ * halves of its [2F, H] rows (values and scales), marked interleaved: the
+ * cache's copy takes its rows apart once read (moe_expert_deinterleave).
  */
-static int refuse_mxfp4(const struct open_ctx *c, int i)
+static int get_mxfp4_experts(const struct open_ctx *c, int i, const char *prefix,
+                             struct moe_layer *L)
 {
-    static const char *const parts[4] = {"gate_up_proj_blocks", "gate_up_proj_scales",
-                                         "down_proj_blocks", "down_proj_scales"};
     const struct moe_model_config *cfg = &c->m->cfg;
-    char name[NAME_MAX_LEN];
-    int f;
+    const int64_t E = cfg->n_experts, F = cfg->expert_ffn, H = cfg->hidden;
+    static const char *const part[4] = {"gate_up_proj_blocks", "gate_up_proj_scales",
+                                        "down_proj_blocks", "down_proj_scales"};
+    static const char *const keys[4] = {
+        "[num_local_experts, 2 x intermediate_size, hidden_size / 32, 16]",
+        "[num_local_experts, 2 x intermediate_size, hidden_size / 32]",
+        "[num_local_experts, hidden_size, intermediate_size / 32, 16]",
+        "[num_local_experts, hidden_size, intermediate_size / 32]"};
+    const int64_t want[4][4] = {
+        {E, 2 * F, H / 32, 16}, {E, 2 * F, H / 32, 0}, {E, H, F / 32, 16}, {E, H, F / 32, 0}};
+    const struct moe_st_tensor *t[4];
+    char name[4][NAME_MAX_LEN], got[128], exp[96];
+    int f[4];
 
     for (int k = 0; k < 4; k++) {
-        snprintf(name, sizeof(name), "%s%d.mlp.experts.%s", cfg->layer_prefix, i, parts[k]);
-        if (find_tensor(c, name, &f))
-            return moe_error_set(c->err, -ENOTSUP,
-                                 "%s: tensor '%s': MXFP4 experts (e2m1 blocks with e8m0 scales, "
-                                 "as gpt-oss is released) are not supported yet: use a bf16 "
-                                 "conversion of the model (gate_up_proj, down_proj)",
-                                 c->m->files[f].path, name);
+        snprintf(name[k], sizeof(name[k]), "%s%s", prefix, part[k]);
+        t[k] = find_tensor(c, name[k], &f[k]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const char *path;
+        int nd = k % 2 ? 3 : 4;
+
+        if (!t[k]) {
+            int o = t[0] ? 0 : t[1] ? 1 : t[2] ? 2 : 3;
+
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: layer %d: MXFP4 experts incomplete: no tensor '%s' beside "
+                                 "'%s'",
+                                 c->m->dir, i, name[k], name[o]);
+        }
+        path = c->m->files[f[k]].path;
+        if (cfg->quant.q != MOE_QUANT_MXFP4)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': MXFP4 experts but %s has no "
+                                 "quantization_config with quant_method \"mxfp4\"",
+                                 path, name[k], CONFIG_NAME);
+        if (t[k]->dtype != MOE_DTYPE_U8)
+            return moe_error_set(c->err, -EINVAL, "%s: tensor '%s': dtype %s: expected U8 (%s)",
+                                 path, name[k], moe_dtype_name(t[k]->dtype),
+                                 k % 2 ? "e8m0 scales" : "e2m1 values, two per byte");
+        if (H % 32 != 0 || F % 32 != 0)
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s': MXFP4 experts need hidden_size (%" PRId64
+                                 ") and intermediate_size (%" PRId64 ") multiples of 32",
+                                 path, name[k], H, F);
+        if (t[k]->ndim != nd || memcmp(t[k]->shape, want[k], sizeof(int64_t) * (size_t)nd) != 0)
+            return moe_error_set(
+                c->err, -EINVAL, "%s: tensor '%s': shape %s contradicts %s: expected %s = %s", path,
+                name[k], moe_shape_text(t[k]->shape, t[k]->ndim, got, sizeof(got)), CONFIG_NAME,
+                keys[k], moe_shape_text(want[k], nd, exp, sizeof(exp)));
+    }
+    for (int e = 0; e < E; e++) {
+        struct moe_expert_ref *x = &L->experts[e];
+        const uint64_t v = (uint64_t)F * (uint64_t)H / 2, s = (uint64_t)F * (uint64_t)H / 32;
+
+        /* gate: the first half of the expert's [2F, H] (rows interleaved
+         * as stored), up: the second; both [F, H] once de-interleaved. */
+        x->gate = (struct moe_tensor_ref){.file = f[0],
+                                          .name = t[0]->name,
+                                          .slice = true,
+                                          .dtype = MOE_DTYPE_U8,
+                                          .rows = F,
+                                          .cols = H,
+                                          .offset = t[0]->offset + (uint64_t)e * 2 * v,
+                                          .nbytes = v};
+        x->up = x->gate;
+        x->up.offset += v;
+        x->gate_s = (struct moe_tensor_ref){.file = f[1],
+                                            .name = t[1]->name,
+                                            .slice = true,
+                                            .dtype = MOE_DTYPE_U8,
+                                            .rows = F,
+                                            .cols = H / 32,
+                                            .offset = t[1]->offset + (uint64_t)e * 2 * s,
+                                            .nbytes = s};
+        x->up_s = x->gate_s;
+        x->up_s.offset += s;
+        x->down = (struct moe_tensor_ref){.file = f[2],
+                                          .name = t[2]->name,
+                                          .slice = true,
+                                          .dtype = MOE_DTYPE_U8,
+                                          .rows = H,
+                                          .cols = F,
+                                          .offset = t[2]->offset + (uint64_t)e * v,
+                                          .nbytes = v};
+        x->down_s = (struct moe_tensor_ref){.file = f[3],
+                                            .name = t[3]->name,
+                                            .slice = true,
+                                            .dtype = MOE_DTYPE_U8,
+                                            .rows = H,
+                                            .cols = F / 32,
+                                            .offset = t[3]->offset + (uint64_t)e * s,
+                                            .nbytes = s};
+        x->quant = (struct moe_quant_fmt){.q = MOE_QUANT_MXFP4, .brows = 1, .bcols = 32};
+        x->nbytes = 3 * v + 3 * s;
+        x->interleaved = true;
+    }
+    return 0;
+}
+
+/* Whether layer i of gpt-oss has MXFP4 experts (any of their tensors), and
+ * refuses a layer with both those and bf16 ones, naming both. */
+static int gpt_oss_mxfp4(const struct open_ctx *c, int i, bool *ret)
+{
+    static const char *const mx[4] = {"gate_up_proj_blocks", "gate_up_proj_scales",
+                                      "down_proj_blocks", "down_proj_scales"};
+    static const char *const plain[2] = {"gate_up_proj", "down_proj"};
+    const struct moe_model_config *cfg = &c->m->cfg;
+    char name[NAME_MAX_LEN], pname[NAME_MAX_LEN];
+    int f;
+
+    *ret = false;
+    for (int k = 0; k < 4 && !*ret; k++) {
+        snprintf(name, sizeof(name), "%s%d.mlp.experts.%s", cfg->layer_prefix, i, mx[k]);
+        *ret = find_tensor(c, name, &f) != NULL;
+    }
+    for (int k = 0; k < 2 && *ret; k++) {
+        snprintf(pname, sizeof(pname), "%s%d.mlp.experts.%s", cfg->layer_prefix, i, plain[k]);
+        if (find_tensor(c, pname, &f))
+            return moe_error_set(c->err, -EINVAL,
+                                 "%s: tensor '%s' beside '%s': layer %d mixes MXFP4 and plain "
+                                 "experts: expected one format",
+                                 c->m->files[f].path, pname, name, i);
     }
     return 0;
 }
@@ -1415,7 +1571,7 @@ static int load_layer(struct open_ctx *c, int i)
     const char *blk = "mlp", *eblk = expert_block(cfg->arch), *fblk = llama ? eblk : "mlp";
     const char *ek = experts_key(cfg->arch), *fk = ffn_key(cfg->arch);
     char name[NAME_MAX_LEN], prefix[NAME_MAX_LEN], what[64], keys[160];
-    bool fused;
+    bool fused, mxfp4 = false;
     int r, f;
 
     L->is_moe = true;
@@ -1428,8 +1584,9 @@ static int load_layer(struct open_ctx *c, int i)
              expert_part_name(cfg->arch, 0));
     fused = !find_tensor(c, name, &f);
     if (gpt && !m->packed) {
-        /* transformers writes gpt-oss's experts fused only. */
-        r = refuse_mxfp4(c, i);
+        /* transformers writes gpt-oss's experts fused only: bf16, or MXFP4
+         * as released. */
+        r = gpt_oss_mxfp4(c, i, &mxfp4);
         if (r < 0)
             return r;
         fused = true;
@@ -1463,7 +1620,8 @@ static int load_layer(struct open_ctx *c, int i)
                              cfg->n_experts);
     if (fused) {
         snprintf(prefix, sizeof(prefix), "%s%d.%s.experts.", cfg->layer_prefix, i, fblk);
-        r = get_fused_experts(c, i, prefix, llama || gpt, gpt, L);
+        r = mxfp4 ? get_mxfp4_experts(c, i, prefix, L)
+                  : get_fused_experts(c, i, prefix, llama || gpt, gpt, L);
         if (r < 0)
             return r;
     }

@@ -44,8 +44,13 @@
  *                mlp.experts.gate_up_proj_bias [E, 2F] (interleaved alike) and
  *                mlp.experts.down_proj_bias [E, H]; the clamped SwiGLU (swiglu_alpha,
  *                swiglu_limit; backend.h MOE_ACT_SWIGLU_CLAMP).  F =
- *                intermediate_size; every layer is a MoE layer.  MXFP4 experts
- *                (gate_up_proj_blocks/_scales) are refused.  A packed store holds
+ *                intermediate_size; every layer is a MoE layer.  As released, the
+ *                experts are MXFP4 (quantization_config quant_method "mxfp4"):
+ *                mlp.experts.gate_up_proj_blocks U8 [E, 2F, H / 32, 16] (NOT
+ *                transposed: rows are outputs, gate at the even rows, up at the
+ *                odd) with gate_up_proj_scales U8 [E, 2F, H / 32] (e8m0), and
+ *                down_proj_blocks [E, H, F / 32, 16] with down_proj_scales
+ *                [E, H, F / 32]; biases as above.  A packed store holds
  *                the plain per-expert layout, mlp.experts.e.{gate,up,down}_proj.weight,
  *                and the biases as the checkpoint has them.
  * The routed experts of any family may also be stored fused, as transformers 5
@@ -188,7 +193,11 @@ struct moe_expert_ref {
     bool transposed;
     /* gpt-oss's fused experts: transposed as above, but each row of the
      * [hidden, 2 x ffn] matrix interleaves gate and up (gate at even
-     * columns, up at odd); moe_expert_untranspose() handles it too. */
+     * columns, up at odd); moe_expert_untranspose() handles it too.
+     * Interleaved but not transposed: gpt-oss's MXFP4 experts, whose gate
+     * and up are the halves of one [2 x ffn, hidden] matrix (values and
+     * scales alike) with gate at the even rows and up at the odd ones;
+     * moe_expert_deinterleave() makes them plain. */
     bool interleaved;
     /* Packed store (pack.h): gate, up and down lie back to back from
      * gate.offset (MOE_PACK_ALIGN-aligned) in one file, and xxh3 is the
@@ -276,6 +285,15 @@ int moe_model_read(const struct moe_model *m, const struct moe_tensor_ref *t, vo
  * Does nothing for a plain expert.  0, or -ENOMEM (the bytes untouched).
  */
 int moe_expert_untranspose(const struct moe_expert_ref *x, void *gate, void *up, void *down);
+
+/*
+ * Rewrites an MXFP4 expert whose gate and up rows are interleaved
+ * (x->interleaved, not transposed), read as stored, into gate's ffn rows
+ * then up's, in place: the values from gate (up == gate + x->gate.nbytes)
+ * and the scales from gate_s (up_s == gate_s + x->gate_s.nbytes).  Does
+ * nothing for any other expert.  0, or -ENOMEM (the bytes untouched).
+ */
+int moe_expert_deinterleave(const struct moe_expert_ref *x, void *gate, void *gate_s);
 
 /* The tensors of an expert in the order of moe_expert_ref: gate, up, down,
  * then their scales when quantized; returns how many (3 or 6). */

@@ -824,6 +824,15 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
         r = moe_error_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
+    /* gpt-oss's MXFP4 experts: a store would need their gate and up rows
+     * taken apart; served from the checkpoint as released instead. */
+    if (m->expert_quant.q == MOE_QUANT_MXFP4 && !m->packed) {
+        r = moe_error_set(err, -ENOTSUP,
+                          "%s: its experts are MXFP4 (gpt-oss as released), which moectl pack "
+                          "cannot store yet; serve the checkpoint as it is",
+                          m->dir);
+        goto fail;
+    }
     if (quant && quant->q != MOE_QUANT_NONE) {
         q.f = *quant;
         r = check_quantize(m, &q.f, err);

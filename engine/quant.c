@@ -230,6 +230,47 @@ void moe_quant_row(enum moe_quant q, int group, const float *src, int64_t cols, 
     }
 }
 
+/* The e2m1 code (0-15) nearest to v (ties to the even code), clamped. */
+static unsigned e2m1_code(float v)
+{
+    static const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float a = fabsf(v);
+    unsigned k = 0;
+
+    while (k < 7) {
+        float mid = 0.5f * (mag[k] + mag[k + 1]);
+
+        if (a < mid || (a == mid && (k & 1) == 0))
+            break;
+        k++;
+    }
+    return (signbit(v) && k ? 8u : 0u) | k;
+}
+
+void moe_quant_mxfp4_row(const float *src, int64_t cols, uint8_t *dst, uint8_t *scales)
+{
+    for (int64_t g = 0; g < cols / 32; g++) {
+        const float *x = src + g * 32;
+        float amax = 0.0f, inv;
+        int s = 0;
+
+        for (int i = 0; i < 32; i++)
+            amax = fmaxf(amax, fabsf(x[i]));
+        if (amax > 0.0f) {
+            int ex;
+            float m = frexpf(amax / 6.0f, &ex); /* amax / 6 = m * 2^ex, m in [0.5, 1) */
+
+            s = m == 0.5f ? ex - 1 : ex;
+            s = s < -127 ? -127 : s > 127 ? 127 : s;
+        }
+        scales[g] = (uint8_t)(s + 127);
+        inv = ldexpf(1.0f, -s);
+        for (int i = 0; i < 32; i += 2)
+            dst[(g * 32 + i) / 2] =
+                (uint8_t)(e2m1_code(x[i] * inv) | (e2m1_code(x[i + 1] * inv) << 4));
+    }
+}
+
 int moe_quant_check_scales(enum moe_quant q, const void *s, uint64_t n, const char *tensor,
                            struct moe_error *err)
 {

@@ -78,6 +78,16 @@ void moe_quant_row(enum moe_quant q, int group, const float *src, int64_t cols, 
                    float *scales);
 
 /*
+ * Quantizes one row src[0, cols) (finite; cols % 32 == 0) to MXFP4: per
+ * block of 32, the e8m0 scale 2^s with s the least making max|x| / 2^s <=
+ * 6 (s clamped to [-127, 127]; an all-zero block gets 2^0), and each value
+ * x / 2^s rounded to the nearest e2m1 (ties to the even code), clamped to
+ * +-6; element 2j in the low nibble of dst[j].  Writes cols / 2 bytes to
+ * dst and cols / 32 to scales.
+ */
+void moe_quant_mxfp4_row(const float *src, int64_t cols, uint8_t *dst, uint8_t *scales);
+
+/*
  * Checks a scale matrix: every scale finite and >= 0 (FP8, INT8, INT4), or
  * not 255 (MXFP4).  Returns 0, or -EINVAL with err naming tensor, the
  * scale's index and value.

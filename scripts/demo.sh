@@ -79,7 +79,11 @@ for arch in $families; do
     $moectl gen-model --arch "$arch" --out "$demo/families/$arch" --force -q >/dev/null
     $moectl inspect --model "$demo/families/$arch" --json >"$demo/families/$arch.json"
 done
-/usr/bin/python3 - "$moectl" "$demo/families" $families <<'PY'
+# gpt-oss as released: its experts in MXFP4 (e2m1 blocks, an e8m0 scale per 32)
+$moectl gen-model --arch gpt_oss --dtype mxfp4 --out "$demo/families/gpt_oss-mxfp4" --force \
+    -q >/dev/null
+$moectl inspect --model "$demo/families/gpt_oss-mxfp4" --json >"$demo/families/gpt_oss-mxfp4.json"
+/usr/bin/python3 - "$moectl" "$demo/families" $families gpt_oss-mxfp4 <<'PY'
 import json
 import subprocess
 import sys
@@ -88,8 +92,8 @@ import time
 import numpy as np
 
 moectl, root, archs = sys.argv[1], sys.argv[2], sys.argv[3:]
-print(f"{'family':<12} {'layers':>6} {'MoE':>4} {'experts':>7} {'top-k':>5} {'shared':>6} "
-      f"{'layout':<17} {'scores':<13} {'layer':>5} {'run ms':>7}")
+print(f"{'family':<13} {'layers':>6} {'MoE':>4} {'experts':>7} {'top-k':>5} {'shared':>6} "
+      f"{'layout':<23} {'scores':<13} {'layer':>5} {'run ms':>7}")
 for arch in archs:
     d = f"{root}/{arch}"
     info = json.load(open(f"{d}.json"))
@@ -100,8 +104,8 @@ for arch in archs:
     subprocess.run([moectl, "forward", "--local", "--model", d, "--layer", str(layer), "--in",
                     f"{d}.x.npy", "--out", f"{d}.y.npy", "-q"], check=True)
     ms = (time.perf_counter() - t0) * 1e3
-    print(f"{arch:<12} {info['layers']:>6} {info['moe_layers']:>4} {info['experts']:>7} "
-          f"{info['top_k']:>5} {info['shared_experts']:>6} {info['expert_layout']:<17} "
+    print(f"{arch:<13} {info['layers']:>6} {info['moe_layers']:>4} {info['experts']:>7} "
+          f"{info['top_k']:>5} {info['shared_experts']:>6} {info['expert_layout']:<23} "
           f"{info['score_func']:<13} {layer:>5} {ms:>7.1f}")
 PY
 

@@ -28,7 +28,7 @@ _moectl()
             deepseek_v3 deepseek_v2 kimi_k2 glm4_moe llama4_text gpt_oss" -- "$cur"))
         return 0 ;;
     --dtype)
-        COMPREPLY=($(compgen -W "bf16 f16 f32 fp8" -- "$cur"))
+        COMPREPLY=($(compgen -W "bf16 f16 f32 fp8 mxfp4" -- "$cur"))
         return 0 ;;
     --quantize)
         COMPREPLY=($(compgen -W "int8 int4" -- "$cur"))

@@ -2,7 +2,7 @@
  * Fuzz target of config.json parsing (engine/model.c).  Anything accepted
  * must be within the limits the rest of the engine relies on, route
  * consistently (moe_router_check), have at least one MoE layer and a
- * quantization_config the kernels can compute with.
+ * quantization_config the kernels can compute with (FP8 blocks, or gpt_oss's MXFP4).
  */
 #include "model.h"
 
@@ -37,8 +37,12 @@ static void check(const struct moe_model_config *c)
         abort();
     if (c->dtype != MOE_DTYPE_COUNT && !moe_dtype_is_compute(c->dtype))
         abort();
-    /* quantization_config: none, or FP8 blocks the kernels take */
-    if (c->quant.q != MOE_QUANT_NONE &&
+    /* quantization_config: none, FP8 blocks the kernels take, or gpt-oss's
+     * MXFP4 (an e8m0 scale per 1 x 32) */
+    if (c->quant.q == MOE_QUANT_MXFP4 &&
+        (c->arch != MOE_ARCH_GPT_OSS || c->quant.brows != 1 || c->quant.bcols != 32))
+        abort();
+    if (c->quant.q != MOE_QUANT_NONE && c->quant.q != MOE_QUANT_MXFP4 &&
         (c->quant.q != MOE_QUANT_FP8 || c->quant.brows < 1 || c->quant.bcols < 32 ||
          c->quant.bcols % 32 != 0 || c->quant.brows > 4096 || c->quant.bcols > 4096))
         abort();

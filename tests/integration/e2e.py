@@ -89,7 +89,13 @@ def main():
     info = json.loads(run([a.moectl, "inspect", "--model", model, "--json"]).stdout)
     assert info["architecture"] == a.arch, info
     assert info["layers"] == L and info["experts"] == fam.E and info["top_k"] == fam.k, info
-    assert info["dtype"] == a.dtype, info
+    if a.dtype == "mxfp4":
+        # gpt-oss's release: U8 blocks with e8m0 scales per 32
+        assert info["dtype"] == "u8" and info["quantization"] == {
+            "format": "mxfp4", "block": [1, 32], "scale_dtype": "e8m0"}, info
+        assert info["expert_layout"] == "fused-interleaved-mxfp4", info
+    else:
+        assert info["dtype"] == a.dtype, info
     moe_layers = [i for i in range(L) if fam.is_moe(i)]
     assert info["moe_layers"] == len(moe_layers), (info["moe_layers"], moe_layers)
     for row in info["layer_table"]:

@@ -38,9 +38,27 @@ class Checkpoint:
                 self.tensors[tname] = (fpath, info["dtype"], info["shape"], 8 + n + begin, 8 + n + end)
 
     def has(self, name):
-        return name in self.tensors
+        return name in self.tensors or self._mxfp4(name)
+
+    def _mxfp4(self, name):
+        """gpt-oss's MXFP4 experts as released: name_blocks and name_scales."""
+        return name + "_blocks" in self.tensors and name + "_scales" in self.tensors
+
+    # transformers' FP4_VALUES (integrations/mxfp4.py): e2m1 code -> value
+    FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
     def get(self, name):
+        if name not in self.tensors and self._mxfp4(name):
+            # As transformers' dequantize: blocks [E, R, G, 16] (two e2m1
+            # codes a byte, the low nibble first), scales [E, R, G] (e8m0,
+            # 2^(s - 127)), to [E, R, G * 32], transposed to [E, G * 32, R]:
+            # the layout of the bf16 gate_up_proj and down_proj.
+            b = self.raw(name + "_blocks").astype(np.int64)
+            s = self.raw(name + "_scales").astype(np.float64)
+            v = np.stack([self.FP4[b & 15], self.FP4[b >> 4]], axis=-1)
+            v = v.reshape(*b.shape[:-1], 32) * np.exp2(s - 127)[..., None]
+            return v.reshape(b.shape[0], b.shape[1], -1).transpose(0, 2, 1)
         fpath, dtype, shape, begin, end = self.tensors[name]
         with open(fpath, "rb") as f:
             f.seek(begin)
@@ -54,6 +72,15 @@ class Checkpoint:
         else:
             raise ValueError(f"{name}: dtype {dtype} not handled by the reference")
         return a.astype(np.float64).reshape(shape)
+
+    def raw(self, name):
+        """A U8 tensor's bytes, shaped."""
+        fpath, dtype, shape, begin, end = self.tensors[name]
+        if dtype != "U8":
+            raise ValueError(f"{name}: dtype {dtype}, expected U8")
+        with open(fpath, "rb") as f:
+            f.seek(begin)
+            return np.frombuffer(f.read(end - begin), dtype=np.uint8).reshape(shape)
 
 
 class Family:

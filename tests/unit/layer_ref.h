@@ -8,7 +8,10 @@
  * scales the expert's input.  gpt-oss's: transposed with gate and up
  * interleaved, rearranged here too; its biases and clamped SwiGLU
  * (transformers' GptOssExperts) in double, and its router (logits plus
- * bias, top-k, softmax over the k) in layer_ref_route_gpt_oss.
+ * bias, top-k, softmax over the k) in layer_ref_route_gpt_oss.  Its MXFP4
+ * experts as released are decoded here from the file's bytes (transformers'
+ * FP4_VALUES table, ldexp by the e8m0 scale minus 127, not quant.c), gate
+ * at the even rows of gate_up_proj_blocks[e], up at the odd ones.
  */
 #ifndef MOED_TESTS_LAYER_REF_H
 #define MOED_TESTS_LAYER_REF_H
@@ -54,11 +57,76 @@ static inline double *tensor_f64(const struct moe_model *m, const struct moe_ten
     return v;
 }
 
+/* Bytes of t (n from its offset) read from m. */
+static inline uint8_t *ref_bytes(const struct moe_model *m, const struct moe_tensor_ref *t,
+                                 uint64_t n)
+{
+    struct moe_tensor_ref r = *t;
+    uint8_t *b = malloc(n);
+
+    ASSERT_TRUE(b != NULL);
+    r.nbytes = n;
+    ASSERT_EQ(moe_model_read(m, &r, b, NULL), 0);
+    return b;
+}
+
+/* rows x cols of MXFP4 from v (blocks) and s (scales), to double. */
+static inline void mxfp4_f64(const uint8_t *v, const uint8_t *s, int64_t rows, int64_t cols,
+                             double *out)
+{
+    static const double fp4[16] = {+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+                                   -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0};
+
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            uint8_t b = v[(r * cols + c) / 2];
+
+            out[r * cols + c] =
+                ldexp(fp4[c % 2 ? b >> 4 : b & 15], (int)s[r * (cols / 32) + c / 32] - 127);
+        }
+}
+
+/* gpt-oss's MXFP4 expert as released: gate_up [2F, H] (rows interleaved)
+ * from the bytes of gate then up, down [H, F]. */
+static inline void dexpert_load_mxfp4(const struct moe_model *m, const struct moe_expert_ref *x,
+                                      struct dexpert *d)
+{
+    const int64_t H = d->H, F = d->F;
+    uint8_t *gv = ref_bytes(m, &x->gate, 2 * x->gate.nbytes),
+            *gs = ref_bytes(m, &x->gate_s, 2 * x->gate_s.nbytes),
+            *dv = ref_bytes(m, &x->down, x->down.nbytes),
+            *ds = ref_bytes(m, &x->down_s, x->down_s.nbytes);
+    double *gu = malloc(sizeof(double) * (size_t)(2 * F * H));
+
+    ASSERT_TRUE(x->interleaved && !x->transposed && x->quant.q == MOE_QUANT_MXFP4);
+    ASSERT_TRUE(x->up.offset == x->gate.offset + x->gate.nbytes);
+    ASSERT_TRUE(x->up_s.offset == x->gate_s.offset + x->gate_s.nbytes);
+    d->g = malloc(sizeof(double) * (size_t)(F * H));
+    d->u = malloc(sizeof(double) * (size_t)(F * H));
+    d->d = malloc(sizeof(double) * (size_t)(F * H));
+    ASSERT_TRUE(gu && d->g && d->u && d->d);
+    mxfp4_f64(gv, gs, 2 * F, H, gu);
+    for (int64_t f = 0; f < F; f++) {
+        memcpy(d->g + f * H, gu + 2 * f * H, sizeof(double) * (size_t)H);
+        memcpy(d->u + f * H, gu + (2 * f + 1) * H, sizeof(double) * (size_t)H);
+    }
+    mxfp4_f64(dv, ds, H, F, d->d);
+    free(gu);
+    free(gv);
+    free(gs);
+    free(dv);
+    free(ds);
+}
+
 static inline void dexpert_load(const struct moe_model *m, const struct moe_expert_ref *x,
                                 struct dexpert *d)
 {
     d->H = x->gate.cols;
     d->F = x->gate.rows;
+    if (x->quant.q == MOE_QUANT_MXFP4) {
+        dexpert_load_mxfp4(m, x, d);
+        return;
+    }
     d->g = tensor_f64(m, &x->gate);
     d->u = tensor_f64(m, &x->up);
     d->d = tensor_f64(m, &x->down);

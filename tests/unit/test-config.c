@@ -49,7 +49,7 @@ static const char *const base_json[MOE_ARCH_COUNT] = {
                              "\"weight_block_size\": [128, 128]}, "
                              "\"torch_dtype\": \"bfloat16\"}",
     /* gpt-oss-20b's config.json as released (less its layer_types, rope
-     * and token ids): no swiglu_alpha, MXFP4 (refused by its tensors). */
+     * and token ids): no swiglu_alpha, MXFP4 experts. */
     [MOE_ARCH_GPT_OSS] = "{\"architectures\": [\"GptOssForCausalLM\"], \"model_type\": "
                          "\"gpt_oss\", \"attention_bias\": true, \"experts_per_token\": 4, "
                          "\"head_dim\": 64, \"hidden_act\": \"silu\", \"hidden_size\": 2880, "
@@ -372,6 +372,10 @@ static void test_gpt_oss(void)
     ASSERT_EQ(c.act, MOE_ACT_SWIGLU_CLAMP);
     ASSERT_NEAR(c.swiglu_alpha, 1.702, 1e-6);
     ASSERT_NEAR(c.swiglu_limit, 7.0, 0);
+    /* MXFP4 experts as released: e2m1, an e8m0 scale per 32 */
+    ASSERT_EQ(c.quant.q, MOE_QUANT_MXFP4);
+    ASSERT_EQ(c.quant.brows, 1);
+    ASSERT_EQ(c.quant.bcols, 32);
     ASSERT_EQ(c.dtype, MOE_DTYPE_COUNT);
     ASSERT_STREQ(c.layer_prefix, "model.layers.");
     for (int i = 0; i < 24; i++)
@@ -748,9 +752,9 @@ static void test_bad_json(void)
         };
 
         for (size_t i = 0; i < MOE_ARRAY_SIZE(leak); i++) {
-            ASSERT_EQ(moe_config_parse(leak[i].text, strlen(leak[i].text), "/m/config.json", &c,
-                                       &err),
-                      -EINVAL);
+            ASSERT_EQ(
+                moe_config_parse(leak[i].text, strlen(leak[i].text), "/m/config.json", &c, &err),
+                -EINVAL);
             ASSERT_CONTAINS(err.msg, "/m/config.json: not valid JSON: ");
             ASSERT_CONTAINS(err.msg, "(line ");
             if (strstr(err.msg, leak[i].secret) || strstr(err.msg, " near ")) {

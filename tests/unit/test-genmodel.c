@@ -86,7 +86,7 @@ struct ckpt {
 
 static size_t dsize(const char *dt)
 {
-    return strcmp(dt, "F32") == 0 ? 4 : 2;
+    return strcmp(dt, "F32") == 0 ? 4 : strcmp(dt, "U8") == 0 ? 1 : 2;
 }
 
 /* Reads one file's header, checking the layout of the reference writer. */
@@ -161,12 +161,13 @@ static void st_load(struct ckpt *c, const char *fname)
             ASSERT_STREQ(json_object_iter_key(it), "data_offsets");
         }
     }
-    /* Data with no hole, in header order, F32 first then by name. */
+    /* Data with no hole, in header order, wider dtypes first (F32, BF16,
+     * then gpt-oss's U8 blocks and scales) then by name. */
     for (size_t i = start; i < c->n; i++) {
         ASSERT_EQ(c->t[i].abs, 8 + N + expect);
         expect += c->t[i].nbytes;
         if (i > start) {
-            int w0 = strcmp(c->t[i - 1].dtype, "F32") == 0, w1 = strcmp(c->t[i].dtype, "F32") == 0;
+            size_t w0 = dsize(c->t[i - 1].dtype), w1 = dsize(c->t[i].dtype);
 
             ASSERT_TRUE(w0 > w1 || (w0 == w1 && strcmp(c->t[i - 1].name, c->t[i].name) < 0));
         }
@@ -1304,6 +1305,58 @@ static void test_determinism(void)
                 ASSERT_TRUE(strcmp(cs.t[i].file, cs.t[j].file) != 0);
     }
     ckpt_close(&cs);
+
+    /* gpt-oss's MXFP4 release: the same bytes twice and in 3 shards; the
+     * experts' blocks and e8m0 scales U8 with the published shapes. */
+    moe_genmodel_defaults(MOE_ARCH_GPT_OSS, &o);
+    o.hidden = 64;
+    o.ffn = 96;
+    o.n_layers = 2;
+    o.quant = MOE_QUANT_MXFP4;
+    free(d1);
+    free(d2);
+    free(d3);
+    d1 = gen("mx1", &o);
+    d2 = gen("mx1b", &o);
+    p1 = pathf("%s/model.safetensors", d1);
+    p2 = pathf("%s/model.safetensors", d2);
+    ASSERT_TRUE(same_file(p1, p2));
+    free(p1);
+    free(p2);
+    o.n_shards = 3;
+    d3 = gen("mx3", &o);
+    ckpt_open(&c1, d1);
+    ckpt_open(&c3, d3);
+    same_tensors(&c1, &c3);
+    {
+        static const struct {
+            const char *name;
+            int ndim;
+            int64_t shape[4];
+        } want[] = {
+            {"model.layers.1.mlp.experts.gate_up_proj_blocks", 4, {16, 192, 2, 16}},
+            {"model.layers.1.mlp.experts.gate_up_proj_scales", 3, {16, 192, 2}},
+            {"model.layers.1.mlp.experts.down_proj_blocks", 4, {16, 64, 3, 16}},
+            {"model.layers.1.mlp.experts.down_proj_scales", 3, {16, 64, 3}},
+        };
+
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(want); i++) {
+            const struct st_t *t = find(&c1, want[i].name);
+
+            if (!t)
+                FAIL("no tensor %s", want[i].name);
+            ASSERT_STREQ(t->dtype, "U8");
+            ASSERT_EQ(t->ndim, want[i].ndim);
+            ASSERT_TRUE(memcmp(t->shape, want[i].shape, sizeof(int64_t) * (size_t)t->ndim) == 0);
+        }
+        ASSERT_TRUE(find(&c1, "model.layers.1.mlp.experts.gate_up_proj") == NULL);
+        ASSERT_STREQ(find(&c1, "model.layers.1.mlp.experts.gate_up_proj_bias")->dtype, "BF16");
+        ASSERT_STREQ(json_string_value(json_object_get(
+                         json_object_get(c1.top, "quantization_config"), "quant_method")),
+                     "mxfp4");
+    }
+    ckpt_close(&c1);
+    ckpt_close(&c3);
     free(d1);
     free(d2);
     free(d3);

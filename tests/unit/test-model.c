@@ -1102,7 +1102,8 @@ static void glm_scoring(struct ckpt *ck)
 
 #define GPT_L(l, t) "model.layers." #l ".mlp." #t
 
-/* gpt-oss as released: MXFP4 experts (U8 blocks, U8 e8m0 scales). */
+/* MXFP4 gate_up experts (U8 blocks, U8 e8m0 scales) beside a bf16
+ * down_proj: one layer, two formats (test-mxfp4.c has the released layout). */
 static void gpt_mxfp4(struct ckpt *ck)
 {
     for (int i = 0; i < ck->L; i++) {
@@ -1283,11 +1284,13 @@ static const struct bad_model bad_models[] = {
     {"qwen3_5_moe shared expert not in text_config", MOE_ARCH_QWEN3_5_MOE, 3, qwen35_text_shared,
      NULL, -EINVAL,
      "'model.language_model.layers.0.mlp.shared_expert.down_proj.weight' is a shared expert's"},
-    {"gpt_oss MXFP4 experts", MOE_ARCH_GPT_OSS, 0, gpt_mxfp4, NULL, -ENOTSUP,
-     "model.safetensors: tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks': MXFP4 experts "
-     "(e2m1 blocks with e8m0 scales, as gpt-oss is released) are not supported yet"},
-    {"gpt_oss MXFP4 experts, sharded", MOE_ARCH_GPT_OSS, 3, gpt_mxfp4, NULL, -ENOTSUP,
-     "tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks': MXFP4 experts"},
+    {"gpt_oss MXFP4 gate_up beside a bf16 down_proj", MOE_ARCH_GPT_OSS, 0, gpt_mxfp4, NULL, -EINVAL,
+     "model.safetensors: tensor 'model.layers.0.mlp.experts.down_proj' beside "
+     "'model.layers.0.mlp.experts.gate_up_proj_blocks': layer 0 mixes MXFP4 and plain experts"},
+    {"gpt_oss MXFP4 gate_up beside a bf16 down_proj, sharded", MOE_ARCH_GPT_OSS, 3, gpt_mxfp4, NULL,
+     -EINVAL,
+     "tensor 'model.layers.0.mlp.experts.down_proj' beside "
+     "'model.layers.0.mlp.experts.gate_up_proj_blocks': layer 0 mixes MXFP4 and plain experts"},
     {"gpt_oss without router bias", MOE_ARCH_GPT_OSS, 3, gpt_no_router_bias, NULL, -EINVAL,
      "layer 1: router bias missing: no tensor 'model.layers.1.mlp.router.bias'"},
     {"gpt_oss gate_up_proj_bias shape", MOE_ARCH_GPT_OSS, 0, gpt_gate_up_bias_shape, NULL, -EINVAL,
