@@ -265,8 +265,26 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
         QDEC(q, w, nr, 3, x, 2, k, y, ldy);
         return;
     }
-    if (nt == 3) {
-        QDEC(q, w, nr, 2, x, 3, k, y, ldy);
+    if (nt <= 8) {
+        /* a few tokens: 3 at a time (then 2 or 1), 2 rows per tile, the
+         * rows (in L2 after the first pass) swept again per chunk; the
+         * activations of a chunk are shared by the tile's rows */
+        for (int t = 0; t < nt; t += 3) {
+            const float *const *xt = x + t;
+            float *yt = y + (size_t)t * ldy;
+
+            switch (MOE_MIN(3, nt - t)) {
+            case 3:
+                QDEC(q, w, nr, 2, xt, 3, k, yt, ldy);
+                break;
+            case 2:
+                QDEC(q, w, nr, 3, xt, 2, k, yt, ldy);
+                break;
+            default:
+                QDEC(q, w, nr, 4, xt, 1, k, yt, ldy);
+                break;
+            }
+        }
         return;
     }
     for (; r < nr; r++) {
@@ -325,6 +343,187 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
 #define MOE_CPU_QDOT_X86                                                                           \
     {                                                                                              \
         NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
+    }
+
+/*
+ * int8 activations (kernels.h, moe_cpu_prep_a8): R rows r, r + rs, ... x T
+ * tokens, INT8 or INT4 weights, as qtile.  Per block of 32: the weights as
+ * 32 bytes in the activations' order (int4: the low nibbles, then the high
+ * ones, unsigned 0..15; int8: even elements, then odd ones, by vpshufb and
+ * vpermq), multiplied with the int8 activations by vpmaddubsw (int8: |w|
+ * times x with w's sign; int4: the nibble, less 8 x the block's sums
+ * stored with the activations) and vpmaddwd: exact in int32 (|sums| <
+ * 2^15 per pair); converted, times the activations' scale, times the
+ * group's scale into the accumulator.
+ */
+QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                      const uint8_t *const *x, const int T, int64_t k, float *y, int64_t ldy)
+{
+    const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
+    const int bc = w->f.bcols;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
+                                        4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const uint8_t *wr[6], *sr[6];
+    float sum[6][6] = {{0}};
+
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++) {
+        int64_t row = w->row0 + r + (int64_t)i * rs;
+
+        wr[i] = w->w + moe_quant_data_bytes(q, row, k);
+        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * 4;
+    }
+    for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
+        int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
+        int64_t g = kb / bc, gend = (g + 1) * bc;
+        __m256 acc[6][6], vs[6];
+
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                acc[i][t] = _mm256_setzero_ps();
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+            vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+        for (int64_t c = kb; c < ke; c += 32) {
+            const uint8_t *xb[6];
+
+            if (c == gend) {
+                g++;
+                gend += bc;
+#pragma GCC unroll 6
+                for (int i = 0; i < R; i++)
+                    vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+            }
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                xb[t] = x[t] + c / 32 * MOE_CPU_A8_BLOCK;
+#pragma GCC unroll 6
+            for (int i = 0; i < R; i++) {
+                __m256i wv, ws = _mm256_setzero_si256();
+
+                if (q == MOE_QUANT_INT4) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
+
+                    wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+                } else {
+                    ws = _mm256_permute4x64_epi64(
+                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
+                        0xd8);
+                    wv = _mm256_abs_epi8(ws);
+                }
+#pragma GCC unroll 6
+                for (int t = 0; t < T; t++) {
+                    __m256i xq = _mm256_load_si256((const __m256i *)xb[t]), d;
+
+                    if (q == MOE_QUANT_INT4) {
+                        d = _mm256_sub_epi32(
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones),
+                            _mm256_load_si256((const __m256i *)(xb[t] + MOE_CPU_A8_CORR)));
+                    } else {
+                        d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_sign_epi8(xq, ws)),
+                                              ones);
+                    }
+                    acc[i][t] = _mm256_fmadd_ps(
+                        _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(d),
+                            _mm256_broadcast_ss((const float *)(xb[t] + MOE_CPU_A8_SCALE))),
+                        vs[i], acc[i][t]);
+                }
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                sum[i][t] += qhsum256(acc[i][t]);
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++)
+            y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
+}
+
+#define QDEC_A8(q, w, nr, R, x, T, k, y, ldy)                                                      \
+    do {                                                                                           \
+        int s_ = (nr) / (R), r_ = 0;                                                               \
+                                                                                                   \
+        for (; r_ < s_; r_++)                                                                      \
+            qtile_a8(q, w, r_, s_, R, x, T, k, y, ldy);                                            \
+        for (r_ = s_ * (R); r_ < (nr); r_++)                                                       \
+            qtile_a8(q, w, r_, 1, 1, x, T, k, y, ldy);                                             \
+    } while (0)
+
+/* The int8-activation kernel of one format: decode tiles as qdot_fmt's,
+ * then 1 row x up to 6 tokens. */
+QINLINE void qdot_a8_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
+                         const void *const *xv, int nt, float *y, int64_t ldy)
+{
+    const uint8_t *const *x = (const uint8_t *const *)xv;
+
+    if (nt <= 8) {
+        /* as qdot_fmt */
+        for (int t = 0; t < nt; t += 3) {
+            const uint8_t *const *xt = x + t;
+            float *yt = y + (size_t)t * ldy;
+
+            switch (MOE_MIN(3, nt - t)) {
+            case 3:
+                QDEC_A8(q, w, nr, 2, xt, 3, k, yt, ldy);
+                break;
+            case 2:
+                QDEC_A8(q, w, nr, 3, xt, 2, k, yt, ldy);
+                break;
+            default:
+                QDEC_A8(q, w, nr, 4, xt, 1, k, yt, ldy);
+                break;
+            }
+        }
+        return;
+    }
+    for (int r = 0; r < nr; r++) {
+        int t = 0;
+
+        for (; t + 6 <= nt; t += 6)
+            qtile_a8(q, w, r, 1, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
+        switch (nt - t) {
+        case 1:
+            qtile_a8(q, w, r, 1, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 2:
+            qtile_a8(q, w, r, 1, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 3:
+            qtile_a8(q, w, r, 1, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 4:
+            qtile_a8(q, w, r, 1, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 5:
+            qtile_a8(q, w, r, 1, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+static void qdot_a8_int8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                         int nt, float *y, int64_t ldy)
+{
+    qdot_a8_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy);
+}
+
+static void qdot_a8_int4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                         int nt, float *y, int64_t ldy)
+{
+    qdot_a8_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy);
+}
+
+#define MOE_CPU_QDOT_A8_X86                                                                        \
+    {                                                                                              \
+        NULL, NULL, qdot_a8_int8, qdot_a8_int4, NULL                                               \
     }
 
 #endif
