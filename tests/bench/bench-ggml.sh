@@ -9,26 +9,30 @@
 #               commit d99724f2); nothing is downloaded.  The patch
 #               tests/bench/ggml-mul-mat-id.patch is applied to its
 #               tests/test-backend-ops.cpp unless already there: it adds the
-#               Mixtral cases to the perf mode and lets GGML_BENCH_THREADS
-#               set the CPU backend's thread count.
+#               Mixtral cases to the perf mode, lets GGML_BENCH_THREADS set
+#               the CPU backend's thread count and GGML_BENCH_CPU_CLOCK=1
+#               time by CPU time.
 #   GGML_BUILD  its build directory (configured CPU-only, Release, with the
 #               tests, when it has no CMakeCache.txt yet)
 #   THREADS     thread counts to run (default: 1 and the CPU count)
 # Environment: MOED_BUILD (default build/, for bench-cpu-ffn), JOBS (build
-# parallelism, default 2), REPS (bench-cpu-ffn --reps, default 5).
+# parallelism, default 2), REPS (bench-cpu-ffn --reps, default 5), CLOCK
+# (cpu, the default: both sides timed by the process's CPU time per thread,
+# bench-cpu-ffn --clock cpu, which holds on a machine shared with other
+# loads; wall: the wall clock, for a quiet machine).  With CPU time, 2 or
+# more threads count as if they ran side by side all along.
 #
 # ggml's own GB/s counts every expert of the op's tensors; the figure here
 # counts the bytes read: the selected experts' matrices as stored (Q8_0: 34
 # bytes per 32 values, Q4_0: 18), 2 experts for 1 token and the expected
 # number of distinct experts, 8 (1 - (6/8)^8) = 7.2, for 8 tokens (ggml's
-# test draws each token's 2 of 8 at random).  Run on a quiet machine: both
-# sides are sensitive to other load.
+# test draws each token's 2 of 8 at random).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 if [ $# -lt 2 ]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 src=$1
@@ -43,6 +47,15 @@ fi
 moed_build=${MOED_BUILD:-$root/build}
 jobs=${JOBS:-2}
 reps=${REPS:-5}
+clock=${CLOCK:-cpu}
+case $clock in
+cpu) cpu_clock=1 ;;
+wall) cpu_clock=0 ;;
+*)
+    echo "bench-ggml: CLOCK=$clock: expected cpu or wall" >&2
+    exit 2
+    ;;
+esac
 patch_file=$here/ggml-mul-mat-id.patch
 
 [ -f "$src/tests/test-backend-ops.cpp" ] || {
@@ -71,8 +84,8 @@ tbo=$bld/bin/test-backend-ops
 
 for t in "${threads[@]}"; do
     echo
-    echo "== ggml MUL_MAT_ID, $t thread(s)"
-    GGML_BENCH_THREADS=$t "$tbo" perf -b CPU -o MUL_MAT_ID -p 'n_mats=8,n_used=2,b=0,m=14336' |
+    echo "== ggml MUL_MAT_ID, $t thread(s), $clock clock"
+    GGML_BENCH_THREADS=$t GGML_BENCH_CPU_CLOCK=$cpu_clock "$tbo" perf -b CPU -o MUL_MAT_ID -p 'n_mats=8,n_used=2,b=0,m=14336' |
         sed 's/\x1b\[[0-9;]*m//g' |
         awk '/MUL_MAT_ID\(/ && /us\/run/ {
             type = $0; sub(/.*type_a=/, "", type); sub(/,.*/, "", type)
@@ -87,5 +100,6 @@ for t in "${threads[@]}"; do
         }'
     echo "== moed int8 / int4 (whole FFN: gate, up, down), $t thread(s); eff/mem against the read bandwidth"
     "$moed_build/tests/bench-cpu-ffn" --tokens 1,8 --threads "$t" --precision exact --torch off \
-        --dtype int8,int4 --reps "$reps" | grep -E 'bandwidth|^ +[0-9]'
+        --dtype int8,int4 --act exact,int8 --clock "$clock" --reps "$reps" |
+        grep -E 'bandwidth|^ +[0-9]'
 done
