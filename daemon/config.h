@@ -13,7 +13,8 @@
  *   [cache]     host_cache_bytes, policy, prefetch, half_life,
  *               register_buffers, buffered
  *   [scheduler] batch_window_us, max_batch_tokens, workers, request_memory_bytes
- *   [compute]   threads, kernel, gpus, gpu_cache_bytes, compute_precision
+ *   [compute]   threads, kernel, int8_activations, gpus, gpu_cache_bytes,
+ *               compute_precision
  *   [cluster]   node_name, replicas, hot_fraction, peer_timeout_ms,
  *               ping_interval_ms, rebalance_interval_ms, peer_max_rows,
  *               nccl, nccl_device, peer_bf16, max_split_forwards,
@@ -88,6 +89,7 @@ struct moed_config {
     /* [compute] */
     int threads;
     char *kernel;
+    bool int8_activations; /* moe_cpu_config.act_int8 */
     char *gpus;               /* CUDA devices, "0" or "0,1"; NULL/"none": CPU only */
     uint64_t gpu_cache_bytes; /* per GPU tier; 0: half the device's free memory */
     int compute_precision;    /* enum moe_compute_precision of models that name none */

@@ -331,6 +331,7 @@ int main(int argc, char **argv)
     } else {
         cpu.n_threads = d.cfg.threads;
         cpu.kernel = d.cfg.kernel;
+        cpu.act_int8 = d.cfg.int8_activations;
         if (moe_backend_cpu_init(&cpu, &d.backend, &err) < 0) {
             moe_log(MOE_LOG_ERROR, "%s", err.msg);
             goto out;

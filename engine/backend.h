@@ -137,6 +137,17 @@ struct moe_backend {
 struct moe_cpu_config {
     int n_threads;      /* 0: one per online CPU */
     const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512" */
+    /* int8 activations for int8 and int4 experts (off: exact).  Each 32
+     * values of x and of the SwiGLU intermediate are quantized to int8
+     * with their own scale (max |x| / 127) and multiplied with the weights
+     * in integers (vpmaddubsw): faster where decode runs short of
+     * instructions (int4 on AVX2), at int8's error on the activations
+     * (about 1% relative on a layer's output in tests/unit/test-quant.c,
+     * against about 0.7% for int8 and 12% for int4 weights themselves).
+     * Kernels without it (generic) compute
+     * exactly; compute_precision bf16 rounds nothing further for these
+     * experts. */
+    bool act_int8;
 };
 
 /* One CPU kernel variant, for listings (moectl --kernel). */

@@ -316,6 +316,28 @@ static int w_tensor(struct writer *w, const struct moe_tensor_ref *t, XXH3_state
     return 0;
 }
 
+/* cols elements of dtype (f32, f16 or bf16) at src, to fp32. */
+static void row_to_f32(enum moe_dtype dtype, const uint8_t *src, int64_t cols, float *out)
+{
+    for (int64_t c = 0; c < cols; c++) {
+        uint16_t h;
+
+        switch (dtype) {
+        case MOE_DTYPE_F32:
+            memcpy(&out[c], src + 4 * c, 4);
+            break;
+        case MOE_DTYPE_F16:
+            memcpy(&h, src + 2 * c, 2);
+            out[c] = moe_f16_to_f32(h);
+            break;
+        default:
+            memcpy(&h, src + 2 * c, 2);
+            out[c] = moe_bf16_to_f32(h);
+            break;
+        }
+    }
+}
+
 /*
  * Row r of part k (0 gate, 1 up, 2 down) of expert x in m, as fp32, into
  * out: a plain tensor converted, an FP8 one dequantized with its scales
@@ -354,23 +376,7 @@ static int read_row_f32(const struct moe_model *m, const struct moe_expert_ref *
                                0, cols, out);
         return 0;
     }
-    for (int64_t c = 0; c < cols; c++) {
-        uint16_t h;
-
-        switch (t[k]->dtype) {
-        case MOE_DTYPE_F32:
-            memcpy(&out[c], tmp + 4 * c, 4);
-            break;
-        case MOE_DTYPE_F16:
-            memcpy(&h, tmp + 2 * c, 2);
-            out[c] = moe_f16_to_f32(h);
-            break;
-        default:
-            memcpy(&h, tmp + 2 * c, 2);
-            out[c] = moe_bf16_to_f32(h);
-            break;
-        }
-    }
+    row_to_f32(t[k]->dtype, tmp, cols, out);
     return 0;
 }
 
@@ -431,6 +437,57 @@ out:
     free(row);
     free(fs);
     return r;
+}
+
+/*
+ * Quantizes part k (0..2) of transposed expert x (Llama 4's, gpt-oss's),
+ * already made plain in src (moe_expert_untranspose: gate and up [ffn,
+ * hidden], down [hidden, ffn], row-major, the source dtype): each row is
+ * one the kernels read (its columns are the dot's reduction dimension), so
+ * its groups run along that row, as for a plain expert.  Values to vals,
+ * scales to scales ([rows, cols / group]).
+ */
+static int quantize_plain(const struct moe_model *m, const struct moe_expert_ref *x, int k,
+                          const uint8_t *src, const struct moe_quant_fmt *q, uint8_t *vals,
+                          float *scales, struct moe_error *err)
+{
+    const struct moe_tensor_ref *t[6];
+    int64_t rows, cols;
+    size_t es;
+    uint64_t rb;
+    float *row;
+
+    moe_expert_tensors(x, t);
+    rows = t[k]->rows;
+    cols = t[k]->cols;
+    es = moe_dtype_size(t[k]->dtype);
+    rb = moe_quant_data_bytes(q->q, 1, cols);
+    row = malloc((size_t)cols * sizeof(float));
+    if (!row)
+        return moe_error_set(err, -ENOMEM, "out of memory");
+    for (int64_t i = 0; i < rows; i++) {
+        row_to_f32(t[k]->dtype, src + (size_t)(i * cols) * es, cols, row);
+        for (int64_t c = 0; c < cols; c++)
+            if (!isfinite(row[c])) {
+                /* [i, c] of the plain matrix is [c, i] of the stored one */
+                int r = moe_error_set(err, -EINVAL,
+                                      "%s: tensor '%s' (transposed): element [%" PRId64 ", %" PRId64
+                                      "] of the expert's %s is %g: only finite "
+                                      "weights can be quantized",
+                                      m->files[t[k]->file].path, t[k]->name, i, c,
+                                      k == 0   ? "gate"
+                                      : k == 1 ? "up"
+                                               : "down",
+                                      (double)row[c]);
+
+                free(row);
+                return r;
+            }
+        moe_quant_row(q->q, q->bcols, row, cols, vals + (uint64_t)i * rb,
+                      scales + (size_t)i * (size_t)(cols / q->bcols));
+    }
+    free(row);
+    return 0;
 }
 
 /* Appends len bytes from p, hashing them into ts and (when not NULL) es. */
@@ -839,15 +896,17 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
         if (r < 0)
             goto fail;
     }
-    /* A transposed expert (Llama 4's, gpt-oss's) is made plain on the
-     * way; quantizing reads the source row by row as stored, which such an
-     * expert's are not. */
+    /* A transposed expert (Llama 4's, gpt-oss's) is made plain on the way,
+     * then quantized row by row like a plain one; only from plain weights
+     * (check_quantize takes FP8 sources, which are never transposed). */
     for (int i = 0; q.f.q != MOE_QUANT_NONE && i < m->cfg.n_layers; i++) {
-        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed) {
+        if (m->layers[i].is_moe && m->layers[i].experts[0].transposed &&
+            m->layers[i].experts[0].quant.q != MOE_QUANT_NONE) {
             r = moe_error_set(err, -ENOTSUP,
-                              "%s: layer %d: %s's experts are stored transposed, which --quantize "
-                              "cannot read yet; pack without --quantize, or serve the checkpoint",
-                              m->dir, i, moe_arch_name(m->cfg.arch));
+                              "%s: layer %d: %s's experts are stored transposed and %s, which "
+                              "--quantize cannot read; pack without --quantize",
+                              m->dir, i, moe_arch_name(m->cfg.arch),
+                              moe_quant_name(m->layers[i].experts[0].quant.q));
             goto fail;
         }
     }
@@ -920,7 +979,39 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
         XXH3_64bits_reset(ts);
         if (first)
             XXH3_64bits_reset(es);
-        if (it->expert >= 0 && m->layers[it->layer].experts[it->expert].transposed) {
+        if (it->quantize && it->part < 3 && it->expert >= 0 &&
+            m->layers[it->layer].experts[it->expert].transposed) {
+            /* a transposed expert: read whole, made plain, then each part
+             * quantized from the plain copy */
+            const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
+            int k = it->part;
+            uint64_t off = k == MOE_PART_GATE ? 0
+                           : k == MOE_PART_UP ? x->gate.nbytes
+                                              : x->gate.nbytes + x->up.nbytes;
+            size_t sn = (size_t)(it->t->rows * (it->t->cols / q.f.bcols)) * sizeof(float);
+
+            r = first ? read_plain_expert(m, x, &xbuf, &xcap, err) : 0;
+            if (r < 0)
+                goto fail;
+            if (qv_cap < it->nbytes) {
+                free(qv);
+                qv = malloc(it->nbytes);
+                qv_cap = qv ? it->nbytes : 0;
+            }
+            if (qs_cap[k] < sn) {
+                free(qs[k]);
+                qs[k] = malloc(sn);
+                qs_cap[k] = qs[k] ? sn : 0;
+            }
+            if (!qv || !qs[k]) {
+                r = moe_error_set(err, -ENOMEM, "out of memory quantizing '%s'", it->t->name);
+                goto fail;
+            }
+            r = quantize_plain(m, x, k, xbuf + off, &q.f, qv, qs[k], err);
+            if (r == 0)
+                r = w_bytes(&w, qv, it->nbytes, ts, es);
+        } else if (!it->quantize && it->expert >= 0 &&
+                   m->layers[it->layer].experts[it->expert].transposed) {
             /* A store holds plain experts: a transposed one (Llama 4's,
              * gpt-oss's) is read whole and made plain on the way. */
             const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
@@ -1117,7 +1208,8 @@ static bool tensor_problem(const struct verifier *v, const struct vtensor *t, ch
         snprintf(buf, len,
                  "tensor '%s': differs from the checkpoint's (%s) at byte %" PRIu64
                  " of the tensor",
-                 t->t->name, v->ck->files[t->ck_file].path, t->differs_at);
+                 t->t->name, v->ck->files[t->ck_x ? t->ck_x->gate.file : t->ck_file].path,
+                 t->differs_at);
         return true;
     }
     return false;
@@ -1327,6 +1419,8 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
                 st = moe_st_header_find(h, name);
                 if (!st)
                     continue; /* counted by want_in_store */
+                if (quantized_in_store(q, st))
+                    continue; /* check_requantized quantizes it plain again */
                 vt[st - h->tensors].ck_x = x;
                 vt[st - h->tensors].ck_part_off = k == 0   ? 0
                                                   : k == 1 ? x->gate.nbytes
@@ -1356,6 +1450,10 @@ static int check_requantized(struct verifier *v, const struct moe_model *pm,
     uint8_t *want = NULL, *got = NULL;
     float *ws = NULL;
     uint8_t *gs = NULL;
+    /* a transposed checkpoint expert made plain */
+    const struct moe_expert_ref *plain_x = NULL;
+    uint8_t *plain = NULL;
+    size_t plain_cap = 0;
     int r = 0;
 
     if (pm->cfg.n_layers != ck->cfg.n_layers || pm->cfg.n_experts != ck->cfg.n_experts)
@@ -1392,7 +1490,19 @@ static int check_requantized(struct verifier *v, const struct moe_model *pm,
                     r = moe_error_set(v->err, -ENOMEM, "out of memory");
                     goto out;
                 }
-                r = quantize_part(ck, x, k, q, want, ws, v->err);
+                if (x->transposed) {
+                    /* made plain once per expert, then quantized as pack does */
+                    uint64_t off = k == 0   ? 0
+                                   : k == 1 ? x->gate.nbytes
+                                            : x->gate.nbytes + x->up.nbytes;
+
+                    r = plain_x == x ? 0 : read_plain_expert(ck, x, &plain, &plain_cap, v->err);
+                    plain_x = r == 0 ? x : NULL;
+                    if (r == 0)
+                        r = quantize_plain(ck, x, k, plain + off, q, want, ws, v->err);
+                } else {
+                    r = quantize_part(ck, x, k, q, want, ws, v->err);
+                }
                 if (r == 0)
                     r = moe_model_read(pm, yt[k], got, v->err);
                 if (r == 0)
@@ -1420,6 +1530,7 @@ out:
     free(got);
     free(ws);
     free(gs);
+    free(plain);
     return r;
 }
 

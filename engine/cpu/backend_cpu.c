@@ -33,6 +33,10 @@
  * then their product, as torch's bf16 linear, silu and mul do; the kernel's
  * dot_b16 computes every dot of such an item.
  *
+ * act_int8 (moe_cpu_config): int8 and int4 experts take x and their SwiGLU
+ * intermediate as int8 activations (kernels.h, moe_cpu_prep_a8) and the
+ * kernel's qdot_a8, where it has one; otherwise as above.
+ *
  * Locks: `lock` serialises matmul and grouped_ffn, which share the scratch
  * buffers (the pool itself serialises loops too).  alloc, mem_free,
  * copy_in and copy_out take no lock.
@@ -96,8 +100,10 @@ _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
 _Static_assert(FBLK % MOE_CPU_KPAD == 0, "FBLK must be whole prepared blocks");
 
-/* Prepared-x slots: one per (weight dtype, precision), dtype + 3 * precision. */
-#define N_PREP 6
+/* Prepared-x slots: one per (weight dtype, precision), dtype + 3 * precision,
+ * and SLOT_A8 for int8 activations (moe_cpu_prep_a8). */
+#define N_PREP 7
+#define SLOT_A8 6
 
 static const float ones[FBLK] = {[0 ... FBLK - 1] = 1.0f};
 
@@ -111,6 +117,7 @@ struct cpu_backend {
     const struct moe_cpu_kernel *k;
     struct moe_threadpool *pool;
     int n_threads;
+    bool act_int8; /* int8 activations where the kernel has them (moe_cpu_config) */
 
     pthread_mutex_t lock;         /* serialises matmul and grouped_ffn */
     struct scratch xprep[N_PREP]; /* under lock: prepared x, per dtype and precision */
@@ -224,6 +231,10 @@ static void prep_task(void *arg, int task, int thread)
         for (int t = t0; t < t1; t++) {
             void *dst = (char *)c->dst[d] + (size_t)t * row;
 
+            if (d == SLOT_A8) {
+                moe_cpu_prep_a8(c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
+                continue;
+            }
             c->k->prep[d % 3](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
             if (d >= 3)
                 c->k->round[d % 3](dst, c->cols_pad);
@@ -358,6 +369,7 @@ out:
 
 struct ffn_ctx {
     const struct moe_cpu_kernel *k;
+    bool act_int8;
     int64_t hidden;
     const struct moe_ffn_work *work;
     int n_work;
@@ -404,15 +416,31 @@ static int prep_dtype(const struct moe_expert_weights *e)
     return e->quant.q != MOE_QUANT_NONE ? MOE_DTYPE_F32 : (int)e->dtype;
 }
 
+/* Whether expert e computes with int8 activations: asked for, and the
+ * kernel has them for its format. */
+static bool uses_a8(const struct moe_cpu_kernel *k, bool act_int8,
+                    const struct moe_expert_weights *e)
+{
+    return act_int8 && e->quant.q != MOE_QUANT_NONE && k->qdot_a8[e->quant.q];
+}
+
+/* The prepared-x slot of a work item. */
+static int prep_slot(const struct moe_cpu_kernel *k, bool act_int8, const struct moe_ffn_work *wk)
+{
+    if (uses_a8(k, act_int8, wk->w))
+        return SLOT_A8;
+    return prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16);
+}
+
 /* Rows [r0, r0 + nr) of quantized matrix w (k columns, scales s) against
- * prepared rows x. */
-static void qdot_rows(const struct moe_cpu_kernel *k, const struct moe_expert_weights *e,
+ * prepared rows x (int8 activations when a8). */
+static void qdot_rows(const struct moe_cpu_kernel *k, bool a8, const struct moe_expert_weights *e,
                       const void *w, const void *s, int64_t r0, int nr, int64_t cols,
                       const void *const *x, int nt, float *y, int64_t ldy)
 {
     struct moe_cpu_qw q = {.f = e->quant, .w = w, .s = s, .row0 = r0};
 
-    k->qdot[e->quant.q](&q, nr, cols, x, nt, y, ldy);
+    (a8 ? k->qdot_a8 : k->qdot)[e->quant.q](&q, nr, cols, x, nt, y, ldy);
 }
 
 /* Phase 1: one block of FBLK ffn rows of one work item. */
@@ -447,11 +475,12 @@ static void ffn_up_task(void *arg, int task, int thread)
     void *const *as = c->as + c->first[lo];
 
     bool b16 = wk->precision == MOE_PRECISION_BF16;
+    bool a8 = uses_a8(c->k, c->act_int8, e);
     moe_cpu_dot_fn dot = b16 ? c->k->dot_b16[d] : c->k->dot[d];
 
     if (e->quant.q != MOE_QUANT_NONE) {
-        qdot_rows(c->k, e, e->gate, e->gate_s, f0, nr, H, xs, wk->n_tokens, yg, FBLK);
-        qdot_rows(c->k, e, e->up, e->up_s, f0, nr, H, xs, wk->n_tokens, yu, FBLK);
+        qdot_rows(c->k, a8, e, e->gate, e->gate_s, f0, nr, H, xs, wk->n_tokens, yg, FBLK);
+        qdot_rows(c->k, a8, e, e->up, e->up_s, f0, nr, H, xs, wk->n_tokens, yu, FBLK);
     } else {
         dot((const char *)e->gate + woff, H, nr, H, xs, wk->n_tokens, yg, FBLK);
         dot((const char *)e->up + woff, H, nr, H, xs, wk->n_tokens, yu, FBLK);
@@ -494,7 +523,10 @@ static void ffn_up_task(void *arg, int task, int thread)
             c->k->swiglu(g, u, nr, g);
         }
         /* bf16 values prepare exactly: no rounding needed after */
-        c->k->prep[d](g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
+        if (a8)
+            moe_cpu_prep_a8(g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
+        else
+            c->k->prep[d](g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
     }
 }
 
@@ -515,7 +547,7 @@ static void ffn_down_task(void *arg, int task, int thread)
         if (wk->n_tokens == 0)
             continue;
         if (e->quant.q != MOE_QUANT_NONE) {
-            qdot_rows(c->k, e, e->down, e->down_s, h0, nr, F,
+            qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F,
                       (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
         } else {
             moe_cpu_dot_fn dot =
@@ -583,7 +615,12 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                            const struct moe_ffn_work *work, int n_work, float *out)
 {
     struct cpu_backend *cb = cpu_of(b);
-    struct ffn_ctx c = {.k = cb->k, .hidden = hidden, .work = work, .n_work = n_work, .out = out};
+    struct ffn_ctx c = {.k = cb->k,
+                        .act_int8 = cb->act_int8,
+                        .hidden = hidden,
+                        .work = work,
+                        .n_work = n_work,
+                        .out = out};
     int64_t n_assign = 0, up_tasks = 0;
     size_t act_bytes = 0, meta_bytes, hrow = (size_t)moe_cpu_kpad(hidden) * 4;
     unsigned dtypes = 0;
@@ -608,7 +645,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         n_assign += wk->n_tokens;
         up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
-        dtypes |= 1u << (prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16));
+        dtypes |= 1u << prep_slot(cb->k, cb->act_int8, wk);
         if (!moe_mul_size((size_t)wk->n_tokens, (size_t)moe_cpu_kpad(wk->w->ffn) * 4, &bytes) ||
             !moe_add_size(act_bytes, bytes, &act_bytes))
             return -ENOMEM;
@@ -655,7 +692,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             c.first[i] = a;
             if (wk->n_tokens > 0) {
                 tasks += (wk->w->ffn + FBLK - 1) / FBLK;
-                xp = cb->xprep[prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16)].p;
+                xp = cb->xprep[prep_slot(cb->k, cb->act_int8, wk)].p;
                 frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
@@ -843,6 +880,7 @@ int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **
     r = pick_kernel(cfg, &cb->k, err);
     if (r < 0)
         goto out_free;
+    cb->act_int8 = cfg && cfg->act_int8;
     r = moe_threadpool_init(cfg ? cfg->n_threads : 0, &cb->pool);
     if (r < 0) {
         moe_error_set(err, r, "CPU backend: cannot start %d threads", cfg ? cfg->n_threads : 0);

@@ -149,6 +149,32 @@ struct moe_cpu_qw {
 typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
                                 int nt, float *y, int64_t ldy);
 
+/*
+ * int8 activations (struct moe_cpu_config.act_int8): a row prepared by
+ * moe_cpu_prep_a8 holds, for each block of 32 elements x[32b, 32b + 32),
+ * the 128 bytes at 128 b (so that, like the other layouts, 4 bytes per
+ * element, block-local; a row may be prepared piecewise in whole blocks):
+ *   bytes 0-31   q[j] = round(x / d) as int8 (to nearest even, |q| <= 127),
+ *                in the order x0, x2, ..., x30, x1, x3, ..., x31 (the order
+ *                in which an int4 row's low, then high nibbles come);
+ *   bytes 32-63  8 int32: 8 * (q[4i] + ... + q[4i + 3]) for i < 8, in that
+ *                order (int4's offset of 8, per vpmaddwd lane);
+ *   bytes 64-67  d = max |x| / 127 (float; 0 for an all-zero block, NaN
+ *                when the block holds a NaN or an infinity).
+ * Elements n..n_pad-1 are zeros.  The dot of a row of int8 or int4 weights
+ * with such a row is exact in int32 per block, then scaled by d times the
+ * weights' group scale in fp32: the activations carry int8's error (at
+ * most d / 2 per element, about 0.2% of the block's largest), nothing else.
+ */
+#define MOE_CPU_A8_BLOCK 128
+#define MOE_CPU_A8_CORR 32
+#define MOE_CPU_A8_SCALE 64
+
+/* Prepares src[0, n) as int8 activations into dst (the layout above),
+ * n_pad a multiple of MOE_CPU_KPAD, dst 64-byte aligned.  Portable C: one
+ * definition for every variant, so all round alike. */
+void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst);
+
 struct moe_cpu_kernel {
     const char *name;          /* "generic", "avx2", "avx512" */
     moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
@@ -169,6 +195,9 @@ struct moe_cpu_kernel {
      * activations prepared by prep[MOE_DTYPE_F32] (rounded by
      * round[MOE_DTYPE_F32] for compute_precision bf16). */
     moe_cpu_qdot_fn qdot[MOE_QUANT_COUNT];
+    /* Optional (NULL: none), indexed likewise, INT8 and INT4 only: the same
+     * dot on activations prepared by moe_cpu_prep_a8 (int8 activations). */
+    moe_cpu_qdot_fn qdot_a8[MOE_QUANT_COUNT];
 };
 
 extern const struct moe_cpu_kernel moe_cpu_kernel_generic;

@@ -429,4 +429,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx2 = {
     .swiglu_clamp = swiglu_clamp,
     .swiglu_b16 = swiglu_b16,
     .qdot = MOE_CPU_QDOT_X86,
+    .qdot_a8 = MOE_CPU_QDOT_A8_X86,
 };

@@ -387,4 +387,5 @@ const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
     .swiglu = swiglu,
     .swiglu_clamp = swiglu_clamp,
     .qdot = MOE_CPU_QDOT_X86,
+    .qdot_a8 = MOE_CPU_QDOT_A8_X86,
 };

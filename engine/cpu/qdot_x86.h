@@ -4,19 +4,32 @@
  * for their own instruction set; the code is the same, so both variants
  * give the same results).  No state, no locks.
  *
- * Each 8 values are decoded to fp32 in registers, multiplied by their scale
- * and FMA'd into one 8-lane accumulator per (row, token); no dequantized
+ * Each 8 values are decoded to fp32 in registers and FMA'd with the
+ * activations; each 32 values' 8-lane partial sum is multiplied by its
+ * group's scale into one 8-lane accumulator per (row, token) (groups are
+ * multiples of 32), so scaling costs one FMA per 32 values; no dequantized
  * copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   bits (s eeee mmm) moved to f16 bits (s 0eeee mmm0000000) by an
- *              unpack, a shift and a mask, and converted by vcvtph2ps: that is the value times 2^-8
- * (normal and subnormal alike), so the scale is multiplied by 2^8 (exact).  NaN bytes (0x7f, 0xff)
- * decode as +-480 instead: the loader does not scan weights for them. INT8       sign-extended,
- * converted. INT4       nibbles split and interleaved (low, high), 8 subtracted. MXFP4      nibbles
- * looked up (vpshufb) as 2 x e2m1 in int8, so the scale is multiplied by 0.5 (exact). Tiles: rows x
- * tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3 for decode (each row a sequential
- * stream), then 1 x 6 chunks of tokens for prefill; a row's 32 values are decoded once per tile.
- * The arithmetic per output element does not depend on the tile, K is summed in MOE_CPU_KBLOCK
- * blocks, each reduced horizontally and added to y in order.
+ *   FP8 e4m3   16 bytes sign-extended to 16 bits, shifted left by 7 and bit
+ *              14 cleared: the f16 bits s 0eeee mmm0000000, converted by
+ *              vcvtph2ps: that is the value times 2^-8 (normal and
+ *              subnormal alike), so the scale is multiplied by 2^8 (exact).
+ *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
+ *              does not scan weights for them.
+ *   INT8       sign-extended, converted.
+ *   INT4       each value's byte shuffled (vpshufb) into the top byte of its
+ *              32-bit lane, shifted by 4 for a low nibble, masked to the top
+ *              4 bits (after xor 0x88, the nibble is the value in two's
+ *              complement): the value times 2^28 as an int32, converted; the
+ *              scale is multiplied by 2^-28 (exact for scales above 2^-98).
+ *   MXFP4      nibbles split and interleaved, looked up (vpshufb) as 2 x e2m1
+ *              in int8, so the scale is multiplied by 0.5 (exact).
+ * Tiles: rows x tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3
+ * for decode, whose rows are nr / R apart (each tile's weight streams run
+ * through whole rows in order, as moe_cpu_dot_tiles' decode tiles do), then
+ * 1 x 6 chunks of tokens for prefill; a row's 32 values are decoded once per
+ * tile.  The arithmetic per output element does not depend on the tile: K
+ * is summed in MOE_CPU_KBLOCK blocks, each reduced horizontally and added to
+ * y in order.
  */
 #ifndef MOED_ENGINE_CPU_QDOT_X86_H
 #define MOED_ENGINE_CPU_QDOT_X86_H
@@ -56,6 +69,10 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
     case MOE_QUANT_FP8:
         memcpy(&s, srow + 4 * j, 4);
         return s * 256.0f;
+    case MOE_QUANT_INT4:
+        /* qdecode32 gives the values times 2^28 */
+        memcpy(&s, srow + 4 * j, 4);
+        return s * 0x1p-28f;
     default:
         memcpy(&s, srow + 4 * j, 4);
         return s;
@@ -68,18 +85,20 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        /* each byte into the high half of a 16-bit lane (s eeee mmm, then
-         * 8 zeros), shifted right arithmetically by one (the sign copied
-         * into bit 14), bit 14 cleared: s 0eeee mmm0000000 */
-        const __m128i zero = _mm_setzero_si128(), keep = _mm_set1_epi16((short)0xbfff);
+        /* 16 bytes sign-extended to 16 bits (s...s s eeee mmm), shifted
+         * left by 7 (s s eeee mmm 0000000), bit 14 cleared:
+         * s 0eeee mmm0000000 */
+        const __m256i keep = _mm256_set1_epi16((short)0xbfff);
 
         for (int i = 0; i < 2; i++) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * i));
-            __m128i lo = _mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(zero, b), 1), keep);
-            __m128i hi = _mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(zero, b), 1), keep);
+            __m256i h = _mm256_and_si256(
+                _mm256_slli_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * i))),
+                    7),
+                keep);
 
-            out[2 * i] = _mm256_cvtph_ps(lo);
-            out[2 * i + 1] = _mm256_cvtph_ps(hi);
+            out[2 * i] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            out[2 * i + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
         }
         break;
     }
@@ -88,7 +107,34 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
             out[i] = _mm256_cvtepi32_ps(
                 _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wrow + c0 + 8 * i))));
         break;
-    default: { /* INT4, MXFP4: 16 bytes, element 2j low nibble, 2j + 1 high */
+    case MOE_QUANT_INT4: {
+        /* 16 bytes, element 2j the low nibble of byte j, 2j + 1 the high
+         * one, each n + 8: xor 8 makes the nibble n in two's complement.
+         * Each element's byte is shuffled into the top byte of its lane
+         * (the rest zero), shifted left by 4 for a low nibble, and masked
+         * to the top 4 bits: n * 2^28 as an int32, converted exactly
+         * (qscale takes the 2^-28). */
+        const __m256i sh = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+        const __m256i top = _mm256_set1_epi32((int)0xf0000000u);
+        __m256i b = _mm256_xor_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 / 2))),
+            _mm256_set1_epi8((char)0x88));
+
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            /* lanes 0-3: bytes 4j, 4j, 4j + 1, 4j + 1; lanes 4-7: 4j + 2, 4j + 2, 4j + 3, 4j + 3 */
+            const __m256i m = _mm256_setr_epi32(
+                (int)(0x808080u | (4u * j) << 24), (int)(0x808080u | (4u * j) << 24),
+                (int)(0x808080u | (4u * j + 1) << 24), (int)(0x808080u | (4u * j + 1) << 24),
+                (int)(0x808080u | (4u * j + 2) << 24), (int)(0x808080u | (4u * j + 2) << 24),
+                (int)(0x808080u | (4u * j + 3) << 24), (int)(0x808080u | (4u * j + 3) << 24));
+            __m256i v = _mm256_and_si256(_mm256_sllv_epi32(_mm256_shuffle_epi8(b, m), sh), top);
+
+            out[j] = _mm256_cvtepi32_ps(v);
+        }
+        break;
+    }
+    default: { /* MXFP4: 16 bytes, element 2j low nibble, 2j + 1 high */
         const __m128i mf = _mm_set1_epi8(0x0f);
         __m128i b = _mm_loadu_si128((const __m128i *)(wrow + c0 / 2));
         __m128i lo = _mm_and_si128(b, mf), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mf);
@@ -116,12 +162,16 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 }
 
 /*
- * R rows from row r (relative to w->row0) x T tokens from x, over all of k;
- * results to y[t * ldy + r].  R * T <= 6: the accumulators, 4 decoded
- * weight vectors (one row at a time), the scale and an activation fit in
- * the 16 registers.
+ * R rows r, r + rs, r + 2 rs, ... (relative to w->row0) x T tokens from x,
+ * over all of k; results to y[t * ldy + row].  R * T <= 6: the
+ * accumulators, 4 decoded weight vectors (one row at a time), a partial
+ * sum, the scale and an activation fit in the 16 registers.  Each 32
+ * values of a row are multiplied with the activations unscaled, summed in
+ * 8 lanes, and the 8 partial sums multiplied by their group's scale into
+ * the accumulator: one multiply per 32 values instead of one per value
+ * (groups are multiples of 32).
  */
-QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const int R,
+QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
                    const float *const *x, const int T, int64_t k, float *y, int64_t ldy)
 {
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
@@ -132,44 +182,46 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const in
 
 #pragma GCC unroll 6
     for (int i = 0; i < R; i++) {
-        int64_t row = w->row0 + r + i;
+        int64_t row = w->row0 + r + (int64_t)i * rs;
 
         wr[i] = w->w + moe_quant_data_bytes(q, row, k);
         sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
     }
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
-        __m256 acc[6][6];
+        int64_t g = kb / bc, gend = (g + 1) * bc;
+        __m256 acc[6][6], vs[6];
 
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++)
                 acc[i][t] = _mm256_setzero_ps();
-        /* groups are multiples of 32; a group straddling a K block is
-         * split */
-        for (int64_t c = kb; c < ke;) {
-            int64_t g = c / bc, ge = MOE_MIN(ke, (g + 1) * bc);
-            float scl[6];
-
 #pragma GCC unroll 6
-            for (int i = 0; i < R; i++)
-                scl[i] = qscale(q, sr[i], g);
-            for (; c < ge; c += 32) {
+        for (int i = 0; i < R; i++)
+            vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
+        for (int64_t c = kb; c < ke; c += 32) {
+            if (c == gend) {
+                /* the next group (one straddling a K block is split) */
+                g++;
+                gend += bc;
 #pragma GCC unroll 6
-                for (int i = 0; i < R; i++) {
-                    __m256 wv[4], vs = _mm256_set1_ps(scl[i]);
-
-                    qdecode32(q, wr[i], c, wv);
-#pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++) {
-                        __m256 wj = _mm256_mul_ps(wv[j], vs);
-
+                for (int i = 0; i < R; i++)
+                    vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
+            }
 #pragma GCC unroll 6
-                        for (int t = 0; t < T; t++)
-                            acc[i][t] =
-                                _mm256_fmadd_ps(wj, _mm256_load_ps(x[t] + c + 8 * j), acc[i][t]);
-                    }
+            for (int i = 0; i < R; i++) {
+                __m256 wv[4];
+
+                qdecode32(q, wr[i], c, wv);
+#pragma GCC unroll 6
+                for (int t = 0; t < T; t++) {
+                    __m256 p = _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
+
+                    p = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), p);
+                    p = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), p);
+                    p = _mm256_fmadd_ps(wv[3], _mm256_load_ps(x[t] + c + 24), p);
+                    acc[i][t] = _mm256_fmadd_ps(p, vs[i], acc[i][t]);
                 }
             }
         }
@@ -181,8 +233,22 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, const in
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
-            y[(size_t)t * ldy + r + i] = sum[i][t];
+            y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
 }
+
+/* Decode tiles of R rows x T tokens over nr rows: tile j takes rows j, j +
+ * s, j + 2s, ... (s = nr / R), so that each weight stream runs through s
+ * whole rows in order (as moe_cpu_dot_tiles does); the rest one at a
+ * time. */
+#define QDEC(q, w, nr, R, x, T, k, y, ldy)                                                         \
+    do {                                                                                           \
+        int s_ = (nr) / (R), r_ = 0;                                                               \
+                                                                                                   \
+        for (; r_ < s_; r_++)                                                                      \
+            qtile(q, w, r_, s_, R, x, T, k, y, ldy);                                               \
+        for (r_ = s_ * (R); r_ < (nr); r_++)                                                       \
+            qtile(q, w, r_, 1, 1, x, T, k, y, ldy);                                                \
+    } while (0)
 
 /* One format's kernel: tiles over rows and tokens. */
 QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
@@ -192,48 +258,57 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
     int r = 0;
 
     if (nt == 1) {
-        for (; r + 4 <= nr; r += 4)
-            qtile(q, w, r, 4, x, 1, k, y, ldy);
-        for (; r < nr; r++)
-            qtile(q, w, r, 1, x, 1, k, y, ldy);
+        QDEC(q, w, nr, 4, x, 1, k, y, ldy);
         return;
     }
     if (nt == 2) {
-        for (; r + 3 <= nr; r += 3)
-            qtile(q, w, r, 3, x, 2, k, y, ldy);
-        for (; r < nr; r++)
-            qtile(q, w, r, 1, x, 2, k, y, ldy);
+        QDEC(q, w, nr, 3, x, 2, k, y, ldy);
         return;
     }
-    if (nt == 3) {
-        for (; r + 2 <= nr; r += 2)
-            qtile(q, w, r, 2, x, 3, k, y, ldy);
-        for (; r < nr; r++)
-            qtile(q, w, r, 1, x, 3, k, y, ldy);
+    if (nt <= 8) {
+        /* a few tokens: 3 at a time (then 2 or 1), 2 rows per tile, the
+         * rows (in L2 after the first pass) swept again per chunk; the
+         * activations of a chunk are shared by the tile's rows */
+        for (int t = 0; t < nt; t += 3) {
+            const float *const *xt = x + t;
+            float *yt = y + (size_t)t * ldy;
+
+            switch (MOE_MIN(3, nt - t)) {
+            case 3:
+                QDEC(q, w, nr, 2, xt, 3, k, yt, ldy);
+                break;
+            case 2:
+                QDEC(q, w, nr, 3, xt, 2, k, yt, ldy);
+                break;
+            default:
+                QDEC(q, w, nr, 4, xt, 1, k, yt, ldy);
+                break;
+            }
+        }
         return;
     }
     for (; r < nr; r++) {
         int t = 0;
 
         for (; t + 6 <= nt; t += 6)
-            qtile(q, w, r, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
         /* the last tokens: a tile of their count (a constant, for the
          * unrolling) */
         switch (nt - t) {
         case 1:
-            qtile(q, w, r, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
             break;
         case 2:
-            qtile(q, w, r, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
             break;
         case 3:
-            qtile(q, w, r, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
             break;
         case 4:
-            qtile(q, w, r, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
             break;
         case 5:
-            qtile(q, w, r, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
             break;
         default:
             break;
@@ -268,6 +343,187 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
 #define MOE_CPU_QDOT_X86                                                                           \
     {                                                                                              \
         NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
+    }
+
+/*
+ * int8 activations (kernels.h, moe_cpu_prep_a8): R rows r, r + rs, ... x T
+ * tokens, INT8 or INT4 weights, as qtile.  Per block of 32: the weights as
+ * 32 bytes in the activations' order (int4: the low nibbles, then the high
+ * ones, unsigned 0..15; int8: even elements, then odd ones, by vpshufb and
+ * vpermq), multiplied with the int8 activations by vpmaddubsw (int8: |w|
+ * times x with w's sign; int4: the nibble, less 8 x the block's sums
+ * stored with the activations) and vpmaddwd: exact in int32 (|sums| <
+ * 2^15 per pair); converted, times the activations' scale, times the
+ * group's scale into the accumulator.
+ */
+QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                      const uint8_t *const *x, const int T, int64_t k, float *y, int64_t ldy)
+{
+    const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
+    const int bc = w->f.bcols;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
+                                        4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const uint8_t *wr[6], *sr[6];
+    float sum[6][6] = {{0}};
+
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++) {
+        int64_t row = w->row0 + r + (int64_t)i * rs;
+
+        wr[i] = w->w + moe_quant_data_bytes(q, row, k);
+        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * 4;
+    }
+    for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
+        int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
+        int64_t g = kb / bc, gend = (g + 1) * bc;
+        __m256 acc[6][6], vs[6];
+
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                acc[i][t] = _mm256_setzero_ps();
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+            vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+        for (int64_t c = kb; c < ke; c += 32) {
+            const uint8_t *xb[6];
+
+            if (c == gend) {
+                g++;
+                gend += bc;
+#pragma GCC unroll 6
+                for (int i = 0; i < R; i++)
+                    vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+            }
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                xb[t] = x[t] + c / 32 * MOE_CPU_A8_BLOCK;
+#pragma GCC unroll 6
+            for (int i = 0; i < R; i++) {
+                __m256i wv, ws = _mm256_setzero_si256();
+
+                if (q == MOE_QUANT_INT4) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
+
+                    wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+                } else {
+                    ws = _mm256_permute4x64_epi64(
+                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
+                        0xd8);
+                    wv = _mm256_abs_epi8(ws);
+                }
+#pragma GCC unroll 6
+                for (int t = 0; t < T; t++) {
+                    __m256i xq = _mm256_load_si256((const __m256i *)xb[t]), d;
+
+                    if (q == MOE_QUANT_INT4) {
+                        d = _mm256_sub_epi32(
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones),
+                            _mm256_load_si256((const __m256i *)(xb[t] + MOE_CPU_A8_CORR)));
+                    } else {
+                        d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_sign_epi8(xq, ws)),
+                                              ones);
+                    }
+                    acc[i][t] = _mm256_fmadd_ps(
+                        _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(d),
+                            _mm256_broadcast_ss((const float *)(xb[t] + MOE_CPU_A8_SCALE))),
+                        vs[i], acc[i][t]);
+                }
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                sum[i][t] += qhsum256(acc[i][t]);
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++)
+            y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
+}
+
+#define QDEC_A8(q, w, nr, R, x, T, k, y, ldy)                                                      \
+    do {                                                                                           \
+        int s_ = (nr) / (R), r_ = 0;                                                               \
+                                                                                                   \
+        for (; r_ < s_; r_++)                                                                      \
+            qtile_a8(q, w, r_, s_, R, x, T, k, y, ldy);                                            \
+        for (r_ = s_ * (R); r_ < (nr); r_++)                                                       \
+            qtile_a8(q, w, r_, 1, 1, x, T, k, y, ldy);                                             \
+    } while (0)
+
+/* The int8-activation kernel of one format: decode tiles as qdot_fmt's,
+ * then 1 row x up to 6 tokens. */
+QINLINE void qdot_a8_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
+                         const void *const *xv, int nt, float *y, int64_t ldy)
+{
+    const uint8_t *const *x = (const uint8_t *const *)xv;
+
+    if (nt <= 8) {
+        /* as qdot_fmt */
+        for (int t = 0; t < nt; t += 3) {
+            const uint8_t *const *xt = x + t;
+            float *yt = y + (size_t)t * ldy;
+
+            switch (MOE_MIN(3, nt - t)) {
+            case 3:
+                QDEC_A8(q, w, nr, 2, xt, 3, k, yt, ldy);
+                break;
+            case 2:
+                QDEC_A8(q, w, nr, 3, xt, 2, k, yt, ldy);
+                break;
+            default:
+                QDEC_A8(q, w, nr, 4, xt, 1, k, yt, ldy);
+                break;
+            }
+        }
+        return;
+    }
+    for (int r = 0; r < nr; r++) {
+        int t = 0;
+
+        for (; t + 6 <= nt; t += 6)
+            qtile_a8(q, w, r, 1, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
+        switch (nt - t) {
+        case 1:
+            qtile_a8(q, w, r, 1, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 2:
+            qtile_a8(q, w, r, 1, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 3:
+            qtile_a8(q, w, r, 1, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 4:
+            qtile_a8(q, w, r, 1, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
+            break;
+        case 5:
+            qtile_a8(q, w, r, 1, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+static void qdot_a8_int8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                         int nt, float *y, int64_t ldy)
+{
+    qdot_a8_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy);
+}
+
+static void qdot_a8_int4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                         int nt, float *y, int64_t ldy)
+{
+    qdot_a8_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy);
+}
+
+#define MOE_CPU_QDOT_A8_X86                                                                        \
+    {                                                                                              \
+        NULL, NULL, qdot_a8_int8, qdot_a8_int4, NULL                                               \
     }
 
 #endif

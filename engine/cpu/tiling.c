@@ -3,6 +3,9 @@
  * moe_cpu_dot_tiles).  Plain C: it only calls the variant's tile functions,
  * so one copy serves every instruction set.
  */
+#include <math.h>
+#include <string.h>
+
 #include "common.h"
 #include "dtype.h"
 #include "kernels.h"
@@ -63,4 +66,37 @@ void moe_cpu_round_f32(void *prepared, int64_t n_pad)
 
     for (int64_t i = 0; i < n_pad; i++)
         p[i] = moe_bf16_to_f32(moe_f32_to_bf16(p[i]));
+}
+
+void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst)
+{
+    for (int64_t b = 0; b < n_pad; b += 32) {
+        uint8_t *o = (uint8_t *)dst + b * 4;
+        float amax = 0.0f, d, id;
+        int32_t q[32], corr[8];
+        bool bad = false;
+
+        for (int j = 0; j < 32; j++) {
+            float v = b + j < n ? src[b + j] : 0.0f;
+
+            bad |= !isfinite(v);
+            amax = fabsf(v) > amax ? fabsf(v) : amax;
+        }
+        d = bad ? NAN : amax / 127.0f;
+        id = bad || amax == 0.0f ? 0.0f : 127.0f / amax;
+        for (int p = 0; p < 32; p++) {
+            /* position p holds element 2p (p < 16) or 2(p - 16) + 1 */
+            int64_t e = b + (p < 16 ? 2 * p : 2 * (p - 16) + 1);
+            float v = e < n ? src[e] * id : 0.0f;
+
+            q[p] = (int32_t)nearbyintf(v);
+            q[p] = q[p] > 127 ? 127 : q[p] < -127 ? -127 : q[p];
+            o[p] = (uint8_t)(int8_t)q[p];
+        }
+        for (int i = 0; i < 8; i++)
+            corr[i] = 8 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+        memcpy(o + MOE_CPU_A8_CORR, corr, sizeof(corr));
+        memcpy(o + MOE_CPU_A8_SCALE, &d, 4);
+        memset(o + MOE_CPU_A8_SCALE + 4, 0, MOE_CPU_A8_BLOCK - MOE_CPU_A8_SCALE - 4);
+    }
 }

@@ -25,11 +25,20 @@
  * and eff GB/s count the bytes as stored (values and scales), so eff/mem
  * says how close decode comes to streaming the stored bytes at the
  * machine's read bandwidth, whatever the format.  torch runs only for bf16.
+ * --clock cpu times every call and every bandwidth pass by the process's
+ * CPU time divided by the thread count instead of the wall clock: on a
+ * machine shared with other loads, both sides of eff/mem then count only
+ * the time this process ran (stalls on memory included), so the ratio
+ * holds where wall-clock ratios swing with the other loads.
+ * --act int8 runs int8 and int4 (each a second time, when the list also
+ * says exact) with int8 activations (struct moe_cpu_config.act_int8): the
+ * title says "int8 activations".
  *
  * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
- *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]
+ *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]]
+ *                      [--act exact|int8[,...]] [--clock wall|cpu] [--bandwidth]
  * --quick: tiny shapes (hidden 256, ffn 512) and a small buffer, about a
  * second, without torch unless --torch names one, every format unless
  * --dtype says; ctest runs it as a smoke test.  --bandwidth: only the read
@@ -42,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -68,8 +78,25 @@ struct opts {
     const char *torch; /* NULL: find one; "off": none; else a Python */
     struct moe_quant_fmt fmts[MOE_QUANT_COUNT]; /* formats to run; .q NONE: bf16 */
     int n_fmts;
+    bool act[2];         /* activations to run int8 and int4 with: [0] exact, [1] int8 */
+    bool cpu_time;       /* --clock cpu */
     bool bandwidth_only; /* --bandwidth: the read bandwidth alone */
 };
+
+/* --clock cpu: the thread count the process's CPU time is divided by; 0:
+ * the wall clock. */
+static int clock_threads;
+
+/* Now, by the clock --clock chose, in ns. */
+static uint64_t bench_ns(void)
+{
+    struct timespec ts;
+
+    if (!clock_threads)
+        return moe_now_ns();
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) / (uint64_t)clock_threads;
+}
 
 /* The formats --dtype names, with their scale blocks. */
 static const struct {
@@ -93,7 +120,8 @@ static void usage(void)
     fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
                     "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
-                    "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]\n");
+                    "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--act exact|int8[,...]] "
+                    "[--clock wall|cpu] [--bandwidth]\n");
     exit(2);
 }
 
@@ -128,6 +156,7 @@ static void parse(int argc, char **argv, struct opts *o)
     if (cpus > 1)
         o->threads[o->n_threads++] = (int)MOE_MIN(cpus, 256);
     o->prec[MOE_PRECISION_EXACT] = o->prec[MOE_PRECISION_BF16] = true;
+    o->act[0] = true;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bandwidth")) {
             o->bandwidth_only = true;
@@ -152,6 +181,26 @@ static void parse(int argc, char **argv, struct opts *o)
                     o->prec[MOE_PRECISION_EXACT] = true;
                 else if (len == 4 && !strncmp(s, "bf16", 4))
                     o->prec[MOE_PRECISION_BF16] = true;
+                else
+                    usage();
+                s += len + (s[len] == ',');
+            }
+        } else if (!strcmp(argv[i], "--clock") && i + 1 < argc) {
+            i++;
+            if (strcmp(argv[i], "wall") && strcmp(argv[i], "cpu"))
+                usage();
+            o->cpu_time = !strcmp(argv[i], "cpu");
+        } else if (!strcmp(argv[i], "--act") && i + 1 < argc) {
+            const char *s = argv[++i];
+
+            o->act[0] = o->act[1] = false;
+            while (*s) {
+                size_t len = strcspn(s, ",");
+
+                if (len == 5 && !strncmp(s, "exact", 5))
+                    o->act[0] = true;
+                else if (len == 4 && !strncmp(s, "int8", 4))
+                    o->act[1] = true;
                 else
                     usage();
                 s += len + (s[len] == ',');
@@ -321,10 +370,10 @@ static double mem_bandwidth(struct moe_threadpool *pool, const void *buf, size_t
     c.avx512 = __builtin_cpu_supports("avx512f");
 #endif
     for (int i = 0; i < passes; i++) {
-        uint64_t t0 = moe_now_ns(), dt;
+        uint64_t t0 = bench_ns(), dt;
 
         moe_threadpool_run(pool, (int)((bytes + c.chunk - 1) / c.chunk), bw_task, &c);
-        dt = moe_now_ns() - t0;
+        dt = bench_ns() - t0;
         if ((double)bytes / (double)dt > best)
             best = (double)bytes / (double)dt;
     }
@@ -413,10 +462,10 @@ static int bench_size(struct moe_backend *be, const struct moe_expert_weights *e
     memset(out, 0, (size_t)T * H * sizeof(float));
     r = be->ops->grouped_ffn(be, x, H, T, work, n_work, out);
     for (int i = 0; i < reps && r == 0; i++) {
-        uint64_t t0 = moe_now_ns();
+        uint64_t t0 = bench_ns();
 
         r = be->ops->grouped_ffn(be, x, H, T, work, n_work, out);
-        times[i] = moe_now_ns() - t0;
+        times[i] = bench_ns() - t0;
     }
     if (r < 0) {
         fprintf(stderr, "grouped_ffn: %s\n", strerror(-r));
@@ -565,9 +614,9 @@ static int run_torch(const char *python, const struct opts *o, int64_t H, int64_
 
 /* Runs every size and precision with threads threads and prints the table. */
 static int bench_threads(const struct opts *o, const struct moe_expert_weights *ex, int64_t H,
-                         void *bw_buf, size_t bw_bytes, int threads, const char *python)
+                         void *bw_buf, size_t bw_bytes, int threads, const char *python, bool a8)
 {
-    struct moe_cpu_config cfg = {.n_threads = threads, .kernel = o->kernel};
+    struct moe_cpu_config cfg = {.n_threads = threads, .kernel = o->kernel, .act_int8 = a8};
     struct moe_backend *be = NULL;
     struct moe_threadpool *pool = NULL;
     struct moe_error err = {0};
@@ -582,6 +631,7 @@ static int bench_threads(const struct opts *o, const struct moe_expert_weights *
         fprintf(stderr, "bench-cpu-ffn: %s\n", err.msg);
         return -1;
     }
+    clock_threads = o->cpu_time ? threads : 0;
     if (moe_threadpool_init(threads, &pool) < 0)
         goto out;
     bw = mem_bandwidth(pool, bw_buf, bw_bytes, passes);
@@ -607,10 +657,11 @@ static int bench_threads(const struct opts *o, const struct moe_expert_weights *
     if (python && ex[0].quant.q == MOE_QUANT_NONE)
         have_torch = run_torch(python, o, H, ex[0].ffn, threads, trow, tver, sizeof(tver)) == 0;
 
-    printf("\n%s weights, %d thread%s, kernel %s; memory read bandwidth: %d threads streaming a "
-           "%zu MiB buffer, best of %d passes before and after each size\n",
-           fmt_name(&ex[0].quant), threads, threads > 1 ? "s" : "", moe_backend_cpu_kernel(be),
-           threads, bw_bytes >> 20, passes);
+    printf("\n%s weights%s, %d thread%s, kernel %s; memory read bandwidth: %d threads streaming a "
+           "%zu MiB buffer, best of %d passes before and after each size%s\n",
+           fmt_name(&ex[0].quant), a8 ? ", int8 activations" : "", threads, threads > 1 ? "s" : "",
+           moe_backend_cpu_kernel(be), threads, bw_bytes >> 20, passes,
+           clock_threads ? "; times: CPU time per thread" : "");
     printf("torch: %s\n", have_torch                        ? tver
                           : ex[0].quant.q != MOE_QUANT_NONE ? "not run (bf16 only)"
                           : python                          ? "failed (see above)"
@@ -818,9 +869,17 @@ int main(int argc, char **argv)
                    "eff/mem and GFLOP/s from the faster precision\n");
             printf("torch's block: %s\n", torch ? python : "not run");
         }
-        for (int i = 0; i < o.n_threads; i++)
-            if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL) < 0)
-                goto out;
+        for (int a = 0; a < 2; a++) {
+            bool has_a8 = f->q == MOE_QUANT_INT8 || f->q == MOE_QUANT_INT4;
+
+            /* exact: always for the other formats */
+            if (a ? !(o.act[1] && has_a8) : !(o.act[0] || !has_a8))
+                continue;
+            for (int i = 0; i < o.n_threads; i++)
+                if (bench_threads(&o, ex, H, bw_buf, bw_bytes, o.threads[i], torch ? python : NULL,
+                                  a == 1) < 0)
+                    goto out;
+        }
         for (int e = 0; e < N_EXPERTS; e++)
             for (int m = 0; m < 6; m++) {
                 be->ops->mem_free(be, mats[e][m]);

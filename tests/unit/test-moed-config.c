@@ -150,6 +150,22 @@ static void test_check_cap(void)
     moed_config_check_clear(&k);
 }
 
+/* [compute] int8_activations: off by default, a boolean, refused otherwise. */
+static void test_int8_activations(void)
+{
+    struct moed_config c;
+    struct moe_error err = {0};
+
+    moed_config_init(&c);
+    ASSERT_TRUE(!c.int8_activations);
+    ASSERT_EQ(moed_config_parse(&c, "[compute]\nint8_activations = true\n", "t.conf", &err), 0);
+    ASSERT_TRUE(c.int8_activations);
+    ASSERT_EQ(moed_config_parse(&c, "[compute]\nint8_activations = maybe\n", "t.conf", &err),
+              -EINVAL);
+    ASSERT_CONTAINS(err.msg, "t.conf:2: compute: int8_activations");
+    moed_config_clear(&c);
+}
+
 int main(void)
 {
     char cmd[128];
@@ -161,6 +177,7 @@ int main(void)
     test_check_every_error();
     test_check_missing_file();
     test_check_cap();
+    test_int8_activations();
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0)
         fprintf(stderr, "could not remove %s\n", tmpdir);

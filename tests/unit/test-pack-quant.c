@@ -5,7 +5,8 @@
  * (moe_pack_verify against the checkpoint re-derives them), the store
  * serves a layer that matches an fp64 reference on its dequantized bytes
  * (1e-5 relative), and the error against the bf16 layer is reported per
- * format (fp8 as published, int8, int4).  Bad input: a group that does not
+ * format (fp8 as published, int8, int4).  Llama 4's and gpt-oss's
+ * transposed experts quantized along their plain rows.  Bad input: a group that does not
  * divide the columns, an already quantized source, a bad "quantization"
  * in moe-pack.json, a flipped byte (checksums), a store checked against
  * another checkpoint.
@@ -20,6 +21,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "dtype.h"
 #include "genmodel.h"
 #include "layer.h"
 #include "model.h"
@@ -247,6 +249,154 @@ static void test_family(enum moe_arch a)
     free(f8);
 }
 
+/* ---- transposed experts ------------------------------------------------------------ */
+
+/*
+ * Llama 4's and gpt-oss's fused experts are stored transposed (gate_up
+ * [E, H, 2F], gpt-oss's with gate and up interleaved; down [E, F, H]); the
+ * store holds them plain, quantized along each plain row (the reduction
+ * dimension of the rows the kernels read).  Checked independently of the
+ * packer's untransposing: each row is gathered from the checkpoint's bytes
+ * here, quantized with moe_quant_row and compared with the store's bytes;
+ * moe_pack_verify agrees; the store serves the layer within each format's
+ * error of the bf16 checkpoint (a wrong axis gives errors of order 1).
+ */
+static void test_transposed(enum moe_arch a, enum moe_quant q, int group)
+{
+    struct moe_genmodel_opts o;
+    struct moe_error err = {0};
+    char *ck_dir = test_tmpdir("pq-t-ck"), *st;
+    struct moe_model *ck, *st_m;
+    struct moe_engine *e;
+    float x[T * 256], yb[T * 256], y[T * 256], w[T * 2];
+    int32_t ids[T * 2];
+    uint64_t seed = 5;
+    int layer = -1, H, F, checked = 0;
+    double r;
+
+    moe_genmodel_defaults(a, &o);
+    o.out_dir = ck_dir;
+    o.n_layers = 2;
+    o.n_experts = 4;
+    o.top_k = 2;
+    o.hidden = 256;
+    o.ffn = 128;
+    o.dtype = MOE_DTYPE_BF16;
+    o.seed = 3;
+    if (moe_genmodel_write(&o, &err) < 0)
+        FAIL("genmodel %s: %s", moe_arch_name(a), err.msg);
+    st = pack(ck_dir, q, group, "pq-t-st");
+    verify_ok(st, ck_dir);
+    if (moe_model_open(ck_dir, &ck, &err) < 0 || moe_model_open(st, &st_m, &err) < 0)
+        FAIL("%s", err.msg);
+    H = ck->cfg.hidden;
+    F = ck->cfg.expert_ffn;
+    for (int i = 0; i < ck->cfg.n_layers; i++) {
+        if (!ck->layers[i].is_moe)
+            continue;
+        layer = i;
+        for (int ex = 0; ex < ck->cfg.n_experts; ex++) {
+            const struct moe_expert_ref *cx = &ck->layers[i].experts[ex];
+            const struct moe_expert_ref *sx = &st_m->layers[i].experts[ex];
+            const struct moe_tensor_ref *st_t[6];
+            uint16_t *gu = malloc((size_t)(2 * F * H) * 2), *dn = malloc((size_t)(F * H) * 2);
+
+            ASSERT_TRUE(gu && dn);
+            ASSERT_TRUE(cx->transposed);
+            ASSERT_EQ(cx->interleaved, a == MOE_ARCH_GPT_OSS);
+            ASSERT_EQ(sx->quant.q, q);
+            ASSERT_EQ(moe_expert_tensors(sx, st_t), 6);
+            /* gate's bytes then up's are the [H, 2F] matrix; down [F, H] */
+            ASSERT_EQ(moe_model_read(ck, &cx->gate, gu, &err), 0);
+            ASSERT_EQ(moe_model_read(ck, &cx->up, (uint8_t *)gu + cx->gate.nbytes, &err), 0);
+            ASSERT_EQ(moe_model_read(ck, &cx->down, dn, &err), 0);
+            for (int k = 0; k < 3; k++) {
+                int64_t rows = k < 2 ? F : H, cols = k < 2 ? H : F;
+                uint64_t rb = moe_quant_data_bytes(q, 1, cols);
+                uint8_t *got = malloc(st_t[k]->nbytes), *want = malloc(rb);
+                float *gs = malloc(st_t[k + 3]->nbytes), *ws = malloc((size_t)(cols / group) * 4);
+                float *row = malloc((size_t)cols * 4);
+
+                ASSERT_TRUE(got && want && gs && ws && row);
+                ASSERT_EQ(st_t[k]->rows, rows);
+                ASSERT_EQ(st_t[k]->cols, cols);
+                ASSERT_EQ(moe_model_read(st_m, st_t[k], got, &err), 0);
+                ASSERT_EQ(moe_model_read(st_m, st_t[k + 3], gs, &err), 0);
+                for (int64_t rr = 0; rr < rows; rr++) {
+                    for (int64_t c = 0; c < cols; c++) {
+                        size_t src;
+
+                        if (k == 2)
+                            src = (size_t)(c * H + rr); /* down: [F, H] stored */
+                        else if (a == MOE_ARCH_GPT_OSS)
+                            src = (size_t)(c * 2 * F + 2 * rr + k); /* gate even, up odd */
+                        else
+                            src = (size_t)(c * 2 * F + k * F + rr); /* gate, then up */
+                        row[c] = moe_bf16_to_f32(k == 2 ? dn[src] : gu[src]);
+                    }
+                    moe_quant_row(q, group, row, cols, want, ws);
+                    if (memcmp(want, got + rr * rb, rb) != 0 ||
+                        memcmp(ws, gs + rr * (cols / group), (size_t)(cols / group) * 4) != 0)
+                        FAIL("%s %s/%d: layer %d expert %d part %d row %lld: not the "
+                             "quantization of the checkpoint's row",
+                             moe_arch_name(a), moe_quant_name(q), group, i, ex, k, (long long)rr);
+                    checked++;
+                }
+                free(got);
+                free(want);
+                free(gs);
+                free(ws);
+                free(row);
+            }
+            free(gu);
+            free(dn);
+        }
+    }
+    ASSERT_TRUE(layer >= 0 && checked > 0);
+    moe_model_free(st_m);
+
+    /* served: the checkpoint's layer and the store's, routed alike */
+    ASSERT_EQ(moe_engine_init(ck, be, &e), 0);
+    for (int i = 0; i < T * H; i++)
+        x[i] = test_rand_f32(&seed) * 2;
+    ASSERT_EQ(moe_layer_route(e, layer, x, T, ids, w, &err), 0);
+    ASSERT_EQ(moe_layer_forward_ex(e,
+                                   &(struct moe_layer_args){.layer = layer,
+                                                            .x = x,
+                                                            .n_tokens = T,
+                                                            .ids = ids,
+                                                            .weights = w,
+                                                            .flags = MOE_FWD_SKIP_SHARED,
+                                                            .out = yb},
+                                   NULL, &err),
+              0);
+    moe_engine_free(e);
+    if (moe_model_open(st, &st_m, &err) < 0)
+        FAIL("%s", err.msg);
+    ASSERT_EQ(moe_engine_init(st_m, be, &e), 0);
+    ASSERT_EQ(moe_layer_forward_ex(e,
+                                   &(struct moe_layer_args){.layer = layer,
+                                                            .x = x,
+                                                            .n_tokens = T,
+                                                            .ids = ids,
+                                                            .weights = w,
+                                                            .flags = MOE_FWD_SKIP_SHARED,
+                                                            .out = y},
+                                   NULL, &err),
+              0);
+    moe_engine_free(e);
+    r = rel_err(y, yb, (size_t)T * H);
+    printf("%-12s transposed, %s/%d: %d rows as the checkpoint's, error against bf16 %.4f\n",
+           moe_arch_name(a), moe_quant_name(q), group, checked, r);
+    ASSERT_TRUE(r < (q == MOE_QUANT_INT4 ? 0.3 : 0.1));
+    moe_model_free(st_m);
+    moe_model_free(ck);
+    test_rmtree(st);
+    test_rmtree(ck_dir);
+    free(st);
+    free(ck_dir);
+}
+
 /* ---- bad input --------------------------------------------------------------------- */
 
 static void edit_index(const char *dir, const char *key, json_t *v)
@@ -379,6 +529,10 @@ int main(void)
     test_bad();
     for (size_t i = 0; i < MOE_ARRAY_SIZE(fams); i++)
         test_family(fams[i]);
+    test_transposed(MOE_ARCH_LLAMA4, MOE_QUANT_INT8, 128);
+    test_transposed(MOE_ARCH_LLAMA4, MOE_QUANT_INT4, 32);
+    test_transposed(MOE_ARCH_GPT_OSS, MOE_QUANT_INT8, 32);
+    test_transposed(MOE_ARCH_GPT_OSS, MOE_QUANT_INT4, 32);
     moe_backend_free(be);
     printf("pack-quant: ok\n");
     return 0;

@@ -7,9 +7,17 @@
  * every kernel variant the CPU has and 1-3 threads, against an fp64
  * reference on the dequantized weights (relative L2 1e-5), bit-identical
  * for any thread count and for a token alone or in a batch; and a
- * reference with one scale wrong fails that check.
+ * reference with one scale wrong fails that check.  int8 activations
+ * (moe_cpu_config.act_int8): moe_cpu_prep_a8 against its definition (each
+ * value within half a step of the block's scale max |x| / 127, NaN
+ * carried), the qdot_a8 kernels of every variant the CPU has against an
+ * fp64 reference on the dequantized weights and the dequantized int8
+ * activations (1e-5 relative to the sum of |products|), a token alone as
+ * in a batch; and grouped_ffn with them against the exact fp64 reference
+ * (its error reported, bounded by 2e-2), bit-identical for 1-3 threads.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +25,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "cpu/kernels.h"
 #include "quant.h"
 #include "tests.h"
 
@@ -441,6 +450,218 @@ static void test_ffn(void)
     }
 }
 
+/* ---- int8 activations ------------------------------------------------------------- */
+
+/* Element e of a row prepared by moe_cpu_prep_a8, dequantized. */
+static double a8_value(const uint8_t *row, int64_t e)
+{
+    const uint8_t *blk = row + e / 32 * MOE_CPU_A8_BLOCK;
+    int j = (int)(e % 32), p = j % 2 ? 16 + j / 2 : j / 2;
+    float d;
+
+    memcpy(&d, blk + MOE_CPU_A8_SCALE, 4);
+    return (double)(int8_t)blk[p] * d;
+}
+
+static void test_a8_prep(void)
+{
+    enum { N = 100, NP = 128 };
+    float x[N];
+    uint8_t *row = moe_alloc_aligned(NP * 4);
+    uint64_t seed = 7;
+
+    ASSERT_TRUE(row != NULL);
+    for (int i = 0; i < N; i++)
+        x[i] = test_rand_f32(&seed) * (i < 32 ? 1e-3f : 5.0f);
+    for (int i = 32; i < 64; i++)
+        x[i] = 0.0f; /* an all-zero block */
+    moe_cpu_prep_a8(x, N, NP, row);
+    for (int b = 0; b < NP / 32; b++) {
+        float d, amax = 0;
+        int32_t corr[8];
+        const uint8_t *blk = row + b * MOE_CPU_A8_BLOCK;
+
+        for (int j = 0; j < 32; j++)
+            if (b * 32 + j < N)
+                amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        memcpy(&d, blk + MOE_CPU_A8_SCALE, 4);
+        ASSERT_TRUE(d == amax / 127.0f);
+        memcpy(corr, blk + MOE_CPU_A8_CORR, sizeof(corr));
+        for (int i = 0; i < 8; i++)
+            ASSERT_EQ(corr[i], 8 * ((int8_t)blk[4 * i] + (int8_t)blk[4 * i + 1] +
+                                    (int8_t)blk[4 * i + 2] + (int8_t)blk[4 * i + 3]));
+        for (int j = 0; j < 32; j++) {
+            int64_t e = b * 32 + j;
+            double v = e < N ? x[e] : 0.0;
+
+            if (!(fabs(a8_value(row, e) - v) <= 0.5 * d * (1 + 1e-6)))
+                FAIL("prep_a8: element %lld: %g for %g (step %g)", (long long)e, a8_value(row, e),
+                     v, (double)d);
+        }
+    }
+    x[70] = NAN;
+    moe_cpu_prep_a8(x, N, NP, row);
+    ASSERT_TRUE(isnan(a8_value(row, 70)) && isnan(a8_value(row, 64)));
+    ASSERT_TRUE(!isnan(a8_value(row, 0)) && !isnan(a8_value(row, 96)));
+    moe_free_aligned(row);
+}
+
+/* The qdot_a8 kernel of variant k on one case, against fp64. */
+static void a8_kernel_case(const struct moe_cpu_kernel *kern, const struct moe_quant_fmt *f,
+                           int64_t rows, int64_t cols, int nr, int nt, double *worst)
+{
+    uint64_t seed = 99 + (uint64_t)cols + (uint64_t)nt;
+    struct qmat m;
+    uint8_t *xa[16];
+    float *xf = malloc((size_t)cols * sizeof(float)), *y = malloc((size_t)nt * rows * 4);
+    float y1[64];
+    int64_t row0 = rows - nr;
+    struct moe_cpu_qw qw;
+
+    ASSERT_TRUE(xf && y && nt <= 16 && nr <= 64);
+    qmat_init(&m, f, rows, cols, &seed);
+    qw = (struct moe_cpu_qw){.f = *f, .w = m.w, .s = m.s, .row0 = row0};
+    for (int t = 0; t < nt; t++) {
+        xa[t] = moe_alloc_aligned((size_t)moe_cpu_kpad(cols) * 4);
+        ASSERT_TRUE(xa[t] != NULL);
+        for (int64_t i = 0; i < cols; i++)
+            xf[i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
+        moe_cpu_prep_a8(xf, cols, moe_cpu_kpad(cols), xa[t]);
+    }
+    kern->qdot_a8[f->q](&qw, nr, cols, (const void *const *)xa, nt, y, rows);
+    for (int t = 0; t < nt; t++) {
+        for (int r = 0; r < nr; r++) {
+            double ref = 0, mag = 0, e;
+
+            for (int64_t i = 0; i < cols; i++) {
+                double p = m.ref[(row0 + r) * cols + i] * a8_value(xa[t], i);
+
+                ref += p;
+                mag += fabs(p);
+            }
+            e = fabs(y[(size_t)t * rows + r] - ref) / (mag > 0 ? mag : 1);
+            if (!(e <= TOL))
+                FAIL("%s qdot_a8 %s/%d, %lld x %lld, rows %d, %d tokens: row %d token %d: %.9g "
+                     "for %.9g (error %.3g)",
+                     kern->name, moe_quant_name(f->q), f->bcols, (long long)rows, (long long)cols,
+                     nr, nt, r, t, (double)y[(size_t)t * rows + r], ref, e);
+            *worst = fmax(*worst, e);
+        }
+        /* the token alone: the same bits */
+        kern->qdot_a8[f->q](&qw, nr, cols, (const void *const *)&xa[t], 1, y1, 64);
+        if (memcmp(y1, y + (size_t)t * rows, (size_t)nr * 4) != 0)
+            FAIL("%s qdot_a8 %s: token %d alone differs from the batch of %d", kern->name,
+                 moe_quant_name(f->q), t, nt);
+    }
+    for (int t = 0; t < nt; t++)
+        moe_free_aligned(xa[t]);
+    qmat_free(&m);
+    free(xf);
+    free(y);
+}
+
+static void test_a8_kernels(void)
+{
+    static const struct moe_quant_fmt fmts[] = {{MOE_QUANT_INT8, 1, 128},
+                                                {MOE_QUANT_INT8, 1, 96},
+                                                {MOE_QUANT_INT4, 1, 32},
+                                                {MOE_QUANT_INT4, 1, 64}};
+    static const struct {
+        int64_t cols;
+        int nr, nt;
+    } shapes[] = {{256, 64, 1},  {256, 13, 2}, {2080, 64, 3}, {2080, 7, 4}, {1088, 64, 5},
+                  {1088, 64, 8}, {256, 5, 13}, {1056, 64, 2}, {1056, 7, 6}};
+    const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_avx2, &moe_cpu_kernel_avx512};
+    struct moe_cpu_kernel_info info[3];
+    int n = moe_backend_cpu_kernels(info, 3);
+
+    for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
+        bool avail = false;
+
+        for (int i = 0; i < n; i++)
+            if (!strcmp(info[i].name, kerns[k]->name))
+                avail = info[i].available;
+        if (!avail) {
+            printf("int8 activations: skipping kernel %s: this CPU lacks its instructions\n",
+                   kerns[k]->name);
+            continue;
+        }
+        ASSERT_TRUE(!kerns[k]->qdot_a8[MOE_QUANT_FP8] && !kerns[k]->qdot_a8[MOE_QUANT_MXFP4]);
+        for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
+            double worst = 0;
+            int ran = 0;
+
+            for (size_t s = 0; s < MOE_ARRAY_SIZE(shapes); s++)
+                if (shapes[s].cols % fmts[i].bcols == 0) {
+                    a8_kernel_case(kerns[k], &fmts[i], 64 + 5, shapes[s].cols, shapes[s].nr,
+                                   shapes[s].nt, &worst);
+                    ran++;
+                }
+            ASSERT_TRUE(ran >= 2);
+            printf("int8 activations: %s %s/%d kernel: worst error %.2g (of the sum of "
+                   "|products|)\n",
+                   kerns[k]->name, moe_quant_name(fmts[i].q), fmts[i].bcols, worst);
+        }
+    }
+    ASSERT_TRUE(moe_cpu_kernel_generic.qdot_a8[MOE_QUANT_INT8] == NULL);
+}
+
+/* grouped_ffn with int8 activations: close to exact, bit-identical across
+ * thread counts. */
+static void test_a8_ffn(void)
+{
+    static const struct qcase cases[] = {{{MOE_QUANT_INT8, 1, 128}, 256, 320, 3},
+                                         {{MOE_QUANT_INT4, 1, 32}, 1088, 160, 9},
+                                         {{MOE_QUANT_INT4, 1, 64}, 256, 320, 1}};
+
+    for (size_t ci = 0; ci < MOE_ARRAY_SIZE(cases); ci++) {
+        const struct qcase *c = &cases[ci];
+        size_t n = (size_t)c->n_tokens * c->hidden;
+        float *out = malloc(n * sizeof(float)), *first = malloc(n * sizeof(float));
+        struct qbatch b;
+        double *ref;
+
+        ASSERT_TRUE(out && first);
+        qbatch_init(&b, c, 3000 + ci);
+        ref = qbatch_ref(&b, c, 1.0);
+        for (int k = 1; k < N_KERNELS; k++) {
+            double e = 0;
+
+            for (int t = 0; t < N_THREADS; t++) {
+                struct moe_cpu_config cfg = {
+                    .n_threads = thread_counts[t], .kernel = kernel_names[k], .act_int8 = true};
+                struct moe_backend *be;
+                struct moe_error err = {0};
+
+                if (moe_backend_cpu_init(&cfg, &be, &err) == -ENOTSUP)
+                    break;
+                memcpy(out, b.out0, n * sizeof(float));
+                ASSERT_EQ(be->ops->grouped_ffn(be, b.x, c->hidden, c->n_tokens, b.work, N_EXP, out),
+                          0);
+                moe_backend_free(be);
+                e = test_rel_l2_f32(out, ref, n);
+                if (!(e <= 2e-2) || !(e > TOL))
+                    FAIL("%s %s/%d with int8 activations: relative error %.3g against the exact "
+                         "reference (expected the int8 error: above %g, below 2e-2)",
+                         kernel_names[k], moe_quant_name(c->f.q), c->f.bcols, e, TOL);
+                if (t == 0)
+                    memcpy(first, out, n * sizeof(float));
+                else if (memcmp(first, out, n * sizeof(float)) != 0)
+                    FAIL("%s %s with int8 activations: %d threads differ from 1 in the bits",
+                         kernel_names[k], moe_quant_name(c->f.q), thread_counts[t]);
+            }
+            if (e > 0)
+                printf("int8 activations: %s %s/%d, %d tokens: relative error %.2g against the "
+                       "exact layer\n",
+                       kernel_names[k], moe_quant_name(c->f.q), c->f.bcols, c->n_tokens, e);
+        }
+        free(ref);
+        free(out);
+        free(first);
+        qbatch_free(&b);
+    }
+}
+
 /* Malformed quantized work items are refused. */
 static void test_bad_args(void)
 {
@@ -486,6 +707,9 @@ int main(void)
         }
     test_bad_args();
     test_ffn();
+    test_a8_prep();
+    test_a8_kernels();
+    test_a8_ffn();
     for (int k = 0; k < N_KERNELS; k++)
         for (int t = 0; t < N_THREADS; t++)
             moe_backend_free(backends[k][t]);
