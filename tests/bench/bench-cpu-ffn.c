@@ -26,7 +26,7 @@
  * says how close decode comes to streaming the stored bytes at the
  * machine's read bandwidth, whatever the format.  torch runs only for bf16.
  *
- * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
+ * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
  *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]
@@ -90,7 +90,7 @@ static const char *fmt_name(const struct moe_quant_fmt *f)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
+    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
                     "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
                     "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--bandwidth]\n");
