@@ -126,7 +126,7 @@ static const struct key keys[] = {
     {"cluster", "nccl_device", K_INT, OFF(nccl_device), -1, 1023,
      "CUDA device for NCCL (default: the first of gpus, else 0)"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
-    {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2 or avx512"},
+    {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2, avx512 or onednn"},
     {"compute", "gpus", K_STR, OFF(gpus), 0, 0,
      "CUDA devices to compute on, e.g. 0 (default: none, the CPU)"},
     {"compute", "gpu_cache_bytes", K_BYTES, OFF(gpu_cache_bytes), 0, 0,

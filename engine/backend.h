@@ -162,6 +162,11 @@ int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **
  * "generic"; "onednn" runs moed's best kernel for everything but prefill). */
 const char *moe_backend_cpu_kernel(const struct moe_backend *b);
 
+/* The kernel in words, for benchmarks and logs: the name, and for onednn
+ * moed's kernel beside it, oneDNN's version, its instruction set and its
+ * matmul implementation here. */
+const char *moe_backend_cpu_describe(const struct moe_backend *b);
+
 static inline void moe_backend_free(struct moe_backend *b)
 {
     if (b)

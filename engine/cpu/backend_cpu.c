@@ -7,11 +7,43 @@
  * SwiGLU intermediate, pointer tables, one output tile buffer per thread).
  * Memory from alloc is plain 64-byte aligned host memory.
  *
- * Kernel variant: cfg->kernel ("generic", "avx2", "avx512") if set and not
- * "auto", else the environment variable MOE_CPU_KERNEL (same names), else
- * the best the CPU supports.  "avx512" needs AVX-512 F/BW/VL/DQ/BF16, FMA
- * and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a variant the CPU
- * lacks fails with -ENOTSUP.
+ * Kernel variant: cfg->kernel ("generic", "avx2", "avx512", "onednn") if
+ * set and not "auto", else the environment variable MOE_CPU_KERNEL (same
+ * names), else the best the CPU supports.  "avx512" needs AVX-512
+ * F/BW/VL/DQ/BF16, FMA and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a
+ * variant the CPU lacks fails with -ENOTSUP.
+ *
+ * oneDNN (onednn.h; only where CMake found libdnnl, MOE_HAVE_ONEDNN): not a
+ * kernel table but a path beside one.  "onednn" takes moed's best variant
+ * for everything and oneDNN's matmul for the work items that have bf16
+ * weights, compute_precision bf16 and at least DN_MIN_TOKENS tokens
+ * (prefill; MOE_ONEDNN_MIN_TOKENS, a test hook, moves it).  "auto" adds it
+ * where the CPU has AVX-512 BF16 or AMX-BF16 and oneDNN reports that it uses
+ * them (dnnl_get_effective_cpu_isa; oneDNN requests the AMX tile state from
+ * Linux, ARCH_REQ_XCOMP_PERM, itself); on AVX2 oneDNN 2.6 has no bf16 matmul
+ * and its fp32 one on widened weights is slower than ours, so "auto" keeps
+ * moed's kernels there.  exact precision never uses it: oneDNN 2.6 has no
+ * matmul of fp32 activations with bf16 weights.  Such an item, in the same
+ * three loops:
+ *   0'. one task per item gathers its tokens' x, rounded to bf16, into
+ *      [m, hidden] rows (m: its token count rounded up to DN_MPAD, rows past
+ *      the tokens zero, so that few shapes need a compiled primitive);
+ *   1'. tasks (item, block of DN_FBLK ffn rows): one oneDNN GEMM each for
+ *      gate and up over the block's rows as stored (oneDNN repacks them),
+ *      then biases and activation exactly as in 1., into the item's bf16
+ *      SwiGLU rows [m, ffn];
+ *   2'. in phase 2's task for hidden block h, at the item's turn: one GEMM
+ *      of its SwiGLU rows with the block's down rows, added to out as in 2.
+ * Every GEMM runs single-threaded on the pool thread of its task, with a
+ * primitive made for one thread, so the arithmetic per element depends on
+ * the shape only: results stay bit-identical for any thread count.  A
+ * token's result alone may differ in its last bits from the same token in a
+ * batch (m differs, and oneDNN may block K by m; the fp32 matmul of AVX2
+ * machines does not: tested), and differs from moed's kernels' (another
+ * summation order), both within the bf16 contract.  Primitives are made
+ * before the loops on the calling thread; a oneDNN failure in phase 1 leaves
+ * out untouched and is returned, one in phase 2 (not expected once the
+ * primitives exist) is returned with out partly updated.
  *
  * grouped_ffn runs in three parallel loops:
  *   0. prepare every token's x in the layout the kernel reads, once per
@@ -129,8 +161,9 @@ struct cpu_backend {
 
     /* oneDNN prefill path (NULL: moed's kernels only) */
     struct moe_onednn *dn;
-    int dn_min_tokens;    /* work items with at least this many tokens use it */
-    struct scratch dnbuf; /* under lock: per oneDNN item, its x and SwiGLU rows */
+    char dn_describe[256]; /* moe_backend_cpu_describe */
+    int dn_min_tokens;     /* work items with at least this many tokens use it */
+    struct scratch dnbuf;  /* under lock: per oneDNN item, its x and SwiGLU rows */
 };
 
 /* ---- memory ----------------------------------------------------------------- */
@@ -1133,7 +1166,11 @@ static int init_onednn(struct cpu_backend *cb, int dn, struct moe_error *err)
         if (dn == 2 && !moe_onednn_fast(cb->dn)) {
             moe_onednn_free(cb->dn);
             cb->dn = NULL;
+            return 0;
         }
+        snprintf(cb->dn_describe, sizeof(cb->dn_describe),
+                 "onednn (%s; from %d tokens per expert, else %s)", moe_onednn_describe(cb->dn),
+                 cb->dn_min_tokens, cb->k->name);
     }
 #else
     (void)err;
@@ -1235,4 +1272,11 @@ const char *moe_backend_cpu_kernel(const struct moe_backend *b)
     const struct cpu_backend *cb = b->priv;
 
     return cb->dn ? "onednn" : cb->k->name;
+}
+
+const char *moe_backend_cpu_describe(const struct moe_backend *b)
+{
+    const struct cpu_backend *cb = b->priv;
+
+    return cb->dn ? cb->dn_describe : cb->k->name;
 }

@@ -609,7 +609,7 @@ static int bench_threads(const struct opts *o, const struct moe_expert_weights *
 
     printf("\n%s weights, %d thread%s, kernel %s; memory read bandwidth: %d threads streaming a "
            "%zu MiB buffer, best of %d passes before and after each size\n",
-           fmt_name(&ex[0].quant), threads, threads > 1 ? "s" : "", moe_backend_cpu_kernel(be),
+           fmt_name(&ex[0].quant), threads, threads > 1 ? "s" : "", moe_backend_cpu_describe(be),
            threads, bw_bytes >> 20, passes);
     printf("torch: %s\n", have_torch                        ? tver
                           : ex[0].quant.q != MOE_QUANT_NONE ? "not run (bf16 only)"

@@ -807,6 +807,11 @@ int main(void)
                 FAIL("moe_backend_cpu_init(%s, %d threads): %d %s", kernel_names[k],
                      thread_counts[t], r, err.msg);
             ASSERT_STREQ(moe_backend_cpu_kernel(backends[k][t]), kernel_names[k]);
+            if (k == K_ONEDNN) {
+                ASSERT_CONTAINS(moe_backend_cpu_describe(backends[k][t]), "oneDNN");
+                if (t == 0)
+                    printf("onednn: %s\n", moe_backend_cpu_describe(backends[k][t]));
+            }
             available++;
         }
     }
