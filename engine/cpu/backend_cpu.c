@@ -511,6 +511,7 @@ static void act_rows(const struct moe_cpu_kernel *k, const struct moe_expert_wei
     }
 }
 
+#ifdef MOE_HAVE_ONEDNN
 /* Records a oneDNN failure; the first one is returned. */
 static void dn_fail(struct ffn_ctx *c, int r)
 {
@@ -519,7 +520,6 @@ static void dn_fail(struct ffn_ctx *c, int r)
     __atomic_compare_exchange_n(&c->dn_err, &zero, r, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 
-#ifdef MOE_HAVE_ONEDNN
 /* Phase 1 of a oneDNN item: ffn rows [DN_FBLK blk, + DN_FBLK). */
 static void ffn_up_dn(struct ffn_ctx *c, int i, int64_t blk, int thread)
 {
@@ -1091,11 +1091,12 @@ static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_ke
     }
     if (want && !strcmp(want, "onednn")) {
 #ifndef MOE_HAVE_ONEDNN
-        return moe_error_set(err, -ENOTSUP,
-                             "CPU kernel 'onednn' (from %s): this moed was built without oneDNN "
-                             "(libdnnl-dev was not found when it was configured); use 'auto', "
-                             "'avx2' or 'generic'",
-                             from);
+        return moe_error_set(
+            err, -ENOTSUP,
+            "CPU kernel 'onednn' (from %s): this moed was built without oneDNN "
+            "(libdnnl-dev not found at configure time, or MOED_ONEDNN=OFF); use 'auto', "
+            "'avx2' or 'generic'",
+            from);
 #else
         *dn = 1;
         want = NULL; /* moed's best kernel for everything else */
