@@ -580,6 +580,65 @@ static void test_ffn(void)
                        worst[k][p][MOE_DTYPE_F32]);
 }
 
+/*
+ * onednn's default threshold: work items under 16 tokens (decode) keep
+ * moed's best kernel (the same bits as avx2, or avx512 where it runs), larger
+ * ones take oneDNN (other bits, still within the bf16 tolerance).
+ */
+static void test_onednn_threshold(void)
+{
+    struct moe_cpu_config cd = {.n_threads = 2, .kernel = "onednn"};
+    struct moe_backend *dn = NULL, *best = NULL;
+    struct moe_error err = {0};
+    int r = moe_backend_cpu_init(&cd, &dn, &err);
+
+    if (r == -ENOTSUP) {
+        printf("onednn threshold: skipped: %s\n", err.msg);
+        return;
+    }
+    ASSERT_EQ(r, 0);
+    {
+        /* moed's best kernel here, which onednn runs beside oneDNN */
+        struct moe_cpu_kernel_info info[N_KERNELS];
+        int nk = MOE_MIN(moe_backend_cpu_kernels(info, N_KERNELS), N_KERNELS);
+        const char *name = NULL;
+
+        for (int i = nk - 1; i >= 0; i--)
+            if (info[i].available && strcmp(info[i].name, "onednn") != 0)
+                name = info[i].name;
+        ASSERT_TRUE(name != NULL);
+        ASSERT_EQ(moe_backend_cpu_init(&(struct moe_cpu_config){.n_threads = 2, .kernel = name},
+                                       &best, &err),
+                  0);
+    }
+    for (int i = 0; i < 2; i++) {
+        /* 7 tokens: at most 7 per item; 80: about 53 per item */
+        struct ffn_case c = {100, 300, i ? 80 : 7, MOE_PRECISION_BF16, false};
+        size_t n = (size_t)c.n_tokens * c.hidden;
+        float *o1 = malloc(n * sizeof(float)), *o2 = malloc(n * sizeof(float));
+        struct batch b;
+        double *ref;
+
+        ASSERT_TRUE(o1 && o2);
+        batch_init(&b, MOE_DTYPE_BF16, &c, 77 + (uint64_t)i);
+        ref = batch_ref(&b, &c, NULL);
+        run_ffn(dn, &b, &c, o1);
+        run_ffn(best, &b, &c, o2);
+        ASSERT_TRUE(test_rel_l2_f32(o1, ref, n) < tolerance(MOE_DTYPE_BF16, c.prec));
+        if (i == 0)
+            ASSERT_TRUE(memcmp(o1, o2, n * sizeof(float)) == 0);
+        else
+            ASSERT_TRUE(memcmp(o1, o2, n * sizeof(float)) != 0);
+        free(ref);
+        free(o1);
+        free(o2);
+        batch_free(&b);
+    }
+    moe_backend_free(dn);
+    moe_backend_free(best);
+    printf("onednn threshold: decode on moed's kernel, prefill on oneDNN: ok\n");
+}
+
 /* ---- matmul ------------------------------------------------------------------------ */
 
 static void test_matmul_case(enum moe_dtype dt, int64_t rows, int64_t cols, int n_tokens)
@@ -841,6 +900,7 @@ int main(void)
 
     test_matmul();
     test_ffn();
+    test_onednn_threshold();
 
     for (int k = 0; k < N_KERNELS; k++)
         for (int t = 0; t < N_THREADS; t++)
