@@ -29,7 +29,7 @@ static void forward_usage(FILE *f)
             "                      [--cache-bytes B] [--policy lru|freq|routing] [--no-prefetch]\n"
             "                      [--buffered] [--register-buffers] [--trace FILE]\n"
             "                      [--threads N] [--compute-precision exact|bf16]\n"
-            "                      [--kernel auto|generic|avx2|avx512] [-q]\n"
+            "                      [--kernel auto|generic|avx2|avx512|onednn] [-q]\n"
             "       moectl forward --local --kernel list\n"
             "\n"
             "Runs MoE layers in this process.  X.npy: float32 [tokens, hidden] hidden states.\n"
@@ -127,15 +127,14 @@ static int list_kernels(void)
 {
     struct moe_cpu_kernel_info info[8];
     int n = MOE_MIN(moe_backend_cpu_kernels(info, 8), 8);
-    bool best = true;
 
     for (int i = 0; i < n; i++) {
         if (info[i].available)
-            printf("%-8s yes%s\n", info[i].name, best ? " (auto picks it)" : "");
+            printf("%-8s yes%s", info[i].name, info[i].auto_pick ? " (auto picks it)" : "");
         else
-            printf("%-8s no: needs %s; this CPU lacks %s\n", info[i].name, info[i].needs,
+            printf("%-8s no: needs %s; this CPU lacks %s", info[i].name, info[i].needs,
                    info[i].missing);
-        best = best && !info[i].available;
+        printf("%s%s\n", info[i].note[0] ? "; " : "", info[i].note);
     }
     return 0;
 }

@@ -136,7 +136,7 @@ struct moe_backend {
 
 struct moe_cpu_config {
     int n_threads;      /* 0: one per online CPU */
-    const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512" */
+    const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512", "onednn" */
     /* int8 activations for int8 and int4 experts (off: exact).  Each 32
      * values of x and of the SwiGLU intermediate are quantized to int8
      * with their own scale (max |x| / 127) and multiplied with the weights
@@ -152,10 +152,12 @@ struct moe_cpu_config {
 
 /* One CPU kernel variant, for listings (moectl --kernel). */
 struct moe_cpu_kernel_info {
-    const char *name;  /* "avx512", "avx2", "generic" */
-    const char *needs; /* the CPU features it needs, ", "-separated */
-    bool available;    /* this CPU has them all */
+    const char *name;  /* "onednn", "avx512", "avx2", "generic" */
+    const char *needs; /* the CPU features (or the build) it needs, ", "-separated */
+    bool available;    /* this CPU (and build) has them all */
+    bool auto_pick;    /* "auto" uses it (onednn: for prefill, beside another) */
     char missing[128]; /* those this CPU lacks ("" when available) */
+    char note[160];    /* what it is for, or "" */
 };
 
 /* Fills info[0..n) with the CPU kernel variants, best first, and returns
@@ -167,8 +169,14 @@ int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n);
 int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **ret,
                          struct moe_error *err);
 
-/* Name of the kernel the CPU backend picked ("avx512", "avx2", "generic"). */
+/* Name of the kernel the CPU backend picked ("onednn", "avx512", "avx2",
+ * "generic"; "onednn" runs moed's best kernel for everything but prefill). */
 const char *moe_backend_cpu_kernel(const struct moe_backend *b);
+
+/* The kernel in words, for benchmarks and logs: the name, and for onednn
+ * moed's kernel beside it, oneDNN's version, its instruction set and its
+ * matmul implementation here. */
+const char *moe_backend_cpu_describe(const struct moe_backend *b);
 
 static inline void moe_backend_free(struct moe_backend *b)
 {

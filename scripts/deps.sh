@@ -17,6 +17,7 @@ packages=(
     libsystemd-dev                    # sd_notify, socket activation
     libgrpc-dev protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
     libmicrohttpd-dev                 # metrics endpoint
+    libdnnl-dev                       # oneDNN: the CPU backend's bf16 prefill GEMMs (optional)
     # test tools (Debian's Python, run as /usr/bin/python3)
     python3 python3-numpy python3-grpcio python3-grpc-tools python3-prometheus-client
     python3-pytest                    # client/python's test suite

@@ -7,11 +7,43 @@
  * SwiGLU intermediate, pointer tables, one output tile buffer per thread).
  * Memory from alloc is plain 64-byte aligned host memory.
  *
- * Kernel variant: cfg->kernel ("generic", "avx2", "avx512") if set and not
- * "auto", else the environment variable MOE_CPU_KERNEL (same names), else
- * the best the CPU supports.  "avx512" needs AVX-512 F/BW/VL/DQ/BF16, FMA
- * and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a variant the CPU
- * lacks fails with -ENOTSUP.
+ * Kernel variant: cfg->kernel ("generic", "avx2", "avx512", "onednn") if
+ * set and not "auto", else the environment variable MOE_CPU_KERNEL (same
+ * names), else the best the CPU supports.  "avx512" needs AVX-512
+ * F/BW/VL/DQ/BF16, FMA and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a
+ * variant the CPU lacks fails with -ENOTSUP.
+ *
+ * oneDNN (onednn.h; only where CMake found libdnnl, MOE_HAVE_ONEDNN): not a
+ * kernel table but a path beside one.  "onednn" takes moed's best variant
+ * for everything and oneDNN's matmul for the work items that have bf16
+ * weights, compute_precision bf16 and at least DN_MIN_TOKENS tokens
+ * (prefill; MOE_ONEDNN_MIN_TOKENS, a test hook, moves it).  "auto" adds it
+ * where the CPU has AVX-512 BF16 or AMX-BF16 and oneDNN reports that it uses
+ * them (dnnl_get_effective_cpu_isa; oneDNN requests the AMX tile state from
+ * Linux, ARCH_REQ_XCOMP_PERM, itself); on AVX2 oneDNN 2.6 has no bf16 matmul
+ * and its fp32 one on widened weights is slower than ours, so "auto" keeps
+ * moed's kernels there.  exact precision never uses it: oneDNN 2.6 has no
+ * matmul of fp32 activations with bf16 weights.  Such an item, in the same
+ * three loops:
+ *   0'. one task per item gathers its tokens' x, rounded to bf16, into
+ *      [m, hidden] rows (m: its token count rounded up to DN_MPAD, rows past
+ *      the tokens zero, so that few shapes need a compiled primitive);
+ *   1'. tasks (item, block of DN_FBLK ffn rows): one oneDNN GEMM each for
+ *      gate and up over the block's rows as stored (oneDNN repacks them),
+ *      then biases and activation exactly as in 1., into the item's bf16
+ *      SwiGLU rows [m, ffn];
+ *   2'. in phase 2's task for hidden block h, at the item's turn: one GEMM
+ *      of its SwiGLU rows with the block's down rows, added to out as in 2.
+ * Every GEMM runs single-threaded on the pool thread of its task, with a
+ * primitive made for one thread, so the arithmetic per element depends on
+ * the shape only: results stay bit-identical for any thread count.  A
+ * token's result alone may differ in its last bits from the same token in a
+ * batch (m differs, and oneDNN may block K by m; the fp32 matmul of AVX2
+ * machines does not: tested), and differs from moed's kernels' (another
+ * summation order), both within the bf16 contract.  Primitives are made
+ * before the loops on the calling thread; a oneDNN failure in phase 1 leaves
+ * out untouched and is returned, one in phase 2 (not expected once the
+ * primitives exist) is returned with out partly updated.
  *
  * grouped_ffn runs in three parallel loops:
  *   0. prepare every token's x in the layout the kernel reads, once per
@@ -82,6 +114,9 @@
 #include "threadpool.h"
 #include "kernels.h"
 #include "quant.h"
+#ifdef MOE_HAVE_ONEDNN
+#include "onednn.h"
+#endif
 
 /* ffn rows per phase-1 task: a multiple of MOE_CPU_KPAD, so that each task
  * prepares whole blocks of the intermediate rows. */
@@ -95,6 +130,12 @@
 #define PREP_ELEMS 16384
 /* allocations this large are offered transparent huge pages */
 #define HUGE_MIN (4u << 20)
+/* oneDNN path: ffn rows per phase-1 task; token rows padded to a multiple
+ * of DN_MPAD (fewer distinct shapes, so fewer primitives to compile); work
+ * items with fewer tokens than DN_MIN_TOKENS keep moed's kernels (decode). */
+#define DN_FBLK 256
+#define DN_MPAD 16
+#define DN_MIN_TOKENS 16
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
@@ -124,6 +165,12 @@ struct cpu_backend {
     struct scratch act;           /* under lock: prepared SwiGLU rows */
     struct scratch meta;          /* under lock: pointer and offset tables */
     struct scratch *ybuf;         /* under lock: [n_threads] output tiles */
+
+    /* oneDNN prefill path (NULL: moed's kernels only) */
+    struct moe_onednn *dn;
+    char dn_describe[256]; /* moe_backend_cpu_describe */
+    int dn_min_tokens;     /* work items with at least this many tokens use it */
+    struct scratch dnbuf;  /* under lock: per oneDNN item, its x and SwiGLU rows */
 };
 
 /* ---- memory ----------------------------------------------------------------- */
@@ -370,6 +417,7 @@ out:
 struct ffn_ctx {
     const struct moe_cpu_kernel *k;
     bool act_int8;
+    const float *x; /* [n_tokens, hidden] */
     int64_t hidden;
     const struct moe_ffn_work *work;
     int n_work;
@@ -380,6 +428,14 @@ struct ffn_ctx {
     int64_t *task_end;    /* [n_work] cumulative phase-1 task counts */
     size_t ystride;       /* floats between the gate and up tiles in ybuf */
     struct scratch *ybuf; /* [n_threads] */
+    /* oneDNN items: dn_m[i] > 0 is the item's padded token rows, dn_x[i]
+     * its x rows [dn_m, hidden] and dn_h[i] its SwiGLU rows [dn_m, ffn],
+     * both bf16 values stored as bf16 or fp32 (dn_esz bytes) */
+    struct moe_onednn *dn;
+    int64_t *dn_m;
+    char **dn_x, **dn_h;
+    size_t dn_esz;
+    int dn_err; /* the first oneDNN failure (atomic), 0 if none */
 };
 
 static void round_bf16(float *v, int n)
@@ -443,6 +499,127 @@ static void qdot_rows(const struct moe_cpu_kernel *k, bool a8, const struct moe_
     (a8 ? k->qdot_a8 : k->qdot)[e->quant.q](&q, nr, cols, x, nt, y, ldy);
 }
 
+/* One token's gate (g) and up (u) rows [f0, f0 + nr) of expert e: biases,
+ * then the activation, into g. */
+static void act_rows(const struct moe_cpu_kernel *k, const struct moe_expert_weights *e, bool b16,
+                     int64_t f0, float *g, float *u, int nr)
+{
+    if (e->gate_bias || e->up_bias) {
+        /* torch in bf16 rounds the product, then the sum with the bias */
+        if (b16) {
+            round_bf16(g, nr);
+            round_bf16(u, nr);
+        }
+        for (int i = 0; e->gate_bias && i < nr; i++)
+            g[i] += e->gate_bias[f0 + i];
+        for (int i = 0; e->up_bias && i < nr; i++)
+            u[i] += e->up_bias[f0 + i];
+        if (b16) {
+            round_bf16(g, nr);
+            round_bf16(u, nr);
+        }
+    }
+    if (e->act == MOE_ACT_SWIGLU_CLAMP && b16) {
+        swiglu_clamp_b16(g, u, nr, e->alpha, e->limit);
+    } else if (e->act == MOE_ACT_SWIGLU_CLAMP) {
+        k->swiglu_clamp(g, u, nr, e->alpha, e->limit, g);
+    } else if (b16 && k->swiglu_b16) {
+        k->swiglu_b16(g, u, nr, g);
+    } else if (b16) {
+        /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
+        round_bf16(g, nr);
+        round_bf16(u, nr);
+        k->swiglu(g, ones, nr, g);
+        round_bf16(g, nr);
+        for (int i = 0; i < nr; i++)
+            g[i] *= u[i];
+        round_bf16(g, nr);
+    } else {
+        k->swiglu(g, u, nr, g);
+    }
+}
+
+#ifdef MOE_HAVE_ONEDNN
+/* Records a oneDNN failure; the first one is returned. */
+static void dn_fail(struct ffn_ctx *c, int r)
+{
+    int zero = 0;
+
+    __atomic_compare_exchange_n(&c->dn_err, &zero, r, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+/* Phase 1 of a oneDNN item: ffn rows [DN_FBLK blk, + DN_FBLK). */
+static void ffn_up_dn(struct ffn_ctx *c, int i, int64_t blk, int thread)
+{
+    const struct moe_ffn_work *wk = &c->work[i];
+    const struct moe_expert_weights *e = wk->w;
+    int64_t H = c->hidden, F = e->ffn, m = c->dn_m[i];
+    int64_t f0 = blk * DN_FBLK;
+    int nr = (int)MOE_MIN(DN_FBLK, F - f0);
+    float *yg = c->ybuf[thread].p;
+    float *yu = yg + c->ystride;
+    int r;
+
+    r = moe_onednn_gemm(c->dn, thread, m, nr, H, c->dn_x[i], (const uint16_t *)e->gate + f0 * H,
+                        yg);
+    if (r == 0)
+        r = moe_onednn_gemm(c->dn, thread, m, nr, H, c->dn_x[i], (const uint16_t *)e->up + f0 * H,
+                            yu);
+    if (r < 0) {
+        dn_fail(c, r);
+        return;
+    }
+    for (int j = 0; j < wk->n_tokens; j++) {
+        float *g = yg + (size_t)j * nr;
+        float *u = yu + (size_t)j * nr;
+        char *h = c->dn_h[i] + ((size_t)j * F + f0) * c->dn_esz;
+
+        act_rows(c->k, e, true, f0, g, u, nr);
+        /* bf16 values: either store is exact */
+        if (c->dn_esz == 2)
+            for (int f = 0; f < nr; f++)
+                ((uint16_t *)h)[f] = moe_f32_to_bf16(g[f]);
+        else
+            memcpy(h, g, (size_t)nr * sizeof(float));
+    }
+}
+
+/* Before phase 1, one task per oneDNN item: its x rows (bf16), padding
+ * rows of x and of the SwiGLU rows zeroed. */
+static void dn_gather_task(void *arg, int task, int thread)
+{
+    struct ffn_ctx *c = arg;
+    int i = -1;
+
+    (void)thread;
+    for (int n = 0, w = 0; w < c->n_work; w++)
+        if (c->dn_m[w] && n++ == task)
+            i = w;
+    assert(i >= 0);
+
+    const struct moe_ffn_work *wk = &c->work[i];
+    int64_t H = c->hidden, F = wk->w->ffn, m = c->dn_m[i];
+
+    for (int64_t j = 0; j < m; j++) {
+        char *dst = c->dn_x[i] + (size_t)j * H * c->dn_esz;
+
+        if (j >= wk->n_tokens) {
+            memset(dst, 0, (size_t)H * c->dn_esz);
+            memset(c->dn_h[i] + (size_t)j * F * c->dn_esz, 0, (size_t)F * c->dn_esz);
+            continue;
+        }
+        const float *src = c->x + (size_t)wk->tokens[j] * H;
+
+        if (c->dn_esz == 2)
+            for (int64_t k = 0; k < H; k++)
+                ((uint16_t *)dst)[k] = moe_f32_to_bf16(src[k]);
+        else
+            for (int64_t k = 0; k < H; k++)
+                ((float *)dst)[k] = moe_bf16_to_f32(moe_f32_to_bf16(src[k]));
+    }
+}
+#endif
+
 /* Phase 1: one block of FBLK ffn rows of one work item. */
 static void ffn_up_task(void *arg, int task, int thread)
 {
@@ -459,9 +636,16 @@ static void ffn_up_task(void *arg, int task, int thread)
             lo = mid + 1;
     }
 
+    int64_t blk = task - (lo ? c->task_end[lo - 1] : 0);
+#ifdef MOE_HAVE_ONEDNN
+    if (c->dn_m[lo]) {
+        ffn_up_dn(arg, lo, blk, thread);
+        return;
+    }
+#endif
+
     const struct moe_ffn_work *wk = &c->work[lo];
     const struct moe_expert_weights *e = wk->w;
-    int64_t blk = task - (lo ? c->task_end[lo - 1] : 0);
     int64_t H = c->hidden, F = e->ffn;
     int64_t f0 = blk * FBLK;
     int nr = (int)MOE_MIN(FBLK, F - f0);
@@ -489,39 +673,7 @@ static void ffn_up_task(void *arg, int task, int thread)
         float *g = yg + (size_t)j * FBLK;
         float *u = yu + (size_t)j * FBLK;
 
-        if (e->gate_bias || e->up_bias) {
-            /* torch in bf16 rounds the product, then the sum with the bias */
-            if (b16) {
-                round_bf16(g, nr);
-                round_bf16(u, nr);
-            }
-            for (int i = 0; e->gate_bias && i < nr; i++)
-                g[i] += e->gate_bias[f0 + i];
-            for (int i = 0; e->up_bias && i < nr; i++)
-                u[i] += e->up_bias[f0 + i];
-            if (b16) {
-                round_bf16(g, nr);
-                round_bf16(u, nr);
-            }
-        }
-        if (e->act == MOE_ACT_SWIGLU_CLAMP && b16) {
-            swiglu_clamp_b16(g, u, nr, e->alpha, e->limit);
-        } else if (e->act == MOE_ACT_SWIGLU_CLAMP) {
-            c->k->swiglu_clamp(g, u, nr, e->alpha, e->limit, g);
-        } else if (b16 && c->k->swiglu_b16) {
-            c->k->swiglu_b16(g, u, nr, g);
-        } else if (b16) {
-            /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
-            round_bf16(g, nr);
-            round_bf16(u, nr);
-            c->k->swiglu(g, ones, nr, g);
-            round_bf16(g, nr);
-            for (int i = 0; i < nr; i++)
-                g[i] *= u[i];
-            round_bf16(g, nr);
-        } else {
-            c->k->swiglu(g, u, nr, g);
-        }
+        act_rows(c->k, e, b16, f0, g, u, nr);
         /* bf16 values prepare exactly: no rounding needed after */
         if (a8)
             moe_cpu_prep_a8(g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
@@ -533,7 +685,7 @@ static void ffn_up_task(void *arg, int task, int thread)
 /* Phase 2: one block of HBLK hidden rows, every work item in order. */
 static void ffn_down_task(void *arg, int task, int thread)
 {
-    const struct ffn_ctx *c = arg;
+    struct ffn_ctx *c = arg;
     int64_t H = c->hidden;
     int64_t h0 = (int64_t)task * HBLK;
     int nr = (int)MOE_MIN(HBLK, H - h0);
@@ -544,9 +696,22 @@ static void ffn_down_task(void *arg, int task, int thread)
         const struct moe_expert_weights *e = wk->w;
         int64_t F = e->ffn;
 
+        int64_t ldy = HBLK;
+
         if (wk->n_tokens == 0)
             continue;
-        if (e->quant.q != MOE_QUANT_NONE) {
+        if (c->dn_m[i]) {
+#ifdef MOE_HAVE_ONEDNN
+            int r = moe_onednn_gemm(c->dn, thread, c->dn_m[i], nr, F, c->dn_h[i],
+                                    (const uint16_t *)e->down + h0 * F, y);
+
+            if (r < 0) {
+                dn_fail(c, r);
+                continue;
+            }
+            ldy = nr;
+#endif
+        } else if (e->quant.q != MOE_QUANT_NONE) {
             qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F,
                       (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
         } else {
@@ -558,7 +723,7 @@ static void ffn_down_task(void *arg, int task, int thread)
         }
         for (int j = 0; j < wk->n_tokens; j++) {
             float *o = c->out + (size_t)wk->tokens[j] * H + h0;
-            const float *yj = y + (size_t)j * HBLK;
+            const float *yj = y + (size_t)j * ldy;
             float s = wk->scales[j];
 
             if (e->down_bias) {
@@ -611,20 +776,56 @@ static int check_work(const struct moe_ffn_work *wk, int64_t hidden, int n_token
     return 0;
 }
 
+/* Whether work item wk takes the oneDNN path: bf16 weights in
+ * compute_precision bf16, enough tokens. */
+static bool use_dn(const struct cpu_backend *cb, const struct moe_ffn_work *wk)
+{
+    return cb->dn && wk->n_tokens >= cb->dn_min_tokens && wk->precision == MOE_PRECISION_BF16 &&
+           wk->w->quant.q == MOE_QUANT_NONE && wk->w->dtype == MOE_DTYPE_BF16;
+}
+
+#ifdef MOE_HAVE_ONEDNN
+/* Makes the oneDNN GEMMs of item wk (padded to m rows) ready. */
+static int dn_prepare(struct cpu_backend *cb, const struct moe_ffn_work *wk, int64_t m,
+                      int64_t hidden)
+{
+    int64_t F = wk->w->ffn;
+    int64_t shapes[4][2] = {
+        {MOE_MIN(DN_FBLK, F), hidden},
+        {F % DN_FBLK, hidden},
+        {MOE_MIN(HBLK, hidden), F},
+        {hidden % HBLK, F},
+    };
+
+    for (int s = 0; s < 4; s++) {
+        int r;
+
+        if (shapes[s][0] == 0)
+            continue;
+        r = moe_onednn_prepare(cb->dn, m, shapes[s][0], shapes[s][1]);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+#endif
+
 static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden, int n_tokens,
                            const struct moe_ffn_work *work, int n_work, float *out)
 {
     struct cpu_backend *cb = cpu_of(b);
     struct ffn_ctx c = {.k = cb->k,
                         .act_int8 = cb->act_int8,
+                        .x = x,
                         .hidden = hidden,
                         .work = work,
                         .n_work = n_work,
                         .out = out};
-    int64_t n_assign = 0, up_tasks = 0;
-    size_t act_bytes = 0, meta_bytes, hrow = (size_t)moe_cpu_kpad(hidden) * 4;
+    int64_t n_assign = 0, up_tasks = 0, max_m = 0;
+    size_t act_bytes = 0, dn_bytes = 0, meta_bytes, hrow = (size_t)moe_cpu_kpad(hidden) * 4;
+    size_t dn_esz = 4;
     unsigned dtypes = 0;
-    int max_nt = 0, r;
+    int max_nt = 0, n_dn = 0, r;
     char *act;
 
     if (hidden <= 0 || hidden > INT32_MAX || n_tokens < 0 || n_work < 0)
@@ -633,6 +834,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         return 0;
     if (!x || !out || !work)
         return -EINVAL;
+#ifdef MOE_HAVE_ONEDNN
+    if (cb->dn)
+        dn_esz = moe_onednn_bf16(cb->dn) ? 2 : 4;
+#endif
     for (int i = 0; i < n_work; i++) {
         const struct moe_ffn_work *wk = &work[i];
         size_t bytes;
@@ -643,6 +848,21 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         if (wk->n_tokens == 0)
             continue;
         n_assign += wk->n_tokens;
+        if (use_dn(cb, wk)) {
+            int64_t m = (wk->n_tokens + DN_MPAD - 1) / DN_MPAD * DN_MPAD;
+            size_t xb, hb;
+
+            n_dn++;
+            max_m = MOE_MAX(max_m, m);
+            up_tasks += (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
+            /* x and SwiGLU rows, each rounded up to 64 bytes */
+            if (!moe_mul_size((size_t)m * dn_esz, (size_t)hidden, &xb) ||
+                !moe_mul_size((size_t)m * dn_esz, (size_t)wk->w->ffn, &hb) ||
+                !moe_add_size(dn_bytes, xb + 64, &dn_bytes) ||
+                !moe_add_size(dn_bytes, hb + 64, &dn_bytes))
+                return -ENOMEM;
+            continue;
+        }
         up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
         dtypes |= 1u << prep_slot(cb->k, cb->act_int8, wk);
@@ -656,7 +876,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         return -E2BIG;
 
     if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
-        !moe_add_size(meta_bytes, (size_t)n_work * 2 * sizeof(int64_t), &meta_bytes))
+        !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 2 * sizeof(char *)),
+                      &meta_bytes))
         return -ENOMEM;
 
     pthread_mutex_lock(&cb->lock);
@@ -666,23 +887,37 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     r = scratch_reserve(&cb->act, act_bytes);
     if (r < 0)
         goto out;
-    c.ystride = (size_t)max_nt * MOE_MAX(FBLK, HBLK);
+    r = scratch_reserve(&cb->dnbuf, dn_bytes);
+    if (r < 0)
+        goto out;
+    /* gate and up tiles: moed's kernels' [max_nt, FBLK], oneDNN's
+     * [max_m, DN_FBLK] (which also holds its down tile [max_m, HBLK]) */
+    c.ystride = MOE_MAX((size_t)max_nt * MOE_MAX(FBLK, HBLK), (size_t)max_m * DN_FBLK);
     r = reserve_ybuf(cb, 2 * c.ystride);
     if (r < 0)
         goto out;
-    r = prep_x(cb, x, hidden, n_tokens, dtypes);
-    if (r < 0)
-        goto out;
+    if (dtypes) {
+        r = prep_x(cb, x, hidden, n_tokens, dtypes);
+        if (r < 0)
+            goto out;
+    }
 
-    /* tables: assignment pointers, then per-item offsets and task ends */
+    /* tables: assignment pointers, then per-item offsets, task ends and
+     * oneDNN rows */
     c.xs = cb->meta.p;
     c.as = (void **)(c.xs + n_assign);
     c.first = (int64_t *)(c.as + n_assign);
     c.task_end = c.first + n_work;
+    c.dn_m = c.task_end + n_work;
+    c.dn_x = (char **)(c.dn_m + n_work);
+    c.dn_h = c.dn_x + n_work;
     c.ybuf = cb->ybuf;
+    c.dn = cb->dn;
+    c.dn_esz = dn_esz;
     act = cb->act.p;
     {
         int64_t a = 0, tasks = 0;
+        uintptr_t dnp = (uintptr_t)cb->dnbuf.p;
 
         for (int i = 0; i < n_work; i++) {
             const struct moe_ffn_work *wk = &work[i];
@@ -690,7 +925,21 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             size_t frow;
 
             c.first[i] = a;
-            if (wk->n_tokens > 0) {
+            c.dn_m[i] = 0;
+            c.dn_x[i] = c.dn_h[i] = NULL;
+            if (wk->n_tokens > 0 && use_dn(cb, wk)) {
+                int64_t m = (wk->n_tokens + DN_MPAD - 1) / DN_MPAD * DN_MPAD;
+
+                c.dn_m[i] = m;
+                dnp = (dnp + 63) & ~(uintptr_t)63;
+                c.dn_x[i] = (char *)dnp;
+                dnp += (size_t)m * hidden * dn_esz;
+                dnp = (dnp + 63) & ~(uintptr_t)63;
+                c.dn_h[i] = (char *)dnp;
+                dnp += (size_t)m * wk->w->ffn * dn_esz;
+                tasks += (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
+                a += wk->n_tokens;
+            } else if (wk->n_tokens > 0) {
                 tasks += (wk->w->ffn + FBLK - 1) / FBLK;
                 xp = cb->xprep[prep_slot(cb->k, cb->act_int8, wk)].p;
                 frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
@@ -705,8 +954,24 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         assert(a == n_assign && tasks == up_tasks);
     }
 
+#ifdef MOE_HAVE_ONEDNN
+    if (n_dn) {
+        moe_onednn_begin(cb->dn);
+        for (int i = 0; i < n_work && r == 0; i++)
+            if (c.dn_m[i])
+                r = dn_prepare(cb, &work[i], c.dn_m[i], hidden);
+        if (r < 0)
+            goto out;
+        moe_threadpool_run(cb->pool, n_dn, dn_gather_task, &c);
+    }
+#endif
     moe_threadpool_run(cb->pool, (int)up_tasks, ffn_up_task, &c);
+    /* a oneDNN failure in phase 1 leaves out untouched */
+    r = __atomic_load_n(&c.dn_err, __ATOMIC_RELAXED);
+    if (r < 0)
+        goto out;
     moe_threadpool_run(cb->pool, (int)((hidden + HBLK - 1) / HBLK), ffn_down_task, &c);
+    r = __atomic_load_n(&c.dn_err, __ATOMIC_RELAXED);
 out:
     pthread_mutex_unlock(&cb->lock);
     return r;
@@ -721,6 +986,7 @@ static void scratch_free_all(struct cpu_backend *cb)
         scratch_free(&cb->xprep[d]);
     scratch_free(&cb->act);
     scratch_free(&cb->meta);
+    scratch_free(&cb->dnbuf);
     if (cb->ybuf)
         for (int i = 0; i < cb->n_threads; i++)
             scratch_free(&cb->ybuf[i]);
@@ -734,6 +1000,10 @@ static void cpu_trim(struct moe_backend *b)
 
     pthread_mutex_lock(&cb->lock);
     scratch_free_all(cb);
+#ifdef MOE_HAVE_ONEDNN
+    if (cb->dn)
+        moe_onednn_trim(cb->dn);
+#endif
     pthread_mutex_unlock(&cb->lock);
 }
 
@@ -745,6 +1015,9 @@ static void cpu_free(struct moe_backend *b)
         return;
     cb = cpu_of(b);
     moe_threadpool_free(cb->pool);
+#ifdef MOE_HAVE_ONEDNN
+    moe_onednn_free(cb->dn);
+#endif
     scratch_free_all(cb);
     free(cb->ybuf);
     pthread_mutex_destroy(&cb->lock);
@@ -821,18 +1094,56 @@ static const struct moe_cpu_kernel *const kernels[] = {
     &moe_cpu_kernel_generic,
 };
 
-static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_kernel **ret,
+/* Whether the CPU has what oneDNN's bf16 kernels need (AVX-512 BF16 or
+ * AMX-BF16), into missing when it has not; for "auto" and the listing.
+ * oneDNN checks again itself (and asks Linux for the AMX tile state). */
+static bool onednn_cpu(char *missing, size_t size)
+{
+    bool have = false;
+
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+
+    __builtin_cpu_init();
+    have = __builtin_cpu_supports("avx512bf16") ||
+           (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) /* amx-bf16 */);
+#endif
+    snprintf(missing, size, "%s", have ? "" : "avx512bf16 and amx-bf16");
+    return have;
+}
+
+/* Sets *dn: 0 no oneDNN, 1 asked for by name ("onednn"), 2 "auto" (used if
+ * oneDNN runs bf16 natively). */
+static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_kernel **ret, int *dn,
                        struct moe_error *err)
 {
     const char *want = cfg ? cfg->kernel : NULL;
     const char *from = "the configuration";
     char missing[128];
 
+    *dn = 0;
     if (!want || !*want || !strcmp(want, "auto")) {
         want = getenv("MOE_CPU_KERNEL");
         from = "MOE_CPU_KERNEL";
     }
+    if (want && !strcmp(want, "onednn")) {
+#ifndef MOE_HAVE_ONEDNN
+        return moe_error_set(
+            err, -ENOTSUP,
+            "CPU kernel 'onednn' (from %s): this moed was built without oneDNN "
+            "(libdnnl-dev not found at configure time, or MOED_ONEDNN=OFF); use 'auto', "
+            "'avx2' or 'generic'",
+            from);
+#else
+        *dn = 1;
+        want = NULL; /* moed's best kernel for everything else */
+#endif
+    }
     if (!want || !*want || !strcmp(want, "auto")) {
+#ifdef MOE_HAVE_ONEDNN
+        if (*dn == 0 && onednn_cpu(missing, sizeof(missing)))
+            *dn = 2;
+#endif
         for (size_t i = 0; i < MOE_ARRAY_SIZE(kernels); i++) {
             missing_features(kernels[i], missing, sizeof(missing));
             if (!missing[0]) {
@@ -855,15 +1166,61 @@ static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_ke
         return 0;
     }
     return moe_error_set(
-        err, -EINVAL, "unknown CPU kernel '%s' (from %s); expected auto, generic, avx2 or avx512",
-        want, from);
+        err, -EINVAL,
+        "unknown CPU kernel '%s' (from %s); expected auto, generic, avx2, avx512 or onednn", want,
+        from);
+}
+
+/* The oneDNN path: dn as pick_kernel sets it.  MOE_ONEDNN_MIN_TOKENS (a
+ * test hook) overrides the work-item size from which it is used. */
+static int init_onednn(struct cpu_backend *cb, int dn, struct moe_error *err)
+{
+    const char *env = getenv("MOE_ONEDNN_MIN_TOKENS");
+    char *end;
+    long v;
+
+    cb->dn_min_tokens = DN_MIN_TOKENS;
+    if (env && *env) {
+        errno = 0;
+        v = strtol(env, &end, 10);
+        if (errno || *end || end == env || v < 1 || v > INT32_MAX)
+            return moe_error_set(err, -EINVAL,
+                                 "MOE_ONEDNN_MIN_TOKENS '%s' is not a whole number from 1 to %d",
+                                 env, INT32_MAX);
+        cb->dn_min_tokens = (int)v;
+    }
+    if (dn == 0)
+        return 0;
+#ifdef MOE_HAVE_ONEDNN
+    {
+        struct moe_error e2 = {0};
+        int r = moe_onednn_init(cb->n_threads, &cb->dn, dn == 1 ? err : &e2);
+
+        if (r < 0 && dn == 1)
+            return r;
+        if (r < 0)
+            return 0; /* auto: moed's kernels */
+        /* auto: only where oneDNN runs bf16 natively */
+        if (dn == 2 && !moe_onednn_fast(cb->dn)) {
+            moe_onednn_free(cb->dn);
+            cb->dn = NULL;
+            return 0;
+        }
+        snprintf(cb->dn_describe, sizeof(cb->dn_describe),
+                 "onednn (%s; from %d tokens per expert, else %s)", moe_onednn_describe(cb->dn),
+                 cb->dn_min_tokens, cb->k->name);
+    }
+#else
+    (void)err;
+#endif
+    return 0;
 }
 
 int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **ret,
                          struct moe_error *err)
 {
     struct cpu_backend *cb;
-    int r;
+    int dn, r;
 
     if (cfg && cfg->n_threads < 0)
         return moe_error_set(err, -EINVAL, "CPU backend: n_threads %d is negative", cfg->n_threads);
@@ -877,7 +1234,7 @@ int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **
         free(cb);
         return moe_error_set(err, r, "CPU backend: cannot create a mutex");
     }
-    r = pick_kernel(cfg, &cb->k, err);
+    r = pick_kernel(cfg, &cb->k, &dn, err);
     if (r < 0)
         goto out_free;
     cb->act_int8 = cfg && cfg->act_int8;
@@ -892,6 +1249,9 @@ int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **
         r = moe_error_set(err, -ENOMEM, "CPU backend: out of memory");
         goto out_free;
     }
+    r = init_onednn(cb, dn, err);
+    if (r < 0)
+        goto out_free;
     *ret = &cb->base;
     return 0;
 
@@ -908,19 +1268,54 @@ int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
         "",
     };
     _Static_assert(MOE_ARRAY_SIZE(needs) == MOE_ARRAY_SIZE(kernels), "one line per kernel");
+    bool picked = false;
+    char cpu[128];
+    int total = (int)MOE_ARRAY_SIZE(kernels) + 1;
 
-    for (int i = 0; i < n && i < (int)MOE_ARRAY_SIZE(kernels); i++) {
-        info[i].name = kernels[i]->name;
-        info[i].needs = needs[i];
-        missing_features(kernels[i], info[i].missing, sizeof(info[i].missing));
-        info[i].available = !info[i].missing[0];
+    /* first oneDNN: prefill on top of moed's best kernel */
+    if (n > 0) {
+        bool fast = onednn_cpu(cpu, sizeof(cpu));
+
+        info[0].name = "onednn";
+        info[0].needs = "oneDNN (libdnnl-dev) at build time";
+#ifdef MOE_HAVE_ONEDNN
+        info[0].missing[0] = '\0';
+        info[0].available = true;
+        info[0].auto_pick = fast;
+        snprintf(info[0].note, sizeof(info[0].note),
+                 "prefill of bf16 experts in compute_precision bf16; auto uses it with "
+                 "avx512bf16 or amx-bf16%s",
+                 fast ? "" : ", which this CPU lacks");
+#else
+        (void)fast;
+        snprintf(info[0].missing, sizeof(info[0].missing), "oneDNN (not built)");
+        info[0].available = false;
+        info[0].auto_pick = false;
+        info[0].note[0] = '\0';
+#endif
     }
-    return (int)MOE_ARRAY_SIZE(kernels);
+    for (int i = 1; i < n && i < total; i++) {
+        info[i].name = kernels[i - 1]->name;
+        info[i].needs = needs[i - 1];
+        missing_features(kernels[i - 1], info[i].missing, sizeof(info[i].missing));
+        info[i].available = !info[i].missing[0];
+        info[i].auto_pick = info[i].available && !picked;
+        picked = picked || info[i].available;
+        info[i].note[0] = '\0';
+    }
+    return total;
 }
 
 const char *moe_backend_cpu_kernel(const struct moe_backend *b)
 {
     const struct cpu_backend *cb = b->priv;
 
-    return cb->k->name;
+    return cb->dn ? "onednn" : cb->k->name;
+}
+
+const char *moe_backend_cpu_describe(const struct moe_backend *b)
+{
+    const struct cpu_backend *cb = b->priv;
+
+    return cb->dn ? cb->dn_describe : cb->k->name;
 }

@@ -34,7 +34,7 @@
  * says exact) with int8 activations (struct moe_cpu_config.act_int8): the
  * title says "int8 activations".
  *
- * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512]
+ * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
  *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]]
@@ -117,7 +117,7 @@ static const char *fmt_name(const struct moe_quant_fmt *f)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512] "
+    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
                     "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
                     "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--act exact|int8[,...]] "
@@ -660,7 +660,7 @@ static int bench_threads(const struct opts *o, const struct moe_expert_weights *
     printf("\n%s weights%s, %d thread%s, kernel %s; memory read bandwidth: %d threads streaming a "
            "%zu MiB buffer, best of %d passes before and after each size%s\n",
            fmt_name(&ex[0].quant), a8 ? ", int8 activations" : "", threads, threads > 1 ? "s" : "",
-           moe_backend_cpu_kernel(be), threads, bw_bytes >> 20, passes,
+           moe_backend_cpu_describe(be), threads, bw_bytes >> 20, passes,
            clock_threads ? "; times: CPU time per thread" : "");
     printf("torch: %s\n", have_torch                        ? tver
                           : ex[0].quant.q != MOE_QUANT_NONE ? "not run (bf16 only)"

@@ -8,6 +8,14 @@
  * argument checking; kernel selection and listing.  Variants the CPU lacks
  * are skipped with a message.  gpt-oss's experts (biases, clamped SwiGLU)
  * take the same checks.
+ *
+ * "onednn" (built with oneDNN only, else skipped with the reason) runs
+ * every case too, with MOE_ONEDNN_MIN_TOKENS=1 so that oneDNN computes
+ * every bf16-weight, compute_precision bf16 work item, down to one token;
+ * the other work items take moed's kernels under it.  That oneDNN really
+ * ran is checked: its bf16 results must differ in some bits from the
+ * generic kernel's (other summation order), while staying as close to the
+ * fp64 reference as every kernel must.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -20,17 +28,20 @@
 #include "dtype.h"
 #include "tests.h"
 
-static const char *const kernel_names[] = {"generic", "avx2", "avx512"};
+static const char *const kernel_names[] = {"generic", "avx2", "avx512", "onednn"};
 static const int thread_counts[] = {1, 2, 3};
 static const enum moe_dtype dtypes[] = {MOE_DTYPE_BF16, MOE_DTYPE_F16, MOE_DTYPE_F32};
 
-#define N_KERNELS 3
+#define N_KERNELS 4
+#define K_ONEDNN 3
 #define N_THREADS 3
 
 /* backends[kernel][threads], NULL where the CPU lacks the kernel */
 static struct moe_backend *backends[N_KERNELS][N_THREADS];
 /* worst relative L2 error seen, per kernel, precision and dtype (grouped_ffn) */
 static double worst[N_KERNELS][2][3];
+/* bf16 cases where onednn's bits differ from generic's, and all compared */
+static int onednn_differs, onednn_compared;
 
 /*
  * Exact: fp32 sums of fp32-accurate products.  bf16: the intermediate is
@@ -424,8 +435,9 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
     struct batch b;
     double *ref;
     float *out = malloc(n * sizeof(float)), *out1 = malloc(n * sizeof(float));
+    float *out_generic = malloc(n * sizeof(float));
 
-    ASSERT_TRUE(out && out1);
+    ASSERT_TRUE(out && out1 && out_generic);
     batch_init(&b, dt, c,
                0x1234 + (uint64_t)c->hidden * 7919 + (uint64_t)c->ffn * 31 + c->n_tokens);
     ref = batch_ref(&b, c, NULL);
@@ -449,7 +461,13 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
             /* bit-identical for every thread count */
             if (ti == 0)
                 memcpy(out1, out, n * sizeof(float));
-            else if (memcmp(out1, out, n * sizeof(float)) != 0)
+            if (ti == 0 && k == 0)
+                memcpy(out_generic, out, n * sizeof(float));
+            if (ti == 0 && k == K_ONEDNN && dt == MOE_DTYPE_BF16 && c->prec == MOE_PRECISION_BF16 &&
+                c->hidden >= 17 && c->ffn >= 33) {
+                onednn_compared++;
+                onednn_differs += memcmp(out, out_generic, n * sizeof(float)) != 0;
+            } else if (memcmp(out1, out, n * sizeof(float)) != 0)
                 FAIL("grouped_ffn %s %s %s hidden %lld ffn %lld tokens %d: %d threads differ "
                      "from 1 thread",
                      kernel_names[k], moe_dtype_user_name(dt), prec_names[c->prec],
@@ -493,6 +511,7 @@ static void test_ffn_case(enum moe_dtype dt, const struct ffn_case *c, bool chec
     free(ref);
     free(out);
     free(out1);
+    free(out_generic);
     batch_free(&b);
 }
 
@@ -545,6 +564,13 @@ static void test_ffn(void)
             }
         }
     }
+    if (backends[K_ONEDNN][0]) {
+        /* oneDNN sums in another order than moed's kernels: if it ran, most
+         * of these cases differ somewhere */
+        printf("onednn: %d of %d bf16 cases differ in some bits from generic\n", onednn_differs,
+               onednn_compared);
+        ASSERT_TRUE(onednn_compared > 0 && 2 * onednn_differs > onednn_compared);
+    }
     printf("grouped_ffn: %d cases ok; worst relative L2 error (bf16 f16 f32 weights):\n", n);
     for (int k = 0; k < N_KERNELS; k++)
         for (int p = 0; p < 2; p++)
@@ -552,6 +578,65 @@ static void test_ffn(void)
                 printf("  %-8s %-5s %.2g %.2g %.2g\n", kernel_names[k], prec_names[p],
                        worst[k][p][MOE_DTYPE_BF16], worst[k][p][MOE_DTYPE_F16],
                        worst[k][p][MOE_DTYPE_F32]);
+}
+
+/*
+ * onednn's default threshold: work items under 16 tokens (decode) keep
+ * moed's best kernel (the same bits as avx2, or avx512 where it runs), larger
+ * ones take oneDNN (other bits, still within the bf16 tolerance).
+ */
+static void test_onednn_threshold(void)
+{
+    struct moe_cpu_config cd = {.n_threads = 2, .kernel = "onednn"};
+    struct moe_backend *dn = NULL, *best = NULL;
+    struct moe_error err = {0};
+    int r = moe_backend_cpu_init(&cd, &dn, &err);
+
+    if (r == -ENOTSUP) {
+        printf("onednn threshold: skipped: %s\n", err.msg);
+        return;
+    }
+    ASSERT_EQ(r, 0);
+    {
+        /* moed's best kernel here, which onednn runs beside oneDNN */
+        struct moe_cpu_kernel_info info[N_KERNELS];
+        int nk = MOE_MIN(moe_backend_cpu_kernels(info, N_KERNELS), N_KERNELS);
+        const char *name = NULL;
+
+        for (int i = nk - 1; i >= 0; i--)
+            if (info[i].available && strcmp(info[i].name, "onednn") != 0)
+                name = info[i].name;
+        ASSERT_TRUE(name != NULL);
+        ASSERT_EQ(moe_backend_cpu_init(&(struct moe_cpu_config){.n_threads = 2, .kernel = name},
+                                       &best, &err),
+                  0);
+    }
+    for (int i = 0; i < 2; i++) {
+        /* 7 tokens: at most 7 per item; 80: about 53 per item */
+        struct ffn_case c = {100, 300, i ? 80 : 7, MOE_PRECISION_BF16, false};
+        size_t n = (size_t)c.n_tokens * c.hidden;
+        float *o1 = malloc(n * sizeof(float)), *o2 = malloc(n * sizeof(float));
+        struct batch b;
+        double *ref;
+
+        ASSERT_TRUE(o1 && o2);
+        batch_init(&b, MOE_DTYPE_BF16, &c, 77 + (uint64_t)i);
+        ref = batch_ref(&b, &c, NULL);
+        run_ffn(dn, &b, &c, o1);
+        run_ffn(best, &b, &c, o2);
+        ASSERT_TRUE(test_rel_l2_f32(o1, ref, n) < tolerance(MOE_DTYPE_BF16, c.prec));
+        if (i == 0)
+            ASSERT_TRUE(memcmp(o1, o2, n * sizeof(float)) == 0);
+        else
+            ASSERT_TRUE(memcmp(o1, o2, n * sizeof(float)) != 0);
+        free(ref);
+        free(o1);
+        free(o2);
+        batch_free(&b);
+    }
+    moe_backend_free(dn);
+    moe_backend_free(best);
+    printf("onednn threshold: decode on moed's kernel, prefill on oneDNN: ok\n");
 }
 
 /* ---- matmul ------------------------------------------------------------------------ */
@@ -685,10 +770,12 @@ static void test_bad_args(struct moe_backend *be)
 
 static void test_interface(void)
 {
+    static const char *const bad_min[] = {"0", "-3", "x", "12q", "99999999999"};
     struct moe_cpu_config cfg = {.n_threads = 2, .kernel = "bogus"};
     struct moe_backend *be = NULL;
     struct moe_error err = {0};
     unsigned char *p, src[100], dst[100];
+    int r;
 
     ASSERT_EQ(moe_backend_cpu_init(&cfg, &be, &err), -EINVAL);
     ASSERT_CONTAINS(err.msg, "bogus");
@@ -728,7 +815,27 @@ static void test_interface(void)
     ASSERT_EQ(moe_backend_cpu_init(&cfg, &be, &err), 0);
     ASSERT_STREQ(moe_backend_cpu_kernel(be), "generic");
     moe_backend_free(be);
+    /* MOE_CPU_KERNEL=onednn: built, or refused with the reason */
+    setenv("MOE_CPU_KERNEL", "onednn", 1);
+    r = moe_backend_cpu_init(NULL, &be, &err);
+    if (r == -ENOTSUP) {
+        ASSERT_CONTAINS(err.msg, "without oneDNN");
+        ASSERT_CONTAINS(err.msg, "MOE_CPU_KERNEL");
+    } else {
+        ASSERT_EQ(r, 0);
+        ASSERT_STREQ(moe_backend_cpu_kernel(be), "onednn");
+        moe_backend_free(be);
+    }
     unsetenv("MOE_CPU_KERNEL");
+    /* the test hook's bad values */
+    for (size_t i = 0; i < MOE_ARRAY_SIZE(bad_min); i++) {
+        setenv("MOE_ONEDNN_MIN_TOKENS", bad_min[i], 1);
+        err.msg[0] = '\0';
+        ASSERT_EQ(moe_backend_cpu_init(NULL, &be, &err), -EINVAL);
+        ASSERT_CONTAINS(err.msg, "MOE_ONEDNN_MIN_TOKENS");
+        ASSERT_CONTAINS(err.msg, bad_min[i]);
+    }
+    unsetenv("MOE_ONEDNN_MIN_TOKENS");
 }
 
 int main(void)
@@ -741,7 +848,13 @@ int main(void)
         for (int t = 0; t < N_THREADS; t++) {
             struct moe_cpu_config cfg = {.n_threads = thread_counts[t], .kernel = kernel_names[k]};
             struct moe_error err = {0};
-            int r = moe_backend_cpu_init(&cfg, &backends[k][t], &err);
+            int r;
+
+            /* oneDNN for every bf16 work item, however few its tokens */
+            if (k == K_ONEDNN)
+                setenv("MOE_ONEDNN_MIN_TOKENS", "1", 1);
+            r = moe_backend_cpu_init(&cfg, &backends[k][t], &err);
+            unsetenv("MOE_ONEDNN_MIN_TOKENS");
 
             if (r == -ENOTSUP) {
                 if (t == 0)
@@ -753,6 +866,11 @@ int main(void)
                 FAIL("moe_backend_cpu_init(%s, %d threads): %d %s", kernel_names[k],
                      thread_counts[t], r, err.msg);
             ASSERT_STREQ(moe_backend_cpu_kernel(backends[k][t]), kernel_names[k]);
+            if (k == K_ONEDNN) {
+                ASSERT_CONTAINS(moe_backend_cpu_describe(backends[k][t]), "oneDNN");
+                if (t == 0)
+                    printf("onednn: %s\n", moe_backend_cpu_describe(backends[k][t]));
+            }
             available++;
         }
     }
@@ -764,6 +882,7 @@ int main(void)
         int n = moe_backend_cpu_kernels(info, N_KERNELS + 1);
 
         ASSERT_EQ(n, N_KERNELS);
+        ASSERT_STREQ(info[0].name, "onednn");
         for (int i = 0; i < n; i++) {
             int k = -1;
 
@@ -781,6 +900,7 @@ int main(void)
 
     test_matmul();
     test_ffn();
+    test_onednn_threshold();
 
     for (int k = 0; k < N_KERNELS; k++)
         for (int t = 0; t < N_THREADS; t++)
