@@ -268,7 +268,7 @@ void moed_cluster_counters(struct moed *d, Moe__V1__ClusterCounters *k)
     k->tokens_total = atomic_load(&c->tokens_total);
     k->bytes_sent = atomic_load(&c->bytes_sent);
     k->bytes_received = atomic_load(&c->bytes_received);
-    k->peer_calls_served = atomic_load(&c->served);
+    k->peer_calls_served = atomic_load(&d->parts_served);
     k->nccl_fallbacks = atomic_load(&c->nccl_fallbacks);
     k->strays_evicted = atomic_load(&c->strays_evicted);
     pthread_mutex_lock(&c->lock);

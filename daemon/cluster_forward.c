@@ -2,9 +2,10 @@
  * The remote forward, both ends: a request split over the members (its
  * parts to peers on a pool of threads, with failover to a replica or to
  * this node; the split forwards on a pool of their own, capped), and
- * moe.v1.Peer/ForwardExperts, a peer's part served here: its envelope, its
- * rows over NCCL (on the take pool) and its submission, the request itself
- * decoded and encoded by request.c (cluster_int.h).
+ * moe.v1.Peer/ForwardExperts, a peer's part served here: only its envelope
+ * and its rows over NCCL (on the take pool); the request itself is decoded
+ * and encoded by request.c and counted and submitted by forward.c
+ * (moed_fwd_submit_part).
  */
 #include "cluster_int.h"
 #include "forward.h"
@@ -879,9 +880,9 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
 /* ---- moe.v1.Peer ----------------------------------------------------------------------- */
 
 struct pfwd {
-    struct moed_fwd fw; /* the request: rows, routing, answer (forward.h) */
+    struct moed_fwd fw; /* the request: rows, routing, model, answer (forward.h) */
     struct moe_rpc_call *call;
-    struct moed_model *mm;
+    unsigned flags; /* the engine's, for moed_fwd_submit_part */
     /* Over NCCL: the sending peer (a reference), generation and transfer. */
     struct peer *np;
     uint64_t ngen, nseq;
@@ -898,16 +899,18 @@ static void pfwd_free(struct pfwd *f)
         moed_cl_peer_put(c, f->np);
         atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
     }
-    if (f->mm)
-        moed_model_put(d, f->mm);
-    moed_fwd_clear(&f->fw);
+    moed_fwd_release(&f->fw);
     free(f);
 }
 
-static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
+/* The answer (forward.c's completion: the model already given back). */
+static void pfwd_done(struct moed_fwd *fw, int status, const char *msg)
 {
-    struct pfwd *f = r->arg;
+    struct pfwd *f = (struct pfwd *)fw; /* fw is its first member */
+    const struct moe_sched_req *r = &fw->sr;
+#ifdef MOED_HAVE_NCCL
     struct moed *d = f->fw.d;
+#endif
     Moe__V1__ForwardExpertsResponse a = MOE__V1__FORWARD_EXPERTS_RESPONSE__INIT;
     Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
     Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
@@ -953,7 +956,7 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
     (void)n;
 #endif
     if (status < 0) {
-        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
+        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg);
     } else {
         t.n_shape = 2;
         t.shape = shape;
@@ -974,7 +977,6 @@ static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
         a.cache_misses = (uint32_t)r->st.misses;
         moed_reply_msg(f->call, &a.base);
     }
-    atomic_fetch_sub(&d->in_flight, 1);
     pfwd_free(f);
 }
 
@@ -1027,12 +1029,11 @@ static void nccl_take(struct pfwd *f)
     if (rc == 0) {
         atomic_fetch_add_explicit(&l->served, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
-        rc = moe_sched_submit(d->sched, &f->fw.sr, &err);
+        rc = moed_fwd_submit_part(&f->fw, f->flags, pfwd_done, NULL, err.msg, sizeof(err.msg));
         st = moed_grpc_status(rc);
     }
     if (rc < 0) {
         moe_rpc_fail(f->call, st, "%s", err.msg);
-        atomic_fetch_sub(&d->in_flight, 1);
         pfwd_free(f);
     }
 }
@@ -1128,9 +1129,7 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     struct moed_cluster *c = cl_of(d);
     Moe__V1__ForwardExpertsRequest *q = moe__v1__forward_experts_request__unpack(NULL, len, req);
     struct pfwd *f = calloc(1, sizeof(*f));
-    struct moe_error err = {0};
     char msg[MOE_ERROR_MSG_MAX];
-    bool nccl;
     int r;
 
     if (!q || !f) {
@@ -1138,52 +1137,38 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
                      q ? "out of memory" : "the request is not a ForwardExpertsRequest");
         goto out;
     }
-    /* Peer traffic is counted by the cluster (c->served), not among the
+    /* A peer's share is counted as one (forward.c), not among the
      * clients' requests: the transport field is unused. */
     moed_fwd_init(&f->fw, d, MOED_TRANSPORT_GRPC);
     f->call = call;
+    f->flags = q->shared ? 0 : MOE_FWD_SKIP_SHARED;
     if (atomic_load(&d->state) != MOED_SERVING) {
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
                      moed_cluster_node(d));
         goto out;
     }
-    f->mm = q->model ? moed_model_get(d, q->model) : NULL;
-    if (!f->mm) {
+    f->fw.mm = q->model ? moed_model_get(d, q->model) : NULL;
+    if (!f->fw.mm) {
         moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "node %s has no model '%s'", moed_cluster_node(d),
                      q->model ? q->model : "");
         goto out;
     }
-    r = moed_fwd_decode_peer(&f->fw, q, f->mm->m, msg, sizeof(msg));
+    r = moed_fwd_decode_peer(&f->fw, q, f->fw.mm->m, msg, sizeof(msg));
     if (r < 0) {
         moe_rpc_fail(call,
                      r == -ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT,
                      "%s", msg);
         goto out;
     }
-    nccl = q->nccl_seq || q->nccl_generation;
-    f->fw.sr =
-        (struct moe_sched_req){.engine = f->mm->e,
-                               .a.layer = f->fw.layer,
-                               .a.x = f->fw.x,
-                               .a.n_tokens = f->fw.n_tokens,
-                               .a.ids = f->fw.ids,
-                               .a.weights = f->fw.weights,
-                               .a.flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
-                               .a.out = f->fw.out,
-                               .done = pfwd_done,
-                               .arg = f};
-    atomic_fetch_add(&d->in_flight, 1);
-    if (c)
-        atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
-    if (nccl) {
-        /* The rows come over NCCL, waited for on the take pool. */
+    if (q->nccl_seq || q->nccl_generation) {
+        /* The rows come over NCCL, waited for on the take pool, which
+         * submits the request once they are here. */
         f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
         if (f->np)
             atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
         f->ngen = q->nccl_generation;
         f->nseq = q->nccl_seq;
         if (!f->np || !c->nccl_ok) {
-            atomic_fetch_sub(&d->in_flight, 1);
             if (!f->np)
                 moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
                              "node %s: the sender '%s' is not a peer of this node",
@@ -1194,23 +1179,20 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
             goto out;
         }
 #ifdef MOED_HAVE_NCCL
-        /* The rows are waited for on the take pool, not this thread. */
         if (take_hand_over(c, f) == 0) {
             f = NULL;
             goto out;
         }
 #endif
-        atomic_fetch_sub(&d->in_flight, 1);
         moe_rpc_fail(
             call, GRPC_STATUS_RESOURCE_EXHAUSTED,
             "node %s: %d NCCL transfers wait already (or no thread to take them); try again",
             moed_cluster_node(d), TAKE_QUEUED);
         goto out;
     }
-    /* Straight to the scheduler: batched with this node's other work. */
-    if (moe_sched_submit(d->sched, &f->fw.sr, &err) < 0) {
-        atomic_fetch_sub(&d->in_flight, 1);
-        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
+    r = moed_fwd_submit_part(&f->fw, f->flags, pfwd_done, NULL, msg, sizeof(msg));
+    if (r < 0) {
+        moe_rpc_fail(call, moed_grpc_status(r), "%s", msg);
         goto out;
     }
     f = NULL;

@@ -182,7 +182,7 @@ struct moed_cluster {
     struct part_pool parts;
     struct take_pool takes;
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
-        bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
+        bytes_sent, bytes_received, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
      * this node tells its peers, or why not. */
     bool nccl_ok;
