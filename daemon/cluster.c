@@ -103,12 +103,12 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
-    moed_cl_part_pool_init(c);
-    moed_cl_take_pool_init(c);
+    moed_cl_pool_init(&c->parts, PART_THREADS, 0);
+    moed_cl_pool_init(&c->takes, TAKE_THREADS, TAKE_QUEUED);
     rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
-        moed_cl_take_pool_free(c);
-        moed_cl_part_pool_free(c);
+        moed_cl_pool_free(&c->takes);
+        moed_cl_pool_free(&c->parts);
         pthread_cond_destroy(&c->cond);
         pthread_mutex_destroy(&c->lock);
         free(c);
@@ -147,8 +147,8 @@ void moed_cluster_stop(struct moed *d)
     while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
     moed_cl_split_pool_free(c);
-    moed_cl_part_pool_free(c);
-    moed_cl_take_pool_free(c);
+    moed_cl_pool_free(&c->parts);
+    moed_cl_pool_free(&c->takes);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
         moed_cl_peer_put(c, c->peers[i]);

@@ -1,6 +1,7 @@
 /*
  * What the cluster's files (cluster.c, cluster_peers.c, cluster_health.c,
- * cluster_forward.c, cluster_nccl.c) share: its state and the functions one
+ * cluster_forward.c, cluster_serve.c, cluster_pool.c, cluster_nccl.c)
+ * share: its state and the functions one
  * of them gives the others (moed_cl_*).  Internal to them: nothing else
  * includes it.
  */
@@ -131,36 +132,41 @@ struct split_wait {
     int pending; /* parts handed over, not finished */
 };
 
-struct part;
-
-/* The threads the parts of split forwards (calls to peers) run on:
- * started as needed up to PART_THREADS, kept until the cluster stops.  A
- * part that finds no thread free runs on its split forward's own thread,
- * so a split forward never waits for another's parts. */
-#define PART_THREADS 64
-struct part_pool {
-    pthread_mutex_t lock;     /* everything below */
-    pthread_cond_t cond;      /* a part queued, or stopping */
-    struct part *head, *tail; /* queued, at most as many as idle threads */
-    pthread_t threads[PART_THREADS];
-    int n_threads, idle, queued;
-    bool stopping, inited;
+/* One item of a cluster work queue: run once, on one of its threads. */
+struct cl_work {
+    void (*run)(struct cl_work *w);
+    struct cl_work *next; /* in the queue */
 };
 
-struct pfwd;
-
-/* The threads that take the rows of Peer/ForwardExperts calls over NCCL
- * (cluster_forward.c): started as needed up to TAKE_THREADS, one per
- * possible sender (a link's transfers go one at a time, in order, so more
- * would only wait), kept until the cluster stops.  At most TAKE_QUEUED
- * calls wait for a thread; beyond that a call is refused. */
+/*
+ * A work queue with threads of its own (cluster_pool.c), started as needed
+ * up to max_threads and kept until moed_cl_pool_free.  An item is queued
+ * when a thread is idle for it or can be started, or else when fewer than
+ * max_waiting wait beyond the idle threads; otherwise moed_cl_pool_post
+ * refuses it (the caller keeps it).
+ *
+ * Two of them, each with threads of its own (sharing them could deadlock
+ * nodes: parts here waiting for a peer whose rows over NCCL wait for a
+ * thread busy with its own parts):
+ * - parts: the parts of split forwards (calls to peers), up to
+ *   PART_THREADS, none waiting: a part that finds no thread free runs on
+ *   its split forward's own thread, so a split forward never waits for
+ *   another's parts;
+ * - takes: the rows of Peer/ForwardExperts calls over NCCL, up to
+ *   TAKE_THREADS, one per possible sender (a link's transfers go one at a
+ *   time, in order, so more would only wait), TAKE_QUEUED waiting; beyond
+ *   that a call is refused.
+ */
+#define CL_POOL_THREADS 64
+#define PART_THREADS 64
 #define TAKE_THREADS MOED_MAX_PEERS
 #define TAKE_QUEUED (4 * MOED_MAX_PEERS)
-struct take_pool {
-    pthread_mutex_t lock;     /* everything below */
-    pthread_cond_t cond;      /* a call queued, or stopping */
-    struct pfwd *head, *tail; /* queued, oldest first */
-    pthread_t threads[TAKE_THREADS];
+struct cl_pool {
+    pthread_mutex_t lock;        /* everything below */
+    pthread_cond_t cond;         /* an item queued, or stopping */
+    struct cl_work *head, *tail; /* queued, oldest first */
+    pthread_t threads[CL_POOL_THREADS];
+    int max_threads, max_waiting; /* set by moed_cl_pool_init */
     int n_threads, idle, queued;
     bool stopping, inited;
 };
@@ -179,8 +185,7 @@ struct moed_cluster {
     bool started;
     _Atomic int in_flight; /* split forwards and NCCL transfers served, running */
     struct split_pool split;
-    struct part_pool parts;
-    struct take_pool takes;
+    struct cl_pool parts, takes; /* the work queues (struct cl_pool) */
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
         bytes_sent, bytes_received, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
@@ -225,11 +230,14 @@ int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struc
                  int layer, int expert, uint32_t salt, int not );
 struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 
+/* cluster_pool.c */
+void moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting);
+/* 0: w runs on a thread of p; -EAGAIN: no thread will (w is the caller's). */
+int moed_cl_pool_post(struct cl_pool *p, struct cl_work *w);
+/* Runs what is queued, ends the threads.  An uninitialised p is fine. */
+void moed_cl_pool_free(struct cl_pool *p);
+
 /* cluster_forward.c */
-void moed_cl_part_pool_init(struct moed_cluster *c);
-void moed_cl_part_pool_free(struct moed_cluster *c);
-void moed_cl_take_pool_init(struct moed_cluster *c);
-void moed_cl_take_pool_free(struct moed_cluster *c);
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err);
 void moed_cl_split_pool_free(struct moed_cluster *c);
 

@@ -4,7 +4,7 @@
  * moed_fwd.  Each transport decodes its envelope into one, hands it to
  * moed_fwd_submit (a peer's share of a split forward: moed_fwd_submit_part),
  * and encodes the answer from it in its done callback; everything in
- * between happens here once.  (cluster_forward.c keeps of a peer's share
+ * between happens here once.  (cluster_serve.c keeps of a peer's share
  * only its envelope: the rows over NCCL when they come that way.)
  *
  * request.c (no daemon state, so that the fuzz target
