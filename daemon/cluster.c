@@ -103,9 +103,13 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
-    moed_cl_pool_init(&c->parts, PART_THREADS, 0);
-    moed_cl_pool_init(&c->takes, TAKE_THREADS, TAKE_QUEUED);
-    rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
+    rc = moed_cl_pool_init(&c->parts, PART_THREADS, 0);
+    if (rc == 0)
+        rc = moed_cl_pool_init(&c->takes, TAKE_THREADS, TAKE_QUEUED);
+    if (rc < 0)
+        moe_error_set(err, rc, "out of memory");
+    else
+        rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
         moed_cl_pool_free(&c->takes);
         moed_cl_pool_free(&c->parts);

@@ -694,36 +694,20 @@ static void run_job(struct moed_cluster *c, struct job *j)
     r->done(r, rc, rc < 0 ? err.msg : NULL);
 }
 
-static void *split_main(void *arg)
+/* A split forward's job on a thread of c->split.q: run, then free again. */
+static void split_run(struct cl_work *w)
 {
-    struct moed_cluster *c = arg;
+    struct job *j = (struct job *)((char *)w - offsetof(struct job, work));
+    struct moed_cluster *c = cl_of(j->d);
     struct split_pool *p = &c->split;
 
+    run_job(c, j);
     pthread_mutex_lock(&p->lock);
-    for (;;) {
-        struct job *j = p->head;
-
-        if (!j) {
-            if (p->stopping)
-                break;
-            p->idle++;
-            pthread_cond_wait(&p->cond, &p->lock);
-            p->idle--;
-            continue;
-        }
-        p->head = j->next;
-        if (!p->head)
-            p->tail = NULL;
-        pthread_mutex_unlock(&p->lock);
-        run_job(c, j);
-        pthread_mutex_lock(&p->lock);
-        j->next = p->free;
-        p->free = j;
-        p->in_flight--;
-        atomic_fetch_sub(&c->in_flight, 1);
-    }
+    j->next = p->free;
+    p->free = j;
+    p->in_flight--;
     pthread_mutex_unlock(&p->lock);
-    return NULL;
+    atomic_fetch_sub(&c->in_flight, 1);
 }
 
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
@@ -732,10 +716,9 @@ int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *e
 
     p->cap = cap > 0 ? cap : MOED_SPLIT_FORWARDS_DEFAULT;
     p->jobs = calloc((size_t)p->cap, sizeof(*p->jobs));
-    p->threads = calloc((size_t)p->cap, sizeof(*p->threads));
-    if (!p->jobs || !p->threads) {
+    /* At most one thread per job, so a job never waits for a thread. */
+    if (!p->jobs || moed_cl_pool_init(&p->q, p->cap, p->cap) < 0) {
         free(p->jobs);
-        free(p->threads);
         return moe_error_set(err, -ENOMEM, "out of memory");
     }
     for (int i = 0; i < p->cap; i++) {
@@ -743,7 +726,6 @@ int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *e
         p->free = &p->jobs[i];
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->cond, NULL);
     p->inited = true;
     return 0;
 }
@@ -755,16 +737,9 @@ void moed_cl_split_pool_free(struct moed_cluster *c)
 
     if (!p->inited)
         return;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = true;
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->lock);
-    for (int i = 0; i < p->n_threads; i++)
-        pthread_join(p->threads[i], NULL);
-    pthread_cond_destroy(&p->cond);
+    moed_cl_pool_free(&p->q);
     pthread_mutex_destroy(&p->lock);
     free(p->jobs);
-    free(p->threads);
 }
 
 int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
@@ -792,27 +767,22 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
                              "max_split_forwards allows: try again, or raise it",
                              c->node, p->cap);
     }
-    /* A thread more when none is idle: started once, kept until the
-     * cluster stops, at most one per job. */
-    if (p->idle == 0 && p->n_threads < p->cap &&
-        pthread_create(&p->threads[p->n_threads], NULL, split_main, c) == 0)
-        p->n_threads++;
-    if (p->n_threads == 0) {
+    p->free = j->next;
+    p->in_flight++;
+    pthread_mutex_unlock(&p->lock);
+    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
+    j->work.run = split_run;
+    atomic_fetch_add(&c->in_flight, 1);
+    if (moed_cl_pool_post(&p->q, &j->work) < 0) {
         /* No thread at all: this node computes it all, which is always
          * right (it pages in what it lacks). */
+        pthread_mutex_lock(&p->lock);
+        j->next = p->free;
+        p->free = j;
+        p->in_flight--;
         pthread_mutex_unlock(&p->lock);
+        atomic_fetch_sub(&c->in_flight, 1);
         return moe_sched_submit(d->sched, r, err);
     }
-    p->free = j->next;
-    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
-    if (p->tail)
-        p->tail->next = j;
-    else
-        p->head = j;
-    p->tail = j;
-    p->in_flight++;
-    atomic_fetch_add(&c->in_flight, 1);
-    pthread_cond_signal(&p->cond);
-    pthread_mutex_unlock(&p->lock);
     return 0;
 }

@@ -102,36 +102,6 @@ struct mstate {
     struct mstate *next;
 };
 
-/* A split forward waiting for, or running on, a thread of the pool. */
-struct job {
-    struct moed *d;
-    struct moed_model *mm;
-    struct moe_sched_req *r; /* the caller's */
-    uint64_t t_queued;
-    struct job *next; /* in the queue or the free list */
-};
-
-/* The threads split forwards run on: started as needed, at most one per
- * job, kept until the cluster stops.  jobs[cap] bounds the split forwards
- * in flight (queued or running); beyond it moed_submit refuses. */
-struct split_pool {
-    pthread_mutex_t lock;    /* everything below */
-    pthread_cond_t cond;     /* a job queued, or stopping */
-    struct job *jobs;        /* [cap] */
-    struct job *free;        /* jobs not in flight */
-    struct job *head, *tail; /* queued, oldest first */
-    pthread_t *threads;      /* [cap], n_threads started */
-    int cap, n_threads, idle, in_flight;
-    bool stopping, inited;
-};
-
-/* A split forward's wait for its parts on the part pool. */
-struct split_wait {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int pending; /* parts handed over, not finished */
-};
-
 /* One item of a cluster work queue: run once, on one of its threads. */
 struct cl_work {
     void (*run)(struct cl_work *w);
@@ -145,9 +115,10 @@ struct cl_work {
  * max_waiting wait beyond the idle threads; otherwise moed_cl_pool_post
  * refuses it (the caller keeps it).
  *
- * Two of them, each with threads of its own (sharing them could deadlock
+ * Three of them, each with threads of its own (sharing them could deadlock
  * nodes: parts here waiting for a peer whose rows over NCCL wait for a
- * thread busy with its own parts):
+ * thread busy with its own parts; split forwards waiting for their parts):
+ * - the split forwards (struct split_pool), at most one thread per job;
  * - parts: the parts of split forwards (calls to peers), up to
  *   PART_THREADS, none waiting: a part that finds no thread free runs on
  *   its split forward's own thread, so a split forward never waits for
@@ -157,18 +128,46 @@ struct cl_work {
  *   time, in order, so more would only wait), TAKE_QUEUED waiting; beyond
  *   that a call is refused.
  */
-#define CL_POOL_THREADS 64
 #define PART_THREADS 64
 #define TAKE_THREADS MOED_MAX_PEERS
 #define TAKE_QUEUED (4 * MOED_MAX_PEERS)
 struct cl_pool {
-    pthread_mutex_t lock;        /* everything below */
-    pthread_cond_t cond;         /* an item queued, or stopping */
-    struct cl_work *head, *tail; /* queued, oldest first */
-    pthread_t threads[CL_POOL_THREADS];
+    pthread_mutex_t lock;         /* everything below */
+    pthread_cond_t cond;          /* an item queued, or stopping */
+    struct cl_work *head, *tail;  /* queued, oldest first */
+    pthread_t *threads;           /* [max_threads], n_threads started */
     int max_threads, max_waiting; /* set by moed_cl_pool_init */
     int n_threads, idle, queued;
     bool stopping, inited;
+};
+
+/* A split forward waiting for, or running on, a thread of the pool. */
+struct job {
+    struct moed *d;
+    struct moed_model *mm;
+    struct moe_sched_req *r; /* the caller's */
+    uint64_t t_queued;
+    struct job *next; /* in the free list */
+    struct cl_work work;
+};
+
+/* The split forwards in flight (queued or running): jobs[cap] bounds them,
+ * beyond it moed_submit refuses; they run on q, a work queue (struct
+ * cl_pool, above) of at most one thread per job. */
+struct split_pool {
+    pthread_mutex_t lock; /* free and in_flight */
+    struct job *jobs;     /* [cap] */
+    struct job *free;     /* jobs not in flight */
+    int cap, in_flight;
+    bool inited;
+    struct cl_pool q;
+};
+
+/* A split forward's wait for its parts on the part pool. */
+struct split_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int pending; /* parts handed over, not finished */
 };
 
 struct moed_cluster {
@@ -231,7 +230,8 @@ int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struc
 struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 
 /* cluster_pool.c */
-void moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting);
+/* 0, or -ENOMEM. */
+int moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting);
 /* 0: w runs on a thread of p; -EAGAIN: no thread will (w is the caller's). */
 int moed_cl_pool_post(struct cl_pool *p, struct cl_work *w);
 /* Runs what is queued, ends the threads.  An uninitialised p is fine. */

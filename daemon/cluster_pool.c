@@ -1,8 +1,8 @@
 /*
  * The cluster's work queue (cluster_int.h struct cl_pool): items run once
  * each on threads of the queue's own, started as needed up to a cap and
- * kept until the queue is freed; the parts of split forwards and the peers'
- * rows over NCCL each have one.
+ * kept until the queue is freed; the split forwards, their parts and the
+ * peers' rows over NCCL each have one.
  */
 #include "cluster_int.h"
 
@@ -38,13 +38,17 @@ static void *pool_main(void *arg)
     return NULL;
 }
 
-void moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting)
+int moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting)
 {
+    p->threads = calloc((size_t)max_threads, sizeof(*p->threads));
+    if (!p->threads)
+        return -ENOMEM;
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->cond, NULL);
-    p->max_threads = max_threads < CL_POOL_THREADS ? max_threads : CL_POOL_THREADS;
+    p->max_threads = max_threads;
     p->max_waiting = max_waiting;
     p->inited = true;
+    return 0;
 }
 
 int moed_cl_pool_post(struct cl_pool *p, struct cl_work *w)
@@ -86,5 +90,7 @@ void moed_cl_pool_free(struct cl_pool *p)
         pthread_join(p->threads[i], NULL);
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->lock);
+    free(p->threads);
+    p->threads = NULL;
     p->inited = false;
 }
