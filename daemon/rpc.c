@@ -46,7 +46,7 @@
  * Shutdown: stop posting requests, grpc_server_shutdown_and_notify, wait
  * for its tag until the deadline, then grpc_server_cancel_all_calls and wait
  * again; mark every call dead (under both locks), destroy the server, shut
- * the queues down and let the workers drain them, join.
+ * the queue down and let the workers drain it, join.
  *
  * Socket activation: with cfg->has_listen_fd, an accept thread polls the
  * passed listening socket and a wakeup pipe; each connection (accept4,
@@ -1054,7 +1054,7 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
         pthread_mutex_lock(&s->lock);
         wait_notified_locked(s, NULL);
     }
-    /* No call may start a batch from here on: the queues are about to shut
+    /* No call may start a batch from here on: the queue is about to shut
      * down.  Calls still with a handler are freed when it answers. */
     s->calls_dead = true;
     for (struct moe_rpc_call *c = s->calls; c; c = c->next) {

@@ -1,5 +1,5 @@
 /*
- * A small gRPC server over the gRPC C core (grpc/grpc.h): completion queues,
+ * A small gRPC server over the gRPC C core (grpc/grpc.h): a completion queue,
  * raw byte buffers in and out (the messages are protobuf-c, encoded and
  * decoded by the handlers), unary and bidirectional-streaming methods.
  *
