@@ -103,12 +103,16 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
         snprintf(c->node, sizeof(c->node), "moed");
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
-    moed_cl_part_pool_init(c);
-    moed_cl_take_pool_init(c);
-    rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
+    rc = moed_cl_pool_init(&c->parts, PART_THREADS, 0);
+    if (rc == 0)
+        rc = moed_cl_pool_init(&c->takes, TAKE_THREADS, TAKE_QUEUED);
+    if (rc < 0)
+        moe_error_set(err, rc, "out of memory");
+    else
+        rc = moed_cl_split_pool_init(c, d->cfg.max_split_forwards, err);
     if (rc < 0) {
-        moed_cl_take_pool_free(c);
-        moed_cl_part_pool_free(c);
+        moed_cl_pool_free(&c->takes);
+        moed_cl_pool_free(&c->parts);
         pthread_cond_destroy(&c->cond);
         pthread_mutex_destroy(&c->lock);
         free(c);
@@ -147,8 +151,8 @@ void moed_cluster_stop(struct moed *d)
     while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
         usleep(1000);
     moed_cl_split_pool_free(c);
-    moed_cl_part_pool_free(c);
-    moed_cl_take_pool_free(c);
+    moed_cl_pool_free(&c->parts);
+    moed_cl_pool_free(&c->takes);
     for (int i = 0; i < c->n_peers; i++) {
         c->peers[i]->removed = true;
         moed_cl_peer_put(c, c->peers[i]);
@@ -268,7 +272,7 @@ void moed_cluster_counters(struct moed *d, Moe__V1__ClusterCounters *k)
     k->tokens_total = atomic_load(&c->tokens_total);
     k->bytes_sent = atomic_load(&c->bytes_sent);
     k->bytes_received = atomic_load(&c->bytes_received);
-    k->peer_calls_served = atomic_load(&c->served);
+    k->peer_calls_served = atomic_load(&d->parts_served);
     k->nccl_fallbacks = atomic_load(&c->nccl_fallbacks);
     k->strays_evicted = atomic_load(&c->strays_evicted);
     pthread_mutex_lock(&c->lock);

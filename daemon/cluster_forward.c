@@ -1,13 +1,10 @@
 /*
- * The remote forward, both ends: a request split over the members (its
- * parts to peers on a pool of threads, with failover to a replica or to
- * this node; the split forwards on a pool of their own, capped), and
- * moe.v1.Peer/ForwardExperts, a peer's part served here: its envelope, its
- * rows over NCCL (on the take pool) and its submission, the request itself
- * decoded and encoded by request.c (cluster_int.h).
+ * The remote forward, the sending end: a request split over the members
+ * (its parts to peers on the part pool, with failover to a replica or to
+ * this node; the split forwards on a pool of their own, capped).  The
+ * receiving end, moe.v1.Peer/ForwardExperts, is cluster_serve.c.
  */
 #include "cluster_int.h"
-#include "forward.h"
 #include "placement.h"
 
 #include "moed.h"
@@ -26,6 +23,7 @@
 #include <grpc/status.h>
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,7 +114,7 @@ struct part {
     int status;
     char msg[256];
     struct split_wait *wait; /* its split forward's, when on the pool */
-    struct part *next;       /* in the pool's queue */
+    struct cl_work work;     /* on c->parts */
 };
 
 /* The ForwardExperts of rows [r0, r0 + rows) of the part with ids (the
@@ -482,92 +480,35 @@ static void part_clear(struct part *pt)
     free(pt->out);
 }
 
-static void *part_thread(void *arg)
+/* A part's run on a thread of c->parts; its split forward waits for it. */
+static void part_run(struct cl_work *w)
 {
-    struct part_pool *p = arg;
+    struct part *pt = (struct part *)((char *)w - offsetof(struct part, work));
+    struct split_wait *sw = pt->wait;
 
-    pthread_mutex_lock(&p->lock);
-    for (;;) {
-        struct part *pt = p->head;
-
-        if (!pt) {
-            if (p->stopping)
-                break;
-            p->idle++;
-            pthread_cond_wait(&p->cond, &p->lock);
-            p->idle--;
-            continue;
-        }
-        p->head = pt->next;
-        if (!p->head)
-            p->tail = NULL;
-        p->queued--;
-        pthread_mutex_unlock(&p->lock);
-        part_main(pt);
-        pthread_mutex_lock(&pt->wait->lock);
-        if (--pt->wait->pending == 0)
-            pthread_cond_signal(&pt->wait->cond);
-        pthread_mutex_unlock(&pt->wait->lock);
-        pthread_mutex_lock(&p->lock);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return NULL;
+    part_main(pt);
+    pthread_mutex_lock(&sw->lock);
+    if (--sw->pending == 0)
+        pthread_cond_signal(&sw->cond);
+    pthread_mutex_unlock(&sw->lock);
 }
 
-/* Hands pt to a free thread of the pool (started if need be), counted in
- * w; false when none is free (the caller runs it). */
+/* Hands pt to a free thread of c->parts, counted in w; false when none is
+ * free (the caller runs it). */
 static bool part_hand_over(struct moed_cluster *c, struct part *pt, struct split_wait *w)
 {
-    struct part_pool *p = &c->parts;
-    bool ok = true;
-
-    pthread_mutex_lock(&p->lock);
-    if (p->idle <= p->queued) {
-        ok = p->n_threads < PART_THREADS &&
-             pthread_create(&p->threads[p->n_threads], NULL, part_thread, p) == 0;
-        if (ok)
-            p->n_threads++;
-    }
-    if (ok) {
-        pt->wait = w;
-        pt->next = NULL;
-        pthread_mutex_lock(&w->lock);
-        w->pending++;
-        pthread_mutex_unlock(&w->lock);
-        if (p->tail)
-            p->tail->next = pt;
-        else
-            p->head = pt;
-        p->tail = pt;
-        p->queued++;
-        pthread_cond_signal(&p->cond);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return ok;
-}
-
-void moed_cl_part_pool_init(struct moed_cluster *c)
-{
-    pthread_mutex_init(&c->parts.lock, NULL);
-    pthread_cond_init(&c->parts.cond, NULL);
-    c->parts.inited = true;
-}
-
-/* Ends the pool's threads (no split forward is running). */
-void moed_cl_part_pool_free(struct moed_cluster *c)
-{
-    struct part_pool *p = &c->parts;
-
-    if (!p->inited)
-        return;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = true;
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->lock);
-    for (int i = 0; i < p->n_threads; i++)
-        pthread_join(p->threads[i], NULL);
-    pthread_cond_destroy(&p->cond);
-    pthread_mutex_destroy(&p->lock);
+    pt->wait = w;
+    pt->work.run = part_run;
+    /* Counted first: the part may be done before the post returns. */
+    pthread_mutex_lock(&w->lock);
+    w->pending++;
+    pthread_mutex_unlock(&w->lock);
+    if (moed_cl_pool_post(&c->parts, &pt->work) == 0)
+        return true;
+    pthread_mutex_lock(&w->lock);
+    w->pending--;
+    pthread_mutex_unlock(&w->lock);
+    return false;
 }
 
 /* The split forward of one request: returns 0 or -errno with err, and
@@ -753,36 +694,20 @@ static void run_job(struct moed_cluster *c, struct job *j)
     r->done(r, rc, rc < 0 ? err.msg : NULL);
 }
 
-static void *split_main(void *arg)
+/* A split forward's job on a thread of c->split.q: run, then free again. */
+static void split_run(struct cl_work *w)
 {
-    struct moed_cluster *c = arg;
+    struct job *j = (struct job *)((char *)w - offsetof(struct job, work));
+    struct moed_cluster *c = cl_of(j->d);
     struct split_pool *p = &c->split;
 
+    run_job(c, j);
     pthread_mutex_lock(&p->lock);
-    for (;;) {
-        struct job *j = p->head;
-
-        if (!j) {
-            if (p->stopping)
-                break;
-            p->idle++;
-            pthread_cond_wait(&p->cond, &p->lock);
-            p->idle--;
-            continue;
-        }
-        p->head = j->next;
-        if (!p->head)
-            p->tail = NULL;
-        pthread_mutex_unlock(&p->lock);
-        run_job(c, j);
-        pthread_mutex_lock(&p->lock);
-        j->next = p->free;
-        p->free = j;
-        p->in_flight--;
-        atomic_fetch_sub(&c->in_flight, 1);
-    }
+    j->next = p->free;
+    p->free = j;
+    p->in_flight--;
     pthread_mutex_unlock(&p->lock);
-    return NULL;
+    atomic_fetch_sub(&c->in_flight, 1);
 }
 
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)
@@ -791,10 +716,9 @@ int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *e
 
     p->cap = cap > 0 ? cap : MOED_SPLIT_FORWARDS_DEFAULT;
     p->jobs = calloc((size_t)p->cap, sizeof(*p->jobs));
-    p->threads = calloc((size_t)p->cap, sizeof(*p->threads));
-    if (!p->jobs || !p->threads) {
+    /* At most one thread per job, so a job never waits for a thread. */
+    if (!p->jobs || moed_cl_pool_init(&p->q, p->cap, p->cap) < 0) {
         free(p->jobs);
-        free(p->threads);
         return moe_error_set(err, -ENOMEM, "out of memory");
     }
     for (int i = 0; i < p->cap; i++) {
@@ -802,7 +726,6 @@ int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *e
         p->free = &p->jobs[i];
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->cond, NULL);
     p->inited = true;
     return 0;
 }
@@ -814,16 +737,9 @@ void moed_cl_split_pool_free(struct moed_cluster *c)
 
     if (!p->inited)
         return;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = true;
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->lock);
-    for (int i = 0; i < p->n_threads; i++)
-        pthread_join(p->threads[i], NULL);
-    pthread_cond_destroy(&p->cond);
+    moed_cl_pool_free(&p->q);
     pthread_mutex_destroy(&p->lock);
     free(p->jobs);
-    free(p->threads);
 }
 
 int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
@@ -851,372 +767,22 @@ int moed_submit(struct moed *d, struct moed_model *mm, struct moe_sched_req *r,
                              "max_split_forwards allows: try again, or raise it",
                              c->node, p->cap);
     }
-    /* A thread more when none is idle: started once, kept until the
-     * cluster stops, at most one per job. */
-    if (p->idle == 0 && p->n_threads < p->cap &&
-        pthread_create(&p->threads[p->n_threads], NULL, split_main, c) == 0)
-        p->n_threads++;
-    if (p->n_threads == 0) {
+    p->free = j->next;
+    p->in_flight++;
+    pthread_mutex_unlock(&p->lock);
+    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
+    j->work.run = split_run;
+    atomic_fetch_add(&c->in_flight, 1);
+    if (moed_cl_pool_post(&p->q, &j->work) < 0) {
         /* No thread at all: this node computes it all, which is always
          * right (it pages in what it lacks). */
+        pthread_mutex_lock(&p->lock);
+        j->next = p->free;
+        p->free = j;
+        p->in_flight--;
         pthread_mutex_unlock(&p->lock);
+        atomic_fetch_sub(&c->in_flight, 1);
         return moe_sched_submit(d->sched, r, err);
     }
-    p->free = j->next;
-    *j = (struct job){.d = d, .mm = mm, .r = r, .t_queued = moe_now_ns()};
-    if (p->tail)
-        p->tail->next = j;
-    else
-        p->head = j;
-    p->tail = j;
-    p->in_flight++;
-    atomic_fetch_add(&c->in_flight, 1);
-    pthread_cond_signal(&p->cond);
-    pthread_mutex_unlock(&p->lock);
     return 0;
-}
-
-/* ---- moe.v1.Peer ----------------------------------------------------------------------- */
-
-struct pfwd {
-    struct moed_fwd fw; /* the request: rows, routing, answer (forward.h) */
-    struct moe_rpc_call *call;
-    struct moed_model *mm;
-    /* Over NCCL: the sending peer (a reference), generation and transfer. */
-    struct peer *np;
-    uint64_t ngen, nseq;
-    struct pfwd *next; /* in the take pool's queue */
-};
-
-static void pfwd_free(struct pfwd *f)
-{
-    struct moed *d = f->fw.d;
-
-    if (f->np) {
-        struct moed_cluster *c = cl_of(d);
-
-        moed_cl_peer_put(c, f->np);
-        atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
-    }
-    if (f->mm)
-        moed_model_put(d, f->mm);
-    moed_fwd_clear(&f->fw);
-    free(f);
-}
-
-static void pfwd_done(struct moe_sched_req *r, int status, const char *msg)
-{
-    struct pfwd *f = r->arg;
-    struct moed *d = f->fw.d;
-    Moe__V1__ForwardExpertsResponse a = MOE__V1__FORWARD_EXPERTS_RESPONSE__INIT;
-    Moe__V1__Tensor t = MOE__V1__TENSOR__INIT;
-    Moe__V1__Timing tm = MOE__V1__TIMING__INIT;
-    int64_t shape[2] = {f->fw.n_tokens, f->fw.hidden};
-    size_t n = (size_t)f->fw.n_tokens * f->fw.hidden;
-    char nmsg[MOE_ERROR_MSG_MAX];
-
-#ifdef MOED_HAVE_NCCL
-    if (status >= 0 && f->np) {
-        /* The output goes back over the sender's communicator; the answer
-         * only says it is there. */
-        struct nccl_link *l = &f->np->nl;
-        struct moe_error err = {0};
-        struct moe_nccl_xfer y = {0, f->fw.out, n * sizeof(float)};
-
-        /* Nobody else is on it in the protocol (the sender waits for this
-         * answer): busy means something went wrong; the sender falls back
-         * rather than this compute thread waiting. */
-        if (pthread_mutex_trylock(&l->in_lock) != 0) {
-            status =
-                moe_error_set(&err, -EBUSY, "the NCCL communicator from %s is busy", f->np->name);
-        } else {
-            if (l->in && l->in_gen == f->ngen) {
-                status = moe_nccl_post(l->in, &y, 1, NULL, 0, d->cfg.peer_timeout_ms, &err);
-                l->in_post_ns = moe_now_ns();
-                if (status < 0) {
-                    moed_cl_nccl_close_async(l->in);
-                    l->in = NULL;
-                }
-            } else {
-                status = moe_error_set(&err, -EIO, "the NCCL communicator from %s went away",
-                                       f->np->name);
-            }
-            pthread_mutex_unlock(&l->in_lock);
-        }
-        if (status < 0) {
-            snprintf(nmsg, sizeof(nmsg), "%s", err.msg);
-            msg = nmsg;
-        }
-    }
-#else
-    (void)nmsg;
-    (void)n;
-#endif
-    if (status < 0) {
-        moe_rpc_fail(f->call, moed_grpc_status(status), "%s", msg ? msg : strerror(-status));
-    } else {
-        t.n_shape = 2;
-        t.shape = shape;
-        t.dtype = f->fw.dtype;
-        /* Over NCCL the output went back that way; the answer only says so. */
-        t.data.data = f->np ? NULL : (uint8_t *)f->fw.out;
-        t.data.len = f->np ? 0 : moed_fwd_encode_in_place(&f->fw);
-        tm.queue_ns = r->queue_ns;
-        tm.route_ns = r->st.route_ns;
-        tm.load_ns = r->st.load_ns;
-        tm.compute_ns = r->st.compute_ns;
-        tm.total_ns = moe_now_ns() - f->fw.t_recv;
-        tm.batch_requests = (uint32_t)r->batch_requests;
-        tm.batch_tokens = (uint32_t)r->batch_tokens;
-        a.output = &t;
-        a.timing = &tm;
-        a.cache_hits = (uint32_t)r->st.hits;
-        a.cache_misses = (uint32_t)r->st.misses;
-        moed_reply_msg(f->call, &a.base);
-    }
-    atomic_fetch_sub(&d->in_flight, 1);
-    pfwd_free(f);
-}
-
-#ifdef MOED_HAVE_NCCL
-/* Takes a forward's rows over the sender's communicator, in the sender's
- * order, then submits it; pfwd_done sends the output back. */
-static void nccl_take(struct pfwd *f)
-{
-    struct moed *d = f->fw.d;
-    struct nccl_link *l = &f->np->nl;
-    struct moe_error err = {0};
-    size_t n = (size_t)f->fw.n_tokens * f->fw.hidden;
-    uint64_t tmo = d->cfg.peer_timeout_ms, end = moe_now_ns() + tmo * 1000000ull;
-    struct timespec ts;
-    int st = GRPC_STATUS_FAILED_PRECONDITION, rc = -EIO;
-
-    ts = moe_realtime_after_ms(tmo);
-    pthread_mutex_lock(&l->in_lock);
-    /* The first transfer of a generation may come before this node's
-     * join has finished (the sender's finished first). */
-    while (l->in_gen == f->ngen && l->joining && moe_now_ns() < end)
-        pthread_cond_timedwait(&l->in_cond, &l->in_lock, &ts);
-    if (l->in_gen != f->ngen || !l->in) {
-        moe_error_set(&err, -EIO, "no NCCL communicator of generation %llu from %s (have %llu)",
-                      (unsigned long long)f->ngen, f->np->name, (unsigned long long)l->in_gen);
-    } else if (f->nseq != l->in_seq + 1) {
-        moe_error_set(&err, -EIO, "NCCL transfer %llu from %s out of order: expected %llu",
-                      (unsigned long long)f->nseq, f->np->name,
-                      (unsigned long long)(l->in_seq + 1));
-    } else {
-        struct moe_nccl_xfer x = {0, (void *)f->fw.x, n * sizeof(float)};
-
-        rc = moe_nccl_exchange(l->in, NULL, 0, &x, 1, tmo, &err);
-        if (rc < 0) {
-            moed_cl_nccl_close_async(l->in);
-            l->in = NULL;
-            st = GRPC_STATUS_UNAVAILABLE;
-        } else {
-            l->in_seq = f->nseq;
-        }
-    }
-    pthread_mutex_unlock(&l->in_lock);
-    /* The rows are this request's own (moed_fwd_decode_peer made x):
-     * checked where they lie. */
-    if (rc == 0 && moed_fwd_set_hidden(&f->fw, f->fw.n_tokens, MOE__V1__DTYPE__DTYPE_F32, f->fw.x,
-                                       true, "hidden", err.msg, sizeof(err.msg)) < 0) {
-        rc = -EINVAL;
-        st = GRPC_STATUS_INVALID_ARGUMENT;
-    }
-    if (rc == 0) {
-        atomic_fetch_add_explicit(&l->served, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&l->bytes, 2 * n * sizeof(float), memory_order_relaxed);
-        rc = moe_sched_submit(d->sched, &f->fw.sr, &err);
-        st = moed_grpc_status(rc);
-    }
-    if (rc < 0) {
-        moe_rpc_fail(f->call, st, "%s", err.msg);
-        atomic_fetch_sub(&d->in_flight, 1);
-        pfwd_free(f);
-    }
-}
-
-static void *take_thread(void *arg)
-{
-    struct take_pool *p = arg;
-
-    pthread_mutex_lock(&p->lock);
-    for (;;) {
-        struct pfwd *f = p->head;
-
-        if (!f) {
-            if (p->stopping)
-                break;
-            p->idle++;
-            pthread_cond_wait(&p->cond, &p->lock);
-            p->idle--;
-            continue;
-        }
-        p->head = f->next;
-        if (!p->head)
-            p->tail = NULL;
-        p->queued--;
-        pthread_mutex_unlock(&p->lock);
-        nccl_take(f);
-        pthread_mutex_lock(&p->lock);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return NULL;
-}
-
-/* Queues f for a thread of the take pool (started if none is idle and
- * fewer than TAKE_THREADS run): 0, or -EAGAIN when TAKE_QUEUED calls wait
- * already or no thread can run it (f is still the caller's). */
-static int take_hand_over(struct moed_cluster *c, struct pfwd *f)
-{
-    struct take_pool *p = &c->takes;
-    int r = 0;
-
-    pthread_mutex_lock(&p->lock);
-    if (p->queued >= TAKE_QUEUED) {
-        r = -EAGAIN;
-    } else if (p->idle <= p->queued && p->n_threads < TAKE_THREADS) {
-        if (pthread_create(&p->threads[p->n_threads], NULL, take_thread, p) == 0)
-            p->n_threads++;
-        else if (p->n_threads == 0)
-            r = -EAGAIN; /* nobody would take it */
-    }
-    if (r == 0) {
-        f->next = NULL;
-        if (p->tail)
-            p->tail->next = f;
-        else
-            p->head = f;
-        p->tail = f;
-        p->queued++;
-        pthread_cond_signal(&p->cond);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return r;
-}
-#endif
-
-void moed_cl_take_pool_init(struct moed_cluster *c)
-{
-    pthread_mutex_init(&c->takes.lock, NULL);
-    pthread_cond_init(&c->takes.cond, NULL);
-    c->takes.inited = true;
-}
-
-/* Ends the pool's threads (no call is queued: moed_cluster_stop waited for
- * the cluster's in_flight, which counts them). */
-void moed_cl_take_pool_free(struct moed_cluster *c)
-{
-    struct take_pool *p = &c->takes;
-
-    if (!p->inited)
-        return;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = true;
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->lock);
-    for (int i = 0; i < p->n_threads; i++)
-        pthread_join(p->threads[i], NULL);
-    pthread_cond_destroy(&p->cond);
-    pthread_mutex_destroy(&p->lock);
-}
-
-void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
-{
-    struct moed *d = arg;
-    struct moed_cluster *c = cl_of(d);
-    Moe__V1__ForwardExpertsRequest *q = moe__v1__forward_experts_request__unpack(NULL, len, req);
-    struct pfwd *f = calloc(1, sizeof(*f));
-    struct moe_error err = {0};
-    char msg[MOE_ERROR_MSG_MAX];
-    bool nccl;
-    int r;
-
-    if (!q || !f) {
-        moe_rpc_fail(call, q ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT, "%s",
-                     q ? "out of memory" : "the request is not a ForwardExpertsRequest");
-        goto out;
-    }
-    /* Peer traffic is counted by the cluster (c->served), not among the
-     * clients' requests: the transport field is unused. */
-    moed_fwd_init(&f->fw, d, MOED_TRANSPORT_GRPC);
-    f->call = call;
-    if (atomic_load(&d->state) != MOED_SERVING) {
-        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
-                     moed_cluster_node(d));
-        goto out;
-    }
-    f->mm = q->model ? moed_model_get(d, q->model) : NULL;
-    if (!f->mm) {
-        moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "node %s has no model '%s'", moed_cluster_node(d),
-                     q->model ? q->model : "");
-        goto out;
-    }
-    r = moed_fwd_decode_peer(&f->fw, q, f->mm->m, msg, sizeof(msg));
-    if (r < 0) {
-        moe_rpc_fail(call,
-                     r == -ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT,
-                     "%s", msg);
-        goto out;
-    }
-    nccl = q->nccl_seq || q->nccl_generation;
-    f->fw.sr =
-        (struct moe_sched_req){.engine = f->mm->e,
-                               .a.layer = f->fw.layer,
-                               .a.x = f->fw.x,
-                               .a.n_tokens = f->fw.n_tokens,
-                               .a.ids = f->fw.ids,
-                               .a.weights = f->fw.weights,
-                               .a.flags = MOE_FWD_PARTIAL | (q->shared ? 0 : MOE_FWD_SKIP_SHARED),
-                               .a.out = f->fw.out,
-                               .done = pfwd_done,
-                               .arg = f};
-    atomic_fetch_add(&d->in_flight, 1);
-    if (c)
-        atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
-    if (nccl) {
-        /* The rows come over NCCL, waited for on the take pool. */
-        f->np = c && q->from ? moed_cl_peer_find(c, q->from) : NULL;
-        if (f->np)
-            atomic_fetch_add(&c->in_flight, 1); /* until pfwd_free */
-        f->ngen = q->nccl_generation;
-        f->nseq = q->nccl_seq;
-        if (!f->np || !c->nccl_ok) {
-            atomic_fetch_sub(&d->in_flight, 1);
-            if (!f->np)
-                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION,
-                             "node %s: the sender '%s' is not a peer of this node",
-                             moed_cluster_node(d), q->from ? q->from : "");
-            else
-                moe_rpc_fail(call, GRPC_STATUS_FAILED_PRECONDITION, "node %s cannot use NCCL: %s",
-                             c->node, c->nccl_why);
-            goto out;
-        }
-#ifdef MOED_HAVE_NCCL
-        /* The rows are waited for on the take pool, not this thread. */
-        if (take_hand_over(c, f) == 0) {
-            f = NULL;
-            goto out;
-        }
-#endif
-        atomic_fetch_sub(&d->in_flight, 1);
-        moe_rpc_fail(
-            call, GRPC_STATUS_RESOURCE_EXHAUSTED,
-            "node %s: %d NCCL transfers wait already (or no thread to take them); try again",
-            moed_cluster_node(d), TAKE_QUEUED);
-        goto out;
-    }
-    /* Straight to the scheduler: batched with this node's other work. */
-    if (moe_sched_submit(d->sched, &f->fw.sr, &err) < 0) {
-        atomic_fetch_sub(&d->in_flight, 1);
-        moe_rpc_fail(call, moed_grpc_status(err.code), "%s", err.msg);
-        goto out;
-    }
-    f = NULL;
-out:
-    if (f)
-        pfwd_free(f);
-    if (q)
-        moe__v1__forward_experts_request__free_unpacked(q, NULL);
 }

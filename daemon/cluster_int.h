@@ -1,6 +1,7 @@
 /*
  * What the cluster's files (cluster.c, cluster_peers.c, cluster_health.c,
- * cluster_forward.c, cluster_nccl.c) share: its state and the functions one
+ * cluster_forward.c, cluster_serve.c, cluster_pool.c, cluster_nccl.c)
+ * share: its state and the functions one
  * of them gives the others (moed_cl_*).  Internal to them: nothing else
  * includes it.
  */
@@ -101,27 +102,65 @@ struct mstate {
     struct mstate *next;
 };
 
+/* One item of a cluster work queue: run once, on one of its threads. */
+struct cl_work {
+    void (*run)(struct cl_work *w);
+    struct cl_work *next; /* in the queue */
+};
+
+/*
+ * A work queue with threads of its own (cluster_pool.c), started as needed
+ * up to max_threads and kept until moed_cl_pool_free.  An item is queued
+ * when a thread is idle for it or can be started, or else when fewer than
+ * max_waiting wait beyond the idle threads; otherwise moed_cl_pool_post
+ * refuses it (the caller keeps it).
+ *
+ * Three of them, each with threads of its own (sharing them could deadlock
+ * nodes: parts here waiting for a peer whose rows over NCCL wait for a
+ * thread busy with its own parts; split forwards waiting for their parts):
+ * - the split forwards (struct split_pool), at most one thread per job;
+ * - parts: the parts of split forwards (calls to peers), up to
+ *   PART_THREADS, none waiting: a part that finds no thread free runs on
+ *   its split forward's own thread, so a split forward never waits for
+ *   another's parts;
+ * - takes: the rows of Peer/ForwardExperts calls over NCCL, up to
+ *   TAKE_THREADS, one per possible sender (a link's transfers go one at a
+ *   time, in order, so more would only wait), TAKE_QUEUED waiting; beyond
+ *   that a call is refused.
+ */
+#define PART_THREADS 64
+#define TAKE_THREADS MOED_MAX_PEERS
+#define TAKE_QUEUED (4 * MOED_MAX_PEERS)
+struct cl_pool {
+    pthread_mutex_t lock;         /* everything below */
+    pthread_cond_t cond;          /* an item queued, or stopping */
+    struct cl_work *head, *tail;  /* queued, oldest first */
+    pthread_t *threads;           /* [max_threads], n_threads started */
+    int max_threads, max_waiting; /* set by moed_cl_pool_init */
+    int n_threads, idle, queued;
+    bool stopping, inited;
+};
+
 /* A split forward waiting for, or running on, a thread of the pool. */
 struct job {
     struct moed *d;
     struct moed_model *mm;
     struct moe_sched_req *r; /* the caller's */
     uint64_t t_queued;
-    struct job *next; /* in the queue or the free list */
+    struct job *next; /* in the free list */
+    struct cl_work work;
 };
 
-/* The threads split forwards run on: started as needed, at most one per
- * job, kept until the cluster stops.  jobs[cap] bounds the split forwards
- * in flight (queued or running); beyond it moed_submit refuses. */
+/* The split forwards in flight (queued or running): jobs[cap] bounds them,
+ * beyond it moed_submit refuses; they run on q, a work queue (struct
+ * cl_pool, above) of at most one thread per job. */
 struct split_pool {
-    pthread_mutex_t lock;    /* everything below */
-    pthread_cond_t cond;     /* a job queued, or stopping */
-    struct job *jobs;        /* [cap] */
-    struct job *free;        /* jobs not in flight */
-    struct job *head, *tail; /* queued, oldest first */
-    pthread_t *threads;      /* [cap], n_threads started */
-    int cap, n_threads, idle, in_flight;
-    bool stopping, inited;
+    pthread_mutex_t lock; /* free and in_flight */
+    struct job *jobs;     /* [cap] */
+    struct job *free;     /* jobs not in flight */
+    int cap, in_flight;
+    bool inited;
+    struct cl_pool q;
 };
 
 /* A split forward's wait for its parts on the part pool. */
@@ -129,40 +168,6 @@ struct split_wait {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int pending; /* parts handed over, not finished */
-};
-
-struct part;
-
-/* The threads the parts of split forwards (calls to peers) run on:
- * started as needed up to PART_THREADS, kept until the cluster stops.  A
- * part that finds no thread free runs on its split forward's own thread,
- * so a split forward never waits for another's parts. */
-#define PART_THREADS 64
-struct part_pool {
-    pthread_mutex_t lock;     /* everything below */
-    pthread_cond_t cond;      /* a part queued, or stopping */
-    struct part *head, *tail; /* queued, at most as many as idle threads */
-    pthread_t threads[PART_THREADS];
-    int n_threads, idle, queued;
-    bool stopping, inited;
-};
-
-struct pfwd;
-
-/* The threads that take the rows of Peer/ForwardExperts calls over NCCL
- * (cluster_forward.c): started as needed up to TAKE_THREADS, one per
- * possible sender (a link's transfers go one at a time, in order, so more
- * would only wait), kept until the cluster stops.  At most TAKE_QUEUED
- * calls wait for a thread; beyond that a call is refused. */
-#define TAKE_THREADS MOED_MAX_PEERS
-#define TAKE_QUEUED (4 * MOED_MAX_PEERS)
-struct take_pool {
-    pthread_mutex_t lock;     /* everything below */
-    pthread_cond_t cond;      /* a call queued, or stopping */
-    struct pfwd *head, *tail; /* queued, oldest first */
-    pthread_t threads[TAKE_THREADS];
-    int n_threads, idle, queued;
-    bool stopping, inited;
 };
 
 struct moed_cluster {
@@ -179,10 +184,9 @@ struct moed_cluster {
     bool started;
     _Atomic int in_flight; /* split forwards and NCCL transfers served, running */
     struct split_pool split;
-    struct part_pool parts;
-    struct take_pool takes;
+    struct cl_pool parts, takes; /* the work queues (struct cl_pool) */
     _Atomic uint64_t forwards, remote_calls, failovers, failover_local, tokens_remote, tokens_total,
-        bytes_sent, bytes_received, served, nccl_fallbacks, strays_evicted;
+        bytes_sent, bytes_received, nccl_fallbacks, strays_evicted;
     /* NCCL here: usable (built, on, a device), on which device, and what
      * this node tells its peers, or why not. */
     bool nccl_ok;
@@ -225,11 +229,15 @@ int moed_cl_pick(const struct moed_cluster *c, const struct view *v, const struc
                  int layer, int expert, uint32_t salt, int not );
 struct peer *moed_cl_peer_find(struct moed_cluster *c, const char *name);
 
+/* cluster_pool.c */
+/* 0, or -ENOMEM. */
+int moed_cl_pool_init(struct cl_pool *p, int max_threads, int max_waiting);
+/* 0: w runs on a thread of p; -EAGAIN: no thread will (w is the caller's). */
+int moed_cl_pool_post(struct cl_pool *p, struct cl_work *w);
+/* Runs what is queued, ends the threads.  An uninitialised p is fine. */
+void moed_cl_pool_free(struct cl_pool *p);
+
 /* cluster_forward.c */
-void moed_cl_part_pool_init(struct moed_cluster *c);
-void moed_cl_part_pool_free(struct moed_cluster *c);
-void moed_cl_take_pool_init(struct moed_cluster *c);
-void moed_cl_take_pool_free(struct moed_cluster *c);
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err);
 void moed_cl_split_pool_free(struct moed_cluster *c);
 

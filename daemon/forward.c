@@ -5,8 +5,10 @@
  * Counters: d->requests, d->tokens, d->in_flight and the model's token_rows
  * at submission; d->failed and the metrics series at completion (or, for a
  * request refused before submission, by the transport via moed_fwd_count).
- * A request holds a reference on its model from the lookup until its
- * completion has counted it.
+ * A peer's share (moed_fwd_submit_part) counts in d->in_flight and
+ * d->parts_served (the cluster's peer_calls_served), not among the
+ * clients' requests.  A request holds a reference on its model from the
+ * lookup until its completion has counted it.
  */
 #include "forward.h"
 
@@ -135,6 +137,51 @@ int moed_fwd_submit(struct moed_fwd *f, unsigned flags, bool want_routing, moed_
     atomic_fetch_add(&d->tokens, (uint64_t)f->n_tokens);
     atomic_fetch_add_explicit(&f->mm->token_rows, (uint64_t)f->n_tokens, memory_order_relaxed);
     if (moed_submit(d, f->mm, &f->sr, &err) < 0) {
+        atomic_fetch_sub(&d->in_flight, 1);
+        snprintf(msg, len, "%s", err.msg);
+        return err.code;
+    }
+    return 0;
+}
+
+static void part_done(struct moe_sched_req *r, int status, const char *msg)
+{
+    struct moed_fwd *f = r->arg;
+    struct moed *d = f->d;
+
+    if (status < 0 && !msg)
+        msg = strerror(-status);
+    /* As fwd_done: given back before the answer goes out. */
+    moed_model_put(d, f->mm);
+    f->mm = NULL;
+    f->done(f, status, msg); /* f is the transport's again */
+    atomic_fetch_sub(&d->in_flight, 1);
+}
+
+int moed_fwd_submit_part(struct moed_fwd *f, unsigned flags, moed_fwd_done_fn done, void *arg,
+                         char *msg, size_t len)
+{
+    struct moed *d = f->d;
+    struct moe_error err;
+
+    f->done = done;
+    f->arg = arg;
+    f->sr = (struct moe_sched_req){
+        .engine = f->mm->e,
+        .a.layer = f->layer,
+        .a.x = f->x,
+        .a.n_tokens = f->n_tokens,
+        .a.ids = f->ids,
+        .a.weights = f->weights,
+        .a.flags = flags | MOE_FWD_PARTIAL,
+        .a.out = f->out,
+        .done = part_done,
+        .arg = f,
+    };
+    atomic_fetch_add(&d->in_flight, 1);
+    atomic_fetch_add_explicit(&d->parts_served, 1, memory_order_relaxed);
+    /* This node's scheduler, never split again: batched with its other work. */
+    if (moe_sched_submit(d->sched, &f->sr, &err) < 0) {
         atomic_fetch_sub(&d->in_flight, 1);
         snprintf(msg, len, "%s", err.msg);
         return err.code;

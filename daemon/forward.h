@@ -2,11 +2,10 @@
  * One forward request, whatever transport brought it (gRPC Forward and
  * ForwardStream, shared memory, a peer's Peer/ForwardExperts): struct
  * moed_fwd.  Each transport decodes its envelope into one, hands it to
- * moed_fwd_submit, and encodes the answer from it in its done callback;
- * everything in between happens here once.  (A peer's part is decoded and
- * encoded here too, but submitted by cluster_forward.c: it is counted by
- * the cluster, not among the clients' requests, and may wait for its rows
- * over NCCL.)
+ * moed_fwd_submit (a peer's share of a split forward: moed_fwd_submit_part),
+ * and encodes the answer from it in its done callback; everything in
+ * between happens here once.  (cluster_serve.c keeps of a peer's share
+ * only its envelope: the rows over NCCL when they come that way.)
  *
  * request.c (no daemon state, so that the fuzz target
  * tests/fuzz/fuzz-forward-request.c runs it on decoded requests): the check
@@ -154,6 +153,18 @@ int moed_fwd_model_by_id(struct moed_fwd *f, uint32_t id, const char *name, char
  */
 int moed_fwd_submit(struct moed_fwd *f, unsigned flags, bool want_routing, moed_fwd_done_fn done,
                     void *arg, char *msg, size_t len);
+
+/*
+ * A peer's share of a split forward (decoded by moed_fwd_decode_peer, its
+ * rows in f->x, the model's reference in f->mm): counted as a part served
+ * (d->parts_served; not among the clients' requests, nor in their metrics)
+ * and in flight, and submitted to this node's scheduler with the engine
+ * flags plus MOE_FWD_PARTIAL (it is never split again).  0: done will be
+ * called once, on another thread, with the model reference given back;
+ * -errno with msg: nothing was submitted (the transport answers).
+ */
+int moed_fwd_submit_part(struct moed_fwd *f, unsigned flags, moed_fwd_done_fn done, void *arg,
+                         char *msg, size_t len);
 
 /* Counts f's answer in the metrics, with a gRPC status code: before the
  * answer goes out, so that a client that scrapes once answered sees it.

@@ -62,6 +62,7 @@ struct moed {
     uint32_t next_model_id;
     struct moed_model *models[MOED_MAX_MODELS];
     _Atomic uint64_t requests, tokens, failed;
+    _Atomic uint64_t parts_served; /* peers' shares (moed_fwd_submit_part) */
     _Atomic int in_flight;
     /* LoadModel (loader.c): the thread loads run on (created at the first;
      * under lock), model_dirs resolved and the configured models'

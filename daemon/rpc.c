@@ -1,12 +1,17 @@
 /*
  * A small gRPC server over the gRPC C core: see rpc.h for the contract.
  *
- * Threads: n_threads workers, each blocked in grpc_completion_queue_next on
- * its own completion queue.  Every worker keeps RPC_SLOTS_PER_METHOD
- * grpc_server_request_registered_call requests outstanding for every
- * method; a call arriving on a worker is bound to that worker's queue, so all
- * of a call's completions are handled by one thread, and the slot is posted
- * again at once.
+ * Threads: n_threads workers, all blocked in grpc_completion_queue_next on
+ * one completion queue.  RPC_SLOTS_PER_METHOD
+ * grpc_server_request_registered_call requests per worker are kept
+ * outstanding for every method, and a slot is posted again as soon as it
+ * matched a call.  One queue rather than one per worker: the thread whose
+ * poll read a message is the one that finds its completion and runs the
+ * handler (with a queue each, the core read on whichever thread polled and
+ * then woke the queue's owner, one thread handoff more per call).  A call's
+ * completions may therefore come on different threads; its state is under
+ * its lock, and a stream has at most one read outstanding, so its messages
+ * still reach the handler in order.
  *
  * Calls: struct moe_rpc_call, one per request slot and then per call.  Its
  * state (below) is guarded by call->lock.  Every grpc_call_start_batch on it
@@ -41,7 +46,7 @@
  * Shutdown: stop posting requests, grpc_server_shutdown_and_notify, wait
  * for its tag until the deadline, then grpc_server_cancel_all_calls and wait
  * again; mark every call dead (under both locks), destroy the server, shut
- * the queues down and let the workers drain them, join.
+ * the queue down and let the workers drain it, join.
  *
  * Socket activation: with cfg->has_listen_fd, an accept thread polls the
  * passed listening socket and a wakeup pipe; each connection (accept4,
@@ -143,13 +148,13 @@ static const struct rpc_method unknown_method = {{"(unknown method)", false, fal
 struct rpc_worker {
     struct moe_rpc_server *s;
     int index;
-    grpc_completion_queue *cq; /* owned; shut down and destroyed by the server */
     pthread_t thread;
     bool running; /* thread created (joined at shutdown) */
 };
 
 struct moe_rpc_server {
-    grpc_server *server; /* NULL once destroyed */
+    grpc_server *server;       /* NULL once destroyed */
+    grpc_completion_queue *cq; /* the workers'; shut down and destroyed by stop_workers */
     struct rpc_worker *workers;
     int n_workers;
     struct rpc_method *methods;
@@ -484,11 +489,11 @@ static void post_request(struct rpc_worker *w, const struct rpc_method *m)
     tag_posted(&c->t_new);
     pthread_mutex_lock(&s->lock);
     if (!s->stopping && m == &unknown_method)
-        e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, w->cq, w->cq,
+        e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, s->cq, s->cq,
                                      &c->t_new);
     else if (!s->stopping)
         e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
-                                                m->m.streaming ? NULL : &c->recv_buf, w->cq, w->cq,
+                                                m->m.streaming ? NULL : &c->recv_buf, s->cq, s->cq,
                                                 &c->t_new);
     pthread_mutex_unlock(&s->lock);
     if (e != GRPC_CALL_OK) {
@@ -662,7 +667,7 @@ static void *worker_main(void *arg)
 
     for (;;) {
         grpc_event ev =
-            grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         struct rpc_tag *t;
 
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
@@ -957,30 +962,32 @@ static void server_put(struct moe_rpc_server *s)
         server_destroy(s);
 }
 
-/* Shuts the completion queues down, drains them (in the workers, or here
+/* Shuts the completion queue down, drains it (in the workers, or here
  * when none runs), joins and destroys.  The grpc server is gone. */
 static void stop_workers(struct moe_rpc_server *s)
 {
-    for (int i = 0; i < s->n_workers; i++)
-        if (s->workers[i].cq)
-            grpc_completion_queue_shutdown(s->workers[i].cq);
+    bool drained = false;
+
+    if (!s->cq)
+        return;
+    grpc_completion_queue_shutdown(s->cq);
     for (int i = 0; i < s->n_workers; i++) {
         struct rpc_worker *w = &s->workers[i];
 
         if (w->running) {
             pthread_join(w->thread, NULL);
             w->running = false;
-        } else if (w->cq) {
-            worker_main(w);
+            drained = true;
         }
-        if (w->cq)
-            grpc_completion_queue_destroy(w->cq);
-        w->cq = NULL;
     }
+    if (!drained)
+        worker_main(&s->workers[0]);
+    grpc_completion_queue_destroy(s->cq);
+    s->cq = NULL;
 }
 
 /* Waits for the shutdown tag, until deadline (CLOCK_MONOTONIC) or forever
- * when deadline is NULL; under s->lock.  Without workers, reads queue 0. */
+ * when deadline is NULL; under s->lock.  Without workers, reads the queue. */
 static bool wait_notified_locked(struct moe_rpc_server *s, const struct timespec *deadline)
 {
     while (!s->notified) {
@@ -988,8 +995,7 @@ static bool wait_notified_locked(struct moe_rpc_server *s, const struct timespec
             grpc_event ev;
 
             pthread_mutex_unlock(&s->lock);
-            ev = grpc_completion_queue_next(s->workers[0].cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                            NULL);
+            ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
             pthread_mutex_lock(&s->lock);
             if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag) {
                 tag_returned(ev.tag);
@@ -1026,7 +1032,7 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
      * Connections arriving from now on wait in systemd's backlog. */
     stop_accepting(s);
     tag_posted(&s->shutdown_tag);
-    grpc_server_shutdown_and_notify(s->server, s->workers[0].cq, &s->shutdown_tag);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
     clock_gettime(CLOCK_MONOTONIC, &deadline);
     if (deadline_ms > 0) {
         deadline.tv_sec += deadline_ms / 1000;
@@ -1048,7 +1054,7 @@ void moe_rpc_server_shutdown(struct moe_rpc_server *s, int deadline_ms)
         pthread_mutex_lock(&s->lock);
         wait_notified_locked(s, NULL);
     }
-    /* No call may start a batch from here on: the queues are about to shut
+    /* No call may start a batch from here on: the queue is about to shut
      * down.  Calls still with a handler are freed when it answers. */
     s->calls_dead = true;
     for (struct moe_rpc_call *c = s->calls; c; c = c->next) {
@@ -1319,11 +1325,11 @@ int moe_rpc_server_start(const struct moe_rpc_config *cfg, const struct moe_rpc_
     args.num_args = MOE_ARRAY_SIZE(arg);
     args.args = arg;
     s->server = grpc_server_create(&args, NULL);
+    s->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(s->server, s->cq, NULL);
     for (int i = 0; i < s->n_workers; i++) {
         s->workers[i].s = s;
         s->workers[i].index = i;
-        s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
-        grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
     }
     for (int i = 0; i < n_methods; i++) {
         struct rpc_method *m = &s->methods[i];

@@ -1,9 +1,9 @@
 /*
- * A small gRPC server over the gRPC C core (grpc/grpc.h): completion queues,
+ * A small gRPC server over the gRPC C core (grpc/grpc.h): a completion queue,
  * raw byte buffers in and out (the messages are protobuf-c, encoded and
  * decoded by the handlers), unary and bidirectional-streaming methods.
  *
- * Threads: cfg.n_threads threads each drive their own completion queue.
+ * Threads: cfg.n_threads threads share one completion queue (see rpc.c).
  * Handlers run on those threads and must not block for long: a handler that
  * has to wait (a forward waiting for its batch) keeps the call and answers
  * later, from any thread, with moe_rpc_reply / moe_rpc_fail.

@@ -259,28 +259,41 @@ void moe_rpc_client_close(struct moe_rpc_client *c)
     free(c);
 }
 
-/* Copies a received byte buffer into one malloc'd block. */
+/* Copies a received byte buffer into one malloc'd block: each slice once,
+ * straight into it (readall would join the slices into a block of its own
+ * first, a second copy of a large answer). */
 static int copy_message(grpc_byte_buffer *bb, uint8_t **ret, size_t *ret_len)
 {
     grpc_byte_buffer_reader reader;
     grpc_slice s;
-    size_t n;
+    size_t n, at = 0;
     uint8_t *p;
 
     if (!grpc_byte_buffer_reader_init(&reader, bb))
         return -EINVAL;
-    s = grpc_byte_buffer_reader_readall(&reader);
-    grpc_byte_buffer_reader_destroy(&reader);
-    n = GRPC_SLICE_LENGTH(s);
+    /* The decompressed length: the reader's slices add up to it. */
+    n = grpc_byte_buffer_length(reader.buffer_out);
     p = malloc(n ? n : 1);
     if (!p) {
-        grpc_slice_unref(s);
+        grpc_byte_buffer_reader_destroy(&reader);
         return -ENOMEM;
     }
-    memcpy(p, GRPC_SLICE_START_PTR(s), n);
-    grpc_slice_unref(s);
+    while (grpc_byte_buffer_reader_next(&reader, &s)) {
+        size_t k = GRPC_SLICE_LENGTH(s);
+
+        if (k > n - at) {
+            grpc_slice_unref(s);
+            grpc_byte_buffer_reader_destroy(&reader);
+            free(p);
+            return -EINVAL;
+        }
+        memcpy(p + at, GRPC_SLICE_START_PTR(s), k);
+        at += k;
+        grpc_slice_unref(s);
+    }
+    grpc_byte_buffer_reader_destroy(&reader);
     *ret = p;
-    *ret_len = n;
+    *ret_len = at;
     return 0;
 }
 

@@ -3,14 +3,16 @@
 # times with warnings as errors (the normal build; a Release build, compiled
 # only; an AddressSanitizer + UndefinedBehaviorSanitizer build with clang,
 # where the fuzz targets also run under libFuzzer for a few seconds each),
-# and runs the whole test suite of the normal and sanitizer builds; last, the
+# and runs the whole test suite of the normal and sanitizer builds; then the
 # Hugging Face tier (tests/hf) on the normal build, where its Python
-# environment (scripts/hf-env.sh) can be made.
+# environment (scripts/hf-env.sh) can be made; last, ThreadSanitizer over the
+# threaded tests (scripts/tsan.sh, its own build-tsan/).
 #
 #   MOED_JOBS=N       parallel build and test jobs (default: number of CPUs)
 #   MOED_SKIP_DEPS=1  do not run scripts/deps.sh (already installed)
 #   MOED_NO_SANITIZE=1  no sanitizer build
 #   MOED_NO_RELEASE=1   no Release build
+#   MOED_NO_TSAN=1      no ThreadSanitizer stage
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,4 +82,13 @@ fi
 if [ -n "$hf_python" ]; then
     echo "== Hugging Face tier (build/: checkpoints written by transformers, checked against it)"
     (cd build && ctest --output-on-failure -j "$jobs" -L '^hf$')
+fi
+
+if [ "${MOED_NO_TSAN:-0}" != 1 ]; then
+    if why=$(scripts/tsan.sh --probe); then
+        echo "== ThreadSanitizer over the threaded tests (build-tsan/, scripts/tsan.sh)"
+        MOED_JOBS="$jobs" scripts/tsan.sh
+    else
+        echo "== ThreadSanitizer: skipped ($why)"
+    fi
 fi
