@@ -516,16 +516,42 @@ static int w_bytes(struct writer *w, const uint8_t *p, uint64_t len, XXH3_state_
     return 0;
 }
 
+/* Whether the store's copy of expert x is not its checkpoint's bytes as
+ * they lie: transposed (Llama 4's, gpt-oss's bf16) or with gate and up rows
+ * interleaved (gpt-oss's MXFP4); such an expert is read whole and made
+ * plain (read_plain_expert). */
+static bool needs_plain(const struct moe_expert_ref *x)
+{
+    return x->transposed || x->interleaved;
+}
+
+/* Offset of part k (0..5, moe_expert_tensors' order) of expert x in its
+ * plain copy: its tensors back to back. */
+static uint64_t plain_part_off(const struct moe_expert_ref *x, int k)
+{
+    const struct moe_tensor_ref *t[6];
+    uint64_t off = 0;
+
+    moe_expert_tensors(x, t);
+    for (int j = 0; j < k; j++)
+        off += t[j]->nbytes;
+    return off;
+}
+
 /*
- * Reads expert x of a transposed layout (Llama 4's, gpt-oss's) and makes it
- * plain in *buf (grown to x->nbytes as needed): gate, up and down back to
- * back, as a store holds them.
+ * Reads expert x of a transposed layout (Llama 4's, gpt-oss's) or with its
+ * gate and up rows interleaved (gpt-oss's MXFP4: values and scales) and
+ * makes it plain in *buf (grown to x->nbytes as needed): gate, up and down
+ * back to back, then their scales when quantized, as a store holds them.
  */
 static int read_plain_expert(const struct moe_model *m, const struct moe_expert_ref *x,
                              uint8_t **buf, size_t *cap, struct moe_error *err)
 {
+    const struct moe_tensor_ref *t[6];
+    int nt = moe_expert_tensors(x, t);
     uint8_t *b = *buf;
-    int r;
+    uint64_t off = 0;
+    int r = 0;
 
     if (*cap < x->nbytes) {
         b = realloc(*buf, x->nbytes);
@@ -535,17 +561,28 @@ static int read_plain_expert(const struct moe_model *m, const struct moe_expert_
         *buf = b;
         *cap = x->nbytes;
     }
-    r = moe_model_read(m, &x->gate, b, err);
-    if (r == 0)
-        r = moe_model_read(m, &x->up, b + x->gate.nbytes, err);
-    if (r == 0)
-        r = moe_model_read(m, &x->down, b + x->gate.nbytes + x->up.nbytes, err);
+    for (int k = 0; k < nt && r == 0; k++) {
+        r = moe_model_read(m, t[k], b + off, err);
+        off += t[k]->nbytes;
+    }
     if (r < 0)
         return r;
-    r = moe_expert_untranspose(x, b, b + x->gate.nbytes, b + x->gate.nbytes + x->up.nbytes);
+    if (x->transposed)
+        r = moe_expert_untranspose(x, b, b + x->gate.nbytes, b + x->gate.nbytes + x->up.nbytes);
+    else
+        r = moe_expert_deinterleave(x, b, b + plain_part_off(x, 3));
     if (r < 0)
         return moe_error_set(err, r, "out of memory making expert '%s' plain", x->gate.name);
     return 0;
+}
+
+/* Columns of t as a store holds it: [rows, cols] of its stored elements
+ * (two MXFP4 values per byte: cols / 2). */
+static int64_t stored_cols(const struct moe_tensor_ref *t)
+{
+    if (t->rows <= 0)
+        return t->cols;
+    return (int64_t)(t->nbytes / ((uint64_t)t->rows * moe_dtype_size(t->dtype)));
 }
 
 static void hex64(uint64_t x, char buf[17])
@@ -564,7 +601,7 @@ static int index_add_tensor(const struct moe_model *m, json_t *tensors, const st
     const struct moe_tensor_ref *t = it->t;
     const struct moe_st_tensor *h = moe_st_header_find(m->headers[t->file], t->name);
     json_t *shape = json_array(), *e;
-    char hex[17], name[256];
+    char hex[17], name[300];
     const char *key = t->name;
 
     /* Every ref of an open model points into its headers. */
@@ -573,12 +610,20 @@ static int index_add_tensor(const struct moe_model *m, json_t *tensors, const st
         return -ENOMEM;
     }
     if (t->slice) {
-        /* Only routed experts are ever sliced. */
+        /* Only routed experts are ever sliced.  Parts 3 to 5 are the
+         * scales of gate, up and down (MXFP4): "<name>_scale".  The
+         * columns are the stored ones (MXFP4 values: two per byte). */
+        const char *suf = it->part >= 3 ? moe_quant_scale_suffix(it->x->quant.q) : "";
+        int64_t cols = stored_cols(t);
+        char base[256];
+
         if (it->part < 0 ||
-            moe_model_expert_tensor_name(m, it->layer, it->expert, (enum moe_expert_part)it->part,
-                                         name, sizeof(name)) >= (int)sizeof(name) ||
+            moe_model_expert_tensor_name(m, it->layer, it->expert,
+                                         (enum moe_expert_part)(it->part % 3), base,
+                                         sizeof(base)) >= (int)sizeof(base) ||
+            snprintf(name, sizeof(name), "%s%s", base, suf) >= (int)sizeof(name) ||
             json_array_append_new(shape, json_integer(t->rows)) < 0 ||
-            json_array_append_new(shape, json_integer(t->cols)) < 0) {
+            json_array_append_new(shape, json_integer(cols)) < 0) {
             json_decref(shape);
             return -ENOMEM;
         }
@@ -815,6 +860,12 @@ static int check_quantize(const struct moe_model *m, const struct moe_quant_fmt 
     if (q->bcols < 32 || q->bcols > MOE_QUANT_GROUP_MAX || q->bcols % 32 != 0 || q->brows != 1)
         return moe_error_set(err, -EINVAL, "--group %d: expected a multiple of 32 from 32 to %d",
                              q->bcols, MOE_QUANT_GROUP_MAX);
+    if (m->expert_quant.q == MOE_QUANT_MXFP4)
+        return moe_error_set(err, -ENOTSUP,
+                             "%s: its experts are MXFP4 (gpt-oss as released), which --quantize "
+                             "int8|int4 does not convert: pack without --quantize (the store "
+                             "keeps them MXFP4), or quantize a bf16 checkpoint",
+                             m->dir);
     if (m->expert_quant.q != MOE_QUANT_NONE && m->expert_quant.q != MOE_QUANT_FP8)
         return moe_error_set(err, -EINVAL,
                              "%s: its experts are already %s: quantize from the bf16, f16, f32 "
@@ -879,15 +930,6 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
 
     if (!ts || !es) {
         r = moe_error_set(err, -ENOMEM, "out of memory");
-        goto fail;
-    }
-    /* gpt-oss's MXFP4 experts: a store would need their gate and up rows
-     * taken apart; served from the checkpoint as released instead. */
-    if (m->expert_quant.q == MOE_QUANT_MXFP4 && !m->packed) {
-        r = moe_error_set(err, -ENOTSUP,
-                          "%s: its experts are MXFP4 (gpt-oss as released), which moectl pack "
-                          "cannot store yet; serve the checkpoint as it is",
-                          m->dir);
         goto fail;
     }
     if (quant && quant->q != MOE_QUANT_NONE) {
@@ -1011,13 +1053,13 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
             if (r == 0)
                 r = w_bytes(&w, qv, it->nbytes, ts, es);
         } else if (!it->quantize && it->expert >= 0 &&
-                   m->layers[it->layer].experts[it->expert].transposed) {
+                   needs_plain(&m->layers[it->layer].experts[it->expert])) {
             /* A store holds plain experts: a transposed one (Llama 4's,
-             * gpt-oss's) is read whole and made plain on the way. */
+             * gpt-oss's) or one with interleaved gate and up rows
+             * (gpt-oss's MXFP4, values and scales) is read whole and made
+             * plain on the way. */
             const struct moe_expert_ref *x = &m->layers[it->layer].experts[it->expert];
-            uint64_t off = it->part == MOE_PART_GATE ? 0
-                           : it->part == MOE_PART_UP ? x->gate.nbytes
-                                                     : x->gate.nbytes + x->up.nbytes;
+            uint64_t off = plain_part_off(x, it->part);
 
             r = first ? read_plain_expert(m, x, &xbuf, &xcap, err) : 0;
             if (r == 0)
@@ -1262,16 +1304,18 @@ compare:
 }
 
 /* Looks a MoE tensor of the checkpoint up in the store's index; a slice of
- * a fused tensor (expert, part) under its per-expert name. */
+ * a fused tensor (expert, part) under its per-expert name, its scales
+ * (part 3 to 5, MXFP4) under that name and the scale suffix of sq. */
 static void want_in_store(struct verifier *v, const struct moe_st_header *h, int layer, int expert,
-                          int part, const struct moe_tensor_ref *t)
+                          int part, const struct moe_tensor_ref *t, enum moe_quant sq)
 {
-    char name[256];
+    char name[300], base[256];
     const char *key = t->name;
 
     if (t->slice) {
-        moe_model_expert_tensor_name(v->ck, layer, expert, (enum moe_expert_part)part, name,
-                                     sizeof(name));
+        moe_model_expert_tensor_name(v->ck, layer, expert, (enum moe_expert_part)(part % 3), base,
+                                     sizeof(base));
+        snprintf(name, sizeof(name), "%s%s", base, part >= 3 ? moe_quant_scale_suffix(sq) : "");
         key = name;
     }
     if (moe_st_header_find(h, key))
@@ -1279,6 +1323,57 @@ static void want_in_store(struct verifier *v, const struct moe_st_header *h, int
     v->rep.mismatches++;
     mismatch_at(v, UINT64_MAX, "layer %d: the checkpoint's tensor '%s' is not in the store", layer,
                 key);
+}
+
+/*
+ * The checkpoint's part of a routed expert stored as a slice of a fused
+ * tensor that the store names name: its per-expert name (gate, up, down),
+ * or that name and "_scale" (their scales: MXFP4).  Sets *ret_x to the
+ * expert and *ret_k to the part (0..5, moe_expert_tensors' order); NULL
+ * when name is no such part.
+ */
+static const struct moe_tensor_ref *ck_expert_part(const struct moe_model *ck, const char *name,
+                                                   const struct moe_expert_ref **ret_x, int *ret_k)
+{
+    const char *suf = moe_quant_scale_suffix(MOE_QUANT_MXFP4);
+    size_t n = strlen(name), ns = strlen(suf);
+    const struct moe_tensor_ref *t = moe_model_find_expert_tensor(ck, name), *parts[6];
+    bool scale = false;
+    char base[300];
+
+    if (!t && n > ns && n - ns < sizeof(base) && strcmp(name + n - ns, suf) == 0) {
+        memcpy(base, name, n - ns);
+        base[n - ns] = 0;
+        t = moe_model_find_expert_tensor(ck, base);
+        scale = true;
+    }
+    if (!t || !t->slice)
+        return NULL;
+    for (int i = 0; i < ck->cfg.n_layers; i++) {
+        const struct moe_layer *L = &ck->layers[i];
+        uintptr_t p = (uintptr_t)t, a, b;
+        const struct moe_expert_ref *x;
+        int k;
+
+        if (!L->is_moe)
+            continue;
+        a = (uintptr_t)L->experts;
+        b = (uintptr_t)(L->experts + ck->cfg.n_experts);
+        if (p < a || p >= b)
+            continue;
+        x = &L->experts[(p - a) / sizeof(*L->experts)];
+        k = t == &x->gate ? 0 : t == &x->up ? 1 : 2;
+        if (scale) {
+            if (moe_expert_tensors(x, parts) != 6 || x->quant.q != MOE_QUANT_MXFP4)
+                return NULL;
+            k += 3;
+            t = parts[k];
+        }
+        *ret_x = x;
+        *ret_k = k;
+        return t;
+    }
+    return NULL;
 }
 
 /*
@@ -1335,10 +1430,12 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
             c = moe_st_header_find(ck->headers[f], t->t->name);
         if (!c) {
             /* An expert's part, from a fused tensor of the checkpoint. */
-            const struct moe_tensor_ref *x = moe_model_find_expert_tensor(ck, t->t->name);
+            const struct moe_expert_ref *xe = NULL;
+            int k = 0;
+            const struct moe_tensor_ref *x = ck_expert_part(ck, t->t->name, &xe, &k);
 
-            if (x && x->slice) {
-                int64_t shape[2] = {x->rows, x->cols};
+            if (x) {
+                int64_t shape[2] = {x->rows, stored_cols(x)};
 
                 if (x->dtype != t->t->dtype || t->t->ndim != 2 ||
                     memcmp(shape, t->t->shape, sizeof(shape)) != 0) {
@@ -1353,9 +1450,16 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
                                 x->name);
                     continue;
                 }
-                t->ck_file = x->file;
-                t->ck_offset = x->offset;
-                continue; /* a transposed expert's: ck_x, below */
+                if (needs_plain(xe)) {
+                    /* The store holds it plain: compared with the
+                     * checkpoint's expert made plain, not with its bytes. */
+                    t->ck_x = xe;
+                    t->ck_part_off = plain_part_off(xe, k);
+                } else {
+                    t->ck_file = x->file;
+                    t->ck_offset = x->offset;
+                }
+                continue;
             }
         }
         if (!c) {
@@ -1385,47 +1489,30 @@ static int match_checkpoint(struct verifier *v, const char *pack_dir, const char
 
         if (!L->is_moe)
             continue;
-        want_in_store(v, h, i, -1, -1, &L->router);
+        want_in_store(v, h, i, -1, -1, &L->router, MOE_QUANT_NONE);
         if (L->has_bias)
-            want_in_store(v, h, i, -1, -1, &L->bias);
+            want_in_store(v, h, i, -1, -1, &L->bias, MOE_QUANT_NONE);
         if (L->has_shared) {
-            want_in_store(v, h, i, -1, -1, &L->shared.gate);
-            want_in_store(v, h, i, -1, -1, &L->shared.up);
-            want_in_store(v, h, i, -1, -1, &L->shared.down);
+            want_in_store(v, h, i, -1, -1, &L->shared.gate, MOE_QUANT_NONE);
+            want_in_store(v, h, i, -1, -1, &L->shared.up, MOE_QUANT_NONE);
+            want_in_store(v, h, i, -1, -1, &L->shared.down, MOE_QUANT_NONE);
         }
         if (L->has_shared_gate)
-            want_in_store(v, h, i, -1, -1, &L->shared_gate);
+            want_in_store(v, h, i, -1, -1, &L->shared_gate, MOE_QUANT_NONE);
         if (L->has_router_bias)
-            want_in_store(v, h, i, -1, -1, &L->router_bias);
+            want_in_store(v, h, i, -1, -1, &L->router_bias, MOE_QUANT_NONE);
         if (L->has_expert_bias) {
-            want_in_store(v, h, i, -1, -1, &L->gate_up_bias);
-            want_in_store(v, h, i, -1, -1, &L->down_bias);
+            want_in_store(v, h, i, -1, -1, &L->gate_up_bias, MOE_QUANT_NONE);
+            want_in_store(v, h, i, -1, -1, &L->down_bias, MOE_QUANT_NONE);
         }
         for (int e = 0; e < ck->cfg.n_experts; e++) {
             const struct moe_expert_ref *x = &L->experts[e];
+            const struct moe_tensor_ref *xt[6];
+            int nx = moe_expert_tensors(x, xt);
 
-            want_in_store(v, h, i, e, MOE_PART_GATE, &x->gate);
-            want_in_store(v, h, i, e, MOE_PART_UP, &x->up);
-            want_in_store(v, h, i, e, MOE_PART_DOWN, &x->down);
-            if (!x->transposed)
-                continue;
-            /* The store holds it plain: its parts are compared with the
-             * checkpoint's expert made plain, not with its bytes. */
-            for (int k = 0; k < 3; k++) {
-                const struct moe_st_tensor *st;
-                char name[256];
-
-                moe_model_expert_tensor_name(ck, i, e, (enum moe_expert_part)k, name, sizeof(name));
-                st = moe_st_header_find(h, name);
-                if (!st)
-                    continue; /* counted by want_in_store */
-                if (quantized_in_store(q, st))
-                    continue; /* check_requantized quantizes it plain again */
-                vt[st - h->tensors].ck_x = x;
-                vt[st - h->tensors].ck_part_off = k == 0   ? 0
-                                                  : k == 1 ? x->gate.nbytes
-                                                           : x->gate.nbytes + x->up.nbytes;
-            }
+            /* gate, up, down; a sliced expert's scales too (MXFP4) */
+            for (int k = 0; k < (x->gate.slice ? nx : 3); k++)
+                want_in_store(v, h, i, e, k, xt[k], x->quant.q);
         }
     }
     r = 0;

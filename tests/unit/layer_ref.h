@@ -87,7 +87,8 @@ static inline void mxfp4_f64(const uint8_t *v, const uint8_t *s, int64_t rows, i
 }
 
 /* gpt-oss's MXFP4 expert as released: gate_up [2F, H] (rows interleaved)
- * from the bytes of gate then up, down [H, F]. */
+ * from the bytes of gate then up, down [H, F]; as a packed store holds it:
+ * gate's F rows, then up's. */
 static inline void dexpert_load_mxfp4(const struct moe_model *m, const struct moe_expert_ref *x,
                                       struct dexpert *d)
 {
@@ -98,7 +99,7 @@ static inline void dexpert_load_mxfp4(const struct moe_model *m, const struct mo
             *ds = ref_bytes(m, &x->down_s, x->down_s.nbytes);
     double *gu = malloc(sizeof(double) * (size_t)(2 * F * H));
 
-    ASSERT_TRUE(x->interleaved && !x->transposed && x->quant.q == MOE_QUANT_MXFP4);
+    ASSERT_TRUE(!x->transposed && x->quant.q == MOE_QUANT_MXFP4);
     ASSERT_TRUE(x->up.offset == x->gate.offset + x->gate.nbytes);
     ASSERT_TRUE(x->up_s.offset == x->gate_s.offset + x->gate_s.nbytes);
     d->g = malloc(sizeof(double) * (size_t)(F * H));
@@ -107,8 +108,10 @@ static inline void dexpert_load_mxfp4(const struct moe_model *m, const struct mo
     ASSERT_TRUE(gu && d->g && d->u && d->d);
     mxfp4_f64(gv, gs, 2 * F, H, gu);
     for (int64_t f = 0; f < F; f++) {
-        memcpy(d->g + f * H, gu + 2 * f * H, sizeof(double) * (size_t)H);
-        memcpy(d->u + f * H, gu + (2 * f + 1) * H, sizeof(double) * (size_t)H);
+        int64_t rg = x->interleaved ? 2 * f : f, ru = x->interleaved ? 2 * f + 1 : F + f;
+
+        memcpy(d->g + f * H, gu + rg * H, sizeof(double) * (size_t)H);
+        memcpy(d->u + f * H, gu + ru * H, sizeof(double) * (size_t)H);
     }
     mxfp4_f64(dv, ds, H, F, d->d);
     free(gu);

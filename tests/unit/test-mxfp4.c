@@ -17,8 +17,19 @@
  * experts, layers of different formats, a scale of 255 (NaN in e8m0, at
  * page-in), and bytes of the blocks or the scales changed under a loaded
  * model (the page-in checksum covers both); quant_method mxfp4 on another
- * family; moectl pack (not yet).  A bf16 conversion keeping the release's
- * quantization_config loads its plain experts.
+ * family.  A bf16 conversion keeping the release's quantization_config
+ * loads its plain experts.
+ *
+ * moectl pack (moe_pack_write) of the MXFP4 checkpoint: the store holds
+ * each expert plain, gate's rows then up's (values and e8m0 scales taken
+ * apart at pack time, checked here row by row against the checkpoint's
+ * interleaved rows), MXFP4 at the checkpoint's stored size, with the
+ * biases; it serves each layer bit for bit as the checkpoint does (same
+ * bytes, same kernel), within 1e-5 of the fp64 reference; moe_pack_verify
+ * passes against the checkpoint, and catches a byte changed in the
+ * checkpoint's up rows (the comparison de-interleaves them) and a byte
+ * flipped in the store (its checksums), which the page-in refuses too;
+ * --quantize int8 of the MXFP4 checkpoint is refused, naming it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -302,20 +313,6 @@ static void test_good(void)
     if (moe_model_open(bdir, &mb, &err) < 0)
         FAIL("%s", err.msg);
     check_layout(m, mb);
-    {
-        /* moectl pack cannot store them yet: refused, nothing written */
-        char *out = test_tmpdir("mxfp4-pack");
-        char *sub;
-
-        ASSERT_TRUE(asprintf(&sub, "%s/store", out) > 0);
-        ASSERT_EQ(moe_pack_write(m, sub, false, NULL, NULL, &err), -ENOTSUP);
-        ASSERT_CONTAINS(err.msg, "its experts are MXFP4 (gpt-oss as released), which moectl pack "
-                                 "cannot store yet");
-        ASSERT_TRUE(access(sub, F_OK) != 0);
-        test_rmtree(out);
-        free(out);
-        free(sub);
-    }
     ASSERT_EQ(moe_engine_init(m, be, &eng), 0);
     ASSERT_EQ(moe_engine_init(mb, be, &engb), 0);
     for (int i = 0; i < T * H; i++)
@@ -352,6 +349,231 @@ static void test_good(void)
     test_rmtree(bdir);
     free(dir);
     free(bdir);
+}
+
+/* ---- moectl pack ------------------------------------------------------------------- */
+
+/* Bytes [off, off + n) of file path. */
+static uint8_t *file_bytes(const char *path, uint64_t off, uint64_t n)
+{
+    uint8_t *b = malloc(n);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+    ASSERT_TRUE(b != NULL && fd >= 0);
+    ASSERT_EQ(pread(fd, b, n, (off_t)off), (ssize_t)n);
+    close(fd);
+    return b;
+}
+
+/* Flips byte off of path (mtime kept when when is not NULL). */
+static void flip_byte(const char *path, uint64_t off, const struct timespec *when)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    uint8_t b;
+
+    ASSERT_TRUE(fd >= 0);
+    ASSERT_EQ(pread(fd, &b, 1, (off_t)off), 1);
+    b ^= 0x22; /* an e8m0 scale stays below 255 */
+    ASSERT_EQ(pwrite(fd, &b, 1, (off_t)off), 1);
+    if (when)
+        ASSERT_EQ(futimens(fd, when), 0);
+    close(fd);
+}
+
+static void test_pack(void)
+{
+    char *dir = gen(MOE_QUANT_MXFP4, "mxfp4-ck"), *out = test_tmpdir("mxfp4-pack"), *store, *qst;
+    const uint64_t v = (uint64_t)F * H / 2, s = (uint64_t)F * H / 32;
+    struct moe_model *m, *ms;
+    struct moe_engine *eng, *engs;
+    struct moe_error err = {0};
+    struct moe_pack_report rep;
+    struct moe_quant_fmt q8 = {MOE_QUANT_INT8, 1, 32};
+    float x[T * H], y[T * H], ys[T * H], wts[T * K];
+    int32_t ids[T * K];
+    uint64_t seed = 11;
+
+    ASSERT_TRUE(asprintf(&store, "%s/store", out) > 0);
+    ASSERT_TRUE(asprintf(&qst, "%s/q8", out) > 0);
+    if (moe_model_open(dir, &m, &err) < 0)
+        FAIL("%s", err.msg);
+    /* --quantize from MXFP4: refused, naming the checkpoint; nothing written */
+    ASSERT_EQ(moe_pack_write_quant(m, qst, false, &q8, NULL, NULL, &err), -ENOTSUP);
+    ASSERT_CONTAINS(err.msg, dir);
+    ASSERT_CONTAINS(err.msg, "its experts are MXFP4 (gpt-oss as released), which --quantize "
+                             "int8|int4 does not convert: pack without --quantize");
+    ASSERT_TRUE(access(qst, F_OK) != 0);
+
+    if (moe_pack_write(m, store, false, NULL, NULL, &err) < 0)
+        FAIL("pack: %s", err.msg);
+    if (moe_model_open(store, &ms, &err) < 0)
+        FAIL("open the store: %s", err.msg);
+    ASSERT_TRUE(ms->packed);
+    ASSERT_EQ(ms->expert_quant.q, MOE_QUANT_MXFP4);
+    ASSERT_EQ(ms->expert_quant.bcols, 32);
+    ASSERT_EQ(ms->expert_dtype, MOE_DTYPE_U8);
+    /* the checkpoint's stored size: 4.25 bits a weight */
+    ASSERT_EQ(ms->expert_bytes, 3 * v + 3 * s);
+    ASSERT_EQ(ms->total_expert_bytes, m->total_expert_bytes);
+    for (int layer = 0; layer < L; layer++) {
+        ASSERT_TRUE(ms->layers[layer].has_expert_bias && ms->layers[layer].has_router_bias);
+        for (int e = 0; e < E; e++) {
+            const struct moe_expert_ref *xc = &m->layers[layer].experts[e];
+            const struct moe_expert_ref *xs = &ms->layers[layer].experts[e];
+            char name[256], sname[300];
+            const struct moe_st_tensor *st;
+            /* the checkpoint's bytes as stored: [2F] interleaved rows */
+            uint8_t *cv = file_bytes(m->files[xc->gate.file].path, xc->gate.offset, 2 * v);
+            uint8_t *cs = file_bytes(m->files[xc->gate_s.file].path, xc->gate_s.offset, 2 * s);
+            uint8_t *cd = file_bytes(m->files[xc->down.file].path, xc->down.offset, v);
+            uint8_t *cds = file_bytes(m->files[xc->down_s.file].path, xc->down_s.offset, s);
+            uint8_t *b = file_bytes(ms->files[0].path, xs->gate.offset, xs->nbytes);
+            const uint8_t *sv = b, *ss = b + 3 * v;
+
+            ASSERT_TRUE(xs->blob && xs->has_xxh3 && !xs->interleaved && !xs->transposed);
+            ASSERT_EQ(xs->nbytes, 3 * v + 3 * s);
+            ASSERT_EQ(xs->gate.offset % MOE_PACK_ALIGN, 0);
+            /* gate, up, down, then their scales, back to back */
+            ASSERT_EQ(xs->up.offset, xs->gate.offset + v);
+            ASSERT_EQ(xs->down.offset, xs->gate.offset + 2 * v);
+            ASSERT_EQ(xs->gate_s.offset, xs->gate.offset + 3 * v);
+            ASSERT_EQ(xs->up_s.offset, xs->gate.offset + 3 * v + s);
+            ASSERT_EQ(xs->down_s.offset, xs->gate.offset + 3 * v + 2 * s);
+            /* row f of gate is row 2f of the checkpoint's, row f of up
+             * row 2f + 1; values (H / 2 bytes a row) and scales (H / 32) */
+            for (int64_t f = 0; f < F; f++) {
+                ASSERT_EQ(memcmp(sv + f * (H / 2), cv + 2 * f * (H / 2), H / 2), 0);
+                ASSERT_EQ(memcmp(sv + v + f * (H / 2), cv + (2 * f + 1) * (H / 2), H / 2), 0);
+                ASSERT_EQ(memcmp(ss + f * (H / 32), cs + 2 * f * (H / 32), H / 32), 0);
+                ASSERT_EQ(memcmp(ss + s + f * (H / 32), cs + (2 * f + 1) * (H / 32), H / 32), 0);
+            }
+            ASSERT_EQ(memcmp(sv + 2 * v, cd, v), 0);
+            ASSERT_EQ(memcmp(ss + 2 * s, cds, s), 0);
+            /* the index: per-expert names, U8 [F, H / 2] and [F, H / 32] */
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.%d.up_proj.weight", layer, e);
+            snprintf(sname, sizeof(sname), "%s_scale", name);
+            st = moe_st_header_find(ms->headers[0], name);
+            ASSERT_TRUE(st && st->dtype == MOE_DTYPE_U8 && st->ndim == 2 && st->shape[0] == F &&
+                        st->shape[1] == H / 2);
+            st = moe_st_header_find(ms->headers[0], sname);
+            ASSERT_TRUE(st && st->dtype == MOE_DTYPE_U8 && st->ndim == 2 && st->shape[0] == F &&
+                        st->shape[1] == H / 32);
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.%d.down_proj.weight_scale",
+                     layer, e);
+            st = moe_st_header_find(ms->headers[0], name);
+            ASSERT_TRUE(st && st->shape[0] == H && st->shape[1] == F / 32);
+            free(cv);
+            free(cs);
+            free(cd);
+            free(cds);
+            free(b);
+        }
+    }
+
+    /* served: bit for bit the checkpoint's output, each layer */
+    ASSERT_EQ(moe_engine_init(m, be, &eng), 0);
+    ASSERT_EQ(moe_engine_init(ms, be, &engs), 0);
+    for (int i = 0; i < T * H; i++)
+        x[i] = test_rand_f32(&seed) * 2;
+    for (int layer = 0; layer < L; layer++) {
+        int32_t sids[T * K];
+        float swts[T * K];
+        double e = check_forward(engs, ms, layer, x, ys);
+
+        ASSERT_EQ(moe_layer_forward(eng, layer, x, T, NULL, NULL, y, ids, wts, NULL, &err), 0);
+        ASSERT_EQ(moe_layer_forward(engs, layer, x, T, NULL, NULL, ys, sids, swts, NULL, &err), 0);
+        ASSERT_EQ(memcmp(ids, sids, sizeof(ids)), 0);
+        ASSERT_EQ(memcmp(wts, swts, sizeof(wts)), 0);
+        ASSERT_EQ(memcmp(y, ys, sizeof(y)), 0);
+        printf("pack: layer %d: the store's output is the checkpoint's, bit for bit; %.2g from "
+               "the fp64 reference\n",
+               layer, e);
+    }
+    moe_engine_free(engs);
+
+    /* verify: passes against the checkpoint, every tensor compared */
+    memset(&rep, 0, sizeof(rep));
+    if (moe_pack_verify(store, dir, &rep, NULL, NULL, &err) != 0)
+        FAIL("verify: %s", err.msg);
+    ASSERT_EQ(rep.mismatches, 0);
+    ASSERT_EQ(rep.experts_checked, (uint64_t)L * E);
+    /* 6 per expert, router, its bias and the two expert biases per layer */
+    ASSERT_EQ(rep.tensors_checked, (uint64_t)L * (E * 6 + 4));
+
+    {
+        /* a byte of layer 1 expert 3's up (row 2 x 5 + 1 of its
+         * gate_up_proj_blocks) changed in a copy of the checkpoint: verify
+         * --model finds it in up */
+        const struct moe_expert_ref *xc = &m->layers[1].experts[3];
+        char *ck2 = test_tmpdir("mxfp4-ck2"), *cmd;
+
+        ASSERT_TRUE(asprintf(&cmd, "cp %s/* %s/", dir, ck2) > 0);
+        ASSERT_EQ(system(cmd), 0);
+        free(cmd);
+        ASSERT_TRUE(asprintf(&cmd, "%s/%s", ck2, m->files[xc->gate.file].name) > 0);
+        flip_byte(cmd, xc->gate.offset + 11 * (H / 2) + 7, NULL);
+        free(cmd);
+        memset(&rep, 0, sizeof(rep));
+        ASSERT_EQ(moe_pack_verify(store, ck2, &rep, NULL, NULL, &err), -EBADMSG);
+        ASSERT_EQ(rep.mismatches, 1);
+        ASSERT_CONTAINS(err.msg, "layer 1 expert 3: tensor "
+                                 "'model.layers.1.mlp.experts.3.up_proj.weight': differs from "
+                                 "the checkpoint's");
+        /* row 5 of up, byte 7: 5 x 80 + 7 */
+        ASSERT_CONTAINS(err.msg, "at byte 407 ");
+        printf("verify, a changed checkpoint: %s\n", err.msg);
+        /* and its scales: row 2 x 4 (gate 4), scale 2 */
+        ASSERT_TRUE(asprintf(&cmd, "cp %s/* %s/", dir, ck2) > 0);
+        ASSERT_EQ(system(cmd), 0);
+        free(cmd);
+        ASSERT_TRUE(asprintf(&cmd, "%s/%s", ck2, m->files[xc->gate_s.file].name) > 0);
+        flip_byte(cmd, xc->gate_s.offset + 8 * (H / 32) + 2, NULL);
+        free(cmd);
+        ASSERT_EQ(moe_pack_verify(store, ck2, &rep, NULL, NULL, &err), -EBADMSG);
+        ASSERT_EQ(rep.mismatches, 1);
+        ASSERT_CONTAINS(err.msg, "tensor 'model.layers.1.mlp.experts.3.gate_proj.weight_scale': "
+                                 "differs from the checkpoint's");
+        ASSERT_CONTAINS(err.msg, "at byte 22"); /* row 4 of gate's scales, scale 2 */
+        test_rmtree(ck2);
+        free(ck2);
+    }
+    {
+        /* a store byte flipped (layer 2 expert 6's down scales): verify
+         * names the expert, and its page-in is refused */
+        const struct moe_expert_ref *xs = &ms->layers[2].experts[6];
+        struct timespec when[2] = {{.tv_sec = 1577836800}, {.tv_sec = 1577836800}};
+        int32_t six[T * K];
+        float w[T * K];
+
+        for (int i = 0; i < T * K; i++) {
+            six[i] = i % K ? 1 : 6;
+            w[i] = 0.5f;
+        }
+        ASSERT_EQ(utimensat(AT_FDCWD, ms->files[0].path, when, 0), 0);
+        flip_byte(ms->files[0].path, xs->down_s.offset + 3, when);
+        memset(&rep, 0, sizeof(rep));
+        ASSERT_EQ(moe_pack_verify(store, NULL, &rep, NULL, NULL, &err), -EBADMSG);
+        ASSERT_EQ(rep.mismatches, 1);
+        ASSERT_CONTAINS(err.msg, "layer 2 expert 6: checksum mismatch");
+        ASSERT_CONTAINS(err.msg, "down_proj.weight_scale");
+        printf("verify, a flipped store byte: %s\n", err.msg);
+        ASSERT_EQ(moe_pack_verify(store, dir, &rep, NULL, NULL, &err), -EBADMSG);
+        ASSERT_CONTAINS(err.msg, "layer 2 expert 6: checksum mismatch");
+        ASSERT_EQ(moe_engine_init(ms, be, &engs), 0);
+        ASSERT_EQ(moe_layer_forward(engs, 2, x, T, six, w, ys, NULL, NULL, NULL, &err), -EBADMSG);
+        ASSERT_CONTAINS(err.msg, "checksum mismatch in experts.bin");
+        printf("page-in, a flipped store byte: %s\n", err.msg);
+        moe_engine_free(engs);
+    }
+    moe_engine_free(eng);
+    moe_model_free(ms);
+    moe_model_free(m);
+    test_rmtree(out);
+    test_rmtree(dir);
+    free(store);
+    free(qst);
+    free(out);
+    free(dir);
 }
 
 /* ---- bad input --------------------------------------------------------------------- */
@@ -719,6 +941,7 @@ int main(void)
     test_quantize_row();
     test_gen_bad();
     test_good();
+    test_pack();
     test_bf16_conversion();
     test_bad();
     moe_backend_free(be);
