@@ -72,6 +72,8 @@ static void pack_usage(FILE *f)
                "expert as one 4096-aligned blob of gate, up and down, then routers, biases and\n"
                "shared experts) and moe-pack.json (offsets and XXH3 checksums), written last.\n"
                "moed and every moectl command open the store like the checkpoint, faster.\n"
+               "FP8 and gpt-oss's MXFP4 experts are stored as they are (MXFP4's interleaved\n"
+               "gate and up rows taken apart).\n"
                "\n"
                "  --model DIR    the checkpoint (Hugging Face layout)\n"
                "  --out DIR      the store's directory (created; not the checkpoint's)\n"

@@ -7,10 +7,12 @@
  *                  and down matrices back to back (in that order, the
  *                  checkpoint's dtype and row-major layout: [ffn, hidden],
  *                  [ffn, hidden], [hidden, ffn]; Llama 4's and gpt-oss's
- *                  transposed experts are made plain on the way; a
- *                  quantized expert's three scale tensors follow, in the
- *                  same order), starting at a multiple of MOE_PACK_ALIGN
- *                  and padded with zeros to the next one; then the other
+ *                  transposed experts are made plain on the way, and so
+ *                  are gpt-oss's MXFP4 ones, whose gate and up rows the
+ *                  checkpoint interleaves; a quantized expert's three
+ *                  scale tensors follow, in the same order), starting at
+ *                  a multiple of MOE_PACK_ALIGN and padded with zeros to
+ *                  the next one; then the other
  *                  MoE tensors (routers, score biases, shared experts and
  *                  their scales, qwen2_moe shared-expert gates, gpt-oss's
  *                  router bias and expert biases gate_up_proj_bias and
@@ -45,6 +47,18 @@
  *     copied, says quantization_config fp8): each weight "<name>" F8_E4M3
  *     [rows, cols] and its "<name>_scale_inv" F32 [ceil(rows / 128),
  *     ceil(cols / 128)], copied as they are.
+ *   - MXFP4, from gpt-oss as released (its config.json, copied, says
+ *     quantization_config quant_method "mxfp4"): the checkpoint's fused
+ *     gate_up_proj_blocks/_scales and down_proj_blocks/_scales are stored
+ *     per expert, at their stored size: each weight "<name>" U8 [rows,
+ *     cols / 2] (e2m1 values, element 2j in the low nibble of byte j, 2j + 1
+ *     in the high) and "<name>_scale" U8 [rows, cols / 32] (e8m0: one byte
+ *     a scale, 2^(s - 127), per 32 values of a row).  gate and up are plain:
+ *     gate's ffn rows are the checkpoint's rows 2f of the expert's [2 x ffn,
+ *     hidden], up's its rows 2f + 1 (values and scales alike); down is
+ *     copied.  The biases (gate_up_proj_bias, gate and up interleaved as
+ *     stored, and down_proj_bias) keep their dtype and layout.  --quantize
+ *     of MXFP4 experts is refused.
  *   - moectl pack --quantize int8|int4 --group G: "quantization" is set and
  *     every expert matrix (routed and shared) "<name>" is I8 [rows, cols]
  *     (int8, values -127..127) or U8 [rows, cols / 2] (int4: values -7..7
@@ -129,8 +143,9 @@ int moe_pack_write(const struct moe_model *m, const char *out_dir, bool overwrit
  * quant->q (INT8 or INT4, brows 1, bcols the group: a multiple of 32 that
  * divides every expert matrix's columns) from a BF16, F16, F32 or FP8
  * checkpoint, symmetric per group (quant.h moe_quant_row); quant NULL or
- * NONE copies them as they are.  Non-finite weights are refused (-EINVAL,
- * naming the tensor and element).
+ * NONE copies them as they are (MXFP4 ones made plain).  From MXFP4
+ * experts quant is refused (-ENOTSUP, naming the checkpoint).  Non-finite
+ * weights are refused (-EINVAL, naming the tensor and element).
  */
 int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool overwrite,
                          const struct moe_quant_fmt *quant, moe_pack_progress_fn progress,
@@ -156,7 +171,8 @@ struct moe_pack_report {
  * front to back, and checks every tensor's and every expert's checksum.
  * When checkpoint_dir is not NULL, also compares config.json and every
  * tensor byte for byte (same names, dtypes and shapes) with the checkpoint's
- * (a transposed checkpoint expert with its copy made plain).
+ * (a transposed checkpoint expert, or an MXFP4 one with interleaved gate and
+ * up rows, with its copy made plain).
  * rep->mismatches counts the tensors found wrong (by their checksum or by
  * the checkpoint, once each), plus expert blobs whose checksum fails while
  * their tensors pass, plus config.json and tensors missing on either side.

@@ -313,6 +313,39 @@ def main():
     check("inspect a store of another version", [m, "inspect", "--model", bad_store], 1,
           "'version' is 9")
 
+    # gpt-oss's MXFP4 release: packed as MXFP4 (gate and up rows taken apart), verified against
+    # the checkpoint, served byte for byte as the checkpoint; --quantize of it refused
+    mx, mx_store = f"{w}/mxfp4", f"{w}/mxfp4-store"
+    check("gen-model gpt_oss mxfp4", [m, "gen-model", "--arch", "gpt_oss", "--dtype", "mxfp4",
+                                      "--layers", "2", "--experts", "4", "--top-k", "2",
+                                      "--hidden", "128", "--ffn", "64", "--out", mx, "-q"], 0,
+          "wrote gpt_oss", stream="stdout")
+    check("pack --quantize of MXFP4 refused", [m, "pack", "--model", mx, "--out",
+                                               f"{w}/mxfp4-q8", "--quantize", "int8", "-q"], 1,
+          f"{mx}: its experts are MXFP4 (gpt-oss as released), which --quantize")
+    check("pack MXFP4", [m, "pack", "--model", mx, "--out", mx_store, "-q"], 0, "packed",
+          stream="stdout")
+    check("verify MXFP4 against the checkpoint", [m, "verify", "--pack", mx_store, "--model", mx,
+                                                  "-q"], 0, "byte for byte against",
+          stream="stdout")
+    check("inspect an MXFP4 store", [m, "inspect", "--model", mx_store], 0, "mxfp4",
+          stream="stdout")
+    mxin = f"{w}/mx-x.npy"
+    np.save(mxin, rng.standard_normal((5, 128), dtype=np.float32))
+    for layer in (0, 1):
+        outs = []
+        for src, tag in ((mx, "ck"), (mx_store, "pk")):
+            y = f"{w}/mx-y-{tag}-{layer}.npy"
+            check(f"forward MXFP4 layer {layer} from the {'store' if tag == 'pk' else 'checkpoint'}",
+                  [m, "forward", "--local", "--model", src, "--layer", str(layer), "--in", mxin,
+                   "--out", y], 0, "tokens", stream="stdout")
+            outs.append(open(y, "rb").read() if os.path.exists(y) else b"")
+        if not outs[0] or outs[0] != outs[1]:
+            failures.append(f"forward MXFP4 layer {layer}: the store's output differs from the "
+                            f"checkpoint's")
+        print(f"{'ok  ' if outs[0] and outs[0] == outs[1] else 'FAIL'} forward MXFP4 layer "
+              f"{layer}: store and checkpoint outputs byte-identical")
+
     # gen-trace and cache-sim: usage, a trace of the model, each policy next to Belady
     import json as _json
     trace = f"{w}/t.trace"
