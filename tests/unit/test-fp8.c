@@ -26,6 +26,7 @@
 #include "quant.h"
 #include "safetensors.h"
 #include "st_writer.h"
+#include "st_rewrite.h"
 #include "tests.h"
 
 #define H 256
@@ -54,117 +55,6 @@ static char *gen(enum moe_dtype dt, const char *tag)
     if (moe_genmodel_write(&o, &err) < 0)
         FAIL("genmodel: %s", err.msg);
     return dir;
-}
-
-/* ---- rewriting a checkpoint ------------------------------------------------------- */
-
-struct rt {
-    char name[256];
-    enum moe_dtype dtype;
-    int ndim;
-    int64_t shape[MOE_MAX_DIMS];
-    uint8_t *data;
-    uint64_t nbytes;
-    bool dropped;
-};
-
-struct rfile {
-    size_t n;
-    struct rt *t;
-};
-
-static void rfile_read(const char *dir, struct rfile *f)
-{
-    char *path;
-    struct moe_st_header *h;
-    struct moe_error err = {0};
-    FILE *fp;
-
-    ASSERT_TRUE(asprintf(&path, "%s/model.safetensors", dir) > 0);
-    if (moe_st_header_read(path, NULL, &h, &err) < 0)
-        FAIL("%s", err.msg);
-    fp = fopen(path, "rb");
-    ASSERT_TRUE(fp != NULL);
-    f->n = h->n_tensors;
-    f->t = calloc(f->n, sizeof(*f->t));
-    ASSERT_TRUE(f->t != NULL);
-    for (size_t i = 0; i < f->n; i++) {
-        const struct moe_st_tensor *s = &h->tensors[i];
-        struct rt *t = &f->t[i];
-
-        snprintf(t->name, sizeof(t->name), "%s", s->name);
-        t->dtype = s->dtype;
-        t->ndim = s->ndim;
-        memcpy(t->shape, s->shape, sizeof(t->shape));
-        t->nbytes = s->nbytes;
-        t->data = malloc(s->nbytes + 1);
-        ASSERT_TRUE(t->data != NULL);
-        ASSERT_EQ(fseeko(fp, (off_t)s->offset, SEEK_SET), 0);
-        ASSERT_EQ(fread(t->data, 1, s->nbytes, fp), s->nbytes);
-    }
-    fclose(fp);
-    moe_st_header_free(h);
-    free(path);
-}
-
-static struct rt *rfind(struct rfile *f, const char *name)
-{
-    for (size_t i = 0; i < f->n; i++)
-        if (!strcmp(f->t[i].name, name))
-            return &f->t[i];
-    FAIL("no tensor %s", name);
-}
-
-static void rfile_write(const char *dir, struct rfile *f)
-{
-    char *path;
-    struct moe_st_writer *w;
-    struct moe_error err = {0};
-
-    ASSERT_TRUE(asprintf(&path, "%s/model.safetensors", dir) > 0);
-    ASSERT_EQ(moe_st_writer_init(path, &w, &err), 0);
-    for (size_t i = 0; i < f->n; i++)
-        if (!f->t[i].dropped)
-            ASSERT_EQ(moe_st_writer_add(w, f->t[i].name, f->t[i].dtype, f->t[i].ndim, f->t[i].shape,
-                                        &err),
-                      0);
-    ASSERT_EQ(moe_st_writer_begin(w, &err), 0);
-    for (size_t i = 0; i < f->n; i++)
-        if (!f->t[i].dropped)
-            ASSERT_EQ(moe_st_writer_write(w, f->t[i].data, f->t[i].nbytes, &err), 0);
-    if (moe_st_writer_finish(w, &err) < 0)
-        FAIL("%s", err.msg);
-    moe_st_writer_free(w);
-    free(path);
-}
-
-static void rfile_free(struct rfile *f)
-{
-    for (size_t i = 0; i < f->n; i++)
-        free(f->t[i].data);
-    free(f->t);
-}
-
-/* Sets quantization_config.key in dir's config.json (v NULL: removes
- * quantization_config). */
-static void set_quant(const char *dir, const char *key, json_t *v)
-{
-    char *path;
-    json_t *c, *q;
-
-    ASSERT_TRUE(asprintf(&path, "%s/config.json", dir) > 0);
-    c = json_load_file(path, 0, NULL);
-    ASSERT_TRUE(c != NULL);
-    q = json_object_get(c, "quantization_config");
-    if (!key)
-        json_object_del(c, "quantization_config");
-    else if (v)
-        json_object_set_new(q, key, v);
-    else
-        json_object_del(q, key);
-    ASSERT_EQ(json_dump_file(c, path, 0), 0);
-    json_decref(c);
-    free(path);
 }
 
 /* ---- the good checkpoint -------------------------------------------------------------- */
@@ -302,19 +192,6 @@ static void test_good(void)
 }
 
 /* ---- bad input --------------------------------------------------------------------- */
-
-static void expect_open_fails(const char *dir, const char *what, const char *needle)
-{
-    struct moe_model *m = NULL;
-    struct moe_error err = {0};
-    int r = moe_model_open(dir, &m, &err);
-
-    if (r != -EINVAL)
-        FAIL("%s: expected -EINVAL, got %d (%s)", what, r, err.msg);
-    if (!strstr(err.msg, needle))
-        FAIL("%s: \"%s\" does not contain \"%s\"", what, err.msg, needle);
-    printf("refused (%s): %s\n", what, err.msg);
-}
 
 static void bad_file(const char *what, void (*mutate)(struct rfile *f), const char *needle)
 {
