@@ -17,6 +17,13 @@
  * 3. The floor: a TCP ping-pong on loopback (TCP_NODELAY) sending the
  *    request's bytes and answering with the response's, in the same run.
  *    Printed: overhead / floor (1.0 would be a bare socket).
+ * 4. gRPC's own cost for the same bytes: an echo server in this process on
+ *    moed's gRPC server code (daemon/rpc.c over the gRPC C core, 2 threads)
+ *    whose one method answers every call at once with a message of the
+ *    response's size, called through the same client; its p50 is what a
+ *    call costs with no work inside moed at all.  Printed next to moed's
+ *    overhead: overhead / gRPC echo (1.0: moed adds nothing to gRPC's own
+ *    cost).
  *
  * usage: bench-grpc [--quick] [--calls N] [--dir DIR]
  * --quick: experts of ffn 256 and 8 calls; --calls: sequential calls per
@@ -29,6 +36,7 @@
 #include "common.h"
 #include "genmodel.h"
 #include "moe.pb-c.h"
+#include "rpc.h"
 #include "rpc_client.h"
 
 #include <arpa/inet.h>
@@ -222,6 +230,62 @@ static double tcp_floor(size_t in, size_t out, int n)
     return t[n / 2];
 }
 
+/* ---- gRPC echo: gRPC's own cost for the same bytes ------------------------------------------ */
+
+struct echo_reply {
+    uint8_t *buf;
+    size_t len;
+};
+
+static void echo_handler(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
+{
+    const struct echo_reply *r = arg;
+
+    (void)req;
+    (void)len;
+    moe_rpc_reply(call, r->buf, r->len);
+}
+
+/* p50 of n calls of in request bytes answered by out bytes, through
+ * moed's gRPC server code in this process and the same client. */
+static double grpc_echo(const struct req_bytes *q, size_t out, int n)
+{
+    static const char path[] = "/bench.Echo/Call";
+    struct echo_reply r = {.buf = calloc(1, MOE_MAX(out, 1)), .len = out};
+    struct moe_rpc_method m = {.path = path, .fn = echo_handler, .arg = &r};
+    struct moe_rpc_config cfg = {.listen = "127.0.0.1:0", .max_message_bytes = 256u << 20};
+    struct moe_rpc_client_config cc = {0};
+    struct moe_rpc_server *srv;
+    struct moe_rpc_client *c;
+    struct moe_error err = {0};
+    char target[64], msg[256];
+    double t[MAX_CALLS];
+
+    if (!r.buf || moe_rpc_server_start(&cfg, &m, 1, &srv, &err) < 0)
+        die(err.msg[0] ? err.msg : "echo server");
+    snprintf(target, sizeof(target), "127.0.0.1:%d", moe_rpc_server_port(srv));
+    cc.target = target;
+    if (moe_rpc_client_open(&cc, &c, msg, sizeof(msg)) < 0)
+        die(msg);
+    for (int i = -5; i < n; i++) { /* 5 calls of warm-up */
+        uint8_t *resp = NULL;
+        size_t len = 0;
+        uint64_t t0 = moe_now_ns();
+
+        if (moe_rpc_client_call(c, path, q->buf, q->len, &resp, &len, msg, sizeof(msg)) != 0 ||
+            len != out)
+            die("gRPC echo call");
+        if (i >= 0)
+            t[i] = (double)(moe_now_ns() - t0) / 1e9;
+        free(resp);
+    }
+    moe_rpc_client_close(c);
+    moe_rpc_server_free(srv);
+    free(r.buf);
+    qsort(t, (size_t)n, sizeof(t[0]), bench_cmp_double);
+    return t[n / 2];
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = ".";
@@ -270,12 +334,14 @@ int main(int argc, char **argv)
     printf("moed on %s: one Mixtral-shaped layer, hidden %d, 8 experts of ffn %d, top-2, f32 "
            "hidden states\n",
            target, H, g.ffn);
-    printf("%6s %10s %10s %10s %10s %10s %10s %9s %10s %10s\n", "tokens", "req bytes", "p50 ms",
-           "p99 ms", "moed ms", "overhead", "tcp floor", "ratio", "calls/s", "tokens/s");
+    printf("%6s %10s %10s %10s %10s %10s %10s %9s %10s %9s %10s %10s\n", "tokens", "req bytes",
+           "p50 ms", "p99 ms", "moed ms", "overhead", "tcp floor", "ratio", "grpc echo", "ovh/echo",
+           "calls/s", "tokens/s");
     for (size_t k = 0; k < MOE_ARRAY_SIZE(tokens); k++) {
         int T = tokens[k], n = n_calls ? n_calls : quick ? 8 : (T == 64 ? 60 : 200), callers = 4;
         struct req_bytes q = make_request(T, &seed);
-        double lat[MAX_CALLS], in[MAX_CALLS], ovh[MAX_CALLS], p50, p99, ip50, op50, floor_s, inside;
+        double lat[MAX_CALLS], in[MAX_CALLS], ovh[MAX_CALLS], p50, p99, ip50, op50, floor_s, inside,
+            echo_s;
         size_t resp_len = 0;
         pthread_t th[4];
         struct par pa = {target, &q, quick ? 4 : n / 2};
@@ -296,20 +362,22 @@ int main(int argc, char **argv)
         p99 = lat[MOE_MIN(n - 1, (int)(0.99 * n))];
         ip50 = in[n / 2];
         floor_s = tcp_floor(q.len, resp_len, n);
+        echo_s = grpc_echo(&q, resp_len, n);
         t0 = moe_now_ns();
         for (int i = 0; i < callers; i++)
             pthread_create(&th[i], NULL, par_main, &pa);
         for (int i = 0; i < callers; i++)
             pthread_join(th[i], NULL);
         par_s = (double)(moe_now_ns() - t0) / 1e9;
-        printf("%6d %10zu %10.3f %10.3f %10.3f %10.3f %10.3f %9.2f %10.0f %10.0f\n", T, q.len,
-               p50 * 1e3, p99 * 1e3, ip50 * 1e3, op50 * 1e3, floor_s * 1e3, op50 / floor_s,
-               callers * pa.n / par_s, callers * pa.n * T / par_s);
+        printf("%6d %10zu %10.3f %10.3f %10.3f %10.3f %10.3f %9.2f %10.3f %9.2f %10.0f %10.0f\n", T,
+               q.len, p50 * 1e3, p99 * 1e3, ip50 * 1e3, op50 * 1e3, floor_s * 1e3, op50 / floor_s,
+               echo_s * 1e3, op50 / echo_s, callers * pa.n / par_s, callers * pa.n * T / par_s);
         free(q.buf);
     }
     printf("overhead = p50 over the calls of (client latency - time inside moed); ratio = overhead "
-           "/ TCP round trip of "
-           "the same bytes (the floor, same run); calls/s and tokens/s with 4 callers at once\n");
+           "/ TCP round trip of the same bytes (the floor, same run); grpc echo = p50 of a call of "
+           "the same bytes to a gRPC server (moed's rpc.c) that answers at once; calls/s and "
+           "tokens/s with 4 callers at once\n");
     moe_rpc_client_close(c);
     bench_moed_stop();
     {
