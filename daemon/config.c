@@ -128,9 +128,9 @@ static const struct key keys[] = {
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
     {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2, avx512 or onednn"},
     {"compute", "int8_activations", K_BOOL, OFF(int8_activations), 0, 0,
-     "int8 and int4 experts on the CPU take their activations as int8, per 32 values: faster "
-     "decode where the kernel has it (avx2, avx512), about 1% error on a layer's output (default "
-     "false: exact)"},
+     "int8, int4 and MXFP4 experts on the CPU take their activations as int8, per 32 values: "
+     "faster decode where the kernel has it (avx2, avx512), about 1% error on a layer's output "
+     "(default false: exact)"},
     {"compute", "gpus", K_STR, OFF(gpus), 0, 0,
      "CUDA devices to compute on, e.g. 0 (default: none, the CPU)"},
     {"compute", "gpu_cache_bytes", K_BYTES, OFF(gpu_cache_bytes), 0, 0,

@@ -137,7 +137,7 @@ struct moe_backend {
 struct moe_cpu_config {
     int n_threads;      /* 0: one per online CPU */
     const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512", "onednn" */
-    /* int8 activations for int8 and int4 experts (off: exact).  Each 32
+    /* int8 activations for int8, int4 and MXFP4 experts (off: exact).  Each 32
      * values of x and of the SwiGLU intermediate are quantized to int8
      * with their own scale (max |x| / 127) and multiplied with the weights
      * in integers (vpmaddubsw): faster where decode runs short of

@@ -65,7 +65,7 @@
  * then their product, as torch's bf16 linear, silu and mul do; the kernel's
  * dot_b16 computes every dot of such an item.
  *
- * act_int8 (moe_cpu_config): int8 and int4 experts take x and their SwiGLU
+ * act_int8 (moe_cpu_config): int8, int4 and MXFP4 experts take x and their SwiGLU
  * intermediate as int8 activations (kernels.h, moe_cpu_prep_a8) and the
  * kernel's qdot_a8, where it has one; otherwise as above.
  *

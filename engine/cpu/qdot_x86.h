@@ -347,14 +347,15 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
 
 /*
  * int8 activations (kernels.h, moe_cpu_prep_a8): R rows r, r + rs, ... x T
- * tokens, INT8 or INT4 weights, as qtile.  Per block of 32: the weights as
- * 32 bytes in the activations' order (int4: the low nibbles, then the high
- * ones, unsigned 0..15; int8: even elements, then odd ones, by vpshufb and
- * vpermq), multiplied with the int8 activations by vpmaddubsw (int8: |w|
- * times x with w's sign; int4: the nibble, less 8 x the block's sums
- * stored with the activations) and vpmaddwd: exact in int32 (|sums| <
- * 2^15 per pair); converted, times the activations' scale, times the
- * group's scale into the accumulator.
+ * tokens, INT8, INT4 or MXFP4 weights, as qtile.  Per block of 32: the
+ * weights as 32 bytes in the activations' order (int4 and MXFP4: the low
+ * nibbles, then the high ones; int8: even elements, then odd ones, by
+ * vpshufb and vpermq), multiplied with the int8 activations by vpmaddubsw
+ * (int8, and MXFP4 looked up as 2 x e2m1 in int8: |w| times x with w's
+ * sign; int4: the nibble, unsigned 0..15, less 8 x the block's sums stored
+ * with the activations) and vpmaddwd: exact in int32 (|sums| < 2^15 per
+ * pair); converted, times the activations' scale, times the group's scale
+ * (MXFP4's e8m0 times 0.5) into the accumulator.
  */
 QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
                       const uint8_t *const *x, const int T, int64_t k, float *y, int64_t ldy)
@@ -364,6 +365,13 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
     const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
                                         4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    /* 2 x e2m1 in int8 */
+    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0,
+                                         1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    /* the scales: MXFP4's e8m0 (qscale folds in the lookup's 0.5), else
+     * float32 as stored */
+    const enum moe_quant sq = q == MOE_QUANT_MXFP4 ? MOE_QUANT_MXFP4 : MOE_QUANT_INT8;
+    const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
     const uint8_t *wr[6], *sr[6];
     float sum[6][6] = {{0}};
 
@@ -372,7 +380,7 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
         int64_t row = w->row0 + r + (int64_t)i * rs;
 
         wr[i] = w->w + moe_quant_data_bytes(q, row, k);
-        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * 4;
+        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
     }
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
@@ -386,7 +394,7 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
                 acc[i][t] = _mm256_setzero_ps();
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
-            vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+            vs[i] = _mm256_set1_ps(qscale(sq, sr[i], g));
         for (int64_t c = kb; c < ke; c += 32) {
             const uint8_t *xb[6];
 
@@ -395,7 +403,7 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
                 gend += bc;
 #pragma GCC unroll 6
                 for (int i = 0; i < R; i++)
-                    vs[i] = _mm256_set1_ps(qscale(MOE_QUANT_INT8, sr[i], g)) /* as stored */;
+                    vs[i] = _mm256_set1_ps(qscale(sq, sr[i], g));
             }
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++)
@@ -408,6 +416,12 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
                     __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
 
                     wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+                } else if (q == MOE_QUANT_MXFP4) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
+
+                    ws = _mm256_shuffle_epi8(
+                        lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4));
+                    wv = _mm256_abs_epi8(ws);
                 } else {
                     ws = _mm256_permute4x64_epi64(
                         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
@@ -521,9 +535,15 @@ static void qdot_a8_int4(const struct moe_cpu_qw *w, int nr, int64_t k, const vo
     qdot_a8_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy);
 }
 
+static void qdot_a8_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
+                          int nt, float *y, int64_t ldy)
+{
+    qdot_a8_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy);
+}
+
 #define MOE_CPU_QDOT_A8_X86                                                                        \
     {                                                                                              \
-        NULL, NULL, qdot_a8_int8, qdot_a8_int4, NULL                                               \
+        NULL, NULL, qdot_a8_int8, qdot_a8_int4, qdot_a8_mxfp4                                      \
     }
 
 #endif

@@ -78,7 +78,7 @@ struct opts {
     const char *torch; /* NULL: find one; "off": none; else a Python */
     struct moe_quant_fmt fmts[MOE_QUANT_COUNT]; /* formats to run; .q NONE: bf16 */
     int n_fmts;
-    bool act[2];         /* activations to run int8 and int4 with: [0] exact, [1] int8 */
+    bool act[2];         /* activations for int8, int4, mxfp4: [0] exact, [1] int8 */
     bool cpu_time;       /* --clock cpu */
     bool bandwidth_only; /* --bandwidth: the read bandwidth alone */
 };
@@ -870,7 +870,8 @@ int main(int argc, char **argv)
             printf("torch's block: %s\n", torch ? python : "not run");
         }
         for (int a = 0; a < 2; a++) {
-            bool has_a8 = f->q == MOE_QUANT_INT8 || f->q == MOE_QUANT_INT4;
+            bool has_a8 =
+                f->q == MOE_QUANT_INT8 || f->q == MOE_QUANT_INT4 || f->q == MOE_QUANT_MXFP4;
 
             /* exact: always for the other formats */
             if (a ? !(o.act[1] && has_a8) : !(o.act[0] || !has_a8))

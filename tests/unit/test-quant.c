@@ -565,7 +565,8 @@ static void test_a8_kernels(void)
     static const struct moe_quant_fmt fmts[] = {{MOE_QUANT_INT8, 1, 128},
                                                 {MOE_QUANT_INT8, 1, 96},
                                                 {MOE_QUANT_INT4, 1, 32},
-                                                {MOE_QUANT_INT4, 1, 64}};
+                                                {MOE_QUANT_INT4, 1, 64},
+                                                {MOE_QUANT_MXFP4, 1, 32}};
     static const struct {
         int64_t cols;
         int nr, nt;
@@ -586,7 +587,7 @@ static void test_a8_kernels(void)
                    kerns[k]->name);
             continue;
         }
-        ASSERT_TRUE(!kerns[k]->qdot_a8[MOE_QUANT_FP8] && !kerns[k]->qdot_a8[MOE_QUANT_MXFP4]);
+        ASSERT_TRUE(!kerns[k]->qdot_a8[MOE_QUANT_FP8] && kerns[k]->qdot_a8[MOE_QUANT_MXFP4]);
         for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
             double worst = 0;
             int ran = 0;
@@ -612,7 +613,8 @@ static void test_a8_ffn(void)
 {
     static const struct qcase cases[] = {{{MOE_QUANT_INT8, 1, 128}, 256, 320, 3},
                                          {{MOE_QUANT_INT4, 1, 32}, 1088, 160, 9},
-                                         {{MOE_QUANT_INT4, 1, 64}, 256, 320, 1}};
+                                         {{MOE_QUANT_INT4, 1, 64}, 256, 320, 1},
+                                         {{MOE_QUANT_MXFP4, 1, 32}, 1088, 160, 5}};
 
     for (size_t ci = 0; ci < MOE_ARRAY_SIZE(cases); ci++) {
         const struct qcase *c = &cases[ci];
