@@ -87,7 +87,9 @@ void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst)
         for (int p = 0; p < 32; p++) {
             /* position p holds element 2p (p < 16) or 2(p - 16) + 1 */
             int64_t e = b + (p < 16 ? 2 * p : 2 * (p - 16) + 1);
-            float v = e < n ? src[e] * id : 0.0f;
+            /* a block with a non-finite value: zeros, and its scale NaN
+             * (NaN times 0 is NaN, which no int holds) */
+            float v = e < n && !bad ? src[e] * id : 0.0f;
 
             q[p] = (int32_t)nearbyintf(v);
             q[p] = q[p] > 127 ? 127 : q[p] < -127 ? -127 : q[p];
