@@ -544,6 +544,18 @@ static uint64_t plain_part_off(const struct moe_expert_ref *x, int k)
  * makes it plain in *buf (grown to x->nbytes as needed): gate, up and down
  * back to back, then their scales when quantized, as a store holds them.
  */
+/* Makes *p hold at least n bytes (contents not kept); 0, or -ENOMEM with
+ * err naming the tensor being quantized. */
+static int grow(void **p, size_t *cap, size_t n, const char *name, struct moe_error *err)
+{
+    if (*cap >= n && *p)
+        return 0;
+    free(*p);
+    *p = malloc(n);
+    *cap = *p ? n : 0;
+    return *p ? 0 : moe_error_set(err, -ENOMEM, "out of memory quantizing '%s'", name);
+}
+
 static int read_plain_expert(const struct moe_model *m, const struct moe_expert_ref *x,
                              uint8_t **buf, size_t *cap, struct moe_error *err)
 {
@@ -1035,20 +1047,11 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
             r = first ? read_plain_expert(m, x, &xbuf, &xcap, err) : 0;
             if (r < 0)
                 goto fail;
-            if (qv_cap < it->nbytes) {
-                free(qv);
-                qv = malloc(it->nbytes);
-                qv_cap = qv ? it->nbytes : 0;
-            }
-            if (qs_cap[k] < sn) {
-                free(qs[k]);
-                qs[k] = malloc(sn);
-                qs_cap[k] = qs[k] ? sn : 0;
-            }
-            if (!qv || !qs[k]) {
-                r = moe_error_set(err, -ENOMEM, "out of memory quantizing '%s'", it->t->name);
+            r = grow((void **)&qv, &qv_cap, it->nbytes, it->t->name, err);
+            if (r == 0)
+                r = grow((void **)&qs[k], &qs_cap[k], sn, it->t->name, err);
+            if (r < 0)
                 goto fail;
-            }
             r = quantize_plain(m, x, k, xbuf + off, &q.f, qv, qs[k], err);
             if (r == 0)
                 r = w_bytes(&w, qv, it->nbytes, ts, es);
@@ -1069,20 +1072,11 @@ int moe_pack_write_quant(const struct moe_model *m, const char *out_dir, bool ov
             int k = it->part;
             size_t sn = (size_t)(it->t->rows * (it->t->cols / q.f.bcols)) * sizeof(float);
 
-            if (qv_cap < it->nbytes) {
-                free(qv);
-                qv = malloc(it->nbytes);
-                qv_cap = qv ? it->nbytes : 0;
-            }
-            if (qs_cap[k] < sn) {
-                free(qs[k]);
-                qs[k] = malloc(sn);
-                qs_cap[k] = qs[k] ? sn : 0;
-            }
-            if (!qv || !qs[k]) {
-                r = moe_error_set(err, -ENOMEM, "out of memory quantizing '%s'", it->t->name);
+            r = grow((void **)&qv, &qv_cap, it->nbytes, it->t->name, err);
+            if (r == 0)
+                r = grow((void **)&qs[k], &qs_cap[k], sn, it->t->name, err);
+            if (r < 0)
                 goto fail;
-            }
             r = quantize_part(m, it->x, k, &q.f, qv, qs[k], err);
             if (r == 0)
                 r = w_bytes(&w, qv, it->nbytes, ts, it->expert >= 0 ? es : NULL);
