@@ -207,20 +207,28 @@ def main():
         check("Forward deepseek_v3 (shared expert) equals local",
               np.array_equal(from_tensor(pb, resp.output), np.load(f"{w}/yd.npy")))
 
-        # parallel callers: batched, each with its own answer
+        # parallel callers: batched, each with its own answer.  A lone
+        # caller does not wait for company, so on a loaded machine a round
+        # of 8 may happen to arrive one at a time: up to 5 rounds, until one
+        # batch holds more than one request.
         results = {}
 
         def caller(i):
             xi = x[:2] + np.float32(0.01 * (i + 1))
             r = exp.Forward(pb.ForwardRequest(model="mix", layer=2, hidden=tensor(pb, xi)))
             results[i] = (xi, from_tensor(pb, r.output), r.timing.batch_requests)
-        th = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
-        for t in th:
-            t.start()
-        for t in th:
-            t.join()
-        merged = max(v[2] for v in results.values())
-        check("parallel callers batched", len(results) == 8 and merged > 1, f"largest {merged}")
+        merged, rounds = 0, 0
+        while merged <= 1 and rounds < 5:
+            results.clear()
+            th = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+            for t in th:
+                t.start()
+            for t in th:
+                t.join()
+            merged = max(v[2] for v in results.values())
+            rounds += 1
+        check("parallel callers batched", len(results) == 8 and merged > 1,
+              f"largest {merged} in {rounds} rounds")
         ok = True
         for i, (xi, yi, _) in results.items():
             np.save(f"{w}/xi.npy", xi)
