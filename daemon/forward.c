@@ -77,6 +77,30 @@ void moed_fwd_count(const struct moed_fwd *f, int grpc_code)
                          grpc_code, grpc_code == 0 ? f->n_tokens : 0, moe_now_ns() - f->t_recv);
 }
 
+/* f's scheduler request: its rows, out and routing buffers, flags; sched_done
+ * completes it and then calls done(f, ..., arg). */
+static void sched_req(struct moed_fwd *f, unsigned flags,
+                      void (*sched_done)(struct moe_sched_req *, int, const char *),
+                      moed_fwd_done_fn done, void *arg)
+{
+    f->done = done;
+    f->arg = arg;
+    f->sr = (struct moe_sched_req){
+        .engine = f->mm->e,
+        .a.layer = f->layer,
+        .a.x = f->x,
+        .a.n_tokens = f->n_tokens,
+        .a.ids = f->ids,
+        .a.weights = f->weights,
+        .a.flags = flags,
+        .a.out = f->out,
+        .a.ret_ids = f->ret_ids,
+        .a.ret_weights = f->ret_weights,
+        .done = sched_done,
+        .arg = f,
+    };
+}
+
 static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct moed_fwd *f = r->arg;
@@ -116,22 +140,7 @@ int moed_fwd_submit(struct moed_fwd *f, unsigned flags, bool want_routing, moed_
     f->out = (float *)b;
     f->ret_ids = tk ? (int32_t *)(b + n * sizeof(float)) : NULL;
     f->ret_weights = tk ? (float *)(b + n * sizeof(float) + tk * sizeof(int32_t)) : NULL;
-    f->done = done;
-    f->arg = arg;
-    f->sr = (struct moe_sched_req){
-        .engine = f->mm->e,
-        .a.layer = f->layer,
-        .a.x = f->x,
-        .a.n_tokens = f->n_tokens,
-        .a.ids = f->ids,
-        .a.weights = f->weights,
-        .a.flags = flags,
-        .a.out = f->out,
-        .a.ret_ids = f->ret_ids,
-        .a.ret_weights = f->ret_weights,
-        .done = fwd_done,
-        .arg = f,
-    };
+    sched_req(f, flags, fwd_done, done, arg);
     atomic_fetch_add(&d->in_flight, 1);
     atomic_fetch_add(&d->requests, 1);
     atomic_fetch_add(&d->tokens, (uint64_t)f->n_tokens);
@@ -164,20 +173,7 @@ int moed_fwd_submit_part(struct moed_fwd *f, unsigned flags, moed_fwd_done_fn do
     struct moed *d = f->d;
     struct moe_error err;
 
-    f->done = done;
-    f->arg = arg;
-    f->sr = (struct moe_sched_req){
-        .engine = f->mm->e,
-        .a.layer = f->layer,
-        .a.x = f->x,
-        .a.n_tokens = f->n_tokens,
-        .a.ids = f->ids,
-        .a.weights = f->weights,
-        .a.flags = flags | MOE_FWD_PARTIAL,
-        .a.out = f->out,
-        .done = part_done,
-        .arg = f,
-    };
+    sched_req(f, flags | MOE_FWD_PARTIAL, part_done, done, arg);
     atomic_fetch_add(&d->in_flight, 1);
     atomic_fetch_add_explicit(&d->parts_served, 1, memory_order_relaxed);
     /* This node's scheduler, never split again: batched with its other work. */
