@@ -35,6 +35,15 @@
  * combine touches out, in a fixed order: no atomics, and results do not
  * depend on timing, on the decode/GEMM choice of other items, or on how
  * the caller splits a batch into calls.
+ *
+ * Errors.  A CUDA error that leaves the context unusable (sticky:
+ * moe_cuda_error_sticky) loses the device: the call returns
+ * -ENOTRECOVERABLE, lost_msg names the error, and every later call fails at
+ * once without touching CUDA (alloc returns NULL); the daemon then exits to
+ * be restarted.  Other errors are cleared (cudaGetLastError) and fail only
+ * their call.  Every failure path synchronises the stream and looks at
+ * what that returns, so that a sticky error met inside cuBLAS or by an
+ * earlier kernel is classified too.
  */
 #include "cuda_internal.h"
 #include "quant_cuda.h"
@@ -47,6 +56,7 @@
 
 extern "C" {
 #include "common.h"
+#include "log.h"
 #include "quant.h"
 }
 
@@ -86,11 +96,70 @@ int moe_cuda_scratch(void **buf, size_t *have, size_t bytes, bool host)
     return 0;
 }
 
+extern "C" bool moe_cuda_error_sticky(int code)
+{
+    switch (code) {
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+    case 721: /* cudaErrorTensorMemoryLeak (CUDA 12.8 and later) */
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
+        return true;
+    default:
+        return false;
+    }
+}
+
+int moe_cuda_lose(struct cuda_backend *cb, cudaError_t e, const char *what)
+{
+    if (!__atomic_exchange_n(&cb->losing, 1, __ATOMIC_RELAXED)) {
+        snprintf(cb->lost_msg, sizeof(cb->lost_msg),
+                 "CUDA device %d lost: %s (%s) in %s; the CUDA context cannot be used again",
+                 cb->device, cudaGetErrorName(e), cudaGetErrorString(e), what);
+        /* Release: publishes lost_msg; pairs with the acquire in
+         * moe_cuda_lost(). */
+        __atomic_store_n(&cb->lost, 1, __ATOMIC_RELEASE);
+        moe_log(MOE_LOG_ERROR, "cuda backend: %s", cb->lost_msg);
+    }
+    return -ENOTRECOVERABLE;
+}
+
+const char *moe_cuda_lost(struct cuda_backend *cb)
+{
+    return __atomic_load_n(&cb->lost, __ATOMIC_ACQUIRE) ? cb->lost_msg : NULL;
+}
+
 int moe_cuda_fail(struct cuda_backend *cb, cudaError_t e, const char *what)
 {
     snprintf(cb->last_error, sizeof(cb->last_error), "%s: %s", what, cudaGetErrorString(e));
+    if (moe_cuda_error_sticky(e))
+        return moe_cuda_lose(cb, e, what);
     cudaGetLastError();
     return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+/* After a failed call (lock held): waits for the stream, and when that
+ * shows a sticky error (met by cuBLAS or a kernel before the failure was
+ * seen) loses the device.  r, or -ENOTRECOVERABLE. */
+static int fail_sync(struct cuda_backend *cb, int r, const char *what)
+{
+    cudaError_t e = cudaStreamSynchronize(cb->stream);
+
+    if (e != cudaSuccess && moe_cuda_error_sticky(e))
+        return moe_cuda_lose(cb, e, what);
+    if (e != cudaSuccess)
+        cudaGetLastError();
+    return moe_cuda_lost(cb) ? -ENOTRECOVERABLE : r;
 }
 
 static int blas_fail(struct cuda_backend *cb, cublasStatus_t s, const char *what)
@@ -905,10 +974,18 @@ static void *cuda_alloc(struct moe_backend *b, size_t bytes)
     struct cuda_backend *cb = cuda_of(b);
     void *p = NULL;
 
+    cudaError_t e;
+
+    if (moe_cuda_lost(cb))
+        return NULL;
     cudaSetDevice(cb->device);
     /* cudaMalloc returns 256-byte aligned blocks; never NULL for 0 bytes. */
-    if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
-        cudaGetLastError();
+    e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess) {
+        if (moe_cuda_error_sticky(e))
+            moe_cuda_lose(cb, e, "allocating device memory");
+        else
+            cudaGetLastError();
         return NULL;
     }
     return p;
@@ -927,6 +1004,8 @@ static int cuda_copy(struct moe_backend *b, void *dst, const void *src, size_t b
     struct cuda_backend *cb = cuda_of(b);
     cudaError_t e;
 
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     if (bytes == 0)
         return 0;
     cudaSetDevice(cb->device);
@@ -934,6 +1013,8 @@ static int cuda_copy(struct moe_backend *b, void *dst, const void *src, size_t b
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(cb->stream);
     if (e != cudaSuccess) {
+        if (moe_cuda_error_sticky(e))
+            return moe_cuda_lose(cb, e, "a copy to or from the device");
         cudaGetLastError();
         return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
     }
@@ -955,6 +1036,8 @@ static int cuda_matmul(struct moe_backend *b, const void *w, enum moe_dtype dtyp
         return 0;
     if (!w || !x || !y)
         return -EINVAL;
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     pthread_mutex_lock(&cb->lock);
     cudaSetDevice(cb->device);
     if (n_tokens <= MM_KERNEL_MAX_TOKENS) {
@@ -1023,7 +1106,7 @@ static int cuda_matmul(struct moe_backend *b, const void *w, enum moe_dtype dtyp
         r = moe_cuda_fail(cb, e, "matmul");
 out:
     if (r < 0)
-        cudaStreamSynchronize(cb->stream);
+        r = fail_sync(cb, r, "matmul");
     pthread_mutex_unlock(&cb->lock);
     return r;
 }
@@ -1366,6 +1449,8 @@ static int cuda_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidde
         return 0;
     if (!x || !out || !work)
         return -EINVAL;
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     for (int i = 0; i < n_work; i++) {
         r = check_work(&work[i], hidden, n_tokens);
         if (r < 0)
@@ -1453,7 +1538,7 @@ static int cuda_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidde
         p0 = p1;
     }
     if (r < 0)
-        cudaStreamSynchronize(cb->stream);
+        r = fail_sync(cb, r, "expert FFN kernels");
     pthread_mutex_unlock(&cb->lock);
 out:
     free(pc);
@@ -1461,6 +1546,11 @@ out:
     free(scale);
     free(cnt);
     return r;
+}
+
+static const char *cuda_lost(struct moe_backend *b)
+{
+    return moe_cuda_lost(cuda_of(b));
 }
 
 static const struct moe_backend_ops cuda_ops = {
@@ -1473,6 +1563,7 @@ static const struct moe_backend_ops cuda_ops = {
     .copy_out = cuda_copy,
     .matmul = cuda_matmul,
     .grouped_ffn = cuda_grouped_ffn,
+    .lost = cuda_lost,
 };
 
 extern "C" int moe_backend_cuda_init(const struct moe_cuda_config *cfg, struct moe_backend **ret,
