@@ -611,7 +611,17 @@ out:
     /* While the scheduler still runs: sessions end after their requests. */
     moed_shm_stop(&d, "moed stopped");
     moe_rpc_server_free(d.rpc);
-    moed_cluster_stop(&d); /* after the last call: split forwards finish first */
+    /* After the last call: split forwards finish first. */
+    if (moed_cluster_stop(&d) < 0) {
+        /* NCCL work stuck on the device: freeing GPU memory below would
+         * wait for it too.  The process exit frees everything. */
+        moe_log(MOE_LOG_WARN, "moed exits without freeing its models and caches (NCCL work "
+                              "still running on the device)");
+        moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s",
+                ret == 0 ? "stopped" : "failed");
+        fflush(NULL);
+        _exit(ret);
+    }
     moe_sched_free(d.sched);
     moed_metrics_free(d.metrics); /* after the last request is answered */
     moed_free_models(&d);
