@@ -118,9 +118,10 @@ static const char *fatal_answer(struct moed *d, int *status, const char *msg, ch
 
     if (!moed_check_fatal(d, *status, msg))
         return msg;
+    /* The reason first: shared-memory clients get the first 103 bytes. */
     lost = moe_backend_lost(d->backend);
-    snprintf(buf, len, "%s: %s; moed stops serving and exits to be restarted",
-             msg ? msg : strerror(-*status), lost ? lost : "the device cannot compute any more");
+    snprintf(buf, len, "%s; %s; moed stops serving and exits to be restarted",
+             lost ? lost : "the device cannot compute any more", msg ? msg : strerror(-*status));
     *status = -ENOTRECOVERABLE;
     return buf;
 }
@@ -133,10 +134,13 @@ void moed_fatal(struct moed *d, const char *what)
     if (atomic_exchange(&d->fatal, true))
         return;
     lost = moe_backend_lost(d->backend);
-    snprintf(d->fatal_msg, sizeof(d->fatal_msg), "the %s backend cannot compute any more: %s (%s)",
-             d->backend ? d->backend->ops->name : "", lost ? lost : "its device failed", what);
-    moe_log(MOE_LOG_ERROR, "%s; not serving, exiting with status %d to be restarted", d->fatal_msg,
-            MOED_EXIT_FATAL);
+    /* The reason first: shared-memory clients get the first 103 bytes. */
+    snprintf(d->fatal_msg, sizeof(d->fatal_msg), "%s (first met by: %s)",
+             lost ? lost : "the device failed", what);
+    moe_log(MOE_LOG_ERROR,
+            "the %s backend cannot compute any more: %s; not serving, exiting with status %d to "
+            "be restarted",
+            d->backend ? d->backend->ops->name : "", d->fatal_msg, MOED_EXIT_FATAL);
     /* Release: publishes fatal_msg; pairs with the acquire loads of state
      * in moed_fatal_reason() and the transports' refusals. */
     atomic_store_explicit(&d->state, MOED_FAILED, memory_order_release);

@@ -119,7 +119,7 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
     if (atomic_load(&d->state) == MOED_FAILED) {
         moed_fwd_count(&g->f, GRPC_STATUS_UNAVAILABLE);
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE,
-                     "moed failed and takes no requests: %s; it exits to be restarted",
+                     "moed failed: %s; it takes no requests and exits to be restarted",
                      moed_fatal_reason(d));
         goto fail;
     }

@@ -118,7 +118,7 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
         int st = atomic_load(&d->state);
 
         if (st == MOED_FAILED)
-            snprintf(msg, len, "moed failed and takes no requests: %s; it exits to be restarted",
+            snprintf(msg, len, "moed failed: %s; it takes no requests and exits to be restarted",
                      moed_fatal_reason(d));
         else
             snprintf(msg, len, "moed is %s: no new requests", moed_state_name(st));

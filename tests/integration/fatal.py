@@ -267,6 +267,59 @@ def main():
     finally:
         d.stop()
 
+    # shared memory (libmoe-client through the Python package, whose error
+    # messages hold 103 bytes: the reason comes first): the forward that
+    # meets the fault fails naming the lost device, the next one is refused
+    # with the reason
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(a.moed))), "client",
+                       "libmoe-client.so.1")
+    sys.path.insert(0, f"{a.source}/client/python")
+    os.environ["MOED_CLIENT_LIB"] = lib
+    try:
+        import moed as moedpy
+    except ImportError as e:
+        moedpy = None
+        print(f"shared memory part skipped: {e}")
+    if moedpy and os.path.exists(lib):
+        sock = f"{w}/shm.sock"
+        d = FaultyDaemon(a.moed, args + ["--shm-socket", sock], w, "shm", "ffn=8")
+        try:
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
+            s = moedpy.connect(sock)
+            served, err = 0, None
+            for _ in range(30):
+                try:
+                    y = s.forward("mix", 1, x)
+                    check_same = np.array_equal(np.asarray(y), want)
+                    if not check_same:
+                        check("shm: forwards before the fault are the reference's", False)
+                    served += 1
+                except moedpy.MoedError as e:
+                    err = e
+                    break
+            check("shm: forwards before the fault served", served >= 1, served)
+            check("shm: the forward that meets the fault fails naming the lost device",
+                  err is not None and err.code == "ENOTRECOVERABLE"
+                  and err.message.startswith("device lost: injected fault on grouped_ffn call 8"),
+                  err and (err.code, err.message))
+            try:
+                s.forward("mix", 1, x)
+                err = None
+            except moedpy.MoedError as e:
+                err = e
+            check("shm: the next forward is refused with the reason",
+                  err is not None and err.code == "ESHUTDOWN" and err.message.startswith(
+                      "moed failed: device lost: injected fault on grouped_ffn call 8"),
+                  err and (err.code, err.message))
+            rc, took = wait_exit(d, 20)
+            check(f"shm: moed exits {FATAL_EXIT}", rc == FATAL_EXIT, rc)
+            s.close()
+        finally:
+            d.stop()
+
     # the hook set but never reached: a normal stop
     d = FaultyDaemon(a.moed, args, w, "unreached", "ffn=1000")
     try:
