@@ -536,7 +536,8 @@ int main(int argc, char **argv)
         /* A loss no request has met yet (moed_fatal does nothing twice). */
         if (moe_backend_lost(d.backend))
             moed_fatal(&d, "found by the main loop");
-        if (atomic_load(&d.fatal))
+        /* Acquire: pairs with moed_fatal's release, after its reason. */
+        if (atomic_load_explicit(&d.state, memory_order_acquire) == MOED_FAILED)
             break;
 
         if (watchdog_usec && moe_now_ns() - last_ping >= watchdog_usec * 1000 / 2) {
@@ -577,7 +578,7 @@ int main(int argc, char **argv)
         break;
     }
     drain_ms = d.cfg.drain_timeout_ms;
-    if (atomic_load(&d.fatal)) {
+    if (atomic_load_explicit(&d.state, memory_order_acquire) == MOED_FAILED) {
         uint64_t end = moe_now_ns() + FATAL_GRACE_MS * 1000000ull, now;
 
         /* MOED_FAILED stays: new requests are refused with the reason. */
@@ -631,7 +632,7 @@ out:
     moe_backend_free(d.backend);
     if (ret == MOED_EXIT_FATAL)
         moe_log(MOE_LOG_ERROR, "moed failed: %s; exiting with status %d to be restarted",
-                d.fatal_msg, ret);
+                moed_fatal_reason(&d), ret);
     else
         moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s",
                 ret == 0 ? "stopped" : "failed");

@@ -66,7 +66,7 @@ struct moed {
     pthread_t main_thread; /* woken by moed_fatal (SIGUSR1) */
     /* The reason moed failed: written once by the first moed_fatal, before
      * it sets state to MOED_FAILED (release); read after loading state
-     * (acquire) as MOED_FAILED, or after fatal. */
+     * (acquire) as MOED_FAILED (moed_fatal_reason). */
     char fatal_msg[512];
     _Atomic bool fatal;   /* a moed_fatal has begun (the first writes fatal_msg) */
     pthread_mutex_t lock; /* the model table; cfg.policy and cfg.prefetch after start */
