@@ -593,8 +593,12 @@ int main(int argc, char **argv)
         }
         drain_ms = MOE_MIN(drain_ms, FATAL_DRAIN_MS);
     } else {
+        int st = atomic_load(&d.state);
+
         notify("STOPPING=1\nSTATUS=stopping");
-        atomic_store(&d.state, MOED_STOPPING);
+        /* Not over a failure that came meanwhile: MOED_FAILED stays. */
+        while (st != MOED_FAILED && !atomic_compare_exchange_weak(&d.state, &st, MOED_STOPPING))
+            ;
     }
     /* gRPC first, the scheduler still taking requests: no new call starts,
      * and the calls in flight finish, streams open now included (each
