@@ -15,7 +15,14 @@ Checks:
   a stream open meanwhile gets UNAVAILABLE with the reason; and moed exits
   with status 3 (systemd restarts it: Restart=on-failure) within seconds,
   the stream open notwithstanding, its log naming the error;
+- ffn=1 with a stream that never ends and drain_timeout_ms 60 s: moed still
+  exits 3 within seconds, the stream cancelled;
+- 8 callers in parallel across the fault: each is answered, served ones
+  are the reference's, the others INTERNAL naming the device or UNAVAILABLE;
 - with matmul=1: the first forward fails at the router, and moed exits 3;
+- over shared memory (the Python package): the forward that meets the fault
+  fails with ENOTRECOVERABLE, the next with ESHUTDOWN, both starting with
+  the reason (the shm message holds 103 bytes), and moed exits 3;
 - with the hook set but never reached, SIGTERM still exits 0.
 
 Exit 0 pass, 1 fail, 77 skip (grpcio or numpy missing).
@@ -251,6 +258,49 @@ def main():
         check("... and the open stream is ended (cancelled)", ended and ended[0] != "ok", ended)
     finally:
         hold.set()
+        d.stop()
+
+    # callers in parallel across the fault: every call is answered (none
+    # hangs), served ones are the reference's, failed ones say why
+    d = FaultyDaemon(a.moed, args + ["--batch-window-us", "2000"], w, "parallel", "ffn=10")
+    try:
+        exp = pbg.ExpertsStub(d.channel)
+        results, lock = [], threading.Lock()
+
+        def caller():
+            for _ in range(50):
+                try:
+                    y = from_tensor(pb, exp.Forward(pb.ForwardRequest(
+                        model="mix", layer=1, hidden=tensor(pb, x)), timeout=30).output)
+                    r = ("ok", np.array_equal(y, want))
+                except grpc.RpcError as e:
+                    r = (e.code(), e.details())
+                with lock:
+                    results.append(r)
+                if r[0] != "ok":
+                    return
+        th = [threading.Thread(target=caller) for _ in range(8)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join(60)
+        check("parallel: every caller is answered (no hang)",
+              not any(t.is_alive() for t in th) and len(results) >= 8, len(results))
+        ok = [r for r in results if r[0] == "ok"]
+        bad = [r for r in results if r[0] != "ok"]
+        check("parallel: served forwards are the reference's", all(r[1] for r in ok),
+              sum(not r[1] for r in ok))
+        check("parallel: at least one forward met the fault (INTERNAL, the reason)",
+              any(r[0] == grpc.StatusCode.INTERNAL and "injected fault on grouped_ffn" in r[1]
+                  for r in bad), bad[:3])
+        # after the fault: INTERNAL naming the device (computing already),
+        # or UNAVAILABLE (refused with the reason, or moed gone)
+        check("parallel: every failure is INTERNAL naming the lost device, or UNAVAILABLE",
+              all((r[0] == grpc.StatusCode.INTERNAL and "device lost" in r[1]) or
+                  r[0] == grpc.StatusCode.UNAVAILABLE for r in bad), bad[:5])
+        rc, took = wait_exit(d, 20)
+        check(f"parallel: moed exits {FATAL_EXIT}", rc == FATAL_EXIT, rc)
+    finally:
         d.stop()
 
     # matmul=1: the router of the first forward
