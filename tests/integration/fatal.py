@@ -330,6 +330,8 @@ def main():
     except ImportError as e:
         moedpy = None
         print(f"shared memory part skipped: {e}")
+    if moedpy and not os.path.exists(lib):
+        print(f"shared memory part skipped: no {lib} (not built)")
     if moedpy and os.path.exists(lib):
         sock = f"{w}/shm.sock"
         d = FaultyDaemon(a.moed, args + ["--shm-socket", sock], w, "shm", "ffn=8")
