@@ -134,12 +134,24 @@ int moed_cluster_start(struct moed *d, struct moe_error *err)
     return 0;
 }
 
-void moed_cluster_stop(struct moed *d)
+/* Waits until *a and *b (NULL: none) are 0, up to end_ns: 0 or -ETIMEDOUT. */
+static int wait_zero(_Atomic int *a, _Atomic int *b, uint64_t end_ns)
+{
+    while (atomic_load(a) > 0 || (b && atomic_load(b) > 0)) {
+        if (moe_now_ns() >= end_ns)
+            return -ETIMEDOUT;
+        usleep(1000);
+    }
+    return 0;
+}
+
+int moed_cluster_stop(struct moed *d)
 {
     struct moed_cluster *c = cl_of(d);
+    int rc = 0;
 
     if (!c)
-        return;
+        return 0;
     pthread_mutex_lock(&c->lock);
     c->stopping = true;
     pthread_cond_signal(&c->cond);
@@ -147,9 +159,18 @@ void moed_cluster_stop(struct moed *d)
     if (c->started)
         pthread_join(c->thread, NULL);
     /* Split forwards still running call back into the scheduler, and NCCL
-     * joins hold peers: wait (joins give up after NCCL_JOIN_MS). */
-    while (atomic_load(&c->in_flight) > 0 || atomic_load(&c->nccl_joins) > 0)
-        usleep(1000);
+     * joins hold peers: wait (joins give up after NCCL_JOIN_MS, but a failed
+     * one closes its communicator, which may wait for the device).  Past
+     * the bound the threads keep c and the peers: leave them allocated. */
+    if (wait_zero(&c->in_flight, &c->nccl_joins,
+                  moe_now_ns() + MOED_NCCL_STOP_WAIT_MS * 1000000ull) < 0) {
+        moe_log(MOE_LOG_WARN,
+                "cluster: %d forwards and %d NCCL joins still running after %d ms; stopping "
+                "without them",
+                atomic_load(&c->in_flight), atomic_load(&c->nccl_joins), MOED_NCCL_STOP_WAIT_MS);
+        d->cluster = NULL;
+        return -ETIMEDOUT;
+    }
     moed_cl_split_pool_free(c);
     moed_cl_pool_free(&c->parts);
     moed_cl_pool_free(&c->takes);
@@ -158,8 +179,16 @@ void moed_cluster_stop(struct moed *d)
         moed_cl_peer_put(c, c->peers[i]);
     }
 #ifdef MOED_HAVE_NCCL
-    while (atomic_load(&moed_cl_nccl_closing) > 0) /* the peers' communicators, closing */
-        usleep(1000);
+    /* The peers' communicators, closing on threads of their own (they
+     * touch nothing of c): bounded as the joins. */
+    if (wait_zero(&moed_cl_nccl_closing, NULL, moe_now_ns() + MOED_NCCL_STOP_WAIT_MS * 1000000ull) <
+        0) {
+        moe_log(MOE_LOG_WARN,
+                "cluster: %d NCCL communicators still closing after %d ms (an abort waits for "
+                "the device); stopping without them",
+                atomic_load(&moed_cl_nccl_closing), MOED_NCCL_STOP_WAIT_MS);
+        rc = -ETIMEDOUT;
+    }
 #endif
     while (c->models) {
         struct mstate *s = c->models;
@@ -176,6 +205,7 @@ void moed_cluster_stop(struct moed *d)
     pthread_mutex_destroy(&c->lock);
     free(c);
     d->cluster = NULL;
+    return rc;
 }
 
 int moed_cluster_drain(struct moed *d, uint64_t timeout_ms)

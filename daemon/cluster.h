@@ -58,8 +58,17 @@ struct Moe__V1__ClusterCounters;
 
 /* Starts the health thread and the peers of the configuration.  0 or -errno. */
 int moed_cluster_start(struct moed *d, struct moe_error *err);
-/* Stops the health thread; requests in flight finish first. */
-void moed_cluster_stop(struct moed *d);
+/*
+ * Stops the health thread; requests in flight finish first, and NCCL joins
+ * and closes (on threads of their own) are waited for, each for at most
+ * MOED_NCCL_STOP_WAIT_MS: a join gives up after its own timeout, but an
+ * NCCL abort or a CUDA free may wait for every kernel on the device, one
+ * spinning on a peer that is gone among them.  0 when everything stopped;
+ * -ETIMEDOUT when NCCL work was left running (logged): the cluster and its
+ * peers are then left allocated for those threads, and the caller should
+ * exit without freeing GPU memory (a free would wait for that kernel too).
+ */
+int moed_cluster_stop(struct moed *d);
 
 /*
  * Submits a forward of model mm: through the cluster when it has peers (then

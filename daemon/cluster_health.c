@@ -127,10 +127,10 @@ static void ping_one(struct moed_cluster *c, struct peer *p)
             : GRPC_STATUS_UNAVAILABLE;
     moe_rpc_client_close(cl);
     if (st == GRPC_STATUS_OK && !take_hot(p, ans, alen)) {
-        /* It answers but takes no work (draining or stopping): down for
-         * requests, so that none pays a round trip to be refused. */
+        /* It answers but takes no work (draining, stopping or failed):
+         * down for requests, so that none pays a round trip to be refused. */
         st = GRPC_STATUS_UNAVAILABLE;
-        snprintf(msg, sizeof(msg), "draining or stopping");
+        snprintf(msg, sizeof(msg), "not serving (draining, stopping or failed)");
     }
     free(ans);
     if (st == GRPC_STATUS_OK) {
@@ -288,7 +288,6 @@ void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, voi
     struct moed *d = arg;
     Moe__V1__PingRequest *q = moe__v1__ping_request__unpack(NULL, len, req);
     Moe__V1__PingResponse a = MOE__V1__PING_RESPONSE__INIT;
-    static const char *const states[] = {"serving", "draining", "stopping"};
 
     if (!q) {
         moe_rpc_fail(call, GRPC_STATUS_INVALID_ARGUMENT, "the request is not a PingRequest");
@@ -296,7 +295,7 @@ void moed_on_ping(struct moe_rpc_call *call, const uint8_t *req, size_t len, voi
     }
     a.name = (char *)moed_cluster_node(d);
     a.uptime_ns = moe_now_ns() - d->t_start;
-    a.state = (char *)states[atomic_load(&d->state)];
+    a.state = (char *)moed_state_name(atomic_load(&d->state));
     a.nccl = cl_of(d) && cl_of(d)->nccl_ok ? cl_of(d)->nccl_desc : "";
     /* This node's own hot sets (not the union: no echo). */
     Moe__V1__HotExperts hx[16], *hp[16];

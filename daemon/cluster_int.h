@@ -246,6 +246,11 @@ void moed_cl_rebalance(struct moed_cluster *c);
 void *moed_cl_health_main(void *arg);
 
 /* cluster_nccl.c */
+/* NCCL joins wait at most this long for the other rank. */
+#define NCCL_JOIN_MS 20000
+/* moed_cluster_stop waits at most this long for joins, then as long again
+ * for communicators closing. */
+#define MOED_NCCL_STOP_WAIT_MS (NCCL_JOIN_MS + 5000)
 #ifdef MOED_HAVE_NCCL
 extern _Atomic int moed_cl_nccl_closing; /* communicators being closed on threads of their own */
 void moed_cl_nccl_close_async(struct moe_nccl *comm);

@@ -93,9 +93,6 @@ void moed_cl_nccl_state(const struct moed_cluster *c, struct peer *p, char *buf,
 }
 
 #ifdef MOED_HAVE_NCCL
-/* NCCL joins wait at most this long for the other rank. */
-#define NCCL_JOIN_MS 20000
-
 struct nccl_join {
     struct moed_cluster *c;
     struct peer *p; /* a reference */

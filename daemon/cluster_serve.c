@@ -222,8 +222,9 @@ void moed_on_forward_experts(struct moe_rpc_call *call, const uint8_t *req, size
     f->call = call;
     f->flags = q->shared ? 0 : MOE_FWD_SKIP_SHARED;
     if (atomic_load(&d->state) != MOED_SERVING) {
-        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving",
-                     moed_cluster_node(d));
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed (node %s) is not serving: %s%s%s",
+                     moed_cluster_node(d), moed_state_name(atomic_load(&d->state)),
+                     *moed_fatal_reason(d) ? ": " : "", moed_fatal_reason(d));
         goto out;
     }
     f->fw.mm = q->model ? moed_model_get(d, q->model) : NULL;

@@ -9,12 +9,20 @@
  * d->parts_served (the cluster's peer_calls_served), not among the
  * clients' requests.  A request holds a reference on its model from the
  * lookup until its completion has counted it.
+ *
+ * A lost device: a completion with -ENOTRECOVERABLE, or any failure while
+ * the backend says its device is lost, puts the daemon in its failed state
+ * (moed_fatal, here: every request completes here) and is answered with
+ * the backend's reason (INTERNAL).
  */
 #include "forward.h"
 
 #include "moed.h"
 
+#include "log.h"
+
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,11 +109,66 @@ static void sched_req(struct moed_fwd *f, unsigned flags,
     };
 }
 
+/* A failed request's answer when the device is lost: its message and the
+ * backend's reason, in buf; status becomes -ENOTRECOVERABLE.  Otherwise
+ * msg as it was. */
+static const char *fatal_answer(struct moed *d, int *status, const char *msg, char *buf, size_t len)
+{
+    const char *lost;
+
+    if (!moed_check_fatal(d, *status, msg))
+        return msg;
+    /* The reason first: shared-memory clients get the first 103 bytes. */
+    lost = moe_backend_lost(d->backend);
+    snprintf(buf, len, "%s; %s; moed stops serving and exits to be restarted",
+             lost ? lost : "the device cannot compute any more", msg ? msg : strerror(-*status));
+    *status = -ENOTRECOVERABLE;
+    return buf;
+}
+
+void moed_fatal(struct moed *d, const char *what)
+{
+    const char *lost;
+
+    /* The first caller writes the reason; the others see fatal and go. */
+    if (atomic_exchange(&d->fatal, true))
+        return;
+    lost = moe_backend_lost(d->backend);
+    /* The reason first: shared-memory clients get the first 103 bytes. */
+    snprintf(d->fatal_msg, sizeof(d->fatal_msg), "%s (first met by: %s)",
+             lost ? lost : "the device failed", what);
+    moe_log(MOE_LOG_ERROR,
+            "the %s backend cannot compute any more: %s; not serving, exiting with status %d to "
+            "be restarted",
+            d->backend ? d->backend->ops->name : "", d->fatal_msg, MOED_EXIT_FATAL);
+    /* Release: publishes fatal_msg; pairs with the acquire loads of state
+     * in moed_fatal_reason() and the transports' refusals. */
+    atomic_store_explicit(&d->state, MOED_FAILED, memory_order_release);
+    /* Wakes the main thread's sigtimedwait (SIGUSR1 is blocked in every
+     * thread and taken there). */
+    pthread_kill(d->main_thread, SIGUSR1);
+}
+
+const char *moed_fatal_reason(struct moed *d)
+{
+    return atomic_load_explicit(&d->state, memory_order_acquire) == MOED_FAILED ? d->fatal_msg : "";
+}
+
+bool moed_check_fatal(struct moed *d, int status, const char *msg)
+{
+    if (status >= 0 || (status != -ENOTRECOVERABLE && !moe_backend_lost(d->backend)))
+        return false;
+    moed_fatal(d, msg ? msg : strerror(-status));
+    return true;
+}
+
 static void fwd_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct moed_fwd *f = r->arg;
     struct moed *d = f->d;
+    char buf[MOE_ERROR_MSG_MAX + 512];
 
+    msg = fatal_answer(d, &status, msg, buf, sizeof(buf));
     if (status < 0) {
         atomic_fetch_add(&d->failed, 1);
         if (!msg)
@@ -157,9 +220,11 @@ static void part_done(struct moe_sched_req *r, int status, const char *msg)
 {
     struct moed_fwd *f = r->arg;
     struct moed *d = f->d;
+    char buf[MOE_ERROR_MSG_MAX + 512];
 
     if (status < 0 && !msg)
         msg = strerror(-status);
+    msg = fatal_answer(d, &status, msg, buf, sizeof(buf));
     /* As fwd_done: given back before the answer goes out. */
     moed_model_put(d, f->mm);
     f->mm = NULL;

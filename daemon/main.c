@@ -9,7 +9,17 @@
  *                    flight finish for drain_timeout_ms, cancel the rest,
  *                    free everything, exit 0;
  *   SIGHUP           re-read the file: log level and format, host cache
- *                    capacity, policy and prefetch.
+ *                    capacity, policy and prefetch;
+ *   SIGUSR1          sent by moed_fatal (forward.c) to this thread when the
+ *                    backend's device is lost: health says NOT_SERVING and
+ *                    forwards are refused for FATAL_GRACE_MS (so that load
+ *                    balancers see it, not a closed port), then stop as for
+ *                    SIGTERM, with the drain cut to FATAL_DRAIN_MS (nothing
+ *                    can be computed any more), and exit MOED_EXIT_FATAL, for
+ *                    systemd to
+ *                    restart moed (Restart=on-failure).  The loop also asks
+ *                    the backend at each wake-up (moe_backend_lost), so
+ *                    that a loss no request met stops moed too.
  * The main loop wakes every second (more often for a short WatchdogSec) to
  * ping the systemd watchdog when it is enabled, and withholds the ping while
  * the scheduler is stuck: requests pending or running and no batch finished
@@ -35,6 +45,13 @@
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
+
+/* After a lost device, requests in flight fail at once: the drain only
+ * waits for their answers, and streams clients keep open no longer. */
+#define FATAL_DRAIN_MS 2000
+/* ... and before that, health checks see NOT_SERVING for this long (a
+ * SIGTERM or SIGINT cuts it short). */
+#define FATAL_GRACE_MS 1000
 
 static void notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -213,19 +230,25 @@ static int check_config(int argc, char **argv, int at)
     return n ? 1 : 0;
 }
 
+/* One KEY=N setting of a fault-injection variable. */
+struct fault_key {
+    const char *name;
+    uint64_t *field;
+};
+
 /*
- * The test hook MOED_PAGER_FAULTS (moed(8) ENVIRONMENT, pager.h): a comma-
- * separated list of fail=N, short=N, corrupt=N and every, injected into
- * the cache's page-ins for the life of the daemon (scripts/soak.sh).
- * 0 and *ret filled (all zero when unset), or -EINVAL with err.
+ * Parses environment variable var, a comma-separated list of KEY=N (keys[],
+ * N a decimal count) and flag words (flag, which may be NULL, set by
+ * "every"); expected says what is allowed, for the error.  0 (fields left
+ * as they are when var is unset or empty), or -EINVAL / -ENOMEM with err.
  */
-static int pager_faults(struct moe_pager_faults *ret, struct moe_error *err)
+static int parse_faults(const char *var, const struct fault_key *keys, int n_keys, bool *flag,
+                        const char *expected, struct moe_error *err)
 {
-    const char *v = getenv("MOED_PAGER_FAULTS");
+    const char *v = getenv(var);
     char *copy, *tok, *save = NULL;
     int r = 0;
 
-    memset(ret, 0, sizeof(*ret));
     if (!v || !*v)
         return 0;
     copy = strdup(v);
@@ -236,29 +259,58 @@ static int pager_faults(struct moe_pager_faults *ret, struct moe_error *err)
         uint64_t *field = NULL;
         unsigned long long n;
 
-        if (strcmp(tok, "every") == 0) {
-            ret->every = true;
+        if (flag && strcmp(tok, "every") == 0) {
+            *flag = true;
             continue;
         }
         if (eq) {
             *eq = 0;
-            field = strcmp(tok, "fail") == 0      ? &ret->fail_nth
-                    : strcmp(tok, "short") == 0   ? &ret->short_nth
-                    : strcmp(tok, "corrupt") == 0 ? &ret->corrupt_nth
-                                                  : NULL;
+            for (int i = 0; i < n_keys && !field; i++)
+                if (strcmp(tok, keys[i].name) == 0)
+                    field = keys[i].field;
         }
         errno = 0;
-        n = eq ? strtoull(eq + 1, &end, 10) : 0;
-        if (!field || errno || end == eq + 1 || *end)
-            r = moe_error_set(err, -EINVAL,
-                              "MOED_PAGER_FAULTS='%s': expected fail=N, short=N, corrupt=N and "
-                              "every, comma-separated",
-                              v);
+        n = eq && eq[1] != '-' ? strtoull(eq + 1, &end, 10) : 0;
+        if (!field || errno || eq[1] == '-' || end == eq + 1 || *end)
+            r = moe_error_set(err, -EINVAL, "%s='%s': expected %s, comma-separated", var, v,
+                              expected);
         else
             *field = n;
     }
     free(copy);
     return r;
+}
+
+/*
+ * The test hook MOED_PAGER_FAULTS (moed(8) ENVIRONMENT, pager.h): a comma-
+ * separated list of fail=N, short=N, corrupt=N and every, injected into
+ * the cache's page-ins for the life of the daemon (scripts/soak.sh).
+ * 0 and *ret filled (all zero when unset), or -EINVAL with err.
+ */
+static int pager_faults(struct moe_pager_faults *ret, struct moe_error *err)
+{
+    const struct fault_key keys[] = {
+        {"fail", &ret->fail_nth}, {"short", &ret->short_nth}, {"corrupt", &ret->corrupt_nth}};
+
+    memset(ret, 0, sizeof(*ret));
+    return parse_faults("MOED_PAGER_FAULTS", keys, (int)MOE_ARRAY_SIZE(keys), &ret->every,
+                        "fail=N, short=N, corrupt=N and every", err);
+}
+
+/*
+ * The test hook MOED_BACKEND_FAULTS (moed(8) ENVIRONMENT, backend.h): a
+ * comma-separated list of ffn=N, matmul=N and copy=N; the backend's Nth
+ * call of that kind loses its device, as a sticky CUDA error does.
+ * 0 and *ret filled (all zero when unset), or -EINVAL with err.
+ */
+static int backend_faults(struct moe_backend_faults *ret, struct moe_error *err)
+{
+    const struct fault_key keys[] = {
+        {"ffn", &ret->ffn_nth}, {"matmul", &ret->matmul_nth}, {"copy", &ret->copy_nth}};
+
+    memset(ret, 0, sizeof(*ret));
+    return parse_faults("MOED_BACKEND_FAULTS", keys, (int)MOE_ARRAY_SIZE(keys), NULL,
+                        "ffn=N, matmul=N and copy=N", err);
 }
 
 /* Bytes of physical memory (the budget's default is a share of it). */
@@ -278,7 +330,7 @@ int main(int argc, char **argv)
     struct moe_sched_config sc = {0};
     struct moe_rpc_config rc = {0};
     const struct moe_rpc_method *methods;
-    uint64_t watchdog_usec = 0, last_ping = 0;
+    uint64_t watchdog_usec = 0, last_ping = 0, drain_ms;
     bool withheld = false;
     struct moe_model *opened[MOED_MAX_MODELS] = {0};
     sigset_t sigs;
@@ -308,6 +360,7 @@ int main(int argc, char **argv)
     moed_log_start(d.cfg.log_format);
     pthread_mutex_init(&d.lock, NULL);
     pthread_mutex_init(&d.rec_lock, NULL);
+    d.main_thread = pthread_self();
     if (moed_model_dirs_init(&d, &err) < 0 || moed_state_init(&d, &err) < 0) {
         moe_log(MOE_LOG_ERROR, "%s", err.msg);
         goto out;
@@ -320,6 +373,7 @@ int main(int argc, char **argv)
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -335,6 +389,26 @@ int main(int argc, char **argv)
         if (moe_backend_cpu_init(&cpu, &d.backend, &err) < 0) {
             moe_log(MOE_LOG_ERROR, "%s", err.msg);
             goto out;
+        }
+    }
+    {
+        struct moe_backend_faults f;
+
+        if (backend_faults(&f, &err) < 0) {
+            moe_log(MOE_LOG_ERROR, "%s", err.msg);
+            goto out;
+        }
+        if (f.ffn_nth || f.matmul_nth || f.copy_nth) {
+            struct moe_backend *inner = d.backend;
+
+            d.backend = NULL;
+            if (moe_backend_faults_wrap(inner, &f, &d.backend, &err) < 0) {
+                moe_log(MOE_LOG_ERROR, "%s", err.msg);
+                goto out;
+            }
+            moe_log(MOE_LOG_WARN,
+                    "MOED_BACKEND_FAULTS=%s: the %s backend will lose its device (a test hook)",
+                    getenv("MOED_BACKEND_FAULTS"), d.backend->ops->name);
         }
     }
     /* The models are opened once, before the cache, whose default size is
@@ -459,6 +533,13 @@ int main(int argc, char **argv)
         struct timespec ts = {1, 0};
         int sig;
 
+        /* A loss no request has met yet (moed_fatal does nothing twice). */
+        if (moe_backend_lost(d.backend))
+            moed_fatal(&d, "found by the main loop");
+        /* Acquire: pairs with moed_fatal's release, after its reason. */
+        if (atomic_load_explicit(&d.state, memory_order_acquire) == MOED_FAILED)
+            break;
+
         if (watchdog_usec && moe_now_ns() - last_ping >= watchdog_usec * 1000 / 2) {
             uint64_t stuck = sched_stuck_ns(&d, watchdog_usec * 1000);
 
@@ -486,7 +567,7 @@ int main(int argc, char **argv)
             ts.tv_nsec = (long)(watchdog_usec / 4 * 1000);
         }
         sig = sigtimedwait(&sigs, NULL, &ts);
-        if (sig < 0)
+        if (sig < 0 || sig == SIGUSR1) /* SIGUSR1: see fatal at the top */
             continue;
         if (sig == SIGHUP) {
             reload(&d, argc - 1, argv + 1);
@@ -496,25 +577,56 @@ int main(int argc, char **argv)
                 strsignal(sig), (unsigned long long)d.cfg.drain_timeout_ms);
         break;
     }
-    notify("STOPPING=1\nSTATUS=stopping");
-    atomic_store(&d.state, MOED_STOPPING);
+    drain_ms = d.cfg.drain_timeout_ms;
+    if (atomic_load_explicit(&d.state, memory_order_acquire) == MOED_FAILED) {
+        uint64_t end = moe_now_ns() + FATAL_GRACE_MS * 1000000ull, now;
+
+        /* MOED_FAILED stays: new requests are refused with the reason. */
+        notify("STOPPING=1\nSTATUS=failed: %s", moed_fatal_reason(&d));
+        while ((now = moe_now_ns()) < end) {
+            struct timespec ts = {(time_t)((end - now) / 1000000000u),
+                                  (long)((end - now) % 1000000000u)};
+            int sig = sigtimedwait(&sigs, NULL, &ts);
+
+            if (sig == SIGTERM || sig == SIGINT)
+                break;
+        }
+        drain_ms = MOE_MIN(drain_ms, FATAL_DRAIN_MS);
+    } else {
+        int st = atomic_load(&d.state);
+
+        notify("STOPPING=1\nSTATUS=stopping");
+        /* Not over a failure that came meanwhile: MOED_FAILED stays. */
+        while (st != MOED_FAILED && !atomic_compare_exchange_weak(&d.state, &st, MOED_STOPPING))
+            ;
+    }
     /* gRPC first, the scheduler still taking requests: no new call starts,
      * and the calls in flight finish, streams open now included (each
      * message their client sends is answered) until the client ends them or
-     * drain_timeout_ms passes; then they are cancelled. */
-    moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(d.cfg.drain_timeout_ms, INT32_MAX));
+     * drain_ms passes; then they are cancelled. */
+    moe_rpc_server_shutdown(d.rpc, (int)MOE_MIN(drain_ms, INT32_MAX));
     /* Split forwards in flight still submit their local share: let them. */
-    if (moed_cluster_drain(&d, d.cfg.drain_timeout_ms) < 0)
+    if (moed_cluster_drain(&d, drain_ms) < 0)
         moe_log(MOE_LOG_WARN, "cluster: forwards still in flight after %llu ms",
-                (unsigned long long)d.cfg.drain_timeout_ms);
+                (unsigned long long)drain_ms);
     moe_sched_stop(d.sched);
-    ret = 0;
+    ret = atomic_load(&d.fatal) ? MOED_EXIT_FATAL : 0;
 out:
     moed_metrics_stop(d.metrics); /* first: a scrape reads everything below */
     /* While the scheduler still runs: sessions end after their requests. */
     moed_shm_stop(&d, "moed stopped");
     moe_rpc_server_free(d.rpc);
-    moed_cluster_stop(&d); /* after the last call: split forwards finish first */
+    /* After the last call: split forwards finish first. */
+    if (moed_cluster_stop(&d) < 0) {
+        /* NCCL work stuck on the device: freeing GPU memory below would
+         * wait for it too.  The process exit frees everything. */
+        moe_log(MOE_LOG_WARN, "moed exits without freeing its models and caches (NCCL work "
+                              "still running on the device)");
+        moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s",
+                ret == 0 ? "stopped" : "failed");
+        fflush(NULL);
+        _exit(ret);
+    }
     moe_sched_free(d.sched);
     moed_metrics_free(d.metrics); /* after the last request is answered */
     moed_free_models(&d);
@@ -522,7 +634,12 @@ out:
         moe_model_free(opened[i]);
     moe_cache_free(d.cache);
     moe_backend_free(d.backend);
-    moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s", ret == 0 ? "stopped" : "failed");
+    if (ret == MOED_EXIT_FATAL)
+        moe_log(MOE_LOG_ERROR, "moed failed: %s; exiting with status %d to be restarted",
+                moed_fatal_reason(&d), ret);
+    else
+        moe_log(ret == 0 ? MOE_LOG_INFO : MOE_LOG_ERROR, "moed %s",
+                ret == 0 ? "stopped" : "failed");
     moed_model_dirs_clear(&d);
     moed_state_clear(&d);
     moed_config_clear(&d.cfg);

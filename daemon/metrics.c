@@ -642,6 +642,10 @@ static void scrape(struct moed_metrics *m, struct buf *b)
     put(b, "} 1\n");
     family(b, "moed_uptime_seconds", "gauge", "Seconds since moed started.");
     sample(b, "moed_uptime_seconds", (double)(moe_now_ns() - d->t_start) * 1e-9);
+    family(b, "moed_failed", "gauge",
+           "1 once the backend's device is lost (a CUDA error that cannot be recovered): moed "
+           "takes no requests and exits to be restarted.");
+    sample(b, "moed_failed", atomic_load(&d->state) == MOED_FAILED);
     family(b, "moed_models", "gauge", "Models loaded.");
     sample(b, "moed_models", n_models);
     family(b, "moed_in_flight_requests", "gauge",
@@ -724,11 +728,15 @@ static enum MHD_Result on_http(void *cls, struct MHD_Connection *conn, const cha
     if (strcmp(url, "/readyz") == 0) {
         int st = atomic_load_explicit(&m->d->state, memory_order_relaxed);
 
+        char why[sizeof(m->d->fatal_msg) + 64];
+
         if (st == MOED_SERVING)
             return answer_text(conn, MHD_HTTP_OK, "ready\n");
-        return answer_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE,
-                           st == MOED_DRAINING ? "not ready: moed is draining\n"
-                                               : "not ready: moed is stopping\n");
+        if (st == MOED_FAILED)
+            snprintf(why, sizeof(why), "not ready: moed failed: %s\n", moed_fatal_reason(m->d));
+        else
+            snprintf(why, sizeof(why), "not ready: moed is %s\n", moed_state_name(st));
+        return answer_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, why);
     }
     if (strcmp(url, "/metrics") != 0)
         return answer_text(conn, MHD_HTTP_NOT_FOUND,

@@ -20,7 +20,13 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-enum moed_state { MOED_SERVING = 0, MOED_DRAINING, MOED_STOPPING };
+/* MOED_FAILED: the backend's device is lost (moed_fatal); sticky, moed
+ * exits with MOED_EXIT_FATAL to be restarted. */
+enum moed_state { MOED_SERVING = 0, MOED_DRAINING, MOED_STOPPING, MOED_FAILED };
+
+/* moed's exit status after a device error it cannot recover from (systemd
+ * restarts it: Restart=on-failure in moed.service). */
+#define MOED_EXIT_FATAL 3
 
 struct moed_model {
     char *name;
@@ -57,6 +63,12 @@ struct moed {
     int n_shm_uids, n_shm_gids;
     uint64_t t_start;
     _Atomic int state;
+    pthread_t main_thread; /* woken by moed_fatal (SIGUSR1) */
+    /* The reason moed failed: written once by the first moed_fatal, before
+     * it sets state to MOED_FAILED (release); read after loading state
+     * (acquire) as MOED_FAILED (moed_fatal_reason). */
+    char fatal_msg[512];
+    _Atomic bool fatal;   /* a moed_fatal has begun (the first writes fatal_msg) */
     pthread_mutex_t lock; /* the model table; cfg.policy and cfg.prefetch after start */
     int n_models;
     uint32_t next_model_id;
@@ -148,5 +160,25 @@ int moed_methods(struct moed *d, const struct moe_rpc_method **ret);
 
 /* gRPC status for an engine -errno. */
 int moed_grpc_status(int err);
+
+/* "serving", "draining", "stopping" or "failed" (Status, Ping). */
+const char *moed_state_name(int state);
+
+/*
+ * forward.c.  The daemon-wide failed state: the backend's device is lost
+ * (a request failed with -ENOTRECOVERABLE, or the backend's lost slot
+ * says so).  The first call logs why (what, and the backend's reason),
+ * sets state to MOED_FAILED, so that health says NOT_SERVING and every
+ * transport refuses new requests with the reason, and wakes the main
+ * thread, which shuts down and exits with MOED_EXIT_FATAL.  Later calls
+ * do nothing.  Any thread.
+ */
+void moed_fatal(struct moed *d, const char *what);
+/* The reason moed failed ("" while it has not). */
+const char *moed_fatal_reason(struct moed *d);
+/* Whether a request's failure (status, the backend's state) means the
+ * device is lost: then moed_fatal(d, msg) is called and the request's
+ * answer should say so (moed_fatal_reason). */
+bool moed_check_fatal(struct moed *d, int status, const char *msg);
 
 #endif

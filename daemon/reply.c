@@ -37,6 +37,8 @@ int moed_grpc_status(int err)
         return GRPC_STATUS_DATA_LOSS;
     case -ETIMEDOUT:
         return GRPC_STATUS_DEADLINE_EXCEEDED;
+    case -ENOTRECOVERABLE: /* the device is lost (moed_fatal) */
+        return GRPC_STATUS_INTERNAL;
     default:
         return GRPC_STATUS_INTERNAL;
     }

@@ -115,6 +115,14 @@ static void on_forward(struct moe_rpc_call *call, const uint8_t *req, size_t len
         moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE, "moed is draining: no new requests");
         goto fail;
     }
+    /* Failed (a lost device): nothing can be computed; moed is exiting. */
+    if (atomic_load(&d->state) == MOED_FAILED) {
+        moed_fwd_count(&g->f, GRPC_STATUS_UNAVAILABLE);
+        moe_rpc_fail(call, GRPC_STATUS_UNAVAILABLE,
+                     "moed failed: %s; it takes no requests and exits to be restarted",
+                     moed_fatal_reason(d));
+        goto fail;
+    }
     r = moed_fwd_model_by_name(&g->f, q->model, msg, sizeof(msg));
     if (r == 0)
         r = moed_fwd_decode_grpc(&g->f, q, g->f.mm->m, msg, sizeof(msg));
@@ -132,9 +140,12 @@ fail:
 
 /* ---- Control --------------------------------------------------------------------------- */
 
-static const char *state_name(int s)
+const char *moed_state_name(int s)
 {
-    return s == MOED_SERVING ? "serving" : s == MOED_DRAINING ? "draining" : "stopping";
+    return s == MOED_SERVING    ? "serving"
+           : s == MOED_DRAINING ? "draining"
+           : s == MOED_FAILED   ? "failed"
+                                : "stopping";
 }
 
 static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len, void *arg)
@@ -145,7 +156,7 @@ static void on_status(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     (void)req, (void)len;
     r.version = (char *)MOED_VERSION;
     r.uptime_ns = moe_now_ns() - d->t_start;
-    r.state = (char *)state_name(atomic_load(&d->state));
+    r.state = (char *)moed_state_name(atomic_load(&d->state));
     pthread_mutex_lock(&d->lock);
     r.models = (uint32_t)d->n_models;
     r.policy = (char *)moe_cache_policy_name(d->cfg.policy); /* SIGHUP sets them under lock */
@@ -703,6 +714,7 @@ static void on_health(struct moe_rpc_call *call, const uint8_t *req, size_t len,
     if (*svc && strcmp(svc, "moe.v1.Experts") != 0 && strcmp(svc, "moe.v1.Control") != 0) {
         moe_rpc_fail(call, GRPC_STATUS_NOT_FOUND, "unknown service '%s'", svc);
     } else {
+        /* Draining, stopping and failed (a lost device) alike. */
         r.status = atomic_load(&d->state) == MOED_SERVING
                        ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                        : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;

@@ -115,8 +115,13 @@ static int shm_forward(void *arg, struct moe_shm_req *req, char *msg, size_t len
     int rc;
 
     if (atomic_load(&d->state) != MOED_SERVING) {
-        snprintf(msg, len, "moed is %s: no new requests",
-                 atomic_load(&d->state) == MOED_DRAINING ? "draining" : "stopping");
+        int st = atomic_load(&d->state);
+
+        if (st == MOED_FAILED)
+            snprintf(msg, len, "moed failed: %s; it takes no requests and exits to be restarted",
+                     moed_fatal_reason(d));
+        else
+            snprintf(msg, len, "moed is %s: no new requests", moed_state_name(st));
         moed_metrics_request(d->metrics, req->model.name, req->sqe.layer, MOED_TRANSPORT_SHM,
                              moed_grpc_status(-ESHUTDOWN), 0, 0);
         return -ESHUTDOWN;

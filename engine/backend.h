@@ -11,6 +11,13 @@
  * quant.h), which a backend dequantizes inside its kernels or refuses with
  * -ENOTSUP.  A work
  * item's precision may round the activations to bf16 on the way (below).
+ *
+ * A lost device.  A backend whose device can no longer compute (CUDA: an
+ * error that leaves the context unusable, such as an illegal address or an
+ * uncorrectable ECC error) returns -ENOTRECOVERABLE from the call that met
+ * it and from every later copy and compute call, and alloc returns NULL;
+ * its lost slot then says why.  Nothing but freeing the backend is left:
+ * the daemon stops serving and exits, to be restarted (moed(8)).
  */
 #ifndef MOED_ENGINE_BACKEND_H
 #define MOED_ENGINE_BACKEND_H
@@ -127,6 +134,14 @@ struct moe_backend_ops {
      * while other calls run.
      */
     void (*trim)(struct moe_backend *b);
+
+    /*
+     * Optional (NULL: never lost).  NULL while the device works; once a
+     * call returned -ENOTRECOVERABLE, one line saying what was lost and
+     * why (the CUDA error's name and text), which then never changes and
+     * lives as long as the backend.  May be called from any thread.
+     */
+    const char *(*lost)(struct moe_backend *b);
 };
 
 struct moe_backend {
@@ -177,6 +192,33 @@ const char *moe_backend_cpu_kernel(const struct moe_backend *b);
  * moed's kernel beside it, oneDNN's version, its instruction set and its
  * matmul implementation here. */
 const char *moe_backend_cpu_describe(const struct moe_backend *b);
+
+/* Why b's device is lost, or NULL while it works (or b has no lost slot). */
+static inline const char *moe_backend_lost(struct moe_backend *b)
+{
+    return b && b->ops->lost ? b->ops->lost(b) : NULL;
+}
+
+/*
+ * Fault injection, for tests (moed's MOED_BACKEND_FAULTS, moed(8)): a
+ * backend that passes every call to inner until the Nth grouped_ffn,
+ * matmul or copy (copy_in and copy_out counted together) call, counted
+ * from 1 over the backend's life, which loses the device as a sticky CUDA
+ * error would: that call and every later copy and compute call return
+ * -ENOTRECOVERABLE without reaching inner, alloc returns NULL, and lost
+ * says which fault it was.  0 disables each.
+ */
+struct moe_backend_faults {
+    uint64_t ffn_nth;    /* the Nth grouped_ffn call loses the device */
+    uint64_t matmul_nth; /* the Nth matmul call */
+    uint64_t copy_nth;   /* the Nth copy_in or copy_out call */
+};
+
+/* Wraps inner (taken: freed with the wrapper, also when this fails) in
+ * the fault-injecting backend above, of the same name and memory.  0, or
+ * -ENOMEM with err. */
+int moe_backend_faults_wrap(struct moe_backend *inner, const struct moe_backend_faults *f,
+                            struct moe_backend **ret, struct moe_error *err);
 
 static inline void moe_backend_free(struct moe_backend *b)
 {

@@ -30,7 +30,8 @@ struct moe_tier_ops {
      * contiguous room is left (the cache evicts and tries again). */
     void *(*alloc)(struct moe_tier *t, uint64_t bytes);
     void (*free)(struct moe_tier *t, void *p, uint64_t bytes);
-    /* Copies bytes from host memory into a block of this tier.  0 or -errno.
+    /* Copies bytes from host memory into a block of this tier.  0 or -errno
+     * (-ENOTRECOVERABLE: the device is lost, as for a backend, backend.h).
      * NULL for host-memory tiers (the cache then uses memcpy). */
     int (*upload)(struct moe_tier *t, void *dst, const void *src, uint64_t bytes);
     /* Grows or shrinks the memory behind the tier to capacity bytes; blocks

@@ -19,7 +19,7 @@
  *   2. GEMM pieces: gather the rows' activations in the weight dtype, cuBLAS
  *      gate and up (one GEMM when up follows gate in memory), SwiGLU into
  *      the weight dtype, cuBLAS down; fp32 accumulation throughout;
- *      quantized pieces (FP8, INT8, INT4, MXFP4, see quant_cuda.h): two
+ *      quantized pieces (FP8, INT8, INT4, MXFP4: backend_cuda_quant.cu): two
  *      decode launches of their own (qdec_*) read the packed values and
  *      scales (a warp per row, 16 values per lane and step, decoded in
  *      registers); larger pieces take the tiled kernel (qgemm: tiles
@@ -35,23 +35,29 @@
  * combine touches out, in a fixed order: no atomics, and results do not
  * depend on timing, on the decode/GEMM choice of other items, or on how
  * the caller splits a batch into calls.
+ *
+ * Errors.  A CUDA error that leaves the context unusable (sticky:
+ * moe_cuda_error_sticky) loses the device: the call returns
+ * -ENOTRECOVERABLE, lost_msg names the error, and every later call fails at
+ * once without touching CUDA (alloc returns NULL); the daemon then exits to
+ * be restarted.  Other errors are cleared (cudaGetLastError) and fail only
+ * their call.  Every failure path synchronises the stream and looks at
+ * what that returns, so that a sticky error met inside cuBLAS or by an
+ * earlier kernel is classified too.
  */
-#include "cuda_internal.h"
-#include "quant_cuda.h"
+#include "expert_cuda.h"
 
 #include <math.h>
-#include <mma.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 extern "C" {
 #include "common.h"
+#include "log.h"
 #include "quant.h"
 }
 
-#define WARPS 8         /* warps per block of the row kernels */
-#define NT 8            /* tokens per pass of the row kernels */
 #define COMBINE_TPB 256 /* threads per block of the element kernels */
 #define DEFAULT_SCRATCH (512ull << 20)
 #define MM_KERNEL_MAX_TOKENS 32 /* matmul: row kernel up to here, fp32 cuBLAS above */
@@ -86,11 +92,70 @@ int moe_cuda_scratch(void **buf, size_t *have, size_t bytes, bool host)
     return 0;
 }
 
+extern "C" bool moe_cuda_error_sticky(int code)
+{
+    switch (code) {
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+    case 721: /* cudaErrorTensorMemoryLeak (CUDA 12.8 and later) */
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
+        return true;
+    default:
+        return false;
+    }
+}
+
+int moe_cuda_lose(struct cuda_backend *cb, cudaError_t e, const char *what)
+{
+    if (!__atomic_exchange_n(&cb->losing, 1, __ATOMIC_RELAXED)) {
+        snprintf(cb->lost_msg, sizeof(cb->lost_msg),
+                 "CUDA device %d lost: %s (%s) in %s; the CUDA context cannot be used again",
+                 cb->device, cudaGetErrorName(e), cudaGetErrorString(e), what);
+        /* Release: publishes lost_msg; pairs with the acquire in
+         * moe_cuda_lost(). */
+        __atomic_store_n(&cb->lost, 1, __ATOMIC_RELEASE);
+        moe_log(MOE_LOG_ERROR, "cuda backend: %s", cb->lost_msg);
+    }
+    return -ENOTRECOVERABLE;
+}
+
+const char *moe_cuda_lost(struct cuda_backend *cb)
+{
+    return __atomic_load_n(&cb->lost, __ATOMIC_ACQUIRE) ? cb->lost_msg : NULL;
+}
+
 int moe_cuda_fail(struct cuda_backend *cb, cudaError_t e, const char *what)
 {
     snprintf(cb->last_error, sizeof(cb->last_error), "%s: %s", what, cudaGetErrorString(e));
+    if (moe_cuda_error_sticky(e))
+        return moe_cuda_lose(cb, e, what);
     cudaGetLastError();
     return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+/* After a failed call (lock held): waits for the stream, and when that
+ * shows a sticky error (met by cuBLAS or a kernel before the failure was
+ * seen) loses the device.  r, or -ENOTRECOVERABLE. */
+static int fail_sync(struct cuda_backend *cb, int r, const char *what)
+{
+    cudaError_t e = cudaStreamSynchronize(cb->stream);
+
+    if (e != cudaSuccess && moe_cuda_error_sticky(e))
+        return moe_cuda_lose(cb, e, what);
+    if (e != cudaSuccess)
+        cudaGetLastError();
+    return moe_cuda_lost(cb) ? -ENOTRECOVERABLE : r;
 }
 
 static int blas_fail(struct cuda_backend *cb, cublasStatus_t s, const char *what)
@@ -100,54 +165,6 @@ static int blas_fail(struct cuda_backend *cb, cublasStatus_t s, const char *what
 }
 
 /* ---- kernels ------------------------------------------------------------------------------- */
-
-/* One decode piece: some tokens of one expert. */
-struct dec_piece {
-    const void *gate, *up, *down;
-    const float *gb, *ub, *db; /* biases (gpt-oss) or NULL */
-    float alpha, limit;        /* act MOE_ACT_SWIGLU_CLAMP's */
-    int act;                   /* enum moe_activation */
-    int64_t act_off;           /* floats into act: [n, F] act(g, u) */
-    int F;
-    int row0;   /* first row of the piece in the group */
-    int n;      /* tokens */
-    int blk0;   /* first block of the gate/up launch */
-    int dblk0;  /* first block of the down launch */
-    int dtype;  /* enum moe_dtype */
-    int vec_gu; /* 16-byte loads allowed on gate/up rows and x (quantized: on x) */
-    int vec_d;  /* ... on down rows and act */
-    int q;      /* enum moe_quant: MOE_QUANT_NONE, or gate, up and down are qg, qu, qd */
-    qmat qg, qu, qd;
-};
-
-/* The expert's activation of gate value g and up value u (backend.h). */
-static __device__ __forceinline__ float expert_act(float g, float u, int act, float alpha,
-                                                   float limit)
-{
-    if (act == MOE_ACT_SWIGLU_CLAMP) {
-        const float gc = fminf(g, limit), uc = fminf(fmaxf(u, -limit), limit);
-
-        return (uc + 1.0f) * (gc / (1.0f + expf(-alpha * gc)));
-    }
-    return g / (1.0f + expf(-g)) * u;
-}
-
-/* The piece that block blk belongs to: the last with start <= blk. */
-static __device__ __forceinline__ int find_piece(const dec_piece *p, int n, int blk, bool down)
-{
-    int lo = 0, hi = n - 1;
-
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        int s = down ? p[mid].dblk0 : p[mid].blk0;
-
-        if (s <= blk)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
-    return lo;
-}
 
 /* acc[j] += dot(w[0..K), xr[j][0..K)) for j < nt, partial per lane. */
 template <typename T, bool VEC>
@@ -274,72 +291,6 @@ static __device__ void down_row(const dec_piece &p, int h, int H, const float *a
     }
 }
 
-/* gate_up_row of a quantized expert. */
-template <int Q>
-static __device__ void qgate_up_row(const dec_piece &p, int f, const float *x, int H,
-                                    const int32_t *tok, float *act)
-{
-    const int lane = threadIdx.x & 31;
-
-    for (int t0 = 0; t0 < p.n; t0 += NT) {
-        const int nt = min(NT, p.n - t0);
-        const float *xr[NT];
-        float ag[NT], au[NT];
-
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            xr[j] = x + (size_t)tok[p.row0 + t0 + (j < nt ? j : 0)] * H;
-            ag[j] = 0.0f;
-            au[j] = 0.0f;
-        }
-        q_rows_dot<Q, NT>(p.qg, &p.qu, f, H, xr, nt, p.vec_gu != 0, ag, au);
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            if (j < nt) {
-                float a = warp_sum(ag[j]), b = warp_sum(au[j]);
-
-                if (lane == 0) {
-                    if (p.gb)
-                        a += p.gb[f];
-                    if (p.ub)
-                        b += p.ub[f];
-                    act[p.act_off + (int64_t)(t0 + j) * p.F + f] =
-                        expert_act(a, b, p.act, p.alpha, p.limit);
-                }
-            }
-        }
-    }
-}
-
-/* down_row of a quantized expert. */
-template <int Q>
-static __device__ void qdown_row(const dec_piece &p, int h, int H, const float *act, float *y)
-{
-    const int lane = threadIdx.x & 31;
-
-    for (int t0 = 0; t0 < p.n; t0 += NT) {
-        const int nt = min(NT, p.n - t0);
-        const float *ar[NT];
-        float acc[NT];
-
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            ar[j] = act + p.act_off + (int64_t)(t0 + (j < nt ? j : 0)) * p.F;
-            acc[j] = 0.0f;
-        }
-        q_rows_dot<Q, NT>(p.qd, nullptr, h, p.F, ar, nt, true, acc, acc);
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            if (j < nt) {
-                float a = warp_sum(acc[j]);
-
-                if (lane == 0)
-                    y[(size_t)(p.row0 + t0 + j) * H + h] = p.db ? a + p.db[h] : a;
-            }
-        }
-    }
-}
-
 static __global__ void __launch_bounds__(WARPS * 32)
     dec_gate_up(const dec_piece *pcs, int n_pcs, const float *x, int H, const int32_t *tok,
                 float *act)
@@ -381,298 +332,6 @@ static __global__ void __launch_bounds__(WARPS * 32)
         down_row<float>(p, h, H, act, y);
         break;
     }
-}
-
-/* dec_gate_up and dec_down of quantized pieces (p.q != MOE_QUANT_NONE). */
-static __global__ void __launch_bounds__(WARPS * 32)
-    qdec_gate_up(const dec_piece *pcs, int n_pcs, const float *x, int H, const int32_t *tok,
-                 float *act)
-{
-    const dec_piece &p = pcs[find_piece(pcs, n_pcs, blockIdx.x, false)];
-    const int f = (blockIdx.x - p.blk0) * WARPS + threadIdx.x / 32;
-
-    if (f >= p.F)
-        return;
-    switch (p.q) {
-    case MOE_QUANT_FP8:
-        qgate_up_row<MOE_QUANT_FP8>(p, f, x, H, tok, act);
-        break;
-    case MOE_QUANT_INT8:
-        qgate_up_row<MOE_QUANT_INT8>(p, f, x, H, tok, act);
-        break;
-    case MOE_QUANT_INT4:
-        qgate_up_row<MOE_QUANT_INT4>(p, f, x, H, tok, act);
-        break;
-    default:
-        qgate_up_row<MOE_QUANT_MXFP4>(p, f, x, H, tok, act);
-        break;
-    }
-}
-
-static __global__ void __launch_bounds__(WARPS * 32)
-    qdec_down(const dec_piece *pcs, int n_pcs, int H, const float *act, float *y)
-{
-    const dec_piece &p = pcs[find_piece(pcs, n_pcs, blockIdx.x, true)];
-    const int h = (blockIdx.x - p.dblk0) * WARPS + threadIdx.x / 32;
-
-    if (h >= H)
-        return;
-    switch (p.q) {
-    case MOE_QUANT_FP8:
-        qdown_row<MOE_QUANT_FP8>(p, h, H, act, y);
-        break;
-    case MOE_QUANT_INT8:
-        qdown_row<MOE_QUANT_INT8>(p, h, H, act, y);
-        break;
-    case MOE_QUANT_INT4:
-        qdown_row<MOE_QUANT_INT4>(p, h, H, act, y);
-        break;
-    default:
-        qdown_row<MOE_QUANT_MXFP4>(p, h, H, act, y);
-        break;
-    }
-}
-
-/*
- * The tiled kernel of quantized experts' larger batches: a block computes
- * QT_M rows of a (and b) against QT_N tokens.  Each step dequantizes a
- * QT_M x QT_K tile of each matrix (value times scale, fp32) and the tokens'
- * QT_K activations into shared memory; each thread sums 4 rows x 4 tokens
- * in fp32.  GU: out = act(a x + bias_a, b x + bias_b) (gate and up into the
- * SwiGLU intermediate); else out = a x + bias_a (down).
- */
-template <int Q, bool GU> static __global__ void __launch_bounds__(QT_TPB) qgemm(qgemm_args g)
-{
-    constexpr int NM = GU ? 2 : 1;
-    __shared__ __align__(16) float ws[NM][QT_K][QT_M + 4];
-    __shared__ __align__(16) float xs[QT_K][QT_N + 4];
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int m0 = blockIdx.x * QT_M, n0 = blockIdx.y * QT_N;
-    /* what this thread loads: row (or token) lr, columns lk .. lk + 7 */
-    const int lr = tid / 4, lk = (tid % 4) * 8;
-    const int wr = m0 + lr, xt = n0 + lr;
-    const float *xrow =
-        xt < g.n ? g.x + (size_t)(g.tok ? g.tok[xt] : xt) * (size_t)g.K : (const float *)nullptr;
-    float acc[NM][4][4];
-
-#pragma unroll
-    for (int m = 0; m < NM; m++)
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                acc[m][i][j] = 0.0f;
-
-    for (int k0 = 0; k0 < g.K; k0 += QT_K) {
-#pragma unroll
-        for (int m = 0; m < NM; m++) {
-            const qmat &qm = m ? g.b : g.a;
-            float v[8];
-
-            if (wr < g.rows) {
-                const float s = q_scale<Q>(qm, wr, k0 + lk);
-
-                q_load8<Q>(qm, q_row<Q>(qm, wr, g.K), k0 + lk, v);
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    v[i] *= s;
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    v[i] = 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                ws[m][lk + i][lr] = v[i];
-        }
-        {
-            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
-
-            if (xrow) {
-                a = q_x4(xrow, k0 + lk, g.xal != 0);
-                b = q_x4(xrow, k0 + lk + 4, g.xal != 0);
-            }
-            xs[lk][lr] = a.x;
-            xs[lk + 1][lr] = a.y;
-            xs[lk + 2][lr] = a.z;
-            xs[lk + 3][lr] = a.w;
-            xs[lk + 4][lr] = b.x;
-            xs[lk + 5][lr] = b.y;
-            xs[lk + 6][lr] = b.z;
-            xs[lk + 7][lr] = b.w;
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int k = 0; k < QT_K; k++) {
-            const float4 xv = *reinterpret_cast<const float4 *>(&xs[k][tx * 4]);
-            const float xa[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-            for (int m = 0; m < NM; m++) {
-                const float4 wv = *reinterpret_cast<const float4 *>(&ws[m][k][ty * 4]);
-                const float wa[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-                for (int i = 0; i < 4; i++)
-#pragma unroll
-                    for (int j = 0; j < 4; j++)
-                        acc[m][i][j] = fmaf(wa[i], xa[j], acc[m][i][j]);
-            }
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int r = m0 + ty * 4 + i;
-
-        if (r >= g.rows)
-            continue;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int t = n0 + tx * 4 + j;
-
-            if (t >= g.n)
-                continue;
-            float a = acc[0][i][j];
-
-            if (g.bias_a)
-                a += g.bias_a[r];
-            if (GU) {
-                float b = acc[NM - 1][i][j];
-
-                if (g.bias_b)
-                    b += g.bias_b[r];
-                a = expert_act(a, b, g.act, g.alpha, g.limit);
-            }
-            g.out[(size_t)t * (size_t)g.ldo + r] = a;
-        }
-    }
-}
-
-/*
- * qgemm on bf16 tensor cores (sm_80 and later), for work items of
- * precision MOE_PRECISION_BF16: each step dequantizes the weights' tile
- * (value times scale, rounded to bf16) and the activations' (rounded to
- * bf16) into shared memory; 8 warps, each 16 rows x 32 tokens of a (and b)
- * with wmma 16 x 16 x 16, fp32 sums; the sums go through shared memory to
- * the epilogue (biases, activation), which writes out coalesced.
- */
-#define QTC_LD (QT_K + 8)  /* bf16 per row of a shared tile (rows of 80 bytes) */
-#define QTC_CLD (QT_N + 4) /* floats per row of the sums */
-
-template <int Q, bool GU> static __global__ void __launch_bounds__(QT_TPB) qgemm_tc(qgemm_args g)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    using namespace nvcuda;
-    constexpr int NM = GU ? 2 : 1;
-    constexpr size_t TILES = ((size_t)NM * QT_M + QT_N) * QTC_LD * sizeof(__nv_bfloat16);
-    constexpr size_t SUMS = (size_t)NM * QT_M * QTC_CLD * sizeof(float);
-    __shared__ __align__(32) unsigned char smem[TILES > SUMS ? TILES : SUMS];
-    __nv_bfloat16 *ws = reinterpret_cast<__nv_bfloat16 *>(smem); /* [NM][QT_M][QTC_LD] */
-    __nv_bfloat16 *xs = ws + (size_t)NM * QT_M * QTC_LD;         /* [QT_N][QTC_LD] */
-    float *cs = reinterpret_cast<float *>(smem);                 /* [NM][QT_M][QTC_CLD] */
-    const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
-    const int m0 = blockIdx.x * QT_M, n0 = blockIdx.y * QT_N;
-    const int lr = tid / 4, lk = (tid % 4) * 8;
-    const int wr = m0 + lr, xt = n0 + lr;
-    const float *xrow =
-        xt < g.n ? g.x + (size_t)(g.tok ? g.tok[xt] : xt) * (size_t)g.K : (const float *)nullptr;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NM][2];
-
-#pragma unroll
-    for (int m = 0; m < NM; m++) {
-        wmma::fill_fragment(acc[m][0], 0.0f);
-        wmma::fill_fragment(acc[m][1], 0.0f);
-    }
-    for (int k0 = 0; k0 < g.K; k0 += QT_K) {
-#pragma unroll
-        for (int m = 0; m < NM; m++) {
-            const qmat &qm = m ? g.b : g.a;
-            __nv_bfloat16 *d = ws + ((size_t)m * QT_M + lr) * QTC_LD + lk;
-            float v[8];
-
-            if (wr < g.rows) {
-                const float s = q_scale<Q>(qm, wr, k0 + lk);
-
-                q_load8<Q>(qm, q_row<Q>(qm, wr, g.K), k0 + lk, v);
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    v[i] *= s;
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    v[i] = 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                d[i] = __float2bfloat16_rn(v[i]);
-        }
-        {
-            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
-            __nv_bfloat16 *d = xs + (size_t)lr * QTC_LD + lk;
-
-            if (xrow) {
-                a = q_x4(xrow, k0 + lk, g.xal != 0);
-                b = q_x4(xrow, k0 + lk + 4, g.xal != 0);
-            }
-            d[0] = __float2bfloat16_rn(a.x);
-            d[1] = __float2bfloat16_rn(a.y);
-            d[2] = __float2bfloat16_rn(a.z);
-            d[3] = __float2bfloat16_rn(a.w);
-            d[4] = __float2bfloat16_rn(b.x);
-            d[5] = __float2bfloat16_rn(b.y);
-            d[6] = __float2bfloat16_rn(b.z);
-            d[7] = __float2bfloat16_rn(b.w);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < QT_K; kk += 16) {
-            /* the activations' tile [token][k] is B [k][token], column-major */
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> xb[2];
-
-            wmma::load_matrix_sync(xb[0], xs + (size_t)(wn * 32) * QTC_LD + kk, QTC_LD);
-            wmma::load_matrix_sync(xb[1], xs + (size_t)(wn * 32 + 16) * QTC_LD + kk, QTC_LD);
-#pragma unroll
-            for (int m = 0; m < NM; m++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> wa;
-
-                wmma::load_matrix_sync(wa, ws + ((size_t)m * QT_M + wm * 16) * QTC_LD + kk, QTC_LD);
-                wmma::mma_sync(acc[m][0], wa, xb[0], acc[m][0]);
-                wmma::mma_sync(acc[m][1], wa, xb[1], acc[m][1]);
-            }
-        }
-        __syncthreads();
-    }
-    /* the loop ended on a barrier: the sums may take the tiles' memory */
-#pragma unroll
-    for (int m = 0; m < NM; m++) {
-        float *c = cs + ((size_t)m * QT_M + wm * 16) * QTC_CLD + wn * 32;
-
-        wmma::store_matrix_sync(c, acc[m][0], QTC_CLD, wmma::mem_row_major);
-        wmma::store_matrix_sync(c + 16, acc[m][1], QTC_CLD, wmma::mem_row_major);
-    }
-    __syncthreads();
-    for (int i = tid; i < QT_M * QT_N; i += QT_TPB) {
-        const int rr = i % QT_M, tt = i / QT_M, r = m0 + rr, t = n0 + tt;
-
-        if (r >= g.rows || t >= g.n)
-            continue;
-        float a = cs[(size_t)rr * QTC_CLD + tt];
-
-        if (g.bias_a)
-            a += g.bias_a[r];
-        if (GU) {
-            float b = cs[((size_t)(NM - 1) * QT_M + rr) * QTC_CLD + tt];
-
-            if (g.bias_b)
-                b += g.bias_b[r];
-            a = expert_act(a, b, g.act, g.alpha, g.limit);
-        }
-        g.out[(size_t)t * (size_t)g.ldo + r] = a;
-    }
-#else
-    /* never launched below sm_80 (run_group checks cc_major) */
-    (void)g;
-    __trap();
-#endif
 }
 
 /* y[t, r] = W[r, :] . x[t, :] for a few tokens: a warp per row of W. */
@@ -804,82 +463,6 @@ static cublasStatus_t gemm_rows(struct cuda_backend *cb, enum moe_dtype t, const
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
-static bool aligned16(const void *p)
-{
-    return ((uintptr_t)p & 15u) == 0;
-}
-
-/* Matrix [rows, cols] of quantized expert w: values v, scales s. */
-static qmat make_qmat(const struct moe_expert_weights *w, const void *v, const void *s,
-                      int64_t cols)
-{
-    qmat m;
-
-    m.w = (const uint8_t *)v;
-    m.s = (const uint8_t *)s;
-    m.brows = w->quant.brows;
-    m.bcols = w->quant.bcols;
-    m.sc = (int)((cols + w->quant.bcols - 1) / w->quant.bcols);
-    m.wal = aligned16(v);
-    m.sal = ((uintptr_t)s & 3u) == 0;
-    return m;
-}
-
-/* The tiled kernels of quantized expert w on n tokens (rows tok of x):
- * act [n, F] (scratch) = act(gate x, up x), then y [n, H] = down act. */
-template <int Q>
-static void launch_qgemm(struct cuda_backend *cb, const struct moe_expert_weights *w,
-                         const float *x, int H, const int32_t *tok, int n, bool tc, float *act,
-                         float *y)
-{
-    const int F = (int)w->ffn;
-    /* grid.y is at most 65535 tiles of tokens */
-    const int chunk = 65535 * QT_N;
-    qgemm_args gu = {}, d = {};
-
-    gu.a = make_qmat(w, w->gate, w->gate_s, H);
-    gu.b = make_qmat(w, w->up, w->up_s, H);
-    gu.rows = F;
-    gu.K = H;
-    gu.x = x;
-    gu.xal = aligned16(x);
-    gu.ldo = F;
-    gu.bias_a = w->gate_bias;
-    gu.bias_b = w->up_bias;
-    gu.act = (int)w->act;
-    gu.alpha = w->alpha;
-    gu.limit = w->limit;
-    d.a = make_qmat(w, w->down, w->down_s, F);
-    d.b = d.a;
-    d.rows = H;
-    d.K = F;
-    d.tok = NULL;
-    d.xal = aligned16(act);
-    d.ldo = H;
-    d.bias_a = w->down_bias;
-    for (int t0 = 0; t0 < n; t0 += chunk) {
-        const int nc = MOE_MIN(chunk, n - t0);
-        const unsigned ty = (unsigned)((nc + QT_N - 1) / QT_N);
-
-        gu.tok = tok + t0;
-        gu.n = nc;
-        gu.out = act + (size_t)t0 * (size_t)F;
-        d.x = gu.out;
-        d.n = nc;
-        d.out = y + (size_t)t0 * (size_t)H;
-        const dim3 g1((unsigned)((F + QT_M - 1) / QT_M), ty);
-        const dim3 g2((unsigned)((H + QT_M - 1) / QT_M), ty);
-
-        if (tc) {
-            qgemm_tc<Q, true><<<g1, QT_TPB, 0, cb->stream>>>(gu);
-            qgemm_tc<Q, false><<<g2, QT_TPB, 0, cb->stream>>>(d);
-        } else {
-            qgemm<Q, true><<<g1, QT_TPB, 0, cb->stream>>>(gu);
-            qgemm<Q, false><<<g2, QT_TPB, 0, cb->stream>>>(d);
-        }
-    }
-}
-
 static void cuda_free_backend(struct moe_backend *b)
 {
     struct cuda_backend *cb = cuda_of(b);
@@ -905,10 +488,18 @@ static void *cuda_alloc(struct moe_backend *b, size_t bytes)
     struct cuda_backend *cb = cuda_of(b);
     void *p = NULL;
 
+    cudaError_t e;
+
+    if (moe_cuda_lost(cb))
+        return NULL;
     cudaSetDevice(cb->device);
     /* cudaMalloc returns 256-byte aligned blocks; never NULL for 0 bytes. */
-    if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
-        cudaGetLastError();
+    e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess) {
+        if (moe_cuda_error_sticky(e))
+            moe_cuda_lose(cb, e, "allocating device memory");
+        else
+            cudaGetLastError();
         return NULL;
     }
     return p;
@@ -927,6 +518,8 @@ static int cuda_copy(struct moe_backend *b, void *dst, const void *src, size_t b
     struct cuda_backend *cb = cuda_of(b);
     cudaError_t e;
 
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     if (bytes == 0)
         return 0;
     cudaSetDevice(cb->device);
@@ -934,6 +527,8 @@ static int cuda_copy(struct moe_backend *b, void *dst, const void *src, size_t b
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(cb->stream);
     if (e != cudaSuccess) {
+        if (moe_cuda_error_sticky(e))
+            return moe_cuda_lose(cb, e, "a copy to or from the device");
         cudaGetLastError();
         return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
     }
@@ -955,6 +550,8 @@ static int cuda_matmul(struct moe_backend *b, const void *w, enum moe_dtype dtyp
         return 0;
     if (!w || !x || !y)
         return -EINVAL;
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     pthread_mutex_lock(&cb->lock);
     cudaSetDevice(cb->device);
     if (n_tokens <= MM_KERNEL_MAX_TOKENS) {
@@ -1023,7 +620,7 @@ static int cuda_matmul(struct moe_backend *b, const void *w, enum moe_dtype dtyp
         r = moe_cuda_fail(cb, e, "matmul");
 out:
     if (r < 0)
-        cudaStreamSynchronize(cb->stream);
+        r = fail_sync(cb, r, "matmul");
     pthread_mutex_unlock(&cb->lock);
     return r;
 }
@@ -1183,9 +780,9 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
                     /* the values' alignment is in qg, qu, qd */
                     d->vec_gu = aligned16(x);
                     d->vec_d = 1;
-                    d->qg = make_qmat(w, w->gate, w->gate_s, H);
-                    d->qu = make_qmat(w, w->up, w->up_s, H);
-                    d->qd = make_qmat(w, w->down, w->down_s, w->ffn);
+                    d->qg = moe_cuda_qmat(w, w->gate, w->gate_s, H);
+                    d->qu = moe_cuda_qmat(w, w->up, w->up_s, H);
+                    d->qd = moe_cuda_qmat(w, w->down, w->down_s, w->ffn);
                 } else {
                     d->vec_gu = H % (int64_t)V == 0 && aligned16(w->gate) && aligned16(w->up) &&
                                 aligned16(x);
@@ -1208,12 +805,9 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
             dec_gate_up<<<blk[0], WARPS * 32, 0, cb->stream>>>(dp, n_plain, x, (int)H, dt, act);
             dec_down<<<dblk[0], WARPS * 32, 0, cb->stream>>>(dp, n_plain, (int)H, act, y);
         }
-        if (n_dec > n_plain) {
-            qdec_gate_up<<<blk[1], WARPS * 32, 0, cb->stream>>>(dp + n_plain, n_dec - n_plain, x,
-                                                                (int)H, dt, act);
-            qdec_down<<<dblk[1], WARPS * 32, 0, cb->stream>>>(dp + n_plain, n_dec - n_plain, (int)H,
-                                                              act, y);
-        }
+        if (n_dec > n_plain)
+            moe_cuda_qdec(cb, dp + n_plain, n_dec - n_plain, blk[1], dblk[1], x, (int)H, dt, act,
+                          y);
     }
     for (int i = p0; i < p1; i++) {
         const struct moe_expert_weights *w = work[pc[i].item].w;
@@ -1240,20 +834,8 @@ static int run_group(struct cuda_backend *cb, const float *x, int64_t H, int n_t
 
         if (pc[i].dec)
             continue;
-        switch (w->quant.q) {
-        case MOE_QUANT_NONE:
-            break;
-        case MOE_QUANT_FP8:
-            launch_qgemm<MOE_QUANT_FP8>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
-            continue;
-        case MOE_QUANT_INT8:
-            launch_qgemm<MOE_QUANT_INT8>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
-            continue;
-        case MOE_QUANT_INT4:
-            launch_qgemm<MOE_QUANT_INT4>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
-            continue;
-        default:
-            launch_qgemm<MOE_QUANT_MXFP4>(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
+        if (w->quant.q != MOE_QUANT_NONE) {
+            moe_cuda_qgemm(cb, w, x, (int)H, dtok, n, tc, (float *)tmp, yp);
             continue;
         }
         switch (w->dtype) {
@@ -1366,6 +948,8 @@ static int cuda_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidde
         return 0;
     if (!x || !out || !work)
         return -EINVAL;
+    if (moe_cuda_lost(cb))
+        return -ENOTRECOVERABLE;
     for (int i = 0; i < n_work; i++) {
         r = check_work(&work[i], hidden, n_tokens);
         if (r < 0)
@@ -1453,7 +1037,7 @@ static int cuda_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidde
         p0 = p1;
     }
     if (r < 0)
-        cudaStreamSynchronize(cb->stream);
+        r = fail_sync(cb, r, "expert FFN kernels");
     pthread_mutex_unlock(&cb->lock);
 out:
     free(pc);
@@ -1461,6 +1045,11 @@ out:
     free(scale);
     free(cnt);
     return r;
+}
+
+static const char *cuda_lost(struct moe_backend *b)
+{
+    return moe_cuda_lost(cuda_of(b));
 }
 
 static const struct moe_backend_ops cuda_ops = {
@@ -1473,6 +1062,7 @@ static const struct moe_backend_ops cuda_ops = {
     .copy_out = cuda_copy,
     .matmul = cuda_matmul,
     .grouped_ffn = cuda_grouped_ffn,
+    .lost = cuda_lost,
 };
 
 extern "C" int moe_backend_cuda_init(const struct moe_cuda_config *cfg, struct moe_backend **ret,

@@ -33,6 +33,14 @@ struct cuda_backend {
     void *hmeta; /* pinned host staging for that metadata; guarded by lock */
     size_t hmeta_bytes;
     char last_error[256]; /* the last CUDA failure, for logs; guarded by lock */
+    /* The device is lost (moe_cuda_error_sticky): set once by
+     * moe_cuda_lose, never cleared; every call then fails at once with
+     * -ENOTRECOVERABLE.  lost_msg is written before lost is set (release,
+     * __atomic builtins: the struct is calloc'd C data) and read after
+     * loading it (acquire), in moe_cuda_lost. */
+    int losing; /* the one caller that writes lost_msg */
+    int lost;
+    char lost_msg[256];
 };
 
 static inline struct cuda_backend *cuda_of(struct moe_backend *b)
@@ -46,8 +54,17 @@ static inline struct cuda_backend *cuda_of(struct moe_backend *b)
 int moe_cuda_scratch(void **buf, size_t *have, size_t bytes, bool host);
 
 /* Records a CUDA failure in cb->last_error and maps it to -errno
- * (-ENOMEM for allocation failures, -EIO otherwise). */
+ * (-ENOMEM for allocation failures, -ENOTRECOVERABLE for a sticky error,
+ * which loses the device: moe_cuda_lose; -EIO otherwise). */
 int moe_cuda_fail(struct cuda_backend *cb, cudaError_t e, const char *what);
+
+/* Marks cb's device lost after sticky error e in what (the first call
+ * only: later ones keep the first reason) and logs it.  Returns
+ * -ENOTRECOVERABLE.  Any thread, lock held or not. */
+int moe_cuda_lose(struct cuda_backend *cb, cudaError_t e, const char *what);
+
+/* Why cb's device is lost, or NULL while it works.  Any thread. */
+const char *moe_cuda_lost(struct cuda_backend *cb);
 
 /* ---- device helpers --------------------------------------------------------------------- */
 

@@ -74,6 +74,21 @@ int moe_backend_cuda_device(const struct moe_backend *b);
 const char *moe_backend_cuda_last_error(struct moe_backend *b);
 
 /*
+ * Whether CUDA error code (a cudaError_t) is sticky: it leaves the CUDA
+ * context unusable, every later CUDA call in the process fails with it, and
+ * only a new process can use the device again (CUDA's documentation:
+ * "To continue using CUDA, the process must be terminated and relaunched"):
+ * illegal or misaligned addresses, illegal instructions, a hardware stack
+ * error, an invalid PC or address space, a launch failure or timeout, a
+ * device assert, uncorrectable ECC and NVLink errors, a contained
+ * exception, a terminated MPS client and an external device's error.  The
+ * backend (lost slot, backend.h) and the GPU tier's upload then return
+ * -ENOTRECOVERABLE.  Out of memory, bad arguments and launch configuration
+ * errors are not sticky.  Needs no device.
+ */
+bool moe_cuda_error_sticky(int code);
+
+/*
  * A GPU cache tier of capacity bytes on device (kind "cuda", name "cuda:N",
  * host_memory false): one cudaMalloc'd region managed by a first-fit arena
  * (struct moe_arena), MOE_TIER_ALIGN-aligned blocks.  upload copies from

@@ -1,6 +1,6 @@
 /*
  * The quantized expert kernels' device code (C++ only, included by
- * backend_cuda.cu): decoding FP8 e4m3, INT8, INT4 and MXFP4 values and their
+ * backend_cuda_quant.cu): decoding FP8 e4m3, INT8, INT4 and MXFP4 values and their
  * scales (the formats of engine/quant.h, read exactly as its scalar
  * reference and the CPU kernels read them), the decode rows (a warp per
  * weight row) and the tiled kernel of larger batches.
@@ -29,22 +29,11 @@
 #ifndef MOED_KERNELS_QUANT_CUDA_H
 #define MOED_KERNELS_QUANT_CUDA_H
 
-#include "cuda_internal.h"
+#include "expert_cuda.h" /* struct qmat */
 
 extern "C" {
 #include "common.h"
 }
-
-/* One quantized matrix [rows, cols] in device memory (quant.h's layout):
- * the values row-major, the scales [ceil(rows / brows), sc] row-major. */
-struct qmat {
-    const uint8_t *w; /* values */
-    const uint8_t *s; /* scales */
-    int brows, bcols; /* the scale block */
-    int sc;           /* scales per scale row: ceil(cols / bcols) */
-    int wal;          /* w is 16-byte aligned (vector loads) */
-    int sal;          /* s is 4-byte aligned (F32 scales loaded as floats) */
-};
 
 /* Four bytes from any address, little-endian. */
 static __device__ __forceinline__ uint32_t q_bytes4(const uint8_t *p)

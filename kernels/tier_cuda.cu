@@ -14,6 +14,11 @@
  * thread).  upload takes no lock: each call waits on an event recorded
  * after its own copy, so concurrent uploads (several pager threads) overlap
  * on the stream and nobody waits for a copy it does not need.
+ *
+ * A sticky CUDA error (moe_cuda_error_sticky) in an upload is logged and
+ * returned as -ENOTRECOVERABLE (the request that waited for the expert
+ * fails with it, and the daemon exits to be restarted); other errors are
+ * cleared and fail that upload only (-EIO, -ENOMEM).
  */
 #include "cuda_internal.h"
 
@@ -22,6 +27,21 @@
 
 extern "C" {
 #include "common.h"
+#include "log.h"
+}
+
+/* The errno of a failed CUDA call e in a tier's what: sticky errors are
+ * logged (once per call: the whole process is done with CUDA) and become
+ * -ENOTRECOVERABLE; others are cleared and become fallback. */
+static int tier_fail(struct moe_tier *t, cudaError_t e, const char *what, int fallback)
+{
+    if (moe_cuda_error_sticky(e)) {
+        moe_log(MOE_LOG_ERROR, "GPU tier %s: %s: %s (%s); the CUDA context cannot be used again",
+                t->name, what, cudaGetErrorName(e), cudaGetErrorString(e));
+        return -ENOTRECOVERABLE;
+    }
+    cudaGetLastError();
+    return fallback;
 }
 
 struct cuda_tier {
@@ -72,10 +92,8 @@ static int ct_upload(struct moe_tier *t, void *dst, const void *src, uint64_t by
         return 0;
     cudaSetDevice(ct->device);
     e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventBlockingSync);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        return -ENOMEM;
-    }
+    if (e != cudaSuccess)
+        return tier_fail(t, e, "creating an event for an upload", -ENOMEM);
     /* Pinned (registered) source: a DMA straight from the host tier;
      * pageable: CUDA stages it, still correct. */
     e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, ct->stream);
@@ -84,10 +102,8 @@ static int ct_upload(struct moe_tier *t, void *dst, const void *src, uint64_t by
     if (e == cudaSuccess)
         e = cudaEventSynchronize(ev);
     cudaEventDestroy(ev);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        return -EIO;
-    }
+    if (e != cudaSuccess)
+        return tier_fail(t, e, "uploading an expert", -EIO);
     return 0;
 }
 

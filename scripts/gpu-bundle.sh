@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-bins=(test-cuda-probe test-cuda-backend test-cuda-quant test-nccl bench-gpu-moe)
+bins=(test-cuda-probe test-cuda-backend test-cuda-quant test-cuda-lost test-nccl bench-gpu-moe)
 if [ ! -f "$build/CMakeCache.txt" ]; then
     gen=()
     command -v ninja >/dev/null && gen=(-G Ninja)

@@ -10,6 +10,7 @@
 # device probe; test-cuda-backend (the CUDA backend and the layer forward
 # through a GPU cache tier against fp64); test-cuda-quant (the quantized
 # expert kernels, FP8, INT8, INT4, MXFP4, against fp64 and the CPU);
+# test-cuda-lost (a sticky CUDA error loses the device: -ENOTRECOVERABLE);
 # test-nccl; bench-gpu-moe (decode against a device-to-device copy,
 # prefill against one cuBLAS GEMM, page-in against a pinned copy, quantized
 # decode in GB/s); torch's MoE block on the same shapes.  Without a device,
@@ -88,6 +89,7 @@ fi
 
 gpu_step test-cuda-backend 200 "$here/bin/test-cuda-backend"
 gpu_step test-cuda-quant 60 "$here/bin/test-cuda-quant"
+gpu_step test-cuda-lost 20 "$here/bin/test-cuda-lost"
 if [ -x "$here/bin/test-nccl" ]; then
     gpu_step test-nccl 45 "$here/bin/test-nccl"
 else

@@ -9,7 +9,8 @@ With two GPUs or more: nodes A and B, NCCL on devices 0 and 1.
     both ways (nccl_calls > 0 on each side) and no fallback to gRPC;
   - SIGKILL of B under a load run through A fails no request (A aborts the
     communicator and fails over); B restarted rejoins and NCCL is ready
-    again (a new generation), outputs unchanged.
+    again (a new generation), outputs unchanged;
+  - B frozen (SIGSTOP): A's SIGTERM still exits 0 within 30 s.
 With one GPU: NCCL refuses two ranks on one device, so A's communicator to
 B fails: A says "failed: ..." for B, the rows go over gRPC, and every
 forward still equals --local.  Without a GPU: skip (77).
@@ -165,6 +166,19 @@ def main():
         check("after the restart both directions carry rows over NCCL again",
               int(peer(A, "B").get("nccl_calls", 0)) > calls["A"] and
               int(peer(B, "A").get("nccl_calls", 0)) > calls["B"], calls)
+
+        # B frozen (SIGSTOP) with both communicators up: A's SIGTERM aborts
+        # its own and exits 0 in bounded time (NCCL waits are bounded:
+        # moed_cluster_stop gives joins and closes MOED_NCCL_STOP_WAIT_MS).
+        B.p.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            rc = A.stop()
+            took = time.time() - t0
+            check("B frozen: A exits 0 on SIGTERM", rc == 0, rc)
+            check("... within 30 s (no NCCL wait on the frozen peer)", took < 30, f"{took:.1f} s")
+        finally:
+            B.p.send_signal(signal.SIGCONT)
     finally:
         for n in nodes:
             rc = n.stop()

@@ -1,6 +1,6 @@
 /*
  * The CUDA backend's quantized expert kernels (kernels/quant_cuda.h,
- * backend_cuda.cu): FP8 e4m3 with 128 x 128 block scales, INT8 and INT4
+ * backend_cuda_quant.cu): FP8 e4m3 with 128 x 128 block scales, INT8 and INT4
  * with per-group scales, MXFP4 with e8m0 scales per 32, against an fp64
  * reference computed here on the weights dequantized by engine/quant.c
  * (moe_quant_dequant_row_f64), and against the CPU backend on the same
