@@ -677,9 +677,15 @@ out:
     return rc;
 }
 
-/* One split forward's run on a thread of the pool. */
-static void run_job(struct moed_cluster *c, struct job *j)
+/* One split forward's run on a thread of c->split.q.  Its slot goes back to
+ * the pool before the caller is answered: a caller that sends its next
+ * forward on the answer finds the slot free (max_split_forwards counts the
+ * forwards being computed, not the ones already answered). */
+static void split_run(struct cl_work *w)
 {
+    struct job *j = (struct job *)((char *)w - offsetof(struct job, work));
+    struct moed_cluster *c = cl_of(j->d);
+    struct split_pool *p = &c->split;
     struct moe_error err = {0};
     struct moe_sched_req *r = j->r;
     uint64_t t0 = moe_now_ns(), waited = t0 - j->t_queued; /* for a thread */
@@ -691,23 +697,13 @@ static void run_job(struct moed_cluster *c, struct job *j)
     if (r->queue_ns == 0)
         r->queue_ns = moe_now_ns() - t0 - r->st.compute_ns - r->st.load_ns - r->st.route_ns;
     r->queue_ns += waited;
-    r->done(r, rc, rc < 0 ? err.msg : NULL);
-}
-
-/* A split forward's job on a thread of c->split.q: run, then free again. */
-static void split_run(struct cl_work *w)
-{
-    struct job *j = (struct job *)((char *)w - offsetof(struct job, work));
-    struct moed_cluster *c = cl_of(j->d);
-    struct split_pool *p = &c->split;
-
-    run_job(c, j);
     pthread_mutex_lock(&p->lock);
     j->next = p->free;
     p->free = j;
     p->in_flight--;
     pthread_mutex_unlock(&p->lock);
-    atomic_fetch_sub(&c->in_flight, 1);
+    r->done(r, rc, rc < 0 ? err.msg : NULL);
+    atomic_fetch_sub(&c->in_flight, 1); /* moed_cluster_stop waits for it */
 }
 
 int moed_cl_split_pool_init(struct moed_cluster *c, int cap, struct moe_error *err)

@@ -332,7 +332,16 @@ def main():
         print(f"shared memory part skipped: {e}")
     if moedpy and not os.path.exists(lib):
         print(f"shared memory part skipped: no {lib} (not built)")
-    if moedpy and os.path.exists(lib):
+        moedpy = None
+    if moedpy:
+        # A sanitizer build's libmoe-client needs the ASan runtime loaded in
+        # the program, which Python is not.
+        try:
+            moedpy._lib.lib()
+        except moedpy.LibraryNotFound as e:
+            print(f"shared memory part skipped: {e}")
+            moedpy = None
+    if moedpy:
         sock = f"{w}/shm.sock"
         d = FaultyDaemon(a.moed, args + ["--shm-socket", sock], w, "shm", "ffn=8")
         try:
