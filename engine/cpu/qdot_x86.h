@@ -17,10 +17,12 @@
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
  *   INT4       each value's byte shuffled (vpshufb) into the top byte of its
- *              32-bit lane, shifted by 4 for a low nibble, masked to the top
- *              4 bits (after xor 0x88, the nibble is the value in two's
- *              complement): the value times 2^28 as an int32, converted; the
- *              scale is multiplied by 2^-28 (exact for scales above 2^-98).
+ *              32-bit lane and masked to its nibble, converted: a high
+ *              nibble (after xor 0x80, the value in two's complement) as the
+ *              value times 2^28, a low one as the value plus 8 times 2^24,
+ *              whose 8 is taken off by starting the partial sums at -8 x 2^24
+ *              times the activations' sum (in those lanes); the lanes are
+ *              multiplied by 2^-24 and 2^-28 (exact) before they are summed.
  *   MXFP4      nibbles split and interleaved, looked up (vpshufb) as 2 x e2m1
  *              in int8, so the scale is multiplied by 0.5 (exact).
  * Tiles: rows x tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3
@@ -70,9 +72,6 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
         memcpy(&s, srow + 4 * j, 4);
         return s * 256.0f;
     case MOE_QUANT_INT4:
-        /* qdecode32 gives the values times 2^28 */
-        memcpy(&s, srow + 4 * j, 4);
-        return s * 0x1p-28f;
     default:
         memcpy(&s, srow + 4 * j, 4);
         return s;
@@ -109,16 +108,20 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
         break;
     case MOE_QUANT_INT4: {
         /* 16 bytes, element 2j the low nibble of byte j, 2j + 1 the high
-         * one, each n + 8: xor 8 makes the nibble n in two's complement.
-         * Each element's byte is shuffled into the top byte of its lane
-         * (the rest zero), shifted left by 4 for a low nibble, and masked
-         * to the top 4 bits: n * 2^28 as an int32, converted exactly
-         * (qscale takes the 2^-28). */
-        const __m256i sh = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-        const __m256i top = _mm256_set1_epi32((int)0xf0000000u);
+         * one, each n + 8; xor 0x80 makes a high nibble n in two's
+         * complement.  Each element's byte is shuffled into the top byte of
+         * its 32-bit lane (the rest zero) and masked to its nibble: an even
+         * lane holds the low nibble, n + 8, times 2^24 (qtile starts its
+         * partial sums at -8 times the activations' to take the 8 off), an
+         * odd lane the high one, n times 2^28 as an int32; converted
+         * exactly (qtile multiplies the lanes by 2^-24 and 2^-28 before
+         * summing them). */
+        const __m256i mk =
+            _mm256_setr_epi32(0x0f000000, (int)0xf0000000u, 0x0f000000, (int)0xf0000000u,
+                              0x0f000000, (int)0xf0000000u, 0x0f000000, (int)0xf0000000u);
         __m256i b = _mm256_xor_si256(
             _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 / 2))),
-            _mm256_set1_epi8((char)0x88));
+            _mm256_set1_epi8((char)0x80));
 
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
@@ -128,9 +131,8 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
                 (int)(0x808080u | (4u * j + 1) << 24), (int)(0x808080u | (4u * j + 1) << 24),
                 (int)(0x808080u | (4u * j + 2) << 24), (int)(0x808080u | (4u * j + 2) << 24),
                 (int)(0x808080u | (4u * j + 3) << 24), (int)(0x808080u | (4u * j + 3) << 24));
-            __m256i v = _mm256_and_si256(_mm256_sllv_epi32(_mm256_shuffle_epi8(b, m), sh), top);
 
-            out[j] = _mm256_cvtepi32_ps(v);
+            out[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_shuffle_epi8(b, m), mk));
         }
         break;
     }
@@ -209,6 +211,20 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, 
                 for (int i = 0; i < R; i++)
                     vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
             }
+            __m256 x0[6];
+
+            /* INT4: each partial sum starts at -8 times the activations'
+             * in the even lanes (the low nibbles' offset, times 2^24) */
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                if (q == MOE_QUANT_INT4)
+                    x0[t] =
+                        _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(_mm256_load_ps(x[t] + c),
+                                                                  _mm256_load_ps(x[t] + c + 8)),
+                                                    _mm256_add_ps(_mm256_load_ps(x[t] + c + 16),
+                                                                  _mm256_load_ps(x[t] + c + 24))),
+                                      _mm256_setr_ps(-0x1p27f, 0.0f, -0x1p27f, 0.0f, -0x1p27f, 0.0f,
+                                                     -0x1p27f, 0.0f));
 #pragma GCC unroll 6
             for (int i = 0; i < R; i++) {
                 __m256 wv[4];
@@ -216,7 +232,9 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, 
                 qdecode32(q, wr[i], c, wv);
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++) {
-                    __m256 p = _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
+                    __m256 p = q == MOE_QUANT_INT4
+                                   ? _mm256_fmadd_ps(wv[0], _mm256_load_ps(x[t] + c), x0[t])
+                                   : _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
 
                     p = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), p);
                     p = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), p);
@@ -228,8 +246,13 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, 
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
+            for (int t = 0; t < T; t++) {
+                if (q == MOE_QUANT_INT4) /* the decoder's factors, exactly */
+                    acc[i][t] = _mm256_mul_ps(
+                        acc[i][t], _mm256_setr_ps(0x1p-24f, 0x1p-28f, 0x1p-24f, 0x1p-28f, 0x1p-24f,
+                                                  0x1p-28f, 0x1p-24f, 0x1p-28f));
                 sum[i][t] += qhsum256(acc[i][t]);
+            }
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
