@@ -563,16 +563,21 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
             for (int i = 0; i < R; i++) {
                 __m256i wv, ws = _mm256_setzero_si256();
 
-                if (q == MOE_QUANT_INT4) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
+                if (q == MOE_QUANT_INT4 || q == MOE_QUANT_MXFP4) {
+                    /* 16 bytes in both halves, the high half shifted
+                     * right by 4: the low nibbles, then the high ones */
+                    __m256i b = _mm256_and_si256(
+                        _mm256_srlv_epi64(_mm256_broadcastsi128_si256(
+                                              _mm_loadu_si128((const __m128i *)(wr[i] + c / 2))),
+                                          _mm256_setr_epi64x(0, 0, 4, 4)),
+                        m4);
 
-                    wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-                } else if (q == MOE_QUANT_MXFP4) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
-
-                    ws = _mm256_shuffle_epi8(
-                        lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4));
-                    wv = _mm256_abs_epi8(ws);
+                    if (q == MOE_QUANT_INT4) {
+                        wv = b;
+                    } else {
+                        ws = _mm256_shuffle_epi8(lut, b);
+                        wv = _mm256_abs_epi8(ws);
+                    }
                 } else {
                     ws = _mm256_permute4x64_epi64(
                         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
