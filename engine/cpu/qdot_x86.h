@@ -9,10 +9,10 @@
  * group's scale into one 8-lane accumulator per (row, token) (groups are
  * multiples of 32), so scaling costs one FMA per 32 values; no dequantized
  * copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   16 bytes sign-extended to 16 bits, shifted left by 7 and bit
- *              14 cleared: the f16 bits s 0eeee mmm0000000, converted by
- *              vcvtph2ps: that is the value times 2^-8 (normal and
- *              subnormal alike), so the scale is multiplied by 2^8 (exact).
+ *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
+ *              lane, shifted right by 4 (arithmetic) and masked: the fp32
+ *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
+ *              subnormal alike), multiplied by 2^120 (exact).
  *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
@@ -71,9 +71,6 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
         memcpy(&s, &u, 4);
         return s * 0.5f;
     }
-    case MOE_QUANT_FP8:
-        memcpy(&s, srow + 4 * j, 4);
-        return s * 256.0f;
     case MOE_QUANT_INT4:
     default:
         memcpy(&s, srow + 4 * j, 4);
@@ -87,20 +84,30 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        /* 16 bytes sign-extended to 16 bits (s...s s eeee mmm), shifted
-         * left by 7 (s s eeee mmm 0000000), bit 14 cleared:
-         * s 0eeee mmm0000000 */
-        const __m256i keep = _mm256_set1_epi16((short)0xbfff);
+        /* each byte shuffled into the top byte of its 32-bit lane,
+         * shifted right by 4 (arithmetic) and masked: the fp32 bits s 0000
+         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0),
+         * times 2^120 (exact) */
+        const __m256i keep = _mm256_set1_epi32((int)0x87f00000u);
 
-        for (int i = 0; i < 2; i++) {
-            __m256i h = _mm256_and_si256(
-                _mm256_slli_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * i))),
-                    7),
-                keep);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i b =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * h)));
 
-            out[2 * i] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-            out[2 * i + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; j++) {
+                const __m256i m = _mm256_setr_epi32(
+                    (int)(0x808080u | (8u * j) << 24), (int)(0x808080u | (8u * j + 1) << 24),
+                    (int)(0x808080u | (8u * j + 2) << 24), (int)(0x808080u | (8u * j + 3) << 24),
+                    (int)(0x808080u | (8u * j + 4) << 24), (int)(0x808080u | (8u * j + 5) << 24),
+                    (int)(0x808080u | (8u * j + 6) << 24), (int)(0x808080u | (8u * j + 7) << 24));
+
+                out[2 * h + j] =
+                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(
+                                      _mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep)),
+                                  _mm256_set1_ps(0x1p120f));
+            }
         }
         break;
     }
