@@ -9,18 +9,23 @@
  * group's scale into one 8-lane accumulator per (row, token) (groups are
  * multiples of 32), so scaling costs one FMA per 32 values; no dequantized
  * copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   16 bytes sign-extended to 16 bits, shifted left by 7 and bit
- *              14 cleared: the f16 bits s 0eeee mmm0000000, converted by
- *              vcvtph2ps: that is the value times 2^-8 (normal and
- *              subnormal alike), so the scale is multiplied by 2^8 (exact).
+ *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
+ *              lane, shifted right by 4 (arithmetic) and masked: the fp32
+ *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
+ *              subnormal alike), multiplied by 2^120 (exact).
  *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
  *   INT4       each value's byte shuffled (vpshufb) into the top byte of its
- *              32-bit lane, shifted by 4 for a low nibble, masked to the top
- *              4 bits (after xor 0x88, the nibble is the value in two's
- *              complement): the value times 2^28 as an int32, converted; the
- *              scale is multiplied by 2^-28 (exact for scales above 2^-98).
+ *              32-bit lane and masked to its nibble, converted: a high
+ *              nibble (after xor 0x80, the value in two's complement) as the
+ *              value times 2^28, a low one as the value plus 8 (0..15)
+ *              times 2^24; the lanes are multiplied by 2^-28 and 2^-24
+ *              (exact) before they are summed, and the 8 is taken off at
+ *              the end of the row: -8 times the dot of the group scales
+ *              with the sums of the activations at the even columns
+ *              (qgsum, once per call and token where they fit on the
+ *              stack).
  *   MXFP4      nibbles split and interleaved, looked up (vpshufb) as 2 x e2m1
  *              in int8, so the scale is multiplied by 0.5 (exact).
  * Tiles: rows x tokens with at most 6 accumulators: 4 x 1, 3 x 2 and 2 x 3
@@ -29,7 +34,7 @@
  * 1 x 6 chunks of tokens for prefill; a row's 32 values are decoded once per
  * tile.  The arithmetic per output element does not depend on the tile: K
  * is summed in MOE_CPU_KBLOCK blocks, each reduced horizontally and added to
- * y in order.
+ * y in order (INT4 then adds its offset's term).
  */
 #ifndef MOED_ENGINE_CPU_QDOT_X86_H
 #define MOED_ENGINE_CPU_QDOT_X86_H
@@ -66,13 +71,7 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
         memcpy(&s, &u, 4);
         return s * 0.5f;
     }
-    case MOE_QUANT_FP8:
-        memcpy(&s, srow + 4 * j, 4);
-        return s * 256.0f;
     case MOE_QUANT_INT4:
-        /* qdecode32 gives the values times 2^28 */
-        memcpy(&s, srow + 4 * j, 4);
-        return s * 0x1p-28f;
     default:
         memcpy(&s, srow + 4 * j, 4);
         return s;
@@ -85,20 +84,30 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        /* 16 bytes sign-extended to 16 bits (s...s s eeee mmm), shifted
-         * left by 7 (s s eeee mmm 0000000), bit 14 cleared:
-         * s 0eeee mmm0000000 */
-        const __m256i keep = _mm256_set1_epi16((short)0xbfff);
+        /* each byte shuffled into the top byte of its 32-bit lane,
+         * shifted right by 4 (arithmetic) and masked: the fp32 bits s 0000
+         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0),
+         * times 2^120 (exact) */
+        const __m256i keep = _mm256_set1_epi32((int)0x87f00000u);
 
-        for (int i = 0; i < 2; i++) {
-            __m256i h = _mm256_and_si256(
-                _mm256_slli_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * i))),
-                    7),
-                keep);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i b =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * h)));
 
-            out[2 * i] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-            out[2 * i + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; j++) {
+                const __m256i m = _mm256_setr_epi32(
+                    (int)(0x808080u | (8u * j) << 24), (int)(0x808080u | (8u * j + 1) << 24),
+                    (int)(0x808080u | (8u * j + 2) << 24), (int)(0x808080u | (8u * j + 3) << 24),
+                    (int)(0x808080u | (8u * j + 4) << 24), (int)(0x808080u | (8u * j + 5) << 24),
+                    (int)(0x808080u | (8u * j + 6) << 24), (int)(0x808080u | (8u * j + 7) << 24));
+
+                out[2 * h + j] =
+                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(
+                                      _mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep)),
+                                  _mm256_set1_ps(0x1p120f));
+            }
         }
         break;
     }
@@ -109,16 +118,20 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
         break;
     case MOE_QUANT_INT4: {
         /* 16 bytes, element 2j the low nibble of byte j, 2j + 1 the high
-         * one, each n + 8: xor 8 makes the nibble n in two's complement.
-         * Each element's byte is shuffled into the top byte of its lane
-         * (the rest zero), shifted left by 4 for a low nibble, and masked
-         * to the top 4 bits: n * 2^28 as an int32, converted exactly
-         * (qscale takes the 2^-28). */
-        const __m256i sh = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-        const __m256i top = _mm256_set1_epi32((int)0xf0000000u);
+         * one, each n + 8; xor 0x80 makes a high nibble n in two's
+         * complement.  Each element's byte is shuffled into the top byte of
+         * its 32-bit lane (the rest zero) and masked to its nibble: an even
+         * lane holds the low nibble, n + 8, times 2^24 (qtile starts its
+         * partial sums at -8 times the activations' to take the 8 off), an
+         * odd lane the high one, n times 2^28 as an int32; converted
+         * exactly (qtile multiplies the lanes by 2^-24 and 2^-28 before
+         * summing them). */
+        const __m256i mk =
+            _mm256_setr_epi32(0x0f000000, (int)0xf0000000u, 0x0f000000, (int)0xf0000000u,
+                              0x0f000000, (int)0xf0000000u, 0x0f000000, (int)0xf0000000u);
         __m256i b = _mm256_xor_si256(
             _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 / 2))),
-            _mm256_set1_epi8((char)0x88));
+            _mm256_set1_epi8((char)0x80));
 
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
@@ -128,9 +141,8 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
                 (int)(0x808080u | (4u * j + 1) << 24), (int)(0x808080u | (4u * j + 1) << 24),
                 (int)(0x808080u | (4u * j + 2) << 24), (int)(0x808080u | (4u * j + 2) << 24),
                 (int)(0x808080u | (4u * j + 3) << 24), (int)(0x808080u | (4u * j + 3) << 24));
-            __m256i v = _mm256_and_si256(_mm256_sllv_epi32(_mm256_shuffle_epi8(b, m), sh), top);
 
-            out[j] = _mm256_cvtepi32_ps(v);
+            out[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_shuffle_epi8(b, m), mk));
         }
         break;
     }
@@ -161,6 +173,39 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
     }
 }
 
+/* INT4: the sum of the activations at the even columns (those of the low
+ * nibbles) of columns [c0, c1), in a fixed order. */
+QINLINE float qgsum(const float *x, int64_t c0, int64_t c1)
+{
+    __m256 v = _mm256_setzero_ps();
+    float a[8];
+
+    for (int64_t c = c0; c < c1; c += 32)
+        v = _mm256_add_ps(
+            v,
+            _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(x + c), _mm256_load_ps(x + c + 8)),
+                          _mm256_add_ps(_mm256_load_ps(x + c + 16), _mm256_load_ps(x + c + 24))));
+    _mm256_storeu_ps(a, v);
+    return (a[0] + a[2]) + (a[4] + a[6]);
+}
+
+/* qgsum of groups [g0, g0 + 8) of bc columns of x[0, k) (those from
+ * ceil(k / bc) on 0), to dst[8]. */
+QINLINE void qgsum8(const float *x, int64_t k, int64_t g0, int bc, float *dst)
+{
+    for (int j = 0; j < 8; j++) {
+        int64_t c0 = (g0 + j) * bc;
+
+        dst[j] = c0 < k ? qgsum(x, c0, MOE_MIN(k, c0 + bc)) : 0.0f;
+    }
+}
+
+/* Tokens per chunk with their qgsum8 values on the stack (6 x 2048 floats,
+ * 48 KiB), for up to QCORR_G groups in a row; beyond, each tile computes
+ * them. */
+#define QCORR_T 6
+#define QCORR_G 2048
+
 /*
  * R rows r, r + rs, r + 2 rs, ... (relative to w->row0) x T tokens from x,
  * over all of k; results to y[t * ldy + row].  R * T <= 6: the
@@ -171,8 +216,9 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
  * the accumulator: one multiply per 32 values instead of one per value
  * (groups are multiples of 32).
  */
-QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
-                   const float *const *x, const int T, int64_t k, float *y, int64_t ldy)
+QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                    const float *const *x, const bool XC, const float *const *xc, const int T,
+                    int64_t k, float *y, int64_t ldy)
 {
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
@@ -228,87 +274,197 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, 
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
+            for (int t = 0; t < T; t++) {
+                if (q == MOE_QUANT_INT4) /* the decoder's factors, exactly */
+                    acc[i][t] = _mm256_mul_ps(
+                        acc[i][t], _mm256_setr_ps(0x1p-24f, 0x1p-28f, 0x1p-24f, 0x1p-28f, 0x1p-24f,
+                                                  0x1p-28f, 0x1p-24f, 0x1p-28f));
                 sum[i][t] += qhsum256(acc[i][t]);
+            }
+    }
+    if (q == MOE_QUANT_INT4) {
+        /* the low nibbles' offset: -8 x the dot of the scales with the
+         * groups' qgsum, 8 groups at a time */
+        const int64_t ng = sc;
+        __m256 d[6][6];
+
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                d[i][t] = _mm256_setzero_ps();
+        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+            __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)MOE_MIN(8, ng - g0)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 e[6];
+
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++) {
+                if (XC) {
+                    e[t] = _mm256_load_ps(xc[t] + g0);
+                } else {
+                    float eb[8];
+
+                    qgsum8(x[t], k, g0, bc, eb);
+                    e[t] = _mm256_loadu_ps(eb);
+                }
+            }
+#pragma GCC unroll 6
+            for (int i = 0; i < R; i++) {
+                __m256 sv = _mm256_maskload_ps((const float *)sr[i] + g0, m);
+
+#pragma GCC unroll 6
+                for (int t = 0; t < T; t++)
+                    d[i][t] = _mm256_fmadd_ps(sv, e[t], d[i][t]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                sum[i][t] += -8.0f * qhsum256(d[i][t]);
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
             y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
 }
 
+/* qtile with xc (INT4: qgsum8 values for its tokens) or without (NULL). */
+QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                   const float *const *x, const float *const *xc, const int T, int64_t k, float *y,
+                   int64_t ldy)
+{
+    if (q == MOE_QUANT_INT4 && xc)
+        qtile_(q, w, r, rs, R, x, true, xc, T, k, y, ldy);
+    else
+        qtile_(q, w, r, rs, R, x, false, NULL, T, k, y, ldy);
+}
+
 /* Decode tiles of R rows x T tokens over nr rows: tile j takes rows j, j +
  * s, j + 2s, ... (s = nr / R), so that each weight stream runs through s
  * whole rows in order (as moe_cpu_dot_tiles does); the rest one at a
  * time. */
-#define QDEC(q, w, nr, R, x, T, k, y, ldy)                                                         \
+#define QDEC(q, w, nr, R, x, xc, T, k, y, ldy)                                                     \
     do {                                                                                           \
         int s_ = (nr) / (R), r_ = 0;                                                               \
                                                                                                    \
         for (; r_ < s_; r_++)                                                                      \
-            qtile(q, w, r_, s_, R, x, T, k, y, ldy);                                               \
+            qtile(q, w, r_, s_, R, x, xc, T, k, y, ldy);                                           \
         for (r_ = s_ * (R); r_ < (nr); r_++)                                                       \
-            qtile(q, w, r_, 1, 1, x, T, k, y, ldy);                                                \
+            qtile(q, w, r_, 1, 1, x, xc, T, k, y, ldy);                                            \
     } while (0)
+
+/* Prefill: 1 row x T tokens, row by row. */
+#define QPRE(q, w, nr, x, xc, T, k, y, ldy)                                                        \
+    do {                                                                                           \
+        for (int r_ = 0; r_ < (nr); r_++)                                                          \
+            qtile(q, w, r_, 1, 1, x, xc, T, k, y, ldy);                                            \
+    } while (0)
+
+/* Tokens [t, t + n) (n <= QCORR_T) of a kernel call: INT4's qgsum8
+ * values to cb (QCORR_T x QCORR_G floats, 32-byte aligned, where the groups
+ * fit) and xc pointing at them; NULL otherwise. */
+QINLINE const float *const *qcorr_chunk(enum moe_quant q, const struct moe_cpu_qw *w,
+                                        const float *const *x, int n, int64_t k, float *cb,
+                                        const float **xc)
+{
+    int64_t ng = (k + w->f.bcols - 1) / w->f.bcols;
+
+    if (q != MOE_QUANT_INT4 || ng > QCORR_G)
+        return NULL;
+    for (int t = 0; t < n; t++) {
+        xc[t] = cb + (size_t)t * QCORR_G;
+        for (int64_t g0 = 0; g0 < ng; g0 += 8)
+            qgsum8(x[t], k, g0, w->f.bcols, cb + (size_t)t * QCORR_G + g0);
+    }
+    return xc;
+}
 
 /* One format's kernel: tiles over rows and tokens. */
 QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
-                      const void *const *xv, int nt, float *y, int64_t ldy)
+                      const void *const *xv, int nt, float *y, int64_t ldy, float *cb)
 {
     const float *const *x = (const float *const *)xv;
-    int r = 0;
+    const float *xcp[QCORR_T];
 
-    if (nt == 1) {
-        QDEC(q, w, nr, 4, x, 1, k, y, ldy);
-        return;
-    }
-    if (nt == 2) {
-        QDEC(q, w, nr, 3, x, 2, k, y, ldy);
-        return;
-    }
     if (nt <= 8) {
-        /* a few tokens: 3 at a time (then 2 or 1), 2 rows per tile, the
-         * rows (in L2 after the first pass) swept again per chunk; the
-         * activations of a chunk are shared by the tile's rows */
+        /* 1 token: 4 rows per tile; 2: 3 rows; more: 3 at a time (then 2
+         * or 1), 2 rows per tile, the rows (in L2 after the first pass)
+         * swept again per chunk; the activations of a chunk are shared by
+         * the tile's rows */
         for (int t = 0; t < nt; t += 3) {
+            int n = nt == 2 ? 2 : MOE_MIN(3, nt - t);
             const float *const *xt = x + t;
+            const float *const *xc = qcorr_chunk(q, w, xt, n, k, cb, xcp);
             float *yt = y + (size_t)t * ldy;
 
-            switch (MOE_MIN(3, nt - t)) {
+            switch (n) {
             case 3:
-                QDEC(q, w, nr, 2, xt, 3, k, yt, ldy);
+                QDEC(q, w, nr, 2, xt, xc, 3, k, yt, ldy);
                 break;
             case 2:
-                QDEC(q, w, nr, 3, xt, 2, k, yt, ldy);
+                QDEC(q, w, nr, 3, xt, xc, 2, k, yt, ldy);
                 break;
             default:
-                QDEC(q, w, nr, 4, xt, 1, k, yt, ldy);
+                QDEC(q, w, nr, 4, xt, xc, 1, k, yt, ldy);
                 break;
             }
         }
         return;
     }
-    for (; r < nr; r++) {
+    /* 6 tokens at a time (the last chunk a tile of its count, a constant
+     * for the unrolling), row by row: INT4 chunk by chunk (its qgsum8
+     * values shared by the rows), the rest row by row (each row's values
+     * decoded from L1 for every chunk) */
+    if (q == MOE_QUANT_INT4) {
+        for (int t = 0; t < nt; t += QCORR_T) {
+            const float *const *xt = x + t;
+            const float *const *xc = qcorr_chunk(q, w, xt, MOE_MIN(QCORR_T, nt - t), k, cb, xcp);
+            float *yt = y + (size_t)t * ldy;
+
+            switch (MOE_MIN(QCORR_T, nt - t)) {
+            case 6:
+                QPRE(q, w, nr, xt, xc, 6, k, yt, ldy);
+                break;
+            case 5:
+                QPRE(q, w, nr, xt, xc, 5, k, yt, ldy);
+                break;
+            case 4:
+                QPRE(q, w, nr, xt, xc, 4, k, yt, ldy);
+                break;
+            case 3:
+                QPRE(q, w, nr, xt, xc, 3, k, yt, ldy);
+                break;
+            case 2:
+                QPRE(q, w, nr, xt, xc, 2, k, yt, ldy);
+                break;
+            default:
+                QPRE(q, w, nr, xt, xc, 1, k, yt, ldy);
+                break;
+            }
+        }
+        return;
+    }
+    for (int r = 0; r < nr; r++) {
         int t = 0;
 
         for (; t + 6 <= nt; t += 6)
-            qtile(q, w, r, 1, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
-        /* the last tokens: a tile of their count (a constant, for the
-         * unrolling) */
+            qtile(q, w, r, 1, 1, x + t, NULL, 6, k, y + (size_t)t * ldy, ldy);
         switch (nt - t) {
         case 1:
-            qtile(q, w, r, 1, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, NULL, 1, k, y + (size_t)t * ldy, ldy);
             break;
         case 2:
-            qtile(q, w, r, 1, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, NULL, 2, k, y + (size_t)t * ldy, ldy);
             break;
         case 3:
-            qtile(q, w, r, 1, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, NULL, 3, k, y + (size_t)t * ldy, ldy);
             break;
         case 4:
-            qtile(q, w, r, 1, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, NULL, 4, k, y + (size_t)t * ldy, ldy);
             break;
         case 5:
-            qtile(q, w, r, 1, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
+            qtile(q, w, r, 1, 1, x + t, NULL, 5, k, y + (size_t)t * ldy, ldy);
             break;
         default:
             break;
@@ -319,25 +475,27 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
 static void qdot_fp8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
 {
-    qdot_fmt(MOE_QUANT_FP8, w, nr, k, x, nt, y, ldy);
+    qdot_fmt(MOE_QUANT_FP8, w, nr, k, x, nt, y, ldy, NULL);
 }
 
 static void qdot_int8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                       float *y, int64_t ldy)
 {
-    qdot_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy);
+    qdot_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy, NULL);
 }
 
 static void qdot_int4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                       float *y, int64_t ldy)
 {
-    qdot_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy);
+    float cb[QCORR_T * QCORR_G] __attribute__((aligned(32)));
+
+    qdot_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy, cb);
 }
 
 static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
                        float *y, int64_t ldy)
 {
-    qdot_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy);
+    qdot_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy, NULL);
 }
 
 #define MOE_CPU_QDOT_X86                                                                           \
@@ -412,16 +570,21 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
             for (int i = 0; i < R; i++) {
                 __m256i wv, ws = _mm256_setzero_si256();
 
-                if (q == MOE_QUANT_INT4) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
+                if (q == MOE_QUANT_INT4 || q == MOE_QUANT_MXFP4) {
+                    /* 16 bytes in both halves, the high half shifted
+                     * right by 4: the low nibbles, then the high ones */
+                    __m256i b = _mm256_and_si256(
+                        _mm256_srlv_epi64(_mm256_broadcastsi128_si256(
+                                              _mm_loadu_si128((const __m128i *)(wr[i] + c / 2))),
+                                          _mm256_setr_epi64x(0, 0, 4, 4)),
+                        m4);
 
-                    wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-                } else if (q == MOE_QUANT_MXFP4) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(wr[i] + c / 2));
-
-                    ws = _mm256_shuffle_epi8(
-                        lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4));
-                    wv = _mm256_abs_epi8(ws);
+                    if (q == MOE_QUANT_INT4) {
+                        wv = b;
+                    } else {
+                        ws = _mm256_shuffle_epi8(lut, b);
+                        wv = _mm256_abs_epi8(ws);
+                    }
                 } else {
                     ws = _mm256_permute4x64_epi64(
                         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
