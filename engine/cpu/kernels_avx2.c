@@ -4,7 +4,7 @@
  *
  * Same structure as kernels_avx512.c with 8-lane vectors and 16 registers:
  * register tiles of up to 3 weight rows x 4 tokens (12 accumulators, 3
- * weight registers, 1 activation register; 4 x 1 and 4 x 2 for decode),
+ * weight registers, 1 activation register; for decode see dec_b16),
  * one 8-lane fp32 accumulator per (row, token), reduced horizontally at the
  * end of each K block.  The 3 x 4 tile does 12 FMAs per 3 weight
  * conversions and 4 activation loads: about 1.25x the 4 x 2 tile's prefill
@@ -41,6 +41,8 @@
 /* decode tiles: up to RDEC rows, for up to DMAX tokens */
 #define RDEC 4
 #define DMAX 6
+/* decode tiles' software prefetch distance, elements */
+#define DEC_PF 512
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -177,12 +179,110 @@ INLINE void tile_b16(const void *w, int64_t ldw, const void *const *xv, int64_t 
     }
 }
 
-#define DEF_TILE(R, T)                                                                             \
-    static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
-                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
+/* One 16-element step of dec_b16: w[r] points at row r's 16 weights. */
+INLINE void dec_step(const uint16_t *const *w, const float *const *x, int64_t k,
+                     __m256 acc[RDEC][DMAX], const int R, const int T)
+{
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 cv[RDEC];
+
+    for (int r = 0; r < R; r++)
+        cv[r] =
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)w[r]), 16));
+    for (int t = 0; t < T; t++) {
+        __m256 xt = _mm256_load_ps(x[t] + k);
+
+        /* keeps the compiler from folding the load into each FMA */
+        __asm__("" : "+x"(xt));
+        for (int r = 0; r < R; r++)
+            acc[r][t] = _mm256_fmadd_ps(cv[r], xt, acc[r][t]);
+    }
+    for (int r = 0; r < R; r++)
+        cv[r] =
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)w[r]), hi));
+    for (int t = 0; t < T; t++) {
+        __m256 xt = _mm256_load_ps(x[t] + k + 8);
+
+        __asm__("" : "+x"(xt));
+        for (int r = 0; r < R; r++)
+            acc[r][t] = _mm256_fmadd_ps(cv[r], xt, acc[r][t]);
+    }
+}
+
+/* The bf16 decode tile: the same products and order of accumulation as
+ * tile_b16, but each 16-weight step converts the R rows' even elements,
+ * then loads each token's even activations once for all R rows, then the
+ * same for the odd elements: 2R + 2T loads (the odd elements' conversion
+ * reloads its row from L1) per 2RT FMAs, where tile_b16 makes 1 + 2T per
+ * 2T.  On a Zen 3 that measured 5-8% faster from L2 with 4-6 tokens, but
+ * streaming from memory (huge pages) only 5 tokens gained (about 7%; 4
+ * tokens about 3% slower than tile_b16's 3 rows, which the registers do
+ * not allow here): with the prefetch below, an 8-token decode's dots took
+ * 0.98-0.99 of tile_b16's time.  What bounds 4-5 tokens is FMA issue (the
+ * R x T accumulator chains), not loads. */
+INLINE void dec_b16(const void *w, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
+                    float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
+{
+    const uint16_t *wb = w;
+    const float *x[DMAX];
+    const uint16_t *row[RDEC];
+    __m256 acc[RDEC][DMAX];
+    int64_t k;
+
+    for (int t = 0; t < T; t++)
+        x[t] = xv[t];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm256_setzero_ps();
+
+    for (k = k0; k + 16 <= k1; k += 16) {
+        for (int r = 0; r < R; r++)
+            row[r] = wb + (size_t)r * ldw + k;
+        /* from 3 tokens, the line 1 KiB ahead (past a row's end, that is
+         * the next tile's row, or harmless): about 2% on a Zen 3 with
+         * huge pages (6% with 4 KiB pages); none for 1-2 tokens */
+        if (T >= 3 && !(k & 31))
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(row[r] + DEC_PF), _MM_HINT_T0);
+        dec_step(row, x, k, acc, R, T);
+    }
+    if (k < k1) {
+        /* the last partial block, through zero-padded copies (x is zero
+         * past the row's end) */
+        _Alignas(32) uint16_t buf[RDEC][16];
+
+        for (int r = 0; r < R; r++) {
+            memset(buf[r], 0, sizeof(buf[r]));
+            memcpy(buf[r], wb + (size_t)r * ldw + k, (size_t)(k1 - k) * 2);
+            row[r] = buf[r];
+        }
+        dec_step(row, x, k, acc, R, T);
+    }
+    for (int t = 0; t < T; t++) {
+        for (int r = 0; r < R; r++) {
+            float s = hsum256(acc[r][t]);
+
+            y[t * ldy + r * ys] = first ? s : y[t * ldy + r * ys] + s;
+        }
+    }
+}
+
+#define DEF_DEC(R, T)                                                                              \
+    static void dec_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
+                                   int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
     {                                                                                              \
-        tile_b16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                      \
-    }                                                                                              \
+        dec_b16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                       \
+    }
+
+DEF_DEC(4, 1)
+DEF_DEC(4, 2)
+DEF_DEC(3, 3)
+DEF_DEC(2, 4)
+DEF_DEC(2, 5)
+DEF_DEC(2, 6)
+
+/* f16 and f32 tiles */
+#define DEF_TILE_FX(R, T)                                                                          \
     static void tile_f16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
     {                                                                                              \
@@ -193,6 +293,13 @@ INLINE void tile_b16(const void *w, int64_t ldw, const void *const *xv, int64_t 
     {                                                                                              \
         tile(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, W_F32);                                   \
     }
+#define DEF_TILE(R, T)                                                                             \
+    static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
+                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
+    {                                                                                              \
+        tile_b16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                      \
+    }                                                                                              \
+    DEF_TILE_FX(R, T)
 
 DEF_TILE(1, 1)
 DEF_TILE(1, 2)
@@ -206,10 +313,10 @@ DEF_TILE(3, 1)
 DEF_TILE(3, 2)
 DEF_TILE(3, 3)
 DEF_TILE(3, 4)
-DEF_TILE(4, 1)
-DEF_TILE(4, 2)
-DEF_TILE(2, 5)
-DEF_TILE(2, 6)
+DEF_TILE_FX(4, 1)
+DEF_TILE_FX(4, 2)
+DEF_TILE_FX(2, 5)
+DEF_TILE_FX(2, 6)
 
 #define TILE_ROW(D, R)                                                                             \
     {                                                                                              \
@@ -227,21 +334,27 @@ static const tile_fn tiles_f32[RMAX][TMAX] = TILE_TABLE(f32);
 /* Decode tiles (see moe_cpu_dot_tiles) by token count: 4 rows for 1-2
  * tokens (more independent FMA chains per weight stream), 3 for 3-4, 2 for
  * 5-6 (an 8-token batch of top-2 of 8 gives experts up to about 5 tokens,
- * which then still stream their weights in long runs). */
+ * which then still stream their weights in long runs).  bf16's (dec_b16):
+ * 2 rows for 4 tokens too, since its R x T accumulators, R converted
+ * weights and an activation must fit the 16 registers. */
 static const int dec_rows[DMAX] = {4, 4, 3, 3, 2, 2};
+static const int dec_rows_bf16[DMAX] = {4, 4, 3, 2, 2, 2};
 #define DEC_TABLE(D)                                                                               \
     {                                                                                              \
         tile_##D##_4_1, tile_##D##_4_2, tile_##D##_3_3, tile_##D##_3_4, tile_##D##_2_5,            \
             tile_##D##_2_6                                                                         \
     }
-static const tile_fn dec_bf16[DMAX] = DEC_TABLE(bf16);
+static const tile_fn dec_bf16[DMAX] = {dec_bf16_4_1, dec_bf16_4_2, dec_bf16_3_3,
+                                       dec_bf16_2_4, dec_bf16_2_5, dec_bf16_2_6};
 static const tile_fn dec_f16[DMAX] = DEC_TABLE(f16);
+#define dec_rows_f16 dec_rows
+#define dec_rows_f32 dec_rows
 static const tile_fn dec_f32[DMAX] = DEC_TABLE(f32);
 
 #define TILING(D, ESZ)                                                                             \
     {                                                                                              \
         .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dmax = DMAX,           \
-        .dec = dec_##D, .dec_rows = dec_rows,                                                      \
+        .dec = dec_##D, .dec_rows = dec_rows_##D,                                                  \
     }
 static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
 static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);
