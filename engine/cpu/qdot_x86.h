@@ -71,7 +71,6 @@ QINLINE float qscale(enum moe_quant q, const uint8_t *srow, int64_t j)
         memcpy(&s, &u, 4);
         return s * 0.5f;
     }
-    case MOE_QUANT_INT4:
     default:
         memcpy(&s, srow + 4 * j, 4);
         return s;
@@ -354,12 +353,32 @@ QINLINE void qtile(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, 
             qtile(q, w, r_, 1, 1, x, xc, T, k, y, ldy);                                            \
     } while (0)
 
-/* Prefill: 1 row x T tokens, row by row. */
-#define QPRE(q, w, nr, x, xc, T, k, y, ldy)                                                        \
-    do {                                                                                           \
-        for (int r_ = 0; r_ < (nr); r_++)                                                          \
-            qtile(q, w, r_, 1, 1, x, xc, T, k, y, ldy);                                            \
-    } while (0)
+/* Prefill: row r x n tokens (1 <= n <= 6), n made a constant for the
+ * unrolling. */
+QINLINE void qrow(enum moe_quant q, const struct moe_cpu_qw *w, int r, const float *const *x,
+                  const float *const *xc, int n, int64_t k, float *y, int64_t ldy)
+{
+    switch (n) {
+    case 6:
+        qtile(q, w, r, 1, 1, x, xc, 6, k, y, ldy);
+        break;
+    case 5:
+        qtile(q, w, r, 1, 1, x, xc, 5, k, y, ldy);
+        break;
+    case 4:
+        qtile(q, w, r, 1, 1, x, xc, 4, k, y, ldy);
+        break;
+    case 3:
+        qtile(q, w, r, 1, 1, x, xc, 3, k, y, ldy);
+        break;
+    case 2:
+        qtile(q, w, r, 1, 1, x, xc, 2, k, y, ldy);
+        break;
+    default:
+        qtile(q, w, r, 1, 1, x, xc, 1, k, y, ldy);
+        break;
+    }
+}
 
 /* Tokens [t, t + n) (n <= QCORR_T) of a kernel call: INT4's qgsum8
  * values to cb (QCORR_T x QCORR_G floats, 32-byte aligned, where the groups
@@ -418,58 +437,17 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
      * decoded from L1 for every chunk) */
     if (q == MOE_QUANT_INT4) {
         for (int t = 0; t < nt; t += QCORR_T) {
-            const float *const *xt = x + t;
-            const float *const *xc = qcorr_chunk(q, w, xt, MOE_MIN(QCORR_T, nt - t), k, cb, xcp);
-            float *yt = y + (size_t)t * ldy;
+            int n = MOE_MIN(QCORR_T, nt - t);
+            const float *const *xc = qcorr_chunk(q, w, x + t, n, k, cb, xcp);
 
-            switch (MOE_MIN(QCORR_T, nt - t)) {
-            case 6:
-                QPRE(q, w, nr, xt, xc, 6, k, yt, ldy);
-                break;
-            case 5:
-                QPRE(q, w, nr, xt, xc, 5, k, yt, ldy);
-                break;
-            case 4:
-                QPRE(q, w, nr, xt, xc, 4, k, yt, ldy);
-                break;
-            case 3:
-                QPRE(q, w, nr, xt, xc, 3, k, yt, ldy);
-                break;
-            case 2:
-                QPRE(q, w, nr, xt, xc, 2, k, yt, ldy);
-                break;
-            default:
-                QPRE(q, w, nr, xt, xc, 1, k, yt, ldy);
-                break;
-            }
+            for (int r = 0; r < nr; r++)
+                qrow(q, w, r, x + t, xc, n, k, y + (size_t)t * ldy, ldy);
         }
         return;
     }
-    for (int r = 0; r < nr; r++) {
-        int t = 0;
-
-        for (; t + 6 <= nt; t += 6)
-            qtile(q, w, r, 1, 1, x + t, NULL, 6, k, y + (size_t)t * ldy, ldy);
-        switch (nt - t) {
-        case 1:
-            qtile(q, w, r, 1, 1, x + t, NULL, 1, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 2:
-            qtile(q, w, r, 1, 1, x + t, NULL, 2, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 3:
-            qtile(q, w, r, 1, 1, x + t, NULL, 3, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 4:
-            qtile(q, w, r, 1, 1, x + t, NULL, 4, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 5:
-            qtile(q, w, r, 1, 1, x + t, NULL, 5, k, y + (size_t)t * ldy, ldy);
-            break;
-        default:
-            break;
-        }
-    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t += 6)
+            qrow(q, w, r, x + t, NULL, MOE_MIN(6, nt - t), k, y + (size_t)t * ldy, ldy);
 }
 
 static void qdot_fp8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x, int nt,
