@@ -347,18 +347,16 @@ static const int dec_rows_bf16[DMAX] = {4, 4, 3, 2, 2, 2};
 static const tile_fn dec_bf16[DMAX] = {dec_bf16_4_1, dec_bf16_4_2, dec_bf16_3_3,
                                        dec_bf16_2_4, dec_bf16_2_5, dec_bf16_2_6};
 static const tile_fn dec_f16[DMAX] = DEC_TABLE(f16);
-#define dec_rows_f16 dec_rows
-#define dec_rows_f32 dec_rows
 static const tile_fn dec_f32[DMAX] = DEC_TABLE(f32);
 
-#define TILING(D, ESZ)                                                                             \
+#define TILING(D, ESZ, ROWS)                                                                       \
     {                                                                                              \
         .rmax = RMAX, .tmax = TMAX, .esz = ESZ, .tiles = &tiles_##D[0][0], .dmax = DMAX,           \
-        .dec = dec_##D, .dec_rows = dec_rows_##D,                                                  \
+        .dec = dec_##D, .dec_rows = ROWS,                                                          \
     }
-static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2);
-static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2);
-static const struct moe_cpu_tiling tiling_f32 = TILING(f32, 4);
+static const struct moe_cpu_tiling tiling_bf16 = TILING(bf16, 2, dec_rows_bf16);
+static const struct moe_cpu_tiling tiling_f16 = TILING(f16, 2, dec_rows);
+static const struct moe_cpu_tiling tiling_f32 = TILING(f32, 4, dec_rows);
 
 static void dot_bf16(const void *w, int64_t ldw, int nr, int64_t k, const void *const *x, int nt,
                      float *y, int64_t ldy)
