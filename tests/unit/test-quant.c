@@ -450,6 +450,19 @@ static void test_ffn(void)
     }
 }
 
+/* Whether this CPU runs kernel variant kern; says so where it does not. */
+static bool kernel_runs(const struct moe_cpu_kernel *kern, const char *what)
+{
+    struct moe_cpu_kernel_info info[8];
+    int n = MOE_MIN(moe_backend_cpu_kernels(info, 8), 8);
+
+    for (int i = 0; i < n; i++)
+        if (!strcmp(info[i].name, kern->name) && info[i].available)
+            return true;
+    printf("%s: skipping kernel %s: this CPU lacks its instructions\n", what, kern->name);
+    return false;
+}
+
 /* Exact int4 kernels on rows of more groups than the x86 kernels keep the
  * activations' per-group sums for on the stack (QCORR_G in qdot_x86.h):
  * each tile computes them instead.  A down projection of ffn > 65,536
@@ -460,69 +473,60 @@ static void test_int4_long_rows(void)
     static const struct moe_quant_fmt f = {MOE_QUANT_INT4, 1, 32};
     const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_generic, &moe_cpu_kernel_avx2,
                                             &moe_cpu_kernel_avx512};
-    const int64_t rows = 7, cols = 65600; /* 2050 groups of 32 */
-    struct moe_cpu_kernel_info info[8];
-    int n = MOE_MIN(moe_backend_cpu_kernels(info, 8), 8);
+    enum { ROWS = 7, NT = 9 };
+    const int64_t cols = 65600; /* 2050 groups of 32 */
     uint64_t seed = 31;
     struct qmat m;
-    float *xf = malloc((size_t)cols * sizeof(float)), y[9 * 7], y1[7];
-    void *xp[9];
+    float *xf = malloc((size_t)NT * cols * sizeof(float)), y[NT * ROWS], y1[ROWS];
+    void *xp[NT];
 
     ASSERT_TRUE(xf != NULL);
-    qmat_init(&m, &f, rows, cols, &seed);
+    qmat_init(&m, &f, ROWS, cols, &seed);
+    for (int t = 0; t < NT; t++)
+        for (int64_t i = 0; i < cols; i++)
+            xf[t * cols + i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
     for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
         const struct moe_cpu_kernel *kern = kerns[k];
         struct moe_cpu_qw qw = {.f = f, .w = m.w, .s = m.s, .row0 = 0};
-        bool avail = false;
         double worst = 0;
 
-        for (int i = 0; i < n; i++)
-            if (!strcmp(info[i].name, kern->name))
-                avail = info[i].available;
-        if (!avail) {
-            printf("int4 long rows: skipping kernel %s: this CPU lacks its instructions\n",
-                   kern->name);
+        if (!kernel_runs(kern, "int4 long rows"))
             continue;
-        }
-        seed = 32;
-        for (int t = 0; t < 9; t++) {
+        for (int t = 0; t < NT; t++) {
             xp[t] = moe_alloc_aligned((size_t)moe_cpu_kpad(cols) * 4);
             ASSERT_TRUE(xp[t] != NULL);
-            for (int64_t i = 0; i < cols; i++)
-                xf[i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
-            kern->prep[MOE_DTYPE_F32](xf, cols, moe_cpu_kpad(cols), xp[t]);
+            kern->prep[MOE_DTYPE_F32](xf + t * cols, cols, moe_cpu_kpad(cols), xp[t]);
         }
-        for (int nt = 2; nt <= 9; nt += 7) {
-            kern->qdot[MOE_QUANT_INT4](&qw, (int)rows, cols, (const void *const *)xp, nt, y, rows);
-            seed = 32;
+        for (int nt = 2; nt <= NT; nt += NT - 2) {
+            kern->qdot[MOE_QUANT_INT4](&qw, ROWS, cols, (const void *const *)xp, nt, y, ROWS);
             for (int t = 0; t < nt; t++) {
-                for (int64_t i = 0; i < cols; i++)
-                    xf[i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
-                for (int r = 0; r < rows; r++) {
+                const float *x = xf + t * cols;
+
+                for (int r = 0; r < ROWS; r++) {
                     double ref = 0, mag = 0, e;
 
                     for (int64_t i = 0; i < cols; i++) {
-                        ref += m.ref[r * cols + i] * (double)xf[i];
-                        mag += fabs(m.ref[r * cols + i] * (double)xf[i]);
+                        ref += m.ref[r * cols + i] * (double)x[i];
+                        mag += fabs(m.ref[r * cols + i] * (double)x[i]);
                     }
-                    e = fabs(y[t * rows + r] - ref) / (mag > 0 ? mag : 1);
+                    e = fabs(y[t * ROWS + r] - ref) / (mag > 0 ? mag : 1);
                     if (!(e <= TOL))
                         FAIL("%s int4/32, %lld columns, %d tokens: row %d token %d: %.9g for "
                              "%.9g (error %.3g)",
-                             kern->name, (long long)cols, nt, r, t, (double)y[t * rows + r], ref,
+                             kern->name, (long long)cols, nt, r, t, (double)y[t * ROWS + r], ref,
                              e);
                     worst = fmax(worst, e);
                 }
-                kern->qdot[MOE_QUANT_INT4](&qw, (int)rows, cols, (const void *const *)&xp[t], 1, y1,
-                                           rows);
-                if (memcmp(y1, y + t * rows, sizeof(y1)) != 0)
+                kern->qdot[MOE_QUANT_INT4](&qw, ROWS, cols, (const void *const *)&xp[t], 1, y1,
+                                           ROWS);
+                if (memcmp(y1, y + t * ROWS, sizeof(y1)) != 0)
                     FAIL("%s int4 long rows: token %d alone differs from the batch of %d",
                          kern->name, t, nt);
             }
         }
         printf("int4 long rows (%lld columns): %s worst error %.2g (of the sum of |products|)\n",
                (long long)cols, kern->name, worst);
-        for (int t = 0; t < 9; t++)
+        for (int t = 0; t < NT; t++)
             moe_free_aligned(xp[t]);
     }
     qmat_free(&m);
@@ -652,20 +656,10 @@ static void test_a8_kernels(void)
     } shapes[] = {{256, 64, 1},  {256, 13, 2}, {2080, 64, 3}, {2080, 7, 4}, {1088, 64, 5},
                   {1088, 64, 8}, {256, 5, 13}, {1056, 64, 2}, {1056, 7, 6}};
     const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_avx2, &moe_cpu_kernel_avx512};
-    struct moe_cpu_kernel_info info[8];
-    int n = MOE_MIN(moe_backend_cpu_kernels(info, 8), 8);
 
     for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
-        bool avail = false;
-
-        for (int i = 0; i < n; i++)
-            if (!strcmp(info[i].name, kerns[k]->name))
-                avail = info[i].available;
-        if (!avail) {
-            printf("int8 activations: skipping kernel %s: this CPU lacks its instructions\n",
-                   kerns[k]->name);
+        if (!kernel_runs(kerns[k], "int8 activations"))
             continue;
-        }
         ASSERT_TRUE(!kerns[k]->qdot_a8[MOE_QUANT_FP8] && kerns[k]->qdot_a8[MOE_QUANT_MXFP4]);
         for (size_t i = 0; i < MOE_ARRAY_SIZE(fmts); i++) {
             double worst = 0;
