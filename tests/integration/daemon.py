@@ -1007,9 +1007,11 @@ def main():
         check("moectl stats when idle: no top experts with load 0", q.returncode == 0
               and "no expert has had any load yet" in q.stdout and "top 10" not in q.stdout,
               q.stdout + q.stderr)
-        # moectl top goes on through a restart of moed
+        # moectl top goes on through a restart of moed (30 iterations: under
+        # load moed's stop and start took longer than 12 once, and top ended
+        # before it was back)
         top = subprocess.Popen([m, "top", "--socket", sock, "--interval", "0.3",
-                                "--iterations", "12"], stdout=subprocess.PIPE,
+                                "--iterations", "30"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         p.send_signal(signal.SIGTERM)
