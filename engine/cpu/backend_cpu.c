@@ -51,7 +51,10 @@
  *   1. tasks (work item, block of FBLK ffn rows): gate and up rows of the
  *      block against the item's tokens, plus their biases (gpt-oss), the
  *      expert's activation (SwiGLU, or gpt-oss's clamped one), stored
- *      (prepared) into the item's intermediate rows;
+ *      (prepared) into the item's intermediate rows; the items' blocks are
+ *      taken in turn (block 0 of each item, then block 1, ...), so that
+ *      threads multiply rows of experts with many tokens (compute-bound)
+ *      while others stream those of experts with few (memory-bound);
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
  *      down rows of the block against its intermediate rows, then
  *      out[t, block] += s * (y + down bias) for each of its tokens.
@@ -414,6 +417,12 @@ out:
 
 /* ---- grouped FFN ------------------------------------------------------------------ */
 
+/* A phase-1 task: a block of ffn rows of a work item. */
+struct up_task {
+    int32_t item;
+    int32_t blk;
+};
+
 struct ffn_ctx {
     const struct moe_cpu_kernel *k;
     bool act_int8;
@@ -425,7 +434,8 @@ struct ffn_ctx {
     const void **xs;      /* [A] prepared x row of each assignment */
     void **as;            /* [A] prepared SwiGLU row of each assignment */
     int64_t *first;       /* [n_work] index of the item's first assignment */
-    int64_t *task_end;    /* [n_work] cumulative phase-1 task counts */
+    int64_t *blocks;      /* [n_work] phase-1 tasks (row blocks) of each item */
+    struct up_task *up;   /* [up_tasks] phase-1 tasks in the order they run */
     size_t ystride;       /* floats between the gate and up tiles in ybuf */
     struct scratch *ybuf; /* [n_threads] */
     /* oneDNN items: dn_m[i] > 0 is the item's padded token rows, dn_x[i]
@@ -624,19 +634,8 @@ static void dn_gather_task(void *arg, int task, int thread)
 static void ffn_up_task(void *arg, int task, int thread)
 {
     const struct ffn_ctx *c = arg;
-    int lo = 0, hi = c->n_work - 1;
-
-    /* the work item: first with task_end > task */
-    while (lo < hi) {
-        int mid = (lo + hi) / 2;
-
-        if (c->task_end[mid] > task)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-
-    int64_t blk = task - (lo ? c->task_end[lo - 1] : 0);
+    int lo = c->up[task].item;
+    int64_t blk = c->up[task].blk;
 #ifdef MOE_HAVE_ONEDNN
     if (c->dn_m[lo]) {
         ffn_up_dn(arg, lo, blk, thread);
@@ -877,7 +876,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
 
     if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
         !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 2 * sizeof(char *)),
-                      &meta_bytes))
+                      &meta_bytes) ||
+        !moe_add_size(meta_bytes, (size_t)up_tasks * sizeof(struct up_task), &meta_bytes))
         return -ENOMEM;
 
     pthread_mutex_lock(&cb->lock);
@@ -902,21 +902,22 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             goto out;
     }
 
-    /* tables: assignment pointers, then per-item offsets, task ends and
-     * oneDNN rows */
+    /* tables: assignment pointers, then per-item offsets, task counts and
+     * oneDNN rows, then the phase-1 tasks */
     c.xs = cb->meta.p;
     c.as = (void **)(c.xs + n_assign);
     c.first = (int64_t *)(c.as + n_assign);
-    c.task_end = c.first + n_work;
-    c.dn_m = c.task_end + n_work;
+    c.blocks = c.first + n_work;
+    c.dn_m = c.blocks + n_work;
     c.dn_x = (char **)(c.dn_m + n_work);
     c.dn_h = c.dn_x + n_work;
+    c.up = (struct up_task *)(c.dn_h + n_work);
     c.ybuf = cb->ybuf;
     c.dn = cb->dn;
     c.dn_esz = dn_esz;
     act = cb->act.p;
     {
-        int64_t a = 0, tasks = 0;
+        int64_t a = 0, tasks = 0, max_blocks = 0, t = 0;
         uintptr_t dnp = (uintptr_t)cb->dnbuf.p;
 
         for (int i = 0; i < n_work; i++) {
@@ -925,6 +926,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             size_t frow;
 
             c.first[i] = a;
+            c.blocks[i] = 0;
             c.dn_m[i] = 0;
             c.dn_x[i] = c.dn_h[i] = NULL;
             if (wk->n_tokens > 0 && use_dn(cb, wk)) {
@@ -937,10 +939,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 dnp = (dnp + 63) & ~(uintptr_t)63;
                 c.dn_h[i] = (char *)dnp;
                 dnp += (size_t)m * wk->w->ffn * dn_esz;
-                tasks += (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
+                c.blocks[i] = (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
                 a += wk->n_tokens;
             } else if (wk->n_tokens > 0) {
-                tasks += (wk->w->ffn + FBLK - 1) / FBLK;
+                c.blocks[i] = (wk->w->ffn + FBLK - 1) / FBLK;
                 xp = cb->xprep[prep_slot(cb->k, cb->act_int8, wk)].p;
                 frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
@@ -949,9 +951,21 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                     act += frow;
                 }
             }
-            c.task_end[i] = tasks;
+            tasks += c.blocks[i];
+            max_blocks = MOE_MAX(max_blocks, c.blocks[i]);
         }
         assert(a == n_assign && tasks == up_tasks);
+        /* Phase 1 takes the items' blocks in turn (block 0 of every item,
+         * then block 1, ...) rather than item after item: decode mixes
+         * experts with 4 to 6 tokens, whose rows take longer to multiply
+         * than to read, with experts of 1 or 2 tokens, which wait for
+         * memory; interleaved, the memory streams while the many-token
+         * blocks compute.  Each element is still written by one task. */
+        for (int64_t blk = 0; blk < max_blocks; blk++)
+            for (int i = 0; i < n_work; i++)
+                if (blk < c.blocks[i])
+                    c.up[t++] = (struct up_task){.item = i, .blk = (int32_t)blk};
+        assert(t == up_tasks);
     }
 
 #ifdef MOE_HAVE_ONEDNN
