@@ -52,9 +52,10 @@
  *      block against the item's tokens, plus their biases (gpt-oss), the
  *      expert's activation (SwiGLU, or gpt-oss's clamped one), stored
  *      (prepared) into the item's intermediate rows; the items' blocks are
- *      taken in turn (block 0 of each item, then block 1, ...), so that
- *      threads multiply rows of experts with many tokens (compute-bound)
- *      while others stream those of experts with few (memory-bound);
+ *      taken in turn (block 0 of each item, then block 1, ...; items with
+ *      most and fewest tokens alternating), so that threads multiply rows
+ *      of experts with many tokens (compute-bound) while others stream
+ *      those of experts with few (memory-bound);
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
  *      down rows of the block against its intermediate rows, then
  *      out[t, block] += s * (y + down bias) for each of its tokens.
@@ -422,6 +423,22 @@ struct up_task {
     int32_t item;
     int32_t blk;
 };
+
+/* A work item and its token count, to order phase 1's tasks. */
+struct item_rank {
+    int32_t item;
+    int32_t tokens;
+};
+
+/* Items by token count, most first, then by index. */
+static int by_tokens(const void *a, const void *b)
+{
+    const struct item_rank *x = a, *y = b;
+
+    if (x->tokens != y->tokens)
+        return x->tokens > y->tokens ? -1 : 1;
+    return (x->item > y->item) - (x->item < y->item);
+}
 
 struct ffn_ctx {
     const struct moe_cpu_kernel *k;
@@ -877,7 +894,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
         !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 2 * sizeof(char *)),
                       &meta_bytes) ||
-        !moe_add_size(meta_bytes, (size_t)up_tasks * sizeof(struct up_task), &meta_bytes))
+        !moe_add_size(meta_bytes, (size_t)up_tasks * sizeof(struct up_task), &meta_bytes) ||
+        !moe_add_size(meta_bytes, (size_t)n_work * sizeof(struct item_rank), &meta_bytes))
         return -ENOMEM;
 
     pthread_mutex_lock(&cb->lock);
@@ -903,7 +921,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     }
 
     /* tables: assignment pointers, then per-item offsets, task counts and
-     * oneDNN rows, then the phase-1 tasks */
+     * oneDNN rows, then the phase-1 tasks and the items' ranks */
     c.xs = cb->meta.p;
     c.as = (void **)(c.xs + n_assign);
     c.first = (int64_t *)(c.as + n_assign);
@@ -956,15 +974,29 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         }
         assert(a == n_assign && tasks == up_tasks);
         /* Phase 1 takes the items' blocks in turn (block 0 of every item,
-         * then block 1, ...) rather than item after item: decode mixes
-         * experts with 4 to 6 tokens, whose rows take longer to multiply
-         * than to read, with experts of 1 or 2 tokens, which wait for
-         * memory; interleaved, the memory streams while the many-token
-         * blocks compute.  Each element is still written by one task. */
-        for (int64_t blk = 0; blk < max_blocks; blk++)
+         * then block 1, ...) rather than item after item, the items in the
+         * order most tokens, fewest, second most, second fewest, ...:
+         * decode mixes experts with 4 to 6 tokens, whose rows take longer
+         * to multiply than to read, with experts of 1 or 2 tokens, which
+         * wait for memory; so the threads, taking tasks in this order,
+         * stream the ones while they compute the others.  Each element is
+         * still written by one task, so the order changes no result. */
+        {
+            struct item_rank *by = (struct item_rank *)(c.up + up_tasks);
+            int n = 0;
+
             for (int i = 0; i < n_work; i++)
-                if (blk < c.blocks[i])
-                    c.up[t++] = (struct up_task){.item = i, .blk = (int32_t)blk};
+                if (c.blocks[i])
+                    by[n++] = (struct item_rank){.item = i, .tokens = work[i].n_tokens};
+            qsort(by, (size_t)n, sizeof(*by), by_tokens);
+            for (int64_t blk = 0; blk < max_blocks; blk++)
+                for (int j = 0; j < n; j++) {
+                    int i = by[j % 2 ? n - 1 - j / 2 : j / 2].item;
+
+                    if (blk < c.blocks[i])
+                        c.up[t++] = (struct up_task){.item = i, .blk = (int32_t)blk};
+                }
+        }
         assert(t == up_tasks);
     }
 
