@@ -140,6 +140,9 @@
 #define DN_FBLK 256
 #define DN_MPAD 16
 #define DN_MIN_TOKENS 16
+/* phase 2 takes the items in a rotated order (ffn_down_task) up to this
+ * many assignments (its y rows then need ROT_MAX x HBLK floats a thread) */
+#define ROT_MAX 256
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
@@ -453,6 +456,9 @@ struct ffn_ctx {
     int64_t *first;       /* [n_work] index of the item's first assignment */
     int64_t *blocks;      /* [n_work] phase-1 tasks (row blocks) of each item */
     struct up_task *up;   /* [up_tasks] phase-1 tasks in the order they run */
+    struct item_rank *by; /* [n_by] the items with tokens, most, fewest, ... */
+    int n_by;
+    bool rot;             /* phase 2 takes the items in by's order, rotated */
     size_t ystride;       /* floats between the gate and up tiles in ybuf */
     struct scratch *ybuf; /* [n_threads] */
     /* oneDNN items: dn_m[i] > 0 is the item's padded token rows, dn_x[i]
@@ -698,60 +704,96 @@ static void ffn_up_task(void *arg, int task, int thread)
     }
 }
 
-/* Phase 2: one block of HBLK hidden rows, every work item in order. */
+/* Phase 2, item i's part of hidden rows [h0, h0 + nr): its down rows
+ * against its SwiGLU rows, to y (its tokens' rows ldy apart); returns
+ * ldy, or 0 if the item has no tokens or oneDNN failed. */
+static int64_t down_dot(struct ffn_ctx *c, int i, int64_t h0, int nr, float *y, int thread)
+{
+    const struct moe_ffn_work *wk = &c->work[i];
+    const struct moe_expert_weights *e = wk->w;
+    int64_t F = e->ffn;
+    const void *const *as = (const void *const *)(c->as + c->first[i]);
+
+    if (wk->n_tokens == 0)
+        return 0;
+    if (c->dn_m[i]) {
+#ifdef MOE_HAVE_ONEDNN
+        int r = moe_onednn_gemm(c->dn, thread, c->dn_m[i], nr, F, c->dn_h[i],
+                                (const uint16_t *)e->down + h0 * F, y);
+
+        if (r < 0) {
+            dn_fail(c, r);
+            return 0;
+        }
+#endif
+        (void)thread;
+        return nr;
+    }
+    if (e->quant.q != MOE_QUANT_NONE) {
+        qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F, as,
+                  wk->n_tokens, y, HBLK);
+    } else {
+        moe_cpu_dot_fn dot =
+            wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
+
+        dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F, as,
+            wk->n_tokens, y, HBLK);
+    }
+    return HBLK;
+}
+
+/* out[t, h0 .. h0 + nr) += s * (y + down bias) for item i's tokens. */
+static void down_add(const struct ffn_ctx *c, int i, int64_t h0, int nr, const float *y,
+                     int64_t ldy)
+{
+    const struct moe_ffn_work *wk = &c->work[i];
+    const float *db = wk->w->down_bias ? wk->w->down_bias + h0 : NULL;
+
+    for (int j = 0; j < wk->n_tokens; j++) {
+        float *o = c->out + (size_t)wk->tokens[j] * c->hidden + h0;
+        const float *yj = y + (size_t)j * ldy;
+        float s = wk->scales[j];
+
+        if (db) {
+            for (int r = 0; r < nr; r++)
+                o[r] += s * (yj[r] + db[r]);
+        } else {
+            for (int r = 0; r < nr; r++)
+                o[r] += s * yj[r];
+        }
+    }
+}
+
+/*
+ * Phase 2: one block of HBLK hidden rows, every work item, added to out in
+ * work-item order.  With rot (decode: few tokens, no oneDNN item) the dots
+ * run first, in by's order from position task % n_by, each to its
+ * assignments' rows of y, and then are added in work-item order: threads
+ * on neighbouring blocks then multiply rows of different experts at a
+ * time, a compute-bound one beside a memory-bound one, as in phase 1.
+ */
 static void ffn_down_task(void *arg, int task, int thread)
 {
     struct ffn_ctx *c = arg;
-    int64_t H = c->hidden;
     int64_t h0 = (int64_t)task * HBLK;
-    int nr = (int)MOE_MIN(HBLK, H - h0);
+    int nr = (int)MOE_MIN(HBLK, c->hidden - h0);
     float *y = c->ybuf[thread].p;
 
+    if (c->rot) {
+        for (int j = 0; j < c->n_by; j++) {
+            int i = c->by[(task + j) % c->n_by].item;
+
+            down_dot(c, i, h0, nr, y + c->first[i] * HBLK, thread);
+        }
+        for (int i = 0; i < c->n_work; i++)
+            down_add(c, i, h0, nr, y + c->first[i] * HBLK, HBLK);
+        return;
+    }
     for (int i = 0; i < c->n_work; i++) {
-        const struct moe_ffn_work *wk = &c->work[i];
-        const struct moe_expert_weights *e = wk->w;
-        int64_t F = e->ffn;
+        int64_t ldy = down_dot(c, i, h0, nr, y, thread);
 
-        int64_t ldy = HBLK;
-
-        if (wk->n_tokens == 0)
-            continue;
-        if (c->dn_m[i]) {
-#ifdef MOE_HAVE_ONEDNN
-            int r = moe_onednn_gemm(c->dn, thread, c->dn_m[i], nr, F, c->dn_h[i],
-                                    (const uint16_t *)e->down + h0 * F, y);
-
-            if (r < 0) {
-                dn_fail(c, r);
-                continue;
-            }
-            ldy = nr;
-#endif
-        } else if (e->quant.q != MOE_QUANT_NONE) {
-            qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F,
-                      (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
-        } else {
-            moe_cpu_dot_fn dot =
-                wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
-
-            dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
-                (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
-        }
-        for (int j = 0; j < wk->n_tokens; j++) {
-            float *o = c->out + (size_t)wk->tokens[j] * H + h0;
-            const float *yj = y + (size_t)j * ldy;
-            float s = wk->scales[j];
-
-            if (e->down_bias) {
-                const float *db = e->down_bias + h0;
-
-                for (int r = 0; r < nr; r++)
-                    o[r] += s * (yj[r] + db[r]);
-            } else {
-                for (int r = 0; r < nr; r++)
-                    o[r] += s * yj[r];
-            }
-        }
+        if (ldy)
+            down_add(c, i, h0, nr, y, ldy);
     }
 }
 
@@ -911,6 +953,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     /* gate and up tiles: moed's kernels' [max_nt, FBLK], oneDNN's
      * [max_m, DN_FBLK] (which also holds its down tile [max_m, HBLK]) */
     c.ystride = MOE_MAX((size_t)max_nt * MOE_MAX(FBLK, HBLK), (size_t)max_m * DN_FBLK);
+    /* decode: phase 2 keeps every assignment's y rows (ffn_down_task) */
+    c.rot = n_dn == 0 && n_assign <= ROT_MAX;
+    if (c.rot)
+        c.ystride = MOE_MAX(c.ystride, (size_t)n_assign * HBLK);
     r = reserve_ybuf(cb, 2 * c.ystride);
     if (r < 0)
         goto out;
@@ -985,6 +1031,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             struct item_rank *by = (struct item_rank *)(c.up + up_tasks);
             int n = 0;
 
+            c.by = by;
+
             for (int i = 0; i < n_work; i++)
                 if (c.blocks[i])
                     by[n++] = (struct item_rank){.item = i, .tokens = work[i].n_tokens};
@@ -996,6 +1044,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                     if (blk < c.blocks[i])
                         c.up[t++] = (struct up_task){.item = i, .blk = (int32_t)blk};
                 }
+            c.n_by = n;
         }
         assert(t == up_tasks);
     }
