@@ -142,6 +142,9 @@ static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *cons
 {
     int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     size_t ss = moe_quant_scale_size(w->f.q);
+    /* FP8: x times 2^(120 - e) (kernels.h, moe_cpu_scale_x8) taken back
+     * to x / 2^e, exactly; the sums times 2^e at the end */
+    float xs = w->f.q == MOE_QUANT_FP8 ? 0x1p-120f : 1.0f;
     float buf[MOE_CPU_KBLOCK];
 
     for (int r = 0; r < nr; r++) {
@@ -160,10 +163,12 @@ static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *cons
                 float acc = 0.0f;
 
                 for (int64_t c = 0; c < n; c++)
-                    acc += buf[c] * xt[c];
+                    acc += buf[c] * (xt[c] * xs);
                 y[(size_t)t * ldy + r] += acc;
             }
         }
+        for (int t = 0; w->f.q == MOE_QUANT_FP8 && t < nt; t++)
+            y[(size_t)t * ldy + r] *= ((const float *)x[t])[moe_cpu_kpad(k)];
     }
 }
 

@@ -12,7 +12,12 @@
  *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
  *              lane, shifted right by 4 (arithmetic) and masked: the fp32
  *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
- *              subnormal alike), multiplied by 2^120 (exact).
+ *              subnormal alike), used as it is: the activations come
+ *              times 2^(120 - e) (kernels.h, moe_cpu_scale_x8; e the
+ *              exponent of the row's largest |x|), so the products are
+ *              w x / 2^e, never near fp32's limits, and each dot is
+ *              multiplied by 2^e at the end (all exact: as if w had been
+ *              decoded exactly and x taken as it is).
  *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
@@ -85,8 +90,8 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
     case MOE_QUANT_FP8: {
         /* each byte shuffled into the top byte of its 32-bit lane,
          * shifted right by 4 (arithmetic) and masked: the fp32 bits s 0000
-         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0),
-         * times 2^120 (exact) */
+         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0); the
+         * activations carry the 2^120 (kernels.h, moe_cpu_scale_x8) */
         const __m256i keep = _mm256_set1_epi32((int)0x87f00000u);
 
 #pragma GCC unroll 2
@@ -102,10 +107,8 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
                     (int)(0x808080u | (8u * j + 4) << 24), (int)(0x808080u | (8u * j + 5) << 24),
                     (int)(0x808080u | (8u * j + 6) << 24), (int)(0x808080u | (8u * j + 7) << 24));
 
-                out[2 * h + j] =
-                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(
-                                      _mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep)),
-                                  _mm256_set1_ps(0x1p120f));
+                out[2 * h + j] = _mm256_castsi256_ps(
+                    _mm256_and_si256(_mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep));
             }
         }
         break;
@@ -325,7 +328,9 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
-            y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
+            /* FP8: the activations' 2^e (kernels.h, moe_cpu_scale_x8) */
+            y[(size_t)t * ldy + r + (int64_t)i * rs] =
+                q == MOE_QUANT_FP8 ? sum[i][t] * x[t][moe_cpu_kpad(k)] : sum[i][t];
 }
 
 /* qtile with xc (INT4: qgsum8 values for its tokens) or without (NULL). */
