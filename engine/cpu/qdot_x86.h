@@ -5,10 +5,11 @@
  * give the same results).  No state, no locks.
  *
  * Each 8 values are decoded to fp32 in registers and FMA'd with the
- * activations; each 32 values' 8-lane partial sum is multiplied by its
- * group's scale into one 8-lane accumulator per (row, token) (groups are
- * multiples of 32), so scaling costs one FMA per 32 values; no dequantized
- * copy of a matrix is ever made.  Decoding:
+ * activations into an 8-lane partial sum per (row, token) over the values'
+ * group (groups are multiples of 32, and split where they straddle a K
+ * block), which is then multiplied by the group's scale into an 8-lane
+ * accumulator, so scaling costs one FMA per group (FP8 and INT8: 128
+ * values); no dequantized copy of a matrix is ever made.  Decoding:
  *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
  *              lane, shifted right by 4 (arithmetic) and masked: the fp32
  *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
@@ -210,13 +211,13 @@ QINLINE void qgsum8(const float *x, int64_t k, int64_t g0, int bc, float *dst)
 
 /*
  * R rows r, r + rs, r + 2 rs, ... (relative to w->row0) x T tokens from x,
- * over all of k; results to y[t * ldy + row].  R * T <= 6: the
- * accumulators, 4 decoded weight vectors (one row at a time), a partial
- * sum, the scale and an activation fit in the 16 registers.  Each 32
- * values of a row are multiplied with the activations unscaled, summed in
- * 8 lanes, and the 8 partial sums multiplied by their group's scale into
- * the accumulator: one multiply per 32 values instead of one per value
- * (groups are multiples of 32).
+ * over all of k; results to y[t * ldy + row].  R * T <= 6: the partial
+ * sums, 4 decoded weight vectors (one row at a time) and an activation fit
+ * in the 16 registers (the accumulators and scales, used once per group,
+ * need not).  The values of
+ * a row's group are multiplied with the activations unscaled, summed in 8
+ * lanes, and the 8 partial sums multiplied by the group's scale into the
+ * accumulator: one multiply per group instead of one per value.
  */
 QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
                     const float *const *x, const bool XC, const float *const *xc, const int T,
@@ -238,19 +239,27 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
         int64_t g = kb / bc, gend = (g + 1) * bc;
-        __m256 acc[6][6], vs[6];
+        __m256 acc[6][6], p[6][6], vs[6];
 
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++)
-                acc[i][t] = _mm256_setzero_ps();
+                acc[i][t] = p[i][t] = _mm256_setzero_ps();
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
             vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
         for (int64_t c = kb; c < ke; c += 32) {
             if (c == gend) {
-                /* the next group (one straddling a K block is split) */
+                /* the group's sums times its scale; the next group (one
+                 * straddling a K block is split) */
+#pragma GCC unroll 6
+                for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+                    for (int t = 0; t < T; t++) {
+                        acc[i][t] = _mm256_fmadd_ps(p[i][t], vs[i], acc[i][t]);
+                        p[i][t] = _mm256_setzero_ps();
+                    }
                 g++;
                 gend += bc;
 #pragma GCC unroll 6
@@ -264,12 +273,10 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
                 qdecode32(q, wr[i], c, wv);
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++) {
-                    __m256 p = _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
-
-                    p = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), p);
-                    p = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), p);
-                    p = _mm256_fmadd_ps(wv[3], _mm256_load_ps(x[t] + c + 24), p);
-                    acc[i][t] = _mm256_fmadd_ps(p, vs[i], acc[i][t]);
+                    p[i][t] = _mm256_fmadd_ps(wv[0], _mm256_load_ps(x[t] + c), p[i][t]);
+                    p[i][t] = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), p[i][t]);
+                    p[i][t] = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), p[i][t]);
+                    p[i][t] = _mm256_fmadd_ps(wv[3], _mm256_load_ps(x[t] + c + 24), p[i][t]);
                 }
             }
         }
@@ -277,6 +284,7 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++) {
+                acc[i][t] = _mm256_fmadd_ps(p[i][t], vs[i], acc[i][t]);
                 if (q == MOE_QUANT_INT4) /* the decoder's factors, exactly */
                     acc[i][t] = _mm256_mul_ps(
                         acc[i][t], _mm256_setr_ps(0x1p-24f, 0x1p-28f, 0x1p-24f, 0x1p-28f, 0x1p-24f,
