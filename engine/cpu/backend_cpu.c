@@ -52,7 +52,7 @@
  *      block against the item's tokens, plus their biases (gpt-oss), the
  *      expert's activation (SwiGLU, or gpt-oss's clamped one), stored
  *      (prepared) into the item's intermediate rows; FP8 items' rows are
- *      then scaled by their largest value (kernels.h, moe_cpu_scale_x8),
+ *      then scaled by their largest value (kernels.h, moe_cpu_make_x8),
  *      one loop over the items;
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
  *      down rows of the block against its intermediate rows, then
@@ -145,7 +145,7 @@ _Static_assert(FBLK % MOE_CPU_KPAD == 0, "FBLK must be whole prepared blocks");
 
 /* Prepared-x slots: one per (weight dtype, precision), dtype + 3 * precision,
  * SLOT_A8 for int8 activations (moe_cpu_prep_a8), and SLOT_X8 + precision
- * for FP8 experts (kernels.h, moe_cpu_scale_x8). */
+ * for FP8 experts (kernels.h, moe_cpu_make_x8). */
 #define N_PREP 9
 #define SLOT_A8 6
 #define SLOT_X8 7
@@ -299,7 +299,7 @@ static void prep_task(void *arg, int task, int thread)
                 c->k->prep[MOE_DTYPE_F32](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
                 if (d > SLOT_X8)
                     c->k->round[MOE_DTYPE_F32](dst, c->cols_pad);
-                moe_cpu_scale_x8(dst, c->cols_pad);
+                moe_cpu_make_x8(dst, c->cols_pad);
                 continue;
             }
             c->k->prep[d % 3](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
@@ -500,7 +500,7 @@ static bool uses_a8(const struct moe_cpu_kernel *k, bool act_int8,
     return act_int8 && e->quant.q != MOE_QUANT_NONE && k->qdot_a8[e->quant.q];
 }
 
-/* Whether expert e's activations take the FP8 layout (moe_cpu_scale_x8). */
+/* Whether expert e's activations take the FP8 layout (moe_cpu_make_x8). */
 static bool uses_x8(const struct moe_cpu_kernel *k, bool act_int8,
                     const struct moe_expert_weights *e)
 {
@@ -723,7 +723,7 @@ static void ffn_x8_task(void *arg, int task, int thread)
     if (wk->n_tokens == 0 || c->dn_m[task] || !uses_x8(c->k, c->act_int8, wk->w))
         return;
     for (int j = 0; j < wk->n_tokens; j++)
-        moe_cpu_scale_x8(c->as[c->first[task] + j], moe_cpu_kpad(wk->w->ffn));
+        moe_cpu_make_x8(c->as[c->first[task] + j], moe_cpu_kpad(wk->w->ffn));
 }
 
 /* Phase 2: one block of HBLK hidden rows, every work item in order. */

@@ -10,15 +10,20 @@
  * block), which is then multiplied by the group's scale into an 8-lane
  * accumulator, so scaling costs one FMA per group (FP8 and INT8: 128
  * values); no dequantized copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
- *              lane, shifted right by 4 (arithmetic) and masked: the fp32
- *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
- *              subnormal alike), used as it is: the activations come
- *              times 2^(120 - e) (kernels.h, moe_cpu_scale_x8; e the
- *              exponent of the row's largest |x|), so the products are
- *              w x / 2^e, never near fp32's limits, and each dot is
- *              multiplied by 2^e at the end (all exact: as if w had been
- *              decoded exactly and x taken as it is).
+ *   FP8 e4m3   the even, then the odd bytes sign-extended and multiplied
+ *              by 16 into 16-bit words in one vpmaddubsw each, masked to
+ *              s 0000eeee mmm0000, and unpacked with zeros into the top
+ *              halves of 32-bit lanes (vpunpck*wd): the fp32 bits of the
+ *              value times 2^-120 (normal and subnormal alike), used as
+ *              it is; 2 multiplies (the integer pipe), 2 and and 4
+ *              shuffles per 32 values.  The lanes hold elements 0, 2, 4, 6,
+ *              16, ..., 22 (then 8, ..., 30, and the odd ones likewise),
+ *              the order in which the activations are laid out, times
+ *              2^(120 - e) (kernels.h, moe_cpu_make_x8; e the exponent of
+ *              the row's largest |x|), so the products are w x / 2^e,
+ *              never near fp32's limits, and each dot is multiplied by
+ *              2^e at the end (all exact: as if w had been decoded exactly
+ *              and x taken as it is).
  *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
@@ -89,29 +94,24 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        /* each byte shuffled into the top byte of its 32-bit lane,
-         * shifted right by 4 (arithmetic) and masked: the fp32 bits s 0000
-         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0); the
-         * activations carry the 2^120 (kernels.h, moe_cpu_scale_x8) */
-        const __m256i keep = _mm256_set1_epi32((int)0x87f00000u);
+        /* vpmaddubsw of the 32 bytes (signed) with 16 at the even bytes
+         * (then the odd ones) and 0 at the others: each value's byte
+         * sign-extended times 16 in a 16-bit word, masked to s 0000 eeee
+         * mmm 0000, the top half of the fp32 bits of the value times 2^-120
+         * (a subnormal for e = 0); the words to the top halves of 32-bit
+         * lanes (vpunpck*wd with zeros): elements 0, 2, 4, 6, 16, ..., 22;
+         * 8, ..., 14, 24, ..., 30; then the odd ones likewise, the order of
+         * the activations (kernels.h, moe_cpu_make_x8, which also carry the
+         * 2^120) */
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(wrow + c0));
+        const __m256i keep = _mm256_set1_epi16((short)0x87f0), z = _mm256_setzero_si256();
+        __m256i e = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16(16), b), keep);
+        __m256i o = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16(16 << 8), b), keep);
 
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++) {
-            __m256i b =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * h)));
-
-#pragma GCC unroll 2
-            for (int j = 0; j < 2; j++) {
-                const __m256i m = _mm256_setr_epi32(
-                    (int)(0x808080u | (8u * j) << 24), (int)(0x808080u | (8u * j + 1) << 24),
-                    (int)(0x808080u | (8u * j + 2) << 24), (int)(0x808080u | (8u * j + 3) << 24),
-                    (int)(0x808080u | (8u * j + 4) << 24), (int)(0x808080u | (8u * j + 5) << 24),
-                    (int)(0x808080u | (8u * j + 6) << 24), (int)(0x808080u | (8u * j + 7) << 24));
-
-                out[2 * h + j] = _mm256_castsi256_ps(
-                    _mm256_and_si256(_mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep));
-            }
-        }
+        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, e));
+        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, e));
+        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, o));
+        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, o));
         break;
     }
     case MOE_QUANT_INT8:
@@ -336,7 +336,7 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
-            /* FP8: the activations' 2^e (kernels.h, moe_cpu_scale_x8) */
+            /* FP8: the activations' 2^e (kernels.h, moe_cpu_make_x8) */
             y[(size_t)t * ldy + r + (int64_t)i * rs] =
                 q == MOE_QUANT_FP8 ? sum[i][t] * x[t][moe_cpu_kpad(k)] : sum[i][t];
 }

@@ -68,7 +68,7 @@ void moe_cpu_round_f32(void *prepared, int64_t n_pad)
         p[i] = moe_bf16_to_f32(moe_f32_to_bf16(p[i]));
 }
 
-void moe_cpu_scale_x8(float *row, int64_t n_pad)
+void moe_cpu_make_x8(float *row, int64_t n_pad)
 {
     uint32_t umax = 0;
     int e = 0, sh;
@@ -95,6 +95,13 @@ void moe_cpu_scale_x8(float *row, int64_t n_pad)
         for (int64_t i = 0; i < n_pad; i++)
             row[i] *= f;
         sh -= s1;
+    }
+    for (int64_t b = 0; b < n_pad; b += 32) {
+        float v[32];
+
+        for (int j = 0; j < 32; j++)
+            v[moe_cpu_x8_pos(j)] = row[b + j];
+        memcpy(row + b, v, sizeof(v));
     }
     row[n_pad] = ldexpf(1.0f, e);
     for (int i = 1; i < MOE_CPU_KPAD; i++)

@@ -8,7 +8,7 @@
  * reference on the dequantized weights (relative L2 1e-5), bit-identical
  * for any thread count and for a token alone or in a batch; and a
  * reference with one scale wrong fails that check.  FP8 experts'
- * activations (moe_cpu_scale_x8) exactly as defined, and the FP8 kernels on
+ * activations (moe_cpu_make_x8) exactly as defined, and the FP8 kernels on
  * tokens of largest |x| from 1e-37 to 1e36 and subnormal weights against
  * fp64, infinities and all-zero rows as in fp32.  int8 activations
  * (moe_cpu_config.act_int8): moe_cpu_prep_a8 against its definition (each
@@ -537,8 +537,9 @@ static void test_int4_long_rows(void)
 }
 
 /*
- * FP8 experts' activations (kernels.h, moe_cpu_scale_x8) over fp32's range:
- * the layout (the values times 2^(120 - e), exactly, and 2^e after them;
+ * FP8 experts' activations (kernels.h, moe_cpu_make_x8) over fp32's range:
+ * the layout (the values times 2^(120 - e), exactly, reordered in blocks
+ * of 32, and 2^e after them;
  * an all-zero row and infinities and NaN kept), then the FP8 kernels of
  * every variant on tokens whose largest |x| is 1e-37, 1e-30, 1, 1e30 and
  * 1e36, with weights of every code (a fifth of them subnormal), against
@@ -576,7 +577,7 @@ static void test_fp8_x_range(void)
         ASSERT_TRUE(xp[t] != NULL);
         memset(xp[t], 0xff, (size_t)MOE_CPU_X8_ROW(np) * 4);
         kerns[0]->prep[MOE_DTYPE_F32](xf + t * cols, cols, np, xp[t]);
-        moe_cpu_scale_x8(xp[t], np);
+        moe_cpu_make_x8(xp[t], np);
         /* e the exponent of the largest finite |x|, 0 for none: 2^(ex - 1) */
         for (int64_t i = 0; i < cols; i++)
             if (isfinite(xf[t * cols + i]))
@@ -584,14 +585,15 @@ static void test_fp8_x_range(void)
         if (amax > 0.0f)
             frexpf(amax, &ex);
         for (int64_t i = 0; i < MOE_CPU_X8_ROW(np); i++) {
+            /* element i's place: reordered in blocks of 32, then 2^e */
+            float got = xp[t][i < np ? (i & ~31) + moe_cpu_x8_pos((int)(i & 31)) : i];
             double want = i < cols ? ldexp(xf[t * cols + i], 121 - ex) : 0.0;
 
             if (i == np)
                 want = ldexp(1.0, ex - 1);
-
-            if (!(xp[t][i] == want || (i == 100 && t == NT - 1 && isinf(xp[t][i]))))
+            if (!(got == want || (i == 100 && t == NT - 1 && isinf(got))))
                 FAIL("fp8 activations: token %d element %lld: %.9g for %.9g", t, (long long)i,
-                     (double)xp[t][i], want);
+                     (double)got, want);
         }
     }
     for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
