@@ -55,7 +55,9 @@
  *      taken in turn (block 0 of each item, then block 1, ...; items with
  *      most and fewest tokens alternating), so that threads multiply rows
  *      of experts with many tokens (compute-bound) while others stream
- *      those of experts with few (memory-bound);
+ *      those of experts with few (memory-bound); FP8 items' rows are
+ *      then scaled by their largest value (kernels.h, moe_cpu_make_x8),
+ *      one loop over the items;
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
  *      down rows of the block against its intermediate rows, then
  *      out[t, block] += s * (y + down bias) for each of its tokens.
@@ -149,9 +151,19 @@ _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
 _Static_assert(FBLK % MOE_CPU_KPAD == 0, "FBLK must be whole prepared blocks");
 
 /* Prepared-x slots: one per (weight dtype, precision), dtype + 3 * precision,
- * and SLOT_A8 for int8 activations (moe_cpu_prep_a8). */
-#define N_PREP 7
+ * SLOT_A8 for int8 activations (moe_cpu_prep_a8), and SLOT_X8 + precision
+ * for FP8 experts (kernels.h, moe_cpu_make_x8). */
+#define N_PREP 9
 #define SLOT_A8 6
+#define SLOT_X8 7
+
+/* Bytes of a row of cols elements prepared for slot d. */
+static size_t slot_row(int d, int64_t cols)
+{
+    int64_t n = moe_cpu_kpad(cols);
+
+    return (size_t)(d >= SLOT_X8 ? MOE_CPU_X8_ROW(n) : n) * 4;
+}
 
 static const float ones[FBLK] = {[0 ... FBLK - 1] = 1.0f};
 
@@ -276,10 +288,11 @@ static void prep_task(void *arg, int task, int thread)
     const struct prep_ctx *c = arg;
     int t0 = task * c->per_task;
     int t1 = MOE_MIN(t0 + c->per_task, c->n_tokens);
-    size_t row = (size_t)c->cols_pad * 4;
 
     (void)thread;
     for (int d = 0; d < N_PREP; d++) {
+        size_t row = slot_row(d, c->cols);
+
         if (!(c->dtypes & (1u << d)))
             continue;
         for (int t = t0; t < t1; t++) {
@@ -287,6 +300,13 @@ static void prep_task(void *arg, int task, int thread)
 
             if (d == SLOT_A8) {
                 moe_cpu_prep_a8(c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
+                continue;
+            }
+            if (d >= SLOT_X8) {
+                c->k->prep[MOE_DTYPE_F32](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
+                if (d > SLOT_X8)
+                    c->k->round[MOE_DTYPE_F32](dst, c->cols_pad);
+                moe_cpu_make_x8(dst, c->cols_pad);
                 continue;
             }
             c->k->prep[d % 3](c->x + (size_t)t * c->cols, c->cols, c->cols_pad, dst);
@@ -311,11 +331,11 @@ static int prep_x(struct cpu_backend *cb, const float *x, int64_t cols, int n_to
     size_t bytes;
     int r;
 
-    if (!moe_mul_size((size_t)n_tokens, (size_t)c.cols_pad * 4, &bytes))
-        return -ENOMEM;
     for (int d = 0; d < N_PREP; d++) {
         if (!(dtypes & (1u << d)))
             continue;
+        if (!moe_mul_size((size_t)n_tokens, slot_row(d, cols), &bytes))
+            return -ENOMEM;
         r = scratch_reserve(&cb->xprep[d], bytes);
         if (r < 0)
             return r;
@@ -513,11 +533,20 @@ static bool uses_a8(const struct moe_cpu_kernel *k, bool act_int8,
     return act_int8 && e->quant.q != MOE_QUANT_NONE && k->qdot_a8[e->quant.q];
 }
 
+/* Whether expert e's activations take the FP8 layout (moe_cpu_make_x8). */
+static bool uses_x8(const struct moe_cpu_kernel *k, bool act_int8,
+                    const struct moe_expert_weights *e)
+{
+    return e->quant.q == MOE_QUANT_FP8 && !uses_a8(k, act_int8, e);
+}
+
 /* The prepared-x slot of a work item. */
 static int prep_slot(const struct moe_cpu_kernel *k, bool act_int8, const struct moe_ffn_work *wk)
 {
     if (uses_a8(k, act_int8, wk->w))
         return SLOT_A8;
+    if (uses_x8(k, act_int8, wk->w))
+        return SLOT_X8 + (wk->precision == MOE_PRECISION_BF16);
     return prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16);
 }
 
@@ -704,6 +733,21 @@ static void ffn_up_task(void *arg, int task, int thread)
     }
 }
 
+/* Between phases 1 and 2: the SwiGLU rows of work item `task`, if its
+ * activations take the FP8 layout, made it (each row needs its largest
+ * value, so the phase-1 tasks, which write FBLK columns each, cannot). */
+static void ffn_x8_task(void *arg, int task, int thread)
+{
+    const struct ffn_ctx *c = arg;
+    const struct moe_ffn_work *wk = &c->work[task];
+
+    (void)thread;
+    if (wk->n_tokens == 0 || c->dn_m[task] || !uses_x8(c->k, c->act_int8, wk->w))
+        return;
+    for (int j = 0; j < wk->n_tokens; j++)
+        moe_cpu_make_x8(c->as[c->first[task] + j], moe_cpu_kpad(wk->w->ffn));
+}
+
 /* Phase 2, item i's part of hidden rows [h0, h0 + nr): its down rows
  * against its SwiGLU rows, to y (its tokens' rows ldy apart); returns
  * ldy, or 0 if the item has no tokens or oneDNN failed. */
@@ -880,10 +924,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                         .n_work = n_work,
                         .out = out};
     int64_t n_assign = 0, up_tasks = 0, max_m = 0;
-    size_t act_bytes = 0, dn_bytes = 0, meta_bytes, hrow = (size_t)moe_cpu_kpad(hidden) * 4;
+    size_t act_bytes = 0, dn_bytes = 0, meta_bytes;
     size_t dn_esz = 4;
     unsigned dtypes = 0;
-    int max_nt = 0, n_dn = 0, r;
+    int max_nt = 0, n_dn = 0, n_x8 = 0, r;
     char *act;
 
     if (hidden <= 0 || hidden > INT32_MAX || n_tokens < 0 || n_work < 0)
@@ -924,7 +968,9 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         up_tasks += (wk->w->ffn + FBLK - 1) / FBLK;
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
         dtypes |= 1u << prep_slot(cb->k, cb->act_int8, wk);
-        if (!moe_mul_size((size_t)wk->n_tokens, (size_t)moe_cpu_kpad(wk->w->ffn) * 4, &bytes) ||
+        n_x8 += uses_x8(cb->k, cb->act_int8, wk->w);
+        if (!moe_mul_size((size_t)wk->n_tokens,
+                          slot_row(prep_slot(cb->k, cb->act_int8, wk), wk->w->ffn), &bytes) ||
             !moe_add_size(act_bytes, bytes, &act_bytes))
             return -ENOMEM;
     }
@@ -987,7 +1033,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         for (int i = 0; i < n_work; i++) {
             const struct moe_ffn_work *wk = &work[i];
             const char *xp;
-            size_t frow;
+            size_t frow, hrow;
+            int d;
 
             c.first[i] = a;
             c.blocks[i] = 0;
@@ -1007,8 +1054,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 a += wk->n_tokens;
             } else if (wk->n_tokens > 0) {
                 c.blocks[i] = (wk->w->ffn + FBLK - 1) / FBLK;
-                xp = cb->xprep[prep_slot(cb->k, cb->act_int8, wk)].p;
-                frow = (size_t)moe_cpu_kpad(wk->w->ffn) * 4;
+                d = prep_slot(cb->k, cb->act_int8, wk);
+                xp = cb->xprep[d].p;
+                hrow = slot_row(d, hidden);
+                frow = slot_row(d, wk->w->ffn);
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
                     c.as[a] = act;
@@ -1065,6 +1114,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     r = __atomic_load_n(&c.dn_err, __ATOMIC_RELAXED);
     if (r < 0)
         goto out;
+    if (n_x8)
+        moe_threadpool_run(cb->pool, n_work, ffn_x8_task, &c);
     moe_threadpool_run(cb->pool, (int)((hidden + HBLK - 1) / HBLK), ffn_down_task, &c);
     r = __atomic_load_n(&c.dn_err, __ATOMIC_RELAXED);
 out:

@@ -143,8 +143,9 @@ struct moe_cpu_qw {
  * y[t * ldy + r] = sum_{c < k} W[row0 + r, c] * x[t][c] for r < nr, t < nt
  * (overwritten), W dequantized inside the kernel (each value times its
  * scale in fp32, fp32 accumulation), never as a copy of the matrix.  x[t]
- * are plain fp32 prepared rows (prep[MOE_DTYPE_F32]), 64-byte aligned.  As
- * for dot: y[t, r] depends only on k and the inputs.
+ * are plain fp32 prepared rows (prep[MOE_DTYPE_F32]), 64-byte aligned; for
+ * FP8 in the layout of moe_cpu_make_x8 (below).  As for dot: y[t, r]
+ * depends only on k and the inputs.
  */
 typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
                                 int nt, float *y, int64_t ldy);
@@ -175,6 +176,36 @@ typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, c
  * definition for every variant, so all round alike. */
 void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst);
 
+/*
+ * FP8 weights' activations (the qdot kernels of MOE_QUANT_FP8 read these): a
+ * row of MOE_CPU_X8_ROW(n_pad) floats, the n_pad elements of a plain fp32
+ * prepared row (prep[MOE_DTYPE_F32], rounded by round[] for compute_precision
+ * bf16) times 2^(120 - e), each block of 32 in the order the x86 kernels
+ * decode the weights (element j of a block at moe_cpu_x8_pos(j): 0, 2, 4,
+ * 6, 16, 18, 20, 22, 8, 10, ..., 30, then the odd ones likewise), then 2^e
+ * at element n_pad and zeros to the end of that block; e is the exponent
+ * of the row's largest finite |x| (0 when it has none).  The x86 kernels
+ * decode an e4m3 value as itself times 2^-120 (qdot_x86.h) and multiply
+ * each dot by 2^e at the end: the products are those of x / 2^e, the
+ * largest about |w|, so nothing in the sums underflows or overflows
+ * whatever the scale of x, and all the factors are powers of two (exact).
+ * Non-finite values stay as they are.
+ */
+#define MOE_CPU_X8_ROW(n_pad) ((n_pad) + MOE_CPU_KPAD)
+
+/* The position of element j (< 32) of a block in the layout above. */
+static inline int moe_cpu_x8_pos(int j)
+{
+    int h = (j & 15) >> 1;
+
+    return 16 * (j & 1) + 8 * (h >> 2) + 4 * (j >> 4) + (h & 3);
+}
+
+/* Makes a plain fp32 prepared row of n_pad elements (row[0, n_pad)) the
+ * layout above, in place, row holding MOE_CPU_X8_ROW(n_pad) floats.
+ * Portable C: one definition for every variant. */
+void moe_cpu_make_x8(float *row, int64_t n_pad);
+
 struct moe_cpu_kernel {
     const char *name;          /* "generic", "avx2", "avx512" */
     moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
@@ -193,7 +224,8 @@ struct moe_cpu_kernel {
     moe_cpu_swiglu_fn swiglu_b16;
     /* Quantized weights, indexed by enum moe_quant (slot 0, NONE, unused):
      * activations prepared by prep[MOE_DTYPE_F32] (rounded by
-     * round[MOE_DTYPE_F32] for compute_precision bf16). */
+     * round[MOE_DTYPE_F32] for compute_precision bf16), and for FP8 then
+     * made the layout of moe_cpu_make_x8. */
     moe_cpu_qdot_fn qdot[MOE_QUANT_COUNT];
     /* Optional (NULL: none), indexed likewise, INT8 and INT4 only: the same
      * dot on activations prepared by moe_cpu_prep_a8 (int8 activations). */

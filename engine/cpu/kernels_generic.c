@@ -142,6 +142,8 @@ static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *cons
 {
     int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     size_t ss = moe_quant_scale_size(w->f.q);
+    /* FP8: x times 2^(120 - e), reordered (kernels.h, moe_cpu_make_x8):
+     * taken back to x / 2^e, exactly, and the sums times 2^e at the end */
     float buf[MOE_CPU_KBLOCK];
 
     for (int r = 0; r < nr; r++) {
@@ -159,11 +161,16 @@ static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *cons
                 const float *xt = (const float *)x[t] + kb;
                 float acc = 0.0f;
 
-                for (int64_t c = 0; c < n; c++)
-                    acc += buf[c] * xt[c];
+                if (w->f.q != MOE_QUANT_FP8)
+                    for (int64_t c = 0; c < n; c++)
+                        acc += buf[c] * xt[c];
+                for (int64_t c = 0; c < n && w->f.q == MOE_QUANT_FP8; c++)
+                    acc += buf[c] * (xt[(c & ~31) + moe_cpu_x8_pos((int)(c & 31))] * 0x1p-120f);
                 y[(size_t)t * ldy + r] += acc;
             }
         }
+        for (int t = 0; w->f.q == MOE_QUANT_FP8 && t < nt; t++)
+            y[(size_t)t * ldy + r] *= ((const float *)x[t])[moe_cpu_kpad(k)];
     }
 }
 

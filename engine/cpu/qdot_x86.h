@@ -5,14 +5,25 @@
  * give the same results).  No state, no locks.
  *
  * Each 8 values are decoded to fp32 in registers and FMA'd with the
- * activations; each 32 values' 8-lane partial sum is multiplied by its
- * group's scale into one 8-lane accumulator per (row, token) (groups are
- * multiples of 32), so scaling costs one FMA per 32 values; no dequantized
- * copy of a matrix is ever made.  Decoding:
- *   FP8 e4m3   each byte shuffled (vpshufb) into the top byte of its 32-bit
- *              lane, shifted right by 4 (arithmetic) and masked: the fp32
- *              bits s 0000eeee mmm0..., the value times 2^-120 (normal and
- *              subnormal alike), multiplied by 2^120 (exact).
+ * activations into an 8-lane partial sum per (row, token) over the values'
+ * group (groups are multiples of 32, and split where they straddle a K
+ * block), which is then multiplied by the group's scale into an 8-lane
+ * accumulator, so scaling costs one FMA per group (FP8 and INT8: 128
+ * values); no dequantized copy of a matrix is ever made.  Decoding:
+ *   FP8 e4m3   the even, then the odd bytes sign-extended and multiplied
+ *              by 16 into 16-bit words in one vpmaddubsw each, masked to
+ *              s 0000eeee mmm0000, and unpacked with zeros into the top
+ *              halves of 32-bit lanes (vpunpck*wd): the fp32 bits of the
+ *              value times 2^-120 (normal and subnormal alike), used as
+ *              it is; 2 multiplies (the integer pipe), 2 and and 4
+ *              shuffles per 32 values.  The lanes hold elements 0, 2, 4, 6,
+ *              16, ..., 22 (then 8, ..., 30, and the odd ones likewise),
+ *              the order in which the activations are laid out, times
+ *              2^(120 - e) (kernels.h, moe_cpu_make_x8; e the exponent of
+ *              the row's largest |x|), so the products are w x / 2^e,
+ *              never near fp32's limits, and each dot is multiplied by
+ *              2^e at the end (all exact: as if w had been decoded exactly
+ *              and x taken as it is).
  *              NaN bytes (0x7f, 0xff) decode as +-480 instead: the loader
  *              does not scan weights for them.
  *   INT8       sign-extended, converted.
@@ -83,31 +94,24 @@ QINLINE void qdecode32(enum moe_quant q, const uint8_t *wrow, int64_t c0, __m256
 {
     switch (q) {
     case MOE_QUANT_FP8: {
-        /* each byte shuffled into the top byte of its 32-bit lane,
-         * shifted right by 4 (arithmetic) and masked: the fp32 bits s 0000
-         * eeee mmm..., the value times 2^-120 (a subnormal for e = 0),
-         * times 2^120 (exact) */
-        const __m256i keep = _mm256_set1_epi32((int)0x87f00000u);
+        /* vpmaddubsw of the 32 bytes (signed) with 16 at the even bytes
+         * (then the odd ones) and 0 at the others: each value's byte
+         * sign-extended times 16 in a 16-bit word, masked to s 0000 eeee
+         * mmm 0000, the top half of the fp32 bits of the value times 2^-120
+         * (a subnormal for e = 0); the words to the top halves of 32-bit
+         * lanes (vpunpck*wd with zeros): elements 0, 2, 4, 6, 16, ..., 22;
+         * 8, ..., 14, 24, ..., 30; then the odd ones likewise, the order of
+         * the activations (kernels.h, moe_cpu_make_x8, which also carry the
+         * 2^120) */
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(wrow + c0));
+        const __m256i keep = _mm256_set1_epi16((short)0x87f0), z = _mm256_setzero_si256();
+        __m256i e = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16(16), b), keep);
+        __m256i o = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16(16 << 8), b), keep);
 
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++) {
-            __m256i b =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wrow + c0 + 16 * h)));
-
-#pragma GCC unroll 2
-            for (int j = 0; j < 2; j++) {
-                const __m256i m = _mm256_setr_epi32(
-                    (int)(0x808080u | (8u * j) << 24), (int)(0x808080u | (8u * j + 1) << 24),
-                    (int)(0x808080u | (8u * j + 2) << 24), (int)(0x808080u | (8u * j + 3) << 24),
-                    (int)(0x808080u | (8u * j + 4) << 24), (int)(0x808080u | (8u * j + 5) << 24),
-                    (int)(0x808080u | (8u * j + 6) << 24), (int)(0x808080u | (8u * j + 7) << 24));
-
-                out[2 * h + j] =
-                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(
-                                      _mm256_srai_epi32(_mm256_shuffle_epi8(b, m), 4), keep)),
-                                  _mm256_set1_ps(0x1p120f));
-            }
-        }
+        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, e));
+        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, e));
+        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, o));
+        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, o));
         break;
     }
     case MOE_QUANT_INT8:
@@ -207,13 +211,13 @@ QINLINE void qgsum8(const float *x, int64_t k, int64_t g0, int bc, float *dst)
 
 /*
  * R rows r, r + rs, r + 2 rs, ... (relative to w->row0) x T tokens from x,
- * over all of k; results to y[t * ldy + row].  R * T <= 6: the
- * accumulators, 4 decoded weight vectors (one row at a time), a partial
- * sum, the scale and an activation fit in the 16 registers.  Each 32
- * values of a row are multiplied with the activations unscaled, summed in
- * 8 lanes, and the 8 partial sums multiplied by their group's scale into
- * the accumulator: one multiply per 32 values instead of one per value
- * (groups are multiples of 32).
+ * over all of k; results to y[t * ldy + row].  R * T <= 6: the partial
+ * sums, 4 decoded weight vectors (one row at a time) and an activation fit
+ * in the 16 registers (the accumulators and scales, used once per group,
+ * need not).  The values of
+ * a row's group are multiplied with the activations unscaled, summed in 8
+ * lanes, and the 8 partial sums multiplied by the group's scale into the
+ * accumulator: one multiply per group instead of one per value.
  */
 QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
                     const float *const *x, const bool XC, const float *const *xc, const int T,
@@ -222,6 +226,11 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
     const int bc = w->f.bcols;
+    /* partial sums over whole groups (FP8 and INT8, groups of 128 as a
+     * rule); INT4 and MXFP4 (groups of 32 or 64) scale each 32 values'
+     * sum: the partial sums would take as many registers again as the
+     * accumulators (measured: 5% slower with 8 tokens) */
+    const bool GS = q == MOE_QUANT_FP8 || q == MOE_QUANT_INT8;
     const uint8_t *wr[6], *sr[6];
     float sum[6][6] = {{0}};
 
@@ -235,19 +244,27 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
         int64_t g = kb / bc, gend = (g + 1) * bc;
-        __m256 acc[6][6], vs[6];
+        __m256 acc[6][6], p[6][6], vs[6];
 
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++)
-                acc[i][t] = _mm256_setzero_ps();
+                acc[i][t] = p[i][t] = _mm256_setzero_ps();
 #pragma GCC unroll 6
         for (int i = 0; i < R; i++)
             vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
         for (int64_t c = kb; c < ke; c += 32) {
             if (c == gend) {
-                /* the next group (one straddling a K block is split) */
+                /* the group's sums times its scale; the next group (one
+                 * straddling a K block is split) */
+#pragma GCC unroll 6
+                for (int i = 0; i < R && GS; i++)
+#pragma GCC unroll 6
+                    for (int t = 0; t < T; t++) {
+                        acc[i][t] = _mm256_fmadd_ps(p[i][t], vs[i], acc[i][t]);
+                        p[i][t] = _mm256_setzero_ps();
+                    }
                 g++;
                 gend += bc;
 #pragma GCC unroll 6
@@ -261,12 +278,16 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
                 qdecode32(q, wr[i], c, wv);
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++) {
-                    __m256 p = _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
+                    __m256 s = GS ? _mm256_fmadd_ps(wv[0], _mm256_load_ps(x[t] + c), p[i][t])
+                                  : _mm256_mul_ps(wv[0], _mm256_load_ps(x[t] + c));
 
-                    p = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), p);
-                    p = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), p);
-                    p = _mm256_fmadd_ps(wv[3], _mm256_load_ps(x[t] + c + 24), p);
-                    acc[i][t] = _mm256_fmadd_ps(p, vs[i], acc[i][t]);
+                    s = _mm256_fmadd_ps(wv[1], _mm256_load_ps(x[t] + c + 8), s);
+                    s = _mm256_fmadd_ps(wv[2], _mm256_load_ps(x[t] + c + 16), s);
+                    s = _mm256_fmadd_ps(wv[3], _mm256_load_ps(x[t] + c + 24), s);
+                    if (GS)
+                        p[i][t] = s;
+                    else
+                        acc[i][t] = _mm256_fmadd_ps(s, vs[i], acc[i][t]);
                 }
             }
         }
@@ -274,6 +295,8 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++) {
+                if (GS)
+                    acc[i][t] = _mm256_fmadd_ps(p[i][t], vs[i], acc[i][t]);
                 if (q == MOE_QUANT_INT4) /* the decoder's factors, exactly */
                     acc[i][t] = _mm256_mul_ps(
                         acc[i][t], _mm256_setr_ps(0x1p-24f, 0x1p-28f, 0x1p-24f, 0x1p-28f, 0x1p-24f,
@@ -325,7 +348,9 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
-            y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
+            /* FP8: the activations' 2^e (kernels.h, moe_cpu_make_x8) */
+            y[(size_t)t * ldy + r + (int64_t)i * rs] =
+                q == MOE_QUANT_FP8 ? sum[i][t] * x[t][moe_cpu_kpad(k)] : sum[i][t];
 }
 
 /* qtile with xc (INT4: qgsum8 values for its tokens) or without (NULL). */

@@ -68,6 +68,46 @@ void moe_cpu_round_f32(void *prepared, int64_t n_pad)
         p[i] = moe_bf16_to_f32(moe_f32_to_bf16(p[i]));
 }
 
+void moe_cpu_make_x8(float *row, int64_t n_pad)
+{
+    uint32_t umax = 0;
+    int e = 0, sh;
+
+    for (int64_t i = 0; i < n_pad; i++) {
+        uint32_t u;
+
+        memcpy(&u, &row[i], 4);
+        u &= 0x7fffffffu;
+        if (u < 0x7f800000u && u > umax)
+            umax = u;
+    }
+    if (umax >= 0x00800000u)
+        e = (int)(umax >> 23) - 127;
+    else if (umax)
+        e = 31 - __builtin_clz(umax) - 149; /* subnormal */
+    /* times 2^(120 - e), -7 <= 120 - e <= 269: at most 2^127 per multiply,
+     * each exact (only the smallest values of a row of e > 120 could lose
+     * bits, to subnormals, 2^-247 below its largest) */
+    for (sh = 120 - e; sh != 0;) {
+        int s1 = sh > 127 ? 127 : sh;
+        float f = ldexpf(1.0f, s1);
+
+        for (int64_t i = 0; i < n_pad; i++)
+            row[i] *= f;
+        sh -= s1;
+    }
+    for (int64_t b = 0; b < n_pad; b += 32) {
+        float v[32];
+
+        for (int j = 0; j < 32; j++)
+            v[moe_cpu_x8_pos(j)] = row[b + j];
+        memcpy(row + b, v, sizeof(v));
+    }
+    row[n_pad] = ldexpf(1.0f, e);
+    for (int i = 1; i < MOE_CPU_KPAD; i++)
+        row[n_pad + i] = 0.0f;
+}
+
 void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst)
 {
     for (int64_t b = 0; b < n_pad; b += 32) {

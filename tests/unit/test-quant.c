@@ -7,7 +7,10 @@
  * every kernel variant the CPU has and 1-3 threads, against an fp64
  * reference on the dequantized weights (relative L2 1e-5), bit-identical
  * for any thread count and for a token alone or in a batch; and a
- * reference with one scale wrong fails that check.  int8 activations
+ * reference with one scale wrong fails that check.  FP8 experts'
+ * activations (moe_cpu_make_x8) exactly as defined, and the FP8 kernels on
+ * tokens of largest |x| from 1e-37 to 1e36 and subnormal weights against
+ * fp64, infinities and all-zero rows as in fp32.  int8 activations
  * (moe_cpu_config.act_int8): moe_cpu_prep_a8 against its definition (each
  * value within half a step of the block's scale max |x| / 127, NaN
  * carried), the qdot_a8 kernels of every variant the CPU has against an
@@ -533,6 +536,111 @@ static void test_int4_long_rows(void)
     free(xf);
 }
 
+/*
+ * FP8 experts' activations (kernels.h, moe_cpu_make_x8) over fp32's range:
+ * the layout (the values times 2^(120 - e), exactly, reordered in blocks
+ * of 32, and 2^e after them;
+ * an all-zero row and infinities and NaN kept), then the FP8 kernels of
+ * every variant on tokens whose largest |x| is 1e-37, 1e-30, 1, 1e30 and
+ * 1e36, with weights of every code (a fifth of them subnormal), against
+ * fp64 (TOL of the sum of |products|), a token alone as in the batch; a
+ * token holding an infinity gives no finite result, an all-zero one zeros.
+ */
+static void test_fp8_x_range(void)
+{
+    static const struct moe_quant_fmt f = {MOE_QUANT_FP8, 128, 128};
+    static const float mags[] = {1e-37f, 1e-30f, 1.0f, 1e30f, 1e36f, 0.0f, 1.0f};
+    const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_generic, &moe_cpu_kernel_avx2,
+                                            &moe_cpu_kernel_avx512};
+    enum { ROWS = 9, NT = 7, NF = 5 /* the finite, nonzero tokens */ };
+    const int64_t cols = 1088, np = moe_cpu_kpad(cols);
+    uint64_t seed = 41;
+    struct qmat m;
+    float *xf = malloc((size_t)NT * cols * sizeof(float)), y[NT * ROWS], y1[ROWS];
+    float *xp[NT];
+
+    ASSERT_TRUE(xf != NULL);
+    qmat_init(&m, &f, ROWS, cols, &seed);
+    for (int64_t i = 0; i < ROWS * cols; i += 5)
+        m.w[i] &= 0x87; /* subnormal (or zero) */
+    for (int64_t r = 0; r < ROWS; r++)
+        moe_quant_dequant_row_f64(&f, m.w, m.s, ROWS, cols, r, m.ref + r * cols);
+    for (int t = 0; t < NT; t++)
+        for (int64_t i = 0; i < cols; i++)
+            xf[t * cols + i] = test_rand_f32(&seed) * mags[t];
+    xf[(NT - 1) * cols + 100] = INFINITY;
+    for (int t = 0; t < NT; t++) {
+        float amax = 0.0f;
+        int ex = 1;
+
+        xp[t] = moe_alloc_aligned((size_t)MOE_CPU_X8_ROW(np) * 4);
+        ASSERT_TRUE(xp[t] != NULL);
+        memset(xp[t], 0xff, (size_t)MOE_CPU_X8_ROW(np) * 4);
+        kerns[0]->prep[MOE_DTYPE_F32](xf + t * cols, cols, np, xp[t]);
+        moe_cpu_make_x8(xp[t], np);
+        /* e the exponent of the largest finite |x|, 0 for none: 2^(ex - 1) */
+        for (int64_t i = 0; i < cols; i++)
+            if (isfinite(xf[t * cols + i]))
+                amax = fmaxf(amax, fabsf(xf[t * cols + i]));
+        if (amax > 0.0f)
+            frexpf(amax, &ex);
+        for (int64_t i = 0; i < MOE_CPU_X8_ROW(np); i++) {
+            /* element i's place: reordered in blocks of 32, then 2^e */
+            float got = xp[t][i < np ? (i & ~31) + moe_cpu_x8_pos((int)(i & 31)) : i];
+            double want = i < cols ? ldexp(xf[t * cols + i], 121 - ex) : 0.0;
+
+            if (i == np)
+                want = ldexp(1.0, ex - 1);
+            if (!(got == want || (i == 100 && t == NT - 1 && isinf(got))))
+                FAIL("fp8 activations: token %d element %lld: %.9g for %.9g", t, (long long)i,
+                     (double)got, want);
+        }
+    }
+    for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
+        const struct moe_cpu_kernel *kern = kerns[k];
+        struct moe_cpu_qw qw = {.f = f, .w = m.w, .s = m.s, .row0 = 0};
+        double worst = 0;
+
+        if (!kernel_runs(kern, "fp8 activations"))
+            continue;
+        kern->qdot[MOE_QUANT_FP8](&qw, ROWS, cols, (const void *const *)xp, NT, y, ROWS);
+        for (int t = 0; t < NT; t++) {
+            const float *x = xf + t * cols;
+
+            for (int r = 0; r < ROWS; r++) {
+                double ref = 0, mag = 0, e;
+                float v = y[t * ROWS + r];
+
+                if (t >= NF) {
+                    if (t == NF ? v != 0.0f : isfinite(v))
+                        FAIL("%s fp8, token %d (%s): row %d gives %g", kern->name, t,
+                             t == NF ? "zeros" : "an infinity", r, (double)v);
+                    continue;
+                }
+                for (int64_t i = 0; i < cols; i++) {
+                    ref += m.ref[r * cols + i] * (double)x[i];
+                    mag += fabs(m.ref[r * cols + i] * (double)x[i]);
+                }
+                e = fabs(v - ref) / mag;
+                if (!(e <= TOL))
+                    FAIL("%s fp8, largest |x| %g: row %d: %.9g for %.9g (error %.3g)", kern->name,
+                         (double)mags[t], r, (double)v, ref, e);
+                worst = fmax(worst, e);
+            }
+            kern->qdot[MOE_QUANT_FP8](&qw, ROWS, cols, (const void *const *)&xp[t], 1, y1, ROWS);
+            if (memcmp(y1, y + t * ROWS, sizeof(y1)) != 0)
+                FAIL("%s fp8 activations: token %d alone differs from the batch", kern->name, t);
+        }
+        printf("fp8 activations, largest |x| 1e-37 to 1e36: %s worst error %.2g (of the sum of "
+               "|products|)\n",
+               kern->name, worst);
+    }
+    for (int t = 0; t < NT; t++)
+        moe_free_aligned(xp[t]);
+    qmat_free(&m);
+    free(xf);
+}
+
 /* ---- int8 activations ------------------------------------------------------------- */
 
 /* Element e of a row prepared by moe_cpu_prep_a8, dequantized. */
@@ -783,6 +891,7 @@ int main(void)
     test_bad_args();
     test_ffn();
     test_int4_long_rows();
+    test_fp8_x_range();
     test_a8_prep();
     test_a8_kernels();
     test_a8_ffn();
