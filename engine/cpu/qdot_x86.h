@@ -481,26 +481,61 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
         NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
     }
 
+/* int8 activations, INT4: the sums of the blocks' offsets (kernels.h,
+ * MOE_CPU_A8_OFF) over groups [g0, g0 + 8) of bc columns of x[0, k)
+ * (those from ceil(k / bc) on 0), each in block order, to dst[8]. */
+QINLINE void qa8_off8(const uint8_t *x, int64_t k, int64_t g0, int bc, float *dst)
+{
+    for (int j = 0; j < 8; j++) {
+        int64_t c0 = (g0 + j) * bc, c1 = MOE_MIN(k, c0 + bc);
+        float s = 0.0f, o;
+
+        for (int64_t c = c0; c < c1; c += 32) {
+            memcpy(&o, x + c / 32 * MOE_CPU_A8_BLOCK + MOE_CPU_A8_OFF, 4);
+            s += o;
+        }
+        dst[j] = s;
+    }
+}
+
+/* qa8_off8 of every group of n tokens' rows, token t's at xc + t * xcs
+ * (xcs a multiple of 8, the groups from ceil(k / bc) on 0). */
+QINLINE void qa8_offs(const uint8_t *const *x, int n, int64_t k, int bc, float *xc, int64_t xcs)
+{
+    int64_t ng = (k + bc - 1) / bc;
+
+    for (int t = 0; t < n; t++)
+        for (int64_t g0 = 0; g0 < ng; g0 += 8)
+            qa8_off8(x[t], k, g0, bc, xc + t * xcs + g0);
+}
+
+/* INT4's offsets per call on the stack (48 KiB): for as many tokens as
+ * fit; beyond (more than QA8_C / 6 groups for prefill, QA8_C / nt for
+ * decode), each tile computes them. */
+#define QA8_C 12288
+
 /*
  * int8 activations (kernels.h, moe_cpu_prep_a8): R rows r, r + rs, ... x T
  * tokens, INT8, INT4 or MXFP4 weights, as qtile.  Per block of 32: the
  * weights as 32 bytes in the activations' order (int4 and MXFP4: the low
- * nibbles, then the high ones; int8: even elements, then odd ones, by
- * vpshufb and vpermq), multiplied with the int8 activations by vpmaddubsw
- * (int8, and MXFP4 looked up as 2 x e2m1 in int8: |w| times x with w's
- * sign; int4: the nibble, unsigned 0..15, less 8 x the block's sums stored
- * with the activations) and vpmaddwd: exact in int32 (|sums| < 2^15 per
+ * nibbles, then the high ones, against the activations' even, then odd
+ * elements; int8: as stored, against the activations in order),
+ * multiplied with the int8 activations by vpmaddubsw (int8, and MXFP4
+ * looked up as 2 x e2m1 in int8: |w| times x with w's sign; int4: the
+ * nibble, unsigned 0..15) and vpmaddwd: exact in int32 (|sums| < 2^15 per
  * pair); converted, times the activations' scale, times the group's scale
- * (MXFP4's e8m0 times 0.5) into the accumulator.
+ * (MXFP4's e8m0 times 0.5) into the accumulator.  INT4 then takes off its
+ * offset of 8 at the end of the row: the dot of the group scales with the
+ * groups' sums of the blocks' 8 x sum(q) x d (xc: token t's at t * xcs,
+ * from the call; NULL: computed here).
  */
-QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
-                      const uint8_t *const *x, const int T, int64_t k, float *y, int64_t ldy)
+QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                       const uint8_t *const *x, const bool XC, const float *xc, int64_t xcs,
+                       const int T, int64_t k, float *y, int64_t ldy)
 {
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const int bc = w->f.bcols;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
-    const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
-                                        4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     /* 2 x e2m1 in int8 */
     const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0,
                                          1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
@@ -508,6 +543,8 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
      * float32 as stored */
     const enum moe_quant sq = q == MOE_QUANT_MXFP4 ? MOE_QUANT_MXFP4 : MOE_QUANT_INT8;
     const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
+    /* the activations' bytes: in order for INT8, else even then odd */
+    const int xo = q == MOE_QUANT_INT8 ? MOE_CPU_A8_SEQ : 0;
     const uint8_t *wr[6], *sr[6];
     float sum[6][6] = {{0}};
 
@@ -564,23 +601,18 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
                         wv = _mm256_abs_epi8(ws);
                     }
                 } else {
-                    ws = _mm256_permute4x64_epi64(
-                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(wr[i] + c)), eo),
-                        0xd8);
+                    ws = _mm256_loadu_si256((const __m256i *)(wr[i] + c));
                     wv = _mm256_abs_epi8(ws);
                 }
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++) {
-                    __m256i xq = _mm256_load_si256((const __m256i *)xb[t]), d;
+                    __m256i xq = _mm256_load_si256((const __m256i *)(xb[t] + xo)), d;
 
-                    if (q == MOE_QUANT_INT4) {
-                        d = _mm256_sub_epi32(
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones),
-                            _mm256_load_si256((const __m256i *)(xb[t] + MOE_CPU_A8_CORR)));
-                    } else {
+                    if (q == MOE_QUANT_INT4)
+                        d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);
+                    else
                         d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_sign_epi8(xq, ws)),
                                               ones);
-                    }
                     acc[i][t] = _mm256_fmadd_ps(
                         _mm256_mul_ps(
                             _mm256_cvtepi32_ps(d),
@@ -595,91 +627,173 @@ QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int r
             for (int t = 0; t < T; t++)
                 sum[i][t] += qhsum256(acc[i][t]);
     }
+    if (q == MOE_QUANT_INT4) {
+        /* the offset: the dot of the scales with the groups' sums, 8
+         * groups at a time */
+        __m256 d[6][6];
+
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                d[i][t] = _mm256_setzero_ps();
+        for (int64_t g0 = 0; g0 < sc; g0 += 8) {
+            __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)MOE_MIN(8, sc - g0)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 e[6];
+
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++) {
+                if (XC) {
+                    e[t] = _mm256_load_ps(xc + t * xcs + g0);
+                } else {
+                    float eb[8];
+
+                    qa8_off8(x[t], k, g0, bc, eb);
+                    e[t] = _mm256_loadu_ps(eb);
+                }
+            }
+#pragma GCC unroll 6
+            for (int i = 0; i < R; i++) {
+                __m256 sv = _mm256_maskload_ps((const float *)sr[i] + g0, m);
+
+#pragma GCC unroll 6
+                for (int t = 0; t < T; t++)
+                    d[i][t] = _mm256_fmadd_ps(sv, e[t], d[i][t]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                sum[i][t] -= qhsum256(d[i][t]);
+    }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
             y[(size_t)t * ldy + r + (int64_t)i * rs] = sum[i][t];
 }
 
-#define QDEC_A8(q, w, nr, R, x, T, k, y, ldy)                                                      \
+/* qtile_a8_ with xc (INT4's offsets for its tokens) or without (NULL). */
+QINLINE void qtile_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                      const uint8_t *const *x, const float *xc, int64_t xcs, const int T, int64_t k,
+                      float *y, int64_t ldy)
+{
+    if (q == MOE_QUANT_INT4 && xc)
+        qtile_a8_(q, w, r, rs, R, x, true, xc, xcs, T, k, y, ldy);
+    else
+        qtile_a8_(q, w, r, rs, R, x, false, NULL, 0, T, k, y, ldy);
+}
+
+#define QDEC_A8(q, w, nr, R, x, xc, xcs, T, k, y, ldy)                                             \
     do {                                                                                           \
         int s_ = (nr) / (R), r_ = 0;                                                               \
                                                                                                    \
         for (; r_ < s_; r_++)                                                                      \
-            qtile_a8(q, w, r_, s_, R, x, T, k, y, ldy);                                            \
+            qtile_a8(q, w, r_, s_, R, x, xc, xcs, T, k, y, ldy);                                   \
         for (r_ = s_ * (R); r_ < (nr); r_++)                                                       \
-            qtile_a8(q, w, r_, 1, 1, x, T, k, y, ldy);                                             \
+            qtile_a8(q, w, r_, 1, 1, x, xc, xcs, T, k, y, ldy);                                    \
     } while (0)
 
+/* Prefill: row r x n tokens (1 <= n <= 6), n made a constant. */
+QINLINE void qrow_a8(enum moe_quant q, const struct moe_cpu_qw *w, int r, const uint8_t *const *x,
+                     const float *xc, int64_t xcs, int n, int64_t k, float *y, int64_t ldy)
+{
+    switch (n) {
+    case 6:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 6, k, y, ldy);
+        break;
+    case 5:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 5, k, y, ldy);
+        break;
+    case 4:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 4, k, y, ldy);
+        break;
+    case 3:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 3, k, y, ldy);
+        break;
+    case 2:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 2, k, y, ldy);
+        break;
+    default:
+        qtile_a8(q, w, r, 1, 1, x, xc, xcs, 1, k, y, ldy);
+        break;
+    }
+}
+
 /* The int8-activation kernel of one format: decode tiles as qdot_fmt's,
- * then 1 row x up to 6 tokens. */
+ * then 1 row x up to 6 tokens, row by row within chunks of tokens whose
+ * INT4 offsets fit in cb (QA8_C floats, 32-byte aligned; NULL for the
+ * other formats). */
 QINLINE void qdot_a8_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
-                         const void *const *xv, int nt, float *y, int64_t ldy)
+                         const void *const *xv, int nt, float *y, int64_t ldy, float *cb)
 {
     const uint8_t *const *x = (const uint8_t *const *)xv;
+    /* INT4: tokens whose offsets fit in cb at once (0: none) */
+    const int64_t xcs = ((k + w->f.bcols - 1) / w->f.bcols + 7) / 8 * 8;
+    const int64_t fit = q == MOE_QUANT_INT4 ? QA8_C / xcs : 0;
 
     if (nt <= 8) {
         /* as qdot_fmt */
+        const float *xc = NULL;
+
+        if (fit >= nt) {
+            qa8_offs(x, nt, k, w->f.bcols, cb, xcs);
+            xc = cb;
+        }
         for (int t = 0; t < nt; t += 3) {
             const uint8_t *const *xt = x + t;
+            const float *xct = xc ? xc + t * xcs : NULL;
             float *yt = y + (size_t)t * ldy;
 
             switch (MOE_MIN(3, nt - t)) {
             case 3:
-                QDEC_A8(q, w, nr, 2, xt, 3, k, yt, ldy);
+                QDEC_A8(q, w, nr, 2, xt, xct, xcs, 3, k, yt, ldy);
                 break;
             case 2:
-                QDEC_A8(q, w, nr, 3, xt, 2, k, yt, ldy);
+                QDEC_A8(q, w, nr, 3, xt, xct, xcs, 2, k, yt, ldy);
                 break;
             default:
-                QDEC_A8(q, w, nr, 4, xt, 1, k, yt, ldy);
+                QDEC_A8(q, w, nr, 4, xt, xct, xcs, 1, k, yt, ldy);
                 break;
             }
         }
         return;
     }
-    for (int r = 0; r < nr; r++) {
-        int t = 0;
+    for (int t0 = 0; t0 < nt;) {
+        /* a chunk of whole 6s of tokens whose offsets fit, or all */
+        int n = fit >= 6 ? (int)MOE_MIN(nt - t0, fit / 6 * 6) : nt - t0;
+        const float *xc = NULL;
 
-        for (; t + 6 <= nt; t += 6)
-            qtile_a8(q, w, r, 1, 1, x + t, 6, k, y + (size_t)t * ldy, ldy);
-        switch (nt - t) {
-        case 1:
-            qtile_a8(q, w, r, 1, 1, x + t, 1, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 2:
-            qtile_a8(q, w, r, 1, 1, x + t, 2, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 3:
-            qtile_a8(q, w, r, 1, 1, x + t, 3, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 4:
-            qtile_a8(q, w, r, 1, 1, x + t, 4, k, y + (size_t)t * ldy, ldy);
-            break;
-        case 5:
-            qtile_a8(q, w, r, 1, 1, x + t, 5, k, y + (size_t)t * ldy, ldy);
-            break;
-        default:
-            break;
+        if (fit >= 6) {
+            qa8_offs(x + t0, n, k, w->f.bcols, cb, xcs);
+            xc = cb;
         }
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < n; t += 6)
+                qrow_a8(q, w, r, x + t0 + t, xc ? xc + t * xcs : NULL, xcs, MOE_MIN(6, n - t), k,
+                        y + (size_t)(t0 + t) * ldy, ldy);
+        t0 += n;
     }
 }
 
 static void qdot_a8_int8(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
                          int nt, float *y, int64_t ldy)
 {
-    qdot_a8_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy);
+    qdot_a8_fmt(MOE_QUANT_INT8, w, nr, k, x, nt, y, ldy, NULL);
 }
 
 static void qdot_a8_int4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
                          int nt, float *y, int64_t ldy)
 {
-    qdot_a8_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy);
+    float cb[QA8_C] __attribute__((aligned(32)));
+
+    qdot_a8_fmt(MOE_QUANT_INT4, w, nr, k, x, nt, y, ldy, cb);
 }
 
 static void qdot_a8_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void *const *x,
                           int nt, float *y, int64_t ldy)
 {
-    qdot_a8_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy);
+    qdot_a8_fmt(MOE_QUANT_MXFP4, w, nr, k, x, nt, y, ldy, NULL);
 }
 
 #define MOE_CPU_QDOT_A8_X86                                                                        \
