@@ -665,6 +665,7 @@ static void test_a8_kernels(void)
                   {256, 5, 13},
                   {1056, 64, 2},
                   {1056, 7, 6},
+                  {2432, 13, 3},
                   /* int4: more groups than the offsets on the stack take for 6 tokens */
                   {65568, 5, 9}};
     const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_avx2, &moe_cpu_kernel_avx512};
