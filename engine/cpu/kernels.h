@@ -161,12 +161,13 @@ typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, c
  *   bytes 64-67  d = max |x| / 127 (float; 0 for an all-zero block, NaN
  *                when the block holds a NaN or an infinity);
  *   bytes 68-71  8 * (q[0] + ... + q[31]) * d (float, rounded once: int4's
- *                offset of 8 for the block).
- * Elements n..n_pad-1 are zeros.  The dot of a row of int8 or int4 weights
- * with such a row is exact in int32 per block (int4: of its nibbles, 0..15,
- * the offset taken off in fp32 per group), then scaled by d times the
- * weights' group scale in fp32: the activations carry int8's error (at
- * most d / 2 per element, about 0.2% of the block's largest), nothing else.
+ *                offset of 8 for the block; MXFP4's of 12 is 1.5 times it).
+ * Elements n..n_pad-1 are zeros.  The dot of a row of int8, int4 or MXFP4
+ * weights with such a row is exact in int32 per block (int4 and MXFP4: of
+ * their values plus an offset, taken off in fp32 per group), then scaled
+ * by d times the weights' group scale in fp32: the activations carry
+ * int8's error (at most d / 2 per element, about 0.2% of the block's
+ * largest), nothing else.
  */
 #define MOE_CPU_A8_BLOCK 128
 #define MOE_CPU_A8_SEQ 32

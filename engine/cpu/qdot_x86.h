@@ -481,7 +481,7 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
         NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
     }
 
-/* int8 activations, INT4: the sums of the blocks' offsets (kernels.h,
+/* int8 activations, INT4 and MXFP4: the sums of the blocks' offsets (kernels.h,
  * MOE_CPU_A8_OFF) over groups [g0, g0 + 8) of bc columns of x[0, k)
  * (those from ceil(k / bc) on 0), each in block order, to dst[8]. */
 QINLINE void qa8_off8(const uint8_t *x, int64_t k, int64_t g0, int bc, float *dst)
@@ -519,7 +519,7 @@ QINLINE int64_t qa8_nb8(int64_t k)
 
 QINLINE int64_t qa8_stride(enum moe_quant q, int64_t k, int bc)
 {
-    return qa8_nb8(k) + (q == MOE_QUANT_INT4 ? ((k + bc - 1) / bc + 7) / 8 * 8 : 0);
+    return qa8_nb8(k) + (q != MOE_QUANT_INT8 ? ((k + bc - 1) / bc + 7) / 8 * 8 : 0);
 }
 
 /* Those of n tokens' rows, token t's at xc + t * qa8_stride(). */
@@ -531,7 +531,7 @@ QINLINE void qa8_prep(enum moe_quant q, const uint8_t *const *x, int n, int64_t 
     for (int t = 0; t < n; t++) {
         for (int64_t b0 = 0; b0 < nb8; b0 += 8)
             qa8_d8(x[t], k, b0, xc + t * xs + b0);
-        if (q == MOE_QUANT_INT4)
+        if (q != MOE_QUANT_INT8)
             for (int64_t g0 = 0; g0 < ng; g0 += 8)
                 qa8_off8(x[t], k, g0, bc, xc + t * xs + nb8 + g0);
     }
@@ -571,6 +571,24 @@ QINLINE __m256 qa8_vs8(enum moe_quant sq, const uint8_t *sr, int64_t c0, int nb,
     return _mm256_loadu_ps(v);
 }
 
+/* The scales of groups [g0, g0 + 8) of row sr (those from sc on 0), as
+ * qscale; m: the lanes below sc - g0. */
+QINLINE __m256 qa8_sv8(enum moe_quant sq, const uint8_t *sr, int64_t g0, int64_t sc, __m256i m)
+{
+    float v[8];
+
+    if (sq != MOE_QUANT_MXFP4)
+        return _mm256_maskload_ps((const float *)sr + g0, m);
+    if (g0 + 8 <= sc)
+        return _mm256_mul_ps(
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sr + g0))), 23)),
+            _mm256_set1_ps(0.5f));
+    for (int j = 0; j < 8; j++)
+        v[j] = g0 + j < sc ? qscale(sq, sr, g0 + j) : 0.0f;
+    return _mm256_loadu_ps(v);
+}
+
 /* Per call, on the stack (48 KiB): qa8_prep for as many tokens as fit;
  * beyond (more than QA8_C / 6 floats per token for prefill, QA8_C / nt
  * for decode), each tile computes them. */
@@ -582,17 +600,18 @@ QINLINE __m256 qa8_vs8(enum moe_quant sq, const uint8_t *sr, int64_t c0, int nb,
  * weights as 32 bytes in the activations' order (int4 and MXFP4: the low
  * nibbles, then the high ones, against the activations' even, then odd
  * elements; int8: as stored, against the activations in order),
- * multiplied with the int8 activations by vpmaddubsw (int8, and MXFP4
- * looked up as 2 x e2m1 in int8: |w| times x with w's sign; int4: the
- * nibble, unsigned 0..15) and vpmaddwd: exact in int32 (|sums| < 2^15 per
- * pair); converted and FMA'd into the accumulator with the block's factor:
- * the activations' scale d times the group's scale (MXFP4's e8m0 times
- * 0.5), rounded once, made for 8 blocks at a time (qa8_vs8 times the
- * tokens' d, to the stack: per 32 values and token one FMA, its factor a
- * broadcast load).  INT4 then takes off its offset of 8 at the end of the
- * row: the dot of the group scales with the groups' sums of the blocks' 8
- * x sum(q) x d.  xc (from the call, qa8_prep: token t's at t * xcs): the d
- * and the INT4 offsets gathered; NULL: gathered here.
+ * multiplied with the int8 activations by vpmaddubsw (int8: |w| times x
+ * with w's sign; int4: the nibble, unsigned 0..15; MXFP4: looked up as 2 x
+ * e2m1 + 12, 0..24) and vpmaddwd: exact in int32 (|sums| < 2^15 per pair);
+ * converted and FMA'd into the accumulator with the block's factor: the
+ * activations' scale d times the group's scale (MXFP4's e8m0 times 0.5),
+ * rounded once, made for 8 blocks at a time (qa8_vs8 times the tokens' d,
+ * to the stack: per 32 values and token one FMA, its factor a broadcast
+ * load).  INT4 and MXFP4 then take off their offset (8, 12) at the end of
+ * the row: the dot of the group scales with the groups' sums of the
+ * blocks' 8 x sum(q) x d (times 1.5 for MXFP4).  xc (from the call,
+ * qa8_prep: token t's at t * xcs): the d and the offsets gathered; NULL:
+ * gathered here.
  */
 QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
                        const uint8_t *const *x, const bool XC, const float *xc, int64_t xcs,
@@ -601,9 +620,9 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const int bc = w->f.bcols;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
-    /* 2 x e2m1 in int8 */
-    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0,
-                                         1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    /* 2 x e2m1 + 12, 0..24 */
+    const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
     /* the scales: MXFP4's e8m0 (qscale folds in the lookup's 0.5), else
      * float32 as stored */
     const enum moe_quant sq = q == MOE_QUANT_MXFP4 ? MOE_QUANT_MXFP4 : MOE_QUANT_INT8;
@@ -680,12 +699,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
                                               _mm256_setr_epi64x(0, 0, 4, 4)),
                             m4);
 
-                        if (q == MOE_QUANT_INT4) {
-                            wv = b;
-                        } else {
-                            ws = _mm256_shuffle_epi8(lut, b);
-                            wv = _mm256_abs_epi8(ws);
-                        }
+                        wv = q == MOE_QUANT_INT4 ? b : _mm256_shuffle_epi8(lut, b);
                     } else {
                         ws = _mm256_loadu_si256((const __m256i *)(wr[i] + c));
                         wv = _mm256_abs_epi8(ws);
@@ -694,7 +708,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
                     for (int t = 0; t < T; t++) {
                         __m256i xq = _mm256_load_si256((const __m256i *)(xb[t] + xo)), d;
 
-                        if (q == MOE_QUANT_INT4)
+                        if (q != MOE_QUANT_INT8)
                             d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);
                         else
                             d = _mm256_madd_epi16(
@@ -711,9 +725,9 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
             for (int t = 0; t < T; t++)
                 sum[i][t] += qhsum256(acc[i][t]);
     }
-    if (q == MOE_QUANT_INT4) {
+    if (q != MOE_QUANT_INT8) {
         /* the offset: the dot of the scales with the groups' sums, 8
-         * groups at a time */
+         * groups at a time (MXFP4's 12 is 1.5 x INT4's 8) */
         __m256 d[6][6];
 
 #pragma GCC unroll 6
@@ -739,7 +753,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
             }
 #pragma GCC unroll 6
             for (int i = 0; i < R; i++) {
-                __m256 sv = _mm256_maskload_ps((const float *)sr[i] + g0, m);
+                __m256 sv = qa8_sv8(sq, sr[i], g0, sc, m);
 
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++)
@@ -750,7 +764,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 6
             for (int t = 0; t < T; t++)
-                sum[i][t] -= qhsum256(d[i][t]);
+                sum[i][t] -= q == MOE_QUANT_MXFP4 ? 1.5f * qhsum256(d[i][t]) : qhsum256(d[i][t]);
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
