@@ -158,18 +158,22 @@ typedef void (*moe_cpu_qdot_fn)(const struct moe_cpu_qw *w, int nr, int64_t k, c
  *   bytes 0-31   q[j] = round(x / d) as int8 (to nearest even, |q| <= 127),
  *                in the order x0, x2, ..., x30, x1, x3, ..., x31 (the order
  *                in which an int4 row's low, then high nibbles come);
- *   bytes 32-63  8 int32: 8 * (q[4i] + ... + q[4i + 3]) for i < 8, in that
- *                order (int4's offset of 8, per vpmaddwd lane);
+ *   bytes 32-63  the same q[j] in order, x0, x1, ..., x31 (int8's);
  *   bytes 64-67  d = max |x| / 127 (float; 0 for an all-zero block, NaN
- *                when the block holds a NaN or an infinity).
- * Elements n..n_pad-1 are zeros.  The dot of a row of int8 or int4 weights
- * with such a row is exact in int32 per block, then scaled by d times the
- * weights' group scale in fp32: the activations carry int8's error (at
- * most d / 2 per element, about 0.2% of the block's largest), nothing else.
+ *                when the block holds a NaN or an infinity);
+ *   bytes 68-71  8 * (q[0] + ... + q[31]) * d (float, rounded once: int4's
+ *                offset of 8 for the block; MXFP4's of 12 is 1.5 times it).
+ * Elements n..n_pad-1 are zeros.  The dot of a row of int8, int4 or MXFP4
+ * weights with such a row is exact in int32 per block (int4 and MXFP4: of
+ * their values plus an offset, taken off in fp32 per group), then scaled
+ * by d times the weights' group scale in fp32: the activations carry
+ * int8's error (at most d / 2 per element, about 0.2% of the block's
+ * largest), nothing else.
  */
 #define MOE_CPU_A8_BLOCK 128
-#define MOE_CPU_A8_CORR 32
+#define MOE_CPU_A8_SEQ 32
 #define MOE_CPU_A8_SCALE 64
+#define MOE_CPU_A8_OFF 68
 
 /* Prepares src[0, n) as int8 activations into dst (the layout above),
  * n_pad a multiple of MOE_CPU_KPAD, dst 64-byte aligned.  Portable C: one

@@ -112,8 +112,8 @@ void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst)
 {
     for (int64_t b = 0; b < n_pad; b += 32) {
         uint8_t *o = (uint8_t *)dst + b * 4;
-        float amax = 0.0f, d, id;
-        int32_t q[32], corr[8];
+        float amax = 0.0f, d, id, off;
+        int32_t q[32], qs = 0;
         bool bad = false;
 
         for (int j = 0; j < 32; j++) {
@@ -124,21 +124,22 @@ void moe_cpu_prep_a8(const float *src, int64_t n, int64_t n_pad, void *dst)
         }
         d = bad ? NAN : amax / 127.0f;
         id = bad || amax == 0.0f ? 0.0f : 127.0f / amax;
-        for (int p = 0; p < 32; p++) {
-            /* position p holds element 2p (p < 16) or 2(p - 16) + 1 */
-            int64_t e = b + (p < 16 ? 2 * p : 2 * (p - 16) + 1);
+        for (int j = 0; j < 32; j++) {
             /* a block with a non-finite value: zeros, and its scale NaN
              * (NaN times 0 is NaN, which no int holds) */
-            float v = e < n && !bad ? src[e] * id : 0.0f;
+            float v = b + j < n && !bad ? src[b + j] * id : 0.0f;
 
-            q[p] = (int32_t)nearbyintf(v);
-            q[p] = q[p] > 127 ? 127 : q[p] < -127 ? -127 : q[p];
-            o[p] = (uint8_t)(int8_t)q[p];
+            q[j] = (int32_t)nearbyintf(v);
+            q[j] = q[j] > 127 ? 127 : q[j] < -127 ? -127 : q[j];
+            qs += q[j];
+            /* in order, and element j at position j / 2 (even j) or 16 +
+             * j / 2 (odd j) */
+            o[MOE_CPU_A8_SEQ + j] = (uint8_t)(int8_t)q[j];
+            o[j % 2 * 16 + j / 2] = (uint8_t)(int8_t)q[j];
         }
-        for (int i = 0; i < 8; i++)
-            corr[i] = 8 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
-        memcpy(o + MOE_CPU_A8_CORR, corr, sizeof(corr));
+        off = (float)(8 * qs) * d;
         memcpy(o + MOE_CPU_A8_SCALE, &d, 4);
-        memset(o + MOE_CPU_A8_SCALE + 4, 0, MOE_CPU_A8_BLOCK - MOE_CPU_A8_SCALE - 4);
+        memcpy(o + MOE_CPU_A8_OFF, &off, 4);
+        memset(o + MOE_CPU_A8_OFF + 4, 0, MOE_CPU_A8_BLOCK - MOE_CPU_A8_OFF - 4);
     }
 }

@@ -668,8 +668,8 @@ static void test_a8_prep(void)
         x[i] = 0.0f; /* an all-zero block */
     moe_cpu_prep_a8(x, N, NP, row);
     for (int b = 0; b < NP / 32; b++) {
-        float d, amax = 0;
-        int32_t corr[8];
+        float d, off, amax = 0;
+        int32_t qs = 0;
         const uint8_t *blk = row + b * MOE_CPU_A8_BLOCK;
 
         for (int j = 0; j < 32; j++)
@@ -677,10 +677,13 @@ static void test_a8_prep(void)
                 amax = fmaxf(amax, fabsf(x[b * 32 + j]));
         memcpy(&d, blk + MOE_CPU_A8_SCALE, 4);
         ASSERT_TRUE(d == amax / 127.0f);
-        memcpy(corr, blk + MOE_CPU_A8_CORR, sizeof(corr));
-        for (int i = 0; i < 8; i++)
-            ASSERT_EQ(corr[i], 8 * ((int8_t)blk[4 * i] + (int8_t)blk[4 * i + 1] +
-                                    (int8_t)blk[4 * i + 2] + (int8_t)blk[4 * i + 3]));
+        for (int j = 0; j < 32; j++) {
+            /* the copy in order */
+            ASSERT_EQ((int8_t)blk[MOE_CPU_A8_SEQ + j], (int8_t)blk[j % 2 ? 16 + j / 2 : j / 2]);
+            qs += (int8_t)blk[j];
+        }
+        memcpy(&off, blk + MOE_CPU_A8_OFF, 4);
+        ASSERT_TRUE(off == (float)(8 * qs) * d);
         for (int j = 0; j < 32; j++) {
             int64_t e = b * 32 + j;
             double v = e < N ? x[e] : 0.0;
@@ -761,8 +764,18 @@ static void test_a8_kernels(void)
     static const struct {
         int64_t cols;
         int nr, nt;
-    } shapes[] = {{256, 64, 1},  {256, 13, 2}, {2080, 64, 3}, {2080, 7, 4}, {1088, 64, 5},
-                  {1088, 64, 8}, {256, 5, 13}, {1056, 64, 2}, {1056, 7, 6}};
+    } shapes[] = {{256, 64, 1},
+                  {256, 13, 2},
+                  {2080, 64, 3},
+                  {2080, 7, 4},
+                  {1088, 64, 5},
+                  {1088, 64, 8},
+                  {256, 5, 13},
+                  {1056, 64, 2},
+                  {1056, 7, 6},
+                  {2432, 13, 3},
+                  /* int4: more groups than the offsets on the stack take for 6 tokens */
+                  {65568, 5, 9}};
     const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_avx2, &moe_cpu_kernel_avx512};
 
     for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
