@@ -51,11 +51,7 @@
  *   1. tasks (work item, block of FBLK ffn rows): gate and up rows of the
  *      block against the item's tokens, plus their biases (gpt-oss), the
  *      expert's activation (SwiGLU, or gpt-oss's clamped one), stored
- *      (prepared) into the item's intermediate rows; the items' blocks are
- *      taken in turn (block 0 of each item, then block 1, ...; items with
- *      most and fewest tokens alternating), so that threads multiply rows
- *      of experts with many tokens (compute-bound) while others stream
- *      those of experts with few (memory-bound); FP8 items' rows are
+ *      (prepared) into the item's intermediate rows; FP8 items' rows are
  *      then scaled by their largest value (kernels.h, moe_cpu_make_x8),
  *      one loop over the items;
  *   2. tasks (block of HBLK hidden rows): for every work item in order, its
@@ -142,9 +138,6 @@
 #define DN_FBLK 256
 #define DN_MPAD 16
 #define DN_MIN_TOKENS 16
-/* phase 2 takes the items in a rotated order (ffn_down_task) up to this
- * many assignments (its y rows then need ROT_MAX x HBLK floats a thread) */
-#define ROT_MAX 256
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
@@ -441,28 +434,6 @@ out:
 
 /* ---- grouped FFN ------------------------------------------------------------------ */
 
-/* A phase-1 task: a block of ffn rows of a work item. */
-struct up_task {
-    int32_t item;
-    int32_t blk;
-};
-
-/* A work item and its token count, to order phase 1's tasks. */
-struct item_rank {
-    int32_t item;
-    int32_t tokens;
-};
-
-/* Items by token count, most first, then by index. */
-static int by_tokens(const void *a, const void *b)
-{
-    const struct item_rank *x = a, *y = b;
-
-    if (x->tokens != y->tokens)
-        return x->tokens > y->tokens ? -1 : 1;
-    return (x->item > y->item) - (x->item < y->item);
-}
-
 struct ffn_ctx {
     const struct moe_cpu_kernel *k;
     bool act_int8;
@@ -474,11 +445,7 @@ struct ffn_ctx {
     const void **xs;      /* [A] prepared x row of each assignment */
     void **as;            /* [A] prepared SwiGLU row of each assignment */
     int64_t *first;       /* [n_work] index of the item's first assignment */
-    int64_t *blocks;      /* [n_work] phase-1 tasks (row blocks) of each item */
-    struct up_task *up;   /* [up_tasks] phase-1 tasks in the order they run */
-    struct item_rank *by; /* [n_by] the items with tokens, most, fewest, ... */
-    int n_by;
-    bool rot;             /* phase 2 takes the items in by's order, rotated */
+    int64_t *task_end;    /* [n_work] cumulative phase-1 task counts */
     size_t ystride;       /* floats between the gate and up tiles in ybuf */
     struct scratch *ybuf; /* [n_threads] */
     /* oneDNN items: dn_m[i] > 0 is the item's padded token rows, dn_x[i]
@@ -686,8 +653,19 @@ static void dn_gather_task(void *arg, int task, int thread)
 static void ffn_up_task(void *arg, int task, int thread)
 {
     const struct ffn_ctx *c = arg;
-    int lo = c->up[task].item;
-    int64_t blk = c->up[task].blk;
+    int lo = 0, hi = c->n_work - 1;
+
+    /* the work item: first with task_end > task */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+
+        if (c->task_end[mid] > task)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+
+    int64_t blk = task - (lo ? c->task_end[lo - 1] : 0);
 #ifdef MOE_HAVE_ONEDNN
     if (c->dn_m[lo]) {
         ffn_up_dn(arg, lo, blk, thread);
@@ -748,96 +726,60 @@ static void ffn_x8_task(void *arg, int task, int thread)
         moe_cpu_make_x8(c->as[c->first[task] + j], moe_cpu_kpad(wk->w->ffn));
 }
 
-/* Phase 2, item i's part of hidden rows [h0, h0 + nr): its down rows
- * against its SwiGLU rows, to y (its tokens' rows ldy apart); returns
- * ldy, or 0 if the item has no tokens or oneDNN failed. */
-static int64_t down_dot(struct ffn_ctx *c, int i, int64_t h0, int nr, float *y, int thread)
-{
-    const struct moe_ffn_work *wk = &c->work[i];
-    const struct moe_expert_weights *e = wk->w;
-    int64_t F = e->ffn;
-    const void *const *as = (const void *const *)(c->as + c->first[i]);
-
-    if (wk->n_tokens == 0)
-        return 0;
-    if (c->dn_m[i]) {
-#ifdef MOE_HAVE_ONEDNN
-        int r = moe_onednn_gemm(c->dn, thread, c->dn_m[i], nr, F, c->dn_h[i],
-                                (const uint16_t *)e->down + h0 * F, y);
-
-        if (r < 0) {
-            dn_fail(c, r);
-            return 0;
-        }
-#endif
-        (void)thread;
-        return nr;
-    }
-    if (e->quant.q != MOE_QUANT_NONE) {
-        qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F, as,
-                  wk->n_tokens, y, HBLK);
-    } else {
-        moe_cpu_dot_fn dot =
-            wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
-
-        dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F, as,
-            wk->n_tokens, y, HBLK);
-    }
-    return HBLK;
-}
-
-/* out[t, h0 .. h0 + nr) += s * (y + down bias) for item i's tokens. */
-static void down_add(const struct ffn_ctx *c, int i, int64_t h0, int nr, const float *y,
-                     int64_t ldy)
-{
-    const struct moe_ffn_work *wk = &c->work[i];
-    const float *db = wk->w->down_bias ? wk->w->down_bias + h0 : NULL;
-
-    for (int j = 0; j < wk->n_tokens; j++) {
-        float *o = c->out + (size_t)wk->tokens[j] * c->hidden + h0;
-        const float *yj = y + (size_t)j * ldy;
-        float s = wk->scales[j];
-
-        if (db) {
-            for (int r = 0; r < nr; r++)
-                o[r] += s * (yj[r] + db[r]);
-        } else {
-            for (int r = 0; r < nr; r++)
-                o[r] += s * yj[r];
-        }
-    }
-}
-
-/*
- * Phase 2: one block of HBLK hidden rows, every work item, added to out in
- * work-item order.  With rot (decode: few tokens, no oneDNN item) the dots
- * run first, in by's order from position task % n_by, each to its
- * assignments' rows of y, and then are added in work-item order: threads
- * on neighbouring blocks then multiply rows of different experts at a
- * time, a compute-bound one beside a memory-bound one, as in phase 1.
- */
+/* Phase 2: one block of HBLK hidden rows, every work item in order. */
 static void ffn_down_task(void *arg, int task, int thread)
 {
     struct ffn_ctx *c = arg;
+    int64_t H = c->hidden;
     int64_t h0 = (int64_t)task * HBLK;
-    int nr = (int)MOE_MIN(HBLK, c->hidden - h0);
+    int nr = (int)MOE_MIN(HBLK, H - h0);
     float *y = c->ybuf[thread].p;
 
-    if (c->rot) {
-        for (int j = 0; j < c->n_by; j++) {
-            int i = c->by[(task + j) % c->n_by].item;
-
-            down_dot(c, i, h0, nr, y + c->first[i] * HBLK, thread);
-        }
-        for (int i = 0; i < c->n_work; i++)
-            down_add(c, i, h0, nr, y + c->first[i] * HBLK, HBLK);
-        return;
-    }
     for (int i = 0; i < c->n_work; i++) {
-        int64_t ldy = down_dot(c, i, h0, nr, y, thread);
+        const struct moe_ffn_work *wk = &c->work[i];
+        const struct moe_expert_weights *e = wk->w;
+        int64_t F = e->ffn;
 
-        if (ldy)
-            down_add(c, i, h0, nr, y, ldy);
+        int64_t ldy = HBLK;
+
+        if (wk->n_tokens == 0)
+            continue;
+        if (c->dn_m[i]) {
+#ifdef MOE_HAVE_ONEDNN
+            int r = moe_onednn_gemm(c->dn, thread, c->dn_m[i], nr, F, c->dn_h[i],
+                                    (const uint16_t *)e->down + h0 * F, y);
+
+            if (r < 0) {
+                dn_fail(c, r);
+                continue;
+            }
+            ldy = nr;
+#endif
+        } else if (e->quant.q != MOE_QUANT_NONE) {
+            qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F,
+                      (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
+        } else {
+            moe_cpu_dot_fn dot =
+                wk->precision == MOE_PRECISION_BF16 ? c->k->dot_b16[e->dtype] : c->k->dot[e->dtype];
+
+            dot((const char *)e->down + (size_t)h0 * F * moe_dtype_size(e->dtype), F, nr, F,
+                (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
+        }
+        for (int j = 0; j < wk->n_tokens; j++) {
+            float *o = c->out + (size_t)wk->tokens[j] * H + h0;
+            const float *yj = y + (size_t)j * ldy;
+            float s = wk->scales[j];
+
+            if (e->down_bias) {
+                const float *db = e->down_bias + h0;
+
+                for (int r = 0; r < nr; r++)
+                    o[r] += s * (yj[r] + db[r]);
+            } else {
+                for (int r = 0; r < nr; r++)
+                    o[r] += s * yj[r];
+            }
+        }
     }
 }
 
@@ -981,9 +923,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
 
     if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
         !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 2 * sizeof(char *)),
-                      &meta_bytes) ||
-        !moe_add_size(meta_bytes, (size_t)up_tasks * sizeof(struct up_task), &meta_bytes) ||
-        !moe_add_size(meta_bytes, (size_t)n_work * sizeof(struct item_rank), &meta_bytes))
+                      &meta_bytes))
         return -ENOMEM;
 
     pthread_mutex_lock(&cb->lock);
@@ -999,10 +939,6 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     /* gate and up tiles: moed's kernels' [max_nt, FBLK], oneDNN's
      * [max_m, DN_FBLK] (which also holds its down tile [max_m, HBLK]) */
     c.ystride = MOE_MAX((size_t)max_nt * MOE_MAX(FBLK, HBLK), (size_t)max_m * DN_FBLK);
-    /* decode: phase 2 keeps every assignment's y rows (ffn_down_task) */
-    c.rot = n_dn == 0 && n_assign <= ROT_MAX;
-    if (c.rot)
-        c.ystride = MOE_MAX(c.ystride, (size_t)n_assign * HBLK);
     r = reserve_ybuf(cb, 2 * c.ystride);
     if (r < 0)
         goto out;
@@ -1012,22 +948,21 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             goto out;
     }
 
-    /* tables: assignment pointers, then per-item offsets, task counts and
-     * oneDNN rows, then the phase-1 tasks and the items' ranks */
+    /* tables: assignment pointers, then per-item offsets, task ends and
+     * oneDNN rows */
     c.xs = cb->meta.p;
     c.as = (void **)(c.xs + n_assign);
     c.first = (int64_t *)(c.as + n_assign);
-    c.blocks = c.first + n_work;
-    c.dn_m = c.blocks + n_work;
+    c.task_end = c.first + n_work;
+    c.dn_m = c.task_end + n_work;
     c.dn_x = (char **)(c.dn_m + n_work);
     c.dn_h = c.dn_x + n_work;
-    c.up = (struct up_task *)(c.dn_h + n_work);
     c.ybuf = cb->ybuf;
     c.dn = cb->dn;
     c.dn_esz = dn_esz;
     act = cb->act.p;
     {
-        int64_t a = 0, tasks = 0, max_blocks = 0, t = 0;
+        int64_t a = 0, tasks = 0;
         uintptr_t dnp = (uintptr_t)cb->dnbuf.p;
 
         for (int i = 0; i < n_work; i++) {
@@ -1037,7 +972,6 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             int d;
 
             c.first[i] = a;
-            c.blocks[i] = 0;
             c.dn_m[i] = 0;
             c.dn_x[i] = c.dn_h[i] = NULL;
             if (wk->n_tokens > 0 && use_dn(cb, wk)) {
@@ -1050,10 +984,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 dnp = (dnp + 63) & ~(uintptr_t)63;
                 c.dn_h[i] = (char *)dnp;
                 dnp += (size_t)m * wk->w->ffn * dn_esz;
-                c.blocks[i] = (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
+                tasks += (wk->w->ffn + DN_FBLK - 1) / DN_FBLK;
                 a += wk->n_tokens;
             } else if (wk->n_tokens > 0) {
-                c.blocks[i] = (wk->w->ffn + FBLK - 1) / FBLK;
+                tasks += (wk->w->ffn + FBLK - 1) / FBLK;
                 d = prep_slot(cb->k, cb->act_int8, wk);
                 xp = cb->xprep[d].p;
                 hrow = slot_row(d, hidden);
@@ -1064,38 +998,9 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                     act += frow;
                 }
             }
-            tasks += c.blocks[i];
-            max_blocks = MOE_MAX(max_blocks, c.blocks[i]);
+            c.task_end[i] = tasks;
         }
         assert(a == n_assign && tasks == up_tasks);
-        /* Phase 1 takes the items' blocks in turn (block 0 of every item,
-         * then block 1, ...) rather than item after item, the items in the
-         * order most tokens, fewest, second most, second fewest, ...:
-         * decode mixes experts with 4 to 6 tokens, whose rows take longer
-         * to multiply than to read, with experts of 1 or 2 tokens, which
-         * wait for memory; so the threads, taking tasks in this order,
-         * stream the ones while they compute the others.  Each element is
-         * still written by one task, so the order changes no result. */
-        {
-            struct item_rank *by = (struct item_rank *)(c.up + up_tasks);
-            int n = 0;
-
-            c.by = by;
-
-            for (int i = 0; i < n_work; i++)
-                if (c.blocks[i])
-                    by[n++] = (struct item_rank){.item = i, .tokens = work[i].n_tokens};
-            qsort(by, (size_t)n, sizeof(*by), by_tokens);
-            for (int64_t blk = 0; blk < max_blocks; blk++)
-                for (int j = 0; j < n; j++) {
-                    int i = by[j % 2 ? n - 1 - j / 2 : j / 2].item;
-
-                    if (blk < c.blocks[i])
-                        c.up[t++] = (struct up_task){.item = i, .blk = (int32_t)blk};
-                }
-            c.n_by = n;
-        }
-        assert(t == up_tasks);
     }
 
 #ifdef MOE_HAVE_ONEDNN
