@@ -203,6 +203,95 @@ QINLINE void qgsum8(const float *x, int64_t k, int64_t g0, int bc, float *dst)
     }
 }
 
+/* int8 activations, INT4 and MXFP4: the sums of the blocks' offsets (kernels.h,
+ * MOE_CPU_A8_OFF) over groups [g0, g0 + 8) of bc columns of x[0, k)
+ * (those from ceil(k / bc) on 0), each in block order, to dst[8]. */
+QINLINE void qa8_off8(const uint8_t *x, int64_t k, int64_t g0, int bc, float *dst)
+{
+    for (int j = 0; j < 8; j++) {
+        int64_t c0 = (g0 + j) * bc, c1 = MOE_MIN(k, c0 + bc);
+        float s = 0.0f, o;
+
+        for (int64_t c = c0; c < c1; c += 32) {
+            memcpy(&o, x + c / 32 * MOE_CPU_A8_BLOCK + MOE_CPU_A8_OFF, 4);
+            s += o;
+        }
+        dst[j] = s;
+    }
+}
+
+/* The scales of groups [g0, g0 + 8) of row sr (those from sc on 0), as
+ * qscale; m: the lanes below sc - g0. */
+QINLINE __m256 qsv8(enum moe_quant sq, const uint8_t *sr, int64_t g0, int64_t sc, __m256i m)
+{
+    float v[8];
+
+    if (sq != MOE_QUANT_MXFP4)
+        return _mm256_maskload_ps((const float *)sr + g0, m);
+    if (g0 + 8 <= sc)
+        return _mm256_mul_ps(
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sr + g0))), 23)),
+            _mm256_set1_ps(0.5f));
+    for (int j = 0; j < 8; j++)
+        v[j] = g0 + j < sc ? qscale(sq, sr, g0 + j) : 0.0f;
+    return _mm256_loadu_ps(v);
+}
+
+/*
+ * The rows' offset terms (INT4's 8, MXFP4's 12 with int8 activations):
+ * sum[i][t] += f x the dot of row i's group scales (qsv8, as sq) with
+ * token t's per-group values, 8 groups at a time, for R rows x T tokens:
+ * ec[t] + g0 where the call gathered them (ec non-NULL), else made here
+ * per 8 groups from x[t] (A8: qa8_off8 of int8 activations, else qgsum8).
+ */
+QINLINE void qoff(enum moe_quant sq, const uint8_t *const *sr, const int R, const void *const *x,
+                  const float *const *ec, const bool A8, const int T, int64_t k, int bc, float f,
+                  float sum[6][6])
+{
+    const int64_t ng = (k + bc - 1) / bc;
+    __m256 d[6][6];
+
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++)
+            d[i][t] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+        __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)MOE_MIN(8, ng - g0)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 e[6];
+
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            if (ec) {
+                e[t] = _mm256_load_ps(ec[t] + g0);
+            } else {
+                float eb[8];
+
+                if (A8)
+                    qa8_off8((const uint8_t *)x[t], k, g0, bc, eb);
+                else
+                    qgsum8((const float *)x[t], k, g0, bc, eb);
+                e[t] = _mm256_loadu_ps(eb);
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < R; i++) {
+            __m256 sv = qsv8(sq, sr[i], g0, ng, m);
+
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                d[i][t] = _mm256_fmadd_ps(sv, e[t], d[i][t]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++)
+            sum[i][t] += f * qhsum256(d[i][t]);
+}
+
 /* Tokens per chunk with their qgsum8 values on the stack (6 x 2048 floats,
  * 48 KiB), for up to QCORR_G groups in a row; beyond, each tile computes
  * them. */
@@ -304,48 +393,8 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
                 sum[i][t] += qhsum256(acc[i][t]);
             }
     }
-    if (q == MOE_QUANT_INT4) {
-        /* the low nibbles' offset: -8 x the dot of the scales with the
-         * groups' qgsum, 8 groups at a time */
-        const int64_t ng = sc;
-        __m256 d[6][6];
-
-#pragma GCC unroll 6
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
-                d[i][t] = _mm256_setzero_ps();
-        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-            __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)MOE_MIN(8, ng - g0)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            __m256 e[6];
-
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++) {
-                if (XC) {
-                    e[t] = _mm256_load_ps(xc[t] + g0);
-                } else {
-                    float eb[8];
-
-                    qgsum8(x[t], k, g0, bc, eb);
-                    e[t] = _mm256_loadu_ps(eb);
-                }
-            }
-#pragma GCC unroll 6
-            for (int i = 0; i < R; i++) {
-                __m256 sv = _mm256_maskload_ps((const float *)sr[i] + g0, m);
-
-#pragma GCC unroll 6
-                for (int t = 0; t < T; t++)
-                    d[i][t] = _mm256_fmadd_ps(sv, e[t], d[i][t]);
-            }
-        }
-#pragma GCC unroll 6
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
-                sum[i][t] += -8.0f * qhsum256(d[i][t]);
-    }
+    if (q == MOE_QUANT_INT4) /* the low nibbles' offset: -8 x the groups' qgsum */
+        qoff(q, sr, R, (const void *const *)x, XC ? xc : NULL, false, T, k, bc, -8.0f, sum);
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
             /* FP8: the activations' 2^e (kernels.h, moe_cpu_make_x8) */
@@ -506,23 +555,6 @@ static void qdot_mxfp4(const struct moe_cpu_qw *w, int nr, int64_t k, const void
         NULL, qdot_fp8, qdot_int8, qdot_int4, qdot_mxfp4                                           \
     }
 
-/* int8 activations, INT4 and MXFP4: the sums of the blocks' offsets (kernels.h,
- * MOE_CPU_A8_OFF) over groups [g0, g0 + 8) of bc columns of x[0, k)
- * (those from ceil(k / bc) on 0), each in block order, to dst[8]. */
-QINLINE void qa8_off8(const uint8_t *x, int64_t k, int64_t g0, int bc, float *dst)
-{
-    for (int j = 0; j < 8; j++) {
-        int64_t c0 = (g0 + j) * bc, c1 = MOE_MIN(k, c0 + bc);
-        float s = 0.0f, o;
-
-        for (int64_t c = c0; c < c1; c += 32) {
-            memcpy(&o, x + c / 32 * MOE_CPU_A8_BLOCK + MOE_CPU_A8_OFF, 4);
-            s += o;
-        }
-        dst[j] = s;
-    }
-}
-
 /* int8 activations: the scales d of blocks [b0, b0 + 8) of x[0, k) (those
  * from k / 32 on 0), to dst[8]. */
 QINLINE void qa8_d8(const uint8_t *x, int64_t k, int64_t b0, float *dst)
@@ -593,24 +625,6 @@ QINLINE __m256 qa8_vs8(enum moe_quant sq, const uint8_t *sr, int64_t c0, int nb,
             _mm256_set1_ps(0.5f));
     for (int j = 0; j < 8; j++)
         v[j] = qscale(sq, sr, (c0 + 32 * MOE_MIN(j, nb - 1)) / bc);
-    return _mm256_loadu_ps(v);
-}
-
-/* The scales of groups [g0, g0 + 8) of row sr (those from sc on 0), as
- * qscale; m: the lanes below sc - g0. */
-QINLINE __m256 qa8_sv8(enum moe_quant sq, const uint8_t *sr, int64_t g0, int64_t sc, __m256i m)
-{
-    float v[8];
-
-    if (sq != MOE_QUANT_MXFP4)
-        return _mm256_maskload_ps((const float *)sr + g0, m);
-    if (g0 + 8 <= sc)
-        return _mm256_mul_ps(
-            _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sr + g0))), 23)),
-            _mm256_set1_ps(0.5f));
-    for (int j = 0; j < 8; j++)
-        v[j] = g0 + j < sc ? qscale(sq, sr, g0 + j) : 0.0f;
     return _mm256_loadu_ps(v);
 }
 
@@ -751,45 +765,14 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
                 sum[i][t] += qhsum256(acc[i][t]);
     }
     if (q != MOE_QUANT_INT8) {
-        /* the offset: the dot of the scales with the groups' sums, 8
-         * groups at a time (MXFP4's 12 is 1.5 x INT4's 8) */
-        __m256 d[6][6];
+        /* the offset (MXFP4's 12 is 1.5 x INT4's 8) */
+        const float *ec[6];
 
 #pragma GCC unroll 6
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
-                d[i][t] = _mm256_setzero_ps();
-        for (int64_t g0 = 0; g0 < sc; g0 += 8) {
-            __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)MOE_MIN(8, sc - g0)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            __m256 e[6];
-
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++) {
-                if (XC) {
-                    e[t] = _mm256_load_ps(xc + t * xcs + qa8_nb8(k) + g0);
-                } else {
-                    float eb[8];
-
-                    qa8_off8(x[t], k, g0, bc, eb);
-                    e[t] = _mm256_loadu_ps(eb);
-                }
-            }
-#pragma GCC unroll 6
-            for (int i = 0; i < R; i++) {
-                __m256 sv = qa8_sv8(sq, sr[i], g0, sc, m);
-
-#pragma GCC unroll 6
-                for (int t = 0; t < T; t++)
-                    d[i][t] = _mm256_fmadd_ps(sv, e[t], d[i][t]);
-            }
-        }
-#pragma GCC unroll 6
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 6
-            for (int t = 0; t < T; t++)
-                sum[i][t] -= q == MOE_QUANT_MXFP4 ? 1.5f * qhsum256(d[i][t]) : qhsum256(d[i][t]);
+        for (int t = 0; t < T; t++)
+            ec[t] = xc + t * xcs + qa8_nb8(k);
+        qoff(sq, sr, R, (const void *const *)x, XC ? ec : NULL, true, T, k, bc,
+             q == MOE_QUANT_MXFP4 ? -1.5f : -1.0f, sum);
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < T; t++)
