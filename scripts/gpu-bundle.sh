@@ -72,6 +72,9 @@ ldd "$out"/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u |
         fi
     done
 
+# Debug info stays here with the build: the device runs the code, and the
+# device tool carries 64 MiB at most.
+strip --strip-debug "$out"/bin/* "$out"/lib/* 2>/dev/null || true
 size=$(du -sm "$out" | cut -f1)
 if [ "$size" -ge 64 ]; then
     echo "gpu-bundle: $out is $size MiB, over the device tool's 64 MiB" >&2

@@ -256,7 +256,12 @@ def main():
             print(f"{name}: {start_m:.1f} after the warm-up, {end_m:.1f} at the end "
                   f"(drift {100 * drift:+.2f}%, min {min(v[k] for v in after):.1f}, "
                   f"max {max(v[k] for v in after):.1f})")
-            check(f"{name} drift at most 1%", drift <= 0.01, f"{100 * drift:+.2f}%")
+            # descriptors and threads are counts of a few dozen: one
+            # connection or worker in flight at a sample moves a median by
+            # one, which is not a leak (a leak keeps growing)
+            slack = 1.0 if k > 1 else 0.0
+            check(f"{name} drift at most 1%" + (" or one" if slack else ""),
+                  drift <= 0.01 or end_m - start_m <= slack, f"{100 * drift:+.2f}%")
     else:
         check("enough samples after the warm-up", False, f"{len(after)} samples")
     with open(f"{w}/samples.csv", "w") as f:
