@@ -766,10 +766,10 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
     }
     if (q != MOE_QUANT_INT8) {
         /* the offset (MXFP4's 12 is 1.5 x INT4's 8) */
-        const float *ec[6];
+        const float *ec[6] = {NULL};
 
 #pragma GCC unroll 6
-        for (int t = 0; t < T; t++)
+        for (int t = 0; t < T && XC; t++)
             ec[t] = xc + t * xcs + qa8_nb8(k);
         qoff(sq, sr, R, (const void *const *)x, XC ? ec : NULL, true, T, k, bc,
              q == MOE_QUANT_MXFP4 ? -1.5f : -1.0f, sum);
