@@ -231,7 +231,7 @@ struct moe_cpu_kernel {
      * round[MOE_DTYPE_F32] for compute_precision bf16), and for FP8 then
      * made the layout of moe_cpu_make_x8. */
     moe_cpu_qdot_fn qdot[MOE_QUANT_COUNT];
-    /* Optional (NULL: none), indexed likewise, INT8 and INT4 only: the same
+    /* Optional (NULL: none), indexed likewise, INT8, INT4 and MXFP4: the same
      * dot on activations prepared by moe_cpu_prep_a8 (int8 activations). */
     moe_cpu_qdot_fn qdot_a8[MOE_QUANT_COUNT];
 };

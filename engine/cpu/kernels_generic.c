@@ -161,11 +161,11 @@ static void qdot(const struct moe_cpu_qw *w, int nr, int64_t k, const void *cons
                 const float *xt = (const float *)x[t] + kb;
                 float acc = 0.0f;
 
-                if (w->f.q != MOE_QUANT_FP8)
-                    for (int64_t c = 0; c < n; c++)
-                        acc += buf[c] * xt[c];
-                for (int64_t c = 0; c < n && w->f.q == MOE_QUANT_FP8; c++)
-                    acc += buf[c] * (xt[(c & ~31) + moe_cpu_x8_pos((int)(c & 31))] * 0x1p-120f);
+                for (int64_t c = 0; c < n; c++)
+                    acc +=
+                        w->f.q == MOE_QUANT_FP8
+                            ? buf[c] * (xt[(c & ~31) + moe_cpu_x8_pos((int)(c & 31))] * 0x1p-120f)
+                            : buf[c] * xt[c];
                 y[(size_t)t * ldy + r] += acc;
             }
         }
