@@ -35,6 +35,7 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "qdot_x86.h"
+#include "qdot_a8_x86.h"
 
 #define RMAX 3
 #define TMAX 4

@@ -35,6 +35,7 @@
 #include "common.h"
 #include "kernels.h"
 #include "qdot_x86.h"
+#include "qdot_a8_x86.h"
 
 /* Register tile: up to RMAX rows x TMAX tokens (24 accumulators, 4 weight
  * registers, 1-2 activation registers out of 32). */
