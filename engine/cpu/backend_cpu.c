@@ -1109,7 +1109,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
     struct feature {
         const char *name;
         bool have;
-    } f[8];
+    } f[9];
     int n = 0;
 
     missing[0] = '\0';
@@ -1123,6 +1123,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
         f[n++] = (struct feature){"avx512vl", __builtin_cpu_supports("avx512vl")};
         f[n++] = (struct feature){"avx512dq", __builtin_cpu_supports("avx512dq")};
         f[n++] = (struct feature){"avx512bf16", __builtin_cpu_supports("avx512bf16")};
+        f[n++] = (struct feature){"avx512vnni", __builtin_cpu_supports("avx512vnni")};
     } else {
         f[n++] = (struct feature){"avx2", __builtin_cpu_supports("avx2")};
     }
@@ -1314,7 +1315,7 @@ out_free:
 int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
 {
     static const char *const needs[] = {
-        "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, fma, f16c",
+        "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c",
         "avx2, fma, f16c",
         "",
     };

@@ -2,8 +2,8 @@
  * The CPU backend's kernel table (internal to engine/cpu/).  One table per
  * instruction-set variant, each in its own file compiled for that variant:
  * kernels_generic.c (portable C), kernels_avx2.c (AVX2 + FMA + F16C),
- * kernels_avx512.c (AVX-512 F/BW/VL/DQ + BF16).  backend_cpu.c picks one at
- * run time and must only call a variant the CPU supports.
+ * kernels_avx512.c (AVX-512 F/BW/VL/DQ + BF16 + VNNI).  backend_cpu.c
+ * picks one at run time and must only call a variant the CPU supports.
  *
  * The dot kernels compute y[t, r] = sum_k W[r, k] * x_t[k] over a block of
  * weight rows and a list of activation rows.  Activations are first

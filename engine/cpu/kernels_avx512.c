@@ -1,7 +1,11 @@
 /*
  * AVX-512 kernels of the CPU backend (compiled with -mavx512f -mavx512bw
- * -mavx512vl -mavx512dq -mavx512bf16 -mf16c -mfma; only called when the CPU
- * has all of them).  Owns no state and takes no locks.
+ * -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mf16c -mfma; only called
+ * when the CPU has all of them: every CPU with AVX-512 BF16 so far, Intel
+ * Cooper Lake and Sapphire Rapids on, AMD Zen 4 on, has VNNI too).  Owns no
+ * state and takes no locks.  The quantized kernels are qdot_x86.h's and
+ * qdot_a8_x86.h's (AVX2 code), the latter multiplying int8 activations by
+ * vpdpbusd here.
  *
  * Dot products use the dot-product formulation: a register tile of R weight
  * rows x T tokens keeps one 16-lane accumulator per (row, token), the inner

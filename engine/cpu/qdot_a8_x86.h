@@ -7,7 +7,8 @@
  * locks.
  *
  * Per block of 32 the weights and the int8 activations are multiplied by
- * vpmaddubsw and vpmaddwd, exactly in int32, then scaled in fp32 by the
+ * vpmaddubsw and vpmaddwd (vpdpbusd where the including file is compiled
+ * with AVX-512 VNNI: qa8_dot4), exactly in int32, then scaled in fp32 by the
  * block's d times the group's scale (qtile_a8_ says how); INT4 and MXFP4
  * take off their offset at the end of the row (qoff).  Tiles as
  * qdot_x86.h's: 4 x 1, 3 x 2 and 2 x 3 for decode, then 1 x 6 chunks of
@@ -97,6 +98,21 @@ QINLINE __m256 qa8_vs8(enum moe_quant sq, const uint8_t *sr, int64_t c0, int nb,
     return _mm256_loadu_ps(v);
 }
 
+/* Each dword of u times s: the sum of its 4 products of an unsigned byte of
+ * u and a signed byte of s, in int32.  Where the kernels are compiled with
+ * AVX-512 VNNI (kernels_avx512.c), one vpdpbusd; else vpmaddubsw (pairs, to
+ * 16 bits with saturation) and vpmaddwd by ones.  The same sums either way:
+ * the bytes here keep every pair of products under 2^15 (u at most 128,
+ * |s| at most 127). */
+QINLINE __m256i qa8_dot4(__m256i u, __m256i s)
+{
+#ifdef __AVX512VNNI__
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
 /* Per call, on the stack (48 KiB): qa8_prep for as many tokens as fit;
  * beyond (more than QA8_C / 6 floats per token for prefill, QA8_C / nt
  * for decode), each tile computes them. */
@@ -108,9 +124,9 @@ QINLINE __m256 qa8_vs8(enum moe_quant sq, const uint8_t *sr, int64_t c0, int nb,
  * weights as 32 bytes in the activations' order (int4 and MXFP4: the low
  * nibbles, then the high ones, against the activations' even, then odd
  * elements; int8: as stored, against the activations in order),
- * multiplied with the int8 activations by vpmaddubsw (int8: |w| times x
+ * multiplied with the int8 activations by qa8_dot4 (int8: |w| times x
  * with w's sign; int4: the nibble, unsigned 0..15; MXFP4: looked up as 2 x
- * e2m1 + 12, 0..24) and vpmaddwd: exact in int32 (|sums| < 2^15 per pair);
+ * e2m1 + 12, 0..24): exact in int32 (|sums| < 2^15 per pair);
  * converted and FMA'd into the accumulator with the block's factor: the
  * activations' scale d times the group's scale (MXFP4's e8m0 times 0.5),
  * rounded once, made for 8 blocks at a time (qa8_vs8 times the tokens' d,
@@ -127,7 +143,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
 {
     const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const int bc = w->f.bcols;
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     /* 2 x e2m1 + 12, 0..24 */
     const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
                                          12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
@@ -217,10 +233,9 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
                         __m256i xq = _mm256_load_si256((const __m256i *)(xb[t] + xo)), d;
 
                         if (q != MOE_QUANT_INT8)
-                            d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);
+                            d = qa8_dot4(wv, xq);
                         else
-                            d = _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(wv, _mm256_sign_epi8(xq, ws)), ones);
+                            d = qa8_dot4(wv, _mm256_sign_epi8(xq, ws));
                         acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),
                                                     _mm256_broadcast_ss(&f[i][t][j]), acc[i][t]);
                     }
