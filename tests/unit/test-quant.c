@@ -641,6 +641,92 @@ static void test_fp8_x_range(void)
     free(xf);
 }
 
+/*
+ * The exact kernels with many tokens (prefill: qdot_x86.h decodes panels of
+ * rows once for all the call's tokens) for every format: 75-row matrices
+ * from row 5 on (70 rows: two panels and a part, an odd row at the end),
+ * 2080 columns (three K blocks; groups of 96 straddle them), 9 to 20
+ * tokens, against fp64 (TOL of the sum of |products|), and each token
+ * alone (the decode tiles) the same bits as in the batch.
+ */
+static void test_prefill_kernels(void)
+{
+    static const struct moe_quant_fmt fmts[] = {
+        {MOE_QUANT_FP8, 128, 128}, {MOE_QUANT_INT8, 1, 128}, {MOE_QUANT_INT8, 1, 96},
+        {MOE_QUANT_INT4, 1, 32},   {MOE_QUANT_INT4, 1, 64},  {MOE_QUANT_MXFP4, 1, 32},
+    };
+    static const int nts[] = {9, 14, 20};
+    const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_generic, &moe_cpu_kernel_avx2,
+                                            &moe_cpu_kernel_avx512};
+    enum { ROWS = 75, ROW0 = 5, NR = ROWS - ROW0, NT = 20 };
+    const int64_t cols = 2080, np = moe_cpu_kpad(cols);
+    float *xf = malloc((size_t)NT * cols * sizeof(float)), *y = malloc(NT * NR * sizeof(float));
+    float y1[NR];
+    float *xp[NT];
+
+    ASSERT_TRUE(xf && y);
+    for (int t = 0; t < NT; t++)
+        ASSERT_TRUE((xp[t] = moe_alloc_aligned((size_t)MOE_CPU_X8_ROW(np) * 4)) != NULL);
+    for (size_t f = 0; f < MOE_ARRAY_SIZE(fmts); f++) {
+        uint64_t seed = 51 + f;
+        struct qmat m;
+
+        qmat_init(&m, &fmts[f], ROWS, cols, &seed);
+        for (int t = 0; t < NT; t++)
+            for (int64_t i = 0; i < cols; i++)
+                xf[t * cols + i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
+        for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
+            const struct moe_cpu_kernel *kern = kerns[k];
+            struct moe_cpu_qw qw = {.f = fmts[f], .w = m.w, .s = m.s, .row0 = ROW0};
+            double worst = 0;
+
+            if (!kernel_runs(kern, "prefill kernels"))
+                continue;
+            for (int t = 0; t < NT; t++) {
+                kern->prep[MOE_DTYPE_F32](xf + t * cols, cols, np, xp[t]);
+                if (fmts[f].q == MOE_QUANT_FP8)
+                    moe_cpu_make_x8(xp[t], np);
+            }
+            for (size_t n = 0; n < MOE_ARRAY_SIZE(nts); n++) {
+                int nt = nts[n];
+
+                kern->qdot[fmts[f].q](&qw, NR, cols, (const void *const *)xp, nt, y, NR);
+                for (int t = 0; t < nt; t++) {
+                    const float *x = xf + t * cols;
+
+                    for (int r = 0; r < NR; r++) {
+                        const double *wr = m.ref + (ROW0 + r) * cols;
+                        double ref = 0, mag = 0, e;
+
+                        for (int64_t i = 0; i < cols; i++) {
+                            ref += wr[i] * (double)x[i];
+                            mag += fabs(wr[i] * (double)x[i]);
+                        }
+                        e = fabs(y[t * NR + r] - ref) / (mag > 0 ? mag : 1);
+                        if (!(e <= TOL))
+                            FAIL("%s %s/%d prefill, %d tokens: row %d token %d: %.9g for %.9g "
+                                 "(error %.3g)",
+                                 kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, nt, r, t,
+                                 (double)y[t * NR + r], ref, e);
+                        worst = fmax(worst, e);
+                    }
+                    kern->qdot[fmts[f].q](&qw, NR, cols, (const void *const *)&xp[t], 1, y1, NR);
+                    if (memcmp(y1, y + t * NR, sizeof(y1)) != 0)
+                        FAIL("%s %s/%d prefill: token %d alone differs from the batch of %d",
+                             kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, t, nt);
+                }
+            }
+            printf("prefill kernels: %s %s/%d worst error %.2g (of the sum of |products|)\n",
+                   kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, worst);
+        }
+        qmat_free(&m);
+    }
+    for (int t = 0; t < NT; t++)
+        moe_free_aligned(xp[t]);
+    free(xf);
+    free(y);
+}
+
 /* ---- int8 activations ------------------------------------------------------------- */
 
 /* Element e of a row prepared by moe_cpu_prep_a8, dequantized. */
@@ -905,6 +991,7 @@ int main(void)
     test_ffn();
     test_int4_long_rows();
     test_fp8_x_range();
+    test_prefill_kernels();
     test_a8_prep();
     test_a8_kernels();
     test_a8_ffn();
