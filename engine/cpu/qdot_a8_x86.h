@@ -162,13 +162,7 @@ QINLINE void qtile_a8_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int 
     const uint8_t *wr[6], *sr[6];
     float sum[6][6] = {{0}};
 
-#pragma GCC unroll 6
-    for (int i = 0; i < R; i++) {
-        int64_t row = w->row0 + r + (int64_t)i * rs;
-
-        wr[i] = w->w + moe_quant_data_bytes(q, row, k);
-        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
-    }
+    qtile_rows(q, w, r, rs, R, k, ss, wr, sr);
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
         __m256 acc[6][6];

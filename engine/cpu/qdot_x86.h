@@ -299,6 +299,23 @@ QINLINE void qoff(enum moe_quant sq, const uint8_t *const *sr, const int R, cons
             sum[i][t] += f * qhsum256(d[i][t]);
 }
 
+/* The weights and the scales of rows r, r + rs, ... (R of them, relative
+ * to w->row0) of a matrix of k columns and scales of ss bytes, for the
+ * tiles. */
+QINLINE void qtile_rows(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs, const int R,
+                        int64_t k, size_t ss, const uint8_t **wr, const uint8_t **sr)
+{
+    const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
+
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++) {
+        int64_t row = w->row0 + r + (int64_t)i * rs;
+
+        wr[i] = w->w + moe_quant_data_bytes(q, row, k);
+        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
+    }
+}
+
 /* Tokens per chunk with their qgsum8 values on the stack (6 x 2048 floats,
  * 48 KiB), for up to QCORR_G groups in a row; beyond, each tile computes
  * them. */
@@ -319,7 +336,6 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
                     const float *const *x, const bool XC, const float *const *xc, const int T,
                     int64_t k, float *y, int64_t ldy)
 {
-    const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const size_t ss = q == MOE_QUANT_MXFP4 ? 1 : 4;
     const int bc = w->f.bcols;
     /* partial sums over whole groups (FP8 and INT8, groups of 128 as a
@@ -330,13 +346,7 @@ QINLINE void qtile_(enum moe_quant q, const struct moe_cpu_qw *w, int r, int rs,
     const uint8_t *wr[6], *sr[6];
     float sum[6][6] = {{0}};
 
-#pragma GCC unroll 6
-    for (int i = 0; i < R; i++) {
-        int64_t row = w->row0 + r + (int64_t)i * rs;
-
-        wr[i] = w->w + moe_quant_data_bytes(q, row, k);
-        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * ss;
-    }
+    qtile_rows(q, w, r, rs, R, k, ss, wr, sr);
     for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
         int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
         int64_t g = kb / bc, gend = (g + 1) * bc;
