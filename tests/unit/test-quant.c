@@ -642,20 +642,21 @@ static void test_fp8_x_range(void)
 }
 
 /*
- * The exact kernels with many tokens (prefill: qdot_x86.h decodes panels of
- * rows once for all the call's tokens) for every format: 75-row matrices
- * from row 5 on (70 rows: two panels and a part, an odd row at the end),
- * 2080 columns (three K blocks; groups of 96 straddle them), 9 to 20
- * tokens, against fp64 (TOL of the sum of |products|), and each token
- * alone (the decode tiles) the same bits as in the batch.
+ * The exact kernels with 4 to 20 tokens for every format (qdot_x86.h: one
+ * row x all the tokens for MXFP4 at 4 to 6; prefill above 8, FP8 and INT8
+ * from panels of rows decoded once for all the call's tokens): 75-row
+ * matrices from row 5 on (70 rows: two panels and a part, an odd row at
+ * the end), 2080 columns (three K blocks; groups of 96 straddle them),
+ * against fp64 (TOL of the sum of |products|), and each token alone (the
+ * 1-token decode tiles) the same bits as in the batch.
  */
-static void test_prefill_kernels(void)
+static void test_many_tokens(void)
 {
     static const struct moe_quant_fmt fmts[] = {
         {MOE_QUANT_FP8, 128, 128}, {MOE_QUANT_INT8, 1, 128}, {MOE_QUANT_INT8, 1, 96},
         {MOE_QUANT_INT4, 1, 32},   {MOE_QUANT_INT4, 1, 64},  {MOE_QUANT_MXFP4, 1, 32},
     };
-    static const int nts[] = {9, 14, 20};
+    static const int nts[] = {4, 5, 6, 9, 14, 20};
     const struct moe_cpu_kernel *kerns[] = {&moe_cpu_kernel_generic, &moe_cpu_kernel_avx2,
                                             &moe_cpu_kernel_avx512};
     enum { ROWS = 75, ROW0 = 5, NR = ROWS - ROW0, NT = 20 };
@@ -680,7 +681,7 @@ static void test_prefill_kernels(void)
             struct moe_cpu_qw qw = {.f = fmts[f], .w = m.w, .s = m.s, .row0 = ROW0};
             double worst = 0;
 
-            if (!kernel_runs(kern, "prefill kernels"))
+            if (!kernel_runs(kern, "4 to 20 tokens"))
                 continue;
             for (int t = 0; t < NT; t++) {
                 kern->prep[MOE_DTYPE_F32](xf + t * cols, cols, np, xp[t]);
@@ -704,7 +705,7 @@ static void test_prefill_kernels(void)
                         }
                         e = fabs(y[t * NR + r] - ref) / (mag > 0 ? mag : 1);
                         if (!(e <= TOL))
-                            FAIL("%s %s/%d prefill, %d tokens: row %d token %d: %.9g for %.9g "
+                            FAIL("%s %s/%d, %d tokens: row %d token %d: %.9g for %.9g "
                                  "(error %.3g)",
                                  kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, nt, r, t,
                                  (double)y[t * NR + r], ref, e);
@@ -712,11 +713,11 @@ static void test_prefill_kernels(void)
                     }
                     kern->qdot[fmts[f].q](&qw, NR, cols, (const void *const *)&xp[t], 1, y1, NR);
                     if (memcmp(y1, y + t * NR, sizeof(y1)) != 0)
-                        FAIL("%s %s/%d prefill: token %d alone differs from the batch of %d",
-                             kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, t, nt);
+                        FAIL("%s %s/%d: token %d alone differs from the batch of %d", kern->name,
+                             moe_quant_name(fmts[f].q), fmts[f].bcols, t, nt);
                 }
             }
-            printf("prefill kernels: %s %s/%d worst error %.2g (of the sum of |products|)\n",
+            printf("4 to 20 tokens: %s %s/%d worst error %.2g (of the sum of |products|)\n",
                    kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, worst);
         }
         qmat_free(&m);
@@ -991,7 +992,7 @@ int main(void)
     test_ffn();
     test_int4_long_rows();
     test_fp8_x_range();
-    test_prefill_kernels();
+    test_many_tokens();
     test_a8_prep();
     test_a8_kernels();
     test_a8_ffn();
