@@ -490,27 +490,30 @@ QINLINE const float *const *qcorr_chunk(enum moe_quant q, const struct moe_cpu_q
     return xc;
 }
 
-/* Prefill panels: rows per panel, and the tiles' rows and tokens. */
+/* Prefill panels: rows per panel, 32-bit words per panel row, and the
+ * tiles' rows and tokens. */
 #define QP_ROWS 32
+#define QP_STRIDE (MOE_CPU_KBLOCK / 2)
 #define QP_R 2
 #define QP_T 3
 
 /*
- * Prefill of FP8 and INT8 (qpre): the values of rows [r0, r0 + n) (n <=
- * QP_ROWS) over [kb, ke), decoded once to panel for every token of the
- * call.  Each value qdecode32 makes of them is bf16-exact (its fp32 bits end
- * in 16 zeros: integers of at most 8 bits, FP8's top halves), so the panel
- * keeps them as bf16 pairs, half the bytes: per row and 32 values two
- * vectors, lane l of vector j holding out[2j][l] in its low half and
- * out[2j + 1][l] in its high half (a shift and a mask take them back, as
- * the bf16 kernels do).  Row i at panel + i * MOE_CPU_KBLOCK / 2.
+ * Prefill of FP8 and INT8 (qpre): the values of rows [0, n) (n <=
+ * QP_ROWS, relative to w->row0) over [kb, ke), decoded once to panel for
+ * every token of the call.  Each value qdecode32 makes of them is
+ * bf16-exact (its fp32 bits end in 16 zeros: integers of at most 8 bits,
+ * FP8's top halves), so the panel keeps them as bf16 pairs, half the
+ * bytes: per row and 32 values two vectors, lane l of vector j holding
+ * out[2j][l] in its low half and out[2j + 1][l] in its high half (a shift
+ * and a mask take them back, as the bf16 kernels do).  Row i at panel + i *
+ * QP_STRIDE.
  */
-QINLINE void qpanel(enum moe_quant q, const struct moe_cpu_qw *w, int r0, int n, int64_t k,
-                    int64_t kb, int64_t ke, uint32_t *panel)
+QINLINE void qpanel(enum moe_quant q, const struct moe_cpu_qw *w, int n, int64_t k, int64_t kb,
+                    int64_t ke, uint32_t *panel)
 {
     for (int i = 0; i < n; i++) {
-        const uint8_t *wr = w->w + moe_quant_data_bytes(q, w->row0 + r0 + i, k);
-        uint32_t *pr = panel + (size_t)i * (MOE_CPU_KBLOCK / 2);
+        const uint8_t *wr = w->w + moe_quant_data_bytes(q, w->row0 + i, k);
+        uint32_t *pr = panel + (size_t)i * QP_STRIDE;
 
         for (int64_t c = kb; c < ke; c += 32) {
             __m256 wv[4];
@@ -538,18 +541,16 @@ QINLINE void qpre_tile(enum moe_quant q, const struct moe_cpu_qw *w, int r0, con
                        const uint32_t *panel, const float *const *x, const int T, int64_t k,
                        int64_t kb, int64_t ke, float *y, int64_t ldy)
 {
-    const int64_t sc = (k + w->f.bcols - 1) / w->f.bcols;
     const int bc = w->f.bcols;
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     int64_t g = kb / bc, gend = (g + 1) * bc;
-    const uint8_t *sr[QP_R];
+    const uint8_t *wr[QP_R], *sr[QP_R];
     __m256 acc[QP_R][QP_T], p[QP_R][QP_T], vs[QP_R];
 
+    /* float scales, 4 bytes (the rows' weights come from the panel) */
+    qtile_rows(q, w, r0, 1, R, k, 4, wr, sr);
 #pragma GCC unroll 2
     for (int i = 0; i < R; i++) {
-        int64_t row = w->row0 + r0 + i;
-
-        sr[i] = w->s + (size_t)(row / w->f.brows) * (size_t)sc * 4; /* float scales */
         vs[i] = _mm256_set1_ps(qscale(q, sr[i], g));
 #pragma GCC unroll 3
         for (int t = 0; t < T; t++)
@@ -576,9 +577,8 @@ QINLINE void qpre_tile(enum moe_quant q, const struct moe_cpu_qw *w, int r0, con
 
 #pragma GCC unroll 2
             for (int i = 0; i < R; i++) {
-                __m256i v =
-                    _mm256_load_si256((const __m256i *)(panel + (size_t)i * (MOE_CPU_KBLOCK / 2) +
-                                                        (c - kb) / 2 + 8 * j));
+                __m256i v = _mm256_load_si256(
+                    (const __m256i *)(panel + (size_t)i * QP_STRIDE + (c - kb) / 2 + 8 * j));
 
                 we[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
                 wo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
@@ -644,28 +644,29 @@ QINLINE int qp_chunk(int n)
 QINLINE void qpre(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int64_t k,
                   const float *const *x, int nt, float *y, int64_t ldy)
 {
-    uint32_t panel[QP_ROWS * MOE_CPU_KBLOCK / 2] __attribute__((aligned(32)));
+    uint32_t panel[QP_ROWS * QP_STRIDE] __attribute__((aligned(32)));
 
     for (int r0 = 0; r0 < nr; r0 += QP_ROWS) {
         int n = MOE_MIN(QP_ROWS, nr - r0);
+        /* the panel's rows, from row 0 */
         struct moe_cpu_qw wp = *w;
 
         wp.row0 = w->row0 + r0;
         for (int64_t kb = 0; kb < k; kb += MOE_CPU_KBLOCK) {
             int64_t ke = MOE_MIN(k, kb + MOE_CPU_KBLOCK);
 
-            qpanel(q, w, r0, n, k, kb, ke, panel);
+            qpanel(q, &wp, n, k, kb, ke, panel);
             for (int t = 0, tt; t < nt; t += tt) {
                 float *yt = y + (size_t)t * ldy + r0;
                 int i = 0;
 
                 tt = qp_chunk(nt - t);
                 for (; i + QP_R <= n; i += QP_R)
-                    qpre_rows(q, &wp, i, QP_R, panel + (size_t)i * (MOE_CPU_KBLOCK / 2), x + t, tt,
-                              k, kb, ke, yt, ldy);
+                    qpre_rows(q, &wp, i, QP_R, panel + (size_t)i * QP_STRIDE, x + t, tt, k, kb, ke,
+                              yt, ldy);
                 for (; i < n; i++)
-                    qpre_rows(q, &wp, i, 1, panel + (size_t)i * (MOE_CPU_KBLOCK / 2), x + t, tt, k,
-                              kb, ke, yt, ldy);
+                    qpre_rows(q, &wp, i, 1, panel + (size_t)i * QP_STRIDE, x + t, tt, k, kb, ke, yt,
+                              ldy);
             }
         }
     }
@@ -685,8 +686,8 @@ QINLINE void qdot_fmt(enum moe_quant q, const struct moe_cpu_qw *w, int nr, int6
     if (q == MOE_QUANT_MXFP4 && nt >= 4 && nt <= 6) {
         /* MXFP4, 4 to 6 tokens: its decoding (a lookup) costs more than
          * a second pass over the rows saves, so one row x all the tokens
-         * (2026-12-07, 8-token decode, 5 to 1 tokens an expert: 196 ->
-         * 168 ms, 1 thread; INT8, FP8 and INT4 no faster) */
+         * (2026-12-07, 8-token decode, 5 to 1 tokens an expert: 195 ->
+         * 166 ms, 1 thread; INT8, FP8 and INT4 no faster) */
         for (int r = 0; r < nr; r++)
             qrow(q, w, r, x, NULL, nt, k, y, ldy);
         return;
