@@ -466,6 +466,50 @@ static bool kernel_runs(const struct moe_cpu_kernel *kern, const char *what)
     return false;
 }
 
+/*
+ * One call of kern's exact kernel for format f on nt tokens (rows [row0,
+ * row0 + nr) of m, cols columns; xf the tokens' fp32 rows, xp the same
+ * prepared), y [nt][nr]: against fp64 (TOL of the sum of |products|, the
+ * worst error to *worst), and each token alone the same bits as in the
+ * batch.  what names the case in a failure.
+ */
+static void qdot_check(const struct moe_cpu_kernel *kern, const struct moe_quant_fmt *f,
+                       const struct qmat *m, int64_t row0, int nr, int64_t cols, const float *xf,
+                       void *const *xp, int nt, float *y, const char *what, double *worst)
+{
+    float *y1 = malloc((size_t)nr * sizeof(float));
+
+    ASSERT_TRUE(y1 != NULL);
+    kern->qdot[f->q](&(struct moe_cpu_qw){.f = *f, .w = m->w, .s = m->s, .row0 = row0}, nr, cols,
+                     (const void *const *)xp, nt, y, nr);
+    for (int t = 0; t < nt; t++) {
+        const float *x = xf + t * cols;
+
+        for (int r = 0; r < nr; r++) {
+            const double *wr = m->ref + (row0 + r) * cols;
+            double ref = 0, mag = 0, e;
+
+            for (int64_t i = 0; i < cols; i++) {
+                ref += wr[i] * (double)x[i];
+                mag += fabs(wr[i] * (double)x[i]);
+            }
+            e = fabs(y[t * nr + r] - ref) / (mag > 0 ? mag : 1);
+            if (!(e <= TOL))
+                FAIL("%s: %s %s/%d, %lld columns, %d tokens: row %d token %d: %.9g for %.9g "
+                     "(error %.3g)",
+                     what, kern->name, moe_quant_name(f->q), f->bcols, (long long)cols, nt, r, t,
+                     (double)y[t * nr + r], ref, e);
+            *worst = fmax(*worst, e);
+        }
+        kern->qdot[f->q](&(struct moe_cpu_qw){.f = *f, .w = m->w, .s = m->s, .row0 = row0}, nr,
+                         cols, (const void *const *)&xp[t], 1, y1, nr);
+        if (memcmp(y1, y + t * nr, (size_t)nr * sizeof(float)) != 0)
+            FAIL("%s: %s %s/%d: token %d alone differs from the batch of %d", what, kern->name,
+                 moe_quant_name(f->q), f->bcols, t, nt);
+    }
+    free(y1);
+}
+
 /* Exact int4 kernels on rows of more groups than the x86 kernels keep the
  * activations' per-group sums for on the stack (QCORR_G in qdot_x86.h):
  * each tile computes them instead.  A down projection of ffn > 65,536
@@ -480,7 +524,7 @@ static void test_int4_long_rows(void)
     const int64_t cols = 65600; /* 2050 groups of 32 */
     uint64_t seed = 31;
     struct qmat m;
-    float *xf = malloc((size_t)NT * cols * sizeof(float)), y[NT * ROWS], y1[ROWS];
+    float *xf = malloc((size_t)NT * cols * sizeof(float)), y[NT * ROWS];
     void *xp[NT];
 
     ASSERT_TRUE(xf != NULL);
@@ -490,7 +534,6 @@ static void test_int4_long_rows(void)
             xf[t * cols + i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
     for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
         const struct moe_cpu_kernel *kern = kerns[k];
-        struct moe_cpu_qw qw = {.f = f, .w = m.w, .s = m.s, .row0 = 0};
         double worst = 0;
 
         if (!kernel_runs(kern, "int4 long rows"))
@@ -500,33 +543,8 @@ static void test_int4_long_rows(void)
             ASSERT_TRUE(xp[t] != NULL);
             kern->prep[MOE_DTYPE_F32](xf + t * cols, cols, moe_cpu_kpad(cols), xp[t]);
         }
-        for (int nt = 2; nt <= NT; nt += NT - 2) {
-            kern->qdot[MOE_QUANT_INT4](&qw, ROWS, cols, (const void *const *)xp, nt, y, ROWS);
-            for (int t = 0; t < nt; t++) {
-                const float *x = xf + t * cols;
-
-                for (int r = 0; r < ROWS; r++) {
-                    double ref = 0, mag = 0, e;
-
-                    for (int64_t i = 0; i < cols; i++) {
-                        ref += m.ref[r * cols + i] * (double)x[i];
-                        mag += fabs(m.ref[r * cols + i] * (double)x[i]);
-                    }
-                    e = fabs(y[t * ROWS + r] - ref) / (mag > 0 ? mag : 1);
-                    if (!(e <= TOL))
-                        FAIL("%s int4/32, %lld columns, %d tokens: row %d token %d: %.9g for "
-                             "%.9g (error %.3g)",
-                             kern->name, (long long)cols, nt, r, t, (double)y[t * ROWS + r], ref,
-                             e);
-                    worst = fmax(worst, e);
-                }
-                kern->qdot[MOE_QUANT_INT4](&qw, ROWS, cols, (const void *const *)&xp[t], 1, y1,
-                                           ROWS);
-                if (memcmp(y1, y + t * ROWS, sizeof(y1)) != 0)
-                    FAIL("%s int4 long rows: token %d alone differs from the batch of %d",
-                         kern->name, t, nt);
-            }
-        }
+        for (int nt = 2; nt <= NT; nt += NT - 2)
+            qdot_check(kern, &f, &m, 0, ROWS, cols, xf, xp, nt, y, "int4 long rows", &worst);
         printf("int4 long rows (%lld columns): %s worst error %.2g (of the sum of |products|)\n",
                (long long)cols, kern->name, worst);
         for (int t = 0; t < NT; t++)
@@ -662,8 +680,7 @@ static void test_many_tokens(void)
     enum { ROWS = 75, ROW0 = 5, NR = ROWS - ROW0, NT = 20 };
     const int64_t cols = 2080, np = moe_cpu_kpad(cols);
     float *xf = malloc((size_t)NT * cols * sizeof(float)), *y = malloc(NT * NR * sizeof(float));
-    float y1[NR];
-    float *xp[NT];
+    void *xp[NT];
 
     ASSERT_TRUE(xf && y);
     for (int t = 0; t < NT; t++)
@@ -678,7 +695,6 @@ static void test_many_tokens(void)
                 xf[t * cols + i] = test_rand_f32(&seed) * (t % 3 == 2 ? 40.0f : 1.0f);
         for (size_t k = 0; k < MOE_ARRAY_SIZE(kerns); k++) {
             const struct moe_cpu_kernel *kern = kerns[k];
-            struct moe_cpu_qw qw = {.f = fmts[f], .w = m.w, .s = m.s, .row0 = ROW0};
             double worst = 0;
 
             if (!kernel_runs(kern, "4 to 20 tokens"))
@@ -688,35 +704,9 @@ static void test_many_tokens(void)
                 if (fmts[f].q == MOE_QUANT_FP8)
                     moe_cpu_make_x8(xp[t], np);
             }
-            for (size_t n = 0; n < MOE_ARRAY_SIZE(nts); n++) {
-                int nt = nts[n];
-
-                kern->qdot[fmts[f].q](&qw, NR, cols, (const void *const *)xp, nt, y, NR);
-                for (int t = 0; t < nt; t++) {
-                    const float *x = xf + t * cols;
-
-                    for (int r = 0; r < NR; r++) {
-                        const double *wr = m.ref + (ROW0 + r) * cols;
-                        double ref = 0, mag = 0, e;
-
-                        for (int64_t i = 0; i < cols; i++) {
-                            ref += wr[i] * (double)x[i];
-                            mag += fabs(wr[i] * (double)x[i]);
-                        }
-                        e = fabs(y[t * NR + r] - ref) / (mag > 0 ? mag : 1);
-                        if (!(e <= TOL))
-                            FAIL("%s %s/%d, %d tokens: row %d token %d: %.9g for %.9g "
-                                 "(error %.3g)",
-                                 kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, nt, r, t,
-                                 (double)y[t * NR + r], ref, e);
-                        worst = fmax(worst, e);
-                    }
-                    kern->qdot[fmts[f].q](&qw, NR, cols, (const void *const *)&xp[t], 1, y1, NR);
-                    if (memcmp(y1, y + t * NR, sizeof(y1)) != 0)
-                        FAIL("%s %s/%d: token %d alone differs from the batch of %d", kern->name,
-                             moe_quant_name(fmts[f].q), fmts[f].bcols, t, nt);
-                }
-            }
+            for (size_t n = 0; n < MOE_ARRAY_SIZE(nts); n++)
+                qdot_check(kern, &fmts[f], &m, ROW0, NR, cols, xf, xp, nts[n], y, "4 to 20 tokens",
+                           &worst);
             printf("4 to 20 tokens: %s %s/%d worst error %.2g (of the sum of |products|)\n",
                    kern->name, moe_quant_name(fmts[f].q), fmts[f].bcols, worst);
         }
