@@ -158,7 +158,10 @@ static size_t slot_row(int d, int64_t cols)
     return (size_t)(d >= SLOT_X8 ? MOE_CPU_X8_ROW(n) : n) * 4;
 }
 
-static const float ones[FBLK] = {[0 ... FBLK - 1] = 1.0f};
+/* silu alone, for kernels without swiglu_b16: swiglu(g, ones) in pieces of
+ * at most ONES values (oneDNN's blocks are DN_FBLK rows, moed's FBLK) */
+#define ONES 64
+static const float ones[ONES] = {[0 ... ONES - 1] = 1.0f};
 
 struct scratch {
     void *p;     /* moe_alloc_aligned, or NULL */
@@ -558,7 +561,8 @@ static void act_rows(const struct moe_cpu_kernel *k, const struct moe_expert_wei
         /* torch in bf16: h = bf16(bf16(silu(bf16(g))) * bf16(u)) */
         round_bf16(g, nr);
         round_bf16(u, nr);
-        k->swiglu(g, ones, nr, g);
+        for (int i = 0; i < nr; i += ONES)
+            k->swiglu(g + i, ones, MOE_MIN(ONES, nr - i), g + i);
         round_bf16(g, nr);
         for (int i = 0; i < nr; i++)
             g[i] *= u[i];
