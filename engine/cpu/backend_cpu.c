@@ -712,6 +712,10 @@ static void ffn_up_task(void *arg, int task, int thread)
             moe_cpu_prep_a8(g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
         else
             c->k->prep[d](g, nr, chunk, (char *)as[j] + (size_t)f0 * 4);
+        /* bf16 values already: round[] changes none, only the layout, where
+         * the variant's dot_b16 reads another (AVX-512's bf16 weights) */
+        if (b16 && !a8)
+            c->k->round[d]((char *)as[j] + (size_t)f0 * 4, chunk);
     }
 }
 

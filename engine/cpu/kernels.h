@@ -58,8 +58,10 @@ typedef void (*moe_cpu_dot_fn)(const void *w, int64_t ldw, int nr, int64_t k, co
 
 /*
  * Rounds a row prepared by the same variant's prep for the same dtype
- * (n_pad elements) to bf16 activations in place, as if its source had been
- * rounded to bf16 first: compute_precision bf16.
+ * (n_pad elements, or a KPAD-aligned piece of one) to bf16 activations in
+ * place, as if its source had been rounded to bf16 first, into the layout
+ * the variant's dot_b16 reads (which may differ from prep's: AVX-512's bf16
+ * weights): compute_precision bf16.
  */
 typedef void (*moe_cpu_round_fn)(void *prepared, int64_t n_pad);
 
@@ -215,10 +217,12 @@ struct moe_cpu_kernel {
     moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
     moe_cpu_dot_fn dot[3];     /* likewise */
     moe_cpu_round_fn round[3]; /* likewise: prepared rows to bf16 activations */
-    /* The dot kernels for rows that round[] made bf16: the same sums as dot
-     * on such rows, but they may skip work (AVX-512 bf16 weights need no lo
-     * halves).  Used for every dot of a compute_precision bf16 work item, so
-     * that one precision always takes one code path. */
+    /* The dot kernels for rows that round[] made bf16: the dot products
+     * dot would compute of such values, perhaps summed in another order
+     * (AVX-512's bf16 weights: vdpbf16ps, one
+     * instruction per 32 weights where dot takes two FMAs).  Used for every
+     * dot of a compute_precision bf16 work item, so that one precision
+     * always takes one code path. */
     moe_cpu_dot_fn dot_b16[3];
     moe_cpu_swiglu_fn swiglu;
     moe_cpu_swiglu_clamp_fn swiglu_clamp;

@@ -15,14 +15,18 @@
  * reuses each weight vector loaded into a register for T tokens and each
  * token vector for R rows.
  *
- * BF16 weights: vdpbf16ps multiplies bf16 pairs exactly and accumulates in
- * fp32.  The activation x is split as x = hi + lo, both bf16 (hi = bf16(x),
- * lo = bf16(x - hi)), and both are multiplied with the weights, so the
- * product keeps about 16 bits of x's mantissa (relative error ~2^-17 per
- * element) while the weights are used as stored, with no conversion.  The
- * prepared layout is, per 32-element block, 32 hi values then 32 lo values.
- * compute_precision bf16 rounds x to bf16, so lo is zero: its tiles
- * (hi_only) skip the lo half and do half the vdpbf16ps.
+ * BF16 weights, exact activations: each 32-bit lane of a 64-byte load holds
+ * an even element low and the next odd one high, so a shift makes 16 even
+ * elements fp32 and a mask the 16 odd ones; they multiply fp32 activations
+ * prepared as each 32-element block's even elements, then its odd ones, by
+ * FMA: fp32 products and sums, as the AVX2 and generic kernels.  (Until
+ * 2026-12 this path split x into two bf16 halves for vdpbf16ps, which kept
+ * 16 of x's 24 bits: 30x the AVX2 kernel's error, and on a Xeon (Sapphire
+ * Rapids, KVM) vdpbf16ps issued at 0.6x the FMA rate, measured, so the two
+ * instructions per 32 weights and token cost more than the two FMAs.)
+ * compute_precision bf16 rounds x to bf16 (round_bf16 stores the block's 32
+ * bf16 values in order) and its tiles (b16h) multiply by vdpbf16ps, one
+ * instruction per 32 weights and token.
  *
  * F16 and F32 weights: converted to fp32 on load (vcvtph2ps) and multiplied
  * with fp32 activations by FMA; the prepared layout is plain fp32.
@@ -65,11 +69,78 @@ typedef moe_cpu_tile_fn tile_fn;
         }                                                                                          \
     } while (0)
 
-/* ---- bf16 weights: vdpbf16ps with hi/lo activations ---------------------- */
+/* ---- bf16 weights, exact: widened in registers, FMA -------------------- */
 
+/* One 32-element step of tile_bf16: w[r] points at row r's 32 weights (the
+ * first n of them when tail, n < 32).  Each 32-bit lane holds an even
+ * element low and the next odd one high: a shift makes the even elements
+ * fp32, a mask the odd ones.  Converts the R rows' even elements, then
+ * loads each token's even activations once for all R rows; then the odd
+ * ones.  acc[r][t] takes the even product, then the odd one, in every tile. */
+INLINE void b16_step(const uint16_t *const *w, const float *const *x, int64_t k,
+                     __m512 acc[RDEC][TMAX], const int R, const int T, bool tail, int n)
+{
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    __m512i v[RDEC];
+    __m512 cv[RDEC];
+
+    for (int r = 0; r < R; r++)
+        v[r] = tail ? _mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), w[r])
+                    : _mm512_loadu_si512(w[r]);
+    for (int r = 0; r < R; r++)
+        cv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v[r], 16));
+    for (int t = 0; t < T; t++) {
+        __m512 xt = _mm512_load_ps(x[t] + k);
+
+        for (int r = 0; r < R; r++)
+            acc[r][t] = _mm512_fmadd_ps(cv[r], xt, acc[r][t]);
+    }
+    for (int r = 0; r < R; r++)
+        cv[r] = _mm512_castsi512_ps(_mm512_and_si512(v[r], hi));
+    for (int t = 0; t < T; t++) {
+        __m512 xt = _mm512_load_ps(x[t] + k + 16);
+
+        for (int r = 0; r < R; r++)
+            acc[r][t] = _mm512_fmadd_ps(cv[r], xt, acc[r][t]);
+    }
+}
+
+/* bf16 weights against fp32 activations prepared even/odd per 32-element
+ * block (prep_bf16): the products and sums of fp32 FMA, exact given x. */
 INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
-                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T,
-                      const bool hi_only)
+                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
+{
+    const uint16_t *wr[RDEC];
+    const float *x[TMAX];
+    __m512 acc[RDEC][TMAX];
+    int64_t k;
+
+    for (int t = 0; t < T; t++)
+        x[t] = xv[t];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
+    for (k = k0; k + 32 <= k1; k += 32) {
+        for (int r = 0; r < R; r++)
+            wr[r] = (const uint16_t *)wv + r * ldw + k;
+        b16_step(wr, x, k, acc, R, T, false, 32);
+    }
+    if (k < k1) {
+        for (int r = 0; r < R; r++)
+            wr[r] = (const uint16_t *)wv + r * ldw + k;
+        b16_step(wr, x, k, acc, R, T, true, (int)(k1 - k));
+    }
+    TILE_STORE(R, T);
+}
+
+/* ---- bf16 weights, bf16 activations: vdpbf16ps ----------------------------- */
+
+/* compute_precision bf16: x rounded to bf16 by round_bf16, 32 of them per
+ * block in order (then 32 unused); vdpbf16ps multiplies bf16 pairs exactly
+ * and accumulates in fp32, one instruction per 32 weights and token where
+ * the exact tile takes two FMAs. */
+INLINE void tile_b16h(const void *wv, int64_t ldw, const void *const *xv, int64_t k0, int64_t k1,
+                      float *y, int64_t ldy, int64_t ys, bool first, const int R, const int T)
 {
     const uint16_t *w = wv;
     const uint16_t *x[TMAX];
@@ -82,37 +153,17 @@ INLINE void tile_bf16(const void *wv, int64_t ldw, const void *const *xv, int64_
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm512_setzero_ps();
 
-    for (k = k0; k + 32 <= k1; k += 32) {
-        __m512i wr[RDEC];
-
-        for (int r = 0; r < R; r++)
-            wr[r] = _mm512_loadu_si512(w + r * ldw + k);
-        for (int t = 0; t < T; t++) {
-            __m512i xh = _mm512_load_si512(x[t] + 2 * k);
-            __m512i xl = hi_only ? xh : _mm512_load_si512(x[t] + 2 * k + 32);
-
-            for (int r = 0; r < R; r++)
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
-            if (!hi_only)
-                for (int r = 0; r < R; r++)
-                    acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
-        }
-    }
-    if (k < k1) {
-        __mmask32 m = (__mmask32)((1u << (k1 - k)) - 1);
+    for (k = k0; k < k1; k += 32) {
+        __mmask32 m = k + 32 <= k1 ? (__mmask32)~0u : (__mmask32)((1u << (k1 - k)) - 1);
         __m512i wr[RDEC];
 
         for (int r = 0; r < R; r++)
             wr[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + k);
         for (int t = 0; t < T; t++) {
             __m512i xh = _mm512_load_si512(x[t] + 2 * k);
-            __m512i xl = hi_only ? xh : _mm512_load_si512(x[t] + 2 * k + 32);
 
             for (int r = 0; r < R; r++)
                 acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xh);
-            if (!hi_only)
-                for (int r = 0; r < R; r++)
-                    acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wr[r], (__m512bh)xl);
         }
     }
     TILE_STORE(R, T);
@@ -181,12 +232,12 @@ INLINE void tile_fma(const void *w, int64_t ldw, const void *const *xv, int64_t 
     static void tile_bf16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
                                     int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
     {                                                                                              \
-        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, false);                              \
+        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                     \
     }                                                                                              \
     static void tile_b16h_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,  \
                                     int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)     \
     {                                                                                              \
-        tile_bf16(w, ldw, x, k0, k1, y, ldy, ys, first, R, T, true);                               \
+        tile_b16h(w, ldw, x, k0, k1, y, ldy, ys, first, R, T);                                     \
     }                                                                                              \
     static void tile_f16_##R##_##T(const void *w, int64_t ldw, const void *const *x, int64_t k0,   \
                                    int64_t k1, float *y, int64_t ldy, int64_t ys, bool first)      \
@@ -284,37 +335,38 @@ INLINE __m512 load_src(const float *src, int64_t i, int64_t n)
     return _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), src + i);
 }
 
-INLINE __m512 bf16_lo_to_f32(__m256i h)
-{
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Per 32 elements: hi = bf16(x) (round to nearest even), lo = bf16(x - hi). */
+/* bf16 weights' layout (tile_bf16): each 32-element block as its 16 even
+ * elements, then its 16 odd ones, fp32; zeros past n. */
 static void prep_bf16(const float *src, int64_t n, int64_t n_pad, void *dst)
 {
-    uint16_t *d = dst;
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    float *d = dst;
 
     for (int64_t i = 0; i < n_pad; i += 32) {
         __m512 a0 = load_src(src, i, n);
         __m512 a1 = load_src(src, i + 16, n);
-        /* cvtne2ps_pbh(b, a): elements 0-15 from a, 16-31 from b. */
-        __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(a1, a0);
-        __m512 h0 = bf16_lo_to_f32(_mm512_castsi512_si256(hi));
-        __m512 h1 = bf16_lo_to_f32(_mm512_extracti64x4_epi64(hi, 1));
-        __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(a1, h1), _mm512_sub_ps(a0, h0));
 
-        _mm512_store_si512(d + 2 * i, hi);
-        _mm512_store_si512(d + 2 * i + 32, lo);
+        _mm512_store_ps(d + i, _mm512_permutex2var_ps(a0, even, a1));
+        _mm512_store_ps(d + i + 16, _mm512_permutex2var_ps(a0, odd, a1));
     }
 }
 
-/* bf16 activations: hi = bf16(x) already, so lo becomes zero. */
+/* compute_precision bf16: each block of a prep_bf16 row rounded to bf16
+ * (to nearest even) and stored as tile_b16h reads it, in place: its 32
+ * values in order, then 32 zeros. */
 static void round_bf16(void *prepared, int64_t n_pad)
 {
-    uint16_t *d = prepared;
+    float *d = prepared;
 
-    for (int64_t i = 0; i < n_pad; i += 32)
-        _mm512_store_si512(d + 2 * i + 32, _mm512_setzero_si512());
+    for (int64_t i = 0; i < n_pad; i += 32) {
+        __m512i ev = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(d + i)));
+        __m512i od = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(d + i + 16)));
+
+        _mm512_store_si512(d + i, _mm512_or_si512(ev, _mm512_slli_epi32(od, 16)));
+        _mm512_store_si512(d + i + 16, _mm512_setzero_si512());
+    }
 }
 
 static void prep_f32(const float *src, int64_t n, int64_t n_pad, void *dst)
