@@ -134,10 +134,17 @@
 #define HUGE_MIN (4u << 20)
 /* oneDNN path: ffn rows per phase-1 task; token rows padded to a multiple
  * of DN_MPAD (fewer distinct shapes, so fewer primitives to compile); work
- * items with fewer tokens than DN_MIN_TOKENS keep moed's kernels (decode). */
+ * items with fewer tokens than DN_MIN_TOKENS (DN_MIN_TOKENS_AMX where
+ * oneDNN runs on AMX tiles) keep moed's kernels (decode).  On a Sapphire
+ * Rapids (2 threads, Mixtral shapes, compute_precision bf16) oneDNN's AMX
+ * GEMMs beat moed's AVX-512 tiles from 6 tokens an expert: 32 tokens (3 to
+ * 11 an expert) 223 -> 151 ms, 64 (11 to 21) 280 -> 161-169 ms, 8 (1 to
+ * 5) unchanged at 84-87 ms, while a threshold of 5 made it 99.  Without AMX
+ * (AVX-512 BF16 only) the crossover is unmeasured: 16 is kept there. */
 #define DN_FBLK 256
 #define DN_MPAD 16
 #define DN_MIN_TOKENS 16
+#define DN_MIN_TOKENS_AMX 6
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
@@ -1239,7 +1246,7 @@ static int init_onednn(struct cpu_backend *cb, int dn, struct moe_error *err)
     char *end;
     long v;
 
-    cb->dn_min_tokens = DN_MIN_TOKENS;
+    cb->dn_min_tokens = 0;
     if (env && *env) {
         errno = 0;
         v = strtol(env, &end, 10);
@@ -1266,6 +1273,8 @@ static int init_onednn(struct cpu_backend *cb, int dn, struct moe_error *err)
             cb->dn = NULL;
             return 0;
         }
+        if (cb->dn_min_tokens == 0)
+            cb->dn_min_tokens = moe_onednn_amx(cb->dn) ? DN_MIN_TOKENS_AMX : DN_MIN_TOKENS;
         snprintf(cb->dn_describe, sizeof(cb->dn_describe),
                  "onednn (%s; from %d tokens per expert, else %s)", moe_onednn_describe(cb->dn),
                  cb->dn_min_tokens, cb->k->name);

@@ -57,6 +57,7 @@ struct moe_onednn {
     bool bf16;       /* activations and weights bf16 (else fp32) */
     bool transposed; /* weights passed as {1, k} strides (else copied to k x n) */
     bool fast;
+    bool amx;
     char describe[160];
     struct prim *prims;
     int n_prims, cap_prims;
@@ -243,6 +244,8 @@ int moe_onednn_init(int n_threads, struct moe_onednn **ret, struct moe_error *er
         goto fail;
     }
     isa = dnnl_get_effective_cpu_isa();
+    d->amx = d->bf16 &&
+             ((int)isa & (int)dnnl_cpu_isa_avx512_core_amx) == (int)dnnl_cpu_isa_avx512_core_amx;
     d->fast = d->bf16 &&
               ((int)isa & (int)dnnl_cpu_isa_avx512_core_bf16) == (int)dnnl_cpu_isa_avx512_core_bf16;
     snprintf(d->describe, sizeof(d->describe), "oneDNN %d.%d.%d, %s, %s matmul (%s%s)", v->major,
@@ -287,6 +290,11 @@ bool moe_onednn_bf16(const struct moe_onednn *d)
 bool moe_onednn_fast(const struct moe_onednn *d)
 {
     return d->fast;
+}
+
+bool moe_onednn_amx(const struct moe_onednn *d)
+{
+    return d->amx;
 }
 
 const char *moe_onednn_describe(const struct moe_onednn *d)

@@ -36,6 +36,8 @@ bool moe_onednn_bf16(const struct moe_onednn *d);
 /* True when oneDNN runs bf16 natively here (AVX-512 BF16 or AMX): the
  * backend's "auto" then uses it for prefill. */
 bool moe_onednn_fast(const struct moe_onednn *d);
+/* Whether its bf16 matmul runs on AMX tiles. */
+bool moe_onednn_amx(const struct moe_onednn *d);
 
 /* oneDNN's version and the instruction set it uses here, for messages. */
 const char *moe_onednn_describe(const struct moe_onednn *d);

@@ -581,7 +581,7 @@ static void test_ffn(void)
 }
 
 /*
- * onednn's default threshold: work items under 16 tokens (decode) keep
+ * onednn's default threshold: work items under 16 tokens (6 with AMX) keep
  * moed's best kernel (the same bits as avx2, or avx512 where it runs), larger
  * ones take oneDNN (other bits, still within the bf16 tolerance).
  */
@@ -597,6 +597,11 @@ static void test_onednn_threshold(void)
         return;
     }
     ASSERT_EQ(r, 0);
+    /* the threshold: 6 tokens where oneDNN runs on AMX, else 16 */
+    ASSERT_CONTAINS(moe_backend_cpu_describe(dn),
+                    strstr(moe_backend_cpu_describe(dn), "avx512_core_amx")
+                        ? "from 6 tokens per expert"
+                        : "from 16 tokens per expert");
     {
         /* moed's best kernel here, which onednn runs beside oneDNN */
         struct moe_cpu_kernel_info info[N_KERNELS];
@@ -612,8 +617,9 @@ static void test_onednn_threshold(void)
                   0);
     }
     for (int i = 0; i < 2; i++) {
-        /* 7 tokens: at most 7 per item; 80: about 53 per item */
-        struct ffn_case c = {100, 300, i ? 80 : 7, MOE_PRECISION_BF16, false};
+        /* 5 tokens: at most 5 per item, under both thresholds (6 where
+         * oneDNN runs on AMX, else 16); 80: about 53 per item */
+        struct ffn_case c = {100, 300, i ? 80 : 5, MOE_PRECISION_BF16, false};
         size_t n = (size_t)c.n_tokens * c.hidden;
         float *o1 = malloc(n * sizeof(float)), *o2 = malloc(n * sizeof(float));
         struct batch b;
