@@ -29,7 +29,7 @@ static void forward_usage(FILE *f)
             "                      [--cache-bytes B] [--policy lru|freq|routing] [--no-prefetch]\n"
             "                      [--buffered] [--register-buffers] [--trace FILE]\n"
             "                      [--threads N] [--compute-precision exact|bf16]\n"
-            "                      [--kernel auto|generic|avx2|avx512|onednn] [-q]\n"
+            "                      [--kernel auto|generic|avx2|avx512|amx|onednn] [-q]\n"
             "       moectl forward --local --kernel list\n"
             "\n"
             "Runs MoE layers in this process.  X.npy: float32 [tokens, hidden] hidden states.\n"

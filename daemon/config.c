@@ -126,7 +126,7 @@ static const struct key keys[] = {
     {"cluster", "nccl_device", K_INT, OFF(nccl_device), -1, 1023,
      "CUDA device for NCCL (default: the first of gpus, else 0)"},
     {"compute", "threads", K_INT, OFF(threads), 0, 1024, "CPU threads (0: one per CPU)"},
-    {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2, avx512 or onednn"},
+    {"compute", "kernel", K_STR, OFF(kernel), 0, 0, "auto, generic, avx2, avx512, amx or onednn"},
     {"compute", "int8_activations", K_BOOL, OFF(int8_activations), 0, 0,
      "int8, int4 and MXFP4 experts on the CPU take their activations as int8, per 32 values: "
      "faster decode where the kernel has it (avx2, avx512), about 1% error on a layer's output "

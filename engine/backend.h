@@ -151,7 +151,7 @@ struct moe_backend {
 
 struct moe_cpu_config {
     int n_threads;      /* 0: one per online CPU */
-    const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512", "onednn" */
+    const char *kernel; /* NULL/"auto", or force "generic", "avx2", "avx512", "amx", "onednn" */
     /* int8 activations for int8, int4 and MXFP4 experts (off: exact).  Each 32
      * values of x and of the SwiGLU intermediate are quantized to int8
      * with their own scale (max |x| / 127) and multiplied with the weights
@@ -167,7 +167,7 @@ struct moe_cpu_config {
 
 /* One CPU kernel variant, for listings (moectl --kernel). */
 struct moe_cpu_kernel_info {
-    const char *name;  /* "onednn", "avx512", "avx2", "generic" */
+    const char *name;  /* "onednn", "amx", "avx512", "avx2", "generic" */
     const char *needs; /* the CPU features (or the build) it needs, ", "-separated */
     bool available;    /* this CPU (and build) has them all */
     bool auto_pick;    /* "auto" uses it (onednn: for prefill, beside another) */
@@ -184,7 +184,7 @@ int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n);
 int moe_backend_cpu_init(const struct moe_cpu_config *cfg, struct moe_backend **ret,
                          struct moe_error *err);
 
-/* Name of the kernel the CPU backend picked ("onednn", "avx512", "avx2",
+/* Name of the kernel the CPU backend picked ("onednn", "amx", "avx512", "avx2",
  * "generic"; "onednn" runs moed's best kernel for everything but prefill). */
 const char *moe_backend_cpu_kernel(const struct moe_backend *b);
 

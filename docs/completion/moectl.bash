@@ -49,7 +49,7 @@ _moectl()
         COMPREPLY=($(compgen -W "grpc shm" -- "$cur"))
         return 0 ;;
     --kernel)
-        COMPREPLY=($(compgen -W "auto generic avx2 avx512 onednn list" -- "$cur"))
+        COMPREPLY=($(compgen -W "auto generic avx2 avx512 amx onednn list" -- "$cur"))
         return 0 ;;
     --layer)
         [ "$cmd" = forward ] && COMPREPLY=($(compgen -W "all" -- "$cur"))

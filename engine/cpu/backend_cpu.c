@@ -145,6 +145,9 @@
 #define DN_MPAD 16
 #define DN_MIN_TOKENS 16
 #define DN_MIN_TOKENS_AMX 6
+/* AMX items: phase 1 turns its tokens' SwiGLU rows into B tiles this many
+ * at a time (a multiple of the 5- and 16-token groups) */
+#define AMX_CHUNK 80
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_F16 == 1 && MOE_DTYPE_BF16 == 2,
                "kernel tables are indexed by dtype");
@@ -193,6 +196,7 @@ struct cpu_backend {
     char dn_describe[256]; /* moe_backend_cpu_describe */
     int dn_min_tokens;     /* work items with at least this many tokens use it */
     struct scratch dnbuf;  /* under lock: per oneDNN item, its x and SwiGLU rows */
+    struct scratch amxbuf; /* under lock: per AMX item, its x and SwiGLU B tiles */
 };
 
 /* ---- memory ----------------------------------------------------------------- */
@@ -465,6 +469,9 @@ struct ffn_ctx {
     int64_t *dn_m;
     char **dn_x, **dn_h;
     size_t dn_esz;
+    /* AMX items (amx_parts): bx[i] and bh[i] their x and SwiGLU rows' B
+     * tiles (moe_cpu_amx_btiles), NULL for other items */
+    int32_t **bx, **bh;
     int dn_err; /* the first oneDNN failure (atomic), 0 if none */
 };
 
@@ -517,6 +524,16 @@ static bool uses_x8(const struct moe_cpu_kernel *k, bool act_int8,
     return e->quant.q == MOE_QUANT_FP8 && !uses_a8(k, act_int8, e);
 }
 
+/* The bf16 parts per activation of work item wk on AMX tiles (3: exact,
+ * 1: compute_precision bf16), 0 when it does not take them (weights not
+ * bf16, or no AMX).  Called for items off the oneDNN path only. */
+static int amx_parts(const struct moe_cpu_kernel *k, const struct moe_ffn_work *wk)
+{
+    if (!k->amx || wk->w->quant.q != MOE_QUANT_NONE || wk->w->dtype != MOE_DTYPE_BF16)
+        return 0;
+    return wk->precision == MOE_PRECISION_BF16 ? 1 : 3;
+}
+
 /* The prepared-x slot of a work item. */
 static int prep_slot(const struct moe_cpu_kernel *k, bool act_int8, const struct moe_ffn_work *wk)
 {
@@ -524,7 +541,35 @@ static int prep_slot(const struct moe_cpu_kernel *k, bool act_int8, const struct
         return SLOT_A8;
     if (uses_x8(k, act_int8, wk->w))
         return SLOT_X8 + (wk->precision == MOE_PRECISION_BF16);
+    if (amx_parts(k, wk))
+        return MOE_DTYPE_F32 + 3 * (wk->precision == MOE_PRECISION_BF16);
     return prep_dtype(wk->w) + 3 * (wk->precision == MOE_PRECISION_BF16);
+}
+
+/* B tiles (moe_cpu_amx_btiles) of nt tokens over cols: groups of 16 / parts
+ * tokens, moe_cpu_kpad(cols) / 32 tiles of 1 KiB each. */
+static bool amx_size(int nt, int parts, int64_t cols, size_t *bytes)
+{
+    size_t groups = (size_t)(nt + 16 / parts - 1) / (size_t)(16 / parts);
+
+    return moe_mul_size(groups * 1024, (size_t)(moe_cpu_kpad(cols) / 32), bytes);
+}
+
+/* B tiles of the rows x[0, nt) (fp32, element 0 at step s0), steps [s0,
+ * s1), every group of 16 / parts tokens, into b (ksteps tiles a group). */
+static void amx_tiles(const void *const *x, int nt, int parts, int64_t s0, int64_t s1,
+                      int64_t ksteps, int32_t *b)
+{
+    const int per = 16 / parts;
+
+    for (int t0 = 0, g = 0; t0 < nt; t0 += per, g++) {
+        const float *rows[16];
+        int tt = MOE_MIN(per, nt - t0);
+
+        for (int j = 0; j < tt; j++)
+            rows[j] = x[t0 + j];
+        moe_cpu_amx_btiles(rows, tt, parts, s0, s1, b + (size_t)g * ksteps * 256);
+    }
 }
 
 /* Rows [r0, r0 + nr) of quantized matrix w (k columns, scales s) against
@@ -660,6 +705,19 @@ static void dn_gather_task(void *arg, int task, int thread)
 }
 #endif
 
+/* Before phase 1, one task per work item: an AMX item's x B tiles. */
+static void amx_x_task(void *arg, int task, int thread)
+{
+    const struct ffn_ctx *c = arg;
+    const struct moe_ffn_work *wk = &c->work[task];
+    int64_t ks = moe_cpu_kpad(c->hidden) / 32;
+
+    (void)thread;
+    if (c->bx[task])
+        amx_tiles(c->xs + c->first[task], wk->n_tokens, amx_parts(c->k, wk), 0, ks, ks,
+                  c->bx[task]);
+}
+
 /* Phase 1: one block of FBLK ffn rows of one work item. */
 static void ffn_up_task(void *arg, int task, int thread)
 {
@@ -702,6 +760,32 @@ static void ffn_up_task(void *arg, int task, int thread)
     bool a8 = uses_a8(c->k, c->act_int8, e);
     moe_cpu_dot_fn dot = b16 ? c->k->dot_b16[d] : c->k->dot[d];
 
+    if (c->bx[lo]) {
+        /* AMX: the SwiGLU rows become phase 2's B tiles, steps f0 / 32 on */
+        int parts = amx_parts(c->k, wk);
+        int64_t ksh = moe_cpu_kpad(F) / 32;
+        const void *g[AMX_CHUNK];
+
+        moe_cpu_amx_dot((const char *)e->gate + woff, H, nr, H, c->bx[lo], moe_cpu_kpad(H) / 32,
+                        wk->n_tokens, parts, yg, FBLK);
+        moe_cpu_amx_dot((const char *)e->up + woff, H, nr, H, c->bx[lo], moe_cpu_kpad(H) / 32,
+                        wk->n_tokens, parts, yu, FBLK);
+        for (int t0 = 0; t0 < wk->n_tokens; t0 += AMX_CHUNK) {
+            int tt = MOE_MIN(AMX_CHUNK, wk->n_tokens - t0);
+
+            for (int j = 0; j < tt; j++) {
+                float *gj = yg + (size_t)(t0 + j) * FBLK;
+
+                act_rows(c->k, e, b16, f0, gj, yu + (size_t)(t0 + j) * FBLK, nr);
+                memset(gj + nr, 0, (size_t)(chunk - nr) * sizeof(float));
+                g[j] = gj;
+            }
+            /* t0 is a multiple of every group size (1, 5 or 16 tokens) */
+            amx_tiles(g, tt, parts, f0 / 32, (f0 + chunk) / 32, ksh,
+                      c->bh[lo] + (size_t)(t0 / (16 / parts)) * ksh * 256);
+        }
+        return;
+    }
     if (e->quant.q != MOE_QUANT_NONE) {
         qdot_rows(c->k, a8, e, e->gate, e->gate_s, f0, nr, H, xs, wk->n_tokens, yg, FBLK);
         qdot_rows(c->k, a8, e, e->up, e->up_s, f0, nr, H, xs, wk->n_tokens, yu, FBLK);
@@ -770,6 +854,9 @@ static void ffn_down_task(void *arg, int task, int thread)
             }
             ldy = nr;
 #endif
+        } else if (c->bh[i]) {
+            moe_cpu_amx_dot((const uint16_t *)e->down + (size_t)h0 * F, F, nr, F, c->bh[i],
+                            moe_cpu_kpad(F) / 32, wk->n_tokens, amx_parts(c->k, wk), y, HBLK);
         } else if (e->quant.q != MOE_QUANT_NONE) {
             qdot_rows(c->k, uses_a8(c->k, c->act_int8, e), e, e->down, e->down_s, h0, nr, F,
                       (const void *const *)(c->as + c->first[i]), wk->n_tokens, y, HBLK);
@@ -881,10 +968,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                         .n_work = n_work,
                         .out = out};
     int64_t n_assign = 0, up_tasks = 0, max_m = 0;
-    size_t act_bytes = 0, dn_bytes = 0, meta_bytes;
+    size_t act_bytes = 0, dn_bytes = 0, amx_bytes = 0, meta_bytes;
     size_t dn_esz = 4;
     unsigned dtypes = 0;
-    int max_nt = 0, n_dn = 0, n_x8 = 0, r;
+    int max_nt = 0, n_dn = 0, n_x8 = 0, n_amx = 0, r;
     char *act;
 
     if (hidden <= 0 || hidden > INT32_MAX || n_tokens < 0 || n_work < 0)
@@ -926,6 +1013,17 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         max_nt = MOE_MAX(max_nt, wk->n_tokens);
         dtypes |= 1u << prep_slot(cb->k, cb->act_int8, wk);
         n_x8 += uses_x8(cb->k, cb->act_int8, wk->w);
+        if (amx_parts(cb->k, wk)) {
+            size_t bx, bh;
+
+            /* B tiles of x and of the SwiGLU rows instead of the latter */
+            n_amx++;
+            if (!amx_size(wk->n_tokens, amx_parts(cb->k, wk), hidden, &bx) ||
+                !amx_size(wk->n_tokens, amx_parts(cb->k, wk), wk->w->ffn, &bh) ||
+                !moe_add_size(amx_bytes, bx + bh, &amx_bytes))
+                return -ENOMEM;
+            continue;
+        }
         if (!moe_mul_size((size_t)wk->n_tokens,
                           slot_row(prep_slot(cb->k, cb->act_int8, wk), wk->w->ffn), &bytes) ||
             !moe_add_size(act_bytes, bytes, &act_bytes))
@@ -937,7 +1035,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         return -E2BIG;
 
     if (!moe_mul_size((size_t)n_assign, 2 * sizeof(void *), &meta_bytes) ||
-        !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 2 * sizeof(char *)),
+        !moe_add_size(meta_bytes, (size_t)n_work * (3 * sizeof(int64_t) + 4 * sizeof(char *)),
                       &meta_bytes))
         return -ENOMEM;
 
@@ -949,6 +1047,9 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     if (r < 0)
         goto out;
     r = scratch_reserve(&cb->dnbuf, dn_bytes);
+    if (r < 0)
+        goto out;
+    r = scratch_reserve(&cb->amxbuf, amx_bytes);
     if (r < 0)
         goto out;
     /* gate and up tiles: moed's kernels' [max_nt, FBLK], oneDNN's
@@ -972,6 +1073,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     c.dn_m = c.task_end + n_work;
     c.dn_x = (char **)(c.dn_m + n_work);
     c.dn_h = c.dn_x + n_work;
+    c.bx = (int32_t **)(c.dn_h + n_work);
+    c.bh = c.bx + n_work;
     c.ybuf = cb->ybuf;
     c.dn = cb->dn;
     c.dn_esz = dn_esz;
@@ -979,6 +1082,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
     {
         int64_t a = 0, tasks = 0;
         uintptr_t dnp = (uintptr_t)cb->dnbuf.p;
+        char *amxp = cb->amxbuf.p;
 
         for (int i = 0; i < n_work; i++) {
             const struct moe_ffn_work *wk = &work[i];
@@ -989,6 +1093,7 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
             c.first[i] = a;
             c.dn_m[i] = 0;
             c.dn_x[i] = c.dn_h[i] = NULL;
+            c.bx[i] = c.bh[i] = NULL;
             if (wk->n_tokens > 0 && use_dn(cb, wk)) {
                 int64_t m = (wk->n_tokens + DN_MPAD - 1) / DN_MPAD * DN_MPAD;
 
@@ -1007,9 +1112,19 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 xp = cb->xprep[d].p;
                 hrow = slot_row(d, hidden);
                 frow = slot_row(d, wk->w->ffn);
+                if (amx_parts(cb->k, wk)) {
+                    size_t bx, bh;
+
+                    (void)amx_size(wk->n_tokens, amx_parts(cb->k, wk), hidden, &bx);
+                    (void)amx_size(wk->n_tokens, amx_parts(cb->k, wk), wk->w->ffn, &bh);
+                    c.bx[i] = (int32_t *)amxp;
+                    c.bh[i] = (int32_t *)(amxp + bx);
+                    amxp += bx + bh;
+                    frow = 0; /* no SwiGLU rows of its own */
+                }
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
-                    c.as[a] = act;
+                    c.as[a] = frow ? act : NULL;
                     act += frow;
                 }
             }
@@ -1029,6 +1144,8 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         moe_threadpool_run(cb->pool, n_dn, dn_gather_task, &c);
     }
 #endif
+    if (n_amx)
+        moe_threadpool_run(cb->pool, n_work, amx_x_task, &c);
     moe_threadpool_run(cb->pool, (int)up_tasks, ffn_up_task, &c);
     /* a oneDNN failure in phase 1 leaves out untouched */
     r = __atomic_load_n(&c.dn_err, __ATOMIC_RELAXED);
@@ -1053,6 +1170,7 @@ static void scratch_free_all(struct cpu_backend *cb)
     scratch_free(&cb->act);
     scratch_free(&cb->meta);
     scratch_free(&cb->dnbuf);
+    scratch_free(&cb->amxbuf);
     if (cb->ybuf)
         for (int i = 0; i < cb->n_threads; i++)
             scratch_free(&cb->ybuf[i]);
@@ -1124,7 +1242,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
     struct feature {
         const char *name;
         bool have;
-    } f[9];
+    } f[11];
     int n = 0;
 
     missing[0] = '\0';
@@ -1132,7 +1250,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
         return;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (k == &moe_cpu_kernel_avx512) {
+    if (k == &moe_cpu_kernel_avx512 || k == &moe_cpu_kernel_amx) {
         f[n++] = (struct feature){"avx512f", __builtin_cpu_supports("avx512f")};
         f[n++] = (struct feature){"avx512bw", __builtin_cpu_supports("avx512bw")};
         f[n++] = (struct feature){"avx512vl", __builtin_cpu_supports("avx512vl")};
@@ -1144,6 +1262,16 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
     }
     f[n++] = (struct feature){"fma", __builtin_cpu_supports("fma")};
     f[n++] = (struct feature){"f16c", cpu_has_f16c()};
+    if (k == &moe_cpu_kernel_amx) {
+        unsigned a, b, c, d;
+        bool cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) /* amx-bf16 */ &&
+                   (d & (1u << 24)) /* amx-tile */;
+
+        f[n++] = (struct feature){"amx-bf16, amx-tile", cpu};
+        /* Linux grants the tile state on request (5.16 on) */
+        f[n++] = (struct feature){"AMX tile state from Linux (arch_prctl)",
+                                  !cpu || moe_cpu_amx_enable() == 0};
+    }
 #else
     f[n++] = (struct feature){"x86-64", false};
 #endif
@@ -1156,6 +1284,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
 }
 
 static const struct moe_cpu_kernel *const kernels[] = {
+    &moe_cpu_kernel_amx,
     &moe_cpu_kernel_avx512,
     &moe_cpu_kernel_avx2,
     &moe_cpu_kernel_generic,
@@ -1234,8 +1363,8 @@ static int pick_kernel(const struct moe_cpu_config *cfg, const struct moe_cpu_ke
     }
     return moe_error_set(
         err, -EINVAL,
-        "unknown CPU kernel '%s' (from %s); expected auto, generic, avx2, avx512 or onednn", want,
-        from);
+        "unknown CPU kernel '%s' (from %s); expected auto, generic, avx2, avx512, amx or onednn",
+        want, from);
 }
 
 /* The oneDNN path: dn as pick_kernel sets it.  MOE_ONEDNN_MIN_TOKENS (a
@@ -1256,7 +1385,9 @@ static int init_onednn(struct cpu_backend *cb, int dn, struct moe_error *err)
                                  env, INT32_MAX);
         cb->dn_min_tokens = (int)v;
     }
-    if (dn == 0)
+    /* auto: moed's AMX tiles beat oneDNN 2.6.3's at prefill (a Sapphire
+     * Rapids, 2 threads, bf16 precision: see README, Performance) */
+    if (dn == 0 || (dn == 2 && cb->k->amx))
         return 0;
 #ifdef MOE_HAVE_ONEDNN
     {
@@ -1332,6 +1463,8 @@ out_free:
 int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
 {
     static const char *const needs[] = {
+        "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c, amx-bf16, "
+        "amx-tile, AMX tile state from Linux",
         "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c",
         "avx2, fma, f16c",
         "",
@@ -1344,17 +1477,22 @@ int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
     /* first oneDNN: prefill on top of moed's best kernel */
     if (n > 0) {
         bool fast = onednn_cpu(cpu, sizeof(cpu));
+        char amx_missing[128];
 
+        /* moed's amx kernel does prefill itself where it runs */
+        missing_features(&moe_cpu_kernel_amx, amx_missing, sizeof(amx_missing));
         info[0].name = "onednn";
         info[0].needs = "oneDNN (libdnnl-dev) at build time";
 #ifdef MOE_HAVE_ONEDNN
         info[0].missing[0] = '\0';
         info[0].available = true;
-        info[0].auto_pick = fast;
+        info[0].auto_pick = fast && amx_missing[0];
         snprintf(info[0].note, sizeof(info[0].note),
                  "prefill of bf16 experts in compute_precision bf16; auto uses it with "
-                 "avx512bf16 or amx-bf16%s",
-                 fast ? "" : ", which this CPU lacks");
+                 "avx512bf16 where the amx kernel cannot run%s",
+                 !fast             ? ", which this CPU lacks"
+                 : !amx_missing[0] ? " (it can here)"
+                                   : "");
 #else
         (void)fast;
         snprintf(info[0].missing, sizeof(info[0].missing), "oneDNN (not built)");

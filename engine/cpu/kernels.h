@@ -213,7 +213,7 @@ static inline int moe_cpu_x8_pos(int j)
 void moe_cpu_make_x8(float *row, int64_t n_pad);
 
 struct moe_cpu_kernel {
-    const char *name;          /* "generic", "avx2", "avx512" */
+    const char *name;          /* "generic", "avx2", "avx512", "amx" */
     moe_cpu_prep_fn prep[3];   /* indexed by MOE_DTYPE_F32, _F16, _BF16 */
     moe_cpu_dot_fn dot[3];     /* likewise */
     moe_cpu_round_fn round[3]; /* likewise: prepared rows to bf16 activations */
@@ -238,10 +238,41 @@ struct moe_cpu_kernel {
     /* Optional (NULL: none), indexed likewise, INT8, INT4 and MXFP4: the same
      * dot on activations prepared by moe_cpu_prep_a8 (int8 activations). */
     moe_cpu_qdot_fn qdot_a8[MOE_QUANT_COUNT];
+    /* The grouped FFN's bf16 weights on AMX tiles (moe_cpu_amx_dot). */
+    bool amx;
 };
 
 extern const struct moe_cpu_kernel moe_cpu_kernel_generic;
 extern const struct moe_cpu_kernel moe_cpu_kernel_avx2;
 extern const struct moe_cpu_kernel moe_cpu_kernel_avx512;
+/* The AVX-512 table, with AMX tiles for the grouped FFN's bf16 weights. */
+extern const struct moe_cpu_kernel moe_cpu_kernel_amx;
+
+/*
+ * AMX (kernels_amx.c; only where moe_cpu_kernel.amx).  Asks Linux for this
+ * process's AMX tile state (once is enough; again is harmless): 0, or
+ * -errno where it refuses.
+ */
+int moe_cpu_amx_enable(void);
+
+/*
+ * B tiles for moe_cpu_amx_dot: one group of nt tokens (nt <= 16 / parts),
+ * K steps [s0, s1) (32 elements each) into b (tile s at b + 256 * s
+ * int32), from fp32 rows x[j] whose element 0 is the step s0's first.
+ * parts 3: exact, each value split into three bf16 (hi, mid, lo); parts 1:
+ * values already bf16 (compute_precision bf16).  x rows hold zeros past the
+ * matrix's K.
+ */
+void moe_cpu_amx_btiles(const float *const *x, int nt, int parts, int64_t s0, int64_t s1,
+                        int32_t *b);
+
+/*
+ * y[t * ldy + r] = sum_{k < K} W[r, k] * x_t[k] for r < nr, t < nt
+ * (overwritten), bf16 weights rows ldw apart, the tokens' B tiles in b:
+ * group g (tokens g * 16 / parts on) at b + 256 * ksteps * g, each group
+ * ksteps tiles (moe_cpu_kpad(K) / 32).
+ */
+void moe_cpu_amx_dot(const void *w, int64_t ldw, int nr, int64_t k, const int32_t *b,
+                     int64_t ksteps, int nt, int parts, float *y, int64_t ldy);
 
 #endif

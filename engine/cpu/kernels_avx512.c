@@ -435,14 +435,15 @@ static void swiglu_clamp(const float *g, const float *u, int64_t n, float alpha,
     }
 }
 
-const struct moe_cpu_kernel moe_cpu_kernel_avx512 = {
-    .name = "avx512",
-    .prep = {prep_f32, prep_f32, prep_bf16},
-    .dot = {dot_f32, dot_f16, dot_bf16},
-    .round = {moe_cpu_round_f32, moe_cpu_round_f32, round_bf16},
-    .dot_b16 = {dot_f32, dot_f16, dot_b16h},
-    .swiglu = swiglu,
-    .swiglu_clamp = swiglu_clamp,
-    .qdot = MOE_CPU_QDOT_X86,
-    .qdot_a8 = MOE_CPU_QDOT_A8_X86,
-};
+/* The avx512 table, and the same with AMX tiles for the grouped FFN's bf16
+ * weights (moe_cpu_amx_dot; the backend builds their B tiles). */
+#define AVX512_KERNEL(NAME, AMX)                                                                   \
+    {                                                                                              \
+        .name = NAME, .prep = {prep_f32, prep_f32, prep_bf16},                                     \
+        .dot = {dot_f32, dot_f16, dot_bf16},                                                       \
+        .round = {moe_cpu_round_f32, moe_cpu_round_f32, round_bf16},                               \
+        .dot_b16 = {dot_f32, dot_f16, dot_b16h}, .swiglu = swiglu, .swiglu_clamp = swiglu_clamp,   \
+        .qdot = MOE_CPU_QDOT_X86, .qdot_a8 = MOE_CPU_QDOT_A8_X86, .amx = AMX,                      \
+    }
+const struct moe_cpu_kernel moe_cpu_kernel_avx512 = AVX512_KERNEL("avx512", false);
+const struct moe_cpu_kernel moe_cpu_kernel_amx = AVX512_KERNEL("amx", true);

@@ -34,7 +34,7 @@
  * says exact) with int8 activations (struct moe_cpu_config.act_int8): the
  * title says "int8 activations".
  *
- * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn]
+ * Usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|amx|onednn]
  *                      [--threads N[,N...]] [--tokens N[,N...]] [--reps N]
  *                      [--precision exact|bf16[,...]] [--torch PYTHON|off]
  *                      [--dtype bf16|fp8|int8|int4|mxfp4[,...]]
@@ -117,7 +117,7 @@ static const char *fmt_name(const struct moe_quant_fmt *f)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|onednn] "
+    fprintf(stderr, "usage: bench-cpu-ffn [--quick] [--kernel auto|generic|avx2|avx512|amx|onednn] "
                     "[--threads N[,N...]] [--tokens N[,N...]] [--reps N] "
                     "[--precision exact|bf16[,...]] [--torch PYTHON|off] "
                     "[--dtype bf16|fp8|int8|int4|mxfp4[,...]] [--act exact|int8[,...]] "

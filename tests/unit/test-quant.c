@@ -32,9 +32,9 @@
 #include "quant.h"
 #include "tests.h"
 
-static const char *const kernel_names[] = {"generic", "avx2", "avx512"};
+static const char *const kernel_names[] = {"generic", "avx2", "avx512", "amx"};
 static const int thread_counts[] = {1, 2, 3};
-#define N_KERNELS 3
+#define N_KERNELS 4
 #define N_THREADS 3
 #define TOL 1e-5
 
