@@ -1463,8 +1463,8 @@ out_free:
 int moe_backend_cpu_kernels(struct moe_cpu_kernel_info *info, int n)
 {
     static const char *const needs[] = {
-        "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c, amx-bf16, "
-        "amx-tile, AMX tile state from Linux",
+        ("avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c, amx-bf16, "
+         "amx-tile, AMX tile state from Linux"),
         "avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, fma, f16c",
         "avx2, fma, f16c",
         "",
