@@ -1124,8 +1124,11 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 }
                 for (int j = 0; j < wk->n_tokens; j++, a++) {
                     c.xs[a] = xp + (size_t)wk->tokens[j] * hrow;
-                    c.as[a] = frow ? act : NULL;
-                    act += frow;
+                    c.as[a] = NULL;
+                    if (frow) {
+                        c.as[a] = act;
+                        act += frow;
+                    }
                 }
             }
             c.task_end[i] = tasks;
