@@ -26,9 +26,11 @@
  * FMA chain would; a token's three sums are added as (hi + mid) + lo at the
  * end of each K block of MOE_CPU_KBLOCK.
  *
- * The dot walks K blocks, then panels of 32 rows (2 A tiles), then pairs of
- * token groups (2 B tiles), with 4 C tiles: 2 tile loads a TDPBF16PS for a
- * prefill's panel, whose A tiles stay in L2 across the pairs.
+ * The dot walks K blocks, then panels of 32 rows (2 A tiles) by pairs of
+ * token groups (2 B tiles) into 4 C tiles, 2 tile loads a TDPBF16PS:
+ * panels outermost, their A tiles reused from L2 by every pair, or with
+ * more than 16 groups pairs outermost, so that B tiles past L2 are read
+ * once a K block.
  *
  * Every element's sum depends only on its row's weights, its token's
  * activations and K, not on its tile position or on the other rows and
@@ -228,6 +230,10 @@ void moe_cpu_amx_dot(const void *wv, int64_t ldw, int nr, int64_t k, const int32
     const int per = 16 / parts;
     const int groups = (nt + per - 1) / per;
     const int64_t astride = ldw * 2;
+    const int npan = (nr + 2 * TROWS - 1) / (2 * TROWS), npair = (groups + 1) / 2;
+    /* 4096 tokens (about 1,000 an expert, 63 groups) 2717-2724 -> 2517-2574
+     * ms with pairs outermost, 512 (8 groups) 327-328 -> 344-355: measured */
+    const bool pairs_outer = groups > 16;
 
     tiles_configure();
     for (int64_t k0 = 0; k0 < k; k0 += MOE_CPU_KBLOCK) {
@@ -235,58 +241,62 @@ void moe_cpu_amx_dot(const void *wv, int64_t ldw, int nr, int64_t k, const int32
         int steps = (int)((k1 - k0 + TK - 1) / TK);
         int nk_last = (int)(k1 - k0 - (int64_t)(steps - 1) * TK);
 
-        for (int r0 = 0; r0 < nr; r0 += 2 * TROWS) {
+        /* passes of a 32-row panel by a pair of token groups: panels
+         * outermost, each panel's A tiles reused from L2 by every pair;
+         * with many groups pairs outermost, so that the K block's B tiles
+         * (32 KiB a group, past L2 then) are read once, not once a panel */
+        for (int p = 0; p < npan * npair; p++) {
+            int r0 = 2 * TROWS * (pairs_outer ? p % npan : p / npair);
+            int g0 = 2 * (pairs_outer ? p / npan : p % npair);
             int rows0 = MOE_MIN(TROWS, nr - r0), rows1 = MOE_MIN(TROWS, nr - r0 - TROWS);
             const uint16_t *w0 = w + (size_t)r0 * ldw;
             const uint16_t *w1 = rows1 > 0 ? w0 + (size_t)TROWS * ldw : w0;
 
-            for (int g0 = 0; g0 < groups; g0 += 2) {
-                bool two = g0 + 1 < groups;
-                const int32_t *b0 = b + ((size_t)g0 * ksteps + k0 / TK) * 256;
-                const int32_t *b1 = two ? b0 + (size_t)ksteps * 256 : b0;
+            bool two = g0 + 1 < groups;
+            const int32_t *b0 = b + ((size_t)g0 * ksteps + k0 / TK) * 256;
+            const int32_t *b1 = two ? b0 + (size_t)ksteps * 256 : b0;
 
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int s = 0; s < steps; s++) {
-                    int64_t kk = k0 + (int64_t)s * TK;
-                    bool tail = s == steps - 1 && nk_last < TK;
-                    const void *a0 = w0 + kk, *a1 = w1 + kk;
-                    int64_t s0 = astride, s1 = astride;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int s = 0; s < steps; s++) {
+                int64_t kk = k0 + (int64_t)s * TK;
+                bool tail = s == steps - 1 && nk_last < TK;
+                const void *a0 = w0 + kk, *a1 = w1 + kk;
+                int64_t s0 = astride, s1 = astride;
 
-                    if (rows0 < TROWS || tail) {
-                        stage_a(w0 + kk, ldw, rows0, tail ? nk_last : TK, st0);
-                        a0 = st0;
-                        s0 = 64;
-                    }
-                    _tile_loadd(4, a0, s0);
-                    _tile_loadd(6, b0 + (size_t)s * 256, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    if (two) {
-                        _tile_loadd(7, b1 + (size_t)s * 256, 64);
-                        _tile_dpbf16ps(1, 4, 7);
-                    }
-                    if (rows1 > 0) {
-                        if (rows1 < TROWS || tail) {
-                            stage_a(w1 + kk, ldw, rows1, tail ? nk_last : TK, st1);
-                            a1 = st1;
-                            s1 = 64;
-                        }
-                        _tile_loadd(5, a1, s1);
-                        _tile_dpbf16ps(2, 5, 6);
-                        if (two)
-                            _tile_dpbf16ps(3, 5, 7);
-                    }
+                if (rows0 < TROWS || tail) {
+                    stage_a(w0 + kk, ldw, rows0, tail ? nk_last : TK, st0);
+                    a0 = st0;
+                    s0 = 64;
                 }
-                for (int gi = 0; gi < 1 + two; gi++) {
-                    int t0 = (g0 + gi) * per, tt = MOE_MIN(per, nt - t0);
-
-                    combine(gi, rows0, tt, parts, y + (int64_t)t0 * ldy + r0, ldy, k0 == 0);
-                    if (rows1 > 0)
-                        combine(2 + gi, rows1, tt, parts, y + (int64_t)t0 * ldy + r0 + TROWS, ldy,
-                                k0 == 0);
+                _tile_loadd(4, a0, s0);
+                _tile_loadd(6, b0 + (size_t)s * 256, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) {
+                    _tile_loadd(7, b1 + (size_t)s * 256, 64);
+                    _tile_dpbf16ps(1, 4, 7);
                 }
+                if (rows1 > 0) {
+                    if (rows1 < TROWS || tail) {
+                        stage_a(w1 + kk, ldw, rows1, tail ? nk_last : TK, st1);
+                        a1 = st1;
+                        s1 = 64;
+                    }
+                    _tile_loadd(5, a1, s1);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two)
+                        _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            for (int gi = 0; gi < 1 + two; gi++) {
+                int t0 = (g0 + gi) * per, tt = MOE_MIN(per, nt - t0);
+
+                combine(gi, rows0, tt, parts, y + (int64_t)t0 * ldy + r0, ldy, k0 == 0);
+                if (rows1 > 0)
+                    combine(2 + gi, rows1, tt, parts, y + (int64_t)t0 * ldy + r0 + TROWS, ldy,
+                            k0 == 0);
             }
         }
     }
