@@ -36,8 +36,9 @@
  * activations and K, not on its tile position or on the other rows and
  * tokens, so any partition gives bit-identical results (kernels.h): a
  * token alone equals it in a batch (tests/unit/test-cpu-backend.c).  AMX
- * treats bf16 denormals as zero and flushes denormal sums (about 2^-126 of
- * a value); an infinite activation gives NaN (inf - inf in the split).
+ * treats bf16 denormals (below 2^-126) as zero and flushes denormal sums;
+ * in exact precision an infinite activation gives NaN (inf - inf in the
+ * split).
  *
  * K tails (K not a multiple of 32) and row tails (fewer than 16 rows) go
  * through a zero-padded copy of the tile, so no row is read past its end.
