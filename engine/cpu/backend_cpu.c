@@ -7,20 +7,23 @@
  * SwiGLU intermediate, pointer tables, one output tile buffer per thread).
  * Memory from alloc is plain 64-byte aligned host memory.
  *
- * Kernel variant: cfg->kernel ("generic", "avx2", "avx512", "onednn") if
- * set and not "auto", else the environment variable MOE_CPU_KERNEL (same
- * names), else the best the CPU supports.  "avx512" needs AVX-512
- * F/BW/VL/DQ/BF16, FMA and F16C; "avx2" needs AVX2, FMA and F16C.  Forcing a
- * variant the CPU lacks fails with -ENOTSUP.
+ * Kernel variant: cfg->kernel ("generic", "avx2", "avx512", "amx",
+ * "onednn") if set and not "auto", else the environment variable
+ * MOE_CPU_KERNEL (same names), else the best the CPU supports.  "avx512"
+ * needs AVX-512 F/BW/VL/DQ/BF16/VNNI, FMA and F16C; "amx" that, AMX-BF16
+ * and AMX-TILE, and the tile state granted by Linux; "avx2" needs AVX2, FMA
+ * and F16C.  Forcing a variant the CPU lacks fails with -ENOTSUP.
  *
  * oneDNN (onednn.h; only where CMake found libdnnl, MOE_HAVE_ONEDNN): not a
  * kernel table but a path beside one.  "onednn" takes moed's best variant
  * for everything and oneDNN's matmul for the work items that have bf16
  * weights, compute_precision bf16 and at least DN_MIN_TOKENS tokens
- * (prefill; MOE_ONEDNN_MIN_TOKENS, a test hook, moves it).  "auto" adds it
- * where the CPU has AVX-512 BF16 or AMX-BF16 and oneDNN reports that it uses
- * them (dnnl_get_effective_cpu_isa; oneDNN requests the AMX tile state from
- * Linux, ARCH_REQ_XCOMP_PERM, itself); on AVX2 oneDNN 2.6 has no bf16 matmul
+ * (DN_MIN_TOKENS_AMX where oneDNN runs on AMX; prefill;
+ * MOE_ONEDNN_MIN_TOKENS, a test hook, moves it).  "auto" adds it where the
+ * CPU has AVX-512 BF16 or AMX-BF16, oneDNN reports that it uses them
+ * (dnnl_get_effective_cpu_isa; oneDNN requests the AMX tile state from
+ * Linux, ARCH_REQ_XCOMP_PERM, itself) and moed's "amx" variant cannot run
+ * (its tiles beat oneDNN 2.6's at prefill); on AVX2 oneDNN 2.6 has no bf16 matmul
  * and its fp32 one on widened weights is slower than ours, so "auto" keeps
  * moed's kernels there.  exact precision never uses it: oneDNN 2.6 has no
  * matmul of fp32 activations with bf16 weights.  Such an item, in the same
@@ -66,6 +69,14 @@
  * bf16 rounding; gate x and up x are rounded to bf16, then silu(gate x),
  * then their product, as torch's bf16 linear, silu and mul do; the kernel's
  * dot_b16 computes every dot of such an item.
+ *
+ * AMX items ("amx", bf16 weights, off the oneDNN path, any token count):
+ * x is prepared as plain fp32 rows; one task per item makes them the
+ * item's B tiles (moe_cpu_amx_btiles) before loop 1; each loop-1 task
+ * multiplies its rows on AMX tiles and makes its block of SwiGLU rows the
+ * item's second B tiles in place of the prepared intermediate rows; loop 2
+ * multiplies the down rows against those.  Same arithmetic per element for
+ * any token count, so the bit-identity promises below hold for them too.
  *
  * act_int8 (moe_cpu_config): int8, int4 and MXFP4 experts take x and their SwiGLU
  * intermediate as int8 activations (kernels.h, moe_cpu_prep_a8) and the
@@ -555,6 +566,17 @@ static bool amx_size(int nt, int parts, int64_t cols, size_t *bytes)
     return moe_mul_size(groups * 1024, (size_t)(moe_cpu_kpad(cols) / 32), bytes);
 }
 
+/* The bytes of AMX item wk's B tiles: of x (hidden) into *bx, of its SwiGLU
+ * rows into *bh; false on overflow. */
+static bool amx_item_size(const struct moe_cpu_kernel *k, const struct moe_ffn_work *wk,
+                          int64_t hidden, size_t *bx, size_t *bh)
+{
+    int parts = amx_parts(k, wk);
+
+    return amx_size(wk->n_tokens, parts, hidden, bx) &&
+           amx_size(wk->n_tokens, parts, wk->w->ffn, bh);
+}
+
 /* B tiles of the rows x[0, nt) (fp32, element 0 at step s0), steps [s0,
  * s1), every group of 16 / parts tokens, into b (ksteps tiles a group). */
 static void amx_tiles(const void *const *x, int nt, int parts, int64_t s0, int64_t s1,
@@ -1014,12 +1036,11 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
         dtypes |= 1u << prep_slot(cb->k, cb->act_int8, wk);
         n_x8 += uses_x8(cb->k, cb->act_int8, wk->w);
         if (amx_parts(cb->k, wk)) {
-            size_t bx, bh;
+            size_t bx = 0, bh = 0;
 
             /* B tiles of x and of the SwiGLU rows instead of the latter */
             n_amx++;
-            if (!amx_size(wk->n_tokens, amx_parts(cb->k, wk), hidden, &bx) ||
-                !amx_size(wk->n_tokens, amx_parts(cb->k, wk), wk->w->ffn, &bh) ||
+            if (!amx_item_size(cb->k, wk, hidden, &bx, &bh) ||
                 !moe_add_size(amx_bytes, bx + bh, &amx_bytes))
                 return -ENOMEM;
             continue;
@@ -1113,10 +1134,10 @@ static int cpu_grouped_ffn(struct moe_backend *b, const float *x, int64_t hidden
                 hrow = slot_row(d, hidden);
                 frow = slot_row(d, wk->w->ffn);
                 if (amx_parts(cb->k, wk)) {
-                    size_t bx, bh;
+                    size_t bx = 0, bh = 0;
 
-                    (void)amx_size(wk->n_tokens, amx_parts(cb->k, wk), hidden, &bx);
-                    (void)amx_size(wk->n_tokens, amx_parts(cb->k, wk), wk->w->ffn, &bh);
+                    /* sized without overflow above */
+                    (void)amx_item_size(cb->k, wk, hidden, &bx, &bh);
                     c.bx[i] = (int32_t *)amxp;
                     c.bh[i] = (int32_t *)(amxp + bx);
                     amxp += bx + bh;
@@ -1238,6 +1259,20 @@ static bool cpu_has_f16c(void)
 #endif
 }
 
+/* CPUID leaf 7's EDX bits of AMX: BF16 (22) and TILE (24). */
+#define CPUID7_AMX_BF16 (1u << 22)
+#define CPUID7_AMX_TILE (1u << 24)
+
+#if defined(__x86_64__) || defined(__i386__)
+/* Whether the CPU has every AMX feature in bits (CPUID7_AMX_*). */
+static bool cpu_has_amx(unsigned bits)
+{
+    unsigned a, b, c, d;
+
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & bits) == bits;
+}
+#endif
+
 /* Writes the features the variant needs and the CPU lacks into missing
  * (", "-separated; "" when none). */
 static void missing_features(const struct moe_cpu_kernel *k, char *missing, size_t size)
@@ -1266,9 +1301,7 @@ static void missing_features(const struct moe_cpu_kernel *k, char *missing, size
     f[n++] = (struct feature){"fma", __builtin_cpu_supports("fma")};
     f[n++] = (struct feature){"f16c", cpu_has_f16c()};
     if (k == &moe_cpu_kernel_amx) {
-        unsigned a, b, c, d;
-        bool cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) /* amx-bf16 */ &&
-                   (d & (1u << 24)) /* amx-tile */;
+        bool cpu = cpu_has_amx(CPUID7_AMX_BF16 | CPUID7_AMX_TILE);
 
         f[n++] = (struct feature){"amx-bf16, amx-tile", cpu};
         /* Linux grants the tile state on request (5.16 on) */
@@ -1301,11 +1334,8 @@ static bool onednn_cpu(char *missing, size_t size)
     bool have = false;
 
 #if defined(__x86_64__) || defined(__i386__)
-    unsigned a, b, c, d;
-
     __builtin_cpu_init();
-    have = __builtin_cpu_supports("avx512bf16") ||
-           (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) /* amx-bf16 */);
+    have = __builtin_cpu_supports("avx512bf16") || cpu_has_amx(CPUID7_AMX_BF16);
 #endif
     snprintf(missing, size, "%s", have ? "" : "avx512bf16 and amx-bf16");
     return have;

@@ -219,10 +219,9 @@ struct moe_cpu_kernel {
     moe_cpu_round_fn round[3]; /* likewise: prepared rows to bf16 activations */
     /* The dot kernels for rows that round[] made bf16: the dot products
      * dot would compute of such values, perhaps summed in another order
-     * (AVX-512's bf16 weights: vdpbf16ps, one
-     * instruction per 32 weights where dot takes two FMAs).  Used for every
-     * dot of a compute_precision bf16 work item, so that one precision
-     * always takes one code path. */
+     * (AVX-512's bf16 weights: vdpbf16ps, one instruction per 32 weights
+     * where dot takes two FMAs).  Used for every dot of a compute_precision
+     * bf16 work item, so that one precision always takes one code path. */
     moe_cpu_dot_fn dot_b16[3];
     moe_cpu_swiglu_fn swiglu;
     moe_cpu_swiglu_clamp_fn swiglu_clamp;
